@@ -1,0 +1,10 @@
+"""santacpu: run the SantaCoder code model on a laptop CPU (NumPy reference, Numba kernels).
+
+Public API: `load(model, *, revision=None, device="auto") -> Model`; see `santacpu.model`.
+"""
+
+from .errors import SantacpuError, SantacpuWarning
+
+__version__ = "0.1.0"
+
+__all__ = ["SantacpuError", "SantacpuWarning", "__version__"]

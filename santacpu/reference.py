@@ -1,0 +1,73 @@
+"""The plain-NumPy fp32 reference forward pass: the oracle every fast path is tested against.
+
+It reads like the model, top to bottom, over a whole sequence at once, with no cache and no
+cleverness; weights are widened to float32 where they are used. It is itself checked against
+logits that transformers produced (tests/test_golden.py).
+
+Shape legend: T = tokens, E = n_embd, H = n_head, G = n_kv_head, D = head_dim, V = vocab_size.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .weights import LayerWeights, ModelWeights
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x**3)))
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + np.float32(eps)) * weight + bias
+
+
+def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+    y = x @ weight.astype(np.float32).T  # [T, in] @ [in, out] -> [T, out]
+    return y if bias is None else y + bias
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int) -> np.ndarray:
+    T, E = x.shape
+    D = E // n_head
+    qkv = linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias)  # [T, E + 2*G*D]
+    q = qkv[:, :E].reshape(T, n_head, D).transpose(1, 0, 2)  # [H, T, D]
+    k = qkv[:, E : E + n_kv_head * D].reshape(T, n_kv_head, D).transpose(1, 0, 2)  # [G, T, D]
+    v = qkv[:, E + n_kv_head * D :].reshape(T, n_kv_head, D).transpose(1, 0, 2)  # [G, T, D]
+    group = n_head // n_kv_head  # query heads sharing one K/V head (all 16 for multi-query)
+    k = np.repeat(k, group, axis=0)  # [H, T, D]
+    v = np.repeat(v, group, axis=0)
+    scores = q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(D))  # [H, T, T]
+    causal = np.triu(np.ones((T, T), dtype=bool), k=1)
+    scores = np.where(causal, np.float32(-np.inf), scores)
+    out = softmax(scores) @ v  # [H, T, D]
+    out = out.transpose(1, 0, 2).reshape(T, E)  # [T, E]
+    return linear(out, layer.attn_c_proj_weight, layer.attn_c_proj_bias)
+
+
+def mlp(x: np.ndarray, layer: LayerWeights) -> np.ndarray:
+    h = gelu_tanh(linear(x, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias))  # [T, I]
+    return linear(h, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias)  # [T, E]
+
+
+def forward(weights: ModelWeights, ids: Sequence[int]) -> np.ndarray:
+    """Logits [T, V] float32 for every position of `ids` (positions 0..T-1)."""
+    c = weights.config
+    ids = np.asarray(ids, dtype=np.int64)
+    T = len(ids)
+    assert 0 < T <= c.n_positions, T
+    x = weights.wte[ids].astype(np.float32) + weights.wpe[:T].astype(np.float32)  # [T, E]
+    for layer in weights.layers:
+        x = x + attention(layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, c.layer_norm_epsilon), layer, c.n_head, c.n_kv_head)
+        x = x + mlp(layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, c.layer_norm_epsilon), layer)
+    x = layer_norm(x, weights.ln_f_weight, weights.ln_f_bias, c.layer_norm_epsilon)
+    return linear(x, weights.wte).astype(np.float32)  # tied LM head: [T, V]

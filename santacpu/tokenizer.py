@@ -1,0 +1,128 @@
+"""Text <-> token ids for SantaCoder's byte-level BPE, and streaming decode.
+
+Owns: loading `tokenizer.json` (the bundled SantaCoder one or any file), the special-token ids
+(EOS and the four FIM tokens), plain-text encoding, exact byte-level decoding, and
+`StreamDecoder`, which turns a token stream into text without ever emitting half a UTF-8
+character. Encoding is delegated to the `tokenizers` library; decoding is ours (a table of raw
+bytes per id), so no "clean up tokenization spaces" or other text rewriting can touch code.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+from pathlib import Path
+
+import tokenizers
+
+from santacpu.errors import SantacpuError
+
+_BUNDLED = Path(__file__).parent / "data" / "tokenizer.json"
+
+EOS_TOKEN = "<|endoftext|>"
+FIM_PREFIX_TOKEN = "<fim-prefix>"
+FIM_MIDDLE_TOKEN = "<fim-middle>"
+FIM_SUFFIX_TOKEN = "<fim-suffix>"
+FIM_PAD_TOKEN = "<fim-pad>"
+
+
+def _unicode_to_byte() -> dict[str, int]:
+    """GPT-2's byte<->unicode table, inverted: vocab character -> the byte it stands for.
+
+    Byte-level BPE stores each byte as a printable character: printable Latin-1 bytes map to
+    themselves, the other 68 bytes (controls, space, ...) to U+0100 upwards, in byte order.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    byte_to_char = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in byte_to_char:
+            byte_to_char[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in byte_to_char.items()}
+
+
+class Tokenizer:
+    """SantaCoder's tokenizer: `encode` treats all input as plain text, `decode` is byte-exact."""
+
+    def __init__(self, spec: dict):
+        try:
+            # The added tokens are matched before BPE, so a tokenizer without them can never turn
+            # "<|endoftext|>" typed by a user into the EOS id: it gets split like any other text.
+            # Specials are placed by callers, by id (see the FIM prompt builders).
+            plain = dict(spec, added_tokens=[])
+            self._plain = tokenizers.Tokenizer.from_str(json.dumps(plain))
+            vocab: dict[str, int] = spec["model"]["vocab"]
+            added = {t["content"]: t["id"] for t in spec.get("added_tokens") or []}
+        except Exception as e:  # malformed spec; the library's messages can span several lines
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SantacpuError(f"not a usable tokenizer.json: {first_line}") from None
+
+        ids = [*vocab.values(), *added.values()]
+        self.vocab_size: int = max(ids) + 1
+        self.eos_id: int | None = added.get(EOS_TOKEN)
+        self.fim_prefix_id: int | None = added.get(FIM_PREFIX_TOKEN)
+        self.fim_middle_id: int | None = added.get(FIM_MIDDLE_TOKEN)
+        self.fim_suffix_id: int | None = added.get(FIM_SUFFIX_TOKEN)
+        self.fim_pad_id: int | None = added.get(FIM_PAD_TOKEN)
+
+        # id -> raw bytes, built once: decoding is then a join, cheap enough per streamed token.
+        char_to_byte = _unicode_to_byte()
+        table: list[bytes] = [b""] * self.vocab_size
+        for token, i in vocab.items():
+            try:
+                table[i] = bytes(char_to_byte[c] for c in token)
+            except KeyError:
+                raise SantacpuError(f"not a byte-level BPE tokenizer: vocab token {token!r} "
+                                    "has characters outside the byte alphabet") from None
+        for content, i in added.items():
+            table[i] = content.encode("utf-8")
+        self._bytes = table
+
+    @classmethod
+    def from_file(cls, path) -> Tokenizer:
+        path = Path(path)
+        try:
+            spec = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise SantacpuError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SantacpuError(f"tokenizer {path} is not valid JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise SantacpuError(f"tokenizer {path} is not a tokenizer.json (top level is not an object)")
+        try:
+            return cls(spec)
+        except SantacpuError as e:
+            raise SantacpuError(f"{path}: {e}") from None
+
+    @classmethod
+    def santacoder(cls) -> Tokenizer:
+        return cls.from_file(_BUNDLED)
+
+    def encode(self, text: str) -> list[int]:
+        """Plain text -> ids. Special-token strings in `text` stay text; no BOS/EOS added."""
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        if not 0 <= token_id < self.vocab_size:
+            raise ValueError(f"token id {token_id} outside the vocabulary [0, {self.vocab_size})")
+        return self._bytes[token_id]
+
+    def decode(self, ids) -> str:
+        # Join bytes first: a multi-byte character may be split across tokens.
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+
+class StreamDecoder:
+    """Token-by-token decoding that holds back incomplete UTF-8 sequences until they complete."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id: int) -> str:
+        return self._utf8.decode(self._tokenizer.token_bytes(token_id))
+
+    def flush(self) -> str:
+        return self._utf8.decode(b"", final=True)
