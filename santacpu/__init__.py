@@ -4,7 +4,8 @@ Public API: `load(model, *, revision=None, device="auto") -> Model`; see `santac
 """
 
 from .errors import SantacpuError, SantacpuWarning
+from .model import Model, load
 
 __version__ = "0.1.0"
 
-__all__ = ["SantacpuError", "SantacpuWarning", "__version__"]
+__all__ = ["Model", "SantacpuError", "SantacpuWarning", "__version__", "load"]

@@ -1,0 +1,161 @@
+"""The `santacpu` command line: a thin typed layer over the Python API.
+
+Every failure a user can cause ends in one line on stderr (`santacpu: error: ...`) and exit code 1;
+`--debug` shows the traceback instead. Warnings are one line each (`santacpu: warning: ...`).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import typer
+
+from .errors import SantacpuError, SantacpuWarning
+from .model import DEFAULT_MAX_NEW_TOKENS
+from .source import DEFAULT_MODEL, MODEL_ENV, default_model
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Run the SantaCoder code model on the CPU: code completion, left-to-right and fill-in-the-middle.",
+)
+_debug = {"on": False}
+
+
+@app.callback()
+def _options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+    _debug["on"] = debug
+
+
+def read_text_file(path: Path, what: str) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SantacpuError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise SantacpuError(f"{what} {path} is a folder, not a file") from None
+    except OSError as problem:
+        raise SantacpuError(f"cannot read {what} {path}: {problem.strerror}") from None
+    return decode_text(raw, f"{what} {path}")
+
+
+def decode_text(raw: bytes, what: str) -> str:
+    if b"\0" in raw:
+        raise SantacpuError(f"{what} looks like a binary file (it contains NUL bytes), not source text")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as bad:
+        raise SantacpuError(
+            f"{what} is not UTF-8 text (byte 0x{raw[bad.start]:02x} at offset {bad.start}); convert it to UTF-8 first"
+        ) from None
+
+
+@app.command()
+def complete(
+    prompt: Optional[str] = typer.Argument(
+        None, help="The text to continue. '-' or nothing: read it from standard input.", show_default=False
+    ),
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help=f"Checkpoint folder, weight file, or hub id. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.",
+        show_default=False,
+    ),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id."),
+    fim: Optional[Tuple[Path, Path]] = typer.Option(
+        None,
+        "--fim",
+        metavar="PREFIX_FILE SUFFIX_FILE",
+        help="Fill in the middle between the text of two files; only the middle is printed.",
+    ),
+    fim_order: str = typer.Option("psm", help="FIM prompt order: psm (prefix first) or spm (suffix first)."),
+    max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, min=0, help="Most tokens to generate."),
+    temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (deterministic)."),
+    top_k: int = typer.Option(0, min=0, help="Sample only among the K most likely tokens; 0 is off."),
+    top_p: float = typer.Option(1.0, help="Sample only among the most likely tokens totalling P; 1 is off."),
+    seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same output. Default: a fresh random seed."),
+    stop: List[str] = typer.Option(
+        [], "--stop", help="Stop when this text appears (not printed). Repeatable. Escapes like \\n are understood."
+    ),
+    device: str = typer.Option("auto", help="auto or cpu."),
+) -> None:
+    """Complete code and stream it to standard output."""
+    from . import load
+
+    stops = [s.encode("utf-8").decode("unicode_escape") if "\\" in s else s for s in stop]
+    if fim is not None:
+        if prompt is not None:
+            raise SantacpuError("give either a PROMPT or --fim PREFIX_FILE SUFFIX_FILE, not both")
+        prefix = read_text_file(fim[0], "prefix file")
+        suffix: Optional[str] = read_text_file(fim[1], "suffix file")
+    else:
+        if prompt is None or prompt == "-":
+            if sys.stdin.isatty():
+                print("santacpu: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
+            prompt = decode_text(sys.stdin.buffer.read(), "standard input")
+        prefix, suffix = prompt, None
+        if not prefix:
+            raise SantacpuError("the prompt is empty")
+
+    loaded = load(model or default_model(), revision=revision, device=device)
+    pieces = loaded.complete_stream(
+        prefix,
+        suffix,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stops,
+        fim_order=fim_order,
+    )
+    last = ""
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+        last = piece
+    if sys.stdout.isatty() and not last.endswith("\n"):
+        sys.stdout.write("\n")
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, SantacpuWarning):
+        print(f"santacpu: warning: {message}", file=sys.stderr)
+    else:
+        _default_showwarning(message, category, filename, lineno, file, line)
+
+
+_default_showwarning = warnings.showwarning
+
+
+def main() -> None:
+    warnings.showwarning = _show_warning
+    try:
+        app(standalone_mode=False)
+    except SantacpuError as error:
+        if _debug["on"]:
+            raise
+        print(f"santacpu: error: {error}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("santacpu: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
+        sys.exit(1)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except typer.Abort:
+        print("santacpu: aborted", file=sys.stderr)
+        sys.exit(1)
+    except Exception as problem:  # click's usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(problem, click.ClickException):
+            problem.show()
+            sys.exit(problem.exit_code)
+        raise

@@ -1,0 +1,89 @@
+"""The incremental forward pass used for generation: prefill a prompt, then one token at a time.
+
+Owns the KV cache. SantaCoder is multi-query: one K and one V head of width head_dim serve all 16
+query heads, so the cache is `[n_layer, n_ctx, n_kv_head=1, head_dim]` for K and for V (24 MiB at
+2048 tokens in fp32), never expanded per query head.
+
+Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim,
+V = vocab_size, L = n_layer.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .backend import CpuBackend
+from .weights import ModelWeights
+
+# Prompts are processed in chunks of this many tokens: bounds the activations of a 2048-token
+# prompt ([T, n_inner] fp32 is 32 MB at 1024) while keeping matrix-matrix products large.
+PREFILL_CHUNK = 512
+
+
+class KVCache:
+    """Keys and values of the tokens seen so far in one sequence."""
+
+    def __init__(self, n_layer: int, n_ctx: int, n_kv_head: int, head_dim: int):
+        self.k = np.zeros((n_layer, n_ctx, n_kv_head, head_dim), np.float32)  # [L, n_ctx, G, D]
+        self.v = np.zeros((n_layer, n_ctx, n_kv_head, head_dim), np.float32)  # [L, n_ctx, G, D]
+        self.ids: list[int] = []  # the tokens whose K/V are stored, position = index
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+
+class Engine:
+    def __init__(self, weights: ModelWeights, backend: CpuBackend | None = None):
+        self.weights = weights
+        self.config = weights.config
+        self.backend = backend or CpuBackend()
+
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, n_ctx or c.n_positions, c.n_kv_head, c.head_dim)
+
+    def forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Run `ids` at positions cache.length.., store their K/V, and return logits:
+        [len(ids), V] with all_logits, else [1, V] for the last token only."""
+        if cache.length + len(ids) > cache.capacity:
+            raise ValueError(f"{cache.length} + {len(ids)} tokens exceed the cache's {cache.capacity} positions")
+        pieces = []
+        for first in range(0, len(ids), PREFILL_CHUNK):
+            chunk = list(ids[first : first + PREFILL_CHUNK])
+            hidden = self._blocks(cache, chunk)  # [T, E], final LayerNorm applied
+            if all_logits:
+                pieces.append(self._lm_head(hidden))
+            elif first + PREFILL_CHUNK >= len(ids):
+                pieces.append(self._lm_head(hidden[-1:]))
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _lm_head(self, hidden: np.ndarray) -> np.ndarray:
+        return self.backend.linear(hidden, self.weights.wte, None)  # tied embedding: [T, V]
+
+    def _blocks(self, cache: KVCache, ids: list[int]) -> np.ndarray:
+        w, c, b = self.weights, self.config, self.backend
+        start, T = cache.length, len(ids)
+        E, H, G, D = c.n_embd, c.n_head, c.n_kv_head, c.head_dim
+        eps = c.layer_norm_epsilon
+        x = b.embed(w.wte, np.asarray(ids)) + b.embed(w.wpe, np.arange(start, start + T))  # [T, E]
+        for i, layer in enumerate(w.layers):
+            h = b.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps)
+            qkv = b.linear(h, layer.attn_c_attn_weight, layer.attn_c_attn_bias)  # [T, E + 2*G*D]
+            cache.k[i, start : start + T] = qkv[:, E : E + G * D].reshape(T, G, D)
+            cache.v[i, start : start + T] = qkv[:, E + G * D :].reshape(T, G, D)
+            q = np.ascontiguousarray(qkv[:, :E]).reshape(T, H, D)
+            attn = b.attention(q, cache.k[i], cache.v[i], start).reshape(T, E)
+            x += b.linear(attn, layer.attn_c_proj_weight, layer.attn_c_proj_bias)
+            h = b.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps)
+            f = b.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias)  # [T, I]
+            b.gelu_inplace(f)
+            x += b.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias)
+        cache.ids.extend(int(t) for t in ids)
+        return b.layer_norm(x, w.ln_f_weight, w.ln_f_bias, eps)
