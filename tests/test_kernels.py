@@ -1,0 +1,140 @@
+"""Every Numba kernel against its plain-NumPy twin, and the incremental engine against the
+reference forward at every position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import tiny_checkpoint
+from santacpu import cpu_kernels as k
+from santacpu import reference
+from santacpu.backend import BLAS_MIN_TOKENS, CpuBackend
+from santacpu.checkpoint import read_checkpoint
+from santacpu.engine import Engine
+
+rng = np.random.default_rng(1234)
+
+
+def rel_err(got, want):
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+@pytest.mark.parametrize("n_out,n_in", [(7, 64), (33, 100), (256, 2048), (5, 31)])
+def test_matvec_f32_and_f16_match_numpy(n_out, n_in):
+    w32 = rng.standard_normal((n_out, n_in)).astype(np.float32)
+    x = rng.standard_normal(n_in).astype(np.float32)
+    bias = rng.standard_normal(n_out).astype(np.float32)
+    out = np.empty(n_out, np.float32)
+    k.matvec_f32(w32, x, bias, out)
+    want = w32.astype(np.float64) @ x + bias
+    assert rel_err(out, want) < 1e-5
+
+    w16 = w32.astype(np.float16)
+    k.matvec_f16(w16.view(np.uint16), x, bias, out)
+    want16 = w16.astype(np.float64) @ x + bias  # exact fp16 values, fp32 arithmetic
+    assert rel_err(out, want16) < 1e-5
+
+
+def test_f16_widening_is_exact_for_every_half_value():
+    bits = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    out = np.empty((256, 256), np.float32)
+    k.f16_rows_to_f32(bits, 0, 256, out)
+    want = bits.view(np.float16).astype(np.float32)
+    finite = np.isfinite(want)
+    assert np.array_equal(out[finite], want[finite])
+    assert np.array_equal(np.isnan(out), np.isnan(want))
+    assert np.array_equal(out[np.isinf(want)], want[np.isinf(want)])
+
+
+def test_layer_norm_and_gelu_match_reference():
+    x = (rng.standard_normal((5, 96)) * 3 + 1).astype(np.float32)
+    w = rng.standard_normal(96).astype(np.float32)
+    b = rng.standard_normal(96).astype(np.float32)
+    out = np.empty_like(x)
+    k.layer_norm(x, w, b, np.float32(1e-5), out)
+    assert rel_err(out, reference.layer_norm(x, w, b, 1e-5)) < 1e-5
+
+    y = x.copy()
+    k.gelu_tanh_inplace(y)
+    assert rel_err(y, reference.gelu_tanh(x)) < 1e-5
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 4])
+@pytest.mark.parametrize("start,T", [(0, 1), (0, 9), (5, 1), (5, 4)])
+def test_causal_attention_matches_dense_softmax(n_kv_head, start, T):
+    H, D, n_ctx = 4, 16, 32
+    q = rng.standard_normal((T, H, D)).astype(np.float32)
+    k_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(np.float32)
+    v_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(np.float32)
+    out = np.empty_like(q)
+    k.causal_attention(q, k_cache, v_cache, start, out)
+    group = H // n_kv_head
+    for t in range(T):
+        for h in range(H):
+            keys = k_cache[: start + t + 1, h // group]  # positions this query may see
+            p = reference.softmax(keys @ q[t, h] / np.sqrt(D))
+            assert rel_err(out[t, h], p @ v_cache[: start + t + 1, h // group]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("T", [1, BLAS_MIN_TOKENS - 1, BLAS_MIN_TOKENS, 40])
+def test_backend_linear_both_paths(dtype, T):
+    w = rng.standard_normal((1100, 64)).astype(dtype)  # > one fp16 BLAS tile of rows
+    x = rng.standard_normal((T, 64)).astype(np.float32)
+    b = rng.standard_normal(1100).astype(np.float32)
+    got = CpuBackend().linear(x, w, b)
+    assert got.shape == (T, 1100) and got.dtype == np.float32
+    assert rel_err(got, x.astype(np.float64) @ w.astype(np.float64).T + b) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        dict(layout="gpt_bigcode"),
+        dict(layout="legacy"),
+        dict(layout="gpt_bigcode", dtype="float16"),
+        dict(layout="gpt_bigcode", multi_query=False),
+    ],
+    ids=["bigcode-f32", "legacy-f32", "bigcode-f16", "bigcode-mha"],
+)
+def test_incremental_engine_equals_reference_at_every_position(kind):
+    weights = read_checkpoint(tiny_checkpoint(**kind))
+    ids = [int(i) for i in rng.integers(0, 49157, 48)]
+    want = reference.forward(weights, ids)
+    scale = np.abs(want).max()
+    engine = Engine(weights)
+
+    cache = engine.new_cache()
+    whole = engine.forward(cache, ids, all_logits=True)
+    assert np.abs(whole - want).max() <= 1e-4 * scale
+
+    # Prefill 20 tokens, then one token at a time: every position's logits agree.
+    cache = engine.new_cache()
+    pieces = [engine.forward(cache, ids[:20], all_logits=True)]
+    pieces += [engine.forward(cache, [t]) for t in ids[20:]]
+    assert np.abs(np.concatenate(pieces) - want).max() <= 1e-4 * scale
+    assert cache.ids == ids
+
+
+def test_kv_cache_is_single_headed_for_multi_query():
+    weights = read_checkpoint(tiny_checkpoint())
+    c = weights.config
+    cache = Engine(weights).new_cache()
+    assert c.n_kv_head == 1 and c.n_head > 1
+    assert cache.k.shape == (c.n_layer, c.n_positions, 1, c.head_dim)
+    assert cache.v.shape == cache.k.shape
+
+
+def test_long_prefill_crosses_chunks(monkeypatch):
+    import santacpu.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 16)
+    weights = read_checkpoint(tiny_checkpoint())
+    ids = [int(i) for i in rng.integers(0, 49157, 50)]
+    engine = Engine(weights)
+    want = reference.forward(weights, ids)
+    assert np.abs(engine.forward(engine.new_cache(), ids, all_logits=True) - want).max() <= 1e-4 * np.abs(want).max()
+    last = engine.forward(engine.new_cache(), ids)
+    assert last.shape == (1, weights.config.vocab_size)
+    assert np.abs(last[0] - want[-1]).max() <= 1e-4 * np.abs(want).max()
