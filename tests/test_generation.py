@@ -1,0 +1,239 @@
+"""Generation behaviour: sampling, stopping (EOS, stop ids, stop strings, max_new_tokens, context
+end), seeds, streaming text, and fill-in-the-middle prompts."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import santacpu
+from helpers import tiny_checkpoint
+from santacpu import SantacpuError, SantacpuWarning
+from santacpu.prompts import build_fim_prompt, fim_budget, trim_to_cursor
+from santacpu.sampling import sample_next, top_k_filter, top_p_filter
+from santacpu.text_stream import StopStrings
+from santacpu.tokenizer import Tokenizer
+
+TOK = Tokenizer.santacoder()
+N_VALID = TOK.vocab_size  # 49157
+V = 49280
+
+
+@pytest.fixture(scope="module")
+def model():
+    return santacpu.load(tiny_checkpoint())
+
+
+# --- sampling -------------------------------------------------------------------------------
+
+
+def test_padding_rows_are_never_chosen():
+    logits = np.zeros(V, np.float32)
+    logits[V - 1] = 100.0  # a padding row holds the largest logit
+    logits[7] = 1.0
+    assert sample_next(logits, N_VALID, 0.0, 0, 1.0, np.random.default_rng(0)) == 7
+    rng = np.random.default_rng(0)
+    picks = {sample_next(logits, N_VALID, 5.0, 0, 1.0, rng) for _ in range(300)}
+    assert max(picks) < N_VALID and len(picks) > 10  # sampled widely, never a padding row
+
+
+def test_top_k_and_top_p_filters():
+    logits = np.array([3.0, 1.0, 2.0, 0.0])
+    assert np.isneginf(top_k_filter(logits, 2)).tolist() == [False, True, False, True]
+    probs = np.array([0.5, 0.1, 0.3, 0.1])
+    kept = top_p_filter(probs, 0.7)  # 0.5 alone < 0.7, so 0.5 and 0.3 are kept
+    np.testing.assert_allclose(kept, [0.625, 0.0, 0.375, 0.0])
+    np.testing.assert_allclose(top_p_filter(probs, 1.0), probs)
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.full(N_VALID, -np.inf)
+    logits[[10, 20]] = np.log([0.75, 0.25])
+    rng = np.random.default_rng(42)
+    picks = [sample_next(logits, N_VALID, 1.0, 0, 1.0, rng) for _ in range(4000)]
+    assert set(picks) == {10, 20}
+    assert abs(picks.count(10) / 4000 - 0.75) < 0.03
+    top1 = [sample_next(logits, N_VALID, 1.0, 1, 1.0, rng) for _ in range(50)]
+    assert set(top1) == {10}
+
+
+@pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)])
+def test_bad_sampling_options_fail_at_call_time(model, options):
+    with pytest.raises(SantacpuError):
+        model.generate([1, 2, 3], max_new_tokens=3, **options)  # no iteration needed
+
+
+# --- the generation loop, driven by scripted logits ----------------------------------------
+
+
+class ScriptedEngine:
+    """Stands in for the forward pass: step i's logits favour script[i]."""
+
+    def __init__(self, script):
+        self.script = script
+        self.fed: list[list[int]] = []
+
+    def new_cache(self, n_ctx=None):
+        self.fed = []  # a new sequence starts the script again
+        return None
+
+    def forward(self, cache, ids, all_logits=False):
+        logits = np.zeros((1, V), np.float32)
+        logits[0, self.script[min(len(self.fed), len(self.script) - 1)]] = 10.0
+        self.fed.append(list(ids))
+        return logits
+
+
+def scripted(model, script):
+    engine = ScriptedEngine(script)
+    model._engine, saved = engine, model._engine
+    return engine, saved
+
+
+def test_eos_ends_generation_unyielded(model):
+    engine, saved = scripted(model, [5, 6, model.config.eos_token_id, 7])
+    try:
+        assert list(model.generate([1, 2], max_new_tokens=10)) == [5, 6]
+        assert engine.fed == [[1, 2], [5], [6]]  # the prompt once, then one token per step
+    finally:
+        model._engine = saved
+
+
+def test_stop_ids_and_max_new_tokens(model):
+    _, saved = scripted(model, [5, 6, 9, 7])
+    try:
+        assert list(model.generate([1], max_new_tokens=10, stop_ids=[9])) == [5, 6]
+        assert list(model.generate([1], max_new_tokens=2)) == [5, 6]
+        assert list(model.generate([1], max_new_tokens=0)) == []
+    finally:
+        model._engine = saved
+
+
+def test_generation_stops_at_the_context_end(model):
+    n_ctx = model.config.n_positions  # 64 for the tiny model
+    _, saved = scripted(model, [5])
+    try:
+        out = list(model.generate([1] * (n_ctx - 3), max_new_tokens=100))
+        assert len(out) == 3  # prompt + output fill the context exactly
+    finally:
+        model._engine = saved
+    # And for real: the cache holds exactly the context, no overflow.
+    real = list(model.generate([1] * (n_ctx - 3), max_new_tokens=100, temperature=1.0, seed=0))
+    assert 0 < len(real) <= 3
+
+
+def test_prompt_that_fills_the_context_is_refused(model):
+    n_ctx = model.config.n_positions
+    with pytest.raises(SantacpuError, match="context holds"):
+        model.generate([1] * n_ctx, max_new_tokens=1)
+    with pytest.raises(SantacpuError, match="context holds"):
+        model.complete("x = 1\n" * 60, max_new_tokens=1)
+
+
+def test_empty_prompts_are_refused(model):
+    with pytest.raises(SantacpuError, match="empty"):
+        model.generate([], max_new_tokens=1)
+    with pytest.raises(SantacpuError, match="empty"):
+        model.complete("", max_new_tokens=1)
+
+
+# --- seeds and streaming text on the real (tiny) model --------------------------------------
+
+
+def test_same_seed_same_output_and_different_seeds_differ(model):
+    options = dict(max_new_tokens=12, temperature=1.0, top_k=50, top_p=0.95)
+    a = list(model.generate([563, 942], seed=1, **options))
+    assert a == list(model.generate([563, 942], seed=1, **options))
+    assert any(list(model.generate([563, 942], seed=s, **options)) != a for s in (2, 3, 4))
+
+
+def test_complete_is_the_decoded_generation(model):
+    ids = TOK.encode("def f(x):")
+    tokens = list(model.generate(ids, max_new_tokens=10))
+    assert model.complete("def f(x):", max_new_tokens=10) == TOK.decode(tokens)
+    pieces = list(model.complete_stream("def f(x):", max_new_tokens=10))
+    assert "".join(pieces) == TOK.decode(tokens)
+
+
+def test_stop_string_cuts_the_completion(model):
+    full = model.complete("def f(x):", max_new_tokens=12)
+    assert len(full) > 4
+    stop = full[3:5]  # text that really occurs, so the cut is observable
+    cut = model.complete("def f(x):", max_new_tokens=12, stop=[stop])
+    assert cut == full[: full.index(stop)]
+
+
+# --- stop strings across pieces --------------------------------------------------------------
+
+
+def test_stop_strings_are_held_back_and_cut():
+    s = StopStrings(["\ndef ", "END"])
+    assert s.push("x = 1\n") == "x = 1"  # "\n" might start "\ndef "
+    assert s.push("de") == ""
+    assert s.push("fault") == "\ndefault"  # it did not: released
+    assert s.push("E") == ""
+    assert s.push("NDING") == ""  # "END" found: everything before it was already emitted
+    assert s.stopped and s.push("more") == "" and s.flush() == ""
+
+
+def test_stop_strings_earliest_wins_and_flush_releases_partials():
+    s = StopStrings(["bb", "a"])
+    assert s.push("xxbba") == "xx"
+    t = StopStrings(["abc"])
+    assert t.push("zab") == "z"
+    assert t.flush() == "ab"
+
+
+# --- fill-in-the-middle prompts --------------------------------------------------------------
+
+
+def test_fim_prompt_orders_are_built_from_ids():
+    pre, suf = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+    p, s = TOK.encode(pre), TOK.encode(suf)
+    psm = build_fim_prompt(TOK, pre, suf, 2048, 64)
+    assert psm == [TOK.fim_prefix_id, *p, TOK.fim_suffix_id, *s, TOK.fim_middle_id]
+    spm = build_fim_prompt(TOK, pre, suf, 2048, 64, order="spm")
+    assert spm == [TOK.fim_prefix_id, TOK.fim_suffix_id, *s, TOK.fim_middle_id, *p]
+    with pytest.raises(SantacpuError, match="FIM order"):
+        build_fim_prompt(TOK, pre, suf, 2048, 64, order="pms")
+
+
+def test_special_strings_in_user_text_stay_plain_text():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ids = build_fim_prompt(TOK, "a = '<fim-suffix>'", "<|endoftext|>", 2048, 64)
+    specials = [i for i in ids if i >= 49152]
+    assert specials == [TOK.fim_prefix_id, TOK.fim_suffix_id, TOK.fim_middle_id]
+    assert any("plain text" in str(w.message) for w in caught)
+
+
+def test_starcoder_markers_get_a_warning(model):
+    with pytest.warns(SantacpuWarning, match="hyphens"):
+        model.complete("<fim_prefix>def f():", max_new_tokens=1)
+
+
+def test_fim_trimming_keeps_the_text_nearest_the_cursor():
+    prefix_ids, suffix_ids = list(range(100)), list(range(1000, 1050))
+    p, s = trim_to_cursor(prefix_ids, suffix_ids, 60)
+    assert (p, s) == (list(range(70, 100)), list(range(1000, 1030)))  # even split
+    p, s = trim_to_cursor(prefix_ids, suffix_ids[:10], 60)
+    assert (p, s) == (list(range(50, 100)), suffix_ids[:10])  # a short suffix gives its room away
+    assert trim_to_cursor([1, 2], [3], 10) == ([1, 2], [3])
+
+
+def test_long_fim_prompt_is_trimmed_with_a_warning_and_fits(model):
+    n_ctx = model.config.n_positions
+    prefix = "".join(f"a{i} = {i}\n" for i in range(40))
+    suffix = "".join(f"print(a{i})\n" for i in range(40))
+    with pytest.warns(SantacpuWarning, match="kept the last"):
+        ids = build_fim_prompt(TOK, prefix, suffix, n_ctx, 16)
+    assert len(ids) == fim_budget(n_ctx, 16)
+    # The kept prefix is the end of the prefix, the kept suffix the start of the suffix.
+    middle = ids.index(TOK.fim_suffix_id)
+    assert TOK.decode(ids[1:middle]) and prefix.endswith(TOK.decode(ids[1:middle]))
+    assert suffix.startswith(TOK.decode(ids[middle + 1 : -1]))
+    with pytest.warns(SantacpuWarning):
+        out = model.complete(prefix, suffix, max_new_tokens=16)
+    assert isinstance(out, str)
