@@ -153,9 +153,20 @@ def main() -> None:
         print("santacpu: aborted", file=sys.stderr)
         sys.exit(1)
     except Exception as problem:  # click's usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(problem, click.ClickException):
+        if isinstance(problem, _usage_error_types()) and hasattr(problem, "show"):
             problem.show()
             sys.exit(problem.exit_code)
         raise
+
+
+def _usage_error_types() -> tuple:
+    """Usage-error classes: typer >= 0.2x bundles its own click (`typer._click`, whose errors
+    subclass typer.TyperException and not click.ClickException); older typer raises click's own."""
+    types: list[type] = [t for t in (getattr(typer, "TyperException", None),) if t is not None]
+    try:
+        import click  # not a dependency of newer typer: may be absent
+
+        types.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(types)

@@ -22,7 +22,7 @@ from .checkpoint import read_checkpoint, stderr_progress
 from .config import Config
 from .engine import Engine
 from .errors import SantacpuError, SantacpuWarning
-from .prompts import build_fim_prompt, build_plain_prompt
+from .prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
 from .sampling import check_sampling, sample_next
 from .source import resolve
 from .text_stream import stream_text
@@ -107,6 +107,8 @@ class Model:
     ) -> Iterator[str]:
         """Stream the completion of `prefix` as text pieces (whole characters only). With `suffix`,
         fill in the middle between them. Stop strings end the text and are not included."""
+        if fim_order not in FIM_ORDERS:  # checked even without a suffix: a typo must not pass silently
+            raise SantacpuError(f"unknown FIM order '{fim_order}' (choose {' or '.join(FIM_ORDERS)})")
         if suffix is None:
             ids = build_plain_prompt(self.tokenizer, prefix, self.config.n_positions)
         else:

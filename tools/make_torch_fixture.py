@@ -1,9 +1,17 @@
-"""Write the tiny torch checkpoint fixture used by tests/test_torch_zip.py (dev-only: needs torch).
+"""Write the torch checkpoint fixtures of tests/test_torch_zip.py and tests/test_torch_model.py
+(dev-only: needs torch).
 
-Outputs, both deterministic (torch.save uses fixed zip timestamps and a content-derived
+Outputs, all deterministic (torch.save uses fixed zip timestamps and a content-derived
 serialization id; the npz is written with fixed timestamps too):
   tests/fixtures/torch_tiny.bin           - a state dict saved by torch.save
   tests/fixtures/torch_tiny_expected.npz  - the same values as plain NumPy (bf16 widened to float32)
+  tests/fixtures/torch_micro_model/       - pytorch_model.bin + config.json: the "micro" random
+      model of tools/random_checkpoint.py (seed 0) in the legacy bigcode/santacoder layout, float16,
+      with lm_head.weight tied to transformer.wte.weight (one storage, as torch saves tied weights)
+      and the attn.bias / attn.masked_bias buffers; no tokenizer.json (santacpu falls back to its
+      bundled one). The test rebuilds the same model as safetensors with
+      write_checkpoint(size="micro", layout="legacy", dtype="float16", seed=0,
+      embedding_names=("transformer.wte.weight", "lm_head.weight")).
 
 Run: /work/venv/bin/python tools/make_torch_fixture.py
 """
@@ -11,6 +19,8 @@ Run: /work/venv/bin/python tools/make_torch_fixture.py
 from __future__ import annotations
 
 import io
+import json
+import sys
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -18,7 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
+REPO = Path(__file__).resolve().parent.parent
+FIXTURES = REPO / "tests" / "fixtures"
+MICRO_MODEL = FIXTURES / "torch_micro_model"
+sys.path.insert(0, str(REPO))
+
+from tools.random_checkpoint import canonical_tensors, config_json, layout_tensors  # noqa: E402
 
 
 def build_state_dict() -> OrderedDict:
@@ -53,6 +68,28 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
                         buf.getvalue())
 
 
+def build_micro_state_dict() -> OrderedDict:
+    """The micro model in the legacy layout, shaped like the real bigcode/santacoder
+    pytorch_model.bin (contiguous tensors, mask buffers, lm_head.weight last and tied), but float16
+    to stay small (write_checkpoint's rule: float32 tensors take the file dtype, the uint8 mask
+    keeps its own)."""
+    sd = OrderedDict()
+    for name, array in layout_tensors(canonical_tensors("micro", 0), "micro", "legacy"):
+        if array.dtype == np.float32:
+            array = array.astype(np.float16)
+        # A C-ordered copy (np.ascontiguousarray would turn the 0-d masked_bias into 1-d).
+        sd[name] = torch.from_numpy(np.array(array, order="C"))
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]  # same tensor: torch.save writes one storage
+    return sd
+
+
+def write_micro_model(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(build_micro_state_dict(), folder / "pytorch_model.bin")
+    config = config_json("micro", "legacy")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 def main() -> None:
     FIXTURES.mkdir(parents=True, exist_ok=True)
     sd = build_state_dict()
@@ -60,8 +97,10 @@ def main() -> None:
     assert sd["offset.slice"].storage_offset() == 3
     torch.save(sd, FIXTURES / "torch_tiny.bin")
     write_npz(FIXTURES / "torch_tiny_expected.npz", {k: to_numpy(v) for k, v in sd.items()})
-    for name in ("torch_tiny.bin", "torch_tiny_expected.npz"):
-        print(f"wrote {FIXTURES / name} ({(FIXTURES / name).stat().st_size} bytes)")
+    write_micro_model(MICRO_MODEL)
+    for path in (FIXTURES / "torch_tiny.bin", FIXTURES / "torch_tiny_expected.npz",
+                 MICRO_MODEL / "pytorch_model.bin", MICRO_MODEL / "config.json"):
+        print(f"wrote {path} ({path.stat().st_size} bytes)")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Every tensor is drawn from its own generator seeded by (seed, crc32 of its canon
 versions), so the same seed gives the same weights in either layout, in any order, without torch.
 Files are written tensor by tensor: a full-size checkpoint never sits whole in memory.
 
-    python -m tools.random_checkpoint OUT_DIR [--size tiny|full] [--layout gpt_bigcode|legacy]
+    python -m tools.random_checkpoint OUT_DIR [--size tiny|micro|full] [--layout gpt_bigcode|legacy]
         [--dtype float32|float16] [--seed 0] [--multi-head]
 """
 
@@ -36,6 +36,9 @@ SIZES = {
     # Tiny: real vocabulary, short context so context-end behaviour is cheap to test.
     "tiny": dict(vocab_size=49280, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=256),
     "full": dict(vocab_size=49280, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, n_inner=8192),
+    # Micro: the smallest model with the real vocabulary (the tokenizer needs it); small enough
+    # (< 1 MB in float16) to commit as the pytorch_model.bin fixture of tools/make_torch_fixture.py.
+    "micro": dict(vocab_size=49280, n_positions=16, n_embd=8, n_layer=1, n_head=2, n_inner=32),
 }
 
 

@@ -1,0 +1,264 @@
+"""The `santacpu` command line, run as a real subprocess (`python -m santacpu`) on a tiny checkpoint:
+output equals the Python API's, prompts from arguments, stdin and FIM files, stop strings, seeds,
+and every user error as one `santacpu: error:` line on stderr with nothing on stdout.
+
+Every run is offline with an empty hub cache, so nothing can reach the network.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import helpers
+import santacpu
+
+PROMPT = "def fibonacci(n):"
+FIM_PREFIX = "def add(a, b):\n    return "
+FIM_SUFFIX = "\n\nprint(add(1, 2))\n"
+N = "8"  # --max-new-tokens for every run: a tiny model, a few tokens
+
+
+@pytest.fixture(scope="module")
+def ckpt() -> Path:
+    return helpers.tiny_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def model(ckpt) -> santacpu.Model:
+    return santacpu.load(ckpt)
+
+
+@pytest.fixture(scope="module")
+def hf_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("hf-home")
+    (home / "hub").mkdir()
+    return home
+
+
+def run(hf_home: Path, *args: str, stdin: bytes = b"", debug: bool = False) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    for name in ("SANTACPU_MODEL", "HUGGINGFACE_HUB_CACHE", "HF_ENDPOINT", "PYTHONWARNINGS"):
+        env.pop(name, None)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        HF_HOME=str(hf_home),
+        HF_HUB_CACHE=str(hf_home / "hub"),
+        PYTHONIOENCODING="utf-8",
+        NO_COLOR="1",
+        COLUMNS="120",
+    )
+    command = [sys.executable, "-m", "santacpu", *(["--debug"] if debug else []), *args]
+    return subprocess.run(command, input=stdin, capture_output=True, env=env, timeout=120)
+
+
+def ok(done: subprocess.CompletedProcess) -> str:
+    """stdout of a successful run; stderr must be empty."""
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert done.stderr == b"", done.stderr.decode(errors="replace")
+    return done.stdout.decode("utf-8")
+
+
+def assert_error(done: subprocess.CompletedProcess, fragment: str) -> str:
+    """One `santacpu: error:` line on stderr, nothing on stdout, a non-zero exit, no traceback."""
+    err = done.stderr.decode("utf-8")
+    assert done.returncode == 1, (done.returncode, err)
+    assert done.stdout == b""
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("santacpu: error: "), err
+    assert fragment in lines[0], err
+    return lines[0]
+
+
+def assert_usage_error(done: subprocess.CompletedProcess, fragment: str) -> None:
+    """A usage error from the option parser: exit 2, its message on stderr, no traceback."""
+    err = done.stderr.decode("utf-8")
+    assert done.returncode == 2, (done.returncode, err)
+    assert done.stdout == b""
+    assert "Traceback" not in err
+    assert fragment in err, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def test_complete_matches_the_api(hf_home, ckpt, model):
+    expected = model.complete(PROMPT, max_new_tokens=8)
+    assert expected  # a non-empty completion, so the comparison means something
+    assert ok(run(hf_home, "complete", PROMPT, "--model", str(ckpt), "--max-new-tokens", N)) == expected
+    # -m, a weight file instead of its folder, and option order do not matter.
+    done = run(hf_home, "complete", "-m", str(ckpt / "model.safetensors"), "--max-new-tokens", N, PROMPT)
+    assert ok(done) == expected
+
+
+@pytest.mark.parametrize("how", ["dash", "absent"])
+def test_prompt_from_stdin(hf_home, ckpt, model, how):
+    expected = model.complete(PROMPT, max_new_tokens=8)
+    args = ["complete", *(["-"] if how == "dash" else []), "--model", str(ckpt), "--max-new-tokens", N]
+    assert ok(run(hf_home, *args, stdin=PROMPT.encode())) == expected
+
+
+def test_fim_prints_only_the_middle(hf_home, ckpt, model, tmp_path):
+    (tmp_path / "prefix.py").write_text(FIM_PREFIX)
+    (tmp_path / "suffix.py").write_text(FIM_SUFFIX)
+    expected = model.complete(FIM_PREFIX, FIM_SUFFIX, max_new_tokens=8)
+    assert expected and expected != model.complete(FIM_PREFIX, max_new_tokens=8)
+    args = ["complete", "--fim", str(tmp_path / "prefix.py"), str(tmp_path / "suffix.py"), "--model", str(ckpt)]
+    out = ok(run(hf_home, *args, "--max-new-tokens", N))
+    assert out == expected
+    assert FIM_PREFIX not in out and FIM_SUFFIX not in out
+    # The other order is a different prompt, so (for this model and text) a different middle.
+    spm = model.complete(FIM_PREFIX, FIM_SUFFIX, max_new_tokens=8, fim_order="spm")
+    assert ok(run(hf_home, *args, "--max-new-tokens", N, "--fim-order", "spm")) == spm
+
+
+def test_stop_string_cuts_the_output(hf_home, ckpt, model):
+    full = model.complete(PROMPT, max_new_tokens=8)
+    # A stop string that really occurs, after some text: the output must end just before it.
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    cut = full.find(stop)
+    assert len(stop) == 3 and 0 < cut < len(full) - len(stop)
+    expected = full[:cut]
+    assert model.complete(PROMPT, max_new_tokens=8, stop=[stop]) == expected
+    base = ["complete", PROMPT, "--model", str(ckpt), "--max-new-tokens", N]
+    out = ok(run(hf_home, *base, "--stop", stop))
+    assert out == expected and stop not in out
+    # Repeatable: the earliest of several stop strings wins; one that never occurs changes nothing.
+    assert ok(run(hf_home, *base, "--stop", "never-in-output", "--stop", stop)) == expected
+    assert ok(run(hf_home, *base, "--stop", "never-in-output")) == full
+
+
+def test_seeded_sampling_is_reproducible(hf_home, ckpt, model):
+    base = ["complete", PROMPT, "--model", str(ckpt), "--max-new-tokens", N, "--temperature", "0.8"]
+    first = ok(run(hf_home, *base, "--seed", "1"))
+    assert first == ok(run(hf_home, *base, "--seed", "1"))
+    assert first == model.complete(PROMPT, max_new_tokens=8, temperature=0.8, seed=1)
+    other = ok(run(hf_home, *base, "--seed", "2"))
+    assert other == model.complete(PROMPT, max_new_tokens=8, temperature=0.8, seed=2)
+    assert other != first
+    assert first != model.complete(PROMPT, max_new_tokens=8)  # sampling really happened
+
+
+def test_starcoder_markers_warn_and_still_complete(hf_home, ckpt, model):
+    prompt = "<fim_prefix>def add(a, b):"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = model.complete(prompt, max_new_tokens=8)
+    done = run(hf_home, "complete", prompt, "--model", str(ckpt), "--max-new-tokens", N)
+    assert done.returncode == 0
+    lines = done.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("santacpu: warning: "), lines
+    assert "<fim-prefix>" in lines[0]
+    assert done.stdout.decode() == expected and expected
+
+
+def test_console_script():
+    script = Path(sys.executable).with_name("santacpu")
+    if not script.exists():
+        pytest.skip("no santacpu console script beside this interpreter")
+    done = subprocess.run([str(script), "--help"], capture_output=True, timeout=60)
+    assert done.returncode == 0 and b"complete" in done.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+def test_empty_prompt(hf_home, ckpt):
+    assert_error(run(hf_home, "complete", "", "--model", str(ckpt)), "the prompt is empty")
+    assert_error(run(hf_home, "complete", "--model", str(ckpt), stdin=b""), "the prompt is empty")
+    assert_error(run(hf_home, "complete", "-", "--model", str(ckpt), stdin=b""), "the prompt is empty")
+
+
+def test_bad_fim_files(hf_home, ckpt, tmp_path):
+    good = tmp_path / "good.py"
+    good.write_text("x = 1\n")
+    binary = tmp_path / "binary.py"
+    binary.write_bytes(b"x = 1\n\x00\x01\x02")
+    latin1 = tmp_path / "latin1.py"
+    latin1.write_bytes("s = 'café'\n".encode("latin-1"))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+
+    def fim(prefix: Path, suffix: Path):
+        return run(hf_home, "complete", "--fim", str(prefix), str(suffix), "--model", str(ckpt), "--max-new-tokens", N)
+
+    assert "binary.py" in assert_error(fim(binary, good), "binary file")
+    line = assert_error(fim(good, latin1), "not UTF-8")
+    assert "latin1.py" in line and "0xe9" in line
+    assert "missing.py" in assert_error(fim(good, tmp_path / "missing.py"), "no such file")
+    assert_error(fim(folder, good), "is a folder")
+    assert_error(run(hf_home, "complete", "x", "--fim", str(good), str(good), "--model", str(ckpt)), "not both")
+    assert_error(run(hf_home, "complete", "--model", str(ckpt), stdin=b"\xff\xfe"), "standard input is not UTF-8")
+
+
+def test_prompt_longer_than_the_context(hf_home, ckpt):
+    assert_error(run(hf_home, "complete", "x = 1\n" * 40, "--model", str(ckpt)), "context holds 64")
+
+
+def test_hub_id_offline_without_cache(hf_home):
+    line = assert_error(run(hf_home, "complete", PROMPT, "--model", "bigcode/santacoder"), "'bigcode/santacoder'")
+    assert "pass the folder" in line and "--model" in line
+    # The default model is the hub's too, and fails the same way.
+    assert "pass the folder" in assert_error(run(hf_home, "complete", PROMPT), "'bigcode/santacoder'")
+    assert list((hf_home / "hub").iterdir()) == []
+
+
+def test_bad_model_paths(hf_home, tmp_path):
+    assert_error(run(hf_home, "complete", PROMPT, "--model", str(tmp_path / "nope")), "no such file or folder")
+    broken = helpers.copy_checkpoint(tmp_path / "broken")
+    raw = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    assert_error(run(hf_home, "complete", PROMPT, "--model", str(broken)), "truncated")
+    (broken / "model.safetensors").unlink()
+    assert_error(run(hf_home, "complete", PROMPT, "--model", str(broken)), "no weights")
+    (broken / "config.json").write_text("{")
+    assert_error(run(hf_home, "complete", PROMPT, "--model", str(broken)), "not valid JSON")
+
+
+@pytest.mark.parametrize(
+    "option, fragment",
+    [(("--top-p", "0"), "top_p"), (("--top-p", "1.5"), "top_p"), (("--fim-order", "xyz"), "unknown FIM order 'xyz'"),
+     (("--device", "cuda"), "device 'cuda'"), (("--device", "tpu"), "unknown device 'tpu'")],
+)
+def test_bad_option_values(hf_home, ckpt, option, fragment):
+    assert_error(run(hf_home, "complete", PROMPT, "--model", str(ckpt), "--max-new-tokens", N, *option), fragment)
+
+
+def test_bad_fim_order_with_fim(hf_home, ckpt, tmp_path):
+    (tmp_path / "p.py").write_text(FIM_PREFIX)
+    (tmp_path / "s.py").write_text(FIM_SUFFIX)
+    done = run(hf_home, "complete", "--fim", str(tmp_path / "p.py"), str(tmp_path / "s.py"), "--model", str(ckpt),
+               "--fim-order", "pms")
+    assert_error(done, "unknown FIM order 'pms'")
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("--temperature", "-1"), "--temperature"),
+        (("--max-new-tokens", "-3"), "--max-new-tokens"),
+        (("--max-new-tokens", "many"), "--max-new-tokens"),
+        (("--no-such-option",), "No such option"),
+    ],
+)
+def test_usage_errors(hf_home, ckpt, args, fragment):
+    assert_usage_error(run(hf_home, "complete", PROMPT, "--model", str(ckpt), *args), fragment)
+
+
+def test_unknown_command(hf_home):
+    assert_usage_error(run(hf_home, "compleet", PROMPT), "No such command")
+
+
+def test_debug_shows_the_traceback(hf_home, ckpt):
+    done = run(hf_home, "complete", "", "--model", str(ckpt), debug=True)
+    err = done.stderr.decode()
+    assert done.returncode != 0 and done.stdout == b""
+    assert "Traceback" in err and "SantacpuError" in err and "the prompt is empty" in err
