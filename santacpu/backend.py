@@ -1,7 +1,8 @@
 """The kernel layer: the few operations a forward pass needs, behind one small interface.
 
-`CpuBackend` implements them with the Numba kernels of `cpu_kernels.py` (one token: matrix-vector
-products that stream each weight once) and NumPy/BLAS (many tokens: matrix-matrix products).
+`CpuBackend` implements them with the Numba kernels of `cpu_kernels.py` and NumPy/BLAS: fp32
+weights always go to BLAS (gemv for one token, gemm for many); fp16 weights, which BLAS cannot
+read, use a Numba matrix-vector kernel for a few tokens and BLAS on widened tiles for many.
 A GPU backend implements the same methods. Weight types are dispatched here, at the matmul,
 never by copying the forward pass per type.
 
@@ -29,16 +30,15 @@ class CpuBackend:
         n_out = weight.shape[0]
         if bias is None:
             bias = np.zeros(n_out, np.float32)
+        if weight.dtype == np.float32:
+            out = x @ weight.T
+            out += bias
+            return out
         if T < BLAS_MIN_TOKENS:
             out = np.empty((T, n_out), np.float32)
             for t in range(T):
-                if weight.dtype == np.float16:
-                    k.matvec_f16(weight.view(np.uint16), x[t], bias, out[t])
-                else:
-                    k.matvec_f32(weight, x[t], bias, out[t])
+                k.matvec_f16(weight.view(np.uint16), x[t], bias, out[t])
             return out
-        if weight.dtype == np.float32:
-            return x @ weight.T + bias
         out = np.empty((T, n_out), np.float32)
         tile = np.empty((min(F16_TILE_ROWS, n_out), weight.shape[1]), np.float32)
         bits = weight.view(np.uint16)
@@ -49,18 +49,22 @@ class CpuBackend:
         out += bias
         return out
 
+    # One token: the serial kernels (see cpu_kernels on why); many tokens: the parallel ones.
+
     def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
         out = np.empty_like(x)
-        k.layer_norm(x, weight, bias, np.float32(eps), out)
+        kernel = k.layer_norm_serial if x.shape[0] == 1 else k.layer_norm
+        kernel(x, weight, bias, np.float32(eps), out)
         return out
 
     def gelu_inplace(self, x: np.ndarray) -> None:
-        k.gelu_tanh_inplace(x)
+        (k.gelu_tanh_inplace_serial if x.shape[0] == 1 else k.gelu_tanh_inplace)(x)
 
     def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
         """q [T, H, D] at positions start..start+T-1 over k_cache/v_cache [n_ctx, G, D] -> [T, H, D]."""
         out = np.empty_like(q)
-        k.causal_attention(q, k_cache, v_cache, start, out)
+        kernel = k.causal_attention_serial if q.shape[0] == 1 else k.causal_attention
+        kernel(q, k_cache, v_cache, start, out)
         return out
 
     def embed(self, table: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -20,17 +20,13 @@ def rel_err(got, want):
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-@pytest.mark.parametrize("n_out,n_in", [(7, 64), (33, 100), (256, 2048), (5, 31)])
-def test_matvec_f32_and_f16_match_numpy(n_out, n_in):
-    w32 = rng.standard_normal((n_out, n_in)).astype(np.float32)
+@pytest.mark.parametrize("n_out,n_in", [(7, 64), (33, 100), (256, 2048), (5, 31), (3, 16), (1, 5)])
+def test_matvec_f16_matches_numpy(n_out, n_in):
+    # Shapes cover whole and partial row blocks (ROWS) and lane groups (LANES).
     x = rng.standard_normal(n_in).astype(np.float32)
     bias = rng.standard_normal(n_out).astype(np.float32)
     out = np.empty(n_out, np.float32)
-    k.matvec_f32(w32, x, bias, out)
-    want = w32.astype(np.float64) @ x + bias
-    assert rel_err(out, want) < 1e-5
-
-    w16 = w32.astype(np.float16)
+    w16 = rng.standard_normal((n_out, n_in)).astype(np.float16)
     k.matvec_f16(w16.view(np.uint16), x, bias, out)
     want16 = w16.astype(np.float64) @ x + bias  # exact fp16 values, fp32 arithmetic
     assert rel_err(out, want16) < 1e-5
@@ -51,24 +47,27 @@ def test_layer_norm_and_gelu_match_reference():
     x = (rng.standard_normal((5, 96)) * 3 + 1).astype(np.float32)
     w = rng.standard_normal(96).astype(np.float32)
     b = rng.standard_normal(96).astype(np.float32)
-    out = np.empty_like(x)
-    k.layer_norm(x, w, b, np.float32(1e-5), out)
-    assert rel_err(out, reference.layer_norm(x, w, b, 1e-5)) < 1e-5
+    for layer_norm in (k.layer_norm, k.layer_norm_serial):
+        out = np.empty_like(x)
+        layer_norm(x, w, b, np.float32(1e-5), out)
+        assert rel_err(out, reference.layer_norm(x, w, b, 1e-5)) < 1e-5
 
-    y = x.copy()
-    k.gelu_tanh_inplace(y)
-    assert rel_err(y, reference.gelu_tanh(x)) < 1e-5
+    for gelu in (k.gelu_tanh_inplace, k.gelu_tanh_inplace_serial):
+        y = x.copy()
+        gelu(y)
+        assert rel_err(y, reference.gelu_tanh(x)) < 1e-5
 
 
+@pytest.mark.parametrize("kernel", [k.causal_attention, k.causal_attention_serial], ids=["parallel", "serial"])
 @pytest.mark.parametrize("n_kv_head", [1, 4])
 @pytest.mark.parametrize("start,T", [(0, 1), (0, 9), (5, 1), (5, 4)])
-def test_causal_attention_matches_dense_softmax(n_kv_head, start, T):
+def test_causal_attention_matches_dense_softmax(kernel, n_kv_head, start, T):
     H, D, n_ctx = 4, 16, 32
     q = rng.standard_normal((T, H, D)).astype(np.float32)
     k_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(np.float32)
     v_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(np.float32)
     out = np.empty_like(q)
-    k.causal_attention(q, k_cache, v_cache, start, out)
+    kernel(q, k_cache, v_cache, start, out)
     group = H // n_kv_head
     for t in range(T):
         for h in range(H):
