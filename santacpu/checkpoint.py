@@ -20,6 +20,7 @@ from typing import Callable
 import numpy as np
 
 from .config import Config
+from .cpu_kernels import transpose_into
 from .errors import SantacpuError
 from .safetensors_io import SafetensorsFile, bf16_to_f32
 from .weights import LayerWeights, ModelWeights, expected_layer_shapes
@@ -104,11 +105,18 @@ def open_tensors(folder: Path) -> TensorSource:
     )
 
 
-def _float_matrix(array: np.ndarray, transpose: bool) -> np.ndarray:
-    """Keep float16/float32 as they are (fp16 files stay half the size); anything else becomes float32."""
+def _float_matrix(array: np.ndarray, transpose: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """Keep float16/float32 as they are (fp16 files stay half the size); anything else becomes
+    float32. With `transpose`, the transposed copy goes into `out` (allocated if None)."""
     if array.dtype not in (np.float16, np.float32):
         array = array.astype(np.float32)
-    return np.ascontiguousarray(array.T) if transpose else array
+    if not transpose:
+        return array
+    if out is None:
+        out = np.empty(array.shape[::-1], array.dtype)
+    bits = np.uint16 if array.dtype == np.float16 else np.float32  # Numba has no CPU float16
+    transpose_into(np.ascontiguousarray(array).view(bits), out.view(bits))
+    return out
 
 
 def _float_vector(array: np.ndarray) -> np.ndarray:
@@ -133,9 +141,11 @@ class _LayoutReader:
             )
         return self.source.array(full)
 
-    def matrix(self, name: str, shape: tuple[int, ...], transpose: bool = False) -> np.ndarray:
+    def matrix(
+        self, name: str, shape: tuple[int, ...], transpose: bool = False, out: np.ndarray | None = None
+    ) -> np.ndarray:
         array = self.get(name, shape)
-        result = _float_matrix(array, transpose)
+        result = _float_matrix(array, transpose, out)
         if not np.shares_memory(result, array):
             self.source.release(self.prefix + name)
         return result
@@ -149,10 +159,11 @@ def _legacy_layer(r: _LayoutReader, config: Config, i: int) -> LayerWeights:
     E, I, KV = config.n_embd, config.n_inner, config.kv_dim
     p = f"h.{i}."
     if config.multi_query:
-        q = r.matrix(p + "attn.q_attn.weight", (E, E), transpose=True)
-        kv = r.matrix(p + "attn.kv_attn.weight", (E, 2 * KV), transpose=True)
-        attn_weight = np.concatenate([q, kv], axis=0)  # rows Q | K | V
-        del q, kv
+        q_name = r.prefix + p + "attn.q_attn.weight"
+        dtype = np.float16 if r.source.array(q_name).dtype == np.float16 else np.float32
+        attn_weight = np.empty((E + 2 * KV, E), dtype)  # rows Q | K | V, transposed straight in
+        r.matrix(p + "attn.q_attn.weight", (E, E), transpose=True, out=attn_weight[:E])
+        r.matrix(p + "attn.kv_attn.weight", (E, 2 * KV), transpose=True, out=attn_weight[E:])
         attn_bias = np.concatenate([r.vector(p + "attn.q_attn.bias", (E,)), r.vector(p + "attn.kv_attn.bias", (2 * KV,))])
     else:
         # Multi-head GPT-2: c_attn columns are Q | K | V, already the canonical order once transposed.
