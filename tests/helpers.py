@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import mmap
 import shutil
 import sys
 import tempfile
@@ -13,6 +14,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from tools.random_checkpoint import write_checkpoint  # noqa: E402
+
+import numpy as np  # noqa: E402
 
 _root: Path | None = None
 _built: dict[tuple, Path] = {}
@@ -35,3 +38,17 @@ def tiny_checkpoint(layout: str = "gpt_bigcode", dtype: str = "float32", multi_q
 def copy_checkpoint(dest: Path, **kind) -> Path:
     shutil.copytree(tiny_checkpoint(**kind), dest)
     return dest
+
+
+def mmap_owner(array: np.ndarray) -> mmap.mmap | None:
+    """The mmap at the root of `array`'s chain of buffer owners (views, as_strided's helper,
+    memoryview), or None when the data is not memory-mapped."""
+    owner = array
+    while not isinstance(owner, mmap.mmap):
+        if isinstance(owner, memoryview):
+            owner = owner.obj
+        elif getattr(owner, "base", None) is not None:
+            owner = owner.base
+        else:
+            return None
+    return owner

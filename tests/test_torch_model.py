@@ -24,6 +24,7 @@ import pytest
 import santacpu
 from santacpu.safetensors_io import SafetensorsFile
 from santacpu.torch_zip import read_torch_zip
+from helpers import mmap_owner
 from tools.random_checkpoint import write_checkpoint
 
 BIN_MODEL = Path(__file__).parent / "fixtures" / "torch_micro_model"
@@ -71,15 +72,9 @@ def prompt_ids(model: santacpu.Model) -> list[list[int]]:
 
 
 def _mmap_of(array: np.ndarray) -> mmap.mmap:
-    """Follow the chain of buffer owners (views, as_strided's helper, memoryview) to its mmap."""
-    owner = array
-    while not isinstance(owner, mmap.mmap):
-        if isinstance(owner, memoryview):
-            owner = owner.obj
-        elif getattr(owner, "base", None) is not None:
-            owner = owner.base
-        else:
-            pytest.fail(f"not memory-mapped: the owner chain ends in {type(owner).__name__}")
+    owner = mmap_owner(array)
+    if owner is None:
+        pytest.fail("not memory-mapped: the owner chain ends elsewhere")
     return owner
 
 

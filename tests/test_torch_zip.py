@@ -6,7 +6,6 @@ The fixture comes from tools/make_torch_fixture.py; nothing here imports torch.
 from __future__ import annotations
 
 import builtins
-import mmap
 import os
 import pickle
 import struct
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 from santacpu.errors import SantacpuError
+from helpers import mmap_owner
 from santacpu.torch_zip import read_torch_zip
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -51,19 +51,6 @@ def _tensor_pickle(key="0", numel=4, offset=0, shape=(4,), stride=(1,)) -> bytes
             + b"tRu.")
 
 
-def _owner_is_mmap(arr: np.ndarray) -> bool:
-    """Follow the chain of buffer owners (views, as_strided's helper, memoryview) to its root."""
-    owner = arr
-    while not isinstance(owner, mmap.mmap):
-        if isinstance(owner, memoryview):
-            owner = owner.obj
-        elif getattr(owner, "base", None) is not None:
-            owner = owner.base
-        else:
-            return False
-    return True
-
-
 def test_fixture_matches_expected_exactly():
     got = read_torch_zip(TINY)
     with np.load(EXPECTED) as expected:
@@ -83,7 +70,7 @@ def test_arrays_are_read_only_views_of_the_file_map():
     for name, arr in got.items():
         assert not arr.flags.owndata and not arr.flags.writeable, name
         if name != "mlp.bf16":  # bf16 has to be widened into a fresh float32 buffer
-            assert _owner_is_mmap(arr), name
+            assert mmap_owner(arr) is not None, name
     # Tied weights share one storage record, hence one mapped buffer.
     assert np.shares_memory(got["wte.weight"], got["lm_head.weight"])
     # The transposed tensor keeps torch's strides instead of being copied.
