@@ -235,47 +235,63 @@ def _check_layout(source: TensorSource, config: Config, prefix: str) -> None:
         raise SantacpuError(f"config.json says gpt_bigcode but the weights have no fused c_attn{hint}")
 
 
-def load_weights(source: TensorSource, config: Config, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
-    """Build canonical ModelWeights from a checkpoint's tensors (either layout)."""
-    prefix = _detect_prefix(source)
-    _check_layout(source, config, prefix)
-    reader = _LayoutReader(source, prefix)
-    E, V, P = config.n_embd, config.vocab_size, config.n_positions
+class CheckpointReader:
+    """Canonical tensors of one checkpoint, produced on demand: a converter can take one layer at a
+    time (only that layer's converted copies are alive) while `load_weights` takes them all."""
 
-    # The tied embedding may be stored as wte, as lm_head only (safetensors conversions keep one
-    # name of tied tensors), or as both (same data: take wte).
-    if prefix + "wte.weight" in source:
-        wte = reader.matrix("wte.weight", (V, E))
-    elif "lm_head.weight" in source:
-        wte = _LayoutReader(source, "").matrix("lm_head.weight", (V, E))
-    else:
-        raise SantacpuError(f"{source.describe} has neither '{prefix}wte.weight' nor 'lm_head.weight'")
-    wpe = reader.matrix("wpe.weight", (P, E))
+    def __init__(self, source: TensorSource, config: Config):
+        self.config = config
+        self.prefix = _detect_prefix(source)
+        _check_layout(source, config, self.prefix)
+        self.source = source
+        self._reader = _LayoutReader(source, self.prefix)
+        self._build_layer = _legacy_layer if config.model_type == "gpt2" else _bigcode_layer
 
-    build_layer = _legacy_layer if config.model_type == "gpt2" else _bigcode_layer
+    def wte(self) -> np.ndarray:
+        """The tied embedding [V, E]. It may be stored as wte, as lm_head only (safetensors
+        conversions keep one name of tied tensors), or as both (same data: take wte)."""
+        c = self.config
+        if self.prefix + "wte.weight" in self.source:
+            return self._reader.matrix("wte.weight", (c.vocab_size, c.n_embd))
+        if "lm_head.weight" in self.source:
+            return _LayoutReader(self.source, "").matrix("lm_head.weight", (c.vocab_size, c.n_embd))
+        raise SantacpuError(f"{self.source.describe} has neither '{self.prefix}wte.weight' nor 'lm_head.weight'")
+
+    def wpe(self) -> np.ndarray:
+        return self._reader.matrix("wpe.weight", (self.config.n_positions, self.config.n_embd))
+
+    def layer(self, i: int) -> LayerWeights:
+        layer = self._build_layer(self._reader, self.config, i)
+        for name, shape in expected_layer_shapes(self.config).items():
+            assert getattr(layer, name).shape == shape, (name, getattr(layer, name).shape, shape)
+        return layer
+
+    def ln_f(self) -> tuple[np.ndarray, np.ndarray]:
+        E = self.config.n_embd
+        return self._reader.vector("ln_f.weight", (E,)), self._reader.vector("ln_f.bias", (E,))
+
+
+def load_weights(reader: CheckpointReader, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
+    """All of a checkpoint's canonical weights at once (either layout)."""
+    config = reader.config
+    wte, wpe = reader.wte(), reader.wpe()
     layers = []
     for i in range(config.n_layer):
-        layer = build_layer(reader, config, i)
-        for name, shape in expected_layer_shapes(config).items():
-            assert getattr(layer, name).shape == shape, (name, getattr(layer, name).shape, shape)
-        layers.append(layer)
+        layers.append(reader.layer(i))
         if progress:
             progress(i + 1, config.n_layer)
-    return ModelWeights(
-        config=config,
-        wte=wte,
-        wpe=wpe,
-        layers=layers,
-        ln_f_weight=reader.vector("ln_f.weight", (E,)),
-        ln_f_bias=reader.vector("ln_f.bias", (E,)),
-    )
+    ln_f_weight, ln_f_bias = reader.ln_f()
+    return ModelWeights(config=config, wte=wte, wpe=wpe, layers=layers, ln_f_weight=ln_f_weight, ln_f_bias=ln_f_bias)
+
+
+def open_checkpoint(folder: str | os.PathLike) -> CheckpointReader:
+    folder = Path(folder)
+    return CheckpointReader(open_tensors(folder), Config.from_file(folder / "config.json"))
 
 
 def read_checkpoint(folder: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
     """config.json + weights of a full-precision checkpoint folder -> canonical ModelWeights."""
-    folder = Path(folder)
-    config = Config.from_file(folder / "config.json")
-    return load_weights(open_tensors(folder), config, progress)
+    return load_weights(open_checkpoint(folder), progress)
 
 
 def stderr_progress(label: str) -> Callable[[int, int], None] | None:
