@@ -59,6 +59,12 @@ class TensorSource:
             return bf16_to_f32(array) if shard.dtype_name(name) == "BF16" else array
         return shard[name]
 
+    def release_array(self, array: np.ndarray) -> None:
+        """Drop the mapped pages under `array` from our resident memory, if it is a file view."""
+        for shard in {id(s): s for s in self._shard_of.values()}.values():
+            if isinstance(shard, SafetensorsFile):
+                shard.release_array(array)
+
     def release(self, name: str) -> None:
         """Tell the kernel this tensor's mapped pages are no longer needed (after a converting copy)."""
         shard = self._shard_of[name]
@@ -286,7 +292,8 @@ def load_weights(reader: CheckpointReader, progress: Callable[[int, int], None] 
 
 def open_checkpoint(folder: str | os.PathLike) -> CheckpointReader:
     folder = Path(folder)
-    return CheckpointReader(open_tensors(folder), Config.from_file(folder / "config.json"))
+    config = Config.from_file(folder / "config.json")  # first: a bad config is the clearer message
+    return CheckpointReader(open_tensors(folder), config)
 
 
 def read_checkpoint(folder: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> ModelWeights:

@@ -42,6 +42,24 @@ def read_text_file(path: Path, what: str) -> str:
     return decode_text(raw, f"{what} {path}")
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file in the same folder, renamed into place: never a partial file."""
+    import os
+    import tempfile
+
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
+    except OSError as problem:
+        raise SantacpuError(f"cannot write {path}: {problem.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def decode_text(raw: bytes, what: str) -> str:
     if b"\0" in raw:
         raise SantacpuError(f"{what} looks like a binary file (it contains NUL bytes), not source text")
@@ -62,10 +80,15 @@ def complete(
         None,
         "--model",
         "-m",
-        help=f"Checkpoint folder, weight file, or hub id. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.",
+        help=f"Quantized file, checkpoint folder, weight file, or hub id. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.",
         show_default=False,
     ),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id."),
+    quant: str = typer.Option(
+        "q8_0",
+        help="For a full-precision model: quantize it once to this type into the cache folder "
+        "($SANTACPU_CACHE, else ~/.cache/santacpu) and run that; 'none' runs it in full precision.",
+    ),
     fim: Optional[Tuple[Path, Path]] = typer.Option(
         None,
         "--fim",
@@ -101,7 +124,7 @@ def complete(
         if not prefix:
             raise SantacpuError("the prompt is empty")
 
-    loaded = load(model or default_model(), revision=revision, device=device)
+    loaded = load(_runnable_model(model or default_model(), revision, quant), revision=revision, device=device)
     pieces = loaded.complete_stream(
         prefix,
         suffix,
@@ -120,6 +143,73 @@ def complete(
         last = piece
     if sys.stdout.isatty() and not last.endswith("\n"):
         sys.stdout.write("\n")
+
+
+def _runnable_model(model: str, revision: Optional[str], quant: str) -> str:
+    """What to load: a quantized file as is; a full-precision model as its cached quantization."""
+    from quantize.formats import FORMATS
+
+    from .quantized import names_quantized_file
+
+    if quant != "none" and quant not in FORMATS:
+        raise SantacpuError(f"unknown --quant '{quant}' (choose none, {', '.join(FORMATS)})")
+    if quant == "none" or names_quantized_file(model):
+        return model
+    from .quant_cache import quantized_for
+
+    return str(quantized_for(model, revision, quant))
+
+
+@app.command()
+def quantize(
+    src: str = typer.Argument(..., help="Full-precision source: checkpoint folder (either layout), weight file, or hub id."),
+    out: Path = typer.Argument(..., help="The quantized file to write (.safetensors)."),
+    qtype: str = typer.Option("q8_0", "--type", "-t", help="Type of the linear weights: q8_0 (8.5 bits/weight), q4_m (4.5, better) or q4_0 (4.5)."),
+    calibration: Optional[str] = typer.Option(
+        None,
+        help="Importance-weighted rounding calibrated on the code in this folder; 'stdlib' uses the running "
+        "Python's standard library. Default: off.",
+    ),
+    calibration_tokens: int = typer.Option(4096, min=64, help="Tokens of calibration text to run through the model."),
+    keep: List[str] = typer.Option(
+        [], "--keep", help="PATTERN=TYPE: store matching tensors (e.g. wte, h.*.mlp_c_proj_weight) as TYPE (f32, f16, q8_0, q6_0, q4_m, q4_0). Repeatable."
+    ),
+    revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
+) -> None:
+    """Convert a full-precision checkpoint to one self-contained block-quantized file."""
+    from quantize.pipeline import run_quantize
+
+    run_quantize(src, out, qtype=qtype, calibration=calibration, calibration_tokens=calibration_tokens,
+                 keep=keep, revision=revision, force=force)
+
+
+@app.command()
+def info(file: Path = typer.Argument(..., help="A santacpu quantized file.")) -> None:
+    """Describe a quantized file: config, tensor types, size, bits per weight, provenance."""
+    from .quantized import describe
+
+    print(describe(file))
+
+
+@app.command()
+def perplexity(
+    files: List[Path] = typer.Argument(..., help="Source files to score (UTF-8 text)."),
+    model: str = typer.Option(None, "--model", "-m", help=f"The model to score. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.", show_default=False),
+    reference: Optional[str] = typer.Option(None, help="A reference model (e.g. the full-precision checkpoint): adds delta perplexity, KL divergence and top-1 agreement."),
+    ctx: int = typer.Option(256, help="Tokens per chunk; the second half of each chunk is scored (llama.cpp's convention)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Perplexity of a model over source files and, with --reference, what it loses against it."""
+    from . import load
+    from .evaluate import score
+
+    texts = [read_text_file(path, "file") for path in files]
+    name = model or default_model()
+    scores = score(load(name), texts, ctx, load(reference) if reference else None)
+    print(scores.table(name, reference))
+    if json_out is not None:
+        write_text_atomically(json_out, scores.to_json() + "\n")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

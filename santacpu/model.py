@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ from .checkpoint import read_checkpoint, stderr_progress
 from .config import Config
 from .engine import Engine
 from .errors import SantacpuError, SantacpuWarning
+from .quantized import names_quantized_file, read_quantized
 from .prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
 from .sampling import check_sampling, sample_next
 from .source import resolve
@@ -147,12 +149,17 @@ def _tokenizer_for(folder: os.PathLike, config: Config) -> Tokenizer:
 
 
 def load(model: str | os.PathLike, *, revision: str | None = None, device: str = "auto") -> Model:
-    """Load a SantaCoder checkpoint: a folder (either layout; safetensors or pytorch_model.bin),
-    a weight file inside one, or a hub id such as "bigcode/santacoder" (cached by huggingface_hub)."""
+    """Load a SantaCoder model: a santacpu quantized file (memory-mapped), a full-precision
+    checkpoint folder (either layout; safetensors or pytorch_model.bin) or a weight file inside
+    one, or a hub id such as "bigcode/santacoder" (cached by huggingface_hub)."""
     if device not in ("auto", "cpu"):
         if device == "cuda":
             raise SantacpuError("device 'cuda' is not available yet: santacpu's GPU backend is not built; use 'cpu'")
         raise SantacpuError(f"unknown device '{device}' (choose 'auto' or 'cpu')")
+    if names_quantized_file(model):
+        path = Path(model).expanduser()
+        weights, metadata = read_quantized(path)
+        return Model(weights, Tokenizer.from_json_text(metadata["tokenizer"], str(path)), CpuBackend())
     folder = resolve(model, revision)
     weights = read_checkpoint(folder, progress=stderr_progress("loading layers"))
     return Model(weights, _tokenizer_for(folder, weights.config), CpuBackend())

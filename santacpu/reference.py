@@ -1,7 +1,8 @@
 """The plain-NumPy fp32 reference forward pass: the oracle every fast path is tested against.
 
 It reads like the model, top to bottom, over a whole sequence at once, with no cache and no
-cleverness; weights are widened to float32 where they are used. It is itself checked against
+cleverness; weights are widened to float32 where they are used (quantized ones through their
+format's NumPy dequantize, so the oracle also checks the kernels that compute on packed blocks). It is itself checked against
 logits that transformers produced (tests/test_golden.py).
 
 Shape legend: T = tokens, E = n_embd, H = n_head, G = n_kv_head, D = head_dim, V = vocab_size.
@@ -13,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .quantized import QuantizedWeight
 from .weights import LayerWeights, ModelWeights
 
 
@@ -26,8 +28,15 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
     return (x - mean) / np.sqrt(var + np.float32(eps)) * weight + bias
 
 
-def linear(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-    y = x @ weight.astype(np.float32).T  # [T, in] @ [in, out] -> [T, out]
+def dense(weight) -> np.ndarray:
+    """Any stored weight (float32, float16, QuantizedWeight) as a float32 array."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantize()
+    return weight.astype(np.float32)
+
+
+def linear(x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
+    y = x @ dense(weight).T  # [T, in] @ [in, out] -> [T, out]
     return y if bias is None else y + bias
 
 
@@ -36,7 +45,8 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int) -> np.ndarray:
+def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int) -> np.ndarray:
+    """Causal multi-query attention of x [T, E] (already normalised), before the output projection."""
     T, E = x.shape
     D = E // n_head
     qkv = linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias)  # [T, E + 2*G*D]
@@ -50,8 +60,11 @@ def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int) -
     causal = np.triu(np.ones((T, T), dtype=bool), k=1)
     scores = np.where(causal, np.float32(-np.inf), scores)
     out = softmax(scores) @ v  # [H, T, D]
-    out = out.transpose(1, 0, 2).reshape(T, E)  # [T, E]
-    return linear(out, layer.attn_c_proj_weight, layer.attn_c_proj_bias)
+    return out.transpose(1, 0, 2).reshape(T, E)  # [T, E]
+
+
+def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int) -> np.ndarray:
+    return linear(attention_heads(x, layer, n_head, n_kv_head), layer.attn_c_proj_weight, layer.attn_c_proj_bias)
 
 
 def mlp(x: np.ndarray, layer: LayerWeights) -> np.ndarray:
@@ -65,7 +78,9 @@ def forward(weights: ModelWeights, ids: Sequence[int]) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int64)
     T = len(ids)
     assert 0 < T <= c.n_positions, T
-    x = weights.wte[ids].astype(np.float32) + weights.wpe[:T].astype(np.float32)  # [T, E]
+    wte = weights.wte
+    token_rows = wte.take_rows(ids).dequantize() if isinstance(wte, QuantizedWeight) else dense(wte[ids])
+    x = token_rows + dense(weights.wpe[:T])  # [T, E]
     for layer in weights.layers:
         x = x + attention(layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, c.layer_norm_epsilon), layer, c.n_head, c.n_kv_head)
         x = x + mlp(layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, c.layer_norm_epsilon), layer)

@@ -124,6 +124,18 @@ class SafetensorsFile:
         raw = self._buffer[start : self._data_start + end]
         return raw.view(_DTYPES[dtype_name]).reshape(shape)
 
+    def release_array(self, array: np.ndarray) -> None:
+        """Like `release`, for any array that lies inside this file's mapping (else nothing)."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED") or array.size == 0:
+            return
+        start = array.__array_interface__["data"][0] - self._buffer.__array_interface__["data"][0]
+        if 0 <= start and start + array.nbytes <= len(self._map):
+            page = mmap.PAGESIZE
+            first = -(-start // page) * page
+            stop = (start + array.nbytes) // page * page
+            if stop > first:
+                self._map.madvise(mmap.MADV_DONTNEED, first, stop - first)
+
     def release(self, name: str) -> None:
         """Drop this tensor's pages from the process (after it was copied): they stay in the page
         cache but stop counting towards our resident memory."""

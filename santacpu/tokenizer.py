@@ -84,17 +84,27 @@ class Tokenizer:
     def from_file(cls, path) -> Tokenizer:
         path = Path(path)
         try:
-            spec = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
         except OSError as e:
             raise SantacpuError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except UnicodeDecodeError as e:
             raise SantacpuError(f"tokenizer {path} is not valid JSON: {e}") from None
+        return cls.from_json_text(text, f"tokenizer {path}")
+
+    @classmethod
+    def from_json_text(cls, text: str, where: str) -> Tokenizer:
+        """From tokenizer.json's text (a file's, or the copy embedded in a quantized file);
+        `where` names it in errors."""
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SantacpuError(f"{where} is not valid JSON: {e}") from None
         if not isinstance(spec, dict):
-            raise SantacpuError(f"tokenizer {path} is not a tokenizer.json (top level is not an object)")
+            raise SantacpuError(f"{where} is not a tokenizer.json (top level is not an object)")
         try:
             return cls(spec)
         except SantacpuError as e:
-            raise SantacpuError(f"{path}: {e}") from None
+            raise SantacpuError(f"{where}: {e}") from None
 
     @classmethod
     def santacoder(cls) -> Tokenizer:

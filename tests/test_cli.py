@@ -29,9 +29,29 @@ def ckpt() -> Path:
     return helpers.tiny_checkpoint()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def quant_cache(tmp_path_factory, ckpt) -> Path:
+    """A private quantization cache for this module, filled before any CLI run: `complete` on a
+    full-precision folder runs its cached q8_0 quantization (tested on its own below)."""
+    from santacpu.quant_cache import CACHE_ENV, quantized_for
+
+    folder = tmp_path_factory.mktemp("santacpu-cache")
+    saved = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(folder)
+    quantized_for(str(ckpt), None, "q8_0")
+    yield folder
+    if saved is None:
+        del os.environ[CACHE_ENV]
+    else:
+        os.environ[CACHE_ENV] = saved
+
+
 @pytest.fixture(scope="module")
-def model(ckpt) -> santacpu.Model:
-    return santacpu.load(ckpt)
+def model(ckpt, quant_cache) -> santacpu.Model:
+    """What `santacpu complete --model CKPT` runs: the cached q8_0 file."""
+    from santacpu.quant_cache import cached_file_for
+
+    return santacpu.load(cached_file_for(ckpt, "q8_0"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,101 @@
+"""Importance statistics for importance-weighted quantization (the idea behind llama.cpp's
+importance matrix and AWQ): run the full-precision model over some code and record, for every
+matrix, the mean squared activation of each of its input channels. Rounding error on a channel
+that sees large activations costs more, so the block formats weight their error by these values.
+
+The forward runs layer by layer over all calibration sequences (only one layer's weights are
+alive at a time, as in the converter), with the plain-NumPy reference pieces.
+"""
+
+from __future__ import annotations
+
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from santacpu import reference as ref
+from santacpu.checkpoint import CheckpointReader
+from santacpu.errors import SantacpuError
+from santacpu.tokenizer import Tokenizer
+
+DEFAULT_TOKENS = 4096
+SEQUENCE_TOKENS = 512
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard library sources, in a fixed order (tests excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "site-packages", "idlelib", "lib2to3", "tkinter", "turtledemo"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
+
+
+def calibration_texts(folder: str | None) -> tuple[list[str], str]:
+    """Source texts from `folder` (every UTF-8 file under it) or, for None, from the standard
+    library; returns (texts, a note describing them for the file's provenance)."""
+    if folder is None:
+        files = stdlib_files()
+        # Spread the picks across the library rather than taking one package's files.
+        files = files[:: max(1, len(files) // 64)]
+        where = f"Python {sys.version.split()[0]} standard library"
+    else:
+        root = Path(folder)
+        if not root.is_dir():
+            raise SantacpuError(f"calibration folder {folder} does not exist")
+        files = sorted(p for p in root.rglob("*") if p.is_file())
+        where = f"folder {root}"
+    texts = []
+    for path in files:
+        try:
+            texts.append(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, OSError):
+            continue  # binary or unreadable files are simply not calibration text
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise SantacpuError(f"no UTF-8 text files found for calibration in {where}")
+    return texts, f"{where}, {len(texts)} files"
+
+
+def token_sequences(texts: list[str], tokenizer: Tokenizer, max_tokens: int, n_ctx: int) -> list[list[int]]:
+    """Up to max_tokens tokens in sequences of at most n_ctx, documents separated by EOS."""
+    stream: list[int] = []
+    for text in texts:
+        stream += tokenizer.encode(text) + [tokenizer.eos_id]
+        if len(stream) >= max_tokens:
+            break
+    stream = stream[:max_tokens]
+    return [stream[i : i + n_ctx] for i in range(0, len(stream), n_ctx) if len(stream[i : i + n_ctx]) > 1]
+
+
+def collect_importance(reader: CheckpointReader, sequences: list[list[int]]) -> dict[str, np.ndarray]:
+    """{canonical matrix name: mean squared input activation per input channel [cols]}."""
+    c = reader.config
+    eps = c.layer_norm_epsilon
+    sums: dict[str, np.ndarray] = {}
+    count = sum(len(s) for s in sequences)
+
+    def record(name: str, x: np.ndarray) -> None:
+        sums[name] = sums.get(name, 0.0) + (x.astype(np.float64) ** 2).sum(axis=0)
+
+    wte, wpe = reader.wte(), reader.wpe()
+    states = [ref.dense(wte[np.asarray(s)]) + ref.dense(wpe[: len(s)]) for s in sequences]  # [T, E] each
+    for i in range(c.n_layer):
+        layer = reader.layer(i)
+        p = f"h.{i}."
+        for x in states:
+            h = ref.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps)
+            record(p + "attn_c_attn_weight", h)
+            heads = ref.attention_heads(h, layer, c.n_head, c.n_kv_head)
+            record(p + "attn_c_proj_weight", heads)
+            x += ref.linear(heads, layer.attn_c_proj_weight, layer.attn_c_proj_bias)
+            h = ref.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps)
+            record(p + "mlp_c_fc_weight", h)
+            f = ref.gelu_tanh(ref.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias))
+            record(p + "mlp_c_proj_weight", f)
+            x += ref.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias)
+        del layer
+    ln_f_weight, ln_f_bias = reader.ln_f()
+    for x in states:
+        record("wte", ref.layer_norm(x, ln_f_weight, ln_f_bias, eps))  # the LM head's input
+    return {name: (total / count).astype(np.float32) for name, total in sums.items()}

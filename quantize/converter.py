@@ -1,0 +1,206 @@
+"""The offline converter: a full-precision checkpoint (anything `santacpu.load` accepts) -> one
+self-contained quantized file (format in santacpu/quantized.py).
+
+It works tensor by tensor: the source is memory-mapped, one layer's canonical tensors exist at a
+time (legacy-layout transposes included), each is quantized and written, then freed. The output
+goes to a temporary file in the target folder, renamed into place only when complete, and an
+existing file is never replaced without `force`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+import santacpu
+from santacpu.checkpoint import CheckpointReader, open_checkpoint
+from santacpu.errors import SantacpuError
+from santacpu.quantized import FORMAT_NAME, FORMAT_VERSION, canonical_tensor_names
+from santacpu.safetensors_io import dtype_name_of, write_safetensors
+from santacpu.source import resolve
+from santacpu.tokenizer import _BUNDLED as BUNDLED_TOKENIZER
+from santacpu.weights import expected_layer_shapes
+
+from .formats import FORMATS
+from .policy import Policy
+
+FULL_PRECISION = {"f32": np.float32, "f16": np.float16}
+
+
+@dataclass
+class TensorReport:
+    name: str
+    qtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    rel_rmse: float  # ||W - dequantize(quantize(W))|| / ||W||; 0 for full precision
+
+
+@dataclass
+class ConversionReport:
+    out: Path
+    tensors: list[TensorReport]
+    seconds: float
+
+    @property
+    def file_bytes(self) -> int:
+        return self.out.stat().st_size
+
+    @property
+    def weight_bits_per_weight(self) -> float:
+        """Bits per weight over the matrices (what the block formats act on)."""
+        matrices = [t for t in self.tensors if len(t.shape) == 2]
+        return 8 * sum(t.nbytes for t in matrices) / sum(int(np.prod(t.shape)) for t in matrices)
+
+
+def tensor_shapes(reader: CheckpointReader) -> dict[str, tuple[int, ...]]:
+    c = reader.config
+    shapes = {"wte": (c.vocab_size, c.n_embd), "wpe": (c.n_positions, c.n_embd)}
+    for i in range(c.n_layer):
+        shapes.update({f"h.{i}.{f}": s for f, s in expected_layer_shapes(c).items()})
+    shapes.update({"ln_f_weight": (c.n_embd,), "ln_f_bias": (c.n_embd,)})
+    assert list(shapes) == canonical_tensor_names(c)
+    return shapes
+
+
+def canonical_tensors(reader: CheckpointReader) -> Iterator[tuple[str, np.ndarray]]:
+    """(canonical name, array) in file order, one layer alive at a time."""
+    yield "wte", reader.wte()
+    yield "wpe", reader.wpe()
+    for i in range(reader.config.n_layer):
+        layer = reader.layer(i)
+        for field in expected_layer_shapes(reader.config):
+            yield f"h.{i}.{field}", getattr(layer, field)
+        del layer
+    ln_f_weight, ln_f_bias = reader.ln_f()
+    yield "ln_f_weight", ln_f_weight
+    yield "ln_f_bias", ln_f_bias
+
+
+def sha256_of_sources(folder: Path) -> dict[str, str]:
+    """sha256 of config.json and every weight file, so a quantized file names exactly its source."""
+    digests = {}
+    for path in sorted(folder.iterdir()):
+        if path.name == "config.json" or path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+            digests[path.name] = h.hexdigest()
+    return digests
+
+
+class Progress:
+    """A single updating line on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, label: str, stream=None):
+        self.total, self.label, self.done = total, label, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = self.stream.isatty()
+        self.start = time.perf_counter()
+
+    def step(self, what: str = "") -> None:
+        self.done += 1
+        if self.live:
+            elapsed = time.perf_counter() - self.start
+            self.stream.write(f"\r{self.label}: {self.done}/{self.total} {what:<32.32} {elapsed:6.1f} s")
+            if self.done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
+
+
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    qtype: str,
+    keep: list[tuple[str, str]] = (),
+    importance: dict[str, np.ndarray] | None = None,
+    calibration_note: str | None = None,
+    revision: str | None = None,
+    force: bool = False,
+    progress: Callable[[int], Progress] | None = None,
+) -> ConversionReport:
+    """Quantize `src` into the file `out`. `importance` maps canonical matrix names to per-input-
+    channel weights (see quantize/calibration.py) for importance-weighted rounding."""
+    started = time.perf_counter()
+    policy = Policy(qtype, list(keep))
+    out = Path(out)
+    if out.exists() and not force:
+        raise SantacpuError(f"{out} already exists (use --force to replace it)")
+    if out.is_dir():
+        raise SantacpuError(f"{out} is a folder; give a file name such as santacoder-{qtype}.safetensors")
+    if not out.parent.is_dir():
+        raise SantacpuError(f"the folder {out.parent} does not exist")
+
+    folder = resolve(src, revision)
+    reader = open_checkpoint(folder)
+    tokenizer_path = folder / "tokenizer.json"
+    tokenizer_text = (tokenizer_path if tokenizer_path.is_file() else BUNDLED_TOKENIZER).read_text(encoding="utf-8")
+
+    shapes = tensor_shapes(reader)
+    types = {name: policy.type_for(name, shape) for name, shape in shapes.items()}
+    entries, file_shapes = {}, {}
+    for name, shape in shapes.items():
+        qtype_of = types[name]
+        if qtype_of in FULL_PRECISION:
+            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": []}
+            file_shapes[name] = (shape, dtype_name_of(np.zeros(0, FULL_PRECISION[qtype_of])))
+        else:
+            specs = FORMATS[qtype_of].part_specs(*shape)
+            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": list(specs)}
+            for part, (part_shape, dtype) in specs.items():
+                file_shapes[f"{name}.{part}"] = (tuple(part_shape), dtype_name_of(np.zeros(0, dtype)))
+
+    metadata = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(reader.config.to_dict()),
+        "tokenizer": tokenizer_text,
+        "tensors": json.dumps(entries),
+        "quantization": json.dumps({**policy.describe(), "importance_weighted": importance is not None}),
+        "provenance": json.dumps(
+            {
+                "source": str(src),
+                "resolved_path": str(folder),
+                "revision": revision,
+                "source_sha256": sha256_of_sources(folder),
+                "santacpu_version": santacpu.__version__,
+                "calibration": calibration_note,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+        ),
+    }
+
+    reports: list[TensorReport] = []
+    bar = (progress or (lambda total: Progress(total, "quantizing")))(len(shapes))
+
+    def produce() -> Iterator[tuple[str, np.ndarray]]:
+        for name, array in canonical_tensors(reader):
+            qtype_of = types[name]
+            if qtype_of in FULL_PRECISION:
+                stored = np.asarray(array, dtype=FULL_PRECISION[qtype_of])
+                reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))
+                yield name, stored
+            else:
+                fmt = FORMATS[qtype_of]
+                weight = np.asarray(array, dtype=np.float32)
+                parts = fmt.quantize(weight, None if importance is None else importance.get(name))
+                error = np.linalg.norm(fmt.dequantize(parts) - weight) / max(np.linalg.norm(weight), 1e-30)
+                reports.append(TensorReport(name, qtype_of, array.shape, sum(p.nbytes for p in parts.values()), float(error)))
+                del weight
+                reader.source.release_array(array)  # done with the source pages: keep RSS small
+                for part in entries[name]["parts"]:
+                    yield f"{name}.{part}", parts[part]
+            bar.step(name)
+
+    write_safetensors(out, produce(), metadata, shapes=file_shapes)
+    return ConversionReport(out, reports, time.perf_counter() - started)

@@ -1,0 +1,53 @@
+"""`santacpu quantize`: calibration (optional), conversion, and the report printed afterwards."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from santacpu.checkpoint import open_checkpoint
+from santacpu.source import resolve
+from santacpu.tokenizer import Tokenizer
+
+from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences
+from .converter import ConversionReport, convert
+from .policy import parse_keep
+
+
+def importance_from(src: str, revision: str | None, calibration: str, max_tokens: int) -> tuple[dict, str]:
+    folder = resolve(src, revision)
+    reader = open_checkpoint(folder)
+    tokenizer_path = folder / "tokenizer.json"
+    tokenizer = Tokenizer.from_file(tokenizer_path) if tokenizer_path.is_file() else Tokenizer.santacoder()
+    texts, note = calibration_texts(None if calibration == "stdlib" else calibration)
+    n_ctx = min(SEQUENCE_TOKENS, reader.config.n_positions)
+    sequences = token_sequences(texts, tokenizer, max_tokens, n_ctx)
+    print(f"santacpu: calibrating on {sum(map(len, sequences))} tokens from {note}", file=sys.stderr)
+    return collect_importance(reader, sequences), f"{note}, {sum(map(len, sequences))} tokens"
+
+
+def report_lines(report: ConversionReport) -> list[str]:
+    by_type: dict[str, int] = {}
+    for t in report.tensors:
+        by_type[t.qtype] = by_type.get(t.qtype, 0) + 1
+    worst = sorted((t for t in report.tensors if t.rel_rmse > 0), key=lambda t: -t.rel_rmse)[:3]
+    lines = [
+        f"wrote {report.out}: {report.file_bytes / 1e6:.1f} MB, "
+        f"{report.weight_bits_per_weight:.2f} bits/weight over the matrices, {report.seconds:.1f} s",
+        "tensors: " + ", ".join(f"{n} {q}" for q, n in sorted(by_type.items())),
+    ]
+    if worst:
+        lines.append("largest relative RMS errors: " + ", ".join(f"{t.name} ({t.qtype}) {t.rel_rmse:.4f}" for t in worst))
+    return lines
+
+
+def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, revision, force) -> ConversionReport:
+    keep_rules = parse_keep(list(keep))
+    importance, note = None, None
+    if calibration is not None:
+        importance, note = importance_from(src, revision, calibration, calibration_tokens)
+    report = convert(src, Path(out), qtype=qtype, keep=keep_rules, importance=importance, calibration_note=note,
+                     revision=revision, force=force)
+    for line in report_lines(report):
+        print(f"santacpu: {line}", file=sys.stderr)
+    return report

@@ -1,0 +1,75 @@
+"""Which storage type each tensor gets: the per-tensor policy of a quantized file.
+
+Default, per `--type` (quality per byte is what counts, so types are chosen by role, as
+llama.cpp does):
+- every linear weight (attention Q|K|V and output, MLP in and out) takes the chosen type;
+- the tied embedding / LM head (the largest and most sensitive matrix) takes `q8_0` when the
+  chosen type is `q8_0`, and `q6_0` for the 4-bit types (llama.cpp gives it Q6_K);
+- LayerNorm parameters, biases and the position embedding stay float32 (they are tiny).
+User overrides (`--keep PATTERN=TYPE`, shell-style patterns on canonical names such as `wte`,
+`h.*.mlp_c_proj_weight`) win over the default, first match first. A matrix whose width is not a
+multiple of the block size falls back to float16.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from santacpu.errors import SantacpuError
+
+from .formats import FORMATS
+
+MATRIX_FIELDS = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")
+STORAGE_TYPES = ("f32", "f16", *FORMATS)
+EMBEDDING_TYPE = {"q8_0": "q8_0", "q6_0": "q6_0", "q4_0": "q6_0", "q4_m": "q6_0"}
+
+
+def parse_keep(rules: list[str]) -> list[tuple[str, str]]:
+    """['wte=q8_0', 'h.0.*=f16'] -> [(pattern, type)], with clear errors."""
+    parsed = []
+    for rule in rules:
+        pattern, sep, qtype = rule.partition("=")
+        if not sep or not pattern or not qtype:
+            raise SantacpuError(f"--keep takes PATTERN=TYPE (e.g. wte=q8_0), got '{rule}'")
+        if qtype not in STORAGE_TYPES:
+            raise SantacpuError(f"--keep {rule}: unknown type '{qtype}' (choose from {', '.join(STORAGE_TYPES)})")
+        parsed.append((pattern, qtype))
+    return parsed
+
+
+@dataclass
+class Policy:
+    qtype: str  # the file's main type, for the linear weights
+    keep: list[tuple[str, str]] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.qtype not in FORMATS:
+            raise SantacpuError(f"unknown quantization type '{self.qtype}' (choose from {', '.join(FORMATS)})")
+
+    def default_type(self, name: str, shape: tuple[int, ...]) -> str:
+        if len(shape) != 2 or name == "wpe":
+            return "f32"
+        if name == "wte":
+            return EMBEDDING_TYPE.get(self.qtype, self.qtype)
+        return self.qtype
+
+    def type_for(self, name: str, shape: tuple[int, ...]) -> str:
+        chosen = self.default_type(name, shape)
+        for pattern, qtype in self.keep:
+            if fnmatch.fnmatchcase(name, pattern):
+                chosen = qtype
+                break
+        if chosen in FORMATS:
+            if len(shape) != 2:
+                return "f32"  # vectors are never block-quantized
+            if shape[1] % FORMATS[chosen].block_size:
+                return "f16"
+        return chosen
+
+    def describe(self) -> dict:
+        return {
+            "type": self.qtype,
+            "embedding": EMBEDDING_TYPE.get(self.qtype, self.qtype),
+            "keep": [f"{p}={t}" for p, t in self.keep],
+        }

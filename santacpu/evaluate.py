@@ -1,0 +1,96 @@
+"""Accuracy of a model over source files, alone and against a reference: what a quantization costs.
+
+Follows llama.cpp's perplexity tool so the numbers compare: the files' tokens are cut into chunks of
+`n_ctx`; each chunk is one fresh forward from position 0, and only its second half is scored
+(positions n_ctx/2 .. n_ctx-2, each predicting the next token), so every scored token has at least
+n_ctx/2 tokens of context. With a reference model: mean and 99th-percentile KL divergence
+KL(reference || model) per scored token, top-1 agreement and the perplexity difference.
+Padding rows (ids past the tokenizer's vocabulary) are left out of every distribution.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .errors import SantacpuError
+
+
+@dataclass
+class Scores:
+    tokens_scored: int
+    chunks: int
+    n_ctx: int
+    perplexity: float
+    reference_perplexity: float | None = None
+    delta_perplexity: float | None = None
+    mean_kld: float | None = None
+    kld_p99: float | None = None
+    top1_agreement: float | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def table(self, name: str, reference: str | None) -> str:
+        rows = [("model", name), ("scored tokens", f"{self.tokens_scored} in {self.chunks} chunks of {self.n_ctx}"),
+                ("perplexity", f"{self.perplexity:.4f}")]
+        if reference is not None:
+            rows += [
+                ("reference", reference),
+                ("reference perplexity", f"{self.reference_perplexity:.4f}"),
+                ("delta perplexity", f"{self.delta_perplexity:+.4f}"),
+                ("mean KLD", f"{self.mean_kld:.6f}"),
+                ("99th pct KLD", f"{self.kld_p99:.6f}"),
+                ("top-1 agreement", f"{100 * self.top1_agreement:.2f} %"),
+            ]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def chunk_tokens(tokens: Sequence[int], n_ctx: int) -> list[list[int]]:
+    return [list(tokens[i : i + n_ctx]) for i in range(0, len(tokens) - n_ctx + 1, n_ctx)]
+
+
+def score(model, texts: Sequence[str], n_ctx: int, reference=None) -> Scores:
+    """Perplexity of `model` over `texts` (joined with EOS), and its divergence from `reference`."""
+    if n_ctx < 8 or n_ctx > model.config.n_positions:
+        raise SantacpuError(f"--ctx must be between 8 and the model's context {model.config.n_positions}, got {n_ctx}")
+    tokens: list[int] = []
+    for text in texts:
+        tokens += model.tokenizer.encode(text) + [model.config.eos_token_id]
+    chunks = chunk_tokens(tokens, n_ctx)
+    if not chunks:
+        raise SantacpuError(f"the files hold {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
+    n_valid = model.n_valid_tokens
+    first = n_ctx // 2
+    nll, kld, agree = [], [], []
+    ref_nll = []
+    for chunk in chunks:
+        targets = np.asarray(chunk[first + 1 :])  # token j+1 is predicted at position j
+        logp = log_softmax(model.logits(chunk)[first:-1, :n_valid])
+        nll.append(-logp[np.arange(len(targets)), targets])
+        if reference is not None:
+            ref_logp = log_softmax(reference.logits(chunk)[first:-1, :n_valid])
+            ref_nll.append(-ref_logp[np.arange(len(targets)), targets])
+            kld.append((np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1))
+            agree.append(ref_logp.argmax(axis=-1) == logp.argmax(axis=-1))
+    nll_all = np.concatenate(nll)
+    result = Scores(len(nll_all), len(chunks), n_ctx, math.exp(nll_all.mean()))
+    if reference is not None:
+        kld_all = np.concatenate(kld)
+        result.reference_perplexity = math.exp(np.concatenate(ref_nll).mean())
+        result.delta_perplexity = result.perplexity - result.reference_perplexity
+        result.mean_kld = float(kld_all.mean())
+        result.kld_p99 = float(np.percentile(kld_all, 99))
+        result.top1_agreement = float(np.concatenate(agree).mean())
+    return result

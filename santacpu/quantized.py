@@ -1,0 +1,210 @@
+"""santacpu's quantized model file: one self-contained, memory-mapped `.safetensors` file.
+
+Owns the file format (the converter in `quantize/` writes it, this module reads it) and the
+`QuantizedWeight` that the runtime computes on without ever materialising a dequantized model.
+
+File layout (format "santacpu-quantized", version 1):
+- tensors, by canonical name (`wte`, `wpe`, `ln_f_weight`, `ln_f_bias`, `h.{i}.{LayerWeights field}`):
+  a full-precision tensor is stored under its name (F32 or F16); a quantized one as its parts,
+  `{name}.{part}` (see quantize/formats.py for each block format's parts);
+- `__metadata__` (all values strings, JSON where structured):
+  `format`, `format_version`, `config` (Config fields), `tokenizer` (the whole tokenizer.json),
+  `tensors` ({name: {"type", "shape", "parts"}}), `quantization` (the policy used) and
+  `provenance` (source, revision, sha256 of the source files, santacpu version, calibration).
+The loader acts on this metadata only, never on the file name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import SantacpuError
+from .safetensors_io import SafetensorsFile
+from .weights import LayerWeights, ModelWeights, expected_layer_shapes, layer_field_names
+
+FORMAT_NAME = "santacpu-quantized"
+FORMAT_VERSION = 1
+REQUIRED_METADATA = ("format", "format_version", "config", "tokenizer", "tensors", "quantization", "provenance")
+FULL_PRECISION_TYPES = {"f32": np.float32, "f16": np.float16}
+
+
+@dataclass
+class QuantizedWeight:
+    """A [rows, cols] weight stored in a block format: `parts` are memory-mapped component arrays,
+    each with `rows` as its first dimension (so row ranges slice cleanly)."""
+
+    qtype: str
+    shape: tuple[int, int]
+    parts: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts.values())
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [rows, cols] through the format's plain-NumPy reference (tests and the oracle)."""
+        from quantize.formats import get_format
+
+        return get_format(self.qtype).dequantize(self.parts)
+
+    def take_rows(self, rows: np.ndarray) -> "QuantizedWeight":
+        """The given rows (e.g. token ids of an embedding lookup) as a small QuantizedWeight."""
+        return QuantizedWeight(self.qtype, (len(rows), self.shape[1]), {k: v[rows] for k, v in self.parts.items()})
+
+
+def canonical_tensor_names(config: Config) -> list[str]:
+    names = ["wte", "wpe"]
+    for i in range(config.n_layer):
+        names += [f"h.{i}.{field}" for field in layer_field_names()]
+    return names + ["ln_f_weight", "ln_f_bias"]
+
+
+def is_quantized_file(path: str | os.PathLike) -> bool:
+    """True for a file whose safetensors metadata says it is santacpu's format (any version)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        return SafetensorsFile(path).metadata.get("format") == FORMAT_NAME
+    except SantacpuError:
+        return False
+
+
+def names_quantized_file(model: str | os.PathLike) -> bool:
+    """Whether `model` is to be read as a quantized file: a santacpu quantized file, or any lone
+    file without a config.json beside it (read as one so that a damaged file gets a precise error)."""
+    path = Path(model).expanduser()
+    return path.is_file() and (is_quantized_file(path) or not (path.parent / "config.json").is_file())
+
+
+def _json_field(metadata: dict, key: str, path: Path):
+    try:
+        return json.loads(metadata[key])
+    except json.JSONDecodeError:
+        raise SantacpuError(f"{path}: metadata field '{key}' is corrupt (not JSON)") from None
+
+
+def read_metadata(path: str | os.PathLike) -> tuple[SafetensorsFile, dict]:
+    """Open a quantized file and return it with its decoded, checked metadata."""
+    path = Path(path)
+    file = SafetensorsFile(path)
+    meta = file.metadata
+    if meta.get("format") != FORMAT_NAME:
+        raise SantacpuError(f"{path} is a safetensors file but not a santacpu quantized model (no format '{FORMAT_NAME}')")
+    missing = [k for k in REQUIRED_METADATA if k not in meta]
+    if missing:
+        raise SantacpuError(f"{path} is corrupt: its metadata lacks '{missing[0]}'")
+    try:
+        version = int(meta["format_version"])
+    except ValueError:
+        raise SantacpuError(f"{path}: format_version '{meta['format_version']}' is not a number") from None
+    if version > FORMAT_VERSION:
+        raise SantacpuError(
+            f"{path} uses format version {version}, newer than this santacpu reads ({FORMAT_VERSION}): upgrade santacpu"
+        )
+    if version < 1:
+        raise SantacpuError(f"{path}: unknown format version {version}")
+    decoded = {k: _json_field(meta, k, path) for k in ("config", "tensors", "quantization", "provenance")}
+    decoded["format_version"] = version
+    decoded["tokenizer"] = meta["tokenizer"]
+    return file, decoded
+
+
+def _tensor(file: SafetensorsFile, name: str, entry: dict, expected_shape: tuple[int, ...], path: Path):
+    from quantize.formats import FORMATS
+
+    qtype, shape = entry.get("type"), tuple(entry.get("shape", ()))
+    if shape != tuple(expected_shape):
+        raise SantacpuError(f"{path}: tensor '{name}' has shape {list(shape)}, the config implies {list(expected_shape)}")
+    if qtype in FULL_PRECISION_TYPES:
+        if name not in file:
+            raise SantacpuError(f"{path} is corrupt: tensor '{name}' is missing")
+        array = file.array(name)
+        if array.dtype != FULL_PRECISION_TYPES[qtype] or array.shape != shape:
+            raise SantacpuError(f"{path} is corrupt: tensor '{name}' is not {qtype} {list(shape)}")
+        return array
+    if qtype not in FORMATS:
+        raise SantacpuError(f"{path}: tensor '{name}' has unknown quantization type '{qtype}' (newer santacpu?)")
+    parts = {}
+    for part, (part_shape, dtype) in FORMATS[qtype].part_specs(*shape).items():
+        key = f"{name}.{part}"
+        if key not in file:
+            raise SantacpuError(f"{path} is corrupt: part '{key}' is missing")
+        array = file.array(key)
+        if array.shape != tuple(part_shape) or array.dtype != np.dtype(dtype):
+            raise SantacpuError(f"{path} is corrupt: part '{key}' is {array.dtype} {list(array.shape)}")
+        parts[part] = array
+    return QuantizedWeight(qtype, shape, parts)
+
+
+def read_quantized(path: str | os.PathLike) -> tuple[ModelWeights, dict]:
+    """Memory-map a quantized file: canonical ModelWeights (QuantizedWeight where quantized) and metadata."""
+    path = Path(path)
+    file, meta = read_metadata(path)
+    try:
+        config = Config(**meta["config"])
+    except TypeError as bad:
+        raise SantacpuError(f"{path}: the config in its metadata is invalid ({bad})") from None
+    entries = meta["tensors"]
+    E, V, P = config.n_embd, config.vocab_size, config.n_positions
+    layer_shapes = expected_layer_shapes(config)
+
+    def get(name: str, shape: tuple[int, ...]):
+        if name not in entries:
+            raise SantacpuError(f"{path} is corrupt: tensor '{name}' is not listed in its metadata")
+        return _tensor(file, name, entries[name], shape, path)
+
+    layers = [
+        LayerWeights(**{field: get(f"h.{i}.{field}", shape) for field, shape in layer_shapes.items()})
+        for i in range(config.n_layer)
+    ]
+    weights = ModelWeights(
+        config=config,
+        wte=get("wte", (V, E)),
+        wpe=get("wpe", (P, E)),
+        layers=layers,
+        ln_f_weight=get("ln_f_weight", (E,)),
+        ln_f_bias=get("ln_f_bias", (E,)),
+    )
+    return weights, meta
+
+
+def describe(path: str | os.PathLike) -> str:
+    """The text `santacpu info` prints: config, per-type tensor counts, size, bits per weight."""
+    path = Path(path)
+    file, meta = read_metadata(path)
+    config, entries = meta["config"], meta["tensors"]
+    counts: dict[str, int] = {}
+    weights = stored = 0
+    for name, entry in entries.items():
+        counts[entry["type"]] = counts.get(entry["type"], 0) + 1
+        if len(entry["shape"]) == 2:
+            weights += int(np.prod(entry["shape"]))
+            names = [f"{name}.{p}" for p in entry["parts"]] or [name]
+            stored += sum(file.array(n).nbytes for n in names)
+    size = path.stat().st_size
+    provenance, quantization = meta["provenance"], meta["quantization"]
+    lines = [
+        f"file            {path} ({size / 1e6:.1f} MB, format {FORMAT_NAME} v{meta['format_version']})",
+        f"model           {config['model_type']}: {config['n_layer']} layers, n_embd {config['n_embd']}, "
+        f"{config['n_head']} heads ({config['n_kv_head']} K/V), n_inner {config['n_inner']}, "
+        f"context {config['n_positions']}, vocab {config['vocab_size']}",
+        f"quantization    {quantization.get('type')} (embedding {quantization.get('embedding')}"
+        + (f"; keep {', '.join(quantization['keep'])}" if quantization.get("keep") else "")
+        + (", importance-weighted" if quantization.get("importance_weighted") else "")
+        + ")",
+        "tensors         " + ", ".join(f"{n} x {t}" for t, n in sorted(counts.items())),
+        f"bits/weight     {8 * stored / max(weights, 1):.3f} over the {weights:,} matrix weights; "
+        f"{8 * size / max(weights, 1):.3f} for the whole file",
+        f"source          {provenance.get('source')}"
+        + (f" @ {provenance['revision']}" if provenance.get("revision") else ""),
+        f"calibration     {provenance.get('calibration') or 'none'}",
+        f"made by         santacpu {provenance.get('santacpu_version')} on {provenance.get('created')}",
+    ]
+    return "\n".join(lines)
