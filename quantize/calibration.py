@@ -31,11 +31,13 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
 
 
-def calibration_texts(folder: str | None) -> tuple[list[str], str]:
+def calibration_texts(folder: str | None, exclude: set[str] = frozenset()) -> tuple[list[str], str]:
     """Source texts from `folder` (every UTF-8 file under it) or, for None, from the standard
-    library; returns (texts, a note describing them for the file's provenance)."""
+    library less the `exclude`d paths (relative to its root: held-out evaluation files); returns
+    (texts, a note describing them for the file's provenance)."""
     if folder is None:
-        files = stdlib_files()
+        root = Path(sysconfig.get_paths()["stdlib"])
+        files = [p for p in stdlib_files() if p.relative_to(root).as_posix() not in exclude]
         # Spread the picks across the library rather than taking one package's files.
         files = files[:: max(1, len(files) // 64)]
         where = f"Python {sys.version.split()[0]} standard library"

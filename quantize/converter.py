@@ -98,6 +98,16 @@ def sha256_of_sources(folder: Path) -> dict[str, str]:
     return digests
 
 
+def check_output(out: Path, force: bool, qtype: str) -> None:
+    """Fail early (before any long work) if `out` cannot or must not be written."""
+    if out.is_dir():
+        raise SantacpuError(f"{out} is a folder; give a file name such as santacoder-{qtype}.safetensors")
+    if out.exists() and not force:
+        raise SantacpuError(f"{out} already exists (use --force to replace it)")
+    if not out.parent.is_dir():
+        raise SantacpuError(f"the folder {out.parent} does not exist")
+
+
 class Progress:
     """A single updating line on stderr when it is a terminal; silent otherwise."""
 
@@ -134,17 +144,16 @@ def convert(
     started = time.perf_counter()
     policy = Policy(qtype, list(keep))
     out = Path(out)
-    if out.exists() and not force:
-        raise SantacpuError(f"{out} already exists (use --force to replace it)")
-    if out.is_dir():
-        raise SantacpuError(f"{out} is a folder; give a file name such as santacoder-{qtype}.safetensors")
-    if not out.parent.is_dir():
-        raise SantacpuError(f"the folder {out.parent} does not exist")
+    check_output(out, force, qtype)
 
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
     tokenizer_path = folder / "tokenizer.json"
     tokenizer_text = (tokenizer_path if tokenizer_path.is_file() else BUNDLED_TOKENIZER).read_text(encoding="utf-8")
+    try:  # minified: 1.3 MB instead of 2 MB, which matters for small models
+        tokenizer_text = json.dumps(json.loads(tokenizer_text), separators=(",", ":"), ensure_ascii=False)
+    except json.JSONDecodeError:
+        raise SantacpuError(f"{tokenizer_path} is not valid JSON") from None
 
     shapes = tensor_shapes(reader)
     types = {name: policy.type_for(name, shape) for name, shape in shapes.items()}

@@ -10,8 +10,8 @@ from santacpu.source import resolve
 from santacpu.tokenizer import Tokenizer
 
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences
-from .converter import ConversionReport, convert
-from .policy import parse_keep
+from .converter import ConversionReport, check_output, convert
+from .policy import Policy, parse_keep
 
 
 def importance_from(src: str, revision: str | None, calibration: str, max_tokens: int) -> tuple[dict, str]:
@@ -43,8 +43,10 @@ def report_lines(report: ConversionReport) -> list[str]:
 
 def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, revision, force) -> ConversionReport:
     keep_rules = parse_keep(list(keep))
+    Policy(qtype, keep_rules)  # a bad type fails now, not after calibrating
+    check_output(Path(out), force, qtype)
     importance, note = None, None
-    if calibration is not None:
+    if calibration not in (None, "none"):
         importance, note = importance_from(src, revision, calibration, calibration_tokens)
     report = convert(src, Path(out), qtype=qtype, keep=keep_rules, importance=importance, calibration_note=note,
                      revision=revision, force=force)

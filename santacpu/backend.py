@@ -13,11 +13,36 @@ Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import numba
 import numpy as np
 
 from . import cpu_kernels as k
 from . import quant_kernels as qk
 from .quantized import QuantizedWeight
+
+# Numba kernels whose work is below this many (multiply-add or element) operations run on the
+# calling thread only. Waking Numba's thread pool right after a BLAS call costs ~7 ms on 2 cores
+# (BLAS's own threads are still spinning; measured: a 10 us kernel took 7 ms), more than most
+# per-layer kernels take; big ones (long-prompt attention, a prompt's GELU) still win in parallel.
+PARALLEL_MIN_WORK = 1 << 26
+
+
+def _threads_for(work: int) -> int:
+    return numba.get_num_threads() if work >= PARALLEL_MIN_WORK else 1
+
+
+@contextmanager
+def _numba_threads(n: int):
+    """Run the Numba kernels in this block with `n` threads (1: on the calling thread)."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(n, previous))
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
 
 # Below this many tokens, T matrix-vector passes beat widening the weight into tiles for BLAS.
 BLAS_MIN_TOKENS = 8
@@ -63,27 +88,28 @@ class CpuBackend:
         tile = np.empty((min(TILE_ROWS, n_out), n_in), np.float32)
         for first in range(0, n_out, TILE_ROWS):
             last = min(first + TILE_ROWS, n_out)
-            widen_rows(first, last, tile)
+            with _numba_threads(1):  # widening is cheap next to the BLAS product that follows
+                widen_rows(first, last, tile)
             np.matmul(x, tile[: last - first].T, out=out[:, first:last])
         out += bias
         return out
 
-    # One token: the serial kernels (see cpu_kernels on why); many tokens: the parallel ones.
-
     def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
         out = np.empty_like(x)
-        kernel = k.layer_norm_serial if x.shape[0] == 1 else k.layer_norm
-        kernel(x, weight, bias, np.float32(eps), out)
+        with _numba_threads(_threads_for(4 * x.size)):
+            k.layer_norm(x, weight, bias, np.float32(eps), out)
         return out
 
     def gelu_inplace(self, x: np.ndarray) -> None:
-        (k.gelu_tanh_inplace_serial if x.shape[0] == 1 else k.gelu_tanh_inplace)(x)
+        with _numba_threads(_threads_for(16 * x.size)):  # tanh: ~16 operations an element
+            k.gelu_tanh_inplace(x)
 
     def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
         """q [T, H, D] at positions start..start+T-1 over k_cache/v_cache [n_ctx, G, D] -> [T, H, D]."""
+        T, H, D = q.shape
         out = np.empty_like(q)
-        kernel = k.causal_attention_serial if q.shape[0] == 1 else k.causal_attention
-        kernel(q, k_cache, v_cache, start, out)
+        with _numba_threads(_threads_for(2 * T * H * D * (start + T))):
+            k.causal_attention(q, k_cache, v_cache, start, out)
         return out
 
     def embed(self, table, rows: np.ndarray) -> np.ndarray:
@@ -91,6 +117,7 @@ class CpuBackend:
         if isinstance(table, QuantizedWeight):
             picked = table.take_rows(rows)
             out = np.empty(picked.shape, np.float32)
-            qk.dequantize_rows(picked.qtype, picked.parts, 0, len(rows), out)
+            with _numba_threads(1):
+                qk.dequantize_rows(picked.qtype, picked.parts, 0, len(rows), out)
             return out
         return table[rows].astype(np.float32)

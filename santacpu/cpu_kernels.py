@@ -96,10 +96,8 @@ def transpose_into(src, dst):
                     dst[c, r] = src[r, c]
 
 
-# LayerNorm, GELU and attention each come as a row/job function with two drivers: a parallel one
-# for many tokens (prefill) and a serial one for a single token (decode). A one-token call is too
-# small to split, and waking Numba's thread pool while BLAS's threads still spin from the previous
-# matrix product cost ~4 ms per call on 2 cores (measured), more than the work itself.
+# LayerNorm, GELU and attention are parallel over rows/jobs; the backend runs small calls on the
+# calling thread alone (numba.set_num_threads(1)), see backend.PARALLEL_MIN_WORK for why.
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -125,13 +123,6 @@ def layer_norm(x, weight, bias, eps, out):
         _layer_norm_row(x[t], weight, bias, eps, out[t])
 
 
-@njit(fastmath=FASTMATH, cache=True)
-def layer_norm_serial(x, weight, bias, eps, out):
-    """layer_norm on the calling thread only (for one token)."""
-    for t in range(x.shape[0]):
-        _layer_norm_row(x[t], weight, bias, eps, out[t])
-
-
 @njit(fastmath=FASTMATH, cache=True, inline="always")
 def _gelu_tanh_row(x):
     c = np.float32(math.sqrt(2.0 / math.pi))
@@ -144,12 +135,6 @@ def _gelu_tanh_row(x):
 def gelu_tanh_inplace(x):
     """x <- 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3))) over a 2-D array [T, n]."""
     for t in prange(x.shape[0]):
-        _gelu_tanh_row(x[t])
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def gelu_tanh_inplace_serial(x):
-    for t in range(x.shape[0]):
         _gelu_tanh_row(x[t])
 
 
@@ -197,14 +182,3 @@ def causal_attention(q, k_cache, v_cache, start, out):
     for job in prange(T * H):
         t, h = job // H, job % H
         _attend(q[t, h], k_cache, v_cache, h // group, start + t + 1, scale, out[t, h])
-
-
-@njit(fastmath=FASTMATH, cache=True)
-def causal_attention_serial(q, k_cache, v_cache, start, out):
-    """causal_attention on the calling thread only (for one token)."""
-    T, H, D = q.shape
-    group = H // k_cache.shape[1]
-    scale = np.float32(1.0 / math.sqrt(D))
-    for t in range(T):
-        for h in range(H):
-            _attend(q[t, h], k_cache, v_cache, h // group, start + t + 1, scale, out[t, h])

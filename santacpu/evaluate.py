@@ -63,34 +63,50 @@ def chunk_tokens(tokens: Sequence[int], n_ctx: int) -> list[list[int]]:
 
 def score(model, texts: Sequence[str], n_ctx: int, reference=None) -> Scores:
     """Perplexity of `model` over `texts` (joined with EOS), and its divergence from `reference`."""
-    if n_ctx < 8 or n_ctx > model.config.n_positions:
-        raise SantacpuError(f"--ctx must be between 8 and the model's context {model.config.n_positions}, got {n_ctx}")
+    return score_models({"model": model}, texts, n_ctx, reference)["model"]
+
+
+def score_models(models: dict, texts: Sequence[str], n_ctx: int, reference=None) -> dict[str, Scores]:
+    """`score` for several models over the same chunks, computing the reference only once per chunk."""
+    first_model = next(iter(models.values()))
+    if n_ctx < 8 or n_ctx > first_model.config.n_positions:
+        raise SantacpuError(f"--ctx must be between 8 and the model's context {first_model.config.n_positions}, got {n_ctx}")
     tokens: list[int] = []
     for text in texts:
-        tokens += model.tokenizer.encode(text) + [model.config.eos_token_id]
+        tokens += first_model.tokenizer.encode(text) + [first_model.config.eos_token_id]
     chunks = chunk_tokens(tokens, n_ctx)
     if not chunks:
         raise SantacpuError(f"the files hold {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
-    n_valid = model.n_valid_tokens
+    n_valid = first_model.n_valid_tokens
     first = n_ctx // 2
-    nll, kld, agree = [], [], []
+    nll = {name: [] for name in models}
+    kld = {name: [] for name in models}
+    agree = {name: [] for name in models}
     ref_nll = []
     for chunk in chunks:
         targets = np.asarray(chunk[first + 1 :])  # token j+1 is predicted at position j
-        logp = log_softmax(model.logits(chunk)[first:-1, :n_valid])
-        nll.append(-logp[np.arange(len(targets)), targets])
+        rows = np.arange(len(targets))
         if reference is not None:
             ref_logp = log_softmax(reference.logits(chunk)[first:-1, :n_valid])
-            ref_nll.append(-ref_logp[np.arange(len(targets)), targets])
-            kld.append((np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1))
-            agree.append(ref_logp.argmax(axis=-1) == logp.argmax(axis=-1))
-    nll_all = np.concatenate(nll)
-    result = Scores(len(nll_all), len(chunks), n_ctx, math.exp(nll_all.mean()))
-    if reference is not None:
-        kld_all = np.concatenate(kld)
-        result.reference_perplexity = math.exp(np.concatenate(ref_nll).mean())
-        result.delta_perplexity = result.perplexity - result.reference_perplexity
-        result.mean_kld = float(kld_all.mean())
-        result.kld_p99 = float(np.percentile(kld_all, 99))
-        result.top1_agreement = float(np.concatenate(agree).mean())
-    return result
+            ref_p = np.exp(ref_logp)
+            ref_top = ref_logp.argmax(axis=-1)
+            ref_nll.append(-ref_logp[rows, targets])
+        for name, model in models.items():
+            logp = log_softmax(model.logits(chunk)[first:-1, :n_valid])
+            nll[name].append(-logp[rows, targets])
+            if reference is not None:
+                kld[name].append((ref_p * (ref_logp - logp)).sum(axis=-1))
+                agree[name].append(ref_top == logp.argmax(axis=-1))
+    results = {}
+    for name in models:
+        nll_all = np.concatenate(nll[name])
+        result = Scores(len(nll_all), len(chunks), n_ctx, math.exp(nll_all.mean()))
+        if reference is not None:
+            kld_all = np.concatenate(kld[name])
+            result.reference_perplexity = math.exp(np.concatenate(ref_nll).mean())
+            result.delta_perplexity = result.perplexity - result.reference_perplexity
+            result.mean_kld = float(kld_all.mean())
+            result.kld_p99 = float(np.percentile(kld_all, 99))
+            result.top1_agreement = float(np.concatenate(agree[name]).mean())
+        results[name] = result
+    return results

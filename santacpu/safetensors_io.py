@@ -185,7 +185,8 @@ def write_safetensors(
         nbytes = np.dtype(_DTYPES[dtype_name]).itemsize * int(np.prod(shape, dtype=np.int64))
         header[name] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    raw_header = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    # UTF-8 as is (not \uXXXX escapes): an embedded tokenizer.json is 15% smaller that way.
+    raw_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw_header += b" " * (-len(raw_header) % 8)  # keep the data 8-byte aligned
 
     path = Path(path)

@@ -47,27 +47,24 @@ def test_layer_norm_and_gelu_match_reference():
     x = (rng.standard_normal((5, 96)) * 3 + 1).astype(np.float32)
     w = rng.standard_normal(96).astype(np.float32)
     b = rng.standard_normal(96).astype(np.float32)
-    for layer_norm in (k.layer_norm, k.layer_norm_serial):
-        out = np.empty_like(x)
-        layer_norm(x, w, b, np.float32(1e-5), out)
-        assert rel_err(out, reference.layer_norm(x, w, b, 1e-5)) < 1e-5
+    out = np.empty_like(x)
+    k.layer_norm(x, w, b, np.float32(1e-5), out)
+    assert rel_err(out, reference.layer_norm(x, w, b, 1e-5)) < 1e-5
 
-    for gelu in (k.gelu_tanh_inplace, k.gelu_tanh_inplace_serial):
-        y = x.copy()
-        gelu(y)
-        assert rel_err(y, reference.gelu_tanh(x)) < 1e-5
+    y = x.copy()
+    k.gelu_tanh_inplace(y)
+    assert rel_err(y, reference.gelu_tanh(x)) < 1e-5
 
 
-@pytest.mark.parametrize("kernel", [k.causal_attention, k.causal_attention_serial], ids=["parallel", "serial"])
 @pytest.mark.parametrize("n_kv_head", [1, 4])
 @pytest.mark.parametrize("start,T", [(0, 1), (0, 9), (5, 1), (5, 4)])
-def test_causal_attention_matches_dense_softmax(kernel, n_kv_head, start, T):
+def test_causal_attention_matches_dense_softmax(n_kv_head, start, T):
     H, D, n_ctx = 4, 16, 32
     q = rng.standard_normal((T, H, D)).astype(np.float32)
     k_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(np.float32)
     v_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(np.float32)
     out = np.empty_like(q)
-    kernel(q, k_cache, v_cache, start, out)
+    k.causal_attention(q, k_cache, v_cache, start, out)
     group = H // n_kv_head
     for t in range(T):
         for h in range(H):
@@ -123,6 +120,20 @@ def test_kv_cache_is_single_headed_for_multi_query():
     assert c.n_kv_head == 1 and c.n_head > 1
     assert cache.k.shape == (c.n_layer, c.n_positions, 1, c.head_dim)
     assert cache.v.shape == cache.k.shape
+
+
+@pytest.mark.parametrize("min_work", [0, 1 << 62], ids=["all-parallel", "all-on-one-thread"])
+def test_engine_is_the_same_whichever_threads_run_the_kernels(monkeypatch, min_work):
+    import santacpu.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "PARALLEL_MIN_WORK", min_work)
+    weights = read_checkpoint(tiny_checkpoint())
+    ids = [int(i) for i in rng.integers(0, 49157, 30)]
+    want = reference.forward(weights, ids)
+    engine = Engine(weights)
+    cache = engine.new_cache()
+    got = np.concatenate([engine.forward(cache, ids[:20], all_logits=True)] + [engine.forward(cache, [t]) for t in ids[20:]])
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
 def test_long_prefill_crosses_chunks(monkeypatch):

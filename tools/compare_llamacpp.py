@@ -1,0 +1,153 @@
+"""Quality per byte, santacpu beside llama.cpp, on the same weights and the same text, in one run.
+
+For a gpt_bigcode-layout checkpoint (e.g. tests/fixtures/trained_tiny) and a text file:
+- llama.cpp: convert to an F16 GGUF (../shared/peers/to_gguf.py; the fixture is stored in fp16, so
+  F16 is the exact model), quantize to each llama.cpp type, and score each with
+  `llama-perplexity --kl-divergence` against the F16 base;
+- santacpu: convert to each santacpu file variant and score it with santacpu.evaluate against the
+  full-precision model, with the same chunking (n_ctx, second half of each chunk scored).
+Prints one table (file bytes, mean KLD, top-1 agreement, PPL) and writes it as JSON.
+
+    python -m tools.compare_llamacpp CHECKPOINT_DIR TEXT_FILE --llamacpp /opt/llamacpp/src
+        [--ctx 256] [--work /tmp/compare] [--json results.json]
+Needs: a built llama.cpp (../shared/peers/build_llamacpp.sh) and the dev extra (torch, transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import santacpu  # noqa: E402
+from quantize.calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences  # noqa: E402
+from quantize.converter import convert  # noqa: E402
+from quantize.policy import parse_keep  # noqa: E402
+from santacpu.checkpoint import open_checkpoint  # noqa: E402
+from santacpu.evaluate import score_models  # noqa: E402
+from santacpu.tokenizer import Tokenizer  # noqa: E402
+
+LLAMA_TYPES = ("Q8_0", "Q6_K", "Q4_K_S", "Q4_0")
+# name -> (type, keep rules, importance-weighted?)
+SANTACPU_VARIANTS = {
+    "q8_0": ("q8_0", [], False),
+    "q4_0": ("q4_0", [], False),
+    "q4_0+imp": ("q4_0", [], True),
+    "q4_m": ("q4_m", [], False),
+    "q4_m+imp": ("q4_m", [], True),
+    "q4_m+imp, wte q4_m": ("q4_m", ["wte=q4_m"], True),
+}
+
+
+def parse_llama_perplexity(output: str) -> dict:
+    def number(pattern: str) -> float | None:
+        match = re.search(pattern, output)
+        return float(match.group(1)) if match else None
+
+    return {
+        "mean_kld": number(r"Mean\s+KLD:\s+([-\d.e]+)"),
+        "kld_p99": number(r"99\.0%\s+KLD:\s+([-\d.e]+)"),
+        "top1_agreement": (number(r"Same top p:\s+([-\d.e]+)") or 0.0) / 100,
+        "perplexity": number(r"Mean\s+PPL\(Q\)\s*:\s+([-\d.e]+)"),
+        "reference_perplexity": number(r"Mean\s+PPL\(base\)\s*:\s+([-\d.e]+)"),
+    }
+
+
+def run(command: list[str]) -> str:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"failed: {' '.join(command)}\n{done.stderr[-3000:]}")
+    return done.stdout + done.stderr
+
+
+def llama_rows(checkpoint: Path, text: Path, bin_dir: Path, src: Path, work: Path, ctx: int) -> dict:
+    model_dir = work / "hf"
+    if not model_dir.exists():
+        shutil.copytree(checkpoint, model_dir)
+    if not (model_dir / "tokenizer.json").exists():
+        shutil.copy(REPO / "santacpu" / "data" / "tokenizer.json", model_dir / "tokenizer.json")
+    base = work / "model-F16.gguf"
+    if not base.exists():
+        run([sys.executable, str(REPO.parent / "shared" / "peers" / "to_gguf.py"), str(src), str(model_dir), str(base)])
+    kld_base = work / "kld-base.dat"
+    common = ["-f", str(text), "-c", str(ctx), "-t", "2", "-b", str(ctx)]
+    run([str(bin_dir / "llama-perplexity"), "-m", str(base), *common, "--kl-divergence-base", str(kld_base)])
+    rows = {}
+    for qtype in LLAMA_TYPES:
+        path = work / f"model-{qtype}.gguf"
+        if not path.exists():
+            run([str(bin_dir / "llama-quantize"), str(base), str(path), qtype])
+        out = run([str(bin_dir / "llama-perplexity"), "-m", str(path), *common,
+                   "--kl-divergence-base", str(kld_base), "--kl-divergence"])
+        rows[f"llama.cpp {qtype}"] = {"bytes": path.stat().st_size, **parse_llama_perplexity(out)}
+    rows["llama.cpp F16 (base)"] = {"bytes": base.stat().st_size}
+    return rows
+
+
+def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
+    reference = santacpu.load(checkpoint)
+    texts = [text.read_text(encoding="utf-8")]
+    reader = open_checkpoint(checkpoint)
+    heldout = checkpoint / "heldout.txt"  # never calibrate on the text we evaluate on
+    exclude = set(heldout.read_text().split()) if heldout.is_file() else set()
+    calib_texts, note = calibration_texts(None, exclude)
+    sequences = token_sequences(calib_texts, Tokenizer.santacoder(), 8192, min(SEQUENCE_TOKENS, reader.config.n_positions))
+    importance = collect_importance(reader, sequences)
+    paths = {}
+    for name, (qtype, keep, weighted) in SANTACPU_VARIANTS.items():
+        paths[name] = work / f"santacpu-{name.replace(' ', '').replace(',', '-').replace('+', '-')}.safetensors"
+        convert(checkpoint, paths[name], qtype=qtype, keep=parse_keep(keep), importance=importance if weighted else None,
+                calibration_note=note if weighted else None, force=True)
+    scores = score_models({name: santacpu.load(path) for name, path in paths.items()}, texts, ctx, reference)
+    rows = {}
+    for name, s in scores.items():
+        rows[f"santacpu {name}"] = {
+            "bytes": paths[name].stat().st_size,
+            "mean_kld": s.mean_kld,
+            "kld_p99": s.kld_p99,
+            "top1_agreement": s.top1_agreement,
+            "perplexity": s.perplexity,
+            "reference_perplexity": s.reference_perplexity,
+        }
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("text", type=Path)
+    parser.add_argument("--llamacpp", type=Path, help="llama.cpp source folder with build/bin (skip llama.cpp if absent)")
+    parser.add_argument("--ctx", type=int, default=256)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/santacpu-compare"))
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--max-chunks", type=int, default=64, help="score at most this many chunks of the text (0: all)")
+    args = parser.parse_args(argv)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.max_chunks:  # the same prefix of the text for both systems
+        tokenizer = Tokenizer.santacoder()
+        ids = tokenizer.encode(args.text.read_text(encoding="utf-8"))[: args.max_chunks * args.ctx]
+        args.text = args.work / "eval.txt"
+        args.text.write_text(tokenizer.decode(ids), encoding="utf-8")
+
+    rows = santacpu_rows(args.checkpoint, args.text, args.work, args.ctx)
+    if args.llamacpp:
+        rows.update(llama_rows(args.checkpoint, args.text, args.llamacpp / "build" / "bin", args.llamacpp, args.work, args.ctx))
+    print(f"{'file':<30}{'MB':>8}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["bytes"]):
+        def f(key, fmt):
+            return format(r[key], fmt) if r.get(key) is not None else "-"
+        top1 = format(100 * r["top1_agreement"], ".2f") if r.get("top1_agreement") is not None else "-"
+        print(f"{name:<30}{r['bytes'] / 1e6:>8.2f}{f('mean_kld', '>11.5f')}{f('kld_p99', '>10.4f')}{top1:>9}{f('perplexity', '>9.3f')}")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
