@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", type=Path)
     parser.add_argument("text", type=Path)
     parser.add_argument("--llamacpp", type=Path, help="llama.cpp source folder with build/bin (skip llama.cpp if absent)")
+    parser.add_argument("--build-dir", default="build", help="llama.cpp build folder inside --llamacpp "
+                        "(a -DGGML_NATIVE=ON build may use AMX, which this VM's kernel refuses: build with it off)")
     parser.add_argument("--ctx", type=int, default=256)
     parser.add_argument("--work", type=Path, default=Path("/tmp/santacpu-compare"))
     parser.add_argument("--json", type=Path)
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows = santacpu_rows(args.checkpoint, args.text, args.work, args.ctx)
     if args.llamacpp:
-        rows.update(llama_rows(args.checkpoint, args.text, args.llamacpp / "build" / "bin", args.llamacpp, args.work, args.ctx))
+        rows.update(llama_rows(args.checkpoint, args.text, args.llamacpp / args.build_dir / "bin", args.llamacpp, args.work, args.ctx))
     print(f"{'file':<30}{'MB':>8}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
     for name, r in sorted(rows.items(), key=lambda kv: kv[1]["bytes"]):
         def f(key, fmt):

@@ -36,6 +36,8 @@ SIZES = {
     # Tiny: real vocabulary, short context so context-end behaviour is cheap to test.
     "tiny": dict(vocab_size=49280, n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=256),
     "full": dict(vocab_size=49280, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, n_inner=8192),
+    # The shape of tools/train_tiny.py's trained fixture (tests/fixtures/trained_tiny).
+    "trained": dict(vocab_size=49280, n_positions=256, n_embd=128, n_layer=4, n_head=4, n_inner=512),
     # Micro: the smallest model with the real vocabulary (the tokenizer needs it); small enough
     # (< 1 MB in float16) to commit as the pytorch_model.bin fixture of tools/make_torch_fixture.py.
     "micro": dict(vocab_size=49280, n_positions=16, n_embd=8, n_layer=1, n_head=2, n_inner=32),

@@ -53,38 +53,22 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from tools import random_checkpoint  # noqa: E402
+
 TOKENIZER_JSON = REPO / "santacpu" / "data" / "tokenizer.json"
 
 EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = 49152, 49153, 49154, 49155
 FIRST_PADDING_ROW = 49157
 
-MODEL = dict(vocab_size=49280, n_positions=256, n_embd=128, n_layer=4, n_head=4, n_inner=512)
+MODEL = random_checkpoint.SIZES["trained"]
 EXCLUDED_DIRS = {"test", "tests", "site-packages", "idlelib", "tkinter", "__pycache__"}
 HELDOUT_FILES = 20
 HELDOUT_MIN_BYTES, HELDOUT_MAX_BYTES = 4_000, 30_000  # skip trivial and huge files when picking
 
 
 def config_json() -> dict:
-    """config.json in the gpt_bigcode layout (as tools/random_checkpoint.config_json spells it)."""
-    return dict(
-        MODEL,
-        bos_token_id=EOS,
-        eos_token_id=EOS,
-        layer_norm_epsilon=1e-5,
-        initializer_range=0.02,
-        scale_attn_weights=True,
-        use_cache=True,
-        attn_pdrop=0.0,
-        embd_pdrop=0.0,
-        resid_pdrop=0.0,
-        model_type="gpt_bigcode",
-        architectures=["GPTBigCodeForCausalLM"],
-        multi_query=True,
-        activation_function="gelu_pytorch_tanh",
-        attention_softmax_in_fp32=True,
-        scale_attention_softmax_in_fp32=True,
-        tie_word_embeddings=True,
-    )
+    """config.json in the gpt_bigcode layout, spelled as tools/random_checkpoint does."""
+    return dict(random_checkpoint.config_json("trained", "gpt_bigcode"), tie_word_embeddings=True)
 
 
 # ----------------------------------------------------------------------------------------- data
