@@ -37,10 +37,8 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import random
-import shutil
 import sys
 import sysconfig
 import time
