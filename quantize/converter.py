@@ -30,7 +30,7 @@ from santacpu.tokenizer import _BUNDLED as BUNDLED_TOKENIZER
 from santacpu.weights import expected_layer_shapes
 
 from .formats import FORMATS
-from .policy import Policy
+from .policy import DEFAULT_UPGRADE_BUDGET, Policy
 
 FULL_PRECISION = {"f32": np.float32, "f16": np.float16}
 
@@ -137,12 +137,13 @@ def convert(
     calibration_note: str | None = None,
     revision: str | None = None,
     force: bool = False,
+    upgrade_budget: float = DEFAULT_UPGRADE_BUDGET,
     progress: Callable[[int], Progress] | None = None,
 ) -> ConversionReport:
     """Quantize `src` into the file `out`. `importance` maps canonical matrix names to per-input-
     channel weights (see quantize/calibration.py) for importance-weighted rounding."""
     started = time.perf_counter()
-    policy = Policy(qtype, list(keep))
+    policy = Policy(qtype, list(keep), upgrade_budget)
     out = Path(out)
     check_output(out, force, qtype)
 
@@ -156,7 +157,7 @@ def convert(
         raise SantacpuError(f"{tokenizer_path} is not valid JSON") from None
 
     shapes = tensor_shapes(reader)
-    types = {name: policy.type_for(name, shape) for name, shape in shapes.items()}
+    types = policy.assign(shapes)
     entries, file_shapes = {}, {}
     for name, shape in shapes.items():
         qtype_of = types[name]

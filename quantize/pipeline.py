@@ -41,7 +41,7 @@ def report_lines(report: ConversionReport) -> list[str]:
     return lines
 
 
-def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, revision, force) -> ConversionReport:
+def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgrade_budget, revision, force) -> ConversionReport:
     keep_rules = parse_keep(list(keep))
     Policy(qtype, keep_rules)  # a bad type fails now, not after calibrating
     check_output(Path(out), force, qtype)
@@ -49,7 +49,7 @@ def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, revi
     if calibration not in (None, "none"):
         importance, note = importance_from(src, revision, calibration, calibration_tokens)
     report = convert(src, Path(out), qtype=qtype, keep=keep_rules, importance=importance, calibration_note=note,
-                     revision=revision, force=force)
+                     revision=revision, force=force, upgrade_budget=upgrade_budget)
     for line in report_lines(report):
         print(f"santacpu: {line}", file=sys.stderr)
     return report

@@ -5,7 +5,12 @@ llama.cpp does):
 - every linear weight (attention Q|K|V and output, MLP in and out) takes the chosen type;
 - the tied embedding / LM head (the largest and most sensitive matrix) takes `q8_0` when the
   chosen type is `q8_0`, and `q6_0` for the 4-bit types (llama.cpp gives it Q6_K);
-- LayerNorm parameters, biases and the position embedding stay float32 (they are tiny).
+- LayerNorm parameters, biases and the position embedding stay float32 (they are tiny);
+- then, for the 4-bit types, up to `upgrade_budget` (default 5%) more bytes are spent raising
+  linear weights to q8_0, smallest matrices first (where a byte buys the most weights). On the
+  full-size model that is the attention output projections of the first layers; on a small model
+  whose bytes are mostly the embedding it can be the whole body. Measured on the trained fixture
+  (mean KLD vs fp32 on held-out code): q4_m 7.26 MB 0.00146 -> body at q8_0 7.57 MB 0.00036.
 User overrides (`--keep PATTERN=TYPE`, shell-style patterns on canonical names such as `wte`,
 `h.*.mlp_c_proj_weight`) win over the default, first match first. A matrix whose width is not a
 multiple of the block size falls back to float16.
@@ -15,6 +20,8 @@ from __future__ import annotations
 
 import fnmatch
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from santacpu.errors import SantacpuError
 
@@ -38,10 +45,23 @@ def parse_keep(rules: list[str]) -> list[tuple[str, str]]:
     return parsed
 
 
+DEFAULT_UPGRADE_BUDGET = 0.05
+
+
+def stored_bytes(qtype: str, shape: tuple[int, ...]) -> int:
+    n = int(np.prod(shape))
+    if qtype == "f32":
+        return 4 * n
+    if qtype == "f16":
+        return 2 * n
+    return FORMATS[qtype].nbytes(*shape)
+
+
 @dataclass
 class Policy:
     qtype: str  # the file's main type, for the linear weights
     keep: list[tuple[str, str]] = field(default_factory=list)
+    upgrade_budget: float = DEFAULT_UPGRADE_BUDGET  # extra bytes, as a fraction of the file, for q8_0 upgrades
 
     def __post_init__(self):
         if self.qtype not in FORMATS:
@@ -54,8 +74,23 @@ class Policy:
             return EMBEDDING_TYPE.get(self.qtype, self.qtype)
         return self.qtype
 
-    def type_for(self, name: str, shape: tuple[int, ...]) -> str:
-        chosen = self.default_type(name, shape)
+    def assign(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+        """The storage type of every tensor of a model (canonical name -> shape)."""
+        types = {name: self.default_type(name, shape) for name, shape in shapes.items()}
+        if self.qtype != "q8_0" and self.upgrade_budget > 0:
+            budget = self.upgrade_budget * sum(stored_bytes(types[n], s) for n, s in shapes.items())
+            body = [n for n in shapes if types[n] == self.qtype and shapes[n][1] % FORMATS["q8_0"].block_size == 0]
+            for name in sorted(body, key=lambda n: int(np.prod(shapes[n]))):  # stable: file order on ties
+                extra = stored_bytes("q8_0", shapes[name]) - stored_bytes(types[name], shapes[name])
+                if extra > budget:
+                    break
+                types[name], budget = "q8_0", budget - extra
+        return {name: self.type_for(name, shape, types[name]) for name, shape in shapes.items()}
+
+    def type_for(self, name: str, shape: tuple[int, ...], chosen: str | None = None) -> str:
+        """One tensor's type: `chosen` (default: the role's type), then the --keep rules, then the
+        fallbacks (vectors are never block-quantized; a width that is not whole blocks -> f16)."""
+        chosen = chosen or self.default_type(name, shape)
         for pattern, qtype in self.keep:
             if fnmatch.fnmatchcase(name, pattern):
                 chosen = qtype
@@ -72,4 +107,5 @@ class Policy:
             "type": self.qtype,
             "embedding": EMBEDDING_TYPE.get(self.qtype, self.qtype),
             "keep": [f"{p}={t}" for p, t in self.keep],
+            "upgrade_budget": self.upgrade_budget,
         }

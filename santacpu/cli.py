@@ -176,6 +176,9 @@ def quantize(
     keep: List[str] = typer.Option(
         [], "--keep", help="PATTERN=TYPE: store matching tensors (e.g. wte, h.*.mlp_c_proj_weight) as TYPE (f32, f16, q8_0, q6_0, q4_m, q4_0). Repeatable."
     ),
+    upgrade_budget: float = typer.Option(
+        5.0, min=0.0, help="4-bit types: percent of extra file size spent keeping the smallest linear weights at q8_0."
+    ),
     revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
 ) -> None:
@@ -185,7 +188,7 @@ def quantize(
     if calibration is None:
         calibration = "none" if qtype == "q8_0" else "stdlib"
     run_quantize(src, out, qtype=qtype, calibration=calibration, calibration_tokens=calibration_tokens,
-                 keep=keep, revision=revision, force=force)
+                 keep=keep, upgrade_budget=upgrade_budget / 100, revision=revision, force=force)
 
 
 @app.command()

@@ -28,9 +28,10 @@ IDS = [563, 942, 62, 7196, 62, 3881, 1241, 258, 942, 388, 7371, 5297, 9759, 1, 2
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """One converted file per type from the tiny fp32 gpt_bigcode checkpoint."""
+    """One converted file per type from the tiny fp32 gpt_bigcode checkpoint, every linear weight
+    in that type (no q8_0 upgrades), so each type's kernels run in the engine."""
     root = tmp_path_factory.mktemp("quantized")
-    return {q: convert(tiny_checkpoint(), root / f"tiny-{q}.safetensors", qtype=q).out for q in TYPES}
+    return {q: convert(tiny_checkpoint(), root / f"tiny-{q}.safetensors", qtype=q, upgrade_budget=0).out for q in TYPES}
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,14 @@ def test_default_policy_and_keep_rules():
     assert keep.type_for("wte", (49280, 2048)) == "q8_0"
     assert keep.type_for("h.0.attn_c_attn_weight", (192, 64)) == "f16"
     assert keep.type_for("h.1.attn_c_attn_weight", (192, 64)) == "q4_0"
+    # The upgrade budget raises the smallest linear weights to q8_0 within 5% more bytes.
+    shapes = {"wte": (49280, 2048), "wpe": (2048, 2048), "h.0.attn_c_proj_weight": (2048, 2048),
+              "h.0.mlp_c_fc_weight": (8192, 2048), "h.0.attn_c_proj_bias": (2048,)}
+    assigned = Policy("q4_m").assign(shapes)
+    assert assigned == {"wte": "q6_0", "wpe": "f32", "h.0.attn_c_proj_weight": "q8_0",
+                        "h.0.mlp_c_fc_weight": "q4_m", "h.0.attn_c_proj_bias": "f32"}
+    assert Policy("q4_m", upgrade_budget=0).assign(shapes)["h.0.attn_c_proj_weight"] == "q4_m"
+    assert Policy("q4_m", parse_keep(["h.0.*=q4_0"])).assign(shapes)["h.0.attn_c_proj_weight"] == "q4_0"
     for bad in (["wte"], ["wte=q3"], ["=q8_0"]):
         with pytest.raises(SantacpuError, match="--keep"):
             parse_keep(bad)
@@ -218,7 +227,7 @@ def test_importance_statistics_and_weighted_conversion(tmp_path):
 
 
 def test_converting_the_legacy_layout_gives_the_same_file_contents(files, tmp_path):
-    legacy = convert(tiny_checkpoint(layout="legacy"), tmp_path / "legacy.safetensors", qtype="q4_m").out
+    legacy = convert(tiny_checkpoint(layout="legacy"), tmp_path / "legacy.safetensors", qtype="q4_m", upgrade_budget=0).out
     a, b = SafetensorsFile(files["q4_m"]), SafetensorsFile(legacy)
     assert a.names() == b.names()
     for name in a.names():

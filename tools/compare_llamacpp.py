@@ -35,14 +35,16 @@ from santacpu.evaluate import score_models  # noqa: E402
 from santacpu.tokenizer import Tokenizer  # noqa: E402
 
 LLAMA_TYPES = ("Q8_0", "Q6_K", "Q4_K_S", "Q4_0")
-# name -> (type, keep rules, importance-weighted?)
+# name -> (type, keep rules, importance-weighted?, q8_0 upgrade budget). The first three are
+# santacpu's defaults (`santacpu quantize --type T`); the rest show what each choice buys.
 SANTACPU_VARIANTS = {
-    "q8_0": ("q8_0", [], False),
-    "q4_0": ("q4_0", [], False),
-    "q4_0+imp": ("q4_0", [], True),
-    "q4_m": ("q4_m", [], False),
-    "q4_m+imp": ("q4_m", [], True),
-    "q4_m+imp, wte q4_m": ("q4_m", ["wte=q4_m"], True),
+    "q8_0 (default)": ("q8_0", [], False, 0.05),
+    "q4_m (default)": ("q4_m", [], True, 0.05),
+    "q4_0 (default)": ("q4_0", [], True, 0.05),
+    "q4_m, no upgrades": ("q4_m", [], True, 0.0),
+    "q4_m, no upgrades, no imp": ("q4_m", [], False, 0.0),
+    "q4_0, no upgrades, no imp": ("q4_0", [], False, 0.0),
+    "q4_m, no upgrades, wte q4_m": ("q4_m", ["wte=q4_m"], True, 0.0),
 }
 
 
@@ -101,10 +103,10 @@ def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
     sequences = token_sequences(calib_texts, Tokenizer.santacoder(), 8192, min(SEQUENCE_TOKENS, reader.config.n_positions))
     importance = collect_importance(reader, sequences)
     paths = {}
-    for name, (qtype, keep, weighted) in SANTACPU_VARIANTS.items():
-        paths[name] = work / f"santacpu-{name.replace(' ', '').replace(',', '-').replace('+', '-')}.safetensors"
+    for name, (qtype, keep, weighted, budget) in SANTACPU_VARIANTS.items():
+        paths[name] = work / ("santacpu-" + re.sub(r"[^a-z0-9_]+", "-", name) + ".safetensors")
         convert(checkpoint, paths[name], qtype=qtype, keep=parse_keep(keep), importance=importance if weighted else None,
-                calibration_note=note if weighted else None, force=True)
+                calibration_note=note if weighted else None, force=True, upgrade_budget=budget)
     scores = score_models({name: santacpu.load(path) for name, path in paths.items()}, texts, ctx, reference)
     rows = {}
     for name, s in scores.items():
@@ -141,12 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = santacpu_rows(args.checkpoint, args.text, args.work, args.ctx)
     if args.llamacpp:
         rows.update(llama_rows(args.checkpoint, args.text, args.llamacpp / args.build_dir / "bin", args.llamacpp, args.work, args.ctx))
-    print(f"{'file':<30}{'MB':>8}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
+    print(f"{'file':<34}{'MB':>8}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
     for name, r in sorted(rows.items(), key=lambda kv: kv[1]["bytes"]):
         def f(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else "-"
         top1 = format(100 * r["top1_agreement"], ".2f") if r.get("top1_agreement") is not None else "-"
-        print(f"{name:<30}{r['bytes'] / 1e6:>8.2f}{f('mean_kld', '>11.5f')}{f('kld_p99', '>10.4f')}{top1:>9}{f('perplexity', '>9.3f')}")
+        print(f"{name:<34}{r['bytes'] / 1e6:>8.2f}{f('mean_kld', '>11.5f')}{f('kld_p99', '>10.4f')}{top1:>9}{f('perplexity', '>9.3f')}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

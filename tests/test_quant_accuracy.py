@@ -1,0 +1,64 @@
+"""What each quantization costs, on a trained model: mean KL divergence and top-1 agreement against
+full precision, on held-out code, asserted against thresholds committed beside this file
+(quant_accuracy_thresholds.json, with the values measured when they were set).
+
+The fixture (tests/fixtures/trained_tiny, made by tools/train_tiny.py) is a small SantaCoder-
+architecture model trained on the Python standard library; its held-out files were never trained
+on and are never used for calibration here.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import santacpu
+from quantize.calibration import calibration_texts, collect_importance, token_sequences
+from quantize.converter import convert
+from quantize.policy import parse_keep
+from santacpu.checkpoint import open_checkpoint
+from santacpu.evaluate import score
+from santacpu.tokenizer import Tokenizer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "trained_tiny"
+THRESHOLDS = json.loads((Path(__file__).parent / "quant_accuracy_thresholds.json").read_text())
+N_CTX = 256
+N_CHUNKS = 16  # 16 x 256 held-out tokens (2048 scored): enough for stable means, fast to run
+
+
+@pytest.fixture(scope="module")
+def heldout_texts() -> list[str]:
+    # A prefix of the held-out text; score() cuts it into chunks and we keep N_CHUNKS of them.
+    tokenizer = Tokenizer.santacoder()
+    text = (FIXTURE / "heldout.py.txt").read_text(encoding="utf-8")
+    ids = tokenizer.encode(text)[: N_CTX * N_CHUNKS]
+    return [tokenizer.decode(ids)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    with pytest.warns(santacpu.SantacpuWarning, match="tokenizer"):
+        return santacpu.load(FIXTURE)
+
+
+@pytest.fixture(scope="module")
+def importance():
+    exclude = set((FIXTURE / "heldout.txt").read_text().split())
+    texts, _ = calibration_texts(None, exclude)
+    reader = open_checkpoint(FIXTURE)
+    return collect_importance(reader, token_sequences(texts, Tokenizer.santacoder(), 4096, N_CTX))
+
+
+@pytest.mark.parametrize("variant", sorted(THRESHOLDS["variants"]))
+def test_quantization_accuracy_on_the_trained_model(variant, tmp_path, heldout_texts, reference, importance):
+    spec = THRESHOLDS["variants"][variant]
+    path = convert(FIXTURE, tmp_path / f"{variant}.safetensors", qtype=spec["type"], keep=parse_keep(spec["keep"]),
+                   importance=importance if spec["importance"] else None, upgrade_budget=spec["upgrade_budget"]).out
+    s = score(santacpu.load(path), heldout_texts, N_CTX, reference)
+    assert s.chunks >= N_CHUNKS - 1
+    measured = f"{variant}: mean KLD {s.mean_kld:.5f}, top-1 {s.top1_agreement:.4f}, size {path.stat().st_size}"
+    assert s.mean_kld <= spec["max_mean_kld"], measured
+    assert s.top1_agreement >= spec["min_top1"], measured
+    assert path.stat().st_size <= spec["max_bytes"], measured
