@@ -26,7 +26,7 @@ from santacpu.errors import SantacpuError
 from santacpu.quantized import FORMAT_NAME, FORMAT_VERSION, canonical_tensor_names
 from santacpu.safetensors_io import dtype_name_of, write_safetensors
 from santacpu.source import resolve
-from santacpu.tokenizer import _BUNDLED as BUNDLED_TOKENIZER
+from santacpu.tokenizer import tokenizer_file_for
 from santacpu.weights import expected_layer_shapes
 
 from .formats import FORMATS
@@ -149,8 +149,8 @@ def convert(
 
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
-    tokenizer_path = folder / "tokenizer.json"
-    tokenizer_text = (tokenizer_path if tokenizer_path.is_file() else BUNDLED_TOKENIZER).read_text(encoding="utf-8")
+    tokenizer_path = tokenizer_file_for(folder)
+    tokenizer_text = tokenizer_path.read_text(encoding="utf-8")
     try:  # minified: 1.3 MB instead of 2 MB, which matters for small models
         tokenizer_text = json.dumps(json.loads(tokenizer_text), separators=(",", ":"), ensure_ascii=False)
     except json.JSONDecodeError:

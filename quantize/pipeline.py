@@ -7,7 +7,7 @@ from pathlib import Path
 
 from santacpu.checkpoint import open_checkpoint
 from santacpu.source import resolve
-from santacpu.tokenizer import Tokenizer
+from santacpu.tokenizer import Tokenizer, tokenizer_file_for
 
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences
 from .converter import ConversionReport, check_output, convert
@@ -17,8 +17,7 @@ from .policy import Policy, parse_keep
 def importance_from(src: str, revision: str | None, calibration: str, max_tokens: int) -> tuple[dict, str]:
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
-    tokenizer_path = folder / "tokenizer.json"
-    tokenizer = Tokenizer.from_file(tokenizer_path) if tokenizer_path.is_file() else Tokenizer.santacoder()
+    tokenizer = Tokenizer.from_file(tokenizer_file_for(folder))
     texts, note = calibration_texts(None if calibration == "stdlib" else calibration)
     n_ctx = min(SEQUENCE_TOKENS, reader.config.n_positions)
     sequences = token_sequences(texts, tokenizer, max_tokens, n_ctx)

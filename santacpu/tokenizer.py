@@ -19,6 +19,13 @@ from santacpu.errors import SantacpuError
 
 _BUNDLED = Path(__file__).parent / "data" / "tokenizer.json"
 
+def tokenizer_file_for(folder) -> Path:
+    """A checkpoint folder's tokenizer.json, or the bundled SantaCoder one when it has none
+    (many fine-tunes ship weights and config only)."""
+    own = Path(folder) / "tokenizer.json"
+    return own if own.is_file() else _BUNDLED
+
+
 EOS_TOKEN = "<|endoftext|>"
 FIM_PREFIX_TOKEN = "<fim-prefix>"
 FIM_MIDDLE_TOKEN = "<fim-middle>"
