@@ -20,7 +20,6 @@ from santacpu.checkpoint import CheckpointReader
 from santacpu.errors import SantacpuError
 from santacpu.tokenizer import Tokenizer
 
-DEFAULT_TOKENS = 4096
 SEQUENCE_TOKENS = 512
 
 

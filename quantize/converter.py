@@ -12,17 +12,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 import santacpu
 from santacpu.checkpoint import CheckpointReader, open_checkpoint
 from santacpu.errors import SantacpuError
+from santacpu.progress import Progress
 from santacpu.quantized import FORMAT_NAME, FORMAT_VERSION, canonical_tensor_names
 from santacpu.safetensors_io import dtype_name_of, write_safetensors
 from santacpu.source import resolve
@@ -108,25 +108,6 @@ def check_output(out: Path, force: bool, qtype: str) -> None:
         raise SantacpuError(f"the folder {out.parent} does not exist")
 
 
-class Progress:
-    """A single updating line on stderr when it is a terminal; silent otherwise."""
-
-    def __init__(self, total: int, label: str, stream=None):
-        self.total, self.label, self.done = total, label, 0
-        self.stream = stream if stream is not None else sys.stderr
-        self.live = self.stream.isatty()
-        self.start = time.perf_counter()
-
-    def step(self, what: str = "") -> None:
-        self.done += 1
-        if self.live:
-            elapsed = time.perf_counter() - self.start
-            self.stream.write(f"\r{self.label}: {self.done}/{self.total} {what:<32.32} {elapsed:6.1f} s")
-            if self.done == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
-
-
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -138,7 +119,6 @@ def convert(
     revision: str | None = None,
     force: bool = False,
     upgrade_budget: float = DEFAULT_UPGRADE_BUDGET,
-    progress: Callable[[int], Progress] | None = None,
 ) -> ConversionReport:
     """Quantize `src` into the file `out`. `importance` maps canonical matrix names to per-input-
     channel weights (see quantize/calibration.py) for importance-weighted rounding."""
@@ -191,7 +171,7 @@ def convert(
     }
 
     reports: list[TensorReport] = []
-    bar = (progress or (lambda total: Progress(total, "quantizing")))(len(shapes))
+    bar = Progress(len(shapes), "quantizing")
 
     def produce() -> Iterator[tuple[str, np.ndarray]]:
         for name, array in canonical_tensors(reader):
@@ -199,6 +179,7 @@ def convert(
             if qtype_of in FULL_PRECISION:
                 stored = np.asarray(array, dtype=FULL_PRECISION[qtype_of])
                 reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))
+                bar.step(name)  # before yielding: the writer stops pulling after the last tensor
                 yield name, stored
             else:
                 fmt = FORMATS[qtype_of]
@@ -208,9 +189,9 @@ def convert(
                 reports.append(TensorReport(name, qtype_of, array.shape, sum(p.nbytes for p in parts.values()), float(error)))
                 del weight
                 reader.source.release_array(array)  # done with the source pages: keep RSS small
+                bar.step(name)
                 for part in entries[name]["parts"]:
                     yield f"{name}.{part}", parts[part]
-            bar.step(name)
 
     write_safetensors(out, produce(), metadata, shapes=file_shapes)
     return ConversionReport(out, reports, time.perf_counter() - started)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -22,6 +21,7 @@ import numpy as np
 from .config import Config
 from .cpu_kernels import transpose_into
 from .errors import SantacpuError
+from .progress import Progress
 from .safetensors_io import SafetensorsFile, bf16_to_f32
 from .weights import LayerWeights, ModelWeights, expected_layer_shapes
 
@@ -277,15 +277,16 @@ class CheckpointReader:
         return self._reader.vector("ln_f.weight", (E,)), self._reader.vector("ln_f.bias", (E,))
 
 
-def load_weights(reader: CheckpointReader, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
+def load_weights(reader: CheckpointReader, show_progress: bool = False) -> ModelWeights:
     """All of a checkpoint's canonical weights at once (either layout)."""
     config = reader.config
+    bar = Progress(config.n_layer, "loading layers") if show_progress else None
     wte, wpe = reader.wte(), reader.wpe()
     layers = []
     for i in range(config.n_layer):
         layers.append(reader.layer(i))
-        if progress:
-            progress(i + 1, config.n_layer)
+        if bar:
+            bar.step(f"layer {i}")
     ln_f_weight, ln_f_bias = reader.ln_f()
     return ModelWeights(config=config, wte=wte, wpe=wpe, layers=layers, ln_f_weight=ln_f_weight, ln_f_bias=ln_f_bias)
 
@@ -296,20 +297,6 @@ def open_checkpoint(folder: str | os.PathLike) -> CheckpointReader:
     return CheckpointReader(open_tensors(folder), config)
 
 
-def read_checkpoint(folder: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> ModelWeights:
+def read_checkpoint(folder: str | os.PathLike, show_progress: bool = False) -> ModelWeights:
     """config.json + weights of a full-precision checkpoint folder -> canonical ModelWeights."""
-    return load_weights(open_checkpoint(folder), progress)
-
-
-def stderr_progress(label: str) -> Callable[[int, int], None] | None:
-    """A one-line progress counter on stderr when it is a terminal (None otherwise)."""
-    if not sys.stderr.isatty():
-        return None
-
-    def report(done: int, total: int) -> None:
-        sys.stderr.write(f"\r{label}: {done}/{total}")
-        if done == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-    return report
+    return load_weights(open_checkpoint(folder), show_progress)

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 
 from .backend import CpuBackend
-from .checkpoint import read_checkpoint, stderr_progress
+from .checkpoint import read_checkpoint
 from .config import Config
 from .engine import Engine
 from .errors import SantacpuError, SantacpuWarning
@@ -161,5 +161,5 @@ def load(model: str | os.PathLike, *, revision: str | None = None, device: str =
         weights, metadata = read_quantized(path)
         return Model(weights, Tokenizer.from_json_text(metadata["tokenizer"], str(path)), CpuBackend())
     folder = resolve(model, revision)
-    weights = read_checkpoint(folder, progress=stderr_progress("loading layers"))
+    weights = read_checkpoint(folder, show_progress=True)
     return Model(weights, _tokenizer_for(folder, weights.config), CpuBackend())

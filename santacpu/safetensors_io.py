@@ -126,27 +126,28 @@ class SafetensorsFile:
 
     def release_array(self, array: np.ndarray) -> None:
         """Like `release`, for any array that lies inside this file's mapping (else nothing)."""
-        if self._map is None or not hasattr(mmap, "MADV_DONTNEED") or array.size == 0:
+        if self._map is None or array.size == 0:
             return
         start = array.__array_interface__["data"][0] - self._buffer.__array_interface__["data"][0]
         if 0 <= start and start + array.nbytes <= len(self._map):
-            page = mmap.PAGESIZE
-            first = -(-start // page) * page
-            stop = (start + array.nbytes) // page * page
-            if stop > first:
-                self._map.madvise(mmap.MADV_DONTNEED, first, stop - first)
+            self._drop_pages(start, start + array.nbytes)
 
     def release(self, name: str) -> None:
         """Drop this tensor's pages from the process (after it was copied): they stay in the page
         cache but stop counting towards our resident memory."""
-        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+        if self._map is not None:
+            _, _, begin, end = self._entries[name]
+            self._drop_pages(self._data_start + begin, self._data_start + end)
+
+    def _drop_pages(self, start: int, stop: int) -> None:
+        """madvise(DONTNEED) the whole pages inside bytes [start, stop) of the mapping."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        _, _, begin, end = self._entries[name]
         page = mmap.PAGESIZE
-        start = -(-(self._data_start + begin) // page) * page  # round inward to whole pages
-        stop = (self._data_start + end) // page * page
-        if stop > start:
-            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+        first = -(-start // page) * page  # round inward: never touch a neighbour's partial page
+        last = stop // page * page
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def dtype_name_of(array: np.ndarray) -> str:

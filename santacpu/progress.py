@@ -1,0 +1,26 @@
+"""One progress line on stderr for long work (loading a model, quantizing): shown only when
+stderr is a terminal, so logs and pipes stay clean."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    """`step(what)` once per unit of work; the line ends when `total` steps are done."""
+
+    def __init__(self, total: int, label: str, stream=None):
+        self.total, self.label, self.done = total, label, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.live = self.stream.isatty()
+        self.start = time.perf_counter()
+
+    def step(self, what: str = "") -> None:
+        self.done += 1
+        if self.live:
+            elapsed = time.perf_counter() - self.start
+            self.stream.write(f"\r{self.label}: {self.done}/{self.total} {what:<32.32} {elapsed:6.1f} s")
+            if self.done == self.total:
+                self.stream.write("\n")
+            self.stream.flush()
