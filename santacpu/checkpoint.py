@@ -51,6 +51,13 @@ class TensorSource:
             return shard.shape(name)
         return tuple(shard[name].shape)
 
+    def dtype(self, name: str) -> np.dtype:
+        """The dtype `array(name)` will have, without reading (or widening) the data."""
+        shard = self._shard_of[name]
+        if isinstance(shard, SafetensorsFile):
+            return np.dtype(np.float32) if shard.dtype_name(name) == "BF16" else shard.array(name).dtype
+        return shard[name].dtype
+
     def array(self, name: str) -> np.ndarray:
         """The tensor as a NumPy array of a real float dtype (bf16 is widened to float32)."""
         shard = self._shard_of[name]
@@ -166,7 +173,7 @@ def _legacy_layer(r: _LayoutReader, config: Config, i: int) -> LayerWeights:
     p = f"h.{i}."
     if config.multi_query:
         q_name = r.prefix + p + "attn.q_attn.weight"
-        dtype = np.float16 if r.source.array(q_name).dtype == np.float16 else np.float32
+        dtype = np.float16 if r.source.dtype(q_name) == np.float16 else np.float32
         attn_weight = np.empty((E + 2 * KV, E), dtype)  # rows Q | K | V, transposed straight in
         r.matrix(p + "attn.q_attn.weight", (E, E), transpose=True, out=attn_weight[:E])
         r.matrix(p + "attn.kv_attn.weight", (E, 2 * KV), transpose=True, out=attn_weight[E:])
