@@ -173,7 +173,8 @@ def _legacy_layer(r: _LayoutReader, config: Config, i: int) -> LayerWeights:
     p = f"h.{i}."
     if config.multi_query:
         q_name = r.prefix + p + "attn.q_attn.weight"
-        dtype = np.float16 if r.source.dtype(q_name) == np.float16 else np.float32
+        # (a missing tensor falls through to r.matrix below, which names it in a clear error)
+        dtype = np.float16 if q_name in r.source and r.source.dtype(q_name) == np.float16 else np.float32
         attn_weight = np.empty((E + 2 * KV, E), dtype)  # rows Q | K | V, transposed straight in
         r.matrix(p + "attn.q_attn.weight", (E, E), transpose=True, out=attn_weight[:E])
         r.matrix(p + "attn.kv_attn.weight", (E, 2 * KV), transpose=True, out=attn_weight[E:])
