@@ -123,12 +123,51 @@ def layer_norm(x, weight, bias, eps, out):
         _layer_norm_row(x[t], weight, bias, eps, out[t])
 
 
+@intrinsic
+def _pow2_int(typingctx, n):
+    """2**n for a float32 n that holds an integer in [-126, 127], built from its exponent bits:
+    pure integer/bit operations, so a loop calling it vectorises (libm's exp/tanh do not)."""
+    sig = types.float32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        biased = builder.add(builder.fptosi(args[0], i32), ir.Constant(i32, 127))
+        return builder.bitcast(builder.shl(biased, ir.Constant(i32, 23)), ir.FloatType())
+
+    return sig, codegen
+
+
+# 2**f on [-1/2, 1/2]: a relative-error least-squares fit of degree 6 (made for this module;
+# max relative error 1e-7 in float32 arithmetic, measured on 20001 points).
+_EXP2_POLY = (1.0, 0.693147205, 0.240226469, 0.0555032979, 0.00961848939, 0.00133995596, 0.000153448465)
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _exp2(z):
+    """2**z for float32 z, relative error ~1e-7; saturates to 2**-126 / 2**126 outside that range."""
+    z = min(max(z, np.float32(-126.0)), np.float32(126.0))
+    n = np.floor(z + np.float32(0.5))
+    f = z - n
+    c = _EXP2_POLY
+    p = np.float32(c[6])
+    p = p * f + np.float32(c[5])
+    p = p * f + np.float32(c[4])
+    p = p * f + np.float32(c[3])
+    p = p * f + np.float32(c[2])
+    p = p * f + np.float32(c[1])
+    p = p * f + np.float32(c[0])
+    return p * _pow2_int(n)
+
+
 @njit(fastmath=FASTMATH, cache=True, inline="always")
 def _gelu_tanh_row(x):
-    c = np.float32(math.sqrt(2.0 / math.pi))
+    # 0.5 * (1 + tanh(u)) == 1 / (1 + exp(-2u)): one vectorisable exp2 instead of a scalar libm
+    # tanh (which made GELU ~25% of prefill), and no cancellation for very negative inputs.
+    minus_2c_log2e = np.float32(-2.0 * math.sqrt(2.0 / math.pi) / math.log(2.0))
     for i in range(x.shape[0]):
         v = x[i]
-        x[i] = np.float32(0.5) * v * (np.float32(1.0) + np.tanh(c * (v + np.float32(0.044715) * v * v * v)))
+        u = v + np.float32(0.044715) * v * v * v
+        x[i] = v / (np.float32(1.0) + _exp2(minus_2c_log2e * u))
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)

@@ -56,6 +56,28 @@ def test_layer_norm_and_gelu_match_reference():
     assert rel_err(y, reference.gelu_tanh(x)) < 1e-5
 
 
+def test_gelu_is_accurate_elementwise_over_the_whole_range():
+    # The kernel computes tanh through its own exp2 polynomial: check every element, from the
+    # saturated tails (GELU(-60) is ~0, GELU(60) = 60) through the steep middle.
+    x = np.concatenate([np.linspace(-60, 60, 24001), np.array([0.0, -1e-30, 1e-30, -9.0, 9.0])])
+    x = x.astype(np.float32).reshape(1, -1)
+    y = x.copy()
+    k.gelu_tanh_inplace(y)
+    x64 = x.astype(np.float64)
+    u = np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64**3)
+    # 0.5 * (1 + tanh(u)) == 1 / (1 + exp(-2u)), in float64; the tanh form rounds the far
+    # negative tail to 0 even in float64, so it cannot judge the tail's relative error.
+    with np.errstate(over="ignore"):
+        want = x64 / (1 + np.exp(-2 * u))
+    assert np.all(np.isfinite(y))
+    # Relative error bound: float32 rounding of the argument u (~6e-8 relative) is amplified by
+    # |2u| where exp(-2u) dominates (measured worst 5e-6 at x = -8.5, where |2u| = 57). Results
+    # below 1e-30 (x < -9) are judged absolutely: exp2 clamps at 2**126 there.
+    assert np.all(np.abs(y - want) <= 1.5e-7 * (1 + 2 * np.abs(u)) * np.abs(want) + 1e-30)
+    assert y[0, -1] == np.float32(9.0) and abs(y[0, 0]) < 1e-30
+    assert rel_err(y, reference.gelu_tanh(x)) < 1e-6
+
+
 @pytest.mark.parametrize("n_kv_head", [1, 4])
 @pytest.mark.parametrize("start,T", [(0, 1), (0, 9), (5, 1), (5, 4)])
 def test_causal_attention_matches_dense_softmax(n_kv_head, start, T):
