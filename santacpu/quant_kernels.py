@@ -23,6 +23,10 @@ How the kernels stay in SIMD (each choice measured on this machine, one thread, 
 - Constant offsets (q - 8, q - 32, q4_m's minimum) are not subtracted per value: x's per-block
   sums are computed once per call and each offset enters once per block and row.
 - The accumulators are reduced once per row, not per block.
+- While a step works on its ROWS rows, it prefetches the codes of the rows PREFETCH_STEPS steps
+  ahead, one block's worth per block: the hardware prefetcher alone left one thread reading
+  7.5 GB/s from DRAM (17.6 GB/s from cache); with the hint, a decode pass over the full q8_0
+  model went from 13.9 to 19.4 GB/s on 2 threads.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .cpu_kernels import FASTMATH, _f16_to_f32
+from .cpu_kernels import FASTMATH, _f16_to_f32, _prefetch
 
 QK = 32  # values per block
 HALF = 16  # lanes per row in the 4-bit and 8-bit loops: a block's values j and j+16 share a lane
@@ -75,6 +79,22 @@ def _stack_zeros(typingctx, n_rows, n_cols):
         return array._getvalue()
 
     return array_type(n_rows, n_cols), codegen
+
+
+PREFETCH_STEPS = 2  # how far ahead the matvec kernels prefetch, in ROWS-row steps (1..8 measured
+# within 3% of each other)
+CACHE_LINE = 64
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _prefetch_ahead(codes, first, b, block_bytes):
+    """Prefetch block b's share of the rows PREFETCH_STEPS steps after rows first..first+ROWS-1
+    of a C-contiguous byte array codes [R, n]: ROWS * block_bytes bytes, so that the blocks of
+    one step together fetch the whole next region once."""
+    start = (first + PREFETCH_STEPS * ROWS) * codes.shape[1] + b * ROWS * block_bytes
+    end = min(start + ROWS * block_bytes, codes.size)
+    for flat in range(start, end, CACHE_LINE):
+        _prefetch(codes, flat)
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -140,6 +160,7 @@ def _matvec_rows_q8_0(qs, d, x, first, rows, bias, out):
     acc = _stack_zeros(ROWS, HALF)
     for b in range(qs.shape[1] // QK):
         c0 = b * QK
+        _prefetch_ahead(qs, first, b, QK)
         scale = _f16_scales(d, first, b, rows)
         for lane in range(HALF):
             x0 = x[c0 + lane]
@@ -199,6 +220,7 @@ def _matvec_rows_q4_0(qs, d, x, y, xsum, first, rows, bias, out):
     offset = _stack_zeros(1, ROWS)[0]  # sum over blocks of d * xsum: times 8 at the end
     for b in range(qs.shape[1] // HALF):
         c0 = b * QK
+        _prefetch_ahead(qs, first, b, HALF)
         scale = _f16_scales(d, first, b, rows)
         for i in range(rows):
             offset[i] += scale[i] * xsum[b]
@@ -264,6 +286,7 @@ def _matvec_rows_q4_m(qs, sc, mn, d, dmin, x, y, xsum, first, rows, bias, out):
     offset = _stack_zeros(1, ROWS)[0]  # sum over blocks of (dmin*mn) * xsum
     for b in range(qs.shape[1] // HALF):
         c0 = b * QK
+        _prefetch_ahead(qs, first, b, HALF)
         scale = _coded_scales(d, sc, first, b, rows)
         minimum = _coded_scales(dmin, mn, first, b, rows)
         for i in range(rows):
@@ -352,6 +375,8 @@ def _matvec_rows_q6_0(ql, qh, d, x, xsum, first, rows, bias, out):
     offset = _stack_zeros(1, ROWS)[0]  # sum over blocks of d * xsum: times 32 at the end
     for b in range(ql.shape[1] // HALF):
         c0 = b * QK
+        _prefetch_ahead(ql, first, b, HALF)
+        _prefetch_ahead(qh, first, b, 8)
         scale = _f16_scales(d, first, b, rows)
         for i in range(rows):
             offset[i] += scale[i] * xsum[b]
