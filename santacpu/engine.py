@@ -4,13 +4,19 @@ Owns the KV cache. SantaCoder is multi-query: one K and one V head of width head
 query heads, so the cache is `[n_layer, n_ctx, n_kv_head=1, head_dim]` for K and for V (24 MiB at
 2048 tokens in fp32), never expanded per query head.
 
+Thread safety: every forward holds one process-wide lock (`KERNEL_LOCK`), so Numba's parallel
+kernels never run from two Python threads at once. Numba's `workqueue` threading layer (the one it
+falls back to without TBB or OpenMP) aborts the whole process on concurrent parallel calls, and
+serialising costs nothing in throughput: one forward already keeps every core busy.
+
 Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim,
 V = vocab_size, L = n_layer.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import threading
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -20,6 +26,9 @@ from .weights import ModelWeights
 # Prompts are processed in chunks of this many tokens: bounds the activations of a 2048-token
 # prompt ([T, n_inner] fp32 is 32 MB at 1024) while keeping matrix-matrix products large.
 PREFILL_CHUNK = 512
+
+# Held by every forward pass, whichever engine or thread runs it (see the module docstring).
+KERNEL_LOCK = threading.Lock()
 
 
 class KVCache:
@@ -38,6 +47,20 @@ class KVCache:
     def capacity(self) -> int:
         return self.k.shape[1]
 
+    def truncate(self, length: int) -> None:
+        """Forget the tokens from position `length` on; the next forward overwrites their K/V rows."""
+        del self.ids[length:]
+
+    def resized(self, capacity: int) -> KVCache:
+        """A cache with room for `capacity` positions that holds this one's tokens (K/V copied)."""
+        L, _, G, D = self.k.shape
+        other = KVCache(L, capacity, G, D)
+        n = min(self.length, capacity)
+        other.k[:, :n] = self.k[:, :n]
+        other.v[:, :n] = self.v[:, :n]
+        other.ids = self.ids[:n]
+        return other
+
 
 class Engine:
     def __init__(self, weights: ModelWeights, backend: CpuBackend | None = None):
@@ -54,6 +77,10 @@ class Engine:
         [len(ids), V] with all_logits, else [1, V] for the last token only."""
         if cache.length + len(ids) > cache.capacity:
             raise ValueError(f"{cache.length} + {len(ids)} tokens exceed the cache's {cache.capacity} positions")
+        with KERNEL_LOCK:
+            return self._forward(cache, ids, all_logits)
+
+    def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         pieces = []
         for first in range(0, len(ids), PREFILL_CHUNK):
             chunk = list(ids[first : first + PREFILL_CHUNK])

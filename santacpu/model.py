@@ -7,24 +7,40 @@
 
 Generation stops at EOS, at a stop id/string, at max_new_tokens, or when prompt + output fill the
 context (n_positions tokens in all).
+
+Prompt reuse: a model keeps the KV cache of its last sequence (prompt + output) and the next
+request computes only what follows the longest common token prefix (positions are absolute, so
+only an exact prefix is reusable). The cache is sized for the longest request so far and grows
+when needed. `model.last_stats` says how many prompt tokens were reused and computed.
+
+Threads: a model may be used from several threads at once. Each generation step holds the model's
+lock (the shared cache is per-model state) and every forward holds the engine's process-wide
+kernel lock, so steps of concurrent generations interleave, each correct (a generation whose
+tokens were pushed out of the shared cache by another recomputes them from the common prefix). A
+single generator must not be advanced from two threads at once: Python refuses that itself with
+"ValueError: generator already executing".
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .backend import CpuBackend
 from .checkpoint import read_checkpoint
 from .config import Config
-from .engine import Engine
+from .engine import Engine, KVCache
 from .errors import SantacpuError, SantacpuWarning
-from .quantized import names_quantized_file, read_quantized
+from .lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
 from .prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
+from .quantized import names_quantized_file, read_quantized
 from .sampling import check_sampling, sample_next
 from .source import resolve
 from .text_stream import stream_text
@@ -32,18 +48,61 @@ from .tokenizer import Tokenizer
 from .weights import ModelWeights
 
 DEFAULT_MAX_NEW_TOKENS = 128
+# Greedy generation drafts tokens by prompt lookup unless told not to (lookup=False).
+LOOKUP_BY_DEFAULT = True
+# The shared cache grows in steps of this many positions, so a prompt growing by a token per
+# request (typing) does not reallocate it every time.
+CACHE_GROWTH = 256
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did (`Model.last_stats`, filled in while it runs)."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens whose K/V were kept from the previous sequence
+    computed_tokens: int = 0  # prompt tokens run through the model (at least 1: the last one's logits)
+    generated_tokens: int = 0  # tokens yielded
+    decode_passes: int = 0  # forwards after the prompt: one per plain step or per verified draft
+    drafted_tokens: int = 0  # prompt-lookup tokens proposed
+    accepted_tokens: int = 0  # of those, the ones the model agreed with
+    time_to_first_token: float | None = None  # seconds from the generation's start to its first token
+
+
+class _Sequence:
+    """One generation's token ids whose K/V are (or are being) computed, and where they live."""
+
+    def __init__(self, tokens: list[int], capacity: int, private_cache: KVCache | None):
+        self.tokens = tokens
+        self.capacity = capacity  # positions this generation may fill
+        self.private_cache = private_cache  # None: the model's shared cache
 
 
 class Model:
-    """A loaded model: `config`, `tokenizer`, and the generation methods."""
+    """A loaded model: `config`, `tokenizer`, and the generation methods.
 
-    def __init__(self, weights: ModelWeights, tokenizer: Tokenizer, backend: CpuBackend | None = None):
+    `reuse_prompt` (default True; settable later) keeps the last sequence's KV cache for the next
+    request; False gives every generation a fresh cache, freed when it ends."""
+
+    def __init__(
+        self, weights: ModelWeights, tokenizer: Tokenizer, backend: CpuBackend | None = None, *, reuse_prompt: bool = True
+    ):
         self.config: Config = weights.config
         self.tokenizer = tokenizer
         self.weights = weights
         self._engine = Engine(weights, backend)
         # Never sample the embedding's padding rows (49157..49279 for SantaCoder).
         self.n_valid_tokens = min(tokenizer.vocab_size, self.config.vocab_size)
+        self.reuse_prompt = reuse_prompt
+        self.last_stats: GenerationStats | None = None
+        self._lock = threading.RLock()  # guards the shared cache and its owner
+        self._cache: KVCache | None = None  # the last sequence's K/V, shared by all generations
+        self._cache_owner: _Sequence | None = None  # the generation whose tokens it holds
+
+    def clear_prompt_cache(self) -> None:
+        """Free the kept KV cache (the next request computes its whole prompt)."""
+        with self._lock:
+            self._cache = self._cache_owner = None
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), vocab_size]: a fresh full forward over `ids` from position 0."""
@@ -63,36 +122,127 @@ class Model:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_ids: Iterable[int] = (),
+        lookup: bool = LOOKUP_BY_DEFAULT,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> Iterator[int]:
-        """Stream new token ids after the prompt `ids`. EOS and stop ids end the stream unyielded."""
+        """Stream new token ids after the prompt `ids`. EOS and stop ids end the stream unyielded.
+
+        `lookup`: under greedy decoding (temperature 0), draft up to `draft_tokens` tokens from
+        earlier occurrences in the context and verify them in one forward; the output is the same
+        as without it. Ignored when sampling."""
         ids = self._check_ids(ids)
         check_sampling(temperature, top_k, top_p)
         if max_new_tokens < 0:
             raise SantacpuError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if draft_tokens < 1:
+            raise SantacpuError(f"draft_tokens must be >= 1, got {draft_tokens}")
         n_ctx = self.config.n_positions
         if len(ids) >= n_ctx:
             raise SantacpuError(
                 f"the prompt is {len(ids)} tokens but the context holds {n_ctx} (prompt and output together): "
                 "shorten the prompt"
             )
-        return self._generate(ids, max_new_tokens, temperature, top_k, top_p, seed, frozenset(stop_ids))
+        drafter = PromptLookup(ids, draft_tokens) if lookup and temperature == 0.0 else None
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        return self._generate(ids, max_new_tokens, temperature, top_k, top_p, seed, frozenset(stop_ids), drafter, stats)
 
-    def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids) -> Iterator[int]:
+    def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, drafter, stats) -> Iterator[int]:
         if max_new_tokens == 0:
             return
+        started = time.perf_counter()
         rng = np.random.default_rng(seed)
         ends = stop_ids | {self.config.eos_token_id}
         total = min(self.config.n_positions, len(ids) + max_new_tokens)
-        cache = self._engine.new_cache(total)
-        logits = self._engine.forward(cache, ids)[-1]
-        for produced in range(1, total - len(ids) + 1):
-            token = sample_next(logits, self.n_valid_tokens, temperature, top_k, top_p, rng)
+        n_valid = self.n_valid_tokens
+
+        def choose(row: np.ndarray) -> int:
+            if temperature == 0.0:  # greedy without sample_next's float64 copy of the row
+                return int(np.argmax(row[:n_valid]))
+            return sample_next(row, n_valid, temperature, top_k, top_p, rng)
+
+        seq = _Sequence([], total, None if self.reuse_prompt else self._engine.new_cache(total))
+        logits, computed = self._run(seq, ids, all_logits=False)
+        stats.computed_tokens, stats.reused_tokens = computed, len(ids) - computed
+        token = choose(logits[-1])
+        stats.time_to_first_token = time.perf_counter() - started
+        produced = 0
+        while True:
+            # `token` is chosen, not yet yielded nor fed to the model.
             if token in ends:
                 return
             yield token
-            if len(ids) + produced == total:
+            produced += 1
+            stats.generated_tokens = produced
+            room = total - len(ids) - produced  # tokens that may still follow `token`
+            if room == 0:
                 return  # max_new_tokens reached, or the context is full
-            logits = self._engine.forward(cache, [token])[-1]
+            draft = []
+            if drafter is not None:
+                drafter.append(token)
+                draft = drafter.draft(room)
+            stats.decode_passes += 1
+            if not draft:
+                token = choose(self._run(seq, [token], all_logits=False)[0][-1])
+                continue
+            # Verify: row i of the logits follows [token, *draft[:i]]; keep the longest agreeing run.
+            logits = self._run(seq, [token, *draft], all_logits=True)[0]  # [1 + len(draft), V]
+            accepted = 0
+            while accepted < len(draft) and choose(logits[accepted]) == draft[accepted]:
+                accepted += 1
+            self._forget(seq, len(draft) - accepted)
+            drafter.feedback(len(draft), accepted)
+            stats.drafted_tokens += len(draft)
+            stats.accepted_tokens += accepted
+            for guessed in draft[:accepted]:
+                if guessed in ends:
+                    return
+                yield guessed
+                produced += 1
+                stats.generated_tokens = produced
+                drafter.append(guessed)
+            if len(ids) + produced == total:
+                return
+            token = choose(logits[accepted])
+
+    def _run(self, seq: _Sequence, new: list[int], all_logits: bool) -> tuple[np.ndarray, int]:
+        """Append `new` to `seq` and run it. Returns the logits of the new tokens ([len(new), V]
+        with all_logits, else [1, V] for the last one) and how many tokens were computed. With
+        the shared cache, the longest prefix it already holds is reused (tokens another sequence
+        pushed out are recomputed), but never the tokens whose logits are asked for."""
+        tokens = seq.tokens
+        tokens.extend(new)
+        n_out = len(new) if all_logits else 1  # trailing tokens that must be computed for their logits
+        with self._lock:
+            cache = self._cache_for(seq)
+            if seq.private_cache is not None or (self._cache_owner is seq and cache.length == len(tokens) - len(new)):
+                keep = cache.length  # it holds exactly this sequence before `new`
+            else:
+                keep = min(common_prefix_length(cache.ids, tokens), len(tokens) - n_out)
+                cache.truncate(keep)
+                self._cache_owner = seq
+            if all_logits and keep < len(tokens) - n_out:  # catch up first: logits for `new` only
+                self._engine.forward(cache, tokens[keep : len(tokens) - n_out])
+            logits = self._engine.forward(cache, tokens[cache.length :], all_logits=all_logits)
+            return logits, len(tokens) - keep
+
+    def _forget(self, seq: _Sequence, n: int) -> None:
+        """Drop the last `n` tokens of `seq` (rejected draft tokens) from it and from its cache."""
+        if n == 0:
+            return
+        del seq.tokens[len(seq.tokens) - n :]
+        with self._lock:
+            cache = seq.private_cache or self._cache
+            if seq.private_cache is not None or self._cache_owner is seq:
+                cache.truncate(len(seq.tokens))
+
+    def _cache_for(self, seq: _Sequence) -> KVCache:
+        """The cache `seq` runs in: its own, or the shared one grown to hold `seq.capacity` positions."""
+        if seq.private_cache is not None:
+            return seq.private_cache
+        if self._cache is None or self._cache.capacity < seq.capacity:
+            capacity = min(self.config.n_positions, -(-seq.capacity // CACHE_GROWTH) * CACHE_GROWTH)
+            self._cache = self._engine.new_cache(capacity) if self._cache is None else self._cache.resized(capacity)
+        return self._cache
 
     def complete_stream(
         self,
@@ -106,9 +256,12 @@ class Model:
         seed: int | None = None,
         stop: Iterable[str] = (),
         fim_order: str = "psm",
+        lookup: bool = LOOKUP_BY_DEFAULT,
+        draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> Iterator[str]:
         """Stream the completion of `prefix` as text pieces (whole characters only). With `suffix`,
-        fill in the middle between them. Stop strings end the text and are not included."""
+        fill in the middle between them. Stop strings end the text and are not included.
+        `lookup`/`draft_tokens`: prompt-lookup drafting under greedy decoding (see `generate`)."""
         if fim_order not in FIM_ORDERS:  # checked even without a suffix: a typo must not pass silently
             raise SantacpuError(f"unknown FIM order '{fim_order}' (choose {' or '.join(FIM_ORDERS)})")
         if suffix is None:
@@ -118,7 +271,14 @@ class Model:
                 self.tokenizer, prefix, suffix, self.config.n_positions, max_new_tokens, order=fim_order
             )
         tokens = self.generate(
-            ids, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed
+            ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            lookup=lookup,
+            draft_tokens=draft_tokens,
         )
         return stream_text(self.tokenizer, tokens, stop)
 
@@ -136,6 +296,13 @@ class Model:
         return ids
 
 
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids `a` and `b` share."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if differ.size else n
+
+
 def _tokenizer_for(folder: os.PathLike, config: Config) -> Tokenizer:
     path = os.path.join(folder, "tokenizer.json")
     if os.path.isfile(path):
@@ -148,10 +315,13 @@ def _tokenizer_for(folder: os.PathLike, config: Config) -> Tokenizer:
     raise SantacpuError(f"no tokenizer.json in {folder}")
 
 
-def load(model: str | os.PathLike, *, revision: str | None = None, device: str = "auto") -> Model:
+def load(
+    model: str | os.PathLike, *, revision: str | None = None, device: str = "auto", reuse_prompt: bool = True
+) -> Model:
     """Load a SantaCoder model: a santacpu quantized file (memory-mapped), a full-precision
     checkpoint folder (either layout; safetensors or pytorch_model.bin) or a weight file inside
-    one, or a hub id such as "bigcode/santacoder" (cached by huggingface_hub)."""
+    one, or a hub id such as "bigcode/santacoder" (cached by huggingface_hub). `reuse_prompt`:
+    see `Model`."""
     if device not in ("auto", "cpu"):
         if device == "cuda":
             raise SantacpuError("device 'cuda' is not available yet: santacpu's GPU backend is not built; use 'cpu'")
@@ -159,7 +329,8 @@ def load(model: str | os.PathLike, *, revision: str | None = None, device: str =
     if names_quantized_file(model):
         path = Path(model).expanduser()
         weights, metadata = read_quantized(path)
-        return Model(weights, Tokenizer.from_json_text(metadata["tokenizer"], str(path)), CpuBackend())
+        tokenizer = Tokenizer.from_json_text(metadata["tokenizer"], str(path))
+        return Model(weights, tokenizer, CpuBackend(), reuse_prompt=reuse_prompt)
     folder = resolve(model, revision)
     weights = read_checkpoint(folder, show_progress=True)
-    return Model(weights, _tokenizer_for(folder, weights.config), CpuBackend())
+    return Model(weights, _tokenizer_for(folder, weights.config), CpuBackend(), reuse_prompt=reuse_prompt)

@@ -68,8 +68,21 @@ def test_bad_sampling_options_fail_at_call_time(model, options):
 # --- the generation loop, driven by scripted logits ----------------------------------------
 
 
+class ScriptedCache:
+    def __init__(self, n_ctx):
+        self.ids, self.capacity, self.prompt_length = [], n_ctx, 0
+
+    @property
+    def length(self):
+        return len(self.ids)
+
+    def truncate(self, length):
+        del self.ids[length:]
+
+
 class ScriptedEngine:
-    """Stands in for the forward pass: step i's logits favour script[i]."""
+    """Stands in for the forward pass: the logits after the prompt favour script[0], after the
+    i-th generated token script[i] (the last entry repeats)."""
 
     def __init__(self, script):
         self.script = script
@@ -77,18 +90,26 @@ class ScriptedEngine:
 
     def new_cache(self, n_ctx=None):
         self.fed = []  # a new sequence starts the script again
-        return None
+        return ScriptedCache(n_ctx)
 
     def forward(self, cache, ids, all_logits=False):
-        logits = np.zeros((1, V), np.float32)
-        logits[0, self.script[min(len(self.fed), len(self.script) - 1)]] = 10.0
+        if cache.length == 0:
+            cache.prompt_length = len(ids)
+        positions = range(cache.length, cache.length + len(ids))
+        logits = np.zeros((len(ids), V), np.float32)
+        for row, p in enumerate(positions):  # rows inside the prompt favour script[0] too
+            step = min(max(p - cache.prompt_length + 1, 0), len(self.script) - 1)
+            logits[row, self.script[step]] = 10.0
+        cache.ids.extend(ids)
         self.fed.append(list(ids))
-        return logits
+        return logits if all_logits else logits[-1:]
 
 
 def scripted(model, script):
+    """Swap in a scripted engine; each generation gets a fresh cache so the script restarts."""
     engine = ScriptedEngine(script)
     model._engine, saved = engine, model._engine
+    model.reuse_prompt = False
     return engine, saved
 
 
@@ -98,7 +119,7 @@ def test_eos_ends_generation_unyielded(model):
         assert list(model.generate([1, 2], max_new_tokens=10)) == [5, 6]
         assert engine.fed == [[1, 2], [5], [6]]  # the prompt once, then one token per step
     finally:
-        model._engine = saved
+        model._engine, model.reuse_prompt = saved, True
 
 
 def test_stop_ids_and_max_new_tokens(model):
@@ -108,7 +129,7 @@ def test_stop_ids_and_max_new_tokens(model):
         assert list(model.generate([1], max_new_tokens=2)) == [5, 6]
         assert list(model.generate([1], max_new_tokens=0)) == []
     finally:
-        model._engine = saved
+        model._engine, model.reuse_prompt = saved, True
 
 
 def test_generation_stops_at_the_context_end(model):
@@ -118,7 +139,7 @@ def test_generation_stops_at_the_context_end(model):
         out = list(model.generate([1] * (n_ctx - 3), max_new_tokens=100))
         assert len(out) == 3  # prompt + output fill the context exactly
     finally:
-        model._engine = saved
+        model._engine, model.reuse_prompt = saved, True
     # And for real: the cache holds exactly the context, no overflow.
     real = list(model.generate([1] * (n_ctx - 3), max_new_tokens=100, temperature=1.0, seed=0))
     assert 0 < len(real) <= 3
