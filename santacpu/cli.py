@@ -14,7 +14,8 @@ from typing import List, Optional, Tuple
 import typer
 
 from .errors import SantacpuError, SantacpuWarning
-from .model import DEFAULT_MAX_NEW_TOKENS
+from .lookup import DEFAULT_DRAFT_TOKENS
+from .model import DEFAULT_MAX_NEW_TOKENS, LOOKUP_BY_DEFAULT
 from .source import DEFAULT_MODEL, MODEL_ENV, default_model
 
 app = typer.Typer(
@@ -105,6 +106,13 @@ def complete(
         [], "--stop", help="Stop when this text appears (not printed). Repeatable. Escapes like \\n are understood."
     ),
     device: str = typer.Option("auto", help="auto or cpu."),
+    lookup: bool = typer.Option(
+        LOOKUP_BY_DEFAULT,
+        "--lookup/--no-lookup",
+        help="Greedy only: draft tokens from earlier text in the context and verify them in one pass "
+        "(prompt-lookup decoding; the output is the same).",
+    ),
+    draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, min=1, help="Most tokens drafted per step with --lookup."),
 ) -> None:
     """Complete code and stream it to standard output."""
     from . import load
@@ -135,6 +143,8 @@ def complete(
         seed=seed,
         stop=stops,
         fim_order=fim_order,
+        lookup=lookup,
+        draft_tokens=draft_tokens,
     )
     last = ""
     for piece in pieces:
