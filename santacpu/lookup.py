@@ -4,7 +4,8 @@ Code completions often repeat text already in the context (names, argument lists
 `PromptLookup` guesses the next few tokens by finding the latest earlier occurrence of the
 context's last n tokens (n = 3, then 2, then 1) and proposing what followed it. The model then
 checks the guess in one batched forward (see `Model.generate`): the output is exactly greedy
-decoding's, only faster when the guesses are right.
+decoding's, only faster when the guesses are right. A guess that reaches the end of the context
+keeps copying from its own start, so a repeating pattern (a loop, a run of "2222") drafts in full.
 
 Guesses cost a wider forward when they are wrong, so the draft width adapts: it doubles while drafts
 are accepted whole, halves when one is rejected outright, and after consecutive outright rejections
@@ -53,8 +54,17 @@ class PromptLookup:
         for n in range(min(self.max_ngram, n_tokens), 0, -1):  # the longest match is the best guess
             start = self._followed_at.get(tuple(tokens[n_tokens - n :]))
             if start is not None:  # start <= n_tokens - 1: an earlier occurrence, never the tail itself
-                return tokens[start : start + min(self.width, limit)]
+                return self._copy_from(start, min(self.width, limit))
         return []
+
+    def _copy_from(self, start: int, n: int) -> list[int]:
+        """n tokens copied from `start` on; past the context's end the copy continues from its own
+        beginning (as LZ77 copies overlap), so a repeating pattern drafts in full."""
+        tokens, n_tokens = self.tokens, len(self.tokens)
+        draft = tokens[start : start + n]
+        while len(draft) < n:
+            draft.append(draft[start + len(draft) - n_tokens])
+        return draft
 
     def feedback(self, drafted: int, accepted: int) -> None:
         """Adapt the width to how the last draft of `drafted` tokens fared."""

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import tiny_checkpoint
 
 import santacpu
 import santacpu.model as model_module
-from helpers import tiny_checkpoint
 from santacpu.prompts import build_fim_prompt
 from santacpu.tokenizer import Tokenizer
 
@@ -101,7 +101,7 @@ def test_a_request_diverging_at_the_first_token_computes_everything(model, fresh
 
 
 def test_sampling_does_not_depend_on_what_was_cached(model, fresh):
-    options = dict(temperature=1.0, top_k=40, seed=3)
+    options = {"temperature": 1.0, "top_k": 40, "seed": 3}
     run(model, PROMPT[:25], **options)
     out = run(model, PROMPT, **options)
     assert model.last_stats.reused_tokens == 25
@@ -112,7 +112,7 @@ def test_interleaved_generations_share_one_cache_correctly(model, fresh):
     """Two generators advanced in turns push each other's tokens out of the shared cache."""
     a_ids, b_ids = PROMPT, PROMPT[:10] + [5, 6, 7, 8]
     want_a, want_b = run(fresh, a_ids, n=12), run(fresh, b_ids, n=12)
-    for options in (dict(lookup=False), dict(lookup=True), dict(temperature=0.8, seed=1)):
+    for options in ({"lookup": False}, {"lookup": True}, {"temperature": 0.8, "seed": 1}):
         if "seed" in options:
             want_a, want_b = run(fresh, a_ids, n=12, **options), run(fresh, b_ids, n=12, **options)
         gen_a = model.generate(a_ids, max_new_tokens=12, **options)

@@ -11,14 +11,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from helpers import tiny_checkpoint
 
 import santacpu
-import santacpu.backend as backend
-from helpers import tiny_checkpoint
+from santacpu import backend
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["def add(a, b):", "class Stack:", "import os\n", "for i in range(10):", "x = [", "while True:"]
-OPTIONS = [dict(), dict(temperature=0.9, seed=7), dict(lookup=False)]
+OPTIONS = [{}, {"temperature": 0.9, "seed": 7}, {"lookup": False}]
 
 
 def jobs():
@@ -40,7 +40,7 @@ def run_in_threads(models, n_threads=4, rounds=2):
             for _ in range(rounds):
                 for j, (prompt, options) in enumerate(jobs()):
                     results.setdefault((t, j), []).append(complete(model, prompt, options))
-        except BaseException as problem:  # surfaced by the test below
+        except Exception as problem:  # noqa: BLE001 -- any failure in a thread is reported by the test
             errors.append(problem)
 
     threads = [threading.Thread(target=worker, args=(t,)) for t in range(n_threads)]
@@ -128,6 +128,7 @@ def test_the_workqueue_threading_layer_does_not_abort():
     done = subprocess.run(
         [sys.executable, "-c", SCRIPT.format(tests=str(REPO / "tests"))],
         cwd=REPO,
+        check=False,
         env=env,
         capture_output=True,
         text=True,
