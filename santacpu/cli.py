@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from .bench import PARTS
 from .errors import SantacpuError, SantacpuWarning
 from .lookup import DEFAULT_DRAFT_TOKENS
 from .model import DEFAULT_MAX_NEW_TOKENS, LOOKUP_BY_DEFAULT
@@ -227,6 +228,41 @@ def perplexity(
     print(scores.table(name, reference))
     if json_out is not None:
         write_text_atomically(json_out, scores.to_json() + "\n")
+
+
+@app.command()
+def bench(
+    model: str = typer.Argument(..., help="Quantized file, checkpoint folder, weight file, or hub id."),
+    revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
+    quant: str = typer.Option(
+        "q8_0", help="For a full-precision model: bench its cached quantization to this type (made once, as "
+        "`complete` does); 'none' benches it in full precision."
+    ),
+    prompt_tokens: int = typer.Option(512, min=1, help="Prompt length for the prefill speed."),
+    decode_tokens: int = typer.Option(128, min=1, help="Tokens decoded (greedy, exactly this many) for the decode speed."),
+    fim_tokens: int = typer.Option(1500, min=0, help="Prompt length of the FIM request timed to its first token; 0 skips it."),
+    threads: int = typer.Option(0, min=0, help="Threads for Numba and BLAS; 0: all usable cores."),
+    repeat: int = typer.Option(3, min=1, help="Runs of prefill, decode and FIM; the median is reported."),
+    memory_context: int = typer.Option(0, min=0, help="Context filled by the peak-RSS run; 0: the model's whole context."),
+    parts: str = typer.Option(",".join(PARTS), help="What to measure, comma-separated: " + ", ".join(PARTS) + "."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every figure and the machine's facts to this JSON file."),
+) -> None:
+    """Measure speed (prefill, decode, FIM time to first token), load and compile times, and peak
+    memory of a model; each measurement runs in a child process of its own. Progress on stderr,
+    the table on stdout."""
+    import json
+
+    from .bench import BenchSettings, format_table, run_bench
+
+    settings = BenchSettings(
+        model=_runnable_model(model, revision, quant), prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+        fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,
+        parts=tuple(p.strip() for p in parts.split(",") if p.strip()), revision=revision,
+    )
+    report = run_bench(settings)
+    print(format_table(report))
+    if json_out is not None:
+        write_text_atomically(json_out, json.dumps(report, indent=2) + "\n")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

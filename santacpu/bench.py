@@ -1,0 +1,628 @@
+"""`santacpu bench`: how fast a model runs on this machine and how much memory it takes.
+
+Owns the measuring logic (the CLI's `bench` command and tools/bench_peers.py call `run_bench`).
+Every measurement runs in a child process of its own (`sys.executable -c ...`), one after the
+other, so that its peak RSS and its Numba compile state belong to that measurement only:
+
+| part      | child process | what it reports |
+|-----------|---------------|-----------------|
+| `speed`   | load (page cache warm), first one-token forward, then `repeat` times: prefill of a P-token prompt, greedy decode of exactly N tokens driven token by token through the engine (EOS does not stop it), time to first token of a ~F-token FIM request through `Model.complete` | load s, first forward s, prefill tok/s, decode tok/s, FIM TTFT s (medians), peak RSS of that child |
+| `lookup`  | where `Model.generate` has prompt-lookup drafting (`lookup=`): greedy generation of N tokens with and without it, after a prompt whose continuation echoes it (a code chunk, then its first part again) and after a plain code prompt; decode speed from the first token on, tokens compared | tok/s each way, speed-up, drafted/accepted tokens, identical output |
+| `memory`  | one `Model.generate` request filling a C-token context (default: the model's whole context) | peak RSS |
+| `load`    | the model's files dropped from the page cache first (`posix_fadvise(DONTNEED)`: best-effort, the kernel may keep pages), then load and first one-token forward | cold load s, cold first forward s |
+| `compile` | twice with `NUMBA_CACHE_DIR` set to one fresh folder: the first run compiles every kernel the model uses, the second loads them from that on-disk cache; each times import, load and one tiny forward (a 16-token prefill, one decode step) and that forward again | seconds each |
+
+Threads: `NUMBA_NUM_THREADS` and the BLAS thread variables are set in each child's environment
+and `numba.set_num_threads` is called in it. Prompts are real code: the running Python's standard
+library tokenized with the model's tokenizer and cut to the exact length (each repeat starts at a
+different token, so no run can reuse another's KV cache), or deterministic ids if no text is found.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PARTS = ("speed", "lookup", "memory", "load", "compile")
+RESULT_MARK = "SANTACPU-BENCH-RESULT "
+# Each repeat's prompt starts this many tokens after the previous one's.
+REPEAT_STRIDE = 101
+# Tokens of the tiny forward timed by the compile runs (>= the backend's BLAS threshold, so that
+# both the many-token and the one-token kernels are compiled).
+TINY_PREFILL_TOKENS = 16
+# The memory run decodes this many tokens after a prompt that fills the rest of the context.
+MEMORY_DECODE_TOKENS = 8
+# The bound of issue 4 item 6: peak RSS at a 2048-token context within file size + 150 MB.
+RSS_BOUND_EXTRA_MB = 150
+# The child's code: the import is timed before anything of santacpu is loaded.
+_CHILD_CODE = (
+    "import sys, time; t0 = time.perf_counter(); from santacpu.bench import child_main; "
+    "child_main(sys.argv[1], sys.argv[2], time.perf_counter() - t0)"
+)
+
+
+@dataclass
+class BenchSettings:
+    model: str  # what santacpu.load accepts: a quantized file, a folder, a weight file, a hub id
+    prompt_tokens: int = 512
+    decode_tokens: int = 128
+    fim_tokens: int = 1500  # 0: skip the FIM measurement
+    threads: int = 0  # 0: all the cores this process may use
+    repeat: int = 3
+    memory_context: int = 0  # 0: the model's whole context
+    parts: tuple[str, ...] = PARTS
+    revision: str | None = None
+    extra: dict = field(default_factory=dict)  # passed through to the JSON as given
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The parent: validate, run the children one at a time, gather one result dictionary.
+
+
+def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
+    """Measure `settings.model`; returns {"settings", "machine", "model", "results"} (see the
+    module docstring for what each part measures). Raises SantacpuError for bad settings."""
+    from .errors import SantacpuError
+
+    log = log or (lambda text: print(f"santacpu bench: {text}", file=sys.stderr, flush=True))
+    settings.threads = settings.threads or default_threads()
+    unknown = [p for p in settings.parts if p not in PARTS]
+    if unknown:
+        raise SantacpuError(f"unknown bench part '{unknown[0]}' (choose from {', '.join(PARTS)})")
+    if settings.threads < 1 or settings.repeat < 1 or min(settings.prompt_tokens, settings.decode_tokens) < 1:
+        raise SantacpuError("threads, repeat, prompt tokens and decode tokens must be at least 1")
+    config, weights_type, files = describe_model(settings.model, settings.revision)
+    n_ctx = config.n_positions
+    if settings.prompt_tokens + settings.decode_tokens > n_ctx:
+        raise SantacpuError(
+            f"{settings.prompt_tokens} prompt + {settings.decode_tokens} decode tokens exceed the model's "
+            f"{n_ctx}-token context"
+        )
+    if not 0 <= settings.fim_tokens < n_ctx:
+        raise SantacpuError(f"--fim-tokens must be between 0 and {n_ctx - 1} (the context holds {n_ctx})")
+    if not 0 <= settings.memory_context <= n_ctx or 0 < settings.memory_context <= MEMORY_DECODE_TOKENS:
+        raise SantacpuError(f"the memory context must be between {MEMORY_DECODE_TOKENS + 1} and {n_ctx} tokens")
+    memory_context = settings.memory_context or n_ctx
+
+    file_bytes = sum(f.stat().st_size for f in files)
+    model_facts = {
+        "path": str(settings.model),
+        "weights_type": weights_type,
+        "files": [str(f) for f in files],
+        "file_bytes": file_bytes,
+        "config": config.to_dict(),
+    }
+    job = dict(asdict(settings), parts=list(settings.parts), memory_context=memory_context, files=model_facts["files"])
+    results: dict = {}
+    _read_through(files)  # page cache warm for every run but the cold-load one
+    if "speed" in settings.parts:
+        log(
+            f"speed: {settings.repeat} x (prefill {settings.prompt_tokens}, decode {settings.decode_tokens}"
+            + (f", FIM {settings.fim_tokens}" if settings.fim_tokens else "")
+            + f" tokens), {settings.threads} threads"
+        )
+        results["speed"] = _run_child("speed", job)
+    if "lookup" in settings.parts:
+        log(f"lookup: greedy generation of {settings.decode_tokens} tokens with and without prompt-lookup drafting")
+        results["lookup"] = _run_child("lookup", job)
+    if "memory" in settings.parts:
+        log(f"memory: one request filling a {memory_context}-token context")
+        results["memory"] = _run_child("memory", job)
+    if "load" in settings.parts:
+        log("load: page cache dropped for the model's files (best-effort)")
+        results["load"] = _run_child("load", job)
+    if "compile" in settings.parts:
+        with tempfile.TemporaryDirectory(prefix="santacpu-numba-cache-") as cache:
+            log("compile: first run with an empty Numba cache")
+            first = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
+            log("compile: second run with the on-disk cache")
+            cached = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
+        results["compile"] = {"first_run": first, "cached_run": cached}
+    return {
+        "santacpu_version": _version(),
+        "settings": {
+            **asdict(settings),
+            "parts": list(settings.parts),
+            "memory_context": memory_context,
+            "statistic": f"median of {settings.repeat}",
+        },
+        "machine": machine_facts(),
+        "model": model_facts,
+        "results": results,
+        "summary": summarize(results, file_bytes),
+    }
+
+
+def describe_model(model: str, revision: str | None = None):
+    """(Config, weights type such as "q8_0" or "f32", the weight files) without loading weights."""
+    from .config import Config
+    from .errors import SantacpuError
+    from .quantized import names_quantized_file, read_metadata
+    from .source import resolve
+
+    if names_quantized_file(model):
+        path = Path(model).expanduser()
+        _, meta = read_metadata(path)
+        try:
+            config = Config(**meta["config"])
+        except TypeError as bad:
+            raise SantacpuError(f"{path}: the config in its metadata is invalid ({bad})") from None
+        return config, str(meta["quantization"].get("type", "?")), [path]
+    folder = resolve(model, revision)
+    config = Config.from_file(folder / "config.json")
+    # The loader prefers safetensors over pytorch_model.bin: the files it reads are the ones to time.
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise SantacpuError(f"{folder} holds no weight files (.safetensors or pytorch_model*.bin)")
+    return config, _checkpoint_dtype(folder), files
+
+
+def _checkpoint_dtype(folder: Path) -> str:
+    """The type the largest tensor runs in ("f32", "f16"; bf16 is widened to f32), from file headers."""
+    from .checkpoint import open_tensors
+
+    source = open_tensors(folder)
+    name = max(source.names(), key=lambda n: _product(source.shape(n)))
+    dtype = str(source.dtype(name))
+    return {"float32": "f32", "float16": "f16"}.get(dtype, dtype)
+
+
+def _product(shape) -> int:
+    result = 1
+    for n in shape:
+        result *= n
+    return result
+
+
+def _read_through(files: list[Path]) -> None:
+    """Read the files once so that the page cache holds them (the process's own RSS stays small:
+    one reused buffer)."""
+    buffer = bytearray(16 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
+def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
+    from .errors import SantacpuError
+
+    threads = str(job["threads"])
+    env = dict(
+        os.environ,
+        NUMBA_NUM_THREADS=threads,
+        OMP_NUM_THREADS=threads,
+        OPENBLAS_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        **(env_extra or {}),
+    )
+    # The child imports this very santacpu, installed or not.
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD_CODE, kind, json.dumps(job)],
+        check=False,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if done.returncode or not lines:
+        raise SantacpuError(f"the bench's {kind} run failed (exit code {done.returncode}; its messages are above)")
+    result = json.loads(lines[-1][len(RESULT_MARK) :])
+    if "error" in result:
+        raise SantacpuError(result["error"])
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# The children.
+
+
+def child_main(kind: str, job_json: str, import_s: float) -> None:
+    """Entry point of a child process: run one part, print its result as one marked JSON line."""
+    import numba
+
+    from .errors import SantacpuError
+
+    job = json.loads(job_json)
+    numba.set_num_threads(min(job["threads"], numba.config.NUMBA_NUM_THREADS))
+    try:
+        children = {
+            "speed": _child_speed,
+            "lookup": _child_lookup,
+            "memory": _child_memory,
+            "load": _child_load,
+            "compile": _child_compile,
+        }
+        result = children[kind](job, import_s)
+    except SantacpuError as error:
+        result = {"error": str(error)}
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+def _load(job: dict):
+    from .model import load
+
+    return load(job["model"], revision=job["revision"])
+
+
+def _timed(work: Callable[[], object]) -> tuple[object, float]:
+    start = time.perf_counter()
+    value = work()
+    return value, time.perf_counter() - start
+
+
+def _first_forward(model, ids: list[int]) -> float:
+    engine = model._engine
+    cache = engine.new_cache(len(ids))
+    return _timed(lambda: engine.forward(cache, ids))[1]
+
+
+def _child_speed(job: dict, import_s: float) -> dict:
+    import numpy as np
+
+    from .prompts import build_fim_prompt
+
+    model, load_s = _timed(lambda: _load(job))
+    engine, n_valid = model._engine, model.n_valid_tokens
+    P, N, F, repeat = job["prompt_tokens"], job["decode_tokens"], job["fim_tokens"], job["repeat"]
+    longest = max(P, F) + (repeat + 1) * REPEAT_STRIDE
+    stream = text_token_stream(model.tokenizer, longest, model.config.vocab_size)
+    first_forward_s = _first_forward(model, stream[:1])
+    # Warm-up, not timed: both kernel paths (many tokens, one token) run once in this process.
+    warm = engine.new_cache(TINY_PREFILL_TOKENS + 1)
+    engine.forward(warm, stream[:TINY_PREFILL_TOKENS])
+    engine.forward(warm, stream[TINY_PREFILL_TOKENS : TINY_PREFILL_TOKENS + 1])
+
+    prefill, decode, fim, fim_prompt_tokens, decoded = [], [], [], 0, 0
+    for r in range(repeat):
+        ids = stream[(r + 1) * REPEAT_STRIDE :][:P]
+        cache = engine.new_cache(P + N)
+        start = time.perf_counter()
+        logits = engine.forward(cache, ids)[-1]
+        prefill.append(P / (time.perf_counter() - start))
+        start, decoded = time.perf_counter(), 0
+        for _ in range(N):  # greedy, EOS included: exactly N tokens
+            token = int(np.argmax(logits[:n_valid]))
+            logits = engine.forward(cache, [token])[-1]
+            decoded += 1
+        decode.append(decoded / (time.perf_counter() - start))
+        if F:
+            prefix, suffix = fim_texts(model.tokenizer, stream[(r + 1) * REPEAT_STRIDE :], F, model.config.n_positions)
+            fim_prompt_tokens = len(build_fim_prompt(model.tokenizer, prefix, suffix, model.config.n_positions, 1))
+            start = time.perf_counter()
+            model.complete(prefix, suffix, max_new_tokens=1)
+            fim.append(time.perf_counter() - start)
+    return {
+        "import_s": import_s,
+        "load_s": load_s,
+        "first_forward_s": first_forward_s,
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+        "decode_tokens_done": decoded,
+        "fim_ttft_s": statistics.median(fim) if fim else None,
+        "fim_prompt_tokens": fim_prompt_tokens or None,
+        "samples": {"prefill_tok_s": prefill, "decode_tok_s": decode, "fim_ttft_s": fim},
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _child_lookup(job: dict, import_s: float) -> dict:
+    import inspect
+
+    model = _load(job)
+    if "lookup" not in inspect.signature(model.generate).parameters:
+        return {"available": False}
+    P, N, repeat = job["prompt_tokens"], job["decode_tokens"], job["repeat"]
+    stream = text_token_stream(model.tokenizer, P, model.config.vocab_size)
+    chunk = stream[: max(1, 2 * P // 3)]
+    prompts = {
+        # A model that has learnt to copy continues the repeated chunk where its second copy stops.
+        "echo": (chunk + chunk)[:P],
+        "plain": stream[:P],
+    }
+    list(model.generate(stream[:TINY_PREFILL_TOKENS], max_new_tokens=4, lookup=True))  # warm-up, not timed
+    result: dict = {"available": True}
+    for case, ids in prompts.items():
+        runs: dict[str, list[float]] = {"plain_tok_s": [], "lookup_tok_s": []}
+        outputs, stats = {}, None
+        for _ in range(repeat):
+            for use_lookup in (False, True):
+                if hasattr(model, "clear_prompt_cache"):
+                    model.clear_prompt_cache()
+                tokens, first = [], None
+                for token in model.generate(ids, max_new_tokens=N, lookup=use_lookup):
+                    tokens.append(token)
+                    first = first or time.perf_counter()
+                end = time.perf_counter()
+                speed = (len(tokens) - 1) / (end - first) if len(tokens) > 1 else None
+                runs["lookup_tok_s" if use_lookup else "plain_tok_s"].append(speed)
+                outputs[use_lookup] = tokens
+                if use_lookup:
+                    stats = getattr(model, "last_stats", None)
+        plain = statistics.median(runs["plain_tok_s"]) if None not in runs["plain_tok_s"] else None
+        drafted = getattr(stats, "drafted_tokens", None)
+        result[case] = {
+            "prompt_tokens": len(ids),
+            "generated_tokens": len(outputs[True]),
+            "identical_output": outputs[True] == outputs[False],
+            "plain_tok_s": plain,
+            "lookup_tok_s": statistics.median(runs["lookup_tok_s"]) if None not in runs["lookup_tok_s"] else None,
+            "drafted_tokens": drafted,
+            "accepted_tokens": getattr(stats, "accepted_tokens", None),
+            "decode_passes": getattr(stats, "decode_passes", None),
+            "samples": runs,
+        }
+        lookup = result[case]["lookup_tok_s"]
+        result[case]["speedup"] = lookup / plain if lookup and plain else None
+    return result
+
+
+def _child_memory(job: dict, import_s: float) -> dict:
+    model = _load(job)
+    context = job["memory_context"]
+    ids = text_token_stream(model.tokenizer, context, model.config.vocab_size)[: context - MEMORY_DECODE_TOKENS]
+    rss_loaded = current_rss_mb()
+    produced = sum(1 for _ in model.generate(ids, max_new_tokens=MEMORY_DECODE_TOKENS))
+    return {
+        "context_tokens": context,
+        "prompt_tokens": len(ids),
+        "decoded_tokens": produced,
+        "rss_after_load_mb": rss_loaded,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _child_load(job: dict, import_s: float) -> dict:
+    dropped = [drop_page_cache(Path(f)) for f in job["files"]]
+    model, load_s = _timed(lambda: _load(job))
+    return {"load_s": load_s, "first_forward_s": _first_forward(model, [0]), "pages_dropped": all(dropped)}
+
+
+def _child_compile(job: dict, import_s: float) -> dict:
+    model, load_s = _timed(lambda: _load(job))
+    n = min(TINY_PREFILL_TOKENS, model.config.n_positions - 1)
+    ids = list(range(1, n + 1))
+
+    def tiny_forward():
+        engine = model._engine
+        cache = engine.new_cache(n + 1)
+        logits = engine.forward(cache, ids)
+        engine.forward(cache, [int(logits[-1].argmax())])
+
+    forward_s = _timed(tiny_forward)[1]
+    again_s = _timed(tiny_forward)[1]
+    return {
+        "import_s": import_s,
+        "load_s": load_s,
+        "tiny_forward_s": forward_s,
+        "tiny_forward_again_s": again_s,
+        "total_s": import_s + load_s + forward_s,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts, memory and machine facts.
+
+
+def text_token_stream(tokenizer, n: int, vocab_size: int) -> list[int]:
+    """`n` token ids of real code: the standard library's sources in a fixed order, tokenized and
+    repeated if short; deterministic random ids if no source text can be read."""
+    ids: list[int] = []
+    try:
+        from quantize.calibration import stdlib_files
+
+        files = stdlib_files()
+    except (ImportError, OSError, KeyError):  # no standard library sources here: fall back below
+        files = []
+    for path in files:
+        try:
+            ids += tokenizer.encode(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError):
+            continue
+        if len(ids) >= n:
+            return ids[:n]
+    if not ids:
+        import numpy as np
+
+        return [int(i) for i in np.random.default_rng(0).integers(0, min(vocab_size, 49152), n)]
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def fim_texts(tokenizer, ids: list[int], n_prompt: int, n_ctx: int) -> tuple[str, str]:
+    """(prefix, suffix) texts whose FIM prompt (3 marker tokens included) is close to `n_prompt`
+    tokens and fits the context with room for one new token: three quarters before the cursor."""
+    from .prompts import build_fim_prompt, fim_budget
+
+    room = min(n_prompt, fim_budget(n_ctx, 1))
+    body = n_prompt - 3
+    while True:
+        cut = body * 3 // 4
+        prefix, suffix = tokenizer.decode(ids[:cut]), tokenizer.decode(ids[cut:body])
+        excess = len(build_fim_prompt(tokenizer, prefix, suffix, n_ctx * 4, 1)) - room
+        if excess <= 0 or body <= 2:
+            return prefix, suffix
+        body -= excess  # decoding and re-encoding may merge or split a token at the cuts
+
+
+def drop_page_cache(path: Path) -> bool:
+    """Ask the kernel to forget the file's cached pages (clean pages only; best-effort)."""
+    if not hasattr(os, "posix_fadvise"):
+        return False
+    with open(path, "rb") as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return True
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (10^6 bytes, like the file sizes)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux reports KiB
+
+
+def current_rss_mb() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return None
+
+
+def machine_facts() -> dict:
+    import numba
+    import numpy as np
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    memory_gib = None
+    try:
+        with open("/proc/meminfo") as f:
+            memory_gib = round(int(f.readline().split()[1]) / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "usable_cores": default_threads(),
+        "simd": [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
+        "memory_gib": memory_gib,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def summarize(results: dict, file_bytes: int) -> dict:
+    """The headline figures, flat: what tools/bench_peers.py compares."""
+    speed, memory, load, compile_ = (results.get(k, {}) for k in ("speed", "memory", "load", "compile"))
+    summary = {
+        "load_warm_s": speed.get("load_s"),
+        "load_cold_s": load.get("load_s"),
+        "first_forward_warm_s": speed.get("first_forward_s"),
+        "first_forward_cold_s": load.get("first_forward_s"),
+        "prefill_tok_s": speed.get("prefill_tok_s"),
+        "decode_tok_s": speed.get("decode_tok_s"),
+        "fim_ttft_s": speed.get("fim_ttft_s"),
+        "compile_first_run_s": compile_.get("first_run", {}).get("total_s"),
+        "compile_cached_run_s": compile_.get("cached_run", {}).get("total_s"),
+        "peak_rss_mb": memory.get("peak_rss_mb"),
+        "peak_rss_speed_run_mb": speed.get("peak_rss_mb"),
+        "file_mb": file_bytes / 1e6,
+    }
+    lookup = results.get("lookup", {})
+    for case in ("echo", "plain"):
+        if case in lookup:
+            summary[f"lookup_{case}_speedup"] = lookup[case]["speedup"]
+            summary[f"lookup_{case}_identical"] = lookup[case]["identical_output"]
+    if memory:
+        summary["rss_bound_mb"] = file_bytes / 1e6 + RSS_BOUND_EXTRA_MB
+    return summary
+
+
+def format_table(report: dict) -> str:
+    """The readable table `santacpu bench` prints."""
+    s, m, settings, results = report["summary"], report["model"], report["settings"], report["results"]
+    machine = report["machine"]
+    lines = [
+        f"model    {m['path']} ({m['weights_type']}, {m['file_bytes'] / 1e6:.0f} MB)",
+        (
+            f"machine  {machine['cpu']}, {machine['usable_cores']} cores usable; santacpu {report['santacpu_version']}; "
+            f"{settings['threads']} threads; speeds are the {settings['statistic']} runs"
+        ),
+        "",
+    ]
+
+    def row(what: str, value: str, note: str = "") -> None:
+        lines.append(f"  {what:<52}{value:>14}  {note}".rstrip())
+
+    if "speed" in results:
+        speed = results["speed"]
+        row(f"prefill, {settings['prompt_tokens']}-token prompt", f"{s['prefill_tok_s']:.1f} tok/s")
+        row(f"decode, {speed['decode_tokens_done']} tokens (greedy)", f"{s['decode_tok_s']:.2f} tok/s")
+        if s["fim_ttft_s"] is not None:
+            row(f"FIM time to first token, {speed['fim_prompt_tokens']}-token prompt", f"{s['fim_ttft_s']:.3f} s")
+        row("load, warm page cache", f"{s['load_warm_s']:.2f} s", f"first forward {s['first_forward_warm_s']:.2f} s")
+    if "lookup" in results:
+        lookup = results["lookup"]
+        if not lookup.get("available"):
+            row("prompt-lookup decoding", "n/a", "this santacpu's generate has no lookup option")
+        for case, label in (("echo", "echoing prompt"), ("plain", "plain code prompt")):
+            if case in lookup:
+                c = lookup[case]
+                accepted = f"{c['accepted_tokens']}/{c['drafted_tokens']} drafted tokens accepted"
+                same = "identical output" if c["identical_output"] else "OUTPUT DIFFERS"
+                speedup = f"{c['speedup']:.2f}x" if c["speedup"] else "n/a"
+                row(
+                    f"prompt lookup vs plain decode, {label}",
+                    speedup,
+                    f"{_number(c['lookup_tok_s'])} vs {_number(c['plain_tok_s'])} tok/s; {accepted}; {same}",
+                )
+    if "load" in results:
+        row(
+            "load, cold page cache (best-effort drop)",
+            f"{s['load_cold_s']:.2f} s",
+            f"first forward {s['first_forward_cold_s']:.2f} s (reads the weights from disk)",
+        )
+    if "compile" in results:
+        for key, label in (("first_run", "Numba, first run (compiles)"), ("cached_run", "Numba, on-disk cache")):
+            c = results["compile"][key]
+            row(
+                label,
+                f"{c['total_s']:.2f} s",
+                f"import {c['import_s']:.2f} + load {c['load_s']:.2f} + tiny forward "
+                f"{c['tiny_forward_s']:.2f} (again: {c['tiny_forward_again_s']:.3f})",
+            )
+    if "memory" in results:
+        mem = results["memory"]
+        over = s["peak_rss_mb"] - s["file_mb"]
+        row(
+            f"peak RSS, {mem['context_tokens']}-token context",
+            f"{s['peak_rss_mb']:.0f} MB",
+            f"file {s['file_mb']:.0f} MB {over:+.0f} (bound +{RSS_BOUND_EXTRA_MB}: "
+            f"{'within' if over <= RSS_BOUND_EXTRA_MB else 'over'})",
+        )
+    if "speed" in results:
+        row("peak RSS, speed run", f"{s['peak_rss_speed_run_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -1,0 +1,221 @@
+"""`santacpu bench` end to end on a tiny checkpoint (every part, tiny sizes, a sane JSON), its
+prompt builders, its bad-input errors, and tools/bench_peers.py's parsing and ratio table.
+
+Nothing here is timed: the figures are checked for presence, sign and exact counts only.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import helpers
+import pytest
+
+from santacpu import SantacpuError
+from santacpu.bench import PARTS, BenchSettings, fim_texts, run_bench, text_token_stream
+from santacpu.prompts import build_fim_prompt
+from santacpu.tokenizer import Tokenizer
+
+PROMPT, DECODE, FIM, REPEAT = 12, 5, 30, 2
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env.pop("SANTACPU_MODEL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "santacpu", *args], check=False, capture_output=True, env=env, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def bench_report(tmp_path_factory) -> tuple[dict, str]:
+    """One `santacpu bench` run of every part on the tiny fp32 checkpoint: (its JSON, its stdout)."""
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    done = run_cli(
+        "bench",
+        str(helpers.tiny_checkpoint()),
+        "--quant",
+        "none",
+        "--prompt-tokens",
+        str(PROMPT),
+        "--decode-tokens",
+        str(DECODE),
+        "--fim-tokens",
+        str(FIM),
+        "--repeat",
+        str(REPEAT),
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert "Traceback" not in done.stderr.decode(errors="replace")
+    return json.loads(out.read_text()), done.stdout.decode()
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_reports_every_part(bench_report):
+    report, _ = bench_report
+    assert set(report) >= {"santacpu_version", "settings", "machine", "model", "results", "summary"}
+    assert set(report["results"]) == set(PARTS)
+    assert report["settings"]["threads"] == 1 and report["settings"]["statistic"] == f"median of {REPEAT}"
+    assert report["model"]["weights_type"] == "f32"
+    assert report["model"]["file_bytes"] == (helpers.tiny_checkpoint() / "model.safetensors").stat().st_size
+    machine = report["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and machine["numba"]
+
+
+def test_bench_speed_figures(bench_report):
+    speed = bench_report[0]["results"]["speed"]
+    assert speed["decode_tokens_done"] == DECODE  # exactly N, EOS or not
+    for key in ("load_s", "first_forward_s", "prefill_tok_s", "decode_tok_s", "fim_ttft_s", "peak_rss_mb", "import_s"):
+        assert positive(speed[key]), key
+    assert len(speed["samples"]["prefill_tok_s"]) == len(speed["samples"]["decode_tok_s"]) == REPEAT
+    # The FIM prompt is close to the requested length and fits (re-tokenizing may move a cut by a token or two).
+    assert FIM - 4 <= speed["fim_prompt_tokens"] <= FIM
+
+
+def test_bench_memory_load_compile_lookup(bench_report):
+    report = bench_report[0]
+    results, summary = report["results"], report["summary"]
+    n_ctx = report["model"]["config"]["n_positions"]
+    memory = results["memory"]
+    assert memory["context_tokens"] == n_ctx and memory["prompt_tokens"] + 8 == n_ctx
+    assert positive(memory["peak_rss_mb"]) and memory["peak_rss_mb"] >= memory["rss_after_load_mb"]
+    assert summary["rss_bound_mb"] == pytest.approx(summary["file_mb"] + 150)
+    assert positive(results["load"]["load_s"]) and positive(results["load"]["first_forward_s"])
+    for run in ("first_run", "cached_run"):
+        c = results["compile"][run]
+        assert all(positive(c[k]) for k in ("import_s", "load_s", "tiny_forward_s", "total_s"))
+    lookup = results["lookup"]
+    if lookup["available"]:
+        for case in ("echo", "plain"):
+            assert lookup[case]["identical_output"] is True
+            assert lookup[case]["generated_tokens"] >= 1
+
+
+def test_bench_prints_a_table(bench_report):
+    _, table = bench_report
+    for label in (
+        "prefill, 12-token prompt",
+        "decode, 5 tokens",
+        "FIM time to first token",
+        "peak RSS",
+        "Numba, first run",
+        "Numba, on-disk cache",
+        "cold page cache",
+    ):
+        assert label in table
+
+
+def test_bench_rejects_settings_the_context_cannot_hold():
+    ckpt = str(helpers.tiny_checkpoint())  # a 64-token context
+    done = run_cli("bench", ckpt, "--quant", "none", "--prompt-tokens", "60", "--decode-tokens", "8")
+    err = done.stderr.decode()
+    assert done.returncode == 1 and err.startswith("santacpu: error: ") and "64-token context" in err, err
+    assert len(err.splitlines()) == 1
+    with pytest.raises(SantacpuError, match="unknown bench part 'speedy'"):
+        run_bench(BenchSettings(model=ckpt, parts=("speedy",)))
+    with pytest.raises(SantacpuError, match="fim-tokens"):
+        run_bench(BenchSettings(model=ckpt, prompt_tokens=8, decode_tokens=8, fim_tokens=64))
+
+
+def test_prompt_ids_are_real_text_of_the_exact_length():
+    tokenizer = Tokenizer.santacoder()
+    ids = text_token_stream(tokenizer, 300, 49280)
+    assert len(ids) == 300 and ids == text_token_stream(tokenizer, 300, 49280)
+    assert len(set(ids)) > 50  # code, not one token repeated
+    assert "def " in tokenizer.decode(ids) or "import" in tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("n_prompt, n_ctx", [(200, 2048), (60, 64)])
+def test_fim_texts_fit_the_requested_length(n_prompt, n_ctx):
+    tokenizer = Tokenizer.santacoder()
+    prefix, suffix = fim_texts(tokenizer, text_token_stream(tokenizer, 400, 49280), n_prompt, n_ctx)
+    assert prefix and suffix
+    n = len(build_fim_prompt(tokenizer, prefix, suffix, n_ctx, 1))
+    assert n_prompt - 4 <= n <= min(n_prompt, n_ctx - 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/bench_peers.py: parsing and comparing (no peer is run here)
+
+# What `llama-bench -p 16 -n 4 -r 1 -o json` printed on this machine, trimmed to the fields read.
+LLAMA_BENCH_JSON = """[
+  {"cpu_info": "Intel(R) Xeon(R) Processor", "model_filename": "/work/gguf/model-Q4_0.gguf",
+   "model_type": "starcoder 1B Q4_0", "model_size": 675080192, "n_threads": 2, "n_prompt": 16, "n_gen": 0,
+   "avg_ns": 138487641, "avg_ts": 115.533775, "samples_ts": [115.534]},
+  {"cpu_info": "Intel(R) Xeon(R) Processor", "model_filename": "/work/gguf/model-Q4_0.gguf",
+   "model_type": "starcoder 1B Q4_0", "model_size": 675080192, "n_threads": 2, "n_prompt": 0, "n_gen": 4,
+   "avg_ns": 176944265, "avg_ts": 22.605988, "samples_ts": [22.606]}
+]"""
+
+
+def test_llama_bench_json_is_parsed():
+    from tools.bench_peers import parse_llama_bench
+
+    parsed = parse_llama_bench(LLAMA_BENCH_JSON)
+    assert parsed["prefill_tok_s"] == pytest.approx(115.533775) and parsed["prefill_tokens"] == 16
+    assert parsed["decode_tok_s"] == pytest.approx(22.605988) and parsed["decode_tokens"] == 4
+    assert parsed["model_bytes"] == 675080192 and parsed["model_type"] == "starcoder 1B Q4_0"
+    with pytest.raises(ValueError, match="generation test"):
+        parse_llama_bench(json.dumps(json.loads(LLAMA_BENCH_JSON)[:1]))
+    assert "torch" not in sys.modules  # the peer tool's parsing side needs no torch
+
+
+def test_peer_ratios_and_markdown():
+    from tools.bench_peers import NOT_INSTALLED, compare, markdown
+
+    def ours(prefill, decode, rss, file_mb):
+        return {
+            "status": "ok",
+            "prefill_tok_s": prefill,
+            "decode_tok_s": decode,
+            "peak_rss_mb": rss,
+            "peak_rss_full_context_mb": rss + 10,
+            "file_bytes": file_mb * 1e6,
+            "full_context_tokens": 2048,
+            "weights_type": "x",
+            "load_s": 0.1,
+        }
+
+    santacpu = {
+        "q8_0": ours(40.0, 12.0, 1300, 1212),
+        "q4_0": ours(50.0, 19.0, 800, 709),
+        "q4_m": ours(55.0, 17.0, 800, 712),
+    }
+    peers = {
+        "llama.cpp Q8_0": {"status": "ok", "prefill_tok_s": 50.0, "decode_tok_s": 12.0, "peak_rss_mb": 1250},
+        "llama.cpp Q4_0": {"status": "ok", "prefill_tok_s": 55.0, "decode_tok_s": 19.0, "peak_rss_mb": 1280},
+        "CTranslate2 int8": {"status": NOT_INSTALLED},
+    }
+    rows = {(r["figure"], r["santacpu"], r["peer"]): r for r in compare(santacpu, peers)}
+    assert rows[("decode (tok/s)", "q8_0", "llama.cpp Q8_0")]["ratio"] == pytest.approx(1.0)
+    assert rows[("prefill (tok/s)", "q8_0", "llama.cpp Q8_0")]["ratio"] == pytest.approx(0.8)
+    # The better 4-bit file is picked per figure: q4_0 decodes faster, q4_m prefills faster.
+    assert rows[("decode, best 4-bit (tok/s)", "q4_0", "llama.cpp Q4_0")]["ratio"] == pytest.approx(1.0)
+    assert rows[("prefill, best 4-bit (tok/s)", "q4_m", "llama.cpp Q4_0")]["ratio"] == pytest.approx(1.0)
+    missing = rows[("decode (tok/s)", "q8_0", "CTranslate2 int8")]
+    assert missing["ratio"] is None and missing["note"] == NOT_INSTALLED
+    bound = rows[("peak RSS at a 2048-token context vs file size (MB)", "q8_0", "file size")]
+    assert "+98 MB" in bound["note"] and "within" in bound["note"]
+    text = markdown(
+        {
+            "machine": {"cpu": "cpu", "usable_cores": 2, "memory_gib": 24, "date": "today"},
+            "settings": {"threads": 2, "prompt_tokens": 512, "decode_tokens": 128, "repeat": 1},
+            "santacpu_version": "0",
+            "santacpu": santacpu,
+            "peers": peers,
+            "comparisons": compare(santacpu, peers),
+        }
+    )
+    assert "| decode (tok/s) | q8_0 | 12.0 | llama.cpp Q8_0 | 12.0 | 1.00x |" in text
+    assert "| CTranslate2 int8 | not installed |" in text
