@@ -3,8 +3,9 @@
 `CpuBackend` implements them with the Numba kernels of `cpu_kernels.py` / `quant_kernels.py` and
 NumPy/BLAS: fp32 weights always go to BLAS (gemv for one token, gemm for many); compressed weights
 (fp16, block-quantized), which BLAS cannot read, use a Numba matrix-vector kernel on the packed
-data for a few tokens, and BLAS on widened row tiles for many (no dequantized copy of a whole
-matrix ever exists).
+data for one token, a few-token kernel that widens a few rows at a time and applies them to every
+token (one pass over the weight: speculative verification), and BLAS on widened row tiles for
+many (no dequantized copy of a whole matrix ever exists).
 A GPU backend implements the same methods. Weight types are dispatched here, at the matmul,
 never by copying the forward pass per type.
 
@@ -51,16 +52,19 @@ TILE_ROWS = 1024
 
 
 def _compressed_kernels(weight):
-    """(matvec(x, bias, out), widen_rows(first, last, out)) for an fp16 or block-quantized weight."""
+    """(matvec(x, bias, out), matmul_few(x, bias, out), widen_rows(first, last, out)) for an fp16
+    or block-quantized weight."""
     if isinstance(weight, QuantizedWeight):
         qtype, parts = weight.qtype, weight.parts
         return (
             lambda x, bias, out: qk.matvec(qtype, parts, x, bias, out),
+            lambda x, bias, out: qk.matmul_few(qtype, parts, x, bias, out),
             lambda first, last, out: qk.dequantize_rows(qtype, parts, first, last, out),
         )
     bits = weight.view(np.uint16)  # fp16: Numba has no CPU float16, so pass the bits
     return (
         lambda x, bias, out: k.matvec_f16(bits, x, bias, out),
+        lambda x, bias, out: k.matmul_few_f16(bits, x, bias, out, numba.get_num_threads()),
         lambda first, last, out: k.f16_rows_to_f32(bits, first, last, out),
     )
 
@@ -79,11 +83,13 @@ class CpuBackend:
             out = x @ weight.T
             out += bias
             return out
-        matvec, widen_rows = _compressed_kernels(weight)
+        matvec, matmul_few, widen_rows = _compressed_kernels(weight)
         out = np.empty((T, n_out), np.float32)
-        if T < BLAS_MIN_TOKENS:
-            for t in range(T):
-                matvec(x[t], bias, out[t])
+        if T == 1:
+            matvec(x[0], bias, out[0])
+            return out
+        if T < BLAS_MIN_TOKENS:  # one pass over the weight for all T tokens
+            matmul_few(np.ascontiguousarray(x), bias, out)
             return out
         tile = np.empty((min(TILE_ROWS, n_out), n_in), np.float32)
         for first in range(0, n_out, TILE_ROWS):

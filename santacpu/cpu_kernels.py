@@ -40,6 +40,34 @@ def _f16_to_f32(typingctx, bits):
 
 
 @intrinsic
+def _stack_zeros(typingctx, n_rows, n_cols):
+    """A zeroed float32 [n_rows, n_cols] C array in the calling function's stack frame (sizes
+    must be compile-time constants). It must not outlive the call, so never return it."""
+    if not isinstance(n_rows, types.IntegerLiteral) or not isinstance(n_cols, types.IntegerLiteral):
+        return None
+    rows, cols = n_rows.literal_value, n_cols.literal_value
+    array_type = types.Array(types.float32, 2, "C")
+
+    def codegen(context, builder, signature, args):
+        storage_type = ir.ArrayType(ir.FloatType(), rows * cols)
+        storage = cgutils.alloca_once(builder, storage_type)  # in the entry block: one per frame
+        builder.store(ir.Constant(storage_type, None), storage)  # zeroed at every call site
+        intp = context.get_value_type(types.intp)
+        array = context.make_array(array_type)(context, builder)
+        context.populate_array(
+            array,
+            data=builder.bitcast(storage, ir.FloatType().as_pointer()),
+            shape=[ir.Constant(intp, rows), ir.Constant(intp, cols)],
+            strides=[ir.Constant(intp, cols * 4), ir.Constant(intp, 4)],
+            itemsize=ir.Constant(intp, 4),
+            meminfo=None,
+        )
+        return array._getvalue()
+
+    return array_type(n_rows, n_cols), codegen
+
+
+@intrinsic
 def _prefetch(typingctx, array, index):
     """Hint the CPU to fetch the cache line holding element `index` of a C-contiguous array (a
     flat index) into all cache levels. A hint only: it never faults, whatever the address."""
@@ -114,6 +142,60 @@ def transpose_into(src, dst):
             for c in range(c0, c1):
                 for r in range(r0, r1):
                     dst[c, r] = src[r, c]
+
+
+# --- a few tokens at once (T = 2..7: speculative verification, short prompts) ----------------
+# The weight is widened ROWS rows at a time into a small per-thread float32 buffer (by the
+# caller's format-specific widening), which then serves every token: the compressed weight is
+# read once per call instead of once per token. A decode-sized pass costs ~1 matvec pass plus
+# T x the float work on cache-resident rows.
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def rows_times_tokens(rows_f32, n_rows, x, first, bias, out):
+    """out[t, first + i] = rows_f32[i] @ x[t] + bias[first + i] for i < n_rows and every token t:
+    rows_f32 [ROWS, C] float32 (rows past n_rows are ignored), x [T, C], out [T, R]."""
+    C = x.shape[1]
+    n_main = C - C % LANES
+    for t in range(x.shape[0]):
+        acc = _stack_zeros(ROWS, LANES)
+        for c0 in range(0, n_main, LANES):
+            for i in range(ROWS):
+                for lane in range(LANES):
+                    acc[i, lane] += rows_f32[i, c0 + lane] * x[t, c0 + lane]
+        for i in range(n_rows):
+            total = acc[i].sum()
+            for c in range(n_main, C):
+                total += rows_f32[i, c] * x[t, c]
+            out[t, first + i] = total + bias[first + i]
+
+
+@njit(cache=True, inline="always")
+def thread_chunk(chunk, n_chunks, n_out):
+    """Row steps (of ROWS rows) [first, last) of chunk `chunk` out of n_chunks, for R = n_out."""
+    n_steps = (n_out + ROWS - 1) // ROWS
+    return chunk * n_steps // n_chunks, (chunk + 1) * n_steps // n_chunks
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _widen_rows_f16(weight_bits, first, n_rows, out):
+    for i in range(n_rows):
+        for c in range(weight_bits.shape[1]):
+            out[i, c] = _f16_to_f32(weight_bits[first + i, c])
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matmul_few_f16(weight_bits, x, bias, out, n_chunks):
+    """out [T, R] = x [T, C] @ W.T + bias for fp16 weight bits [R, C], reading W once."""
+    n_out = weight_bits.shape[0]
+    for chunk in prange(n_chunks):
+        rows_f32 = np.empty((ROWS, x.shape[1]), np.float32)
+        first_step, last_step = thread_chunk(chunk, n_chunks, n_out)
+        for step in range(first_step, last_step):
+            first = step * ROWS
+            n_rows = min(ROWS, n_out - first)
+            _widen_rows_f16(weight_bits, first, n_rows, rows_f32)
+            rows_times_tokens(rows_f32, n_rows, x, first, bias, out)
 
 
 # LayerNorm, GELU and attention are parallel over rows/jobs; the backend runs small calls on the

@@ -32,17 +32,22 @@ How the kernels stay in SIMD (each choice measured on this machine, one thread, 
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, prange, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import get_num_threads, njit, prange
 
-from .cpu_kernels import FASTMATH, _f16_to_f32, _prefetch
+from .cpu_kernels import (
+    FASTMATH,
+    ROWS,
+    _f16_to_f32,
+    _prefetch,
+    _stack_zeros,
+    rows_times_tokens,
+    thread_chunk,
+)
 
 QK = 32  # values per block
 HALF = 16  # lanes per row in the 4-bit and 8-bit loops: a block's values j and j+16 share a lane
-ROWS = 4  # rows per matvec / dequantize step (8 float accumulator vectors on AVX2); the scale
-# helpers below return ROWS-tuples written out for 4
+# ROWS (from cpu_kernels, shared with the few-token kernels) = 4 rows per matvec / dequantize step
+# (8 float accumulator vectors on AVX2); the scale helpers below return ROWS-tuples written out for 4
 
 # Part order of each format's kernel arguments (the part names of quantize/formats.py).
 PART_ORDER = {
@@ -51,34 +56,6 @@ PART_ORDER = {
     "q4_m": ("qs", "sc", "mn", "d", "dmin"),
     "q6_0": ("ql", "qh", "d"),
 }
-
-
-@intrinsic
-def _stack_zeros(typingctx, n_rows, n_cols):
-    """A zeroed float32 [n_rows, n_cols] C array in the calling function's stack frame (sizes
-    must be compile-time constants). It must not outlive the call, so never return it."""
-    if not isinstance(n_rows, types.IntegerLiteral) or not isinstance(n_cols, types.IntegerLiteral):
-        return None
-    rows, cols = n_rows.literal_value, n_cols.literal_value
-    array_type = types.Array(types.float32, 2, "C")
-
-    def codegen(context, builder, signature, args):
-        storage_type = ir.ArrayType(ir.FloatType(), rows * cols)
-        storage = cgutils.alloca_once(builder, storage_type)  # in the entry block: one per frame
-        builder.store(ir.Constant(storage_type, None), storage)  # zeroed at every call site
-        intp = context.get_value_type(types.intp)
-        array = context.make_array(array_type)(context, builder)
-        context.populate_array(
-            array,
-            data=builder.bitcast(storage, ir.FloatType().as_pointer()),
-            shape=[ir.Constant(intp, rows), ir.Constant(intp, cols)],
-            strides=[ir.Constant(intp, cols * 4), ir.Constant(intp, 4)],
-            itemsize=ir.Constant(intp, 4),
-            meminfo=None,
-        )
-        return array._getvalue()
-
-    return array_type(n_rows, n_cols), codegen
 
 
 PREFETCH_STEPS = 2  # how far ahead the matvec kernels prefetch, in ROWS-row steps (1..8 measured
@@ -446,9 +423,86 @@ def dequantize_rows_q6_0(ql, qh, d, first, last, out):
                 _dequantize_rows_q6_0(ql, qh, d, first, r, 1, out)
 
 
+# --- a few tokens at once: each thread widens ROWS rows into a float32 buffer with the format's
+# row widening above, and that buffer serves all T tokens (cpu_kernels.rows_times_tokens) ---------
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matmul_few_q8_0(qs, d, x, bias, out, n_chunks):
+    """out [T, R] = x [T, C] @ W.T + bias for a q8_0 weight (parts as matvec_q8_0), reading W once."""
+    n_out = qs.shape[0]
+    for chunk in prange(n_chunks):
+        rows_f32 = np.empty((ROWS, x.shape[1]), np.float32)
+        first_step, last_step = thread_chunk(chunk, n_chunks, n_out)
+        for step in range(first_step, last_step):
+            first = step * ROWS
+            n_rows = min(ROWS, n_out - first)
+            if n_rows == ROWS:
+                _dequantize_rows_q8_0(qs, d, first, 0, ROWS, rows_f32)
+            else:
+                for r in range(n_rows):
+                    _dequantize_rows_q8_0(qs, d, first, r, 1, rows_f32)
+            rows_times_tokens(rows_f32, n_rows, x, first, bias, out)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matmul_few_q4_0(qs, d, x, bias, out, n_chunks):
+    """out [T, R] = x [T, C] @ W.T + bias for a q4_0 weight (parts as matvec_q4_0), reading W once."""
+    n_out = qs.shape[0]
+    for chunk in prange(n_chunks):
+        rows_f32 = np.empty((ROWS, x.shape[1]), np.float32)
+        first_step, last_step = thread_chunk(chunk, n_chunks, n_out)
+        for step in range(first_step, last_step):
+            first = step * ROWS
+            n_rows = min(ROWS, n_out - first)
+            if n_rows == ROWS:
+                _dequantize_rows_q4_0(qs, d, first, 0, ROWS, rows_f32)
+            else:
+                for r in range(n_rows):
+                    _dequantize_rows_q4_0(qs, d, first, r, 1, rows_f32)
+            rows_times_tokens(rows_f32, n_rows, x, first, bias, out)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matmul_few_q4_m(qs, sc, mn, d, dmin, x, bias, out, n_chunks):
+    """out [T, R] = x [T, C] @ W.T + bias for a q4_m weight (parts as matvec_q4_m), reading W once."""
+    n_out = qs.shape[0]
+    for chunk in prange(n_chunks):
+        rows_f32 = np.empty((ROWS, x.shape[1]), np.float32)
+        first_step, last_step = thread_chunk(chunk, n_chunks, n_out)
+        for step in range(first_step, last_step):
+            first = step * ROWS
+            n_rows = min(ROWS, n_out - first)
+            if n_rows == ROWS:
+                _dequantize_rows_q4_m(qs, sc, mn, d, dmin, first, 0, ROWS, rows_f32)
+            else:
+                for r in range(n_rows):
+                    _dequantize_rows_q4_m(qs, sc, mn, d, dmin, first, r, 1, rows_f32)
+            rows_times_tokens(rows_f32, n_rows, x, first, bias, out)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matmul_few_q6_0(ql, qh, d, x, bias, out, n_chunks):
+    """out [T, R] = x [T, C] @ W.T + bias for a q6_0 weight (parts as matvec_q6_0), reading W once."""
+    n_out = ql.shape[0]
+    for chunk in prange(n_chunks):
+        rows_f32 = np.empty((ROWS, x.shape[1]), np.float32)
+        first_step, last_step = thread_chunk(chunk, n_chunks, n_out)
+        for step in range(first_step, last_step):
+            first = step * ROWS
+            n_rows = min(ROWS, n_out - first)
+            if n_rows == ROWS:
+                _dequantize_rows_q6_0(ql, qh, d, first, 0, ROWS, rows_f32)
+            else:
+                for r in range(n_rows):
+                    _dequantize_rows_q6_0(ql, qh, d, first, r, 1, rows_f32)
+            rows_times_tokens(rows_f32, n_rows, x, first, bias, out)
+
+
 # --- dispatch ------------------------------------------------------------------------------------
 
 _MATVEC = {"q8_0": matvec_q8_0, "q4_0": matvec_q4_0, "q4_m": matvec_q4_m, "q6_0": matvec_q6_0}
+_MATMUL_FEW = {"q8_0": matmul_few_q8_0, "q4_0": matmul_few_q4_0, "q4_m": matmul_few_q4_m, "q6_0": matmul_few_q6_0}
 _DEQUANTIZE_ROWS = {
     "q8_0": dequantize_rows_q8_0,
     "q4_0": dequantize_rows_q4_0,
@@ -480,6 +534,17 @@ def matvec(qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.nda
     if x.shape != (cols,) or bias.shape != (rows,) or out.shape != (rows,) or out.dtype != np.float32:
         raise ValueError(f"matvec {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
     _MATVEC[qtype](*args, x, bias, out)
+
+
+def matmul_few(qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """out [T, R] = x [T, C] @ W.T + bias [R] (all float32, C-contiguous) for a block-quantized W,
+    reading W once for all T tokens (meant for small T; many tokens go to BLAS on widened tiles)."""
+    args = kernel_args(qtype, parts)
+    rows, cols = _shape(qtype, args)
+    T = x.shape[0] if x.ndim == 2 else -1
+    if x.shape != (T, cols) or bias.shape != (rows,) or out.shape != (T, rows) or out.dtype != np.float32:
+        raise ValueError(f"matmul_few {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
+    _MATMUL_FEW[qtype](*args, x, bias, out, get_num_threads())
 
 
 def dequantize_rows(qtype: str, parts: dict[str, np.ndarray], first: int, last: int, out: np.ndarray) -> None:

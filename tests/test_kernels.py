@@ -96,8 +96,8 @@ def test_causal_attention_matches_dense_softmax(n_kv_head, start, T):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-@pytest.mark.parametrize("T", [1, BLAS_MIN_TOKENS - 1, BLAS_MIN_TOKENS, 40])
-def test_backend_linear_both_paths(dtype, T):
+@pytest.mark.parametrize("T", [1, 2, BLAS_MIN_TOKENS - 1, BLAS_MIN_TOKENS, 40])
+def test_backend_linear_every_path(dtype, T):
     w = rng.standard_normal((1100, 64)).astype(dtype)  # > one fp16 BLAS tile of rows
     x = rng.standard_normal((T, 64)).astype(np.float32)
     b = rng.standard_normal(1100).astype(np.float32)

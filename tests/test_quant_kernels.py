@@ -3,6 +3,7 @@ dequantize of quantize/formats.py."""
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 import pytest
 
@@ -42,6 +43,29 @@ def test_matvec_matches_numpy(name, rows, cols):
     out = np.empty(rows, np.float32)
     qk.matvec(name, parts, x, bias, out)
     want = fmt.dequantize(parts).astype(np.float64) @ x + bias
+    assert rel_err(out, want) < 1e-5
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("rows,cols", [(1, 96), (5, 64), (33, 2048)])
+@pytest.mark.parametrize("T", [2, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_matmul_few_matches_numpy(name, rows, cols, T, threads):
+    # One weight pass for T tokens; rows cover a partial step, a step and a tail, and one row
+    # split over 2 threads (a thread with no rows at all).
+    fmt = FORMATS[name]
+    rng = np.random.default_rng(rows * 11 + T)
+    parts = fmt.quantize(weights(rows, cols, seed=rows + 3 * cols))
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    out = np.full((T, rows), np.nan, np.float32)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(threads, previous))
+    try:
+        qk.matmul_few(name, parts, x, bias, out)
+    finally:
+        numba.set_num_threads(previous)
+    want = x.astype(np.float64) @ fmt.dequantize(parts).astype(np.float64).T + bias
     assert rel_err(out, want) < 1e-5
 
 
