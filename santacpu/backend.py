@@ -111,9 +111,12 @@ class CpuBackend:
             k.gelu_tanh_inplace(x)
 
     def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
-        """q [T, H, D] at positions start..start+T-1 over k_cache/v_cache [n_ctx, G, D] -> [T, H, D]."""
+        """q [T, H, D] at positions start..start+T-1 over k_cache/v_cache [n_ctx, G, D] (float32 or
+        float16) -> [T, H, D]."""
         T, H, D = q.shape
         out = np.empty_like(q)
+        if k_cache.dtype == np.float16:  # Numba has no CPU float16: the kernel widens the bits
+            k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
         with _numba_threads(_threads_for(2 * T * H * D * (start + T))):
             k.causal_attention(q, k_cache, v_cache, start, out)
         return out

@@ -279,47 +279,82 @@ def gelu_tanh_inplace(x):
         _gelu_tanh_row(x[t])
 
 
+@intrinsic
+def _kv_to_f32(typingctx, value):
+    """A KV cache element as float32: fp16 bits (uint16) widened exactly, float32 unchanged."""
+    if value == types.uint16:
+
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+        return types.float32(value), codegen
+    if value == types.float32:
+        return types.float32(value), lambda context, builder, signature, args: args[0]
+    return None
+
+
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _attend(q, k_cache, v_cache, g, n, scale, out):
-    """out [D] = softmax(K[:n] @ q * scale) @ V[:n] over K/V head g, for one query head q [D].
-    (The caches are indexed whole rather than sliced to [:, g]: a strided slice would stop
-    LLVM from vectorising the inner loops.)"""
-    D = q.shape[0]
-    scores = np.empty(n, np.float32)
-    best = np.float32(-np.inf)
+def _attend_group(q, k_cache, v_cache, t, g, n, scale, scores, row, acc, out):
+    """out[t, h] = softmax(K[:n] @ q[t, h] * scale) @ V[:n] for the query heads h of K/V head g.
+
+    Each K and V row is widened once into `row` and serves every head of the group (all 16 heads
+    for multi-query), instead of being re-read per head. scores [heads per group, >= n],
+    row [D], acc [heads per group, D] are scratch. (The caches are indexed whole rather than
+    sliced to [:, g]: a strided slice would stop LLVM from vectorising the inner loops.)"""
+    group, D = scores.shape[0], q.shape[2]
+    h0 = g * group
     for j in range(n):
-        s = np.float32(0.0)
         for d in range(D):
-            s += q[d] * k_cache[j, g, d]
-        s *= scale
-        scores[j] = s
-        best = max(best, s)
-    total = np.float32(0.0)
-    for j in range(n):
-        e = np.exp(scores[j] - best)
-        scores[j] = e
-        total += e
-    acc = np.zeros(D, np.float32)
-    for j in range(n):
-        p = scores[j]
+            row[d] = _kv_to_f32(k_cache[j, g, d])
+        for hh in range(group):
+            s = np.float32(0.0)
+            for d in range(D):
+                s += q[t, h0 + hh, d] * row[d]
+            scores[hh, j] = s * scale
+    log2e = np.float32(1.0 / math.log(2.0))
+    for hh in range(group):
+        best = np.float32(-np.inf)
+        for j in range(n):
+            best = max(best, scores[hh, j])
+        total = np.float32(0.0)
+        for j in range(n):
+            e = _exp2((scores[hh, j] - best) * log2e)  # vectorised exp: no scalar libm call
+            scores[hh, j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(n):
+            scores[hh, j] *= inv
         for d in range(D):
-            acc[d] += p * v_cache[j, g, d]
-    inv = np.float32(1.0) / total
-    for d in range(D):
-        out[d] = acc[d] * inv
+            acc[hh, d] = np.float32(0.0)
+    for j in range(n):
+        for d in range(D):
+            row[d] = _kv_to_f32(v_cache[j, g, d])
+        for hh in range(group):
+            p = scores[hh, j]
+            for d in range(D):
+                acc[hh, d] += p * row[d]
+    for hh in range(group):
+        for d in range(D):
+            out[t, h0 + hh, d] = acc[hh, d]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def causal_attention(q, k_cache, v_cache, start, out):
     """Attention of T new queries over the cache, each seeing positions 0..start+t.
 
-    q [T, H, D]; k_cache, v_cache [n_ctx, G, D] with positions 0..start+T-1 already written;
-    out [T, H, D]. Query head h reads K/V head h // (H // G): with G = 1 (multi-query) every head
-    reads the same single K/V row, which is why the cache keeps one head and not H copies.
+    q [T, H, D] float32; k_cache, v_cache [n_ctx, G, D], float32 or fp16 bits (uint16), with
+    positions 0..start+T-1 already written; out [T, H, D] float32. Query head h reads K/V head
+    h // (H // G): with G = 1 (multi-query) every head reads the same single K/V row, which is why
+    the cache keeps one head and not H copies, and why each row is read once for all heads.
     """
     T, H, D = q.shape
-    group = H // k_cache.shape[1]
+    G = k_cache.shape[1]
+    group = H // G
     scale = np.float32(1.0 / math.sqrt(D))
-    for job in prange(T * H):
-        t, h = job // H, job % H
-        _attend(q[t, h], k_cache, v_cache, h // group, start + t + 1, scale, out[t, h])
+    for job in prange(T * G):
+        t, g = job // G, job % G
+        n = start + t + 1
+        scores = np.empty((group, n), np.float32)
+        row = np.empty(D, np.float32)
+        acc = np.empty((group, D), np.float32)
+        _attend_group(q, k_cache, v_cache, t, g, n, scale, scores, row, acc, out)

@@ -1,8 +1,9 @@
 """The incremental forward pass used for generation: prefill a prompt, then one token at a time.
 
 Owns the KV cache. SantaCoder is multi-query: one K and one V head of width head_dim serve all 16
-query heads, so the cache is `[n_layer, n_ctx, n_kv_head=1, head_dim]` for K and for V (24 MiB at
-2048 tokens in fp32), never expanded per query head.
+query heads, so the cache is `[n_layer, n_ctx, n_kv_head=1, head_dim]` for K and for V, never
+expanded per query head, and stored in fp16 by default (12 MiB each at 2048 tokens; fp32 on
+request: `Engine(..., kv_dtype="float32")`). Attention widens each stored row exactly to float32.
 
 Thread safety: every forward holds one process-wide lock (`KERNEL_LOCK`), so Numba's parallel
 kernels never run from two Python threads at once. Numba's `workqueue` threading layer (the one it
@@ -27,6 +28,10 @@ from .weights import ModelWeights
 # prompt ([T, n_inner] fp32 is 32 MB at 1024) while keeping matrix-matrix products large.
 PREFILL_CHUNK = 512
 
+# The KV cache's storage types: fp16 halves its memory and attention's reads (it rounds K and V
+# to 11 significant bits, see tests/test_kernels.py for the measured cost); fp32 is exact.
+KV_DTYPES = ("float16", "float32")
+
 # Held by every forward pass, whichever engine or thread runs it (see the module docstring).
 KERNEL_LOCK = threading.Lock()
 
@@ -34,9 +39,9 @@ KERNEL_LOCK = threading.Lock()
 class KVCache:
     """Keys and values of the tokens seen so far in one sequence."""
 
-    def __init__(self, n_layer: int, n_ctx: int, n_kv_head: int, head_dim: int):
-        self.k = np.zeros((n_layer, n_ctx, n_kv_head, head_dim), np.float32)  # [L, n_ctx, G, D]
-        self.v = np.zeros((n_layer, n_ctx, n_kv_head, head_dim), np.float32)  # [L, n_ctx, G, D]
+    def __init__(self, n_layer: int, n_ctx: int, n_kv_head: int, head_dim: int, dtype=np.float16):
+        self.k = np.zeros((n_layer, n_ctx, n_kv_head, head_dim), dtype)  # [L, n_ctx, G, D]
+        self.v = np.zeros((n_layer, n_ctx, n_kv_head, head_dim), dtype)  # [L, n_ctx, G, D]
         self.ids: list[int] = []  # the tokens whose K/V are stored, position = index
 
     @property
@@ -54,7 +59,7 @@ class KVCache:
     def resized(self, capacity: int) -> KVCache:
         """A cache with room for `capacity` positions that holds this one's tokens (K/V copied)."""
         L, _, G, D = self.k.shape
-        other = KVCache(L, capacity, G, D)
+        other = KVCache(L, capacity, G, D, self.k.dtype)
         n = min(self.length, capacity)
         other.k[:, :n] = self.k[:, :n]
         other.v[:, :n] = self.v[:, :n]
@@ -63,14 +68,17 @@ class KVCache:
 
 
 class Engine:
-    def __init__(self, weights: ModelWeights, backend: CpuBackend | None = None):
+    def __init__(self, weights: ModelWeights, backend: CpuBackend | None = None, kv_dtype: str = "float16"):
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"unknown KV cache type {kv_dtype!r} (choose {' or '.join(KV_DTYPES)})")
         self.weights = weights
         self.config = weights.config
         self.backend = backend or CpuBackend()
+        self.kv_dtype = np.dtype(kv_dtype)
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         c = self.config
-        return KVCache(c.n_layer, n_ctx or c.n_positions, c.n_kv_head, c.head_dim)
+        return KVCache(c.n_layer, n_ctx or c.n_positions, c.n_kv_head, c.head_dim, self.kv_dtype)
 
     def forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Run `ids` at positions cache.length.., store their K/V, and return logits:

@@ -36,7 +36,7 @@ import numpy as np
 from .backend import CpuBackend
 from .checkpoint import read_checkpoint
 from .config import Config
-from .engine import Engine, KVCache
+from .engine import KV_DTYPES, Engine, KVCache
 from .errors import SantacpuError, SantacpuWarning
 from .lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
 from .prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
@@ -85,12 +85,20 @@ class Model:
     request; False gives every generation a fresh cache, freed when it ends."""
 
     def __init__(
-        self, weights: ModelWeights, tokenizer: Tokenizer, backend: CpuBackend | None = None, *, reuse_prompt: bool = True
+        self,
+        weights: ModelWeights,
+        tokenizer: Tokenizer,
+        backend: CpuBackend | None = None,
+        *,
+        reuse_prompt: bool = True,
+        kv_cache: str = "float16",
     ):
         self.config: Config = weights.config
         self.tokenizer = tokenizer
         self.weights = weights
-        self._engine = Engine(weights, backend)
+        if kv_cache not in KV_DTYPES:
+            raise SantacpuError(f"unknown KV cache type '{kv_cache}' (choose {' or '.join(KV_DTYPES)})")
+        self._engine = Engine(weights, backend, kv_cache)
         # Never sample the embedding's padding rows (49157..49279 for SantaCoder).
         self.n_valid_tokens = min(tokenizer.vocab_size, self.config.vocab_size)
         self.reuse_prompt = reuse_prompt
@@ -316,12 +324,18 @@ def _tokenizer_for(folder: os.PathLike, config: Config) -> Tokenizer:
 
 
 def load(
-    model: str | os.PathLike, *, revision: str | None = None, device: str = "auto", reuse_prompt: bool = True
+    model: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    reuse_prompt: bool = True,
+    kv_cache: str = "float16",
 ) -> Model:
     """Load a SantaCoder model: a santacpu quantized file (memory-mapped), a full-precision
     checkpoint folder (either layout; safetensors or pytorch_model.bin) or a weight file inside
     one, or a hub id such as "bigcode/santacoder" (cached by huggingface_hub). `reuse_prompt`:
-    see `Model`."""
+    see `Model`. `kv_cache`: the KV cache's storage, "float16" (half the memory; rounds K and V
+    to 11 significant bits) or "float32" (exact)."""
     if device not in ("auto", "cpu"):
         if device == "cuda":
             raise SantacpuError("device 'cuda' is not available yet: santacpu's GPU backend is not built; use 'cpu'")
@@ -330,7 +344,9 @@ def load(
         path = Path(model).expanduser()
         weights, metadata = read_quantized(path)
         tokenizer = Tokenizer.from_json_text(metadata["tokenizer"], str(path))
-        return Model(weights, tokenizer, CpuBackend(), reuse_prompt=reuse_prompt)
+        return Model(weights, tokenizer, CpuBackend(), reuse_prompt=reuse_prompt, kv_cache=kv_cache)
     folder = resolve(model, revision)
     weights = read_checkpoint(folder, show_progress=True)
-    return Model(weights, _tokenizer_for(folder, weights.config), CpuBackend(), reuse_prompt=reuse_prompt)
+    return Model(
+        weights, _tokenizer_for(folder, weights.config), CpuBackend(), reuse_prompt=reuse_prompt, kv_cache=kv_cache
+    )

@@ -155,7 +155,9 @@ def fast_model(golden, weights, tiny_checkpoint):
     def get(variant: str, layout: str):
         if (variant, layout) not in cache:
             weights(variant, layout)  # fingerprint checked first
-            cache[variant, layout] = santacpu.load(tiny_checkpoint(layout, multi_query=VARIANTS[variant], seed=int(golden["seed"])))
+            cache[variant, layout] = santacpu.load(
+                tiny_checkpoint(layout, multi_query=VARIANTS[variant], seed=int(golden["seed"])), kv_cache="float32"
+            )
         return cache[variant, layout]
 
     return get
