@@ -3,8 +3,12 @@
 Public API: `load(model, *, revision=None, device="auto") -> Model`; see `santacpu.model`.
 """
 
-from .errors import SantacpuError, SantacpuWarning
-from .model import Model, load
+from . import vector_width
+
+vector_width.apply()  # before any kernel compiles
+
+from .errors import SantacpuError, SantacpuWarning  # noqa: E402
+from .model import Model, load  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -183,3 +183,10 @@ def test_long_prefill_crosses_chunks(monkeypatch):
     last = engine.forward(engine.new_cache(), ids)
     assert last.shape == (1, weights.config.vocab_size)
     assert np.abs(last[0] - want[-1]).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_wide_vectors_only_where_avx512_exists():
+    from santacpu.vector_width import wide_vector_features
+
+    assert wide_vector_features("+sse2,+avx2,+fma,-avx512f") is None
+    assert wide_vector_features("+avx2,+avx512f,+avx512bw").endswith(",-prefer-256-bit")
