@@ -57,7 +57,8 @@ CACHE_GROWTH = 256
 
 @dataclass
 class GenerationStats:
-    """What one generation did (`Model.last_stats`, filled in while it runs)."""
+    """What one generation did: `Model.last_stats` is the most recently started generation's,
+    filled in while it runs."""
 
     prompt_tokens: int = 0
     reused_tokens: int = 0  # prompt tokens whose K/V were kept from the previous sequence
@@ -239,9 +240,10 @@ class Model:
             return
         del seq.tokens[len(seq.tokens) - n :]
         with self._lock:
-            cache = seq.private_cache or self._cache
-            if seq.private_cache is not None or self._cache_owner is seq:
-                cache.truncate(len(seq.tokens))
+            if seq.private_cache is not None:
+                seq.private_cache.truncate(len(seq.tokens))
+            elif self._cache_owner is seq:  # else another sequence has the shared cache now
+                self._cache.truncate(len(seq.tokens))
 
     def _cache_for(self, seq: _Sequence) -> KVCache:
         """The cache `seq` runs in: its own, or the shared one grown to hold `seq.capacity` positions."""
