@@ -294,25 +294,25 @@ def _kv_to_f32(typingctx, value):
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _attend_group(q, k_cache, v_cache, t, g, n, scale, scores, row, acc, out):
-    """out[t, h] = softmax(K[:n] @ q[t, h] * scale) @ V[:n] for the query heads h of K/V head g.
+def _attend_heads(q, k_cache, v_cache, t, g, h0, n, scale, scores, row, acc, out):
+    """out[t, h] = softmax(K[:n] @ q[t, h] * scale) @ V[:n] for query heads h0 .. h0 + len(scores)
+    - 1, which all read K/V head g.
 
-    Each K and V row is widened once into `row` and serves every head of the group (all 16 heads
-    for multi-query), instead of being re-read per head. scores [heads per group, >= n],
-    row [D], acc [heads per group, D] are scratch. (The caches are indexed whole rather than
-    sliced to [:, g]: a strided slice would stop LLVM from vectorising the inner loops.)"""
-    group, D = scores.shape[0], q.shape[2]
-    h0 = g * group
+    Each K and V row is widened once into `row` and serves all these heads (all 16 for
+    multi-query on one thread), instead of being re-read per head. scores [heads, >= n],
+    row [D], acc [heads, D] are scratch. (The caches are indexed whole rather than sliced to
+    [:, g]: a strided slice would stop LLVM from vectorising the inner loops.)"""
+    heads, D = scores.shape[0], q.shape[2]
     for j in range(n):
         for d in range(D):
             row[d] = _kv_to_f32(k_cache[j, g, d])
-        for hh in range(group):
+        for hh in range(heads):
             s = np.float32(0.0)
             for d in range(D):
                 s += q[t, h0 + hh, d] * row[d]
             scores[hh, j] = s * scale
     log2e = np.float32(1.0 / math.log(2.0))
-    for hh in range(group):
+    for hh in range(heads):
         best = np.float32(-np.inf)
         for j in range(n):
             best = max(best, scores[hh, j])
@@ -329,32 +329,40 @@ def _attend_group(q, k_cache, v_cache, t, g, n, scale, scores, row, acc, out):
     for j in range(n):
         for d in range(D):
             row[d] = _kv_to_f32(v_cache[j, g, d])
-        for hh in range(group):
+        for hh in range(heads):
             p = scores[hh, j]
             for d in range(D):
                 acc[hh, d] += p * row[d]
-    for hh in range(group):
+    for hh in range(heads):
         for d in range(D):
             out[t, h0 + hh, d] = acc[hh, d]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def causal_attention(q, k_cache, v_cache, start, out):
+def causal_attention(q, k_cache, v_cache, start, out, head_splits):
     """Attention of T new queries over the cache, each seeing positions 0..start+t.
 
     q [T, H, D] float32; k_cache, v_cache [n_ctx, G, D], float32 or fp16 bits (uint16), with
     positions 0..start+T-1 already written; out [T, H, D] float32. Query head h reads K/V head
     h // (H // G): with G = 1 (multi-query) every head reads the same single K/V row, which is why
     the cache keeps one head and not H copies, and why each row is read once for all heads.
+    The jobs are (token, K/V head, part): `head_splits` > 1 splits each group's heads into that
+    many parts, so one decode token (a single job otherwise) can use several threads.
     """
     T, H, D = q.shape
     G = k_cache.shape[1]
     group = H // G
+    per_part = (group + head_splits - 1) // head_splits
     scale = np.float32(1.0 / math.sqrt(D))
-    for job in prange(T * G):
-        t, g = job // G, job % G
+    for job in prange(T * G * head_splits):
+        t, rest = job // (G * head_splits), job % (G * head_splits)
+        g, part = rest // head_splits, rest % head_splits
+        first = part * per_part
+        heads = min(per_part, group - first)
+        if heads <= 0:
+            continue
         n = start + t + 1
-        scores = np.empty((group, n), np.float32)
+        scores = np.empty((heads, n), np.float32)
         row = np.empty(D, np.float32)
-        acc = np.empty((group, D), np.float32)
-        _attend_group(q, k_cache, v_cache, t, g, n, scale, scores, row, acc, out)
+        acc = np.empty((heads, D), np.float32)
+        _attend_heads(q, k_cache, v_cache, t, g, g * group + first, n, scale, scores, row, acc, out)

@@ -78,19 +78,20 @@ def test_gelu_is_accurate_elementwise_over_the_whole_range():
     assert rel_err(y, reference.gelu_tanh(x)) < 1e-6
 
 
+@pytest.mark.parametrize("head_splits", [1, 3])  # 3: uneven parts, and parts with no heads
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("n_kv_head", [1, 4])
 @pytest.mark.parametrize("start,T", [(0, 1), (0, 9), (5, 1), (5, 4)])
-def test_causal_attention_matches_dense_softmax(cache_dtype, n_kv_head, start, T):
+def test_causal_attention_matches_dense_softmax(head_splits, cache_dtype, n_kv_head, start, T):
     H, D, n_ctx = 8, 16, 32
     q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)  # * 2: peaky softmaxes too
     k_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(cache_dtype)
     v_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(cache_dtype)
     out = np.empty_like(q)
     if cache_dtype == "float16":  # the kernel takes fp16 caches as their bits
-        k.causal_attention(q, k_cache.view(np.uint16), v_cache.view(np.uint16), start, out)
+        k.causal_attention(q, k_cache.view(np.uint16), v_cache.view(np.uint16), start, out, head_splits)
     else:
-        k.causal_attention(q, k_cache, v_cache, start, out)
+        k.causal_attention(q, k_cache, v_cache, start, out, head_splits)
     k_cache, v_cache = k_cache.astype(np.float64), v_cache.astype(np.float64)
     group = H // n_kv_head
     for t in range(T):
