@@ -24,8 +24,8 @@ from numba.extending import intrinsic
 # -inf behaving as -inf.
 FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
-LANES = 16  # accumulators per row in matvec_f16 (two AVX2 vectors, one AVX-512 vector)
-ROWS = 4  # rows per matvec_f16 step (measured: 4 x 16 beat 1 x 32 by 2x on this machine)
+ROWS = 4  # rows per matvec / few-token step: each loaded x value serves 4 rows (the sums
+# written out for 4 in matvec_f16 and rows_times_tokens)
 
 
 @intrinsic
@@ -91,32 +91,35 @@ def matvec_f16(weight_bits, x, bias, out):
     """out[r] = weight[r, :] @ x + bias[r] for fp16 weights given as uint16 bits [out, in];
     arithmetic in float32.
 
-    Rows go ROWS at a time so each loaded slice of x serves several rows, with LANES independent
-    accumulators per row that LLVM keeps in vector registers (one reduction per row at the end);
-    a single running sum per row would serialise on the add latency.
+    Rows go ROWS at a time so each loaded x[c] serves several rows, each row with one running sum
+    over the whole row that LLVM's loop vectoriser (with reassociation) turns into interleaved
+    vector accumulators. (16 explicit lanes per row were fully unrolled and left scalar, since
+    Numba runs no SLP vectoriser: 4.4 GB/s from DRAM on one thread, against 14.1 GB/s now.)
     """
     n_out, n_in = weight_bits.shape
-    n_main = n_in - n_in % LANES
-    n_blocks = (n_out + ROWS - 1) // ROWS
-    for block in prange(n_blocks):
-        first = block * ROWS
-        rows = min(ROWS, n_out - first)
-        acc = np.zeros((ROWS, LANES), np.float32)
-        if rows == ROWS:
-            for c0 in range(0, n_main, LANES):
-                for i in range(ROWS):
-                    for lane in range(LANES):
-                        acc[i, lane] += _f16_to_f32(weight_bits[first + i, c0 + lane]) * x[c0 + lane]
+    for step in prange((n_out + ROWS - 1) // ROWS):
+        first = step * ROWS
+        if first + ROWS <= n_out:
+            s0 = np.float32(0.0)
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            s3 = np.float32(0.0)
+            for c in range(n_in):
+                xc = x[c]
+                s0 += _f16_to_f32(weight_bits[first, c]) * xc
+                s1 += _f16_to_f32(weight_bits[first + 1, c]) * xc
+                s2 += _f16_to_f32(weight_bits[first + 2, c]) * xc
+                s3 += _f16_to_f32(weight_bits[first + 3, c]) * xc
+            out[first] = s0 + bias[first]
+            out[first + 1] = s1 + bias[first + 1]
+            out[first + 2] = s2 + bias[first + 2]
+            out[first + 3] = s3 + bias[first + 3]
         else:
-            for i in range(rows):
-                for c0 in range(0, n_main, LANES):
-                    for lane in range(LANES):
-                        acc[i, lane] += _f16_to_f32(weight_bits[first + i, c0 + lane]) * x[c0 + lane]
-        for i in range(rows):
-            total = acc[i].sum()
-            for c in range(n_main, n_in):
-                total += _f16_to_f32(weight_bits[first + i, c]) * x[c]
-            out[first + i] = total + bias[first + i]
+            for r in range(first, n_out):
+                total = np.float32(0.0)
+                for c in range(n_in):
+                    total += _f16_to_f32(weight_bits[r, c]) * x[c]
+                out[r] = total + bias[r]
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -154,20 +157,26 @@ def transpose_into(src, dst):
 @njit(fastmath=FASTMATH, cache=True, inline="always")
 def rows_times_tokens(rows_f32, n_rows, x, first, bias, out):
     """out[t, first + i] = rows_f32[i] @ x[t] + bias[first + i] for i < n_rows and every token t:
-    rows_f32 [ROWS, C] float32 (rows past n_rows are ignored), x [T, C], out [T, R]."""
-    C = x.shape[1]
-    n_main = C - C % LANES
+    rows_f32 [ROWS, C] float32 (rows past n_rows are ignored), x [T, C], out [T, R].
+
+    One long loop over C with one running sum per row: with reassociation LLVM's loop vectoriser
+    turns each sum into interleaved vector accumulators. (A 16-lane inner loop per row, by
+    contrast, is fully unrolled and then left scalar, since Numba runs no SLP vectoriser: 6.5x
+    slower, measured.)"""
     for t in range(x.shape[0]):
-        acc = _stack_zeros(ROWS, LANES)
-        for c0 in range(0, n_main, LANES):
-            for i in range(ROWS):
-                for lane in range(LANES):
-                    acc[i, lane] += rows_f32[i, c0 + lane] * x[t, c0 + lane]
+        s0 = np.float32(0.0)
+        s1 = np.float32(0.0)
+        s2 = np.float32(0.0)
+        s3 = np.float32(0.0)
+        for c in range(x.shape[1]):
+            xc = x[t, c]
+            s0 += rows_f32[0, c] * xc
+            s1 += rows_f32[1, c] * xc
+            s2 += rows_f32[2, c] * xc
+            s3 += rows_f32[3, c] * xc
+        sums = (s0, s1, s2, s3)  # ROWS = 4 written out
         for i in range(n_rows):
-            total = acc[i].sum()
-            for c in range(n_main, C):
-                total += rows_f32[i, c] * x[t, c]
-            out[t, first + i] = total + bias[first + i]
+            out[t, first + i] = sums[i] + bias[first + i]
 
 
 @njit(cache=True, inline="always")

@@ -23,6 +23,9 @@ How the kernels stay in SIMD (each choice measured on this machine, one thread, 
 - Constant offsets (q - 8, q - 32, q4_m's minimum) are not subtracted per value: x's per-block
   sums are computed once per call and each offset enters once per block and row.
 - The accumulators are reduced once per row, not per block.
+- Numba's on-disk cache tracks only the defining file: a kernel here that inlines a helper from
+  cpu_kernels.py keeps its cached code when only cpu_kernels.py changes. After editing
+  cpu_kernels.py, delete santacpu/__pycache__/*.nb[ic] (an installed release changes both).
 - While a step works on its ROWS rows, it prefetches the codes of the rows PREFETCH_STEPS steps
   ahead, one block's worth per block: the hardware prefetcher alone left one thread reading
   7.5 GB/s from DRAM (17.6 GB/s from cache); with the hint, a decode pass over the full q8_0

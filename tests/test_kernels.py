@@ -22,7 +22,7 @@ def rel_err(got, want):
 
 @pytest.mark.parametrize("n_out,n_in", [(7, 64), (33, 100), (256, 2048), (5, 31), (3, 16), (1, 5)])
 def test_matvec_f16_matches_numpy(n_out, n_in):
-    # Shapes cover whole and partial row blocks (ROWS) and lane groups (LANES).
+    # Shapes cover whole and partial row blocks (ROWS), and rows shorter than a vector.
     x = rng.standard_normal(n_in).astype(np.float32)
     bias = rng.standard_normal(n_out).astype(np.float32)
     out = np.empty(n_out, np.float32)
