@@ -57,14 +57,26 @@ def fim_budget(n_ctx: int, max_new_tokens: int) -> int:
     return n_ctx - min(max(max_new_tokens, 1), n_ctx // 2)
 
 
+# Trimming cuts the prompt's far ends in whole steps of up to this many tokens (1/16 of the room
+# for small contexts), so that while the user types (the prefix grows a token at a time) the cuts
+# stay put for a step's worth of tokens and consecutive SPM prompts share all but their last tokens
+# (prompt reuse). It leaves less than two steps of the room unused.
+TRIM_STEP = 64
+
+
 def trim_to_cursor(prefix_ids: list[int], suffix_ids: list[int], room: int) -> tuple[list[int], list[int]]:
     """Keep at most `room` tokens in all: the end of the prefix and the start of the suffix, sharing
-    the room evenly unless one side needs less."""
-    if len(prefix_ids) + len(suffix_ids) <= room:
+    the room evenly unless one side needs less; each side is cut in whole TRIM_STEP steps."""
+    P, S = len(prefix_ids), len(suffix_ids)
+    if P + S <= room:
         return prefix_ids, suffix_ids
-    keep_suffix = min(len(suffix_ids), max(room // 2, room - len(prefix_ids)))
-    keep_prefix = room - keep_suffix
-    return prefix_ids[len(prefix_ids) - keep_prefix :], suffix_ids[:keep_suffix]
+    step = max(1, min(TRIM_STEP, room // 16))
+    keep_suffix = min(S, max(room // 2, room - P))
+    if keep_suffix < S:
+        keep_suffix -= keep_suffix % step  # the suffix's cut moves in whole steps
+    drop_prefix = max(0, P - (room - keep_suffix))
+    drop_prefix = -(-drop_prefix // step) * step  # rounded up: the prefix's cut moves in whole steps
+    return prefix_ids[min(drop_prefix, P) :], suffix_ids[:keep_suffix]
 
 
 def build_fim_prompt(

@@ -237,11 +237,31 @@ def test_starcoder_markers_get_a_warning(model):
 
 def test_fim_trimming_keeps_the_text_nearest_the_cursor():
     prefix_ids, suffix_ids = list(range(100)), list(range(1000, 1050))
-    p, s = trim_to_cursor(prefix_ids, suffix_ids, 60)
-    assert (p, s) == (list(range(70, 100)), list(range(1000, 1030)))  # even split
-    p, s = trim_to_cursor(prefix_ids, suffix_ids[:10], 60)
-    assert (p, s) == (list(range(50, 100)), suffix_ids[:10])  # a short suffix gives its room away
+    p, s = trim_to_cursor(prefix_ids, suffix_ids, 64)  # cuts in steps of 64 // 16 = 4 tokens
+    assert (p, s) == (list(range(68, 100)), list(range(1000, 1032)))  # even split
+    p, s = trim_to_cursor(prefix_ids, suffix_ids, 62)  # steps of 3: 30 suffix tokens, the prefix cut at 69
+    assert (p, s) == (list(range(69, 100)), list(range(1000, 1030)))
+    p, s = trim_to_cursor(prefix_ids, suffix_ids[:10], 60)  # steps of 3: the prefix cut at 51, not 50
+    assert (p, s) == (list(range(51, 100)), suffix_ids[:10])  # a short suffix gives its room away
     assert trim_to_cursor([1, 2], [3], 10) == ([1, 2], [3])
+
+
+def test_trimmed_spm_prompts_of_a_growing_prefix_share_all_but_their_ends():
+    """Typing at the cursor of a file longer than the context: the cuts move in steps, so most
+    keystrokes only append to an SPM prompt (prompt reuse)."""
+    suffix_ids = list(range(5000, 7000))
+    room = 1920
+    unchanged = 0
+    before = None
+    for n in range(1500, 1700):  # the prefix grows a token at a time
+        p, s = trim_to_cursor(list(range(n)), suffix_ids, room)
+        assert len(p) + len(s) <= room and len(p) + len(s) > room - 2 * 64
+        assert p[-1] == n - 1 and s[0] == 5000  # the text at the cursor is always kept
+        after = s + p  # the SPM order of the two parts
+        if before is not None and after[: len(before)] == before:
+            unchanged += 1
+        before = after
+    assert unchanged >= 199 - 200 // 64 - 1  # the prefix's cut moved at most once every 64 tokens
 
 
 def test_long_fim_prompt_is_trimmed_with_a_warning_and_fits(model):
@@ -250,7 +270,8 @@ def test_long_fim_prompt_is_trimmed_with_a_warning_and_fits(model):
     suffix = "".join(f"print(a{i})\n" for i in range(40))
     with pytest.warns(SantacpuWarning, match="kept the last"):
         ids = build_fim_prompt(TOK, prefix, suffix, n_ctx, 16)
-    assert len(ids) == fim_budget(n_ctx, 16)
+    budget = fim_budget(n_ctx, 16)
+    assert budget - 2 * max(1, (budget - 3) // 16) < len(ids) <= budget  # cut in whole steps
     # The kept prefix is the end of the prefix, the kept suffix the start of the suffix.
     middle = ids.index(TOK.fim_suffix_id)
     assert TOK.decode(ids[1:middle]) and prefix.endswith(TOK.decode(ids[1:middle]))
