@@ -375,3 +375,26 @@ def causal_attention(q, k_cache, v_cache, start, out, head_splits):
         row = np.empty(D, np.float32)
         acc = np.empty((heads, D), np.float32)
         _attend_heads(q, k_cache, v_cache, t, g, g * group + first, n, scale, scores, row, acc, out)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def causal_softmax_rows(scores, start, rows_per_token, scale):
+    """In place, row r of scores [T * rows_per_token, n] (query token t = r // rows_per_token at
+    position start + t) becomes softmax(scale * scores[r, :start + t + 1]), zero past that: the
+    causal mask and softmax of a prompt's attention whose products run in BLAS."""
+    log2e = np.float32(1.0 / math.log(2.0))
+    for r in prange(scores.shape[0]):
+        n = start + r // rows_per_token + 1
+        best = np.float32(-np.inf)
+        for j in range(n):
+            best = max(best, scores[r, j])
+        total = np.float32(0.0)
+        for j in range(n):
+            e = _exp2((scores[r, j] - best) * scale * log2e)
+            scores[r, j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(n):
+            scores[r, j] *= inv
+        for j in range(n, scores.shape[1]):
+            scores[r, j] = np.float32(0.0)

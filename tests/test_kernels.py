@@ -101,6 +101,24 @@ def test_causal_attention_matches_dense_softmax(head_splits, cache_dtype, n_kv_h
             assert rel_err(out[t, h], p @ v_cache[: start + t + 1, h // group]) < 1e-5
 
 
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("n_kv_head", [1, 4])
+@pytest.mark.parametrize("start,T", [(0, BLAS_MIN_TOKENS), (3, 21), (7, 40)])
+def test_prompt_attention_in_blas_matches_the_kernel(monkeypatch, cache_dtype, n_kv_head, start, T):
+    import santacpu.backend as backend_module
+
+    monkeypatch.setattr(backend_module, "PROMPT_ATTENTION_TOKENS", 16)  # several query tiles
+    H, D, n_ctx = 8, 16, 64
+    q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)
+    k_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(cache_dtype)
+    v_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(cache_dtype)
+    got = CpuBackend().attention(q, k_cache, v_cache, start)  # T >= BLAS_MIN_TOKENS: the BLAS path
+    bits = (lambda a: a.view(np.uint16)) if cache_dtype == "float16" else (lambda a: a)
+    want = np.empty_like(q)
+    k.causal_attention(q, bits(k_cache), bits(v_cache), start, want, 1)
+    assert rel_err(got, want) < 1e-5
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @pytest.mark.parametrize("T", [1, 2, BLAS_MIN_TOKENS - 1, BLAS_MIN_TOKENS, 40])
 def test_backend_linear_every_path(dtype, T):
