@@ -19,7 +19,8 @@ prompt-lookup vs plain decode.
     python -m tools.bench_peers --checkpoint /work/big/bigcode-f32 [--fp16-checkpoint /work/big/bigcode-f16]
         [--santacpu-file q8_0=FILE ...] [--gguf-dir /work/gguf] [--llamacpp-bin DIR] [--convert-gguf]
         [--threads N] [--prompt-tokens 512] [--decode-tokens 128] [--repeat 1]
-        [--systems santacpu,llama.cpp,ctranslate2,transformers] [--json OUT.json] [--markdown OUT.md]
+        [--systems santacpu,llama.cpp,ctranslate2,transformers] [--santacpu-types q8_0,q4_0,q4_m,fp32,fp16]
+        [--llama-types Q8_0,Q4_0,F16] [--json OUT.json] [--markdown OUT.md]
 
 Without --santacpu-file, santacpu's files come from its quantization cache (made once from the
 checkpoint, as `santacpu complete` does). Missing GGUF files are converted only with --convert-gguf
@@ -334,16 +335,19 @@ def santacpu_models(args) -> dict[str, str]:
 
     models: dict[str, str] = {}
     given = dict(item.split("=", 1) for item in args.santacpu_file)
+    wanted = {t.strip() for t in args.santacpu_types.split(",")}
     for qtype in SANTACPU_QUANT_TYPES:
+        if qtype not in wanted:
+            continue
         if qtype in given:
             models[qtype] = given[qtype]
         else:
             from santacpu.quant_cache import quantized_for
 
             models[qtype] = str(quantized_for(str(args.checkpoint), None, qtype))
-    if describe_model(str(args.checkpoint))[1] == "f32":
+    if "fp32" in wanted and describe_model(str(args.checkpoint))[1] == "f32":
         models["fp32"] = str(args.checkpoint)
-    if args.fp16_checkpoint:
+    if "fp16" in wanted and args.fp16_checkpoint:
         models["fp16"] = str(args.fp16_checkpoint)
     return models
 
@@ -538,6 +542,8 @@ def main(argv: list[str] | None = None) -> None:
         "--convert-gguf", action="store_true", help="convert missing GGUF files (F16, then llama-quantize)"
     )
     parser.add_argument("--systems", default="santacpu,llama.cpp,ctranslate2,transformers")
+    parser.add_argument("--santacpu-types", default="q8_0,q4_0,q4_m,fp32,fp16", help="santacpu rows to run")
+    parser.add_argument("--llama-types", default=",".join(LLAMA_TYPES), help="llama.cpp files to run")
     parser.add_argument("--threads", type=int, default=default_threads())
     parser.add_argument("--prompt-tokens", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=128)
@@ -576,7 +582,8 @@ def main(argv: list[str] | None = None) -> None:
             santacpu[label] = bench_santacpu(args, label, model)
     if "llama.cpp" in systems:
         for qtype in LLAMA_TYPES:
-            peers[f"llama.cpp {qtype}"] = bench_llama(args, qtype)
+            if qtype in args.llama_types.split(","):
+                peers[f"llama.cpp {qtype}"] = bench_llama(args, qtype)
     with tempfile.TemporaryDirectory() as work:
         prompt_file = Path(work) / "prompt.json"
         tokenizer = Tokenizer.from_file(args.checkpoint / "tokenizer.json")
