@@ -30,7 +30,7 @@ from .quantized import QuantizedWeight
 PARALLEL_MIN_WORK = 1 << 26
 # When the last product ran in Numba's pool (compressed weights: no BLAS), the pool is awake and
 # cheap to use again: kernels from this much work on run in parallel (decode attention over a
-# long context, measured 3.7 -> ~2 ms a token at 540 positions on 2 threads).
+# long context, measured 3.7 -> 2.7 ms a token at ~540 positions on 2 threads).
 WARM_PARALLEL_MIN_WORK = 1 << 20
 
 
@@ -45,7 +45,8 @@ def _numba_threads(n: int):
         numba.set_num_threads(previous)
 
 
-# Below this many tokens, T matrix-vector passes beat widening the weight into tiles for BLAS.
+# From this many tokens on, compressed weights are widened into tiles for BLAS and a prompt's
+# attention runs in BLAS; below it, one matvec pass (1 token) or the few-token kernel.
 BLAS_MIN_TOKENS = 8
 # A prompt's queries per attention tile (see CpuBackend._prompt_attention).
 PROMPT_ATTENTION_TOKENS = 128

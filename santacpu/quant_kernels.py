@@ -427,7 +427,10 @@ def dequantize_rows_q6_0(ql, qh, d, first, last, out):
 
 
 # --- a few tokens at once: each thread widens ROWS rows into a float32 buffer with the format's
-# row widening above, and that buffer serves all T tokens (cpu_kernels.rows_times_tokens) ---------
+# row widening above, and that buffer serves all T tokens (cpu_kernels.rows_times_tokens). The
+# drivers are written out per format because Numba's on-disk cache takes neither a kernel that
+# receives another kernel as an argument nor a closure over one (both tried: recompiled in every
+# process), and compile time on every start would cost more than these few lines. --------------
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
