@@ -67,7 +67,9 @@ def test_quantization_accuracy_on_the_trained_model(variant, tmp_path, heldout_t
 def test_fp16_kv_cache_costs_little_on_the_trained_model(heldout_texts, reference):
     # The default KV cache stores K and V in fp16; on full-precision weights its whole cost is
     # that rounding. Measured mean KLD 1.2e-9 and top-1 1.0 when written (q8_0: 3e-5).
-    s = score(santacpu.load(FIXTURE, kv_cache="float16"), heldout_texts, N_CTX, reference)
+    with pytest.warns(santacpu.SantacpuWarning, match="tokenizer"):
+        fp16_cache = santacpu.load(FIXTURE, kv_cache="float16")
+    s = score(fp16_cache, heldout_texts, N_CTX, reference)
     print(f"fp16 KV cache: mean KLD {s.mean_kld:.3g}, top-1 {s.top1_agreement:.4f}")
     assert s.mean_kld <= THRESHOLDS["variants"]["q8_0"]["max_mean_kld"] / 20
     assert s.top1_agreement >= 0.995
