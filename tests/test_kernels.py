@@ -103,12 +103,12 @@ def test_causal_attention_matches_dense_softmax(head_splits, cache_dtype, n_kv_h
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("n_kv_head", [1, 4])
-@pytest.mark.parametrize("start,T", [(0, BLAS_MIN_TOKENS), (3, 21), (7, 40)])
+@pytest.mark.parametrize("start,T", [(0, BLAS_MIN_TOKENS), (3, BLAS_MIN_TOKENS + 13), (7, BLAS_MIN_TOKENS + 40)])
 def test_prompt_attention_in_blas_matches_the_kernel(monkeypatch, cache_dtype, n_kv_head, start, T):
     import santacpu.backend as backend_module
 
     monkeypatch.setattr(backend_module, "PROMPT_ATTENTION_TOKENS", 16)  # several query tiles
-    H, D, n_ctx = 8, 16, 64
+    H, D, n_ctx = 8, 16, BLAS_MIN_TOKENS + 64
     q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)
     k_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(cache_dtype)
     v_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(cache_dtype)
