@@ -79,25 +79,30 @@ class CpuBackend:
 
     def __init__(self):
         self._pool_warm = False  # did the last matrix product run in Numba's pool, not BLAS?
+        self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
 
     def _threads_for(self, work: int) -> int:
         least = WARM_PARALLEL_MIN_WORK if self._pool_warm else PARALLEL_MIN_WORK
         return numba.get_num_threads() if work >= least else 1
 
-    def linear(self, x: np.ndarray, weight, bias: np.ndarray | None) -> np.ndarray:
+    def linear(self, x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
         """x [T, in] float32, weight [out, in] (float32, float16 or a QuantizedWeight)
-        -> x @ weight.T + bias, float32 [T, out]."""
+        -> x @ weight.T + bias, float32 [T, out] (written into `out` when given: decode reuses
+        its buffers)."""
         T = x.shape[0]
         n_out, n_in = weight.shape
         if bias is None:
-            bias = np.zeros(n_out, np.float32)
+            bias = self._zero_bias.get(n_out)
+            if bias is None:
+                bias = self._zero_bias[n_out] = np.zeros(n_out, np.float32)
+        if out is None:
+            out = np.empty((T, n_out), np.float32)
         if isinstance(weight, np.ndarray) and weight.dtype == np.float32:
             self._pool_warm = False
-            out = x @ weight.T
+            np.matmul(x, weight.T, out=out)
             out += bias
             return out
         matvec, matmul_few, widen_rows = _compressed_kernels(weight)
-        out = np.empty((T, n_out), np.float32)
         self._pool_warm = T < BLAS_MIN_TOKENS
         if T == 1:
             matvec(x[0], bias, out[0])
@@ -114,8 +119,11 @@ class CpuBackend:
         out += bias
         return out
 
-    def layer_norm(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
-        out = np.empty_like(x)
+    def layer_norm(
+        self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        if out is None:
+            out = np.empty_like(x)
         with _numba_threads(self._threads_for(4 * x.size)):
             k.layer_norm(x, weight, bias, np.float32(eps), out)
         return out
@@ -124,13 +132,16 @@ class CpuBackend:
         with _numba_threads(self._threads_for(16 * x.size)):  # tanh: ~16 operations an element
             k.gelu_tanh_inplace(x)
 
-    def attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
+    def attention(
+        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         """q [T, H, D] at positions start..start+T-1 over k_cache/v_cache [n_ctx, G, D] (float32 or
-        float16) -> [T, H, D]."""
+        float16) -> [T, H, D] (into `out` when given)."""
         T, H, D = q.shape
         if T >= BLAS_MIN_TOKENS:
             return self._prompt_attention(q, k_cache, v_cache, start)
-        out = np.empty_like(q)
+        if out is None:
+            out = np.empty_like(q)
         if k_cache.dtype == np.float16:  # Numba has no CPU float16: the kernel widens the bits
             k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
         threads = self._threads_for(2 * T * H * D * (start + T))

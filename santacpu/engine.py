@@ -75,6 +75,7 @@ class Engine:
         self.config = weights.config
         self.backend = backend or CpuBackend()
         self.kv_dtype = np.dtype(kv_dtype)
+        self._buffers: dict[str, np.ndarray] | None = None  # see _decode_buffers
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         c = self.config
@@ -102,23 +103,39 @@ class Engine:
     def _lm_head(self, hidden: np.ndarray) -> np.ndarray:
         return self.backend.linear(hidden, self.weights.wte, None)  # tied embedding: [T, V]
 
+    def _decode_buffers(self) -> dict[str, np.ndarray]:
+        """One token's activations, allocated once and reused by every decode step."""
+        if self._buffers is None:
+            c = self.config
+            E, I, GD = c.n_embd, c.n_inner, c.n_kv_head * c.head_dim
+            self._buffers = {
+                "h": np.empty((1, E), np.float32),
+                "qkv": np.empty((1, E + 2 * GD), np.float32),
+                "attn": np.empty((1, c.n_head, c.head_dim), np.float32),
+                "proj": np.empty((1, E), np.float32),
+                "f": np.empty((1, I), np.float32),
+            }
+        return self._buffers
+
     def _blocks(self, cache: KVCache, ids: list[int]) -> np.ndarray:
         w, c, b = self.weights, self.config, self.backend
         start, T = cache.length, len(ids)
         E, H, G, D = c.n_embd, c.n_head, c.n_kv_head, c.head_dim
         eps = c.layer_norm_epsilon
+        # Decode (T = 1) writes into the same buffers every step; a prompt allocates its own.
+        buf = self._decode_buffers() if T == 1 else dict.fromkeys(("h", "qkv", "attn", "proj", "f"))
         x = b.embed(w.wte, np.asarray(ids)) + b.embed(w.wpe, np.arange(start, start + T))  # [T, E]
         for i, layer in enumerate(w.layers):
-            h = b.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps)
-            qkv = b.linear(h, layer.attn_c_attn_weight, layer.attn_c_attn_bias)  # [T, E + 2*G*D]
+            h = b.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps, out=buf["h"])
+            qkv = b.linear(h, layer.attn_c_attn_weight, layer.attn_c_attn_bias, out=buf["qkv"])  # [T, E + 2*G*D]
             cache.k[i, start : start + T] = qkv[:, E : E + G * D].reshape(T, G, D)
             cache.v[i, start : start + T] = qkv[:, E + G * D :].reshape(T, G, D)
-            q = np.ascontiguousarray(qkv[:, :E]).reshape(T, H, D)
-            attn = b.attention(q, cache.k[i], cache.v[i], start).reshape(T, E)
-            x += b.linear(attn, layer.attn_c_proj_weight, layer.attn_c_proj_bias)
-            h = b.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps)
-            f = b.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias)  # [T, I]
+            q = np.ascontiguousarray(qkv[:, :E]).reshape(T, H, D)  # T = 1: already contiguous, no copy
+            attn = b.attention(q, cache.k[i], cache.v[i], start, out=buf["attn"]).reshape(T, E)
+            x += b.linear(attn, layer.attn_c_proj_weight, layer.attn_c_proj_bias, out=buf["proj"])
+            h = b.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps, out=buf["h"])
+            f = b.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, out=buf["f"])  # [T, I]
             b.gelu_inplace(f)
-            x += b.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias)
+            x += b.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, out=buf["proj"])
         cache.ids.extend(int(t) for t in ids)
         return b.layer_norm(x, w.ln_f_weight, w.ln_f_bias, eps)
