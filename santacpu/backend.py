@@ -138,10 +138,10 @@ class CpuBackend:
         """q [T, H, D] at positions start..start+T-1 over k_cache/v_cache [n_ctx, G, D] (float32 or
         float16) -> [T, H, D] (into `out` when given)."""
         T, H, D = q.shape
-        if T >= BLAS_MIN_TOKENS:
-            return self._prompt_attention(q, k_cache, v_cache, start)
         if out is None:
             out = np.empty_like(q)
+        if T >= BLAS_MIN_TOKENS:
+            return self._prompt_attention(q, k_cache, v_cache, start, out)
         if k_cache.dtype == np.float16:  # Numba has no CPU float16: the kernel widens the bits
             k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
         threads = self._threads_for(2 * T * H * D * (start + T))
@@ -151,7 +151,9 @@ class CpuBackend:
             k.causal_attention(q, k_cache, v_cache, start, out, head_splits)
         return out
 
-    def _prompt_attention(self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int) -> np.ndarray:
+    def _prompt_attention(
+        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray
+    ) -> np.ndarray:
         """Many queries: scores and the weighted sum of values as BLAS products over all the query
         heads of a K/V head at once ([T * heads, D] @ [D, n]), the causal softmax in a Numba
         kernel; queries go PROMPT_ATTENTION_TOKENS at a time, which bounds the scores' memory
@@ -162,7 +164,6 @@ class CpuBackend:
         group = H // G
         n = start + T
         scale = np.float32(1.0 / np.sqrt(D))
-        out = np.empty_like(q)
         self._pool_warm = False
         for g in range(G):
             keys = k_cache[:n, g].astype(np.float32)  # [n, D]

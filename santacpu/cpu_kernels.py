@@ -28,15 +28,15 @@ ROWS = 4  # rows per matvec / few-token step: each loaded x value serves 4 rows 
 # written out for 4 in matvec_f16 and rows_times_tokens)
 
 
+def _widen_half_codegen(context, builder, signature, args):
+    """LLVM for IEEE half bits (uint16) -> float32: `fpext half`, the F16C `vcvtph2ps`."""
+    return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+
 @intrinsic
 def _f16_to_f32(typingctx, bits):
     """IEEE half (as uint16 bits) -> float32, exactly."""
-    sig = types.float32(types.uint16)
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-    return sig, codegen
+    return types.float32(types.uint16), _widen_half_codegen
 
 
 @intrinsic
@@ -122,13 +122,18 @@ def matvec_f16(weight_bits, x, bias, out):
                 out[r] = total + bias[r]
 
 
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _widen_row_f16(weight_bits, row, out_row):
+    """out_row [C] = row `row` of fp16 weight bits [R, C], widened to float32."""
+    for c in range(weight_bits.shape[1]):
+        out_row[c] = _f16_to_f32(weight_bits[row, c])
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def f16_rows_to_f32(weight_bits, first, last, out):
     """out[:last-first] = weight_bits[first:last] widened to float32 (a tile for BLAS prefill)."""
-    n_in = weight_bits.shape[1]
     for r in prange(last - first):
-        for c in range(n_in):
-            out[r, c] = _f16_to_f32(weight_bits[first + r, c])
+        _widen_row_f16(weight_bits, first + r, out[r])
 
 
 @njit(parallel=True, cache=True)
@@ -186,13 +191,6 @@ def thread_chunk(chunk, n_chunks, n_out):
     return chunk * n_steps // n_chunks, (chunk + 1) * n_steps // n_chunks
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
-def _widen_rows_f16(weight_bits, first, n_rows, out):
-    for i in range(n_rows):
-        for c in range(weight_bits.shape[1]):
-            out[i, c] = _f16_to_f32(weight_bits[first + i, c])
-
-
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def matmul_few_f16(weight_bits, x, bias, out, n_chunks):
     """out [T, R] = x [T, C] @ W.T + bias for fp16 weight bits [R, C], reading W once."""
@@ -203,7 +201,8 @@ def matmul_few_f16(weight_bits, x, bias, out, n_chunks):
         for step in range(first_step, last_step):
             first = step * ROWS
             n_rows = min(ROWS, n_out - first)
-            _widen_rows_f16(weight_bits, first, n_rows, rows_f32)
+            for i in range(n_rows):
+                _widen_row_f16(weight_bits, first + i, rows_f32[i])
             rows_times_tokens(rows_f32, n_rows, x, first, bias, out)
 
 
@@ -292,14 +291,28 @@ def gelu_tanh_inplace(x):
 def _kv_to_f32(typingctx, value):
     """A KV cache element as float32: fp16 bits (uint16) widened exactly, float32 unchanged."""
     if value == types.uint16:
-
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
-
-        return types.float32(value), codegen
+        return types.float32(value), _widen_half_codegen
     if value == types.float32:
         return types.float32(value), lambda context, builder, signature, args: args[0]
     return None
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _softmax_prefix(row, n, scale):
+    """row[:n] <- softmax(scale * row[:n]) in place, with the vectorised exp2 (no scalar libm
+    call); row[n:] is left alone."""
+    best = np.float32(-np.inf)
+    for j in range(n):
+        best = max(best, row[j])
+    scale_log2e = scale * np.float32(1.0 / math.log(2.0))
+    total = np.float32(0.0)
+    for j in range(n):
+        e = _exp2((row[j] - best) * scale_log2e)
+        row[j] = e
+        total += e
+    inv = np.float32(1.0) / total
+    for j in range(n):
+        row[j] *= inv
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -319,20 +332,9 @@ def _attend_heads(q, k_cache, v_cache, t, g, h0, n, scale, scores, row, acc, out
             s = np.float32(0.0)
             for d in range(D):
                 s += q[t, h0 + hh, d] * row[d]
-            scores[hh, j] = s * scale
-    log2e = np.float32(1.0 / math.log(2.0))
+            scores[hh, j] = s
     for hh in range(heads):
-        best = np.float32(-np.inf)
-        for j in range(n):
-            best = max(best, scores[hh, j])
-        total = np.float32(0.0)
-        for j in range(n):
-            e = _exp2((scores[hh, j] - best) * log2e)  # vectorised exp: no scalar libm call
-            scores[hh, j] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for j in range(n):
-            scores[hh, j] *= inv
+        _softmax_prefix(scores[hh], n, scale)
         for d in range(D):
             acc[hh, d] = np.float32(0.0)
     for j in range(n):
@@ -382,19 +384,8 @@ def causal_softmax_rows(scores, start, rows_per_token, scale):
     """In place, row r of scores [T * rows_per_token, n] (query token t = r // rows_per_token at
     position start + t) becomes softmax(scale * scores[r, :start + t + 1]), zero past that: the
     causal mask and softmax of a prompt's attention whose products run in BLAS."""
-    log2e = np.float32(1.0 / math.log(2.0))
     for r in prange(scores.shape[0]):
         n = start + r // rows_per_token + 1
-        best = np.float32(-np.inf)
-        for j in range(n):
-            best = max(best, scores[r, j])
-        total = np.float32(0.0)
-        for j in range(n):
-            e = _exp2((scores[r, j] - best) * scale * log2e)
-            scores[r, j] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for j in range(n):
-            scores[r, j] *= inv
+        _softmax_prefix(scores[r], n, scale)
         for j in range(n, scores.shape[1]):
             scores[r, j] = np.float32(0.0)

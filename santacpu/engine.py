@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .backend import CpuBackend
+from .errors import SantacpuError
 from .weights import ModelWeights
 
 # Prompts are processed in chunks of this many tokens: bounds the activations of a 2048-token
@@ -31,6 +32,12 @@ PREFILL_CHUNK = 512
 # The KV cache's storage types: fp16 halves its memory and attention's reads (it rounds K and V
 # to 11 significant bits, see tests/test_kernels.py for the measured cost); fp32 is exact.
 KV_DTYPES = ("float16", "float32")
+
+
+def check_kv_dtype(kv_dtype: str) -> None:
+    """Refuse an unknown KV cache type in one line (before any long work, where callers can)."""
+    if kv_dtype not in KV_DTYPES:
+        raise SantacpuError(f"unknown KV cache type '{kv_dtype}' (choose {' or '.join(KV_DTYPES)})")
 
 # Held by every forward pass, whichever engine or thread runs it (see the module docstring).
 KERNEL_LOCK = threading.Lock()
@@ -69,8 +76,7 @@ class KVCache:
 
 class Engine:
     def __init__(self, weights: ModelWeights, backend: CpuBackend | None = None, kv_dtype: str = "float16"):
-        if kv_dtype not in KV_DTYPES:
-            raise ValueError(f"unknown KV cache type {kv_dtype!r} (choose {' or '.join(KV_DTYPES)})")
+        check_kv_dtype(kv_dtype)
         self.weights = weights
         self.config = weights.config
         self.backend = backend or CpuBackend()

@@ -36,7 +36,7 @@ import numpy as np
 from .backend import CpuBackend
 from .checkpoint import read_checkpoint
 from .config import Config
-from .engine import KV_DTYPES, Engine, KVCache
+from .engine import Engine, KVCache, check_kv_dtype
 from .errors import SantacpuError, SantacpuWarning
 from .lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
 from .prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
@@ -97,8 +97,6 @@ class Model:
         self.config: Config = weights.config
         self.tokenizer = tokenizer
         self.weights = weights
-        if kv_cache not in KV_DTYPES:
-            raise SantacpuError(f"unknown KV cache type '{kv_cache}' (choose {' or '.join(KV_DTYPES)})")
         self._engine = Engine(weights, backend, kv_cache)
         # Never sample the embedding's padding rows (49157..49279 for SantaCoder).
         self.n_valid_tokens = min(tokenizer.vocab_size, self.config.vocab_size)
@@ -342,6 +340,7 @@ def load(
         if device == "cuda":
             raise SantacpuError("device 'cuda' is not available yet: santacpu's GPU backend is not built; use 'cpu'")
         raise SantacpuError(f"unknown device '{device}' (choose 'auto' or 'cpu')")
+    check_kv_dtype(kv_cache)  # before the (long) load
     if names_quantized_file(model):
         path = Path(model).expanduser()
         weights, metadata = read_quantized(path)

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from helpers import tiny_checkpoint
+import santacpu
+from santacpu import SantacpuError
 from santacpu import cpu_kernels as k
 from santacpu import reference
 from santacpu.backend import BLAS_MIN_TOKENS, CpuBackend
@@ -172,8 +174,11 @@ def test_kv_cache_is_single_headed_for_multi_query():
     assert cache.k.shape == (c.n_layer, c.n_positions, 1, c.head_dim)
     assert cache.v.shape == cache.k.shape
     assert cache.k.dtype == cache.v.dtype == np.float16  # the default: half the memory of fp32
-    with pytest.raises(ValueError, match="unknown KV cache type"):
+    with pytest.raises(SantacpuError, match="unknown KV cache type"):
         Engine(weights, kv_dtype="int8")
+    # load() refuses it before reading anything: the missing model below is never looked at.
+    with pytest.raises(SantacpuError, match="unknown KV cache type"):
+        santacpu.load("/nonexistent/model", kv_cache="int8")
 
 
 @pytest.mark.parametrize("min_work", [0, 1 << 62], ids=["all-parallel", "all-on-one-thread"])
