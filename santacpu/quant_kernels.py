@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from . import int_dot
 from .cpu_kernels import (
     FASTMATH,
     ROWS,
@@ -532,25 +533,52 @@ def _shape(qtype: str, args: tuple[np.ndarray, ...]) -> tuple[int, int]:
     return codes.shape[0], codes.shape[1] * _VALUES_PER_CODE_BYTE[qtype]
 
 
-def matvec(qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
-    """out [R] = W @ x [C] + bias [R] (all float32) for a block-quantized W given as its parts."""
+def _use_int_dot(qtype: str, requested: bool | None) -> bool:
+    if requested is None:
+        return int_dot.ENABLED and qtype in int_dot.FORMATS
+    if requested and (int_dot.ISA is None or qtype not in int_dot.FORMATS):
+        raise ValueError(f"no integer dot-product kernel for {qtype} on this CPU (ISA {int_dot.ISA})")
+    return requested
+
+
+def matvec(
+    qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray, *, integer: bool | None = None
+) -> None:
+    """out [R] = W @ x [C] + bias [R] (all float32) for a block-quantized W given as its parts.
+    integer: the integer dot-product kernel (x rounded to int8 per block, see int_dot.py) or the
+    float one; None picks the integer one where this CPU and the format have it."""
     args = kernel_args(qtype, parts)
     rows, cols = _shape(qtype, args)
     # The kernels do no bounds checks: a wrong shape here would read or write out of bounds.
     if x.shape != (cols,) or bias.shape != (rows,) or out.shape != (rows,) or out.dtype != np.float32:
         raise ValueError(f"matvec {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
-    _MATVEC[qtype](*args, x, bias, out)
+    if _use_int_dot(qtype, integer):
+        int_dot.MATMUL[qtype](*args, x[None], bias, out[None])
+    else:
+        _MATVEC[qtype](*args, x, bias, out)
 
 
-def matmul_few(qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+def matmul_few(
+    qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray, *, integer: bool | None = None
+) -> None:
     """out [T, R] = x [T, C] @ W.T + bias [R] (all float32, C-contiguous) for a block-quantized W,
-    reading W once for all T tokens (meant for small T; many tokens go to BLAS on widened tiles)."""
+    reading W once for all T tokens (meant for small T; many tokens go to BLAS on widened tiles).
+    `integer` as for matvec; the integer kernel gives each token exactly its matvec result."""
     args = kernel_args(qtype, parts)
     rows, cols = _shape(qtype, args)
     T = x.shape[0] if x.ndim == 2 else -1
     if x.shape != (T, cols) or bias.shape != (rows,) or out.shape != (T, rows) or out.dtype != np.float32:
         raise ValueError(f"matmul_few {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
-    _MATMUL_FEW[qtype](*args, x, bias, out, get_num_threads())
+    if _use_int_dot(qtype, integer):
+        int_dot.MATMUL[qtype](*args, x, bias, out)
+    else:
+        _MATMUL_FEW[qtype](*args, x, bias, out, get_num_threads())
+
+
+def rounds_activations(qtype: str) -> bool:
+    """Whether one-token and few-token products with a `qtype` weight round x to int8 blocks
+    (the integer kernels; reference.round_activations is their NumPy twin)."""
+    return _use_int_dot(qtype, None)
 
 
 def dequantize_rows(qtype: str, parts: dict[str, np.ndarray], first: int, last: int, out: np.ndarray) -> None:

@@ -10,7 +10,7 @@ Shape legend: T = tokens, E = n_embd, H = n_head, G = n_kv_head, D = head_dim, V
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Collection, Sequence
 
 import numpy as np
 
@@ -35,7 +35,20 @@ def dense(weight) -> np.ndarray:
     return weight.astype(np.float32)
 
 
-def linear(x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
+def round_activations(x: np.ndarray) -> np.ndarray:
+    """x [..., C] float32 as the integer dot-product kernels see it (santacpu/int_dot.py): per
+    block of 32 values, scale = max |x| / 127 and x -> round(x * 127 / max |x|) * scale."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inverse = np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax > 0)
+    return (np.rint(blocks * inverse) * (amax / np.float32(127.0))).reshape(x.shape)
+
+
+def linear(x: np.ndarray, weight, bias: np.ndarray | None = None, rounded: Collection[str] = ()) -> np.ndarray:
+    """x [T, in] @ weight.T + bias; x first goes through round_activations when the weight is
+    block-quantized in a format listed in `rounded` (to mirror the integer kernels)."""
+    if isinstance(weight, QuantizedWeight) and weight.qtype in rounded:
+        x = round_activations(x)
     y = x @ dense(weight).T  # [T, in] @ [in, out] -> [T, out]
     return y if bias is None else y + bias
 
@@ -45,11 +58,11 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int) -> np.ndarray:
+def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Collection[str] = ()) -> np.ndarray:
     """Causal multi-query attention of x [T, E] (already normalised), before the output projection."""
     T, E = x.shape
     D = E // n_head
-    qkv = linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias)  # [T, E + 2*G*D]
+    qkv = linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias, rounded)  # [T, E + 2*G*D]
     q = qkv[:, :E].reshape(T, n_head, D).transpose(1, 0, 2)  # [H, T, D]
     k = qkv[:, E : E + n_kv_head * D].reshape(T, n_kv_head, D).transpose(1, 0, 2)  # [G, T, D]
     v = qkv[:, E + n_kv_head * D :].reshape(T, n_kv_head, D).transpose(1, 0, 2)  # [G, T, D]
@@ -63,17 +76,19 @@ def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: 
     return out.transpose(1, 0, 2).reshape(T, E)  # [T, E]
 
 
-def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int) -> np.ndarray:
-    return linear(attention_heads(x, layer, n_head, n_kv_head), layer.attn_c_proj_weight, layer.attn_c_proj_bias)
+def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Collection[str] = ()) -> np.ndarray:
+    heads = attention_heads(x, layer, n_head, n_kv_head, rounded)
+    return linear(heads, layer.attn_c_proj_weight, layer.attn_c_proj_bias, rounded)
 
 
-def mlp(x: np.ndarray, layer: LayerWeights) -> np.ndarray:
-    h = gelu_tanh(linear(x, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias))  # [T, I]
-    return linear(h, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias)  # [T, E]
+def mlp(x: np.ndarray, layer: LayerWeights, rounded: Collection[str] = ()) -> np.ndarray:
+    h = gelu_tanh(linear(x, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, rounded))  # [T, I]
+    return linear(h, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, rounded)  # [T, E]
 
 
-def forward(weights: ModelWeights, ids: Sequence[int]) -> np.ndarray:
-    """Logits [T, V] float32 for every position of `ids` (positions 0..T-1)."""
+def forward(weights: ModelWeights, ids: Sequence[int], rounded: Collection[str] = ()) -> np.ndarray:
+    """Logits [T, V] float32 for every position of `ids` (positions 0..T-1). `rounded`: the
+    block formats whose products first round x as the integer kernels do (see `linear`)."""
     c = weights.config
     ids = np.asarray(ids, dtype=np.int64)
     T = len(ids)
@@ -82,7 +97,8 @@ def forward(weights: ModelWeights, ids: Sequence[int]) -> np.ndarray:
     token_rows = wte.take_rows(ids).dequantize() if isinstance(wte, QuantizedWeight) else dense(wte[ids])
     x = token_rows + dense(weights.wpe[:T])  # [T, E]
     for layer in weights.layers:
-        x = x + attention(layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, c.layer_norm_epsilon), layer, c.n_head, c.n_kv_head)
-        x = x + mlp(layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, c.layer_norm_epsilon), layer)
+        normed = layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, c.layer_norm_epsilon)
+        x = x + attention(normed, layer, c.n_head, c.n_kv_head, rounded)
+        x = x + mlp(layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, c.layer_norm_epsilon), layer, rounded)
     x = layer_norm(x, weights.ln_f_weight, weights.ln_f_bias, c.layer_norm_epsilon)
-    return linear(x, weights.wte).astype(np.float32)  # tied LM head: [T, V]
+    return linear(x, weights.wte, None, rounded).astype(np.float32)  # tied LM head: [T, V]

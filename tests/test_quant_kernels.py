@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from quantize.formats import FORMATS
+from santacpu import int_dot
 from santacpu import quant_kernels as qk
+from santacpu.reference import round_activations
 
 NAMES = list(FORMATS)
 
@@ -30,29 +32,44 @@ def test_part_order_matches_the_formats():
         assert qk.PART_ORDER[name] == tuple(fmt.part_specs(4, 64))
 
 
-@pytest.mark.parametrize("name", NAMES)
+# Every (format, kernel kind) pair: the float kernels, and the integer dot-product ones
+# (santacpu/int_dot.py) for the formats and the CPU that have them. The integer kernels round x
+# to int8 blocks first; their oracle does the same in NumPy (reference.round_activations).
+KERNELS = [(name, False) for name in NAMES] + [
+    (name, True) for name in int_dot.FORMATS if int_dot.ISA is not None
+]
+KERNEL_IDS = [f"{name}-{'int' if integer else 'float'}" for name, integer in KERNELS]
+
+
+def oracle_input(x, integer):
+    return round_activations(x) if integer else x
+
+
+@pytest.mark.parametrize("name,integer", KERNELS, ids=KERNEL_IDS)
 @pytest.mark.parametrize("rows", [1, 3, 5, 33])
 @pytest.mark.parametrize("cols", [32, 96, 2048])
-def test_matvec_matches_numpy(name, rows, cols):
-    # Row counts cover whole and partial steps of qk.ROWS rows; cols one block, a few, many.
+def test_matvec_matches_numpy(name, integer, rows, cols):
+    # Row counts cover whole and partial steps of qk.ROWS rows; cols one block, a few (all past
+    # the integer kernels' last whole vector step), many.
     fmt = FORMATS[name]
     rng = np.random.default_rng(rows * 7 + cols)
     parts = fmt.quantize(weights(rows, cols, seed=rows + cols))
     x = rng.standard_normal(cols).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.empty(rows, np.float32)
-    qk.matvec(name, parts, x, bias, out)
-    want = fmt.dequantize(parts).astype(np.float64) @ x + bias
+    qk.matvec(name, parts, x, bias, out, integer=integer)
+    want = fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, integer) + bias
     assert rel_err(out, want) < 1e-5
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("rows,cols", [(1, 96), (5, 64), (33, 2048)])
+@pytest.mark.parametrize("name,integer", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("rows,cols", [(1, 96), (5, 64), (33, 2048), (7, 224)])
 @pytest.mark.parametrize("T", [2, 5])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matmul_few_matches_numpy(name, rows, cols, T, threads):
+def test_matmul_few_matches_numpy(name, integer, rows, cols, T, threads):
     # One weight pass for T tokens; rows cover a partial step, a step and a tail, and one row
-    # split over 2 threads (a thread with no rows at all).
+    # split over 2 threads (a thread with no rows at all); 224 columns = 7 blocks: whole integer
+    # vector steps and a tail.
     fmt = FORMATS[name]
     rng = np.random.default_rng(rows * 11 + T)
     parts = fmt.quantize(weights(rows, cols, seed=rows + 3 * cols))
@@ -62,11 +79,16 @@ def test_matmul_few_matches_numpy(name, rows, cols, T, threads):
     previous = numba.get_num_threads()
     numba.set_num_threads(min(threads, previous))
     try:
-        qk.matmul_few(name, parts, x, bias, out)
+        qk.matmul_few(name, parts, x, bias, out, integer=integer)
     finally:
         numba.set_num_threads(previous)
-    want = x.astype(np.float64) @ fmt.dequantize(parts).astype(np.float64).T + bias
+    want = oracle_input(x, integer).astype(np.float64) @ fmt.dequantize(parts).astype(np.float64).T + bias
     assert rel_err(out, want) < 1e-5
+    if integer:  # each token exactly as in its own one-token product
+        for t in range(T):
+            alone = np.empty(rows, np.float32)
+            qk.matvec(name, parts, x[t], bias, alone, integer=True)
+            assert np.array_equal(alone, out[t])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -93,8 +115,9 @@ def test_read_only_parts():
         p.setflags(write=False)
     x = np.linspace(-1, 1, 64, dtype=np.float32)
     out = np.empty(6, np.float32)
-    qk.matvec("q4_0", parts, x, np.zeros(6, np.float32), out)
-    assert rel_err(out, fmt.dequantize(parts).astype(np.float64) @ x) < 1e-5
+    for integer in [False] + ([True] if int_dot.ISA else []):
+        qk.matvec("q4_0", parts, x, np.zeros(6, np.float32), out, integer=integer)
+        assert rel_err(out, fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, integer)) < 1e-5
     tile = np.empty((6, 64), np.float32)
     qk.dequantize_rows("q4_0", parts, 0, 6, tile)
     assert np.allclose(tile, fmt.dequantize(parts), rtol=0, atol=1e-7)

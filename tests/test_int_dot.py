@@ -1,0 +1,103 @@
+"""The integer dot-product kernels (santacpu/int_dot.py): the instruction choice, the layout of
+the rounded activations, and every instruction set this CPU can run, each in a child process
+that tells Numba to compile for a CPU without the wider ones. (The kernels' results against the
+NumPy oracle, on this CPU's own choice, are in test_quant_kernels.py.)"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from llvmlite import binding
+
+from santacpu import int_dot
+from santacpu.reference import round_activations
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_instruction_choice():
+    assert int_dot.choose_isa({"avx2", "avx512f", "avx512bw", "avx512vl", "avx512vnni"}) == "vnni512"
+    assert int_dot.choose_isa({"avx2", "avxvnni"}) == "vnni256"
+    assert int_dot.choose_isa({"avx2", "fma"}) == "avx2"
+    assert int_dot.choose_isa({"sse4.2", "avx"}) is None
+
+
+def test_rounded_activations_layout():
+    rng = np.random.default_rng(3)
+    T, C = 2, 7 * 32  # whole vector steps and blocks after them
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    x[1, 32:64] = 0  # an all-zero block: scale 0, codes 0
+    xq = np.empty((T, C), np.int8)
+    xfix = np.empty((T, C // 8), np.int32)
+    xdx = np.empty((T, C // 8), np.float32)
+    int_dot.quantize_activations(x, xq, xfix, xdx)
+    blocks = x.reshape(T, -1, 32)
+    amax = np.abs(blocks).max(axis=2)
+    scale = amax / np.float32(127.0)
+    codes = np.rint(blocks * np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax > 0)[..., None])
+    S = int_dot.BLOCKS_PER_STEP
+    natural = np.empty_like(codes)
+    for b in range(C // 32):  # undo the step order: a step's values 0..15 of each block, then 16..31
+        if b < (C // 32) // S * S:
+            low = (b // S) * S * 32 + (b % S) * 16
+            high = low + 16 * S
+        else:
+            low, high = 32 * b, 32 * b + 16
+        natural[:, b, :16] = xq[:, low : low + 16]
+        natural[:, b, 16:] = xq[:, high : high + 16]
+    assert np.array_equal(natural, codes)
+    assert np.allclose(natural * scale[..., None], round_activations(x).reshape(T, -1, 32), rtol=0, atol=1e-6)
+    lane_sums = codes.reshape(T, -1, 2, 4, 4).sum(axis=(2, 4)).reshape(T, -1)  # lane g: values 4g.., 16+4g..
+    assert np.array_equal(xfix, -8 * lane_sums)
+    assert np.array_equal(xdx, np.repeat(scale, 4, axis=1))
+
+
+CHILD = """
+import numpy as np
+from quantize.formats import FORMATS
+from santacpu import int_dot, quant_kernels as qk
+from santacpu.reference import round_activations
+assert int_dot.ISA == {isa!r}, int_dot.ISA
+rng = np.random.default_rng(0)
+for name in int_dot.FORMATS:
+    for rows, cols in [(9, 2048), (5, 224)]:
+        parts = FORMATS[name].quantize(rng.standard_normal((rows, cols)).astype(np.float32))
+        x = rng.standard_normal((3, cols)).astype(np.float32)
+        bias = rng.standard_normal(rows).astype(np.float32)
+        out = np.empty((3, rows), np.float32)
+        qk.matmul_few(name, parts, x, bias, out, integer=True)
+        want = round_activations(x).astype(np.float64) @ FORMATS[name].dequantize(parts).T.astype(np.float64) + bias
+        err = np.abs(out - want).max() / np.abs(want).max()
+        assert err < 1e-5, (name, rows, cols, err)
+print("ok", int_dot.ISA)
+"""
+
+
+def features_without(prefixes: tuple[str, ...]) -> str:
+    """This CPU's feature string with every feature starting with one of `prefixes` turned off."""
+    features = binding.get_host_cpu_features()
+    return ",".join(
+        ("-" if name.startswith(prefixes) or not on else "+") + name for name, on in sorted(features.items())
+    )
+
+
+@pytest.mark.parametrize(
+    "isa,drop",
+    [("vnni256", ("avx512", "avx10", "evex512")), ("avx2", ("avx512", "avx10", "evex512", "avxvnni"))],
+)
+def test_narrower_instruction_sets(isa, drop, tmp_path):
+    host = {name for name, on in binding.get_host_cpu_features().items() if on}
+    if int_dot.choose_isa({f for f in host if not f.startswith(drop)}) != isa:
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features_without(drop), NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_NAME", None)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD.format(isa=isa)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", isa]
