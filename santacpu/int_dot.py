@@ -1,37 +1,42 @@
-"""Integer dot products for the 4- and 6-bit block formats (q4_0, q4_m, q6_0) in one-token and
+"""Integer dot products for the block formats (q8_0, q4_0, q4_m, q6_0) in one-token and
 few-token passes, on CPUs that have them.
 
-Why: the float kernels of `quant_kernels.py` widen every 4-bit code to float32 and spend about 7
-vector operations per 32 weights on it, which made 4-bit decode compute-bound (q4_0 read 15 GB/s
-where q8_0 reads 20). Here each token's x is quantized once per call to int8, per block of 32
-values with one float32 scale (as llama.cpp does for its 4-bit dot products), and the weight codes
-(unsigned: 0..15, or 0..63 for q6_0) meet those int8 values in the CPU's byte dot-product
-instructions, exact int32 sums of 4 products each:
-- AVX-512 VNNI: `vpdpbusd` on 512-bit vectors, 4 blocks (128 weights) a step;
-- AVX-VNNI, or AVX-512 VNNI restricted to 256 bits: `vpdpbusd` on 256-bit vectors, 2 blocks;
-- AVX2: `vpmaddubsw` + `vpmaddwd` (no overflow: a pair of products is at most 2 x 63 x 127).
-The int32 lanes (4 per block) are converted to float once per step and multiplied by the lanes'
-scales (weight scale x activation scale) into float accumulators, reduced once per row. Where
-none of these exists (or SANTACPU_INT_DOT=0), the float kernels run instead.
+Why: the float kernels of `quant_kernels.py` widen every code to float32 (about 7 vector
+operations per 32 weights for q4_0), which made 4-bit decode compute-bound: q4_0 read 15 GB/s
+where q8_0 read 20. Here each token's x is rounded once per call to integers, per block of 32
+values with one float32 scale (as llama.cpp does for its quantized dot products), and the weight
+codes meet those integers in the CPU's dot-product instructions, exact int32 sums of 2 or 4
+products each:
+- 4- and 6-bit codes (unsigned: 0..15, 0..63) against x rounded to int8 (max |x| -> 127):
+  `vpdpbusd` (AVX-512 VNNI on 512-bit vectors, 4 blocks a step; AVX-VNNI or AVX-512 VNNI on
+  256-bit vectors, 2 blocks), or `vpmaddubsw` + `vpmaddwd` on AVX2 (no overflow: a pair of
+  products is at most 2 x 63 x 127);
+- q8_0's signed codes, widened to int16, against x rounded to int16 (max |x| -> 32767):
+  `vpdpwssd` (VNNI) or `vpmaddwd` (AVX2). Rounding x to int8 here instead made a pass over the
+  full q8_0 model as fast but took its mean KLD on the trained test model from 3.2e-5 to
+  5.6e-5, most of what q8_0 is chosen to avoid; int16 costs nothing measurable.
+The int32 lanes are converted to float once per step and multiplied by the lanes' scales (weight
+scale x activation scale) into float accumulators, reduced once per row. Where none of these
+instruction sets exists (or SANTACPU_INT_DOT=0), the float kernels run instead.
 
-The cost is x's rounding to 8 bits, the same trade llama.cpp makes: on the trained test model
-it adds 2% to a 4-bit file's mean KLD (tests/test_quant_accuracy.py). q8_0 keeps the float kernels:
-the same scheme made a decode pass over the full q8_0 model 15% faster (59 -> 50 ms) but took its
-mean KLD from 3.2e-5 to 5.6e-5, most of what q8_0 is chosen to avoid.
+Measured on the full-size model, a decode pass over all weights (2 threads): q4_0 51 -> 32 ms,
+q8_0 59 -> 50 ms. The cost of x's rounding on the trained test model: +2% mean KLD for a 4-bit
+file (tests/test_quant_accuracy.py), the trade llama.cpp makes in all its quantized products.
 
-Layouts (per token, computed by `quantize_activations`):
-- xq int8 [C]: the blocks of each step reordered so that one vector load matches one of the
-  codes' nibble vectors: for a step of S blocks, first the values 0..15 of each of its blocks,
-  then the values 16..31 (a block's packed byte j holds its values j and j+16). The blocks after
-  the last whole step keep their natural order.
-- xfix int32 [C/8]: per int32 lane (4b + g for block b, lane g), -8 x the sum of the 8 int8
+Layouts of the rounded x (per token):
+- 4/6-bit, `quantize_activations`: xq int8 [C], the blocks of each step reordered so that one
+  vector load matches one of the codes' nibble vectors: for a step of S blocks, first the values
+  0..15 of each of its blocks, then the values 16..31 (a block's packed byte j holds its values j
+  and j+16). xfix int32 [C/8]: per int32 lane (4b + g for block b, lane g), -8 x the sum of the 8
   values that meet in that lane; a q4_0 step starts its lanes from it, which subtracts the codes'
-  offset 8 exactly (q6_0: x4 for its offset 32).
-- xdx float32 [C/8]: x's block scale, once per lane.
+  offset 8 exactly (q6_0: x4 for its offset 32). xdx float32 [C/8]: x's block scale per lane.
+- q8_0, `quantize_activations_words`: xq int16 [C], a step's blocks as their values 0..15, then
+  their values 16..31; xdx float32 [C/4]: the block scale for each of a block's 8 lanes.
+Blocks after the last whole step keep their natural order (the drivers finish them in scalar code).
 
 The instruction choice is made when a kernel compiles, from the target features Numba compiles
 for; Numba's on-disk cache is keyed by those features, so cached code never meets another CPU.
-(The old `<N x i32>` operand form of the VNNI intrinsic is used: LLVM 22 still upgrades it, and
+(The old `<N x i32>` operand form of the VNNI intrinsics is used: LLVM 22 still upgrades it, and
 older LLVMs know only that one.)
 """
 
@@ -77,9 +82,13 @@ def choose_isa(features: set[str]) -> str | None:
 
 
 ISA = choose_isa(_target_features())
-BLOCKS_PER_STEP = 4 if ISA == "vnni512" else 2  # S: blocks per vector step
+VECTOR_BYTES = 64 if ISA == "vnni512" else 32  # bytes per vector register
+BLOCKS_PER_STEP = VECTOR_BYTES // 16  # S: 4-bit blocks per vector step (16 code bytes each)
+WORD_BLOCKS = VECTOR_BYTES // QK  # q8_0 blocks per vector step (32 code bytes each)
 ENABLED = ISA is not None and os.environ.get(DISABLE_ENV, "1") != "0"
-FORMATS = ("q4_0", "q4_m", "q6_0")
+# The formats with integer kernels, and the integer range x is rounded to for each.
+ACTIVATION_LEVELS = {"q8_0": 32767, "q4_0": 127, "q4_m": 127, "q6_0": 127}
+FORMATS = tuple(ACTIVATION_LEVELS)
 
 
 # --- LLVM IR helpers (S = BLOCKS_PER_STEP; a step's codes are one vector of 16 S bytes) -----------
@@ -115,18 +124,18 @@ def _dot_accumulate(builder, acc, codes, xq):
     return builder.add(acc, quads)
 
 
-def _repeat_per_lane(builder, per_block):
-    """<S x T> per-block values -> <4S x T>, each repeated for its block's 4 lanes."""
-    n = per_block.type.count
-    mask = ir.Constant(ir.VectorType(_I32, 4 * n), [i // LANES_PER_BLOCK for i in range(4 * n)])
+def _repeat_per_lane(builder, per_block, lanes_per_block=LANES_PER_BLOCK):
+    """<n x T> per-block values -> <n * lanes_per_block x T>, each repeated for its block's lanes."""
+    lanes = per_block.type.count * lanes_per_block
+    mask = ir.Constant(ir.VectorType(_I32, lanes), [i // lanes_per_block for i in range(lanes)])
     return builder.shuffle_vector(per_block, ir.Constant(per_block.type, None), mask)
 
 
-def _f16_block_scales(builder, d_data, offset, n_blocks):
-    """fp16 bits d[offset .. offset+S-1] -> <4S x float>, one per lane."""
-    bits = _repeat_per_lane(builder, _load_vector(builder, d_data, offset, _I16, n_blocks))
-    halves = builder.bitcast(bits, ir.VectorType(ir.HalfType(), 4 * n_blocks))
-    return builder.fpext(halves, ir.VectorType(_F32, 4 * n_blocks))
+def _f16_block_scales(builder, d_data, offset, n_blocks, lanes_per_block=LANES_PER_BLOCK):
+    """fp16 bits d[offset .. offset+n_blocks-1] -> float32, one per lane."""
+    bits = _repeat_per_lane(builder, _load_vector(builder, d_data, offset, _I16, n_blocks), lanes_per_block)
+    lanes = n_blocks * lanes_per_block
+    return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(_F32, lanes))
 
 
 def _q6_high_bits(builder, qh, n_blocks, shift):
@@ -220,6 +229,55 @@ def _row_dot_codegen(fmt):
     return codegen
 
 
+def _word_dot(builder, acc, words, x_words):
+    """acc <n x i32> + per-lane sums of 2 products of int16 vectors <2n x i16>."""
+    n = acc.type.count
+    vec16, vec32 = ir.VectorType(_I16, 2 * n), ir.VectorType(_I32, n)
+    if ISA in ("vnni512", "vnni256"):
+        vpdpwssd = _declare(builder, f"llvm.x86.avx512.vpdpwssd.{32 * n}", vec32, vec32, vec32, vec32)
+        return builder.call(vpdpwssd, [acc, builder.bitcast(words, vec32), builder.bitcast(x_words, vec32)])
+    return builder.add(acc, builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [words, x_words]))
+
+
+def _row_dot_q8_0_codegen(context, builder, signature, args):
+    """Codegen of _row_dot_q8_0: a step is one vector of codes (WORD_BLOCKS blocks), widened to
+    int16 in two halves that each hold 16 values of every block (the order of quantize_activations_words),
+    multiplied with x's int16 values in pairs (vpdpwssd / vpmaddwd) into 8 int32 lanes per block."""
+    qs, d, xq, xdx = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4]))
+    row, n_steps = args[4], args[5]
+    intp = row.type
+    const = lambda v: ir.Constant(intp, v)  # noqa: E731
+    lanes = VECTOR_BYTES // 4
+    n_cols = cgutils.unpack_tuple(builder, qs.shape, 2)[1]
+    n_blocks = cgutils.unpack_tuple(builder, d.shape, 2)[1]
+    code_row = builder.mul(row, n_cols)
+    prefetch_row = builder.mul(builder.add(row, const(PREFETCH_ROWS)), n_cols)
+    block_row = builder.mul(row, n_blocks)
+    acc_type, sums_type = ir.VectorType(_F32, lanes), ir.VectorType(_I32, lanes)
+    acc = cgutils.alloca_once_value(builder, ir.Constant(acc_type, None))
+    prefetch = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), ir.IntType(8).as_pointer(), _I32, _I32, _I32)
+    fmuladd = _declare(builder, f"llvm.fmuladd.v{lanes}f32", acc_type, acc_type, acc_type, acc_type)
+    halves = [  # code bytes of each half: values 16k..16k+15 of every block of the step
+        ir.Constant(ir.VectorType(_I32, VECTOR_BYTES // 2), [QK * b + 16 * k + j for b in range(WORD_BLOCKS) for j in range(16)])
+        for k in range(2)
+    ]
+    with cgutils.for_range(builder, n_steps) as loop:
+        col = builder.mul(loop.index, const(VECTOR_BYTES))
+        codes = _load_vector(builder, qs.data, builder.add(code_row, col), _I8, VECTOR_BYTES)
+        address = builder.bitcast(builder.gep(qs.data, [builder.add(prefetch_row, col)]), ir.IntType(8).as_pointer())
+        builder.call(prefetch, [address, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY), ir.Constant(_I32, 1)])
+        sums = ir.Constant(sums_type, None)
+        for k, pick in enumerate(halves):
+            words = builder.sext(builder.shuffle_vector(codes, codes, pick), ir.VectorType(_I16, VECTOR_BYTES // 2))
+            x_words = _load_vector(builder, xq.data, builder.add(col, const(k * VECTOR_BYTES // 2)), _I16, VECTOR_BYTES // 2)
+            sums = _word_dot(builder, sums, words, x_words)
+        block_at = builder.add(block_row, builder.mul(loop.index, const(WORD_BLOCKS)))
+        weight_scales = _f16_block_scales(builder, d.data, block_at, WORD_BLOCKS, QK // 4)
+        scales = builder.fmul(weight_scales, _load_vector(builder, xdx.data, builder.mul(loop.index, const(lanes)), _F32, lanes))
+        builder.store(builder.call(fmuladd, [builder.sitofp(sums, acc_type), scales, builder.load(acc)]), acc)
+    return _horizontal_sum(builder, builder.load(acc))
+
+
 def _row_dot_signature(n_arrays, arrays, row, n_steps):
     if len(arrays) != n_arrays or not all(isinstance(a, types.Array) for a in arrays):
         return None
@@ -231,6 +289,13 @@ def _row_dot_q4_0(typingctx, qs, d, xq, xfix, xdx, row, n_steps):
     """sum over the first n_steps steps of row `row`: d * xd * (codes . xq - 8 sum xq), float32.
     qs uint8 [R, C/2], d uint16 [R, C/32], xq/xfix/xdx one token's (module docstring)."""
     return _row_dot_signature(5, (qs, d, xq, xfix, xdx), row, n_steps), _row_dot_codegen("q4_0")
+
+
+@intrinsic
+def _row_dot_q8_0(typingctx, qs, d, xq, xdx, row, n_steps):
+    """sum over the first n_steps steps of row `row` of d * xd * (codes . xq): q8_0 (qs int8
+    [R, C], d uint16 [R, C/32]) against x rounded to int16 (quantize_activations_words), float32."""
+    return _row_dot_signature(4, (qs, d, xq, xdx), row, n_steps), _row_dot_q8_0_codegen
 
 
 @intrinsic
@@ -249,20 +314,27 @@ def _row_dot_q6_0(typingctx, ql, qh, d, xq, xfix, xdx, row, n_steps):
 # --- activations --------------------------------------------------------------------------------
 
 
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _block_rounding(x, t, c0, levels):
+    """(scale, 1 / scale or 0) rounding the block x[t, c0:c0+32] to integers in -levels..levels."""
+    amax = np.float32(0.0)
+    for j in range(QK):
+        amax = max(amax, abs(x[t, c0 + j]))
+    return amax / np.float32(levels), (np.float32(levels) / amax if amax > 0 else np.float32(0.0))
+
+
 @njit(fastmath=FASTMATH, cache=True)
 def quantize_activations(x, xq, xfix, xdx):
-    """x float32 [T, C] -> xq int8 [T, C], xfix int32 [T, C/8], xdx float32 [T, C/8] (layouts in
-    the module docstring): per block of 32, scale = max |x| / 127 and q = round(x / scale)."""
+    """x float32 [T, C] -> xq int8 [T, C], xfix int32 [T, C/8], xdx float32 [T, C/8] for the 4- and
+    6-bit kernels (layouts in the module docstring): per block of 32, scale = max |x| / 127 and
+    q = round(x / scale)."""
     S = BLOCKS_PER_STEP
     n_blocks = x.shape[1] // QK
     whole = n_blocks // S * S
     for t in range(x.shape[0]):
         for b in range(n_blocks):
             c0 = b * QK
-            amax = np.float32(0.0)
-            for j in range(QK):
-                amax = max(amax, abs(x[t, c0 + j]))
-            inverse = np.float32(127.0) / amax if amax > 0 else np.float32(0.0)
+            scale, inverse = _block_rounding(x, t, c0, 127)
             if b < whole:
                 step_at = (b // S) * S * QK
                 low_at = step_at + (b % S) * 16
@@ -279,7 +351,28 @@ def quantize_activations(x, xq, xfix, xdx):
                     xq[t, high_at + j] = q_high
                     fix += np.int32(q_low) + np.int32(q_high)
                 xfix[t, LANES_PER_BLOCK * b + g] = -8 * fix
-                xdx[t, LANES_PER_BLOCK * b + g] = amax / np.float32(127.0)
+                xdx[t, LANES_PER_BLOCK * b + g] = scale
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def quantize_activations_words(x, xq, xdx):
+    """x float32 [T, C] -> xq int16 [T, C], xdx float32 [T, C/4] for the q8_0 kernel: per block of
+    32, scale = max |x| / 32767 and q = round(x / scale). A step's WORD_BLOCKS blocks are stored
+    as their values 0..15, then their values 16..31 (blocks after the last whole step in natural
+    order); xdx holds each block's scale once per int32 lane (8 per block)."""
+    n_blocks = x.shape[1] // QK
+    whole = n_blocks // WORD_BLOCKS * WORD_BLOCKS
+    for t in range(x.shape[0]):
+        for b in range(n_blocks):
+            scale, inverse = _block_rounding(x, t, QK * b, 32767)
+            for lane in range(8 * b, 8 * b + 8):
+                xdx[t, lane] = scale
+            step_at = (b // WORD_BLOCKS) * WORD_BLOCKS * QK
+            first_half = step_at + (b % WORD_BLOCKS) * 16 if b < whole else QK * b
+            second_half = first_half + (WORD_BLOCKS * 16 if b < whole else 16)
+            for j in range(16):
+                xq[t, first_half + j] = np.int16(np.rint(x[t, QK * b + j] * inverse))
+                xq[t, second_half + j] = np.int16(np.rint(x[t, QK * b + 16 + j] * inverse))
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -375,4 +468,24 @@ def matmul_q6_0(ql, qh, d, x, bias, out):
             out[t, r] = total + bias[r]
 
 
-MATMUL = {"q4_0": matmul_q4_0, "q4_m": matmul_q4_m, "q6_0": matmul_q6_0}
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matmul_q8_0(qs, d, x, bias, out):
+    """q8_0: qs int8 [R, C], d uint16 (fp16 bits) [R, C/32]; x [T, C], bias [R], out [T, R]."""
+    T, C = x.shape
+    xq = np.empty((T, C), np.int16)
+    xdx = np.empty((T, C // 4), np.float32)
+    quantize_activations_words(x, xq, xdx)
+    n_blocks = d.shape[1]
+    n_steps = n_blocks // WORD_BLOCKS
+    for r in prange(qs.shape[0]):
+        for t in range(T):
+            total = _row_dot_q8_0(qs, d, xq[t], xdx[t], r, n_steps)
+            for b in range(n_steps * WORD_BLOCKS, n_blocks):
+                dot = 0
+                for j in range(QK * b, QK * b + QK):
+                    dot += np.int32(qs[r, j]) * np.int32(xq[t, j])
+                total += _f16_to_f32(d[r, b]) * xdx[t, 8 * b] * np.float32(dot)
+            out[t, r] = total + bias[r]
+
+
+MATMUL = {"q8_0": matmul_q8_0, "q4_0": matmul_q4_0, "q4_m": matmul_q4_m, "q6_0": matmul_q6_0}

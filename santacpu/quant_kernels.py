@@ -545,7 +545,7 @@ def matvec(
     qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray, *, integer: bool | None = None
 ) -> None:
     """out [R] = W @ x [C] + bias [R] (all float32) for a block-quantized W given as its parts.
-    integer: the integer dot-product kernel (x rounded to int8 per block, see int_dot.py) or the
+    integer: the integer dot-product kernel (x rounded to integers per block, see int_dot.py) or the
     float one; None picks the integer one where this CPU and the format have it."""
     args = kernel_args(qtype, parts)
     rows, cols = _shape(qtype, args)
@@ -575,10 +575,11 @@ def matmul_few(
         _MATMUL_FEW[qtype](*args, x, bias, out, get_num_threads())
 
 
-def rounds_activations(qtype: str) -> bool:
-    """Whether one-token and few-token products with a `qtype` weight round x to int8 blocks
-    (the integer kernels; reference.round_activations is their NumPy twin)."""
-    return _use_int_dot(qtype, None)
+def activation_levels(qtype: str) -> int | None:
+    """The integer range (127: int8, 32767: int16) one-token and few-token products with a
+    `qtype` weight round x to, per block of 32 (the integer kernels; reference.round_activations
+    is their NumPy twin), or None where they use the float kernels."""
+    return int_dot.ACTIVATION_LEVELS[qtype] if _use_int_dot(qtype, None) else None
 
 
 def dequantize_rows(qtype: str, parts: dict[str, np.ndarray], first: int, last: int, out: np.ndarray) -> None:

@@ -57,6 +57,30 @@ def test_rounded_activations_layout():
     assert np.array_equal(xdx, np.repeat(scale, 4, axis=1))
 
 
+def test_rounded_activations_layout_for_q8_0():
+    rng = np.random.default_rng(4)
+    T, C = 2, 5 * 32  # whole steps and, with 2 blocks a step, one block after them
+    x = rng.standard_normal((T, C)).astype(np.float32)
+    xq = np.empty((T, C), np.int16)
+    xdx = np.empty((T, C // 4), np.float32)
+    int_dot.quantize_activations_words(x, xq, xdx)
+    blocks = x.reshape(T, -1, 32)
+    amax = np.abs(blocks).max(axis=2)
+    codes = np.rint(blocks * (np.float32(32767.0) / amax)[..., None])
+    S = int_dot.WORD_BLOCKS
+    natural = np.empty_like(codes)
+    for b in range(C // 32):  # undo the step order: a step's values 0..15 of each block, then 16..31
+        if b < (C // 32) // S * S:
+            first = (b // S) * S * 32 + (b % S) * 16
+            second = first + 16 * S
+        else:
+            first, second = 32 * b, 32 * b + 16
+        natural[:, b, :16] = xq[:, first : first + 16]
+        natural[:, b, 16:] = xq[:, second : second + 16]
+    assert np.array_equal(natural, codes)
+    assert np.array_equal(xdx, np.repeat(amax / np.float32(32767.0), 8, axis=1))
+
+
 CHILD = """
 import numpy as np
 from quantize.formats import FORMATS
@@ -71,7 +95,7 @@ for name in int_dot.FORMATS:
         bias = rng.standard_normal(rows).astype(np.float32)
         out = np.empty((3, rows), np.float32)
         qk.matmul_few(name, parts, x, bias, out, integer=True)
-        want = round_activations(x).astype(np.float64) @ FORMATS[name].dequantize(parts).T.astype(np.float64) + bias
+        want = round_activations(x, int_dot.ACTIVATION_LEVELS[name]).astype(np.float64) @ FORMATS[name].dequantize(parts).T.astype(np.float64) + bias
         err = np.abs(out - want).max() / np.abs(want).max()
         assert err < 1e-5, (name, rows, cols, err)
 print("ok", int_dot.ISA)

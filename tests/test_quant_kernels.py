@@ -34,15 +34,15 @@ def test_part_order_matches_the_formats():
 
 # Every (format, kernel kind) pair: the float kernels, and the integer dot-product ones
 # (santacpu/int_dot.py) for the formats and the CPU that have them. The integer kernels round x
-# to int8 blocks first; their oracle does the same in NumPy (reference.round_activations).
+# to integer blocks first; their oracle does the same in NumPy (reference.round_activations).
 KERNELS = [(name, False) for name in NAMES] + [
     (name, True) for name in int_dot.FORMATS if int_dot.ISA is not None
 ]
 KERNEL_IDS = [f"{name}-{'int' if integer else 'float'}" for name, integer in KERNELS]
 
 
-def oracle_input(x, integer):
-    return round_activations(x) if integer else x
+def oracle_input(x, name, integer):
+    return round_activations(x, int_dot.ACTIVATION_LEVELS[name]) if integer else x
 
 
 @pytest.mark.parametrize("name,integer", KERNELS, ids=KERNEL_IDS)
@@ -58,7 +58,7 @@ def test_matvec_matches_numpy(name, integer, rows, cols):
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.empty(rows, np.float32)
     qk.matvec(name, parts, x, bias, out, integer=integer)
-    want = fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, integer) + bias
+    want = fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, name, integer) + bias
     assert rel_err(out, want) < 1e-5
 
 
@@ -82,7 +82,7 @@ def test_matmul_few_matches_numpy(name, integer, rows, cols, T, threads):
         qk.matmul_few(name, parts, x, bias, out, integer=integer)
     finally:
         numba.set_num_threads(previous)
-    want = oracle_input(x, integer).astype(np.float64) @ fmt.dequantize(parts).astype(np.float64).T + bias
+    want = oracle_input(x, name, integer).astype(np.float64) @ fmt.dequantize(parts).astype(np.float64).T + bias
     assert rel_err(out, want) < 1e-5
     if integer:  # each token exactly as in its own one-token product
         for t in range(T):
@@ -117,7 +117,7 @@ def test_read_only_parts():
     out = np.empty(6, np.float32)
     for integer in [False] + ([True] if int_dot.ISA else []):
         qk.matvec("q4_0", parts, x, np.zeros(6, np.float32), out, integer=integer)
-        assert rel_err(out, fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, integer)) < 1e-5
+        assert rel_err(out, fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, "q4_0", integer)) < 1e-5
     tile = np.empty((6, 64), np.float32)
     qk.dequantize_rows("q4_0", parts, 0, 6, tile)
     assert np.allclose(tile, fmt.dequantize(parts), rtol=0, atol=1e-7)
