@@ -487,6 +487,8 @@ def machine_facts() -> dict:
     import numba
     import numpy as np
 
+    from . import int_dot
+
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
         with open("/proc/cpuinfo") as f:
@@ -509,6 +511,7 @@ def machine_facts() -> dict:
         "cores": os.cpu_count(),
         "usable_cores": default_threads(),
         "simd": [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
+        "integer_kernels": int_dot.ISA if int_dot.ENABLED else None,  # santacpu/int_dot.py's choice
         "memory_gib": memory_gib,
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -562,7 +565,8 @@ def format_table(report: dict) -> str:
     lines = [
         f"model    {m['path']} ({m['weights_type']}, {m['file_bytes'] / 1e6:.0f} MB)",
         (
-            f"machine  {machine['cpu']}, {machine['usable_cores']} cores usable; santacpu {report['santacpu_version']}; "
+            f"machine  {machine['cpu']}, {machine['usable_cores']} cores usable; integer kernels "
+            f"{machine.get('integer_kernels') or 'off'}; santacpu {report['santacpu_version']}; "
             f"{settings['threads']} threads; speeds are the {settings['statistic']} runs"
         ),
         "",
