@@ -10,6 +10,7 @@ Shape legend: T = tokens, E = n_embd, H = n_head, G = n_kv_head, D = head_dim, V
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -35,6 +36,9 @@ def dense(weight) -> np.ndarray:
     return weight.astype(np.float32)
 
 
+NO_ROUNDING: Mapping[str, int] = MappingProxyType({})  # the products of fp32 math: x as it is
+
+
 def round_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
     """x [..., C] float32 as the integer dot-product kernels see it (santacpu/int_dot.py): per
     block of 32 values, scale = max |x| / levels and x -> round(x * levels / max |x|) * scale."""
@@ -44,7 +48,7 @@ def round_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
     return (np.rint(blocks * inverse) * (amax / np.float32(levels))).reshape(x.shape)
 
 
-def linear(x: np.ndarray, weight, bias: np.ndarray | None = None, rounded: Mapping[str, int] = {}) -> np.ndarray:  # noqa: B006
+def linear(x: np.ndarray, weight, bias: np.ndarray | None = None, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
     """x [T, in] @ weight.T + bias; x first goes through round_activations(x, rounded[format])
     when the weight is block-quantized in a format listed in `rounded` (to mirror the integer
     kernels)."""
@@ -59,7 +63,7 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping[str, int] = {}) -> np.ndarray:
+def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
     """Causal multi-query attention of x [T, E] (already normalised), before the output projection."""
     T, E = x.shape
     D = E // n_head
@@ -77,17 +81,17 @@ def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: 
     return out.transpose(1, 0, 2).reshape(T, E)  # [T, E]
 
 
-def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping[str, int] = {}) -> np.ndarray:
+def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
     heads = attention_heads(x, layer, n_head, n_kv_head, rounded)
     return linear(heads, layer.attn_c_proj_weight, layer.attn_c_proj_bias, rounded)
 
 
-def mlp(x: np.ndarray, layer: LayerWeights, rounded: Mapping[str, int] = {}) -> np.ndarray:
+def mlp(x: np.ndarray, layer: LayerWeights, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
     h = gelu_tanh(linear(x, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, rounded))  # [T, I]
     return linear(h, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, rounded)  # [T, E]
 
 
-def forward(weights: ModelWeights, ids: Sequence[int], rounded: Mapping[str, int] = {}) -> np.ndarray:
+def forward(weights: ModelWeights, ids: Sequence[int], rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
     """Logits [T, V] float32 for every position of `ids` (positions 0..T-1). `rounded`: the
     block formats whose products first round x as the integer kernels do, each with its integer
     range (see `linear`)."""

@@ -52,8 +52,9 @@ def test_fast_path_on_packed_blocks_equals_the_oracle(files, qtype):
     # One and few tokens: the formats with integer kernels round x to integer blocks first, and so
     # does this oracle (reference.round_activations). A value at a rounding boundary can round the
     # other way in the kernels (their float sums differ in the last bits) and move one row by a
-    # rounding step, so: nearly every row at the same tolerance, every row within the int8
-    # rounding's own cost of the unrounded oracle (0.029 x scale measured on this model).
+    # rounding step, so: nearly every row at the same tolerance, and every row within the
+    # rounding's own cost of the unrounded oracle (measured on this model: int8 0.029 x scale,
+    # int16 1.2e-4 x scale).
     rounded = {t: activation_levels(t) for t in FORMATS if activation_levels(t)}
     cache = model._engine.new_cache()
     steps = [model._engine.forward(cache, ids[:3], all_logits=True)]  # the few-token kernel
@@ -61,7 +62,8 @@ def test_fast_path_on_packed_blocks_equals_the_oracle(files, qtype):
     got = np.concatenate(steps)
     row_errors = np.abs(got - reference.forward(model.weights, ids, rounded)).max(axis=1)
     assert np.mean(row_errors <= 1e-4 * scale) >= 0.9
-    assert np.abs(got - want).max() <= (0.06 if rounded.get(qtype) == 127 else 1e-3) * scale
+    bound = {127: 0.06, 32767: 1e-3}.get(rounded.get(qtype), 1e-4)
+    assert np.abs(got - want).max() <= bound * scale
 
 
 # Relative RMS logit error on the tiny *random* model (measured 0.013, 0.17, 0.19 when written):

@@ -485,7 +485,7 @@ def markdown(report: dict) -> str:
     m, s = report["machine"], report["settings"]
     lines = [
         (
-            f"Machine: {m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB ({m['date']}); santacpu "
+            f"Machine: {m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB ({m['date']}); "
             f"integer kernels: {m.get('integer_kernels') or 'off'}; santacpu "
             f"{report['santacpu_version']}; {s['threads']} threads; {s['prompt_tokens']}-token prompt, "
             f"{s['decode_tokens']} decoded tokens; median of {s['repeat']} (llama.cpp: mean of {s['repeat']})."
