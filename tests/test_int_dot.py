@@ -27,6 +27,23 @@ def test_instruction_choice():
     assert int_dot.choose_isa({"sse4.2", "avx"}) is None
 
 
+def natural_order(xq, per_step):
+    """xq [T, C] in the kernels' step order -> [T, C/32, 32] in natural order: a step's blocks are
+    stored as their values 0..15, then their values 16..31; blocks after the last whole step as
+    they are."""
+    n_blocks = xq.shape[1] // 32
+    natural = np.empty((xq.shape[0], n_blocks, 32), xq.dtype)
+    for b in range(n_blocks):
+        if b < n_blocks // per_step * per_step:
+            first = (b // per_step) * per_step * 32 + (b % per_step) * 16
+            second = first + 16 * per_step
+        else:
+            first, second = 32 * b, 32 * b + 16
+        natural[:, b, :16] = xq[:, first : first + 16]
+        natural[:, b, 16:] = xq[:, second : second + 16]
+    return natural
+
+
 def test_rounded_activations_layout():
     rng = np.random.default_rng(3)
     T, C = 2, 7 * 32  # whole vector steps and blocks after them
@@ -40,16 +57,7 @@ def test_rounded_activations_layout():
     amax = np.abs(blocks).max(axis=2)
     scale = amax / np.float32(127.0)
     codes = np.rint(blocks * np.divide(np.float32(127.0), amax, out=np.zeros_like(amax), where=amax > 0)[..., None])
-    S = int_dot.BLOCKS_PER_STEP
-    natural = np.empty_like(codes)
-    for b in range(C // 32):  # undo the step order: a step's values 0..15 of each block, then 16..31
-        if b < (C // 32) // S * S:
-            low = (b // S) * S * 32 + (b % S) * 16
-            high = low + 16 * S
-        else:
-            low, high = 32 * b, 32 * b + 16
-        natural[:, b, :16] = xq[:, low : low + 16]
-        natural[:, b, 16:] = xq[:, high : high + 16]
+    natural = natural_order(xq, int_dot.BLOCKS_PER_STEP)
     assert np.array_equal(natural, codes)
     assert np.allclose(natural * scale[..., None], round_activations(x).reshape(T, -1, 32), rtol=0, atol=1e-6)
     lane_sums = codes.reshape(T, -1, 2, 4, 4).sum(axis=(2, 4)).reshape(T, -1)  # lane g: values 4g.., 16+4g..
@@ -67,16 +75,7 @@ def test_rounded_activations_layout_for_q8_0():
     blocks = x.reshape(T, -1, 32)
     amax = np.abs(blocks).max(axis=2)
     codes = np.rint(blocks * (np.float32(32767.0) / amax)[..., None])
-    S = int_dot.WORD_BLOCKS
-    natural = np.empty_like(codes)
-    for b in range(C // 32):  # undo the step order: a step's values 0..15 of each block, then 16..31
-        if b < (C // 32) // S * S:
-            first = (b // S) * S * 32 + (b % S) * 16
-            second = first + 16 * S
-        else:
-            first, second = 32 * b, 32 * b + 16
-        natural[:, b, :16] = xq[:, first : first + 16]
-        natural[:, b, 16:] = xq[:, second : second + 16]
+    natural = natural_order(xq, int_dot.WORD_BLOCKS)
     assert np.array_equal(natural, codes)
     assert np.array_equal(xdx, np.repeat(amax / np.float32(32767.0), 8, axis=1))
 
