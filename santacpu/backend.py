@@ -14,11 +14,13 @@ Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D 
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 
 import numba
 import numpy as np
 
+from . import blas_threads
 from . import cpu_kernels as k
 from . import quant_kernels as qk
 from .quantized import QuantizedWeight
@@ -57,20 +59,23 @@ TILE_ROWS = 1024
 
 
 def _compressed_kernels(weight):
-    """(matvec(x, bias, out), matmul_few(x, bias, out), widen_rows(first, last, out)) for an fp16
-    or block-quantized weight."""
+    """(matvec(x, bias, out), matmul_few(x, bias, out), widen_rows(first, last, out), tiled) for
+    an fp16 or block-quantized weight; tiled: matmul_few also serves many tokens (the integer
+    matrix-matrix kernel), faster than widened tiles through BLAS."""
     if isinstance(weight, QuantizedWeight):
         qtype, parts = weight.qtype, weight.parts
         return (
             lambda x, bias, out: qk.matvec(qtype, parts, x, bias, out),
             lambda x, bias, out: qk.matmul_few(qtype, parts, x, bias, out),
             lambda first, last, out: qk.dequantize_rows(qtype, parts, first, last, out),
+            qk.has_integer_matmul(qtype),
         )
     bits = weight.view(np.uint16)  # fp16: Numba has no CPU float16, so pass the bits
     return (
         lambda x, bias, out: k.matvec_f16(bits, x, bias, out),
         lambda x, bias, out: k.matmul_few_f16(bits, x, bias, out, numba.get_num_threads()),
         lambda first, last, out: k.f16_rows_to_f32(bits, first, last, out),
+        False,
     )
 
 
@@ -80,6 +85,7 @@ class CpuBackend:
     def __init__(self):
         self._pool_warm = False  # did the last matrix product run in Numba's pool, not BLAS?
         self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
+        self._numba_products: bool | None = None  # see _products_in_numba (one model per backend)
 
     def _threads_for(self, work: int) -> int:
         least = WARM_PARALLEL_MIN_WORK if self._pool_warm else PARALLEL_MIN_WORK
@@ -102,12 +108,12 @@ class CpuBackend:
             np.matmul(x, weight.T, out=out)
             out += bias
             return out
-        matvec, matmul_few, widen_rows = _compressed_kernels(weight)
-        self._pool_warm = T < BLAS_MIN_TOKENS
+        matvec, matmul_few, widen_rows, tiled = _compressed_kernels(weight)
+        self._pool_warm = T < BLAS_MIN_TOKENS or tiled
         if T == 1:
             matvec(x[0], bias, out[0])
             return out
-        if T < BLAS_MIN_TOKENS:  # one pass over the weight for all T tokens
+        if T < BLAS_MIN_TOKENS or tiled:  # one pass over the weight for all T tokens
             matmul_few(np.ascontiguousarray(x), bias, out)
             return out
         tile = np.empty((min(TILE_ROWS, n_out), n_in), np.float32)
@@ -118,6 +124,24 @@ class CpuBackend:
             np.matmul(x, tile[: last - first].T, out=out[:, first:last])
         out += bias
         return out
+
+    def many_tokens(self, weights) -> contextlib.AbstractContextManager:
+        """The context for a forward of BLAS_MIN_TOKENS tokens or more: BLAS kept to the calling
+        thread when most of the linear weights' products run in Numba's integer matrix kernels
+        (see blas_threads for why), else nothing."""
+        return blas_threads.single_threaded() if self._products_in_numba(weights) else contextlib.nullcontext()
+
+    def _products_in_numba(self, weights) -> bool:
+        if self._numba_products is None:
+            tiled = total = 0
+            for layer in weights.layers:
+                for w in (layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight):
+                    size = w.shape[0] * w.shape[1]
+                    total += size
+                    if isinstance(w, QuantizedWeight) and qk.has_integer_matmul(w.qtype):
+                        tiled += size
+            self._numba_products = 2 * tiled > total
+        return self._numba_products
 
     def layer_norm(
         self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None

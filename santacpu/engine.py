@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .backend import CpuBackend
+from .backend import BLAS_MIN_TOKENS, CpuBackend
 from .errors import SantacpuError
 from .weights import ModelWeights
 
@@ -93,7 +93,10 @@ class Engine:
         if cache.length + len(ids) > cache.capacity:
             raise ValueError(f"{cache.length} + {len(ids)} tokens exceed the cache's {cache.capacity} positions")
         with KERNEL_LOCK:
-            return self._forward(cache, ids, all_logits)
+            if len(ids) < BLAS_MIN_TOKENS:
+                return self._forward(cache, ids, all_logits)
+            with self.backend.many_tokens(self.weights):
+                return self._forward(cache, ids, all_logits)
 
     def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         pieces = []

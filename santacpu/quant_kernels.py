@@ -553,7 +553,7 @@ def matvec(
     if x.shape != (cols,) or bias.shape != (rows,) or out.shape != (rows,) or out.dtype != np.float32:
         raise ValueError(f"matvec {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
     if _use_int_dot(qtype, integer):
-        int_dot.MATMUL[qtype](*args, x[None], bias, out[None])
+        int_dot.matmul(qtype, args, x[None], bias, out[None])
     else:
         _MATVEC[qtype](*args, x, bias, out)
 
@@ -570,9 +570,16 @@ def matmul_few(
     if x.shape != (T, cols) or bias.shape != (rows,) or out.shape != (T, rows) or out.dtype != np.float32:
         raise ValueError(f"matmul_few {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
     if _use_int_dot(qtype, integer):
-        int_dot.MATMUL[qtype](*args, x, bias, out)
+        int_dot.matmul(qtype, args, x, bias, out)
     else:
         _MATMUL_FEW[qtype](*args, x, bias, out, get_num_threads())
+
+
+def has_integer_matmul(qtype: str) -> bool:
+    """Whether matmul_few on a `qtype` weight runs the integer matrix-matrix kernel, which beats
+    widening the weight for BLAS at any number of tokens (the 4- and 6-bit formats; measured on
+    512 tokens x 2048 x 8192: 49 against 60-62 ms)."""
+    return _use_int_dot(qtype, None) and qtype in int_dot.TILED_FORMATS
 
 
 def activation_levels(qtype: str) -> int | None:

@@ -124,3 +124,57 @@ def test_narrower_instruction_sets(isa, drop, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", isa]
+
+
+@pytest.mark.parametrize("name", int_dot.TILED_FORMATS)
+def test_many_tokens_through_the_matrix_kernel(name):
+    # Several 64-row panels and rows after the last 4-row tile; tokens in tiles of 3 and after them;
+    # 7 blocks a row: whole vector steps and a tail. Each token equals its one-token product.
+    from quantize.formats import FORMATS
+    from santacpu import quant_kernels as qk
+
+    if not qk.has_integer_matmul(name):
+        pytest.skip("no integer kernels on this CPU")
+    rng = np.random.default_rng(6)
+    rows, cols, T = 2 * int_dot.PANEL_ROWS + 6, 7 * 32, 40
+    parts = FORMATS[name].quantize(rng.standard_normal((rows, cols)).astype(np.float32))
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    out = np.full((T, rows), np.nan, np.float32)
+    qk.matmul_few(name, parts, x, bias, out)
+    want = round_activations(x).astype(np.float64) @ FORMATS[name].dequantize(parts).T.astype(np.float64) + bias
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+    for t in (0, 38, 39):
+        alone = np.empty(rows, np.float32)
+        qk.matvec(name, parts, x[t], bias, alone)
+        assert np.array_equal(alone, out[t])
+
+
+def test_blas_is_single_threaded_only_inside_the_block():
+    from santacpu import blas_threads
+
+    found = blas_threads.controls()
+    if found is None:
+        pytest.skip("NumPy's BLAS is not OpenBLAS")
+    get, set_ = found
+    before = get()
+    set_(2)
+    try:
+        with blas_threads.single_threaded():
+            assert get() == 1
+        assert get() == 2
+    finally:
+        set_(before)
+
+
+def test_many_token_forwards_quiet_blas_only_where_numba_does_the_products(tmp_path):
+    from helpers import tiny_checkpoint
+
+    import santacpu
+    from quantize.converter import convert
+
+    expected = {"q4_0": int_dot.ENABLED, "q4_m": False, "q8_0": False}
+    for qtype, quiet in expected.items():
+        path = convert(tiny_checkpoint(), tmp_path / f"{qtype}.safetensors", qtype=qtype, upgrade_budget=0).out
+        model = santacpu.load(path)
+        assert model._engine.backend._products_in_numba(model.weights) == quiet, qtype
