@@ -523,9 +523,11 @@ def matmul_blocks(parts, x, bias, out):
     n_blocks = xdx.shape[1] // LANES_PER_BLOCK
     n_steps = n_blocks // BLOCKS_PER_STEP
     n_tiles = R // TILE_ROWS
-    if T == 1:  # decode: stream the rows, TILE_ROWS at a time
+    if T == 1:  # decode: stream the rows, TILE_ROWS at a time, in one parallel region
         for tile in prange(n_tiles):
             _tile(parts, xq, xfix, xdx, tile * TILE_ROWS, 0, n_steps, out, TILE_ROWS, 1)
+            for r in range(tile * TILE_ROWS, (tile + 1) * TILE_ROWS):
+                _finish(parts, xq, xfix, xdx, n_steps, r, 0, bias, out)
     else:
         panel_tiles = PANEL_ROWS // TILE_ROWS
         whole_tokens = T // TILE_TOKENS * TILE_TOKENS
@@ -537,16 +539,13 @@ def matmul_blocks(parts, x, bias, out):
             for token in range(whole_tokens, T):
                 for tile in tiles:
                     _tile(parts, xq, xfix, xdx, tile * TILE_ROWS, token, n_steps, out, TILE_ROWS, 1)
-    for r in prange(n_tiles * TILE_ROWS, R):  # rows after the last whole tile
+        for t in prange(T):  # along out's rows (a token's outputs are contiguous)
+            for r in range(n_tiles * TILE_ROWS):
+                _finish(parts, xq, xfix, xdx, n_steps, r, t, bias, out)
+    for r in range(n_tiles * TILE_ROWS, R):  # the (at most 3) rows after the last whole tile
         for t in range(T):
             _tile(parts, xq, xfix, xdx, r, t, n_steps, out, 1, 1)
-    if T == 1:
-        for r in prange(R):
-            _finish(parts, xq, xfix, xdx, n_steps, r, 0, bias, out)
-    else:  # along out's rows (a token's outputs are contiguous)
-        for t in prange(T):
-            for r in range(R):
-                _finish(parts, xq, xfix, xdx, n_steps, r, t, bias, out)
+            _finish(parts, xq, xfix, xdx, n_steps, r, t, bias, out)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
