@@ -1,11 +1,11 @@
 """The kernel layer: the few operations a forward pass needs, behind one small interface.
 
-`CpuBackend` implements them with the Numba kernels of `cpu_kernels.py` / `quant_kernels.py` and
-NumPy/BLAS: fp32 weights always go to BLAS (gemv for one token, gemm for many); compressed weights
-(fp16, block-quantized), which BLAS cannot read, use a Numba matrix-vector kernel on the packed
-data for one token, a few-token kernel that widens a few rows at a time and applies them to every
-token (one pass over the weight: speculative verification), and BLAS on widened row tiles for
-many (no dequantized copy of a whole matrix ever exists).
+`CpuBackend` implements them with the Numba kernels of `cpu_kernels.py` / `quant_kernels.py` /
+`int_dot.py` and NumPy/BLAS: fp32 weights always go to BLAS (gemv for one token, gemm for many);
+compressed weights (fp16, block-quantized), which BLAS cannot read, use a Numba matrix-vector
+kernel on the packed data for one token, a few-token kernel that reads the weight once for every
+token (speculative verification), and for many tokens either the integer matrix kernel (q4_0,
+q6_0) or BLAS on widened row tiles (no dequantized copy of a whole matrix ever exists).
 A GPU backend implements the same methods. Weight types are dispatched here, at the matmul,
 never by copying the forward pass per type.
 
@@ -85,7 +85,7 @@ class CpuBackend:
     def __init__(self):
         self._pool_warm = False  # did the last matrix product run in Numba's pool, not BLAS?
         self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
-        self._numba_products: bool | None = None  # see _products_in_numba (one model per backend)
+        self._numba_products: dict[int, bool] = {}  # id(weights) -> see _products_in_numba
 
     def _threads_for(self, work: int) -> int:
         least = WARM_PARALLEL_MIN_WORK if self._pool_warm else PARALLEL_MIN_WORK
@@ -132,7 +132,8 @@ class CpuBackend:
         return blas_threads.single_threaded() if self._products_in_numba(weights) else contextlib.nullcontext()
 
     def _products_in_numba(self, weights) -> bool:
-        if self._numba_products is None:
+        """Whether most of a model's linear weights (by size) have the integer matrix kernel."""
+        if id(weights) not in self._numba_products:
             tiled = total = 0
             for layer in weights.layers:
                 for w in (layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight):
@@ -140,8 +141,8 @@ class CpuBackend:
                     total += size
                     if isinstance(w, QuantizedWeight) and qk.has_integer_matmul(w.qtype):
                         tiled += size
-            self._numba_products = 2 * tiled > total
-        return self._numba_products
+            self._numba_products[id(weights)] = 2 * tiled > total
+        return self._numba_products[id(weights)]
 
     def layer_norm(
         self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None
