@@ -45,6 +45,8 @@ Blocks after the last whole step keep their natural order (the drivers finish th
 
 The instruction choice is made when a kernel compiles, from the target features Numba compiles
 for; Numba's on-disk cache is keyed by those features, so cached code never meets another CPU.
+(Like quant_kernels.py, the kernels here inline cpu_kernels.py's `_f16_to_f32`, and Numba's cache
+only tracks this file: after editing that helper, delete santacpu/__pycache__/*.nb[ic].)
 (The old `<N x i32>` operand form of the VNNI intrinsics is used: LLVM 22 still upgrades it, and
 older LLVMs know only that one.)
 """
