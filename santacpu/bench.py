@@ -8,7 +8,7 @@ other, so that its peak RSS and its Numba compile state belong to that measureme
 |-----------|---------------|-----------------|
 | `speed`   | load (page cache warm), first one-token forward, then `repeat` times: prefill of a P-token prompt, greedy decode of exactly N tokens driven token by token through the engine (EOS does not stop it), time to first token of a ~F-token FIM request through `Model.complete` | load s, first forward s, prefill tok/s, decode tok/s, FIM TTFT s (medians), peak RSS of that child |
 | `lookup`  | where `Model.generate` has prompt-lookup drafting (`lookup=`): greedy generation of N tokens with and without it, after a prompt whose continuation echoes it (a code chunk, then its first part again) and after a plain code prompt; decode speed from the first token on, tokens compared | tok/s each way, speed-up, drafted/accepted tokens, identical output |
-| `memory`  | one `Model.generate` request filling a C-token context (default: the model's whole context) | peak RSS |
+| `memory`  | one `Model.generate` request filling a C-token context (default: the model's whole context); before it, the resident memory of everything but the weights once Numba's runtime is started | peak RSS, the runtime's share |
 | `load`    | the model's files dropped from the page cache first (`posix_fadvise(DONTNEED)`: best-effort, the kernel may keep pages), then load and first one-token forward | cold load s, cold first forward s |
 | `compile` | twice with `NUMBA_CACHE_DIR` set to one fresh folder: the first run compiles every kernel the model uses, the second loads them from that on-disk cache; each times import, load and one tiny forward (a 16-token prefill, one decode step) and that forward again | seconds each |
 
@@ -372,16 +372,27 @@ def _child_lookup(job: dict, import_s: float) -> dict:
 
 
 def _child_memory(job: dict, import_s: float) -> dict:
+    import numpy as np
+
+    from . import cpu_kernels
+
     model = _load(job)
     context = job["memory_context"]
     ids = text_token_stream(model.tokenizer, context, model.config.vocab_size)[: context - MEMORY_DECODE_TOKENS]
     rss_loaded = current_rss_mb()
+    # The runtime's own share: start Numba's runtime (LLVM, its runtime library, the on-disk
+    # cache) with a tiny kernel that touches no weight, then count everything but the weights.
+    row = np.ones((1, 8), np.float32)
+    cpu_kernels.layer_norm(row, row[0], row[0], np.float32(1e-5), np.empty_like(row))
+    weights_resident = mapped_file_rss_mb(job["files"])
+    rss_runtime = None if weights_resident is None else current_rss_mb() - weights_resident
     produced = sum(1 for _ in model.generate(ids, max_new_tokens=MEMORY_DECODE_TOKENS))
     return {
         "context_tokens": context,
         "prompt_tokens": len(ids),
         "decoded_tokens": produced,
         "rss_after_load_mb": rss_loaded,
+        "rss_runtime_mb": rss_runtime,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -483,6 +494,24 @@ def current_rss_mb() -> float | None:
     return None
 
 
+def mapped_file_rss_mb(paths: list[str]) -> float | None:
+    """Resident MB of this process's memory mappings of `paths` (Linux's /proc/self/smaps;
+    None where that is missing)."""
+    wanted = {os.path.realpath(p) for p in paths}
+    total_kib, counting = 0, False
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                fields = line.split()
+                if "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header line
+                    counting = len(fields) >= 6 and os.path.realpath(fields[5]) in wanted
+                elif counting and fields[0] == "Rss:":
+                    total_kib += int(fields[1])
+    except OSError:
+        return None
+    return total_kib * 1024 / 1e6
+
+
 def machine_facts() -> dict:
     import numba
     import numpy as np
@@ -545,6 +574,7 @@ def summarize(results: dict, file_bytes: int) -> dict:
         "compile_first_run_s": compile_.get("first_run", {}).get("total_s"),
         "compile_cached_run_s": compile_.get("cached_run", {}).get("total_s"),
         "peak_rss_mb": memory.get("peak_rss_mb"),
+        "rss_runtime_mb": memory.get("rss_runtime_mb"),
         "peak_rss_speed_run_mb": speed.get("peak_rss_mb"),
         "file_mb": file_bytes / 1e6,
     }
@@ -621,6 +651,12 @@ def format_table(report: dict) -> str:
             f"file {s['file_mb']:.0f} MB {over:+.0f} (bound +{RSS_BOUND_EXTRA_MB}: "
             f"{'within' if over <= RSS_BOUND_EXTRA_MB else 'over'})",
         )
+        if s.get("rss_runtime_mb") is not None:
+            runtime = s["rss_runtime_mb"]
+            row("  of which the runtime, before the model runs", f"{runtime:.0f} MB",
+                "Python, NumPy, Numba with LLVM's code, the tokenizer, the model's small tensors")
+            row("  of which the model's work above the file", f"{over - runtime:+.0f} MB",
+                "KV cache, activations, kernel buffers")
     if "speed" in results:
         row("peak RSS, speed run", f"{s['peak_rss_speed_run_mb']:.0f} MB")
     return "\n".join(lines)

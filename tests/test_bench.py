@@ -91,6 +91,10 @@ def test_bench_memory_load_compile_lookup(bench_report):
     assert memory["context_tokens"] == n_ctx and memory["prompt_tokens"] + 8 == n_ctx
     assert positive(memory["peak_rss_mb"]) and memory["peak_rss_mb"] >= memory["rss_after_load_mb"]
     assert summary["rss_bound_mb"] == pytest.approx(summary["file_mb"] + 150)
+    # The runtime's share excludes the weights' pages: less than the RSS right after loading
+    # (which maps them) plus Numba's start, and a real share of it.
+    assert 20 < memory["rss_runtime_mb"] < memory["peak_rss_mb"]
+    assert summary["rss_runtime_mb"] == memory["rss_runtime_mb"]
     assert positive(results["load"]["load_s"]) and positive(results["load"]["first_forward_s"])
     for run in ("first_run", "cached_run"):
         c = results["compile"][run]
@@ -102,6 +106,24 @@ def test_bench_memory_load_compile_lookup(bench_report):
             assert lookup[case]["generated_tokens"] >= 1
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="Linux's /proc/self/smaps reports mappings")
+def test_mapped_file_rss_counts_only_that_file_pages(tmp_path):
+    import numpy as np
+
+    from santacpu.bench import mapped_file_rss_mb
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(np.arange(4 * 2**20 // 8, dtype=np.int64).tobytes())  # 4 MiB
+    assert mapped_file_rss_mb([str(path)]) == 0  # not mapped yet
+    mapped = np.memmap(path, dtype=np.int64, mode="r")
+    first_half = int(mapped[: mapped.size // 2].sum())  # touches the first 2 MiB only
+    half = mapped_file_rss_mb([str(path)])
+    assert first_half > 0 and 2 * 2**20 / 1e6 <= half < 4 * 2**20 / 1e6
+    int(mapped.sum())
+    assert mapped_file_rss_mb([str(path)]) == pytest.approx(4 * 2**20 / 1e6)
+    del mapped
+
+
 def test_bench_prints_a_table(bench_report):
     _, table = bench_report
     for label in (
@@ -109,6 +131,7 @@ def test_bench_prints_a_table(bench_report):
         "decode, 5 tokens",
         "FIM time to first token",
         "peak RSS",
+        "of which the runtime",
         "Numba, first run",
         "Numba, on-disk cache",
         "cold page cache",
@@ -181,6 +204,7 @@ def test_peer_ratios_and_markdown():
             "decode_tok_s": decode,
             "peak_rss_mb": rss,
             "peak_rss_full_context_mb": rss + 10,
+            "rss_runtime_mb": 70.0,
             "file_bytes": file_mb * 1e6,
             "full_context_tokens": 2048,
             "weights_type": "x",
@@ -206,7 +230,7 @@ def test_peer_ratios_and_markdown():
     missing = rows[("decode (tok/s)", "q8_0", "CTranslate2 int8")]
     assert missing["ratio"] is None and missing["note"] == NOT_INSTALLED
     bound = rows[("peak RSS at a 2048-token context vs file size (MB)", "q8_0", "file size")]
-    assert "+98 MB" in bound["note"] and "within" in bound["note"]
+    assert "+98 MB (runtime 70, model's work +28)" in bound["note"] and "within" in bound["note"]
     text = markdown(
         {
             "machine": {"cpu": "cpu", "usable_cores": 2, "memory_gib": 24, "date": "today"},

@@ -378,6 +378,7 @@ def bench_santacpu(args, label: str, model: str) -> dict:
         "decode_tok_s": summary["decode_tok_s"],
         "peak_rss_mb": summary["peak_rss_speed_run_mb"],
         "peak_rss_full_context_mb": summary["peak_rss_mb"],
+        "rss_runtime_mb": summary.get("rss_runtime_mb"),
         "full_context_tokens": report["results"]["memory"]["context_tokens"],
         "report": report,
     }
@@ -433,6 +434,8 @@ def compare(santacpu: dict, peers: dict) -> list[dict]:
         if ok(entry) and entry.get("peak_rss_full_context_mb"):
             file_mb = entry["file_bytes"] / 1e6
             over = entry["peak_rss_full_context_mb"] - file_mb
+            runtime = entry.get("rss_runtime_mb")
+            split = f" (runtime {runtime:.0f}, model's work {over - runtime:+.0f})" if runtime is not None else ""
             rows.append(
                 {
                     "figure": f"peak RSS at a {entry['full_context_tokens']}-token context vs file size (MB)",
@@ -441,7 +444,7 @@ def compare(santacpu: dict, peers: dict) -> list[dict]:
                     "peer": "file size",
                     "peer_value": file_mb,
                     "ratio": entry["peak_rss_full_context_mb"] / file_mb,
-                    "note": f"{over:+.0f} MB; bound +150 MB: {'within' if over <= 150 else 'over'}",
+                    "note": f"{over:+.0f} MB{split}; bound +150 MB: {'within' if over <= 150 else 'over'}",
                 }
             )
     lookup = (santacpu.get("q8_0") or {}).get("report", {}).get("results", {}).get("lookup")
