@@ -5,7 +5,7 @@
 compressed weights (fp16, block-quantized), which BLAS cannot read, use a Numba matrix-vector
 kernel on the packed data for one token, a few-token kernel that reads the weight once for every
 token (speculative verification), and for many tokens either the integer matrix kernel (q4_0,
-q6_0) or BLAS on widened row tiles (no dequantized copy of a whole matrix ever exists).
+q4_m, q6_0) or BLAS on widened row tiles (no dequantized copy of a whole matrix ever exists).
 A GPU backend implements the same methods. Weight types are dispatched here, at the matmul,
 never by copying the forward pass per type.
 

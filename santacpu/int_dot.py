@@ -1,6 +1,6 @@
 """Integer dot products for the block formats (q8_0, q4_0, q4_m, q6_0), on CPUs that have them:
-one-token and few-token products for every format, and for q4_0 and q6_0 also the matrix
-products of a long prompt.
+one-token and few-token products for every format, and for the 4/6-bit ones (q4_0, q4_m, q6_0)
+also the matrix products of a long prompt.
 
 Why: the float kernels of `quant_kernels.py` widen every code to float32 (about 7 vector
 operations per 32 weights for q4_0), which made 4-bit decode compute-bound: q4_0 read 15 GB/s
@@ -28,8 +28,10 @@ tokens keeps its 12 accumulators and the tokens' x in the 32 vector registers, a
 Measured on the full-size model (2 threads): a decode pass over all weights q4_0 51 -> 31 ms,
 q8_0 59 -> 50 ms; 512 tokens x [8192 x 2048] q4_0 49 ms against 60 through fp32 tiles and BLAS,
 and a 512-token prefill of the q4_0 model 107-112 -> 140 tok/s (with BLAS kept single-threaded
-meanwhile, see blas_threads.py). q4_m keeps BLAS for long prompts: its minimums cost one more
-product per (row, token, block). The cost of x's rounding on the trained test model: +2% mean KLD for a 4-bit
+meanwhile, see blas_threads.py). q4_m's minimums add one product per (row, token, block), done
+as a contiguous dot of the row's minimum codes with the token's block sums of x (`_block_sums`):
+512 tokens x [8192 x 2048] q4_m 52 ms (61 through fp32 tiles and BLAS; 106 with the minimums
+summed from x's lanes per row). The cost of x's rounding on the trained test model: +2% mean KLD for a 4-bit
 file (tests/test_quant_accuracy.py), the trade llama.cpp makes in all its quantized products.
 
 Layouts of the rounded x (per token):
@@ -100,8 +102,7 @@ ENABLED = ISA is not None and os.environ.get(DISABLE_ENV, "1") != "0"
 # The formats with integer kernels, and the integer range x is rounded to for each.
 ACTIVATION_LEVELS = {"q8_0": 32767, "q4_0": 127, "q4_m": 127, "q6_0": 127}
 FORMATS = tuple(ACTIVATION_LEVELS)
-TILED_FORMATS = ("q4_0", "q6_0")  # whose matrix-matrix kernel beats BLAS for many tokens (q4_m's
-# minimums, one more product per (row, token, block), make it slower)
+TILED_FORMATS = ("q4_0", "q4_m", "q6_0")  # whose matrix-matrix kernel beats BLAS for many tokens
 
 
 # --- LLVM IR helpers (S = BLOCKS_PER_STEP; a step's codes are one vector of 16 S bytes) -----------
@@ -477,36 +478,57 @@ def _block_tail_impl(parts, r, b, xq, xfix):
     return None
 
 
-def _finish_row(parts, r, total, xfix, xdx):
-    """Row r's output (before the bias) from its summed dot `total`."""
+def _block_sums(parts, xfix, xdx):
+    """[T, n_blocks] float32: what the format's last terms need of each block of x; q4_m: the
+    sums of x's rounded values times x's block scale, [T, 0] for the others."""
 
 
-@overload(_finish_row)
-def _finish_row_impl(parts, r, total, xfix, xdx):
+@overload(_block_sums)
+def _block_sums_impl(parts, xfix, xdx):
     if _parts_format(parts) != "q4_m":
-        return lambda parts, r, total, xfix, xdx: total
+        return lambda parts, xfix, xdx: np.empty((xdx.shape[0], 0), np.float32)
 
-    def q4_m(parts, r, total, xfix, xdx):
+    def q4_m(parts, xfix, xdx):
         # The minimums meet the sums of x's int8 values (xfix / -8), not of x itself, so that the
         # result is W @ (x as rounded) and the codes' large mean cancels exactly (float sums of x:
         # ~2.5x the error, measured).
-        sc, mn, d, dmin = parts[1], parts[2], parts[3], parts[4]
+        n_blocks = xdx.shape[1] // LANES_PER_BLOCK
+        sums = np.empty((xdx.shape[0], n_blocks), np.float32)
+        for t in range(xdx.shape[0]):
+            for b in range(n_blocks):
+                sums[t, b] = xdx[t, 4 * b] * np.float32(_fix_sum(xfix[t], b))
+        return sums
+
+    return q4_m
+
+
+def _finish_row(parts, r, total, block_sums):
+    """Row r's output (before the bias) from its summed dot `total` and one token's _block_sums."""
+
+
+@overload(_finish_row)
+def _finish_row_impl(parts, r, total, block_sums):
+    if _parts_format(parts) != "q4_m":
+        return lambda parts, r, total, block_sums: total
+
+    def q4_m(parts, r, total, block_sums):
+        mn, d, dmin = parts[2], parts[3], parts[4]
         minimums = np.float32(0.0)
-        for b in range(sc.shape[1]):
-            minimums += np.float32(mn[r, b]) * xdx[4 * b] * np.float32(_fix_sum(xfix, b))
+        for b in range(block_sums.shape[0]):  # contiguous in both: vectorised
+            minimums += np.float32(mn[r, b]) * block_sums[b]
         return d[r, 0] * total + np.float32(0.125) * dmin[r, 0] * minimums
 
     return q4_m
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _finish(parts, xq, xfix, xdx, n_steps, r, t, bias, out):
+def _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out):
     """out[t, r] (the tiles' sum) += the blocks after the last whole step, the format's last
     terms and the bias."""
     total = out[t, r]
     for b in range(n_steps * BLOCKS_PER_STEP, xdx.shape[1] // LANES_PER_BLOCK):
         total += xdx[t, 4 * b] * _block_tail(parts, r, b, xq[t], xfix[t])
-    out[t, r] = _finish_row(parts, r, total, xfix[t], xdx[t]) + bias[r]
+    out[t, r] = _finish_row(parts, r, total, block_sums[t]) + bias[r]
 
 
 TILE_ROWS = 4  # rows x tokens of a many-token tile: 12 accumulators and the tokens' x vectors fit
@@ -520,6 +542,7 @@ def matmul_blocks(parts, x, bias, out):
     """out [T, R] = x [T, C] @ W.T + bias [R] for a 4/6-bit weight given as its parts tuple (PART_ORDER
     of quant_kernels); x, bias, out float32."""
     xq, xfix, xdx = _activations(x)
+    block_sums = _block_sums(parts, xfix, xdx)
     T = x.shape[0]
     R = parts[0].shape[0]
     n_blocks = xdx.shape[1] // LANES_PER_BLOCK
@@ -529,7 +552,7 @@ def matmul_blocks(parts, x, bias, out):
         for tile in prange(n_tiles):
             _tile(parts, xq, xfix, xdx, tile * TILE_ROWS, 0, n_steps, out, TILE_ROWS, 1)
             for r in range(tile * TILE_ROWS, (tile + 1) * TILE_ROWS):
-                _finish(parts, xq, xfix, xdx, n_steps, r, 0, bias, out)
+                _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, 0, bias, out)
     else:
         panel_tiles = PANEL_ROWS // TILE_ROWS
         whole_tokens = T // TILE_TOKENS * TILE_TOKENS
@@ -543,11 +566,11 @@ def matmul_blocks(parts, x, bias, out):
                     _tile(parts, xq, xfix, xdx, tile * TILE_ROWS, token, n_steps, out, TILE_ROWS, 1)
         for t in prange(T):  # along out's rows (a token's outputs are contiguous)
             for r in range(n_tiles * TILE_ROWS):
-                _finish(parts, xq, xfix, xdx, n_steps, r, t, bias, out)
+                _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out)
     for r in range(n_tiles * TILE_ROWS, R):  # the (at most 3) rows after the last whole tile
         for t in range(T):
             _tile(parts, xq, xfix, xdx, r, t, n_steps, out, 1, 1)
-            _finish(parts, xq, xfix, xdx, n_steps, r, t, bias, out)
+            _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
