@@ -654,7 +654,8 @@ def format_table(report: dict) -> str:
         if s.get("rss_runtime_mb") is not None:
             runtime = s["rss_runtime_mb"]
             row("  of which the runtime, before the model runs", f"{runtime:.0f} MB",
-                "Python, NumPy, Numba with LLVM's code, the tokenizer, the model's small tensors")
+                "all but the mapped weights: Python, NumPy, Numba with LLVM's code, the tokenizer, "
+                "tensors converted at load")
             row("  of which the model's work above the file", f"{over - runtime:+.0f} MB",
                 "KV cache, activations, kernel buffers")
     if "speed" in results:

@@ -103,6 +103,7 @@ class SafetensorsFile:
         if size > self._data_start:
             with open(self.path, "rb") as f:
                 self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            advise_huge_pages(self._map)
         self._buffer = np.frombuffer(self._map, dtype=np.uint8) if self._map is not None else np.empty(0, np.uint8)
 
     def names(self) -> list[str]:
@@ -148,6 +149,26 @@ class SafetensorsFile:
         last = stop // page * page
         if last > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def advise_huge_pages(mapping: mmap.mmap) -> None:
+    """Ask Linux to map the file with 2 MiB pages where it can (a no-op elsewhere).
+
+    A decode step reads every weight once, so the speed of reading the mapping bounds the speed
+    of decoding, and 2 MiB mappings save a page-table walk per 4 KiB. Measured on the development
+    machine, the same cached pages of a 709 MB file read by a 2-thread pass: 33.1 GB/s through
+    4 KiB mappings, 37.8 through 2 MiB ones. (Where the pages sit in the virtual machine's memory
+    mattered more: another copy of the file read 22.4 and 23.0.) Linux maps a range with a 2 MiB
+    page when the page cache holds it as one 2 MiB folio: pages this advice makes it read in, or
+    a file written or read in large pieces; other ranges keep 4 KiB mappings, same results.
+    """
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return
+    try:
+        mapping.madvise(advice)
+    except OSError:  # transparent huge pages disabled or unsupported: 4 KiB pages
+        pass
 
 
 def dtype_name_of(array: np.ndarray) -> str:
