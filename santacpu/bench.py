@@ -6,7 +6,7 @@ other, so that its peak RSS and its Numba compile state belong to that measureme
 
 | part      | child process | what it reports |
 |-----------|---------------|-----------------|
-| `speed`   | load (page cache warm), first one-token forward, then `repeat` times: prefill of a P-token prompt, greedy decode of exactly N tokens driven token by token through the engine (EOS does not stop it), time to first token of a ~F-token FIM request through `Model.complete` | load s, first forward s, prefill tok/s, decode tok/s, FIM TTFT s (medians), peak RSS of that child |
+| `speed`   | (first, in the parent: the model files' read speed, parallel passes over their mapped pages, `santacpu/read_speed.py`) load (page cache warm), first one-token forward, then `repeat` times: prefill of a P-token prompt, greedy decode of exactly N tokens driven token by token through the engine (EOS does not stop it), time to first token of a ~F-token FIM request through `Model.complete` | load s, first forward s, prefill tok/s, decode tok/s and the weights' GB/s it reads (against the files' read speed), FIM TTFT s (medians), peak RSS of that child |
 | `lookup`  | where `Model.generate` has prompt-lookup drafting (`lookup=`): greedy generation of N tokens with and without it, after a prompt whose continuation echoes it (a code chunk, then its first part again) and after a plain code prompt; decode speed from the first token on, tokens compared | tok/s each way, speed-up, drafted/accepted tokens, identical output |
 | `memory`  | one `Model.generate` request filling a C-token context (default: the model's whole context); before it, the resident memory of everything but the weights once Numba's runtime is started | peak RSS, the runtime's share |
 | `load`    | the model's files dropped from the page cache first (`posix_fadvise(DONTNEED)`: best-effort, the kernel may keep pages), then load and first one-token forward | cold load s, cold first forward s |
@@ -110,6 +110,10 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     results: dict = {}
     _read_through(files)  # page cache warm for every run but the cold-load one
     if "speed" in settings.parts:
+        from .read_speed import read_speed_gb_s
+
+        log("read speed: parallel passes over the model files' mapped pages")
+        results["read_speed"] = {"gb_s": read_speed_gb_s(files, settings.threads), "bytes": file_bytes}
         log(
             f"speed: {settings.repeat} x (prefill {settings.prompt_tokens}, decode {settings.decode_tokens}"
             + (f", FIM {settings.fim_tokens}" if settings.fim_tokens else "")
@@ -311,6 +315,7 @@ def _child_speed(job: dict, import_s: float) -> dict:
     return {
         "import_s": import_s,
         "load_s": load_s,
+        "decode_weight_bytes": decode_weight_bytes(model.weights),
         "first_forward_s": first_forward_s,
         "prefill_tok_s": statistics.median(prefill),
         "decode_tok_s": statistics.median(decode),
@@ -469,6 +474,15 @@ def fim_texts(tokenizer, ids: list[int], n_prompt: int, n_ctx: int) -> tuple[str
         body -= excess  # decoding and re-encoding may merge or split a token at the cuts
 
 
+def decode_weight_bytes(weights) -> int:
+    """Bytes of weights one decode step reads: every layer's four matrices and the LM head (the
+    embedding tables give one row each, the small vectors are left out)."""
+    matrices = [weights.wte]
+    for layer in weights.layers:
+        matrices += [layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight]
+    return sum(int(m.nbytes) for m in matrices)
+
+
 def drop_page_cache(path: Path) -> bool:
     """Ask the kernel to forget the file's cached pages (clean pages only; best-effort)."""
     if not hasattr(os, "posix_fadvise"):
@@ -570,6 +584,10 @@ def summarize(results: dict, file_bytes: int) -> dict:
         "first_forward_cold_s": load.get("first_forward_s"),
         "prefill_tok_s": speed.get("prefill_tok_s"),
         "decode_tok_s": speed.get("decode_tok_s"),
+        "decode_gb_s": (
+            speed["decode_tok_s"] * speed["decode_weight_bytes"] / 1e9 if speed.get("decode_weight_bytes") else None
+        ),
+        "read_speed_gb_s": results.get("read_speed", {}).get("gb_s"),
         "fim_ttft_s": speed.get("fim_ttft_s"),
         "compile_first_run_s": compile_.get("first_run", {}).get("total_s"),
         "compile_cached_run_s": compile_.get("cached_run", {}).get("total_s"),
@@ -609,6 +627,14 @@ def format_table(report: dict) -> str:
         speed = results["speed"]
         row(f"prefill, {settings['prompt_tokens']}-token prompt", f"{s['prefill_tok_s']:.1f} tok/s")
         row(f"decode, {speed['decode_tokens_done']} tokens (greedy)", f"{s['decode_tok_s']:.2f} tok/s")
+        if s.get("decode_gb_s") is not None:
+            note = f"{speed['decode_weight_bytes'] / 1e6:.0f} MB of weights a token"
+            if s.get("read_speed_gb_s"):
+                note += (
+                    f"; this file's pages read at {s['read_speed_gb_s']:.1f} GB/s "
+                    f"({100 * s['decode_gb_s'] / s['read_speed_gb_s']:.0f}% of it)"
+                )
+            row("decode, weights read", f"{s['decode_gb_s']:.1f} GB/s", note)
         if s["fim_ttft_s"] is not None:
             row(f"FIM time to first token, {speed['fim_prompt_tokens']}-token prompt", f"{s['fim_ttft_s']:.3f} s")
         row("load, warm page cache", f"{s['load_warm_s']:.2f} s", f"first forward {s['first_forward_warm_s']:.2f} s")

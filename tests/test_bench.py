@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import helpers
+import numpy as np
 import pytest
 
 from santacpu import SantacpuError
@@ -65,7 +66,7 @@ def positive(value) -> bool:
 def test_bench_reports_every_part(bench_report):
     report, _ = bench_report
     assert set(report) >= {"santacpu_version", "settings", "machine", "model", "results", "summary"}
-    assert set(report["results"]) == set(PARTS)
+    assert set(report["results"]) == {*PARTS, "read_speed"}  # read_speed: measured with the speed part
     assert report["settings"]["threads"] == 1 and report["settings"]["statistic"] == f"median of {REPEAT}"
     assert report["model"]["weights_type"] == "f32"
     assert report["model"]["file_bytes"] == (helpers.tiny_checkpoint() / "model.safetensors").stat().st_size
@@ -81,6 +82,32 @@ def test_bench_speed_figures(bench_report):
     assert len(speed["samples"]["prefill_tok_s"]) == len(speed["samples"]["decode_tok_s"]) == REPEAT
     # The FIM prompt is close to the requested length and fits (re-tokenizing may move a cut by a token or two).
     assert FIM - 4 <= speed["fim_prompt_tokens"] <= FIM
+
+
+def test_bench_decode_bytes_against_the_files_read_speed(bench_report):
+    from santacpu.bench import decode_weight_bytes
+    from santacpu.checkpoint import read_checkpoint
+
+    report = bench_report[0]
+    speed, summary = report["results"]["speed"], report["summary"]
+    assert speed["decode_weight_bytes"] == decode_weight_bytes(read_checkpoint(helpers.tiny_checkpoint()))
+    assert 0 < speed["decode_weight_bytes"] < report["model"]["file_bytes"]
+    assert summary["decode_gb_s"] == pytest.approx(summary["decode_tok_s"] * speed["decode_weight_bytes"] / 1e9)
+    assert positive(report["results"]["read_speed"]["gb_s"]) and summary["read_speed_gb_s"] > 0
+    assert "decode, weights read" in bench_report[1]
+
+
+def test_read_speed_sums_every_word(tmp_path):
+    from santacpu.read_speed import _sum_words, read_speed_gb_s
+
+    words = np.random.default_rng(3).integers(-(2**62), 2**62, size=1001, dtype=np.int64)
+    for chunks in (1, 7, 16, 2000):  # uneven, and more chunks than words
+        assert _sum_words(words, chunks) == words.sum()
+    path = tmp_path / "words.bin"
+    path.write_bytes(words.tobytes() + b"tail")
+    assert positive(read_speed_gb_s([path], threads=1, passes=2))
+    (tmp_path / "tiny.bin").write_bytes(b"1234567")
+    assert read_speed_gb_s([tmp_path / "tiny.bin"]) is None
 
 
 def test_bench_memory_load_compile_lookup(bench_report):
@@ -202,6 +229,8 @@ def test_peer_ratios_and_markdown():
             "status": "ok",
             "prefill_tok_s": prefill,
             "decode_tok_s": decode,
+            "decode_gb_s": decode * file_mb / 1000,
+            "read_speed_gb_s": 18.0,
             "peak_rss_mb": rss,
             "peak_rss_full_context_mb": rss + 10,
             "rss_runtime_mb": 70.0,
@@ -217,7 +246,14 @@ def test_peer_ratios_and_markdown():
         "q4_m": ours(55.0, 17.0, 800, 712),
     }
     peers = {
-        "llama.cpp Q8_0": {"status": "ok", "prefill_tok_s": 50.0, "decode_tok_s": 12.0, "peak_rss_mb": 1250},
+        "llama.cpp Q8_0": {
+            "status": "ok",
+            "prefill_tok_s": 50.0,
+            "decode_tok_s": 12.0,
+            "peak_rss_mb": 1250,
+            "decode_gb_s": 14.4,
+            "read_speed_gb_s": 28.8,
+        },
         "llama.cpp Q4_0": {"status": "ok", "prefill_tok_s": 55.0, "decode_tok_s": 19.0, "peak_rss_mb": 1280},
         "CTranslate2 int8": {"status": NOT_INSTALLED},
     }
@@ -227,6 +263,11 @@ def test_peer_ratios_and_markdown():
     # The better 4-bit file is picked per figure: q4_0 decodes faster, q4_m prefills faster.
     assert rows[("decode, best 4-bit (tok/s)", "q4_0", "llama.cpp Q4_0")]["ratio"] == pytest.approx(1.0)
     assert rows[("prefill, best 4-bit (tok/s)", "q4_m", "llama.cpp Q4_0")]["ratio"] == pytest.approx(1.0)
+    # Shares of each file's read speed: 12 x 1.212 GB / 18 GB/s = 80.8% against 14.4 / 28.8 = 50%.
+    share = rows[("decode, share of its file's read speed (%)", "q8_0", "llama.cpp Q8_0")]
+    assert share["santacpu_value"] == pytest.approx(80.8) and share["ratio"] == pytest.approx(80.8 / 50)
+    unmeasured = rows[("decode, share of its file's read speed (%)", "q4_0", "llama.cpp Q4_0")]
+    assert unmeasured["peer_value"] is None and unmeasured["ratio"] is None  # that peer has no read speed
     missing = rows[("decode (tok/s)", "q8_0", "CTranslate2 int8")]
     assert missing["ratio"] is None and missing["note"] == NOT_INSTALLED
     bound = rows[("peak RSS at a 2048-token context vs file size (MB)", "q8_0", "file size")]

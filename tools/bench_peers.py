@@ -7,14 +7,16 @@ wait4). A peer that is not installed is reported as such, not as an error.
 | system | how it is measured |
 |---|---|
 | santacpu | `santacpu.bench.run_bench` (the `santacpu bench` logic): prefill tok/s of a P-token prompt, greedy decode tok/s over N tokens, peak RSS at a whole-context request; prompt-lookup decoding vs plain (q8_0 only) |
-| llama.cpp | `llama-bench -m MODEL.gguf -t THREADS -p P -n N -r REPEAT -o json` on GGUF files converted from the same checkpoint (Q8_0, Q4_0, F16) |
+| llama.cpp | `llama-bench -m MODEL.gguf -t THREADS -p P -n N -r REPEAT -o json` on GGUF files converted from the same checkpoint (Q8_0, Q4_0, F16); right before, the GGUF file's read speed (`santacpu/read_speed.py`) |
 | CTranslate2 | int8 (`ct2-transformers-converter --quantization int8`, converted once into a cache folder); one `generate_batch` call with a per-step callback: prefill = the prompt pass up to the first token (a 512-token prompt forwarded at once, plus one greedy step), decode = tokens/s between the first and last step (`min_length` keeps EOS from ending it early) |
 | transformers | fp32 `GPTBigCodeForCausalLM`, torch threads = THREADS; prefill = one forward over the prompt (LM head on the last position only), decode = one forward per token with the KV cache |
 
 Rows: santacpu q8_0 vs llama.cpp Q8_0 and vs CTranslate2 int8; the better santacpu 4-bit file
 (q4_0 or q4_m) vs llama.cpp Q4_0; santacpu fp32 vs transformers fp32; santacpu fp16 vs llama.cpp
-F16; santacpu peak RSS at a whole-context request vs the file size (bound: file + 150 MB);
-prompt-lookup vs plain decode.
+F16; decode's weight bytes/s as a share of its own file's read speed, santacpu vs llama.cpp (the
+files' pages can read at very different speeds: 15-38 GB/s on one virtual machine); santacpu peak
+RSS at a whole-context request vs the file size (bound: file + 150 MB); prompt-lookup vs plain
+decode.
 
     python -m tools.bench_peers --checkpoint /work/big/bigcode-f32 [--fp16-checkpoint /work/big/bigcode-f16]
         [--santacpu-file q8_0=FILE ...] [--gguf-dir /work/gguf] [--llamacpp-bin DIR] [--convert-gguf]
@@ -137,6 +139,9 @@ def bench_llama(args, qtype: str) -> dict:
     if path is None:
         return {"status": "missing", "why": why}
     log(f"llama.cpp {qtype}: llama-bench on {path}")
+    from santacpu.read_speed import read_speed_gb_s
+
+    read_speed = read_speed_gb_s([path], args.threads)  # its pages, as llama-bench will map them
     command = [
         str(binary),
         "-m",
@@ -155,13 +160,17 @@ def bench_llama(args, qtype: str) -> dict:
     code, out, err, rss = run_measured(command, thread_env(args.threads))
     if code:
         return {"status": "failed", "why": err.strip().splitlines()[-1:] or [f"exit code {code}"]}
-    return {
+    result = {
         "status": "ok",
         "file_bytes": path.stat().st_size,
         "peak_rss_mb": rss,
+        "read_speed_gb_s": read_speed,
         "command": " ".join(command),
         **parse_llama_bench(out),
     }
+    # A decode step reads (nearly) the whole GGUF file: every tensor but the position table's rows.
+    result["decode_gb_s"] = result["decode_tok_s"] * result["file_bytes"] / 1e9 if result.get("decode_tok_s") else None
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -379,6 +388,8 @@ def bench_santacpu(args, label: str, model: str) -> dict:
         "peak_rss_mb": summary["peak_rss_speed_run_mb"],
         "peak_rss_full_context_mb": summary["peak_rss_mb"],
         "rss_runtime_mb": summary.get("rss_runtime_mb"),
+        "decode_gb_s": summary.get("decode_gb_s"),
+        "read_speed_gb_s": summary.get("read_speed_gb_s"),
         "full_context_tokens": report["results"]["memory"]["context_tokens"],
         "report": report,
     }
@@ -427,6 +438,15 @@ def compare(santacpu: dict, peers: dict) -> list[dict]:
         add(figure, "q8_0", "CTranslate2 int8", key, unit)
         add(figure, "fp32", "transformers fp32", key, unit)
         add(figure, "fp16", "llama.cpp F16", key, unit)
+    # Decode reads every weight once a token, so its speed follows how fast the file's pages read,
+    # and that differs between files (where the page cache put them): compare shares of it too.
+    for entry in [*santacpu.values(), *peers.values()]:
+        if ok(entry) and entry.get("decode_gb_s") and entry.get("read_speed_gb_s"):
+            entry["decode_read_share_pct"] = 100 * entry["decode_gb_s"] / entry["read_speed_gb_s"]
+    add("decode, share of its file's read speed", "q8_0", "llama.cpp Q8_0", "decode_read_share_pct", "%")
+    if four_bit:
+        best = max(four_bit, key=lambda q: santacpu[q]["decode_tok_s"] or 0)
+        add("decode, share of its file's read speed", best, "llama.cpp Q4_0", "decode_read_share_pct", "%")
     add("peak RSS, prefill + decode run", "q8_0", "llama.cpp Q8_0", "peak_rss_mb", "MB")
     if four_bit:
         add("peak RSS, prefill + decode run", four_bit[0], "llama.cpp Q4_0", "peak_rss_mb", "MB")
@@ -505,19 +525,20 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "| system | weights | file MB | load s | prefill tok/s | decode tok/s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "| system | weights | file MB | load s | prefill tok/s | decode tok/s | decode GB/s | file read GB/s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, entry in list(report["santacpu"].items()) + list(report["peers"].items()):
         system = name if name in report["peers"] else f"santacpu {name}"
         if entry.get("status") != "ok":
-            lines.append(f"| {system} | {entry.get('status')} | | | | | |")
+            lines.append(f"| {system} | {entry.get('status')} | | | | | | | |")
             continue
         size = entry.get("file_bytes") or entry.get("model_bytes")
         lines.append(
             f"| {system} | {entry.get('weights_type') or entry.get('model_type') or ''} | "
             f"{_value(size / 1e6 if size else None)} | {_value(entry.get('load_s'))} | "
             f"{_value(entry.get('prefill_tok_s'))} | {_value(entry.get('decode_tok_s'))} | "
+            f"{_value(entry.get('decode_gb_s'))} | {_value(entry.get('read_speed_gb_s'))} | "
             f"{_value(entry.get('peak_rss_mb'))} |"
         )
     return "\n".join(lines) + "\n"
