@@ -6,7 +6,7 @@ other, so that its peak RSS and its Numba compile state belong to that measureme
 
 | part      | child process | what it reports |
 |-----------|---------------|-----------------|
-| `speed`   | (first, in the parent: the model files' read speed, parallel passes over their mapped pages, `santacpu/read_speed.py`) load (page cache warm), first one-token forward, then `repeat` times: prefill of a P-token prompt, greedy decode of exactly N tokens driven token by token through the engine (EOS does not stop it), time to first token of a ~F-token FIM request through `Model.complete` | load s, first forward s, prefill tok/s, decode tok/s and the weights' GB/s it reads (against the files' read speed), FIM TTFT s (medians), peak RSS of that child |
+| `speed`   | (first, in a child of its own: the model files' read speed, parallel passes over their mapped pages, `santacpu/read_speed.py`) load (page cache warm), first one-token forward, then `repeat` times: prefill of a P-token prompt, greedy decode of exactly N tokens driven token by token through the engine (EOS does not stop it), time to first token of a ~F-token FIM request through `Model.complete` | load s, first forward s, prefill tok/s, decode tok/s and the weights' GB/s it reads (against the files' read speed), FIM TTFT s (medians), peak RSS of that child |
 | `lookup`  | where `Model.generate` has prompt-lookup drafting (`lookup=`): greedy generation of N tokens with and without it, after a prompt whose continuation echoes it (a code chunk, then its first part again) and after a plain code prompt; decode speed from the first token on, tokens compared | tok/s each way, speed-up, drafted/accepted tokens, identical output |
 | `memory`  | one `Model.generate` request filling a C-token context (default: the model's whole context); before it, the resident memory of everything but the weights once Numba's runtime is started | peak RSS, the runtime's share |
 | `load`    | the model's files dropped from the page cache first (`posix_fadvise(DONTNEED)`: best-effort, the kernel may keep pages), then load and first one-token forward | cold load s, cold first forward s |
@@ -110,10 +110,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     results: dict = {}
     _read_through(files)  # page cache warm for every run but the cold-load one
     if "speed" in settings.parts:
-        from .read_speed import read_speed_gb_s
-
         log("read speed: parallel passes over the model files' mapped pages")
-        results["read_speed"] = {"gb_s": read_speed_gb_s(files, settings.threads), "bytes": file_bytes}
+        results["read_speed"] = {"gb_s": measure_read_speed(files, settings.threads), "bytes": file_bytes}
         log(
             f"speed: {settings.repeat} x (prefill {settings.prompt_tokens}, decode {settings.decode_tokens}"
             + (f", FIM {settings.fim_tokens}" if settings.fim_tokens else "")
@@ -202,6 +200,13 @@ def _read_through(files: list[Path]) -> None:
                 pass
 
 
+def measure_read_speed(files: list, threads: int) -> float | None:
+    """GB/s of parallel passes over the files' mapped pages (santacpu/read_speed.py), measured in
+    a child process: mapping big files here would raise this process's peak RSS, and with it
+    what the operating system reports for every child started afterwards (see peak_rss_mb)."""
+    return _run_child("read_speed", {"files": [str(f) for f in files], "threads": threads})["gb_s"]
+
+
 def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
     from .errors import SantacpuError
 
@@ -252,6 +257,7 @@ def child_main(kind: str, job_json: str, import_s: float) -> None:
             "memory": _child_memory,
             "load": _child_load,
             "compile": _child_compile,
+            "read_speed": _child_read_speed,
         }
         result = children[kind](job, import_s)
     except SantacpuError as error:
@@ -402,6 +408,12 @@ def _child_memory(job: dict, import_s: float) -> dict:
     }
 
 
+def _child_read_speed(job: dict, import_s: float) -> dict:
+    from .read_speed import read_speed_gb_s
+
+    return {"gb_s": read_speed_gb_s(job["files"], job["threads"])}
+
+
 def _child_load(job: dict, import_s: float) -> dict:
     dropped = [drop_page_cache(Path(f)) for f in job["files"]]
     model, load_s = _timed(lambda: _load(job))
@@ -493,8 +505,19 @@ def drop_page_cache(path: Path) -> bool:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB (10^6 bytes, like the file sizes)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux reports KiB
+    """This process's peak resident memory in MB (10^6 bytes, like the file sizes).
+
+    Linux's VmHWM where there is one: getrusage's ru_maxrss also counts what the parent held when
+    it started this process (Python starts children with vfork, and exec hands the shared memory's
+    peak to the child's maximum), so a parent that once mapped a big file inflated every child."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e6
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux, macOS: KiB / bytes
 
 
 def current_rss_mb() -> float | None:

@@ -97,6 +97,15 @@ def test_bench_decode_bytes_against_the_files_read_speed(bench_report):
     assert "decode, weights read" in bench_report[1]
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux's VmHWM")
+def test_a_childs_peak_rss_is_its_own():
+    # The bench's children must not report their parent's peak (ru_maxrss inherits it at exec).
+    held = np.ones(400 * 2**20 // 8)  # this process's peak is now over 400 MB
+    code = "from santacpu.bench import peak_rss_mb; print(peak_rss_mb())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert float(done.stdout) < 200 and held.sum() > 0
+
+
 def test_read_speed_sums_every_word(tmp_path):
     from santacpu.read_speed import _sum_words, read_speed_gb_s
 

@@ -139,9 +139,14 @@ def bench_llama(args, qtype: str) -> dict:
     if path is None:
         return {"status": "missing", "why": why}
     log(f"llama.cpp {qtype}: llama-bench on {path}")
-    from santacpu.read_speed import read_speed_gb_s
+    from santacpu import SantacpuError
+    from santacpu.bench import measure_read_speed
 
-    read_speed = read_speed_gb_s([path], args.threads)  # its pages, as llama-bench will map them
+    try:
+        read_speed = measure_read_speed([path], args.threads)  # its pages, as llama-bench will map them
+    except SantacpuError as error:
+        log(f"llama.cpp {qtype}: no read speed ({error})")
+        read_speed = None
     command = [
         str(binary),
         "-m",
