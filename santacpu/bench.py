@@ -510,21 +510,23 @@ def peak_rss_mb() -> float:
     Linux's VmHWM where there is one: getrusage's ru_maxrss also counts what the parent held when
     it started this process (Python starts children with vfork, and exec hands the shared memory's
     peak to the child's maximum), so a parent that once mapped a big file inflated every child."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024 / 1e6
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # Linux, macOS: KiB / bytes
+    peak = _proc_status_mb("VmHWM")
+    if peak is not None:
+        return peak
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 1e6 if sys.platform == "darwin" else maxrss * 1024 / 1e6  # bytes there, KiB elsewhere
 
 
 def current_rss_mb() -> float | None:
+    return _proc_status_mb("VmRSS")
+
+
+def _proc_status_mb(field: str) -> float | None:
+    """A memory field of Linux's /proc/self/status (reported in KiB) in MB; None elsewhere."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024 / 1e6
     except OSError:
         pass
