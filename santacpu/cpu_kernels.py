@@ -316,35 +316,71 @@ def _softmax_prefix(row, n, scale):
         row[j] *= inv
 
 
+# Keys (and values) an attention step widens and uses together. Each score is still its own dot
+# product over D, and each value row still adds into the accumulators in key order, but 4 at a
+# time: one load and store of an accumulator serves 4 rows, and 4 independent dot products keep
+# the FMA units busy. One layer's decode attention over 2000 positions on one thread: K.q 185 ->
+# 137 us, the values' weighted sum 216 -> 134 us.
+KEYS_PER_STEP = 4
+
+
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _attend_heads(q, k_cache, v_cache, t, g, h0, n, scale, scores, row, acc, out):
+def _widen_kv_rows(cache, first, count, g, rows):
+    """rows[:count] = cache[first:first+count, g] as float32."""
+    for k in range(count):
+        for d in range(rows.shape[1]):
+            rows[k, d] = _kv_to_f32(cache[first + k, g, d])
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _attend_heads(q, k_cache, v_cache, t, g, h0, n, scale, scores, rows, acc, out):
     """out[t, h] = softmax(K[:n] @ q[t, h] * scale) @ V[:n] for query heads h0 .. h0 + len(scores)
     - 1, which all read K/V head g.
 
-    Each K and V row is widened once into `row` and serves all these heads (all 16 for
-    multi-query on one thread), instead of being re-read per head. scores [heads, >= n],
-    row [D], acc [heads, D] are scratch. (The caches are indexed whole rather than sliced to
-    [:, g]: a strided slice would stop LLVM from vectorising the inner loops.)"""
+    Each K and V row is widened once into `rows` and serves all these heads (all 16 for
+    multi-query on one thread), instead of being re-read per head; KEYS_PER_STEP rows at a time.
+    scores [heads, >= n], rows [KEYS_PER_STEP, D], acc [heads, D] are scratch. (The caches are
+    indexed whole rather than sliced to [:, g]: a strided slice would stop LLVM from vectorising
+    the inner loops.)"""
     heads, D = scores.shape[0], q.shape[2]
-    for j in range(n):
-        for d in range(D):
-            row[d] = _kv_to_f32(k_cache[j, g, d])
+    whole = n - n % KEYS_PER_STEP
+    for j in range(0, whole, KEYS_PER_STEP):
+        _widen_kv_rows(k_cache, j, KEYS_PER_STEP, g, rows)
+        for hh in range(heads):
+            s0 = s1 = s2 = s3 = np.float32(0.0)
+            for d in range(D):
+                x = q[t, h0 + hh, d]
+                s0 += x * rows[0, d]
+                s1 += x * rows[1, d]
+                s2 += x * rows[2, d]
+                s3 += x * rows[3, d]
+            scores[hh, j] = s0
+            scores[hh, j + 1] = s1
+            scores[hh, j + 2] = s2
+            scores[hh, j + 3] = s3
+    for j in range(whole, n):
+        _widen_kv_rows(k_cache, j, 1, g, rows)
         for hh in range(heads):
             s = np.float32(0.0)
             for d in range(D):
-                s += q[t, h0 + hh, d] * row[d]
+                s += q[t, h0 + hh, d] * rows[0, d]
             scores[hh, j] = s
     for hh in range(heads):
         _softmax_prefix(scores[hh], n, scale)
         for d in range(D):
             acc[hh, d] = np.float32(0.0)
-    for j in range(n):
-        for d in range(D):
-            row[d] = _kv_to_f32(v_cache[j, g, d])
+    for j in range(0, whole, KEYS_PER_STEP):
+        _widen_kv_rows(v_cache, j, KEYS_PER_STEP, g, rows)
+        for hh in range(heads):
+            p0, p1, p2, p3 = scores[hh, j], scores[hh, j + 1], scores[hh, j + 2], scores[hh, j + 3]
+            for d in range(D):
+                acc[hh, d] += (p0 * rows[0, d] + p1 * rows[1, d]) + (p2 * rows[2, d] + p3 * rows[3, d])
+    for j in range(whole, n):
+        _widen_kv_rows(v_cache, j, 1, g, rows)
         for hh in range(heads):
             p = scores[hh, j]
             for d in range(D):
-                acc[hh, d] += p * row[d]
+                acc[hh, d] += p * rows[0, d]
     for hh in range(heads):
         for d in range(D):
             out[t, h0 + hh, d] = acc[hh, d]
@@ -375,9 +411,9 @@ def causal_attention(q, k_cache, v_cache, start, out, head_splits):
             continue
         n = start + t + 1
         scores = np.empty((heads, n), np.float32)
-        row = np.empty(D, np.float32)
+        rows = np.empty((KEYS_PER_STEP, D), np.float32)
         acc = np.empty((heads, D), np.float32)
-        _attend_heads(q, k_cache, v_cache, t, g, g * group + first, n, scale, scores, row, acc, out)
+        _attend_heads(q, k_cache, v_cache, t, g, g * group + first, n, scale, scores, rows, acc, out)
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
