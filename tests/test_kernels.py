@@ -83,7 +83,7 @@ def test_gelu_is_accurate_elementwise_over_the_whole_range():
 @pytest.mark.parametrize("head_splits", [1, 3])  # 3: uneven parts, and parts with no heads
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("n_kv_head", [1, 4])
-# Positions seen: from 1 up to 24, fewer than, equal to and past multiples of KEYS_PER_STEP (4).
+# Positions seen: from 1 up to 24, fewer than, equal to and past multiples of KEYS_PER_STEP (8).
 @pytest.mark.parametrize("start,T", [(0, 1), (0, 9), (5, 1), (5, 4), (21, 3)])
 def test_causal_attention_matches_dense_softmax(head_splits, cache_dtype, n_kv_head, start, T):
     H, D, n_ctx = 8, 16, 32
