@@ -452,6 +452,7 @@ def compare(santacpu: dict, peers: dict) -> list[dict]:
     if four_bit:
         best = max(four_bit, key=lambda q: santacpu[q]["decode_tok_s"] or 0)
         add("decode, share of its file's read speed", best, "llama.cpp Q4_0", "decode_read_share_pct", "%")
+    add("decode, share of its file's read speed", "fp16", "llama.cpp F16", "decode_read_share_pct", "%")
     add("peak RSS, prefill + decode run", "q8_0", "llama.cpp Q8_0", "peak_rss_mb", "MB")
     if four_bit:
         add("peak RSS, prefill + decode run", four_bit[0], "llama.cpp Q4_0", "peak_rss_mb", "MB")
