@@ -411,6 +411,16 @@ def compare(santacpu: dict, peers: dict) -> list[dict]:
     def ok(entry: dict | None) -> bool:
         return bool(entry) and entry.get("status") == "ok"
 
+    def with_read_share(entry: dict) -> dict:
+        # Decode reads every weight once a token, so its speed follows how fast the file's pages
+        # read, and that differs between files (where the page cache put them): its share of it.
+        if ok(entry) and entry.get("decode_gb_s") and entry.get("read_speed_gb_s"):
+            return {**entry, "decode_read_share_pct": 100 * entry["decode_gb_s"] / entry["read_speed_gb_s"]}
+        return entry
+
+    santacpu = {label: with_read_share(entry) for label, entry in santacpu.items()}
+    peers = {label: with_read_share(entry) for label, entry in peers.items()}
+
     def add(figure: str, ours: str, peer: str, key: str, unit: str) -> None:
         mine, theirs = santacpu.get(ours), peers.get(peer)
         if not ok(mine):
@@ -435,24 +445,22 @@ def compare(santacpu: dict, peers: dict) -> list[dict]:
         rows.append(row)
 
     four_bit = [q for q in ("q4_0", "q4_m") if ok(santacpu.get(q))]
+
+    def best_four_bit(key: str) -> str:
+        return max(four_bit, key=lambda q: santacpu[q][key] or 0)
+
     for key, figure, unit in (("decode_tok_s", "decode", "tok/s"), ("prefill_tok_s", "prefill", "tok/s")):
         add(figure, "q8_0", "llama.cpp Q8_0", key, unit)
         if four_bit:
-            best = max(four_bit, key=lambda q: santacpu[q][key] or 0)
-            add(f"{figure}, best 4-bit", best, "llama.cpp Q4_0", key, unit)
+            add(f"{figure}, best 4-bit", best_four_bit(key), "llama.cpp Q4_0", key, unit)
         add(figure, "q8_0", "CTranslate2 int8", key, unit)
         add(figure, "fp32", "transformers fp32", key, unit)
         add(figure, "fp16", "llama.cpp F16", key, unit)
-    # Decode reads every weight once a token, so its speed follows how fast the file's pages read,
-    # and that differs between files (where the page cache put them): compare shares of it too.
-    for entry in [*santacpu.values(), *peers.values()]:
-        if ok(entry) and entry.get("decode_gb_s") and entry.get("read_speed_gb_s"):
-            entry["decode_read_share_pct"] = 100 * entry["decode_gb_s"] / entry["read_speed_gb_s"]
-    add("decode, share of its file's read speed", "q8_0", "llama.cpp Q8_0", "decode_read_share_pct", "%")
+    share = "decode, share of its file's read speed"
+    add(share, "q8_0", "llama.cpp Q8_0", "decode_read_share_pct", "%")
     if four_bit:
-        best = max(four_bit, key=lambda q: santacpu[q]["decode_tok_s"] or 0)
-        add("decode, share of its file's read speed", best, "llama.cpp Q4_0", "decode_read_share_pct", "%")
-    add("decode, share of its file's read speed", "fp16", "llama.cpp F16", "decode_read_share_pct", "%")
+        add(share, best_four_bit("decode_tok_s"), "llama.cpp Q4_0", "decode_read_share_pct", "%")
+    add(share, "fp16", "llama.cpp F16", "decode_read_share_pct", "%")
     add("peak RSS, prefill + decode run", "q8_0", "llama.cpp Q8_0", "peak_rss_mb", "MB")
     if four_bit:
         add("peak RSS, prefill + decode run", four_bit[0], "llama.cpp Q4_0", "peak_rss_mb", "MB")
