@@ -317,9 +317,9 @@ def _softmax_prefix(row, n, scale):
 
 
 # Keys (and values) an attention step widens and uses together. Each score is still its own dot
-# product over D and the value rows still add into the accumulators in key order, but a step's
-# KEYS_PER_STEP dot products run side by side (independent sums that keep the FMA units busy) and
-# one load and store of an accumulator serves all its value rows. One layer's decode attention
+# product over D, but a step's KEYS_PER_STEP dot products run side by side (independent sums that
+# keep the FMA units busy), and a step's weighted value rows are summed first and then added to
+# the accumulator, so one load and store of it serves them all. One layer's decode attention
 # over 2000 positions on one thread, K.q / the values' weighted sum: 179 / 209 us a key at a time,
 # 133 / 130 for 4 keys a step, 120 / 115 for 8.
 KEYS_PER_STEP = 8

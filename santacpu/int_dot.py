@@ -339,17 +339,14 @@ def _tile(typingctx, parts, xq, xfix, xdx, row, token, n_steps, out, n_rows, n_t
     return sig, _tile_codegen(fmt, n_rows.literal_value, n_tokens.literal_value)
 
 
-def _row_dot_signature(n_arrays, arrays, row, n_steps):
-    if len(arrays) != n_arrays or not all(isinstance(a, types.Array) for a in arrays):
-        return None
-    return types.float32(*arrays, types.intp, types.intp)
-
-
 @intrinsic
 def _row_dot_q8_0(typingctx, qs, d, xq, xdx, row, n_steps):
     """sum over the first n_steps steps of row `row` of d * xd * (codes . xq): q8_0 (qs int8
     [R, C], d uint16 [R, C/32]) against x rounded to int16 (quantize_activations_words), float32."""
-    return _row_dot_signature(4, (qs, d, xq, xdx), row, n_steps), _row_dot_q8_0_codegen
+    arrays = (qs, d, xq, xdx)
+    if not all(isinstance(a, types.Array) for a in arrays):
+        return None
+    return types.float32(*arrays, types.intp, types.intp), _row_dot_q8_0_codegen
 
 
 # --- activations --------------------------------------------------------------------------------

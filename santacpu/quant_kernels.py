@@ -565,7 +565,8 @@ def matmul_few(
     qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray, *, integer: bool | None = None
 ) -> None:
     """out [T, R] = x [T, C] @ W.T + bias [R] (all float32, C-contiguous) for a block-quantized W,
-    reading W once for all T tokens (meant for small T; many tokens go to BLAS on widened tiles).
+    reading W once for all T tokens (meant for small T; many tokens go to BLAS on widened tiles,
+    except for the formats of has_integer_matmul, whose integer kernel takes any T).
     `integer` as for matvec; the integer kernel gives each token exactly its matvec result."""
     args = kernel_args(qtype, parts)
     rows, cols = _shape(qtype, args)
