@@ -23,7 +23,8 @@ import santacpu
 from santacpu.checkpoint import CheckpointReader, open_checkpoint
 from santacpu.errors import SantacpuError
 from santacpu.progress import Progress
-from santacpu.quantized import FORMAT_NAME, FORMAT_VERSION, canonical_tensor_names
+from santacpu.atomic_file import check_writable
+from santacpu.quantized import FORMAT_NAME, FORMAT_VERSION, canonical_tensor_names, is_quantized_file
 from santacpu.safetensors_io import dtype_name_of, write_safetensors
 from santacpu.source import resolve
 from santacpu.tokenizer import tokenizer_file_for
@@ -106,6 +107,16 @@ def check_output(out: Path, force: bool, qtype: str) -> None:
         raise SantacpuError(f"{out} already exists (use --force to replace it)")
     if not out.parent.is_dir():
         raise SantacpuError(f"the folder {out.parent} does not exist")
+    check_writable(out)
+
+
+def check_source(src: str | os.PathLike) -> None:
+    """A quantized file is no source to quantize (read as one, it would be a folder without config.json)."""
+    if is_quantized_file(src):
+        raise SantacpuError(
+            f"{src} is already a santacpu quantized file: quantize reads a full-precision checkpoint "
+            "(a folder, a weight file inside one, or a hub id)"
+        )
 
 
 def convert(
@@ -126,6 +137,7 @@ def convert(
     policy = Policy(qtype, list(keep), upgrade_budget)
     out = Path(out)
     check_output(out, force, qtype)
+    check_source(src)
 
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)

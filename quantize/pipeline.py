@@ -10,7 +10,7 @@ from santacpu.source import resolve
 from santacpu.tokenizer import Tokenizer, tokenizer_file_for
 
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences
-from .converter import ConversionReport, check_output, convert
+from .converter import ConversionReport, check_output, check_source, convert
 from .policy import Policy, parse_keep
 
 
@@ -44,6 +44,7 @@ def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgr
     keep_rules = parse_keep(list(keep))
     Policy(qtype, keep_rules)  # a bad type fails now, not after calibrating
     check_output(Path(out), force, qtype)
+    check_source(src)
     importance, note = None, None
     if calibration not in (None, "none"):
         importance, note = importance_from(src, revision, calibration, calibration_tokens)

@@ -19,11 +19,12 @@ multiple of the block size falls back to float16.
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from santacpu.errors import SantacpuError
+from santacpu.errors import SantacpuError, SantacpuWarning
 
 from .formats import FORMATS
 
@@ -75,7 +76,16 @@ class Policy:
         return self.qtype
 
     def assign(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
-        """The storage type of every tensor of a model (canonical name -> shape)."""
+        """The storage type of every tensor of a model (canonical name -> shape); warns about a
+        --keep pattern that matches none of them (a typo would otherwise pass silently)."""
+        for pattern, _ in self.keep:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in shapes):
+                warnings.warn(
+                    f"--keep pattern '{pattern}' matches no tensor (names are like wte, wpe, "
+                    "h.0.attn_c_attn_weight, h.*.mlp_c_proj_weight, ln_f_weight)",
+                    SantacpuWarning,
+                    stacklevel=2,
+                )
         types = {name: self.default_type(name, shape) for name, shape in shapes.items()}
         if self.qtype != "q8_0" and self.upgrade_budget > 0:
             budget = self.upgrade_budget * sum(stored_bytes(types[n], s) for n, s in shapes.items())

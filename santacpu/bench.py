@@ -42,6 +42,8 @@ REPEAT_STRIDE = 101
 TINY_PREFILL_TOKENS = 16
 # The memory run decodes this many tokens after a prompt that fills the rest of the context.
 MEMORY_DECODE_TOKENS = 8
+# The lengths a full-size model is measured at; shorter where the model's context is (`fit_to_context`).
+DEFAULT_PROMPT_TOKENS, DEFAULT_DECODE_TOKENS, DEFAULT_FIM_TOKENS = 512, 128, 1500
 # The bound of issue 4 item 6: peak RSS at a 2048-token context within file size + 150 MB.
 RSS_BOUND_EXTRA_MB = 150
 # The child's code: the import is timed before anything of santacpu is loaded.
@@ -54,9 +56,10 @@ _CHILD_CODE = (
 @dataclass
 class BenchSettings:
     model: str  # what santacpu.load accepts: a quantized file, a folder, a weight file, a hub id
-    prompt_tokens: int = 512
-    decode_tokens: int = 128
-    fim_tokens: int = 1500  # 0: skip the FIM measurement
+    # None: the default (DEFAULT_*_TOKENS), shortened to fit the model's context
+    prompt_tokens: int | None = None
+    decode_tokens: int | None = None
+    fim_tokens: int | None = None  # 0: skip the FIM measurement
     threads: int = 0  # 0: all the cores this process may use
     repeat: int = 3
     memory_context: int = 0  # 0: the model's whole context
@@ -83,19 +86,11 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     unknown = [p for p in settings.parts if p not in PARTS]
     if unknown:
         raise SantacpuError(f"unknown bench part '{unknown[0]}' (choose from {', '.join(PARTS)})")
-    if settings.threads < 1 or settings.repeat < 1 or min(settings.prompt_tokens, settings.decode_tokens) < 1:
-        raise SantacpuError("threads, repeat, prompt tokens and decode tokens must be at least 1")
+    if settings.threads < 1 or settings.repeat < 1:
+        raise SantacpuError("threads and repeat must be at least 1")
     config, weights_type, files = describe_model(settings.model, settings.revision)
     n_ctx = config.n_positions
-    if settings.prompt_tokens + settings.decode_tokens > n_ctx:
-        raise SantacpuError(
-            f"{settings.prompt_tokens} prompt + {settings.decode_tokens} decode tokens exceed the model's "
-            f"{n_ctx}-token context"
-        )
-    if not 0 <= settings.fim_tokens < n_ctx:
-        raise SantacpuError(f"--fim-tokens must be between 0 and {n_ctx - 1} (the context holds {n_ctx})")
-    if not 0 <= settings.memory_context <= n_ctx or 0 < settings.memory_context <= MEMORY_DECODE_TOKENS:
-        raise SantacpuError(f"the memory context must be between {MEMORY_DECODE_TOKENS + 1} and {n_ctx} tokens")
+    fit_to_context(settings, n_ctx, log)
     memory_context = settings.memory_context or n_ctx
 
     file_bytes = sum(f.stat().st_size for f in files)
@@ -149,6 +144,40 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     }
 
 
+def fit_to_context(settings: BenchSettings, n_ctx: int, log: Callable[[str], None]) -> None:
+    """Fill in the lengths left to their defaults so that they fit an `n_ctx`-token context (and
+    say which were shortened), then check the lengths that the chosen parts use, only those."""
+    parts = set(settings.parts)
+    prompt, decode, fim = settings.prompt_tokens, settings.decode_tokens, settings.fim_tokens
+    shortened = []
+    if prompt is None:
+        room = n_ctx // 2 if decode is None else n_ctx - decode
+        prompt = min(DEFAULT_PROMPT_TOKENS, max(room, 1))
+        shortened += [f"a {prompt}-token prompt"] if prompt < DEFAULT_PROMPT_TOKENS else []
+    if decode is None:
+        room = n_ctx // 4 if settings.prompt_tokens is None else n_ctx - prompt
+        decode = min(DEFAULT_DECODE_TOKENS, max(room, 1))
+        shortened += [f"{decode} decoded tokens"] if decode < DEFAULT_DECODE_TOKENS else []
+    if fim is None:
+        fim = min(DEFAULT_FIM_TOKENS, n_ctx * 3 // 4)
+        shortened += [f"a {fim}-token FIM prompt"] if fim < DEFAULT_FIM_TOKENS and "speed" in parts else []
+    settings.prompt_tokens, settings.decode_tokens, settings.fim_tokens = prompt, decode, fim
+    if shortened and parts & {"speed", "lookup"}:
+        log(f"the model's context holds {n_ctx} tokens: measuring {', '.join(shortened)} (shorter than the defaults)")
+    from .errors import SantacpuError
+
+    if parts & {"speed", "lookup"}:
+        if min(prompt, decode) < 1:
+            raise SantacpuError("prompt tokens and decode tokens must be at least 1")
+        if prompt + decode > n_ctx:
+            raise SantacpuError(f"{prompt} prompt + {decode} decode tokens exceed the model's {n_ctx}-token context")
+    if "speed" in parts and not 0 <= fim < n_ctx:
+        raise SantacpuError(f"--fim-tokens must be between 0 and {n_ctx - 1} (the context holds {n_ctx})")
+    memory = settings.memory_context
+    if "memory" in parts and (not 0 <= memory <= n_ctx or 0 < memory <= MEMORY_DECODE_TOKENS):
+        raise SantacpuError(f"the memory context must be between {MEMORY_DECODE_TOKENS + 1} and {n_ctx} tokens")
+
+
 def describe_model(model: str, revision: str | None = None):
     """(Config, weights type such as "q8_0" or "f32", the weight files) without loading weights."""
     from .config import Config
@@ -159,11 +188,7 @@ def describe_model(model: str, revision: str | None = None):
     if names_quantized_file(model):
         path = Path(model).expanduser()
         _, meta = read_metadata(path)
-        try:
-            config = Config(**meta["config"])
-        except TypeError as bad:
-            raise SantacpuError(f"{path}: the config in its metadata is invalid ({bad})") from None
-        return config, str(meta["quantization"].get("type", "?")), [path]
+        return meta["config"], str(meta["quantization"].get("type", "?")), [path]
     folder = resolve(model, revision)
     config = Config.from_file(folder / "config.json")
     # The loader prefers safetensors over pytorch_model.bin: the files it reads are the ones to time.
@@ -707,7 +732,8 @@ def format_table(report: dict) -> str:
             row("  of which the runtime, before the model runs", f"{runtime:.0f} MB",
                 "all but the mapped weights: Python, NumPy, Numba with LLVM's code, the tokenizer, "
                 "tensors converted at load")
-            row("  of which the model's work above the file", f"{over - runtime:+.0f} MB",
+            work = over - runtime  # a model much smaller than the runtime's noise can come out negative
+            row("  of which the model's work above the file", f"{work:+.0f} MB" if work >= 1 else "under 1 MB",
                 "KV cache, activations, kernel buffers")
     if "speed" in results:
         row("peak RSS, speed run", f"{s['peak_rss_speed_run_mb']:.0f} MB")

@@ -1,11 +1,18 @@
 """The `santacpu` command line: a thin typed layer over the Python API.
 
-Every failure a user can cause ends in one line on stderr (`santacpu: error: ...`) and exit code 1;
-`--debug` shows the traceback instead. Warnings are one line each (`santacpu: warning: ...`).
+Every failure ends in one line on stderr and an exit code that says what kind it was (the README's
+"Command line" section lists them): 0 done; 1 an error (`santacpu: error: ...`); 2 a usage error,
+a command line the parser rejects (an unknown option, a value of the wrong type or outside the
+range `--help` shows; also one `santacpu: error:` line); 130 interrupted (Ctrl-C); 143 terminated
+(SIGTERM). An interrupted or terminated command leaves no partial file behind. `--debug` shows an
+error's traceback instead. Warnings are one line each (`santacpu: warning: ...`).
 """
 
 from __future__ import annotations
 
+import codecs
+import re
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -13,23 +20,64 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
-from .errors import SantacpuError, SantacpuWarning
+from .errors import SantacpuError, SantacpuWarning, os_problem
 from .lookup import DEFAULT_DRAFT_TOKENS
 from .model import DEFAULT_MAX_NEW_TOKENS, LOOKUP_BY_DEFAULT
-from .source import DEFAULT_MODEL, MODEL_ENV, default_model
+from .source import DEFAULT_MODEL, MODEL_ENV, default_model, hub_revision
 
+__all__ = ["app", "main", "write_text_atomically"]  # write_text_atomically: tools/bench_peers.py uses it
+
+# Plain help (rich_markup_mode=None): typer's rich panels print a `<bool>` type beside every flag.
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,
     help="Run the SantaCoder code model on the CPU: code completion, left-to-right and fill-in-the-middle.",
 )
 _debug = {"on": False}
 
+DEFAULT_QUANT = "q8_0"  # what a full-precision model runs as, unless --quant says otherwise
+DEFAULT_PERPLEXITY_CTX = 256
+
+# Exit codes (besides 0 and 1), as shells report signals: 128 + the signal's number.
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"santacpu {__version__}")
+        raise typer.Exit()
+
 
 @app.callback()
-def _options(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
+def _options(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Show santacpu's version and exit."
+    ),
+) -> None:
     _debug["on"] = debug
+
+
+def _one_of(*choices: str):
+    """A typer callback that accepts only `choices` (a usage error otherwise, like a bad type)."""
+
+    def check(value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"'{value}' is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _probability(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is not in the range 0 < P <= 1")
+    return value
 
 
 def read_text_file(path: Path, what: str) -> str:
@@ -40,26 +88,8 @@ def read_text_file(path: Path, what: str) -> str:
     except IsADirectoryError:
         raise SantacpuError(f"{what} {path} is a folder, not a file") from None
     except OSError as problem:
-        raise SantacpuError(f"cannot read {what} {path}: {problem.strerror}") from None
+        raise SantacpuError(f"cannot read {what} {path}: {os_problem(problem)}") from None
     return decode_text(raw, f"{what} {path}")
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder, renamed into place: never a partial file."""
-    import os
-    import tempfile
-
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent if str(path.parent) else ".")
-    except OSError as problem:
-        raise SantacpuError(f"cannot write {path}: {problem.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def decode_text(raw: bytes, what: str) -> str:
@@ -71,6 +101,31 @@ def decode_text(raw: bytes, what: str) -> str:
         raise SantacpuError(
             f"{what} is not UTF-8 text (byte 0x{raw[bad.start]:02x} at offset {bad.start}); convert it to UTF-8 first"
         ) from None
+
+
+# Python's string escapes; a backslash that starts none of them is matched by the last branch.
+_ESCAPE = re.compile(r"\\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|N\{[^}]*\}|[0-7]{1,3}|[\\'\"abfnrtv])|\\")
+
+
+def decode_escapes(text: str, option: str = "--stop") -> str:
+    """Python-style escapes (\\n, \\t, \\\\, \\x41, \\u00e9, ...) in `text` decoded; every other
+    character, non-ASCII included, kept as it is."""
+
+    def one(match: re.Match) -> str:
+        escape = match.group(0)
+        try:
+            if escape != "\\":
+                return codecs.decode(escape, "unicode_escape")
+        except (UnicodeDecodeError, UnicodeEncodeError):  # \N{name} with an unknown name, \U past U+10FFFF
+            pass
+        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # one line, as typed
+        bad = text[match.start() : match.start() + 2]
+        raise SantacpuError(
+            f"{option} '{shown}': {bad} at position {match.start()} is not an escape (known: \\n \\t \\r "
+            "\\\\ \\' \\\" \\xHH \\uHHHH \\UHHHHHHHH \\N{name}, octal; write a backslash as \\\\)"
+        )
+
+    return _ESCAPE.sub(one, text)
 
 
 @app.command()
@@ -86,10 +141,12 @@ def complete(
         show_default=False,
     ),
     revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id."),
-    quant: str = typer.Option(
-        "q8_0",
-        help="For a full-precision model: quantize it once to this type into the cache folder "
-        "($SANTACPU_CACHE, else ~/.cache/santacpu) and run that; 'none' runs it in full precision.",
+    quant: Optional[str] = typer.Option(
+        None,
+        help=f"For a full-precision model: quantize it once to this type into the cache folder "
+        f"($SANTACPU_CACHE, else ~/.cache/santacpu) and run that; 'none' runs it in full precision. "
+        f"Default: {DEFAULT_QUANT}.",
+        show_default=False,
     ),
     fim: Optional[Tuple[Path, Path]] = typer.Option(
         None,
@@ -101,10 +158,15 @@ def complete(
     max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, min=0, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (deterministic)."),
     top_k: int = typer.Option(0, min=0, help="Sample only among the K most likely tokens; 0 is off."),
-    top_p: float = typer.Option(1.0, help="Sample only among the most likely tokens totalling P; 1 is off."),
-    seed: Optional[int] = typer.Option(None, help="Random seed: the same seed gives the same output. Default: a fresh random seed."),
+    top_p: float = typer.Option(
+        1.0, callback=_probability, help="Sample only among the most likely tokens totalling P, 0 < P <= 1; 1 is off."
+    ),
+    seed: Optional[int] = typer.Option(
+        None, min=0, help="Random seed: the same seed gives the same output. Default: a fresh random seed."
+    ),
     stop: List[str] = typer.Option(
-        [], "--stop", help="Stop when this text appears (not printed). Repeatable. Escapes like \\n are understood."
+        [], "--stop", metavar="TEXT",
+        help="Stop when this text appears (not printed). Repeatable. Escapes like \\n are understood.",
     ),
     device: str = typer.Option("auto", help="auto or cpu."),
     lookup: bool = typer.Option(
@@ -118,7 +180,7 @@ def complete(
     """Complete code and stream it to standard output."""
     from . import load
 
-    stops = [s.encode("utf-8").decode("unicode_escape") if "\\" in s else s for s in stop]
+    stops = [decode_escapes(s) for s in stop]
     if fim is not None:
         if prompt is not None:
             raise SantacpuError("give either a PROMPT or --fim PREFIX_FILE SUFFIX_FILE, not both")
@@ -133,7 +195,8 @@ def complete(
         if not prefix:
             raise SantacpuError("the prompt is empty")
 
-    loaded = load(_runnable_model(model or default_model(), revision, quant), revision=revision, device=device)
+    runnable, revision = _runnable_model(model or default_model(), revision, quant)
+    loaded = load(runnable, revision=revision, device=device)
     pieces = loaded.complete_stream(
         prefix,
         suffix,
@@ -156,26 +219,41 @@ def complete(
         sys.stdout.write("\n")
 
 
-def _runnable_model(model: str, revision: Optional[str], quant: str) -> str:
-    """What to load: a quantized file as is; a full-precision model as its cached quantization."""
+def _runnable_model(model: str, revision: Optional[str], quant: Optional[str]) -> Tuple[str, Optional[str]]:
+    """What to load, and with which revision: a quantized file as is; a full-precision model as its
+    cached quantization (unless --quant none). Options that cannot apply are warned about once."""
     from quantize.formats import FORMATS
 
     from .quantized import names_quantized_file
 
-    if quant != "none" and quant not in FORMATS:
-        raise SantacpuError(f"unknown --quant '{quant}' (choose none, {', '.join(FORMATS)})")
-    if quant == "none" or names_quantized_file(model):
-        return model
+    qtype = quant or DEFAULT_QUANT
+    if qtype != "none" and qtype not in FORMATS:
+        raise SantacpuError(f"unknown --quant '{qtype}' (choose none, {', '.join(FORMATS)})")
+    revision = hub_revision(model, revision)
+    if names_quantized_file(model):
+        if quant is not None:
+            warnings.warn(f"--quant {quant} is ignored: {model} is a quantized file already and runs as it is",
+                          SantacpuWarning)
+        return model, None
+    if qtype == "none":
+        return model, revision
     from .quant_cache import quantized_for
 
-    return str(quantized_for(model, revision, quant))
+    return str(quantized_for(model, revision, qtype)), None
+
+
+def _type_help() -> str:
+    from quantize.formats import FORMATS
+
+    types = ", ".join(f"{name} ({fmt.bits_per_weight:g} bits/weight)" for name, fmt in FORMATS.items())
+    return f"Type of the linear weights: {types}; q4_m is the better 4-bit type."
 
 
 @app.command()
 def quantize(
     src: str = typer.Argument(..., help="Full-precision source: checkpoint folder (either layout), weight file, or hub id."),
     out: Path = typer.Argument(..., help="The quantized file to write (.safetensors)."),
-    qtype: str = typer.Option("q8_0", "--type", "-t", help="Type of the linear weights: q8_0 (8.5 bits/weight), q4_m (4.5, better) or q4_0 (4.5)."),
+    qtype: str = typer.Option("q8_0", "--type", "-t", metavar="TYPE", help=_type_help()),
     calibration: Optional[str] = typer.Option(
         None,
         help="Importance-weighted rounding, calibrated on the code in this folder; 'stdlib' uses the running "
@@ -185,7 +263,9 @@ def quantize(
     ),
     calibration_tokens: int = typer.Option(4096, min=64, help="Tokens of calibration text to run through the model."),
     keep: List[str] = typer.Option(
-        [], "--keep", help="PATTERN=TYPE: store matching tensors (e.g. wte, h.*.mlp_c_proj_weight) as TYPE (f32, f16, q8_0, q6_0, q4_m, q4_0). Repeatable."
+        [], "--keep", metavar="PATTERN=TYPE",
+        help="Store matching tensors (e.g. wte, h.*.mlp_c_proj_weight) as TYPE (f32, f16, q8_0, q6_0, q4_m, q4_0). "
+        "Repeatable.",
     ),
     upgrade_budget: float = typer.Option(
         5.0, min=0.0, help="4-bit types: percent of extra file size spent keeping the smallest linear weights at q8_0."
@@ -199,7 +279,7 @@ def quantize(
     if calibration is None:
         calibration = "none" if qtype == "q8_0" else "stdlib"
     run_quantize(src, out, qtype=qtype, calibration=calibration, calibration_tokens=calibration_tokens,
-                 keep=keep, upgrade_budget=upgrade_budget / 100, revision=revision, force=force)
+                 keep=keep, upgrade_budget=upgrade_budget / 100, revision=hub_revision(src, revision), force=force)
 
 
 @app.command()
@@ -215,16 +295,29 @@ def perplexity(
     files: List[Path] = typer.Argument(..., help="Source files to score (UTF-8 text)."),
     model: str = typer.Option(None, "--model", "-m", help=f"The model to score. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.", show_default=False),
     reference: Optional[str] = typer.Option(None, help="A reference model (e.g. the full-precision checkpoint): adds delta perplexity, KL divergence and top-1 agreement."),
-    ctx: int = typer.Option(256, help="Tokens per chunk; the second half of each chunk is scored (llama.cpp's convention)."),
+    ctx: Optional[int] = typer.Option(
+        None, min=8,
+        help=f"Tokens per chunk, at most the model's context; the second half of each chunk is scored (llama.cpp's "
+        f"convention). Default: {DEFAULT_PERPLEXITY_CTX}, or the model's context if that is shorter.",
+        show_default=False,
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
 ) -> None:
     """Perplexity of a model over source files and, with --reference, what it loses against it."""
     from . import load
     from .evaluate import score
 
+    if json_out is not None:
+        check_writable(json_out, "--json")  # now, not after scoring
     texts = [read_text_file(path, "file") for path in files]
     name = model or default_model()
-    scores = score(load(name), texts, ctx, load(reference) if reference else None)
+    loaded = load(name)
+    if ctx is None:
+        ctx = min(DEFAULT_PERPLEXITY_CTX, loaded.config.n_positions)
+        if ctx < DEFAULT_PERPLEXITY_CTX:
+            print(f"santacpu: chunks of {ctx} tokens, the model's whole context (shorter than the default "
+                  f"{DEFAULT_PERPLEXITY_CTX})", file=sys.stderr)
+    scores = score(loaded, texts, ctx, load(reference) if reference else None)
     print(scores.table(name, reference))
     if json_out is not None:
         write_text_atomically(json_out, scores.to_json() + "\n")
@@ -234,13 +327,25 @@ def perplexity(
 def bench(
     model: str = typer.Argument(..., help="Quantized file, checkpoint folder, weight file, or hub id."),
     revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
-    quant: str = typer.Option(
-        "q8_0", help="For a full-precision model: bench its cached quantization to this type (made once, as "
-        "`complete` does); 'none' benches it in full precision."
+    quant: Optional[str] = typer.Option(
+        None, help="For a full-precision model: bench its cached quantization to this type (made once, as "
+        f"`complete` does); 'none' benches it in full precision. Default: {DEFAULT_QUANT}.",
+        show_default=False,
     ),
-    prompt_tokens: int = typer.Option(512, min=1, help="Prompt length for the prefill speed."),
-    decode_tokens: int = typer.Option(128, min=1, help="Tokens decoded (greedy, exactly this many) for the decode speed."),
-    fim_tokens: int = typer.Option(1500, min=0, help="Prompt length of the FIM request timed to its first token; 0 skips it."),
+    prompt_tokens: Optional[int] = typer.Option(
+        None, min=1, help="Prompt length for the prefill speed. Default: 512, less for a model with a short context.",
+        show_default=False,
+    ),
+    decode_tokens: Optional[int] = typer.Option(
+        None, min=1, help="Tokens decoded (greedy, exactly this many) for the decode speed. Default: 128, less for "
+        "a model with a short context.",
+        show_default=False,
+    ),
+    fim_tokens: Optional[int] = typer.Option(
+        None, min=0, help="Prompt length of the FIM request timed to its first token; 0 skips it. Default: 1500, "
+        "less for a model with a short context.",
+        show_default=False,
+    ),
     threads: int = typer.Option(0, min=0, help="Threads for Numba and BLAS; 0: all usable cores."),
     repeat: int = typer.Option(3, min=1, help="Runs of prefill, decode and FIM; the median is reported."),
     memory_context: int = typer.Option(0, min=0, help="Context filled by the peak-RSS run; 0: the model's whole context."),
@@ -254,8 +359,11 @@ def bench(
 
     from .bench import BenchSettings, format_table, run_bench
 
+    if json_out is not None:
+        check_writable(json_out, "--json")  # now, not after minutes of measuring
+    runnable, revision = _runnable_model(model, revision, quant)
     settings = BenchSettings(
-        model=_runnable_model(model, revision, quant), prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+        model=runnable, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,
         parts=tuple(p.strip() for p in parts.split(",") if p.strip()), revision=revision,
     )
@@ -263,6 +371,43 @@ def bench(
     print(format_table(report))
     if json_out is not None:
         write_text_atomically(json_out, json.dumps(report, indent=2) + "\n")
+
+
+@app.command("random-checkpoint")
+def random_checkpoint(
+    out: Path = typer.Argument(..., help="The folder to write (made if missing): config.json, model.safetensors, tokenizer.json."),
+    size: str = typer.Option(
+        "tiny", callback=_one_of("tiny", "micro", "trained", "full"),
+        help="tiny (a 64-token context, 2 narrow layers: 13 MB, seconds), micro, trained (the test fixture's "
+        "shapes), or full (SantaCoder's own shapes: 1.1 B parameters, 4.5 GB in float32).",
+    ),
+    layout: str = typer.Option(
+        "gpt_bigcode", callback=_one_of("gpt_bigcode", "legacy"),
+        help="gpt_bigcode, or legacy (bigcode/santacoder's own layout).",
+    ),
+    dtype: str = typer.Option("float32", callback=_one_of("float32", "float16"), help="float32 or float16."),
+    seed: int = typer.Option(0, min=0, help="The same seed gives the same weights."),
+    multi_head: bool = typer.Option(False, "--multi-head", help="One K/V head per query head instead of multi-query."),
+) -> None:
+    """Write a SantaCoder-shaped checkpoint with random weights: its text is nonsense, but every
+    command runs on it without the real model or a network."""
+    from .random_checkpoint import write_checkpoint
+
+    written = write_checkpoint(out, size=size, layout=layout, dtype=dtype, seed=seed, multi_query=not multi_head)
+    print(f"santacpu: wrote {written}; try: santacpu complete \"def f():\" --model {written}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point: every outcome becomes one line on stderr and its exit code.
+
+
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler. A BaseException, like KeyboardInterrupt, so that it unwinds
+    through every `finally` and cleanup (a conversion's temporary file is removed)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -275,31 +420,63 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _default_showwarning = warnings.showwarning
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
+    """Run the command line (`argv`: the arguments after the program name; default sys.argv[1:])."""
     warnings.showwarning = _show_warning
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    sys.exit(_run(argv))
+
+
+def _run(argv: Optional[List[str]]) -> int:
+    """The exit code of one command, its failure printed as one line."""
     try:
-        app(standalone_mode=False)
+        # typer turns Ctrl-C into its Exit(130), returned here (standalone_mode=False).
+        code = app(args=argv, prog_name="santacpu", standalone_mode=False)
     except SantacpuError as error:
         if _debug["on"]:
             raise
-        print(f"santacpu: error: {error}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("santacpu: interrupted", file=sys.stderr)
-        sys.exit(130)
+        return _fail(str(error))
+    except KeyboardInterrupt:  # before typer's own handling starts
+        code = EXIT_INTERRUPTED
+    except Terminated:
+        print("santacpu: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except BrokenPipeError:
         sys.stderr.close()  # the reader went away (e.g. `| head`): nothing more to say
-        sys.exit(1)
+        return 1
     except typer.Exit as done:
-        sys.exit(done.exit_code)
-    except typer.Abort:
-        print("santacpu: aborted", file=sys.stderr)
-        sys.exit(1)
+        code = done.exit_code
+    except typer.Abort as abort:  # older typer: Ctrl-C arrives as click's Abort
+        if not isinstance(abort.__context__, KeyboardInterrupt):
+            return _fail("aborted")
+        code = EXIT_INTERRUPTED
+    except OSError as problem:  # the environment (permissions, a full disk) where no message was given
+        if _debug["on"]:
+            raise
+        where = f"{problem.filename}: " if problem.filename else ""
+        return _fail(f"{where}{os_problem(problem)}")
     except Exception as problem:  # click's usage errors arrive here with standalone_mode=False
-        if isinstance(problem, _usage_error_types()) and hasattr(problem, "show"):
+        if not isinstance(problem, _usage_error_types()):
+            raise
+        if type(problem).__name__ == "NoArgsIsHelpError":  # bare `santacpu`: the help itself
             problem.show()
-            sys.exit(problem.exit_code)
-        raise
+            return problem.exit_code
+        return _fail(_usage_line(problem), EXIT_USAGE)
+    if code == EXIT_INTERRUPTED:
+        print("santacpu: interrupted", file=sys.stderr)
+    return code if isinstance(code, int) else 0
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"santacpu: error: {message}", file=sys.stderr)
+    return code
+
+
+def _usage_line(problem) -> str:
+    """click's usage error as one line, with where to find the command's usage."""
+    text = " ".join(problem.format_message().split())
+    context = getattr(problem, "ctx", None)
+    return text + (f" (see '{context.command_path} --help')" if context is not None else "")
 
 
 def _usage_error_types() -> tuple:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
-from .errors import SantacpuError
+from .errors import SantacpuError, os_problem
 
 # All three names mean the tanh approximation 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3))).
 TANH_GELU_NAMES = ("gelu_fast", "gelu_pytorch_tanh", "gelu_new")
@@ -21,6 +21,11 @@ TANH_GELU_NAMES = ("gelu_fast", "gelu_pytorch_tanh", "gelu_new")
 # The tokenizer's vocabulary; embedding rows from here to vocab_size are padding, never sampled.
 SANTACODER_TOKENIZER_VOCAB = 49157
 SANTACODER_EOS_ID = 49152
+
+
+# The JSON types a stored config's fields may have (`from_metadata`), by the annotation's text.
+_FIELD_TYPES = {"int": int, "float": (int, float), "str": str}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "str": "a string"}
 
 
 @dataclass(frozen=True)
@@ -113,11 +118,55 @@ class Config:
             raise SantacpuError(f"config.json lacks the field {missing}") from None
         except (TypeError, ValueError) as bad:
             raise SantacpuError(f"config.json has a malformed field: {bad}") from None
-        if min(config.n_embd, config.n_head, config.n_layer, config.vocab_size, config.n_positions) <= 0:
-            raise SantacpuError("config.json has a non-positive size")
-        if config.n_embd % config.n_head:
-            raise SantacpuError(f"n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
+        problem = config.size_problem()
+        if problem:
+            raise SantacpuError(f"config.json: {problem}")
         return config
+
+    @classmethod
+    def from_metadata(cls, raw: object) -> "Config":
+        """From the config a quantized file stores (`to_dict`'s fields), every field's type and
+        every size checked, so a hand-edited file fails here with a message instead of later."""
+        if not isinstance(raw, dict):
+            raise SantacpuError(f"its config is a JSON {type(raw).__name__}, not an object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = [k for k in raw if k not in known]
+        if unknown:
+            raise SantacpuError(f"its config has an unknown field '{unknown[0]}'")
+        for name, spec in known.items():
+            if name not in raw:
+                if name == "eos_token_id":
+                    continue
+                raise SantacpuError(f"its config lacks the field '{name}'")
+            value, wanted = raw[name], _FIELD_TYPES[spec.type]
+            if isinstance(value, bool) or not isinstance(value, wanted):
+                raise SantacpuError(f"its config field '{name}' is {json.dumps(value)}, not {_TYPE_WORDS[spec.type]}")
+        config = cls(**raw)
+        problem = config.size_problem() or config.kind_problem()
+        if problem:
+            raise SantacpuError(f"its config: {problem}")
+        return config
+
+    def size_problem(self) -> str | None:
+        """What makes these sizes unusable (a non-positive size, heads that do not divide the
+        width), or None."""
+        sizes = {k: getattr(self, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")}
+        bad = [k for k, v in sizes.items() if v <= 0]
+        if bad:
+            return f"non-positive size: {bad[0]} {sizes[bad[0]]}"
+        if self.n_embd % self.n_head:
+            return f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}"
+        if self.n_kv_head not in (1, self.n_head):
+            return f"n_kv_head {self.n_kv_head} is neither 1 (multi-query) nor n_head {self.n_head}"
+        return None
+
+    def kind_problem(self) -> str | None:
+        """What santacpu cannot run about the model's kind (the layout, the activation), or None."""
+        if self.model_type not in ("gpt2", "gpt_bigcode"):
+            return f"unsupported model_type '{self.model_type}'"
+        if self.activation_function not in TANH_GELU_NAMES:
+            return f"unsupported activation_function '{self.activation_function}'"
+        return None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Config":
@@ -126,6 +175,8 @@ class Config:
                 raw = json.load(f)
         except FileNotFoundError:
             raise SantacpuError(f"no config.json at {path}") from None
+        except OSError as problem:
+            raise SantacpuError(f"cannot read {path}: {os_problem(problem)}") from None
         except (json.JSONDecodeError, UnicodeDecodeError) as bad:
             raise SantacpuError(f"{path} is not valid JSON: {bad}") from None
         if not isinstance(raw, dict):

@@ -4,10 +4,24 @@
 non-zero exit; anything else escaping is a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import os
+
 
 class SantacpuError(Exception):
     """A problem with the user's input or environment, explained in one line."""
 
 
+class WriteError(SantacpuError):
+    """A file could not be written (no permission, read-only file system, disk full, ...);
+    callers that know what the file is for (the quantization cache) add their own advice."""
+
+
 class SantacpuWarning(UserWarning):
     """Something the user should know about but that does not stop the work (prompt trimmed, ...)."""
+
+
+def os_problem(problem: OSError) -> str:
+    """An OSError's reason in words ("Permission denied"), without Python's "[Errno 13]" prefix."""
+    return problem.strerror or (os.strerror(problem.errno) if problem.errno else str(problem))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import arguments
 from .backend import CpuBackend
 from .checkpoint import read_checkpoint
 from .config import Config
@@ -42,7 +43,7 @@ from .lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
 from .prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
 from .quantized import names_quantized_file, read_quantized
 from .sampling import check_sampling, sample_next
-from .source import resolve
+from .source import hub_revision, resolve
 from .text_stream import stream_text
 from .tokenizer import Tokenizer
 from .weights import ModelWeights
@@ -113,11 +114,11 @@ class Model:
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 [len(ids), vocab_size]: a fresh full forward over `ids` from position 0."""
-        ids = self._check_ids(ids)
+        ids = arguments.token_ids(ids, self.config.vocab_size)
         if len(ids) > self.config.n_positions:
             raise SantacpuError(f"{len(ids)} tokens exceed the {self.config.n_positions}-token context")
         cache = self._engine.new_cache(len(ids))
-        return self._engine.forward(cache, ids, all_logits=True)
+        return check_finite(self._engine.forward(cache, ids, all_logits=True))
 
     def generate(
         self,
@@ -137,12 +138,12 @@ class Model:
         `lookup`: under greedy decoding (temperature 0), draft up to `draft_tokens` tokens from
         earlier occurrences in the context and verify them in one forward; the output is the same
         as without it. Ignored when sampling."""
-        ids = self._check_ids(ids)
-        check_sampling(temperature, top_k, top_p)
-        if max_new_tokens < 0:
-            raise SantacpuError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if draft_tokens < 1:
-            raise SantacpuError(f"draft_tokens must be >= 1, got {draft_tokens}")
+        ids = arguments.token_ids(ids, self.config.vocab_size)
+        temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
+        max_new_tokens = arguments.integer(max_new_tokens, "max_new_tokens", minimum=0)
+        draft_tokens = arguments.integer(draft_tokens, "draft_tokens", minimum=1)
+        seed = arguments.seed(seed)
+        stop_ids = frozenset(arguments.integer(i, "each stop id") for i in stop_ids)
         n_ctx = self.config.n_positions
         if len(ids) >= n_ctx:
             raise SantacpuError(
@@ -151,7 +152,7 @@ class Model:
             )
         drafter = PromptLookup(ids, draft_tokens) if lookup and temperature == 0.0 else None
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
-        return self._generate(ids, max_new_tokens, temperature, top_k, top_p, seed, frozenset(stop_ids), drafter, stats)
+        return self._generate(ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, drafter, stats)
 
     def _generate(self, ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, drafter, stats) -> Iterator[int]:
         if max_new_tokens == 0:
@@ -163,6 +164,7 @@ class Model:
         n_valid = self.n_valid_tokens
 
         def choose(row: np.ndarray) -> int:
+            check_finite(row[:n_valid])
             if temperature == 0.0:  # greedy without sample_next's float64 copy of the row
                 return int(np.argmax(row[:n_valid]))
             return sample_next(row, n_valid, temperature, top_k, top_p, rng)
@@ -269,7 +271,12 @@ class Model:
     ) -> Iterator[str]:
         """Stream the completion of `prefix` as text pieces (whole characters only). With `suffix`,
         fill in the middle between them. Stop strings end the text and are not included.
-        `lookup`/`draft_tokens`: prompt-lookup drafting under greedy decoding (see `generate`)."""
+        `stop` is one stop string or several. `lookup`/`draft_tokens`: prompt-lookup drafting under
+        greedy decoding (see `generate`)."""
+        prefix = arguments.text(prefix, "prefix")
+        suffix = None if suffix is None else arguments.text(suffix, "suffix")
+        stop = arguments.stop_strings(stop)
+        max_new_tokens = arguments.integer(max_new_tokens, "max_new_tokens", minimum=0)
         if fim_order not in FIM_ORDERS:  # checked even without a suffix: a typo must not pass silently
             raise SantacpuError(f"unknown FIM order '{fim_order}' (choose {' or '.join(FIM_ORDERS)})")
         if suffix is None:
@@ -294,14 +301,16 @@ class Model:
         """The whole completion as one string (see `complete_stream` for the options)."""
         return "".join(self.complete_stream(prefix, suffix, **options))
 
-    def _check_ids(self, ids: Sequence[int]) -> list[int]:
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise SantacpuError("the prompt is empty")
-        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise SantacpuError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
-        return ids
+
+def check_finite(logits: np.ndarray) -> np.ndarray:
+    """`logits` if every value is finite; else the weights are damaged (a NaN, or values that
+    overflow), and going on would only pick garbage tokens."""
+    if not np.isfinite(logits).all():
+        raise SantacpuError(
+            "the model computed logits that are not finite (NaN or infinity): its weights hold NaN or "
+            "overflowing values; re-create the file from its source"
+        )
+    return logits
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -341,6 +350,7 @@ def load(
             raise SantacpuError("device 'cuda' is not available yet: santacpu's GPU backend is not built; use 'cpu'")
         raise SantacpuError(f"unknown device '{device}' (choose 'auto' or 'cpu')")
     check_kv_dtype(kv_cache)  # before the (long) load
+    revision = hub_revision(model, revision)
     if names_quantized_file(model):
         path = Path(model).expanduser()
         weights, metadata = read_quantized(path)

@@ -3,7 +3,10 @@ reuse that file afterwards (a q8_0 SantaCoder is a quarter of the fp32 download,
 
 Cache folder: $SANTACPU_CACHE, else $XDG_CACHE_HOME/santacpu, else ~/.cache/santacpu. A cached
 file is keyed by the source folder, the size and modification time of its weight files, the
-type and the file-format version, so a changed source or a new format is quantized afresh.
+type and the file-format version, so a changed source or a new format is quantized afresh. A
+cached file that no longer reads as a whole quantized file (a conversion cut short by a crash,
+a file damaged since) is made again, with a warning. A cache that cannot be written (read-only,
+full, or a file where the folder should be) is a one-line error that says what to do.
 """
 
 from __future__ import annotations
@@ -12,10 +15,13 @@ import hashlib
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
+from .atomic_file import check_writable
 from .checkpoint import open_checkpoint
-from .quantized import FORMAT_VERSION
+from .errors import SantacpuError, SantacpuWarning, WriteError, os_problem
+from .quantized import FORMAT_VERSION, read_quantized
 from .source import resolve
 
 CACHE_ENV = "SANTACPU_CACHE"
@@ -40,15 +46,45 @@ def cached_file_for(folder: Path, qtype: str) -> Path:
 
 
 def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
-    """The cached quantized file for a full-precision `model`, made now if it is not there yet."""
+    """The cached quantized file for a full-precision `model`, made now if it is not there yet
+    (or no longer reads as a whole quantized file)."""
     from quantize.converter import convert
 
     folder = resolve(model, revision)
     path = cached_file_for(folder, qtype)
-    if path.is_file():
-        return path
+    if path.exists():
+        damage = _damage(path)
+        if damage is None:
+            return path
+        warnings.warn(f"the cached quantization {path} is damaged ({damage}); making it again", SantacpuWarning,
+                      stacklevel=2)
     open_checkpoint(folder)  # a broken source fails here, before we announce any work
-    path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"santacpu: first use of {model}: quantizing it to {qtype} once, into {path}", file=sys.stderr)
-    convert(folder, path, qtype=qtype, revision=None, force=True)
+    try:
+        _make_folder(path.parent)
+        check_writable(path)
+        print(f"santacpu: first use of {model}: quantizing it to {qtype} once, into {path}", file=sys.stderr)
+        convert(folder, path, qtype=qtype, revision=None, force=True)
+    except WriteError as problem:
+        raise WriteError(
+            f"{problem} (santacpu's quantization cache: free some space there, set {CACHE_ENV} to another "
+            "folder, or run the model in full precision with --quant none)"
+        ) from None
     return path
+
+
+def _damage(path: Path) -> str | None:
+    """Why the cached file at `path` cannot be used as it is, or None if it reads as a whole."""
+    try:
+        read_quantized(path)
+    except SantacpuError as problem:
+        return str(problem)
+    return None
+
+
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise WriteError(f"cannot use {folder} as a folder: it (or a folder above it) is a file") from None
+    except OSError as problem:
+        raise WriteError(f"cannot make the folder {folder}: {os_problem(problem)}") from None

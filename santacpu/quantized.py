@@ -91,7 +91,8 @@ def _json_field(metadata: dict, key: str, path: Path):
 
 
 def read_metadata(path: str | os.PathLike) -> tuple[SafetensorsFile, dict]:
-    """Open a quantized file and return it with its decoded, checked metadata."""
+    """Open a quantized file and return it with its decoded, checked metadata: `config` a `Config`,
+    `tensors`, `quantization` and `provenance` dictionaries, `tokenizer` the tokenizer.json text."""
     path = Path(path)
     file = SafetensorsFile(path)
     meta = file.metadata
@@ -111,15 +112,41 @@ def read_metadata(path: str | os.PathLike) -> tuple[SafetensorsFile, dict]:
     if version < 1:
         raise SantacpuError(f"{path}: unknown format version {version}")
     decoded = {k: _json_field(meta, k, path) for k in ("config", "tensors", "quantization", "provenance")}
+    problem = _structure_problem(decoded)
+    if problem:
+        raise SantacpuError(f"{path} has invalid metadata: {problem}")
+    try:
+        decoded["config"] = Config.from_metadata(decoded["config"])
+    except SantacpuError as bad:
+        raise SantacpuError(f"{path} has invalid metadata: {bad}") from None
     decoded["format_version"] = version
     decoded["tokenizer"] = meta["tokenizer"]
     return file, decoded
 
 
+def _structure_problem(meta: dict) -> str | None:
+    """What is wrong with the shape of the decoded metadata (what a hand edit can break), or None.
+    The config is checked by `Config.from_metadata`, tensor shapes against it by `read_quantized`."""
+    for key in ("tensors", "quantization", "provenance"):
+        if not isinstance(meta[key], dict):
+            return f"'{key}' is a JSON {type(meta[key]).__name__}, not an object"
+    for name, entry in meta["tensors"].items():
+        if not isinstance(entry, dict):
+            return f"the entry of tensor '{name}' is not an object"
+        if not isinstance(entry.get("type"), str):
+            return f"tensor '{name}' has no 'type'"
+        shape, parts = entry.get("shape"), entry.get("parts", [])
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            return f"tensor '{name}' has no valid 'shape' (a list of sizes)"
+        if not isinstance(parts, list) or not all(isinstance(part, str) for part in parts):
+            return f"tensor '{name}' has no valid 'parts' (a list of names)"
+    return None
+
+
 def _tensor(file: SafetensorsFile, name: str, entry: dict, expected_shape: tuple[int, ...], path: Path):
     from quantize.formats import FORMATS
 
-    qtype, shape = entry.get("type"), tuple(entry.get("shape", ()))
+    qtype, shape = entry["type"], tuple(entry["shape"])
     if shape != tuple(expected_shape):
         raise SantacpuError(f"{path}: tensor '{name}' has shape {list(shape)}, the config implies {list(expected_shape)}")
     if qtype in FULL_PRECISION_TYPES:
@@ -147,11 +174,7 @@ def read_quantized(path: str | os.PathLike) -> tuple[ModelWeights, dict]:
     """Memory-map a quantized file: canonical ModelWeights (QuantizedWeight where quantized) and metadata."""
     path = Path(path)
     file, meta = read_metadata(path)
-    try:
-        config = Config(**meta["config"])
-    except TypeError as bad:
-        raise SantacpuError(f"{path}: the config in its metadata is invalid ({bad})") from None
-    entries = meta["tensors"]
+    config, entries = meta["config"], meta["tensors"]
     E, V, P = config.n_embd, config.vocab_size, config.n_positions
     layer_shapes = expected_layer_shapes(config)
 
@@ -175,35 +198,47 @@ def read_quantized(path: str | os.PathLike) -> tuple[ModelWeights, dict]:
     return weights, meta
 
 
+def named_tensors(weights: ModelWeights) -> dict[str, object]:
+    """Every tensor of `weights` by its canonical name (see `canonical_tensor_names`)."""
+    named = {"wte": weights.wte, "wpe": weights.wpe}
+    for i, layer in enumerate(weights.layers):
+        named.update({f"h.{i}.{field}": getattr(layer, field) for field in layer_field_names()})
+    return {**named, "ln_f_weight": weights.ln_f_weight, "ln_f_bias": weights.ln_f_bias}
+
+
 def describe(path: str | os.PathLike) -> str:
-    """The text `santacpu info` prints: config, per-type tensor counts, size, bits per weight."""
+    """The text `santacpu info` prints: config, per-type tensor counts, size, bits per weight,
+    provenance. The whole file is checked as `load` checks it first."""
     path = Path(path)
-    file, meta = read_metadata(path)
+    weights, meta = read_quantized(path)
     config, entries = meta["config"], meta["tensors"]
     counts: dict[str, int] = {}
-    weights = stored = 0
-    for name, entry in entries.items():
+    for entry in entries.values():
         counts[entry["type"]] = counts.get(entry["type"], 0) + 1
-        if len(entry["shape"]) == 2:
-            weights += int(np.prod(entry["shape"]))
-            names = [f"{name}.{p}" for p in entry["parts"]] or [name]
-            stored += sum(file.array(n).nbytes for n in names)
+    matrices = [t for t in named_tensors(weights).values() if len(t.shape) == 2]
+    weight_count = sum(int(np.prod(t.shape)) for t in matrices)
+    stored = sum(t.nbytes for t in matrices)
     size = path.stat().st_size
     provenance, quantization = meta["provenance"], meta["quantization"]
+    digests = provenance.get("source_sha256") or {}
+    digests = digests if isinstance(digests, dict) else {}
+    width = max(map(len, digests), default=0)
+    digest_lines = [f"{name:<{width}}  {digest}" for name, digest in digests.items()]
     lines = [
         f"file            {path} ({size / 1e6:.1f} MB, format {FORMAT_NAME} v{meta['format_version']})",
-        f"model           {config['model_type']}: {config['n_layer']} layers, n_embd {config['n_embd']}, "
-        f"{config['n_head']} heads ({config['n_kv_head']} K/V), n_inner {config['n_inner']}, "
-        f"context {config['n_positions']}, vocab {config['vocab_size']}",
+        f"model           {config.model_type}: {config.n_layer} layers, n_embd {config.n_embd}, "
+        f"{config.n_head} heads ({config.n_kv_head} K/V), n_inner {config.n_inner}, "
+        f"context {config.n_positions}, vocab {config.vocab_size}",
         f"quantization    {quantization.get('type')} (embedding {quantization.get('embedding')}"
         + (f"; keep {', '.join(quantization['keep'])}" if quantization.get("keep") else "")
         + (", importance-weighted" if quantization.get("importance_weighted") else "")
         + ")",
         "tensors         " + ", ".join(f"{n} x {t}" for t, n in sorted(counts.items())),
-        f"bits/weight     {8 * stored / max(weights, 1):.3f} over the {weights:,} matrix weights; "
-        f"{8 * size / max(weights, 1):.3f} for the whole file",
-        f"source          {provenance.get('source')}"
-        + (f" @ {provenance['revision']}" if provenance.get("revision") else ""),
+        f"bits/weight     {8 * stored / max(weight_count, 1):.3f} over the {weight_count:,} matrix weights; "
+        f"{8 * size / max(weight_count, 1):.3f} for the whole file",
+        f"source          {provenance.get('source')}",
+        f"revision        {provenance.get('revision') or '- (none asked for)'}",
+        "source sha256   " + ("\n                ".join(digest_lines) or "- (not recorded)"),
         f"calibration     {provenance.get('calibration') or 'none'}",
         f"made by         santacpu {provenance.get('santacpu_version')} on {provenance.get('created')}",
     ]

@@ -7,8 +7,8 @@ tensor bytes (offsets relative to the end of the header).
 Reading maps the file once and hands out zero-copy NumPy views, so opening a 4.5 GB checkpoint
 allocates almost nothing and pages come in as tensors are used. Every offset is checked against
 the file size, so a truncated download gets a clear error instead of a bus error later.
-Writing streams tensor by tensor and goes through a temporary file renamed at the end, so a
-failure never leaves a partial file under the final name.
+Writing streams tensor by tensor through `atomic_file.atomic_output` (a temporary file renamed at
+the end), so a failure never leaves a partial file under the final name.
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import json
 import mmap
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from .errors import SantacpuError
+from .atomic_file import atomic_output
+from .errors import SantacpuError, os_problem
 
 # safetensors dtype name -> NumPy dtype. BF16 has no NumPy dtype: it is handed out as uint16 bits
 # and widened to float32 by the caller (`bf16_to_f32`).
@@ -57,20 +57,17 @@ class SafetensorsFile:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise SantacpuError(f"{self.path} is a folder, not a .safetensors file")
         try:
             size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                raw_header = _read_header(f, size, self.path)
         except FileNotFoundError:
             raise SantacpuError(f"no such file: {self.path}") from None
-        if size < 8:
-            raise SantacpuError(f"{self.path} is not a safetensors file (only {size} bytes)")
-        with open(self.path, "rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
-                raise SantacpuError(
-                    f"{self.path} is not a valid safetensors file or is truncated "
-                    f"(header claims {header_len} bytes, file has {size})"
-                )
-            raw_header = f.read(header_len)
+        except OSError as problem:
+            raise SantacpuError(f"cannot read {self.path}: {os_problem(problem)}") from None
+        header_len = len(raw_header)
         try:
             header = json.loads(raw_header.decode("utf-8"))
             if not isinstance(header, dict):
@@ -99,6 +96,7 @@ class SafetensorsFile:
                     f"the file has {size} (re-download or re-create it)"
                 )
             self._entries[name] = (dtype_name, shape, begin, end)
+        _check_no_overlap(self._entries, self.path)
         self._map: mmap.mmap | None = None
         if size > self._data_start:
             with open(self.path, "rb") as f:
@@ -149,6 +147,26 @@ class SafetensorsFile:
         last = stop // page * page
         if last > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def _read_header(f, size: int, path: Path) -> bytes:
+    """The raw JSON header of an open file of `size` bytes, its length checked against the size."""
+    if size < 8:
+        raise SantacpuError(f"{path} is not a safetensors file (only {size} bytes)")
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > size:
+        raise SantacpuError(
+            f"{path} is not a valid safetensors file or is truncated (header claims {header_len} bytes, file has {size})"
+        )
+    return f.read(header_len)
+
+
+def _check_no_overlap(entries: dict[str, tuple[str, tuple[int, ...], int, int]], path: Path) -> None:
+    """Refuse tensors whose bytes overlap (a hand-edited or corrupt header): each byte is one tensor's."""
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in entries.items() if end > begin)
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise SantacpuError(f"{path} is corrupt: the bytes of tensors '{first}' and '{second}' overlap")
 
 
 def advise_huge_pages(mapping: mmap.mmap) -> None:
@@ -211,29 +229,12 @@ def write_safetensors(
     raw_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     raw_header += b" " * (-len(raw_header) % 8)  # keep the data 8-byte aligned
 
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(raw_header)))
-            f.write(raw_header)
-            for expected_name, (shape, dtype_name) in shapes.items():
-                name, array = next(items)
-                if name != expected_name or tuple(array.shape) != tuple(shape):
-                    raise ValueError(f"tensor {name} {array.shape} does not match the declared {expected_name} {shape}")
-                array = np.ascontiguousarray(array, dtype=_DTYPES[dtype_name])
-                f.write(memoryview(array.reshape(-1)).cast("B"))
-        os.chmod(tmp_name, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with atomic_output(path) as f:
+        f.write(struct.pack("<Q", len(raw_header)))
+        f.write(raw_header)
+        for expected_name, (shape, dtype_name) in shapes.items():
+            name, array = next(items)
+            if name != expected_name or tuple(array.shape) != tuple(shape):
+                raise ValueError(f"tensor {name} {array.shape} does not match the declared {expected_name} {shape}")
+            array = np.ascontiguousarray(array, dtype=_DTYPES[dtype_name])
+            f.write(memoryview(array.reshape(-1)).cast("B"))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from pathlib import Path
 
-from .errors import SantacpuError
+from .errors import SantacpuError, SantacpuWarning
 
 DEFAULT_MODEL = "bigcode/santacoder"
 MODEL_ENV = "SANTACPU_MODEL"  # overrides DEFAULT_MODEL for the CLI
@@ -24,6 +25,19 @@ _TORCH_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 def default_model() -> str:
     return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def hub_revision(model: str | os.PathLike, revision: str | None) -> str | None:
+    """`revision` where `model` is a hub id; None, with a warning, where it names a local file or
+    folder (a revision only picks among a hub repository's versions)."""
+    if revision is not None and Path(model).expanduser().exists():
+        warnings.warn(
+            f"revision '{revision}' is ignored: {model} is a local file or folder, not a hub id",
+            SantacpuWarning,
+            stacklevel=3,
+        )
+        return None
+    return revision
 
 
 def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
@@ -53,7 +67,8 @@ def _download(repo_id: str, revision: str | None) -> Path:
     offline_hint = (
         f"{where} is not a local folder, and it is not in the hub cache while the model hub cannot be "
         f"reached; download it on a connected machine (or copy its folder here) and pass the folder: "
-        f"--model /path/to/{repo_id.split('/')[-1]}"
+        f"--model /path/to/{repo_id.split('/')[-1]} (or, to try santacpu offline on random weights: "
+        f"santacpu random-checkpoint /tmp/tiny, then --model /tmp/tiny)"
     )
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_META_FILES + _SAFETENSORS_FILES))

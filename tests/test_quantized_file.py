@@ -126,7 +126,7 @@ def test_default_policy_and_keep_rules():
 def test_metadata_is_self_contained(files):
     _, meta = read_metadata(files["q4_0"])
     assert meta["format_version"] == FORMAT_VERSION
-    assert meta["config"]["n_layer"] == 2 and meta["config"]["n_kv_head"] == 1
+    assert meta["config"].n_layer == 2 and meta["config"].n_kv_head == 1
     assert Tokenizer.from_json_text(meta["tokenizer"], "x").encode("def f():") == Tokenizer.santacoder().encode("def f():")
     assert meta["tensors"]["wte"]["type"] == "q6_0"
     assert meta["tensors"]["h.0.mlp_c_fc_weight"]["type"] == "q4_0"
