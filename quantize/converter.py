@@ -24,7 +24,7 @@ from santacpu.checkpoint import CheckpointReader, open_checkpoint
 from santacpu.errors import SantacpuError
 from santacpu.progress import Progress
 from santacpu.atomic_file import check_writable
-from santacpu.quantized import FORMAT_NAME, FORMAT_VERSION, canonical_tensor_names, is_quantized_file
+from santacpu.quantized import FORMAT_NAME, FORMAT_VERSION, all_finite, canonical_tensor_names, is_quantized_file
 from santacpu.safetensors_io import dtype_name_of, write_safetensors
 from santacpu.source import resolve
 from santacpu.tokenizer import tokenizer_file_for
@@ -187,9 +187,13 @@ def convert(
 
     def produce() -> Iterator[tuple[str, np.ndarray]]:
         for name, array in canonical_tensors(reader):
+            if not all_finite(array):  # a file santacpu writes never holds NaN (see `info`)
+                raise SantacpuError(f"the source tensor '{name}' holds NaN or infinite values: the checkpoint is damaged")
             qtype_of = types[name]
             if qtype_of in FULL_PRECISION:
                 stored = np.asarray(array, dtype=FULL_PRECISION[qtype_of])
+                if not all_finite(stored):
+                    raise SantacpuError(f"tensor '{name}' overflows {qtype_of}: store it as f32 (--keep '{name}=f32')")
                 reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))
                 bar.step(name)  # before yielding: the writer stops pulling after the last tensor
                 yield name, stored

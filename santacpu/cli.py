@@ -30,6 +30,8 @@ from .source import DEFAULT_MODEL, MODEL_ENV, default_model, hub_revision
 __all__ = ["app", "main", "write_text_atomically"]  # write_text_atomically: tools/bench_peers.py uses it
 
 # Plain help (rich_markup_mode=None): typer's rich panels print a `<bool>` type beside every flag.
+# Path parameters say readable=False: santacpu reports an unreadable file itself, as an error (exit
+# 1), where click would call it a usage error.
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -152,6 +154,7 @@ def complete(
         None,
         "--fim",
         metavar="PREFIX_FILE SUFFIX_FILE",
+        readable=False,
         help="Fill in the middle between the text of two files; only the middle is printed.",
     ),
     fim_order: str = typer.Option("psm", help="FIM prompt order: psm (prefix first) or spm (suffix first)."),
@@ -252,7 +255,7 @@ def _type_help() -> str:
 @app.command()
 def quantize(
     src: str = typer.Argument(..., help="Full-precision source: checkpoint folder (either layout), weight file, or hub id."),
-    out: Path = typer.Argument(..., help="The quantized file to write (.safetensors)."),
+    out: Path = typer.Argument(..., readable=False, help="The quantized file to write (.safetensors)."),
     qtype: str = typer.Option("q8_0", "--type", "-t", metavar="TYPE", help=_type_help()),
     calibration: Optional[str] = typer.Option(
         None,
@@ -283,7 +286,7 @@ def quantize(
 
 
 @app.command()
-def info(file: Path = typer.Argument(..., help="A santacpu quantized file.")) -> None:
+def info(file: Path = typer.Argument(..., readable=False, help="A santacpu quantized file.")) -> None:
     """Describe a quantized file: config, tensor types, size, bits per weight, provenance."""
     from .quantized import describe
 
@@ -292,7 +295,7 @@ def info(file: Path = typer.Argument(..., help="A santacpu quantized file.")) ->
 
 @app.command()
 def perplexity(
-    files: List[Path] = typer.Argument(..., help="Source files to score (UTF-8 text)."),
+    files: List[Path] = typer.Argument(..., readable=False, help="Source files to score (UTF-8 text)."),
     model: str = typer.Option(None, "--model", "-m", help=f"The model to score. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.", show_default=False),
     reference: Optional[str] = typer.Option(None, help="A reference model (e.g. the full-precision checkpoint): adds delta perplexity, KL divergence and top-1 agreement."),
     ctx: Optional[int] = typer.Option(
@@ -301,7 +304,7 @@ def perplexity(
         f"convention). Default: {DEFAULT_PERPLEXITY_CTX}, or the model's context if that is shorter.",
         show_default=False,
     ),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    json_out: Optional[Path] = typer.Option(None, "--json", readable=False, help="Also write the results to this JSON file."),
 ) -> None:
     """Perplexity of a model over source files and, with --reference, what it loses against it."""
     from . import load
@@ -350,7 +353,9 @@ def bench(
     repeat: int = typer.Option(3, min=1, help="Runs of prefill, decode and FIM; the median is reported."),
     memory_context: int = typer.Option(0, min=0, help="Context filled by the peak-RSS run; 0: the model's whole context."),
     parts: str = typer.Option(",".join(PARTS), help="What to measure, comma-separated: " + ", ".join(PARTS) + "."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write every figure and the machine's facts to this JSON file."),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", readable=False, help="Also write every figure and the machine's facts to this JSON file."
+    ),
 ) -> None:
     """Measure speed (prefill, decode, FIM time to first token), load and compile times, and peak
     memory of a model; each measurement runs in a child process of its own. Progress on stderr,
@@ -375,7 +380,9 @@ def bench(
 
 @app.command("random-checkpoint")
 def random_checkpoint(
-    out: Path = typer.Argument(..., help="The folder to write (made if missing): config.json, model.safetensors, tokenizer.json."),
+    out: Path = typer.Argument(
+        ..., readable=False, help="The folder to write (made if missing): config.json, model.safetensors, tokenizer.json."
+    ),
     size: str = typer.Option(
         "tiny", callback=_one_of("tiny", "micro", "trained", "full"),
         help="tiny (a 64-token context, 2 narrow layers: 13 MB, seconds), micro, trained (the test fixture's "

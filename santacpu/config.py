@@ -128,7 +128,7 @@ class Config:
         """From the config a quantized file stores (`to_dict`'s fields), every field's type and
         every size checked, so a hand-edited file fails here with a message instead of later."""
         if not isinstance(raw, dict):
-            raise SantacpuError(f"its config is a JSON {type(raw).__name__}, not an object")
+            raise SantacpuError("its config is not a JSON object")
         known = {f.name: f for f in fields(cls)}
         unknown = [k for k in raw if k not in known]
         if unknown:

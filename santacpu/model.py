@@ -308,7 +308,7 @@ def check_finite(logits: np.ndarray) -> np.ndarray:
     if not np.isfinite(logits).all():
         raise SantacpuError(
             "the model computed logits that are not finite (NaN or infinity): its weights hold NaN or "
-            "overflowing values; re-create the file from its source"
+            "overflowing values (`santacpu info FILE` names the tensor of a quantized file); re-create it from its source"
         )
     return logits
 

@@ -127,9 +127,9 @@ def read_metadata(path: str | os.PathLike) -> tuple[SafetensorsFile, dict]:
 def _structure_problem(meta: dict) -> str | None:
     """What is wrong with the shape of the decoded metadata (what a hand edit can break), or None.
     The config is checked by `Config.from_metadata`, tensor shapes against it by `read_quantized`."""
-    for key in ("tensors", "quantization", "provenance"):
+    for key in ("config", "tensors", "quantization", "provenance"):
         if not isinstance(meta[key], dict):
-            return f"'{key}' is a JSON {type(meta[key]).__name__}, not an object"
+            return f"'{key}' is {_json_kind(meta[key])}, not an object"
     for name, entry in meta["tensors"].items():
         if not isinstance(entry, dict):
             return f"the entry of tensor '{name}' is not an object"
@@ -141,6 +141,14 @@ def _structure_problem(meta: dict) -> str | None:
         if not isinstance(parts, list) or not all(isinstance(part, str) for part in parts):
             return f"tensor '{name}' has no valid 'parts' (a list of names)"
     return None
+
+
+def _json_kind(value: object) -> str:
+    """What a decoded JSON value is, in JSON's words."""
+    if isinstance(value, bool):
+        return "a boolean"
+    kinds = {list: "an array", str: "a string", int: "a number", float: "a number", type(None): "null"}
+    return kinds.get(type(value), "an object")
 
 
 def _tensor(file: SafetensorsFile, name: str, entry: dict, expected_shape: tuple[int, ...], path: Path):
@@ -206,11 +214,32 @@ def named_tensors(weights: ModelWeights) -> dict[str, object]:
     return {**named, "ln_f_weight": weights.ln_f_weight, "ln_f_bias": weights.ln_f_bias}
 
 
+def nonfinite_tensor(weights: ModelWeights) -> str | None:
+    """The name of the first tensor holding a NaN or an infinity among its float values (a
+    quantized tensor's scales), or None. A pass over every float part: for `info`, not for `load`
+    (the integer kernels can turn NaN activations into finite garbage, so generation alone may
+    not notice)."""
+    for name, tensor in named_tensors(weights).items():
+        parts = tensor.parts.values() if isinstance(tensor, QuantizedWeight) else [tensor]
+        if not all(all_finite(p) for p in parts if p.dtype.kind == "f"):
+            return name
+    return None
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity in `array` (its min and max: two passes, no array-sized temporary)."""
+    return array.size == 0 or bool(np.isfinite(array.min()) and np.isfinite(array.max()))
+
+
 def describe(path: str | os.PathLike) -> str:
     """The text `santacpu info` prints: config, per-type tensor counts, size, bits per weight,
-    provenance. The whole file is checked as `load` checks it first."""
+    provenance. The whole file is checked as `load` checks it first, and every float value in
+    it (full-precision tensors, block scales) must be finite."""
     path = Path(path)
     weights, meta = read_quantized(path)
+    damaged = nonfinite_tensor(weights)
+    if damaged:
+        raise SantacpuError(f"{path} is damaged: tensor '{damaged}' holds NaN or infinite values")
     config, entries = meta["config"], meta["tensors"]
     counts: dict[str, int] = {}
     for entry in entries.values():

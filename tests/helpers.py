@@ -1,13 +1,23 @@
-"""Shared test helpers: tiny random checkpoints built once per test process (NumPy only)."""
+"""Shared test helpers: tiny random checkpoints built once per test process (NumPy only), files
+rewritten with a change, and the `santacpu` command line run as a subprocess, also where file
+permissions apply (root without its bypassing capabilities) or on a small or read-only file system."""
 
 from __future__ import annotations
 
 import atexit
+import functools
+import json
 import mmap
+import os
 import shutil
+import struct
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -16,6 +26,8 @@ if str(REPO) not in sys.path:
 from tools.random_checkpoint import write_checkpoint  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from santacpu.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
 
 _root: Path | None = None
 _built: dict[tuple, Path] = {}
@@ -52,3 +64,99 @@ def mmap_owner(array: np.ndarray) -> mmap.mmap | None:
         else:
             return None
     return owner
+
+
+def rewrite_safetensors(src: Path, dest: Path, metadata: Callable[[dict], None] | None = None,
+                        tensors: Callable[[dict], None] | None = None) -> Path:
+    """A copy of the safetensors file `src` at `dest`, its metadata and/or its tensors (writable
+    copies, by name) first changed in place by the given functions."""
+    file = SafetensorsFile(src)
+    new_metadata, arrays = dict(file.metadata), {n: np.array(file.array(n)) for n in file.names()}
+    (metadata or (lambda m: None))(new_metadata)
+    (tensors or (lambda t: None))(arrays)
+    write_safetensors(dest, arrays, new_metadata)
+    return dest
+
+
+def edit_json(metadata: dict, key: str, change) -> None:
+    """Replace the JSON text `metadata[key]` by `change(its value)`, as a hand edit would."""
+    metadata[key] = json.dumps(change(json.loads(metadata[key])))
+
+
+def overlapping_copy(src: Path, dest: Path) -> Path:
+    """A copy of the safetensors file `src` whose second tensor's offsets point into the first's
+    bytes (its size unchanged, so only the overlap is wrong)."""
+    raw = src.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    spans = sorted((e["data_offsets"], n) for n, e in header.items() if n != "__metadata__" and e["data_offsets"][1])
+    (first_begin, _), _ = spans[0]
+    (begin, end), second = spans[1]
+    header[second]["data_offsets"] = [first_begin, first_begin + end - begin]
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    dest.write_bytes(struct.pack("<Q", len(encoded)) + encoded + raw[8 + length :])
+    return dest
+
+
+def santacpu_env(extra: dict | None = None) -> dict:
+    """The environment the CLI tests run santacpu in: offline, UTF-8, no SANTACPU_MODEL, `extra` added."""
+    environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", COLUMNS="120")
+    environment.pop("SANTACPU_MODEL", None)
+    return {**environment, **(extra or {})}
+
+
+def run_santacpu(*args: str, env: dict | None = None, prefix: list[str] | tuple = (), stdin: bytes = b"",
+                 umask: int | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m santacpu ARGS` (the entry point `santacpu` runs) in `santacpu_env(env)`, after a
+    command `prefix` (see `unprivileged`, `on_tmpfs`), with `umask` applied to the child."""
+    return subprocess.run([*prefix, sys.executable, "-m", "santacpu", *map(str, args)], input=stdin,
+                          capture_output=True, env=santacpu_env(env), timeout=timeout,
+                          preexec_fn=None if umask is None else lambda: os.umask(umask))
+
+
+def one_error_line(done: subprocess.CompletedProcess, fragment: str, code: int = 1) -> str:
+    """The run failed with `code` and said why in one `santacpu: error:` line holding `fragment`,
+    with nothing on stdout and no traceback."""
+    err = done.stderr.decode(errors="replace")
+    assert done.returncode == code and "Traceback" not in err, (done.returncode, err)
+    assert done.stdout == b"", done.stdout
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("santacpu: error: ") and fragment in lines[0], err
+    return lines[0]
+
+
+_DROP_DAC = "-dac_override,-dac_read_search"
+
+
+@functools.cache
+def _works(*command: str) -> bool:
+    try:
+        return subprocess.run(command, capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def unprivileged() -> list[str]:
+    """A command prefix under which file permissions apply: none for an ordinary user; for root,
+    setpriv without the capabilities that bypass permissions (the test is skipped without it)."""
+    if os.geteuid() != 0:
+        return []
+    prefix = ["setpriv", "--bounding-set", _DROP_DAC, "--inh-caps", _DROP_DAC, "--"]
+    if not _works(*prefix, "true"):
+        pytest.skip("running as root, and setpriv cannot drop the capabilities that bypass file permissions")
+    return prefix
+
+
+def on_tmpfs(folder: Path, kilobytes: int, listing: Path, read_only: bool = False) -> list[str]:
+    """A command prefix that runs the command with a fresh tmpfs of `kilobytes` (read-only if asked)
+    mounted on the existing `folder`, in private user and mount namespaces (the test is skipped
+    where those are not allowed). What the folder holds afterwards is written to `listing`, one
+    name a line, since the mount is gone with the namespace."""
+    if not _works("unshare", "--user", "--map-root-user", "--mount", "true"):
+        pytest.skip("unshare cannot make a private mount namespace here")
+    mount = f"mount -t tmpfs -o size={kilobytes}k tmpfs '{folder}'"
+    if read_only:
+        mount += f" && mount -o remount,ro '{folder}'"
+    script = f"{mount} || exit 99; \"$@\"; code=$?; ls -A '{folder}' > '{listing}'; exit $code"
+    return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"]

@@ -186,6 +186,17 @@ def test_stop_string_cuts_the_completion(model):
     assert cut == full[: full.index(stop)]
 
 
+def test_a_stop_string_alone_is_one_stop_string(model):
+    full = model.complete("def f(x):", max_new_tokens=12)
+    # Two characters that first occur together at k, while one of them occurs alone before k:
+    # read as its characters, the stop would cut the text earlier.
+    k = next(k for k in range(1, len(full) - 1)
+             if full.find(full[k : k + 2]) == k and min(full.find(full[k]), full.find(full[k + 1])) < k)
+    stop = full[k : k + 2]
+    assert model.complete("def f(x):", max_new_tokens=12, stop=stop) == full[:k]
+    assert len(model.complete("def f(x):", max_new_tokens=12, stop=list(stop))) < k
+
+
 # --- stop strings across pieces --------------------------------------------------------------
 
 

@@ -685,6 +685,26 @@ def test_bad_sampling_options():
         assert "unknown FIM order 'xyz'" in _request_error(m.complete, "def f():", suffix, max_new_tokens=2, fim_order="xyz")
 
 
+def test_wrong_argument_types_are_clear_errors():
+    m = model_of()
+    assert "temperature must be a number, got '0.5' (str)" in _request_error(
+        m.complete, "def f():", max_new_tokens=2, temperature="0.5")
+    assert "top_k must be an integer" in _request_error(m.generate, [1, 2], max_new_tokens=2, top_k=1.5)
+    assert "max_new_tokens must be an integer" in _request_error(m.complete, "def f():", max_new_tokens="8")
+    assert "encode text first" in _request_error(m.logits, "def f")
+    assert "encode text first" in _request_error(m.generate, b"def f", max_new_tokens=2)
+    assert "token id must be an integer" in _request_error(m.logits, [1, 2.5])
+    assert "prefix must be a str, got bytes (decode" in _request_error(m.complete, b"def f():", max_new_tokens=2)
+    assert "suffix must be a str, got int" in _request_error(m.complete, "def f():", 3, max_new_tokens=2)
+    assert "stop string must be a str" in _request_error(m.complete, "def f():", max_new_tokens=2, stop=[b"x"])
+    for call in (m.complete, m.complete_stream):
+        assert "seed must be >= 0, got -1" in _request_error(call, "def f():", max_new_tokens=2, seed=-1)
+    assert "seed must be an integer" in _request_error(m.generate, [1, 2], max_new_tokens=2, seed="1")
+    # NumPy's numbers are numbers.
+    assert m.complete("def f():", max_new_tokens=np.int64(2), temperature=np.float32(0.0)) == m.complete(
+        "def f():", max_new_tokens=2)
+
+
 # ---------------------------------------------------------------------------------------------
 # The model hub, offline (huggingface_hub reads its settings at import: each case runs in a
 # fresh interpreter that sees the patched environment)

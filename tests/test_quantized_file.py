@@ -4,13 +4,14 @@ metadata, policy, calibration, and every way a file or a conversion can go wrong
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import mmap_owner, tiny_checkpoint
+from helpers import edit_json, mmap_owner, overlapping_copy, rewrite_safetensors, tiny_checkpoint
 
 import santacpu
 from quantize.calibration import collect_importance, token_sequences
@@ -18,6 +19,7 @@ from quantize.converter import convert, sha256_of_sources
 from quantize.formats import FORMATS
 from quantize.policy import Policy, parse_keep
 from santacpu import SantacpuError, reference
+from santacpu.errors import WriteError
 from santacpu.backend import BLAS_MIN_TOKENS
 from santacpu.checkpoint import open_checkpoint
 from santacpu.quant_kernels import activation_levels, has_integer_matmul
@@ -175,7 +177,7 @@ def test_a_write_failure_leaves_no_output(tmp_path, monkeypatch):
 
     monkeypatch.setattr(formats.FORMATS["q8_0"], "quantize", explode)
     out = tmp_path / "out.safetensors"
-    with pytest.raises(OSError):
+    with pytest.raises(WriteError, match=f"cannot write {out}: No space left on device"):
         convert(tiny_checkpoint(), out, qtype="q8_0")
     assert list(tmp_path.iterdir()) == []
 
@@ -183,14 +185,6 @@ def test_a_write_failure_leaves_no_output(tmp_path, monkeypatch):
 def test_missing_output_folder_is_a_clear_error(tmp_path):
     with pytest.raises(SantacpuError, match="does not exist"):
         convert(tiny_checkpoint(), tmp_path / "no" / "such" / "x.safetensors", qtype="q8_0")
-
-
-def _rewrite_metadata(src: Path, dest: Path, change) -> Path:
-    file = SafetensorsFile(src)
-    metadata = dict(file.metadata)
-    change(metadata)
-    write_safetensors(dest, {n: np.array(file.array(n)) for n in file.names()}, metadata)
-    return dest
 
 
 @pytest.mark.parametrize(
@@ -201,13 +195,60 @@ def _rewrite_metadata(src: Path, dest: Path, change) -> Path:
         (lambda m: m.pop("tensors"), "lacks 'tensors'"),
         (lambda m: m.update(config="{not json"), "corrupt"),
         (lambda m: m.update(tensors=m["tensors"].replace('"q4_0"', '"q9_9"', 1)), "unknown quantization type"),
+        (lambda m: edit_json(m, "tensors", lambda t: list(t.values())), "'tensors' is an array, not an object"),
+        (lambda m: edit_json(m, "tensors", lambda t: {**t, "wte": {"shape": t["wte"]["shape"]}}),
+         "tensor 'wte' has no 'type'"),
+        (lambda m: edit_json(m, "config", lambda c: list(c.values())), "'config' is an array, not an object"),
+        (lambda m: edit_json(m, "config", lambda c: {**c, "n_embd": "64"}), "field 'n_embd' is \"64\", not an integer"),
+        (lambda m: edit_json(m, "config", lambda c: {**c, "n_layer": 0}), "non-positive size: n_layer 0"),
+        (lambda m: edit_json(m, "provenance", lambda p: None), "'provenance' is null, not an object"),
     ],
-    ids=["future-version", "bad-version", "missing-field", "corrupt-json", "unknown-type"],
+    ids=["future-version", "bad-version", "missing-field", "corrupt-json", "unknown-type", "tensors-list",
+         "no-type", "config-list", "n_embd-text", "no-layers", "provenance-null"],
 )
 def test_bad_metadata_gets_a_clear_error(files, tmp_path, change, message):
-    bad = _rewrite_metadata(files["q4_0"], tmp_path / "bad.safetensors", change)
-    with pytest.raises(SantacpuError, match=message):
+    bad = rewrite_safetensors(files["q4_0"], tmp_path / "bad.safetensors", metadata=change)
+    for reader in (santacpu.load, describe):
+        with pytest.raises(SantacpuError, match=re.escape(message)):
+            reader(bad)
+
+
+def test_overlapping_tensors_are_refused(files, tmp_path):
+    bad = overlapping_copy(Path(files["q8_0"]), tmp_path / "overlap.safetensors")
+    with pytest.raises(SantacpuError, match="overlap"):
         santacpu.load(bad)
+
+
+def test_nan_weights_are_reported(files, tmp_path):
+    # NaN in the LM head's scales reaches the logits: generation stops with an error.
+    def poison_head(tensors):
+        tensors["wte.d"][5, 0] = np.nan
+
+    head = santacpu.load(rewrite_safetensors(files["q8_0"], tmp_path / "head.safetensors", tensors=poison_head))
+    for request in (lambda: head.logits([1, 2, 3]), lambda: head.complete("def f():", max_new_tokens=4)):
+        with pytest.raises(SantacpuError, match="not finite"):
+            request()
+
+    # NaN in a LayerNorm bias may be masked by the integer kernels; `info` checks every float value.
+    def poison_bias(tensors):
+        tensors["ln_f_bias"][3] = np.inf
+
+    bias = rewrite_safetensors(files["q8_0"], tmp_path / "bias.safetensors", tensors=poison_bias)
+    with pytest.raises(SantacpuError, match="tensor 'ln_f_bias' holds NaN or infinite values"):
+        describe(bias)
+    assert "2 layers" in describe(files["q8_0"])
+
+
+def test_a_source_with_nan_is_not_quantized(tmp_path):
+    folder = shutil.copytree(tiny_checkpoint(), tmp_path / "nan")
+
+    def poison(tensors):
+        tensors["transformer.h.1.mlp.c_fc.weight"][0, 0] = np.nan
+
+    rewrite_safetensors(tiny_checkpoint() / "model.safetensors", folder / "model.safetensors", tensors=poison)
+    with pytest.raises(SantacpuError, match="'h.1.mlp_c_fc_weight' holds NaN"):
+        convert(folder, tmp_path / "out.safetensors", qtype="q8_0")
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_missing_part_and_truncation_and_foreign_files(files, tmp_path):

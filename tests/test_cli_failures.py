@@ -1,0 +1,364 @@
+"""The command line where things go wrong, and its front door, through the `santacpu` entry point in
+a subprocess: signals, file systems that refuse to be written (read-only, full, no permission),
+the first-use cache, unreadable and hand-edited model files, ignored options, `--help`, and a
+random checkpoint that works with every command's defaults. Each failure must end with its exit
+code (1 error, 2 usage, 130 interrupted, 143 terminated), one line on stderr, no traceback and no
+file left behind.
+
+Runs as root drop the capabilities that bypass file permissions (`helpers.unprivileged`); full and
+read-only file systems are small tmpfs mounts in private namespaces (`helpers.on_tmpfs`). Tests
+that need either are skipped where the machine allows neither.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import helpers
+import santacpu
+from helpers import edit_json, one_error_line, overlapping_copy, rewrite_safetensors, run_santacpu
+from quantize.formats import FORMATS
+from santacpu.cli import decode_escapes
+
+PROMPT = "def f():"
+TEXT = "import os\n\ndef main():\n    for name in os.listdir('.'):\n        print(name)\n" * 6
+
+
+@pytest.fixture(scope="module")
+def tiny() -> Path:
+    return helpers.tiny_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory, tiny) -> Path:
+    """The tiny checkpoint as a q8_0 file."""
+    from quantize.converter import convert
+
+    return convert(tiny, tmp_path_factory.mktemp("quantized") / "tiny-q8_0.safetensors", qtype="q8_0").out
+
+
+@pytest.fixture
+def cache(tmp_path) -> dict:
+    """A private, empty first-use quantization cache for the test's runs."""
+    return {"SANTACPU_CACHE": str(tmp_path / "cache")}
+
+
+@pytest.fixture(scope="module")
+def code_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "code.py"
+    path.write_text(TEXT)
+    return path
+
+
+def stderr_lines(done: subprocess.CompletedProcess) -> list[str]:
+    return done.stderr.decode(errors="replace").splitlines()
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals: the entry point `santacpu.cli.main`, with the conversion and the generation slowed
+# down so that the signal arrives while the work runs.
+
+_SLOWED_MAIN = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+
+    import santacpu.cli, santacpu.model
+    from quantize.formats import FORMATS
+
+    started = Path(sys.argv[1])
+
+    def slowed(work):
+        def slow(*args, **kwargs):
+            started.touch()  # the work is under way: the test may send its signal
+            time.sleep(0.5)
+            return work(*args, **kwargs)
+        return slow
+
+    for block_format in FORMATS.values():
+        block_format.quantize = slowed(block_format.quantize)
+    santacpu.model.Model._run = slowed(santacpu.model.Model._run)
+    santacpu.cli.main(sys.argv[2:])
+    """
+)
+
+
+def signalled(tmp_path: Path, signum: int, *args: str) -> subprocess.CompletedProcess:
+    """Run `santacpu ARGS` slowed down and send `signum` once its work has started."""
+    started = tmp_path / "started"
+
+    def default_sigint() -> None:  # a test run in the background may have inherited SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    process = subprocess.Popen([sys.executable, "-c", _SLOWED_MAIN, str(started), *map(str, args)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=helpers.santacpu_env(),
+                               preexec_fn=default_sigint)
+    deadline = time.monotonic() + 120
+    while not started.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            out, err = process.communicate()
+            pytest.fail(f"the slowed-down run ended or hung before its work started: {err.decode(errors='replace')}")
+        time.sleep(0.05)
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+@pytest.mark.parametrize("signum, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_quantize_exits_with_its_code_and_leaves_nothing(tmp_path, tiny, signum, code, word):
+    out = tmp_path / "out"
+    out.mkdir()
+    done = signalled(tmp_path, signum, "quantize", tiny, out / "tiny.safetensors")
+    assert (done.returncode, stderr_lines(done)) == (code, [f"santacpu: {word}"])
+    assert list(out.iterdir()) == []  # no hidden .partial file either
+
+
+def test_ctrl_c_during_complete_exits_130(tmp_path, tiny):
+    done = signalled(tmp_path, signal.SIGINT, "complete", PROMPT, "--model", tiny, "--quant", "none")
+    assert (done.returncode, stderr_lines(done)) == (130, ["santacpu: interrupted"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing where the file system refuses
+
+
+@pytest.mark.parametrize("read_only, fragment", [(True, "is not writable"), (False, "No space left on device")])
+def test_quantize_onto_a_read_only_or_full_file_system(tmp_path, tiny, read_only, fragment):
+    folder, listing = tmp_path / "fs", tmp_path / "listing"
+    folder.mkdir()
+    prefix = helpers.on_tmpfs(folder, 1024, listing, read_only)  # the tiny q8_0 file needs 5 MB
+    line = one_error_line(run_santacpu("quantize", tiny, folder / "out.safetensors", prefix=prefix), fragment)
+    assert f"cannot write {folder / 'out.safetensors'}" in line
+    assert listing.read_text() == ""
+
+
+def test_quantize_into_a_folder_without_write_permission(tmp_path, tiny):
+    folder = tmp_path / "locked"
+    folder.mkdir(mode=0o555)
+    done = run_santacpu("quantize", tiny, folder / "out.safetensors", prefix=helpers.unprivileged())
+    one_error_line(done, f"the folder {folder} is not writable")
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("read_only, fragment", [(True, "is not writable"), (False, "No space left on device")])
+def test_first_use_cache_on_a_read_only_or_full_file_system(tmp_path, tiny, read_only, fragment):
+    folder, listing = tmp_path / "cache", tmp_path / "listing"
+    folder.mkdir()
+    done = run_santacpu("complete", PROMPT, "--model", tiny, env={"SANTACPU_CACHE": str(folder)},
+                        prefix=helpers.on_tmpfs(folder, 1024, listing, read_only))
+    assert done.returncode == 1 and done.stdout == b"" and "Traceback" not in done.stderr.decode()
+    *before, last = stderr_lines(done)
+    assert all(line.startswith("santacpu: first use of") for line in before)  # the announcement, if made
+    assert last.startswith("santacpu: error: ") and fragment in last
+    assert "quantization cache" in last and "SANTACPU_CACHE" in last and "--quant none" in last
+    assert listing.read_text() == ""
+
+
+def test_first_use_cache_that_is_a_file_or_not_writable(tmp_path, tiny):
+    a_file = tmp_path / "cache-file"
+    a_file.write_text("not a folder")
+    done = run_santacpu("complete", PROMPT, "--model", tiny, env={"SANTACPU_CACHE": str(a_file)})
+    assert "SANTACPU_CACHE" in one_error_line(done, f"cannot use {a_file} as a folder")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    done = run_santacpu("complete", PROMPT, "--model", tiny, env={"SANTACPU_CACHE": str(locked)},
+                        prefix=helpers.unprivileged())
+    assert "SANTACPU_CACHE" in one_error_line(done, f"the folder {locked} is not writable")
+    assert list(locked.iterdir()) == []
+
+
+def test_a_damaged_cache_file_is_made_again(tiny, cache):
+    args = ("complete", PROMPT, "--model", tiny, "--max-new-tokens", "6")
+    first = run_santacpu(*args, env=cache)
+    assert first.returncode == 0, first.stderr.decode()
+    [cached] = Path(cache["SANTACPU_CACHE"]).iterdir()
+    whole = cached.stat().st_size
+    cached.write_bytes(cached.read_bytes()[: whole // 2])  # a conversion cut short, a damaged disk
+    again = run_santacpu(*args, env=cache)
+    assert again.returncode == 0 and again.stdout == first.stdout
+    warning, *rest = stderr_lines(again)
+    assert warning.startswith(f"santacpu: warning: the cached quantization {cached} is damaged") and "truncated" in warning
+    assert len(rest) == 1 and rest[0].startswith("santacpu: first use of")
+    assert cached.stat().st_size == whole
+    third = run_santacpu(*args, env=cache)
+    assert third.returncode == 0 and third.stderr == b"" and third.stdout == first.stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Model files that cannot be read or were edited by hand
+
+
+def test_model_files_that_cannot_be_read(tmp_path, quantized, cache):
+    folder = helpers.copy_checkpoint(tmp_path / "ckpt")
+    (folder / "model.safetensors").chmod(0)
+    locked = tmp_path / "locked.safetensors"
+    locked.write_bytes(quantized.read_bytes())
+    locked.chmod(0)
+    prefix = helpers.unprivileged()
+    for quant in ("none", "q8_0"):  # loaded as it is, or quantized on first use
+        done = run_santacpu("complete", PROMPT, "--model", folder, "--quant", quant, env=cache, prefix=prefix)
+        one_error_line(done, f"cannot read {folder / 'model.safetensors'}: Permission denied")
+    for args in (("info", locked), ("complete", PROMPT, "--model", locked)):
+        one_error_line(run_santacpu(*args, prefix=prefix), f"cannot read {locked}: Permission denied")
+    one_error_line(run_santacpu("info", folder), f"{folder} is a folder, not a .safetensors file")
+
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda m: edit_json(m, "tensors", lambda t: list(t.values())), "'tensors' is an array, not an object"),
+        (lambda m: edit_json(m, "tensors", lambda t: {**t, "wpe": {"shape": t["wpe"]["shape"]}}),
+         "tensor 'wpe' has no 'type'"),
+        (lambda m: edit_json(m, "config", lambda c: list(c.values())), "'config' is an array, not an object"),
+        (lambda m: edit_json(m, "config", lambda c: {**c, "n_embd": "64"}), "'n_embd' is \"64\", not an integer"),
+        (lambda m: edit_json(m, "config", lambda c: {**c, "n_layer": 0}), "non-positive size: n_layer 0"),
+    ],
+    ids=["tensors-list", "no-type", "config-list", "n_embd-text", "no-layers"],
+)
+def test_hand_edited_metadata(tmp_path, quantized, edit, fragment):
+    bad = rewrite_safetensors(quantized, tmp_path / "bad.safetensors", metadata=edit)
+    for args in (("info", bad), ("complete", PROMPT, "--model", bad)):
+        assert str(bad) in one_error_line(run_santacpu(*args), fragment)
+
+
+def test_overlapping_tensors_and_nan_weights(tmp_path, quantized, code_file):
+    overlapping = overlapping_copy(quantized, tmp_path / "overlap.safetensors")
+    for args in (("info", overlapping), ("complete", PROMPT, "--model", overlapping)):
+        one_error_line(run_santacpu(*args), "overlap")
+
+    def poison(tensors):
+        tensors["wte.d"][7, 1] = np.nan  # an LM head row's scale
+
+    nan = rewrite_safetensors(quantized, tmp_path / "nan.safetensors", tensors=poison)
+    for args in (("complete", PROMPT, "--model", nan), ("perplexity", code_file, "--model", nan, "--ctx", "32")):
+        one_error_line(run_santacpu(*args), "not finite")
+    one_error_line(run_santacpu("info", nan), "tensor 'wte' holds NaN or infinite values")
+
+
+def test_quantizing_a_quantized_file(tmp_path, quantized):
+    out = tmp_path / "again.safetensors"
+    one_error_line(run_santacpu("quantize", quantized, out), "is already a santacpu quantized file")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports, and options that would be ignored
+
+
+def test_json_reports_get_the_usual_mode_and_their_destination_is_checked_first(tmp_path, quantized, code_file):
+    report = tmp_path / "scores.json"
+    done = run_santacpu("perplexity", code_file, "--model", quantized, "--ctx", "32", "--json", report, umask=0o027)
+    assert done.returncode == 0, done.stderr.decode()
+    assert report.stat().st_mode & 0o777 == 0o640  # 0666 less the umask, not mkstemp's 0600
+    # The destination is checked before the model is even loaded (here it does not exist).
+    missing_model = tmp_path / "no-such-model"
+    done = run_santacpu("perplexity", code_file, "--model", missing_model, "--json", tmp_path / "nowhere" / "s.json")
+    one_error_line(done, "cannot write --json")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    done = run_santacpu("perplexity", code_file, "--model", missing_model, "--json", locked / "s.json",
+                        prefix=helpers.unprivileged())
+    one_error_line(done, f"the folder {locked} is not writable")
+
+
+def test_options_that_would_be_ignored_are_warned_about(tmp_path, tiny, quantized):
+    done = run_santacpu("quantize", tiny, tmp_path / "out.safetensors", "--keep", "h.9.*=f16", "--revision", "v2")
+    assert done.returncode == 0, done.stderr.decode()
+    warnings = [line for line in stderr_lines(done) if line.startswith("santacpu: warning: ")]
+    assert any("--keep pattern 'h.9.*' matches no tensor" in w for w in warnings)
+    assert any(f"revision 'v2' is ignored: {tiny} is a local file or folder" in w for w in warnings)
+    assert "revision        - (none asked for)" in run_santacpu("info", tmp_path / "out.safetensors").stdout.decode()
+
+    done = run_santacpu("complete", PROMPT, "--model", quantized, "--quant", "q4_0", "--max-new-tokens", "4")
+    assert done.returncode == 0
+    assert stderr_lines(done) == [f"santacpu: warning: --quant q4_0 is ignored: {quantized} is a quantized file "
+                                  "already and runs as it is"]
+    assert done.stdout.decode() == santacpu.load(quantized).complete(PROMPT, max_new_tokens=4)
+
+
+def test_stop_escapes():
+    assert decode_escapes("태\\n") == "태\n"  # text kept, escape decoded (not garbled through Latin-1)
+    assert decode_escapes("\\t\\\\x\\x41\\u00e9\\N{BULLET}é") == "\t\\xAé\u2022é"
+    assert decode_escapes("no escapes: 태") == "no escapes: 태"
+
+
+@pytest.mark.parametrize("stop, fragment", [("\\x", "\\x at position 0"), ("a\\", "\\ at position 1"),
+                                            ("\\N{NO SUCH NAME}", "\\N at position 0"), ("\\q", "\\q")])
+def test_bad_stop_escapes(quantized, stop, fragment):
+    line = one_error_line(run_santacpu("complete", PROMPT, "--model", quantized, "--stop", stop), fragment)
+    assert f"--stop '{stop}'" in line
+
+
+def test_non_ascii_stop_strings(quantized):
+    done = run_santacpu("complete", PROMPT, "--model", quantized, "--max-new-tokens", "6", "--stop", "태\\n")
+    assert done.returncode == 0 and done.stderr == b""
+    assert done.stdout.decode() == santacpu.load(quantized).complete(PROMPT, max_new_tokens=6, stop="태\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# bench on a tiny model
+
+
+def test_bench_checks_only_what_its_parts_use(tmp_path, quantized):
+    report = tmp_path / "bench.json"
+    # The speed part's lengths are out of a 64-token context, but only the memory part runs.
+    done = run_santacpu("bench", quantized, "--parts", "memory", "--prompt-tokens", "600", "--fim-tokens", "999",
+                        "--threads", "1", "--json", report, umask=0o027)
+    assert done.returncode == 0, done.stderr.decode()
+    assert re.search(r"of which the model's work above the file +(under 1 MB|\+\d+ MB) ", done.stdout.decode())
+    assert report.stat().st_mode & 0o777 == 0o640
+    one_error_line(run_santacpu("bench", quantized, "--parts", "memory", "--memory-context", "100"),
+                   "the memory context must be between 9 and 64 tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# The front door
+
+
+def test_help_and_version():
+    texts = {name: run_santacpu(*name.split(), "--help") for name in
+             ("", "complete", "quantize", "info", "perplexity", "bench", "random-checkpoint")}
+    for name, done in texts.items():
+        assert done.returncode == 0 and "<bool>" not in done.stdout.decode(), name
+    flat = {name: " ".join(done.stdout.decode().split()) for name, done in texts.items()}
+    assert "0 < P <= 1" in flat["complete"] and "--seed <int range>" in flat["complete"]
+    assert "x>=8" in flat["perplexity"] and "at most the model's context" in flat["perplexity"]
+    assert all(f"{name} (" in flat["quantize"] for name in FORMATS)  # q6_0 included
+    assert "--version" in flat[""] and "random-checkpoint" in flat[""]
+    version = run_santacpu("--version")
+    assert (version.returncode, version.stdout.decode()) == (0, f"santacpu {santacpu.__version__}\n")
+
+
+def test_a_random_checkpoint_runs_every_command_with_its_defaults(tmp_path, tiny, cache, code_file):
+    folder = tmp_path / "tiny"
+    done = run_santacpu("random-checkpoint", folder)
+    assert done.returncode == 0 and f"--model {folder}" in done.stderr.decode()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):  # the tests' own checkpoint
+        assert filecmp.cmp(folder / name, tiny / name, shallow=False), name
+    # The tools module some scripts use is the same generator.
+    done = subprocess.run([sys.executable, "-m", "tools.random_checkpoint", tmp_path / "micro", "--size", "micro"],
+                          cwd=helpers.REPO, capture_output=True, timeout=300)
+    assert done.returncode == 0 and santacpu.load(tmp_path / "micro").config.n_positions == 16
+
+    done = run_santacpu("complete", PROMPT, "--model", folder, env=cache)
+    assert done.returncode == 0 and done.stdout
+    done = run_santacpu("perplexity", code_file, "--model", folder)
+    assert done.returncode == 0, done.stderr.decode()
+    assert "chunks of 64" in done.stdout.decode() and "the model's whole context" in done.stderr.decode()
+    done = run_santacpu("bench", folder, "--parts", "speed,lookup", "--repeat", "1", "--threads", "1", env=cache)
+    assert done.returncode == 0, done.stderr.decode()
+    assert "prefill, 32-token prompt" in done.stdout.decode() and "decode, 16 tokens" in done.stdout.decode()
+    assert "measuring a 32-token prompt, 16 decoded tokens, a 48-token FIM prompt" in done.stderr.decode()
+    one_error_line(run_santacpu("random-checkpoint", folder / "config.json" / "x"), "cannot make the folder")
+    one_error_line(run_santacpu("random-checkpoint", tmp_path / "x", "--size", "huge"), "--size", code=2)
