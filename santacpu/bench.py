@@ -162,8 +162,6 @@ def fit_to_context(settings: BenchSettings, n_ctx: int, log: Callable[[str], Non
         fim = min(DEFAULT_FIM_TOKENS, n_ctx * 3 // 4)
         shortened += [f"a {fim}-token FIM prompt"] if fim < DEFAULT_FIM_TOKENS and "speed" in parts else []
     settings.prompt_tokens, settings.decode_tokens, settings.fim_tokens = prompt, decode, fim
-    if shortened and parts & {"speed", "lookup"}:
-        log(f"the model's context holds {n_ctx} tokens: measuring {', '.join(shortened)} (shorter than the defaults)")
     from .errors import SantacpuError
 
     if parts & {"speed", "lookup"}:
@@ -176,6 +174,8 @@ def fit_to_context(settings: BenchSettings, n_ctx: int, log: Callable[[str], Non
     memory = settings.memory_context
     if "memory" in parts and (not 0 <= memory <= n_ctx or 0 < memory <= MEMORY_DECODE_TOKENS):
         raise SantacpuError(f"the memory context must be between {MEMORY_DECODE_TOKENS + 1} and {n_ctx} tokens")
+    if shortened and parts & {"speed", "lookup"}:
+        log(f"the model's context holds {n_ctx} tokens: measuring {', '.join(shortened)} (shorter than the defaults)")
 
 
 def describe_model(model: str, revision: str | None = None):

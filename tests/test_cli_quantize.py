@@ -3,6 +3,7 @@ run as real subprocesses on the tiny checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -41,6 +42,9 @@ def test_quantize_then_info_then_complete(tmp_path):
     info = run("info", str(out), cache=tmp_path)
     text = info.stdout.decode()
     assert info.returncode == 0 and "q4_m" in text and "keep h.0.*=q8_0" in text and "q6_0" in text
+    # Provenance: each source file's sha256, and the revision (none for a local folder).
+    digest = hashlib.sha256((tiny_checkpoint() / "model.safetensors").read_bytes()).hexdigest()
+    assert f"model.safetensors  {digest}" in text and "revision        - (none asked for)" in text
 
     completed = run("complete", PROMPT, "--model", str(out), "--max-new-tokens", "6", cache=tmp_path)
     assert completed.returncode == 0 and completed.stderr == b""
@@ -117,4 +121,7 @@ def test_perplexity_against_a_reference(tmp_path):
     assert scores["chunks"] >= 2 and scores["tokens_scored"] == scores["chunks"] * 15
     assert 0 <= scores["mean_kld"] < 0.05 and 0.8 <= scores["top1_agreement"] <= 1.0
     assert "mean KLD" in done.stdout.decode() and "top-1 agreement" in done.stdout.decode()
-    one_error_line(run("perplexity", str(text), "--model", str(quantized), "--ctx", "4", cache=tmp_path), "--ctx")
+    too_short = run("perplexity", str(text), "--model", str(quantized), "--ctx", "4", cache=tmp_path)
+    assert too_short.returncode == 2 and "--ctx" in too_short.stderr.decode()  # the parser's range: a usage error
+    one_error_line(run("perplexity", str(text), "--model", str(quantized), "--ctx", "65", cache=tmp_path),
+                   "--ctx must be between 8 and the model's context 64")
