@@ -83,6 +83,22 @@ def edit_json(metadata: dict, key: str, change) -> None:
     metadata[key] = json.dumps(change(json.loads(metadata[key])))
 
 
+
+# Hand edits of a quantized file's metadata, each with what its error must say (parameters of the
+# API's and the command line's tests).
+HAND_EDITS = [
+    pytest.param(lambda m: edit_json(m, "tensors", lambda t: list(t.values())), "'tensors' is an array, not an object",
+                 id="tensors-list"),
+    pytest.param(lambda m: edit_json(m, "tensors", lambda t: {**t, "wpe": {"shape": t["wpe"]["shape"]}}),
+                 "tensor 'wpe' has no 'type'", id="no-type"),
+    pytest.param(lambda m: edit_json(m, "config", lambda c: list(c.values())), "'config' is an array, not an object",
+                 id="config-list"),
+    pytest.param(lambda m: edit_json(m, "config", lambda c: {**c, "n_embd": "64"}),
+                 "field 'n_embd' is \"64\", not an integer", id="n_embd-text"),
+    pytest.param(lambda m: edit_json(m, "config", lambda c: {**c, "n_layer": 0}), "non-positive size: n_layer 0",
+                 id="no-layers"),
+]
+
 def overlapping_copy(src: Path, dest: Path) -> Path:
     """A copy of the safetensors file `src` whose second tensor's offsets point into the first's
     bytes (its size unchanged, so only the overlap is wrong)."""

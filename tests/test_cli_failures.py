@@ -26,7 +26,7 @@ import pytest
 
 import helpers
 import santacpu
-from helpers import edit_json, one_error_line, overlapping_copy, rewrite_safetensors, run_santacpu
+from helpers import one_error_line, overlapping_copy, rewrite_safetensors, run_santacpu
 from quantize.formats import FORMATS
 from santacpu.cli import decode_escapes
 
@@ -214,18 +214,7 @@ def test_model_files_that_cannot_be_read(tmp_path, quantized, cache):
     one_error_line(run_santacpu("info", folder), f"{folder} is a folder, not a .safetensors file")
 
 
-@pytest.mark.parametrize(
-    "edit, fragment",
-    [
-        (lambda m: edit_json(m, "tensors", lambda t: list(t.values())), "'tensors' is an array, not an object"),
-        (lambda m: edit_json(m, "tensors", lambda t: {**t, "wpe": {"shape": t["wpe"]["shape"]}}),
-         "tensor 'wpe' has no 'type'"),
-        (lambda m: edit_json(m, "config", lambda c: list(c.values())), "'config' is an array, not an object"),
-        (lambda m: edit_json(m, "config", lambda c: {**c, "n_embd": "64"}), "'n_embd' is \"64\", not an integer"),
-        (lambda m: edit_json(m, "config", lambda c: {**c, "n_layer": 0}), "non-positive size: n_layer 0"),
-    ],
-    ids=["tensors-list", "no-type", "config-list", "n_embd-text", "no-layers"],
-)
+@pytest.mark.parametrize("edit, fragment", helpers.HAND_EDITS)
 def test_hand_edited_metadata(tmp_path, quantized, edit, fragment):
     bad = rewrite_safetensors(quantized, tmp_path / "bad.safetensors", metadata=edit)
     for args in (("info", bad), ("complete", PROMPT, "--model", bad)):
