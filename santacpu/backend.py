@@ -52,10 +52,6 @@ def _numba_threads(n: int):
 # on the full-size q8_0 model, all linear layers: 16 tokens 303 ms few-token against 922 ms
 # tiles (the widening, on one thread, dominates short prompts), 32: 558 / 1104, 64: 1167 / 1301.
 BLAS_MIN_TOKENS = 32
-# A prompt's queries per attention tile (see CpuBackend._prompt_attention). 64: the scores of a
-# tile take 8 MB at a 2048-token context; measured as fast as 128 on a 512-token prompt, and the
-# peak RSS of a 2048-token request went down by 19 MB.
-PROMPT_ATTENTION_TOKENS = 64
 # Rows of a compressed weight widened per BLAS tile: 1024 x 8192 fp32 = 32 MB at most.
 TILE_ROWS = 1024
 
@@ -167,8 +163,6 @@ class CpuBackend:
         T, H, D = q.shape
         if out is None:
             out = np.empty_like(q)
-        if T >= BLAS_MIN_TOKENS:
-            return self._prompt_attention(q, k_cache, v_cache, start, out)
         if k_cache.dtype == np.float16:  # Numba has no CPU float16: the kernel widens the bits
             k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
         threads = self._threads_for(2 * T * H * D * (start + T))
@@ -176,33 +170,6 @@ class CpuBackend:
         head_splits = threads if jobs < threads else 1  # one decode token: split its heads
         with _numba_threads(threads):
             k.causal_attention(q, k_cache, v_cache, start, out, head_splits)
-        return out
-
-    def _prompt_attention(
-        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray
-    ) -> np.ndarray:
-        """Many queries: scores and the weighted sum of values as BLAS products over all the query
-        heads of a K/V head at once ([T * heads, D] @ [D, n]), the causal softmax in a Numba
-        kernel; queries go PROMPT_ATTENTION_TOKENS at a time, which bounds the scores' memory
-        (64 tokens x 16 heads x 2048 positions x 4 bytes = 8 MB). 3x the Numba kernel's speed on
-        a 512-token prompt, measured."""
-        T, H, D = q.shape
-        G = k_cache.shape[1]
-        group = H // G
-        n = start + T
-        scale = np.float32(1.0 / np.sqrt(D))
-        self._pool_warm = False
-        for g in range(G):
-            keys = k_cache[:n, g].astype(np.float32)  # [n, D]
-            values = v_cache[:n, g].astype(np.float32)  # [n, D]
-            for t0 in range(0, T, PROMPT_ATTENTION_TOKENS):
-                t1 = min(T, t0 + PROMPT_ATTENTION_TOKENS)
-                queries = q[t0:t1, g * group : (g + 1) * group].reshape((t1 - t0) * group, D)
-                last = start + t1  # positions the last query of this tile sees
-                scores = queries @ keys[:last].T  # [(t1 - t0) * group, last]
-                with _numba_threads(self._threads_for(4 * scores.size)):
-                    k.causal_softmax_rows(scores, start + t0, group, scale)
-                out[t0:t1, g * group : (g + 1) * group] = (scores @ values[:last]).reshape(t1 - t0, group, D)
         return out
 
     def embed(self, table, rows: np.ndarray) -> np.ndarray:

@@ -397,7 +397,11 @@ def causal_attention(q, k_cache, v_cache, start, out, head_splits):
     h // (H // G): with G = 1 (multi-query) every head reads the same single K/V row, which is why
     the cache keeps one head and not H copies, and why each row is read once for all heads.
     The jobs are (token, K/V head, part): `head_splits` > 1 splits each group's heads into that
-    many parts, so one decode token (a single job otherwise) can use several threads.
+    many parts, so one decode token (a single job otherwise) can use several threads. A token's
+    output does not depend on T, start or head_splits (one query's arithmetic, whoever runs it),
+    so a prompt, a few-token pass and decoding give each position the same bits. Jobs alternate
+    between the first and the last tokens, so the threads' contiguous shares of the job range
+    hold as many keys each (a prompt's late queries see far more keys than its early ones).
     """
     T, H, D = q.shape
     G = k_cache.shape[1]
@@ -405,7 +409,8 @@ def causal_attention(q, k_cache, v_cache, start, out, head_splits):
     per_part = (group + head_splits - 1) // head_splits
     scale = np.float32(1.0 / math.sqrt(D))
     for job in prange(T * G * head_splits):
-        t, rest = job // (G * head_splits), job % (G * head_splits)
+        i, rest = job // (G * head_splits), job % (G * head_splits)
+        t = i // 2 if i % 2 == 0 else T - 1 - i // 2
         g, part = rest // head_splits, rest % head_splits
         first = part * per_part
         heads = min(per_part, group - first)
@@ -416,15 +421,3 @@ def causal_attention(q, k_cache, v_cache, start, out, head_splits):
         rows = np.empty((KEYS_PER_STEP, D), np.float32)
         acc = np.empty((heads, D), np.float32)
         _attend_heads(q, k_cache, v_cache, t, g, g * group + first, n, scale, scores, rows, acc, out)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def causal_softmax_rows(scores, start, rows_per_token, scale):
-    """In place, row r of scores [T * rows_per_token, n] (query token t = r // rows_per_token at
-    position start + t) becomes softmax(scale * scores[r, :start + t + 1]), zero past that: the
-    causal mask and softmax of a prompt's attention whose products run in BLAS."""
-    for r in prange(scores.shape[0]):
-        n = start + r // rows_per_token + 1
-        _softmax_prefix(scores[r], n, scale)
-        for j in range(n, scores.shape[1]):
-            scores[r, j] = np.float32(0.0)

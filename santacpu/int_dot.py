@@ -102,7 +102,7 @@ ENABLED = ISA is not None and os.environ.get(DISABLE_ENV, "1") != "0"
 # The formats with integer kernels, and the integer range x is rounded to for each.
 ACTIVATION_LEVELS = {"q8_0": 32767, "q4_0": 127, "q4_m": 127, "q6_0": 127}
 FORMATS = tuple(ACTIVATION_LEVELS)
-TILED_FORMATS = ("q4_0", "q4_m", "q6_0")  # whose matrix-matrix kernel beats BLAS for many tokens
+TILED_FORMATS = FORMATS  # whose matrix-matrix kernel serves many tokens (instead of BLAS on widened tiles)
 
 
 # --- LLVM IR helpers (S = BLOCKS_PER_STEP; a step's codes are one vector of 16 S bytes) -----------
@@ -124,16 +124,23 @@ def _declare(builder, name, return_type, *arg_types):
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, arg_types), name)
 
 
-def _dot_accumulate(builder, acc, codes, xq):
-    """acc <4S x i32> + per-lane sums of 4 products codes (unsigned bytes) x xq (signed bytes)."""
-    n_bytes = codes.type.count
+def _dot_accumulate(builder, acc, low, x_low, high, x_high):
+    """acc <4S x i32> + per-lane sums of 4 products low . x_low and 4 products high . x_high
+    (codes: unsigned bytes, x: signed bytes). On AVX2 the two halves' pair sums (vpmaddubsw) are
+    added as int16 before one vpmaddwd widens them: at most 2 x (2 x 63 x 127) = 32004, no
+    overflow for 6-bit codes, and the int32 sums are the same integers as two separate widenings,
+    with one multiply instruction fewer."""
+    n_bytes = low.type.count
     lanes = n_bytes // 4
     if ISA in ("vnni512", "vnni256"):
         vec32 = ir.VectorType(_I32, lanes)
         vpdpbusd = _declare(builder, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", vec32, vec32, vec32, vec32)
-        return builder.call(vpdpbusd, [acc, builder.bitcast(codes, vec32), builder.bitcast(xq, vec32)])
+        for codes, xq in ((low, x_low), (high, x_high)):
+            acc = builder.call(vpdpbusd, [acc, builder.bitcast(codes, vec32), builder.bitcast(xq, vec32)])
+        return acc
     vec8, vec16, vec32 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-    pairs = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8), [codes, xq])
+    pmaddubsw = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
+    pairs = builder.add(builder.call(pmaddubsw, [low, x_low]), builder.call(pmaddubsw, [high, x_high]))
     quads = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [pairs, _splat(_I16, 16, 1)])
     return builder.add(acc, quads)
 
@@ -186,51 +193,13 @@ def _word_dot(builder, acc, words, x_words):
     return builder.add(acc, builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [words, x_words]))
 
 
-def _row_dot_q8_0_codegen(context, builder, signature, args):
-    """Codegen of _row_dot_q8_0: a step is one vector of codes (WORD_BLOCKS blocks), widened to
-    int16 in two halves that each hold 16 values of every block (the order of quantize_activations_words),
-    multiplied with x's int16 values in pairs (vpdpwssd / vpmaddwd) into 8 int32 lanes per block."""
-    qs, d, xq, xdx = (context.make_array(t)(context, builder, a) for t, a in zip(signature.args[:4], args[:4]))
-    row, n_steps = args[4], args[5]
-    intp = row.type
-    const = lambda v: ir.Constant(intp, v)  # noqa: E731
-    lanes = VECTOR_BYTES // 4
-    n_cols = cgutils.unpack_tuple(builder, qs.shape, 2)[1]
-    n_blocks = cgutils.unpack_tuple(builder, d.shape, 2)[1]
-    code_row = builder.mul(row, n_cols)
-    prefetch_row = builder.mul(builder.add(row, const(PREFETCH_ROWS)), n_cols)
-    block_row = builder.mul(row, n_blocks)
-    acc_type, sums_type = ir.VectorType(_F32, lanes), ir.VectorType(_I32, lanes)
-    acc = cgutils.alloca_once_value(builder, ir.Constant(acc_type, None))
-    prefetch = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), ir.IntType(8).as_pointer(), _I32, _I32, _I32)
-    fmuladd = _declare(builder, f"llvm.fmuladd.v{lanes}f32", acc_type, acc_type, acc_type, acc_type)
-    halves = [  # code bytes of each half: values 16k..16k+15 of every block of the step
-        ir.Constant(ir.VectorType(_I32, VECTOR_BYTES // 2), [QK * b + 16 * k + j for b in range(WORD_BLOCKS) for j in range(16)])
-        for k in range(2)
-    ]
-    with cgutils.for_range(builder, n_steps) as loop:
-        col = builder.mul(loop.index, const(VECTOR_BYTES))
-        codes = _load_vector(builder, qs.data, builder.add(code_row, col), _I8, VECTOR_BYTES)
-        address = builder.bitcast(builder.gep(qs.data, [builder.add(prefetch_row, col)]), ir.IntType(8).as_pointer())
-        builder.call(prefetch, [address, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY), ir.Constant(_I32, 1)])
-        sums = ir.Constant(sums_type, None)
-        for k, pick in enumerate(halves):
-            words = builder.sext(builder.shuffle_vector(codes, codes, pick), ir.VectorType(_I16, VECTOR_BYTES // 2))
-            x_words = _load_vector(builder, xq.data, builder.add(col, const(k * VECTOR_BYTES // 2)), _I16, VECTOR_BYTES // 2)
-            sums = _word_dot(builder, sums, words, x_words)
-        block_at = builder.add(block_row, builder.mul(loop.index, const(WORD_BLOCKS)))
-        weight_scales = _f16_block_scales(builder, d.data, block_at, WORD_BLOCKS, QK // 4)
-        scales = builder.fmul(weight_scales, _load_vector(builder, xdx.data, builder.mul(loop.index, const(lanes)), _F32, lanes))
-        builder.store(builder.call(fmuladd, [builder.sitofp(sums, acc_type), scales, builder.load(acc)]), acc)
-    return _horizontal_sum(builder, builder.load(acc))
-
-
 def _parts_format(parts) -> str | None:
-    """Which 4/6-bit format a tuple of part array types holds (PART_ORDER of quant_kernels)."""
+    """Which block format a tuple of part array types holds (PART_ORDER of quant_kernels)."""
     if not isinstance(parts, types.BaseTuple) or not all(isinstance(p, types.Array) for p in parts):
         return None
     dtypes = tuple(str(p.dtype) for p in parts)
     return {
+        ("int8", "uint16"): "q8_0",
         ("uint8", "uint16"): "q4_0",
         ("uint8", "uint8", "uint16"): "q6_0",
         ("uint8", "uint8", "uint8", "float32", "float32"): "q4_m",
@@ -243,6 +212,9 @@ def _tile_codegen(fmt, n_rows, n_tokens):
     exactly as a 1 x 1 tile would (so every tile shape gives the same sums). A one-token tile also
     prefetches each row's codes PREFETCH_ROWS rows ahead (decode streams the weights from memory;
     many tokens reuse rows from cache)."""
+    words = fmt == "q8_0"  # int16 words against int16 x; the others: unsigned bytes against int8 x
+    S = WORD_BLOCKS if words else BLOCKS_PER_STEP  # blocks per step
+    lanes_per_block = QK // 4 if words else LANES_PER_BLOCK
 
     def codegen(context, builder, signature, args):
         parts_type = signature.args[0]
@@ -253,16 +225,17 @@ def _tile_codegen(fmt, n_rows, n_tokens):
         xq, xfix, xdx, out = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (1, 2, 3, 7))
         row, token, n_steps = args[4], args[5], args[6]
         qh = None
-        if fmt == "q4_0":
+        if fmt in ("q4_0", "q8_0"):
             codes, scale_parts = parts
+            xfix = xfix if fmt == "q4_0" else None
         elif fmt == "q4_m":
             codes, scale_parts = parts[0], parts[1]  # qs, sc (d, dmin and mn: _finish_row)
             xfix = None
         else:
             codes, qh, scale_parts = parts
-        S = BLOCKS_PER_STEP
-        n_bytes = VECTOR_BYTES
+        n_bytes = VECTOR_BYTES  # code bytes per step and row
         lanes = n_bytes // 4
+        x_per_step = n_bytes if words else 2 * n_bytes  # x values per step
         intp = row.type
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
         codes_per_row = cgutils.unpack_tuple(builder, codes.shape, 2)[1]
@@ -278,11 +251,16 @@ def _tile_codegen(fmt, n_rows, n_tokens):
         code_rows = [builder.mul(r, codes_per_row) for r in rows]
         x_rows = [builder.mul(builder.add(token, const(j)), x_cols) for j in range(n_tokens)]
         lane_rows = [builder.mul(builder.add(token, const(j)), lane_cols) for j in range(n_tokens)]
+        x_element = _I16 if words else _I8
+        halves = [  # q8_0: the code bytes of each half of a step, values 16k..16k+15 of every block
+            ir.Constant(ir.VectorType(_I32, n_bytes // 2), [QK * b + 16 * k + j for b in range(S) for j in range(16)])
+            for k in range(2)
+        ] if words else None
         with cgutils.for_range(builder, n_steps) as loop:
             step = loop.index
             code_at = builder.mul(step, const(n_bytes))
             lane_at = builder.mul(step, const(lanes))
-            x_at = builder.mul(step, const(2 * n_bytes))
+            x_at = builder.mul(step, const(x_per_step))
             block_at = builder.mul(step, const(S))
             for i in range(n_rows):
                 packed = _load_vector(builder, codes.data, builder.add(code_rows[i], code_at), _I8, n_bytes)
@@ -290,8 +268,14 @@ def _tile_codegen(fmt, n_rows, n_tokens):
                     ahead = builder.add(builder.add(code_rows[i], builder.mul(codes_per_row, const(PREFETCH_ROWS))), code_at)
                     address = builder.bitcast(builder.gep(codes.data, [ahead]), ir.IntType(8).as_pointer())
                     builder.call(prefetch, [address, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY), ir.Constant(_I32, 1)])
-                low = builder.and_(packed, _splat(_I8, n_bytes, 0x0F))
-                high = builder.lshr(packed, _splat(_I8, n_bytes, 4))
+                if words:  # the step's values 0..15 of each block, then 16..31, as int16
+                    low, high = (
+                        builder.sext(builder.shuffle_vector(packed, packed, pick), ir.VectorType(_I16, n_bytes // 2))
+                        for pick in halves
+                    )
+                else:
+                    low = builder.and_(packed, _splat(_I8, n_bytes, 0x0F))
+                    high = builder.lshr(packed, _splat(_I8, n_bytes, 4))
                 if qh is not None:
                     qh_at = builder.add(builder.mul(rows[i], builder.mul(n_blocks, const(8))), builder.mul(step, const(8 * S)))
                     qh_bytes = _load_vector(builder, qh.data, qh_at, _I8, 8 * S)
@@ -302,16 +286,20 @@ def _tile_codegen(fmt, n_rows, n_tokens):
                     block_codes = _load_vector(builder, scale_parts.data, scale_at, _I8, S)
                     weight_scales = builder.uitofp(_repeat_per_lane(builder, block_codes), acc_type)
                 else:
-                    weight_scales = _f16_block_scales(builder, scale_parts.data, scale_at, S)
+                    weight_scales = _f16_block_scales(builder, scale_parts.data, scale_at, S, lanes_per_block)
+                n_x = low.type.count
                 for j in range(n_tokens):
                     start = ir.Constant(ir.VectorType(_I32, lanes), None)
                     if xfix is not None:
                         start = _load_vector(builder, xfix.data, builder.add(lane_rows[j], lane_at), _I32, lanes)
                         if fmt == "q6_0":  # offset 32 = 4 x 8
                             start = builder.shl(start, _splat(_I32, lanes, 2))
-                    x_low = _load_vector(builder, xq.data, builder.add(x_rows[j], x_at), _I8, n_bytes)
-                    x_high = _load_vector(builder, xq.data, builder.add(builder.add(x_rows[j], x_at), const(n_bytes)), _I8, n_bytes)
-                    sums = _dot_accumulate(builder, _dot_accumulate(builder, start, low, x_low), high, x_high)
+                    x_low = _load_vector(builder, xq.data, builder.add(x_rows[j], x_at), x_element, n_x)
+                    x_high = _load_vector(builder, xq.data, builder.add(builder.add(x_rows[j], x_at), const(n_x)), x_element, n_x)
+                    if words:
+                        sums = _word_dot(builder, _word_dot(builder, start, low, x_low), high, x_high)
+                    else:
+                        sums = _dot_accumulate(builder, start, low, x_low, high, x_high)
                     x_scales = _load_vector(builder, xdx.data, builder.add(lane_rows[j], lane_at), _F32, lanes)
                     scales = builder.fmul(weight_scales, x_scales)
                     acc = accs[i][j]
@@ -337,16 +325,6 @@ def _tile(typingctx, parts, xq, xfix, xdx, row, token, n_steps, out, n_rows, n_t
         return None
     sig = types.none(parts, xq, xfix, xdx, types.intp, types.intp, types.intp, out, n_rows, n_tokens)
     return sig, _tile_codegen(fmt, n_rows.literal_value, n_tokens.literal_value)
-
-
-@intrinsic
-def _row_dot_q8_0(typingctx, qs, d, xq, xdx, row, n_steps):
-    """sum over the first n_steps steps of row `row` of d * xd * (codes . xq): q8_0 (qs int8
-    [R, C], d uint16 [R, C/32]) against x rounded to int16 (quantize_activations_words), float32."""
-    arrays = (qs, d, xq, xdx)
-    if not all(isinstance(a, types.Array) for a in arrays):
-        return None
-    return types.float32(*arrays, types.intp, types.intp), _row_dot_q8_0_codegen
 
 
 # --- activations --------------------------------------------------------------------------------
@@ -413,14 +391,45 @@ def quantize_activations_words(x, xq, xdx):
                 xq[t, second_half + j] = np.int16(np.rint(x[t, QK * b + 16 + j] * inverse))
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
-def _activations(x):
-    T, C = x.shape
-    xq = np.empty((T, C), np.int8)
-    xfix = np.empty((T, C // 8), np.int32)
-    xdx = np.empty((T, C // 8), np.float32)
-    quantize_activations(x, xq, xfix, xdx)
-    return xq, xfix, xdx
+def _activations(parts, x):
+    """x [T, C] rounded for a weight's kernel: (xq, xfix, xdx) as quantize_activations makes them
+    for the 4/6-bit formats; q8_0: xq int16 [T, C], xfix int32 [T, 0], xdx float32 [T, C/4]
+    (quantize_activations_words)."""
+
+
+@overload(_activations)
+def _activations_impl(parts, x):
+    if _parts_format(parts) == "q8_0":
+
+        def words(parts, x):
+            T, C = x.shape
+            xq = np.empty((T, C), np.int16)
+            xdx = np.empty((T, C // 4), np.float32)
+            quantize_activations_words(x, xq, xdx)
+            return xq, np.empty((T, 0), np.int32), xdx
+
+        return words
+
+    def nibbles(parts, x):
+        T, C = x.shape
+        xq = np.empty((T, C), np.int8)
+        xfix = np.empty((T, C // 8), np.int32)
+        xdx = np.empty((T, C // 8), np.float32)
+        quantize_activations(x, xq, xfix, xdx)
+        return xq, xfix, xdx
+
+    return nibbles
+
+
+def _geometry(parts):
+    """(blocks per vector step, int32 lanes per block) of a weight's integer kernel."""
+
+
+@overload(_geometry)
+def _geometry_impl(parts):
+    if _parts_format(parts) == "q8_0":
+        return lambda parts: (WORD_BLOCKS, QK // 4)
+    return lambda parts: (BLOCKS_PER_STEP, LANES_PER_BLOCK)
 
 
 @njit(cache=True, inline="always")
@@ -450,9 +459,19 @@ def _q6_dot(ql, qh, row, b, xq):
     return total
 
 
-# --- the 4/6-bit driver: out [T, R] = x [T, C] @ W.T + bias. Every (row, token) sum is computed by
-# the same sequence of operations whatever the tile shape, so a few-token pass gives each token
-# exactly its one-token result (prompt-lookup decoding relies on it). -----------------------------
+@njit(cache=True, inline="always")
+def _word_block_dot(qs, row, b, xq):
+    """Block b's q8_0 codes . xq (int16, natural order: a block after the last whole step), int."""
+    total = 0
+    for j in range(QK * b, QK * b + QK):
+        total += np.int32(qs[row, j]) * np.int32(xq[j])
+    return total
+
+
+# --- the driver: out [T, R] = x [T, C] @ W.T + bias. Every (row, token) sum is computed by the
+# same sequence of operations whatever the tile shape and the number of tokens, so a token's
+# result never depends on which other tokens share its call (prompt-lookup decoding and prompt
+# reuse rely on it). -------------------------------------------------------------------------------
 
 
 def _block_tail(parts, r, b, xq, xfix):
@@ -472,6 +491,8 @@ def _block_tail_impl(parts, r, b, xq, xfix):
         return lambda parts, r, b, xq, xfix: _f16_to_f32(parts[2][r, b]) * np.float32(
             _q6_dot(parts[0], parts[1], r, b, xq) + 4 * _fix_sum(xfix, b)
         )
+    if fmt == "q8_0":
+        return lambda parts, r, b, xq, xfix: _f16_to_f32(parts[1][r, b]) * np.float32(_word_block_dot(parts[0], r, b, xq))
     return None
 
 
@@ -522,78 +543,84 @@ def _finish_row_impl(parts, r, total, block_sums):
 def _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out):
     """out[t, r] (the tiles' sum) += the blocks after the last whole step, the format's last
     terms and the bias."""
+    blocks_per_step, lanes_per_block = _geometry(parts)
     total = out[t, r]
-    for b in range(n_steps * BLOCKS_PER_STEP, xdx.shape[1] // LANES_PER_BLOCK):
-        total += xdx[t, 4 * b] * _block_tail(parts, r, b, xq[t], xfix[t])
+    for b in range(n_steps * blocks_per_step, xdx.shape[1] // lanes_per_block):
+        total += xdx[t, lanes_per_block * b] * _block_tail(parts, r, b, xq[t], xfix[t])
     out[t, r] = _finish_row(parts, r, total, block_sums[t]) + bias[r]
 
 
-TILE_ROWS = 4  # rows x tokens of a many-token tile: 12 accumulators and the tokens' x vectors fit
-TILE_TOKENS = 3  # the 32 zmm registers (4 x 4 spilled: 54 against 49 ms for 512 x 2048 x 8192)
+DECODE_ROWS = 4  # rows of a one-token tile: one parallel job streams this many rows at once
+# A prompt's tiles (rows x tokens) per format family and register file. With 32 vector registers
+# (AVX-512) a 4 x 3 tile keeps its 12 accumulators and the tokens' x in registers (4 x 4 spilled:
+# 54 against 49 ms for 512 x [8192 x 2048] q4_0). With 16 (AVX2) that tile spills: one row
+# against 6 tokens is the fastest there for 4/6-bit codes (one thread, 256 x [8192 x 2048]: q4_0
+# 95-129 -> 76-84 ms, q6_0 173-186 -> 129-131), while q8_0, whose per-row work (two widenings
+# of its codes) is dearer, keeps 4 x 3 (119-127 ms against 146-165 for 1 x 6).
+REGISTERS = 32 if ISA == "vnni512" or "avx512f" in _target_features() else 16
+NIBBLE_TILE = (4, 3) if REGISTERS == 32 else (1, 6)
+WORD_TILE = (4, 3)
 PANEL_ROWS = 64  # rows a thread takes through all the tokens before the next rows, so that they
 # stay in L2 while each group of tokens' x stays in L1 (all rows per token group: 59 -> 49 ms)
 
 
+def _panel(parts, xq, xfix, xdx, n_steps, panel, out):
+    """Rows panel * PANEL_ROWS .. +PANEL_ROWS (fewer in the last panel) of out [T, R], every
+    token, before _finish: whole tiles of the format's prompt tile shape, then 1-row and 1-token
+    tiles for what is left."""
+
+
+@overload(_panel)
+def _panel_impl(parts, xq, xfix, xdx, n_steps, panel, out):
+    tile_rows, tile_tokens = WORD_TILE if _parts_format(parts) == "q8_0" else NIBBLE_TILE
+
+    def run(parts, xq, xfix, xdx, n_steps, panel, out):
+        T, R = out.shape
+        first = panel * PANEL_ROWS
+        last = min(first + PANEL_ROWS, R)
+        whole_rows = first + (last - first) // tile_rows * tile_rows
+        whole_tokens = T // tile_tokens * tile_tokens
+        for token in range(0, whole_tokens, tile_tokens):  # these tokens' x in L1, the panel in L2
+            for row in range(first, whole_rows, tile_rows):
+                _tile(parts, xq, xfix, xdx, row, token, n_steps, out, tile_rows, tile_tokens)
+            for row in range(whole_rows, last):
+                for t in range(token, token + tile_tokens):
+                    _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1)
+        for t in range(whole_tokens, T):
+            for row in range(first, last):
+                _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1)
+
+    return run
+
+
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def matmul_blocks(parts, x, bias, out):
-    """out [T, R] = x [T, C] @ W.T + bias [R] for a 4/6-bit weight given as its parts tuple (PART_ORDER
-    of quant_kernels); x, bias, out float32."""
-    xq, xfix, xdx = _activations(x)
+    """out [T, R] = x [T, C] @ W.T + bias [R] for a block-quantized weight given as its parts tuple
+    (PART_ORDER of quant_kernels); x, bias, out float32."""
+    xq, xfix, xdx = _activations(parts, x)
     block_sums = _block_sums(parts, xfix, xdx)
+    blocks_per_step, lanes_per_block = _geometry(parts)
     T = x.shape[0]
     R = parts[0].shape[0]
-    n_blocks = xdx.shape[1] // LANES_PER_BLOCK
-    n_steps = n_blocks // BLOCKS_PER_STEP
-    n_tiles = R // TILE_ROWS
-    if T == 1:  # decode: stream the rows, TILE_ROWS at a time, in one parallel region
+    n_steps = xdx.shape[1] // lanes_per_block // blocks_per_step
+    if T == 1:  # decode: stream the rows, DECODE_ROWS at a time, in one parallel region
+        n_tiles = R // DECODE_ROWS
         for tile in prange(n_tiles):
-            _tile(parts, xq, xfix, xdx, tile * TILE_ROWS, 0, n_steps, out, TILE_ROWS, 1)
-            for r in range(tile * TILE_ROWS, (tile + 1) * TILE_ROWS):
+            _tile(parts, xq, xfix, xdx, tile * DECODE_ROWS, 0, n_steps, out, DECODE_ROWS, 1)
+            for r in range(tile * DECODE_ROWS, (tile + 1) * DECODE_ROWS):
                 _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, 0, bias, out)
+        for r in range(n_tiles * DECODE_ROWS, R):  # the (at most 3) rows after the last whole tile
+            _tile(parts, xq, xfix, xdx, r, 0, n_steps, out, 1, 1)
+            _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, 0, bias, out)
     else:
-        panel_tiles = PANEL_ROWS // TILE_ROWS
-        whole_tokens = T // TILE_TOKENS * TILE_TOKENS
-        for panel in prange((n_tiles + panel_tiles - 1) // panel_tiles):
-            tiles = range(panel * panel_tiles, min((panel + 1) * panel_tiles, n_tiles))
-            for token in range(0, whole_tokens, TILE_TOKENS):  # these tokens' x in L1, the panel in L2
-                for tile in tiles:
-                    _tile(parts, xq, xfix, xdx, tile * TILE_ROWS, token, n_steps, out, TILE_ROWS, TILE_TOKENS)
-            for token in range(whole_tokens, T):
-                for tile in tiles:
-                    _tile(parts, xq, xfix, xdx, tile * TILE_ROWS, token, n_steps, out, TILE_ROWS, 1)
+        for panel in prange((R + PANEL_ROWS - 1) // PANEL_ROWS):
+            _panel(parts, xq, xfix, xdx, n_steps, panel, out)
         for t in prange(T):  # along out's rows (a token's outputs are contiguous)
-            for r in range(n_tiles * TILE_ROWS):
+            for r in range(R):
                 _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out)
-    for r in range(n_tiles * TILE_ROWS, R):  # the (at most 3) rows after the last whole tile
-        for t in range(T):
-            _tile(parts, xq, xfix, xdx, r, t, n_steps, out, 1, 1)
-            _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out)
-
-
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matmul_q8_0(qs, d, x, bias, out):
-    """q8_0: qs int8 [R, C], d uint16 (fp16 bits) [R, C/32]; x [T, C], bias [R], out [T, R]."""
-    T, C = x.shape
-    xq = np.empty((T, C), np.int16)
-    xdx = np.empty((T, C // 4), np.float32)
-    quantize_activations_words(x, xq, xdx)
-    n_blocks = d.shape[1]
-    n_steps = n_blocks // WORD_BLOCKS
-    for r in prange(qs.shape[0]):
-        for t in range(T):
-            total = _row_dot_q8_0(qs, d, xq[t], xdx[t], r, n_steps)
-            for b in range(n_steps * WORD_BLOCKS, n_blocks):
-                dot = 0
-                for j in range(QK * b, QK * b + QK):
-                    dot += np.int32(qs[r, j]) * np.int32(xq[t, j])
-                total += _f16_to_f32(d[r, b]) * xdx[t, 8 * b] * np.float32(dot)
-            out[t, r] = total + bias[r]
 
 
 def matmul(qtype: str, args: tuple, x, bias, out) -> None:
     """out [T, R] = x [T, C] @ W.T + bias for a `qtype` weight given as its kernel arguments
     (quant_kernels.kernel_args), through this module's integer kernels."""
-    if qtype == "q8_0":
-        matmul_q8_0(*args, x, bias, out)
-    else:
-        matmul_blocks(tuple(args), x, bias, out)
+    matmul_blocks(tuple(args), x, bias, out)

@@ -1,0 +1,64 @@
+"""A token's results do not depend on the other tokens of its forward call, on every path of the
+integer kernels this CPU can run: logits and K/V equal bit for bit whether tokens come one at a
+time, a few at once or as a prompt, and prompt lookup reproduces plain greedy output after any
+earlier requests (see tests/token_invariance.py for the checks)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from llvmlite import binding
+from token_invariance import REPO, check_calls_do_not_matter, check_lookup_after_other_requests, quantized_trained_model
+
+import santacpu
+from santacpu import int_dot
+
+pytestmark = pytest.mark.skipif(not int_dot.ENABLED, reason="no integer dot-product kernels on this CPU")
+
+# The instruction sets the integer kernels can be compiled for, and the CPU features to turn off
+# so that a CPU with more compiles for exactly that one.
+NARROWER = {"vnni256": ("avx512", "avx10", "evex512"), "avx2": ("avx512", "avx10", "evex512", "avxvnni")}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("invariance")
+    return {qtype: quantized_trained_model(qtype, folder) for qtype in ("q4_0", "q4_m", "q8_0")}
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_m", "q8_0"])
+def test_a_tokens_results_do_not_depend_on_its_call(models, qtype):
+    check_calls_do_not_matter(santacpu.load(models[qtype]))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
+def test_lookup_after_other_requests_gives_the_plain_output(models, qtype):
+    check_lookup_after_other_requests(santacpu.load(models[qtype]), santacpu.load(models[qtype]))
+
+
+def features_without(prefixes: tuple[str, ...]) -> str:
+    """This CPU's feature string with every feature starting with one of `prefixes` turned off."""
+    features = binding.get_host_cpu_features()
+    return ",".join(("-" if name.startswith(prefixes) or not on else "+") + name for name, on in sorted(features.items()))
+
+
+@pytest.mark.parametrize("isa", list(NARROWER))
+def test_narrower_instruction_sets_too(isa, tmp_path):
+    # This CPU compiles the kernels for `isa` in a child process with the wider features turned
+    # off (its own Numba cache), and the child runs the same checks.
+    host = {name for name, on in binding.get_host_cpu_features().items() if on}
+    if int_dot.choose_isa({f for f in host if not f.startswith(NARROWER[isa])}) != isa:
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    if isa == int_dot.ISA:
+        pytest.skip(f"{isa} is this CPU's own path: the tests above run it")
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features_without(NARROWER[isa]), NUMBA_CACHE_DIR=str(tmp_path))
+    env.pop("NUMBA_CPU_NAME", None)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "token_invariance.py"), "q4_0", "q8_0"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["ok", isa]
