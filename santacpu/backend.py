@@ -142,6 +142,19 @@ class CpuBackend:
             self._numba_products[id(weights)] = 2 * tiled > total
         return self._numba_products[id(weights)]
 
+    def token_invariant(self, weights) -> bool:
+        """Whether a token's logits and K/V come out the same bits whichever tokens share its
+        forward call (one, a few, a prompt): true when every matrix (and the tied LM head) runs
+        the integer kernels, whose per-(row, token) arithmetic never depends on the call; fp32
+        and fp16 weights and the float kernels use BLAS for prompts, whose sums differ in the
+        last bits. Attention, LayerNorm and GELU are per token on every path."""
+        matrices = [weights.wte] + [
+            w
+            for layer in weights.layers
+            for w in (layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight)
+        ]
+        return all(isinstance(w, QuantizedWeight) and qk.has_integer_matmul(w.qtype) for w in matrices)
+
     def layer_norm(
         self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None
     ) -> np.ndarray:

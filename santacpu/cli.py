@@ -172,11 +172,13 @@ def complete(
         help="Stop when this text appears (not printed). Repeatable. Escapes like \\n are understood.",
     ),
     device: str = typer.Option("auto", help="auto or cpu."),
-    lookup: bool = typer.Option(
+    lookup: Optional[bool] = typer.Option(
         LOOKUP_BY_DEFAULT,
         "--lookup/--no-lookup",
         help="Greedy only: draft tokens from earlier text in the context and verify them in one pass "
-        "(prompt-lookup decoding; the output is the same).",
+        "(prompt-lookup decoding). Default: on for quantized files on CPUs with AVX2, where the output "
+        "is exactly plain decoding's; off for full-precision weights, where it can differ in near-ties.",
+        show_default=False,
     ),
     draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, min=1, help="Most tokens drafted per step with --lookup."),
 ) -> None:

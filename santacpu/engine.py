@@ -39,6 +39,19 @@ def check_kv_dtype(kv_dtype: str) -> None:
     if kv_dtype not in KV_DTYPES:
         raise SantacpuError(f"unknown KV cache type '{kv_dtype}' (choose {' or '.join(KV_DTYPES)})")
 
+def check_finite(values: np.ndarray) -> np.ndarray:
+    """`values` (hidden states or logits) if every one is finite; else the weights are damaged (a
+    NaN, or values that overflow), and going on would only pick garbage tokens. (The integer
+    kernels round activations to integers, which can turn a NaN into finite nonsense: hence the
+    check on the hidden state before the LM head, not only on the logits.)"""
+    if not np.isfinite(values).all():
+        raise SantacpuError(
+            "the model computed values that are not finite (NaN or infinity): its weights hold NaN or "
+            "overflowing values (`santacpu info FILE` names the tensor of a quantized file); re-create it from its source"
+        )
+    return values
+
+
 # Held by every forward pass, whichever engine or thread runs it (see the module docstring).
 KERNEL_LOCK = threading.Lock()
 
@@ -102,7 +115,7 @@ class Engine:
         pieces = []
         for first in range(0, len(ids), PREFILL_CHUNK):
             chunk = list(ids[first : first + PREFILL_CHUNK])
-            hidden = self._blocks(cache, chunk)  # [T, E], final LayerNorm applied
+            hidden = check_finite(self._blocks(cache, chunk))  # [T, E], final LayerNorm applied
             if all_logits:
                 pieces.append(self._lm_head(hidden))
             elif first + PREFILL_CHUNK >= len(ids):

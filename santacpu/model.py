@@ -37,7 +37,7 @@ from . import arguments
 from .backend import CpuBackend
 from .checkpoint import read_checkpoint
 from .config import Config
-from .engine import Engine, KVCache, check_kv_dtype
+from .engine import Engine, KVCache, check_finite, check_kv_dtype
 from .errors import SantacpuError, SantacpuWarning
 from .lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
 from .prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
@@ -49,8 +49,11 @@ from .tokenizer import Tokenizer
 from .weights import ModelWeights
 
 DEFAULT_MAX_NEW_TOKENS = 128
-# Greedy generation drafts tokens by prompt lookup unless told not to (lookup=False).
-LOOKUP_BY_DEFAULT = True
+# Greedy generation drafts tokens by prompt lookup unless told not to (lookup=False), where the
+# model's kernels are token-invariant (see CpuBackend.token_invariant): there the output is
+# exactly plain decoding's. On others (fp32 / fp16 weights, the float kernels) a verification
+# pass can differ from decoding in the last bits, so lookup runs only when asked for (lookup=True).
+LOOKUP_BY_DEFAULT = None
 # The shared cache grows in steps of this many positions, so a prompt growing by a token per
 # request (typing) does not reallocate it every time.
 CACHE_GROWTH = 256
@@ -106,6 +109,10 @@ class Model:
         self._lock = threading.RLock()  # guards the shared cache and its owner
         self._cache: KVCache | None = None  # the last sequence's K/V, shared by all generations
         self._cache_owner: _Sequence | None = None  # the generation whose tokens it holds
+        # Whether a token's results are the same bits in any forward call (see
+        # CpuBackend.token_invariant): then prompt lookup and prompt reuse give exactly the
+        # output of plain decoding on a fresh model.
+        self.token_invariant = self._engine.backend.token_invariant(weights)
 
     def clear_prompt_cache(self) -> None:
         """Free the kept KV cache (the next request computes its whole prompt)."""
@@ -130,14 +137,15 @@ class Model:
         top_p: float = 1.0,
         seed: int | None = None,
         stop_ids: Iterable[int] = (),
-        lookup: bool = LOOKUP_BY_DEFAULT,
+        lookup: bool | None = LOOKUP_BY_DEFAULT,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> Iterator[int]:
         """Stream new token ids after the prompt `ids`. EOS and stop ids end the stream unyielded.
 
         `lookup`: under greedy decoding (temperature 0), draft up to `draft_tokens` tokens from
         earlier occurrences in the context and verify them in one forward; the output is the same
-        as without it. Ignored when sampling."""
+        as without it. Ignored when sampling. None (the default): on where the model's kernels are
+        token-invariant (`Model.token_invariant`), else off."""
         ids = arguments.token_ids(ids, self.config.vocab_size)
         temperature, top_k, top_p = check_sampling(temperature, top_k, top_p)
         max_new_tokens = arguments.integer(max_new_tokens, "max_new_tokens", minimum=0)
@@ -150,6 +158,8 @@ class Model:
                 f"the prompt is {len(ids)} tokens but the context holds {n_ctx} (prompt and output together): "
                 "shorten the prompt"
             )
+        if lookup is None:
+            lookup = self.token_invariant
         drafter = PromptLookup(ids, draft_tokens) if lookup and temperature == 0.0 else None
         stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
         return self._generate(ids, max_new_tokens, temperature, top_k, top_p, seed, stop_ids, drafter, stats)
@@ -266,7 +276,7 @@ class Model:
         seed: int | None = None,
         stop: Iterable[str] = (),
         fim_order: str = "psm",
-        lookup: bool = LOOKUP_BY_DEFAULT,
+        lookup: bool | None = LOOKUP_BY_DEFAULT,
         draft_tokens: int = DEFAULT_DRAFT_TOKENS,
     ) -> Iterator[str]:
         """Stream the completion of `prefix` as text pieces (whole characters only). With `suffix`,
@@ -300,17 +310,6 @@ class Model:
     def complete(self, prefix: str, suffix: str | None = None, **options) -> str:
         """The whole completion as one string (see `complete_stream` for the options)."""
         return "".join(self.complete_stream(prefix, suffix, **options))
-
-
-def check_finite(logits: np.ndarray) -> np.ndarray:
-    """`logits` if every value is finite; else the weights are damaged (a NaN, or values that
-    overflow), and going on would only pick garbage tokens."""
-    if not np.isfinite(logits).all():
-        raise SantacpuError(
-            "the model computed logits that are not finite (NaN or infinity): its weights hold NaN or "
-            "overflowing values (`santacpu info FILE` names the tensor of a quantized file); re-create it from its source"
-        )
-    return logits
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

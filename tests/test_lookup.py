@@ -19,6 +19,8 @@ from santacpu import SantacpuError
 from santacpu.engine import KVCache
 from santacpu.lookup import MAX_PAUSE, PromptLookup
 
+from quantize.converter import convert
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = REPO / "tests" / "fixtures" / "trained_tiny"
 ECHOING = (
@@ -82,10 +84,25 @@ def test_draft_width_adapts_and_drafting_pauses_after_rejections():
 
 
 @pytest.fixture(scope="module")
-def trained():
+def trained(tmp_path_factory):
+    # Quantized, so that it runs the token-invariant integer kernels: there lookup's output is
+    # plain decoding's bit for bit (and lookup is on by default).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fixture has no tokenizer.json: the bundled one is used
-        return santacpu.load(TRAINED, reuse_prompt=False)
+        path = convert(TRAINED, tmp_path_factory.mktemp("trained") / "q8_0.safetensors", qtype="q8_0").out
+    model = santacpu.load(path, reuse_prompt=False)
+    assert model.token_invariant
+    return model
+
+
+def test_lookup_is_on_by_default_only_where_kernels_are_token_invariant(trained):
+    ids = trained.tokenizer.encode(ECHOING)
+    list(trained.generate(ids, max_new_tokens=20))
+    assert trained.last_stats.drafted_tokens > 0
+    full_precision = santacpu.load(tiny_checkpoint())
+    assert not full_precision.token_invariant
+    list(full_precision.generate(ids, max_new_tokens=20))
+    assert full_precision.last_stats.drafted_tokens == 0
 
 
 def heldout_prompts(model, n=3, length=120):
@@ -130,8 +147,8 @@ def test_lookup_up_to_the_context_end(trained):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_models_give_the_plain_output(seed):
-    model = santacpu.load(tiny_checkpoint(seed=seed))
+def test_random_models_give_the_plain_output(seed, tmp_path):
+    model = santacpu.load(convert(tiny_checkpoint(seed=seed), tmp_path / "q4_0.safetensors", qtype="q4_0").out)
     rng = np.random.default_rng(seed)
     block = [int(i) for i in rng.integers(0, 49152, 8)]
     for ids in (block * 3, [int(i) for i in rng.integers(0, 49152, 20)]):
@@ -178,6 +195,7 @@ class RuleEngine:
 
 def with_rule(model, rule):
     model._engine = RuleEngine(rule, model.config.vocab_size)
+    model.token_invariant = True  # a rule gives the same answer in any call: lookup on by default
     model.clear_prompt_cache()
     return model._engine
 
