@@ -1,6 +1,6 @@
 """Integer dot products for the block formats (q8_0, q4_0, q4_m, q6_0), on CPUs that have them:
-one-token and few-token products for every format, and for the 4/6-bit ones (q4_0, q4_m, q6_0)
-also the matrix products of a long prompt.
+the products of one token, a few tokens and a long prompt, every (row, token) sum computed by
+the same operations in all three, so a token's result never depends on its call.
 
 Why: the float kernels of `quant_kernels.py` widen every code to float32 (about 7 vector
 operations per 32 weights for q4_0), which made 4-bit decode compute-bound: q4_0 read 15 GB/s
@@ -10,8 +10,8 @@ codes meet those integers in the CPU's dot-product instructions, exact int32 sum
 products each:
 - 4- and 6-bit codes (unsigned: 0..15, 0..63) against x rounded to int8 (max |x| -> 127):
   `vpdpbusd` (AVX-512 VNNI on 512-bit vectors, 4 blocks a step; AVX-VNNI or AVX-512 VNNI on
-  256-bit vectors, 2 blocks), or `vpmaddubsw` + `vpmaddwd` on AVX2 (no overflow: a pair of
-  products is at most 2 x 63 x 127);
+  256-bit vectors, 2 blocks), or on AVX2 `vpmaddubsw` for each half of a step, the two int16
+  results added, then one `vpmaddwd` (no overflow: 2 x 2 x 63 x 127 = 32004);
 - q8_0's signed codes, widened to int16, against x rounded to int16 (max |x| -> 32767):
   `vpdpwssd` (VNNI) or `vpmaddwd` (AVX2). Rounding x to int8 here instead made a pass over the
   full q8_0 model as fast but took its mean KLD on the trained test model from 3.2e-5 to
@@ -20,10 +20,10 @@ The int32 lanes are converted to float once per step and multiplied by the lanes
 scale x activation scale) into float accumulators, reduced once per row. Where none of these
 instruction sets exists (or SANTACPU_INT_DOT=0), the float kernels run instead.
 
-The 4/6-bit kernel works on tiles of rows x tokens (`_tile`): each step decodes a row's codes once
-for all the tile's tokens, so many tokens cost far less than one pass each. A tile of 4 rows x 3
-tokens keeps its 12 accumulators and the tokens' x in the 32 vector registers, and a thread takes
-64 rows through all the tokens before the next rows (the rows stay in L2, a tile's x in L1).
+The kernel works on tiles of rows x tokens (`_tile`): each step decodes a row's codes once for
+all the tile's tokens, so many tokens cost far less than one pass each. The prompt tile fits the
+register file (NIBBLE_TILE, WORD_TILE), and a thread takes 64 rows through all the tokens before
+the next rows (the rows stay in L2, a tile's x in L1).
 
 Measured on the full-size model (2 threads): a decode pass over all weights q4_0 51 -> 31 ms,
 q8_0 59 -> 50 ms; 512 tokens x [8192 x 2048] q4_0 49 ms against 60 through fp32 tiles and BLAS,
