@@ -47,8 +47,8 @@ def _numba_threads(n: int):
         numba.set_num_threads(previous)
 
 
-# From this many tokens on, compressed weights are widened into tiles for BLAS and a prompt's
-# attention runs in BLAS; below it, one matvec pass (1 token) or the few-token kernel. Measured
+# From this many tokens on, fp16 weights (and quantized ones on the float kernels) are widened
+# into tiles for BLAS; below it, one matvec pass (1 token) or the few-token kernel. Measured
 # on the full-size q8_0 model, all linear layers: 16 tokens 303 ms few-token against 922 ms
 # tiles (the widening, on one thread, dominates short prompts), 32: 558 / 1104, 64: 1167 / 1301.
 BLAS_MIN_TOKENS = 32

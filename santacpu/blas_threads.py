@@ -4,8 +4,8 @@ Why: after each call OpenBLAS's worker threads keep spinning for a while, and so
 OpenMP workers after theirs; with as many threads as cores the two pools then fight over the
 cores. Measured on 2 cores: an integer matrix kernel took 46 ms alone and 70-76 ms right after a
 tiny BLAS product. A forward whose big products run in Numba (the integer kernels) therefore
-keeps BLAS (left with prompt attention and a few q8_0 matrices) on the calling thread for its
-duration: a 512-token prefill of the full q4_0 model went from 107-112 to 142 tok/s.
+keeps BLAS (left with nothing big: the products and attention run in Numba) on the calling
+thread for its duration: a 512-token prefill of the full q4_0 model went from 107-112 to 142 tok/s.
 
 Only NumPy's own OpenBLAS is found (by the loaded library's name); with any other BLAS
 `single_threaded` does nothing. The setting is process-wide, so other Python threads' NumPy

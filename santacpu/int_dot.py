@@ -102,7 +102,6 @@ ENABLED = ISA is not None and os.environ.get(DISABLE_ENV, "1") != "0"
 # The formats with integer kernels, and the integer range x is rounded to for each.
 ACTIVATION_LEVELS = {"q8_0": 32767, "q4_0": 127, "q4_m": 127, "q6_0": 127}
 FORMATS = tuple(ACTIVATION_LEVELS)
-TILED_FORMATS = FORMATS  # whose matrix-matrix kernel serves many tokens (instead of BLAS on widened tiles)
 
 
 # --- LLVM IR helpers (S = BLOCKS_PER_STEP; a step's codes are one vector of 16 S bytes) -----------

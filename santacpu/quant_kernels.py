@@ -580,10 +580,10 @@ def matmul_few(
 
 
 def has_integer_matmul(qtype: str) -> bool:
-    """Whether matmul_few on a `qtype` weight runs the integer matrix-matrix kernel, which beats
-    widening the weight for BLAS at any number of tokens (the 4- and 6-bit formats; measured on
-    512 tokens x 2048 x 8192: 49 against 60-62 ms)."""
-    return _use_int_dot(qtype, None) and qtype in int_dot.TILED_FORMATS
+    """Whether matmul_few on a `qtype` weight runs the integer matrix-matrix kernel at any number
+    of tokens (every block format where this CPU has the integer kernels), instead of widening the
+    weight for BLAS: each token then gets exactly its one-token result."""
+    return _use_int_dot(qtype, None)
 
 
 def activation_levels(qtype: str) -> int | None:

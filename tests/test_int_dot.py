@@ -128,7 +128,7 @@ def test_narrower_instruction_sets(isa, drop, tmp_path):
     assert result.stdout.split() == ["ok", isa]
 
 
-@pytest.mark.parametrize("name", int_dot.TILED_FORMATS)
+@pytest.mark.parametrize("name", int_dot.FORMATS)
 def test_many_tokens_through_the_matrix_kernel(name):
     # Several 64-row panels and rows after the last 4-row tile; tokens in tiles of 3 and after them;
     # 7 blocks a row: whole vector steps and a tail. Each token equals its one-token product.

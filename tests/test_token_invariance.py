@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from llvmlite import binding
+from test_int_dot import features_without
 from token_invariance import REPO, check_calls_do_not_matter, check_lookup_after_other_requests, quantized_trained_model
 
 import santacpu
@@ -37,12 +38,6 @@ def test_a_tokens_results_do_not_depend_on_its_call(models, qtype):
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
 def test_lookup_after_other_requests_gives_the_plain_output(models, qtype):
     check_lookup_after_other_requests(santacpu.load(models[qtype]), santacpu.load(models[qtype]))
-
-
-def features_without(prefixes: tuple[str, ...]) -> str:
-    """This CPU's feature string with every feature starting with one of `prefixes` turned off."""
-    features = binding.get_host_cpu_features()
-    return ",".join(("-" if name.startswith(prefixes) or not on else "+") + name for name, on in sorted(features.items()))
 
 
 @pytest.mark.parametrize("isa", list(NARROWER))
