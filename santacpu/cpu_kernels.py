@@ -208,7 +208,8 @@ def matmul_few_f16(weight_bits, x, bias, out, n_chunks):
 
 
 # LayerNorm, GELU and attention are parallel over rows/jobs; the backend runs small calls on the
-# calling thread alone (numba.set_num_threads(1)), see backend.PARALLEL_MIN_WORK for why.
+# calling thread alone (the _serial twins, or numba.set_num_threads(1)), see
+# backend.PARALLEL_MIN_WORK for why.
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -231,6 +232,13 @@ def _layer_norm_row(x, weight, bias, eps, out):
 def layer_norm(x, weight, bias, eps, out):
     """Row-wise LayerNorm of x [T, E] into out [T, E] (two passes: mean, then variance)."""
     for t in prange(x.shape[0]):
+        _layer_norm_row(x[t], weight, bias, eps, out[t])
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def layer_norm_serial(x, weight, bias, eps, out):
+    """layer_norm on the calling thread only (no thread pool to start)."""
+    for t in range(x.shape[0]):
         _layer_norm_row(x[t], weight, bias, eps, out[t])
 
 
@@ -285,6 +293,13 @@ def _gelu_tanh_row(x):
 def gelu_tanh_inplace(x):
     """x <- 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3))) over a 2-D array [T, n]."""
     for t in prange(x.shape[0]):
+        _gelu_tanh_row(x[t])
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def gelu_tanh_inplace_serial(x):
+    """gelu_tanh_inplace on the calling thread only."""
+    for t in range(x.shape[0]):
         _gelu_tanh_row(x[t])
 
 

@@ -60,7 +60,10 @@ def test_rounded_activations_layout():
     natural = natural_order(xq, int_dot.BLOCKS_PER_STEP)
     assert np.array_equal(natural, codes)
     assert np.allclose(natural * scale[..., None], round_activations(x).reshape(T, -1, 32), rtol=0, atol=1e-6)
-    lane_sums = codes.reshape(T, -1, 2, 4, 4).sum(axis=(2, 4)).reshape(T, -1)  # lane g: values 4g.., 16+4g..
+    if int_dot.QUADS:  # every lane of a block holds the block's fix
+        lane_sums = np.repeat(codes.sum(axis=2), 4, axis=1)
+    else:
+        lane_sums = codes.reshape(T, -1, 2, 4, 4).sum(axis=(2, 4)).reshape(T, -1)  # lane g: values 4g.., 16+4g..
     assert np.array_equal(xfix, -8 * lane_sums)
     assert np.array_equal(xdx, np.repeat(scale, 4, axis=1))
 
