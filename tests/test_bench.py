@@ -214,7 +214,13 @@ LLAMA_BENCH_JSON = """[
    "avg_ns": 138487641, "avg_ts": 115.533775, "samples_ts": [115.534]},
   {"cpu_info": "Intel(R) Xeon(R) Processor", "model_filename": "/work/gguf/model-Q4_0.gguf",
    "model_type": "starcoder 1B Q4_0", "model_size": 675080192, "n_threads": 2, "n_prompt": 0, "n_gen": 4,
-   "avg_ns": 176944265, "avg_ts": 22.605988, "samples_ts": [22.606]}
+   "avg_ns": 176944265, "avg_ts": 22.605988, "samples_ts": [22.606]},
+  {"cpu_info": "Intel(R) Xeon(R) Processor", "model_filename": "/work/gguf/model-Q4_0.gguf",
+   "model_type": "starcoder 1B Q4_0", "model_size": 675080192, "n_threads": 2, "n_prompt": 16, "n_gen": 0,
+   "n_depth": 16, "avg_ns": 148487641, "avg_ts": 107.75, "samples_ts": [107.75]},
+  {"cpu_info": "Intel(R) Xeon(R) Processor", "model_filename": "/work/gguf/model-Q4_0.gguf",
+   "model_type": "starcoder 1B Q4_0", "model_size": 675080192, "n_threads": 2, "n_prompt": 0, "n_gen": 4,
+   "n_depth": 16, "avg_ns": 186944265, "avg_ts": 21.4, "samples_ts": [21.4]}
 ]"""
 
 
@@ -224,6 +230,12 @@ def test_llama_bench_json_is_parsed():
     parsed = parse_llama_bench(LLAMA_BENCH_JSON)
     assert parsed["prefill_tok_s"] == pytest.approx(115.533775) and parsed["prefill_tokens"] == 16
     assert parsed["decode_tok_s"] == pytest.approx(22.605988) and parsed["decode_tokens"] == 4
+    after_prompt = parse_llama_bench(LLAMA_BENCH_JSON, decode_depth=16)  # the prompt test stays the one at depth 0
+    assert after_prompt["prefill_tok_s"] == pytest.approx(115.533775)
+    assert after_prompt["decode_tok_s"] == pytest.approx(21.4) and after_prompt["decode_depth"] == 16
+    assert after_prompt["decode_tok_s_depth0"] == pytest.approx(22.605988)
+    with pytest.raises(ValueError, match="generation test at depth 32"):
+        parse_llama_bench(LLAMA_BENCH_JSON, decode_depth=32)
     assert parsed["model_bytes"] == 675080192 and parsed["model_type"] == "starcoder 1B Q4_0"
     with pytest.raises(ValueError, match="generation test"):
         parse_llama_bench(json.dumps(json.loads(LLAMA_BENCH_JSON)[:1]))

@@ -7,7 +7,7 @@ wait4). A peer that is not installed is reported as such, not as an error.
 | system | how it is measured |
 |---|---|
 | santacpu | `santacpu.bench.run_bench` (the `santacpu bench` logic): prefill tok/s of a P-token prompt, greedy decode tok/s over N tokens, peak RSS at a whole-context request; prompt-lookup decoding vs plain (q8_0 only) |
-| llama.cpp | `llama-bench -m MODEL.gguf -t THREADS -p P -n N -r REPEAT -o json` on GGUF files converted from the same checkpoint (Q8_0, Q4_0, F16); right before, the GGUF file's read speed (`santacpu/read_speed.py`) |
+| llama.cpp | `llama-bench -m MODEL.gguf -t THREADS -p P -n N -d 0,P -r REPEAT -o json` on GGUF files converted from the same checkpoint (Q8_0, Q4_0, F16): prefill = the P-token prompt test from an empty context, decode = the N-token generation test after P tokens of context (santacpu decodes after its P-token prompt: the same attention work; the generation test from an empty context is kept as `decode_tok_s_depth0`); right before, the GGUF file's read speed (`santacpu/read_speed.py`) |
 | CTranslate2 | int8 (`ct2-transformers-converter --quantization int8`, converted once into a cache folder); one `generate_batch` call with a per-step callback: prefill = the prompt pass up to the first token (a 512-token prompt forwarded at once, plus one greedy step), decode = tokens/s between the first and last step (`min_length` keeps EOS from ending it early) |
 | transformers | fp32 `GPTBigCodeForCausalLM`, torch threads = THREADS; prefill = one forward over the prompt (LM head on the last position only), decode = one forward per token with the KV cache |
 
@@ -82,23 +82,30 @@ def thread_env(threads: int) -> dict:
 # llama.cpp
 
 
-def parse_llama_bench(text: str) -> dict:
+def parse_llama_bench(text: str, decode_depth: int = 0) -> dict:
     """llama-bench's `-o json` output -> prefill and decode tokens/s (mean over its repetitions),
-    model bytes and type. The prompt test has n_prompt > 0 and n_gen == 0, the generation test the
-    reverse."""
+    model bytes and type. The prompt test has n_prompt > 0 and n_gen == 0 (at depth 0), the
+    generation tests the reverse: decode_tok_s is the one at `decode_depth` (tokens already in the
+    context, as santacpu decodes after its prompt), decode_tok_s_depth0 the one from an empty
+    context where llama-bench ran it (its default)."""
     entries = json.loads(text)
     result: dict = {}
     for entry in entries:
         result.setdefault("model_bytes", entry.get("model_size"))
         result.setdefault("model_type", entry.get("model_type"))
-        if entry.get("n_prompt", 0) > 0 and entry.get("n_gen", 0) == 0:
+        depth = entry.get("n_depth", 0)
+        if entry.get("n_prompt", 0) > 0 and entry.get("n_gen", 0) == 0 and depth == 0:
             result["prefill_tok_s"] = float(entry["avg_ts"])
             result["prefill_tokens"] = entry["n_prompt"]
         elif entry.get("n_gen", 0) > 0 and entry.get("n_prompt", 0) == 0:
-            result["decode_tok_s"] = float(entry["avg_ts"])
-            result["decode_tokens"] = entry["n_gen"]
+            if depth == decode_depth:
+                result["decode_tok_s"] = float(entry["avg_ts"])
+                result["decode_tokens"] = entry["n_gen"]
+                result["decode_depth"] = depth
+            if depth == 0:
+                result["decode_tok_s_depth0"] = float(entry["avg_ts"])
     if "prefill_tok_s" not in result or "decode_tok_s" not in result:
-        raise ValueError("llama-bench output lacks a prompt test or a generation test")
+        raise ValueError(f"llama-bench output lacks a prompt test or a generation test at depth {decode_depth}")
     return result
 
 
@@ -157,6 +164,8 @@ def bench_llama(args, qtype: str) -> dict:
         str(args.prompt_tokens),
         "-n",
         str(args.decode_tokens),
+        "-d",  # depth 0 for the prompt test; the generation test also after P tokens, as santacpu's
+        f"0,{args.prompt_tokens}",
         "-r",
         str(args.repeat),
         "-o",
@@ -171,7 +180,7 @@ def bench_llama(args, qtype: str) -> dict:
         "peak_rss_mb": rss,
         "read_speed_gb_s": read_speed,
         "command": " ".join(command),
-        **parse_llama_bench(out),
+        **parse_llama_bench(out, decode_depth=args.prompt_tokens),
     }
     # A decode step reads (nearly) the whole GGUF file: every tensor but the position table's rows.
     result["decode_gb_s"] = result["decode_tok_s"] * result["file_bytes"] / 1e9 if result.get("decode_tok_s") else None
@@ -525,7 +534,8 @@ def markdown(report: dict) -> str:
             f"Machine: {m['cpu']}, {m['usable_cores']} cores, {m['memory_gib']} GiB ({m['date']}); "
             f"integer kernels: {m.get('integer_kernels') or 'off'}; santacpu "
             f"{report['santacpu_version']}; {s['threads']} threads; {s['prompt_tokens']}-token prompt, "
-            f"{s['decode_tokens']} decoded tokens; median of {s['repeat']} (llama.cpp: mean of {s['repeat']})."
+            f"{s['decode_tokens']} decoded tokens after the prompt (llama.cpp: `-d {s['prompt_tokens']}`); "
+            f"median of {s['repeat']} (llama.cpp: mean of {s['repeat']})."
         ),
         "",
         "| figure | santacpu | value | peer | value | santacpu / peer | note |",
@@ -555,6 +565,9 @@ def markdown(report: dict) -> str:
             f"{_value(entry.get('decode_gb_s'))} | {_value(entry.get('read_speed_gb_s'))} | "
             f"{_value(entry.get('peak_rss_mb'))} |"
         )
+    empty_context = [f"{name} {entry['decode_tok_s_depth0']:.1f}" for name, entry in report["peers"].items() if entry.get("decode_tok_s_depth0")]
+    if empty_context:
+        lines += ["", f"llama.cpp decode from an empty context (llama-bench's default), tok/s: {', '.join(empty_context)}."]
     return "\n".join(lines) + "\n"
 
 
