@@ -73,9 +73,6 @@ from .cpu_kernels import FASTMATH, _f16_to_f32
 
 QK = 32
 LANES_PER_BLOCK = 4  # int32 lanes per block of 32 values (4 products each)
-PREFETCH_ROWS = 8  # a row's step also prefetches the same bytes of the row this far ahead
-PREFETCH_LOCALITY = 2  # into L2 (prefetcht1): a pass over the full q4_0 model's weights took
-# 31.7 ms, against 35.3 ms into L1 (3); 1 (L3) measured the same as 2; rows 4..16 ahead within 3%
 DISABLE_ENV = "SANTACPU_INT_DOT"
 
 
@@ -101,6 +98,15 @@ def choose_isa(features: set[str]) -> str | None:
 
 
 ISA = choose_isa(_target_features())
+# A decode tile's rows are contiguous: each step prefetches its share of the bytes PREFETCH_BYTES
+# ahead as whole cache lines, in address order (one stream a tile, each line once; before: each
+# row's own bytes 8 rows ahead, 4 streams a tile, each line twice). 4/6-bit codes on 256-bit
+# vectors go into L1 (prefetcht0), the rest into L2 (prefetcht1). On the AMD EPYC (Zen 3, 2
+# threads, the full models' mapped matrices, old and new kernels alternating in one process,
+# median of 20-40 passes): q4_0 matrices 26.3-28.0 -> 25.6-25.7 ms, q4_m 35.4 -> 31.3, the q6_0 LM
+# head 6.0 -> 5.5; q8_0 unchanged into L2 (37.5-41.0 against 37.6-42.0 ms), slower into L1. (On
+# the AVX-512 Xeon, with the old prefetch, L2 had beaten L1: 31.7 against 35.3 ms.)
+PREFETCH_BYTES = 8192
 VECTOR_BYTES = 64 if ISA == "vnni512" else 32  # bytes per vector register
 BLOCKS_PER_STEP = VECTOR_BYTES // 16  # S: 4-bit blocks per vector step (16 code bytes each)
 WORD_BLOCKS = VECTOR_BYTES // QK  # q8_0 blocks per vector step (32 code bytes each)
@@ -280,9 +286,8 @@ def _parts_format(parts) -> str | None:
 
 def _tile_codegen(fmt, n_rows, n_tokens):
     """Codegen of _tile for `fmt` and an n_rows x n_tokens tile. Each step decodes each row's
-    codes once for all the tile's tokens. A one-token tile also prefetches each row's codes
-    PREFETCH_ROWS rows ahead (decode streams the weights from memory; many tokens reuse rows from
-    cache). Float work per step (every tile shape does the same per (row, token), so all shapes
+    codes once for all the tile's tokens. A one-token tile also prefetches the codes PREFETCH_BYTES
+    ahead (decode streams the weights from memory; many tokens reuse rows from cache). Float work per step (every tile shape does the same per (row, token), so all shapes
     give the same sums):
     - 256-bit vectors (QUADS): the int32 lanes of 4 (row, token) pairs are summed per block (two
       vphaddd) into one vector, lane 4h + p for pair p and half h of the step (a block of a 4/6-bit
@@ -293,6 +298,7 @@ def _tile_codegen(fmt, n_rows, n_tokens):
     S = WORD_BLOCKS if words else BLOCKS_PER_STEP  # blocks per step
     lanes_per_block = QK // 4 if words else LANES_PER_BLOCK
     quads = QUADS and not words  # q8_0's steps hold one block: its lanes cost less than a quad's shuffles
+    locality = 3 if QUADS and not words else 2  # where decode's prefetches go (PREFETCH_BYTES)
     groups = _quads(n_rows, n_tokens) if quads else [[(i, j)] for i in range(n_rows) for j in range(n_tokens)]
 
     def codegen(context, builder, signature, args):
@@ -345,10 +351,11 @@ def _tile_codegen(fmt, n_rows, n_tokens):
             row_codes, row_scales = [], []  # per row: (low, high) code vectors; scales <S x i16|i8>
             for i in range(n_rows):
                 packed = _load_vector(builder, codes.data, builder.add(code_rows[i], code_at), _I8, n_bytes)
-                if n_tokens == 1:
-                    ahead = builder.add(builder.add(code_rows[i], builder.mul(codes_per_row, const(PREFETCH_ROWS))), code_at)
+                if n_tokens == 1 and i < n_rows * n_bytes // 64:  # line i of the step's share ahead
+                    share = builder.add(builder.mul(step, const(n_rows * n_bytes)), const(64 * i))
+                    ahead = builder.add(builder.add(code_rows[0], const(PREFETCH_BYTES)), share)
                     address = builder.bitcast(builder.gep(codes.data, [ahead]), ir.IntType(8).as_pointer())
-                    builder.call(prefetch, [address, ir.Constant(_I32, 0), ir.Constant(_I32, PREFETCH_LOCALITY), ir.Constant(_I32, 1)])
+                    builder.call(prefetch, [address, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
                 if words:  # the step's values 0..15 of each block, then 16..31, as int16
                     low, high = (
                         builder.sext(builder.shuffle_vector(packed, packed, pick), ir.VectorType(_I16, n_bytes // 2))
