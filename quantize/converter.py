@@ -1,5 +1,5 @@
 """The offline converter: a full-precision checkpoint (anything `santacpu.load` accepts) -> one
-self-contained quantized file (format in santacpu/quantized.py).
+self-contained quantized file (format in santacpu/formats/quantized_file.py).
 
 It works tensor by tensor: the source is memory-mapped, one layer's canonical tensors exist at a
 time (legacy-layout transposes included), each is quantized and written, then freed. The output
@@ -20,17 +20,18 @@ from typing import Iterator
 import numpy as np
 
 import santacpu
-from santacpu.checkpoint import CheckpointReader, open_checkpoint
+from santacpu.loading.checkpoint import CheckpointReader, open_checkpoint
 from santacpu.errors import SantacpuError
 from santacpu.progress import Progress
 from santacpu.atomic_file import check_writable
-from santacpu.quantized import FORMAT_NAME, FORMAT_VERSION, all_finite, canonical_tensor_names, is_quantized_file
-from santacpu.safetensors_io import dtype_name_of, write_safetensors
-from santacpu.source import resolve
+from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, all_finite, is_quantized_file
+from santacpu.loading.quantized import canonical_tensor_names
+from santacpu.formats.safetensors_io import dtype_name_of, write_safetensors
+from santacpu.loading.source import resolve
 from santacpu.tokenizer import tokenizer_file_for
-from santacpu.weights import expected_layer_shapes
+from santacpu.network.weights import expected_layer_shapes
 
-from .formats import FORMATS
+from santacpu.formats.blocks import FORMATS
 from .policy import DEFAULT_UPGRADE_BUDGET, Policy
 
 FULL_PRECISION = {"f32": np.float32, "f16": np.float16}

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from santacpu.checkpoint import open_checkpoint
-from santacpu.source import resolve
+from santacpu.loading.checkpoint import open_checkpoint
+from santacpu.loading.source import resolve
 from santacpu.tokenizer import Tokenizer, tokenizer_file_for
 
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences

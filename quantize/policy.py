@@ -26,7 +26,7 @@ import numpy as np
 
 from santacpu.errors import SantacpuError, SantacpuWarning
 
-from .formats import FORMATS
+from santacpu.formats.blocks import FORMATS
 
 MATRIX_FIELDS = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")
 STORAGE_TYPES = ("f32", "f16", *FORMATS)

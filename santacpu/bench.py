@@ -6,7 +6,7 @@ other, so that its peak RSS and its Numba compile state belong to that measureme
 
 | part      | child process | what it reports |
 |-----------|---------------|-----------------|
-| `speed`   | (first, in a child of its own: the model files' read speed, parallel passes over their mapped pages, `santacpu/read_speed.py`) load (page cache warm), first one-token forward, then `repeat` times: prefill of a P-token prompt, greedy decode of exactly N tokens driven token by token through the engine (EOS does not stop it), time to first token of a ~F-token FIM request through `Model.complete` | load s, first forward s, prefill tok/s, decode tok/s and the weights' GB/s it reads (against the files' read speed), FIM TTFT s (medians), peak RSS of that child |
+| `speed`   | (first, in a child of its own: the model files' read speed, parallel passes over their mapped pages, `santacpu/backends/cpu/read_speed.py`) load (page cache warm), first one-token forward, then `repeat` times: prefill of a P-token prompt, greedy decode of exactly N tokens driven token by token through the engine (EOS does not stop it), time to first token of a ~F-token FIM request through `Model.complete` | load s, first forward s, prefill tok/s, decode tok/s and the weights' GB/s it reads (against the files' read speed), FIM TTFT s (medians), peak RSS of that child |
 | `lookup`  | where `Model.generate` has prompt-lookup drafting (`lookup=`): greedy generation of N tokens with and without it, after a prompt whose continuation echoes it (a code chunk, then its first part again) and after a plain code prompt; decode speed from the first token on, tokens compared | tok/s each way, speed-up, drafted/accepted tokens, identical output |
 | `memory`  | one `Model.generate` request filling a C-token context (default: the model's whole context); before it, the resident memory of everything but the weights once Numba's runtime is started | peak RSS, the runtime's share |
 | `load`    | the model's files dropped from the page cache first (`posix_fadvise(DONTNEED)`: best-effort, the kernel may keep pages), then load and first one-token forward | cold load s, cold first forward s |
@@ -182,8 +182,8 @@ def describe_model(model: str, revision: str | None = None):
     """(Config, weights type such as "q8_0" or "f32", the weight files) without loading weights."""
     from .config import Config
     from .errors import SantacpuError
-    from .quantized import names_quantized_file, read_metadata
-    from .source import resolve
+    from .formats.quantized_file import names_quantized_file, read_metadata
+    from .loading.source import resolve
 
     if names_quantized_file(model):
         path = Path(model).expanduser()
@@ -200,7 +200,7 @@ def describe_model(model: str, revision: str | None = None):
 
 def _checkpoint_dtype(folder: Path) -> str:
     """The type the largest tensor runs in ("f32", "f16"; bf16 is widened to f32), from file headers."""
-    from .checkpoint import open_tensors
+    from .loading.checkpoint import open_tensors
 
     source = open_tensors(folder)
     name = max(source.names(), key=lambda n: _product(source.shape(n)))
@@ -226,7 +226,7 @@ def _read_through(files: list[Path]) -> None:
 
 
 def measure_read_speed(files: list, threads: int) -> float | None:
-    """GB/s of parallel passes over the files' mapped pages (santacpu/read_speed.py), measured in
+    """GB/s of parallel passes over the files' mapped pages (santacpu/backends/cpu/read_speed.py), measured in
     a child process: mapping big files here would raise this process's peak RSS, and with it
     what the operating system reports for every child started afterwards (see peak_rss_mb)."""
     return _run_child("read_speed", {"files": [str(f) for f in files], "threads": threads})["gb_s"]
@@ -311,7 +311,7 @@ def _first_forward(model, ids: list[int]) -> float:
 def _child_speed(job: dict, import_s: float) -> dict:
     import numpy as np
 
-    from .prompts import build_fim_prompt
+    from .generation.prompts import build_fim_prompt
 
     model, load_s = _timed(lambda: _load(job))
     engine, n_valid = model._engine, model.n_valid_tokens
@@ -410,7 +410,7 @@ def _child_lookup(job: dict, import_s: float) -> dict:
 def _child_memory(job: dict, import_s: float) -> dict:
     import numpy as np
 
-    from . import cpu_kernels
+    from .backends.cpu import cpu_kernels
 
     model = _load(job)
     context = job["memory_context"]
@@ -434,7 +434,7 @@ def _child_memory(job: dict, import_s: float) -> dict:
 
 
 def _child_read_speed(job: dict, import_s: float) -> dict:
-    from .read_speed import read_speed_gb_s
+    from .backends.cpu.read_speed import read_speed_gb_s
 
     return {"gb_s": read_speed_gb_s(job["files"], job["threads"])}
 
@@ -476,7 +476,7 @@ def text_token_stream(tokenizer, n: int, vocab_size: int) -> list[int]:
     repeated if short; deterministic random ids if no source text can be read."""
     ids: list[int] = []
     try:
-        from quantize.calibration import stdlib_files
+        from .sample_code import stdlib_files
 
         files = stdlib_files()
     except (ImportError, OSError, KeyError):  # no standard library sources here: fall back below
@@ -498,7 +498,7 @@ def text_token_stream(tokenizer, n: int, vocab_size: int) -> list[int]:
 def fim_texts(tokenizer, ids: list[int], n_prompt: int, n_ctx: int) -> tuple[str, str]:
     """(prefix, suffix) texts whose FIM prompt (3 marker tokens included) is close to `n_prompt`
     tokens and fits the context with room for one new token: three quarters before the cursor."""
-    from .prompts import build_fim_prompt, fim_budget
+    from .generation.prompts import build_fim_prompt, fim_budget
 
     room = min(n_prompt, fim_budget(n_ctx, 1))
     body = n_prompt - 3
@@ -580,7 +580,7 @@ def machine_facts() -> dict:
     import numba
     import numpy as np
 
-    from . import int_dot
+    from .backends.cpu import int_dot
 
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
@@ -604,7 +604,7 @@ def machine_facts() -> dict:
         "cores": os.cpu_count(),
         "usable_cores": default_threads(),
         "simd": [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
-        "integer_kernels": int_dot.ISA if int_dot.ENABLED else None,  # santacpu/int_dot.py's choice
+        "integer_kernels": int_dot.ISA if int_dot.ENABLED else None,  # santacpu/backends/cpu/int_dot.py's choice
         "memory_gib": memory_gib,
         "platform": platform.platform(),
         "python": platform.python_version(),

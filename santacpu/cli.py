@@ -23,9 +23,9 @@ import typer
 from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
 from .errors import SantacpuError, SantacpuWarning, os_problem
-from .lookup import DEFAULT_DRAFT_TOKENS
+from .generation.lookup import DEFAULT_DRAFT_TOKENS
 from .model import DEFAULT_MAX_NEW_TOKENS, LOOKUP_BY_DEFAULT
-from .source import DEFAULT_MODEL, MODEL_ENV, default_model, hub_revision
+from .loading.source import DEFAULT_MODEL, MODEL_ENV, default_model, hub_revision
 
 __all__ = ["app", "main", "write_text_atomically"]  # write_text_atomically: tools/bench_peers.py uses it
 
@@ -227,9 +227,9 @@ def complete(
 def _runnable_model(model: str, revision: Optional[str], quant: Optional[str]) -> Tuple[str, Optional[str]]:
     """What to load, and with which revision: a quantized file as is; a full-precision model as its
     cached quantization (unless --quant none). Options that cannot apply are warned about once."""
-    from quantize.formats import FORMATS
+    from santacpu.formats.blocks import FORMATS
 
-    from .quantized import names_quantized_file
+    from .formats.quantized_file import names_quantized_file
 
     qtype = quant or DEFAULT_QUANT
     if qtype != "none" and qtype not in FORMATS:
@@ -242,13 +242,13 @@ def _runnable_model(model: str, revision: Optional[str], quant: Optional[str]) -
         return model, None
     if qtype == "none":
         return model, revision
-    from .quant_cache import quantized_for
+    from quantize.cache import quantized_for
 
     return str(quantized_for(model, revision, qtype)), None
 
 
 def _type_help() -> str:
-    from quantize.formats import FORMATS
+    from santacpu.formats.blocks import FORMATS
 
     types = ", ".join(f"{name} ({fmt.bits_per_weight:g} bits/weight)" for name, fmt in FORMATS.items())
     return f"Type of the linear weights: {types}; q4_m is the better 4-bit type."
@@ -290,7 +290,7 @@ def quantize(
 @app.command()
 def info(file: Path = typer.Argument(..., readable=False, help="A santacpu quantized file.")) -> None:
     """Describe a quantized file: config, tensor types, size, bits per weight, provenance."""
-    from .quantized import describe
+    from .loading.quantized import describe
 
     print(describe(file))
 
@@ -400,7 +400,7 @@ def random_checkpoint(
 ) -> None:
     """Write a SantaCoder-shaped checkpoint with random weights: its text is nonsense, but every
     command runs on it without the real model or a network."""
-    from .random_checkpoint import write_checkpoint
+    from .loading.random_checkpoint import write_checkpoint
 
     written = write_checkpoint(out, size=size, layout=layout, dtype=dtype, seed=seed, multi_query=not multi_head)
     print(f"santacpu: wrote {written}; try: santacpu complete \"def f():\" --model {written}", file=sys.stderr)

@@ -34,19 +34,22 @@ from pathlib import Path
 import numpy as np
 
 from . import arguments
-from .backend import CpuBackend
-from .checkpoint import read_checkpoint
+from .backends.base import Backend
+from .backends.cpu.backend import CpuBackend
+from .loading.checkpoint import read_checkpoint
 from .config import Config
-from .engine import Engine, KVCache, check_finite, check_kv_dtype
+from .network.engine import Engine, check_finite, check_kv_dtype
+from .network.kv_cache import KVCache
 from .errors import SantacpuError, SantacpuWarning
-from .lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
-from .prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
-from .quantized import names_quantized_file, read_quantized
-from .sampling import check_sampling, sample_next
-from .source import hub_revision, resolve
-from .text_stream import stream_text
+from .generation.lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
+from .generation.prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
+from .formats.quantized_file import names_quantized_file
+from .loading.quantized import read_quantized
+from .generation.sampling import check_sampling, sample_next
+from .loading.source import hub_revision, resolve
+from .generation.text_stream import stream_text
 from .tokenizer import Tokenizer
-from .weights import ModelWeights
+from .network.weights import ModelWeights
 
 DEFAULT_MAX_NEW_TOKENS = 128
 # Greedy generation drafts tokens by prompt lookup unless told not to (lookup=False), where the
@@ -93,7 +96,7 @@ class Model:
         self,
         weights: ModelWeights,
         tokenizer: Tokenizer,
-        backend: CpuBackend | None = None,
+        backend: Backend | None = None,
         *,
         reuse_prompt: bool = True,
         kv_cache: str = "float16",

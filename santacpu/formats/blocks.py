@@ -1,7 +1,8 @@
 """Quantized block formats: how a float weight matrix becomes a few small integer arrays ("parts")
-and back. This module is the NumPy reference (quantize and dequantize); the Numba kernels that
-read the same parts at run time live in `santacpu/quant_kernels.py` and are tested against
-`dequantize` here.
+and back. This module is the NumPy reference (quantize and dequantize) and owns the formats' facts
+(QK, each format's parts in the kernels' argument order, `PART_ORDER`) and `QuantizedWeight`, a
+weight held as its parts; the Numba kernels that read the same parts at run time live in
+`santacpu/backends/cpu/quant_kernels.py` and are tested against `dequantize` here.
 
 Shared layout (every format): a weight is [rows, cols] (rows = outputs, cols = inputs); blocks of
 QK = 32 consecutive values run along cols, so cols must be a multiple of 32. The parts are stored
@@ -25,15 +26,18 @@ plain error, by a small search over candidate scales with a least-squares refit 
 Rounding is np.rint (half to even) throughout; the integer codes are always chosen against the
 scale that is actually stored (the fp16- or code-rounded one), so the stored block is the best one
 for its stored scale.
+
+May import: numpy, `santacpu.errors`.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import numpy as np
 
-from santacpu.errors import SantacpuError
+from ..errors import SantacpuError
 
 QK = 32  # values per block, every format
 # Rows are quantized in chunks of about this many values: bounds the temporaries (a few float32
@@ -476,6 +480,8 @@ class Q4_M(BlockFormat):
 
 
 FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Q8_0(), Q4_0(), Q4_M(), Q6_0())}
+# Each format's part names in the kernels' argument order (the order of `part_specs`).
+PART_ORDER: dict[str, tuple[str, ...]] = {name: tuple(f._parts) for name, f in FORMATS.items()}
 
 
 def get_format(name: str) -> BlockFormat:
@@ -483,3 +489,25 @@ def get_format(name: str) -> BlockFormat:
         return FORMATS[name]
     except KeyError:
         raise SantacpuError(f"unknown quantization format {name!r}; known: {', '.join(FORMATS)}") from None
+
+
+@dataclass
+class QuantizedWeight:
+    """A [rows, cols] weight stored in a block format: `parts` are memory-mapped component arrays,
+    each with `rows` as its first dimension (so row ranges slice cleanly)."""
+
+    qtype: str
+    shape: tuple[int, int]
+    parts: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts.values())
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [rows, cols] through the format's plain-NumPy reference (tests and the oracle)."""
+        return get_format(self.qtype).dequantize(self.parts)
+
+    def take_rows(self, rows: np.ndarray) -> "QuantizedWeight":
+        """The given rows (e.g. token ids of an embedding lookup) as a small QuantizedWeight."""
+        return QuantizedWeight(self.qtype, (len(rows), self.shape[1]), {k: v[rows] for k, v in self.parts.items()})

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Iterable, Iterator
 
-from .tokenizer import StreamDecoder, Tokenizer
+from ..tokenizer import StreamDecoder, Tokenizer
 
 
 class StopStrings:

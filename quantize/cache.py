@@ -18,11 +18,14 @@ import sys
 import warnings
 from pathlib import Path
 
-from .atomic_file import check_writable
-from .checkpoint import open_checkpoint
-from .errors import SantacpuError, SantacpuWarning, WriteError, os_problem
-from .quantized import FORMAT_VERSION, read_quantized
-from .source import resolve
+from santacpu.atomic_file import check_writable
+from santacpu.errors import SantacpuError, SantacpuWarning, WriteError, os_problem
+from santacpu.formats.quantized_file import FORMAT_VERSION
+from santacpu.loading.checkpoint import open_checkpoint
+from santacpu.loading.quantized import read_quantized
+from santacpu.loading.source import resolve
+
+from .converter import convert
 
 CACHE_ENV = "SANTACPU_CACHE"
 
@@ -48,8 +51,6 @@ def cached_file_for(folder: Path, qtype: str) -> Path:
 def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
     """The cached quantized file for a full-precision `model`, made now if it is not there yet
     (or no longer reads as a whole quantized file)."""
-    from quantize.converter import convert
-
     folder = resolve(model, revision)
     path = cached_file_for(folder, qtype)
     if path.exists():

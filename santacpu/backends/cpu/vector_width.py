@@ -1,14 +1,19 @@
-"""Lets Numba's LLVM use 512-bit vectors on CPUs that have AVX-512 (imported first by the package).
+"""Lets Numba's LLVM use 512-bit vectors on CPUs that have AVX-512 (applied by `santacpu.backends.cpu`'s
+`__init__`, before any of its modules is imported).
 
 LLVM tunes most AVX-512 CPUs to prefer 256-bit vectors (`prefer-256-bit`: wide vectors once
 lowered the clock of early AVX-512 parts), so our kernels compiled to ymm code on a CPU that has
 zmm. Turning that preference off made the decode kernels faster on this project's Xeon (one
 thread, 8192 x 2048, measured: q8_0 +17%, q4_0 +23%, q4_m +12%, q6_0 unchanged). Numba reads
 its target features once, when it first compiles, so this must run before any kernel compiles.
+It sets `numba.config.CPU_FEATURES` only, never the process environment: a child process that
+imports santacpu's CPU backend applies it again for itself (with the same result).
 
 Left alone when the user chose Numba's target (NUMBA_CPU_NAME / NUMBA_CPU_FEATURES) or set
 SANTACPU_VECTOR_WIDTH=256. The on-disk kernel cache is keyed by the features, so switching never
 reuses code compiled for the other width.
+
+May import: os, llvmlite, numba.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ def wide_vector_features(host_features: str) -> str | None:
 
 
 def apply() -> None:
+    """Set Numba's target features to 512-bit vectors where the CPU has AVX-512 and the user chose
+    no target; does nothing elsewhere. Must run before Numba's first compilation."""
     if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
         return
     if os.environ.get(WIDTH_ENV, "512") == "256":
@@ -36,7 +43,8 @@ def apply() -> None:
     features = wide_vector_features(binding.get_host_cpu_features().flatten())
     if features is None:
         return
-    os.environ["NUMBA_CPU_FEATURES"] = features  # for Numba imported after us, and child processes
     import numba
 
-    numba.config.CPU_FEATURES = features  # for a Numba already imported that has not compiled yet
+    # Numba's compiler re-reads the NUMBA_* environment variables only when one of them changed
+    # since, so this holds unless the process sets one before its first compilation.
+    numba.config.CPU_FEATURES = features

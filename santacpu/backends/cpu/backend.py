@@ -23,7 +23,7 @@ import numpy as np
 from . import blas_threads
 from . import cpu_kernels as k
 from . import quant_kernels as qk
-from .quantized import QuantizedWeight
+from ...formats.blocks import QuantizedWeight
 
 # Numba kernels whose work is below this many (multiply-add or element) operations run on the
 # calling thread only. Waking Numba's thread pool right after a BLAS call costs ~7 ms on 2 cores

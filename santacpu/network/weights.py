@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from .config import Config
+from ..config import Config
 
 # Shape legend: E = n_embd, I = n_inner, V = vocab_size, P = n_positions, KV = kv_dim
 # (n_kv_head * head_dim), QKV = E + 2*KV.

@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .quantized import QuantizedWeight
+from ..formats.blocks import QuantizedWeight
 from .weights import LayerWeights, ModelWeights
 
 
@@ -40,7 +40,7 @@ NO_ROUNDING: Mapping[str, int] = MappingProxyType({})  # the products of fp32 ma
 
 
 def round_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
-    """x [..., C] float32 as the integer dot-product kernels see it (santacpu/int_dot.py): per
+    """x [..., C] float32 as the integer dot-product kernels see it (santacpu/backends/cpu/int_dot.py): per
     block of 32 values, scale = max |x| / levels and x -> round(x * levels / max |x|) * scale."""
     blocks = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
     amax = np.abs(blocks).max(axis=-1, keepdims=True)

@@ -12,7 +12,7 @@ import re
 import warnings
 from pathlib import Path
 
-from .errors import SantacpuError, SantacpuWarning
+from ..errors import SantacpuError, SantacpuWarning
 
 DEFAULT_MODEL = "bigcode/santacoder"
 MODEL_ENV = "SANTACPU_MODEL"  # overrides DEFAULT_MODEL for the CLI

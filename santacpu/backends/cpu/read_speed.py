@@ -19,7 +19,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
-from .safetensors_io import advise_huge_pages
+from ...formats.safetensors_io import advise_huge_pages
 
 PASSES = 5  # timed passes; the median is reported (one untimed pass first brings the pages in)
 CHUNKS_PER_THREAD = 8  # parallel chunks per Numba thread (evens out the threads' finish times)

@@ -2,7 +2,7 @@
 parts (decode), and row ranges dequantized into float32 tiles (prefill through BLAS).
 
 The block formats (q8_0, q4_0, q4_m, q6_0) are defined, documented as layout tables, and
-quantized in `quantize/formats.py`; its `dequantize` is the plain-NumPy twin every kernel here is
+quantized in `santacpu/formats/blocks.py`; its `dequantize` is the plain-NumPy twin every kernel here is
 tested against. A weight is [R, C] in blocks of QK = 32 along C, stored as parts that each have R
 as their first dimension. Kernels take the parts as positional arrays in PART_ORDER, fp16 parts
 as their uint16 bits (Numba has no CPU float16 type), and never allocate per row.
@@ -25,11 +25,14 @@ How the kernels stay in SIMD (each choice measured on this machine, one thread, 
 - The accumulators are reduced once per row, not per block.
 - Numba's on-disk cache tracks only the defining file: a kernel here that inlines a helper from
   cpu_kernels.py keeps its cached code when only cpu_kernels.py changes. After editing
-  cpu_kernels.py, delete santacpu/__pycache__/*.nb[ic] (an installed release changes both).
+  cpu_kernels.py, delete santacpu/backends/cpu/__pycache__/*.nb[ic] (an installed release changes both).
 - While a step works on its ROWS rows, it prefetches the codes of the rows PREFETCH_STEPS steps
   ahead, one block's worth per block: the hardware prefetcher alone left one thread reading
   7.5 GB/s from DRAM (17.6 GB/s from cache); with the hint, a decode pass over the full q8_0
   model went from 13.9 to 19.4 GB/s on 2 threads.
+
+QK and each format's part order come from `santacpu.formats.blocks`.
+May import: `santacpu.formats`, the other CPU kernel modules (cpu_kernels, int_dot).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
+from ...formats.blocks import PART_ORDER, QK
 from . import int_dot
 from .cpu_kernels import (
     FASTMATH,
@@ -48,19 +52,9 @@ from .cpu_kernels import (
     thread_chunk,
 )
 
-QK = 32  # values per block
 HALF = 16  # lanes per row in the 4-bit and 8-bit loops: a block's values j and j+16 share a lane
 # ROWS (from cpu_kernels, shared with the few-token kernels) = 4 rows per matvec / dequantize step
 # (8 float accumulator vectors on AVX2); the scale helpers below return ROWS-tuples written out for 4
-
-# Part order of each format's kernel arguments (the part names of quantize/formats.py).
-PART_ORDER = {
-    "q8_0": ("qs", "d"),
-    "q4_0": ("qs", "d"),
-    "q4_m": ("qs", "sc", "mn", "d", "dmin"),
-    "q6_0": ("ql", "qh", "d"),
-}
-
 
 PREFETCH_STEPS = 2  # how far ahead the matvec kernels prefetch, in ROWS-row steps (1..8 measured
 # within 3% of each other)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .arguments import integer, real
-from .errors import SantacpuError
+from ..arguments import integer, real
+from ..errors import SantacpuError
 
 
 def check_sampling(temperature: float, top_k: int, top_p: float) -> tuple[float, int, float]:

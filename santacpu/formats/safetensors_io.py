@@ -22,8 +22,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from .atomic_file import atomic_output
-from .errors import SantacpuError, os_problem
+from ..atomic_file import atomic_output
+from ..errors import SantacpuError, os_problem
 
 # safetensors dtype name -> NumPy dtype. BF16 has no NumPy dtype: it is handed out as uint16 bits
 # and widened to float32 by the caller (`bf16_to_f32`).

@@ -26,13 +26,13 @@ from typing import Iterator
 
 import numpy as np
 
-from .atomic_file import write_text_atomically
-from .errors import SantacpuError, os_problem
-from .safetensors_io import dtype_name_of, write_safetensors
+from ..atomic_file import write_text_atomically
+from ..errors import SantacpuError, os_problem
+from ..formats.safetensors_io import dtype_name_of, write_safetensors
 
 LAYOUTS = ("gpt_bigcode", "legacy")
 DTYPES = ("float32", "float16")
-TOKENIZER_JSON = Path(__file__).parent / "data" / "tokenizer.json"  # the bundled SantaCoder tokenizer
+TOKENIZER_JSON = Path(__file__).parents[1] / "data" / "tokenizer.json"  # the bundled SantaCoder tokenizer
 
 SIZES = {
     # Tiny: real vocabulary, short context so context-end behaviour is cheap to test.

@@ -18,12 +18,12 @@ from typing import Callable
 
 import numpy as np
 
-from .config import Config
-from .cpu_kernels import transpose_into
-from .errors import SantacpuError
-from .progress import Progress
-from .safetensors_io import SafetensorsFile, bf16_to_f32
-from .weights import LayerWeights, ModelWeights, expected_layer_shapes
+from ..config import Config
+from ..backends.cpu.cpu_kernels import transpose_into
+from ..errors import SantacpuError
+from ..progress import Progress
+from ..formats.safetensors_io import SafetensorsFile, bf16_to_f32
+from ..network.weights import LayerWeights, ModelWeights, expected_layer_shapes
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -91,7 +91,7 @@ def _read_index(index_path: Path) -> dict[str, str]:
 
 def open_tensors(folder: Path) -> TensorSource:
     """Open the weight files in `folder`, preferring safetensors over pytorch_model.bin."""
-    from .torch_zip import read_torch_zip  # only needed for .bin checkpoints
+    from ..formats.torch_zip import read_torch_zip  # only needed for .bin checkpoints
 
     openers: list[tuple[str, str, Callable[[Path], object]]] = [
         (SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SafetensorsFile),

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import warnings
 
-from .errors import SantacpuError, SantacpuWarning
-from .tokenizer import Tokenizer
+from ..errors import SantacpuError, SantacpuWarning
+from ..tokenizer import Tokenizer
 
 STARCODER_MARKERS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>")
 SANTACODER_MARKERS = ("<fim-prefix>", "<fim-suffix>", "<fim-middle>", "<fim-pad>", "<|endoftext|>")

@@ -21,8 +21,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .backend import BLAS_MIN_TOKENS, CpuBackend
-from .errors import SantacpuError
+from ..backends.base import Backend
+from ..backends.cpu.backend import BLAS_MIN_TOKENS, CpuBackend
+from ..errors import SantacpuError
+from .kv_cache import KVCache
 from .weights import ModelWeights
 
 # Prompts are processed in chunks of this many tokens: bounds the activations of a 2048-token
@@ -56,39 +58,8 @@ def check_finite(values: np.ndarray) -> np.ndarray:
 KERNEL_LOCK = threading.Lock()
 
 
-class KVCache:
-    """Keys and values of the tokens seen so far in one sequence."""
-
-    def __init__(self, n_layer: int, n_ctx: int, n_kv_head: int, head_dim: int, dtype=np.float16):
-        self.k = np.zeros((n_layer, n_ctx, n_kv_head, head_dim), dtype)  # [L, n_ctx, G, D]
-        self.v = np.zeros((n_layer, n_ctx, n_kv_head, head_dim), dtype)  # [L, n_ctx, G, D]
-        self.ids: list[int] = []  # the tokens whose K/V are stored, position = index
-
-    @property
-    def length(self) -> int:
-        return len(self.ids)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[1]
-
-    def truncate(self, length: int) -> None:
-        """Forget the tokens from position `length` on; the next forward overwrites their K/V rows."""
-        del self.ids[length:]
-
-    def resized(self, capacity: int) -> KVCache:
-        """A cache with room for `capacity` positions that holds this one's tokens (K/V copied)."""
-        L, _, G, D = self.k.shape
-        other = KVCache(L, capacity, G, D, self.k.dtype)
-        n = min(self.length, capacity)
-        other.k[:, :n] = self.k[:, :n]
-        other.v[:, :n] = self.v[:, :n]
-        other.ids = self.ids[:n]
-        return other
-
-
 class Engine:
-    def __init__(self, weights: ModelWeights, backend: CpuBackend | None = None, kv_dtype: str = "float16"):
+    def __init__(self, weights: ModelWeights, backend: Backend | None = None, kv_dtype: str = "float16"):
         check_kv_dtype(kv_dtype)
         self.weights = weights
         self.config = weights.config
