@@ -7,6 +7,8 @@ type and the file-format version, so a changed source or a new format is quantiz
 cached file that no longer reads as a whole quantized file (a conversion cut short by a crash,
 a file damaged since) is made again, with a warning. A cache that cannot be written (read-only,
 full, or a file where the folder should be) is a one-line error that says what to do.
+
+May import: `santacpu` (loading, formats, foundation modules) and `quantize.converter`.
 """
 
 from __future__ import annotations

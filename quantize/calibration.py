@@ -5,6 +5,8 @@ that sees large activations costs more, so the block formats weight their error 
 
 The forward runs layer by layer over all calibration sequences (only one layer's weights are
 alive at a time, as in the converter), with the plain-NumPy reference pieces.
+
+May import: `santacpu` (network.reference, loading, tokenizer, sample_code, errors).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ It works tensor by tensor: the source is memory-mapped, one layer's canonical te
 time (legacy-layout transposes included), each is quantized and written, then freed. The output
 goes to a temporary file in the target folder, renamed into place only when complete, and an
 existing file is never replaced without `force`.
+
+May import: `santacpu` (loading, formats, network.weights, foundation modules) and `quantize.policy`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""`santacpu quantize`: calibration (optional), conversion, and the report printed afterwards."""
+"""`santacpu quantize`: calibration (optional), conversion, and the report printed afterwards.
+
+May import: `santacpu` (loading, tokenizer) and the other `quantize` modules.
+"""
 
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ llama.cpp does):
 User overrides (`--keep PATTERN=TYPE`, shell-style patterns on canonical names such as `wte`,
 `h.*.mlp_c_proj_weight`) win over the default, first match first. A matrix whose width is not a
 multiple of the block size falls back to float16.
+
+May import: `santacpu.formats.blocks`, `santacpu.errors`.
 """
 
 from __future__ import annotations

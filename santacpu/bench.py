@@ -16,6 +16,8 @@ Threads: `NUMBA_NUM_THREADS` and the BLAS thread variables are set in each child
 and `numba.set_num_threads` is called in it. Prompts are real code: the running Python's standard
 library tokenized with the model's tokenizer and cut to the exact length (each repeat starts at a
 different token, so no run can reuse another's KV cache), or deterministic ids if no text is found.
+
+May import: anything in `santacpu` but `santacpu.cli` (never `quantize`).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ a command line the parser rejects (an unknown option, a value of the wrong type 
 range `--help` shows; also one `santacpu: error:` line); 130 interrupted (Ctrl-C); 143 terminated
 (SIGTERM). An interrupted or terminated command leaves no partial file behind. `--debug` shows an
 error's traceback instead. Warnings are one line each (`santacpu: warning: ...`).
+
+May import: anything in `santacpu` and `quantize` (the top layer: nothing imports it but `__main__`).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Both published layouts describe the same network:
 - `bigcode/gpt_bigcode-santacoder`: `model_type: gpt_bigcode` with `multi_query: true`.
 Field names are the checkpoints' own; `n_kv_head` (1 for multi-query, `n_head` for multi-head) and
 `head_dim` are derived once here so nothing downstream re-derives them.
+
+May import: `santacpu.errors`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ kernel lock, so steps of concurrent generations interleave, each correct (a gene
 tokens were pushed out of the shared cache by another recomputes them from the common prefix). A
 single generator must not be advanced from two threads at once: Python refuses that itself with
 "ValueError: generator already executing".
+
+May import: `santacpu.loading`, `santacpu.generation`, `santacpu.network`, `santacpu.backends`, `santacpu.formats`, foundation modules; never bench, evaluate, cli or `quantize`.
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ allocates almost nothing and pages come in as tensors are used. Every offset is 
 the file size, so a truncated download gets a clear error instead of a bus error later.
 Writing streams tensor by tensor through `atomic_file.atomic_output` (a temporary file renamed at
 the end), so a failure never leaves a partial file under the final name.
+
+May import: numpy, `santacpu.atomic_file`, `santacpu.errors`.
 """
 
 from __future__ import annotations

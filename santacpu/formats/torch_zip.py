@@ -9,6 +9,8 @@ rebuilders and storage-type markers, so a checkpoint cannot name ``os.system`` o
 Memory: storages are read-only views into one memory map of the whole file, so loading a 4 GB
 checkpoint costs address space, not RAM. bf16 storages are the exception: NumPy has no bf16, so they
 are widened to float32 copies.
+
+May import: numpy, `santacpu.errors`.
 """
 
 from __future__ import annotations

@@ -11,6 +11,8 @@ Guesses cost a wider forward when they are wrong, so the draft width adapts: it 
 are accepted whole, halves when one is rejected outright, and after consecutive outright rejections
 drafting pauses for 1, 3, 7, ... (at most `MAX_PAUSE`) steps, so a completion that does not echo
 its context pays for a handful of probes, not one wide forward per token.
+
+May import: the standard library only.
 """
 
 from __future__ import annotations

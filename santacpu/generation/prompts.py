@@ -6,6 +6,8 @@ user text (those stay plain text):
     SPM: <fim-prefix> <fim-suffix> suffix <fim-middle> prefix      (typing at the cursor only appends)
 A FIM prompt too long for the context is trimmed at its far ends: the prefix loses its start, the
 suffix its end, so the text nearest the cursor is kept.
+
+May import: `santacpu.tokenizer`, `santacpu.errors`.
 """
 
 from __future__ import annotations

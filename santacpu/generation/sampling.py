@@ -3,6 +3,8 @@ seeded generator, so the same seed gives the same output.
 
 Only the first `n_valid` logits (the tokenizer's vocabulary, 49157 for SantaCoder) are ever
 considered: the embedding's padding rows 49157..49279 are never sampled.
+
+May import: numpy, `santacpu.arguments`, `santacpu.errors`.
 """
 
 from __future__ import annotations

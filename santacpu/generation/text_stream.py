@@ -1,5 +1,8 @@
 """Turning a stream of generated token ids into text: whole UTF-8 characters only, cut at the
-user's stop strings (which are not themselves emitted)."""
+user's stop strings (which are not themselves emitted).
+
+May import: `santacpu.tokenizer`.
+"""
 
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ the one place where a layout is turned into the canonical one (see `weights.py`)
 Memory: tensors are memory-mapped views of the files. A tensor that must be converted (the legacy
 layout's transposes, bf16 widening) is converted on its own and its source pages are then handed
 back to the kernel, so the process never holds two copies of the model.
+
+May import: `santacpu.network.weights`, `santacpu.backends.cpu.cpu_kernels` (the transpose), `santacpu.formats`, foundation modules.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ Part of the package, so that santacpu can be tried without the real weights afte
         [--dtype float32|float16] [--seed 0] [--multi-head]
 
 (`python -m tools.random_checkpoint` in a clone does the same.)
+
+May import: numpy, `santacpu.formats.safetensors_io`, `santacpu.atomic_file`, `santacpu.errors`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Hub ids go through huggingface_hub's standard cache (so `HF_HUB_OFFLINE=1`, `HF_HOME` and
 `HF_HUB_CACHE` work as everywhere else). Only what santacpu reads is fetched: config.json,
 tokenizer.json and the safetensors weights (pytorch_model.bin only when a repo has no safetensors).
+
+May import: huggingface_hub, `santacpu.errors`.
 """
 
 from __future__ import annotations

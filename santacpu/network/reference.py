@@ -6,6 +6,8 @@ format's NumPy dequantize, so the oracle also checks the kernels that compute on
 logits that transformers produced (tests/test_golden.py).
 
 Shape legend: T = tokens, E = n_embd, H = n_head, G = n_kv_head, D = head_dim, V = vocab_size.
+
+May import: numpy, `santacpu.network.weights`, `santacpu.formats.blocks`.
 """
 
 from __future__ import annotations

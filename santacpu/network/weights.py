@@ -8,6 +8,8 @@ Canonical layout (the `gpt_bigcode` one, which is also what a matrix-vector kern
 - big matrices keep the checkpoint's float32 or float16 (memory-mapped when no conversion is
   needed); LayerNorm parameters, biases and nothing else are made float32.
 The tied embedding `wte` doubles as the LM head: logits = ln_f(h) @ wte^T.
+
+May import: numpy, `santacpu.config`.
 """
 
 from __future__ import annotations

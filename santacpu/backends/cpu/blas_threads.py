@@ -10,6 +10,8 @@ thread for its duration: a 512-token prefill of the full q4_0 model went from 10
 Only NumPy's own OpenBLAS is found (by the loaded library's name); with any other BLAS
 `single_threaded` does nothing. The setting is process-wide, so other Python threads' NumPy
 products run single-threaded for those moments too.
+
+May import: the standard library and numpy only.
 """
 
 from __future__ import annotations

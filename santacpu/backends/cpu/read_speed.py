@@ -6,6 +6,8 @@ Measured per file, never assumed: where a file's pages sit in memory decides muc
 development machine (a virtual machine) two copies of one 709 MB file read at 23 and 38 GB/s, and
 decode speeds moved with them. Reading maps the files the way the loader does (huge-page advice)
 and sums them as 64-bit integers in parallel chunks, which streams at the memory's speed.
+
+May import: numpy, numba, `santacpu.formats.safetensors_io`.
 """
 
 from __future__ import annotations
