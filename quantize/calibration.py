@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from santacpu.network import reference as ref
-from santacpu.loading.checkpoint import CheckpointReader
 from santacpu.errors import SantacpuError
+from santacpu.loading.checkpoint import CheckpointReader
+from santacpu.network import reference as ref
 from santacpu.sample_code import stdlib_files
 from santacpu.tokenizer import Tokenizer
 

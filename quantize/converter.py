@@ -22,18 +22,18 @@ from typing import Iterator
 import numpy as np
 
 import santacpu
-from santacpu.loading.checkpoint import CheckpointReader, open_checkpoint
-from santacpu.errors import SantacpuError
-from santacpu.progress import Progress
 from santacpu.atomic_file import check_writable
-from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, all_finite, is_quantized_file
-from santacpu.loading.quantized import canonical_tensor_names
-from santacpu.formats.safetensors_io import dtype_name_of, write_safetensors
-from santacpu.loading.source import resolve
-from santacpu.tokenizer import tokenizer_file_for
-from santacpu.network.weights import expected_layer_shapes
-
+from santacpu.errors import SantacpuError
 from santacpu.formats.blocks import FORMATS
+from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, all_finite, is_quantized_file
+from santacpu.formats.safetensors_io import dtype_name_of, write_safetensors
+from santacpu.loading.checkpoint import CheckpointReader, open_checkpoint
+from santacpu.loading.quantized import canonical_tensor_names
+from santacpu.loading.source import resolve
+from santacpu.network.weights import expected_layer_shapes
+from santacpu.progress import Progress
+from santacpu.tokenizer import tokenizer_file_for
+
 from .policy import DEFAULT_UPGRADE_BUDGET, Policy
 
 FULL_PRECISION = {"f32": np.float32, "f16": np.float16}

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from santacpu.errors import SantacpuError, SantacpuWarning
-
 from santacpu.formats.blocks import FORMATS
 
 MATRIX_FIELDS = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")

@@ -26,10 +26,10 @@ from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
 from .errors import SantacpuError, SantacpuWarning, os_problem
 from .generation.lookup import DEFAULT_DRAFT_TOKENS
-from .model import DEFAULT_MAX_NEW_TOKENS, LOOKUP_BY_DEFAULT
 from .loading.source import DEFAULT_MODEL, MODEL_ENV, default_model, hub_revision
+from .model import DEFAULT_MAX_NEW_TOKENS, LOOKUP_BY_DEFAULT
 
-__all__ = ["app", "main", "write_text_atomically"]  # write_text_atomically: tools/bench_peers.py uses it
+__all__ = ["app", "main"]
 
 # Plain help (rich_markup_mode=None): typer's rich panels print a `<bool>` type beside every flag.
 # Path parameters say readable=False: santacpu reports an unreadable file itself, as an error (exit

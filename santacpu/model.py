@@ -38,20 +38,20 @@ import numpy as np
 from . import arguments
 from .backends.base import Backend
 from .backends.cpu.backend import CpuBackend
-from .loading.checkpoint import read_checkpoint
 from .config import Config
-from .network.engine import Engine, check_finite, check_kv_dtype
-from .network.kv_cache import KVCache
 from .errors import SantacpuError, SantacpuWarning
+from .formats.quantized_file import names_quantized_file
 from .generation.lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
 from .generation.prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
-from .formats.quantized_file import names_quantized_file
-from .loading.quantized import read_quantized
 from .generation.sampling import check_sampling, sample_next
-from .loading.source import hub_revision, resolve
 from .generation.text_stream import stream_text
-from .tokenizer import Tokenizer
+from .loading.checkpoint import read_checkpoint
+from .loading.quantized import read_quantized
+from .loading.source import hub_revision, resolve
+from .network.engine import Engine, check_finite, check_kv_dtype
+from .network.kv_cache import KVCache
 from .network.weights import ModelWeights
+from .tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 128
 # Greedy generation drafts tokens by prompt lookup unless told not to (lookup=False), where the

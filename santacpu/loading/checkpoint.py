@@ -20,12 +20,12 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import Config
 from ..backends.cpu.cpu_kernels import transpose_into
+from ..config import Config
 from ..errors import SantacpuError
-from ..progress import Progress
 from ..formats.safetensors_io import SafetensorsFile, bf16_to_f32
 from ..network.weights import LayerWeights, ModelWeights, expected_layer_shapes
+from ..progress import Progress
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

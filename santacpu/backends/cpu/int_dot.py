@@ -63,9 +63,9 @@ from numba import njit, prange, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic, overload
 
+from ...formats.blocks import QK
 from .cpu_kernels import FASTMATH, _f16_to_f32
 
-from ...formats.blocks import QK
 LANES_PER_BLOCK = 4  # int32 lanes per block of 32 values (4 products each)
 PREFETCH_ROWS = 8  # a row's step also prefetches the same bytes of the row this far ahead
 PREFETCH_LOCALITY = 2  # into L2 (prefetcht1): a pass over the full q4_0 model's weights took
