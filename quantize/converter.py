@@ -25,7 +25,7 @@ import santacpu
 from santacpu.atomic_file import check_writable
 from santacpu.errors import SantacpuError
 from santacpu.formats.blocks import FORMATS
-from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, all_finite, is_quantized_file
+from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, FULL_PRECISION_TYPES, all_finite, is_quantized_file
 from santacpu.formats.safetensors_io import dtype_name_of, write_safetensors
 from santacpu.loading.checkpoint import CheckpointReader, open_checkpoint
 from santacpu.loading.quantized import canonical_tensor_names
@@ -35,8 +35,6 @@ from santacpu.progress import Progress
 from santacpu.tokenizer import tokenizer_file_for
 
 from .policy import DEFAULT_UPGRADE_BUDGET, Policy
-
-FULL_PRECISION = {"f32": np.float32, "f16": np.float16}
 
 
 @dataclass
@@ -156,9 +154,9 @@ def convert(
     entries, file_shapes = {}, {}
     for name, shape in shapes.items():
         qtype_of = types[name]
-        if qtype_of in FULL_PRECISION:
+        if qtype_of in FULL_PRECISION_TYPES:
             entries[name] = {"type": qtype_of, "shape": list(shape), "parts": []}
-            file_shapes[name] = (shape, dtype_name_of(np.zeros(0, FULL_PRECISION[qtype_of])))
+            file_shapes[name] = (shape, dtype_name_of(np.zeros(0, FULL_PRECISION_TYPES[qtype_of])))
         else:
             specs = FORMATS[qtype_of].part_specs(*shape)
             entries[name] = {"type": qtype_of, "shape": list(shape), "parts": list(specs)}
@@ -193,8 +191,8 @@ def convert(
             if not all_finite(array):  # a file santacpu writes never holds NaN (see `info`)
                 raise SantacpuError(f"the source tensor '{name}' holds NaN or infinite values: the checkpoint is damaged")
             qtype_of = types[name]
-            if qtype_of in FULL_PRECISION:
-                stored = np.asarray(array, dtype=FULL_PRECISION[qtype_of])
+            if qtype_of in FULL_PRECISION_TYPES:
+                stored = np.asarray(array, dtype=FULL_PRECISION_TYPES[qtype_of])
                 if not all_finite(stored):
                     raise SantacpuError(f"tensor '{name}' overflows {qtype_of}: store it as f32 (--keep '{name}=f32')")
                 reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))

@@ -29,7 +29,6 @@ import numpy as np
 from santacpu.errors import SantacpuError, SantacpuWarning
 from santacpu.formats.blocks import FORMATS
 
-MATRIX_FIELDS = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")
 STORAGE_TYPES = ("f32", "f16", *FORMATS)
 EMBEDDING_TYPE = {"q8_0": "q8_0", "q6_0": "q6_0", "q4_0": "q6_0", "q4_m": "q6_0"}
 

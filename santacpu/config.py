@@ -20,8 +20,6 @@ from .errors import SantacpuError, os_problem
 # All three names mean the tanh approximation 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3))).
 TANH_GELU_NAMES = ("gelu_fast", "gelu_pytorch_tanh", "gelu_new")
 
-# The tokenizer's vocabulary; embedding rows from here to vocab_size are padding, never sampled.
-SANTACODER_TOKENIZER_VOCAB = 49157
 SANTACODER_EOS_ID = 49152
 
 
