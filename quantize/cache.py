@@ -1,5 +1,7 @@
-"""First use of a full-precision model from the CLI: quantize it once into the user's cache and
-reuse that file afterwards (a q8_0 SantaCoder is a quarter of the fp32 download, memory-mapped).
+"""First use of a full-precision model: quantize it once into the user's cache and reuse that file
+afterwards (a q8_0 SantaCoder is a quarter of the fp32 download, memory-mapped). `runnable_model`
+is the policy the command line applies (`complete`, `perplexity`, `bench`): what to load for a
+model name and a `--quant` choice.
 
 Cache folder: $SANTACPU_CACHE, else $XDG_CACHE_HOME/santacpu, else ~/.cache/santacpu. A cached
 file is keyed by the source folder, the size and modification time of its weight files, the
@@ -22,14 +24,33 @@ from pathlib import Path
 
 from santacpu.atomic_file import check_writable
 from santacpu.errors import SantacpuError, SantacpuWarning, WriteError, os_problem
-from santacpu.formats.quantized_file import FORMAT_VERSION
+from santacpu.formats.blocks import FORMATS
+from santacpu.formats.quantized_file import FORMAT_VERSION, names_quantized_file
 from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.loading.quantized import read_quantized
-from santacpu.loading.source import resolve
+from santacpu.loading.source import hub_revision, resolve
 
 from .converter import convert
 
 CACHE_ENV = "SANTACPU_CACHE"
+DEFAULT_QUANT = "q8_0"  # what a full-precision model runs as, unless --quant says otherwise
+
+
+def runnable_model(model: str, revision: str | None, quant: str | None) -> tuple[str, str | None]:
+    """What to load, and with which revision: a quantized file as is; a full-precision model as its
+    cached quantization (unless --quant none). Options that cannot apply are warned about once."""
+    qtype = quant or DEFAULT_QUANT
+    if qtype != "none" and qtype not in FORMATS:
+        raise SantacpuError(f"unknown --quant '{qtype}' (choose none, {', '.join(FORMATS)})")
+    revision = hub_revision(model, revision)
+    if names_quantized_file(model):
+        if quant is not None:
+            warnings.warn(f"--quant {quant} is ignored: {model} is a quantized file already and runs as it is",
+                          SantacpuWarning)
+        return model, None
+    if qtype == "none":
+        return model, revision
+    return str(quantized_for(model, revision, qtype)), None
 
 
 def cache_dir() -> Path:

@@ -305,7 +305,7 @@ def _timed(work: Callable[[], object]) -> tuple[object, float]:
 
 
 def _first_forward(model, ids: list[int]) -> float:
-    engine = model._engine
+    engine = model.engine
     cache = engine.new_cache(len(ids))
     return _timed(lambda: engine.forward(cache, ids))[1]
 
@@ -316,7 +316,7 @@ def _child_speed(job: dict, import_s: float) -> dict:
     from .generation.prompts import build_fim_prompt
 
     model, load_s = _timed(lambda: _load(job))
-    engine, n_valid = model._engine, model.n_valid_tokens
+    engine, n_valid = model.engine, model.n_valid_tokens
     P, N, F, repeat = job["prompt_tokens"], job["decode_tokens"], job["fim_tokens"], job["repeat"]
     longest = max(P, F) + (repeat + 1) * REPEAT_STRIDE
     stream = text_token_stream(model.tokenizer, longest, model.config.vocab_size)
@@ -453,7 +453,7 @@ def _child_compile(job: dict, import_s: float) -> dict:
     ids = list(range(1, n + 1))
 
     def tiny_forward():
-        engine = model._engine
+        engine = model.engine
         cache = engine.new_cache(n + 1)
         logits = engine.forward(cache, ids)
         engine.forward(cache, [int(logits[-1].argmax())])

@@ -22,6 +22,8 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from quantize.cache import DEFAULT_QUANT, runnable_model
+
 from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
 from .errors import SantacpuError, SantacpuWarning, os_problem
@@ -42,7 +44,6 @@ app = typer.Typer(
 )
 _debug = {"on": False}
 
-DEFAULT_QUANT = "q8_0"  # what a full-precision model runs as, unless --quant says otherwise
 DEFAULT_PERPLEXITY_CTX = 256
 
 # Exit codes (besides 0 and 1), as shells report signals: 128 + the signal's number.
@@ -202,7 +203,7 @@ def complete(
         if not prefix:
             raise SantacpuError("the prompt is empty")
 
-    runnable, revision = _runnable_model(model or default_model(), revision, quant)
+    runnable, revision = runnable_model(model or default_model(), revision, quant)
     loaded = load(runnable, revision=revision, device=device)
     pieces = loaded.complete_stream(
         prefix,
@@ -226,31 +227,8 @@ def complete(
         sys.stdout.write("\n")
 
 
-def _runnable_model(model: str, revision: Optional[str], quant: Optional[str]) -> Tuple[str, Optional[str]]:
-    """What to load, and with which revision: a quantized file as is; a full-precision model as its
-    cached quantization (unless --quant none). Options that cannot apply are warned about once."""
-    from santacpu.formats.blocks import FORMATS
-
-    from .formats.quantized_file import names_quantized_file
-
-    qtype = quant or DEFAULT_QUANT
-    if qtype != "none" and qtype not in FORMATS:
-        raise SantacpuError(f"unknown --quant '{qtype}' (choose none, {', '.join(FORMATS)})")
-    revision = hub_revision(model, revision)
-    if names_quantized_file(model):
-        if quant is not None:
-            warnings.warn(f"--quant {quant} is ignored: {model} is a quantized file already and runs as it is",
-                          SantacpuWarning)
-        return model, None
-    if qtype == "none":
-        return model, revision
-    from quantize.cache import quantized_for
-
-    return str(quantized_for(model, revision, qtype)), None
-
-
 def _type_help() -> str:
-    from santacpu.formats.blocks import FORMATS
+    from .formats.blocks import FORMATS
 
     types = ", ".join(f"{name} ({fmt.bits_per_weight:g} bits/weight)" for name, fmt in FORMATS.items())
     return f"Type of the linear weights: {types}; q4_m is the better 4-bit type."
@@ -370,7 +348,7 @@ def bench(
 
     if json_out is not None:
         check_writable(json_out, "--json")  # now, not after minutes of measuring
-    runnable, revision = _runnable_model(model, revision, quant)
+    runnable, revision = runnable_model(model, revision, quant)
     settings = BenchSettings(
         model=runnable, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,

@@ -119,6 +119,13 @@ class Model:
         # output of plain decoding on a fresh model.
         self.token_invariant = self._engine.backend.token_invariant(weights)
 
+    @property
+    def engine(self) -> Engine:
+        """The forward pass under this model: a documented internal seam for measurements
+        (`santacpu bench` times raw prefill and decode steps through it, without generation's
+        bookkeeping), not part of the stable API."""
+        return self._engine
+
     def clear_prompt_cache(self) -> None:
         """Free the kept KV cache (the next request computes its whole prompt)."""
         with self._lock:
