@@ -43,7 +43,7 @@ def summarize(results: dict, file_bytes: int) -> dict:
 
 
 def format_table(report: dict) -> str:
-    """The readable table `santacpu bench` prints."""
+    """The readable table `santacpu bench` prints: a header, then one block of rows a part."""
     s, m, settings, results = report["summary"], report["model"], report["settings"], report["results"]
     machine = report["machine"]
     lines = [
@@ -59,71 +59,87 @@ def format_table(report: dict) -> str:
     def row(what: str, value: str, note: str = "") -> None:
         lines.append(f"  {what:<52}{value:>14}  {note}".rstrip())
 
-    if "speed" in results:
-        speed = results["speed"]
-        row(f"prefill, {settings['prompt_tokens']}-token prompt", f"{s['prefill_tok_s']:.1f} tok/s")
-        row(f"decode, {speed['decode_tokens_done']} tokens (greedy)", f"{s['decode_tok_s']:.2f} tok/s")
-        if s.get("decode_gb_s") is not None:
-            note = f"{speed['decode_weight_bytes'] / 1e6:.0f} MB of weights a token"
-            if s.get("read_speed_gb_s"):
-                note += (
-                    f"; this file's pages read at {s['read_speed_gb_s']:.1f} GB/s "
-                    f"({100 * s['decode_gb_s'] / s['read_speed_gb_s']:.0f}% of it)"
-                )
-            row("decode, weights read", f"{s['decode_gb_s']:.1f} GB/s", note)
-        if s["fim_ttft_s"] is not None:
-            row(f"FIM time to first token, {speed['fim_prompt_tokens']}-token prompt", f"{s['fim_ttft_s']:.3f} s")
-        row("load, warm page cache", f"{s['load_warm_s']:.2f} s", f"first forward {s['first_forward_warm_s']:.2f} s")
-    if "lookup" in results:
-        lookup = results["lookup"]
-        if not lookup.get("available"):
-            row("prompt-lookup decoding", "n/a", "this santacpu's generate has no lookup option")
-        for case, label in (("echo", "echoing prompt"), ("plain", "plain code prompt")):
-            if case in lookup:
-                c = lookup[case]
-                accepted = f"{c['accepted_tokens']}/{c['drafted_tokens']} drafted tokens accepted"
-                same = "identical output" if c["identical_output"] else "OUTPUT DIFFERS"
-                speedup = f"{c['speedup']:.2f}x" if c["speedup"] else "n/a"
-                row(
-                    f"prompt lookup vs plain decode, {label}",
-                    speedup,
-                    f"{_number(c['lookup_tok_s'])} vs {_number(c['plain_tok_s'])} tok/s; {accepted}; {same}",
-                )
-    if "load" in results:
-        row(
-            "load, cold page cache (best-effort drop)",
-            f"{s['load_cold_s']:.2f} s",
-            f"first forward {s['first_forward_cold_s']:.2f} s (reads the weights from disk)",
-        )
-    if "compile" in results:
-        for key, label in (("first_run", "Numba, first run (compiles)"), ("cached_run", "Numba, on-disk cache")):
-            c = results["compile"][key]
-            row(
-                label,
-                f"{c['total_s']:.2f} s",
-                f"import {c['import_s']:.2f} + load {c['load_s']:.2f} + tiny forward "
-                f"{c['tiny_forward_s']:.2f} (again: {c['tiny_forward_again_s']:.3f})",
-            )
-    if "memory" in results:
-        mem = results["memory"]
-        over = s["peak_rss_mb"] - s["file_mb"]
-        row(
-            f"peak RSS, {mem['context_tokens']}-token context",
-            f"{s['peak_rss_mb']:.0f} MB",
-            f"file {s['file_mb']:.0f} MB {over:+.0f} (bound +{RSS_BOUND_EXTRA_MB}: "
-            f"{'within' if over <= RSS_BOUND_EXTRA_MB else 'over'})",
-        )
-        if s.get("rss_runtime_mb") is not None:
-            runtime = s["rss_runtime_mb"]
-            row("  of which the runtime, before the model runs", f"{runtime:.0f} MB",
-                "all but the mapped weights: Python, NumPy, Numba with LLVM's code, the tokenizer, "
-                "tensors converted at load")
-            work = over - runtime  # a model much smaller than the runtime's noise can come out negative
-            row("  of which the model's work above the file", f"{work:+.0f} MB" if work >= 1 else "under 1 MB",
-                "KV cache, activations, kernel buffers")
+    for part, rows in (
+        ("speed", _speed_rows),
+        ("lookup", _lookup_rows),
+        ("load", _load_rows),
+        ("compile", _compile_rows),
+        ("memory", _memory_rows),
+    ):
+        if part in results:
+            rows(row, s, settings, results[part])
     if "speed" in results:
         row("peak RSS, speed run", f"{s['peak_rss_speed_run_mb']:.0f} MB")
     return "\n".join(lines)
+
+
+def _speed_rows(row, s: dict, settings: dict, speed: dict) -> None:
+    row(f"prefill, {settings['prompt_tokens']}-token prompt", f"{s['prefill_tok_s']:.1f} tok/s")
+    row(f"decode, {speed['decode_tokens_done']} tokens (greedy)", f"{s['decode_tok_s']:.2f} tok/s")
+    if s.get("decode_gb_s") is not None:
+        note = f"{speed['decode_weight_bytes'] / 1e6:.0f} MB of weights a token"
+        if s.get("read_speed_gb_s"):
+            note += (
+                f"; this file's pages read at {s['read_speed_gb_s']:.1f} GB/s "
+                f"({100 * s['decode_gb_s'] / s['read_speed_gb_s']:.0f}% of it)"
+            )
+        row("decode, weights read", f"{s['decode_gb_s']:.1f} GB/s", note)
+    if s["fim_ttft_s"] is not None:
+        row(f"FIM time to first token, {speed['fim_prompt_tokens']}-token prompt", f"{s['fim_ttft_s']:.3f} s")
+    row("load, warm page cache", f"{s['load_warm_s']:.2f} s", f"first forward {s['first_forward_warm_s']:.2f} s")
+
+
+def _lookup_rows(row, s: dict, settings: dict, lookup: dict) -> None:
+    if not lookup.get("available"):
+        row("prompt-lookup decoding", "n/a", "this santacpu's generate has no lookup option")
+    for case, label in (("echo", "echoing prompt"), ("plain", "plain code prompt")):
+        if case in lookup:
+            c = lookup[case]
+            accepted = f"{c['accepted_tokens']}/{c['drafted_tokens']} drafted tokens accepted"
+            same = "identical output" if c["identical_output"] else "OUTPUT DIFFERS"
+            speedup = f"{c['speedup']:.2f}x" if c["speedup"] else "n/a"
+            row(
+                f"prompt lookup vs plain decode, {label}",
+                speedup,
+                f"{_number(c['lookup_tok_s'])} vs {_number(c['plain_tok_s'])} tok/s; {accepted}; {same}",
+            )
+
+
+def _load_rows(row, s: dict, settings: dict, load: dict) -> None:
+    row(
+        "load, cold page cache (best-effort drop)",
+        f"{s['load_cold_s']:.2f} s",
+        f"first forward {s['first_forward_cold_s']:.2f} s (reads the weights from disk)",
+    )
+
+
+def _compile_rows(row, s: dict, settings: dict, compile_: dict) -> None:
+    for key, label in (("first_run", "Numba, first run (compiles)"), ("cached_run", "Numba, on-disk cache")):
+        c = compile_[key]
+        row(
+            label,
+            f"{c['total_s']:.2f} s",
+            f"import {c['import_s']:.2f} + load {c['load_s']:.2f} + tiny forward "
+            f"{c['tiny_forward_s']:.2f} (again: {c['tiny_forward_again_s']:.3f})",
+        )
+
+
+def _memory_rows(row, s: dict, settings: dict, mem: dict) -> None:
+    over = s["peak_rss_mb"] - s["file_mb"]
+    row(
+        f"peak RSS, {mem['context_tokens']}-token context",
+        f"{s['peak_rss_mb']:.0f} MB",
+        f"file {s['file_mb']:.0f} MB {over:+.0f} (bound +{RSS_BOUND_EXTRA_MB}: "
+        f"{'within' if over <= RSS_BOUND_EXTRA_MB else 'over'})",
+    )
+    if s.get("rss_runtime_mb") is not None:
+        runtime = s["rss_runtime_mb"]
+        row("  of which the runtime, before the model runs", f"{runtime:.0f} MB",
+            "all but the mapped weights: Python, NumPy, Numba with LLVM's code, the tokenizer, "
+            "tensors converted at load")
+        work = over - runtime  # a model much smaller than the runtime's noise can come out negative
+        row("  of which the model's work above the file", f"{work:+.0f} MB" if work >= 1 else "under 1 MB",
+            "KV cache, activations, kernel buffers")
 
 
 def _number(value: float | None) -> str:

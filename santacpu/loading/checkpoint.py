@@ -2,7 +2,7 @@
 
 Owns: finding the weight files in a folder (single or sharded safetensors, single or sharded
 `pytorch_model.bin`), telling the two published layouts apart, checking every tensor's shape, and
-the one place where a layout is turned into the canonical one (see `weights.py`).
+the one place where a layout is turned into the canonical one (see `santacpu.network.weights`).
 
 Memory: tensors are memory-mapped views of the files. A tensor that must be converted (the legacy
 layout's transposes, bf16 widening) is converted on its own and its source pages are then handed
