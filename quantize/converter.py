@@ -142,27 +142,10 @@ def convert(
 
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
-    tokenizer_path = tokenizer_file_for(folder)
-    tokenizer_text = tokenizer_path.read_text(encoding="utf-8")
-    try:  # minified: 1.3 MB instead of 2 MB, which matters for small models
-        tokenizer_text = json.dumps(json.loads(tokenizer_text), separators=(",", ":"), ensure_ascii=False)
-    except json.JSONDecodeError:
-        raise SantacpuError(f"{tokenizer_path} is not valid JSON") from None
-
+    tokenizer_text = _minified_tokenizer(folder)
     shapes = tensor_shapes(reader)
     types = policy.assign(shapes)
-    entries, file_shapes = {}, {}
-    for name, shape in shapes.items():
-        qtype_of = types[name]
-        if qtype_of in FULL_PRECISION_TYPES:
-            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": []}
-            file_shapes[name] = (shape, dtype_name_of(np.zeros(0, FULL_PRECISION_TYPES[qtype_of])))
-        else:
-            specs = FORMATS[qtype_of].part_specs(*shape)
-            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": list(specs)}
-            for part, (part_shape, dtype) in specs.items():
-                file_shapes[f"{name}.{part}"] = (tuple(part_shape), dtype_name_of(np.zeros(0, dtype)))
-
+    entries, file_shapes = _file_layout(shapes, types)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -212,3 +195,30 @@ def convert(
 
     write_safetensors(out, produce(), metadata, shapes=file_shapes)
     return ConversionReport(out, reports, time.perf_counter() - started)
+
+
+def _minified_tokenizer(folder: Path) -> str:
+    """The model's tokenizer.json, minified: 1.3 MB instead of 2 MB, which matters for small models."""
+    tokenizer_path = tokenizer_file_for(folder)
+    tokenizer_text = tokenizer_path.read_text(encoding="utf-8")
+    try:
+        return json.dumps(json.loads(tokenizer_text), separators=(",", ":"), ensure_ascii=False)
+    except json.JSONDecodeError:
+        raise SantacpuError(f"{tokenizer_path} is not valid JSON") from None
+
+
+def _file_layout(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) -> tuple[dict, dict]:
+    """(the metadata's `tensors` entries, each stored array's (shape, safetensors dtype) by its
+    name in the file) for tensors of these shapes stored as these types."""
+    entries, file_shapes = {}, {}
+    for name, shape in shapes.items():
+        qtype_of = types[name]
+        if qtype_of in FULL_PRECISION_TYPES:
+            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": []}
+            file_shapes[name] = (shape, dtype_name_of(np.zeros(0, FULL_PRECISION_TYPES[qtype_of])))
+        else:
+            specs = FORMATS[qtype_of].part_specs(*shape)
+            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": list(specs)}
+            for part, (part_shape, dtype) in specs.items():
+                file_shapes[f"{name}.{part}"] = (tuple(part_shape), dtype_name_of(np.zeros(0, dtype)))
+    return entries, file_shapes
