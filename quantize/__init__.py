@@ -1,5 +1,7 @@
-"""santacpu's offline converter and quantized block formats (int8/int4).
+"""santacpu's offline converter: full-precision checkpoint -> one self-contained block-quantized
+file (`converter`), the per-tensor policy (`policy`), importance statistics for calibration
+(`calibration`), `santacpu quantize`'s pipeline (`pipeline`), and the first-use quantization
+cache (`cache`). The block formats themselves are the runtime's: `santacpu.formats.blocks`.
 
-Empty for now: the foundation (exact fp32 loading and forward) lives in `santacpu`; the converter
-from full-precision checkpoints to one self-contained block-quantized file will live here.
+May import: `santacpu` (any part but `santacpu.cli`); nothing imports quantize but `santacpu.cli`.
 """

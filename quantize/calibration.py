@@ -5,6 +5,8 @@ that sees large activations costs more, so the block formats weight their error 
 
 The forward runs layer by layer over all calibration sequences (only one layer's weights are
 alive at a time, as in the converter), with the plain-NumPy reference pieces.
+
+May import: `santacpu` (network.reference, loading, tokenizer, sample_code, errors).
 """
 
 from __future__ import annotations
@@ -15,19 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from santacpu import reference as ref
-from santacpu.checkpoint import CheckpointReader
 from santacpu.errors import SantacpuError
+from santacpu.loading.checkpoint import CheckpointReader
+from santacpu.network import reference as ref
+from santacpu.sample_code import stdlib_files
 from santacpu.tokenizer import Tokenizer
 
 SEQUENCE_TOKENS = 512
-
-
-def stdlib_files() -> list[Path]:
-    """The running interpreter's standard library sources, in a fixed order (tests excluded)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"test", "tests", "site-packages", "idlelib", "lib2to3", "tkinter", "turtledemo"}
-    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
 
 
 def calibration_texts(folder: str | None, exclude: set[str] = frozenset()) -> tuple[list[str], str]:

@@ -1,10 +1,12 @@
 """The offline converter: a full-precision checkpoint (anything `santacpu.load` accepts) -> one
-self-contained quantized file (format in santacpu/quantized.py).
+self-contained quantized file (format in santacpu/formats/quantized_file.py).
 
 It works tensor by tensor: the source is memory-mapped, one layer's canonical tensors exist at a
 time (legacy-layout transposes included), each is quantized and written, then freed. The output
 goes to a temporary file in the target folder, renamed into place only when complete, and an
 existing file is never replaced without `force`.
+
+May import: `santacpu` (loading, formats, network.weights, foundation modules) and `quantize.policy`.
 """
 
 from __future__ import annotations
@@ -20,20 +22,19 @@ from typing import Iterator
 import numpy as np
 
 import santacpu
-from santacpu.checkpoint import CheckpointReader, open_checkpoint
-from santacpu.errors import SantacpuError
-from santacpu.progress import Progress
 from santacpu.atomic_file import check_writable
-from santacpu.quantized import FORMAT_NAME, FORMAT_VERSION, all_finite, canonical_tensor_names, is_quantized_file
-from santacpu.safetensors_io import dtype_name_of, write_safetensors
-from santacpu.source import resolve
+from santacpu.errors import SantacpuError
+from santacpu.formats.blocks import FORMATS
+from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, FULL_PRECISION_TYPES, all_finite, is_quantized_file
+from santacpu.formats.safetensors_io import dtype_name_of, write_safetensors
+from santacpu.loading.checkpoint import CheckpointReader, open_checkpoint
+from santacpu.loading.quantized import canonical_tensor_names
+from santacpu.loading.source import resolve
+from santacpu.network.weights import expected_layer_shapes
+from santacpu.progress import Progress
 from santacpu.tokenizer import tokenizer_file_for
-from santacpu.weights import expected_layer_shapes
 
-from .formats import FORMATS
 from .policy import DEFAULT_UPGRADE_BUDGET, Policy
-
-FULL_PRECISION = {"f32": np.float32, "f16": np.float16}
 
 
 @dataclass
@@ -141,27 +142,10 @@ def convert(
 
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
-    tokenizer_path = tokenizer_file_for(folder)
-    tokenizer_text = tokenizer_path.read_text(encoding="utf-8")
-    try:  # minified: 1.3 MB instead of 2 MB, which matters for small models
-        tokenizer_text = json.dumps(json.loads(tokenizer_text), separators=(",", ":"), ensure_ascii=False)
-    except json.JSONDecodeError:
-        raise SantacpuError(f"{tokenizer_path} is not valid JSON") from None
-
+    tokenizer_text = _minified_tokenizer(folder)
     shapes = tensor_shapes(reader)
     types = policy.assign(shapes)
-    entries, file_shapes = {}, {}
-    for name, shape in shapes.items():
-        qtype_of = types[name]
-        if qtype_of in FULL_PRECISION:
-            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": []}
-            file_shapes[name] = (shape, dtype_name_of(np.zeros(0, FULL_PRECISION[qtype_of])))
-        else:
-            specs = FORMATS[qtype_of].part_specs(*shape)
-            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": list(specs)}
-            for part, (part_shape, dtype) in specs.items():
-                file_shapes[f"{name}.{part}"] = (tuple(part_shape), dtype_name_of(np.zeros(0, dtype)))
-
+    entries, file_shapes = _file_layout(shapes, types)
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
@@ -190,8 +174,8 @@ def convert(
             if not all_finite(array):  # a file santacpu writes never holds NaN (see `info`)
                 raise SantacpuError(f"the source tensor '{name}' holds NaN or infinite values: the checkpoint is damaged")
             qtype_of = types[name]
-            if qtype_of in FULL_PRECISION:
-                stored = np.asarray(array, dtype=FULL_PRECISION[qtype_of])
+            if qtype_of in FULL_PRECISION_TYPES:
+                stored = np.asarray(array, dtype=FULL_PRECISION_TYPES[qtype_of])
                 if not all_finite(stored):
                     raise SantacpuError(f"tensor '{name}' overflows {qtype_of}: store it as f32 (--keep '{name}=f32')")
                 reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))
@@ -211,3 +195,30 @@ def convert(
 
     write_safetensors(out, produce(), metadata, shapes=file_shapes)
     return ConversionReport(out, reports, time.perf_counter() - started)
+
+
+def _minified_tokenizer(folder: Path) -> str:
+    """The model's tokenizer.json, minified: 1.3 MB instead of 2 MB, which matters for small models."""
+    tokenizer_path = tokenizer_file_for(folder)
+    tokenizer_text = tokenizer_path.read_text(encoding="utf-8")
+    try:
+        return json.dumps(json.loads(tokenizer_text), separators=(",", ":"), ensure_ascii=False)
+    except json.JSONDecodeError:
+        raise SantacpuError(f"{tokenizer_path} is not valid JSON") from None
+
+
+def _file_layout(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) -> tuple[dict, dict]:
+    """(the metadata's `tensors` entries, each stored array's (shape, safetensors dtype) by its
+    name in the file) for tensors of these shapes stored as these types."""
+    entries, file_shapes = {}, {}
+    for name, shape in shapes.items():
+        qtype_of = types[name]
+        if qtype_of in FULL_PRECISION_TYPES:
+            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": []}
+            file_shapes[name] = (shape, dtype_name_of(np.zeros(0, FULL_PRECISION_TYPES[qtype_of])))
+        else:
+            specs = FORMATS[qtype_of].part_specs(*shape)
+            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": list(specs)}
+            for part, (part_shape, dtype) in specs.items():
+                file_shapes[f"{name}.{part}"] = (tuple(part_shape), dtype_name_of(np.zeros(0, dtype)))
+    return entries, file_shapes

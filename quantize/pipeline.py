@@ -1,12 +1,15 @@
-"""`santacpu quantize`: calibration (optional), conversion, and the report printed afterwards."""
+"""`santacpu quantize`: calibration (optional), conversion, and the report printed afterwards.
+
+May import: `santacpu` (loading, tokenizer) and the other `quantize` modules.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from santacpu.checkpoint import open_checkpoint
-from santacpu.source import resolve
+from santacpu.loading.checkpoint import open_checkpoint
+from santacpu.loading.source import resolve
 from santacpu.tokenizer import Tokenizer, tokenizer_file_for
 
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences

@@ -14,6 +14,8 @@ llama.cpp does):
 User overrides (`--keep PATTERN=TYPE`, shell-style patterns on canonical names such as `wte`,
 `h.*.mlp_c_proj_weight`) win over the default, first match first. A matrix whose width is not a
 multiple of the block size falls back to float16.
+
+May import: `santacpu.formats.blocks`, `santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from santacpu.errors import SantacpuError, SantacpuWarning
+from santacpu.formats.blocks import FORMATS
 
-from .formats import FORMATS
-
-MATRIX_FIELDS = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")
 STORAGE_TYPES = ("f32", "f16", *FORMATS)
 EMBEDDING_TYPE = {"q8_0": "q8_0", "q6_0": "q6_0", "q4_0": "q6_0", "q4_m": "q6_0"}
 

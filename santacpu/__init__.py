@@ -1,14 +1,14 @@
 """santacpu: run the SantaCoder code model on a laptop CPU (NumPy reference, Numba kernels).
 
 Public API: `load(model, *, revision=None, device="auto") -> Model`; see `santacpu.model`.
+Importing santacpu changes no environment variable (the CPU backend sets Numba's target
+features in `numba.config` when it is imported: see `santacpu.backends.cpu.vector_width`).
+
+May import: `santacpu.model`, `santacpu.errors` (the API re-exported here).
 """
 
-from . import vector_width
-
-vector_width.apply()  # before any kernel compiles
-
-from .errors import SantacpuError, SantacpuWarning  # noqa: E402
-from .model import Model, load  # noqa: E402
+from .errors import SantacpuError, SantacpuWarning
+from .model import Model, load
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,7 @@
-"""`python -m santacpu` runs the command line."""
+"""`python -m santacpu` runs the command line.
+
+May import: `santacpu.cli`.
+"""
 
 from .cli import main
 

@@ -3,6 +3,8 @@ the argument, instead of a TypeError or ValueError from deep inside NumPy or the
 
 Numbers accept Python's and NumPy's numeric types but never `bool` or text ("0.5" is refused,
 not parsed: the API does not guess).
+
+May import: `santacpu.errors`.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ so each gets the same guarantees: on any failure or interruption (an exception, 
 CLI's SIGTERM handler) the temporary file is removed; the file gets the usual mode for new
 files (0666 less the umask, not mkstemp's 0600); and a failing write (no permission, read-only
 file system, disk full) is a one-line `WriteError`.
+
+May import: `santacpu.errors`.
 """
 
 from __future__ import annotations

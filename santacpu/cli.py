@@ -6,6 +6,8 @@ a command line the parser rejects (an unknown option, a value of the wrong type 
 range `--help` shows; also one `santacpu: error:` line); 130 interrupted (Ctrl-C); 143 terminated
 (SIGTERM). An interrupted or terminated command leaves no partial file behind. `--debug` shows an
 error's traceback instead. Warnings are one line each (`santacpu: warning: ...`).
+
+May import: anything in `santacpu` and `quantize` (the top layer: nothing imports it but `__main__`).
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from typing import List, Optional, Tuple
 
 import typer
 
+from quantize.cache import DEFAULT_QUANT, runnable_model
+
 from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
 from .errors import SantacpuError, SantacpuWarning, os_problem
-from .lookup import DEFAULT_DRAFT_TOKENS
+from .generation.lookup import DEFAULT_DRAFT_TOKENS
+from .loading.source import DEFAULT_MODEL, MODEL_ENV, default_model, hub_revision
 from .model import DEFAULT_MAX_NEW_TOKENS, LOOKUP_BY_DEFAULT
-from .source import DEFAULT_MODEL, MODEL_ENV, default_model, hub_revision
 
-__all__ = ["app", "main", "write_text_atomically"]  # write_text_atomically: tools/bench_peers.py uses it
+__all__ = ["app", "main"]
 
 # Plain help (rich_markup_mode=None): typer's rich panels print a `<bool>` type beside every flag.
 # Path parameters say readable=False: santacpu reports an unreadable file itself, as an error (exit
@@ -40,7 +44,6 @@ app = typer.Typer(
 )
 _debug = {"on": False}
 
-DEFAULT_QUANT = "q8_0"  # what a full-precision model runs as, unless --quant says otherwise
 DEFAULT_PERPLEXITY_CTX = 256
 
 # Exit codes (besides 0 and 1), as shells report signals: 128 + the signal's number.
@@ -200,7 +203,7 @@ def complete(
         if not prefix:
             raise SantacpuError("the prompt is empty")
 
-    runnable, revision = _runnable_model(model or default_model(), revision, quant)
+    runnable, revision = runnable_model(model or default_model(), revision, quant)
     loaded = load(runnable, revision=revision, device=device)
     pieces = loaded.complete_stream(
         prefix,
@@ -224,31 +227,8 @@ def complete(
         sys.stdout.write("\n")
 
 
-def _runnable_model(model: str, revision: Optional[str], quant: Optional[str]) -> Tuple[str, Optional[str]]:
-    """What to load, and with which revision: a quantized file as is; a full-precision model as its
-    cached quantization (unless --quant none). Options that cannot apply are warned about once."""
-    from quantize.formats import FORMATS
-
-    from .quantized import names_quantized_file
-
-    qtype = quant or DEFAULT_QUANT
-    if qtype != "none" and qtype not in FORMATS:
-        raise SantacpuError(f"unknown --quant '{qtype}' (choose none, {', '.join(FORMATS)})")
-    revision = hub_revision(model, revision)
-    if names_quantized_file(model):
-        if quant is not None:
-            warnings.warn(f"--quant {quant} is ignored: {model} is a quantized file already and runs as it is",
-                          SantacpuWarning)
-        return model, None
-    if qtype == "none":
-        return model, revision
-    from .quant_cache import quantized_for
-
-    return str(quantized_for(model, revision, qtype)), None
-
-
 def _type_help() -> str:
-    from quantize.formats import FORMATS
+    from .formats.blocks import FORMATS
 
     types = ", ".join(f"{name} ({fmt.bits_per_weight:g} bits/weight)" for name, fmt in FORMATS.items())
     return f"Type of the linear weights: {types}; q4_m is the better 4-bit type."
@@ -290,7 +270,7 @@ def quantize(
 @app.command()
 def info(file: Path = typer.Argument(..., readable=False, help="A santacpu quantized file.")) -> None:
     """Describe a quantized file: config, tensor types, size, bits per weight, provenance."""
-    from .quantized import describe
+    from .loading.quantized import describe
 
     print(describe(file))
 
@@ -368,7 +348,7 @@ def bench(
 
     if json_out is not None:
         check_writable(json_out, "--json")  # now, not after minutes of measuring
-    runnable, revision = _runnable_model(model, revision, quant)
+    runnable, revision = runnable_model(model, revision, quant)
     settings = BenchSettings(
         model=runnable, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,
@@ -400,7 +380,7 @@ def random_checkpoint(
 ) -> None:
     """Write a SantaCoder-shaped checkpoint with random weights: its text is nonsense, but every
     command runs on it without the real model or a network."""
-    from .random_checkpoint import write_checkpoint
+    from .loading.random_checkpoint import write_checkpoint
 
     written = write_checkpoint(out, size=size, layout=layout, dtype=dtype, seed=seed, multi_query=not multi_head)
     print(f"santacpu: wrote {written}; try: santacpu complete \"def f():\" --model {written}", file=sys.stderr)

@@ -5,6 +5,8 @@ Both published layouts describe the same network:
 - `bigcode/gpt_bigcode-santacoder`: `model_type: gpt_bigcode` with `multi_query: true`.
 Field names are the checkpoints' own; `n_kv_head` (1 for multi-query, `n_head` for multi-head) and
 `head_dim` are derived once here so nothing downstream re-derives them.
+
+May import: `santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,6 @@ from .errors import SantacpuError, os_problem
 # All three names mean the tanh approximation 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3))).
 TANH_GELU_NAMES = ("gelu_fast", "gelu_pytorch_tanh", "gelu_new")
 
-# The tokenizer's vocabulary; embedding rows from here to vocab_size are padding, never sampled.
-SANTACODER_TOKENIZER_VOCAB = 49157
 SANTACODER_EOS_ID = 49152
 
 
@@ -62,40 +62,8 @@ class Config:
     def from_dict(cls, raw: dict) -> "Config":
         """Build from a config.json dictionary of either layout; unsupported variants get a clear error."""
         model_type = raw.get("model_type")
-        if model_type == "gpt2":
-            head_type = raw.get("attention_head_type")
-            if head_type is None:
-                raise SantacpuError(
-                    "config.json has model_type 'gpt2' but no attention_head_type: this is plain GPT-2, "
-                    "not a SantaCoder checkpoint"
-                )
-            if head_type not in ("multiquery", "multihead"):
-                raise SantacpuError(
-                    f"unsupported attention_head_type '{head_type}' (santacpu supports 'multiquery' and 'multihead')"
-                )
-            multi_query = head_type == "multiquery"
-        elif model_type == "gpt_bigcode":
-            multi_query = bool(raw.get("multi_query", True))
-        else:
-            raise SantacpuError(
-                f"unsupported model_type '{model_type}': santacpu runs SantaCoder checkpoints "
-                "(model_type 'gpt2' with attention_head_type, or 'gpt_bigcode')"
-            )
-
-        for flag, fine in (
-            ("scale_attn_weights", True),
-            ("scale_attn_by_inverse_layer_idx", False),
-            ("add_cross_attention", False),
-        ):
-            if raw.get(flag, fine) != fine:
-                raise SantacpuError(f"unsupported config: {flag}={raw[flag]!r} (santacpu needs {fine!r})")
-
-        activation = raw.get("activation_function", "gelu_pytorch_tanh")
-        if activation not in TANH_GELU_NAMES:
-            raise SantacpuError(
-                f"unsupported activation_function '{activation}' (santacpu implements the tanh GELU: "
-                f"{', '.join(TANH_GELU_NAMES)})"
-            )
+        multi_query = _multi_query(raw)
+        activation = _supported_activation(raw)
 
         try:
             n_embd = int(raw["n_embd"])
@@ -182,3 +150,46 @@ class Config:
         if not isinstance(raw, dict):
             raise SantacpuError(f"{path} is not a JSON object")
         return cls.from_dict(raw)
+
+
+def _multi_query(raw: dict) -> bool:
+    """Whether a config.json of either layout describes multi-query attention (one K/V head); an
+    error for anything that is not a SantaCoder layout."""
+    model_type = raw.get("model_type")
+    if model_type == "gpt2":
+        head_type = raw.get("attention_head_type")
+        if head_type is None:
+            raise SantacpuError(
+                "config.json has model_type 'gpt2' but no attention_head_type: this is plain GPT-2, "
+                "not a SantaCoder checkpoint"
+            )
+        if head_type not in ("multiquery", "multihead"):
+            raise SantacpuError(
+                f"unsupported attention_head_type '{head_type}' (santacpu supports 'multiquery' and 'multihead')"
+            )
+        return head_type == "multiquery"
+    if model_type == "gpt_bigcode":
+        return bool(raw.get("multi_query", True))
+    raise SantacpuError(
+        f"unsupported model_type '{model_type}': santacpu runs SantaCoder checkpoints "
+        "(model_type 'gpt2' with attention_head_type, or 'gpt_bigcode')"
+    )
+
+
+def _supported_activation(raw: dict) -> str:
+    """The activation function's name, after refusing the variants santacpu does not implement
+    (attention scaling flags, cross-attention, another activation)."""
+    for flag, fine in (
+        ("scale_attn_weights", True),
+        ("scale_attn_by_inverse_layer_idx", False),
+        ("add_cross_attention", False),
+    ):
+        if raw.get(flag, fine) != fine:
+            raise SantacpuError(f"unsupported config: {flag}={raw[flag]!r} (santacpu needs {fine!r})")
+    activation = raw.get("activation_function", "gelu_pytorch_tanh")
+    if activation not in TANH_GELU_NAMES:
+        raise SantacpuError(
+            f"unsupported activation_function '{activation}' (santacpu implements the tanh GELU: "
+            f"{', '.join(TANH_GELU_NAMES)})"
+        )
+    return activation

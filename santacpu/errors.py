@@ -2,6 +2,8 @@
 
 `SantacpuError` is the one exception type that the CLI turns into a single line on stderr and a
 non-zero exit; anything else escaping is a bug and keeps its traceback.
+
+May import: the standard library only (the bottom layer).
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ Follows llama.cpp's perplexity tool so the numbers compare: the files' tokens ar
 n_ctx/2 tokens of context. With a reference model: mean and 99th-percentile KL divergence
 KL(reference || model) per scored token, top-1 agreement and the perplexity difference.
 Padding rows (ids past the tokenizer's vocabulary) are left out of every distribution.
+
+May import: `santacpu.model` and the layers below it (today `santacpu.errors` only).
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ kernel lock, so steps of concurrent generations interleave, each correct (a gene
 tokens were pushed out of the shared cache by another recomputes them from the common prefix). A
 single generator must not be advanced from two threads at once: Python refuses that itself with
 "ValueError: generator already executing".
+
+May import: `santacpu.loading`, `santacpu.generation`, `santacpu.network`, `santacpu.backends`, `santacpu.formats`, foundation modules; never bench, evaluate, cli or `quantize`.
 """
 
 from __future__ import annotations
@@ -34,19 +36,22 @@ from pathlib import Path
 import numpy as np
 
 from . import arguments
-from .backend import CpuBackend
-from .checkpoint import read_checkpoint
+from .backends.base import Backend
+from .backends.cpu.backend import CpuBackend
 from .config import Config
-from .engine import Engine, KVCache, check_finite, check_kv_dtype
 from .errors import SantacpuError, SantacpuWarning
-from .lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
-from .prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
-from .quantized import names_quantized_file, read_quantized
-from .sampling import check_sampling, sample_next
-from .source import hub_revision, resolve
-from .text_stream import stream_text
+from .formats.quantized_file import names_quantized_file
+from .generation.lookup import DEFAULT_DRAFT_TOKENS, PromptLookup
+from .generation.prompts import FIM_ORDERS, build_fim_prompt, build_plain_prompt
+from .generation.sampling import check_sampling, sample_next
+from .generation.text_stream import stream_text
+from .loading.checkpoint import read_checkpoint
+from .loading.quantized import read_quantized
+from .loading.source import hub_revision, resolve
+from .network.engine import Engine, check_finite, check_kv_dtype
+from .network.kv_cache import KVCache
+from .network.weights import ModelWeights
 from .tokenizer import Tokenizer
-from .weights import ModelWeights
 
 DEFAULT_MAX_NEW_TOKENS = 128
 # Greedy generation drafts tokens by prompt lookup unless told not to (lookup=False), where the
@@ -93,7 +98,7 @@ class Model:
         self,
         weights: ModelWeights,
         tokenizer: Tokenizer,
-        backend: CpuBackend | None = None,
+        backend: Backend | None = None,
         *,
         reuse_prompt: bool = True,
         kv_cache: str = "float16",
@@ -113,6 +118,13 @@ class Model:
         # CpuBackend.token_invariant): then prompt lookup and prompt reuse give exactly the
         # output of plain decoding on a fresh model.
         self.token_invariant = self._engine.backend.token_invariant(weights)
+
+    @property
+    def engine(self) -> Engine:
+        """The forward pass under this model: a documented internal seam for measurements
+        (`santacpu bench` times raw prefill and decode steps through it, without generation's
+        bookkeeping), not part of the stable API."""
+        return self._engine
 
     def clear_prompt_cache(self) -> None:
         """Free the kept KV cache (the next request computes its whole prompt)."""

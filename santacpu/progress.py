@@ -1,5 +1,8 @@
 """One progress line on stderr for long work (loading a model, quantizing): shown only when
-stderr is a terminal, so logs and pipes stay clean."""
+stderr is a terminal, so logs and pipes stay clean.
+
+May import: the standard library only.
+"""
 
 from __future__ import annotations
 

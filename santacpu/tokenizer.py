@@ -5,6 +5,8 @@ Owns: loading `tokenizer.json` (the bundled SantaCoder one or any file), the spe
 `StreamDecoder`, which turns a token stream into text without ever emitting half a UTF-8
 character. Encoding is delegated to the `tokenizers` library; decoding is ours (a table of raw
 bytes per id), so no "clean up tokenization spaces" or other text rewriting can touch code.
+
+May import: tokenizers, `santacpu.errors`.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from tools.random_checkpoint import write_checkpoint  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from santacpu.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
+from santacpu.formats.safetensors_io import SafetensorsFile, write_safetensors  # noqa: E402
 
 _root: Path | None = None
 _built: dict[tuple, Path] = {}

@@ -18,7 +18,7 @@ import pytest
 
 from santacpu import SantacpuError
 from santacpu.bench import PARTS, BenchSettings, fim_texts, run_bench, text_token_stream
-from santacpu.prompts import build_fim_prompt
+from santacpu.generation.prompts import build_fim_prompt
 from santacpu.tokenizer import Tokenizer
 
 PROMPT, DECODE, FIM, REPEAT = 12, 5, 30, 2
@@ -86,7 +86,7 @@ def test_bench_speed_figures(bench_report):
 
 def test_bench_decode_bytes_against_the_files_read_speed(bench_report):
     from santacpu.bench import decode_weight_bytes
-    from santacpu.checkpoint import read_checkpoint
+    from santacpu.loading.checkpoint import read_checkpoint
 
     report = bench_report[0]
     speed, summary = report["results"]["speed"], report["summary"]
@@ -107,7 +107,7 @@ def test_a_childs_peak_rss_is_its_own():
 
 
 def test_read_speed_sums_every_word(tmp_path):
-    from santacpu.read_speed import _sum_words, read_speed_gb_s
+    from santacpu.backends.cpu.read_speed import _sum_words, read_speed_gb_s
 
     words = np.random.default_rng(3).integers(-(2**62), 2**62, size=1001, dtype=np.int64)
     for chunks in (1, 7, 16, 2000):  # uneven, and more chunks than words

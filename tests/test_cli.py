@@ -33,7 +33,7 @@ def ckpt() -> Path:
 def quant_cache(tmp_path_factory, ckpt) -> Path:
     """A private quantization cache for this module, filled before any CLI run: `complete` on a
     full-precision folder runs its cached q8_0 quantization (tested on its own below)."""
-    from santacpu.quant_cache import CACHE_ENV, quantized_for
+    from quantize.cache import CACHE_ENV, quantized_for
 
     folder = tmp_path_factory.mktemp("santacpu-cache")
     saved = os.environ.get(CACHE_ENV)
@@ -49,7 +49,7 @@ def quant_cache(tmp_path_factory, ckpt) -> Path:
 @pytest.fixture(scope="module")
 def model(ckpt, quant_cache) -> santacpu.Model:
     """What `santacpu complete --model CKPT` runs: the cached q8_0 file."""
-    from santacpu.quant_cache import cached_file_for
+    from quantize.cache import cached_file_for
 
     return santacpu.load(cached_file_for(ckpt, "q8_0"))
 

@@ -27,7 +27,7 @@ import pytest
 import helpers
 import santacpu
 from helpers import one_error_line, overlapping_copy, rewrite_safetensors, run_santacpu
-from quantize.formats import FORMATS
+from santacpu.formats.blocks import FORMATS
 from santacpu.cli import decode_escapes
 
 PROMPT = "def f():"
@@ -74,7 +74,7 @@ _SLOWED_MAIN = textwrap.dedent(
     from pathlib import Path
 
     import santacpu.cli, santacpu.model
-    from quantize.formats import FORMATS
+    from santacpu.formats.blocks import FORMATS
 
     started = Path(sys.argv[1])
 

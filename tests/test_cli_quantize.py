@@ -14,7 +14,7 @@ import pytest
 
 import santacpu
 from helpers import tiny_checkpoint
-from santacpu.quant_cache import cached_file_for
+from quantize.cache import cached_file_for
 
 PROMPT = "def fibonacci(n):"
 

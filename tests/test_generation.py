@@ -11,9 +11,9 @@ import pytest
 import santacpu
 from helpers import tiny_checkpoint
 from santacpu import SantacpuError, SantacpuWarning
-from santacpu.prompts import build_fim_prompt, fim_budget, trim_to_cursor
-from santacpu.sampling import sample_next, top_k_filter, top_p_filter
-from santacpu.text_stream import StopStrings
+from santacpu.generation.prompts import build_fim_prompt, fim_budget, trim_to_cursor
+from santacpu.generation.sampling import sample_next, top_k_filter, top_p_filter
+from santacpu.generation.text_stream import StopStrings
 from santacpu.tokenizer import Tokenizer
 
 TOK = Tokenizer.santacoder()

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import santacpu
-from santacpu import reference
-from santacpu.checkpoint import read_checkpoint
-from santacpu.safetensors_io import SafetensorsFile
+from santacpu.network import reference
+from santacpu.loading.checkpoint import read_checkpoint
+from santacpu.formats.safetensors_io import SafetensorsFile
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden.npz"
 REGENERATE = "regenerate it with `python tools/make_golden.py` (dev extra: torch, transformers)"

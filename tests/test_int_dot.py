@@ -1,4 +1,4 @@
-"""The integer dot-product kernels (santacpu/int_dot.py): the instruction choice, the layout of
+"""The integer dot-product kernels (santacpu/backends/cpu/int_dot.py): the instruction choice, the layout of
 the rounded activations, and every instruction set this CPU can run, each in a child process
 that tells Numba to compile for a CPU without the wider ones. (The kernels' results against the
 NumPy oracle, on this CPU's own choice, are in test_quant_kernels.py.)"""
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from llvmlite import binding
 
-from santacpu import int_dot
-from santacpu.reference import round_activations
+from santacpu.backends.cpu import int_dot
+from santacpu.network.reference import round_activations
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,9 +85,9 @@ def test_rounded_activations_layout_for_q8_0():
 
 CHILD = """
 import numpy as np
-from quantize.formats import FORMATS
-from santacpu import int_dot, quant_kernels as qk
-from santacpu.reference import round_activations
+from santacpu.formats.blocks import FORMATS
+from santacpu.backends.cpu import int_dot, quant_kernels as qk
+from santacpu.network.reference import round_activations
 assert int_dot.ISA == {isa!r}, int_dot.ISA
 rng = np.random.default_rng(0)
 for name in int_dot.FORMATS:
@@ -135,8 +135,8 @@ def test_narrower_instruction_sets(isa, drop, tmp_path):
 def test_many_tokens_through_the_matrix_kernel(name):
     # Several 64-row panels and rows after the last 4-row tile; tokens in tiles of 3 and after them;
     # 7 blocks a row: whole vector steps and a tail. Each token equals its one-token product.
-    from quantize.formats import FORMATS
-    from santacpu import quant_kernels as qk
+    from santacpu.formats.blocks import FORMATS
+    from santacpu.backends.cpu import quant_kernels as qk
 
     if not qk.has_integer_matmul(name):
         pytest.skip("no integer kernels on this CPU")
@@ -156,7 +156,7 @@ def test_many_tokens_through_the_matrix_kernel(name):
 
 
 def test_blas_is_single_threaded_only_inside_the_block():
-    from santacpu import blas_threads
+    from santacpu.backends.cpu import blas_threads
 
     found = blas_threads.controls()
     if found is None:

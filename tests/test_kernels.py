@@ -9,11 +9,11 @@ import pytest
 from helpers import tiny_checkpoint
 import santacpu
 from santacpu import SantacpuError
-from santacpu import cpu_kernels as k
-from santacpu import reference
-from santacpu.backend import BLAS_MIN_TOKENS, CpuBackend
-from santacpu.checkpoint import read_checkpoint
-from santacpu.engine import Engine
+from santacpu.backends.cpu import cpu_kernels as k
+from santacpu.network import reference
+from santacpu.backends.cpu.backend import BLAS_MIN_TOKENS, CpuBackend
+from santacpu.loading.checkpoint import read_checkpoint
+from santacpu.network.engine import Engine
 
 rng = np.random.default_rng(1234)
 
@@ -184,7 +184,7 @@ def test_kv_cache_is_single_headed_for_multi_query():
 
 @pytest.mark.parametrize("min_work", [0, 1 << 62], ids=["all-parallel", "all-on-one-thread"])
 def test_engine_is_the_same_whichever_threads_run_the_kernels(monkeypatch, min_work):
-    import santacpu.backend as backend_module
+    import santacpu.backends.cpu.backend as backend_module
 
     monkeypatch.setattr(backend_module, "PARALLEL_MIN_WORK", min_work)
     weights = read_checkpoint(tiny_checkpoint())
@@ -197,7 +197,7 @@ def test_engine_is_the_same_whichever_threads_run_the_kernels(monkeypatch, min_w
 
 
 def test_long_prefill_crosses_chunks(monkeypatch):
-    import santacpu.engine as engine_module
+    import santacpu.network.engine as engine_module
 
     monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 16)
     weights = read_checkpoint(tiny_checkpoint())
@@ -211,7 +211,7 @@ def test_long_prefill_crosses_chunks(monkeypatch):
 
 
 def test_wide_vectors_only_where_avx512_exists():
-    from santacpu.vector_width import wide_vector_features
+    from santacpu.backends.cpu.vector_width import wide_vector_features
 
     assert wide_vector_features("+sse2,+avx2,+fma,-avx512f") is None
     assert wide_vector_features("+avx2,+avx512f,+avx512bw").endswith(",-prefer-256-bit")

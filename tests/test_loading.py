@@ -24,8 +24,8 @@ import pytest
 import helpers
 import santacpu
 from santacpu import SantacpuError
-from santacpu.checkpoint import read_checkpoint
-from santacpu.safetensors_io import SafetensorsFile, bf16_to_f32, write_safetensors
+from santacpu.loading.checkpoint import read_checkpoint
+from santacpu.formats.safetensors_io import SafetensorsFile, bf16_to_f32, write_safetensors
 from tools.random_checkpoint import config_json, write_checkpoint
 
 def load_exact(source, **options) -> santacpu.Model:
@@ -715,7 +715,7 @@ _HUB_SCRIPT = textwrap.dedent(
     import numpy as np
     import huggingface_hub.constants as c
     import santacpu
-    from santacpu.source import resolve
+    from santacpu.loading.source import resolve
 
     repo, out, revision, prompt = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4]
     report = {"offline": c.HF_HUB_OFFLINE, "cache": c.HF_HUB_CACHE}

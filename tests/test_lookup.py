@@ -16,8 +16,8 @@ from helpers import tiny_checkpoint
 
 import santacpu
 from santacpu import SantacpuError
-from santacpu.engine import KVCache
-from santacpu.lookup import MAX_PAUSE, PromptLookup
+from santacpu.network.kv_cache import KVCache
+from santacpu.generation.lookup import MAX_PAUSE, PromptLookup
 
 from quantize.converter import convert
 

@@ -10,7 +10,7 @@ from helpers import tiny_checkpoint
 
 import santacpu
 import santacpu.model as model_module
-from santacpu.prompts import build_fim_prompt
+from santacpu.generation.prompts import build_fim_prompt
 from santacpu.tokenizer import Tokenizer
 
 TOK = Tokenizer.santacoder()

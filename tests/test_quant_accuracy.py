@@ -18,8 +18,8 @@ import santacpu
 from quantize.calibration import calibration_texts, collect_importance, token_sequences
 from quantize.converter import convert
 from quantize.policy import parse_keep
-from santacpu import int_dot
-from santacpu.checkpoint import open_checkpoint
+from santacpu.backends.cpu import int_dot
+from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.evaluate import score
 from santacpu.tokenizer import Tokenizer
 

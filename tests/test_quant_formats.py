@@ -1,4 +1,4 @@
-"""The block formats' NumPy reference (quantize/formats.py): layouts pinned by hand-made blocks,
+"""The block formats' NumPy reference (santacpu/formats/blocks.py): layouts pinned by hand-made blocks,
 sizes, error bounds, q4_m against q4_0, importance weighting, and the input checks."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from quantize import formats
-from quantize.formats import FORMATS, QK, get_format
+from santacpu.formats import blocks as formats
+from santacpu.formats.blocks import FORMATS, QK, get_format
 from santacpu.errors import SantacpuError
 
 NAMES = list(FORMATS)

@@ -1,5 +1,5 @@
-"""Every block-quantized Numba kernel (santacpu/quant_kernels.py) against the NumPy reference
-dequantize of quantize/formats.py."""
+"""Every block-quantized Numba kernel (santacpu/backends/cpu/quant_kernels.py) against the NumPy reference
+dequantize of santacpu/formats/blocks.py."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numba
 import numpy as np
 import pytest
 
-from quantize.formats import FORMATS
-from santacpu import int_dot
-from santacpu import quant_kernels as qk
-from santacpu.reference import round_activations
+from santacpu.formats.blocks import FORMATS
+from santacpu.backends.cpu import int_dot
+from santacpu.backends.cpu import quant_kernels as qk
+from santacpu.network.reference import round_activations
 
 NAMES = list(FORMATS)
 
@@ -33,7 +33,7 @@ def test_part_order_matches_the_formats():
 
 
 # Every (format, kernel kind) pair: the float kernels, and the integer dot-product ones
-# (santacpu/int_dot.py) for the formats and the CPU that have them. The integer kernels round x
+# (santacpu/backends/cpu/int_dot.py) for the formats and the CPU that have them. The integer kernels round x
 # to integer blocks first; their oracle does the same in NumPy (reference.round_activations).
 KERNELS = [(name, False) for name in NAMES] + [
     (name, True) for name in int_dot.FORMATS if int_dot.ISA is not None

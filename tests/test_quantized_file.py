@@ -16,15 +16,18 @@ from helpers import HAND_EDITS, edit_json, mmap_owner, overlapping_copy, rewrite
 import santacpu
 from quantize.calibration import collect_importance, token_sequences
 from quantize.converter import convert, sha256_of_sources
-from quantize.formats import FORMATS
+from santacpu.formats.blocks import FORMATS
 from quantize.policy import Policy, parse_keep
-from santacpu import SantacpuError, reference
+from santacpu import SantacpuError
+from santacpu.network import reference
 from santacpu.errors import WriteError
-from santacpu.backend import BLAS_MIN_TOKENS
-from santacpu.checkpoint import open_checkpoint
-from santacpu.quant_kernels import activation_levels, has_integer_matmul
-from santacpu.quantized import FORMAT_VERSION, QuantizedWeight, describe, read_metadata
-from santacpu.safetensors_io import SafetensorsFile, write_safetensors
+from santacpu.backends.cpu.backend import BLAS_MIN_TOKENS
+from santacpu.loading.checkpoint import open_checkpoint
+from santacpu.backends.cpu.quant_kernels import activation_levels, has_integer_matmul
+from santacpu.formats.blocks import QuantizedWeight
+from santacpu.formats.quantized_file import FORMAT_VERSION, read_metadata
+from santacpu.loading.quantized import describe
+from santacpu.formats.safetensors_io import SafetensorsFile, write_safetensors
 from santacpu.tokenizer import Tokenizer
 
 TYPES = ("q8_0", "q4_0", "q4_m")
@@ -170,7 +173,7 @@ def test_a_source_with_missing_tensors_leaves_no_output(tmp_path):
 
 
 def test_a_write_failure_leaves_no_output(tmp_path, monkeypatch):
-    import quantize.formats as formats
+    import santacpu.formats.blocks as formats
 
     def explode(*args, **kwargs):
         raise OSError(28, "No space left on device")

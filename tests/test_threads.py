@@ -14,7 +14,7 @@ import pytest
 from helpers import tiny_checkpoint
 
 import santacpu
-from santacpu import backend
+from santacpu.backends.cpu import backend
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = ["def add(a, b):", "class Stack:", "import os\n", "for i in range(10):", "x = [", "while True:"]
@@ -110,7 +110,7 @@ def test_one_generator_advanced_from_two_threads_is_refused():
 SCRIPT = """
 import sys, threading
 sys.path.insert(0, {tests!r})
-import numba, santacpu, santacpu.backend as backend
+import numba, santacpu, santacpu.backends.cpu.backend as backend
 from helpers import tiny_checkpoint
 backend.PARALLEL_MIN_WORK = 0
 models = [santacpu.load(tiny_checkpoint()) for _ in range(3)]

@@ -15,7 +15,7 @@ from test_int_dot import features_without
 from token_invariance import REPO, check_calls_do_not_matter, check_lookup_after_other_requests, quantized_trained_model
 
 import santacpu
-from santacpu import int_dot
+from santacpu.backends.cpu import int_dot
 
 pytestmark = pytest.mark.skipif(not int_dot.ENABLED, reason="no integer dot-product kernels on this CPU")
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 
 import santacpu
-from santacpu.safetensors_io import SafetensorsFile
-from santacpu.torch_zip import read_torch_zip
+from santacpu.formats.safetensors_io import SafetensorsFile
+from santacpu.formats.torch_zip import read_torch_zip
 from helpers import mmap_owner
 from tools.random_checkpoint import write_checkpoint
 

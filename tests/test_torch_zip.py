@@ -1,4 +1,4 @@
-"""Tests for santacpu.torch_zip: the torch-free, code-free reader of pytorch_model.bin checkpoints.
+"""Tests for santacpu.formats.torch_zip: the torch-free, code-free reader of pytorch_model.bin checkpoints.
 
 The fixture comes from tools/make_torch_fixture.py; nothing here imports torch.
 """
@@ -18,7 +18,7 @@ import pytest
 
 from santacpu.errors import SantacpuError
 from helpers import mmap_owner
-from santacpu.torch_zip import read_torch_zip
+from santacpu.formats.torch_zip import read_torch_zip
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TINY = FIXTURES / "torch_tiny.bin"

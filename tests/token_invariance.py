@@ -76,7 +76,7 @@ def check_lookup_after_other_requests(model, fresh) -> None:
 
 def main(qtypes: list[str]) -> None:
     import santacpu
-    from santacpu import int_dot
+    from santacpu.backends.cpu import int_dot
 
     with tempfile.TemporaryDirectory() as folder:
         for qtype in qtypes:

@@ -7,7 +7,7 @@ wait4). A peer that is not installed is reported as such, not as an error.
 | system | how it is measured |
 |---|---|
 | santacpu | `santacpu.bench.run_bench` (the `santacpu bench` logic): prefill tok/s of a P-token prompt, greedy decode tok/s over N tokens, peak RSS at a whole-context request; prompt-lookup decoding vs plain (q8_0 only) |
-| llama.cpp | `llama-bench -m MODEL.gguf -t THREADS -p P -n N -d 0,P -r REPEAT -o json` on GGUF files converted from the same checkpoint (Q8_0, Q4_0, F16): prefill = the P-token prompt test from an empty context, decode = the N-token generation test after P tokens of context (santacpu decodes after its P-token prompt: the same attention work; the generation test from an empty context is kept as `decode_tok_s_depth0`); right before, the GGUF file's read speed (`santacpu/read_speed.py`) |
+| llama.cpp | `llama-bench -m MODEL.gguf -t THREADS -p P -n N -d 0,P -r REPEAT -o json` on GGUF files converted from the same checkpoint (Q8_0, Q4_0, F16): prefill = the P-token prompt test from an empty context, decode = the N-token generation test after P tokens of context (santacpu decodes after its P-token prompt: the same attention work; the generation test from an empty context is kept as `decode_tok_s_depth0`); right before, the GGUF file's read speed (`santacpu/backends/cpu/read_speed.py`) |
 | CTranslate2 | int8 (`ct2-transformers-converter --quantization int8`, converted once into a cache folder); one `generate_batch` call with a per-step callback: prefill = the prompt pass up to the first token (a 512-token prompt forwarded at once, plus one greedy step), decode = tokens/s between the first and last step (`min_length` keeps EOS from ending it early) |
 | transformers | fp32 `GPTBigCodeForCausalLM`, torch threads = THREADS; prefill = one forward over the prompt (LM head on the last position only), decode = one forward per token with the KV cache |
 
@@ -199,7 +199,7 @@ def ct2_converter() -> Path | None:
 
 def ct2_model_dir(checkpoint: Path) -> Path:
     """A cache folder for the int8 conversion, keyed by the checkpoint's files (size, mtime)."""
-    from santacpu.quant_cache import cache_dir
+    from quantize.cache import cache_dir
 
     files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in checkpoint.iterdir() if p.is_file())
     key = hashlib.sha256(json.dumps([str(checkpoint.resolve()), files]).encode()).hexdigest()[:16]
@@ -365,7 +365,7 @@ def santacpu_models(args) -> dict[str, str]:
         if qtype in given:
             models[qtype] = given[qtype]
         else:
-            from santacpu.quant_cache import quantized_for
+            from quantize.cache import quantized_for
 
             models[qtype] = str(quantized_for(str(args.checkpoint), None, qtype))
     if "fp32" in wanted and describe_model(str(args.checkpoint))[1] == "f32":
@@ -624,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from santacpu import __version__
     from santacpu.bench import machine_facts, text_token_stream
-    from santacpu.cli import write_text_atomically
+    from santacpu.atomic_file import write_text_atomically
     from santacpu.tokenizer import Tokenizer
 
     santacpu: dict = {}

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 
 import santacpu
-from santacpu.prompts import build_fim_prompt
+from santacpu.generation.prompts import build_fim_prompt
 
 NEW_TOKENS = 4
 

@@ -30,7 +30,7 @@ import santacpu  # noqa: E402
 from quantize.calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences  # noqa: E402
 from quantize.converter import convert  # noqa: E402
 from quantize.policy import parse_keep  # noqa: E402
-from santacpu.checkpoint import open_checkpoint  # noqa: E402
+from santacpu.loading.checkpoint import open_checkpoint  # noqa: E402
 from santacpu.evaluate import score_models  # noqa: E402
 from santacpu.tokenizer import Tokenizer  # noqa: E402
 

@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from santacpu.safetensors_io import SafetensorsFile  # noqa: E402
+from santacpu.formats.safetensors_io import SafetensorsFile  # noqa: E402
 from santacpu.tokenizer import Tokenizer  # noqa: E402
 from tools.random_checkpoint import write_checkpoint  # noqa: E402
 
@@ -100,8 +100,8 @@ def main() -> None:
     import transformers
     from transformers import GPTBigCodeForCausalLM
 
-    from santacpu import reference
-    from santacpu.checkpoint import read_checkpoint
+    from santacpu.network import reference
+    from santacpu.loading.checkpoint import read_checkpoint
 
     torch.manual_seed(0)
     tok = Tokenizer.santacoder()

@@ -1,5 +1,5 @@
 """`python -m tools.random_checkpoint OUT_DIR [options]`: the random SantaCoder-shaped checkpoints
-of `santacpu/random_checkpoint.py` (where the generator lives, so that an installed santacpu has
+of `santacpu/loading/random_checkpoint.py` (where the generator lives, so that an installed santacpu has
 it too: `santacpu random-checkpoint`), kept here for the tests and tools that import it by this name.
 """
 
@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from santacpu.random_checkpoint import (  # noqa: E402,F401  (re-exported)
+from santacpu.loading.random_checkpoint import (  # noqa: E402,F401  (re-exported)
     SIZES,
     canonical_specs,
     canonical_tensors,

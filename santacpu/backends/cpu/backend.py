@@ -1,0 +1,203 @@
+"""The kernel layer: the few operations a forward pass needs, behind one small interface.
+
+`CpuBackend` implements them with the Numba kernels of `cpu_kernels.py` / `quant_kernels.py` /
+`int_dot.py` and NumPy/BLAS: fp32 weights always go to BLAS (gemv for one token, gemm for many);
+compressed weights (fp16, block-quantized), which BLAS cannot read, use a Numba matrix-vector
+kernel on the packed data for one token, a few-token kernel that reads the weight once for every
+token (speculative verification), and for many tokens either the integer matrix kernel (q4_0,
+q4_m, q6_0) or BLAS on widened row tiles (no dequantized copy of a whole matrix ever exists).
+It implements `santacpu.backends.base.Backend`, as a GPU backend would. Weight types are dispatched here, at the matmul,
+never by copying the forward pass per type.
+
+Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import contextmanager
+
+import numba
+import numpy as np
+
+from . import blas_threads
+from . import cpu_kernels as k
+from . import quant_kernels as qk
+from ...formats.blocks import QuantizedWeight
+
+# Numba kernels whose work is below this many (multiply-add or element) operations run on the
+# calling thread only. Waking Numba's thread pool right after a BLAS call costs ~7 ms on 2 cores
+# (BLAS's own threads are still spinning; measured: a 10 us kernel took 7 ms), more than most
+# per-layer kernels take; big ones (long-prompt attention, a prompt's GELU) still win in parallel.
+PARALLEL_MIN_WORK = 1 << 26
+# When the last product ran in Numba's pool (compressed weights: no BLAS), the pool is awake and
+# cheap to use again: kernels from this much work on run in parallel (decode attention over a
+# long context, measured 3.7 -> 2.7 ms a token at ~540 positions on 2 threads).
+WARM_PARALLEL_MIN_WORK = 1 << 20
+
+
+@contextmanager
+def _numba_threads(n: int):
+    """Run the Numba kernels in this block with `n` threads (1: on the calling thread)."""
+    previous = numba.get_num_threads()
+    if n >= previous:  # nothing to change (each set_num_threads costs ~5 us, a decode step makes ~100)
+        yield
+        return
+    numba.set_num_threads(n)
+    try:
+        yield
+    finally:
+        numba.set_num_threads(previous)
+
+
+# From this many tokens on, fp16 weights (and quantized ones on the float kernels) are widened
+# into tiles for BLAS; below it, one matvec pass (1 token) or the few-token kernel. Measured
+# on the full-size q8_0 model, all linear layers: 16 tokens 303 ms few-token against 922 ms
+# tiles (the widening, on one thread, dominates short prompts), 32: 558 / 1104, 64: 1167 / 1301.
+BLAS_MIN_TOKENS = 32
+# Rows of a compressed weight widened per BLAS tile: 1024 x 8192 fp32 = 32 MB at most.
+TILE_ROWS = 1024
+
+
+def _compressed_kernels(weight):
+    """(matvec(x, bias, out), matmul_few(x, bias, out), widen_rows(first, last, out), tiled) for
+    an fp16 or block-quantized weight; tiled: matmul_few also serves many tokens (the integer
+    matrix-matrix kernel), faster than widened tiles through BLAS."""
+    if isinstance(weight, QuantizedWeight):
+        qtype, parts = weight.qtype, weight.parts
+        return (
+            lambda x, bias, out: qk.matvec(qtype, parts, x, bias, out),
+            lambda x, bias, out: qk.matmul_few(qtype, parts, x, bias, out),
+            lambda first, last, out: qk.dequantize_rows(qtype, parts, first, last, out),
+            qk.has_integer_matmul(qtype),
+        )
+    bits = weight.view(np.uint16)  # fp16: Numba has no CPU float16, so pass the bits
+    return (
+        lambda x, bias, out: k.matvec_f16(bits, x, bias, out),
+        lambda x, bias, out: k.matmul_few_f16(bits, x, bias, out, numba.get_num_threads()),
+        lambda first, last, out: k.f16_rows_to_f32(bits, first, last, out),
+        False,
+    )
+
+
+class CpuBackend:
+    name = "cpu"
+
+    def __init__(self):
+        self._pool_warm = False  # did the last matrix product run in Numba's pool, not BLAS?
+        self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
+        self._numba_products: dict[int, bool] = {}  # id(weights) -> see _products_in_numba
+
+    def _threads_for(self, work: int) -> int:
+        least = WARM_PARALLEL_MIN_WORK if self._pool_warm else PARALLEL_MIN_WORK
+        return numba.get_num_threads() if work >= least else 1
+
+    def linear(self, x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+        """x [T, in] float32, weight [out, in] (float32, float16 or a QuantizedWeight)
+        -> x @ weight.T + bias, float32 [T, out] (written into `out` when given: decode reuses
+        its buffers)."""
+        T = x.shape[0]
+        n_out, n_in = weight.shape
+        if bias is None:
+            bias = self._zero_bias.get(n_out)
+            if bias is None:
+                bias = self._zero_bias[n_out] = np.zeros(n_out, np.float32)
+        if out is None:
+            out = np.empty((T, n_out), np.float32)
+        if isinstance(weight, np.ndarray) and weight.dtype == np.float32:
+            self._pool_warm = False
+            np.matmul(x, weight.T, out=out)
+            out += bias
+            return out
+        matvec, matmul_few, widen_rows, tiled = _compressed_kernels(weight)
+        self._pool_warm = T < BLAS_MIN_TOKENS or tiled
+        if T == 1:
+            matvec(x[0], bias, out[0])
+            return out
+        if T < BLAS_MIN_TOKENS or tiled:  # one pass over the weight for all T tokens
+            matmul_few(np.ascontiguousarray(x), bias, out)
+            return out
+        tile = np.empty((min(TILE_ROWS, n_out), n_in), np.float32)
+        for first in range(0, n_out, TILE_ROWS):
+            last = min(first + TILE_ROWS, n_out)
+            with _numba_threads(1):  # widening is cheap next to the BLAS product that follows
+                widen_rows(first, last, tile)
+            np.matmul(x, tile[: last - first].T, out=out[:, first:last])
+        out += bias
+        return out
+
+    def many_tokens(self, weights) -> contextlib.AbstractContextManager:
+        """The context for a forward of BLAS_MIN_TOKENS tokens or more: BLAS kept to the calling
+        thread when most of the linear weights' products run in Numba's integer matrix kernels
+        (see blas_threads for why), else nothing."""
+        return blas_threads.single_threaded() if self._products_in_numba(weights) else contextlib.nullcontext()
+
+    def _products_in_numba(self, weights) -> bool:
+        """Whether most of a model's linear weights (by size) have the integer matrix kernel."""
+        if id(weights) not in self._numba_products:
+            tiled = total = 0
+            for layer in weights.layers:
+                for w in (layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight):
+                    size = w.shape[0] * w.shape[1]
+                    total += size
+                    if isinstance(w, QuantizedWeight) and qk.has_integer_matmul(w.qtype):
+                        tiled += size
+            self._numba_products[id(weights)] = 2 * tiled > total
+        return self._numba_products[id(weights)]
+
+    def token_invariant(self, weights) -> bool:
+        """Whether a token's logits and K/V come out the same bits whichever tokens share its
+        forward call (one, a few, a prompt): true when every matrix (and the tied LM head) runs
+        the integer kernels, whose per-(row, token) arithmetic never depends on the call; fp32
+        and fp16 weights and the float kernels use BLAS for prompts, whose sums differ in the
+        last bits. Attention, LayerNorm and GELU are per token on every path."""
+        matrices = [weights.wte] + [
+            w
+            for layer in weights.layers
+            for w in (layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight)
+        ]
+        return all(isinstance(w, QuantizedWeight) and qk.has_integer_matmul(w.qtype) for w in matrices)
+
+    def layer_norm(
+        self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        if out is None:
+            out = np.empty_like(x)
+        if self._threads_for(4 * x.size) == 1:
+            k.layer_norm_serial(x, weight, bias, np.float32(eps), out)
+        else:
+            k.layer_norm(x, weight, bias, np.float32(eps), out)
+        return out
+
+    def gelu_inplace(self, x: np.ndarray) -> None:
+        if self._threads_for(16 * x.size) == 1:  # tanh: ~16 operations an element
+            k.gelu_tanh_inplace_serial(x)
+        else:
+            k.gelu_tanh_inplace(x)
+
+    def attention(
+        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """q [T, H, D] at positions start..start+T-1 over k_cache/v_cache [n_ctx, G, D] (float32 or
+        float16) -> [T, H, D] (into `out` when given)."""
+        T, H, D = q.shape
+        if out is None:
+            out = np.empty_like(q)
+        if k_cache.dtype == np.float16:  # Numba has no CPU float16: the kernel widens the bits
+            k_cache, v_cache = k_cache.view(np.uint16), v_cache.view(np.uint16)
+        threads = self._threads_for(2 * T * H * D * (start + T))
+        jobs = T * k_cache.shape[1]
+        head_splits = threads if jobs < threads else 1  # one decode token: split its heads
+        with _numba_threads(threads):
+            k.causal_attention(q, k_cache, v_cache, start, out, head_splits)
+        return out
+
+    def embed(self, table, rows: np.ndarray) -> np.ndarray:
+        """Rows of an embedding table (array or QuantizedWeight) as float32 [len(rows), E]."""
+        if isinstance(table, QuantizedWeight):
+            picked = table.take_rows(rows)
+            out = np.empty(picked.shape, np.float32)
+            with _numba_threads(1):
+                qk.dequantize_rows(picked.qtype, picked.parts, 0, len(rows), out)
+            return out
+        return table[rows].astype(np.float32)

@@ -1,0 +1,751 @@
+"""Integer dot products for the block formats (q8_0, q4_0, q4_m, q6_0), on CPUs that have them:
+the products of one token, a few tokens and a long prompt, every (row, token) sum computed by
+the same operations in all three, so a token's result never depends on its call.
+
+Why: the float kernels of `quant_kernels.py` widen every code to float32 (about 7 vector
+operations per 32 weights for q4_0), which made 4-bit decode compute-bound: q4_0 read 15 GB/s
+where q8_0 read 20. Here each token's x is rounded once per call to integers, per block of 32
+values with one float32 scale (as llama.cpp does for its quantized dot products), and the weight
+codes meet those integers in the CPU's dot-product instructions, exact int32 sums of 2 or 4
+products each:
+- 4- and 6-bit codes (unsigned: 0..15, 0..63) against x rounded to int8 (max |x| -> 127):
+  `vpdpbusd` (AVX-512 VNNI on 512-bit vectors, 4 blocks a step; AVX-VNNI or AVX-512 VNNI on
+  256-bit vectors, 2 blocks), or on AVX2 `vpmaddubsw` for each half of a step, the two int16
+  results added, then one `vpmaddwd` (no overflow: 2 x 2 x 63 x 127 = 32004);
+- q8_0's signed codes, widened to int16, against x rounded to int16 (max |x| -> 32767):
+  `vpdpwssd` (VNNI) or `vpmaddwd` (AVX2). Rounding x to int8 here instead made a pass over the
+  full q8_0 model as fast but took its mean KLD on the trained test model from 3.2e-5 to
+  5.6e-5, most of what q8_0 is chosen to avoid; int16 costs nothing measurable.
+The int32 lanes are converted to float once per step and multiplied by the lanes' scales (weight
+scale x activation scale) into float accumulators, reduced once per row. On 256-bit vectors the
+4/6-bit kernels first sum each block's lanes for 4 (row, token) pairs into one vector (`QUADS`:
+two vphaddd, or on AVX2 two vphaddw on the int16 sums of 4-bit codes, then one vpmaddwd), so the
+block offsets, the conversion and the scaling are paid once for 4 pairs: a decode pass over a
+4096 x 2048 q4_0 matrix on one Zen 3 core 242 -> 204 us, q6_0 612 -> 555 us (before q6_0's
+cheaper high bits, `_q6_high_bits`). Where none of these instruction sets exists (or
+SANTACPU_INT_DOT=0), the float kernels run instead.
+
+The kernel works on tiles of rows x tokens (`_tile`): each step decodes a row's codes once for
+all the tile's tokens, so many tokens cost far less than one pass each. The prompt tile fits the
+register file (PROMPT_TILE), and a thread takes 64 rows through all the tokens before
+the next rows (the rows stay in L2, a tile's x in L1).
+
+Measured on the full-size model (2 threads): a decode pass over all weights q4_0 51 -> 31 ms,
+q8_0 59 -> 50 ms; 512 tokens x [8192 x 2048] q4_0 49 ms against 60 through fp32 tiles and BLAS,
+and a 512-token prefill of the q4_0 model 107-112 -> 140 tok/s (with BLAS kept single-threaded
+meanwhile, see blas_threads.py). q4_m's minimums add one product per (row, token, block), done
+as a contiguous dot of the row's minimum codes with the token's block sums of x (`_block_sums`):
+512 tokens x [8192 x 2048] q4_m 52 ms (61 through fp32 tiles and BLAS; 106 with the minimums
+summed from x's lanes per row). The cost of x's rounding on the trained test model: +2% mean KLD for a 4-bit
+file (tests/test_quant_accuracy.py), the trade llama.cpp makes in all its quantized products.
+
+Layouts of the rounded x (per token):
+- 4/6-bit, `quantize_activations`: xq int8 [C], the blocks of each step reordered so that one
+  vector load matches one of the codes' nibble vectors: for a step of S blocks, first the values
+  0..15 of each of its blocks, then the values 16..31 (a block's packed byte j holds its values j
+  and j+16). xfix int32 [C/8]: per int32 lane (4b + g for block b, lane g), -8 x the sum of the 8
+  values that meet in that lane (with QUADS: of the block's 32 values, in each of its lanes); a
+  q4_0 step adds it to its lanes (with QUADS: to each block's sum), which subtracts the codes'
+  offset 8 exactly (q6_0: x4 for its offset 32). xdx float32 [C/8]: x's block scale per lane.
+- q8_0, `quantize_activations_words`: xq int16 [C], a step's blocks as their values 0..15, then
+  their values 16..31; xdx float32 [C/4]: the block scale for each of a block's 8 lanes.
+Blocks after the last whole step keep their natural order (the drivers finish them in scalar code).
+
+The instruction choice is made when a kernel compiles, from the target features Numba compiles
+for; Numba's on-disk cache is keyed by those features, so cached code never meets another CPU.
+(Like quant_kernels.py, the kernels here inline cpu_kernels.py's `_f16_to_f32`, and Numba's cache
+only tracks this file: after editing that helper, delete santacpu/backends/cpu/__pycache__/*.nb[ic].)
+(The old `<N x i32>` operand form of the VNNI intrinsics is used: LLVM 22 still upgrades it, and
+older LLVMs know only that one.)
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils, config
+from numba.extending import intrinsic, overload
+
+from ...formats.blocks import QK
+from .cpu_kernels import FASTMATH, _f16_to_f32
+
+LANES_PER_BLOCK = 4  # int32 lanes per block of 32 values (4 products each)
+DISABLE_ENV = "SANTACPU_INT_DOT"
+
+
+def _target_features() -> set[str]:
+    """The CPU features Numba compiles for (as Numba itself decides them)."""
+    features = config.CPU_FEATURES
+    if features is None:
+        from numba.core.codegen import get_host_cpu_features
+
+        features = get_host_cpu_features()
+    return {f[1:] for f in features.split(",") if f.startswith("+")}
+
+
+def choose_isa(features: set[str]) -> str | None:
+    """'vnni512', 'vnni256', 'avx2', or None (no integer dot products) for a feature set."""
+    if {"avx512vnni", "avx512bw"} <= features:
+        return "vnni512"
+    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
+        return "vnni256"
+    if "avx2" in features:
+        return "avx2"
+    return None
+
+
+ISA = choose_isa(_target_features())
+# A decode tile's rows are contiguous: each step prefetches its share of the bytes PREFETCH_BYTES
+# ahead as whole cache lines, in address order (one stream a tile, each line once; before: each
+# row's own bytes 8 rows ahead, 4 streams a tile, each line twice). 4/6-bit codes on 256-bit
+# vectors go into L1 (prefetcht0), the rest into L2 (prefetcht1). On the AMD EPYC (Zen 3, 2
+# threads, the full models' mapped matrices, old and new kernels alternating in one process,
+# median of 20-40 passes): q4_0 matrices 26.3-28.0 -> 25.6-25.7 ms, q4_m 35.4 -> 31.3, the q6_0 LM
+# head 6.0 -> 5.5; q8_0 unchanged into L2 (37.5-41.0 against 37.6-42.0 ms), slower into L1. (On
+# the AVX-512 Xeon, with the old prefetch, L2 had beaten L1: 31.7 against 35.3 ms.)
+PREFETCH_BYTES = 8192
+VECTOR_BYTES = 64 if ISA == "vnni512" else 32  # bytes per vector register
+BLOCKS_PER_STEP = VECTOR_BYTES // 16  # S: 4-bit blocks per vector step (16 code bytes each)
+WORD_BLOCKS = VECTOR_BYTES // QK  # q8_0 blocks per vector step (32 code bytes each)
+QUADS = VECTOR_BYTES == 32  # 256-bit vectors: float work shared by 4 (row, token) pairs (_tile_codegen)
+WORD_SUMS = ISA == "avx2"  # 4-bit codes' quads summed as int16 (_quad_sum_words)
+ENABLED = ISA is not None and os.environ.get(DISABLE_ENV, "1") != "0"
+# The formats with integer kernels, and the integer range x is rounded to for each.
+ACTIVATION_LEVELS = {"q8_0": 32767, "q4_0": 127, "q4_m": 127, "q6_0": 127}
+FORMATS = tuple(ACTIVATION_LEVELS)
+
+
+# --- LLVM IR helpers (S = BLOCKS_PER_STEP; a step's codes are one vector of 16 S bytes) -----------
+
+_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
+
+
+def _splat(element_type, n, value):
+    return ir.Constant(ir.VectorType(element_type, n), [value] * n)
+
+
+def _load_vector(builder, data, offset, element_type, n):
+    """Load <n x element_type> from the element pointer `data` + `offset` (unaligned)."""
+    address = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(element_type, n).as_pointer())
+    return builder.load(address, align=1)
+
+
+def _declare(builder, name, return_type, *arg_types):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, arg_types), name)
+
+
+def _dot_accumulate(builder, acc, low, x_low, high, x_high):
+    """acc <4S x i32> + per-lane sums of 4 products low . x_low and 4 products high . x_high
+    (codes: unsigned bytes, x: signed bytes). On AVX2 the two halves' pair sums (vpmaddubsw) are
+    added as int16 before one vpmaddwd widens them: at most 2 x (2 x 63 x 127) = 32004, no
+    overflow for 6-bit codes, and the int32 sums are the same integers as two separate widenings,
+    with one multiply instruction fewer."""
+    n_bytes = low.type.count
+    lanes = n_bytes // 4
+    if ISA in ("vnni512", "vnni256"):
+        vec32 = ir.VectorType(_I32, lanes)
+        vpdpbusd = _declare(builder, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", vec32, vec32, vec32, vec32)
+        for codes, xq in ((low, x_low), (high, x_high)):
+            acc = builder.call(vpdpbusd, [acc, builder.bitcast(codes, vec32), builder.bitcast(xq, vec32)])
+        return acc
+    vec8, vec16, vec32 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+    pmaddubsw = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
+    pairs = builder.add(builder.call(pmaddubsw, [low, x_low]), builder.call(pmaddubsw, [high, x_high]))
+    quads = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [pairs, _splat(_I16, 16, 1)])
+    return builder.add(acc, quads)
+
+
+def _repeat_per_lane(builder, per_block, lanes_per_block=LANES_PER_BLOCK):
+    """<n x T> per-block values -> <n * lanes_per_block x T>, each repeated for its block's lanes."""
+    lanes = per_block.type.count * lanes_per_block
+    mask = ir.Constant(ir.VectorType(_I32, lanes), [i // lanes_per_block for i in range(lanes)])
+    return builder.shuffle_vector(per_block, ir.Constant(per_block.type, None), mask)
+
+
+def _widen_scales(builder, raw, fmt, lanes):
+    """Weight scales <n x i16> (fp16 bits) or <n x i8> (q4_m's unsigned codes) -> <n x float>."""
+    if fmt == "q4_m":
+        return builder.uitofp(raw, ir.VectorType(_F32, lanes))
+    return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(_F32, lanes))
+
+
+def _concatenate(builder, vectors):
+    """Equal-typed vectors <n x T> -> one <k n x T> holding them in order (k: len(vectors) rounded
+    up to a power of two; the padding repeats the last vector)."""
+    while len(vectors) > 1:
+        if len(vectors) % 2:
+            vectors = vectors + [vectors[-1]]
+        n = vectors[0].type.count
+        mask = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+        vectors = [builder.shuffle_vector(a, b, mask) for a, b in zip(vectors[::2], vectors[1::2])]
+    return vectors[0]
+
+
+def _pick_lanes(builder, vectors, picks):
+    """<len(picks) x T> whose lane L is element picks[L][1] of vectors[picks[L][0]]."""
+    n = vectors[0].type.count
+    joined = _concatenate(builder, list(vectors))
+    mask = ir.Constant(ir.VectorType(_I32, len(picks)), [v * n + e for v, e in picks])
+    return builder.shuffle_vector(joined, ir.Constant(joined.type, None), mask)
+
+
+def _quad_sum(builder, sums):
+    """The lane sums <8 x i32> of up to 4 (row, token) pairs -> one <8 x i32> whose lane 4h + p is
+    pair p's lanes 4h..4h+3 summed (h: the vector's half); two levels of vphaddd."""
+    vec32 = ir.VectorType(_I32, 8)
+    phadd = _declare(builder, "llvm.x86.avx2.phadd.d", vec32, vec32, vec32)
+    sums = list(sums) + [ir.Constant(vec32, None)] * (4 - len(sums))
+    return builder.call(phadd, [builder.call(phadd, [sums[0], sums[1]]), builder.call(phadd, [sums[2], sums[3]])])
+
+
+def _pair_sums(builder, low, high, x_low, x_high):
+    """AVX2: <16 x i16> sums of 4 products (low . x_low and high . x_high, 2 each: vpmaddubsw
+    twice, added); at most 2 x 2 x 15 x 127 = 7620 for 4-bit codes."""
+    vec8, vec16 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16)
+    pmaddubsw = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
+    return builder.add(builder.call(pmaddubsw, [low, x_low]), builder.call(pmaddubsw, [high, x_high]))
+
+
+def _quad_sum_words(builder, sums):
+    """AVX2, 4-bit codes: _pair_sums of up to 4 pairs -> <8 x i32> as _quad_sum's, summed as int16
+    by two vphaddw (at most 4 x 7620 = 30480, no overflow) and widened by one vpmaddwd."""
+    vec16, vec32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+    phadd = _declare(builder, "llvm.x86.avx2.phadd.w", vec16, vec16, vec16)
+    sums = list(sums) + [ir.Constant(vec16, None)] * (4 - len(sums))
+    quad = builder.call(phadd, [builder.call(phadd, [sums[0], sums[1]]), builder.call(phadd, [sums[2], sums[3]])])
+    return builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [quad, _splat(_I16, 16, 1)])
+
+
+def _quads(n_rows, n_tokens):
+    """The tile's (row, token) pairs grouped by 4 for the 256-bit kernels: 4 rows of one token
+    where the rows allow, else 4 tokens of one row, else one pair a group."""
+    if n_rows % 4 == 0:
+        return [[(i + p, j) for p in range(4)] for j in range(n_tokens) for i in range(0, n_rows, 4)]
+    if n_tokens % 4 == 0:
+        return [[(i, j + p) for p in range(4)] for i in range(n_rows) for j in range(0, n_tokens, 4)]
+    return [[(i, j)] for i in range(n_rows) for j in range(n_tokens)]
+
+
+def _q6_high_bits(builder, qh, n_blocks):
+    """The 2-bit high parts, in bits 4-5, of the values in the two nibble vectors of a q6_0 step
+    (values 0..15 of each block, then 16..31): qh <8S x i8> (byte j of a block: bits 2k..2k+1
+    hold value j + 8k). Each block's 8 bytes are repeated to fill its 16 (one shuffle); then a
+    shift per int32 lane (vpsllvd / vpsrlvd: lanes of bytes 0..7 and 8..15 of a block hold pairs
+    k and k + 1) brings pair k to bits 4-5, and a mask drops the rest (bits shifted in from the
+    neighbouring byte land outside bits 4-5)."""
+    n = 16 * n_blocks
+    mask = [8 * b + j % 8 for b in range(n_blocks) for j in range(16)]
+    repeated = builder.bitcast(
+        builder.shuffle_vector(qh, ir.Constant(qh.type, None), ir.Constant(ir.VectorType(_I32, n), mask)),
+        ir.VectorType(_I32, n // 4),
+    )
+    low_shift = ir.Constant(ir.VectorType(_I32, n // 4), [4, 4, 2, 2] * n_blocks)  # pairs 0, 1 -> bits 4-5
+    high_shift = ir.Constant(ir.VectorType(_I32, n // 4), [0, 0, 2, 2] * n_blocks)  # pairs 2, 3 -> bits 4-5
+    bits = _splat(_I8, n, 0x30)
+    vec8 = ir.VectorType(_I8, n)
+    low = builder.and_(builder.bitcast(builder.shl(repeated, low_shift), vec8), bits)
+    high = builder.and_(builder.bitcast(builder.lshr(repeated, high_shift), vec8), bits)
+    return low, high
+
+
+def _horizontal_sum(builder, vector):
+    n = vector.type.count
+    while n > 1:
+        n //= 2
+        low = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        high = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        vector = builder.fadd(low, high)
+    return builder.extract_element(vector, ir.Constant(_I32, 0))
+
+
+def _word_dot(builder, acc, words, x_words):
+    """acc <n x i32> + per-lane sums of 2 products of int16 vectors <2n x i16>."""
+    n = acc.type.count
+    vec16, vec32 = ir.VectorType(_I16, 2 * n), ir.VectorType(_I32, n)
+    if ISA in ("vnni512", "vnni256"):
+        vpdpwssd = _declare(builder, f"llvm.x86.avx512.vpdpwssd.{32 * n}", vec32, vec32, vec32, vec32)
+        return builder.call(vpdpwssd, [acc, builder.bitcast(words, vec32), builder.bitcast(x_words, vec32)])
+    return builder.add(acc, builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [words, x_words]))
+
+
+def _parts_format(parts) -> str | None:
+    """Which block format a tuple of part array types holds (PART_ORDER of quant_kernels)."""
+    if not isinstance(parts, types.BaseTuple) or not all(isinstance(p, types.Array) for p in parts):
+        return None
+    dtypes = tuple(str(p.dtype) for p in parts)
+    return {
+        ("int8", "uint16"): "q8_0",
+        ("uint8", "uint16"): "q4_0",
+        ("uint8", "uint8", "uint16"): "q6_0",
+        ("uint8", "uint8", "uint8", "float32", "float32"): "q4_m",
+    }.get(dtypes)
+
+
+def _tile_codegen(fmt, n_rows, n_tokens):
+    """Codegen of _tile for `fmt` and an n_rows x n_tokens tile. Each step decodes each row's
+    codes once for all the tile's tokens. A one-token tile also prefetches the codes PREFETCH_BYTES
+    ahead (decode streams the weights from memory; many tokens reuse rows from cache). Float work per step (every tile shape does the same per (row, token), so all shapes
+    give the same sums):
+    - 256-bit vectors (QUADS): the int32 lanes of 4 (row, token) pairs are summed per block (two
+      vphaddd) into one vector, lane 4h + p for pair p and half h of the step (a block of a 4/6-bit
+      step, half a block's lanes for q8_0), converted, scaled and accumulated once for the 4
+      pairs; a pair's result is its two lanes added at the end;
+    - 512-bit vectors: one float accumulator per pair, updated lane by lane, reduced at the end."""
+    words = fmt == "q8_0"  # int16 words against int16 x; the others: unsigned bytes against int8 x
+    S = WORD_BLOCKS if words else BLOCKS_PER_STEP  # blocks per step
+    lanes_per_block = QK // 4 if words else LANES_PER_BLOCK
+    quads = QUADS and not words  # q8_0's steps hold one block: its lanes cost less than a quad's shuffles
+    locality = 3 if QUADS and not words else 2  # where decode's prefetches go (PREFETCH_BYTES)
+    groups = _quads(n_rows, n_tokens) if quads else [[(i, j)] for i in range(n_rows) for j in range(n_tokens)]
+
+    def codegen(context, builder, signature, args):
+        parts_type = signature.args[0]
+        parts = [
+            context.make_array(t)(context, builder, v)
+            for t, v in zip(parts_type.types, cgutils.unpack_tuple(builder, args[0], len(parts_type.types)))
+        ]
+        xq, xfix, xdx, out = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (1, 2, 3, 7))
+        row, token, n_steps = args[4], args[5], args[6]
+        qh = None
+        if fmt in ("q4_0", "q8_0"):
+            codes, scale_parts = parts
+            xfix = xfix if fmt == "q4_0" else None
+        elif fmt == "q4_m":
+            codes, scale_parts = parts[0], parts[1]  # qs, sc (d, dmin and mn: _finish_row)
+            xfix = None
+        else:
+            codes, qh, scale_parts = parts
+        scale_element = _I8 if fmt == "q4_m" else _I16
+        n_bytes = VECTOR_BYTES  # code bytes per step and row
+        lanes = n_bytes // 4
+        x_per_step = n_bytes if words else 2 * n_bytes  # x values per step
+        intp = row.type
+        const = lambda v: ir.Constant(intp, v)  # noqa: E731
+        codes_per_row = cgutils.unpack_tuple(builder, codes.shape, 2)[1]
+        n_blocks = cgutils.unpack_tuple(builder, scale_parts.shape, 2)[1]
+        x_cols = cgutils.unpack_tuple(builder, xq.shape, 2)[1]
+        lane_cols = cgutils.unpack_tuple(builder, xdx.shape, 2)[1]
+        n_out = cgutils.unpack_tuple(builder, out.shape, 2)[1]
+        acc_type = ir.VectorType(_F32, lanes)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_type, None)) for _ in groups]
+        fmuladd = _declare(builder, f"llvm.fmuladd.v{lanes}f32", acc_type, acc_type, acc_type, acc_type)
+        prefetch = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), ir.IntType(8).as_pointer(), _I32, _I32, _I32)
+        rows = [builder.add(row, const(i)) for i in range(n_rows)]
+        code_rows = [builder.mul(r, codes_per_row) for r in rows]
+        x_rows = [builder.mul(builder.add(token, const(j)), x_cols) for j in range(n_tokens)]
+        lane_rows = [builder.mul(builder.add(token, const(j)), lane_cols) for j in range(n_tokens)]
+        x_element = _I16 if words else _I8
+        halves = [  # q8_0: the code bytes of each half of a step, values 16k..16k+15 of every block
+            ir.Constant(ir.VectorType(_I32, n_bytes // 2), [QK * b + 16 * k + j for b in range(S) for j in range(16)])
+            for k in range(2)
+        ] if words else None
+        with cgutils.for_range(builder, n_steps) as loop:
+            step = loop.index
+            code_at = builder.mul(step, const(n_bytes))
+            lane_at = builder.mul(step, const(lanes))
+            x_at = builder.mul(step, const(x_per_step))
+            block_at = builder.mul(step, const(S))
+            row_codes, row_scales = [], []  # per row: (low, high) code vectors; scales <S x i16|i8>
+            for i in range(n_rows):
+                packed = _load_vector(builder, codes.data, builder.add(code_rows[i], code_at), _I8, n_bytes)
+                if n_tokens == 1 and i < n_rows * n_bytes // 64:  # line i of the step's share ahead
+                    share = builder.add(builder.mul(step, const(n_rows * n_bytes)), const(64 * i))
+                    ahead = builder.add(builder.add(code_rows[0], const(PREFETCH_BYTES)), share)
+                    address = builder.bitcast(builder.gep(codes.data, [ahead]), ir.IntType(8).as_pointer())
+                    builder.call(prefetch, [address, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+                if words:  # the step's values 0..15 of each block, then 16..31, as int16
+                    low, high = (
+                        builder.sext(builder.shuffle_vector(packed, packed, pick), ir.VectorType(_I16, n_bytes // 2))
+                        for pick in halves
+                    )
+                else:
+                    low = builder.and_(packed, _splat(_I8, n_bytes, 0x0F))
+                    high = builder.lshr(packed, _splat(_I8, n_bytes, 4))
+                if qh is not None:
+                    qh_at = builder.add(builder.mul(rows[i], builder.mul(n_blocks, const(8))), builder.mul(step, const(8 * S)))
+                    high_bits = _q6_high_bits(builder, _load_vector(builder, qh.data, qh_at, _I8, 8 * S), S)
+                    low, high = builder.or_(low, high_bits[0]), builder.or_(high, high_bits[1])
+                row_codes.append((low, high))
+                scale_at = builder.add(builder.mul(rows[i], n_blocks), block_at)
+                row_scales.append(_load_vector(builder, scale_parts.data, scale_at, scale_element, S))
+            x_scales = [_load_vector(builder, xdx.data, builder.add(lane_rows[j], lane_at), _F32, lanes) for j in range(n_tokens)]
+
+            x_fixes = [
+                _load_vector(builder, xfix.data, builder.add(lane_rows[j], lane_at), _I32, lanes) for j in range(n_tokens)
+            ] if xfix is not None else None
+
+            def x_values(i, j):
+                n_x = row_codes[i][0].type.count
+                x_low = _load_vector(builder, xq.data, builder.add(x_rows[j], x_at), x_element, n_x)
+                return x_low, _load_vector(builder, xq.data, builder.add(builder.add(x_rows[j], x_at), const(n_x)), x_element, n_x)
+
+            def lane_sums(i, j, fix=True):
+                """Row i . token j over this step: <lanes x i32>, lane g of block b at b * lanes_per_block + g."""
+                low, high = row_codes[i]
+                start = ir.Constant(ir.VectorType(_I32, lanes), None)
+                if xfix is not None and fix:
+                    start = _load_vector(builder, xfix.data, builder.add(lane_rows[j], lane_at), _I32, lanes)
+                    if fmt == "q6_0":  # offset 32 = 4 x 8
+                        start = builder.shl(start, _splat(_I32, lanes, 2))
+                x_low, x_high = x_values(i, j)
+                if words:
+                    return _word_dot(builder, _word_dot(builder, start, low, x_low), high, x_high)
+                return _dot_accumulate(builder, start, low, x_low, high, x_high)
+
+            for group, acc in zip(groups, accs):
+                if quads:  # lane 4h + p: pair p's half h (block h of a 4/6-bit step; q8_0: block 0)
+                    picks = [(p if p < len(group) else 0, h) for h in range(2) for p in range(4)]
+                    if WORD_SUMS and fmt in ("q4_0", "q4_m"):
+                        sums = _quad_sum_words(builder, [_pair_sums(builder, *row_codes[i], *x_values(i, j)) for i, j in group])
+                    else:
+                        sums = _quad_sum(builder, [lane_sums(i, j, fix=False) for i, j in group])
+                    if xfix is not None:  # each block's fix, the same in all its lanes
+                        fix = _pick_lanes(builder, [x_fixes[group[p][1]] for p, _ in picks[:4]], [(p, 4 * h) for p, h in picks])
+                        sums = builder.add(sums, builder.shl(fix, _splat(_I32, lanes, 2)) if fmt == "q6_0" else fix)
+                    pair_scales = [row_scales[group[p][0]] for p, _ in picks[:4]]
+                    weight = _widen_scales(builder, _pick_lanes(builder, pair_scales, picks), fmt, lanes)
+                    x_scale = _pick_lanes(builder, [x_scales[group[p][1]] for p, _ in picks[:4]], [(p, 4 * h) for p, h in picks])
+                else:
+                    (i, j), = group
+                    sums = lane_sums(i, j)
+                    weight = _widen_scales(builder, _repeat_per_lane(builder, row_scales[i], lanes_per_block), fmt, lanes)
+                    x_scale = x_scales[j]
+                scales = builder.fmul(weight, x_scale)
+                builder.store(builder.call(fmuladd, [builder.sitofp(sums, acc_type), scales, builder.load(acc)]), acc)
+        for group, acc in zip(groups, accs):
+            total = builder.load(acc)
+            for p, (i, j) in enumerate(group):
+                if quads:
+                    lane = lambda k: builder.extract_element(total, ir.Constant(_I32, k))  # noqa: E731
+                    value = builder.fadd(lane(p), lane(4 + p))
+                else:
+                    value = _horizontal_sum(builder, total)
+                at = builder.add(builder.mul(builder.add(token, const(j)), n_out), rows[i])
+                builder.store(value, builder.gep(out.data, [at]))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _tile(typingctx, parts, xq, xfix, xdx, row, token, n_steps, out, n_rows, n_tokens):
+    """out[token + j, row + i] = the dot of row row+i with token token+j's rounded x over the
+    first n_steps steps (no tail blocks, no bias, q4_m without its minimums), for i < n_rows and
+    j < n_tokens (literal ints). parts: a 4/6-bit weight's parts in PART_ORDER; xq, xfix, xdx
+    [T, ...] from quantize_activations; out float32 [T, R]."""
+    fmt = _parts_format(parts)
+    literal = (types.IntegerLiteral, types.IntegerLiteral)
+    if fmt is None or not isinstance(n_rows, literal[0]) or not isinstance(n_tokens, literal[1]):
+        return None
+    sig = types.none(parts, xq, xfix, xdx, types.intp, types.intp, types.intp, out, n_rows, n_tokens)
+    return sig, _tile_codegen(fmt, n_rows.literal_value, n_tokens.literal_value)
+
+
+# --- activations --------------------------------------------------------------------------------
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _block_rounding(x, t, c0, levels):
+    """(scale, 1 / scale or 0) rounding the block x[t, c0:c0+32] to integers in -levels..levels."""
+    amax = np.float32(0.0)
+    for j in range(QK):
+        amax = max(amax, abs(x[t, c0 + j]))
+    return amax / np.float32(levels), (np.float32(levels) / amax if amax > 0 else np.float32(0.0))
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def quantize_activations(x, xq, xfix, xdx):
+    """x float32 [T, C] -> xq int8 [T, C], xfix int32 [T, C/8], xdx float32 [T, C/8] for the 4- and
+    6-bit kernels (layouts in the module docstring): per block of 32, scale = max |x| / 127 and
+    q = round(x / scale)."""
+    S = BLOCKS_PER_STEP
+    n_blocks = x.shape[1] // QK
+    whole = n_blocks // S * S
+    for t in range(x.shape[0]):
+        for b in range(n_blocks):
+            c0 = b * QK
+            scale, inverse = _block_rounding(x, t, c0, 127)
+            if b < whole:
+                step_at = (b // S) * S * QK
+                low_at = step_at + (b % S) * 16
+                high_at = low_at + S * 16
+            else:
+                low_at = c0
+                high_at = c0 + 16
+            block_fix = 0
+            for g in range(LANES_PER_BLOCK):
+                fix = 0
+                for j in range(4 * g, 4 * g + 4):
+                    q_low = np.int8(np.rint(x[t, c0 + j] * inverse))
+                    q_high = np.int8(np.rint(x[t, c0 + 16 + j] * inverse))
+                    xq[t, low_at + j] = q_low
+                    xq[t, high_at + j] = q_high
+                    fix += np.int32(q_low) + np.int32(q_high)
+                xfix[t, LANES_PER_BLOCK * b + g] = -8 * fix
+                xdx[t, LANES_PER_BLOCK * b + g] = scale
+                block_fix += fix
+            if QUADS:  # the quads add a block's fix once, after summing its lanes
+                for g in range(LANES_PER_BLOCK):
+                    xfix[t, LANES_PER_BLOCK * b + g] = -8 * block_fix
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def quantize_activations_words(x, xq, xdx):
+    """x float32 [T, C] -> xq int16 [T, C], xdx float32 [T, C/4] for the q8_0 kernel: per block of
+    32, scale = max |x| / 32767 and q = round(x / scale). A step's WORD_BLOCKS blocks are stored
+    as their values 0..15, then their values 16..31 (blocks after the last whole step in natural
+    order); xdx holds each block's scale once per int32 lane (8 per block)."""
+    n_blocks = x.shape[1] // QK
+    whole = n_blocks // WORD_BLOCKS * WORD_BLOCKS
+    for t in range(x.shape[0]):
+        for b in range(n_blocks):
+            scale, inverse = _block_rounding(x, t, QK * b, 32767)
+            for lane in range(8 * b, 8 * b + 8):
+                xdx[t, lane] = scale
+            step_at = (b // WORD_BLOCKS) * WORD_BLOCKS * QK
+            first_half = step_at + (b % WORD_BLOCKS) * 16 if b < whole else QK * b
+            second_half = first_half + (WORD_BLOCKS * 16 if b < whole else 16)
+            for j in range(16):
+                xq[t, first_half + j] = np.int16(np.rint(x[t, QK * b + j] * inverse))
+                xq[t, second_half + j] = np.int16(np.rint(x[t, QK * b + 16 + j] * inverse))
+
+
+def _activations(parts, x):
+    """x [T, C] rounded for a weight's kernel: (xq, xfix, xdx) as quantize_activations makes them
+    for the 4/6-bit formats; q8_0: xq int16 [T, C], xfix int32 [T, 0], xdx float32 [T, C/4]
+    (quantize_activations_words)."""
+
+
+@overload(_activations)
+def _activations_impl(parts, x):
+    if _parts_format(parts) == "q8_0":
+
+        def words(parts, x):
+            T, C = x.shape
+            xq = np.empty((T, C), np.int16)
+            xdx = np.empty((T, C // 4), np.float32)
+            quantize_activations_words(x, xq, xdx)
+            return xq, np.empty((T, 0), np.int32), xdx
+
+        return words
+
+    def nibbles(parts, x):
+        T, C = x.shape
+        xq = np.empty((T, C), np.int8)
+        xfix = np.empty((T, C // 8), np.int32)
+        xdx = np.empty((T, C // 8), np.float32)
+        quantize_activations(x, xq, xfix, xdx)
+        return xq, xfix, xdx
+
+    return nibbles
+
+
+def _geometry(parts):
+    """(blocks per vector step, int32 lanes per block) of a weight's integer kernel."""
+
+
+@overload(_geometry)
+def _geometry_impl(parts):
+    if _parts_format(parts) == "q8_0":
+        return lambda parts: (WORD_BLOCKS, QK // 4)
+    return lambda parts: (BLOCKS_PER_STEP, LANES_PER_BLOCK)
+
+
+@njit(cache=True, inline="always")
+def _fix_sum(xfix, b):
+    """-8 x the sum of block b's rounded x, from xfix (module docstring)."""
+    if QUADS:
+        return xfix[4 * b]
+    return xfix[4 * b] + xfix[4 * b + 1] + xfix[4 * b + 2] + xfix[4 * b + 3]
+
+
+@njit(cache=True, inline="always")
+def _nibble_dot(qs, row, b, xq):
+    """Block b's 4-bit codes . xq in natural order (a block after the last whole step), int."""
+    total = 0
+    for j in range(16):
+        v = np.int32(qs[row, 16 * b + j])
+        total += (v & 15) * np.int32(xq[QK * b + j]) + (v >> 4) * np.int32(xq[QK * b + 16 + j])
+    return total
+
+
+@njit(cache=True, inline="always")
+def _q6_dot(ql, qh, row, b, xq):
+    """As _nibble_dot with q6_0's high bits added (qh byte j, bits 2k..2k+1: value j + 8k)."""
+    total = 0
+    for j in range(QK):
+        v = np.int32(ql[row, 16 * b + j % 16])
+        low = v & 15 if j < 16 else v >> 4
+        high = (np.int32(qh[row, 8 * b + j % 8]) >> (2 * (j // 8))) & 3
+        total += (low + 16 * high) * np.int32(xq[QK * b + j])
+    return total
+
+
+@njit(cache=True, inline="always")
+def _word_block_dot(qs, row, b, xq):
+    """Block b's q8_0 codes . xq (int16, natural order: a block after the last whole step), int."""
+    total = 0
+    for j in range(QK * b, QK * b + QK):
+        total += np.int32(qs[row, j]) * np.int32(xq[j])
+    return total
+
+
+# --- the driver: out [T, R] = x [T, C] @ W.T + bias. Every (row, token) sum is computed by the
+# same sequence of operations whatever the tile shape and the number of tokens, so a token's
+# result never depends on which other tokens share its call (prompt-lookup decoding and prompt
+# reuse rely on it). -------------------------------------------------------------------------------
+
+
+def _block_tail(parts, r, b, xq, xfix):
+    """Block b's (after the last whole step) contribution to row r's dot, before x's scale."""
+
+
+@overload(_block_tail)
+def _block_tail_impl(parts, r, b, xq, xfix):
+    fmt = _parts_format(parts)
+    if fmt == "q4_0":
+        return lambda parts, r, b, xq, xfix: _f16_to_f32(parts[1][r, b]) * np.float32(
+            _nibble_dot(parts[0], r, b, xq) + _fix_sum(xfix, b)
+        )
+    if fmt == "q4_m":
+        return lambda parts, r, b, xq, xfix: np.float32(parts[1][r, b]) * np.float32(_nibble_dot(parts[0], r, b, xq))
+    if fmt == "q6_0":
+        return lambda parts, r, b, xq, xfix: _f16_to_f32(parts[2][r, b]) * np.float32(
+            _q6_dot(parts[0], parts[1], r, b, xq) + 4 * _fix_sum(xfix, b)
+        )
+    if fmt == "q8_0":
+        return lambda parts, r, b, xq, xfix: _f16_to_f32(parts[1][r, b]) * np.float32(_word_block_dot(parts[0], r, b, xq))
+    return None
+
+
+def _block_sums(parts, xfix, xdx):
+    """[T, n_blocks] float32: what the format's last terms need of each block of x; q4_m: the
+    sums of x's rounded values times x's block scale, [T, 0] for the others."""
+
+
+@overload(_block_sums)
+def _block_sums_impl(parts, xfix, xdx):
+    if _parts_format(parts) != "q4_m":
+        return lambda parts, xfix, xdx: np.empty((xdx.shape[0], 0), np.float32)
+
+    def q4_m(parts, xfix, xdx):
+        # The minimums meet the sums of x's int8 values (xfix / -8), not of x itself, so that the
+        # result is W @ (x as rounded) and the codes' large mean cancels exactly (float sums of x:
+        # ~2.5x the error, measured).
+        n_blocks = xdx.shape[1] // LANES_PER_BLOCK
+        sums = np.empty((xdx.shape[0], n_blocks), np.float32)
+        for t in range(xdx.shape[0]):
+            for b in range(n_blocks):
+                sums[t, b] = xdx[t, 4 * b] * np.float32(_fix_sum(xfix[t], b))
+        return sums
+
+    return q4_m
+
+
+def _finish_row(parts, r, total, block_sums):
+    """Row r's output (before the bias) from its summed dot `total` and one token's _block_sums."""
+
+
+@overload(_finish_row)
+def _finish_row_impl(parts, r, total, block_sums):
+    if _parts_format(parts) != "q4_m":
+        return lambda parts, r, total, block_sums: total
+
+    def q4_m(parts, r, total, block_sums):
+        mn, d, dmin = parts[2], parts[3], parts[4]
+        minimums = np.float32(0.0)
+        for b in range(block_sums.shape[0]):  # contiguous in both: vectorised
+            minimums += np.float32(mn[r, b]) * block_sums[b]
+        return d[r, 0] * total + np.float32(0.125) * dmin[r, 0] * minimums
+
+    return q4_m
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out):
+    """out[t, r] (the tiles' sum) += the blocks after the last whole step, the format's last
+    terms and the bias."""
+    blocks_per_step, lanes_per_block = _geometry(parts)
+    total = out[t, r]
+    for b in range(n_steps * blocks_per_step, xdx.shape[1] // lanes_per_block):
+        total += xdx[t, lanes_per_block * b] * _block_tail(parts, r, b, xq[t], xfix[t])
+    out[t, r] = _finish_row(parts, r, total, block_sums[t]) + bias[r]
+
+
+DECODE_ROWS = 4  # rows of a one-token tile: one parallel job streams this many rows at once
+# A prompt's tile (rows x tokens) per format. With 32 vector registers (AVX-512) a 4 x 3 tile keeps
+# its 12 accumulators and the tokens' x in registers (4 x 4 spilled: 54 against 49 ms for 512 x
+# [8192 x 2048] q4_0). With 16 (AVX2) the 256-bit kernels' quads (one accumulator for 4 rows) let
+# 4 x 3 fit too, except for q6_0, whose high bits take two more vectors a row: one row against 8
+# tokens (two token quads) there.
+REGISTERS = 32 if ISA == "vnni512" or "avx512f" in _target_features() else 16
+PROMPT_TILE = {fmt: (4, 3) for fmt in FORMATS}
+if REGISTERS == 16:
+    PROMPT_TILE["q6_0"] = (1, 8)
+PANEL_ROWS = 64  # rows a thread takes through all the tokens before the next rows, so that they
+# stay in L2 while each group of tokens' x stays in L1 (all rows per token group: 59 -> 49 ms)
+
+
+def _panel(parts, xq, xfix, xdx, n_steps, panel, out):
+    """Rows panel * PANEL_ROWS .. +PANEL_ROWS (fewer in the last panel) of out [T, R], every
+    token, before _finish: whole tiles of the format's prompt tile shape, then 1-row and 1-token
+    tiles for what is left."""
+
+
+@overload(_panel)
+def _panel_impl(parts, xq, xfix, xdx, n_steps, panel, out):
+    tile_rows, tile_tokens = PROMPT_TILE[_parts_format(parts)]
+
+    def run(parts, xq, xfix, xdx, n_steps, panel, out):
+        T, R = out.shape
+        first = panel * PANEL_ROWS
+        last = min(first + PANEL_ROWS, R)
+        whole_rows = first + (last - first) // tile_rows * tile_rows
+        whole_tokens = T // tile_tokens * tile_tokens
+        for token in range(0, whole_tokens, tile_tokens):  # these tokens' x in L1, the panel in L2
+            for row in range(first, whole_rows, tile_rows):
+                _tile(parts, xq, xfix, xdx, row, token, n_steps, out, tile_rows, tile_tokens)
+            for row in range(whole_rows, last):
+                for t in range(token, token + tile_tokens):
+                    _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1)
+        for t in range(whole_tokens, T):
+            for row in range(first, last):
+                _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1)
+
+    return run
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matmul_blocks(parts, x, bias, out):
+    """out [T, R] = x [T, C] @ W.T + bias [R] for a block-quantized weight given as its parts tuple
+    (PART_ORDER of quant_kernels); x, bias, out float32."""
+    xq, xfix, xdx = _activations(parts, x)
+    block_sums = _block_sums(parts, xfix, xdx)
+    blocks_per_step, lanes_per_block = _geometry(parts)
+    T = x.shape[0]
+    R = parts[0].shape[0]
+    n_steps = xdx.shape[1] // lanes_per_block // blocks_per_step
+    if T == 1:  # decode: stream the rows, DECODE_ROWS at a time, in one parallel region
+        n_tiles = R // DECODE_ROWS
+        for tile in prange(n_tiles):
+            _tile(parts, xq, xfix, xdx, tile * DECODE_ROWS, 0, n_steps, out, DECODE_ROWS, 1)
+            for r in range(tile * DECODE_ROWS, (tile + 1) * DECODE_ROWS):
+                _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, 0, bias, out)
+        for r in range(n_tiles * DECODE_ROWS, R):  # the (at most 3) rows after the last whole tile
+            _tile(parts, xq, xfix, xdx, r, 0, n_steps, out, 1, 1)
+            _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, 0, bias, out)
+    else:
+        for panel in prange((R + PANEL_ROWS - 1) // PANEL_ROWS):
+            _panel(parts, xq, xfix, xdx, n_steps, panel, out)
+        for t in prange(T):  # along out's rows (a token's outputs are contiguous)
+            for r in range(R):
+                _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out)
+
+
+def matmul(qtype: str, args: tuple, x, bias, out) -> None:
+    """out [T, R] = x [T, C] @ W.T + bias for a `qtype` weight given as its kernel arguments
+    (quant_kernels.kernel_args), through this module's integer kernels."""
+    matmul_blocks(tuple(args), x, bias, out)

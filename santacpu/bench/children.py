@@ -1,0 +1,218 @@
+"""The bench's child processes: `child_main` runs one part (speed, lookup, memory, load, compile,
+read speed) in a process of its own and prints its result as one marked JSON line.
+
+May import: the other `santacpu.bench` modules, and lazily `santacpu.model`, `santacpu.generation`,
+`santacpu.backends.cpu`.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .machine import current_rss_mb, drop_page_cache, mapped_file_rss_mb, peak_rss_mb
+from .run import MEMORY_DECODE_TOKENS, REPEAT_STRIDE, RESULT_MARK, TINY_PREFILL_TOKENS
+from .workload import decode_weight_bytes, fim_texts, text_token_stream
+
+
+def child_main(kind: str, job_json: str, import_s: float) -> None:
+    """Entry point of a child process: run one part, print its result as one marked JSON line."""
+    import numba
+
+    from ..errors import SantacpuError
+
+    job = json.loads(job_json)
+    numba.set_num_threads(min(job["threads"], numba.config.NUMBA_NUM_THREADS))
+    try:
+        children = {
+            "speed": _child_speed,
+            "lookup": _child_lookup,
+            "memory": _child_memory,
+            "load": _child_load,
+            "compile": _child_compile,
+            "read_speed": _child_read_speed,
+        }
+        result = children[kind](job, import_s)
+    except SantacpuError as error:
+        result = {"error": str(error)}
+    print(RESULT_MARK + json.dumps(result), flush=True)
+
+
+def _load(job: dict):
+    from ..model import load
+
+    return load(job["model"], revision=job["revision"])
+
+
+def _timed(work: Callable[[], object]) -> tuple[object, float]:
+    start = time.perf_counter()
+    value = work()
+    return value, time.perf_counter() - start
+
+
+def _first_forward(model, ids: list[int]) -> float:
+    engine = model.engine
+    cache = engine.new_cache(len(ids))
+    return _timed(lambda: engine.forward(cache, ids))[1]
+
+
+def _child_speed(job: dict, import_s: float) -> dict:
+    import numpy as np
+
+    from ..generation.prompts import build_fim_prompt
+
+    model, load_s = _timed(lambda: _load(job))
+    engine, n_valid = model.engine, model.n_valid_tokens
+    P, N, F, repeat = job["prompt_tokens"], job["decode_tokens"], job["fim_tokens"], job["repeat"]
+    longest = max(P, F) + (repeat + 1) * REPEAT_STRIDE
+    stream = text_token_stream(model.tokenizer, longest, model.config.vocab_size)
+    first_forward_s = _first_forward(model, stream[:1])
+    # Warm-up, not timed: both kernel paths (many tokens, one token) run once in this process.
+    warm = engine.new_cache(TINY_PREFILL_TOKENS + 1)
+    engine.forward(warm, stream[:TINY_PREFILL_TOKENS])
+    engine.forward(warm, stream[TINY_PREFILL_TOKENS : TINY_PREFILL_TOKENS + 1])
+
+    prefill, decode, fim, fim_prompt_tokens, decoded = [], [], [], 0, 0
+    for r in range(repeat):
+        ids = stream[(r + 1) * REPEAT_STRIDE :][:P]
+        cache = engine.new_cache(P + N)
+        start = time.perf_counter()
+        logits = engine.forward(cache, ids)[-1]
+        prefill.append(P / (time.perf_counter() - start))
+        start, decoded = time.perf_counter(), 0
+        for _ in range(N):  # greedy, EOS included: exactly N tokens
+            token = int(np.argmax(logits[:n_valid]))
+            logits = engine.forward(cache, [token])[-1]
+            decoded += 1
+        decode.append(decoded / (time.perf_counter() - start))
+        if F:
+            prefix, suffix = fim_texts(model.tokenizer, stream[(r + 1) * REPEAT_STRIDE :], F, model.config.n_positions)
+            fim_prompt_tokens = len(build_fim_prompt(model.tokenizer, prefix, suffix, model.config.n_positions, 1))
+            start = time.perf_counter()
+            model.complete(prefix, suffix, max_new_tokens=1)
+            fim.append(time.perf_counter() - start)
+    return {
+        "import_s": import_s,
+        "load_s": load_s,
+        "decode_weight_bytes": decode_weight_bytes(model.weights),
+        "first_forward_s": first_forward_s,
+        "prefill_tok_s": statistics.median(prefill),
+        "decode_tok_s": statistics.median(decode),
+        "decode_tokens_done": decoded,
+        "fim_ttft_s": statistics.median(fim) if fim else None,
+        "fim_prompt_tokens": fim_prompt_tokens or None,
+        "samples": {"prefill_tok_s": prefill, "decode_tok_s": decode, "fim_ttft_s": fim},
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _child_lookup(job: dict, import_s: float) -> dict:
+    import inspect
+
+    model = _load(job)
+    if "lookup" not in inspect.signature(model.generate).parameters:
+        return {"available": False}
+    P, N, repeat = job["prompt_tokens"], job["decode_tokens"], job["repeat"]
+    stream = text_token_stream(model.tokenizer, P, model.config.vocab_size)
+    chunk = stream[: max(1, 2 * P // 3)]
+    prompts = {
+        # A model that has learnt to copy continues the repeated chunk where its second copy stops.
+        "echo": (chunk + chunk)[:P],
+        "plain": stream[:P],
+    }
+    list(model.generate(stream[:TINY_PREFILL_TOKENS], max_new_tokens=4, lookup=True))  # warm-up, not timed
+    result: dict = {"available": True}
+    for case, ids in prompts.items():
+        runs: dict[str, list[float]] = {"plain_tok_s": [], "lookup_tok_s": []}
+        outputs, stats = {}, None
+        for _ in range(repeat):
+            for use_lookup in (False, True):
+                tokens, first = [], None
+                for token in model.generate(ids, max_new_tokens=N, lookup=use_lookup):
+                    tokens.append(token)
+                    first = first or time.perf_counter()
+                end = time.perf_counter()
+                speed = (len(tokens) - 1) / (end - first) if len(tokens) > 1 else None
+                runs["lookup_tok_s" if use_lookup else "plain_tok_s"].append(speed)
+                outputs[use_lookup] = tokens
+                if use_lookup:
+                    stats = getattr(model, "last_stats", None)
+        plain = statistics.median(runs["plain_tok_s"]) if None not in runs["plain_tok_s"] else None
+        drafted = getattr(stats, "drafted_tokens", None)
+        result[case] = {
+            "prompt_tokens": len(ids),
+            "generated_tokens": len(outputs[True]),
+            "identical_output": outputs[True] == outputs[False],
+            "plain_tok_s": plain,
+            "lookup_tok_s": statistics.median(runs["lookup_tok_s"]) if None not in runs["lookup_tok_s"] else None,
+            "drafted_tokens": drafted,
+            "accepted_tokens": getattr(stats, "accepted_tokens", None),
+            "decode_passes": getattr(stats, "decode_passes", None),
+            "samples": runs,
+        }
+        lookup = result[case]["lookup_tok_s"]
+        result[case]["speedup"] = lookup / plain if lookup and plain else None
+    return result
+
+
+def _child_memory(job: dict, import_s: float) -> dict:
+    import numpy as np
+
+    from ..backends.cpu import cpu_kernels
+
+    model = _load(job)
+    context = job["memory_context"]
+    ids = text_token_stream(model.tokenizer, context, model.config.vocab_size)[: context - MEMORY_DECODE_TOKENS]
+    rss_loaded = current_rss_mb()
+    # The runtime's own share: start Numba's runtime (LLVM, its runtime library, the on-disk
+    # cache) with a tiny kernel that touches no weight, then count everything but the weights.
+    row = np.ones((1, 8), np.float32)
+    cpu_kernels.layer_norm(row, row[0], row[0], np.float32(1e-5), np.empty_like(row))
+    weights_resident = mapped_file_rss_mb(job["files"])
+    rss_runtime = None if weights_resident is None else current_rss_mb() - weights_resident
+    produced = sum(1 for _ in model.generate(ids, max_new_tokens=MEMORY_DECODE_TOKENS))
+    return {
+        "context_tokens": context,
+        "prompt_tokens": len(ids),
+        "decoded_tokens": produced,
+        "rss_after_load_mb": rss_loaded,
+        "rss_runtime_mb": rss_runtime,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _child_read_speed(job: dict, import_s: float) -> dict:
+    from ..backends.cpu.read_speed import read_speed_gb_s
+
+    return {"gb_s": read_speed_gb_s(job["files"], job["threads"])}
+
+
+def _child_load(job: dict, import_s: float) -> dict:
+    dropped = [drop_page_cache(Path(f)) for f in job["files"]]
+    model, load_s = _timed(lambda: _load(job))
+    return {"load_s": load_s, "first_forward_s": _first_forward(model, [0]), "pages_dropped": all(dropped)}
+
+
+def _child_compile(job: dict, import_s: float) -> dict:
+    model, load_s = _timed(lambda: _load(job))
+    n = min(TINY_PREFILL_TOKENS, model.config.n_positions - 1)
+    ids = list(range(1, n + 1))
+
+    def tiny_forward():
+        engine = model.engine
+        cache = engine.new_cache(n + 1)
+        logits = engine.forward(cache, ids)
+        engine.forward(cache, [int(logits[-1].argmax())])
+
+    forward_s = _timed(tiny_forward)[1]
+    again_s = _timed(tiny_forward)[1]
+    return {
+        "import_s": import_s,
+        "load_s": load_s,
+        "tiny_forward_s": forward_s,
+        "tiny_forward_again_s": again_s,
+        "total_s": import_s + load_s + forward_s,
+    }

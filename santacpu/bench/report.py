@@ -1,0 +1,146 @@
+"""The bench's report: the headline figures, flat (`summarize`: what tools/bench_peers.py
+compares), and the readable table `santacpu bench` prints (`format_table`).
+
+May import: nothing of santacpu.
+"""
+
+from __future__ import annotations
+
+# The bound of issue 4 item 6: peak RSS at a 2048-token context within file size + 150 MB.
+RSS_BOUND_EXTRA_MB = 150
+
+
+def summarize(results: dict, file_bytes: int) -> dict:
+    """The headline figures, flat: what tools/bench_peers.py compares."""
+    speed, memory, load, compile_ = (results.get(k, {}) for k in ("speed", "memory", "load", "compile"))
+    summary = {
+        "load_warm_s": speed.get("load_s"),
+        "load_cold_s": load.get("load_s"),
+        "first_forward_warm_s": speed.get("first_forward_s"),
+        "first_forward_cold_s": load.get("first_forward_s"),
+        "prefill_tok_s": speed.get("prefill_tok_s"),
+        "decode_tok_s": speed.get("decode_tok_s"),
+        "decode_gb_s": (
+            speed["decode_tok_s"] * speed["decode_weight_bytes"] / 1e9 if speed.get("decode_weight_bytes") else None
+        ),
+        "read_speed_gb_s": results.get("read_speed", {}).get("gb_s"),
+        "fim_ttft_s": speed.get("fim_ttft_s"),
+        "compile_first_run_s": compile_.get("first_run", {}).get("total_s"),
+        "compile_cached_run_s": compile_.get("cached_run", {}).get("total_s"),
+        "peak_rss_mb": memory.get("peak_rss_mb"),
+        "rss_runtime_mb": memory.get("rss_runtime_mb"),
+        "peak_rss_speed_run_mb": speed.get("peak_rss_mb"),
+        "file_mb": file_bytes / 1e6,
+    }
+    lookup = results.get("lookup", {})
+    for case in ("echo", "plain"):
+        if case in lookup:
+            summary[f"lookup_{case}_speedup"] = lookup[case]["speedup"]
+            summary[f"lookup_{case}_identical"] = lookup[case]["identical_output"]
+    if memory:
+        summary["rss_bound_mb"] = file_bytes / 1e6 + RSS_BOUND_EXTRA_MB
+    return summary
+
+
+def format_table(report: dict) -> str:
+    """The readable table `santacpu bench` prints: a header, then one block of rows a part."""
+    s, m, settings, results = report["summary"], report["model"], report["settings"], report["results"]
+    machine = report["machine"]
+    lines = [
+        f"model    {m['path']} ({m['weights_type']}, {m['file_bytes'] / 1e6:.0f} MB)",
+        (
+            f"machine  {machine['cpu']}, {machine['usable_cores']} cores usable; integer kernels "
+            f"{machine.get('integer_kernels') or 'off'}; santacpu {report['santacpu_version']}; "
+            f"{settings['threads']} threads; speeds are the {settings['statistic']} runs"
+        ),
+        "",
+    ]
+
+    def row(what: str, value: str, note: str = "") -> None:
+        lines.append(f"  {what:<52}{value:>14}  {note}".rstrip())
+
+    for part, rows in (
+        ("speed", _speed_rows),
+        ("lookup", _lookup_rows),
+        ("load", _load_rows),
+        ("compile", _compile_rows),
+        ("memory", _memory_rows),
+    ):
+        if part in results:
+            rows(row, s, settings, results[part])
+    if "speed" in results:
+        row("peak RSS, speed run", f"{s['peak_rss_speed_run_mb']:.0f} MB")
+    return "\n".join(lines)
+
+
+def _speed_rows(row, s: dict, settings: dict, speed: dict) -> None:
+    row(f"prefill, {settings['prompt_tokens']}-token prompt", f"{s['prefill_tok_s']:.1f} tok/s")
+    row(f"decode, {speed['decode_tokens_done']} tokens (greedy)", f"{s['decode_tok_s']:.2f} tok/s")
+    if s.get("decode_gb_s") is not None:
+        note = f"{speed['decode_weight_bytes'] / 1e6:.0f} MB of weights a token"
+        if s.get("read_speed_gb_s"):
+            note += (
+                f"; this file's pages read at {s['read_speed_gb_s']:.1f} GB/s "
+                f"({100 * s['decode_gb_s'] / s['read_speed_gb_s']:.0f}% of it)"
+            )
+        row("decode, weights read", f"{s['decode_gb_s']:.1f} GB/s", note)
+    if s["fim_ttft_s"] is not None:
+        row(f"FIM time to first token, {speed['fim_prompt_tokens']}-token prompt", f"{s['fim_ttft_s']:.3f} s")
+    row("load, warm page cache", f"{s['load_warm_s']:.2f} s", f"first forward {s['first_forward_warm_s']:.2f} s")
+
+
+def _lookup_rows(row, s: dict, settings: dict, lookup: dict) -> None:
+    if not lookup.get("available"):
+        row("prompt-lookup decoding", "n/a", "this santacpu's generate has no lookup option")
+    for case, label in (("echo", "echoing prompt"), ("plain", "plain code prompt")):
+        if case in lookup:
+            c = lookup[case]
+            accepted = f"{c['accepted_tokens']}/{c['drafted_tokens']} drafted tokens accepted"
+            same = "identical output" if c["identical_output"] else "OUTPUT DIFFERS"
+            speedup = f"{c['speedup']:.2f}x" if c["speedup"] else "n/a"
+            row(
+                f"prompt lookup vs plain decode, {label}",
+                speedup,
+                f"{_number(c['lookup_tok_s'])} vs {_number(c['plain_tok_s'])} tok/s; {accepted}; {same}",
+            )
+
+
+def _load_rows(row, s: dict, settings: dict, load: dict) -> None:
+    row(
+        "load, cold page cache (best-effort drop)",
+        f"{s['load_cold_s']:.2f} s",
+        f"first forward {s['first_forward_cold_s']:.2f} s (reads the weights from disk)",
+    )
+
+
+def _compile_rows(row, s: dict, settings: dict, compile_: dict) -> None:
+    for key, label in (("first_run", "Numba, first run (compiles)"), ("cached_run", "Numba, on-disk cache")):
+        c = compile_[key]
+        row(
+            label,
+            f"{c['total_s']:.2f} s",
+            f"import {c['import_s']:.2f} + load {c['load_s']:.2f} + tiny forward "
+            f"{c['tiny_forward_s']:.2f} (again: {c['tiny_forward_again_s']:.3f})",
+        )
+
+
+def _memory_rows(row, s: dict, settings: dict, mem: dict) -> None:
+    over = s["peak_rss_mb"] - s["file_mb"]
+    row(
+        f"peak RSS, {mem['context_tokens']}-token context",
+        f"{s['peak_rss_mb']:.0f} MB",
+        f"file {s['file_mb']:.0f} MB {over:+.0f} (bound +{RSS_BOUND_EXTRA_MB}: "
+        f"{'within' if over <= RSS_BOUND_EXTRA_MB else 'over'})",
+    )
+    if s.get("rss_runtime_mb") is not None:
+        runtime = s["rss_runtime_mb"]
+        row("  of which the runtime, before the model runs", f"{runtime:.0f} MB",
+            "all but the mapped weights: Python, NumPy, Numba with LLVM's code, the tokenizer, "
+            "tensors converted at load")
+        work = over - runtime  # a model much smaller than the runtime's noise can come out negative
+        row("  of which the model's work above the file", f"{work:+.0f} MB" if work >= 1 else "under 1 MB",
+            "KV cache, activations, kernel buffers")
+
+
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

@@ -1,0 +1,244 @@
+"""The bench's parent process: settings, the lengths fitted to the model's context, the model's
+facts without loading it, and each part run in a child process of its own, one at a time (see
+the package docstring for what each part measures); the one result dictionary.
+
+May import: the other `santacpu.bench` modules (machine, report), and lazily `santacpu` below
+the API (config, errors, formats, loading).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .machine import default_threads, machine_facts, santacpu_version
+from .report import summarize
+
+PARTS = ("speed", "lookup", "memory", "load", "compile")
+RESULT_MARK = "SANTACPU-BENCH-RESULT "
+# Each repeat's prompt starts this many tokens after the previous one's.
+REPEAT_STRIDE = 101
+# Tokens of the tiny forward timed by the compile runs (>= the backend's BLAS threshold, so that
+# both the many-token and the one-token kernels are compiled).
+TINY_PREFILL_TOKENS = 16
+# The memory run decodes this many tokens after a prompt that fills the rest of the context.
+MEMORY_DECODE_TOKENS = 8
+# The lengths a full-size model is measured at; shorter where the model's context is (`fit_to_context`).
+DEFAULT_PROMPT_TOKENS, DEFAULT_DECODE_TOKENS, DEFAULT_FIM_TOKENS = 512, 128, 1500
+# The child's code: the import is timed before anything of santacpu is loaded.
+_CHILD_CODE = (
+    "import sys, time; t0 = time.perf_counter(); from santacpu.bench import child_main; "
+    "child_main(sys.argv[1], sys.argv[2], time.perf_counter() - t0)"
+)
+
+
+@dataclass
+class BenchSettings:
+    model: str  # what santacpu.load accepts: a quantized file, a folder, a weight file, a hub id
+    # None: the default (DEFAULT_*_TOKENS), shortened to fit the model's context
+    prompt_tokens: int | None = None
+    decode_tokens: int | None = None
+    fim_tokens: int | None = None  # 0: skip the FIM measurement
+    threads: int = 0  # 0: all the cores this process may use
+    repeat: int = 3
+    memory_context: int = 0  # 0: the model's whole context
+    parts: tuple[str, ...] = PARTS
+    revision: str | None = None
+    extra: dict = field(default_factory=dict)  # passed through to the JSON as given
+
+
+# ----------------------------------------------------------------------------------------------
+# The parent: validate, run the children one at a time, gather one result dictionary.
+
+
+def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
+    """Measure `settings.model`; returns {"settings", "machine", "model", "results"} (see the
+    module docstring for what each part measures). Raises SantacpuError for bad settings."""
+    from ..errors import SantacpuError
+
+    log = log or (lambda text: print(f"santacpu bench: {text}", file=sys.stderr, flush=True))
+    settings.threads = settings.threads or default_threads()
+    unknown = [p for p in settings.parts if p not in PARTS]
+    if unknown:
+        raise SantacpuError(f"unknown bench part '{unknown[0]}' (choose from {', '.join(PARTS)})")
+    if settings.threads < 1 or settings.repeat < 1:
+        raise SantacpuError("threads and repeat must be at least 1")
+    config, weights_type, files = describe_model(settings.model, settings.revision)
+    n_ctx = config.n_positions
+    fit_to_context(settings, n_ctx, log)
+    memory_context = settings.memory_context or n_ctx
+
+    file_bytes = sum(f.stat().st_size for f in files)
+    model_facts = {
+        "path": str(settings.model),
+        "weights_type": weights_type,
+        "files": [str(f) for f in files],
+        "file_bytes": file_bytes,
+        "config": config.to_dict(),
+    }
+    job = dict(asdict(settings), parts=list(settings.parts), memory_context=memory_context, files=model_facts["files"])
+    results: dict = {}
+    _read_through(files)  # page cache warm for every run but the cold-load one
+    if "speed" in settings.parts:
+        log("read speed: parallel passes over the model files' mapped pages")
+        results["read_speed"] = {"gb_s": measure_read_speed(files, settings.threads), "bytes": file_bytes}
+        log(
+            f"speed: {settings.repeat} x (prefill {settings.prompt_tokens}, decode {settings.decode_tokens}"
+            + (f", FIM {settings.fim_tokens}" if settings.fim_tokens else "")
+            + f" tokens), {settings.threads} threads"
+        )
+        results["speed"] = _run_child("speed", job)
+    if "lookup" in settings.parts:
+        log(f"lookup: greedy generation of {settings.decode_tokens} tokens with and without prompt-lookup drafting")
+        results["lookup"] = _run_child("lookup", job)
+    if "memory" in settings.parts:
+        log(f"memory: one request filling a {memory_context}-token context")
+        results["memory"] = _run_child("memory", job)
+    if "load" in settings.parts:
+        log("load: page cache dropped for the model's files (best-effort)")
+        results["load"] = _run_child("load", job)
+    if "compile" in settings.parts:
+        with tempfile.TemporaryDirectory(prefix="santacpu-numba-cache-") as cache:
+            log("compile: first run with an empty Numba cache")
+            first = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
+            log("compile: second run with the on-disk cache")
+            cached = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
+        results["compile"] = {"first_run": first, "cached_run": cached}
+    return {
+        "santacpu_version": santacpu_version(),
+        "settings": {
+            **asdict(settings),
+            "parts": list(settings.parts),
+            "memory_context": memory_context,
+            "statistic": f"median of {settings.repeat}",
+        },
+        "machine": machine_facts(),
+        "model": model_facts,
+        "results": results,
+        "summary": summarize(results, file_bytes),
+    }
+
+
+def fit_to_context(settings: BenchSettings, n_ctx: int, log: Callable[[str], None]) -> None:
+    """Fill in the lengths left to their defaults so that they fit an `n_ctx`-token context (and
+    say which were shortened), then check the lengths that the chosen parts use, only those."""
+    parts = set(settings.parts)
+    prompt, decode, fim = settings.prompt_tokens, settings.decode_tokens, settings.fim_tokens
+    shortened = []
+    if prompt is None:
+        room = n_ctx // 2 if decode is None else n_ctx - decode
+        prompt = min(DEFAULT_PROMPT_TOKENS, max(room, 1))
+        shortened += [f"a {prompt}-token prompt"] if prompt < DEFAULT_PROMPT_TOKENS else []
+    if decode is None:
+        room = n_ctx // 4 if settings.prompt_tokens is None else n_ctx - prompt
+        decode = min(DEFAULT_DECODE_TOKENS, max(room, 1))
+        shortened += [f"{decode} decoded tokens"] if decode < DEFAULT_DECODE_TOKENS else []
+    if fim is None:
+        fim = min(DEFAULT_FIM_TOKENS, n_ctx * 3 // 4)
+        shortened += [f"a {fim}-token FIM prompt"] if fim < DEFAULT_FIM_TOKENS and "speed" in parts else []
+    settings.prompt_tokens, settings.decode_tokens, settings.fim_tokens = prompt, decode, fim
+    from ..errors import SantacpuError
+
+    if parts & {"speed", "lookup"}:
+        if min(prompt, decode) < 1:
+            raise SantacpuError("prompt tokens and decode tokens must be at least 1")
+        if prompt + decode > n_ctx:
+            raise SantacpuError(f"{prompt} prompt + {decode} decode tokens exceed the model's {n_ctx}-token context")
+    if "speed" in parts and not 0 <= fim < n_ctx:
+        raise SantacpuError(f"--fim-tokens must be between 0 and {n_ctx - 1} (the context holds {n_ctx})")
+    memory = settings.memory_context
+    if "memory" in parts and (not 0 <= memory <= n_ctx or 0 < memory <= MEMORY_DECODE_TOKENS):
+        raise SantacpuError(f"the memory context must be between {MEMORY_DECODE_TOKENS + 1} and {n_ctx} tokens")
+    if shortened and parts & {"speed", "lookup"}:
+        log(f"the model's context holds {n_ctx} tokens: measuring {', '.join(shortened)} (shorter than the defaults)")
+
+
+def describe_model(model: str, revision: str | None = None):
+    """(Config, weights type such as "q8_0" or "f32", the weight files) without loading weights."""
+    from ..config import Config
+    from ..errors import SantacpuError
+    from ..formats.quantized_file import names_quantized_file, read_metadata
+    from ..loading.source import resolve
+
+    if names_quantized_file(model):
+        path = Path(model).expanduser()
+        _, meta = read_metadata(path)
+        return meta["config"], str(meta["quantization"].get("type", "?")), [path]
+    folder = resolve(model, revision)
+    config = Config.from_file(folder / "config.json")
+    # The loader prefers safetensors over pytorch_model.bin: the files it reads are the ones to time.
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise SantacpuError(f"{folder} holds no weight files (.safetensors or pytorch_model*.bin)")
+    return config, _checkpoint_dtype(folder), files
+
+
+def _checkpoint_dtype(folder: Path) -> str:
+    """The type the largest tensor runs in ("f32", "f16"; bf16 is widened to f32), from file headers."""
+    from ..loading.checkpoint import open_tensors
+
+    source = open_tensors(folder)
+    name = max(source.names(), key=lambda n: _product(source.shape(n)))
+    dtype = str(source.dtype(name))
+    return {"float32": "f32", "float16": "f16"}.get(dtype, dtype)
+
+
+def _product(shape) -> int:
+    result = 1
+    for n in shape:
+        result *= n
+    return result
+
+
+def _read_through(files: list[Path]) -> None:
+    """Read the files once so that the page cache holds them (the process's own RSS stays small:
+    one reused buffer)."""
+    buffer = bytearray(16 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
+
+
+def measure_read_speed(files: list, threads: int) -> float | None:
+    """GB/s of parallel passes over the files' mapped pages (santacpu/backends/cpu/read_speed.py), measured in
+    a child process: mapping big files here would raise this process's peak RSS, and with it
+    what the operating system reports for every child started afterwards (see peak_rss_mb)."""
+    return _run_child("read_speed", {"files": [str(f) for f in files], "threads": threads})["gb_s"]
+
+
+def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
+    from ..errors import SantacpuError
+
+    threads = str(job["threads"])
+    env = dict(
+        os.environ,
+        NUMBA_NUM_THREADS=threads,
+        OMP_NUM_THREADS=threads,
+        OPENBLAS_NUM_THREADS=threads,
+        MKL_NUM_THREADS=threads,
+        **(env_extra or {}),
+    )
+    # The child imports this very santacpu, installed or not.
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    done = subprocess.run(
+        [sys.executable, "-c", _CHILD_CODE, kind, json.dumps(job)],
+        check=False,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if done.returncode or not lines:
+        raise SantacpuError(f"the bench's {kind} run failed (exit code {done.returncode}; its messages are above)")
+    result = json.loads(lines[-1][len(RESULT_MARK) :])
+    if "error" in result:
+        raise SantacpuError(result["error"])
+    return result

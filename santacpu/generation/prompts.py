@@ -1,0 +1,107 @@
+"""Turning user text into prompt token ids: plain left-to-right prompts and fill-in-the-middle.
+
+FIM prompts are assembled from token ids, never by tokenizing special-token strings that appear in
+user text (those stay plain text):
+    PSM: <fim-prefix> prefix <fim-suffix> suffix <fim-middle>      (SantaCoder's usual order)
+    SPM: <fim-prefix> <fim-suffix> suffix <fim-middle> prefix      (typing at the cursor only appends)
+A FIM prompt too long for the context is trimmed at its far ends: the prefix loses its start, the
+suffix its end, so the text nearest the cursor is kept.
+
+May import: `santacpu.tokenizer`, `santacpu.errors`.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ..errors import SantacpuError, SantacpuWarning
+from ..tokenizer import Tokenizer
+
+STARCODER_MARKERS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>")
+SANTACODER_MARKERS = ("<fim-prefix>", "<fim-suffix>", "<fim-middle>", "<fim-pad>", "<|endoftext|>")
+FIM_ORDERS = ("psm", "spm")
+
+
+def warn_about_markers(*texts: str) -> None:
+    joined = "".join(texts)
+    if any(m in joined for m in STARCODER_MARKERS):
+        warnings.warn(
+            "the text contains StarCoder-style FIM markers such as <fim_prefix>: SantaCoder spells them with "
+            "hyphens (<fim-prefix>) and santacpu inserts them itself; here they are plain text",
+            SantacpuWarning,
+            stacklevel=3,
+        )
+    found = [m for m in SANTACODER_MARKERS if m in joined]
+    if found:
+        warnings.warn(
+            f"the text contains {found[0]}, which is treated as plain text; for fill-in-the-middle pass a "
+            "suffix (API) or --fim PREFIX_FILE SUFFIX_FILE (CLI)",
+            SantacpuWarning,
+            stacklevel=3,
+        )
+
+
+def build_plain_prompt(tokenizer: Tokenizer, text: str, n_ctx: int) -> list[int]:
+    if not text:
+        raise SantacpuError("the prompt is empty")
+    warn_about_markers(text)
+    ids = tokenizer.encode(text)
+    if len(ids) >= n_ctx:
+        raise SantacpuError(
+            f"the prompt is {len(ids)} tokens but the context holds {n_ctx} (prompt and output together): "
+            "shorten it, or use fill-in-the-middle, which trims long context itself"
+        )
+    return ids
+
+
+def fim_budget(n_ctx: int, max_new_tokens: int) -> int:
+    """Prompt tokens a FIM request may use: the context minus room for the answer (at most half)."""
+    return n_ctx - min(max(max_new_tokens, 1), n_ctx // 2)
+
+
+# Trimming cuts the prompt's far ends in whole steps of up to this many tokens (1/16 of the room
+# for small contexts), so that while the user types (the prefix grows a token at a time) the cuts
+# stay put for a step's worth of tokens and consecutive SPM prompts share all but their last tokens
+# (prompt reuse). It leaves less than two steps of the room unused.
+TRIM_STEP = 64
+
+
+def trim_to_cursor(prefix_ids: list[int], suffix_ids: list[int], room: int) -> tuple[list[int], list[int]]:
+    """Keep at most `room` tokens in all: the end of the prefix and the start of the suffix, sharing
+    the room evenly unless one side needs less; each side is cut in whole TRIM_STEP steps."""
+    P, S = len(prefix_ids), len(suffix_ids)
+    if P + S <= room:
+        return prefix_ids, suffix_ids
+    step = max(1, min(TRIM_STEP, room // 16))
+    keep_suffix = min(S, max(room // 2, room - P))
+    if keep_suffix < S:
+        keep_suffix -= keep_suffix % step  # the suffix's cut moves in whole steps
+    drop_prefix = max(0, P - (room - keep_suffix))
+    drop_prefix = -(-drop_prefix // step) * step  # rounded up: the prefix's cut moves in whole steps
+    return prefix_ids[min(drop_prefix, P) :], suffix_ids[:keep_suffix]
+
+
+def build_fim_prompt(
+    tokenizer: Tokenizer, prefix: str, suffix: str, n_ctx: int, max_new_tokens: int, order: str = "psm"
+) -> list[int]:
+    if order not in FIM_ORDERS:
+        raise SantacpuError(f"unknown FIM order '{order}' (choose psm or spm)")
+    special = (tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id)
+    if None in special:
+        raise SantacpuError("this tokenizer has no <fim-prefix>/<fim-suffix>/<fim-middle> tokens")
+    warn_about_markers(prefix, suffix)
+    prefix_ids, suffix_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    room = fim_budget(n_ctx, max_new_tokens) - len(special)
+    kept_prefix, kept_suffix = trim_to_cursor(prefix_ids, suffix_ids, room)
+    if (len(kept_prefix), len(kept_suffix)) != (len(prefix_ids), len(suffix_ids)):
+        warnings.warn(
+            f"the FIM prompt did not fit the {n_ctx}-token context with room for {max_new_tokens} new tokens: "
+            f"kept the last {len(kept_prefix)} of {len(prefix_ids)} prefix tokens and the first "
+            f"{len(kept_suffix)} of {len(suffix_ids)} suffix tokens",
+            SantacpuWarning,
+            stacklevel=2,
+        )
+    pre, suf, mid = special
+    if order == "psm":
+        return [pre, *kept_prefix, suf, *kept_suffix, mid]
+    return [pre, suf, *kept_suffix, mid, *kept_prefix]

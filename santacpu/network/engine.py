@@ -1,0 +1,134 @@
+"""The incremental forward pass used for generation: prefill a prompt, then one token at a time.
+
+Fills the KV cache (`kv_cache.KVCache`). SantaCoder is multi-query: one K and one V head of width head_dim serve all 16
+query heads, so the cache is `[n_layer, n_ctx, n_kv_head=1, head_dim]` for K and for V, never
+expanded per query head, and stored in fp16 by default (12 MiB each at 2048 tokens; fp32 on
+request: `Engine(..., kv_dtype="float32")`). Attention widens each stored row exactly to float32.
+
+Thread safety: every forward holds one process-wide lock (`KERNEL_LOCK`), so Numba's parallel
+kernels never run from two Python threads at once. Numba's `workqueue` threading layer (the one it
+falls back to without TBB or OpenMP) aborts the whole process on concurrent parallel calls, and
+serialising costs nothing in throughput: one forward already keeps every core busy.
+
+Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim,
+V = vocab_size, L = n_layer.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..backends.base import Backend
+from ..backends.cpu.backend import BLAS_MIN_TOKENS, CpuBackend
+from ..errors import SantacpuError
+from .kv_cache import KVCache
+from .weights import ModelWeights
+
+# Prompts are processed in chunks of this many tokens: bounds the activations of a 2048-token
+# prompt ([T, n_inner] fp32 is 32 MB at 1024) while keeping matrix-matrix products large.
+PREFILL_CHUNK = 512
+
+# The KV cache's storage types: fp16 halves its memory and attention's reads (it rounds K and V
+# to 11 significant bits, see tests/test_kernels.py for the measured cost); fp32 is exact.
+KV_DTYPES = ("float16", "float32")
+
+
+def check_kv_dtype(kv_dtype: str) -> None:
+    """Refuse an unknown KV cache type in one line (before any long work, where callers can)."""
+    if kv_dtype not in KV_DTYPES:
+        raise SantacpuError(f"unknown KV cache type '{kv_dtype}' (choose {' or '.join(KV_DTYPES)})")
+
+def check_finite(values: np.ndarray) -> np.ndarray:
+    """`values` (hidden states or logits) if every one is finite; else the weights are damaged (a
+    NaN, or values that overflow), and going on would only pick garbage tokens. (The integer
+    kernels round activations to integers, which can turn a NaN into finite nonsense: hence the
+    check on the hidden state before the LM head, not only on the logits.)"""
+    if not np.isfinite(values).all():
+        raise SantacpuError(
+            "the model computed values that are not finite (NaN or infinity): its weights hold NaN or "
+            "overflowing values (`santacpu info FILE` names the tensor of a quantized file); re-create it from its source"
+        )
+    return values
+
+
+# Held by every forward pass, whichever engine or thread runs it (see the module docstring).
+KERNEL_LOCK = threading.Lock()
+
+
+class Engine:
+    def __init__(self, weights: ModelWeights, backend: Backend | None = None, kv_dtype: str = "float16"):
+        check_kv_dtype(kv_dtype)
+        self.weights = weights
+        self.config = weights.config
+        self.backend = backend or CpuBackend()
+        self.kv_dtype = np.dtype(kv_dtype)
+        self._buffers: dict[str, np.ndarray] | None = None  # see _decode_buffers
+
+    def new_cache(self, n_ctx: int | None = None) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, n_ctx or c.n_positions, c.n_kv_head, c.head_dim, self.kv_dtype)
+
+    def forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        """Run `ids` at positions cache.length.., store their K/V, and return logits:
+        [len(ids), V] with all_logits, else [1, V] for the last token only."""
+        if cache.length + len(ids) > cache.capacity:
+            raise ValueError(f"{cache.length} + {len(ids)} tokens exceed the cache's {cache.capacity} positions")
+        with KERNEL_LOCK:
+            if len(ids) < BLAS_MIN_TOKENS:
+                return self._forward(cache, ids, all_logits)
+            with self.backend.many_tokens(self.weights):
+                return self._forward(cache, ids, all_logits)
+
+    def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+        pieces = []
+        for first in range(0, len(ids), PREFILL_CHUNK):
+            chunk = list(ids[first : first + PREFILL_CHUNK])
+            hidden = check_finite(self._blocks(cache, chunk))  # [T, E], final LayerNorm applied
+            if all_logits:
+                pieces.append(self._lm_head(hidden))
+            elif first + PREFILL_CHUNK >= len(ids):
+                pieces.append(self._lm_head(hidden[-1:]))
+        return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+    def _lm_head(self, hidden: np.ndarray) -> np.ndarray:
+        return self.backend.linear(hidden, self.weights.wte, None)  # tied embedding: [T, V]
+
+    def _decode_buffers(self) -> dict[str, np.ndarray]:
+        """One token's activations, allocated once and reused by every decode step."""
+        if self._buffers is None:
+            c = self.config
+            E, I, GD = c.n_embd, c.n_inner, c.n_kv_head * c.head_dim
+            self._buffers = {
+                "h": np.empty((1, E), np.float32),
+                "qkv": np.empty((1, E + 2 * GD), np.float32),
+                "attn": np.empty((1, c.n_head, c.head_dim), np.float32),
+                "proj": np.empty((1, E), np.float32),
+                "f": np.empty((1, I), np.float32),
+            }
+        return self._buffers
+
+    def _blocks(self, cache: KVCache, ids: list[int]) -> np.ndarray:
+        w, c, b = self.weights, self.config, self.backend
+        start, T = cache.length, len(ids)
+        E, H, G, D = c.n_embd, c.n_head, c.n_kv_head, c.head_dim
+        eps = c.layer_norm_epsilon
+        # Decode (T = 1) writes into the same buffers every step; a prompt allocates its own.
+        buf = self._decode_buffers() if T == 1 else dict.fromkeys(("h", "qkv", "attn", "proj", "f"))
+        x = b.embed(w.wte, np.asarray(ids)) + b.embed(w.wpe, np.arange(start, start + T))  # [T, E]
+        for i, layer in enumerate(w.layers):
+            h = b.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps, out=buf["h"])
+            qkv = b.linear(h, layer.attn_c_attn_weight, layer.attn_c_attn_bias, out=buf["qkv"])  # [T, E + 2*G*D]
+            cache.k[i, start : start + T] = qkv[:, E : E + G * D].reshape(T, G, D)
+            cache.v[i, start : start + T] = qkv[:, E + G * D :].reshape(T, G, D)
+            q = np.ascontiguousarray(qkv[:, :E]).reshape(T, H, D)  # T = 1: already contiguous, no copy
+            attn = b.attention(q, cache.k[i], cache.v[i], start, out=buf["attn"]).reshape(T, E)
+            x += b.linear(attn, layer.attn_c_proj_weight, layer.attn_c_proj_bias, out=buf["proj"])
+            h = b.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps, out=buf["h"])
+            f = b.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, out=buf["f"])  # [T, I]
+            b.gelu_inplace(f)
+            x += b.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, out=buf["proj"])
+        cache.ids.extend(int(t) for t in ids)
+        return b.layer_norm(x, w.ln_f_weight, w.ln_f_bias, eps)

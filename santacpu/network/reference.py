@@ -1,0 +1,112 @@
+"""The plain-NumPy fp32 reference forward pass: the oracle every fast path is tested against.
+
+It reads like the model, top to bottom, over a whole sequence at once, with no cache and no
+cleverness; weights are widened to float32 where they are used (quantized ones through their
+format's NumPy dequantize, so the oracle also checks the kernels that compute on packed blocks). It is itself checked against
+logits that transformers produced (tests/test_golden.py).
+
+Shape legend: T = tokens, E = n_embd, H = n_head, G = n_kv_head, D = head_dim, V = vocab_size.
+
+May import: numpy, `santacpu.network.weights`, `santacpu.formats.blocks`.
+"""
+
+from __future__ import annotations
+
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..formats.blocks import QuantizedWeight
+from .weights import LayerWeights, ModelWeights
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x**3)))
+
+
+def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) -> np.ndarray:
+    mean = x.mean(axis=-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
+    return (x - mean) / np.sqrt(var + np.float32(eps)) * weight + bias
+
+
+def dense(weight) -> np.ndarray:
+    """Any stored weight (float32, float16, QuantizedWeight) as a float32 array."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.dequantize()
+    return weight.astype(np.float32)
+
+
+NO_ROUNDING: Mapping[str, int] = MappingProxyType({})  # the products of fp32 math: x as it is
+
+
+def round_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
+    """x [..., C] float32 as the integer dot-product kernels see it (santacpu/backends/cpu/int_dot.py): per
+    block of 32 values, scale = max |x| / levels and x -> round(x * levels / max |x|) * scale."""
+    blocks = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
+    amax = np.abs(blocks).max(axis=-1, keepdims=True)
+    inverse = np.divide(np.float32(levels), amax, out=np.zeros_like(amax), where=amax > 0)
+    return (np.rint(blocks * inverse) * (amax / np.float32(levels))).reshape(x.shape)
+
+
+def linear(x: np.ndarray, weight, bias: np.ndarray | None = None, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
+    """x [T, in] @ weight.T + bias; x first goes through round_activations(x, rounded[format])
+    when the weight is block-quantized in a format listed in `rounded` (to mirror the integer
+    kernels)."""
+    if isinstance(weight, QuantizedWeight) and weight.qtype in rounded:
+        x = round_activations(x, rounded[weight.qtype])
+    y = x @ dense(weight).T  # [T, in] @ [in, out] -> [T, out]
+    return y if bias is None else y + bias
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
+    """Causal multi-query attention of x [T, E] (already normalised), before the output projection."""
+    T, E = x.shape
+    D = E // n_head
+    qkv = linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias, rounded)  # [T, E + 2*G*D]
+    q = qkv[:, :E].reshape(T, n_head, D).transpose(1, 0, 2)  # [H, T, D]
+    k = qkv[:, E : E + n_kv_head * D].reshape(T, n_kv_head, D).transpose(1, 0, 2)  # [G, T, D]
+    v = qkv[:, E + n_kv_head * D :].reshape(T, n_kv_head, D).transpose(1, 0, 2)  # [G, T, D]
+    group = n_head // n_kv_head  # query heads sharing one K/V head (all 16 for multi-query)
+    k = np.repeat(k, group, axis=0)  # [H, T, D]
+    v = np.repeat(v, group, axis=0)
+    scores = q @ k.transpose(0, 2, 1) / np.float32(np.sqrt(D))  # [H, T, T]
+    causal = np.triu(np.ones((T, T), dtype=bool), k=1)
+    scores = np.where(causal, np.float32(-np.inf), scores)
+    out = softmax(scores) @ v  # [H, T, D]
+    return out.transpose(1, 0, 2).reshape(T, E)  # [T, E]
+
+
+def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
+    heads = attention_heads(x, layer, n_head, n_kv_head, rounded)
+    return linear(heads, layer.attn_c_proj_weight, layer.attn_c_proj_bias, rounded)
+
+
+def mlp(x: np.ndarray, layer: LayerWeights, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
+    h = gelu_tanh(linear(x, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, rounded))  # [T, I]
+    return linear(h, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, rounded)  # [T, E]
+
+
+def forward(weights: ModelWeights, ids: Sequence[int], rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
+    """Logits [T, V] float32 for every position of `ids` (positions 0..T-1). `rounded`: the
+    block formats whose products first round x as the integer kernels do, each with its integer
+    range (see `linear`)."""
+    c = weights.config
+    ids = np.asarray(ids, dtype=np.int64)
+    T = len(ids)
+    assert 0 < T <= c.n_positions, T
+    wte = weights.wte
+    token_rows = wte.take_rows(ids).dequantize() if isinstance(wte, QuantizedWeight) else dense(wte[ids])
+    x = token_rows + dense(weights.wpe[:T])  # [T, E]
+    for layer in weights.layers:
+        normed = layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, c.layer_norm_epsilon)
+        x = x + attention(normed, layer, c.n_head, c.n_kv_head, rounded)
+        x = x + mlp(layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, c.layer_norm_epsilon), layer, rounded)
+    x = layer_norm(x, weights.ln_f_weight, weights.ln_f_bias, c.layer_norm_epsilon)
+    return linear(x, weights.wte, None, rounded).astype(np.float32)  # tied LM head: [T, V]
