@@ -106,7 +106,7 @@ class Model:
         self.config: Config = weights.config
         self.tokenizer = tokenizer
         self.weights = weights
-        self._engine = Engine(weights, backend, kv_cache)
+        self._engine = Engine(weights, backend or CpuBackend(), kv_cache)
         # Never sample the embedding's padding rows (49157..49279 for SantaCoder).
         self.n_valid_tokens = min(tokenizer.vocab_size, self.config.vocab_size)
         self.reuse_prompt = reuse_prompt

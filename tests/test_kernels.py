@@ -52,10 +52,21 @@ def test_layer_norm_and_gelu_match_reference():
     out = np.empty_like(x)
     k.layer_norm(x, w, b, np.float32(1e-5), out)
     assert rel_err(out, reference.layer_norm(x, w, b, 1e-5)) < 1e-5
+    serial = np.empty_like(x)
+    k.layer_norm_serial(x, w, b, np.float32(1e-5), serial)
+    assert np.array_equal(serial, out)
 
     y = x.copy()
     k.gelu_tanh_inplace(y)
     assert rel_err(y, reference.gelu_tanh(x)) < 1e-5
+    # the serial twin and one row cut across threads (decode) give the same bits as the rows
+    y_serial = x.copy()
+    k.gelu_tanh_inplace_serial(y_serial)
+    assert np.array_equal(y_serial, y)
+    for parts in (2, 3):
+        row = x[1].copy()
+        k.gelu_tanh_split(row, parts)
+        assert np.array_equal(row, y[1])
 
 
 def test_gelu_is_accurate_elementwise_over_the_whole_range():
@@ -152,7 +163,7 @@ def test_incremental_engine_equals_reference_at_every_position(kind, kv_dtype, t
     ids = [int(i) for i in rng.integers(0, 49157, 48)]
     want = reference.forward(weights, ids)
     scale = np.abs(want).max()
-    engine = Engine(weights, kv_dtype=kv_dtype)
+    engine = Engine(weights, CpuBackend(), kv_dtype=kv_dtype)
 
     cache = engine.new_cache()
     assert cache.k.dtype == kv_dtype
@@ -170,13 +181,13 @@ def test_incremental_engine_equals_reference_at_every_position(kind, kv_dtype, t
 def test_kv_cache_is_single_headed_for_multi_query():
     weights = read_checkpoint(tiny_checkpoint())
     c = weights.config
-    cache = Engine(weights).new_cache()
+    cache = Engine(weights, CpuBackend()).new_cache()
     assert c.n_kv_head == 1 and c.n_head > 1
     assert cache.k.shape == (c.n_layer, c.n_positions, 1, c.head_dim)
     assert cache.v.shape == cache.k.shape
     assert cache.k.dtype == cache.v.dtype == np.float16  # the default: half the memory of fp32
     with pytest.raises(SantacpuError, match="unknown KV cache type"):
-        Engine(weights, kv_dtype="int8")
+        Engine(weights, CpuBackend(), kv_dtype="int8")
     # load() refuses it before reading anything: the missing model below is never looked at.
     with pytest.raises(SantacpuError, match="unknown KV cache type"):
         santacpu.load("/nonexistent/model", kv_cache="int8")
@@ -190,7 +201,7 @@ def test_engine_is_the_same_whichever_threads_run_the_kernels(monkeypatch, min_w
     weights = read_checkpoint(tiny_checkpoint())
     ids = [int(i) for i in rng.integers(0, 49157, 30)]
     want = reference.forward(weights, ids)
-    engine = Engine(weights, kv_dtype="float32")
+    engine = Engine(weights, CpuBackend(), kv_dtype="float32")
     cache = engine.new_cache()
     got = np.concatenate([engine.forward(cache, ids[:20], all_logits=True)] + [engine.forward(cache, [t]) for t in ids[20:]])
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
@@ -202,7 +213,7 @@ def test_long_prefill_crosses_chunks(monkeypatch):
     monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 16)
     weights = read_checkpoint(tiny_checkpoint())
     ids = [int(i) for i in rng.integers(0, 49157, 50)]
-    engine = Engine(weights, kv_dtype="float32")
+    engine = Engine(weights, CpuBackend(), kv_dtype="float32")
     want = reference.forward(weights, ids)
     assert np.abs(engine.forward(engine.new_cache(), ids, all_logits=True) - want).max() <= 1e-4 * np.abs(want).max()
     last = engine.forward(engine.new_cache(), ids)

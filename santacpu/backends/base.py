@@ -65,11 +65,11 @@ class Backend(Protocol):
         float32 [len(rows), E]; rows are integer token ids or positions."""
         ...
 
-    def many_tokens(self, weights: Any) -> contextlib.AbstractContextManager:
-        """A context the engine enters around a forward of many tokens (a prompt: from the CPU
-        backend's BLAS_MIN_TOKENS on) for the model `weights` (a ModelWeights): whatever the
-        backend sets up for matrix-matrix work (the CPU backend keeps BLAS single-threaded
-        while Numba's integer kernels run), or a null context."""
+    def forward_context(self, weights: Any, n_tokens: int) -> contextlib.AbstractContextManager:
+        """The context the engine enters around every forward of `n_tokens` tokens of the model
+        `weights` (a ModelWeights): whatever the backend sets up for that much work (the CPU
+        backend keeps BLAS single-threaded while Numba's integer kernels run a prompt), or a
+        null context."""
         ...
 
     def token_invariant(self, weights: Any) -> bool:

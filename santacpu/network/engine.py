@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..backends.base import Backend
-from ..backends.cpu.backend import BLAS_MIN_TOKENS, CpuBackend
 from ..errors import SantacpuError
 from .kv_cache import KVCache
 from .weights import ModelWeights
@@ -59,11 +58,11 @@ KERNEL_LOCK = threading.Lock()
 
 
 class Engine:
-    def __init__(self, weights: ModelWeights, backend: Backend | None = None, kv_dtype: str = "float16"):
+    def __init__(self, weights: ModelWeights, backend: Backend, kv_dtype: str = "float16"):
         check_kv_dtype(kv_dtype)
         self.weights = weights
         self.config = weights.config
-        self.backend = backend or CpuBackend()
+        self.backend = backend
         self.kv_dtype = np.dtype(kv_dtype)
         self._buffers: dict[str, np.ndarray] | None = None  # see _decode_buffers
 
@@ -76,11 +75,8 @@ class Engine:
         [len(ids), V] with all_logits, else [1, V] for the last token only."""
         if cache.length + len(ids) > cache.capacity:
             raise ValueError(f"{cache.length} + {len(ids)} tokens exceed the cache's {cache.capacity} positions")
-        with KERNEL_LOCK:
-            if len(ids) < BLAS_MIN_TOKENS:
-                return self._forward(cache, ids, all_logits)
-            with self.backend.many_tokens(self.weights):
-                return self._forward(cache, ids, all_logits)
+        with KERNEL_LOCK, self.backend.forward_context(self.weights, len(ids)):
+            return self._forward(cache, ids, all_logits)
 
     def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         pieces = []

@@ -303,6 +303,15 @@ def gelu_tanh_inplace_serial(x):
         _gelu_tanh_row(x[t])
 
 
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def gelu_tanh_split(row, n_parts):
+    """gelu_tanh_inplace of one row [n], cut into n_parts contiguous parts run in parallel."""
+    n = row.shape[0]
+    per = (n + n_parts - 1) // n_parts
+    for part in prange(n_parts):
+        _gelu_tanh_row(row[part * per : min(n, (part + 1) * per)])
+
+
 @intrinsic
 def _kv_to_f32(typingctx, value):
     """A KV cache element as float32: fp16 bits (uint16) widened exactly, float32 unchanged."""
