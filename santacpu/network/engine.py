@@ -10,6 +10,9 @@ kernels never run from two Python threads at once. Numba's `workqueue` threading
 falls back to without TBB or OpenMP) aborts the whole process on concurrent parallel calls, and
 serialising costs nothing in throughput: one forward already keeps every core busy.
 
+May import: `santacpu.backends.base` (the protocol, never a backend), the network's other
+modules, `santacpu.errors`.
+
 Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim,
 V = vocab_size, L = n_layer.
 """
