@@ -31,8 +31,8 @@ from ...formats.blocks import QuantizedWeight
 # per-layer kernels take; big ones (long-prompt attention, a prompt's GELU) still win in parallel.
 PARALLEL_MIN_WORK = 1 << 26
 # When the last product ran in Numba's pool (compressed weights: no BLAS), the pool is awake and
-# cheap to use again: kernels from this much work on run in parallel (decode attention over a
-# long context, measured 3.7 -> 2.7 ms a token at ~540 positions on 2 threads).
+# cheap to use again: kernels from this much work on run in parallel. (Decode attention and a
+# decode row's GELU use every thread whenever the pool is awake: see attention, gelu_inplace.)
 WARM_PARALLEL_MIN_WORK = 1 << 20
 
 

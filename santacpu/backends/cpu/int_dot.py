@@ -287,13 +287,14 @@ def _parts_format(parts) -> str | None:
 def _tile_codegen(fmt, n_rows, n_tokens):
     """Codegen of _tile for `fmt` and an n_rows x n_tokens tile. Each step decodes each row's
     codes once for all the tile's tokens. A one-token tile also prefetches the codes PREFETCH_BYTES
-    ahead (decode streams the weights from memory; many tokens reuse rows from cache). Float work per step (every tile shape does the same per (row, token), so all shapes
-    give the same sums):
-    - 256-bit vectors (QUADS): the int32 lanes of 4 (row, token) pairs are summed per block (two
-      vphaddd) into one vector, lane 4h + p for pair p and half h of the step (a block of a 4/6-bit
-      step, half a block's lanes for q8_0), converted, scaled and accumulated once for the 4
-      pairs; a pair's result is its two lanes added at the end;
-    - 512-bit vectors: one float accumulator per pair, updated lane by lane, reduced at the end."""
+    ahead (decode streams the weights from memory; many tokens reuse rows from cache). Float work
+    per step (every tile shape does the same per (row, token), so all shapes give the same sums):
+    - 4/6-bit codes on 256-bit vectors (QUADS): the int32 lanes of 4 (row, token) pairs are summed
+      per block (_quad_sum, _quad_sum_words) into one vector, lane 4h + p for pair p and block h of
+      the step, then converted, scaled and accumulated once for the 4 pairs; a pair's result is its
+      two lanes added at the end;
+    - q8_0, and 512-bit vectors: one float accumulator per pair, updated lane by lane, reduced at
+      the end."""
     words = fmt == "q8_0"  # int16 words against int16 x; the others: unsigned bytes against int8 x
     S = WORD_BLOCKS if words else BLOCKS_PER_STEP  # blocks per step
     lanes_per_block = QK // 4 if words else LANES_PER_BLOCK
@@ -396,7 +397,7 @@ def _tile_codegen(fmt, n_rows, n_tokens):
                 return _dot_accumulate(builder, start, low, x_low, high, x_high)
 
             for group, acc in zip(groups, accs):
-                if quads:  # lane 4h + p: pair p's half h (block h of a 4/6-bit step; q8_0: block 0)
+                if quads:  # lane 4h + p: pair p's block h of the step
                     picks = [(p if p < len(group) else 0, h) for h in range(2) for p in range(4)]
                     if WORD_SUMS and fmt in ("q4_0", "q4_m"):
                         sums = _quad_sum_words(builder, [_pair_sums(builder, *row_codes[i], *x_values(i, j)) for i, j in group])
