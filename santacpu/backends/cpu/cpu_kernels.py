@@ -235,6 +235,8 @@ def layer_norm(x, weight, bias, eps, out):
         _layer_norm_row(x[t], weight, bias, eps, out[t])
 
 
+# The _serial twins are functions of their own, so that each is cached on disk by itself (Numba
+# keys its cache by function and signature, not by compile options).
 @njit(fastmath=FASTMATH, cache=True)
 def layer_norm_serial(x, weight, bias, eps, out):
     """layer_norm on the calling thread only (no thread pool to start)."""

@@ -151,9 +151,8 @@ def _dot_accumulate(builder, acc, low, x_low, high, x_high):
         for codes, xq in ((low, x_low), (high, x_high)):
             acc = builder.call(vpdpbusd, [acc, builder.bitcast(codes, vec32), builder.bitcast(xq, vec32)])
         return acc
-    vec8, vec16, vec32 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-    pmaddubsw = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
-    pairs = builder.add(builder.call(pmaddubsw, [low, x_low]), builder.call(pmaddubsw, [high, x_high]))
+    vec16, vec32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
+    pairs = _pair_sums(builder, low, high, x_low, x_high)
     quads = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [pairs, _splat(_I16, 16, 1)])
     return builder.add(acc, quads)
 
@@ -203,7 +202,7 @@ def _quad_sum(builder, sums):
 
 def _pair_sums(builder, low, high, x_low, x_high):
     """AVX2: <16 x i16> sums of 4 products (low . x_low and high . x_high, 2 each: vpmaddubsw
-    twice, added); at most 2 x 2 x 15 x 127 = 7620 for 4-bit codes."""
+    twice, added); at most 2 x 2 x 15 x 127 = 7620 for 4-bit codes, 32004 for 6-bit ones."""
     vec8, vec16 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16)
     pmaddubsw = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
     return builder.add(builder.call(pmaddubsw, [low, x_low]), builder.call(pmaddubsw, [high, x_high]))
@@ -388,7 +387,7 @@ def _tile_codegen(fmt, n_rows, n_tokens):
                 low, high = row_codes[i]
                 start = ir.Constant(ir.VectorType(_I32, lanes), None)
                 if xfix is not None and fix:
-                    start = _load_vector(builder, xfix.data, builder.add(lane_rows[j], lane_at), _I32, lanes)
+                    start = x_fixes[j]
                     if fmt == "q6_0":  # offset 32 = 4 x 8
                         start = builder.shl(start, _splat(_I32, lanes, 2))
                 x_low, x_high = x_values(i, j)
@@ -398,17 +397,18 @@ def _tile_codegen(fmt, n_rows, n_tokens):
 
             for group, acc in zip(groups, accs):
                 if quads:  # lane 4h + p: pair p's block h of the step
-                    picks = [(p if p < len(group) else 0, h) for h in range(2) for p in range(4)]
+                    members = group + group[:1] * (4 - len(group))  # padding: lanes never read
+                    block_of_lane = [(p, h) for h in range(2) for p in range(4)]  # element h of a row's scales
+                    lane_of_block = [(p, 4 * h) for p, h in block_of_lane]  # a token's lane 4h: block h
                     if WORD_SUMS and fmt in ("q4_0", "q4_m"):
                         sums = _quad_sum_words(builder, [_pair_sums(builder, *row_codes[i], *x_values(i, j)) for i, j in group])
                     else:
                         sums = _quad_sum(builder, [lane_sums(i, j, fix=False) for i, j in group])
                     if xfix is not None:  # each block's fix, the same in all its lanes
-                        fix = _pick_lanes(builder, [x_fixes[group[p][1]] for p, _ in picks[:4]], [(p, 4 * h) for p, h in picks])
+                        fix = _pick_lanes(builder, [x_fixes[j] for _, j in members], lane_of_block)
                         sums = builder.add(sums, builder.shl(fix, _splat(_I32, lanes, 2)) if fmt == "q6_0" else fix)
-                    pair_scales = [row_scales[group[p][0]] for p, _ in picks[:4]]
-                    weight = _widen_scales(builder, _pick_lanes(builder, pair_scales, picks), fmt, lanes)
-                    x_scale = _pick_lanes(builder, [x_scales[group[p][1]] for p, _ in picks[:4]], [(p, 4 * h) for p, h in picks])
+                    weight = _widen_scales(builder, _pick_lanes(builder, [row_scales[i] for i, _ in members], block_of_lane), fmt, lanes)
+                    x_scale = _pick_lanes(builder, [x_scales[j] for _, j in members], lane_of_block)
                 else:
                     (i, j), = group
                     sums = lane_sums(i, j)
@@ -485,7 +485,8 @@ def quantize_activations(x, xq, xfix, xdx):
                     xq[t, low_at + j] = q_low
                     xq[t, high_at + j] = q_high
                     fix += np.int32(q_low) + np.int32(q_high)
-                xfix[t, LANES_PER_BLOCK * b + g] = -8 * fix
+                if not QUADS:
+                    xfix[t, LANES_PER_BLOCK * b + g] = -8 * fix
                 xdx[t, LANES_PER_BLOCK * b + g] = scale
                 block_fix += fix
             if QUADS:  # the quads add a block's fix once, after summing its lanes
