@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -29,10 +28,10 @@ from santacpu.formats.quantized_file import FORMAT_VERSION, names_quantized_file
 from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.loading.quantized import read_quantized
 from santacpu.loading.source import hub_revision, resolve
+from santacpu.settings import CACHE_ENV, Settings
 
 from .converter import convert
 
-CACHE_ENV = "SANTACPU_CACHE"
 DEFAULT_QUANT = "q8_0"  # what a full-precision model runs as, unless --quant says otherwise
 
 
@@ -54,10 +53,7 @@ def runnable_model(model: str, revision: str | None, quant: str | None) -> tuple
 
 
 def cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "santacpu"
+    return Settings.from_environment().cache_dir
 
 
 def cached_file_for(folder: Path, qtype: str) -> Path:

@@ -54,11 +54,12 @@ def calibration_texts(folder: str | None, exclude: set[str] = frozenset()) -> tu
     return texts, f"{where}, {len(texts)} files"
 
 
-def token_sequences(texts: list[str], tokenizer: Tokenizer, max_tokens: int, n_ctx: int) -> list[list[int]]:
-    """Up to max_tokens tokens in sequences of at most n_ctx, documents separated by EOS."""
+def token_sequences(texts: list[str], tokenizer: Tokenizer, eos_id: int, max_tokens: int, n_ctx: int) -> list[list[int]]:
+    """Up to max_tokens tokens in sequences of at most n_ctx, documents separated by `eos_id` (the
+    model's, `Config.eos_token_id`)."""
     stream: list[int] = []
     for text in texts:
-        stream += tokenizer.encode(text) + [tokenizer.eos_id]
+        stream += tokenizer.encode(text) + [eos_id]
         if len(stream) >= max_tokens:
             break
     stream = stream[:max_tokens]

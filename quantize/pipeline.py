@@ -10,7 +10,7 @@ from pathlib import Path
 
 from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.loading.source import resolve
-from santacpu.tokenizer import Tokenizer, tokenizer_file_for
+from santacpu.tokenizer import Tokenizer
 
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences
 from .converter import ConversionReport, check_output, check_source, convert
@@ -20,10 +20,10 @@ from .policy import Policy, parse_keep
 def importance_from(src: str, revision: str | None, calibration: str, max_tokens: int) -> tuple[dict, str]:
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
-    tokenizer = Tokenizer.from_file(tokenizer_file_for(folder))
+    tokenizer = Tokenizer.for_checkpoint(folder, reader.config.vocab_size)
     texts, note = calibration_texts(None if calibration == "stdlib" else calibration)
     n_ctx = min(SEQUENCE_TOKENS, reader.config.n_positions)
-    sequences = token_sequences(texts, tokenizer, max_tokens, n_ctx)
+    sequences = token_sequences(texts, tokenizer, reader.config.eos_token_id, max_tokens, n_ctx)
     print(f"santacpu: calibrating on {sum(map(len, sequences))} tokens from {note}", file=sys.stderr)
     return collect_importance(reader, sequences), f"{note}, {sum(map(len, sequences))} tokens"
 
@@ -43,7 +43,16 @@ def report_lines(report: ConversionReport) -> list[str]:
     return lines
 
 
+def default_calibration(qtype: str) -> str:
+    """Importance-weighted rounding by default for the 4-bit types only (q8_0's error is already
+    small next to what calibration changes)."""
+    return "none" if qtype == "q8_0" else "stdlib"
+
+
 def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgrade_budget, revision, force) -> ConversionReport:
+    """`santacpu quantize`: `calibration` None takes `default_calibration(qtype)`."""
+    if calibration is None:
+        calibration = default_calibration(qtype)
     keep_rules = parse_keep(list(keep))
     Policy(qtype, keep_rules)  # a bad type fails now, not after calibrating
     check_output(Path(out), force, qtype)

@@ -48,6 +48,13 @@ def seed(value: object) -> int | None:
     return None if value is None else integer(value, "seed", minimum=0)
 
 
+def iterable(value: object, name: str) -> Iterable:
+    """`value` if it is an iterable other than text (a str is not a list of its characters)."""
+    if isinstance(value, (str, bytes, bytearray)) or not isinstance(value, Iterable):
+        raise SantacpuError(f"{name} must be a list, got {_kind(value)}")
+    return value
+
+
 def stop_strings(value: object) -> list[str]:
     """Stop strings: one str is one stop string (not its characters), else an iterable of str."""
     if isinstance(value, str):

@@ -28,8 +28,9 @@ from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
 from .errors import SantacpuError, SantacpuWarning, os_problem
 from .generation.lookup import DEFAULT_DRAFT_TOKENS
-from .loading.source import DEFAULT_MODEL, MODEL_ENV, default_model, hub_revision
-from .model import DEFAULT_MAX_NEW_TOKENS, LOOKUP_BY_DEFAULT
+from .loading.source import DEFAULT_MODEL, default_model, hub_revision
+from .settings import MODEL_ENV
+from .generation.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 
 __all__ = ["app", "main"]
 
@@ -176,7 +177,7 @@ def complete(
     ),
     device: str = typer.Option("auto", help="auto or cpu."),
     lookup: Optional[bool] = typer.Option(
-        LOOKUP_BY_DEFAULT,
+        None,
         "--lookup/--no-lookup",
         help="Greedy only: draft tokens from earlier text in the context and verify them in one pass "
         "(prompt-lookup decoding). Default: on for quantized files on CPUs with AVX2, where the output "
@@ -188,43 +189,42 @@ def complete(
     """Complete code and stream it to standard output."""
     from . import load
 
-    stops = [decode_escapes(s) for s in stop]
-    if fim is not None:
-        if prompt is not None:
-            raise SantacpuError("give either a PROMPT or --fim PREFIX_FILE SUFFIX_FILE, not both")
-        prefix = read_text_file(fim[0], "prefix file")
-        suffix: Optional[str] = read_text_file(fim[1], "suffix file")
-    else:
-        if prompt is None or prompt == "-":
-            if sys.stdin.isatty():
-                print("santacpu: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
-            prompt = decode_text(sys.stdin.buffer.read(), "standard input")
-        prefix, suffix = prompt, None
-        if not prefix:
-            raise SantacpuError("the prompt is empty")
-
-    runnable, revision = runnable_model(model or default_model(), revision, quant)
-    loaded = load(runnable, revision=revision, device=device)
-    pieces = loaded.complete_stream(
-        prefix,
-        suffix,
+    options = GenerationOptions.of(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         seed=seed,
-        stop=stops,
+        stop=tuple(decode_escapes(s) for s in stop),
         fim_order=fim_order,
         lookup=lookup,
         draft_tokens=draft_tokens,
     )
+    prefix, suffix = _prompt_texts(prompt, fim)
+    runnable, revision = runnable_model(model or default_model(), revision, quant)
+    loaded = load(runnable, revision=revision, device=device)
     last = ""
-    for piece in pieces:
+    for piece in loaded.complete_stream(prefix, suffix, options):
         sys.stdout.write(piece)
         sys.stdout.flush()
         last = piece
     if sys.stdout.isatty() and not last.endswith("\n"):
         sys.stdout.write("\n")
+
+
+def _prompt_texts(prompt: Optional[str], fim: Optional[Tuple[Path, Path]]) -> Tuple[str, Optional[str]]:
+    """(prefix, suffix or None): the two --fim files, else PROMPT or standard input."""
+    if fim is not None:
+        if prompt is not None:
+            raise SantacpuError("give either a PROMPT or --fim PREFIX_FILE SUFFIX_FILE, not both")
+        return read_text_file(fim[0], "prefix file"), read_text_file(fim[1], "suffix file")
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty():
+            print("santacpu: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
+        prompt = decode_text(sys.stdin.buffer.read(), "standard input")
+    if not prompt:
+        raise SantacpuError("the prompt is empty")
+    return prompt, None
 
 
 def _type_help() -> str:
@@ -261,8 +261,6 @@ def quantize(
     """Convert a full-precision checkpoint to one self-contained block-quantized file."""
     from quantize.pipeline import run_quantize
 
-    if calibration is None:
-        calibration = "none" if qtype == "q8_0" else "stdlib"
     run_quantize(src, out, qtype=qtype, calibration=calibration, calibration_tokens=calibration_tokens,
                  keep=keep, upgrade_budget=upgrade_budget / 100, revision=hub_revision(src, revision), force=force)
 

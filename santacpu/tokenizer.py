@@ -1,7 +1,9 @@
 """Text <-> token ids for SantaCoder's byte-level BPE, and streaming decode.
 
 Owns: loading `tokenizer.json` (the bundled SantaCoder one or any file), the special-token ids
-(EOS and the four FIM tokens), plain-text encoding, exact byte-level decoding, and
+(EOS and the four FIM tokens: `eos_id` is where "<|endoftext|>" sits in this vocabulary; the
+model's own end token, the one generation stops at, is `Config.eos_token_id`), the one fallback to
+the bundled tokenizer (`tokenizer_file_for`), plain-text encoding, exact byte-level decoding, and
 `StreamDecoder`, which turns a token stream into text without ever emitting half a UTF-8
 character. Encoding is delegated to the `tokenizers` library; decoding is ours (a table of raw
 bytes per id), so no "clean up tokenization spaces" or other text rewriting can touch code.
@@ -13,19 +15,32 @@ from __future__ import annotations
 
 import codecs
 import json
+import warnings
 from pathlib import Path
 
 import tokenizers
 
-from santacpu.errors import SantacpuError
+from santacpu.errors import SantacpuError, SantacpuWarning
 
 _BUNDLED = Path(__file__).parent / "data" / "tokenizer.json"
 
-def tokenizer_file_for(folder) -> Path:
-    """A checkpoint folder's tokenizer.json, or the bundled SantaCoder one when it has none
-    (many fine-tunes ship weights and config only)."""
+# The embedding rows of SantaCoder and its fine-tunes (49152 tokens, 5 specials, padding to a
+# multiple of 64 and more): a checkpoint with this many and no tokenizer.json of its own gets the
+# bundled tokenizer.
+SANTACODER_EMBEDDING_ROWS = 49280
+
+
+def tokenizer_file_for(folder, vocab_size: int) -> Path:
+    """A checkpoint folder's tokenizer.json; for a SantaCoder-sized checkpoint without one (many
+    fine-tunes ship weights and config only), the bundled SantaCoder tokenizer, with a warning.
+    The one fallback policy: loading, conversion and calibration all ask here."""
     own = Path(folder) / "tokenizer.json"
-    return own if own.is_file() else _BUNDLED
+    if own.is_file():
+        return own
+    if vocab_size == SANTACODER_EMBEDDING_ROWS:
+        warnings.warn(f"no tokenizer.json in {folder}; using the bundled SantaCoder tokenizer", SantacpuWarning, stacklevel=2)
+        return _BUNDLED
+    raise SantacpuError(f"no tokenizer.json in {folder} (and its {vocab_size} embedding rows are not SantaCoder's)")
 
 
 EOS_TOKEN = "<|endoftext|>"
@@ -114,6 +129,12 @@ class Tokenizer:
             return cls(spec)
         except SantacpuError as e:
             raise SantacpuError(f"{where}: {e}") from None
+
+    @classmethod
+    def for_checkpoint(cls, folder, vocab_size: int) -> Tokenizer:
+        """The tokenizer of a checkpoint folder whose embedding has `vocab_size` rows (see
+        `tokenizer_file_for`)."""
+        return cls.from_file(tokenizer_file_for(folder, vocab_size))
 
     @classmethod
     def santacoder(cls) -> Tokenizer:

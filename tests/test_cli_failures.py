@@ -73,7 +73,7 @@ _SLOWED_MAIN = textwrap.dedent(
     import sys, time
     from pathlib import Path
 
-    import santacpu.cli, santacpu.model
+    import santacpu.cli, santacpu.generation.runner
     from santacpu.formats.blocks import FORMATS
 
     started = Path(sys.argv[1])
@@ -87,7 +87,8 @@ _SLOWED_MAIN = textwrap.dedent(
 
     for block_format in FORMATS.values():
         block_format.quantize = slowed(block_format.quantize)
-    santacpu.model.Model._run = slowed(santacpu.model.Model._run)
+    runner = santacpu.generation.runner.CachedSequence
+    runner.run = slowed(runner.run)
     santacpu.cli.main(sys.argv[2:])
     """
 )

@@ -108,7 +108,7 @@ class ScriptedEngine:
 def scripted(model, script):
     """Swap in a scripted engine; each generation gets a fresh cache so the script restarts."""
     engine = ScriptedEngine(script)
-    model._engine, saved = engine, model._engine
+    model.engine, saved = engine, model.engine
     model.reuse_prompt = False
     return engine, saved
 
@@ -119,7 +119,7 @@ def test_eos_ends_generation_unyielded(model):
         assert list(model.generate([1, 2], max_new_tokens=10)) == [5, 6]
         assert engine.fed == [[1, 2], [5], [6]]  # the prompt once, then one token per step
     finally:
-        model._engine, model.reuse_prompt = saved, True
+        model.engine, model.reuse_prompt = saved, True
 
 
 def test_stop_ids_and_max_new_tokens(model):
@@ -129,7 +129,7 @@ def test_stop_ids_and_max_new_tokens(model):
         assert list(model.generate([1], max_new_tokens=2)) == [5, 6]
         assert list(model.generate([1], max_new_tokens=0)) == []
     finally:
-        model._engine, model.reuse_prompt = saved, True
+        model.engine, model.reuse_prompt = saved, True
 
 
 def test_generation_stops_at_the_context_end(model):
@@ -139,7 +139,7 @@ def test_generation_stops_at_the_context_end(model):
         out = list(model.generate([1] * (n_ctx - 3), max_new_tokens=100))
         assert len(out) == 3  # prompt + output fill the context exactly
     finally:
-        model._engine, model.reuse_prompt = saved, True
+        model.engine, model.reuse_prompt = saved, True
     # And for real: the cache holds exactly the context, no overflow.
     real = list(model.generate([1] * (n_ctx - 3), max_new_tokens=100, temperature=1.0, seed=0))
     assert 0 < len(real) <= 3

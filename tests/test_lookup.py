@@ -194,10 +194,10 @@ class RuleEngine:
 
 
 def with_rule(model, rule):
-    model._engine = RuleEngine(rule, model.config.vocab_size)
+    model.engine = RuleEngine(rule, model.config.vocab_size)
     model.token_invariant = True  # a rule gives the same answer in any call: lookup on by default
     model.clear_prompt_cache()
-    return model._engine
+    return model.engine
 
 
 @pytest.fixture()

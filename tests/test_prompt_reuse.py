@@ -9,7 +9,7 @@ import pytest
 from helpers import tiny_checkpoint
 
 import santacpu
-import santacpu.model as model_module
+import santacpu.generation.runner as runner_module
 from santacpu.generation.prompts import build_fim_prompt
 from santacpu.tokenizer import Tokenizer
 
@@ -40,7 +40,7 @@ class CountingEngine:
 def model():
     """A model with prompt reuse (the default) whose forwards are counted."""
     m = santacpu.load(tiny_checkpoint())
-    m._engine = CountingEngine(m._engine)
+    m.engine = CountingEngine(m.engine)
     return m
 
 
@@ -56,9 +56,9 @@ def run(m, ids, n=8, **options):
 
 def first_logits(m, ids) -> np.ndarray:
     """The logits a request's first token is chosen from (the last prompt token's row)."""
-    m._engine.calls.clear()
+    m.engine.calls.clear()
     run(m, ids, n=1)
-    return m._engine.calls[-1][1][-1]
+    return m.engine.calls[-1][1][-1]
 
 
 def test_a_request_sharing_a_prefix_computes_only_the_new_tokens(model, fresh):
@@ -66,19 +66,19 @@ def test_a_request_sharing_a_prefix_computes_only_the_new_tokens(model, fresh):
     assert model.last_stats.reused_tokens == 0 and model.last_stats.computed_tokens == len(PROMPT)
     # The cache now holds PROMPT and the fed output; the next prompt keeps 3 of those tokens, then differs.
     second = PROMPT + first[:3] + [17, 18]
-    model._engine.calls.clear()
+    model.engine.calls.clear()
     out = run(model, second, lookup=False)
     stats = model.last_stats
     assert (stats.prompt_tokens, stats.reused_tokens, stats.computed_tokens) == (len(second), len(PROMPT) + 3, 2)
-    assert model._engine.calls[0][0] == 2  # the prompt forward ran the 2 new tokens only
-    assert model._engine.tokens_run() == 2 + len(out) - 1  # then one token per later step
+    assert model.engine.calls[0][0] == 2  # the prompt forward ran the 2 new tokens only
+    assert model.engine.tokens_run() == 2 + len(out) - 1  # then one token per later step
     assert out == run(fresh, second)
-    fresh_counter = CountingEngine(fresh._engine)
-    fresh._engine = fresh_counter
+    fresh_counter = CountingEngine(fresh.engine)
+    fresh.engine = fresh_counter
     try:
         want = first_logits(fresh, second)
     finally:
-        fresh._engine = fresh_counter.engine
+        fresh.engine = fresh_counter.engine
     got = first_logits(model, second)
     assert model.last_stats.computed_tokens == 1
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
@@ -127,12 +127,12 @@ def test_interleaved_generations_share_one_cache_correctly(model, fresh):
 
 
 def test_the_shared_cache_grows_and_keeps_what_it_holds(model, fresh, monkeypatch):
-    monkeypatch.setattr(model_module, "CACHE_GROWTH", 8)
+    monkeypatch.setattr(runner_module, "CACHE_GROWTH", 8)
     short = run(model, PROMPT[:12], n=4)  # needs 16 positions
-    assert model._cache.capacity == 16
+    assert model._shared.cache.capacity == 16
     longer = PROMPT[:12] + short[:3] + PROMPT[:20]
     out = run(model, longer, n=10)  # needs 45: reallocated to 48, the 15 cached tokens copied
-    assert model._cache.capacity == 48
+    assert model._shared.cache.capacity == 48
     assert model.last_stats.reused_tokens == 15
     assert out == run(fresh, longer, n=10)
 
@@ -141,7 +141,7 @@ def test_reuse_can_be_turned_off(fresh):
     run(fresh, PROMPT)
     run(fresh, PROMPT)
     assert fresh.last_stats.reused_tokens == 0 and fresh.last_stats.computed_tokens == len(PROMPT)
-    assert fresh._cache is None  # nothing kept between requests
+    assert fresh._shared.cache is None  # nothing kept between requests
 
 
 def test_clear_prompt_cache_forgets_the_sequence(model):

@@ -18,7 +18,6 @@ import santacpu
 from quantize.calibration import calibration_texts, collect_importance, token_sequences
 from quantize.converter import convert
 from quantize.policy import parse_keep
-from santacpu.backends.cpu import int_dot
 from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.evaluate import score
 from santacpu.tokenizer import Tokenizer
@@ -49,7 +48,7 @@ def importance():
     exclude = set((FIXTURE / "heldout.txt").read_text().split())
     texts, _ = calibration_texts(None, exclude)
     reader = open_checkpoint(FIXTURE)
-    return collect_importance(reader, token_sequences(texts, Tokenizer.santacoder(), 4096, N_CTX))
+    return collect_importance(reader, token_sequences(texts, Tokenizer.santacoder(), reader.config.eos_token_id, 4096, N_CTX))
 
 
 @pytest.mark.parametrize("variant", sorted(THRESHOLDS["variants"]))
@@ -91,7 +90,7 @@ def test_integer_kernels_cost_little_beyond_the_weights(variant, tmp_path, heldo
     model = santacpu.load(path)
     whole = score(model, heldout_texts, N_CTX, reference)
     with monkeypatch.context() as patch:
-        patch.setattr(int_dot, "ENABLED", False)
+        patch.setenv("SANTACPU_INT_DOT", "0")  # read by load()
         floats = score(santacpu.load(path), heldout_texts, N_CTX, reference)
     print(f"{variant}: mean KLD {floats.mean_kld:.6f} float kernels, {whole.mean_kld:.6f} integer kernels")
     assert whole.mean_kld <= spec["max_mean_kld"]

@@ -70,9 +70,9 @@ def test_fast_path_on_packed_blocks_equals_the_oracle(files, qtype):
 
     # Many tokens: the integer matrix kernel where the format has one, else tiles + BLAS.
     check(model.logits(ids), {t: activation_levels(t) for t in FORMATS if has_integer_matmul(t)})
-    cache = model._engine.new_cache()
-    steps = [model._engine.forward(cache, ids[:3], all_logits=True)]  # the few-token kernel
-    steps += [model._engine.forward(cache, [t]) for t in ids[3:]]  # decode: matvec on the blocks
+    cache = model.engine.new_cache()
+    steps = [model.engine.forward(cache, ids[:3], all_logits=True)]  # the few-token kernel
+    steps += [model.engine.forward(cache, [t]) for t in ids[3:]]  # decode: matvec on the blocks
     check(np.concatenate(steps), {t: activation_levels(t) for t in FORMATS if activation_levels(t)})
 
 
@@ -270,7 +270,7 @@ def test_missing_part_and_truncation_and_foreign_files(files, tmp_path):
 def test_importance_statistics_and_weighted_conversion(tmp_path):
     reader = open_checkpoint(tiny_checkpoint())
     sequences = token_sequences(["def f(x):\n    return x * 2\n" * 20, "import os\nprint(os.getcwd())\n" * 20],
-                                Tokenizer.santacoder(), max_tokens=200, n_ctx=64)
+                                Tokenizer.santacoder(), reader.config.eos_token_id, max_tokens=200, n_ctx=64)
     assert sum(map(len, sequences)) == 200 and max(map(len, sequences)) <= 64
     importance = collect_importance(reader, sequences)
     c = reader.config

@@ -94,7 +94,7 @@ def test_one_generator_advanced_from_two_threads_is_refused():
     """Documented behaviour: a generator belongs to one thread at a time; Python itself refuses a
     second concurrent `next` with a clear error instead of corrupting the sequence."""
     model = santacpu.load(tiny_checkpoint())
-    model._engine = blocking = BlockingEngine(model._engine)
+    model.engine = blocking = BlockingEngine(model.engine)
     tokens = model.generate([1, 2, 3], max_new_tokens=2, lookup=False)
     seen = []
     thread = threading.Thread(target=lambda: seen.append(next(tokens)))

@@ -100,7 +100,7 @@ def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
     heldout = checkpoint / "heldout.txt"  # never calibrate on the text we evaluate on
     exclude = set(heldout.read_text().split()) if heldout.is_file() else set()
     calib_texts, note = calibration_texts(None, exclude)
-    sequences = token_sequences(calib_texts, Tokenizer.santacoder(), 8192, min(SEQUENCE_TOKENS, reader.config.n_positions))
+    sequences = token_sequences(calib_texts, Tokenizer.santacoder(), reader.config.eos_token_id, 8192, min(SEQUENCE_TOKENS, reader.config.n_positions))
     importance = collect_importance(reader, sequences)
     paths = {}
     for name, (qtype, keep, weighted, budget) in SANTACPU_VARIANTS.items():

@@ -2,7 +2,7 @@
 one), resident MB of a file's mappings, dropping a file's cached pages, the CPU, its SIMD flags
 and the integer kernels chosen, versions.
 
-May import: the standard library, numpy, numba, `santacpu.backends.cpu.int_dot` (lazily), the
+May import: the standard library, numpy, numba, `santacpu.backends.cpu.int_dot` and `santacpu.settings` (lazily), the
 `santacpu` package's version.
 """
 
@@ -81,6 +81,7 @@ def machine_facts() -> dict:
     import numpy as np
 
     from ..backends.cpu import int_dot
+    from ..settings import Settings
 
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
@@ -104,7 +105,7 @@ def machine_facts() -> dict:
         "cores": os.cpu_count(),
         "usable_cores": default_threads(),
         "simd": [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
-        "integer_kernels": int_dot.ISA if int_dot.ENABLED else None,  # santacpu/backends/cpu/int_dot.py's choice
+        "integer_kernels": int_dot.ISA if Settings.from_environment().integer_kernels else None,  # int_dot.py's choice
         "memory_gib": memory_gib,
         "platform": platform.platform(),
         "python": platform.python_version(),

@@ -15,9 +15,9 @@ import warnings
 from pathlib import Path
 
 from ..errors import SantacpuError, SantacpuWarning
+from ..settings import Settings
 
 DEFAULT_MODEL = "bigcode/santacoder"
-MODEL_ENV = "SANTACPU_MODEL"  # overrides DEFAULT_MODEL for the CLI
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _META_FILES = ["config.json", "tokenizer.json"]
@@ -26,7 +26,8 @@ _TORCH_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 def default_model() -> str:
-    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+    """The model the CLI runs when told none: $SANTACPU_MODEL, else DEFAULT_MODEL."""
+    return Settings.from_environment().model or DEFAULT_MODEL
 
 
 def hub_revision(model: str | os.PathLike, revision: str | None) -> str | None:

@@ -59,17 +59,18 @@ BLAS_MIN_TOKENS = 32
 TILE_ROWS = 1024
 
 
-def _compressed_kernels(weight):
+def _compressed_kernels(weight, integer_kernels: bool):
     """(matvec(x, bias, out), matmul_few(x, bias, out), widen_rows(first, last, out), tiled) for
     an fp16 or block-quantized weight; tiled: matmul_few also serves many tokens (the integer
     matrix-matrix kernel), faster than widened tiles through BLAS."""
     if isinstance(weight, QuantizedWeight):
         qtype, parts = weight.qtype, weight.parts
+        integer = integer_kernels and qk.has_integer_matmul(qtype)
         return (
-            lambda x, bias, out: qk.matvec(qtype, parts, x, bias, out),
-            lambda x, bias, out: qk.matmul_few(qtype, parts, x, bias, out),
+            lambda x, bias, out: qk.matvec(qtype, parts, x, bias, out, integer=integer),
+            lambda x, bias, out: qk.matmul_few(qtype, parts, x, bias, out, integer=integer),
             lambda first, last, out: qk.dequantize_rows(qtype, parts, first, last, out),
-            qk.has_integer_matmul(qtype),
+            integer,
         )
     bits = weight.view(np.uint16)  # fp16: Numba has no CPU float16, so pass the bits
     return (
@@ -83,7 +84,10 @@ def _compressed_kernels(weight):
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self):
+    def __init__(self, integer_kernels: bool = True):
+        # Block-quantized products on the integer kernels where this CPU and the format have them;
+        # False: always the float kernels (SANTACPU_INT_DOT=0).
+        self.integer_kernels = integer_kernels
         self._pool_warm = False  # did the last matrix product run in Numba's pool, not BLAS?
         self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
         self._numba_products: dict[int, bool] = {}  # id(weights) -> see _products_in_numba
@@ -109,7 +113,7 @@ class CpuBackend:
             np.matmul(x, weight.T, out=out)
             out += bias
             return out
-        matvec, matmul_few, widen_rows, tiled = _compressed_kernels(weight)
+        matvec, matmul_few, widen_rows, tiled = _compressed_kernels(weight, self.integer_kernels)
         self._pool_warm = T < BLAS_MIN_TOKENS or tiled
         if T == 1:
             matvec(x[0], bias, out[0])
@@ -142,7 +146,7 @@ class CpuBackend:
                 for w in (layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight):
                     size = w.shape[0] * w.shape[1]
                     total += size
-                    if isinstance(w, QuantizedWeight) and qk.has_integer_matmul(w.qtype):
+                    if self._integer_products(w):
                         tiled += size
             self._numba_products[id(weights)] = 2 * tiled > total
         return self._numba_products[id(weights)]
@@ -158,7 +162,10 @@ class CpuBackend:
             for layer in weights.layers
             for w in (layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight)
         ]
-        return all(isinstance(w, QuantizedWeight) and qk.has_integer_matmul(w.qtype) for w in matrices)
+        return all(self._integer_products(w) for w in matrices)
+
+    def _integer_products(self, weight) -> bool:
+        return self.integer_kernels and isinstance(weight, QuantizedWeight) and qk.has_integer_matmul(weight.qtype)
 
     def layer_norm(
         self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None

@@ -22,8 +22,9 @@ scale x activation scale) into float accumulators, reduced once per row. On 256-
 two vphaddd, or on AVX2 two vphaddw on the int16 sums of 4-bit codes, then one vpmaddwd), so the
 block offsets, the conversion and the scaling are paid once for 4 pairs: a decode pass over a
 4096 x 2048 q4_0 matrix on one Zen 3 core 242 -> 204 us, q6_0 612 -> 555 us (before q6_0's
-cheaper high bits, `_q6_high_bits`). Where none of these instruction sets exists (or
-SANTACPU_INT_DOT=0), the float kernels run instead.
+cheaper high bits, `_q6_high_bits`). Where none of these instruction sets exists (or the
+backend is built with integer_kernels=False: SANTACPU_INT_DOT=0 at load), the float kernels run
+instead.
 
 The kernel works on tiles of rows x tokens (`_tile`): each step decodes a row's codes once for
 all the tile's tokens, so many tokens cost far less than one pass each. The prompt tile fits the
@@ -61,8 +62,6 @@ older LLVMs know only that one.)
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
@@ -73,7 +72,6 @@ from ...formats.blocks import QK
 from .cpu_kernels import FASTMATH, _f16_to_f32
 
 LANES_PER_BLOCK = 4  # int32 lanes per block of 32 values (4 products each)
-DISABLE_ENV = "SANTACPU_INT_DOT"
 
 
 def _target_features() -> set[str]:
@@ -112,7 +110,6 @@ BLOCKS_PER_STEP = VECTOR_BYTES // 16  # S: 4-bit blocks per vector step (16 code
 WORD_BLOCKS = VECTOR_BYTES // QK  # q8_0 blocks per vector step (32 code bytes each)
 QUADS = VECTOR_BYTES == 32  # 256-bit vectors: float work shared by 4 (row, token) pairs (_tile_codegen)
 WORD_SUMS = ISA == "avx2"  # 4-bit codes' quads summed as int16 (_quad_sum_words)
-ENABLED = ISA is not None and os.environ.get(DISABLE_ENV, "1") != "0"
 # The formats with integer kernels, and the integer range x is rounded to for each.
 ACTIVATION_LEVELS = {"q8_0": 32767, "q4_0": 127, "q4_m": 127, "q6_0": 127}
 FORMATS = tuple(ACTIVATION_LEVELS)

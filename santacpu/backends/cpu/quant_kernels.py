@@ -532,7 +532,7 @@ def _shape(qtype: str, args: tuple[np.ndarray, ...]) -> tuple[int, int]:
 
 def _use_int_dot(qtype: str, requested: bool | None) -> bool:
     if requested is None:
-        return int_dot.ENABLED and qtype in int_dot.FORMATS
+        return int_dot.ISA is not None and qtype in int_dot.FORMATS
     if requested and (int_dot.ISA is None or qtype not in int_dot.FORMATS):
         raise ValueError(f"no integer dot-product kernel for {qtype} on this CPU (ISA {int_dot.ISA})")
     return requested

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import os
 
-WIDTH_ENV = "SANTACPU_VECTOR_WIDTH"
+from ...settings import vector_width_from_environment
+
 
 
 def wide_vector_features(host_features: str) -> str | None:
@@ -36,7 +37,7 @@ def apply() -> None:
     no target; does nothing elsewhere. Must run before Numba's first compilation."""
     if os.environ.get("NUMBA_CPU_NAME") or os.environ.get("NUMBA_CPU_FEATURES"):
         return
-    if os.environ.get(WIDTH_ENV, "512") == "256":
+    if vector_width_from_environment() == 256:
         return
     from llvmlite import binding
 

@@ -1,0 +1,67 @@
+"""The environment variables santacpu honours, read in this one module and never written.
+
+| variable | meaning | default |
+| --- | --- | --- |
+| `SANTACPU_MODEL` | the CLI's model when `--model` is not given | `bigcode/santacoder` |
+| `SANTACPU_CACHE` | the folder of first-use quantizations | `$XDG_CACHE_HOME/santacpu`, else `~/.cache/santacpu` |
+| `SANTACPU_INT_DOT` | `0`: block-quantized products on the float kernels instead of the integer ones | `1` |
+| `SANTACPU_VECTOR_WIDTH` | `256`: 256-bit vectors on an AVX-512 CPU | `512` |
+
+Each reader asks `Settings.from_environment()` when it needs the values: `load()` for the kernel
+choice, the CLI for the model, the quantization cache for its folder. The vector width alone is
+read when `santacpu.backends.cpu` is first imported, because Numba fixes its target features at
+its first compilation.
+
+May import: `santacpu.errors`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SantacpuError
+
+MODEL_ENV = "SANTACPU_MODEL"
+CACHE_ENV = "SANTACPU_CACHE"
+INT_DOT_ENV = "SANTACPU_INT_DOT"
+VECTOR_WIDTH_ENV = "SANTACPU_VECTOR_WIDTH"
+
+
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
+    value = environ.get(name) or default
+    if value not in choices:
+        raise SantacpuError(f"{name}={value!r} is not understood (choose {' or '.join(choices)})")
+    return value
+
+
+def vector_width_from_environment() -> int:
+    """The vector width (bits) to compile for, read on its own when the CPU backend is imported; an
+    unknown value counts as the default here and is refused by `Settings.from_environment()`."""
+    return 256 if os.environ.get(VECTOR_WIDTH_ENV) == "256" else 512
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str | None  # None: the CLI's default model
+    cache_dir: Path
+    integer_kernels: bool
+    vector_width: int  # bits: 512 or 256
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """The settings in `environ` (default: this process's environment); an unknown value of a
+        choice is a SantacpuError naming the variable."""
+        env = os.environ if environ is None else environ
+        if env.get(CACHE_ENV):
+            cache = Path(env[CACHE_ENV]).expanduser()
+        else:
+            cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "santacpu"
+        return cls(
+            model=env.get(MODEL_ENV) or None,
+            cache_dir=cache,
+            integer_kernels=_choice(env, INT_DOT_ENV, ("0", "1"), "1") == "1",
+            vector_width=int(_choice(env, VECTOR_WIDTH_ENV, ("512", "256"), "512")),
+        )
