@@ -142,59 +142,65 @@ def convert(
 
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
-    tokenizer_text = _minified_tokenizer(folder, reader.config.vocab_size)
     shapes = tensor_shapes(reader)
     types = policy.assign(shapes)
     entries, file_shapes = _file_layout(shapes, types)
+    provenance = {
+        "source": str(src),
+        "resolved_path": str(folder),
+        "revision": revision,
+        "source_sha256": sha256_of_sources(folder),
+        "santacpu_version": santacpu.__version__,
+        "calibration": calibration_note,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "config": json.dumps(reader.config.to_dict()),
-        "tokenizer": tokenizer_text,
+        "tokenizer": _minified_tokenizer(folder, reader.config.vocab_size),
         "tensors": json.dumps(entries),
         "quantization": json.dumps({**policy.describe(), "importance_weighted": importance is not None}),
-        "provenance": json.dumps(
-            {
-                "source": str(src),
-                "resolved_path": str(folder),
-                "revision": revision,
-                "source_sha256": sha256_of_sources(folder),
-                "santacpu_version": santacpu.__version__,
-                "calibration": calibration_note,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
-        ),
+        "provenance": json.dumps(provenance),
     }
-
     reports: list[TensorReport] = []
-    bar = Progress(len(shapes), "quantizing")
-
-    def produce() -> Iterator[tuple[str, np.ndarray]]:
-        for name, array in canonical_tensors(reader):
-            if not all_finite(array):  # a file santacpu writes never holds NaN (see `info`)
-                raise SantacpuError(f"the source tensor '{name}' holds NaN or infinite values: the checkpoint is damaged")
-            qtype_of = types[name]
-            if qtype_of in FULL_PRECISION_TYPES:
-                stored = np.asarray(array, dtype=FULL_PRECISION_TYPES[qtype_of])
-                if not all_finite(stored):
-                    raise SantacpuError(f"tensor '{name}' overflows {qtype_of}: store it as f32 (--keep '{name}=f32')")
-                reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))
-                bar.step(name)  # before yielding: the writer stops pulling after the last tensor
-                yield name, stored
-            else:
-                fmt = FORMATS[qtype_of]
-                weight = np.asarray(array, dtype=np.float32)
-                parts = fmt.quantize(weight, None if importance is None else importance.get(name))
-                error = np.linalg.norm(fmt.dequantize(parts) - weight) / max(np.linalg.norm(weight), 1e-30)
-                reports.append(TensorReport(name, qtype_of, array.shape, sum(p.nbytes for p in parts.values()), float(error)))
-                del weight
-                reader.source.release_array(array)  # done with the source pages: keep RSS small
-                bar.step(name)
-                for part in entries[name]["parts"]:
-                    yield f"{name}.{part}", parts[part]
-
-    write_safetensors(out, produce(), metadata, shapes=file_shapes)
+    stored = _stored_tensors(reader, types, entries, importance, reports, Progress(len(shapes), "quantizing"))
+    write_safetensors(out, stored, metadata, shapes=file_shapes)
     return ConversionReport(out, reports, time.perf_counter() - started)
+
+
+def _stored_tensors(
+    reader: CheckpointReader,
+    types: dict[str, str],
+    entries: dict,
+    importance: dict[str, np.ndarray] | None,
+    reports: list[TensorReport],
+    bar: Progress,
+) -> Iterator[tuple[str, np.ndarray]]:
+    """(name in the file, array) for every stored array, one source tensor at a time, in the file's
+    order; each tensor's report appended to `reports` as it is done."""
+    for name, array in canonical_tensors(reader):
+        if not all_finite(array):  # a file santacpu writes never holds NaN (see `info`)
+            raise SantacpuError(f"the source tensor '{name}' holds NaN or infinite values: the checkpoint is damaged")
+        qtype_of = types[name]
+        if qtype_of in FULL_PRECISION_TYPES:
+            stored = np.asarray(array, dtype=FULL_PRECISION_TYPES[qtype_of])
+            if not all_finite(stored):
+                raise SantacpuError(f"tensor '{name}' overflows {qtype_of}: store it as f32 (--keep '{name}=f32')")
+            reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))
+            bar.step(name)  # before yielding: the writer stops pulling after the last tensor
+            yield name, stored
+        else:
+            fmt = FORMATS[qtype_of]
+            weight = np.asarray(array, dtype=np.float32)
+            parts = fmt.quantize(weight, None if importance is None else importance.get(name))
+            error = np.linalg.norm(fmt.dequantize(parts) - weight) / max(np.linalg.norm(weight), 1e-30)
+            reports.append(TensorReport(name, qtype_of, array.shape, sum(p.nbytes for p in parts.values()), float(error)))
+            del weight
+            reader.source.release_array(array)  # done with the source pages: keep RSS small
+            bar.step(name)
+            for part in entries[name]["parts"]:
+                yield f"{name}.{part}", parts[part]
 
 
 def _minified_tokenizer(folder: Path, vocab_size: int) -> str:

@@ -290,3 +290,45 @@ def test_long_fim_prompt_is_trimmed_with_a_warning_and_fits(model):
     with pytest.warns(SantacpuWarning):
         out = model.complete(prefix, suffix, max_new_tokens=16)
     assert isinstance(out, str)
+
+
+# --- GenerationOptions: one object for every caller ------------------------------------------
+
+
+def test_options_object_and_keywords_give_the_same_generation(model):
+    options = santacpu.GenerationOptions(max_new_tokens=6, temperature=0.9, top_k=50, seed=3)
+    by_object = list(model.generate([5, 6, 7], options))
+    by_keywords = list(model.generate([5, 6, 7], max_new_tokens=6, temperature=0.9, top_k=50, seed=3))
+    assert by_object == by_keywords and len(by_object) == 6
+    # Keywords change the object's fields; the object itself is left as it was.
+    assert len(list(model.generate([5, 6, 7], options, max_new_tokens=2))) == 2
+    assert options.max_new_tokens == 6
+    text = model.complete("def f(x):", None, options, stop="\n")
+    assert text == model.complete("def f(x):", max_new_tokens=6, temperature=0.9, top_k=50, seed=3, stop="\n")
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        (dict(max_new_tokens=-1), "max_new_tokens must be >= 0"),
+        (dict(max_new_tokens="8"), "max_new_tokens must be an integer"),
+        (dict(draft_tokens=0), "draft_tokens must be >= 1"),
+        (dict(fim_order="pms"), "unknown FIM order 'pms'"),
+        (dict(lookup="yes"), "lookup must be True, False or None"),
+        (dict(stop_ids=5), "stop_ids must be a list"),
+        (dict(stop=[b"x"]), "each stop string must be a str"),
+        (dict(seed=-1), "seed must be >= 0"),
+    ],
+)
+def test_bad_options_are_named_in_one_line(model, changes, fragment):
+    with pytest.raises(SantacpuError, match=fragment):
+        santacpu.GenerationOptions.of(**changes)
+    with pytest.raises(SantacpuError, match=fragment):
+        model.complete("x = ", **changes)
+
+
+def test_unknown_option_is_a_type_error_and_options_must_be_options(model):
+    with pytest.raises(TypeError, match="unexpected generation option 'max_tokens'"):
+        model.generate([1, 2], max_tokens=3)
+    with pytest.raises(SantacpuError, match="options must be a GenerationOptions, got dict"):
+        model.generate([1, 2], {"max_new_tokens": 3})

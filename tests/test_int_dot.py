@@ -172,7 +172,7 @@ def test_blas_is_single_threaded_only_inside_the_block():
         set_(before)
 
 
-def test_many_token_forwards_quiet_blas_only_where_numba_does_the_products(tmp_path):
+def test_many_token_forwards_quiet_blas_only_where_numba_does_the_products(tmp_path, monkeypatch):
     from helpers import tiny_checkpoint
 
     import santacpu
@@ -185,3 +185,6 @@ def test_many_token_forwards_quiet_blas_only_where_numba_does_the_products(tmp_p
         assert model.engine.backend._products_in_numba(model.weights) == quiet, qtype
     full_precision = santacpu.load(tiny_checkpoint())  # fp32: BLAS does the products
     assert not full_precision.engine.backend._products_in_numba(full_precision.weights)
+    monkeypatch.setenv("SANTACPU_INT_DOT", "0")  # read by load(): the float kernels, BLAS for prompts
+    floats = santacpu.load(path)
+    assert not floats.engine.backend._products_in_numba(floats.weights) and not floats.token_invariant

@@ -789,3 +789,34 @@ def test_hub_id_offline_from_a_hand_made_cache(tmp_path, offline_hub):
     # An unknown revision is not in the cache: the offline message again.
     report, _ = _run_hub(tmp_path, "someorg/tiny", "no-such-branch")
     assert "pass the folder" in report["error"]
+
+
+# --- one tokenizer fallback, one place that reads the environment ------------------------------
+
+
+def test_the_bundled_tokenizer_serves_santacoder_sized_checkpoints_only(tmp_path):
+    from santacpu.tokenizer import SANTACODER_EMBEDDING_ROWS, tokenizer_file_for
+
+    with pytest.warns(santacpu.SantacpuWarning, match="using the bundled SantaCoder tokenizer"):
+        bundled = tokenizer_file_for(tmp_path, SANTACODER_EMBEDDING_ROWS)
+    assert bundled.name == "tokenizer.json" and bundled.parent.name == "data"
+    with pytest.raises(SantacpuError, match="no tokenizer.json in .* 1000 embedding rows are not SantaCoder's"):
+        tokenizer_file_for(tmp_path, 1000)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    assert tokenizer_file_for(tmp_path, 1000) == tmp_path / "tokenizer.json"
+
+
+def test_settings_come_from_the_environment_and_bad_values_are_refused(tmp_path, monkeypatch):
+    from santacpu.settings import Settings
+
+    settings = Settings.from_environment({"SANTACPU_CACHE": "~/c", "SANTACPU_MODEL": "m", "SANTACPU_INT_DOT": "0"})
+    assert settings.cache_dir == Path("~/c").expanduser() and settings.model == "m" and not settings.integer_kernels
+    defaults = Settings.from_environment({"XDG_CACHE_HOME": "/x"})
+    assert defaults == Settings(model=None, cache_dir=Path("/x/santacpu"), integer_kernels=True, vector_width=512)
+    monkeypatch.setenv("SANTACPU_INT_DOT", "no")
+    with pytest.raises(SantacpuError, match="SANTACPU_INT_DOT='no' is not understood"):
+        santacpu.load(helpers.tiny_checkpoint())
+    monkeypatch.setenv("SANTACPU_INT_DOT", "1")
+    monkeypatch.setenv("SANTACPU_VECTOR_WIDTH", "128")
+    with pytest.raises(SantacpuError, match="SANTACPU_VECTOR_WIDTH='128' is not understood"):
+        santacpu.load(helpers.tiny_checkpoint())

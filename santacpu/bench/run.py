@@ -83,33 +83,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         "config": config.to_dict(),
     }
     job = dict(asdict(settings), parts=list(settings.parts), memory_context=memory_context, files=model_facts["files"])
-    results: dict = {}
     _read_through(files)  # page cache warm for every run but the cold-load one
-    if "speed" in settings.parts:
-        log("read speed: parallel passes over the model files' mapped pages")
-        results["read_speed"] = {"gb_s": measure_read_speed(files, settings.threads), "bytes": file_bytes}
-        log(
-            f"speed: {settings.repeat} x (prefill {settings.prompt_tokens}, decode {settings.decode_tokens}"
-            + (f", FIM {settings.fim_tokens}" if settings.fim_tokens else "")
-            + f" tokens), {settings.threads} threads"
-        )
-        results["speed"] = _run_child("speed", job)
-    if "lookup" in settings.parts:
-        log(f"lookup: greedy generation of {settings.decode_tokens} tokens with and without prompt-lookup drafting")
-        results["lookup"] = _run_child("lookup", job)
-    if "memory" in settings.parts:
-        log(f"memory: one request filling a {memory_context}-token context")
-        results["memory"] = _run_child("memory", job)
-    if "load" in settings.parts:
-        log("load: page cache dropped for the model's files (best-effort)")
-        results["load"] = _run_child("load", job)
-    if "compile" in settings.parts:
-        with tempfile.TemporaryDirectory(prefix="santacpu-numba-cache-") as cache:
-            log("compile: first run with an empty Numba cache")
-            first = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
-            log("compile: second run with the on-disk cache")
-            cached = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
-        results["compile"] = {"first_run": first, "cached_run": cached}
+    results = _run_parts(settings, job, files, log)
     return {
         "santacpu_version": santacpu_version(),
         "settings": {
@@ -123,6 +98,37 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         "results": results,
         "summary": summarize(results, file_bytes),
     }
+
+
+def _run_parts(settings: BenchSettings, job: dict, files: list[Path], log: Callable[[str], None]) -> dict:
+    """Each chosen part's result (see the module docstring), each part in child processes."""
+    results: dict = {}
+    if "speed" in settings.parts:
+        log("read speed: parallel passes over the model files' mapped pages")
+        results["read_speed"] = {"gb_s": measure_read_speed(files, settings.threads), "bytes": sum(f.stat().st_size for f in files)}
+        log(
+            f"speed: {settings.repeat} x (prefill {settings.prompt_tokens}, decode {settings.decode_tokens}"
+            + (f", FIM {settings.fim_tokens}" if settings.fim_tokens else "")
+            + f" tokens), {settings.threads} threads"
+        )
+        results["speed"] = _run_child("speed", job)
+    if "lookup" in settings.parts:
+        log(f"lookup: greedy generation of {settings.decode_tokens} tokens with and without prompt-lookup drafting")
+        results["lookup"] = _run_child("lookup", job)
+    if "memory" in settings.parts:
+        log(f"memory: one request filling a {job['memory_context']}-token context")
+        results["memory"] = _run_child("memory", job)
+    if "load" in settings.parts:
+        log("load: page cache dropped for the model's files (best-effort)")
+        results["load"] = _run_child("load", job)
+    if "compile" in settings.parts:
+        with tempfile.TemporaryDirectory(prefix="santacpu-numba-cache-") as cache:
+            log("compile: first run with an empty Numba cache")
+            first = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
+            log("compile: second run with the on-disk cache")
+            cached = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
+        results["compile"] = {"first_run": first, "cached_run": cached}
+    return results
 
 
 def fit_to_context(settings: BenchSettings, n_ctx: int, log: Callable[[str], None]) -> None:

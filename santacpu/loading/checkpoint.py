@@ -8,7 +8,7 @@ Memory: tensors are memory-mapped views of the files. A tensor that must be conv
 layout's transposes, bf16 widening) is converted on its own and its source pages are then handed
 back to the kernel, so the process never holds two copies of the model.
 
-May import: `santacpu.network.weights`, `santacpu.backends.cpu.cpu_kernels` (the transpose), `santacpu.formats`, foundation modules.
+May import: `santacpu.network.weights`, `santacpu.loading.transpose`, `santacpu.formats`, foundation modules.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..backends.cpu.cpu_kernels import transpose_into
+from .transpose import transpose_into
 from ..config import Config
 from ..errors import SantacpuError
 from ..formats.safetensors_io import SafetensorsFile, bf16_to_f32

@@ -10,6 +10,8 @@ It implements `santacpu.backends.base.Backend`, as a GPU backend would. Weight t
 never by copying the forward pass per type.
 
 Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim.
+
+May import: numba, numpy, the CPU backend's kernel modules, `santacpu.formats`.
 """
 
 from __future__ import annotations

@@ -58,6 +58,8 @@ for; Numba's on-disk cache is keyed by those features, so cached code never meet
 only tracks this file: after editing that helper, delete santacpu/backends/cpu/__pycache__/*.nb[ic].)
 (The old `<N x i32>` operand form of the VNNI intrinsics is used: LLVM 22 still upgrades it, and
 older LLVMs know only that one.)
+
+May import: numba, llvmlite, numpy, `santacpu.backends.cpu.cpu_kernels`, `santacpu.formats.blocks`.
 """
 
 from __future__ import annotations
