@@ -333,6 +333,11 @@ def bench(
     repeat: int = typer.Option(3, min=1, help="Runs of prefill, decode and FIM; the median is reported."),
     memory_context: int = typer.Option(0, min=0, help="Context filled by the peak-RSS run; 0: the model's whole context."),
     parts: str = typer.Option(",".join(PARTS), help="What to measure, comma-separated: " + ", ".join(PARTS) + "."),
+    batch: Optional[str] = typer.Option(
+        None, metavar="SIZES", help="Also measure batched decoding at these batch sizes, comma-separated (e.g. 1,2,4,8,16): "
+        "aggregate and per-sequence decode tok/s of B greedy sequences, 64-token prompts, 32 tokens each. Default: off.",
+        show_default=False,
+    ),
     json_out: Optional[Path] = typer.Option(
         None, "--json", readable=False, help="Also write every figure and the machine's facts to this JSON file."
     ),
@@ -351,11 +356,24 @@ def bench(
         model=runnable, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,
         parts=tuple(p.strip() for p in parts.split(",") if p.strip()), revision=revision,
+        batch=_batch_sizes(batch),
     )
     report = run_bench(settings)
     print(format_table(report))
     if json_out is not None:
         write_text_atomically(json_out, json.dumps(report, indent=2) + "\n")
+
+
+def _batch_sizes(text: Optional[str]) -> Tuple[int, ...]:
+    if text is None:
+        return ()
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or min(sizes) < 1:
+        raise SantacpuError(f"--batch takes batch sizes >= 1, comma-separated (e.g. 1,2,4,8), got '{text}'")
+    return sizes
 
 
 @app.command("random-checkpoint")

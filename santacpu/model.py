@@ -37,18 +37,19 @@ from .backends.cpu.backend import CpuBackend
 from .config import Config
 from .errors import SantacpuError
 from .formats.quantized_file import names_quantized_file
+from .generation.batch import DEFAULT_MAX_BATCH, BatchScheduler
 from .generation.decoder import GenerationStats, SequenceDecoder
 from .generation.options import GenerationOptions
 from .generation.prompts import build_fim_prompt, build_plain_prompt
 from .generation.runner import SharedCache, generate_tokens
-from .generation.text_stream import stream_text
+from .generation.text_stream import StopStrings, stream_text
 from .loading.checkpoint import read_checkpoint
 from .loading.quantized import read_quantized
 from .loading.source import hub_revision, resolve
 from .network.engine import Engine, check_finite, check_kv_dtype
 from .network.weights import ModelWeights
 from .settings import Settings
-from .tokenizer import Tokenizer
+from .tokenizer import StreamDecoder, Tokenizer
 
 
 class Model:
@@ -104,9 +105,10 @@ class Model:
         cache = self.engine.new_cache(len(ids))
         return check_finite(self.engine.forward(cache, ids, all_logits=True))
 
-    def decoder(self, ids: list[int], options: GenerationOptions) -> SequenceDecoder:
-        """The token-level state of one generation of checked `ids` under checked `options`: what
+    def decoder(self, ids: Sequence[int], options: GenerationOptions) -> SequenceDecoder:
+        """The token-level state of one generation of `ids` under checked `options`: what
         `generate` drives, and what a batch scheduler drives the same way."""
+        ids = arguments.token_ids(ids, self.config.vocab_size)
         n_ctx = self.config.n_positions
         if len(ids) >= n_ctx:
             raise SantacpuError(
@@ -134,6 +136,70 @@ class Model:
         sequence = self._shared.sequence(decoder.total, reuse=self.reuse_prompt)
         return generate_tokens(sequence, ids, decoder)
 
+    def scheduler(
+        self, *, max_batch: int = DEFAULT_MAX_BATCH, max_kv_bytes: int | None = None, max_queue: int | None = None
+    ) -> BatchScheduler:
+        """A continuous-batching scheduler over this model (`santacpu.generation.batch`): `submit`
+        sequences (each with its own options) at any time, drive it with `step()` or `run()`. At
+        most `max_batch` sequences run at once, their KV caches within `max_kv_bytes` (None: no
+        bound); at most `max_queue` wait (None: no bound)."""
+        max_batch = arguments.integer(max_batch, "max_batch", minimum=1)
+        if max_kv_bytes is not None:
+            max_kv_bytes = arguments.integer(max_kv_bytes, "max_kv_bytes", minimum=1)
+        if max_queue is not None:
+            max_queue = arguments.integer(max_queue, "max_queue", minimum=0)
+        return BatchScheduler(self.engine, self.decoder, max_batch=max_batch, max_kv_bytes=max_kv_bytes, max_queue=max_queue)
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Sequence[int]],
+        options: GenerationOptions | None = None,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        **changes,
+    ) -> Iterator[tuple[int, int]]:
+        """Generate after each prompt (token ids) under one set of options, `max_batch` sequences
+        at a time: (prompt index, token id) pairs as they come. Each sequence's tokens are what
+        `generate` gives it alone wherever the kernels are token-invariant. Every prompt is
+        checked before anything runs."""
+        scheduler = self.scheduler(max_batch=max_batch)
+        options = GenerationOptions.of(options, **changes)
+        for ids in _non_empty(prompts, "prompts"):
+            scheduler.submit(ids, options)  # sequence i is prompt i
+        return ((sequence.index, token) for sequence, token in scheduler.run())
+
+    def complete_many(
+        self,
+        prompts: Sequence[str | tuple[str, str]],
+        options: GenerationOptions | None = None,
+        *,
+        n: int = 1,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        **changes,
+    ) -> list[list[str]]:
+        """The completions of many prompts, `n` samples each, run as batches of `max_batch`
+        sequences: one list of `n` texts per prompt. A prompt is a prefix, or a (prefix, suffix)
+        pair for fill-in-the-middle. The n samples of a prompt compute it once; sample k is
+        seeded with `seed + k` when a seed is given. Stop strings end a text (and free its slot)."""
+        options = GenerationOptions.of(options, **changes)
+        scheduler = self.scheduler(max_batch=max_batch)
+        groups = []
+        for prompt in _non_empty(prompts, "prompts"):
+            if isinstance(prompt, tuple) and len(prompt) != 2:
+                raise SantacpuError(f"a prompt is a prefix or a (prefix, suffix) pair, got a tuple of {len(prompt)}")
+            prefix, suffix = prompt if isinstance(prompt, tuple) else (prompt, None)
+            groups.append(scheduler.submit(self.prompt_ids(prefix, suffix, options), options, n))
+        pieces: list[list[str]] = [[] for group in groups for _ in group]  # by sequence index
+        streams = [(StreamDecoder(self.tokenizer), StopStrings(options.stop)) for _ in pieces]
+        for sequence, token in scheduler.run():
+            decoder, stopper = streams[sequence.index]
+            pieces[sequence.index].append(stopper.push(decoder.push(token)))
+            if stopper.stopped:
+                sequence.cancel()
+        for text, (decoder, stopper) in zip(pieces, streams):
+            text.append(stopper.push(decoder.flush()) + stopper.flush())
+        return [["".join(pieces[s.index]) for s in group] for group in groups]
+
     def prompt_ids(self, prefix: str, suffix: str | None, options: GenerationOptions) -> list[int]:
         """The prompt's token ids: `prefix` alone, or a fill-in-the-middle prompt around `suffix`."""
         prefix = arguments.text(prefix, "prefix")
@@ -157,6 +223,13 @@ class Model:
     def complete(self, prefix: str, suffix: str | None = None, options: GenerationOptions | None = None, **changes) -> str:
         """The whole completion as one string (see `complete_stream`)."""
         return "".join(self.complete_stream(prefix, suffix, options, **changes))
+
+
+def _non_empty(items, name: str) -> list:
+    items = list(arguments.iterable(items, name))
+    if not items:
+        raise SantacpuError(f"no {name} given (an empty list)")
+    return items
 
 
 def load(

@@ -51,6 +51,8 @@ def bench_report(tmp_path_factory) -> tuple[dict, str]:
         str(REPEAT),
         "--threads",
         "1",
+        "--batch",
+        "1,3",
         "--json",
         str(out),
     )
@@ -66,7 +68,7 @@ def positive(value) -> bool:
 def test_bench_reports_every_part(bench_report):
     report, _ = bench_report
     assert set(report) >= {"santacpu_version", "settings", "machine", "model", "results", "summary"}
-    assert set(report["results"]) == {*PARTS, "read_speed"}  # read_speed: measured with the speed part
+    assert set(report["results"]) == {*PARTS, "read_speed", "batch"}  # read_speed: measured with the speed part
     assert report["settings"]["threads"] == 1 and report["settings"]["statistic"] == f"median of {REPEAT}"
     assert report["model"]["weights_type"] == "f32"
     assert report["model"]["file_bytes"] == (helpers.tiny_checkpoint() / "model.safetensors").stat().st_size
@@ -305,3 +307,36 @@ def test_peer_ratios_and_markdown():
     )
     assert "| decode (tok/s) | q8_0 | 12.0 | llama.cpp Q8_0 | 12.0 | 1.00x |" in text
     assert "| CTranslate2 int8 | not installed |" in text
+    santacpu["q8_0"]["batch"] = {"sizes": {"1": {"aggregate_tok_s": 12.0}, "8": {"aggregate_tok_s": 40.0}}}
+    peers["llama.cpp Q8_0 batched"] = {"status": "ok", "sizes": {"8": {"aggregate_tok_s": 34.0}}}
+    text = markdown(
+        {
+            "machine": {"cpu": "cpu", "usable_cores": 2, "memory_gib": 24, "date": "today"},
+            "settings": {"threads": 2, "prompt_tokens": 512, "decode_tokens": 128, "repeat": 1},
+            "santacpu_version": "0",
+            "santacpu": santacpu,
+            "peers": peers,
+            "comparisons": compare(santacpu, peers),
+        }
+    )
+    assert "| B | santacpu q8_0 | llama.cpp Q8_0 batched |" in text
+    assert "| 1 | 12.0 | - |" in text and "| 8 | 40.0 | 34.0 |" in text
+    assert "| llama.cpp Q8_0 batched |" not in text.split("Batched decode")[0]  # not a row of the system table
+
+
+def test_bench_batch_part(bench_report):
+    report, table = bench_report
+    batch = report["results"]["batch"]
+    assert batch["prompt_tokens"] == 32 and batch["decode_tokens"] == 32  # fitted to the 64-token context
+    assert set(batch["sizes"]) == {"1", "3"}
+    for size, figures in batch["sizes"].items():
+        assert positive(figures["aggregate_tok_s"]) and len(figures["samples"]) == REPEAT
+        assert figures["per_sequence_tok_s"] == pytest.approx(figures["aggregate_tok_s"] / int(size))
+    assert set(report["summary"]["batch_aggregate_tok_s"]) == {"1", "3"}
+    assert "batched decode, B = 3 (32-token prompts, 32 tokens)" in table
+
+
+def test_bench_refuses_bad_batch_sizes():
+    done = run_cli("bench", str(helpers.tiny_checkpoint()), "--quant", "none", "--batch", "1,0")
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "--batch takes batch sizes >= 1" in err and len(err.splitlines()) == 1, err

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .machine import current_rss_mb, drop_page_cache, mapped_file_rss_mb, peak_rss_mb
-from .run import MEMORY_DECODE_TOKENS, REPEAT_STRIDE, RESULT_MARK, TINY_PREFILL_TOKENS
+from .run import (
+    BATCH_DECODE_TOKENS,
+    BATCH_PROMPT_TOKENS,
+    MEMORY_DECODE_TOKENS,
+    REPEAT_STRIDE,
+    RESULT_MARK,
+    TINY_PREFILL_TOKENS,
+)
 from .workload import decode_weight_bytes, fim_texts, text_token_stream
 
 
@@ -34,6 +41,7 @@ def child_main(kind: str, job_json: str, import_s: float) -> None:
             "load": _child_load,
             "compile": _child_compile,
             "read_speed": _child_read_speed,
+            "batch": _child_batch,
         }
         result = children[kind](job, import_s)
     except SantacpuError as error:
@@ -107,6 +115,44 @@ def _child_speed(job: dict, import_s: float) -> dict:
         "samples": {"prefill_tok_s": prefill, "decode_tok_s": decode, "fim_ttft_s": fim},
         "peak_rss_mb": peak_rss_mb(),
     }
+
+
+def _child_batch(job: dict, import_s: float) -> dict:
+    """Aggregate decode speed of B sequences at once (continuous batching), for each B: every
+    sequence joins in the first step (its prompt computed on its own), then the later steps are
+    timed: each one batched forward over all the running sequences."""
+    model = _load(job)
+    P, N, sizes = BATCH_PROMPT_TOKENS, BATCH_DECODE_TOKENS, job["batch"]
+    P = min(P, model.config.n_positions // 2)
+    N = min(N, model.config.n_positions - P)
+    stream = text_token_stream(model.tokenizer, P * max(sizes) + P, model.config.vocab_size)
+
+    def run(B: int) -> dict:
+        scheduler = model.scheduler(max_batch=B)
+        for b in range(B):
+            scheduler.submit(stream[b * P : (b + 1) * P], max_new_tokens=N, lookup=False)
+        start = time.perf_counter()
+        scheduler.step()  # every prompt, then the first batched step
+        joined = time.perf_counter()
+        tokens = 0
+        while scheduler.pending:
+            tokens += sum(len(emitted) for _, emitted in scheduler.step())
+        elapsed = time.perf_counter() - joined
+        return {"prompts_s": joined - start, "decode_tok_s": tokens / elapsed if elapsed else None, "tokens": tokens}
+
+    run(2)  # warm-up, not timed: the kernels for a few tokens at once
+    result = {"prompt_tokens": P, "decode_tokens": N, "sizes": {}}
+    for B in sizes:
+        runs = [run(B) for _ in range(job["repeat"])]
+        aggregate = statistics.median(r["decode_tok_s"] for r in runs)
+        result["sizes"][str(B)] = {
+            "aggregate_tok_s": aggregate,
+            "per_sequence_tok_s": aggregate / B,
+            "prompts_s": statistics.median(r["prompts_s"] for r in runs),
+            "samples": [r["decode_tok_s"] for r in runs],
+            "peak_rss_mb": peak_rss_mb(),
+        }
+    return result
 
 
 def _child_lookup(job: dict, import_s: float) -> dict:

@@ -37,6 +37,8 @@ def summarize(results: dict, file_bytes: int) -> dict:
         if case in lookup:
             summary[f"lookup_{case}_speedup"] = lookup[case]["speedup"]
             summary[f"lookup_{case}_identical"] = lookup[case]["identical_output"]
+    if results.get("batch"):
+        summary["batch_aggregate_tok_s"] = {b: r["aggregate_tok_s"] for b, r in results["batch"]["sizes"].items()}
     if memory:
         summary["rss_bound_mb"] = file_bytes / 1e6 + RSS_BOUND_EXTRA_MB
     return summary
@@ -65,12 +67,26 @@ def format_table(report: dict) -> str:
         ("load", _load_rows),
         ("compile", _compile_rows),
         ("memory", _memory_rows),
+        ("batch", _batch_rows),
     ):
         if part in results:
             rows(row, s, settings, results[part])
     if "speed" in results:
         row("peak RSS, speed run", f"{s['peak_rss_speed_run_mb']:.0f} MB")
     return "\n".join(lines)
+
+
+def _batch_rows(row, s: dict, settings: dict, batch: dict) -> None:
+    single = batch["sizes"].get("1", {}).get("aggregate_tok_s")
+    for size, b in batch["sizes"].items():
+        note = f"{b['per_sequence_tok_s']:.2f} tok/s a sequence; peak RSS {b['peak_rss_mb']:.0f} MB"
+        if single:
+            note += f"; {b['aggregate_tok_s'] / single:.2f}x B = 1"
+        row(
+            f"batched decode, B = {size} ({batch['prompt_tokens']}-token prompts, {batch['decode_tokens']} tokens)",
+            f"{b['aggregate_tok_s']:.1f} tok/s",
+            note,
+        )
 
 
 def _speed_rows(row, s: dict, settings: dict, speed: dict) -> None:

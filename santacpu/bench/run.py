@@ -21,6 +21,9 @@ from .machine import default_threads, machine_facts, santacpu_version
 from .report import summarize
 
 PARTS = ("speed", "lookup", "memory", "load", "compile")
+# `--batch`: B sequences of BATCH_PROMPT_TOKENS distinct prompt tokens each, greedy, generating
+# BATCH_DECODE_TOKENS tokens each (llama-batched-bench's -npp 64 -ntg 32, for comparison).
+BATCH_PROMPT_TOKENS, BATCH_DECODE_TOKENS = 64, 32
 RESULT_MARK = "SANTACPU-BENCH-RESULT "
 # Each repeat's prompt starts this many tokens after the previous one's.
 REPEAT_STRIDE = 101
@@ -50,6 +53,7 @@ class BenchSettings:
     memory_context: int = 0  # 0: the model's whole context
     parts: tuple[str, ...] = PARTS
     revision: str | None = None
+    batch: tuple[int, ...] = ()  # batch sizes for the batched-decode part; () skips it
     extra: dict = field(default_factory=dict)  # passed through to the JSON as given
 
 
@@ -128,6 +132,12 @@ def _run_parts(settings: BenchSettings, job: dict, files: list[Path], log: Calla
             log("compile: second run with the on-disk cache")
             cached = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
         results["compile"] = {"first_run": first, "cached_run": cached}
+    if settings.batch:
+        log(
+            f"batch: {BATCH_PROMPT_TOKENS}-token prompts, {BATCH_DECODE_TOKENS} tokens each, "
+            f"batch sizes {','.join(map(str, settings.batch))}"
+        )
+        results["batch"] = _run_child("batch", job)
     return results
 
 

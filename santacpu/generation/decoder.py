@@ -74,6 +74,7 @@ class SequenceDecoder:
         n_valid: int,
         lookup: bool,
     ):
+        self.prompt = list(prompt)
         self.options = options
         self.ends = options.stop_ids | {eos_id}
         self.total = min(n_positions, len(prompt) + options.max_new_tokens)  # positions it may fill

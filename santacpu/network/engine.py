@@ -81,11 +81,38 @@ class Engine:
         with KERNEL_LOCK, self.backend.forward_context(self.weights, len(ids)):
             return self._forward(cache, ids, all_logits)
 
+    def forward_batch(
+        self, caches: Sequence[KVCache], inputs: Sequence[Sequence[int]], all_logits: Sequence[bool]
+    ) -> list[np.ndarray]:
+        """One forward over the next tokens of several sequences, each in its own cache (distinct
+        caches): every weight is read once for all their tokens, and each sequence's logits are
+        what `forward(cache, ids, all_logits)` returns for it. For decode steps (a token, or a
+        token and a draft, per sequence); prompts go through `forward`, chunked."""
+        if len({id(c) for c in caches}) != len(caches) or not len(caches) == len(inputs) == len(all_logits):
+            raise ValueError("forward_batch takes one distinct cache, one token list and one all_logits flag per sequence")
+        for cache, ids in zip(caches, inputs):
+            if not ids or cache.length + len(ids) > cache.capacity:
+                raise ValueError(f"{cache.length} + {len(ids)} tokens do not fit the cache's {cache.capacity} positions")
+        total = sum(len(ids) for ids in inputs)
+        if total > PREFILL_CHUNK:
+            raise ValueError(f"{total} tokens in one batched step; at most {PREFILL_CHUNK}")
+        with KERNEL_LOCK, self.backend.forward_context(self.weights, total):
+            hidden = check_finite(self._blocks([(c, list(ids)) for c, ids in zip(caches, inputs)]))
+            # Only the rows whose logits are wanted go through the LM head, in one product.
+            wanted, bounds, row = [], [], 0
+            for ids, every in zip(inputs, all_logits):
+                first = row if every else row + len(ids) - 1
+                row += len(ids)
+                bounds.append((len(wanted), len(wanted) + row - first))
+                wanted.extend(range(first, row))
+            logits = self._lm_head(hidden[wanted])
+        return [logits[a:b] for a, b in bounds]
+
     def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         pieces = []
         for first in range(0, len(ids), PREFILL_CHUNK):
             chunk = list(ids[first : first + PREFILL_CHUNK])
-            hidden = check_finite(self._blocks(cache, chunk))  # [T, E], final LayerNorm applied
+            hidden = check_finite(self._blocks([(cache, chunk)]))  # [T, E], final LayerNorm applied
             if all_logits:
                 pieces.append(self._lm_head(hidden))
             elif first + PREFILL_CHUNK >= len(ids):
@@ -109,25 +136,39 @@ class Engine:
             }
         return self._buffers
 
-    def _blocks(self, cache: KVCache, ids: list[int]) -> np.ndarray:
+    def _blocks(self, segments: list[tuple[KVCache, list[int]]]) -> np.ndarray:
+        """The blocks over the tokens of one or more sequences ([T, E], T = all their tokens, in
+        order; the final LayerNorm applied): every product runs once over all T tokens, each
+        sequence's K/V rows go to its own cache and its queries attend over that cache only."""
         w, c, b = self.weights, self.config, self.backend
-        start, T = cache.length, len(ids)
         E, H, G, D = c.n_embd, c.n_head, c.n_kv_head, c.head_dim
         eps = c.layer_norm_epsilon
-        # Decode (T = 1) writes into the same buffers every step; a prompt allocates its own.
+        # (cache, first row in this call, position of that row, tokens) per sequence
+        spans, row = [], 0
+        for cache, ids in segments:
+            spans.append((cache, row, cache.length, len(ids)))
+            row += len(ids)
+        T = row
+        ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in segments])
+        positions = np.concatenate([np.arange(start, start + n) for _, _, start, n in spans])
+        # Decode (T = 1) writes into the same buffers every step; other calls allocate their own.
         buf = self._decode_buffers() if T == 1 else dict.fromkeys(("h", "qkv", "attn", "proj", "f"))
-        x = b.embed(w.wte, np.asarray(ids)) + b.embed(w.wpe, np.arange(start, start + T))  # [T, E]
+        attn = buf["attn"] if buf["attn"] is not None else np.empty((T, H, D), np.float32)
+        x = b.embed(w.wte, ids) + b.embed(w.wpe, positions)  # [T, E]
         for i, layer in enumerate(w.layers):
             h = b.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps, out=buf["h"])
             qkv = b.linear(h, layer.attn_c_attn_weight, layer.attn_c_attn_bias, out=buf["qkv"])  # [T, E + 2*G*D]
-            cache.k[i, start : start + T] = qkv[:, E : E + G * D].reshape(T, G, D)
-            cache.v[i, start : start + T] = qkv[:, E + G * D :].reshape(T, G, D)
             q = np.ascontiguousarray(qkv[:, :E]).reshape(T, H, D)  # T = 1: already contiguous, no copy
-            attn = b.attention(q, cache.k[i], cache.v[i], start, out=buf["attn"]).reshape(T, E)
-            x += b.linear(attn, layer.attn_c_proj_weight, layer.attn_c_proj_bias, out=buf["proj"])
+            for cache, first, start, n in spans:
+                rows = qkv[first : first + n]
+                cache.k[i, start : start + n] = rows[:, E : E + G * D].reshape(n, G, D)
+                cache.v[i, start : start + n] = rows[:, E + G * D :].reshape(n, G, D)
+                b.attention(q[first : first + n], cache.k[i], cache.v[i], start, out=attn[first : first + n])
+            x += b.linear(attn.reshape(T, E), layer.attn_c_proj_weight, layer.attn_c_proj_bias, out=buf["proj"])
             h = b.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps, out=buf["h"])
             f = b.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, out=buf["f"])  # [T, I]
             b.gelu_inplace(f)
             x += b.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, out=buf["proj"])
-        cache.ids.extend(int(t) for t in ids)
+        for cache, ids in segments:
+            cache.ids.extend(int(t) for t in ids)
         return b.layer_norm(x, w.ln_f_weight, w.ln_f_bias, eps)

@@ -1,0 +1,245 @@
+"""Many sequences at once: `BatchScheduler` runs the next tokens of every running sequence in one
+batched forward (`Engine.forward_batch`: each weight read once for all of them, attention per
+sequence over its own KV cache), and lets sequences join and leave between steps.
+
+- Each sequence has its own `GenerationOptions` (sampling, seed, stops, `max_new_tokens`, prompt
+  lookup) and its own KV cache, sized to what it may fill (prompt + max_new_tokens, within the
+  context), allocated when it joins and freed when it leaves.
+- `max_batch` sequences run at once, their caches within `max_kv_bytes`; the rest wait in a queue
+  of at most `max_queue` (submitting beyond it is a `QueueFull` error, which a server turns into
+  "busy, try later").
+- A joining prompt is computed on its own (a prompt's forward already keeps every core busy), then
+  the sequence joins the next batched step. The n samples of one prompt (`submit(..., n=...)`)
+  compute it once: the others copy its K/V rows (MQA keeps them small).
+- `cancel()` on a sequence frees its slot at the next step.
+
+Exactness: a sequence's tokens come from its own `SequenceDecoder` and its own seeded generator,
+fed the logits of its own tokens; where the kernels are token-invariant (`Model.token_invariant`)
+those logits are the same bits in any batch, so its output is what it gets alone.
+
+Threads: `submit` and `cancel` may be called from any thread while one thread drives `step`/`run`
+(the running sequences belong to that thread; the queue is guarded by a lock).
+
+May import: numpy, `santacpu.arguments`, `santacpu.network`, `santacpu.generation.decoder`, `santacpu.generation.options`,
+`santacpu.errors`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+
+from .. import arguments
+from ..errors import SantacpuError
+from ..network.engine import Engine
+from ..network.kv_cache import KVCache
+from .decoder import SequenceDecoder
+from .options import GenerationOptions
+
+DEFAULT_MAX_BATCH = 8
+
+
+class QueueFull(SantacpuError):
+    """The scheduler's queue holds `max_queue` sequences already."""
+
+
+class BatchSequence:
+    """One submitted sequence: its prompt, its decoder (options, stats, state) and the tokens it
+    has produced. `state` is "queued", "running", "finished" or "cancelled"."""
+
+    def __init__(self, index: int, decoder: SequenceDecoder):
+        self.index = index  # submission order, from 0 in each scheduler
+        self.prompt = decoder.prompt
+        self.decoder = decoder
+        self.tokens: list[int] = []
+        self.state = "queued"
+        self.cache: KVCache | None = None
+        self._cancel_requested = False
+
+    @property
+    def stats(self):
+        return self.decoder.stats
+
+    @property
+    def done(self) -> bool:
+        return self.state in ("finished", "cancelled")
+
+    def cancel(self) -> None:
+        """Stop this sequence: it produces no more tokens and its slot is freed at the next step."""
+        self._cancel_requested = True
+
+
+class _PromptGroup:
+    """Sequences sharing one prompt (n samples): the prompt is computed for the first to join; the
+    others copy its K/V rows (positions below the prompt's length are never rewritten)."""
+
+    def __init__(self, members: list[BatchSequence]):
+        self.members = deque(members)
+        self.source: KVCache | None = None  # a cache holding the prompt's K/V
+        self.last_row: np.ndarray | None = None  # the prompt's last logits row [V]
+
+
+class BatchScheduler:
+    """Continuous batching over one model's engine (see the module docstring)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        make_decoder: Callable[[Sequence[int], GenerationOptions], SequenceDecoder],
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_kv_bytes: int | None = None,
+        max_queue: int | None = None,
+    ):
+        if max_batch < 1:
+            raise SantacpuError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.make_decoder = make_decoder
+        self.max_batch = max_batch
+        self.max_kv_bytes = max_kv_bytes
+        self.max_queue = max_queue
+        self._queue: deque[_PromptGroup] = deque()
+        self._running: list[BatchSequence] = []
+        self._lock = threading.Lock()
+        self._submitted = 0
+
+    def kv_bytes(self, capacity: int) -> int:
+        """Bytes of one sequence's KV cache with room for `capacity` positions."""
+        c = self.engine.config
+        return 2 * c.n_layer * capacity * c.n_kv_head * c.head_dim * self.engine.kv_dtype.itemsize
+
+    def submit(
+        self, ids: Sequence[int], options: GenerationOptions | None = None, n: int = 1, **changes
+    ) -> list[BatchSequence]:
+        """Queue `n` sequences of the prompt `ids` under `options` with `changes` applied (as for
+        `Model.generate`); sample k of n is seeded with `seed + k` when a seed is given, so sample 0
+        is what `generate` gives alone. Errors: a bad prompt or option, the prompt does not fit
+        the context, one sequence's cache alone exceeds `max_kv_bytes`, or the queue is full."""
+        options = GenerationOptions.of(options, **changes)
+        n = arguments.integer(n, "n", minimum=1)
+        members = []
+        for k in range(n):
+            sample = options if options.seed is None or k == 0 else dataclasses.replace(options, seed=options.seed + k)
+            decoder = self.make_decoder(ids, sample)
+            if self.max_kv_bytes is not None and self.kv_bytes(decoder.total) > self.max_kv_bytes:
+                raise SantacpuError(
+                    f"one sequence of {decoder.total} positions needs {self.kv_bytes(decoder.total) / 2**20:.1f} MiB "
+                    f"of KV cache, more than max_kv_bytes ({self.max_kv_bytes / 2**20:.1f} MiB)"
+                )
+            members.append(decoder)
+        with self._lock:
+            waiting = sum(len(g.members) for g in self._queue)
+            if self.max_queue is not None and waiting + n > self.max_queue:
+                raise QueueFull(f"the queue is full ({waiting} sequences waiting, max_queue {self.max_queue})")
+            sequences = [BatchSequence(self._submitted + k, d) for k, d in enumerate(members)]
+            self._submitted += n
+            self._queue.append(_PromptGroup(sequences))
+        return sequences
+
+    @property
+    def pending(self) -> bool:
+        """Whether any sequence is queued or running."""
+        with self._lock:
+            return bool(self._queue or self._running)
+
+    @property
+    def running(self) -> list[BatchSequence]:
+        return list(self._running)
+
+    @property
+    def queued(self) -> int:
+        with self._lock:
+            return sum(len(g.members) for g in self._queue)
+
+    def step(self) -> list[tuple[BatchSequence, list[int]]]:
+        """Admit what fits, then one batched forward over every running sequence's next tokens.
+        Returns (sequence, tokens it emitted) for each sequence that joined, emitted or ended."""
+        events: list[tuple[BatchSequence, list[int]]] = []
+        self._drop_cancelled(events)
+        for sequence, group in self._take_admissible():
+            self._join(sequence, group)  # outside the lock: submit need not wait for a prompt
+            events.append((sequence, sequence.tokens[:]))
+        stepping = [s for s in self._running if not s.decoder.finished]
+        if stepping:
+            inputs = [s.decoder.next_inputs() for s in stepping]
+            logits = self.engine.forward_batch([s.cache for s in stepping], inputs, [len(i) > 1 for i in inputs])
+            for sequence, rows in zip(stepping, logits):
+                emitted, rejected = sequence.decoder.advance(rows)
+                if rejected:
+                    sequence.cache.truncate(sequence.cache.length - rejected)
+                sequence.tokens += emitted
+                events.append((sequence, emitted))
+        for sequence in [s for s in self._running if s.decoder.finished]:
+            self._leave(sequence, "finished")
+        return events
+
+    def run(self) -> Iterator[tuple[BatchSequence, int]]:
+        """Step until nothing is queued or running: (sequence, token) as they come."""
+        while self.pending:
+            for sequence, tokens in self.step():
+                for token in tokens:
+                    yield sequence, token
+
+    def _drop_cancelled(self, events) -> None:
+        for sequence in [s for s in self._running if s._cancel_requested]:
+            self._leave(sequence, "cancelled")
+            events.append((sequence, []))
+        with self._lock:
+            for group in list(self._queue):
+                for sequence in [s for s in group.members if s._cancel_requested]:
+                    group.members.remove(sequence)
+                    sequence.state = "cancelled"
+                    events.append((sequence, []))
+                if not group.members:
+                    self._queue.remove(group)
+
+    def _leave(self, sequence: BatchSequence, state: str) -> None:
+        self._running.remove(sequence)
+        sequence.state = state
+        sequence.cache = None  # freed, unless a waiting sample of its prompt still copies from it
+
+    def _take_admissible(self) -> list[tuple[BatchSequence, _PromptGroup]]:
+        """Take from the queue, in order, the sequences that fit beside the running ones: at most
+        max_batch in all, their caches within max_kv_bytes (a sequence alone always fits)."""
+        taken = []
+        used = sum(s.cache.k.nbytes + s.cache.v.nbytes for s in self._running)
+        count = len(self._running)
+        with self._lock:
+            while self._queue and count < self.max_batch:
+                group = self._queue[0]
+                need = self.kv_bytes(group.members[0].decoder.total)
+                if self.max_kv_bytes is not None and count and used + need > self.max_kv_bytes:
+                    break  # waits for memory to be freed
+                taken.append((group.members.popleft(), group))
+                if not group.members:
+                    self._queue.popleft()
+                used, count = used + need, count + 1
+        return taken
+
+    def _join(self, sequence: BatchSequence, group: _PromptGroup) -> None:
+        """Give `sequence` its cache with the prompt's K/V (computed, or copied from its group's
+        first member) and its first token."""
+        decoder = sequence.decoder
+        if decoder.finished:  # max_new_tokens = 0: not even the prompt runs
+            sequence.state = "finished"
+            return
+        cache = self.engine.new_cache(decoder.total)
+        prompt = sequence.prompt
+        if group.source is None:
+            group.last_row = self.engine.forward(cache, prompt)[-1]
+            group.source = cache
+            decoder.stats.computed_tokens = len(prompt)
+        else:
+            n = len(prompt)
+            cache.k[:, :n] = group.source.k[:, :n]
+            cache.v[:, :n] = group.source.v[:, :n]
+            cache.ids = list(group.source.ids[:n])
+            decoder.stats.reused_tokens = n
+        sequence.cache = cache
+        sequence.state = "running"
+        self._running.append(sequence)
+        sequence.tokens += decoder.begin(group.last_row)

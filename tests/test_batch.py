@@ -1,0 +1,204 @@
+"""Many sequences at once: the batched forward, the scheduler (join, leave, cancel, queue and memory
+bounds), and the API on top (`generate_batch`, `complete_many`). Under greedy decoding, and under
+sampling with a seed, every sequence's output must be exactly what it gets alone on a fresh model:
+the quantized test model's integer kernels are token-invariant, so its logits are the same bits in
+any batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import santacpu
+from helpers import tiny_checkpoint
+from santacpu import SantacpuError
+from santacpu.backends.cpu import int_dot
+from santacpu.generation.batch import QueueFull
+
+pytestmark = pytest.mark.skipif(int_dot.ISA is None, reason="no integer dot-product kernels on this CPU")
+
+PLAIN = ["def fibonacci(n):\n", "import os\nimport sys\n\nclass Config:\n    def __init__(self", "x = [", "# sum\nprint(sum("]
+FIM = [("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"), ("for i in range(", "):\n    print(i)\n")]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    from quantize.converter import convert
+
+    out = tmp_path_factory.mktemp("batch") / "tiny-q8_0.safetensors"
+    return convert(tiny_checkpoint(), out, qtype="q8_0", upgrade_budget=0).out
+
+
+@pytest.fixture(scope="module")
+def model(quantized):
+    loaded = santacpu.load(quantized)
+    assert loaded.token_invariant
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def prompts(model):
+    ids = [model.tokenizer.encode(text) for text in PLAIN]
+    ids += [model.prompt_ids(prefix, suffix, santacpu.GenerationOptions(max_new_tokens=12)) for prefix, suffix in FIM]
+    return ids
+
+
+def alone(quantized, ids, **options) -> list[int]:
+    """What a fresh model generates for `ids` by itself."""
+    return list(santacpu.load(quantized).generate(ids, **options))
+
+
+def collect(events, n: int) -> list[list[int]]:
+    out = [[] for _ in range(n)]
+    for index, token in events:
+        out[index].append(token)
+    return out
+
+
+def test_batched_forward_equals_each_sequence_alone(model):
+    engine = model.engine
+    rng = np.random.default_rng(0)
+    histories = [list(rng.integers(0, 49152, size=n)) for n in (3, 9, 1, 17)]
+    steps = [[7], [8, 9, 10], [11], [12, 13]]  # a token, or a token and a draft
+    all_logits = [False, True, True, False]
+    caches, solo_caches, expected = [], [], []
+    for history, step, every in zip(histories, steps, all_logits):
+        cache, solo = engine.new_cache(32), engine.new_cache(32)
+        engine.forward(cache, history)
+        engine.forward(solo, history)
+        caches.append(cache)
+        expected.append(engine.forward(solo, step, all_logits=every))
+        solo_caches.append(solo)
+    got = engine.forward_batch(caches, steps, all_logits)
+    for g, e, cache, solo in zip(got, expected, caches, solo_caches):
+        assert g.shape == e.shape and np.array_equal(g, e)
+        assert cache.ids == solo.ids
+        assert np.array_equal(cache.k[:, : cache.length], solo.k[:, : solo.length])
+        assert np.array_equal(cache.v[:, : cache.length], solo.v[:, : solo.length])
+    with pytest.raises(ValueError, match="distinct cache"):
+        engine.forward_batch([caches[0], caches[0]], [[1], [2]], [False, False])
+
+
+def test_full_precision_batched_forward_matches_to_float_rounding():
+    model = santacpu.load(tiny_checkpoint())
+    engine = model.engine
+    caches = [engine.new_cache(16) for _ in range(3)]
+    for cache, history in zip(caches, ([1, 2, 3], [4], [5, 6, 7, 8, 9])):
+        engine.forward(cache, history)
+    got = engine.forward_batch(caches, [[10], [11], [12]], [False] * 3)
+    for cache, row in zip(caches, got):
+        fresh = engine.new_cache(16)
+        want = engine.forward(fresh, cache.ids)[-1:]
+        np.testing.assert_allclose(row, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("lookup", [False, True])
+def test_greedy_batch_equals_each_prompt_alone(quantized, model, prompts, lookup):
+    # 6 prompts of mixed lengths (plain and FIM), 3 at a time: later ones join as earlier ones
+    # leave, at other positions than the running ones.
+    got = collect(model.generate_batch(prompts, max_new_tokens=12, lookup=lookup, max_batch=3), len(prompts))
+    for ids, tokens in zip(prompts, got):
+        assert tokens == alone(quantized, ids, max_new_tokens=12, lookup=False)
+    if lookup:  # drafts were really verified inside the batch
+        scheduler = model.scheduler(max_batch=3)
+        sequences = [scheduler.submit(ids, max_new_tokens=12, lookup=True)[0] for ids in prompts]
+        for _ in scheduler.run():
+            pass
+        assert [s.tokens for s in sequences] == got
+        assert sum(s.stats.accepted_tokens for s in sequences) > 0
+
+
+def test_sequences_join_mid_run_leave_early_and_keep_their_own_options(quantized, model, prompts):
+    scheduler = model.scheduler(max_batch=4)
+    options = [
+        dict(max_new_tokens=3),
+        dict(max_new_tokens=14, temperature=0.8, top_k=40, seed=5),
+        dict(max_new_tokens=9, stop_ids=[prompts[0][0]]),
+        dict(max_new_tokens=11, temperature=1.2, top_p=0.9, seed=1),
+    ]
+    first = [scheduler.submit(prompts[i], **options[i])[0] for i in (0, 1)]
+    for _ in range(2):
+        scheduler.step()
+    later = [scheduler.submit(prompts[i], **options[i])[0] for i in (2, 3)]  # join two steps in
+    for _ in scheduler.run():
+        pass
+    for i, sequence in enumerate(first + later):
+        assert sequence.state == "finished"
+        assert sequence.tokens == alone(quantized, prompts[i], **options[i]), i
+    assert len(first[0].tokens) <= 3  # left early, while the others ran on
+
+
+def test_n_samples_compute_the_prompt_once_and_sample_k_is_seed_plus_k(quantized, model, prompts):
+    scheduler = model.scheduler(max_batch=3)  # 5 samples, 3 slots: two join from the kept prompt later
+    samples = scheduler.submit(prompts[1], max_new_tokens=8, temperature=1.0, seed=11, n=5)
+    for _ in scheduler.run():
+        pass
+    assert [s.stats.computed_tokens for s in samples] == [len(prompts[1])] + [0] * 4
+    assert [s.stats.reused_tokens for s in samples] == [0] + [len(prompts[1])] * 4
+    for k, sample in enumerate(samples):
+        assert sample.tokens == alone(quantized, prompts[1], max_new_tokens=8, temperature=1.0, seed=11 + k), k
+    assert len({tuple(s.tokens) for s in samples}) > 1
+
+
+def test_cancel_frees_the_slot_for_a_waiting_sequence(model, prompts):
+    scheduler = model.scheduler(max_batch=1)
+    running, waiting = (scheduler.submit(ids, max_new_tokens=20)[0] for ids in prompts[:2])
+    scheduler.step()
+    assert running.state == "running" and waiting.state == "queued"
+    produced = len(running.tokens)
+    running.cancel()
+    events = scheduler.step()
+    assert running.state == "cancelled" and len(running.tokens) == produced and running.cache is None
+    assert waiting.state == "running" and (running, []) in events
+    queued = scheduler.submit(prompts[2], max_new_tokens=5)[0]
+    queued.cancel()  # cancelled before it ever ran
+    for _ in scheduler.run():
+        pass
+    assert queued.state == "cancelled" and queued.tokens == [] and waiting.state == "finished"
+
+
+def test_queue_and_memory_bounds(model, prompts):
+    scheduler = model.scheduler(max_batch=4, max_queue=2)
+    scheduler.submit(prompts[0], max_new_tokens=2, n=2)
+    with pytest.raises(QueueFull, match="the queue is full"):
+        scheduler.submit(prompts[1], max_new_tokens=2)
+    assert scheduler.queued == 2
+    per_sequence = scheduler.kv_bytes(len(prompts[0]) + 6)
+    bounded = model.scheduler(max_batch=4, max_kv_bytes=2 * per_sequence)
+    for _ in range(4):
+        bounded.submit(prompts[0], max_new_tokens=6)
+    most = 0
+    while bounded.pending:
+        bounded.step()
+        most = max(most, len(bounded.running))
+        assert sum(s.cache.k.nbytes + s.cache.v.nbytes for s in bounded.running) <= 2 * per_sequence
+    assert most == 2
+    with pytest.raises(SantacpuError, match="more than max_kv_bytes"):
+        bounded.submit(prompts[0], max_new_tokens=40)
+
+
+def test_complete_many_equals_complete_and_stops_free_slots(model):
+    texts = model.complete_many(PLAIN + FIM, max_new_tokens=10, stop=["\n"], max_batch=2)
+    model.clear_prompt_cache()
+    want = [model.complete(prompt, max_new_tokens=10, stop=["\n"]) for prompt in PLAIN]
+    want += [model.complete(prefix, suffix, max_new_tokens=10, stop=["\n"]) for prefix, suffix in FIM]
+    assert texts == [[w] for w in want]
+    sampled = model.complete_many(["def f("], n=3, max_new_tokens=6, temperature=1.0, seed=2)
+    assert sampled[0][1] == model.complete("def f(", max_new_tokens=6, temperature=1.0, seed=3)
+
+
+@pytest.mark.parametrize(
+    "call, fragment",
+    [
+        (lambda m, p: list(m.generate_batch([])), "no prompts given"),
+        (lambda m, p: m.complete_many([]), "no prompts given"),
+        (lambda m, p: m.complete_many(["x"], n=0), "n must be >= 1"),
+        (lambda m, p: list(m.generate_batch([p[0], [1] * 64], max_new_tokens=2)), "the prompt is 64 tokens"),
+        (lambda m, p: list(m.generate_batch([p[0], []])), "the prompt is empty"),
+        (lambda m, p: m.scheduler(max_batch=0), "max_batch must be >= 1"),
+        (lambda m, p: m.complete_many("x = "), "prompts must be a list"),
+    ],
+)
+def test_bad_batch_input_is_one_clear_error(model, prompts, call, fragment):
+    with pytest.raises(SantacpuError, match=fragment):
+        call(model, prompts)
