@@ -712,8 +712,17 @@ def _panel_impl(parts, xq, xfix, xdx, n_steps, panel, out):
             for row in range(whole_rows, last):
                 for t in range(token, token + tile_tokens):
                     _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1)
+        # The 1 or 2 tokens after the last whole tile go through tiles of all the tile's rows too,
+        # not 1 x 1 tiles: a batched decode step of 8 tokens, full q4_0 model, 208 -> 144 ms.
+        left = T - whole_tokens
+        if tile_rows > 1 and left == 2:
+            for row in range(first, whole_rows, tile_rows):
+                _tile(parts, xq, xfix, xdx, row, whole_tokens, n_steps, out, tile_rows, 2)
+        elif tile_rows > 1 and left == 1:
+            for row in range(first, whole_rows, tile_rows):
+                _tile(parts, xq, xfix, xdx, row, whole_tokens, n_steps, out, tile_rows, 1)
         for t in range(whole_tokens, T):
-            for row in range(first, last):
+            for row in range(whole_rows if tile_rows > 1 and left <= 2 else first, last):
                 _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1)
 
     return run
