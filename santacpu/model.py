@@ -1,4 +1,5 @@
-"""The Python API: `load()` a checkpoint, then `logits`, `generate`, `complete`, `complete_stream`.
+"""The Python API: `load()` a checkpoint, then `logits`, `generate`, `complete`, `complete_stream`;
+many sequences at once: `generate_batch`, `complete_many`, and `scheduler` for continuous batching.
 
     import santacpu
     model = santacpu.load("bigcode/santacoder")          # or a local folder

@@ -524,7 +524,7 @@ def compare(santacpu: dict, peers: dict) -> list[dict]:
                 }
             )
     lookup = (santacpu.get("q8_0") or {}).get("report", {}).get("results", {}).get("lookup")
-    if lookup and lookup.get("available"):
+    if lookup:
         for case, label in (("echo", "echoing prompt"), ("plain", "plain code prompt")):
             c = lookup[case]
             rows.append(

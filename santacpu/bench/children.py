@@ -156,11 +156,7 @@ def _child_batch(job: dict, import_s: float) -> dict:
 
 
 def _child_lookup(job: dict, import_s: float) -> dict:
-    import inspect
-
     model = _load(job)
-    if "lookup" not in inspect.signature(model.generate).parameters:
-        return {"available": False}
     P, N, repeat = job["prompt_tokens"], job["decode_tokens"], job["repeat"]
     stream = text_token_stream(model.tokenizer, P, model.config.vocab_size)
     chunk = stream[: max(1, 2 * P // 3)]
@@ -170,7 +166,7 @@ def _child_lookup(job: dict, import_s: float) -> dict:
         "plain": stream[:P],
     }
     list(model.generate(stream[:TINY_PREFILL_TOKENS], max_new_tokens=4, lookup=True))  # warm-up, not timed
-    result: dict = {"available": True}
+    result: dict = {}
     for case, ids in prompts.items():
         runs: dict[str, list[float]] = {"plain_tok_s": [], "lookup_tok_s": []}
         outputs, stats = {}, None

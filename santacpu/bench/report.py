@@ -106,8 +106,6 @@ def _speed_rows(row, s: dict, settings: dict, speed: dict) -> None:
 
 
 def _lookup_rows(row, s: dict, settings: dict, lookup: dict) -> None:
-    if not lookup.get("available"):
-        row("prompt-lookup decoding", "n/a", "this santacpu's generate has no lookup option")
     for case, label in (("echo", "echoing prompt"), ("plain", "plain code prompt")):
         if case in lookup:
             c = lookup[case]

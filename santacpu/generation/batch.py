@@ -155,14 +155,22 @@ class BatchScheduler:
         with self._lock:
             return sum(len(g.members) for g in self._queue)
 
-    def step(self) -> list[tuple[BatchSequence, list[int]]]:
-        """Admit what fits, then one batched forward over every running sequence's next tokens.
-        Returns (sequence, tokens it emitted) for each sequence that joined, emitted or ended."""
+    def admit(self) -> list[tuple[BatchSequence, list[int]]]:
+        """Drop cancelled sequences and let waiting ones join while they fit: each joining prompt is
+        computed (or copied from its group) and its first token chosen. Returns (sequence, tokens)
+        for each sequence that joined or was dropped. `step` calls it first; a caller that wants
+        first tokens out before the batched forward calls it on its own."""
         events: list[tuple[BatchSequence, list[int]]] = []
         self._drop_cancelled(events)
         for sequence, group in self._take_admissible():
             self._join(sequence, group)  # outside the lock: submit need not wait for a prompt
             events.append((sequence, sequence.tokens[:]))
+        return events
+
+    def step(self) -> list[tuple[BatchSequence, list[int]]]:
+        """`admit`, then one batched forward over every running sequence's next tokens. Returns
+        (sequence, tokens it emitted) for each sequence that joined, emitted or ended."""
+        events = self.admit()
         stepping = [s for s in self._running if not s.decoder.finished]
         if stepping:
             inputs = [s.decoder.next_inputs() for s in stepping]
@@ -180,9 +188,10 @@ class BatchScheduler:
     def run(self) -> Iterator[tuple[BatchSequence, int]]:
         """Step until nothing is queued or running: (sequence, token) as they come."""
         while self.pending:
-            for sequence, tokens in self.step():
-                for token in tokens:
-                    yield sequence, token
+            for events in (self.admit, self.step):  # first tokens out before the batched forward
+                for sequence, tokens in events():
+                    for token in tokens:
+                        yield sequence, token
 
     def _drop_cancelled(self, events) -> None:
         for sequence in [s for s in self._running if s._cancel_requested]:

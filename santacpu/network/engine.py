@@ -1,4 +1,5 @@
-"""The incremental forward pass used for generation: prefill a prompt, then one token at a time.
+"""The incremental forward pass used for generation: prefill a prompt, then one token at a time
+(`forward`), or the next tokens of several sequences in one pass (`forward_batch`).
 
 Fills the KV cache (`kv_cache.KVCache`). SantaCoder is multi-query: one K and one V head of width head_dim serve all 16
 query heads, so the cache is `[n_layer, n_ctx, n_kv_head=1, head_dim]` for K and for V, never
