@@ -364,6 +364,49 @@ def bench(
         write_text_atomically(json_out, json.dumps(report, indent=2) + "\n")
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help=f"Quantized file, checkpoint folder, weight file, or hub id. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.",
+        show_default=False,
+    ),
+    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id."),
+    quant: Optional[str] = typer.Option(
+        None,
+        help=f"For a full-precision model: run its cached quantization to this type (made once, as `complete` "
+        f"does); 'none' runs it in full precision. Default: {DEFAULT_QUANT}.",
+        show_default=False,
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8012, min=1, max=65535, help="Port to listen on (llama.vim's default: 8012)."),
+    api_key: Optional[str] = typer.Option(
+        None, help="Require 'Authorization: Bearer KEY' on every endpoint but /health. Default: none.", show_default=False
+    ),
+    max_batch: int = typer.Option(8, min=1, max=256, help="Sequences generated at once; more wait in the queue."),
+    max_queue: int = typer.Option(64, min=0, help="Sequences that may wait; beyond, requests get 503 with Retry-After."),
+    fim_order: str = typer.Option("psm", help="FIM prompt order: psm, or spm (typing at the cursor only appends)."),
+) -> None:
+    """Serve completions over HTTP: llama.cpp's /infill and /completion, OpenAI's /v1/completions
+    (with suffix), /health, /tokenize, /detokenize, /props, /v1/models. Needs the 'serve' extra."""
+    from . import load
+    from .server import SERVE_EXTRA_HINT, run_server
+    from .server.app import ServerSettings
+
+    if fim_order not in ("psm", "spm"):
+        raise SantacpuError(f"unknown FIM order '{fim_order}' (choose psm or spm)")
+    try:
+        import uvicorn  # noqa: F401  (checked before a first-use quantization that may take minutes)
+    except ImportError:
+        raise SantacpuError(SERVE_EXTRA_HINT) from None
+    name = model or default_model()
+    runnable, revision = runnable_model(name, revision, quant)
+    settings = ServerSettings(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, fim_order=fim_order)
+    run_server(settings, lambda: load(runnable, revision=revision), host, port)
+
+
 def _batch_sizes(text: Optional[str]) -> Tuple[int, ...]:
     if text is None:
         return ()

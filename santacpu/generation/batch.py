@@ -181,8 +181,11 @@ class BatchScheduler:
                     sequence.cache.truncate(sequence.cache.length - rejected)
                 sequence.tokens += emitted
                 events.append((sequence, emitted))
+        reported = {id(s) for s, _ in events}
         for sequence in [s for s in self._running if s.decoder.finished]:
             self._leave(sequence, "finished")
+            if id(sequence) not in reported:  # ended at its first token: its end is news too
+                events.append((sequence, []))
         return events
 
     def run(self) -> Iterator[tuple[BatchSequence, int]]:

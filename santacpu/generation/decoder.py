@@ -84,6 +84,10 @@ class SequenceDecoder:
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.started = time.perf_counter()
         self.finished = self.room == 0
+        # Why it finished: "eos" (the model's end token), "stop_id", "limit" (max_new_tokens or
+        # the context full); None while it runs.
+        self.stop_reason: str | None = "limit" if self.finished else None
+        self.eos_id = eos_id
         self.token: int | None = None  # chosen and emitted, not yet run through the model
         self.draft: list[int] = []
 
@@ -123,6 +127,7 @@ class SequenceDecoder:
         for token in tokens:
             if token in self.ends:
                 self.finished = True
+                self.stop_reason = "eos" if token == self.eos_id else "stop_id"
                 break
             out.append(token)
             self.room -= 1
@@ -130,6 +135,7 @@ class SequenceDecoder:
                 self.drafter.append(token)
             if self.room == 0:
                 self.finished = True
+                self.stop_reason = "limit"
                 break
         self.stats.generated_tokens += len(out)
         return out

@@ -81,18 +81,31 @@ def trim_to_cursor(prefix_ids: list[int], suffix_ids: list[int], room: int) -> t
     return prefix_ids[min(drop_prefix, P) :], suffix_ids[:keep_suffix]
 
 
-def build_fim_prompt(
-    tokenizer: Tokenizer, prefix: str, suffix: str, n_ctx: int, max_new_tokens: int, order: str = "psm"
-) -> list[int]:
+def fim_prompt(
+    tokenizer: Tokenizer, prefix_ids: list[int], suffix_ids: list[int], n_ctx: int, max_new_tokens: int, order: str = "psm"
+) -> tuple[list[int], list[int], list[int]]:
+    """(the FIM prompt's ids, the kept prefix ids, the kept suffix ids) for tokenized prefix and
+    suffix: trimmed at the far ends to leave room for `max_new_tokens`, without a word (callers
+    say it their way: a warning, or a server's `truncated`)."""
     if order not in FIM_ORDERS:
         raise SantacpuError(f"unknown FIM order '{order}' (choose psm or spm)")
     special = (tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id)
     if None in special:
         raise SantacpuError("this tokenizer has no <fim-prefix>/<fim-suffix>/<fim-middle> tokens")
-    warn_about_markers(prefix, suffix)
-    prefix_ids, suffix_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
     room = fim_budget(n_ctx, max_new_tokens) - len(special)
     kept_prefix, kept_suffix = trim_to_cursor(prefix_ids, suffix_ids, room)
+    pre, suf, mid = special
+    if order == "psm":
+        return [pre, *kept_prefix, suf, *kept_suffix, mid], kept_prefix, kept_suffix
+    return [pre, suf, *kept_suffix, mid, *kept_prefix], kept_prefix, kept_suffix
+
+
+def build_fim_prompt(
+    tokenizer: Tokenizer, prefix: str, suffix: str, n_ctx: int, max_new_tokens: int, order: str = "psm"
+) -> list[int]:
+    warn_about_markers(prefix, suffix)
+    prefix_ids, suffix_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    ids, kept_prefix, kept_suffix = fim_prompt(tokenizer, prefix_ids, suffix_ids, n_ctx, max_new_tokens, order)
     if (len(kept_prefix), len(kept_suffix)) != (len(prefix_ids), len(suffix_ids)):
         warnings.warn(
             f"the FIM prompt did not fit the {n_ctx}-token context with room for {max_new_tokens} new tokens: "
@@ -101,7 +114,4 @@ def build_fim_prompt(
             SantacpuWarning,
             stacklevel=2,
         )
-    pre, suf, mid = special
-    if order == "psm":
-        return [pre, *kept_prefix, suf, *kept_suffix, mid]
-    return [pre, suf, *kept_suffix, mid, *kept_prefix]
+    return ids

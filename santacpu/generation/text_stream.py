@@ -19,15 +19,17 @@ class StopStrings:
         self.stops = [s for s in stops if s]
         self.pending = ""
         self.stopped = False
+        self.matched = ""  # the stop string that ended the text
 
     def push(self, piece: str) -> str:
         if self.stopped:
             return ""
         self.pending += piece
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for i, s in ((self.pending.find(s), s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
+            at, self.matched = min(hits)
+            out, self.pending = self.pending[:at], ""
             return out
         hold = self._partial_match_length()
         cut = len(self.pending) - hold

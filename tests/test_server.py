@@ -1,0 +1,350 @@
+"""`santacpu serve`: every endpoint in process (Starlette's test client) and through a real uvicorn
+on 127.0.0.1 (the official `openai` client, llama.vim's exact /infill body, concurrent clients,
+a client that hangs up), stop rules, truncation, and hostile input. Greedy answers must equal the
+library's own. Bounded: a few dozen requests on the tiny quantized model."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+import santacpu
+from helpers import tiny_checkpoint
+from santacpu.backends.cpu import int_dot
+from santacpu.server import build_app
+from santacpu.server.app import ServerSettings
+from santacpu.server.completion import IndentStop
+
+pytestmark = pytest.mark.skipif(int_dot.ISA is None, reason="greedy answers compared bit for bit need the integer kernels")
+starlette_testclient = pytest.importorskip("starlette.testclient")
+
+PREFIX, SUFFIX = "def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    from quantize.converter import convert
+
+    return convert(tiny_checkpoint(), tmp_path_factory.mktemp("serve") / "tiny-q8_0.safetensors", qtype="q8_0", upgrade_budget=0).out
+
+
+@pytest.fixture(scope="module")
+def model(quantized):
+    return santacpu.load(quantized)
+
+
+def wait_ready(get) -> None:
+    for _ in range(600):
+        if get("/health").status_code == 200:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the server never became ready")
+
+
+@pytest.fixture(scope="module")
+def client(quantized):
+    app = build_app(ServerSettings(model_name="tiny", max_batch=4), lambda: santacpu.load(quantized))
+    with starlette_testclient.TestClient(app) as test_client:
+        wait_ready(test_client.get)
+        yield test_client
+
+
+class LiveServer:
+    """A real uvicorn on 127.0.0.1 (a free port), in a thread, for the duration of a test module."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        for _ in range(600):
+            if self.server.started:
+                break
+            time.sleep(0.05)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.app = app
+        wait_ready(lambda path: httpx.get(self.url + path, timeout=10))
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def live(quantized):
+    server = LiveServer(build_app(ServerSettings(model_name="tiny", max_batch=4), lambda: santacpu.load(quantized)))
+    yield server
+    server.stop()
+
+
+def sse_data(text: str) -> list[str]:
+    return [line[len("data:") :].strip() for line in text.splitlines() if line.startswith("data:")]
+
+
+# --- in process -------------------------------------------------------------------------------
+
+
+def test_health_is_503_while_the_model_loads(quantized):
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return santacpu.load(quantized)
+
+    app = build_app(ServerSettings(model_name="tiny"), slow_load)
+    with starlette_testclient.TestClient(app) as c:
+        assert c.get("/health").status_code == 503
+        refused = c.post("/completion", json={"prompt": "x", "n_predict": 1})
+        assert refused.status_code == 503 and refused.headers["retry-after"]
+        release.set()
+        wait_ready(c.get)
+        assert c.get("/health").json() == {"status": "ok"}
+
+
+def test_completion_equals_the_librarys_greedy_answer(client, model):
+    reply = client.post("/completion", json={"prompt": "def f(x):", "n_predict": 8, "temperature": 0})
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["content"] == model.complete("def f(x):", max_new_tokens=8)
+    assert body["stop"] is True and body["stop_type"] == "limit" and body["tokens_predicted"] == 8
+    assert body["tokens_evaluated"] == len(model.tokenizer.encode("def f(x):")) and body["truncated"] is False
+    assert body["timings"]["predicted_n"] == 8 and body["timings"]["prompt_n"] == body["tokens_evaluated"]
+    by_ids = client.post("/completion", json={"prompt": model.tokenizer.encode("def f(x):"), "n_predict": 8, "temperature": 0})
+    assert by_ids.json()["content"] == body["content"]
+
+
+def test_streamed_completion_and_infill(client, model):
+    reply = client.post("/completion", json={"prompt": "x = [", "n_predict": 6, "temperature": 0, "stream": True})
+    events = [json.loads(d) for d in sse_data(reply.text)]
+    assert all(e["stop"] is False for e in events[:-1]) and events[-1]["stop"] is True
+    assert "".join(e["content"] for e in events[:-1]) == events[-1]["content"] == model.complete("x = [", max_new_tokens=6)
+    infill = client.post(
+        "/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 6, "temperature": 0}
+    ).json()
+    assert infill["content"] == model.complete(PREFIX, SUFFIX, max_new_tokens=6)
+
+
+def test_stop_words_and_limits(client, model):
+    free = model.complete("def f(x):", max_new_tokens=10)
+    word = free[2:5]
+    body = client.post("/completion", json={"prompt": "def f(x):", "n_predict": 10, "temperature": 0, "stop": [word]}).json()
+    assert body["content"] == free[: free.index(word)]
+    assert body["stop_type"] == "word" and body["stopping_word"] == word
+    none = client.post("/completion", json={"prompt": "def f(x):", "n_predict": 0}).json()
+    assert none["content"] == "" and none["tokens_predicted"] == 0 and none["stop_type"] == "limit"
+
+
+def test_indent_stop_drops_the_first_line_indented_less():
+    stop = IndentStop(4)
+    text = stop.push("x = 1\n    y = 2\n") + stop.push("  ") + stop.push("z = 3\n")
+    assert text == "x = 1\n    y = 2" and stop.stopped
+    blank = IndentStop(4)
+    assert blank.push("a\n\n        b\nc") + blank.flush() == "a\n\n        b" and blank.stopped
+    assert IndentStop(0).push("a\nb") == "a\nb"
+
+
+def test_a_long_infill_is_truncated_not_refused(client):
+    long_prefix = "x = 1\n" * 200
+    body = client.post("/infill", json={"input_prefix": long_prefix, "input_suffix": "y = 2\n" * 200, "n_predict": 4}).json()
+    assert body["truncated"] is True and body["tokens_evaluated"] <= 64 - 4
+
+
+def test_llama_vim_requests(client):
+    # The two bodies llama.vim sends (autoload/llama.vim): the context-only request, then a FIM request.
+    warm = client.post(
+        "/infill",
+        json={"id_slot": 0, "input_prefix": "", "input_suffix": "", "input_extra": [{"text": "import os\n", "time": 1, "filename": "a.py"}],
+              "prompt": "", "n_predict": 0, "temperature": 0.0, "samplers": [], "stream": False, "cache_prompt": True,
+              "t_max_prompt_ms": 1, "t_max_predict_ms": 1, "response_fields": [""]},
+    )
+    assert warm.status_code == 200 and warm.json() == {}
+    fields = ["content", "timings/prompt_n", "timings/prompt_ms", "timings/prompt_per_token_ms", "timings/prompt_per_second",
+              "timings/predicted_n", "timings/predicted_ms", "timings/predicted_per_token_ms", "timings/predicted_per_second",
+              "truncated", "tokens_cached"]
+    reply = client.post(
+        "/infill",
+        json={"id_slot": 0, "input_prefix": "def f(x):\n", "input_suffix": "\n", "input_extra": [{"text": "import os\n", "time": 1, "filename": "a.py"}],
+              "prompt": "    return", "n_predict": 8, "stop": [], "n_indent": 4, "top_k": 40, "top_p": 0.90,
+              "samplers": ["top_k", "top_p", "infill"], "stream": False, "cache_prompt": True, "t_max_prompt_ms": 500,
+              "t_max_predict_ms": 1000, "response_fields": fields},
+    )
+    assert reply.status_code == 200 and set(reply.json()) == set(fields)
+    assert reply.json()["timings/predicted_n"] <= 8
+
+
+def test_openai_shapes_and_starcoder_markers(client, model):
+    body = client.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 5, "temperature": 0, "n": 2}).json()
+    want = model.complete(PREFIX, SUFFIX, max_new_tokens=5)
+    assert [c["text"] for c in body["choices"]] == [want, want] and body["object"] == "text_completion"
+    assert body["usage"]["completion_tokens"] <= 10 and body["choices"][0]["finish_reason"] in ("length", "stop")
+    marked = client.post(
+        "/v1/completions", json={"prompt": f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>", "max_tokens": 5, "temperature": 0}
+    ).json()
+    assert marked["choices"][0]["text"] == want
+
+
+def test_tokenize_detokenize_props_models(client, model):
+    tokens = client.post("/tokenize", json={"content": "def f(x):"}).json()["tokens"]
+    assert tokens == model.tokenizer.encode("def f(x):")
+    assert client.post("/detokenize", json={"tokens": tokens}).json()["content"] == "def f(x):"
+    assert client.get("/props").json()["default_generation_settings"]["n_ctx"] == 64
+    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+@pytest.mark.parametrize(
+    "path, content, status, fragment",
+    [
+        ("/completion", b"{not json", 400, "not valid JSON"),
+        ("/completion", b"\xff\xfe", 400, "not valid UTF-8"),
+        ("/completion", b"[1, 2]", 400, "must be a JSON object"),
+        ("/completion", json.dumps({"prompt": 5}).encode(), 400, "'prompt' must be a string or a list of token ids"),
+        ("/completion", json.dumps({"prompt": "x", "n_predict": -5}).encode(), 400, "'n_predict' must be between -1"),
+        ("/completion", json.dumps({"prompt": "x", "n_predict": "8"}).encode(), 400, "'n_predict' must be an integer"),
+        ("/completion", json.dumps({"prompt": "x", "temperature": True}).encode(), 400, "'temperature' must be a number"),
+        ("/completion", json.dumps({"prompt": "x", "wat": 1}).encode(), 400, "unknown field 'wat'"),
+        ("/completion", json.dumps({"prompt": ""}).encode(), 400, "the prompt is empty"),
+        ("/completion", json.dumps({"prompt": "x " * 200}).encode(), 400, "the context holds 64"),
+        ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": 10**9}).encode(), 400, "'max_tokens' must be between 0 and 64"),
+        ("/v1/completions", json.dumps({"prompt": "x", "logprobs": 3}).encode(), 400, "'logprobs' is not supported"),
+        ("/v1/completions", json.dumps({"prompt": "x", "n": 0}).encode(), 400, "'n' must be between 1"),
+        ("/infill", json.dumps({"input_prefix": 3}).encode(), 400, "'input_prefix' must be a string"),
+        ("/infill", json.dumps({"input_extra": "x"}).encode(), 400, "'input_extra' must be a list"),
+        ("/detokenize", json.dumps({"tokens": [-1]}).encode(), 400, "/detokenize takes"),
+        ("/completion", b" " * (5 << 20), 413, "over 4 MiB"),
+        ("/nowhere", b"{}", 404, "Not Found"),
+    ],
+)
+def test_hostile_input_gets_a_json_4xx_and_the_server_lives_on(client, path, content, status, fragment):
+    reply = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == status and fragment in error["message"] and "\n" not in error["message"]
+    assert client.get("/health").status_code == 200
+
+
+def test_api_key_and_full_queue(quantized):
+    app = build_app(ServerSettings(model_name="tiny", api_key="sekret", max_queue=0), lambda: santacpu.load(quantized))
+    with starlette_testclient.TestClient(app) as c:
+        wait_ready(c.get)  # /health needs no key
+        assert c.post("/completion", json={"prompt": "x"}).status_code == 401
+        wrong = c.post("/completion", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
+        full = c.post("/completion", json={"prompt": "x", "n_predict": 2}, headers={"Authorization": "Bearer sekret"})
+        assert full.status_code == 503 and full.headers["retry-after"] == "2"  # max_queue 0: nothing may wait
+        assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+
+
+# --- a real server on 127.0.0.1 -----------------------------------------------------------------
+
+
+def test_the_openai_client_streaming_and_not(live, model):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    want = model.complete(PREFIX, SUFFIX, max_new_tokens=6)
+    done = client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=6, temperature=0)
+    assert done.choices[0].text == want and done.usage.prompt_tokens > 0
+    pieces = client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=6, temperature=0, stream=True)
+    chunks = list(pieces)
+    assert "".join(c.choices[0].text for c in chunks) == want
+    assert chunks[-1].choices[0].finish_reason in ("length", "stop")
+
+
+def test_concurrent_clients_get_their_single_client_answers(live, model):
+    prompts = ["def f(x):", "import os\n", "x = [", "class A:", "for i in", "# sum\n", "while True", "return "]
+    want = [model.complete(p, max_new_tokens=8) for p in prompts]
+
+    def ask(prompt: str) -> tuple[str, float]:
+        started = time.perf_counter()
+        reply = httpx.post(live.url + "/completion", json={"prompt": prompt, "n_predict": 8, "temperature": 0}, timeout=120)
+        assert reply.status_code == 200
+        return reply.json()["content"], time.perf_counter() - started
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, prompts * 3))
+    assert [text for text, _ in results] == want * 3
+    latencies = sorted(seconds for _, seconds in results)
+    print(f"8 clients, 24 requests: p50 {latencies[len(latencies) // 2]:.3f} s, p95 {latencies[int(len(latencies) * 0.95)]:.3f} s")
+
+
+class SlowSteps:
+    """The engine with every batched step slowed down, so that a generation outlives a hang-up."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def forward_batch(self, *args):
+        time.sleep(0.05)
+        return self.engine.forward_batch(*args)
+
+
+def test_a_client_that_hangs_up_frees_the_model(quantized):
+    def slowed():
+        model = santacpu.load(quantized)
+        model.engine = SlowSteps(model.engine)
+        return model
+
+    server = LiveServer(build_app(ServerSettings(model_name="tiny"), slowed))
+    try:
+        scheduler = server.app.state.santacpu.worker.scheduler
+        with httpx.stream(
+            "POST", server.url + "/completion", json={"prompt": "def f(x):", "n_predict": 50, "stream": True}, timeout=60
+        ) as reply:
+            lines = 0
+            for line in reply.iter_lines():
+                lines += line.startswith("data:")
+                if lines == 2:
+                    [sequence] = scheduler.running
+                    break  # hang up after two streamed pieces: 48 tokens (2.4 s) were still to come
+        hung_up = time.perf_counter()
+        while sequence.state == "running" and time.perf_counter() - hung_up < 1.0:
+            time.sleep(0.01)
+        assert sequence.state == "cancelled" and len(sequence.tokens) < 20
+        assert not scheduler.running
+        follow = httpx.post(server.url + "/completion", json={"prompt": "x", "n_predict": 2}, timeout=60)
+        assert follow.status_code == 200
+    finally:
+        server.stop()
+
+
+def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized):
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import santacpu_env
+
+    with socket.socket() as probe:  # a free port on loopback
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "santacpu", "serve", "--model", str(quantized), "--port", str(port)],
+        env=santacpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        reply = httpx.post(url + "/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 3}, timeout=60)
+        assert reply.status_code == 200 and reply.json()["tokens_predicted"] <= 3
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode in (0, 130), err
+    assert "Traceback" not in err and f"http://127.0.0.1:{port}" in out
