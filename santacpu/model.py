@@ -138,18 +138,35 @@ class Model:
         return generate_tokens(sequence, ids, decoder)
 
     def scheduler(
-        self, *, max_batch: int = DEFAULT_MAX_BATCH, max_kv_bytes: int | None = None, max_queue: int | None = None
+        self,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_kv_bytes: int | None = None,
+        max_queue: int | None = None,
+        keep_caches: int | None = None,
     ) -> BatchScheduler:
         """A continuous-batching scheduler over this model (`santacpu.generation.batch`): `submit`
         sequences (each with its own options) at any time, drive it with `step()` or `run()`. At
         most `max_batch` sequences run at once, their KV caches within `max_kv_bytes` (None: no
-        bound); at most `max_queue` wait (None: no bound)."""
+        bound); at most `max_queue` wait (None: no bound). The caches of the last `keep_caches`
+        sequences that left serve later prompts' common prefixes (None: 4, or 0 where
+        `reuse_prompt` is off)."""
+        if keep_caches is None:
+            keep_caches = 4 if self.reuse_prompt else 0
+        keep_caches = arguments.integer(keep_caches, "keep_caches", minimum=0)
         max_batch = arguments.integer(max_batch, "max_batch", minimum=1)
         if max_kv_bytes is not None:
             max_kv_bytes = arguments.integer(max_kv_bytes, "max_kv_bytes", minimum=1)
         if max_queue is not None:
             max_queue = arguments.integer(max_queue, "max_queue", minimum=0)
-        return BatchScheduler(self.engine, self.decoder, max_batch=max_batch, max_kv_bytes=max_kv_bytes, max_queue=max_queue)
+        return BatchScheduler(
+            self.engine,
+            self.decoder,
+            max_batch=max_batch,
+            max_kv_bytes=max_kv_bytes,
+            max_queue=max_queue,
+            keep_caches=keep_caches,
+        )
 
     def generate_batch(
         self,

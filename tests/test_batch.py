@@ -202,3 +202,36 @@ def test_complete_many_equals_complete_and_stops_free_slots(model):
 def test_bad_batch_input_is_one_clear_error(model, prompts, call, fragment):
     with pytest.raises(SantacpuError, match=fragment):
         call(model, prompts)
+
+
+def test_a_prompt_sharing_a_prefix_with_a_finished_sequence_computes_only_the_rest(quantized, model, prompts):
+    scheduler = model.scheduler(max_batch=2)
+    [first] = scheduler.submit(prompts[1], max_new_tokens=6)
+    for _ in scheduler.run():
+        pass
+    longer = prompts[1] + first.tokens[:3] + prompts[2]  # an editor's next request: the same text, typed on
+    [second] = scheduler.submit(longer, max_new_tokens=6)
+    [other] = scheduler.submit(prompts[3], max_new_tokens=6)  # nothing in common: computed whole
+    for _ in scheduler.run():
+        pass
+    assert second.stats.reused_tokens == len(prompts[1]) + 3
+    assert second.stats.computed_tokens == len(prompts[2])
+    assert other.stats.reused_tokens == 0 and other.stats.computed_tokens == len(prompts[3])
+    assert second.tokens == alone(quantized, longer, max_new_tokens=6)
+    [again] = scheduler.submit(longer, max_new_tokens=6)  # the same prompt again: all but its last token
+    for _ in scheduler.run():
+        pass
+    assert again.stats.computed_tokens == 1 and again.tokens == second.tokens
+    assert model.scheduler(keep_caches=0).keep_caches == 0
+
+
+def test_kept_caches_yield_to_running_sequences_under_the_memory_bound(model, prompts):
+    per_sequence = model.scheduler().kv_bytes(len(prompts[0]) + 6)
+    scheduler = model.scheduler(max_batch=2, max_kv_bytes=2 * per_sequence, keep_caches=4)
+    for ids in prompts[:4]:
+        scheduler.submit(ids[: len(prompts[0])] if len(ids) >= len(prompts[0]) else ids, max_new_tokens=6)
+    while scheduler.pending:
+        scheduler.step()
+        held = sum(s.cache.k.nbytes + s.cache.v.nbytes for s in scheduler.running)
+        held += sum(c.k.nbytes + c.v.nbytes for c in scheduler._kept)
+        assert held <= 2 * per_sequence

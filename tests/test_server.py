@@ -150,6 +150,16 @@ def test_indent_stop_drops_the_first_line_indented_less():
     assert IndentStop(0).push("a\nb") == "a\nb"
 
 
+def test_consecutive_requests_reuse_the_common_prefix(client):
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 4, "temperature": 0}
+    first = client.post("/infill", json=body).json()
+    again = client.post("/infill", json=body).json()
+    assert again["content"] == first["content"]
+    assert again["tokens_cached"] == again["tokens_evaluated"] - 1 and again["timings"]["prompt_n"] == 1
+    typed = client.post("/infill", json={**body, "input_prefix": PREFIX + "a"}).json()
+    assert 0 < typed["tokens_cached"] < typed["tokens_evaluated"]
+
+
 def test_a_long_infill_is_truncated_not_refused(client):
     long_prefix = "x = 1\n" * 200
     body = client.post("/infill", json={"input_prefix": long_prefix, "input_suffix": "y = 2\n" * 200, "n_predict": 4}).json()

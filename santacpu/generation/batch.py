@@ -12,6 +12,10 @@ sequence over its own KV cache), and lets sequences join and leave between steps
   the sequence joins the next batched step. The n samples of one prompt (`submit(..., n=...)`)
   compute it once: the others copy its K/V rows (MQA keeps them small).
 - `cancel()` on a sequence frees its slot at the next step.
+- Prompt reuse (`keep_caches`, default 4): the caches of the last sequences that left are kept, and
+  a joining prompt computes only what follows the longest token prefix it shares with one of them
+  (an editor's next request, a resubmitted prompt). Kept caches yield to running sequences when
+  `max_kv_bytes` is short.
 
 Exactness: a sequence's tokens come from its own `SequenceDecoder` and its own seeded generator,
 fed the logits of its own tokens; where the kernels are token-invariant (`Model.token_invariant`)
@@ -21,7 +25,7 @@ Threads: `submit` and `cancel` may be called from any thread while one thread dr
 (the running sequences belong to that thread; the queue is guarded by a lock).
 
 May import: numpy, `santacpu.arguments`, `santacpu.network`, `santacpu.generation.decoder`, `santacpu.generation.options`,
-`santacpu.errors`.
+`santacpu.generation.runner` (common_prefix_length), `santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..errors import SantacpuError
 from ..network.engine import Engine
 from ..network.kv_cache import KVCache
 from .decoder import SequenceDecoder
+from .runner import common_prefix_length
 from .options import GenerationOptions
 
 DEFAULT_MAX_BATCH = 8
@@ -83,6 +88,10 @@ class _PromptGroup:
         self.last_row: np.ndarray | None = None  # the prompt's last logits row [V]
 
 
+def _nbytes(cache: KVCache) -> int:
+    return cache.k.nbytes + cache.v.nbytes
+
+
 class BatchScheduler:
     """Continuous batching over one model's engine (see the module docstring)."""
 
@@ -94,6 +103,7 @@ class BatchScheduler:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_kv_bytes: int | None = None,
         max_queue: int | None = None,
+        keep_caches: int = 4,
     ):
         if max_batch < 1:
             raise SantacpuError(f"max_batch must be >= 1, got {max_batch}")
@@ -104,6 +114,8 @@ class BatchScheduler:
         self.max_queue = max_queue
         self._queue: deque[_PromptGroup] = deque()
         self._running: list[BatchSequence] = []
+        self.keep_caches = keep_caches
+        self._kept: list[KVCache] = []  # caches of sequences that left, the latest first
         self._lock = threading.Lock()
         self._submitted = 0
 
@@ -212,25 +224,46 @@ class BatchScheduler:
     def _leave(self, sequence: BatchSequence, state: str) -> None:
         self._running.remove(sequence)
         sequence.state = state
-        sequence.cache = None  # freed, unless a waiting sample of its prompt still copies from it
+        if self.keep_caches and sequence.cache is not None:
+            self._kept.insert(0, sequence.cache)
+            del self._kept[self.keep_caches :]
+        sequence.cache = None  # freed, unless kept or a waiting sample of its prompt copies from it
 
     def _take_admissible(self) -> list[tuple[BatchSequence, _PromptGroup]]:
         """Take from the queue, in order, the sequences that fit beside the running ones: at most
         max_batch in all, their caches within max_kv_bytes (a sequence alone always fits)."""
         taken = []
-        used = sum(s.cache.k.nbytes + s.cache.v.nbytes for s in self._running)
+        used = sum(_nbytes(s.cache) for s in self._running)
         count = len(self._running)
         with self._lock:
             while self._queue and count < self.max_batch:
                 group = self._queue[0]
                 need = self.kv_bytes(group.members[0].decoder.total)
-                if self.max_kv_bytes is not None and count and used + need > self.max_kv_bytes:
-                    break  # waits for memory to be freed
+                if self.max_kv_bytes is not None:
+                    while self._kept and used + sum(map(_nbytes, self._kept)) + need > self.max_kv_bytes:
+                        self._kept.pop()  # kept caches yield to sequences that run
+                    if count and used + need > self.max_kv_bytes:
+                        break  # waits for memory to be freed
                 taken.append((group.members.popleft(), group))
                 if not group.members:
                     self._queue.popleft()
                 used, count = used + need, count + 1
         return taken
+
+    def _reusable(self, prompt: list[int], capacity: int) -> KVCache:
+        """A cache for `prompt` of at least `capacity` positions: the kept one sharing the longest
+        prefix with it, truncated to that prefix (never the whole prompt: its last token's logits
+        are needed), else a new one."""
+        best, best_length = None, 0
+        for kept in self._kept:
+            length = min(common_prefix_length(kept.ids, prompt), len(prompt) - 1)
+            if length > best_length:
+                best, best_length = kept, length
+        if best is None:
+            return self.engine.new_cache(capacity)
+        self._kept.remove(best)
+        best.truncate(best_length)
+        return best if best.capacity >= capacity else best.resized(capacity)
 
     def _join(self, sequence: BatchSequence, group: _PromptGroup) -> None:
         """Give `sequence` its cache with the prompt's K/V (computed, or copied from its group's
@@ -239,13 +272,15 @@ class BatchScheduler:
         if decoder.finished:  # max_new_tokens = 0: not even the prompt runs
             sequence.state = "finished"
             return
-        cache = self.engine.new_cache(decoder.total)
         prompt = sequence.prompt
         if group.source is None:
-            group.last_row = self.engine.forward(cache, prompt)[-1]
+            cache = self._reusable(prompt, decoder.total)
+            reused = cache.length
+            group.last_row = self.engine.forward(cache, prompt[reused:])[-1]
             group.source = cache
-            decoder.stats.computed_tokens = len(prompt)
+            decoder.stats.computed_tokens, decoder.stats.reused_tokens = len(prompt) - reused, reused
         else:
+            cache = self.engine.new_cache(decoder.total)
             n = len(prompt)
             cache.k[:, :n] = group.source.k[:, :n]
             cache.v[:, :n] = group.source.v[:, :n]
