@@ -189,6 +189,23 @@ def test_llama_vim_requests(client):
     assert reply.json()["timings/predicted_n"] <= 8
 
 
+def test_llama_vscode_request_with_parallel_completions(client):
+    # llama.vscode's /infill body (src/llama-server.ts, createRequestPayload): n_cmpl completions
+    # come back as a list of result objects.
+    reply = client.post(
+        "/infill",
+        json={"id_slot": 0, "input_prefix": PREFIX, "input_suffix": SUFFIX, "input_extra": [], "prompt": "",
+              "n_predict": 6, "n_cmpl": 3, "top_k": 40, "top_p": 0.99, "stream": False,
+              "samplers": ["top_k", "top_p", "infill"], "cache_prompt": True, "n_indent": 4,
+              "t_max_prompt_ms": 500, "t_max_predict_ms": 2500, "model": "santacoder"},
+    )
+    assert reply.status_code == 200
+    results = reply.json()
+    assert isinstance(results, list) and len(results) == 3
+    assert all(isinstance(r["content"], str) and r["tokens_predicted"] <= 6 for r in results)
+    assert sum(r["timings"]["prompt_n"] for r in results) == results[0]["tokens_evaluated"] - results[0]["tokens_cached"]
+
+
 def test_openai_shapes_and_starcoder_markers(client, model):
     body = client.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 5, "temperature": 0, "n": 2}).json()
     want = model.complete(PREFIX, SUFFIX, max_new_tokens=5)
@@ -226,6 +243,8 @@ def test_tokenize_detokenize_props_models(client, model):
         ("/v1/completions", json.dumps({"prompt": "x", "n": 0}).encode(), 400, "'n' must be between 1"),
         ("/infill", json.dumps({"input_prefix": 3}).encode(), 400, "'input_prefix' must be a string"),
         ("/infill", json.dumps({"input_extra": "x"}).encode(), 400, "'input_extra' must be a list"),
+        ("/infill", json.dumps({"n_cmpl": 2, "stream": True}).encode(), 400, "'stream' with 'n_cmpl' above 1"),
+        ("/infill", json.dumps({"lora": [{"id": 0, "scale": 0.5}]}).encode(), 400, "LoRA adapters"),
         ("/detokenize", json.dumps({"tokens": [-1]}).encode(), 400, "/detokenize takes"),
         ("/completion", b" " * (5 << 20), 413, "over 4 MiB"),
         ("/nowhere", b"{}", 404, "Not Found"),

@@ -128,7 +128,11 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
     async def llama_completion(request: Request, build) -> object:
         model = ready_model()
         job = build(await read_body(request), model)
-        [run] = submit(job)
+        runs = submit(job)
+        run = runs[0]
+        if len(runs) > 1:  # n_cmpl (llama.vscode): one result object per completion, in a list
+            await collect(runs, request)
+            return JSONResponse([llama_result(job, r) for r in runs])
         if job.stream:
             async def events():
                 async for piece in run.pieces():

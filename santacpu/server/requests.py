@@ -118,6 +118,7 @@ class Fields:
 _LLAMA_COMMON = {
     "n_predict", "temperature", "top_k", "top_p", "seed", "stop", "stream", "cache_prompt", "samplers",
     "response_fields", "id_slot", "n_indent", "t_max_prompt_ms", "t_max_predict_ms", "model", "n_probs",
+    "n_cmpl", "lora",
 }
 
 
@@ -147,7 +148,10 @@ def _llama_options(f: Fields, n_ctx: int) -> tuple[GenerationOptions, dict]:
     f.get("model", (str,), "", "a string")
     f.integer("n_probs", 0, 0, 0)  # token probabilities: not offered
     f.number("t_max_prompt_ms", 0, -1, 1e9)
+    if f.body.get("lora"):
+        raise RequestError("LoRA adapters ('lora') are not supported by santacpu")
     extras = {
+        "n": f.integer("n_cmpl", 1, 1, MAX_SAMPLES),
         "stream": f.flag("stream", False),
         "n_indent": f.integer("n_indent", 0, 0, 1 << 16),
         "t_max_predict_ms": max(0.0, f.number("t_max_predict_ms", 0, -1, 1e9)),
@@ -219,9 +223,12 @@ def _fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: 
 
 
 def _job(ids: list[int], options: GenerationOptions, extras: dict, truncated: bool) -> Job:
+    if extras.get("n", 1) > 1 and extras["stream"]:
+        raise RequestError("'stream' with 'n_cmpl' above 1 is not supported: ask for one completion per stream")
     return Job(
         ids=ids,
         options=options,
+        n=extras.get("n", 1),
         stream=extras["stream"],
         truncated=truncated,
         n_indent=extras.get("n_indent", 0),
