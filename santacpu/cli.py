@@ -388,6 +388,11 @@ def serve(
     max_batch: int = typer.Option(8, min=1, max=256, help="Sequences generated at once; more wait in the queue."),
     max_queue: int = typer.Option(64, min=0, help="Sequences that may wait; beyond, requests get 503 with Retry-After."),
     fim_order: str = typer.Option("psm", help="FIM prompt order: psm, or spm (typing at the cursor only appends)."),
+    fim_budget: Optional[int] = typer.Option(
+        None, min=16, help="Most prompt tokens of a fill-in-the-middle request: a longer prefix loses its start, a "
+        "longer suffix its end (a cold request computes at most this many). Default: the model's context.",
+        show_default=False,
+    ),
 ) -> None:
     """Serve completions over HTTP: llama.cpp's /infill and /completion, OpenAI's /v1/completions
     (with suffix), /health, /tokenize, /detokenize, /props, /v1/models. Needs the 'serve' extra."""
@@ -403,7 +408,9 @@ def serve(
         raise SantacpuError(SERVE_EXTRA_HINT) from None
     name = model or default_model()
     runnable, revision = runnable_model(name, revision, quant)
-    settings = ServerSettings(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, fim_order=fim_order)
+    settings = ServerSettings(
+        model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, fim_order=fim_order, fim_budget=fim_budget
+    )
     run_server(settings, lambda: load(runnable, revision=revision), host, port)
 
 

@@ -377,3 +377,11 @@ def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized):
         process.kill()
     assert process.returncode in (0, 130), err
     assert "Traceback" not in err and f"http://127.0.0.1:{port}" in out
+
+
+def test_the_fim_budget_caps_the_prompt(quantized):
+    app = build_app(ServerSettings(model_name="tiny", fim_budget=24), lambda: santacpu.load(quantized))
+    with starlette_testclient.TestClient(app) as c:
+        wait_ready(c.get)
+        body = c.post("/infill", json={"input_prefix": "x = 1\n" * 20, "input_suffix": "y = 2\n" * 20, "n_predict": 2}).json()
+        assert body["truncated"] is True and body["tokens_evaluated"] <= 24

@@ -1,6 +1,8 @@
-"""Prompt reuse while typing: what one more character at the cursor costs, SPM beside PSM.
+"""Prompt reuse while typing: what one more character at the cursor costs, SPM beside PSM; and a
+typing trace replayed over HTTP against `santacpu serve` and llama.cpp's `llama-server`.
 
     python -m tools.bench_typing MODEL [--source FILE] [--typed "    x"] [--fit-only]
+    python -m tools.bench_typing MODEL --trace --gguf FILE.gguf [--llamacpp-bin DIR] [--line N]
 
 For a source file cut mid-way (the cursor), runs a fresh FIM request, then the same request with
 `--typed` appended to the prefix, and prints for each FIM order: prompt tokens, time to first token
@@ -37,13 +39,140 @@ def keystroke(model, prefix: str, suffix: str, order: str, typed: str) -> str:
             f"computed, {s.reused_tokens} reused, TTFT {s.time_to_first_token:.2f} s")
 
 
+# --- the HTTP trace: llama.vim's requests, one a keystroke -------------------------------------
+# A line of --source typed character by character; each keystroke sends llama.vim's /infill body
+# (autoload/llama.vim: 256 lines before the cursor line as input_prefix, the typed part of the
+# line as prompt, the rest of the line and 64 lines after as input_suffix), non-streaming, and the
+# time to the finished completion is taken. The first request is the cold one.
+N_PREFIX_LINES, N_SUFFIX_LINES, TRACE_PREDICT = 256, 64, 8
+
+
+def trace_requests(source: str, line: int) -> list[dict]:
+    lines = source.split("\n")
+    typed = lines[line]
+    prefix = "\n".join(lines[max(0, line - N_PREFIX_LINES) : line]) + "\n"
+    after = "\n".join(lines[line + 1 : line + 1 + N_SUFFIX_LINES]) + "\n"
+    return [
+        {
+            "id_slot": 0, "input_prefix": prefix, "input_suffix": "\n" + after, "input_extra": [],
+            "prompt": typed[:k], "n_predict": TRACE_PREDICT, "top_k": 40, "top_p": 0.90,
+            "samplers": ["top_k", "top_p", "infill"], "stream": False, "cache_prompt": True,
+            "t_max_prompt_ms": 500, "t_max_predict_ms": 1000,
+        }
+        for k in range(len(typed) + 1)
+    ]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_server(command: list[str], url: str):
+    import subprocess
+    import time
+
+    import httpx
+
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for _ in range(1200):
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise SystemExit(f"{command[0]} exited: {process.stderr.read()[-500:]}")
+        time.sleep(0.25)
+    process.kill()
+    raise SystemExit(f"{command[0]} never became ready")
+
+
+def replay(url: str, requests: list[dict]) -> list[dict]:
+    import time
+
+    import httpx
+
+    results = []
+    for body in requests:
+        started = time.perf_counter()
+        reply = httpx.post(url + "/infill", json=body, timeout=600)
+        reply.raise_for_status()
+        timings = reply.json().get("timings", {})
+        results.append({"seconds": time.perf_counter() - started, "prompt_n": timings.get("prompt_n")})
+    return results
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run_trace(args) -> None:
+    import os
+    import sys
+
+    source = Path(args.source).read_text(encoding="utf-8")
+    line = args.line if args.line is not None else len(source.split("\n")) // 2
+    while not source.split("\n")[line].strip():
+        line += 1
+    requests = trace_requests(source, line)
+    env_threads = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    systems = {}
+    port = free_port()
+    systems[f"santacpu serve ({args.fim_order})"] = (
+        [sys.executable, "-m", "santacpu", "serve", "--model", args.model, "--port", str(port), "--fim-order", args.fim_order,
+         "--fim-budget", str(args.fim_budget)],
+        f"http://127.0.0.1:{port}",
+    )
+    if args.gguf:
+        port = free_port()
+        systems["llama-server"] = (
+            [str(Path(args.llamacpp_bin) / "llama-server"), "-m", args.gguf, "-c", "2048", "-b", "1024", "-t",
+             str(args.threads), "-np", "1", "--host", "127.0.0.1", "--port", str(port)],
+            f"http://127.0.0.1:{port}",
+        )
+    print(f"trace: line {line + 1} of {args.source} typed ({len(requests) - 1} keystrokes), "
+          f"{TRACE_PREDICT} tokens predicted, {args.threads} threads, FIM prompts of at most {args.fim_budget} tokens")
+    print("| server | cold s | keystroke p50 s | keystroke p95 s | prompt tokens computed a keystroke (median) |")
+    print("|---|---|---|---|---|")
+    for name, (command, url) in systems.items():
+        os.environ.update(env_threads)
+        process = start_server(command, url)
+        try:
+            results = replay(url, requests)
+        finally:
+            process.terminate()
+            process.wait(timeout=60)
+        keystrokes = results[1:]
+        seconds = [r["seconds"] for r in keystrokes]
+        computed = sorted(r["prompt_n"] for r in keystrokes if r["prompt_n"] is not None)
+        print(f"| {name} | {results[0]['seconds']:.2f} | {percentile(seconds, 0.5):.2f} | {percentile(seconds, 0.95):.2f} | "
+              f"{computed[len(computed) // 2] if computed else '-'} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model")
+    parser.add_argument("--trace", action="store_true", help="Replay a typing trace over HTTP (see run_trace).")
+    parser.add_argument("--gguf", help="--trace: also replay it against llama-server on this GGUF file.")
+    parser.add_argument("--llamacpp-bin", default="/opt/llamacpp/src/build/bin")
+    parser.add_argument("--line", type=int, help="--trace: the (0-based) line typed; default: the middle one.")
+    parser.add_argument("--fim-order", default="spm", help="--trace: santacpu serve's --fim-order.")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--fim-budget", type=int, default=1024, help="--trace: santacpu serve's --fim-budget (llama-server: its -b 1024)"
+    )
     parser.add_argument("--source", default=str(Path(argparse.__file__)), help="A long source file (UTF-8).")
     parser.add_argument("--typed", default="    x", help="Text typed at the cursor.")
     parser.add_argument("--fit-only", action="store_true", help="Skip the file longer than the context.")
     args = parser.parse_args()
+    if args.trace:
+        run_trace(args)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = santacpu.load(args.model)

@@ -82,18 +82,27 @@ def trim_to_cursor(prefix_ids: list[int], suffix_ids: list[int], room: int) -> t
 
 
 def fim_prompt(
-    tokenizer: Tokenizer, prefix_ids: list[int], suffix_ids: list[int], n_ctx: int, max_new_tokens: int, order: str = "psm"
+    tokenizer: Tokenizer,
+    prefix_ids: list[int],
+    suffix_ids: list[int],
+    n_ctx: int,
+    max_new_tokens: int,
+    order: str = "psm",
+    max_prompt_tokens: int | None = None,
 ) -> tuple[list[int], list[int], list[int]]:
     """(the FIM prompt's ids, the kept prefix ids, the kept suffix ids) for tokenized prefix and
-    suffix: trimmed at the far ends to leave room for `max_new_tokens`, without a word (callers
-    say it their way: a warning, or a server's `truncated`)."""
+    suffix: trimmed at the far ends to leave room for `max_new_tokens` (and to at most
+    `max_prompt_tokens` in all, when given), without a word (callers say it their way: a warning,
+    or a server's `truncated`)."""
     if order not in FIM_ORDERS:
         raise SantacpuError(f"unknown FIM order '{order}' (choose psm or spm)")
     special = (tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id)
     if None in special:
         raise SantacpuError("this tokenizer has no <fim-prefix>/<fim-suffix>/<fim-middle> tokens")
-    room = fim_budget(n_ctx, max_new_tokens) - len(special)
-    kept_prefix, kept_suffix = trim_to_cursor(prefix_ids, suffix_ids, room)
+    room = fim_budget(n_ctx, max_new_tokens)
+    if max_prompt_tokens is not None:
+        room = min(room, max_prompt_tokens)
+    kept_prefix, kept_suffix = trim_to_cursor(prefix_ids, suffix_ids, room - len(special))
     pre, suf, mid = special
     if order == "psm":
         return [pre, *kept_prefix, suf, *kept_suffix, mid], kept_prefix, kept_suffix

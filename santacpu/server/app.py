@@ -46,6 +46,7 @@ class ServerSettings:
     max_batch: int = DEFAULT_MAX_BATCH
     max_queue: int = 64
     fim_order: str = "psm"  # "spm": typing at the cursor only appends to the prompt
+    fim_budget: int | None = None  # most prompt tokens of a FIM request (None: the context's)
 
 
 class ServerState:
@@ -166,12 +167,15 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
 
     async def infill(request: Request):
         return await llama_completion(
-            request, lambda body, m: infill_job(body, m.tokenizer, m.config.n_positions, settings.fim_order)
+            request,
+            lambda body, m: infill_job(body, m.tokenizer, m.config.n_positions, settings.fim_order, settings.fim_budget),
         )
 
     async def openai_completions(request: Request):
         model = ready_model()
-        job = openai_job(await read_body(request), model.tokenizer, model.config.n_positions, settings.fim_order)
+        job = openai_job(
+            await read_body(request), model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
+        )
         runs = submit(job)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -185,13 +185,13 @@ def completion_job(body: dict, tokenizer: Tokenizer, n_ctx: int) -> Job:
     return _job(ids, options, extras, truncated=False)
 
 
-def infill_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str) -> Job:
+def infill_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget: int | None = None) -> Job:
     """llama.cpp's `POST /infill`: fill in the middle between `input_prefix` (+ `prompt`, the text
     typed after it) and `input_suffix`, after the repository context `input_extra`."""
     f = Fields(body, _LLAMA_COMMON | {"input_prefix", "input_suffix", "input_extra", "prompt"})
     options, extras = _llama_options(f, n_ctx)
     prefix = _extra_context(body.get("input_extra", [])) + f.text("input_prefix") + f.text("prompt")
-    return _fim_job(tokenizer, prefix, f.text("input_suffix"), options, extras, n_ctx, order)
+    return _fim_job(tokenizer, prefix, f.text("input_suffix"), options, extras, n_ctx, order, budget)
 
 
 def _extra_context(extra) -> str:
@@ -209,12 +209,12 @@ def _extra_context(extra) -> str:
     return "".join(parts)
 
 
-def _fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: int, order: str) -> Job:
+def _fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: int, order: str, budget: int | None) -> Job:
     prefix_ids, suffix_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
     # The answer's room: what was asked for, at most half the context (llama.cpp: n_predict).
     try:
         ids, kept_prefix, kept_suffix = fim_prompt(
-            tokenizer, prefix_ids, suffix_ids, n_ctx, min(options.max_new_tokens, n_ctx // 2), order
+            tokenizer, prefix_ids, suffix_ids, n_ctx, min(options.max_new_tokens, n_ctx // 2), order, budget
         )
     except SantacpuError as e:
         raise RequestError(str(e)) from None
@@ -256,7 +256,7 @@ def split_starcoder_markers(prompt: str) -> tuple[str, str] | None:
     return prefix, suffix
 
 
-def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str) -> Job:
+def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget: int | None = None) -> Job:
     """OpenAI's `POST /v1/completions`; `suffix` (or a prompt with StarCoder-style FIM markers) fills
     in the middle."""
     f = Fields(body, _OPENAI_FIELDS)
@@ -293,7 +293,7 @@ def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str) -> Job:
     if markers is not None:
         prompt, suffix = markers
     if suffix is not None:
-        job = _fim_job(tokenizer, prompt, suffix, options, extras, n_ctx, order)
+        job = _fim_job(tokenizer, prompt, suffix, options, extras, n_ctx, order, budget)
     else:
         job = _job(_encode_prompt(tokenizer, prompt, n_ctx), options, extras, truncated=False)
     job.n = n
