@@ -387,7 +387,9 @@ def serve(
     ),
     max_batch: int = typer.Option(8, min=1, max=256, help="Sequences generated at once; more wait in the queue."),
     max_queue: int = typer.Option(64, min=0, help="Sequences that may wait; beyond, requests get 503 with Retry-After."),
-    fim_order: str = typer.Option("psm", help="FIM prompt order: psm, or spm (typing at the cursor only appends)."),
+    fim_order: str = typer.Option(
+        "spm", help="FIM prompt order: spm (suffix first: typing at the cursor only appends to the prompt) or psm."
+    ),
     fim_budget: Optional[int] = typer.Option(
         None, min=16, help="Most prompt tokens of a fill-in-the-middle request: a longer prefix loses its start, a "
         "longer suffix its end (a cold request computes at most this many). Default: the model's context.",

@@ -128,7 +128,7 @@ def test_streamed_completion_and_infill(client, model):
     infill = client.post(
         "/infill", json={"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 6, "temperature": 0}
     ).json()
-    assert infill["content"] == model.complete(PREFIX, SUFFIX, max_new_tokens=6)
+    assert infill["content"] == model.complete(PREFIX, SUFFIX, max_new_tokens=6, fim_order="spm")
 
 
 def test_stop_words_and_limits(client, model):
@@ -208,7 +208,7 @@ def test_llama_vscode_request_with_parallel_completions(client):
 
 def test_openai_shapes_and_starcoder_markers(client, model):
     body = client.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 5, "temperature": 0, "n": 2}).json()
-    want = model.complete(PREFIX, SUFFIX, max_new_tokens=5)
+    want = model.complete(PREFIX, SUFFIX, max_new_tokens=5, fim_order="spm")
     assert [c["text"] for c in body["choices"]] == [want, want] and body["object"] == "text_completion"
     assert body["usage"]["completion_tokens"] <= 10 and body["choices"][0]["finish_reason"] in ("length", "stop")
     marked = client.post(
@@ -276,7 +276,7 @@ def test_api_key_and_full_queue(quantized):
 def test_the_openai_client_streaming_and_not(live, model):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    want = model.complete(PREFIX, SUFFIX, max_new_tokens=6)
+    want = model.complete(PREFIX, SUFFIX, max_new_tokens=6, fim_order="spm")
     done = client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=6, temperature=0)
     assert done.choices[0].text == want and done.usage.prompt_tokens > 0
     pieces = client.completions.create(model="tiny", prompt=PREFIX, suffix=SUFFIX, max_tokens=6, temperature=0, stream=True)
@@ -385,3 +385,18 @@ def test_the_fim_budget_caps_the_prompt(quantized):
         wait_ready(c.get)
         body = c.post("/infill", json={"input_prefix": "x = 1\n" * 20, "input_suffix": "y = 2\n" * 20, "n_predict": 2}).json()
         assert body["truncated"] is True and body["tokens_evaluated"] <= 24
+
+
+def test_soak_a_thousand_requests_keep_memory_flat(client):
+    from santacpu.bench.machine import current_rss_mb
+
+    def ask(i: int) -> None:
+        reply = client.post("/completion", json={"prompt": f"x = {i}", "n_predict": 1, "temperature": 0})
+        assert reply.status_code == 200
+
+    for i in range(100):  # warm: caches kept, allocator pools filled
+        ask(i)
+    before = current_rss_mb()
+    for i in range(1000):
+        ask(i)
+    assert current_rss_mb() - before < 40

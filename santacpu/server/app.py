@@ -45,7 +45,9 @@ class ServerSettings:
     api_key: str | None = None
     max_batch: int = DEFAULT_MAX_BATCH
     max_queue: int = 64
-    fim_order: str = "psm"  # "spm": typing at the cursor only appends to the prompt
+    # Suffix first: typing at the cursor only appends to the prompt (a keystroke computes ~1 token
+    # where prefix-first recomputes the whole suffix: see the README's typing trace).
+    fim_order: str = "spm"
     fim_budget: int | None = None  # most prompt tokens of a FIM request (None: the context's)
 
 
