@@ -400,3 +400,41 @@ def test_soak_a_thousand_requests_keep_memory_flat(client):
     for i in range(1000):
         ask(i)
     assert current_rss_mb() - before < 40
+
+
+def test_t_max_predict_ms_stops_after_a_newline_once_the_time_is_up():
+    from santacpu.generation.options import GenerationOptions
+    from santacpu.server.completion import CompletionText
+    from santacpu.server.requests import Job
+    from santacpu.tokenizer import Tokenizer
+
+    job = Job(ids=[1], options=GenerationOptions(), t_max_predict_ms=100)
+    text = CompletionText(feed=None, tokenizer=Tokenizer.santacoder(), job=job, submitted=time.perf_counter())
+    text.first_token_at = time.perf_counter()
+    assert text._text("a = 1") == "a = 1" and text.stop_type == "none"
+    text.first_token_at -= 1.0  # a second later
+    assert text._text("b = 2") == "b = 2" and text.stop_type == "none"  # no newline yet: go on
+    assert text._text("\nc") == "\nc" and text.stop_type == "limit"
+
+
+def test_a_newer_request_of_the_same_slot_cancels_the_older(quantized):
+    def slowed():
+        model = santacpu.load(quantized)
+        model.engine = SlowSteps(model.engine)
+        return model
+
+    server = LiveServer(build_app(ServerSettings(model_name="tiny"), slowed))
+    try:
+        scheduler = server.app.state.santacpu.worker.scheduler
+        body = {"prompt": "def f(x):", "n_predict": 50, "stream": True, "id_slot": 3}
+        with httpx.stream("POST", server.url + "/completion", json=body, timeout=60) as older:
+            lines = older.iter_lines()
+            next(line for line in lines if line.startswith("data:"))
+            [first] = scheduler.running
+            newer = httpx.post(server.url + "/completion", json={**body, "stream": False, "n_predict": 2}, timeout=60)
+            assert newer.status_code == 200
+            rest = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+        assert first.state == "cancelled" and len(first.tokens) < 50
+        assert rest[-1]["stop"] is True
+    finally:
+        server.stop()
