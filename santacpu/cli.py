@@ -134,19 +134,24 @@ def decode_escapes(text: str, option: str = "--stop") -> str:
     return _ESCAPE.sub(one, text)
 
 
+# --model and --revision of the commands that run a model (one OptionInfo serves several commands).
+MODEL_OPTION = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help=f"Quantized file, checkpoint folder, weight file, or hub id. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.",
+    show_default=False,
+)
+REVISION_OPTION = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id.")
+
+
 @app.command()
 def complete(
     prompt: Optional[str] = typer.Argument(
         None, help="The text to continue. '-' or nothing: read it from standard input.", show_default=False
     ),
-    model: str = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help=f"Quantized file, checkpoint folder, weight file, or hub id. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.",
-        show_default=False,
-    ),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id."),
+    model: str = MODEL_OPTION,
+    revision: Optional[str] = REVISION_OPTION,
     quant: Optional[str] = typer.Option(
         None,
         help=f"For a full-precision model: quantize it once to this type into the cache folder "
@@ -366,14 +371,8 @@ def bench(
 
 @app.command()
 def serve(
-    model: str = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help=f"Quantized file, checkpoint folder, weight file, or hub id. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.",
-        show_default=False,
-    ),
-    revision: Optional[str] = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id."),
+    model: str = MODEL_OPTION,
+    revision: Optional[str] = REVISION_OPTION,
     quant: Optional[str] = typer.Option(
         None,
         help=f"For a full-precision model: run its cached quantization to this type (made once, as `complete` "

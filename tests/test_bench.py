@@ -246,6 +246,18 @@ def test_llama_bench_json_is_parsed():
 def test_peer_ratios_and_markdown():
     from tools.bench_peers import NOT_INSTALLED, compare, markdown
 
+    def render(santacpu: dict, peers: dict) -> str:
+        return markdown(
+            {
+                "machine": {"cpu": "cpu", "usable_cores": 2, "memory_gib": 24, "date": "today"},
+                "settings": {"threads": 2, "prompt_tokens": 512, "decode_tokens": 128, "repeat": 1},
+                "santacpu_version": "0",
+                "santacpu": santacpu,
+                "peers": peers,
+                "comparisons": compare(santacpu, peers),
+            }
+        )
+
     def ours(prefill, decode, rss, file_mb):
         return {
             "status": "ok",
@@ -294,30 +306,12 @@ def test_peer_ratios_and_markdown():
     assert missing["ratio"] is None and missing["note"] == NOT_INSTALLED
     bound = rows[("peak RSS at a 2048-token context vs file size (MB)", "q8_0", "file size")]
     assert "+98 MB (runtime 70, model's work +28)" in bound["note"] and "within" in bound["note"]
-    text = markdown(
-        {
-            "machine": {"cpu": "cpu", "usable_cores": 2, "memory_gib": 24, "date": "today"},
-            "settings": {"threads": 2, "prompt_tokens": 512, "decode_tokens": 128, "repeat": 1},
-            "santacpu_version": "0",
-            "santacpu": santacpu,
-            "peers": peers,
-            "comparisons": compare(santacpu, peers),
-        }
-    )
+    text = render(santacpu, peers)
     assert "| decode (tok/s) | q8_0 | 12.0 | llama.cpp Q8_0 | 12.0 | 1.00x |" in text
     assert "| CTranslate2 int8 | not installed |" in text
     santacpu["q8_0"]["batch"] = {"sizes": {"1": {"aggregate_tok_s": 12.0}, "8": {"aggregate_tok_s": 40.0}}}
     peers["llama.cpp Q8_0 batched"] = {"status": "ok", "sizes": {"8": {"aggregate_tok_s": 34.0}}}
-    text = markdown(
-        {
-            "machine": {"cpu": "cpu", "usable_cores": 2, "memory_gib": 24, "date": "today"},
-            "settings": {"threads": 2, "prompt_tokens": 512, "decode_tokens": 128, "repeat": 1},
-            "santacpu_version": "0",
-            "santacpu": santacpu,
-            "peers": peers,
-            "comparisons": compare(santacpu, peers),
-        }
-    )
+    text = render(santacpu, peers)
     assert "| B | santacpu q8_0 | llama.cpp Q8_0 batched |" in text
     assert "| 1 | 12.0 | - |" in text and "| 8 | 40.0 | 34.0 |" in text
     assert "| llama.cpp Q8_0 batched |" not in text.split("Batched decode")[0]  # not a row of the system table

@@ -316,33 +316,39 @@ class SlowSteps:
         return self.engine.forward_batch(*args)
 
 
-def test_a_client_that_hangs_up_frees_the_model(quantized):
+@pytest.fixture
+def slow_server(quantized):
+    """A live server whose batched steps take 50 ms more each."""
+
     def slowed():
         model = santacpu.load(quantized)
         model.engine = SlowSteps(model.engine)
         return model
 
     server = LiveServer(build_app(ServerSettings(model_name="tiny"), slowed))
-    try:
-        scheduler = server.app.state.santacpu.worker.scheduler
-        with httpx.stream(
-            "POST", server.url + "/completion", json={"prompt": "def f(x):", "n_predict": 50, "stream": True}, timeout=60
-        ) as reply:
-            lines = 0
-            for line in reply.iter_lines():
-                lines += line.startswith("data:")
-                if lines == 2:
-                    [sequence] = scheduler.running
-                    break  # hang up after two streamed pieces: 48 tokens (2.4 s) were still to come
-        hung_up = time.perf_counter()
-        while sequence.state == "running" and time.perf_counter() - hung_up < 1.0:
-            time.sleep(0.01)
-        assert sequence.state == "cancelled" and len(sequence.tokens) < 20
-        assert not scheduler.running
-        follow = httpx.post(server.url + "/completion", json={"prompt": "x", "n_predict": 2}, timeout=60)
-        assert follow.status_code == 200
-    finally:
-        server.stop()
+    yield server
+    server.stop()
+
+
+def test_a_client_that_hangs_up_frees_the_model(slow_server):
+    server = slow_server
+    scheduler = server.app.state.santacpu.worker.scheduler
+    with httpx.stream(
+        "POST", server.url + "/completion", json={"prompt": "def f(x):", "n_predict": 50, "stream": True}, timeout=60
+    ) as reply:
+        lines = 0
+        for line in reply.iter_lines():
+            lines += line.startswith("data:")
+            if lines == 2:
+                [sequence] = scheduler.running
+                break  # hang up after two streamed pieces: 48 tokens (2.4 s) were still to come
+    hung_up = time.perf_counter()
+    while sequence.state == "running" and time.perf_counter() - hung_up < 1.0:
+        time.sleep(0.01)
+    assert sequence.state == "cancelled" and len(sequence.tokens) < 20
+    assert not scheduler.running
+    follow = httpx.post(server.url + "/completion", json={"prompt": "x", "n_predict": 2}, timeout=60)
+    assert follow.status_code == 200
 
 
 def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized):
@@ -417,24 +423,16 @@ def test_t_max_predict_ms_stops_after_a_newline_once_the_time_is_up():
     assert text._text("\nc") == "\nc" and text.stop_type == "limit"
 
 
-def test_a_newer_request_of_the_same_slot_cancels_the_older(quantized):
-    def slowed():
-        model = santacpu.load(quantized)
-        model.engine = SlowSteps(model.engine)
-        return model
-
-    server = LiveServer(build_app(ServerSettings(model_name="tiny"), slowed))
-    try:
-        scheduler = server.app.state.santacpu.worker.scheduler
-        body = {"prompt": "def f(x):", "n_predict": 50, "stream": True, "id_slot": 3}
-        with httpx.stream("POST", server.url + "/completion", json=body, timeout=60) as older:
-            lines = older.iter_lines()
-            next(line for line in lines if line.startswith("data:"))
-            [first] = scheduler.running
-            newer = httpx.post(server.url + "/completion", json={**body, "stream": False, "n_predict": 2}, timeout=60)
-            assert newer.status_code == 200
-            rest = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
-        assert first.state == "cancelled" and len(first.tokens) < 50
-        assert rest[-1]["stop"] is True
-    finally:
-        server.stop()
+def test_a_newer_request_of_the_same_slot_cancels_the_older(slow_server):
+    server = slow_server
+    scheduler = server.app.state.santacpu.worker.scheduler
+    body = {"prompt": "def f(x):", "n_predict": 50, "stream": True, "id_slot": 3}
+    with httpx.stream("POST", server.url + "/completion", json=body, timeout=60) as older:
+        lines = older.iter_lines()
+        next(line for line in lines if line.startswith("data:"))
+        [first] = scheduler.running
+        newer = httpx.post(server.url + "/completion", json={**body, "stream": False, "n_predict": 2}, timeout=60)
+        assert newer.status_code == 200
+        rest = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
+    assert first.state == "cancelled" and len(first.tokens) < 50
+    assert rest[-1]["stop"] is True

@@ -138,13 +138,22 @@ def gguf_file(args, qtype: str) -> tuple[Path | None, str]:
     return path, ""
 
 
-def bench_llama(args, qtype: str) -> dict:
-    binary = args.llamacpp_bin / "llama-bench"
+def llama_tool(args, tool: str, qtype: str) -> tuple[Path, Path] | dict:
+    """(the llama.cpp binary `tool`, the GGUF file of `qtype`), or the status entry saying which is missing."""
+    binary = args.llamacpp_bin / tool
     if not binary.is_file():
         return {"status": NOT_INSTALLED, "why": f"no {binary}"}
     path, why = gguf_file(args, qtype)
     if path is None:
         return {"status": "missing", "why": why}
+    return binary, path
+
+
+def bench_llama(args, qtype: str) -> dict:
+    found = llama_tool(args, "llama-bench", qtype)
+    if isinstance(found, dict):
+        return found
+    binary, path = found
     log(f"llama.cpp {qtype}: llama-bench on {path}")
     from santacpu import SantacpuError
     from santacpu.bench import measure_read_speed
@@ -193,12 +202,10 @@ def bench_llama_batched(args, qtype: str) -> dict:
     aggregate decode speed (its S_TG: B x tokens / decode time)."""
     from santacpu.bench.run import BATCH_DECODE_TOKENS, BATCH_PROMPT_TOKENS
 
-    binary = args.llamacpp_bin / "llama-batched-bench"
-    if not binary.is_file():
-        return {"status": NOT_INSTALLED, "why": f"no {binary}"}
-    path, why = gguf_file(args, qtype)
-    if path is None:
-        return {"status": "missing", "why": why}
+    found = llama_tool(args, "llama-batched-bench", qtype)
+    if isinstance(found, dict):
+        return found
+    binary, path = found
     sizes = [int(b) for b in args.batch.split(",")]
     log(f"llama.cpp {qtype}: llama-batched-bench on {path}, batch sizes {args.batch}")
     command = [
