@@ -245,6 +245,7 @@ def test_tokenize_detokenize_props_models(client, model):
         ("/infill", json.dumps({"input_extra": "x"}).encode(), 400, "'input_extra' must be a list"),
         ("/infill", json.dumps({"n_cmpl": 2, "stream": True}).encode(), 400, "'stream' with 'n_cmpl' above 1"),
         ("/infill", json.dumps({"lora": [{"id": 0, "scale": 0.5}]}).encode(), 400, "LoRA adapters"),
+        ("/completion", json.dumps({"prompt": "x", "n_probs": 5}).encode(), 400, "'n_probs') are not supported"),
         ("/detokenize", json.dumps({"tokens": [-1]}).encode(), 400, "/detokenize takes"),
         ("/completion", b" " * (5 << 20), 413, "over 4 MiB"),
         ("/nowhere", b"{}", 404, "Not Found"),

@@ -24,8 +24,8 @@ those logits are the same bits in any batch, so its output is what it gets alone
 Threads: `submit` and `cancel` may be called from any thread while one thread drives `step`/`run`
 (the running sequences belong to that thread; the queue is guarded by a lock).
 
-May import: numpy, `santacpu.arguments`, `santacpu.network`, `santacpu.generation.decoder`, `santacpu.generation.options`,
-`santacpu.generation.runner` (common_prefix_length), `santacpu.errors`.
+May import: numpy, `santacpu.arguments`, `santacpu.network`, `santacpu.generation.decoder`,
+`santacpu.generation.options`, `santacpu.generation.runner` (common_prefix_length), `santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ from ..errors import SantacpuError
 from ..network.engine import Engine
 from ..network.kv_cache import KVCache
 from .decoder import SequenceDecoder
-from .runner import common_prefix_length
 from .options import GenerationOptions
+from .runner import common_prefix_length
 
 DEFAULT_MAX_BATCH = 8
 

@@ -146,7 +146,8 @@ def _llama_options(f: Fields, n_ctx: int) -> tuple[GenerationOptions, dict]:
         raise RequestError(str(e)) from None
     f.get("cache_prompt", (bool,), True, "true or false")
     f.get("model", (str,), "", "a string")
-    f.integer("n_probs", 0, 0, 0)  # token probabilities: not offered
+    if f.integer("n_probs", 0, 0, 1 << 20):
+        raise RequestError("token probabilities ('n_probs') are not supported by santacpu")
     f.number("t_max_prompt_ms", 0, -1, 1e9)
     if f.body.get("lora"):
         raise RequestError("LoRA adapters ('lora') are not supported by santacpu")
