@@ -437,3 +437,19 @@ def test_a_newer_request_of_the_same_slot_cancels_the_older(slow_server):
         rest = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
     assert first.state == "cancelled" and len(first.tokens) < 50
     assert rest[-1]["stop"] is True
+
+
+def test_a_model_that_fails_to_load_ends_the_server_with_its_error():
+    failures = []
+
+    def broken():
+        raise MemoryError("no room")
+
+    app = build_app(ServerSettings(model_name="tiny"), broken, failures.append)
+    with starlette_testclient.TestClient(app) as c:
+        for _ in range(100):
+            if failures:
+                break
+            time.sleep(0.02)
+        assert failures == ["the model failed to load: MemoryError: no room"]
+        assert c.get("/health").status_code == 503

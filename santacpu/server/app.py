@@ -71,6 +71,9 @@ class ServerState:
         except SantacpuError as e:
             self._on_load_failure(str(e))
             return
+        except Exception as e:  # not a user's mistake, but the server must not wait forever at 503
+            self._on_load_failure(f"the model failed to load: {type(e).__name__}: {e}")
+            return
         s = self.settings
         self.worker = GenerationWorker(model.scheduler(max_batch=s.max_batch, max_queue=s.max_queue))
         self.model = model
