@@ -437,6 +437,10 @@ def test_a_newer_request_of_the_same_slot_cancels_the_older(slow_server):
         rest = [json.loads(line[5:]) for line in lines if line.startswith("data:")]
     assert first.state == "cancelled" and len(first.tokens) < 50
     assert rest[-1]["stop"] is True
+    for slot in range(10, 20):  # the slots of finished requests are not remembered
+        done = httpx.post(server.url + "/completion", json={"prompt": "x", "n_predict": 1, "id_slot": slot}, timeout=60)
+        assert done.status_code == 200
+    assert len(server.app.state.santacpu.slots) <= 1
 
 
 def test_a_model_that_fails_to_load_ends_the_server_with_its_error():

@@ -122,6 +122,8 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
         except SantacpuError as e:
             raise RequestError(str(e)) from None
         if job.id_slot is not None:
+            for ended in [slot for slot, older in state.slots.items() if all(f.sequence.done for f in older)]:
+                del state.slots[ended]  # only live requests are remembered: a client cannot grow this
             state.slots[job.id_slot] = feeds
         submitted = time.perf_counter()
         return [CompletionText(feed, model.tokenizer, job, submitted) for feed in feeds]
