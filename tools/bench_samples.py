@@ -49,19 +49,16 @@ def child_samples(model_path: str, prompt_tokens: int, n: int) -> dict:
 
 
 def child_memory(model_path: str, batch: int) -> dict:
-    import numpy as np
-
     import santacpu
-    from santacpu.backends.cpu import cpu_kernels
     from santacpu.bench import text_token_stream
-    from santacpu.bench.machine import current_rss_mb, mapped_file_rss_mb, peak_rss_mb
+    from santacpu.bench.children import runtime_rss_mb
+    from santacpu.bench.machine import peak_rss_mb
 
     model = santacpu.load(model_path)
     n_ctx = model.config.n_positions
-    row = np.ones((1, 8), np.float32)  # the runtime's share, as santacpu bench's memory part counts it
-    cpu_kernels.layer_norm(row, row[0], row[0], np.float32(1e-5), np.empty_like(row))
-    resident = mapped_file_rss_mb([model_path])
-    runtime = current_rss_mb() - resident
+    runtime = runtime_rss_mb([model_path])  # as santacpu bench's memory part counts it
+    if runtime is None:
+        raise SystemExit("this system cannot say how much of a mapped file is resident (no /proc)")
     prompt = text_token_stream(model.tokenizer, n_ctx - MEMORY_DECODE_TOKENS, model.config.vocab_size)
     scheduler = model.scheduler(max_batch=batch)
     sequences = scheduler.submit(prompt, max_new_tokens=MEMORY_DECODE_TOKENS, temperature=0.8, seed=0, n=batch)

@@ -71,13 +71,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(command: list[str], url: str):
+def start_server(command: list[str], url: str, env: dict):
     import subprocess
     import time
 
     import httpx
 
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for _ in range(1200):
         try:
             if httpx.get(url + "/health", timeout=5).status_code == 200:
@@ -140,8 +140,7 @@ def run_trace(args) -> None:
     print("| server | cold s | keystroke p50 s | keystroke p95 s | prompt tokens computed a keystroke (median) |")
     print("|---|---|---|---|---|")
     for name, (command, url) in systems.items():
-        os.environ.update(env_threads)
-        process = start_server(command, url)
+        process = start_server(command, url, env_threads)
         try:
             results = replay(url, requests)
         finally:

@@ -200,21 +200,27 @@ def _child_lookup(job: dict, import_s: float) -> dict:
     return result
 
 
-def _child_memory(job: dict, import_s: float) -> dict:
+def runtime_rss_mb(files: list) -> float | None:
+    """The runtime's own share of this process's RSS, for a model loaded from `files` that has not
+    run yet: start Numba's runtime (LLVM, its runtime library, the on-disk cache) with a tiny kernel
+    that touches no weight, then count everything but the weights' resident pages (None where
+    /proc cannot say)."""
     import numpy as np
 
     from ..backends.cpu import cpu_kernels
 
+    row = np.ones((1, 8), np.float32)
+    cpu_kernels.layer_norm(row, row[0], row[0], np.float32(1e-5), np.empty_like(row))
+    weights_resident = mapped_file_rss_mb(files)
+    return None if weights_resident is None else current_rss_mb() - weights_resident
+
+
+def _child_memory(job: dict, import_s: float) -> dict:
     model = _load(job)
     context = job["memory_context"]
     ids = text_token_stream(model.tokenizer, context, model.config.vocab_size)[: context - MEMORY_DECODE_TOKENS]
     rss_loaded = current_rss_mb()
-    # The runtime's own share: start Numba's runtime (LLVM, its runtime library, the on-disk
-    # cache) with a tiny kernel that touches no weight, then count everything but the weights.
-    row = np.ones((1, 8), np.float32)
-    cpu_kernels.layer_norm(row, row[0], row[0], np.float32(1e-5), np.empty_like(row))
-    weights_resident = mapped_file_rss_mb(job["files"])
-    rss_runtime = None if weights_resident is None else current_rss_mb() - weights_resident
+    rss_runtime = runtime_rss_mb(job["files"])
     produced = sum(1 for _ in model.generate(ids, max_new_tokens=MEMORY_DECODE_TOKENS))
     return {
         "context_tokens": context,

@@ -33,7 +33,16 @@ from ..errors import SantacpuError
 from ..generation.batch import DEFAULT_MAX_BATCH, QueueFull
 from ..model import Model
 from .completion import CompletionText
-from .requests import Job, RequestError, completion_job, infill_job, openai_job, parse_body
+from .requests import (
+    MAX_BODY_BYTES,
+    Job,
+    RequestError,
+    body_too_large,
+    completion_job,
+    infill_job,
+    openai_job,
+    parse_body,
+)
 from .worker import GenerationWorker
 
 RETRY_AFTER_S = 2
@@ -88,16 +97,14 @@ def error_response(status: int, message: str, kind: str, headers: dict | None = 
 
 
 async def read_body(request: Request) -> dict:
-    from .requests import MAX_BODY_BYTES
-
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise RequestError(f"the request body is over {MAX_BODY_BYTES >> 20} MiB", 413, "request_too_large")
+        raise body_too_large()
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in request.stream():  # read no further than the limit, whatever the header said
         size += len(chunk)
         if size > MAX_BODY_BYTES:
-            raise RequestError(f"the request body is over {MAX_BODY_BYTES >> 20} MiB", 413, "request_too_large")
+            raise body_too_large()
         chunks.append(chunk)
     return parse_body(b"".join(chunks))
 

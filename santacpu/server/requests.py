@@ -55,9 +55,13 @@ class Job:
     response_fields: list[str] = field(default_factory=list)
 
 
+def body_too_large() -> RequestError:
+    return RequestError(f"the request body is over {MAX_BODY_BYTES >> 20} MiB", 413, "request_too_large")
+
+
 def parse_body(raw: bytes) -> dict:
     if len(raw) > MAX_BODY_BYTES:
-        raise RequestError(f"the request body is over {MAX_BODY_BYTES >> 20} MiB", 413, "request_too_large")
+        raise body_too_large()
     try:
         body = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
