@@ -180,7 +180,8 @@ def complete(
         [], "--stop", metavar="TEXT",
         help="Stop when this text appears (not printed). Repeatable. Escapes like \\n are understood.",
     ),
-    device: str = typer.Option("auto", help="auto or cpu."),
+    device: str = typer.Option("auto", help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say on standard error where the model runs."),
     lookup: Optional[bool] = typer.Option(
         None,
         "--lookup/--no-lookup",
@@ -208,6 +209,8 @@ def complete(
     prefix, suffix = _prompt_texts(prompt, fim)
     runnable, revision = runnable_model(model or default_model(), revision, quant)
     loaded = load(runnable, revision=revision, device=device)
+    if verbose:
+        print(f"santacpu: running on {loaded.device}", file=sys.stderr)
     last = ""
     for piece in loaded.complete_stream(prefix, suffix, options):
         sys.stdout.write(piece)

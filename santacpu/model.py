@@ -35,6 +35,7 @@ import numpy as np
 from . import arguments
 from .backends.base import Backend
 from .backends.cpu.backend import CpuBackend
+from .backends.cuda import device as cuda_device
 from .config import Config
 from .errors import SantacpuError
 from .formats.quantized_file import names_quantized_file
@@ -81,6 +82,15 @@ class Model:
         # CpuBackend.token_invariant): then prompt lookup and prompt reuse give exactly the
         # output of plain decoding on a fresh model.
         self.token_invariant = engine.backend.token_invariant(weights)
+
+    @property
+    def device(self) -> str:
+        """Where the forward pass runs, in words: "cpu", or "cuda: <GPU name>, <MB> MB of device
+        memory for the weights"."""
+        backend = self.engine.backend
+        if backend.name != "cuda":
+            return backend.name
+        return f"cuda: {backend.device_name()}, {backend.weight_bytes / 1e6:.0f} MB of device memory for the weights"
 
     @property
     def engine(self) -> Engine:
@@ -250,6 +260,27 @@ def _non_empty(items, name: str) -> list:
     return items
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def choose_backend(device: str, settings: Settings) -> Backend:
+    """The backend for `device`: "cpu"; "cuda" (a one-line error naming why when no GPU is usable);
+    "auto": CUDA where a real GPU is usable, else the CPU. The CUDA package is imported only when
+    it is chosen."""
+    if device not in DEVICES:
+        raise SantacpuError(f"unknown device '{device}' (choose {', '.join(DEVICES)})")
+    if device == "auto":
+        device = "cuda" if cuda_device.gpu_missing() is None else "cpu"
+    if device == "cpu":
+        return CpuBackend(integer_kernels=settings.integer_kernels)
+    reason = cuda_device.cuda_missing()
+    if reason is not None:
+        raise SantacpuError(f"device 'cuda' is not usable: {reason}")
+    from .backends.cuda.backend import CudaBackend
+
+    return CudaBackend()
+
+
 def load(
     model: str | os.PathLike,
     *,
@@ -262,15 +293,12 @@ def load(
     checkpoint folder (either layout; safetensors or pytorch_model.bin) or a weight file inside
     one, or a hub id such as "bigcode/santacoder" (cached by huggingface_hub). `reuse_prompt`:
     see `Model`. `kv_cache`: the KV cache's storage, "float16" (half the memory; rounds K and V
-    to 11 significant bits) or "float32" (exact). The environment's settings (`santacpu.settings`)
-    are read here."""
-    if device not in ("auto", "cpu"):
-        if device == "cuda":
-            raise SantacpuError("device 'cuda' is not available yet: santacpu's GPU backend is not built; use 'cpu'")
-        raise SantacpuError(f"unknown device '{device}' (choose 'auto' or 'cpu')")
+    to 11 significant bits) or "float32" (exact). `device`: "auto" (a CUDA GPU where one is
+    usable, else the CPU), "cpu" or "cuda" (see `choose_backend`); `model.device` says which ran.
+    The environment's settings (`santacpu.settings`) are read here."""
     check_kv_dtype(kv_cache)  # before the (long) load
     settings = Settings.from_environment()
-    backend = CpuBackend(integer_kernels=settings.integer_kernels)
+    backend = choose_backend(device, settings)
     revision = hub_revision(model, revision)
     if names_quantized_file(model):
         path = Path(model).expanduser()

@@ -1,9 +1,16 @@
-"""Shared fixtures. The repo root goes on sys.path so tests can import `tools` (NumPy-only parts)."""
+"""Shared fixtures. The repo root goes on sys.path so tests can import `tools` (NumPy-only parts).
+
+The CUDA kernels run on Numba's CUDA simulator unless NUMBA_ENABLE_CUDASIM is set otherwise
+(tools/gpu_check.sh sets it to 0 to run the same tests on a real GPU); Numba reads it at import.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
 import pytest
 

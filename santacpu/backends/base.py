@@ -1,17 +1,20 @@
 """The Backend protocol: the operations the engine (`santacpu.network.engine`) calls for a forward
-pass, as it calls them today. `santacpu.backends.cpu.backend.CpuBackend` implements it; a GPU
-backend implements the same methods (structural typing: no base class to inherit).
+pass. `santacpu.backends.cpu.backend.CpuBackend` and `santacpu.backends.cuda.backend.CudaBackend`
+implement it (structural typing: no base class to inherit).
 
 What the engine owns and a backend does not: the order of the operations (`Engine._blocks`), the
-KV cache (`santacpu.network.kv_cache.KVCache`: host NumPy arrays `[n_layer, n_ctx, G, D]`, fp16
-or fp32, whose rows the engine writes by slicing; `attention` gets one layer's view), chunking a
-prompt into calls of at most `PREFILL_CHUNK` tokens, and the process-wide kernel lock. Every
-array passed in and returned is a host NumPy array: activations float32, C-contiguous.
+KV caches' bookkeeping (`santacpu.network.kv_cache.KVCache`, whose arrays `[n_layer, n_ctx, G, D]`
+the backend allocates and fills), chunking a prompt into calls of at most `PREFILL_CHUNK` tokens,
+and the process-wide kernel lock. What a backend owns: where arrays live. Activations ("arrays"
+below: float32, C-contiguous, 2-D) are host NumPy arrays on the CPU and device arrays on a GPU;
+the engine only slices their first axis, and asks for host copies (`to_host`) of what it returns.
 
-Weights are what loading produced (`santacpu.network.weights.ModelWeights`): a weight matrix is
-`[out, in]`, a float32 or float16 array or a `santacpu.formats.blocks.QuantizedWeight`; biases
-and LayerNorm parameters are float32 vectors. A backend dispatches on the weight's type inside
-`linear` and `embed`, never by a copy of the forward pass per type.
+Weights: `prepare` receives what loading produced (`santacpu.network.weights.ModelWeights`: a
+weight matrix is `[out, in]`, a float32 or float16 array or a `santacpu.formats.blocks.
+QuantizedWeight`; biases and LayerNorm parameters are float32 vectors) and returns the weights
+the other calls get (the same object on the CPU; device copies on a GPU, uploaded once). A backend
+dispatches on the weight's type inside `linear` and `input_embeddings`, never by a copy of the
+forward pass per type.
 
 Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim,
 V = vocab_size.
@@ -32,49 +35,67 @@ import numpy as np
 class Backend(Protocol):
     """The kernel interface of a forward pass (see the module docstring for who owns what)."""
 
-    name: str  # "cpu", ...
+    name: str  # "cpu", "cuda"
 
-    def linear(self, x: np.ndarray, weight: Any, bias: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
-        """x [T, in] float32, weight [out, in] (float32, float16 or a QuantizedWeight), bias [out]
-        float32 or None -> x @ weight.T + bias, float32 [T, out], written into `out` when given
-        (decode reuses its buffers). Also the LM head: the tied embedding `wte` [V, E] as weight."""
+    def prepare(self, weights: Any) -> Any:
+        """The weights (a ModelWeights) as this backend's calls take them: `weights` itself, or a
+        ModelWeights of device copies (uploaded once, as stored: never a dequantized copy)."""
         ...
 
-    def layer_norm(
-        self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None
-    ) -> np.ndarray:
+    def empty(self, shape: tuple[int, ...]) -> Any:
+        """An uninitialised float32 activation array."""
+        ...
+
+    def new_kv(self, shape: tuple[int, ...], dtype: Any) -> Any:
+        """Storage for one cache's K or V, [L, n_ctx, G, D], of the KV dtype (float16 or float32)."""
+        ...
+
+    def copy_kv_prefix(self, target: Any, source: Any, n: int) -> None:
+        """target[:, :n] = source[:, :n] for two K (or V) arrays of `new_kv`."""
+        ...
+
+    def input_embeddings(self, wte: Any, wpe: Any, ids: np.ndarray, positions: np.ndarray) -> Any:
+        """wte[ids] + wpe[positions] as float32 [T, E]; ids, positions: host int64 [T]."""
+        ...
+
+    def linear(self, x: Any, weight: Any, bias: Any, out: Any = None, *, gelu: bool = False, add_to: Any = None) -> Any:
+        """x [T, in], weight [out, in], bias [out] or None -> y = x @ weight.T + bias [T, out],
+        written into `out` when given (decode reuses its buffers); `gelu`: GELU (GPT-2's tanh
+        form) applied to y; `add_to` [T, out]: add_to += y, and add_to is returned. Also the LM
+        head: the tied embedding `wte` [V, E] as weight."""
+        ...
+
+    def layer_norm(self, x: Any, weight: Any, bias: Any, eps: float, out: Any = None) -> Any:
         """LayerNorm of each row of x [T, E] with weight, bias [E] -> float32 [T, E] (into `out`
         when given; x itself is left unchanged)."""
         ...
 
-    def gelu_inplace(self, x: np.ndarray) -> None:
-        """GELU (tanh approximation, GPT-2's) of x [T, n_inner] float32, in place."""
+    def attend(self, qkv: Any, k_cache: Any, v_cache: Any, layer: int, start: int, out: Any) -> None:
+        """One sequence's causal multi-query attention for `layer`: qkv [T, E + 2*G*D] (Q, then K,
+        then V) at positions start..start+T-1. Stores the T K and V rows into k_cache, v_cache
+        [L, n_ctx, G, D] at those positions, then writes into out [T, E] each query head's
+        softmax(q k^T / sqrt(D)) v over positions 0..its own. Query head h reads K/V head
+        h // (H / G)."""
         ...
 
-    def attention(
-        self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray | None = None
-    ) -> np.ndarray:
-        """Causal multi-query attention: q [T, H, D] float32 at positions start..start+T-1 over
-        one layer's k_cache, v_cache [n_ctx, G, D] (float16 or float32, rows 0..start+T-1
-        already written, this call's included) -> float32 [T, H, D] (into `out` when given).
-        Query head h reads K/V head h // (H / G). Scores are scaled by 1 / sqrt(D)."""
+    def take_rows(self, x: Any, rows: list[int]) -> Any:
+        """x[rows] (increasing row indices) as a new array."""
         ...
 
-    def embed(self, table: Any, rows: np.ndarray) -> np.ndarray:
-        """The given rows of an embedding table ([n, E]: an array or a QuantizedWeight) as
-        float32 [len(rows), E]; rows are integer token ids or positions."""
+    def to_host(self, x: Any) -> np.ndarray:
+        """x as a host NumPy array (x itself where it already is one)."""
         ...
 
     def forward_context(self, weights: Any, n_tokens: int) -> contextlib.AbstractContextManager:
         """The context the engine enters around every forward of `n_tokens` tokens of the model
-        `weights` (a ModelWeights): whatever the backend sets up for that much work (the CPU
-        backend keeps BLAS single-threaded while Numba's integer kernels run a prompt), or a
-        null context."""
+        `weights` (as `prepare` returned them): whatever the backend sets up for that much work
+        (the CPU backend keeps BLAS single-threaded while Numba's integer kernels run a prompt),
+        or a null context."""
         ...
 
     def token_invariant(self, weights: Any) -> bool:
-        """Whether, for the model `weights` (a ModelWeights), a token's logits and K/V come out the
-        same bits whichever tokens share its forward call (one token, a few, a prompt). Prompt
-        reuse and prompt-lookup decoding are exact only where this holds; the API turns lookup
-        on by default there."""
+        """Whether, for the model `weights`, a token's logits and K/V come out the same bits
+        whichever tokens share its forward call (one token, a few, a prompt). Prompt reuse and
+        prompt-lookup decoding are exact only where this holds; the API turns lookup on by
+        default there."""
         ...

@@ -88,10 +88,6 @@ class _PromptGroup:
         self.last_row: np.ndarray | None = None  # the prompt's last logits row [V]
 
 
-def _nbytes(cache: KVCache) -> int:
-    return cache.k.nbytes + cache.v.nbytes
-
-
 class BatchScheduler:
     """Continuous batching over one model's engine (see the module docstring)."""
 
@@ -233,14 +229,14 @@ class BatchScheduler:
         """Take from the queue, in order, the sequences that fit beside the running ones: at most
         max_batch in all, their caches within max_kv_bytes (a sequence alone always fits)."""
         taken = []
-        used = sum(_nbytes(s.cache) for s in self._running)
+        used = sum(s.cache.nbytes for s in self._running)
         count = len(self._running)
         with self._lock:
             while self._queue and count < self.max_batch:
                 group = self._queue[0]
                 need = self.kv_bytes(group.members[0].decoder.total)
                 if self.max_kv_bytes is not None:
-                    while self._kept and used + sum(map(_nbytes, self._kept)) + need > self.max_kv_bytes:
+                    while self._kept and used + sum(c.nbytes for c in self._kept) + need > self.max_kv_bytes:
                         self._kept.pop()  # kept caches yield to sequences that run
                     if count and used + need > self.max_kv_bytes:
                         break  # waits for memory to be freed
@@ -281,11 +277,8 @@ class BatchScheduler:
             decoder.stats.computed_tokens, decoder.stats.reused_tokens = len(prompt) - reused, reused
         else:
             cache = self.engine.new_cache(decoder.total)
-            n = len(prompt)
-            cache.k[:, :n] = group.source.k[:, :n]
-            cache.v[:, :n] = group.source.v[:, :n]
-            cache.ids = list(group.source.ids[:n])
-            decoder.stats.reused_tokens = n
+            cache.copy_prefix_from(group.source, len(prompt))
+            decoder.stats.reused_tokens = len(prompt)
         sequence.cache = cache
         sequence.state = "running"
         self._running.append(sequence)

@@ -45,6 +45,9 @@ SIZES = {
     # Micro: the smallest model with the real vocabulary (the tokenizer needs it); small enough
     # (< 1 MB in float16) to commit as the pytorch_model.bin fixture of tools/make_torch_fixture.py.
     "micro": dict(vocab_size=49280, n_positions=16, n_embd=8, n_layer=1, n_head=2, n_inner=32),
+    # Sim: a whole model the CUDA simulator (~20 us a multiply-add) runs in a second a token; its
+    # small vocabulary is why (the real one's LM head alone would take a minute).
+    "sim": dict(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_inner=64),
 }
 
 

@@ -5,6 +5,8 @@ Fills the KV cache (`kv_cache.KVCache`). SantaCoder is multi-query: one K and on
 query heads, so the cache is `[n_layer, n_ctx, n_kv_head=1, head_dim]` for K and for V, never
 expanded per query head, and stored in fp16 by default (12 MiB each at 2048 tokens; fp32 on
 request: `Engine(..., kv_dtype="float32")`). Attention widens each stored row exactly to float32.
+The engine never touches an array's values: the backend (CPU or GPU) owns where they live, and
+only logits (and the hidden state's finiteness check) come back to the host.
 
 Thread safety: every forward holds one process-wide lock (`KERNEL_LOCK`), so Numba's parallel
 kernels never run from two Python threads at once. Numba's `workqueue` threading layer (the one it
@@ -64,15 +66,15 @@ KERNEL_LOCK = threading.Lock()
 class Engine:
     def __init__(self, weights: ModelWeights, backend: Backend, kv_dtype: str = "float16"):
         check_kv_dtype(kv_dtype)
-        self.weights = weights
+        self.weights = backend.prepare(weights)  # the backend's copy (the same object on the CPU)
         self.config = weights.config
         self.backend = backend
         self.kv_dtype = np.dtype(kv_dtype)
-        self._buffers: dict[str, np.ndarray] | None = None  # see _decode_buffers
+        self._buffers: dict | None = None  # see _decode_buffers
 
     def new_cache(self, n_ctx: int | None = None) -> KVCache:
         c = self.config
-        return KVCache(c.n_layer, n_ctx or c.n_positions, c.n_kv_head, c.head_dim, self.kv_dtype)
+        return KVCache(c.n_layer, n_ctx or c.n_positions, c.n_kv_head, c.head_dim, self.kv_dtype, self.backend)
 
     def forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         """Run `ids` at positions cache.length.., store their K/V, and return logits:
@@ -98,7 +100,7 @@ class Engine:
         if total > PREFILL_CHUNK:
             raise ValueError(f"{total} tokens in one batched step; at most {PREFILL_CHUNK}")
         with KERNEL_LOCK, self.backend.forward_context(self.weights, total):
-            hidden = check_finite(self._blocks([(c, list(ids)) for c, ids in zip(caches, inputs)]))
+            hidden = self._checked(self._blocks([(c, list(ids)) for c, ids in zip(caches, inputs)]))
             # Only the rows whose logits are wanted go through the LM head, in one product.
             wanted, bounds, row = [], [], 0
             for ids, every in zip(inputs, all_logits):
@@ -106,35 +108,35 @@ class Engine:
                 row += len(ids)
                 bounds.append((len(wanted), len(wanted) + row - first))
                 wanted.extend(range(first, row))
-            logits = self._lm_head(hidden[wanted])
+            logits = self._lm_head(hidden if len(wanted) == total else self.backend.take_rows(hidden, wanted))
         return [logits[a:b] for a, b in bounds]
 
     def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool) -> np.ndarray:
         pieces = []
         for first in range(0, len(ids), PREFILL_CHUNK):
             chunk = list(ids[first : first + PREFILL_CHUNK])
-            hidden = check_finite(self._blocks([(cache, chunk)]))  # [T, E], final LayerNorm applied
+            hidden = self._checked(self._blocks([(cache, chunk)]))  # [T, E], final LayerNorm applied
             if all_logits:
                 pieces.append(self._lm_head(hidden))
             elif first + PREFILL_CHUNK >= len(ids):
-                pieces.append(self._lm_head(hidden[-1:]))
+                pieces.append(self._lm_head(hidden[len(chunk) - 1 :]))
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
-    def _lm_head(self, hidden: np.ndarray) -> np.ndarray:
-        return self.backend.linear(hidden, self.weights.wte, None)  # tied embedding: [T, V]
+    def _checked(self, hidden):
+        check_finite(self.backend.to_host(hidden))
+        return hidden
 
-    def _decode_buffers(self) -> dict[str, np.ndarray]:
+    def _lm_head(self, hidden) -> np.ndarray:
+        """Host logits [T, V] of hidden [T, E]: the tied embedding as the LM head."""
+        return self.backend.to_host(self.backend.linear(hidden, self.weights.wte, None))
+
+    def _decode_buffers(self) -> dict:
         """One token's activations, allocated once and reused by every decode step."""
         if self._buffers is None:
             c = self.config
             E, I, GD = c.n_embd, c.n_inner, c.n_kv_head * c.head_dim
-            self._buffers = {
-                "h": np.empty((1, E), np.float32),
-                "qkv": np.empty((1, E + 2 * GD), np.float32),
-                "attn": np.empty((1, c.n_head, c.head_dim), np.float32),
-                "proj": np.empty((1, E), np.float32),
-                "f": np.empty((1, I), np.float32),
-            }
+            shapes = {"h": (1, E), "qkv": (1, E + 2 * GD), "attn": (1, E), "proj": (1, E), "f": (1, I)}
+            self._buffers = {name: self.backend.empty(shape) for name, shape in shapes.items()}
         return self._buffers
 
     def _blocks(self, segments: list[tuple[KVCache, list[int]]]) -> np.ndarray:
@@ -142,7 +144,6 @@ class Engine:
         order; the final LayerNorm applied): every product runs once over all T tokens, each
         sequence's K/V rows go to its own cache and its queries attend over that cache only."""
         w, c, b = self.weights, self.config, self.backend
-        E, H, G, D = c.n_embd, c.n_head, c.n_kv_head, c.head_dim
         eps = c.layer_norm_epsilon
         # (cache, first row in this call, position of that row, tokens) per sequence
         spans, row = [], 0
@@ -151,25 +152,23 @@ class Engine:
             row += len(ids)
         T = row
         ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in segments])
-        positions = np.concatenate([np.arange(start, start + n) for _, _, start, n in spans])
+        positions = np.concatenate([np.arange(start, start + n, dtype=np.int64) for _, _, start, n in spans])
         # Decode (T = 1) writes into the same buffers every step; other calls allocate their own.
-        buf = self._decode_buffers() if T == 1 else dict.fromkeys(("h", "qkv", "attn", "proj", "f"))
-        attn = buf["attn"] if buf["attn"] is not None else np.empty((T, H, D), np.float32)
-        x = b.embed(w.wte, ids) + b.embed(w.wpe, positions)  # [T, E]
+        buf = self._decode_buffers() if T == 1 else dict.fromkeys(("h", "qkv", "proj", "f"))
+        attn = buf["attn"] if T == 1 else b.empty((T, c.n_embd))
+        x = b.input_embeddings(w.wte, w.wpe, ids, positions)  # [T, E], the residual stream
         for i, layer in enumerate(w.layers):
             h = b.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps, out=buf["h"])
             qkv = b.linear(h, layer.attn_c_attn_weight, layer.attn_c_attn_bias, out=buf["qkv"])  # [T, E + 2*G*D]
-            q = np.ascontiguousarray(qkv[:, :E]).reshape(T, H, D)  # T = 1: already contiguous, no copy
-            for cache, first, start, n in spans:
-                rows = qkv[first : first + n]
-                cache.k[i, start : start + n] = rows[:, E : E + G * D].reshape(n, G, D)
-                cache.v[i, start : start + n] = rows[:, E + G * D :].reshape(n, G, D)
-                b.attention(q[first : first + n], cache.k[i], cache.v[i], start, out=attn[first : first + n])
-            x += b.linear(attn.reshape(T, E), layer.attn_c_proj_weight, layer.attn_c_proj_bias, out=buf["proj"])
+            if len(spans) == 1:
+                b.attend(qkv, spans[0][0].k, spans[0][0].v, i, spans[0][2], attn)
+            else:
+                for cache, first, start, n in spans:
+                    b.attend(qkv[first : first + n], cache.k, cache.v, i, start, attn[first : first + n])
+            b.linear(attn, layer.attn_c_proj_weight, layer.attn_c_proj_bias, out=buf["proj"], add_to=x)
             h = b.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps, out=buf["h"])
-            f = b.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, out=buf["f"])  # [T, I]
-            b.gelu_inplace(f)
-            x += b.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, out=buf["proj"])
+            f = b.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, out=buf["f"], gelu=True)  # [T, I]
+            b.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, out=buf["proj"], add_to=x)
         for cache, ids in segments:
             cache.ids.extend(int(t) for t in ids)
         return b.layer_norm(x, w.ln_f_weight, w.ln_f_bias, eps)

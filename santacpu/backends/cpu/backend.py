@@ -98,10 +98,42 @@ class CpuBackend:
         least = WARM_PARALLEL_MIN_WORK if self._pool_warm else PARALLEL_MIN_WORK
         return numba.get_num_threads() if work >= least else 1
 
-    def linear(self, x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray | None = None) -> np.ndarray:
+    def prepare(self, weights):
+        return weights  # used where they are: memory-mapped, never copied
+
+    def empty(self, shape: tuple[int, ...]) -> np.ndarray:
+        return np.empty(shape, np.float32)
+
+    def new_kv(self, shape: tuple[int, ...], dtype) -> np.ndarray:
+        return np.zeros(shape, dtype)
+
+    def copy_kv_prefix(self, target: np.ndarray, source: np.ndarray, n: int) -> None:
+        target[:, :n] = source[:, :n]
+
+    def take_rows(self, x: np.ndarray, rows: list[int]) -> np.ndarray:
+        return x[rows]
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def input_embeddings(self, wte, wpe, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        return self.embed(wte, ids) + self.embed(wpe, positions)
+
+    def linear(
+        self, x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray | None = None, *, gelu: bool = False, add_to=None
+    ) -> np.ndarray:
         """x [T, in] float32, weight [out, in] (float32, float16 or a QuantizedWeight)
         -> x @ weight.T + bias, float32 [T, out] (written into `out` when given: decode reuses
-        its buffers)."""
+        its buffers); then GELU (`gelu`) or added into `add_to` (returned then)."""
+        y = self._product(x, weight, bias, out)
+        if gelu:
+            self.gelu_inplace(y)
+        if add_to is None:
+            return y
+        add_to += y
+        return add_to
+
+    def _product(self, x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray | None) -> np.ndarray:
         T = x.shape[0]
         n_out, n_in = weight.shape
         if bias is None:
@@ -187,6 +219,16 @@ class CpuBackend:
             k.gelu_tanh_inplace_serial(x)
         else:
             k.gelu_tanh_inplace(x)
+
+    def attend(self, qkv: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, layer: int, start: int, out: np.ndarray) -> None:
+        """Store qkv's K/V rows [T, E + 2*G*D] at positions start.. of `layer`, then attention
+        into out [T, E] (see the protocol)."""
+        T, E = out.shape
+        _, _, G, D = k_cache.shape
+        k_cache[layer, start : start + T] = qkv[:, E : E + G * D].reshape(T, G, D)
+        v_cache[layer, start : start + T] = qkv[:, E + G * D :].reshape(T, G, D)
+        q = np.ascontiguousarray(qkv[:, :E]).reshape(T, E // D, D)  # T = 1: already contiguous, no copy
+        self.attention(q, k_cache[layer], v_cache[layer], start, out=out.reshape(T, E // D, D))
 
     def attention(
         self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray | None = None

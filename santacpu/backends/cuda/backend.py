@@ -1,0 +1,228 @@
+"""`CudaBackend`: the Backend protocol (`santacpu.backends.base`) on an NVIDIA GPU via numba.cuda.
+
+`prepare` uploads every weight once, as stored (packed blocks, fp16 bits, fp32), and the engine's
+weights are then these device copies; activations and the KV cache live on the device, and only
+token ids and positions go in and the wanted logits (and the final hidden state, for the
+finiteness check) come out. Kernels come from linear_kernels.py and layer_kernels.py; each
+launch's configured kernel object is cached, so a decode step pays Numba's argument handling and
+the driver's launch for each of its ~8 launches a layer, and nothing else.
+
+Under the simulator (`NUMBA_ENABLE_CUDASIM=1`: every thread a Python thread) the same kernels run
+with small blocks (`SIMULATOR_SHAPES`): the kernels are written for any block size, and the tests
+cover both sizes on small shapes.
+
+Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim.
+
+May import: numba, numpy, this package's modules, `santacpu.formats`, `santacpu.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from numba import cuda
+
+from ...errors import SantacpuError
+from ...formats.blocks import PART_ORDER, QuantizedWeight
+from . import layer_kernels as lk
+from . import linear_kernels as mk
+from .device import simulated
+from .values import FORMAT_IDS
+
+N_PARTS = 5  # every weight travels as p0..p4 (see values.py)
+
+
+@dataclass(frozen=True)
+class LaunchShapes:
+    matvec: tuple[int, int]  # (lanes a row, rows a block), powers of two
+    matmul_side: int  # s x s threads, a tile of 4s rows x 4s tokens
+    norm_threads: int  # a power of two
+    attention_lanes: int  # positions scored at once by each head's lanes
+    flat_threads: int  # element-wise kernels
+
+
+DEVICE_SHAPES = LaunchShapes(matvec=(32, 8), matmul_side=16, norm_threads=256, attention_lanes=32, flat_threads=256)
+# The simulator pays per thread of a block (each a Python thread), so it gets few: one lane a row.
+SIMULATOR_SHAPES = LaunchShapes(matvec=(1, 16), matmul_side=4, norm_threads=2, attention_lanes=4, flat_threads=64)
+
+
+@dataclass(frozen=True)
+class DeviceWeight:
+    """A [rows, cols] weight on the device as stored: format id and its parts p0..p4."""
+
+    fmt: int
+    shape: tuple[int, int]
+    parts: tuple
+    nbytes: int
+
+    def __getitem__(self, rows):  # not needed by the engine; refuse plainly rather than misbehave
+        raise TypeError("a DeviceWeight is read by kernels only")
+
+
+class CudaBackend:
+    name = "cuda"
+
+    def __init__(self, shapes: LaunchShapes | None = None):
+        self.simulated = simulated()
+        self.shapes = shapes or (SIMULATOR_SHAPES if self.simulated else DEVICE_SHAPES)
+        self.weight_bytes = 0  # device memory the uploaded weights take
+        self._placeholder = cuda.to_device(np.zeros((1, 1), np.uint8))
+        self._zeros: dict[int, object] = {}
+        self._launches: dict[tuple, object] = {}
+
+    def device_name(self) -> str:
+        if self.simulated:
+            return "the CUDA simulator"
+        name = cuda.get_current_device().name
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    def _launch(self, kernel, grid, block):
+        if self.simulated:  # the simulator's kernel[grid, block] reconfigures one shared object
+            return kernel[grid, block]
+        key = (kernel, grid, block)
+        configured = self._launches.get(key)
+        if configured is None:
+            configured = self._launches[key] = kernel[grid, block]
+        return configured
+
+    # --- weights -------------------------------------------------------------------------------
+
+    def prepare(self, weights):
+        """Device copies of every weight (ModelWeights of DeviceWeight matrices and device vectors)."""
+        self._check_fits(weights.config)
+        def vector(v):
+            array = cuda.to_device(np.ascontiguousarray(v, np.float32))
+            self.weight_bytes += array.nbytes
+            return array
+
+        layers = [
+            dataclasses.replace(
+                layer,
+                **{
+                    f.name: (self._matrix if len(getattr(layer, f.name).shape) == 2 else vector)(getattr(layer, f.name))
+                    for f in dataclasses.fields(layer)
+                },
+            )
+            for layer in weights.layers
+        ]
+        return dataclasses.replace(
+            weights,
+            wte=self._matrix(weights.wte),
+            wpe=self._matrix(weights.wpe),
+            layers=layers,
+            ln_f_weight=vector(weights.ln_f_weight),
+            ln_f_bias=vector(weights.ln_f_bias),
+        )
+
+    def _check_fits(self, config) -> None:
+        """The model's shape against the kernels' compile-time limits, before any upload."""
+        lanes, (matvec_lanes, matvec_rows) = self.shapes.attention_lanes, self.shapes.matvec
+        problems = []
+        if config.n_head > lk.MAX_HEADS or config.n_head * lanes > 1024:
+            problems.append(f"{config.n_head} heads (at most {min(lk.MAX_HEADS, 1024 // lanes)})")
+        if config.head_dim > lk.MAX_HEAD_VALUES * lanes:
+            problems.append(f"head_dim {config.head_dim} (at most {lk.MAX_HEAD_VALUES * lanes})")
+        if matvec_lanes * matvec_rows > mk.MAX_MATVEC_THREADS or self.shapes.matmul_side > mk.MAX_TILE_SIDE:
+            problems.append(f"launch shapes {self.shapes}")
+        if problems:
+            raise SantacpuError(f"the CUDA kernels cannot run this model: {', '.join(problems)}")
+
+    def _matrix(self, weight) -> DeviceWeight:
+        if isinstance(weight, QuantizedWeight):
+            fmt = FORMAT_IDS[weight.qtype]
+            parts = [weight.parts[name] for name in PART_ORDER[weight.qtype]]
+        else:
+            fmt = FORMAT_IDS["float16" if weight.dtype == np.float16 else "float32"]
+            parts = [weight if weight.dtype == np.float16 else np.asarray(weight, np.float32)]
+        # fp16 parts travel as their bits (values.half_to_float widens them)
+        stored = [cuda.to_device(np.ascontiguousarray(p.view(np.uint16) if p.dtype == np.float16 else p)) for p in parts]
+        nbytes = sum(p.nbytes for p in stored)
+        self.weight_bytes += nbytes
+        padded = tuple(stored) + (self._placeholder,) * (N_PARTS - len(stored))
+        return DeviceWeight(fmt, tuple(weight.shape), padded, nbytes)
+
+    def _zero_bias(self, n: int):
+        if n not in self._zeros:
+            self._zeros[n] = cuda.to_device(np.zeros(n, np.float32))
+        return self._zeros[n]
+
+    # --- arrays --------------------------------------------------------------------------------
+
+    def empty(self, shape: tuple[int, ...]):
+        return cuda.device_array(shape, np.float32)
+
+    def new_kv(self, shape: tuple[int, ...], dtype):
+        # fp16 is kept as its bits: the kernels widen and round it themselves (values.py)
+        return cuda.device_array(shape, np.uint16 if np.dtype(dtype) == np.float16 else np.float32)
+
+    def copy_kv_prefix(self, target, source, n: int) -> None:
+        total = source.shape[0] * n * source.shape[2] * source.shape[3]
+        if total:
+            self._flat(lk.copy_kv_prefix, total)(source, target, n)
+
+    def take_rows(self, x, rows: list[int]):
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return x[rows[0] : rows[0] + len(rows)]
+        return cuda.to_device(np.ascontiguousarray(x.copy_to_host()[rows]))
+
+    def to_host(self, x) -> np.ndarray:
+        return x.copy_to_host()
+
+    def _flat(self, kernel, n: int):
+        threads = self.shapes.flat_threads
+        return self._launch(kernel, (n + threads - 1) // threads, threads)
+
+    # --- the forward pass's operations ---------------------------------------------------------
+
+    def input_embeddings(self, wte: DeviceWeight, wpe: DeviceWeight, ids: np.ndarray, positions: np.ndarray):
+        T, E = len(ids), wte.shape[1]
+        rows = cuda.to_device(np.stack([ids, positions]).astype(np.int64))  # one copy for both
+        out = self.empty((T, E))
+        self._flat(lk.embed, T * E)(wte.fmt, *wte.parts, rows[0], False, out)
+        self._flat(lk.embed, T * E)(wpe.fmt, *wpe.parts, rows[1], True, out)
+        return out
+
+    def linear(self, x, weight: DeviceWeight, bias, out=None, *, gelu: bool = False, add_to=None):
+        T = x.shape[0]
+        n_out = weight.shape[0]
+        if bias is None:
+            bias = self._zero_bias(n_out)
+        if add_to is not None:
+            out, epilogue = add_to, mk.EPILOGUE_ADD
+        else:
+            out = self.empty((T, n_out)) if out is None else out
+            epilogue = mk.EPILOGUE_GELU if gelu else mk.EPILOGUE_NONE
+        if T <= mk.MAX_FEW_TOKENS:
+            lanes, rows = self.shapes.matvec
+            launch = self._launch(mk.matvec, (n_out + rows - 1) // rows, (lanes, rows))
+        else:
+            side = self.shapes.matmul_side
+            tile = 4 * side
+            launch = self._launch(mk.matmul, ((n_out + tile - 1) // tile, (T + tile - 1) // tile), (side, side))
+        launch(weight.fmt, *weight.parts, x, T, bias, out, epilogue, out)
+        return out
+
+    def layer_norm(self, x, weight, bias, eps: float, out=None):
+        out = self.empty(x.shape) if out is None else out
+        self._launch(lk.layer_norm, x.shape[0], self.shapes.norm_threads)(x, weight, bias, np.float32(eps), out)
+        return out
+
+    def attend(self, qkv, k_cache, v_cache, layer: int, start: int, out) -> None:
+        T, E = out.shape
+        G, D = k_cache.shape[2], k_cache.shape[3]
+        half = k_cache.dtype == np.uint16
+        self._flat(lk.store_kv, T * G * D)(qkv, T, E, k_cache, v_cache, layer, start, half)
+        lanes = self.shapes.attention_lanes
+        scale = np.float32(1.0 / math.sqrt(D))
+        self._launch(lk.attention, T, (lanes, E // D))(qkv, k_cache, v_cache, layer, start, half, E // D, scale, out)
+
+    def forward_context(self, weights, n_tokens: int) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def token_invariant(self, weights) -> bool:
+        """False: one token's products (matvec) sum in another order than a prompt's (matmul)."""
+        return False

@@ -1,0 +1,112 @@
+"""Device functions that read the stored formats one value at a time, shared by every kernel.
+
+Every weight is passed to a kernel as five arrays `p0..p4` (the format's parts in
+`santacpu.formats.blocks.PART_ORDER`, then 1x1 placeholders) and read as
+`scale * code(...) - offset`, with `(scale, offset) = params(..., row, block)` once per block of
+32 values. fp16 data (weights, block scales, the KV cache) travels as its uint16 bits and is
+widened here by integer arithmetic and a table of powers of two: exact, and the same code under
+the simulator (which has no half type) and on the device.
+
+Format ids (`FORMAT_IDS`) are compile-time constants of each kernel (a kernel is built per format
+by the factories in linear_kernels.py and layer_kernels.py), so the branches below vanish.
+
+May import: numba, numpy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, float32, int32
+
+FORMAT_IDS = {"float32": 0, "float16": 1, "q8_0": 2, "q4_0": 3, "q6_0": 4, "q4_m": 5}
+
+# 2**(e - 25) for a half's exponent field e: a normal half is (1024 + mantissa) * POW2[e], a
+# subnormal one mantissa * POW2[1] (both products exact in float32).
+_POW2 = np.array([2.0 ** (e - 25) for e in range(32)], np.float32)
+# 2**e for e = -14..16 at index e + 14 (float_to_half's exponent search).
+_POW2_HALF = np.array([2.0**e for e in range(-14, 17)], np.float32)
+
+
+@cuda.jit(device=True, inline=True)
+def half_to_float(bits):
+    """IEEE half bits (an integer 0..65535) -> float32, exactly."""
+    h = int32(bits)
+    exponent = (h >> 10) & 31
+    mantissa = h & 1023
+    if exponent == 0:
+        value = float32(mantissa) * _POW2[1]
+    elif exponent == 31:
+        value = float32(math.inf) if mantissa == 0 else float32(math.nan)
+    else:
+        value = float32(1024 + mantissa) * _POW2[exponent]
+    return -value if h & 32768 else value
+
+
+@cuda.jit(device=True, inline=True)
+def float_to_half(value):
+    """float32 -> IEEE half bits, rounded to nearest even (NumPy's astype(float16))."""
+    if value != value:
+        return 0x7E00
+    sign = 32768 if math.copysign(float32(1.0), value) < 0 else 0  # -0.0 too
+    a = abs(value)
+    if a >= 65520.0:  # rounds to infinity
+        return sign | 0x7C00
+    if a < _POW2_HALF[0]:  # subnormal (or zero): units of 2**-24; 1024 is the smallest normal
+        return sign | int32(round(a * float32(16777216.0)))
+    # a in [2**e, 2**(e+1)), e = -14..15
+    e = int32(math.floor(math.log2(a)))
+    e = max(-14, min(15, e))
+    if a < _POW2_HALF[e + 14]:
+        e -= 1
+    elif a >= _POW2_HALF[e + 15]:
+        e += 1
+    code = int32(round(a / _POW2_HALF[e + 14] * float32(1024.0)))  # 1024..2048, exact scaling
+    if code == 2048:
+        code = 1024
+        e += 1
+    if e > 15:
+        return sign | 0x7C00
+    return sign | ((e + 15) << 10) | (code - 1024)
+
+
+@cuda.jit(device=True, inline=True)
+def params(fmt, p0, p1, p2, p3, p4, row, block):
+    """(scale, offset) of block `block` (32 values) of `row`."""
+    if fmt == 2 or fmt == 3:  # q8_0, q4_0: d f16 in p1
+        return half_to_float(p1[row, block]), float32(0.0)
+    if fmt == 4:  # q6_0: d f16 in p2
+        return half_to_float(p2[row, block]), float32(0.0)
+    if fmt == 5:  # q4_m: (d * sc, dmin * mn)
+        return float32(p3[row, 0]) * float32(p1[row, block]), float32(p4[row, 0]) * float32(p2[row, block])
+    return float32(1.0), float32(0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def code(fmt, p0, p1, p2, p3, p4, row, block, j):
+    """Value j (0..31) of a block before its scale: the stored integer less the format's offset
+    (or the float itself for float32 / float16 weights)."""
+    column = block * 32 + j
+    if fmt == 0:
+        return float32(p0[row, column])
+    if fmt == 1:
+        return half_to_float(p0[row, column])
+    if fmt == 2:
+        return float32(p0[row, column])
+    byte = int32(p0[row, block * 16 + (j & 15)])
+    nibble = (byte >> 4) if j >= 16 else (byte & 15)
+    if fmt == 3:
+        return float32(nibble - 8)
+    if fmt == 4:
+        high = (int32(p1[row, block * 8 + (j & 7)]) >> (2 * (j >> 3))) & 3
+        return float32((nibble | (high << 4)) - 32)
+    return float32(nibble)  # q4_m
+
+
+@cuda.jit(device=True, inline=True)
+def value(fmt, p0, p1, p2, p3, p4, row, column):
+    """One weight value, scale applied (embedding lookups; products use params and code)."""
+    block = column // 32
+    scale, offset = params(fmt, p0, p1, p2, p3, p4, row, block)
+    return scale * code(fmt, p0, p1, p2, p3, p4, row, block, column - block * 32) - offset

@@ -1,0 +1,327 @@
+"""The CUDA backend: every kernel against its NumPy twin, a whole model against the reference and
+the CPU backend, and the device choice. Runs on Numba's CUDA simulator in CI (conftest.py turns it
+on) and on a real GPU under tools/gpu_check.sh (NUMBA_ENABLE_CUDASIM=0), where the tests marked
+`real_gpu` also run: the golden fixtures and the trained fixture, whose 49k-row LM head the
+simulator (~20 us a multiply-add) would take minutes a token for.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import santacpu
+from santacpu.backends.cuda import device as cuda_device
+from santacpu.errors import SantacpuError
+from santacpu.formats.blocks import QuantizedWeight, get_format
+from santacpu.loading.checkpoint import read_checkpoint
+from santacpu.loading.random_checkpoint import write_checkpoint
+from santacpu.network import reference
+from santacpu.network.engine import Engine
+from santacpu.backends.cpu.backend import CpuBackend
+
+cuda = pytest.importorskip("numba.cuda")
+from santacpu.backends.cuda import layer_kernels as lk  # noqa: E402
+from santacpu.backends.cuda import linear_kernels as mk  # noqa: E402
+from santacpu.backends.cuda.backend import DEVICE_SHAPES, SIMULATOR_SHAPES, CudaBackend  # noqa: E402
+
+REAL_GPU = not cuda_device.simulated()
+real_gpu = pytest.mark.skipif(not REAL_GPU, reason="needs a real GPU (tools/gpu_check.sh runs it there)")
+SHAPES = {"device": DEVICE_SHAPES, "simulator": SIMULATOR_SHAPES}
+FORMATS = ("float32", "float16", "q8_0", "q4_0", "q6_0", "q4_m")
+
+
+def _rel(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-30))
+
+
+def _weight(fmt: str, rows: int, cols: int, rng):
+    """(stored weight, its float32 values) in format fmt."""
+    w = rng.standard_normal((rows, cols)).astype(np.float32)
+    if fmt in ("float32", "float16"):
+        stored = w.astype(fmt)
+        return stored, stored.astype(np.float32)
+    quantized = QuantizedWeight(fmt, (rows, cols), get_format(fmt).quantize(w))
+    return quantized, quantized.dequantize()
+
+
+@cuda.jit
+def _half_round_trip(values, bits, back):
+    from santacpu.backends.cuda.values import float_to_half, half_to_float
+
+    i = cuda.grid(1)
+    if i < values.shape[0]:
+        bits[i] = float_to_half(values[i])
+        back[i] = half_to_float(bits[i])
+
+
+def test_half_conversions_match_numpy():
+    rng = np.random.default_rng(1)
+    tiny = np.float32(2.0**-24)
+    edges = [0.0, -0.0, 1.0, -2.5, 65504.0, 65519.0, 65520.0, 1e6, -1e6, np.inf, -np.inf, 6.1035156e-05, 6.0e-05,
+             tiny, tiny / 2, tiny * 0.51, 3 * tiny / 2, 1.00048828125, 1.00146484375, 2049.0, 2051.0]
+    values = np.concatenate([np.array(edges, np.float32), rng.standard_normal(200).astype(np.float32) * 10.0 ** rng.integers(-8, 5, 200),
+                             np.array([np.nan], np.float32)]).astype(np.float32)
+    bits = np.zeros(len(values), np.uint16)
+    back = np.zeros(len(values), np.float32)
+    _half_round_trip[(len(values) + 63) // 64, 64](values, bits, back)
+    with np.errstate(over="ignore"):
+        want = values.astype(np.float16)
+    assert np.array_equal(bits[:-1], want[:-1].view(np.uint16)), values[bits != want.view(np.uint16)]
+    assert np.isnan(back[-1]) and np.array_equal(back[:-1], want[:-1].astype(np.float32))
+
+
+def _linear_case(fmt, T, shapes, epilogue, rng, rows=12, cols=64):
+    backend = CudaBackend(shapes)
+    stored, dense = _weight(fmt, rows, cols, rng)
+    weight = backend._matrix(stored)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    want = x @ dense.T + bias
+    if epilogue == "gelu":
+        got = backend.linear(cuda.to_device(x), weight, cuda.to_device(bias), gelu=True)
+        want = reference.gelu_tanh(want)
+    elif epilogue == "add":
+        residual = rng.standard_normal((T, rows)).astype(np.float32)
+        target = cuda.to_device(residual)
+        got = backend.linear(cuda.to_device(x), weight, cuda.to_device(bias), add_to=target)
+        assert got is target
+        want = residual + want
+    else:
+        out = cuda.to_device(np.full((T, rows), np.nan, np.float32))  # poisoned: every element must be written
+        got = backend.linear(cuda.to_device(x), weight, cuda.to_device(bias), out=out)
+    return _rel(got.copy_to_host(), want)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("T", [1, 3, mk.MAX_FEW_TOKENS + 2], ids=["matvec1", "matvec3", "matmul"])
+def test_linear_each_format_matches_numpy(fmt, T):
+    assert _linear_case(fmt, T, SIMULATOR_SHAPES, None, np.random.default_rng(2)) < 1e-5
+
+
+@pytest.mark.parametrize("epilogue", ["gelu", "add"])
+@pytest.mark.parametrize("T", [2, 11], ids=["matvec", "matmul"])
+def test_linear_epilogues(epilogue, T):
+    assert _linear_case("q4_0", T, SIMULATOR_SHAPES, epilogue, np.random.default_rng(3)) < 1e-5
+
+
+@pytest.mark.parametrize("T", [1, 9], ids=["matvec", "matmul"])
+def test_linear_with_the_gpu_launch_shapes(T):
+    """The launch shapes a GPU gets (32 lanes x 8 rows, 16 x 16 tiles): rows and tokens past the
+    matrix's end, and a row longer than the lanes."""
+    cols = 33 * 32 if T == 1 else 64  # matvec: more blocks in a row than lanes
+    assert _linear_case("q6_0", T, DEVICE_SHAPES, None, np.random.default_rng(4), rows=9, cols=cols) < 1e-5
+
+
+@pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
+def test_layer_norm(shapes):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((2, 96)) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(96).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    got = CudaBackend(shapes).layer_norm(cuda.to_device(x), cuda.to_device(w), cuda.to_device(b), 1e-5)
+    assert _rel(got.copy_to_host(), reference.layer_norm(x, w, b, 1e-5)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", ["float32", "float16", "q8_0", "q4_m"])
+def test_input_embeddings(fmt):
+    rng = np.random.default_rng(6)
+    backend = CudaBackend()
+    wte_stored, wte = _weight(fmt, 20, 64, rng)
+    wpe_stored, wpe = _weight("float32", 16, 64, rng)
+    ids, positions = np.array([3, 19, 0, 3]), np.array([5, 6, 7, 8])
+    got = backend.input_embeddings(backend._matrix(wte_stored), backend._matrix(wpe_stored), ids, positions)
+    assert np.array_equal(got.copy_to_host(), wte[ids] + wpe[positions])
+
+
+def _attention_reference(q, k, v):
+    """q [T, H, D] at the last T positions of k, v [P, G, D] -> [T, H*D], causal."""
+    T, H, D = q.shape
+    P, G, _ = k.shape
+    out = np.empty((T, H, D), np.float32)
+    for t in range(T):
+        n = P - T + t + 1
+        for h in range(H):
+            g = h // (H // G)
+            s = k[:n, g] @ q[t, h] / np.float32(math.sqrt(D))
+            e = np.exp(s - s.max())
+            out[t, h] = (e / e.sum()) @ v[:n, g]
+    return out.reshape(T, H * D)
+
+
+@pytest.mark.parametrize(
+    "kv_dtype, shapes, G", [("float16", SIMULATOR_SHAPES, 1), ("float32", SIMULATOR_SHAPES, 2), ("float16", DEVICE_SHAPES, 1)],
+    ids=["fp16-mqa", "fp32-two-kv-heads", "fp16-gpu-shapes"],
+)
+def test_attend_stores_and_attends(kv_dtype, shapes, G):
+    """Rows already cached (written here), then two calls (a few tokens, then one) that store
+    their own rows and attend past a chunk of lanes, each against the causal softmax in NumPy
+    over what the cache holds."""
+    rng = np.random.default_rng(7)
+    H, D, L, n_ctx, layer, stored = 4, 16, 2, 40, 1, np.dtype(kv_dtype)
+    E = H * D
+    backend = CudaBackend(shapes)
+    start = shapes.attention_lanes - 2  # rows 0..start-1 are "earlier calls'"
+    k = (rng.standard_normal((start, G, D))).astype(stored)
+    v = (rng.standard_normal((start, G, D))).astype(stored)
+    host_k, host_v = np.zeros((L, n_ctx, G, D), stored), np.zeros((L, n_ctx, G, D), stored)
+    host_k[layer, :start], host_v[layer, :start] = k, v
+    as_stored = (lambda a: a.view(np.uint16)) if kv_dtype == "float16" else (lambda a: a)
+    k_cache, v_cache = cuda.to_device(as_stored(host_k)), cuda.to_device(as_stored(host_v))
+    for T in (3, 1):
+        qkv = rng.standard_normal((T, E + 2 * G * D)).astype(np.float32)
+        out = cuda.to_device(np.full((T, E), np.nan, np.float32))
+        backend.attend(cuda.to_device(qkv), k_cache, v_cache, layer, start, out)
+        k = np.concatenate([k, qkv[:, E : E + G * D].reshape(T, G, D).astype(stored)])
+        v = np.concatenate([v, qkv[:, E + G * D :].reshape(T, G, D).astype(stored)])
+        held = backend.to_host(k_cache)[layer, : start + T]
+        assert np.array_equal(held.view(np.float16) if kv_dtype == "float16" else held, k)
+        want = _attention_reference(qkv[:, :E].reshape(T, H, D), k.astype(np.float32), v.astype(np.float32))
+        assert _rel(out.copy_to_host(), want) < 1e-5
+        start += T
+
+
+def test_kv_prefix_copy_and_take_rows():
+    backend = CudaBackend()
+    rng = np.random.default_rng(8)
+    source = rng.integers(0, 60000, (2, 10, 1, 16)).astype(np.uint16)
+    target = backend.new_kv((2, 6, 1, 16), "float16")
+    backend.copy_kv_prefix(target, cuda.to_device(source), 5)
+    assert np.array_equal(backend.to_host(target)[:, :5], source[:, :5])
+    x = rng.standard_normal((6, 8)).astype(np.float32)
+    for rows in ([1, 2, 3], [0, 4, 5]):
+        assert np.array_equal(backend.to_host(backend.take_rows(cuda.to_device(x), rows)), x[rows])
+
+
+def test_copy_kernel():
+    data = np.arange(1000, dtype=np.int64)
+    target = cuda.device_array_like(data)
+    lk.copy[2, 64](cuda.to_device(data), target)
+    assert np.array_equal(target.copy_to_host(), data)
+
+
+# --- whole models -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sim_weights(tmp_path_factory):
+    """The "sim" random model (vocabulary 64) in float32, and its matrices quantized."""
+    folder = write_checkpoint(tmp_path_factory.mktemp("sim"), size="sim", with_tokenizer=False)
+    weights = read_checkpoint(folder)
+
+    def quantized(qtype):
+        def q(w):
+            return QuantizedWeight(qtype, w.shape, get_format(qtype).quantize(w))
+
+        layers = [
+            type(layer)(**{name: (q(value) if value.ndim == 2 else value) for name, value in vars(layer).items()})
+            for layer in weights.layers
+        ]
+        return type(weights)(weights.config, q(weights.wte), weights.wpe, layers, weights.ln_f_weight, weights.ln_f_bias)
+
+    return {"float32": weights, "q8_0": quantized("q8_0"), "q4_0": quantized("q4_0")}
+
+
+IDS = [5, 17, 3, 60, 22, 9, 41, 7, 33, 12, 2, 50]
+
+
+@pytest.mark.parametrize("weights_type, kv_dtype, tolerance", [("float32", "float32", 1e-4), ("q4_0", "float16", 1e-3)])
+def test_model_forward_matches_reference(sim_weights, weights_type, kv_dtype, tolerance):
+    """A prompt (the matmul path), a few tokens, then one token at a time, through one cache: the
+    logits of every position against the NumPy reference's over the whole sequence."""
+    weights = sim_weights[weights_type]
+    engine = Engine(weights, CudaBackend(), kv_dtype)
+    cache = engine.new_cache(16)
+    got = [engine.forward(cache, IDS[:9], all_logits=True), engine.forward(cache, IDS[9:11], all_logits=True),
+           engine.forward(cache, IDS[11:12], all_logits=True)]
+    want = reference.forward(weights, IDS)
+    assert _rel(np.concatenate(got), want) < tolerance
+
+
+def _greedy(engine, prompt, steps):
+    cache = engine.new_cache(len(prompt) + steps)
+    logits = engine.forward(cache, prompt)[-1]
+    out = []
+    for _ in range(steps):
+        out.append(int(np.argmax(logits)))
+        logits = engine.forward(cache, [out[-1]])[-1]
+    return out
+
+
+def test_greedy_ids_match_the_cpu(sim_weights):
+    weights = sim_weights["q4_0"]
+    cpu = _greedy(Engine(weights, CpuBackend()), IDS[:3], 5)
+    assert _greedy(Engine(weights, CudaBackend()), IDS[:3], 5) == cpu
+
+
+def test_batched_step_matches_single_steps(sim_weights):
+    """forward_batch over two sequences (distinct lengths, one with all logits) on the device
+    caches gives each sequence what its own forward gives; a resized cache carries on."""
+    engine = Engine(sim_weights["q8_0"], CudaBackend(), "float32")
+    a, b = engine.new_cache(12), engine.new_cache(12)
+    engine.forward(a, IDS[:2])
+    engine.forward(b, IDS[2:5])
+    both = engine.forward_batch([a, b], [[7], [8, 9]], [False, True])
+    solo_a, solo_b = engine.new_cache(12), engine.new_cache(12)
+    engine.forward(solo_a, IDS[:2])
+    engine.forward(solo_b, IDS[2:5])
+    assert _rel(both[0], engine.forward(solo_a, [7])) < 1e-5
+    assert _rel(both[1], engine.forward(solo_b, [8, 9], all_logits=True)) < 1e-5
+    bigger = a.resized(20)
+    assert bigger.ids == a.ids and _rel(engine.forward(bigger, [3]), engine.forward(a, [3])) < 1e-6
+
+
+# --- the device choice ----------------------------------------------------------------------------
+
+
+def test_auto_picks_the_gpu_when_one_is_usable(monkeypatch, tiny_checkpoint):
+    monkeypatch.setattr(cuda_device, "gpu_missing", lambda: None)
+    model = santacpu.load(tiny_checkpoint(), device="auto")
+    assert model.engine.backend.name == "cuda" and model.device.startswith("cuda: ")
+
+
+def test_auto_picks_the_cpu_without_a_gpu(monkeypatch, tiny_checkpoint):
+    monkeypatch.setattr(cuda_device, "gpu_missing", lambda: "no NVIDIA driver found")
+    assert santacpu.load(tiny_checkpoint(), device="auto").device == "cpu"
+
+
+def test_cuda_without_a_gpu_is_one_line(monkeypatch, tiny_checkpoint):
+    monkeypatch.setattr(cuda_device, "cuda_missing", lambda: "no NVIDIA driver found (libcuda.so.1 cannot be loaded)")
+    with pytest.raises(SantacpuError, match=r"^device 'cuda' is not usable: no NVIDIA driver found"):
+        santacpu.load(tiny_checkpoint(), device="cuda")
+    with pytest.raises(SantacpuError, match="unknown device 'tpu'"):
+        santacpu.load(tiny_checkpoint(), device="tpu")
+
+
+def test_the_simulator_is_never_auto(monkeypatch):
+    if REAL_GPU:
+        assert cuda_device.gpu_missing() is None
+    else:
+        assert "simulator" in cuda_device.gpu_missing()
+
+
+# --- on a real GPU only (tools/gpu_check.sh) ------------------------------------------------------------
+
+
+@real_gpu
+@pytest.mark.parametrize("kv_dtype, tolerance", [("float32", 1e-4), ("float16", 1e-3)])
+def test_golden_fixtures_on_the_gpu(tiny_checkpoint, kv_dtype, tolerance):
+    weights = read_checkpoint(tiny_checkpoint())
+    ids = list(range(100, 140))
+    engine = Engine(weights, CudaBackend(), kv_dtype)
+    cache = engine.new_cache(len(ids))
+    got = np.concatenate([engine.forward(cache, ids[:30], all_logits=True), engine.forward(cache, ids[30:], all_logits=True)])
+    assert _rel(got, reference.forward(weights, ids)) < tolerance
+
+
+@real_gpu
+def test_trained_fixture_greedy_on_the_gpu():
+    folder = Path(__file__).parent / "fixtures" / "trained_tiny"
+    cpu = santacpu.load(folder, device="cpu")
+    gpu = santacpu.load(folder, device="cuda")
+    prompt = "def fibonacci(n):\n"
+    want = cpu.complete(prompt, max_new_tokens=32, lookup=False)
+    assert gpu.complete(prompt, max_new_tokens=32) == want
