@@ -349,6 +349,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(
         None, "--json", readable=False, help="Also write every figure and the machine's facts to this JSON file."
     ),
+    device: str = typer.Option("auto", help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda."),
 ) -> None:
     """Measure speed (prefill, decode, FIM time to first token), load and compile times, and peak
     memory of a model; each measurement runs in a child process of its own. Progress on stderr,
@@ -364,7 +365,7 @@ def bench(
         model=runnable, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,
         parts=tuple(p.strip() for p in parts.split(",") if p.strip()), revision=revision,
-        batch=_batch_sizes(batch),
+        batch=_batch_sizes(batch), device=device,
     )
     report = run_bench(settings)
     print(format_table(report))

@@ -52,7 +52,7 @@ def child_main(kind: str, job_json: str, import_s: float) -> None:
 def _load(job: dict):
     from ..model import load
 
-    return load(job["model"], revision=job["revision"])
+    return load(job["model"], revision=job["revision"], device=job.get("device", "auto"))
 
 
 def _timed(work: Callable[[], object]) -> tuple[object, float]:
@@ -102,7 +102,14 @@ def _child_speed(job: dict, import_s: float) -> dict:
             start = time.perf_counter()
             model.complete(prefix, suffix, max_new_tokens=1)
             fim.append(time.perf_counter() - start)
+    figures = {"device": model.device}
+    if model.engine.backend.name == "cuda":
+        try:
+            figures["cuda"] = _cuda_figures(model, stream[:P], stream[P])
+        except Exception as error:  # the speeds above stand on their own
+            figures["cuda"] = {"error": f"{type(error).__name__}: {error}"}
     return {
+        **figures,
         "import_s": import_s,
         "load_s": load_s,
         "decode_weight_bytes": decode_weight_bytes(model.weights),
@@ -114,6 +121,41 @@ def _child_speed(job: dict, import_s: float) -> dict:
         "fim_prompt_tokens": fim_prompt_tokens or None,
         "samples": {"prefill_tok_s": prefill, "decode_tok_s": decode, "fim_ttft_s": fim},
         "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _cuda_figures(model, prompt: list[int], token: int, steps: int = 32) -> dict:
+    """On a GPU: one decode step at the end of `prompt` taken apart (wall time against the time
+    the kernels ran, by device events: the rest is the host's launch overhead), each kernel's
+    time and achieved GB/s, the device memory, and the copy kernel's bandwidth (the bound)."""
+    engine, backend = model.engine, model.engine.backend
+    cache = engine.new_cache(len(prompt) + 1)
+    engine.forward(cache, prompt)
+    walls = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.forward(cache, [token])
+        walls.append(time.perf_counter() - start)
+        cache.truncate(len(prompt))
+    timings = backend.profile(lambda: engine.forward(cache, [token]))
+    kernels: dict[str, dict] = {}
+    for label, nbytes, ms in timings:
+        k = kernels.setdefault(label, {"launches": 0, "ms": 0.0, "bytes": 0})
+        k["launches"] += 1
+        k["ms"] += ms
+        k["bytes"] += nbytes
+    for k in kernels.values():
+        k["gb_s"] = k["bytes"] / (k["ms"] / 1e3) / 1e9 if k["bytes"] and k["ms"] > 0 else None
+    full = engine.new_cache(model.config.n_positions)
+    return {
+        "decode_step_ms": 1e3 * statistics.median(walls),
+        "kernel_ms": sum(ms for _, _, ms in timings),
+        "launches": len(timings),
+        "kernels": kernels,
+        "weight_bytes": backend.weight_bytes,
+        "kv_bytes_full_context": full.nbytes,
+        "device_memory_used_bytes": backend.memory_used(),
+        "copy_gb_s": backend.copy_bandwidth(),
     }
 
 

@@ -103,6 +103,33 @@ def _speed_rows(row, s: dict, settings: dict, speed: dict) -> None:
     if s["fim_ttft_s"] is not None:
         row(f"FIM time to first token, {speed['fim_prompt_tokens']}-token prompt", f"{s['fim_ttft_s']:.3f} s")
     row("load, warm page cache", f"{s['load_warm_s']:.2f} s", f"first forward {s['first_forward_warm_s']:.2f} s")
+    row("device", speed.get("device", "cpu"))
+    if "cuda" in speed:
+        _cuda_rows(row, speed["cuda"], speed["decode_weight_bytes"])
+
+
+def _cuda_rows(row, c: dict, weight_bytes: int) -> None:
+    if "error" in c:
+        row("GPU decode step taken apart", "failed", c["error"])
+        return
+    overhead = c["decode_step_ms"] - c["kernel_ms"]
+    row(
+        f"GPU decode step at the prompt's end ({c['launches']} launches)",
+        f"{c['decode_step_ms']:.2f} ms",
+        f"kernels {c['kernel_ms']:.2f} ms; launch overhead {overhead:.2f} ms ({1e3 * overhead / c['launches']:.1f} us a launch)",
+    )
+    if c["copy_gb_s"]:
+        bound_ms = 1e3 * weight_bytes / (c["copy_gb_s"] / 2 * 1e9)
+        note = f"reading the weights once at half of it: {bound_ms:.3f} ms a token"
+        row("GPU copy bandwidth (read + write)", f"{c['copy_gb_s']:.0f} GB/s", note)
+    for label, k in sorted(c["kernels"].items(), key=lambda item: -item[1]["ms"])[:12]:
+        rate = f"; {k['gb_s']:.0f} GB/s" if k["gb_s"] else ""
+        row(f"  kernel {label}", f"{k['ms']:.3f} ms", f"{k['launches']} launches{rate}")
+    row(
+        "GPU memory: weights + KV cache (full context)",
+        f"{(c['weight_bytes'] + c['kv_bytes_full_context']) / 1e6:.0f} MB",
+        f"weights {c['weight_bytes'] / 1e6:.0f} MB; driver reports {_number(c['device_memory_used_bytes'] and c['device_memory_used_bytes'] / 1e6)} MB in use",
+    )
 
 
 def _lookup_rows(row, s: dict, settings: dict, lookup: dict) -> None:

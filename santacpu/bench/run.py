@@ -54,6 +54,7 @@ class BenchSettings:
     parts: tuple[str, ...] = PARTS
     revision: str | None = None
     batch: tuple[int, ...] = ()  # batch sizes for the batched-decode part; () skips it
+    device: str = "auto"  # what santacpu.load accepts: auto, cpu, cuda
     extra: dict = field(default_factory=dict)  # passed through to the JSON as given
 
 

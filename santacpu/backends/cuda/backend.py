@@ -24,6 +24,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numba import config as numba_config
 from numba import cuda
 
 from ...errors import SantacpuError
@@ -34,6 +35,7 @@ from .device import simulated
 from .values import FORMAT_IDS
 
 N_PARTS = 5  # every weight travels as p0..p4 (see values.py)
+FORMAT_NAMES = {number: name for name, number in FORMAT_IDS.items()}
 
 
 @dataclass(frozen=True)
@@ -59,20 +61,24 @@ class DeviceWeight:
     parts: tuple
     nbytes: int
 
-    def __getitem__(self, rows):  # not needed by the engine; refuse plainly rather than misbehave
-        raise TypeError("a DeviceWeight is read by kernels only")
+    @property
+    def fmt_name(self) -> str:
+        return FORMAT_NAMES[self.fmt]
 
 
 class CudaBackend:
     name = "cuda"
 
     def __init__(self, shapes: LaunchShapes | None = None):
+        # Small grids (a decode step's attention, LayerNorm) are by design: no warning for each.
+        numba_config.CUDA_LOW_OCCUPANCY_WARNINGS = False
         self.simulated = simulated()
         self.shapes = shapes or (SIMULATOR_SHAPES if self.simulated else DEVICE_SHAPES)
         self.weight_bytes = 0  # device memory the uploaded weights take
         self._placeholder = cuda.to_device(np.zeros((1, 1), np.uint8))
         self._zeros: dict[int, object] = {}
         self._launches: dict[tuple, object] = {}
+        self._timings: list | None = None  # (label, bytes read, start event, end event) while profiling
 
     def device_name(self) -> str:
         if self.simulated:
@@ -80,14 +86,62 @@ class CudaBackend:
         name = cuda.get_current_device().name
         return name.decode() if isinstance(name, bytes) else str(name)
 
-    def _launch(self, kernel, grid, block):
+    def _launch(self, kernel, grid, block, label: str | None = None, nbytes: int = 0):
         if self.simulated:  # the simulator's kernel[grid, block] reconfigures one shared object
-            return kernel[grid, block]
-        key = (kernel, grid, block)
-        configured = self._launches.get(key)
-        if configured is None:
-            configured = self._launches[key] = kernel[grid, block]
-        return configured
+            configured = kernel[grid, block]
+        else:
+            key = (kernel, grid, block)
+            configured = self._launches.get(key)
+            if configured is None:
+                configured = self._launches[key] = kernel[grid, block]
+        if self._timings is None:
+            return configured
+        return lambda *args: self._timed(configured, label or kernel.py_func.__name__, nbytes, args)
+
+    def _timed(self, configured, label: str, nbytes: int, args) -> None:
+        start, end = cuda.event(), cuda.event()
+        start.record()
+        configured(*args)
+        end.record()
+        self._timings.append((label, nbytes, start, end))
+
+    def profile(self, work) -> list[tuple[str, int, float]]:
+        """Run work() with every launch timed by device events: [(label, bytes of weights read,
+        milliseconds)] in launch order. Events between launches add a little host time."""
+        self._timings = []
+        try:
+            work()
+            cuda.synchronize()
+            return [(label, nbytes, a.elapsed_time(b)) for label, nbytes, a, b in self._timings]
+        finally:
+            self._timings = None
+
+    def memory_used(self) -> int | None:
+        """Bytes of device memory in use on this GPU (by every process), from the driver (None
+        under the simulator)."""
+        if self.simulated:
+            return None
+        free, total = cuda.current_context().get_memory_info()
+        return total - free
+
+    def copy_bandwidth(self, nbytes: int = 1 << 30, repeat: int = 10) -> float | None:
+        """The device's memory bandwidth in GB/s (bytes read plus written), by the copy kernel
+        (the best of `repeat`); None under the simulator, whose timings mean nothing."""
+        if self.simulated:
+            return None
+        source = cuda.device_array(nbytes // 8, np.int64)
+        target = cuda.device_array(nbytes // 8, np.int64)
+        launch = self._launch(lk.copy, 32 * cuda.get_current_device().MULTIPROCESSOR_COUNT, 256)
+        launch(source, target)
+        best = math.inf
+        for _ in range(repeat):
+            start, end = cuda.event(), cuda.event()
+            start.record()
+            launch(source, target)
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end) / 1e3)
+        return 2 * source.nbytes / best / 1e9
 
     # --- weights -------------------------------------------------------------------------------
 
@@ -196,13 +250,15 @@ class CudaBackend:
         else:
             out = self.empty((T, n_out)) if out is None else out
             epilogue = mk.EPILOGUE_GELU if gelu else mk.EPILOGUE_NONE
+        label = f"{weight.fmt_name} {weight.shape[0]}x{weight.shape[1]}" if self._timings is not None else None
         if T <= mk.MAX_FEW_TOKENS:
             lanes, rows = self.shapes.matvec
-            launch = self._launch(mk.matvec, (n_out + rows - 1) // rows, (lanes, rows))
+            launch = self._launch(mk.matvec, (n_out + rows - 1) // rows, (lanes, rows), label and "matvec " + label, weight.nbytes)
         else:
             side = self.shapes.matmul_side
             tile = 4 * side
-            launch = self._launch(mk.matmul, ((n_out + tile - 1) // tile, (T + tile - 1) // tile), (side, side))
+            grid = ((n_out + tile - 1) // tile, (T + tile - 1) // tile)
+            launch = self._launch(mk.matmul, grid, (side, side), label and "matmul " + label, weight.nbytes)
         launch(weight.fmt, *weight.parts, x, T, bias, out, epilogue, out)
         return out
 
