@@ -12,3 +12,10 @@ against it under the simulator (`NUMBA_ENABLE_CUDASIM=1`) in tests/test_cuda_ker
 
 May import: numba, numpy, `santacpu.formats`, `santacpu.errors`; no other backend.
 """
+
+import numpy as _np
+
+# numba-cuda 0.30 registers an overload for np.row_stack when it first compiles, and NumPy 2.5
+# removed that alias (seen on a GPU machine with both): give it back, as the vstack it always was.
+if not hasattr(_np, "row_stack"):
+    _np.row_stack = _np.vstack
