@@ -28,6 +28,7 @@ cuda = pytest.importorskip("numba.cuda")
 from santacpu.backends.cuda import layer_kernels as lk  # noqa: E402
 from santacpu.backends.cuda import linear_kernels as mk  # noqa: E402
 from santacpu.backends.cuda.backend import DEVICE_SHAPES, SIMULATOR_SHAPES, CudaBackend  # noqa: E402
+from santacpu.backends.cuda.values import float_to_half, half_to_float  # noqa: E402
 
 REAL_GPU = not cuda_device.simulated()
 real_gpu = pytest.mark.skipif(not REAL_GPU, reason="needs a real GPU (tools/gpu_check.sh runs it there)")
@@ -51,8 +52,6 @@ def _weight(fmt: str, rows: int, cols: int, rng):
 
 @cuda.jit
 def _half_round_trip(values, bits, back):
-    from santacpu.backends.cuda.values import float_to_half, half_to_float
-
     i = cuda.grid(1)
     if i < values.shape[0]:
         bits[i] = float_to_half(values[i])
@@ -164,7 +163,7 @@ def test_attend_stores_and_attends(kv_dtype, shapes, G):
     H, D, L, n_ctx, layer, stored = 4, 16, 2, 40, 1, np.dtype(kv_dtype)
     E = H * D
     backend = CudaBackend(shapes)
-    start = shapes.attention_lanes - 2  # rows 0..start-1 are "earlier calls'"
+    start = lk.CHUNK - 2  # rows 0..start-1 are "earlier calls'"; the calls cross a chunk
     k = (rng.standard_normal((start, G, D))).astype(stored)
     v = (rng.standard_normal((start, G, D))).astype(stored)
     host_k, host_v = np.zeros((L, n_ctx, G, D), stored), np.zeros((L, n_ctx, G, D), stored)

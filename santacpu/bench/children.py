@@ -138,6 +138,25 @@ def _cuda_figures(model, prompt: list[int], token: int, steps: int = 32) -> dict
         walls.append(time.perf_counter() - start)
         cache.truncate(len(prompt))
     timings = backend.profile(lambda: engine.forward(cache, [token]))
+    cache.truncate(0)
+    prefill = backend.profile(lambda: engine.forward(cache, prompt))
+    full = engine.new_cache(model.config.n_positions)
+    return {
+        "decode_step_ms": 1e3 * statistics.median(walls),
+        "kernel_ms": sum(ms for _, _, ms in timings),
+        "launches": len(timings),
+        "kernels": _by_kernel(timings),
+        "prefill_kernel_ms": sum(ms for _, _, ms in prefill),
+        "prefill_kernels": _by_kernel(prefill),
+        "weight_bytes": backend.weight_bytes,
+        "kv_bytes_full_context": full.nbytes,
+        "device_memory_used_bytes": backend.memory_used(),
+        "copy_gb_s": backend.copy_bandwidth(),
+    }
+
+
+def _by_kernel(timings: list[tuple[str, int, float]]) -> dict[str, dict]:
+    """Launches, milliseconds, bytes of weights read and GB/s, summed by kernel label."""
     kernels: dict[str, dict] = {}
     for label, nbytes, ms in timings:
         k = kernels.setdefault(label, {"launches": 0, "ms": 0.0, "bytes": 0})
@@ -146,17 +165,7 @@ def _cuda_figures(model, prompt: list[int], token: int, steps: int = 32) -> dict
         k["bytes"] += nbytes
     for k in kernels.values():
         k["gb_s"] = k["bytes"] / (k["ms"] / 1e3) / 1e9 if k["bytes"] and k["ms"] > 0 else None
-    full = engine.new_cache(model.config.n_positions)
-    return {
-        "decode_step_ms": 1e3 * statistics.median(walls),
-        "kernel_ms": sum(ms for _, _, ms in timings),
-        "launches": len(timings),
-        "kernels": kernels,
-        "weight_bytes": backend.weight_bytes,
-        "kv_bytes_full_context": full.nbytes,
-        "device_memory_used_bytes": backend.memory_used(),
-        "copy_gb_s": backend.copy_bandwidth(),
-    }
+    return kernels
 
 
 def _child_batch(job: dict, import_s: float) -> dict:

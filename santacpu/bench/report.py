@@ -125,6 +125,9 @@ def _cuda_rows(row, c: dict, weight_bytes: int) -> None:
     for label, k in sorted(c["kernels"].items(), key=lambda item: -item[1]["ms"])[:12]:
         rate = f"; {k['gb_s']:.0f} GB/s" if k["gb_s"] else ""
         row(f"  kernel {label}", f"{k['ms']:.3f} ms", f"{k['launches']} launches{rate}")
+    row("GPU prefill of the prompt, kernels only", f"{c['prefill_kernel_ms']:.2f} ms")
+    for label, k in sorted(c["prefill_kernels"].items(), key=lambda item: -item[1]["ms"])[:6]:
+        row(f"  kernel {label}", f"{k['ms']:.3f} ms", f"{k['launches']} launches")
     row(
         "GPU memory: weights + KV cache (full context)",
         f"{(c['weight_bytes'] + c['kv_bytes_full_context']) / 1e6:.0f} MB",

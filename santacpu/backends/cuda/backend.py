@@ -41,15 +41,17 @@ FORMAT_NAMES = {number: name for name, number in FORMAT_IDS.items()}
 @dataclass(frozen=True)
 class LaunchShapes:
     matvec: tuple[int, int]  # (lanes a row, rows a block), powers of two
+    matvec_one: tuple[int, int]  # the same for one token
     matmul_side: int  # s x s threads, a tile of 4s rows x 4s tokens
     norm_threads: int  # a power of two
-    attention_lanes: int  # positions scored at once by each head's lanes
+    attention_threads: int  # a block of attention (one query token, some of its positions)
+    attention_blocks: int  # spread a call's attention over at least this many blocks
     flat_threads: int  # element-wise kernels
 
 
-DEVICE_SHAPES = LaunchShapes(matvec=(32, 8), matmul_side=16, norm_threads=256, attention_lanes=32, flat_threads=256)
+DEVICE_SHAPES = LaunchShapes(matvec=(32, 8), matvec_one=(8, 16), matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264, flat_threads=256)
 # The simulator pays per thread of a block (each a Python thread), so it gets few: one lane a row.
-SIMULATOR_SHAPES = LaunchShapes(matvec=(1, 16), matmul_side=4, norm_threads=2, attention_lanes=4, flat_threads=64)
+SIMULATOR_SHAPES = LaunchShapes(matvec=(1, 16), matvec_one=(2, 4), matmul_side=4, norm_threads=2, attention_threads=16, attention_blocks=3, flat_threads=64)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class DeviceWeight:
     shape: tuple[int, int]
     parts: tuple
     nbytes: int
+    words: tuple  # uint32 views of parts 0 and 1 where they are bytes (matvec_one reads words)
 
     @property
     def fmt_name(self) -> str:
@@ -76,9 +79,14 @@ class CudaBackend:
         self.shapes = shapes or (SIMULATOR_SHAPES if self.simulated else DEVICE_SHAPES)
         self.weight_bytes = 0  # device memory the uploaded weights take
         self._placeholder = cuda.to_device(np.zeros((1, 1), np.uint8))
+        self._placeholder_words = cuda.to_device(np.zeros((1, 1), np.uint32))
         self._zeros: dict[int, object] = {}
         self._launches: dict[tuple, object] = {}
         self._timings: list | None = None  # (label, bytes read, start event, end event) while profiling
+        self._parts_key: tuple | None = None  # see _attention_parts
+        self._parts: tuple = ()
+        # attention's partial-sum arguments when a call needs none (typed like the real ones)
+        self._unused_parts = (cuda.device_array((1, 1, 1), np.float32),) * 3
 
     def device_name(self) -> str:
         if self.simulated:
@@ -174,12 +182,14 @@ class CudaBackend:
 
     def _check_fits(self, config) -> None:
         """The model's shape against the kernels' compile-time limits, before any upload."""
-        lanes, (matvec_lanes, matvec_rows) = self.shapes.attention_lanes, self.shapes.matvec
+        matvec_lanes, matvec_rows = self.shapes.matvec
         problems = []
-        if config.n_head > lk.MAX_HEADS or config.n_head * lanes > 1024:
-            problems.append(f"{config.n_head} heads (at most {min(lk.MAX_HEADS, 1024 // lanes)})")
-        if config.head_dim > lk.MAX_HEAD_VALUES * lanes:
-            problems.append(f"head_dim {config.head_dim} (at most {lk.MAX_HEAD_VALUES * lanes})")
+        if config.n_head > lk.MAX_HEADS:
+            problems.append(f"{config.n_head} heads (at most {lk.MAX_HEADS})")
+        if config.head_dim > lk.MAX_HEAD_DIM:
+            problems.append(f"head_dim {config.head_dim} (at most {lk.MAX_HEAD_DIM})")
+        if config.n_embd > min(lk.MAX_WIDTH, lk.MAX_OWNED * self.shapes.attention_threads):
+            problems.append(f"n_embd {config.n_embd} (at most {min(lk.MAX_WIDTH, lk.MAX_OWNED * self.shapes.attention_threads)})")
         if matvec_lanes * matvec_rows > mk.MAX_MATVEC_THREADS or self.shapes.matmul_side > mk.MAX_TILE_SIDE:
             problems.append(f"launch shapes {self.shapes}")
         if problems:
@@ -197,7 +207,10 @@ class CudaBackend:
         nbytes = sum(p.nbytes for p in stored)
         self.weight_bytes += nbytes
         padded = tuple(stored) + (self._placeholder,) * (N_PARTS - len(stored))
-        return DeviceWeight(fmt, tuple(weight.shape), padded, nbytes)
+        words = tuple(
+            p.view(np.uint32) if p.dtype.itemsize == 1 and p.shape[1] % 4 == 0 else self._placeholder_words for p in padded[:2]
+        )
+        return DeviceWeight(fmt, tuple(weight.shape), padded, nbytes, words)
 
     def _zero_bias(self, n: int):
         if n not in self._zeros:
@@ -251,6 +264,11 @@ class CudaBackend:
             out = self.empty((T, n_out)) if out is None else out
             epilogue = mk.EPILOGUE_GELU if gelu else mk.EPILOGUE_NONE
         label = f"{weight.fmt_name} {weight.shape[0]}x{weight.shape[1]}" if self._timings is not None else None
+        if T == 1 and weight.shape[1] <= mk.MAX_ONE_TOKEN_INPUTS:
+            lanes, rows = self.shapes.matvec_one
+            launch = self._launch(mk.matvec_one, (n_out + rows - 1) // rows, (lanes, rows), label and "matvec_one " + label, weight.nbytes)
+            launch(weight.fmt, *weight.parts, *weight.words, x, bias, out, epilogue, out)
+            return out
         if T <= mk.MAX_FEW_TOKENS:
             lanes, rows = self.shapes.matvec
             launch = self._launch(mk.matvec, (n_out + rows - 1) // rows, (lanes, rows), label and "matvec " + label, weight.nbytes)
@@ -272,9 +290,32 @@ class CudaBackend:
         G, D = k_cache.shape[2], k_cache.shape[3]
         half = k_cache.dtype == np.uint16
         self._flat(lk.store_kv, T * G * D)(qkv, T, E, k_cache, v_cache, layer, start, half)
-        lanes = self.shapes.attention_lanes
+        H = E // D
+        chunks = (start + T + lk.CHUNK - 1) // lk.CHUNK  # the last token's
+        splits = min(chunks, max(1, -(-self.shapes.attention_blocks // T)))  # enough blocks to fill the GPU
+        per_split = -(-chunks // splits)
+        splits = -(-chunks // per_split)
         scale = np.float32(1.0 / math.sqrt(D))
-        self._launch(lk.attention, T, (lanes, E // D))(qkv, k_cache, v_cache, layer, start, half, E // D, scale, out)
+        launch = self._launch(lk.attention, (T, splits), self.shapes.attention_threads)
+        if splits == 1:
+            launch(qkv, k_cache, v_cache, layer, start, half, H, scale, per_split, out, *self._unused_parts)
+        else:
+            acc, top, total = self._attention_parts(T, splits, E, H)
+            launch(qkv, k_cache, v_cache, layer, start, half, H, scale, per_split, out, acc, top, total)
+            self._flat(lk.attention_combine, T * E)(acc, top, total, D, out)
+
+    def _attention_parts(self, T: int, splits: int, E: int, H: int):
+        """Scratch for attention's partial sums [T, splits, E] and per-head max and sum
+        [T, splits, H], kept for the next call of the same size (every decode step's)."""
+        key = (T, splits, E, H)
+        if self._parts_key != key:
+            self._parts = (
+                cuda.device_array((T, splits, E), np.float32),
+                cuda.device_array((T, splits, H), np.float32),
+                cuda.device_array((T, splits, H), np.float32),
+            )
+            self._parts_key = key
+        return self._parts
 
     def forward_context(self, weights, n_tokens: int) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

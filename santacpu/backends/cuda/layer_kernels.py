@@ -20,9 +20,13 @@ from numba import cuda, float32
 from .values import float_to_half, half_to_float, value
 
 MAX_NORM_THREADS = 256
-MAX_ATTENTION_LANES = 32  # positions per chunk (blockDim.x)
-MAX_HEADS = 32  # blockDim.y: one row of lanes per query head
-MAX_HEAD_VALUES = 16  # D / lanes: the output values one lane accumulates
+# Attention's compile-time limits (shared-memory sizes must be constants): 43 KB of shared memory.
+CHUNK = 32  # positions staged at once
+MAX_HEAD_DIM = 128
+_K_STRIDE = 129  # MAX_HEAD_DIM + 1
+MAX_HEADS = 16
+MAX_WIDTH = 2048  # n_head * head_dim
+MAX_OWNED = 8  # outputs a thread: MAX_WIDTH / (threads a block) at most
 
 
 @cuda.jit(cache=True)
@@ -102,61 +106,129 @@ def _cached(cache, half, layer, position, head, d):
 
 
 @cuda.jit(cache=True)
-def attention(qkv, k_cache, v_cache, layer, start, half, n_head, scale, out):
-    """One block per query token t (position start + t), blockDim (lanes, n_head): the lanes of
-    head h score `lanes` cached positions at a time and keep a running softmax (max, sum and
-    the weighted sum of V) over the chunks. q is qkv[t, :E] as [H, D]; out [T, E]."""
+def attention(qkv, k_cache, v_cache, layer, start, half, n_head, scale, chunks_per_split, out, part_acc, part_max, part_sum):
+    """Causal multi-query attention, one block per (query token t, split s of its positions).
+
+    Positions come in chunks of CHUNK: each chunk's K and V rows (every head's) are staged in
+    shared memory once and serve all of a K/V head's query heads, which keep a running softmax
+    (max, sum, weighted sum of V) across the split's chunks. With one split a token (long
+    prompts: enough blocks already) the block writes out [T, E] itself; with several (decode: a
+    token's positions spread over the GPU) it writes its partial sums, which `attention_combine`
+    adds up. q is qkv[t, :E] as [H, D]; rows of qkv after E are K and V (already in the cache)."""
     t = cuda.blockIdx.x
-    lane = cuda.threadIdx.x
-    lanes = cuda.blockDim.x
-    h = cuda.threadIdx.y
+    split = cuda.blockIdx.y
+    n_splits = cuda.gridDim.y
+    tid = cuda.threadIdx.x
+    threads = cuda.blockDim.x
     n_kv = k_cache.shape[2]
     dim = k_cache.shape[3]
-    g = h // (n_head // n_kv)
-    q0 = h * dim
-    weights = cuda.shared.array((MAX_HEADS, MAX_ATTENTION_LANES), float32)
-    acc = cuda.local.array(MAX_HEAD_VALUES, float32)
-    for k in range(MAX_HEAD_VALUES):
+    group = n_head // n_kv
+    width = n_head * dim
+    k_tile = cuda.shared.array((CHUNK, _K_STRIDE), float32)  # +1 a row: lanes reading one d, many p, hit distinct banks
+    v_tile = cuda.shared.array((CHUNK, MAX_HEAD_DIM), float32)
+    q = cuda.shared.array(MAX_WIDTH, float32)
+    weights = cuda.shared.array((MAX_HEADS, CHUNK), float32)
+    running_max = cuda.shared.array(MAX_HEADS, float32)
+    running_sum = cuda.shared.array(MAX_HEADS, float32)
+    correction = cuda.shared.array(MAX_HEADS, float32)
+    acc = cuda.local.array(MAX_OWNED, float32)  # this thread's outputs: flat index tid + k * threads
+    for k in range(MAX_OWNED):
         acc[k] = 0.0
+    for i in range(tid, width, threads):
+        q[i] = qkv[t, i]
+    for h in range(tid, n_head, threads):
+        running_max[h] = float32(-math.inf)
+        running_sum[h] = 0.0
     n_positions = start + t + 1
-    running_max = float32(-math.inf)
-    total = float32(0.0)
-    for first in range(0, n_positions, lanes):
-        p = first + lane
-        score = float32(-math.inf)
-        if p < n_positions:
-            dot = float32(0.0)
-            for d in range(dim):
-                dot += qkv[t, q0 + d] * _cached(k_cache, half, layer, p, g, d)
-            score = dot * scale
-        weights[h, lane] = score
-        cuda.syncthreads()
-        chunk_max = float32(-math.inf)
-        for i in range(lanes):
-            chunk_max = max(chunk_max, weights[h, i])
-        new_max = max(running_max, chunk_max)
-        correction = math.exp(running_max - new_max)
-        cuda.syncthreads()  # all maxima read before the scores become weights
-        weights[h, lane] = math.exp(score - new_max)
-        cuda.syncthreads()
-        chunk_sum = float32(0.0)
-        n_here = min(lanes, n_positions - first)
-        for i in range(n_here):
-            chunk_sum += weights[h, i]
-        total = total * correction + chunk_sum
-        k = 0
-        for d in range(lane, dim, lanes):
-            a = acc[k] * correction
-            for i in range(n_here):
-                a += weights[h, i] * _cached(v_cache, half, layer, first + i, g, d)
-            acc[k] = a
-            k += 1
-        running_max = new_max
-        cuda.syncthreads()  # the weights are read before the next chunk's scores replace them
+    first_chunk = split * chunks_per_split
+    last_chunk = min(first_chunk + chunks_per_split, (n_positions + CHUNK - 1) // CHUNK)
+    cuda.syncthreads()
+    for g in range(n_kv):
+        h0 = g * group
+        for chunk in range(first_chunk, last_chunk):
+            p0 = chunk * CHUNK
+            for i in range(tid, CHUNK * dim, threads):  # stage the chunk's K and V rows
+                p = i // dim
+                d = i - p * dim
+                if p0 + p < n_positions:
+                    k_tile[p, d] = _cached(k_cache, half, layer, p0 + p, g, d)
+                    v_tile[p, d] = _cached(v_cache, half, layer, p0 + p, g, d)
+                else:
+                    k_tile[p, d] = 0.0
+                    v_tile[p, d] = 0.0
+            cuda.syncthreads()
+            for i in range(tid, group * CHUNK, threads):  # scores
+                hh = i // CHUNK
+                p = i - hh * CHUNK
+                score = float32(-math.inf)
+                if p0 + p < n_positions:
+                    dot = float32(0.0)
+                    base = (h0 + hh) * dim
+                    for d in range(dim):
+                        dot += q[base + d] * k_tile[p, d]
+                    score = dot * scale
+                weights[hh, p] = score
+            cuda.syncthreads()
+            for hh in range(tid, group, threads):  # the running softmax, a head a thread
+                h = h0 + hh
+                chunk_max = float32(-math.inf)
+                for p in range(CHUNK):
+                    chunk_max = max(chunk_max, weights[hh, p])
+                new_max = max(running_max[h], chunk_max)
+                corr = math.exp(running_max[h] - new_max)
+                total = float32(0.0)
+                for p in range(CHUNK):
+                    e = math.exp(weights[hh, p] - new_max)
+                    weights[hh, p] = e
+                    total += e
+                running_sum[h] = running_sum[h] * corr + total
+                running_max[h] = new_max
+                correction[hh] = corr
+            cuda.syncthreads()
+            k = 0
+            for i in range(tid, width, threads):  # the weighted sum of V, for this group's heads
+                h = i // dim
+                if h >= h0 and h < h0 + group:
+                    d = i - h * dim
+                    a = acc[k] * correction[h - h0]
+                    for p in range(CHUNK):
+                        a += weights[h - h0, p] * v_tile[p, d]
+                    acc[k] = a
+                k += 1
+            cuda.syncthreads()
     k = 0
-    for d in range(lane, dim, lanes):
-        out[t, q0 + d] = acc[k] / total
+    for i in range(tid, width, threads):
+        h = i // dim
+        if n_splits == 1:
+            out[t, i] = acc[k] / running_sum[h]
+        else:
+            part_acc[t, split, i] = acc[k]
         k += 1
+    if n_splits > 1:
+        for h in range(tid, n_head, threads):
+            part_max[t, split, h] = running_max[h]
+            part_sum[t, split, h] = running_sum[h]
+
+
+@cuda.jit(cache=True)
+def attention_combine(part_acc, part_max, part_sum, dim, out):
+    """out[t, i] from the splits' partial sums: sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M)."""
+    i = cuda.grid(1)
+    n_tokens, n_splits, width = part_acc.shape
+    if i < n_tokens * width:
+        t = i // width
+        c = i - t * width
+        h = c // dim
+        top = float32(-math.inf)
+        for s in range(n_splits):
+            top = max(top, part_max[t, s, h])
+        numerator = float32(0.0)
+        denominator = float32(0.0)
+        for s in range(n_splits):
+            w = math.exp(part_max[t, s, h] - top)  # a split past the token's positions: e^-inf = 0
+            numerator += part_acc[t, s, c] * w
+            denominator += part_sum[t, s, h] * w
+        out[t, c] = numerator / denominator
 
 
 @cuda.jit(cache=True)

@@ -1,10 +1,12 @@
 """Matrix products on the stored formats: y = x @ W.T + b, with an epilogue, W read as stored.
 
-Two kernels, one launch each, for every format (the format is a run-time argument that every
+Three kernels, one launch each, for every format (the format is a run-time argument that every
 thread of a launch shares, so its branches cost nothing and one compiled kernel per part dtype
 serves it):
 
-- `matvec` (decode, T <= MAX_FEW_TOKENS): a group of `blockDim.x` lanes per output row; lane l
+- `matvec_one` (decode, one token): x staged in shared memory, whole blocks a lane, the common
+  formats' codes read as 32-bit words.
+- `matvec` (a few tokens, T <= MAX_FEW_TOKENS): a group of `blockDim.x` lanes per output row; lane l
   reads blocks l, l + lanes, ... of the row (consecutive lanes read consecutive blocks: coalesced
   reads of the codes), applies each block's scale once, and multiplies it with every token's x;
   the lanes' sums are added by a shared-memory tree (the simulator has no warp shuffles).
@@ -26,12 +28,13 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32
+from numba import cuda, float32, int64
 
-from .values import code, params
+from .values import code, half_to_float, params
 
 MAX_FEW_TOKENS = 8  # matvec's token limit (its accumulators are registers)
 MAX_MATVEC_THREADS = 256  # lanes x rows a block
+MAX_ONE_TOKEN_INPUTS = 8192  # matvec_one stages x [in] in shared memory: 32 KB
 MAX_TILE_SIDE = 16  # matmul: at most 16 x 16 threads a block, each computing 4 rows x 4 tokens
 
 # Shared-array sizes must be plain constants for Numba (not expressions).
@@ -49,6 +52,88 @@ def _finish(value, epilogue, residual, t, row):
     if epilogue == 2:
         return residual[t, row] + value
     return value
+
+
+@cuda.jit(device=True, inline=True)
+def _q4_word(word, xs, n_blocks, block, k):
+    """sum over the 8 values of 32-bit word k (0..3) of a q4_0 block of (q - 8) * x: its bytes
+    hold values 4k..4k+3 (low nibbles) and 4k+16..4k+19 (high)."""
+    s = float32(0.0)
+    for b in range(4):
+        byte = (word >> (8 * b)) & 255
+        j = 4 * k + b
+        s += float32((byte & 15) - 8) * xs[j * n_blocks + block] + float32((byte >> 4) - 8) * xs[(j + 16) * n_blocks + block]
+    return s
+
+
+@cuda.jit(cache=True)
+def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, residual):
+    """One token (decode): out[0, row] = x[0] . W[row] + bias[row], with the epilogue.
+
+    x is staged in shared memory transposed ([value in block][block]: lanes reading one value
+    of consecutive blocks hit consecutive banks); `blockDim.x` lanes a row, `blockDim.y` rows a
+    block, each lane summing whole blocks of 32 values with the block's scale applied once.
+    q8_0, q4_0 and q6_0 read their codes as 32-bit words (`words0`, `words1`: uint32 views of
+    p0, p1); the other formats go through `values.code`."""
+    lanes = cuda.blockDim.x
+    lane = cuda.threadIdx.x
+    slot = cuda.threadIdx.y
+    rows_here = cuda.blockDim.y
+    tid = slot * lanes + lane
+    threads = lanes * rows_here
+    row = cuda.blockIdx.x * rows_here + slot
+    n_rows = out.shape[1]
+    n_blocks = x.shape[1] // 32
+    xs = cuda.shared.array(MAX_ONE_TOKEN_INPUTS, float32)
+    partial = cuda.shared.array(MAX_MATVEC_THREADS, float32)
+    for i in range(tid, n_blocks * 32, threads):
+        block = i // 32
+        xs[(i - block * 32) * n_blocks + block] = x[0, i]
+    cuda.syncthreads()
+    acc = float32(0.0)
+    if row < n_rows:
+        for block in range(lane, n_blocks, lanes):
+            if fmt == 3:  # q4_0: 4 words of nibbles
+                s = float32(0.0)
+                for k in range(4):
+                    s += _q4_word(int64(words0[row, block * 4 + k]), xs, n_blocks, block, k)
+                acc += half_to_float(p1[row, block]) * s
+            elif fmt == 2:  # q8_0: 8 words of signed bytes
+                s = float32(0.0)
+                for k in range(8):
+                    word = int64(words0[row, block * 8 + k])  # int64: no unsigned wrap-around below
+                    for b in range(4):
+                        byte = (word >> (8 * b)) & 255
+                        q = byte - 256 if byte >= 128 else byte
+                        s += float32(q) * xs[(4 * k + b) * n_blocks + block]
+                acc += half_to_float(p1[row, block]) * s
+            elif fmt == 4:  # q6_0: 4 words of low nibbles, 2 words of high bit pairs
+                high_a = int64(words1[row, block * 2])  # qh bytes 0..3: values 0..3 (+8, +16, +24)
+                high_b = int64(words1[row, block * 2 + 1])  # qh bytes 4..7: values 4..7 (+8, ...)
+                s = float32(0.0)
+                for k in range(4):
+                    word = int64(words0[row, block * 4 + k])
+                    for b in range(4):
+                        byte = (word >> (8 * b)) & 255
+                        j = 4 * k + b  # values j and j + 16
+                        jj = j & 7
+                        high_byte = ((high_a if jj < 4 else high_b) >> (8 * (jj & 3))) & 255
+                        shift = 2 * (j >> 3)
+                        low_q = (byte & 15) | (((high_byte >> shift) & 3) << 4)
+                        high_q = (byte >> 4) | (((high_byte >> (shift + 4)) & 3) << 4)
+                        s += float32(low_q - 32) * xs[j * n_blocks + block] + float32(high_q - 32) * xs[(j + 16) * n_blocks + block]
+                acc += half_to_float(p2[row, block]) * s
+            else:
+                scale, offset = params(fmt, p0, p1, p2, p3, p4, row, block)
+                for j in range(32):
+                    acc += (scale * code(fmt, p0, p1, p2, p3, p4, row, block, j) - offset) * xs[j * n_blocks + block]
+    partial[tid] = acc
+    cuda.syncthreads()
+    if lane == 0 and row < n_rows:
+        total = float32(0.0)
+        for i in range(lanes):
+            total += partial[slot * lanes + i]
+        out[0, row] = _finish(total + bias[row], epilogue, residual, 0, row)
 
 
 @cuda.jit(cache=True)
