@@ -16,6 +16,7 @@ from helpers import tiny_checkpoint
 
 import santacpu
 from santacpu import SantacpuError
+from santacpu.backends.cpu.backend import CpuBackend
 from santacpu.network.kv_cache import KVCache
 from santacpu.generation.lookup import MAX_PAUSE, PromptLookup
 
@@ -181,7 +182,7 @@ class RuleEngine:
         self.passes = self.tokens = 0
 
     def new_cache(self, n_ctx=None):
-        return KVCache(1, n_ctx, 1, 1)
+        return KVCache(1, n_ctx, 1, 1, np.float16, CpuBackend())
 
     def forward(self, cache, ids, all_logits=False):
         logits = np.zeros((len(ids), self.vocab_size), np.float32)

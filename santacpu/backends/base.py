@@ -58,11 +58,14 @@ class Backend(Protocol):
         """wte[ids] + wpe[positions] as float32 [T, E]; ids, positions: host int64 [T]."""
         ...
 
-    def linear(self, x: Any, weight: Any, bias: Any, out: Any = None, *, gelu: bool = False, add_to: Any = None) -> Any:
+    def linear(
+        self, x: Any, weight: Any, bias: Any, out: Any = None, *, gelu: bool = False, add_to: Any = None, norm: Any = None
+    ) -> Any:
         """x [T, in], weight [out, in], bias [out] or None -> y = x @ weight.T + bias [T, out],
-        written into `out` when given (decode reuses its buffers); `gelu`: GELU (GPT-2's tanh
-        form) applied to y; `add_to` [T, out]: add_to += y, and add_to is returned. Also the LM
-        head: the tied embedding `wte` [V, E] as weight."""
+        written into `out` when given (decode reuses its buffers); `norm` = (weight, bias, eps):
+        the product takes LayerNorm(x) instead of x (x itself unchanged; a GPU fuses it);
+        `gelu`: GELU (GPT-2's tanh form) applied to y; `add_to` [T, out]: add_to += y, and
+        add_to is returned. Also the LM head: the tied embedding `wte` [V, E] as weight."""
         ...
 
     def layer_norm(self, x: Any, weight: Any, bias: Any, eps: float, out: Any = None) -> Any:

@@ -135,7 +135,7 @@ class Engine:
         if self._buffers is None:
             c = self.config
             E, I, GD = c.n_embd, c.n_inner, c.n_kv_head * c.head_dim
-            shapes = {"h": (1, E), "qkv": (1, E + 2 * GD), "attn": (1, E), "proj": (1, E), "f": (1, I)}
+            shapes = {"qkv": (1, E + 2 * GD), "attn": (1, E), "proj": (1, E), "f": (1, I)}
             self._buffers = {name: self.backend.empty(shape) for name, shape in shapes.items()}
         return self._buffers
 
@@ -154,20 +154,20 @@ class Engine:
         ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in segments])
         positions = np.concatenate([np.arange(start, start + n, dtype=np.int64) for _, _, start, n in spans])
         # Decode (T = 1) writes into the same buffers every step; other calls allocate their own.
-        buf = self._decode_buffers() if T == 1 else dict.fromkeys(("h", "qkv", "proj", "f"))
+        buf = self._decode_buffers() if T == 1 else dict.fromkeys(("qkv", "proj", "f"))
         attn = buf["attn"] if T == 1 else b.empty((T, c.n_embd))
         x = b.input_embeddings(w.wte, w.wpe, ids, positions)  # [T, E], the residual stream
         for i, layer in enumerate(w.layers):
-            h = b.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps, out=buf["h"])
-            qkv = b.linear(h, layer.attn_c_attn_weight, layer.attn_c_attn_bias, out=buf["qkv"])  # [T, E + 2*G*D]
+            ln_1 = (layer.ln_1_weight, layer.ln_1_bias, eps)
+            qkv = b.linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias, out=buf["qkv"], norm=ln_1)  # [T, E + 2*G*D]
             if len(spans) == 1:
                 b.attend(qkv, spans[0][0].k, spans[0][0].v, i, spans[0][2], attn)
             else:
                 for cache, first, start, n in spans:
                     b.attend(qkv[first : first + n], cache.k, cache.v, i, start, attn[first : first + n])
             b.linear(attn, layer.attn_c_proj_weight, layer.attn_c_proj_bias, out=buf["proj"], add_to=x)
-            h = b.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps, out=buf["h"])
-            f = b.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, out=buf["f"], gelu=True)  # [T, I]
+            ln_2 = (layer.ln_2_weight, layer.ln_2_bias, eps)
+            f = b.linear(x, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, out=buf["f"], gelu=True, norm=ln_2)  # [T, I]
             b.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, out=buf["proj"], add_to=x)
         for cache, ids in segments:
             cache.ids.extend(int(t) for t in ids)

@@ -120,11 +120,15 @@ class CpuBackend:
         return self.embed(wte, ids) + self.embed(wpe, positions)
 
     def linear(
-        self, x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray | None = None, *, gelu: bool = False, add_to=None
+        self, x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray | None = None, *, gelu: bool = False,
+        add_to=None, norm=None,
     ) -> np.ndarray:
         """x [T, in] float32, weight [out, in] (float32, float16 or a QuantizedWeight)
         -> x @ weight.T + bias, float32 [T, out] (written into `out` when given: decode reuses
-        its buffers); then GELU (`gelu`) or added into `add_to` (returned then)."""
+        its buffers); x LayerNormed first with `norm` = (weight, bias, eps); then GELU (`gelu`)
+        or added into `add_to` (returned then)."""
+        if norm is not None:
+            x = self.layer_norm(x, *norm)
         y = self._product(x, weight, bias, out)
         if gelu:
             self.gelu_inplace(y)

@@ -32,6 +32,7 @@ from ...formats.blocks import PART_ORDER, QuantizedWeight
 from . import layer_kernels as lk
 from . import linear_kernels as mk
 from .device import simulated
+from .launch import Launcher
 from .values import FORMAT_IDS
 
 N_PARTS = 5  # every weight travels as p0..p4 (see values.py)
@@ -80,9 +81,11 @@ class CudaBackend:
         self.weight_bytes = 0  # device memory the uploaded weights take
         self._placeholder = cuda.to_device(np.zeros((1, 1), np.uint8))
         self._placeholder_words = cuda.to_device(np.zeros((1, 1), np.uint32))
+        self._unused_vector = cuda.to_device(np.zeros(1, np.float32))
         self._zeros: dict[int, object] = {}
         self._launches: dict[tuple, object] = {}
         self._timings: list | None = None  # (label, bytes read, start event, end event) while profiling
+        self._launcher = Launcher(enabled=not self.simulated)
         self._parts_key: tuple | None = None  # see _attention_parts
         self._parts: tuple = ()
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
@@ -95,6 +98,7 @@ class CudaBackend:
         return name.decode() if isinstance(name, bytes) else str(name)
 
     def _launch(self, kernel, grid, block, label: str | None = None, nbytes: int = 0):
+        """A function that launches `kernel` on grid x block with the arguments it is given."""
         if self.simulated:  # the simulator's kernel[grid, block] reconfigures one shared object
             configured = kernel[grid, block]
         else:
@@ -103,13 +107,13 @@ class CudaBackend:
             if configured is None:
                 configured = self._launches[key] = kernel[grid, block]
         if self._timings is None:
-            return configured
+            return lambda *args: self._launcher(configured, args)
         return lambda *args: self._timed(configured, label or kernel.py_func.__name__, nbytes, args)
 
     def _timed(self, configured, label: str, nbytes: int, args) -> None:
         start, end = cuda.event(), cuda.event()
         start.record()
-        configured(*args)
+        self._launcher(configured, args)
         end.record()
         self._timings.append((label, nbytes, start, end))
 
@@ -253,7 +257,7 @@ class CudaBackend:
         self._flat(lk.embed, T * E)(wpe.fmt, *wpe.parts, rows[1], True, out)
         return out
 
-    def linear(self, x, weight: DeviceWeight, bias, out=None, *, gelu: bool = False, add_to=None):
+    def linear(self, x, weight: DeviceWeight, bias, out=None, *, gelu: bool = False, add_to=None, norm=None):
         T = x.shape[0]
         n_out = weight.shape[0]
         if bias is None:
@@ -267,8 +271,11 @@ class CudaBackend:
         if T == 1 and weight.shape[1] <= mk.MAX_ONE_TOKEN_INPUTS:
             lanes, rows = self.shapes.matvec_one
             launch = self._launch(mk.matvec_one, (n_out + rows - 1) // rows, (lanes, rows), label and "matvec_one " + label, weight.nbytes)
-            launch(weight.fmt, *weight.parts, *weight.words, x, bias, out, epilogue, out)
+            ln_weight, ln_bias, eps = norm if norm is not None else (self._unused_vector, self._unused_vector, 0.0)
+            launch(weight.fmt, *weight.parts, *weight.words, x, bias, out, epilogue, norm is not None, ln_weight, ln_bias, np.float32(eps))
             return out
+        if norm is not None:
+            x = self.layer_norm(x, *norm)
         if T <= mk.MAX_FEW_TOKENS:
             lanes, rows = self.shapes.matvec
             launch = self._launch(mk.matvec, (n_out + rows - 1) // rows, (lanes, rows), label and "matvec " + label, weight.nbytes)
@@ -277,7 +284,7 @@ class CudaBackend:
             tile = 4 * side
             grid = ((n_out + tile - 1) // tile, (T + tile - 1) // tile)
             launch = self._launch(mk.matmul, grid, (side, side), label and "matmul " + label, weight.nbytes)
-        launch(weight.fmt, *weight.parts, x, T, bias, out, epilogue, out)
+        launch(weight.fmt, *weight.parts, x, T, bias, out, epilogue)
         return out
 
     def layer_norm(self, x, weight, bias, eps: float, out=None):

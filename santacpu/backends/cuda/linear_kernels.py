@@ -15,8 +15,8 @@ serves it):
   memory (the codes unpacked in registers, never a dequantized matrix in device memory) next to
   the same 32 columns of the tile's tokens' x.
 
-Epilogues (`EPILOGUE_*`): none; GELU (the fc product); add into `residual` (the two projections
-that end in the residual stream: `out` is then the residual itself, each element read and
+Epilogues (`EPILOGUE_*`): none; GELU (the fc product); add into `out` (the two projections that
+end in the residual stream: `out` is then the residual itself, each element read and
 written by the one thread that owns it).
 
 Shapes: x [T, in] float32, weight [out, in] as parts, bias [out] float32, out [T, out] float32.
@@ -46,11 +46,11 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 
 
 @cuda.jit(device=True, inline=True)
-def _finish(value, epilogue, residual, t, row):
+def _finish(value, epilogue, out, t, row):
     if epilogue == 1:  # GPT-2's tanh GELU, as santacpu.network.reference.gelu_tanh
         return float32(0.5) * value * (float32(1.0) + math.tanh(float32(_GELU_C) * (value + float32(0.044715) * value * value * value)))
     if epilogue == 2:
-        return residual[t, row] + value
+        return out[t, row] + value
     return value
 
 
@@ -66,9 +66,26 @@ def _q4_word(word, xs, n_blocks, block, k):
     return s
 
 
+@cuda.jit(device=True, inline=True)
+def _block_sum(values, tid, threads):
+    """Sum of values[0:threads] (shared, threads a power of two) by a tree; every thread returns
+    it. Ends with the array free for reuse."""
+    step = threads // 2
+    while step > 0:
+        if tid < step:
+            values[tid] += values[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    total = values[0]
+    cuda.syncthreads()
+    return total
+
+
 @cuda.jit(cache=True)
-def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, residual):
-    """One token (decode): out[0, row] = x[0] . W[row] + bias[row], with the epilogue.
+def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, normalize, ln_weight, ln_bias, eps):
+    """One token (decode): out[0, row] = x[0] . W[row] + bias[row], with the epilogue; with
+    `normalize`, x's LayerNorm (ln_weight, ln_bias, eps) first, computed by every block as it
+    stages x (cheaper than a launch of its own).
 
     x is staged in shared memory transposed ([value in block][block]: lanes reading one value
     of consecutive blocks hit consecutive banks); `blockDim.x` lanes a row, `blockDim.y` rows a
@@ -86,9 +103,29 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, 
     n_blocks = x.shape[1] // 32
     xs = cuda.shared.array(MAX_ONE_TOKEN_INPUTS, float32)
     partial = cuda.shared.array(MAX_MATVEC_THREADS, float32)
-    for i in range(tid, n_blocks * 32, threads):
+    width = n_blocks * 32
+    mean = float32(0.0)
+    denominator = float32(1.0)
+    if normalize:  # as layer_kernels.layer_norm: the mean, then the variance about it
+        s = float32(0.0)
+        for i in range(tid, width, threads):
+            s += x[0, i]
+        partial[tid] = s
+        cuda.syncthreads()
+        mean = _block_sum(partial, tid, threads) / float32(width)
+        s = float32(0.0)
+        for i in range(tid, width, threads):
+            d = x[0, i] - mean
+            s += d * d
+        partial[tid] = s
+        cuda.syncthreads()
+        denominator = math.sqrt(_block_sum(partial, tid, threads) / float32(width) + eps)
+    for i in range(tid, width, threads):
         block = i // 32
-        xs[(i - block * 32) * n_blocks + block] = x[0, i]
+        v = x[0, i]
+        if normalize:
+            v = (v - mean) / denominator * ln_weight[i] + ln_bias[i]
+        xs[(i - block * 32) * n_blocks + block] = v
     cuda.syncthreads()
     acc = float32(0.0)
     if row < n_rows:
@@ -133,11 +170,11 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, 
         total = float32(0.0)
         for i in range(lanes):
             total += partial[slot * lanes + i]
-        out[0, row] = _finish(total + bias[row], epilogue, residual, 0, row)
+        out[0, row] = _finish(total + bias[row], epilogue, out, 0, row)
 
 
 @cuda.jit(cache=True)
-def matvec(fmt, p0, p1, p2, p3, p4, x, n_tokens, bias, out, epilogue, residual):
+def matvec(fmt, p0, p1, p2, p3, p4, x, n_tokens, bias, out, epilogue):
     lanes = cuda.blockDim.x
     lane = cuda.threadIdx.x
     slot = cuda.threadIdx.y  # the row of this block this lane group computes
@@ -172,11 +209,11 @@ def matvec(fmt, p0, p1, p2, p3, p4, x, n_tokens, bias, out, epilogue, residual):
     if row < n_rows:
         first = slot * lanes * MAX_FEW_TOKENS
         for t in range(lane, n_tokens, lanes):
-            out[t, row] = _finish(partial[first + t] + bias[row], epilogue, residual, t, row)
+            out[t, row] = _finish(partial[first + t] + bias[row], epilogue, out, t, row)
 
 
 @cuda.jit(cache=True)
-def matmul(fmt, p0, p1, p2, p3, p4, x, n_tokens, bias, out, epilogue, residual):
+def matmul(fmt, p0, p1, p2, p3, p4, x, n_tokens, bias, out, epilogue):
     side = cuda.blockDim.x  # square blocks of side x side threads, a tile of 4 * side rows and tokens
     tile = 4 * side
     tx = cuda.threadIdx.x  # rows tx, tx + side, ...: consecutive threads write consecutive outputs
@@ -221,4 +258,4 @@ def matmul(fmt, p0, p1, p2, p3, p4, x, n_tokens, bias, out, epilogue, residual):
             for jt in range(4):
                 tok = tok0 + ty + side * jt
                 if tok < n_tokens:
-                    out[tok, row] = _finish(acc[i * 4 + jt] + bias[row], epilogue, residual, tok, row)
+                    out[tok, row] = _finish(acc[i * 4 + jt] + bias[row], epilogue, out, tok, row)
