@@ -54,8 +54,9 @@ class Backend(Protocol):
         """target[:, :n] = source[:, :n] for two K (or V) arrays of `new_kv`."""
         ...
 
-    def input_embeddings(self, wte: Any, wpe: Any, ids: np.ndarray, positions: np.ndarray) -> Any:
-        """wte[ids] + wpe[positions] as float32 [T, E]; ids, positions: host int64 [T]."""
+    def input_embeddings(self, wte: Any, wpe: Any, ids: np.ndarray, positions: np.ndarray, out: Any = None) -> Any:
+        """wte[ids] + wpe[positions] as float32 [T, E] (into `out` when given); ids, positions:
+        host int64 [T]."""
         ...
 
     def linear(

@@ -137,7 +137,9 @@ def _cuda_figures(model, prompt: list[int], token: int, steps: int = 32) -> dict
         engine.forward(cache, [token])
         walls.append(time.perf_counter() - start)
         cache.truncate(len(prompt))
+    fast_before = backend.fast_launches
     timings = backend.profile(lambda: engine.forward(cache, [token]))
+    fast = backend.fast_launches - fast_before
     cache.truncate(0)
     prefill = backend.profile(lambda: engine.forward(cache, prompt))
     full = engine.new_cache(model.config.n_positions)
@@ -145,6 +147,7 @@ def _cuda_figures(model, prompt: list[int], token: int, steps: int = 32) -> dict
         "decode_step_ms": 1e3 * statistics.median(walls),
         "kernel_ms": sum(ms for _, _, ms in timings),
         "launches": len(timings),
+        "prepared_launches": fast,
         "kernels": _by_kernel(timings),
         "prefill_kernel_ms": sum(ms for _, _, ms in prefill),
         "prefill_kernels": _by_kernel(prefill),

@@ -114,7 +114,7 @@ def _cuda_rows(row, c: dict, weight_bytes: int) -> None:
         return
     overhead = c["decode_step_ms"] - c["kernel_ms"]
     row(
-        f"GPU decode step at the prompt's end ({c['launches']} launches)",
+        f"GPU decode step at the prompt's end ({c['launches']} launches, {c['prepared_launches']} prepared)",
         f"{c['decode_step_ms']:.2f} ms",
         f"kernels {c['kernel_ms']:.2f} ms; launch overhead {overhead:.2f} ms ({1e3 * overhead / c['launches']:.1f} us a launch)",
     )

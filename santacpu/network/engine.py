@@ -119,7 +119,7 @@ class Engine:
             if all_logits:
                 pieces.append(self._lm_head(hidden))
             elif first + PREFILL_CHUNK >= len(ids):
-                pieces.append(self._lm_head(hidden[len(chunk) - 1 :]))
+                pieces.append(self._lm_head(hidden if len(chunk) == 1 else hidden[len(chunk) - 1 :]))
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
     def _checked(self, hidden):
@@ -128,14 +128,17 @@ class Engine:
 
     def _lm_head(self, hidden) -> np.ndarray:
         """Host logits [T, V] of hidden [T, E]: the tied embedding as the LM head."""
-        return self.backend.to_host(self.backend.linear(hidden, self.weights.wte, None))
+        out = self._decode_buffers()["logits"] if hidden.shape[0] == 1 else None
+        logits = self.backend.to_host(self.backend.linear(hidden, self.weights.wte, None, out=out))
+        return logits.copy() if logits is out else logits  # the caller keeps it past the next step
 
     def _decode_buffers(self) -> dict:
-        """One token's activations, allocated once and reused by every decode step."""
+        """One token's activations, allocated once and reused by every decode step (the same
+        arrays every step also let a GPU backend reuse its prepared launches)."""
         if self._buffers is None:
             c = self.config
             E, I, GD = c.n_embd, c.n_inner, c.n_kv_head * c.head_dim
-            shapes = {"qkv": (1, E + 2 * GD), "attn": (1, E), "proj": (1, E), "f": (1, I)}
+            shapes = {"x": (1, E), "qkv": (1, E + 2 * GD), "attn": (1, E), "proj": (1, E), "f": (1, I), "h": (1, E), "logits": (1, c.vocab_size)}
             self._buffers = {name: self.backend.empty(shape) for name, shape in shapes.items()}
         return self._buffers
 
@@ -154,9 +157,9 @@ class Engine:
         ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in segments])
         positions = np.concatenate([np.arange(start, start + n, dtype=np.int64) for _, _, start, n in spans])
         # Decode (T = 1) writes into the same buffers every step; other calls allocate their own.
-        buf = self._decode_buffers() if T == 1 else dict.fromkeys(("qkv", "proj", "f"))
+        buf = self._decode_buffers() if T == 1 else dict.fromkeys(("x", "qkv", "proj", "f", "h"))
         attn = buf["attn"] if T == 1 else b.empty((T, c.n_embd))
-        x = b.input_embeddings(w.wte, w.wpe, ids, positions)  # [T, E], the residual stream
+        x = b.input_embeddings(w.wte, w.wpe, ids, positions, out=buf.get("x"))  # [T, E], the residual stream
         for i, layer in enumerate(w.layers):
             ln_1 = (layer.ln_1_weight, layer.ln_1_bias, eps)
             qkv = b.linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias, out=buf["qkv"], norm=ln_1)  # [T, E + 2*G*D]
@@ -171,4 +174,4 @@ class Engine:
             b.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, out=buf["proj"], add_to=x)
         for cache, ids in segments:
             cache.ids.extend(int(t) for t in ids)
-        return b.layer_norm(x, w.ln_f_weight, w.ln_f_bias, eps)
+        return b.layer_norm(x, w.ln_f_weight, w.ln_f_bias, eps, out=buf["h"])

@@ -116,8 +116,8 @@ class CpuBackend:
     def to_host(self, x: np.ndarray) -> np.ndarray:
         return x
 
-    def input_embeddings(self, wte, wpe, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        return self.embed(wte, ids) + self.embed(wpe, positions)
+    def input_embeddings(self, wte, wpe, ids: np.ndarray, positions: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        return np.add(self.embed(wte, ids), self.embed(wpe, positions), out=out)
 
     def linear(
         self, x: np.ndarray, weight, bias: np.ndarray | None, out: np.ndarray | None = None, *, gelu: bool = False,

@@ -76,6 +76,12 @@ class CudaBackend:
     def __init__(self, shapes: LaunchShapes | None = None):
         # Small grids (a decode step's attention, LayerNorm) are by design: no warning for each.
         numba_config.CUDA_LOW_OCCUPANCY_WARNINGS = False
+        try:
+            from numba.cuda.core import config as cuda_config  # numba-cuda's own settings
+
+            cuda_config.CUDA_LOW_OCCUPANCY_WARNINGS = False
+        except ImportError:
+            pass
         self.simulated = simulated()
         self.shapes = shapes or (SIMULATOR_SHAPES if self.simulated else DEVICE_SHAPES)
         self.weight_bytes = 0  # device memory the uploaded weights take
@@ -86,6 +92,7 @@ class CudaBackend:
         self._launches: dict[tuple, object] = {}
         self._timings: list | None = None  # (label, bytes read, start event, end event) while profiling
         self._launcher = Launcher(enabled=not self.simulated)
+        self._one_row = None  # decode's token id and position on the device, [2, 1] int64
         self._parts_key: tuple | None = None  # see _attention_parts
         self._parts: tuple = ()
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
@@ -127,6 +134,11 @@ class CudaBackend:
             return [(label, nbytes, a.elapsed_time(b)) for label, nbytes, a, b in self._timings]
         finally:
             self._timings = None
+
+    @property
+    def fast_launches(self) -> int:
+        """Launches so far that took the prepared path (see launch.py)."""
+        return self._launcher.fast_launches
 
     def memory_used(self) -> int | None:
         """Bytes of device memory in use on this GPU (by every process), from the driver (None
@@ -249,12 +261,21 @@ class CudaBackend:
 
     # --- the forward pass's operations ---------------------------------------------------------
 
-    def input_embeddings(self, wte: DeviceWeight, wpe: DeviceWeight, ids: np.ndarray, positions: np.ndarray):
+    def input_embeddings(self, wte: DeviceWeight, wpe: DeviceWeight, ids: np.ndarray, positions: np.ndarray, out=None):
         T, E = len(ids), wte.shape[1]
-        rows = cuda.to_device(np.stack([ids, positions]).astype(np.int64))  # one copy for both
-        out = self.empty((T, E))
-        self._flat(lk.embed, T * E)(wte.fmt, *wte.parts, rows[0], False, out)
-        self._flat(lk.embed, T * E)(wpe.fmt, *wpe.parts, rows[1], True, out)
+        both = np.stack([ids, positions]).astype(np.int64)  # one copy for both
+        if T == 1:  # decode: the same device arrays every step (prepared launches stay valid)
+            if self._one_row is None:
+                self._one_row = cuda.to_device(both)
+                self._one_row_views = (self._one_row[0], self._one_row[1])
+            self._one_row.copy_to_device(both)
+            token_rows, position_rows = self._one_row_views
+        else:
+            rows = cuda.to_device(both)
+            token_rows, position_rows = rows[0], rows[1]
+        out = self.empty((T, E)) if out is None else out
+        self._flat(lk.embed, T * E)(wte.fmt, *wte.parts, token_rows, False, out)
+        self._flat(lk.embed, T * E)(wpe.fmt, *wpe.parts, position_rows, True, out)
         return out
 
     def linear(self, x, weight: DeviceWeight, bias, out=None, *, gelu: bool = False, add_to=None, norm=None):
