@@ -135,6 +135,7 @@ def decode_escapes(text: str, option: str = "--stop") -> str:
 
 
 # --model and --revision of the commands that run a model (one OptionInfo serves several commands).
+DEVICE_OPTION = typer.Option("auto", help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda.")
 MODEL_OPTION = typer.Option(
     None,
     "--model",
@@ -180,7 +181,7 @@ def complete(
         [], "--stop", metavar="TEXT",
         help="Stop when this text appears (not printed). Repeatable. Escapes like \\n are understood.",
     ),
-    device: str = typer.Option("auto", help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda."),
+    device: str = DEVICE_OPTION,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Say on standard error where the model runs."),
     lookup: Optional[bool] = typer.Option(
         None,
@@ -206,7 +207,10 @@ def complete(
         lookup=lookup,
         draft_tokens=draft_tokens,
     )
+    from .model import resolve_device
+
     prefix, suffix = _prompt_texts(prompt, fim)
+    resolve_device(device)  # a missing GPU said now, not after a first-use quantization
     runnable, revision = runnable_model(model or default_model(), revision, quant)
     loaded = load(runnable, revision=revision, device=device)
     if verbose:
@@ -349,7 +353,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(
         None, "--json", readable=False, help="Also write every figure and the machine's facts to this JSON file."
     ),
-    device: str = typer.Option("auto", help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda."),
+    device: str = DEVICE_OPTION,
 ) -> None:
     """Measure speed (prefill, decode, FIM time to first token), load and compile times, and peak
     memory of a model; each measurement runs in a child process of its own. Progress on stderr,
@@ -358,8 +362,11 @@ def bench(
 
     from .bench import BenchSettings, format_table, run_bench
 
+    from .model import resolve_device
+
     if json_out is not None:
         check_writable(json_out, "--json")  # now, not after minutes of measuring
+    resolve_device(device)
     runnable, revision = runnable_model(model, revision, quant)
     settings = BenchSettings(
         model=runnable, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,

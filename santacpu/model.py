@@ -263,19 +263,25 @@ def _non_empty(items, name: str) -> list:
 DEVICES = ("auto", "cpu", "cuda")
 
 
-def choose_backend(device: str, settings: Settings) -> Backend:
-    """The backend for `device`: "cpu"; "cuda" (a one-line error naming why when no GPU is usable);
-    "auto": CUDA where a real GPU is usable, else the CPU. The CUDA package is imported only when
-    it is chosen."""
+def resolve_device(device: str) -> str:
+    """"cpu" or "cuda" for `device`: "auto" is CUDA where a real GPU is usable, else the CPU;
+    "cuda" without a usable GPU (or an unknown device) is a one-line error naming why. Cheap:
+    callers check it before long work."""
     if device not in DEVICES:
         raise SantacpuError(f"unknown device '{device}' (choose {', '.join(DEVICES)})")
     if device == "auto":
-        device = "cuda" if cuda_device.gpu_missing() is None else "cpu"
-    if device == "cpu":
-        return CpuBackend(integer_kernels=settings.integer_kernels)
-    reason = cuda_device.cuda_missing()
+        return "cuda" if cuda_device.gpu_missing() is None else "cpu"
+    reason = cuda_device.cuda_missing() if device == "cuda" else None
     if reason is not None:
         raise SantacpuError(f"device 'cuda' is not usable: {reason}")
+    return device
+
+
+def choose_backend(device: str, settings: Settings) -> Backend:
+    """The backend for `device` (see `resolve_device`); the CUDA package is imported only when it
+    is chosen."""
+    if resolve_device(device) == "cpu":
+        return CpuBackend(integer_kernels=settings.integer_kernels)
     from .backends.cuda.backend import CudaBackend
 
     return CudaBackend()
@@ -294,7 +300,7 @@ def load(
     one, or a hub id such as "bigcode/santacoder" (cached by huggingface_hub). `reuse_prompt`:
     see `Model`. `kv_cache`: the KV cache's storage, "float16" (half the memory; rounds K and V
     to 11 significant bits) or "float32" (exact). `device`: "auto" (a CUDA GPU where one is
-    usable, else the CPU), "cpu" or "cuda" (see `choose_backend`); `model.device` says which ran.
+    usable, else the CPU), "cpu" or "cuda" (see `resolve_device`); `model.device` says which ran.
     The environment's settings (`santacpu.settings`) are read here."""
     check_kv_dtype(kv_cache)  # before the (long) load
     settings = Settings.from_environment()

@@ -108,8 +108,10 @@ def test_linear_epilogues(epilogue, T):
     assert _linear_case("q4_0", T, SIMULATOR_SHAPES, epilogue, np.random.default_rng(3)) < 1e-5
 
 
-@pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
-@pytest.mark.parametrize("T", [1, 3], ids=["fused", "separate"])
+@pytest.mark.parametrize(
+    "T, shapes", [(1, DEVICE_SHAPES), (1, SIMULATOR_SHAPES), (3, SIMULATOR_SHAPES)],
+    ids=["fused-device", "fused-simulator", "separate"],
+)
 def test_linear_after_layer_norm(T, shapes):
     """linear(..., norm=...): one token's LayerNorm fused into matvec_one, or a LayerNorm launch."""
     rng = np.random.default_rng(9)
@@ -242,17 +244,22 @@ def sim_weights(tmp_path_factory):
 IDS = [5, 17, 3, 60, 22, 9, 41, 7, 33, 12, 2, 50]
 
 
-@pytest.mark.parametrize("weights_type, kv_dtype, tolerance", [("float32", "float32", 1e-4), ("q4_0", "float16", 1e-3)])
-def test_model_forward_matches_reference(sim_weights, weights_type, kv_dtype, tolerance):
-    """A prompt (the matmul path), a few tokens, then one token at a time, through one cache: the
-    logits of every position against the NumPy reference's over the whole sequence."""
+@pytest.mark.parametrize(
+    "weights_type, kv_dtype, tolerance, calls",
+    [("float32", "float32", 1e-4, (9, 2, 1)), ("q4_0", "float16", 1e-3, (9, 1))],
+    ids=["fp32-kv", "fp16-kv"],
+)
+def test_model_forward_matches_reference(sim_weights, weights_type, kv_dtype, tolerance, calls):
+    """A prompt (the matmul path), a few tokens (matvec), then one token (matvec_one, LayerNorm
+    fused), through one cache: every position's logits against the NumPy reference's."""
     weights = sim_weights[weights_type]
     engine = Engine(weights, CudaBackend(), kv_dtype)
     cache = engine.new_cache(16)
-    got = [engine.forward(cache, IDS[:9], all_logits=True), engine.forward(cache, IDS[9:11], all_logits=True),
-           engine.forward(cache, IDS[11:12], all_logits=True)]
-    want = reference.forward(weights, IDS)
-    assert _rel(np.concatenate(got), want) < tolerance
+    got, done = [], 0
+    for n in calls:
+        got.append(engine.forward(cache, IDS[done : done + n], all_logits=True))
+        done += n
+    assert _rel(np.concatenate(got), reference.forward(weights, IDS[:done])) < tolerance
 
 
 def _greedy(engine, prompt, steps):
@@ -267,8 +274,8 @@ def _greedy(engine, prompt, steps):
 
 def test_greedy_ids_match_the_cpu(sim_weights):
     weights = sim_weights["q4_0"]
-    cpu = _greedy(Engine(weights, CpuBackend()), IDS[:3], 5)
-    assert _greedy(Engine(weights, CudaBackend()), IDS[:3], 5) == cpu
+    cpu = _greedy(Engine(weights, CpuBackend()), IDS[:2], 3)
+    assert _greedy(Engine(weights, CudaBackend()), IDS[:2], 3) == cpu
 
 
 def test_batched_step_matches_single_steps(sim_weights):
@@ -277,15 +284,13 @@ def test_batched_step_matches_single_steps(sim_weights):
     engine = Engine(sim_weights["q8_0"], CudaBackend(), "float32")
     a, b = engine.new_cache(12), engine.new_cache(12)
     engine.forward(a, IDS[:2])
-    engine.forward(b, IDS[2:5])
+    engine.forward(b, IDS[2:4])
+    bigger = a.resized(20)  # a copy of a's K/V on the device
     both = engine.forward_batch([a, b], [[7], [8, 9]], [False, True])
-    solo_a, solo_b = engine.new_cache(12), engine.new_cache(12)
-    engine.forward(solo_a, IDS[:2])
-    engine.forward(solo_b, IDS[2:5])
-    assert _rel(both[0], engine.forward(solo_a, [7])) < 1e-5
+    assert _rel(both[0], engine.forward(bigger, [7])) < 1e-5
+    solo_b = engine.new_cache(12)
+    engine.forward(solo_b, IDS[2:4])
     assert _rel(both[1], engine.forward(solo_b, [8, 9], all_logits=True)) < 1e-5
-    bigger = a.resized(20)
-    assert bigger.ids == a.ids and _rel(engine.forward(bigger, [3]), engine.forward(a, [3])) < 1e-6
 
 
 # --- the device choice ----------------------------------------------------------------------------
@@ -308,6 +313,15 @@ def test_cuda_without_a_gpu_is_one_line(monkeypatch, tiny_checkpoint):
         santacpu.load(tiny_checkpoint(), device="cuda")
     with pytest.raises(SantacpuError, match="unknown device 'tpu'"):
         santacpu.load(tiny_checkpoint(), device="tpu")
+
+
+@pytest.mark.skipif(REAL_GPU, reason="this machine has a usable GPU")
+def test_cli_cuda_without_a_gpu_is_one_line(tiny_checkpoint):
+    from helpers import one_error_line, run_santacpu
+
+    done = run_santacpu("complete", "def f():", "--model", str(tiny_checkpoint()), "--device", "cuda",
+                        env={"NUMBA_ENABLE_CUDASIM": "0"})
+    assert "device 'cuda' is not usable: " in one_error_line(done, "device 'cuda' is not usable")
 
 
 def test_the_simulator_is_never_auto(monkeypatch):

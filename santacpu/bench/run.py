@@ -66,6 +66,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     """Measure `settings.model`; returns {"settings", "machine", "model", "results"} (see the
     module docstring for what each part measures). Raises SantacpuError for bad settings."""
     from ..errors import SantacpuError
+    from ..model import resolve_device
 
     log = log or (lambda text: print(f"santacpu bench: {text}", file=sys.stderr, flush=True))
     settings.threads = settings.threads or default_threads()
@@ -74,6 +75,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         raise SantacpuError(f"unknown bench part '{unknown[0]}' (choose from {', '.join(PARTS)})")
     if settings.threads < 1 or settings.repeat < 1:
         raise SantacpuError("threads and repeat must be at least 1")
+    resolve_device(settings.device)
     config, weights_type, files = describe_model(settings.model, settings.revision)
     n_ctx = config.n_positions
     fit_to_context(settings, n_ctx, log)

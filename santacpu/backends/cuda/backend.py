@@ -51,8 +51,11 @@ class LaunchShapes:
 
 
 DEVICE_SHAPES = LaunchShapes(matvec=(32, 8), matvec_one=(8, 16), matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264, flat_threads=256)
-# The simulator pays per thread of a block (each a Python thread), so it gets few: one lane a row.
-SIMULATOR_SHAPES = LaunchShapes(matvec=(1, 16), matvec_one=(2, 4), matmul_side=4, norm_threads=2, attention_threads=16, attention_blocks=3, flat_threads=64)
+# The simulator pays for every block and every barrier of its threads (each a Python thread): few
+# blocks, few threads, one lane a row.
+SIMULATOR_SHAPES = LaunchShapes(
+    matvec=(1, 16), matvec_one=(1, 32), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3, flat_threads=64
+)
 
 
 @dataclass(frozen=True)
