@@ -17,7 +17,7 @@ import math
 
 from numba import cuda, float32
 
-from .values import float_to_half, half_to_float, value
+from .values import block_sum, float_to_half, half_to_float, value
 
 MAX_NORM_THREADS = 256
 # Attention's compile-time limits (shared-memory sizes must be constants): 43 KB of shared memory.
@@ -53,28 +53,13 @@ def layer_norm(x, weight, bias, eps, out):
     for i in range(tid, width, n):
         s += x[t, i]
     sums[tid] = s
-    cuda.syncthreads()
-    step = n // 2
-    while step > 0:
-        if tid < step:
-            sums[tid] += sums[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    mean = sums[0] / float32(width)
-    cuda.syncthreads()  # everyone has read sums[0] before it is reused
+    mean = block_sum(sums, tid, n) / float32(width)
     s = float32(0.0)
     for i in range(tid, width, n):
         d = x[t, i] - mean
         s += d * d
     sums[tid] = s
-    cuda.syncthreads()
-    step = n // 2
-    while step > 0:
-        if tid < step:
-            sums[tid] += sums[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    denominator = math.sqrt(sums[0] / float32(width) + eps)
+    denominator = math.sqrt(block_sum(sums, tid, n) / float32(width) + eps)
     for i in range(tid, width, n):
         out[t, i] = (x[t, i] - mean) / denominator * weight[i] + bias[i]
 

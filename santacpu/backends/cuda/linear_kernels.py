@@ -30,7 +30,7 @@ import math
 
 from numba import cuda, float32, int64
 
-from .values import code, half_to_float, params
+from .values import block_sum, code, half_to_float, params
 
 MAX_FEW_TOKENS = 8  # matvec's token limit (its accumulators are registers)
 MAX_MATVEC_THREADS = 256  # lanes x rows a block
@@ -66,21 +66,6 @@ def _q4_word(word, xs, n_blocks, block, k):
     return s
 
 
-@cuda.jit(device=True, inline=True)
-def _block_sum(values, tid, threads):
-    """Sum of values[0:threads] (shared, threads a power of two) by a tree; every thread returns
-    it. Ends with the array free for reuse."""
-    step = threads // 2
-    while step > 0:
-        if tid < step:
-            values[tid] += values[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    total = values[0]
-    cuda.syncthreads()
-    return total
-
-
 @cuda.jit(cache=True)
 def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, normalize, ln_weight, ln_bias, eps):
     """One token (decode): out[0, row] = x[0] . W[row] + bias[row], with the epilogue; with
@@ -111,15 +96,13 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, 
         for i in range(tid, width, threads):
             s += x[0, i]
         partial[tid] = s
-        cuda.syncthreads()
-        mean = _block_sum(partial, tid, threads) / float32(width)
+        mean = block_sum(partial, tid, threads) / float32(width)
         s = float32(0.0)
         for i in range(tid, width, threads):
             d = x[0, i] - mean
             s += d * d
         partial[tid] = s
-        cuda.syncthreads()
-        denominator = math.sqrt(_block_sum(partial, tid, threads) / float32(width) + eps)
+        denominator = math.sqrt(block_sum(partial, tid, threads) / float32(width) + eps)
     for i in range(tid, width, threads):
         block = i // 32
         v = x[0, i]

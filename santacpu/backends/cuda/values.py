@@ -1,4 +1,5 @@
-"""Device functions that read the stored formats one value at a time, shared by every kernel.
+"""Device functions shared by every kernel: reading the stored formats one value at a time, and a
+block's sum.
 
 Every weight is passed to a kernel as five arrays `p0..p4` (the format's parts in
 `santacpu.formats.blocks.PART_ORDER`, then 1x1 placeholders) and read as
@@ -110,3 +111,20 @@ def value(fmt, p0, p1, p2, p3, p4, row, column):
     block = column // 32
     scale, offset = params(fmt, p0, p1, p2, p3, p4, row, block)
     return scale * code(fmt, p0, p1, p2, p3, p4, row, block, column - block * 32) - offset
+
+
+@cuda.jit(device=True, inline=True)
+def block_sum(values, tid, threads):
+    """Sum of values[0:threads] (a shared array each thread of the block has written its own
+    element of, `threads` a power of two), by a tree; every thread returns it, and the array is
+    free for reuse when it returns. (No warp shuffles: the simulator has none.)"""
+    cuda.syncthreads()
+    step = threads // 2
+    while step > 0:
+        if tid < step:
+            values[tid] += values[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    total = values[0]
+    cuda.syncthreads()
+    return total
