@@ -138,7 +138,10 @@ class Engine:
         if self._buffers is None:
             c = self.config
             E, I, GD = c.n_embd, c.n_inner, c.n_kv_head * c.head_dim
-            shapes = {"x": (1, E), "qkv": (1, E + 2 * GD), "attn": (1, E), "proj": (1, E), "f": (1, I), "h": (1, E), "logits": (1, c.vocab_size)}
+            shapes = {
+                "x": (1, E), "qkv": (1, E + 2 * GD), "attn": (1, E), "proj": (1, E), "f": (1, I), "h": (1, E),
+                "logits": (1, c.vocab_size),
+            }
             self._buffers = {name: self.backend.empty(shape) for name, shape in shapes.items()}
         return self._buffers
 

@@ -50,7 +50,11 @@ class LaunchShapes:
     flat_threads: int  # element-wise kernels
 
 
-DEVICE_SHAPES = LaunchShapes(matvec=(32, 8), matvec_one=(8, 16), matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264, flat_threads=256)
+# attention_blocks: two blocks for each of an H100's or H200's 132 multiprocessors.
+DEVICE_SHAPES = LaunchShapes(
+    matvec=(32, 8), matvec_one=(8, 16), matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264,
+    flat_threads=256,
+)
 # The simulator pays for every block and every barrier of its threads (each a Python thread): few
 # blocks, few threads, one lane a row.
 SIMULATOR_SHAPES = LaunchShapes(
@@ -96,6 +100,7 @@ class CudaBackend:
         self._timings: list | None = None  # (label, bytes read, start event, end event) while profiling
         self._launcher = Launcher(enabled=not self.simulated)
         self._one_row = None  # decode's token id and position on the device, [2, 1] int64
+        self._one_row_views: tuple = ()  # its two rows
         self._parts_key: tuple | None = None  # see _attention_parts
         self._parts: tuple = ()
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
@@ -294,9 +299,11 @@ class CudaBackend:
         label = f"{weight.fmt_name} {weight.shape[0]}x{weight.shape[1]}" if self._timings is not None else None
         if T == 1 and weight.shape[1] <= mk.MAX_ONE_TOKEN_INPUTS:
             lanes, rows = self.shapes.matvec_one
-            launch = self._launch(mk.matvec_one, (n_out + rows - 1) // rows, (lanes, rows), label and "matvec_one " + label, weight.nbytes)
+            grid = (n_out + rows - 1) // rows
+            launch = self._launch(mk.matvec_one, grid, (lanes, rows), label and "matvec_one " + label, weight.nbytes)
             ln_weight, ln_bias, eps = norm if norm is not None else (self._unused_vector, self._unused_vector, 0.0)
-            launch(weight.fmt, *weight.parts, *weight.words, x, bias, out, epilogue, norm is not None, ln_weight, ln_bias, np.float32(eps))
+            normalize = norm is not None
+            launch(weight.fmt, *weight.parts, *weight.words, x, bias, out, epilogue, normalize, ln_weight, ln_bias, np.float32(eps))
             return out
         if norm is not None:
             x = self.layer_norm(x, *norm)
