@@ -87,10 +87,7 @@ class Model:
     def device(self) -> str:
         """Where the forward pass runs, in words: "cpu", or "cuda: <GPU name>, <MB> MB of device
         memory for the weights"."""
-        backend = self.engine.backend
-        if backend.name != "cuda":
-            return backend.name
-        return f"cuda: {backend.device_name()}, {backend.weight_bytes / 1e6:.0f} MB of device memory for the weights"
+        return self.engine.backend.describe()
 
     @property
     def engine(self) -> Engine:

@@ -37,6 +37,11 @@ class Backend(Protocol):
 
     name: str  # "cpu", "cuda"
 
+    def describe(self) -> str:
+        """Where the forward pass runs, in words ("cpu"; a GPU's name and the device memory its
+        weights take)."""
+        ...
+
     def prepare(self, weights: Any) -> Any:
         """The weights (a ModelWeights) as this backend's calls take them: `weights` itself, or a
         ModelWeights of device copies (uploaded once, as stored: never a dequantized copy)."""

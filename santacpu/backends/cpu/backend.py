@@ -98,6 +98,9 @@ class CpuBackend:
         least = WARM_PARALLEL_MIN_WORK if self._pool_warm else PARALLEL_MIN_WORK
         return numba.get_num_threads() if work >= least else 1
 
+    def describe(self) -> str:
+        return "cpu"
+
     def prepare(self, weights):
         return weights  # used where they are: memory-mapped, never copied
 

@@ -106,11 +106,14 @@ class CudaBackend:
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
         self._unused_parts = (cuda.device_array((1, 1, 1), np.float32),) * 3
 
-    def device_name(self) -> str:
+    def describe(self) -> str:
+        """Where the forward pass runs, in words: the GPU and the device memory its weights take."""
         if self.simulated:
-            return "the CUDA simulator"
-        name = cuda.get_current_device().name
-        return name.decode() if isinstance(name, bytes) else str(name)
+            name = "the CUDA simulator"
+        else:
+            name = cuda.get_current_device().name
+            name = name.decode() if isinstance(name, bytes) else str(name)
+        return f"cuda: {name}, {self.weight_bytes / 1e6:.0f} MB of device memory for the weights"
 
     def _launch(self, kernel, grid, block, label: str | None = None, nbytes: int = 0):
         """A function that launches `kernel` on grid x block with the arguments it is given."""
@@ -251,9 +254,11 @@ class CudaBackend:
         return cuda.device_array(shape, np.uint16 if np.dtype(dtype) == np.float16 else np.float32)
 
     def copy_kv_prefix(self, target, source, n: int) -> None:
-        total = source.shape[0] * n * source.shape[2] * source.shape[3]
-        if total:
-            self._flat(lk.copy_kv_prefix, total)(source, target, n)
+        L, _, G, D = source.shape
+        if L * n * G * D:  # each position's G x D values as one row: [L, n_ctx, G*D] views
+            target_rows = target.reshape(L, target.shape[1], G * D)
+            source_rows = source.reshape(L, source.shape[1], G * D)
+            self._flat(lk.copy_kv_prefix, L * n * G * D)(source_rows, target_rows, n)
 
     def take_rows(self, x, rows: list[int]):
         if rows == list(range(rows[0], rows[0] + len(rows))):
@@ -271,7 +276,7 @@ class CudaBackend:
 
     def input_embeddings(self, wte: DeviceWeight, wpe: DeviceWeight, ids: np.ndarray, positions: np.ndarray, out=None):
         T, E = len(ids), wte.shape[1]
-        both = np.stack([ids, positions]).astype(np.int64)  # one copy for both
+        both = np.array([ids, positions], np.int64)  # one copy to the device for both
         if T == 1:  # decode: the same device arrays every step (prepared launches stay valid)
             if self._one_row is None:
                 self._one_row = cuda.to_device(both)

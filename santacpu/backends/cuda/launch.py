@@ -66,15 +66,17 @@ class Launcher:
             self.fast_launches += 1
             return
         configured(*args)  # compiles on first use
-        if key in self._seen and site is None and key not in self._sites:
-            if len(self._sites) > MAX_SITES:
-                self._sites.clear()
-                self._seen.clear()
-            self._sites[key] = self._prepare(configured, args)
-        else:
+        if key in self._sites:  # it could not be prepared, or these are other arrays under the same ids
+            return
+        if key not in self._seen:  # prepared the second time: arrays made anew each call never recur
             if len(self._seen) > MAX_SITES:
                 self._seen.clear()
             self._seen.add(key)
+            return
+        if len(self._sites) > MAX_SITES:
+            self._sites.clear()
+            self._seen.clear()
+        self._sites[key] = self._prepare(configured, args)
 
     def _prepare(self, configured, args: tuple) -> _Site | None:
         try:

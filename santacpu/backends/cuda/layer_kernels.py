@@ -226,15 +226,13 @@ def copy(source, target):
 
 @cuda.jit(cache=True)
 def copy_kv_prefix(source, target, n):
-    """target[:, :n] = source[:, :n] for two caches [L, n_ctx, G, D] (their n_ctx may differ)."""
+    """target[:, :n] = source[:, :n] for two caches viewed as [L, n_ctx, G*D] (their n_ctx may
+    differ)."""
     i = cuda.grid(1)
-    n_layer, heads, dim = source.shape[0], source.shape[2], source.shape[3]
-    row = heads * dim
+    n_layer, row = source.shape[0], source.shape[2]
     per_layer = n * row
     if i < n_layer * per_layer:
         layer = i // per_layer
         rest = i - layer * per_layer
         p = rest // row
-        j = rest - p * row
-        g = j // dim
-        target[layer, p, g, j - g * dim] = source[layer, p, g, j - g * dim]
+        target[layer, p, rest - p * row] = source[layer, p, rest - p * row]
