@@ -31,6 +31,8 @@ from .generation.lookup import DEFAULT_DRAFT_TOKENS
 from .loading.source import DEFAULT_MODEL, default_model, hub_revision
 from .settings import MODEL_ENV
 from .generation.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+from .harness.problems import BENCHMARKS
+from .harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, EvalSettings
 
 __all__ = ["app", "main"]
 
@@ -462,6 +464,105 @@ def random_checkpoint(
 
     written = write_checkpoint(out, size=size, layout=layout, dtype=dtype, seed=seed, multi_query=not multi_head)
     print(f"santacpu: wrote {written}; try: santacpu complete \"def f():\" --model {written}", file=sys.stderr)
+
+
+eval_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Task-level evaluation: run a benchmark's programs on the model's completions.",
+)
+app.add_typer(eval_app, name="eval")
+
+
+def _ks(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise SantacpuError(f"--k takes whole numbers >= 1, comma-separated (e.g. 1,10,100), got '{text}'") from None
+
+
+@eval_app.command("humaneval-infill")
+def eval_humaneval_infill(
+    benchmark: str = typer.Option(
+        "single-line", callback=_one_of(*BENCHMARKS), help=f"One of {', '.join(BENCHMARKS)} (bundled data)."
+    ),
+    model: str = MODEL_OPTION,
+    revision: Optional[str] = REVISION_OPTION,
+    quant: Optional[str] = typer.Option(
+        None,
+        help=f"For a full-precision model: run its cached quantization to this type; 'none' runs it in full "
+        f"precision. Default: {DEFAULT_QUANT}.",
+        show_default=False,
+    ),
+    samples: int = typer.Option(1, min=1, help="Completions of each problem (the n of pass@k)."),
+    k: Optional[str] = typer.Option(
+        None, help="The k of pass@k, comma-separated, each at most --samples. Default: those of 1,10,100 that are.",
+        show_default=False,
+    ),
+    temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (then --samples 1)."),
+    top_p: float = typer.Option(1.0, callback=_probability, help="Nucleus sampling, 0 < P <= 1; 1 is off."),
+    seed: int = typer.Option(0, min=0, help="Base seed: a problem's samples are seeded from it and its task id."),
+    max_new_tokens: int = typer.Option(DEFAULT_EVAL_MAX_NEW_TOKENS, min=1, help="Most tokens of each completion."),
+    fim_order: str = typer.Option("psm", callback=_one_of("psm", "spm"), help="FIM prompt order: psm or spm."),
+    limit: Optional[int] = typer.Option(None, min=1, help="Only the first N problems. Default: all.", show_default=False),
+    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=0.1, max=3600, help="Seconds each program may run (wall clock)."),
+    max_batch: int = typer.Option(8, min=1, max=256, help="Sequences generated at once."),
+    exec_workers: int = typer.Option(2, min=1, max=64, help="Programs executed at once."),
+    out: Optional[Path] = typer.Option(
+        None, readable=False, help="Results file, JSON lines, appended as problems finish. Default: "
+        "eval-BENCHMARK.jsonl.", show_default=False,
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out, skipping finished problems."),
+    reference: Optional[str] = typer.Option(
+        None, help="A full-precision model to compare with, on the same problems and seeds (its results go beside "
+        "--out, as NAME.reference.jsonl).", show_default=False,
+    ),
+    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster started for the run (the 'ray' extra)."),
+    ray_address: Optional[str] = typer.Option(
+        None, help="Run on the existing Ray cluster at this address (implies --ray).", show_default=False
+    ),
+    workers: int = typer.Option(1, min=1, max=256, help="With Ray: model actors (each loads the model once)."),
+    threads_per_worker: Optional[int] = typer.Option(
+        None, min=1, help="With Ray: threads each actor's kernels use. Default: the cluster's CPUs / --workers.",
+        show_default=False,
+    ),
+    device: str = DEVICE_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON instead of a table."),
+) -> None:
+    """HumanEval-infilling: pass@k (programs run in a sandbox) and exact match of the model's
+    fill-in-the-middle completions; with --reference, how a quantization changes them."""
+    import json
+
+    from .harness.ray_pipeline import RayPlacement, require_ray
+    from .harness.report import report_lines
+    from .harness.run import evaluate, evaluate_against
+    from .model import resolve_device
+
+    settings = EvalSettings(
+        benchmark=benchmark, samples=samples, ks=_ks(k), temperature=temperature, top_p=top_p, seed=seed,
+        max_new_tokens=max_new_tokens, fim_order=fim_order, limit=limit, timeout_s=timeout, max_batch=max_batch,
+        exec_workers=exec_workers,
+    ).checked()
+    placement = RayPlacement(ray_address, workers, threads_per_worker) if ray or ray_address else None
+    if placement is not None:
+        require_ray()
+    resolve_device(device)
+    out = out or Path(f"eval-{benchmark}.jsonl")
+    check_writable(out)
+    runnable, revision = runnable_model(model or default_model(), revision, quant)
+    run = {"device": device, "resume": resume, "ray": placement}
+    if reference is None:
+        summary, _ = evaluate(runnable, out, settings, revision=revision, **run)
+        result = {"model": summary}
+    else:
+        reference_model, reference_revision = runnable_model(reference, None, "none")
+        result = evaluate_against(
+            runnable, reference_model, out, settings, revision=revision, reference_revision=reference_revision, **run
+        )
+    print(json.dumps(result, indent=1) if as_json else "\n".join(report_lines(result, settings.ks)))
 
 
 # ----------------------------------------------------------------------------------------------

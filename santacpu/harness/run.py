@@ -1,0 +1,99 @@
+"""What `santacpu eval humaneval-infill` does: the problems, the results file (resumed or new), the
+run (here or on Ray), and the summary; with a reference model, the same again for it and the
+comparison of the two.
+
+May import: `santacpu.model`, `santacpu.progress` and the harness's modules.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..model import load
+from ..progress import Progress
+from .local import run_local
+from .problems import load_problems
+from .ray_pipeline import RayPlacement, require_ray, run_on_ray
+from .results import ResultsFile, model_fingerprint
+from .scoring import compare, summarize
+from .settings import EvalSettings
+
+
+def open_results(model: str, out: Path, settings: EvalSettings, resume: bool) -> ResultsFile:
+    """The run's results file, checked before any long work (see `ResultsFile.open`)."""
+    return ResultsFile.open(Path(out), {**settings.identity(), "model": model_fingerprint(model)}, resume)
+
+
+def evaluate(
+    model: str,
+    out: Path,
+    settings: EvalSettings,
+    *,
+    revision: str | None = None,
+    device: str = "auto",
+    resume: bool = False,
+    ray: RayPlacement | None = None,
+    label: str = "eval",
+    results: ResultsFile | None = None,
+) -> tuple[dict, list[dict]]:
+    """Run (or finish) one model's evaluation into `out`: (its summary, its records in the
+    benchmark's order). `ray` None runs here; else on a Ray cluster (see `ray_pipeline`).
+    `results`: the file opened already (`open_results`)."""
+    settings = settings.checked()
+    problems = load_problems(settings.benchmark, settings.limit)
+    if ray is not None:
+        require_ray()
+    results = results or open_results(model, out, settings, resume)
+    loaded = load(model, revision=revision, device=device) if ray is None else None
+    todo = [p for p in problems if p.task_id not in results.finished]
+    progress = Progress(len(todo), label)
+
+    def on_record(record: dict) -> None:
+        results.append(record)
+        progress.step(record["task_id"])
+
+    start = time.perf_counter()
+    if todo and ray is None:
+        run_local(loaded, todo, settings, on_record)
+    elif todo:
+        run_on_ray(model, revision, device, todo, settings, on_record, ray)
+    elapsed = time.perf_counter() - start
+    order = {p.task_id: i for i, p in enumerate(problems)}
+    records = sorted((r for r in results.records if r["task_id"] in order), key=lambda r: order[r["task_id"]])
+    summary = {
+        "model": results.header["model"]["name"],
+        "benchmark": settings.benchmark,
+        **summarize(records, settings.ks),
+        "truncated_prompts": sum(bool(r.get("truncated")) for r in records),
+        "file": str(out),
+        "run": {
+            "problems": len(todo),
+            "seconds": round(elapsed, 2),
+            "problems_per_minute": round(60 * len(todo) / elapsed, 2) if todo and elapsed > 0 else None,
+            "where": "here" if ray is None else f"ray ({ray.address or 'local cluster'}, {ray.workers} workers)",
+        },
+    }
+    return summary, records
+
+
+def reference_path(out: Path) -> Path:
+    """Where a reference model's results go, beside the model's: results.jsonl -> results.reference.jsonl."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.reference{out.suffix or '.jsonl'}")
+
+
+def evaluate_against(
+    model: str, reference: str, out: Path, settings: EvalSettings, *, reference_revision: str | None = None, **run
+) -> dict:
+    """Both models on the same problems and seeds: each one's summary, and the comparison. Both
+    results files are checked before either model runs."""
+    settings = settings.checked()
+    resume = run.get("resume", False)
+    files = open_results(model, out, settings, resume), open_results(reference, reference_path(out), settings, resume)
+    mine, records = evaluate(model, out, settings, label="eval model", results=files[0], **run)
+    theirs, reference_records = evaluate(
+        reference, reference_path(out), settings, label="eval reference", results=files[1],
+        **{**run, "revision": reference_revision},
+    )
+    return {"model": mine, "reference": theirs, "comparison": compare(records, reference_records)}

@@ -1,0 +1,207 @@
+"""`santacpu eval humaneval-infill`: the harness scores right (canonical middles pass, pass@k is the
+unbiased estimator), results files resume and refuse other runs, local and Ray runs agree, and bad
+input is one error line. The sandbox's own tests are in test_sandbox.py."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from math import comb
+from pathlib import Path
+
+import pytest
+
+from quantize.converter import convert
+from santacpu.errors import SantacpuError
+from santacpu.harness.problems import BENCHMARKS, load_problems, program
+from santacpu.harness.results import ResultsFile
+from santacpu.harness.run import evaluate, evaluate_against, reference_path
+from santacpu.harness.sandbox import SandboxLimits, run_program
+from santacpu.harness.scoring import cut_to_span, exact_match, pass_at_k, span_ended
+from santacpu.harness.settings import EvalSettings
+
+from helpers import one_error_line, run_santacpu
+
+TRAINED = Path(__file__).parent / "fixtures" / "trained_tiny"
+
+
+@pytest.fixture(scope="module")
+def trained_q8(tmp_path_factory) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixture has no tokenizer.json: the bundled one is used
+        return convert(TRAINED, tmp_path_factory.mktemp("trained") / "trained-q8_0.safetensors", qtype="q8_0").out
+
+
+# --- scoring ----------------------------------------------------------------------------------
+
+
+def test_pass_at_k_matches_hand_computed_cases():
+    assert pass_at_k(5, 2, 1) == pytest.approx(0.4)  # c / n
+    assert pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert pass_at_k(10, 3, 5) == pytest.approx(1 - 21 / 252)  # 1 - C(7,5)/C(10,5)
+    assert pass_at_k(200, 13, 100) == pytest.approx(1 - comb(187, 100) / comb(200, 100))
+    assert pass_at_k(4, 0, 2) == 0.0 and pass_at_k(4, 4, 1) == 1.0
+    assert pass_at_k(3, 1, 3) == 1.0  # fewer failures than k: some draw always holds the pass
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_a_single_line_span_ends_at_its_first_newline():
+    assert cut_to_span("x = 1\ny = 2\n", "single-line") == "x = 1\n"
+    assert cut_to_span("x = 1", "single-line") == "x = 1"
+    assert cut_to_span("x = 1\ny = 2\n", "multi-line") == "x = 1\ny = 2\n"
+    assert span_ended("x = 1\n", "single-line") and not span_ended("x = 1", "single-line")
+    assert not span_ended("x = 1\n", "random-span")
+    assert exact_match("  return x\n", "return x") and not exact_match("return y", "return x")
+
+
+def test_the_bundled_benchmarks_are_whole():
+    sizes = {name: len(load_problems(name)) for name in BENCHMARKS}
+    assert sizes == {"single-line": 1033, "multi-line": 5815, "random-span": 1640, "random-span-light": 164}
+
+
+@pytest.mark.parametrize("benchmark", ["single-line", "random-span-light"])
+def test_the_canonical_middles_pass_every_problem(benchmark):
+    problems = load_problems(benchmark)
+    # With its canonical middle a problem is its HumanEval function again, so the problems cut from
+    # one function (single-line: 1,033 cuts, 287 distinct sources) give one program: run each once.
+    programs = sorted({program(p, p.middle) for p in problems})
+    assert len(programs) >= 164
+    limits = SandboxLimits(timeout_s=10.0)  # generous: CI's two cores run these beside other tests
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda source: run_program(source, limits), programs))
+    failed = [o.detail for o in outcomes if not o.passed]
+    assert not failed, failed[:5]
+
+
+def test_an_empty_middle_fails_where_the_middle_matters():
+    problems = load_problems("random-span-light")
+    with ThreadPoolExecutor(4) as pool:
+        outcomes = list(pool.map(lambda p: run_program(program(p, ""), SandboxLimits(timeout_s=3.0)), problems))
+    # Only a middle that changes no result may be left out: whitespace or comments alone.
+    inert = {p.task_id for p in problems if all(not s.strip() or s.strip().startswith("#") for s in p.middle.splitlines())}
+    passing = {p.task_id for p, o in zip(problems, outcomes) if o.passed}
+    assert passing <= inert, sorted(passing - inert)
+    assert len(passing) <= 0.05 * len(problems)
+
+
+# --- the results file ---------------------------------------------------------------------------
+
+
+def test_results_resume_drop_a_torn_last_line_and_refuse_other_runs(tmp_path):
+    path = tmp_path / "results.jsonl"
+    header = {**EvalSettings().identity(), "model": {"name": "m", "sha256": "1"}}
+    results = ResultsFile.open(path, header, resume=False)
+    assert not path.exists()  # nothing is written before the first record
+    results.append({"task_id": "a"})
+    results.append({"task_id": "b"})
+    with open(path, "a") as f:
+        f.write('{"task_id": "c", "compl')  # a crash mid-write
+    again = ResultsFile.open(path, header, resume=True)
+    assert again.finished == {"a", "b"}
+    again.append({"task_id": "c"})
+    assert [json.loads(line).get("task_id") for line in path.read_text().splitlines()] == [None, "a", "b", "c"]
+
+    with pytest.raises(SantacpuError, match="exists: pass --resume"):
+        ResultsFile.open(path, header, resume=False)
+    other_model = {**header, "model": {"name": "m", "sha256": "2"}}
+    with pytest.raises(SantacpuError, match="another run's results \\(model"):
+        ResultsFile.open(path, other_model, resume=True)
+    other_benchmark = {**header, "benchmark": "multi-line"}
+    with pytest.raises(SantacpuError, match="another run's results \\(benchmark"):
+        ResultsFile.open(path, other_benchmark, resume=True)
+    (tmp_path / "notes.txt").write_text("hello\n")
+    with pytest.raises(SantacpuError, match="not a santacpu eval results file"):
+        ResultsFile.open(tmp_path / "notes.txt", header, resume=True)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"benchmark": "two-line"}, "unknown benchmark 'two-line'"),
+        ({"samples": 2, "temperature": 0.8, "ks": (1, 5)}, "pass@5 needs at least 5 samples"),
+        ({"samples": 4}, "greedy decoding"),
+        ({"samples": 0}, "samples"),
+        ({"timeout_s": 0}, "timeout"),
+        ({"limit": 0}, "limit"),
+    ],
+)
+def test_bad_settings_are_one_clear_error(changes, message):
+    with pytest.raises(SantacpuError, match=message):
+        EvalSettings(**changes).checked()
+
+
+# --- end to end on the trained fixture -----------------------------------------------------------
+
+SMALL = EvalSettings(benchmark="random-span-light", limit=4, max_new_tokens=24, max_batch=4)
+
+
+def _generated(records: list[dict]) -> list[tuple]:
+    return [(r["task_id"], r["completions"], r["passed"], r["exact"]) for r in records]
+
+
+def test_an_interrupted_run_resumes_without_recomputing_and_ray_agrees(trained_q8, tmp_path, monkeypatch):
+    whole, whole_records = evaluate(str(trained_q8), tmp_path / "whole.jsonl", SMALL)
+    assert whole["problems"] == 4 and whole["run"]["problems"] == 4
+
+    out = tmp_path / "interrupted.jsonl"
+    from santacpu.harness import run as run_module
+
+    class StopAfterTwo(run_module.Progress):
+        def step(self, what: str = "") -> None:
+            super().step(what)
+            if self.done == 2:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "Progress", StopAfterTwo)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(str(trained_q8), out, SMALL)
+    monkeypatch.undo()
+    kept = [json.loads(line) for line in out.read_text().splitlines()[1:]]
+    assert len(kept) == 2
+    resumed, records = evaluate(str(trained_q8), out, SMALL, resume=True)
+    assert resumed["run"]["problems"] == 2  # only the unfinished ones ran
+    assert [json.loads(line) for line in out.read_text().splitlines()[1:3]] == kept
+    assert _generated(records) == _generated(whole_records)
+
+    from santacpu.harness.ray_pipeline import RayPlacement
+
+    on_ray, ray_records = evaluate(str(trained_q8), tmp_path / "ray.jsonl", SMALL, ray=RayPlacement(workers=1, threads=1))
+    assert on_ray["run"]["where"].startswith("ray")
+    assert _generated(ray_records) == _generated(whole_records)
+
+
+def test_n_samples_score_with_pass_at_k_and_a_reference_comparison(trained_q8, tmp_path):
+    settings = EvalSettings(benchmark="single-line", limit=3, samples=3, ks=(1, 2), temperature=0.8, seed=5,
+                            max_new_tokens=16)
+    result = evaluate_against(str(trained_q8), str(TRAINED), tmp_path / "r.jsonl", settings, device="cpu")
+    mine, theirs, comparison = result["model"], result["reference"], result["comparison"]
+    records = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()[1:]]
+    assert [len(r["completions"]) for r in records] == [3, 3, 3]
+    assert all(c == cut_to_span(c, "single-line") for r in records for c in r["completions"])
+    expected = sum(pass_at_k(3, sum(r["passed"]), 2) for r in records) / 3
+    assert mine["pass@k"][2] == pytest.approx(expected)
+    assert theirs["problems"] == 3 and reference_path(tmp_path / "r.jsonl").exists()
+    assert comparison["problems"] == 3 and 0.0 <= comparison["agreement"] <= 1.0
+
+
+def test_the_command_line_runs_and_refuses_bad_input(trained_q8, tmp_path):
+    out = tmp_path / "cli.jsonl"
+    done = run_santacpu("eval", "humaneval-infill", "--model", trained_q8, "--benchmark", "random-span-light",
+                        "--limit", "2", "--max-new-tokens", "8", "--out", out, "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    summary = json.loads(done.stdout)["model"]
+    assert summary["problems"] == 2 and summary["benchmark"] == "random-span-light"
+
+    again = run_santacpu("eval", "humaneval-infill", "--model", trained_q8, "--benchmark", "single-line",
+                         "--limit", "2", "--out", out, "--resume")
+    one_error_line(again, "another run's results (benchmark")
+    one_error_line(run_santacpu("eval", "humaneval-infill", "--model", tmp_path / "missing.safetensors",
+                                "--out", tmp_path / "x.jsonl"), "missing.safetensors")
+    one_error_line(run_santacpu("eval", "humaneval-infill", "--model", trained_q8, "--samples", "2",
+                                "--temperature", "0.5", "--k", "1,10", "--out", tmp_path / "y.jsonl"),
+                   "pass@10 needs at least 10 samples")
+    usage = run_santacpu("eval", "humaneval-infill", "--benchmark", "two-line")
+    assert usage.returncode == 2 and "two-line" in usage.stderr.decode()
+    assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y.jsonl").exists()

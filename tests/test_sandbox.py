@@ -1,0 +1,370 @@
+"""The sandbox (santacpu/harness/sandbox.py): hostile programs end as not passed within the timeout,
+leave no process behind and reach nothing outside; ordinary programs get the right status.
+
+Programs that should leave nothing behind re-exec themselves (or their children) with a unique
+marker in their command line, so that survivors can be found in /proc. Every run goes through
+`run`, which fails the test instead of hanging if run_program ever failed to return."""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from santacpu.harness.sandbox import ExecutionResult, SandboxLimits, isolation, run_program
+
+SHORT = 1.0  # the timeout of programs meant to time out
+MARGIN = 2.0  # what a timed-out run may take beyond its timeout (process start, kill, clean-up)
+
+
+def run(source: str, **limits) -> tuple[ExecutionResult, float]:
+    """run_program in a thread that must return within the timeout plus a margin; with the time it took."""
+    limits = SandboxLimits(**{"timeout_s": 10.0, **limits})
+    box: list = []
+    start = time.monotonic()
+    thread = threading.Thread(target=lambda: box.append(run_program(source, limits)), daemon=True)
+    thread.start()
+    thread.join(limits.timeout_s + MARGIN + 5)
+    if not box:
+        pytest.fail(f"run_program did not return within {limits.timeout_s + MARGIN + 5} s")
+    return box[0], time.monotonic() - start
+
+
+def marker() -> str:
+    return f"santacpu-sandbox-test-{uuid.uuid4().hex}"
+
+
+def processes_with(mark: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if mark.encode() in cmdline and int(entry) != os.getpid():
+                found.append(int(entry))
+    return found
+
+
+def assert_nothing_left(mark: str) -> None:
+    deadline = time.monotonic() + (0.0 if isolation()["pid_namespace"] else 1.0)
+    while processes_with(mark) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_with(mark) == [], f"processes of the run survived it: {processes_with(mark)}"
+
+
+def assert_sandbox_still_works() -> None:
+    result, _ = run("print('hello')\n")
+    assert result.passed, result
+
+
+def reexec_marked(code: str, mark: str) -> str:
+    """A program that replaces itself by `python -c code mark` (no guard there)."""
+    return f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', {code!r}, {mark!r}])\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile programs
+
+
+def test_infinite_loop_times_out():
+    result, took = run("while True:\n    pass\n", timeout_s=SHORT)
+    assert result.status == "timed out" and not result.passed, result
+    assert result.detail == f"timed out after {SHORT:g} s"
+    assert SHORT <= took < SHORT + MARGIN
+    mark = marker()
+    result, took = run(reexec_marked("while True: pass", mark), timeout_s=SHORT)
+    assert result.status == "timed out" and took < SHORT + MARGIN, result
+    assert_nothing_left(mark)
+    assert_sandbox_still_works()
+
+
+def test_a_program_that_closes_stdout_and_stderr_and_hangs_times_out():
+    result, took = run("import os, time\nos.close(1)\nos.close(2)\nwhile True:\n    time.sleep(0.01)\n", timeout_s=SHORT)
+    assert result.status == "timed out" and took < SHORT + MARGIN, result
+    assert_sandbox_still_works()
+
+
+def test_escaping_into_a_new_session_does_not_outlive_the_timeout():
+    mark = marker()
+    code = "import os, time\nos.setsid()\nwhile True: time.sleep(0.01)\n"
+    source = (
+        "import importlib, os, sys\n"
+        "os = importlib.reload(os)  # undoes the guard's os.fork = None\n"
+        f"if os.fork() == 0:\n    os.execv(sys.executable, [sys.executable, '-c', {code!r}, {mark!r}])\n"
+        "while True: pass\n"
+    )
+    result, took = run(source, timeout_s=SHORT)
+    assert result.status == "timed out" and took < SHORT + MARGIN, result
+    assert_nothing_left(mark)
+
+
+def test_fork_bomb_is_contained_and_killed():
+    # The guarded program brings os.fork back (the guard is no boundary), starts four children that
+    # become unguarded, marked interpreters forking without end; RLIMIT_NPROC caps them.
+    mark = marker()
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    source = (
+        "import importlib, os, sys\n"
+        "os = importlib.reload(os)\n"
+        "for _ in range(4):\n"
+        f"    if os.fork() == 0:\n        os.execv(sys.executable, [sys.executable, '-c', {bomb!r}, {mark!r}])\n"
+        f"exec({bomb!r})\n"
+    )
+    result, took = run(source, timeout_s=SHORT)
+    assert not result.passed and took < SHORT + MARGIN, result
+    assert_nothing_left(mark)
+    assert_sandbox_still_works()
+
+
+def test_the_process_limit_holds_through_a_guard_bypass():
+    # posix.fork is the guard-free fork; the children become marked sleepers. Without the limit
+    # (a root program, which the kernel exempts) all 200 forks succeed and the program passes.
+    mark = marker()
+    source = (
+        "import posix, sys\n"
+        "forks = 0\n"
+        "for _ in range(200):\n"
+        "    try:\n"
+        "        pid = posix.fork()\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    if pid == 0:\n"
+        f"        posix.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', {mark!r}])\n"
+        "    forks += 1\n"
+        "assert forks == 200, f'the process limit stopped fork number {forks + 1}'\n"
+    )
+    result, took = run(source, max_processes=8)
+    assert result.status == "failed" and "the process limit stopped fork number" in result.detail, result
+    assert int(result.detail.rsplit(" ", 1)[1]) <= 8
+    assert took < 5
+    assert_nothing_left(mark)  # the sleepers end with the program, not after 60 s
+    assert_sandbox_still_works()
+
+
+@pytest.mark.parametrize(
+    "source",
+    ["data = bytearray(4 << 30)\n", "chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))\n"],
+    ids=["4 GiB at once", "growing"],
+)
+def test_memory_hog_fails_with_memory_error(source):
+    result, took = run(source, timeout_s=5.0, memory_mb=512)
+    assert result.status == "failed" and "MemoryError" in result.detail, result
+    assert took < 5.0
+    assert_sandbox_still_works()
+
+
+def test_cpu_limit_kills_with_a_named_signal():
+    result, took = run("while True:\n    pass\n", cpu_s=1, timeout_s=5.0)
+    assert result.status == "failed" and result.detail.startswith("killed by SIGXCPU"), result
+    assert took < 4.0
+
+
+def test_writing_outside_its_folder_fails(tmp_path):
+    # A root-owned folder that others may enter but not write: only the program's uid keeps it
+    # out (a root program would write here); and /etc. /tmp, where this folder is, is the
+    # program's own empty tmpfs when there is a mount namespace, so it would not even be seen.
+    outside = Path(tempfile.mkdtemp(prefix="santacpu-sandbox-test-"))
+    try:
+        outside.chmod(0o755)
+        targets = [Path("/etc") / f"{marker()}.txt"]
+        if isolation()["separate_user"] or isolation()["mount_namespace"]:  # else the caller's own folder
+            targets.append(outside / "escaped.txt")
+        for target in targets:
+            result, _ = run(f"open({str(target)!r}, 'w').write('escaped')\n")
+            assert not target.exists(), f"the program wrote {target}"
+            assert result.status == "failed" and ("PermissionError" in result.detail or "FileNotFoundError" in result.detail), result
+    finally:
+        for child in outside.iterdir():
+            child.unlink()
+        outside.rmdir()
+    # The program's own folder is writable (so the failures above are about where, not whether).
+    result, _ = run("open('mine.txt', 'w').write('ok')\nassert open('mine.txt').read() == 'ok'\n")
+    assert result.passed, result
+
+
+def test_the_parent_environment_is_not_visible(monkeypatch):
+    secret = uuid.uuid4().hex
+    monkeypatch.setenv("SANTACPU_SANDBOX_TEST_SECRET", secret)
+    layers = isolation()
+    # Other processes' environments, through /proc: hidden by a PID namespace (its own /proc) or
+    # a uid of its own (no right to read them); a plain non-root run could read this process's.
+    paths = [f"/proc/{os.getpid()}/environ", f"/proc/{os.getppid()}/environ", "/proc/1/environ"]
+    paths = paths if layers["pid_namespace"] or layers["separate_user"] else []
+
+    def program(environment: str) -> str:
+        return (
+            "import os\n"
+            "assert os.environ['HOME'] == os.getcwd(), os.environ  # the sandbox's own environment is there\n"
+            f"assert {secret!r} not in repr({environment}), 'the secret is in the environment'\n"
+            f"for path in {paths!r}:\n"
+            "    try:\n"
+            "        data = open(path, 'rb').read()\n"
+            "    except OSError:\n"
+            "        continue\n"
+            f"    assert {secret.encode()!r} not in data, 'the secret is in ' + path\n"
+        )
+
+    result, _ = run(program("dict(os.environ)"))
+    assert result.passed, result
+    # The check can fail: the same program, given an environment with the secret in it.
+    result, _ = run(program(f"dict(os.environ, SECRET={secret!r})"))
+    assert (result.status, result.detail) == ("failed", "AssertionError: the secret is in the environment")
+
+
+def test_no_network():
+    if not isolation()["network_namespace"]:
+        pytest.skip("no network namespace on this machine: the sandbox cannot keep a program off the network")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(8)
+        server.setblocking(False)
+        port = server.getsockname()[1]
+        source = f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2).sendall(b'hello')\n"
+        result, _ = run(source)
+        assert result.status == "failed" and "OSError" in result.detail, result
+        with pytest.raises(BlockingIOError):
+            server.accept()
+        # From this process, the same connection works: the server was listening.
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            time.sleep(0.05)
+            server.accept()[0].close()
+
+
+def test_killing_the_parent_or_the_test_process_fails():
+    layers = isolation()
+    if not (layers["pid_namespace"] or layers["separate_user"]):
+        pytest.skip("neither a PID namespace nor a uid of its own: the program could kill this process")
+    source = (
+        "import os, posix, signal, time\n"
+        "try:\n"
+        "    os.kill(os.getppid(), 9)\n"
+        "except TypeError:\n"
+        "    pass  # the guard's os.kill = None\n"
+        f"for pid in (os.getppid(), {os.getpid()}, {os.getppid()}, 1):\n"
+        "    try:\n"
+        "        posix.kill(pid, signal.SIGKILL)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "time.sleep(0.2)\n"
+        "raise SystemExit('survived')\n"
+    )
+    result, _ = run(source)
+    # The program ran to its end (its supervisor was not killed either), and this test is alive.
+    assert result.status == "failed" and result.detail == "survived", result
+    assert_sandbox_still_works()
+
+
+# ---------------------------------------------------------------------------------------------
+# Ordinary programs
+
+HUMANEVAL_STYLE = '''from typing import List
+
+
+def has_close_elements(numbers: List[float], threshold: float) -> bool:
+    """ Check if in given list of numbers, are any two numbers closer to each other than
+    given threshold.
+    """
+    for idx, elem in enumerate(numbers):
+        for idx2, elem2 in enumerate(numbers):
+            if idx != idx2:
+                distance = abs(elem - elem2)
+                if distance < threshold:
+                    return True
+
+    return False
+
+
+
+METADATA = {"author": "jt", "dataset": "test"}
+
+
+def check(candidate):
+    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True
+    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False
+    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True
+    assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 1.0) == True
+
+check(has_close_elements)
+'''
+
+
+@pytest.mark.parametrize(
+    ("source", "status", "detail"),
+    [
+        (HUMANEVAL_STYLE, "passed", ""),
+        (HUMANEVAL_STYLE.replace("distance < threshold", "distance > threshold"), "failed", "AssertionError"),
+        ("def f(:\n    pass\n", "failed", "SyntaxError: invalid syntax"),
+        ("print(undefined_name)\n", "failed", "NameError: name 'undefined_name' is not defined"),
+        ("import sys\nsys.exit(3)\n", "failed", "exit 3"),
+        ("import sys\nsys.exit(0)\n", "passed", ""),
+        ("for i in range(300_000):\n    print(i, 'x' * 50)\n", "passed", ""),
+        ("import sys\nsys.stderr.write('noise\\n' * 200_000)\nraise ValueError('the last line')\n",
+         "failed", "ValueError: the last line"),
+        ("raise RuntimeError('x' * 1000)\n", "failed", "RuntimeError: " + "x" * 183 + "..."),
+        ("import math, re, json, collections, itertools, functools, heapq\nassert math.gcd(12, 18) == 6\n", "passed", ""),
+        ("import sys\nsys.setrecursionlimit(5000)\n"
+         "def depth(n):\n    return 0 if n == 0 else 1 + depth(n - 1)\nassert depth(3000) == 3000\n", "passed", ""),
+        ("import threading\nt = threading.Thread(target=lambda: None)\nt.start()\nt.join()\n", "passed", ""),
+    ],
+    ids=["humaneval passes", "assertion", "syntax error", "name error", "exit 3", "exit 0", "lots of output",
+         "lots of stderr", "long line trimmed", "stdlib imports", "recursion", "a thread"],
+)
+def test_ordinary_programs(source, status, detail):
+    result, _ = run(source)
+    assert (result.status, result.detail) == (status, detail)
+    assert result.passed == (status == "passed")
+
+
+def test_a_sandbox_that_cannot_start_the_program_says_so():
+    # With RLIMIT_NOFILE at 3 (stdin, stdout, stderr), the sandbox cannot open the program's file.
+    result, _ = run("pass\n", open_files=3)
+    assert result.status == "failed" and result.detail.startswith("sandbox: could not start the program:"), result
+    assert "Too many open files" in result.detail
+
+
+def test_the_program_runs_as_a_script_with_true_line_numbers():
+    source = (
+        "from __future__ import annotations\n"
+        "import sys, traceback\n"
+        "from dataclasses import dataclass\n"
+        "assert __name__ == '__main__' and sys.modules['__main__'].__dict__ is globals()\n"
+        "@dataclass\n"
+        "class Point:\n"
+        "    x: int\n"
+        "assert Point(1) == Point(1)\n"
+        "try:\n"
+        "    1 / 0\n"
+        "except ZeroDivisionError as error:\n"
+        "    frame = traceback.extract_tb(error.__traceback__)[-1]\n"
+        "    assert (frame.lineno, frame.line) == (10, '1 / 0'), frame\n"
+    )
+    result, _ = run(source)
+    assert result.passed, result
+
+
+def test_eight_programs_at_once():
+    cases = [
+        ("pass\n", "passed"),
+        (HUMANEVAL_STYLE, "passed"),
+        ("assert False\n", "failed"),
+        ("import time\ntime.sleep(0.3)\n", "passed"),
+        ("while True:\n    pass\n", "timed out"),
+        ("import sys\nsys.exit(1)\n", "failed"),
+        ("import time\ntime.sleep(30)\n", "timed out"),
+        ("print(sum(range(10**6)))\n", "passed"),
+    ]
+    limits = SandboxLimits(timeout_s=SHORT + 1.0)  # two cores start eight interpreters at once
+    start = time.monotonic()
+    with ThreadPoolExecutor(len(cases)) as pool:
+        results = list(pool.map(lambda case: run_program(case[0], limits), cases))
+    assert [r.status for r in results] == [status for _, status in cases], results
+    assert time.monotonic() - start < limits.timeout_s + MARGIN + 2
