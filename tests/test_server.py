@@ -58,9 +58,9 @@ class LiveServer:
     """A real uvicorn on 127.0.0.1 (a free port), in a thread, for the duration of a test module."""
 
     def __init__(self, app):
-        import uvicorn
+        from santacpu.server import uvicorn_server
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+        self.server = uvicorn_server(app, "127.0.0.1", 0)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         for _ in range(600):
@@ -350,6 +350,44 @@ def test_a_client_that_hangs_up_frees_the_model(slow_server):
     assert not scheduler.running
     follow = httpx.post(server.url + "/completion", json={"prompt": "x", "n_predict": 2}, timeout=60)
     assert follow.status_code == 200
+
+
+def test_the_exit_signal_ends_in_flight_requests_with_a_stop_reason(quantized):
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sse_starlette.sse import AppStatus
+
+    def slowed():
+        model = santacpu.load(quantized)
+        model.engine = SlowSteps(model.engine)
+        return model
+
+    server = LiveServer(build_app(ServerSettings(model_name="tiny"), slowed))
+    body = {"prompt": "def f(x):", "n_predict": 50, "temperature": 0}
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(httpx.post, server.url + "/completion", json=body, timeout=60)
+            with httpx.stream("POST", server.url + "/completion", json={**body, "stream": True}, timeout=60) as reply:
+                events = []
+                for line in reply.iter_lines():
+                    if line.startswith("data:"):
+                        events.append(json.loads(line[len("data:"):]))
+                        if len(events) == 2:  # 48 tokens (2.4 s) still to come
+                            signalled = time.perf_counter()
+                            server.server.handle_exit(signal.SIGINT, None)
+            answered = waiting.result(timeout=30)
+        server.thread.join(timeout=30)
+        stopped = time.perf_counter() - signalled
+    finally:
+        AppStatus.should_exit = False  # sse-starlette's flag is process-wide: later tests stream again
+        server.stop()
+    final = events[-1]
+    assert final["stop"] is True and final["stop_type"] == "limit" and final["tokens_predicted"] < 50
+    assert "".join(e["content"] for e in events[:-1]) == final["content"]
+    assert answered.status_code == 200 and answered.json()["stop_type"] == "limit"
+    assert answered.json()["tokens_predicted"] < 50
+    assert not server.thread.is_alive() and stopped < 5.0
 
 
 def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized):

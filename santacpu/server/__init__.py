@@ -35,6 +35,20 @@ def build_app(settings, load_model: Callable, on_load_failure: Callable[[str], N
     return create_app(settings, load_model, on_load_failure)
 
 
+def uvicorn_server(app, host: str, port: int):
+    """A uvicorn server for `app` whose exit signal (SIGINT, SIGTERM) first ends every in-flight
+    generation, so each request is answered with what it has and a stop reason, then stops as
+    uvicorn does (open connections finish, then the app's shutdown)."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            app.state.santacpu.begin_shutdown()
+            super().handle_exit(sig, frame)
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+
+
 def run_server(settings, load_model: Callable, host: str, port: int) -> None:
     """Serve until SIGINT/SIGTERM; a model that fails to load ends the server with its error."""
     _require_http_stack()
@@ -49,7 +63,7 @@ def run_server(settings, load_model: Callable, host: str, port: int) -> None:
             server.should_exit = True
 
     app = build_app(settings, load_model, failed)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    server = uvicorn_server(app, host, port)
     print(f"santacpu serve: http://{host}:{port} (loading {settings.model_name}; /health says when it is ready)", flush=True)
     server.run()
     if failure:

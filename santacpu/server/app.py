@@ -43,9 +43,12 @@ from .requests import (
     openai_job,
     parse_body,
 )
-from .worker import GenerationWorker
+from .worker import GenerationWorker, ShuttingDown
 
 RETRY_AFTER_S = 2
+# On the exit signal a stream's generation is cancelled at its next step; it then sends its final
+# chunk. sse-starlette cuts a stream still open after this long.
+SHUTDOWN_GRACE_S = 5.0
 
 
 @dataclass
@@ -68,6 +71,7 @@ class ServerState:
         self.model: Model | None = None
         self.worker: GenerationWorker | None = None
         self.slots: dict[int, list] = {}  # id_slot -> the feeds of its latest request
+        self.closing = False
         self._load_model = load_model
         self._on_load_failure = on_load_failure
 
@@ -86,6 +90,13 @@ class ServerState:
         s = self.settings
         self.worker = GenerationWorker(model.scheduler(max_batch=s.max_batch, max_queue=s.max_queue))
         self.model = model
+
+    def begin_shutdown(self) -> None:
+        """The exit signal: every in-flight request ends now with what it has (stop_type "limit",
+        a stream with its final chunk); new ones get 503."""
+        self.closing = True
+        if self.worker is not None:
+            self.worker.close()
 
     def stop(self) -> None:
         if self.worker is not None:
@@ -113,6 +124,8 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
     state = ServerState(settings, load_model, on_load_failure)
 
     def ready_model() -> Model:
+        if state.closing:
+            raise RequestError("the server is shutting down", 503, "unavailable")
         if state.model is None:
             raise RequestError("the model is loading", 503, "unavailable")
         return state.model
@@ -124,7 +137,7 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
                 older.cancel()
         try:
             feeds = state.worker.submit(job.ids, job.options, job.n)
-        except QueueFull as e:
+        except (QueueFull, ShuttingDown) as e:
             raise RequestError(str(e), 503, "unavailable") from None
         except SantacpuError as e:
             raise RequestError(str(e)) from None
@@ -154,7 +167,7 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
                     yield {"data": json.dumps({"content": piece, "stop": False, "id_slot": job.id_slot or 0})}
                 yield {"data": json.dumps(llama_result(job, run))}
 
-            return EventSourceResponse(events(), ping=15)
+            return EventSourceResponse(events(), ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
         await collect([run], request)
         return JSONResponse(llama_result(job, run))
 
@@ -225,7 +238,7 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
                     for task in tasks:
                         task.cancel()
 
-            return EventSourceResponse(events(), ping=15)
+            return EventSourceResponse(events(), ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
         await collect(runs, request)
         completion_tokens = sum(len(run.sequence.tokens) for run in runs)
         return JSONResponse(

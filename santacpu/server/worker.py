@@ -15,9 +15,14 @@ import threading
 from collections.abc import Sequence
 
 from ..generation.batch import BatchScheduler, BatchSequence
+from ..errors import SantacpuError
 from ..generation.options import GenerationOptions
 
 _END = None  # the feed's last item: the sequence has ended
+
+
+class ShuttingDown(SantacpuError):
+    """A sequence submitted after `GenerationWorker.close`."""
 
 
 class TokenFeed:
@@ -45,6 +50,7 @@ class GenerationWorker:
         self._feeds: dict[int, TokenFeed] = {}  # by sequence index
         self._wake = threading.Condition()
         self._stopping = False
+        self._closed = False  # shutting down: no new sequences
         self._thread = threading.Thread(target=self._run, name="santacpu-generation", daemon=True)
         self._thread.start()
 
@@ -52,12 +58,24 @@ class GenerationWorker:
         """Queue `n` sequences of `ids` (errors as `BatchScheduler.submit`: bad input, full queue)."""
         loop = asyncio.get_running_loop()
         with self._wake:
+            if self._closed:
+                raise ShuttingDown("the server is shutting down")
             sequences = self.scheduler.submit(ids, options, n)
             feeds = [TokenFeed(s, loop) for s in sequences]
             for feed in feeds:
                 self._feeds[feed.sequence.index] = feed
             self._wake.notify()
         return feeds
+
+    def close(self) -> None:
+        """Refuse new sequences and cancel every one in flight: each ends at the next step, its
+        request answered with what it has (without waiting for the thread). Safe in a signal
+        handler: the lock is reentrant."""
+        with self._wake:
+            self._closed = True
+            for feed in self._feeds.values():
+                feed.cancel()
+            self._wake.notify()
 
     def stop(self) -> None:
         """Cancel every sequence, end every feed, and let the thread finish its step and exit."""
