@@ -168,7 +168,7 @@ def test_an_interrupted_run_resumes_without_recomputing_and_ray_agrees(trained_q
     from santacpu.harness.ray_pipeline import RayPlacement
 
     on_ray, ray_records = evaluate(str(trained_q8), tmp_path / "ray.jsonl", SMALL, ray=RayPlacement(workers=1, threads=1))
-    assert on_ray["run"]["where"].startswith("ray")
+    assert on_ray["run"]["where"].startswith("on ray")
     assert _generated(ray_records) == _generated(whole_records)
 
 
@@ -205,3 +205,15 @@ def test_the_command_line_runs_and_refuses_bad_input(trained_q8, tmp_path):
     usage = run_santacpu("eval", "humaneval-infill", "--benchmark", "two-line")
     assert usage.returncode == 2 and "two-line" in usage.stderr.decode()
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y.jsonl").exists()
+
+
+def test_ray_without_its_extra_is_one_line_naming_the_extra(trained_q8, tmp_path):
+    import subprocess
+    import sys
+
+    from helpers import santacpu_env
+
+    hide_ray = "import sys; sys.modules['ray'] = None; from santacpu.cli import main; main()"
+    done = subprocess.run([sys.executable, "-c", hide_ray, "eval", "humaneval-infill", "--model", str(trained_q8),
+                           "--ray", "--out", str(tmp_path / "r.jsonl")], capture_output=True, env=santacpu_env())
+    one_error_line(done, 'pip install "santacpu[ray]"')

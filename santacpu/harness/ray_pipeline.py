@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 
 from ..errors import SantacpuError
@@ -113,20 +114,26 @@ def run_on_ray(
         context.enable_progress_bars = False  # santacpu's own progress line counts problems
         logging.getLogger("ray.data").setLevel(logging.ERROR)
         dataset = ray.data.from_items([{"problem": json.dumps(dataclasses.asdict(p))} for p in problems])
-        dataset = dataset.map_batches(
-            MiddlesActor,
-            fn_constructor_kwargs={
-                "model": model,
-                "revision": revision,
-                "device": device,
-                "settings": settings,
-                "threads": threads,
-            },
-            batch_size=max(1, 2 * settings.max_batch // settings.samples),
-            concurrency=placement.workers,
-            num_cpus=threads,
-            batch_format="numpy",
-        )
+        with warnings.catch_warnings():
+            # With restarts on, Ray's core logs an error-level caveat about every Ray Data actor
+            # pool (ray-project/ray#53727); an actor that dies fails the run instead. Ray 2.60
+            # names no parameter for max_restarts but the deprecated ray_remote_args.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            dataset = dataset.map_batches(
+                MiddlesActor,
+                fn_constructor_kwargs={
+                    "model": model,
+                    "revision": revision,
+                    "device": device,
+                    "settings": settings,
+                    "threads": threads,
+                },
+                batch_size=max(1, 2 * settings.max_batch // settings.samples),
+                concurrency=placement.workers,
+                num_cpus=threads,
+                batch_format="numpy",
+                max_restarts=0,
+            )
         # Programs mostly wait for their interpreter to start: their tasks take no CPU from the
         # actors' reservation, and at most exec_workers run at once.
         score = ray.remote(num_cpus=0)(score_remote)

@@ -59,6 +59,7 @@ def evaluate(
     elif todo:
         run_on_ray(model, revision, device, todo, settings, on_record, ray)
     elapsed = time.perf_counter() - start
+    where = "here" if ray is None else f"on ray ({ray.address or 'a local cluster'}, {ray.workers} actor{'s' * (ray.workers > 1)})"
     order = {p.task_id: i for i, p in enumerate(problems)}
     records = sorted((r for r in results.records if r["task_id"] in order), key=lambda r: order[r["task_id"]])
     summary = {
@@ -71,7 +72,7 @@ def evaluate(
             "problems": len(todo),
             "seconds": round(elapsed, 2),
             "problems_per_minute": round(60 * len(todo) / elapsed, 2) if todo and elapsed > 0 else None,
-            "where": "here" if ray is None else f"ray ({ray.address or 'local cluster'}, {ray.workers} workers)",
+            "where": where,
         },
     }
     return summary, records
