@@ -45,7 +45,6 @@ def evaluate(
     if ray is not None:
         require_ray()
     results = results or open_results(model, out, settings, resume)
-    loaded = load(model, revision=revision, device=device) if ray is None else None
     todo = [p for p in problems if p.task_id not in results.finished]
     progress = Progress(len(todo), label)
 
@@ -53,9 +52,10 @@ def evaluate(
         results.append(record)
         progress.step(record["task_id"])
 
-    start = time.perf_counter()
-    if todo and ray is None:
-        run_local(loaded, todo, settings, on_record)
+    here = load(model, revision=revision, device=device) if todo and ray is None else None
+    start = time.perf_counter()  # (Ray's runs count their cluster's start and the actors' loads)
+    if here is not None:
+        run_local(here, todo, settings, on_record)
     elif todo:
         run_on_ray(model, revision, device, todo, settings, on_record, ray)
     elapsed = time.perf_counter() - start
