@@ -6,7 +6,8 @@ For a gpt_bigcode-layout checkpoint (e.g. tests/fixtures/trained_tiny) and a tex
   `llama-perplexity --kl-divergence` against the F16 base;
 - santacpu: convert to each santacpu file variant and score it with santacpu.evaluate against the
   full-precision model, with the same chunking (n_ctx, second half of each chunk scored).
-Prints one table (file bytes, mean KLD, top-1 agreement, PPL) and writes it as JSON.
+Prints one table (file bytes, tensor bytes: the vocabulary and metadata left out on both sides, mean KLD,
+top-1 agreement, PPL) and writes it as JSON.
 
     python -m tools.compare_llamacpp CHECKPOINT_DIR TEXT_FILE --llamacpp /opt/llamacpp/src
         [--ctx 256] [--work /tmp/compare] [--json results.json]
@@ -34,7 +35,7 @@ from santacpu.loading.checkpoint import open_checkpoint  # noqa: E402
 from santacpu.evaluate import score_models  # noqa: E402
 from santacpu.tokenizer import Tokenizer  # noqa: E402
 
-LLAMA_TYPES = ("Q8_0", "Q6_K", "Q4_K_S", "Q4_0")
+LLAMA_TYPES = ("Q8_0", "Q6_K", "Q5_K_S", "Q4_K_S", "IQ4_NL", "Q4_0")
 # name -> (type, keep rules, importance-weighted?, q8_0 upgrade budget). The first three are
 # santacpu's defaults (`santacpu quantize --type T`); the rest show what each choice buys.
 SANTACPU_VARIANTS = {
@@ -60,6 +61,20 @@ def parse_llama_perplexity(output: str) -> dict:
         "perplexity": number(r"Mean\s+PPL\(Q\)\s*:\s+([-\d.e]+)"),
         "reference_perplexity": number(r"Mean\s+PPL\(base\)\s*:\s+([-\d.e]+)"),
     }
+
+
+def tensor_bytes(path: Path, llamacpp: Path | None = None) -> int:
+    """Bytes of a file's tensors alone (the vocabulary, metadata and alignment left out), as the
+    comparison counts size: a GGUF's through llama.cpp's gguf-py reader, a santacpu file's from its
+    safetensors header."""
+    if path.suffix == ".gguf":
+        sys.path.insert(0, str(llamacpp / "gguf-py"))
+        from gguf import GGUFReader
+
+        return sum(int(t.n_bytes) for t in GGUFReader(str(path)).tensors)
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return sum(end - begin for name, t in header.items() if name != "__metadata__" for begin, end in [t["data_offsets"]])
 
 
 def run(command: list[str]) -> str:
@@ -88,8 +103,9 @@ def llama_rows(checkpoint: Path, text: Path, bin_dir: Path, src: Path, work: Pat
             run([str(bin_dir / "llama-quantize"), str(base), str(path), qtype])
         out = run([str(bin_dir / "llama-perplexity"), "-m", str(path), *common,
                    "--kl-divergence-base", str(kld_base), "--kl-divergence"])
-        rows[f"llama.cpp {qtype}"] = {"bytes": path.stat().st_size, **parse_llama_perplexity(out)}
-    rows["llama.cpp F16 (base)"] = {"bytes": base.stat().st_size}
+        rows[f"llama.cpp {qtype}"] = {"bytes": path.stat().st_size, "tensor_bytes": tensor_bytes(path, src),
+                                      **parse_llama_perplexity(out)}
+    rows["llama.cpp F16 (base)"] = {"bytes": base.stat().st_size, "tensor_bytes": tensor_bytes(base, src)}
     return rows
 
 
@@ -112,6 +128,7 @@ def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
     for name, s in scores.items():
         rows[f"santacpu {name}"] = {
             "bytes": paths[name].stat().st_size,
+            "tensor_bytes": tensor_bytes(paths[name]),
             "mean_kld": s.mean_kld,
             "kld_p99": s.kld_p99,
             "top1_agreement": s.top1_agreement,
@@ -143,12 +160,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = santacpu_rows(args.checkpoint, args.text, args.work, args.ctx)
     if args.llamacpp:
         rows.update(llama_rows(args.checkpoint, args.text, args.llamacpp / args.build_dir / "bin", args.llamacpp, args.work, args.ctx))
-    print(f"{'file':<34}{'MB':>8}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
-    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["bytes"]):
+    print(f"{'file':<34}{'MB':>8}{'tensor MB':>10}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["tensor_bytes"]):
         def f(key, fmt):
             return format(r[key], fmt) if r.get(key) is not None else "-"
         top1 = format(100 * r["top1_agreement"], ".2f") if r.get("top1_agreement") is not None else "-"
-        print(f"{name:<34}{r['bytes'] / 1e6:>8.2f}{f('mean_kld', '>11.5f')}{f('kld_p99', '>10.4f')}{top1:>9}{f('perplexity', '>9.3f')}")
+        print(f"{name:<34}{r['bytes'] / 1e6:>8.2f}{r['tensor_bytes'] / 1e6:>10.2f}{f('mean_kld', '>11.5f')}{f('kld_p99', '>10.4f')}{top1:>9}{f('perplexity', '>9.3f')}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 

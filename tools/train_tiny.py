@@ -58,7 +58,7 @@ TOKENIZER_JSON = REPO / "santacpu" / "data" / "tokenizer.json"
 EOS, FIM_PREFIX, FIM_MIDDLE, FIM_SUFFIX = 49152, 49153, 49154, 49155
 FIRST_PADDING_ROW = 49157
 
-MODEL = random_checkpoint.SIZES["trained"]
+SIZE = "trained"  # random_checkpoint.SIZES' name of the shapes (--size)
 EXCLUDED_DIRS = {"test", "tests", "site-packages", "idlelib", "tkinter", "__pycache__"}
 HELDOUT_FILES = 20
 HELDOUT_MIN_BYTES, HELDOUT_MAX_BYTES = 4_000, 30_000  # skip trivial and huge files when picking
@@ -66,7 +66,7 @@ HELDOUT_MIN_BYTES, HELDOUT_MAX_BYTES = 4_000, 30_000  # skip trivial and huge fi
 
 def config_json() -> dict:
     """config.json in the gpt_bigcode layout, spelled as tools/random_checkpoint does."""
-    return dict(random_checkpoint.config_json("trained", "gpt_bigcode"), tie_word_embeddings=True)
+    return dict(random_checkpoint.config_json(SIZE, "gpt_bigcode"), tie_word_embeddings=True)
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "trained_tiny"))
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
+    parser.add_argument("--size", default="trained", choices=("trained", "trained_wide"),
+                        help="the shapes (tools/random_checkpoint.SIZES): trained (tests/fixtures/trained_tiny) or "
+                        "trained_wide (tests/fixtures/trained_wide: n_embd 256, 8 heads, n_inner 1024)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)
@@ -298,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", default="/tmp/train_tiny", help="periodic checkpoints (last.pt)")
     parser.add_argument("--resume", action="store_true", help="continue from WORK_DIR/last.pt")
     args = parser.parse_args(argv)
+    global SIZE
+    SIZE = args.size
 
     torch.set_num_threads(args.threads)
     random.seed(args.seed)
@@ -399,8 +404,8 @@ def main(argv: list[str] | None = None) -> None:
 def write_training_md(out: Path, args, command: str, r: dict) -> None:
     import transformers
 
-    m = MODEL
-    text = f"""# trained_tiny: how it was made
+    m = random_checkpoint.SIZES[SIZE]
+    text = f"""# {out.name}: how it was made
 
 A small SantaCoder-architecture model trained on the Python standard library, for quantization
 accuracy tests and the llama.cpp comparison (random weights say little about trained ones).

@@ -79,6 +79,17 @@ class MiddlesActor:
         return out
 
 
+def _reason(error: BaseException) -> str:
+    """The first santacpu error under Ray's wrappers, else the wrapper's last line."""
+    seen = error
+    while seen is not None:
+        if isinstance(seen, SantacpuError):
+            return str(seen)
+        seen = getattr(seen, "cause", None) or seen.__cause__
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
 def score_remote(problem: str, middles: str, benchmark: str, timeout_s: float) -> dict:
     """The execution stage (one Ray task per problem): the problem's record."""
     facts = json.loads(middles)
@@ -109,7 +120,13 @@ def run_on_ray(
         except ConnectionError as e:
             raise SantacpuError(f"cannot join the Ray cluster at {placement.address}: {e}") from None
     try:
-        threads = placement.threads or max(1, int(ray.cluster_resources().get("CPU", os.cpu_count() or 1)) // placement.workers)
+        cpus = int(ray.cluster_resources().get("CPU", 0))
+        threads = placement.threads or max(1, cpus // placement.workers)
+        if placement.workers * threads > cpus:
+            raise SantacpuError(
+                f"{placement.workers} actors x {threads} threads need {placement.workers * threads} CPUs; the Ray "
+                f"cluster has {cpus}: lower --workers or --threads-per-worker"
+            )
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # santacpu's own progress line counts problems
         logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -149,11 +166,14 @@ def run_on_ray(
             for record in ray.get(done):
                 on_record(record)
 
-        for row in dataset.iter_rows():
-            running.append(score.remote(row["problem"], row["middles"], settings.benchmark, settings.timeout_s))
-            hand_on(block=len(running) > settings.exec_workers)
-        while running:
-            hand_on(block=True)
+        try:
+            for row in dataset.iter_rows():
+                running.append(score.remote(row["problem"], row["middles"], settings.benchmark, settings.timeout_s))
+                hand_on(block=len(running) > settings.exec_workers)
+            while running:
+                hand_on(block=True)
+        except ray.exceptions.RayError as e:
+            raise SantacpuError(f"the Ray run failed: {_reason(e)}") from None
     finally:
         if started:
             ray.shutdown()

@@ -42,6 +42,9 @@ SIZES = {
     "full": dict(vocab_size=49280, n_positions=2048, n_embd=2048, n_layer=24, n_head=16, n_inner=8192),
     # The shape of tools/train_tiny.py's trained fixture (tests/fixtures/trained_tiny).
     "trained": dict(vocab_size=49280, n_positions=256, n_embd=128, n_layer=4, n_head=4, n_inner=512),
+    # Trained, wide: the second trained fixture's shapes (tests/fixtures/trained_wide): a body ~20%
+    # of the weights (trained's is ~10%), so 4-bit choices for the body show in its accuracy.
+    "trained_wide": dict(vocab_size=49280, n_positions=256, n_embd=256, n_layer=4, n_head=8, n_inner=1024),
     # Micro: the smallest model with the real vocabulary (the tokenizer needs it); small enough
     # (< 1 MB in float16) to commit as the pytorch_model.bin fixture of tools/make_torch_fixture.py.
     "micro": dict(vocab_size=49280, n_positions=16, n_embd=8, n_layer=1, n_head=2, n_inner=32),
