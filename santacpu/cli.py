@@ -146,6 +146,12 @@ MODEL_OPTION = typer.Option(
     show_default=False,
 )
 REVISION_OPTION = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id.")
+QUANT_OPTION = typer.Option(
+    None,
+    help=f"For a full-precision model: run its cached quantization to this type (made once, as `complete` "
+    f"does); 'none' runs it in full precision. Default: {DEFAULT_QUANT}.",
+    show_default=False,
+)
 
 
 @app.command()
@@ -386,12 +392,7 @@ def bench(
 def serve(
     model: str = MODEL_OPTION,
     revision: Optional[str] = REVISION_OPTION,
-    quant: Optional[str] = typer.Option(
-        None,
-        help=f"For a full-precision model: run its cached quantization to this type (made once, as `complete` "
-        f"does); 'none' runs it in full precision. Default: {DEFAULT_QUANT}.",
-        show_default=False,
-    ),
+    quant: Optional[str] = QUANT_OPTION,
     host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
     port: int = typer.Option(8012, min=1, max=65535, help="Port to listen on (llama.vim's default: 8012)."),
     api_key: Optional[str] = typer.Option(
@@ -491,12 +492,7 @@ def eval_humaneval_infill(
     ),
     model: str = MODEL_OPTION,
     revision: Optional[str] = REVISION_OPTION,
-    quant: Optional[str] = typer.Option(
-        None,
-        help=f"For a full-precision model: run its cached quantization to this type; 'none' runs it in full "
-        f"precision. Default: {DEFAULT_QUANT}.",
-        show_default=False,
-    ),
+    quant: Optional[str] = QUANT_OPTION,
     samples: int = typer.Option(1, min=1, help="Completions of each problem (the n of pass@k)."),
     k: Optional[str] = typer.Option(
         None, help="The k of pass@k, comma-separated, each at most --samples. Default: those of 1,10,100 that are.",

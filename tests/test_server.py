@@ -352,18 +352,13 @@ def test_a_client_that_hangs_up_frees_the_model(slow_server):
     assert follow.status_code == 200
 
 
-def test_the_exit_signal_ends_in_flight_requests_with_a_stop_reason(quantized):
+def test_the_exit_signal_ends_in_flight_requests_with_a_stop_reason(slow_server):
     import signal
     from concurrent.futures import ThreadPoolExecutor
 
     from sse_starlette.sse import AppStatus
 
-    def slowed():
-        model = santacpu.load(quantized)
-        model.engine = SlowSteps(model.engine)
-        return model
-
-    server = LiveServer(build_app(ServerSettings(model_name="tiny"), slowed))
+    server = slow_server
     body = {"prompt": "def f(x):", "n_predict": 50, "temperature": 0}
     try:
         with ThreadPoolExecutor(1) as pool:
@@ -381,7 +376,6 @@ def test_the_exit_signal_ends_in_flight_requests_with_a_stop_reason(quantized):
         stopped = time.perf_counter() - signalled
     finally:
         AppStatus.should_exit = False  # sse-starlette's flag is process-wide: later tests stream again
-        server.stop()
     final = events[-1]
     assert final["stop"] is True and final["stop_type"] == "limit" and final["tokens_predicted"] < 50
     assert "".join(e["content"] for e in events[:-1]) == final["content"]
