@@ -2,9 +2,11 @@
 full precision, on held-out code, asserted against thresholds committed beside this file
 (quant_accuracy_thresholds.json, with the values measured when they were set).
 
-The fixture (tests/fixtures/trained_tiny, made by tools/train_tiny.py) is a small SantaCoder-
-architecture model trained on the Python standard library; its held-out files were never trained
-on and are never used for calibration here.
+The fixtures (made by tools/train_tiny.py) are small SantaCoder-architecture models trained on
+the Python standard library: tests/fixtures/trained_tiny (n_embd 128: the tied embedding is 90% of
+the weights) and tests/fixtures/trained_wide (n_embd 256: a body of 20%, where 4-bit choices for the
+linear weights show). Their held-out files were never trained on and are never used for calibration
+here.
 """
 
 from __future__ import annotations
@@ -22,33 +24,47 @@ from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.evaluate import score
 from santacpu.tokenizer import Tokenizer
 
-FIXTURE = Path(__file__).parent / "fixtures" / "trained_tiny"
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE = FIXTURES / "trained_tiny"
 THRESHOLDS = json.loads((Path(__file__).parent / "quant_accuracy_thresholds.json").read_text())
+WIDE_THRESHOLDS = json.loads((Path(__file__).parent / "quant_accuracy_thresholds_wide.json").read_text())
 N_CTX = 256
 N_CHUNKS = 16  # 16 x 256 held-out tokens (2048 scored): enough for stable means, fast to run
 
 
-@pytest.fixture(scope="module")
-def heldout_texts() -> list[str]:
+def _heldout_texts(fixture: Path) -> list[str]:
     # A prefix of the held-out text; score() cuts it into chunks and we keep N_CHUNKS of them.
     tokenizer = Tokenizer.santacoder()
-    text = (FIXTURE / "heldout.py.txt").read_text(encoding="utf-8")
+    text = (fixture / "heldout.py.txt").read_text(encoding="utf-8")
     ids = tokenizer.encode(text)[: N_CTX * N_CHUNKS]
     return [tokenizer.decode(ids)]
 
 
+def _reference(fixture: Path):
+    with pytest.warns(santacpu.SantacpuWarning, match="tokenizer"):
+        return santacpu.load(fixture, kv_cache="float32")  # exact: the quantized models run the default fp16 cache
+
+
+def _importance(fixture: Path):
+    exclude = set((fixture / "heldout.txt").read_text().split())
+    texts, _ = calibration_texts(None, exclude)
+    reader = open_checkpoint(fixture)
+    return collect_importance(reader, token_sequences(texts, Tokenizer.santacoder(), reader.config.eos_token_id, 4096, N_CTX))
+
+
+@pytest.fixture(scope="module")
+def heldout_texts() -> list[str]:
+    return _heldout_texts(FIXTURE)
+
+
 @pytest.fixture(scope="module")
 def reference():
-    with pytest.warns(santacpu.SantacpuWarning, match="tokenizer"):
-        return santacpu.load(FIXTURE, kv_cache="float32")  # exact: the quantized models run the default fp16 cache
+    return _reference(FIXTURE)
 
 
 @pytest.fixture(scope="module")
 def importance():
-    exclude = set((FIXTURE / "heldout.txt").read_text().split())
-    texts, _ = calibration_texts(None, exclude)
-    reader = open_checkpoint(FIXTURE)
-    return collect_importance(reader, token_sequences(texts, Tokenizer.santacoder(), reader.config.eos_token_id, 4096, N_CTX))
+    return _importance(FIXTURE)
 
 
 # The default files: besides their own bounds, scored again through the float kernels, which
@@ -69,6 +85,28 @@ def test_quantization_accuracy_on_the_trained_model(variant, tmp_path, heldout_t
     assert path.stat().st_size <= spec["max_bytes"], measured
     if variant in INTEGER_CHECKED:
         _integer_kernels_cost_little_beyond_the_weights(variant, path, s, heldout_texts, reference, monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """The wide fixture's held-out texts, reference and importance, made once."""
+    fixture = FIXTURES / "trained_wide"
+    return fixture, _heldout_texts(fixture), _reference(fixture), _importance(fixture)
+
+
+@pytest.mark.parametrize("variant", sorted(WIDE_THRESHOLDS["variants"]))
+def test_quantization_accuracy_on_the_wide_trained_model(variant, tmp_path, wide):
+    fixture, texts, reference, importance = wide
+    spec = WIDE_THRESHOLDS["variants"][variant]
+    path = convert(fixture, tmp_path / f"{variant}.safetensors", qtype=spec["type"], keep=parse_keep(spec["keep"]),
+                   importance=importance if spec["importance"] else None, upgrade_budget=spec["upgrade_budget"]).out
+    s = score(santacpu.load(path), texts, N_CTX, reference)
+    measured = f"{variant}: mean KLD {s.mean_kld:.6f}, top-1 {s.top1_agreement:.4f}, size {path.stat().st_size}"
+    print(measured)
+    assert s.chunks >= N_CHUNKS - 1
+    assert s.mean_kld <= spec["max_mean_kld"], measured
+    assert s.top1_agreement >= spec["min_top1"], measured
+    assert path.stat().st_size <= spec["max_bytes"], measured
 
 
 def test_fp16_kv_cache_costs_little_on_the_trained_model(heldout_texts, reference):

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'file':<34}{'MB':>8}{'tensor MB':>10}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
     for name, r in sorted(rows.items(), key=lambda kv: kv[1]["tensor_bytes"]):
         def f(key, fmt):
-            return format(r[key], fmt) if r.get(key) is not None else "-"
+            return format(r[key], fmt) if r.get(key) is not None else format("-", fmt[:-2].replace(".", ""))
         top1 = format(100 * r["top1_agreement"], ".2f") if r.get("top1_agreement") is not None else "-"
         print(f"{name:<34}{r['bytes'] / 1e6:>8.2f}{r['tensor_bytes'] / 1e6:>10.2f}{f('mean_kld', '>11.5f')}{f('kld_p99', '>10.4f')}{top1:>9}{f('perplexity', '>9.3f')}")
     if args.json:
