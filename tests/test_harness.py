@@ -78,7 +78,7 @@ def test_the_canonical_middles_pass_every_problem(benchmark):
 def test_an_empty_middle_fails_where_the_middle_matters():
     problems = load_problems("random-span-light")
     with ThreadPoolExecutor(4) as pool:
-        outcomes = list(pool.map(lambda p: run_program(program(p, ""), SandboxLimits(timeout_s=3.0)), problems))
+        outcomes = list(pool.map(lambda p: run_program(program(p, ""), SandboxLimits(timeout_s=1.0)), problems))
     # Only a middle that changes no result may be left out: whitespace or comments alone.
     inert = {p.task_id for p in problems if all(not s.strip() or s.strip().startswith("#") for s in p.middle.splitlines())}
     passing = {p.task_id for p, o in zip(problems, outcomes) if o.passed}
@@ -134,7 +134,7 @@ def test_bad_settings_are_one_clear_error(changes, message):
 
 # --- end to end on the trained fixture -----------------------------------------------------------
 
-SMALL = EvalSettings(benchmark="random-span-light", limit=4, max_new_tokens=24, max_batch=4)
+SMALL = EvalSettings(benchmark="random-span-light", limit=3, max_new_tokens=16, max_batch=4)
 
 
 def _generated(records: list[dict]) -> list[tuple]:
@@ -143,7 +143,7 @@ def _generated(records: list[dict]) -> list[tuple]:
 
 def test_an_interrupted_run_resumes_without_recomputing_and_ray_agrees(trained_q8, tmp_path, monkeypatch):
     whole, whole_records = evaluate(str(trained_q8), tmp_path / "whole.jsonl", SMALL)
-    assert whole["problems"] == 4 and whole["run"]["problems"] == 4
+    assert whole["problems"] == 3 and whole["run"]["problems"] == 3
 
     out = tmp_path / "interrupted.jsonl"
     from santacpu.harness import run as run_module
@@ -161,7 +161,7 @@ def test_an_interrupted_run_resumes_without_recomputing_and_ray_agrees(trained_q
     kept = [json.loads(line) for line in out.read_text().splitlines()[1:]]
     assert len(kept) == 2
     resumed, records = evaluate(str(trained_q8), out, SMALL, resume=True)
-    assert resumed["run"]["problems"] == 2  # only the unfinished ones ran
+    assert resumed["run"]["problems"] == 1  # only the unfinished one ran
     assert [json.loads(line) for line in out.read_text().splitlines()[1:3]] == kept
     assert _generated(records) == _generated(whole_records)
 

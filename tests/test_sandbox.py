@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -284,8 +285,15 @@ def test_the_program_sees_the_layers_that_isolation_reports():
                       "sorted(['1', str(os.getpid())]), os.listdir('/proc')\n")
     if layers["network_namespace"]:
         checks.append("assert [name for _, name in socket.if_nameindex()] == ['lo'], socket.if_nameindex()\n")
-    if layers["mount_namespace"]:  # an empty /tmp, but for the program's folder when it lies there
-        checks.append("assert set(os.listdir('/tmp')) <= {os.path.basename(os.getcwd())}, os.listdir('/tmp')\n")
+    if layers["mount_namespace"]:
+        # An empty /tmp, but for the program's folder and this interpreter's (a venv in /tmp is
+        # bound back in, so that the program can run; nothing else of the folder around it).
+        kept = sorted({
+            os.path.realpath(p).split("/")[2]
+            for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)
+            if os.path.realpath(p).startswith("/tmp/")
+        })
+        checks.append(f"assert set(os.listdir('/tmp')) <= {{os.path.basename(os.getcwd()), *{kept!r}}}, os.listdir('/tmp')\n")
     if layers["separate_user"]:
         checks.append("assert os.getuid() >= 2**30 and os.getgid() == os.getuid() and os.getgroups() == []\n")
     result, _ = run("".join(checks))
