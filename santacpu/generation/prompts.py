@@ -109,6 +109,24 @@ def fim_prompt(
     return [pre, suf, *kept_suffix, mid, *kept_prefix], kept_prefix, kept_suffix
 
 
+def fim_prompt_of_text(
+    tokenizer: Tokenizer,
+    prefix: str,
+    suffix: str,
+    n_ctx: int,
+    max_new_tokens: int,
+    order: str = "psm",
+    max_prompt_tokens: int | None = None,
+) -> tuple[list[int], bool]:
+    """`fim_prompt` for text: the prompt's ids, and whether trimming dropped any of the prefix or
+    suffix (for callers that report it themselves: a server's `truncated`, an evaluation's count)."""
+    prefix_ids, suffix_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
+    ids, kept_prefix, kept_suffix = fim_prompt(
+        tokenizer, prefix_ids, suffix_ids, n_ctx, max_new_tokens, order, max_prompt_tokens
+    )
+    return ids, (len(kept_prefix), len(kept_suffix)) != (len(prefix_ids), len(suffix_ids))
+
+
 def build_fim_prompt(
     tokenizer: Tokenizer, prefix: str, suffix: str, n_ctx: int, max_new_tokens: int, order: str = "psm"
 ) -> list[int]:

@@ -18,7 +18,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ..generation.options import GenerationOptions
-from ..generation.prompts import fim_prompt
+from ..generation.prompts import fim_prompt_of_text
 from ..model import Model
 from ..tokenizer import StreamDecoder
 from .problems import Problem
@@ -36,15 +36,17 @@ class Middles:
     computed_tokens: int  # prompt tokens run through the model for all samples together
     truncated: bool  # the prompt lost part of its prefix or suffix to fit the context
 
+    def facts(self) -> dict:
+        """What the result record keeps of the prompt."""
+        return {"prompt_tokens": self.prompt_tokens, "computed_tokens": self.computed_tokens, "truncated": self.truncated}
+
 
 def problem_prompt(model: Model, problem: Problem, options: GenerationOptions) -> tuple[list[int], bool]:
     """The problem's FIM prompt ids, and whether the context made it drop text."""
-    tokenizer = model.tokenizer
-    prefix_ids, suffix_ids = tokenizer.encode(problem.prefix), tokenizer.encode(problem.suffix)
-    ids, kept_prefix, kept_suffix = fim_prompt(
-        tokenizer, prefix_ids, suffix_ids, model.config.n_positions, options.max_new_tokens, order=options.fim_order
+    return fim_prompt_of_text(
+        model.tokenizer, problem.prefix, problem.suffix, model.config.n_positions, options.max_new_tokens,
+        order=options.fim_order,
     )
-    return ids, (len(kept_prefix), len(kept_suffix)) != (len(prefix_ids), len(suffix_ids))
 
 
 def problem_options(settings: EvalSettings, problem: Problem) -> GenerationOptions:
@@ -65,7 +67,7 @@ def generate_middles(model: Model, problems: Sequence[Problem], settings: EvalSe
     waiting = list(reversed(problems))
     ahead = max(2, 2 * settings.max_batch // settings.samples)  # problems submitted but not finished
     groups: dict[int, tuple[Middles, list]] = {}  # by the first sample's index
-    samples: dict[int, tuple[int, _Sample]] = {}  # sequence index -> (its group's key, its text)
+    samples: dict[int, _Sample] = {}  # by sequence index
     while waiting or groups:
         while waiting and len(groups) < ahead:
             problem = waiting.pop()
@@ -75,19 +77,19 @@ def generate_middles(model: Model, problems: Sequence[Problem], settings: EvalSe
             key = sequences[0].index
             groups[key] = (Middles(problem, [], len(ids), 0, truncated), sequences)
             for sequence in sequences:
-                samples[sequence.index] = (key, _Sample(model))
+                samples[sequence.index] = _Sample(model)
         if not scheduler.pending:
             raise RuntimeError("the scheduler ran dry with problems unfinished")
         for events in (scheduler.admit, scheduler.step):
             for sequence, tokens in events():
-                _, sample = samples[sequence.index]
+                sample = samples[sequence.index]
                 sample.text += "".join(sample.decoder.push(t) for t in tokens)
                 if not sequence.done and span_ended(sample.text, settings.benchmark):
                     sequence.cancel()  # the rest cannot change the scored span
         for key in [k for k, (_, sequences) in groups.items() if all(s.done for s in sequences)]:
             middles, sequences = groups.pop(key)
             for sequence in sequences:
-                _, sample = samples.pop(sequence.index)
+                sample = samples.pop(sequence.index)
                 middles.texts.append(sample.text + sample.decoder.flush())
                 middles.computed_tokens += sequence.stats.computed_tokens
             yield middles

@@ -36,9 +36,7 @@ def run_local(model: Model, problems: Sequence[Problem], settings: EvalSettings,
                     middles.texts,
                     settings.benchmark,
                     settings.timeout_s,
-                    prompt_tokens=middles.prompt_tokens,
-                    computed_tokens=middles.computed_tokens,
-                    truncated=middles.truncated,
+                    **middles.facts(),
                 )
             )
             hand_on([f for f in running if f.done()])

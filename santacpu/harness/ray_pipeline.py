@@ -66,16 +66,7 @@ class MiddlesActor:
         out: dict[str, list[str]] = {"problem": [], "middles": []}
         for middles in generate_middles(self.model, problems, self.settings):
             out["problem"].append(json.dumps(dataclasses.asdict(middles.problem)))
-            out["middles"].append(
-                json.dumps(
-                    {
-                        "texts": middles.texts,
-                        "prompt_tokens": middles.prompt_tokens,
-                        "computed_tokens": middles.computed_tokens,
-                        "truncated": middles.truncated,
-                    }
-                )
-            )
+            out["middles"].append(json.dumps({"texts": middles.texts, **middles.facts()}))
         return out
 
 

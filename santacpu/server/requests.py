@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SantacpuError
 from ..generation.options import GenerationOptions
-from ..generation.prompts import STARCODER_MARKERS, fim_prompt
+from ..generation.prompts import STARCODER_MARKERS, fim_prompt_of_text
 from ..tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far beyond any context's worth of text
@@ -215,15 +215,13 @@ def _extra_context(extra) -> str:
 
 
 def _fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: int, order: str, budget: int | None) -> Job:
-    prefix_ids, suffix_ids = tokenizer.encode(prefix), tokenizer.encode(suffix)
     # The answer's room: what was asked for, at most half the context (llama.cpp: n_predict).
     try:
-        ids, kept_prefix, kept_suffix = fim_prompt(
-            tokenizer, prefix_ids, suffix_ids, n_ctx, min(options.max_new_tokens, n_ctx // 2), order, budget
+        ids, truncated = fim_prompt_of_text(
+            tokenizer, prefix, suffix, n_ctx, min(options.max_new_tokens, n_ctx // 2), order, budget
         )
     except SantacpuError as e:
         raise RequestError(str(e)) from None
-    truncated = (len(kept_prefix), len(kept_suffix)) != (len(prefix_ids), len(suffix_ids))
     return _job(ids, options, extras, truncated)
 
 
