@@ -6,11 +6,13 @@ llama.cpp does):
 - the tied embedding / LM head (the largest and most sensitive matrix) takes `q8_0` when the
   chosen type is `q8_0`, and `q6_0` for the 4-bit types (llama.cpp gives it Q6_K);
 - LayerNorm parameters, biases and the position embedding stay float32 (they are tiny);
-- then, for the 4-bit types, up to `upgrade_budget` (default 5%) more bytes are spent raising
-  linear weights to q8_0, smallest matrices first (where a byte buys the most weights). On the
-  full-size model that is the attention output projections of the first layers; on a small model
-  whose bytes are mostly the embedding it can be the whole body. Measured on the trained fixture
-  (mean KLD vs fp32 on held-out code): q4_m 7.26 MB 0.00146 -> body at q8_0 7.57 MB 0.00036.
+- then, for the 4-bit types, up to `upgrade_budget` (default 5%) more bytes are spent on upgrades,
+  in `upgrade_order`: first the attention Q|K|V weights to q6_0 (llama.cpp's Q4_K_S and IQ4_NL
+  give them Q5_K; on both trained fixtures they cut the most KLD per byte), then linear weights to
+  q8_0, smallest matrices first (where a byte buys the most weights). On the full-size model 5%
+  is Q|K|V at q6_0 in every layer and a few attention output projections at q8_0; on a small
+  model whose bytes are mostly the embedding it is the whole body. The mean KLD each bought on the
+  trained fixtures is in the README.
 User overrides (`--keep PATTERN=TYPE`, shell-style patterns on canonical names such as `wte`,
 `h.*.mlp_c_proj_weight`) win over the default, first match first. A matrix whose width is not a
 multiple of the block size falls back to float16.
@@ -47,6 +49,7 @@ def parse_keep(rules: list[str]) -> list[tuple[str, str]]:
 
 
 DEFAULT_UPGRADE_BUDGET = 0.05
+QKV_SUFFIX = ".attn_c_attn_weight"
 
 
 def stored_bytes(qtype: str, shape: tuple[int, ...]) -> int:
@@ -56,6 +59,14 @@ def stored_bytes(qtype: str, shape: tuple[int, ...]) -> int:
     if qtype == "f16":
         return 2 * n
     return FORMATS[qtype].nbytes(*shape)
+
+
+def upgrade_order(shapes: dict[str, tuple[int, ...]], types: dict[str, str], qtype: str) -> list[tuple[str, str]]:
+    """The upgrades the budget buys, in order: first every attention Q|K|V weight to q6_0 (layer
+    order), then every linear weight to q8_0, smallest first (file order on ties)."""
+    whole = [n for n in shapes if types[n] == qtype and shapes[n][1] % FORMATS["q8_0"].block_size == 0]
+    qkv = [(n, "q6_0") for n in whole if n.endswith(QKV_SUFFIX)]
+    return qkv + [(n, "q8_0") for n in sorted(whole, key=lambda n: int(np.prod(shapes[n])))]
 
 
 @dataclass
@@ -89,12 +100,11 @@ class Policy:
         types = {name: self.default_type(name, shape) for name, shape in shapes.items()}
         if self.qtype != "q8_0" and self.upgrade_budget > 0:
             budget = self.upgrade_budget * sum(stored_bytes(types[n], s) for n, s in shapes.items())
-            body = [n for n in shapes if types[n] == self.qtype and shapes[n][1] % FORMATS["q8_0"].block_size == 0]
-            for name in sorted(body, key=lambda n: int(np.prod(shapes[n]))):  # stable: file order on ties
-                extra = stored_bytes("q8_0", shapes[name]) - stored_bytes(types[name], shapes[name])
+            for name, upgrade in upgrade_order(shapes, types, self.qtype):
+                extra = stored_bytes(upgrade, shapes[name]) - stored_bytes(types[name], shapes[name])
                 if extra > budget:
                     break
-                types[name], budget = "q8_0", budget - extra
+                types[name], budget = upgrade, budget - extra
         return {name: self.type_for(name, shape, types[name]) for name, shape in shapes.items()}
 
     def type_for(self, name: str, shape: tuple[int, ...], chosen: str | None = None) -> str:

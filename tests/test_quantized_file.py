@@ -113,13 +113,16 @@ def test_default_policy_and_keep_rules():
     assert keep.type_for("wte", (49280, 2048)) == "q8_0"
     assert keep.type_for("h.0.attn_c_attn_weight", (192, 64)) == "f16"
     assert keep.type_for("h.1.attn_c_attn_weight", (192, 64)) == "q4_0"
-    # The upgrade budget raises the smallest linear weights to q8_0 within 5% more bytes.
-    shapes = {"wte": (49280, 2048), "wpe": (2048, 2048), "h.0.attn_c_proj_weight": (2048, 2048),
-              "h.0.mlp_c_fc_weight": (8192, 2048), "h.0.attn_c_proj_bias": (2048,)}
+    # The upgrade budget (5% more bytes) buys Q|K|V at q6_0 first, then q8_0 for the smallest
+    # linear weights (here the output projection, then Q|K|V); 2% buys only the first step.
+    shapes = {"wte": (49280, 2048), "wpe": (2048, 2048), "h.0.attn_c_attn_weight": (2304, 2048),
+              "h.0.attn_c_proj_weight": (2048, 2048), "h.0.mlp_c_fc_weight": (8192, 2048), "h.0.attn_c_proj_bias": (2048,)}
     assigned = Policy("q4_m").assign(shapes)
-    assert assigned == {"wte": "q6_0", "wpe": "f32", "h.0.attn_c_proj_weight": "q8_0",
+    assert assigned == {"wte": "q6_0", "wpe": "f32", "h.0.attn_c_attn_weight": "q8_0", "h.0.attn_c_proj_weight": "q8_0",
                         "h.0.mlp_c_fc_weight": "q4_m", "h.0.attn_c_proj_bias": "f32"}
-    assert Policy("q4_m", upgrade_budget=0).assign(shapes)["h.0.attn_c_proj_weight"] == "q4_m"
+    small = Policy("q4_m", upgrade_budget=0.02).assign(shapes)
+    assert (small["h.0.attn_c_attn_weight"], small["h.0.attn_c_proj_weight"]) == ("q6_0", "q4_m")
+    assert set(Policy("q4_m", upgrade_budget=0).assign(shapes).values()) == {"q6_0", "f32", "q4_m"}
     assert Policy("q4_m", parse_keep(["h.0.*=q4_0"])).assign(shapes)["h.0.attn_c_proj_weight"] == "q4_0"
     for bad in (["wte"], ["wte=q3"], ["=q8_0"]):
         with pytest.raises(SantacpuError, match="--keep"):
