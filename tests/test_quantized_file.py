@@ -329,3 +329,14 @@ def test_no_torch_imported():
     import sys
 
     assert "torch" not in sys.modules and "transformers" not in sys.modules
+
+
+def test_the_greedy_upgrade_choice_buys_the_most_kld_per_byte_within_the_budget():
+    from tools.upgrade_sensitivity import greedy_upgrades
+
+    gains = {"a": {"q6_0": 0.5, "q8_0": 0.6}, "b": {"q6_0": 0.05, "q8_0": -0.1}}  # b at q8_0 is worse
+    extra = {"a": {"q6_0": 10, "q8_0": 20}, "b": {"q6_0": 10, "q8_0": 20}}
+    assert greedy_upgrades(gains, extra, 9) == {}
+    assert greedy_upgrades(gains, extra, 15) == {"a": "q6_0"}
+    assert greedy_upgrades(gains, extra, 25) == {"a": "q8_0"}  # a's step to q8_0 (0.1 for 10) beats b (0.05 for 10)
+    assert greedy_upgrades(gains, extra, 100) == {"a": "q8_0", "b": "q6_0"}
