@@ -131,9 +131,11 @@ def convert(
     revision: str | None = None,
     force: bool = False,
     upgrade_budget: float = DEFAULT_UPGRADE_BUDGET,
+    upgrade_gains: dict[str, dict[str, float]] | None = None,
 ) -> ConversionReport:
     """Quantize `src` into the file `out`. `importance` maps canonical matrix names to per-input-
-    channel weights (see quantize/calibration.py) for importance-weighted rounding."""
+    channel weights (see quantize/calibration.py) for importance-weighted rounding;
+    `upgrade_gains` (quantize/sensitivity.py) orders the upgrade budget by measured KLD cut."""
     started = time.perf_counter()
     policy = Policy(qtype, list(keep), upgrade_budget)
     out = Path(out)
@@ -143,7 +145,7 @@ def convert(
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
     shapes = tensor_shapes(reader)
-    types = policy.assign(shapes)
+    types = policy.assign(shapes, upgrade_gains)
     entries, file_shapes = _file_layout(shapes, types)
     provenance = {
         "source": str(src),
@@ -160,7 +162,8 @@ def convert(
         "config": json.dumps(reader.config.to_dict()),
         "tokenizer": _minified_tokenizer(folder, reader.config.vocab_size),
         "tensors": json.dumps(entries),
-        "quantization": json.dumps({**policy.describe(), "importance_weighted": importance is not None}),
+        "quantization": json.dumps({**policy.describe(), "importance_weighted": importance is not None,
+                                    "upgrades": "by role" if upgrade_gains is None else "measured"}),
         "provenance": json.dumps(provenance),
     }
     reports: list[TensorReport] = []

@@ -15,9 +15,13 @@ from santacpu.tokenizer import Tokenizer
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences
 from .converter import ConversionReport, check_output, check_source, convert
 from .policy import Policy, parse_keep
+from .sensitivity import measure_upgrade_gains
 
 
-def importance_from(src: str, revision: str | None, calibration: str, max_tokens: int) -> tuple[dict, str]:
+def calibrate(src: str, revision: str | None, calibration: str, max_tokens: int,
+              measure_for: str | None) -> tuple[dict, dict | None, str]:
+    """(importance, measured upgrade gains for the 4-bit type `measure_for` or None, a note on
+    the calibration text)."""
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
     tokenizer = Tokenizer.for_checkpoint(folder, reader.config.vocab_size)
@@ -25,7 +29,9 @@ def importance_from(src: str, revision: str | None, calibration: str, max_tokens
     n_ctx = min(SEQUENCE_TOKENS, reader.config.n_positions)
     sequences = token_sequences(texts, tokenizer, reader.config.eos_token_id, max_tokens, n_ctx)
     print(f"santacpu: calibrating on {sum(map(len, sequences))} tokens from {note}", file=sys.stderr)
-    return collect_importance(reader, sequences), f"{note}, {sum(map(len, sequences))} tokens"
+    importance = collect_importance(reader, sequences)
+    gains = None if measure_for is None else measure_upgrade_gains(reader, sequences, measure_for, importance)
+    return importance, gains, f"{note}, {sum(map(len, sequences))} tokens"
 
 
 def report_lines(report: ConversionReport) -> list[str]:
@@ -57,11 +63,12 @@ def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgr
     Policy(qtype, keep_rules)  # a bad type fails now, not after calibrating
     check_output(Path(out), force, qtype)
     check_source(src)
-    importance, note = None, None
+    importance, gains, note = None, None, None
     if calibration not in (None, "none"):
-        importance, note = importance_from(src, revision, calibration, calibration_tokens)
+        measure_for = qtype if qtype != "q8_0" and upgrade_budget > 0 else None
+        importance, gains, note = calibrate(src, revision, calibration, calibration_tokens, measure_for)
     report = convert(src, Path(out), qtype=qtype, keep=keep_rules, importance=importance, calibration_note=note,
-                     revision=revision, force=force, upgrade_budget=upgrade_budget)
+                     revision=revision, force=force, upgrade_budget=upgrade_budget, upgrade_gains=gains)
     for line in report_lines(report):
         print(f"santacpu: {line}", file=sys.stderr)
     return report

@@ -6,13 +6,12 @@ llama.cpp does):
 - the tied embedding / LM head (the largest and most sensitive matrix) takes `q8_0` when the
   chosen type is `q8_0`, and `q6_0` for the 4-bit types (llama.cpp gives it Q6_K);
 - LayerNorm parameters, biases and the position embedding stay float32 (they are tiny);
-- then, for the 4-bit types, up to `upgrade_budget` (default 5%) more bytes are spent on upgrades,
-  in `upgrade_order`: first the attention Q|K|V weights to q6_0 (llama.cpp's Q4_K_S and IQ4_NL
-  give them Q5_K; on both trained fixtures they cut the most KLD per byte), then linear weights to
-  q8_0, smallest matrices first (where a byte buys the most weights). On the full-size model 5%
-  is Q|K|V at q6_0 in every layer and a few attention output projections at q8_0; on a small
-  model whose bytes are mostly the embedding it is the whole body. The mean KLD each bought on the
-  trained fixtures is in the README.
+- then, for the 4-bit types, up to `upgrade_budget` (default 5%) more bytes buy upgrades of linear
+  weights to q6_0 or q8_0. With calibration (the default for 4-bit types), each upgrade's cut of
+  mean KLD is measured (quantize/sensitivity.py) and the budget buys the most cut per byte
+  (`greedy_upgrades`). Without, it follows `upgrade_order`: first the attention Q|K|V weights to
+  q6_0 (llama.cpp's Q4_K_S and IQ4_NL give them Q5_K), then linear weights to q8_0, smallest
+  matrices first. What each bought on the trained fixtures is in the README.
 User overrides (`--keep PATTERN=TYPE`, shell-style patterns on canonical names such as `wte`,
 `h.*.mlp_c_proj_weight`) win over the default, first match first. A matrix whose width is not a
 multiple of the block size falls back to float16.
@@ -61,8 +60,32 @@ def stored_bytes(qtype: str, shape: tuple[int, ...]) -> int:
     return FORMATS[qtype].nbytes(*shape)
 
 
+UPGRADE_TYPES = ("q6_0", "q8_0")  # what a 4-bit linear weight can be raised to, in order
+
+
+def greedy_upgrades(gains: dict[str, dict[str, float]], extra: dict[str, dict[str, int]], budget: float) -> dict[str, str]:
+    """{weight: type} bought within `budget` bytes from measured gains ({weight: {type: mean-KLD
+    cut}}) and costs ({weight: {type: extra bytes}}): each step takes the upgrade (from a weight's
+    current type to a higher one) with the largest positive cut per extra byte that still fits."""
+    chosen: dict[str, str] = {}
+    while True:
+        best = None
+        for name, by_type in gains.items():
+            current = chosen.get(name)
+            for qtype in UPGRADE_TYPES[UPGRADE_TYPES.index(current) + 1 if current else 0 :]:
+                cut = by_type[qtype] - (by_type[current] if current else 0.0)
+                cost = extra[name][qtype] - (extra[name][current] if current else 0)
+                if cut > 0 and cost <= budget and (best is None or cut / cost > best[0]):
+                    best = (cut / cost, name, qtype, cost)
+        if best is None:
+            return chosen
+        _, name, qtype, cost = best
+        chosen[name] = qtype
+        budget -= cost
+
+
 def upgrade_order(shapes: dict[str, tuple[int, ...]], types: dict[str, str], qtype: str) -> list[tuple[str, str]]:
-    """The upgrades the budget buys, in order: first every attention Q|K|V weight to q6_0 (layer
+    """The upgrades the budget buys when nothing was measured, in order: first every attention Q|K|V weight to q6_0 (layer
     order), then every linear weight to q8_0, smallest first (file order on ties)."""
     whole = [n for n in shapes if types[n] == qtype and shapes[n][1] % FORMATS["q8_0"].block_size == 0]
     qkv = [(n, "q6_0") for n in whole if n.endswith(QKV_SUFFIX)]
@@ -86,9 +109,11 @@ class Policy:
             return EMBEDDING_TYPE.get(self.qtype, self.qtype)
         return self.qtype
 
-    def assign(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    def assign(self, shapes: dict[str, tuple[int, ...]], gains: dict[str, dict[str, float]] | None = None) -> dict[str, str]:
         """The storage type of every tensor of a model (canonical name -> shape); warns about a
-        --keep pattern that matches none of them (a typo would otherwise pass silently)."""
+        --keep pattern that matches none of them (a typo would otherwise pass silently). With
+        `gains` (quantize/sensitivity.py: each linear weight's measured mean-KLD cut per upgrade
+        type) the budget buys the most cut per byte; without, it follows `upgrade_order`."""
         for pattern, _ in self.keep:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in shapes):
                 warnings.warn(
@@ -100,11 +125,16 @@ class Policy:
         types = {name: self.default_type(name, shape) for name, shape in shapes.items()}
         if self.qtype != "q8_0" and self.upgrade_budget > 0:
             budget = self.upgrade_budget * sum(stored_bytes(types[n], s) for n, s in shapes.items())
-            for name, upgrade in upgrade_order(shapes, types, self.qtype):
-                extra = stored_bytes(upgrade, shapes[name]) - stored_bytes(types[name], shapes[name])
-                if extra > budget:
-                    break
-                types[name], budget = upgrade, budget - extra
+            if gains is not None:
+                extra = {n: {t: stored_bytes(t, shapes[n]) - stored_bytes(types[n], shapes[n]) for t in UPGRADE_TYPES}
+                         for n in shapes if n in gains and types[n] == self.qtype and shapes[n][1] % FORMATS["q8_0"].block_size == 0}
+                types.update(greedy_upgrades({n: gains[n] for n in extra}, extra, budget))
+            else:
+                for name, upgrade in upgrade_order(shapes, types, self.qtype):
+                    extra_bytes = stored_bytes(upgrade, shapes[name]) - stored_bytes(types[name], shapes[name])
+                    if extra_bytes > budget:
+                        break
+                    types[name], budget = upgrade, budget - extra_bytes
         return {name: self.type_for(name, shape, types[name]) for name, shape in shapes.items()}
 
     def type_for(self, name: str, shape: tuple[int, ...], chosen: str | None = None) -> str:

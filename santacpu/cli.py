@@ -273,8 +273,9 @@ def quantize(
         "Repeatable.",
     ),
     upgrade_budget: float = typer.Option(
-        5.0, min=0.0, help="4-bit types: percent of extra file size spent on upgrades: attention Q|K|V to q6_0 "
-        "first, then the smallest linear weights to q8_0; 0 keeps every linear weight 4-bit."
+        5.0, min=0.0, help="4-bit types: percent of extra file size spent raising linear weights to q6_0 or q8_0 "
+        "where calibration measures the most KL divergence cut per byte (by role without calibration); "
+        "0 keeps every linear weight 4-bit."
     ),
     revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import SantacpuError
+from .network.reference import log_softmax
 
 
 @dataclass
@@ -51,12 +52,6 @@ class Scores:
             ]
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def chunk_tokens(tokens: Sequence[int], n_ctx: int) -> list[list[int]]:

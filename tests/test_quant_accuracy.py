@@ -20,6 +20,7 @@ import santacpu
 from quantize.calibration import calibration_texts, collect_importance, token_sequences
 from quantize.converter import convert
 from quantize.policy import parse_keep
+from quantize.sensitivity import measure_upgrade_gains
 from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.evaluate import score
 from santacpu.tokenizer import Tokenizer
@@ -45,11 +46,28 @@ def _reference(fixture: Path):
         return santacpu.load(fixture, kv_cache="float32")  # exact: the quantized models run the default fp16 cache
 
 
-def _importance(fixture: Path):
-    exclude = set((fixture / "heldout.txt").read_text().split())
-    texts, _ = calibration_texts(None, exclude)
-    reader = open_checkpoint(fixture)
-    return collect_importance(reader, token_sequences(texts, Tokenizer.santacoder(), reader.config.eos_token_id, 4096, N_CTX))
+class Calibration:
+    """What `santacpu quantize` derives from calibration text for a fixture: the importance, and
+    for a 4-bit type with an upgrade budget the measured upgrade gains (made once per type)."""
+
+    def __init__(self, fixture: Path):
+        exclude = set((fixture / "heldout.txt").read_text().split())
+        texts, _ = calibration_texts(None, exclude)
+        self.reader = open_checkpoint(fixture)
+        self.sequences = token_sequences(texts, Tokenizer.santacoder(), self.reader.config.eos_token_id, 4096, N_CTX)
+        self.importance = collect_importance(self.reader, self.sequences)
+        self._gains = {}
+
+    def convert(self, fixture: Path, out: Path, spec: dict) -> Path:
+        """The variant's file, converted as `santacpu quantize` would with the spec's options."""
+        gains = None
+        if spec["importance"] and spec["type"] != "q8_0" and spec["upgrade_budget"] > 0:
+            if spec["type"] not in self._gains:
+                self._gains[spec["type"]] = measure_upgrade_gains(self.reader, self.sequences, spec["type"], self.importance)
+            gains = self._gains[spec["type"]]
+        return convert(fixture, out, qtype=spec["type"], keep=parse_keep(spec["keep"]),
+                       importance=self.importance if spec["importance"] else None,
+                       upgrade_budget=spec["upgrade_budget"], upgrade_gains=gains).out
 
 
 @pytest.fixture(scope="module")
@@ -63,20 +81,20 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def importance():
-    return _importance(FIXTURE)
+def calibration():
+    return Calibration(FIXTURE)
 
 
 # The default files: besides their own bounds, scored again through the float kernels, which
-# their integer kernels' rounding of x may worsen by at most a quarter.
-INTEGER_CHECKED = ("q8_0", "q4_0", "q4_m")
+# their integer kernels' rounding of x may worsen by at most a quarter (q4_m for the 4-bit codes:
+# q4_0 runs the same nibble products, less the minimums).
+INTEGER_CHECKED = ("q8_0", "q4_m")
 
 
 @pytest.mark.parametrize("variant", sorted(THRESHOLDS["variants"]))
-def test_quantization_accuracy_on_the_trained_model(variant, tmp_path, heldout_texts, reference, importance, monkeypatch):
+def test_quantization_accuracy_on_the_trained_model(variant, tmp_path, heldout_texts, reference, calibration, monkeypatch):
     spec = THRESHOLDS["variants"][variant]
-    path = convert(FIXTURE, tmp_path / f"{variant}.safetensors", qtype=spec["type"], keep=parse_keep(spec["keep"]),
-                   importance=importance if spec["importance"] else None, upgrade_budget=spec["upgrade_budget"]).out
+    path = calibration.convert(FIXTURE, tmp_path / f"{variant}.safetensors", spec)
     s = score(santacpu.load(path), heldout_texts, N_CTX, reference)
     assert s.chunks >= N_CHUNKS - 1
     measured = f"{variant}: mean KLD {s.mean_kld:.5f}, top-1 {s.top1_agreement:.4f}, size {path.stat().st_size}"
@@ -89,17 +107,16 @@ def test_quantization_accuracy_on_the_trained_model(variant, tmp_path, heldout_t
 
 @pytest.fixture(scope="module")
 def wide():
-    """The wide fixture's held-out texts, reference and importance, made once."""
+    """The wide fixture's held-out texts, reference and calibration, made once."""
     fixture = FIXTURES / "trained_wide"
-    return fixture, _heldout_texts(fixture), _reference(fixture), _importance(fixture)
+    return fixture, _heldout_texts(fixture), _reference(fixture), Calibration(fixture)
 
 
 @pytest.mark.parametrize("variant", sorted(WIDE_THRESHOLDS["variants"]))
 def test_quantization_accuracy_on_the_wide_trained_model(variant, tmp_path, wide):
-    fixture, texts, reference, importance = wide
+    fixture, texts, reference, calibration = wide
     spec = WIDE_THRESHOLDS["variants"][variant]
-    path = convert(fixture, tmp_path / f"{variant}.safetensors", qtype=spec["type"], keep=parse_keep(spec["keep"]),
-                   importance=importance if spec["importance"] else None, upgrade_budget=spec["upgrade_budget"]).out
+    path = calibration.convert(fixture, tmp_path / f"{variant}.safetensors", spec)
     s = score(santacpu.load(path), texts, N_CTX, reference)
     measured = f"{variant}: mean KLD {s.mean_kld:.6f}, top-1 {s.top1_agreement:.4f}, size {path.stat().st_size}"
     print(measured)

@@ -15,9 +15,10 @@ from helpers import HAND_EDITS, edit_json, mmap_owner, overlapping_copy, rewrite
 
 import santacpu
 from quantize.calibration import collect_importance, token_sequences
-from quantize.converter import convert, sha256_of_sources
+from quantize.converter import convert, sha256_of_sources, tensor_shapes
 from santacpu.formats.blocks import FORMATS
-from quantize.policy import Policy, parse_keep
+from quantize.policy import Policy, greedy_upgrades, parse_keep, stored_bytes
+from quantize.sensitivity import measure_upgrade_gains
 from santacpu import SantacpuError
 from santacpu.network import reference
 from santacpu.errors import WriteError
@@ -287,6 +288,24 @@ def test_importance_statistics_and_weighted_conversion(tmp_path):
     assert meta["quantization"]["importance_weighted"] is True
     assert meta["provenance"]["calibration"] == "test text"
     assert santacpu.load(report.out).logits([1, 2, 3]).shape == (3, 49280)
+    assert meta["quantization"]["upgrades"] == "by role"
+
+    # Measured upgrade gains: one per linear weight and upgrade type, q8_0 cutting at least what
+    # q6_0 does (its rounding error is smaller); the budget buys them within its bytes.
+    gains = measure_upgrade_gains(reader, sequences, "q4_0", importance)
+    assert set(gains) == set(importance) - {"wte"}
+    assert all(0 <= g["q6_0"] <= g["q8_0"] and np.isfinite(g["q8_0"]) for g in gains.values())
+    assert max(g["q8_0"] for g in gains.values()) > 0
+    shapes = tensor_shapes(reader)
+    for budget in (0.002, 0.02, 0.2):
+        policy = Policy("q4_0", upgrade_budget=budget)
+        plain, measured = policy.assign(shapes, {}), policy.assign(shapes, gains)
+        spent = sum(stored_bytes(measured[n], s) - stored_bytes(plain[n], s) for n, s in shapes.items())
+        assert 0 <= spent <= budget * sum(stored_bytes(plain[n], s) for n, s in shapes.items())
+    assert "q8_0" in Policy("q4_0", upgrade_budget=0.2).assign(shapes, gains).values()
+    report = convert(tiny_checkpoint(), tmp_path / "m.safetensors", qtype="q4_0", importance=importance,
+                     upgrade_budget=0.2, upgrade_gains=gains)
+    assert read_metadata(report.out)[1]["quantization"]["upgrades"] == "measured"
 
 
 def test_converting_the_legacy_layout_gives_the_same_file_contents(files, tmp_path):
@@ -332,8 +351,6 @@ def test_no_torch_imported():
 
 
 def test_the_greedy_upgrade_choice_buys_the_most_kld_per_byte_within_the_budget():
-    from tools.upgrade_sensitivity import greedy_upgrades
-
     gains = {"a": {"q6_0": 0.5, "q8_0": 0.6}, "b": {"q6_0": 0.05, "q8_0": -0.1}}  # b at q8_0 is worse
     extra = {"a": {"q6_0": 10, "q8_0": 20}, "b": {"q6_0": 10, "q8_0": 20}}
     assert greedy_upgrades(gains, extra, 9) == {}

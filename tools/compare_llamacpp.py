@@ -31,6 +31,7 @@ import santacpu  # noqa: E402
 from quantize.calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences  # noqa: E402
 from quantize.converter import convert  # noqa: E402
 from quantize.policy import parse_keep  # noqa: E402
+from quantize.sensitivity import measure_upgrade_gains  # noqa: E402
 from santacpu.loading.checkpoint import open_checkpoint  # noqa: E402
 from santacpu.evaluate import score_models  # noqa: E402
 from santacpu.tokenizer import Tokenizer  # noqa: E402
@@ -43,6 +44,7 @@ SANTACPU_VARIANTS = {
     "q4_m (default)": ("q4_m", [], True, 0.05),
     "q4_0 (default)": ("q4_0", [], True, 0.05),
     "q4_m, budget 2%": ("q4_m", [], True, 0.02),
+    "q4_m, budget 1%": ("q4_m", [], True, 0.01),
     "q4_m, budget 0.6%": ("q4_m", [], True, 0.006),
     "q4_0, budget 0.6%": ("q4_0", [], True, 0.006),
     "q4_m, no upgrades": ("q4_m", [], True, 0.0),
@@ -121,11 +123,16 @@ def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
     calib_texts, note = calibration_texts(None, exclude)
     sequences = token_sequences(calib_texts, Tokenizer.santacoder(), reader.config.eos_token_id, 8192, min(SEQUENCE_TOKENS, reader.config.n_positions))
     importance = collect_importance(reader, sequences)
+    gains = {}  # measured upgrade gains per 4-bit type, as `santacpu quantize` measures them
     paths = {}
     for name, (qtype, keep, weighted, budget) in SANTACPU_VARIANTS.items():
         paths[name] = work / ("santacpu-" + re.sub(r"[^a-z0-9_]+", "-", name) + ".safetensors")
+        measured = weighted and qtype != "q8_0" and budget > 0
+        if measured and qtype not in gains:
+            gains[qtype] = measure_upgrade_gains(reader, sequences, qtype, importance)
         convert(checkpoint, paths[name], qtype=qtype, keep=parse_keep(keep), importance=importance if weighted else None,
-                calibration_note=note if weighted else None, force=True, upgrade_budget=budget)
+                calibration_note=note if weighted else None, force=True, upgrade_budget=budget,
+                upgrade_gains=gains[qtype] if measured else None)
     scores = score_models({name: santacpu.load(path) for name, path in paths.items()}, texts, ctx, reference)
     rows = {}
     for name, s in scores.items():

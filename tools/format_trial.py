@@ -34,6 +34,7 @@ from santacpu.evaluate import score  # noqa: E402
 from santacpu.formats.blocks import QK, get_format  # noqa: E402
 from santacpu.loading.checkpoint import open_checkpoint, read_checkpoint  # noqa: E402
 from santacpu.model import Model  # noqa: E402
+from santacpu.network.weights import LINEAR_WEIGHTS as LINEAR  # noqa: E402
 from santacpu.tokenizer import Tokenizer  # noqa: E402
 
 IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32) / 127
@@ -42,7 +43,6 @@ NF4_LEVELS = np.array([
     -1.0, -0.6962, -0.5251, -0.3949, -0.2844, -0.1848, -0.0911, 0.0,
     0.0796, 0.1609, 0.2461, 0.3379, 0.4407, 0.5626, 0.7230, 1.0,
 ], np.float32)
-LINEAR = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")
 
 
 def codebook_roundtrip(w: np.ndarray, importance: np.ndarray | None, levels: np.ndarray) -> np.ndarray:

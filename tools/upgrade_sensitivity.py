@@ -1,4 +1,5 @@
-"""How much mean KLD each single upgrade buys (issue 14): the data for a measured upgrade order.
+"""How much mean KLD each single upgrade buys, scored whole (issue 14): the exact measurement that
+quantize/sensitivity.py estimates cheaply for `santacpu quantize`, to check its choices against.
 
 From a trained checkpoint with every linear weight at the 4-bit type (and the embedding at q6_0,
 as santacpu's policy keeps it), each linear weight in turn is raised alone to q6_0 and to q8_0
@@ -29,36 +30,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from quantize.calibration import calibration_texts, collect_importance, token_sequences  # noqa: E402
-from quantize.policy import stored_bytes  # noqa: E402
+from quantize.policy import UPGRADE_TYPES, greedy_upgrades, stored_bytes  # noqa: E402
 from santacpu.backends.cpu.backend import CpuBackend  # noqa: E402
 from santacpu.evaluate import score_models  # noqa: E402
 from santacpu.loading.checkpoint import open_checkpoint, read_checkpoint  # noqa: E402
 from santacpu.model import Model  # noqa: E402
 from santacpu.tokenizer import Tokenizer  # noqa: E402
 from tools.format_trial import LINEAR, roundtrip  # noqa: E402
-
-UPGRADES = ("q6_0", "q8_0")
-
-
-def greedy_upgrades(gains: dict[str, dict[str, float]], extra: dict[str, dict[str, int]], budget: float) -> dict[str, str]:
-    """{tensor: type} bought within `budget` bytes, each step the upgrade (from a tensor's current
-    type to a higher one) with the largest positive KLD cut per extra byte."""
-    chosen: dict[str, str] = {}
-    while True:
-        best = None
-        for tensor, by_type in gains.items():
-            current = chosen.get(tensor)
-            for qtype in UPGRADES[UPGRADES.index(current) + 1 if current else 0 :]:
-                cut = by_type[qtype] - (by_type[current] if current else 0.0)
-                cost = extra[tensor][qtype] - (extra[tensor][current] if current else 0)
-                if cut > 0 and cost <= budget and (best is None or cut / cost > best[0]):
-                    best = (cut / cost, tensor, qtype, cost)
-        if best is None:
-            return chosen
-        _, tensor, qtype, cost = best
-        chosen[tensor] = qtype
-        budget -= cost
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -99,19 +77,19 @@ def main(argv: list[str] | None = None) -> None:
     for i, layer in enumerate(original.layers):
         for n in LINEAR:
             shape = getattr(layer, n).shape
-            extra[f"h.{i}.{n}"] = {q: stored_bytes(q, shape) - stored_bytes(args.type, shape) for q in UPGRADES}
-            for q in UPGRADES:
+            extra[f"h.{i}.{n}"] = {q: stored_bytes(q, shape) - stored_bytes(args.type, shape) for q in UPGRADE_TYPES}
+            for q in UPGRADE_TYPES:
                 models[f"h.{i}.{n}={q}"] = variant((i, n, q))
     scores = score_models(models, scored, n_ctx, reference)
     base = scores["base"].mean_kld
     tensor_bytes = stored_bytes("q6_0", original.wte.shape) + sum(
         stored_bytes(args.type, getattr(layer, n).shape) for layer in original.layers for n in LINEAR)
-    gains = {t: {q: base - scores[f"{t}={q}"].mean_kld for q in UPGRADES} for t in extra}
+    gains = {t: {q: base - scores[f"{t}={q}"].mean_kld for q in UPGRADE_TYPES} for t in extra}
     print(f"{args.checkpoint.name}: every linear weight {args.type}, embedding q6_0: mean KLD {base:.6f} "
           f"on {scores['base'].chunks} calibration chunks; {tensor_bytes:,} bytes of matrices")
     print(f"{'upgrade':<34}{'extra KB':>9}{'KLD cut':>9}{'cut % per 1% bytes':>20}")
     for t in extra:
-        for q in UPGRADES:
+        for q in UPGRADE_TYPES:
             per = (gains[t][q] / base) / (extra[t][q] / tensor_bytes)
             print(f"{t + '=' + q:<34}{extra[t][q] / 1e3:>9.1f}{100 * gains[t][q] / base:>8.1f}%{per:>20.1f}")
     chosen = greedy_upgrades(gains, extra, args.budget / 100 * tensor_bytes)

@@ -35,7 +35,7 @@ def dense(weight) -> np.ndarray:
     """Any stored weight (float32, float16, QuantizedWeight) as a float32 array."""
     if isinstance(weight, QuantizedWeight):
         return weight.dequantize()
-    return weight.astype(np.float32)
+    return weight.astype(np.float32, copy=False)
 
 
 NO_ROUNDING: Mapping[str, int] = MappingProxyType({})  # the products of fp32 math: x as it is
@@ -63,6 +63,13 @@ def linear(x: np.ndarray, weight, bias: np.ndarray | None = None, rounded: Mappi
 def softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max(axis=-1, keepdims=True))
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis, in float64 (KL divergences of close distributions)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:

@@ -20,6 +20,9 @@ import numpy as np
 
 from ..config import Config
 
+# The four matrices of a layer that the block formats quantize (the rest are vectors).
+LINEAR_WEIGHTS = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")
+
 # Shape legend: E = n_embd, I = n_inner, V = vocab_size, P = n_positions, KV = kv_dim
 # (n_kv_head * head_dim), QKV = E + 2*KV.
 

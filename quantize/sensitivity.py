@@ -1,0 +1,105 @@
+"""Measured upgrade gains: how much mean KL divergence (against full precision, on calibration
+text) raising each linear weight from the 4-bit type to q6_0 or q8_0 would cut, so that the
+upgrade budget buys the most KLD per byte (`policy.Policy.assign` with `gains`).
+
+Estimate, per layer i (the rest of the model in full precision):
+- KLD_i: the mean KLD of the model's next-token distributions when layer i's four linear weights
+  are at the 4-bit type (one forward from layer i's cached input to the LM head);
+- e(w, t): the squared change of layer i's output when only weight w is at type t (one layer
+  forward each);
+- the cut of upgrading w to t: KLD_i * (e(w, 4-bit) - e(w, t)) / sum over the layer's weights of
+  e(w', 4-bit).
+So a layer's depth sets how much its errors cost at the output (measured, not assumed), and its
+weights share that cost by what each adds to the layer's output. Cost: about L^2/2 + 13 L layer
+forwards over `SENSITIVITY_TOKENS` tokens and three roundings of each weight, against L^2 * 4
+forwards to the head for each weight's own measurement (tools/upgrade_sensitivity.py does that,
+on small models, to check these choices).
+
+May import: numpy, `santacpu` (network, loading, formats, progress), `quantize.policy`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from santacpu.formats.blocks import FORMATS
+from santacpu.loading.checkpoint import CheckpointReader
+from santacpu.network import reference as ref
+from santacpu.network.weights import LINEAR_WEIGHTS as LINEAR
+from santacpu.progress import Progress
+
+from .policy import UPGRADE_TYPES
+
+SENSITIVITY_TOKENS = 128  # the first calibration tokens, in sequences as calibration cut them
+
+
+def _roundtrip(qtype: str, weight: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
+    fmt = FORMATS[qtype]
+    return fmt.dequantize(fmt.quantize(weight, importance)).astype(np.float32)
+
+
+def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], qtype: str,
+                          importance: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
+    """{canonical name of each linear weight: {upgrade type: estimated mean-KLD cut}} (a cut can be
+    0, never negative: a weight whose upgrade does not help is not bought)."""
+    c = reader.config
+    eps = c.layer_norm_epsilon
+    picked, count = [], 0
+    for s in sequences:
+        if count >= SENSITIVITY_TOKENS:
+            break
+        picked.append(s[: SENSITIVITY_TOKENS - count])
+        count += len(picked[-1])
+    wte, wpe = reader.wte(), reader.wpe()
+    ln_f = reader.ln_f()
+
+    def layer_forward(x: np.ndarray, layer) -> np.ndarray:  # x [T, E] -> [T, E]
+        x = x + ref.attention(ref.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps), layer, c.n_head, c.n_kv_head)
+        return x + ref.mlp(ref.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps), layer)
+
+    def log_probs(x: np.ndarray) -> np.ndarray:  # the tied LM head's log-probabilities [T, V]
+        return ref.log_softmax(ref.linear(ref.layer_norm(x, *ln_f, eps), wte))
+
+    states = [ref.dense(wte[np.asarray(s)]) + ref.dense(wpe[: len(s)]) for s in picked]  # [T, E] each
+    inputs = []  # inputs[i][k]: layer i's input for sequence k
+    for i in range(c.n_layer):
+        inputs.append(states)
+        layer = reader.layer(i)
+        states = [layer_forward(x, layer) for x in states]
+    reference = [log_probs(x) for x in states]
+    reference_p = [np.exp(lp) for lp in reference]
+
+    def mean_kld(outputs: list[np.ndarray]) -> float:
+        total = sum(float((p * (r - log_probs(x))).sum()) for p, r, x in zip(reference_p, reference, outputs))
+        return total / count
+
+    gains: dict[str, dict[str, float]] = {}
+    progress = Progress(c.n_layer, "measuring upgrades")
+    for i in range(c.n_layer):
+        layer = reader.layer(i)
+        exact = [layer_forward(x, layer) for x in inputs[i]]
+        errors: dict[str, dict[str, float]] = {}
+        low = {}
+        for name in LINEAR:
+            weight = np.asarray(getattr(layer, name), dtype=np.float32)
+            imp = None if importance is None else importance.get(f"h.{i}.{name}")
+            errors[name] = {}
+            for t in (qtype, *UPGRADE_TYPES):
+                # The 4-bit rounding as the file will have it; the upgrades' 4-16x smaller errors
+                # without the importance search (10x faster, the same ranking).
+                changed = dataclasses.replace(layer, **{name: _roundtrip(t, weight, imp if t == qtype else None)})
+                if t == qtype:
+                    low[name] = getattr(changed, name)
+                errors[name][t] = sum(float(((layer_forward(x, changed) - e) ** 2).sum()) for x, e in zip(inputs[i], exact))
+        outputs = [layer_forward(x, dataclasses.replace(layer, **low)) for x in inputs[i]]
+        for j in range(i + 1, c.n_layer):
+            later = reader.layer(j)
+            outputs = [layer_forward(x, later) for x in outputs]
+        kld = mean_kld(outputs)
+        total = sum(errors[n][qtype] for n in LINEAR) or 1.0
+        for name in LINEAR:
+            gains[f"h.{i}.{name}"] = {t: max(0.0, kld * (errors[name][qtype] - errors[name][t]) / total) for t in UPGRADE_TYPES}
+        progress.step(f"layer {i}")
+    return gains
