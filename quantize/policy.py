@@ -84,10 +84,16 @@ def greedy_upgrades(gains: dict[str, dict[str, float]], extra: dict[str, dict[st
         budget -= cost
 
 
+def upgradable(shapes: dict[str, tuple[int, ...]], types: dict[str, str], qtype: str) -> list[str]:
+    """The weights the budget may raise: those at the file's 4-bit type, in whole blocks."""
+    return [n for n in shapes if types[n] == qtype and shapes[n][1] % FORMATS["q8_0"].block_size == 0]
+
+
 def upgrade_order(shapes: dict[str, tuple[int, ...]], types: dict[str, str], qtype: str) -> list[tuple[str, str]]:
-    """The upgrades the budget buys when nothing was measured, in order: first every attention Q|K|V weight to q6_0 (layer
-    order), then every linear weight to q8_0, smallest first (file order on ties)."""
-    whole = [n for n in shapes if types[n] == qtype and shapes[n][1] % FORMATS["q8_0"].block_size == 0]
+    """The upgrades the budget buys when nothing was measured, in order: first every attention
+    Q|K|V weight to q6_0 (layer order), then every linear weight to q8_0, smallest first (file
+    order on ties)."""
+    whole = upgradable(shapes, types, qtype)
     qkv = [(n, "q6_0") for n in whole if n.endswith(QKV_SUFFIX)]
     return qkv + [(n, "q8_0") for n in sorted(whole, key=lambda n: int(np.prod(shapes[n])))]
 
@@ -127,7 +133,7 @@ class Policy:
             budget = self.upgrade_budget * sum(stored_bytes(types[n], s) for n, s in shapes.items())
             if gains is not None:
                 extra = {n: {t: stored_bytes(t, shapes[n]) - stored_bytes(types[n], shapes[n]) for t in UPGRADE_TYPES}
-                         for n in shapes if n in gains and types[n] == self.qtype and shapes[n][1] % FORMATS["q8_0"].block_size == 0}
+                         for n in upgradable(shapes, types, self.qtype) if n in gains}
                 types.update(greedy_upgrades({n: gains[n] for n in extra}, extra, budget))
             else:
                 for name, upgrade in upgrade_order(shapes, types, self.qtype):
