@@ -60,12 +60,12 @@ def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgr
     if calibration is None:
         calibration = default_calibration(qtype)
     keep_rules = parse_keep(list(keep))
-    Policy(qtype, keep_rules)  # a bad type fails now, not after calibrating
+    policy = Policy(qtype, keep_rules, upgrade_budget)  # a bad type fails now, not after calibrating
     check_output(Path(out), force, qtype)
     check_source(src)
     importance, gains, note = None, None, None
     if calibration not in (None, "none"):
-        measure_for = qtype if qtype != "q8_0" and upgrade_budget > 0 else None
+        measure_for = qtype if policy.buys_upgrades else None
         importance, gains, note = calibrate(src, revision, calibration, calibration_tokens, measure_for)
     report = convert(src, Path(out), qtype=qtype, keep=keep_rules, importance=importance, calibration_note=note,
                      revision=revision, force=force, upgrade_budget=upgrade_budget, upgrade_gains=gains)

@@ -108,6 +108,12 @@ class Policy:
         if self.qtype not in FORMATS:
             raise SantacpuError(f"unknown quantization type '{self.qtype}' (choose from {', '.join(FORMATS)})")
 
+    @property
+    def buys_upgrades(self) -> bool:
+        """Whether the upgrade budget spends anything (4-bit types with a budget): the only case
+        where measured upgrade gains matter."""
+        return self.qtype != "q8_0" and self.upgrade_budget > 0
+
     def default_type(self, name: str, shape: tuple[int, ...]) -> str:
         if len(shape) != 2 or name == "wpe":
             return "f32"
@@ -129,7 +135,7 @@ class Policy:
                     stacklevel=2,
                 )
         types = {name: self.default_type(name, shape) for name, shape in shapes.items()}
-        if self.qtype != "q8_0" and self.upgrade_budget > 0:
+        if self.buys_upgrades:
             budget = self.upgrade_budget * sum(stored_bytes(types[n], s) for n, s in shapes.items())
             if gains is not None:
                 extra = {n: {t: stored_bytes(t, shapes[n]) - stored_bytes(types[n], shapes[n]) for t in UPGRADE_TYPES}

@@ -19,7 +19,7 @@ import pytest
 import santacpu
 from quantize.calibration import calibration_texts, collect_importance, token_sequences
 from quantize.converter import convert
-from quantize.policy import parse_keep
+from quantize.policy import Policy, parse_keep
 from quantize.sensitivity import measure_upgrade_gains
 from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.evaluate import score
@@ -61,7 +61,7 @@ class Calibration:
     def convert(self, fixture: Path, out: Path, spec: dict) -> Path:
         """The variant's file, converted as `santacpu quantize` would with the spec's options."""
         gains = None
-        if spec["importance"] and spec["type"] != "q8_0" and spec["upgrade_budget"] > 0:
+        if spec["importance"] and Policy(spec["type"], upgrade_budget=spec["upgrade_budget"]).buys_upgrades:
             if spec["type"] not in self._gains:
                 self._gains[spec["type"]] = measure_upgrade_gains(self.reader, self.sequences, spec["type"], self.importance)
             gains = self._gains[spec["type"]]

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import santacpu  # noqa: E402
 from quantize.calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences  # noqa: E402
 from quantize.converter import convert  # noqa: E402
-from quantize.policy import parse_keep  # noqa: E402
+from quantize.policy import Policy, parse_keep  # noqa: E402
 from quantize.sensitivity import measure_upgrade_gains  # noqa: E402
 from santacpu.loading.checkpoint import open_checkpoint  # noqa: E402
 from santacpu.evaluate import score_models  # noqa: E402
@@ -127,7 +127,7 @@ def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
     paths = {}
     for name, (qtype, keep, weighted, budget) in SANTACPU_VARIANTS.items():
         paths[name] = work / ("santacpu-" + re.sub(r"[^a-z0-9_]+", "-", name) + ".safetensors")
-        measured = weighted and qtype != "q8_0" and budget > 0
+        measured = weighted and Policy(qtype, upgrade_budget=budget).buys_upgrades
         if measured and qtype not in gains:
             gains[qtype] = measure_upgrade_gains(reader, sequences, qtype, importance)
         convert(checkpoint, paths[name], qtype=qtype, keep=parse_keep(keep), importance=importance if weighted else None,
