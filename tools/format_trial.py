@@ -103,6 +103,39 @@ def roundtrip(name: str, w: np.ndarray, importance: np.ndarray | None) -> np.nda
 
 
 BITS = {"q4_0": 4.5, "q4_m": 4.5, "nl4": 4.5, "nf4": 4.5, "q5": 5.5, "q8_0": 8.5}
+IMPORTANCE_TOKENS = 4096  # calibration tokens for the importance, as `santacpu quantize` takes by default
+
+
+@dataclasses.dataclass
+class Trial:
+    """A trained checkpoint opened for quantize-dequantize trials (here and in
+    tools/upgrade_sensitivity.py)."""
+
+    tokenizer: Tokenizer
+    n_ctx: int
+    importance: dict  # from the first IMPORTANCE_TOKENS calibration tokens
+    calibration_after: list[int]  # the calibration tokens after those, for scoring on calibration text
+    original: object  # the full-precision ModelWeights
+    reference: Model  # the fp32 reference model
+
+    def model(self, weights) -> Model:
+        return Model(weights, self.tokenizer, CpuBackend(), kv_cache="float32")
+
+
+def open_trial(checkpoint: Path, extra_chunks: int = 0) -> Trial:
+    """The checkpoint, its calibration text (the standard library less its held-out files), the
+    importance and the reference; `extra_chunks` x n_ctx more calibration tokens kept for scoring."""
+    warnings.simplefilter("ignore")  # the fixtures have no tokenizer.json: the bundled one serves
+    tokenizer = Tokenizer.santacoder()
+    reader = open_checkpoint(checkpoint)
+    n_ctx, eos = reader.config.n_positions, reader.config.eos_token_id
+    exclude = set((checkpoint / "heldout.txt").read_text().split())
+    calib, _ = calibration_texts(None, exclude)
+    importance = collect_importance(reader, token_sequences(calib, tokenizer, eos, IMPORTANCE_TOKENS, n_ctx))
+    stream = [t for s in token_sequences(calib, tokenizer, eos, IMPORTANCE_TOKENS + n_ctx * extra_chunks, n_ctx) for t in s]
+    original = read_checkpoint(checkpoint)
+    reference = Model(original, tokenizer, CpuBackend(), kv_cache="float32")
+    return Trial(tokenizer, n_ctx, importance, stream[IMPORTANCE_TOKENS:], original, reference)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,17 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", type=int, default=16, help="256-token chunks of held-out text scored")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")  # the fixtures have no tokenizer.json: the bundled one serves
-    tokenizer = Tokenizer.santacoder()
-    reader = open_checkpoint(args.checkpoint)
-    n_ctx = reader.config.n_positions
-    ids = tokenizer.encode((args.checkpoint / "heldout.py.txt").read_text(encoding="utf-8"))[: n_ctx * args.chunks]
-    texts = [tokenizer.decode(ids)]
-    exclude = set((args.checkpoint / "heldout.txt").read_text().split())
-    calib, _ = calibration_texts(None, exclude)
-    importance = collect_importance(reader, token_sequences(calib, tokenizer, reader.config.eos_token_id, 4096, n_ctx))
-    original = read_checkpoint(args.checkpoint)
-    reference = Model(original, tokenizer, CpuBackend(), kv_cache="float32")
+    trial = open_trial(args.checkpoint)
+    importance, original = trial.importance, trial.original
+    ids = trial.tokenizer.encode((args.checkpoint / "heldout.py.txt").read_text(encoding="utf-8"))[: trial.n_ctx * args.chunks]
+    texts = [trial.tokenizer.decode(ids)]
     embedding = roundtrip("q6_0", np.asarray(original.wte), importance.get("wte"))
     linear_values = sum(np.asarray(getattr(layer, n)).size for layer in original.layers for n in LINEAR)
     print(f"{args.checkpoint.name}: linear weights {linear_values:,} of {linear_values + original.wte.size:,} values")
@@ -132,8 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         for i, layer in enumerate(original.layers):
             changes = {n: roundtrip(name, np.asarray(getattr(layer, n)), importance.get(f"h.{i}.{n}")) for n in LINEAR}
             layers.append(dataclasses.replace(layer, **changes))
-        trial = dataclasses.replace(original, wte=embedding, layers=layers)
-        s = score(Model(trial, tokenizer, CpuBackend(), kv_cache="float32"), texts, n_ctx, reference)
+        weights = dataclasses.replace(original, wte=embedding, layers=layers)
+        s = score(trial.model(weights), texts, trial.n_ctx, trial.reference)
         rows[name] = {"bits": BITS[name], "mean_kld": s.mean_kld, "top1": s.top1_agreement}
         print(f"{name:<6} {BITS[name]:>4} bits  mean KLD {s.mean_kld:.6f}  top-1 {100 * s.top1_agreement:.2f}%", flush=True)
     if args.json:

@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import json
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +28,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from quantize.calibration import calibration_texts, collect_importance, token_sequences  # noqa: E402
 from quantize.policy import UPGRADE_TYPES, greedy_upgrades, stored_bytes  # noqa: E402
-from santacpu.backends.cpu.backend import CpuBackend  # noqa: E402
 from santacpu.evaluate import score_models  # noqa: E402
-from santacpu.loading.checkpoint import open_checkpoint, read_checkpoint  # noqa: E402
-from santacpu.model import Model  # noqa: E402
-from santacpu.tokenizer import Tokenizer  # noqa: E402
-from tools.format_trial import LINEAR, roundtrip  # noqa: E402
+from tools.format_trial import LINEAR, open_trial, roundtrip  # noqa: E402
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -46,17 +40,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--budget", type=float, default=0.6, help="percent of the tensor bytes for the greedy choice")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    warnings.simplefilter("ignore")  # the fixtures have no tokenizer.json: the bundled one serves
-    tokenizer = Tokenizer.santacoder()
-    reader = open_checkpoint(args.checkpoint)
-    n_ctx = reader.config.n_positions
-    exclude = set((args.checkpoint / "heldout.txt").read_text().split())
-    calib, _ = calibration_texts(None, exclude)
-    sequences = token_sequences(calib, tokenizer, reader.config.eos_token_id, 4096 + n_ctx * args.chunks, n_ctx)
-    importance = collect_importance(reader, sequences[: 4096 // n_ctx])  # the first 4096 tokens: as quantize does
-    scored = [tokenizer.decode([t for s in sequences[4096 // n_ctx :] for t in s])]  # the tokens after them
-    original = read_checkpoint(args.checkpoint)
-    reference = Model(original, tokenizer, CpuBackend(), kv_cache="float32")
+    trial = open_trial(args.checkpoint, extra_chunks=args.chunks)
+    importance, original = trial.importance, trial.original
+    scored = [trial.tokenizer.decode(trial.calibration_after)]  # the calibration tokens after the importance's
     embedding = roundtrip("q6_0", np.asarray(original.wte), importance.get("wte"))
     cache: dict[tuple[int, str, str], np.ndarray] = {}
 
@@ -65,12 +51,12 @@ def main(argv: list[str] | None = None) -> None:
             cache[i, name, qtype] = roundtrip(qtype, np.asarray(getattr(original.layers[i], name)), importance.get(f"h.{i}.{name}"))
         return cache[i, name, qtype]
 
-    def variant(upgrade: tuple[int, str, str] | None) -> Model:
+    def variant(upgrade: tuple[int, str, str] | None):
         layers = []
         for i, layer in enumerate(original.layers):
             types = {n: upgrade[2] if upgrade and upgrade[:2] == (i, n) else args.type for n in LINEAR}
             layers.append(dataclasses.replace(layer, **{n: weight(i, n, t) for n, t in types.items()}))
-        return Model(dataclasses.replace(original, wte=embedding, layers=layers), tokenizer, CpuBackend(), kv_cache="float32")
+        return trial.model(dataclasses.replace(original, wte=embedding, layers=layers))
 
     models = {"base": variant(None)}
     extra: dict[str, dict[str, int]] = {}
@@ -80,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
             extra[f"h.{i}.{n}"] = {q: stored_bytes(q, shape) - stored_bytes(args.type, shape) for q in UPGRADE_TYPES}
             for q in UPGRADE_TYPES:
                 models[f"h.{i}.{n}={q}"] = variant((i, n, q))
-    scores = score_models(models, scored, n_ctx, reference)
+    scores = score_models(models, scored, trial.n_ctx, trial.reference)
     base = scores["base"].mean_kld
     tensor_bytes = stored_bytes("q6_0", original.wte.shape) + sum(
         stored_bytes(args.type, getattr(layer, n).shape) for layer in original.layers for n in LINEAR)
