@@ -66,6 +66,18 @@ def token_sequences(texts: list[str], tokenizer: Tokenizer, eos_id: int, max_tok
     return [stream[i : i + n_ctx] for i in range(0, len(stream), n_ctx) if len(stream[i : i + n_ctx]) > 1]
 
 
+FREQUENCY_TOKENS = 1 << 18  # tokens counted for the most used embedding rows (tokenizing only)
+
+
+def most_used_tokens(texts: list[str], tokenizer: Tokenizer, eos_id: int, vocab_size: int) -> np.ndarray:
+    """The token ids seen in the first FREQUENCY_TOKENS tokens of `texts`, most frequent first
+    (ties: lower id first), int64 [distinct]."""
+    stream = [t for s in token_sequences(texts, tokenizer, eos_id, FREQUENCY_TOKENS, FREQUENCY_TOKENS) for t in s]
+    counts = np.bincount(np.asarray(stream, np.int64), minlength=vocab_size)[:vocab_size]
+    order = np.argsort(-counts, kind="stable")
+    return order[counts[order] > 0]
+
+
 def collect_importance(reader: CheckpointReader, sequences: list[list[int]]) -> dict[str, np.ndarray]:
     """{canonical matrix name: mean squared input activation per input channel [cols]}."""
     c = reader.config

@@ -27,6 +27,7 @@ from santacpu.errors import SantacpuError
 from santacpu.formats.blocks import FORMATS
 from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, FULL_PRECISION_TYPES, all_finite, is_quantized_file
 from santacpu.formats.safetensors_io import dtype_name_of, write_safetensors
+from santacpu.formats.split_rows import split_rows
 from santacpu.loading.checkpoint import CheckpointReader, open_checkpoint
 from santacpu.loading.quantized import canonical_tensor_names
 from santacpu.loading.source import resolve
@@ -34,7 +35,7 @@ from santacpu.network.weights import expected_layer_shapes
 from santacpu.progress import Progress
 from santacpu.tokenizer import tokenizer_file_for
 
-from .policy import DEFAULT_UPGRADE_BUDGET, Policy
+from .policy import DEFAULT_UPGRADE_BUDGET, ROW_UPGRADE_TYPE, Policy
 
 
 @dataclass
@@ -131,11 +132,13 @@ def convert(
     revision: str | None = None,
     force: bool = False,
     upgrade_budget: float = DEFAULT_UPGRADE_BUDGET,
-    upgrade_gains: dict[str, dict[str, float]] | None = None,
+    upgrade_gains: dict[str, dict] | None = None,
+    most_used_tokens: np.ndarray | None = None,
 ) -> ConversionReport:
     """Quantize `src` into the file `out`. `importance` maps canonical matrix names to per-input-
     channel weights (see quantize/calibration.py) for importance-weighted rounding;
-    `upgrade_gains` (quantize/sensitivity.py) orders the upgrade budget by measured KLD cut."""
+    `upgrade_gains` (quantize/sensitivity.py) orders the upgrade budget by measured KLD cut;
+    `most_used_tokens` (ids, most used first) names the embedding rows a plan may raise."""
     started = time.perf_counter()
     policy = Policy(qtype, list(keep), upgrade_budget)
     out = Path(out)
@@ -145,8 +148,14 @@ def convert(
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
     shapes = tensor_shapes(reader)
-    types = policy.assign(shapes, upgrade_gains)
-    entries, file_shapes = _file_layout(shapes, types)
+    plan = policy.plan(shapes, upgrade_gains)
+    types = plan.types
+    raised_rows = None
+    if plan.embedding_rows:
+        if most_used_tokens is None or len(most_used_tokens) < plan.embedding_rows:
+            raise SantacpuError("the upgrade plan raises embedding rows, but the most used tokens were not given")
+        raised_rows = np.sort(np.asarray(most_used_tokens[: plan.embedding_rows], np.int32))
+    entries, file_shapes = _file_layout(shapes, types, 0 if raised_rows is None else len(raised_rows))
     provenance = {
         "source": str(src),
         "resolved_path": str(folder),
@@ -163,11 +172,12 @@ def convert(
         "tokenizer": _minified_tokenizer(folder, reader.config.vocab_size),
         "tensors": json.dumps(entries),
         "quantization": json.dumps({**policy.describe(), "importance_weighted": importance is not None,
-                                    "upgrades": "by role" if upgrade_gains is None else "measured"}),
+                                    "upgrades": "by role" if upgrade_gains is None else "measured",
+                                    "embedding_rows_raised": plan.embedding_rows}),
         "provenance": json.dumps(provenance),
     }
     reports: list[TensorReport] = []
-    stored = _stored_tensors(reader, types, entries, importance, reports, Progress(len(shapes), "quantizing"))
+    stored = _stored_tensors(reader, types, entries, importance, reports, Progress(len(shapes), "quantizing"), raised_rows)
     write_safetensors(out, stored, metadata, shapes=file_shapes)
     return ConversionReport(out, reports, time.perf_counter() - started)
 
@@ -179,9 +189,11 @@ def _stored_tensors(
     importance: dict[str, np.ndarray] | None,
     reports: list[TensorReport],
     bar: Progress,
+    raised_rows: np.ndarray | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """(name in the file, array) for every stored array, one source tensor at a time, in the file's
-    order; each tensor's report appended to `reports` as it is done."""
+    order; each tensor's report appended to `reports` as it is done. `raised_rows`: the embedding
+    rows stored at ROW_UPGRADE_TYPE (santacpu.formats.split_rows)."""
     for name, array in canonical_tensors(reader):
         if not all_finite(array):  # a file santacpu writes never holds NaN (see `info`)
             raise SantacpuError(f"the source tensor '{name}' holds NaN or infinite values: the checkpoint is damaged")
@@ -193,6 +205,19 @@ def _stored_tensors(
             reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))
             bar.step(name)  # before yielding: the writer stops pulling after the last tensor
             yield name, stored
+        elif name == "wte" and raised_rows is not None:
+            weight = np.asarray(array, dtype=np.float32)
+            split = split_rows(weight, raised_rows, ROW_UPGRADE_TYPE, qtype_of, None if importance is None else importance.get(name))
+            error = np.linalg.norm(split.dequantize() - weight) / max(np.linalg.norm(weight), 1e-30)
+            reports.append(TensorReport(name, f"{qtype_of}+{ROW_UPGRADE_TYPE}", array.shape, split.nbytes, float(error)))
+            del weight
+            reader.source.release_array(array)
+            bar.step(name)
+            for part in entries[name]["parts"]:
+                yield f"{name}.{part}", split.rest.parts[part]
+            yield f"{name}.rows", split.upgraded_rows
+            for part in entries[name]["upgraded_rows"]["parts"]:
+                yield f"{name}.upgraded.{part}", split.upgraded.parts[part]
         else:
             fmt = FORMATS[qtype_of]
             weight = np.asarray(array, dtype=np.float32)
@@ -216,18 +241,29 @@ def _minified_tokenizer(folder: Path, vocab_size: int) -> str:
         raise SantacpuError(f"{tokenizer_path} is not valid JSON") from None
 
 
-def _file_layout(shapes: dict[str, tuple[int, ...]], types: dict[str, str]) -> tuple[dict, dict]:
+def _file_layout(shapes: dict[str, tuple[int, ...]], types: dict[str, str], raised_rows: int = 0) -> tuple[dict, dict]:
     """(the metadata's `tensors` entries, each stored array's (shape, safetensors dtype) by its
-    name in the file) for tensors of these shapes stored as these types."""
+    name in the file) for tensors of these shapes stored as these types, `raised_rows` rows of
+    the embedding at ROW_UPGRADE_TYPE."""
     entries, file_shapes = {}, {}
+
+    def blocks(name: str, qtype_of: str, shape: tuple[int, int]) -> list[str]:
+        specs = FORMATS[qtype_of].part_specs(*shape)
+        for part, (part_shape, dtype) in specs.items():
+            file_shapes[f"{name}.{part}"] = (tuple(part_shape), dtype_name_of(np.zeros(0, dtype)))
+        return list(specs)
+
     for name, shape in shapes.items():
         qtype_of = types[name]
         if qtype_of in FULL_PRECISION_TYPES:
             entries[name] = {"type": qtype_of, "shape": list(shape), "parts": []}
             file_shapes[name] = (shape, dtype_name_of(np.zeros(0, FULL_PRECISION_TYPES[qtype_of])))
+        elif name == "wte" and raised_rows:
+            rest = blocks(name, qtype_of, (shape[0] - raised_rows, shape[1]))
+            file_shapes[f"{name}.rows"] = ((raised_rows,), dtype_name_of(np.zeros(0, np.int32)))
+            upgraded = blocks(f"{name}.upgraded", ROW_UPGRADE_TYPE, (raised_rows, shape[1]))
+            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": rest,
+                             "upgraded_rows": {"type": ROW_UPGRADE_TYPE, "count": raised_rows, "parts": upgraded}}
         else:
-            specs = FORMATS[qtype_of].part_specs(*shape)
-            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": list(specs)}
-            for part, (part_shape, dtype) in specs.items():
-                file_shapes[f"{name}.{part}"] = (tuple(part_shape), dtype_name_of(np.zeros(0, dtype)))
+            entries[name] = {"type": qtype_of, "shape": list(shape), "parts": blocks(name, qtype_of, shape)}
     return entries, file_shapes

@@ -8,20 +8,22 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.loading.source import resolve
 from santacpu.tokenizer import Tokenizer
 
-from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences
+from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, most_used_tokens, token_sequences
 from .converter import ConversionReport, check_output, check_source, convert
 from .policy import Policy, parse_keep
 from .sensitivity import measure_upgrade_gains
 
 
 def calibrate(src: str, revision: str | None, calibration: str, max_tokens: int,
-              measure_for: str | None) -> tuple[dict, dict | None, str]:
-    """(importance, measured upgrade gains for the 4-bit type `measure_for` or None, a note on
-    the calibration text)."""
+              measure_for: str | None) -> tuple[dict, dict | None, np.ndarray, str]:
+    """(importance, measured upgrade gains for the 4-bit type `measure_for` or None, the token
+    ids the calibration text uses most, most used first, a note on the calibration text)."""
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
     tokenizer = Tokenizer.for_checkpoint(folder, reader.config.vocab_size)
@@ -30,8 +32,9 @@ def calibrate(src: str, revision: str | None, calibration: str, max_tokens: int,
     sequences = token_sequences(texts, tokenizer, reader.config.eos_token_id, max_tokens, n_ctx)
     print(f"santacpu: calibrating on {sum(map(len, sequences))} tokens from {note}", file=sys.stderr)
     importance = collect_importance(reader, sequences)
-    gains = None if measure_for is None else measure_upgrade_gains(reader, sequences, measure_for, importance)
-    return importance, gains, f"{note}, {sum(map(len, sequences))} tokens"
+    most_used = most_used_tokens(texts, tokenizer, reader.config.eos_token_id, reader.config.vocab_size)
+    gains = None if measure_for is None else measure_upgrade_gains(reader, sequences, measure_for, importance, most_used)
+    return importance, gains, most_used, f"{note}, {sum(map(len, sequences))} tokens"
 
 
 def report_lines(report: ConversionReport) -> list[str]:
@@ -63,12 +66,13 @@ def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgr
     policy = Policy(qtype, keep_rules, upgrade_budget)  # a bad type fails now, not after calibrating
     check_output(Path(out), force, qtype)
     check_source(src)
-    importance, gains, note = None, None, None
+    importance, gains, most_used, note = None, None, None, None
     if calibration not in (None, "none"):
         measure_for = qtype if policy.buys_upgrades else None
-        importance, gains, note = calibrate(src, revision, calibration, calibration_tokens, measure_for)
+        importance, gains, most_used, note = calibrate(src, revision, calibration, calibration_tokens, measure_for)
     report = convert(src, Path(out), qtype=qtype, keep=keep_rules, importance=importance, calibration_note=note,
-                     revision=revision, force=force, upgrade_budget=upgrade_budget, upgrade_gains=gains)
+                     revision=revision, force=force, upgrade_budget=upgrade_budget, upgrade_gains=gains,
+                     most_used_tokens=most_used)
     for line in report_lines(report):
         print(f"santacpu: {line}", file=sys.stderr)
     return report

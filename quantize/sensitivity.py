@@ -10,7 +10,9 @@ Estimate, per layer i (the rest of the model in full precision):
 - the cut of upgrading w to t: KLD_i * (e(w, 4-bit) - e(w, t)) / sum over the layer's weights of
   e(w', 4-bit).
 So a layer's depth sets how much its errors cost at the output (measured, not assumed), and its
-weights share that cost by what each adds to the layer's output. Cost: about L^2/2 + 13 L layer
+weights share that cost by what each adds to the layer's output. The embedding rows of the most
+used tokens are measured directly: the whole model's KLD with the embedding at its type, less
+that with the k most used rows raised, for each k (one forward of the model per k). Cost: about L^2/2 + 13 L layer
 forwards over `SENSITIVITY_TOKENS` tokens and three roundings of each weight, against L^2 * 4
 forwards to the head for each weight's own measurement (tools/upgrade_sensitivity.py does that,
 on small models, to check these choices).
@@ -30,7 +32,7 @@ from santacpu.network import reference as ref
 from santacpu.network.weights import LINEAR_WEIGHTS as LINEAR
 from santacpu.progress import Progress
 
-from .policy import UPGRADE_TYPES
+from .policy import EMBEDDING_ROW_COUNTS, EMBEDDING_TYPE, ROW_UPGRADE_TYPE, UPGRADE_TYPES
 
 SENSITIVITY_TOKENS = 128  # the first calibration tokens, in sequences as calibration cut them
 
@@ -41,9 +43,12 @@ def _roundtrip(qtype: str, weight: np.ndarray, importance: np.ndarray | None) ->
 
 
 def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], qtype: str,
-                          importance: dict[str, np.ndarray] | None = None) -> dict[str, dict[str, float]]:
-    """{canonical name of each linear weight: {upgrade type: estimated mean-KLD cut}} (a cut can be
-    0, never negative: a weight whose upgrade does not help is not bought)."""
+                          importance: dict[str, np.ndarray] | None = None,
+                          most_used: np.ndarray | None = None) -> dict[str, dict]:
+    """{canonical name of each linear weight: {upgrade type: estimated mean-KLD cut}}, and with
+    `most_used` (token ids, most used first) "wte": {k: mean-KLD cut of raising the embedding rows
+    of the k most used tokens to ROW_UPGRADE_TYPE} for k in EMBEDDING_ROW_COUNTS (a cut can be 0,
+    never negative: an upgrade that does not help is not bought)."""
     c = reader.config
     eps = c.layer_norm_epsilon
     picked, count = [], 0
@@ -59,8 +64,8 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
         x = x + ref.attention(ref.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps), layer, c.n_head, c.n_kv_head)
         return x + ref.mlp(ref.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps), layer)
 
-    def log_probs(x: np.ndarray) -> np.ndarray:  # the tied LM head's log-probabilities [T, V]
-        return ref.log_softmax(ref.linear(ref.layer_norm(x, *ln_f, eps), wte))
+    def log_probs(x: np.ndarray, table=wte) -> np.ndarray:  # the tied LM head's log-probabilities [T, V]
+        return ref.log_softmax(ref.linear(ref.layer_norm(x, *ln_f, eps), table))
 
     states = [ref.dense(wte[np.asarray(s)]) + ref.dense(wpe[: len(s)]) for s in picked]  # [T, E] each
     inputs = []  # inputs[i][k]: layer i's input for sequence k
@@ -71,9 +76,16 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
     reference = [log_probs(x) for x in states]
     reference_p = [np.exp(lp) for lp in reference]
 
-    def mean_kld(outputs: list[np.ndarray]) -> float:
-        total = sum(float((p * (r - log_probs(x))).sum()) for p, r, x in zip(reference_p, reference, outputs))
+    def mean_kld(outputs: list[np.ndarray], table=wte) -> float:
+        total = sum(float((p * (r - log_probs(x, table))).sum()) for p, r, x in zip(reference_p, reference, outputs))
         return total / count
+
+    def embedding_kld(table: np.ndarray) -> float:  # the whole model with this embedding / LM head
+        outputs = [table[np.asarray(s)] + ref.dense(wpe[: len(s)]) for s in picked]
+        for i in range(c.n_layer):
+            layer = reader.layer(i)
+            outputs = [layer_forward(x, layer) for x in outputs]
+        return mean_kld(outputs, table)
 
     gains: dict[str, dict[str, float]] = {}
     progress = Progress(c.n_layer, "measuring upgrades")
@@ -102,4 +114,15 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
         for name in LINEAR:
             gains[f"h.{i}.{name}"] = {t: max(0.0, kld * (errors[name][qtype] - errors[name][t]) / total) for t in UPGRADE_TYPES}
         progress.step(f"layer {i}")
+    counts = [k for k in EMBEDDING_ROW_COUNTS if most_used is not None and k <= len(most_used) and k < c.vocab_size]
+    if counts:
+        imp = None if importance is None else importance.get("wte")
+        table = _roundtrip(EMBEDDING_TYPE[qtype], np.asarray(wte, np.float32), imp)
+        top = np.asarray(most_used[: counts[-1]])
+        raised = _roundtrip(ROW_UPGRADE_TYPE, np.asarray(wte[top], np.float32), imp)
+        base = embedding_kld(table)
+        gains["wte"] = {}
+        for k in counts:  # growing: each step raises the next rows in place
+            table[top[:k]] = raised[:k]
+            gains["wte"][k] = max(0.0, base - embedding_kld(table))
     return gains

@@ -273,9 +273,10 @@ def quantize(
         "Repeatable.",
     ),
     upgrade_budget: float = typer.Option(
-        5.0, min=0.0, help="4-bit types: percent of extra file size spent raising linear weights to q6_0 or q8_0 "
-        "where calibration measures the most KL divergence cut per byte (by role without calibration); "
-        "0 keeps every linear weight 4-bit."
+        1.5, min=0.0, help="4-bit types: percent of extra file size spent raising linear weights to q6_0 or q8_0, "
+        "and the most used tokens' embedding rows to q8_0, where calibration measures the most KL divergence cut "
+        "per byte (linear weights by role without calibration); 0 keeps every linear weight 4-bit. The default "
+        "kept q4_m files no larger than llama.cpp's Q4_K_S on the trained fixtures (README)."
     ),
     revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),

@@ -7,6 +7,7 @@ simulator (~20 us a multiply-add) would take minutes a token for.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from pathlib import Path
@@ -18,6 +19,7 @@ import santacpu
 from santacpu.backends.cuda import device as cuda_device
 from santacpu.errors import SantacpuError
 from santacpu.formats.blocks import QuantizedWeight, get_format
+from santacpu.formats.split_rows import split_rows
 from santacpu.loading.checkpoint import read_checkpoint
 from santacpu.loading.random_checkpoint import write_checkpoint
 from santacpu.network import reference
@@ -238,7 +240,9 @@ def sim_weights(tmp_path_factory):
         ]
         return type(weights)(weights.config, q(weights.wte), weights.wpe, layers, weights.ln_f_weight, weights.ln_f_bias)
 
-    return {"float32": weights, "q8_0": quantized("q8_0"), "q4_0": quantized("q4_0")}
+    q4_0 = quantized("q4_0")
+    rows = dataclasses.replace(q4_0, wte=split_rows(weights.wte, [3, 17, 60], "q8_0", "q6_0"))  # widened to q8_0 on the device
+    return {"float32": weights, "q8_0": quantized("q8_0"), "q4_0": q4_0, "q4_0+rows": rows}
 
 
 IDS = [5, 17, 3, 60, 22, 9, 41, 7, 33, 12, 2, 50]
@@ -246,8 +250,8 @@ IDS = [5, 17, 3, 60, 22, 9, 41, 7, 33, 12, 2, 50]
 
 @pytest.mark.parametrize(
     "weights_type, kv_dtype, tolerance, calls",
-    [("float32", "float32", 1e-4, (9, 2, 1)), ("q4_0", "float16", 1e-3, (9, 1))],
-    ids=["fp32-kv", "fp16-kv"],
+    [("float32", "float32", 1e-4, (9, 2, 1)), ("q4_0", "float16", 1e-3, (9, 1)), ("q4_0+rows", "float32", 1e-3, (4, 1))],
+    ids=["fp32-kv", "fp16-kv", "split-embedding-rows"],
 )
 def test_model_forward_matches_reference(sim_weights, weights_type, kv_dtype, tolerance, calls):
     """A prompt (the matmul path), a few tokens (matvec), then one token (matvec_one, LayerNorm

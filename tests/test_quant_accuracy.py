@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import santacpu
-from quantize.calibration import calibration_texts, collect_importance, token_sequences
+from quantize.calibration import calibration_texts, collect_importance, most_used_tokens, token_sequences
 from quantize.converter import convert
 from quantize.policy import Policy, parse_keep
 from quantize.sensitivity import measure_upgrade_gains
@@ -47,15 +47,18 @@ def _reference(fixture: Path):
 
 
 class Calibration:
-    """What `santacpu quantize` derives from calibration text for a fixture: the importance, and
-    for a 4-bit type with an upgrade budget the measured upgrade gains (made once per type)."""
+    """What `santacpu quantize` derives from calibration text for a fixture: the importance, the
+    most used tokens, and for a 4-bit type with an upgrade budget the measured upgrade gains
+    (made once per type)."""
 
     def __init__(self, fixture: Path):
         exclude = set((fixture / "heldout.txt").read_text().split())
         texts, _ = calibration_texts(None, exclude)
         self.reader = open_checkpoint(fixture)
-        self.sequences = token_sequences(texts, Tokenizer.santacoder(), self.reader.config.eos_token_id, 4096, N_CTX)
+        tokenizer, eos = Tokenizer.santacoder(), self.reader.config.eos_token_id
+        self.sequences = token_sequences(texts, tokenizer, eos, 4096, N_CTX)
         self.importance = collect_importance(self.reader, self.sequences)
+        self.most_used = most_used_tokens(texts, tokenizer, eos, self.reader.config.vocab_size)
         self._gains = {}
 
     def convert(self, fixture: Path, out: Path, spec: dict) -> Path:
@@ -63,11 +66,12 @@ class Calibration:
         gains = None
         if spec["importance"] and Policy(spec["type"], upgrade_budget=spec["upgrade_budget"]).buys_upgrades:
             if spec["type"] not in self._gains:
-                self._gains[spec["type"]] = measure_upgrade_gains(self.reader, self.sequences, spec["type"], self.importance)
+                self._gains[spec["type"]] = measure_upgrade_gains(self.reader, self.sequences, spec["type"], self.importance,
+                                                                  self.most_used)
             gains = self._gains[spec["type"]]
         return convert(fixture, out, qtype=spec["type"], keep=parse_keep(spec["keep"]),
                        importance=self.importance if spec["importance"] else None,
-                       upgrade_budget=spec["upgrade_budget"], upgrade_gains=gains).out
+                       upgrade_budget=spec["upgrade_budget"], upgrade_gains=gains, most_used_tokens=self.most_used).out
 
 
 @pytest.fixture(scope="module")

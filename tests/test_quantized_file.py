@@ -105,7 +105,7 @@ def test_loading_maps_the_file_without_copying(files):
 def test_default_policy_and_keep_rules():
     policy = Policy("q4_m")
     assert policy.type_for("wte", (49280, 2048)) == "q6_0"
-    assert policy.type_for("wpe", (2048, 2048)) == "f32"
+    assert policy.type_for("wpe", (2048, 2048)) == "f16"
     assert policy.type_for("h.3.mlp_c_fc_weight", (8192, 2048)) == "q4_m"
     assert policy.type_for("h.3.mlp_c_fc_bias", (8192,)) == "f32"
     assert policy.type_for("h.3.mlp_c_fc_weight", (8192, 100)) == "f16"  # width not a multiple of 32
@@ -118,12 +118,12 @@ def test_default_policy_and_keep_rules():
     # linear weights (here the output projection, then Q|K|V); 2% buys only the first step.
     shapes = {"wte": (49280, 2048), "wpe": (2048, 2048), "h.0.attn_c_attn_weight": (2304, 2048),
               "h.0.attn_c_proj_weight": (2048, 2048), "h.0.mlp_c_fc_weight": (8192, 2048), "h.0.attn_c_proj_bias": (2048,)}
-    assigned = Policy("q4_m").assign(shapes)
-    assert assigned == {"wte": "q6_0", "wpe": "f32", "h.0.attn_c_attn_weight": "q8_0", "h.0.attn_c_proj_weight": "q8_0",
+    assigned = Policy("q4_m", upgrade_budget=0.05).assign(shapes)
+    assert assigned == {"wte": "q6_0", "wpe": "f16", "h.0.attn_c_attn_weight": "q8_0", "h.0.attn_c_proj_weight": "q8_0",
                         "h.0.mlp_c_fc_weight": "q4_m", "h.0.attn_c_proj_bias": "f32"}
     small = Policy("q4_m", upgrade_budget=0.02).assign(shapes)
     assert (small["h.0.attn_c_attn_weight"], small["h.0.attn_c_proj_weight"]) == ("q6_0", "q4_m")
-    assert set(Policy("q4_m", upgrade_budget=0).assign(shapes).values()) == {"q6_0", "f32", "q4_m"}
+    assert set(Policy("q4_m", upgrade_budget=0).assign(shapes).values()) == {"q6_0", "f16", "f32", "q4_m"}
     assert Policy("q4_m", parse_keep(["h.0.*=q4_0"])).assign(shapes)["h.0.attn_c_proj_weight"] == "q4_0"
     for bad in (["wte"], ["wte=q3"], ["=q8_0"]):
         with pytest.raises(SantacpuError, match="--keep"):
@@ -139,7 +139,7 @@ def test_metadata_is_self_contained(files):
     assert Tokenizer.from_json_text(meta["tokenizer"], "x").encode("def f():") == Tokenizer.santacoder().encode("def f():")
     assert meta["tensors"]["wte"]["type"] == "q6_0"
     assert meta["tensors"]["h.0.mlp_c_fc_weight"]["type"] == "q4_0"
-    assert meta["tensors"]["wpe"]["type"] == "f32"
+    assert meta["tensors"]["wpe"]["type"] == "f16"
     assert meta["quantization"]["type"] == "q4_0"
     provenance = meta["provenance"]
     assert provenance["source_sha256"] == sha256_of_sources(tiny_checkpoint())
@@ -292,7 +292,11 @@ def test_importance_statistics_and_weighted_conversion(tmp_path):
 
     # Measured upgrade gains: one per linear weight and upgrade type, q8_0 cutting at least what
     # q6_0 does (its rounding error is smaller); the budget buys them within its bytes.
-    gains = measure_upgrade_gains(reader, sequences, "q4_0", importance)
+    # With the most used tokens (here given: 300 ids), the cut of raising their embedding rows
+    # is measured for each row count up to that many.
+    gains = measure_upgrade_gains(reader, sequences, "q4_0", importance, np.arange(100, 400))
+    rows = gains.pop("wte")
+    assert list(rows) == [64, 128, 256] and all(np.isfinite(v) and v >= 0 for v in rows.values()) and rows[256] > 0
     assert set(gains) == set(importance) - {"wte"}
     assert all(0 <= g["q6_0"] <= g["q8_0"] and np.isfinite(g["q8_0"]) for g in gains.values())
     assert max(g["q8_0"] for g in gains.values()) > 0
@@ -327,7 +331,7 @@ def test_header_layout_is_pinned(files):
         ("wte.ql", "U8", [49280, 32]),
         ("wte.qh", "U8", [49280, 16]),
         ("wte.d", "F16", [49280, 2]),
-        ("wpe", "F32", [64, 64]),
+        ("wpe", "F16", [64, 64]),
         ("h.0.ln_1_weight", "F32", [64]),
     ]
     c_attn = [e for e in entries if e[0].startswith("h.0.attn_c_attn_weight")]

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import santacpu  # noqa: E402
-from quantize.calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, token_sequences  # noqa: E402
+from quantize.calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, most_used_tokens, token_sequences  # noqa: E402
 from quantize.converter import convert  # noqa: E402
 from quantize.policy import Policy, parse_keep  # noqa: E402
 from quantize.sensitivity import measure_upgrade_gains  # noqa: E402
@@ -41,16 +41,15 @@ LLAMA_TYPES = ("Q8_0", "Q6_K", "Q5_K_S", "Q4_K_S", "IQ4_NL", "Q4_0")
 # santacpu's defaults (`santacpu quantize --type T`); the rest show what each choice buys.
 SANTACPU_VARIANTS = {
     "q8_0 (default)": ("q8_0", [], False, 0.05),
-    "q4_m (default)": ("q4_m", [], True, 0.05),
-    "q4_0 (default)": ("q4_0", [], True, 0.05),
+    "q4_m, budget 5%": ("q4_m", [], True, 0.05),
     "q4_m, budget 2%": ("q4_m", [], True, 0.02),
+    "q4_m, budget 1.5%": ("q4_m", [], True, 0.015),
     "q4_m, budget 1%": ("q4_m", [], True, 0.01),
-    "q4_m, budget 0.6%": ("q4_m", [], True, 0.006),
-    "q4_0, budget 0.6%": ("q4_0", [], True, 0.006),
+    "q4_0, budget 1.5%": ("q4_0", [], True, 0.015),
+    "q4_0, budget 1%": ("q4_0", [], True, 0.01),
     "q4_m, no upgrades": ("q4_m", [], True, 0.0),
     "q4_m, no upgrades, no imp": ("q4_m", [], False, 0.0),
     "q4_0, no upgrades, no imp": ("q4_0", [], False, 0.0),
-    "q4_m, no upgrades, wte q4_m": ("q4_m", ["wte=q4_m"], True, 0.0),
 }
 
 
@@ -121,18 +120,20 @@ def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
     heldout = checkpoint / "heldout.txt"  # never calibrate on the text we evaluate on
     exclude = set(heldout.read_text().split()) if heldout.is_file() else set()
     calib_texts, note = calibration_texts(None, exclude)
-    sequences = token_sequences(calib_texts, Tokenizer.santacoder(), reader.config.eos_token_id, 8192, min(SEQUENCE_TOKENS, reader.config.n_positions))
+    tokenizer, eos = Tokenizer.santacoder(), reader.config.eos_token_id
+    sequences = token_sequences(calib_texts, tokenizer, eos, 8192, min(SEQUENCE_TOKENS, reader.config.n_positions))
     importance = collect_importance(reader, sequences)
+    most_used = most_used_tokens(calib_texts, tokenizer, eos, reader.config.vocab_size)
     gains = {}  # measured upgrade gains per 4-bit type, as `santacpu quantize` measures them
     paths = {}
     for name, (qtype, keep, weighted, budget) in SANTACPU_VARIANTS.items():
         paths[name] = work / ("santacpu-" + re.sub(r"[^a-z0-9_]+", "-", name) + ".safetensors")
         measured = weighted and Policy(qtype, upgrade_budget=budget).buys_upgrades
         if measured and qtype not in gains:
-            gains[qtype] = measure_upgrade_gains(reader, sequences, qtype, importance)
+            gains[qtype] = measure_upgrade_gains(reader, sequences, qtype, importance, most_used)
         convert(checkpoint, paths[name], qtype=qtype, keep=parse_keep(keep), importance=importance if weighted else None,
                 calibration_note=note if weighted else None, force=True, upgrade_budget=budget,
-                upgrade_gains=gains[qtype] if measured else None)
+                upgrade_gains=gains[qtype] if measured else None, most_used_tokens=most_used)
     scores = score_models({name: santacpu.load(path) for name, path in paths.items()}, texts, ctx, reference)
     rows = {}
     for name, s in scores.items():

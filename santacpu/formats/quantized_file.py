@@ -4,10 +4,13 @@ Owns the file format's facts (its name, version and metadata; the converter in `
 writes it, `santacpu.loading.quantized` reads its tensors into `ModelWeights`): recognising a
 quantized file and reading its checked metadata.
 
-File layout (format "santacpu-quantized", version 1):
+File layout (format "santacpu-quantized", version 1; version 2 adds split rows):
 - tensors, by canonical name (`wte`, `wpe`, `ln_f_weight`, `ln_f_bias`, `h.{i}.{LayerWeights field}`):
   a full-precision tensor is stored under its name (F32 or F16); a quantized one as its parts,
   `{name}.{part}` (see `santacpu.formats.blocks` for each block format's parts);
+- version 2: a matrix whose entry has `upgraded_rows` ({"type", "count": k}) is a
+  `SplitRowsWeight` (santacpu.formats.split_rows): `{name}.rows` int32 [k] ascending, those rows
+  as `{name}.upgraded.{part}` in that type, the other rows as `{name}.{part}` in the entry's type;
 - `__metadata__` (all values strings, JSON where structured):
   `format`, `format_version`, `config` (Config fields), `tokenizer` (the whole tokenizer.json),
   `tensors` ({name: {"type", "shape", "parts"}}), `quantization` (the policy used) and
@@ -30,7 +33,7 @@ from ..errors import SantacpuError
 from .safetensors_io import SafetensorsFile
 
 FORMAT_NAME = "santacpu-quantized"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written into every new file; files of versions 1..2 are read
 REQUIRED_METADATA = ("format", "format_version", "config", "tokenizer", "tensors", "quantization", "provenance")
 FULL_PRECISION_TYPES = {"f32": np.float32, "f16": np.float16}
 
@@ -110,6 +113,10 @@ def _structure_problem(meta: dict) -> str | None:
             return f"tensor '{name}' has no valid 'shape' (a list of sizes)"
         if not isinstance(parts, list) or not all(isinstance(part, str) for part in parts):
             return f"tensor '{name}' has no valid 'parts' (a list of names)"
+        split = entry.get("upgraded_rows")
+        if split is not None and not (isinstance(split, dict) and isinstance(split.get("type"), str)
+                                      and isinstance(split.get("count"), int) and not isinstance(split.get("count"), bool)):
+            return f"tensor '{name}' has invalid 'upgraded_rows' (an object with 'type' and 'count')"
     return None
 
 

@@ -15,6 +15,7 @@ import numpy as np
 from ..config import Config
 from ..errors import SantacpuError
 from ..formats.blocks import FORMATS, QuantizedWeight
+from ..formats.split_rows import SplitRowsWeight
 from ..formats.quantized_file import FORMAT_NAME, FULL_PRECISION_TYPES, all_finite, read_metadata
 from ..formats.safetensors_io import SafetensorsFile
 from ..network.weights import LayerWeights, ModelWeights, expected_layer_shapes, layer_field_names
@@ -40,6 +41,25 @@ def _tensor(file: SafetensorsFile, name: str, entry: dict, expected_shape: tuple
         return array
     if qtype not in FORMATS:
         raise SantacpuError(f"{path}: tensor '{name}' has unknown quantization type '{qtype}' (newer santacpu?)")
+    split = entry.get("upgraded_rows")
+    if split is None:
+        return _blocks(file, name, qtype, shape, path)
+    k = split["count"]
+    if split["type"] not in FORMATS or not 0 <= k <= shape[0]:
+        raise SantacpuError(f"{path} is corrupt: tensor '{name}' has invalid upgraded rows {split}")
+    rows = file.array(f"{name}.rows") if f"{name}.rows" in file else None
+    if rows is None or rows.shape != (k,) or rows.dtype != np.int32:
+        raise SantacpuError(f"{path} is corrupt: part '{name}.rows' is missing or not int32 [{k}]")
+    upgraded = _blocks(file, f"{name}.upgraded", split["type"], (k, shape[1]), path)
+    rest = _blocks(file, name, qtype, (shape[0] - k, shape[1]), path)
+    try:
+        return SplitRowsWeight(shape, rows, upgraded, rest)
+    except SantacpuError as bad:
+        raise SantacpuError(f"{path} is corrupt: tensor '{name}': {bad}") from None
+
+
+def _blocks(file: SafetensorsFile, name: str, qtype: str, shape: tuple[int, int], path: Path) -> QuantizedWeight:
+    """The parts `{name}.{part}` of a block-quantized [rows, cols] matrix, checked."""
     parts = {}
     for part, (part_shape, dtype) in FORMATS[qtype].part_specs(*shape).items():
         key = f"{name}.{part}"
@@ -94,7 +114,10 @@ def nonfinite_tensor(weights: ModelWeights) -> str | None:
     (the integer kernels can turn NaN activations into finite garbage, so generation alone may
     not notice)."""
     for name, tensor in named_tensors(weights).items():
-        parts = tensor.parts.values() if isinstance(tensor, QuantizedWeight) else [tensor]
+        if isinstance(tensor, SplitRowsWeight):
+            parts = [*tensor.upgraded.parts.values(), *tensor.rest.parts.values()]
+        else:
+            parts = tensor.parts.values() if isinstance(tensor, QuantizedWeight) else [tensor]
         if not all(all_finite(p) for p in parts if p.dtype.kind == "f"):
             return name
     return None
@@ -110,6 +133,8 @@ def describe(path: str | os.PathLike) -> str:
     if damaged:
         raise SantacpuError(f"{path} is damaged: tensor '{damaged}' holds NaN or infinite values")
     config, entries = meta["config"], meta["tensors"]
+    split = entries["wte"].get("upgraded_rows")
+    split_note = f", its {split['count']} most used rows {split['type']}" if split else ""
     counts: dict[str, int] = {}
     for entry in entries.values():
         counts[entry["type"]] = counts.get(entry["type"], 0) + 1
@@ -127,7 +152,7 @@ def describe(path: str | os.PathLike) -> str:
         f"model           {config.model_type}: {config.n_layer} layers, n_embd {config.n_embd}, "
         f"{config.n_head} heads ({config.n_kv_head} K/V), n_inner {config.n_inner}, "
         f"context {config.n_positions}, vocab {config.vocab_size}",
-        f"quantization    {quantization.get('type')} (embedding {quantization.get('embedding')}"
+        f"quantization    {quantization.get('type')} (embedding {quantization.get('embedding')}{split_note}"
         + (f"; keep {', '.join(quantization['keep'])}" if quantization.get("keep") else "")
         + (", importance-weighted" if quantization.get("importance_weighted") else "")
         + ")",

@@ -7,7 +7,7 @@ logits that transformers produced (tests/test_golden.py).
 
 Shape legend: T = tokens, E = n_embd, H = n_head, G = n_kv_head, D = head_dim, V = vocab_size.
 
-May import: numpy, `santacpu.network.weights`, `santacpu.formats.blocks`.
+May import: numpy, `santacpu.network.weights`, `santacpu.formats` (blocks, split_rows).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from ..formats.blocks import QuantizedWeight
+from ..formats.split_rows import SplitRowsWeight
 from .weights import LayerWeights, ModelWeights
 
 
@@ -32,8 +33,8 @@ def layer_norm(x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float) 
 
 
 def dense(weight) -> np.ndarray:
-    """Any stored weight (float32, float16, QuantizedWeight) as a float32 array."""
-    if isinstance(weight, QuantizedWeight):
+    """Any stored weight (float32, float16, QuantizedWeight, SplitRowsWeight) as a float32 array."""
+    if isinstance(weight, (QuantizedWeight, SplitRowsWeight)):
         return weight.dequantize()
     return weight.astype(np.float32, copy=False)
 
@@ -54,6 +55,11 @@ def linear(x: np.ndarray, weight, bias: np.ndarray | None = None, rounded: Mappi
     """x [T, in] @ weight.T + bias; x first goes through round_activations(x, rounded[format])
     when the weight is block-quantized in a format listed in `rounded` (to mirror the integer
     kernels)."""
+    if isinstance(weight, SplitRowsWeight):  # each part as its own format, scattered to its rows
+        y = np.empty((x.shape[0], weight.shape[0]), np.float32)
+        for rows, part in weight.parts:
+            y[:, rows] = linear(x, part, None, rounded)
+        return y if bias is None else y + bias
     if isinstance(weight, QuantizedWeight) and weight.qtype in rounded:
         x = round_activations(x, rounded[weight.qtype])
     y = x @ dense(weight).T  # [T, in] @ [in, out] -> [T, out]
@@ -109,7 +115,12 @@ def forward(weights: ModelWeights, ids: Sequence[int], rounded: Mapping[str, int
     T = len(ids)
     assert 0 < T <= c.n_positions, T
     wte = weights.wte
-    token_rows = wte.take_rows(ids).dequantize() if isinstance(wte, QuantizedWeight) else dense(wte[ids])
+    if isinstance(wte, SplitRowsWeight):
+        token_rows = wte.dequantize_rows(ids)
+    elif isinstance(wte, QuantizedWeight):
+        token_rows = wte.take_rows(ids).dequantize()
+    else:
+        token_rows = dense(wte[ids])
     x = token_rows + dense(weights.wpe[:T])  # [T, E]
     for layer in weights.layers:
         normed = layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, c.layer_norm_epsilon)

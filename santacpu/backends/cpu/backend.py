@@ -26,6 +26,7 @@ from . import blas_threads
 from . import cpu_kernels as k
 from . import quant_kernels as qk
 from ...formats.blocks import QuantizedWeight
+from ...formats.split_rows import SplitRowsWeight
 
 # Numba kernels whose work is below this many (multiply-add or element) operations run on the
 # calling thread only. Waking Numba's thread pool right after a BLAS call costs ~7 ms on 2 cores
@@ -149,6 +150,11 @@ class CpuBackend:
                 bias = self._zero_bias[n_out] = np.zeros(n_out, np.float32)
         if out is None:
             out = np.empty((T, n_out), np.float32)
+        if isinstance(weight, SplitRowsWeight):  # each part's product, scattered to its rows
+            for rows, part in weight.parts:
+                out[:, rows] = self._product(x, part, None, None)
+            out += bias
+            return out
         if isinstance(weight, np.ndarray) and weight.dtype == np.float32:
             self._pool_warm = False
             np.matmul(x, weight.T, out=out)
@@ -206,6 +212,8 @@ class CpuBackend:
         return all(self._integer_products(w) for w in matrices)
 
     def _integer_products(self, weight) -> bool:
+        if isinstance(weight, SplitRowsWeight):
+            return all(self._integer_products(part) for _, part in weight.parts)
         return self.integer_kernels and isinstance(weight, QuantizedWeight) and qk.has_integer_matmul(weight.qtype)
 
     def layer_norm(
@@ -257,7 +265,13 @@ class CpuBackend:
         return out
 
     def embed(self, table, rows: np.ndarray) -> np.ndarray:
-        """Rows of an embedding table (array or QuantizedWeight) as float32 [len(rows), E]."""
+        """Rows of an embedding table (array, QuantizedWeight or SplitRowsWeight) as float32 [len(rows), E]."""
+        if isinstance(table, SplitRowsWeight):
+            out = np.empty((len(rows), table.shape[1]), np.float32)
+            for (where, local), (_, part) in zip(table.locate(rows), table.parts):
+                if len(where):
+                    out[where] = self.embed(part, local)
+            return out
         if isinstance(table, QuantizedWeight):
             picked = table.take_rows(rows)
             out = np.empty(picked.shape, np.float32)

@@ -29,6 +29,7 @@ from numba import cuda
 
 from ...errors import SantacpuError
 from ...formats.blocks import PART_ORDER, QuantizedWeight
+from ...formats.split_rows import SplitRowsWeight, widened_to_q8_0
 from . import layer_kernels as lk
 from . import linear_kernels as mk
 from .device import simulated
@@ -223,6 +224,8 @@ class CudaBackend:
             raise SantacpuError(f"the CUDA kernels cannot run this model: {', '.join(problems)}")
 
     def _matrix(self, weight) -> DeviceWeight:
+        if isinstance(weight, SplitRowsWeight):  # one kernel per matrix here: the same values as q8_0
+            weight = widened_to_q8_0(weight)
         if isinstance(weight, QuantizedWeight):
             fmt = FORMAT_IDS[weight.qtype]
             parts = [weight.parts[name] for name in PART_ORDER[weight.qtype]]
