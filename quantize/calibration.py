@@ -4,7 +4,8 @@ matrix, the mean squared activation of each of its input channels. Rounding erro
 that sees large activations costs more, so the block formats weight their error by these values.
 
 The forward runs layer by layer over all calibration sequences (only one layer's weights are
-alive at a time, as in the converter), with the plain-NumPy reference pieces.
+alive at a time, as in the converter), with the plain-NumPy reference pieces. The same text also
+says which tokens are used most (`most_used_tokens`): the embedding rows worth raising.
 
 May import: `santacpu` (network.reference, loading, tokenizer, sample_code, errors).
 """
@@ -104,6 +105,7 @@ def collect_importance(reader: CheckpointReader, sequences: list[list[int]]) -> 
             f = ref.gelu_tanh(ref.linear(h, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias))
             record(p + "mlp_c_proj_weight", f)
             x += ref.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias)
+        reader.release(layer)
         del layer
     ln_f_weight, ln_f_bias = reader.ln_f()
     for x in states:

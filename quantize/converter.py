@@ -205,30 +205,27 @@ def _stored_tensors(
             reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))
             bar.step(name)  # before yielding: the writer stops pulling after the last tensor
             yield name, stored
-        elif name == "wte" and raised_rows is not None:
-            weight = np.asarray(array, dtype=np.float32)
-            split = split_rows(weight, raised_rows, ROW_UPGRADE_TYPE, qtype_of, None if importance is None else importance.get(name))
-            error = np.linalg.norm(split.dequantize() - weight) / max(np.linalg.norm(weight), 1e-30)
-            reports.append(TensorReport(name, f"{qtype_of}+{ROW_UPGRADE_TYPE}", array.shape, split.nbytes, float(error)))
-            del weight
-            reader.source.release_array(array)
-            bar.step(name)
-            for part in entries[name]["parts"]:
-                yield f"{name}.{part}", split.rest.parts[part]
-            yield f"{name}.rows", split.upgraded_rows
-            for part in entries[name]["upgraded_rows"]["parts"]:
-                yield f"{name}.upgraded.{part}", split.upgraded.parts[part]
         else:
-            fmt = FORMATS[qtype_of]
             weight = np.asarray(array, dtype=np.float32)
-            parts = fmt.quantize(weight, None if importance is None else importance.get(name))
-            error = np.linalg.norm(fmt.dequantize(parts) - weight) / max(np.linalg.norm(weight), 1e-30)
-            reports.append(TensorReport(name, qtype_of, array.shape, sum(p.nbytes for p in parts.values()), float(error)))
-            del weight
+            imp = None if importance is None else importance.get(name)
+            if name == "wte" and raised_rows is not None:
+                split = split_rows(weight, raised_rows, ROW_UPGRADE_TYPE, qtype_of, imp)
+                values, label = split.dequantize(), f"{qtype_of}+{ROW_UPGRADE_TYPE}"
+                pieces = [(f"{name}.{part}", split.rest.parts[part]) for part in entries[name]["parts"]]
+                pieces.append((f"{name}.rows", split.upgraded_rows))
+                pieces += [(f"{name}.upgraded.{part}", split.upgraded.parts[part])
+                           for part in entries[name]["upgraded_rows"]["parts"]]
+            else:
+                fmt = FORMATS[qtype_of]
+                parts = fmt.quantize(weight, imp)
+                values, label = fmt.dequantize(parts), qtype_of
+                pieces = [(f"{name}.{part}", parts[part]) for part in entries[name]["parts"]]
+            error = np.linalg.norm(values - weight) / max(np.linalg.norm(weight), 1e-30)
+            reports.append(TensorReport(name, label, array.shape, sum(a.nbytes for _, a in pieces), float(error)))
+            del weight, values
             reader.source.release_array(array)  # done with the source pages: keep RSS small
             bar.step(name)
-            for part in entries[name]["parts"]:
-                yield f"{name}.{part}", parts[part]
+            yield from pieces
 
 
 def _minified_tokenizer(folder: Path, vocab_size: int) -> str:

@@ -39,7 +39,7 @@ SENSITIVITY_TOKENS = 128  # the first calibration tokens, in sequences as calibr
 
 def _roundtrip(qtype: str, weight: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     fmt = FORMATS[qtype]
-    return fmt.dequantize(fmt.quantize(weight, importance)).astype(np.float32)
+    return fmt.dequantize(fmt.quantize(weight, importance)).astype(np.float32, copy=False)
 
 
 def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], qtype: str,
@@ -67,12 +67,19 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
     def log_probs(x: np.ndarray, table=wte) -> np.ndarray:  # the tied LM head's log-probabilities [T, V]
         return ref.log_softmax(ref.linear(ref.layer_norm(x, *ln_f, eps), table))
 
-    states = [ref.dense(wte[np.asarray(s)]) + ref.dense(wpe[: len(s)]) for s in picked]  # [T, E] each
-    inputs = []  # inputs[i][k]: layer i's input for sequence k
-    for i in range(c.n_layer):
-        inputs.append(states)
-        layer = reader.layer(i)
-        states = [layer_forward(x, layer) for x in states]
+    def through_layers(states: list[np.ndarray], first: int = 0, inputs: list | None = None) -> list[np.ndarray]:
+        """states (one [T, E] per sequence) through layers first.., each layer's input appended to
+        `inputs` when given; each layer's source pages released after it."""
+        for j in range(first, c.n_layer):
+            if inputs is not None:
+                inputs.append(states)
+            layer = reader.layer(j)
+            states = [layer_forward(x, layer) for x in states]
+            reader.release(layer)
+        return states
+
+    inputs: list[list[np.ndarray]] = []  # inputs[i][k]: layer i's input for sequence k
+    states = through_layers([ref.dense(wte[np.asarray(s)]) + ref.dense(wpe[: len(s)]) for s in picked], 0, inputs)
     reference = [log_probs(x) for x in states]
     reference_p = [np.exp(lp) for lp in reference]
 
@@ -81,11 +88,7 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
         return total / count
 
     def embedding_kld(table: np.ndarray) -> float:  # the whole model with this embedding / LM head
-        outputs = [table[np.asarray(s)] + ref.dense(wpe[: len(s)]) for s in picked]
-        for i in range(c.n_layer):
-            layer = reader.layer(i)
-            outputs = [layer_forward(x, layer) for x in outputs]
-        return mean_kld(outputs, table)
+        return mean_kld(through_layers([table[np.asarray(s)] + ref.dense(wpe[: len(s)]) for s in picked]), table)
 
     gains: dict[str, dict[str, float]] = {}
     progress = Progress(c.n_layer, "measuring upgrades")
@@ -106,10 +109,8 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
                     low[name] = getattr(changed, name)
                 errors[name][t] = sum(float(((layer_forward(x, changed) - e) ** 2).sum()) for x, e in zip(inputs[i], exact))
         outputs = [layer_forward(x, dataclasses.replace(layer, **low)) for x in inputs[i]]
-        for j in range(i + 1, c.n_layer):
-            later = reader.layer(j)
-            outputs = [layer_forward(x, later) for x in outputs]
-        kld = mean_kld(outputs)
+        reader.release(layer)
+        kld = mean_kld(through_layers(outputs, i + 1))
         total = sum(errors[n][qtype] for n in LINEAR) or 1.0
         for name in LINEAR:
             gains[f"h.{i}.{name}"] = {t: max(0.0, kld * (errors[name][qtype] - errors[name][t]) / total) for t in UPGRADE_TYPES}

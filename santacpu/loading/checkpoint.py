@@ -13,6 +13,7 @@ May import: `santacpu.network.weights`, `santacpu.loading.transpose`, `santacpu.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -281,6 +282,12 @@ class CheckpointReader:
         for name, shape in expected_layer_shapes(self.config).items():
             assert getattr(layer, name).shape == shape, (name, getattr(layer, name).shape, shape)
         return layer
+
+    def release(self, layer: LayerWeights) -> None:
+        """Done with a layer from `layer`: its memory-mapped source pages leave this process's
+        resident memory (they stay in the page cache). Calibration reads every layer many times."""
+        for field in dataclasses.fields(layer):
+            self.source.release_array(getattr(layer, field.name))
 
     def ln_f(self) -> tuple[np.ndarray, np.ndarray]:
         E = self.config.n_embd
