@@ -134,3 +134,11 @@ def test_damaged_split_rows_give_one_clear_error(split_file, tmp_path, change, m
     damaged = rewrite_safetensors(split_file, tmp_path / "damaged.safetensors", tensors=change)
     with pytest.raises(SantacpuError, match=message):
         santacpu.load(damaged)
+
+
+def test_version_1_files_still_load(tmp_path):
+    """Files from before split rows state version 1; they have none, and still load."""
+    plain = convert(tiny_checkpoint(), tmp_path / "plain.safetensors", qtype="q8_0").out
+    old = rewrite_safetensors(plain, tmp_path / "v1.safetensors", metadata=lambda m: m.update(format_version="1"))
+    assert read_metadata(old)[1]["format_version"] == 1
+    np.testing.assert_array_equal(santacpu.load(old).logits([1, 2, 3]), santacpu.load(plain).logits([1, 2, 3]))
