@@ -45,6 +45,7 @@ def test_split_rows_hold_each_formats_rounding(weight_and_split):
     # One q8_0 matrix with the same values, for backends with one kernel per matrix.
     widened = widened_to_q8_0(split)
     assert widened.qtype == "q8_0" and np.array_equal(widened.dequantize(), values)
+    assert np.array_equal(widened_to_q8_0(split.rest).dequantize(), split.rest.dequantize())
 
 
 @pytest.mark.parametrize("tokens", [1, 3, BLAS_MIN_TOKENS + 2])

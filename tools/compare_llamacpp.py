@@ -121,7 +121,8 @@ def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
     exclude = set(heldout.read_text().split()) if heldout.is_file() else set()
     calib_texts, note = calibration_texts(None, exclude)
     tokenizer, eos = Tokenizer.santacoder(), reader.config.eos_token_id
-    sequences = token_sequences(calib_texts, tokenizer, eos, 8192, min(SEQUENCE_TOKENS, reader.config.n_positions))
+    # 4096 tokens: `santacpu quantize`'s default --calibration-tokens
+    sequences = token_sequences(calib_texts, tokenizer, eos, 4096, min(SEQUENCE_TOKENS, reader.config.n_positions))
     importance = collect_importance(reader, sequences)
     most_used = most_used_tokens(calib_texts, tokenizer, eos, reader.config.vocab_size)
     gains = {}  # measured upgrade gains per 4-bit type, as `santacpu quantize` measures them

@@ -5,7 +5,8 @@
    twin with the GPU's launch shapes, the sim model, the golden fixtures (fp32 KV within 1e-4,
    fp16 within 1e-3) and the trained fixture's greedy text against the CPU's.
 3. Full size: the CUDA logits of each file against the NumPy reference (a 40-token prompt, then
-   two single tokens), fp16 and fp32 KV. (The greedy comparison is the trained fixture's, in 2.)
+   two single tokens), fp16 and fp32 KV, and again with a few hundred embedding rows split off
+   at q8_0 (the same values: `quantize` raises the most used rows so). (The greedy comparison is the trained fixture's, in 2.)
 4. `santacpu bench FILE --device cuda --parts speed` for each file: prefill 512, decode 128,
    the decode step taken apart (kernels against launch overhead), device memory, copy bandwidth.
 
@@ -14,6 +15,7 @@ Prints a short summary last; everything also goes to the folder given (the devic
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -57,6 +59,7 @@ def build_files(work: Path) -> subprocess.Popen:
 def full_size_logits(path: Path) -> dict:
     """CUDA logits of a full-size file against the NumPy reference, fp16 and fp32 KV."""
     from santacpu.backends.cuda.backend import CudaBackend
+    from santacpu.formats.split_rows import SYMMETRIC
     from santacpu.loading.quantized import read_quantized
     from santacpu.network import reference
     from santacpu.network.engine import Engine
@@ -67,8 +70,12 @@ def full_size_logits(path: Path) -> dict:
     want = reference.forward(weights, ids)
     reference_s = time.perf_counter() - start
     result = {"reference_s": reference_s}
-    for kv in ("float16", "float32"):
-        engine = Engine(weights, CudaBackend(), kv)
+    variants = [("float16", weights), ("float32", weights)]
+    if getattr(weights.wte, "qtype", None) in SYMMETRIC:  # the same values, the LM head split as `quantize` splits it
+        split = dataclasses.replace(weights, wte=_split_copy(weights.wte, ids))
+        variants.append(("float16, split embedding rows", split))
+    for kv, variant in variants:
+        engine = Engine(variant, CudaBackend(), kv.split(",")[0])
         cache = engine.new_cache(len(ids))
         got = np.concatenate([engine.forward(cache, ids[:40], all_logits=True), engine.forward(cache, ids[40:41]),
                               engine.forward(cache, ids[41:42])])
@@ -78,6 +85,16 @@ def full_size_logits(path: Path) -> dict:
         result[kv] = {"relative_error": error, "same_argmax_every_position": same_argmax}
         del engine
     return result
+
+
+def _split_copy(wte, ids: list[int]):
+    """A SplitRowsWeight holding exactly wte's values: a few hundred rows (among them half the
+    prompt's tokens) as q8_0, the rest in wte's own format."""
+    from santacpu.formats.split_rows import SplitRowsWeight, widened_to_q8_0
+
+    raised = np.union1d(np.asarray(ids[::2]), np.arange(0, wte.shape[0], 211)).astype(np.int32)
+    rest = np.setdiff1d(np.arange(wte.shape[0]), raised)
+    return SplitRowsWeight(wte.shape, raised, widened_to_q8_0(wte.take_rows(raised)), wte.take_rows(rest))
 
 
 def main() -> int:

@@ -95,13 +95,14 @@ def split_rows(weight: np.ndarray, upgraded_rows: np.ndarray, upgraded_type: str
     return SplitRowsWeight(tuple(weight.shape), rows, part(upgraded_type, weight[rows]), part(rest_type, weight[keep]))
 
 
-def widened_to_q8_0(weight: SplitRowsWeight) -> QuantizedWeight:
-    """The same values as one q8_0 matrix, exactly (both parts symmetric: scale x code, and a
-    code of q6_0 or q4_0 fits in int8), for backends with one kernel per matrix (CUDA)."""
+def widened_to_q8_0(weight: SplitRowsWeight | QuantizedWeight) -> QuantizedWeight:
+    """The same values as one q8_0 matrix, exactly (symmetric formats: scale x code, and a code of
+    q6_0 or q4_0 fits in int8), for backends with one kernel per matrix (CUDA)."""
     rows, cols = weight.shape
     qs = np.empty((rows, cols), np.int8)
     d = np.empty((rows, cols // 32), np.float16)
-    for part_rows, part in weight.parts:
+    parts = weight.parts if isinstance(weight, SplitRowsWeight) else ((np.arange(rows), weight),)
+    for part_rows, part in parts:
         if part.qtype not in SYMMETRIC:
             raise SantacpuError(f"split rows in {part.qtype} cannot widen to q8_0 exactly")
         for first in range(0, len(part_rows), 4096):  # bounded temporaries
