@@ -11,7 +11,8 @@ the engine only slices their first axis, and asks for host copies (`to_host`) of
 
 Weights: `prepare` receives what loading produced (`santacpu.network.weights.ModelWeights`: a
 weight matrix is `[out, in]`, a float32 or float16 array or a `santacpu.formats.blocks.
-QuantizedWeight`; biases and LayerNorm parameters are float32 vectors) and returns the weights
+QuantizedWeight`, and the tied embedding may be a `santacpu.formats.split_rows.SplitRowsWeight`;
+biases and LayerNorm parameters are float32 vectors) and returns the weights
 the other calls get (the same object on the CPU; device copies on a GPU, uploaded once). A backend
 dispatches on the weight's type inside `linear` and `input_embeddings`, never by a copy of the
 forward pass per type.
