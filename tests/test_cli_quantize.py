@@ -42,6 +42,7 @@ def test_quantize_then_info_then_complete(tmp_path):
     info = run("info", str(out), cache=tmp_path)
     text = info.stdout.decode()
     assert info.returncode == 0 and "q4_m" in text and "keep h.0.*=q8_0" in text and "q6_0" in text
+    assert "most used rows q8_0" in text  # calibration measured the embedding rows, and the budget bought some
     # Provenance: each source file's sha256, and the revision (none for a local folder).
     digest = hashlib.sha256((tiny_checkpoint() / "model.safetensors").read_bytes()).hexdigest()
     assert f"model.safetensors  {digest}" in text and "revision        - (none asked for)" in text
