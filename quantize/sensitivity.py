@@ -10,12 +10,14 @@ Estimate, per layer i (the rest of the model in full precision):
 - the cut of upgrading w to t: KLD_i * (e(w, 4-bit) - e(w, t)) / sum over the layer's weights of
   e(w', 4-bit).
 So a layer's depth sets how much its errors cost at the output (measured, not assumed), and its
-weights share that cost by what each adds to the layer's output. The embedding rows of the most
-used tokens are measured directly: the whole model's KLD with the embedding at its type, less
-that with the k most used rows raised, for each k (one forward of the model per k). Cost: about L^2/2 + 13 L layer
+weights share that cost by what each adds to the layer's output. Cost: about L^2/2 + 13 L layer
 forwards over `SENSITIVITY_TOKENS` tokens and three roundings of each weight, against L^2 * 4
 forwards to the head for each weight's own measurement (tools/upgrade_sensitivity.py does that,
 on small models, to check these choices).
+
+The embedding rows of the most used tokens are measured directly: the whole model's KLD with the
+embedding at its type, less that with the k most used rows raised, for each k (one forward of
+the model per k).
 
 May import: numpy, `santacpu` (network, loading, formats, progress), `quantize.policy`.
 """

@@ -45,7 +45,7 @@ def _tensor(file: SafetensorsFile, name: str, entry: dict, expected_shape: tuple
     if split is None:
         return _blocks(file, name, qtype, shape, path)
     k = split["count"]
-    if split["type"] not in FORMATS or not 0 <= k <= shape[0]:
+    if split["type"] not in FORMATS or len(shape) != 2 or not 0 <= k <= shape[0]:
         raise SantacpuError(f"{path} is corrupt: tensor '{name}' has invalid upgraded rows {split}")
     rows = file.array(f"{name}.rows") if f"{name}.rows" in file else None
     if rows is None or rows.shape != (k,) or rows.dtype != np.int32:
