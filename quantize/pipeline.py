@@ -21,9 +21,10 @@ from .sensitivity import measure_upgrade_gains
 
 
 def calibrate(src: str, revision: str | None, calibration: str, max_tokens: int,
-              measure_for: str | None) -> tuple[dict, dict | None, np.ndarray, str]:
+              measure_for: str | None) -> tuple[dict, dict | None, np.ndarray | None, str]:
     """(importance, measured upgrade gains for the 4-bit type `measure_for` or None, the token
-    ids the calibration text uses most, most used first, a note on the calibration text)."""
+    ids the calibration text uses most, most used first, or None when nothing is measured (only
+    measured gains can buy embedding rows), a note on the calibration text)."""
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
     tokenizer = Tokenizer.for_checkpoint(folder, reader.config.vocab_size)
@@ -32,8 +33,10 @@ def calibrate(src: str, revision: str | None, calibration: str, max_tokens: int,
     sequences = token_sequences(texts, tokenizer, reader.config.eos_token_id, max_tokens, n_ctx)
     print(f"santacpu: calibrating on {sum(map(len, sequences))} tokens from {note}", file=sys.stderr)
     importance = collect_importance(reader, sequences)
-    most_used = most_used_tokens(texts, tokenizer, reader.config.eos_token_id, reader.config.vocab_size)
-    gains = None if measure_for is None else measure_upgrade_gains(reader, sequences, measure_for, importance, most_used)
+    gains, most_used = None, None
+    if measure_for is not None:
+        most_used = most_used_tokens(texts, tokenizer, reader.config.eos_token_id, reader.config.vocab_size)
+        gains = measure_upgrade_gains(reader, sequences, measure_for, importance, most_used)
     return importance, gains, most_used, f"{note}, {sum(map(len, sequences))} tokens"
 
 

@@ -19,7 +19,7 @@ User overrides (`--keep PATTERN=TYPE`, shell-style patterns on canonical names s
 `h.*.mlp_c_proj_weight`) win over the default, first match first. A matrix whose width is not a
 multiple of the block size falls back to float16.
 
-May import: `santacpu.formats.blocks`, `santacpu.errors`.
+May import: `santacpu.formats` (blocks, split_rows), `santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import numpy as np
 
 from santacpu.errors import SantacpuError, SantacpuWarning
 from santacpu.formats.blocks import FORMATS
+from santacpu.formats.split_rows import SYMMETRIC
 
 STORAGE_TYPES = ("f32", "f16", *FORMATS)
 EMBEDDING_TYPE = {"q8_0": "q8_0", "q6_0": "q6_0", "q4_0": "q6_0", "q4_m": "q6_0"}
@@ -65,7 +66,8 @@ def stored_bytes(qtype: str, shape: tuple[int, ...]) -> int:
 
 UPGRADE_TYPES = ("q6_0", "q8_0")  # what a 4-bit linear weight can be raised to, in order
 ROW_UPGRADE_TYPE = "q8_0"  # what the embedding's most used rows can be raised to
-ROW_UPGRADE_BASES = ("q6_0", "q4_0")  # embedding types whose rows can be raised (symmetric: see split_rows)
+# Embedding types whose rows can be raised: those that widen to q8_0 exactly (the CUDA backend's need).
+ROW_UPGRADE_BASES = tuple(t for t in SYMMETRIC if t != ROW_UPGRADE_TYPE)
 EMBEDDING_ROW_COUNTS = (64, 128, 256, 512, 1024, 2048, 4096)  # the steps measured and bought
 
 

@@ -6,7 +6,8 @@
    fp16 within 1e-3) and the trained fixture's greedy text against the CPU's.
 3. Full size: the CUDA logits of each file against the NumPy reference (a 40-token prompt, then
    two single tokens), fp16 and fp32 KV, and again with a few hundred embedding rows split off
-   at q8_0 (the same values: `quantize` raises the most used rows so). (The greedy comparison is the trained fixture's, in 2.)
+   at q8_0 (the same values: `quantize` raises the most used rows so). (The greedy comparison is
+   the trained fixture's, in 2.)
 4. `santacpu bench FILE --device cuda --parts speed` for each file: prefill 512, decode 128,
    the decode step taken apart (kernels against launch overhead), device memory, copy bandwidth.
 
@@ -70,19 +71,19 @@ def full_size_logits(path: Path) -> dict:
     want = reference.forward(weights, ids)
     reference_s = time.perf_counter() - start
     result = {"reference_s": reference_s}
-    variants = [("float16", weights), ("float32", weights)]
+    variants = [("float16", "float16", weights), ("float32", "float32", weights)]  # (label, KV type, weights)
     if getattr(weights.wte, "qtype", None) in SYMMETRIC:  # the same values, the LM head split as `quantize` splits it
         split = dataclasses.replace(weights, wte=_split_copy(weights.wte, ids))
-        variants.append(("float16, split embedding rows", split))
-    for kv, variant in variants:
-        engine = Engine(variant, CudaBackend(), kv.split(",")[0])
+        variants.append(("float16, split embedding rows", "float16", split))
+    for label, kv, variant in variants:
+        engine = Engine(variant, CudaBackend(), kv)
         cache = engine.new_cache(len(ids))
         got = np.concatenate([engine.forward(cache, ids[:40], all_logits=True), engine.forward(cache, ids[40:41]),
                               engine.forward(cache, ids[41:42])])
         rows = list(range(40)) + [40, 41]
         error = float(np.abs(got - want[rows]).max() / np.abs(want[rows]).max())
         same_argmax = bool((got.argmax(-1) == want[rows].argmax(-1)).all())
-        result[kv] = {"relative_error": error, "same_argmax_every_position": same_argmax}
+        result[label] = {"relative_error": error, "same_argmax_every_position": same_argmax}
         del engine
     return result
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SantacpuError
-from .blocks import FORMATS, QuantizedWeight
+from .blocks import FORMATS, QK, QuantizedWeight
 
 # Formats whose value is scale x integer code (no offset), so that a row widens to q8_0 exactly.
 SYMMETRIC = ("q8_0", "q6_0", "q4_0")
@@ -100,7 +100,7 @@ def widened_to_q8_0(weight: SplitRowsWeight | QuantizedWeight) -> QuantizedWeigh
     q6_0 or q4_0 fits in int8), for backends with one kernel per matrix (CUDA)."""
     rows, cols = weight.shape
     qs = np.empty((rows, cols), np.int8)
-    d = np.empty((rows, cols // 32), np.float16)
+    d = np.empty((rows, cols // QK), np.float16)
     parts = weight.parts if isinstance(weight, SplitRowsWeight) else ((np.arange(rows), weight),)
     for part_rows, part in parts:
         if part.qtype not in SYMMETRIC:
@@ -108,7 +108,7 @@ def widened_to_q8_0(weight: SplitRowsWeight | QuantizedWeight) -> QuantizedWeigh
         for first in range(0, len(part_rows), 4096):  # bounded temporaries
             piece = part.take_rows(np.arange(first, min(first + 4096, len(part_rows))))
             scale = piece.parts["d"]
-            values = piece.dequantize().reshape(len(scale), -1, 32)
+            values = piece.dequantize().reshape(len(scale), -1, QK)
             safe = np.where(scale == 0, 1, scale).astype(np.float32)[..., None]
             codes = np.rint(values / safe)
             qs[part_rows[first : first + len(scale)]] = codes.reshape(len(scale), cols).astype(np.int8)
