@@ -125,30 +125,12 @@ class SafetensorsFile:
         raw = self._buffer[start : self._data_start + end]
         return raw.view(_DTYPES[dtype_name]).reshape(shape)
 
-    def release_array(self, array: np.ndarray) -> None:
-        """Like `release`, for any array that lies inside this file's mapping (else nothing)."""
-        if self._map is None or array.size == 0:
-            return
-        start = array.__array_interface__["data"][0] - self._buffer.__array_interface__["data"][0]
-        if 0 <= start and start + array.nbytes <= len(self._map):
-            self._drop_pages(start, start + array.nbytes)
-
     def release(self, name: str) -> None:
         """Drop this tensor's pages from the process (after it was copied): they stay in the page
         cache but stop counting towards our resident memory."""
         if self._map is not None:
             _, _, begin, end = self._entries[name]
-            self._drop_pages(self._data_start + begin, self._data_start + end)
-
-    def _drop_pages(self, start: int, stop: int) -> None:
-        """madvise(DONTNEED) the whole pages inside bytes [start, stop) of the mapping."""
-        if not hasattr(mmap, "MADV_DONTNEED"):
-            return
-        page = mmap.PAGESIZE
-        first = -(-start // page) * page  # round inward: never touch a neighbour's partial page
-        last = stop // page * page
-        if last > first:
-            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+            _drop_pages(self._map, self._data_start + begin, self._data_start + end)
 
 
 def _read_header(f, size: int, path: Path) -> bytes:
@@ -169,6 +151,36 @@ def _check_no_overlap(entries: dict[str, tuple[str, tuple[int, ...], int, int]],
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
             raise SantacpuError(f"{path} is corrupt: the bytes of tensors '{first}' and '{second}' overlap")
+
+
+def release_mapped_pages(array: np.ndarray) -> None:
+    """Drop the whole pages of `array` from this process's resident memory when it is a view of a
+    read-only file mapping (after its values were copied elsewhere): they stay in the page cache,
+    and reading the array again brings them back. Any other array: nothing (dropping the pages of
+    ordinary memory would zero them)."""
+    mapped, mapping = array, None
+    while isinstance(mapped, np.ndarray) and mapping is None:  # down to the array made on the mapping
+        base = mapped.base.obj if isinstance(mapped.base, memoryview) else mapped.base
+        if isinstance(base, mmap.mmap):
+            mapping = base
+        else:
+            mapped = base
+    if mapping is None or mapping.closed or mapped.flags.writeable:
+        return
+    start = array.__array_interface__["data"][0] - mapped.__array_interface__["data"][0]
+    if 0 <= start and start + array.nbytes <= len(mapping):
+        _drop_pages(mapping, start, start + array.nbytes)
+
+
+def _drop_pages(mapping: mmap.mmap, start: int, stop: int) -> None:
+    """madvise(DONTNEED) the whole pages inside bytes [start, stop) of a read-only mapping."""
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    page = mmap.PAGESIZE
+    first = -(-start // page) * page  # round inward: never touch a neighbour's partial page
+    last = stop // page * page
+    if last > first:
+        mapping.madvise(mmap.MADV_DONTNEED, first, last - first)
 
 
 def advise_huge_pages(mapping: mmap.mmap) -> None:

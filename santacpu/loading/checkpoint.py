@@ -24,7 +24,7 @@ import numpy as np
 from .transpose import transpose_into
 from ..config import Config
 from ..errors import SantacpuError
-from ..formats.safetensors_io import SafetensorsFile, bf16_to_f32
+from ..formats.safetensors_io import SafetensorsFile, bf16_to_f32, release_mapped_pages
 from ..network.weights import LayerWeights, ModelWeights, expected_layer_shapes
 from ..progress import Progress
 
@@ -71,9 +71,7 @@ class TensorSource:
 
     def release_array(self, array: np.ndarray) -> None:
         """Drop the mapped pages under `array` from our resident memory, if it is a file view."""
-        for shard in {id(s): s for s in self._shard_of.values()}.values():
-            if isinstance(shard, SafetensorsFile):
-                shard.release_array(array)
+        release_mapped_pages(array)
 
     def release(self, name: str) -> None:
         """Tell the kernel this tensor's mapped pages are no longer needed (after a converting copy)."""

@@ -17,6 +17,7 @@ May import: numba, numpy, the CPU backend's kernel modules, `santacpu.formats`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from contextlib import contextmanager
 
 import numba
@@ -25,7 +26,9 @@ import numpy as np
 from . import blas_threads
 from . import cpu_kernels as k
 from . import quant_kernels as qk
+from . import row_groups
 from ...formats.blocks import QuantizedWeight
+from ...formats.safetensors_io import release_mapped_pages
 from ...formats.split_rows import SplitRowsWeight
 
 # Numba kernels whose work is below this many (multiply-add or element) operations run on the
@@ -52,6 +55,8 @@ def _numba_threads(n: int):
     finally:
         numba.set_num_threads(previous)
 
+
+LINEAR_WEIGHTS = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")
 
 # From this many tokens on, fp16 weights (and quantized ones on the float kernels) are widened
 # into tiles for BLAS; below it, one matvec pass (1 token) or the few-token kernel. Measured
@@ -103,7 +108,30 @@ class CpuBackend:
         return "cpu"
 
     def prepare(self, weights):
-        return weights  # used where they are: memory-mapped, never copied
+        """The weights as loaded (memory-mapped, used where they are), except on CPUs whose integer
+        kernels are AVX2 ones: there each q4_0 linear weight becomes row groups (its interleaved
+        copy replaces the file's pages in memory, see row_groups.py), and the layers' vectors are
+        copied out of the mapping too (reading one would map the whole 2 MiB page around it,
+        mostly the grouped weights' released pages)."""
+        if not (self.integer_kernels and row_groups.USED):
+            return weights
+
+        def own_copy(weight):
+            if isinstance(weight, QuantizedWeight) and weight.qtype in row_groups.FORMATS:
+                return row_groups.group_rows(weight)
+            if isinstance(weight, np.ndarray) and weight.ndim == 1:
+                copy = np.array(weight)
+                release_mapped_pages(weight)
+                return copy
+            return weight
+
+        layers = [
+            dataclasses.replace(layer, **{f.name: own_copy(getattr(layer, f.name)) for f in dataclasses.fields(layer)})
+            for layer in weights.layers
+        ]
+        return dataclasses.replace(
+            weights, layers=layers, ln_f_weight=own_copy(weights.ln_f_weight), ln_f_bias=own_copy(weights.ln_f_bias)
+        )
 
     def empty(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.empty(shape, np.float32)
@@ -155,6 +183,13 @@ class CpuBackend:
                 out[:, rows] = self._product(x, part, None, None)
             out += bias
             return out
+        if isinstance(weight, row_groups.RowGroupWeight):
+            self._pool_warm = True
+            if out.flags.c_contiguous:
+                row_groups.matmul(weight, x, bias, out)
+            else:
+                out[...] = self._product(x, weight, bias, None)
+            return out
         if isinstance(weight, np.ndarray) and weight.dtype == np.float32:
             self._pool_warm = False
             np.matmul(x, weight.T, out=out)
@@ -190,7 +225,7 @@ class CpuBackend:
         if id(weights) not in self._numba_products:
             tiled = total = 0
             for layer in weights.layers:
-                for w in (layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight):
+                for w in (getattr(layer, name) for name in LINEAR_WEIGHTS):
                     size = w.shape[0] * w.shape[1]
                     total += size
                     if self._integer_products(w):
@@ -204,16 +239,14 @@ class CpuBackend:
         the integer kernels, whose per-(row, token) arithmetic never depends on the call; fp32
         and fp16 weights and the float kernels use BLAS for prompts, whose sums differ in the
         last bits. Attention, LayerNorm and GELU are per token on every path."""
-        matrices = [weights.wte] + [
-            w
-            for layer in weights.layers
-            for w in (layer.attn_c_attn_weight, layer.attn_c_proj_weight, layer.mlp_c_fc_weight, layer.mlp_c_proj_weight)
-        ]
+        matrices = [weights.wte] + [getattr(layer, name) for layer in weights.layers for name in LINEAR_WEIGHTS]
         return all(self._integer_products(w) for w in matrices)
 
     def _integer_products(self, weight) -> bool:
         if isinstance(weight, SplitRowsWeight):
             return all(self._integer_products(part) for _, part in weight.parts)
+        if isinstance(weight, row_groups.RowGroupWeight):
+            return True
         return self.integer_kernels and isinstance(weight, QuantizedWeight) and qk.has_integer_matmul(weight.qtype)
 
     def layer_norm(

@@ -1,0 +1,264 @@
+"""q4_0 products on row groups, for AVX2 CPUs without VNNI: at load, the codes of every 8 rows
+of a q4_0 weight are interleaved so that each int32 lane of a 256-bit vector belongs to one row.
+
+Why: the kernels of `int_dot.py` keep a row's codes in a vector's lanes, so each block's lanes
+must be summed across (vphaddw, shuffles) before its scale applies. On AVX2 those sums, shared by
+4 (row, token) pairs, still took over half of a step's instructions. Here one vector holds 4 code
+bytes (8 values) of each of 8 rows, and x's 4 matching values are broadcast to every lane: each
+`vpmaddubsw` adds pair products into the lanes of their own rows, the block's 8 of them are
+summed as int16 (at most 8 x 2 x 15 x 127 = 30480), one `vpmaddwd` widens them, and the block's
+8 row sums are complete with no reduction across lanes. Scaling is one multiply-add on 8 rows.
+
+Layout (`interleave`), per group g of 8 rows and block b: 4 vectors of 32 bytes; vector v holds,
+in its int32 lane i, row 8g+i's code bytes 4v..4v+3 of the block (q4_0 byte j holds value j in its
+low nibble and value j+16 in its high one). Scales: the 8 rows' fp16 scales of block b, in a row.
+Rows past the last (a weight whose rows are not a multiple of 8) are code 0x88 (value 0), scale 0.
+x is rounded per block as `int_dot.quantize_activations` rounds it (max |x| -> 127), but kept in
+its natural order; the codes' offset 8 enters as -8 x the block's sum of rounded x.
+
+Every (row, token) result comes from the same operations whatever the number of tokens in the
+call and its tile (blocks in order, one fused multiply-add each), so a token's result never
+depends on its call, as for `int_dot.py`.
+
+The interleaved copy replaces the file's pages in memory: `group_rows` drops them from the
+process after copying (`release_mapped_pages`), so a model is never resident twice.
+
+May import: numba, llvmlite, numpy, the CPU kernel modules `int_dot`, `cpu_kernels`,
+`santacpu.formats`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ...formats.blocks import QK, QuantizedWeight
+from ...formats.safetensors_io import release_mapped_pages
+from . import int_dot
+from .cpu_kernels import FASTMATH
+from .int_dot import _F32, _I8, _I16, _I32, _block_rounding, _declare, _load_vector, _splat
+
+GROUP = 8  # rows per group: one int32 lane each of a 256-bit vector
+GROUP_BLOCK_BYTES = GROUP * QK // 2  # 128 code bytes per group and block
+# The backend uses row groups on CPUs whose best integer kernels are AVX2 ones (VNNI CPUs keep
+# int_dot's, measured there); any AVX2 CPU can run them (the tests do).
+RUNNABLE = "avx2" in int_dot._target_features()
+USED = int_dot.ISA == "avx2"
+FORMATS = ("q4_0",)
+# A one-token product streams the weight from memory: each block prefetches its 2 cache lines
+# this far ahead (the next groups' codes, in address order).
+PREFETCH_BYTES = 4096
+TILE_TOKENS = 4  # tokens per tile of a many-token product: their accumulators fit the registers
+PANEL_GROUPS = 8  # groups a thread takes through all the tokens (64 rows stay in L2)
+
+
+@dataclass(frozen=True)
+class RowGroupWeight:
+    """A q4_0 weight [R, C] as row groups (module docstring): codes uint8 [G, C/32 * 128], scales
+    uint16 (fp16 bits) [G, C/32 * 8], G = ceil(R / 8). `source` is the weight as loaded."""
+
+    source: QuantizedWeight
+    codes: np.ndarray
+    scales: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.source.shape
+
+    @property
+    def qtype(self) -> str:
+        return self.source.qtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes
+
+
+def group_rows(weight: QuantizedWeight) -> RowGroupWeight:
+    """`weight` (q4_0) interleaved into row groups; the pages of its file mapping are dropped from
+    this process afterwards (they stay in the page cache)."""
+    if weight.qtype not in FORMATS:
+        raise ValueError(f"row groups hold {', '.join(FORMATS)} weights, not {weight.qtype}")
+    qs, d = weight.parts["qs"], weight.parts["d"].view(np.uint16)
+    R, C = weight.shape
+    n_groups = -(-R // GROUP)
+    codes = np.empty((n_groups, C // QK * GROUP_BLOCK_BYTES), np.uint8)
+    scales = np.empty((n_groups, C // QK * GROUP), np.uint16)
+    interleave(qs, d, codes, scales)
+    release_mapped_pages(qs)
+    release_mapped_pages(weight.parts["d"])
+    return RowGroupWeight(weight, codes, scales)
+
+
+@njit(parallel=True, cache=True)
+def interleave(qs, d, codes, scales):
+    """qs uint8 [R, C/2], d uint16 [R, C/32] (q4_0's parts) -> codes, scales (RowGroupWeight)."""
+    R = qs.shape[0]
+    n_blocks = d.shape[1]
+    for g in prange(codes.shape[0]):
+        for b in range(n_blocks):
+            for i in range(GROUP):
+                r = GROUP * g + i
+                scales[g, GROUP * b + i] = d[r, b] if r < R else 0
+                for v in range(4):
+                    for m in range(4):
+                        code = qs[r, 16 * b + 4 * v + m] if r < R else 0x88
+                        codes[g, GROUP_BLOCK_BYTES * b + 32 * v + 4 * i + m] = code
+
+
+@njit(fastmath=FASTMATH, cache=True)
+def round_natural(x, xq, xfix, xdx, first, last):
+    """Tokens first..last-1 of x float32 [T, C] -> xq int8 [T, C] (natural order), xfix int32
+    [T, C/32] (-8 x each block's sum of xq), xdx float32 [T, C/32] (the block scales)."""
+    for t in range(first, last):
+        for b in range(x.shape[1] // QK):
+            scale, inverse = _block_rounding(x, t, QK * b, 127)
+            total = 0
+            for j in range(QK * b, QK * b + QK):
+                q = np.int8(np.rint(x[t, j] * inverse))
+                xq[t, j] = q
+                total += np.int32(q)
+            xfix[t, b] = -8 * total
+            xdx[t, b] = scale
+
+
+def _group_tile_codegen(n_tokens):
+    """Codegen of _group_tile for a literal number of tokens."""
+
+    def codegen(context, builder, signature, args):
+        codes, scales, xq, xfix, xdx, bias, out = (
+            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 2, 3, 4, 5, 8)
+        )
+        group, token = args[6], args[7]
+        intp = group.type
+        const = lambda v: ir.Constant(intp, v)  # noqa: E731
+        lane = lambda v: ir.Constant(_I32, v)  # noqa: E731
+        n_blocks = cgutils.unpack_tuple(builder, xdx.shape, 2)[1]
+        x_cols = cgutils.unpack_tuple(builder, xq.shape, 2)[1]
+        n_rows = cgutils.unpack_tuple(builder, out.shape, 2)[1]
+        vec8, vec16, vec32, vecf = (ir.VectorType(t, n) for t, n in ((_I8, 32), (_I16, 16), (_I32, 8), (_F32, 8)))
+        pmaddubsw = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
+        pmaddwd = _declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16)
+        fmuladd = _declare(builder, "llvm.fmuladd.v8f32", vecf, vecf, vecf, vecf)
+        prefetch = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), _I8.as_pointer(), _I32, _I32, _I32)
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vecf, None)) for _ in range(n_tokens)]
+        group_codes = builder.mul(group, builder.mul(n_blocks, const(GROUP_BLOCK_BYTES)))
+        group_scales = builder.mul(group, builder.mul(n_blocks, const(GROUP)))
+        x_rows = [builder.mul(builder.add(token, const(j)), x_cols) for j in range(n_tokens)]
+        block_rows = [builder.mul(builder.add(token, const(j)), n_blocks) for j in range(n_tokens)]
+
+        def broadcast(value, vector_type):
+            """value in every lane of vector_type (whose lanes have value's type)."""
+            single = builder.insert_element(ir.Constant(vector_type, None), value, lane(0))
+            return builder.shuffle_vector(single, ir.Constant(vector_type, None), ir.Constant(vec32, [0] * 8))
+
+        def x_word(at):
+            """4 int8 values of xq from flat index `at`, in every int32 lane, as <32 x i8>."""
+            word = builder.load(builder.bitcast(builder.gep(xq.data, [at]), _I32.as_pointer()), align=1)
+            return builder.bitcast(broadcast(word, vec32), vec8)
+
+        with cgutils.for_range(builder, n_blocks) as loop:
+            b = loop.index
+            code_at = builder.add(group_codes, builder.mul(b, const(GROUP_BLOCK_BYTES)))
+            if n_tokens == 1:  # decode streams the codes: their 2 lines PREFETCH_BYTES ahead
+                for line in range(2):
+                    ahead = builder.gep(codes.data, [builder.add(code_at, const(PREFETCH_BYTES + 64 * line))])
+                    builder.call(prefetch, [builder.bitcast(ahead, _I8.as_pointer()), lane(0), lane(3), lane(1)])
+            packed = [_load_vector(builder, codes.data, builder.add(code_at, const(32 * v)), _I8, 32) for v in range(4)]
+            lows = [builder.and_(p, _splat(_I8, 32, 0x0F)) for p in packed]
+            highs = [builder.lshr(p, _splat(_I8, 32, 4)) for p in packed]
+            raw = _load_vector(builder, scales.data, builder.add(group_scales, builder.mul(b, const(GROUP))), _I16, GROUP)
+            weight_scales = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), GROUP)), vecf)
+            for j in range(n_tokens):
+                x_at = builder.add(x_rows[j], builder.mul(b, const(QK)))
+                pairs = ir.Constant(vec16, None)
+                for v in range(4):
+                    pairs = builder.add(pairs, builder.call(pmaddubsw, [lows[v], x_word(builder.add(x_at, const(4 * v)))]))
+                    pairs = builder.add(pairs, builder.call(pmaddubsw, [highs[v], x_word(builder.add(x_at, const(16 + 4 * v)))]))
+                block_at = builder.add(block_rows[j], b)
+                fix = broadcast(builder.load(builder.gep(xfix.data, [block_at])), vec32)
+                sums = builder.add(builder.call(pmaddwd, [pairs, _splat(_I16, 16, 1)]), fix)
+                x_scale = broadcast(builder.load(builder.gep(xdx.data, [block_at])), vecf)
+                total = builder.call(fmuladd, [builder.sitofp(sums, vecf), builder.fmul(weight_scales, x_scale), builder.load(accs[j])])
+                builder.store(total, accs[j])
+        first_row = builder.mul(group, const(GROUP))
+        whole = builder.icmp_signed("<=", builder.add(first_row, const(GROUP)), n_rows)
+        for j in range(n_tokens):
+            total = builder.load(accs[j])
+            out_at = builder.add(builder.mul(builder.add(token, const(j)), n_rows), first_row)
+            with builder.if_else(whole, likely=True) as (all_rows, some_rows):
+                with all_rows:
+                    value = builder.fadd(total, _load_vector(builder, bias.data, first_row, _F32, GROUP))
+                    address = builder.bitcast(builder.gep(out.data, [out_at]), vecf.as_pointer())
+                    builder.store(value, address, align=4)
+                with some_rows:  # the last group of a weight whose rows are not a multiple of 8
+                    for i in range(GROUP):
+                        with builder.if_then(builder.icmp_signed("<", builder.add(first_row, const(i)), n_rows)):
+                            bias_i = builder.load(builder.gep(bias.data, [builder.add(first_row, const(i))]))
+                            value = builder.fadd(builder.extract_element(total, lane(i)), bias_i)
+                            builder.store(value, builder.gep(out.data, [builder.add(out_at, const(i))]))
+        return context.get_dummy_value()
+
+    return codegen
+
+
+@intrinsic
+def _group_tile(typingctx, codes, scales, xq, xfix, xdx, bias, group, token, out, n_tokens):
+    """out[token + j, 8 group + i] = row 8 group + i . token token + j's rounded x + bias, for the
+    group's rows (those < R) and j < n_tokens (a literal int). Arrays as matmul_groups has them."""
+    if not isinstance(n_tokens, types.IntegerLiteral):
+        return None
+    sig = types.none(codes, scales, xq, xfix, xdx, bias, types.intp, types.intp, out, n_tokens)
+    return sig, _group_tile_codegen(n_tokens.literal_value)
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _tokens_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, n):
+    """_group_tile for n = 1..TILE_TOKENS tokens (a run-time n to the literal it needs)."""
+    if n == 4:
+        _group_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, 4)
+    elif n == 3:
+        _group_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, 3)
+    elif n == 2:
+        _group_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, 2)
+    else:
+        _group_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, 1)
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def matmul_groups(codes, scales, x, bias, out):
+    """out [T, R] = x [T, C] @ W.T + bias [R] for W as row groups (codes, scales); float32."""
+    T, C = x.shape
+    xq = np.empty((T, C), np.int8)
+    xfix = np.empty((T, C // QK), np.int32)
+    xdx = np.empty((T, C // QK), np.float32)
+    if T < 8:
+        round_natural(x, xq, xfix, xdx, 0, T)
+    else:
+        for t in prange(T):
+            round_natural(x, xq, xfix, xdx, t, t + 1)
+    G = codes.shape[0]
+    if T == 1:
+        for g in prange(G):
+            _group_tile(codes, scales, xq, xfix, xdx, bias, g, 0, out, 1)
+    else:
+        for panel in prange((G + PANEL_GROUPS - 1) // PANEL_GROUPS):
+            for token in range(0, T, TILE_TOKENS):  # these tokens' x in L1, the panel's codes in L2
+                n = min(TILE_TOKENS, T - token)
+                for g in range(panel * PANEL_GROUPS, min((panel + 1) * PANEL_GROUPS, G)):
+                    _tokens_tile(codes, scales, xq, xfix, xdx, bias, g, token, out, n)
+
+
+def matmul(weight: RowGroupWeight, x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """out [T, R] = x [T, C] @ W.T + bias [R] (float32, C-contiguous) for a RowGroupWeight."""
+    R, C = weight.shape
+    T = x.shape[0] if x.ndim == 2 else -1
+    # The kernel does no bounds checks: a wrong shape here would read or write out of bounds.
+    if x.shape != (T, C) or bias.shape != (R,) or out.shape != (T, R) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"row-group matmul [{R}, {C}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
+    matmul_groups(weight.codes, weight.scales, np.ascontiguousarray(x, np.float32), np.ascontiguousarray(bias, np.float32), out)

@@ -1,0 +1,107 @@
+"""Row groups (santacpu/backends/cpu/row_groups.py): q4_0 weights interleaved 8 rows at a time for
+the AVX2 kernels. The layout, the kernel against the NumPy oracle and against its own one-token
+results, the backend's use of it, and the mapped pages it gives back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from helpers import tiny_checkpoint
+
+from santacpu.backends.cpu import row_groups
+from santacpu.backends.cpu.backend import CpuBackend
+from santacpu.bench.machine import mapped_file_rss_mb
+from santacpu.formats.blocks import FORMATS, QuantizedWeight
+from quantize.converter import convert
+from santacpu.formats.safetensors_io import SafetensorsFile, release_mapped_pages, write_safetensors
+from santacpu.network.reference import round_activations
+
+needs_avx2 = pytest.mark.skipif(not row_groups.RUNNABLE, reason="row groups need AVX2")
+
+
+def q4_0_weight(rows, cols, seed=0):
+    rng = np.random.default_rng(seed)
+    return QuantizedWeight("q4_0", (rows, cols), FORMATS["q4_0"].quantize(rng.standard_normal((rows, cols)).astype(np.float32)))
+
+
+def test_interleaved_layout():
+    weight = q4_0_weight(13, 64)  # a second group with 5 rows and 3 of padding
+    grouped = row_groups.group_rows(weight)
+    qs, d = weight.parts["qs"], weight.parts["d"].view(np.uint16)
+    assert grouped.codes.shape == (2, 2 * 128) and grouped.scales.shape == (2, 2 * 8)
+    # codes [group, block, vector v, row i, byte m] = the row's code byte 16 b + 4 v + m
+    codes = grouped.codes.reshape(2, 2, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(16, 2 * 16)
+    scales = grouped.scales.reshape(2, 2, 8).transpose(0, 2, 1).reshape(16, 2)
+    assert np.array_equal(codes[:13], qs) and np.array_equal(scales[:13], d)
+    assert (codes[13:] == 0x88).all() and (scales[13:] == 0).all()  # value 0, scale 0
+    assert grouped.shape == (13, 64) and grouped.qtype == "q4_0" and grouped.nbytes == 2 * 2 * (128 + 16)
+    with pytest.raises(ValueError, match="q4_0"):
+        row_groups.group_rows(QuantizedWeight("q8_0", (8, 32), FORMATS["q8_0"].quantize(np.ones((8, 32), np.float32))))
+
+
+@needs_avx2
+@pytest.mark.parametrize("rows", [8, 13, 2 * 8 * row_groups.PANEL_GROUPS + 5])
+@pytest.mark.parametrize("T", [1, 2, 4, 9])
+def test_products_match_the_oracle_and_each_tokens_own(rows, T):
+    # Several panels, a last group with padding rows; tokens in whole tiles and the ones after.
+    # 7 blocks a row. Each token's row equals its one-token product, bit for bit.
+    cols = 7 * 32
+    weight = q4_0_weight(rows, cols, seed=rows + T)
+    grouped = row_groups.group_rows(weight)
+    rng = np.random.default_rng(T)
+    x = rng.standard_normal((T, cols)).astype(np.float32)
+    x[0, 32:64] = 0  # an all-zero block of x
+    bias = rng.standard_normal(rows).astype(np.float32)
+    out = np.full((T, rows), np.nan, np.float32)
+    row_groups.matmul(grouped, x, bias, out)
+    want = round_activations(x, 127).astype(np.float64) @ FORMATS["q4_0"].dequantize(weight.parts).T.astype(np.float64) + bias
+    assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
+    for t in range(T):
+        alone = np.empty((1, rows), np.float32)
+        row_groups.matmul(grouped, x[t : t + 1], bias, alone)
+        assert np.array_equal(alone[0], out[t])
+
+
+@needs_avx2
+def test_bad_shapes_are_refused():
+    grouped = row_groups.group_rows(q4_0_weight(8, 64))
+    with pytest.raises(ValueError, match="row-group matmul"):
+        row_groups.matmul(grouped, np.ones((2, 32), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32))
+    with pytest.raises(ValueError, match="row-group matmul"):
+        row_groups.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 16), np.float32)[:, ::2])
+
+
+def test_mapped_pages_are_released_and_still_readable(tmp_path):
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, {"a": np.arange(1 << 20, dtype=np.float32), "b": np.ones(1 << 20, np.float32)})
+    file = SafetensorsFile(path)
+    a = file.array("a")
+    total = float(a.sum())  # reads every page in
+    before = mapped_file_rss_mb([str(path)])
+    release_mapped_pages(a)
+    after = mapped_file_rss_mb([str(path)])
+    if before is not None:
+        assert after <= before - 3.5  # 4 MB of pages dropped (huge pages or not)
+    assert float(a.sum()) == total  # faulted back in from the page cache
+    heap = np.ones(1 << 20, np.float32)
+    release_mapped_pages(heap)  # not a mapping: left alone (dropping it would zero it)
+    assert heap.sum() == 1 << 20
+
+
+@needs_avx2
+def test_the_backend_groups_q4_0_weights_where_avx2_is_the_best(monkeypatch, tmp_path):
+    import santacpu
+
+    monkeypatch.setattr(row_groups, "USED", True)  # as on an AVX2 CPU without VNNI
+    path = convert(tiny_checkpoint(), tmp_path / "q4_0.safetensors", qtype="q4_0", upgrade_budget=0.05).out
+    model = santacpu.load(path, device="cpu")
+    prepared = CpuBackend().prepare(model.weights)
+    for loaded, grouped in zip(model.weights.layers, prepared.layers):
+        for name in ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight"):
+            before, after = getattr(loaded, name), getattr(grouped, name)
+            assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype == "q4_0")
+        assert np.array_equal(grouped.ln_1_weight, loaded.ln_1_weight) and grouped.ln_1_weight is not loaded.ln_1_weight
+    assert prepared.wte is model.weights.wte  # the LM head keeps its own kernels
+    assert CpuBackend(integer_kernels=False).prepare(model.weights) is model.weights
+    monkeypatch.setattr(row_groups, "USED", False)
+    assert CpuBackend().prepare(model.weights) is model.weights
