@@ -19,34 +19,51 @@ from santacpu.network.reference import round_activations
 needs_avx2 = pytest.mark.skipif(not row_groups.RUNNABLE, reason="row groups need AVX2")
 
 
-def q4_0_weight(rows, cols, seed=0):
+def weight_of(qtype, rows, cols, seed=0):
     rng = np.random.default_rng(seed)
-    return QuantizedWeight("q4_0", (rows, cols), FORMATS["q4_0"].quantize(rng.standard_normal((rows, cols)).astype(np.float32)))
+    return QuantizedWeight(qtype, (rows, cols), FORMATS[qtype].quantize(rng.standard_normal((rows, cols)).astype(np.float32)))
+
+
+def per_row(grouped_part, n_blocks):
+    """A per-block part [G, n_blocks * 8] back to [8 G, n_blocks]."""
+    return grouped_part.reshape(-1, n_blocks, 8).transpose(0, 2, 1).reshape(-1, n_blocks)
 
 
 def test_interleaved_layout():
-    weight = q4_0_weight(13, 64)  # a second group with 5 rows and 3 of padding
+    weight = weight_of("q4_0", 13, 64)  # a second group with 5 rows and 3 of padding
     grouped = row_groups.group_rows(weight)
     qs, d = weight.parts["qs"], weight.parts["d"].view(np.uint16)
-    assert grouped.codes.shape == (2, 2 * 128) and grouped.scales.shape == (2, 2 * 8)
+    assert [p.shape for p in grouped.parts] == [(2, 2 * 128), (2, 2 * 8)]
     # codes [group, block, vector v, row i, byte m] = the row's code byte 16 b + 4 v + m
-    codes = grouped.codes.reshape(2, 2, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(16, 2 * 16)
-    scales = grouped.scales.reshape(2, 2, 8).transpose(0, 2, 1).reshape(16, 2)
+    codes = grouped.parts[0].reshape(2, 2, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(16, 2 * 16)
+    scales = per_row(grouped.parts[1], 2)
     assert np.array_equal(codes[:13], qs) and np.array_equal(scales[:13], d)
     assert (codes[13:] == 0x88).all() and (scales[13:] == 0).all()  # value 0, scale 0
     assert grouped.shape == (13, 64) and grouped.qtype == "q4_0" and grouped.nbytes == 2 * 2 * (128 + 16)
-    with pytest.raises(ValueError, match="q4_0"):
-        row_groups.group_rows(QuantizedWeight("q8_0", (8, 32), FORMATS["q8_0"].quantize(np.ones((8, 32), np.float32))))
+    with pytest.raises(ValueError, match="q4_0, q4_m"):
+        row_groups.group_rows(weight_of("q8_0", 8, 32))
+
+
+def test_interleaved_layout_of_q4_m():
+    weight = weight_of("q4_m", 11, 96)
+    grouped = row_groups.group_rows(weight)
+    codes, sc, mn, d, dmin = grouped.parts
+    assert np.array_equal(codes.reshape(2, 3, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(16, 48)[:11], weight.parts["qs"])
+    for part, name in ((sc, "sc"), (mn, "mn")):
+        assert np.array_equal(per_row(part, 3)[:11], weight.parts[name]) and (per_row(part, 3)[11:] == 0).all()
+    for part, name in ((d, "d"), (dmin, "dmin")):
+        assert part.shape == (16,) and np.array_equal(part[:11], weight.parts[name][:, 0]) and (part[11:] == 0).all()
 
 
 @needs_avx2
+@pytest.mark.parametrize("qtype", row_groups.FORMATS)
 @pytest.mark.parametrize("rows", [8, 13, 2 * 8 * row_groups.PANEL_GROUPS + 5])
 @pytest.mark.parametrize("T", [1, 2, 4, 9])
-def test_products_match_the_oracle_and_each_tokens_own(rows, T):
+def test_products_match_the_oracle_and_each_tokens_own(qtype, rows, T):
     # Several panels, a last group with padding rows; tokens in whole tiles and the ones after.
     # 7 blocks a row. Each token's row equals its one-token product, bit for bit.
     cols = 7 * 32
-    weight = q4_0_weight(rows, cols, seed=rows + T)
+    weight = weight_of(qtype, rows, cols, seed=rows + T)
     grouped = row_groups.group_rows(weight)
     rng = np.random.default_rng(T)
     x = rng.standard_normal((T, cols)).astype(np.float32)
@@ -54,7 +71,7 @@ def test_products_match_the_oracle_and_each_tokens_own(rows, T):
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.full((T, rows), np.nan, np.float32)
     row_groups.matmul(grouped, x, bias, out)
-    want = round_activations(x, 127).astype(np.float64) @ FORMATS["q4_0"].dequantize(weight.parts).T.astype(np.float64) + bias
+    want = round_activations(x, 127).astype(np.float64) @ FORMATS[qtype].dequantize(weight.parts).T.astype(np.float64) + bias
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
     for t in range(T):
         alone = np.empty((1, rows), np.float32)
@@ -64,7 +81,7 @@ def test_products_match_the_oracle_and_each_tokens_own(rows, T):
 
 @needs_avx2
 def test_bad_shapes_are_refused():
-    grouped = row_groups.group_rows(q4_0_weight(8, 64))
+    grouped = row_groups.group_rows(weight_of("q4_0", 8, 64))
     with pytest.raises(ValueError, match="row-group matmul"):
         row_groups.matmul(grouped, np.ones((2, 32), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32))
     with pytest.raises(ValueError, match="row-group matmul"):
@@ -89,17 +106,18 @@ def test_mapped_pages_are_released_and_still_readable(tmp_path):
 
 
 @needs_avx2
-def test_the_backend_groups_q4_0_weights_where_avx2_is_the_best(monkeypatch, tmp_path):
+@pytest.mark.parametrize("qtype", row_groups.FORMATS)
+def test_the_backend_groups_4_bit_weights_where_avx2_is_the_best(qtype, monkeypatch, tmp_path):
     import santacpu
 
     monkeypatch.setattr(row_groups, "USED", True)  # as on an AVX2 CPU without VNNI
-    path = convert(tiny_checkpoint(), tmp_path / "q4_0.safetensors", qtype="q4_0", upgrade_budget=0.05).out
+    path = convert(tiny_checkpoint(), tmp_path / "4-bit.safetensors", qtype=qtype, upgrade_budget=0.05).out
     model = santacpu.load(path, device="cpu")
     prepared = CpuBackend().prepare(model.weights)
     for loaded, grouped in zip(model.weights.layers, prepared.layers):
         for name in ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight"):
             before, after = getattr(loaded, name), getattr(grouped, name)
-            assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype == "q4_0")
+            assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype == qtype)
         assert np.array_equal(grouped.ln_1_weight, loaded.ln_1_weight) and grouped.ln_1_weight is not loaded.ln_1_weight
     assert prepared.wte is model.weights.wte  # the LM head keeps its own kernels
     assert CpuBackend(integer_kernels=False).prepare(model.weights) is model.weights

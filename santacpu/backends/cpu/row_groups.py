@@ -1,5 +1,6 @@
-"""q4_0 products on row groups, for AVX2 CPUs without VNNI: at load, the codes of every 8 rows
-of a q4_0 weight are interleaved so that each int32 lane of a 256-bit vector belongs to one row.
+"""4-bit products on row groups, for AVX2 CPUs without VNNI: at load, the codes of every 8 rows
+of a q4_0 or q4_m weight are interleaved so that each int32 lane of a 256-bit vector belongs to
+one row.
 
 Why: the kernels of `int_dot.py` keep a row's codes in a vector's lanes, so each block's lanes
 must be summed across (vphaddw, shuffles) before its scale applies. On AVX2 those sums, shared by
@@ -10,15 +11,20 @@ summed as int16 (at most 8 x 2 x 15 x 127 = 30480), one `vpmaddwd` widens them, 
 8 row sums are complete with no reduction across lanes. Scaling is one multiply-add on 8 rows.
 
 Layout (`interleave`), per group g of 8 rows and block b: 4 vectors of 32 bytes; vector v holds,
-in its int32 lane i, row 8g+i's code bytes 4v..4v+3 of the block (q4_0 byte j holds value j in its
-low nibble and value j+16 in its high one). Scales: the 8 rows' fp16 scales of block b, in a row.
-Rows past the last (a weight whose rows are not a multiple of 8) are code 0x88 (value 0), scale 0.
+in its int32 lane i, row 8g+i's code bytes 4v..4v+3 of the block (byte j of a block holds value j
+in its low nibble and value j+16 in its high one, in both formats). Each per-block part (q4_0's
+fp16 scales; q4_m's scale and minimum codes) holds the group's 8 rows of block b in a row; q4_m's
+per-row d and dmin are padded to whole groups. Rows past the last (a weight whose rows are not a
+multiple of 8) have scale 0 (q4_0 codes 0x88, value 0).
 x is rounded per block as `int_dot.quantize_activations` rounds it (max |x| -> 127), but kept in
-its natural order; the codes' offset 8 enters as -8 x the block's sum of rounded x.
+its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and q4_m's
+minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8 acc_min.
 
 Every (row, token) result comes from the same operations whatever the number of tokens in the
 call and its tile (blocks in order, one fused multiply-add each), so a token's result never
-depends on its call, as for `int_dot.py`.
+depends on its call, as for `int_dot.py`. The fused multiply-adds are explicit (`llvm.fma`) and
+the tiles are compiled without fast-math flags, which would let LLVM contract or reorder them
+differently in tiles of different shapes (q4_m's results did differ with them).
 
 The interleaved copy replaces the file's pages in memory: `group_rows` drops them from the
 process after copying (`release_mapped_pages`), so a model is never resident twice.
@@ -49,7 +55,7 @@ GROUP_BLOCK_BYTES = GROUP * QK // 2  # 128 code bytes per group and block
 # int_dot's, measured there); any AVX2 CPU can run them (the tests do).
 RUNNABLE = "avx2" in int_dot._target_features()
 USED = int_dot.ISA == "avx2"
-FORMATS = ("q4_0",)
+FORMATS = ("q4_0", "q4_m")
 # A one-token product streams the weight from memory: each block prefetches its 2 cache lines
 # this far ahead (the next groups' codes, in address order).
 PREFETCH_BYTES = 4096
@@ -59,12 +65,12 @@ PANEL_GROUPS = 8  # groups a thread takes through all the tokens (64 rows stay i
 
 @dataclass(frozen=True)
 class RowGroupWeight:
-    """A q4_0 weight [R, C] as row groups (module docstring): codes uint8 [G, C/32 * 128], scales
-    uint16 (fp16 bits) [G, C/32 * 8], G = ceil(R / 8). `source` is the weight as loaded."""
+    """A 4-bit weight [R, C] as row groups (module docstring), G = ceil(R / 8) groups: `parts` =
+    (codes uint8 [G, C/32 * 128], then q4_0: scales uint16 (fp16 bits) [G, C/32 * 8]; q4_m: scale
+    codes, minimum codes uint8 [G, C/32 * 8], d, dmin float32 [8 G]). `source`: the weight as loaded."""
 
     source: QuantizedWeight
-    codes: np.ndarray
-    scales: np.ndarray
+    parts: tuple[np.ndarray, ...]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -76,39 +82,62 @@ class RowGroupWeight:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes
+        return sum(part.nbytes for part in self.parts)
 
 
 def group_rows(weight: QuantizedWeight) -> RowGroupWeight:
-    """`weight` (q4_0) interleaved into row groups; the pages of its file mapping are dropped from
-    this process afterwards (they stay in the page cache)."""
+    """`weight` (q4_0 or q4_m) interleaved into row groups; the pages of its file mapping are
+    dropped from this process afterwards (they stay in the page cache)."""
     if weight.qtype not in FORMATS:
         raise ValueError(f"row groups hold {', '.join(FORMATS)} weights, not {weight.qtype}")
-    qs, d = weight.parts["qs"], weight.parts["d"].view(np.uint16)
     R, C = weight.shape
-    n_groups = -(-R // GROUP)
-    codes = np.empty((n_groups, C // QK * GROUP_BLOCK_BYTES), np.uint8)
-    scales = np.empty((n_groups, C // QK * GROUP), np.uint16)
-    interleave(qs, d, codes, scales)
-    release_mapped_pages(qs)
-    release_mapped_pages(weight.parts["d"])
-    return RowGroupWeight(weight, codes, scales)
+    n_groups, n_blocks = -(-R // GROUP), C // QK
+    codes = np.empty((n_groups, n_blocks * GROUP_BLOCK_BYTES), np.uint8)
+    interleave_codes(weight.parts["qs"], codes, 0x88 if weight.qtype == "q4_0" else 0)
+    if weight.qtype == "q4_0":
+        per_block = [weight.parts["d"].view(np.uint16)]
+    else:
+        per_block = [weight.parts["sc"], weight.parts["mn"]]
+    parts = [codes]
+    for part in per_block:
+        parts.append(np.empty((n_groups, n_blocks * GROUP), part.dtype))
+        interleave_blocks(part, parts[-1])
+    if weight.qtype == "q4_m":
+        for name in ("d", "dmin"):
+            padded = np.zeros(n_groups * GROUP, np.float32)
+            padded[:R] = weight.parts[name][:, 0]
+            parts.append(padded)
+    for part in weight.parts.values():
+        release_mapped_pages(part)
+    return RowGroupWeight(weight, tuple(parts))
 
 
 @njit(parallel=True, cache=True)
-def interleave(qs, d, codes, scales):
-    """qs uint8 [R, C/2], d uint16 [R, C/32] (q4_0's parts) -> codes, scales (RowGroupWeight)."""
+def interleave_codes(qs, codes, padding):
+    """qs uint8 [R, C/2] (4-bit codes, 16 bytes a block) -> codes [G, C/32 * 128] (module
+    docstring); rows past R: `padding`."""
     R = qs.shape[0]
-    n_blocks = d.shape[1]
+    n_blocks = qs.shape[1] // 16
     for g in prange(codes.shape[0]):
         for b in range(n_blocks):
             for i in range(GROUP):
                 r = GROUP * g + i
-                scales[g, GROUP * b + i] = d[r, b] if r < R else 0
                 for v in range(4):
                     for m in range(4):
-                        code = qs[r, 16 * b + 4 * v + m] if r < R else 0x88
+                        code = qs[r, 16 * b + 4 * v + m] if r < R else padding
                         codes[g, GROUP_BLOCK_BYTES * b + 32 * v + 4 * i + m] = code
+
+
+@njit(cache=True)
+def interleave_blocks(part, grouped):
+    """A per-block part [R, C/32] -> [G, C/32 * 8]: block b of group g holds its 8 rows' values
+    (0 past R)."""
+    R, n_blocks = part.shape
+    for g in range(grouped.shape[0]):
+        for b in range(n_blocks):
+            for i in range(GROUP):
+                r = GROUP * g + i
+                grouped[g, GROUP * b + i] = part[r, b] if r < R else 0
 
 
 @njit(fastmath=FASTMATH, cache=True)
@@ -127,14 +156,19 @@ def round_natural(x, xq, xfix, xdx, first, last):
             xdx[t, b] = scale
 
 
-def _group_tile_codegen(n_tokens):
-    """Codegen of _group_tile for a literal number of tokens."""
+def _group_tile_codegen(fmt, n_tokens):
+    """Codegen of _group_tile for a format and a literal number of tokens."""
+    minimums = fmt == "q4_m"
 
     def codegen(context, builder, signature, args):
-        codes, scales, xq, xfix, xdx, bias, out = (
-            context.make_array(signature.args[i])(context, builder, args[i]) for i in (0, 1, 2, 3, 4, 5, 8)
-        )
-        group, token = args[6], args[7]
+        parts_type = signature.args[0]
+        parts = [
+            context.make_array(t)(context, builder, v)
+            for t, v in zip(parts_type.types, cgutils.unpack_tuple(builder, args[0], len(parts_type.types)))
+        ]
+        xq, xfix, xdx, bias, out = (context.make_array(signature.args[i])(context, builder, args[i]) for i in (1, 2, 3, 4, 7))
+        codes, scales = parts[0], parts[1]
+        group, token = args[5], args[6]
         intp = group.type
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
         lane = lambda v: ir.Constant(_I32, v)  # noqa: E731
@@ -144,11 +178,12 @@ def _group_tile_codegen(n_tokens):
         vec8, vec16, vec32, vecf = (ir.VectorType(t, n) for t, n in ((_I8, 32), (_I16, 16), (_I32, 8), (_F32, 8)))
         pmaddubsw = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
         pmaddwd = _declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16)
-        fmuladd = _declare(builder, "llvm.fmuladd.v8f32", vecf, vecf, vecf, vecf)
+        fma = _declare(builder, "llvm.fma.v8f32", vecf, vecf, vecf, vecf)
         prefetch = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), _I8.as_pointer(), _I32, _I32, _I32)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vecf, None)) for _ in range(n_tokens)]
+        min_accs = [cgutils.alloca_once_value(builder, ir.Constant(vecf, None)) for _ in range(n_tokens)] if minimums else []
         group_codes = builder.mul(group, builder.mul(n_blocks, const(GROUP_BLOCK_BYTES)))
-        group_scales = builder.mul(group, builder.mul(n_blocks, const(GROUP)))
+        group_blocks = builder.mul(group, builder.mul(n_blocks, const(GROUP)))
         x_rows = [builder.mul(builder.add(token, const(j)), x_cols) for j in range(n_tokens)]
         block_rows = [builder.mul(builder.add(token, const(j)), n_blocks) for j in range(n_tokens)]
 
@@ -162,6 +197,13 @@ def _group_tile_codegen(n_tokens):
             word = builder.load(builder.bitcast(builder.gep(xq.data, [at]), _I32.as_pointer()), align=1)
             return builder.bitcast(broadcast(word, vec32), vec8)
 
+        def per_block(part, at):
+            """The group's 8 values of a per-block part at block offset `at`, as <8 x float>."""
+            if part is scales and not minimums:  # fp16 bits
+                raw = _load_vector(builder, part.data, at, _I16, GROUP)
+                return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), GROUP)), vecf)
+            return builder.uitofp(_load_vector(builder, part.data, at, _I8, GROUP), vecf)
+
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             code_at = builder.add(group_codes, builder.mul(b, const(GROUP_BLOCK_BYTES)))
@@ -172,24 +214,36 @@ def _group_tile_codegen(n_tokens):
             packed = [_load_vector(builder, codes.data, builder.add(code_at, const(32 * v)), _I8, 32) for v in range(4)]
             lows = [builder.and_(p, _splat(_I8, 32, 0x0F)) for p in packed]
             highs = [builder.lshr(p, _splat(_I8, 32, 4)) for p in packed]
-            raw = _load_vector(builder, scales.data, builder.add(group_scales, builder.mul(b, const(GROUP))), _I16, GROUP)
-            weight_scales = builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), GROUP)), vecf)
+            block_at = builder.add(group_blocks, builder.mul(b, const(GROUP)))
+            weight_scales = per_block(scales, block_at)
+            weight_minimums = per_block(parts[2], block_at) if minimums else None
             for j in range(n_tokens):
                 x_at = builder.add(x_rows[j], builder.mul(b, const(QK)))
                 pairs = ir.Constant(vec16, None)
                 for v in range(4):
                     pairs = builder.add(pairs, builder.call(pmaddubsw, [lows[v], x_word(builder.add(x_at, const(4 * v)))]))
                     pairs = builder.add(pairs, builder.call(pmaddubsw, [highs[v], x_word(builder.add(x_at, const(16 + 4 * v)))]))
-                block_at = builder.add(block_rows[j], b)
-                fix = broadcast(builder.load(builder.gep(xfix.data, [block_at])), vec32)
-                sums = builder.add(builder.call(pmaddwd, [pairs, _splat(_I16, 16, 1)]), fix)
-                x_scale = broadcast(builder.load(builder.gep(xdx.data, [block_at])), vecf)
-                total = builder.call(fmuladd, [builder.sitofp(sums, vecf), builder.fmul(weight_scales, x_scale), builder.load(accs[j])])
+                sums = builder.call(pmaddwd, [pairs, _splat(_I16, 16, 1)])
+                x_block = builder.add(block_rows[j], b)
+                fix = builder.load(builder.gep(xfix.data, [x_block]))  # -8 x the block's sum of xq
+                x_scale = builder.load(builder.gep(xdx.data, [x_block]))
+                if minimums:  # the minimums meet x's block sum (times -8): exact ints, one scale
+                    x_sum = broadcast(builder.fmul(builder.sitofp(fix, _F32), x_scale), vecf)
+                    builder.store(builder.call(fma, [weight_minimums, x_sum, builder.load(min_accs[j])]), min_accs[j])
+                else:  # q4_0's offset 8
+                    sums = builder.add(sums, broadcast(fix, vec32))
+                scale = builder.fmul(weight_scales, broadcast(x_scale, vecf))
+                total = builder.call(fma, [builder.sitofp(sums, vecf), scale, builder.load(accs[j])])
                 builder.store(total, accs[j])
         first_row = builder.mul(group, const(GROUP))
+        if minimums:  # per-row super-scales
+            d = _load_vector(builder, parts[3].data, first_row, _F32, GROUP)
+            dmin = builder.fmul(_load_vector(builder, parts[4].data, first_row, _F32, GROUP), _splat(_F32, GROUP, 0.125))
         whole = builder.icmp_signed("<=", builder.add(first_row, const(GROUP)), n_rows)
         for j in range(n_tokens):
             total = builder.load(accs[j])
+            if minimums:
+                total = builder.call(fma, [dmin, builder.load(min_accs[j]), builder.fmul(d, total)])
             out_at = builder.add(builder.mul(builder.add(token, const(j)), n_rows), first_row)
             with builder.if_else(whole, likely=True) as (all_rows, some_rows):
                 with all_rows:
@@ -207,32 +261,42 @@ def _group_tile_codegen(n_tokens):
     return codegen
 
 
+def _parts_format(parts) -> str | None:
+    """Which format a RowGroupWeight's parts tuple type holds."""
+    if not isinstance(parts, types.BaseTuple) or not all(isinstance(p, types.Array) for p in parts):
+        return None
+    return {("uint8", "uint16"): "q4_0", ("uint8", "uint8", "uint8", "float32", "float32"): "q4_m"}.get(
+        tuple(str(p.dtype) for p in parts)
+    )
+
+
 @intrinsic
-def _group_tile(typingctx, codes, scales, xq, xfix, xdx, bias, group, token, out, n_tokens):
+def _group_tile(typingctx, parts, xq, xfix, xdx, bias, group, token, out, n_tokens):
     """out[token + j, 8 group + i] = row 8 group + i . token token + j's rounded x + bias, for the
     group's rows (those < R) and j < n_tokens (a literal int). Arrays as matmul_groups has them."""
-    if not isinstance(n_tokens, types.IntegerLiteral):
+    fmt = _parts_format(parts)
+    if fmt is None or not isinstance(n_tokens, types.IntegerLiteral):
         return None
-    sig = types.none(codes, scales, xq, xfix, xdx, bias, types.intp, types.intp, out, n_tokens)
-    return sig, _group_tile_codegen(n_tokens.literal_value)
+    sig = types.none(parts, xq, xfix, xdx, bias, types.intp, types.intp, out, n_tokens)
+    return sig, _group_tile_codegen(fmt, n_tokens.literal_value)
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
-def _tokens_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, n):
+@njit(cache=True, inline="always")
+def _tokens_tile(parts, xq, xfix, xdx, bias, group, token, out, n):
     """_group_tile for n = 1..TILE_TOKENS tokens (a run-time n to the literal it needs)."""
     if n == 4:
-        _group_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, 4)
+        _group_tile(parts, xq, xfix, xdx, bias, group, token, out, 4)
     elif n == 3:
-        _group_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, 3)
+        _group_tile(parts, xq, xfix, xdx, bias, group, token, out, 3)
     elif n == 2:
-        _group_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, 2)
+        _group_tile(parts, xq, xfix, xdx, bias, group, token, out, 2)
     else:
-        _group_tile(codes, scales, xq, xfix, xdx, bias, group, token, out, 1)
+        _group_tile(parts, xq, xfix, xdx, bias, group, token, out, 1)
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matmul_groups(codes, scales, x, bias, out):
-    """out [T, R] = x [T, C] @ W.T + bias [R] for W as row groups (codes, scales); float32."""
+@njit(parallel=True, cache=True)  # no fast-math flags on the tiles: their float ops stay as written
+def matmul_groups(parts, x, bias, out):
+    """out [T, R] = x [T, C] @ W.T + bias [R] for W as row groups (its parts tuple); float32."""
     T, C = x.shape
     xq = np.empty((T, C), np.int8)
     xfix = np.empty((T, C // QK), np.int32)
@@ -242,16 +306,16 @@ def matmul_groups(codes, scales, x, bias, out):
     else:
         for t in prange(T):
             round_natural(x, xq, xfix, xdx, t, t + 1)
-    G = codes.shape[0]
+    G = parts[0].shape[0]
     if T == 1:
         for g in prange(G):
-            _group_tile(codes, scales, xq, xfix, xdx, bias, g, 0, out, 1)
+            _group_tile(parts, xq, xfix, xdx, bias, g, 0, out, 1)
     else:
         for panel in prange((G + PANEL_GROUPS - 1) // PANEL_GROUPS):
             for token in range(0, T, TILE_TOKENS):  # these tokens' x in L1, the panel's codes in L2
                 n = min(TILE_TOKENS, T - token)
                 for g in range(panel * PANEL_GROUPS, min((panel + 1) * PANEL_GROUPS, G)):
-                    _tokens_tile(codes, scales, xq, xfix, xdx, bias, g, token, out, n)
+                    _tokens_tile(parts, xq, xfix, xdx, bias, g, token, out, n)
 
 
 def matmul(weight: RowGroupWeight, x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
@@ -261,4 +325,4 @@ def matmul(weight: RowGroupWeight, x: np.ndarray, bias: np.ndarray, out: np.ndar
     # The kernel does no bounds checks: a wrong shape here would read or write out of bounds.
     if x.shape != (T, C) or bias.shape != (R,) or out.shape != (T, R) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"row-group matmul [{R}, {C}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
-    matmul_groups(weight.codes, weight.scales, np.ascontiguousarray(x, np.float32), np.ascontiguousarray(bias, np.float32), out)
+    matmul_groups(weight.parts, np.ascontiguousarray(x, np.float32), np.ascontiguousarray(bias, np.float32), out)
