@@ -40,8 +40,8 @@ def test_interleaved_layout():
     assert np.array_equal(codes[:13], qs) and np.array_equal(scales[:13], d)
     assert (codes[13:] == 0x88).all() and (scales[13:] == 0).all()  # value 0, scale 0
     assert grouped.shape == (13, 64) and grouped.qtype == "q4_0" and grouped.nbytes == 2 * 2 * (128 + 16)
-    with pytest.raises(ValueError, match="q4_0, q4_m"):
-        row_groups.group_rows(weight_of("q8_0", 8, 32))
+    with pytest.raises(ValueError, match="q4_0, q4_m, q8_0"):
+        row_groups.group_rows(weight_of("q6_0", 8, 32))
 
 
 def test_interleaved_layout_of_q4_m():
@@ -53,6 +53,16 @@ def test_interleaved_layout_of_q4_m():
         assert np.array_equal(per_row(part, 3)[:11], weight.parts[name]) and (per_row(part, 3)[11:] == 0).all()
     for part, name in ((d, "d"), (dmin, "dmin")):
         assert part.shape == (16,) and np.array_equal(part[:11], weight.parts[name][:, 0]) and (part[11:] == 0).all()
+
+
+def test_interleaved_layout_of_q8_0():
+    weight = weight_of("q8_0", 11, 64)
+    codes, scales = row_groups.group_rows(weight).parts
+    assert codes.dtype == np.int8 and codes.shape == (2, 2 * 256)
+    # codes [group, block, piece p, row i, k] = the row's value 32 b + 2 p + k
+    rows = codes.reshape(2, 2, 16, 8, 2).transpose(0, 3, 1, 2, 4).reshape(16, 64)
+    assert np.array_equal(rows[:11], weight.parts["qs"]) and (rows[11:] == 0).all()
+    assert np.array_equal(per_row(scales, 2)[:11], weight.parts["d"].view(np.uint16))
 
 
 @needs_avx2
@@ -71,7 +81,8 @@ def test_products_match_the_oracle_and_each_tokens_own(qtype, rows, T):
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.full((T, rows), np.nan, np.float32)
     row_groups.matmul(grouped, x, bias, out)
-    want = round_activations(x, 127).astype(np.float64) @ FORMATS[qtype].dequantize(weight.parts).T.astype(np.float64) + bias
+    levels = 32767 if qtype == "q8_0" else 127  # int_dot's rounding of x for each format
+    want = round_activations(x, levels).astype(np.float64) @ FORMATS[qtype].dequantize(weight.parts).T.astype(np.float64) + bias
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
     for t in range(T):
         alone = np.empty((1, rows), np.float32)
@@ -107,7 +118,7 @@ def test_mapped_pages_are_released_and_still_readable(tmp_path):
 
 @needs_avx2
 @pytest.mark.parametrize("qtype", row_groups.FORMATS)
-def test_the_backend_groups_4_bit_weights_where_avx2_is_the_best(qtype, monkeypatch, tmp_path):
+def test_the_backend_groups_its_formats_where_avx2_is_the_best(qtype, monkeypatch, tmp_path):
     import santacpu
 
     monkeypatch.setattr(row_groups, "USED", True)  # as on an AVX2 CPU without VNNI
@@ -117,7 +128,8 @@ def test_the_backend_groups_4_bit_weights_where_avx2_is_the_best(qtype, monkeypa
     for loaded, grouped in zip(model.weights.layers, prepared.layers):
         for name in ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight"):
             before, after = getattr(loaded, name), getattr(grouped, name)
-            assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype == qtype)
+            assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype in row_groups.FORMATS)
+            assert after.qtype == before.qtype
         assert np.array_equal(grouped.ln_1_weight, loaded.ln_1_weight) and grouped.ln_1_weight is not loaded.ln_1_weight
     assert prepared.wte is model.weights.wte  # the LM head keeps its own kernels
     assert CpuBackend(integer_kernels=False).prepare(model.weights) is model.weights

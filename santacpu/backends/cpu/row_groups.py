@@ -1,5 +1,5 @@
-"""4-bit products on row groups, for AVX2 CPUs without VNNI: at load, the codes of every 8 rows
-of a q4_0 or q4_m weight are interleaved so that each int32 lane of a 256-bit vector belongs to
+"""Products on row groups, for AVX2 CPUs without VNNI: at load, the codes of every 8 rows of a
+q4_0, q4_m or q8_0 weight are interleaved so that each int32 lane of a 256-bit vector belongs to
 one row.
 
 Why: the kernels of `int_dot.py` keep a row's codes in a vector's lanes, so each block's lanes
@@ -9,15 +9,20 @@ bytes (8 values) of each of 8 rows, and x's 4 matching values are broadcast to e
 `vpmaddubsw` adds pair products into the lanes of their own rows, the block's 8 of them are
 summed as int16 (at most 8 x 2 x 15 x 127 = 30480), one `vpmaddwd` widens them, and the block's
 8 row sums are complete with no reduction across lanes. Scaling is one multiply-add on 8 rows.
+q8_0 the same way with int16: a piece of 2 codes of each of 8 rows, widened (`vpmovsxbw`),
+meets x's 2 matching int16 values in one `vpmaddwd`, 16 pieces a block summed as int32 (int_dot
+paid a conversion and two float operations per row and block, and a reduction per row).
 
-Layout (`interleave`), per group g of 8 rows and block b: 4 vectors of 32 bytes; vector v holds,
+Layout (`interleave_codes`), per group g of 8 rows and block b: 4 vectors of 32 bytes; vector v holds,
 in its int32 lane i, row 8g+i's code bytes 4v..4v+3 of the block (byte j of a block holds value j
 in its low nibble and value j+16 in its high one, in both formats). Each per-block part (q4_0's
 fp16 scales; q4_m's scale and minimum codes) holds the group's 8 rows of block b in a row; q4_m's
 per-row d and dmin are padded to whole groups. Rows past the last (a weight whose rows are not a
-multiple of 8) have scale 0 (q4_0 codes 0x88, value 0).
-x is rounded per block as `int_dot.quantize_activations` rounds it (max |x| -> 127), but kept in
-its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and q4_m's
+multiple of 8) have scale 0 (q4_0 codes 0x88, value 0). q8_0 (`interleave_words`): per group
+and block, 16 pieces of 16 bytes, piece p holding values 2p and 2p+1 of each row in turn, and
+the fp16 scales as q4_0's.
+x is rounded per block as int_dot rounds it for the format (max |x| -> 127; q8_0: 32767, int16),
+but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and q4_m's
 minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8 acc_min.
 
 Every (row, token) result comes from the same operations whatever the number of tokens in the
@@ -41,7 +46,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 from ...formats.blocks import QK, QuantizedWeight
 from ...formats.safetensors_io import release_mapped_pages
@@ -50,12 +55,13 @@ from .cpu_kernels import FASTMATH
 from .int_dot import _F32, _I8, _I16, _I32, _block_rounding, _declare, _load_vector, _splat
 
 GROUP = 8  # rows per group: one int32 lane each of a 256-bit vector
-GROUP_BLOCK_BYTES = GROUP * QK // 2  # 128 code bytes per group and block
+GROUP_BLOCK_BYTES = GROUP * QK // 2  # 128 code bytes per group and block (4-bit)
+WORD_BLOCK_BYTES = GROUP * QK  # 256 (q8_0)
 # The backend uses row groups on CPUs whose best integer kernels are AVX2 ones (VNNI CPUs keep
 # int_dot's, measured there); any AVX2 CPU can run them (the tests do).
 RUNNABLE = "avx2" in int_dot._target_features()
 USED = int_dot.ISA == "avx2"
-FORMATS = ("q4_0", "q4_m")
+FORMATS = ("q4_0", "q4_m", "q8_0")
 # A one-token product streams the weight from memory: each block prefetches its 2 cache lines
 # this far ahead (the next groups' codes, in address order).
 PREFETCH_BYTES = 4096
@@ -92,9 +98,13 @@ def group_rows(weight: QuantizedWeight) -> RowGroupWeight:
         raise ValueError(f"row groups hold {', '.join(FORMATS)} weights, not {weight.qtype}")
     R, C = weight.shape
     n_groups, n_blocks = -(-R // GROUP), C // QK
-    codes = np.empty((n_groups, n_blocks * GROUP_BLOCK_BYTES), np.uint8)
-    interleave_codes(weight.parts["qs"], codes, 0x88 if weight.qtype == "q4_0" else 0)
-    if weight.qtype == "q4_0":
+    if weight.qtype == "q8_0":
+        codes = np.empty((n_groups, n_blocks * WORD_BLOCK_BYTES), np.int8)
+        interleave_words(weight.parts["qs"], codes)
+    else:
+        codes = np.empty((n_groups, n_blocks * GROUP_BLOCK_BYTES), np.uint8)
+        interleave_codes(weight.parts["qs"], codes, 0x88 if weight.qtype == "q4_0" else 0)
+    if weight.qtype in ("q4_0", "q8_0"):
         per_block = [weight.parts["d"].view(np.uint16)]
     else:
         per_block = [weight.parts["sc"], weight.parts["mn"]]
@@ -128,6 +138,22 @@ def interleave_codes(qs, codes, padding):
                         codes[g, GROUP_BLOCK_BYTES * b + 32 * v + 4 * i + m] = code
 
 
+@njit(parallel=True, cache=True)
+def interleave_words(qs, codes):
+    """q8_0's qs int8 [R, C] -> codes int8 [G, C/32 * 256]: block b of group g is 16 pieces of 16
+    bytes, piece p holding values 2p and 2p+1 of each of the 8 rows in a row (as int16, one int32
+    lane a row); rows past R: 0."""
+    R = qs.shape[0]
+    n_blocks = qs.shape[1] // QK
+    for g in prange(codes.shape[0]):
+        for b in range(n_blocks):
+            for i in range(GROUP):
+                r = GROUP * g + i
+                for p in range(QK // 2):
+                    for k in range(2):
+                        codes[g, WORD_BLOCK_BYTES * b + 16 * p + 2 * i + k] = qs[r, QK * b + 2 * p + k] if r < R else 0
+
+
 @njit(cache=True)
 def interleave_blocks(part, grouped):
     """A per-block part [R, C/32] -> [G, C/32 * 8]: block b of group g holds its 8 rows' values
@@ -156,9 +182,45 @@ def round_natural(x, xq, xfix, xdx, first, last):
             xdx[t, b] = scale
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def round_natural_words(x, xq, xdx, first, last):
+    """As round_natural for q8_0: xq int16 [T, C] (max |x| -> 32767, int_dot's rounding for q8_0)."""
+    for t in range(first, last):
+        for b in range(x.shape[1] // QK):
+            scale, inverse = _block_rounding(x, t, QK * b, 32767)
+            for j in range(QK * b, QK * b + QK):
+                xq[t, j] = np.int16(np.rint(x[t, j] * inverse))
+            xdx[t, b] = scale
+
+
+def _round(parts, x, first, last, xq, xfix, xdx):
+    """Tokens first..last-1 of x rounded for a row-group weight's kernel (round_natural, or
+    round_natural_words for q8_0, whose xfix stays unused)."""
+
+
+@overload(_round)
+def _round_impl(parts, x, first, last, xq, xfix, xdx):
+    if _parts_format(parts) == "q8_0":
+        return lambda parts, x, first, last, xq, xfix, xdx: round_natural_words(x, xq, xdx, first, last)
+    return lambda parts, x, first, last, xq, xfix, xdx: round_natural(x, xq, xfix, xdx, first, last)
+
+
+def _x_type(parts):
+    """The integer type a row-group weight's kernel rounds x to."""
+
+
+@overload(_x_type)
+def _x_type_impl(parts):
+    if _parts_format(parts) == "q8_0":
+        return lambda parts: np.int16
+    return lambda parts: np.int8
+
+
 def _group_tile_codegen(fmt, n_tokens):
     """Codegen of _group_tile for a format and a literal number of tokens."""
     minimums = fmt == "q4_m"
+    words = fmt == "q8_0"  # int8 codes widened to int16 against x rounded to int16
+    block_bytes = WORD_BLOCK_BYTES if words else GROUP_BLOCK_BYTES
 
     def codegen(context, builder, signature, args):
         parts_type = signature.args[0]
@@ -182,7 +244,7 @@ def _group_tile_codegen(fmt, n_tokens):
         prefetch = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), _I8.as_pointer(), _I32, _I32, _I32)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vecf, None)) for _ in range(n_tokens)]
         min_accs = [cgutils.alloca_once_value(builder, ir.Constant(vecf, None)) for _ in range(n_tokens)] if minimums else []
-        group_codes = builder.mul(group, builder.mul(n_blocks, const(GROUP_BLOCK_BYTES)))
+        group_codes = builder.mul(group, builder.mul(n_blocks, const(block_bytes)))
         group_blocks = builder.mul(group, builder.mul(n_blocks, const(GROUP)))
         x_rows = [builder.mul(builder.add(token, const(j)), x_cols) for j in range(n_tokens)]
         block_rows = [builder.mul(builder.add(token, const(j)), n_blocks) for j in range(n_tokens)]
@@ -193,9 +255,10 @@ def _group_tile_codegen(fmt, n_tokens):
             return builder.shuffle_vector(single, ir.Constant(vector_type, None), ir.Constant(vec32, [0] * 8))
 
         def x_word(at):
-            """4 int8 values of xq from flat index `at`, in every int32 lane, as <32 x i8>."""
+            """4 int8 (q8_0: 2 int16) values of xq from flat index `at`, in every int32 lane, as
+            <32 x i8> (<16 x i16>)."""
             word = builder.load(builder.bitcast(builder.gep(xq.data, [at]), _I32.as_pointer()), align=1)
-            return builder.bitcast(broadcast(word, vec32), vec8)
+            return builder.bitcast(broadcast(word, vec32), vec16 if words else vec8)
 
         def per_block(part, at):
             """The group's 8 values of a per-block part at block offset `at`, as <8 x float>."""
@@ -206,31 +269,44 @@ def _group_tile_codegen(fmt, n_tokens):
 
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
-            code_at = builder.add(group_codes, builder.mul(b, const(GROUP_BLOCK_BYTES)))
-            if n_tokens == 1:  # decode streams the codes: their 2 lines PREFETCH_BYTES ahead
-                for line in range(2):
+            code_at = builder.add(group_codes, builder.mul(b, const(block_bytes)))
+            if n_tokens == 1:  # decode streams the codes: their lines PREFETCH_BYTES ahead
+                for line in range(block_bytes // 64):
                     ahead = builder.gep(codes.data, [builder.add(code_at, const(PREFETCH_BYTES + 64 * line))])
                     builder.call(prefetch, [builder.bitcast(ahead, _I8.as_pointer()), lane(0), lane(3), lane(1)])
-            packed = [_load_vector(builder, codes.data, builder.add(code_at, const(32 * v)), _I8, 32) for v in range(4)]
-            lows = [builder.and_(p, _splat(_I8, 32, 0x0F)) for p in packed]
-            highs = [builder.lshr(p, _splat(_I8, 32, 4)) for p in packed]
             block_at = builder.add(group_blocks, builder.mul(b, const(GROUP)))
             weight_scales = per_block(scales, block_at)
             weight_minimums = per_block(parts[2], block_at) if minimums else None
+            x_ats = [builder.add(x_rows[j], builder.mul(b, const(QK))) for j in range(n_tokens)]
+            if words:  # piece p: values 2p, 2p+1 of the 8 rows, against x's 2 in every lane
+                word_sums = [ir.Constant(vec32, None)] * n_tokens
+                for p in range(QK // 2):
+                    piece = _load_vector(builder, codes.data, builder.add(code_at, const(16 * p)), _I8, 16)
+                    piece = builder.sext(piece, vec16)
+                    for j in range(n_tokens):
+                        product = builder.call(pmaddwd, [piece, x_word(builder.add(x_ats[j], const(2 * p)))])
+                        word_sums[j] = builder.add(word_sums[j], product)
+            else:
+                packed = [_load_vector(builder, codes.data, builder.add(code_at, const(32 * v)), _I8, 32) for v in range(4)]
+                lows = [builder.and_(p, _splat(_I8, 32, 0x0F)) for p in packed]
+                highs = [builder.lshr(p, _splat(_I8, 32, 4)) for p in packed]
             for j in range(n_tokens):
-                x_at = builder.add(x_rows[j], builder.mul(b, const(QK)))
-                pairs = ir.Constant(vec16, None)
-                for v in range(4):
-                    pairs = builder.add(pairs, builder.call(pmaddubsw, [lows[v], x_word(builder.add(x_at, const(4 * v)))]))
-                    pairs = builder.add(pairs, builder.call(pmaddubsw, [highs[v], x_word(builder.add(x_at, const(16 + 4 * v)))]))
-                sums = builder.call(pmaddwd, [pairs, _splat(_I16, 16, 1)])
+                x_at = x_ats[j]
+                if words:
+                    sums = word_sums[j]
+                else:
+                    pairs = ir.Constant(vec16, None)
+                    for v in range(4):
+                        pairs = builder.add(pairs, builder.call(pmaddubsw, [lows[v], x_word(builder.add(x_at, const(4 * v)))]))
+                        pairs = builder.add(pairs, builder.call(pmaddubsw, [highs[v], x_word(builder.add(x_at, const(16 + 4 * v)))]))
+                    sums = builder.call(pmaddwd, [pairs, _splat(_I16, 16, 1)])
                 x_block = builder.add(block_rows[j], b)
-                fix = builder.load(builder.gep(xfix.data, [x_block]))  # -8 x the block's sum of xq
+                fix = None if words else builder.load(builder.gep(xfix.data, [x_block]))  # -8 x the block's sum of xq
                 x_scale = builder.load(builder.gep(xdx.data, [x_block]))
                 if minimums:  # the minimums meet x's block sum (times -8): exact ints, one scale
                     x_sum = broadcast(builder.fmul(builder.sitofp(fix, _F32), x_scale), vecf)
                     builder.store(builder.call(fma, [weight_minimums, x_sum, builder.load(min_accs[j])]), min_accs[j])
-                else:  # q4_0's offset 8
+                elif not words:  # q4_0's offset 8
                     sums = builder.add(sums, broadcast(fix, vec32))
                 scale = builder.fmul(weight_scales, broadcast(x_scale, vecf))
                 total = builder.call(fma, [builder.sitofp(sums, vecf), scale, builder.load(accs[j])])
@@ -265,7 +341,11 @@ def _parts_format(parts) -> str | None:
     """Which format a RowGroupWeight's parts tuple type holds."""
     if not isinstance(parts, types.BaseTuple) or not all(isinstance(p, types.Array) for p in parts):
         return None
-    return {("uint8", "uint16"): "q4_0", ("uint8", "uint8", "uint8", "float32", "float32"): "q4_m"}.get(
+    return {
+        ("uint8", "uint16"): "q4_0",
+        ("int8", "uint16"): "q8_0",
+        ("uint8", "uint8", "uint8", "float32", "float32"): "q4_m",
+    }.get(
         tuple(str(p.dtype) for p in parts)
     )
 
@@ -298,14 +378,14 @@ def _tokens_tile(parts, xq, xfix, xdx, bias, group, token, out, n):
 def matmul_groups(parts, x, bias, out):
     """out [T, R] = x [T, C] @ W.T + bias [R] for W as row groups (its parts tuple); float32."""
     T, C = x.shape
-    xq = np.empty((T, C), np.int8)
+    xq = np.empty((T, C), _x_type(parts))
     xfix = np.empty((T, C // QK), np.int32)
     xdx = np.empty((T, C // QK), np.float32)
     if T < 8:
-        round_natural(x, xq, xfix, xdx, 0, T)
+        _round(parts, x, 0, T, xq, xfix, xdx)
     else:
         for t in prange(T):
-            round_natural(x, xq, xfix, xdx, t, t + 1)
+            _round(parts, x, t, t + 1, xq, xfix, xdx)
     G = parts[0].shape[0]
     if T == 1:
         for g in prange(G):
