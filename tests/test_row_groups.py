@@ -4,6 +4,8 @@ results, the backend's use of it, and the mapped pages it gives back."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from helpers import tiny_checkpoint
@@ -13,6 +15,7 @@ from santacpu.backends.cpu.backend import CpuBackend
 from santacpu.bench.machine import mapped_file_rss_mb
 from santacpu.formats.blocks import FORMATS, QuantizedWeight
 from quantize.converter import convert
+from santacpu.formats.split_rows import SplitRowsWeight
 from santacpu.formats.safetensors_io import SafetensorsFile, release_mapped_pages, write_safetensors
 from santacpu.network.reference import round_activations
 
@@ -40,8 +43,8 @@ def test_interleaved_layout():
     assert np.array_equal(codes[:13], qs) and np.array_equal(scales[:13], d)
     assert (codes[13:] == 0x88).all() and (scales[13:] == 0).all()  # value 0, scale 0
     assert grouped.shape == (13, 64) and grouped.qtype == "q4_0" and grouped.nbytes == 2 * 2 * (128 + 16)
-    with pytest.raises(ValueError, match="q4_0, q4_m, q8_0"):
-        row_groups.group_rows(weight_of("q6_0", 8, 32))
+    with pytest.raises(ValueError, match="q4_0, q4_m, q6_0, q8_0"):
+        row_groups.group_rows(SimpleNamespace(qtype="q5_1", shape=(8, 32)))
 
 
 def test_interleaved_layout_of_q4_m():
@@ -62,6 +65,24 @@ def test_interleaved_layout_of_q8_0():
     # codes [group, block, piece p, row i, k] = the row's value 32 b + 2 p + k
     rows = codes.reshape(2, 2, 16, 8, 2).transpose(0, 3, 1, 2, 4).reshape(16, 64)
     assert np.array_equal(rows[:11], weight.parts["qs"]) and (rows[11:] == 0).all()
+    assert np.array_equal(per_row(scales, 2)[:11], weight.parts["d"].view(np.uint16))
+
+
+def test_interleaved_layout_of_q6_0():
+    weight = weight_of("q6_0", 11, 64)
+    codes, scales = row_groups.group_rows(weight).parts
+    assert codes.shape == (2, 2, 192)
+    nibbles = codes[:, :, :128].reshape(2, 2, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(16, 32)
+    assert np.array_equal(nibbles[:11], weight.parts["ql"])
+    # high bits: byte 4 i + m of vector k (0: values in low nibbles, 1: in high ones), bits 2v..
+    tops = codes[:, :, 128:].reshape(2, 2, 2, 8, 4)  # [group, block, k, row, m]
+    shifts = np.array([0, 2, 4, 6]).reshape(1, 1, 1, 1, 1, 4)
+    top = (tops[..., None] >> shifts) & 3  # [group, block, k, row, m, v]: value 16k + 4v + m
+    values = top.transpose(0, 3, 1, 2, 5, 4).reshape(16, 2, 32)  # [row, block, 16k + 4v + m]
+    full = FORMATS["q6_0"].dequantize(weight.parts) / weight.parts["d"].astype(np.float32).repeat(32, axis=1) + 32
+    assert np.array_equal(values[:11], (np.rint(full).astype(np.int64) >> 4).reshape(11, 2, 32))
+    # the padding rows (3..7 of the second group) hold zeros
+    assert (codes[1, :, :128].reshape(2, 4, 8, 4)[:, :, 3:] == 0).all() and (codes[1, :, 128:].reshape(2, 2, 8, 4)[:, :, 3:] == 0).all()
     assert np.array_equal(per_row(scales, 2)[:11], weight.parts["d"].view(np.uint16))
 
 
@@ -88,6 +109,16 @@ def test_products_match_the_oracle_and_each_tokens_own(qtype, rows, T):
         alone = np.empty((1, rows), np.float32)
         row_groups.matmul(grouped, x[t : t + 1], bias, alone)
         assert np.array_equal(alone[0], out[t])
+
+
+@pytest.mark.parametrize("qtype", row_groups.FORMATS)
+def test_rows_read_back_from_the_groups(qtype):
+    weight = weight_of(qtype, 13, 96, seed=5)
+    grouped = row_groups.group_rows(weight)
+    rows = np.array([12, 0, 5, 8, 5])
+    assert np.array_equal(row_groups.dequantize_rows(grouped, rows), FORMATS[qtype].dequantize(weight.parts)[rows])
+    with pytest.raises(ValueError, match="rows of a"):
+        row_groups.dequantize_rows(grouped, np.array([13]))
 
 
 @needs_avx2
@@ -131,7 +162,13 @@ def test_the_backend_groups_its_formats_where_avx2_is_the_best(qtype, monkeypatc
             assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype in row_groups.FORMATS)
             assert after.qtype == before.qtype
         assert np.array_equal(grouped.ln_1_weight, loaded.ln_1_weight) and grouped.ln_1_weight is not loaded.ln_1_weight
-    assert prepared.wte is model.weights.wte  # the LM head keeps its own kernels
+    loaded_wte, grouped_wte = model.weights.wte, prepared.wte
+    split = isinstance(loaded_wte, SplitRowsWeight)
+    for before, after in ([(loaded_wte.upgraded, grouped_wte.upgraded), (loaded_wte.rest, grouped_wte.rest)] if split else [(loaded_wte, grouped_wte)]):
+        assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype in row_groups.FORMATS)
+    ids = np.array([0, 7, 5, 200, 7])
+    backend = CpuBackend()
+    assert np.array_equal(backend.embed(grouped_wte, ids), backend.embed(loaded_wte, ids))  # the input lookup
     assert CpuBackend(integer_kernels=False).prepare(model.weights) is model.weights
     monkeypatch.setattr(row_groups, "USED", False)
     assert CpuBackend().prepare(model.weights) is model.weights

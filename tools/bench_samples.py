@@ -56,7 +56,7 @@ def child_memory(model_path: str, batch: int) -> dict:
 
     model = santacpu.load(model_path)
     n_ctx = model.config.n_positions
-    runtime = runtime_rss_mb([model_path])  # as santacpu bench's memory part counts it
+    runtime = runtime_rss_mb([model_path], model)  # as santacpu bench's memory part counts it
     if runtime is None:
         raise SystemExit("this system cannot say how much of a mapped file is resident (no /proc)")
     prompt = text_token_stream(model.tokenizer, n_ctx - MEMORY_DECODE_TOKENS, model.config.vocab_size)

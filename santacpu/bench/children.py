@@ -7,6 +7,8 @@ May import: the other `santacpu.bench` modules, and lazily `santacpu.model`, `sa
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import statistics
 import time
@@ -254,11 +256,28 @@ def _child_lookup(job: dict, import_s: float) -> dict:
     return result
 
 
-def runtime_rss_mb(files: list) -> float | None:
-    """The runtime's own share of this process's RSS, for a model loaded from `files` that has not
+def copied_weights_mb(model) -> float:
+    """MB of the weights the backend copied out of the file mapping at load (row groups and the
+    layers' vectors on AVX2 CPUs, backends/cpu/row_groups.py): they stand in for released pages."""
+    import numpy as np
+
+    from ..backends.cpu.row_groups import RowGroupWeight
+
+    loaded, prepared = model.weights, model.engine.weights
+    pairs = [(loaded.wte, prepared.wte), (loaded.ln_f_weight, prepared.ln_f_weight), (loaded.ln_f_bias, prepared.ln_f_bias)]
+    if hasattr(prepared.wte, "upgraded_rows"):  # split rows: each part grouped or not
+        pairs += [(loaded.wte.upgraded, prepared.wte.upgraded), (loaded.wte.rest, prepared.wte.rest)]
+    for before, after in zip(loaded.layers, prepared.layers):
+        pairs += [(getattr(before, f.name), getattr(after, f.name)) for f in dataclasses.fields(before)]
+    copies = [after for before, after in pairs if after is not before and isinstance(after, (RowGroupWeight, np.ndarray))]
+    return sum(copy.nbytes for copy in copies) / 1e6
+
+
+def runtime_rss_mb(files: list, model) -> float | None:
+    """The runtime's own share of this process's RSS, for `model`, loaded from `files`, that has not
     run yet: start Numba's runtime (LLVM, its runtime library, the on-disk cache) with a tiny kernel
-    that touches no weight, then count everything but the weights' resident pages (None where
-    /proc cannot say)."""
+    that touches no weight, then count everything but the weights' resident pages and the
+    backend's copies of weights (None where /proc cannot say)."""
     import numpy as np
 
     from ..backends.cpu import cpu_kernels
@@ -266,7 +285,9 @@ def runtime_rss_mb(files: list) -> float | None:
     row = np.ones((1, 8), np.float32)
     cpu_kernels.layer_norm(row, row[0], row[0], np.float32(1e-5), np.empty_like(row))
     weights_resident = mapped_file_rss_mb(files)
-    return None if weights_resident is None else current_rss_mb() - weights_resident
+    if weights_resident is None:
+        return None
+    return current_rss_mb() - weights_resident - copied_weights_mb(model)
 
 
 def _child_memory(job: dict, import_s: float) -> dict:
@@ -274,7 +295,7 @@ def _child_memory(job: dict, import_s: float) -> dict:
     context = job["memory_context"]
     ids = text_token_stream(model.tokenizer, context, model.config.vocab_size)[: context - MEMORY_DECODE_TOKENS]
     rss_loaded = current_rss_mb()
-    rss_runtime = runtime_rss_mb(job["files"])
+    rss_runtime = runtime_rss_mb(job["files"], model)
     produced = sum(1 for _ in model.generate(ids, max_new_tokens=MEMORY_DECODE_TOKENS))
     return {
         "context_tokens": context,

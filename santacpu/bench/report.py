@@ -179,8 +179,8 @@ def _memory_rows(row, s: dict, settings: dict, mem: dict) -> None:
     if s.get("rss_runtime_mb") is not None:
         runtime = s["rss_runtime_mb"]
         row("  of which the runtime, before the model runs", f"{runtime:.0f} MB",
-            "all but the mapped weights: Python, NumPy, Numba with LLVM's code, the tokenizer, "
-            "tensors converted at load")
+            "all but the weights (mapped, or copied into row groups at load): Python, NumPy, Numba "
+            "with LLVM's code, the tokenizer, tensors converted at load")
         work = over - runtime  # a model much smaller than the runtime's noise can come out negative
         row("  of which the model's work above the file", f"{work:+.0f} MB" if work >= 1 else "under 1 MB",
             "KV cache, activations, kernel buffers")

@@ -109,10 +109,10 @@ class CpuBackend:
 
     def prepare(self, weights):
         """The weights as loaded (memory-mapped, used where they are), except on CPUs whose integer
-        kernels are AVX2 ones: there each q4_0 linear weight becomes row groups (its interleaved
-        copy replaces the file's pages in memory, see row_groups.py), and the layers' vectors are
-        copied out of the mapping too (reading one would map the whole 2 MiB page around it,
-        mostly the grouped weights' released pages)."""
+        kernels are AVX2 ones: there each matrix of row_groups.FORMATS (the tied embedding too,
+        or its parts) becomes row groups (its interleaved copy replaces the file's pages in
+        memory, see row_groups.py), and the layers' vectors are copied out of the mapping too
+        (reading one would map the whole 2 MiB page around it, mostly released pages)."""
         if not (self.integer_kernels and row_groups.USED):
             return weights
 
@@ -129,8 +129,12 @@ class CpuBackend:
             dataclasses.replace(layer, **{f.name: own_copy(getattr(layer, f.name)) for f in dataclasses.fields(layer)})
             for layer in weights.layers
         ]
+        wte = weights.wte
+        if isinstance(wte, SplitRowsWeight):
+            wte = dataclasses.replace(wte, upgraded=own_copy(wte.upgraded), rest=own_copy(wte.rest))
         return dataclasses.replace(
-            weights, layers=layers, ln_f_weight=own_copy(weights.ln_f_weight), ln_f_bias=own_copy(weights.ln_f_bias)
+            weights, wte=own_copy(wte), layers=layers, ln_f_weight=own_copy(weights.ln_f_weight),
+            ln_f_bias=own_copy(weights.ln_f_bias),
         )
 
     def empty(self, shape: tuple[int, ...]) -> np.ndarray:
@@ -298,13 +302,16 @@ class CpuBackend:
         return out
 
     def embed(self, table, rows: np.ndarray) -> np.ndarray:
-        """Rows of an embedding table (array, QuantizedWeight or SplitRowsWeight) as float32 [len(rows), E]."""
+        """Rows of an embedding table (array, QuantizedWeight, RowGroupWeight or SplitRowsWeight)
+        as float32 [len(rows), E]."""
         if isinstance(table, SplitRowsWeight):
             out = np.empty((len(rows), table.shape[1]), np.float32)
             for (where, local), (_, part) in zip(table.locate(rows), table.parts):
                 if len(where):
                     out[where] = self.embed(part, local)
             return out
+        if isinstance(table, row_groups.RowGroupWeight):
+            return row_groups.dequantize_rows(table, rows)
         if isinstance(table, QuantizedWeight):
             picked = table.take_rows(rows)
             out = np.empty(picked.shape, np.float32)

@@ -1,5 +1,5 @@
 """Products on row groups, for AVX2 CPUs without VNNI: at load, the codes of every 8 rows of a
-q4_0, q4_m or q8_0 weight are interleaved so that each int32 lane of a 256-bit vector belongs to
+q4_0, q4_m, q6_0 or q8_0 weight are interleaved so that each int32 lane of a 256-bit vector belongs to
 one row.
 
 Why: the kernels of `int_dot.py` keep a row's codes in a vector's lanes, so each block's lanes
@@ -9,7 +9,8 @@ bytes (8 values) of each of 8 rows, and x's 4 matching values are broadcast to e
 `vpmaddubsw` adds pair products into the lanes of their own rows, the block's 8 of them are
 summed as int16 (at most 8 x 2 x 15 x 127 = 30480), one `vpmaddwd` widens them, and the block's
 8 row sums are complete with no reduction across lanes. Scaling is one multiply-add on 8 rows.
-q8_0 the same way with int16: a piece of 2 codes of each of 8 rows, widened (`vpmovsxbw`),
+q6_0's codes add 2 high bits to each nibble (their pair products reach 2 x 63 x 127, so every
+two are widened by a `vpmaddwd`). q8_0 the same way with int16: a piece of 2 codes of each of 8 rows, widened (`vpmovsxbw`),
 meets x's 2 matching int16 values in one `vpmaddwd`, 16 pieces a block summed as int32 (int_dot
 paid a conversion and two float operations per row and block, and a reduction per row).
 
@@ -20,7 +21,8 @@ fp16 scales; q4_m's scale and minimum codes) holds the group's 8 rows of block b
 per-row d and dmin are padded to whole groups. Rows past the last (a weight whose rows are not a
 multiple of 8) have scale 0 (q4_0 codes 0x88, value 0). q8_0 (`interleave_words`): per group
 and block, 16 pieces of 16 bytes, piece p holding values 2p and 2p+1 of each row in turn, and
-the fp16 scales as q4_0's.
+the fp16 scales as q4_0's. q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then two
+vectors of high bits per block.
 x is rounded per block as int_dot rounds it for the format (max |x| -> 127; q8_0: 32767, int16),
 but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and q4_m's
 minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8 acc_min.
@@ -51,29 +53,32 @@ from numba.extending import intrinsic, overload
 from ...formats.blocks import QK, QuantizedWeight
 from ...formats.safetensors_io import release_mapped_pages
 from . import int_dot
-from .cpu_kernels import FASTMATH
+from .cpu_kernels import FASTMATH, _f16_to_f32
 from .int_dot import _F32, _I8, _I16, _I32, _block_rounding, _declare, _load_vector, _splat
 
 GROUP = 8  # rows per group: one int32 lane each of a 256-bit vector
 GROUP_BLOCK_BYTES = GROUP * QK // 2  # 128 code bytes per group and block (4-bit)
 WORD_BLOCK_BYTES = GROUP * QK  # 256 (q8_0)
+SIX_BIT_BLOCK_BYTES = GROUP_BLOCK_BYTES + 2 * 32  # 192 (q6_0: the nibbles, then the high bits)
 # The backend uses row groups on CPUs whose best integer kernels are AVX2 ones (VNNI CPUs keep
 # int_dot's, measured there); any AVX2 CPU can run them (the tests do).
 RUNNABLE = "avx2" in int_dot._target_features()
 USED = int_dot.ISA == "avx2"
-FORMATS = ("q4_0", "q4_m", "q8_0")
+FORMATS = ("q4_0", "q4_m", "q6_0", "q8_0")
 # A one-token product streams the weight from memory: each block prefetches its 2 cache lines
 # this far ahead (the next groups' codes, in address order).
 PREFETCH_BYTES = 4096
+CHUNK_ROWS = 1024  # rows interleaved at a time at load (a multiple of GROUP)
 TILE_TOKENS = 4  # tokens per tile of a many-token product: their accumulators fit the registers
 PANEL_GROUPS = 8  # groups a thread takes through all the tokens (64 rows stay in L2)
 
 
 @dataclass(frozen=True)
 class RowGroupWeight:
-    """A 4-bit weight [R, C] as row groups (module docstring), G = ceil(R / 8) groups: `parts` =
-    (codes uint8 [G, C/32 * 128], then q4_0: scales uint16 (fp16 bits) [G, C/32 * 8]; q4_m: scale
-    codes, minimum codes uint8 [G, C/32 * 8], d, dmin float32 [8 G]). `source`: the weight as loaded."""
+    """A weight [R, C] as row groups (module docstring), G = ceil(R / 8) groups: `parts` = (codes
+    uint8 [G, C/32 * 128] (q8_0: int8 [G, C/32 * 256]; q6_0: uint8 [G, C/32, 192]), then q4_0,
+    q6_0, q8_0: scales uint16 (fp16 bits) [G, C/32 * 8]; q4_m: scale codes, minimum codes uint8
+    [G, C/32 * 8], d, dmin float32 [8 G]). `source`: the weight as loaded."""
 
     source: QuantizedWeight
     parts: tuple[np.ndarray, ...]
@@ -92,7 +97,7 @@ class RowGroupWeight:
 
 
 def group_rows(weight: QuantizedWeight) -> RowGroupWeight:
-    """`weight` (q4_0 or q4_m) interleaved into row groups; the pages of its file mapping are
+    """`weight` (one of FORMATS) interleaved into row groups; the pages of its file mapping are
     dropped from this process afterwards (they stay in the page cache)."""
     if weight.qtype not in FORMATS:
         raise ValueError(f"row groups hold {', '.join(FORMATS)} weights, not {weight.qtype}")
@@ -100,11 +105,28 @@ def group_rows(weight: QuantizedWeight) -> RowGroupWeight:
     n_groups, n_blocks = -(-R // GROUP), C // QK
     if weight.qtype == "q8_0":
         codes = np.empty((n_groups, n_blocks * WORD_BLOCK_BYTES), np.int8)
-        interleave_words(weight.parts["qs"], codes)
+    elif weight.qtype == "q6_0":  # 3-D, to tell its parts' types from q4_0's
+        codes = np.empty((n_groups, n_blocks, SIX_BIT_BLOCK_BYTES), np.uint8)
     else:
         codes = np.empty((n_groups, n_blocks * GROUP_BLOCK_BYTES), np.uint8)
-        interleave_codes(weight.parts["qs"], codes, 0x88 if weight.qtype == "q4_0" else 0)
-    if weight.qtype in ("q4_0", "q8_0"):
+    # A chunk of rows at a time, its source pages dropped right after: the file's pages and the
+    # copy are never both resident for more than a chunk (a whole LM head would add ~100 MB to
+    # the peak).
+    for first in range(0, R, CHUNK_ROWS):
+        last = min(first + CHUNK_ROWS, R)
+        chunk = codes[first // GROUP : -(-last // GROUP)]
+        if weight.qtype == "q8_0":
+            sources = [weight.parts["qs"][first:last]]
+            interleave_words(*sources, chunk)
+        elif weight.qtype == "q6_0":
+            sources = [weight.parts["ql"][first:last], weight.parts["qh"][first:last]]
+            interleave_six_bits(*sources, chunk)
+        else:
+            sources = [weight.parts["qs"][first:last]]
+            interleave_codes(*sources, chunk, 0x88 if weight.qtype == "q4_0" else 0)
+        for source in sources:
+            release_mapped_pages(source)
+    if weight.qtype in ("q4_0", "q6_0", "q8_0"):
         per_block = [weight.parts["d"].view(np.uint16)]
     else:
         per_block = [weight.parts["sc"], weight.parts["mn"]]
@@ -136,6 +158,34 @@ def interleave_codes(qs, codes, padding):
                     for m in range(4):
                         code = qs[r, 16 * b + 4 * v + m] if r < R else padding
                         codes[g, GROUP_BLOCK_BYTES * b + 32 * v + 4 * i + m] = code
+
+
+@njit(parallel=True, cache=True)
+def interleave_six_bits(ql, qh, codes):
+    """q6_0's ql uint8 [R, C/2], qh uint8 [R, C/8] -> codes uint8 [G, C/32, 192]: per block, the
+    low nibbles as interleave_codes places them (bytes 0..127), then two vectors of high bits
+    (bytes 128..159 for the values in low nibbles, 160..191 for those in high nibbles): byte 4i + m
+    of each holds, in bits 2v..2v+1, the high 2 bits of the value that sits in byte 4i + m of
+    nibble vector v (row i); rows past R: 0."""
+    R = ql.shape[0]
+    for g in prange(codes.shape[0]):
+        for b in range(codes.shape[1]):
+            for i in range(GROUP):
+                r = GROUP * g + i
+                for m in range(4):
+                    low_bits, high_bits = 0, 0
+                    for v in range(4):
+                        byte = ql[r, 16 * b + 4 * v + m] if r < R else 0
+                        codes[g, b, 32 * v + 4 * i + m] = byte
+                        for half in range(2):  # values 4v+m and 16+4v+m
+                            value = 16 * half + 4 * v + m
+                            top = (qh[r, 8 * b + value % 8] >> (2 * (value // 8))) & 3 if r < R else 0
+                            if half == 0:
+                                low_bits |= top << (2 * v)
+                            else:
+                                high_bits |= top << (2 * v)
+                    codes[g, b, GROUP_BLOCK_BYTES + 4 * i + m] = low_bits
+                    codes[g, b, GROUP_BLOCK_BYTES + 32 + 4 * i + m] = high_bits
 
 
 @njit(parallel=True, cache=True)
@@ -220,7 +270,8 @@ def _group_tile_codegen(fmt, n_tokens):
     """Codegen of _group_tile for a format and a literal number of tokens."""
     minimums = fmt == "q4_m"
     words = fmt == "q8_0"  # int8 codes widened to int16 against x rounded to int16
-    block_bytes = WORD_BLOCK_BYTES if words else GROUP_BLOCK_BYTES
+    six_bits = fmt == "q6_0"
+    block_bytes = {"q8_0": WORD_BLOCK_BYTES, "q6_0": SIX_BIT_BLOCK_BYTES}.get(fmt, GROUP_BLOCK_BYTES)
 
     def codegen(context, builder, signature, args):
         parts_type = signature.args[0]
@@ -290,10 +341,28 @@ def _group_tile_codegen(fmt, n_tokens):
                 packed = [_load_vector(builder, codes.data, builder.add(code_at, const(32 * v)), _I8, 32) for v in range(4)]
                 lows = [builder.and_(p, _splat(_I8, 32, 0x0F)) for p in packed]
                 highs = [builder.lshr(p, _splat(_I8, 32, 4)) for p in packed]
+                if six_bits:  # bits 2v..2v+1 of each high-bits byte to bits 4-5, per 16-bit lane
+                    for k, codes_v in enumerate((lows, highs)):
+                        at = builder.add(code_at, const(GROUP_BLOCK_BYTES + 32 * k))
+                        top = _load_vector(builder, codes.data, at, _I16, 16)
+                        for v in range(4):
+                            moved = top if v == 2 else (
+                                builder.shl(top, _splat(_I16, 16, 4 - 2 * v)) if v < 2 else builder.lshr(top, _splat(_I16, 16, 2))
+                            )
+                            bits = builder.and_(builder.bitcast(moved, vec8), _splat(_I8, 32, 0x30))
+                            codes_v[v] = builder.or_(codes_v[v], bits)
             for j in range(n_tokens):
                 x_at = x_ats[j]
                 if words:
                     sums = word_sums[j]
+                elif six_bits:  # a pair of products up to 2 x 63 x 127: widened every 2 of them
+                    sums = ir.Constant(vec32, None)
+                    for v in range(4):
+                        pairs = builder.add(
+                            builder.call(pmaddubsw, [lows[v], x_word(builder.add(x_at, const(4 * v)))]),
+                            builder.call(pmaddubsw, [highs[v], x_word(builder.add(x_at, const(16 + 4 * v)))]),
+                        )
+                        sums = builder.add(sums, builder.call(pmaddwd, [pairs, _splat(_I16, 16, 1)]))
                 else:
                     pairs = ir.Constant(vec16, None)
                     for v in range(4):
@@ -306,6 +375,8 @@ def _group_tile_codegen(fmt, n_tokens):
                 if minimums:  # the minimums meet x's block sum (times -8): exact ints, one scale
                     x_sum = broadcast(builder.fmul(builder.sitofp(fix, _F32), x_scale), vecf)
                     builder.store(builder.call(fma, [weight_minimums, x_sum, builder.load(min_accs[j])]), min_accs[j])
+                elif six_bits:  # q6_0's offset 32
+                    sums = builder.add(sums, broadcast(builder.shl(fix, ir.Constant(_I32, 2)), vec32))
                 elif not words:  # q4_0's offset 8
                     sums = builder.add(sums, broadcast(fix, vec32))
                 scale = builder.fmul(weight_scales, broadcast(x_scale, vecf))
@@ -341,6 +412,8 @@ def _parts_format(parts) -> str | None:
     """Which format a RowGroupWeight's parts tuple type holds."""
     if not isinstance(parts, types.BaseTuple) or not all(isinstance(p, types.Array) for p in parts):
         return None
+    if tuple(p.ndim for p in parts) == (3, 2):
+        return "q6_0" if tuple(str(p.dtype) for p in parts) == ("uint8", "uint16") else None
     return {
         ("uint8", "uint16"): "q4_0",
         ("int8", "uint16"): "q8_0",
@@ -396,6 +469,75 @@ def matmul_groups(parts, x, bias, out):
                 n = min(TILE_TOKENS, T - token)
                 for g in range(panel * PANEL_GROUPS, min((panel + 1) * PANEL_GROUPS, G)):
                     _tokens_tile(parts, xq, xfix, xdx, bias, g, token, out, n)
+
+
+def _rows_of(parts, rows, out):
+    """out [n, C] float32 = rows `rows` of the weight whose row-group parts these are."""
+
+
+@overload(_rows_of)
+def _rows_of_impl(parts, rows, out):
+    fmt = _parts_format(parts)
+
+    def q8_0(parts, rows, out):
+        codes, scales = parts
+        for n in range(rows.shape[0]):
+            g, i = rows[n] // GROUP, rows[n] % GROUP
+            for b in range(out.shape[1] // QK):
+                d = _f16_to_f32(scales[g, GROUP * b + i])
+                for p in range(QK // 2):
+                    for k in range(2):
+                        out[n, QK * b + 2 * p + k] = d * np.float32(codes[g, WORD_BLOCK_BYTES * b + 16 * p + 2 * i + k])
+
+    def nibbles(parts, rows, out):
+        codes = parts[0]
+        for n in range(rows.shape[0]):
+            g, i = rows[n] // GROUP, rows[n] % GROUP
+            for b in range(out.shape[1] // QK):
+                at = GROUP * b + i
+                if fmt == "q4_0":  # d (q - 8)
+                    scale, shift, offset = _f16_to_f32(parts[1][g, at]), np.float32(8.0), np.float32(0.0)
+                else:  # q4_m: (d sc) q - dmin mn
+                    scale, shift = parts[3][GROUP * g + i] * np.float32(parts[1][g, at]), np.float32(0.0)
+                    offset = parts[4][GROUP * g + i] * np.float32(parts[2][g, at])
+                for v in range(4):
+                    for m in range(4):
+                        byte = codes[g, GROUP_BLOCK_BYTES * b + 32 * v + 4 * i + m]
+                        out[n, QK * b + 4 * v + m] = scale * (np.float32(byte & 15) - shift) - offset
+                        out[n, QK * b + 16 + 4 * v + m] = scale * (np.float32(byte >> 4) - shift) - offset
+
+    def q6_0(parts, rows, out):
+        codes, scales = parts
+        for n in range(rows.shape[0]):
+            g, i = rows[n] // GROUP, rows[n] % GROUP
+            for b in range(out.shape[1] // QK):
+                d = _f16_to_f32(scales[g, GROUP * b + i])
+                for v in range(4):
+                    for m in range(4):
+                        byte = np.int32(codes[g, b, 32 * v + 4 * i + m])
+                        low_top = (np.int32(codes[g, b, GROUP_BLOCK_BYTES + 4 * i + m]) >> (2 * v)) & 3
+                        high_top = (np.int32(codes[g, b, GROUP_BLOCK_BYTES + 32 + 4 * i + m]) >> (2 * v)) & 3
+                        out[n, QK * b + 4 * v + m] = d * (np.float32((byte & 15) + 16 * low_top) - np.float32(32.0))
+                        out[n, QK * b + 16 + 4 * v + m] = d * (np.float32((byte >> 4) + 16 * high_top) - np.float32(32.0))
+
+    return {"q8_0": q8_0, "q6_0": q6_0}.get(fmt, nibbles)
+
+
+@njit(cache=True)
+def _dequantize_group_rows(parts, rows, out):
+    _rows_of(parts, rows, out)
+
+
+def dequantize_rows(weight: RowGroupWeight, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (ints < R) of a RowGroupWeight as float32 [len(rows), C], the values its
+    format's `dequantize` gives (an embedding lookup from the grouped LM head)."""
+    R, C = weight.shape
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if len(rows) and (rows.min() < 0 or rows.max() >= R):
+        raise ValueError(f"rows of a [{R}, {C}] weight: got {rows.min()}..{rows.max()}")
+    out = np.empty((len(rows), C), np.float32)
+    _dequantize_group_rows(weight.parts, rows, out)
+    return out
 
 
 def matmul(weight: RowGroupWeight, x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
