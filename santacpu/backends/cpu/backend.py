@@ -6,6 +6,8 @@ compressed weights (fp16, block-quantized), which BLAS cannot read, use a Numba 
 kernel on the packed data for one token, a few-token kernel that reads the weight once for every
 token (speculative verification), and for many tokens either the integer matrix kernel (q4_0,
 q4_m, q6_0) or BLAS on widened row tiles (no dequantized copy of a whole matrix ever exists).
+On AVX2 CPUs without VNNI, `prepare` turns the block-quantized matrices into row groups
+(`row_groups.py`), whose kernel serves every number of tokens.
 It implements `santacpu.backends.base.Backend`, as a GPU backend would. Weight types are dispatched here, at the matmul,
 never by copying the forward pass per type.
 

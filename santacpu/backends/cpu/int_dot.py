@@ -26,6 +26,10 @@ cheaper high bits, `_q6_high_bits`). Where none of these instruction sets exists
 backend is built with integer_kernels=False: SANTACPU_INT_DOT=0 at load), the float kernels run
 instead.
 
+On AVX2 CPUs without VNNI the backend prepares its weights as row groups instead
+(`row_groups.py`: 8 rows interleaved at load, no sums across lanes), and these kernels serve
+weights used as loaded (calibration, the float/integer comparisons of the tests).
+
 The kernel works on tiles of rows x tokens (`_tile`): each step decodes a row's codes once for
 all the tile's tokens, so many tokens cost far less than one pass each. The prompt tile fits the
 register file (PROMPT_TILE), and a thread takes 64 rows through all the tokens before
