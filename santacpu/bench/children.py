@@ -8,7 +8,6 @@ May import: the other `santacpu.bench` modules, and lazily `santacpu.model`, `sa
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import statistics
 import time
@@ -262,10 +261,11 @@ def copied_weights_mb(model) -> float:
     import numpy as np
 
     from ..backends.cpu.row_groups import RowGroupWeight
+    from ..formats.split_rows import SplitRowsWeight
 
     loaded, prepared = model.weights, model.engine.weights
     pairs = [(loaded.wte, prepared.wte), (loaded.ln_f_weight, prepared.ln_f_weight), (loaded.ln_f_bias, prepared.ln_f_bias)]
-    if hasattr(prepared.wte, "upgraded_rows"):  # split rows: each part grouped or not
+    if isinstance(prepared.wte, SplitRowsWeight):  # each part grouped or not
         pairs += [(loaded.wte.upgraded, prepared.wte.upgraded), (loaded.wte.rest, prepared.wte.rest)]
     for before, after in zip(loaded.layers, prepared.layers):
         pairs += [(getattr(before, f.name), getattr(after, f.name)) for f in dataclasses.fields(before)]

@@ -471,61 +471,52 @@ def matmul_groups(parts, x, bias, out):
                     _tokens_tile(parts, xq, xfix, xdx, bias, g, token, out, n)
 
 
-def _rows_of(parts, rows, out):
-    """out [n, C] float32 = rows `rows` of the weight whose row-group parts these are."""
+def _block_values(parts, g, i, b, values):
+    """values float32 [32] = block b of row i of group g, from a row-group weight's parts."""
 
 
-@overload(_rows_of)
-def _rows_of_impl(parts, rows, out):
+@overload(_block_values)
+def _block_values_impl(parts, g, i, b, values):
     fmt = _parts_format(parts)
 
-    def q8_0(parts, rows, out):
-        codes, scales = parts
-        for n in range(rows.shape[0]):
-            g, i = rows[n] // GROUP, rows[n] % GROUP
-            for b in range(out.shape[1] // QK):
-                d = _f16_to_f32(scales[g, GROUP * b + i])
-                for p in range(QK // 2):
-                    for k in range(2):
-                        out[n, QK * b + 2 * p + k] = d * np.float32(codes[g, WORD_BLOCK_BYTES * b + 16 * p + 2 * i + k])
+    def q8_0(parts, g, i, b, values):
+        d = _f16_to_f32(parts[1][g, GROUP * b + i])
+        for p in range(QK // 2):
+            for k in range(2):
+                values[2 * p + k] = d * np.float32(parts[0][g, WORD_BLOCK_BYTES * b + 16 * p + 2 * i + k])
 
-    def nibbles(parts, rows, out):
-        codes = parts[0]
-        for n in range(rows.shape[0]):
-            g, i = rows[n] // GROUP, rows[n] % GROUP
-            for b in range(out.shape[1] // QK):
-                at = GROUP * b + i
-                if fmt == "q4_0":  # d (q - 8)
-                    scale, shift, offset = _f16_to_f32(parts[1][g, at]), np.float32(8.0), np.float32(0.0)
-                else:  # q4_m: (d sc) q - dmin mn
-                    scale, shift = parts[3][GROUP * g + i] * np.float32(parts[1][g, at]), np.float32(0.0)
-                    offset = parts[4][GROUP * g + i] * np.float32(parts[2][g, at])
-                for v in range(4):
-                    for m in range(4):
-                        byte = codes[g, GROUP_BLOCK_BYTES * b + 32 * v + 4 * i + m]
-                        out[n, QK * b + 4 * v + m] = scale * (np.float32(byte & 15) - shift) - offset
-                        out[n, QK * b + 16 + 4 * v + m] = scale * (np.float32(byte >> 4) - shift) - offset
+    def q6_0(parts, g, i, b, values):
+        d, codes = _f16_to_f32(parts[1][g, GROUP * b + i]), parts[0]
+        for v in range(4):
+            for m in range(4):
+                byte = np.int32(codes[g, b, 32 * v + 4 * i + m])
+                low_top = (np.int32(codes[g, b, GROUP_BLOCK_BYTES + 4 * i + m]) >> (2 * v)) & 3
+                high_top = (np.int32(codes[g, b, GROUP_BLOCK_BYTES + 32 + 4 * i + m]) >> (2 * v)) & 3
+                values[4 * v + m] = d * (np.float32((byte & 15) + 16 * low_top) - np.float32(32.0))
+                values[16 + 4 * v + m] = d * (np.float32((byte >> 4) + 16 * high_top) - np.float32(32.0))
 
-    def q6_0(parts, rows, out):
-        codes, scales = parts
-        for n in range(rows.shape[0]):
-            g, i = rows[n] // GROUP, rows[n] % GROUP
-            for b in range(out.shape[1] // QK):
-                d = _f16_to_f32(scales[g, GROUP * b + i])
-                for v in range(4):
-                    for m in range(4):
-                        byte = np.int32(codes[g, b, 32 * v + 4 * i + m])
-                        low_top = (np.int32(codes[g, b, GROUP_BLOCK_BYTES + 4 * i + m]) >> (2 * v)) & 3
-                        high_top = (np.int32(codes[g, b, GROUP_BLOCK_BYTES + 32 + 4 * i + m]) >> (2 * v)) & 3
-                        out[n, QK * b + 4 * v + m] = d * (np.float32((byte & 15) + 16 * low_top) - np.float32(32.0))
-                        out[n, QK * b + 16 + 4 * v + m] = d * (np.float32((byte >> 4) + 16 * high_top) - np.float32(32.0))
+    def nibbles(parts, g, i, b, values):
+        at = GROUP * b + i
+        if fmt == "q4_0":  # d (q - 8)
+            scale, shift, offset = _f16_to_f32(parts[1][g, at]), np.float32(8.0), np.float32(0.0)
+        else:  # q4_m: (d sc) q - dmin mn
+            scale, shift = parts[3][GROUP * g + i] * np.float32(parts[1][g, at]), np.float32(0.0)
+            offset = parts[4][GROUP * g + i] * np.float32(parts[2][g, at])
+        for v in range(4):
+            for m in range(4):
+                byte = parts[0][g, GROUP_BLOCK_BYTES * b + 32 * v + 4 * i + m]
+                values[4 * v + m] = scale * (np.float32(byte & 15) - shift) - offset
+                values[16 + 4 * v + m] = scale * (np.float32(byte >> 4) - shift) - offset
 
     return {"q8_0": q8_0, "q6_0": q6_0}.get(fmt, nibbles)
 
 
 @njit(cache=True)
 def _dequantize_group_rows(parts, rows, out):
-    _rows_of(parts, rows, out)
+    for n in range(rows.shape[0]):
+        g, i = rows[n] // GROUP, rows[n] % GROUP
+        for b in range(out.shape[1] // QK):
+            _block_values(parts, g, i, b, out[n, QK * b : QK * b + QK])
 
 
 def dequantize_rows(weight: RowGroupWeight, rows: np.ndarray) -> np.ndarray:
