@@ -1,6 +1,6 @@
 """Products on row groups, for AVX2 CPUs without VNNI: at load, the codes of every 8 rows of a
-q4_0, q4_m, q6_0 or q8_0 weight are interleaved so that each int32 lane of a 256-bit vector belongs to
-one row.
+q4_0, q4_m, q6_0 or q8_0 weight are interleaved so that each int32 lane of a 256-bit vector
+belongs to one row.
 
 Why: the kernels of `int_dot.py` keep a row's codes in a vector's lanes, so each block's lanes
 must be summed across (vphaddw, shuffles) before its scale applies. On AVX2 those sums, shared by
@@ -10,22 +10,24 @@ bytes (8 values) of each of 8 rows, and x's 4 matching values are broadcast to e
 summed as int16 (at most 8 x 2 x 15 x 127 = 30480), one `vpmaddwd` widens them, and the block's
 8 row sums are complete with no reduction across lanes. Scaling is one multiply-add on 8 rows.
 q6_0's codes add 2 high bits to each nibble (their pair products reach 2 x 63 x 127, so every
-two are widened by a `vpmaddwd`). q8_0 the same way with int16: a piece of 2 codes of each of 8 rows, widened (`vpmovsxbw`),
-meets x's 2 matching int16 values in one `vpmaddwd`, 16 pieces a block summed as int32 (int_dot
-paid a conversion and two float operations per row and block, and a reduction per row).
+two are widened by a `vpmaddwd`). q8_0 the same way with int16: a piece of 2 codes of each of 8
+rows, widened (`vpmovsxbw`), meets x's 2 matching int16 values in one `vpmaddwd`, 16 pieces a
+block summed as int32 (int_dot paid a conversion and two float operations per row and block,
+and a reduction per row).
 
-Layout (`interleave_codes`), per group g of 8 rows and block b: 4 vectors of 32 bytes; vector v holds,
-in its int32 lane i, row 8g+i's code bytes 4v..4v+3 of the block (byte j of a block holds value j
-in its low nibble and value j+16 in its high one, in both formats). Each per-block part (q4_0's
-fp16 scales; q4_m's scale and minimum codes) holds the group's 8 rows of block b in a row; q4_m's
-per-row d and dmin are padded to whole groups. Rows past the last (a weight whose rows are not a
-multiple of 8) have scale 0 (q4_0 codes 0x88, value 0). q8_0 (`interleave_words`): per group
-and block, 16 pieces of 16 bytes, piece p holding values 2p and 2p+1 of each row in turn, and
-the fp16 scales as q4_0's. q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then two
-vectors of high bits per block.
+Layout (`interleave_codes`), per group g of 8 rows and block b: 4 vectors of 32 bytes; vector v
+holds, in its int32 lane i, row 8g+i's code bytes 4v..4v+3 of the block (byte j of a block holds
+value j in its low nibble and value j+16 in its high one, in both formats). Each per-block part
+(q4_0's fp16 scales; q4_m's scale and minimum codes) holds the group's 8 rows of block b in a
+row; q4_m's per-row d and dmin are padded to whole groups. Rows past the last (a weight whose
+rows are not a multiple of 8) have scale 0 (q4_0 codes 0x88, value 0). q8_0
+(`interleave_words`): per group and block, 16 pieces of 16 bytes, piece p holding values 2p and
+2p+1 of each row in turn, and the fp16 scales as q4_0's. q6_0 (`interleave_six_bits`): q4_0's
+nibble vectors, then two vectors of high bits per block.
 x is rounded per block as int_dot rounds it for the format (max |x| -> 127; q8_0: 32767, int16),
-but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and q4_m's
-minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8 acc_min.
+but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and
+q4_m's minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8
+acc_min.
 
 Every (row, token) result comes from the same operations whatever the number of tokens in the
 call and its tile (blocks in order, one fused multiply-add each), so a token's result never
