@@ -44,6 +44,11 @@ PARALLEL_MIN_WORK = 1 << 26
 WARM_PARALLEL_MIN_WORK = 1 << 20
 
 
+def _matrices(layer) -> list:
+    """A layer's linear weights: its 2-D fields (the network's LayerWeights, named in words only)."""
+    return [w for w in (getattr(layer, f.name) for f in dataclasses.fields(layer)) if len(w.shape) == 2]
+
+
 @contextmanager
 def _numba_threads(n: int):
     """Run the Numba kernels in this block with `n` threads (1: on the calling thread)."""
@@ -57,8 +62,6 @@ def _numba_threads(n: int):
     finally:
         numba.set_num_threads(previous)
 
-
-LINEAR_WEIGHTS = ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight")
 
 # From this many tokens on, fp16 weights (and quantized ones on the float kernels) are widened
 # into tiles for BLAS; below it, one matvec pass (1 token) or the few-token kernel. Measured
@@ -231,7 +234,7 @@ class CpuBackend:
         if id(weights) not in self._numba_products:
             tiled = total = 0
             for layer in weights.layers:
-                for w in (getattr(layer, name) for name in LINEAR_WEIGHTS):
+                for w in _matrices(layer):
                     size = w.shape[0] * w.shape[1]
                     total += size
                     if self._integer_products(w):
@@ -245,7 +248,7 @@ class CpuBackend:
         the integer kernels, whose per-(row, token) arithmetic never depends on the call; fp32
         and fp16 weights and the float kernels use BLAS for prompts, whose sums differ in the
         last bits. Attention, LayerNorm and GELU are per token on every path."""
-        matrices = [weights.wte] + [getattr(layer, name) for layer in weights.layers for name in LINEAR_WEIGHTS]
+        matrices = [weights.wte] + [w for layer in weights.layers for w in _matrices(layer)]
         return all(self._integer_products(w) for w in matrices)
 
     def _integer_products(self, weight) -> bool:

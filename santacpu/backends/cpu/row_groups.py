@@ -71,6 +71,7 @@ FORMATS = ("q4_0", "q4_m", "q6_0", "q8_0")
 # this far ahead (the next groups' codes, in address order).
 PREFETCH_BYTES = 4096
 CHUNK_ROWS = 1024  # rows interleaved at a time at load (a multiple of GROUP)
+CODE_PARTS = {"q4_0": ("qs",), "q4_m": ("qs",), "q6_0": ("ql", "qh"), "q8_0": ("qs",)}  # interleaved by rows
 TILE_TOKENS = 4  # tokens per tile of a many-token product: their accumulators fit the registers
 PANEL_GROUPS = 8  # groups a thread takes through all the tokens (64 rows stay in L2)
 
@@ -114,17 +115,16 @@ def group_rows(weight: QuantizedWeight) -> RowGroupWeight:
     # A chunk of rows at a time, its source pages dropped right after: the file's pages and the
     # copy are never both resident for more than a chunk (a whole LM head would add ~100 MB to
     # the peak).
+    code_names = CODE_PARTS[weight.qtype]
     for first in range(0, R, CHUNK_ROWS):
         last = min(first + CHUNK_ROWS, R)
         chunk = codes[first // GROUP : -(-last // GROUP)]
+        sources = [weight.parts[name][first:last] for name in code_names]
         if weight.qtype == "q8_0":
-            sources = [weight.parts["qs"][first:last]]
             interleave_words(*sources, chunk)
         elif weight.qtype == "q6_0":
-            sources = [weight.parts["ql"][first:last], weight.parts["qh"][first:last]]
             interleave_six_bits(*sources, chunk)
         else:
-            sources = [weight.parts["qs"][first:last]]
             interleave_codes(*sources, chunk, 0x88 if weight.qtype == "q4_0" else 0)
         for source in sources:
             release_mapped_pages(source)
@@ -141,8 +141,9 @@ def group_rows(weight: QuantizedWeight) -> RowGroupWeight:
             padded = np.zeros(n_groups * GROUP, np.float32)
             padded[:R] = weight.parts[name][:, 0]
             parts.append(padded)
-    for part in weight.parts.values():
-        release_mapped_pages(part)
+    for name, part in weight.parts.items():
+        if name not in code_names:  # the codes' pages went chunk by chunk
+            release_mapped_pages(part)
     return RowGroupWeight(weight, tuple(parts))
 
 
