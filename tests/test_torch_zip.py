@@ -9,7 +9,9 @@ import builtins
 import os
 import pickle
 import struct
+import subprocess
 import sys
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -191,3 +193,73 @@ def test_garbage_pickle(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(SantacpuError, match="cannot read checkpoint"):
         read_torch_zip(tmp_path / "absent.bin")
+
+
+# ---------------------------------------------------------------------------------------------
+# Zip bombs: deflated members that inflate far beyond what the checkpoint needs. Each is read in a
+# child process whose address space is capped a little above what it had after its imports, so a
+# reader that inflates a whole member fails there instead of taking the test machine's memory.
+
+BOMB_BYTES = 256 << 20  # what the bomb member inflates to; its file is ~260 KB
+HEADROOM_BYTES = 128 << 20  # the child's address space beyond its imports
+
+_BOUNDED_READ = textwrap.dedent(
+    """
+    import resource, sys
+    from santacpu.errors import SantacpuError
+    from santacpu.formats.torch_zip import read_torch_zip
+
+    with open("/proc/self/status") as status:
+        vm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+    limit = (vm_kib << 10) + int(sys.argv[2])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    try:
+        print("loaded", {name: array.tolist() for name, array in read_torch_zip(sys.argv[1]).items()})
+    except SantacpuError as error:
+        print("error", error)
+    """
+)
+
+
+def _bomb(path: Path, small: dict[str, bytes], big_name: str, big_head: bytes = b"") -> Path:
+    """A deflated archive of `small` members and `big_name`: `big_head` then zeros, BOMB_BYTES in
+    all, streamed into the archive so that the test never holds it whole."""
+    chunk = bytes(1 << 20)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in small.items():
+            zf.writestr(name, data)
+        with zf.open(big_name, "w", force_zip64=True) as member:
+            member.write(big_head)
+            left = BOMB_BYTES - len(big_head)
+            while left:
+                member.write(chunk[: min(left, len(chunk))])
+                left -= min(left, len(chunk))
+    return path
+
+
+def _read_bounded(path: Path) -> str:
+    done = subprocess.run([sys.executable, "-c", _BOUNDED_READ, str(path), str(HEADROOM_BYTES)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return done.stdout.strip()
+
+
+def test_a_storage_record_that_inflates_past_its_tensor_is_read_only_as_far_as_the_tensor(tmp_path):
+    path = _bomb(tmp_path / "pytorch_model.bin", {"a/data.pkl": _tensor_pickle(numel=4)}, "a/data/0")
+    assert path.stat().st_size < 2 << 20
+    assert _read_bounded(path) == "loaded {'w': [0.0, 0.0, 0.0, 0.0]}"
+
+
+def test_a_huge_data_pkl_is_refused_before_unpickling(tmp_path):
+    # A pickle of one BINUNICODE string that fills the member.
+    head = b"\x80\x02X" + struct.pack("<I", BOMB_BYTES - 7)
+    path = _bomb(tmp_path / "pytorch_model.bin", {}, "a/data.pkl", head)
+    assert _read_bounded(path) == (f"error pytorch_model.bin: data.pkl is {BOMB_BYTES} bytes, more than a "
+                                   "checkpoint's tensor list needs (at most 8388608); refusing to unpickle it")
+
+
+def test_a_huge_byteorder_record_is_read_only_as_far_as_its_word(tmp_path):
+    data = np.arange(4, dtype="<f4").tobytes()
+    path = _bomb(tmp_path / "pytorch_model.bin", {"a/data.pkl": _tensor_pickle(), "a/data/0": data},
+                 "a/byteorder", b"little")
+    assert _read_bounded(path) == "loaded {'w': [0.0, 1.0, 2.0, 3.0]}"

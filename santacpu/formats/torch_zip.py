@@ -8,7 +8,9 @@ Safety: the pickle is loaded by an unpickler whose ``find_class`` hands out only
 rebuilders and storage-type markers, so a checkpoint cannot name ``os.system`` or any other callable.
 Memory: storages are read-only views into one memory map of the whole file, so loading a 4 GB
 checkpoint costs address space, not RAM. bf16 storages are the exception: NumPy has no bf16, so they
-are widened to float32 copies.
+are widened to float32 copies. A compressed archive (valid zip, though torch never writes one) is
+inflated only as far as each tensor needs, and data.pkl only up to `MAX_PICKLE_BYTES`, so a small
+file cannot expand into gigabytes.
 
 May import: numpy, `santacpu.errors`.
 """
@@ -42,6 +44,10 @@ _STORAGE_DTYPES = {
     "ByteStorage": "u1",
     "BoolStorage": "?",
 }
+
+# torch's data.pkl holds ~100 bytes per tensor (SantaCoder's: ~40 KB); a larger one is hostile, and
+# unpickling can cost tens of times its size in objects.
+MAX_PICKLE_BYTES = 8 * 1024 * 1024
 
 _LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"  # pre-1.6 torch.save
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, skipped fields, name length, extra length
@@ -87,7 +93,7 @@ def read_torch_zip(path) -> dict[str, np.ndarray]:
             raise fail("no data.pkl in the archive; not a torch.save checkpoint")
         prefix = pkl_names[0][: -len("data.pkl")]
         byteorder = "<"  # records hold raw machine bytes; torch >= 1.12 says which order
-        if f"{prefix}byteorder" in zf.namelist() and zf.read(f"{prefix}byteorder") == b"big":
+        if f"{prefix}byteorder" in zf.namelist() and _read_member(zf, f"{prefix}byteorder", 8, fail) == b"big":
             byteorder = ">"
         storages = _Storages(zf, prefix, byteorder, mm, size, fail)
         obj = _unpickle(zf, pkl_names[0], storages, fail)
@@ -151,17 +157,28 @@ class _Storages:
             if sig != b"PK\x03\x04" or start + nbytes > size:
                 raise fail(f"storage record 'data/{key}' is truncated or corrupt")
             raw = np.frombuffer(mm, np.uint8, nbytes, start)
-        else:  # not written by torch, but still a valid zip: read it into memory
-            try:
-                raw = np.frombuffer(self.zf.read(info), np.uint8, nbytes)
-            except Exception as e:  # zlib, CRC and EOF errors all mean a damaged record
-                raise fail(f"storage record 'data/{key}' is unreadable: {e}") from None
+        else:  # not written by torch, but still a valid zip: inflate what the tensor needs
+            data = _read_member(self.zf, info, nbytes, fail)
+            if len(data) != nbytes:
+                raise fail(f"storage record 'data/{key}' inflates to {len(data)} bytes, expected {nbytes}")
+            raw = np.frombuffer(data, np.uint8)
         if stype.dtype == "bf16":  # bf16 is the top half of a float32
             arr = (raw.view(byteorder + "u2").astype(np.uint32) << 16).view(np.float32)
             arr.flags.writeable = False
         else:
             arr = raw.view(np.dtype(stype.dtype).newbyteorder(byteorder))
         return arr
+
+
+def _read_member(zf: zipfile.ZipFile, member, limit: int, fail) -> bytes:
+    """At most `limit` bytes of an archive member, inflated piece by piece (zipfile streams), so a
+    member that claims or inflates to more costs no more than `limit` bytes of memory."""
+    name = member.filename if isinstance(member, zipfile.ZipInfo) else member
+    try:
+        with zf.open(member) as stream:
+            return stream.read(limit)
+    except Exception as e:  # zlib, EOF and header errors all mean a damaged record
+        raise fail(f"'{name}' is unreadable: {e}") from None
 
 
 def _rebuild_tensor(fail, stor, offset, shape, stride, *_):
@@ -206,7 +223,12 @@ def _unpickle(zf: zipfile.ZipFile, pkl_name: str, storages: _Storages, fail):
             _, stype, key, _location, numel = pid
             return storages.get(stype, str(key), numel)
 
+    size = zf.getinfo(pkl_name).file_size
+    if size > MAX_PICKLE_BYTES:
+        raise fail(f"data.pkl is {size} bytes, more than a checkpoint's tensor list needs "
+                   f"(at most {MAX_PICKLE_BYTES}); refusing to unpickle it")
     try:
+        # zipfile stops a member at its declared size, so the stream ends by MAX_PICKLE_BYTES.
         with zf.open(pkl_name) as pf:
             return RestrictedUnpickler(pf).load()
     except SantacpuError:
