@@ -33,6 +33,7 @@ from santacpu.loading.quantized import canonical_tensor_names
 from santacpu.loading.source import resolve
 from santacpu.network.weights import expected_layer_shapes
 from santacpu.progress import Progress
+from santacpu.small_files import TOKENIZER_LIMIT, read_json_file
 from santacpu.tokenizer import tokenizer_file_for
 
 from .policy import DEFAULT_UPGRADE_BUDGET, ROW_UPGRADE_TYPE, Policy
@@ -92,7 +93,8 @@ def sha256_of_sources(folder: Path) -> dict[str, str]:
     """sha256 of config.json and every weight file, so a quantized file names exactly its source."""
     digests = {}
     for path in sorted(folder.iterdir()):
-        if path.name == "config.json" or path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json"):
+        is_source = path.name == "config.json" or path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")
+        if is_source and path.is_file():  # a regular file (a stray FIFO or device would never end)
             h = hashlib.sha256()
             with open(path, "rb") as f:
                 for chunk in iter(lambda: f.read(1 << 24), b""):
@@ -231,11 +233,8 @@ def _stored_tensors(
 def _minified_tokenizer(folder: Path, vocab_size: int) -> str:
     """The model's tokenizer.json, minified: 1.3 MB instead of 2 MB, which matters for small models."""
     tokenizer_path = tokenizer_file_for(folder, vocab_size)
-    tokenizer_text = tokenizer_path.read_text(encoding="utf-8")
-    try:
-        return json.dumps(json.loads(tokenizer_text), separators=(",", ":"), ensure_ascii=False)
-    except json.JSONDecodeError:
-        raise SantacpuError(f"{tokenizer_path} is not valid JSON") from None
+    spec = read_json_file(tokenizer_path, "tokenizer", TOKENIZER_LIMIT)
+    return json.dumps(spec, separators=(",", ":"), ensure_ascii=False)
 
 
 def _file_layout(shapes: dict[str, tuple[int, ...]], types: dict[str, str], raised_rows: int = 0) -> tuple[dict, dict]:

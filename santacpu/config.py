@@ -6,7 +6,7 @@ Both published layouts describe the same network:
 Field names are the checkpoints' own; `n_kv_head` (1 for multi-query, `n_head` for multi-head) and
 `head_dim` are derived once here so nothing downstream re-derives them.
 
-May import: `santacpu.errors`.
+May import: `santacpu.small_files`, `santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import json
 import os
 from dataclasses import asdict, dataclass, fields
 
-from .errors import SantacpuError, os_problem
+from .errors import SantacpuError
+from .small_files import CONFIG_LIMIT, read_json_file
 
 # All three names mean the tanh approximation 0.5*x*(1+tanh(sqrt(2/pi)*(x+0.044715*x^3))).
 TANH_GELU_NAMES = ("gelu_fast", "gelu_pytorch_tanh", "gelu_new")
@@ -138,15 +139,7 @@ class Config:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Config":
-        try:
-            with open(path, encoding="utf-8") as f:
-                raw = json.load(f)
-        except FileNotFoundError:
-            raise SantacpuError(f"no config.json at {path}") from None
-        except OSError as problem:
-            raise SantacpuError(f"cannot read {path}: {os_problem(problem)}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as bad:
-            raise SantacpuError(f"{path} is not valid JSON: {bad}") from None
+        raw = read_json_file(path, "config.json", CONFIG_LIMIT)
         if not isinstance(raw, dict):
             raise SantacpuError(f"{path} is not a JSON object")
         return cls.from_dict(raw)

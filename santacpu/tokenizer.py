@@ -8,19 +8,21 @@ the bundled tokenizer (`tokenizer_file_for`), plain-text encoding, exact byte-le
 character. Encoding is delegated to the `tokenizers` library; decoding is ours (a table of raw
 bytes per id), so no "clean up tokenization spaces" or other text rewriting can touch code.
 
-May import: tokenizers, `santacpu.errors`.
+May import: tokenizers, `santacpu.small_files`, `santacpu.errors`.
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import os
 import warnings
 from pathlib import Path
 
 import tokenizers
 
 from santacpu.errors import SantacpuError, SantacpuWarning
+from santacpu.small_files import TOKENIZER_LIMIT, parse_json, read_small_text
 
 _BUNDLED = Path(__file__).parent / "data" / "tokenizer.json"
 
@@ -35,13 +37,18 @@ def tokenizer_file_for(folder, vocab_size: int) -> Path:
     fine-tunes ship weights and config only), the bundled SantaCoder tokenizer, with a warning.
     The one fallback policy: loading, conversion and calibration all ask here."""
     own = Path(folder) / "tokenizer.json"
-    if own.is_file():
+    if own.exists():  # not only a regular file: reading a FIFO or device there is a clear error
         return own
     if vocab_size == SANTACODER_EMBEDDING_ROWS:
         warnings.warn(f"no tokenizer.json in {folder}; using the bundled SantaCoder tokenizer", SantacpuWarning, stacklevel=2)
         return _BUNDLED
     raise SantacpuError(f"no tokenizer.json in {folder} (and its {vocab_size} embedding rows are not SantaCoder's)")
 
+
+# `encode_batch` releases the GIL while it works (`encode` holds it), so a server thread tokenizing
+# a long prompt does not stall the event loop. One text has nothing to parallelise: without this
+# setting tokenizers would start its thread pool, after which every fork of the process warns.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 EOS_TOKEN = "<|endoftext|>"
 FIM_PREFIX_TOKEN = "<fim-prefix>"
@@ -90,6 +97,7 @@ class Tokenizer:
         self.fim_middle_id: int | None = added.get(FIM_MIDDLE_TOKEN)
         self.fim_suffix_id: int | None = added.get(FIM_SUFFIX_TOKEN)
         self.fim_pad_id: int | None = added.get(FIM_PAD_TOKEN)
+        self.special_ids: frozenset[int] = frozenset(added.values())  # EOS, FIM tokens: markup, not text
 
         # id -> raw bytes, built once: decoding is then a join, cheap enough per streamed token.
         char_to_byte = _unicode_to_byte()
@@ -103,26 +111,18 @@ class Tokenizer:
         for content, i in added.items():
             table[i] = content.encode("utf-8")
         self._bytes = table
+        # No token spans more characters than this: text longer than n * this can never be n tokens.
+        self.max_token_bytes: int = max(len(b) for b in table)
 
     @classmethod
     def from_file(cls, path) -> Tokenizer:
-        path = Path(path)
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as e:
-            raise SantacpuError(f"cannot read tokenizer {path}: {e.strerror or e}") from None
-        except UnicodeDecodeError as e:
-            raise SantacpuError(f"tokenizer {path} is not valid JSON: {e}") from None
-        return cls.from_json_text(text, f"tokenizer {path}")
+        return cls.from_json_text(read_small_text(path, "tokenizer", TOKENIZER_LIMIT), f"tokenizer {path}")
 
     @classmethod
     def from_json_text(cls, text: str, where: str) -> Tokenizer:
         """From tokenizer.json's text (a file's, or the copy embedded in a quantized file);
         `where` names it in errors."""
-        try:
-            spec = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SantacpuError(f"{where} is not valid JSON: {e}") from None
+        spec = parse_json(text, where)
         if not isinstance(spec, dict):
             raise SantacpuError(f"{where} is not a tokenizer.json (top level is not an object)")
         try:
@@ -141,8 +141,9 @@ class Tokenizer:
         return cls.from_file(_BUNDLED)
 
     def encode(self, text: str) -> list[int]:
-        """Plain text -> ids. Special-token strings in `text` stay text; no BOS/EOS added."""
-        return self._plain.encode(text, add_special_tokens=False).ids
+        """Plain text -> ids. Special-token strings in `text` stay text; no BOS/EOS added. Other
+        threads run meanwhile (the GIL is released)."""
+        return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
 
     def token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < self.vocab_size:

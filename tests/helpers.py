@@ -176,3 +176,25 @@ def on_tmpfs(folder: Path, kilobytes: int, listing: Path, read_only: bool = Fals
         mount += f" && mount -o remount,ro '{folder}'"
     script = f"{mount} || exit 99; \"$@\"; code=$?; ls -A '{folder}' > '{listing}'; exit $code"
     return ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh"]
+
+
+_MEMORY_CAPPED = """
+import resource, sys
+{setup}
+with open("/proc/self/status") as status:
+    vm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
+limit = (vm_kib << 10) + {headroom}
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+{body}
+"""
+
+
+def run_memory_capped(setup: str, body: str, *args: str, headroom: int = 256 << 20, timeout: float = 120) -> str:
+    """The stdout of a child Python that runs `setup` (imports), then `body` with at most `headroom`
+    more bytes of address space than the setup left it (sys.argv[1:] = `args`): a reader that would
+    take gigabytes fails there, with a MemoryError, instead of taking them from the test machine.
+    The child must exit 0 within `timeout` seconds, quietly on stderr."""
+    script = _MEMORY_CAPPED.format(setup=setup, body=body, headroom=headroom)
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return done.stdout.strip()

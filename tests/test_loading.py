@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -546,6 +547,121 @@ def test_not_a_safetensors_file(tmp_path, content, fragment):
     message = load_error(folder)
     assert fragment in message and "model.safetensors" in message, message
 
+
+_F32 = '"dtype":"F32"'
+
+
+@pytest.mark.parametrize(
+    "header, fragment",
+    [
+        (b'{"a":{%s,"shape":[-1,-2],"data_offsets":[0,8]}}', "whole numbers >= 0"),
+        (b'{"a":{%s,"shape":[2.0],"data_offsets":[0,8]}}', "whole numbers >= 0"),
+        (b'{"a":{%s,"shape":[true,2],"data_offsets":[0,8]}}', "whole numbers >= 0"),
+        (b'{"a":{%s,"shape":[2],"data_offsets":[0.0,8]}}', "whole numbers >= 0"),
+        (b'{"a":{%s,"shape":[-2],"data_offsets":[8,0]}}', "corrupt header entry for tensor 'a'"),
+        (b'{"a":{%s,"shape":[0],"data_offsets":[8,0]}}', "its data ends before it begins"),
+        (b'{"a":{%s,"shape":[4294967296,4294967296],"data_offsets":[0,0]}}', "offsets that do not match"),
+        (b'{"a":{%s,"shape":[1180591620717411303424],"data_offsets":[0,8]}}', "offsets that do not match"),
+        (b'{"a":{%s,"shape":"12","data_offsets":[0,8]}}', "corrupt header entry for tensor 'a'"),
+        (b'{"a":{"dtype":["F32"],"shape":[2],"data_offsets":[0,8]}}', "corrupt header entry for tensor 'a'"),
+        (b'{"a":' + b"[" * 300_000 + b"]" * 300_000 + b"}", "corrupt safetensors header"),
+        (b'{"__metadata__":["pt"],"a":{%s,"shape":[2],"data_offsets":[0,8]}}', "__metadata__ is not an object of strings"),
+        (b'{"__metadata__":{"format":1},"a":{%s,"shape":[2],"data_offsets":[0,8]}}', "__metadata__ is not an object"),
+    ],
+    ids=["negative", "float", "bool", "float-offset", "begin-after-end", "begin-after-end-empty", "int64-overflow",
+         "2^70", "shape-str", "dtype-list", "nested-300k", "metadata-list", "metadata-number"],
+)
+def test_safetensors_header_values_of_the_wrong_kind(tmp_path, header, fragment):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(_raw_safetensors(header.replace(b"%s", _F32.encode())))
+    with pytest.raises(SantacpuError, match=re.escape(fragment)) as error:
+        SafetensorsFile(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "header, fragment",
+    [
+        (b'{"a":{"dtype":"F32","shape":[1180591620717411303424],"data_offsets":[0,8]}}', "offsets that do not match"),
+        (b"[" * 300_000 + b"]" * 300_000, "corrupt safetensors header"),
+        (b'{"__metadata__":["pt"]}', "__metadata__ is not an object of strings"),
+    ],
+    ids=["2^70", "nested-300k", "metadata-list"],
+)
+def test_info_on_a_hostile_safetensors_header_is_one_error_line(tmp_path, header, fragment):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(_raw_safetensors(header))
+    helpers.one_error_line(helpers.run_santacpu("info", path), fragment)
+
+
+# Small files of a model folder: regular files only, bounded, and shards only from inside the folder.
+
+_CAPPED_LOAD = ("import santacpu", "try:\n    santacpu.load(sys.argv[1])\n    print('loaded')\n"
+                "except santacpu.SantacpuError as error:\n    print('error', error)")
+
+
+def test_a_config_json_that_is_dev_zero_or_a_fifo_is_refused_at_once(tmp_path):
+    folder = helpers.copy_checkpoint(tmp_path / "ckpt")
+    config = folder / "config.json"
+    config.unlink()
+    config.symlink_to("/dev/zero")
+    # A child with 256 MiB to spare and a minute: reading /dev/zero whole fails there, a FIFO hangs.
+    assert helpers.run_memory_capped(*_CAPPED_LOAD, str(folder), timeout=60) == (
+        f"error config.json {config} is a device, not a regular file")
+    config.unlink()
+    os.mkfifo(config)
+    assert helpers.run_memory_capped(*_CAPPED_LOAD, str(folder), timeout=60) == (
+        f"error config.json {config} is a FIFO, not a regular file")
+
+
+def test_small_files_have_a_size_limit_and_symlinks_to_regular_files_work(tmp_path):
+    from santacpu.small_files import CONFIG_LIMIT
+
+    folder = helpers.copy_checkpoint(tmp_path / "ckpt")
+    config = folder / "config.json"
+    real = tmp_path / "blobs" / "config"  # the hub cache's layout: each file a link to its blob
+    real.parent.mkdir()
+    config.rename(real)
+    config.symlink_to(real)
+    assert load_exact(folder).config.n_layer == 2
+    real.write_bytes(real.read_bytes() + b" " * CONFIG_LIMIT)
+    assert load_error(folder) == f"config.json {config} is larger than 1 MiB, too large to be a config.json"
+
+
+def test_a_tokenizer_json_that_is_a_fifo_is_refused_not_replaced(tmp_path):
+    folder = helpers.copy_checkpoint(tmp_path / "ckpt")
+    (folder / "tokenizer.json").unlink()
+    os.mkfifo(folder / "tokenizer.json")
+    assert load_error(folder) == f"tokenizer {folder / 'tokenizer.json'} is a FIFO, not a regular file"
+
+
+def _sharded(folder: Path, second_name) -> Path:
+    """`folder` with its weights in two safetensors shards and an index naming the second `second_name`."""
+    tensors = all_tensors(folder / "model.safetensors")
+    names = list(tensors)
+    write_safetensors(folder / "one.safetensors", {n: tensors[n] for n in names[:5]})
+    write_safetensors(folder / "two.safetensors", {n: tensors[n] for n in names[5:]})
+    weight_map = {**{n: "one.safetensors" for n in names[:5]}, **{n: second_name for n in names[5:]}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (folder / "model.safetensors").unlink()
+    return folder
+
+
+def _name_the_second_shard(index: Path, name) -> None:
+    weight_map = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"weight_map": {n: f if f == "one.safetensors" else name for n, f in weight_map.items()}}))
+
+
+def test_a_shard_index_names_only_files_inside_its_folder(tmp_path):
+    folder = _sharded(helpers.copy_checkpoint(tmp_path / "ckpt"), "two.safetensors")
+    assert load_exact(folder).config.n_layer == 2
+    index = folder / "model.safetensors.index.json"
+    (folder / "two.safetensors").rename(tmp_path / "two.safetensors")  # beside the folder, not in it
+    for name in [str(tmp_path / "two.safetensors"), "../two.safetensors", "sub/../../two.safetensors", ""]:
+        _name_the_second_shard(index, name)
+        assert load_error(folder) == f"{index} names the shard '{name}', which is not a file inside its folder"
+    _name_the_second_shard(index, 7)
+    assert load_error(folder) == f"{index} names a shard by 7, not by a file name"
 
 @pytest.mark.parametrize(
     "name, shape",

@@ -9,9 +9,7 @@ import builtins
 import os
 import pickle
 import struct
-import subprocess
 import sys
-import textwrap
 import zipfile
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 
 from santacpu.errors import SantacpuError
-from helpers import mmap_owner
+from helpers import mmap_owner, run_memory_capped
 from santacpu.formats.torch_zip import read_torch_zip
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -203,23 +201,6 @@ def test_missing_file(tmp_path):
 BOMB_BYTES = 256 << 20  # what the bomb member inflates to; its file is ~260 KB
 HEADROOM_BYTES = 128 << 20  # the child's address space beyond its imports
 
-_BOUNDED_READ = textwrap.dedent(
-    """
-    import resource, sys
-    from santacpu.errors import SantacpuError
-    from santacpu.formats.torch_zip import read_torch_zip
-
-    with open("/proc/self/status") as status:
-        vm_kib = next(int(line.split()[1]) for line in status if line.startswith("VmSize:"))
-    limit = (vm_kib << 10) + int(sys.argv[2])
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    try:
-        print("loaded", {name: array.tolist() for name, array in read_torch_zip(sys.argv[1]).items()})
-    except SantacpuError as error:
-        print("error", error)
-    """
-)
-
 
 def _bomb(path: Path, small: dict[str, bytes], big_name: str, big_head: bytes = b"") -> Path:
     """A deflated archive of `small` members and `big_name`: `big_head` then zeros, BOMB_BYTES in
@@ -238,10 +219,14 @@ def _bomb(path: Path, small: dict[str, bytes], big_name: str, big_head: bytes = 
 
 
 def _read_bounded(path: Path) -> str:
-    done = subprocess.run([sys.executable, "-c", _BOUNDED_READ, str(path), str(HEADROOM_BYTES)],
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stderr == "", done.stderr
-    return done.stdout.strip()
+    """What read_torch_zip makes of `path` in a child with HEADROOM_BYTES of memory to spare."""
+    return run_memory_capped(
+        "from santacpu.errors import SantacpuError\nfrom santacpu.formats.torch_zip import read_torch_zip",
+        "try:\n"
+        "    print('loaded', {name: array.tolist() for name, array in read_torch_zip(sys.argv[1]).items()})\n"
+        "except SantacpuError as error:\n"
+        "    print('error', error)",
+        str(path), headroom=HEADROOM_BYTES)
 
 
 def test_a_storage_record_that_inflates_past_its_tensor_is_read_only_as_far_as_the_tensor(tmp_path):

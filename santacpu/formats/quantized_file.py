@@ -17,12 +17,11 @@ File layout (format "santacpu-quantized", version 1; version 2 adds split rows):
   `provenance` (source, revision, sha256 of the source files, santacpu version, calibration).
 The loader acts on this metadata only, never on the file name.
 
-May import: numpy, `santacpu.formats`, `santacpu.config`, `santacpu.errors`.
+May import: numpy, `santacpu.formats`, `santacpu.config`, `santacpu.small_files`, `santacpu.errors`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 
 from ..config import Config
 from ..errors import SantacpuError
+from ..small_files import parse_json
 from .safetensors_io import SafetensorsFile
 
 FORMAT_NAME = "santacpu-quantized"
@@ -57,10 +57,7 @@ def names_quantized_file(model: str | os.PathLike) -> bool:
 
 
 def _json_field(metadata: dict, key: str, path: Path):
-    try:
-        return json.loads(metadata[key])
-    except json.JSONDecodeError:
-        raise SantacpuError(f"{path}: metadata field '{key}' is corrupt (not JSON)") from None
+    return parse_json(metadata[key], f"{path}: metadata field '{key}'")
 
 
 def read_metadata(path: str | os.PathLike) -> tuple[SafetensorsFile, dict]:

@@ -16,6 +16,7 @@ May import: numpy, `santacpu.atomic_file`, `santacpu.errors`.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -74,23 +75,21 @@ class SafetensorsFile:
             header = json.loads(raw_header.decode("utf-8"))
             if not isinstance(header, dict):
                 raise ValueError("header is not a JSON object")
-        except (UnicodeDecodeError, ValueError) as bad:
+        except (UnicodeDecodeError, ValueError, RecursionError) as bad:  # RecursionError: nested too deep
             raise SantacpuError(f"{self.path} has a corrupt safetensors header: {bad}") from None
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            raise SantacpuError(f"{self.path} has a corrupt safetensors header: __metadata__ is not an object of strings")
+        self.metadata: dict[str, str] = metadata or {}
         self._data_start = 8 + header_len
         self._entries: dict[str, tuple[str, tuple[int, ...], int, int]] = {}
         data_size = size - self._data_start
         for name, entry in header.items():
-            try:
-                dtype_name = entry["dtype"]
-                shape = tuple(int(d) for d in entry["shape"])
-                begin, end = (int(o) for o in entry["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise SantacpuError(f"{self.path} has a corrupt header entry for tensor '{name}'") from None
+            dtype_name, shape, begin, end = _checked_entry(name, entry, self.path)
             if dtype_name not in _DTYPES:
                 raise SantacpuError(f"{self.path}: tensor '{name}' has unsupported dtype {dtype_name}")
             itemsize = np.dtype(_DTYPES[dtype_name]).itemsize
-            if end - begin != itemsize * int(np.prod(shape, dtype=np.int64)) or begin < 0:
+            if end - begin != itemsize * math.prod(shape):  # Python integers: no overflow
                 raise SantacpuError(f"{self.path}: tensor '{name}' has offsets that do not match its shape")
             if end > data_size:
                 raise SantacpuError(
@@ -143,6 +142,22 @@ def _read_header(f, size: int, path: Path) -> bytes:
             f"{path} is not a valid safetensors file or is truncated (header claims {header_len} bytes, file has {size})"
         )
     return f.read(header_len)
+
+
+def _checked_entry(name: str, entry: object, path: Path) -> tuple[str, tuple[int, ...], int, int]:
+    """(dtype name, shape, begin, end) of one header entry, each of the JSON kind the format says:
+    sizes and offsets whole numbers >= 0 (not floats, not booleans), the data not ending before it begins."""
+    fields = (entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else ()
+    if not (fields and isinstance(fields[0], str) and isinstance(fields[1], list)
+            and isinstance(fields[2], list) and len(fields[2]) == 2):
+        raise SantacpuError(f"{path} has a corrupt header entry for tensor '{name}'")
+    dtype_name, shape, (begin, end) = fields
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in [*shape, begin, end]):
+        raise SantacpuError(f"{path} has a corrupt header entry for tensor '{name}': its shape and offsets must be "
+                            "whole numbers >= 0")
+    if begin > end:
+        raise SantacpuError(f"{path} has a corrupt header entry for tensor '{name}': its data ends before it begins")
+    return dtype_name, tuple(shape), begin, end
 
 
 def _check_no_overlap(entries: dict[str, tuple[str, tuple[int, ...], int, int]], path: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable
 
 import numpy as np
@@ -27,6 +27,7 @@ from ..errors import SantacpuError
 from ..formats.safetensors_io import SafetensorsFile, bf16_to_f32, release_mapped_pages
 from ..network.weights import LayerWeights, ModelWeights, expected_layer_shapes
 from ..progress import Progress
+from ..small_files import INDEX_LIMIT, read_json_file
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -81,12 +82,18 @@ class TensorSource:
 
 
 def _read_index(index_path: Path) -> dict[str, str]:
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise ValueError
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError):
-        raise SantacpuError(f"{index_path} is not a valid shard index (needs a 'weight_map' object)") from None
+    """The index's weight map, {tensor name: shard file name}, every shard named inside the folder
+    (a plain relative path without '..': an index cannot send the reader elsewhere)."""
+    index = read_json_file(index_path, "shard index", INDEX_LIMIT)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise SantacpuError(f"{index_path} is not a valid shard index (needs a 'weight_map' object)")
+    for file_name in weight_map.values():
+        if not isinstance(file_name, str):
+            raise SantacpuError(f"{index_path} names a shard by {json.dumps(file_name)[:60]}, not by a file name")
+        shard = PurePosixPath(file_name)
+        if not file_name or shard.is_absolute() or ".." in shard.parts:
+            raise SantacpuError(f"{index_path} names the shard '{file_name}', which is not a file inside its folder")
     return weight_map
 
 
