@@ -461,12 +461,17 @@ def random_checkpoint(
     dtype: str = typer.Option("float32", callback=_one_of("float32", "float16"), help="float32 or float16."),
     seed: int = typer.Option(0, min=0, help="The same seed gives the same weights."),
     multi_head: bool = typer.Option(False, "--multi-head", help="One K/V head per query head instead of multi-query."),
+    force: bool = typer.Option(
+        False, "--force", help="Write into OUT even if it is not empty (its config.json, model.safetensors and "
+        "tokenizer.json are replaced)."
+    ),
 ) -> None:
     """Write a SantaCoder-shaped checkpoint with random weights: its text is nonsense, but every
-    command runs on it without the real model or a network."""
+    command runs on it without the real model or a network. OUT must be new or empty (without --force)."""
     from .loading.random_checkpoint import write_checkpoint
 
-    written = write_checkpoint(out, size=size, layout=layout, dtype=dtype, seed=seed, multi_query=not multi_head)
+    written = write_checkpoint(out, size=size, layout=layout, dtype=dtype, seed=seed, multi_query=not multi_head,
+                               force=force)
     print(f"santacpu: wrote {written}; try: santacpu complete \"def f():\" --model {written}", file=sys.stderr)
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import filecmp
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -352,3 +353,21 @@ def test_a_random_checkpoint_runs_every_command_with_its_defaults(tmp_path, tiny
     assert "measuring a 32-token prompt, 16 decoded tokens, a 48-token FIM prompt" in done.stderr.decode()
     one_error_line(run_santacpu("random-checkpoint", folder / "config.json" / "x"), "cannot make the folder")
     one_error_line(run_santacpu("random-checkpoint", tmp_path / "x", "--size", "huge"), "--size", code=2)
+
+
+def test_random_checkpoint_refuses_a_folder_that_is_not_empty_without_force(tmp_path, tiny):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny, folder)  # a model folder of someone's
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    line = one_error_line(run_santacpu("random-checkpoint", folder, "--size", "micro"), "is not empty")
+    assert "config.json, model.safetensors, tokenizer.json" in line and "--force" in line
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    one_error_line(run_santacpu("random-checkpoint", tmp_path / "notes", "--size", "micro"), "(it holds todo.txt)")
+
+    (tmp_path / "empty").mkdir()
+    assert run_santacpu("random-checkpoint", tmp_path / "empty", "--size", "micro").returncode == 0
+    done = run_santacpu("random-checkpoint", folder, "--size", "micro", "--force")
+    assert done.returncode == 0, done.stderr.decode()
+    assert filecmp.cmp(folder / "model.safetensors", tmp_path / "empty" / "model.safetensors", shallow=False)

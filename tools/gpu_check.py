@@ -49,7 +49,7 @@ def build_files(work: Path) -> subprocess.Popen:
     script = (
         f"set -e; santacpu() {{ {sys.executable} -m santacpu \"$@\"; }}; "
         f"[ -f {work}/full-q8_0.safetensors ] && [ -f {work}/full-q4_0.safetensors ] && exit 0; "
-        f"santacpu random-checkpoint {work}/full --size full --dtype float16; "
+        f"santacpu random-checkpoint {work}/full --size full --dtype float16 --force; "
         f"santacpu quantize {work}/full {work}/full-q4_0.safetensors --type q4_0 --calibration none --force & "
         f"santacpu quantize {work}/full {work}/full-q8_0.safetensors --type q8_0 --calibration none --force; wait"
     )

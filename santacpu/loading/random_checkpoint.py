@@ -12,7 +12,10 @@ Files are written tensor by tensor: a full-size checkpoint never sits whole in m
 Part of the package, so that santacpu can be tried without the real weights after a plain install:
 
     santacpu random-checkpoint OUT_DIR [--size tiny|micro|trained|full] [--layout gpt_bigcode|legacy]
-        [--dtype float32|float16] [--seed 0] [--multi-head]
+        [--dtype float32|float16] [--seed 0] [--multi-head] [--force]
+
+OUT_DIR must be new or empty (a model folder's own weights, config and tokenizer would be
+replaced); `--force` (`force=True`) writes into it anyway.
 
 (`python -m tools.random_checkpoint` in a clone does the same.)
 
@@ -188,6 +191,20 @@ def layout_tensors(
             yield block + "attn.masked_bias", np.array(-1e4, dtype=np.float32)
 
 
+def _check_empty(out: Path) -> None:
+    """Refuse a folder that holds anything: it may be a real model whose files would be replaced."""
+    try:
+        held = sorted(entry.name for entry in out.iterdir()) if out.is_dir() else []
+    except OSError as problem:
+        raise SantacpuError(f"cannot list the folder {out}: {os_problem(problem)}") from None
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise SantacpuError(
+            f"{out} is not empty (it holds {shown}): give a new or empty folder, or --force to write "
+            "config.json, model.safetensors and tokenizer.json into it anyway, replacing those there"
+        )
+
+
 def write_checkpoint(
     out_dir: str | Path,
     *,
@@ -198,14 +215,18 @@ def write_checkpoint(
     multi_query: bool = True,
     embedding_names: tuple[str, ...] | None = None,
     with_tokenizer: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Write config.json, model.safetensors (and tokenizer.json) into out_dir; returns out_dir."""
+    """Write config.json, model.safetensors (and tokenizer.json) into out_dir, which must be new
+    or empty unless `force`; returns out_dir."""
     out = Path(out_dir)
     if size not in SIZES or layout not in LAYOUTS or dtype not in DTYPES:
         raise SantacpuError(
             f"unknown size, layout or dtype {size!r}, {layout!r}, {dtype!r} (choose from {', '.join(SIZES)}; "
             f"{', '.join(LAYOUTS)}; {', '.join(DTYPES)})"
         )
+    if not force:
+        _check_empty(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as problem:
