@@ -1,11 +1,15 @@
 """Writing a file so that readers never see part of it: a hidden temporary file in the target's
-folder (`.NAME.XXXX.partial`), renamed over the target only once complete.
+folder (`.NAME.HOST-PID-XXXXXXXX.partial`: a hash of the host name, the writer's process id, a
+random part), renamed over the target only once complete.
 
 Every writer of santacpu's output files (quantized models, `--json` reports) goes through here,
 so each gets the same guarantees: on any failure or interruption (an exception, Ctrl-C, or the
 CLI's SIGTERM handler) the temporary file is removed; the file gets the usual mode for new
 files (0666 less the umask, not mkstemp's 0600); and a failing write (no permission, read-only
-file system, disk full) is a one-line `WriteError`.
+file system, disk full) is a one-line `WriteError`. A writer killed outright (SIGKILL, a power
+cut) cannot remove its file: the next write of the same target does, when the process named in
+it is gone from this host, with a warning; a partial file it cannot judge (another host's, or one
+named before process ids were) is named in a warning and left.
 
 May import: `santacpu.errors`.
 """
@@ -14,11 +18,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import socket
 import tempfile
+import warnings
+import zlib
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from .errors import WriteError, os_problem
+from .errors import SantacpuWarning, WriteError, os_problem
+
+_PARTIAL = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[a-z0-9_]{8}\.partial")  # after ".NAME."
 
 
 def check_writable(path: str | os.PathLike, what: str = "") -> None:
@@ -40,8 +50,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     ends without an error; otherwise nothing is left behind. OSErrors raised inside the block are
     taken as write errors (the block's job is writing)."""
     path = Path(path)
+    remove_stale_partials(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{_host_tag()}-{os.getpid()}-", suffix=".partial",
+                                        dir=path.parent)
     except OSError as problem:
         raise WriteError(f"cannot write {path}: {os_problem(problem)}") from None
     try:
@@ -55,6 +67,45 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
         if isinstance(problem, OSError):
             raise WriteError(f"cannot write {path}: {os_problem(problem)}") from None
         raise
+
+
+def remove_stale_partials(path: str | os.PathLike) -> None:
+    """Remove the partial files of `path` whose writer is gone (killed before it could clean up);
+    name in a warning those whose writer cannot be judged. Those of live writers stay."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    try:
+        names = [name for name in os.listdir(path.parent) if name.startswith(prefix)]
+    except OSError:  # no folder, or not readable: writing says so
+        return
+    for name in names:
+        found = _PARTIAL.fullmatch(name[len(prefix):])
+        if found is None:
+            continue  # not a partial file of this target (the name only starts like one)
+        partial = path.parent / name
+        if found["pid"] is None or found["host"] != _host_tag():
+            warnings.warn(f"{partial} looks like a partial file left by an interrupted write of {path.name}; "
+                          "delete it if nothing is writing that file now", SantacpuWarning, stacklevel=3)
+        elif not _process_exists(int(found["pid"])):
+            with contextlib.suppress(FileNotFoundError, PermissionError):
+                os.unlink(partial)
+                warnings.warn(f"removed {partial}, left by an earlier write of {path.name} whose process "
+                              f"({found['pid']}) was killed", SantacpuWarning, stacklevel=3)
+
+
+def _host_tag() -> str:
+    """This host, as 8 hex digits: a process id means something only on the host that ran it."""
+    return f"{zlib.crc32(socket.gethostname().encode()):08x}"
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:

@@ -126,6 +126,36 @@ def test_a_signal_during_quantize_exits_with_its_code_and_leaves_nothing(tmp_pat
     assert list(out.iterdir()) == []  # no hidden .partial file either
 
 
+def test_the_partial_file_of_a_killed_quantize_is_removed_by_the_next_run(tmp_path, tiny):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert signalled(tmp_path, signal.SIGKILL, "quantize", tiny, out / "tiny.safetensors").returncode == -signal.SIGKILL
+    [partial] = out.iterdir()  # SIGKILL leaves no chance to clean up
+    assert partial.name.startswith(".tiny.safetensors.") and partial.name.endswith(".partial")
+    done = run_santacpu("quantize", tiny, out / "tiny.safetensors")
+    assert done.returncode == 0, done.stderr.decode()
+    assert f"santacpu: warning: removed {partial}, left by an earlier write of tiny.safetensors" in done.stderr.decode()
+    assert [path.name for path in out.iterdir()] == ["tiny.safetensors"]
+
+
+def test_partial_files_of_live_writers_stay_and_those_it_cannot_judge_are_named(tmp_path):
+    from santacpu.atomic_file import atomic_output, write_text_atomically
+
+    target = tmp_path / "report.json"
+    unjudged = tmp_path / ".report.json.abcd1234.partial"  # named as before process ids were
+    unjudged.write_text("?")
+    (tmp_path / ".report.json.old.partial").write_text("not named like a partial file: not ours")
+    with pytest.warns(santacpu.SantacpuWarning, match="abcd1234"), atomic_output(target) as live:
+        live.write(b"{}")
+        with pytest.warns(santacpu.SantacpuWarning) as warned:
+            write_text_atomically(target, "[]")
+        assert [str(w.message) for w in warned] == [
+            f"{unjudged} looks like a partial file left by an interrupted write of report.json; delete it if "
+            "nothing is writing that file now"]
+        assert len(list(tmp_path.glob(".report.json.*.partial"))) == 3  # the live writer's is still there
+    assert target.read_text() == "{}" and len(list(tmp_path.glob(".report.json.*.partial"))) == 2
+
+
 def test_ctrl_c_during_complete_exits_130(tmp_path, tiny):
     done = signalled(tmp_path, signal.SIGINT, "complete", PROMPT, "--model", tiny, "--quant", "none")
     assert (done.returncode, stderr_lines(done)) == (130, ["santacpu: interrupted"])
