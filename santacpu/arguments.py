@@ -20,11 +20,30 @@ def _kind(value: object) -> str:
 
 
 def text(value: object, name: str) -> str:
-    """`value` if it is a str; bytes get a hint to decode them first."""
+    """`value` if it is a str of Unicode text; bytes get a hint to decode them first, and a lone
+    surrogate (not text: nothing can encode it) is refused where it is, not deep in the tokenizer."""
     if isinstance(value, str):
+        check_unicode(value, name)
         return value
     hint = " (decode the bytes first, e.g. .decode('utf-8'))" if isinstance(value, (bytes, bytearray)) else ""
     raise SantacpuError(f"{name} must be a str, got {_kind(value)}{hint}")
+
+
+def check_unicode(value: str, name: str) -> None:
+    """A SantacpuError if `value` holds a lone surrogate (U+D800..U+DFFF), saying where. Python
+    carries a byte that is not UTF-8 in a command-line argument as one (U+DC80..U+DCFF:
+    surrogateescape), so that case names the byte."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as bad:
+        code = ord(value[bad.start])
+        if 0xDC80 <= code <= 0xDCFF:
+            raise SantacpuError(
+                f"{name} is not UTF-8 text (byte 0x{code - 0xDC00:02x} at character {bad.start}); convert it to UTF-8 first"
+            ) from None
+        raise SantacpuError(
+            f"{name} is not Unicode text: a lone surrogate (U+{code:04X}) at character {bad.start}"
+        ) from None
 
 
 def integer(value: object, name: str, minimum: int | None = None) -> int:

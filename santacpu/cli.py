@@ -24,12 +24,13 @@ import typer
 
 from quantize.cache import DEFAULT_QUANT, runnable_model
 
+from . import arguments
 from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
 from .errors import SantacpuError, SantacpuWarning, os_problem
 from .generation.lookup import DEFAULT_DRAFT_TOKENS
 from .loading.source import DEFAULT_MODEL, default_model, hub_revision
-from .settings import MODEL_ENV
+from .settings import MODEL_ENV, Settings
 from .generation.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .harness.problems import BENCHMARKS
 from .harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, EvalSettings
@@ -244,7 +245,7 @@ def _prompt_texts(prompt: Optional[str], fim: Optional[Tuple[Path, Path]]) -> Tu
         prompt = decode_text(sys.stdin.buffer.read(), "standard input")
     if not prompt:
         raise SantacpuError("the prompt is empty")
-    return prompt, None
+    return arguments.text(prompt, "the prompt"), None  # a non-UTF-8 argument is said now, before loading
 
 
 def _type_help() -> str:
@@ -396,13 +397,26 @@ def serve(
     model: str = MODEL_OPTION,
     revision: Optional[str] = REVISION_OPTION,
     quant: Optional[str] = QUANT_OPTION,
-    host: str = typer.Option("127.0.0.1", help="Address to listen on (127.0.0.1: this machine only)."),
+    host: str = typer.Option(
+        "127.0.0.1",
+        help="Address to listen on (127.0.0.1: this machine only, answering Host names of it and localhost; "
+        "0.0.0.0: every address and Host name).",
+    ),
     port: int = typer.Option(8012, min=1, max=65535, help="Port to listen on (llama.vim's default: 8012)."),
     api_key: Optional[str] = typer.Option(
-        None, help="Require 'Authorization: Bearer KEY' on every endpoint but /health. Default: none.", show_default=False
+        None,
+        help="Require 'Authorization: Bearer KEY' on every endpoint but /health (a command line is visible to every "
+        "local user: prefer --api-key-file or $SANTACPU_API_KEY). Default: none.",
+        show_default=False,
+    ),
+    api_key_file: Optional[Path] = typer.Option(
+        None, readable=False, metavar="FILE", help="Read the API key from this file.", show_default=False
     ),
     max_batch: int = typer.Option(8, min=1, max=256, help="Sequences generated at once; more wait in the queue."),
-    max_queue: int = typer.Option(64, min=0, help="Sequences that may wait; beyond, requests get 503 with Retry-After."),
+    max_queue: int = typer.Option(
+        64, min=0, help="Sequences that may wait beyond the batch; beyond, requests get 503 with Retry-After "
+        "(0: only what the batch has room for runs)."
+    ),
     fim_order: str = typer.Option(
         "spm", help="FIM prompt order: spm (suffix first: typing at the cursor only appends to the prompt) or psm."
     ),
@@ -425,11 +439,27 @@ def serve(
     except ImportError:
         raise SantacpuError(SERVE_EXTRA_HINT) from None
     name = model or default_model()
-    runnable, revision = runnable_model(name, revision, quant)
     settings = ServerSettings(
-        model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue, fim_order=fim_order, fim_budget=fim_budget
+        model_name=name, api_key=_api_key(api_key, api_key_file), max_batch=max_batch, max_queue=max_queue,
+        fim_order=fim_order, fim_budget=fim_budget,
     )
-    run_server(settings, lambda: load(runnable, revision=revision), host, port)
+
+    def load_model():  # after the server listens: a first-use quantization runs while /health says "loading"
+        runnable, runnable_revision = runnable_model(name, revision, quant)
+        return load(runnable, revision=runnable_revision)
+
+    run_server(settings, load_model, host, port)
+
+
+def _api_key(given: Optional[str], key_file: Optional[Path]) -> Optional[str]:
+    """The server's key: --api-key, else --api-key-file's text, else $SANTACPU_API_KEY, else none."""
+    if given is not None and key_file is not None:
+        raise SantacpuError("give --api-key or --api-key-file, not both")
+    if key_file is not None:
+        given = read_text_file(key_file, "API key file").strip()
+        if not given or "\n" in given:
+            raise SantacpuError(f"API key file {key_file} must hold the key on one line")
+    return given or Settings.from_environment().api_key
 
 
 def _batch_sizes(text: Optional[str]) -> Tuple[int, ...]:

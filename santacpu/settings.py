@@ -6,9 +6,10 @@
 | `SANTACPU_CACHE` | the folder of first-use quantizations | `$XDG_CACHE_HOME/santacpu`, else `~/.cache/santacpu` |
 | `SANTACPU_INT_DOT` | `0`: block-quantized products on the float kernels instead of the integer ones | `1` |
 | `SANTACPU_VECTOR_WIDTH` | `256`: 256-bit vectors on an AVX-512 CPU | `512` |
+| `SANTACPU_API_KEY` | the key `santacpu serve` requires when `--api-key`/`--api-key-file` give none | none |
 
 Each reader asks `Settings.from_environment()` when it needs the values: `load()` for the kernel
-choice, the CLI for the model, the quantization cache for its folder. The vector width alone is
+choice, the CLI for the model and the server's key, the quantization cache for its folder. The vector width alone is
 read when `santacpu.backends.cpu` is first imported, because Numba fixes its target features at
 its first compilation.
 
@@ -28,6 +29,7 @@ MODEL_ENV = "SANTACPU_MODEL"
 CACHE_ENV = "SANTACPU_CACHE"
 INT_DOT_ENV = "SANTACPU_INT_DOT"
 VECTOR_WIDTH_ENV = "SANTACPU_VECTOR_WIDTH"
+API_KEY_ENV = "SANTACPU_API_KEY"
 
 
 def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], default: str) -> str:
@@ -49,6 +51,7 @@ class Settings:
     cache_dir: Path
     integer_kernels: bool
     vector_width: int  # bits: 512 or 256
+    api_key: str | None = None  # None: the server requires no key
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -64,4 +67,5 @@ class Settings:
             cache_dir=cache,
             integer_kernels=_choice(env, INT_DOT_ENV, ("0", "1"), "1") == "1",
             vector_width=int(_choice(env, VECTOR_WIDTH_ENV, ("512", "256"), "512")),
+            api_key=env.get(API_KEY_ENV) or None,
         )

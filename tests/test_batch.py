@@ -159,10 +159,15 @@ def test_cancel_frees_the_slot_for_a_waiting_sequence(model, prompts):
 
 def test_queue_and_memory_bounds(model, prompts):
     scheduler = model.scheduler(max_batch=4, max_queue=2)
+    scheduler.submit(prompts[0], max_new_tokens=2, n=4)  # the batch's free slots: they do not wait
     scheduler.submit(prompts[0], max_new_tokens=2, n=2)
     with pytest.raises(QueueFull, match="the queue is full"):
         scheduler.submit(prompts[1], max_new_tokens=2)
-    assert scheduler.queued == 2
+    assert scheduler.queued == 6
+    no_queue = model.scheduler(max_batch=2, max_queue=0)  # nothing waits, what fits the batch runs
+    no_queue.submit(prompts[0], max_new_tokens=2, n=2)
+    with pytest.raises(QueueFull, match="the queue is full"):
+        no_queue.submit(prompts[1], max_new_tokens=2)
     per_sequence = scheduler.kv_bytes(len(prompts[0]) + 6)
     bounded = model.scheduler(max_batch=4, max_kv_bytes=2 * per_sequence)
     for _ in range(4):

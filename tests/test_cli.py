@@ -217,6 +217,14 @@ def test_bad_fim_files(hf_home, ckpt, tmp_path):
     assert_error(run(hf_home, "complete", "--model", str(ckpt), stdin=b"\xff\xfe"), "standard input is not UTF-8")
 
 
+def test_arguments_that_are_not_utf8(hf_home, ckpt):
+    # Python carries such bytes in sys.argv as lone surrogates; os.fsdecode makes the same here.
+    prompt = run(hf_home, "complete", os.fsdecode(b"s = '\xe9'"), "--model", str(ckpt))
+    assert_error(prompt, "the prompt is not UTF-8 text (byte 0xe9 at character 5)")
+    stop = run(hf_home, "complete", "x", "--stop", os.fsdecode(b"\xff"), "--model", str(ckpt))
+    assert_error(stop, "each stop string is not UTF-8 text (byte 0xff at character 0)")
+
+
 def test_prompt_longer_than_the_context(hf_home, ckpt):
     assert_error(run(hf_home, "complete", "x = 1\n" * 40, "--model", str(ckpt)), "context holds 64")
 

@@ -210,6 +210,30 @@ def test_stop_strings_are_held_back_and_cut():
     assert s.stopped and s.push("more") == "" and s.flush() == ""
 
 
+class HoldEveryPartial(StopStrings):
+    """The held-back rule by brute force: every end of the pending text against every start of
+    every stop string."""
+
+    def _partial_match_length(self) -> int:
+        ends = [n for stop in self.stops for n in range(1, len(stop)) if self.pending.endswith(stop[:n])]
+        return max(ends, default=0)
+
+
+def test_stop_strings_hold_back_what_a_brute_force_search_holds_back():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        stops = ["".join(rng.choice("ab\n") for _ in range(rng.randint(1, 5))) for _ in range(rng.randint(1, 4))]
+        text = "".join(rng.choice("ab\nc") for _ in range(rng.randint(0, 30)))
+        cuts = sorted(rng.sample(range(len(text) + 1), min(len(text) + 1, 5)))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        fast, brute = StopStrings(stops), HoldEveryPartial(stops)
+        shown = [(fast.push(piece), brute.push(piece)) for piece in pieces]
+        assert all(a == b for a, b in shown) and fast.flush() == brute.flush(), (stops, pieces)
+        assert (fast.stopped, fast.matched) == (brute.stopped, brute.matched)
+
+
 def test_stop_strings_earliest_wins_and_flush_releases_partials():
     s = StopStrings(["bb", "a"])
     assert s.push("xxbba") == "xx"
@@ -317,6 +341,7 @@ def test_options_object_and_keywords_give_the_same_generation(model):
         (dict(lookup="yes"), "lookup must be True, False or None"),
         (dict(stop_ids=5), "stop_ids must be a list"),
         (dict(stop=[b"x"]), "each stop string must be a str"),
+        (dict(stop=["\ud800"]), r"each stop string is not Unicode text: a lone surrogate \(U\+D800\)"),
         (dict(seed=-1), "seed must be >= 0"),
     ],
 )
@@ -325,6 +350,14 @@ def test_bad_options_are_named_in_one_line(model, changes, fragment):
         santacpu.GenerationOptions.of(**changes)
     with pytest.raises(SantacpuError, match=fragment):
         model.complete("x = ", **changes)
+
+
+def test_a_prompt_that_is_not_unicode_text_is_a_one_line_error(model):
+    with pytest.raises(SantacpuError, match=r"prefix is not Unicode text: a lone surrogate \(U\+D800\) at character 4") as refused:
+        model.complete("abc \ud800")
+    assert "\n" not in str(refused.value)
+    with pytest.raises(SantacpuError, match=r"suffix is not Unicode text"):
+        model.complete("def f():", "\udfff")
 
 
 def test_unknown_option_is_a_type_error_and_options_must_be_options(model):

@@ -46,18 +46,24 @@ def wait_ready(get) -> None:
     raise AssertionError("the server never became ready")
 
 
+def in_process(app):
+    """Starlette's test client, as from this machine (the server answers Host names of it only)."""
+    return starlette_testclient.TestClient(app, base_url="http://127.0.0.1:8012")
+
+
 @pytest.fixture(scope="module")
 def client(quantized):
     app = build_app(ServerSettings(model_name="tiny", max_batch=4), lambda: santacpu.load(quantized))
-    with starlette_testclient.TestClient(app) as test_client:
+    with in_process(app) as test_client:
         wait_ready(test_client.get)
         yield test_client
 
 
 class LiveServer:
-    """A real uvicorn on 127.0.0.1 (a free port), in a thread, for the duration of a test module."""
+    """A real uvicorn on 127.0.0.1 (a free port), in a thread, for the duration of a test module;
+    ready to generate unless `wait` is False."""
 
-    def __init__(self, app):
+    def __init__(self, app, wait: bool = True):
         from santacpu.server import uvicorn_server
 
         self.server = uvicorn_server(app, "127.0.0.1", 0)
@@ -70,7 +76,8 @@ class LiveServer:
         port = self.server.servers[0].sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         self.app = app
-        wait_ready(lambda path: httpx.get(self.url + path, timeout=10))
+        if wait:
+            wait_ready(lambda path: httpx.get(self.url + path, timeout=10))
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -99,7 +106,7 @@ def test_health_is_503_while_the_model_loads(quantized):
         return santacpu.load(quantized)
 
     app = build_app(ServerSettings(model_name="tiny"), slow_load)
-    with starlette_testclient.TestClient(app) as c:
+    with in_process(app) as c:
         assert c.get("/health").status_code == 503
         refused = c.post("/completion", json={"prompt": "x", "n_predict": 1})
         assert refused.status_code == 503 and refused.headers["retry-after"]
@@ -248,6 +255,18 @@ def test_tokenize_detokenize_props_models(client, model):
         ("/completion", json.dumps({"prompt": "x", "n_probs": 5}).encode(), 400, "'n_probs') are not supported"),
         ("/detokenize", json.dumps({"tokens": [-1]}).encode(), 400, "/detokenize takes"),
         ("/completion", b" " * (5 << 20), 413, "over 4 MiB"),
+        ("/completion", b'{"prompt": "x \\ud800"}', 400, "'prompt' is not Unicode text: a lone surrogate (\\ud800) at character 2"),
+        ("/infill", b'{"input_prefix": "a", "stop": ["\\udfff"]}', 400, "'stop' is not Unicode text"),
+        ("/infill", b'{"input_extra": [{"filename": "\\udc80.py", "text": ""}]}', 400, "'input_extra' is not Unicode text"),
+        ("/v1/completions", b'{"prompt": "x", "user": "\\ud83d"}', 400, "'user' is not Unicode text"),
+        ("/completion", b'{"\\ud800": 1}', 400, "'\\ud800' is not Unicode text"),
+        ("/tokenize", b'{"content": "\\ud800"}', 400, "'content' is not Unicode text"),
+        ("/completion", b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}", 400, "an integer of more than 4300 digits"),
+        ("/completion", json.dumps({"prompt": "x", "temperature": 10**400}).encode(), 400, "'temperature' must be between 0.0 and 100.0, got an integer of 401 digits"),
+        ("/v1/completions", json.dumps({"prompt": "x", "top_p": -(10**400)}).encode(), 400, "'top_p' must be between"),
+        ("/completion", json.dumps({"prompt": "x", "n_predict": 10**400}).encode(), 400, "'n_predict' must be between -1 and 1048576, got an integer of 401 digits"),
+        ("/completion", b"[" * 100_000 + b"]" * 100_000, 400, "nested too deeply"),
+        ("/completion", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nested too deeply"),
         ("/nowhere", b"{}", 404, "Not Found"),
     ],
 )
@@ -259,15 +278,15 @@ def test_hostile_input_gets_a_json_4xx_and_the_server_lives_on(client, path, con
     assert client.get("/health").status_code == 200
 
 
-def test_api_key_and_full_queue(quantized):
+def test_api_key(quantized):
     app = build_app(ServerSettings(model_name="tiny", api_key="sekret", max_queue=0), lambda: santacpu.load(quantized))
-    with starlette_testclient.TestClient(app) as c:
+    with in_process(app) as c:
         wait_ready(c.get)  # /health needs no key
         assert c.post("/completion", json={"prompt": "x"}).status_code == 401
         wrong = c.post("/completion", json={"prompt": "x"}, headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "authentication_error"
-        full = c.post("/completion", json={"prompt": "x", "n_predict": 2}, headers={"Authorization": "Bearer sekret"})
-        assert full.status_code == 503 and full.headers["retry-after"] == "2"  # max_queue 0: nothing may wait
+        idle = c.post("/completion", json={"prompt": "x", "n_predict": 2}, headers={"Authorization": "Bearer sekret"})
+        assert idle.status_code == 200  # max_queue 0: nothing waits, but the idle batch has room (a full one: below)
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
 
 
@@ -420,7 +439,7 @@ def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized):
 
 def test_the_fim_budget_caps_the_prompt(quantized):
     app = build_app(ServerSettings(model_name="tiny", fim_budget=24), lambda: santacpu.load(quantized))
-    with starlette_testclient.TestClient(app) as c:
+    with in_process(app) as c:
         wait_ready(c.get)
         body = c.post("/infill", json={"input_prefix": "x = 1\n" * 20, "input_suffix": "y = 2\n" * 20, "n_predict": 2}).json()
         assert body["truncated"] is True and body["tokens_evaluated"] <= 24
@@ -482,10 +501,261 @@ def test_a_model_that_fails_to_load_ends_the_server_with_its_error():
         raise MemoryError("no room")
 
     app = build_app(ServerSettings(model_name="tiny"), broken, failures.append)
-    with starlette_testclient.TestClient(app) as c:
+    with in_process(app) as c:
         for _ in range(100):
             if failures:
                 break
             time.sleep(0.02)
         assert failures == ["the model failed to load: MemoryError: no room"]
         assert c.get("/health").status_code == 503
+
+
+# --- bounded cost, refusals, listening, browsers, special tokens ---------------------------------
+
+
+def health_latencies(url: str, until: threading.Event) -> list[float]:
+    """Seconds each /health took, asked one after another until `until` is set."""
+    latencies = []
+    while not until.is_set():
+        started = time.perf_counter()
+        assert httpx.get(url + "/health", timeout=30).status_code == 200
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def while_polling_health(url: str, request):
+    """`request()`'s result, and how long /health took at most meanwhile."""
+    done = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        polling = pool.submit(health_latencies, url, done)
+        time.sleep(0.05)
+        try:
+            result = request()
+        finally:
+            done.set()
+        return result, max(polling.result(timeout=30))
+
+
+def test_stop_strings_are_bounded_and_the_server_stays_responsive(live):
+    many = {"prompt": "def f(x):", "n_predict": 8, "temperature": 0, "stop": ["a!"] * 520_000}
+    reply, slowest = while_polling_health(live.url, lambda: httpx.post(live.url + "/completion", json=many, timeout=60))
+    assert reply.status_code == 400 and reply.json()["error"]["message"] == "'stop' takes at most 16 strings, got 520000"
+    assert slowest < 1.0
+    long = httpx.post(live.url + "/v1/completions", json={"prompt": "x", "stop": ["y" * 257]}, timeout=60)
+    assert long.status_code == 400 and "each 'stop' string may be at most 256 characters, got one of 257" in long.text
+    at_limits = {"prompt": "def f(x):", "n_predict": 8, "temperature": 0, "stop": [chr(0x4E00 + i) * 256 for i in range(16)]}
+    assert httpx.post(live.url + "/completion", json=at_limits, timeout=60).status_code == 200
+
+
+def test_long_text_is_bounded_before_tokenizing_and_off_the_event_loop(live, model):
+    limit = 64 * model.tokenizer.max_token_bytes  # the tiny model's context, in the most characters it could hold
+    huge = "x = 1\n" * 170_000  # 1M characters
+    infill = {"input_prefix": huge, "input_suffix": huge, "n_predict": 2, "temperature": 0}
+    reply, slowest = while_polling_health(live.url, lambda: httpx.post(live.url + "/infill", json=infill, timeout=60))
+    assert reply.status_code == 200 and reply.json()["truncated"] is True
+    assert slowest < 0.5
+    assert reply.json()["tokens_evaluated"] <= 64
+    plain = httpx.post(live.url + "/completion", json={"prompt": huge, "n_predict": 1}, timeout=60)
+    assert plain.status_code == 400
+    assert plain.json()["error"]["message"] == f"the prompt is {len(huge)} characters: at most {limit} can fit the context"
+    chunks = [{"filename": f"f{i}.py", "text": "import os\n"} for i in range(10_000)]
+    extra = httpx.post(live.url + "/infill", json={"input_extra": chunks, "input_prefix": "x"}, timeout=60)
+    assert extra.status_code == 400 and extra.json()["error"]["message"] == "'input_extra' takes at most 256 chunks, got 10000"
+    tokenize = httpx.post(live.url + "/tokenize", json={"content": huge}, timeout=60)
+    assert tokenize.status_code == 400 and f"at most {limit}" in tokenize.text
+
+
+def test_the_prefix_is_cut_in_whole_steps_so_typing_keeps_the_cut():
+    from santacpu.server.requests import TEXT_CUT_STEP, text_near_cursor
+
+    prefix = "".join(f"line {i}\n" for i in range(5000))
+    cuts = {len(prefix + "a" * typed) - len(text_near_cursor(prefix + "a" * typed, "", 1000)[0]) for typed in range(50)}
+    assert len(cuts) == 1 and cuts.pop() % TEXT_CUT_STEP == 0
+    kept, suffix, cut = text_near_cursor(prefix, "y" * 1500, 1000)
+    assert prefix.endswith(kept) and len(kept) >= 1000 and suffix == "y" * 1000 and cut
+    assert text_near_cursor("short", "also short", 1000) == ("short", "also short", False)
+
+
+def test_max_queue_0_runs_what_fits_the_batch_and_refuses_the_rest(quantized):
+    def slowed():
+        model = santacpu.load(quantized)
+        model.engine = SlowSteps(model.engine)
+        return model
+
+    server = LiveServer(build_app(ServerSettings(model_name="tiny", max_batch=1, max_queue=0, api_key="sekret"), slowed))
+    key = {"Authorization": "Bearer sekret"}
+    try:
+        idle = httpx.post(server.url + "/completion", json={"prompt": "x", "n_predict": 2}, headers=key, timeout=60)
+        assert idle.status_code == 200 and idle.json()["tokens_predicted"] == 2
+        body = {"prompt": "def f(x):", "n_predict": 50, "temperature": 0, "stream": True}
+        with httpx.stream("POST", server.url + "/completion", json=body, headers=key, timeout=60) as busy:
+            next(line for line in busy.iter_lines() if line.startswith("data:"))
+            assert server.app.state.santacpu.worker.scheduler.running  # the batch's one slot is taken
+            full = httpx.post(server.url + "/completion", json={"prompt": "x", "n_predict": 2}, headers=key, timeout=60)
+        assert full.status_code == 503 and full.headers["retry-after"] == "2"
+        assert "the queue is full" in full.json()["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_health_says_loading_with_progress_while_the_model_loads(quantized):
+    from santacpu.progress import Progress
+
+    stepped, release = threading.Event(), threading.Event()
+
+    def quantize_then_load():
+        progress = Progress(3, "quantizing")
+        progress.step("layer 0")
+        stepped.set()
+        release.wait(30)
+        progress.step("layer 1")
+        progress.step("layer 2")
+        return santacpu.load(quantized)
+
+    server = LiveServer(build_app(ServerSettings(model_name="tiny"), quantize_then_load), wait=False)
+    try:
+        assert stepped.wait(30)
+        loading = httpx.get(server.url + "/health", timeout=10)
+        assert loading.status_code == 503
+        body = loading.json()
+        assert body["status"] == "loading" and body["progress"]["step"] == "quantizing"
+        assert (body["progress"]["done"], body["progress"]["total"]) == (1, 3)
+        release.set()
+        wait_ready(lambda path: httpx.get(server.url + path, timeout=10))
+    finally:
+        release.set()
+        server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_listens_before_a_first_use_quantization(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import santacpu_env
+
+    cache = tmp_path / "cache"
+    (tmp_path / "key").write_text("from-a-file\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "santacpu", "serve", "--model", str(tiny_checkpoint()), "--port", str(port),
+         "--api-key-file", str(tmp_path / "key")],
+        env=santacpu_env({"SANTACPU_CACHE": str(cache)}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert f"http://127.0.0.1:{port}" in process.stdout.readline()  # said once it listens
+        quantized_before = list(cache.glob("*.safetensors"))
+        first = httpx.get(f"http://127.0.0.1:{port}/health", timeout=30)
+        assert quantized_before == [] and first.status_code == 503 and first.json()["status"] == "loading"
+        wait_ready(lambda path: httpx.get(f"http://127.0.0.1:{port}" + path, timeout=10))
+        assert len(list(cache.glob("*.safetensors"))) == 1
+        body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 2}
+        assert httpx.post(f"http://127.0.0.1:{port}/infill", json=body, timeout=60).status_code == 401
+        keyed = httpx.post(f"http://127.0.0.1:{port}/infill", json=body, headers={"Authorization": "Bearer from-a-file"}, timeout=60)
+        assert keyed.status_code == 200
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode in (0, 130) and "Traceback" not in err, err
+
+
+def test_serve_on_a_port_in_use_is_one_error_line_before_loading(quantized):
+    import socket
+
+    from helpers import one_error_line, run_santacpu
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        started = time.perf_counter()
+        done = run_santacpu("serve", "--model", quantized, "--port", port, timeout=60)
+    one_error_line(done, f"cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert time.perf_counter() - started < 30
+
+
+def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
+    from santacpu.cli import _api_key
+    from santacpu.errors import SantacpuError
+
+    monkeypatch.setenv("SANTACPU_API_KEY", "from-the-environment")
+    assert _api_key(None, None) == "from-the-environment"
+    assert _api_key("given", None) == "given"
+    (tmp_path / "key").write_text("  from-a-file\n")
+    assert _api_key(None, tmp_path / "key") == "from-a-file"
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(SantacpuError, match="must hold the key on one line"):
+        _api_key(None, tmp_path / "empty")
+    with pytest.raises(SantacpuError, match="not both"):
+        _api_key("given", tmp_path / "key")
+    monkeypatch.delenv("SANTACPU_API_KEY")
+    assert _api_key(None, None) is None
+
+
+def test_browsers_cannot_drive_the_server(client):
+    plain = client.post("/completion", content=json.dumps({"prompt": "x", "n_predict": 1}), headers={"content-type": "text/plain"})
+    assert plain.status_code == 415 and plain.json()["error"]["type"] == "unsupported_media_type"
+    form = client.post("/infill", data={"input_prefix": "x"})
+    assert form.status_code == 415 and "application/x-www-form-urlencoded" in form.json()["error"]["message"]
+    charset = client.post("/tokenize", content=b'{"content": "x"}', headers={"content-type": "application/json; charset=utf-8"})
+    assert charset.status_code == 200
+    for host in ("evil.example", "evil.example:8012", "127.0.0.1.evil.example", ""):
+        refused = client.get("/health", headers={"host": host})
+        assert refused.status_code == 400 and "is not served here" in refused.json()["error"]["message"], host
+        assert client.post("/tokenize", json={"content": "x"}, headers={"host": host}).status_code == 400
+    for host in ("localhost:8012", "127.0.0.1", "[::1]:8012", "LOCALHOST"):
+        assert client.get("/health", headers={"host": host}).status_code == 200, host
+
+
+def test_every_address_answers_every_host_name(quantized):
+    app = build_app(ServerSettings(model_name="tiny", host="0.0.0.0"), lambda: santacpu.load(quantized))
+    with starlette_testclient.TestClient(app, base_url="http://my-machine.lan:8012") as c:
+        wait_ready(c.get)
+        assert c.post("/tokenize", json={"content": "x"}).status_code == 200
+
+
+class FimTokenAfter:
+    """The engine, but from its `after`-th batched step on the model wants <fim-prefix> next (as a
+    model can, starting another FIM document after the middle)."""
+
+    def __init__(self, engine, token: int, after: int = 2):
+        self.engine, self.token, self.after, self.steps = engine, token, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def forward_batch(self, *args):
+        logits = self.engine.forward_batch(*args)
+        self.steps += 1
+        if self.steps >= self.after:
+            for rows in logits:
+                rows[:, self.token] = rows.max() + 100.0
+        return logits
+
+
+def test_fim_special_tokens_end_the_middle_and_are_never_text(quantized, model):
+    def scripted():
+        loaded = santacpu.load(quantized)
+        loaded.engine = FimTokenAfter(loaded.engine, loaded.tokenizer.fim_prefix_id)
+        return loaded
+
+    app = build_app(ServerSettings(model_name="tiny"), scripted)
+    with in_process(app) as c:
+        wait_ready(c.get)
+        body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 8, "temperature": 0, "samplers": []}
+        infill = c.post("/infill", json=body).json()
+        assert "<fim" not in infill["content"] and infill["stop_type"] == "eos" and infill["tokens_predicted"] < 8
+        assert infill["content"] == model.complete(PREFIX, SUFFIX, max_new_tokens=infill["tokens_predicted"], fim_order="spm")
+        openai = c.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX, "max_tokens": 8, "temperature": 0}).json()
+        assert "<fim" not in openai["choices"][0]["text"] and openai["choices"][0]["finish_reason"] == "stop"
+        plain = c.post("/completion", json={"prompt": "def f(x):", "n_predict": 6, "temperature": 0}).json()
+        assert "<fim" not in plain["content"] and plain["tokens_predicted"] == 6

@@ -7,7 +7,8 @@ sequence over its own KV cache), and lets sequences join and leave between steps
   context), allocated when it joins and freed when it leaves.
 - `max_batch` sequences run at once, their caches within `max_kv_bytes`; the rest wait in a queue
   of at most `max_queue` (submitting beyond it is a `QueueFull` error, which a server turns into
-  "busy, try later").
+  "busy, try later"). A sequence that a free slot of the batch takes at the next step does not
+  count as waiting: `max_queue=0` runs what fits the batch and refuses the rest.
 - A joining prompt is computed on its own (a prompt's forward already keeps every core busy), then
   the sequence joins the next batched step. The n samples of one prompt (`submit(..., n=...)`)
   compute it once: the others copy its K/V rows (MQA keeps them small).
@@ -140,9 +141,14 @@ class BatchScheduler:
                 )
             members.append(decoder)
         with self._lock:
-            waiting = sum(len(g.members) for g in self._queue)
-            if self.max_queue is not None and waiting + n > self.max_queue:
-                raise QueueFull(f"the queue is full ({waiting} sequences waiting, max_queue {self.max_queue})")
+            queued = sum(len(g.members) for g in self._queue)
+            free_slots = max(0, self.max_batch - len(self._running))
+            waiting = max(0, queued - free_slots)
+            if self.max_queue is not None and queued + n - free_slots > self.max_queue:
+                raise QueueFull(
+                    f"the queue is full ({waiting} sequences waiting beyond the batch of {self.max_batch}, "
+                    f"max_queue {self.max_queue})"
+                )
             sequences = [BatchSequence(self._submitted + k, d) for k, d in enumerate(members)]
             self._submitted += n
             self._queue.append(_PromptGroup(sequences))

@@ -54,6 +54,12 @@ def build_plain_prompt(tokenizer: Tokenizer, text: str, n_ctx: int) -> list[int]
     return ids
 
 
+def fim_special_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """The ids of the tokenizer's FIM tokens (<fim-prefix>, <fim-suffix>, <fim-middle>, <fim-pad>)."""
+    ids = (tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id, tokenizer.fim_pad_id)
+    return frozenset(i for i in ids if i is not None)
+
+
 def fim_budget(n_ctx: int, max_new_tokens: int) -> int:
     """Prompt tokens a FIM request may use: the context minus room for the answer (at most half)."""
     return n_ctx - min(max(max_new_tokens, 1), n_ctx // 2)

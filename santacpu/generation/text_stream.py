@@ -41,13 +41,17 @@ class StopStrings:
         return out
 
     def _partial_match_length(self) -> int:
-        """Length of the longest end of `pending` that is a proper start of some stop string."""
-        best = 0
+        """Length of the longest end of `pending` that is a proper start of some stop string.
+        Only the places where a stop's first character occurs are tried, longest end first, so a
+        push costs about the stops' total length, not its square."""
+        pending, best = self.pending, 0
         for stop in self.stops:
-            for n in range(min(len(stop) - 1, len(self.pending)), best, -1):
-                if self.pending.endswith(stop[:n]):
-                    best = n
+            at = pending.find(stop[0], max(0, len(pending) - len(stop) + 1))
+            while 0 <= at < len(pending) - best:
+                if stop.startswith(pending[at:]):
+                    best = len(pending) - at
                     break
+                at = pending.find(stop[0], at + 1)
         return best
 
 

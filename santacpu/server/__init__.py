@@ -11,9 +11,14 @@ sse_starlette lazily (never `quantize`, never the CLI).
 
 from __future__ import annotations
 
+import dataclasses
+import signal
+import socket
+import threading
+import time
 from collections.abc import Callable
 
-from ..errors import SantacpuError
+from ..errors import SantacpuError, os_problem
 
 SERVE_EXTRA_HINT = 'santacpu serve needs the "serve" extra: pip install "santacpu[serve]"'
 
@@ -27,12 +32,15 @@ def _require_http_stack() -> None:
         raise SantacpuError(f"{SERVE_EXTRA_HINT} ({e.name} is missing)") from None
 
 
-def build_app(settings, load_model: Callable, on_load_failure: Callable[[str], None] = lambda message: None):
-    """The server's ASGI app (see `santacpu.server.app`); the model loads when the app starts."""
+def build_app(
+    settings, load_model: Callable, on_load_failure: Callable[[str], None] = lambda message: None, load_in_background: bool = True
+):
+    """The server's ASGI app (see `santacpu.server.app`); the model loads when the app starts
+    (unless `load_in_background` is False: then the caller runs `app.state.santacpu.load()`)."""
     _require_http_stack()
     from .app import create_app
 
-    return create_app(settings, load_model, on_load_failure)
+    return create_app(settings, load_model, on_load_failure, load_in_background)
 
 
 def uvicorn_server(app, host: str, port: int):
@@ -49,24 +57,45 @@ def uvicorn_server(app, host: str, port: int):
     return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, or a one-line error (the port in use, an address not of
+    this machine): checked before anything loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
+        sock.bind((host, port))
+        sock.listen(2048)
+    except (OSError, UnicodeError) as problem:  # UnicodeError: a host name IDNA cannot encode
+        sock.close()
+        reason = os_problem(problem) if isinstance(problem, OSError) else "not a host name"
+        raise SantacpuError(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
 def run_server(settings, load_model: Callable, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM; a model that fails to load ends the server with its error."""
+    """Listen first, then load the model in this thread (a first-use quantization may take
+    minutes; Ctrl-C during it cleans up as anywhere in the CLI) while `/health` answers 503
+    "loading"; then serve until SIGINT/SIGTERM. The HTTP server runs on its own thread, so those
+    signals arrive here, as KeyboardInterrupt or the CLI's own exception, and end it cleanly."""
     _require_http_stack()
-    import uvicorn
-
-    failure: list[str] = []
-    server: uvicorn.Server | None = None
-
-    def failed(message: str) -> None:
-        failure.append(message)
-        if server is not None:
-            server.should_exit = True
-
-    app = build_app(settings, load_model, failed)
+    sock = listening_socket(host, port)
+    app = build_app(dataclasses.replace(settings, host=host), load_model, load_in_background=False)
     server = uvicorn_server(app, host, port)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="santacpu-http", daemon=True)
     print(f"santacpu serve: http://{host}:{port} (loading {settings.model_name}; /health says when it is ready)", flush=True)
-    server.run()
-    if failure:
-        raise SantacpuError(failure[0])
-    if not server.started:
-        raise SantacpuError(f"could not listen on {host}:{port} (in use, or not an address of this machine)")
+    thread.start()
+    try:
+        while not server.started and thread.is_alive():
+            time.sleep(0.01)
+        if not server.started:
+            raise SantacpuError(f"could not serve on {host}:{port}")
+        app.state.santacpu.load()
+        while thread.is_alive():
+            thread.join(0.5)  # in slices: a signal's handler runs between them
+    except BaseException:
+        server.handle_exit(signal.SIGINT, None)  # requests in flight end now with what they have
+        thread.join(timeout=30)
+        raise
+    finally:
+        sock.close()

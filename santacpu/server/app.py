@@ -4,7 +4,15 @@ below the routes is the library's: request checking (`requests`), the generation
 text and stop rules (`completion`).
 
 Every refusal is a 4xx with `{"error": {"code", "message", "type"}}`; a full queue is a 503 with
-`Retry-After`. The model loads in the background: `/health` answers 503 until it is ready.
+`Retry-After`. While the model loads, `/health` answers 503 `{"status": "loading"}` with the
+loading's progress where it reports one (a first-use quantization).
+
+Not a browser's to reach: a request body must be `application/json` (a web page cannot send that
+cross-origin without a CORS preflight, which is never granted), and the Host header must name the
+bound address or localhost unless the server listens on every address (DNS rebinding).
+
+The event loop only routes: request bodies are parsed and turned into jobs (tokenizing, which
+releases the GIL) on worker threads.
 
 May import: starlette, sse_starlette, `santacpu.model`, `santacpu.generation`, `santacpu.errors`,
 the server's other modules.
@@ -19,12 +27,15 @@ import json
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from sse_starlette.sse import EventSourceResponse
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -32,16 +43,19 @@ from starlette.routing import Route
 from ..errors import SantacpuError
 from ..generation.batch import DEFAULT_MAX_BATCH, QueueFull
 from ..model import Model
+from ..progress import latest
 from .completion import CompletionText
 from .requests import (
     MAX_BODY_BYTES,
     Job,
     RequestError,
     body_too_large,
+    check_text_size,
     completion_job,
     infill_job,
     openai_job,
     parse_body,
+    text_limit,
 )
 from .worker import GenerationWorker, ShuttingDown
 
@@ -49,6 +63,8 @@ RETRY_AFTER_S = 2
 # On the exit signal a stream's generation is cancelled at its next step; it then sends its final
 # chunk. sse-starlette cuts a stream still open after this long.
 SHUTDOWN_GRACE_S = 5.0
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+EVERY_ADDRESS = ("0.0.0.0", "::", "")
 
 
 @dataclass
@@ -61,6 +77,7 @@ class ServerSettings:
     # where prefix-first recomputes the whole suffix: see the README's typing trace).
     fim_order: str = "spm"
     fim_budget: int | None = None  # most prompt tokens of a FIM request (None: the context's)
+    host: str = "127.0.0.1"  # the address listened on: Host headers must name it or localhost
 
 
 class ServerState:
@@ -72,24 +89,34 @@ class ServerState:
         self.worker: GenerationWorker | None = None
         self.slots: dict[int, list] = {}  # id_slot -> the feeds of its latest request
         self.closing = False
+        self.load_started = time.perf_counter()
         self._load_model = load_model
         self._on_load_failure = on_load_failure
 
     def start_loading(self) -> None:
-        threading.Thread(target=self._load, name="santacpu-load", daemon=True).start()
+        threading.Thread(target=self._load_in_background, name="santacpu-load", daemon=True).start()
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Load the model in this thread and serve with it; a failure is a SantacpuError."""
+        self.load_started = time.perf_counter()
         try:
             model = self._load_model()
-        except SantacpuError as e:
-            self._on_load_failure(str(e))
-            return
+        except SantacpuError:
+            raise
         except Exception as e:  # not a user's mistake, but the server must not wait forever at 503
-            self._on_load_failure(f"the model failed to load: {type(e).__name__}: {e}")
-            return
+            raise SantacpuError(f"the model failed to load: {type(e).__name__}: {e}") from e
         s = self.settings
         self.worker = GenerationWorker(model.scheduler(max_batch=s.max_batch, max_queue=s.max_queue))
         self.model = model
+
+    def _load_in_background(self) -> None:
+        try:
+            self.load()
+        except SantacpuError as e:
+            self._on_load_failure(str(e))
+
+    def loading_progress(self) -> dict | None:
+        return latest(self.load_started)
 
     def begin_shutdown(self) -> None:
         """The exit signal: every in-flight request ends now with what it has (stop_type "limit",
@@ -104,10 +131,19 @@ class ServerState:
 
 
 def error_response(status: int, message: str, kind: str, headers: dict | None = None) -> JSONResponse:
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")  # always writable as UTF-8
     return JSONResponse({"error": {"code": status, "message": message, "type": kind}}, status, headers=headers)
 
 
 async def read_body(request: Request) -> dict:
+    """The request's JSON object, parsed on a worker thread; only `application/json` is read."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise RequestError(
+            f"send the body as JSON with 'Content-Type: application/json' (got '{media_type or 'none'}')",
+            415,
+            "unsupported_media_type",
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise body_too_large()
@@ -117,10 +153,17 @@ async def read_body(request: Request) -> dict:
         if size > MAX_BODY_BYTES:
             raise body_too_large()
         chunks.append(chunk)
-    return parse_body(b"".join(chunks))
+    return await run_in_threadpool(parse_body, b"".join(chunks))
 
 
-def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_load_failure: Callable[[str], None]) -> Starlette:
+def create_app(
+    settings: ServerSettings,
+    load_model: Callable[[], Model],
+    on_load_failure: Callable[[str], None],
+    load_in_background: bool = True,
+) -> Starlette:
+    """The app; it loads the model itself when it starts unless `load_in_background` is False (then
+    the caller runs `app.state.santacpu.load()`)."""
     state = ServerState(settings, load_model, on_load_failure)
 
     def ready_model() -> Model:
@@ -150,12 +193,14 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
 
     async def health(request: Request) -> JSONResponse:
         if state.model is None:
-            return JSONResponse({"status": "loading model"}, 503)
+            progress = state.loading_progress()
+            return JSONResponse({"status": "loading", **({"progress": progress} if progress else {})}, 503)
         return JSONResponse({"status": "ok"})
 
     async def llama_completion(request: Request, build) -> object:
         model = ready_model()
-        job = build(await read_body(request), model)
+        body = await read_body(request)
+        job = await run_in_threadpool(build, body, model)
         runs = submit(job)
         run = runs[0]
         if len(runs) > 1:  # n_cmpl (llama.vscode): one result object per completion, in a list
@@ -200,8 +245,8 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
 
     async def openai_completions(request: Request):
         model = ready_model()
-        job = openai_job(
-            await read_body(request), model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
+        job = await run_in_threadpool(
+            openai_job, await read_body(request), model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
         )
         runs = submit(job)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -265,7 +310,8 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
         content = body.get("content")
         if not isinstance(content, str) or set(body) - {"content", "add_special", "with_pieces"}:
             raise RequestError("/tokenize takes {'content': string}")
-        return JSONResponse({"tokens": model.tokenizer.encode(content)})
+        check_text_size(content, "'content'", text_limit(model.tokenizer, model.config.n_positions))
+        return JSONResponse({"tokens": await run_in_threadpool(model.tokenizer.encode, content)})
 
     async def detokenize(request: Request) -> JSONResponse:
         model = ready_model()
@@ -322,7 +368,8 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        state.start_loading()
+        if load_in_background:
+            state.start_loading()
         yield
         state.stop()
 
@@ -334,7 +381,46 @@ def create_app(settings: ServerSettings, load_model: Callable[[], Model], on_loa
     app.state.santacpu = state
     if settings.api_key:
         app.add_middleware(_ApiKey, key=settings.api_key)
+    hosts = allowed_hosts(settings.host)
+    if hosts is not None:
+        app.add_middleware(_KnownHost, hosts=hosts)  # added last: checked first
     return app
+
+
+def allowed_hosts(bound: str) -> frozenset[str] | None:
+    """The host names a server listening on `bound` answers to: that address and localhost's
+    names; None (any) where it listens on every address, which opened it to other names anyway."""
+    if bound in EVERY_ADDRESS:
+        return None
+    return frozenset({bound.strip("[]").lower(), *LOOPBACK_NAMES})
+
+
+class _KnownHost:
+    """Refuses a request whose Host header names another host: a web page on a rebound DNS name
+    must not reach a local server. (Starlette's TrustedHostMiddleware answers in plain text and
+    reads "[::1]:8012" as "[": this answers in the server's JSON error shape.)"""
+
+    def __init__(self, app, hosts: frozenset[str]):
+        self.app = app
+        self.hosts = hosts
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = Headers(scope=scope).get("host", "")
+            try:
+                name = urllib.parse.urlsplit(f"//{host}").hostname or ""
+            except ValueError:  # a malformed "[..." address
+                name = ""
+            if name not in self.hosts:
+                shown = ", ".join(sorted(self.hosts))
+                response = error_response(
+                    400,
+                    f"Host '{host}' is not served here (only {shown}; serve --host 0.0.0.0 answers every name)",
+                    "invalid_request_error",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class _ApiKey:

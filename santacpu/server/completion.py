@@ -1,7 +1,7 @@
 """One generated sequence as text, on the event loop: whole characters, cut at the stop rules
 (`stop` strings, `n_indent`, `t_max_predict_ms`), with what the responses report (stop type,
 token counts, timings). A stop rule that fires cancels the sequence, so the model does no work
-nobody reads.
+nobody reads. Special tokens (EOS, the FIM tokens) are never rendered as text.
 
 May import: `santacpu.generation`, `santacpu.tokenizer`, the server's `requests` and `worker`.
 """
@@ -64,6 +64,7 @@ class CompletionText:
         self.feed = feed
         self.job = job
         self.decoder = StreamDecoder(tokenizer)
+        self.special_ids = tokenizer.special_ids
         self.stops = StopStrings(job.options.stop)
         self.indent = IndentStop(job.n_indent)
         self.submitted = submitted
@@ -85,6 +86,8 @@ class CompletionText:
             while (tokens := await self.feed.next_tokens()) is not None:
                 self.first_token_at = self.first_token_at or time.perf_counter()
                 for token in tokens:
+                    if token in self.special_ids:  # markup, not the editor's text
+                        continue
                     piece = self._text(self.decoder.push(token))
                     if piece:
                         self.content.append(piece)

@@ -9,18 +9,24 @@ file-separator token, so each chunk goes before the prefix as a comment line nam
 `# {filename}`, then its text: Python's own way of saying where code comes from, which the model
 knows from its training data.
 
+Bounded cost: a request's text work is bounded before any tokenizing. A plain prompt longer than
+the context could hold (`n_ctx` times the longest token's characters) is refused; a FIM request's
+prefix and suffix are first cut to that much text nearest the cursor (`truncated` says so), the
+prefix's cut moving in whole `TEXT_CUT_STEP` characters so that it stays put while the user types.
+Stop strings and `input_extra` chunks are bounded in number and size (a 400 names the limit).
+
 May import: `santacpu.generation`, `santacpu.tokenizer`, `santacpu.errors` (no HTTP library).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import sys
 from dataclasses import dataclass, field
 
 from ..errors import SantacpuError
 from ..generation.options import GenerationOptions
-from ..generation.prompts import STARCODER_MARKERS, fim_prompt_of_text
+from ..generation.prompts import STARCODER_MARKERS, fim_prompt_of_text, fim_special_ids
 from ..tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far beyond any context's worth of text
@@ -28,6 +34,11 @@ MAX_BODY_BYTES = 4 << 20  # 4 MiB: far beyond any context's worth of text
 LLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16}
 MAX_SAMPLES = 16  # OpenAI's n
+# Stop strings are matched at every token: a bounded number of bounded strings keeps that cheap.
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
+MAX_EXTRA_CHUNKS = 256  # llama.vim and llama.vscode keep 16 by default
+TEXT_CUT_STEP = 4096
 
 
 class RequestError(Exception):
@@ -68,9 +79,41 @@ def parse_body(raw: bytes) -> dict:
         raise RequestError("the request body is not valid UTF-8") from None
     except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:  # the decoder's own depth guard
+        raise RequestError("the request body is not valid JSON for santacpu: nested too deeply") from None
+    except ValueError:  # Python's guard against slow int conversion
+        raise RequestError(
+            f"the request body has an integer of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    _refuse_lone_surrogates(body)
     return body
+
+
+def _refuse_lone_surrogates(body: dict) -> None:
+    """JSON may escape half a UTF-16 pair ("\\ud800"); that is no text (nothing can encode it, not
+    even the reply that would echo it), so it is refused in any string, naming the top-level field."""
+    stack = [(repr(key)[1:-1], item) for key, value in body.items() for item in (key, value)]
+    while stack:  # not recursive: the depth is the body's to choose
+        field_name, item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend((field_name, part) for key, value in item.items() for part in (key, value))
+        elif isinstance(item, list):
+            stack.extend((field_name, part) for part in item)
+        elif isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as bad:
+                raise RequestError(
+                    f"'{field_name}' is not Unicode text: a lone surrogate (\\u{ord(item[bad.start]):04x}) at character {bad.start}"
+                ) from None
+
+
+def _shown(value) -> str:
+    """A number as a message shows it: a huge one by its size."""
+    text = str(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
+    return text
 
 
 class Fields:
@@ -93,13 +136,14 @@ class Fields:
     def integer(self, name: str, default: int | None, minimum: int, maximum: int) -> int | None:
         value = self.get(name, (int,), default, "an integer")
         if value is not None and not minimum <= value <= maximum:
-            raise RequestError(f"'{name}' must be between {minimum} and {maximum}, got {value}")
+            raise RequestError(f"'{name}' must be between {minimum} and {maximum}, got {_shown(value)}")
         return value
 
     def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
         value = self.get(name, (int, float), default, "a number")
-        if not (math.isfinite(value) and minimum <= value <= maximum):
-            raise RequestError(f"'{name}' must be between {minimum} and {maximum}, got {value}")
+        # Comparisons are exact for any int (float() of a huge one overflows) and false for NaN.
+        if not minimum <= value <= maximum:
+            raise RequestError(f"'{name}' must be between {minimum} and {maximum}, got {_shown(value)}")
         return float(value)
 
     def text(self, name: str, default: str | None = "") -> str | None:
@@ -115,6 +159,15 @@ class Fields:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise RequestError(f"'{name}' must be a string or a list of strings")
         return value
+
+    def stop_strings(self, name: str) -> tuple[str, ...]:
+        stops = self.strings(name)
+        if len(stops) > MAX_STOPS:
+            raise RequestError(f"'{name}' takes at most {MAX_STOPS} strings, got {len(stops)}")
+        longest = max(map(len, stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise RequestError(f"each '{name}' string may be at most {MAX_STOP_CHARS} characters, got one of {longest}")
+        return tuple(stops)
 
 
 # --- llama.cpp's /completion and /infill ------------------------------------------------------
@@ -144,7 +197,7 @@ def _llama_options(f: Fields, n_ctx: int) -> tuple[GenerationOptions, dict]:
             top_k=top_k,
             top_p=top_p if top_p > 0 else 1.0,
             seed=None if seed == -1 else seed,
-            stop=tuple(f.strings("stop")),
+            stop=f.stop_strings("stop"),
         )
     except SantacpuError as e:
         raise RequestError(str(e)) from None
@@ -166,11 +219,22 @@ def _llama_options(f: Fields, n_ctx: int) -> tuple[GenerationOptions, dict]:
     return options, extras
 
 
+def text_limit(tokenizer: Tokenizer, n_ctx: int) -> int:
+    """The most characters that could be `n_ctx` tokens: more can never fit the context."""
+    return n_ctx * tokenizer.max_token_bytes
+
+
+def check_text_size(text: str, what: str, limit: int) -> str:
+    if len(text) > limit:
+        raise RequestError(f"{what} is {len(text)} characters: at most {limit} can fit the context")
+    return text
+
+
 def _encode_prompt(tokenizer: Tokenizer, prompt, n_ctx: int) -> list[int]:
     if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         ids = list(prompt)
     elif isinstance(prompt, str):
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(check_text_size(prompt, "the prompt", text_limit(tokenizer, n_ctx)))
     else:
         raise RequestError("'prompt' must be a string or a list of token ids")
     if not ids:
@@ -202,6 +266,8 @@ def infill_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget:
 def _extra_context(extra) -> str:
     if not isinstance(extra, list):
         raise RequestError("'input_extra' must be a list of {filename, text} objects")
+    if len(extra) > MAX_EXTRA_CHUNKS:
+        raise RequestError(f"'input_extra' takes at most {MAX_EXTRA_CHUNKS} chunks, got {len(extra)}")
     parts = []
     for chunk in extra:
         if not isinstance(chunk, dict) or not isinstance(chunk.get("text", ""), str):
@@ -214,7 +280,20 @@ def _extra_context(extra) -> str:
     return "".join(parts)
 
 
+def text_near_cursor(prefix: str, suffix: str, limit: int) -> tuple[str, str, bool]:
+    """The end of `prefix` and the start of `suffix`, each at least `limit` characters where it is
+    longer (all that could reach the prompt), and whether anything was cut. The prefix's cut moves
+    in whole TEXT_CUT_STEP characters from its start, so it stays put while typing appends."""
+    drop = max(0, len(prefix) - limit - TEXT_CUT_STEP)
+    drop -= drop % TEXT_CUT_STEP
+    return prefix[drop:], suffix[:limit], bool(drop) or len(suffix) > limit
+
+
 def _fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: int, order: str, budget: int | None) -> Job:
+    prefix, suffix, cut = text_near_cursor(prefix, suffix, text_limit(tokenizer, n_ctx))
+    # A FIM special token ends the middle (as llama.cpp ends at FIM pad/sep): after it the model
+    # starts another document, which is no part of the editor's text.
+    options = GenerationOptions.of(options, stop_ids=options.stop_ids | fim_special_ids(tokenizer))
     # The answer's room: what was asked for, at most half the context (llama.cpp: n_predict).
     try:
         ids, truncated = fim_prompt_of_text(
@@ -222,7 +301,7 @@ def _fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: 
         )
     except SantacpuError as e:
         raise RequestError(str(e)) from None
-    return _job(ids, options, extras, truncated)
+    return _job(ids, options, extras, truncated or cut)
 
 
 def _job(ids: list[int], options: GenerationOptions, extras: dict, truncated: bool) -> Job:
@@ -285,7 +364,7 @@ def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget:
             temperature=f.number("temperature", OPENAI_DEFAULTS["temperature"], 0.0, 2.0),
             top_p=f.number("top_p", OPENAI_DEFAULTS["top_p"], 1e-9, 1.0),
             seed=seed,
-            stop=tuple(f.strings("stop")),
+            stop=f.stop_strings("stop"),
         )
     except SantacpuError as e:
         raise RequestError(str(e)) from None
