@@ -298,6 +298,10 @@ def test_the_program_sees_the_layers_that_isolation_reports():
         })
         checks.append(f"assert set(os.listdir('/tmp')) <= {{os.path.basename(os.getcwd()), *{kept!r}}}, os.listdir('/tmp')\n")
         checks.append("assert os.listdir('/run') == [], os.listdir('/run')  # (the caller's sockets and locks)\n")
+        checks.append("assert sorted(os.listdir('/dev')) == ['fd', 'full', 'null', 'random', 'shm', 'stderr', 'stdin', "
+                      "'stdout', 'tty', 'urandom', 'zero'], os.listdir('/dev')\n"
+                      "assert open('/dev/zero', 'rb').read(4) == bytes(4) and len(open('/dev/urandom', 'rb').read(8)) == 8\n"
+                      "open('/dev/null', 'w').write('x')\n")
     if layers["separate_user"]:
         checks.append("assert os.getuid() >= 2**30 and os.getgid() == os.getuid() and os.getgroups() == []\n")
     result, _ = run("".join(checks))

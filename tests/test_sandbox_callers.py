@@ -165,6 +165,7 @@ def test_a_program_has_no_privilege_and_gains_none(caller):
         "    assert int(fields[name], 16) == 0, (name, fields[name])\n"
         "assert fields['NoNewPrivs'].strip() == '1', fields['NoNewPrivs']\n"
         "assert fields['Seccomp'].strip() == '2', fields['Seccomp']\n"
+        "assert not os.path.exists('/dev/pts') and not os.path.exists('/dev/snd'), os.listdir('/dev')  # (terminals, sound)\n"
         "top = {line.split()[4]: line for line in open('/proc/self/mountinfo')}  # (the last at a point is on top)\n"
         "for point, line in top.items():\n"
         "    options = line.split()[5].split(',')\n"

@@ -10,8 +10,9 @@ The layers, chosen once per process by trial runs (`isolation()` says which hold
   the kernel allows one): no network (only a loopback, down); a PID namespace, so that every
   process ends with the first and none outlives the timeout; a mount namespace in which every
   mount is read-only and nosuid, but for empty private tmpfs folders over /tmp, /var/tmp and
-  /dev/shm (an empty read-only one over /run) and the program's folder, a small tmpfs: all that a
-  program writes is bounded and stays off the disk, whoever the caller.
+  /dev/shm (an empty read-only one over /run; a /dev of null, zero, full, random, urandom and tty)
+  and the program's folder, a small tmpfs: all that a program writes is bounded and stays off the
+  disk, whoever the caller.
 - No privileges: for root callers a fresh unprivileged uid (it can neither signal nor write
   anything of root's, and RLIMIT_NPROC holds, which the kernel exempts root from); for others,
   uid 0 of the user namespace with every capability dropped (no unmounting its covers). Both with

@@ -2,8 +2,8 @@
 call `main({...})` appended; it is never imported.
 
 Before the fork it keeps its privileges (root, or root of its user namespace): it joins the run's
-memory cgroup, covers the shared temporary folders and /run with private tmpfs mounts, makes every
-other mount read-only and nosuid, then forks the program and exits with its status, so that the
+memory cgroup, makes a /dev of a few harmless devices, covers the shared temporary folders and /run
+with private tmpfs mounts, makes every other mount read-only and nosuid, then forks the program and exits with its status, so that the
 PID namespace ends with the program. The program's side sets its resource limits, gives up every
 privilege (a uid of its own for root callers; for others, root of the user namespace without a
 single capability), sets no-new-privileges and the syscall filter, applies the guard, and runs
@@ -31,6 +31,9 @@ SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000  # (442 on every L
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 PR_CAPBSET_DROP, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 24, 22, 38, 47
 PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER, CAPABILITY_VERSION_3 = 4, 2, 0x20080522
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+DEVICE_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                ("stderr", "/proc/self/fd/2"))
 HINTS = {"SIGXCPU": " (the CPU time limit)", "SIGXFSZ": " (the file size limit)"}
 
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -55,13 +58,16 @@ def prctl(option, *arguments):
 
 
 def cover():
-    """Empty tmpfs folders over CONFIG["hide"]; bind mounts that bring CONFIG["keep"] back
-    (through descriptors opened before); every mount read-only and nosuid, but for the private
-    temporary folders; the program's folder a fresh tmpfs, with its file."""
+    """A /dev of a few harmless devices; empty tmpfs folders over CONFIG["hide"]; bind mounts
+    that bring CONFIG["keep"] back (through descriptors opened before); every mount read-only and
+    nosuid, but for the private temporary folders; the program's folder a fresh tmpfs, with its
+    file."""
     with open(CONFIG["path"], "rb") as file:
         source = file.read()
     held = [(path, os.open(path, os.O_PATH)) for path in CONFIG["keep"]]
+    few_devices()
     for path, options, _ in CONFIG["hide"]:
+        os.makedirs(path, exist_ok=True)
         mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options)
     for path, fd in held:
         os.makedirs(path, exist_ok=True)
@@ -75,6 +81,20 @@ def cover():
     mount("tmpfs", CONFIG["folder"], "tmpfs", MS_NOSUID | MS_NODEV, CONFIG["scratch"])
     with open(CONFIG["path"], "wb") as file:
         file.write(source)
+
+
+def few_devices():
+    """/dev anew: null, zero, full, random, urandom and tty bound in from the real one, and the
+    usual links. Not the caller's terminals (/dev/pts: reading one steals keystrokes), sound,
+    cameras, GPUs or anything else the caller's groups open."""
+    held = [(name, os.open(f"/dev/{name}", os.O_PATH)) for name in DEVICES if os.path.exists(f"/dev/{name}")]
+    mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=755,size=64k,nr_inodes=64")
+    for name, fd in held:
+        os.close(os.open(f"/dev/{name}", os.O_CREAT | os.O_WRONLY, 0o666))
+        mount(f"/proc/self/fd/{fd}", f"/dev/{name}", None, MS_BIND, None)
+        os.close(fd)
+    for name, target in DEVICE_LINKS:
+        os.symlink(target, f"/dev/{name}")
 
 
 def read_only_everywhere():
