@@ -38,6 +38,7 @@ MAX_SAMPLES = 16  # OpenAI's n
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_EXTRA_CHUNKS = 256  # llama.vim and llama.vscode keep 16 by default
+MAX_LIST_STRINGS = 64  # `samplers`, `response_fields`: each is read for every response
 TEXT_CUT_STEP = 4096
 
 
@@ -152,18 +153,18 @@ class Fields:
     def flag(self, name: str, default: bool) -> bool:
         return self.get(name, (bool,), default, "true or false")
 
-    def strings(self, name: str) -> list[str]:
+    def strings(self, name: str, most: int = MAX_LIST_STRINGS) -> list[str]:
         value = self.body.get(name, [])
         if isinstance(value, str):
             return [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise RequestError(f"'{name}' must be a string or a list of strings")
+        if len(value) > most:
+            raise RequestError(f"'{name}' takes at most {most} strings, got {len(value)}")
         return value
 
     def stop_strings(self, name: str) -> tuple[str, ...]:
-        stops = self.strings(name)
-        if len(stops) > MAX_STOPS:
-            raise RequestError(f"'{name}' takes at most {MAX_STOPS} strings, got {len(stops)}")
+        stops = self.strings(name, MAX_STOPS)
         longest = max(map(len, stops), default=0)
         if longest > MAX_STOP_CHARS:
             raise RequestError(f"each '{name}' string may be at most {MAX_STOP_CHARS} characters, got one of {longest}")
