@@ -2,8 +2,8 @@
 
 Every failure ends in one line on stderr and an exit code that says what kind it was (the README's
 "Command line" section lists them): 0 done; 1 an error (`santacpu: error: ...`); 2 a usage error,
-a command line the parser rejects (an unknown option, a value of the wrong type or outside the
-range `--help` shows; also one `santacpu: error:` line); 130 interrupted (Ctrl-C); 143 terminated
+a command line the parser rejects (an unknown option, a value of the wrong type, outside the
+range `--help` shows or not one of its choices; also one `santacpu: error:` line); 130 interrupted (Ctrl-C); 143 terminated
 (SIGTERM). An interrupted or terminated command leaves no partial file behind. `--debug` shows an
 error's traceback instead. Warnings are one line each (`santacpu: warning: ...`).
 
@@ -27,11 +27,14 @@ from quantize.cache import DEFAULT_QUANT, runnable_model
 from . import arguments
 from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
+from .formats.blocks import FORMATS
 from .errors import SantacpuError, SantacpuWarning, os_problem
 from .generation.lookup import DEFAULT_DRAFT_TOKENS
 from .loading.source import DEFAULT_MODEL, default_model, hub_revision
 from .settings import MODEL_ENV, Settings
 from .generation.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
+from .generation.prompts import FIM_ORDERS
+from .model import DEVICES
 from .harness.problems import BENCHMARKS
 from .harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, EvalSettings
 
@@ -72,6 +75,8 @@ def _options(
     _debug["on"] = debug
 
 
+# A value the command line can judge by itself (a choice, a list of numbers) is checked by a typer
+# callback that raises typer.BadParameter: a usage error, exit 2, like a value of the wrong type.
 def _one_of(*choices: str):
     """A typer callback that accepts only `choices` (a usage error otherwise, like a bad type)."""
 
@@ -81,6 +86,36 @@ def _one_of(*choices: str):
         return value
 
     return check
+
+
+def _each_one_of(*choices: str):
+    """`_one_of` for a comma-separated list of choices (at least one)."""
+
+    def check(value: str) -> str:
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if not items:
+            raise typer.BadParameter(f"'{value}' names none of {', '.join(choices)}")
+        for item in items:
+            _one_of(*choices)(item)
+        return value
+
+    return check
+
+
+def _counts(text: Optional[str]) -> Tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); () for None. Checked first by the option's callback, `_check_counts`."""
+    return () if text is None else tuple(int(part) for part in text.split(","))
+
+
+def _check_counts(value: Optional[str]) -> Optional[str]:
+    """A typer callback for a comma-separated list of whole numbers >= 1."""
+    try:
+        valid = min(_counts(value), default=1) >= 1
+    except ValueError:
+        valid = False
+    if not valid:
+        raise typer.BadParameter(f"'{value}' is not a comma-separated list of whole numbers >= 1 (e.g. 1,2,4)")
+    return value
 
 
 def _probability(value: float) -> float:
@@ -138,7 +173,10 @@ def decode_escapes(text: str, option: str = "--stop") -> str:
 
 
 # --model and --revision of the commands that run a model (one OptionInfo serves several commands).
-DEVICE_OPTION = typer.Option("auto", help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda.")
+DEVICE_OPTION = typer.Option(
+    "auto", callback=_one_of(*DEVICES), help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda."
+)
+QUANT_CHOICES = ("none", *FORMATS)
 MODEL_OPTION = typer.Option(
     None,
     "--model",
@@ -149,6 +187,7 @@ MODEL_OPTION = typer.Option(
 REVISION_OPTION = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id.")
 QUANT_OPTION = typer.Option(
     None,
+    callback=_one_of(*QUANT_CHOICES),
     help=f"For a full-precision model: run its cached quantization to this type (made once, as `complete` "
     f"does); 'none' runs it in full precision. Default: {DEFAULT_QUANT}.",
     show_default=False,
@@ -164,6 +203,7 @@ def complete(
     revision: Optional[str] = REVISION_OPTION,
     quant: Optional[str] = typer.Option(
         None,
+        callback=_one_of(*QUANT_CHOICES),
         help=f"For a full-precision model: quantize it once to this type into the cache folder "
         f"($SANTACPU_CACHE, else ~/.cache/santacpu) and run that; 'none' runs it in full precision. "
         f"Default: {DEFAULT_QUANT}.",
@@ -176,7 +216,9 @@ def complete(
         readable=False,
         help="Fill in the middle between the text of two files; only the middle is printed.",
     ),
-    fim_order: str = typer.Option("psm", help="FIM prompt order: psm (prefix first) or spm (suffix first)."),
+    fim_order: str = typer.Option(
+        "psm", callback=_one_of(*FIM_ORDERS), help="FIM prompt order: psm (prefix first) or spm (suffix first)."
+    ),
     max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, min=0, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (deterministic)."),
     top_k: int = typer.Option(0, min=0, help="Sample only among the K most likely tokens; 0 is off."),
@@ -259,7 +301,7 @@ def _type_help() -> str:
 def quantize(
     src: str = typer.Argument(..., help="Full-precision source: checkpoint folder (either layout), weight file, or hub id."),
     out: Path = typer.Argument(..., readable=False, help="The quantized file to write (.safetensors)."),
-    qtype: str = typer.Option("q8_0", "--type", "-t", metavar="TYPE", help=_type_help()),
+    qtype: str = typer.Option("q8_0", "--type", "-t", metavar="TYPE", callback=_one_of(*FORMATS), help=_type_help()),
     calibration: Optional[str] = typer.Option(
         None,
         help="Importance-weighted rounding, calibrated on the code in this folder; 'stdlib' uses the running "
@@ -335,7 +377,8 @@ def bench(
     model: str = typer.Argument(..., help="Quantized file, checkpoint folder, weight file, or hub id."),
     revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
     quant: Optional[str] = typer.Option(
-        None, help="For a full-precision model: bench its cached quantization to this type (made once, as "
+        None, callback=_one_of(*QUANT_CHOICES),
+        help="For a full-precision model: bench its cached quantization to this type (made once, as "
         f"`complete` does); 'none' benches it in full precision. Default: {DEFAULT_QUANT}.",
         show_default=False,
     ),
@@ -356,9 +399,11 @@ def bench(
     threads: int = typer.Option(0, min=0, help="Threads for Numba and BLAS; 0: all usable cores."),
     repeat: int = typer.Option(3, min=1, help="Runs of prefill, decode and FIM; the median is reported."),
     memory_context: int = typer.Option(0, min=0, help="Context filled by the peak-RSS run; 0: the model's whole context."),
-    parts: str = typer.Option(",".join(PARTS), help="What to measure, comma-separated: " + ", ".join(PARTS) + "."),
+    parts: str = typer.Option(
+        ",".join(PARTS), callback=_each_one_of(*PARTS), help="What to measure, comma-separated: " + ", ".join(PARTS) + "."
+    ),
     batch: Optional[str] = typer.Option(
-        None, metavar="SIZES", help="Also measure batched decoding at these batch sizes, comma-separated (e.g. 1,2,4,8,16): "
+        None, metavar="SIZES", callback=_check_counts, help="Also measure batched decoding at these batch sizes, comma-separated (e.g. 1,2,4,8,16): "
         "aggregate and per-sequence decode tok/s of B greedy sequences, 64-token prompts, 32 tokens each. Default: off.",
         show_default=False,
     ),
@@ -384,7 +429,7 @@ def bench(
         model=runnable, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,
         parts=tuple(p.strip() for p in parts.split(",") if p.strip()), revision=revision,
-        batch=_batch_sizes(batch), device=device,
+        batch=_counts(batch), device=device,
     )
     report = run_bench(settings)
     print(format_table(report))
@@ -418,7 +463,8 @@ def serve(
         "(0: only what the batch has room for runs)."
     ),
     fim_order: str = typer.Option(
-        "spm", help="FIM prompt order: spm (suffix first: typing at the cursor only appends to the prompt) or psm."
+        "spm", callback=_one_of(*FIM_ORDERS),
+        help="FIM prompt order: spm (suffix first: typing at the cursor only appends to the prompt) or psm.",
     ),
     fim_budget: Optional[int] = typer.Option(
         None, min=16, help="Most prompt tokens of a fill-in-the-middle request: a longer prefix loses its start, a "
@@ -432,8 +478,6 @@ def serve(
     from .server import SERVE_EXTRA_HINT, run_server
     from .server.app import ServerSettings
 
-    if fim_order not in ("psm", "spm"):
-        raise SantacpuError(f"unknown FIM order '{fim_order}' (choose psm or spm)")
     try:
         import uvicorn  # noqa: F401  (checked before a first-use quantization that may take minutes)
     except ImportError:
@@ -460,18 +504,6 @@ def _api_key(given: Optional[str], key_file: Optional[Path]) -> Optional[str]:
         if not given or "\n" in given:
             raise SantacpuError(f"API key file {key_file} must hold the key on one line")
     return given or Settings.from_environment().api_key
-
-
-def _batch_sizes(text: Optional[str]) -> Tuple[int, ...]:
-    if text is None:
-        return ()
-    try:
-        sizes = tuple(int(part) for part in text.split(","))
-    except ValueError:
-        sizes = ()
-    if not sizes or min(sizes) < 1:
-        raise SantacpuError(f"--batch takes batch sizes >= 1, comma-separated (e.g. 1,2,4,8), got '{text}'")
-    return sizes
 
 
 @app.command("random-checkpoint")
@@ -514,15 +546,6 @@ eval_app = typer.Typer(
 app.add_typer(eval_app, name="eval")
 
 
-def _ks(text: Optional[str]) -> Optional[Tuple[int, ...]]:
-    if text is None:
-        return None
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise SantacpuError(f"--k takes whole numbers >= 1, comma-separated (e.g. 1,10,100), got '{text}'") from None
-
-
 @eval_app.command("humaneval-infill")
 def eval_humaneval_infill(
     benchmark: str = typer.Option(
@@ -533,14 +556,15 @@ def eval_humaneval_infill(
     quant: Optional[str] = QUANT_OPTION,
     samples: int = typer.Option(1, min=1, help="Completions of each problem (the n of pass@k)."),
     k: Optional[str] = typer.Option(
-        None, help="The k of pass@k, comma-separated, each at most --samples. Default: those of 1,10,100 that are.",
+        None, callback=_check_counts,
+        help="The k of pass@k, comma-separated, each at most --samples. Default: those of 1,10,100 that are.",
         show_default=False,
     ),
     temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (then --samples 1)."),
     top_p: float = typer.Option(1.0, callback=_probability, help="Nucleus sampling, 0 < P <= 1; 1 is off."),
     seed: int = typer.Option(0, min=0, help="Base seed: a problem's samples are seeded from it and its task id."),
     max_new_tokens: int = typer.Option(DEFAULT_EVAL_MAX_NEW_TOKENS, min=1, help="Most tokens of each completion."),
-    fim_order: str = typer.Option("psm", callback=_one_of("psm", "spm"), help="FIM prompt order: psm or spm."),
+    fim_order: str = typer.Option("psm", callback=_one_of(*FIM_ORDERS), help="FIM prompt order: psm or spm."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N problems. Default: all.", show_default=False),
     timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=0.1, max=3600, help="Seconds each program may run (wall clock)."),
     max_batch: int = typer.Option(8, min=1, max=256, help="Sequences generated at once."),
@@ -576,7 +600,7 @@ def eval_humaneval_infill(
     from .model import resolve_device
 
     settings = EvalSettings(
-        benchmark=benchmark, samples=samples, ks=_ks(k), temperature=temperature, top_p=top_p, seed=seed,
+        benchmark=benchmark, samples=samples, ks=_counts(k) or None, temperature=temperature, top_p=top_p, seed=seed,
         max_new_tokens=max_new_tokens, fim_order=fim_order, limit=limit, timeout_s=timeout, max_batch=max_batch,
         exec_workers=exec_workers,
     ).checked()

@@ -332,4 +332,5 @@ def test_bench_batch_part(bench_report):
 def test_bench_refuses_bad_batch_sizes():
     done = run_cli("bench", str(helpers.tiny_checkpoint()), "--quant", "none", "--batch", "1,0")
     err = done.stderr.decode()
-    assert done.returncode == 1 and "--batch takes batch sizes >= 1" in err and len(err.splitlines()) == 1, err
+    assert done.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "Invalid value for '--batch': '1,0' is not a comma-separated list of whole numbers >= 1" in err, err

@@ -361,6 +361,25 @@ def test_help_and_version():
     assert (version.returncode, version.stdout.decode()) == (0, f"santacpu {santacpu.__version__}\n")
 
 
+_BAD_CHOICES = [
+    (("complete", PROMPT, "--device", "gpu"), "--device"),
+    (("complete", PROMPT, "--fim-order", "pms"), "--fim-order"),
+    (("complete", PROMPT, "--quant", "q3_k"), "--quant"),
+    (("quantize", "src", "out.safetensors", "--type", "q4"), "--type"),
+    (("bench", "model", "--parts", "sped"), "--parts"),
+    (("bench", "model", "--batch", "1,x"), "--batch"),
+    (("eval", "humaneval-infill", "--k", "abc"), "--k"),
+    (("eval", "humaneval-infill", "--quant", "q3_k"), "--quant"),
+    (("serve", "--fim-order", "pms"), "--fim-order"),
+]
+
+
+@pytest.mark.parametrize("args, option", _BAD_CHOICES, ids=[" ".join(args[:1] + args[-2:]) for args, _ in _BAD_CHOICES])
+def test_a_value_outside_an_options_choices_is_a_usage_error(args, option):
+    line = one_error_line(run_santacpu(*args), f"Invalid value for '{option}'", code=2)
+    assert f"'{args[-1]}' is not " in line and "--help'" in line
+
+
 def test_a_random_checkpoint_runs_every_command_with_its_defaults(tmp_path, tiny, cache, code_file):
     folder = tmp_path / "tiny"
     done = run_santacpu("random-checkpoint", folder)

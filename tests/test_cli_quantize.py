@@ -26,9 +26,9 @@ def run(*args: str, cache: Path, stdin: bytes = b"") -> subprocess.CompletedProc
                           timeout=300)
 
 
-def one_error_line(done: subprocess.CompletedProcess, fragment: str) -> None:
+def one_error_line(done: subprocess.CompletedProcess, fragment: str, code: int = 1) -> None:
     err = done.stderr.decode()
-    assert done.returncode == 1 and "Traceback" not in err, err
+    assert done.returncode == code and "Traceback" not in err, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("santacpu: error: ") and fragment in lines[0], err
 
@@ -57,16 +57,16 @@ def test_quantize_then_info_then_complete(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, fragment",
+    "args, fragment, code",
     [
-        (["--type", "q3_k"], "unknown quantization type 'q3_k'"),
-        (["--keep", "wte"], "--keep takes PATTERN=TYPE"),
-        (["--calibration", "/no/such/folder"], "calibration folder /no/such/folder does not exist"),
+        (["--type", "q3_k"], "Invalid value for '--type' / '-t': 'q3_k' is not one of q8_0, q4_0, q4_m, q6_0", 2),
+        (["--keep", "wte"], "--keep takes PATTERN=TYPE", 1),
+        (["--calibration", "/no/such/folder"], "calibration folder /no/such/folder does not exist", 1),
     ],
 )
-def test_quantize_errors(tmp_path, args, fragment):
+def test_quantize_errors(tmp_path, args, fragment, code):
     out = tmp_path / "x.safetensors"
-    one_error_line(run("quantize", str(tiny_checkpoint()), str(out), *args, cache=tmp_path), fragment)
+    one_error_line(run("quantize", str(tiny_checkpoint()), str(out), *args, cache=tmp_path), fragment, code)
     assert not out.exists()
 
 
@@ -106,7 +106,7 @@ def test_first_use_quantizes_once_into_the_cache(tmp_path):
                cache=cache)
     assert full.stdout.decode() == santacpu.load(tiny_checkpoint()).complete(PROMPT, max_new_tokens=6)
     one_error_line(run("complete", PROMPT, "--model", str(tiny_checkpoint()), "--quant", "q5", cache=cache),
-                   "unknown --quant 'q5'")
+                   "Invalid value for '--quant': 'q5' is not one of none, q8_0", code=2)
 
 
 def test_perplexity_against_a_reference(tmp_path):
