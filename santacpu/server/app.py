@@ -324,7 +324,7 @@ def create_app(
             or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)
         ):
             raise RequestError(f"/detokenize takes {{'tokens': [token ids in 0..{vocab - 1}]}}")
-        return JSONResponse({"content": model.tokenizer.decode(tokens)})
+        return JSONResponse({"content": await run_in_threadpool(model.tokenizer.decode, tokens)})
 
     async def props(request: Request) -> JSONResponse:
         model = ready_model()
