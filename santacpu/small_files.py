@@ -31,14 +31,14 @@ def read_small_file(path: str | os.PathLike, what: str, limit: int) -> bytes:
     """The bytes of the regular file at `path` (symlinks followed), at most `limit` of them;
     `what` names the file in errors ("config.json")."""
     try:
-        _check_regular(os.stat(path), path, what, limit)  # before opening: opening a device can act
+        check_regular(os.stat(path), path, what, limit)  # before opening: opening a device can act
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise SantacpuError(f"no {what} at {path}") from None
     except OSError as problem:
         raise SantacpuError(f"cannot read {what} {path}: {os_problem(problem)}") from None
     try:
-        _check_regular(os.fstat(fd), path, what, limit)  # what was opened, should the path have changed
+        check_regular(os.fstat(fd), path, what, limit)  # what was opened, should the path have changed
         pieces, size = [], 0
         while size <= limit:
             piece = os.read(fd, limit + 1 - size)
@@ -55,11 +55,12 @@ def read_small_file(path: str | os.PathLike, what: str, limit: int) -> bytes:
     return b"".join(pieces)
 
 
-def _check_regular(status: os.stat_result, path, what: str, limit: int) -> None:
+def check_regular(status: os.stat_result, path, what: str, limit: int | None = None) -> None:
+    """Refuse what `status` describes unless it is a regular file (of at most `limit` bytes)."""
     if not stat.S_ISREG(status.st_mode):
         kind = next((name for test, name in _KINDS.items() if test(status.st_mode)), "not a file")
         raise SantacpuError(f"{what} {path} is {kind}, not a regular file")
-    if status.st_size > limit:
+    if limit is not None and status.st_size > limit:
         raise _too_large(path, what, limit)
 
 

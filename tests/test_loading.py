@@ -594,6 +594,13 @@ def test_info_on_a_hostile_safetensors_header_is_one_error_line(tmp_path, header
     helpers.one_error_line(helpers.run_santacpu("info", path), fragment)
 
 
+def test_info_on_a_fifo_is_one_error_line_not_a_hang(tmp_path):
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    done = helpers.run_santacpu("info", fifo, timeout=60)
+    helpers.one_error_line(done, f"safetensors file {fifo} is a FIFO, not a regular file")
+
+
 # Small files of a model folder: regular files only, bounded, and shards only from inside the folder.
 
 _CAPPED_LOAD = ("import santacpu", "try:\n    santacpu.load(sys.argv[1])\n    print('loaded')\n"

@@ -10,7 +10,7 @@ the file size, so a truncated download gets a clear error instead of a bus error
 Writing streams tensor by tensor through `atomic_file.atomic_output` (a temporary file renamed at
 the end), so a failure never leaves a partial file under the final name.
 
-May import: numpy, `santacpu.atomic_file`, `santacpu.errors`.
+May import: numpy, `santacpu.atomic_file`, `santacpu.small_files`, `santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 
 from ..atomic_file import atomic_output
 from ..errors import SantacpuError, os_problem
+from ..small_files import check_regular
 
 # safetensors dtype name -> NumPy dtype. BF16 has no NumPy dtype: it is handed out as uint16 bits
 # and widened to float32 by the caller (`bf16_to_f32`).
@@ -63,7 +64,9 @@ class SafetensorsFile:
         if self.path.is_dir():
             raise SantacpuError(f"{self.path} is a folder, not a .safetensors file")
         try:
-            size = self.path.stat().st_size
+            status = self.path.stat()
+            check_regular(status, self.path, "safetensors file")  # a FIFO would hang the open
+            size = status.st_size
             with open(self.path, "rb") as f:
                 raw_header = _read_header(f, size, self.path)
         except FileNotFoundError:
