@@ -2,8 +2,9 @@
 
 Public API: `load(model, *, revision=None, device="auto") -> Model`, `GenerationOptions`; see
 `santacpu.model`.
-Importing santacpu changes no environment variable (the CPU backend sets Numba's target
-features in `numba.config` when it is imported: see `santacpu.backends.cpu.vector_width`).
+Importing santacpu changes one environment variable, `TOKENIZERS_PARALLELISM=false` where it is
+unset (see `santacpu.tokenizer`); the CPU backend sets Numba's target features in `numba.config`
+when it is imported (see `santacpu.backends.cpu.vector_width`).
 
 May import: `santacpu.model`, `santacpu.generation.options`, `santacpu.errors` (the API re-exported
 here).
