@@ -42,7 +42,7 @@ from .formats.quantized_file import names_quantized_file
 from .generation.batch import DEFAULT_MAX_BATCH, BatchScheduler
 from .generation.decoder import GenerationStats, SequenceDecoder
 from .generation.options import GenerationOptions
-from .generation.prompts import build_fim_prompt, build_plain_prompt
+from .generation.prompts import build_fim_prompt, build_plain_prompt, fim_options
 from .generation.runner import SharedCache, generate_tokens
 from .generation.text_stream import StopStrings, stream_text
 from .loading.checkpoint import read_checkpoint
@@ -213,7 +213,7 @@ class Model:
             if isinstance(prompt, tuple) and len(prompt) != 2:
                 raise SantacpuError(f"a prompt is a prefix or a (prefix, suffix) pair, got a tuple of {len(prompt)}")
             prefix, suffix = prompt if isinstance(prompt, tuple) else (prompt, None)
-            groups.append(scheduler.submit(self.prompt_ids(prefix, suffix, options), options, n))
+            groups.append(scheduler.submit(self.prompt_ids(prefix, suffix, options), self._text_options(options, suffix), n))
         pieces: list[list[str]] = [[] for group in groups for _ in group]  # by sequence index
         streams = [(StreamDecoder(self.tokenizer), StopStrings(options.stop)) for _ in pieces]
         for sequence, token in scheduler.run():
@@ -224,6 +224,10 @@ class Model:
         for text, (decoder, stopper) in zip(pieces, streams):
             text.append(stopper.push(decoder.flush()) + stopper.flush())
         return [["".join(pieces[s.index]) for s in group] for group in groups]
+
+    def _text_options(self, options: GenerationOptions, suffix: str | None) -> GenerationOptions:
+        """A FIM generation ends at a FIM special token, as the server's do."""
+        return options if suffix is None else fim_options(options, self.tokenizer)
 
     def prompt_ids(self, prefix: str, suffix: str | None, options: GenerationOptions) -> list[int]:
         """The prompt's token ids: `prefix` alone, or a fill-in-the-middle prompt around `suffix`."""
@@ -243,7 +247,7 @@ class Model:
         are not included. Options as for `generate`."""
         options = GenerationOptions.of(options, **changes)
         ids = self.prompt_ids(prefix, suffix, options)
-        return stream_text(self.tokenizer, self.generate(ids, options), options.stop)
+        return stream_text(self.tokenizer, self.generate(ids, self._text_options(options, suffix)), options.stop)
 
     def complete(self, prefix: str, suffix: str | None = None, options: GenerationOptions | None = None, **changes) -> str:
         """The whole completion as one string (see `complete_stream`)."""

@@ -365,3 +365,45 @@ def test_unknown_option_is_a_type_error_and_options_must_be_options(model):
         model.generate([1, 2], max_tokens=3)
     with pytest.raises(SantacpuError, match="options must be a GenerationOptions, got dict"):
         model.generate([1, 2], {"max_new_tokens": 3})
+
+
+class FimTokenFromStep:
+    """The engine, but from its `after`-th forward on (single or batched) the model wants `token`
+    next, as a model can when it starts another FIM document after the middle."""
+
+    def __init__(self, engine, token: int, after: int):
+        self.engine, self.token, self.after, self.calls = engine, token, after, 0
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def _forced(self, logits):
+        self.calls += 1
+        if self.calls >= self.after:
+            for rows in logits if isinstance(logits, list) else [logits]:
+                rows[..., self.token] = rows.max() + 100.0
+        return logits
+
+    def forward(self, *args, **kwargs):
+        return self._forced(self.engine.forward(*args, **kwargs))
+
+    def forward_batch(self, *args, **kwargs):
+        return self._forced(self.engine.forward_batch(*args, **kwargs))
+
+
+def test_a_fim_special_token_ends_a_library_fim_completion():
+    # As the server's (issue 26, item 12): the CLI's `complete --fim` and the API agree with it.
+    loaded = santacpu.load(tiny_checkpoint())
+    loaded.reuse_prompt = False
+    free = loaded.complete("def f(x):", "    return y\n", max_new_tokens=8)
+    for token in (loaded.tokenizer.fim_prefix_id, loaded.tokenizer.fim_pad_id):
+        loaded.engine = FimTokenFromStep(santacpu.load(tiny_checkpoint()).engine, token, after=3)
+        middle = loaded.complete("def f(x):", "    return y\n", max_new_tokens=8)
+        assert "<fim" not in middle and loaded.last_stats.generated_tokens < 8, middle
+        assert free.startswith(middle)  # the same text up to where the FIM token came
+        loaded.engine.calls = 0
+        [[batched]] = loaded.complete_many([("def f(x):", "    return y\n")], max_new_tokens=8)
+        assert batched == middle
+        loaded.engine.calls = 0
+        plain = loaded.complete("def f(x):", max_new_tokens=8)  # not FIM: the token is text, as before
+        assert "<fim" in plain

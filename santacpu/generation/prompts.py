@@ -12,10 +12,15 @@ May import: `santacpu.tokenizer`, `santacpu.errors`.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from typing import TYPE_CHECKING
 
 from ..errors import SantacpuError, SantacpuWarning
 from ..tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from .options import GenerationOptions
 
 STARCODER_MARKERS = ("<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<fim_pad>")
 SANTACODER_MARKERS = ("<fim-prefix>", "<fim-suffix>", "<fim-middle>", "<fim-pad>", "<|endoftext|>")
@@ -58,6 +63,12 @@ def fim_special_ids(tokenizer: Tokenizer) -> frozenset[int]:
     """The ids of the tokenizer's FIM tokens (<fim-prefix>, <fim-suffix>, <fim-middle>, <fim-pad>)."""
     ids = (tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id, tokenizer.fim_pad_id)
     return frozenset(i for i in ids if i is not None)
+
+
+def fim_options(options: GenerationOptions, tokenizer: Tokenizer) -> GenerationOptions:
+    """`options` for a fill-in-the-middle generation: a FIM special token ends the middle (as
+    llama.cpp ends at FIM pad/sep), since after it the model starts another document."""
+    return dataclasses.replace(options, stop_ids=options.stop_ids | fim_special_ids(tokenizer))
 
 
 def fim_budget(n_ctx: int, max_new_tokens: int) -> int:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SantacpuError
 from ..generation.options import GenerationOptions
-from ..generation.prompts import STARCODER_MARKERS, fim_prompt_of_text, fim_special_ids
+from ..generation.prompts import STARCODER_MARKERS, fim_options, fim_prompt_of_text
 from ..tokenizer import Tokenizer
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far beyond any context's worth of text
@@ -292,9 +292,7 @@ def text_near_cursor(prefix: str, suffix: str, limit: int) -> tuple[str, str, bo
 
 def _fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: int, order: str, budget: int | None) -> Job:
     prefix, suffix, cut = text_near_cursor(prefix, suffix, text_limit(tokenizer, n_ctx))
-    # A FIM special token ends the middle (as llama.cpp ends at FIM pad/sep): after it the model
-    # starts another document, which is no part of the editor's text.
-    options = GenerationOptions.of(options, stop_ids=options.stop_ids | fim_special_ids(tokenizer))
+    options = fim_options(options, tokenizer)
     # The answer's room: what was asked for, at most half the context (llama.cpp: n_predict).
     try:
         ids, truncated = fim_prompt_of_text(
