@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from santacpu.errors import SantacpuError, SantacpuWarning
-from santacpu.formats.blocks import FORMATS
-from santacpu.formats.split_rows import SYMMETRIC
+from santacpu.formats.blocks import FORMATS, SYMMETRIC
 
 STORAGE_TYPES = ("f32", "f16", *FORMATS)
 EMBEDDING_TYPE = {"q8_0": "q8_0", "q6_0": "q6_0", "q4_0": "q6_0", "q4_m": "q6_0"}

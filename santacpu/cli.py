@@ -312,7 +312,7 @@ def quantize(
     calibration_tokens: int = typer.Option(4096, min=64, help="Tokens of calibration text to run through the model."),
     keep: List[str] = typer.Option(
         [], "--keep", metavar="PATTERN=TYPE",
-        help="Store matching tensors (e.g. wte, h.*.mlp_c_proj_weight) as TYPE (f32, f16, q8_0, q6_0, q4_m, q4_0). "
+        help=f"Store matching tensors (e.g. wte, h.*.mlp_c_proj_weight) as TYPE ({', '.join(('f32', 'f16', *FORMATS))}). "
         "Repeatable.",
     ),
     upgrade_budget: float = typer.Option(

@@ -60,7 +60,7 @@ def build_files(work: Path) -> subprocess.Popen:
 def full_size_logits(path: Path) -> dict:
     """CUDA logits of a full-size file against the NumPy reference, fp16 and fp32 KV."""
     from santacpu.backends.cuda.backend import CudaBackend
-    from santacpu.formats.split_rows import SYMMETRIC
+    from santacpu.formats.blocks import SYMMETRIC
     from santacpu.loading.quantized import read_quantized
     from santacpu.network import reference
     from santacpu.network.engine import Engine

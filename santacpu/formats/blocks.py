@@ -103,15 +103,21 @@ def _unpack_nibbles(qs: np.ndarray) -> np.ndarray:
 
 
 class BlockFormat:
-    """One quantized block format; instances live in FORMATS. Subclasses set `name`,
-    `bits_per_weight`, `_parts` (name -> (per-row size as a function of cols, dtype)) and
-    implement `_quantize_rows` and `_dequantize_rows`."""
+    """One quantized block format; instances live in FORMATS. Subclasses set `name`, `format_id`,
+    `bits_per_weight`, `_parts` (name -> (per-row size as a function of cols, dtype)), the facts
+    below where they differ, and implement `_quantize_rows` and `_dequantize_rows`. Kernels and
+    tools read these facts here, never spell them again."""
 
     name: str
+    format_id: int  # the format's number: the kernels' compile-time switch (WEIGHT_FORMAT_IDS)
     block_size: int = QK
     bits_per_weight: float
     _parts: ClassVar[dict[str, tuple]]
-    _values_per_byte: int = 2  # of the first part (the codes)
+    values_per_code_byte: int = 2  # of the first part (the codes)
+    # Symmetric: x = d * (q - code_offset), one fp16 scale d per block, no minimum (a row of one
+    # format can be joined to a row of another by its scale alone: split embedding rows).
+    symmetric: bool = True
+    code_offset: int = 0
 
     def part_specs(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Part name -> (shape, dtype) for a [rows, cols] weight, in the kernels' argument order."""
@@ -130,7 +136,7 @@ class BlockFormat:
         first = parts[next(iter(self._parts))]  # the codes: cols / values_per_byte bytes a row
         if first.ndim != 2:
             raise SantacpuError(f"{self.name} parts must be 2-D [rows, ...], got shape {first.shape}")
-        rows, cols = first.shape[0], first.shape[1] * self._values_per_byte
+        rows, cols = first.shape[0], first.shape[1] * self.values_per_code_byte
         for name, (shape, dtype) in self.part_specs(rows, cols).items():
             got = parts[name]
             if got.shape != shape or got.dtype != dtype:
@@ -260,8 +266,9 @@ class Q8_0(BlockFormat):
     """
 
     name = "q8_0"
+    format_id = 2
     bits_per_weight = 8.5
-    _values_per_byte = 1
+    values_per_code_byte = 1
     _parts: ClassVar[dict] = {"qs": (lambda c: c, np.int8), "d": (lambda c: c // QK, np.float16)}
 
     def _quantize_rows(self, x, wt):
@@ -293,18 +300,20 @@ class Q4_0(BlockFormat):
     """
 
     name = "q4_0"
+    format_id = 3
     bits_per_weight = 4.5
+    code_offset = 8
     _parts: ClassVar[dict] = {"qs": (lambda c: c // 2, np.uint8), "d": (lambda c: c // QK, np.float16)}
 
     def _quantize_rows(self, x, wt):
         n = x.shape[0]
         xt = _blocks_t(x)
         d16 = _fp16_scale(_symmetric_scale(xt, wt, -8, 7, signed_max=True))
-        q = _symmetric_codes(xt, d16, -8, 7) + 8
+        q = _symmetric_codes(xt, d16, -self.code_offset, self.code_offset - 1) + self.code_offset
         return {"qs": _pack_nibbles(_from_blocks_t(q, n)), "d": d16.reshape(n, -1)}
 
     def _dequantize_rows(self, parts):
-        q = _unpack_nibbles(parts["qs"]).astype(np.float32) - np.float32(8)
+        q = _unpack_nibbles(parts["qs"]).astype(np.float32) - np.float32(self.code_offset)
         return parts["d"].astype(np.float32)[..., None] * q
 
 
@@ -327,7 +336,9 @@ class Q6_0(BlockFormat):
     """
 
     name = "q6_0"
+    format_id = 4
     bits_per_weight = 6.5
+    code_offset = 32
     _parts: ClassVar[dict] = {
         "ql": (lambda c: c // 2, np.uint8),
         "qh": (lambda c: c // 4, np.uint8),
@@ -338,7 +349,8 @@ class Q6_0(BlockFormat):
         n = x.shape[0]
         xt = _blocks_t(x)
         d16 = _fp16_scale(_symmetric_scale(xt, wt, -32, 31, signed_max=True))
-        q = _from_blocks_t((_symmetric_codes(xt, d16, -32, 31) + 32).astype(np.uint8), n)  # [n, nb, 32]
+        q = _from_blocks_t((_symmetric_codes(xt, d16, -self.code_offset, self.code_offset - 1) + self.code_offset)
+                           .astype(np.uint8), n)  # [n, nb, 32]
         hi = (q >> 4).reshape(n, -1, 4, 8)  # [n, nb, k, j] = hi(q[8k + j])
         qh = hi[:, :, 0] | (hi[:, :, 1] << 2) | (hi[:, :, 2] << 4) | (hi[:, :, 3] << 6)
         return {"ql": _pack_nibbles(q & 15), "qh": qh.reshape(n, -1), "d": d16.reshape(n, -1)}
@@ -348,7 +360,7 @@ class Q6_0(BlockFormat):
         low = _unpack_nibbles(parts["ql"])  # [n, nb, 32]
         qh = parts["qh"].reshape(n, -1, 1, 8)
         hi = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3  # [n, nb, k, j]
-        q = (low | (hi.reshape(n, -1, QK) << 4)).astype(np.float32) - np.float32(32)
+        q = (low | (hi.reshape(n, -1, QK) << 4)).astype(np.float32) - np.float32(self.code_offset)
         return parts["d"].astype(np.float32)[..., None] * q
 
 
@@ -445,7 +457,9 @@ class Q4_M(BlockFormat):
     """
 
     name = "q4_m"
+    format_id = 5
     bits_per_weight = 4.5
+    symmetric = False
     _parts: ClassVar[dict] = {
         "qs": (lambda c: c // 2, np.uint8),
         "sc": (lambda c: c // QK, np.uint8),
@@ -482,6 +496,9 @@ class Q4_M(BlockFormat):
 FORMATS: dict[str, BlockFormat] = {f.name: f for f in (Q8_0(), Q4_0(), Q4_M(), Q6_0())}
 # Each format's part names in the kernels' argument order (the order of `part_specs`).
 PART_ORDER: dict[str, tuple[str, ...]] = {name: tuple(f._parts) for name, f in FORMATS.items()}
+# Every weight format's number, the float ones (not block formats) included: what kernels switch on.
+WEIGHT_FORMAT_IDS: dict[str, int] = {"float32": 0, "float16": 1, **{name: f.format_id for name, f in FORMATS.items()}}
+SYMMETRIC: tuple[str, ...] = tuple(name for name, f in FORMATS.items() if f.symmetric)
 
 
 def get_format(name: str) -> BlockFormat:

@@ -19,10 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import SantacpuError
-from .blocks import FORMATS, QK, QuantizedWeight
-
-# Formats whose value is scale x integer code (no offset), so that a row widens to q8_0 exactly.
-SYMMETRIC = ("q8_0", "q6_0", "q4_0")
+from .blocks import FORMATS, QK, SYMMETRIC, QuantizedWeight
 
 
 @dataclass(frozen=True)

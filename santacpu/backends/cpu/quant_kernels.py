@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 from numba import get_num_threads, njit, prange
 
-from ...formats.blocks import PART_ORDER, QK
+from ...formats.blocks import FORMATS, PART_ORDER, QK
 from . import int_dot
 from .cpu_kernels import (
     FASTMATH,
@@ -513,7 +513,6 @@ _DEQUANTIZE_ROWS = {
     "q4_m": dequantize_rows_q4_m,
     "q6_0": dequantize_rows_q6_0,
 }
-_VALUES_PER_CODE_BYTE = {"q8_0": 1, "q4_0": 2, "q4_m": 2, "q6_0": 2}
 
 
 def kernel_args(qtype: str, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
@@ -527,7 +526,7 @@ def kernel_args(qtype: str, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, .
 
 def _shape(qtype: str, args: tuple[np.ndarray, ...]) -> tuple[int, int]:
     codes = args[0]
-    return codes.shape[0], codes.shape[1] * _VALUES_PER_CODE_BYTE[qtype]
+    return codes.shape[0], codes.shape[1] * FORMATS[qtype].values_per_code_byte
 
 
 def _use_int_dot(qtype: str, requested: bool | None) -> bool:

@@ -30,7 +30,7 @@ import math
 
 from numba import cuda, float32, int64
 
-from .values import block_sum, code, half_to_float, params
+from .values import Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, block_sum, code, half_to_float, params
 
 MAX_FEW_TOKENS = 8  # matvec's token limit (its accumulators are registers)
 MAX_MATVEC_THREADS = 256  # lanes x rows a block
@@ -62,7 +62,8 @@ def _q4_word(word, xs, n_blocks, block, k):
     for b in range(4):
         byte = (word >> (8 * b)) & 255
         j = 4 * k + b
-        s += float32((byte & 15) - 8) * xs[j * n_blocks + block] + float32((byte >> 4) - 8) * xs[(j + 16) * n_blocks + block]
+        s += (float32((byte & 15) - Q4_0_OFFSET) * xs[j * n_blocks + block]
+              + float32((byte >> 4) - Q4_0_OFFSET) * xs[(j + 16) * n_blocks + block])
     return s
 
 
@@ -113,12 +114,12 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, 
     acc = float32(0.0)
     if row < n_rows:
         for block in range(lane, n_blocks, lanes):
-            if fmt == 3:  # q4_0: 4 words of nibbles
+            if fmt == Q4_0:  # 4 words of nibbles
                 s = float32(0.0)
                 for k in range(4):
                     s += _q4_word(int64(words0[row, block * 4 + k]), xs, n_blocks, block, k)
                 acc += half_to_float(p1[row, block]) * s
-            elif fmt == 2:  # q8_0: 8 words of signed bytes
+            elif fmt == Q8_0:  # 8 words of signed bytes
                 s = float32(0.0)
                 for k in range(8):
                     word = int64(words0[row, block * 8 + k])  # int64: no unsigned wrap-around below
@@ -127,7 +128,7 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, 
                         q = byte - 256 if byte >= 128 else byte
                         s += float32(q) * xs[(4 * k + b) * n_blocks + block]
                 acc += half_to_float(p1[row, block]) * s
-            elif fmt == 4:  # q6_0: 4 words of low nibbles, 2 words of high bit pairs
+            elif fmt == Q6_0:  # 4 words of low nibbles, 2 words of high bit pairs
                 high_a = int64(words1[row, block * 2])  # qh bytes 0..3: values 0..3 (+8, +16, +24)
                 high_b = int64(words1[row, block * 2 + 1])  # qh bytes 4..7: values 4..7 (+8, ...)
                 s = float32(0.0)
@@ -141,7 +142,8 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, 
                         shift = 2 * (j >> 3)
                         low_q = (byte & 15) | (((high_byte >> shift) & 3) << 4)
                         high_q = (byte >> 4) | (((high_byte >> (shift + 4)) & 3) << 4)
-                        s += float32(low_q - 32) * xs[j * n_blocks + block] + float32(high_q - 32) * xs[(j + 16) * n_blocks + block]
+                        s += (float32(low_q - Q6_0_OFFSET) * xs[j * n_blocks + block]
+                              + float32(high_q - Q6_0_OFFSET) * xs[(j + 16) * n_blocks + block])
                 acc += half_to_float(p2[row, block]) * s
             else:
                 scale, offset = params(fmt, p0, p1, p2, p3, p4, row, block)

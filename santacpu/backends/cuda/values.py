@@ -8,10 +8,11 @@ Every weight is passed to a kernel as five arrays `p0..p4` (the format's parts i
 widened here by integer arithmetic and a table of powers of two: exact, and the same code under
 the simulator (which has no half type) and on the device.
 
-Format ids (`FORMAT_IDS`) are compile-time constants of each kernel (a kernel is built per format
-by the factories in linear_kernels.py and layer_kernels.py), so the branches below vanish.
+Format ids (`santacpu.formats.blocks.WEIGHT_FORMAT_IDS`, named below) are compile-time constants
+of each kernel (a kernel is built per format by the factories in linear_kernels.py and
+layer_kernels.py), so the branches below vanish.
 
-May import: numba, numpy.
+May import: numba, numpy, `santacpu.formats.blocks`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,11 @@ import math
 import numpy as np
 from numba import cuda, float32, int32
 
-FORMAT_IDS = {"float32": 0, "float16": 1, "q8_0": 2, "q4_0": 3, "q6_0": 4, "q4_m": 5}
+from ...formats.blocks import FORMATS, WEIGHT_FORMAT_IDS
+
+FORMAT_IDS = WEIGHT_FORMAT_IDS
+F32, F16, Q8_0, Q4_0, Q6_0, Q4_M = (FORMAT_IDS[name] for name in ("float32", "float16", "q8_0", "q4_0", "q6_0", "q4_m"))
+Q4_0_OFFSET, Q6_0_OFFSET = FORMATS["q4_0"].code_offset, FORMATS["q6_0"].code_offset
 
 # 2**(e - 25) for a half's exponent field e: a normal half is (1024 + mantissa) * POW2[e], a
 # subnormal one mantissa * POW2[1] (both products exact in float32).
@@ -75,11 +80,11 @@ def float_to_half(value):
 @cuda.jit(device=True, inline=True)
 def params(fmt, p0, p1, p2, p3, p4, row, block):
     """(scale, offset) of block `block` (32 values) of `row`."""
-    if fmt == 2 or fmt == 3:  # q8_0, q4_0: d f16 in p1
+    if fmt == Q8_0 or fmt == Q4_0:  # d f16 in p1
         return half_to_float(p1[row, block]), float32(0.0)
-    if fmt == 4:  # q6_0: d f16 in p2
+    if fmt == Q6_0:  # d f16 in p2
         return half_to_float(p2[row, block]), float32(0.0)
-    if fmt == 5:  # q4_m: (d * sc, dmin * mn)
+    if fmt == Q4_M:  # (d * sc, dmin * mn)
         return float32(p3[row, 0]) * float32(p1[row, block]), float32(p4[row, 0]) * float32(p2[row, block])
     return float32(1.0), float32(0.0)
 
@@ -89,19 +94,19 @@ def code(fmt, p0, p1, p2, p3, p4, row, block, j):
     """Value j (0..31) of a block before its scale: the stored integer less the format's offset
     (or the float itself for float32 / float16 weights)."""
     column = block * 32 + j
-    if fmt == 0:
+    if fmt == F32:
         return float32(p0[row, column])
-    if fmt == 1:
+    if fmt == F16:
         return half_to_float(p0[row, column])
-    if fmt == 2:
+    if fmt == Q8_0:
         return float32(p0[row, column])
     byte = int32(p0[row, block * 16 + (j & 15)])
     nibble = (byte >> 4) if j >= 16 else (byte & 15)
-    if fmt == 3:
-        return float32(nibble - 8)
-    if fmt == 4:
+    if fmt == Q4_0:
+        return float32(nibble - Q4_0_OFFSET)
+    if fmt == Q6_0:
         high = (int32(p1[row, block * 8 + (j & 7)]) >> (2 * (j >> 3))) & 3
-        return float32((nibble | (high << 4)) - 32)
+        return float32((nibble | (high << 4)) - Q6_0_OFFSET)
     return float32(nibble)  # q4_m
 
 
