@@ -168,20 +168,17 @@ def test_many_tokens_through_the_matrix_kernel(name, T):
 
 
 def test_blas_is_single_threaded_only_inside_the_block():
-    from santacpu.backends.cpu import blas_threads
+    import threadpoolctl
 
-    found = blas_threads.controls()
-    if found is None:
-        pytest.skip("NumPy's BLAS is not OpenBLAS")
-    get, set_ = found
-    before = get()
-    set_(2)
-    try:
-        with blas_threads.single_threaded():
-            assert get() == 1
-        assert get() == 2
-    finally:
-        set_(before)
+    from santacpu.backends.cpu.backend import blas_single_threaded
+
+    pools = threadpoolctl.ThreadpoolController().select(user_api="blas")
+    if not pools.lib_controllers:
+        pytest.skip("no BLAS thread pool that threadpoolctl knows in this process")
+    with pools.limit(limits=2):
+        with blas_single_threaded():
+            assert [pool.num_threads for pool in pools.lib_controllers] == [1] * len(pools.lib_controllers)
+        assert [pool.num_threads for pool in pools.lib_controllers] == [2] * len(pools.lib_controllers)
 
 
 def test_many_token_forwards_quiet_blas_only_where_numba_does_the_products(tmp_path, monkeypatch):

@@ -13,19 +13,20 @@ never by copying the forward pass per type.
 
 Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim.
 
-May import: numba, numpy, the CPU backend's kernel modules, `santacpu.formats`.
+May import: numba, numpy, threadpoolctl, the CPU backend's kernel modules, `santacpu.formats`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from contextlib import contextmanager
 
 import numba
 import numpy as np
+import threadpoolctl
 
-from . import blas_threads
 from . import cpu_kernels as k
 from . import quant_kernels as qk
 from . import row_groups
@@ -34,9 +35,9 @@ from ...formats.safetensors_io import release_mapped_pages
 from ...formats.split_rows import SplitRowsWeight
 
 # Numba kernels whose work is below this many (multiply-add or element) operations run on the
-# calling thread only. Waking Numba's thread pool right after a BLAS call costs ~7 ms on 2 cores
-# (BLAS's own threads are still spinning; measured: a 10 us kernel took 7 ms), more than most
-# per-layer kernels take; big ones (long-prompt attention, a prompt's GELU) still win in parallel.
+# calling thread only: waking Numba's thread pool right after a BLAS call (whose own threads are
+# still spinning) costs more than most per-layer kernels take (docs/kernels.md); big ones
+# (long-prompt attention, a prompt's GELU) still win in parallel.
 PARALLEL_MIN_WORK = 1 << 26
 # When the last product ran in Numba's pool (compressed weights: no BLAS), the pool is awake and
 # cheap to use again: kernels from this much work on run in parallel. (Decode attention and a
@@ -64,9 +65,8 @@ def _numba_threads(n: int):
 
 
 # From this many tokens on, fp16 weights (and quantized ones on the float kernels) are widened
-# into tiles for BLAS; below it, one matvec pass (1 token) or the few-token kernel. Measured
-# on the full-size q8_0 model, all linear layers: 16 tokens 303 ms few-token against 922 ms
-# tiles (the widening, on one thread, dominates short prompts), 32: 558 / 1104, 64: 1167 / 1301.
+# into tiles for BLAS; below it, one matvec pass (1 token) or the few-token kernel (the widening,
+# on one thread, dominates short prompts: docs/kernels.md).
 BLAS_MIN_TOKENS = 32
 # Rows of a compressed weight widened per BLAS tile: 1024 x 8192 fp32 = 32 MB at most.
 TILE_ROWS = 1024
@@ -92,6 +92,21 @@ def _compressed_kernels(weight, integer_kernels: bool):
         lambda first, last, out: k.f16_rows_to_f32(bits, first, last, out),
         False,
     )
+
+
+@functools.cache
+def _blas_pools() -> threadpoolctl.ThreadpoolController:
+    """The BLAS thread pools loaded in this process (NumPy's), found once."""
+    return threadpoolctl.ThreadpoolController().select(user_api="blas")
+
+
+def blas_single_threaded() -> contextlib.AbstractContextManager:
+    """BLAS on the calling thread only inside the block (the previous counts restored after; the
+    setting is process-wide, so other Python threads' NumPy products are single-threaded too)."""
+    pools = _blas_pools()
+    if all(pool.num_threads == 1 for pool in pools.lib_controllers):
+        return contextlib.nullcontext()
+    return pools.limit(limits=1)
 
 
 class CpuBackend:
@@ -224,9 +239,10 @@ class CpuBackend:
     def forward_context(self, weights, n_tokens: int) -> contextlib.AbstractContextManager:
         """The context for a forward of `n_tokens` tokens: from BLAS_MIN_TOKENS on, BLAS kept to the
         calling thread when most of the linear weights' products run in Numba's integer matrix
-        kernels (see blas_threads for why); else nothing."""
+        kernels; else nothing. Why: BLAS's worker threads keep spinning after each call, and then
+        fight Numba's over the cores (docs/kernels.md measures it)."""
         if n_tokens >= BLAS_MIN_TOKENS and self._products_in_numba(weights):
-            return blas_threads.single_threaded()
+            return blas_single_threaded()
         return contextlib.nullcontext()
 
     def _products_in_numba(self, weights) -> bool:

@@ -2,9 +2,8 @@
 the products of one token, a few tokens and a long prompt, every (row, token) sum computed by
 the same operations in all three, so a token's result never depends on its call.
 
-Why: the float kernels of `quant_kernels.py` widen every code to float32 (about 7 vector
-operations per 32 weights for q4_0), which made 4-bit decode compute-bound: q4_0 read 15 GB/s
-where q8_0 read 20. Here each token's x is rounded once per call to integers, per block of 32
+Why: the float kernels of `quant_kernels.py` widen every code to float32, which makes 4-bit
+decode compute-bound. Here each token's x is rounded once per call to integers, per block of 32
 values with one float32 scale (as llama.cpp does for its quantized dot products), and the weight
 codes meet those integers in the CPU's dot-product instructions, exact int32 sums of 2 or 4
 products each:
@@ -13,18 +12,16 @@ products each:
   256-bit vectors, 2 blocks), or on AVX2 `vpmaddubsw` for each half of a step, the two int16
   results added, then one `vpmaddwd` (no overflow: 2 x 2 x 63 x 127 = 32004);
 - q8_0's signed codes, widened to int16, against x rounded to int16 (max |x| -> 32767):
-  `vpdpwssd` (VNNI) or `vpmaddwd` (AVX2). Rounding x to int8 here instead made a pass over the
-  full q8_0 model as fast but took its mean KLD on the trained test model from 3.2e-5 to
-  5.6e-5, most of what q8_0 is chosen to avoid; int16 costs nothing measurable.
+  `vpdpwssd` (VNNI) or `vpmaddwd` (AVX2); int8 would cost q8_0 most of its accuracy.
 The int32 lanes are converted to float once per step and multiplied by the lanes' scales (weight
 scale x activation scale) into float accumulators, reduced once per row. On 256-bit vectors the
 4/6-bit kernels first sum each block's lanes for 4 (row, token) pairs into one vector (`QUADS`:
 two vphaddd, or on AVX2 two vphaddw on the int16 sums of 4-bit codes, then one vpmaddwd), so the
-block offsets, the conversion and the scaling are paid once for 4 pairs: a decode pass over a
-4096 x 2048 q4_0 matrix on one Zen 3 core 242 -> 204 us, q6_0 612 -> 555 us (before q6_0's
-cheaper high bits, `_q6_high_bits`). Where none of these instruction sets exists (or the
-backend is built with integer_kernels=False: SANTACPU_INT_DOT=0 at load), the float kernels run
-instead.
+block offsets, the conversion and the scaling are paid once for 4 pairs. q4_m's minimums add one
+product per (row, token, block): a contiguous dot of the row's minimum codes with the token's
+block sums of x (`_block_sums`). Where none of these instruction sets exists (or the backend is
+built with integer_kernels=False: SANTACPU_INT_DOT=0 at load), the float kernels run instead.
+The measurements behind each choice: docs/kernels.md.
 
 On AVX2 CPUs without VNNI the backend prepares its weights as row groups instead
 (`row_groups.py`: 8 rows interleaved at load, no sums across lanes), and these kernels serve
@@ -34,15 +31,6 @@ The kernel works on tiles of rows x tokens (`_tile`): each step decodes a row's 
 all the tile's tokens, so many tokens cost far less than one pass each. The prompt tile fits the
 register file (PROMPT_TILE), and a thread takes 64 rows through all the tokens before
 the next rows (the rows stay in L2, a tile's x in L1).
-
-Measured on the full-size model (2 threads): a decode pass over all weights q4_0 51 -> 31 ms,
-q8_0 59 -> 50 ms; 512 tokens x [8192 x 2048] q4_0 49 ms against 60 through fp32 tiles and BLAS,
-and a 512-token prefill of the q4_0 model 107-112 -> 140 tok/s (with BLAS kept single-threaded
-meanwhile, see blas_threads.py). q4_m's minimums add one product per (row, token, block), done
-as a contiguous dot of the row's minimum codes with the token's block sums of x (`_block_sums`):
-512 tokens x [8192 x 2048] q4_m 52 ms (61 through fp32 tiles and BLAS; 106 with the minimums
-summed from x's lanes per row). The cost of x's rounding on the trained test model: +2% mean KLD for a 4-bit
-file (tests/test_quant_accuracy.py), the trade llama.cpp makes in all its quantized products.
 
 Layouts of the rounded x (per token):
 - 4/6-bit, `quantize_activations`: xq int8 [C], the blocks of each step reordered so that one

@@ -7,19 +7,17 @@ tested against. A weight is [R, C] in blocks of QK = 32 along C, stored as parts
 as their first dimension. Kernels take the parts as positional arrays in PART_ORDER, fp16 parts
 as their uint16 bits (Numba has no CPU float16 type), and never allocate per row.
 
-How the kernels stay in SIMD (each choice measured on this machine, one thread, 8192 x 2048):
+How the kernels stay in SIMD (each choice measured, one thread, 8192 x 2048; docs/kernels.md):
 - Numba runs LLVM's loop vectoriser but not its SLP vectoriser, so a short loop that LLVM fully
   unrolls (the 16 lanes of one row) stays scalar. The lane loop therefore carries ROWS rows in
   its body: too big to unroll, it is vectorised, and each loaded slice of x serves ROWS rows.
-  (One row at a time: 5x slower for q4_0.)
 - The lane accumulators live in `_stack_zeros` arrays (the function's stack frame), not
   np.zeros: LLVM keeps them in vector registers and needs no runtime alias checks against the
-  weights (heap accumulators: 12-15% slower). Per-block scales are register tuples
-  (`_f16_scales`), since a scale array would be re-read after every store to `out` (dequantize
-  2.5x slower).
+  weights. Per-block scales are register tuples (`_f16_scales`), since a scale array would be
+  re-read after every store to `out`.
 - Codes are widened to float32 first and split there with exact power-of-two floors
   (hi = floor(v / 16) of a byte v), so no int64 arithmetic (Numba's integer promotion) enters
-  the loop (integer nibble masks: ~25% slower).
+  the loop.
 - Constant offsets (q - 8, q - 32, q4_m's minimum) are not subtracted per value: x's per-block
   sums are computed once per call and each offset enters once per block and row.
 - The accumulators are reduced once per row, not per block.
@@ -27,9 +25,8 @@ How the kernels stay in SIMD (each choice measured on this machine, one thread, 
   cpu_kernels.py keeps its cached code when only cpu_kernels.py changes. After editing
   cpu_kernels.py, delete santacpu/backends/cpu/__pycache__/*.nb[ic] (an installed release changes both).
 - While a step works on its ROWS rows, it prefetches the codes of the rows PREFETCH_STEPS steps
-  ahead, one block's worth per block: the hardware prefetcher alone left one thread reading
-  7.5 GB/s from DRAM (17.6 GB/s from cache); with the hint, a decode pass over the full q8_0
-  model went from 13.9 to 19.4 GB/s on 2 threads.
+  ahead, one block's worth per block: the hardware prefetcher alone falls far short of the
+  memory's read speed.
 
 QK and each format's part order come from `santacpu.formats.blocks`.
 May import: `santacpu.formats`, the other CPU kernel modules (cpu_kernels, int_dot).

@@ -3,8 +3,7 @@
 
 LLVM tunes most AVX-512 CPUs to prefer 256-bit vectors (`prefer-256-bit`: wide vectors once
 lowered the clock of early AVX-512 parts), so our kernels compiled to ymm code on a CPU that has
-zmm. Turning that preference off made the decode kernels faster on this project's Xeon (one
-thread, 8192 x 2048, measured: q8_0 +17%, q4_0 +23%, q4_m +12%, q6_0 unchanged). Numba reads
+zmm. Turning that preference off made the decode kernels faster (docs/kernels.md). Numba reads
 its target features once, when it first compiles, so this must run before any kernel compiles.
 It sets `numba.config.CPU_FEATURES` only, never the process environment: a child process that
 imports santacpu's CPU backend applies it again for itself (with the same result).
