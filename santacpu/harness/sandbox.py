@@ -60,8 +60,9 @@ _UNSHARE = shutil.which("unshare") or shutil.which("unshare", path=os.defpath)
 _UID_BASE = 1 << 30
 # Folders anyone may write in: each run gets empty private ones (in its mount namespace); and /run,
 # where the caller's sockets and lock files live, hidden by an empty read-only one.
-_SHARED_TEMP = ("/tmp", "/var/tmp", "/dev/shm")
+_SHARED_TEMP = ("/tmp", "/var/tmp")
 _HIDDEN = ("/run",)
+_SHARED_MEMORY = "/dev/shm"  # in the sandbox's own /dev, whatever the host's is (or links to)
 _BOOT = (Path(__file__).with_name("sandbox_boot.py")).read_text(encoding="utf-8")
 # After SIGTERM, how long the PID namespace may take to empty before SIGKILL (it takes milliseconds).
 _STOP_GRACE_S = 1.0
@@ -274,7 +275,9 @@ def _covers(mode: _Mode) -> tuple[list[tuple[str, str, bool]], list[str]]:
     back below them (`keep`): this Python's folders."""
     if not mode.namespaces:
         return [], []
-    hide = {os.path.realpath(p): ("mode=1777,size=16m,nr_inodes=4096", True) for p in _SHARED_TEMP if os.path.isdir(p)}
+    temporary = ("mode=1777,size=16m,nr_inodes=4096", True)
+    hide = {os.path.realpath(p): temporary for p in _SHARED_TEMP if os.path.isdir(p)}
+    hide[_SHARED_MEMORY] = temporary
     for path in _HIDDEN:
         if os.path.isdir(path):
             hide.setdefault(os.path.realpath(path), ("mode=755,size=1m", False))
