@@ -473,7 +473,8 @@ def serve(
     ),
 ) -> None:
     """Serve completions over HTTP: llama.cpp's /infill and /completion, OpenAI's /v1/completions
-    (with suffix), /health, /tokenize, /detokenize, /props, /v1/models. Needs the 'serve' extra."""
+    (with suffix), Ollama's /api/generate (with suffix), /api/show, /api/tags; /health, /tokenize,
+    /detokenize, /props, /v1/models. Needs the 'serve' extra."""
     from . import load
     from .server import SERVE_EXTRA_HINT, run_server
     from .server.app import ServerSettings

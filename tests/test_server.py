@@ -229,7 +229,7 @@ def test_tokenize_detokenize_props_models(client, model):
     assert tokens == model.tokenizer.encode("def f(x):")
     assert client.post("/detokenize", json={"tokens": tokens}).json()["content"] == "def f(x):"
     assert client.get("/props").json()["default_generation_settings"]["n_ctx"] == 64
-    assert client.get("/v1/models").json()["data"][0]["id"] == "tiny"
+    assert client.get("/v1/models").json()["data"][0]["id"] == "santacoder"  # never a name with "gpt" (Continue)
 
 
 @pytest.mark.parametrize(
@@ -786,3 +786,142 @@ def test_fim_special_tokens_end_the_middle_and_are_never_text(quantized, model):
         assert "<fim" not in openai["choices"][0]["text"] and openai["choices"][0]["finish_reason"] == "stop"
         plain = c.post("/completion", json={"prompt": "def f(x):", "n_predict": 6, "temperature": 0}).json()
         assert "<fim" not in plain["content"] and plain["tokens_predicted"] == 6
+
+
+# --- Ollama's API and the clients' FIM templates (issue 29) -------------------------------------
+
+# Each client's published FIM template, filled with PREFIX and SUFFIX: Continue's defaults
+# (starcoder2, qwen, deepseek, codellama, codestral), llama.vscode's OpenAI mode (Qwen's markers),
+# Tabby's `<|FIM|>` split, and SantaCoder's own markers written as text.
+CLIENT_TEMPLATES = {
+    "starcoder": f"<fim_prefix>{PREFIX}<fim_suffix>{SUFFIX}<fim_middle>",
+    "qwen": f"<|fim_prefix|>{PREFIX}<|fim_suffix|>{SUFFIX}<|fim_middle|>",
+    "deepseek": f"<｜fim▁begin｜>{PREFIX}<｜fim▁hole｜>{SUFFIX}<｜fim▁end｜>",
+    "codellama": f"<PRE> {PREFIX} <SUF>{SUFFIX} <MID>",
+    "codestral": f"[SUFFIX]{SUFFIX}[PREFIX]{PREFIX}",
+    "tabby": f"{PREFIX}<|FIM|>{SUFFIX}",
+    "santacoder": f"<fim-prefix>{PREFIX}<fim-suffix>{SUFFIX}<fim-middle>",
+}
+
+
+def infill_middle(url: str, n_predict: int = 6) -> str:
+    body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": n_predict, "temperature": 0}
+    return httpx.post(url + "/infill", json=body, timeout=60).json()["content"]
+
+
+def test_client_fim_templates_are_split_back_into_prefix_and_suffix():
+    from santacpu.server.fim_templates import split_fim_template
+
+    for name, prompt in CLIENT_TEMPLATES.items():
+        assert split_fim_template(prompt) == (PREFIX, SUFFIX, name), name
+    repo = "<|repo_name|>r\n<|file_sep|>a.py\nx = 1\n<|file_sep|>b.py\n"  # Qwen's repository context
+    assert split_fim_template(repo + CLIENT_TEMPLATES["qwen"]) == (repo + PREFIX, SUFFIX, "qwen")
+    for plain in ("def f(x):", "<fim_prefix>a<fim_suffix>b", "a <SUF> b <SUF> c <MID>", "<|FIM|>a<|FIM|>"):
+        assert split_fim_template(plain) is None, plain
+
+
+def test_the_ollama_client_generate_show_list(live, model):
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=live.url, timeout=60)
+    want = model.complete(PREFIX, SUFFIX, max_new_tokens=6, fim_order="spm")
+    assert infill_middle(live.url) == want
+    options = {"num_predict": 6, "temperature": 0, "num_ctx": 4096, "mirostat": 0}  # keys santacpu has no use for: ignored
+    done = client.generate(model="santacoder", prompt=PREFIX, suffix=SUFFIX, options=options, keep_alive="5m")
+    assert done.response == want and done.done and done.done_reason in ("stop", "length")
+    assert done.eval_count <= 6 and done.prompt_eval_count > 0 and done.total_duration >= done.eval_duration > 0
+    chunks = list(client.generate(model="santacoder", prompt=PREFIX, suffix=SUFFIX, options=options, stream=True))
+    assert "".join(c.response for c in chunks) == want and chunks[-1].done and not any(c.done for c in chunks[:-1])
+    raw = client.generate(model="santacoder", prompt=CLIENT_TEMPLATES["codellama"], raw=True, options=options)
+    assert raw.response == want  # twinny's and Tabby's way: the client's own template, raw
+    plain = client.generate(model="santacoder", prompt="def f(x):", options={"num_predict": 5, "temperature": 0})
+    assert plain.response == model.complete("def f(x):", max_new_tokens=5)
+    until_full = client.generate(model="santacoder", prompt="def f(x):", options={"num_predict": -1, "temperature": 0})
+    assert until_full.eval_count + until_full.prompt_eval_count <= 64 and until_full.eval_count > 5
+    load = client.generate(model="santacoder", prompt="")
+    assert load.done and load.done_reason == "load" and load.response == ""
+    show = client.show("santacoder")
+    assert "{{ .Prompt }}" in show.template and "{{ .Suffix }}" in show.template and "insert" in show.capabilities
+    assert show.details.family == "gpt_bigcode" and show.modelinfo["gpt_bigcode.context_length"] == 64
+    assert [m.model for m in client.list().models] == ["santacoder"]
+    assert client.ps().models[0].context_length == 64
+    assert httpx.get(live.url + "/api/version").json()["version"]
+
+
+def test_the_openai_client_with_each_client_fim_template(live, model):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=live.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    want = infill_middle(live.url)
+    assert want == model.complete(PREFIX, SUFFIX, max_new_tokens=6, fim_order="spm")
+    for name, prompt in CLIENT_TEMPLATES.items():
+        done = client.completions.create(model="santacoder", prompt=prompt, max_tokens=6, temperature=0)
+        assert done.choices[0].text == want, name
+    assert [m.id for m in client.models.list()] == ["santacoder"]
+
+
+def test_ollama_streams_ndjson_by_default(client, model):
+    reply = client.post(
+        "/api/generate",
+        json={"model": "santacoder", "prompt": PREFIX, "suffix": SUFFIX, "options": {"num_predict": 6, "temperature": 0}},
+    )
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("application/x-ndjson")
+    lines = [json.loads(line) for line in reply.text.splitlines()]
+    assert "".join(c["response"] for c in lines) == model.complete(PREFIX, SUFFIX, max_new_tokens=6, fim_order="spm")
+    last = lines[-1]
+    assert last["done"] is True and last["response"] == "" and 0 < last["eval_count"] <= 6
+    assert {"total_duration", "prompt_eval_count", "prompt_eval_duration", "eval_duration", "done_reason"} <= set(last)
+    assert client.get("/").text == "Ollama is running"
+
+
+GOOD = {"model": "santacoder", "prompt": "x"}
+
+
+@pytest.mark.parametrize(
+    "path, content, status, fragment",
+    [
+        ("/api/generate", b"{not json", 400, "not valid JSON"),
+        ("/api/generate", b"[1]", 400, "must be a JSON object"),
+        ("/api/generate", json.dumps({"prompt": "x"}).encode(), 400, "model is required"),
+        ("/api/generate", json.dumps({**GOOD, "prompt": 5}).encode(), 400, "'prompt' must be a string"),
+        ("/api/generate", json.dumps({**GOOD, "suffix": ["x"]}).encode(), 400, "'suffix' must be a string"),
+        ("/api/generate", json.dumps({**GOOD, "stream": "yes"}).encode(), 400, "'stream' must be true or false"),
+        ("/api/generate", json.dumps({**GOOD, "raw": 1}).encode(), 400, "'raw' must be true or false"),
+        ("/api/generate", json.dumps({**GOOD, "options": "hot"}).encode(), 400, "'options' must be an object"),
+        ("/api/generate", json.dumps({**GOOD, "options": {"temperature": "hot"}}).encode(), 400, "'temperature' must be a number"),
+        ("/api/generate", json.dumps({**GOOD, "options": {"num_predict": "8"}}).encode(), 400, "'num_predict' must be an integer"),
+        ("/api/generate", json.dumps({**GOOD, "options": {"num_predict": 10**400}}).encode(), 400, "an integer of 401 digits"),
+        ("/api/generate", json.dumps({**GOOD, "options": {"top_p": 2}}).encode(), 400, "'top_p' must be between"),
+        ("/api/generate", json.dumps({**GOOD, "options": {"stop": [1]}}).encode(), 400, "'stop' must be a string or a list"),
+        ("/api/generate", json.dumps({**GOOD, "options": {"stop": ["x"] * 17}}).encode(), 400, "'stop' takes at most 16"),
+        ("/api/generate", json.dumps({**GOOD, "images": ["aGk="]}).encode(), 400, "'images' and 'context' are not supported"),
+        ("/api/generate", json.dumps({**GOOD, "format": "json"}).encode(), 400, "'format' (structured output)"),
+        ("/api/generate", json.dumps({**GOOD, "prompt": "x " * 200}).encode(), 400, "the context holds 64"),
+        ("/api/generate", b'{"model": "s", "prompt": "x \\ud800"}', 400, "'prompt' is not Unicode text"),
+        ("/api/generate", b" " * (5 << 20), 413, "over 4 MiB"),
+        ("/api/generate", b'{"model": "s", "options": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nested too deeply"),
+        ("/api/show", json.dumps({}).encode(), 400, "model is required"),
+        ("/api/show", json.dumps({"model": 3}).encode(), 400, "'model' must be a string"),
+        ("/api/nowhere", b"{}", 404, "Not Found"),
+    ],
+)
+def test_hostile_ollama_bodies_get_ollamas_error_shape(client, path, content, status, fragment):
+    reply = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert reply.status_code == status, reply.text
+    error = reply.json()
+    assert set(error) == {"error"} and isinstance(error["error"], str), error
+    assert fragment in error["error"] and "\n" not in error["error"]
+    assert client.get("/health").status_code == 200
+
+
+def test_ollama_ignores_unknown_fields_and_keeps_the_servers_guards(client, quantized):
+    body = {**GOOD, "wat": 1, "keep_alive": "5m", "stream": False, "options": {"num_predict": 1, "mirostat": 2, "numa": True}}
+    assert client.post("/api/generate", json=body).json()["done"] is True
+    plain = client.post("/api/generate", content=json.dumps(body), headers={"content-type": "text/plain"})
+    assert plain.status_code == 415 and "application/json" in plain.json()["error"]
+    foreign = client.get("/api/tags", headers={"host": "evil.example"})
+    assert foreign.status_code == 400 and "is not served here" in foreign.json()["error"]
+    app = build_app(ServerSettings(model_name="tiny", api_key="sekret"), lambda: santacpu.load(quantized))
+    with in_process(app) as c:
+        wait_ready(c.get)
+        refused = c.post("/api/generate", json=body)
+        assert refused.status_code == 401 and "API key" in refused.json()["error"]
+        assert c.get("/api/tags", headers={"Authorization": "Bearer sekret"}).status_code == 200

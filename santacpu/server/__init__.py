@@ -1,6 +1,7 @@
 """`santacpu serve`: a local completion server that editors already speak to (llama.cpp's
-`/infill` and `/completion`, OpenAI's `/v1/completions` with `suffix`), thin over the library: the
-requests run through the model's batch scheduler on one generation thread.
+`/infill` and `/completion`, OpenAI's `/v1/completions` with `suffix`, Ollama's `/api/generate`;
+a prompt in any client's FIM template fills in the middle), thin over the library: the requests
+run through the model's batch scheduler on one generation thread.
 
 Needs the `serve` extra (Starlette, uvicorn, sse-starlette), imported only when a server starts:
 `pip install "santacpu[serve]"`.

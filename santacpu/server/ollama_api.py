@@ -1,0 +1,207 @@
+"""Ollama's dialect, the parts code assistants use (Continue's `ollama` provider, twinny, Tabby's
+`ollama/completion`, the `ollama` Python client): `POST /api/generate` (a `prompt`, with `suffix`
+for fill in the middle, or written in a client's FIM template with `raw`), streamed as NDJSON by
+default; `POST /api/show` (a template with `{{ .Prompt }}` and `{{ .Suffix }}`: clients enable
+FIM by it), `GET /api/tags`, `GET /api/ps`, `GET /api/version`, and `GET /` ("Ollama is running").
+
+As Ollama does, unknown top-level fields and unknown `options` keys are ignored, a known one of
+the wrong type is a 400, and an empty prompt only loads the model (`done_reason` "load"). Errors
+are Ollama's `{"error": "message"}` (the app shapes them by path).
+
+May import: starlette, `santacpu.model`, `santacpu.generation`, `santacpu.errors`, `santacpu.tokenizer`,
+the server's `requests`, `service` and `completion`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from datetime import datetime, timedelta, timezone
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import SantacpuError
+from ..generation.options import GenerationOptions
+from ..tokenizer import Tokenizer
+from .completion import CompletionText
+from .requests import Fields, Job, RequestError, text_prompt_job
+from .service import SERVED_MODEL, ServerState, collect, finish_reason, read_body
+
+# Ollama's sampling defaults; num_predict -1: until the context is full.
+OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "num_predict": -1}
+# The API version whose shapes these follow (clients compare it against the features they need).
+OLLAMA_VERSION = "0.12.0"
+# What /api/show gives as the model's template: FIM when a suffix is given, else the prompt as is.
+TEMPLATE = "{{- if .Suffix }}<fim-prefix>{{ .Prompt }}<fim-suffix>{{ .Suffix }}<fim-middle>{{- else }}{{ .Prompt }}{{- end }}"
+NDJSON = "application/x-ndjson"
+
+
+def options_of(body: dict, n_ctx: int) -> GenerationOptions:
+    """`options` (an object; its keys santacpu has no use for are ignored) as GenerationOptions."""
+    raw = body.get("options")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise RequestError(f"'options' must be an object, got {type(raw).__name__}")
+    f = Fields(raw, set(raw))
+    num_predict = f.integer("num_predict", OLLAMA_DEFAULTS["num_predict"], -2, 1 << 20)
+    seed = f.integer("seed", -1, -(1 << 63), (1 << 63) - 1)
+    top_p = f.number("top_p", OLLAMA_DEFAULTS["top_p"], 0.0, 1.0)
+    try:
+        return GenerationOptions.of(
+            max_new_tokens=n_ctx if num_predict < 0 else num_predict,  # -1, -2: until the context is full
+            temperature=f.number("temperature", OLLAMA_DEFAULTS["temperature"], 0.0, 100.0),
+            top_k=f.integer("top_k", OLLAMA_DEFAULTS["top_k"], 0, 1 << 20),
+            top_p=top_p if top_p > 0 else 1.0,
+            seed=None if seed < 0 else seed,
+            stop=f.stop_strings("stop"),
+        )
+    except SantacpuError as e:
+        raise RequestError(str(e)) from None
+
+
+def generate_fields(body: dict) -> tuple[Fields, str, str | None, bool]:
+    """The top-level fields santacpu reads: (fields, prompt, suffix or None, stream); `model` is
+    required; images, `context` and `format` are refused; other fields are ignored."""
+    f = Fields(body, set(body))
+    if not f.text("model", ""):
+        raise RequestError("model is required")
+    prompt = f.text("prompt", "")
+    suffix = f.text("suffix", "") or None  # Ollama: an empty suffix is no suffix
+    f.flag("raw", False)
+    f.text("system", "")
+    f.text("template", "")
+    if f.get("images", (list,), [], "a list") or f.get("context", (list,), [], "a list"):
+        raise RequestError("'images' and 'context' are not supported by santacpu")
+    if f.get("format", (str, dict), "", "a string or an object"):
+        raise RequestError("'format' (structured output) is not supported by santacpu")
+    return f, prompt, suffix, f.flag("stream", True)
+
+
+def generate_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget: int | None) -> Job:
+    """Ollama's `POST /api/generate` with a prompt: FIM with a suffix or a client's FIM template."""
+    f, prompt, suffix, stream = generate_fields(body)
+    return text_prompt_job(tokenizer, prompt, suffix, options_of(body, n_ctx), {"stream": stream}, n_ctx, order, budget)
+
+
+def now() -> str:
+    """Ollama's timestamps: RFC 3339 in UTC."""
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def quantization_of(name: str) -> str:
+    found = re.search(r"(q\d_\d|f16|f32|float16|float32|bfloat16)", name.lower())
+    return found.group(1).upper() if found else "F32"
+
+
+def routes(state: ServerState) -> list[Route]:
+    """Ollama's endpoints over the shared state."""
+    settings = state.settings
+    digest = hashlib.sha256(settings.model_name.encode()).hexdigest()
+    details = {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": "gpt_bigcode",
+        "families": ["gpt_bigcode"],
+        "parameter_size": "1.1B",
+        "quantization_level": quantization_of(settings.model_name),
+    }
+
+    def modified_at() -> str:
+        return datetime.fromtimestamp(state.started, timezone.utc).isoformat().replace("+00:00", "Z")
+
+    def final(run: CompletionText | None, job: Job | None, reason: str, text: str = "") -> dict:
+        answer = {"model": SERVED_MODEL, "created_at": now(), "response": text, "done": True, "done_reason": reason}
+        if run is not None and job is not None:
+            t = run.timings()
+            ended = run.ended_at or time.perf_counter()
+            answer |= {
+                "total_duration": int((ended - run.submitted) * 1e9),
+                "load_duration": 0,
+                "prompt_eval_count": len(job.ids),
+                "prompt_eval_duration": int(t["prompt_ms"] * 1e6),
+                "eval_count": len(run.sequence.tokens),
+                "eval_duration": int(t["predicted_ms"] * 1e6),
+            }
+        return answer
+
+    async def generate(request: Request):
+        body = await read_body(request)
+        _, prompt, suffix, stream = await run_in_threadpool(generate_fields, body)
+        if not prompt and suffix is None:  # a load (or, keep_alive 0, an unload) request
+            await state.loaded_model()
+            reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
+            answer = final(None, None, reason) | {"load_duration": int(state.load_seconds * 1e9)}
+            return StreamingResponse(iter([json.dumps(answer) + "\n"]), media_type=NDJSON) if stream else JSONResponse(answer)
+        model = state.ready_model()
+        job = await run_in_threadpool(
+            generate_job, body, model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
+        )
+        run = state.submit(job)[0]
+        if stream:
+            async def lines():
+                async for piece in run.pieces():
+                    yield json.dumps({"model": SERVED_MODEL, "created_at": now(), "response": piece, "done": False}) + "\n"
+                yield json.dumps(final(run, job, finish_reason(run))) + "\n"
+
+            return StreamingResponse(lines(), media_type=NDJSON)
+        await collect([run], request)
+        return JSONResponse(final(run, job, finish_reason(run), run.text()))
+
+    async def show(request: Request) -> JSONResponse:
+        body = await read_body(request)
+        f = Fields(body, set(body))
+        if not (f.text("model", "") or f.text("name", "")):
+            raise RequestError("model is required")
+        f.flag("verbose", False)
+        n_ctx = state.model.config.n_positions if state.model is not None else None
+        info = {"general.architecture": "gpt_bigcode", "general.parameter_count": 1124886528}
+        if n_ctx is not None:
+            info["gpt_bigcode.context_length"] = n_ctx
+        return JSONResponse(
+            {
+                "license": "BigCode OpenRAIL-M",
+                "modelfile": f"# served by santacpu from {settings.model_name}\nFROM {settings.model_name}\nTEMPLATE \"\"\"{TEMPLATE}\"\"\"\n",
+                "parameters": "\n".join(f"{k} {v}" for k, v in OLLAMA_DEFAULTS.items() if k != "num_predict")
+                + '\nstop "<|endoftext|>"',
+                "template": TEMPLATE,
+                "details": details,
+                "model_info": info,
+                "capabilities": ["completion", "insert"],
+                "modified_at": modified_at(),
+            }
+        )
+
+    def listed(extra: dict) -> dict:
+        return {"name": SERVED_MODEL, "model": SERVED_MODEL, "digest": digest, "size": 0, "details": details, **extra}
+
+    async def tags(request: Request) -> JSONResponse:
+        return JSONResponse({"models": [listed({"modified_at": modified_at()})]})
+
+    async def ps(request: Request) -> JSONResponse:
+        if state.model is None:
+            return JSONResponse({"models": []})
+        expires = (datetime.now(timezone.utc) + timedelta(days=3650)).isoformat().replace("+00:00", "Z")
+        return JSONResponse(
+            {"models": [listed({"expires_at": expires, "size_vram": 0, "context_length": state.model.config.n_positions})]}
+        )
+
+    async def version(request: Request) -> JSONResponse:
+        return JSONResponse({"version": OLLAMA_VERSION})
+
+    async def running(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("Ollama is running")
+
+    return [
+        Route("/", running, methods=["GET", "HEAD"]),
+        Route("/api/generate", generate, methods=["POST"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/tags", tags, methods=["GET"]),
+        Route("/api/ps", ps, methods=["GET"]),
+        Route("/api/version", version, methods=["GET"]),
+    ]

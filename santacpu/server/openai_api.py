@@ -1,0 +1,153 @@
+"""OpenAI's completions dialect: `POST /v1/completions` (`suffix`, or a prompt written in any
+client's FIM template, fills in the middle) with its field names read into a `Job`, its response
+shapes (a `text_completion` object; server-sent event chunks, then `data: [DONE]`), and the model
+list (`/v1/models`).
+
+May import: starlette, sse_starlette, `santacpu.generation`, `santacpu.errors`, `santacpu.tokenizer`,
+the server's `requests`, `service` and `completion`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from sse_starlette.sse import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from ..errors import SantacpuError
+from ..generation.options import GenerationOptions
+from ..tokenizer import Tokenizer
+from .completion import CompletionText
+from .requests import MAX_SAMPLES, Fields, Job, RequestError, text_prompt_job
+from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, collect, finish_reason, read_body
+
+OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16}
+
+_OPENAI_FIELDS = {
+    "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user",
+    "logprobs", "echo", "presence_penalty", "frequency_penalty", "best_of", "stream_options",
+}
+
+
+def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget: int | None = None) -> Job:
+    """OpenAI's `POST /v1/completions`; `suffix` (or a prompt written in a client's FIM template)
+    fills in the middle."""
+    f = Fields(body, _OPENAI_FIELDS)
+    for unsupported, neutral in (("logprobs", None), ("echo", False), ("best_of", 1)):
+        if body.get(unsupported, neutral) not in (neutral, None):
+            raise RequestError(f"'{unsupported}' is not supported by santacpu")
+    f.number("presence_penalty", 0.0, 0.0, 0.0)
+    f.number("frequency_penalty", 0.0, 0.0, 0.0)
+    f.text("user")
+    f.text("model")
+    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
+        raise RequestError("'stream_options' must be an object")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]  # a batch of one
+    if not isinstance(prompt, str):
+        raise RequestError("'prompt' must be a string")
+    max_tokens = f.integer("max_tokens", OPENAI_DEFAULTS["max_tokens"], 0, n_ctx)
+    seed = f.integer("seed", None, 0, (1 << 63) - 1)
+    try:
+        options = GenerationOptions.of(
+            max_new_tokens=max_tokens,
+            temperature=f.number("temperature", OPENAI_DEFAULTS["temperature"], 0.0, 2.0),
+            top_p=f.number("top_p", OPENAI_DEFAULTS["top_p"], 1e-9, 1.0),
+            seed=seed,
+            stop=f.stop_strings("stop"),
+        )
+    except SantacpuError as e:
+        raise RequestError(str(e)) from None
+    extras = {"stream": f.flag("stream", False)}
+    n = f.integer("n", 1, 1, MAX_SAMPLES)
+    suffix = f.text("suffix", None)
+    job = text_prompt_job(tokenizer, prompt, suffix, options, extras, n_ctx, order, budget)
+    job.n = n
+    return job
+
+
+def routes(state: ServerState) -> list[Route]:
+    """OpenAI's endpoints over the shared state."""
+    settings = state.settings
+
+    async def completions(request: Request):
+        model = state.ready_model()
+        job = await run_in_threadpool(
+            openai_job, await read_body(request), model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
+        )
+        runs = state.submit(job)
+        ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(index: int, text: str, finish: str | None) -> str:
+            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
+            return json.dumps(
+                {"id": ident, "object": "text_completion", "created": created, "model": SERVED_MODEL, "choices": [choice]}
+            )
+
+        if job.stream:
+            return EventSourceResponse(merged_events(runs, chunk), ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
+        await collect(runs, request)
+        completion_tokens = sum(len(run.sequence.tokens) for run in runs)
+        return JSONResponse(
+            {
+                "id": ident,
+                "object": "text_completion",
+                "created": created,
+                "model": SERVED_MODEL,
+                "choices": [
+                    {"text": run.text(), "index": i, "logprobs": None, "finish_reason": finish_reason(run)}
+                    for i, run in enumerate(runs)
+                ],
+                "usage": {
+                    "prompt_tokens": len(job.ids),
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": len(job.ids) + completion_tokens,
+                },
+            }
+        )
+
+    async def models(request: Request) -> JSONResponse:
+        return JSONResponse(
+            {"object": "list", "data": [{"id": SERVED_MODEL, "object": "model", "owned_by": "santacpu", "created": 0}]}
+        )
+
+    return [
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/models", models, methods=["GET"]),
+    ]
+
+
+async def merged_events(runs: list[CompletionText], chunk):
+    """The runs' pieces as SSE events, interleaved as they come, each run's last with its finish
+    reason, then `[DONE]`."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, run: CompletionText) -> None:
+        try:
+            async for piece in run.pieces():
+                await merged.put(chunk(index, piece, None))
+            await merged.put(chunk(index, "", finish_reason(run)))
+        finally:
+            await merged.put(None)
+
+    tasks = [asyncio.create_task(pump(i, run)) for i, run in enumerate(runs)]
+    try:
+        open_runs = len(tasks)
+        while open_runs:
+            item = await merged.get()
+            if item is None:
+                open_runs -= 1
+            else:
+                yield {"data": item}
+        yield {"data": "[DONE]"}
+    finally:
+        for task in tasks:
+            task.cancel()
