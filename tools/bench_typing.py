@@ -3,6 +3,7 @@ typing trace replayed over HTTP against `santacpu serve` and llama.cpp's `llama-
 
     python -m tools.bench_typing MODEL [--source FILE] [--typed "    x"] [--fit-only]
     python -m tools.bench_typing MODEL --trace --gguf FILE.gguf [--llamacpp-bin DIR] [--line N]
+    python -m tools.bench_typing MODEL --trace --dialects infill,ollama,openai-codellama
 
 For a source file cut mid-way (the cursor), runs a fresh FIM request, then the same request with
 `--typed` appended to the prefix, and prints for each FIM order: prompt tokens, time to first token
@@ -43,8 +44,12 @@ def keystroke(model, prefix: str, suffix: str, order: str, typed: str) -> str:
 # A line of --source typed character by character; each keystroke sends llama.vim's /infill body
 # (autoload/llama.vim: 256 lines before the cursor line as input_prefix, the typed part of the
 # line as prompt, the rest of the line and 64 lines after as input_suffix), non-streaming, and the
-# time to the finished completion is taken. The first request is the cold one.
+# time to the finished completion is taken. The first request is the cold one. `--dialects` sends
+# the same keystrokes through santacpu serve's other dialects too: Ollama's /api/generate (prompt +
+# suffix, as Continue sends them) and OpenAI's /v1/completions with a CodeLlama-template prompt (as a
+# client configured for CodeLlama writes it), each on a fresh server.
 N_PREFIX_LINES, N_SUFFIX_LINES, TRACE_PREDICT = 256, 64, 8
+DIALECTS = ("infill", "ollama", "openai-codellama")
 
 
 def trace_requests(source: str, line: int) -> list[dict]:
@@ -61,6 +66,27 @@ def trace_requests(source: str, line: int) -> list[dict]:
         }
         for k in range(len(typed) + 1)
     ]
+
+
+def in_dialect(body: dict, dialect: str) -> tuple[str, dict]:
+    """(path, body) of a llama.vim /infill body said in another dialect of santacpu serve."""
+    prefix, suffix = body["input_prefix"] + body["prompt"], body["input_suffix"]
+    if dialect == "infill":
+        return "/infill", body
+    if dialect == "ollama":
+        options = {"num_predict": TRACE_PREDICT, "top_k": body["top_k"], "top_p": body["top_p"]}
+        return "/api/generate", {"model": "santacoder", "prompt": prefix, "suffix": suffix, "stream": False, "options": options}
+    if dialect == "openai-codellama":
+        prompt = f"<PRE> {prefix} <SUF>{suffix} <MID>"
+        return "/v1/completions", {"model": "santacoder", "prompt": prompt, "max_tokens": TRACE_PREDICT, "top_p": body["top_p"]}
+    raise SystemExit(f"unknown dialect {dialect!r} (choose from {', '.join(DIALECTS)})")
+
+
+def computed_tokens(reply: dict):
+    """Prompt tokens the request computed, where the dialect reports it."""
+    if "timings" in reply:
+        return reply["timings"].get("prompt_n")
+    return reply.get("prompt_eval_count")  # Ollama's: the tokens evaluated, a reused prefix not counted
 
 
 def free_port() -> int:
@@ -91,18 +117,18 @@ def start_server(command: list[str], url: str, env: dict):
     raise SystemExit(f"{command[0]} never became ready")
 
 
-def replay(url: str, requests: list[dict]) -> list[dict]:
+def replay(url: str, requests: list[dict], dialect: str = "infill") -> list[dict]:
     import time
 
     import httpx
 
     results = []
     for body in requests:
+        path, sent = in_dialect(body, dialect)
         started = time.perf_counter()
-        reply = httpx.post(url + "/infill", json=body, timeout=600)
+        reply = httpx.post(url + path, json=sent, timeout=600)
         reply.raise_for_status()
-        timings = reply.json().get("timings", {})
-        results.append({"seconds": time.perf_counter() - started, "prompt_n": timings.get("prompt_n")})
+        results.append({"seconds": time.perf_counter() - started, "prompt_n": computed_tokens(reply.json())})
     return results
 
 
@@ -122,27 +148,32 @@ def run_trace(args) -> None:
     requests = trace_requests(source, line)
     env_threads = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     systems = {}
-    port = free_port()
-    systems[f"santacpu serve ({args.fim_order})"] = (
-        [sys.executable, "-m", "santacpu", "serve", "--model", args.model, "--port", str(port), "--fim-order", args.fim_order,
-         "--fim-budget", str(args.fim_budget)],
-        f"http://127.0.0.1:{port}",
-    )
+    for dialect in args.dialects.split(","):
+        port = free_port()
+        shown = "" if dialect == "infill" else f", {in_dialect(requests[0], dialect)[0]} {dialect.removeprefix('openai-')}"
+        name = f"santacpu serve ({args.fim_order}{shown})"
+        systems[name + (", again" if name in systems else "")] = (
+            [sys.executable, "-m", "santacpu", "serve", "--model", args.model, "--port", str(port), "--fim-order",
+             args.fim_order, "--fim-budget", str(args.fim_budget)],
+            f"http://127.0.0.1:{port}",
+            dialect,
+        )
     if args.gguf:
         port = free_port()
         systems["llama-server"] = (
             [str(Path(args.llamacpp_bin) / "llama-server"), "-m", args.gguf, "-c", "2048", "-b", "1024", "-t",
              str(args.threads), "-np", "1", "--host", "127.0.0.1", "--port", str(port)],
             f"http://127.0.0.1:{port}",
+            "infill",
         )
     print(f"trace: line {line + 1} of {args.source} typed ({len(requests) - 1} keystrokes), "
           f"{TRACE_PREDICT} tokens predicted, {args.threads} threads, FIM prompts of at most {args.fim_budget} tokens")
     print("| server | cold s | keystroke p50 s | keystroke p95 s | prompt tokens computed a keystroke (median) |")
     print("|---|---|---|---|---|")
-    for name, (command, url) in systems.items():
+    for name, (command, url, dialect) in systems.items():
         process = start_server(command, url, env_threads)
         try:
-            results = replay(url, requests)
+            results = replay(url, requests, dialect)
         finally:
             process.terminate()
             process.wait(timeout=60)
@@ -161,6 +192,9 @@ def main() -> None:
     parser.add_argument("--llamacpp-bin", default="/opt/llamacpp/src/build/bin")
     parser.add_argument("--line", type=int, help="--trace: the (0-based) line typed; default: the middle one.")
     parser.add_argument("--fim-order", default="spm", help="--trace: santacpu serve's --fim-order.")
+    parser.add_argument(
+        "--dialects", default="infill", help=f"--trace: santacpu serve's dialects to replay through, comma-separated ({', '.join(DIALECTS)})."
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--fim-budget", type=int, default=1024, help="--trace: santacpu serve's --fim-budget (llama-server: its -b 1024)"
