@@ -146,7 +146,7 @@ def run_trace(args) -> None:
     while not source.split("\n")[line].strip():
         line += 1
     requests = trace_requests(source, line)
-    env_threads = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    env_threads = dict(os.environ, OMP_NUM_THREADS=str(args.threads), NUMBA_NUM_THREADS=str(args.threads))
     systems = {}
     for dialect in args.dialects.split(","):
         port = free_port()
