@@ -110,7 +110,13 @@ def test_health_is_503_while_the_model_loads(quantized):
         assert c.get("/health").status_code == 503
         refused = c.post("/completion", json={"prompt": "x", "n_predict": 1})
         assert refused.status_code == 503 and refused.headers["retry-after"]
-        release.set()
+        body = {"model": "santacoder", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+        with ThreadPoolExecutor(1) as pool:  # Ollama's clients expect a request to wait for the load
+            waiting = pool.submit(c.post, "/api/generate", json=body)
+            time.sleep(0.3)
+            assert not waiting.done()
+            release.set()
+            assert waiting.result().json()["done"] is True
         wait_ready(c.get)
         assert c.get("/health").json() == {"status": "ok"}
 

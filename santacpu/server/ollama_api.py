@@ -5,7 +5,8 @@ default; `POST /api/show` (a template with `{{ .Prompt }}` and `{{ .Suffix }}`: 
 FIM by it), `GET /api/tags`, `GET /api/ps`, `GET /api/version`, and `GET /` ("Ollama is running").
 
 As Ollama does, unknown top-level fields and unknown `options` keys are ignored, a known one of
-the wrong type is a 400, and an empty prompt only loads the model (`done_reason` "load"). Errors
+the wrong type is a 400, a request while the model loads waits for it, and an empty prompt only
+loads the model (`done_reason` "load"). Errors
 are Ollama's `{"error": "message"}` (the app shapes them by path).
 
 May import: starlette, `santacpu.model`, `santacpu.generation`, `santacpu.errors`, `santacpu.tokenizer`,
@@ -138,7 +139,7 @@ def routes(state: ServerState) -> list[Route]:
             reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
             answer = final(None, None, reason) | {"load_duration": int(state.load_seconds * 1e9)}
             return StreamingResponse(iter([json.dumps(answer) + "\n"]), media_type=NDJSON) if stream else JSONResponse(answer)
-        model = state.ready_model()
+        model = await state.loaded_model()  # as Ollama: a request while the model loads waits for it
         job = await run_in_threadpool(
             generate_job, body, model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
         )
