@@ -15,7 +15,7 @@
 #      debootstrap --foreign with every package unpacked, not configured; the probe starts its
 #      children through QEMU itself, and tests that start arm64 programs fail;
 #   3. an arm64 Debian root ($SANTACPU_ARM64_ROOT, default /var/cache/santacpu-arm64/root, about
-#      640 MB; outside the repository) by debootstrap --variant=minbase --include=python3;
+#      300 MB; outside the repository) by debootstrap --variant=minbase --include=python3;
 #   4. the Python packages, arm64 wheels installed by this machine's pip (pip install --target
 #      --platform manylinux..._aarch64, no emulation) into ROOT/opt/santacpu-site: pyproject.toml's
 #      dependencies (numpy, numba, ...), llvmlite and pytest, at the versions of .venv when it has
