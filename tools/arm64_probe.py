@@ -93,44 +93,35 @@ def kernels():
         pointer = builder.bitcast(builder.gep(array.data, [offset]), i8x16.as_pointer())
         return builder.load(pointer, align=1)
 
-    @intrinsic
-    def sdot_sum(typingctx, a, b):
-        """sum(a * b) of two int8 arrays whose length is a multiple of 16, by sdot (4 int32 lanes)."""
+    def sdot_summer(unroll):
+        """An intrinsic: sum(a * b) of two int8 arrays (length a multiple of 16 x unroll) by sdot,
+        `unroll` 16-byte steps a loop turn into as many accumulators of 4 int32 lanes."""
 
-        def codegen(context, builder, signature, args):
-            va = context.make_array(signature.args[0])(context, builder, args[0])
-            vb = context.make_array(signature.args[1])(context, builder, args[1])
-            steps = builder.lshr(builder.extract_value(va.shape, 0), ir.Constant(intp, 4))
-            sdot = declare(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", i32x4, i32x4, i8x16, i8x16)
-            acc = cgutils.alloca_once_value(builder, ir.Constant(i32x4, None))
-            with cgutils.for_range(builder, steps) as loop:
-                offset = builder.shl(loop.index, ir.Constant(intp, 4))
-                x, y = load16(builder, va, offset), load16(builder, vb, offset)
-                builder.store(builder.call(sdot, [builder.load(acc), x, y]), acc)
-            reduce = declare(builder, "llvm.vector.reduce.add.v4i32", ir.IntType(32), i32x4)
-            return builder.call(reduce, [builder.load(acc)])
+        @intrinsic
+        def sdot_sum(typingctx, a, b):
+            def codegen(context, builder, signature, args):
+                va = context.make_array(signature.args[0])(context, builder, args[0])
+                vb = context.make_array(signature.args[1])(context, builder, args[1])
+                turn = 16 * unroll
+                steps = builder.udiv(builder.extract_value(va.shape, 0), ir.Constant(intp, turn))
+                sdot = declare(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", i32x4, i32x4, i8x16, i8x16)
+                accs = [cgutils.alloca_once_value(builder, ir.Constant(i32x4, None)) for _ in range(unroll)]
+                with cgutils.for_range(builder, steps) as loop:
+                    for k, acc in enumerate(accs):
+                        offset = builder.add(builder.mul(loop.index, ir.Constant(intp, turn)), ir.Constant(intp, 16 * k))
+                        x, y = load16(builder, va, offset), load16(builder, vb, offset)
+                        builder.store(builder.call(sdot, [builder.load(acc), x, y]), acc)
+                total = builder.load(accs[0])
+                for acc in accs[1:]:
+                    total = builder.add(total, builder.load(acc))
+                reduce = declare(builder, "llvm.vector.reduce.add.v4i32", ir.IntType(32), i32x4)
+                return builder.call(reduce, [total])
 
-        return types.int32(a, b), codegen
+            return types.int32(a, b), codegen
 
-    @intrinsic
-    def sdot_sum2(typingctx, a, b):
-        """sdot_sum unrolled by hand: 32 values a step into two accumulators (length a multiple of 32)."""
+        return sdot_sum
 
-        def codegen(context, builder, signature, args):
-            va = context.make_array(signature.args[0])(context, builder, args[0])
-            vb = context.make_array(signature.args[1])(context, builder, args[1])
-            steps = builder.lshr(builder.extract_value(va.shape, 0), ir.Constant(intp, 5))
-            sdot = declare(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", i32x4, i32x4, i8x16, i8x16)
-            accs = [cgutils.alloca_once_value(builder, ir.Constant(i32x4, None)) for _ in range(2)]
-            with cgutils.for_range(builder, steps) as loop:
-                for k, acc in enumerate(accs):
-                    offset = builder.add(builder.shl(loop.index, ir.Constant(intp, 5)), ir.Constant(intp, 16 * k))
-                    x, y = load16(builder, va, offset), load16(builder, vb, offset)
-                    builder.store(builder.call(sdot, [builder.load(acc), x, y]), acc)
-            reduce = declare(builder, "llvm.vector.reduce.add.v4i32", ir.IntType(32), i32x4)
-            return builder.call(reduce, [builder.add(builder.load(accs[0]), builder.load(accs[1]))])
-
-        return types.int32(a, b), codegen
+    sdot_sum, sdot_sum2 = sdot_summer(1), sdot_summer(2)
 
     @intrinsic
     def smmla_tile(typingctx, a, b, out):
