@@ -308,6 +308,34 @@ def test_the_program_sees_the_layers_that_isolation_reports():
     assert result.passed, result
 
 
+def test_without_mount_setattr_every_mount_a_path_reaches_is_read_only(monkeypatch):
+    # Kernels before 5.12 have no mount_setattr: the supervisor remounts each mount point instead,
+    # passing over those a later mount covers (the host's /proc/sys/fs/binfmt_misc under the new
+    # /proc, where a remount by path fails). Here mount_setattr's number is made unknown (ENOSYS).
+    if not isolation()["mount_namespace"]:
+        pytest.skip("no mount namespace on this machine")
+    from santacpu.harness import sandbox
+
+    boot = sandbox._BOOT.replace("SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442", "SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 10442")
+    assert boot != sandbox._BOOT
+    monkeypatch.setattr(sandbox, "_BOOT", boot)
+    monkeypatch.setattr(sandbox, "_MODE", None)
+    assert isolation()["mount_namespace"]
+    target = Path(__file__).resolve().parent / f"{marker()}.txt"
+    source = (
+        "import ctypes, os\n"
+        "assert ctypes.CDLL(None, use_errno=True).umount2(b'/tmp', 2) != 0, 'unmounted /tmp'\n"
+        "for path in ('/tmp/x', '/var/tmp/x', '/dev/shm/x', 'mine.txt'):\n"
+        "    open(path, 'w').write('mine')\n"
+        "st = os.statvfs('/usr/bin')\n"
+        "assert st.f_flag & os.ST_RDONLY and st.f_flag & os.ST_NOSUID, st.f_flag\n"
+        f"open({str(target)!r}, 'w').write('escaped')\n"
+    )
+    result, _ = run(source)
+    assert not target.exists(), f"the program wrote {target}"
+    assert result.status == "failed" and result.detail.startswith("OSError: [Errno 30] Read-only file system"), result
+
+
 def test_the_syscall_filter_refuses_what_it_names():
     if not isolation()["syscall_filter"]:
         pytest.skip("no syscall filter for this machine's syscall numbers")

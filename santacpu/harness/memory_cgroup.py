@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import secrets
 import signal
 import time
@@ -151,5 +152,6 @@ def _write(folder: str, name: str, value, optional: bool = False) -> None:
 
 
 def _unescape(field: str) -> str:
-    """A mountinfo path field, whose spaces and the like are octal escapes (\\040)."""
-    return field.encode().decode("unicode_escape") if "\\" in field else field
+    """A mountinfo path field: a space, tab, newline or backslash is written as an octal escape
+    (\\040); every other character, non-ASCII included, as it is."""
+    return re.sub(r"\\([0-7]{3})", lambda escape: chr(int(escape[1], 8)), field)

@@ -158,8 +158,8 @@ def _probe() -> _Mode:
         for memory in ((cgroup, None) if cgroup else (None,))
     ]
     problems = [] if _UNSHARE else ["no unshare command"]
+    closed = next(filter(None, map(_closed_ancestor, (sys.prefix, sys.base_prefix))), None)
     for mode in candidates:
-        closed = next(filter(None, map(_closed_ancestor, (sys.prefix, sys.base_prefix))), None)
         if closed and mode.separate_user and not mode.namespaces:  # (namespaces open such folders up)
             problems.append(f"{mode.missing}: a fresh uid cannot read this Python ({closed} is closed to others)")
             continue

@@ -15,6 +15,7 @@ May import: the standard library only (it runs outside santacpu, in the sandbox'
 
 import ctypes
 import os
+import re
 import resource
 import signal
 import struct
@@ -34,6 +35,8 @@ PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER, CAPABILITY_VERSION_3 = 4, 2, 0x20
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEVICE_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                 ("stderr", "/proc/self/fd/2"))
+# mountinfo writes a space, tab, newline or backslash in a path as \NNN (octal); anything else as is.
+OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 HINTS = {"SIGXCPU": " (the CPU time limit)", "SIGXFSZ": " (the file size limit)"}
 
 LIBC = ctypes.CDLL(None, use_errno=True)
@@ -109,13 +112,31 @@ def read_only_everywhere():
         checked(-1, "mount_setattr /")
     with open("/proc/self/mountinfo", encoding="utf-8") as file:
         mounts = [line.split() for line in file]
-    for fields in mounts:
-        point = fields[4].encode().decode("unicode_escape")
+    for fields in reachable(mounts):
+        point = OCTAL_ESCAPE.sub(lambda escape: chr(int(escape[1], 8)), fields[4])
         flags = sum(KEPT_FLAGS.get(option, 0) for option in fields[5].split(","))
-        try:
-            mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | flags, None)
-        except FileNotFoundError:  # (below a folder covered above)
-            pass
+        mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | flags, None)
+
+
+def reachable(mounts):
+    """The mountinfo entries (split lines, oldest first) a path still leads to: not those that a
+    later mount at or above their mount point, outside their own chain of parents, covers (the
+    host's /proc/sys/fs/binfmt_misc under the new /proc, anything under /tmp's cover). Covered
+    ones cannot be reached, so they need no remount; every other one must take it."""
+    parents = {fields[0]: fields[1] for fields in mounts}
+    kept = []
+    for i, fields in enumerate(mounts):
+        chain, mount_id = set(), fields[0]
+        while mount_id in parents and mount_id not in chain:
+            chain.add(mount_id)
+            mount_id = parents[mount_id]
+        point = fields[4].rstrip("/") + "/"
+        covered = any(
+            later[0] not in chain and point.startswith(later[4].rstrip("/") + "/") for later in mounts[i + 1:]
+        )
+        if not covered:
+            kept.append(fields)
+    return kept
 
 
 def end_all():
@@ -210,8 +231,7 @@ def filter_syscalls(program):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
     fprog = Program(len(program), ctypes.addressof(buffer))
-    checked(LIBC.prctl(ctypes.c_int(PR_SET_SECCOMP), ctypes.c_ulong(SECCOMP_MODE_FILTER), ctypes.byref(fprog),
-                       ctypes.c_ulong(0), ctypes.c_ulong(0)), "seccomp")
+    prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(fprog))
 
 
 def guard():
