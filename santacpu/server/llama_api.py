@@ -22,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..errors import SantacpuError
 from ..generation.options import GenerationOptions
 from ..tokenizer import Tokenizer
 from .completion import CompletionText
@@ -34,6 +33,7 @@ from .requests import (
     check_text_size,
     encode_prompt,
     fim_job,
+    generation_options,
     make_job,
     text_limit,
 )
@@ -61,17 +61,14 @@ def _llama_options(f: Fields, n_ctx: int) -> tuple[GenerationOptions, dict]:
         top_p = top_p if "top_p" in samplers else 1.0
         temperature = temperature if "temperature" in samplers else (1.0 if samplers else 0.0)
     seed = f.integer("seed", -1, -1, (1 << 63) - 1)
-    try:
-        options = GenerationOptions.of(
-            max_new_tokens=n_ctx if n_predict == -1 else n_predict,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p if top_p > 0 else 1.0,
-            seed=None if seed == -1 else seed,
-            stop=f.stop_strings("stop"),
-        )
-    except SantacpuError as e:
-        raise RequestError(str(e)) from None
+    options = generation_options(
+        max_new_tokens=n_ctx if n_predict == -1 else n_predict,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p if top_p > 0 else 1.0,
+        seed=None if seed == -1 else seed,
+        stop=f.stop_strings("stop"),
+    )
     f.get("cache_prompt", (bool,), True, "true or false")
     f.get("model", (str,), "", "a string")
     if f.integer("n_probs", 0, 0, 1 << 20):

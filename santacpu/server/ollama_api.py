@@ -26,11 +26,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from ..errors import SantacpuError
 from ..generation.options import GenerationOptions
 from ..tokenizer import Tokenizer
 from .completion import CompletionText
-from .requests import Fields, Job, RequestError, text_prompt_job
+from .requests import Fields, Job, RequestError, generation_options, text_prompt_job
 from .service import SERVED_MODEL, ServerState, collect, finish_reason, read_body
 
 # Ollama's sampling defaults; num_predict -1: until the context is full.
@@ -53,17 +52,14 @@ def options_of(body: dict, n_ctx: int) -> GenerationOptions:
     num_predict = f.integer("num_predict", OLLAMA_DEFAULTS["num_predict"], -2, 1 << 20)
     seed = f.integer("seed", -1, -(1 << 63), (1 << 63) - 1)
     top_p = f.number("top_p", OLLAMA_DEFAULTS["top_p"], 0.0, 1.0)
-    try:
-        return GenerationOptions.of(
-            max_new_tokens=n_ctx if num_predict < 0 else num_predict,  # -1, -2: until the context is full
-            temperature=f.number("temperature", OLLAMA_DEFAULTS["temperature"], 0.0, 100.0),
-            top_k=f.integer("top_k", OLLAMA_DEFAULTS["top_k"], 0, 1 << 20),
-            top_p=top_p if top_p > 0 else 1.0,
-            seed=None if seed < 0 else seed,
-            stop=f.stop_strings("stop"),
-        )
-    except SantacpuError as e:
-        raise RequestError(str(e)) from None
+    return generation_options(
+        max_new_tokens=n_ctx if num_predict < 0 else num_predict,  # -1, -2: until the context is full
+        temperature=f.number("temperature", OLLAMA_DEFAULTS["temperature"], 0.0, 100.0),
+        top_k=f.integer("top_k", OLLAMA_DEFAULTS["top_k"], 0, 1 << 20),
+        top_p=top_p if top_p > 0 else 1.0,
+        seed=None if seed < 0 else seed,
+        stop=f.stop_strings("stop"),
+    )
 
 
 def generate_fields(body: dict) -> tuple[Fields, str, str | None, bool]:

@@ -20,11 +20,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ..errors import SantacpuError
-from ..generation.options import GenerationOptions
 from ..tokenizer import Tokenizer
 from .completion import CompletionText
-from .requests import MAX_SAMPLES, Fields, Job, RequestError, text_prompt_job
+from .requests import MAX_SAMPLES, Fields, Job, RequestError, generation_options, text_prompt_job
 from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, collect, finish_reason, read_body
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16}
@@ -55,16 +53,13 @@ def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget:
         raise RequestError("'prompt' must be a string")
     max_tokens = f.integer("max_tokens", OPENAI_DEFAULTS["max_tokens"], 0, n_ctx)
     seed = f.integer("seed", None, 0, (1 << 63) - 1)
-    try:
-        options = GenerationOptions.of(
-            max_new_tokens=max_tokens,
-            temperature=f.number("temperature", OPENAI_DEFAULTS["temperature"], 0.0, 2.0),
-            top_p=f.number("top_p", OPENAI_DEFAULTS["top_p"], 1e-9, 1.0),
-            seed=seed,
-            stop=f.stop_strings("stop"),
-        )
-    except SantacpuError as e:
-        raise RequestError(str(e)) from None
+    options = generation_options(
+        max_new_tokens=max_tokens,
+        temperature=f.number("temperature", OPENAI_DEFAULTS["temperature"], 0.0, 2.0),
+        top_p=f.number("top_p", OPENAI_DEFAULTS["top_p"], 1e-9, 1.0),
+        seed=seed,
+        stop=f.stop_strings("stop"),
+    )
     extras = {"stream": f.flag("stream", False)}
     n = f.integer("n", 1, 1, MAX_SAMPLES)
     suffix = f.text("suffix", None)

@@ -108,8 +108,7 @@ def _refuse_lone_surrogates(body: dict) -> None:
 
 def _shown(value) -> str:
     """A number as a message shows it: a huge one by its size."""
-    text = str(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
-    return text
+    return str(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an integer of {len(str(abs(value)))} digits"
 
 
 class Fields:
@@ -164,6 +163,15 @@ class Fields:
         if longest > MAX_STOP_CHARS:
             raise RequestError(f"each '{name}' string may be at most {MAX_STOP_CHARS} characters, got one of {longest}")
         return tuple(stops)
+
+
+def generation_options(**fields) -> GenerationOptions:
+    """The GenerationOptions of a request's fields (each dialect reads its own names); what the
+    library refuses is the request's 400."""
+    try:
+        return GenerationOptions.of(**fields)
+    except SantacpuError as e:
+        raise RequestError(str(e)) from None
 
 
 def text_limit(tokenizer: Tokenizer, n_ctx: int) -> int:
