@@ -14,7 +14,7 @@ llama.cpp does):
   (quantize/sensitivity.py) and the budget buys the most cut per byte (`greedy_upgrades`).
   Without, it follows `upgrade_order` (no embedding rows): first the attention Q|K|V weights to
   q6_0 (llama.cpp's Q4_K_S and IQ4_NL give them Q5_K), then linear weights to q8_0, smallest
-  matrices first. What each bought on the trained fixtures is in the README.
+  matrices first. What each bought on the trained fixtures is in docs/quantization.md.
 User overrides (`--keep PATTERN=TYPE`, shell-style patterns on canonical names such as `wte`,
 `h.*.mlp_c_proj_weight`) win over the default, first match first. A matrix whose width is not a
 multiple of the block size falls back to float16.

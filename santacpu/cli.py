@@ -1,7 +1,7 @@
 """The `santacpu` command line: a thin typed layer over the Python API.
 
-Every failure ends in one line on stderr and an exit code that says what kind it was (the README's
-"Command line" section lists them): 0 done; 1 an error (`santacpu: error: ...`); 2 a usage error,
+Every failure ends in one line on stderr and an exit code that says what kind it was (docs/cli.md
+lists them): 0 done; 1 an error (`santacpu: error: ...`); 2 a usage error,
 a command line the parser rejects (an unknown option, a value of the wrong type, outside the
 range `--help` shows or not one of its choices; also one `santacpu: error:` line); 130 interrupted (Ctrl-C); 143 terminated
 (SIGTERM). An interrupted or terminated command leaves no partial file behind. `--debug` shows an
@@ -319,7 +319,7 @@ def quantize(
         1.5, min=0.0, help="4-bit types: percent of extra file size spent raising linear weights to q6_0 or q8_0, "
         "and the most used tokens' embedding rows to q8_0, where calibration measures the most KL divergence cut "
         "per byte (linear weights by role without calibration); 0 keeps every linear weight 4-bit. The default "
-        "kept q4_m files no larger than llama.cpp's Q4_K_S on the trained fixtures (README)."
+        "kept q4_m files no larger than llama.cpp's Q4_K_S on the trained fixtures (docs/quantization.md)."
     ),
     revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),

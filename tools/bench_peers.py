@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> None:
         "--batch", help="batch sizes, e.g. 1,2,4,8,16: santacpu's batched decode and llama-batched-bench's (default: off)"
     )
     parser.add_argument("--json", type=Path, help="write everything here")
-    parser.add_argument("--markdown", type=Path, help="write the tables here, ready for README")
+    parser.add_argument("--markdown", type=Path, help="write the tables here, ready for docs/performance.md")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-model", help=argparse.SUPPRESS)
     parser.add_argument("--child-prompt", type=Path, help=argparse.SUPPRESS)

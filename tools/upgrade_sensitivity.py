@@ -7,7 +7,7 @@ as santacpu's policy keeps it), each linear weight in turn is raised alone to q6
 against full precision on the same text. Prints each upgrade's KLD change and extra bytes, then
 the upgrades a greedy choice by KLD cut per byte buys within `--budget` (percent of the tensor
 bytes), as `--keep` rules. The text is calibration text (the standard library less the
-checkpoint's held-out files), not the held-out text the README's tables are scored on.
+checkpoint's held-out files), not the held-out text docs/quantization.md's tables are scored on.
 
 Single upgrades are not additive (rounding errors cancel: some raise KLD), so the greedy choice
 is an estimate to be scored as a whole (tools/compare_llamacpp.py).

@@ -3,7 +3,7 @@
 The tied embedding / LM head is the one user: the rows of the tokens that calibration text uses
 most are stored at q8_0, the rest at the embedding's type (q6_0). A few hundred rows cover half of
 the tokens a model reads and most of the probability it writes, so their rows buy the most
-accuracy per byte of any upgrade (the README has the figures).
+accuracy per byte of any upgrade (docs/quantization.md has the figures).
 
 Shapes: the weight is [rows, cols]; `upgraded_rows` int32 [k] (ascending) are stored in
 `upgraded` [k, cols], every other row, in ascending order, in `rest` [rows - k, cols].

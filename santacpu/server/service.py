@@ -42,7 +42,7 @@ class ServerSettings:
     max_batch: int = DEFAULT_MAX_BATCH
     max_queue: int = 64
     # Suffix first: typing at the cursor only appends to the prompt (a keystroke computes ~1 token
-    # where prefix-first recomputes the whole suffix: see the README's typing trace).
+    # where prefix-first recomputes the whole suffix: see docs/server.md's typing trace).
     fim_order: str = "spm"
     fim_budget: int | None = None  # most prompt tokens of a FIM request (None: the context's)
     host: str = "127.0.0.1"  # the address listened on: Host headers must name it or localhost
