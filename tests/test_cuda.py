@@ -171,13 +171,22 @@ def _attention_reference(q, k, v):
 
 
 @pytest.mark.parametrize(
-    "kv_dtype, shapes, G", [("float16", SIMULATOR_SHAPES, 1), ("float32", SIMULATOR_SHAPES, 2), ("float16", DEVICE_SHAPES, 1)],
-    ids=["fp16-mqa", "fp32-two-kv-heads", "fp16-gpu-shapes"],
+    "kv_dtype, shapes, G, in_attention",
+    [("float16", SIMULATOR_SHAPES, 1, True), ("float32", SIMULATOR_SHAPES, 2, True), ("float16", DEVICE_SHAPES, 1, True),
+     ("float16", SIMULATOR_SHAPES, 1, False), ("float32", SIMULATOR_SHAPES, 2, False)],
+    ids=["fp16-mqa", "fp32-two-kv-heads", "fp16-gpu-shapes", "fp16-store-kernel", "fp32-store-kernel"],
 )
-def test_attend_stores_and_attends(kv_dtype, shapes, G):
+def test_attend_stores_and_attends(kv_dtype, shapes, G, in_attention, monkeypatch):
     """Rows already cached (written here), then two calls (a few tokens, then one) that store
     their own rows and attend past a chunk of lanes, each against the causal softmax in NumPy
-    over what the cache holds."""
+    over what the cache holds. Decode steps' calls store K/V inside the attention kernel (which
+    reads the new rows from qkv, rounded as the cache rounds them); longer calls launch
+    `store_kv` first (`in_attention=False`: every call taken as a long one). With the GPU's
+    shapes the grid covers the position bucket: splits past the positions add nothing."""
+    from santacpu.backends.cuda import backend as cuda_backend
+
+    if not in_attention:
+        monkeypatch.setattr(cuda_backend, "STEP_TOKENS", 0)
     rng = np.random.default_rng(7)
     H, D, L, n_ctx, layer, stored = 4, 16, 2, 40, 1, np.dtype(kv_dtype)
     E = H * D

@@ -33,6 +33,7 @@ from ...formats.split_rows import SplitRowsWeight, widened_to_q8_0
 from . import layer_kernels as lk
 from . import linear_kernels as mk
 from .device import simulated
+from .graphs import StepGraphs, graph_driver
 from .launch import Launcher
 from .values import FORMAT_IDS
 
@@ -49,18 +50,51 @@ class LaunchShapes:
     attention_threads: int  # a block of attention (one query token, some of its positions)
     attention_blocks: int  # spread a call's attention over at least this many blocks
     flat_threads: int  # element-wise kernels
+    position_bucket: int  # a decode step's attention grid covers its context length rounded up to this
 
 
 # attention_blocks: two blocks for each of an H100's or H200's 132 multiprocessors.
 DEVICE_SHAPES = LaunchShapes(
     matvec=(32, 8), matvec_one=(8, 16), matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264,
-    flat_threads=256,
+    flat_threads=256, position_bucket=256,
 )
 # The simulator pays for every block and every barrier of its threads (each a Python thread): few
 # blocks, few threads, one lane a row.
 SIMULATOR_SHAPES = LaunchShapes(
-    matvec=(1, 16), matvec_one=(1, 32), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3, flat_threads=64
+    matvec=(1, 16), matvec_one=(1, 32), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3, flat_threads=64,
+    position_bucket=lk.CHUNK,
 )
+# Calls of at most this many tokens are decode steps (one token, a token and its drafts, a batch
+# of sequences' next tokens): attention stores their K/V itself and takes its grid from the
+# context length's bucket, and their launches are recorded for CUDA graphs (graphs.py).
+STEP_TOKENS = 32
+
+
+def attention_grid(T: int, start: int, shapes: LaunchShapes) -> tuple[int, int]:
+    """(splits, chunks a split) of attention over positions 0..start+T-1: enough blocks to fill
+    the GPU. A decode step's (T <= STEP_TOKENS) covers its length rounded up to the position
+    bucket, so every step of a bucket has the same grid (one CUDA graph); the kernel reads the
+    real length from device memory."""
+    n_positions = start + T  # the last token's
+    if T <= STEP_TOKENS:
+        n_positions = -(-n_positions // shapes.position_bucket) * shapes.position_bucket
+    chunks = -(-n_positions // lk.CHUNK)
+    splits = min(chunks, max(1, -(-shapes.attention_blocks // T)))
+    per_split = -(-chunks // splits)
+    return -(-chunks // per_split), per_split
+
+
+class _SimulatorLaunch:
+    """kernel[grid, block] under the simulator, configured when called: the simulator's
+    kernel[grid, block] reconfigures one shared object, which a recorded launch cannot hold."""
+
+    __slots__ = ("kernel", "grid", "block")
+
+    def __init__(self, kernel, grid, block):
+        self.kernel, self.grid, self.block = kernel, grid, block
+
+    def __call__(self, *args):
+        self.kernel[self.grid, self.block](*args)
 
 
 @dataclass(frozen=True)
@@ -81,7 +115,7 @@ class DeviceWeight:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, shapes: LaunchShapes | None = None):
+    def __init__(self, shapes: LaunchShapes | None = None, graphs: bool = True):
         # Small grids (a decode step's attention, LayerNorm) are by design: no warning for each.
         numba_config.CUDA_LOW_OCCUPANCY_WARNINGS = False
         try:
@@ -100,10 +134,15 @@ class CudaBackend:
         self._launches: dict[tuple, object] = {}
         self._timings: list | None = None  # (label, bytes read, start event, end event) while profiling
         self._launcher = Launcher(enabled=not self.simulated)
-        self._one_row = None  # decode's token id and position on the device, [2, 1] int64
-        self._one_row_views: tuple = ()  # its two rows
-        self._parts_key: tuple | None = None  # see _attention_parts
-        self._parts: tuple = ()
+        # Every launch goes to one stream of our own (graphs are captured from a stream; the
+        # legacy default stream cannot be), which synchronizes with the default stream.
+        self._stream = None if self.simulated else cuda.stream()
+        driver, reason = graph_driver(self._stream, self.simulated)
+        self._graphs = StepGraphs(self._launcher, driver, reason, no_cleanup=cuda.defer_cleanup)
+        self._graphs.enabled = graphs
+        self._rows: dict[int, tuple] = {}  # T -> ([2, T] int64 device ids and positions, its two rows)
+        self._positions: tuple = (None, None)  # the last embedded positions: (host, device)
+        self._parts: dict[tuple, tuple] = {}  # see _attention_parts
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
         self._unused_parts = (cuda.device_array((1, 1, 1), np.float32),) * 3
 
@@ -114,32 +153,67 @@ class CudaBackend:
         else:
             name = cuda.get_current_device().name
             name = name.decode() if isinstance(name, bytes) else str(name)
-        return f"cuda: {name}, {self.weight_bytes / 1e6:.0f} MB of device memory for the weights"
+        return f"cuda: {name}, {self.weight_bytes / 1e6:.0f} MB of device memory for the weights; {self._graphs.describe()}"
+
+    @property
+    def launch_mode(self) -> str:
+        """How decode steps run: "graphs" (captured CUDA graphs, replayed) or "launches" (one
+        by one; `graph_reason` says why)."""
+        return self._graphs.mode
+
+    @property
+    def graph_reason(self) -> str | None:
+        """Why decode steps are not graphs (None where they are, or are only turned off)."""
+        return self._graphs.reason
+
+    @property
+    def use_graphs(self) -> bool:
+        return self._graphs.enabled
+
+    @use_graphs.setter
+    def use_graphs(self, on: bool) -> None:
+        """Turn CUDA graphs on or off (the same kernels either way: tools/gpu_check.py compares)."""
+        self._graphs.flush()
+        self._graphs.enabled = bool(on)
+
+    @property
+    def graph_counts(self) -> dict:
+        """Decode steps so far: captured into graphs, replayed, launched one by one; graphs kept."""
+        g = self._graphs
+        return {"captures": g.captures, "replays": g.replays, "plain_steps": g.plain_steps, "kept": len(g)}
 
     def _launch(self, kernel, grid, block, label: str | None = None, nbytes: int = 0):
         """A function that launches `kernel` on grid x block with the arguments it is given."""
-        if self.simulated:  # the simulator's kernel[grid, block] reconfigures one shared object
-            configured = kernel[grid, block]
-        else:
-            key = (kernel, grid, block)
-            configured = self._launches.get(key)
-            if configured is None:
-                configured = self._launches[key] = kernel[grid, block]
+        key = (kernel, grid, block)
+        configured = self._launches.get(key)
+        if configured is None:
+            if self.simulated:
+                configured = _SimulatorLaunch(kernel, grid, block)
+            else:
+                configured = kernel[grid, block, self._stream]
+            self._launches[key] = configured
         if self._timings is None:
-            return lambda *args: self._launcher(configured, args)
+            return lambda *args: self._run(configured, args)
         return lambda *args: self._timed(configured, label or kernel.py_func.__name__, nbytes, args)
+
+    def _run(self, configured, args) -> None:
+        if self._graphs.recording:  # inside a decode step: launched (or replayed) at its end
+            self._graphs.defer(configured, args)
+        else:
+            self._launcher(configured, args)
 
     def _timed(self, configured, label: str, nbytes: int, args) -> None:
         start, end = cuda.event(), cuda.event()
-        start.record()
+        start.record(self._stream or 0)
         self._launcher(configured, args)
-        end.record()
+        end.record(self._stream or 0)
         self._timings.append((label, nbytes, start, end))
 
     def profile(self, work) -> list[tuple[str, int, float]]:
         """Run work() with every launch timed by device events: [(label, bytes of weights read,
         milliseconds)] in launch order. Events between launches add a little host time."""
-        self._timings = []
+        self._graphs.flush()
+        self._timings = []  # no step is recorded while profiling: every launch is timed
         try:
             work()
             cuda.synchronize()
@@ -167,14 +241,15 @@ class CudaBackend:
             return None
         source = cuda.device_array(nbytes // 8, np.int64)
         target = cuda.device_array(nbytes // 8, np.int64)
+        self._graphs.flush()
         launch = self._launch(lk.copy, 32 * cuda.get_current_device().MULTIPROCESSOR_COUNT, 256)
         launch(source, target)
         best = math.inf
         for _ in range(repeat):
             start, end = cuda.event(), cuda.event()
-            start.record()
+            start.record(self._stream)
             launch(source, target)
-            end.record()
+            end.record(self._stream)
             end.synchronize()
             best = min(best, start.elapsed_time(end) / 1e3)
         return 2 * source.nbytes / best / 1e9
@@ -257,6 +332,7 @@ class CudaBackend:
         return cuda.device_array(shape, np.uint16 if np.dtype(dtype) == np.float16 else np.float32)
 
     def copy_kv_prefix(self, target, source, n: int) -> None:
+        self._graphs.flush()
         L, _, G, D = source.shape
         if L * n * G * D:  # each position's G x D values as one row: [L, n_ctx, G*D] views
             target_rows = target.reshape(L, target.shape[1], G * D)
@@ -264,12 +340,18 @@ class CudaBackend:
             self._flat(lk.copy_kv_prefix, L * n * G * D)(source_rows, target_rows, n)
 
     def take_rows(self, x, rows: list[int]):
+        self._graphs.flush()
         if rows == list(range(rows[0], rows[0] + len(rows))):
             return x[rows[0] : rows[0] + len(rows)]
         return cuda.to_device(np.ascontiguousarray(x.copy_to_host()[rows]))
 
     def to_host(self, x) -> np.ndarray:
-        return x.copy_to_host()
+        self._graphs.flush()  # a recorded step runs before anything is read
+        if self._stream is None:
+            return x.copy_to_host()
+        host = x.copy_to_host(stream=self._stream)
+        self._stream.synchronize()
+        return host
 
     def _flat(self, kernel, n: int):
         threads = self.shapes.flat_threads
@@ -280,15 +362,21 @@ class CudaBackend:
     def input_embeddings(self, wte: DeviceWeight, wpe: DeviceWeight, ids: np.ndarray, positions: np.ndarray, out=None):
         T, E = len(ids), wte.shape[1]
         both = np.array([ids, positions], np.int64)  # one copy to the device for both
-        if T == 1:  # decode: the same device arrays every step (prepared launches stay valid)
-            if self._one_row is None:
-                self._one_row = cuda.to_device(both)
-                self._one_row_views = (self._one_row[0], self._one_row[1])
-            self._one_row.copy_to_device(both)
-            token_rows, position_rows = self._one_row_views
+        self._graphs.flush()  # the last step's launches read the rows rewritten below
+        if T <= STEP_TOKENS:  # decode steps: the same device rows every step (prepared launches, graphs)
+            if T not in self._rows:
+                rows = cuda.to_device(both)
+                self._rows[T] = (rows, rows[0], rows[1])
+            rows, token_rows, position_rows = self._rows[T]
+            if self._stream is None:
+                rows.copy_to_device(both)
+            else:
+                rows.copy_to_device(both, stream=self._stream)
+            self._graphs.open()  # this step's launches are recorded until its first host read
         else:
             rows = cuda.to_device(both)
             token_rows, position_rows = rows[0], rows[1]
+        self._positions = (both[1], position_rows)
         out = self.empty((T, E)) if out is None else out
         self._flat(lk.embed, T * E)(wte.fmt, *wte.parts, token_rows, False, out)
         self._flat(lk.embed, T * E)(wpe.fmt, *wpe.parts, position_rows, True, out)
@@ -335,33 +423,50 @@ class CudaBackend:
         T, E = out.shape
         G, D = k_cache.shape[2], k_cache.shape[3]
         half = k_cache.dtype == np.uint16
-        self._flat(lk.store_kv, T * G * D)(qkv, T, E, k_cache, v_cache, layer, start, half)
+        positions, index = self._device_start(start)
+        step = T <= STEP_TOKENS  # a decode step's: K/V stored by attention, grid by bucket
+        if not step:
+            self._flat(lk.store_kv, T * G * D)(qkv, T, E, k_cache, v_cache, layer, positions, index, half)
         H = E // D
-        chunks = (start + T + lk.CHUNK - 1) // lk.CHUNK  # the last token's
-        splits = min(chunks, max(1, -(-self.shapes.attention_blocks // T)))  # enough blocks to fill the GPU
-        per_split = -(-chunks // splits)
-        splits = -(-chunks // per_split)
+        splits, per_split = attention_grid(T, start, self.shapes)
         scale = np.float32(1.0 / math.sqrt(D))
         launch = self._launch(lk.attention, (T, splits), self.shapes.attention_threads)
         if splits == 1:
-            launch(qkv, k_cache, v_cache, layer, start, half, H, scale, per_split, out, *self._unused_parts)
+            launch(qkv, k_cache, v_cache, layer, positions, index, step, half, H, scale, per_split, out, *self._unused_parts)
         else:
             acc, top, total = self._attention_parts(T, splits, E, H)
-            launch(qkv, k_cache, v_cache, layer, start, half, H, scale, per_split, out, acc, top, total)
+            launch(qkv, k_cache, v_cache, layer, positions, index, step, half, H, scale, per_split, out, acc, top, total)
             self._flat(lk.attention_combine, T * E)(acc, top, total, D, out)
+
+    def _device_start(self, start: int):
+        """(device int64 array, index) holding `start`: one of the positions the last
+        `input_embeddings` put on the device (any row holding that value: every sequence of a
+        batched step finds its own), else a new one-value array (a caller that embedded nothing)."""
+        host, device = self._positions
+        if host is not None:
+            if len(host) == 1:
+                if host[0] == start:
+                    return device, 0
+            else:
+                found = np.flatnonzero(host == start)
+                if len(found):
+                    return device, int(found[0])
+        return cuda.to_device(np.array([start], np.int64)), 0
 
     def _attention_parts(self, T: int, splits: int, E: int, H: int):
         """Scratch for attention's partial sums [T, splits, E] and per-head max and sum
-        [T, splits, H], kept for the next call of the same size (every decode step's)."""
+        [T, splits, H], kept for every later call of the same sizes (decode steps', whose
+        graphs hold them)."""
         key = (T, splits, E, H)
-        if self._parts_key != key:
-            self._parts = (
+        if key not in self._parts:
+            if len(self._parts) > 64:  # prompts' sizes never recur
+                self._parts.clear()
+            self._parts[key] = (
                 cuda.device_array((T, splits, E), np.float32),
                 cuda.device_array((T, splits, H), np.float32),
                 cuda.device_array((T, splits, H), np.float32),
             )
-            self._parts_key = key
-        return self._parts
+        return self._parts[key]
 
     def forward_context(self, weights, n_tokens: int) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()

@@ -65,9 +65,11 @@ def layer_norm(x, weight, bias, eps, out):
 
 
 @cuda.jit(cache=True)
-def store_kv(qkv, n_tokens, q_width, k_cache, v_cache, layer, start, half):
-    """Rows of qkv [T, E + 2*G*D] (after Q: K, then V) into the caches at positions start.."""
+def store_kv(qkv, n_tokens, q_width, k_cache, v_cache, layer, positions, index, half):
+    """Rows of qkv [T, E + 2*G*D] (after Q: K, then V) into the caches at positions start..,
+    start = positions[index] (device memory: see `attention`)."""
     i = cuda.grid(1)
+    start = positions[index]
     heads, dim = k_cache.shape[2], k_cache.shape[3]
     kv_width = heads * dim
     if i < n_tokens * kv_width:
@@ -90,16 +92,33 @@ def _cached(cache, half, layer, position, head, d):
     return half_to_float(cache[layer, position, head, d]) if half else float32(cache[layer, position, head, d])
 
 
+@cuda.jit(device=True, inline=True)
+def _rounded(value, half):
+    """value as the cache gives it back: through fp16 where the cache is fp16."""
+    return half_to_float(float_to_half(value)) if half else value
+
+
 @cuda.jit(cache=True)
-def attention(qkv, k_cache, v_cache, layer, start, half, n_head, scale, chunks_per_split, out, part_acc, part_max, part_sum):
+def attention(qkv, k_cache, v_cache, layer, positions, index, store, half, n_head, scale, chunks_per_split, out,
+              part_acc, part_max, part_sum):
     """Causal multi-query attention, one block per (query token t, split s of its positions).
+
+    The call's first position, start, is positions[index], read from device memory (a decode
+    step's position is written there before the step, so a captured step replays at any
+    position); the grid may cover more positions than start + T (a decode step's grid follows
+    its context length's bucket): splits past them find no chunk, and contribute nothing.
 
     Positions come in chunks of CHUNK: each chunk's K and V rows (every head's) are staged in
     shared memory once and serve all of a K/V head's query heads, which keep a running softmax
     (max, sum, weighted sum of V) across the split's chunks. With one split a token (long
     prompts: enough blocks already) the block writes out [T, E] itself; with several (decode: a
     token's positions spread over the GPU) it writes its partial sums, which `attention_combine`
-    adds up. q is qkv[t, :E] as [H, D]; rows of qkv after E are K and V (already in the cache)."""
+    adds up. q is qkv[t, :E] as [H, D]; rows of qkv after E are K and V.
+
+    With `store` (decode steps: one launch fewer a layer), the call's own K/V rows are not yet
+    in the cache: blocks (t, split 0) write row t into it, and every block reads positions from
+    start on from qkv instead, rounded as the cache rounds them (fp16). Without it `store_kv`
+    has stored them already."""
     t = cuda.blockIdx.x
     split = cuda.blockIdx.y
     n_splits = cuda.gridDim.y
@@ -124,7 +143,22 @@ def attention(qkv, k_cache, v_cache, layer, start, half, n_head, scale, chunks_p
     for h in range(tid, n_head, threads):
         running_max[h] = float32(-math.inf)
         running_sum[h] = 0.0
+    start = positions[index]
     n_positions = start + t + 1
+    q_width = width  # K's first column in qkv (after Q)
+    kv_width = n_kv * dim
+    if store and split == 0:
+        for i in range(tid, kv_width, threads):
+            g = i // dim
+            d = i - g * dim
+            k = qkv[t, q_width + i]
+            v = qkv[t, q_width + kv_width + i]
+            if half:
+                k_cache[layer, start + t, g, d] = float_to_half(k)
+                v_cache[layer, start + t, g, d] = float_to_half(v)
+            else:
+                k_cache[layer, start + t, g, d] = k
+                v_cache[layer, start + t, g, d] = v
     first_chunk = split * chunks_per_split
     last_chunk = min(first_chunk + chunks_per_split, (n_positions + CHUNK - 1) // CHUNK)
     cuda.syncthreads()
@@ -135,7 +169,11 @@ def attention(qkv, k_cache, v_cache, layer, start, half, n_head, scale, chunks_p
             for i in range(tid, CHUNK * dim, threads):  # stage the chunk's K and V rows
                 p = i // dim
                 d = i - p * dim
-                if p0 + p < n_positions:
+                if store and p0 + p >= start and p0 + p < n_positions:  # this call's row: from qkv
+                    column = q_width + g * dim + d
+                    k_tile[p, d] = _rounded(qkv[p0 + p - start, column], half)
+                    v_tile[p, d] = _rounded(qkv[p0 + p - start, column + kv_width], half)
+                elif p0 + p < n_positions:
                     k_tile[p, d] = _cached(k_cache, half, layer, p0 + p, g, d)
                     v_tile[p, d] = _cached(v_cache, half, layer, p0 + p, g, d)
                 else:
