@@ -1,17 +1,24 @@
 """The CUDA backend's checks on a real GPU, in one run (tools/gpu_check.sh calls it; see there).
 
 1. Starts building the full-size random checkpoint and its q8_0 / q4_0 files (in the background).
-2. Runs tests/test_cuda.py on the GPU (NUMBA_ENABLE_CUDASIM=0): every kernel against its NumPy
-   twin with the GPU's launch shapes, the sim model, the golden fixtures (fp32 KV within 1e-4,
-   fp16 within 1e-3) and the trained fixture's greedy text against the CPU's.
-3. Full size: the CUDA logits of each file against the NumPy reference (a 40-token prompt, then
+2. Runs tests/test_cuda.py and tests/test_cuda_graphs.py on the GPU (NUMBA_ENABLE_CUDASIM=0):
+   every kernel against its NumPy twin with the GPU's launch shapes, the sim model, real CUDA
+   graphs against plain launches (the same logits to the bit), the golden fixtures (fp32 KV
+   within 1e-4, fp16 within 1e-3) and the trained fixture's greedy text against the CPU's.
+3. The trained fixture's greedy ids on the GPU (graphs on) against the CPU's, here too, with the
+   launch mode the backend reports.
+4. Full size, for each file: the CUDA logits against the NumPy reference (a 40-token prompt, then
    two single tokens), fp16 and fp32 KV, and again with a few hundred embedding rows split off
-   at q8_0 (the same values: `quantize` raises the most used rows so). (The greedy comparison is
-   the trained fixture's, in 2.)
-4. `santacpu bench FILE --device cuda --parts speed` for each file: prefill 512, decode 128,
-   the decode step taken apart (kernels against launch overhead), device memory, copy bandwidth.
+   at q8_0 (the same values: `quantize` raises the most used rows so).
+5. Full size, for each file: prefill of a 512-token prompt and greedy decode of 128 tokens after
+   it, with CUDA graphs on and off (the same ids required), a decode step taken apart (kernel
+   time by device events), and batched decode through the scheduler at B = 1, 8, 32 (aggregate
+   tok/s).
+6. `santacpu bench FILE --device cuda --parts speed` on the q4_0 file, if time is left.
 
-Prints a short summary last; everything also goes to the folder given (the device tool's $OUT).
+Each section is guarded: a failure is written into the summary and the next section runs.
+Progress lines go to stdout; everything also goes to the folder given (the device tool's $OUT):
+summary.json last (and after every section, so a run cut short still leaves one).
 """
 
 from __future__ import annotations
@@ -98,51 +105,213 @@ def _split_copy(wte, ids: list[int]):
     return SplitRowsWeight(wte.shape, raised, widened_to_q8_0(wte.take_rows(raised)), wte.take_rows(rest))
 
 
+BUDGET_S = 7 * 60  # the whole run must stay under 8 minutes: optional parts are skipped past this
+STARTED = time.perf_counter()
+
+
+def elapsed() -> float:
+    return time.perf_counter() - STARTED
+
+
+def section(summary: dict, out: Path, name: str, work, optional_after: float | None = None) -> None:
+    """summary[name] = work(), or the error; the summary is rewritten after each section."""
+    if optional_after is not None and elapsed() > optional_after:
+        summary[name] = {"skipped": f"{elapsed():.0f} s elapsed, past {optional_after:.0f} s"}
+        log(f"{name}: skipped ({summary[name]['skipped']})")
+        return
+    log(f"{name}: start ({elapsed():.0f} s elapsed)")
+    start = time.perf_counter()
+    try:
+        summary[name] = work()
+    except Exception as error:  # keep going: the other sections still say something
+        import traceback
+
+        summary[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
+    log(f"{name}: done in {time.perf_counter() - start:.1f} s: {json.dumps(summary[name], default=str)[:1500]}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def trained_fixture_greedy() -> dict:
+    """The trained fixture's greedy ids on the GPU (graphs on, then off) against the CPU's."""
+    import santacpu
+
+    folder = REPO / "tests" / "fixtures" / "trained_tiny"
+    prompt = "def fibonacci(n):\n"
+    cpu = santacpu.load(folder, device="cpu")
+    want = list(cpu.generate(cpu.tokenizer.encode(prompt), max_new_tokens=48, lookup=False))
+    gpu = santacpu.load(folder, device="cuda")
+    backend = gpu.engine.backend
+    result = {}
+    for graphs in (True, False):
+        backend.use_graphs = graphs
+        got = list(gpu.generate(gpu.tokenizer.encode(prompt), max_new_tokens=48, lookup=False))
+        result[f"graphs_{'on' if graphs else 'off'}_equal_cpu"] = got == want
+    backend.use_graphs = True
+    result["tokens"] = len(want)
+    result["launch_mode"] = backend.launch_mode
+    result["graph_counts"] = backend.graph_counts
+    result["device"] = gpu.device
+    return result
+
+
+def _greedy_run(engine, prompt: list[int], n_new: int, graphs: bool) -> dict:
+    """Prefill `prompt`, then `n_new` greedy tokens, timed (the device synchronised at both ends:
+    every forward returns host logits)."""
+    backend = engine.backend
+    backend.use_graphs = graphs
+    cache = engine.new_cache(len(prompt) + n_new + 1)
+    before = dict(backend.graph_counts)
+    start = time.perf_counter()
+    logits = engine.forward(cache, prompt)[-1]
+    prefill_s = time.perf_counter() - start
+    ids = []
+    start = time.perf_counter()
+    for _ in range(n_new):
+        ids.append(int(np.argmax(logits)))
+        logits = engine.forward(cache, [ids[-1]])[-1]
+    decode_s = time.perf_counter() - start
+    counts = {k: backend.graph_counts[k] - before[k] for k in ("captures", "replays", "plain_steps")}
+    return {"prefill_tok_s": len(prompt) / prefill_s, "decode_tok_s": n_new / decode_s, "step_ms": 1e3 * decode_s / n_new,
+            "ids": ids, "mode": backend.launch_mode, **counts}
+
+
+def speed(path: Path, prompt_tokens: int = 512, n_new: int = 128, batch: tuple = (1, 8, 32), warm_tokens: int = 64,
+          batch_prompt: int = 256, batch_new: int = 64) -> dict:
+    """Prefill and decode at a 512-token context with graphs on and off (each twice, after a
+    warm-up of both), a decode step taken apart, batched decode at B = 1, 8, 32."""
+    import santacpu
+
+    model = santacpu.load(path, device="cuda")
+    engine, backend = model.engine, model.engine.backend
+    rng = np.random.default_rng(1)
+    prompt = [int(i) for i in rng.integers(0, model.config.vocab_size, prompt_tokens)]
+    result: dict = {"device": model.device}
+    for graphs in (True, False):  # warm-up: compiles, prepares launches, one capture
+        _greedy_run(engine, prompt[:warm_tokens], 8, graphs)
+    runs = {"on": [], "off": []}
+    for _ in range(2):
+        for graphs in (False, True):
+            run = _greedy_run(engine, prompt, n_new, graphs)
+            runs["on" if graphs else "off"].append(run)
+            log(f"  graphs {'on' if graphs else 'off'}: prefill {run['prefill_tok_s']:.0f} tok/s, decode "
+                f"{run['decode_tok_s']:.1f} tok/s ({run['step_ms']:.2f} ms a step; {run['mode']}, "
+                f"{run['captures']} captures, {run['replays']} replays, {run['plain_steps']} plain steps)")
+    for label, done in runs.items():
+        result[f"graphs_{label}"] = {
+            "decode_tok_s": [r["decode_tok_s"] for r in done], "step_ms": [r["step_ms"] for r in done],
+            "prefill_tok_s": [r["prefill_tok_s"] for r in done], "mode": done[-1]["mode"],
+            "captures": [r["captures"] for r in done], "replays": [r["replays"] for r in done],
+        }
+    ids = [r["ids"] for done in runs.values() for r in done]
+    result["greedy_ids_equal_graphs_on_off"] = all(i == ids[0] for i in ids)
+    result["first_ids"] = ids[0][:16]
+    backend.use_graphs = True
+    result["launch_mode"], result["graph_reason"] = backend.launch_mode, backend.graph_reason
+
+    # one decode step at the prompt's end taken apart (device events: launches one by one)
+    cache = engine.new_cache(len(prompt) + 1)
+    engine.forward(cache, prompt)
+    timings = backend.profile(lambda: engine.forward(cache, [prompt[0]]))
+    kernels: dict = {}
+    for label, _, ms in timings:
+        k = kernels.setdefault(label.split(" ")[0], [0, 0.0])
+        k[0] += 1
+        k[1] += ms
+    result["step_profile"] = {"launches": len(timings), "kernel_ms": sum(ms for _, _, ms in timings),
+                              "by_kernel": {k: {"launches": n, "ms": round(ms, 4)} for k, (n, ms) in kernels.items()}}
+    log(f"  decode step: {len(timings)} launches, {result['step_profile']['kernel_ms']:.3f} ms of kernels")
+    del cache
+
+    result["batched"] = {}
+    for B in batch:
+        if elapsed() > BUDGET_S - 60:
+            result["batched"][str(B)] = {"skipped": f"{elapsed():.0f} s elapsed"}
+            continue
+        try:
+            result["batched"][str(B)] = _batched(model, B, batch_prompt, batch_new)
+            log(f"  batched B={B}: {result['batched'][str(B)]}")
+        except Exception as error:
+            result["batched"][str(B)] = {"error": f"{type(error).__name__}: {error}"}
+    result["graph_counts"] = backend.graph_counts
+    result["device_after"] = model.device
+    return result
+
+
+def _batched(model, B: int, prompt_tokens: int = 256, n_new: int = 64) -> dict:
+    """B sequences through the scheduler: prompts joined in the first step, later steps timed."""
+    rng = np.random.default_rng(B)
+    scheduler = model.scheduler(max_batch=B)
+    for _ in range(B):
+        scheduler.submit([int(i) for i in rng.integers(0, model.config.vocab_size, prompt_tokens)], max_new_tokens=n_new,
+                         lookup=False)
+    start = time.perf_counter()
+    scheduler.step()
+    joined = time.perf_counter()
+    tokens = steps = 0
+    while scheduler.pending:
+        tokens += sum(len(emitted) for _, emitted in scheduler.step())
+        steps += 1
+    elapsed_s = time.perf_counter() - joined
+    return {"aggregate_tok_s": round(tokens / elapsed_s, 1), "per_sequence_tok_s": round(tokens / elapsed_s / B, 1),
+            "step_ms": round(1e3 * elapsed_s / max(steps, 1), 2), "tokens": tokens, "prompts_s": round(joined - start, 2)}
+
+
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "gpu_check_out")
     work = Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/gpu_check")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     summary: dict = {}
-    from numba import cuda
-
-    gpu = cuda.get_current_device()
-    summary["gpu"] = gpu.name.decode() if isinstance(gpu.name, bytes) else str(gpu.name)
-    import numba
-
-    summary["versions"] = {"python": sys.version.split()[0], "numba": numba.__version__, "numpy": np.__version__}
     try:
+        from numba import cuda
+
+        gpu = cuda.get_current_device()
+        summary["gpu"] = gpu.name.decode() if isinstance(gpu.name, bytes) else str(gpu.name)
+        import numba
+
+        summary["versions"] = {"python": sys.version.split()[0], "numba": numba.__version__, "numpy": np.__version__}
         import importlib.metadata as md
 
-        summary["versions"]["numba-cuda"] = md.version("numba-cuda")
-    except Exception:
-        pass
-    log(f"GPU {summary['gpu']}; {summary['versions']}")
+        for package in ("numba-cuda", "cuda-bindings", "cuda-python", "cuda-core"):
+            try:
+                summary["versions"][package] = md.version(package)
+            except Exception:
+                pass
+    except Exception as error:
+        summary["gpu"] = f"error: {error!r}"
+    log(f"GPU {summary.get('gpu')}; {summary.get('versions')}")
 
     builder = build_files(work)
     env = {"NUMBA_ENABLE_CUDASIM": "0", "SANTACPU_INT_DOT": "0", "PYTHONPATH": str(REPO)}
-    summary["tests_exit"] = run([sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "-rs", "--durations=8"],
-                                out, "tests", env)
-    builder.wait()
+    section(summary, out, "tests", lambda: run(
+        [sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "tests/test_cuda_graphs.py", "-rs", "--durations=8"],
+        out, "tests", env, timeout=240))
+    section(summary, out, "trained_fixture_greedy", trained_fixture_greedy)
+    try:
+        builder.wait(timeout=max(10, BUDGET_S - 120 - elapsed()))
+    except subprocess.TimeoutExpired:
+        log("the full-size files are not built in time")
     log(f"files built: exit {builder.returncode}")
     print((work / "build.log").read_text(errors="replace")[-1500:], flush=True)
     for qtype in ("q4_0", "q8_0"):
         path = work / f"full-{qtype}.safetensors"
         if not path.exists():
+            summary[f"speed_{qtype}"] = {"error": f"{path} was not built"}
             continue
-        try:
-            summary[f"logits_{qtype}"] = full_size_logits(path)
-        except Exception as error:  # keep going: the bench below still says something
-            summary[f"logits_{qtype}"] = {"error": repr(error)}
-        log(f"{qtype} logits: {summary[f'logits_{qtype}']}")
-        bench_json = out / f"bench-{qtype}.json"
-        summary[f"bench_{qtype}_exit"] = run(
+        section(summary, out, f"speed_{qtype}", lambda: speed(path), optional_after=BUDGET_S - 90)
+    for qtype in ("q4_0", "q8_0"):
+        path = work / f"full-{qtype}.safetensors"
+        if path.exists():
+            section(summary, out, f"logits_{qtype}", lambda: full_size_logits(path), optional_after=BUDGET_S - 60)
+    path = work / "full-q4_0.safetensors"
+    if path.exists():
+        section(summary, out, "bench_q4_0", lambda: run(
             [sys.executable, "-m", "santacpu", "bench", str(path), "--device", "cuda", "--parts", "speed",
-             "--fim-tokens", "0", "--repeat", "3", "--json", str(bench_json)],
-            out, f"bench-{qtype}", env,
-        )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
+             "--fim-tokens", "0", "--repeat", "1", "--json", str(out / "bench-q4_0.json")],
+            out, "bench-q4_0", env, timeout=max(30, int(BUDGET_S + 30 - elapsed()))), optional_after=BUDGET_S - 75)
+    summary["elapsed_s"] = round(elapsed())
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(json.dumps({k: v for k, v in summary.items()}, indent=2, default=str)[:20000])
     return 0
 
 
