@@ -212,7 +212,6 @@ def _with_fake_graphs(fail_at=None):
     return backend, driver
 
 
-@pytest.mark.skipif(REAL_GPU, reason="the simulator's stand-in for a capture")
 def test_replayed_steps_give_the_plain_launches_logits(sim_q4, plain_decode):
     """The prompt, a plain step, a captured step, then three replays of the very launches the
     capture recorded, at other positions with other tokens: the same logits to the bit."""
@@ -223,7 +222,49 @@ def test_replayed_steps_give_the_plain_launches_logits(sim_q4, plain_decode):
     assert np.array_equal(got, plain_decode)
 
 
-@pytest.mark.skipif(REAL_GPU, reason="the simulator's stand-in for a capture")
+def _batched_decode(weights, backend, steps=4):
+    from santacpu.network.engine import Engine
+
+    engine = Engine(weights, backend)
+    caches = [engine.new_cache(12), engine.new_cache(12)]
+    engine.forward(caches[0], [5, 17])
+    engine.forward(caches[1], [3])
+    tokens, logits = [[7], [9]], []
+    for _ in range(steps):
+        rows = engine.forward_batch(caches, tokens, [False, False])
+        logits.append(np.concatenate(rows))
+        tokens = [[int(np.argmax(r[-1]))] for r in rows]
+    return np.concatenate(logits)
+
+
+def test_replayed_batched_steps_give_the_plain_launches_logits(sim_q4):
+    """Two sequences a step (forward_batch): the step's arrays come from the backend's pool and
+    its per-sequence row slices are the same objects every step, so the step repeats: plain,
+    captured, then replayed, with the plain launches' logits."""
+    plain = _batched_decode(sim_q4, CudaBackend(graphs=False))
+    backend, driver = _with_fake_graphs()
+    got = _batched_decode(sim_q4, backend)
+    assert backend.graph_counts["captures"] == 1 and backend.graph_counts["replays"] == 3 and driver.replayed == 3
+    assert np.array_equal(got, plain)
+
+
+def test_a_steps_arrays_are_pooled_and_their_row_slices_kept():
+    backend, _ = _with_fake_graphs()
+    outside = backend.empty((2, 4))
+    assert backend.empty((2, 4)) is not outside  # no step open: a new array each time
+    taken = []
+    for _ in range(2):
+        backend._graphs.open()
+        backend._pool_taken = {}
+        taken.append([backend.empty((2, 4)), backend.empty((2, 4)), backend.empty((3, 4)), backend.empty((1, 4))])
+        backend._graphs.flush()
+    first, second = taken
+    assert first[0] is not first[1]  # distinct within a step
+    assert all(a is b for a, b in zip(first[:3], second[:3]))  # the same ones, in order, next step
+    assert first[3] is not second[3]  # one-row arrays are never pooled (the engine keeps its own)
+    assert first[0][0:1] is second[0][0:1] and first[0][0:1] is not first[0][1:2]
+
+
 def test_a_failed_capture_falls_back_visibly(sim_q4, plain_decode):
     backend, driver = _with_fake_graphs(fail_at="instantiate")
     got = _decode(sim_q4, backend)

@@ -49,7 +49,10 @@ class Backend(Protocol):
         ...
 
     def empty(self, shape: tuple[int, ...]) -> Any:
-        """An uninitialised float32 activation array."""
+        """An uninitialised float32 activation array. One asked for during a forward pass, after
+        its `input_embeddings`, lives until the next forward pass only (a GPU backend hands a
+        decode step's arrays out again in the next step of its size, so that steps repeat: CUDA
+        graphs); the engine keeps its own buffers, asked for outside that window."""
         ...
 
     def new_kv(self, shape: tuple[int, ...], dtype: Any) -> Any:

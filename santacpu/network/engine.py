@@ -159,10 +159,11 @@ class Engine:
         T = row
         ids = np.concatenate([np.asarray(ids, np.int64) for _, ids in segments])
         positions = np.concatenate([np.arange(start, start + n, dtype=np.int64) for _, _, start, n in spans])
-        # Decode (T = 1) writes into the same buffers every step; other calls allocate their own.
+        # Decode (T = 1) writes into the same buffers every step; other calls allocate their own,
+        # after the embedding (a backend may hand a step's arrays out from a pool from there on).
         buf = self._decode_buffers() if T == 1 else dict.fromkeys(("x", "qkv", "proj", "f", "h"))
-        attn = buf["attn"] if T == 1 else b.empty((T, c.n_embd))
         x = b.input_embeddings(w.wte, w.wpe, ids, positions, out=buf.get("x"))  # [T, E], the residual stream
+        attn = buf["attn"] if T == 1 else b.empty((T, c.n_embd))
         for i, layer in enumerate(w.layers):
             ln_1 = (layer.ln_1_weight, layer.ln_1_bias, eps)
             qkv = b.linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias, out=buf["qkv"], norm=ln_1)  # [T, E + 2*G*D]

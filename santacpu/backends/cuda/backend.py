@@ -84,6 +84,35 @@ def attention_grid(T: int, start: int, shapes: LaunchShapes) -> tuple[int, int]:
     return -(-chunks // per_split), per_split
 
 
+_ROW_VIEW_CLASSES: dict[type, type] = {}
+
+
+def _with_lasting_row_views(array):
+    """`array`, its class made a subclass whose row slices (x[a:b]) are made once and kept: the
+    engine slices each sequence's rows out of a batched step's arrays, and a recorded step is
+    keyed by its arrays' identities. (A class that refuses the change keeps its own slices.)"""
+    base = type(array)
+    subclass = _ROW_VIEW_CLASSES.get(base)
+    if subclass is None:
+
+        def __getitem__(self, item, _base=base):
+            if type(item) is not slice:
+                return _base.__getitem__(self, item)
+            views = self.__dict__.setdefault("_row_views", {})
+            key = (item.start, item.stop, item.step)
+            view = views.get(key)
+            if view is None:
+                view = views[key] = _base.__getitem__(self, item)
+            return view
+
+        subclass = _ROW_VIEW_CLASSES[base] = type(f"LastingRowViews{base.__name__}", (base,), {"__getitem__": __getitem__})
+    try:
+        array.__class__ = subclass
+    except TypeError:
+        pass
+    return array
+
+
 class _SimulatorLaunch:
     """kernel[grid, block] under the simulator, configured when called: the simulator's
     kernel[grid, block] reconfigures one shared object, which a recorded launch cannot hold."""
@@ -143,6 +172,8 @@ class CudaBackend:
         self._rows: dict[int, tuple] = {}  # T -> ([2, T] int64 device ids and positions, its two rows)
         self._positions: tuple = (None, None)  # the last embedded positions: (host, device)
         self._parts: dict[tuple, tuple] = {}  # see _attention_parts
+        self._pool: dict[tuple, list] = {}  # shape -> a step's arrays of that shape, in the order asked for
+        self._pool_taken: dict[tuple, int] = {}  # how many of each this step has taken
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
         self._unused_parts = (cuda.device_array((1, 1, 1), np.float32),) * 3
 
@@ -325,7 +356,19 @@ class CudaBackend:
     # --- arrays --------------------------------------------------------------------------------
 
     def empty(self, shape: tuple[int, ...]):
+        if self._graphs.recording and shape[0] > 1:  # a step's own activations (see base.Backend.empty)
+            return self._pooled(tuple(shape))
         return cuda.device_array(shape, np.float32)
+
+    def _pooled(self, shape: tuple[int, ...]):
+        """The step's next array of this shape: the same arrays, in the same order, every step
+        (so a batched step's launches repeat, and its graph with them)."""
+        taken = self._pool_taken.get(shape, 0)
+        self._pool_taken[shape] = taken + 1
+        arrays = self._pool.setdefault(shape, [])
+        if taken == len(arrays):
+            arrays.append(_with_lasting_row_views(cuda.device_array(shape, np.float32)))
+        return arrays[taken]
 
     def new_kv(self, shape: tuple[int, ...], dtype):
         # fp16 is kept as its bits: the kernels widen and round it themselves (values.py)
@@ -373,6 +416,7 @@ class CudaBackend:
             else:
                 rows.copy_to_device(both, stream=self._stream)
             self._graphs.open()  # this step's launches are recorded until its first host read
+            self._pool_taken = {}
         else:
             rows = cuda.to_device(both)
             token_rows, position_rows = rows[0], rows[1]
