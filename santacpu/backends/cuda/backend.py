@@ -4,8 +4,18 @@
 weights are then these device copies; activations and the KV cache live on the device, and only
 token ids and positions go in and the wanted logits (and the final hidden state, for the
 finiteness check) come out. Kernels come from linear_kernels.py and layer_kernels.py; each
-launch's configured kernel object is cached, so a decode step pays Numba's argument handling and
-the driver's launch for each of its ~8 launches a layer, and nothing else.
+launch's configured kernel object is cached, and launches with the same arrays are prepared once
+(launch.py), so a decode step launched one by one pays the driver's launch for each of its 6
+launches a layer.
+
+Decode steps (calls of at most STEP_TOKENS tokens) run as CUDA graphs where the driver allows
+(graphs.py): their launches are recorded from `input_embeddings` on and run, captured or
+replayed at the step's first host read (`to_host`, `take_rows`, `copy_kv_prefix`), so device
+arrays are read through `to_host`. Everything a step varies lives in device memory (the token
+ids and positions `input_embeddings` writes, which attention and the embeddings read) or changes
+the step's key (attention's grid by the context length's bucket; the caches); a step's own
+activations come from a pool, the same arrays every step of its size. `launch_mode` and
+`describe()` say whether steps are graphs, and why not.
 
 Under the simulator (`NUMBA_ENABLE_CUDASIM=1`: every thread a Python thread) the same kernels run
 with small blocks (`SIMULATOR_SHAPES`): the kernels are written for any block size, and the tests
