@@ -281,3 +281,78 @@ def test_real_graphs_give_the_plain_launches_logits(sim_q4):
     assert backend.launch_mode == "graphs", backend.describe()
     assert backend.graph_counts["replays"] >= 4
     assert np.array_equal(got, plain)
+
+
+def _fake_bindings(monkeypatch, fail: str | None = None):
+    """A stand-in for `cuda.bindings.driver` as numba-cuda 0.30's binding is: every call returns
+    a tuple, (CUresult,) or (CUresult, value); the stream handle is a CUstream."""
+    import enum
+    import sys
+    import types
+
+    class CUresult(enum.Enum):
+        CUDA_SUCCESS = 0
+        CUDA_ERROR_STREAM_CAPTURE_INVALIDATED = 901
+
+    class CUstream:
+        def __init__(self, value=0):
+            self.value = value
+
+    calls = []
+
+    def call(name, *result):
+        def function(*args):
+            calls.append((name, args))
+            return (CUresult.CUDA_ERROR_STREAM_CAPTURE_INVALIDATED if name == fail else CUresult.CUDA_SUCCESS,) + result
+        return function
+
+    driver = types.SimpleNamespace(
+        CUresult=CUresult, CUstream=CUstream,
+        CUstreamCaptureMode=types.SimpleNamespace(CU_STREAM_CAPTURE_MODE_RELAXED="relaxed"),
+        cuStreamBeginCapture=call("cuStreamBeginCapture"), cuStreamEndCapture=call("cuStreamEndCapture", "graph"),
+        cuGraphInstantiate=call("cuGraphInstantiate", "executable"), cuGraphLaunch=call("cuGraphLaunch"),
+        cuGraphDestroy=call("cuGraphDestroy"), cuGraphExecDestroy=call("cuGraphExecDestroy"),
+    )
+    bindings = types.ModuleType("cuda.bindings")
+    bindings.driver = driver
+    monkeypatch.setitem(sys.modules, "cuda", sys.modules.get("cuda") or types.ModuleType("cuda"))
+    monkeypatch.setitem(sys.modules, "cuda.bindings", bindings)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.driver", driver)
+    return driver, calls
+
+
+def test_graph_driver_speaks_the_bindings_tuples(monkeypatch):
+    from santacpu.backends.cuda.graphs import GraphDriver
+
+    driver, calls = _fake_bindings(monkeypatch)
+    stream = driver.CUstream(5)
+    graphs = GraphDriver(type("Stream", (), {"handle": stream})())
+    graphs.begin()
+    executable = graphs.instantiate(graphs.end())
+    graphs.launch(executable)
+    graphs.destroy(executable)
+    assert [name for name, _ in calls] == ["cuStreamBeginCapture", "cuStreamEndCapture", "cuGraphInstantiate",
+                                           "cuGraphDestroy", "cuGraphLaunch", "cuGraphExecDestroy"]
+    assert calls[0][1] == (stream, "relaxed") and calls[2][1] == ("graph", 0) and calls[4][1] == ("executable", stream)
+    # numba's ctypes binding hands a c_void_p: made a CUstream of the same value
+    other = GraphDriver(type("Stream", (), {"handle": type("Pointer", (), {"value": 7})()})())
+    other.begin()
+    assert calls[-1][1][0].value == 7
+
+
+def test_graph_driver_errors_name_the_result(monkeypatch):
+    from santacpu.backends.cuda.graphs import GraphDriver
+
+    driver, calls = _fake_bindings(monkeypatch, fail="cuGraphInstantiate")
+    graphs = GraphDriver(type("Stream", (), {"handle": driver.CUstream(1)})())
+    with pytest.raises(GraphError, match="cuGraphInstantiate: CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"):
+        graphs.instantiate("graph")
+    assert calls[-1][0] == "cuGraphDestroy"  # the graph is freed whatever instantiation says
+
+
+def test_without_cuda_bindings_the_reason_says_so(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cuda.bindings", None)  # import fails
+    driver, reason = graph_driver(type("Stream", (), {"handle": None})(), simulated=False)
+    assert driver is None and reason.startswith("cuda.bindings' driver API is not usable (")
