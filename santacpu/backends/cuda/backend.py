@@ -185,7 +185,7 @@ class CudaBackend:
         self._pool: dict[tuple, list] = {}  # shape -> a step's arrays of that shape, in the order asked for
         self._pool_taken: dict[tuple, int] = {}  # how many of each this step has taken
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
-        self._unused_parts = (cuda.device_array((1, 1, 1), np.float32),) * 3
+        self._unused_parts = (cuda.device_array((1, 1, 1), np.float32),) * 3 + (cuda.device_array(1, np.int32),)
 
     def describe(self) -> str:
         """Where the forward pass runs, in words: the GPU and the device memory its weights take."""
@@ -488,9 +488,8 @@ class CudaBackend:
         if splits == 1:
             launch(qkv, k_cache, v_cache, layer, positions, index, step, half, H, scale, per_split, out, *self._unused_parts)
         else:
-            acc, top, total = self._attention_parts(T, splits, E, H)
-            launch(qkv, k_cache, v_cache, layer, positions, index, step, half, H, scale, per_split, out, acc, top, total)
-            self._flat(lk.attention_combine, T * E)(acc, top, total, D, out)
+            launch(qkv, k_cache, v_cache, layer, positions, index, step, half, H, scale, per_split, out,
+                   *self._attention_parts(T, splits, E, H))
 
     def _device_start(self, start: int):
         """(device int64 array, index) holding `start`: one of the positions the last
@@ -508,9 +507,10 @@ class CudaBackend:
         return cuda.to_device(np.array([start], np.int64)), 0
 
     def _attention_parts(self, T: int, splits: int, E: int, H: int):
-        """Scratch for attention's partial sums [T, splits, E] and per-head max and sum
-        [T, splits, H], kept for every later call of the same sizes (decode steps', whose
-        graphs hold them)."""
+        """Scratch for attention's partial sums [T, splits, E], per-head max and sum
+        [T, splits, H], and each token's count of finished blocks [T] (zeros, and left so by the
+        kernel), kept for every later call of the same sizes (decode steps', whose graphs hold
+        them)."""
         key = (T, splits, E, H)
         if key not in self._parts:
             if len(self._parts) > 64:  # prompts' sizes never recur
@@ -519,6 +519,7 @@ class CudaBackend:
                 cuda.device_array((T, splits, E), np.float32),
                 cuda.device_array((T, splits, H), np.float32),
                 cuda.device_array((T, splits, H), np.float32),
+                cuda.to_device(np.zeros(T, np.int32)),
             )
         return self._parts[key]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32
+from numba import cuda, float32, int32
 
 from .values import block_sum, float_to_half, half_to_float, value
 
@@ -100,7 +100,7 @@ def _rounded(value, half):
 
 @cuda.jit(cache=True)
 def attention(qkv, k_cache, v_cache, layer, positions, index, store, half, n_head, scale, chunks_per_split, out,
-              part_acc, part_max, part_sum):
+              part_acc, part_max, part_sum, done):
     """Causal multi-query attention, one block per (query token t, split s of its positions).
 
     The call's first position, start, is positions[index], read from device memory (a decode
@@ -112,8 +112,10 @@ def attention(qkv, k_cache, v_cache, layer, positions, index, store, half, n_hea
     shared memory once and serve all of a K/V head's query heads, which keep a running softmax
     (max, sum, weighted sum of V) across the split's chunks. With one split a token (long
     prompts: enough blocks already) the block writes out [T, E] itself; with several (decode: a
-    token's positions spread over the GPU) it writes its partial sums, which `attention_combine`
-    adds up. q is qkv[t, :E] as [H, D]; rows of qkv after E are K and V.
+    token's positions spread over the GPU) it writes its partial sums, and the last of token t's
+    blocks to finish (counted in done[t], which it sets back to 0) adds them up into out[t]
+    (`_combine`): no launch of its own. q is qkv[t, :E] as [H, D]; rows of qkv after E are K
+    and V.
 
     With `store` (decode steps: one launch fewer a layer), the call's own K/V rows are not yet
     in the cache: blocks (t, split 0) write row t into it, and every block reads positions from
@@ -135,6 +137,7 @@ def attention(qkv, k_cache, v_cache, layer, positions, index, store, half, n_hea
     running_max = cuda.shared.array(MAX_HEADS, float32)
     running_sum = cuda.shared.array(MAX_HEADS, float32)
     correction = cuda.shared.array(MAX_HEADS, float32)
+    last = cuda.shared.array(1, int32)  # whether this block is its token's last to finish
     acc = cuda.local.array(MAX_OWNED, float32)  # this thread's outputs: flat index tid + k * threads
     for k in range(MAX_OWNED):
         acc[k] = 0.0
@@ -231,27 +234,35 @@ def attention(qkv, k_cache, v_cache, layer, positions, index, store, half, n_hea
         for h in range(tid, n_head, threads):
             part_max[t, split, h] = running_max[h]
             part_sum[t, split, h] = running_sum[h]
+        # The last block of token t combines (the CUDA samples' threadFenceReduction): every
+        # thread's writes made visible to the device, then one ticket a block.
+        cuda.threadfence()
+        cuda.syncthreads()
+        if tid == 0:
+            ticket = cuda.atomic.add(done, t, 1)
+            last[0] = 1 if ticket == n_splits - 1 else 0
+        cuda.syncthreads()
+        if last[0] == 1:
+            for i in range(tid, width, threads):
+                out[t, i] = _combine(part_acc, part_max, part_sum, n_splits, dim, t, i)
+            if tid == 0:
+                done[t] = 0  # ready for the next launch (a graph replays this one)
 
 
-@cuda.jit(cache=True)
-def attention_combine(part_acc, part_max, part_sum, dim, out):
-    """out[t, i] from the splits' partial sums: sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M)."""
-    i = cuda.grid(1)
-    n_tokens, n_splits, width = part_acc.shape
-    if i < n_tokens * width:
-        t = i // width
-        c = i - t * width
-        h = c // dim
-        top = float32(-math.inf)
-        for s in range(n_splits):
-            top = max(top, part_max[t, s, h])
-        numerator = float32(0.0)
-        denominator = float32(0.0)
-        for s in range(n_splits):
-            w = math.exp(part_max[t, s, h] - top)  # a split past the token's positions: e^-inf = 0
-            numerator += part_acc[t, s, c] * w
-            denominator += part_sum[t, s, h] * w
-        out[t, c] = numerator / denominator
+@cuda.jit(device=True, inline=True)
+def _combine(part_acc, part_max, part_sum, n_splits, dim, t, c):
+    """out[t, c] from the splits' partial sums: sum_s acc_s e^(m_s - M) / sum_s l_s e^(m_s - M)."""
+    h = c // dim
+    top = float32(-math.inf)
+    for s in range(n_splits):
+        top = max(top, part_max[t, s, h])
+    numerator = float32(0.0)
+    denominator = float32(0.0)
+    for s in range(n_splits):
+        w = math.exp(part_max[t, s, h] - top)  # a split past the token's positions: e^-inf = 0
+        numerator += part_acc[t, s, c] * w
+        denominator += part_sum[t, s, h] * w
+    return numerator / denominator
 
 
 @cuda.jit(cache=True)
