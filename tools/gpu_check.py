@@ -220,7 +220,6 @@ def speed(path: Path, prompt_tokens: int = 512, n_new: int = 128, batch: tuple =
     result["step_profile"] = {"launches": len(timings), "kernel_ms": sum(ms for _, _, ms in timings),
                               "by_kernel": {k: {"launches": n, "ms": round(ms, 4)} for k, (n, ms) in kernels.items()}}
     log(f"  decode step: {len(timings)} launches, {result['step_profile']['kernel_ms']:.3f} ms of kernels")
-    del cache
 
     result["batched"] = {}
     for B in batch:
