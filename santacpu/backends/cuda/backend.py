@@ -181,6 +181,7 @@ class CudaBackend:
         self._graphs.enabled = graphs
         self._rows: dict[int, tuple] = {}  # T -> ([2, T] int64 device ids and positions, its two rows)
         self._positions: tuple = (None, None)  # the last embedded positions: (host, device)
+        self._position_index: dict | None = None
         self._parts: dict[tuple, tuple] = {}  # see _attention_parts
         self._pool: dict[tuple, list] = {}  # shape -> a step's arrays of that shape, in the order asked for
         self._pool_taken: dict[tuple, int] = {}  # how many of each this step has taken
@@ -431,6 +432,7 @@ class CudaBackend:
             rows = cuda.to_device(both)
             token_rows, position_rows = rows[0], rows[1]
         self._positions = (both[1], position_rows)
+        self._position_index = None  # position -> its first row, made when a batched step asks
         out = self.empty((T, E)) if out is None else out
         self._flat(lk.embed, T * E)(wte.fmt, *wte.parts, token_rows, False, out)
         self._flat(lk.embed, T * E)(wpe.fmt, *wpe.parts, position_rows, True, out)
@@ -501,9 +503,11 @@ class CudaBackend:
                 if host[0] == start:
                     return device, 0
             else:
-                found = np.flatnonzero(host == start)
-                if len(found):
-                    return device, int(found[0])
+                if self._position_index is None:
+                    self._position_index = {int(p): i for i, p in reversed(list(enumerate(host)))}
+                index = self._position_index.get(start)
+                if index is not None:
+                    return device, index
         return cuda.to_device(np.array([start], np.int64)), 0
 
     def _attention_parts(self, T: int, splits: int, E: int, H: int):
