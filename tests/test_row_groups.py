@@ -1,6 +1,7 @@
-"""Row groups (santacpu/backends/cpu/row_groups.py): q4_0 weights interleaved 8 rows at a time for
-the AVX2 kernels. The layout, the kernel against the NumPy oracle and against its own one-token
-results, the backend's use of it, and the mapped pages it gives back."""
+"""Row groups (santacpu/backends/cpu/row_groups.py): block-quantized weights interleaved 8 or 16
+rows at a time for the AVX2 and VNNI tiles. The layout, each instruction set's kernel against the
+NumPy oracle, against its own one-token results and against the AVX2 kernel's bits, the backend's
+use of it, and the mapped pages it gives back."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ from santacpu.formats.safetensors_io import SafetensorsFile, release_mapped_page
 from santacpu.network.reference import round_activations
 
 needs_avx2 = pytest.mark.skipif(not row_groups.RUNNABLE, reason="row groups need AVX2")
+ISAS = [
+    pytest.param(isa, marks=pytest.mark.skipif(isa not in row_groups.RUNNABLE_ISAS, reason=f"this CPU cannot run {name}"))
+    for isa, name in ((row_groups.AVX2, "AVX2"), (row_groups.VNNI256, "VNNI"), (row_groups.VNNI512, "AVX-512 VNNI"))
+]
 
 
 def weight_of(qtype, rows, cols, seed=0):
@@ -27,94 +32,114 @@ def weight_of(qtype, rows, cols, seed=0):
     return QuantizedWeight(qtype, (rows, cols), FORMATS[qtype].quantize(rng.standard_normal((rows, cols)).astype(np.float32)))
 
 
-def per_row(grouped_part, n_blocks):
-    """A per-block part [G, n_blocks * 8] back to [8 G, n_blocks]."""
-    return grouped_part.reshape(-1, n_blocks, 8).transpose(0, 2, 1).reshape(-1, n_blocks)
+def per_row(grouped_part, n_blocks, n):
+    """A per-block part [G, n_blocks * n] back to [n G, n_blocks]."""
+    return grouped_part.reshape(-1, n_blocks, n).transpose(0, 2, 1).reshape(-1, n_blocks)
 
 
-def test_interleaved_layout():
-    weight = weight_of("q4_0", 13, 64)  # a second group with 5 rows and 3 of padding
-    grouped = row_groups.group_rows(weight)
+@pytest.mark.parametrize("n", [8, 16])
+def test_interleaved_layout(n):
+    rows = n + 5  # a second group with 5 rows and n - 5 of padding
+    weight = weight_of("q4_0", rows, 64)
+    grouped = row_groups.group_rows(weight, n)
     qs, d = weight.parts["qs"], weight.parts["d"].view(np.uint16)
-    assert [p.shape for p in grouped.parts] == [(2, 2 * 128), (2, 2 * 8)]
+    assert [p.shape for p in grouped.parts] == [(2, 2 * 16 * n), (2, 2 * n)]
     # codes [group, block, vector v, row i, byte m] = the row's code byte 16 b + 4 v + m
-    codes = grouped.parts[0].reshape(2, 2, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(16, 2 * 16)
-    scales = per_row(grouped.parts[1], 2)
-    assert np.array_equal(codes[:13], qs) and np.array_equal(scales[:13], d)
-    assert (codes[13:] == 0x88).all() and (scales[13:] == 0).all()  # value 0, scale 0
-    assert grouped.shape == (13, 64) and grouped.qtype == "q4_0" and grouped.nbytes == 2 * 2 * (128 + 16)
+    codes = grouped.parts[0].reshape(2, 2, 4, n, 4).transpose(0, 3, 1, 2, 4).reshape(2 * n, 2 * 16)
+    scales = per_row(grouped.parts[1], 2, n)
+    assert np.array_equal(codes[:rows], qs) and np.array_equal(scales[:rows], d)
+    assert (codes[rows:] == 0x88).all() and (scales[rows:] == 0).all()  # value 0, scale 0
+    assert grouped.shape == (rows, 64) and grouped.qtype == "q4_0" and grouped.nbytes == 2 * 2 * (16 * n + 2 * n)
+    assert grouped.rows_per_group == n and grouped.format_id == FORMATS["q4_0"].format_id
     with pytest.raises(ValueError, match="q4_0, q4_m, q6_0, q8_0"):
         row_groups.group_rows(SimpleNamespace(qtype="q5_1", shape=(8, 32)))
+    with pytest.raises(ValueError, match="8 or 16 rows, not 4"):
+        row_groups.group_rows(weight, 4)
 
 
-def test_interleaved_layout_of_q4_m():
-    weight = weight_of("q4_m", 11, 96)
-    grouped = row_groups.group_rows(weight)
+@pytest.mark.parametrize("n", [8, 16])
+def test_interleaved_layout_of_q4_m(n):
+    rows = n + 3
+    weight = weight_of("q4_m", rows, 96)
+    grouped = row_groups.group_rows(weight, n)
     codes, sc, mn, d, dmin = grouped.parts
-    assert np.array_equal(codes.reshape(2, 3, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(16, 48)[:11], weight.parts["qs"])
+    assert np.array_equal(codes.reshape(2, 3, 4, n, 4).transpose(0, 3, 1, 2, 4).reshape(2 * n, 48)[:rows], weight.parts["qs"])
     for part, name in ((sc, "sc"), (mn, "mn")):
-        assert np.array_equal(per_row(part, 3)[:11], weight.parts[name]) and (per_row(part, 3)[11:] == 0).all()
+        assert np.array_equal(per_row(part, 3, n)[:rows], weight.parts[name]) and (per_row(part, 3, n)[rows:] == 0).all()
     for part, name in ((d, "d"), (dmin, "dmin")):
-        assert part.shape == (16,) and np.array_equal(part[:11], weight.parts[name][:, 0]) and (part[11:] == 0).all()
+        assert part.shape == (2 * n,) and np.array_equal(part[:rows], weight.parts[name][:, 0]) and (part[rows:] == 0).all()
 
 
-def test_interleaved_layout_of_q8_0():
-    weight = weight_of("q8_0", 11, 64)
-    codes, scales = row_groups.group_rows(weight).parts
-    assert codes.dtype == np.int8 and codes.shape == (2, 2 * 256)
+@pytest.mark.parametrize("n", [8, 16])
+def test_interleaved_layout_of_q8_0(n):
+    rows = n + 3
+    weight = weight_of("q8_0", rows, 64)
+    codes, scales = row_groups.group_rows(weight, n).parts
+    assert codes.dtype == np.int8 and codes.shape == (2, 2 * 32 * n)
     # codes [group, block, piece p, row i, k] = the row's value 32 b + 2 p + k
-    rows = codes.reshape(2, 2, 16, 8, 2).transpose(0, 3, 1, 2, 4).reshape(16, 64)
-    assert np.array_equal(rows[:11], weight.parts["qs"]) and (rows[11:] == 0).all()
-    assert np.array_equal(per_row(scales, 2)[:11], weight.parts["d"].view(np.uint16))
+    values = codes.reshape(2, 2, 16, n, 2).transpose(0, 3, 1, 2, 4).reshape(2 * n, 64)
+    assert np.array_equal(values[:rows], weight.parts["qs"]) and (values[rows:] == 0).all()
+    assert np.array_equal(per_row(scales, 2, n)[:rows], weight.parts["d"].view(np.uint16))
 
 
-def test_interleaved_layout_of_q6_0():
-    weight = weight_of("q6_0", 11, 64)
-    codes, scales = row_groups.group_rows(weight).parts
-    assert codes.shape == (2, 2, 192)
-    nibbles = codes[:, :, :128].reshape(2, 2, 4, 8, 4).transpose(0, 3, 1, 2, 4).reshape(16, 32)
-    assert np.array_equal(nibbles[:11], weight.parts["ql"])
+@pytest.mark.parametrize("n", [8, 16])
+def test_interleaved_layout_of_q6_0(n):
+    rows = n + 3
+    weight = weight_of("q6_0", rows, 64)
+    codes, scales = row_groups.group_rows(weight, n).parts
+    assert codes.shape == (2, 2 * 24 * n)  # 2-D as every format's codes: the kernels know q6_0 by its id
+    codes = codes.reshape(2, 2, 24 * n)  # [group, block, byte]
+    nibbles = codes[:, :, : 16 * n].reshape(2, 2, 4, n, 4).transpose(0, 3, 1, 2, 4).reshape(2 * n, 32)
+    assert np.array_equal(nibbles[:rows], weight.parts["ql"])
     # high bits: byte 4 i + m of vector k (0: values in low nibbles, 1: in high ones), bits 2v..
-    tops = codes[:, :, 128:].reshape(2, 2, 2, 8, 4)  # [group, block, k, row, m]
+    tops = codes[:, :, 16 * n :].reshape(2, 2, 2, n, 4)  # [group, block, k, row, m]
     shifts = np.array([0, 2, 4, 6]).reshape(1, 1, 1, 1, 1, 4)
     top = (tops[..., None] >> shifts) & 3  # [group, block, k, row, m, v]: value 16k + 4v + m
-    values = top.transpose(0, 3, 1, 2, 5, 4).reshape(16, 2, 32)  # [row, block, 16k + 4v + m]
+    values = top.transpose(0, 3, 1, 2, 5, 4).reshape(2 * n, 2, 32)  # [row, block, 16k + 4v + m]
     full = FORMATS["q6_0"].dequantize(weight.parts) / weight.parts["d"].astype(np.float32).repeat(32, axis=1) + 32
-    assert np.array_equal(values[:11], (np.rint(full).astype(np.int64) >> 4).reshape(11, 2, 32))
-    # the padding rows (3..7 of the second group) hold zeros
-    assert (codes[1, :, :128].reshape(2, 4, 8, 4)[:, :, 3:] == 0).all() and (codes[1, :, 128:].reshape(2, 2, 8, 4)[:, :, 3:] == 0).all()
-    assert np.array_equal(per_row(scales, 2)[:11], weight.parts["d"].view(np.uint16))
+    assert np.array_equal(values[:rows], (np.rint(full).astype(np.int64) >> 4).reshape(rows, 2, 32))
+    # the padding rows (3..n-1 of the second group) hold zeros
+    assert (codes[1, :, : 16 * n].reshape(2, 4, n, 4)[:, :, 3:] == 0).all()
+    assert (codes[1, :, 16 * n :].reshape(2, 2, n, 4)[:, :, 3:] == 0).all()
+    assert np.array_equal(per_row(scales, 2, n)[:rows], weight.parts["d"].view(np.uint16))
 
 
-@needs_avx2
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("qtype", row_groups.FORMATS)
-@pytest.mark.parametrize("rows", [8, 13, 2 * 8 * row_groups.PANEL_GROUPS + 5])
-@pytest.mark.parametrize("T", [1, 2, 4, 9])
-def test_products_match_the_oracle_and_each_tokens_own(qtype, rows, T):
-    # Several panels, a last group with padding rows; tokens in whole tiles and the ones after.
-    # 7 blocks a row. Each token's row equals its one-token product, bit for bit.
+@pytest.mark.parametrize("rows", [8, 21, 2 * row_groups.PANEL_ROWS + 5])
+@pytest.mark.parametrize("T", [1, 2, 4, 11])
+def test_products_match_the_oracle_and_each_tokens_own(isa, qtype, rows, T):
+    # Several panels, a last group with padding rows; tokens in whole tiles and the ones after
+    # (AVX2 tiles hold 4 tokens, VNNI ones 8). 7 blocks a row. Each token's row equals its
+    # one-token product, and every instruction set's results the AVX2 kernel's, bit for bit.
     cols = 7 * 32
     weight = weight_of(qtype, rows, cols, seed=rows + T)
-    grouped = row_groups.group_rows(weight)
+    n = row_groups.ROWS_PER_GROUP[isa]
+    grouped = row_groups.group_rows(weight, n)
     rng = np.random.default_rng(T)
     x = rng.standard_normal((T, cols)).astype(np.float32)
     x[0, 32:64] = 0  # an all-zero block of x
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.full((T, rows), np.nan, np.float32)
-    row_groups.matmul(grouped, x, bias, out)
+    row_groups.matmul(grouped, x, bias, out, isa)
     levels = 32767 if qtype == "q8_0" else 127  # int_dot's rounding of x for each format
     want = round_activations(x, levels).astype(np.float64) @ FORMATS[qtype].dequantize(weight.parts).T.astype(np.float64) + bias
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
     for t in range(T):
         alone = np.empty((1, rows), np.float32)
-        row_groups.matmul(grouped, x[t : t + 1], bias, alone)
+        row_groups.matmul(grouped, x[t : t + 1], bias, alone, isa)
         assert np.array_equal(alone[0], out[t])
+    if isa != row_groups.AVX2:
+        on_avx2 = np.empty_like(out)
+        row_groups.matmul(row_groups.group_rows(weight, 8), x, bias, on_avx2, row_groups.AVX2)
+        assert np.array_equal(out, on_avx2)
 
 
+@pytest.mark.parametrize("n", [8, 16])
 @pytest.mark.parametrize("qtype", row_groups.FORMATS)
-def test_rows_read_back_from_the_groups(qtype):
+def test_rows_read_back_from_the_groups(qtype, n):
     weight = weight_of(qtype, 13, 96, seed=5)
-    grouped = row_groups.group_rows(weight)
+    grouped = row_groups.group_rows(weight, n)
     rows = np.array([12, 0, 5, 8, 5])
     assert np.array_equal(row_groups.dequantize_rows(grouped, rows), FORMATS[qtype].dequantize(weight.parts)[rows])
     with pytest.raises(ValueError, match="rows of a"):
@@ -122,8 +147,10 @@ def test_rows_read_back_from_the_groups(qtype):
 
 
 @needs_avx2
-def test_bad_shapes_are_refused():
-    grouped = row_groups.group_rows(weight_of("q4_0", 8, 64))
+def test_bad_shapes_and_instruction_sets_are_refused():
+    grouped = row_groups.group_rows(weight_of("q4_0", 8, 64), 8)
+    with pytest.raises(ValueError, match="cannot run 8-row groups"):  # VNNI512 tiles hold 16 rows
+        row_groups.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), row_groups.VNNI512)
     with pytest.raises(ValueError, match="row-group matmul"):
         row_groups.matmul(grouped, np.ones((2, 32), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32))
     with pytest.raises(ValueError, match="row-group matmul"):
@@ -149,10 +176,10 @@ def test_mapped_pages_are_released_and_still_readable(tmp_path):
 
 @needs_avx2
 @pytest.mark.parametrize("qtype", row_groups.FORMATS)
-def test_the_backend_groups_its_formats_where_avx2_is_the_best(qtype, monkeypatch, tmp_path):
+def test_the_backend_groups_its_formats(qtype, monkeypatch, tmp_path):
     import santacpu
 
-    monkeypatch.setattr(row_groups, "USED", True)  # as on an AVX2 CPU without VNNI
+    monkeypatch.setattr(row_groups, "USED", True)  # as on every CPU with integer kernels
     path = convert(tiny_checkpoint(), tmp_path / "4-bit.safetensors", qtype=qtype, upgrade_budget=0.05).out
     model = santacpu.load(path, device="cpu")
     prepared = CpuBackend().prepare(model.weights)

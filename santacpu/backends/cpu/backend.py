@@ -6,8 +6,8 @@ compressed weights (fp16, block-quantized), which BLAS cannot read, use a Numba 
 kernel on the packed data for one token, a few-token kernel that reads the weight once for every
 token (speculative verification), and for many tokens either the integer matrix kernel (q4_0,
 q4_m, q6_0) or BLAS on widened row tiles (no dequantized copy of a whole matrix ever exists).
-On AVX2 CPUs without VNNI, `prepare` turns the block-quantized matrices into row groups
-(`row_groups.py`), whose kernel serves every number of tokens.
+On CPUs with integer kernels (AVX2, VNNI), `prepare` turns the block-quantized matrices into
+row groups (`row_groups.py`), whose kernel serves every number of tokens.
 It implements `santacpu.backends.base.Backend`, as a GPU backend would. Weight types are dispatched here, at the matmul,
 never by copying the forward pass per type.
 
@@ -128,8 +128,8 @@ class CpuBackend:
         return "cpu"
 
     def prepare(self, weights):
-        """The weights as loaded (memory-mapped, used where they are), except on CPUs whose integer
-        kernels are AVX2 ones: there each matrix of row_groups.FORMATS (the tied embedding too,
+        """The weights as loaded (memory-mapped, used where they are), except on CPUs with integer
+        kernels: there each matrix of row_groups.FORMATS (the tied embedding too,
         or its parts) becomes row groups (its interleaved copy replaces the file's pages in
         memory, see row_groups.py), and the layers' vectors are copied out of the mapping too
         (reading one would map the whole 2 MiB page around it, mostly released pages)."""

@@ -23,9 +23,9 @@ block sums of x (`_block_sums`). Where none of these instruction sets exists (or
 built with integer_kernels=False: SANTACPU_INT_DOT=0 at load), the float kernels run instead.
 The measurements behind each choice: docs/kernels.md.
 
-On AVX2 CPUs without VNNI the backend prepares its weights as row groups instead
-(`row_groups.py`: 8 rows interleaved at load, no sums across lanes), and these kernels serve
-weights used as loaded (calibration, the float/integer comparisons of the tests).
+The backend prepares its weights as row groups instead (`row_groups.py`: rows interleaved at
+load, no sums across lanes), and these kernels serve weights used as loaded (calibration, the
+float/integer comparisons of the tests).
 
 The kernel works on tiles of rows x tokens (`_tile`): each step decodes a row's codes once for
 all the tile's tokens, so many tokens cost far less than one pass each. The prompt tile fits the
