@@ -3,5 +3,6 @@ file (`converter`), the per-tensor policy (`policy`), importance statistics for 
 (`calibration`), `santacpu quantize`'s pipeline (`pipeline`), and the first-use quantization
 cache (`cache`). The block formats themselves are the runtime's: `santacpu.formats.blocks`.
 
-May import: `santacpu` (any part but `santacpu.cli`); nothing imports quantize but `santacpu.cli`.
+May import: `santacpu`'s layers below the API (`santacpu.model` imports `quantize.cache` for first-use
+quantization; `santacpu.cli` runs `santacpu quantize` and `santacpu cache`).
 """

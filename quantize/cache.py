@@ -1,14 +1,16 @@
 """First use of a full-precision model: quantize it once into the user's cache and reuse that file
 afterwards (a q8_0 SantaCoder is a quarter of the fp32 download, memory-mapped). `runnable_model`
-is the policy the command line applies (`complete`, `perplexity`, `bench`): what to load for a
-model name and a `--quant` choice.
+is the one policy every caller applies (`santacpu.load`, and through it the command line, the
+server and the evaluation harness): what to load for a model name and a quantization choice.
+`cache_entries` and `clear_cache` are `santacpu cache list` and `santacpu cache clear`.
 
 Cache folder: $SANTACPU_CACHE, else $XDG_CACHE_HOME/santacpu, else ~/.cache/santacpu. A cached
 file is keyed by the source folder, the size and modification time of its weight files, the
 type and the file-format version, so a changed source or a new format is quantized afresh. A
 cached file that no longer reads as a whole quantized file (a conversion cut short by a crash,
-a file damaged since) is made again, with a warning. A cache that cannot be written (read-only,
-full, or a file where the folder should be) is a one-line error that says what to do.
+a file damaged since, a scale or full-precision value turned NaN) is made again, with a warning
+that names it. A cache that cannot be written (read-only, full, or a file where the folder should
+be) is a one-line error that says what to do.
 
 May import: `santacpu` (loading, formats, foundation modules) and `quantize.converter`.
 """
@@ -19,37 +21,39 @@ import hashlib
 import json
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from santacpu.atomic_file import check_writable
 from santacpu.errors import SantacpuError, SantacpuWarning, WriteError, os_problem
 from santacpu.formats.blocks import FORMATS
-from santacpu.formats.quantized_file import FORMAT_VERSION, names_quantized_file
+from santacpu.formats.quantized_file import DEFAULT_QUANT, FORMAT_VERSION, names_quantized_file, read_metadata
 from santacpu.loading.checkpoint import open_checkpoint
-from santacpu.loading.quantized import read_quantized
+from santacpu.loading.quantized import nonfinite_tensor, read_quantized
 from santacpu.loading.source import hub_revision, resolve
 from santacpu.settings import CACHE_ENV, Settings
 
 from .converter import convert
 
-DEFAULT_QUANT = "q8_0"  # what a full-precision model runs as, unless --quant says otherwise
+QUANT_CHOICES = ("none", *FORMATS)
 
 
 def runnable_model(model: str, revision: str | None, quant: str | None) -> tuple[str, str | None]:
     """What to load, and with which revision: a quantized file as is; a full-precision model as its
-    cached quantization (unless --quant none). Options that cannot apply are warned about once."""
+    cached quantization to `quant` (None: DEFAULT_QUANT; "none": the model itself, in full
+    precision). A `quant` given for a quantized file is warned about and ignored."""
     qtype = quant or DEFAULT_QUANT
-    if qtype != "none" and qtype not in FORMATS:
-        raise SantacpuError(f"unknown --quant '{qtype}' (choose none, {', '.join(FORMATS)})")
+    if qtype not in QUANT_CHOICES:
+        raise SantacpuError(f"unknown quantization '{qtype}' (choose {', '.join(QUANT_CHOICES)})")
     revision = hub_revision(model, revision)
     if names_quantized_file(model):
         if quant is not None:
-            warnings.warn(f"--quant {quant} is ignored: {model} is a quantized file already and runs as it is",
+            warnings.warn(f"quantization {quant} is ignored: {model} is a quantized file already and runs as it is",
                           SantacpuWarning)
-        return model, None
+        return str(model), None
     if qtype == "none":
-        return model, revision
-    return str(quantized_for(model, revision, qtype)), None
+        return str(model), revision
+    return str(quantized_for(str(model), revision, qtype)), None
 
 
 def cache_dir() -> Path:
@@ -76,29 +80,32 @@ def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
         damage = _damage(path)
         if damage is None:
             return path
-        warnings.warn(f"the cached quantization {path} is damaged ({damage}); making it again", SantacpuWarning,
-                      stacklevel=2)
+        warnings.warn(f"the cached quantization {path} of {model} is damaged ({damage}); making it again",
+                      SantacpuWarning, stacklevel=2)
     open_checkpoint(folder)  # a broken source fails here, before we announce any work
     try:
         _make_folder(path.parent)
         check_writable(path)
-        print(f"santacpu: first use of {model}: quantizing it to {qtype} once, into {path}", file=sys.stderr)
+        print(f"santacpu: first use of {model}: quantizing it to {qtype} once, into {path} "
+              "(`santacpu cache list` shows the cache)", file=sys.stderr, flush=True)
         convert(folder, path, qtype=qtype, revision=None, force=True)
     except WriteError as problem:
         raise WriteError(
-            f"{problem} (santacpu's quantization cache: free some space there, set {CACHE_ENV} to another "
-            "folder, or run the model in full precision with --quant none)"
+            f"{problem} (santacpu's quantization cache: free some space there with `santacpu cache clear`, set "
+            f"{CACHE_ENV} to another folder, or run the model in full precision with --quant none)"
         ) from None
     return path
 
 
 def _damage(path: Path) -> str | None:
-    """Why the cached file at `path` cannot be used as it is, or None if it reads as a whole."""
+    """Why the cached file at `path` cannot be used as it is, or None if it reads as a whole and
+    every float value in it (block scales, full-precision tensors) is finite."""
     try:
-        read_quantized(path)
+        weights, _ = read_quantized(path)
     except SantacpuError as problem:
         return str(problem)
-    return None
+    damaged = nonfinite_tensor(weights)
+    return None if damaged is None else f"tensor '{damaged}' holds NaN or infinite values"
 
 
 def _make_folder(folder: Path) -> None:
@@ -108,3 +115,69 @@ def _make_folder(folder: Path) -> None:
         raise WriteError(f"cannot use {folder} as a folder: it (or a folder above it) is a file") from None
     except OSError as problem:
         raise WriteError(f"cannot make the folder {folder}: {os_problem(problem)}") from None
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    path: Path
+    bytes: int
+    qtype: str  # the type asked for, from the file's metadata ("?" where it cannot be read)
+    source: str  # the full-precision folder it was made from ("?" where it cannot be read)
+    created: str
+    problem: str | None = None  # why its metadata cannot be read (a partial or damaged file), or None
+
+
+def cache_entries() -> list[CacheEntry]:
+    """Every file in the quantization cache (first-use quantizations, and leftovers of conversions
+    cut short), largest first."""
+    folder = cache_dir()
+    if not folder.is_dir():
+        return []
+    entries = []
+    for path in folder.iterdir():
+        if not path.is_file():
+            continue
+        qtype = source = created = "?"
+        problem = None
+        try:
+            _, meta = read_metadata(path)
+            qtype = str(meta["quantization"].get("type"))
+            source = str(meta["provenance"].get("resolved_path") or meta["provenance"].get("source"))
+            created = str(meta["provenance"].get("created"))
+        except SantacpuError as bad:
+            problem = str(bad).replace(str(path), "").strip(" :") or "unreadable"
+        entries.append(CacheEntry(path, path.stat().st_size, qtype, source, created, problem))
+    return sorted(entries, key=lambda e: (-e.bytes, e.path.name))
+
+
+def clear_cache(model: str | None = None, revision: str | None = None) -> list[CacheEntry]:
+    """Remove the cache's files (`model` given: only those made from it, found by the folder it
+    resolves to, which is not downloaded for this); the removed entries."""
+    # Finished files only: a `.partial` file may be a conversion still being written (an
+    # abandoned one is removed by the next write of its file, see santacpu.atomic_file).
+    entries = [e for e in cache_entries() if not e.path.name.endswith(".partial")]
+    if model is not None:
+        folder = _local_folder(model, revision)
+        entries = [e for e in entries if e.source != "?" and Path(e.source).resolve() == folder]
+    for entry in entries:
+        try:
+            entry.path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as problem:
+            raise WriteError(f"cannot remove {entry.path}: {os_problem(problem)}") from None
+    return entries
+
+
+def _local_folder(model: str, revision: str | None) -> Path:
+    """The folder `model` names, never downloading: a local folder or file, else the hub cache's copy."""
+    path = Path(model).expanduser()
+    if path.exists():
+        return (path if path.is_dir() else path.parent).resolve()
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, revision=revision, local_files_only=True)).resolve()
+    except Exception:  # not a hub id, or not in the hub cache: nothing of it can be in our cache
+        raise SantacpuError(f"{model} is neither a local folder nor in the hub cache: no cached quantization "
+                            "can have been made from it (`santacpu cache list` shows what there is)") from None

@@ -21,7 +21,6 @@ from typing import Iterator
 
 import numpy as np
 
-import santacpu
 from santacpu.atomic_file import check_writable
 from santacpu.errors import SantacpuError
 from santacpu.formats.blocks import FORMATS
@@ -35,6 +34,7 @@ from santacpu.network.weights import expected_layer_shapes
 from santacpu.progress import Progress
 from santacpu.small_files import TOKENIZER_LIMIT, read_json_file
 from santacpu.tokenizer import tokenizer_file_for
+from santacpu.version import __version__
 
 from .policy import DEFAULT_UPGRADE_BUDGET, ROW_UPGRADE_TYPE, Policy
 
@@ -52,7 +52,9 @@ class TensorReport:
 class ConversionReport:
     out: Path
     tensors: list[TensorReport]
-    seconds: float
+    seconds: float  # the conversion alone (`santacpu quantize` reports calibration beside it)
+    qtype: str = ""  # the type asked for
+    embedding_rows: int = 0  # the most used tokens' embedding rows raised to ROW_UPGRADE_TYPE
 
     @property
     def file_bytes(self) -> int:
@@ -163,7 +165,7 @@ def convert(
         "resolved_path": str(folder),
         "revision": revision,
         "source_sha256": sha256_of_sources(folder),
-        "santacpu_version": santacpu.__version__,
+        "santacpu_version": __version__,
         "calibration": calibration_note,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -181,7 +183,7 @@ def convert(
     reports: list[TensorReport] = []
     stored = _stored_tensors(reader, types, entries, importance, reports, Progress(len(shapes), "quantizing"), raised_rows)
     write_safetensors(out, stored, metadata, shapes=file_shapes)
-    return ConversionReport(out, reports, time.perf_counter() - started)
+    return ConversionReport(out, reports, time.perf_counter() - started, qtype, plan.embedding_rows)
 
 
 def _stored_tensors(

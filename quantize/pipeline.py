@@ -6,6 +6,7 @@ May import: `santacpu` (loading, tokenizer) and the other `quantize` modules.
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from santacpu.tokenizer import Tokenizer
 
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, most_used_tokens, token_sequences
 from .converter import ConversionReport, check_output, check_source, convert
-from .policy import Policy, parse_keep
+from .policy import FOUR_BIT_TYPES, ROW_UPGRADE_TYPE, Policy, parse_keep
 from .sensitivity import measure_upgrade_gains
 
 
@@ -40,29 +41,52 @@ def calibrate(src: str, revision: str | None, calibration: str, max_tokens: int,
     return importance, gains, most_used, f"{note}, {sum(map(len, sequences))} tokens"
 
 
-def report_lines(report: ConversionReport) -> list[str]:
-    by_type: dict[str, int] = {}
-    for t in report.tensors:
-        by_type[t.qtype] = by_type.get(t.qtype, 0) + 1
-    worst = sorted((t for t in report.tensors if t.rel_rmse > 0), key=lambda t: -t.rel_rmse)[:3]
+def report_lines(report: ConversionReport, seconds: float | None = None, calibration_s: float = 0.0) -> list[str]:
+    """What `santacpu quantize` says it did: the file, its size and the whole time (`seconds`,
+    calibration included; default the conversion's), then per stored type the tensors written,
+    their bytes and a few names, the asked-for type first, and said even where no tensor got it."""
+    seconds = report.seconds if seconds is None else seconds
+    timing = f"in {seconds:.1f} s" + (f" (calibration {calibration_s:.1f} s, conversion {report.seconds:.1f} s)"
+                                      if calibration_s else "")
     lines = [
         f"wrote {report.out}: {report.file_bytes / 1e6:.1f} MB, "
-        f"{report.weight_bits_per_weight:.2f} bits/weight over the matrices, {report.seconds:.1f} s",
-        "tensors: " + ", ".join(f"{n} {q}" for q, n in sorted(by_type.items())),
+        f"{report.weight_bits_per_weight:.2f} bits/weight over the matrices, {timing}",
     ]
+    by_type: dict[str, list] = {}
+    for t in report.tensors:
+        by_type.setdefault(t.qtype, []).append(t)
+    order = [report.qtype] * bool(report.qtype) + sorted(q for q in by_type if q != report.qtype)
+    for qtype in order:
+        tensors = by_type.get(qtype, [])
+        if not tensors:
+            why = ("the upgrade budget raised every linear weight, whose bytes are small beside the embedding's in "
+                   "this model; --upgrade-budget 0 keeps them at " + qtype) if qtype in FOUR_BIT_TYPES else \
+                  "no matrix of this model is whole blocks of it"
+            lines.append(f"{qtype}: no tensor (asked for, but {why})")
+            continue
+        names = [t.name for t in tensors]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        note = " (the type asked for)" if qtype == report.qtype else ""
+        lines.append(f"{qtype}{note}: {len(tensors)} tensor{'s' * (len(tensors) > 1)}, "
+                     f"{sum(t.nbytes for t in tensors) / 1e6:.2f} MB: {shown}")
+    if report.embedding_rows:
+        lines.append(f"embedding: the {report.embedding_rows} most used tokens' rows at {ROW_UPGRADE_TYPE}, the others "
+                     "as listed above")
+    worst = sorted((t for t in report.tensors if t.rel_rmse > 0), key=lambda t: -t.rel_rmse)[:3]
     if worst:
         lines.append("largest relative RMS errors: " + ", ".join(f"{t.name} ({t.qtype}) {t.rel_rmse:.4f}" for t in worst))
     return lines
 
 
 def default_calibration(qtype: str) -> str:
-    """Importance-weighted rounding by default for the 4-bit types only (q8_0's error is already
-    small next to what calibration changes)."""
-    return "none" if qtype == "q8_0" else "stdlib"
+    """Importance-weighted rounding by default for the 4-bit types only (the 6- and 8-bit types'
+    error is already small next to what calibration changes)."""
+    return "stdlib" if qtype in FOUR_BIT_TYPES else "none"
 
 
 def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgrade_budget, revision, force) -> ConversionReport:
     """`santacpu quantize`: `calibration` None takes `default_calibration(qtype)`."""
+    started = time.perf_counter()
     if calibration is None:
         calibration = default_calibration(qtype)
     keep_rules = parse_keep(list(keep))
@@ -73,9 +97,10 @@ def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgr
     if calibration not in (None, "none"):
         measure_for = qtype if policy.buys_upgrades else None
         importance, gains, most_used, note = calibrate(src, revision, calibration, calibration_tokens, measure_for)
+    calibration_s = time.perf_counter() - started if importance is not None else 0.0
     report = convert(src, Path(out), qtype=qtype, keep=keep_rules, importance=importance, calibration_note=note,
                      revision=revision, force=force, upgrade_budget=upgrade_budget, upgrade_gains=gains,
                      most_used_tokens=most_used)
-    for line in report_lines(report):
+    for line in report_lines(report, time.perf_counter() - started, calibration_s):
         print(f"santacpu: {line}", file=sys.stderr)
     return report

@@ -34,6 +34,7 @@ from santacpu.errors import SantacpuError, SantacpuWarning
 from santacpu.formats.blocks import FORMATS, SYMMETRIC
 
 STORAGE_TYPES = ("f32", "f16", *FORMATS)
+FOUR_BIT_TYPES = ("q4_0", "q4_m")  # the types calibration and the upgrade budget serve
 EMBEDDING_TYPE = {"q8_0": "q8_0", "q6_0": "q6_0", "q4_0": "q6_0", "q4_m": "q6_0"}
 
 
@@ -136,7 +137,7 @@ class Policy:
     def buys_upgrades(self) -> bool:
         """Whether the upgrade budget spends anything (4-bit types with a budget): the only case
         where measured upgrade gains matter."""
-        return self.qtype != "q8_0" and self.upgrade_budget > 0
+        return self.qtype in FOUR_BIT_TYPES and self.upgrade_budget > 0
 
     def default_type(self, name: str, shape: tuple[int, ...]) -> str:
         if len(shape) != 2:

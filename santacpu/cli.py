@@ -22,8 +22,6 @@ from typing import List, Optional, Tuple
 
 import typer
 
-from quantize.cache import DEFAULT_QUANT, runnable_model
-
 from . import arguments
 from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
@@ -34,7 +32,7 @@ from .loading.source import DEFAULT_MODEL, default_model, hub_revision
 from .settings import MODEL_ENV, Settings
 from .generation.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .generation.prompts import FIM_ORDERS
-from .model import DEVICES
+from .model import DEFAULT_QUANT, DEVICES
 from .harness.problems import BENCHMARKS
 from .harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, EvalSettings
 
@@ -244,7 +242,8 @@ def complete(
     ),
     draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, min=1, help="Most tokens drafted per step with --lookup."),
 ) -> None:
-    """Complete code and stream it to standard output."""
+    """Complete code and stream it to standard output, ending with a newline (a --fim middle
+    written to a pipe or file is printed exactly, without one)."""
     from . import load
 
     options = GenerationOptions.of(
@@ -258,20 +257,23 @@ def complete(
         lookup=lookup,
         draft_tokens=draft_tokens,
     )
-    from .model import resolve_device
-
     prefix, suffix = _prompt_texts(prompt, fim)
-    resolve_device(device)  # a missing GPU said now, not after a first-use quantization
-    runnable, revision = runnable_model(model or default_model(), revision, quant)
-    loaded = load(runnable, revision=revision, device=device)
+    loaded = load(model or default_model(), revision=revision, quant=quant, device=device)
     if verbose:
         print(f"santacpu: running on {loaded.device}", file=sys.stderr)
+    room = loaded.config.n_positions - len(loaded.prompt_ids(prefix, suffix, options))
+    if options.max_new_tokens > room:
+        warnings.warn(
+            f"at most {room} new tokens, not {options.max_new_tokens}: the model's context holds "
+            f"{loaded.config.n_positions} tokens, prompt included", SantacpuWarning,
+        )
     last = ""
     for piece in loaded.complete_stream(prefix, suffix, options):
         sys.stdout.write(piece)
         sys.stdout.flush()
-        last = piece
-    if sys.stdout.isatty() and not last.endswith("\n"):
+        last = piece or last
+    # Text ends with a newline; a FIM middle sent to a pipe or file is left exact, to be spliced.
+    if not last.endswith("\n") and (fim is None or sys.stdout.isatty()):
         sys.stdout.write("\n")
 
 
@@ -306,7 +308,7 @@ def quantize(
         None,
         help="Importance-weighted rounding, calibrated on the code in this folder; 'stdlib' uses the running "
         "Python's standard library; 'none' turns it off. Default: stdlib for the 4-bit types (it lowers their "
-        "KL divergence by 7-18% on a trained model), none for q8_0.",
+        "KL divergence by 7-18% on a trained model), none for q8_0 and q6_0.",
         show_default=False,
     ),
     calibration_tokens: int = typer.Option(4096, min=64, help="Tokens of calibration text to run through the model."),
@@ -350,6 +352,13 @@ def perplexity(
         f"convention). Default: {DEFAULT_PERPLEXITY_CTX}, or the model's context if that is shorter.",
         show_default=False,
     ),
+    quant: Optional[str] = typer.Option(
+        None, callback=_one_of(*QUANT_CHOICES),
+        help="For a full-precision --model: score its cached quantization to this type (made once, as `complete` "
+        f"does); 'none' scores it in full precision. Default: {DEFAULT_QUANT}. The reference always runs in full "
+        "precision.",
+        show_default=False,
+    ),
     json_out: Optional[Path] = typer.Option(None, "--json", readable=False, help="Also write the results to this JSON file."),
 ) -> None:
     """Perplexity of a model over source files and, with --reference, what it loses against it."""
@@ -360,13 +369,13 @@ def perplexity(
         check_writable(json_out, "--json")  # now, not after scoring
     texts = [read_text_file(path, "file") for path in files]
     name = model or default_model()
-    loaded = load(name)
+    loaded = load(name, quant=quant)
     if ctx is None:
         ctx = min(DEFAULT_PERPLEXITY_CTX, loaded.config.n_positions)
         if ctx < DEFAULT_PERPLEXITY_CTX:
             print(f"santacpu: chunks of {ctx} tokens, the model's whole context (shorter than the default "
                   f"{DEFAULT_PERPLEXITY_CTX})", file=sys.stderr)
-    scores = score(loaded, texts, ctx, load(reference) if reference else None)
+    scores = score(loaded, texts, ctx, load(reference, quant="none") if reference else None)
     print(scores.table(name, reference))
     if json_out is not None:
         write_text_atomically(json_out, scores.to_json() + "\n")
@@ -419,20 +428,18 @@ def bench(
 
     from .bench import BenchSettings, format_table, run_bench
 
-    from .model import resolve_device
-
     if json_out is not None:
         check_writable(json_out, "--json")  # now, not after minutes of measuring
-    resolve_device(device)
-    runnable, revision = runnable_model(model, revision, quant)
     settings = BenchSettings(
-        model=runnable, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+        model=model, quant=quant, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,
         parts=tuple(p.strip() for p in parts.split(",") if p.strip()), revision=revision,
         batch=_counts(batch), device=device,
     )
     report = run_bench(settings)
     print(format_table(report))
+    for note in report["warnings"]:
+        warnings.warn(note, SantacpuWarning)
     if json_out is not None:
         write_text_atomically(json_out, json.dumps(report, indent=2) + "\n")
 
@@ -490,8 +497,7 @@ def serve(
     )
 
     def load_model():  # after the server listens: a first-use quantization runs while /health says "loading"
-        runnable, runnable_revision = runnable_model(name, revision, quant)
-        return load(runnable, revision=runnable_revision)
+        return load(name, revision=revision, quant=quant)
 
     run_server(settings, load_model, host, port)
 
@@ -611,17 +617,60 @@ def eval_humaneval_infill(
     resolve_device(device)
     out = out or Path(f"eval-{benchmark}.jsonl")
     check_writable(out)
-    runnable, revision = runnable_model(model or default_model(), revision, quant)
-    run = {"device": device, "resume": resume, "ray": placement}
+    run = {"device": device, "resume": resume, "ray": placement, "quant": quant}
     if reference is None:
-        summary, _ = evaluate(runnable, out, settings, revision=revision, **run)
+        summary, _ = evaluate(model or default_model(), out, settings, revision=revision, **run)
         result = {"model": summary}
     else:
-        reference_model, reference_revision = runnable_model(reference, None, "none")
-        result = evaluate_against(
-            runnable, reference_model, out, settings, revision=revision, reference_revision=reference_revision, **run
-        )
+        result = evaluate_against(model or default_model(), reference, out, settings, revision=revision, **run)
     print(json.dumps(result, indent=1) if as_json else "\n".join(report_lines(result, settings.ks)))
+
+
+cache_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="The quantization cache: the files first use writes (a full-precision model quantized once, "
+    "$SANTACPU_CACHE, else ~/.cache/santacpu).",
+)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list() -> None:
+    """List the cached quantizations: size, type, when made, the source each was made from."""
+    from quantize.cache import cache_dir, cache_entries
+
+    entries = cache_entries()
+    folder = cache_dir()
+    if not entries:
+        print(f"the quantization cache {folder} is empty")
+        return
+    print(f"{folder}: {len(entries)} file{'s' * (len(entries) > 1)}, {sum(e.bytes for e in entries) / 1e6:,.1f} MB")
+    rows = [("MB", "type", "made", "source", "file")] + [
+        (f"{e.bytes / 1e6:,.1f}", e.qtype, e.created, e.source + (f" ({e.problem})" if e.problem else ""), e.path.name)
+        for e in entries
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join([row[0].rjust(widths[0]), *(cell.ljust(w) for cell, w in zip(row[1:4], widths[1:])), row[4]]))
+
+
+@cache_app.command("clear")
+def cache_clear(
+    model: Optional[str] = typer.Argument(
+        None, help="Remove only what was made from this model (folder or hub id). Default: everything.",
+        show_default=False,
+    ),
+    revision: Optional[str] = REVISION_OPTION,
+) -> None:
+    """Remove cached quantizations (they are made again at the next first use)."""
+    from quantize.cache import cache_dir, clear_cache
+
+    removed = clear_cache(model, revision)
+    what = f" made from {model}" if model else ""
+    print(f"removed {len(removed)} file{'s' * (len(removed) != 1)}{what} from {cache_dir()}, "
+          f"{sum(e.bytes for e in removed) / 1e6:,.1f} MB")
 
 
 # ----------------------------------------------------------------------------------------------

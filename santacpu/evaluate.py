@@ -7,7 +7,8 @@ n_ctx/2 tokens of context. With a reference model: mean and 99th-percentile KL d
 KL(reference || model) per scored token, top-1 agreement and the perplexity difference.
 Padding rows (ids past the tokenizer's vocabulary) are left out of every distribution.
 
-May import: `santacpu.model` and the layers below it (today `santacpu.errors` only).
+May import: `santacpu.model` and the layers below it (today `santacpu.errors`, `santacpu.progress` and the
+reference's `log_softmax`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 
 from .errors import SantacpuError
 from .network.reference import log_softmax
+from .progress import Progress
 
 
 @dataclass
@@ -80,6 +82,7 @@ def score_models(models: dict, texts: Sequence[str], n_ctx: int, reference=None)
     kld = {name: [] for name in models}
     agree = {name: [] for name in models}
     ref_nll = []
+    progress = Progress(len(chunks), "scoring chunks" + (" (model and reference)" if reference is not None else ""))
     for chunk in chunks:
         targets = np.asarray(chunk[first + 1 :])  # token j+1 is predicted at position j
         rows = np.arange(len(targets))
@@ -94,6 +97,7 @@ def score_models(models: dict, texts: Sequence[str], n_ctx: int, reference=None)
             if reference is not None:
                 kld[name].append((ref_p * (ref_logp - logp)).sum(axis=-1))
                 agree[name].append(ref_top == logp.argmax(axis=-1))
+        progress.step()
     results = {}
     for name in models:
         nll_all = np.concatenate(nll[name])

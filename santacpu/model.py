@@ -2,7 +2,7 @@
 many sequences at once: `generate_batch`, `complete_many`, and `scheduler` for continuous batching.
 
     import santacpu
-    model = santacpu.load("bigcode/santacoder")          # or a local folder
+    model = santacpu.load("bigcode/santacoder")          # or a local folder; runs as q8_0 (quant="none": fp32)
     print(model.complete("def fib(n):", max_new_tokens=32))
     print(model.complete("def add(a, b):\\n    return ", "\\n\\nprint(add(1, 2))"))   # fill-in-the-middle
 
@@ -20,8 +20,13 @@ interleave, each correct (see `santacpu.generation.runner`). A single generator 
 advanced from two threads at once: Python refuses that itself with "ValueError: generator already
 executing".
 
+First use of a full-precision model: `load` runs it as its quantization (`quant`, default q8_0,
+as every command does), made once into the cache by `quantize.cache.runnable_model`, the one
+policy the command line, the server and the harness share through `load` and `runnable_model`.
+
 May import: `santacpu.loading`, `santacpu.generation`, `santacpu.network`, `santacpu.backends`,
-`santacpu.formats`, foundation modules; never bench, evaluate, cli or `quantize`.
+`santacpu.formats`, foundation modules, and `quantize.cache` (first-use quantization, imported when
+a full-precision model is loaded); never bench, evaluate or cli.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from .backends.cpu.backend import CpuBackend
 from .backends.cuda import device as cuda_device
 from .config import Config
 from .errors import SantacpuError
-from .formats.quantized_file import names_quantized_file
+from .formats.quantized_file import DEFAULT_QUANT, names_quantized_file
 from .generation.batch import DEFAULT_MAX_BATCH, BatchScheduler
 from .generation.decoder import GenerationStats, SequenceDecoder
 from .generation.options import GenerationOptions
@@ -288,25 +293,47 @@ def choose_backend(device: str, settings: Settings) -> Backend:
     return CudaBackend()
 
 
+def runnable_model(model: str | os.PathLike, revision: str | None = None, quant: str | None = None) -> tuple[str, str | None]:
+    """(what to load, its revision) for `model` under the first-use policy: a quantized file as
+    it is; a full-precision model as its cached quantization to `quant` (None: DEFAULT_QUANT,
+    "q8_0"), made now if needed; "none": the model itself. See `quantize.cache`."""
+    if names_quantized_file(model) and quant is None:
+        hub_revision(model, revision)  # a revision given for a local file is warned about
+        return str(model), None  # nothing to quantize: the converter is not even imported
+    from quantize.cache import runnable_model as policy
+
+    return policy(str(model), revision, quant)
+
+
+def quant_as_it_is(runnable: str | os.PathLike) -> str | None:
+    """The `quant` that loads what `runnable_model` returned as it is (in a child process, a Ray
+    actor): None for a quantized file, "none" for a full-precision model."""
+    return None if names_quantized_file(runnable) else "none"
+
+
 def load(
     model: str | os.PathLike,
     *,
     revision: str | None = None,
+    quant: str | None = None,
     device: str = "auto",
     reuse_prompt: bool = True,
     kv_cache: str = "float16",
 ) -> Model:
     """Load a SantaCoder model: a santacpu quantized file (memory-mapped), a full-precision
     checkpoint folder (either layout; safetensors or pytorch_model.bin) or a weight file inside
-    one, or a hub id such as "bigcode/santacoder" (cached by huggingface_hub). `reuse_prompt`:
+    one, or a hub id such as "bigcode/santacoder" (cached by huggingface_hub). `quant`: what a
+    full-precision model runs as, as on the command line: None (the default) is DEFAULT_QUANT,
+    "q8_0", quantized once into the cache ($SANTACPU_CACHE) and reused; "q4_m", "q4_0", "q6_0"
+    likewise; "none" runs it in full precision; a quantized file runs as it is. `reuse_prompt`:
     see `Model`. `kv_cache`: the KV cache's storage, "float16" (half the memory; rounds K and V
     to 11 significant bits) or "float32" (exact). `device`: "auto" (a CUDA GPU where one is
     usable, else the CPU), "cpu" or "cuda" (see `resolve_device`); `model.device` says which ran.
     The environment's settings (`santacpu.settings`) are read here."""
     check_kv_dtype(kv_cache)  # before the (long) load
     settings = Settings.from_environment()
-    backend = choose_backend(device, settings)
-    revision = hub_revision(model, revision)
+    backend = choose_backend(device, settings)  # a missing GPU is said before a first-use quantization
+    model, revision = runnable_model(model, revision, quant)
     if names_quantized_file(model):
         path = Path(model).expanduser()
         weights, metadata = read_quantized(path)

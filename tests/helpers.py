@@ -131,6 +131,11 @@ def run_santacpu(*args: str, env: dict | None = None, prefix: list[str] | tuple 
                           preexec_fn=None if umask is None else lambda: os.umask(umask))
 
 
+def line(text: str) -> str:
+    """What `santacpu complete` prints for a completion `text`: it ends with a newline."""
+    return text if text.endswith("\n") else text + "\n"
+
+
 def one_error_line(done: subprocess.CompletedProcess, fragment: str, code: int = 1) -> str:
     """The run failed with `code` and said why in one `santacpu: error:` line holding `fragment`,
     with nothing on stdout and no traceback."""

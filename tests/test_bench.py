@@ -243,11 +243,11 @@ def test_llama_bench_json_is_parsed():
     assert "torch" not in sys.modules  # the peer tool's parsing side needs no torch
 
 
-def test_peer_ratios_and_markdown():
-    from tools.bench_peers import NOT_INSTALLED, compare, markdown
+def test_peer_ratios_and_markdown(tmp_path, capsys):
+    from tools.bench_peers import NOT_INSTALLED, compare, main, markdown
 
-    def render(santacpu: dict, peers: dict) -> str:
-        return markdown(
+    def report_of(santacpu: dict, peers: dict) -> dict:
+        return (
             {
                 "machine": {"cpu": "cpu", "usable_cores": 2, "memory_gib": 24, "date": "today"},
                 "settings": {"threads": 2, "prompt_tokens": 512, "decode_tokens": 128, "repeat": 1},
@@ -257,6 +257,9 @@ def test_peer_ratios_and_markdown():
                 "comparisons": compare(santacpu, peers),
             }
         )
+
+    def render(santacpu: dict, peers: dict) -> str:
+        return markdown(report_of(santacpu, peers))
 
     def ours(prefill, decode, rss, file_mb):
         return {
@@ -315,6 +318,12 @@ def test_peer_ratios_and_markdown():
     assert "| B | santacpu q8_0 | llama.cpp Q8_0 batched |" in text
     assert "| 1 | 12.0 | - |" in text and "| 8 | 40.0 | 34.0 |" in text
     assert "| llama.cpp Q8_0 batched |" not in text.split("Batched decode")[0]  # not a row of the system table
+    # A stored --json report renders the same tables (how docs/performance.md's are made).
+    stored = tmp_path / "peers.json"
+    stored.write_text(json.dumps(report_of(santacpu, peers)))
+    capsys.readouterr()
+    main(["--render", str(stored)])
+    assert capsys.readouterr().out == text + "\n"
 
 
 def test_bench_batch_part(bench_report):
@@ -334,3 +343,26 @@ def test_bench_refuses_bad_batch_sizes():
     err = done.stderr.decode()
     assert done.returncode == 2 and len(err.splitlines()) == 1, err
     assert "Invalid value for '--batch': '1,0' is not a comma-separated list of whole numbers >= 1" in err, err
+
+
+def test_a_tiny_models_runs_are_flagged_as_too_short(bench_report):
+    report, _ = bench_report
+    assert any("runs too short to mean anything" in note and "decode" in note for note in report["warnings"])
+
+
+def test_full_size_figures_are_not_flagged():
+    from santacpu.bench.report import short_run_warnings
+
+    report = {
+        "settings": {"prompt_tokens": 512},
+        "summary": {"prefill_tok_s": 70.0, "decode_tok_s": 20.0, "decode_gb_s": 14.0, "read_speed_gb_s": 25.0},
+        "results": {
+            "speed": {"decode_tokens_done": 128, "decode_weight_bytes": 700_000_000},
+            "lookup": {c: {"lookup_tok_s": 30.0, "generated_tokens": 128, "drafted_tokens": 100} for c in ("echo", "plain")},
+        },
+    }
+    assert short_run_warnings(report) == []
+    report["summary"]["decode_gb_s"] = 72.5  # faster than the file's pages read: the weights sat in cache
+    report["results"]["lookup"]["echo"]["drafted_tokens"] = 4
+    notes = short_run_warnings(report)
+    assert len(notes) == 2 and "290% of the file's read speed" in notes[0] and "drafted only 4 tokens" in notes[1]

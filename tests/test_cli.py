@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import helpers
+from helpers import line
 import santacpu
 
 PROMPT = "def fibonacci(n):"
@@ -48,10 +49,8 @@ def quant_cache(tmp_path_factory, ckpt) -> Path:
 
 @pytest.fixture(scope="module")
 def model(ckpt, quant_cache) -> santacpu.Model:
-    """What `santacpu complete --model CKPT` runs: the cached q8_0 file."""
-    from quantize.cache import cached_file_for
-
-    return santacpu.load(cached_file_for(ckpt, "q8_0"))
+    """What `santacpu complete --model CKPT` runs, by the same policy: the cached q8_0 file."""
+    return santacpu.load(ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +109,17 @@ def assert_usage_error(done: subprocess.CompletedProcess, fragment: str) -> None
 def test_complete_matches_the_api(hf_home, ckpt, model):
     expected = model.complete(PROMPT, max_new_tokens=8)
     assert expected  # a non-empty completion, so the comparison means something
-    assert ok(run(hf_home, "complete", PROMPT, "--model", str(ckpt), "--max-new-tokens", N)) == expected
+    assert ok(run(hf_home, "complete", PROMPT, "--model", str(ckpt), "--max-new-tokens", N)) == line(expected)
     # -m, a weight file instead of its folder, and option order do not matter.
     done = run(hf_home, "complete", "-m", str(ckpt / "model.safetensors"), "--max-new-tokens", N, PROMPT)
-    assert ok(done) == expected
+    assert ok(done) == line(expected)
 
 
 @pytest.mark.parametrize("how", ["dash", "absent"])
 def test_prompt_from_stdin(hf_home, ckpt, model, how):
     expected = model.complete(PROMPT, max_new_tokens=8)
     args = ["complete", *(["-"] if how == "dash" else []), "--model", str(ckpt), "--max-new-tokens", N]
-    assert ok(run(hf_home, *args, stdin=PROMPT.encode())) == expected
+    assert ok(run(hf_home, *args, stdin=PROMPT.encode())) == line(expected)
 
 
 def test_fim_prints_only_the_middle(hf_home, ckpt, model, tmp_path):
@@ -147,21 +146,21 @@ def test_stop_string_cuts_the_output(hf_home, ckpt, model):
     assert model.complete(PROMPT, max_new_tokens=8, stop=[stop]) == expected
     base = ["complete", PROMPT, "--model", str(ckpt), "--max-new-tokens", N]
     out = ok(run(hf_home, *base, "--stop", stop))
-    assert out == expected and stop not in out
+    assert out == line(expected) and stop not in out
     # Repeatable: the earliest of several stop strings wins; one that never occurs changes nothing.
-    assert ok(run(hf_home, *base, "--stop", "never-in-output", "--stop", stop)) == expected
-    assert ok(run(hf_home, *base, "--stop", "never-in-output")) == full
+    assert ok(run(hf_home, *base, "--stop", "never-in-output", "--stop", stop)) == line(expected)
+    assert ok(run(hf_home, *base, "--stop", "never-in-output")) == line(full)
 
 
 def test_seeded_sampling_is_reproducible(hf_home, ckpt, model):
     base = ["complete", PROMPT, "--model", str(ckpt), "--max-new-tokens", N, "--temperature", "0.8"]
     first = ok(run(hf_home, *base, "--seed", "1"))
     assert first == ok(run(hf_home, *base, "--seed", "1"))
-    assert first == model.complete(PROMPT, max_new_tokens=8, temperature=0.8, seed=1)
+    assert first == line(model.complete(PROMPT, max_new_tokens=8, temperature=0.8, seed=1))
     other = ok(run(hf_home, *base, "--seed", "2"))
-    assert other == model.complete(PROMPT, max_new_tokens=8, temperature=0.8, seed=2)
+    assert other == line(model.complete(PROMPT, max_new_tokens=8, temperature=0.8, seed=2))
     assert other != first
-    assert first != model.complete(PROMPT, max_new_tokens=8)  # sampling really happened
+    assert first != line(model.complete(PROMPT, max_new_tokens=8))  # sampling really happened
 
 
 def test_starcoder_markers_warn_and_still_complete(hf_home, ckpt, model):
@@ -174,7 +173,18 @@ def test_starcoder_markers_warn_and_still_complete(hf_home, ckpt, model):
     lines = done.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("santacpu: warning: "), lines
     assert "<fim-prefix>" in lines[0]
-    assert done.stdout.decode() == expected and expected
+    assert done.stdout.decode() == line(expected) and expected
+
+
+def test_a_length_past_the_context_is_said_once(hf_home, ckpt, model):
+    """The default 128 new tokens do not fit the tiny model's 64-token context: one warning line says
+    how many will, and the text still ends with a newline."""
+    done = run(hf_home, "complete", PROMPT, "--model", str(ckpt))
+    assert done.returncode == 0, done.stderr.decode()
+    room = 64 - len(model.tokenizer.encode(PROMPT))
+    assert done.stderr.decode() == (f"santacpu: warning: at most {room} new tokens, not 128: the model's context "
+                                    "holds 64 tokens, prompt included\n")
+    assert done.stdout.decode() == line(model.complete(PROMPT))
 
 
 def test_console_script():
@@ -223,6 +233,13 @@ def test_arguments_that_are_not_utf8(hf_home, ckpt):
     assert_error(prompt, "the prompt is not UTF-8 text (byte 0xe9 at character 5)")
     stop = run(hf_home, "complete", "x", "--stop", os.fsdecode(b"\xff"), "--model", str(ckpt))
     assert_error(stop, "each stop string is not UTF-8 text (byte 0xff at character 0)")
+
+
+def test_a_model_variable_that_names_nothing_names_the_variable(hf_home, tmp_path):
+    missing = tmp_path / "nope"
+    done = helpers.run_santacpu("complete", PROMPT, env={"SANTACPU_MODEL": str(missing), "HF_HOME": str(hf_home)})
+    line = helpers.one_error_line(done, f"SANTACPU_MODEL={missing}: no such file or folder")
+    assert "--model" in line
 
 
 def test_prompt_longer_than_the_context(hf_home, ckpt):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import santacpu
-from helpers import tiny_checkpoint
+from helpers import line, tiny_checkpoint
 from quantize.cache import cached_file_for
 
 PROMPT = "def fibonacci(n):"
@@ -49,7 +49,7 @@ def test_quantize_then_info_then_complete(tmp_path):
 
     completed = run("complete", PROMPT, "--model", str(out), "--max-new-tokens", "6", cache=tmp_path)
     assert completed.returncode == 0 and completed.stderr == b""
-    assert completed.stdout.decode() == santacpu.load(out).complete(PROMPT, max_new_tokens=6)
+    assert completed.stdout.decode() == line(santacpu.load(out).complete(PROMPT, max_new_tokens=6))
     assert list(tmp_path.iterdir()) == [out]  # a quantized file is run as is: nothing cached
 
     again = run("quantize", str(tiny_checkpoint()), str(out), cache=tmp_path)
@@ -104,9 +104,94 @@ def test_first_use_quantizes_once_into_the_cache(tmp_path):
 
     full = run("complete", PROMPT, "--model", str(tiny_checkpoint()), "--max-new-tokens", "6", "--quant", "none",
                cache=cache)
-    assert full.stdout.decode() == santacpu.load(tiny_checkpoint()).complete(PROMPT, max_new_tokens=6)
+    assert full.stdout.decode() == line(santacpu.load(tiny_checkpoint(), quant="none").complete(PROMPT, max_new_tokens=6))
     one_error_line(run("complete", PROMPT, "--model", str(tiny_checkpoint()), "--quant", "q5", cache=cache),
                    "Invalid value for '--quant': 'q5' is not one of none, q8_0", code=2)
+
+    # The cache command: what first use wrote (size, type, source), and freeing it.
+    listed = run("cache", "list", cache=cache)
+    assert listed.returncode == 0, listed.stderr.decode()
+    rows = listed.stdout.decode().splitlines()
+    assert rows[0].startswith(f"{cache}: 2 files")
+    assert sorted(row.split()[1] for row in rows[2:]) == ["q4_m", "q8_0"]
+    assert all(str(tiny_checkpoint()) in row for row in rows[2:])
+    other = run("cache", "clear", str(tiny_checkpoint(seed=1)), cache=cache)  # made from another model: kept
+    assert other.returncode == 0 and other.stdout.decode().startswith("removed 0 files") and len(list(cache.iterdir())) == 2
+    cleared = run("cache", "clear", str(tiny_checkpoint()), cache=cache)
+    assert cleared.returncode == 0 and cleared.stdout.decode().startswith("removed 2 files made from")
+    assert list(cache.iterdir()) == []
+    assert run("cache", "list", cache=cache).stdout.decode() == f"the quantization cache {cache} is empty\n"
+
+
+def test_load_runs_what_the_command_line_runs(tmp_path, monkeypatch):
+    """One first-use policy: santacpu.load quantizes a full-precision model to q8_0 once, as every
+    command does; quant="none" runs it in full precision; a quantized file runs as it is."""
+    from santacpu.formats.blocks import QuantizedWeight
+
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path))
+    default = santacpu.load(tiny_checkpoint())
+    cached = cached_file_for(tiny_checkpoint(), "q8_0")
+    assert [p.name for p in tmp_path.iterdir()] == [cached.name]
+    assert isinstance(default.weights.layers[0].mlp_c_fc_weight, QuantizedWeight)
+    assert default.weights.layers[0].mlp_c_fc_weight.qtype == "q8_0"
+    assert default.complete(PROMPT, max_new_tokens=6) == santacpu.load(cached).complete(PROMPT, max_new_tokens=6)
+    full = santacpu.load(tiny_checkpoint(), quant="none")
+    assert full.weights.layers[0].mlp_c_fc_weight.dtype.name == "float32"
+    santacpu.load(tiny_checkpoint(), quant="q4_0")
+    from santacpu.formats.quantized_file import read_metadata
+
+    assert read_metadata(cached_file_for(tiny_checkpoint(), "q4_0"))[1]["quantization"]["type"] == "q4_0"
+    with pytest.warns(santacpu.SantacpuWarning, match="quantization q4_0 is ignored"):
+        santacpu.load(cached, quant="q4_0")
+    with pytest.raises(santacpu.SantacpuError, match="unknown quantization 'q5'"):
+        santacpu.load(tiny_checkpoint(), quant="q5")
+
+
+def test_a_damaged_cached_file_is_named_and_made_again(tmp_path, monkeypatch):
+    """A cached file whose values turned NaN (it reads whole, so only a scan finds it) is named
+    in the warning and made again, and the model runs."""
+    import numpy as np
+
+    from helpers import rewrite_safetensors
+
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
+    first = santacpu.load(tiny_checkpoint()).complete(PROMPT, max_new_tokens=6)
+    cached = cached_file_for(tiny_checkpoint(), "q8_0")
+
+    def poison(tensors):
+        scales = tensors["h.1.mlp_c_fc_weight.d"].copy()
+        scales.view(np.uint16)[0, 0] = 0x7E00  # fp16 NaN
+        tensors["h.1.mlp_c_fc_weight.d"] = scales
+
+    damaged = rewrite_safetensors(cached, tmp_path / "damaged.safetensors", tensors=poison)
+    damaged.replace(cached)
+    with pytest.warns(santacpu.SantacpuWarning) as caught:
+        again = santacpu.load(tiny_checkpoint())
+    message = " ".join(str(w.message) for w in caught)
+    assert f"the cached quantization {cached} of {tiny_checkpoint()} is damaged" in message
+    assert "h.1.mlp_c_fc_weight" in message and "making it again" in message
+    assert again.complete(PROMPT, max_new_tokens=6) == first
+
+
+def test_the_report_says_per_type_what_was_written_and_the_whole_time(tmp_path, capsys):
+    from quantize.converter import convert
+    from quantize.pipeline import report_lines, run_quantize
+
+    # q6_0: no calibration and no upgrades by default (the budget is for the 4-bit types).
+    run_quantize(str(tiny_checkpoint()), tmp_path / "q6.safetensors", qtype="q6_0", calibration=None,
+                 calibration_tokens=4096, keep=[], upgrade_budget=0.015, revision=None, force=False)
+    err = capsys.readouterr().err
+    assert "calibrating" not in err
+    assert "santacpu: q6_0 (the type asked for): 9 tensors" in err  # the embedding and all 8 linear weights
+    assert "q8_0" not in err
+
+    # A budget larger than the linear weights raises them all: the report says q4_m got nothing.
+    report = convert(tiny_checkpoint(), tmp_path / "q4m.safetensors", qtype="q4_m", upgrade_budget=1.0)
+    lines = report_lines(report, seconds=12.0, calibration_s=11.5)
+    assert lines[0].endswith(f"in 12.0 s (calibration 11.5 s, conversion {report.seconds:.1f} s)")
+    assert lines[1].startswith("q4_m: no tensor (asked for, but the upgrade budget raised every linear weight")
+    assert sum(int(line.split(": ")[1].split()[0]) for line in lines[2:] if not line.startswith("largest")) == \
+        len(report.tensors)
 
 
 def test_perplexity_against_a_reference(tmp_path):

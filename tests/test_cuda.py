@@ -317,21 +317,21 @@ def test_batched_step_matches_single_steps(sim_weights):
 
 def test_auto_picks_the_gpu_when_one_is_usable(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(cuda_device, "gpu_missing", lambda: None)
-    model = santacpu.load(tiny_checkpoint(), device="auto")
+    model = santacpu.load(tiny_checkpoint(), quant="none", device="auto")
     assert model.engine.backend.name == "cuda" and model.device.startswith("cuda: ")
 
 
 def test_auto_picks_the_cpu_without_a_gpu(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(cuda_device, "gpu_missing", lambda: "no NVIDIA driver found")
-    assert santacpu.load(tiny_checkpoint(), device="auto").device == "cpu"
+    assert santacpu.load(tiny_checkpoint(), quant="none", device="auto").device == "cpu"
 
 
 def test_cuda_without_a_gpu_is_one_line(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(cuda_device, "cuda_missing", lambda: "no NVIDIA driver found (libcuda.so.1 cannot be loaded)")
     with pytest.raises(SantacpuError, match=r"^device 'cuda' is not usable: no NVIDIA driver found"):
-        santacpu.load(tiny_checkpoint(), device="cuda")
+        santacpu.load(tiny_checkpoint(), quant="none", device="cuda")
     with pytest.raises(SantacpuError, match="unknown device 'tpu'"):
-        santacpu.load(tiny_checkpoint(), device="tpu")
+        santacpu.load(tiny_checkpoint(), quant="none", device="tpu")
 
 
 @pytest.mark.skipif(REAL_GPU, reason="this machine has a usable GPU")
@@ -367,8 +367,8 @@ def test_golden_fixtures_on_the_gpu(tiny_checkpoint, kv_dtype, tolerance):
 @real_gpu
 def test_trained_fixture_greedy_on_the_gpu():
     folder = Path(__file__).parent / "fixtures" / "trained_tiny"
-    cpu = santacpu.load(folder, device="cpu")
-    gpu = santacpu.load(folder, device="cuda")
+    cpu = santacpu.load(folder, quant="none", device="cpu")
+    gpu = santacpu.load(folder, quant="none", device="cuda")
     prompt = "def fibonacci(n):\n"
     want = cpu.complete(prompt, max_new_tokens=32, lookup=False)
     assert gpu.complete(prompt, max_new_tokens=32) == want

@@ -23,7 +23,7 @@ V = 49280
 
 @pytest.fixture(scope="module")
 def model():
-    return santacpu.load(tiny_checkpoint())
+    return santacpu.load(tiny_checkpoint(), quant="none")
 
 
 # --- sampling -------------------------------------------------------------------------------
@@ -393,11 +393,11 @@ class FimTokenFromStep:
 
 def test_a_fim_special_token_ends_a_library_fim_completion():
     # As the server's (issue 26, item 12): the CLI's `complete --fim` and the API agree with it.
-    loaded = santacpu.load(tiny_checkpoint())
+    loaded = santacpu.load(tiny_checkpoint(), quant="none")
     loaded.reuse_prompt = False
     free = loaded.complete("def f(x):", "    return y\n", max_new_tokens=8)
     for token in (loaded.tokenizer.fim_prefix_id, loaded.tokenizer.fim_pad_id):
-        loaded.engine = FimTokenFromStep(santacpu.load(tiny_checkpoint()).engine, token, after=3)
+        loaded.engine = FimTokenFromStep(santacpu.load(tiny_checkpoint(), quant="none").engine, token, after=3)
         middle = loaded.complete("def f(x):", "    return y\n", max_new_tokens=8)
         assert "<fim" not in middle and loaded.last_stats.generated_tokens < 8, middle
         assert free.startswith(middle)  # the same text up to where the FIM token came

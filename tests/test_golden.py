@@ -156,7 +156,7 @@ def fast_model(golden, weights, tiny_checkpoint):
         if (variant, layout) not in cache:
             weights(variant, layout)  # fingerprint checked first
             cache[variant, layout] = santacpu.load(
-                tiny_checkpoint(layout, multi_query=VARIANTS[variant], seed=int(golden["seed"])), kv_cache="float32"
+                tiny_checkpoint(layout, multi_query=VARIANTS[variant], seed=int(golden["seed"])), quant="none", kv_cache="float32"
             )
         return cache[variant, layout]
 

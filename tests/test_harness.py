@@ -5,6 +5,7 @@ input is one error line. The sandbox's own tests are in test_sandbox.py."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from math import comb
@@ -116,6 +117,25 @@ def test_results_resume_drop_a_torn_last_line_and_refuse_other_runs(tmp_path):
         ResultsFile.open(tmp_path / "notes.txt", header, resume=True)
 
 
+def test_a_full_disk_names_the_results_file(tmp_path, monkeypatch):
+    import errno
+
+    from santacpu.harness import results as results_module
+
+    path = tmp_path / "results.jsonl"
+    results = ResultsFile.open(path, {**EvalSettings().identity(), "model": {"name": "m", "sha256": "1"}}, resume=False)
+    results.append({"task_id": "a"})
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(results_module.os, "fsync", full)
+    with pytest.raises(SantacpuError) as error:
+        results.append({"task_id": "b"})
+    assert str(error.value) == (f"cannot write the results file {path}: No space left on device (its 1 finished "
+                                "problems are kept; --resume carries on)")
+
+
 @pytest.mark.parametrize(
     "changes, message",
     [
@@ -141,7 +161,7 @@ def _generated(records: list[dict]) -> list[tuple]:
     return [(r["task_id"], r["completions"], r["passed"], r["exact"]) for r in records]
 
 
-def test_an_interrupted_run_resumes_without_recomputing_and_ray_agrees(trained_q8, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_without_recomputing_and_ray_agrees(trained_q8, tmp_path, monkeypatch, capsys):
     whole, whole_records = evaluate(str(trained_q8), tmp_path / "whole.jsonl", SMALL)
     assert whole["problems"] == 3 and whole["run"]["problems"] == 3
 
@@ -165,10 +185,13 @@ def test_an_interrupted_run_resumes_without_recomputing_and_ray_agrees(trained_q
     assert [json.loads(line) for line in out.read_text().splitlines()[1:3]] == kept
     assert _generated(records) == _generated(whole_records)
 
-    from santacpu.harness.ray_pipeline import RayPlacement
+    from santacpu.harness.ray_pipeline import RayPlacement, require_ray
 
+    starts_ray = not require_ray().is_initialized()
+    capsys.readouterr()
     on_ray, ray_records = evaluate(str(trained_q8), tmp_path / "ray.jsonl", SMALL, ray=RayPlacement(workers=1, threads=1))
     assert on_ray["run"]["where"].startswith("on ray")
+    assert ("santacpu: starting a local Ray cluster" in capsys.readouterr().err) == starts_ray  # said before the wait
     assert _generated(ray_records) == _generated(whole_records)
 
 

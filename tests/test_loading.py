@@ -25,6 +25,7 @@ import pytest
 import helpers
 import santacpu
 from santacpu import SantacpuError
+from santacpu.model import quant_as_it_is
 from santacpu.loading.checkpoint import read_checkpoint
 from santacpu.formats.safetensors_io import SafetensorsFile, bf16_to_f32, write_safetensors
 from tools.random_checkpoint import config_json, write_checkpoint
@@ -33,7 +34,7 @@ def load_exact(source, **options) -> santacpu.Model:
     """santacpu.load with an fp32 KV cache. These tests compare loading paths to 1e-6 of the
     logits; the default fp16 cache rounds K/V to 11 bits, which turns BLAS's alignment-dependent
     last-bit differences into ~1e-4 ones."""
-    return santacpu.load(source, **{"kv_cache": "float32", **options})
+    return santacpu.load(source, **{"kv_cache": "float32", "quant": quant_as_it_is(source), **options})
 
 
 PROMPT = "def fibonacci(n):\n    if n < 2:\n        return n\n"
@@ -603,7 +604,7 @@ def test_info_on_a_fifo_is_one_error_line_not_a_hang(tmp_path):
 
 # Small files of a model folder: regular files only, bounded, and shards only from inside the folder.
 
-_CAPPED_LOAD = ("import santacpu", "try:\n    santacpu.load(sys.argv[1])\n    print('loaded')\n"
+_CAPPED_LOAD = ("import santacpu", "try:\n    santacpu.load(sys.argv[1], quant='none')\n    print('loaded')\n"
                 "except santacpu.SantacpuError as error:\n    print('error', error)")
 
 
@@ -842,7 +843,7 @@ _HUB_SCRIPT = textwrap.dedent(
     repo, out, revision, prompt = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4]
     report = {"offline": c.HF_HUB_OFFLINE, "cache": c.HF_HUB_CACHE}
     try:
-        model = santacpu.load(repo, revision=revision, kv_cache="float32")
+        model = santacpu.load(repo, revision=revision, quant="none", kv_cache="float32")
         report["folder"] = str(resolve(repo, revision))
         ids = model.tokenizer.encode(prompt)
         np.save(out + ".npy", model.logits(ids))
@@ -937,8 +938,8 @@ def test_settings_come_from_the_environment_and_bad_values_are_refused(tmp_path,
     assert defaults == Settings(model=None, cache_dir=Path("/x/santacpu"), integer_kernels=True, vector_width=512)
     monkeypatch.setenv("SANTACPU_INT_DOT", "no")
     with pytest.raises(SantacpuError, match="SANTACPU_INT_DOT='no' is not understood"):
-        santacpu.load(helpers.tiny_checkpoint())
+        santacpu.load(helpers.tiny_checkpoint(), quant="none")
     monkeypatch.setenv("SANTACPU_INT_DOT", "1")
     monkeypatch.setenv("SANTACPU_VECTOR_WIDTH", "128")
     with pytest.raises(SantacpuError, match="SANTACPU_VECTOR_WIDTH='128' is not understood"):
-        santacpu.load(helpers.tiny_checkpoint())
+        santacpu.load(helpers.tiny_checkpoint(), quant="none")

@@ -39,7 +39,7 @@ class CountingEngine:
 @pytest.fixture()
 def model():
     """A model with prompt reuse (the default) whose forwards are counted."""
-    m = santacpu.load(tiny_checkpoint())
+    m = santacpu.load(tiny_checkpoint(), quant="none")
     m.engine = CountingEngine(m.engine)
     return m
 
@@ -47,7 +47,7 @@ def model():
 @pytest.fixture(scope="module")
 def fresh():
     """Every generation from an empty cache: the reference."""
-    return santacpu.load(tiny_checkpoint(), reuse_prompt=False)
+    return santacpu.load(tiny_checkpoint(), quant="none", reuse_prompt=False)
 
 
 def run(m, ids, n=8, **options):

@@ -43,7 +43,7 @@ def _heldout_texts(fixture: Path, chunks: int = N_CHUNKS) -> list[str]:
 
 def _reference(fixture: Path):
     with pytest.warns(santacpu.SantacpuWarning, match="tokenizer"):
-        return santacpu.load(fixture, kv_cache="float32")  # exact: the quantized models run the default fp16 cache
+        return santacpu.load(fixture, quant="none", kv_cache="float32")  # exact: the quantized models run the default fp16 cache
 
 
 class Calibration:
@@ -135,7 +135,7 @@ def test_fp16_kv_cache_costs_little_on_the_trained_model(reference):
     # that rounding. Measured mean KLD 1.2e-9 and top-1 1.0 when written (q8_0: 3e-5). Half the
     # chunks: both models run the fp16 weights' float path, the suite's slowest.
     with pytest.warns(santacpu.SantacpuWarning, match="tokenizer"):
-        fp16_cache = santacpu.load(FIXTURE, kv_cache="float16")
+        fp16_cache = santacpu.load(FIXTURE, quant="none", kv_cache="float16")
     s = score(fp16_cache, _heldout_texts(FIXTURE, N_CHUNKS // 2), N_CTX, reference)
     print(f"fp16 KV cache: mean KLD {s.mean_kld:.3g}, top-1 {s.top1_agreement:.4f}")
     assert s.mean_kld <= THRESHOLDS["variants"]["q8_0"]["max_mean_kld"] / 20

@@ -45,7 +45,7 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def full_precision():
-    return santacpu.load(tiny_checkpoint())
+    return santacpu.load(tiny_checkpoint(), quant="none")
 
 
 @pytest.mark.parametrize("qtype", TYPES)

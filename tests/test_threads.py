@@ -64,10 +64,10 @@ def test_threads_get_the_serial_results(parallel_kernels, shared):
     # order than the one-token matvec, so its logits may differ in the last bits. Greedy choices
     # do not move (no near-ties here); a sample drawn right at a boundary could, so sampling
     # jobs are compared on separate models only.
-    serial_model = santacpu.load(tiny_checkpoint(), reuse_prompt=False)
+    serial_model = santacpu.load(tiny_checkpoint(), quant="none", reuse_prompt=False)
     want = [complete(serial_model, prompt, options) for prompt, options in jobs(shared)]
     n_threads = 4
-    models = [santacpu.load(tiny_checkpoint()) for _ in range(1 if shared else n_threads)]
+    models = [santacpu.load(tiny_checkpoint(), quant="none") for _ in range(1 if shared else n_threads)]
     results, errors = run_in_threads(models, n_threads, greedy_only=shared)
     assert errors == []
     for (t, j), got in results.items():
@@ -93,7 +93,7 @@ class BlockingEngine:
 def test_one_generator_advanced_from_two_threads_is_refused():
     """Documented behaviour: a generator belongs to one thread at a time; Python itself refuses a
     second concurrent `next` with a clear error instead of corrupting the sequence."""
-    model = santacpu.load(tiny_checkpoint())
+    model = santacpu.load(tiny_checkpoint(), quant="none")
     model.engine = blocking = BlockingEngine(model.engine)
     tokens = model.generate([1, 2, 3], max_new_tokens=2, lookup=False)
     seen = []
@@ -113,7 +113,7 @@ sys.path.insert(0, {tests!r})
 import numba, santacpu, santacpu.backends.cpu.backend as backend
 from helpers import tiny_checkpoint
 backend.PARALLEL_MIN_WORK = 0
-models = [santacpu.load(tiny_checkpoint()) for _ in range(3)]
+models = [santacpu.load(tiny_checkpoint(), quant="none") for _ in range(3)]
 models[0].complete("x", max_new_tokens=1)
 assert numba.threading_layer() == "workqueue", numba.threading_layer()
 def work(model):

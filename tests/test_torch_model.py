@@ -39,7 +39,7 @@ PROMPTS = [
 
 def load_bin_model(folder: Path) -> santacpu.Model:
     with pytest.warns(santacpu.SantacpuWarning, match="no tokenizer.json"):
-        return santacpu.load(folder)
+        return santacpu.load(folder, quant="none")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def bin_model() -> santacpu.Model:
 
 @pytest.fixture(scope="module")
 def safetensors_model(safetensors_folder) -> santacpu.Model:
-    return santacpu.load(safetensors_folder)
+    return santacpu.load(safetensors_folder, quant="none")
 
 
 def prompt_ids(model: santacpu.Model) -> list[list[int]]:
@@ -170,7 +170,7 @@ def test_sharded_bin_checkpoint_loads_through_its_index(tmp_path, bin_model):
     del weight_map["transformer.h.0.mlp.c_fc.weight"]
     (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(santacpu.SantacpuError, match="lacks the tensor 'transformer.h.0.mlp.c_fc.weight'"):
-        santacpu.load(tmp_path)
+        santacpu.load(tmp_path, quant="none")
 
 
 def test_no_torch_was_imported():

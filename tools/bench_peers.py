@@ -670,6 +670,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--json", type=Path, help="write everything here")
     parser.add_argument("--markdown", type=Path, help="write the tables here, ready for docs/performance.md")
+    parser.add_argument(
+        "--render", type=Path, metavar="REPORT.json",
+        help="print the tables of a stored --json report (docs/bench/*.json) and exit: docs/performance.md's tables "
+        "are made this way",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-model", help=argparse.SUPPRESS)
     parser.add_argument("--child-prompt", type=Path, help=argparse.SUPPRESS)
@@ -679,6 +684,9 @@ def main(argv: list[str] | None = None) -> None:
         ids = json.loads(args.child_prompt.read_text())
         run = child_ctranslate2 if args.child == "ctranslate2" else child_transformers
         print(json.dumps(run(args.child_model, ids, args.decode_tokens, args.threads, args.repeat)))
+        return
+    if args.render:
+        print(markdown(json.loads(args.render.read_text(encoding="utf-8"))))
         return
     if args.checkpoint is None:
         parser.error("--checkpoint is required")

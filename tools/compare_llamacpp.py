@@ -114,7 +114,7 @@ def llama_rows(checkpoint: Path, text: Path, bin_dir: Path, src: Path, work: Pat
 
 
 def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
-    reference = santacpu.load(checkpoint)
+    reference = santacpu.load(checkpoint, quant="none")
     texts = [text.read_text(encoding="utf-8")]
     reader = open_checkpoint(checkpoint)
     heldout = checkpoint / "heldout.txt"  # never calibrate on the text we evaluate on

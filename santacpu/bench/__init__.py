@@ -26,7 +26,7 @@ May import: anything in `santacpu` but `santacpu.cli` (never `quantize`).
 
 from .children import child_main
 from .machine import current_rss_mb, default_threads, drop_page_cache, machine_facts, mapped_file_rss_mb, peak_rss_mb
-from .report import format_table, summarize
+from .report import format_table, short_run_warnings, summarize
 from .run import PARTS, BenchSettings, describe_model, fit_to_context, measure_read_speed, run_bench
 from .workload import decode_weight_bytes, fim_texts, text_token_stream
 
@@ -47,6 +47,7 @@ __all__ = [
     "measure_read_speed",
     "peak_rss_mb",
     "run_bench",
+    "short_run_warnings",
     "summarize",
     "text_token_stream",
 ]

@@ -51,9 +51,9 @@ def child_main(kind: str, job_json: str, import_s: float) -> None:
 
 
 def _load(job: dict):
-    from ..model import load
+    from ..model import load, quant_as_it_is
 
-    return load(job["model"], revision=job["revision"], device=job.get("device", "auto"))
+    return load(job["model"], revision=job["revision"], quant=quant_as_it_is(job["model"]), device=job.get("device", "auto"))
 
 
 def _timed(work: Callable[[], object]) -> tuple[object, float]:

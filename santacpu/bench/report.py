@@ -8,6 +8,47 @@ from __future__ import annotations
 
 # The bound of issue 4 item 6: peak RSS at a 2048-token context within file size + 150 MB.
 RSS_BOUND_EXTRA_MB = 150
+# A timed run shorter than this measures the timer, the caches and Python more than the model.
+MEANINGFUL_RUN_S = 1.0
+# Prompt lookup's speed-up means something only over this many drafted tokens.
+MEANINGFUL_DRAFTS = 20
+
+
+def short_run_warnings(report: dict) -> list[str]:
+    """Why some figures of `report` mean little: runs too short to time (a tiny model), a model
+    small enough to read from the CPU's caches, too few drafted tokens. Empty for a full-size run."""
+    s, settings, results = report["summary"], report["settings"], report["results"]
+    speed, lookup = results.get("speed", {}), results.get("lookup", {})
+    notes = []
+    short = []
+    if s.get("prefill_tok_s"):
+        short.append(("prefill", settings["prompt_tokens"] / s["prefill_tok_s"]))
+    if s.get("decode_tok_s"):
+        short.append(("decode", speed["decode_tokens_done"] / s["decode_tok_s"]))
+    for case in ("echo", "plain"):
+        if lookup.get(case, {}).get("lookup_tok_s"):
+            short.append((f"prompt lookup ({case})", lookup[case]["generated_tokens"] / lookup[case]["lookup_tok_s"]
+                          if "generated_tokens" in lookup[case] else 0.0))
+    too_short = [f"{what} {seconds * 1e3:.0f} ms" for what, seconds in short if seconds < MEANINGFUL_RUN_S]
+    if too_short:
+        notes.append(
+            f"runs too short to mean anything ({', '.join(too_short)}; under {MEANINGFUL_RUN_S:.0f} s each): their "
+            "speeds are mostly timer, cache and Python noise; bench a full-size model (santacpu random-checkpoint "
+            "DIR --size full) for figures that compare"
+        )
+    if s.get("decode_gb_s") and s.get("read_speed_gb_s") and s["decode_gb_s"] > s["read_speed_gb_s"]:
+        notes.append(
+            f"decode read the weights at {100 * s['decode_gb_s'] / s['read_speed_gb_s']:.0f}% of the file's read "
+            f"speed: the weights ({speed['decode_weight_bytes'] / 1e6:.1f} MB) fit in the CPU's caches, so that "
+            "share says nothing about memory bandwidth"
+        )
+    drafts = [lookup[c]["drafted_tokens"] for c in ("echo", "plain") if lookup.get(c, {}).get("drafted_tokens") is not None]
+    if drafts and min(drafts) < MEANINGFUL_DRAFTS:
+        notes.append(
+            f"prompt lookup drafted only {min(drafts)} tokens (under {MEANINGFUL_DRAFTS}): its speed-up and "
+            "acceptance are not a measurement"
+        )
+    return notes
 
 
 def summarize(results: dict, file_bytes: int) -> dict:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .machine import default_threads, machine_facts, santacpu_version
-from .report import summarize
+from .report import short_run_warnings, summarize
 
 PARTS = ("speed", "lookup", "memory", "load", "compile")
 # `--batch`: B sequences of BATCH_PROMPT_TOKENS distinct prompt tokens each, greedy, generating
@@ -53,6 +53,7 @@ class BenchSettings:
     memory_context: int = 0  # 0: the model's whole context
     parts: tuple[str, ...] = PARTS
     revision: str | None = None
+    quant: str | None = None  # a full-precision model is benched as santacpu.load runs it (None: q8_0; "none")
     batch: tuple[int, ...] = ()  # batch sizes for the batched-decode part; () skips it
     device: str = "auto"  # what santacpu.load accepts: auto, cpu, cuda
     extra: dict = field(default_factory=dict)  # passed through to the JSON as given
@@ -66,7 +67,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     """Measure `settings.model`; returns {"settings", "machine", "model", "results"} (see the
     module docstring for what each part measures). Raises SantacpuError for bad settings."""
     from ..errors import SantacpuError
-    from ..model import resolve_device
+    from ..model import resolve_device, runnable_model
 
     log = log or (lambda text: print(f"santacpu bench: {text}", file=sys.stderr, flush=True))
     settings.threads = settings.threads or default_threads()
@@ -76,6 +77,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     if settings.threads < 1 or settings.repeat < 1:
         raise SantacpuError("threads and repeat must be at least 1")
     resolve_device(settings.device)
+    settings.model, settings.revision = runnable_model(settings.model, settings.revision, settings.quant)
     config, weights_type, files = describe_model(settings.model, settings.revision)
     n_ctx = config.n_positions
     fit_to_context(settings, n_ctx, log)
@@ -92,7 +94,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     job = dict(asdict(settings), parts=list(settings.parts), memory_context=memory_context, files=model_facts["files"])
     _read_through(files)  # page cache warm for every run but the cold-load one
     results = _run_parts(settings, job, files, log)
-    return {
+    report = {
         "santacpu_version": santacpu_version(),
         "settings": {
             **asdict(settings),
@@ -105,6 +107,8 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
         "results": results,
         "summary": summarize(results, file_bytes),
     }
+    report["warnings"] = short_run_warnings(report)  # figures a tiny model's runs cannot back
+    return report
 
 
 def _run_parts(settings: BenchSettings, job: dict, files: list[Path], log: Callable[[str], None]) -> dict:

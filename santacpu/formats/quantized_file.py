@@ -36,6 +36,9 @@ FORMAT_NAME = "santacpu-quantized"
 FORMAT_VERSION = 2  # written into every new file; files of versions 1..2 are read
 REQUIRED_METADATA = ("format", "format_version", "config", "tokenizer", "tensors", "quantization", "provenance")
 FULL_PRECISION_TYPES = {"f32": np.float32, "f16": np.float16}
+# What a full-precision model runs as unless told otherwise (`santacpu.load`, every command):
+# quantized once into the cache (see `quantize.cache`).
+DEFAULT_QUANT = "q8_0"
 
 
 def is_quantized_file(path: str | os.PathLike) -> bool:

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -55,10 +56,10 @@ class MiddlesActor:
     def __init__(self, model: str, revision: str | None, device: str, settings: EvalSettings, threads: int):
         import numba
 
-        from ..model import load
+        from ..model import load, quant_as_it_is
 
         numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
-        self.model = load(model, revision=revision, device=device)
+        self.model = load(model, revision=revision, quant=quant_as_it_is(model), device=device)
         self.settings = settings
 
     def __call__(self, batch: dict) -> dict:
@@ -100,6 +101,8 @@ def run_on_ray(
     ray = require_ray()
     started = not ray.is_initialized()
     if started:
+        where = f"joining the Ray cluster at {placement.address}" if placement.address else "starting a local Ray cluster"
+        print(f"santacpu: {where} (this takes a while)", file=sys.stderr, flush=True)
         try:
             ray.init(
                 address=placement.address,

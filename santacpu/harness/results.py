@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import SantacpuError, os_problem
+from ..errors import SantacpuError, WriteError, os_problem
 
 FORMAT = "santacpu-eval/1"
 IDENTITY = ("benchmark", "model", "samples", "options", "timeout_s")
@@ -63,10 +63,15 @@ class ResultsFile:
 
     def append(self, record: dict) -> None:
         lines = [] if self._written else [self.header]
-        with open(self.path, "a" if self._written else "w", encoding="utf-8") as f:
-            f.write("".join(json.dumps(line) + "\n" for line in [*lines, record]))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a" if self._written else "w", encoding="utf-8") as f:
+                f.write("".join(json.dumps(line) + "\n" for line in [*lines, record]))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:  # a full disk names no file: say which, and what is kept
+            kept = f"its {len(self.records)} finished problems are kept; --resume carries on" if self._written else \
+                "nothing was kept"
+            raise WriteError(f"cannot write the results file {self.path}: {os_problem(e)} ({kept})") from None
         self._written = True
         self.records.append(record)
 

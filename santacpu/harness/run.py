@@ -1,6 +1,7 @@
 """What `santacpu eval humaneval-infill` does: the problems, the results file (resumed or new), the
 run (here or on Ray), and the summary; with a reference model, the same again for it and the
-comparison of the two.
+comparison of the two. A full-precision model is evaluated as `santacpu.load` runs it: its cached
+quantization (`quant`, default q8_0); the reference of a comparison runs in full precision.
 
 May import: `santacpu.model`, `santacpu.progress` and the harness's modules.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..model import load
+from ..model import load, quant_as_it_is, runnable_model
 from ..progress import Progress
 from .local import run_local
 from .problems import load_problems
@@ -31,6 +32,7 @@ def evaluate(
     settings: EvalSettings,
     *,
     revision: str | None = None,
+    quant: str | None = None,
     device: str = "auto",
     resume: bool = False,
     ray: RayPlacement | None = None,
@@ -39,11 +41,12 @@ def evaluate(
 ) -> tuple[dict, list[dict]]:
     """Run (or finish) one model's evaluation into `out`: (its summary, its records in the
     benchmark's order). `ray` None runs here; else on a Ray cluster (see `ray_pipeline`).
-    `results`: the file opened already (`open_results`)."""
+    `results`: the file opened already (`open_results`). `quant`: as `santacpu.load`'s."""
     settings = settings.checked()
     problems = load_problems(settings.benchmark, settings.limit)
     if ray is not None:
         require_ray()
+    model, revision = runnable_model(model, revision, quant)
     results = results or open_results(model, out, settings, resume)
     todo = [p for p in problems if p.task_id not in results.finished]
     progress = Progress(len(todo), label)
@@ -52,7 +55,7 @@ def evaluate(
         results.append(record)
         progress.step(record["task_id"])
 
-    here = load(model, revision=revision, device=device) if todo and ray is None else None
+    here = load(model, revision=revision, quant=quant_as_it_is(model), device=device) if todo and ray is None else None
     start = time.perf_counter()  # (Ray's runs count their cluster's start and the actors' loads)
     if here is not None:
         run_local(here, todo, settings, on_record)
@@ -85,16 +88,20 @@ def reference_path(out: Path) -> Path:
 
 
 def evaluate_against(
-    model: str, reference: str, out: Path, settings: EvalSettings, *, reference_revision: str | None = None, **run
+    model: str, reference: str, out: Path, settings: EvalSettings, *, revision: str | None = None,
+    quant: str | None = None, reference_revision: str | None = None, **run
 ) -> dict:
-    """Both models on the same problems and seeds: each one's summary, and the comparison. Both
-    results files are checked before either model runs."""
+    """Both models on the same problems and seeds (the reference in full precision): each one's
+    summary, and the comparison. Both results files are checked before either model runs (a
+    first-use quantization of `model` is made first)."""
     settings = settings.checked()
     resume = run.get("resume", False)
+    model, revision = runnable_model(model, revision, quant)
+    reference, reference_revision = runnable_model(reference, reference_revision, "none")
     files = open_results(model, out, settings, resume), open_results(reference, reference_path(out), settings, resume)
-    mine, records = evaluate(model, out, settings, label="eval model", results=files[0], **run)
+    mine, records = evaluate(model, out, settings, label="eval model", results=files[0], revision=revision, **run)
     theirs, reference_records = evaluate(
         reference, reference_path(out), settings, label="eval reference", results=files[1],
-        **{**run, "revision": reference_revision},
+        revision=reference_revision, quant="none", **run,
     )
     return {"model": mine, "reference": theirs, "comparison": compare(records, reference_records)}

@@ -155,7 +155,9 @@ def describe(path: str | os.PathLike) -> str:
         f"quantization    {quantization.get('type')} (embedding {quantization.get('embedding')}{split_note}"
         + (f"; keep {', '.join(quantization['keep'])}" if quantization.get("keep") else "")
         + (", importance-weighted" if quantization.get("importance_weighted") else "")
-        + ")",
+        + ")"
+        + ("" if quantization.get("type") in counts else
+           f"; no tensor is stored as {quantization.get('type')} (see the tensors below)"),
         "tensors         " + ", ".join(f"{n} x {t}" for t, n in sorted(counts.items())),
         f"bits/weight     {8 * stored / max(weight_count, 1):.3f} over the {weight_count:,} matrix weights; "
         f"{8 * size / max(weight_count, 1):.3f} for the whole file",

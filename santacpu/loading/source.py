@@ -4,7 +4,7 @@ Hub ids go through huggingface_hub's standard cache (so `HF_HUB_OFFLINE=1`, `HF_
 `HF_HUB_CACHE` work as everywhere else). Only what santacpu reads is fetched: config.json,
 tokenizer.json and the safetensors weights (pytorch_model.bin only when a repo has no safetensors).
 
-May import: huggingface_hub, `santacpu.errors`.
+May import: huggingface_hub, `santacpu.errors`, `santacpu.settings`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import SantacpuError, SantacpuWarning
-from ..settings import Settings
+from ..settings import MODEL_ENV, Settings
 
 DEFAULT_MODEL = "bigcode/santacoder"
 
@@ -26,8 +26,23 @@ _TORCH_FILES = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 
 
 def default_model() -> str:
-    """The model the CLI runs when told none: $SANTACPU_MODEL, else DEFAULT_MODEL."""
-    return Settings.from_environment().model or DEFAULT_MODEL
+    """The model the CLI runs when told none: $SANTACPU_MODEL, else DEFAULT_MODEL. A variable that
+    names a local path that does not exist is an error naming the variable (where the path came
+    from is the first thing to check)."""
+    value = Settings.from_environment().model
+    if value is None:
+        return DEFAULT_MODEL
+    if not Path(value).expanduser().exists() and _looks_like_a_path(value):
+        raise SantacpuError(
+            f"{MODEL_ENV}={value}: no such file or folder (the variable names the model run when --model "
+            f"is not given; unset it for {DEFAULT_MODEL})"
+        )
+    return value
+
+
+def _looks_like_a_path(text: str) -> bool:
+    """Whether `text` can only be a local path, never a hub id."""
+    return not _HUB_ID.match(text) or text.startswith((".", "/", "~"))
 
 
 def hub_revision(model: str | os.PathLike, revision: str | None) -> str | None:
@@ -51,7 +66,7 @@ def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
     if path.is_file():
         return path.parent  # a weight file: config.json and tokenizer.json sit beside it
     text = str(model)
-    if not _HUB_ID.match(text) or text.startswith((".", "/", "~")):
+    if _looks_like_a_path(text):
         raise SantacpuError(f"no such file or folder: {text}")
     return _download(text, revision)
 
