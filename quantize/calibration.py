@@ -7,7 +7,7 @@ The forward runs layer by layer over all calibration sequences (only one layer's
 alive at a time, as in the converter), with the plain-NumPy reference pieces. The same text also
 says which tokens are used most (`most_used_tokens`): the embedding rows worth raising.
 
-May import: `santacpu` (network.reference, loading, tokenizer, sample_code, errors).
+May import: `santacpu` (network.reference, loading, tokenizer, sample_code, progress, errors).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from santacpu.errors import SantacpuError
 from santacpu.loading.checkpoint import CheckpointReader
 from santacpu.network import reference as ref
+from santacpu.progress import Progress
 from santacpu.sample_code import stdlib_files
 from santacpu.tokenizer import Tokenizer
 
@@ -91,6 +92,7 @@ def collect_importance(reader: CheckpointReader, sequences: list[list[int]]) -> 
 
     wte, wpe = reader.wte(), reader.wpe()
     states = [ref.dense(wte[np.asarray(s)]) + ref.dense(wpe[: len(s)]) for s in sequences]  # [T, E] each
+    progress = Progress(c.n_layer, "calibrating")
     for i in range(c.n_layer):
         layer = reader.layer(i)
         p = f"h.{i}."
@@ -107,6 +109,7 @@ def collect_importance(reader: CheckpointReader, sequences: list[list[int]]) -> 
             x += ref.linear(f, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias)
         reader.release(layer)
         del layer
+        progress.step(f"layer {i}")
     ln_f_weight, ln_f_bias = reader.ln_f()
     for x in states:
         record("wte", ref.layer_norm(x, ln_f_weight, ln_f_bias, eps))  # the LM head's input
