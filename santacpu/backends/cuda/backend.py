@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,21 +59,25 @@ class LaunchShapes:
     matmul_side: int  # s x s threads, a tile of 4s rows x 4s tokens
     norm_threads: int  # a power of two
     attention_threads: int  # a block of attention (one query token, some of its positions)
-    attention_blocks: int  # spread a call's attention over at least this many blocks
+    attention_blocks: int  # spread a prompt's attention over at least this many blocks
+    attention_step: tuple[int, int]  # a decode step's attention: (heads a block, chunks of CHUNK positions a split)
     flat_threads: int  # element-wise kernels
     position_bucket: int  # a decode step's attention grid covers its context length rounded up to this
 
 
+# The launch shapes a GPU gets that tools/gpu_check.py times against others (docs/gpu.md has the
+# numbers): flip them here after a run.
+ATTENTION_STEP = (16, 1)  # all 16 heads a block (K/V staged once for all), 32 positions a split
 # attention_blocks: two blocks for each of an H100's or H200's 132 multiprocessors.
 DEVICE_SHAPES = LaunchShapes(
     matvec=(32, 8), matvec_one=(8, 16), matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264,
-    flat_threads=256, position_bucket=256,
+    attention_step=ATTENTION_STEP, flat_threads=256, position_bucket=256,
 )
 # The simulator pays for every block and every barrier of its threads (each a Python thread): few
 # blocks, few threads, one lane a row.
 SIMULATOR_SHAPES = LaunchShapes(
-    matvec=(1, 16), matvec_one=(1, 32), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3, flat_threads=64,
-    position_bucket=lk.CHUNK,
+    matvec=(1, 16), matvec_one=(1, 32), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3,
+    attention_step=(2, 1), flat_threads=64, position_bucket=lk.CHUNK,
 )
 # Calls of at most this many tokens are decode steps (one token, a token and its drafts, a batch
 # of sequences' next tokens): attention stores their K/V itself and takes its grid from the
@@ -81,17 +86,28 @@ STEP_TOKENS = 32
 
 
 def attention_grid(T: int, start: int, shapes: LaunchShapes) -> tuple[int, int]:
-    """(splits, chunks a split) of attention over positions 0..start+T-1: enough blocks to fill
-    the GPU. A decode step's (T <= STEP_TOKENS) covers its length rounded up to the position
-    bucket, so every step of a bucket has the same grid (one CUDA graph); the kernel reads the
-    real length from device memory."""
+    """(splits, chunks a split) of attention over positions 0..start+T-1. A decode step's
+    (T <= STEP_TOKENS: `attention_step`) covers its length rounded up to the position bucket, so
+    every step of a bucket has the same grid (one CUDA graph; the kernel reads the real length
+    from device memory), in splits of `shapes.attention_step[1]` chunks (more where that would
+    make over MAX_SPLITS); a prompt's (`attention`) enough splits to fill the GPU."""
     n_positions = start + T  # the last token's
     if T <= STEP_TOKENS:
         n_positions = -(-n_positions // shapes.position_bucket) * shapes.position_bucket
+        chunks = -(-n_positions // lk.CHUNK)
+        per_split = max(shapes.attention_step[1], -(-chunks // lk.MAX_SPLITS))
+        return -(-chunks // per_split), per_split
     chunks = -(-n_positions // lk.CHUNK)
     splits = min(chunks, max(1, -(-shapes.attention_blocks // T)))
     per_split = -(-chunks // splits)
     return -(-chunks // per_split), per_split
+
+
+def step_heads(n_head: int, n_kv: int, shapes: LaunchShapes) -> int:
+    """Heads a block of `attention_step`: the largest divisor of a K/V head's group of query
+    heads not over `shapes.attention_step[0]` (a block's heads share one K/V head)."""
+    group = n_head // n_kv
+    return max(d for d in range(1, min(group, shapes.attention_step[0]) + 1) if group % d == 0)
 
 
 _ROW_VIEW_CLASSES: dict[type, type] = {}
@@ -183,6 +199,7 @@ class CudaBackend:
         self._positions: tuple = (None, None)  # the last embedded positions: (host, device)
         self._position_index: dict | None = None
         self._parts: dict[tuple, tuple] = {}  # see _attention_parts
+        self._words: dict[int, tuple] = {}  # id(fp16 cache) -> (a weak reference to it, its uint32 view)
         self._pool: dict[tuple, list] = {}  # shape -> a step's arrays of that shape, in the order asked for
         self._pool_taken: dict[tuple, int] = {}  # how many of each this step has taken
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
@@ -331,8 +348,8 @@ class CudaBackend:
         problems = []
         if config.n_head > lk.MAX_HEADS:
             problems.append(f"{config.n_head} heads (at most {lk.MAX_HEADS})")
-        if config.head_dim > lk.MAX_HEAD_DIM:
-            problems.append(f"head_dim {config.head_dim} (at most {lk.MAX_HEAD_DIM})")
+        if config.head_dim > lk.MAX_HEAD_DIM or config.head_dim % 2:
+            problems.append(f"head_dim {config.head_dim} (at most {lk.MAX_HEAD_DIM}, even)")
         if config.n_embd > min(lk.MAX_WIDTH, lk.MAX_OWNED * self.shapes.attention_threads):
             problems.append(f"n_embd {config.n_embd} (at most {min(lk.MAX_WIDTH, lk.MAX_OWNED * self.shapes.attention_threads)})")
         if matvec_lanes * matvec_rows > mk.MAX_MATVEC_THREADS or self.shapes.matmul_side > mk.MAX_TILE_SIDE:
@@ -478,20 +495,44 @@ class CudaBackend:
     def attend(self, qkv, k_cache, v_cache, layer: int, start: int, out) -> None:
         T, E = out.shape
         G, D = k_cache.shape[2], k_cache.shape[3]
+        H = E // D
         half = k_cache.dtype == np.uint16
         positions, index = self._device_start(start)
-        step = T <= STEP_TOKENS  # a decode step's: K/V stored by attention, grid by bucket
-        if not step:
-            self._flat(lk.store_kv, T * G * D)(qkv, T, E, k_cache, v_cache, layer, positions, index, half)
-        H = E // D
         splits, per_split = attention_grid(T, start, self.shapes)
         scale = np.float32(1.0 / math.sqrt(D))
+        if T <= STEP_TOKENS:  # a decode step's: K/V stored by attention, grid by bucket
+            heads = step_heads(H, G, self.shapes)
+            groups = H // heads
+            launch = self._launch(lk.attention_step, (T, splits, groups), (32, heads))
+            k_words, v_words = self._cache_words(k_cache), self._cache_words(v_cache)
+            launch(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, half, H, scale, per_split, out,
+                   *self._attention_parts(T, splits, E, H))
+            return
+        self._flat(lk.store_kv, T * G * D)(qkv, T, E, k_cache, v_cache, layer, positions, index, half)
         launch = self._launch(lk.attention, (T, splits), self.shapes.attention_threads)
         if splits == 1:
-            launch(qkv, k_cache, v_cache, layer, positions, index, step, half, H, scale, per_split, out, *self._unused_parts)
+            launch(qkv, k_cache, v_cache, layer, positions, index, False, half, H, scale, per_split, out, *self._unused_parts)
         else:
-            launch(qkv, k_cache, v_cache, layer, positions, index, step, half, H, scale, per_split, out,
+            launch(qkv, k_cache, v_cache, layer, positions, index, False, half, H, scale, per_split, out,
                    *self._attention_parts(T, splits, E, H))
+
+    def _cache_words(self, cache):
+        """An fp16 cache as uint32 words (pairs of values: attention_step's reads), the same view
+        object every call (launches and graphs key arrays by identity); a float32 cache itself."""
+        if cache.dtype != np.uint16:
+            return cache
+        kept = self._words.get(id(cache))
+        if kept is not None and kept[0]() is cache:
+            return kept[1]
+        if len(self._words) > 256:  # caches come and go (a batch's sequences): forget the dead ones
+            self._words = {key: value for key, value in self._words.items() if value[0]() is not None}
+        view = cache.view(np.uint32)
+        try:
+            held = weakref.ref(cache)  # the view holds the memory, not the cache object
+        except TypeError:
+            held = lambda: cache  # noqa: E731 (an array without weak references: kept)
+        self._words[id(cache)] = (held, view)
+        return view
 
     def _device_start(self, start: int):
         """(device int64 array, index) holding `start`: one of the positions the last
@@ -512,8 +553,8 @@ class CudaBackend:
 
     def _attention_parts(self, T: int, splits: int, E: int, H: int):
         """Scratch for attention's partial sums [T, splits, E], per-head max and sum
-        [T, splits, H], and each token's count of finished blocks [T] (zeros, and left so by the
-        kernel), kept for every later call of the same sizes (decode steps', whose graphs hold
+        [T, splits, H], and counts of finished blocks (a token's, [T]; attention_step: a token's
+        and group of heads', [T, groups <= H]; zeros, and left so by the kernels), kept for every later call of the same sizes (decode steps', whose graphs hold
         them)."""
         key = (T, splits, E, H)
         if key not in self._parts:
@@ -523,7 +564,7 @@ class CudaBackend:
                 cuda.device_array((T, splits, E), np.float32),
                 cuda.device_array((T, splits, H), np.float32),
                 cuda.device_array((T, splits, H), np.float32),
-                cuda.to_device(np.zeros(T, np.int32)),
+                cuda.to_device(np.zeros(T * H, np.int32)),  # attention_step: a count for each (token, group of heads)
             )
         return self._parts[key]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32, int32
+from numba import cuda, float32, int32, int64
 
 from .values import block_sum, float_to_half, half_to_float, value
 
@@ -247,6 +247,206 @@ def attention(qkv, k_cache, v_cache, layer, positions, index, store, half, n_hea
                 out[t, i] = _combine(part_acc, part_max, part_sum, n_splits, dim, t, i)
             if tid == 0:
                 done[t] = 0  # ready for the next launch (a graph replays this one)
+
+
+MAX_SPLITS = 64  # attention_step: a token's positions in at most this many splits (shared arrays below)
+_STEP_UNROLL = 4  # attention_step: K/V pairs of values each thread loads before storing any (loads in flight)
+
+
+@cuda.jit(device=True, inline=True)
+def _pair(words, cache, half, layer, position, head, pair):
+    """Values 2*pair and 2*pair + 1 of a cached row: one 32-bit word of fp16 bits, or two floats."""
+    if half:
+        w = int64(words[layer, position, head, pair])
+        return half_to_float(w & 65535), half_to_float((w >> 16) & 65535)
+    return float32(cache[layer, position, head, 2 * pair]), float32(cache[layer, position, head, 2 * pair + 1])
+
+
+@cuda.jit(cache=True)
+def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, half, n_head, scale, chunks_per_split,
+                   out, part_acc, part_max, part_sum, done):
+    """Causal multi-query attention for a decode step (T <= STEP_TOKENS tokens), storing the call's
+    own K/V rows: one block per (token t, split of its positions, group of heads); warp w of a
+    block is head h0 + w (lane = a position while scoring, = dims lane, lane + 32, .. while
+    summing V), so each chunk of K/V rows is staged once, with coalesced 32-bit reads (fp16
+    pairs: `k_words`, `v_words` are uint32 views of fp16 caches), for all the block's heads.
+
+    start = positions[index] (device memory: a captured step replays at any position); token t
+    sees positions 0..start+t, in ceil((start+t+1) / split) used splits: blocks past them return
+    at once, so the grid may cover a whole position bucket. Rows from start on are read from qkv
+    (rounded as the cache rounds them); the block of row start+t's split and head group 0 writes
+    it into the cache. With one used split the block writes out[t] itself; with more, each
+    writes its partial sums and the last to finish of (t, head group) (a ticket in done[t, z],
+    set back to 0) adds them up: the splits' weights once in shared memory, 4 splits' loads in
+    flight at a time."""
+    t = cuda.blockIdx.x
+    split = cuda.blockIdx.y
+    z = cuda.blockIdx.z
+    lane = cuda.threadIdx.x  # blockDim.x == 32
+    warp = cuda.threadIdx.y
+    heads_here = cuda.blockDim.y
+    tid = warp * 32 + lane
+    threads = 32 * heads_here
+    n_kv, dim = k_cache.shape[2], k_cache.shape[3]
+    h = z * heads_here + warp
+    g = (z * heads_here) // (n_head // n_kv)  # heads_here divides a K/V head's group
+    width = n_head * dim
+    kv_width = n_kv * dim
+    half_dim = dim // 2
+    k_tile = cuda.shared.array((CHUNK, _K_STRIDE), float32)
+    v_tile = cuda.shared.array((CHUNK, MAX_HEAD_DIM), float32)
+    q = cuda.shared.array((MAX_HEADS, MAX_HEAD_DIM), float32)
+    weights = cuda.shared.array((MAX_HEADS, MAX_SPLITS), float32)  # a chunk's, then the splits'
+    lanes_part = cuda.shared.array((MAX_HEADS, 32), float32)
+    last = cuda.shared.array(1, int32)
+    ka = cuda.local.array(_STEP_UNROLL, float32)
+    kb = cuda.local.array(_STEP_UNROLL, float32)
+    va = cuda.local.array(_STEP_UNROLL, float32)
+    vb = cuda.local.array(_STEP_UNROLL, float32)
+    start = positions[index]
+    n_positions = start + t + 1
+    split_positions = chunks_per_split * CHUNK
+    used = (n_positions + split_positions - 1) // split_positions
+    if z == 0 and split == (start + t) // split_positions:
+        for i in range(tid, kv_width, threads):
+            gg = i // dim
+            d = i - gg * dim
+            k = qkv[t, width + i]
+            v = qkv[t, width + kv_width + i]
+            if half:
+                k_cache[layer, start + t, gg, d] = float_to_half(k)
+                v_cache[layer, start + t, gg, d] = float_to_half(v)
+            else:
+                k_cache[layer, start + t, gg, d] = k
+                v_cache[layer, start + t, gg, d] = v
+    if split >= used:
+        return
+    for d in range(lane, dim, 32):
+        q[warp, d] = qkv[t, h * dim + d]
+    running_max = float32(-math.inf)
+    running_sum = float32(0.0)
+    acc = cuda.local.array(4, float32)  # dims lane + 32k (MAX_HEAD_DIM = 128)
+    for k in range(4):
+        acc[k] = 0.0
+    first = split * split_positions
+    end = min(first + split_positions, n_positions)
+    n_pairs = CHUNK * half_dim
+    for p0 in range(first, end, CHUNK):
+        for i0 in range(tid, n_pairs, threads * _STEP_UNROLL):  # stage K, V rows p0..p0+31: loads first
+            for u in range(_STEP_UNROLL):
+                i = i0 + u * threads
+                p = i // half_dim
+                pair = i - p * half_dim
+                position = p0 + p
+                ka[u] = kb[u] = va[u] = vb[u] = float32(0.0)
+                if i < n_pairs and position < end:
+                    if position >= start:  # this call's row: from qkv, rounded as the cache rounds it
+                        column = width + g * dim + 2 * pair
+                        ka[u] = _rounded(qkv[position - start, column], half)
+                        kb[u] = _rounded(qkv[position - start, column + 1], half)
+                        va[u] = _rounded(qkv[position - start, column + kv_width], half)
+                        vb[u] = _rounded(qkv[position - start, column + kv_width + 1], half)
+                    else:
+                        ka[u], kb[u] = _pair(k_words, k_cache, half, layer, position, g, pair)
+                        va[u], vb[u] = _pair(v_words, v_cache, half, layer, position, g, pair)
+            for u in range(_STEP_UNROLL):
+                i = i0 + u * threads
+                if i < n_pairs:
+                    p = i // half_dim
+                    d = 2 * (i - p * half_dim)
+                    k_tile[p, d] = ka[u]
+                    k_tile[p, d + 1] = kb[u]
+                    v_tile[p, d] = va[u]
+                    v_tile[p, d + 1] = vb[u]
+        cuda.syncthreads()
+        score = float32(-math.inf)  # lane = position p0 + lane
+        if p0 + lane < end:
+            s0 = float32(0.0)
+            s1 = float32(0.0)
+            for d in range(0, dim, 2):  # two chains: half the dependent adds
+                s0 += q[warp, d] * k_tile[lane, d]
+                s1 += q[warp, d + 1] * k_tile[lane, d + 1]
+            score = (s0 + s1) * scale
+        weights[warp, lane] = score
+        cuda.syncthreads()
+        chunk_max = float32(-math.inf)
+        for p in range(CHUNK):
+            chunk_max = max(chunk_max, weights[warp, p])
+        new_max = max(running_max, chunk_max)
+        correction = math.exp(running_max - new_max)
+        cuda.syncthreads()  # every lane has read the scores
+        weights[warp, lane] = math.exp(score - new_max)
+        cuda.syncthreads()
+        total = float32(0.0)
+        for k in range(4):
+            acc[k] *= correction
+        for p in range(CHUNK):
+            w = weights[warp, p]
+            total += w
+            for k in range(4):
+                if lane + 32 * k < dim:
+                    acc[k] += w * v_tile[p, lane + 32 * k]
+        running_sum = running_sum * correction + total
+        running_max = new_max
+        cuda.syncthreads()  # the tiles are free for the next chunk
+    if used == 1:
+        for k in range(4):
+            if lane + 32 * k < dim:
+                out[t, h * dim + lane + 32 * k] = acc[k] / running_sum
+        return
+    for k in range(4):
+        if lane + 32 * k < dim:
+            part_acc[t, split, h * dim + lane + 32 * k] = acc[k]
+    if lane == 0:
+        part_max[t, split, h] = running_max
+        part_sum[t, split, h] = running_sum
+    cuda.threadfence()
+    cuda.syncthreads()
+    if tid == 0:
+        ticket = cuda.atomic.add(done, t * cuda.gridDim.z + z, 1)
+        last[0] = 1 if ticket == used - 1 else 0
+    cuda.syncthreads()
+    if last[0] == 0:
+        return
+    # the last block: the splits' weights e^(m_s - M) into shared memory (lanes over splits), then the sums
+    top = float32(-math.inf)
+    for s in range(lane, used, 32):
+        top = max(top, part_max[t, s, h])
+    lanes_part[warp, lane] = top
+    cuda.syncthreads()
+    for i in range(32):
+        top = max(top, lanes_part[warp, i])
+    cuda.syncthreads()
+    mine = float32(0.0)
+    for s in range(lane, used, 32):
+        w = math.exp(part_max[t, s, h] - top)
+        weights[warp, s] = w
+        mine += part_sum[t, s, h] * w
+    lanes_part[warp, lane] = mine
+    cuda.syncthreads()
+    denominator = float32(0.0)
+    for i in range(32):
+        denominator += lanes_part[warp, i]
+    for k in range(4):
+        c = lane + 32 * k
+        if c < dim:
+            column = h * dim + c
+            a = float32(0.0)
+            for s0 in range(0, used, 4):  # four loads in flight (indices clamped, weights zeroed past the end)
+                s1 = min(s0 + 1, used - 1)
+                s2 = min(s0 + 2, used - 1)
+                s3 = min(s0 + 3, used - 1)
+                x0 = part_acc[t, s0, column]
+                x1 = part_acc[t, s1, column]
+                x2 = part_acc[t, s2, column]
+                x3 = part_acc[t, s3, column]
+                a += x0 * weights[warp, s0]
+                a += x1 * weights[warp, s1] if s0 + 1 < used else float32(0.0)
+                a += x2 * weights[warp, s2] if s0 + 2 < used else float32(0.0)
+                a += x3 * weights[warp, s3] if s0 + 3 < used else float32(0.0)
+            out[t, column] = a / denominator
+    if tid == 0:
+        done[t * cuda.gridDim.z + z] = 0  # ready for the next launch (a graph replays this one)
 
 
 @cuda.jit(device=True, inline=True)
