@@ -209,6 +209,21 @@ def test_n_samples_score_with_pass_at_k_and_a_reference_comparison(trained_q8, t
     assert comparison["problems"] == 3 and 0.0 <= comparison["agreement"] <= 1.0
 
 
+def test_a_full_precision_model_runs_as_load_runs_it(tmp_path, monkeypatch):
+    """The harness applies load's first-use policy: a full-precision model is evaluated as its
+    cached q8_0 file unless quant="none" (then beside its reference, both in full precision)."""
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
+    settings = EvalSettings(benchmark="random-span-light", limit=1, max_new_tokens=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixture has no tokenizer.json
+        default, _ = evaluate(str(TRAINED), tmp_path / "q8.jsonl", settings)
+        assert default["model"].endswith("-q8_0-" + default["model"].rsplit("-", 1)[1])  # the cached file
+        assert len(list((tmp_path / "cache").iterdir())) == 1
+        both = evaluate_against(str(TRAINED), str(TRAINED), tmp_path / "fp.jsonl", settings, quant="none")
+    assert both["model"]["model"] == both["reference"]["model"] == TRAINED.name
+    assert both["comparison"]["agreement"] == 1.0  # the same weights, greedy: the same completions
+
+
 def test_the_command_line_runs_and_refuses_bad_input(trained_q8, tmp_path):
     out = tmp_path / "cli.jsonl"
     done = run_santacpu("eval", "humaneval-infill", "--model", trained_q8, "--benchmark", "random-span-light",

@@ -99,7 +99,8 @@ def evaluate_against(
     model, revision = runnable_model(model, revision, quant)
     reference, reference_revision = runnable_model(reference, reference_revision, "none")
     files = open_results(model, out, settings, resume), open_results(reference, reference_path(out), settings, resume)
-    mine, records = evaluate(model, out, settings, label="eval model", results=files[0], revision=revision, **run)
+    mine, records = evaluate(model, out, settings, label="eval model", results=files[0], revision=revision,
+                             quant=quant_as_it_is(model), **run)
     theirs, reference_records = evaluate(
         reference, reference_path(out), settings, label="eval reference", results=files[1],
         revision=reference_revision, quant="none", **run,
