@@ -32,7 +32,8 @@ from .loading.source import DEFAULT_MODEL, default_model, hub_revision
 from .settings import MODEL_ENV, Settings
 from .generation.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .generation.prompts import FIM_ORDERS
-from .model import DEFAULT_QUANT, DEVICES
+from .formats.quantized_file import DEFAULT_QUANT
+from .model import DEVICES
 from .harness.problems import BENCHMARKS
 from .harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, EvalSettings
 

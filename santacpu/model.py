@@ -43,7 +43,7 @@ from .backends.cpu.backend import CpuBackend
 from .backends.cuda import device as cuda_device
 from .config import Config
 from .errors import SantacpuError
-from .formats.quantized_file import DEFAULT_QUANT, names_quantized_file
+from .formats.quantized_file import names_quantized_file
 from .generation.batch import DEFAULT_MAX_BATCH, BatchScheduler
 from .generation.decoder import GenerationStats, SequenceDecoder
 from .generation.options import GenerationOptions
