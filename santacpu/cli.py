@@ -660,8 +660,8 @@ def cache_list() -> None:
 @cache_app.command("clear")
 def cache_clear(
     model: Optional[str] = typer.Argument(
-        None, help="Remove only what was made from this model (folder or hub id). Default: everything.",
-        show_default=False,
+        None, metavar="MODEL", help="Remove only what was made from this model (folder or hub id). Default: "
+        "everything.", show_default=False,
     ),
     revision: Optional[str] = REVISION_OPTION,
 ) -> None:
