@@ -135,6 +135,16 @@ def test_linear_with_the_gpu_launch_shapes(T):
     assert _linear_case("q6_0", T, DEVICE_SHAPES, None, np.random.default_rng(4), rows=9, cols=cols) < 1e-5
 
 
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0", "q6_0"])
+def test_matvec_one_long_rows_and_row_strides(fmt):
+    """matvec_one on rows of several sets of 4 chunks a lane (the next set's loads in flight,
+    then the next row's), a grid smaller than rows / warps (blocks take rows by a stride), and a
+    row count that leaves warps idle; the add epilogue."""
+    rng = np.random.default_rng(10)
+    shapes = dataclasses.replace(SIMULATOR_SHAPES, matvec_one=(2, 1))  # one block: rows 0, 1, then 2, 3, ...
+    assert _linear_case(fmt, 1, shapes, "add", rng, rows=5, cols=65 * 32) < 1e-5
+
+
 @pytest.mark.parametrize("shapes", SHAPES.values(), ids=SHAPES.keys())
 def test_layer_norm(shapes):
     rng = np.random.default_rng(5)

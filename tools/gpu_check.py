@@ -1,6 +1,8 @@
 """The CUDA backend's checks on a real GPU, in one run (tools/gpu_check.sh calls it; see there).
 
-1. Starts building the full-size random checkpoint and its q8_0 / q4_0 files (in the background).
+1. Starts building the full-size random checkpoint and its q8_0 / q4_0 files (in the background),
+   and meanwhile times the decode kernels' launch shapes on full-size shapes (`kernel_variants`:
+   which of backend.MATVEC_ONE / ATTENTION_STEP's candidates is fastest; under a minute).
 2. Runs tests/test_cuda.py and tests/test_cuda_graphs.py on the GPU (NUMBA_ENABLE_CUDASIM=0):
    every kernel against its NumPy twin with the GPU's launch shapes, the sim model, real CUDA
    graphs against plain launches (the same logits to the bit), the golden fixtures (fp32 KV
@@ -129,6 +131,185 @@ def section(summary: dict, out: Path, name: str, work, optional_after: float | N
         summary[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-3000:]}
     log(f"{name}: done in {time.perf_counter() - start:.1f} s: {json.dumps(summary[name], default=str)[:1500]}")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+
+
+# Decode's matrices (rows x inputs; fused LayerNorm or epilogue as the model runs them): c_attn,
+# attn c_proj, c_fc, mlp c_proj, the LM head.
+VARIANT_MATRICES = [("qkv", 2304, 2048, "norm"), ("attn_proj", 2048, 2048, "add"), ("fc", 8192, 2048, "norm+gelu"),
+                    ("mlp_proj", 2048, 8192, "add"), ("lm_head", 49280, 2048, "norm")]
+MATVEC_ONE_VARIANTS = [(4, 0), (8, 0), (16, 0), (4, 8), (8, 2), (8, 4), (8, 8), (16, 2), (16, 4)]  # (warps, blocks an SM)
+ATTENTION_CASE = {"heads": 16, "head_dim": 128, "layers": 24, "n_ctx": 2048, "starts": (512, 2000)}  # fp16 KV
+ROTATED_BYTES = 150_000_000  # each matrix's copies, cycled through: three times the L2 cache
+BUSY_ITERATIONS = 4_000_000  # the busy kernel ahead of each timing: ~10 ms on an H200
+ATTENTION_STEP_VARIANTS = [(16, 1), (16, 2), (16, 4), (8, 1), (8, 2), (4, 1), (4, 2), (2, 1), (1, 1)]  # (heads a block, chunks a split)
+
+
+def _random_weight(qtype: str, rows: int, cols: int, rng):
+    """A QuantizedWeight of random codes and small scales (timing only; the values do not matter)."""
+    from santacpu.formats.blocks import PART_ORDER, QuantizedWeight
+
+    blocks = cols // 32
+    shapes = {"qs": (rows, blocks * (32 if qtype == "q8_0" else 16)), "ql": (rows, blocks * 16), "qh": (rows, blocks * 8)}
+    parts = {}
+    for name in PART_ORDER[qtype]:
+        if name == "d":
+            parts[name] = (rng.random((rows, blocks), np.float32) * 0.01 + 0.001).astype(np.float16)
+        else:
+            parts[name] = rng.integers(0, 256, shapes[name], dtype=np.uint8).view(np.int8 if qtype == "q8_0" else np.uint8)
+    return QuantizedWeight(qtype, (rows, cols), parts)
+
+
+def _device_timer():
+    """time(work, n) -> milliseconds a call of work(): n calls between two events, enqueued
+    behind a ~20 ms busy kernel so that the host's launch costs leave no gaps between them."""
+    from numba import cuda
+
+    @cuda.jit
+    def busy(out, n):
+        a = out[0]
+        for _ in range(n):
+            a = a * 0.9999999 + 1e-7
+        out[0] = a
+
+    sink = cuda.to_device(np.ones(1, np.float32))
+    busy[1, 1](sink, 10)
+    cuda.synchronize()
+
+    def time_it(work, n: int, stream) -> float:
+        busy[1, 1, stream](sink, BUSY_ITERATIONS)
+        start, end = cuda.event(), cuda.event()
+        start.record(stream)
+        for _ in range(n):
+            work()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / n
+
+    return time_it
+
+
+def kernel_variants(budget_s: float = 50.0) -> dict:
+    """Each decode kernel's launch shapes timed on full-size shapes (device events, back to
+    back, weights rotated through copies larger than the L2 cache), so that one run tells which
+    shapes to make the defaults (backend.MATVEC_ONE, backend.ATTENTION_STEP): matvec_one for
+    every decode matrix in q4_0 / q8_0 (q6_0 for c_attn), attention_step at 512 and 2000 cached
+    positions (fp16 KV). `best` is the variant with the least modeled step time (24 layers of the
+    four layer matrices, plus the LM head)."""
+    from numba import cuda
+
+    from santacpu.backends.cuda import backend as cb
+    from santacpu.backends.cuda.backend import DEVICE_SHAPES, CudaBackend
+
+    started = time.perf_counter()
+    rng = np.random.default_rng(0)
+    backend = CudaBackend(graphs=False)
+    stream = backend._stream
+    time_it = _device_timer()
+    result: dict = {"current": {"matvec_one": list(cb.MATVEC_ONE), "attention_step": list(cb.ATTENTION_STEP)}}
+    widths = {cols for _, _, cols, _ in VARIANT_MATRICES}
+    xs = {cols: cuda.to_device(rng.standard_normal((1, cols)).astype(np.float32)) for cols in widths}
+    lns = {cols: (cuda.to_device(np.ones(cols, np.float32)), cuda.to_device(np.zeros(cols, np.float32)), 1e-5) for cols in widths}
+    matvec: dict = {}
+    modeled: dict = {}
+    for qtype in ("q4_0", "q8_0", "q6_0"):
+        for name, rows, cols, mode in VARIANT_MATRICES:
+            if qtype == "q6_0" and name != "qkv":
+                continue
+            if time.perf_counter() - started > budget_s * 0.7:
+                matvec[f"{qtype} {name}"] = {"skipped": "time"}
+                continue
+            stored = _random_weight(qtype, rows, cols, rng)
+            copies = [backend._matrix(stored) for _ in range(max(2, min(48, -(-ROTATED_BYTES // stored.nbytes))))]
+            xin = xs[cols]
+            bias = cuda.to_device(np.zeros(rows, np.float32))
+            out = cuda.device_array((1, rows), np.float32)
+            want = None
+            if rows * cols <= 2304 * 2048:  # one product against NumPy (the add epilogue onto zeros)
+                dense = stored.dequantize()
+                host_x = xin.copy_to_host()
+                if "norm" in mode:
+                    host_x = (host_x - host_x.mean()) / np.sqrt(host_x.var() + 1e-5)
+                want = host_x @ dense.T
+                if "gelu" in mode:
+                    want = 0.5 * want * (1 + np.tanh(np.sqrt(2 / np.pi) * (want + 0.044715 * want**3)))
+            cell: dict = {"MB": round(copies[0].nbytes / 1e6, 2)}
+            for variant in MATVEC_ONE_VARIANTS:
+                backend.shapes = dataclasses.replace(DEVICE_SHAPES, matvec_one=variant)
+                turn = [0]
+
+                def work():
+                    w = copies[turn[0] % len(copies)]
+                    turn[0] += 1
+                    if mode == "add":
+                        backend.linear(xin, w, bias, add_to=out)
+                    else:
+                        backend.linear(xin, w, bias, out=out, gelu="gelu" in mode, norm=lns[cols] if "norm" in mode else None)
+
+                key = f"{variant[0]}x{variant[1]}"
+                try:
+                    if want is not None:  # correctness first (from zeros for the add epilogue)
+                        out.copy_to_device(np.zeros((1, rows), np.float32))
+                        turn[0] = 0
+                        work()
+                        got = out.copy_to_host()
+                        error = float(np.abs(got - want).max() / np.abs(want).max())
+                    for _ in range(3):
+                        work()
+                    ms = time_it(work, 20, stream)
+                    cell[key] = {"us": round(ms * 1e3, 2), "GB_s": round(copies[0].nbytes / ms / 1e6) if ms > 0 else None}
+                    if want is not None:
+                        cell[key]["rel_error"] = float(f"{error:.2e}")
+                except Exception as error:
+                    cell[key] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            matvec[f"{qtype} {name}"] = cell
+            weight = 1 if name == "lm_head" else 24
+            for key, value in cell.items():
+                if isinstance(value, dict) and "us" in value:
+                    modeled.setdefault(qtype, {}).setdefault(key, 0.0)
+                    modeled[qtype][key] += weight * value["us"]
+    result["matvec_one"] = matvec
+    result["matvec_one_modeled_step_us"] = {q: {k: round(v) for k, v in m.items()} for q, m in modeled.items()}
+    result["matvec_one_best"] = {q: min(m, key=m.get) for q, m in modeled.items() if m}
+    backend.shapes = DEVICE_SHAPES
+
+    attention: dict = {}
+    H, D, L, n_ctx = (ATTENTION_CASE[k] for k in ("heads", "head_dim", "layers", "n_ctx"))
+    k_cache = backend.new_kv((L, n_ctx, 1, D), np.float16)
+    v_cache = backend.new_kv((L, n_ctx, 1, D), np.float16)
+    k_cache.copy_to_device(rng.standard_normal((L, n_ctx, 1, D)).astype(np.float16).view(np.uint16))
+    v_cache.copy_to_device(rng.standard_normal((L, n_ctx, 1, D)).astype(np.float16).view(np.uint16))
+    qkv = cuda.to_device(rng.standard_normal((1, H * D + 2 * D)).astype(np.float32))
+    out = cuda.device_array((1, H * D), np.float32)
+    for start in ATTENTION_CASE["starts"]:
+        # the position on the device, where attend finds it (as after input_embeddings): no copy a launch
+        backend._positions = (np.array([start], np.int64), cuda.to_device(np.array([start], np.int64)))
+        if time.perf_counter() - started > budget_s:
+            attention[str(start)] = {"skipped": "time"}
+            continue
+        cell = {}
+        for variant in ATTENTION_STEP_VARIANTS:
+            backend.shapes = dataclasses.replace(DEVICE_SHAPES, attention_step=variant)
+            layer = [0]
+
+            def work():
+                backend.attend(qkv, k_cache, v_cache, layer[0] % L, start, out)
+                layer[0] += 1
+
+            key = f"{variant[0]}x{variant[1]}"
+            try:
+                for _ in range(3):
+                    work()
+                cell[key] = {"us": round(time_it(work, 24, stream) * 1e3, 2)}
+            except Exception as error:
+                cell[key] = {"error": f"{type(error).__name__}: {error}"[:300]}
+        attention[str(start)] = cell
+    first = str(ATTENTION_CASE["starts"][0])
+    timed = {k: v["us"] for k, v in attention.get(first, {}).items() if isinstance(v, dict) and "us" in v}
+    result["attention_step"] = attention
+    result[f"attention_step_best_{first}"] = min(timed, key=timed.get) if timed else None
+    backend.shapes = DEVICE_SHAPES
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
 
 
 def trained_fixture_greedy() -> dict:
@@ -281,6 +462,7 @@ def main() -> int:
     log(f"GPU {summary.get('gpu')}; {summary.get('versions')}")
 
     builder = build_files(work)
+    section(summary, out, "kernel_variants", kernel_variants)
     env = {"NUMBA_ENABLE_CUDASIM": "0", "SANTACPU_INT_DOT": "0", "PYTHONPATH": str(REPO)}
     section(summary, out, "tests", lambda: run(
         [sys.executable, "-m", "pytest", "-q", "tests/test_cuda.py", "tests/test_cuda_graphs.py", "-rs", "--durations=8"],

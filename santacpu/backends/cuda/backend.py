@@ -55,7 +55,7 @@ FORMAT_NAMES = {number: name for name, number in FORMAT_IDS.items()}
 @dataclass(frozen=True)
 class LaunchShapes:
     matvec: tuple[int, int]  # (lanes a row, rows a block), powers of two
-    matvec_one: tuple[int, int]  # the same for one token
+    matvec_one: tuple[int, int]  # one token: (warps a block, blocks a multiprocessor at most; 0: a warp a row)
     matmul_side: int  # s x s threads, a tile of 4s rows x 4s tokens
     norm_threads: int  # a power of two
     attention_threads: int  # a block of attention (one query token, some of its positions)
@@ -67,16 +67,17 @@ class LaunchShapes:
 
 # The launch shapes a GPU gets that tools/gpu_check.py times against others (docs/gpu.md has the
 # numbers): flip them here after a run.
+MATVEC_ONE = (8, 4)  # 8 rows a block, at most 4 blocks a multiprocessor (then rows by a stride)
 ATTENTION_STEP = (16, 1)  # all 16 heads a block (K/V staged once for all), 32 positions a split
 # attention_blocks: two blocks for each of an H100's or H200's 132 multiprocessors.
 DEVICE_SHAPES = LaunchShapes(
-    matvec=(32, 8), matvec_one=(8, 16), matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264,
+    matvec=(32, 8), matvec_one=MATVEC_ONE, matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264,
     attention_step=ATTENTION_STEP, flat_threads=256, position_bucket=256,
 )
 # The simulator pays for every block and every barrier of its threads (each a Python thread): few
 # blocks, few threads, one lane a row.
 SIMULATOR_SHAPES = LaunchShapes(
-    matvec=(1, 16), matvec_one=(1, 32), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3,
+    matvec=(1, 16), matvec_one=(2, 2), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3,
     attention_step=(2, 1), flat_threads=64, position_bucket=lk.CHUNK,
 )
 # Calls of at most this many tokens are decode steps (one token, a token and its drafts, a batch
@@ -143,13 +144,13 @@ class _SimulatorLaunch:
     """kernel[grid, block] under the simulator, configured when called: the simulator's
     kernel[grid, block] reconfigures one shared object, which a recorded launch cannot hold."""
 
-    __slots__ = ("kernel", "grid", "block")
+    __slots__ = ("kernel", "grid", "block", "shared")
 
-    def __init__(self, kernel, grid, block):
-        self.kernel, self.grid, self.block = kernel, grid, block
+    def __init__(self, kernel, grid, block, shared=0):
+        self.kernel, self.grid, self.block, self.shared = kernel, grid, block, shared
 
     def __call__(self, *args):
-        self.kernel[self.grid, self.block](*args)
+        self.kernel[self.grid, self.block, 0, self.shared](*args)
 
 
 @dataclass(frozen=True)
@@ -160,7 +161,7 @@ class DeviceWeight:
     shape: tuple[int, int]
     parts: tuple
     nbytes: int
-    words: tuple  # uint32 views of parts 0 and 1 where they are bytes (matvec_one reads words)
+    chunks: tuple  # int64 views of parts 0 and 1 where they are bytes (matvec_one reads 64-bit chunks)
 
     @property
     def fmt_name(self) -> str:
@@ -182,8 +183,9 @@ class CudaBackend:
         self.simulated = simulated()
         self.shapes = shapes or (SIMULATOR_SHAPES if self.simulated else DEVICE_SHAPES)
         self.weight_bytes = 0  # device memory the uploaded weights take
+        self._multiprocessors = 1 if self.simulated else cuda.get_current_device().MULTIPROCESSOR_COUNT
         self._placeholder = cuda.to_device(np.zeros((1, 1), np.uint8))
-        self._placeholder_words = cuda.to_device(np.zeros((1, 1), np.uint32))
+        self._placeholder_chunks = cuda.to_device(np.zeros((1, 1), np.int64))
         self._unused_vector = cuda.to_device(np.zeros(1, np.float32))
         self._zeros: dict[int, object] = {}
         self._launches: dict[tuple, object] = {}
@@ -241,15 +243,16 @@ class CudaBackend:
         g = self._graphs
         return {"captures": g.captures, "replays": g.replays, "plain_steps": g.plain_steps, "kept": len(g)}
 
-    def _launch(self, kernel, grid, block, label: str | None = None, nbytes: int = 0):
-        """A function that launches `kernel` on grid x block with the arguments it is given."""
-        key = (kernel, grid, block)
+    def _launch(self, kernel, grid, block, label: str | None = None, nbytes: int = 0, shared: int = 0):
+        """A function that launches `kernel` on grid x block (with `shared` bytes of dynamic
+        shared memory) with the arguments it is given."""
+        key = (kernel, grid, block, shared)
         configured = self._launches.get(key)
         if configured is None:
             if self.simulated:
-                configured = _SimulatorLaunch(kernel, grid, block)
+                configured = _SimulatorLaunch(kernel, grid, block, shared)
             else:
-                configured = kernel[grid, block, self._stream]
+                configured = kernel[grid, block, self._stream, shared]
             self._launches[key] = configured
         if self._timings is None:
             return lambda *args: self._run(configured, args)
@@ -371,10 +374,10 @@ class CudaBackend:
         nbytes = sum(p.nbytes for p in stored)
         self.weight_bytes += nbytes
         padded = tuple(stored) + (self._placeholder,) * (N_PARTS - len(stored))
-        words = tuple(
-            p.view(np.uint32) if p.dtype.itemsize == 1 and p.shape[1] % 4 == 0 else self._placeholder_words for p in padded[:2]
+        chunks = tuple(
+            p.view(np.int64) if p.dtype.itemsize == 1 and p.shape[1] % 8 == 0 else self._placeholder_chunks for p in padded[:2]
         )
-        return DeviceWeight(fmt, tuple(weight.shape), padded, nbytes, words)
+        return DeviceWeight(fmt, tuple(weight.shape), padded, nbytes, chunks)
 
     def _zero_bias(self, n: int):
         if n not in self._zeros:
@@ -467,12 +470,15 @@ class CudaBackend:
             epilogue = mk.EPILOGUE_GELU if gelu else mk.EPILOGUE_NONE
         label = f"{weight.fmt_name} {weight.shape[0]}x{weight.shape[1]}" if self._timings is not None else None
         if T == 1 and weight.shape[1] <= mk.MAX_ONE_TOKEN_INPUTS:
-            lanes, rows = self.shapes.matvec_one
-            grid = (n_out + rows - 1) // rows
-            launch = self._launch(mk.matvec_one, grid, (lanes, rows), label and "matvec_one " + label, weight.nbytes)
+            warps, per_multiprocessor = self.shapes.matvec_one
+            grid = -(-n_out // warps)
+            if per_multiprocessor:
+                grid = min(grid, per_multiprocessor * self._multiprocessors)
+            shared = 4 * (weight.shape[1] + 32 * (1 + warps))
+            launch = self._launch(mk.matvec_one, grid, (32, warps), label and "matvec_one " + label, weight.nbytes, shared)
             ln_weight, ln_bias, eps = norm if norm is not None else (self._unused_vector, self._unused_vector, 0.0)
             normalize = norm is not None
-            launch(weight.fmt, *weight.parts, *weight.words, x, bias, out, epilogue, normalize, ln_weight, ln_bias, np.float32(eps))
+            launch(weight.fmt, *weight.parts, *weight.chunks, x, bias, out, epilogue, normalize, ln_weight, ln_bias, np.float32(eps))
             return out
         if norm is not None:
             x = self.layer_norm(x, *norm)

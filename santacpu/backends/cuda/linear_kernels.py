@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32, int64
+from numba import cuda, float32, int32, int64
 
-from .values import Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, block_sum, code, half_to_float, params
+from .values import Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, code, half_to_float, params, warp_total
 
 MAX_FEW_TOKENS = 8  # matvec's token limit (its accumulators are registers)
 MAX_MATVEC_THREADS = 256  # lanes x rows a block
@@ -55,107 +55,182 @@ def _finish(value, epilogue, out, t, row):
 
 
 @cuda.jit(device=True, inline=True)
-def _q4_word(word, xs, n_blocks, block, k):
-    """sum over the 8 values of 32-bit word k (0..3) of a q4_0 block of (q - 8) * x: its bytes
-    hold values 4k..4k+3 (low nibbles) and 4k+16..4k+19 (high)."""
+def _chunk_count(fmt, width):
+    """matvec_one's 64-bit chunks of codes in a row: 16 values each (q4_0, q6_0: half a block's
+    nibbles), 8 (q8_0); 0 for the formats read value by value."""
+    if fmt == Q4_0 or fmt == Q6_0:
+        return width // 16
+    if fmt == Q8_0:
+        return width // 8
+    return 0
+
+
+@cuda.jit(device=True, inline=True)
+def _chunk_column(fmt, n_chunks, i):
+    """The column of x that xs[i] holds: xs[v * n_chunks + c] is value v of chunk c (lanes reading
+    value v of consecutive chunks hit consecutive banks); xs[i] = x[i] for the other formats."""
+    if n_chunks == 0:
+        return i
+    v = i // n_chunks
+    c = i - v * n_chunks
+    if fmt == Q8_0:
+        return 8 * c + v
+    # q4_0 / q6_0: chunk c holds bytes 8(c & 1).. of block c >> 1: values 8(c & 1) + b (low
+    # nibbles, v = b < 8) and 16 + 8(c & 1) + b (high, v = 8 + b)
+    return 32 * (c >> 1) + 8 * (c & 1) + (v & 7) + 16 * (v >> 3)
+
+
+@cuda.jit(device=True, inline=True)
+def _chunk_load(fmt, chunks0, chunks1, p1, p2, row, c):
+    """(codes, q6_0's high bits, scale bits) of chunk c of row."""
+    if fmt == Q8_0:
+        return chunks0[row, c], int64(0), int32(p1[row, c >> 2])
+    if fmt == Q6_0:
+        return chunks0[row, c], chunks1[row, c >> 1], int32(p2[row, c >> 1])
+    return chunks0[row, c], int64(0), int32(p1[row, c >> 1])
+
+
+@cuda.jit(device=True, inline=True)
+def _chunk_dot(fmt, word, high, scale_bits, xs, n_chunks, c):
+    """scale * sum over chunk c's values of code * x (x from xs, laid out by _chunk_column)."""
     s = float32(0.0)
-    for b in range(4):
-        byte = (word >> (8 * b)) & 255
-        j = 4 * k + b
-        s += (float32((byte & 15) - Q4_0_OFFSET) * xs[j * n_blocks + block]
-              + float32((byte >> 4) - Q4_0_OFFSET) * xs[(j + 16) * n_blocks + block])
-    return s
+    if fmt == Q8_0:
+        for b in range(8):
+            q = int32((word >> (8 * b)) & 255)
+            s += float32(int32((q ^ 128) - 128)) * xs[b * n_chunks + c]
+    elif fmt == Q6_0:
+        shift = 2 * (c & 1)  # values 8h + b take bits 2h of qh byte b; values 16 + 8h + b bits 2h + 4
+        for b in range(8):
+            q = int32((word >> (8 * b)) & 255)
+            hb = int32((high >> (8 * b)) & 255)
+            low = (q & 15) | (((hb >> shift) & 3) << 4)
+            top = (q >> 4) | (((hb >> (shift + 4)) & 3) << 4)
+            s += float32(int32(low - Q6_0_OFFSET)) * xs[b * n_chunks + c] + float32(int32(top - Q6_0_OFFSET)) * xs[(b + 8) * n_chunks + c]
+    else:
+        for b in range(8):
+            q = int32((word >> (8 * b)) & 255)
+            s += (float32(int32((q & 15) - Q4_0_OFFSET)) * xs[b * n_chunks + c]
+                  + float32(int32((q >> 4) - Q4_0_OFFSET)) * xs[(b + 8) * n_chunks + c])
+    return half_to_float(scale_bits) * s
+
+
+@cuda.jit(device=True, inline=True)
+def _block_total(value, scratch, base, warp, lane, warps):
+    """The sum of value over the block (every thread calls it), via scratch[base : base + 32 (1 + warps)]."""
+    value = warp_total(value, scratch, base + 32 + 32 * warp, lane)
+    if lane == 0:
+        scratch[base + warp] = value
+    cuda.syncthreads()
+    total = float32(0.0)
+    for i in range(warps):
+        total += scratch[base + i]
+    cuda.syncthreads()
+    return total
 
 
 @cuda.jit(cache=True)
-def matvec_one(fmt, p0, p1, p2, p3, p4, words0, words1, x, bias, out, epilogue, normalize, ln_weight, ln_bias, eps):
+def matvec_one(fmt, p0, p1, p2, p3, p4, chunks0, chunks1, x, bias, out, epilogue, normalize, ln_weight, ln_bias, eps):
     """One token (decode): out[0, row] = x[0] . W[row] + bias[row], with the epilogue; with
     `normalize`, x's LayerNorm (ln_weight, ln_bias, eps) first, computed by every block as it
     stages x (cheaper than a launch of its own).
 
-    x is staged in shared memory transposed ([value in block][block]: lanes reading one value
-    of consecutive blocks hit consecutive banks); `blockDim.x` lanes a row, `blockDim.y` rows a
-    block, each lane summing whole blocks of 32 values with the block's scale applied once.
-    q8_0, q4_0 and q6_0 read their codes as 32-bit words (`words0`, `words1`: uint32 views of
-    p0, p1); the other formats go through `values.code`."""
-    lanes = cuda.blockDim.x
+    A warp a row (blockDim = (32, warps)); the grid may be smaller than the rows / warps: a
+    block then takes rows by a stride of gridDim.x * warps, x staged once in (dynamic) shared
+    memory, laid out by `_chunk_column`. q8_0, q4_0 and q6_0 read their codes as 64-bit chunks
+    (`chunks0`, `chunks1`: int64 views of p0, p1), lane l chunks l, l + 32, ..: a warp reads
+    256 consecutive bytes at once. Four chunks a lane are loaded at a time, and the next four
+    (or the next row's first) are loaded before these are multiplied, so the weights' memory
+    latency overlaps the arithmetic and, for a block's first row, the staging of x; the lanes'
+    sums are added by `warp_total`. The other formats go value by value through `values.code`.
+
+    Dynamic shared memory: width + 32 * (1 + warps) floats (x, then scratch for the sums)."""
     lane = cuda.threadIdx.x
-    slot = cuda.threadIdx.y
-    rows_here = cuda.blockDim.y
-    tid = slot * lanes + lane
-    threads = lanes * rows_here
-    row = cuda.blockIdx.x * rows_here + slot
+    warp = cuda.threadIdx.y
+    warps = cuda.blockDim.y
+    tid = warp * 32 + lane
+    threads = 32 * warps
     n_rows = out.shape[1]
-    n_blocks = x.shape[1] // 32
-    xs = cuda.shared.array(MAX_ONE_TOKEN_INPUTS, float32)
-    partial = cuda.shared.array(MAX_MATVEC_THREADS, float32)
-    width = n_blocks * 32
+    width = x.shape[1]
+    xs = cuda.shared.array(0, float32)
+    n_chunks = _chunk_count(fmt, width)
+    row_step = cuda.gridDim.x * warps
+    row = cuda.blockIdx.x * warps + warp
+    n_groups = (n_rows - cuda.blockIdx.x * warps + row_step - 1) // row_step  # the block's row groups
+    sets = (n_chunks + 127) // 128  # sets of 4 chunks a lane in a row
+    last_row, last_chunk = n_rows - 1, max(n_chunks - 1, 0)
+    w0 = w1 = w2 = w3 = h0 = h1 = h2 = h3 = int64(0)
+    d0 = d1 = d2 = d3 = int32(0)
+    if n_chunks > 0:  # the first set's loads, issued before the staging below
+        r = min(row, last_row)
+        w0, h0, d0 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane, last_chunk))
+        w1, h1, d1 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 32, last_chunk))
+        w2, h2, d2 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 64, last_chunk))
+        w3, h3, d3 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 96, last_chunk))
     mean = float32(0.0)
     denominator = float32(1.0)
     if normalize:  # as layer_kernels.layer_norm: the mean, then the variance about it
         s = float32(0.0)
         for i in range(tid, width, threads):
             s += x[0, i]
-        partial[tid] = s
-        mean = block_sum(partial, tid, threads) / float32(width)
+        mean = _block_total(s, xs, width, warp, lane, warps) / float32(width)
         s = float32(0.0)
         for i in range(tid, width, threads):
             d = x[0, i] - mean
             s += d * d
-        partial[tid] = s
-        denominator = math.sqrt(block_sum(partial, tid, threads) / float32(width) + eps)
+        denominator = math.sqrt(_block_total(s, xs, width, warp, lane, warps) / float32(width) + eps)
     for i in range(tid, width, threads):
-        block = i // 32
-        v = x[0, i]
+        column = _chunk_column(fmt, n_chunks, i)
+        v = x[0, column]
         if normalize:
-            v = (v - mean) / denominator * ln_weight[i] + ln_bias[i]
-        xs[(i - block * 32) * n_blocks + block] = v
+            v = (v - mean) / denominator * ln_weight[column] + ln_bias[column]
+        xs[i] = v
     cuda.syncthreads()
+    scratch = width + 32 + 32 * warp  # this warp's 32 floats after x (warp_total under the simulator)
+    if n_chunks == 0:  # value by value, a lane a column
+        for _ in range(n_groups):
+            acc = float32(0.0)
+            if row < n_rows:
+                for i in range(lane, width, 32):
+                    block = i // 32
+                    scale, offset = params(fmt, p0, p1, p2, p3, p4, row, block)
+                    acc += (scale * code(fmt, p0, p1, p2, p3, p4, row, block, i - block * 32) - offset) * xs[i]
+            total = warp_total(acc, xs, scratch, lane)
+            if lane == 0 and row < n_rows:
+                out[0, row] = _finish(total + bias[row], epilogue, out, 0, row)
+            row += row_step
+        return
     acc = float32(0.0)
-    if row < n_rows:
-        for block in range(lane, n_blocks, lanes):
-            if fmt == Q4_0:  # 4 words of nibbles
-                s = float32(0.0)
-                for k in range(4):
-                    s += _q4_word(int64(words0[row, block * 4 + k]), xs, n_blocks, block, k)
-                acc += half_to_float(p1[row, block]) * s
-            elif fmt == Q8_0:  # 8 words of signed bytes
-                s = float32(0.0)
-                for k in range(8):
-                    word = int64(words0[row, block * 8 + k])  # int64: no unsigned wrap-around below
-                    for b in range(4):
-                        byte = (word >> (8 * b)) & 255
-                        q = byte - 256 if byte >= 128 else byte
-                        s += float32(q) * xs[(4 * k + b) * n_blocks + block]
-                acc += half_to_float(p1[row, block]) * s
-            elif fmt == Q6_0:  # 4 words of low nibbles, 2 words of high bit pairs
-                high_a = int64(words1[row, block * 2])  # qh bytes 0..3: values 0..3 (+8, +16, +24)
-                high_b = int64(words1[row, block * 2 + 1])  # qh bytes 4..7: values 4..7 (+8, ...)
-                s = float32(0.0)
-                for k in range(4):
-                    word = int64(words0[row, block * 4 + k])
-                    for b in range(4):
-                        byte = (word >> (8 * b)) & 255
-                        j = 4 * k + b  # values j and j + 16
-                        jj = j & 7
-                        high_byte = ((high_a if jj < 4 else high_b) >> (8 * (jj & 3))) & 255
-                        shift = 2 * (j >> 3)
-                        low_q = (byte & 15) | (((high_byte >> shift) & 3) << 4)
-                        high_q = (byte >> 4) | (((high_byte >> (shift + 4)) & 3) << 4)
-                        s += (float32(low_q - Q6_0_OFFSET) * xs[j * n_blocks + block]
-                              + float32(high_q - Q6_0_OFFSET) * xs[(j + 16) * n_blocks + block])
-                acc += half_to_float(p2[row, block]) * s
-            else:
-                scale, offset = params(fmt, p0, p1, p2, p3, p4, row, block)
-                for j in range(32):
-                    acc += (scale * code(fmt, p0, p1, p2, p3, p4, row, block, j) - offset) * xs[j * n_blocks + block]
-    partial[tid] = acc
-    cuda.syncthreads()
-    if lane == 0 and row < n_rows:
-        total = float32(0.0)
-        for i in range(lanes):
-            total += partial[slot * lanes + i]
-        out[0, row] = _finish(total + bias[row], epilogue, out, 0, row)
+    k = 0
+    for _ in range(n_groups * sets):
+        next_k = k + 1
+        next_row = row
+        if next_k == sets:
+            next_k = 0
+            next_row = row + row_step
+        r = min(next_row, last_row)
+        c = lane + 128 * next_k
+        n0, g0, e0 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c, last_chunk))
+        n1, g1, e1 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c + 32, last_chunk))
+        n2, g2, e2 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c + 64, last_chunk))
+        n3, g3, e3 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c + 96, last_chunk))
+        c = lane + 128 * k
+        if row < n_rows:
+            if c < n_chunks:
+                acc += _chunk_dot(fmt, w0, h0, d0, xs, n_chunks, c)
+            if c + 32 < n_chunks:
+                acc += _chunk_dot(fmt, w1, h1, d1, xs, n_chunks, c + 32)
+            if c + 64 < n_chunks:
+                acc += _chunk_dot(fmt, w2, h2, d2, xs, n_chunks, c + 64)
+            if c + 96 < n_chunks:
+                acc += _chunk_dot(fmt, w3, h3, d3, xs, n_chunks, c + 96)
+        if k == sets - 1:  # the row's last set
+            total = warp_total(acc, xs, scratch, lane)
+            if lane == 0 and row < n_rows:
+                out[0, row] = _finish(total + bias[row], epilogue, out, 0, row)
+            acc = float32(0.0)
+        w0, w1, w2, w3, h0, h1, h2, h3, d0, d1, d2, d3 = n0, n1, n2, n3, g0, g1, g2, g3, e0, e1, e2, e3
+        row = next_row
+        k = next_k
 
 
 @cuda.jit(cache=True)

@@ -20,9 +20,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import cuda, float32, int32
+from numba import config, cuda, float32, int32
 
 from ...formats.blocks import FORMATS, WEIGHT_FORMAT_IDS
+
+# Warp shuffles on a GPU; the simulator has none (numba's own simulator), so there a warp's sum
+# goes through shared memory and block barriers (see warp_total).
+WARP_SHUFFLES = not config.ENABLE_CUDASIM
 
 FORMAT_IDS = WEIGHT_FORMAT_IDS
 F32, F16, Q8_0, Q4_0, Q6_0, Q4_M = (FORMAT_IDS[name] for name in ("float32", "float16", "q8_0", "q4_0", "q6_0", "q4_m"))
@@ -131,5 +135,26 @@ def block_sum(values, tid, threads):
         cuda.syncthreads()
         step //= 2
     total = values[0]
+    cuda.syncthreads()
+    return total
+
+
+@cuda.jit(device=True, inline=True)
+def warp_total(value, scratch, base, lane):
+    """The sum of value over a warp's 32 lanes, in every lane. By shuffles on a GPU; under the
+    simulator through scratch[base : base + 32] (this warp's own) and block barriers, so there
+    every thread of the block must call it together."""
+    if WARP_SHUFFLES:
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 16)
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 8)
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 4)
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 2)
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 1)
+        return value
+    scratch[base + lane] = value
+    cuda.syncthreads()
+    total = float32(0.0)
+    for i in range(32):
+        total += scratch[base + i]
     cuda.syncthreads()
     return total
