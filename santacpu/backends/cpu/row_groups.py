@@ -381,11 +381,14 @@ def _group_tile_codegen(fmt, n_tokens, isa):
             weight_scales = per_block(scales, block_at)
             weight_minimums = per_block(parts[2], block_at) if minimums else None
             x_ats = [builder.add(x_rows[j], builder.mul(b, const(QK))) for j in range(n_tokens)]
-            if words:  # piece p: values 2p, 2p+1 of the n rows, against x's 2 in every lane
-                pieces = [
-                    builder.sext(_load_vector(builder, codes.data, builder.add(code_at, const(2 * n * p)), _I8, 2 * n), vec16)
-                    for p in range(QK // 2)
-                ]
+            if words:  # piece p: values 2p, 2p+1 of the n rows, against x's 2 in every lane (one
+                # piece live at a time, the tokens' sums beside it: 16 sign-extended pieces would
+                # not fit AVX2's 16 registers)
+                word_sums = [ir.Constant(vec32, None)] * n_tokens
+                for p in range(QK // 2):
+                    piece = builder.sext(_load_vector(builder, codes.data, builder.add(code_at, const(2 * n * p)), _I8, 2 * n), vec16)
+                    for j in range(n_tokens):
+                        word_sums[j] = add_products(word_sums[j], piece, builder.add(x_ats[j], const(2 * p)))
             else:
                 packed = [_load_vector(builder, codes.data, builder.add(code_at, const(4 * n * v)), _I8, 4 * n) for v in range(4)]
                 lows = [builder.and_(p, _splat(_I8, 4 * n, 0x0F)) for p in packed]
@@ -402,14 +405,14 @@ def _group_tile_codegen(fmt, n_tokens, isa):
             for j in range(n_tokens):
                 x_at = x_ats[j]
                 if words:
-                    sums = ir.Constant(vec32, None)
-                    for p in range(QK // 2):
-                        sums = add_products(sums, pieces[p], builder.add(x_at, const(2 * p)))
-                elif vnni:  # exact int32 sums, the same integers as the AVX2 chains below
-                    sums = ir.Constant(vec32, None)
+                    sums = word_sums[j]
+                elif vnni:  # exact int32 sums, the same integers as the AVX2 chains below; two
+                    # chains of 4 (low and high nibbles), half the latency of one chain of 8
+                    low_sums, high_sums = ir.Constant(vec32, None), ir.Constant(vec32, None)
                     for v in range(4):
-                        sums = add_products(sums, lows[v], builder.add(x_at, const(4 * v)))
-                        sums = add_products(sums, highs[v], builder.add(x_at, const(16 + 4 * v)))
+                        low_sums = add_products(low_sums, lows[v], builder.add(x_at, const(4 * v)))
+                        high_sums = add_products(high_sums, highs[v], builder.add(x_at, const(16 + 4 * v)))
+                    sums = builder.add(low_sums, high_sums)
                 elif six_bits:  # a pair of products up to 2 x 63 x 127: widened every 2 of them
                     sums = ir.Constant(vec32, None)
                     for v in range(4):
