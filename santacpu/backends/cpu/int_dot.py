@@ -44,8 +44,9 @@ Layouts of the rounded x (per token):
   their values 16..31; xdx float32 [C/4]: the block scale for each of a block's 8 lanes.
 Blocks after the last whole step keep their natural order (the drivers finish them in scalar code).
 
-The instruction choice is made when a kernel compiles, from the target features Numba compiles
-for; Numba's on-disk cache is keyed by those features, so cached code never meets another CPU.
+A weight's format reaches the kernels as its id (`blocks.BlockFormat.format_id`), a literal
+constant, never guessed from its parts' dtypes. The instruction choice is made when a kernel
+compiles, from the target features Numba compiles for; Numba's on-disk cache is keyed by those features, so cached code never meets another CPU.
 (Like quant_kernels.py, the kernels here inline cpu_kernels.py's `_f16_to_f32`, and Numba's cache
 only tracks this file: after editing that helper, delete santacpu/backends/cpu/__pycache__/*.nb[ic].)
 (The old `<N x i32>` operand form of the VNNI intrinsics is used: LLVM 22 still upgrades it, and
@@ -56,12 +57,15 @@ May import: numba, llvmlite, numpy, `santacpu.backends.cpu.cpu_kernels`, `santac
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils, config
 from numba.extending import intrinsic, overload
 
+from ...formats.blocks import FORMATS as BLOCK_FORMATS
 from ...formats.blocks import QK
 from .cpu_kernels import FASTMATH, _f16_to_f32
 
@@ -107,6 +111,14 @@ WORD_SUMS = ISA == "avx2"  # 4-bit codes' quads summed as int16 (_quad_sum_words
 # The formats with integer kernels, and the integer range x is rounded to for each.
 ACTIVATION_LEVELS = {"q8_0": 32767, "q4_0": 127, "q4_m": 127, "q6_0": 127}
 FORMATS = tuple(ACTIVATION_LEVELS)
+# The kernels get a weight's format as its id (blocks.BlockFormat.format_id), a literal constant:
+# each format compiles its own code.
+FORMAT_NAMES = {BLOCK_FORMATS[name].format_id: name for name in FORMATS}
+
+
+def _format_name(fmt) -> str | None:
+    """The name of the format whose id a literal int type holds (None for anything else)."""
+    return FORMAT_NAMES.get(fmt.literal_value) if isinstance(fmt, types.IntegerLiteral) else None
 
 
 # --- LLVM IR helpers (S = BLOCKS_PER_STEP; a step's codes are one vector of 16 S bytes) -----------
@@ -261,19 +273,6 @@ def _word_dot(builder, acc, words, x_words):
     return builder.add(acc, builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [words, x_words]))
 
 
-def _parts_format(parts) -> str | None:
-    """Which block format a tuple of part array types holds (PART_ORDER of quant_kernels)."""
-    if not isinstance(parts, types.BaseTuple) or not all(isinstance(p, types.Array) for p in parts):
-        return None
-    dtypes = tuple(str(p.dtype) for p in parts)
-    return {
-        ("int8", "uint16"): "q8_0",
-        ("uint8", "uint16"): "q4_0",
-        ("uint8", "uint8", "uint16"): "q6_0",
-        ("uint8", "uint8", "uint8", "float32", "float32"): "q4_m",
-    }.get(dtypes)
-
-
 def _tile_codegen(fmt, n_rows, n_tokens):
     """Codegen of _tile for `fmt` and an n_rows x n_tokens tile. Each step decodes each row's
     codes once for all the tile's tokens. A one-token tile also prefetches the codes PREFETCH_BYTES
@@ -423,17 +422,17 @@ def _tile_codegen(fmt, n_rows, n_tokens):
 
 
 @intrinsic
-def _tile(typingctx, parts, xq, xfix, xdx, row, token, n_steps, out, n_rows, n_tokens):
+def _tile(typingctx, parts, xq, xfix, xdx, row, token, n_steps, out, n_rows, n_tokens, fmt):
     """out[token + j, row + i] = the dot of row row+i with token token+j's rounded x over the
     first n_steps steps (no tail blocks, no bias, q4_m without its minimums), for i < n_rows and
-    j < n_tokens (literal ints). parts: a 4/6-bit weight's parts in PART_ORDER; xq, xfix, xdx
-    [T, ...] from quantize_activations; out float32 [T, R]."""
-    fmt = _parts_format(parts)
-    literal = (types.IntegerLiteral, types.IntegerLiteral)
-    if fmt is None or not isinstance(n_rows, literal[0]) or not isinstance(n_tokens, literal[1]):
+    j < n_tokens (literal ints). parts: a weight's parts in PART_ORDER, fmt its format id (a
+    literal); xq, xfix, xdx [T, ...] from quantize_activations; out float32 [T, R]."""
+    name = _format_name(fmt)
+    literal = types.IntegerLiteral
+    if name is None or not isinstance(n_rows, literal) or not isinstance(n_tokens, literal):
         return None
-    sig = types.none(parts, xq, xfix, xdx, types.intp, types.intp, types.intp, out, n_rows, n_tokens)
-    return sig, _tile_codegen(fmt, n_rows.literal_value, n_tokens.literal_value)
+    sig = types.none(parts, xq, xfix, xdx, types.intp, types.intp, types.intp, out, n_rows, n_tokens, fmt)
+    return sig, _tile_codegen(name, n_rows.literal_value, n_tokens.literal_value)
 
 
 # --- activations --------------------------------------------------------------------------------
@@ -506,17 +505,19 @@ def quantize_activations_words(x, xq, xdx):
                 xq[t, second_half + j] = np.int16(np.rint(x[t, QK * b + 16 + j] * inverse))
 
 
-def _activations(parts, x):
-    """x [T, C] rounded for a weight's kernel: (xq, xfix, xdx) as quantize_activations makes them
-    for the 4/6-bit formats; q8_0: xq int16 [T, C], xfix int32 [T, 0], xdx float32 [T, C/4]
-    (quantize_activations_words)."""
+def _activations(fmt, x):
+    """x [T, C] rounded for a weight's kernel (fmt: its format id, a literal): (xq, xfix, xdx) as
+    quantize_activations makes them for the 4/6-bit formats; q8_0: xq int16 [T, C], xfix int32
+    [T, 0], xdx float32 [T, C/4] (quantize_activations_words)."""
 
 
-@overload(_activations)
-def _activations_impl(parts, x):
-    if _parts_format(parts) == "q8_0":
+@overload(_activations, prefer_literal=True)
+def _activations_impl(fmt, x):
+    if _format_name(fmt) is None:
+        return None
+    if _format_name(fmt) == "q8_0":
 
-        def words(parts, x):
+        def words(fmt, x):
             T, C = x.shape
             xq = np.empty((T, C), np.int16)
             xdx = np.empty((T, C // 4), np.float32)
@@ -525,7 +526,7 @@ def _activations_impl(parts, x):
 
         return words
 
-    def nibbles(parts, x):
+    def nibbles(fmt, x):
         T, C = x.shape
         xq = np.empty((T, C), np.int8)
         xfix = np.empty((T, C // 8), np.int32)
@@ -536,15 +537,18 @@ def _activations_impl(parts, x):
     return nibbles
 
 
-def _geometry(parts):
-    """(blocks per vector step, int32 lanes per block) of a weight's integer kernel."""
+def _geometry(fmt):
+    """(blocks per vector step, int32 lanes per block) of a format's integer kernel (fmt: its id,
+    a literal)."""
 
 
-@overload(_geometry)
-def _geometry_impl(parts):
-    if _parts_format(parts) == "q8_0":
-        return lambda parts: (WORD_BLOCKS, QK // 4)
-    return lambda parts: (BLOCKS_PER_STEP, LANES_PER_BLOCK)
+@overload(_geometry, prefer_literal=True)
+def _geometry_impl(fmt):
+    if _format_name(fmt) is None:
+        return None
+    if _format_name(fmt) == "q8_0":
+        return lambda fmt: (WORD_BLOCKS, QK // 4)
+    return lambda fmt: (BLOCKS_PER_STEP, LANES_PER_BLOCK)
 
 
 @njit(cache=True, inline="always")
@@ -592,39 +596,41 @@ def _word_block_dot(qs, row, b, xq):
 # reuse rely on it). -------------------------------------------------------------------------------
 
 
-def _block_tail(parts, r, b, xq, xfix):
+def _block_tail(parts, r, b, xq, xfix, fmt):
     """Block b's (after the last whole step) contribution to row r's dot, before x's scale."""
 
 
-@overload(_block_tail)
-def _block_tail_impl(parts, r, b, xq, xfix):
-    fmt = _parts_format(parts)
-    if fmt == "q4_0":
-        return lambda parts, r, b, xq, xfix: _f16_to_f32(parts[1][r, b]) * np.float32(
+@overload(_block_tail, prefer_literal=True)
+def _block_tail_impl(parts, r, b, xq, xfix, fmt):
+    name = _format_name(fmt)
+    if name == "q4_0":
+        return lambda parts, r, b, xq, xfix, fmt: _f16_to_f32(parts[1][r, b]) * np.float32(
             _nibble_dot(parts[0], r, b, xq) + _fix_sum(xfix, b)
         )
-    if fmt == "q4_m":
-        return lambda parts, r, b, xq, xfix: np.float32(parts[1][r, b]) * np.float32(_nibble_dot(parts[0], r, b, xq))
-    if fmt == "q6_0":
-        return lambda parts, r, b, xq, xfix: _f16_to_f32(parts[2][r, b]) * np.float32(
+    if name == "q4_m":
+        return lambda parts, r, b, xq, xfix, fmt: np.float32(parts[1][r, b]) * np.float32(_nibble_dot(parts[0], r, b, xq))
+    if name == "q6_0":
+        return lambda parts, r, b, xq, xfix, fmt: _f16_to_f32(parts[2][r, b]) * np.float32(
             _q6_dot(parts[0], parts[1], r, b, xq) + 4 * _fix_sum(xfix, b)
         )
-    if fmt == "q8_0":
-        return lambda parts, r, b, xq, xfix: _f16_to_f32(parts[1][r, b]) * np.float32(_word_block_dot(parts[0], r, b, xq))
+    if name == "q8_0":
+        return lambda parts, r, b, xq, xfix, fmt: _f16_to_f32(parts[1][r, b]) * np.float32(_word_block_dot(parts[0], r, b, xq))
     return None
 
 
-def _block_sums(parts, xfix, xdx):
+def _block_sums(xfix, xdx, fmt):
     """[T, n_blocks] float32: what the format's last terms need of each block of x; q4_m: the
     sums of x's rounded values times x's block scale, [T, 0] for the others."""
 
 
-@overload(_block_sums)
-def _block_sums_impl(parts, xfix, xdx):
-    if _parts_format(parts) != "q4_m":
-        return lambda parts, xfix, xdx: np.empty((xdx.shape[0], 0), np.float32)
+@overload(_block_sums, prefer_literal=True)
+def _block_sums_impl(xfix, xdx, fmt):
+    if _format_name(fmt) is None:
+        return None
+    if _format_name(fmt) != "q4_m":
+        return lambda xfix, xdx, fmt: np.empty((xdx.shape[0], 0), np.float32)
 
-    def q4_m(parts, xfix, xdx):
+    def q4_m(xfix, xdx, fmt):
         # The minimums meet the sums of x's int8 values (xfix / -8), not of x itself, so that the
         # result is W @ (x as rounded) and the codes' large mean cancels exactly (float sums of x:
         # ~2.5x the error, measured).
@@ -638,16 +644,18 @@ def _block_sums_impl(parts, xfix, xdx):
     return q4_m
 
 
-def _finish_row(parts, r, total, block_sums):
+def _finish_row(parts, r, total, block_sums, fmt):
     """Row r's output (before the bias) from its summed dot `total` and one token's _block_sums."""
 
 
-@overload(_finish_row)
-def _finish_row_impl(parts, r, total, block_sums):
-    if _parts_format(parts) != "q4_m":
-        return lambda parts, r, total, block_sums: total
+@overload(_finish_row, prefer_literal=True)
+def _finish_row_impl(parts, r, total, block_sums, fmt):
+    if _format_name(fmt) is None:
+        return None
+    if _format_name(fmt) != "q4_m":
+        return lambda parts, r, total, block_sums, fmt: total
 
-    def q4_m(parts, r, total, block_sums):
+    def q4_m(parts, r, total, block_sums, fmt):
         mn, d, dmin = parts[2], parts[3], parts[4]
         minimums = np.float32(0.0)
         for b in range(block_sums.shape[0]):  # contiguous in both: vectorised
@@ -658,14 +666,14 @@ def _finish_row_impl(parts, r, total, block_sums):
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out):
+def _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out, fmt):
     """out[t, r] (the tiles' sum) += the blocks after the last whole step, the format's last
     terms and the bias."""
-    blocks_per_step, lanes_per_block = _geometry(parts)
+    blocks_per_step, lanes_per_block = _geometry(fmt)
     total = out[t, r]
     for b in range(n_steps * blocks_per_step, xdx.shape[1] // lanes_per_block):
-        total += xdx[t, lanes_per_block * b] * _block_tail(parts, r, b, xq[t], xfix[t])
-    out[t, r] = _finish_row(parts, r, total, block_sums[t]) + bias[r]
+        total += xdx[t, lanes_per_block * b] * _block_tail(parts, r, b, xq[t], xfix[t], fmt)
+    out[t, r] = _finish_row(parts, r, total, block_sums[t], fmt) + bias[r]
 
 
 DECODE_ROWS = 4  # rows of a one-token tile: one parallel job streams this many rows at once
@@ -682,17 +690,19 @@ PANEL_ROWS = 64  # rows a thread takes through all the tokens before the next ro
 # stay in L2 while each group of tokens' x stays in L1 (all rows per token group: 59 -> 49 ms)
 
 
-def _panel(parts, xq, xfix, xdx, n_steps, panel, out):
+def _panel(parts, xq, xfix, xdx, n_steps, panel, out, fmt):
     """Rows panel * PANEL_ROWS .. +PANEL_ROWS (fewer in the last panel) of out [T, R], every
     token, before _finish: whole tiles of the format's prompt tile shape, then 1-row and 1-token
     tiles for what is left."""
 
 
-@overload(_panel)
-def _panel_impl(parts, xq, xfix, xdx, n_steps, panel, out):
-    tile_rows, tile_tokens = PROMPT_TILE[_parts_format(parts)]
+@overload(_panel, prefer_literal=True)
+def _panel_impl(parts, xq, xfix, xdx, n_steps, panel, out, fmt):
+    if _format_name(fmt) is None:
+        return None
+    tile_rows, tile_tokens = PROMPT_TILE[_format_name(fmt)]
 
-    def run(parts, xq, xfix, xdx, n_steps, panel, out):
+    def run(parts, xq, xfix, xdx, n_steps, panel, out, fmt):
         T, R = out.shape
         first = panel * PANEL_ROWS
         last = min(first + PANEL_ROWS, R)
@@ -700,54 +710,66 @@ def _panel_impl(parts, xq, xfix, xdx, n_steps, panel, out):
         whole_tokens = T // tile_tokens * tile_tokens
         for token in range(0, whole_tokens, tile_tokens):  # these tokens' x in L1, the panel in L2
             for row in range(first, whole_rows, tile_rows):
-                _tile(parts, xq, xfix, xdx, row, token, n_steps, out, tile_rows, tile_tokens)
+                _tile(parts, xq, xfix, xdx, row, token, n_steps, out, tile_rows, tile_tokens, fmt)
             for row in range(whole_rows, last):
                 for t in range(token, token + tile_tokens):
-                    _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1)
+                    _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1, fmt)
         # The 1 or 2 tokens after the last whole tile go through tiles of all the tile's rows too,
         # not 1 x 1 tiles: a batched decode step of 8 tokens, full q4_0 model, 208 -> 144 ms.
         left = T - whole_tokens
         if tile_rows > 1 and left == 2:
             for row in range(first, whole_rows, tile_rows):
-                _tile(parts, xq, xfix, xdx, row, whole_tokens, n_steps, out, tile_rows, 2)
+                _tile(parts, xq, xfix, xdx, row, whole_tokens, n_steps, out, tile_rows, 2, fmt)
         elif tile_rows > 1 and left == 1:
             for row in range(first, whole_rows, tile_rows):
-                _tile(parts, xq, xfix, xdx, row, whole_tokens, n_steps, out, tile_rows, 1)
+                _tile(parts, xq, xfix, xdx, row, whole_tokens, n_steps, out, tile_rows, 1, fmt)
         for t in range(whole_tokens, T):
             for row in range(whole_rows if tile_rows > 1 and left <= 2 else first, last):
-                _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1)
+                _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1, fmt)
 
     return run
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matmul_blocks(parts, x, bias, out):
+def matmul_blocks(parts, x, bias, out, fmt):
     """out [T, R] = x [T, C] @ W.T + bias [R] for a block-quantized weight given as its parts tuple
-    (PART_ORDER of quant_kernels); x, bias, out float32."""
-    xq, xfix, xdx = _activations(parts, x)
-    block_sums = _block_sums(parts, xfix, xdx)
-    blocks_per_step, lanes_per_block = _geometry(parts)
+    (PART_ORDER of quant_kernels) and its format id (a literal); x, bias, out float32."""
+    xq, xfix, xdx = _activations(fmt, x)
+    block_sums = _block_sums(xfix, xdx, fmt)
+    blocks_per_step, lanes_per_block = _geometry(fmt)
     T = x.shape[0]
     R = parts[0].shape[0]
     n_steps = xdx.shape[1] // lanes_per_block // blocks_per_step
     if T == 1:  # decode: stream the rows, DECODE_ROWS at a time, in one parallel region
         n_tiles = R // DECODE_ROWS
         for tile in prange(n_tiles):
-            _tile(parts, xq, xfix, xdx, tile * DECODE_ROWS, 0, n_steps, out, DECODE_ROWS, 1)
+            _tile(parts, xq, xfix, xdx, tile * DECODE_ROWS, 0, n_steps, out, DECODE_ROWS, 1, fmt)
             for r in range(tile * DECODE_ROWS, (tile + 1) * DECODE_ROWS):
-                _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, 0, bias, out)
+                _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, 0, bias, out, fmt)
         for r in range(n_tiles * DECODE_ROWS, R):  # the (at most 3) rows after the last whole tile
-            _tile(parts, xq, xfix, xdx, r, 0, n_steps, out, 1, 1)
-            _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, 0, bias, out)
+            _tile(parts, xq, xfix, xdx, r, 0, n_steps, out, 1, 1, fmt)
+            _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, 0, bias, out, fmt)
     else:
         for panel in prange((R + PANEL_ROWS - 1) // PANEL_ROWS):
-            _panel(parts, xq, xfix, xdx, n_steps, panel, out)
+            _panel(parts, xq, xfix, xdx, n_steps, panel, out, fmt)
         for t in prange(T):  # along out's rows (a token's outputs are contiguous)
             for r in range(R):
-                _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out)
+                _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out, fmt)
 
 
 def matmul(qtype: str, args: tuple, x, bias, out) -> None:
     """out [T, R] = x [T, C] @ W.T + bias for a `qtype` weight given as its kernel arguments
     (quant_kernels.kernel_args), through this module's integer kernels."""
-    matmul_blocks(tuple(args), x, bias, out)
+    _product_kernel(BLOCK_FORMATS[qtype].format_id)(tuple(args), x, bias, out)
+
+
+@functools.cache
+def _product_kernel(fmt: int):
+    """matmul_blocks with the format id bound as a constant (a plain int passed from Python would
+    make Numba retry its typing on every call before taking the literal version)."""
+
+    @njit(cache=True)
+    def product(parts, x, bias, out):
+        matmul_blocks(parts, x, bias, out, fmt)
+
+    return product
