@@ -22,10 +22,10 @@ from typing import Iterator
 import numpy as np
 
 from santacpu.atomic_file import check_writable
-from santacpu.errors import SantacpuError
+from santacpu.errors import OptionValueError, SantacpuError
 from santacpu.formats.blocks import FORMATS
 from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, FULL_PRECISION_TYPES, all_finite, is_quantized_file
-from santacpu.formats.safetensors_io import dtype_name_of, write_safetensors
+from santacpu.formats.safetensors_io import dtype_name_of, safetensors_file_bytes, write_safetensors
 from santacpu.formats.split_rows import split_rows
 from santacpu.loading.checkpoint import CheckpointReader, open_checkpoint
 from santacpu.loading.quantized import canonical_tensor_names
@@ -36,7 +36,7 @@ from santacpu.small_files import TOKENIZER_LIMIT, read_json_file
 from santacpu.tokenizer import tokenizer_file_for
 from santacpu.version import __version__
 
-from .policy import DEFAULT_UPGRADE_BUDGET, ROW_UPGRADE_TYPE, Policy
+from .policy import DEFAULT_UPGRADE_BUDGET, ROW_UPGRADE_TYPE, Plan, Policy, SizeTarget
 
 
 @dataclass
@@ -55,6 +55,7 @@ class ConversionReport:
     seconds: float  # the conversion alone (`santacpu quantize` reports calibration beside it)
     qtype: str = ""  # the type asked for
     embedding_rows: int = 0  # the most used tokens' embedding rows raised to ROW_UPGRADE_TYPE
+    size_target: SizeTarget | None = None  # what the upgrades were sized to, if a target was given
 
     @property
     def file_bytes(self) -> int:
@@ -125,6 +126,93 @@ def check_source(src: str | os.PathLike) -> None:
         )
 
 
+def policy_for(qtype: str, keep: list[tuple[str, str]] = (), upgrade_budget: float | None = None,
+               bits_per_weight: float | None = None, max_size: float | None = None) -> Policy:
+    """The policy of `santacpu quantize`'s options: `upgrade_budget` (a fraction; None: the default),
+    or a size target, `bits_per_weight` or `max_size` (MB), never two of them."""
+    given = [option for option, value in (("--upgrade-budget", upgrade_budget), ("--bits-per-weight", bits_per_weight),
+                                          ("--max-size", max_size)) if value is not None]
+    if len(given) > 1:
+        raise OptionValueError(f"{' and '.join(given)} each set the upgrade budget: give one of them")
+    if bits_per_weight is None and max_size is None:
+        return Policy(qtype, list(keep), DEFAULT_UPGRADE_BUDGET if upgrade_budget is None else upgrade_budget)
+    return Policy(qtype, list(keep), size_target=SizeTarget(bits_per_weight, max_size))
+
+
+def source_digests(folder: Path, placeholder: bool = False) -> dict[str, str]:
+    """sha256_of_sources, or with `placeholder` the same names with a digest of the same length
+    (what sizing the file's header needs, without reading the weights)."""
+    if not placeholder:
+        return sha256_of_sources(folder)
+    return {p.name: "0" * 64 for p in sorted(folder.iterdir()) if p.is_file() and
+            (p.name == "config.json" or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))}
+
+
+def _metadata(reader: CheckpointReader, folder: Path, policy: Policy, plan: Plan, entries: dict, *, provenance: dict,
+              importance_weighted: bool, measured: bool) -> dict[str, str]:
+    return {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "config": json.dumps(reader.config.to_dict()),
+        "tokenizer": _minified_tokenizer(folder, reader.config.vocab_size),
+        "tensors": json.dumps(entries),
+        "quantization": json.dumps({**policy.describe(), "importance_weighted": importance_weighted,
+                                    "upgrades": "measured" if measured else "by role",
+                                    "embedding_rows_raised": plan.embedding_rows}),
+        "provenance": json.dumps(provenance),
+    }
+
+
+def _provenance(src, folder: Path, revision: str | None, calibration_note: str | None, digests: dict) -> dict:
+    return {
+        "source": str(src),
+        "resolved_path": str(folder),
+        "revision": revision,
+        "source_sha256": digests,
+        "santacpu_version": __version__,
+        "calibration": calibration_note,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def sized_plan(reader: CheckpointReader, folder: Path, policy: Policy, gains: dict[str, dict] | None,
+               metadata_of) -> tuple[Plan, dict, dict]:
+    """(plan, metadata, file shapes) of the file: with a --max-size target, planned again with the
+    header's bytes counted until the whole file fits (upgrades change the header a little);
+    `metadata_of(plan, entries)` -> the file's metadata."""
+    shapes = tensor_shapes(reader)
+
+    def layout(plan: Plan) -> tuple[dict, dict, int]:
+        entries, file_shapes = _file_layout(shapes, plan.types, plan.embedding_rows)
+        metadata = metadata_of(plan, entries)
+        return metadata, file_shapes, safetensors_file_bytes(metadata, file_shapes)[1]
+
+    target = policy.size_target
+    overhead = layout(policy.base_plan(shapes))[2] if target is not None and target.max_size is not None else 0
+    if target is not None:
+        policy.check_target(shapes, overhead)
+    while True:  # each round raises `overhead` (by 8 bytes at least), so it ends
+        plan = policy.plan(shapes, gains, overhead)
+        metadata, file_shapes, header = layout(plan)
+        if header <= overhead or target is None or target.max_size is None:
+            return plan, metadata, file_shapes
+        overhead = header  # the header grew with the upgrades: plan again with less room
+
+
+def check_size_target(src: str | os.PathLike, revision: str | None, policy: Policy, *, importance_weighted: bool,
+                      measured: bool) -> None:
+    """Before calibrating: an OptionValueError if the size target is below the smallest file of
+    this model (the conversion checks it again, with the calibration note in the header)."""
+    if policy.size_target is None:
+        return
+    folder = resolve(src, revision)
+    reader = open_checkpoint(folder)
+    provenance = _provenance(src, folder, revision, None, source_digests(folder, placeholder=True))
+    sized_plan(reader, folder, policy, None, lambda plan, entries: _metadata(
+        reader, folder, policy, plan, entries, provenance=provenance, importance_weighted=importance_weighted,
+        measured=measured))
+
+
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -135,55 +223,42 @@ def convert(
     calibration_note: str | None = None,
     revision: str | None = None,
     force: bool = False,
-    upgrade_budget: float = DEFAULT_UPGRADE_BUDGET,
+    upgrade_budget: float | None = None,
     upgrade_gains: dict[str, dict] | None = None,
     most_used_tokens: np.ndarray | None = None,
+    bits_per_weight: float | None = None,
+    max_size: float | None = None,
 ) -> ConversionReport:
     """Quantize `src` into the file `out`. `importance` maps canonical matrix names to per-input-
     channel weights (see quantize/calibration.py) for importance-weighted rounding;
     `upgrade_gains` (quantize/sensitivity.py) orders the upgrade budget by measured KLD cut;
-    `most_used_tokens` (ids, most used first) names the embedding rows a plan may raise."""
+    `most_used_tokens` (ids, most used first) names the embedding rows a plan may raise. The
+    budget: `upgrade_budget` (a fraction of the file; None: DEFAULT_UPGRADE_BUDGET), or what
+    reaches a size target, `bits_per_weight` over the matrices or `max_size` MB for the file
+    (`santacpu quantize`'s options; see policy.SizeTarget)."""
     started = time.perf_counter()
-    policy = Policy(qtype, list(keep), upgrade_budget)
+    policy = policy_for(qtype, keep, upgrade_budget, bits_per_weight, max_size)
     out = Path(out)
     check_output(out, force, qtype)
     check_source(src)
 
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)
-    shapes = tensor_shapes(reader)
-    plan = policy.plan(shapes, upgrade_gains)
+    provenance = _provenance(src, folder, revision, calibration_note, sha256_of_sources(folder))
+    plan, metadata, file_shapes = sized_plan(reader, folder, policy, upgrade_gains, lambda plan, entries: _metadata(
+        reader, folder, policy, plan, entries, provenance=provenance, importance_weighted=importance is not None,
+        measured=upgrade_gains is not None))
     types = plan.types
     raised_rows = None
     if plan.embedding_rows:
         if most_used_tokens is None or len(most_used_tokens) < plan.embedding_rows:
             raise SantacpuError("the upgrade plan raises embedding rows, but the most used tokens were not given")
         raised_rows = np.sort(np.asarray(most_used_tokens[: plan.embedding_rows], np.int32))
-    entries, file_shapes = _file_layout(shapes, types, 0 if raised_rows is None else len(raised_rows))
-    provenance = {
-        "source": str(src),
-        "resolved_path": str(folder),
-        "revision": revision,
-        "source_sha256": sha256_of_sources(folder),
-        "santacpu_version": __version__,
-        "calibration": calibration_note,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "config": json.dumps(reader.config.to_dict()),
-        "tokenizer": _minified_tokenizer(folder, reader.config.vocab_size),
-        "tensors": json.dumps(entries),
-        "quantization": json.dumps({**policy.describe(), "importance_weighted": importance is not None,
-                                    "upgrades": "by role" if upgrade_gains is None else "measured",
-                                    "embedding_rows_raised": plan.embedding_rows}),
-        "provenance": json.dumps(provenance),
-    }
+    entries = json.loads(metadata["tensors"])
     reports: list[TensorReport] = []
-    stored = _stored_tensors(reader, types, entries, importance, reports, Progress(len(shapes), "quantizing"), raised_rows)
+    stored = _stored_tensors(reader, types, entries, importance, reports, Progress(len(types), "quantizing"), raised_rows)
     write_safetensors(out, stored, metadata, shapes=file_shapes)
-    return ConversionReport(out, reports, time.perf_counter() - started, qtype, plan.embedding_rows)
+    return ConversionReport(out, reports, time.perf_counter() - started, qtype, plan.embedding_rows, policy.size_target)
 
 
 def _stored_tensors(

@@ -16,8 +16,8 @@ from santacpu.loading.source import resolve
 from santacpu.tokenizer import Tokenizer
 
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, most_used_tokens, token_sequences
-from .converter import ConversionReport, check_output, check_source, convert
-from .policy import FOUR_BIT_TYPES, ROW_UPGRADE_TYPE, Policy, parse_keep
+from .converter import ConversionReport, check_output, check_size_target, check_source, convert, policy_for
+from .policy import FOUR_BIT_TYPES, ROW_UPGRADE_TYPE, parse_keep
 from .sensitivity import measure_upgrade_gains
 
 
@@ -44,7 +44,8 @@ def calibrate(src: str, revision: str | None, calibration: str, max_tokens: int,
 def report_lines(report: ConversionReport, seconds: float | None = None, calibration_s: float = 0.0) -> list[str]:
     """What `santacpu quantize` says it did: the file, its size and the whole time (`seconds`,
     calibration included; default the conversion's), then per stored type the tensors written,
-    their bytes and a few names, the asked-for type first, and said even where no tensor got it."""
+    their bytes and a few names, the asked-for type first, and said even where no tensor got it;
+    last, under a size target, the bits per weight and size reached against it."""
     seconds = report.seconds if seconds is None else seconds
     timing = f"in {seconds:.1f} s" + (f" (calibration {calibration_s:.1f} s, conversion {report.seconds:.1f} s)"
                                       if calibration_s else "")
@@ -59,8 +60,10 @@ def report_lines(report: ConversionReport, seconds: float | None = None, calibra
     for qtype in order:
         tensors = by_type.get(qtype, [])
         if not tensors:
+            lower = (f"a lower {report.size_target.option}" if report.size_target is not None else
+                     "--upgrade-budget 0")
             why = ("the upgrade budget raised every linear weight, whose bytes are small beside the embedding's in "
-                   "this model; --upgrade-budget 0 keeps them at " + qtype) if qtype in FOUR_BIT_TYPES else \
+                   f"this model; {lower} keeps them at " + qtype) if qtype in FOUR_BIT_TYPES else \
                   "no matrix of this model is whole blocks of it"
             lines.append(f"{qtype}: no tensor (asked for, but {why})")
             continue
@@ -75,7 +78,19 @@ def report_lines(report: ConversionReport, seconds: float | None = None, calibra
     worst = sorted((t for t in report.tensors if t.rel_rmse > 0), key=lambda t: -t.rel_rmse)[:3]
     if worst:
         lines.append("largest relative RMS errors: " + ", ".join(f"{t.name} ({t.qtype}) {t.rel_rmse:.4f}" for t in worst))
+    if report.size_target is not None:
+        lines.append(target_line(report))
     return lines
+
+
+def target_line(report: ConversionReport) -> str:
+    """The report's last line under a size target: what the file reached, measured on it, beside
+    what was asked."""
+    target, bits, size = report.size_target, report.weight_bits_per_weight, report.file_bytes / 1e6
+    if target.bits_per_weight is not None:
+        return (f"size target: {bits:.3f} bits/weight reached of --bits-per-weight {target.bits_per_weight:g} "
+                f"(file {size:.3f} MB)")
+    return f"size target: {size:.3f} MB reached of --max-size {target.max_size:g} ({bits:.3f} bits/weight)"
 
 
 def default_calibration(qtype: str) -> str:
@@ -84,23 +99,29 @@ def default_calibration(qtype: str) -> str:
     return "stdlib" if qtype in FOUR_BIT_TYPES else "none"
 
 
-def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgrade_budget, revision, force) -> ConversionReport:
-    """`santacpu quantize`: `calibration` None takes `default_calibration(qtype)`."""
+def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgrade_budget=None, revision, force,
+                 bits_per_weight=None, max_size=None) -> ConversionReport:
+    """`santacpu quantize`: `calibration` None takes `default_calibration(qtype)`; the upgrade
+    budget is `upgrade_budget` (a fraction; None: the default) or a size target, `bits_per_weight`
+    over the matrices or `max_size` MB for the file (at most one of the three)."""
     started = time.perf_counter()
     if calibration is None:
         calibration = default_calibration(qtype)
     keep_rules = parse_keep(list(keep))
-    policy = Policy(qtype, keep_rules, upgrade_budget)  # a bad type fails now, not after calibrating
+    # A bad type, or a size target this model cannot meet, fails now, not after calibrating.
+    policy = policy_for(qtype, keep_rules, upgrade_budget, bits_per_weight, max_size)
     check_output(Path(out), force, qtype)
     check_source(src)
+    calibrating = calibration not in (None, "none")
+    check_size_target(src, revision, policy, importance_weighted=calibrating, measured=calibrating and policy.buys_upgrades)
     importance, gains, most_used, note = None, None, None, None
-    if calibration not in (None, "none"):
+    if calibrating:
         measure_for = qtype if policy.buys_upgrades else None
         importance, gains, most_used, note = calibrate(src, revision, calibration, calibration_tokens, measure_for)
     calibration_s = time.perf_counter() - started if importance is not None else 0.0
     report = convert(src, Path(out), qtype=qtype, keep=keep_rules, importance=importance, calibration_note=note,
                      revision=revision, force=force, upgrade_budget=upgrade_budget, upgrade_gains=gains,
-                     most_used_tokens=most_used)
+                     most_used_tokens=most_used, bits_per_weight=bits_per_weight, max_size=max_size)
     for line in report_lines(report, time.perf_counter() - started, calibration_s):
         print(f"santacpu: {line}", file=sys.stderr)
     return report

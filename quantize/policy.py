@@ -15,6 +15,8 @@ llama.cpp does):
   Without, it follows `upgrade_order` (no embedding rows): first the attention Q|K|V weights to
   q6_0 (llama.cpp's Q4_K_S and IQ4_NL give them Q5_K), then linear weights to q8_0, smallest
   matrices first. What each bought on the trained fixtures is in docs/quantization.md.
+  A `SizeTarget` (`--bits-per-weight`, `--max-size`) replaces the percent: the budget is then the
+  bytes between the file at its 4-bit base (no upgrade) and the target, spent the same way.
 User overrides (`--keep PATTERN=TYPE`, shell-style patterns on canonical names such as `wte`,
 `h.*.mlp_c_proj_weight`) win over the default, first match first. A matrix whose width is not a
 multiple of the block size falls back to float16.
@@ -30,7 +32,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from santacpu.errors import SantacpuError, SantacpuWarning
+from santacpu.errors import OptionValueError, SantacpuError, SantacpuWarning
 from santacpu.formats.blocks import FORMATS, SYMMETRIC
 
 STORAGE_TYPES = ("f32", "f16", *FORMATS)
@@ -114,6 +116,54 @@ def upgrade_order(shapes: dict[str, tuple[int, ...]], types: dict[str, str], qty
     return qkv + [(n, "q8_0") for n in sorted(whole, key=lambda n: int(np.prod(shapes[n])))]
 
 
+@dataclass(frozen=True)
+class SizeTarget:
+    """A bound on a 4-bit file's size that the upgrades fill: `bits_per_weight` over the matrices
+    (what `santacpu info` and the report count: every 2-D tensor's stored bytes, block scales, the
+    position embedding's float16 and the raised embedding rows' ids included, over its weights;
+    LayerNorm parameters and biases left out), or `max_size` in MB (10^6 bytes) of the whole file."""
+
+    bits_per_weight: float | None = None
+    max_size: float | None = None  # MB
+
+    def __post_init__(self):
+        given = [v for v in (self.bits_per_weight, self.max_size) if v is not None]
+        if len(given) != 1:
+            raise OptionValueError("--bits-per-weight and --max-size: give one of them, not both")
+        if not (isinstance(given[0], (int, float)) and not isinstance(given[0], bool) and given[0] > 0
+                and np.isfinite(given[0])):
+            raise OptionValueError(f"{self.option} takes a positive number, got {given[0]!r}")
+
+    @property
+    def option(self) -> str:
+        return "--bits-per-weight" if self.bits_per_weight is not None else "--max-size"
+
+    def counts(self, shape: tuple[int, ...]) -> bool:
+        """Whether a tensor of this shape is counted (the whole file for --max-size, matrices for
+        --bits-per-weight)."""
+        return self.max_size is not None or len(shape) == 2
+
+    def limit(self, shapes: dict[str, tuple[int, ...]]) -> int:
+        """The most bytes the counted tensors (and for --max-size the file's header) may take."""
+        if self.max_size is not None:
+            return int(np.floor(self.max_size * 1e6 + 1e-6))
+        weights = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 2)
+        return int(np.floor(self.bits_per_weight * weights / 8 + 1e-6))
+
+    def in_units(self, counted: int, shapes: dict[str, tuple[int, ...]]) -> float:
+        """`counted` bytes in the target's unit: bits per weight, or MB."""
+        if self.max_size is not None:
+            return counted / 1e6
+        return 8 * counted / sum(int(np.prod(s)) for s in shapes.values() if len(s) == 2)
+
+    def unit(self) -> str:
+        return "bits/weight" if self.bits_per_weight is not None else "MB"
+
+    def describe(self) -> dict:
+        return {"bits_per_weight": self.bits_per_weight} if self.bits_per_weight is not None else \
+            {"max_size_mb": self.max_size}
+
+
 @dataclass
 class Plan:
     """What a file stores: each tensor's type, and how many of the most used tokens' embedding
@@ -128,16 +178,60 @@ class Policy:
     qtype: str  # the file's main type, for the linear weights
     keep: list[tuple[str, str]] = field(default_factory=list)
     upgrade_budget: float = DEFAULT_UPGRADE_BUDGET  # extra bytes, as a fraction of the file, for q8_0 upgrades
+    size_target: SizeTarget | None = None  # instead of upgrade_budget: the size the upgrades fill
 
     def __post_init__(self):
         if self.qtype not in FORMATS:
             raise SantacpuError(f"unknown quantization type '{self.qtype}' (choose from {', '.join(FORMATS)})")
+        if self.size_target is not None and self.qtype not in FOUR_BIT_TYPES:
+            raise OptionValueError(f"{self.size_target.option} serves the 4-bit types ({', '.join(FOUR_BIT_TYPES)}), "
+                                   f"as the upgrade budget does: a {self.qtype} file has no upgrades to size")
 
     @property
     def buys_upgrades(self) -> bool:
-        """Whether the upgrade budget spends anything (4-bit types with a budget): the only case
-        where measured upgrade gains matter."""
-        return self.qtype in FOUR_BIT_TYPES and self.upgrade_budget > 0
+        """Whether the upgrade budget spends anything (4-bit types with a budget or a size target):
+        the only case where measured upgrade gains matter."""
+        return self.qtype in FOUR_BIT_TYPES and (self.size_target is not None or self.upgrade_budget > 0)
+
+    def kept(self, name: str) -> bool:
+        """Whether a --keep rule decides this tensor's type (no upgrade can change it)."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern, _ in self.keep)
+
+    def counted_bytes(self, shapes: dict[str, tuple[int, ...]], plan: Plan, overhead: int = 0) -> int:
+        """What the size target counts of a plan: the matrices' stored bytes (--bits-per-weight), or
+        every tensor's and `overhead`, the file's bytes that are no tensor (--max-size)."""
+        target = self.size_target
+        total = sum(stored_bytes(plan.types[n], s) for n, s in shapes.items() if target.counts(s))
+        if plan.embedding_rows:
+            total += row_upgrade_bytes(plan.types["wte"], shapes["wte"][1], plan.embedding_rows)
+        return total + (overhead if target.max_size is not None else 0)
+
+    def base_plan(self, shapes: dict[str, tuple[int, ...]]) -> Plan:
+        """The file without upgrades (--keep rules applied)."""
+        return Plan({name: self.type_for(name, shape) for name, shape in shapes.items()})
+
+    def smallest(self, shapes: dict[str, tuple[int, ...]], overhead: int = 0) -> int:
+        """The counted bytes of the file without upgrades: the least a size target can ask for."""
+        return self.counted_bytes(shapes, self.base_plan(shapes), overhead)
+
+    def check_target(self, shapes: dict[str, tuple[int, ...]], overhead: int = 0) -> None:
+        """An OptionValueError if the size target is below the file without upgrades, saying the
+        smallest value it can take for this model and type."""
+        target, least = self.size_target, self.smallest(shapes, overhead)
+        if target is None or target.limit(shapes) >= least:
+            return
+        value = target.bits_per_weight if target.bits_per_weight is not None else target.max_size
+        smallest = np.ceil(target.in_units(least, shapes) * 100 - 1e-9) / 100
+        raise OptionValueError(f"{target.option} {value:g} is below the smallest {self.qtype} file of this model "
+                               f"(no upgrades): give at least {smallest:.2f} {target.unit()}")
+
+    def budget_bytes(self, shapes: dict[str, tuple[int, ...]], overhead: int = 0) -> float:
+        """The bytes the upgrades may spend: the percent of the file's default types, or the room
+        between the file without upgrades and the size target (`overhead`: see counted_bytes;
+        `check_target` says whether the target can be met at all)."""
+        if self.size_target is None:
+            return self.upgrade_budget * sum(stored_bytes(self.default_type(n, s), s) for n, s in shapes.items())
+        return max(0, self.size_target.limit(shapes) - self.smallest(shapes, overhead))
 
     def default_type(self, name: str, shape: tuple[int, ...]) -> str:
         if len(shape) != 2:
@@ -152,12 +246,14 @@ class Policy:
         """The storage type of every tensor (see `plan`)."""
         return self.plan(shapes, gains).types
 
-    def plan(self, shapes: dict[str, tuple[int, ...]], gains: dict[str, dict] | None = None) -> Plan:
+    def plan(self, shapes: dict[str, tuple[int, ...]], gains: dict[str, dict] | None = None, overhead: int = 0) -> Plan:
         """The storage of every tensor of a model (canonical name -> shape); warns about a
         --keep pattern that matches none of them (a typo would otherwise pass silently). With
         `gains` (quantize/sensitivity.py: each linear weight's measured mean-KLD cut per upgrade
         type, and under "wte" the cut of raising the most used embedding rows, per row count)
-        the budget buys the most cut per byte; without, it follows `upgrade_order`."""
+        the budget buys the most cut per byte; without, it follows `upgrade_order`. A tensor a
+        --keep rule names is never upgraded. `overhead`: the file's bytes that are no tensor, which
+        a --max-size target counts."""
         for pattern, _ in self.keep:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in shapes):
                 warnings.warn(
@@ -169,13 +265,14 @@ class Policy:
         types = {name: self.default_type(name, shape) for name, shape in shapes.items()}
         embedding_rows = 0
         if self.buys_upgrades:
-            budget = self.upgrade_budget * sum(stored_bytes(types[n], s) for n, s in shapes.items())
+            budget = self.budget_bytes(shapes, overhead)
+            free = {n: s for n, s in shapes.items() if not self.kept(n)}
             if gains is not None:
                 extra = {n: {t: stored_bytes(t, shapes[n]) - stored_bytes(types[n], shapes[n]) for t in UPGRADE_TYPES}
-                         for n in upgradable(shapes, types, self.qtype) if n in gains}
+                         for n in upgradable(free, types, self.qtype) if n in gains}
                 candidates = {n: gains[n] for n in extra}
                 base = self.type_for("wte", shapes["wte"]) if "wte" in shapes else None
-                if "wte" in gains and base in ROW_UPGRADE_BASES:
+                if "wte" in gains and base in ROW_UPGRADE_BASES and not self.kept("wte"):
                     rows, cols = shapes["wte"]
                     candidates["wte"] = {k: cut for k, cut in gains["wte"].items() if k < rows}
                     extra["wte"] = {k: row_upgrade_bytes(base, cols, k) for k in candidates["wte"]}
@@ -183,7 +280,7 @@ class Policy:
                 embedding_rows = chosen.pop("wte", 0)
                 types.update(chosen)
             else:
-                for name, upgrade in upgrade_order(shapes, types, self.qtype):
+                for name, upgrade in upgrade_order(free, types, self.qtype):
                     extra_bytes = stored_bytes(upgrade, shapes[name]) - stored_bytes(types[name], shapes[name])
                     if extra_bytes > budget:
                         break
@@ -210,5 +307,6 @@ class Policy:
             "type": self.qtype,
             "embedding": EMBEDDING_TYPE.get(self.qtype, self.qtype),
             "keep": [f"{p}={t}" for p, t in self.keep],
-            "upgrade_budget": self.upgrade_budget,
+            "upgrade_budget": None if self.size_target is not None else self.upgrade_budget,
+            **({"size_target": self.size_target.describe()} if self.size_target is not None else {}),
         }

@@ -3,7 +3,8 @@
 Every failure ends in one line on stderr and an exit code that says what kind it was (docs/cli.md
 lists them): 0 done; 1 an error (`santacpu: error: ...`); 2 a usage error,
 a command line the parser rejects (an unknown option, a value of the wrong type, outside the
-range `--help` shows or not one of its choices; also one `santacpu: error:` line); 130 interrupted (Ctrl-C); 143 terminated
+range `--help` shows or not one of its choices, options that exclude each other, a value the model
+shows to be wrong: `OptionValueError`; also one `santacpu: error:` line); 130 interrupted (Ctrl-C); 143 terminated
 (SIGTERM). An interrupted or terminated command leaves no partial file behind. `--debug` shows an
 error's traceback instead. Warnings are one line each (`santacpu: warning: ...`).
 
@@ -26,7 +27,7 @@ from . import arguments
 from .atomic_file import check_writable, write_text_atomically
 from .bench import PARTS
 from .formats.blocks import FORMATS
-from .errors import SantacpuError, SantacpuWarning, os_problem
+from .errors import OptionValueError, SantacpuError, SantacpuWarning, os_problem
 from .generation.lookup import DEFAULT_DRAFT_TOKENS
 from .loading.source import DEFAULT_MODEL, default_model, hub_revision
 from .settings import MODEL_ENV, Settings
@@ -51,6 +52,9 @@ app = typer.Typer(
 _debug = {"on": False}
 
 DEFAULT_PERPLEXITY_CTX = 256
+# What `quantize --type q4_m`'s default upgrade budget (1.5%) comes to on SantaCoder's shapes
+# (docs/quantization.md says how it was counted).
+DEFAULT_SANTACODER_BITS = "4.8"
 
 # Exit codes (besides 0 and 1), as shells report signals: 128 + the signal's number.
 EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 130, 143
@@ -120,6 +124,12 @@ def _check_counts(value: Optional[str]) -> Optional[str]:
 def _probability(value: float) -> float:
     if not 0.0 < value <= 1.0:
         raise typer.BadParameter(f"{value} is not in the range 0 < P <= 1")
+    return value
+
+
+def _positive(value: Optional[float]) -> Optional[float]:
+    if value is not None and not 0.0 < value < float("inf"):
+        raise typer.BadParameter(f"{value} is not a positive number")
     return value
 
 
@@ -318,11 +328,27 @@ def quantize(
         help=f"Store matching tensors (e.g. wte, h.*.mlp_c_proj_weight) as TYPE ({', '.join(('f32', 'f16', *FORMATS))}). "
         "Repeatable.",
     ),
-    upgrade_budget: float = typer.Option(
-        1.5, min=0.0, help="4-bit types: percent of extra file size spent raising linear weights to q6_0 or q8_0, "
-        "and the most used tokens' embedding rows to q8_0, where calibration measures the most KL divergence cut "
-        "per byte (linear weights by role without calibration); 0 keeps every linear weight 4-bit. The default "
-        "kept q4_m files no larger than llama.cpp's Q4_K_S on the trained fixtures (docs/quantization.md)."
+    upgrade_budget: Optional[float] = typer.Option(
+        None, min=0.0, show_default=False,
+        help="4-bit types: percent of extra file size spent raising linear weights to q6_0 or q8_0, and the most "
+        "used tokens' embedding rows to q8_0, where calibration measures the most KL divergence cut per byte "
+        "(linear weights by role without calibration); 0 keeps every linear weight 4-bit. Default 1.5: about "
+        f"{DEFAULT_SANTACODER_BITS} bits per weight on SantaCoder (as --bits-per-weight counts them; 4.74 with no "
+        "upgrades), and q4_m "
+        "files no larger than llama.cpp's Q4_K_S on the trained fixtures (docs/quantization.md).",
+    ),
+    bits_per_weight: Optional[float] = typer.Option(
+        None, callback=_positive, metavar="BITS",
+        help="4-bit types, instead of --upgrade-budget: spend the upgrades up to this many bits per weight over "
+        "the model's matrices, as `info` and the report count them (every 2-D tensor's stored bytes, block "
+        "scales, the position embedding's float16 and the raised rows' ids included, over its weights; "
+        "LayerNorm parameters and biases left out). Below the file without upgrades is an error that says "
+        "the least this model takes.",
+    ),
+    max_size: Optional[float] = typer.Option(
+        None, callback=_positive, metavar="MB",
+        help="4-bit types, instead of --upgrade-budget: spend the upgrades up to a file of at most this many "
+        "MB (10^6 bytes), the whole file (header, tokenizer and metadata included).",
     ),
     revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it exists."),
@@ -330,8 +356,9 @@ def quantize(
     """Convert a full-precision checkpoint to one self-contained block-quantized file."""
     from quantize.pipeline import run_quantize
 
-    run_quantize(src, out, qtype=qtype, calibration=calibration, calibration_tokens=calibration_tokens,
-                 keep=keep, upgrade_budget=upgrade_budget / 100, revision=hub_revision(src, revision), force=force)
+    run_quantize(src, out, qtype=qtype, calibration=calibration, calibration_tokens=calibration_tokens, keep=keep,
+                 upgrade_budget=None if upgrade_budget is None else upgrade_budget / 100,
+                 revision=hub_revision(src, revision), force=force, bits_per_weight=bits_per_weight, max_size=max_size)
 
 
 @app.command()
@@ -712,7 +739,7 @@ def _run(argv: Optional[List[str]]) -> int:
     except SantacpuError as error:
         if _debug["on"]:
             raise
-        return _fail(str(error))
+        return _fail(str(error), EXIT_USAGE if isinstance(error, OptionValueError) else 1)
     except KeyboardInterrupt:  # before typer's own handling starts
         code = EXIT_INTERRUPTED
     except Terminated:

@@ -20,6 +20,12 @@ class WriteError(SantacpuError):
     callers that know what the file is for (the quantization cache) add their own advice."""
 
 
+class OptionValueError(SantacpuError):
+    """A value the command line could not judge by itself, wrong for this model or this choice (a
+    size target below the smallest file the model makes): the CLI exits 2 for it, as for a value
+    its parser refuses."""
+
+
 class SantacpuWarning(UserWarning):
     """Something the user should know about but that does not stop the work (prompt trimmed, ...)."""
 

@@ -228,6 +228,30 @@ def dtype_name_of(array: np.ndarray) -> str:
         raise SantacpuError(f"cannot store dtype {array.dtype} in safetensors") from None
 
 
+def _raw_header(metadata: dict[str, str] | None, shapes: dict[str, tuple[tuple[int, ...], str]]) -> tuple[bytes, int]:
+    """(the header's bytes as written, the tensor data's length) of a file with these tensors."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    offset = 0
+    for name, (shape, dtype_name) in shapes.items():
+        nbytes = np.dtype(_DTYPES[dtype_name]).itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    # UTF-8 as is (not \uXXXX escapes): an embedded tokenizer.json is 15% smaller that way.
+    raw_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw_header += b" " * (-len(raw_header) % 8)  # keep the data 8-byte aligned
+    return raw_header, offset
+
+
+def safetensors_file_bytes(metadata: dict[str, str] | None, shapes: dict[str, tuple[tuple[int, ...], str]]) -> tuple[int, int]:
+    """(the whole file's size, the part of it that is no tensor data: length word and header) of
+    the file `write_safetensors` writes with this metadata and these tensors ({name: (shape,
+    dtype_name)})."""
+    raw_header, data = _raw_header(metadata, shapes)
+    return 8 + len(raw_header) + data, 8 + len(raw_header)
+
+
 def write_safetensors(
     path: str | os.PathLike,
     tensors: Iterable[tuple[str, np.ndarray]] | dict[str, np.ndarray],
@@ -249,17 +273,7 @@ def write_safetensors(
         if shapes is None:
             raise ValueError("write_safetensors needs `shapes` when tensors is an iterator")
         items = iter(tensors)
-    header: dict[str, object] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset = 0
-    for name, (shape, dtype_name) in shapes.items():
-        nbytes = np.dtype(_DTYPES[dtype_name]).itemsize * int(np.prod(shape, dtype=np.int64))
-        header[name] = {"dtype": dtype_name, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    # UTF-8 as is (not \uXXXX escapes): an embedded tokenizer.json is 15% smaller that way.
-    raw_header = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw_header += b" " * (-len(raw_header) % 8)  # keep the data 8-byte aligned
+    raw_header, _ = _raw_header(metadata, shapes)
 
     with atomic_output(path) as f:
         f.write(struct.pack("<Q", len(raw_header)))

@@ -123,6 +123,18 @@ def nonfinite_tensor(weights: ModelWeights) -> str | None:
     return None
 
 
+def _size_target_note(target: object) -> str:
+    """How `info` says the size target a file's upgrades were sized to (`quantize --bits-per-weight`,
+    `--max-size`), or "" for none."""
+    if not isinstance(target, dict):
+        return ""
+    if isinstance(target.get("bits_per_weight"), (int, float)):
+        return f", sized to {target['bits_per_weight']:g} bits/weight"
+    if isinstance(target.get("max_size_mb"), (int, float)):
+        return f", sized to at most {target['max_size_mb']:g} MB"
+    return ""
+
+
 def describe(path: str | os.PathLike) -> str:
     """The text `santacpu info` prints: config, per-type tensor counts, size, bits per weight,
     provenance. The whole file is checked as `load` checks it first, and every float value in
@@ -155,6 +167,7 @@ def describe(path: str | os.PathLike) -> str:
         f"quantization    {quantization.get('type')} (embedding {quantization.get('embedding')}{split_note}"
         + (f"; keep {', '.join(quantization['keep'])}" if quantization.get("keep") else "")
         + (", importance-weighted" if quantization.get("importance_weighted") else "")
+        + _size_target_note(quantization.get("size_target"))
         + ")"
         + ("" if quantization.get("type") in counts else
            f"; no tensor is stored as {quantization.get('type')} (see the tensors below)"),
