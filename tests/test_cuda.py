@@ -98,14 +98,20 @@ def _linear_case(fmt, T, shapes, epilogue, rng, rows=12, cols=64):
     return _rel(got.copy_to_host(), want)
 
 
+# T: matvec_one; matvec_chunks (q8_0, q4_0, q6_0) or matvec (the others); matvec_chunks twice (or
+# matmul); matmul
+TOKEN_COUNTS = [1, 3, mk.MAX_CHUNK_TOKENS + 4, 2 * mk.MAX_CHUNK_TOKENS + 1]
+TOKEN_IDS = ["matvec1", "matvec3", "chunks-twice", "matmul"]
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("T", [1, 3, mk.MAX_FEW_TOKENS + 2], ids=["matvec1", "matvec3", "matmul"])
+@pytest.mark.parametrize("T", TOKEN_COUNTS, ids=TOKEN_IDS)
 def test_linear_each_format_matches_numpy(fmt, T):
     assert _linear_case(fmt, T, SIMULATOR_SHAPES, None, np.random.default_rng(2)) < 1e-5
 
 
 @pytest.mark.parametrize("epilogue", ["gelu", "add"])
-@pytest.mark.parametrize("T", [2, 11], ids=["matvec", "matmul"])
+@pytest.mark.parametrize("T", TOKEN_COUNTS[1:], ids=TOKEN_IDS[1:])
 def test_linear_epilogues(epilogue, T):
     assert _linear_case("q4_0", T, SIMULATOR_SHAPES, epilogue, np.random.default_rng(3)) < 1e-5
 
@@ -127,11 +133,11 @@ def test_linear_after_layer_norm(T, shapes):
     assert _rel(got.copy_to_host(), reference.layer_norm(x, w, b, 1e-5) @ dense.T + bias) < 1e-5
 
 
-@pytest.mark.parametrize("T", [1, 9], ids=["matvec", "matmul"])
+@pytest.mark.parametrize("T", [1, 9, 2 * mk.MAX_CHUNK_TOKENS + 8], ids=["matvec1", "chunks", "matmul"])
 def test_linear_with_the_gpu_launch_shapes(T):
-    """The launch shapes a GPU gets (32 lanes x 8 rows, 16 x 16 tiles): rows and tokens past the
-    matrix's end, and a row longer than the lanes."""
-    cols = 33 * 32 if T == 1 else 64  # matvec: more blocks in a row than lanes
+    """The launch shapes a GPU gets (8 or 16 warps a block, 16 x 16 tiles): rows and tokens past
+    the matrix's end, and a row longer than the lanes (than a tile of chunks)."""
+    cols = 33 * 32 if T < 32 else 64  # more chunks in a row than lanes
     assert _linear_case("q6_0", T, DEVICE_SHAPES, None, np.random.default_rng(4), rows=9, cols=cols) < 1e-5
 
 

@@ -138,6 +138,8 @@ def section(summary: dict, out: Path, name: str, work, optional_after: float | N
 VARIANT_MATRICES = [("qkv", 2304, 2048, "norm"), ("attn_proj", 2048, 2048, "add"), ("fc", 8192, 2048, "norm+gelu"),
                     ("mlp_proj", 2048, 8192, "add"), ("lm_head", 49280, 2048, "norm")]
 MATVEC_ONE_VARIANTS = [(4, 0), (8, 0), (16, 0), (4, 8), (8, 2), (8, 4), (8, 8), (16, 2), (16, 4)]  # (warps, blocks an SM)
+MATVEC_CHUNKS_VARIANTS = [(4, 0), (8, 0), (16, 0), (32, 0), (16, 2), (16, 4)]  # (warps, blocks an SM)
+FEW_TOKENS = (8, 16)  # matvec_chunks' token counts timed (batched decode B = 8; 16: half of B = 32)
 ATTENTION_CASE = {"heads": 16, "head_dim": 128, "layers": 24, "n_ctx": 2048, "starts": (512, 2000)}  # fp16 KV
 ROTATED_BYTES = 150_000_000  # each matrix's copies, cycled through: three times the L2 cache
 BUSY_ITERATIONS = 4_000_000  # the busy kernel ahead of each timing: ~10 ms on an H200
@@ -191,10 +193,11 @@ def _device_timer():
 def kernel_variants(budget_s: float = 50.0) -> dict:
     """Each decode kernel's launch shapes timed on full-size shapes (device events, back to
     back, weights rotated through copies larger than the L2 cache), so that one run tells which
-    shapes to make the defaults (backend.MATVEC_ONE, backend.ATTENTION_STEP): matvec_one for
-    every decode matrix in q4_0 / q8_0 (q6_0 for c_attn), attention_step at 512 and 2000 cached
-    positions (fp16 KV). `best` is the variant with the least modeled step time (24 layers of the
-    four layer matrices, plus the LM head)."""
+    shapes to make the defaults (backend.MATVEC_ONE, MATVEC_CHUNKS, ATTENTION_STEP): matvec_one
+    and matvec_chunks (8 and 16 tokens) for every decode matrix in q4_0 / q8_0 (q6_0 for
+    c_attn), attention_step at 512 and 2000 cached positions (fp16 KV). `*_best` is the variant
+    with the least modeled step time (24 layers of the four layer matrices, plus the LM head);
+    `rel_error` a product against NumPy's (the smaller matrices)."""
     from numba import cuda
 
     from santacpu.backends.cuda import backend as cb
@@ -208,9 +211,12 @@ def kernel_variants(budget_s: float = 50.0) -> dict:
     result: dict = {"current": {"matvec_one": list(cb.MATVEC_ONE), "attention_step": list(cb.ATTENTION_STEP)}}
     widths = {cols for _, _, cols, _ in VARIANT_MATRICES}
     xs = {cols: cuda.to_device(rng.standard_normal((1, cols)).astype(np.float32)) for cols in widths}
+    many = {(T, cols): cuda.to_device(rng.standard_normal((T, cols)).astype(np.float32)) for T in FEW_TOKENS for cols in widths}
     lns = {cols: (cuda.to_device(np.ones(cols, np.float32)), cuda.to_device(np.zeros(cols, np.float32)), 1e-5) for cols in widths}
     matvec: dict = {}
     modeled: dict = {}
+    matvec_few: dict = {}
+    modeled_few: dict = {}
     for qtype in ("q4_0", "q8_0", "q6_0"):
         for name, rows, cols, mode in VARIANT_MATRICES:
             if qtype == "q6_0" and name != "qkv":
@@ -262,6 +268,41 @@ def kernel_variants(budget_s: float = 50.0) -> dict:
                 except Exception as error:
                     cell[key] = {"error": f"{type(error).__name__}: {error}"[:300]}
             matvec[f"{qtype} {name}"] = cell
+            for T in FEW_TOKENS:  # matvec_chunks (after the LayerNorm launch, in the model: not timed here)
+                if time.perf_counter() - started > budget_s * 0.7:
+                    break
+                few: dict = {}
+                xt = many[(T, cols)]
+                outs = cuda.device_array((T, rows), np.float32)
+                for variant in MATVEC_CHUNKS_VARIANTS:
+                    backend.shapes = dataclasses.replace(DEVICE_SHAPES, matvec_chunks=variant)
+                    key = f"{variant[0]}x{variant[1]}"
+                    turn = [0]
+
+                    def work():
+                        w = copies[turn[0] % len(copies)]
+                        turn[0] += 1
+                        backend.linear(xt, w, bias, out=outs, gelu="gelu" in mode)
+
+                    try:
+                        if want is not None and mode == "add":  # no epilogue (onto nothing): x @ W.T
+                            turn[0] = 0
+                            work()
+                            wanted = xt.copy_to_host() @ dense.T
+                            few_error = float(np.abs(outs.copy_to_host() - wanted).max() / np.abs(wanted).max())
+                        for _ in range(3):
+                            work()
+                        ms = time_it(work, 20, stream)
+                        few[key] = {"us": round(ms * 1e3, 2), "GB_s": round(copies[0].nbytes / ms / 1e6) if ms > 0 else None}
+                        if want is not None and mode == "add":
+                            few[key]["rel_error"] = float(f"{few_error:.2e}")
+                    except Exception as error:
+                        few[key] = {"error": f"{type(error).__name__}: {error}"[:300]}
+                matvec_few[f"{qtype} {name} T={T}"] = few
+                for key, value in few.items():
+                    if "us" in value:
+                        modeled_few.setdefault(f"{qtype} T={T}", {}).setdefault(key, 0.0)
+                        modeled_few[f"{qtype} T={T}"][key] += (1 if name == "lm_head" else 24) * value["us"]
             weight = 1 if name == "lm_head" else 24
             for key, value in cell.items():
                 if isinstance(value, dict) and "us" in value:
@@ -270,6 +311,10 @@ def kernel_variants(budget_s: float = 50.0) -> dict:
     result["matvec_one"] = matvec
     result["matvec_one_modeled_step_us"] = {q: {k: round(v) for k, v in m.items()} for q, m in modeled.items()}
     result["matvec_one_best"] = {q: min(m, key=m.get) for q, m in modeled.items() if m}
+    result["matvec_chunks"] = matvec_few
+    result["matvec_chunks_modeled_step_us"] = {q: {k: round(v) for k, v in m.items()} for q, m in modeled_few.items()}
+    result["matvec_chunks_best"] = {q: min(m, key=m.get) for q, m in modeled_few.items() if m}
+    result["current"]["matvec_chunks"] = list(cb.MATVEC_CHUNKS)
     backend.shapes = DEVICE_SHAPES
 
     attention: dict = {}

@@ -46,15 +46,17 @@ from . import linear_kernels as mk
 from .device import simulated
 from .graphs import StepGraphs, graph_driver
 from .launch import Launcher
-from .values import FORMAT_IDS
+from .values import FORMAT_IDS, WARP_SHUFFLES
 
 N_PARTS = 5  # every weight travels as p0..p4 (see values.py)
+CHUNK_FORMATS = {FORMAT_IDS[name] for name in ("q8_0", "q4_0", "q6_0")}  # matvec_chunks' (64-bit chunks of codes)
 FORMAT_NAMES = {number: name for name, number in FORMAT_IDS.items()}
 
 
 @dataclass(frozen=True)
 class LaunchShapes:
     matvec: tuple[int, int]  # (lanes a row, rows a block), powers of two
+    matvec_chunks: tuple[int, int]  # a few tokens of q8_0 / q4_0 / q6_0: as matvec_one
     matvec_one: tuple[int, int]  # one token: (warps a block, blocks a multiprocessor at most; 0: a warp a row)
     matmul_side: int  # s x s threads, a tile of 4s rows x 4s tokens
     norm_threads: int  # a power of two
@@ -67,17 +69,18 @@ class LaunchShapes:
 
 # The launch shapes a GPU gets that tools/gpu_check.py times against others (docs/gpu.md has the
 # numbers): flip them here after a run.
+MATVEC_CHUNKS = (16, 0)  # 16 rows a block (each block stages every token's x: more rows share it), no cap
 MATVEC_ONE = (8, 4)  # 8 rows a block, at most 4 blocks a multiprocessor (then rows by a stride)
 ATTENTION_STEP = (16, 1)  # all 16 heads a block (K/V staged once for all), 32 positions a split
 # attention_blocks: two blocks for each of an H100's or H200's 132 multiprocessors.
 DEVICE_SHAPES = LaunchShapes(
-    matvec=(32, 8), matvec_one=MATVEC_ONE, matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264,
+    matvec=(32, 8), matvec_chunks=MATVEC_CHUNKS, matvec_one=MATVEC_ONE, matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264,
     attention_step=ATTENTION_STEP, flat_threads=256, position_bucket=256,
 )
 # The simulator pays for every block and every barrier of its threads (each a Python thread): few
 # blocks, few threads, one lane a row.
 SIMULATOR_SHAPES = LaunchShapes(
-    matvec=(1, 16), matvec_one=(2, 2), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3,
+    matvec=(1, 16), matvec_chunks=(2, 2), matvec_one=(2, 2), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3,
     attention_step=(2, 1), flat_threads=64, position_bucket=lk.CHUNK,
 )
 # Calls of at most this many tokens are decode steps (one token, a token and its drafts, a batch
@@ -482,6 +485,19 @@ class CudaBackend:
             return out
         if norm is not None:
             x = self.layer_norm(x, *norm)
+        if T <= 2 * mk.MAX_CHUNK_TOKENS and weight.fmt in CHUNK_FORMATS:
+            warps, per_multiprocessor = self.shapes.matvec_chunks
+            grid = -(-n_out // warps)
+            if per_multiprocessor:
+                grid = min(grid, per_multiprocessor * self._multiprocessors)
+            for first in range(0, T, mk.MAX_CHUNK_TOKENS):
+                n = min(mk.MAX_CHUNK_TOKENS, T - first)
+                per_chunk = 8 if weight.fmt == FORMAT_IDS["q8_0"] else 16
+                shared = 4 * (n * 32 * per_chunk + (0 if WARP_SHUFFLES else 32 * mk.MAX_CHUNK_TOKENS * warps))
+                launch = self._launch(mk.matvec_chunks, grid, (32, warps), label and "matvec_chunks " + label,
+                                      weight.nbytes, shared)
+                launch(weight.fmt, weight.parts[1], weight.parts[2], *weight.chunks, x, first, n, bias, out, epilogue)
+            return out
         if T <= mk.MAX_FEW_TOKENS:
             lanes, rows = self.shapes.matvec
             launch = self._launch(mk.matvec, (n_out + rows - 1) // rows, (lanes, rows), label and "matvec " + label, weight.nbytes)
@@ -517,9 +533,9 @@ class CudaBackend:
         self._flat(lk.store_kv, T * G * D)(qkv, T, E, k_cache, v_cache, layer, positions, index, half)
         launch = self._launch(lk.attention, (T, splits), self.shapes.attention_threads)
         if splits == 1:
-            launch(qkv, k_cache, v_cache, layer, positions, index, False, half, H, scale, per_split, out, *self._unused_parts)
+            launch(qkv, k_cache, v_cache, layer, positions, index, half, H, scale, per_split, out, *self._unused_parts)
         else:
-            launch(qkv, k_cache, v_cache, layer, positions, index, False, half, H, scale, per_split, out,
+            launch(qkv, k_cache, v_cache, layer, positions, index, half, H, scale, per_split, out,
                    *self._attention_parts(T, splits, E, H))
 
     def _cache_words(self, cache):

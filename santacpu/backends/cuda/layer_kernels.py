@@ -1,5 +1,6 @@
 """The kernels of a forward pass other than the matrix products: embedding lookups, LayerNorm,
-storing K/V rows into the cache, causal multi-query attention, and a copy kernel (the yardstick
+storing K/V rows into the cache, causal multi-query attention (`attention_step` for decode
+steps, `attention` for prompts), and a copy kernel (the yardstick
 for the device's memory bandwidth in `santacpu bench --device cuda`).
 
 The KV cache is `[n_layer, n_ctx, G, D]` for K and for V, float32 or fp16 bits (uint16): one K/V
@@ -99,28 +100,19 @@ def _rounded(value, half):
 
 
 @cuda.jit(cache=True)
-def attention(qkv, k_cache, v_cache, layer, positions, index, store, half, n_head, scale, chunks_per_split, out,
+def attention(qkv, k_cache, v_cache, layer, positions, index, half, n_head, scale, chunks_per_split, out,
               part_acc, part_max, part_sum, done):
-    """Causal multi-query attention, one block per (query token t, split s of its positions).
-
-    The call's first position, start, is positions[index], read from device memory (a decode
-    step's position is written there before the step, so a captured step replays at any
-    position); the grid may cover more positions than start + T (a decode step's grid follows
-    its context length's bucket): splits past them find no chunk, and contribute nothing.
+    """Causal multi-query attention for prompts (calls of more than STEP_TOKENS tokens, whose
+    K/V rows `store_kv` has stored already), one block per (query token t, split s of its
+    positions); the call's first position, start, is positions[index] (device memory).
 
     Positions come in chunks of CHUNK: each chunk's K and V rows (every head's) are staged in
     shared memory once and serve all of a K/V head's query heads, which keep a running softmax
     (max, sum, weighted sum of V) across the split's chunks. With one split a token (long
-    prompts: enough blocks already) the block writes out [T, E] itself; with several (decode: a
-    token's positions spread over the GPU) it writes its partial sums, and the last of token t's
-    blocks to finish (counted in done[t], which it sets back to 0) adds them up into out[t]
-    (`_combine`): no launch of its own. q is qkv[t, :E] as [H, D]; rows of qkv after E are K
-    and V.
-
-    With `store` (decode steps: one launch fewer a layer), the call's own K/V rows are not yet
-    in the cache: blocks (t, split 0) write row t into it, and every block reads positions from
-    start on from qkv instead, rounded as the cache rounds them (fp16). Without it `store_kv`
-    has stored them already."""
+    prompts: enough blocks already) the block writes out [T, E] itself; with several it writes
+    its partial sums, and the last of token t's blocks to finish (counted in done[t], which it
+    sets back to 0) adds them up into out[t] (`_combine`): no launch of its own. q is
+    qkv[t, :E] as [H, D]."""
     t = cuda.blockIdx.x
     split = cuda.blockIdx.y
     n_splits = cuda.gridDim.y
@@ -148,20 +140,6 @@ def attention(qkv, k_cache, v_cache, layer, positions, index, store, half, n_hea
         running_sum[h] = 0.0
     start = positions[index]
     n_positions = start + t + 1
-    q_width = width  # K's first column in qkv (after Q)
-    kv_width = n_kv * dim
-    if store and split == 0:
-        for i in range(tid, kv_width, threads):
-            g = i // dim
-            d = i - g * dim
-            k = qkv[t, q_width + i]
-            v = qkv[t, q_width + kv_width + i]
-            if half:
-                k_cache[layer, start + t, g, d] = float_to_half(k)
-                v_cache[layer, start + t, g, d] = float_to_half(v)
-            else:
-                k_cache[layer, start + t, g, d] = k
-                v_cache[layer, start + t, g, d] = v
     first_chunk = split * chunks_per_split
     last_chunk = min(first_chunk + chunks_per_split, (n_positions + CHUNK - 1) // CHUNK)
     cuda.syncthreads()
@@ -172,11 +150,7 @@ def attention(qkv, k_cache, v_cache, layer, positions, index, store, half, n_hea
             for i in range(tid, CHUNK * dim, threads):  # stage the chunk's K and V rows
                 p = i // dim
                 d = i - p * dim
-                if store and p0 + p >= start and p0 + p < n_positions:  # this call's row: from qkv
-                    column = q_width + g * dim + d
-                    k_tile[p, d] = _rounded(qkv[p0 + p - start, column], half)
-                    v_tile[p, d] = _rounded(qkv[p0 + p - start, column + kv_width], half)
-                elif p0 + p < n_positions:
+                if p0 + p < n_positions:
                     k_tile[p, d] = _cached(k_cache, half, layer, p0 + p, g, d)
                     v_tile[p, d] = _cached(v_cache, half, layer, p0 + p, g, d)
                 else:

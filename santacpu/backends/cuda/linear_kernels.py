@@ -1,19 +1,23 @@
 """Matrix products on the stored formats: y = x @ W.T + b, with an epilogue, W read as stored.
 
-Three kernels, one launch each, for every format (the format is a run-time argument that every
-thread of a launch shares, so its branches cost nothing and one compiled kernel per part dtype
-serves it):
+Four kernels, one launch each (the format is a run-time argument that every thread of a launch
+shares, so its branches cost nothing and one compiled kernel per part dtype serves it):
 
-- `matvec_one` (decode, one token): x staged in shared memory, whole blocks a lane, the common
-  formats' codes read as 32-bit words.
-- `matvec` (a few tokens, T <= MAX_FEW_TOKENS): a group of `blockDim.x` lanes per output row; lane l
-  reads blocks l, l + lanes, ... of the row (consecutive lanes read consecutive blocks: coalesced
-  reads of the codes), applies each block's scale once, and multiplies it with every token's x;
-  the lanes' sums are added by a shared-memory tree (the simulator has no warp shuffles).
+- `matvec_one` (decode, one token): a warp a row, the codes of q8_0 / q4_0 / q6_0 read as 64-bit
+  chunks (a warp reads 256 consecutive bytes at once), several in flight a lane, x staged in
+  shared memory in the chunks' order (no bank conflicts), LayerNorm fused into its prologue,
+  warp shuffles for the row's sum; the other formats value by value.
+- `matvec_chunks` (a few tokens of q8_0 / q4_0 / q6_0, T <= MAX_CHUNK_TOKENS a launch: batched
+  decode, drafts): the same reads, each chunk's codes widened once for every token, the tokens'
+  x staged a tile of 32 chunks at a time.
+- `matvec` (a few tokens of the other formats, T <= MAX_FEW_TOKENS): a group of `blockDim.x`
+  lanes per output row, lane l reading blocks l, l + lanes, ...; a shared-memory tree adds them.
 - `matmul` (prompts): 4s rows x 4s tokens per block of s x s threads (s = 16 on a GPU: 64 x 64),
   4 x 4 outputs a thread; each step widens one block of 32 values of the tile's rows into shared
   memory (the codes unpacked in registers, never a dequantized matrix in device memory) next to
   the same 32 columns of the tile's tokens' x.
+
+Warp sums go through `values.warp_total` (shuffles on a GPU, shared memory under the simulator).
 
 Epilogues (`EPILOGUE_*`): none; GELU (the fc product); add into `out` (the two projections that
 end in the residual stream: `out` is then the residual itself, each element read and
@@ -30,9 +34,10 @@ import math
 
 from numba import cuda, float32, int32, int64
 
-from .values import Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, code, half_to_float, params, warp_total
+from .values import Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, SIMULATED, WARP_SHUFFLES, code, half_to_float, params, warp_total
 
 MAX_FEW_TOKENS = 8  # matvec's token limit (its accumulators are registers)
+MAX_CHUNK_TOKENS = 16  # matvec_chunks' (a launch; the backend launches it twice for up to 32 tokens)
 MAX_MATVEC_THREADS = 256  # lanes x rows a block
 MAX_ONE_TOKEN_INPUTS = 8192  # matvec_one stages x [in] in shared memory: 32 KB
 MAX_TILE_SIDE = 16  # matmul: at most 16 x 16 threads a block, each computing 4 rows x 4 tokens
@@ -231,6 +236,108 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, chunks0, chunks1, x, bias, out, epilogue
         w0, w1, w2, w3, h0, h1, h2, h3, d0, d1, d2, d3 = n0, n1, n2, n3, g0, g1, g2, g3, e0, e1, e2, e3
         row = next_row
         k = next_k
+
+
+@cuda.jit(device=True, inline=True)
+def _chunk_codes(fmt, word, high, c, codes):
+    """codes[v] = value v of chunk c (laid out as `_chunk_column`), before the scale."""
+    if fmt == Q8_0:
+        for b in range(8):
+            q = int32((word >> (8 * b)) & 255)
+            codes[b] = float32(int32((q ^ 128) - 128))
+    elif fmt == Q6_0:
+        shift = 2 * (c & 1)
+        for b in range(8):
+            q = int32((word >> (8 * b)) & 255)
+            hb = int32((high >> (8 * b)) & 255)
+            codes[b] = float32(int32(((q & 15) | (((hb >> shift) & 3) << 4)) - Q6_0_OFFSET))
+            codes[b + 8] = float32(int32(((q >> 4) | (((hb >> (shift + 4)) & 3) << 4)) - Q6_0_OFFSET))
+    else:
+        for b in range(8):
+            q = int32((word >> (8 * b)) & 255)
+            codes[b] = float32(int32((q & 15) - Q4_0_OFFSET))
+            codes[b + 8] = float32(int32((q >> 4) - Q4_0_OFFSET))
+
+
+@cuda.jit(cache=True)
+def matvec_chunks(fmt, p1, p2, chunks0, chunks1, x, first, n_tokens, bias, out, epilogue):
+    """A few tokens (batched decode, a token and its drafts): out[t, row] for tokens t = first ..
+    first + n_tokens - 1 (n_tokens <= MAX_CHUNK_TOKENS), q8_0 / q4_0 / q6_0 only.
+
+    A warp a row (rows by a stride of gridDim.x * warps where the grid is capped), lane l chunk
+    l of each tile of 32 chunks (as matvec_one: coalesced 64-bit chunks); the tile's x for every token staged in (dynamic) shared memory, [token][value of
+    chunk][lane], while the lane's chunk is in flight; a chunk's codes widened once into
+    registers serve every token; the lanes' sums added by `warp_total`.
+
+    Dynamic shared memory: n_tokens * 32 * (values a chunk) floats, and under the simulator
+    32 * MAX_CHUNK_TOKENS * warps more (the lanes' sums)."""
+    lane = cuda.threadIdx.x
+    warp = cuda.threadIdx.y
+    warps = cuda.blockDim.y
+    tid = warp * 32 + lane
+    threads = 32 * warps
+    row_step = cuda.gridDim.x * warps
+    row = cuda.blockIdx.x * warps + warp
+    n_rows = out.shape[1]
+    n_groups = (n_rows - cuda.blockIdx.x * warps + row_step - 1) // row_step  # the block's row groups
+    width = x.shape[1]
+    n_chunks = _chunk_count(fmt, width)
+    per_chunk = width // n_chunks
+    tile_values = 32 * per_chunk
+    staged = n_tokens * tile_values
+    xs = cuda.shared.array(0, float32)
+    codes = cuda.local.array(16, float32)
+    acc = cuda.local.array(MAX_CHUNK_TOKENS, float32)
+    # constant trip counts on a GPU (unrolled: codes and acc stay in registers); the simulator,
+    # which runs every iteration in Python, loops over what there is
+    token_loop = n_tokens if SIMULATED else MAX_CHUNK_TOKENS
+    value_loop = per_chunk if SIMULATED else 16
+    for _ in range(n_groups):
+        for t in range(MAX_CHUNK_TOKENS):
+            acc[t] = 0.0
+        r = min(row, n_rows - 1)
+        for c0 in range(0, n_chunks, 32):
+            c = c0 + lane
+            word, high, scale_bits = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c, n_chunks - 1))
+            cuda.syncthreads()  # the last tile's x is read
+            for i in range(tid, staged, threads):
+                t = i // tile_values
+                j = i - t * tile_values
+                v = j // 32
+                cc = c0 + j - v * 32
+                xs[i] = x[first + t, _chunk_column(fmt, n_chunks, v * n_chunks + cc)] if cc < n_chunks else float32(0.0)
+            cuda.syncthreads()
+            if row < n_rows and c < n_chunks:
+                _chunk_codes(fmt, word, high, c, codes)
+                scale = half_to_float(scale_bits)
+                for t in range(token_loop):
+                    if t < n_tokens:
+                        base = t * tile_values + lane
+                        s = float32(0.0)
+                        for v in range(value_loop):
+                            if v < per_chunk:
+                                s += codes[v] * xs[base + 32 * v]
+                        acc[t] += scale * s
+        if WARP_SHUFFLES:
+            for t in range(MAX_CHUNK_TOKENS):
+                if t < n_tokens:
+                    total = warp_total(acc[t], xs, 0, lane)
+                    if lane == 0 and row < n_rows:
+                        out[first + t, row] = _finish(total + bias[row], epilogue, out, first + t, row)
+        else:  # the simulator: every token's lanes through shared memory at once (two barriers, not 2T)
+            base = staged + warp * 32 * MAX_CHUNK_TOKENS
+            for t in range(MAX_CHUNK_TOKENS):
+                if t < n_tokens:
+                    xs[base + 32 * t + lane] = acc[t]
+            cuda.syncthreads()
+            if lane == 0 and row < n_rows:
+                for t in range(n_tokens):
+                    total = float32(0.0)
+                    for i in range(32):
+                        total += xs[base + 32 * t + i]
+                    out[first + t, row] = _finish(total + bias[row], epilogue, out, first + t, row)
+            cuda.syncthreads()
+        row += row_step
 
 
 @cuda.jit(cache=True)

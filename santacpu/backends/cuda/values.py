@@ -26,7 +26,8 @@ from ...formats.blocks import FORMATS, WEIGHT_FORMAT_IDS
 
 # Warp shuffles on a GPU; the simulator has none (numba's own simulator), so there a warp's sum
 # goes through shared memory and block barriers (see warp_total).
-WARP_SHUFFLES = not config.ENABLE_CUDASIM
+SIMULATED = bool(config.ENABLE_CUDASIM)
+WARP_SHUFFLES = not SIMULATED
 
 FORMAT_IDS = WEIGHT_FORMAT_IDS
 F32, F16, Q8_0, Q4_0, Q6_0, Q4_M = (FORMAT_IDS[name] for name in ("float32", "float16", "q8_0", "q4_0", "q6_0", "q4_m"))
