@@ -69,7 +69,7 @@ class LaunchShapes:
 
 # The launch shapes a GPU gets that tools/gpu_check.py times against others (docs/gpu.md has the
 # numbers): flip them here after a run.
-MATVEC_CHUNKS = (16, 0)  # 16 rows a block (each block stages every token's x: more rows share it), no cap
+MATVEC_CHUNKS = (8, 0)  # 8 rows a block (each stages every token's x), no cap; 256 threads: room for 16 accumulators
 MATVEC_ONE = (8, 4)  # 8 rows a block, at most 4 blocks a multiprocessor (then rows by a stride)
 ATTENTION_STEP = (16, 1)  # all 16 heads a block (K/V staged once for all), 32 positions a split
 # attention_blocks: two blocks for each of an H100's or H200's 132 multiprocessors.
