@@ -173,7 +173,7 @@ def test_a_decode_steps_attention_grid_follows_its_bucket(shapes):
     assert (splits - 1) * per_split < -(-T // 32) <= splits * per_split
 
 
-def _decode(weights, backend, steps=5, prompt=(5, 17, 3)):
+def _decode(weights, backend, steps=3, prompt=(5, 17, 3)):
     from santacpu.network.engine import Engine
 
     engine = Engine(weights, backend)
@@ -213,16 +213,17 @@ def _with_fake_graphs(fail_at=None):
 
 
 def test_replayed_steps_give_the_plain_launches_logits(sim_q4, plain_decode):
-    """The prompt, a plain step, a captured step, then three replays of the very launches the
-    capture recorded, at other positions with other tokens: the same logits to the bit."""
+    """The prompt, a plain step, a captured step (replayed as it is captured), then a replay of the
+    very launches the capture recorded, at another position with another token: the same logits
+    to the bit. (Few steps: each costs seconds on the simulator.)"""
     backend, driver = _with_fake_graphs()
     got = _decode(sim_q4, backend)
-    assert backend.graph_counts == {"captures": 1, "replays": 4, "plain_steps": 2, "kept": 1}
-    assert driver.replayed == 4 and backend.launch_mode == "graphs"
+    assert backend.graph_counts == {"captures": 1, "replays": 2, "plain_steps": 2, "kept": 1}
+    assert driver.replayed == 2 and backend.launch_mode == "graphs"
     assert np.array_equal(got, plain_decode)
 
 
-def _batched_decode(weights, backend, steps=4):
+def _batched_decode(weights, backend, steps=3):
     from santacpu.network.engine import Engine
 
     engine = Engine(weights, backend)
@@ -244,7 +245,7 @@ def test_replayed_batched_steps_give_the_plain_launches_logits(sim_q4):
     plain = _batched_decode(sim_q4, CudaBackend(graphs=False))
     backend, driver = _with_fake_graphs()
     got = _batched_decode(sim_q4, backend)
-    assert backend.graph_counts["captures"] == 1 and backend.graph_counts["replays"] == 3 and driver.replayed == 3
+    assert backend.graph_counts["captures"] == 1 and backend.graph_counts["replays"] == 2 and driver.replayed == 2
     assert np.array_equal(got, plain)
 
 
@@ -279,7 +280,7 @@ def test_real_graphs_give_the_plain_launches_logits(sim_q4):
     plain = _decode(sim_q4, CudaBackend(SIMULATOR_SHAPES, graphs=False))
     got = _decode(sim_q4, backend)
     assert backend.launch_mode == "graphs", backend.describe()
-    assert backend.graph_counts["replays"] >= 4
+    assert backend.graph_counts["replays"] >= 2
     assert np.array_equal(got, plain)
 
 
