@@ -65,27 +65,34 @@ def layer_norm(x, weight, bias, eps, out):
         out[t, i] = (x[t, i] - mean) / denominator * weight[i] + bias[i]
 
 
+@cuda.jit(device=True, inline=True)
+def _store_kv_value(qkv, t, q_width, i, k_cache, v_cache, layer, position, half):
+    """Element i of token t's K and V (qkv [T, E + 2*G*D], after Q: K, then V) into the caches at
+    `position` (rounded to fp16 bits where `half`)."""
+    dim = k_cache.shape[3]
+    kv_width = k_cache.shape[2] * dim
+    g = i // dim
+    d = i - g * dim
+    k = qkv[t, q_width + i]
+    v = qkv[t, q_width + kv_width + i]
+    if half:
+        k_cache[layer, position, g, d] = float_to_half(k)
+        v_cache[layer, position, g, d] = float_to_half(v)
+    else:
+        k_cache[layer, position, g, d] = k
+        v_cache[layer, position, g, d] = v
+
+
 @cuda.jit(cache=True)
 def store_kv(qkv, n_tokens, q_width, k_cache, v_cache, layer, positions, index, half):
     """Rows of qkv [T, E + 2*G*D] (after Q: K, then V) into the caches at positions start..,
     start = positions[index] (device memory: see `attention`)."""
     i = cuda.grid(1)
     start = positions[index]
-    heads, dim = k_cache.shape[2], k_cache.shape[3]
-    kv_width = heads * dim
+    kv_width = k_cache.shape[2] * k_cache.shape[3]
     if i < n_tokens * kv_width:
         t = i // kv_width
-        j = i - t * kv_width
-        g = j // dim
-        d = j - g * dim
-        k = qkv[t, q_width + j]
-        v = qkv[t, q_width + kv_width + j]
-        if half:
-            k_cache[layer, start + t, g, d] = float_to_half(k)
-            v_cache[layer, start + t, g, d] = float_to_half(v)
-        else:
-            k_cache[layer, start + t, g, d] = k
-            v_cache[layer, start + t, g, d] = v
+        _store_kv_value(qkv, t, q_width, i - t * kv_width, k_cache, v_cache, layer, start + t, half)
 
 
 @cuda.jit(device=True, inline=True)
@@ -283,16 +290,7 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
     used = (n_positions + split_positions - 1) // split_positions
     if z == 0 and split == (start + t) // split_positions:
         for i in range(tid, kv_width, threads):
-            gg = i // dim
-            d = i - gg * dim
-            k = qkv[t, width + i]
-            v = qkv[t, width + kv_width + i]
-            if half:
-                k_cache[layer, start + t, gg, d] = float_to_half(k)
-                v_cache[layer, start + t, gg, d] = float_to_half(v)
-            else:
-                k_cache[layer, start + t, gg, d] = k
-                v_cache[layer, start + t, gg, d] = v
+            _store_kv_value(qkv, t, width, i, k_cache, v_cache, layer, start + t, half)
     if split >= used:
         return
     for d in range(lane, dim, 32):
