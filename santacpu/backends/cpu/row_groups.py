@@ -511,8 +511,8 @@ def matmul_groups(parts, x, bias, out, fmt, isa):
     """out [T, R] = x [T, C] @ W.T + bias [R] for W as row groups (its parts tuple), float32;
     fmt: its format id, isa: AVX2, VNNI256 or VNNI512 (literal ints: compiled per value)."""
     tile_tokens = AVX2_TILE_TOKENS if isa == AVX2 else VNNI_TILE_TOKENS
-    n = 16 if isa == VNNI512 else 8  # ROWS_PER_GROUP[isa]
     T, C = x.shape
+    n = parts[1].shape[1] // (C // QK)  # rows a group: the per-block part holds n values a block
     xq = np.empty((T, C), _x_type(fmt))
     xfix = np.empty((T, C // QK), np.int32)
     xdx = np.empty((T, C // QK), np.float32)
