@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # ARM64 checks without ARM hardware (issue 27): QEMU user-mode emulation of an arm64 Debian root,
 # with NumPy/Numba arm64 wheels from the package index. A developer script, not part of CI (slow).
+# Time on 2 x86 cores: setup once, a few minutes; the probe 25-45 s a model; the default tests about
+# 9-11 min a model (all three: about 30 min); tests/test_row_groups.py about 1 min a model.
 #
 #   sudo tools/arm64_check.sh                      # setup (once), probe, default tests, each CPU model
 #   sudo tools/arm64_check.sh tests/test_kernels.py -k matvec   # another pytest selection
-#   sudo tools/arm64_check.sh --setup-only | --probe-only
+#   sudo tools/arm64_check.sh --setup-only | --probe-only   # (--setup: the same as --setup-only)
+#   sudo tools/arm64_check.sh --tests-only tests/test_row_groups.py   # pytest only, no probe (~10 s a
+#                                                                     # model for a trivial test file)
 #
 # Setup, each step skipped when already done (needs root, apt and pip access to the package index):
 #   1. apt: qemu-user-static, binfmt-support, debootstrap;
@@ -41,7 +45,8 @@ SITE=/opt/santacpu-site  # inside ROOT
 
 mode=all
 case "${1:-}" in
-  --setup-only) mode=setup; shift ;;
+  --setup-only|--setup) mode=setup; shift ;;
+  --tests-only) mode=tests; shift ;;
   --probe-only) mode=probe; shift ;;
   -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d'; exit 0 ;;
 esac
@@ -132,8 +137,8 @@ git ls-files -z -co --exclude-standard | tar --null -T - -cf - | tar -xf - -C "$
 
 emulate() {  # emulate CPU LOG PYTHON-ARGS...: the root's python3 in /repo, output to LOG and stdout
   local cpu="$1" log="$2"; shift 2
-  rm -rf "$ROOT/tmp/numba-cache"
-  QEMU_CPU="$cpu" PYTHONPATH="$SITE:/repo" NUMBA_CACHE_DIR=/tmp/numba-cache PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+  rm -rf "$ROOT/tmp/numba-cache-$cpu"  # one per model, emptied each run: no compiled code is shared
+  QEMU_CPU="$cpu" PYTHONPATH="$SITE:/repo" NUMBA_CACHE_DIR="/tmp/numba-cache-$cpu" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
     HOME=/root LC_ALL=C.UTF-8 timeout "$TIMEOUT" nice -n 10 chroot "$ROOT" /usr/bin/qemu-aarch64-static -cpu "$cpu" \
     /usr/bin/python3 -c 'import os, runpy, sys; os.chdir("/repo"); sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__") if sys.argv[0].endswith(".py") else runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)' \
     "$@" 2>&1 | tee "$log"
@@ -144,15 +149,17 @@ summary="$OUT/summary.txt"
 : >"$summary"
 first=1
 for cpu in $CPUS; do
-  say "=== -cpu $cpu: probe"
-  quick=--quick
-  [ "$first" = 1 ] && quick=
-  t0=$SECONDS
-  emulate "$cpu" "$OUT/probe-$cpu.log" tools/arm64_probe.py $quick
-  rc=$?
-  hw="$(grep -m1 '^probe: hwcap' "$OUT/probe-$cpu.log" | sed 's/^probe: hwcap = //')"
-  echo "-cpu $cpu: probe rc=$rc in $((SECONDS - t0)) s; $hw; detected: $(grep -m1 '^probe: detected' "$OUT/probe-$cpu.log" | sed 's/^probe: detected = //')" >>"$summary"
-  first=0
+  if [ "$mode" != tests ]; then
+    say "=== -cpu $cpu: probe"
+    quick=--quick
+    [ "$first" = 1 ] && quick=
+    t0=$SECONDS
+    emulate "$cpu" "$OUT/probe-$cpu.log" tools/arm64_probe.py $quick
+    rc=$?
+    hw="$(grep -m1 '^probe: hwcap' "$OUT/probe-$cpu.log" | sed 's/^probe: hwcap = //')"
+    echo "-cpu $cpu: probe rc=$rc in $((SECONDS - t0)) s; $hw; detected: $(grep -m1 '^probe: detected' "$OUT/probe-$cpu.log" | sed 's/^probe: detected = //')" >>"$summary"
+    first=0
+  fi
   [ "$mode" = probe ] && continue
   say "=== -cpu $cpu: pytest ${TESTS[*]}"
   t0=$SECONDS
