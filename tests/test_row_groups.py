@@ -1,7 +1,8 @@
-"""Row groups (santacpu/backends/cpu/row_groups.py): block-quantized weights interleaved 8 or 16
-rows at a time for the AVX2 and VNNI tiles. The layout, each instruction set's kernel against the
-NumPy oracle, against its own one-token results and against the AVX2 kernel's bits, the backend's
-use of it, and the mapped pages it gives back."""
+"""Row groups (santacpu/backends/cpu/row_groups.py): block-quantized weights interleaved 4, 8 or
+16 rows at a time for the instruction sets' tiles (target.py). The layout, each target's kernel
+this CPU can run against the NumPy oracle, against its own one-token results and against the
+portable kernel's bits (plain LLVM IR, runnable everywhere), the backend's use of it, and the
+mapped pages it gives back. (The ARM64 targets run under emulation: tools/arm64_check.sh.)"""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from helpers import tiny_checkpoint
 
 from santacpu.backends.cpu import row_groups
 from santacpu.backends.cpu.backend import CpuBackend
+from santacpu.backends.cpu.target import BY_NAME, TARGETS, host_target, runnable_targets
 from santacpu.bench.machine import mapped_file_rss_mb
 from santacpu.formats.blocks import FORMATS, QuantizedWeight
 from quantize.converter import convert
@@ -20,10 +22,11 @@ from santacpu.formats.split_rows import SplitRowsWeight
 from santacpu.formats.safetensors_io import SafetensorsFile, release_mapped_pages, write_safetensors
 from santacpu.network.reference import round_activations
 
-needs_avx2 = pytest.mark.skipif(not row_groups.RUNNABLE, reason="row groups need AVX2")
-ISAS = [
-    pytest.param(isa, marks=pytest.mark.skipif(isa not in row_groups.RUNNABLE_ISAS, reason=f"this CPU cannot run {name}"))
-    for isa, name in ((row_groups.AVX2, "AVX2"), (row_groups.VNNI256, "VNNI"), (row_groups.VNNI512, "AVX-512 VNNI"))
+RUNNABLE = runnable_targets()
+PORTABLE = BY_NAME["portable"]
+TARGET_PARAMS = [
+    pytest.param(target, id=target.name, marks=pytest.mark.skipif(target not in RUNNABLE, reason=f"this CPU cannot run {target.name}"))
+    for target in TARGETS
 ]
 
 
@@ -37,9 +40,9 @@ def per_row(grouped_part, n_blocks, n):
     return grouped_part.reshape(-1, n_blocks, n).transpose(0, 2, 1).reshape(-1, n_blocks)
 
 
-@pytest.mark.parametrize("n", [8, 16])
+@pytest.mark.parametrize("n", [4, 8, 16])
 def test_interleaved_layout(n):
-    rows = n + 5  # a second group with 5 rows and n - 5 of padding
+    rows = n + 3  # a second group with 3 rows and n - 3 of padding
     weight = weight_of("q4_0", rows, 64)
     grouped = row_groups.group_rows(weight, n)
     qs, d = weight.parts["qs"], weight.parts["d"].view(np.uint16)
@@ -52,12 +55,12 @@ def test_interleaved_layout(n):
     assert grouped.shape == (rows, 64) and grouped.qtype == "q4_0" and grouped.nbytes == 2 * 2 * (16 * n + 2 * n)
     assert grouped.rows_per_group == n and grouped.format_id == FORMATS["q4_0"].format_id
     with pytest.raises(ValueError, match="q4_0, q4_m, q6_0, q8_0"):
-        row_groups.group_rows(SimpleNamespace(qtype="q5_1", shape=(8, 32)))
-    with pytest.raises(ValueError, match="8 or 16 rows, not 4"):
-        row_groups.group_rows(weight, 4)
+        row_groups.group_rows(SimpleNamespace(qtype="q5_1", shape=(8, 32)), n)
+    with pytest.raises(ValueError, match="4, 8 or 16 rows, not 12"):
+        row_groups.group_rows(weight, 12)
 
 
-@pytest.mark.parametrize("n", [8, 16])
+@pytest.mark.parametrize("n", row_groups.GROUP_SIZES)
 def test_interleaved_layout_of_q4_m(n):
     rows = n + 3
     weight = weight_of("q4_m", rows, 96)
@@ -70,7 +73,7 @@ def test_interleaved_layout_of_q4_m(n):
         assert part.shape == (2 * n,) and np.array_equal(part[:rows], weight.parts[name][:, 0]) and (part[rows:] == 0).all()
 
 
-@pytest.mark.parametrize("n", [8, 16])
+@pytest.mark.parametrize("n", row_groups.GROUP_SIZES)
 def test_interleaved_layout_of_q8_0(n):
     rows = n + 3
     weight = weight_of("q8_0", rows, 64)
@@ -82,7 +85,7 @@ def test_interleaved_layout_of_q8_0(n):
     assert np.array_equal(per_row(scales, 2, n)[:rows], weight.parts["d"].view(np.uint16))
 
 
-@pytest.mark.parametrize("n", [8, 16])
+@pytest.mark.parametrize("n", row_groups.GROUP_SIZES)
 def test_interleaved_layout_of_q6_0(n):
     rows = n + 3
     weight = weight_of("q6_0", rows, 64)
@@ -104,38 +107,38 @@ def test_interleaved_layout_of_q6_0(n):
     assert np.array_equal(per_row(scales, 2, n)[:rows], weight.parts["d"].view(np.uint16))
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("target", TARGET_PARAMS)
 @pytest.mark.parametrize("qtype", row_groups.FORMATS)
 @pytest.mark.parametrize("rows", [8, 21, 2 * row_groups.PANEL_ROWS + 5])
 @pytest.mark.parametrize("T", [1, 2, 4, 11])
-def test_products_match_the_oracle_and_each_tokens_own(isa, qtype, rows, T):
+def test_products_match_the_oracle_and_each_tokens_own(target, qtype, rows, T):
     # Several panels, a last group with padding rows; tokens in whole tiles and the ones after
-    # (AVX2 tiles hold 4 tokens, VNNI ones 8). 7 blocks a row. Each token's row equals its
-    # one-token product, and every instruction set's results the AVX2 kernel's, bit for bit.
+    # (tiles of 8, 4, 2, 1 tokens; i8mm's token pairs and a token without a partner). 7 blocks a
+    # row. Each token's row equals its one-token product, and every target's results the
+    # portable kernel's, bit for bit.
     cols = 7 * 32
     weight = weight_of(qtype, rows, cols, seed=rows + T)
-    n = row_groups.ROWS_PER_GROUP[isa]
-    grouped = row_groups.group_rows(weight, n)
+    grouped = row_groups.group_rows(weight, target.rows_per_group)
     rng = np.random.default_rng(T)
     x = rng.standard_normal((T, cols)).astype(np.float32)
     x[0, 32:64] = 0  # an all-zero block of x
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.full((T, rows), np.nan, np.float32)
-    row_groups.matmul(grouped, x, bias, out, isa)
+    row_groups.matmul(grouped, x, bias, out, target)
     levels = 32767 if qtype == "q8_0" else 127  # int_dot's rounding of x for each format
     want = round_activations(x, levels).astype(np.float64) @ FORMATS[qtype].dequantize(weight.parts).T.astype(np.float64) + bias
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
     for t in range(T):
         alone = np.empty((1, rows), np.float32)
-        row_groups.matmul(grouped, x[t : t + 1], bias, alone, isa)
+        row_groups.matmul(grouped, x[t : t + 1], bias, alone, target)
         assert np.array_equal(alone[0], out[t])
-    if isa != row_groups.AVX2:
-        on_avx2 = np.empty_like(out)
-        row_groups.matmul(row_groups.group_rows(weight, 8), x, bias, on_avx2, row_groups.AVX2)
-        assert np.array_equal(out, on_avx2)
+    if target != PORTABLE:
+        portable = np.empty_like(out)
+        row_groups.matmul(row_groups.group_rows(weight, PORTABLE.rows_per_group), x, bias, portable, PORTABLE)
+        assert np.array_equal(out, portable)
 
 
-@pytest.mark.parametrize("n", [8, 16])
+@pytest.mark.parametrize("n", row_groups.GROUP_SIZES)
 @pytest.mark.parametrize("qtype", row_groups.FORMATS)
 def test_rows_read_back_from_the_groups(qtype, n):
     weight = weight_of(qtype, 13, 96, seed=5)
@@ -146,11 +149,15 @@ def test_rows_read_back_from_the_groups(qtype, n):
         row_groups.dequantize_rows(grouped, np.array([13]))
 
 
-@needs_avx2
 def test_bad_shapes_and_instruction_sets_are_refused():
     grouped = row_groups.group_rows(weight_of("q4_0", 8, 64), 8)
-    with pytest.raises(ValueError, match="cannot run 8-row groups"):  # VNNI512 tiles hold 16 rows
-        row_groups.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), row_groups.VNNI512)
+    with pytest.raises(ValueError, match="avx512-vnni cannot run 8-row groups"):  # its tiles hold 16 rows
+        row_groups.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), BY_NAME["avx512-vnni"])
+    for target in TARGETS:  # code for instructions this CPU lacks is never compiled
+        if target not in RUNNABLE:
+            group = row_groups.group_rows(weight_of("q4_0", 8, 64), target.rows_per_group)
+            with pytest.raises(ValueError, match=f"{target.name} cannot run"):
+                row_groups.matmul(group, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), target)
     with pytest.raises(ValueError, match="row-group matmul"):
         row_groups.matmul(grouped, np.ones((2, 32), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32))
     with pytest.raises(ValueError, match="row-group matmul"):
@@ -174,15 +181,14 @@ def test_mapped_pages_are_released_and_still_readable(tmp_path):
     assert heap.sum() == 1 << 20
 
 
-@needs_avx2
 @pytest.mark.parametrize("qtype", row_groups.FORMATS)
-def test_the_backend_groups_its_formats(qtype, monkeypatch, tmp_path):
+def test_the_backend_groups_its_formats(qtype, tmp_path):
     import santacpu
 
-    monkeypatch.setattr(row_groups, "USED", True)  # as on every CPU with integer kernels
+    target = host_target() or PORTABLE  # as on every CPU with integer kernels
     path = convert(tiny_checkpoint(), tmp_path / "4-bit.safetensors", qtype=qtype, upgrade_budget=0.05).out
     model = santacpu.load(path, device="cpu")
-    prepared = CpuBackend().prepare(model.weights)
+    prepared = CpuBackend(target=target).prepare(model.weights)
     for loaded, grouped in zip(model.weights.layers, prepared.layers):
         for name in ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight"):
             before, after = getattr(loaded, name), getattr(grouped, name)
@@ -194,8 +200,6 @@ def test_the_backend_groups_its_formats(qtype, monkeypatch, tmp_path):
     for before, after in ([(loaded_wte.upgraded, grouped_wte.upgraded), (loaded_wte.rest, grouped_wte.rest)] if split else [(loaded_wte, grouped_wte)]):
         assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype in row_groups.FORMATS)
     ids = np.array([0, 7, 5, 200, 7])
-    backend = CpuBackend()
+    backend = CpuBackend(target=target)
     assert np.array_equal(backend.embed(grouped_wte, ids), backend.embed(loaded_wte, ids))  # the input lookup
     assert CpuBackend(integer_kernels=False).prepare(model.weights) is model.weights
-    monkeypatch.setattr(row_groups, "USED", False)
-    assert CpuBackend().prepare(model.weights) is model.weights

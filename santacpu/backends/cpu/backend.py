@@ -6,8 +6,9 @@ compressed weights (fp16, block-quantized), which BLAS cannot read, use a Numba 
 kernel on the packed data for one token, a few-token kernel that reads the weight once for every
 token (speculative verification), and for many tokens either the integer matrix kernel (q4_0,
 q4_m, q6_0) or BLAS on widened row tiles (no dequantized copy of a whole matrix ever exists).
-On CPUs with integer kernels (AVX2, VNNI), `prepare` turns the block-quantized matrices into
-row groups (`row_groups.py`), whose kernel serves every number of tokens.
+On CPUs with integer kernels (x86 AVX2 or VNNI, ARM64 dotprod or i8mm: the backend's `target`,
+`target.py`), `prepare` turns the block-quantized matrices into row groups (`row_groups.py`),
+whose kernel serves every number of tokens.
 It implements `santacpu.backends.base.Backend`, as a GPU backend would. Weight types are dispatched here, at the matmul,
 never by copying the forward pass per type.
 
@@ -30,6 +31,7 @@ import threadpoolctl
 from . import cpu_kernels as k
 from . import quant_kernels as qk
 from . import row_groups
+from .target import CpuTarget, host_target
 from ...formats.blocks import QuantizedWeight
 from ...formats.safetensors_io import release_mapped_pages
 from ...formats.split_rows import SplitRowsWeight
@@ -112,10 +114,12 @@ def blas_single_threaded() -> contextlib.AbstractContextManager:
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self, integer_kernels: bool = True):
+    def __init__(self, integer_kernels: bool = True, target: CpuTarget | None = None):
         # Block-quantized products on the integer kernels where this CPU and the format have them;
-        # False: always the float kernels (SANTACPU_INT_DOT=0).
+        # False: always the float kernels (SANTACPU_INT_DOT=0). `target`: the row groups'
+        # instruction set (default: this CPU's best, none where it has no integer instructions).
         self.integer_kernels = integer_kernels
+        self.target = (target or host_target()) if integer_kernels else None
         self._pool_warm = False  # did the last matrix product run in Numba's pool, not BLAS?
         self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
         self._numba_products: dict[int, bool] = {}  # id(weights) -> see _products_in_numba
@@ -133,12 +137,12 @@ class CpuBackend:
         or its parts) becomes row groups (its interleaved copy replaces the file's pages in
         memory, see row_groups.py), and the layers' vectors are copied out of the mapping too
         (reading one would map the whole 2 MiB page around it, mostly released pages)."""
-        if not (self.integer_kernels and row_groups.USED):
+        if self.target is None:
             return weights
 
         def own_copy(weight):
             if isinstance(weight, QuantizedWeight) and weight.qtype in row_groups.FORMATS:
-                return row_groups.group_rows(weight)
+                return row_groups.group_rows(weight, self.target.rows_per_group)
             if isinstance(weight, np.ndarray) and weight.ndim == 1:
                 copy = np.array(weight)
                 release_mapped_pages(weight)
@@ -210,7 +214,8 @@ class CpuBackend:
         if isinstance(weight, row_groups.RowGroupWeight):
             self._pool_warm = True
             if out.flags.c_contiguous:
-                row_groups.matmul(weight, x, bias, out)
+                fits = self.target is not None and self.target.rows_per_group == weight.rows_per_group
+                row_groups.matmul(weight, x, bias, out, self.target if fits else None)
             else:
                 out[...] = self._product(x, weight, bias, None)
             return out

@@ -1,21 +1,16 @@
-"""Products on row groups, the backend's integer kernels on every x86 CPU that has them: at load,
-the codes of every n rows of a q4_0, q4_m, q6_0 or q8_0 weight are interleaved so that each
-int32 lane of a vector belongs to one row (n = 8 for 256-bit vectors, 16 for 512-bit ones).
+"""Products on row groups, the backend's integer kernels wherever the CPU has a target
+(`target.py`): at load, the codes of every n rows of a q4_0, q4_m, q6_0 or q8_0 weight are
+interleaved so that each int32 lane of a vector belongs to one row (n = 4 for 128-bit vectors
+(NEON, portable), 8 for 256-bit ones (AVX2, AVX-VNNI), 16 for 512-bit ones (AVX-512 VNNI)).
 
-Why: the kernels of `int_dot.py` keep a row's codes in a vector's lanes, so each block's lanes
-must be summed across (shuffles, horizontal adds) and scaled per row and block, which took over
-half of a step's instructions. Here one vector holds 4 code bytes (8 values) of each of n rows,
-and x's 4 matching values are broadcast to every lane, so a block's products land in the lanes
-of their own rows: no reduction across lanes, and the scaling is one multiply-add on n rows.
-- AVX2 (8 rows): each `vpmaddubsw` adds pair products, the block's 8 of them summed as int16 (at
-  most 8 x 2 x 15 x 127 = 30480) and widened by one `vpmaddwd`; q6_0's pair products reach 2 x 63
-  x 127, so every two are widened.
-- VNNI: `vpdpbusd` adds 4 (unsigned code x signed x) products into each int32 lane, 8 a block;
-  256-bit on AVX-VNNI CPUs (8 rows), 512-bit with AVX-512 VNNI (16 rows, 32 registers: 8-token
-  tiles).
-- q8_0: a piece of 2 codes of each row, widened to int16, meets x's 2 matching int16 values in
-  one `vpmaddwd` (AVX2) or `vpdpwssd` (VNNI), 16 pieces a block.
-Every instruction set computes the same exact int32 sums, so all give the same bits.
+Why: kernels that keep a row's codes in a vector's lanes (`int_dot.py`) must sum each block's
+lanes across (shuffles, horizontal adds) and scale per row and block, over half of a step's
+instructions. Here one vector holds 4 code bytes (8 values) of each of n rows, and x's 4 matching
+values are broadcast to every lane, so a block's products land in the lanes of their own rows:
+no reduction across lanes, and the scaling is one multiply-add on n rows. The integer products
+of a block come from the target's instruction-set module (`isa/`: x86 `vpmaddubsw` chains or
+`vpdpbusd`, ARM64 `sdot` or `smmla`, portable IR); all compute the same exact int32 sums, so
+every target gives the same bits.
 
 Layout (`interleave_codes`), per group g of n rows and block b: 4 vectors of 4n bytes; vector v
 holds, in its int32 lane i, row ng+i's code bytes 4v..4v+3 of the block (byte j of a block holds
@@ -43,8 +38,8 @@ process after copying (`release_mapped_pages`), so a model is never resident twi
 
 Measurements: docs/kernels.md.
 
-May import: numba, llvmlite, numpy, the CPU kernel modules `int_dot`, `cpu_kernels`,
-`santacpu.formats`.
+May import: numba, llvmlite, numpy, the CPU kernel modules `int_dot` (x's rounding),
+`cpu_kernels`, `target`, `isa`, `santacpu.formats`.
 """
 
 from __future__ import annotations
@@ -61,33 +56,23 @@ from numba.extending import intrinsic, overload
 from ...formats.blocks import FORMATS as BLOCK_FORMATS
 from ...formats.blocks import QK, QuantizedWeight
 from ...formats.safetensors_io import release_mapped_pages
-from . import int_dot
 from .cpu_kernels import FASTMATH, _f16_to_f32
-from .int_dot import _F32, _I8, _I16, _I32, _block_rounding, _declare, _load_vector, _splat
+from .int_dot import _block_rounding
+from .isa import for_isa
+from .isa.llvm_ir import F32, I8, I16, I32, broadcast, declare, literal, load_vector, splat
+from .target import TARGETS, CpuTarget, runnable_targets
 
 # The formats with row groups, and their ids (the kernels' compile-time switch: blocks.BlockFormat).
 FORMATS = ("q4_0", "q4_m", "q6_0", "q8_0")
 Q4_0, Q4_M, Q6_0, Q8_0 = (BLOCK_FORMATS[name].format_id for name in ("q4_0", "q4_m", "q6_0", "q8_0"))
-# The tiles' instruction sets, passed to the kernels as a literal (each compiles its own code):
-# AVX2 (8 rows a 256-bit vector, multiply-add chains), VNNI256 (8 rows, `vpdpbusd`/`vpdpwssd` on
-# 256-bit vectors: AVX-VNNI, or AVX-512 VNNI), VNNI512 (16 rows a 512-bit vector, AVX-512 VNNI).
-# Every one computes the same integers, so all give the same results bit for bit.
-AVX2, VNNI256, VNNI512 = 0, 1, 2
-ROWS_PER_GROUP = {AVX2: 8, VNNI256: 8, VNNI512: 16}
-_RUNNABLE_ISAS = {"avx2": (AVX2,), "vnni256": (AVX2, VNNI256), "vnni512": (AVX2, VNNI256, VNNI512)}
-RUNNABLE_ISAS = _RUNNABLE_ISAS.get(int_dot.ISA, ())  # what this CPU can run (the tests run each)
-RUNNABLE = AVX2 in RUNNABLE_ISAS
-USED = bool(RUNNABLE_ISAS)  # the backend groups its matrices wherever integer kernels exist
-ISA = RUNNABLE_ISAS[-1] if RUNNABLE_ISAS else AVX2  # this CPU's best
-GROUP = ROWS_PER_GROUP[ISA]  # rows per group of the weights the backend prepares here
+GROUP_SIZES = (4, 8, 16)  # rows a group: 128-, 256- or 512-bit vectors of int32 lanes
+_ROWS = {target.isa: target.rows_per_group for target in TARGETS}
+_TILE_TOKENS = {target.isa: target.tile_tokens for target in TARGETS}
 # A one-token product streams the weight from memory: each block prefetches its cache lines
 # this far ahead (the next groups' codes, in address order).
 PREFETCH_BYTES = 4096
 CHUNK_ROWS = 1024  # rows interleaved at a time at load (a multiple of every group size)
 CODE_PARTS = {"q4_0": ("qs",), "q4_m": ("qs",), "q6_0": ("ql", "qh"), "q8_0": ("qs",)}  # interleaved by rows
-# Tokens per tile of a many-token product: their accumulators and a block's unpacked codes fit
-# the register file (16 vector registers on AVX2; AVX-512 CPUs have 32).
-AVX2_TILE_TOKENS, VNNI_TILE_TOKENS = 4, 8
 PANEL_ROWS = 64  # rows a thread takes through all the tokens (they stay in L2)
 
 
@@ -125,14 +110,14 @@ class RowGroupWeight:
         return sum(part.nbytes for part in self.parts)
 
 
-def group_rows(weight: QuantizedWeight, rows_per_group: int = GROUP) -> RowGroupWeight:
-    """`weight` (one of FORMATS) interleaved into row groups of `rows_per_group` (8 or 16) rows;
+def group_rows(weight: QuantizedWeight, rows_per_group: int) -> RowGroupWeight:
+    """`weight` (one of FORMATS) interleaved into row groups of `rows_per_group` (4, 8 or 16) rows;
     the pages of its file mapping are dropped from this process afterwards (they stay in the page
     cache)."""
     if weight.qtype not in FORMATS:
         raise ValueError(f"row groups hold {', '.join(FORMATS)} weights, not {weight.qtype}")
-    if rows_per_group not in (8, 16):
-        raise ValueError(f"row groups hold 8 or 16 rows, not {rows_per_group}")
+    if rows_per_group not in GROUP_SIZES:
+        raise ValueError(f"row groups hold 4, 8 or 16 rows, not {rows_per_group}")
     n = rows_per_group
     R, C = weight.shape
     n_groups, n_blocks = -(-R // n), C // QK
@@ -273,11 +258,6 @@ def round_natural_words(x, xq, xdx, first, last):
             xdx[t, b] = scale
 
 
-def _literal(value):
-    """A literal int type's value, else None (the overloads below are compiled per format)."""
-    return value.literal_value if isinstance(value, types.IntegerLiteral) else None
-
-
 def _round(fmt, x, first, last, xq, xfix, xdx):
     """Tokens first..last-1 of x rounded for a row-group weight's kernel (round_natural, or
     round_natural_words for q8_0, whose xfix stays unused); fmt: a literal format id."""
@@ -285,9 +265,9 @@ def _round(fmt, x, first, last, xq, xfix, xdx):
 
 @overload(_round, prefer_literal=True)
 def _round_impl(fmt, x, first, last, xq, xfix, xdx):
-    if _literal(fmt) is None:
+    if literal(fmt) is None:
         return None
-    if _literal(fmt) == Q8_0:
+    if literal(fmt) == Q8_0:
         return lambda fmt, x, first, last, xq, xfix, xdx: round_natural_words(x, xq, xdx, first, last)
     return lambda fmt, x, first, last, xq, xfix, xdx: round_natural(x, xq, xfix, xdx, first, last)
 
@@ -298,21 +278,21 @@ def _x_type(fmt):
 
 @overload(_x_type, prefer_literal=True)
 def _x_type_impl(fmt):
-    if _literal(fmt) is None:
+    if literal(fmt) is None:
         return None
-    if _literal(fmt) == Q8_0:
+    if literal(fmt) == Q8_0:
         return lambda fmt: np.int16
     return lambda fmt: np.int8
 
 
 def _group_tile_codegen(fmt, n_tokens, isa):
     """Codegen of _group_tile for a format id, a literal number of tokens and an instruction set
-    (AVX2, VNNI256, VNNI512)."""
+    (`isa` ids: its module gives the integer products)."""
     minimums = fmt == Q4_M
     words = fmt == Q8_0  # int8 codes widened to int16 against x rounded to int16
     six_bits = fmt == Q6_0
-    vnni = isa in (VNNI256, VNNI512)
-    n = ROWS_PER_GROUP[isa]  # rows a group, one int32 lane each
+    products = for_isa(isa)
+    n = _ROWS[isa]  # rows a group, one int32 lane each
     group_bytes = block_bytes({Q8_0: "q8_0", Q6_0: "q6_0"}.get(fmt, "q4_0"), n)
 
     def codegen(context, builder, signature, args):
@@ -326,19 +306,13 @@ def _group_tile_codegen(fmt, n_tokens, isa):
         group, token = args[5], args[6]
         intp = group.type
         const = lambda v: ir.Constant(intp, v)  # noqa: E731
-        lane = lambda v: ir.Constant(_I32, v)  # noqa: E731
+        lane = lambda v: ir.Constant(I32, v)  # noqa: E731
         n_blocks = cgutils.unpack_tuple(builder, xdx.shape, 2)[1]
         x_cols = cgutils.unpack_tuple(builder, xq.shape, 2)[1]
         n_rows = cgutils.unpack_tuple(builder, out.shape, 2)[1]
-        vec8, vec16, vec32, vecf = (ir.VectorType(t, k) for t, k in ((_I8, 4 * n), (_I16, 2 * n), (_I32, n), (_F32, n)))
-        if vnni:  # acc + 4 (unsigned byte x signed byte) / 2 (int16 x int16) products a lane
-            vpdpbusd = _declare(builder, f"llvm.x86.avx512.vpdpbusd.{32 * n}", vec32, vec32, vec32, vec32)
-            vpdpwssd = _declare(builder, f"llvm.x86.avx512.vpdpwssd.{32 * n}", vec32, vec32, vec32, vec32)
-        else:
-            pmaddubsw = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
-            pmaddwd = _declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16)
-        fma = _declare(builder, f"llvm.fma.v{n}f32", vecf, vecf, vecf, vecf)
-        prefetch = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), _I8.as_pointer(), _I32, _I32, _I32)
+        vec8, vec16, vec32, vecf = (ir.VectorType(t, k) for t, k in ((I8, 4 * n), (I16, 2 * n), (I32, n), (F32, n)))
+        fma = declare(builder, f"llvm.fma.v{n}f32", vecf, vecf, vecf, vecf)
+        prefetch = declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), I8.as_pointer(), I32, I32, I32)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vecf, None)) for _ in range(n_tokens)]
         min_accs = [cgutils.alloca_once_value(builder, ir.Constant(vecf, None)) for _ in range(n_tokens)] if minimums else []
         group_codes = builder.mul(group, builder.mul(n_blocks, const(group_bytes)))
@@ -346,105 +320,81 @@ def _group_tile_codegen(fmt, n_tokens, isa):
         x_rows = [builder.mul(builder.add(token, const(j)), x_cols) for j in range(n_tokens)]
         block_rows = [builder.mul(builder.add(token, const(j)), n_blocks) for j in range(n_tokens)]
 
-        def broadcast(value, vector_type):
-            """value in every lane of vector_type (whose lanes have value's type)."""
-            single = builder.insert_element(ir.Constant(vector_type, None), value, lane(0))
-            return builder.shuffle_vector(single, ir.Constant(vector_type, None), ir.Constant(vec32, [0] * n))
+        class TokenX:
+            """One token's rounded x in the current block (from flat index `at` of xq)."""
 
-        def x_word(at):
-            """4 int8 (q8_0: 2 int16) values of xq from flat index `at`, in every int32 lane."""
-            word = builder.load(builder.bitcast(builder.gep(xq.data, [at]), _I32.as_pointer()), align=1)
-            return broadcast(word, vec32)
+            def __init__(self, at):
+                self.at = at
+
+            def word(self, offset):
+                """4 int8 (q8_0: 2 int16) values from block offset `offset`, in every int32 lane."""
+                address = builder.gep(xq.data, [builder.add(self.at, const(offset))])
+                return broadcast(builder, builder.load(builder.bitcast(address, I32.as_pointer()), align=1), n)
+
+            def pair(self, offset):
+                """8 int8 values from block offset `offset`, as <2 x i32>."""
+                address = builder.gep(xq.data, [builder.add(self.at, const(offset))])
+                return builder.load(builder.bitcast(address, ir.VectorType(I32, 2).as_pointer()), align=1)
 
         def per_block(part, at):
             """The group's n values of a per-block part at block offset `at`, as <n x float>."""
             if part is scales and not minimums:  # fp16 bits
-                raw = _load_vector(builder, part.data, at, _I16, n)
+                raw = load_vector(builder, part.data, at, I16, n)
                 return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), n)), vecf)
-            return builder.uitofp(_load_vector(builder, part.data, at, _I8, n), vecf)
-
-        def add_products(sums, codes_vector, x_at):
-            """sums <n x i32> + each lane's 4 (q8_0: 2) products of codes_vector with xq at x_at."""
-            xs = x_word(x_at)
-            if vnni:
-                return builder.call(vpdpwssd if words else vpdpbusd, [sums, builder.bitcast(codes_vector, vec32), xs])
-            return builder.add(sums, builder.call(pmaddwd, [codes_vector, builder.bitcast(xs, vec16)]))
+            return builder.uitofp(load_vector(builder, part.data, at, I8, n), vecf)
 
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             code_at = builder.add(group_codes, builder.mul(b, const(group_bytes)))
             if n_tokens == 1:  # decode streams the codes: their lines PREFETCH_BYTES ahead
-                for line in range(group_bytes // 64):
+                for line in range(max(1, group_bytes // 64)):
                     ahead = builder.gep(codes.data, [builder.add(code_at, const(PREFETCH_BYTES + 64 * line))])
-                    builder.call(prefetch, [builder.bitcast(ahead, _I8.as_pointer()), lane(0), lane(3), lane(1)])
+                    builder.call(prefetch, [builder.bitcast(ahead, I8.as_pointer()), lane(0), lane(3), lane(1)])
             block_at = builder.add(group_blocks, builder.mul(b, const(n)))
             weight_scales = per_block(scales, block_at)
             weight_minimums = per_block(parts[2], block_at) if minimums else None
-            x_ats = [builder.add(x_rows[j], builder.mul(b, const(QK))) for j in range(n_tokens)]
+            tokens = [TokenX(builder.add(x_rows[j], builder.mul(b, const(QK)))) for j in range(n_tokens)]
             if words:  # piece p: values 2p, 2p+1 of the n rows, against x's 2 in every lane (one
                 # piece live at a time, the tokens' sums beside it: 16 sign-extended pieces would
                 # not fit AVX2's 16 registers)
-                word_sums = [ir.Constant(vec32, None)] * n_tokens
+                token_sums = [ir.Constant(vec32, None)] * n_tokens
                 for p in range(QK // 2):
-                    piece = builder.sext(_load_vector(builder, codes.data, builder.add(code_at, const(2 * n * p)), _I8, 2 * n), vec16)
+                    piece = builder.sext(load_vector(builder, codes.data, builder.add(code_at, const(2 * n * p)), I8, 2 * n), vec16)
                     for j in range(n_tokens):
-                        word_sums[j] = add_products(word_sums[j], piece, builder.add(x_ats[j], const(2 * p)))
+                        token_sums[j] = products.word_dot(builder, isa, token_sums[j], piece, tokens[j].word(2 * p))
             else:
-                packed = [_load_vector(builder, codes.data, builder.add(code_at, const(4 * n * v)), _I8, 4 * n) for v in range(4)]
-                lows = [builder.and_(p, _splat(_I8, 4 * n, 0x0F)) for p in packed]
-                highs = [builder.lshr(p, _splat(_I8, 4 * n, 4)) for p in packed]
+                packed = [load_vector(builder, codes.data, builder.add(code_at, const(4 * n * v)), I8, 4 * n) for v in range(4)]
+                lows = [builder.and_(p, splat(I8, 4 * n, 0x0F)) for p in packed]
+                highs = [builder.lshr(p, splat(I8, 4 * n, 4)) for p in packed]
                 if six_bits:  # bits 2v..2v+1 of each high-bits byte to bits 4-5, per 16-bit lane
                     for k, codes_v in enumerate((lows, highs)):
-                        top = _load_vector(builder, codes.data, builder.add(code_at, const(16 * n + 4 * n * k)), _I16, 2 * n)
+                        top = load_vector(builder, codes.data, builder.add(code_at, const(16 * n + 4 * n * k)), I16, 2 * n)
                         for v in range(4):
                             moved = top if v == 2 else (
-                                builder.shl(top, _splat(_I16, 2 * n, 4 - 2 * v)) if v < 2 else builder.lshr(top, _splat(_I16, 2 * n, 2))
+                                builder.shl(top, splat(I16, 2 * n, 4 - 2 * v)) if v < 2 else builder.lshr(top, splat(I16, 2 * n, 2))
                             )
-                            bits = builder.and_(builder.bitcast(moved, vec8), _splat(_I8, 4 * n, 0x30))
+                            bits = builder.and_(builder.bitcast(moved, vec8), splat(I8, 4 * n, 0x30))
                             codes_v[v] = builder.or_(codes_v[v], bits)
+                token_sums = products.nibble_sums(builder, isa, lows, highs, tokens, six_bits)
             for j in range(n_tokens):
-                x_at = x_ats[j]
-                if words:
-                    sums = word_sums[j]
-                elif vnni:  # exact int32 sums, the same integers as the AVX2 chains below; two
-                    # chains of 4 (low and high nibbles), half the latency of one chain of 8
-                    low_sums, high_sums = ir.Constant(vec32, None), ir.Constant(vec32, None)
-                    for v in range(4):
-                        low_sums = add_products(low_sums, lows[v], builder.add(x_at, const(4 * v)))
-                        high_sums = add_products(high_sums, highs[v], builder.add(x_at, const(16 + 4 * v)))
-                    sums = builder.add(low_sums, high_sums)
-                elif six_bits:  # a pair of products up to 2 x 63 x 127: widened every 2 of them
-                    sums = ir.Constant(vec32, None)
-                    for v in range(4):
-                        pairs = builder.add(
-                            builder.call(pmaddubsw, [lows[v], builder.bitcast(x_word(builder.add(x_at, const(4 * v))), vec8)]),
-                            builder.call(pmaddubsw, [highs[v], builder.bitcast(x_word(builder.add(x_at, const(16 + 4 * v))), vec8)]),
-                        )
-                        sums = builder.add(sums, builder.call(pmaddwd, [pairs, _splat(_I16, 2 * n, 1)]))
-                else:  # 4-bit codes: 8 pair sums of at most 2 x 15 x 127 each, added as int16
-                    pairs = ir.Constant(vec16, None)
-                    for v in range(4):
-                        for codes_v, offset in ((lows[v], 4 * v), (highs[v], 16 + 4 * v)):
-                            x_quad = builder.bitcast(x_word(builder.add(x_at, const(offset))), vec8)
-                            pairs = builder.add(pairs, builder.call(pmaddubsw, [codes_v, x_quad]))
-                    sums = builder.call(pmaddwd, [pairs, _splat(_I16, 2 * n, 1)])
+                sums = token_sums[j]
                 x_block = builder.add(block_rows[j], b)
                 fix = None if words else builder.load(builder.gep(xfix.data, [x_block]))  # -8 x the block's sum of xq
                 x_scale = builder.load(builder.gep(xdx.data, [x_block]))
                 if minimums:  # the minimums meet x's block sum (times -8): exact ints, one scale
-                    x_sum = broadcast(builder.fmul(builder.sitofp(fix, _F32), x_scale), vecf)
+                    x_sum = broadcast(builder, builder.fmul(builder.sitofp(fix, F32), x_scale), n)
                     builder.store(builder.call(fma, [weight_minimums, x_sum, builder.load(min_accs[j])]), min_accs[j])
                 elif six_bits:  # q6_0's offset 32
-                    sums = builder.add(sums, broadcast(builder.shl(fix, ir.Constant(_I32, 2)), vec32))
+                    sums = builder.add(sums, broadcast(builder, builder.shl(fix, ir.Constant(I32, 2)), n))
                 elif not words:  # q4_0's offset 8
-                    sums = builder.add(sums, broadcast(fix, vec32))
-                scale = builder.fmul(weight_scales, broadcast(x_scale, vecf))
+                    sums = builder.add(sums, broadcast(builder, fix, n))
+                scale = builder.fmul(weight_scales, broadcast(builder, x_scale, n))
                 total = builder.call(fma, [builder.sitofp(sums, vecf), scale, builder.load(accs[j])])
                 builder.store(total, accs[j])
         first_row = builder.mul(group, const(n))
         if minimums:  # per-row super-scales
-            d = _load_vector(builder, parts[3].data, first_row, _F32, n)
-            dmin = builder.fmul(_load_vector(builder, parts[4].data, first_row, _F32, n), _splat(_F32, n, 0.125))
+            d = load_vector(builder, parts[3].data, first_row, F32, n)
+            dmin = builder.fmul(load_vector(builder, parts[4].data, first_row, F32, n), splat(F32, n, 0.125))
         whole = builder.icmp_signed("<=", builder.add(first_row, const(n)), n_rows)
         for j in range(n_tokens):
             total = builder.load(accs[j])
@@ -453,7 +403,7 @@ def _group_tile_codegen(fmt, n_tokens, isa):
             out_at = builder.add(builder.mul(builder.add(token, const(j)), n_rows), first_row)
             with builder.if_else(whole, likely=True) as (all_rows, some_rows):
                 with all_rows:
-                    value = builder.fadd(total, _load_vector(builder, bias.data, first_row, _F32, n))
+                    value = builder.fadd(total, load_vector(builder, bias.data, first_row, F32, n))
                     address = builder.bitcast(builder.gep(out.data, [out_at]), vecf.as_pointer())
                     builder.store(value, address, align=4)
                 with some_rows:  # the last group of a weight whose rows are not a multiple of n
@@ -471,24 +421,24 @@ def _group_tile_codegen(fmt, n_tokens, isa):
 def _group_tile(typingctx, parts, xq, xfix, xdx, bias, group, token, out, n_tokens, fmt, isa):
     """out[token + j, n group + i] = row n group + i . token token + j's rounded x + bias, for the
     group's n rows (those < R) and j < n_tokens, with format `fmt` and the instructions of `isa`
-    (literal ints; n = ROWS_PER_GROUP[isa]). Arrays as matmul_groups has them."""
-    if any(_literal(v) is None for v in (n_tokens, fmt, isa)):
+    (literal ints; n: the isa's rows a group). Arrays as matmul_groups has them."""
+    if any(literal(v) is None for v in (n_tokens, fmt, isa)):
         return None
     sig = types.none(parts, xq, xfix, xdx, bias, types.intp, types.intp, out, n_tokens, fmt, isa)
     return sig, _group_tile_codegen(fmt.literal_value, n_tokens.literal_value, isa.literal_value)
 
 
 def _tokens_tile(parts, xq, xfix, xdx, bias, group, token, out, n, fmt, isa):
-    """_group_tile for n tokens from `token` on (1..AVX2_TILE_TOKENS, or VNNI_TILE_TOKENS by the
-    literal isa), as tiles of 8 (VNNI), 4, 2 and 1 tokens: a run-time n to the literals it needs,
-    with few tile shapes to compile (a token's result is the same in any tile)."""
+    """_group_tile for n tokens from `token` on (1 up to the literal isa's widest tile, 4 or 8),
+    as tiles of 8, 4, 2 and 1 tokens: a run-time n to the literals it needs, with few tile shapes
+    to compile (a token's result is the same in any tile)."""
 
 
 @overload(_tokens_tile, prefer_literal=True, inline="always")
 def _tokens_tile_impl(parts, xq, xfix, xdx, bias, group, token, out, n, fmt, isa):
-    if _literal(isa) is None:
+    if literal(isa) is None:
         return None
-    widest = AVX2_TILE_TOKENS if _literal(isa) == AVX2 else VNNI_TILE_TOKENS
+    widest = _TILE_TOKENS[literal(isa)]
 
     def tiles(parts, xq, xfix, xdx, bias, group, token, out, n, fmt, isa):
         if widest == 8 and n & 8:
@@ -506,11 +456,23 @@ def _tokens_tile_impl(parts, xq, xfix, xdx, bias, group, token, out, n, fmt, isa
     return tiles
 
 
+def _tile_tokens(isa):
+    """The widest token tile of a literal instruction-set id."""
+
+
+@overload(_tile_tokens, prefer_literal=True)
+def _tile_tokens_impl(isa):
+    if literal(isa) is None:
+        return None
+    widest = _TILE_TOKENS[literal(isa)]
+    return lambda isa: widest
+
+
 @njit(parallel=True, cache=True)  # no fast-math flags on the tiles: their float ops stay as written
 def matmul_groups(parts, x, bias, out, fmt, isa):
     """out [T, R] = x [T, C] @ W.T + bias [R] for W as row groups (its parts tuple), float32;
-    fmt: its format id, isa: AVX2, VNNI256 or VNNI512 (literal ints: compiled per value)."""
-    tile_tokens = AVX2_TILE_TOKENS if isa == AVX2 else VNNI_TILE_TOKENS
+    fmt: its format id, isa: an instruction-set id (literal ints: compiled per value)."""
+    tile_tokens = _tile_tokens(isa)
     T, C = x.shape
     n = parts[1].shape[1] // (C // QK)  # rows a group: the per-block part holds n values a block
     xq = np.empty((T, C), _x_type(fmt))
@@ -551,7 +513,7 @@ def _block_values(parts, g, i, b, values, n, fmt):
 
 @overload(_block_values, prefer_literal=True)
 def _block_values_impl(parts, g, i, b, values, n, fmt):
-    fmt = _literal(fmt)
+    fmt = literal(fmt)
     if fmt is None:
         return None
 
@@ -624,19 +586,21 @@ def _row_reader(fmt: int):
     return read
 
 
-def matmul(weight: RowGroupWeight, x: np.ndarray, bias: np.ndarray, out: np.ndarray, isa: int | None = None) -> None:
+def matmul(weight: RowGroupWeight, x: np.ndarray, bias: np.ndarray, out: np.ndarray, target: CpuTarget | None = None) -> None:
     """out [T, R] = x [T, C] @ W.T + bias [R] (float32, C-contiguous) for a RowGroupWeight, with
-    the tiles of `isa` (AVX2, VNNI256 or VNNI512; default: this CPU's best for the weight's group
-    size)."""
+    the tiles of `target` (default: the best this CPU runs for the weight's group size)."""
     R, C = weight.shape
     T = x.shape[0] if x.ndim == 2 else -1
     # The kernel does no bounds checks: a wrong shape here would read or write out of bounds.
     if x.shape != (T, C) or bias.shape != (R,) or out.shape != (T, R) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"row-group matmul [{R}, {C}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
-    fitting = [i for i in RUNNABLE_ISAS if ROWS_PER_GROUP[i] == weight.rows_per_group]
-    if isa is None and fitting:
-        isa = fitting[-1]
+    fitting = [t for t in runnable_targets() if t.rows_per_group == weight.rows_per_group]
+    if target is None and fitting:
+        target = fitting[0]
     # Code for an instruction set the CPU lacks aborts LLVM (or dies of SIGILL): refused here.
-    if isa not in fitting:
-        raise ValueError(f"row-group tiles: isa {isa} cannot run {weight.rows_per_group}-row groups on this CPU (runnable: {fitting})")
-    _product_kernel(weight.format_id, isa)(weight.parts, np.ascontiguousarray(x, np.float32), np.ascontiguousarray(bias, np.float32), out)
+    if target not in fitting:
+        names = ", ".join(t.name for t in fitting) or "none"
+        raise ValueError(f"row-group tiles: {getattr(target, 'name', target)} cannot run {weight.rows_per_group}-row groups on this CPU (runnable: {names})")
+    _product_kernel(weight.format_id, target.isa)(
+        weight.parts, np.ascontiguousarray(x, np.float32), np.ascontiguousarray(bias, np.float32), out
+    )
