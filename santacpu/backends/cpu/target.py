@@ -124,3 +124,8 @@ def host_target(features: set[str] | None = None) -> CpuTarget | None:
     None where only the portable one runs (the float kernels serve there)."""
     best = runnable_targets(features)[0]
     return None if best.isa == PORTABLE else best
+
+
+if __name__ == "__main__":  # tools/arm64_check.sh: the emulated CPU model's features for Numba
+    print("hardware features:", hardware_features())
+    print("runnable targets:", ", ".join(target.name for target in runnable_targets()))
