@@ -6,7 +6,7 @@ Each kernel has a plain-NumPy twin in `santacpu/network/reference.py` and is tes
 preallocated outputs and never allocate per row. All are `cache=True`, so the compile cost is paid
 once per machine, not per process.
 
-fp16 weights are passed as their uint16 bits (Numba has no CPU float16 type); `_f16_to_f32`
+fp16 weights are passed as their uint16 bits (Numba has no CPU float16 type); `f16_to_f32`
 widens them with LLVM's `fpext half`, which becomes the F16C `vcvtph2ps` instruction.
 
 May import: numba, llvmlite, numpy.
@@ -36,7 +36,7 @@ def _widen_half_codegen(context, builder, signature, args):
 
 
 @intrinsic
-def _f16_to_f32(typingctx, bits):
+def f16_to_f32(typingctx, bits):
     """IEEE half (as uint16 bits) -> float32, exactly."""
     return types.float32(types.uint16), _widen_half_codegen
 
@@ -109,10 +109,10 @@ def matvec_f16(weight_bits, x, bias, out):
             s3 = np.float32(0.0)
             for c in range(n_in):
                 xc = x[c]
-                s0 += _f16_to_f32(weight_bits[first, c]) * xc
-                s1 += _f16_to_f32(weight_bits[first + 1, c]) * xc
-                s2 += _f16_to_f32(weight_bits[first + 2, c]) * xc
-                s3 += _f16_to_f32(weight_bits[first + 3, c]) * xc
+                s0 += f16_to_f32(weight_bits[first, c]) * xc
+                s1 += f16_to_f32(weight_bits[first + 1, c]) * xc
+                s2 += f16_to_f32(weight_bits[first + 2, c]) * xc
+                s3 += f16_to_f32(weight_bits[first + 3, c]) * xc
             out[first] = s0 + bias[first]
             out[first + 1] = s1 + bias[first + 1]
             out[first + 2] = s2 + bias[first + 2]
@@ -121,7 +121,7 @@ def matvec_f16(weight_bits, x, bias, out):
             for r in range(first, n_out):
                 total = np.float32(0.0)
                 for c in range(n_in):
-                    total += _f16_to_f32(weight_bits[r, c]) * x[c]
+                    total += f16_to_f32(weight_bits[r, c]) * x[c]
                 out[r] = total + bias[r]
 
 
@@ -129,7 +129,7 @@ def matvec_f16(weight_bits, x, bias, out):
 def _widen_row_f16(weight_bits, row, out_row):
     """out_row [C] = row `row` of fp16 weight bits [R, C], widened to float32."""
     for c in range(weight_bits.shape[1]):
-        out_row[c] = _f16_to_f32(weight_bits[row, c])
+        out_row[c] = f16_to_f32(weight_bits[row, c])
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)

@@ -47,7 +47,7 @@ Blocks after the last whole step keep their natural order (the drivers finish th
 A weight's format reaches the kernels as its id (`blocks.BlockFormat.format_id`), a literal
 constant, never guessed from its parts' dtypes. The instruction choice is made when a kernel
 compiles, from the target features Numba compiles for; Numba's on-disk cache is keyed by those features, so cached code never meets another CPU.
-(Like quant_kernels.py, the kernels here inline cpu_kernels.py's `_f16_to_f32`, and Numba's cache
+(Like quant_kernels.py, the kernels here inline cpu_kernels.py's `f16_to_f32`, and Numba's cache
 only tracks this file: after editing that helper, delete santacpu/backends/cpu/__pycache__/*.nb[ic].)
 (The old `<N x i32>` operand form of the VNNI intrinsics is used: LLVM 22 still upgrades it, and
 older LLVMs know only that one.)
@@ -67,7 +67,9 @@ from numba.extending import intrinsic, overload
 
 from ...formats.blocks import FORMATS as BLOCK_FORMATS
 from ...formats.blocks import QK
-from .cpu_kernels import FASTMATH, _f16_to_f32
+from .cpu_kernels import FASTMATH, f16_to_f32
+from .isa import x86
+from .isa.llvm_ir import F32, I8, I16, I32, declare, load_vector, splat
 
 LANES_PER_BLOCK = 4  # int32 lanes per block of 32 values (4 products each)
 
@@ -94,6 +96,7 @@ def choose_isa(features: set[str]) -> str | None:
 
 
 ISA = choose_isa(_target_features())
+VNNI = ISA in ("vnni512", "vnni256")  # vpdpbusd / vpdpwssd, else AVX2's multiply-add chains
 # A decode tile's rows are contiguous: each step prefetches its share of the bytes PREFETCH_BYTES
 # ahead as whole cache lines, in address order (one stream a tile, each line once; before: each
 # row's own bytes 8 rows ahead, 4 streams a tile, each line twice). 4/6-bit codes on 256-bit
@@ -107,7 +110,7 @@ VECTOR_BYTES = 64 if ISA == "vnni512" else 32  # bytes per vector register
 BLOCKS_PER_STEP = VECTOR_BYTES // 16  # S: 4-bit blocks per vector step (16 code bytes each)
 WORD_BLOCKS = VECTOR_BYTES // QK  # q8_0 blocks per vector step (32 code bytes each)
 QUADS = VECTOR_BYTES == 32  # 256-bit vectors: float work shared by 4 (row, token) pairs (_tile_codegen)
-WORD_SUMS = ISA == "avx2"  # 4-bit codes' quads summed as int16 (_quad_sum_words)
+WORD_SUMS = ISA == "avx2"  # 4-bit codes' quads summed as int16 (x86.quad_sum_words)
 # The formats with integer kernels, and the integer range x is rounded to for each.
 ACTIVATION_LEVELS = {"q8_0": 32767, "q4_0": 127, "q4_m": 127, "q6_0": 127}
 FORMATS = tuple(ACTIVATION_LEVELS)
@@ -123,55 +126,19 @@ def _format_name(fmt) -> str | None:
 
 # --- LLVM IR helpers (S = BLOCKS_PER_STEP; a step's codes are one vector of 16 S bytes) -----------
 
-_I8, _I16, _I32, _F32 = ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.FloatType()
-
-
-def _splat(element_type, n, value):
-    return ir.Constant(ir.VectorType(element_type, n), [value] * n)
-
-
-def _load_vector(builder, data, offset, element_type, n):
-    """Load <n x element_type> from the element pointer `data` + `offset` (unaligned)."""
-    address = builder.bitcast(builder.gep(data, [offset]), ir.VectorType(element_type, n).as_pointer())
-    return builder.load(address, align=1)
-
-
-def _declare(builder, name, return_type, *arg_types):
-    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(return_type, arg_types), name)
-
-
-def _dot_accumulate(builder, acc, low, x_low, high, x_high):
-    """acc <4S x i32> + per-lane sums of 4 products low . x_low and 4 products high . x_high
-    (codes: unsigned bytes, x: signed bytes). On AVX2 the two halves' pair sums (vpmaddubsw) are
-    added as int16 before one vpmaddwd widens them: at most 2 x (2 x 63 x 127) = 32004, no
-    overflow for 6-bit codes, and the int32 sums are the same integers as two separate widenings,
-    with one multiply instruction fewer."""
-    n_bytes = low.type.count
-    lanes = n_bytes // 4
-    if ISA in ("vnni512", "vnni256"):
-        vec32 = ir.VectorType(_I32, lanes)
-        vpdpbusd = _declare(builder, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", vec32, vec32, vec32, vec32)
-        for codes, xq in ((low, x_low), (high, x_high)):
-            acc = builder.call(vpdpbusd, [acc, builder.bitcast(codes, vec32), builder.bitcast(xq, vec32)])
-        return acc
-    vec16, vec32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-    pairs = _pair_sums(builder, low, high, x_low, x_high)
-    quads = builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [pairs, _splat(_I16, 16, 1)])
-    return builder.add(acc, quads)
-
 
 def _repeat_per_lane(builder, per_block, lanes_per_block=LANES_PER_BLOCK):
     """<n x T> per-block values -> <n * lanes_per_block x T>, each repeated for its block's lanes."""
     lanes = per_block.type.count * lanes_per_block
-    mask = ir.Constant(ir.VectorType(_I32, lanes), [i // lanes_per_block for i in range(lanes)])
+    mask = ir.Constant(ir.VectorType(I32, lanes), [i // lanes_per_block for i in range(lanes)])
     return builder.shuffle_vector(per_block, ir.Constant(per_block.type, None), mask)
 
 
 def _widen_scales(builder, raw, fmt, lanes):
     """Weight scales <n x i16> (fp16 bits) or <n x i8> (q4_m's unsigned codes) -> <n x float>."""
     if fmt == "q4_m":
-        return builder.uitofp(raw, ir.VectorType(_F32, lanes))
-    return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(_F32, lanes))
+        return builder.uitofp(raw, ir.VectorType(F32, lanes))
+    return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), lanes)), ir.VectorType(F32, lanes))
 
 
 def _concatenate(builder, vectors):
@@ -181,7 +148,7 @@ def _concatenate(builder, vectors):
         if len(vectors) % 2:
             vectors = vectors + [vectors[-1]]
         n = vectors[0].type.count
-        mask = ir.Constant(ir.VectorType(_I32, 2 * n), list(range(2 * n)))
+        mask = ir.Constant(ir.VectorType(I32, 2 * n), list(range(2 * n)))
         vectors = [builder.shuffle_vector(a, b, mask) for a, b in zip(vectors[::2], vectors[1::2])]
     return vectors[0]
 
@@ -190,35 +157,8 @@ def _pick_lanes(builder, vectors, picks):
     """<len(picks) x T> whose lane L is element picks[L][1] of vectors[picks[L][0]]."""
     n = vectors[0].type.count
     joined = _concatenate(builder, list(vectors))
-    mask = ir.Constant(ir.VectorType(_I32, len(picks)), [v * n + e for v, e in picks])
+    mask = ir.Constant(ir.VectorType(I32, len(picks)), [v * n + e for v, e in picks])
     return builder.shuffle_vector(joined, ir.Constant(joined.type, None), mask)
-
-
-def _quad_sum(builder, sums):
-    """The lane sums <8 x i32> of up to 4 (row, token) pairs -> one <8 x i32> whose lane 4h + p is
-    pair p's lanes 4h..4h+3 summed (h: the vector's half); two levels of vphaddd."""
-    vec32 = ir.VectorType(_I32, 8)
-    phadd = _declare(builder, "llvm.x86.avx2.phadd.d", vec32, vec32, vec32)
-    sums = list(sums) + [ir.Constant(vec32, None)] * (4 - len(sums))
-    return builder.call(phadd, [builder.call(phadd, [sums[0], sums[1]]), builder.call(phadd, [sums[2], sums[3]])])
-
-
-def _pair_sums(builder, low, high, x_low, x_high):
-    """AVX2: <16 x i16> sums of 4 products (low . x_low and high . x_high, 2 each: vpmaddubsw
-    twice, added); at most 2 x 2 x 15 x 127 = 7620 for 4-bit codes, 32004 for 6-bit ones."""
-    vec8, vec16 = ir.VectorType(_I8, 32), ir.VectorType(_I16, 16)
-    pmaddubsw = _declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
-    return builder.add(builder.call(pmaddubsw, [low, x_low]), builder.call(pmaddubsw, [high, x_high]))
-
-
-def _quad_sum_words(builder, sums):
-    """AVX2, 4-bit codes: _pair_sums of up to 4 pairs -> <8 x i32> as _quad_sum's, summed as int16
-    by two vphaddw (at most 4 x 7620 = 30480, no overflow) and widened by one vpmaddwd."""
-    vec16, vec32 = ir.VectorType(_I16, 16), ir.VectorType(_I32, 8)
-    phadd = _declare(builder, "llvm.x86.avx2.phadd.w", vec16, vec16, vec16)
-    sums = list(sums) + [ir.Constant(vec16, None)] * (4 - len(sums))
-    quad = builder.call(phadd, [builder.call(phadd, [sums[0], sums[1]]), builder.call(phadd, [sums[2], sums[3]])])
-    return builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [quad, _splat(_I16, 16, 1)])
 
 
 def _quads(n_rows, n_tokens):
@@ -241,13 +181,13 @@ def _q6_high_bits(builder, qh, n_blocks):
     n = 16 * n_blocks
     mask = [8 * b + j % 8 for b in range(n_blocks) for j in range(16)]
     repeated = builder.bitcast(
-        builder.shuffle_vector(qh, ir.Constant(qh.type, None), ir.Constant(ir.VectorType(_I32, n), mask)),
-        ir.VectorType(_I32, n // 4),
+        builder.shuffle_vector(qh, ir.Constant(qh.type, None), ir.Constant(ir.VectorType(I32, n), mask)),
+        ir.VectorType(I32, n // 4),
     )
-    low_shift = ir.Constant(ir.VectorType(_I32, n // 4), [4, 4, 2, 2] * n_blocks)  # pairs 0, 1 -> bits 4-5
-    high_shift = ir.Constant(ir.VectorType(_I32, n // 4), [0, 0, 2, 2] * n_blocks)  # pairs 2, 3 -> bits 4-5
-    bits = _splat(_I8, n, 0x30)
-    vec8 = ir.VectorType(_I8, n)
+    low_shift = ir.Constant(ir.VectorType(I32, n // 4), [4, 4, 2, 2] * n_blocks)  # pairs 0, 1 -> bits 4-5
+    high_shift = ir.Constant(ir.VectorType(I32, n // 4), [0, 0, 2, 2] * n_blocks)  # pairs 2, 3 -> bits 4-5
+    bits = splat(I8, n, 0x30)
+    vec8 = ir.VectorType(I8, n)
     low = builder.and_(builder.bitcast(builder.shl(repeated, low_shift), vec8), bits)
     high = builder.and_(builder.bitcast(builder.lshr(repeated, high_shift), vec8), bits)
     return low, high
@@ -257,20 +197,10 @@ def _horizontal_sum(builder, vector):
     n = vector.type.count
     while n > 1:
         n //= 2
-        low = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
-        high = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(_I32, n), list(range(n, 2 * n))))
+        low = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(I32, n), list(range(n))))
+        high = builder.shuffle_vector(vector, vector, ir.Constant(ir.VectorType(I32, n), list(range(n, 2 * n))))
         vector = builder.fadd(low, high)
-    return builder.extract_element(vector, ir.Constant(_I32, 0))
-
-
-def _word_dot(builder, acc, words, x_words):
-    """acc <n x i32> + per-lane sums of 2 products of int16 vectors <2n x i16>."""
-    n = acc.type.count
-    vec16, vec32 = ir.VectorType(_I16, 2 * n), ir.VectorType(_I32, n)
-    if ISA in ("vnni512", "vnni256"):
-        vpdpwssd = _declare(builder, f"llvm.x86.avx512.vpdpwssd.{32 * n}", vec32, vec32, vec32, vec32)
-        return builder.call(vpdpwssd, [acc, builder.bitcast(words, vec32), builder.bitcast(x_words, vec32)])
-    return builder.add(acc, builder.call(_declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [words, x_words]))
+    return builder.extract_element(vector, ir.Constant(I32, 0))
 
 
 def _tile_codegen(fmt, n_rows, n_tokens):
@@ -279,7 +209,7 @@ def _tile_codegen(fmt, n_rows, n_tokens):
     ahead (decode streams the weights from memory; many tokens reuse rows from cache). Float work
     per step (every tile shape does the same per (row, token), so all shapes give the same sums):
     - 4/6-bit codes on 256-bit vectors (QUADS): the int32 lanes of 4 (row, token) pairs are summed
-      per block (_quad_sum, _quad_sum_words) into one vector, lane 4h + p for pair p and block h of
+      per block (x86.quad_sum, x86.quad_sum_words) into one vector, lane 4h + p for pair p and block h of
       the step, then converted, scaled and accumulated once for the 4 pairs; a pair's result is its
       two lanes added at the end;
     - q8_0, and 512-bit vectors: one float accumulator per pair, updated lane by lane, reduced at
@@ -308,7 +238,7 @@ def _tile_codegen(fmt, n_rows, n_tokens):
             xfix = None
         else:
             codes, qh, scale_parts = parts
-        scale_element = _I8 if fmt == "q4_m" else _I16
+        scale_element = I8 if fmt == "q4_m" else I16
         n_bytes = VECTOR_BYTES  # code bytes per step and row
         lanes = n_bytes // 4
         x_per_step = n_bytes if words else 2 * n_bytes  # x values per step
@@ -319,17 +249,17 @@ def _tile_codegen(fmt, n_rows, n_tokens):
         x_cols = cgutils.unpack_tuple(builder, xq.shape, 2)[1]
         lane_cols = cgutils.unpack_tuple(builder, xdx.shape, 2)[1]
         n_out = cgutils.unpack_tuple(builder, out.shape, 2)[1]
-        acc_type = ir.VectorType(_F32, lanes)
+        acc_type = ir.VectorType(F32, lanes)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(acc_type, None)) for _ in groups]
-        fmuladd = _declare(builder, f"llvm.fmuladd.v{lanes}f32", acc_type, acc_type, acc_type, acc_type)
-        prefetch = _declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), ir.IntType(8).as_pointer(), _I32, _I32, _I32)
+        fmuladd = declare(builder, f"llvm.fmuladd.v{lanes}f32", acc_type, acc_type, acc_type, acc_type)
+        prefetch = declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), ir.IntType(8).as_pointer(), I32, I32, I32)
         rows = [builder.add(row, const(i)) for i in range(n_rows)]
         code_rows = [builder.mul(r, codes_per_row) for r in rows]
         x_rows = [builder.mul(builder.add(token, const(j)), x_cols) for j in range(n_tokens)]
         lane_rows = [builder.mul(builder.add(token, const(j)), lane_cols) for j in range(n_tokens)]
-        x_element = _I16 if words else _I8
+        x_element = I16 if words else I8
         halves = [  # q8_0: the code bytes of each half of a step, values 16k..16k+15 of every block
-            ir.Constant(ir.VectorType(_I32, n_bytes // 2), [QK * b + 16 * k + j for b in range(S) for j in range(16)])
+            ir.Constant(ir.VectorType(I32, n_bytes // 2), [QK * b + 16 * k + j for b in range(S) for j in range(16)])
             for k in range(2)
         ] if words else None
         with cgutils.for_range(builder, n_steps) as loop:
@@ -340,50 +270,50 @@ def _tile_codegen(fmt, n_rows, n_tokens):
             block_at = builder.mul(step, const(S))
             row_codes, row_scales = [], []  # per row: (low, high) code vectors; scales <S x i16|i8>
             for i in range(n_rows):
-                packed = _load_vector(builder, codes.data, builder.add(code_rows[i], code_at), _I8, n_bytes)
+                packed = load_vector(builder, codes.data, builder.add(code_rows[i], code_at), I8, n_bytes)
                 if n_tokens == 1 and i < n_rows * n_bytes // 64:  # line i of the step's share ahead
                     share = builder.add(builder.mul(step, const(n_rows * n_bytes)), const(64 * i))
                     ahead = builder.add(builder.add(code_rows[0], const(PREFETCH_BYTES)), share)
                     address = builder.bitcast(builder.gep(codes.data, [ahead]), ir.IntType(8).as_pointer())
-                    builder.call(prefetch, [address, ir.Constant(_I32, 0), ir.Constant(_I32, locality), ir.Constant(_I32, 1)])
+                    builder.call(prefetch, [address, ir.Constant(I32, 0), ir.Constant(I32, locality), ir.Constant(I32, 1)])
                 if words:  # the step's values 0..15 of each block, then 16..31, as int16
                     low, high = (
-                        builder.sext(builder.shuffle_vector(packed, packed, pick), ir.VectorType(_I16, n_bytes // 2))
+                        builder.sext(builder.shuffle_vector(packed, packed, pick), ir.VectorType(I16, n_bytes // 2))
                         for pick in halves
                     )
                 else:
-                    low = builder.and_(packed, _splat(_I8, n_bytes, 0x0F))
-                    high = builder.lshr(packed, _splat(_I8, n_bytes, 4))
+                    low = builder.and_(packed, splat(I8, n_bytes, 0x0F))
+                    high = builder.lshr(packed, splat(I8, n_bytes, 4))
                 if qh is not None:
                     qh_at = builder.add(builder.mul(rows[i], builder.mul(n_blocks, const(8))), builder.mul(step, const(8 * S)))
-                    high_bits = _q6_high_bits(builder, _load_vector(builder, qh.data, qh_at, _I8, 8 * S), S)
+                    high_bits = _q6_high_bits(builder, load_vector(builder, qh.data, qh_at, I8, 8 * S), S)
                     low, high = builder.or_(low, high_bits[0]), builder.or_(high, high_bits[1])
                 row_codes.append((low, high))
                 scale_at = builder.add(builder.mul(rows[i], n_blocks), block_at)
-                row_scales.append(_load_vector(builder, scale_parts.data, scale_at, scale_element, S))
-            x_scales = [_load_vector(builder, xdx.data, builder.add(lane_rows[j], lane_at), _F32, lanes) for j in range(n_tokens)]
+                row_scales.append(load_vector(builder, scale_parts.data, scale_at, scale_element, S))
+            x_scales = [load_vector(builder, xdx.data, builder.add(lane_rows[j], lane_at), F32, lanes) for j in range(n_tokens)]
 
             x_fixes = [
-                _load_vector(builder, xfix.data, builder.add(lane_rows[j], lane_at), _I32, lanes) for j in range(n_tokens)
+                load_vector(builder, xfix.data, builder.add(lane_rows[j], lane_at), I32, lanes) for j in range(n_tokens)
             ] if xfix is not None else None
 
             def x_values(i, j):
                 n_x = row_codes[i][0].type.count
-                x_low = _load_vector(builder, xq.data, builder.add(x_rows[j], x_at), x_element, n_x)
-                return x_low, _load_vector(builder, xq.data, builder.add(builder.add(x_rows[j], x_at), const(n_x)), x_element, n_x)
+                x_low = load_vector(builder, xq.data, builder.add(x_rows[j], x_at), x_element, n_x)
+                return x_low, load_vector(builder, xq.data, builder.add(builder.add(x_rows[j], x_at), const(n_x)), x_element, n_x)
 
             def lane_sums(i, j, fix=True):
                 """Row i . token j over this step: <lanes x i32>, lane g of block b at b * lanes_per_block + g."""
                 low, high = row_codes[i]
-                start = ir.Constant(ir.VectorType(_I32, lanes), None)
+                start = ir.Constant(ir.VectorType(I32, lanes), None)
                 if xfix is not None and fix:
                     start = x_fixes[j]
                     if fmt == "q6_0":  # offset 32 = 4 x 8
-                        start = builder.shl(start, _splat(_I32, lanes, 2))
+                        start = builder.shl(start, splat(I32, lanes, 2))
                 x_low, x_high = x_values(i, j)
                 if words:
-                    return _word_dot(builder, _word_dot(builder, start, low, x_low), high, x_high)
-                return _dot_accumulate(builder, start, low, x_low, high, x_high)
+                    return x86.lane_word_dot(builder, VNNI, x86.lane_word_dot(builder, VNNI, start, low, x_low), high, x_high)
+                return x86.lane_dot(builder, VNNI, start, low, x_low, high, x_high)
 
             for group, acc in zip(groups, accs):
                 if quads:  # lane 4h + p: pair p's block h of the step
@@ -391,12 +321,12 @@ def _tile_codegen(fmt, n_rows, n_tokens):
                     block_of_lane = [(p, h) for h in range(2) for p in range(4)]  # element h of a row's scales
                     lane_of_block = [(p, 4 * h) for p, h in block_of_lane]  # a token's lane 4h: block h
                     if WORD_SUMS and fmt in ("q4_0", "q4_m"):
-                        sums = _quad_sum_words(builder, [_pair_sums(builder, *row_codes[i], *x_values(i, j)) for i, j in group])
+                        sums = x86.quad_sum_words(builder, [x86.pair_sums(builder, *row_codes[i], *x_values(i, j)) for i, j in group])
                     else:
-                        sums = _quad_sum(builder, [lane_sums(i, j, fix=False) for i, j in group])
+                        sums = x86.quad_sum(builder, [lane_sums(i, j, fix=False) for i, j in group])
                     if xfix is not None:  # each block's fix, the same in all its lanes
                         fix = _pick_lanes(builder, [x_fixes[j] for _, j in members], lane_of_block)
-                        sums = builder.add(sums, builder.shl(fix, _splat(_I32, lanes, 2)) if fmt == "q6_0" else fix)
+                        sums = builder.add(sums, builder.shl(fix, splat(I32, lanes, 2)) if fmt == "q6_0" else fix)
                     weight = _widen_scales(builder, _pick_lanes(builder, [row_scales[i] for i, _ in members], block_of_lane), fmt, lanes)
                     x_scale = _pick_lanes(builder, [x_scales[j] for _, j in members], lane_of_block)
                 else:
@@ -410,7 +340,7 @@ def _tile_codegen(fmt, n_rows, n_tokens):
             total = builder.load(acc)
             for p, (i, j) in enumerate(group):
                 if quads:
-                    lane = lambda k: builder.extract_element(total, ir.Constant(_I32, k))  # noqa: E731
+                    lane = lambda k: builder.extract_element(total, ir.Constant(I32, k))  # noqa: E731
                     value = builder.fadd(lane(p), lane(4 + p))
                 else:
                     value = _horizontal_sum(builder, total)
@@ -439,7 +369,7 @@ def _tile(typingctx, parts, xq, xfix, xdx, row, token, n_steps, out, n_rows, n_t
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
-def _block_rounding(x, t, c0, levels):
+def block_rounding(x, t, c0, levels):
     """(scale, 1 / scale or 0) rounding the block x[t, c0:c0+32] to integers in -levels..levels."""
     amax = np.float32(0.0)
     for j in range(QK):
@@ -458,7 +388,7 @@ def quantize_activations(x, xq, xfix, xdx):
     for t in range(x.shape[0]):
         for b in range(n_blocks):
             c0 = b * QK
-            scale, inverse = _block_rounding(x, t, c0, 127)
+            scale, inverse = block_rounding(x, t, c0, 127)
             if b < whole:
                 step_at = (b // S) * S * QK
                 low_at = step_at + (b % S) * 16
@@ -494,7 +424,7 @@ def quantize_activations_words(x, xq, xdx):
     whole = n_blocks // WORD_BLOCKS * WORD_BLOCKS
     for t in range(x.shape[0]):
         for b in range(n_blocks):
-            scale, inverse = _block_rounding(x, t, QK * b, 32767)
+            scale, inverse = block_rounding(x, t, QK * b, 32767)
             for lane in range(8 * b, 8 * b + 8):
                 xdx[t, lane] = scale
             step_at = (b // WORD_BLOCKS) * WORD_BLOCKS * QK
@@ -604,17 +534,17 @@ def _block_tail(parts, r, b, xq, xfix, fmt):
 def _block_tail_impl(parts, r, b, xq, xfix, fmt):
     name = _format_name(fmt)
     if name == "q4_0":
-        return lambda parts, r, b, xq, xfix, fmt: _f16_to_f32(parts[1][r, b]) * np.float32(
+        return lambda parts, r, b, xq, xfix, fmt: f16_to_f32(parts[1][r, b]) * np.float32(
             _nibble_dot(parts[0], r, b, xq) + _fix_sum(xfix, b)
         )
     if name == "q4_m":
         return lambda parts, r, b, xq, xfix, fmt: np.float32(parts[1][r, b]) * np.float32(_nibble_dot(parts[0], r, b, xq))
     if name == "q6_0":
-        return lambda parts, r, b, xq, xfix, fmt: _f16_to_f32(parts[2][r, b]) * np.float32(
+        return lambda parts, r, b, xq, xfix, fmt: f16_to_f32(parts[2][r, b]) * np.float32(
             _q6_dot(parts[0], parts[1], r, b, xq) + 4 * _fix_sum(xfix, b)
         )
     if name == "q8_0":
-        return lambda parts, r, b, xq, xfix, fmt: _f16_to_f32(parts[1][r, b]) * np.float32(_word_block_dot(parts[0], r, b, xq))
+        return lambda parts, r, b, xq, xfix, fmt: f16_to_f32(parts[1][r, b]) * np.float32(_word_block_dot(parts[0], r, b, xq))
     return None
 
 

@@ -42,7 +42,7 @@ from . import int_dot
 from .cpu_kernels import (
     FASTMATH,
     ROWS,
-    _f16_to_f32,
+    f16_to_f32,
     _prefetch,
     _stack_zeros,
     rows_times_tokens,
@@ -103,10 +103,10 @@ def _f16_scales(d, row, b, rows):
     slower dequantization, measured)."""
     zero = np.float32(0.0)
     return (
-        _f16_to_f32(d[row, b]),
-        _f16_to_f32(d[row + 1, b]) if rows > 1 else zero,
-        _f16_to_f32(d[row + 2, b]) if rows > 2 else zero,
-        _f16_to_f32(d[row + 3, b]) if rows > 3 else zero,
+        f16_to_f32(d[row, b]),
+        f16_to_f32(d[row + 1, b]) if rows > 1 else zero,
+        f16_to_f32(d[row + 2, b]) if rows > 2 else zero,
+        f16_to_f32(d[row + 3, b]) if rows > 3 else zero,
     )
 
 

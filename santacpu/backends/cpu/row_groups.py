@@ -56,8 +56,8 @@ from numba.extending import intrinsic, overload
 from ...formats.blocks import FORMATS as BLOCK_FORMATS
 from ...formats.blocks import QK, QuantizedWeight
 from ...formats.safetensors_io import release_mapped_pages
-from .cpu_kernels import FASTMATH, _f16_to_f32
-from .int_dot import _block_rounding
+from .cpu_kernels import FASTMATH, f16_to_f32
+from .int_dot import block_rounding
 from .isa import for_isa
 from .isa.llvm_ir import F32, I8, I16, I32, broadcast, declare, literal, load_vector, splat
 from .target import TARGETS, CpuTarget, runnable_targets
@@ -237,7 +237,7 @@ def round_natural(x, xq, xfix, xdx, first, last):
     [T, C/32] (-8 x each block's sum of xq), xdx float32 [T, C/32] (the block scales)."""
     for t in range(first, last):
         for b in range(x.shape[1] // QK):
-            scale, inverse = _block_rounding(x, t, QK * b, 127)
+            scale, inverse = block_rounding(x, t, QK * b, 127)
             total = 0
             for j in range(QK * b, QK * b + QK):
                 q = np.int8(np.rint(x[t, j] * inverse))
@@ -252,7 +252,7 @@ def round_natural_words(x, xq, xdx, first, last):
     """As round_natural for q8_0: xq int16 [T, C] (max |x| -> 32767, int_dot's rounding for q8_0)."""
     for t in range(first, last):
         for b in range(x.shape[1] // QK):
-            scale, inverse = _block_rounding(x, t, QK * b, 32767)
+            scale, inverse = block_rounding(x, t, QK * b, 32767)
             for j in range(QK * b, QK * b + QK):
                 xq[t, j] = np.int16(np.rint(x[t, j] * inverse))
             xdx[t, b] = scale
@@ -518,13 +518,13 @@ def _block_values_impl(parts, g, i, b, values, n, fmt):
         return None
 
     def q8_0(parts, g, i, b, values, n, fmt):
-        d = _f16_to_f32(parts[1][g, n * b + i])
+        d = f16_to_f32(parts[1][g, n * b + i])
         for p in range(QK // 2):
             for k in range(2):
                 values[2 * p + k] = d * np.float32(parts[0][g, 32 * n * b + 2 * n * p + 2 * i + k])
 
     def q6_0(parts, g, i, b, values, n, fmt):
-        d, codes, at = _f16_to_f32(parts[1][g, n * b + i]), parts[0], 24 * n * b
+        d, codes, at = f16_to_f32(parts[1][g, n * b + i]), parts[0], 24 * n * b
         for v in range(4):
             for m in range(4):
                 byte = np.int32(codes[g, at + 4 * n * v + 4 * i + m])
@@ -534,7 +534,7 @@ def _block_values_impl(parts, g, i, b, values, n, fmt):
                 values[16 + 4 * v + m] = d * (np.float32((byte >> 4) + 16 * high_top) - np.float32(32.0))
 
     def q4_0(parts, g, i, b, values, n, fmt):  # d (q - 8)
-        _nibble_values(parts, g, i, b, values, n, _f16_to_f32(parts[1][g, n * b + i]), np.float32(8.0), np.float32(0.0))
+        _nibble_values(parts, g, i, b, values, n, f16_to_f32(parts[1][g, n * b + i]), np.float32(8.0), np.float32(0.0))
 
     def q4_m(parts, g, i, b, values, n, fmt):  # (d sc) q - dmin mn
         at = n * b + i
