@@ -98,13 +98,8 @@ def choose_isa(features: set[str]) -> str | None:
 ISA = choose_isa(_target_features())
 VNNI = ISA in ("vnni512", "vnni256")  # vpdpbusd / vpdpwssd, else AVX2's multiply-add chains
 # A decode tile's rows are contiguous: each step prefetches its share of the bytes PREFETCH_BYTES
-# ahead as whole cache lines, in address order (one stream a tile, each line once; before: each
-# row's own bytes 8 rows ahead, 4 streams a tile, each line twice). 4/6-bit codes on 256-bit
-# vectors go into L1 (prefetcht0), the rest into L2 (prefetcht1). On the AMD EPYC (Zen 3, 2
-# threads, the full models' mapped matrices, old and new kernels alternating in one process,
-# median of 20-40 passes): q4_0 matrices 26.3-28.0 -> 25.6-25.7 ms, q4_m 35.4 -> 31.3, the q6_0 LM
-# head 6.0 -> 5.5; q8_0 unchanged into L2 (37.5-41.0 against 37.6-42.0 ms), slower into L1. (On
-# the AVX-512 Xeon, with the old prefetch, L2 had beaten L1: 31.7 against 35.3 ms.)
+# ahead as whole cache lines, in address order (one stream a tile, each line once). 4/6-bit codes
+# on 256-bit vectors go into L1 (prefetcht0), the rest into L2 (prefetcht1): docs/kernels.md.
 PREFETCH_BYTES = 8192
 VECTOR_BYTES = 64 if ISA == "vnni512" else 32  # bytes per vector register
 BLOCKS_PER_STEP = VECTOR_BYTES // 16  # S: 4-bit blocks per vector step (16 code bytes each)
@@ -608,8 +603,7 @@ def _finish(parts, xq, xfix, xdx, block_sums, n_steps, r, t, bias, out, fmt):
 
 DECODE_ROWS = 4  # rows of a one-token tile: one parallel job streams this many rows at once
 # A prompt's tile (rows x tokens) per format. With 32 vector registers (AVX-512) a 4 x 3 tile keeps
-# its 12 accumulators and the tokens' x in registers (4 x 4 spilled: 54 against 49 ms for 512 x
-# [8192 x 2048] q4_0). With 16 (AVX2) the 256-bit kernels' quads (one accumulator for 4 rows) let
+# its 12 accumulators and the tokens' x in registers (4 x 4 spills). With 16 (AVX2) the 256-bit kernels' quads (one accumulator for 4 rows) let
 # 4 x 3 fit too, except for q6_0, whose high bits take two more vectors a row: one row against 8
 # tokens (two token quads) there.
 REGISTERS = 32 if ISA == "vnni512" or "avx512f" in _target_features() else 16
@@ -617,7 +611,7 @@ PROMPT_TILE = {fmt: (4, 3) for fmt in FORMATS}
 if REGISTERS == 16:
     PROMPT_TILE["q6_0"] = (1, 8)
 PANEL_ROWS = 64  # rows a thread takes through all the tokens before the next rows, so that they
-# stay in L2 while each group of tokens' x stays in L1 (all rows per token group: 59 -> 49 ms)
+# stay in L2 while each group of tokens' x stays in L1
 
 
 def _panel(parts, xq, xfix, xdx, n_steps, panel, out, fmt):
@@ -645,7 +639,7 @@ def _panel_impl(parts, xq, xfix, xdx, n_steps, panel, out, fmt):
                 for t in range(token, token + tile_tokens):
                     _tile(parts, xq, xfix, xdx, row, t, n_steps, out, 1, 1, fmt)
         # The 1 or 2 tokens after the last whole tile go through tiles of all the tile's rows too,
-        # not 1 x 1 tiles: a batched decode step of 8 tokens, full q4_0 model, 208 -> 144 ms.
+        # not 1 x 1 tiles (a batched decode step of 8 tokens is their common case).
         left = T - whole_tokens
         if tile_rows > 1 and left == 2:
             for row in range(first, whole_rows, tile_rows):

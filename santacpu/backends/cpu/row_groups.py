@@ -343,6 +343,23 @@ def _group_tile_codegen(fmt, n_tokens, isa):
                 return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), n)), vecf)
             return builder.uitofp(load_vector(builder, part.data, at, I8, n), vecf)
 
+        def accumulate(j, sums, b, weight_scales, weight_minimums):
+            """Token j's block sums <n x i32> into its accumulators: the offsets, then one fused
+            multiply-add by the weight's and x's block scales (the same operations in any tile)."""
+            x_block = builder.add(block_rows[j], b)
+            fix = None if words else builder.load(builder.gep(xfix.data, [x_block]))  # -8 x the block's sum of xq
+            x_scale = builder.load(builder.gep(xdx.data, [x_block]))
+            if minimums:  # the minimums meet x's block sum (times -8): exact ints, one scale
+                x_sum = broadcast(builder, builder.fmul(builder.sitofp(fix, F32), x_scale), n)
+                builder.store(builder.call(fma, [weight_minimums, x_sum, builder.load(min_accs[j])]), min_accs[j])
+            elif six_bits:  # q6_0's offset 32
+                sums = builder.add(sums, broadcast(builder, builder.shl(fix, ir.Constant(I32, 2)), n))
+            elif not words:  # q4_0's offset 8
+                sums = builder.add(sums, broadcast(builder, fix, n))
+            scale = builder.fmul(weight_scales, broadcast(builder, x_scale, n))
+            total = builder.call(fma, [builder.sitofp(sums, vecf), scale, builder.load(accs[j])])
+            builder.store(total, accs[j])
+
         with cgutils.for_range(builder, n_blocks) as loop:
             b = loop.index
             code_at = builder.add(group_codes, builder.mul(b, const(group_bytes)))
@@ -375,22 +392,16 @@ def _group_tile_codegen(fmt, n_tokens, isa):
                             )
                             bits = builder.and_(builder.bitcast(moved, vec8), splat(I8, 4 * n, 0x30))
                             codes_v[v] = builder.or_(codes_v[v], bits)
-                token_sums = products.nibble_sums(builder, isa, lows, highs, tokens, six_bits)
-            for j in range(n_tokens):
-                sums = token_sums[j]
-                x_block = builder.add(block_rows[j], b)
-                fix = None if words else builder.load(builder.gep(xfix.data, [x_block]))  # -8 x the block's sum of xq
-                x_scale = builder.load(builder.gep(xdx.data, [x_block]))
-                if minimums:  # the minimums meet x's block sum (times -8): exact ints, one scale
-                    x_sum = broadcast(builder, builder.fmul(builder.sitofp(fix, F32), x_scale), n)
-                    builder.store(builder.call(fma, [weight_minimums, x_sum, builder.load(min_accs[j])]), min_accs[j])
-                elif six_bits:  # q6_0's offset 32
-                    sums = builder.add(sums, broadcast(builder, builder.shl(fix, ir.Constant(I32, 2)), n))
-                elif not words:  # q4_0's offset 8
-                    sums = builder.add(sums, broadcast(builder, fix, n))
-                scale = builder.fmul(weight_scales, broadcast(builder, x_scale, n))
-                total = builder.call(fma, [builder.sitofp(sums, vecf), scale, builder.load(accs[j])])
-                builder.store(total, accs[j])
+                # a few tokens at a time (one; i8mm: a pair), each accumulated right after its
+                # sums, so that few sums are live at once
+                step = products.tokens_per_call(isa)
+                for j0 in range(0, n_tokens, step):
+                    chunk = products.nibble_sums(builder, isa, lows, highs, tokens[j0 : j0 + step], six_bits)
+                    for j, sums in enumerate(chunk, j0):
+                        accumulate(j, sums, b, weight_scales, weight_minimums)
+            if words:
+                for j in range(n_tokens):
+                    accumulate(j, token_sums[j], b, weight_scales, weight_minimums)
         first_row = builder.mul(group, const(n))
         if minimums:  # per-row super-scales
             d = load_vector(builder, parts[3].data, first_row, F32, n)

@@ -72,6 +72,11 @@ def _pair_sums(builder, lows, highs, first, second):
     return _shuffle(builder, blocks[0], blocks[1], [0, 2, 4, 6]), _shuffle(builder, blocks[0], blocks[1], [1, 3, 5, 7])
 
 
+def tokens_per_call(isa: int) -> int:
+    """Tokens one nibble_sums call should take (the tile accumulates each call's sums at once)."""
+    return 2 if isa == NEON_I8MM else 1
+
+
 def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool):
     """Each token's block sums <4 x i32> (as `x86.nibble_sums`); with i8mm, tokens are taken in
     pairs (`tokens[j].pair(offset)`: x's 8 int8 values at block offset `offset` as <2 x i32>)."""

@@ -36,6 +36,11 @@ def word_dot(builder, isa: int, sums, words, xs):
     return builder.add(sums, _products(builder, words, builder.bitcast(xs, words.type), n, 2))
 
 
+def tokens_per_call(isa: int) -> int:
+    """Tokens one nibble_sums call should take (the tile accumulates each call's sums at once)."""
+    return 1
+
+
 def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool):
     """Each token's block sums <n x i32> (as `x86.nibble_sums`)."""
     n = lows[0].type.count // 4

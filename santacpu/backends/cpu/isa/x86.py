@@ -33,6 +33,11 @@ def word_dot(builder, isa: int, sums, words, xs):
     return lane_word_dot(builder, _vnni(isa), sums, words, builder.bitcast(xs, words.type))
 
 
+def tokens_per_call(isa: int) -> int:
+    """Tokens one nibble_sums call should take (the tile accumulates each call's sums at once)."""
+    return 1
+
+
 def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool):
     """Each token's block sums <n x i32> (a list, one per token of `tokens`): lane i holds row i's
     32 codes (lows[v]: values 4v..4v+3 of each row, <4n x i8>; highs[v]: values 16+4v..) times the
