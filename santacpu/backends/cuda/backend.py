@@ -18,8 +18,9 @@ activations come from a pool, the same arrays every step of its size. `launch_mo
 `describe()` say whether steps are graphs, and why not.
 
 Under the simulator (`NUMBA_ENABLE_CUDASIM=1`: every thread a Python thread) the same kernels run
-with small blocks (`SIMULATOR_SHAPES`): the kernels are written for any block size, and the tests
-cover both sizes on small shapes.
+with small blocks (`SIMULATOR_SHAPES`) and warps of `values.LANES` = 4 lanes (a GPU's are 32):
+the kernels are written for any block size and lane count, and the tests cover both block sizes
+on small shapes (the 32 lanes on a GPU, under tools/gpu_check.sh).
 
 Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -46,7 +48,7 @@ from . import linear_kernels as mk
 from .device import simulated
 from .graphs import StepGraphs, graph_driver
 from .launch import Launcher
-from .values import FORMAT_IDS, WARP_SHUFFLES
+from .values import FORMAT_IDS, LANES
 
 N_PARTS = 5  # every weight travels as p0..p4 (see values.py)
 CHUNK_FORMATS = {FORMAT_IDS[name] for name in ("q8_0", "q4_0", "q6_0")}  # matvec_chunks' (64-bit chunks of codes)
@@ -143,6 +145,14 @@ def _with_lasting_row_views(array):
     return array
 
 
+# The simulator's block manager polls its threads in a loop that holds the GIL: a thread it wakes
+# at a barrier waits out the interpreter's switch interval (5 ms by default) for the GIL, so every
+# barrier of every block cost ~5 ms of CPU, whatever the block's size. While a simulated kernel
+# runs (`_SimulatorLaunch`) the interval is this instead: a whole-model simulator test ~4x faster.
+# (Threads then interleave anywhere, not only at barriers: see values.py on the simulator's `cuda`.)
+SIMULATOR_SWITCH_INTERVAL = 1e-4
+
+
 class _SimulatorLaunch:
     """kernel[grid, block] under the simulator, configured when called: the simulator's
     kernel[grid, block] reconfigures one shared object, which a recorded launch cannot hold."""
@@ -153,7 +163,12 @@ class _SimulatorLaunch:
         self.kernel, self.grid, self.block, self.shared = kernel, grid, block, shared
 
     def __call__(self, *args):
-        self.kernel[self.grid, self.block, 0, self.shared](*args)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, SIMULATOR_SWITCH_INTERVAL))
+        try:
+            self.kernel[self.grid, self.block, 0, self.shared](*args)
+        finally:
+            sys.setswitchinterval(interval)
 
 
 @dataclass(frozen=True)
@@ -477,8 +492,8 @@ class CudaBackend:
             grid = -(-n_out // warps)
             if per_multiprocessor:
                 grid = min(grid, per_multiprocessor * self._multiprocessors)
-            shared = 4 * (weight.shape[1] + 32 * (1 + warps))
-            launch = self._launch(mk.matvec_one, grid, (32, warps), label and "matvec_one " + label, weight.nbytes, shared)
+            shared = mk.matvec_one_shared(weight.shape[1], warps)
+            launch = self._launch(mk.matvec_one, grid, (LANES, warps), label and "matvec_one " + label, weight.nbytes, shared)
             ln_weight, ln_bias, eps = norm if norm is not None else (self._unused_vector, self._unused_vector, 0.0)
             normalize = norm is not None
             launch(weight.fmt, *weight.parts, *weight.chunks, x, bias, out, epilogue, normalize, ln_weight, ln_bias, np.float32(eps))
@@ -493,8 +508,8 @@ class CudaBackend:
             for first in range(0, T, mk.MAX_CHUNK_TOKENS):
                 n = min(mk.MAX_CHUNK_TOKENS, T - first)
                 per_chunk = 8 if weight.fmt == FORMAT_IDS["q8_0"] else 16
-                shared = 4 * (n * 32 * per_chunk + (0 if WARP_SHUFFLES else 32 * mk.MAX_CHUNK_TOKENS * warps))
-                launch = self._launch(mk.matvec_chunks, grid, (32, warps), label and "matvec_chunks " + label,
+                shared = mk.matvec_chunks_shared(n, per_chunk, warps)
+                launch = self._launch(mk.matvec_chunks, grid, (LANES, warps), label and "matvec_chunks " + label,
                                       weight.nbytes, shared)
                 launch(weight.fmt, weight.parts[1], weight.parts[2], *weight.chunks, x, first, n, bias, out, epilogue)
             return out
@@ -525,7 +540,7 @@ class CudaBackend:
         if T <= STEP_TOKENS:  # a decode step's: K/V stored by attention, grid by bucket
             heads = step_heads(H, G, self.shapes)
             groups = H // heads
-            launch = self._launch(lk.attention_step, (T, splits, groups), (32, heads))
+            launch = self._launch(lk.attention_step, (T, splits, groups), (LANES, heads))
             k_words, v_words = self._cache_words(k_cache), self._cache_words(v_cache)
             launch(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, half, H, scale, per_split, out,
                    *self._attention_parts(T, splits, E, H))

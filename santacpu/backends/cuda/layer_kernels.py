@@ -9,6 +9,9 @@ token for all H heads.
 
 Shapes: T = tokens in the call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim.
 
+`attention_step` is warp-per-head: a warp is `values.LANES` lanes (a GPU's 32, fewer under the
+simulator), and the kernel is written for any power of two up to CHUNK.
+
 May import: numba, numpy, `santacpu.backends.cuda.values`.
 """
 
@@ -18,7 +21,7 @@ import math
 
 from numba import cuda, float32, int32, int64
 
-from .values import block_sum, float_to_half, half_to_float, value
+from .values import LANES, SIMULATED, float_to_half, half_to_float, value
 
 MAX_NORM_THREADS = 256
 # Attention's compile-time limits (shared-memory sizes must be constants): 43 KB of shared memory.
@@ -28,6 +31,24 @@ _K_STRIDE = 129  # MAX_HEAD_DIM + 1
 MAX_HEADS = 16
 MAX_WIDTH = 2048  # n_head * head_dim
 MAX_OWNED = 8  # outputs a thread: MAX_WIDTH / (threads a block) at most
+
+
+@cuda.jit(device=True, inline=True)
+def block_sum(values, tid, threads):
+    """Sum of values[0:threads] (a shared array each thread of the block has written its own
+    element of, `threads` a power of two), by a tree; every thread returns it, and the array is
+    free for reuse when it returns. (No warp shuffles: the simulator has none. Here, not in
+    values.py: see there why.)"""
+    cuda.syncthreads()
+    step = threads // 2
+    while step > 0:
+        if tid < step:
+            values[tid] += values[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    total = values[0]
+    cuda.syncthreads()
+    return total
 
 
 @cuda.jit(cache=True)
@@ -232,6 +253,8 @@ def attention(qkv, k_cache, v_cache, layer, positions, index, half, n_head, scal
 
 MAX_SPLITS = 64  # attention_step: a token's positions in at most this many splits (shared arrays below)
 _STEP_UNROLL = 4  # attention_step: K/V pairs of values each thread loads before storing any (loads in flight)
+_STEP_POSITIONS = CHUNK // LANES  # attention_step: positions of a chunk a lane scores (1 on a GPU)
+_STEP_DIMS = MAX_HEAD_DIM // LANES  # attention_step: dims of a head a lane sums V for, at most (4 on a GPU)
 
 
 @cuda.jit(device=True, inline=True)
@@ -248,9 +271,10 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
                    out, part_acc, part_max, part_sum, done):
     """Causal multi-query attention for a decode step (T <= STEP_TOKENS tokens), storing the call's
     own K/V rows: one block per (token t, split of its positions, group of heads); warp w of a
-    block is head h0 + w (lane = a position while scoring, = dims lane, lane + 32, .. while
-    summing V), so each chunk of K/V rows is staged once, with coalesced 32-bit reads (fp16
-    pairs: `k_words`, `v_words` are uint32 views of fp16 caches), for all the block's heads.
+    block is head h0 + w (lane = positions lane, lane + LANES, .. of a chunk while scoring: one
+    on a GPU; = dims lane, lane + LANES, .. while summing V), so each chunk of K/V rows is staged
+    once, with coalesced 32-bit reads (fp16 pairs: `k_words`, `v_words` are uint32 views of fp16
+    caches), for all the block's heads.
 
     start = positions[index] (device memory: a captured step replays at any position); token t
     sees positions 0..start+t, in ceil((start+t+1) / split) used splits: blocks past them return
@@ -263,11 +287,11 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
     t = cuda.blockIdx.x
     split = cuda.blockIdx.y
     z = cuda.blockIdx.z
-    lane = cuda.threadIdx.x  # blockDim.x == 32
+    lane = cuda.threadIdx.x  # blockDim.x == LANES
     warp = cuda.threadIdx.y
     heads_here = cuda.blockDim.y
-    tid = warp * 32 + lane
-    threads = 32 * heads_here
+    tid = warp * LANES + lane
+    threads = LANES * heads_here
     n_kv, dim = k_cache.shape[2], k_cache.shape[3]
     h = z * heads_here + warp
     g = (z * heads_here) // (n_head // n_kv)  # heads_here divides a K/V head's group
@@ -278,12 +302,13 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
     v_tile = cuda.shared.array((CHUNK, MAX_HEAD_DIM), float32)
     q = cuda.shared.array((MAX_HEADS, MAX_HEAD_DIM), float32)
     weights = cuda.shared.array((MAX_HEADS, MAX_SPLITS), float32)  # a chunk's, then the splits'
-    lanes_part = cuda.shared.array((MAX_HEADS, 32), float32)
+    lanes_part = cuda.shared.array((MAX_HEADS, LANES), float32)
     last = cuda.shared.array(1, int32)
     ka = cuda.local.array(_STEP_UNROLL, float32)
     kb = cuda.local.array(_STEP_UNROLL, float32)
     va = cuda.local.array(_STEP_UNROLL, float32)
     vb = cuda.local.array(_STEP_UNROLL, float32)
+    scores = cuda.local.array(_STEP_POSITIONS, float32)  # positions p0 + lane + LANES j of a chunk
     start = positions[index]
     n_positions = start + t + 1
     split_positions = chunks_per_split * CHUNK
@@ -293,18 +318,21 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
             _store_kv_value(qkv, t, width, i, k_cache, v_cache, layer, start + t, half)
     if split >= used:
         return
-    for d in range(lane, dim, 32):
+    for d in range(lane, dim, LANES):
         q[warp, d] = qkv[t, h * dim + d]
     running_max = float32(-math.inf)
     running_sum = float32(0.0)
-    acc = cuda.local.array(4, float32)  # dims lane + 32k (MAX_HEAD_DIM = 128)
-    for k in range(4):
+    acc = cuda.local.array(_STEP_DIMS, float32)  # dims lane + LANES k
+    for k in range(_STEP_DIMS):
         acc[k] = 0.0
+    # a constant trip count on a GPU (unrolled: acc stays in registers); the simulator, which
+    # runs every iteration in Python, loops over the dims there are
+    dims_loop = (dim + LANES - 1) // LANES if SIMULATED else _STEP_DIMS
     first = split * split_positions
     end = min(first + split_positions, n_positions)
     n_pairs = CHUNK * half_dim
     for p0 in range(first, end, CHUNK):
-        for i0 in range(tid, n_pairs, threads * _STEP_UNROLL):  # stage K, V rows p0..p0+31: loads first
+        for i0 in range(tid, n_pairs, threads * _STEP_UNROLL):  # stage K, V rows p0..p0+CHUNK-1: loads first
             for u in range(_STEP_UNROLL):
                 i = i0 + u * threads
                 p = i // half_dim
@@ -331,15 +359,18 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
                     v_tile[p, d] = va[u]
                     v_tile[p, d + 1] = vb[u]
         cuda.syncthreads()
-        score = float32(-math.inf)  # lane = position p0 + lane
-        if p0 + lane < end:
-            s0 = float32(0.0)
-            s1 = float32(0.0)
-            for d in range(0, dim, 2):  # two chains: half the dependent adds
-                s0 += q[warp, d] * k_tile[lane, d]
-                s1 += q[warp, d + 1] * k_tile[lane, d + 1]
-            score = (s0 + s1) * scale
-        weights[warp, lane] = score
+        for j in range(_STEP_POSITIONS):  # position p0 + p
+            p = lane + LANES * j
+            score = float32(-math.inf)
+            if p0 + p < end:
+                s0 = float32(0.0)
+                s1 = float32(0.0)
+                for d in range(0, dim, 2):  # two chains: half the dependent adds
+                    s0 += q[warp, d] * k_tile[p, d]
+                    s1 += q[warp, d + 1] * k_tile[p, d + 1]
+                score = (s0 + s1) * scale
+            scores[j] = score
+            weights[warp, p] = score
         cuda.syncthreads()
         chunk_max = float32(-math.inf)
         for p in range(CHUNK):
@@ -347,28 +378,29 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
         new_max = max(running_max, chunk_max)
         correction = math.exp(running_max - new_max)
         cuda.syncthreads()  # every lane has read the scores
-        weights[warp, lane] = math.exp(score - new_max)
+        for j in range(_STEP_POSITIONS):
+            weights[warp, lane + LANES * j] = math.exp(scores[j] - new_max)
         cuda.syncthreads()
         total = float32(0.0)
-        for k in range(4):
+        for k in range(dims_loop):
             acc[k] *= correction
         for p in range(CHUNK):
             w = weights[warp, p]
             total += w
-            for k in range(4):
-                if lane + 32 * k < dim:
-                    acc[k] += w * v_tile[p, lane + 32 * k]
+            for k in range(dims_loop):
+                if lane + LANES * k < dim:
+                    acc[k] += w * v_tile[p, lane + LANES * k]
         running_sum = running_sum * correction + total
         running_max = new_max
         cuda.syncthreads()  # the tiles are free for the next chunk
     if used == 1:
-        for k in range(4):
-            if lane + 32 * k < dim:
-                out[t, h * dim + lane + 32 * k] = acc[k] / running_sum
+        for k in range(dims_loop):
+            if lane + LANES * k < dim:
+                out[t, h * dim + lane + LANES * k] = acc[k] / running_sum
         return
-    for k in range(4):
-        if lane + 32 * k < dim:
-            part_acc[t, split, h * dim + lane + 32 * k] = acc[k]
+    for k in range(dims_loop):
+        if lane + LANES * k < dim:
+            part_acc[t, split, h * dim + lane + LANES * k] = acc[k]
     if lane == 0:
         part_max[t, split, h] = running_max
         part_sum[t, split, h] = running_sum
@@ -382,25 +414,25 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
         return
     # the last block: the splits' weights e^(m_s - M) into shared memory (lanes over splits), then the sums
     top = float32(-math.inf)
-    for s in range(lane, used, 32):
+    for s in range(lane, used, LANES):
         top = max(top, part_max[t, s, h])
     lanes_part[warp, lane] = top
     cuda.syncthreads()
-    for i in range(32):
+    for i in range(LANES):
         top = max(top, lanes_part[warp, i])
     cuda.syncthreads()
     mine = float32(0.0)
-    for s in range(lane, used, 32):
+    for s in range(lane, used, LANES):
         w = math.exp(part_max[t, s, h] - top)
         weights[warp, s] = w
         mine += part_sum[t, s, h] * w
     lanes_part[warp, lane] = mine
     cuda.syncthreads()
     denominator = float32(0.0)
-    for i in range(32):
+    for i in range(LANES):
         denominator += lanes_part[warp, i]
-    for k in range(4):
-        c = lane + 32 * k
+    for k in range(dims_loop):
+        c = lane + LANES * k
         if c < dim:
             column = h * dim + c
             a = float32(0.0)

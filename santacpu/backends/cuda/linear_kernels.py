@@ -4,12 +4,12 @@ Four kernels, one launch each (the format is a run-time argument that every thre
 shares, so its branches cost nothing and one compiled kernel per part dtype serves it):
 
 - `matvec_one` (decode, one token): a warp a row, the codes of q8_0 / q4_0 / q6_0 read as 64-bit
-  chunks (a warp reads 256 consecutive bytes at once), several in flight a lane, x staged in
+  chunks (a GPU's warp reads 256 consecutive bytes at once), several in flight a lane, x staged in
   shared memory in the chunks' order (no bank conflicts), LayerNorm fused into its prologue,
   warp shuffles for the row's sum; the other formats value by value.
 - `matvec_chunks` (a few tokens of q8_0 / q4_0 / q6_0, T <= MAX_CHUNK_TOKENS a launch: batched
   decode, drafts): the same reads, each chunk's codes widened once for every token, the tokens'
-  x staged a tile of 32 chunks at a time.
+  x staged a tile of LANES chunks at a time.
 - `matvec` (a few tokens of the other formats, T <= MAX_FEW_TOKENS): a group of `blockDim.x`
   lanes per output row, lane l reading blocks l, l + lanes, ...; a shared-memory tree adds them.
 - `matmul` (prompts): 4s rows x 4s tokens per block of s x s threads (s = 16 on a GPU: 64 x 64),
@@ -17,7 +17,10 @@ shares, so its branches cost nothing and one compiled kernel per part dtype serv
   memory (the codes unpacked in registers, never a dequantized matrix in device memory) next to
   the same 32 columns of the tile's tokens' x.
 
-Warp sums go through `values.warp_total` (shuffles on a GPU, shared memory under the simulator).
+A warp is `values.LANES` lanes: a GPU's 32, fewer under the simulator (every thread a Python
+thread there); the kernels are written for any power of two. Warp sums go through `warp_total`
+(shuffles on a GPU, shared memory under the simulator; here, not in values.py: see there why). (The 32s that remain
+below are the formats' blocks of 32 values.)
 
 Epilogues (`EPILOGUE_*`): none; GELU (the fc product); add into `out` (the two projections that
 end in the residual stream: `out` is then the residual itself, each element read and
@@ -34,7 +37,9 @@ import math
 
 from numba import cuda, float32, int32, int64
 
-from .values import Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, SIMULATED, WARP_SHUFFLES, code, half_to_float, params, warp_total
+from .values import (
+    LANES, Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, SIMULATED, WARP_SHUFFLES, code, half_to_float, params,
+)
 
 MAX_FEW_TOKENS = 8  # matvec's token limit (its accumulators are registers)
 MAX_CHUNK_TOKENS = 16  # matvec_chunks' (a launch; the backend launches it twice for up to 32 tokens)
@@ -48,6 +53,27 @@ _TILE_STRIDE = 65  # TILE + 1: rows of a shared tile one word apart in banks
 
 EPILOGUE_NONE, EPILOGUE_GELU, EPILOGUE_ADD = 0, 1, 2
 _GELU_C = math.sqrt(2.0 / math.pi)
+
+
+@cuda.jit(device=True, inline=True)
+def warp_total(value, scratch, base, lane):
+    """The sum of value over a warp's LANES lanes, in every lane. By shuffles on a GPU (LANES =
+    32); under the simulator through scratch[base : base + LANES] (this warp's own) and block
+    barriers, so there every thread of the block must call it together."""
+    if WARP_SHUFFLES:
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 16)
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 8)
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 4)
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 2)
+        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 1)
+        return value
+    scratch[base + lane] = value
+    cuda.syncthreads()
+    total = float32(0.0)
+    for i in range(LANES):
+        total += scratch[base + i]
+    cuda.syncthreads()
+    return total
 
 
 @cuda.jit(device=True, inline=True)
@@ -119,10 +145,16 @@ def _chunk_dot(fmt, word, high, scale_bits, xs, n_chunks, c):
     return half_to_float(scale_bits) * s
 
 
+def matvec_one_shared(width: int, warps: int) -> int:
+    """Bytes of dynamic shared memory matvec_one takes: x, then `_block_total`'s scratch."""
+    return 4 * (width + warps * (1 + LANES))
+
+
 @cuda.jit(device=True, inline=True)
 def _block_total(value, scratch, base, warp, lane, warps):
-    """The sum of value over the block (every thread calls it), via scratch[base : base + 32 (1 + warps)]."""
-    value = warp_total(value, scratch, base + 32 + 32 * warp, lane)
+    """The sum of value over the block (every thread calls it), via scratch[base : base + warps (1 + LANES)]:
+    the warps' sums, then each warp's LANES floats (warp_total's under the simulator)."""
+    value = warp_total(value, scratch, base + warps + LANES * warp, lane)
     if lane == 0:
         scratch[base + warp] = value
     cuda.syncthreads()
@@ -139,21 +171,22 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, chunks0, chunks1, x, bias, out, epilogue
     `normalize`, x's LayerNorm (ln_weight, ln_bias, eps) first, computed by every block as it
     stages x (cheaper than a launch of its own).
 
-    A warp a row (blockDim = (32, warps)); the grid may be smaller than the rows / warps: a
+    A warp a row (blockDim = (LANES, warps)); the grid may be smaller than the rows / warps: a
     block then takes rows by a stride of gridDim.x * warps, x staged once in (dynamic) shared
     memory, laid out by `_chunk_column`. q8_0, q4_0 and q6_0 read their codes as 64-bit chunks
-    (`chunks0`, `chunks1`: int64 views of p0, p1), lane l chunks l, l + 32, ..: a warp reads
-    256 consecutive bytes at once. Four chunks a lane are loaded at a time, and the next four
+    (`chunks0`, `chunks1`: int64 views of p0, p1), lane l chunks l, l + LANES, ..: a GPU's warp
+    reads 256 consecutive bytes at once. Four chunks a lane are loaded at a time, and the next four
     (or the next row's first) are loaded before these are multiplied, so the weights' memory
     latency overlaps the arithmetic and, for a block's first row, the staging of x; the lanes'
     sums are added by `warp_total`. The other formats go value by value through `values.code`.
 
-    Dynamic shared memory: width + 32 * (1 + warps) floats (x, then scratch for the sums)."""
+    Dynamic shared memory: width + warps * (1 + LANES) floats (x, then scratch for the sums:
+    `matvec_one_shared`)."""
     lane = cuda.threadIdx.x
     warp = cuda.threadIdx.y
     warps = cuda.blockDim.y
-    tid = warp * 32 + lane
-    threads = 32 * warps
+    tid = warp * LANES + lane
+    threads = LANES * warps
     n_rows = out.shape[1]
     width = x.shape[1]
     xs = cuda.shared.array(0, float32)
@@ -161,16 +194,16 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, chunks0, chunks1, x, bias, out, epilogue
     row_step = cuda.gridDim.x * warps
     row = cuda.blockIdx.x * warps + warp
     n_groups = (n_rows - cuda.blockIdx.x * warps + row_step - 1) // row_step  # the block's row groups
-    sets = (n_chunks + 127) // 128  # sets of 4 chunks a lane in a row
+    sets = (n_chunks + 4 * LANES - 1) // (4 * LANES)  # sets of 4 chunks a lane in a row
     last_row, last_chunk = n_rows - 1, max(n_chunks - 1, 0)
     w0 = w1 = w2 = w3 = h0 = h1 = h2 = h3 = int64(0)
     d0 = d1 = d2 = d3 = int32(0)
     if n_chunks > 0:  # the first set's loads, issued before the staging below
         r = min(row, last_row)
         w0, h0, d0 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane, last_chunk))
-        w1, h1, d1 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 32, last_chunk))
-        w2, h2, d2 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 64, last_chunk))
-        w3, h3, d3 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 96, last_chunk))
+        w1, h1, d1 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + LANES, last_chunk))
+        w2, h2, d2 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 2 * LANES, last_chunk))
+        w3, h3, d3 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 3 * LANES, last_chunk))
     mean = float32(0.0)
     denominator = float32(1.0)
     if normalize:  # as layer_kernels.layer_norm: the mean, then the variance about it
@@ -190,12 +223,12 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, chunks0, chunks1, x, bias, out, epilogue
             v = (v - mean) / denominator * ln_weight[column] + ln_bias[column]
         xs[i] = v
     cuda.syncthreads()
-    scratch = width + 32 + 32 * warp  # this warp's 32 floats after x (warp_total under the simulator)
+    scratch = width + warps + LANES * warp  # this warp's LANES floats after x and the warps' sums (warp_total, simulator)
     if n_chunks == 0:  # value by value, a lane a column
         for _ in range(n_groups):
             acc = float32(0.0)
             if row < n_rows:
-                for i in range(lane, width, 32):
+                for i in range(lane, width, LANES):
                     block = i // 32
                     scale, offset = params(fmt, p0, p1, p2, p3, p4, row, block)
                     acc += (scale * code(fmt, p0, p1, p2, p3, p4, row, block, i - block * 32) - offset) * xs[i]
@@ -213,21 +246,21 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, chunks0, chunks1, x, bias, out, epilogue
             next_k = 0
             next_row = row + row_step
         r = min(next_row, last_row)
-        c = lane + 128 * next_k
+        c = lane + 4 * LANES * next_k
         n0, g0, e0 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c, last_chunk))
-        n1, g1, e1 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c + 32, last_chunk))
-        n2, g2, e2 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c + 64, last_chunk))
-        n3, g3, e3 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c + 96, last_chunk))
-        c = lane + 128 * k
+        n1, g1, e1 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c + LANES, last_chunk))
+        n2, g2, e2 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c + 2 * LANES, last_chunk))
+        n3, g3, e3 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c + 3 * LANES, last_chunk))
+        c = lane + 4 * LANES * k
         if row < n_rows:
             if c < n_chunks:
                 acc += _chunk_dot(fmt, w0, h0, d0, xs, n_chunks, c)
-            if c + 32 < n_chunks:
-                acc += _chunk_dot(fmt, w1, h1, d1, xs, n_chunks, c + 32)
-            if c + 64 < n_chunks:
-                acc += _chunk_dot(fmt, w2, h2, d2, xs, n_chunks, c + 64)
-            if c + 96 < n_chunks:
-                acc += _chunk_dot(fmt, w3, h3, d3, xs, n_chunks, c + 96)
+            if c + LANES < n_chunks:
+                acc += _chunk_dot(fmt, w1, h1, d1, xs, n_chunks, c + LANES)
+            if c + 2 * LANES < n_chunks:
+                acc += _chunk_dot(fmt, w2, h2, d2, xs, n_chunks, c + 2 * LANES)
+            if c + 3 * LANES < n_chunks:
+                acc += _chunk_dot(fmt, w3, h3, d3, xs, n_chunks, c + 3 * LANES)
         if k == sets - 1:  # the row's last set
             total = warp_total(acc, xs, scratch, lane)
             if lane == 0 and row < n_rows:
@@ -259,23 +292,29 @@ def _chunk_codes(fmt, word, high, c, codes):
             codes[b + 8] = float32(int32((q >> 4) - Q4_0_OFFSET))
 
 
+def matvec_chunks_shared(n_tokens: int, per_chunk: int, warps: int) -> int:
+    """Bytes of dynamic shared memory matvec_chunks takes for n_tokens tokens of chunks of
+    per_chunk values: a tile's x, and the lanes' sums under the simulator."""
+    return 4 * (n_tokens * LANES * per_chunk + (0 if WARP_SHUFFLES else LANES * MAX_CHUNK_TOKENS * warps))
+
+
 @cuda.jit(cache=True)
 def matvec_chunks(fmt, p1, p2, chunks0, chunks1, x, first, n_tokens, bias, out, epilogue):
     """A few tokens (batched decode, a token and its drafts): out[t, row] for tokens t = first ..
     first + n_tokens - 1 (n_tokens <= MAX_CHUNK_TOKENS), q8_0 / q4_0 / q6_0 only.
 
     A warp a row (rows by a stride of gridDim.x * warps where the grid is capped), lane l chunk
-    l of each tile of 32 chunks (as matvec_one: coalesced 64-bit chunks); the tile's x for every token staged in (dynamic) shared memory, [token][value of
+    l of each tile of LANES chunks (as matvec_one: coalesced 64-bit chunks); the tile's x for every token staged in (dynamic) shared memory, [token][value of
     chunk][lane], while the lane's chunk is in flight; a chunk's codes widened once into
     registers serve every token; the lanes' sums added by `warp_total`.
 
-    Dynamic shared memory: n_tokens * 32 * (values a chunk) floats, and under the simulator
-    32 * MAX_CHUNK_TOKENS * warps more (the lanes' sums)."""
+    Dynamic shared memory: n_tokens * LANES * (values a chunk) floats, and under the simulator
+    LANES * MAX_CHUNK_TOKENS * warps more (the lanes' sums): `matvec_chunks_shared`."""
     lane = cuda.threadIdx.x
     warp = cuda.threadIdx.y
     warps = cuda.blockDim.y
-    tid = warp * 32 + lane
-    threads = 32 * warps
+    tid = warp * LANES + lane
+    threads = LANES * warps
     row_step = cuda.gridDim.x * warps
     row = cuda.blockIdx.x * warps + warp
     n_rows = out.shape[1]
@@ -283,7 +322,7 @@ def matvec_chunks(fmt, p1, p2, chunks0, chunks1, x, first, n_tokens, bias, out, 
     width = x.shape[1]
     n_chunks = _chunk_count(fmt, width)
     per_chunk = width // n_chunks
-    tile_values = 32 * per_chunk
+    tile_values = LANES * per_chunk
     staged = n_tokens * tile_values
     xs = cuda.shared.array(0, float32)
     codes = cuda.local.array(16, float32)
@@ -296,15 +335,15 @@ def matvec_chunks(fmt, p1, p2, chunks0, chunks1, x, first, n_tokens, bias, out, 
         for t in range(MAX_CHUNK_TOKENS):
             acc[t] = 0.0
         r = min(row, n_rows - 1)
-        for c0 in range(0, n_chunks, 32):
+        for c0 in range(0, n_chunks, LANES):
             c = c0 + lane
             word, high, scale_bits = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(c, n_chunks - 1))
             cuda.syncthreads()  # the last tile's x is read
             for i in range(tid, staged, threads):
                 t = i // tile_values
                 j = i - t * tile_values
-                v = j // 32
-                cc = c0 + j - v * 32
+                v = j // LANES
+                cc = c0 + j - v * LANES
                 xs[i] = x[first + t, _chunk_column(fmt, n_chunks, v * n_chunks + cc)] if cc < n_chunks else float32(0.0)
             cuda.syncthreads()
             if row < n_rows and c < n_chunks:
@@ -316,7 +355,7 @@ def matvec_chunks(fmt, p1, p2, chunks0, chunks1, x, first, n_tokens, bias, out, 
                         s = float32(0.0)
                         for v in range(value_loop):
                             if v < per_chunk:
-                                s += codes[v] * xs[base + 32 * v]
+                                s += codes[v] * xs[base + LANES * v]
                         acc[t] += scale * s
         if WARP_SHUFFLES:
             for t in range(MAX_CHUNK_TOKENS):
@@ -325,16 +364,16 @@ def matvec_chunks(fmt, p1, p2, chunks0, chunks1, x, first, n_tokens, bias, out, 
                     if lane == 0 and row < n_rows:
                         out[first + t, row] = _finish(total + bias[row], epilogue, out, first + t, row)
         else:  # the simulator: every token's lanes through shared memory at once (two barriers, not 2T)
-            base = staged + warp * 32 * MAX_CHUNK_TOKENS
+            base = staged + warp * LANES * MAX_CHUNK_TOKENS
             for t in range(MAX_CHUNK_TOKENS):
                 if t < n_tokens:
-                    xs[base + 32 * t + lane] = acc[t]
+                    xs[base + LANES * t + lane] = acc[t]
             cuda.syncthreads()
             if lane == 0 and row < n_rows:
                 for t in range(n_tokens):
                     total = float32(0.0)
-                    for i in range(32):
-                        total += xs[base + 32 * t + i]
+                    for i in range(LANES):
+                        total += xs[base + LANES * t + i]
                     out[first + t, row] = _finish(total + bias[row], epilogue, out, first + t, row)
             cuda.syncthreads()
         row += row_step

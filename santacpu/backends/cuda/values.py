@@ -1,5 +1,11 @@
-"""Device functions shared by every kernel: reading the stored formats one value at a time, and a
-block's sum.
+"""Device functions shared by every kernel: reading the stored formats one value at a time; and
+`LANES`, the lanes of a warp the kernels are written for.
+
+No function here calls `cuda.*` (barriers, shuffles): those live in the module of the kernels that
+call them (`linear_kernels.warp_total`, `layer_kernels.block_sum`). The simulator swaps its fake
+`cuda` into a device function's module at each call and back at its return, which is not
+thread-safe (a thread returning restores the real module while another is still inside); a
+kernel's own module it swaps once for the whole launch.
 
 Every weight is passed to a kernel as five arrays `p0..p4` (the format's parts in
 `santacpu.formats.blocks.PART_ORDER`, then 1x1 placeholders) and read as
@@ -25,9 +31,17 @@ from numba import config, cuda, float32, int32
 from ...formats.blocks import FORMATS, WEIGHT_FORMAT_IDS
 
 # Warp shuffles on a GPU; the simulator has none (numba's own simulator), so there a warp's sum
-# goes through shared memory and block barriers (see warp_total).
+# goes through shared memory and block barriers (see linear_kernels.warp_total).
 SIMULATED = bool(config.ENABLE_CUDASIM)
 WARP_SHUFFLES = not SIMULATED
+# Lanes of a "warp" as the kernels use it (blockDim.x of the warp-per-row and warp-per-head
+# kernels, the stride between a lane's elements, their shared-memory scratch): a GPU's 32. The
+# simulator runs every thread as a Python thread, polled at every barrier, so there a warp is 4
+# lanes (each doing 8 lanes' work): the same code, on far fewer threads. The kernels are written
+# for any power of two; warp_total's shuffles for 32 (a full mask), which they only run on.
+SIMULATOR_LANES = 4
+LANES = SIMULATOR_LANES if SIMULATED else 32
+assert LANES & (LANES - 1) == 0 and (LANES == 32 or not WARP_SHUFFLES)
 
 FORMAT_IDS = WEIGHT_FORMAT_IDS
 F32, F16, Q8_0, Q4_0, Q6_0, Q4_M = (FORMAT_IDS[name] for name in ("float32", "float16", "q8_0", "q4_0", "q6_0", "q4_m"))
@@ -121,41 +135,3 @@ def value(fmt, p0, p1, p2, p3, p4, row, column):
     block = column // 32
     scale, offset = params(fmt, p0, p1, p2, p3, p4, row, block)
     return scale * code(fmt, p0, p1, p2, p3, p4, row, block, column - block * 32) - offset
-
-
-@cuda.jit(device=True, inline=True)
-def block_sum(values, tid, threads):
-    """Sum of values[0:threads] (a shared array each thread of the block has written its own
-    element of, `threads` a power of two), by a tree; every thread returns it, and the array is
-    free for reuse when it returns. (No warp shuffles: the simulator has none.)"""
-    cuda.syncthreads()
-    step = threads // 2
-    while step > 0:
-        if tid < step:
-            values[tid] += values[tid + step]
-        cuda.syncthreads()
-        step //= 2
-    total = values[0]
-    cuda.syncthreads()
-    return total
-
-
-@cuda.jit(device=True, inline=True)
-def warp_total(value, scratch, base, lane):
-    """The sum of value over a warp's 32 lanes, in every lane. By shuffles on a GPU; under the
-    simulator through scratch[base : base + 32] (this warp's own) and block barriers, so there
-    every thread of the block must call it together."""
-    if WARP_SHUFFLES:
-        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 16)
-        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 8)
-        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 4)
-        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 2)
-        value += cuda.shfl_xor_sync(0xFFFFFFFF, value, 1)
-        return value
-    scratch[base + lane] = value
-    cuda.syncthreads()
-    total = float32(0.0)
-    for i in range(32):
-        total += scratch[base + i]
-    cuda.syncthreads()
-    return total
