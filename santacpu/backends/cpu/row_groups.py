@@ -331,6 +331,11 @@ def _group_tile_codegen(fmt, n_tokens, isa):
                 address = builder.gep(xq.data, [builder.add(self.at, const(offset))])
                 return broadcast(builder, builder.load(builder.bitcast(address, I32.as_pointer()), align=1), n)
 
+            def quad(self, offset):
+                """16 int8 values from block offset `offset`, as <4 x i32>."""
+                address = builder.gep(xq.data, [builder.add(self.at, const(offset))])
+                return builder.load(builder.bitcast(address, ir.VectorType(I32, 4).as_pointer()), align=1)
+
             def pair(self, offset):
                 """8 int8 values from block offset `offset`, as <2 x i32>."""
                 address = builder.gep(xq.data, [builder.add(self.at, const(offset))])

@@ -9,12 +9,15 @@ row of a group of 4.
   (twice sdot's products). The rows' codes are zipped into row pairs in registers, two tokens' x
   loaded side by side, and the 2 x 2 blocks unzipped into each token's row lanes. A token without
   a partner (odd counts) goes through `sdot`: both give the same exact int32 sums.
-- q8_0's int16 words: widened products and pair sums (`portable`): NEON has no int16 dot product.
+- q8_0's int16 words: NEON has no int16 dot product: `smull` on each half of a piece (2 rows' 2
+  values against x's pair) and one `addp` of the two.
+- x's 4-byte words meet the codes through the by-element form of `sdot` (`sdot v.4s, v.16b,
+  v.4b[k]`): x's 16 values are loaded once and LLVM folds the lane broadcast into the sdot.
 
 Compiling these intrinsics for a CPU without the extension aborts LLVM, so `target.py` offers
 these instruction sets only where Numba's target features have them.
 
-May import: llvmlite, `isa.llvm_ir`, `isa.portable`, `isa` (the ids).
+May import: llvmlite, `isa.llvm_ir`, `isa` (the ids).
 """
 
 from __future__ import annotations
@@ -22,13 +25,24 @@ from __future__ import annotations
 from llvmlite import ir
 
 from . import NEON_I8MM
-from . import portable
-from .llvm_ir import I8, I32, declare
+from .llvm_ir import I8, I16, I32, declare
 
 LANES = 4  # int32 lanes of a 128-bit vector: rows a group
 _VEC8, _VEC32 = ir.VectorType(I8, 16), ir.VectorType(I32, LANES)
 
-word_dot = portable.word_dot
+_VEC16_4 = ir.VectorType(I16, 4)
+
+
+def word_dot(builder, isa: int, sums, words, xs):
+    """sums <4 x i32> + each lane's 2 products of `words` <8 x i16> (a piece: 2 values of each of 4
+    rows) with `xs` (<4 x i32>: x's pair of int16 values in every lane)."""
+    smull = declare(builder, "llvm.aarch64.neon.smull.v4i32", _VEC32, _VEC16_4, _VEC16_4)
+    addp = declare(builder, "llvm.aarch64.neon.addp.v4i32", _VEC32, _VEC32, _VEC32)
+    x_pairs = builder.bitcast(xs, ir.VectorType(I16, 8))
+    x_half = builder.shuffle_vector(x_pairs, x_pairs, ir.Constant(ir.VectorType(I32, 4), [0, 1, 2, 3]))
+    halves = [builder.shuffle_vector(words, words, ir.Constant(ir.VectorType(I32, 4), [4 * h + k for k in range(4)])) for h in (0, 1)]
+    products = [builder.call(smull, [half, x_half]) for half in halves]  # [row 2h v0, row 2h v1, row 2h+1 v0, ...]
+    return builder.add(sums, builder.call(addp, products))
 
 
 def _sdot(builder, sums, codes, xs):
@@ -47,10 +61,11 @@ def _shuffle(builder, a, b, picks):
 
 
 def _dot_sums(builder, lows, highs, token):
+    x_low, x_high = token.quad(0), token.quad(16)  # x's values 0..15 and 16..31 as <4 x i32>
     low_sums, high_sums = ir.Constant(_VEC32, None), ir.Constant(_VEC32, None)
     for v in range(4):
-        low_sums = _sdot(builder, low_sums, lows[v], token.word(4 * v))
-        high_sums = _sdot(builder, high_sums, highs[v], token.word(16 + 4 * v))
+        low_sums = _sdot(builder, low_sums, lows[v], _shuffle(builder, x_low, x_low, [v] * 4))
+        high_sums = _sdot(builder, high_sums, highs[v], _shuffle(builder, x_high, x_high, [v] * 4))
     return builder.add(low_sums, high_sums)
 
 
