@@ -2,7 +2,7 @@
 one), resident MB of a file's mappings, dropping a file's cached pages, the CPU, its SIMD flags
 and the integer kernels chosen, versions.
 
-May import: the standard library, numpy, numba, `santacpu.backends.cpu.int_dot` and `santacpu.settings` (lazily), the
+May import: the standard library, numpy, numba, `santacpu.backends.cpu.target` and `santacpu.settings` (lazily), the
 `santacpu` package's version.
 """
 
@@ -80,7 +80,7 @@ def machine_facts() -> dict:
     import numba
     import numpy as np
 
-    from ..backends.cpu import int_dot
+    from ..backends.cpu.target import host_target
     from ..settings import Settings
 
     cpu, flags = platform.processor() or platform.machine(), set()
@@ -105,7 +105,8 @@ def machine_facts() -> dict:
         "cores": os.cpu_count(),
         "usable_cores": default_threads(),
         "simd": [f for f in ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags],
-        "integer_kernels": int_dot.ISA if Settings.from_environment().integer_kernels else None,  # int_dot.py's choice
+        # the CPU backend's target (target.py), None where the float kernels serve
+        "integer_kernels": getattr(host_target(), "name", None) if Settings.from_environment().integer_kernels else None,
         "memory_gib": memory_gib,
         "platform": platform.platform(),
         "python": platform.python_version(),
