@@ -155,6 +155,8 @@ def test_bad_shapes_and_instruction_sets_are_refused():
         row_groups.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), BY_NAME["avx512-vnni"])
     for target in TARGETS:  # code for instructions this CPU lacks is never compiled
         if target not in RUNNABLE:
+            with pytest.raises(ValueError, match=f"cannot run the {target.name} kernels"):
+                CpuBackend(target=target)
             group = row_groups.group_rows(weight_of("q4_0", 8, 64), target.rows_per_group)
             with pytest.raises(ValueError, match=f"{target.name} cannot run"):
                 row_groups.matmul(group, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), target)

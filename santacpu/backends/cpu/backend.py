@@ -31,7 +31,7 @@ import threadpoolctl
 from . import cpu_kernels as k
 from . import quant_kernels as qk
 from . import row_groups
-from .target import CpuTarget, host_target
+from .target import CpuTarget, host_target, runnable_targets
 from ...formats.blocks import QuantizedWeight
 from ...formats.safetensors_io import release_mapped_pages
 from ...formats.split_rows import SplitRowsWeight
@@ -119,6 +119,8 @@ class CpuBackend:
         # False: always the float kernels (SANTACPU_INT_DOT=0). `target`: the row groups'
         # instruction set (default: this CPU's best, none where it has no integer instructions).
         self.integer_kernels = integer_kernels
+        if target is not None and target not in runnable_targets():  # would abort LLVM or trap
+            raise ValueError(f"this CPU cannot run the {target.name} kernels")
         self.target = (target or host_target()) if integer_kernels else None
         self._pool_warm = False  # did the last matrix product run in Numba's pool, not BLAS?
         self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
