@@ -17,6 +17,7 @@ May import: llvmlite, numba (config), `santacpu.backends.cpu.isa`.
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 from dataclasses import dataclass
 
@@ -115,8 +116,16 @@ def hardware_features() -> str:
 def runnable_targets(features: set[str] | None = None) -> tuple[CpuTarget, ...]:
     """The targets these features (default: `compile_features()`) can run, best first; the
     portable one is always last."""
-    features = compile_features() if features is None else features
+    if features is None:  # asked on every product: found once per Numba target setting (~20 us)
+        from numba.core import config
+
+        return _host_targets(config.CPU_NAME, config.CPU_FEATURES)
     return tuple(target for target in TARGETS if target.runs_on(features))
+
+
+@functools.lru_cache(maxsize=4)
+def _host_targets(cpu_name: str | None, cpu_features: str | None) -> tuple[CpuTarget, ...]:
+    return runnable_targets(compile_features())
 
 
 def host_target(features: set[str] | None = None) -> CpuTarget | None:
