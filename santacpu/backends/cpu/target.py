@@ -65,7 +65,7 @@ def compile_features() -> set[str]:
         text = get_host_cpu_features()
     features = {f[1:] for f in text.split(",") if f.startswith("+")}
     if platform.machine().lower() in ("arm64", "aarch64"):
-        features |= _implied_by_name()
+        features |= {"neon"} | _implied_by_name()  # NEON is part of every ARMv8-A CPU
         hardware = _arm64_hardware()
         if hardware is not None:
             features = (features - {"dotprod", "i8mm"}) | (features & hardware)
