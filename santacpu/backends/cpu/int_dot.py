@@ -52,7 +52,8 @@ only tracks this file: after editing that helper, delete santacpu/backends/cpu/_
 (The old `<N x i32>` operand form of the VNNI intrinsics is used: LLVM 22 still upgrades it, and
 older LLVMs know only that one.)
 
-May import: numba, llvmlite, numpy, `santacpu.backends.cpu.cpu_kernels`, `santacpu.formats.blocks`.
+May import: numba, llvmlite, numpy, `santacpu.backends.cpu.cpu_kernels`, `santacpu.backends.cpu.isa`,
+`santacpu.backends.cpu.target`, `santacpu.formats.blocks`.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ import functools
 import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
-from numba.core import cgutils, config
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 from ...formats.blocks import FORMATS as BLOCK_FORMATS
@@ -70,32 +71,23 @@ from ...formats.blocks import QK
 from .cpu_kernels import FASTMATH, f16_to_f32
 from .isa import x86
 from .isa.llvm_ir import F32, I8, I16, I32, declare, load_vector, splat
+from .target import compile_features, host_target
 
 LANES_PER_BLOCK = 4  # int32 lanes per block of 32 values (4 products each)
 
 
-def _target_features() -> set[str]:
-    """The CPU features Numba compiles for (as Numba itself decides them)."""
-    features = config.CPU_FEATURES
-    if features is None:
-        from numba.core.codegen import get_host_cpu_features
-
-        features = get_host_cpu_features()
-    return {f[1:] for f in features.split(",") if f.startswith("+")}
+# int_dot's names for the x86 targets it has kernels for (its instruction set follows the backend's
+# choice of target for the same features: target.TARGETS states what each one needs).
+_ISA_OF_TARGET = {"avx512-vnni": "vnni512", "avx-vnni": "vnni256", "avx2": "avx2"}
 
 
 def choose_isa(features: set[str]) -> str | None:
     """'vnni512', 'vnni256', 'avx2', or None (no integer dot products) for a feature set."""
-    if {"avx512vnni", "avx512bw"} <= features:
-        return "vnni512"
-    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
-        return "vnni256"
-    if "avx2" in features:
-        return "avx2"
-    return None
+    best = host_target(features)
+    return _ISA_OF_TARGET.get(best.name) if best is not None else None
 
 
-ISA = choose_isa(_target_features())
+ISA = choose_isa(compile_features())
 VNNI = ISA in ("vnni512", "vnni256")  # vpdpbusd / vpdpwssd, else AVX2's multiply-add chains
 # A decode tile's rows are contiguous: each step prefetches its share of the bytes PREFETCH_BYTES
 # ahead as whole cache lines, in address order (one stream a tile, each line once). 4/6-bit codes
@@ -606,7 +598,7 @@ DECODE_ROWS = 4  # rows of a one-token tile: one parallel job streams this many 
 # its 12 accumulators and the tokens' x in registers (4 x 4 spills). With 16 (AVX2) the 256-bit kernels' quads (one accumulator for 4 rows) let
 # 4 x 3 fit too, except for q6_0, whose high bits take two more vectors a row: one row against 8
 # tokens (two token quads) there.
-REGISTERS = 32 if ISA == "vnni512" or "avx512f" in _target_features() else 16
+REGISTERS = 32 if ISA == "vnni512" or "avx512f" in compile_features() else 16
 PROMPT_TILE = {fmt: (4, 3) for fmt in FORMATS}
 if REGISTERS == 16:
     PROMPT_TILE["q6_0"] = (1, 8)

@@ -333,13 +333,11 @@ def _group_tile_codegen(fmt, n_tokens, isa):
 
             def quad(self, offset):
                 """16 int8 values from block offset `offset`, as <4 x i32>."""
-                address = builder.gep(xq.data, [builder.add(self.at, const(offset))])
-                return builder.load(builder.bitcast(address, ir.VectorType(I32, 4).as_pointer()), align=1)
+                return load_vector(builder, xq.data, builder.add(self.at, const(offset)), I32, 4)
 
             def pair(self, offset):
                 """8 int8 values from block offset `offset`, as <2 x i32>."""
-                address = builder.gep(xq.data, [builder.add(self.at, const(offset))])
-                return builder.load(builder.bitcast(address, ir.VectorType(I32, 2).as_pointer()), align=1)
+                return load_vector(builder, xq.data, builder.add(self.at, const(offset)), I32, 2)
 
         def per_block(part, at):
             """The group's n values of a per-block part at block offset `at`, as <n x float>."""
@@ -369,7 +367,7 @@ def _group_tile_codegen(fmt, n_tokens, isa):
             b = loop.index
             code_at = builder.add(group_codes, builder.mul(b, const(group_bytes)))
             if n_tokens == 1:  # decode streams the codes: their lines PREFETCH_BYTES ahead
-                for line in range(max(1, group_bytes // 64)):
+                for line in range(group_bytes // 64):
                     ahead = builder.gep(codes.data, [builder.add(code_at, const(PREFETCH_BYTES + 64 * line))])
                     builder.call(prefetch, [builder.bitcast(ahead, I8.as_pointer()), lane(0), lane(3), lane(1)])
             block_at = builder.add(group_blocks, builder.mul(b, const(n)))

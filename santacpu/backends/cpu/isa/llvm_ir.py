@@ -37,7 +37,7 @@ def broadcast(builder, value, n: int):
     return builder.shuffle_vector(single, ir.Constant(vector_type, None), ir.Constant(ir.VectorType(I32, n), [0] * n))
 
 
-def widen_sum(builder, products, group: int, n: int):
+def widen_sum(builder, products, group: int):
     """<group n x i32> -> <n x i32>: lane i is the sum of lanes group i .. group i + group - 1
     (a tree of even/odd shuffles: exact, in any order)."""
     while group > 1:

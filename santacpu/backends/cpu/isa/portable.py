@@ -19,7 +19,7 @@ def _products(builder, a, b, n: int, per_lane: int):
     """<n x i32>: lane i = sum of a[per_lane i + k] b[per_lane i + k], k < per_lane (a, b integer
     vectors of n per_lane elements, sign-extended: codes are < 128)."""
     wide = ir.VectorType(I32, n * per_lane)
-    return widen_sum(builder, builder.mul(builder.sext(a, wide), builder.sext(b, wide)), per_lane, n)
+    return widen_sum(builder, builder.mul(builder.sext(a, wide), builder.sext(b, wide)), per_lane)
 
 
 def byte_dot(builder, sums, codes, xs):
