@@ -138,6 +138,16 @@ class SizeTarget:
     def option(self) -> str:
         return "--bits-per-weight" if self.bits_per_weight is not None else "--max-size"
 
+    @property
+    def value(self) -> float:
+        """The number given to `option`."""
+        return self.bits_per_weight if self.bits_per_weight is not None else self.max_size
+
+    @staticmethod
+    def _matrix_weights(shapes: dict[str, tuple[int, ...]]) -> int:
+        """The weights --bits-per-weight counts: every 2-D tensor's."""
+        return sum(int(np.prod(s)) for s in shapes.values() if len(s) == 2)
+
     def counts(self, shape: tuple[int, ...]) -> bool:
         """Whether a tensor of this shape is counted (the whole file for --max-size, matrices for
         --bits-per-weight)."""
@@ -147,14 +157,13 @@ class SizeTarget:
         """The most bytes the counted tensors (and for --max-size the file's header) may take."""
         if self.max_size is not None:
             return int(np.floor(self.max_size * 1e6 + 1e-6))
-        weights = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 2)
-        return int(np.floor(self.bits_per_weight * weights / 8 + 1e-6))
+        return int(np.floor(self.bits_per_weight * self._matrix_weights(shapes) / 8 + 1e-6))
 
     def in_units(self, counted: int, shapes: dict[str, tuple[int, ...]]) -> float:
         """`counted` bytes in the target's unit: bits per weight, or MB."""
         if self.max_size is not None:
             return counted / 1e6
-        return 8 * counted / sum(int(np.prod(s)) for s in shapes.values() if len(s) == 2)
+        return 8 * counted / self._matrix_weights(shapes)
 
     def unit(self) -> str:
         return "bits/weight" if self.bits_per_weight is not None else "MB"
@@ -220,9 +229,8 @@ class Policy:
         target, least = self.size_target, self.smallest(shapes, overhead)
         if target is None or target.limit(shapes) >= least:
             return
-        value = target.bits_per_weight if target.bits_per_weight is not None else target.max_size
         smallest = np.ceil(target.in_units(least, shapes) * 100 - 1e-9) / 100
-        raise OptionValueError(f"{target.option} {value:g} is below the smallest {self.qtype} file of this model "
+        raise OptionValueError(f"{target.option} {target.value:g} is below the smallest {self.qtype} file of this model "
                                f"(no upgrades): give at least {smallest:.2f} {target.unit()}")
 
     def budget_bytes(self, shapes: dict[str, tuple[int, ...]], overhead: int = 0) -> float:
