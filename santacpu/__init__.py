@@ -3,8 +3,8 @@
 Public API: `load(model, *, revision=None, quant=None (q8_0), device="auto") -> Model`, `GenerationOptions`; see
 `santacpu.model`.
 Importing santacpu changes one environment variable, `TOKENIZERS_PARALLELISM=false` where it is
-unset (see `santacpu.tokenizer`); the CPU backend sets Numba's target features in `numba.config`
-when it is imported (see `santacpu.backends.cpu.vector_width`).
+unset (see `santacpu.tokenizer`); no Numba setting (the CPU backend's target is chosen when a
+backend is made: `santacpu.backends.cpu.target`).
 
 May import: `santacpu.model`, `santacpu.generation.options`, `santacpu.errors`, `santacpu.version` (the
 API re-exported here).

@@ -5,13 +5,10 @@
 | `SANTACPU_MODEL` | the CLI's model when `--model` is not given | `bigcode/santacoder` |
 | `SANTACPU_CACHE` | the folder of first-use quantizations | `$XDG_CACHE_HOME/santacpu`, else `~/.cache/santacpu` |
 | `SANTACPU_INT_DOT` | `0`: block-quantized products on the float kernels instead of the integer ones | `1` |
-| `SANTACPU_VECTOR_WIDTH` | `256`: 256-bit vectors on an AVX-512 CPU | `512` |
 | `SANTACPU_API_KEY` | the key `santacpu serve` requires when `--api-key`/`--api-key-file` give none | none |
 
 Each reader asks `Settings.from_environment()` when it needs the values: `load()` for the kernel
-choice, the CLI for the model and the server's key, the quantization cache for its folder. The vector width alone is
-read when `santacpu.backends.cpu` is first imported, because Numba fixes its target features at
-its first compilation.
+choice, the CLI for the model and the server's key, the quantization cache for its folder.
 
 May import: `santacpu.errors`.
 """
@@ -28,7 +25,6 @@ from .errors import SantacpuError
 MODEL_ENV = "SANTACPU_MODEL"
 CACHE_ENV = "SANTACPU_CACHE"
 INT_DOT_ENV = "SANTACPU_INT_DOT"
-VECTOR_WIDTH_ENV = "SANTACPU_VECTOR_WIDTH"
 API_KEY_ENV = "SANTACPU_API_KEY"
 
 
@@ -39,18 +35,11 @@ def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], def
     return value
 
 
-def vector_width_from_environment() -> int:
-    """The vector width (bits) to compile for, read on its own when the CPU backend is imported; an
-    unknown value counts as the default here and is refused by `Settings.from_environment()`."""
-    return 256 if os.environ.get(VECTOR_WIDTH_ENV) == "256" else 512
-
-
 @dataclass(frozen=True)
 class Settings:
     model: str | None  # None: the CLI's default model
     cache_dir: Path
     integer_kernels: bool
-    vector_width: int  # bits: 512 or 256
     api_key: str | None = None  # None: the server requires no key
 
     @classmethod
@@ -66,6 +55,5 @@ class Settings:
             model=env.get(MODEL_ENV) or None,
             cache_dir=cache,
             integer_kernels=_choice(env, INT_DOT_ENV, ("0", "1"), "1") == "1",
-            vector_width=int(_choice(env, VECTOR_WIDTH_ENV, ("512", "256"), "512")),
             api_key=env.get(API_KEY_ENV) or None,
         )

@@ -86,7 +86,7 @@ def test_rounded_activations_layout_for_q8_0():
 CHILD = """
 import numpy as np
 from santacpu.formats.blocks import FORMATS
-from santacpu.backends.cpu import int_dot, quant_kernels as qk
+from santacpu.backends.cpu import int_dot, kernels
 from santacpu.network.reference import round_activations
 assert int_dot.ISA == {isa!r}, int_dot.ISA
 rng = np.random.default_rng(0)
@@ -96,7 +96,7 @@ for name in int_dot.FORMATS:
         x = rng.standard_normal((3, cols)).astype(np.float32)
         bias = rng.standard_normal(rows).astype(np.float32)
         out = np.empty((3, rows), np.float32)
-        qk.matmul_few(name, parts, x, bias, out, integer=True)
+        kernels.matmul_few(name, parts, x, bias, out, integer=True)
         want = round_activations(x, int_dot.ACTIVATION_LEVELS[name]).astype(np.float64) @ FORMATS[name].dequantize(parts).T.astype(np.float64) + bias
         err = np.abs(out - want).max() / np.abs(want).max()
         assert err < 1e-5, (name, rows, cols, err)
@@ -150,9 +150,9 @@ def test_many_tokens_through_the_matrix_kernel(name, T):
     # after them (4-row tiles of those tokens); 7 blocks a row: whole vector steps and a tail.
     # Each token equals its one-token product.
     from santacpu.formats.blocks import FORMATS
-    from santacpu.backends.cpu import quant_kernels as qk
+    from santacpu.backends.cpu import kernels
 
-    if not qk.has_integer_matmul(name):
+    if not kernels.has_integer_matmul(name):
         pytest.skip("no integer kernels on this CPU")
     rng = np.random.default_rng(6)
     rows, cols = 2 * int_dot.PANEL_ROWS + 6, 7 * 32
@@ -160,12 +160,12 @@ def test_many_tokens_through_the_matrix_kernel(name, T):
     x = rng.standard_normal((T, cols)).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.full((T, rows), np.nan, np.float32)
-    qk.matmul_few(name, parts, x, bias, out)
+    kernels.matmul_few(name, parts, x, bias, out)
     want = round_activations(x, int_dot.ACTIVATION_LEVELS[name]).astype(np.float64) @ FORMATS[name].dequantize(parts).T.astype(np.float64) + bias
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
     for t in (0, T - 3, T - 2, T - 1):
         alone = np.empty(rows, np.float32)
-        qk.matvec(name, parts, x[t], bias, alone)
+        kernels.matvec(name, parts, x[t], bias, alone)
         assert np.array_equal(alone, out[t])
 
 

@@ -3,6 +3,10 @@ reference forward at every position."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -221,8 +225,12 @@ def test_long_prefill_crosses_chunks(monkeypatch):
     assert np.abs(last[0] - want[-1]).max() <= 1e-4 * np.abs(want).max()
 
 
-def test_wide_vectors_only_where_avx512_exists():
-    from santacpu.backends.cpu.vector_width import wide_vector_features
-
-    assert wide_vector_features("+sse2,+avx2,+fma,-avx512f") is None
-    assert wide_vector_features("+avx2,+avx512f,+avx512bw").endswith(",-prefer-256-bit")
+def test_importing_santacpu_changes_no_numba_setting():
+    """The CPU backend chooses its target when a backend is made: importing it (and making one)
+    leaves Numba's target features as the user set them."""
+    code = (
+        "import numba; before = (numba.config.CPU_NAME, numba.config.CPU_FEATURES)\n"
+        "import santacpu, santacpu.backends.cpu.backend as b; b.CpuBackend()\n"
+        "assert (numba.config.CPU_NAME, numba.config.CPU_FEATURES) == before, numba.config.CPU_FEATURES\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={k: v for k, v in os.environ.items() if not k.startswith("NUMBA_CPU")})

@@ -935,11 +935,7 @@ def test_settings_come_from_the_environment_and_bad_values_are_refused(tmp_path,
     settings = Settings.from_environment({"SANTACPU_CACHE": "~/c", "SANTACPU_MODEL": "m", "SANTACPU_INT_DOT": "0"})
     assert settings.cache_dir == Path("~/c").expanduser() and settings.model == "m" and not settings.integer_kernels
     defaults = Settings.from_environment({"XDG_CACHE_HOME": "/x"})
-    assert defaults == Settings(model=None, cache_dir=Path("/x/santacpu"), integer_kernels=True, vector_width=512)
+    assert defaults == Settings(model=None, cache_dir=Path("/x/santacpu"), integer_kernels=True)
     monkeypatch.setenv("SANTACPU_INT_DOT", "no")
     with pytest.raises(SantacpuError, match="SANTACPU_INT_DOT='no' is not understood"):
-        santacpu.load(helpers.tiny_checkpoint(), quant="none")
-    monkeypatch.setenv("SANTACPU_INT_DOT", "1")
-    monkeypatch.setenv("SANTACPU_VECTOR_WIDTH", "128")
-    with pytest.raises(SantacpuError, match="SANTACPU_VECTOR_WIDTH='128' is not understood"):
         santacpu.load(helpers.tiny_checkpoint(), quant="none")

@@ -1,4 +1,5 @@
-"""Every block-quantized Numba kernel (santacpu/backends/cpu/quant_kernels.py) against the NumPy reference
+"""Every block-quantized Numba kernel (santacpu/backends/cpu/quant_kernels.py, reached through the format
+table of kernels.py) against the NumPy reference
 dequantize of santacpu/formats/blocks.py."""
 
 from __future__ import annotations
@@ -7,9 +8,8 @@ import numba
 import numpy as np
 import pytest
 
-from santacpu.formats.blocks import FORMATS
-from santacpu.backends.cpu import int_dot
-from santacpu.backends.cpu import quant_kernels as qk
+from santacpu.formats.blocks import FORMATS, PART_ORDER
+from santacpu.backends.cpu import int_dot, kernels
 from santacpu.network.reference import round_activations
 
 NAMES = list(FORMATS)
@@ -26,10 +26,10 @@ def weights(rows, cols, seed):
     return w.astype(np.float32)
 
 
-def test_part_order_matches_the_formats():
-    assert set(qk.PART_ORDER) == set(FORMATS)
+def test_the_format_table_has_every_format_in_its_part_order():
+    assert set(kernels.FORMAT_KERNELS) == set(PART_ORDER) == set(FORMATS)
     for name, fmt in FORMATS.items():
-        assert qk.PART_ORDER[name] == tuple(fmt.part_specs(4, 64))
+        assert PART_ORDER[name] == tuple(fmt.part_specs(4, 64))
 
 
 # Every (format, kernel kind) pair: the float kernels, and the integer dot-product ones
@@ -49,7 +49,7 @@ def oracle_input(x, name, integer):
 @pytest.mark.parametrize("rows", [1, 3, 5, 33])
 @pytest.mark.parametrize("cols", [32, 96, 2048])
 def test_matvec_matches_numpy(name, integer, rows, cols):
-    # Row counts cover whole and partial steps of qk.ROWS rows; cols one block, a few (all past
+    # Row counts cover whole and partial steps of ROWS rows; cols one block, a few (all past
     # the integer kernels' last whole vector step), many.
     fmt = FORMATS[name]
     rng = np.random.default_rng(rows * 7 + cols)
@@ -57,7 +57,7 @@ def test_matvec_matches_numpy(name, integer, rows, cols):
     x = rng.standard_normal(cols).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.empty(rows, np.float32)
-    qk.matvec(name, parts, x, bias, out, integer=integer)
+    kernels.matvec(name, parts, x, bias, out, integer=integer)
     want = fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, name, integer) + bias
     assert rel_err(out, want) < 1e-5
 
@@ -79,7 +79,7 @@ def test_matmul_few_matches_numpy(name, integer, rows, cols, T, threads):
     previous = numba.get_num_threads()
     numba.set_num_threads(min(threads, previous))
     try:
-        qk.matmul_few(name, parts, x, bias, out, integer=integer)
+        kernels.matmul_few(name, parts, x, bias, out, integer=integer)
     finally:
         numba.set_num_threads(previous)
     want = oracle_input(x, name, integer).astype(np.float64) @ fmt.dequantize(parts).astype(np.float64).T + bias
@@ -87,7 +87,7 @@ def test_matmul_few_matches_numpy(name, integer, rows, cols, T, threads):
     if integer:  # each token exactly as in its own one-token product
         for t in range(T):
             alone = np.empty(rows, np.float32)
-            qk.matvec(name, parts, x[t], bias, alone, integer=True)
+            kernels.matvec(name, parts, x[t], bias, alone, integer=True)
             assert np.array_equal(alone, out[t])
 
 
@@ -97,13 +97,13 @@ def test_dequantize_rows_matches_numpy(name):
     w = weights(33, 96, seed=5)
     parts = fmt.quantize(w, importance=np.random.default_rng(0).random(96).astype(np.float32))
     want = fmt.dequantize(parts)
-    first, last = 5, 22  # a middle range: 4 whole steps of qk.ROWS rows and a partial one
+    first, last = 5, 22  # a middle range: 4 whole steps of ROWS rows and a partial one
     out = np.full((20, 96), np.nan, np.float32)  # a tile with room to spare
-    qk.dequantize_rows(name, parts, first, last, out)
+    kernels.dequantize_rows(name, parts, first, last, out)
     assert np.allclose(out[: last - first], want[first:last], rtol=0, atol=1e-6 * np.abs(want).max())
     assert np.isnan(out[last - first :]).all()  # rows past the range untouched
     whole = np.empty_like(want)
-    qk.dequantize_rows(name, parts, 0, 33, whole)
+    kernels.dequantize_rows(name, parts, 0, 33, whole)
     assert np.allclose(whole, want, rtol=0, atol=1e-6 * np.abs(want).max())
 
 
@@ -116,10 +116,10 @@ def test_read_only_parts():
     x = np.linspace(-1, 1, 64, dtype=np.float32)
     out = np.empty(6, np.float32)
     for integer in [False] + ([True] if int_dot.ISA else []):
-        qk.matvec("q4_0", parts, x, np.zeros(6, np.float32), out, integer=integer)
+        kernels.matvec("q4_0", parts, x, np.zeros(6, np.float32), out, integer=integer)
         assert rel_err(out, fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, "q4_0", integer)) < 1e-5
     tile = np.empty((6, 64), np.float32)
-    qk.dequantize_rows("q4_0", parts, 0, 6, tile)
+    kernels.dequantize_rows("q4_0", parts, 0, 6, tile)
     assert np.allclose(tile, fmt.dequantize(parts), rtol=0, atol=1e-7)
 
 
@@ -127,12 +127,12 @@ def test_wrappers_check_shapes():
     parts = FORMATS["q8_0"].quantize(weights(4, 64, seed=2))
     x, bias, out = np.zeros(64, np.float32), np.zeros(4, np.float32), np.zeros(4, np.float32)
     with pytest.raises(ValueError):
-        qk.matvec("q8_0", parts, np.zeros(32, np.float32), bias, out)
+        kernels.matvec("q8_0", parts, np.zeros(32, np.float32), bias, out)
     with pytest.raises(ValueError):
-        qk.matvec("q8_0", parts, x, bias, np.zeros(5, np.float32))
+        kernels.matvec("q8_0", parts, x, bias, np.zeros(5, np.float32))
     with pytest.raises(ValueError):
-        qk.dequantize_rows("q8_0", parts, 2, 5, np.zeros((8, 64), np.float32))
+        kernels.dequantize_rows("q8_0", parts, 2, 5, np.zeros((8, 64), np.float32))
     with pytest.raises(ValueError):
-        qk.dequantize_rows("q8_0", parts, 0, 4, np.zeros((2, 64), np.float32))
+        kernels.dequantize_rows("q8_0", parts, 0, 4, np.zeros((2, 64), np.float32))
     with pytest.raises(ValueError, match="q8_0, q4_0"):
-        qk.matvec("q3_x", parts, x, bias, out)
+        kernels.matvec("q3_x", parts, x, bias, out)

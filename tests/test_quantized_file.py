@@ -24,7 +24,7 @@ from santacpu.network import reference
 from santacpu.errors import WriteError
 from santacpu.backends.cpu.backend import BLAS_MIN_TOKENS
 from santacpu.loading.checkpoint import open_checkpoint
-from santacpu.backends.cpu.quant_kernels import activation_levels, has_integer_matmul
+from santacpu.backends.cpu.kernels import activation_levels, has_integer_matmul
 from santacpu.formats.blocks import QuantizedWeight
 from santacpu.formats.quantized_file import FORMAT_VERSION, read_metadata
 from santacpu.loading.quantized import describe

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import tiny_checkpoint
 
-from santacpu.backends.cpu import row_groups
+from santacpu.backends.cpu import kernels, row_groups
 from santacpu.backends.cpu.backend import CpuBackend
 from santacpu.backends.cpu.target import BY_NAME, TARGETS, host_target, runnable_targets
 from santacpu.bench.machine import mapped_file_rss_mb
@@ -191,17 +191,26 @@ def test_the_backend_groups_its_formats(qtype, tmp_path):
     path = convert(tiny_checkpoint(), tmp_path / "4-bit.safetensors", qtype=qtype, upgrade_budget=0.05).out
     model = santacpu.load(path, device="cpu")
     prepared = CpuBackend(target=target).prepare(model.weights)
-    for loaded, grouped in zip(model.weights.layers, prepared.layers):
+
+    def grouped(linear) -> bool:
+        return isinstance(linear, kernels.RowGroupLinear) and linear.target == target
+
+    for loaded, bound in zip(model.weights.layers, prepared.layers):
         for name in ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight"):
-            before, after = getattr(loaded, name), getattr(grouped, name)
-            assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype in row_groups.FORMATS)
-            assert after.qtype == before.qtype
-        assert np.array_equal(grouped.ln_1_weight, loaded.ln_1_weight) and grouped.ln_1_weight is not loaded.ln_1_weight
-    loaded_wte, grouped_wte = model.weights.wte, prepared.wte
+            before, after = getattr(loaded, name), getattr(bound, name)
+            assert grouped(after) == (before.qtype in row_groups.FORMATS)
+            assert after.weight.qtype == before.qtype and after.shape == before.shape
+        assert np.array_equal(bound.ln_1_weight, loaded.ln_1_weight) and bound.ln_1_weight is not loaded.ln_1_weight
+    loaded_wte, bound_wte = model.weights.wte, prepared.wte
     split = isinstance(loaded_wte, SplitRowsWeight)
-    for before, after in ([(loaded_wte.upgraded, grouped_wte.upgraded), (loaded_wte.rest, grouped_wte.rest)] if split else [(loaded_wte, grouped_wte)]):
-        assert isinstance(after, row_groups.RowGroupWeight) == (before.qtype in row_groups.FORMATS)
+    pairs = zip((loaded_wte.upgraded, loaded_wte.rest), bound_wte.parts) if split else [(loaded_wte, bound_wte)]
+    for before, after in pairs:
+        assert grouped(after) == (before.qtype in row_groups.FORMATS)
     ids = np.array([0, 7, 5, 200, 7])
     backend = CpuBackend(target=target)
-    assert np.array_equal(backend.embed(grouped_wte, ids), backend.embed(loaded_wte, ids))  # the input lookup
-    assert CpuBackend(integer_kernels=False).prepare(model.weights) is model.weights
+    assert np.array_equal(backend.embed(bound_wte, ids), backend.embed(loaded_wte, ids))  # the input lookup
+    # Without integer kernels every matrix is bound where it is mapped, on the float kernels.
+    floats = CpuBackend(integer_kernels=False).prepare(model.weights)
+    for loaded, bound in zip(model.weights.layers, floats.layers):
+        assert isinstance(bound.mlp_c_fc_weight, kernels.PackedLinear) and not bound.mlp_c_fc_weight.integer
+        assert bound.mlp_c_fc_weight.weight is loaded.mlp_c_fc_weight and bound.ln_1_weight is loaded.ln_1_weight

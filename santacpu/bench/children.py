@@ -260,17 +260,18 @@ def copied_weights_mb(model) -> float:
     layers' vectors on CPUs with integer kernels, backends/cpu/row_groups.py): they stand in for released pages."""
     import numpy as np
 
-    from ..backends.cpu.row_groups import RowGroupWeight
-    from ..formats.split_rows import SplitRowsWeight
-
     loaded, prepared = model.weights, model.engine.weights
-    pairs = [(loaded.wte, prepared.wte), (loaded.ln_f_weight, prepared.ln_f_weight), (loaded.ln_f_bias, prepared.ln_f_bias)]
-    if isinstance(prepared.wte, SplitRowsWeight):  # each part grouped or not
-        pairs += [(loaded.wte.upgraded, prepared.wte.upgraded), (loaded.wte.rest, prepared.wte.rest)]
+    vectors = [(loaded.ln_f_weight, prepared.ln_f_weight), (loaded.ln_f_bias, prepared.ln_f_bias)]
+    matrices = [prepared.wte]
     for before, after in zip(loaded.layers, prepared.layers):
-        pairs += [(getattr(before, f.name), getattr(after, f.name)) for f in dataclasses.fields(before)]
-    copies = [after for before, after in pairs if after is not before and isinstance(after, (RowGroupWeight, np.ndarray))]
-    return sum(copy.nbytes for copy in copies) / 1e6
+        for f in dataclasses.fields(before):
+            if len(getattr(before, f.name).shape) == 2:
+                matrices.append(getattr(after, f.name))
+            else:
+                vectors.append((getattr(before, f.name), getattr(after, f.name)))
+    copied = sum(getattr(m, "copied_nbytes", 0) for m in matrices)  # a prepared linear's own copy
+    copied += sum(after.nbytes for before, after in vectors if after is not before and isinstance(after, np.ndarray))
+    return copied / 1e6
 
 
 def runtime_rss_mb(files: list, model) -> float | None:

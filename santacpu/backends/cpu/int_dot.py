@@ -649,7 +649,7 @@ def _panel_impl(parts, xq, xfix, xdx, n_steps, panel, out, fmt):
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
 def matmul_blocks(parts, x, bias, out, fmt):
     """out [T, R] = x [T, C] @ W.T + bias [R] for a block-quantized weight given as its parts tuple
-    (PART_ORDER of quant_kernels) and its format id (a literal); x, bias, out float32."""
+    (PART_ORDER of formats.blocks) and its format id (a literal); x, bias, out float32."""
     xq, xfix, xdx = _activations(fmt, x)
     block_sums = _block_sums(xfix, xdx, fmt)
     blocks_per_step, lanes_per_block = _geometry(fmt)
@@ -675,7 +675,7 @@ def matmul_blocks(parts, x, bias, out, fmt):
 
 def matmul(qtype: str, args: tuple, x, bias, out) -> None:
     """out [T, R] = x [T, C] @ W.T + bias for a `qtype` weight given as its kernel arguments
-    (quant_kernels.kernel_args), through this module's integer kernels."""
+    (kernels.kernel_args), through this module's integer kernels."""
     _product_kernel(BLOCK_FORMATS[qtype].format_id)(tuple(args), x, bias, out)
 
 

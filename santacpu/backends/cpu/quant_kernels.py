@@ -29,16 +29,16 @@ How the kernels stay in SIMD (each choice measured, one thread, 8192 x 2048; doc
   memory's read speed.
 
 QK and each format's part order come from `santacpu.formats.blocks`.
-May import: `santacpu.formats`, the other CPU kernel modules (cpu_kernels, int_dot).
+Which kernel serves which format: `kernels.py` (FORMAT_KERNELS).
+May import: numba, numpy, `santacpu.formats`, `santacpu.backends.cpu.cpu_kernels`.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
-from ...formats.blocks import FORMATS, PART_ORDER, QK
-from . import int_dot
+from ...formats.blocks import QK
 from .cpu_kernels import (
     FASTMATH,
     ROWS,
@@ -498,95 +498,3 @@ def matmul_few_q6_0(ql, qh, d, x, bias, out, n_chunks):
                 for r in range(n_rows):
                     _dequantize_rows_q6_0(ql, qh, d, first, r, 1, rows_f32)
             rows_times_tokens(rows_f32, n_rows, x, first, bias, out)
-
-
-# --- dispatch ------------------------------------------------------------------------------------
-
-_MATVEC = {"q8_0": matvec_q8_0, "q4_0": matvec_q4_0, "q4_m": matvec_q4_m, "q6_0": matvec_q6_0}
-_MATMUL_FEW = {"q8_0": matmul_few_q8_0, "q4_0": matmul_few_q4_0, "q4_m": matmul_few_q4_m, "q6_0": matmul_few_q6_0}
-_DEQUANTIZE_ROWS = {
-    "q8_0": dequantize_rows_q8_0,
-    "q4_0": dequantize_rows_q4_0,
-    "q4_m": dequantize_rows_q4_m,
-    "q6_0": dequantize_rows_q6_0,
-}
-
-
-def kernel_args(qtype: str, parts: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
-    """The parts of a `qtype` weight as the kernels' positional arrays (fp16 as uint16 bits)."""
-    try:
-        names = PART_ORDER[qtype]
-    except KeyError:
-        raise ValueError(f"no kernels for block format {qtype!r}; known: {', '.join(PART_ORDER)}") from None
-    return tuple(parts[n].view(np.uint16) if parts[n].dtype == np.float16 else parts[n] for n in names)
-
-
-def _shape(qtype: str, args: tuple[np.ndarray, ...]) -> tuple[int, int]:
-    codes = args[0]
-    return codes.shape[0], codes.shape[1] * FORMATS[qtype].values_per_code_byte
-
-
-def _use_int_dot(qtype: str, requested: bool | None) -> bool:
-    if requested is None:
-        return int_dot.ISA is not None and qtype in int_dot.FORMATS
-    if requested and (int_dot.ISA is None or qtype not in int_dot.FORMATS):
-        raise ValueError(f"no integer dot-product kernel for {qtype} on this CPU (ISA {int_dot.ISA})")
-    return requested
-
-
-def matvec(
-    qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray, *, integer: bool | None = None
-) -> None:
-    """out [R] = W @ x [C] + bias [R] (all float32) for a block-quantized W given as its parts.
-    integer: the integer dot-product kernel (x rounded to integers per block, see int_dot.py) or the
-    float one; None picks the integer one where this CPU and the format have it."""
-    args = kernel_args(qtype, parts)
-    rows, cols = _shape(qtype, args)
-    # The kernels do no bounds checks: a wrong shape here would read or write out of bounds.
-    if x.shape != (cols,) or bias.shape != (rows,) or out.shape != (rows,) or out.dtype != np.float32:
-        raise ValueError(f"matvec {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
-    if _use_int_dot(qtype, integer):
-        int_dot.matmul(qtype, args, x[None], bias, out[None])
-    else:
-        _MATVEC[qtype](*args, x, bias, out)
-
-
-def matmul_few(
-    qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray, *, integer: bool | None = None
-) -> None:
-    """out [T, R] = x [T, C] @ W.T + bias [R] (all float32, C-contiguous) for a block-quantized W,
-    reading W once for all T tokens (meant for small T; many tokens go to BLAS on widened tiles,
-    except for the formats of has_integer_matmul, whose integer kernel takes any T).
-    `integer` as for matvec; the integer kernel gives each token exactly its matvec result."""
-    args = kernel_args(qtype, parts)
-    rows, cols = _shape(qtype, args)
-    T = x.shape[0] if x.ndim == 2 else -1
-    if x.shape != (T, cols) or bias.shape != (rows,) or out.shape != (T, rows) or out.dtype != np.float32:
-        raise ValueError(f"matmul_few {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
-    if _use_int_dot(qtype, integer):
-        int_dot.matmul(qtype, args, x, bias, out)
-    else:
-        _MATMUL_FEW[qtype](*args, x, bias, out, get_num_threads())
-
-
-def has_integer_matmul(qtype: str) -> bool:
-    """Whether matmul_few on a `qtype` weight runs the integer matrix-matrix kernel at any number
-    of tokens (every block format where this CPU has the integer kernels), instead of widening the
-    weight for BLAS: each token then gets exactly its one-token result."""
-    return _use_int_dot(qtype, None)
-
-
-def activation_levels(qtype: str) -> int | None:
-    """The integer range (127: int8, 32767: int16) one-token and few-token products with a
-    `qtype` weight round x to, per block of 32 (the integer kernels; reference.round_activations
-    is their NumPy twin), or None where they use the float kernels."""
-    return int_dot.ACTIVATION_LEVELS[qtype] if _use_int_dot(qtype, None) else None
-
-
-def dequantize_rows(qtype: str, parts: dict[str, np.ndarray], first: int, last: int, out: np.ndarray) -> None:
-    """out[:last-first] (float32 [>= last-first, C]) = rows first..last-1 of W, dequantized."""
-    args = kernel_args(qtype, parts)
-    rows, cols = _shape(qtype, args)
-    if not 0 <= first <= last <= rows or out.ndim != 2 or out.shape[0] < last - first or out.shape[1] != cols:
-        raise ValueError(f"dequantize_rows {qtype} [{rows}, {cols}]: rows {first}..{last}, out {out.shape}")
-    _DEQUANTIZE_ROWS[qtype](*args, first, last, out)
