@@ -100,7 +100,7 @@ for name in int_dot.FORMATS:
         want = round_activations(x, int_dot.ACTIVATION_LEVELS[name]).astype(np.float64) @ FORMATS[name].dequantize(parts).T.astype(np.float64) + bias
         err = np.abs(out - want).max() / np.abs(want).max()
         assert err < 1e-5, (name, rows, cols, err)
-from santacpu.backends.cpu import row_groups
+from santacpu.backends.cpu import repack
 from santacpu.backends.cpu.target import host_target
 from santacpu.formats.blocks import QuantizedWeight
 target = host_target()  # the backend's, chosen from the same features as int_dot's
@@ -108,8 +108,8 @@ assert target.name == {{"avx2": "avx2", "vnni256": "avx-vnni"}}[int_dot.ISA], ta
 parts = FORMATS["q4_0"].quantize(rng.standard_normal((13, 224)).astype(np.float32))
 x = rng.standard_normal((11, 224)).astype(np.float32)
 out = np.empty((11, 13), np.float32)
-grouped = row_groups.group_rows(QuantizedWeight("q4_0", (13, 224), parts), target.rows_per_group)
-row_groups.matmul(grouped, x, np.zeros(13, np.float32), out, target)
+grouped = repack.group_rows(QuantizedWeight("q4_0", (13, 224), parts), target.rows_per_group)
+repack.matmul(grouped, x, np.zeros(13, np.float32), out, target)
 want = round_activations(x, 127).astype(np.float64) @ FORMATS["q4_0"].dequantize(parts).T.astype(np.float64)
 assert np.abs(out - want).max() < 1e-5 * np.abs(want).max()
 print("ok", int_dot.ISA)

@@ -2,12 +2,12 @@
 # ARM64 checks without ARM hardware (issue 27): QEMU user-mode emulation of an arm64 Debian root,
 # with NumPy/Numba arm64 wheels from the package index. A developer script, not part of CI (slow).
 # Time on 2 x86 cores: setup once, a few minutes; the probe 25-45 s a model; the default tests about
-# 9-11 min a model (all three: about 30 min); tests/test_row_groups.py about 1 min a model.
+# 9-11 min a model (all three: about 30 min); tests/test_repack.py about 1 min a model.
 #
 #   sudo tools/arm64_check.sh                      # setup (once), probe, default tests, each CPU model
 #   sudo tools/arm64_check.sh tests/test_kernels.py -k matvec   # another pytest selection
 #   sudo tools/arm64_check.sh --setup-only | --probe-only   # (--setup: the same as --setup-only)
-#   sudo tools/arm64_check.sh --tests-only tests/test_row_groups.py   # pytest only, no probe (~10 s a
+#   sudo tools/arm64_check.sh --tests-only tests/test_repack.py   # pytest only, no probe (~10 s a
 #                                                                     # model for a trivial test file)
 #
 # Setup, each step skipped when already done (needs root, apt and pip access to the package index):
@@ -40,7 +40,7 @@ MIRROR="${SANTACPU_ARM64_MIRROR:-http://deb.debian.org/debian}"
 CPUS="${SANTACPU_ARM64_CPUS:-max neoverse-n1 cortex-a72}"
 OUT="${OUT:-/var/cache/santacpu-arm64/out}"
 TIMEOUT="${SANTACPU_ARM64_TIMEOUT:-3600}"  # seconds per emulated run
-DEFAULT_TESTS="tests/test_row_groups.py tests/test_token_invariance.py tests/test_quant_kernels.py tests/test_kernels.py"
+DEFAULT_TESTS="tests/test_repack.py tests/test_token_invariance.py tests/test_quant_kernels.py tests/test_kernels.py"
 SITE=/opt/santacpu-site  # inside ROOT
 
 mode=all

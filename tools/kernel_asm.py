@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from arm64_probe import inner_loop  # noqa: E402
 from numba import njit  # noqa: E402
 
-from santacpu.backends.cpu import row_groups  # noqa: E402
+from santacpu.backends.cpu import repack  # noqa: E402
 from santacpu.backends.cpu.target import runnable_targets  # noqa: E402
 from santacpu.formats.blocks import FORMATS, QuantizedWeight  # noqa: E402
 
@@ -39,7 +39,7 @@ FMA = r"(?:vfmadd\w*ps|fmla\s+v\d+\.4s)"  # packed only: not the scalar remainde
 def tile_kernel(fmt: int, isa: int, n_tokens: int):
     @njit
     def tile(parts, xq, xfix, xdx, bias, out):
-        row_groups._group_tile(parts, xq, xfix, xdx, bias, 0, 0, out, n_tokens, fmt, isa)
+        repack._group_tile(parts, xq, xfix, xdx, bias, 0, 0, out, n_tokens, fmt, isa)
 
     return tile
 
@@ -48,7 +48,7 @@ def block_loop(target, qtype: str, n_tokens: int) -> tuple[float, list[str]]:
     """(instructions a block, loop lines, whole assembly) of the block loop of `target`'s tile for `qtype` and n tokens."""
     n, cols = target.rows_per_group, 64
     weight = QuantizedWeight(qtype, (n, cols), FORMATS[qtype].quantize(np.ones((n, cols), np.float32)))
-    grouped = row_groups.group_rows(weight, n)
+    grouped = repack.group_rows(weight, n)
     xq = np.zeros((n_tokens, cols), np.int16 if qtype == "q8_0" else np.int8)
     xfix, xdx = np.zeros((n_tokens, cols // 32), np.int32), np.zeros((n_tokens, cols // 32), np.float32)
     out = np.zeros((n_tokens, n), np.float32)
@@ -65,7 +65,7 @@ def block_loop(target, qtype: str, n_tokens: int) -> tuple[float, list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", default=",".join(row_groups.FORMATS), help="formats, comma-separated (default: all)")
+    parser.add_argument("--formats", default=",".join(repack.FORMATS), help="formats, comma-separated (default: all)")
     parser.add_argument("--json", help="also write the counts to this file")
     parser.add_argument("--dump", help="write each tile's assembly into this folder")
     args = parser.parse_args()

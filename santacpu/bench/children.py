@@ -257,7 +257,7 @@ def _child_lookup(job: dict, import_s: float) -> dict:
 
 def copied_weights_mb(model) -> float:
     """MB of the weights the backend copied out of the file mapping at load (row groups and the
-    layers' vectors on CPUs with integer kernels, backends/cpu/row_groups.py): they stand in for released pages."""
+    layers' vectors on CPUs with integer kernels, backends/cpu/repack.py): they stand in for released pages."""
     import numpy as np
 
     loaded, prepared = model.weights, model.engine.weights

@@ -84,7 +84,7 @@ class CpuBackend:
     def prepare(self, weights):
         """The weights with every matrix bound to its prepared linear (`kernels.bind`; the tied
         embedding too). On CPUs with integer kernels the block-quantized matrices become row
-        groups (their interleaved copy replaces the file's pages in memory, see row_groups.py),
+        groups (their interleaved copy replaces the file's pages in memory, see repack.py),
         and the layers' vectors are copied out of the mapping too (reading one would map the
         whole 2 MiB page around it, mostly released pages); elsewhere they stay where they are
         mapped."""

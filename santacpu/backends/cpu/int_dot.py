@@ -23,7 +23,7 @@ block sums of x (`_block_sums`). Where none of these instruction sets exists (or
 built with integer_kernels=False: SANTACPU_INT_DOT=0 at load), the float kernels run instead.
 The measurements behind each choice: docs/kernels.md.
 
-The backend prepares its weights as row groups instead (`row_groups.py`: rows interleaved at
+The backend prepares its weights as row groups instead (`repack.py`: rows interleaved at
 load, no sums across lanes), and these kernels serve weights used as loaded (calibration, the
 float/integer comparisons of the tests).
 

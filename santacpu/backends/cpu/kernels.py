@@ -4,7 +4,7 @@ swap a model's modules when they load it), so that a product is one call.
 
 `FORMAT_KERNELS` is the only place that names a block format's kernels: its float kernels
 (`quant_kernels.py`: one token, a few tokens, rows widened for BLAS), and whether `int_dot.py`
-and `row_groups.py` have integer kernels for it. A new block format means its class in
+and `repack.py` have integer kernels for it. A new block format means its class in
 `santacpu/formats/blocks.py`, its kernels, and one row here.
 
 A prepared linear (`Linear`) is one matrix [R, C] with its products bound:
@@ -12,7 +12,7 @@ A prepared linear (`Linear`) is one matrix [R, C] with its products bound:
 - `PackedLinear`: fp16 or a block format on the kernels of the table: one pass over the packed
   weight for one or a few tokens; many tokens either through the integer matrix kernel or
   through BLAS on widened row tiles (no dequantized copy of a whole matrix ever exists);
-- `RowGroupLinear`: the row groups of the backend's target (`row_groups.py`), any number of tokens;
+- `RowGroupLinear`: the row groups of the backend's target (`repack.py`), any number of tokens;
 - `SplitLinear`: a matrix stored in two formats (`formats/split_rows.py`): a product per part.
 
 Shape legend: T = tokens in a call, R = a matrix's rows (outputs), C = its columns (inputs).
@@ -30,7 +30,7 @@ import numba
 import numpy as np
 
 from . import cpu_kernels as k
-from . import int_dot, row_groups
+from . import int_dot, repack
 from . import quant_kernels as qk
 from .target import CpuTarget
 from ...formats.blocks import PART_ORDER, FORMATS, QuantizedWeight
@@ -47,11 +47,11 @@ class FormatKernels:
     matmul_few: Callable
     dequantize_rows: Callable
     integer: bool  # int_dot.py has its integer kernels (x rounded to integers per block)
-    row_groups: bool  # row_groups.py repacks it for the backend's target
+    repack: bool  # repack.py interleaves it into row groups for the backend's target
 
 
 def _row(name: str, matvec: Callable, matmul_few: Callable, dequantize_rows: Callable) -> FormatKernels:
-    return FormatKernels(matvec, matmul_few, dequantize_rows, name in int_dot.FORMATS, name in row_groups.FORMATS)
+    return FormatKernels(matvec, matmul_few, dequantize_rows, name in int_dot.FORMATS, name in repack.FORMATS)
 
 
 FORMAT_KERNELS: dict[str, FormatKernels] = {
@@ -253,24 +253,24 @@ class PackedLinear(Linear):
 
 
 class RowGroupLinear(Linear):
-    """Row groups (`row_groups.py`) on `target`'s tiles (None: the best this CPU runs for them)."""
+    """Row groups (`repack.py`) on `target`'s tiles (None: the best this CPU runs for them)."""
 
     integer = True
 
-    def __init__(self, weight: row_groups.RowGroupWeight, target: CpuTarget | None):
+    def __init__(self, weight: repack.RowGroupWeight, target: CpuTarget | None):
         self.weight, self.shape, self.copied_nbytes = weight, weight.shape, weight.nbytes
         self.target = target if target is not None and target.rows_per_group == weight.rows_per_group else None
 
     def product(self, x, bias, out):
         if out.flags.c_contiguous:
-            row_groups.matmul(self.weight, x, bias, out, self.target)
+            repack.matmul(self.weight, x, bias, out, self.target)
         else:
             whole = np.empty(out.shape, np.float32)
-            row_groups.matmul(self.weight, x, bias, whole, self.target)
+            repack.matmul(self.weight, x, bias, whole, self.target)
             out[...] = whole
 
     def rows(self, ids):
-        return row_groups.dequantize_rows(self.weight, ids)
+        return repack.dequantize_rows(self.weight, ids)
 
 
 class SplitLinear(Linear):
@@ -303,16 +303,16 @@ class SplitLinear(Linear):
 def bind(weight, target: CpuTarget | None, integer_kernels: bool = True) -> Linear:
     """`weight` (float32 or float16 [R, C], a QuantizedWeight, RowGroupWeight or SplitRowsWeight)
     with its products bound. With a `target`, block formats that have row groups are repacked into
-    them (a copy; the file's pages are released, see row_groups.group_rows)."""
+    them (a copy; the file's pages are released, see repack.group_rows)."""
     if isinstance(weight, Linear):
         return weight
     if isinstance(weight, SplitRowsWeight):
         return SplitLinear(weight, (bind(weight.upgraded, target, integer_kernels), bind(weight.rest, target, integer_kernels)))
-    if isinstance(weight, row_groups.RowGroupWeight):
+    if isinstance(weight, repack.RowGroupWeight):
         return RowGroupLinear(weight, target)
     if isinstance(weight, QuantizedWeight):
-        if target is not None and FORMAT_KERNELS[weight.qtype].row_groups:
-            return RowGroupLinear(row_groups.group_rows(weight, target.rows_per_group), target)
+        if target is not None and FORMAT_KERNELS[weight.qtype].repack:
+            return RowGroupLinear(repack.group_rows(weight, target.rows_per_group), target)
         return PackedLinear(weight, integer_kernels)
     if isinstance(weight, np.ndarray) and weight.ndim == 2 and weight.dtype == np.float32:
         return BlasLinear(weight)

@@ -1,5 +1,5 @@
 """The instruction sets of the CPU kernels, one module each, all giving the same building blocks
-for the row-group tiles (`row_groups.py`): exact int32 sums of a block's products, per row lane.
+for the row-group tiles (`repack.py`): exact int32 sums of a block's products, per row lane.
 
 - `x86`: AVX2 (`vpmaddubsw` / `vpmaddwd` chains), AVX-VNNI and AVX-512 VNNI (`vpdpbusd`,
   `vpdpwssd`);

@@ -1,5 +1,5 @@
 """x86 building blocks of the integer kernels: AVX2, AVX-VNNI (VNNI on 256-bit vectors) and
-AVX-512 VNNI (512-bit). For the row-group tiles (`row_groups.py`), n int32 lanes, one per row of
+AVX-512 VNNI (512-bit). For the row-group tiles (`repack.py`), n int32 lanes, one per row of
 a group (n = 8 or 16); for `int_dot.py`'s row-major kernels, a row's blocks across the lanes
 (`lane_dot`, `lane_word_dot`, `pair_sums`, `quad_sum`, `quad_sum_words`).
 

@@ -1,4 +1,4 @@
-"""Row groups (santacpu/backends/cpu/row_groups.py): block-quantized weights interleaved 4, 8 or
+"""Row groups (santacpu/backends/cpu/repack.py): block-quantized weights interleaved 4, 8 or
 16 rows at a time for the instruction sets' tiles (target.py). The layout, each target's kernel
 this CPU can run against the NumPy oracle, against its own one-token results and against the
 portable kernel's bits (plain LLVM IR, runnable everywhere), the backend's use of it, and the
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import tiny_checkpoint
 
-from santacpu.backends.cpu import kernels, row_groups
+from santacpu.backends.cpu import kernels, repack
 from santacpu.backends.cpu.backend import CpuBackend
 from santacpu.backends.cpu.target import BY_NAME, TARGETS, host_target, runnable_targets
 from santacpu.bench.machine import mapped_file_rss_mb
@@ -44,7 +44,7 @@ def per_row(grouped_part, n_blocks, n):
 def test_interleaved_layout(n):
     rows = n + 3  # a second group with 3 rows and n - 3 of padding
     weight = weight_of("q4_0", rows, 64)
-    grouped = row_groups.group_rows(weight, n)
+    grouped = repack.group_rows(weight, n)
     qs, d = weight.parts["qs"], weight.parts["d"].view(np.uint16)
     assert [p.shape for p in grouped.parts] == [(2, 2 * 16 * n), (2, 2 * n)]
     # codes [group, block, vector v, row i, byte m] = the row's code byte 16 b + 4 v + m
@@ -55,16 +55,16 @@ def test_interleaved_layout(n):
     assert grouped.shape == (rows, 64) and grouped.qtype == "q4_0" and grouped.nbytes == 2 * 2 * (16 * n + 2 * n)
     assert grouped.rows_per_group == n and grouped.format_id == FORMATS["q4_0"].format_id
     with pytest.raises(ValueError, match="q4_0, q4_m, q6_0, q8_0"):
-        row_groups.group_rows(SimpleNamespace(qtype="q5_1", shape=(8, 32)), n)
+        repack.group_rows(SimpleNamespace(qtype="q5_1", shape=(8, 32)), n)
     with pytest.raises(ValueError, match="4, 8 or 16 rows, not 12"):
-        row_groups.group_rows(weight, 12)
+        repack.group_rows(weight, 12)
 
 
-@pytest.mark.parametrize("n", row_groups.GROUP_SIZES)
+@pytest.mark.parametrize("n", repack.GROUP_SIZES)
 def test_interleaved_layout_of_q4_m(n):
     rows = n + 3
     weight = weight_of("q4_m", rows, 96)
-    grouped = row_groups.group_rows(weight, n)
+    grouped = repack.group_rows(weight, n)
     codes, sc, mn, d, dmin = grouped.parts
     assert np.array_equal(codes.reshape(2, 3, 4, n, 4).transpose(0, 3, 1, 2, 4).reshape(2 * n, 48)[:rows], weight.parts["qs"])
     for part, name in ((sc, "sc"), (mn, "mn")):
@@ -73,11 +73,11 @@ def test_interleaved_layout_of_q4_m(n):
         assert part.shape == (2 * n,) and np.array_equal(part[:rows], weight.parts[name][:, 0]) and (part[rows:] == 0).all()
 
 
-@pytest.mark.parametrize("n", row_groups.GROUP_SIZES)
+@pytest.mark.parametrize("n", repack.GROUP_SIZES)
 def test_interleaved_layout_of_q8_0(n):
     rows = n + 3
     weight = weight_of("q8_0", rows, 64)
-    codes, scales = row_groups.group_rows(weight, n).parts
+    codes, scales = repack.group_rows(weight, n).parts
     assert codes.dtype == np.int8 and codes.shape == (2, 2 * 32 * n)
     # codes [group, block, piece p, row i, k] = the row's value 32 b + 2 p + k
     values = codes.reshape(2, 2, 16, n, 2).transpose(0, 3, 1, 2, 4).reshape(2 * n, 64)
@@ -85,11 +85,11 @@ def test_interleaved_layout_of_q8_0(n):
     assert np.array_equal(per_row(scales, 2, n)[:rows], weight.parts["d"].view(np.uint16))
 
 
-@pytest.mark.parametrize("n", row_groups.GROUP_SIZES)
+@pytest.mark.parametrize("n", repack.GROUP_SIZES)
 def test_interleaved_layout_of_q6_0(n):
     rows = n + 3
     weight = weight_of("q6_0", rows, 64)
-    codes, scales = row_groups.group_rows(weight, n).parts
+    codes, scales = repack.group_rows(weight, n).parts
     assert codes.shape == (2, 2 * 24 * n)  # 2-D as every format's codes: the kernels know q6_0 by its id
     codes = codes.reshape(2, 2, 24 * n)  # [group, block, byte]
     nibbles = codes[:, :, : 16 * n].reshape(2, 2, 4, n, 4).transpose(0, 3, 1, 2, 4).reshape(2 * n, 32)
@@ -108,8 +108,8 @@ def test_interleaved_layout_of_q6_0(n):
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS)
-@pytest.mark.parametrize("qtype", row_groups.FORMATS)
-@pytest.mark.parametrize("rows", [8, 21, 2 * row_groups.PANEL_ROWS + 5])
+@pytest.mark.parametrize("qtype", repack.FORMATS)
+@pytest.mark.parametrize("rows", [8, 21, 2 * repack.PANEL_ROWS + 5])
 @pytest.mark.parametrize("T", [1, 2, 4, 11])
 def test_products_match_the_oracle_and_each_tokens_own(target, qtype, rows, T):
     # Several panels, a last group with padding rows; tokens in whole tiles and the ones after
@@ -118,52 +118,52 @@ def test_products_match_the_oracle_and_each_tokens_own(target, qtype, rows, T):
     # portable kernel's, bit for bit.
     cols = 7 * 32
     weight = weight_of(qtype, rows, cols, seed=rows + T)
-    grouped = row_groups.group_rows(weight, target.rows_per_group)
+    grouped = repack.group_rows(weight, target.rows_per_group)
     rng = np.random.default_rng(T)
     x = rng.standard_normal((T, cols)).astype(np.float32)
     x[0, 32:64] = 0  # an all-zero block of x
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.full((T, rows), np.nan, np.float32)
-    row_groups.matmul(grouped, x, bias, out, target)
+    repack.matmul(grouped, x, bias, out, target)
     levels = 32767 if qtype == "q8_0" else 127  # int_dot's rounding of x for each format
     want = round_activations(x, levels).astype(np.float64) @ FORMATS[qtype].dequantize(weight.parts).T.astype(np.float64) + bias
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
     for t in range(T):
         alone = np.empty((1, rows), np.float32)
-        row_groups.matmul(grouped, x[t : t + 1], bias, alone, target)
+        repack.matmul(grouped, x[t : t + 1], bias, alone, target)
         assert np.array_equal(alone[0], out[t])
     if target != PORTABLE:
         portable = np.empty_like(out)
-        row_groups.matmul(row_groups.group_rows(weight, PORTABLE.rows_per_group), x, bias, portable, PORTABLE)
+        repack.matmul(repack.group_rows(weight, PORTABLE.rows_per_group), x, bias, portable, PORTABLE)
         assert np.array_equal(out, portable)
 
 
-@pytest.mark.parametrize("n", row_groups.GROUP_SIZES)
-@pytest.mark.parametrize("qtype", row_groups.FORMATS)
+@pytest.mark.parametrize("n", repack.GROUP_SIZES)
+@pytest.mark.parametrize("qtype", repack.FORMATS)
 def test_rows_read_back_from_the_groups(qtype, n):
     weight = weight_of(qtype, 13, 96, seed=5)
-    grouped = row_groups.group_rows(weight, n)
+    grouped = repack.group_rows(weight, n)
     rows = np.array([12, 0, 5, 8, 5])
-    assert np.array_equal(row_groups.dequantize_rows(grouped, rows), FORMATS[qtype].dequantize(weight.parts)[rows])
+    assert np.array_equal(repack.dequantize_rows(grouped, rows), FORMATS[qtype].dequantize(weight.parts)[rows])
     with pytest.raises(ValueError, match="rows of a"):
-        row_groups.dequantize_rows(grouped, np.array([13]))
+        repack.dequantize_rows(grouped, np.array([13]))
 
 
 def test_bad_shapes_and_instruction_sets_are_refused():
-    grouped = row_groups.group_rows(weight_of("q4_0", 8, 64), 8)
+    grouped = repack.group_rows(weight_of("q4_0", 8, 64), 8)
     with pytest.raises(ValueError, match="avx512-vnni cannot run 8-row groups"):  # its tiles hold 16 rows
-        row_groups.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), BY_NAME["avx512-vnni"])
+        repack.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), BY_NAME["avx512-vnni"])
     for target in TARGETS:  # code for instructions this CPU lacks is never compiled
         if target not in RUNNABLE:
             with pytest.raises(ValueError, match=f"cannot run the {target.name} kernels"):
                 CpuBackend(target=target)
-            group = row_groups.group_rows(weight_of("q4_0", 8, 64), target.rows_per_group)
+            group = repack.group_rows(weight_of("q4_0", 8, 64), target.rows_per_group)
             with pytest.raises(ValueError, match=f"{target.name} cannot run"):
-                row_groups.matmul(group, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), target)
+                repack.matmul(group, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), target)
     with pytest.raises(ValueError, match="row-group matmul"):
-        row_groups.matmul(grouped, np.ones((2, 32), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32))
+        repack.matmul(grouped, np.ones((2, 32), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32))
     with pytest.raises(ValueError, match="row-group matmul"):
-        row_groups.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 16), np.float32)[:, ::2])
+        repack.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 16), np.float32)[:, ::2])
 
 
 def test_mapped_pages_are_released_and_still_readable(tmp_path):
@@ -183,7 +183,7 @@ def test_mapped_pages_are_released_and_still_readable(tmp_path):
     assert heap.sum() == 1 << 20
 
 
-@pytest.mark.parametrize("qtype", row_groups.FORMATS)
+@pytest.mark.parametrize("qtype", repack.FORMATS)
 def test_the_backend_groups_its_formats(qtype, tmp_path):
     import santacpu
 
@@ -198,14 +198,14 @@ def test_the_backend_groups_its_formats(qtype, tmp_path):
     for loaded, bound in zip(model.weights.layers, prepared.layers):
         for name in ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight"):
             before, after = getattr(loaded, name), getattr(bound, name)
-            assert grouped(after) == (before.qtype in row_groups.FORMATS)
+            assert grouped(after) == (before.qtype in repack.FORMATS)
             assert after.weight.qtype == before.qtype and after.shape == before.shape
         assert np.array_equal(bound.ln_1_weight, loaded.ln_1_weight) and bound.ln_1_weight is not loaded.ln_1_weight
     loaded_wte, bound_wte = model.weights.wte, prepared.wte
     split = isinstance(loaded_wte, SplitRowsWeight)
     pairs = zip((loaded_wte.upgraded, loaded_wte.rest), bound_wte.parts) if split else [(loaded_wte, bound_wte)]
     for before, after in pairs:
-        assert grouped(after) == (before.qtype in row_groups.FORMATS)
+        assert grouped(after) == (before.qtype in repack.FORMATS)
     ids = np.array([0, 7, 5, 200, 7])
     backend = CpuBackend(target=target)
     assert np.array_equal(backend.embed(bound_wte, ids), backend.embed(loaded_wte, ids))  # the input lookup

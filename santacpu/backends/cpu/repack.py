@@ -1,5 +1,6 @@
-"""Products on row groups, the backend's integer kernels wherever the CPU has a target
-(`target.py`): at load, the codes of every n rows of a q4_0, q4_m, q6_0 or q8_0 weight are
+"""Repacking (as llama.cpp's `repack` names it): block-quantized weights interleaved into row
+groups at load, and the products on them, the backend's integer kernels wherever the CPU has a
+target (`target.py`): the codes of every n rows of a q4_0, q4_m, q6_0 or q8_0 weight are
 interleaved so that each int32 lane of a vector belongs to one row (n = 4 for 128-bit vectors
 (NEON, portable), 8 for 256-bit ones (AVX2, AVX-VNNI), 16 for 512-bit ones (AVX-512 VNNI)).
 
