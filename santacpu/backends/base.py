@@ -44,8 +44,9 @@ class Backend(Protocol):
         ...
 
     def prepare(self, weights: Any) -> Any:
-        """The weights (a ModelWeights) as this backend's calls take them: `weights` itself, or a
-        ModelWeights of device copies (uploaded once, as stored: never a dequantized copy)."""
+        """The weights (a ModelWeights) as this backend's calls take them: a ModelWeights whose
+        matrices are bound to their kernels (the CPU: still the mapped or repacked data), or one of
+        device copies (uploaded once, as stored: never a dequantized copy)."""
         ...
 
     def empty(self, shape: tuple[int, ...]) -> Any:

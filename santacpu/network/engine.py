@@ -66,7 +66,7 @@ KERNEL_LOCK = threading.Lock()
 class Engine:
     def __init__(self, weights: ModelWeights, backend: Backend, kv_dtype: str = "float16"):
         check_kv_dtype(kv_dtype)
-        self.weights = backend.prepare(weights)  # the backend's copy (the same object on the CPU)
+        self.weights = backend.prepare(weights)  # the backend's form: matrices bound to their kernels (CPU), on the device (CUDA)
         self.config = weights.config
         self.backend = backend
         self.kv_dtype = np.dtype(kv_dtype)
