@@ -98,10 +98,11 @@ def test_gelu_is_accurate_elementwise_over_the_whole_range():
 @pytest.mark.parametrize("head_splits", [1, 3])  # 3: uneven parts, and parts with no heads
 @pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
 @pytest.mark.parametrize("n_kv_head", [1, 4])
-# Positions seen: from 1 up to 24, fewer than, equal to and past multiples of KEYS_PER_STEP (8).
-@pytest.mark.parametrize("start,T", [(0, 1), (0, 9), (5, 1), (5, 4), (21, 3)])
-def test_causal_attention_matches_dense_softmax(head_splits, cache_dtype, n_kv_head, start, T):
-    H, D, n_ctx = 8, 16, 32
+# Positions seen: from 1 up to 35, fewer than, equal to and past multiples of KEY_LANES (16).
+@pytest.mark.parametrize("start,T", [(0, 1), (0, 9), (5, 1), (13, 4), (31, 5)])
+@pytest.mark.parametrize("D", [16, 20])  # 20: values past the last whole vector of 16
+def test_causal_attention_matches_dense_softmax(head_splits, cache_dtype, n_kv_head, start, T, D):
+    H, n_ctx = 8, 40
     q = (rng.standard_normal((T, H, D)) * 2).astype(np.float32)  # * 2: peaky softmaxes too
     k_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(cache_dtype)
     v_cache = rng.standard_normal((n_ctx, n_kv_head, D)).astype(cache_dtype)

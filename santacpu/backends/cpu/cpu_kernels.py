@@ -328,13 +328,108 @@ def _softmax_prefix(row, n, scale):
         row[j] *= inv
 
 
-# Keys (and values) an attention step widens and uses together. Each score is still its own dot
-# product over D, but a step's KEYS_PER_STEP dot products run side by side (independent sums that
-# keep the FMA units busy), and a step's weighted value rows are summed first and then added to
-# the accumulator, so one load and store of it serves them all. One layer's decode attention
-# over 2000 positions on one thread, K.q / the values' weighted sum: 179 / 209 us a key at a time,
-# 133 / 130 for 4 keys a step, 120 / 115 for 8.
-KEYS_PER_STEP = 8
+# Keys an attention step widens and scores together: one vector of float32 lanes, a key a lane.
+KEY_LANES = 16
+# Query heads a tile takes at once: each widened key vector (scores) or value chunk (weighted
+# sums) serves them all, and their FMA chains are independent, so they overlap in the FMA units.
+HEAD_TILE = 4
+
+
+def _float_tile_arrays(context, builder, signature, args, which):
+    """The data pointers and shapes of the float32 C arrays among an intrinsic's arguments."""
+    arrays = {}
+    for i in which:
+        array = context.make_array(signature.args[i])(context, builder, args[i])
+        arrays[i] = (array.data, cgutils.unpack_tuple(builder, array.shape, signature.args[i].ndim))
+    return arrays
+
+
+def _fma(builder, lanes: int):
+    vector = ir.VectorType(ir.FloatType(), lanes)
+    fn_type = ir.FunctionType(vector, [vector, vector, vector])
+    return cgutils.get_or_insert_function(builder.module, fn_type, f"llvm.fma.v{lanes}f32")
+
+
+def _splat_float(builder, value, lanes: int):
+    vector = ir.VectorType(ir.FloatType(), lanes)
+    single = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(single, ir.Constant(vector, None), ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+
+
+def _vector_at(builder, data, offset, lanes: int):
+    return builder.bitcast(builder.gep(data, [offset]), ir.VectorType(ir.FloatType(), lanes).as_pointer())
+
+
+@intrinsic
+def _scores_tile(typingctx, q, t, h, kt, scores, row, j, n_heads):
+    """scores[row + i, j : j + KEY_LANES] = K[j : j + KEY_LANES] @ q[t, h + i] for i < n_heads (a
+    literal int), with kt float32 [D, KEY_LANES] holding the keys transposed (kt[d, k]: value d
+    of key j + k). q [T, H, D], scores [heads, >= j + KEY_LANES], both float32 C arrays. Each
+    score is one chain of fused multiply-adds over d in order, whatever the tile's heads."""
+    if not isinstance(n_heads, types.IntegerLiteral):
+        return None
+    heads = n_heads.literal_value
+    lanes = KEY_LANES
+
+    def codegen(context, builder, signature, args):
+        arrays = _float_tile_arrays(context, builder, signature, args, (0, 3, 4))
+        (q_data, (_, n_head, D)), (kt_data, _), (scores_data, (_, width)) = arrays[0], arrays[3], arrays[4]
+        intp = D.type
+        t_, h_, row_, j_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 5, 6))
+        vector = ir.VectorType(ir.FloatType(), lanes)
+        fma = _fma(builder, lanes)
+        q_row = builder.mul(builder.add(builder.mul(t_, n_head), h_), D)  # q[t, h, 0]
+        accs = [cgutils.alloca_once_value(builder, ir.Constant(vector, None)) for _ in range(heads)]
+        with cgutils.for_range(builder, D) as loop:
+            d = loop.index
+            keys = builder.load(_vector_at(builder, kt_data, builder.mul(d, ir.Constant(intp, lanes)), lanes), align=4)
+            for i in range(heads):
+                x = builder.load(builder.gep(q_data, [builder.add(q_row, builder.add(builder.mul(ir.Constant(intp, i), D), d))]))
+                builder.store(builder.call(fma, [_splat_float(builder, x, lanes), keys, builder.load(accs[i])]), accs[i])
+        for i in range(heads):
+            at = builder.add(builder.mul(builder.add(row_, ir.Constant(intp, i)), width), j_)
+            builder.store(builder.load(accs[i]), _vector_at(builder, scores_data, at, lanes), align=4)
+        return context.get_dummy_value()
+
+    return types.void(q, t, h, kt, scores, row, j, n_heads), codegen
+
+
+@intrinsic
+def _values_tile(typingctx, scores, row, j, keys, rows, acc, n_heads):
+    """acc[row + i, :] += sum over k < keys of scores[row + i, j + k] * rows[k, :] for i < n_heads
+    (a literal int); rows float32 [>= keys, D] (D a multiple of KEY_LANES), acc [heads, D],
+    scores [heads, >= j + keys], all float32 C arrays. Each of acc's values is one chain of fused
+    multiply-adds over the keys in order, continued from call to call."""
+    if not isinstance(n_heads, types.IntegerLiteral):
+        return None
+    heads = n_heads.literal_value
+    lanes = KEY_LANES
+
+    def codegen(context, builder, signature, args):
+        arrays = _float_tile_arrays(context, builder, signature, args, (0, 4, 5))
+        (scores_data, (_, width)), (rows_data, (_, D)), (acc_data, _) = arrays[0], arrays[4], arrays[5]
+        intp = D.type
+        row_, j_, keys_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 3))
+        vector = ir.VectorType(ir.FloatType(), lanes)
+        fma = _fma(builder, lanes)
+        accs = [cgutils.alloca_once(builder, vector) for _ in range(heads)]
+        head_rows = [builder.add(row_, ir.Constant(intp, i)) for i in range(heads)]
+        with cgutils.for_range(builder, builder.udiv(D, ir.Constant(intp, lanes))) as chunks:
+            c = builder.mul(chunks.index, ir.Constant(intp, lanes))
+            targets = [_vector_at(builder, acc_data, builder.add(builder.mul(r, D), c), lanes) for r in head_rows]
+            for i in range(heads):
+                builder.store(builder.load(targets[i], align=4), accs[i])
+            with cgutils.for_range(builder, keys_) as loop:
+                k = loop.index
+                values = builder.load(_vector_at(builder, rows_data, builder.add(builder.mul(k, D), c), lanes), align=4)
+                for i in range(heads):
+                    p = builder.load(builder.gep(scores_data, [builder.add(builder.mul(head_rows[i], width), builder.add(j_, k))]))
+                    builder.store(builder.call(fma, [_splat_float(builder, p, lanes), values, builder.load(accs[i])]), accs[i])
+            for i in range(heads):
+                builder.store(builder.load(accs[i]), targets[i], align=4)
+        return context.get_dummy_value()
+
+    return types.void(scores, row, j, keys, rows, acc, n_heads), codegen
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -345,59 +440,127 @@ def _widen_kv_rows(cache, first, count, g, rows):
             rows[k, d] = _kv_to_f32(cache[first + k, g, d])
 
 
-@njit(fastmath=FASTMATH, cache=True, inline="always")
-def _attend_heads(q, k_cache, v_cache, t, g, h0, n, scale, scores, rows, acc, out):
-    """out[t, h] = softmax(K[:n] @ q[t, h] * scale) @ V[:n] for query heads h0 .. h0 + len(scores)
-    - 1, which all read K/V head g.
+def _transpose_square(builder, rows):
+    """KEY_LANES vectors <KEY_LANES x float> (a square block's rows) -> its columns, by swapping
+    off-diagonal blocks of halving size (KEY_LANES a power of two)."""
+    lanes = len(rows)
+    rows = list(rows)
+    size = lanes // 2
+    while size:
+        low = [g + o if o < size else lanes + g + o - size for g in range(0, lanes, 2 * size) for o in range(2 * size)]
+        high = [g + size + o if o < size else lanes + g + o for g in range(0, lanes, 2 * size) for o in range(2 * size)]
+        low_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), low)
+        high_mask = ir.Constant(ir.VectorType(ir.IntType(32), lanes), high)
+        for i in range(lanes):
+            if (i // size) % 2 == 0:
+                a, b = rows[i], rows[i + size]
+                rows[i], rows[i + size] = builder.shuffle_vector(a, b, low_mask), builder.shuffle_vector(a, b, high_mask)
+        size //= 2
+    return rows
 
-    Each K and V row is widened once into `rows` and serves all these heads (all 16 for
-    multi-query on one thread), instead of being re-read per head; KEYS_PER_STEP rows at a time.
-    scores [heads, >= n], rows [KEYS_PER_STEP, D], acc [heads, D] are scratch. (The caches are
-    indexed whole rather than sliced to [:, g]: a strided slice would stop LLVM from vectorising
-    the inner loops.)"""
-    heads, D = scores.shape[0], q.shape[2]
-    for j in range(0, n, KEYS_PER_STEP):
-        keys = min(KEYS_PER_STEP, n - j)
-        _widen_kv_rows(k_cache, j, keys, g, rows)
-        if keys == KEYS_PER_STEP:
-            for hh in range(heads):
-                sums = _stack_zeros(1, KEYS_PER_STEP)[0]  # in registers: the key loop unrolls
-                for d in range(D):
-                    x = q[t, h0 + hh, d]
-                    for k in range(KEYS_PER_STEP):
-                        sums[k] += x * rows[k, d]
-                for k in range(KEYS_PER_STEP):
-                    scores[hh, j + k] = sums[k]
-        else:  # the last keys
-            for hh in range(heads):
-                for k in range(keys):
-                    s = np.float32(0.0)
-                    for d in range(D):
-                        s += q[t, h0 + hh, d] * rows[k, d]
-                    scores[hh, j + k] = s
-    for hh in range(heads):
-        _softmax_prefix(scores[hh], n, scale)
-        for d in range(D):
-            acc[hh, d] = np.float32(0.0)
-    for j in range(0, n, KEYS_PER_STEP):
-        keys = min(KEYS_PER_STEP, n - j)
-        _widen_kv_rows(v_cache, j, keys, g, rows)
-        if keys == KEYS_PER_STEP:
-            for hh in range(heads):
-                for d in range(D):
-                    total = np.float32(0.0)
-                    for k in range(KEYS_PER_STEP):
-                        total += scores[hh, j + k] * rows[k, d]
-                    acc[hh, d] += total
-        else:
-            for hh in range(heads):
+
+@intrinsic
+def _widen_keys_transposed(typingctx, cache, first, count, g, kt):
+    """kt[d, k] = cache[first + k, g, d] as float32 for k < count (<= KEY_LANES), 0 for the lanes
+    past count; cache [n_ctx, G, D] float32 or fp16 bits (uint16), kt float32 [D, KEY_LANES], both
+    C arrays. Blocks of KEY_LANES x KEY_LANES values are widened as vectors and transposed in
+    registers (a scalar transposing loop cost more than the scores it fed)."""
+    if cache.dtype not in (types.uint16, types.float32):
+        return None
+    half = cache.dtype == types.uint16
+    lanes = KEY_LANES
+
+    def codegen(context, builder, signature, args):
+        cache_array = context.make_array(signature.args[0])(context, builder, args[0])
+        kt_array = context.make_array(signature.args[4])(context, builder, args[4])
+        _, G, D = cgutils.unpack_tuple(builder, cache_array.shape, 3)
+        intp = D.type
+        first_, count_, g_ = (context.cast(builder, args[i], signature.args[i], types.intp) for i in (1, 2, 3))
+        vector = ir.VectorType(ir.FloatType(), lanes)
+        stored = ir.VectorType(ir.HalfType() if half else ir.FloatType(), lanes)
+        data = builder.bitcast(cache_array.data, ir.HalfType().as_pointer()) if half else cache_array.data
+        whole = builder.mul(builder.udiv(D, ir.Constant(intp, lanes)), ir.Constant(intp, lanes))
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), whole, ir.Constant(intp, lanes)) as (c, _):
+            rows = []
+            for k in range(lanes):  # keys past count: key `first` loaded (it exists), then zeroed
+                present = builder.icmp_signed("<", ir.Constant(intp, k), count_)
+                key = builder.add(first_, builder.select(present, ir.Constant(intp, k), ir.Constant(intp, 0)))
+                at = builder.add(builder.mul(builder.add(builder.mul(key, G), g_), D), c)
+                loaded = builder.load(builder.bitcast(builder.gep(data, [at]), stored.as_pointer()), align=2 if half else 4)
+                widened = builder.fpext(loaded, vector) if half else loaded
+                rows.append(builder.select(present, widened, ir.Constant(vector, None)))
+            for i, column in enumerate(_transpose_square(builder, rows)):
+                target = builder.gep(kt_array.data, [builder.mul(builder.add(c, ir.Constant(intp, i)), ir.Constant(intp, lanes))])
+                builder.store(column, builder.bitcast(target, vector.as_pointer()), align=4)
+        return context.get_dummy_value()
+
+    return types.void(cache, first, count, g, kt), codegen
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _widen_keys_rest(cache, first, count, g, kt):
+    """The values past D's last whole block of KEY_LANES (none where D = 128) of _widen_keys_transposed."""
+    for d in range(kt.shape[0] - kt.shape[0] % KEY_LANES, kt.shape[0]):
+        for k in range(count):
+            kt[d, k] = _kv_to_f32(cache[first + k, g, d])
+        for k in range(count, KEY_LANES):
+            kt[d, k] = np.float32(0.0)
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _attend_heads(q, k_cache, v_cache, t0, n_tokens, start, g, h0, scale, scores, rows, acc, out):
+    """out[t, h] = softmax(K[:n_t] @ q[t, h] * scale) @ V[:n_t] (n_t = start + t + 1) for the
+    queries t0 .. t0 + n_tokens - 1 and heads h0 .. h0 + heads - 1, which all read K/V head g.
+
+    Each K and V row is widened once (keys transposed, KEY_LANES at a time) and serves all these
+    queries' heads, HEAD_TILE heads at a time through the explicit vector tiles `_scores_tile` /
+    `_values_tile`: every score and every output value is one chain of fused multiply-adds in a
+    fixed order, so a query's result never depends on the queries beside it. scores [n_tokens *
+    heads, >= n_last rounded up to KEY_LANES] (row tt * heads + hh), rows [KEY_LANES, D] (also
+    the transposed keys, as [D, KEY_LANES]), acc [n_tokens * heads, D] are scratch, float32 C."""
+    heads, D = acc.shape[0] // n_tokens, q.shape[2]
+    whole = heads - heads % HEAD_TILE
+    n_last = start + t0 + n_tokens
+    kt = rows.reshape(D, KEY_LANES)
+    for j in range(0, n_last, KEY_LANES):
+        _widen_keys_transposed(k_cache, j, min(KEY_LANES, n_last - j), g, kt)
+        _widen_keys_rest(k_cache, j, min(KEY_LANES, n_last - j), g, kt)
+        for tt in range(n_tokens):
+            if start + t0 + tt + 1 <= j:  # this query sees none of these keys
+                continue
+            for hh in range(0, whole, HEAD_TILE):
+                _scores_tile(q, t0 + tt, h0 + hh, kt, scores, tt * heads + hh, j, HEAD_TILE)
+            for hh in range(whole, heads):
+                _scores_tile(q, t0 + tt, h0 + hh, kt, scores, tt * heads + hh, j, 1)
+    for tt in range(n_tokens):
+        for hh in range(heads):
+            _softmax_prefix(scores[tt * heads + hh], start + t0 + tt + 1, scale)
+            for d in range(D):
+                acc[tt * heads + hh, d] = np.float32(0.0)
+    for j in range(0, n_last, KEY_LANES):
+        _widen_kv_rows(v_cache, j, min(KEY_LANES, n_last - j), g, rows)
+        for tt in range(n_tokens):
+            keys = min(KEY_LANES, start + t0 + tt + 1 - j)
+            if keys <= 0:
+                continue
+            first = tt * heads
+            for hh in range(0, whole, HEAD_TILE):
+                _values_tile(scores, first + hh, j, keys, rows, acc, HEAD_TILE)
+            for hh in range(whole, heads):
+                _values_tile(scores, first + hh, j, keys, rows, acc, 1)
+            for hh in range(first, first + heads):  # the values past D's last whole vector (none where D = 128)
                 for k in range(keys):
                     p = scores[hh, j + k]
-                    for d in range(D):
+                    for d in range(D - D % KEY_LANES, D):
                         acc[hh, d] += p * rows[k, d]
-    for hh in range(heads):
-        for d in range(D):
-            out[t, h0 + hh, d] = acc[hh, d]
+    for tt in range(n_tokens):
+        for hh in range(heads):
+            for d in range(D):
+                out[t0 + tt, h0 + hh, d] = acc[tt * heads + hh, d]
+
+
+# Consecutive queries of a prompt that share one job: the keys and values they widen serve them all.
+QUERY_TILE = 4
 
 
 @njit(parallel=True, fastmath=FASTMATH, cache=True)
@@ -408,28 +571,32 @@ def causal_attention(q, k_cache, v_cache, start, out, head_splits):
     positions 0..start+T-1 already written; out [T, H, D] float32. Query head h reads K/V head
     h // (H // G): with G = 1 (multi-query) every head reads the same single K/V row, which is why
     the cache keeps one head and not H copies, and why each row is read once for all heads.
-    The jobs are (token, K/V head, part): `head_splits` > 1 splits each group's heads into that
-    many parts, so one decode token (a single job otherwise) can use several threads. A token's
-    output does not depend on T, start or head_splits (one query's arithmetic, whoever runs it),
-    so a prompt, a few-token pass and decoding give each position the same bits. Jobs alternate
-    between the first and the last tokens, so the threads' contiguous shares of the job range
-    hold as many keys each (a prompt's late queries see far more keys than its early ones).
+    The jobs are (QUERY_TILE consecutive queries, K/V head, part): `head_splits` > 1 splits each
+    group's heads into that many parts, so one decode token (a single job otherwise) can use
+    several threads. A query's output does not depend on T, start, head_splits or the queries
+    sharing its job (one query's arithmetic, whoever runs it), so a prompt, a few-token pass and
+    decoding give each position the same bits. Jobs alternate between the first and the last
+    queries, so the threads' contiguous shares of the job range hold as many keys each (a
+    prompt's late queries see far more keys than its early ones).
     """
     T, H, D = q.shape
     G = k_cache.shape[1]
     group = H // G
     per_part = (group + head_splits - 1) // head_splits
     scale = np.float32(1.0 / math.sqrt(D))
-    for job in prange(T * G * head_splits):
+    n_tiles = (T + QUERY_TILE - 1) // QUERY_TILE
+    for job in prange(n_tiles * G * head_splits):
         i, rest = job // (G * head_splits), job % (G * head_splits)
-        t = i // 2 if i % 2 == 0 else T - 1 - i // 2
+        tile = i // 2 if i % 2 == 0 else n_tiles - 1 - i // 2
         g, part = rest // head_splits, rest % head_splits
         first = part * per_part
         heads = min(per_part, group - first)
         if heads <= 0:
             continue
-        n = start + t + 1
-        scores = np.empty((heads, n), np.float32)
-        rows = np.empty((KEYS_PER_STEP, D), np.float32)
-        acc = np.empty((heads, D), np.float32)
-        _attend_heads(q, k_cache, v_cache, t, g, g * group + first, n, scale, scores, rows, acc, out)
+        t0 = tile * QUERY_TILE
+        n_tokens = min(QUERY_TILE, T - t0)
+        n_last = start + t0 + n_tokens
+        scores = np.empty((n_tokens * heads, (n_last + KEY_LANES - 1) // KEY_LANES * KEY_LANES), np.float32)
+        rows = np.empty((KEY_LANES, D), np.float32)
+        acc = np.empty((n_tokens * heads, D), np.float32)
+        _attend_heads(q, k_cache, v_cache, t0, n_tokens, start, g, g * group + first, scale, scores, rows, acc, out)
