@@ -347,19 +347,25 @@ def _group_tile_codegen(fmt, n_tokens, isa):
                 return builder.fpext(builder.bitcast(raw, ir.VectorType(ir.HalfType(), n)), vecf)
             return builder.uitofp(load_vector(builder, part.data, at, I8, n), vecf)
 
+        def x_fix(j, b):
+            """-8 x the sum of token j's rounded x in block b (i32)."""
+            return builder.load(builder.gep(xfix.data, [builder.add(block_rows[j], b)]))
+
+        def offset_start(j, b):
+            """Where token j's block sums start: the codes' offset times x's block sum, in every
+            lane (q4_0's offset 8: xfix; q6_0's 32: 4 xfix; q4_m has minimums instead)."""
+            fix = x_fix(j, b)
+            return broadcast(builder, builder.shl(fix, ir.Constant(I32, 2)) if six_bits else fix, n)
+
         def accumulate(j, sums, b, weight_scales, weight_minimums):
-            """Token j's block sums <n x i32> into its accumulators: the offsets, then one fused
-            multiply-add by the weight's and x's block scales (the same operations in any tile)."""
+            """Token j's block sums <n x i32> (their offsets included) into its accumulators: one
+            fused multiply-add by the weight's and x's block scales (the same operations in any
+            tile)."""
             x_block = builder.add(block_rows[j], b)
-            fix = None if words else builder.load(builder.gep(xfix.data, [x_block]))  # -8 x the block's sum of xq
             x_scale = builder.load(builder.gep(xdx.data, [x_block]))
             if minimums:  # the minimums meet x's block sum (times -8): exact ints, one scale
-                x_sum = broadcast(builder, builder.fmul(builder.sitofp(fix, F32), x_scale), n)
+                x_sum = broadcast(builder, builder.fmul(builder.sitofp(x_fix(j, b), F32), x_scale), n)
                 builder.store(builder.call(fma, [weight_minimums, x_sum, builder.load(min_accs[j])]), min_accs[j])
-            elif six_bits:  # q6_0's offset 32
-                sums = builder.add(sums, broadcast(builder, builder.shl(fix, ir.Constant(I32, 2)), n))
-            elif not words:  # q4_0's offset 8
-                sums = builder.add(sums, broadcast(builder, fix, n))
             scale = builder.fmul(weight_scales, broadcast(builder, x_scale, n))
             total = builder.call(fma, [builder.sitofp(sums, vecf), scale, builder.load(accs[j])])
             builder.store(total, accs[j])
@@ -400,7 +406,9 @@ def _group_tile_codegen(fmt, n_tokens, isa):
                 # sums, so that few sums are live at once
                 step = products.tokens_per_call(isa)
                 for j0 in range(0, n_tokens, step):
-                    chunk = products.nibble_sums(builder, isa, lows, highs, tokens[j0 : j0 + step], six_bits)
+                    chosen = range(j0, min(j0 + step, n_tokens))
+                    starts = None if minimums else [offset_start(j, b) for j in chosen]
+                    chunk = products.nibble_sums(builder, isa, lows, highs, [tokens[j] for j in chosen], six_bits, starts)
                     for j, sums in enumerate(chunk, j0):
                         accumulate(j, sums, b, weight_scales, weight_minimums)
             if words:

@@ -25,7 +25,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from . import NEON_I8MM
-from .llvm_ir import I8, I16, I32, declare
+from .llvm_ir import I8, I16, I32, declare, with_starts
 
 LANES = 4  # int32 lanes of a 128-bit vector: rows a group
 _VEC8, _VEC32 = ir.VectorType(I8, 16), ir.VectorType(I32, LANES)
@@ -92,9 +92,10 @@ def tokens_per_call(isa: int) -> int:
     return 2 if isa == NEON_I8MM else 1
 
 
-def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool):
-    """Each token's block sums <4 x i32> (as `x86.nibble_sums`); with i8mm, tokens are taken in
-    pairs (`tokens[j].pair(offset)`: x's 8 int8 values at block offset `offset` as <2 x i32>)."""
+def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool, starts=None):
+    """Each token's block sums <4 x i32> plus its start (as `x86.nibble_sums`); with i8mm, tokens
+    are taken in pairs (`tokens[j].pair(offset)`: x's 8 int8 values at block offset `offset` as
+    <2 x i32>)."""
     result = []
     j = 0
     while j < len(tokens):
@@ -104,4 +105,4 @@ def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool):
         else:
             result.append(_dot_sums(builder, lows, highs, tokens[j]))
             j += 1
-    return result
+    return with_starts(builder, result, starts)

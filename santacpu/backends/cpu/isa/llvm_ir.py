@@ -49,6 +49,11 @@ def widen_sum(builder, products, group: int):
     return products
 
 
+def with_starts(builder, sums, starts):
+    """Each token's block sums plus its start (`nibble_sums`' offset term; None: none)."""
+    return sums if starts is None else [builder.add(total, start) for total, start in zip(sums, starts)]
+
+
 def literal(value) -> int | None:
     """A literal int type's value, else None (kernels are compiled per literal)."""
     return value.literal_value if isinstance(value, types.IntegerLiteral) else None

@@ -41,12 +41,12 @@ def tokens_per_call(isa: int) -> int:
     return 1
 
 
-def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool):
-    """Each token's block sums <n x i32> (as `x86.nibble_sums`)."""
+def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool, starts=None):
+    """Each token's block sums <n x i32> plus its start (as `x86.nibble_sums`)."""
     n = lows[0].type.count // 4
     result = []
-    for token in tokens:
-        sums = ir.Constant(ir.VectorType(I32, n), None)
+    for j, token in enumerate(tokens):
+        sums = ir.Constant(ir.VectorType(I32, n), None) if starts is None else starts[j]
         for v in range(4):
             sums = byte_dot(builder, sums, lows[v], token.word(4 * v))
             sums = byte_dot(builder, sums, highs[v], token.word(16 + 4 * v))

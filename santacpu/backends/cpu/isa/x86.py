@@ -4,8 +4,9 @@ a group (n = 8 or 16); for `int_dot.py`'s row-major kernels, a row's blocks acro
 (`lane_dot`, `lane_word_dot`, `pair_sums`, `quad_sum`, `quad_sum_words`).
 
 - VNNI: `vpdpbusd` adds 4 (unsigned code x signed x) products into each lane, `vpdpwssd` 2
-  (int16 x int16) products; a block's nibbles as two chains of 4 (low and high nibbles), half
-  the latency of one chain of 8.
+  (int16 x int16) products; a block's 8 nibble vectors as one chain that starts from the
+  token's offset (a prompt tile's tokens are independent chains; two chains per token, added
+  after, cost 2 instructions a token more and spilled registers in the 8-token tile).
 - AVX2: `vpmaddubsw` adds pair products as int16; a block's 8 of them (4-bit codes: at most 8 x 2
   x 15 x 127 = 30480) are added as int16 and widened by one `vpmaddwd`; q6_0's pair products reach
   2 x 63 x 127, so every two are widened; q8_0's words: `vpmaddwd` and an add.
@@ -20,7 +21,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from . import VNNI256, VNNI512
-from .llvm_ir import I8, I16, I32, declare, splat
+from .llvm_ir import I8, I16, I32, declare, splat, with_starts
 
 
 def _vnni(isa: int) -> bool:
@@ -38,22 +39,23 @@ def tokens_per_call(isa: int) -> int:
     return 1
 
 
-def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool):
+def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool, starts=None):
     """Each token's block sums <n x i32> (a list, one per token of `tokens`): lane i holds row i's
     32 codes (lows[v]: values 4v..4v+3 of each row, <4n x i8>; highs[v]: values 16+4v..) times the
-    token's rounded x. `tokens[j].word(offset)` broadcasts x's 4 int8 values at block offset
-    `offset` to every lane (<n x i32>)."""
+    token's rounded x, plus the token's `starts[j]` (<n x i32>, e.g. the codes' offset times x's
+    sum; None: 0). `tokens[j].word(offset)` broadcasts x's 4 int8 values at block offset `offset`
+    to every lane (<n x i32>)."""
     n = lows[0].type.count // 4
     vec8, vec16, vec32 = ir.VectorType(I8, 4 * n), ir.VectorType(I16, 2 * n), ir.VectorType(I32, n)
     if _vnni(isa):
         vpdpbusd = declare(builder, f"llvm.x86.avx512.vpdpbusd.{32 * n}", vec32, vec32, vec32, vec32)
         result = []
-        for token in tokens:
-            low_sums, high_sums = ir.Constant(vec32, None), ir.Constant(vec32, None)
+        for j, token in enumerate(tokens):
+            sums = ir.Constant(vec32, None) if starts is None else starts[j]
             for v in range(4):
-                low_sums = builder.call(vpdpbusd, [low_sums, builder.bitcast(lows[v], vec32), token.word(4 * v)])
-                high_sums = builder.call(vpdpbusd, [high_sums, builder.bitcast(highs[v], vec32), token.word(16 + 4 * v)])
-            result.append(builder.add(low_sums, high_sums))
+                sums = builder.call(vpdpbusd, [sums, builder.bitcast(lows[v], vec32), token.word(4 * v)])
+                sums = builder.call(vpdpbusd, [sums, builder.bitcast(highs[v], vec32), token.word(16 + 4 * v)])
+            result.append(sums)
         return result
     pmaddubsw = declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
     pmaddwd = declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16)
@@ -76,7 +78,7 @@ def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool):
                 words = builder.add(words, pairs(highs[v], 16 + 4 * v))
             sums = builder.call(pmaddwd, [words, ones])
         result.append(sums)
-    return result
+    return with_starts(builder, result, starts)
 
 
 # --- int_dot.py's row-major kernels: a row's codes across the lanes, summed per block later ---
