@@ -9,7 +9,7 @@ once per machine, not per process.
 fp16 weights are passed as their uint16 bits (Numba has no CPU float16 type); `f16_to_f32`
 widens them with LLVM's `fpext half`, which becomes the F16C `vcvtph2ps` instruction.
 
-May import: numba, llvmlite, numpy.
+May import: numba, llvmlite, numpy, `santacpu.backends.cpu.isa.llvm_ir` (IR helpers).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .isa.llvm_ir import F32, broadcast, declare, literal
 
 # Reassociation lets LLVM vectorise the reductions; no `nnan`/`ninf`, since attention relies on
 # -inf behaving as -inf.
@@ -345,15 +347,8 @@ def _float_tile_arrays(context, builder, signature, args, which):
 
 
 def _fma(builder, lanes: int):
-    vector = ir.VectorType(ir.FloatType(), lanes)
-    fn_type = ir.FunctionType(vector, [vector, vector, vector])
-    return cgutils.get_or_insert_function(builder.module, fn_type, f"llvm.fma.v{lanes}f32")
-
-
-def _splat_float(builder, value, lanes: int):
-    vector = ir.VectorType(ir.FloatType(), lanes)
-    single = builder.insert_element(ir.Constant(vector, None), value, ir.Constant(ir.IntType(32), 0))
-    return builder.shuffle_vector(single, ir.Constant(vector, None), ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+    vector = ir.VectorType(F32, lanes)
+    return declare(builder, f"llvm.fma.v{lanes}f32", vector, vector, vector, vector)
 
 
 def _vector_at(builder, data, offset, lanes: int):
@@ -366,10 +361,9 @@ def _scores_tile(typingctx, q, t, h, kt, scores, row, j, n_heads):
     literal int), with kt float32 [D, KEY_LANES] holding the keys transposed (kt[d, k]: value d
     of key j + k). q [T, H, D], scores [heads, >= j + KEY_LANES], both float32 C arrays. Each
     score is one chain of fused multiply-adds over d in order, whatever the tile's heads."""
-    if not isinstance(n_heads, types.IntegerLiteral):
+    heads, lanes = literal(n_heads), KEY_LANES
+    if heads is None:
         return None
-    heads = n_heads.literal_value
-    lanes = KEY_LANES
 
     def codegen(context, builder, signature, args):
         arrays = _float_tile_arrays(context, builder, signature, args, (0, 3, 4))
@@ -385,7 +379,7 @@ def _scores_tile(typingctx, q, t, h, kt, scores, row, j, n_heads):
             keys = builder.load(_vector_at(builder, kt_data, builder.mul(d, ir.Constant(intp, lanes)), lanes), align=4)
             for i in range(heads):
                 x = builder.load(builder.gep(q_data, [builder.add(q_row, builder.add(builder.mul(ir.Constant(intp, i), D), d))]))
-                builder.store(builder.call(fma, [_splat_float(builder, x, lanes), keys, builder.load(accs[i])]), accs[i])
+                builder.store(builder.call(fma, [broadcast(builder, x, lanes), keys, builder.load(accs[i])]), accs[i])
         for i in range(heads):
             at = builder.add(builder.mul(builder.add(row_, ir.Constant(intp, i)), width), j_)
             builder.store(builder.load(accs[i]), _vector_at(builder, scores_data, at, lanes), align=4)
@@ -400,10 +394,9 @@ def _values_tile(typingctx, scores, row, j, keys, rows, acc, n_heads):
     (a literal int); rows float32 [>= keys, D] (D a multiple of KEY_LANES), acc [heads, D],
     scores [heads, >= j + keys], all float32 C arrays. Each of acc's values is one chain of fused
     multiply-adds over the keys in order, continued from call to call."""
-    if not isinstance(n_heads, types.IntegerLiteral):
+    heads, lanes = literal(n_heads), KEY_LANES
+    if heads is None:
         return None
-    heads = n_heads.literal_value
-    lanes = KEY_LANES
 
     def codegen(context, builder, signature, args):
         arrays = _float_tile_arrays(context, builder, signature, args, (0, 4, 5))
@@ -424,7 +417,7 @@ def _values_tile(typingctx, scores, row, j, keys, rows, acc, n_heads):
                 values = builder.load(_vector_at(builder, rows_data, builder.add(builder.mul(k, D), c), lanes), align=4)
                 for i in range(heads):
                     p = builder.load(builder.gep(scores_data, [builder.add(builder.mul(head_rows[i], width), builder.add(j_, k))]))
-                    builder.store(builder.call(fma, [_splat_float(builder, p, lanes), values, builder.load(accs[i])]), accs[i])
+                    builder.store(builder.call(fma, [broadcast(builder, p, lanes), values, builder.load(accs[i])]), accs[i])
             for i in range(heads):
                 builder.store(builder.load(accs[i]), targets[i], align=4)
         return context.get_dummy_value()
