@@ -10,6 +10,7 @@ import json
 import mmap
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -120,6 +121,12 @@ def santacpu_env(extra: dict | None = None) -> dict:
     environment = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", COLUMNS="120")
     environment.pop("SANTACPU_MODEL", None)
     return {**environment, **(extra or {})}
+
+
+def default_sigint() -> None:
+    """A child's preexec_fn: SIGINT back to its default. A test run started in the background
+    (`cmd &` in a script) inherits SIGINT ignored, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_santacpu(*args: str, env: dict | None = None, prefix: list[str] | tuple = (), stdin: bytes = b"",

@@ -99,12 +99,9 @@ def signalled(tmp_path: Path, signum: int, *args: str) -> subprocess.CompletedPr
     """Run `santacpu ARGS` slowed down and send `signum` once its work has started."""
     started = tmp_path / "started"
 
-    def default_sigint() -> None:  # a test run in the background may have inherited SIGINT ignored
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-
     process = subprocess.Popen([sys.executable, "-c", _SLOWED_MAIN, str(started), *map(str, args)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=helpers.santacpu_env(),
-                               preexec_fn=default_sigint)
+                               preexec_fn=helpers.default_sigint)
     deadline = time.monotonic() + 120
     while not started.exists():
         if process.poll() is not None or time.monotonic() > deadline:

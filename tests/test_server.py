@@ -416,7 +416,7 @@ def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized, tmp_pat
     import subprocess
     import sys
 
-    from helpers import santacpu_env
+    from helpers import default_sigint, santacpu_env
 
     with socket.socket() as probe:  # a free port on loopback
         probe.bind(("127.0.0.1", 0))
@@ -426,6 +426,7 @@ def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized, tmp_pat
         [sys.executable, "-m", "santacpu", "serve", "--model", str(quantized), "--port", str(port),
          "--api-key-file", str(tmp_path / "key")],
         env=santacpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_sigint,
     )
     try:
         url = f"http://127.0.0.1:{port}"
@@ -677,13 +678,14 @@ def test_serve_listens_before_a_first_use_quantization(tmp_path):
     import subprocess
     import sys
 
-    from helpers import santacpu_env
+    from helpers import default_sigint, santacpu_env
 
     cache = tmp_path / "cache"
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "santacpu", "serve", "--model", str(tiny_checkpoint()), "--port", str(port)],
         env=santacpu_env({"SANTACPU_CACHE": str(cache)}), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=default_sigint,
     )
     try:
         assert f"http://127.0.0.1:{port}" in process.stdout.readline()  # said once it listens
