@@ -9,7 +9,7 @@ llama.cpp does):
   float16 (2% of a file in float32; float16's relative rounding, 2^-11, is far below any block
   format's);
 - then, for the 4-bit types, up to `upgrade_budget` (default 1.5%) more bytes buy upgrades of linear
-  weights to q6_0 or q8_0, and of the most used tokens' embedding rows to q8_0. With calibration
+  weights to q6_0 or q8_0, and of the most used tokens' embedding rows (or the whole embedding) to q8_0. With calibration
   (the default for 4-bit types), each upgrade's cut of mean KLD is measured
   (quantize/sensitivity.py) and the budget buys the most cut per byte (`greedy_upgrades`).
   Without, it follows `upgrade_order` (no embedding rows): first the attention Q|K|V weights to
@@ -70,7 +70,9 @@ UPGRADE_TYPES = ("q6_0", "q8_0")  # what a 4-bit linear weight can be raised to,
 ROW_UPGRADE_TYPE = "q8_0"  # what the embedding's most used rows can be raised to
 # Embedding types whose rows can be raised: those that widen to q8_0 exactly (the CUDA backend's need).
 ROW_UPGRADE_BASES = tuple(t for t in SYMMETRIC if t != ROW_UPGRADE_TYPE)
-EMBEDDING_ROW_COUNTS = (64, 128, 256, 512, 1024, 2048, 4096)  # the steps measured and bought
+# The steps measured and bought; past them, the model's vocabulary size stands for the whole matrix
+# raised (stored as one ROW_UPGRADE_TYPE matrix, no row ids): what a size target near q8_0's needs.
+EMBEDDING_ROW_COUNTS = (64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
 def greedy_upgrades(gains: dict[str, dict], extra: dict[str, dict], budget: float) -> dict:
@@ -100,6 +102,14 @@ def greedy_upgrades(gains: dict[str, dict], extra: dict[str, dict], budget: floa
 def row_upgrade_bytes(base: str, cols: int, rows: int) -> int:
     """Extra bytes of `rows` embedding rows at ROW_UPGRADE_TYPE instead of `base` (and their ids)."""
     return rows * (FORMATS[ROW_UPGRADE_TYPE].nbytes(1, cols) - FORMATS[base].nbytes(1, cols) + 4)
+
+
+def embedding_upgrade_bytes(base: str, shape: tuple[int, int], rows: int) -> int:
+    """Extra bytes of raising `rows` of the embedding (shape [vocab, cols]) from `base`: split rows
+    with their ids, or with every row the whole matrix at ROW_UPGRADE_TYPE (no ids)."""
+    if rows >= shape[0]:
+        return stored_bytes(ROW_UPGRADE_TYPE, shape) - stored_bytes(base, shape)
+    return row_upgrade_bytes(base, shape[1], rows)
 
 
 def upgradable(shapes: dict[str, tuple[int, ...]], types: dict[str, str], qtype: str) -> list[str]:
@@ -281,11 +291,12 @@ class Policy:
                 candidates = {n: gains[n] for n in extra}
                 base = self.type_for("wte", shapes["wte"]) if "wte" in shapes else None
                 if "wte" in gains and base in ROW_UPGRADE_BASES and not self.kept("wte"):
-                    rows, cols = shapes["wte"]
-                    candidates["wte"] = {k: cut for k, cut in gains["wte"].items() if k < rows}
-                    extra["wte"] = {k: row_upgrade_bytes(base, cols, k) for k in candidates["wte"]}
+                    candidates["wte"] = {k: cut for k, cut in gains["wte"].items() if k <= shapes["wte"][0]}
+                    extra["wte"] = {k: embedding_upgrade_bytes(base, shapes["wte"], k) for k in candidates["wte"]}
                 chosen = greedy_upgrades(candidates, extra, budget)
                 embedding_rows = chosen.pop("wte", 0)
+                if embedding_rows >= shapes["wte"][0]:  # every row: the whole matrix at the higher type
+                    chosen["wte"], embedding_rows = ROW_UPGRADE_TYPE, 0
                 types.update(chosen)
             else:
                 for name, upgrade in upgrade_order(free, types, self.qtype):

@@ -49,8 +49,9 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
                           most_used: np.ndarray | None = None) -> dict[str, dict]:
     """{canonical name of each linear weight: {upgrade type: estimated mean-KLD cut}}, and with
     `most_used` (token ids, most used first) "wte": {k: mean-KLD cut of raising the embedding rows
-    of the k most used tokens to ROW_UPGRADE_TYPE} for k in EMBEDDING_ROW_COUNTS (a cut can be 0,
-    never negative: an upgrade that does not help is not bought)."""
+    of the k most used tokens to ROW_UPGRADE_TYPE} for k in EMBEDDING_ROW_COUNTS, and for k = the
+    vocabulary size, of raising the whole matrix (a cut can be 0, never negative: an upgrade that
+    does not help is not bought)."""
     c = reader.config
     eps = c.layer_norm_epsilon
     picked, count = [], 0
@@ -118,14 +119,17 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
             gains[f"h.{i}.{name}"] = {t: max(0.0, kld * (errors[name][qtype] - errors[name][t]) / total) for t in UPGRADE_TYPES}
         progress.step(f"layer {i}")
     counts = [k for k in EMBEDDING_ROW_COUNTS if most_used is not None and k <= len(most_used) and k < c.vocab_size]
-    if counts:
+    if most_used is not None:
         imp = None if importance is None else importance.get("wte")
         table = _roundtrip(EMBEDDING_TYPE[qtype], np.asarray(wte, np.float32), imp)
-        top = np.asarray(most_used[: counts[-1]])
-        raised = _roundtrip(ROW_UPGRADE_TYPE, np.asarray(wte[top], np.float32), imp)
         base = embedding_kld(table)
         gains["wte"] = {}
-        for k in counts:  # growing: each step raises the next rows in place
-            table[top[:k]] = raised[:k]
-            gains["wte"][k] = max(0.0, base - embedding_kld(table))
+        if counts:
+            top = np.asarray(most_used[: counts[-1]])
+            raised = _roundtrip(ROW_UPGRADE_TYPE, np.asarray(wte[top], np.float32), imp)
+            for k in counts:  # growing: each step raises the next rows in place
+                table[top[:k]] = raised[:k]
+                gains["wte"][k] = max(0.0, base - embedding_kld(table))
+        # every row: the whole matrix at ROW_UPGRADE_TYPE (policy.embedding_upgrade_bytes)
+        gains["wte"][c.vocab_size] = max(0.0, base - embedding_kld(_roundtrip(ROW_UPGRADE_TYPE, np.asarray(wte, np.float32), imp)))
     return gains

@@ -293,10 +293,13 @@ def test_importance_statistics_and_weighted_conversion(tmp_path):
     # Measured upgrade gains: one per linear weight and upgrade type, q8_0 cutting at least what
     # q6_0 does (its rounding error is smaller); the budget buys them within its bytes.
     # With the most used tokens (here given: 300 ids), the cut of raising their embedding rows
-    # is measured for each row count up to that many.
+    # is measured for each row count up to that many, and (keyed by the vocabulary size) of
+    # raising the whole matrix.
     gains = measure_upgrade_gains(reader, sequences, "q4_0", importance, np.arange(100, 400))
     rows = gains.pop("wte")
-    assert list(rows) == [64, 128, 256] and all(np.isfinite(v) and v >= 0 for v in rows.values()) and rows[256] > 0
+    vocab = reader.config.vocab_size
+    assert list(rows) == [64, 128, 256, vocab] and all(np.isfinite(v) and v >= 0 for v in rows.values())
+    assert rows[vocab] > rows[256] > 0
     assert set(gains) == set(importance) - {"wte"}
     assert all(0 <= g["q6_0"] <= g["q8_0"] and np.isfinite(g["q8_0"]) for g in gains.values())
     assert max(g["q8_0"] for g in gains.values()) > 0

@@ -10,7 +10,7 @@ from helpers import rewrite_safetensors, tiny_checkpoint
 
 import santacpu
 from quantize.converter import convert, tensor_shapes
-from quantize.policy import EMBEDDING_ROW_COUNTS, Policy, row_upgrade_bytes, stored_bytes
+from quantize.policy import EMBEDDING_ROW_COUNTS, Policy, SizeTarget, embedding_upgrade_bytes, row_upgrade_bytes, stored_bytes
 from santacpu import SantacpuError
 from santacpu.backends.cpu import int_dot
 from santacpu.backends.cpu.backend import BLAS_MIN_TOKENS, CpuBackend
@@ -92,6 +92,24 @@ def test_the_budget_buys_rows_by_measured_cut_per_byte():
     assert Policy("q8_0", upgrade_budget=0.05).plan(shapes, {"wte": ladder}).embedding_rows == 0
     assert row_upgrade_bytes("q6_0", cols, 64) == 64 * (FORMATS["q8_0"].nbytes(1, cols) - FORMATS["q6_0"].nbytes(1, cols) + 4)
     assert rows > max(EMBEDDING_ROW_COUNTS)
+
+
+def test_every_row_raised_is_the_whole_embedding_at_the_higher_type():
+    # The level keyed by the vocabulary size raises the whole matrix: stored as one q8_0 matrix
+    # (no split, no row ids) and costed so, bought when it is the best cut per byte that fits.
+    shapes = tensor_shapes(open_checkpoint(tiny_checkpoint()))
+    rows, cols = shapes["wte"]
+    whole = stored_bytes("q8_0", shapes["wte"]) - stored_bytes("q6_0", shapes["wte"])
+    assert embedding_upgrade_bytes("q6_0", shapes["wte"], rows) == whole
+    assert embedding_upgrade_bytes("q6_0", shapes["wte"], 64) == row_upgrade_bytes("q6_0", cols, 64)
+    ladder = {64: 1e-4, 4096: 1e-3, rows: 1e-1}
+    base = Policy("q4_m", upgrade_budget=0.0).plan(shapes)
+    least = sum(stored_bytes(base.types[n], s) for n, s in shapes.items() if len(s) == 2)
+    weights = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 2)
+    enough = Policy("q4_m", size_target=SizeTarget(bits_per_weight=8 * (least + whole) / weights)).plan(shapes, {"wte": ladder})
+    assert enough.types["wte"] == "q8_0" and enough.embedding_rows == 0
+    short = Policy("q4_m", size_target=SizeTarget(bits_per_weight=8 * (least + whole - 1) / weights)).plan(shapes, {"wte": ladder})
+    assert short.types["wte"] == "q6_0" and short.embedding_rows == 4096
 
 
 @pytest.fixture(scope="module")

@@ -6,51 +6,105 @@ For a gpt_bigcode-layout checkpoint (e.g. tests/fixtures/trained_tiny) and a tex
   `llama-perplexity --kl-divergence` against the F16 base;
 - santacpu: convert to each santacpu file variant and score it with santacpu.evaluate against the
   full-precision model, with the same chunking (n_ctx, second half of each chunk scored).
-Prints one table (file bytes, tensor bytes: the vocabulary and metadata left out on both sides, mean KLD,
-top-1 agreement, PPL) and writes it as JSON.
+- the ladder: for each llama.cpp type from Q4_0 to Q6_K, santacpu's q4_m file sized to that type's
+  tensor bytes (`--bits-per-weight`), scored the same way.
+Prints the table (file bytes, tensor bytes: the vocabulary and metadata left out on both sides, mean KLD,
+top-1 agreement, PPL) and the ladder, writes them as JSON, and draws size against KLD as a PNG.
 
     python -m tools.compare_llamacpp CHECKPOINT_DIR TEXT_FILE --llamacpp /opt/llamacpp/src
-        [--ctx 256] [--work /tmp/compare] [--json results.json]
-Needs: a built llama.cpp (../shared/peers/build_llamacpp.sh) and the dev extra (torch, transformers).
+        [--ctx 256] [--max-chunks 64] [--work /tmp/compare] [--json results.json] [--chart chart.png]
+    python -m tools.compare_llamacpp --results a.json b.json c.json --chart chart.png   # one panel each
+Needs: a built llama.cpp (../shared/peers/build_llamacpp.sh) and the dev extra (torch, transformers,
+matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import santacpu  # noqa: E402
 from quantize.calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, most_used_tokens, token_sequences  # noqa: E402
-from quantize.converter import convert  # noqa: E402
-from quantize.policy import Policy, parse_keep  # noqa: E402
+from quantize.converter import convert, tensor_shapes  # noqa: E402
+from quantize.policy import Policy  # noqa: E402
 from quantize.sensitivity import measure_upgrade_gains  # noqa: E402
 from santacpu.loading.checkpoint import open_checkpoint  # noqa: E402
 from santacpu.evaluate import score_models  # noqa: E402
 from santacpu.tokenizer import Tokenizer  # noqa: E402
 
-LLAMA_TYPES = ("Q8_0", "Q6_K", "Q5_K_S", "Q4_K_S", "IQ4_NL", "Q4_0")
-# name -> (type, keep rules, importance-weighted?, q8_0 upgrade budget). The first three are
-# santacpu's defaults (`santacpu quantize --type T`); the rest show what each choice buys.
+# The ladder: each llama.cpp type from Q4_0 to Q6_K, and santacpu's LADDER_TYPE file sized to its
+# tensor bytes (`--bits-per-weight`, see ladder_bits), so the two are compared at equal size.
+LADDER = ("Q4_0", "IQ4_NL", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K")
+LADDER_TYPE = "q4_m"
+LLAMA_TYPES = (*LADDER, "Q8_0")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A santacpu file to make: `santacpu quantize --type qtype` with these options."""
+
+    qtype: str
+    importance: bool = True  # importance-weighted rounding (calibration)
+    upgrade_budget: float | None = None  # None: the default, unless bits_per_weight is given
+    bits_per_weight: float | None = None
+
+
+# The defaults (`santacpu quantize --type T`), and what calibration and upgrades each buy.
 SANTACPU_VARIANTS = {
-    "q8_0 (default)": ("q8_0", [], False, 0.05),
-    "q4_m, budget 5%": ("q4_m", [], True, 0.05),
-    "q4_m, budget 2%": ("q4_m", [], True, 0.02),
-    "q4_m (default)": ("q4_m", [], True, 0.015),
-    "q4_m, budget 1%": ("q4_m", [], True, 0.01),
-    "q4_0 (default)": ("q4_0", [], True, 0.015),
-    "q4_0, budget 1%": ("q4_0", [], True, 0.01),
-    "q4_m, no upgrades": ("q4_m", [], True, 0.0),
-    "q4_m, no upgrades, no imp": ("q4_m", [], False, 0.0),
-    "q4_0, no upgrades, no imp": ("q4_0", [], False, 0.0),
+    "q8_0 (default)": Variant("q8_0", importance=False),
+    "q4_m (default)": Variant("q4_m"),
+    "q4_0 (default)": Variant("q4_0"),
+    "q4_m, no upgrades": Variant("q4_m", upgrade_budget=0.0),
+    "q4_m, no upgrades, no imp": Variant("q4_m", importance=False, upgrade_budget=0.0),
+    "q4_0, no upgrades, no imp": Variant("q4_0", importance=False, upgrade_budget=0.0),
 }
+
+
+def ladder_name(llama_type: str) -> str:
+    return f"{LADDER_TYPE} at {llama_type}'s size"
+
+
+def ladder_bits(checkpoint: Path, tensor_bytes: int) -> float:
+    """The `--bits-per-weight` whose file holds at most `tensor_bytes` bytes of tensors: the size
+    target counts the matrices (quantize/policy.SizeTarget); the rest of the tensors, LayerNorm
+    parameters and biases, stay float32 whatever the target."""
+    shapes = tensor_shapes(open_checkpoint(checkpoint))
+    vectors = sum(4 * int(np.prod(s)) for s in shapes.values() if len(s) == 1)
+    weights = sum(int(np.prod(s)) for s in shapes.values() if len(s) == 2)
+    return math.floor((tensor_bytes - vectors) * 8 / weights * 1e6) / 1e6
+
+
+def ladder_variants(checkpoint: Path, llama: dict) -> dict[str, Variant]:
+    """One LADDER_TYPE file per ladder type llama.cpp made, sized to its tensor bytes."""
+    return {ladder_name(t): Variant(LADDER_TYPE, bits_per_weight=ladder_bits(checkpoint, llama[f"llama.cpp {t}"]["tensor_bytes"]))
+            for t in LADDER if f"llama.cpp {t}" in llama}
+
+
+def ladder_table(rows: dict) -> list[dict]:
+    """Each ladder point, llama.cpp's file beside santacpu's of its size, and whether santacpu's is
+    at or below its size with a lower mean KLD."""
+    table = []
+    for t in LADDER:
+        llama, ours = rows.get(f"llama.cpp {t}"), rows.get(f"santacpu {ladder_name(t)}")
+        if llama is None or ours is None:
+            continue
+        keys = ("tensor_bytes", "mean_kld", "top1_agreement")
+        table.append({"llama_type": t, "llama.cpp": {k: llama[k] for k in keys},
+                      "santacpu": {k: ours[k] for k in keys} | {"bits_per_weight": ours["bits_per_weight"]},
+                      "beats": ours["tensor_bytes"] <= llama["tensor_bytes"] and ours["mean_kld"] < llama["mean_kld"]})
+    return table
 
 
 def parse_llama_perplexity(output: str) -> dict:
@@ -113,7 +167,7 @@ def llama_rows(checkpoint: Path, text: Path, bin_dir: Path, src: Path, work: Pat
     return rows
 
 
-def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
+def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int, variants: dict[str, Variant]) -> dict:
     reference = santacpu.load(checkpoint, quant="none")
     texts = [text.read_text(encoding="utf-8")]
     reader = open_checkpoint(checkpoint)
@@ -126,21 +180,25 @@ def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
     importance = collect_importance(reader, sequences)
     most_used = most_used_tokens(calib_texts, tokenizer, eos, reader.config.vocab_size)
     gains = {}  # measured upgrade gains per 4-bit type, as `santacpu quantize` measures them
-    paths = {}
-    for name, (qtype, keep, weighted, budget) in SANTACPU_VARIANTS.items():
-        paths[name] = work / ("santacpu-" + re.sub(r"[^a-z0-9_]+", "-", name) + ".safetensors")
-        measured = weighted and Policy(qtype, upgrade_budget=budget).buys_upgrades
-        if measured and qtype not in gains:
-            gains[qtype] = measure_upgrade_gains(reader, sequences, qtype, importance, most_used)
-        convert(checkpoint, paths[name], qtype=qtype, keep=parse_keep(keep), importance=importance if weighted else None,
-                calibration_note=note if weighted else None, force=True, upgrade_budget=budget,
-                upgrade_gains=gains[qtype] if measured else None, most_used_tokens=most_used)
+    paths, reports = {}, {}
+    for name, v in variants.items():
+        paths[name] = work / ("santacpu-" + re.sub(r"[^a-z0-9_]+", "-", name.lower()) + ".safetensors")
+        budget = v.upgrade_budget if v.upgrade_budget is not None or v.bits_per_weight is not None else 0.015
+        sized = v.bits_per_weight is not None
+        measured = v.importance and (sized or Policy(v.qtype, upgrade_budget=budget).buys_upgrades)
+        if measured and v.qtype not in gains:
+            gains[v.qtype] = measure_upgrade_gains(reader, sequences, v.qtype, importance, most_used)
+        reports[name] = convert(checkpoint, paths[name], qtype=v.qtype, importance=importance if v.importance else None,
+                                calibration_note=note if v.importance else None, force=True,
+                                upgrade_budget=None if sized else budget, bits_per_weight=v.bits_per_weight,
+                                upgrade_gains=gains[v.qtype] if measured else None, most_used_tokens=most_used)
     scores = score_models({name: santacpu.load(path) for name, path in paths.items()}, texts, ctx, reference)
     rows = {}
     for name, s in scores.items():
         rows[f"santacpu {name}"] = {
             "bytes": paths[name].stat().st_size,
             "tensor_bytes": tensor_bytes(paths[name]),
+            "bits_per_weight": reports[name].weight_bits_per_weight,
             "mean_kld": s.mean_kld,
             "kld_p99": s.kld_p99,
             "top1_agreement": s.top1_agreement,
@@ -150,18 +208,88 @@ def santacpu_rows(checkpoint: Path, text: Path, work: Path, ctx: int) -> dict:
     return rows
 
 
+def chart(results: list[dict], out: Path) -> None:
+    """Size against mean KLD (log scale), one panel per fixture: llama.cpp's types and santacpu's
+    ladder and default files. Needs matplotlib (the dev extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("the chart needs matplotlib: pip install -e '.[dev]'")
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 4.4), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        rows = result["rows"]
+        llama = sorted((r["tensor_bytes"] / 1e6, r["mean_kld"], name.split()[-1]) for name, r in rows.items()
+                       if name.startswith("llama.cpp") and r.get("mean_kld"))
+        ladder = sorted((p["santacpu"]["tensor_bytes"] / 1e6, p["santacpu"]["mean_kld"]) for p in result["ladder"])
+        defaults = [(r["tensor_bytes"] / 1e6, r["mean_kld"], name.split()[1]) for name, r in rows.items()
+                    if name.endswith("(default)")]
+        ax.plot([x for x, _, _ in llama], [y for _, y, _ in llama], "o-", color="tab:red", label="llama.cpp")
+        for x, y, label in llama:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:red")
+        ax.plot([x for x, _ in ladder], [y for _, y in ladder], "s-", color="tab:blue",
+                label=f"santacpu {LADDER_TYPE}, sized to each type")
+        ax.plot([x for x, _, _ in defaults], [y for _, y, _ in defaults], "D", color="tab:green", label="santacpu defaults")
+        for x, y, label in defaults:
+            ax.annotate(label, (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:green")
+        ax.set_yscale("log")
+        ax.set_xlabel("tensor MB")
+        ax.set_ylabel("mean KL divergence")
+        ax.set_title(f"{result['fixture']} ({result['chunks']} x {result['ctx']} tokens)", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
+def print_tables(result: dict) -> None:
+    rows = result["rows"]
+    print(f"{'file':<34}{'MB':>8}{'tensor MB':>10}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
+    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["tensor_bytes"]):
+        def f(key, fmt):
+            return format(r[key], fmt) if r.get(key) is not None else format("-", fmt[:-2].replace(".", ""))
+        top1 = format(100 * r["top1_agreement"], ".2f") if r.get("top1_agreement") is not None else "-"
+        print(f"{name:<34}{r['bytes'] / 1e6:>8.2f}{r['tensor_bytes'] / 1e6:>10.2f}{f('mean_kld', '>11.5f')}{f('kld_p99', '>10.4f')}{top1:>9}{f('perplexity', '>9.3f')}")
+    if result["ladder"]:
+        print(f"\nladder: llama.cpp's type against santacpu {LADDER_TYPE} at its size")
+        print(f"{'type':<8}{'tensor MB':>10}{'KLD':>10}{'top-1 %':>9} | {'tensor MB':>10}{'bits/w':>8}{'KLD':>10}{'top-1 %':>9}  beats")
+        for p in result["ladder"]:
+            a, b = p["llama.cpp"], p["santacpu"]
+            print(f"{p['llama_type']:<8}{a['tensor_bytes'] / 1e6:>10.3f}{a['mean_kld']:>10.6f}{100 * a['top1_agreement']:>9.2f} | "
+                  f"{b['tensor_bytes'] / 1e6:>10.3f}{b['bits_per_weight']:>8.3f}{b['mean_kld']:>10.6f}"
+                  f"{100 * b['top1_agreement']:>9.2f}  {'yes' if p['beats'] else 'NO'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", type=Path)
-    parser.add_argument("text", type=Path)
-    parser.add_argument("--llamacpp", type=Path, help="llama.cpp source folder with build/bin (skip llama.cpp if absent)")
+    parser.add_argument("checkpoint", type=Path, nargs="?")
+    parser.add_argument("text", type=Path, nargs="?")
+    parser.add_argument("--llamacpp", type=Path, help="llama.cpp source folder with build/bin (skip llama.cpp and the "
+                        "ladder if absent)")
     parser.add_argument("--build-dir", default="build", help="llama.cpp build folder inside --llamacpp "
                         "(a -DGGML_NATIVE=ON build may use AMX, which this VM's kernel refuses: build with it off)")
     parser.add_argument("--ctx", type=int, default=256)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/santacpu-compare"))
+    parser.add_argument("--work", type=Path, help="where the files go (default /tmp/santacpu-compare/FIXTURE)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--max-chunks", type=int, default=64, help="score at most this many chunks of the text (0: all)")
+    parser.add_argument("--chart", type=Path, help="also draw size against KLD as this PNG (needs matplotlib)")
+    parser.add_argument("--results", type=Path, nargs="+", help="draw --chart from these --json files (one panel "
+                        "each) instead of measuring")
     args = parser.parse_args(argv)
+    if args.results:
+        if not args.chart:
+            parser.error("--results draws a chart: give --chart PNG")
+        results = [json.loads(path.read_text()) for path in args.results]
+        for result in results:
+            print_tables(result)
+        chart(results, args.chart)
+        return
+    if args.checkpoint is None or args.text is None:
+        parser.error("give CHECKPOINT_DIR and TEXT_FILE (or --results with --chart)")
+    args.work = args.work or Path("/tmp/santacpu-compare") / args.checkpoint.resolve().name
     args.work.mkdir(parents=True, exist_ok=True)
     if args.max_chunks:  # the same prefix of the text for both systems
         tokenizer = Tokenizer.santacoder()
@@ -169,17 +297,18 @@ def main(argv: list[str] | None = None) -> None:
         args.text = args.work / "eval.txt"
         args.text.write_text(tokenizer.decode(ids), encoding="utf-8")
 
-    rows = santacpu_rows(args.checkpoint, args.text, args.work, args.ctx)
-    if args.llamacpp:
+    rows = {}
+    if args.llamacpp:  # first: the ladder sizes santacpu's files to llama.cpp's
         rows.update(llama_rows(args.checkpoint, args.text, args.llamacpp / args.build_dir / "bin", args.llamacpp, args.work, args.ctx))
-    print(f"{'file':<34}{'MB':>8}{'tensor MB':>10}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
-    for name, r in sorted(rows.items(), key=lambda kv: kv[1]["tensor_bytes"]):
-        def f(key, fmt):
-            return format(r[key], fmt) if r.get(key) is not None else format("-", fmt[:-2].replace(".", ""))
-        top1 = format(100 * r["top1_agreement"], ".2f") if r.get("top1_agreement") is not None else "-"
-        print(f"{name:<34}{r['bytes'] / 1e6:>8.2f}{r['tensor_bytes'] / 1e6:>10.2f}{f('mean_kld', '>11.5f')}{f('kld_p99', '>10.4f')}{top1:>9}{f('perplexity', '>9.3f')}")
+    variants = {**SANTACPU_VARIANTS, **ladder_variants(args.checkpoint, rows)}
+    rows.update(santacpu_rows(args.checkpoint, args.text, args.work, args.ctx, variants))
+    result = {"fixture": args.checkpoint.resolve().name, "ctx": args.ctx, "chunks": args.max_chunks, "rows": rows,
+              "ladder": ladder_table(rows)}
+    print_tables(result)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.chart:
+        chart([result], args.chart)
 
 
 if __name__ == "__main__":

@@ -284,9 +284,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(REPO / "tests" / "fixtures" / "trained_tiny"))
     parser.add_argument("--minutes", type=float, default=30.0, help="wall-clock training budget")
-    parser.add_argument("--size", default="trained", choices=("trained", "trained_wide"),
-                        help="the shapes (tools/random_checkpoint.SIZES): trained (tests/fixtures/trained_tiny) or "
-                        "trained_wide (tests/fixtures/trained_wide: n_embd 256, 8 heads, n_inner 1024)")
+    parser.add_argument("--size", default="trained", choices=("trained", "trained_wide", "trained_deep"),
+                        help="the shapes (tools/random_checkpoint.SIZES): trained (tests/fixtures/trained_tiny), "
+                        "trained_wide (tests/fixtures/trained_wide: n_embd 256, 8 heads, n_inner 1024) or trained_deep "
+                        "(tests/fixtures/trained_deep: trained_wide's width, 12 layers)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=256)

@@ -48,6 +48,9 @@ SIZES = {
     # Trained, wide: the second trained fixture's shapes (tests/fixtures/trained_wide): a body ~20%
     # of the weights (trained's is ~10%), so 4-bit choices for the body show in its accuracy.
     "trained_wide": dict(vocab_size=49280, n_positions=256, n_embd=256, n_layer=4, n_head=8, n_inner=1024),
+    # Trained, deep: the third trained fixture's shapes (tests/fixtures/trained_deep): 12 layers of
+    # the wide one's width, a body ~40% of the weights, so error that builds up through depth shows.
+    "trained_deep": dict(vocab_size=49280, n_positions=256, n_embd=256, n_layer=12, n_head=8, n_inner=1024),
     # Micro: the smallest model with the real vocabulary (the tokenizer needs it); small enough
     # (< 1 MB in float16) to commit as the pytorch_model.bin fixture of tools/make_torch_fixture.py.
     "micro": dict(vocab_size=49280, n_positions=16, n_embd=8, n_layer=1, n_head=2, n_inner=32),
