@@ -4,13 +4,19 @@ full precision, on held-out code, asserted against thresholds committed beside t
 
 The fixtures (made by tools/train_tiny.py) are small SantaCoder-architecture models trained on
 the Python standard library: tests/fixtures/trained_tiny (n_embd 128: the tied embedding is 90% of
-the weights) and tests/fixtures/trained_wide (n_embd 256: a body of 20%, where 4-bit choices for the
-linear weights show). Their held-out files were never trained on and are never used for calibration
-here.
+the weights), tests/fixtures/trained_wide (n_embd 256: a body of 20%, where 4-bit choices for the
+linear weights show) and tests/fixtures/trained_deep (n_embd 256 and 12 layers: a body of 40%, error
+building up through depth). Their held-out files were never trained on and are never used for
+calibration here.
+
+The ladder (each thresholds file's "ladder"): for each llama.cpp type from Q4_0 to Q6_K, santacpu's
+q4_m file sized to that type's tensor bytes must be no larger and have a lower mean KLD, on the same
+held-out chunks (llama.cpp's figures from tools/compare_llamacpp.py --max-chunks 16).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -18,17 +24,21 @@ import pytest
 
 import santacpu
 from quantize.calibration import calibration_texts, collect_importance, most_used_tokens, token_sequences
-from quantize.converter import convert
+from quantize.converter import convert, policy_for, tensor_shapes
 from quantize.policy import Policy, parse_keep
 from quantize.sensitivity import measure_upgrade_gains
 from santacpu.loading.checkpoint import open_checkpoint
-from santacpu.evaluate import score
+from santacpu.evaluate import score, score_models
 from santacpu.tokenizer import Tokenizer
+from tools.compare_llamacpp import LADDER, LADDER_TYPE, ladder_bits, tensor_bytes
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE = FIXTURES / "trained_tiny"
 THRESHOLDS = json.loads((Path(__file__).parent / "quant_accuracy_thresholds.json").read_text())
 WIDE_THRESHOLDS = json.loads((Path(__file__).parent / "quant_accuracy_thresholds_wide.json").read_text())
+DEEP_THRESHOLDS = json.loads((Path(__file__).parent / "quant_accuracy_thresholds_deep.json").read_text())
+LADDERS = {"trained_tiny": THRESHOLDS["ladder"], "trained_wide": WIDE_THRESHOLDS["ladder"],
+           "trained_deep": DEEP_THRESHOLDS["ladder"]}
 N_CTX = 256
 N_CHUNKS = 16  # 16 x 256 held-out tokens (2048 scored): enough for stable means, fast to run
 
@@ -62,31 +72,44 @@ class Calibration:
         self._gains = {}
 
     def convert(self, fixture: Path, out: Path, spec: dict) -> Path:
-        """The variant's file, converted as `santacpu quantize` would with the spec's options."""
-        gains = None
-        if spec["importance"] and Policy(spec["type"], upgrade_budget=spec["upgrade_budget"]).buys_upgrades:
-            if spec["type"] not in self._gains:
-                self._gains[spec["type"]] = measure_upgrade_gains(self.reader, self.sequences, spec["type"], self.importance,
-                                                                  self.most_used)
-            gains = self._gains[spec["type"]]
-        return convert(fixture, out, qtype=spec["type"], keep=parse_keep(spec["keep"]),
+        """The variant's file, converted as `santacpu quantize` would with the spec's options
+        (`bits_per_weight`, if given, instead of `upgrade_budget`)."""
+        gains, bits = None, spec.get("bits_per_weight")
+        if spec["importance"] and (bits is not None or Policy(spec["type"], upgrade_budget=spec["upgrade_budget"]).buys_upgrades):
+            gains = self.gains(spec["type"])
+        return convert(fixture, out, qtype=spec["type"], keep=parse_keep(spec.get("keep", [])),
                        importance=self.importance if spec["importance"] else None,
-                       upgrade_budget=spec["upgrade_budget"], upgrade_gains=gains, most_used_tokens=self.most_used).out
+                       upgrade_budget=None if bits is not None else spec["upgrade_budget"], bits_per_weight=bits,
+                       upgrade_gains=gains, most_used_tokens=self.most_used).out
+
+
+    def gains(self, qtype: str) -> dict:
+        """The measured upgrade gains of a 4-bit type."""
+        if qtype not in self._gains:
+            self._gains[qtype] = measure_upgrade_gains(self.reader, self.sequences, qtype, self.importance, self.most_used)
+        return self._gains[qtype]
+
+
+@functools.cache
+def prepared(name: str) -> tuple[Path, list[str], object, Calibration]:
+    """A fixture's folder, held-out texts, full-precision reference and calibration, made once a process."""
+    fixture = FIXTURES / name
+    return fixture, _heldout_texts(fixture), _reference(fixture), Calibration(fixture)
 
 
 @pytest.fixture(scope="module")
 def heldout_texts() -> list[str]:
-    return _heldout_texts(FIXTURE)
+    return prepared(FIXTURE.name)[1]
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return _reference(FIXTURE)
+    return prepared(FIXTURE.name)[2]
 
 
 @pytest.fixture(scope="module")
 def calibration():
-    return Calibration(FIXTURE)
+    return prepared(FIXTURE.name)[3]
 
 
 # The default files: besides their own bounds, scored again through the float kernels, which
@@ -112,8 +135,7 @@ def test_quantization_accuracy_on_the_trained_model(variant, tmp_path, heldout_t
 @pytest.fixture(scope="module")
 def wide():
     """The wide fixture's held-out texts, reference and calibration, made once."""
-    fixture = FIXTURES / "trained_wide"
-    return fixture, _heldout_texts(fixture), _reference(fixture), Calibration(fixture)
+    return prepared("trained_wide")
 
 
 @pytest.mark.parametrize("variant", sorted(WIDE_THRESHOLDS["variants"]))
@@ -128,6 +150,37 @@ def test_quantization_accuracy_on_the_wide_trained_model(variant, tmp_path, wide
     assert s.mean_kld <= spec["max_mean_kld"], measured
     assert s.top1_agreement >= spec["min_top1"], measured
     assert path.stat().st_size <= spec["max_bytes"], measured
+
+
+@pytest.mark.parametrize("fixture_name", sorted(LADDERS))
+def test_each_ladder_point_beats_llamacpp_at_its_size(fixture_name, tmp_path):
+    fixture, texts, reference, calibration = prepared(fixture_name)
+    points = LADDERS[fixture_name]["points"]
+    assert list(points) == list(LADDER)  # every llama.cpp type from Q4_0 to Q6_K has its point
+    shapes, paths, made = tensor_shapes(calibration.reader), {}, {}
+    for llama_type, point in points.items():
+        bits = ladder_bits(fixture, point["llama.cpp"]["tensor_bytes"])
+        # Points whose plans are the same (the small fixture's, past what its upgrades can buy)
+        # are the same file: made once.
+        plan = policy_for(LADDER_TYPE, bits_per_weight=bits).plan(shapes, calibration.gains(LADDER_TYPE))
+        key = (tuple(sorted(plan.types.items())), plan.embedding_rows)
+        if key not in made:
+            spec = {"type": LADDER_TYPE, "importance": True, "bits_per_weight": bits}
+            made[key] = calibration.convert(fixture, tmp_path / f"{llama_type}.safetensors", spec)
+        paths[llama_type] = made[key]
+    files = {path: santacpu.load(path) for path in made.values()}
+    scores = score_models({str(path): model for path, model in files.items()}, texts, N_CTX, reference)
+    failures = []
+    for llama_type, point in points.items():
+        s, peer, size = scores[str(paths[llama_type])], point["llama.cpp"], tensor_bytes(paths[llama_type])
+        line = (f"{fixture_name} at {llama_type}'s size: {size} tensor bytes (llama.cpp {peer['tensor_bytes']}), "
+                f"mean KLD {s.mean_kld:.6f} (llama.cpp {peer['mean_kld']:.6f}), top-1 {s.top1_agreement:.4f} "
+                f"(llama.cpp {peer['top1']:.4f})")
+        print(line)
+        assert s.chunks >= N_CHUNKS - 1
+        if size > peer["tensor_bytes"] or s.mean_kld >= peer["mean_kld"]:
+            failures.append(line)
+    assert not failures, "\n".join(failures)
 
 
 def test_fp16_kv_cache_costs_little_on_the_trained_model(reference):

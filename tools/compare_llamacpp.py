@@ -27,6 +27,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -245,6 +246,24 @@ def chart(results: list[dict], out: Path) -> None:
     print(f"wrote {out}")
 
 
+def write_ladder_bounds(result: dict, path: Path) -> None:
+    """Set the "ladder" of a thresholds file (tests/quant_accuracy_thresholds*.json) from this run:
+    llama.cpp's tensor bytes, mean KLD and top-1 at each ladder type, which
+    tests/test_quant_accuracy.py holds santacpu's file of that size to, and what santacpu measured."""
+    bounds = json.loads(path.read_text()) if path.exists() else {}
+    bounds["ladder"] = {
+        "about": f"tools/compare_llamacpp.py --max-chunks {result['chunks']} (the test's chunks) on "
+                 f"{time.strftime('%Y-%m-%d')}: llama.cpp's file of each type, and santacpu's {LADDER_TYPE} file sized to its "
+                 "tensor bytes (measured); the test holds santacpu's to no more bytes and a lower mean KLD",
+        "chunks": result["chunks"],
+        "points": {p["llama_type"]: {side: {"tensor_bytes": p[side]["tensor_bytes"], "mean_kld": float(f"{p[side]['mean_kld']:.4g}"),
+                                            "top1": round(p[side]["top1_agreement"], 4)} for side in ("llama.cpp", "santacpu")}
+                   for p in result["ladder"]},
+    }
+    path.write_text(json.dumps(bounds, indent=1) + "\n")
+    print(f"wrote the ladder bounds into {path}")
+
+
 def print_tables(result: dict) -> None:
     rows = result["rows"]
     print(f"{'file':<34}{'MB':>8}{'tensor MB':>10}{'mean KLD':>11}{'p99 KLD':>10}{'top-1 %':>9}{'PPL':>9}")
@@ -276,6 +295,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--max-chunks", type=int, default=64, help="score at most this many chunks of the text (0: all)")
     parser.add_argument("--chart", type=Path, help="also draw size against KLD as this PNG (needs matplotlib)")
+    parser.add_argument("--ladder-bounds", type=Path, help="set this thresholds file's \"ladder\" from the run "
+                        "(tests/quant_accuracy_thresholds*.json; run with --max-chunks 16, the test's chunks)")
     parser.add_argument("--results", type=Path, nargs="+", help="draw --chart from these --json files (one panel "
                         "each) instead of measuring")
     args = parser.parse_args(argv)
@@ -307,6 +328,8 @@ def main(argv: list[str] | None = None) -> None:
     print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.ladder_bounds:
+        write_ladder_bounds(result, args.ladder_bounds)
     if args.chart:
         chart([result], args.chart)
 

@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"held-out: loss {h_loss:.4f}, perplexity {math.exp(h_loss):.2f} over {h_tokens:,} predicted tokens; "
           f"FIM middle loss {fim:.4f}; fixture {size / 1e6:.2f} MB", flush=True)
 
-    command = "nice -n 19 /work/venv/bin/python -m tools.train_tiny " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "nice -n 19 python -m tools.train_tiny " + " ".join(argv if argv is not None else sys.argv[1:])
     write_training_md(out, args, command.strip(), dict(
         python=platform.python_version(), torch=torch.__version__, files=len(files), heldout=len(heldout),
         held_bytes=len(held_text.encode()), held_tokens=len(held_ids), train_tokens=len(stream),
