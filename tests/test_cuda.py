@@ -435,3 +435,33 @@ def test_launcher_reuses_prepared_arrays_and_converts_scalars():
     for start in (7, 8, 9):
         launcher(configured, (b, start))
     assert [p[1] for p in plain][-3:] == [7, 8, 9] and launcher.fast_launches == 1
+
+
+@pytest.mark.skipif(REAL_GPU, reason="the simulator's own shared arrays")
+def test_a_blocks_threads_get_one_shared_array_however_they_interleave():
+    # Numba's simulator looks a line's shared array up and stores it without a lock; values.py
+    # puts one around it. Threads that all miss at once must still share one array: a length
+    # that sleeps while the array is made holds every thread in that window.
+    import threading
+    import time
+
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+
+    class SlowLength:
+        def __index__(self):
+            time.sleep(0.002)
+            return 8
+
+    shared, start, got = FakeCUDAShared(0), threading.Barrier(8), []
+
+    def thread():
+        start.wait()
+        got.append(shared.array(SlowLength(), np.float32))  # one line: one array for the block
+
+    threads = [threading.Thread(target=thread) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(got) == 8 and all(a is got[0] for a in got)
+    assert shared.array(8, np.float32) is not got[0]  # another line: its own array

@@ -24,6 +24,8 @@ May import: numba, numpy, `santacpu.formats.blocks`.
 from __future__ import annotations
 
 import math
+import sys
+import threading
 
 import numpy as np
 from numba import config, cuda, float32, int32
@@ -42,6 +44,39 @@ WARP_SHUFFLES = not SIMULATED
 SIMULATOR_LANES = 4
 LANES = SIMULATOR_LANES if SIMULATED else 32
 assert LANES & (LANES - 1) == 0 and (LANES == 32 or not WARP_SHUFFLES)
+
+
+def _locked_simulator_shared_arrays() -> None:
+    """The simulator makes a block's `cuda.shared.array` when the first of its threads reaches
+    the line (`FakeCUDAShared.array`: look the line up, else make the array and store it), with
+    no lock: two threads that both miss each make an array of their own, and the block's threads
+    then write and read different memory (whole rows of wrong results, now and then; likelier
+    under the backend's short switch interval, where threads interleave anywhere). The same
+    lookup, keyed by the caller's file and line as the simulator's, under a lock."""
+    from numba.core import types
+    from numba.cuda.simulator.kernelapi import FakeCUDAShared
+    from numba.np import numpy_support
+
+    original, lock = FakeCUDAShared.array, threading.Lock()
+
+    def array(self, shape, dtype):
+        if shape == 0:  # dynamic shared memory: one buffer, nothing looked up
+            return original(self, shape, dtype)
+        caller = sys._getframe(1)
+        line = (caller.f_code.co_filename, caller.f_lineno)
+        if isinstance(dtype, types.Type):
+            dtype = numpy_support.as_dtype(dtype)
+        with lock:
+            made = self._allocations.get(line)
+            if made is None:
+                made = self._allocations[line] = np.empty(shape, dtype)
+        return made
+
+    FakeCUDAShared.array = array
+
+
+if SIMULATED:
+    _locked_simulator_shared_arrays()
 
 FORMAT_IDS = WEIGHT_FORMAT_IDS
 F32, F16, Q8_0, Q4_0, Q6_0, Q4_M = (FORMAT_IDS[name] for name in ("float32", "float16", "q8_0", "q4_0", "q6_0", "q4_m"))
