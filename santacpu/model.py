@@ -110,13 +110,17 @@ class Model:
         """Free the kept KV cache (the next request computes its whole prompt)."""
         self._shared.clear()
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """float32 [len(ids), vocab_size]: a fresh full forward over `ids` from position 0."""
+    def logits(self, ids: Sequence[int], first: int = 0) -> np.ndarray:
+        """float32 [len(ids) - first, vocab_size]: a fresh full forward over `ids` from position 0,
+        the logits of positions first.. (the LM head, a large share of a short forward, runs on
+        those only)."""
         ids = arguments.token_ids(ids, self.config.vocab_size)
         if len(ids) > self.config.n_positions:
             raise SantacpuError(f"{len(ids)} tokens exceed the {self.config.n_positions}-token context")
+        if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or not 0 <= first < len(ids):
+            raise SantacpuError(f"first must be a position of the {len(ids)} tokens, got {first!r}")
         cache = self.engine.new_cache(len(ids))
-        return check_finite(self.engine.forward(cache, ids, all_logits=True))
+        return check_finite(self.engine.forward(cache, ids, all_logits=True, first_logit=first))
 
     def decoder(self, ids: Sequence[int], options: GenerationOptions) -> SequenceDecoder:
         """The token-level state of one generation of `ids` under checked `options`: what

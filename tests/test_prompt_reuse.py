@@ -27,8 +27,8 @@ class CountingEngine:
     def new_cache(self, n_ctx=None):
         return self.engine.new_cache(n_ctx)
 
-    def forward(self, cache, ids, all_logits=False):
-        logits = self.engine.forward(cache, ids, all_logits)
+    def forward(self, cache, ids, all_logits=False, first_logit=0):
+        logits = self.engine.forward(cache, ids, all_logits, first_logit)
         self.calls.append((len(ids), logits.copy()))
         return logits
 

@@ -84,10 +84,10 @@ class BlockingEngine:
     def new_cache(self, n_ctx=None):
         return self.engine.new_cache(n_ctx)
 
-    def forward(self, cache, ids, all_logits=False):
+    def forward(self, cache, ids, all_logits=False, first_logit=0):
         self.entered.set()
         self.release.wait(10)
-        return self.engine.forward(cache, ids, all_logits)
+        return self.engine.forward(cache, ids, all_logits, first_logit)
 
 
 def test_one_generator_advanced_from_two_threads_is_refused():

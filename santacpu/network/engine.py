@@ -76,13 +76,16 @@ class Engine:
         c = self.config
         return KVCache(c.n_layer, n_ctx or c.n_positions, c.n_kv_head, c.head_dim, self.kv_dtype, self.backend)
 
-    def forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+    def forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool = False, first_logit: int = 0) -> np.ndarray:
         """Run `ids` at positions cache.length.., store their K/V, and return logits:
-        [len(ids), V] with all_logits, else [1, V] for the last token only."""
+        [len(ids) - first_logit, V] with all_logits (the LM head runs on ids[first_logit:] only),
+        else [1, V] for the last token only."""
         if cache.length + len(ids) > cache.capacity:
             raise ValueError(f"{cache.length} + {len(ids)} tokens exceed the cache's {cache.capacity} positions")
+        if not 0 <= first_logit < max(len(ids), 1):
+            raise ValueError(f"first_logit {first_logit} is not a position of the {len(ids)} tokens")
         with KERNEL_LOCK, self.backend.forward_context(self.weights, len(ids)):
-            return self._forward(cache, ids, all_logits)
+            return self._forward(cache, ids, all_logits, first_logit)
 
     def forward_batch(
         self, caches: Sequence[KVCache], inputs: Sequence[Sequence[int]], all_logits: Sequence[bool]
@@ -111,13 +114,15 @@ class Engine:
             logits = self._lm_head(hidden if len(wanted) == total else self.backend.take_rows(hidden, wanted))
         return [logits[a:b] for a, b in bounds]
 
-    def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool) -> np.ndarray:
+    def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool, first_logit: int) -> np.ndarray:
         pieces = []
         for first in range(0, len(ids), PREFILL_CHUNK):
             chunk = list(ids[first : first + PREFILL_CHUNK])
             hidden = self._checked(self._blocks([(cache, chunk)]))  # [T, E], final LayerNorm applied
-            if all_logits:
-                pieces.append(self._lm_head(hidden))
+            if all_logits and first + len(chunk) > first_logit:
+                skip = max(first_logit - first, 0)
+                wanted = hidden if skip == 0 else self.backend.take_rows(hidden, list(range(skip, len(chunk))))
+                pieces.append(self._lm_head(wanted))
             elif first + PREFILL_CHUNK >= len(ids):
                 pieces.append(self._lm_head(hidden if len(chunk) == 1 else hidden[len(chunk) - 1 :]))
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
