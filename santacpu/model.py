@@ -117,8 +117,9 @@ class Model:
         ids = arguments.token_ids(ids, self.config.vocab_size)
         if len(ids) > self.config.n_positions:
             raise SantacpuError(f"{len(ids)} tokens exceed the {self.config.n_positions}-token context")
-        if isinstance(first, bool) or not isinstance(first, (int, np.integer)) or not 0 <= first < len(ids):
-            raise SantacpuError(f"first must be a position of the {len(ids)} tokens, got {first!r}")
+        first = arguments.integer(first, "first", minimum=0)
+        if first >= len(ids):
+            raise SantacpuError(f"first must be a position of the {len(ids)} tokens, got {first}")
         cache = self.engine.new_cache(len(ids))
         return check_finite(self.engine.forward(cache, ids, all_logits=True, first_logit=first))
 

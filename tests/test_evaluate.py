@@ -44,8 +44,9 @@ def test_logits_from_a_position_are_the_whole_forwards_rows(quant):
         # Integer kernels give each token the same bits in any batch; BLAS's float products may
         # differ in the last bits with the number of rows.
         np.testing.assert_allclose(part, whole[first:], rtol=0, atol=0 if quant == "q8_0" else 1e-5 * np.abs(whole).max())
-    for bad in (-1, len(ids), 2.0, True):
-        with pytest.raises(SantacpuError, match="first must be a position"):
+    for bad, said in ((-1, "first must be >= 0"), (len(ids), "first must be a position of the 37 tokens"),
+                      (2.0, "first must be an integer"), (True, "first must be an integer")):
+        with pytest.raises(SantacpuError, match=said):
             model.logits(ids, bad)
 
 

@@ -119,10 +119,11 @@ class Engine:
         for first in range(0, len(ids), PREFILL_CHUNK):
             chunk = list(ids[first : first + PREFILL_CHUNK])
             hidden = self._checked(self._blocks([(cache, chunk)]))  # [T, E], final LayerNorm applied
-            if all_logits and first + len(chunk) > first_logit:
-                skip = max(first_logit - first, 0)
-                wanted = hidden if skip == 0 else self.backend.take_rows(hidden, list(range(skip, len(chunk))))
-                pieces.append(self._lm_head(wanted))
+            if all_logits:
+                skip = max(first_logit - first, 0)  # this chunk's rows before first_logit
+                if skip < len(chunk):
+                    wanted = hidden if skip == 0 else self.backend.take_rows(hidden, list(range(skip, len(chunk))))
+                    pieces.append(self._lm_head(wanted))
             elif first + PREFILL_CHUNK >= len(ids):
                 pieces.append(self._lm_head(hidden if len(chunk) == 1 else hidden[len(chunk) - 1 :]))
         return np.concatenate(pieces) if len(pieces) > 1 else pieces[0]
