@@ -14,6 +14,7 @@ May import: tokenizers, `santacpu.small_files`, `santacpu.errors`.
 from __future__ import annotations
 
 import codecs
+import functools
 import json
 import os
 import warnings
@@ -75,7 +76,8 @@ def _unicode_to_byte() -> dict[str, int]:
 
 
 class Tokenizer:
-    """SantaCoder's tokenizer: `encode` treats all input as plain text, `decode` is byte-exact."""
+    """SantaCoder's tokenizer: `encode` treats all input as plain text, `decode` is byte-exact.
+    Never changed once made: loads of the same tokenizer.json text share one instance."""
 
     def __init__(self, spec: dict):
         try:
@@ -122,13 +124,10 @@ class Tokenizer:
     def from_json_text(cls, text: str, where: str) -> Tokenizer:
         """From tokenizer.json's text (a file's, or the copy embedded in a quantized file);
         `where` names it in errors."""
-        spec = parse_json(text, where)
-        if not isinstance(spec, dict):
-            raise SantacpuError(f"{where} is not a tokenizer.json (top level is not an object)")
         try:
-            return cls(spec)
-        except SantacpuError as e:
-            raise SantacpuError(f"{where}: {e}") from None
+            return _parsed(text)
+        except _NotATokenizer as e:
+            raise SantacpuError(f"{where}{e}") from None
 
     @classmethod
     def for_checkpoint(cls, folder, vocab_size: int) -> Tokenizer:
@@ -153,6 +152,27 @@ class Tokenizer:
     def decode(self, ids) -> str:
         # Join bytes first: a multi-byte character may be split across tokens.
         return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+
+
+class _NotATokenizer(Exception):
+    """A tokenizer.json text that cannot be used; the message follows the name of where it came from."""
+
+
+# Parsing a tokenizer.json (json, the BPE tables, the byte table) takes ~0.3 s; every model load
+# asks for one, most often the same bundled text. Tokenizers are never changed once made, so the
+# same text gives the same, shared instance. Failures are not cached (lru_cache keeps no exceptions).
+@functools.lru_cache(maxsize=4)
+def _parsed(text: str) -> Tokenizer:
+    try:
+        spec = parse_json(text, "")
+    except SantacpuError as e:
+        raise _NotATokenizer(str(e)) from None
+    if not isinstance(spec, dict):
+        raise _NotATokenizer(" is not a tokenizer.json (top level is not an object)")
+    try:
+        return Tokenizer(spec)
+    except SantacpuError as e:
+        raise _NotATokenizer(f": {e}") from None
 
 
 class StreamDecoder:

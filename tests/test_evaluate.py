@@ -9,7 +9,7 @@ import pytest
 import santacpu
 from helpers import tiny_checkpoint
 from santacpu.errors import SantacpuError
-from santacpu.evaluate import _against_reference, score
+from santacpu.evaluate import _NOT_KEPT, _against_reference, _distribution, score
 from santacpu.network.reference import log_softmax
 
 
@@ -31,6 +31,28 @@ def test_the_compiled_comparison_matches_its_numpy_twin():
     assert abs(kld[5]) < 1e-13 and kld.min() > -1e-13 and kld.max() > 1e-4
     np.testing.assert_array_equal(top, logp.argmax(axis=-1))
     assert top[3] == 10
+
+
+def test_the_compiled_distribution_matches_its_numpy_twin():
+    rng = np.random.default_rng(8)
+    logits = (rng.standard_normal((7, 1000)) * 4).astype(np.float32)
+    logits[2, [5, 900]] = logits[2].max() + 1  # a tie: the first index wins, as argmax's
+    logits = np.concatenate([logits, np.zeros((7, 24), np.float32)], axis=1)[:, :1000]  # a strided view, as scoring passes
+    targets = rng.integers(0, 1000, len(logits))
+    rows = np.arange(len(logits))
+    want = log_softmax(logits)
+    nll, top = np.empty(len(rows)), np.empty(len(rows), np.int64)
+    logp, p = np.empty(logits.shape), np.empty(logits.shape)
+    _distribution(logits, targets, nll, top, logp, p)
+    np.testing.assert_allclose(logp, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(p, np.exp(want), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(nll, -want[rows, targets], rtol=1e-12)
+    np.testing.assert_array_equal(top, want.argmax(axis=-1))
+    assert top[2] == 5
+    nll_only, top_only = np.empty(len(rows)), np.empty(len(rows), np.int64)
+    _distribution(logits, targets, nll_only, top_only, _NOT_KEPT, _NOT_KEPT)
+    np.testing.assert_array_equal(nll_only, nll)
+    np.testing.assert_array_equal(top_only, top)
 
 
 @pytest.mark.parametrize("quant", ["q8_0", "none"])

@@ -1,6 +1,7 @@
 """Tokenizer: known encoding, byte-exact round trips, plain-text specials, streaming decode."""
 
 import json
+import re
 
 import pytest
 import tokenizers
@@ -120,12 +121,33 @@ def test_from_file_errors(tmp_path):
         Tokenizer.from_file(tmp_path / "missing.json")
     corrupt = tmp_path / "corrupt.json"
     corrupt.write_text("{ this is not json")
-    with pytest.raises(SantacpuError):
+    with pytest.raises(SantacpuError, match=f"^tokenizer {re.escape(str(corrupt))} is corrupt"):
         Tokenizer.from_file(corrupt)
     not_a_tokenizer = tmp_path / "other.json"
     not_a_tokenizer.write_text(json.dumps({"model": {"type": "nonsense"}}))
-    with pytest.raises(SantacpuError):
+    with pytest.raises(SantacpuError, match=f"^tokenizer {re.escape(str(not_a_tokenizer))}: not a usable tokenizer.json"):
         Tokenizer.from_file(not_a_tokenizer)
+    # The same bad text from another place: its error names that place (failures are not kept).
+    again = tmp_path / "again.json"
+    again.write_text(not_a_tokenizer.read_text())
+    with pytest.raises(SantacpuError, match=f"^tokenizer {re.escape(str(again))}: not a usable tokenizer.json"):
+        Tokenizer.from_file(again)
+    top_level_list = tmp_path / "list.json"
+    top_level_list.write_text("[]")
+    with pytest.raises(SantacpuError, match=f"^tokenizer {re.escape(str(top_level_list))} is not a tokenizer.json"):
+        Tokenizer.from_file(top_level_list)
+
+
+def test_the_same_text_gives_one_shared_tokenizer(tmp_path):
+    # Every model load asks for a tokenizer, most often the bundled one: parsed once a process.
+    copy = tmp_path / "tokenizer.json"
+    copy.write_text(_BUNDLED.read_text(encoding="utf-8"), encoding="utf-8")
+    assert Tokenizer.from_file(copy) is Tokenizer.santacoder()
+    edited = json.loads(copy.read_text(encoding="utf-8"))
+    edited["added_tokens"] = [t for t in edited["added_tokens"] if t["content"] == "<|endoftext|>"]
+    copy.write_text(json.dumps(edited), encoding="utf-8")
+    other = Tokenizer.from_file(copy)
+    assert other is not Tokenizer.santacoder() and other.fim_prefix_id is None
 
 
 def test_tokenizer_without_fim_tokens(tmp_path):
