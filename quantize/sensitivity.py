@@ -31,6 +31,7 @@ import numpy as np
 from santacpu.formats.blocks import FORMATS
 from santacpu.loading.checkpoint import CheckpointReader
 from santacpu.network import reference as ref
+from santacpu.network.divergence import against_reference, row_distribution
 from santacpu.network.weights import LINEAR_WEIGHTS as LINEAR
 from santacpu.progress import Progress
 
@@ -67,8 +68,8 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
         x = x + ref.attention(ref.layer_norm(x, layer.ln_1_weight, layer.ln_1_bias, eps), layer, c.n_head, c.n_kv_head)
         return x + ref.mlp(ref.layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, eps), layer)
 
-    def log_probs(x: np.ndarray, table=wte) -> np.ndarray:  # the tied LM head's log-probabilities [T, V]
-        return ref.log_softmax(ref.linear(ref.layer_norm(x, *ln_f, eps), table))
+    def logits(x: np.ndarray, table=wte) -> np.ndarray:  # the tied LM head's [T, V]
+        return ref.linear(ref.layer_norm(x, *ln_f, eps), table)
 
     def through_layers(states: list[np.ndarray], first: int = 0, inputs: list | None = None) -> list[np.ndarray]:
         """states (one [T, E] per sequence) through layers first.., each layer's input appended to
@@ -83,11 +84,20 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
 
     inputs: list[list[np.ndarray]] = []  # inputs[i][k]: layer i's input for sequence k
     states = through_layers([ref.dense(wte[np.asarray(s)]) + ref.dense(wpe[: len(s)]) for s in picked], 0, inputs)
-    reference = [log_probs(x) for x in states]
-    reference_p = [np.exp(lp) for lp in reference]
+    reference = []  # per sequence: the full-precision model's (log-probabilities, probabilities) [T, V]
+    for x in states:
+        z = logits(x)
+        logp, p = np.empty(z.shape), np.empty(z.shape)
+        row_distribution(z, np.zeros(len(z), np.int64), np.empty(len(z)), np.empty(len(z), np.int64), logp, p)
+        reference.append((logp, p))
 
     def mean_kld(outputs: list[np.ndarray], table=wte) -> float:
-        total = sum(float((p * (r - log_probs(x, table))).sum()) for p, r, x in zip(reference_p, reference, outputs))
+        total = 0.0
+        for (ref_logp, ref_p), x in zip(reference, outputs):
+            T = len(x)
+            kld = np.empty(T)
+            against_reference(ref_logp, ref_p, logits(x, table), np.zeros(T, np.int64), np.empty(T), kld, np.empty(T, np.int64))
+            total += float(kld.sum())
         return total / count
 
     def embedding_kld(table: np.ndarray) -> float:  # the whole model with this embedding / LM head

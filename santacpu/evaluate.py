@@ -7,7 +7,8 @@ n_ctx/2 tokens of context. With a reference model: mean and 99th-percentile KL d
 KL(reference || model) per scored token, top-1 agreement and the perplexity difference.
 Padding rows (ids past the tokenizer's vocabulary) are left out of every distribution.
 
-May import: `santacpu.model` and the layers below it (today `santacpu.errors` and `santacpu.progress`).
+May import: `santacpu.model` and the layers below it (today `santacpu.errors`, `santacpu.progress` and
+`santacpu.network.divergence`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import numpy as np
-from numba import njit
 
 from .errors import SantacpuError
+from .network.divergence import NOT_KEPT, against_reference, row_distribution
 from .progress import Progress
 
 
@@ -89,17 +90,17 @@ def score_models(models: dict, texts: Sequence[str], n_ctx: int, reference=None)
             ref_logits = reference.logits(chunk, first)[:-1, :n_valid]
             ref_logp, ref_p = np.empty(ref_logits.shape), np.empty(ref_logits.shape)
             row_nll, ref_top = np.empty(len(rows)), np.empty(len(rows), np.int64)
-            _distribution(ref_logits, targets, row_nll, ref_top, ref_logp, ref_p)
+            row_distribution(ref_logits, targets, row_nll, ref_top, ref_logp, ref_p)
             ref_nll.append(row_nll)
         for name, model in models.items():
             logits = model.logits(chunk, first)[:-1, :n_valid]
             row_nll, top = np.empty(len(rows)), np.empty(len(rows), np.int64)
             if reference is None:
-                _distribution(logits, targets, row_nll, top, _NOT_KEPT, _NOT_KEPT)
+                row_distribution(logits, targets, row_nll, top, NOT_KEPT, NOT_KEPT)
                 nll[name].append(row_nll)
                 continue
             row_kld = np.empty(len(rows))
-            _against_reference(ref_logp, ref_p, logits, targets, row_nll, row_kld, top)
+            against_reference(ref_logp, ref_p, logits, targets, row_nll, row_kld, top)
             nll[name].append(row_nll)
             kld[name].append(row_kld)
             agree[name].append(ref_top == top)
@@ -117,55 +118,3 @@ def score_models(models: dict, texts: Sequence[str], n_ctx: int, reference=None)
             result.top1_agreement = float(np.concatenate(agree[name]).mean())
         results[name] = result
     return results
-
-
-_NOT_KEPT = np.empty((0, 0))  # `_distribution`'s logp and p when only nll and top are wanted
-
-# Scoring a small model costs mostly these per-row passes over a 49,152-token vocabulary: compiled,
-# in float64 as `log_softmax`, one pass each instead of NumPy's array temporaries.
-
-
-@njit(cache=True)
-def _first_argmax_and_log_normaliser(row):
-    """row [V] float32 -> (the first index of its maximum, log sum exp(row) in float64)."""
-    best = 0
-    for i in range(1, row.shape[0]):
-        if row[i] > row[best]:
-            best = i
-    peak = np.float64(row[best])
-    total = 0.0
-    for i in range(row.shape[0]):
-        total += math.exp(np.float64(row[i]) - peak)
-    return best, peak + math.log(total)
-
-
-@njit(cache=True)
-def _distribution(logits, targets, nll, top, logp, p):
-    """Per row t of float32 logits [T, V]: nll[t] = -log p(targets[t]), top[t] = the first argmax;
-    when logp and p are [T, V] (not [0, 0]), the row's log-probabilities and probabilities too (a
-    reference's, kept for `_against_reference`)."""
-    T, V = logits.shape
-    keep = logp.shape[0] == T
-    for t in range(T):
-        row = logits[t]
-        top[t], log_normaliser = _first_argmax_and_log_normaliser(row)
-        nll[t] = log_normaliser - np.float64(row[targets[t]])
-        if keep:
-            for i in range(V):
-                logp[t, i] = np.float64(row[i]) - log_normaliser
-                p[t, i] = math.exp(logp[t, i])
-
-
-@njit(cache=True)
-def _against_reference(ref_logp, ref_p, logits, targets, nll, kld, top):
-    """Per row t of a model's float32 logits [T, V]: nll[t] and top[t] as `_distribution`'s and
-    kld[t] = KL(reference || model) from the reference's log-probabilities and probabilities [T, V]."""
-    T, V = logits.shape
-    for t in range(T):
-        row = logits[t]
-        top[t], log_normaliser = _first_argmax_and_log_normaliser(row)
-        nll[t] = log_normaliser - np.float64(row[targets[t]])
-        divergence = 0.0
-        for i in range(V):
-            divergence += ref_p[t, i] * (ref_logp[t, i] - (np.float64(row[i]) - log_normaliser))
-        kld[t] = divergence

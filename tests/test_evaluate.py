@@ -1,5 +1,6 @@
-"""Scoring a model against a reference (santacpu.evaluate): the compiled per-row comparison against
-its NumPy twin, and the forward that runs the LM head on the scored positions only."""
+"""Scoring a model against a reference (santacpu.evaluate): the compiled per-row distributions and
+comparison (santacpu.network.divergence) against their NumPy twin, and the forward that runs the LM
+head on the scored positions only."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 import santacpu
 from helpers import tiny_checkpoint
 from santacpu.errors import SantacpuError
-from santacpu.evaluate import _NOT_KEPT, _against_reference, _distribution, score
+from santacpu.evaluate import score
+from santacpu.network.divergence import NOT_KEPT, against_reference, row_distribution
 from santacpu.network.reference import log_softmax
 
 
@@ -24,7 +26,7 @@ def test_the_compiled_comparison_matches_its_numpy_twin():
     ref_logp = log_softmax(reference)
     logp = log_softmax(logits)
     nll, kld, top = np.empty(len(rows)), np.empty(len(rows)), np.empty(len(rows), np.int64)
-    _against_reference(ref_logp, np.exp(ref_logp), logits, targets, nll, kld, top)
+    against_reference(ref_logp, np.exp(ref_logp), logits, targets, nll, kld, top)
     np.testing.assert_allclose(nll, -logp[rows, targets], rtol=1e-12)
     want = (np.exp(ref_logp) * (ref_logp - logp)).sum(axis=-1)
     np.testing.assert_allclose(kld, want, rtol=1e-9, atol=1e-13)
@@ -43,14 +45,14 @@ def test_the_compiled_distribution_matches_its_numpy_twin():
     want = log_softmax(logits)
     nll, top = np.empty(len(rows)), np.empty(len(rows), np.int64)
     logp, p = np.empty(logits.shape), np.empty(logits.shape)
-    _distribution(logits, targets, nll, top, logp, p)
+    row_distribution(logits, targets, nll, top, logp, p)
     np.testing.assert_allclose(logp, want, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(p, np.exp(want), rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(nll, -want[rows, targets], rtol=1e-12)
     np.testing.assert_array_equal(top, want.argmax(axis=-1))
     assert top[2] == 5
     nll_only, top_only = np.empty(len(rows)), np.empty(len(rows), np.int64)
-    _distribution(logits, targets, nll_only, top_only, _NOT_KEPT, _NOT_KEPT)
+    row_distribution(logits, targets, nll_only, top_only, NOT_KEPT, NOT_KEPT)
     np.testing.assert_array_equal(nll_only, nll)
     np.testing.assert_array_equal(top_only, top)
 
