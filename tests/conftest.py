@@ -12,6 +12,16 @@ from pathlib import Path
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 
+# pytest-xdist's workers share the machine's cores (CI: two workers on two cores). A worker's Numba
+# pool and NumPy's OpenBLAS would each take every core, and their threads spin waiting on threads
+# the other worker has taken: one quality test took 37 s alone, 78 s beside a copy of itself with
+# every thread and 36 s with one. So in a worker the kernels and BLAS run on the calling thread
+# (`_one_thread_in_each_worker`), child processes get one BLAS thread, and the tests of the threaded
+# paths themselves ask for every core (`all_cores`).
+IN_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if IN_WORKER:
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,3 +39,27 @@ def tiny_checkpoint():
         return build(layout=layout, dtype=dtype, multi_query=multi_query, seed=seed)
 
     return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_in_each_worker():
+    if not IN_WORKER:
+        yield
+        return
+    import numba
+    import threadpoolctl
+
+    numba.set_num_threads(1)  # this thread's (Numba's setting is per thread: server threads keep theirs)
+    with threadpoolctl.threadpool_limits(1, user_api="blas"):
+        yield
+
+
+@pytest.fixture
+def all_cores():
+    """The test's Numba kernels on every thread Numba has (an xdist worker's default is one)."""
+    import numba
+
+    previous = numba.get_num_threads()
+    numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    yield
+    numba.set_num_threads(previous)

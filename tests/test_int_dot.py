@@ -17,6 +17,9 @@ from llvmlite import binding
 from santacpu.backends.cpu import int_dot
 from santacpu.network.reference import round_activations
 
+# The threaded paths are what these tests check: every core, not a worker's one thread (conftest).
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -19,6 +19,9 @@ from santacpu.backends.cpu.backend import BLAS_MIN_TOKENS, CpuBackend
 from santacpu.loading.checkpoint import read_checkpoint
 from santacpu.network.engine import Engine
 
+# The threaded paths are what these tests check: every core, not a worker's one thread (conftest).
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 rng = np.random.default_rng(1234)
 
 

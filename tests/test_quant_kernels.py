@@ -12,6 +12,9 @@ from santacpu.formats.blocks import FORMATS, PART_ORDER
 from santacpu.backends.cpu import int_dot, kernels
 from santacpu.network.reference import round_activations
 
+# The threaded paths are what these tests check: every core, not a worker's one thread (conftest).
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 NAMES = list(FORMATS)
 
 

@@ -22,6 +22,9 @@ from santacpu.formats.split_rows import SplitRowsWeight
 from santacpu.formats.safetensors_io import SafetensorsFile, release_mapped_pages, write_safetensors
 from santacpu.network.reference import round_activations
 
+# The threaded paths are what these tests check: every core, not a worker's one thread (conftest).
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 RUNNABLE = runnable_targets()
 PORTABLE = BY_NAME["portable"]
 TARGET_PARAMS = [

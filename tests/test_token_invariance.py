@@ -19,7 +19,8 @@ from santacpu.backends.cpu import int_dot
 from santacpu.backends.cpu.target import host_target
 
 # The whole-model checks run on the backend's target (x86 or ARM64: tools/arm64_check.sh).
-pytestmark = pytest.mark.skipif(host_target() is None, reason="no integer kernels on this CPU")
+pytestmark = [pytest.mark.skipif(host_target() is None, reason="no integer kernels on this CPU"),
+              pytest.mark.usefixtures("all_cores")]  # the threaded paths too (conftest)
 
 # The instruction sets the integer kernels can be compiled for, and the CPU features to turn off
 # so that a CPU with more compiles for exactly that one.
