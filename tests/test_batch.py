@@ -15,7 +15,8 @@ from santacpu import SantacpuError
 from santacpu.backends.cpu import int_dot
 from santacpu.generation.batch import QueueFull
 
-pytestmark = pytest.mark.skipif(int_dot.ISA is None, reason="no integer dot-product kernels on this CPU")
+pytestmark = [pytest.mark.skipif(int_dot.ISA is None, reason="no integer dot-product kernels on this CPU"),
+              pytest.mark.usefixtures("all_cores")]  # exactness on the threaded paths too (conftest)
 
 PLAIN = ["def fibonacci(n):\n", "import os\nimport sys\n\nclass Config:\n    def __init__(self", "x = [", "# sum\nprint(sum("]
 FIM = [("def add(a, b):\n    return ", "\n\nprint(add(1, 2))\n"), ("for i in range(", "):\n    print(i)\n")]

@@ -16,6 +16,9 @@ from santacpu.generation.sampling import sample_next, top_k_filter, top_p_filter
 from santacpu.generation.text_stream import StopStrings
 from santacpu.tokenizer import Tokenizer
 
+# Exactness on the threaded paths too: every core, not a worker's one thread (conftest).
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 TOK = Tokenizer.santacoder()
 N_VALID = TOK.vocab_size  # 49157
 V = 49280

@@ -22,6 +22,9 @@ from santacpu.generation.lookup import MAX_PAUSE, PromptLookup
 
 from quantize.converter import convert
 
+# Exactness on the threaded paths too: every core, not a worker's one thread (conftest).
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 REPO = Path(__file__).resolve().parents[1]
 TRAINED = REPO / "tests" / "fixtures" / "trained_tiny"
 ECHOING = (

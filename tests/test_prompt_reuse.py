@@ -13,6 +13,9 @@ import santacpu.generation.runner as runner_module
 from santacpu.generation.prompts import build_fim_prompt
 from santacpu.tokenizer import Tokenizer
 
+# Exactness on the threaded paths too: every core, not a worker's one thread (conftest).
+pytestmark = pytest.mark.usefixtures("all_cores")
+
 TOK = Tokenizer.santacoder()
 PROMPT = [int(i) for i in np.random.default_rng(5).integers(0, 49152, 30)]
 
