@@ -1,5 +1,6 @@
 """The block formats' NumPy reference (santacpu/formats/blocks.py): layouts pinned by hand-made blocks,
-sizes, error bounds, q4_m against q4_0, importance weighting, and the input checks."""
+sizes, error bounds, q4_m against q4_0, importance weighting, the compiled scale searches
+(santacpu/formats/fits.py) against their NumPy forms, and the input checks."""
 
 from __future__ import annotations
 
@@ -216,6 +217,35 @@ def test_rows_are_independent_of_chunking(name, monkeypatch):
     for part in whole:
         assert np.array_equal(whole[part], chunked[part]), part
         assert np.array_equal(whole[part][10:20], alone[part]), part
+
+
+SIGNED_ZERO_BLOCKS = [[0.0] * 32, [-0.0] * 32, [0.0] + [-0.0] * 31, [-0.0] + [0.0] * 31, [-0.0] * 31 + [0.0], [0.0] * 16 + [-0.0] * 16]
+
+
+@pytest.mark.parametrize("rows,cols", [(1, 32), (3, 96), (9, 256), (40, 1024)])
+def test_compiled_scale_searches_give_the_numpy_searches_bits(rows, cols):
+    # From 1 block to 1,280 (past one tile of fits.TILE); blocks of all-negative, all-positive,
+    # constant and signed-zero values (NumPy's max and min keep the later of equal zeros, and the
+    # sign of a zero scale is stored).
+    rng = np.random.default_rng(rows * 1000 + cols)
+    w = gaussian(rows, cols, seed=rows + cols)
+    w[:, ::7] *= 4
+    special = [*SIGNED_ZERO_BLOCKS, [0.5] * 32, list(-np.abs(w[0, :32])), list(np.abs(w[0, :32]))]
+    for i, block in enumerate(special[: rows * cols // QK]):
+        r, b = divmod(i, cols // QK)
+        w[r, b * QK : (b + 1) * QK] = block
+    importance = rng.random(cols).astype(np.float32) ** 4
+    importance[:3] = 0
+    xt = formats._blocks_t(w)
+    wt = formats._blocks_t(np.broadcast_to(formats._check_importance(importance, cols), w.shape))
+    for qmin, qmax, signed_max in ((-127, 127, False), (-8, 7, True), (-32, 31, True)):
+        compiled = formats._symmetric_scale(xt, wt, qmin, qmax, signed_max)
+        assert compiled.tobytes() == formats._symmetric_scale(xt, wt, qmin, qmax, signed_max, compiled=False).tobytes()
+    for weights in (wt, None):
+        compiled = formats._q4m_fit(xt, weights)
+        reference = formats._q4m_fit(xt, weights, compiled=False)
+        assert [a.tobytes() for a in compiled] == [a.tobytes() for a in reference]
+    assert np.signbit(formats._symmetric_scale(xt, wt, -8, 7, True)[:2]).tolist() != [False, False]  # signed zeros kept
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -1,5 +1,6 @@
 """Quantized block formats: how a float weight matrix becomes a few small integer arrays ("parts")
-and back. This module is the NumPy reference (quantize and dequantize) and owns the formats' facts
+and back. This module is the NumPy reference (quantize and dequantize; the block-scale searches
+run compiled, from fits.py, their NumPy forms here the reference) and owns the formats' facts
 (QK, each format's parts in the kernels' argument order, `PART_ORDER`) and `QuantizedWeight`, a
 weight held as its parts; the Numba kernels that read the same parts at run time live in
 `santacpu/backends/cpu/quant_kernels.py` and are tested against `dequantize` here.
@@ -27,7 +28,7 @@ Rounding is np.rint (half to even) throughout; the integer codes are always chos
 scale that is actually stored (the fp16- or code-rounded one), so the stored block is the best one
 for its stored scale.
 
-May import: numpy, `santacpu.errors`.
+May import: numpy, `santacpu.errors`, `santacpu.formats.fits`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import SantacpuError
+from . import fits
 
 QK = 32  # values per block, every format
 # Rows are quantized in chunks of about this many values: bounds the temporaries (a few float32
@@ -186,7 +188,8 @@ class BlockFormat:
 # --- symmetric formats: x = d * (q - offset), one fp16 scale per block -------------------------
 
 
-def _symmetric_scale(xt: np.ndarray, wt: np.ndarray | None, qmin: int, qmax: int, signed_max: bool) -> np.ndarray:
+def _symmetric_scale(xt: np.ndarray, wt: np.ndarray | None, qmin: int, qmax: int, signed_max: bool,
+                     compiled: bool = True) -> np.ndarray:
     """Per-block scale d [N] (float32, before fp16 rounding) for blocks xt [32, N], codes qmin..qmax.
 
     Without weights: the max-abs rule. signed_max (q4_0/q6_0, ggml): m = the value of largest |x|
@@ -197,8 +200,13 @@ def _symmetric_scale(xt: np.ndarray, wt: np.ndarray | None, qmin: int, qmax: int
     (n + 0.1*i)/n for i in -9..9 (n = the code the max lands on); for each, round, refit the scale
     by weighted least squares (d = sum w x q / sum w q^2) and keep the refit with the lowest
     weighted error (equivalently the highest (sum w x q)^2 / sum w q^2); then two more
-    round-and-refit passes from the winner.
+    round-and-refit passes from the winner. The search runs compiled (fits.py, the same bits);
+    compiled=False runs the NumPy below, its reference.
     """
+    if wt is not None and compiled:
+        out = np.empty(xt.shape[1], np.float32)
+        fits.symmetric_scale_weighted(xt, wt, qmin, qmax, signed_max, out)
+        return out
     hi = xt.max(axis=0)
     lo = xt.min(axis=0)
     if signed_max:
@@ -367,11 +375,11 @@ class Q6_0(BlockFormat):
 
 
 # The q4_m search: scale stretches tried around the min/max fit, then round-and-refit passes.
-Q4M_STRETCH = (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0)
-Q4M_REFITS = 3
+Q4M_STRETCH = tuple(float(k) for k in fits.Q4M_STRETCH)  # (-1.0, -0.75, ..., 1.0): set once, in fits.py
+Q4M_REFITS = fits.Q4M_REFITS
 
 
-def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None, compiled: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-block (scale s >= 0, offset o >= 0) [N] minimising sum w (x - (s*q - o))^2, q in 0..15,
     for blocks xt [32, N] (w = wt, or 1).
 
@@ -382,7 +390,12 @@ def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None) -> tuple[np.ndarray, np.ndar
     error (computed in closed form from the sums); then Q4M_REFITS round-and-refit passes from
     the winner. Measured on Gaussian rows: 9 stretches + 3 refits get within 0.2% of ggml's 21
     stretches + 2 refits at half the time; the 8-bit scale codes cost another ~0.2% RMSE.
+    Runs compiled (fits.py, the same bits); compiled=False runs the NumPy below, its reference.
     """
+    if compiled:
+        scale, offset = np.empty(xt.shape[1]), np.empty(xt.shape[1])
+        fits.q4m_fit(xt, fits.NO_WEIGHTS if wt is None else wt, scale, offset)
+        return scale, offset
     f64 = np.float64
     lo = np.minimum(xt.min(axis=0), 0)
     hi = xt.max(axis=0)
