@@ -91,6 +91,16 @@ def _round_clip(v: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return np.clip(v, np.float32(lo), np.float32(hi), out=v)
 
 
+def _block_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[32, N] float32 x2 -> [N] float32: each block's sum of a*b, k = 0..31 in order, each product
+    rounded before it is added (never fused): the order fits.py keeps, on every CPU (NumPy's einsum
+    gives these bits on x86, but may fuse on ARM)."""
+    total = np.zeros(a.shape[1], np.float32)  # from +0, as einsum and fits.py start (the sign of a zero sum)
+    for k in range(a.shape[0]):
+        total += a[k] * b[k]
+    return total
+
+
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     """q [n, nb, 32] in 0..15 -> [n, nb*16] uint8: byte j of a block = q[j] | q[j+16] << 4."""
     q = q.astype(np.uint8)
@@ -230,8 +240,8 @@ def _symmetric_scale(xt: np.ndarray, wt: np.ndarray | None, qmin: int, qmax: int
         np.multiply(xt, iscale.astype(np.float32), out=q)
         _round_clip(q, qmin, qmax)
         np.multiply(wt, q, out=wq)
-        sxq = np.einsum("kn,kn->n", wq, xt).astype(np.float64)
-        sqq = np.einsum("kn,kn->n", wq, q).astype(np.float64)
+        sxq = _block_dots(wq, xt).astype(np.float64)
+        sqq = _block_dots(wq, q).astype(np.float64)
         ok = sqq > 0
         score = np.where(ok, sxq * sxq / np.where(ok, sqq, 1.0), -np.inf)
         better = score > best_score
@@ -403,12 +413,12 @@ def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None, compiled: bool = True) -> tu
     if wt is None:
         sw = np.full(span.shape, float(QK))
         sx = xt.sum(axis=0, dtype=f64)
-        sxx = np.einsum("kn,kn->n", xt, xt).astype(f64)
+        sxx = _block_dots(xt, xt).astype(f64)
     else:
         sw = wt.sum(axis=0, dtype=f64)
         wx = wt * xt
         sx = wx.sum(axis=0, dtype=f64)
-        sxx = np.einsum("kn,kn->n", wx, xt).astype(f64)
+        sxx = _block_dots(wx, xt).astype(f64)
 
     inv_span = np.divide(1.0, span, out=np.zeros_like(span), where=span > 0)
     best_err = np.full(span.shape, np.inf)
@@ -425,8 +435,8 @@ def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None, compiled: bool = True) -> tu
         if wt is not None:
             np.multiply(wt, q, out=wq)
         sq = wq.sum(axis=0, dtype=f64)
-        sqq = np.einsum("kn,kn->n", wq, q).astype(f64)
-        sxq = np.einsum("kn,kn->n", wq, xt).astype(f64)
+        sqq = _block_dots(wq, q).astype(f64)
+        sxq = _block_dots(wq, xt).astype(f64)
         det = sw * sqq - sq * sq
         ok = det > 0
         det = np.where(ok, det, 1.0)
