@@ -238,10 +238,12 @@ def test_compiled_scale_searches_give_the_numpy_searches_bits(rows, cols):
     importance[:3] = 0
     xt = formats._blocks_t(w)
     wt = formats._blocks_t(np.broadcast_to(formats._check_importance(importance, cols), w.shape))
-    for qmin, qmax, signed_max in ((-127, 127, False), (-8, 7, True), (-32, 31, True)):
-        compiled = formats._symmetric_scale(xt, wt, qmin, qmax, signed_max)
-        assert compiled.tobytes() == formats._symmetric_scale(xt, wt, qmin, qmax, signed_max, compiled=False).tobytes()
+    assert [a.tobytes() for a in formats._block_max_min(xt)] == [a.tobytes() for a in formats._block_max_min(xt, compiled=False)]
     for weights in (wt, None):
+        for qmin, qmax, signed_max in ((-127, 127, False), (-8, 7, True), (-32, 31, True)):
+            compiled = formats._symmetric_scale(xt, weights, qmin, qmax, signed_max)
+            reference = formats._symmetric_scale(xt, weights, qmin, qmax, signed_max, compiled=False)
+            assert compiled.tobytes() == reference.tobytes()
         compiled = formats._q4m_fit(xt, weights)
         reference = formats._q4m_fit(xt, weights, compiled=False)
         assert [a.tobytes() for a in compiled] == [a.tobytes() for a in reference]

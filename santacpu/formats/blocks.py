@@ -101,6 +101,21 @@ def _block_dots(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return total
 
 
+def _block_max_min(xt: np.ndarray, compiled: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """[32, N] float32 -> each block's (max, min) [N], of equal values (+0 and -0) the later one:
+    spelled out, as fits.py does it (NumPy's reductions give zeros the sign each CPU's max and min
+    instructions give). compiled=False: the NumPy form."""
+    if compiled:
+        hi, lo = np.empty(xt.shape[1], np.float32), np.empty(xt.shape[1], np.float32)
+        fits.block_max_min(xt, hi, lo)
+        return hi, lo
+    hi, lo = xt[0].copy(), xt[0].copy()
+    for k in range(1, xt.shape[0]):
+        hi = np.where(xt[k] >= hi, xt[k], hi)
+        lo = np.where(xt[k] <= lo, xt[k], lo)
+    return hi, lo
+
+
 def _pack_nibbles(q: np.ndarray) -> np.ndarray:
     """q [n, nb, 32] in 0..15 -> [n, nb*16] uint8: byte j of a block = q[j] | q[j+16] << 4."""
     q = q.astype(np.uint8)
@@ -217,14 +232,13 @@ def _symmetric_scale(xt: np.ndarray, wt: np.ndarray | None, qmin: int, qmax: int
         out = np.empty(xt.shape[1], np.float32)
         fits.symmetric_scale_weighted(xt, wt, qmin, qmax, signed_max, out)
         return out
-    hi = xt.max(axis=0)
-    lo = xt.min(axis=0)
+    hi, lo = _block_max_min(xt, compiled)
     if signed_max:
         m = np.where(hi >= -lo, hi, lo)
         n = -qmin
         base = m / np.float32(qmin)
     else:
-        m = np.maximum(hi, -lo)
+        m = np.where(hi > -lo, hi, -lo)  # of equals, -lo
         n = qmax
         base = m / np.float32(qmax)
     if wt is None:
@@ -407,8 +421,8 @@ def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None, compiled: bool = True) -> tu
         fits.q4m_fit(xt, fits.NO_WEIGHTS if wt is None else wt, scale, offset)
         return scale, offset
     f64 = np.float64
-    lo = np.minimum(xt.min(axis=0), 0)
-    hi = xt.max(axis=0)
+    hi, lo = _block_max_min(xt, compiled=False)
+    lo = np.where(lo < 0, lo, np.float32(0.0))
     span = (hi - lo).astype(f64)
     if wt is None:
         sw = np.full(span.shape, float(QK))

@@ -3,9 +3,12 @@ weighted search and of `blocks._q4m_fit`, which stay the NumPy reference (tests/
 compares every output bit). `BlockFormat.quantize` runs these; their NumPy forms spent most of a
 conversion's time in array temporaries (21 candidate scales a block, each a handful of passes).
 
-Why the bits agree: the same float32 products, rounded and clipped codes and float32 sums over a
-block's 32 values in the same order as NumPy's einsum (k = 0..31, one accumulator; no fused
-multiply-add without fast-math), and the same float64 arithmetic after, expression by expression.
+Why the bits agree: the same float32 products, rounded and clipped codes, float32 sums over a
+block's 32 values in the same order (k = 0..31, one accumulator from +0, no fused multiply-add
+without fast-math: blocks._block_dots), the same max and min of a block down to the sign of a zero
+(blocks._block_max_min), and the same float64 arithmetic after, expression by expression. Both
+spell these out rather than leave them to NumPy's per-CPU kernels, so the bits are the same on
+every CPU.
 
 Shapes: blocks are the columns of xt [32, N] (blocks._blocks_t), importance wt the same; an empty
 [0, 0] wt means no weighting. Loops run over a tile of TILE blocks innermost (contiguous in xt):
@@ -34,9 +37,15 @@ def _round_clip(v, lo, hi):
 
 
 @njit(cache=True)
+def block_max_min(xt, hi, lo):
+    """hi, lo [N] = blocks._block_max_min(xt): each block's max and min, of equal values the later."""
+    _tile_max_min(xt, 0, xt.shape[1], hi, lo)
+
+
+@njit(cache=True)
 def _tile_max_min(xt, j0, j1, hi, lo):
-    """hi, lo [j1 - j0] = the blocks' max and min as NumPy's reductions give them, down to the sign
-    of a zero: of equal values (+0 and -0) the later one."""
+    """hi, lo [j1 - j0] = the max and min of blocks j0..j1-1, of equal values (+0 and -0) the later
+    one (blocks._block_max_min)."""
     for jj in range(j1 - j0):
         hi[jj] = xt[0, j0 + jj]
         lo[jj] = xt[0, j0 + jj]
@@ -74,7 +83,7 @@ def symmetric_scale_weighted(xt, wt, qmin, qmax, signed_max, out):
             if signed_max:
                 base = (hi[jj] if hi[jj] >= -lo[jj] else lo[jj]) / np.float32(qmin)
             else:
-                base = (hi[jj] if hi[jj] > -lo[jj] else -lo[jj]) / np.float32(qmax)  # np.maximum: the second of equals
+                base = (hi[jj] if hi[jj] > -lo[jj] else -lo[jj]) / np.float32(qmax)  # of equals, -lo
             inv[jj] = np.float32(1.0) / base if base != 0 else np.float32(0.0)
             best_score[jj] = -np.inf
             best_d[jj] = np.float64(base)
@@ -128,7 +137,7 @@ def q4m_fit(xt, wt, scale, offset):
         width = j1 - j0
         _tile_max_min(xt, j0, j1, hi, lo)
         for jj in range(width):
-            lo[jj] = lo[jj] if lo[jj] < 0 else np.float32(0.0)  # np.minimum(lo, 0): the second of equals
+            lo[jj] = lo[jj] if lo[jj] < 0 else np.float32(0.0)
             span = np.float64(hi[jj] - lo[jj])
             inv_span[jj] = 1.0 / span if span > 0 else 0.0
             best_err[jj] = np.inf
