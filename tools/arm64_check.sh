@@ -170,7 +170,8 @@ for cpu in $CPUS; do
   say "=== -cpu $cpu: Numba target generic ${features:-(none)}; pytest ${TESTS[*]}"
   NUMBA_TARGET="$features"
   t0=$SECONDS
-  emulate "$cpu" "$OUT/pytest-$cpu.log" pytest -p no:cacheprovider -q "${TESTS[@]}"
+  # One process (the root has no pytest-xdist): without pyproject's xdist options.
+  emulate "$cpu" "$OUT/pytest-$cpu.log" pytest -p no:cacheprovider -o addopts=-ra -q "${TESTS[@]}"
   rc=$?
   NUMBA_TARGET=
   echo "-cpu $cpu ($features): pytest rc=$rc in $((SECONDS - t0)) s: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/pytest-$cpu.log" | tail -1)" >>"$summary"

@@ -469,7 +469,9 @@ def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None, compiled: bool = True) -> tu
         consider(lo, inv_span * (15 + k))
     for _ in range(Q4M_REFITS):
         consider(best_m, np.divide(1.0, best_s, out=np.zeros_like(best_s), where=best_s > 0))
-    return best_s, -best_m
+    # + 0.0 turns -0 into +0: a degenerate block's zero scale and offset get one sign everywhere (the
+    # compiled twin's came out +0 on arm64 where NumPy's were -0).
+    return best_s + 0.0, -best_m + 0.0
 
 
 class Q4_M(BlockFormat):

@@ -195,5 +195,5 @@ def q4m_fit(xt, wt, scale, offset):
                     best_s[jj] = s
                     best_m[jj] = m
         for jj in range(width):
-            scale[j0 + jj] = best_s[jj]
-            offset[j0 + jj] = -best_m[jj]
+            scale[j0 + jj] = best_s[jj] + 0.0  # + 0.0: a zero is +0 (as blocks._q4m_fit)
+            offset[j0 + jj] = -best_m[jj] + 0.0
