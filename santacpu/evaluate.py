@@ -85,21 +85,21 @@ def score_models(models: dict, texts: Sequence[str], n_ctx: int, reference=None)
     progress = Progress(len(chunks), "scoring chunks" + (" (model and reference)" if reference is not None else ""))
     for chunk in chunks:
         targets = np.asarray(chunk[first + 1 :])  # token j+1 is predicted at position j
-        rows = np.arange(len(targets))
+        n = len(targets)  # scored positions in this chunk
         if reference is not None:
             ref_logits = reference.logits(chunk, first)[:-1, :n_valid]
             ref_logp, ref_p = np.empty(ref_logits.shape), np.empty(ref_logits.shape)
-            row_nll, ref_top = np.empty(len(rows)), np.empty(len(rows), np.int64)
+            row_nll, ref_top = np.empty(n), np.empty(n, np.int64)
             row_distribution(ref_logits, targets, row_nll, ref_top, ref_logp, ref_p)
             ref_nll.append(row_nll)
         for name, model in models.items():
             logits = model.logits(chunk, first)[:-1, :n_valid]
-            row_nll, top = np.empty(len(rows)), np.empty(len(rows), np.int64)
+            row_nll, top = np.empty(n), np.empty(n, np.int64)
             if reference is None:
                 row_distribution(logits, targets, row_nll, top, NOT_KEPT, NOT_KEPT)
                 nll[name].append(row_nll)
                 continue
-            row_kld = np.empty(len(rows))
+            row_kld = np.empty(n)
             against_reference(ref_logp, ref_p, logits, targets, row_nll, row_kld, top)
             nll[name].append(row_nll)
             kld[name].append(row_kld)
