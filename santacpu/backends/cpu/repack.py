@@ -13,15 +13,16 @@ of a block come from the target's instruction-set module (`isa/`: x86 `vpmaddubs
 `vpdpbusd`, ARM64 `sdot` or `smmla`, portable IR); all compute the same exact int32 sums, so
 every target gives the same bits.
 
-Layout (`interleave_codes`), per group g of n rows and block b: 4 vectors of 4n bytes; vector v
+Layout (4-bit codes), per group g of n rows and block b: 4 vectors of 4n bytes; vector v
 holds, in its int32 lane i, row ng+i's code bytes 4v..4v+3 of the block (byte j of a block holds
 value j in its low nibble and value j+16 in its high one, in both formats). Each per-block part
 (q4_0's fp16 scales; q4_m's scale and minimum codes) holds the group's n rows of block b in a
 row; q4_m's per-row d and dmin are padded to whole groups. Rows past the last (a weight whose
-rows are not a multiple of n) have scale 0 (q4_0 codes 0x88, value 0). q8_0
-(`interleave_words`): per group and block, 16 pieces of 2n bytes, piece p holding values 2p and
-2p+1 of each row in turn, and the fp16 scales as q4_0's. q6_0 (`interleave_six_bits`): q4_0's
-nibble vectors, then two vectors of high bits per block.
+rows are not a multiple of n) have scale 0 (q4_0 codes 0x88, value 0). q8_0: per group and
+block, 16 pieces of 2n bytes, piece p holding values 2p and 2p+1 of each row in turn, and the
+fp16 scales as q4_0's. All of these are one word-by-word interleave of the group's rows
+(`interleave_rows`). q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then two vectors of
+high bits per block.
 x is rounded per block as int_dot rounds it for the format (max |x| -> 127; q8_0: 32767, int16),
 but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and
 q4_m's minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8
@@ -131,12 +132,12 @@ def group_rows(weight: QuantizedWeight, rows_per_group: int) -> RowGroupWeight:
         last = min(first + CHUNK_ROWS, R)
         chunk = codes[first // n : -(-last // n)]
         sources = [weight.parts[name][first:last] for name in code_names]
-        if weight.qtype == "q8_0":
-            interleave_words(*sources, chunk, n)
+        if weight.qtype == "q8_0":  # a row's pairs of values are int16 words
+            interleave_rows(_words(sources[0], np.int16), chunk.view(np.int16), 0, n)
         elif weight.qtype == "q6_0":
-            interleave_six_bits(*sources, chunk, n)
-        else:
-            interleave_codes(*sources, chunk, 0x88 if weight.qtype == "q4_0" else 0, n)
+            interleave_six_bits(_words(sources[0], np.uint32), _words(sources[1], np.uint32), chunk.view(np.uint32), n)
+        else:  # 4 code bytes (8 values) a uint32 word
+            interleave_rows(_words(sources[0], np.uint32), chunk.view(np.uint32), 0x88888888 if weight.qtype == "q4_0" else 0, n)
         for source in sources:
             release_mapped_pages(source)
     if weight.qtype in ("q4_0", "q6_0", "q8_0"):
@@ -146,7 +147,7 @@ def group_rows(weight: QuantizedWeight, rows_per_group: int) -> RowGroupWeight:
     parts = [codes]
     for part in per_block:
         parts.append(np.empty((n_groups, n_blocks * n), part.dtype))
-        interleave_blocks(part, parts[-1], n)
+        interleave_rows(part, parts[-1], 0, n)
     if weight.qtype == "q4_m":
         for name in ("d", "dmin"):
             padded = np.zeros(n_groups * n, np.float32)
@@ -158,78 +159,62 @@ def group_rows(weight: QuantizedWeight, rows_per_group: int) -> RowGroupWeight:
     return RowGroupWeight(weight, tuple(parts), n)
 
 
+def _words(part: np.ndarray, dtype) -> np.ndarray:
+    """A part's rows [R, bytes] as words of `dtype` [R, bytes / size] (a view; a copy of a part
+    whose rows are not contiguous)."""
+    return np.ascontiguousarray(part).view(dtype)
+
+
 @njit(parallel=True, cache=True)
-def interleave_codes(qs, codes, padding, n):
-    """qs uint8 [R, C/2] (4-bit codes, 16 bytes a block) -> codes [G, C/32 * 16 n] (module
-    docstring), n rows a group; rows past R: `padding`."""
-    R = qs.shape[0]
-    n_blocks = qs.shape[1] // 16
-    for g in prange(codes.shape[0]):
-        for b in range(n_blocks):
-            for i in range(n):
-                r = n * g + i
-                for v in range(4):
-                    for m in range(4):
-                        code = qs[r, 16 * b + 4 * v + m] if r < R else padding
-                        codes[g, 16 * n * b + 4 * n * v + 4 * i + m] = code
+def interleave_rows(words, grouped, padding, n):
+    """words [R, W] -> grouped [G, W n]: word w of row n g + i at grouped[g, n w + i], so the
+    group's n rows take turns word by word; rows past R: `padding`. Every layout in the module
+    docstring is this at some word size: 4-bit codes as uint32 (4 bytes of a row a lane), q8_0's
+    values as int16 (2 values a lane), per-block parts (scales, q4_m's codes) as themselves."""
+    R, W = words.shape
+    for g in prange(grouped.shape[0]):
+        for i in range(n):
+            r = n * g + i
+            if r < R:
+                for w in range(W):  # one row read in order, its words n apart in the group
+                    grouped[g, n * w + i] = words[r, w]
+            else:
+                for w in range(W):
+                    grouped[g, n * w + i] = padding
 
 
 @njit(parallel=True, cache=True)
 def interleave_six_bits(ql, qh, codes, n):
-    """q6_0's ql uint8 [R, C/2], qh uint8 [R, C/8] -> codes uint8 [G, C/32 * 24 n]: per block, the
-    low nibbles as interleave_codes places them (bytes 0..16n-1), then two vectors of high bits
-    (4n bytes for the values in low nibbles, then 4n for those in high nibbles): byte 4i + m of
-    each holds, in bits 2v..2v+1, the high 2 bits of the value that sits in byte 4i + m of nibble
-    vector v (row i); rows past R: 0."""
+    """q6_0's ql [R, C/8] and qh [R, C/32] as uint32 words -> codes [G, C/32 * 6 n] as uint32
+    words: per block, the low nibbles as 4-bit codes are placed (words 0..4n-1), then two vectors
+    of high bits (n words for the values in low nibbles, then n for those in high nibbles): byte
+    m of row i's word holds, in bits 2v..2v+1, the high 2 bits of the value that sits in byte m
+    of the row's nibble word v; rows past R: 0.
+
+    Value j's high bits are bits 2 (j // 8)..2 (j // 8) + 1 of qh's byte j % 8 of the block. The
+    value in byte m of nibble word v is 4 v + m (low nibble) or 16 + 4 v + m (high one), so its
+    bits come from byte m of the block's first qh word (v even) or second (v odd), bit pair v // 2
+    (low nibble) or 2 + v // 2 (high one): masks and shifts that stay inside each byte."""
     R = ql.shape[0]
-    n_blocks = ql.shape[1] // 16
+    n_blocks = qh.shape[1] // 2
     for g in prange(codes.shape[0]):
-        for b in range(n_blocks):
-            at = 24 * n * b
-            for i in range(n):
-                r = n * g + i
-                for m in range(4):
-                    low_bits, high_bits = 0, 0
-                    for v in range(4):
-                        byte = ql[r, 16 * b + 4 * v + m] if r < R else 0
-                        codes[g, at + 4 * n * v + 4 * i + m] = byte
-                        for half in range(2):  # values 4v+m and 16+4v+m
-                            value = 16 * half + 4 * v + m
-                            top = (qh[r, 8 * b + value % 8] >> (2 * (value // 8))) & 3 if r < R else 0
-                            if half == 0:
-                                low_bits |= top << (2 * v)
-                            else:
-                                high_bits |= top << (2 * v)
-                    codes[g, at + 16 * n + 4 * i + m] = low_bits
-                    codes[g, at + 20 * n + 4 * i + m] = high_bits
-
-
-@njit(parallel=True, cache=True)
-def interleave_words(qs, codes, n):
-    """q8_0's qs int8 [R, C] -> codes int8 [G, C/32 * 32 n]: block b of group g is 16 pieces of 2n
-    bytes, piece p holding values 2p and 2p+1 of each of the n rows in a row (as int16, one int32
-    lane a row); rows past R: 0."""
-    R = qs.shape[0]
-    n_blocks = qs.shape[1] // QK
-    for g in prange(codes.shape[0]):
-        for b in range(n_blocks):
-            for i in range(n):
-                r = n * g + i
-                for p in range(QK // 2):
-                    for k in range(2):
-                        codes[g, 32 * n * b + 2 * n * p + 2 * i + k] = qs[r, QK * b + 2 * p + k] if r < R else 0
-
-
-@njit(cache=True)
-def interleave_blocks(part, grouped, n):
-    """A per-block part [R, C/32] -> [G, C/32 * n]: block b of group g holds its n rows' values
-    (0 past R)."""
-    R, n_blocks = part.shape
-    for g in range(grouped.shape[0]):
-        for b in range(n_blocks):
-            for i in range(n):
-                r = n * g + i
-                grouped[g, n * b + i] = part[r, b] if r < R else 0
+        for i in range(n):
+            r = n * g + i
+            for b in range(n_blocks):
+                at = 6 * n * b + i
+                if r >= R:
+                    for k in range(6):
+                        codes[g, at + n * k] = 0
+                    continue
+                for v in range(4):
+                    codes[g, at + n * v] = ql[r, 4 * b + v]
+                first, second = qh[r, 2 * b], qh[r, 2 * b + 1]  # the block's qh bytes 0-3, 4-7
+                codes[g, at + 4 * n] = (
+                    (first & 0x03030303) | ((second & 0x03030303) << 2) | ((first & 0x0C0C0C0C) << 2) | ((second & 0x0C0C0C0C) << 4)
+                )
+                codes[g, at + 5 * n] = (
+                    ((first >> 4) & 0x03030303) | (((second >> 4) & 0x03030303) << 2) | ((first & 0xC0C0C0C0) >> 2) | (second & 0xC0C0C0C0)
+                )
 
 
 @njit(fastmath=FASTMATH, cache=True)
