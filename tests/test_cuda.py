@@ -465,3 +465,50 @@ def test_a_blocks_threads_get_one_shared_array_however_they_interleave():
         t.join()
     assert len(got) == 8 and all(a is got[0] for a in got)
     assert shared.array(8, np.float32) is not got[0]  # another line: its own array
+
+
+# --- prompts on tensor cores (tensor_cores.py): mma.sync on a GPU; under the simulator a Python
+# twin fed by the same fragment loads, placing them as the PTX ISA does ----------------------------
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q6_0", "q4_m"])
+def test_tensor_core_products_match_numpy(fmt):
+    """One tile, with rows and tokens past the matrix's end; x split into fp16 halves keeps fp32's
+    accuracy (plain fp16 x would be ~1e-3 off)."""
+    from santacpu.backends.cuda import tensor_cores as tc
+
+    rng = np.random.default_rng(11)
+    backend = CudaBackend(tensor_cores=True)
+    rows, cols, T = 40, 64, 2 * mk.MAX_CHUNK_TOKENS + 5  # past the few-token kernels: a prompt's product
+    stored, dense = _weight(fmt, rows, cols, rng)
+    x = (rng.standard_normal((T, cols)) * 4).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    gelu = fmt == "q4_m"
+    got = backend.linear(cuda.to_device(x), backend._matrix(stored), cuda.to_device(bias), gelu=gelu).copy_to_host()
+    want = x.astype(np.float64) @ dense.T.astype(np.float64) + bias
+    assert _rel(got, reference.gelu_tanh(want) if gelu else want) < 1e-5
+    assert [key[0] for key in backend._launches] == [tc.matmul_tc]
+
+
+def test_tensor_cores_self_check_and_choice():
+    """The self-check (2 x 2 tiles against the fp32 tiles) passes; the simulator never chooses
+    them by itself (a GPU does by its capability), float weights never take them."""
+    from santacpu.backends.cuda import tensor_cores as tc
+
+    backend = CudaBackend()
+    assert backend.tensor_cores is None and "prompts on fp32 tiles" in backend.describe()
+    assert backend.tensor_core_self_check() == (True, None)
+    if REAL_GPU:
+        capability = cuda.get_current_device().compute_capability
+        assert backend._tensor_cores_usable()[0] == tc.supported(capability)
+    else:
+        assert backend._tensor_cores_usable() == (False, "the simulator runs the fp32 tiles unless asked (tests ask)")
+    assert not tc.supported((7, 5)) and tc.supported((8, 0)) and tc.supported((9, 0))
+    on = CudaBackend(tensor_cores=True)
+    rng = np.random.default_rng(12)
+    stored, dense = _weight("float16", 8, 64, rng)
+    x = rng.standard_normal((2 * mk.MAX_CHUNK_TOKENS + 1, 64)).astype(np.float32)
+    got = on.linear(cuda.to_device(x), on._matrix(stored), None).copy_to_host()
+    assert _rel(got, x @ dense.T) < 1e-5 and [key[0] for key in on._launches] == [mk.matmul]
+    off = CudaBackend(tensor_cores=False)
+    assert off.tensor_core_reason == "turned off" and "prompts on fp32 tiles (turned off)" in off.describe()

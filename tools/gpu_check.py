@@ -16,7 +16,8 @@
 5. Full size, for each file: prefill of a 512-token prompt and greedy decode of 128 tokens after
    it, with CUDA graphs on and off (the same ids required), a decode step taken apart (kernel
    time by device events), and batched decode through the scheduler at B = 1, 8, 32 (aggregate
-   tok/s).
+   tok/s); the prompt's prefill with its products on tensor cores and on the fp32 tiles, and their
+   logits compared (`tensor_cores`: the backend's choice, and why not where it chose the tiles).
 6. `santacpu bench FILE --device cuda --parts speed` on the q4_0 file, if time is left.
 
 Each section is guarded: a failure is written into the summary and the next section runs.
@@ -402,6 +403,31 @@ def _greedy_run(engine, prompt: list[int], n_new: int, graphs: bool) -> dict:
             "ids": ids, "mode": backend.launch_mode, **counts}
 
 
+def _tensor_core_prefill(engine, prompt: list[int]) -> dict:
+    """The prompt's prefill with its block-format products on tensor cores and on the fp32 tiles
+    (twice each, alternating; the first of each compiled already or warmed): tok/s, and the last
+    position's logits of the two compared."""
+    backend = engine.backend
+    result: dict = {"chosen": backend.tensor_cores, "reason": backend.tensor_core_reason}
+    if not backend.tensor_cores:
+        return result
+    rates: dict = {"on": [], "off": []}
+    logits: dict = {}
+    try:
+        for on in (False, True, False, True, False, True):
+            backend.tensor_cores = on
+            cache = engine.new_cache(len(prompt) + 1)
+            start = time.perf_counter()
+            logits[on] = engine.forward(cache, prompt)[-1]
+            rates["on" if on else "off"].append(round(len(prompt) / (time.perf_counter() - start), 1))
+    finally:
+        backend.tensor_cores = True
+    result["prefill_tok_s"] = rates
+    result["logits_rel_diff"] = float(np.abs(logits[True] - logits[False]).max() / np.abs(logits[False]).max())
+    result["same_argmax"] = int(np.argmax(logits[True])) == int(np.argmax(logits[False]))
+    return result
+
+
 def speed(path: Path, prompt_tokens: int = 512, n_new: int = 128, batch: tuple = (1, 8, 32), warm_tokens: int = 64,
           batch_prompt: int = 256, batch_new: int = 64) -> dict:
     """Prefill and decode at a 512-token context with graphs on and off (each twice, after a
@@ -434,6 +460,8 @@ def speed(path: Path, prompt_tokens: int = 512, n_new: int = 128, batch: tuple =
     result["first_ids"] = ids[0][:16]
     backend.use_graphs = True
     result["launch_mode"], result["graph_reason"] = backend.launch_mode, backend.graph_reason
+    result["tensor_cores"] = _tensor_core_prefill(engine, prompt)
+    log(f"  prompts on tensor cores: {result['tensor_cores']}")
 
     # one decode step at the prompt's end taken apart (device events: launches one by one)
     cache = engine.new_cache(len(prompt) + 1)

@@ -41,10 +41,11 @@ from numba import config as numba_config
 from numba import cuda
 
 from ...errors import SantacpuError
-from ...formats.blocks import PART_ORDER, QuantizedWeight
+from ...formats.blocks import FORMATS, PART_ORDER, QuantizedWeight
 from ...formats.split_rows import SplitRowsWeight, widened_to_q8_0
 from . import layer_kernels as lk
 from . import linear_kernels as mk
+from . import tensor_cores as tc
 from .device import simulated
 from .graphs import StepGraphs, graph_driver
 from .launch import Launcher
@@ -53,6 +54,10 @@ from .values import FORMAT_IDS, LANES
 N_PARTS = 5  # every weight travels as p0..p4 (see values.py)
 CHUNK_FORMATS = {FORMAT_IDS[name] for name in ("q8_0", "q4_0", "q6_0")}  # matvec_chunks' (64-bit chunks of codes)
 FORMAT_NAMES = {number: name for name, number in FORMAT_IDS.items()}
+TENSOR_CORE_FORMATS = frozenset(FORMAT_IDS[name] for name in ("q8_0", "q4_0", "q6_0", "q4_m"))
+# The tensor-core kernel against the fp32 tiles on the self-check's product: both near fp32
+# rounding (x as two fp16 halves loses ~2**-22 of itself; measured under the simulator: 1e-7).
+SELF_CHECK_TOLERANCE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -189,7 +194,7 @@ class DeviceWeight:
 class CudaBackend:
     name = "cuda"
 
-    def __init__(self, shapes: LaunchShapes | None = None, graphs: bool = True):
+    def __init__(self, shapes: LaunchShapes | None = None, graphs: bool = True, tensor_cores: bool | None = None):
         # Small grids (a decode step's attention, LayerNorm) are by design: no warning for each.
         numba_config.CUDA_LOW_OCCUPANCY_WARNINGS = False
         try:
@@ -224,6 +229,11 @@ class CudaBackend:
         self._pool_taken: dict[tuple, int] = {}  # how many of each this step has taken
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
         self._unused_parts = (cuda.device_array((1, 1, 1), np.float32),) * 3 + (cuda.device_array(1, np.int32),)
+        # Prompts' block-format products on tensor cores (tensor_cores.py): None decides at the
+        # first `prepare` (a GPU of compute capability 8.0 or more whose self-check passes; never
+        # the simulator, where tests turn them on); `tensor_core_reason` says why not.
+        self.tensor_cores = tensor_cores
+        self.tensor_core_reason: str | None = "turned off" if tensor_cores is False else None
 
     def describe(self) -> str:
         """Where the forward pass runs, in words: the GPU and the device memory its weights take."""
@@ -232,7 +242,8 @@ class CudaBackend:
         else:
             name = cuda.get_current_device().name
             name = name.decode() if isinstance(name, bytes) else str(name)
-        return f"cuda: {name}, {self.weight_bytes / 1e6:.0f} MB of device memory for the weights; {self._graphs.describe()}"
+        prompts = "tensor cores" if self.tensor_cores else f"fp32 tiles ({self.tensor_core_reason or 'not decided yet'})"
+        return f"cuda: {name}, {self.weight_bytes / 1e6:.0f} MB of device memory for the weights; {self._graphs.describe()}; prompts on {prompts}"
 
     @property
     def launch_mode(self) -> str:
@@ -339,6 +350,8 @@ class CudaBackend:
     def prepare(self, weights):
         """Device copies of every weight (ModelWeights of DeviceWeight matrices and device vectors)."""
         self._check_fits(weights.config)
+        if self.tensor_cores is None:
+            self.tensor_cores, self.tensor_core_reason = self._tensor_cores_usable()
         def vector(v):
             array = cuda.to_device(np.ascontiguousarray(v, np.float32))
             self.weight_bytes += array.nbytes
@@ -362,6 +375,40 @@ class CudaBackend:
             ln_f_weight=vector(weights.ln_f_weight),
             ln_f_bias=vector(weights.ln_f_bias),
         )
+
+    def _tensor_cores_usable(self) -> tuple[bool, str | None]:
+        """(whether prompts' block-format products may run on tensor cores, why not): a GPU of
+        compute capability 8.0 or more, and the kernel's result on a small q4_m product (the
+        format with the most parts) equal to the fp32 tiles' within fp32 rounding. A GPU whose
+        driver or PTX JIT refuses the kernel says so here instead of failing a prompt."""
+        if self.simulated:
+            return False, "the simulator runs the fp32 tiles unless asked (tests ask)"
+        if tc.UNAVAILABLE:
+            return False, tc.UNAVAILABLE
+        capability = tuple(cuda.get_current_device().compute_capability)
+        if not tc.supported(capability):
+            return False, f"compute capability {capability[0]}.{capability[1]}; mma.sync's m16n8k16 needs 8.0"
+        return self.tensor_core_self_check()
+
+    def tensor_core_self_check(self) -> tuple[bool, str | None]:
+        """(passed, why not) of the tensor-core kernel against the fp32 tiles on a small product."""
+        rng = np.random.default_rng(0)
+        rows, cols, tokens = 72, 96, 70  # a tile and a partial one each way
+        weight = QuantizedWeight("q4_m", (rows, cols), FORMATS["q4_m"].quantize(rng.standard_normal((rows, cols)).astype(np.float32)))
+        x = cuda.to_device(rng.standard_normal((tokens, cols)).astype(np.float32))
+        bias = cuda.to_device(rng.standard_normal(rows).astype(np.float32))
+        uploaded = self.weight_bytes
+        try:
+            matrix = self._matrix(weight)
+            results = [self.linear(x, matrix, bias, tensor_cores=on).copy_to_host() for on in (False, True)]
+        except Exception as e:  # noqa: BLE001 (any refusal, from the JIT or the driver, turns them off)
+            return False, f"the tensor-core kernel failed its self-check: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        finally:
+            self.weight_bytes = uploaded  # the check's weight is not the model's
+        error = float(np.abs(results[1] - results[0]).max() / max(np.abs(results[0]).max(), 1e-30))
+        if not error <= SELF_CHECK_TOLERANCE:
+            return False, f"the tensor-core kernel failed its self-check (relative error {error:.2e})"
+        return True, None
 
     def _check_fits(self, config) -> None:
         """The model's shape against the kernels' compile-time limits, before any upload."""
@@ -476,7 +523,10 @@ class CudaBackend:
         self._flat(lk.embed, T * E)(wpe.fmt, *wpe.parts, position_rows, True, out)
         return out
 
-    def linear(self, x, weight: DeviceWeight, bias, out=None, *, gelu: bool = False, add_to=None, norm=None):
+    def linear(self, x, weight: DeviceWeight, bias, out=None, *, gelu: bool = False, add_to=None, norm=None, tensor_cores=None):
+        """out = x @ W.T + bias, with an epilogue (gelu, add_to) and a LayerNorm before (norm);
+        tensor_cores: whether a prompt's block-format product may take them (default: the
+        backend's choice)."""
         T = x.shape[0]
         n_out = weight.shape[0]
         if bias is None:
@@ -516,6 +566,8 @@ class CudaBackend:
         if T <= mk.MAX_FEW_TOKENS:
             lanes, rows = self.shapes.matvec
             launch = self._launch(mk.matvec, (n_out + rows - 1) // rows, (lanes, rows), label and "matvec " + label, weight.nbytes)
+        elif (self.tensor_cores if tensor_cores is None else tensor_cores) and weight.fmt in TENSOR_CORE_FORMATS:
+            launch = self._launch(tc.matmul_tc, tc.grid(T, n_out), tc.THREADS, label and "matmul_tc " + label, weight.nbytes)
         else:
             side = self.shapes.matmul_side
             tile = 4 * side
