@@ -403,10 +403,21 @@ def _greedy_run(engine, prompt: list[int], n_new: int, graphs: bool) -> dict:
             "ids": ids, "mode": backend.launch_mode, **counts}
 
 
+def _by_kernel(timings: list) -> dict:
+    """backend.profile's (label, bytes, ms) summed by kernel (a label's first word)."""
+    kernels: dict = {}
+    for label, _, ms in timings:
+        k = kernels.setdefault(label.split(" ")[0], [0, 0.0])
+        k[0] += 1
+        k[1] += ms
+    return {name: {"launches": n, "ms": round(ms, 4)} for name, (n, ms) in kernels.items()}
+
+
 def _tensor_core_prefill(engine, prompt: list[int]) -> dict:
     """The prompt's prefill with its block-format products on tensor cores and on the fp32 tiles
-    (twice each, alternating; the first of each compiled already or warmed): tok/s, and the last
-    position's logits of the two compared."""
+    (three times each, alternating: the first fp32 run compiles the tiles for these shapes):
+    tok/s, the last position's logits of the two compared, and one prefill on tensor cores taken
+    apart by kernel."""
     backend = engine.backend
     result: dict = {"chosen": backend.tensor_cores, "reason": backend.tensor_core_reason}
     if not backend.tensor_cores:
@@ -425,6 +436,8 @@ def _tensor_core_prefill(engine, prompt: list[int]) -> dict:
     result["prefill_tok_s"] = rates
     result["logits_rel_diff"] = float(np.abs(logits[True] - logits[False]).max() / np.abs(logits[False]).max())
     result["same_argmax"] = int(np.argmax(logits[True])) == int(np.argmax(logits[False]))
+    # the prefill on tensor cores taken apart by kernel (device events, launches one by one)
+    result["prefill_profile"] = _by_kernel(backend.profile(lambda: engine.forward(engine.new_cache(len(prompt) + 1), prompt)))
     return result
 
 
@@ -460,20 +473,17 @@ def speed(path: Path, prompt_tokens: int = 512, n_new: int = 128, batch: tuple =
     result["first_ids"] = ids[0][:16]
     backend.use_graphs = True
     result["launch_mode"], result["graph_reason"] = backend.launch_mode, backend.graph_reason
-    result["tensor_cores"] = _tensor_core_prefill(engine, prompt)
+    try:  # guarded: the sections after it in this one (step profile, batched decode) still run
+        result["tensor_cores"] = _tensor_core_prefill(engine, prompt)
+    except Exception as error:
+        result["tensor_cores"] = {"error": f"{type(error).__name__}: {error}"}
     log(f"  prompts on tensor cores: {result['tensor_cores']}")
 
     # one decode step at the prompt's end taken apart (device events: launches one by one)
     cache = engine.new_cache(len(prompt) + 1)
     engine.forward(cache, prompt)
     timings = backend.profile(lambda: engine.forward(cache, [prompt[0]]))
-    kernels: dict = {}
-    for label, _, ms in timings:
-        k = kernels.setdefault(label.split(" ")[0], [0, 0.0])
-        k[0] += 1
-        k[1] += ms
-    result["step_profile"] = {"launches": len(timings), "kernel_ms": sum(ms for _, _, ms in timings),
-                              "by_kernel": {k: {"launches": n, "ms": round(ms, 4)} for k, (n, ms) in kernels.items()}}
+    result["step_profile"] = {"launches": len(timings), "kernel_ms": sum(ms for _, _, ms in timings), "by_kernel": _by_kernel(timings)}
     log(f"  decode step: {len(timings)} launches, {result['step_profile']['kernel_ms']:.3f} ms of kernels")
 
     result["batched"] = {}
