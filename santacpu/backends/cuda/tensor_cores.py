@@ -19,10 +19,10 @@ A (x) words [g, t], [g + 8, t], [g, t + 4], [g + 8, t + 4] of its 16 tokens x 8 
 words [g, t], [g, t + 4] of its 8 rows; C/D values (token g, rows 2t, 2t + 1) and (token g + 8,
 the same rows).
 
-Under the simulator (no PTX there) `mma` and `split_half2` are Python twins with the same
-per-lane contract: a warp's 32 lanes leave their fragments in a shared scratch, meet at a block
-barrier, and each takes its own outputs (so there every thread of the block calls `mma`
-together, as the kernel does). The kernel is the same code on both.
+Under the simulator (no PTX there) `warp_mma`, `split_half2` and `pack_half2` are Python twins:
+`warp_mma` builds the warp's A and B from all 32 lanes' fragments, loaded by the `fragment_a` and
+`fragment_b` the GPU path loads them with and placed as the PTX ISA places them, so a wrong
+fragment index fails the tests there too. The kernel is the same code on both.
 
 Shapes: x [T, in] float32, weight [out, in] as parts (values.py), bias [out] float32, out [T, out]
 float32.
