@@ -264,11 +264,18 @@ def matmul_tc(fmt, p0, p1, p2, p3, p4, x, n_tokens, bias, out, epilogue):
     for mi in range(2):
         for ni in range(4):
             at = (mi * 4 + ni) * 4
-            for i in range(4):
-                tok = tok0 + warp_tokens + 16 * mi + g + 8 * (i // 2)
-                row = row0 + warp_rows + 8 * ni + 2 * t + i % 2
-                if tok < n_tokens and row < n_rows:
-                    out[tok, row] = _finish(acc[at + i] + bias[row], epilogue, out, tok, row)
+            tok = tok0 + warp_tokens + 16 * mi + g
+            row = row0 + warp_rows + 8 * ni + 2 * t
+            _store(acc[at], epilogue, out, bias, tok, row, n_tokens, n_rows)
+            _store(acc[at + 1], epilogue, out, bias, tok, row + 1, n_tokens, n_rows)
+            _store(acc[at + 2], epilogue, out, bias, tok + 8, row, n_tokens, n_rows)
+            _store(acc[at + 3], epilogue, out, bias, tok + 8, row + 1, n_tokens, n_rows)
+
+
+@cuda.jit(device=True, inline=True)
+def _store(value, epilogue, out, bias, tok, row, n_tokens, n_rows):
+    if tok < n_tokens and row < n_rows:
+        out[tok, row] = _finish(value + bias[row], epilogue, out, tok, row)
 
 
 def grid(n_tokens: int, n_rows: int) -> tuple[int, int]:
