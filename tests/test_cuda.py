@@ -188,24 +188,33 @@ def _attention_reference(q, k, v):
 
 
 @pytest.mark.parametrize(
-    "kv_dtype, shapes, G, in_attention",
-    [("float16", SIMULATOR_SHAPES, 1, True), ("float32", SIMULATOR_SHAPES, 2, True), ("float16", DEVICE_SHAPES, 1, True),
-     ("float16", SIMULATOR_SHAPES, 1, False), ("float32", SIMULATOR_SHAPES, 2, False)],
-    ids=["fp16-mqa", "fp32-two-kv-heads", "fp16-gpu-shapes", "fp16-store-kernel", "fp32-store-kernel"],
+    "kv_dtype, shapes, G, H, D, in_attention",
+    [("float16", SIMULATOR_SHAPES, 1, 4, 16, True), ("float32", SIMULATOR_SHAPES, 2, 4, 16, True),
+     ("float16", DEVICE_SHAPES, 1, 4, 16, True),
+     ("float16", SIMULATOR_SHAPES, 1, 4, 16, False), ("float32", SIMULATOR_SHAPES, 2, 4, 16, False),
+     ("float16", DEVICE_SHAPES, 1, 4, 16, False), ("float32", DEVICE_SHAPES, 2, 6, 16, False),
+     ("float16", SIMULATOR_SHAPES, 1, 2, lk.MAX_HEAD_DIM, False), ("float16", SIMULATOR_SHAPES, 1, 3, 6, False)],
+    ids=["fp16-mqa", "fp32-two-kv-heads", "fp16-gpu-shapes", "fp16-prompt-kernel", "fp32-prompt-kernel",
+         "fp16-prompt-kernel-splits", "fp32-prompt-kernel-splits-rows-across-tokens", "fp16-prompt-kernel-widest-heads",
+         "fp16-prompt-kernel-head-dim-6"],
 )
-def test_attend_stores_and_attends(kv_dtype, shapes, G, in_attention, monkeypatch):
+def test_attend_stores_and_attends(kv_dtype, shapes, G, H, D, in_attention, monkeypatch):
     """Rows already cached (written here), then two calls (a few tokens, then one) that store
     their own rows and attend past a chunk of lanes, each against the causal softmax in NumPy
     over what the cache holds. Decode steps' calls store K/V inside the attention kernel (which
     reads the new rows from qkv, rounded as the cache rounds them); longer calls launch
-    `store_kv` first (`in_attention=False`: every call taken as a long one). With the GPU's
-    shapes the grid covers the position bucket: splits past the positions add nothing."""
+    `store_kv` first, then the prompt kernel (`in_attention=False`: every call taken as a long
+    one). With the GPU's shapes the grid covers the position bucket (a step's: splits past the
+    positions add nothing), or splits a prompt's positions in two (one token's second split has
+    none of its positions); with 3 query heads a K/V head, the prompt kernel's tiles of query
+    rows hold pieces of two tokens; with heads of MAX_HEAD_DIM its lanes stage whole rows at
+    once, with 6 dims (not a multiple of 4) it scores the last 2 one at a time."""
     from santacpu.backends.cuda import backend as cuda_backend
 
     if not in_attention:
         monkeypatch.setattr(cuda_backend, "STEP_TOKENS", 0)
     rng = np.random.default_rng(7)
-    H, D, L, n_ctx, layer, stored = 4, 16, 2, 40, 1, np.dtype(kv_dtype)
+    L, n_ctx, layer, stored = 2, 40, 1, np.dtype(kv_dtype)
     E = H * D
     backend = CudaBackend(shapes)
     start = lk.CHUNK - 2  # rows 0..start-1 are "earlier calls'"; the calls cross a chunk

@@ -67,7 +67,6 @@ class LaunchShapes:
     matvec_one: tuple[int, int]  # one token: (warps a block, blocks a multiprocessor at most; 0: a warp a row)
     matmul_side: int  # s x s threads, a tile of 4s rows x 4s tokens
     norm_threads: int  # a power of two
-    attention_threads: int  # a block of attention (one query token, some of its positions)
     attention_blocks: int  # spread a prompt's attention over at least this many blocks
     attention_step: tuple[int, int]  # a decode step's attention: (heads a block, chunks of CHUNK positions a split)
     flat_threads: int  # element-wise kernels
@@ -81,13 +80,13 @@ MATVEC_ONE = (8, 4)  # 8 rows a block, at most 4 blocks a multiprocessor (then r
 ATTENTION_STEP = (16, 1)  # all 16 heads a block (K/V staged once for all), 32 positions a split
 # attention_blocks: two blocks for each of an H100's or H200's 132 multiprocessors.
 DEVICE_SHAPES = LaunchShapes(
-    matvec=(32, 8), matvec_chunks=MATVEC_CHUNKS, matvec_one=MATVEC_ONE, matmul_side=16, norm_threads=256, attention_threads=256, attention_blocks=264,
+    matvec=(32, 8), matvec_chunks=MATVEC_CHUNKS, matvec_one=MATVEC_ONE, matmul_side=16, norm_threads=256, attention_blocks=264,
     attention_step=ATTENTION_STEP, flat_threads=256, position_bucket=256,
 )
 # The simulator pays for every block and every barrier of its threads (each a Python thread): few
 # blocks, few threads, one lane a row.
 SIMULATOR_SHAPES = LaunchShapes(
-    matvec=(1, 16), matvec_chunks=(2, 2), matvec_one=(2, 2), matmul_side=4, norm_threads=2, attention_threads=8, attention_blocks=3,
+    matvec=(1, 16), matvec_chunks=(2, 2), matvec_one=(2, 2), matmul_side=4, norm_threads=2, attention_blocks=3,
     attention_step=(2, 1), flat_threads=64, position_bucket=lk.CHUNK,
 )
 # Calls of at most this many tokens are decode steps (one token, a token and its drafts, a batch
@@ -96,12 +95,13 @@ SIMULATOR_SHAPES = LaunchShapes(
 STEP_TOKENS = 32
 
 
-def attention_grid(T: int, start: int, shapes: LaunchShapes) -> tuple[int, int]:
+def attention_grid(T: int, start: int, shapes: LaunchShapes, tiles: int | None = None) -> tuple[int, int]:
     """(splits, chunks a split) of attention over positions 0..start+T-1. A decode step's
     (T <= STEP_TOKENS: `attention_step`) covers its length rounded up to the position bucket, so
     every step of a bucket has the same grid (one CUDA graph; the kernel reads the real length
     from device memory), in splits of `shapes.attention_step[1]` chunks (more where that would
-    make over MAX_SPLITS); a prompt's (`attention`) enough splits to fill the GPU."""
+    make over MAX_SPLITS); a prompt's (`attention`, `tiles` blocks a split: `prompt_tiles`)
+    enough splits to fill the GPU."""
     n_positions = start + T  # the last token's
     if T <= STEP_TOKENS:
         n_positions = -(-n_positions // shapes.position_bucket) * shapes.position_bucket
@@ -109,9 +109,15 @@ def attention_grid(T: int, start: int, shapes: LaunchShapes) -> tuple[int, int]:
         per_split = max(shapes.attention_step[1], -(-chunks // lk.MAX_SPLITS))
         return -(-chunks // per_split), per_split
     chunks = -(-n_positions // lk.CHUNK)
-    splits = min(chunks, max(1, -(-shapes.attention_blocks // T)))
+    splits = min(chunks, max(1, -(-shapes.attention_blocks // (tiles or T))))
     per_split = -(-chunks // splits)
     return -(-chunks // per_split), per_split
+
+
+def prompt_tiles(T: int, n_head: int, n_kv: int) -> int:
+    """Blocks of a prompt's `attention` a split: tiles of lk.TILE_ROWS query rows ((token, head)
+    pairs) of each K/V head."""
+    return -(-T * (n_head // n_kv) // lk.TILE_ROWS) * n_kv
 
 
 def step_heads(n_head: int, n_kv: int, shapes: LaunchShapes) -> int:
@@ -418,8 +424,6 @@ class CudaBackend:
             problems.append(f"{config.n_head} heads (at most {lk.MAX_HEADS})")
         if config.head_dim > lk.MAX_HEAD_DIM or config.head_dim % 2:
             problems.append(f"head_dim {config.head_dim} (at most {lk.MAX_HEAD_DIM}, even)")
-        if config.n_embd > min(lk.MAX_WIDTH, lk.MAX_OWNED * self.shapes.attention_threads):
-            problems.append(f"n_embd {config.n_embd} (at most {min(lk.MAX_WIDTH, lk.MAX_OWNED * self.shapes.attention_threads)})")
         if matvec_lanes * matvec_rows > mk.MAX_MATVEC_THREADS or self.shapes.matmul_side > mk.MAX_TILE_SIDE:
             problems.append(f"launch shapes {self.shapes}")
         if problems:
@@ -587,26 +591,25 @@ class CudaBackend:
         H = E // D
         half = k_cache.dtype == np.uint16
         positions, index = self._device_start(start)
-        splits, per_split = attention_grid(T, start, self.shapes)
         scale = np.float32(1.0 / math.sqrt(D))
+        k_words, v_words = self._cache_words(k_cache), self._cache_words(v_cache)
         if T <= STEP_TOKENS:  # a decode step's: K/V stored by attention, grid by bucket
+            splits, per_split = attention_grid(T, start, self.shapes)
             heads = step_heads(H, G, self.shapes)
             groups = H // heads
             launch = self._launch(lk.attention_step, (T, splits, groups), (LANES, heads))
-            k_words, v_words = self._cache_words(k_cache), self._cache_words(v_cache)
             launch(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, half, H, scale, per_split, out,
                    *self._attention_parts(T, splits, E, H))
             return
         self._flat(lk.store_kv, T * G * D)(qkv, T, E, k_cache, v_cache, layer, positions, index, half)
-        launch = self._launch(lk.attention, (T, splits), self.shapes.attention_threads)
-        if splits == 1:
-            launch(qkv, k_cache, v_cache, layer, positions, index, half, H, scale, per_split, out, *self._unused_parts)
-        else:
-            launch(qkv, k_cache, v_cache, layer, positions, index, half, H, scale, per_split, out,
-                   *self._attention_parts(T, splits, E, H))
+        tiles = prompt_tiles(T, H, G)
+        splits, per_split = attention_grid(T, start, self.shapes, tiles)
+        launch = self._launch(lk.attention, (tiles // G, splits, G), lk.TILE_ROWS * lk.ROW_LANES)
+        parts = self._unused_parts if splits == 1 else self._attention_parts(T, splits, E, H)
+        launch(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, half, H, scale, per_split, out, *parts)
 
     def _cache_words(self, cache):
-        """An fp16 cache as uint32 words (pairs of values: attention_step's reads), the same view
+        """An fp16 cache as uint32 words (pairs of values: the attention kernels read them), the same view
         object every call (launches and graphs key arrays by identity); a float32 cache itself."""
         if cache.dtype != np.uint16:
             return cache

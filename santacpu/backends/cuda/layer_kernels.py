@@ -10,7 +10,11 @@ token for all H heads.
 Shapes: T = tokens in the call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim.
 
 `attention_step` is warp-per-head: a warp is `values.LANES` lanes (a GPU's 32, fewer under the
-simulator), and the kernel is written for any power of two up to CHUNK.
+simulator), and the kernel is written for any power of two up to CHUNK. `attention` takes tiles
+of TILE_ROWS query rows ((token, head) pairs), ROW_LANES threads a row; its inner loops read
+flat shared arrays at unsigned offsets (Numba adds negative-index code to every signed index and
+keeps a 64-bit address a load otherwise: the loops were twice the instructions and 232 registers
+a thread; now 127, by `tools/ptx_check.py`).
 
 May import: numba, numpy, `santacpu.backends.cuda.values`.
 """
@@ -19,18 +23,27 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32, int32, int64
+from numba import cuda, float32, int32, int64, uint32, uint64
 
 from .values import LANES, SIMULATED, float_to_half, half_to_float, value
 
 MAX_NORM_THREADS = 256
-# Attention's compile-time limits (shared-memory sizes must be constants): 43 KB of shared memory.
+# Attention's compile-time limits (shared-memory sizes must be constants): at most 43 KB of shared memory a block.
 CHUNK = 32  # positions staged at once
 MAX_HEAD_DIM = 128
 _K_STRIDE = 129  # MAX_HEAD_DIM + 1
 MAX_HEADS = 16
-MAX_WIDTH = 2048  # n_head * head_dim
-MAX_OWNED = 8  # outputs a thread: MAX_WIDTH / (threads a block) at most
+# attention (prompts): query rows a block, threads a row (8 threads a block under the simulator)
+TILE_ROWS = 4 if SIMULATED else 32
+ROW_LANES = 2 if SIMULATED else 8
+_ROW_POSITIONS = CHUNK // ROW_LANES  # a chunk's positions a lane scores
+_ROW_DIMS = MAX_HEAD_DIM // ROW_LANES  # dims of a head a lane sums V for, at most
+_ROW_WORDS = MAX_HEAD_DIM // 2 // ROW_LANES  # 32-bit words of a cached fp16 row a lane stages, at most
+_SCORE_STRIDE = CHUNK + 1
+# (shared-memory sizes must be constants of the module, not expressions in the kernel)
+_Q_TILE = TILE_ROWS * _K_STRIDE
+_KV_TILE = CHUNK * _K_STRIDE
+_SCORE_TILE = TILE_ROWS * _SCORE_STRIDE
 
 
 @cuda.jit(device=True, inline=True)
@@ -117,144 +130,9 @@ def store_kv(qkv, n_tokens, q_width, k_cache, v_cache, layer, positions, index, 
 
 
 @cuda.jit(device=True, inline=True)
-def _cached(cache, half, layer, position, head, d):
-    return half_to_float(cache[layer, position, head, d]) if half else float32(cache[layer, position, head, d])
-
-
-@cuda.jit(device=True, inline=True)
 def _rounded(value, half):
     """value as the cache gives it back: through fp16 where the cache is fp16."""
     return half_to_float(float_to_half(value)) if half else value
-
-
-@cuda.jit(cache=True)
-def attention(qkv, k_cache, v_cache, layer, positions, index, half, n_head, scale, chunks_per_split, out,
-              part_acc, part_max, part_sum, done):
-    """Causal multi-query attention for prompts (calls of more than STEP_TOKENS tokens, whose
-    K/V rows `store_kv` has stored already), one block per (query token t, split s of its
-    positions); the call's first position, start, is positions[index] (device memory).
-
-    Positions come in chunks of CHUNK: each chunk's K and V rows (every head's) are staged in
-    shared memory once and serve all of a K/V head's query heads, which keep a running softmax
-    (max, sum, weighted sum of V) across the split's chunks. With one split a token (long
-    prompts: enough blocks already) the block writes out [T, E] itself; with several it writes
-    its partial sums, and the last of token t's blocks to finish (counted in done[t], which it
-    sets back to 0) adds them up into out[t] (`_combine`): no launch of its own. q is
-    qkv[t, :E] as [H, D]."""
-    t = cuda.blockIdx.x
-    split = cuda.blockIdx.y
-    n_splits = cuda.gridDim.y
-    tid = cuda.threadIdx.x
-    threads = cuda.blockDim.x
-    n_kv = k_cache.shape[2]
-    dim = k_cache.shape[3]
-    group = n_head // n_kv
-    width = n_head * dim
-    k_tile = cuda.shared.array((CHUNK, _K_STRIDE), float32)  # +1 a row: lanes reading one d, many p, hit distinct banks
-    v_tile = cuda.shared.array((CHUNK, MAX_HEAD_DIM), float32)
-    q = cuda.shared.array(MAX_WIDTH, float32)
-    weights = cuda.shared.array((MAX_HEADS, CHUNK), float32)
-    running_max = cuda.shared.array(MAX_HEADS, float32)
-    running_sum = cuda.shared.array(MAX_HEADS, float32)
-    correction = cuda.shared.array(MAX_HEADS, float32)
-    last = cuda.shared.array(1, int32)  # whether this block is its token's last to finish
-    acc = cuda.local.array(MAX_OWNED, float32)  # this thread's outputs: flat index tid + k * threads
-    for k in range(MAX_OWNED):
-        acc[k] = 0.0
-    for i in range(tid, width, threads):
-        q[i] = qkv[t, i]
-    for h in range(tid, n_head, threads):
-        running_max[h] = float32(-math.inf)
-        running_sum[h] = 0.0
-    start = positions[index]
-    n_positions = start + t + 1
-    first_chunk = split * chunks_per_split
-    last_chunk = min(first_chunk + chunks_per_split, (n_positions + CHUNK - 1) // CHUNK)
-    cuda.syncthreads()
-    for g in range(n_kv):
-        h0 = g * group
-        for chunk in range(first_chunk, last_chunk):
-            p0 = chunk * CHUNK
-            for i in range(tid, CHUNK * dim, threads):  # stage the chunk's K and V rows
-                p = i // dim
-                d = i - p * dim
-                if p0 + p < n_positions:
-                    k_tile[p, d] = _cached(k_cache, half, layer, p0 + p, g, d)
-                    v_tile[p, d] = _cached(v_cache, half, layer, p0 + p, g, d)
-                else:
-                    k_tile[p, d] = 0.0
-                    v_tile[p, d] = 0.0
-            cuda.syncthreads()
-            for i in range(tid, group * CHUNK, threads):  # scores
-                hh = i // CHUNK
-                p = i - hh * CHUNK
-                score = float32(-math.inf)
-                if p0 + p < n_positions:
-                    dot = float32(0.0)
-                    base = (h0 + hh) * dim
-                    for d in range(dim):
-                        dot += q[base + d] * k_tile[p, d]
-                    score = dot * scale
-                weights[hh, p] = score
-            cuda.syncthreads()
-            for hh in range(tid, group, threads):  # the running softmax, a head a thread
-                h = h0 + hh
-                chunk_max = float32(-math.inf)
-                for p in range(CHUNK):
-                    chunk_max = max(chunk_max, weights[hh, p])
-                new_max = max(running_max[h], chunk_max)
-                corr = math.exp(running_max[h] - new_max)
-                total = float32(0.0)
-                for p in range(CHUNK):
-                    e = math.exp(weights[hh, p] - new_max)
-                    weights[hh, p] = e
-                    total += e
-                running_sum[h] = running_sum[h] * corr + total
-                running_max[h] = new_max
-                correction[hh] = corr
-            cuda.syncthreads()
-            k = 0
-            for i in range(tid, width, threads):  # the weighted sum of V, for this group's heads
-                h = i // dim
-                if h >= h0 and h < h0 + group:
-                    d = i - h * dim
-                    a = acc[k] * correction[h - h0]
-                    for p in range(CHUNK):
-                        a += weights[h - h0, p] * v_tile[p, d]
-                    acc[k] = a
-                k += 1
-            cuda.syncthreads()
-    k = 0
-    for i in range(tid, width, threads):
-        h = i // dim
-        if n_splits == 1:
-            out[t, i] = acc[k] / running_sum[h]
-        else:
-            part_acc[t, split, i] = acc[k]
-        k += 1
-    if n_splits > 1:
-        for h in range(tid, n_head, threads):
-            part_max[t, split, h] = running_max[h]
-            part_sum[t, split, h] = running_sum[h]
-        # The last block of token t combines (the CUDA samples' threadFenceReduction): every
-        # thread's writes made visible to the device, then one ticket a block.
-        cuda.threadfence()
-        cuda.syncthreads()
-        if tid == 0:
-            ticket = cuda.atomic.add(done, t, 1)
-            last[0] = 1 if ticket == n_splits - 1 else 0
-        cuda.syncthreads()
-        if last[0] == 1:
-            for i in range(tid, width, threads):
-                out[t, i] = _combine(part_acc, part_max, part_sum, n_splits, dim, t, i)
-            if tid == 0:
-                done[t] = 0  # ready for the next launch (a graph replays this one)
-
-
-MAX_SPLITS = 64  # attention_step: a token's positions in at most this many splits (shared arrays below)
-_STEP_UNROLL = 4  # attention_step: K/V pairs of values each thread loads before storing any (loads in flight)
-_STEP_POSITIONS = CHUNK // LANES  # attention_step: positions of a chunk a lane scores (1 on a GPU)
-_STEP_DIMS = MAX_HEAD_DIM // LANES  # attention_step: dims of a head a lane sums V for, at most (4 on a GPU)
 
 
 @cuda.jit(device=True, inline=True)
@@ -264,6 +142,191 @@ def _pair(words, cache, half, layer, position, head, pair):
         w = int64(words[layer, position, head, pair])
         return half_to_float(w & 65535), half_to_float((w >> 16) & 65535)
     return float32(cache[layer, position, head, 2 * pair]), float32(cache[layer, position, head, 2 * pair + 1])
+
+
+@cuda.jit(device=True, inline=True)
+def _stage_rows(words, cache, half, layer, g, p0, n_positions, tile, r, lane, dim):
+    """tile[p * _K_STRIDE:][:dim] = cached row p0 + p of K/V head g for the CHUNK positions from p0 (zeros from
+    n_positions on: a weight of 0 must not meet a NaN of an unwritten row). Row r of the block's
+    threads stages positions r, r + TILE_ROWS, .., its lanes a 32-bit word (two fp16 values, or
+    one float) at a time: no division, the warp's reads in whole 32-byte sectors."""
+    half_dim = dim // 2
+    whole = lane + (_ROW_WORDS - 1) * ROW_LANES < half_dim  # all the lane's words in a row (head_dim 128 on a GPU)
+    loaded = cuda.local.array(_ROW_WORDS, uint32)
+    for m in range(CHUNK // TILE_ROWS):
+        p = r + m * TILE_ROWS
+        inside = p0 + p < n_positions
+        # a row inside the cache to read from either way: the loads then need no branch, and go
+        # out together (constant trip counts and unsigned indices: constant offsets of one address)
+        position, head = uint64(min(p0 + p, n_positions - 1)), uint64(g)
+        row = uint64(p * _K_STRIDE + 2 * lane) if half else uint64(p * _K_STRIDE + lane)
+        if half and whole:
+            for n in range(_ROW_WORDS):
+                loaded[n] = uint32(words[uint64(layer), position, head, uint64(lane + n * ROW_LANES)])
+            for n in range(_ROW_WORDS):
+                w = loaded[n] if inside else uint32(0)
+                tile[row + uint64(2 * n * ROW_LANES)] = half_to_float(w & 65535)
+                tile[row + uint64(2 * n * ROW_LANES + 1)] = half_to_float(w >> 16)
+        elif half:
+            for n in range(_ROW_WORDS):
+                if lane + n * ROW_LANES < half_dim:
+                    w = uint32(words[uint64(layer), position, head, uint64(lane + n * ROW_LANES)]) if inside else uint32(0)
+                    tile[row + uint64(2 * n * ROW_LANES)] = half_to_float(w & 65535)
+                    tile[row + uint64(2 * n * ROW_LANES + 1)] = half_to_float(w >> 16)
+        else:
+            for n in range(2 * _ROW_WORDS):
+                d = lane + n * ROW_LANES
+                if d < dim:
+                    tile[row + uint64(n * ROW_LANES)] = cache[uint64(layer), position, head, uint64(d)] if inside else float32(0.0)
+
+
+@cuda.jit(device=True, inline=True)
+def _add_scores(row_scores, q_tile, kv_tile, q_row, k_column, d):
+    """row_scores[k] += q[d] K[d] for the lane's positions k (rows lane + k ROW_LANES of kv_tile)."""
+    q_d = q_tile[q_row + d]
+    for k in range(_ROW_POSITIONS):
+        row_scores[k] += q_d * kv_tile[k_column + d + uint64(k * ROW_LANES * _K_STRIDE)]
+
+
+@cuda.jit(cache=True)
+def attention(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, half, n_head, scale, chunks_per_split,
+              out, part_acc, part_max, part_sum, done):
+    """Causal multi-query attention for prompts (calls of more than STEP_TOKENS tokens, whose K/V
+    rows `store_kv` has stored already). A K/V head's query rows are its (token, head) pairs in
+    order, token-major: row i is token i // group, head g * group + i % group. One block per
+    (TILE_ROWS of those rows, split of the positions, K/V head g); ROW_LANES threads a row. The
+    call's first position, start, is positions[index] (device memory).
+
+    Each chunk of CHUNK positions is staged once in shared memory for all the block's rows
+    (multi-query: every head of every token reads the same K/V rows; SantaCoder's 16 heads make
+    a tile of 32 rows two tokens): K, the rows' scores (lane j of a row scores positions j,
+    j + ROW_LANES, ..), a running softmax that every lane of a row keeps alike in registers, then
+    V in K's place and the weighted sums (lane j of a row owns dims j, j + ROW_LANES, ..). With
+    one split the block writes its rows of out [T, E]; with several it writes partial sums and the
+    last of a tile's blocks to finish (a ticket in done[tile, g], set back to 0) adds them up
+    (`_combine`). k_words / v_words are uint32 views of fp16 caches (the caches themselves when
+    float32). q is qkv[t, :E] as [H, D]."""
+    tile_index = cuda.blockIdx.x
+    split = cuda.blockIdx.y
+    g = cuda.blockIdx.z
+    n_splits = cuda.gridDim.y
+    tid = cuda.threadIdx.x
+    r = tid // ROW_LANES
+    lane = tid - r * ROW_LANES
+    n_tokens = out.shape[0]
+    n_kv = k_cache.shape[2]
+    dim = k_cache.shape[3]
+    group = n_head // n_kv
+    n_rows = n_tokens * group
+    # Shared tiles as flat arrays read at unsigned offsets: no negative-index code, and a
+    # thread's loads of a row at constant offsets from one address.
+    q_tile = cuda.shared.array(_Q_TILE, float32)  # [TILE_ROWS, _K_STRIDE]
+    kv_tile = cuda.shared.array(_KV_TILE, float32)  # [CHUNK, _K_STRIDE]: K, then V; rows 129 apart: lanes reading one d, many p, hit distinct banks
+    scores = cuda.shared.array(_SCORE_TILE, float32)  # [TILE_ROWS, _SCORE_STRIDE]: a row's 32 read by its lanes, rows in distinct banks
+    weights = cuda.shared.array(_SCORE_TILE, float32)
+    last = cuda.shared.array(1, int32)  # whether this block is its tile's last to finish
+    first_row = tile_index * TILE_ROWS
+    start = positions[index]
+    row = first_row + r
+    active = row < n_rows
+    t = row // group if active else 0
+    h = g * group + row - t * group
+    n_positions = start + t + 1 if active else 0  # this row's
+    block_positions = start + (min(first_row + TILE_ROWS, n_rows) - 1) // group + 1  # the tile's last row's
+    q_row = uint64(r * _K_STRIDE)
+    k_column = uint64(lane * _K_STRIDE)  # row `lane` of kv_tile
+    score_row = uint64(r * _SCORE_STRIDE)
+    n_dim = uint64(dim)
+    for d in range(lane, dim, ROW_LANES):
+        q_tile[q_row + uint64(d)] = qkv[t, h * dim + d] if active else float32(0.0)
+    running_max = float32(-math.inf)
+    running_sum = float32(0.0)
+    acc = cuda.local.array(_ROW_DIMS, float32)  # dims lane, lane + ROW_LANES, ..
+    for k in range(_ROW_DIMS):
+        acc[k] = 0.0
+    row_scores = cuda.local.array(_ROW_POSITIONS, float32)  # positions lane, lane + ROW_LANES, .. of a chunk
+    first_chunk = split * chunks_per_split
+    last_chunk = min(first_chunk + chunks_per_split, (block_positions + CHUNK - 1) // CHUNK)
+    for chunk in range(first_chunk, last_chunk):
+        p0 = chunk * CHUNK
+        _stage_rows(k_words, k_cache, half, layer, g, p0, block_positions, kv_tile, r, lane, dim)
+        cuda.syncthreads()  # (the first time, q_tile too)
+        for k in range(_ROW_POSITIONS):
+            row_scores[k] = 0.0
+        d = uint64(0)
+        while d + uint64(4) <= n_dim:  # 4 dims a pass: loads at constant offsets of two addresses
+            for c in range(4):
+                _add_scores(row_scores, q_tile, kv_tile, q_row, k_column, d + uint64(c))
+            d += uint64(4)
+        while d < n_dim:
+            _add_scores(row_scores, q_tile, kv_tile, q_row, k_column, d)
+            d += uint64(1)
+        for k in range(_ROW_POSITIONS):
+            j = lane + k * ROW_LANES
+            scores[score_row + uint64(j)] = row_scores[k] * scale if p0 + j < n_positions else float32(-math.inf)
+        cuda.syncthreads()
+        chunk_max = float32(-math.inf)
+        for j in range(CHUNK):
+            chunk_max = max(chunk_max, scores[score_row + uint64(j)])
+        new_max = max(running_max, chunk_max)
+        correction = float32(1.0)
+        if new_max != -math.inf:  # (all masked so far: nothing to weigh, and e^(-inf - -inf) is NaN)
+            correction = math.exp(running_max - new_max)
+        for k in range(_ROW_POSITIONS):
+            j = lane + k * ROW_LANES
+            weight = float32(0.0)
+            if new_max != -math.inf:
+                weight = math.exp(scores[score_row + uint64(j)] - new_max)
+            weights[score_row + uint64(j)] = weight
+        running_max = new_max
+        _stage_rows(v_words, v_cache, half, layer, g, p0, block_positions, kv_tile, r, lane, dim)  # K read: barrier above
+        cuda.syncthreads()
+        running_sum *= correction
+        for k in range(_ROW_DIMS):
+            acc[k] *= correction
+        for j in range(CHUNK):
+            w = weights[score_row + uint64(j)]
+            running_sum += w
+            v_row = uint64(j * _K_STRIDE + lane)
+            for k in range(_ROW_DIMS):
+                acc[k] += w * kv_tile[v_row + uint64(k * ROW_LANES)]
+        cuda.syncthreads()
+    if n_splits == 1:
+        if active:
+            for k in range(_ROW_DIMS):
+                d = lane + k * ROW_LANES
+                if d < dim:
+                    out[t, h * dim + d] = acc[k] / running_sum
+        return
+    if active:
+        for k in range(_ROW_DIMS):
+            d = lane + k * ROW_LANES
+            if d < dim:
+                part_acc[t, split, h * dim + d] = acc[k]
+        if lane == 0:
+            part_max[t, split, h] = running_max
+            part_sum[t, split, h] = running_sum
+    # The last block of the tile combines (the CUDA samples' threadFenceReduction): every
+    # thread's writes made visible to the device, then one ticket a block.
+    cuda.threadfence()
+    cuda.syncthreads()
+    ticket_index = tile_index * n_kv + g
+    if tid == 0:
+        ticket = cuda.atomic.add(done, ticket_index, 1)
+        last[0] = 1 if ticket == n_splits - 1 else 0
+    cuda.syncthreads()
+    if last[0] == 1:
+        if active:
+            for d in range(lane, dim, ROW_LANES):
+                out[t, h * dim + d] = _combine(part_acc, part_max, part_sum, n_splits, dim, t, h * dim + d)
+        if tid == 0:
+            done[ticket_index] = 0  # ready for the next launch
+
+
+MAX_SPLITS = 64  # attention_step: a token's positions in at most this many splits (shared arrays below)
+_STEP_UNROLL = 4  # attention_step: K/V pairs of values each thread loads before storing any (loads in flight)
+_STEP_POSITIONS = CHUNK // LANES  # attention_step: positions of a chunk a lane scores (1 on a GPU)
+_STEP_DIMS = MAX_HEAD_DIM // LANES  # attention_step: dims of a head a lane sums V for, at most (4 on a GPU)
 
 
 @cuda.jit(cache=True)

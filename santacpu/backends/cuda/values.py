@@ -18,7 +18,7 @@ Format ids (`santacpu.formats.blocks.WEIGHT_FORMAT_IDS`, named below) are compil
 of each kernel (a kernel is built per format by the factories in linear_kernels.py and
 layer_kernels.py), so the branches below vanish.
 
-May import: numba, numpy, `santacpu.formats.blocks`.
+May import: numba, numpy, llvmlite, `santacpu.formats.blocks`.
 """
 
 from __future__ import annotations
@@ -90,8 +90,8 @@ _POW2_HALF = np.array([2.0**e for e in range(-14, 17)], np.float32)
 
 
 @cuda.jit(device=True, inline=True)
-def half_to_float(bits):
-    """IEEE half bits (an integer 0..65535) -> float32, exactly."""
+def half_to_float_by_integers(bits):
+    """IEEE half bits (an integer 0..65535) -> float32, exactly, by integer arithmetic."""
     h = int32(bits)
     exponent = (h >> 10) & 31
     mantissa = h & 1023
@@ -105,8 +105,9 @@ def half_to_float(bits):
 
 
 @cuda.jit(device=True, inline=True)
-def float_to_half(value):
-    """float32 -> IEEE half bits, rounded to nearest even (NumPy's astype(float16))."""
+def float_to_half_by_integers(value):
+    """float32 -> IEEE half bits, rounded to nearest even (NumPy's astype(float16)), by integer
+    arithmetic."""
     if value != value:
         return 0x7E00
     sign = 32768 if math.copysign(float32(1.0), value) < 0 else 0  # -0.0 too
@@ -129,6 +130,70 @@ def float_to_half(value):
     if e > 15:
         return sign | 0x7C00
     return sign | ((e + 15) << 10) | (code - 1024)
+
+
+# On a GPU the conversions are one instruction each (cvt.f32.f16, cvt.rn.f16.f32: LLVM's fpext and
+# fptrunc of `half`), the same values as the integer versions above (IEEE conversions are exact,
+# and round to nearest even); those read a table of powers of two in constant memory, one
+# serialized read for each distinct exponent in a warp. The simulator, and a numba.cuda without
+# intrinsics, keep the integer versions.
+HARDWARE_HALVES = False
+if not SIMULATED:
+    try:
+        from llvmlite import ir
+        from numba import types
+        from numba.cuda.extending import intrinsic
+    except ImportError:  # the integer versions serve
+        intrinsic = None
+
+    if intrinsic is not None:
+
+        @intrinsic
+        def _fpext_half(typingctx, bits):
+            """float32 of the IEEE half whose bits are the low 16 of the integer `bits`."""
+            if not isinstance(bits, types.Integer):
+                return None
+
+            def codegen(context, builder, signature, args):
+                (b,) = args
+                width = b.type.width
+                h = builder.trunc(b, ir.IntType(16)) if width > 16 else builder.zext(b, ir.IntType(16)) if width < 16 else b
+                return builder.fpext(builder.bitcast(h, ir.HalfType()), ir.FloatType())
+
+            return types.float32(bits), codegen
+
+        @intrinsic
+        def _fptrunc_half(typingctx, value):
+            """The IEEE half bits (int32 0..65535) of float32 `value`, rounded to nearest even."""
+            if value != types.float32:
+                return None
+
+            def codegen(context, builder, signature, args):
+                h = builder.fptrunc(args[0], ir.HalfType())
+                return builder.zext(builder.bitcast(h, ir.IntType(16)), ir.IntType(32))
+
+            return types.int32(value), codegen
+
+        HARDWARE_HALVES = True
+
+if HARDWARE_HALVES:
+
+    @cuda.jit(device=True, inline=True)
+    def half_to_float(bits):
+        """IEEE half bits (an integer 0..65535) -> float32, exactly."""
+        return _fpext_half(int32(bits))  # (int32: a kernel compiled for a float format types this branch too)
+
+    @cuda.jit(device=True, inline=True)
+    def float_to_half(value):
+        """float32 -> IEEE half bits, rounded to nearest even (NumPy's astype(float16); NaN as
+        NumPy's 0x7E00, not the instruction's 0x7FFF)."""
+        if value != value:
+            return int32(0x7E00)
+        return _fptrunc_half(float32(value))
+
+else:
+    half_to_float = half_to_float_by_integers
+    float_to_half = float_to_half_by_integers
 
 
 @cuda.jit(device=True, inline=True)
