@@ -5,7 +5,8 @@ shared memory) for each kernel.
 
 Which kernels, with which argument types: the CUDA tests (tests/test_cuda.py,
 tests/test_cuda_graphs.py) run first under the simulator in a child process, recording every
-launch's kernel and argument types (numba.typeof of the arrays the simulator holds); then each
+launch of a santacpu kernel and its argument types (numba.typeof of the arrays the simulator
+holds); then each
 distinct (kernel, types) is compiled here with the simulator off. Numba asks the driver for the
 compute capability of device functions, so this script answers 8.0 in its place (the kernels
 are then compiled for each target).
@@ -35,18 +36,18 @@ TARGETS = ((8, 0), (9, 0))
 
 
 class _Recorder:
-    """A pytest plugin that records the simulator's kernel launches: {(module, name, types)}."""
+    """A pytest plugin that records the simulator's launches of santacpu's kernels (through the
+    backend or directly): {(module, name, argument types)}."""
 
     def __init__(self):
-        self.launches: set[tuple] = set()
+        self.launches: set[str] = set()
 
     def pytest_sessionstart(self, session):
         import numba
         import numpy as np
+        from numba.cuda.simulator.kernel import FakeCUDAKernel
 
-        from santacpu.backends.cuda import backend
-
-        original = backend._SimulatorLaunch.__call__
+        original = FakeCUDAKernel.__call__
 
         def describe(arg):
             if hasattr(arg, "_ary"):  # a simulator device array
@@ -56,12 +57,13 @@ class _Recorder:
                 return ["array", str(t.dtype), t.ndim, t.layout]
             return ["scalar", str(numba.typeof(arg))]
 
-        def call(launch, *args):
-            py_func = launch.kernel.py_func
-            self.launches.add(json.dumps([py_func.__module__, py_func.__name__, [describe(a) for a in args]]))
-            return original(launch, *args)
+        def call(kernel, *args):
+            fn = kernel.fn
+            if not kernel._device and fn.__module__.startswith("santacpu."):
+                self.launches.add(json.dumps([fn.__module__, fn.__name__, [describe(a) for a in args]]))
+            return original(kernel, *args)
 
-        backend._SimulatorLaunch.__call__ = call
+        FakeCUDAKernel.__call__ = call
 
 
 def record(path: Path) -> int:
