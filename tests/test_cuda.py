@@ -496,7 +496,20 @@ def test_tensor_core_products_match_numpy(fmt):
     got = backend.linear(cuda.to_device(x), backend._matrix(stored), cuda.to_device(bias), gelu=gelu).copy_to_host()
     want = x.astype(np.float64) @ dense.T.astype(np.float64) + bias
     assert _rel(got, reference.gelu_tanh(want) if gelu else want) < 1e-5
-    assert [key[0] for key in backend._launches] == [tc.matmul_tc]
+    assert [key[0] for key in backend._launches] == [tc.half_codes, tc.split_x, tc.matmul_tc]
+
+
+def test_tensor_core_scratch_is_reused():
+    """The staged operands' scratch: one view object per shape (a decode step's arrays must recur
+    for its CUDA graph), views of one buffer until a larger shape grows it."""
+    backend = CudaBackend()
+    small = backend._scratch("codes", (64, 8), np.uint32)
+    assert backend._scratch("codes", (64, 8), np.uint32) is small
+    other = backend._scratch("codes", (32, 8), np.uint32)
+    assert other.shape == (32, 8) and other is not small
+    large = backend._scratch("codes", (128, 16), np.uint32)
+    assert large.shape == (128, 16) and backend._scratch("codes", (64, 8), np.uint32) is not small
+    assert backend._scratch("x_sums", (64, 2), np.float32).dtype == np.float32
 
 
 def test_tensor_cores_self_check_and_choice():

@@ -235,6 +235,7 @@ class CudaBackend:
         self._pool_taken: dict[tuple, int] = {}  # how many of each this step has taken
         # attention's partial-sum arguments when a call needs none (typed like the real ones)
         self._unused_parts = (cuda.device_array((1, 1, 1), np.float32),) * 3 + (cuda.device_array(1, np.int32),)
+        self._scratch_buffers: dict[str, tuple] = {}  # name -> (flat buffer, {shape: its view}): see _scratch
         # Prompts' block-format products on tensor cores (tensor_cores.py): None decides at the
         # first `prepare` (a GPU of compute capability 8.0 or more whose self-check passes; never
         # the simulator, where tests turn them on); `tensor_core_reason` says why not.
@@ -496,9 +497,27 @@ class CudaBackend:
         self._stream.synchronize()
         return host
 
-    def _flat(self, kernel, n: int):
+    def _flat(self, kernel, n: int, label: str | None = None):
         threads = self.shapes.flat_threads
-        return self._launch(kernel, (n + threads - 1) // threads, threads)
+        return self._launch(kernel, (n + threads - 1) // threads, threads, label)
+
+    def _scratch(self, name: str, shape: tuple[int, int], dtype):
+        """A [rows, cols] view of the scratch buffer `name`, grown to the largest asked for: the
+        tensor-core products' staged operands, written and read by one product at a time (every
+        launch goes to one stream, in order). The same view object for the same shape while the
+        buffer stays (a decode step's arrays must recur for its CUDA graph to replay; a graph
+        holds its views, and so the buffer they were cut from, after it grows)."""
+        size = shape[0] * shape[1]
+        buffer, views = self._scratch_buffers.get(name, (None, {}))
+        if buffer is None or buffer.size < size:
+            buffer, views = cuda.device_array(size, dtype), {}
+            self._scratch_buffers[name] = (buffer, views)
+        view = views.get(shape)
+        if view is None:
+            if len(views) > 64:  # prompts' lengths seldom recur
+                views.clear()
+            view = views[shape] = buffer[:size].reshape(shape)
+        return view
 
     # --- the forward pass's operations ---------------------------------------------------------
 
@@ -571,7 +590,16 @@ class CudaBackend:
             lanes, rows = self.shapes.matvec
             launch = self._launch(mk.matvec, (n_out + rows - 1) // rows, (lanes, rows), label and "matvec " + label, weight.nbytes)
         elif (self.tensor_cores if tensor_cores is None else tensor_cores) and weight.fmt in TENSOR_CORE_FORMATS:
+            n_in = weight.shape[1]
+            codes = self._scratch("codes", (tc.padded(n_out), n_in // 2), np.uint32)
+            x_hi = self._scratch("x_hi", (tc.padded(T), n_in // 2), np.uint32)
+            x_lo = self._scratch("x_lo", (tc.padded(T), n_in // 2), np.uint32)
+            x_sums = self._scratch("x_sums", (tc.padded(T), n_in // 32), np.float32)
+            self._flat(tc.half_codes, codes.size, label and "half_codes " + label)(weight.fmt, *weight.parts, n_out, codes)
+            self._flat(tc.split_x, x_sums.size, label and "split_x " + label)(x, T, x_hi, x_lo, x_sums)
             launch = self._launch(tc.matmul_tc, tc.grid(T, n_out), tc.THREADS, label and "matmul_tc " + label, weight.nbytes)
+            launch(weight.fmt, *weight.parts, codes, x_hi, x_lo, x_sums, T, bias, out, epilogue)
+            return out
         else:
             side = self.shapes.matmul_side
             tile = 4 * side

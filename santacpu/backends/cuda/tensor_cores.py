@@ -10,11 +10,18 @@ fp32's 2**-24) instead of plain fp16's 2**-12. The tensor cores add the integer-
 of a block in fp32; the block's scale (and q4_m's minimum times x's block sum, from fp32 x) then
 apply per row in fp32, as `linear_kernels.matmul` does. (|x| must stay below fp16's 65504.)
 
+A product is three launches: `half_codes` writes the weight's codes as fp16 pairs and `split_x`
+x's two halves (and its block sums), both padded with zeros to whole tiles, into scratch the
+backend reuses; `matmul_tc` then only copies words into its tiles (a thread's 24 loads of a step
+in flight together) and multiplies. The codes' scratch costs one more write and read of the weight
+as fp16 (~2 bytes a weight), against decoding every code again in each of a row tile's T / 64
+blocks; the token tiles of a row tile are neighbours in the grid, so they find its codes in L2.
+
 Tiles: a block of 4 warps computes 64 tokens x 64 rows; warp w takes tokens 32 (w // 2).. and rows
 32 (w % 2)..: 2 x 4 tiles of 16 tokens x 8 rows. Each step stages one block of 32 values of the
-tile's rows (codes packed in pairs into 32-bit words, `w_tile [row, word]`) and of its tokens
-(`x_hi`, `x_lo` [token, word]) in shared memory, rows 20 words apart so that a warp's fragment
-loads hit 32 different banks. A lane's fragments (PTX ISA, m16n8k16: g = lane // 4, t = lane % 4):
+tile's rows (codes in pairs, `w_tile [row, word]`) and of its tokens (`hi_tile`, `lo_tile`
+[token, word]) in shared memory, rows 20 words apart so that a warp's fragment loads hit 32
+different banks. A lane's fragments (PTX ISA, m16n8k16: g = lane // 4, t = lane % 4):
 A (x) words [g, t], [g + 8, t], [g, t + 4], [g + 8, t + 4] of its 16 tokens x 8 words; B (codes)
 words [g, t], [g, t + 4] of its 8 rows; C/D values (token g, rows 2t, 2t + 1) and (token g + 8,
 the same rows).
@@ -25,7 +32,8 @@ Under the simulator (no PTX there) `warp_mma`, `split_half2` and `pack_half2` ar
 fragment index fails the tests there too. The kernel is the same code on both.
 
 Shapes: x [T, in] float32, weight [out, in] as parts (values.py), bias [out] float32, out [T, out]
-float32.
+float32; codes [padded(out), in / 2] and x_hi, x_lo [padded(T), in / 2] uint32 (fp16 pairs),
+x_sums [padded(T), in / 32] float32.
 
 May import: numba, numpy, llvmlite, `santacpu.backends.cuda.values`, `linear_kernels`.
 """
@@ -36,7 +44,7 @@ import itertools
 import threading
 
 import numpy as np
-from numba import cuda, float32, uint32
+from numba import cuda, float32, uint32, uint64
 
 from .linear_kernels import _finish
 from .values import Q4_M, SIMULATED, code, params
@@ -194,55 +202,102 @@ else:
 
 
 @cuda.jit(cache=True)
-def matmul_tc(fmt, p0, p1, p2, p3, p4, x, n_tokens, bias, out, epilogue):
+def half_codes(fmt, p0, p1, p2, p3, p4, n_rows, codes):
+    """codes[row, w] = values 2w and 2w + 1 of a weight's row before their block's scale (the
+    stored integers less the format's offset) as an fp16 pair, value 2w in the low half: exact,
+    ready for `matmul_tc` to copy into its tiles (codes [padded(n_rows), in / 2] uint32, zeros
+    past n_rows; a scratch the backend reuses). A thread a word."""
+    i = cuda.grid(1)
+    n_words = codes.shape[1]
+    if i < codes.shape[0] * n_words:
+        row = i // n_words
+        w = i - row * n_words
+        block = w // WORDS
+        j = 2 * (w - block * WORDS)
+        word = uint32(0)
+        if row < n_rows:
+            word = pack_half2(code(fmt, p0, p1, p2, p3, p4, row, block, j), code(fmt, p0, p1, p2, p3, p4, row, block, j + 1))
+        codes[row, w] = word
+
+
+@cuda.jit(cache=True)
+def split_x(x, n_tokens, x_hi, x_lo, x_sums):
+    """x [T, in] float32 as two fp16 halves in pairs, x = hi + lo (x_hi, x_lo [padded(T), in / 2]
+    uint32, value 2w in the low half of word w), and x's sum over each block of 32 values (x_sums
+    [padded(T), in / 32] float32: q4_m's minimums meet it); zeros past T. A thread a (token,
+    block)."""
+    i = cuda.grid(1)
+    n_blocks = x_sums.shape[1]
+    if i < x_sums.shape[0] * n_blocks:
+        tok = i // n_blocks
+        block = i - tok * n_blocks
+        total = float32(0.0)
+        for w in range(block * WORDS, block * WORDS + WORDS):
+            a, b = float32(0.0), float32(0.0)
+            if tok < n_tokens:
+                a, b = x[tok, 2 * w], x[tok, 2 * w + 1]
+            hi, lo = split_half2(a, b)
+            x_hi[tok, w] = hi
+            x_lo[tok, w] = lo
+            total += a + b
+        x_sums[tok, block] = total
+
+
+_JOBS = TILE * WORDS // THREADS  # words of each staged tile a thread copies a block
+_JOB_ROWS = THREADS // WORDS  # tile rows the block's threads copy at once
+
+
+def padded(n: int) -> int:
+    """n rounded up to whole tiles: the rows of `half_codes`' and `split_x`'s outputs."""
+    return -(-n // TILE) * TILE
+
+
+@cuda.jit(cache=True)
+def matmul_tc(fmt, p0, p1, p2, p3, p4, codes, x_hi, x_lo, x_sums, n_tokens, bias, out, epilogue):
+    """out[:n_tokens] = x @ W.T + bias with the epilogue, from the weight's codes as fp16 pairs
+    (`half_codes`) and x split (`split_x`): each block of 32 values of the tile's rows and tokens
+    is copied word by word into shared memory (the loads independent, a thread's all in flight
+    at once), then multiplied on the tensor cores; the block's scales (`params`, from the parts)
+    and q4_m's minimums times x's block sums apply per row in fp32."""
     tid = cuda.threadIdx.x
     warp = tid // WARP
     lane = tid % WARP
     g = lane // 4
     t = lane % 4
-    row0 = cuda.blockIdx.x * TILE
-    tok0 = cuda.blockIdx.y * TILE
+    tok0 = cuda.blockIdx.x * TILE  # a row tile's token tiles run side by side: its codes read from memory once
+    row0 = cuda.blockIdx.y * TILE
     warp_tokens = (warp // 2) * 32  # within the tile
     warp_rows = (warp % 2) * 32
     n_rows = out.shape[1]
-    n_blocks = x.shape[1] // 32
+    n_blocks = x_sums.shape[1]
     w_tile = cuda.shared.array((TILE, _STRIDE), uint32)  # [row, word]: codes 2w, 2w + 1 as fp16
-    x_hi = cuda.shared.array((TILE, _STRIDE), uint32)  # [token, word]: x 2w, 2w + 1, high halves
-    x_lo = cuda.shared.array((TILE, _STRIDE), uint32)
+    hi_tile = cuda.shared.array((TILE, _STRIDE), uint32)  # [token, word]: x 2w, 2w + 1, high halves
+    lo_tile = cuda.shared.array((TILE, _STRIDE), uint32)
     scales = cuda.shared.array(TILE, float32)  # the block's scale and offset of each tile row
     offsets = cuda.shared.array(TILE, float32)
-    x_sums = cuda.shared.array(TILE, float32)  # q4_m: each tile token's sum of x over the block
+    sums = cuda.shared.array(TILE, float32)  # q4_m: each tile token's sum of x over the block
     acc = cuda.local.array(32, float32)  # [tile of 16 tokens (2), tile of 8 rows (4), value (4)]
+    r_first = tid // WORDS  # the thread copies word w_first of tile rows r_first, r_first + _JOB_ROWS, ..
+    w_first = uint64(tid - r_first * WORDS)
     for i in range(32):
         acc[i] = float32(0.0)
     for block in range(n_blocks):
-        for job in range(tid, TILE * WORDS, THREADS):
-            r = job // WORDS
-            w = job % WORDS
-            row = row0 + r
-            if row < n_rows:
-                w_tile[r, w] = pack_half2(code(fmt, p0, p1, p2, p3, p4, row, block, 2 * w), code(fmt, p0, p1, p2, p3, p4, row, block, 2 * w + 1))
-            else:
-                w_tile[r, w] = uint32(0)
-            tok = tok0 + r
-            if tok < n_tokens:
-                hi, lo = split_half2(x[tok, 32 * block + 2 * w], x[tok, 32 * block + 2 * w + 1])
-                x_hi[r, w] = hi
-                x_lo[r, w] = lo
-            else:
-                x_hi[r, w] = uint32(0)
-                x_lo[r, w] = uint32(0)
+        # A plain copy (the operands are padded with zeros to whole tiles): no branch around a
+        # load, so a thread's 3 x _JOBS loads go out together.
+        # (Unsigned indices: no negative-index code, and the k-th load a constant stride from the first.)
+        column = uint64(block * WORDS + w_first)
+        for k in range(_JOBS):
+            r = uint64(r_first + k * _JOB_ROWS)
+            w_tile[r, w_first] = codes[uint64(row0) + r, column]
+            hi_tile[r, w_first] = x_hi[uint64(tok0) + r, column]
+            lo_tile[r, w_first] = x_lo[uint64(tok0) + r, column]
         if tid < TILE:
             row = row0 + tid
             scale, offset = params(fmt, p0, p1, p2, p3, p4, row, block) if row < n_rows else (float32(0.0), float32(0.0))
             scales[tid] = scale
             offsets[tid] = offset
-            total = float32(0.0)
             tok = tok0 + tid
-            if fmt == Q4_M and tok < n_tokens:
-                for j in range(32):
-                    total += x[tok, 32 * block + j]
-            x_sums[tid] = total
+            sums[tid] = x_sums[tok, block] if fmt == Q4_M else float32(0.0)
         cuda.syncthreads()
         for mi in range(2):
             m = warp_tokens + 16 * mi
@@ -250,16 +305,16 @@ def matmul_tc(fmt, p0, p1, p2, p3, p4, x, n_tokens, bias, out, epilogue):
                 n = warp_rows + 8 * ni
                 # values 0..15 of the block (words 0..7), then 16..31, each against x's hi and lo
                 zero = float32(0.0)
-                d0, d1, d2, d3 = warp_mma(x_hi, m, w_tile, n, 0, lane, zero, zero, zero, zero)
-                d0, d1, d2, d3 = warp_mma(x_lo, m, w_tile, n, 0, lane, d0, d1, d2, d3)
-                d0, d1, d2, d3 = warp_mma(x_hi, m, w_tile, n, 8, lane, d0, d1, d2, d3)
-                d0, d1, d2, d3 = warp_mma(x_lo, m, w_tile, n, 8, lane, d0, d1, d2, d3)
+                d0, d1, d2, d3 = warp_mma(hi_tile, m, w_tile, n, 0, lane, zero, zero, zero, zero)
+                d0, d1, d2, d3 = warp_mma(lo_tile, m, w_tile, n, 0, lane, d0, d1, d2, d3)
+                d0, d1, d2, d3 = warp_mma(hi_tile, m, w_tile, n, 8, lane, d0, d1, d2, d3)
+                d0, d1, d2, d3 = warp_mma(lo_tile, m, w_tile, n, 8, lane, d0, d1, d2, d3)
                 r_a = n + 2 * t
                 at = (mi * 4 + ni) * 4
-                acc[at] += scales[r_a] * d0 - offsets[r_a] * x_sums[m + g]
-                acc[at + 1] += scales[r_a + 1] * d1 - offsets[r_a + 1] * x_sums[m + g]
-                acc[at + 2] += scales[r_a] * d2 - offsets[r_a] * x_sums[m + g + 8]
-                acc[at + 3] += scales[r_a + 1] * d3 - offsets[r_a + 1] * x_sums[m + g + 8]
+                acc[at] += scales[r_a] * d0 - offsets[r_a] * sums[m + g]
+                acc[at + 1] += scales[r_a + 1] * d1 - offsets[r_a + 1] * sums[m + g]
+                acc[at + 2] += scales[r_a] * d2 - offsets[r_a] * sums[m + g + 8]
+                acc[at + 3] += scales[r_a + 1] * d3 - offsets[r_a + 1] * sums[m + g + 8]
         cuda.syncthreads()
     for mi in range(2):
         for ni in range(4):
@@ -279,8 +334,9 @@ def _store(value, epilogue, out, bias, tok, row, n_tokens, n_rows):
 
 
 def grid(n_tokens: int, n_rows: int) -> tuple[int, int]:
-    """matmul_tc's grid for a product of n_tokens x n_rows (its blocks: THREADS threads)."""
-    return -(-n_rows // TILE), -(-n_tokens // TILE)
+    """matmul_tc's grid for a product of n_tokens x n_rows (its blocks: THREADS threads): token
+    tiles first, so that the blocks of one row tile run together."""
+    return -(-n_tokens // TILE), -(-n_rows // TILE)
 
 
 def supported(compute_capability: tuple[int, int]) -> bool:
