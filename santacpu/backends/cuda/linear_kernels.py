@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 
-from numba import cuda, float32, int32, int64
+from numba import cuda, float32, int32, int64, uint64
 
 from .values import (
     LANES, Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, SIMULATED, WARP_SHUFFLES, code, half_to_float, params,
@@ -123,12 +123,15 @@ def _chunk_load(fmt, chunks0, chunks1, p1, p2, row, c):
 
 @cuda.jit(device=True, inline=True)
 def _chunk_dot(fmt, word, high, scale_bits, xs, n_chunks, c):
-    """scale * sum over chunk c's values of code * x (x from xs, laid out by _chunk_column)."""
+    """scale * sum over chunk c's values of code * x (x from xs, laid out by _chunk_column).
+    (xs read at unsigned offsets: Numba puts negative-index code around every signed one, which
+    was most of the loop's instructions.)"""
     s = float32(0.0)
+    first, stride = uint64(c), uint64(n_chunks)
     if fmt == Q8_0:
         for b in range(8):
             q = int32((word >> (8 * b)) & 255)
-            s += float32(int32((q ^ 128) - 128)) * xs[b * n_chunks + c]
+            s += float32(int32((q ^ 128) - 128)) * xs[first + uint64(b) * stride]
     elif fmt == Q6_0:
         shift = 2 * (c & 1)  # values 8h + b take bits 2h of qh byte b; values 16 + 8h + b bits 2h + 4
         for b in range(8):
@@ -136,12 +139,13 @@ def _chunk_dot(fmt, word, high, scale_bits, xs, n_chunks, c):
             hb = int32((high >> (8 * b)) & 255)
             low = (q & 15) | (((hb >> shift) & 3) << 4)
             top = (q >> 4) | (((hb >> (shift + 4)) & 3) << 4)
-            s += float32(int32(low - Q6_0_OFFSET)) * xs[b * n_chunks + c] + float32(int32(top - Q6_0_OFFSET)) * xs[(b + 8) * n_chunks + c]
+            s += (float32(int32(low - Q6_0_OFFSET)) * xs[first + uint64(b) * stride]
+                  + float32(int32(top - Q6_0_OFFSET)) * xs[first + uint64(b + 8) * stride])
     else:
         for b in range(8):
             q = int32((word >> (8 * b)) & 255)
-            s += (float32(int32((q & 15) - Q4_0_OFFSET)) * xs[b * n_chunks + c]
-                  + float32(int32((q >> 4) - Q4_0_OFFSET)) * xs[(b + 8) * n_chunks + c])
+            s += (float32(int32((q & 15) - Q4_0_OFFSET)) * xs[first + uint64(b) * stride]
+                  + float32(int32((q >> 4) - Q4_0_OFFSET)) * xs[first + uint64(b + 8) * stride])
     return half_to_float(scale_bits) * s
 
 
@@ -351,11 +355,11 @@ def matvec_chunks(fmt, p1, p2, chunks0, chunks1, x, first, n_tokens, bias, out, 
                 scale = half_to_float(scale_bits)
                 for t in range(token_loop):
                     if t < n_tokens:
-                        base = t * tile_values + lane
+                        base = uint64(t * tile_values + lane)  # (unsigned: see _chunk_dot)
                         s = float32(0.0)
                         for v in range(value_loop):
                             if v < per_chunk:
-                                s += codes[v] * xs[base + LANES * v]
+                                s += codes[v] * xs[base + uint64(LANES * v)]
                         acc[t] += scale * s
         if WARP_SHUFFLES:
             for t in range(MAX_CHUNK_TOKENS):
