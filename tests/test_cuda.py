@@ -193,10 +193,11 @@ def _attention_reference(q, k, v):
      ("float16", DEVICE_SHAPES, 1, 4, 16, True),
      ("float16", SIMULATOR_SHAPES, 1, 4, 16, False), ("float32", SIMULATOR_SHAPES, 2, 4, 16, False),
      ("float16", DEVICE_SHAPES, 1, 4, 16, False), ("float32", DEVICE_SHAPES, 2, 6, 16, False),
-     ("float16", SIMULATOR_SHAPES, 1, 2, lk.MAX_HEAD_DIM, False), ("float16", SIMULATOR_SHAPES, 1, 3, 6, False)],
+     ("float16", SIMULATOR_SHAPES, 1, 2, lk.MAX_HEAD_DIM, False), ("float16", SIMULATOR_SHAPES, 1, 3, 6, False),
+     ("float16", SIMULATOR_SHAPES, 1, 3, 6, True)],
     ids=["fp16-mqa", "fp32-two-kv-heads", "fp16-gpu-shapes", "fp16-prompt-kernel", "fp32-prompt-kernel",
          "fp16-prompt-kernel-splits", "fp32-prompt-kernel-splits-rows-across-tokens", "fp16-prompt-kernel-widest-heads",
-         "fp16-prompt-kernel-head-dim-6"],
+         "fp16-prompt-kernel-head-dim-6", "fp16-head-dim-6"],
 )
 def test_attend_stores_and_attends(kv_dtype, shapes, G, H, D, in_attention, monkeypatch):
     """Rows already cached (written here), then two calls (a few tokens, then one) that store
@@ -208,7 +209,7 @@ def test_attend_stores_and_attends(kv_dtype, shapes, G, H, D, in_attention, monk
     positions add nothing), or splits a prompt's positions in two (one token's second split has
     none of its positions); with 3 query heads a K/V head, the prompt kernel's tiles of query
     rows hold pieces of two tokens; with heads of MAX_HEAD_DIM its lanes stage whole rows at
-    once, with 6 dims (not a multiple of 4) it scores the last 2 one at a time."""
+    once. With 6 dims (not a multiple of 4) both kernels score the last 2 one at a time."""
     from santacpu.backends.cuda import backend as cuda_backend
 
     if not in_attention:

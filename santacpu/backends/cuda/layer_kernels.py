@@ -361,6 +361,7 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
     width = n_head * dim
     kv_width = n_kv * dim
     half_dim = dim // 2
+    n_dim = uint64(dim)
     k_tile = cuda.shared.array((CHUNK, _K_STRIDE), float32)
     v_tile = cuda.shared.array((CHUNK, MAX_HEAD_DIM), float32)
     q = cuda.shared.array((MAX_HEADS, MAX_HEAD_DIM), float32)
@@ -428,16 +429,25 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
             if p0 + p < end:
                 s0 = float32(0.0)
                 s1 = float32(0.0)
-                for d in range(0, dim, 2):  # two chains: half the dependent adds
-                    s0 += q[warp, d] * k_tile[p, d]
-                    s1 += q[warp, d + 1] * k_tile[p, d + 1]
+                # two chains (half the dependent adds), 4 dims a pass, shared memory read at
+                # unsigned indices (no negative-index code: see `attention`)
+                qw, kp, d = uint64(warp), uint64(p), uint64(0)
+                while d + uint64(4) <= n_dim:
+                    s0 += q[qw, d] * k_tile[kp, d]
+                    s1 += q[qw, d + uint64(1)] * k_tile[kp, d + uint64(1)]
+                    s0 += q[qw, d + uint64(2)] * k_tile[kp, d + uint64(2)]
+                    s1 += q[qw, d + uint64(3)] * k_tile[kp, d + uint64(3)]
+                    d += uint64(4)
+                while d < n_dim:
+                    s0 += q[qw, d] * k_tile[kp, d]
+                    d += uint64(1)
                 score = (s0 + s1) * scale
             scores[j] = score
             weights[warp, p] = score
         cuda.syncthreads()
         chunk_max = float32(-math.inf)
         for p in range(CHUNK):
-            chunk_max = max(chunk_max, weights[warp, p])
+            chunk_max = max(chunk_max, weights[uint64(warp), uint64(p)])
         new_max = max(running_max, chunk_max)
         correction = math.exp(running_max - new_max)
         cuda.syncthreads()  # every lane has read the scores
@@ -448,11 +458,11 @@ def attention_step(qkv, k_cache, v_cache, k_words, v_words, layer, positions, in
         for k in range(dims_loop):
             acc[k] *= correction
         for p in range(CHUNK):
-            w = weights[warp, p]
+            w = weights[uint64(warp), uint64(p)]
             total += w
             for k in range(dims_loop):
                 if lane + LANES * k < dim:
-                    acc[k] += w * v_tile[p, lane + LANES * k]
+                    acc[k] += w * v_tile[uint64(p), uint64(lane + LANES * k)]
         running_sum = running_sum * correction + total
         running_max = new_max
         cuda.syncthreads()  # the tiles are free for the next chunk
