@@ -146,10 +146,10 @@ def _pair(words, cache, half, layer, position, head, pair):
 
 @cuda.jit(device=True, inline=True)
 def _stage_rows(words, cache, half, layer, g, p0, n_positions, tile, r, lane, dim):
-    """tile[p * _K_STRIDE:][:dim] = cached row p0 + p of K/V head g for the CHUNK positions from p0 (zeros from
-    n_positions on: a weight of 0 must not meet a NaN of an unwritten row). Row r of the block's
-    threads stages positions r, r + TILE_ROWS, .., its lanes a 32-bit word (two fp16 values, or
-    one float) at a time: no division, the warp's reads in whole 32-byte sectors."""
+    """tile[p * _K_STRIDE:][:dim] = cached row p0 + p of K/V head g, for the CHUNK positions from
+    p0 (zeros from n_positions on: a weight of 0 must not meet a NaN of an unwritten row). Row r
+    of the block's threads stages positions r, r + TILE_ROWS, .., its lanes a 32-bit word (two
+    fp16 values, or one float) at a time: no division, the warp's reads in whole 32-byte sectors."""
     half_dim = dim // 2
     whole = lane + (_ROW_WORDS - 1) * ROW_LANES < half_dim  # all the lane's words in a row (head_dim 128 on a GPU)
     loaded = cuda.local.array(_ROW_WORDS, uint32)
@@ -221,8 +221,10 @@ def attention(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, 
     # Shared tiles as flat arrays read at unsigned offsets: no negative-index code, and a
     # thread's loads of a row at constant offsets from one address.
     q_tile = cuda.shared.array(_Q_TILE, float32)  # [TILE_ROWS, _K_STRIDE]
-    kv_tile = cuda.shared.array(_KV_TILE, float32)  # [CHUNK, _K_STRIDE]: K, then V; rows 129 apart: lanes reading one d, many p, hit distinct banks
-    scores = cuda.shared.array(_SCORE_TILE, float32)  # [TILE_ROWS, _SCORE_STRIDE]: a row's 32 read by its lanes, rows in distinct banks
+    # [CHUNK, _K_STRIDE]: K, then V; rows 129 apart: lanes reading one d, many p, hit distinct banks
+    kv_tile = cuda.shared.array(_KV_TILE, float32)
+    # [TILE_ROWS, _SCORE_STRIDE]: a row's 32 read by its lanes, rows in distinct banks
+    scores = cuda.shared.array(_SCORE_TILE, float32)
     weights = cuda.shared.array(_SCORE_TILE, float32)
     last = cuda.shared.array(1, int32)  # whether this block is its tile's last to finish
     first_row = tile_index * TILE_ROWS

@@ -11,8 +11,8 @@ Every weight is passed to a kernel as five arrays `p0..p4` (the format's parts i
 `santacpu.formats.blocks.PART_ORDER`, then 1x1 placeholders) and read as
 `scale * code(...) - offset`, with `(scale, offset) = params(..., row, block)` once per block of
 32 values. fp16 data (weights, block scales, the KV cache) travels as its uint16 bits and is
-widened here by integer arithmetic and a table of powers of two: exact, and the same code under
-the simulator (which has no half type) and on the device.
+widened here: on a GPU by its conversion instruction, under the simulator (which has no half
+type) by integer arithmetic and a table of powers of two; both exact.
 
 Format ids (`santacpu.formats.blocks.WEIGHT_FORMAT_IDS`, named below) are compile-time constants
 of each kernel (a kernel is built per format by the factories in linear_kernels.py and
