@@ -113,8 +113,9 @@ def assemble(launches: list, name_filter: str) -> int:
             for i, described in enumerate(signatures):
                 for cc in TARGETS:
                     label = f"{name} #{i + 1}/{len(signatures)} sm_{cc[0]}{cc[1]}"
+                    bounds = getattr(kernel, "targetoptions", {}).get("launch_bounds")  # as the kernel's jit has them
                     try:
-                        ptx, _ = cuda.compile_ptx(kernel.py_func, _signature(described), cc=cc)
+                        ptx, _ = cuda.compile_ptx(kernel.py_func, _signature(described), cc=cc, launch_bounds=bounds)
                     except Exception as error:  # noqa: BLE001 (reported, counted)
                         print(f"{label}: compile failed: {type(error).__name__}: {str(error).splitlines()[0]}")
                         failures += 1

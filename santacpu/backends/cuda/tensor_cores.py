@@ -40,6 +40,7 @@ May import: numba, numpy, llvmlite, `santacpu.backends.cuda.values`, `linear_ker
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 
@@ -252,7 +253,13 @@ def padded(n: int) -> int:
     return -(-n // TILE) * TILE
 
 
-@cuda.jit(cache=True)
+# At least 3 blocks a multiprocessor: ptxas then keeps the kernel within 168 registers with no
+# spill (171 otherwise, which leaves room for 2: tools/ptx_check). numba-cuda's jit takes launch
+# bounds; the simulator's and older ones do not.
+_BOUNDS = {"launch_bounds": (THREADS, 3)} if not SIMULATED and "launch_bounds" in inspect.signature(cuda.jit).parameters else {}
+
+
+@cuda.jit(cache=True, **_BOUNDS)
 def matmul_tc(fmt, p0, p1, p2, p3, p4, codes, x_hi, x_lo, x_sums, n_tokens, bias, out, epilogue):
     """out[:n_tokens] = x @ W.T + bias with the epilogue, from the weight's codes as fp16 pairs
     (`half_codes`) and x split (`split_x`): each block of 32 values of the tile's rows and tokens
