@@ -11,8 +11,10 @@ distinct (kernel, types) is compiled here with the simulator off. Numba asks the
 compute capability of device functions, so this script answers 8.0 in its place (the kernels
 are then compiled for each target).
 
-Needs libNVVM, NVRTC and ptxas (a CUDA toolkit; CUDA_HOME pointing at it), and numba-cuda
-(the GPU machine's: numba's own numba.cuda is older).
+Needs libNVVM and ptxas (a CUDA toolkit; CUDA_HOME pointing at it, its bin/ on PATH), NVRTC, and
+numba-cuda (the GPU machine's version: numba's own numba.cuda is older), e.g. in a scratch venv:
+`pip install -e ".[cuda,test]" nvidia-cuda-nvrtc` (and `nvidia-cuda-cuobjdump
+nvidia-cuda-nvdisasm` to read the machine code: `cuobjdump -sass` of a cubin ptxas wrote).
 
     python -m tools.ptx_check                        # every kernel, sm_80 and sm_90
     python -m tools.ptx_check attention              # kernels whose name contains "attention"

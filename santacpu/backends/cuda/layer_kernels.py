@@ -153,6 +153,9 @@ def _stage_rows(words, cache, half, layer, g, p0, n_positions, tile, r, lane, di
     half_dim = dim // 2
     whole = lane + (_ROW_WORDS - 1) * ROW_LANES < half_dim  # all the lane's words in a row (head_dim 128 on a GPU)
     loaded = cuda.local.array(_ROW_WORDS, uint32)
+    # constant trip counts on a GPU (unrolled); the simulator, which runs every iteration in
+    # Python, loops over the words there are
+    words_loop = (half_dim + ROW_LANES - 1) // ROW_LANES if SIMULATED else _ROW_WORDS
     for m in range(CHUNK // TILE_ROWS):
         p = r + m * TILE_ROWS
         inside = p0 + p < n_positions
@@ -168,13 +171,13 @@ def _stage_rows(words, cache, half, layer, g, p0, n_positions, tile, r, lane, di
                 tile[row + uint64(2 * n * ROW_LANES)] = half_to_float(w & 65535)
                 tile[row + uint64(2 * n * ROW_LANES + 1)] = half_to_float(w >> 16)
         elif half:
-            for n in range(_ROW_WORDS):
+            for n in range(words_loop):
                 if lane + n * ROW_LANES < half_dim:
                     w = uint32(words[uint64(layer), position, head, uint64(lane + n * ROW_LANES)]) if inside else uint32(0)
                     tile[row + uint64(2 * n * ROW_LANES)] = half_to_float(w & 65535)
                     tile[row + uint64(2 * n * ROW_LANES + 1)] = half_to_float(w >> 16)
         else:
-            for n in range(2 * _ROW_WORDS):
+            for n in range(2 * words_loop):
                 d = lane + n * ROW_LANES
                 if d < dim:
                     tile[row + uint64(n * ROW_LANES)] = cache[uint64(layer), position, head, uint64(d)] if inside else float32(0.0)
@@ -244,6 +247,7 @@ def attention(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, 
     running_max = float32(-math.inf)
     running_sum = float32(0.0)
     acc = cuda.local.array(_ROW_DIMS, float32)  # dims lane, lane + ROW_LANES, ..
+    dims_loop = (dim + ROW_LANES - 1) // ROW_LANES if SIMULATED else _ROW_DIMS  # (see _stage_rows)
     for k in range(_ROW_DIMS):
         acc[k] = 0.0
     row_scores = cuda.local.array(_ROW_POSITIONS, float32)  # positions lane, lane + ROW_LANES, .. of a chunk
@@ -284,24 +288,24 @@ def attention(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, 
         _stage_rows(v_words, v_cache, half, layer, g, p0, block_positions, kv_tile, r, lane, dim)  # K read: barrier above
         cuda.syncthreads()
         running_sum *= correction
-        for k in range(_ROW_DIMS):
+        for k in range(dims_loop):
             acc[k] *= correction
         for j in range(CHUNK):
             w = weights[score_row + uint64(j)]
             running_sum += w
             v_row = uint64(j * _K_STRIDE + lane)
-            for k in range(_ROW_DIMS):
+            for k in range(dims_loop):
                 acc[k] += w * kv_tile[v_row + uint64(k * ROW_LANES)]
         cuda.syncthreads()
     if n_splits == 1:
         if active:
-            for k in range(_ROW_DIMS):
+            for k in range(dims_loop):
                 d = lane + k * ROW_LANES
                 if d < dim:
                     out[t, h * dim + d] = acc[k] / running_sum
         return
     if active:
-        for k in range(_ROW_DIMS):
+        for k in range(dims_loop):
             d = lane + k * ROW_LANES
             if d < dim:
                 part_acc[t, split, h * dim + d] = acc[k]
