@@ -94,9 +94,9 @@ def layer_norm(x, weight, bias, eps, out):
         d = x[t, i] - mean
         s += d * d
     sums[tid] = s
-    denominator = math.sqrt(block_sum(sums, tid, n) / float32(width) + eps)
+    inverse = float32(1.0) / math.sqrt(block_sum(sums, tid, n) / float32(width) + eps)  # (a multiply a value, not a division)
     for i in range(tid, width, n):
-        out[t, i] = (x[t, i] - mean) / denominator * weight[i] + bias[i]
+        out[t, i] = (x[t, i] - mean) * inverse * weight[i] + bias[i]
 
 
 @cuda.jit(device=True, inline=True)

@@ -209,7 +209,7 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, chunks0, chunks1, x, bias, out, epilogue
         w2, h2, d2 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 2 * LANES, last_chunk))
         w3, h3, d3 = _chunk_load(fmt, chunks0, chunks1, p1, p2, r, min(lane + 3 * LANES, last_chunk))
     mean = float32(0.0)
-    denominator = float32(1.0)
+    inverse = float32(1.0)  # 1 / the standard deviation: one division, then a multiply a value
     if normalize:  # as layer_kernels.layer_norm: the mean, then the variance about it
         s = float32(0.0)
         for i in range(tid, width, threads):
@@ -219,12 +219,12 @@ def matvec_one(fmt, p0, p1, p2, p3, p4, chunks0, chunks1, x, bias, out, epilogue
         for i in range(tid, width, threads):
             d = x[0, i] - mean
             s += d * d
-        denominator = math.sqrt(_block_total(s, xs, width, warp, lane, warps) / float32(width) + eps)
+        inverse = float32(1.0) / math.sqrt(_block_total(s, xs, width, warp, lane, warps) / float32(width) + eps)
     for i in range(tid, width, threads):
         column = _chunk_column(fmt, n_chunks, i)
         v = x[0, column]
         if normalize:
-            v = (v - mean) / denominator * ln_weight[column] + ln_bias[column]
+            v = (v - mean) * inverse * ln_weight[column] + ln_bias[column]
         xs[i] = v
     cuda.syncthreads()
     scratch = width + warps + LANES * warp  # this warp's LANES floats after x and the warps' sums (warp_total, simulator)
