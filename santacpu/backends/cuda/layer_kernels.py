@@ -13,8 +13,7 @@ Shapes: T = tokens in the call, E = n_embd, H = n_head, G = n_kv_head, D = head_
 simulator), and the kernel is written for any power of two up to CHUNK. `attention` takes tiles
 of TILE_ROWS query rows ((token, head) pairs), ROW_LANES threads a row; its inner loops read
 flat shared arrays at unsigned offsets (Numba adds negative-index code to every signed index and
-keeps a 64-bit address a load otherwise: the loops were twice the instructions and 232 registers
-a thread; now 127, by `tools/ptx_check.py`).
+rebuilds a 64-bit address for each load otherwise; docs/gpu.md has what that cost).
 
 May import: numba, numpy, `santacpu.backends.cuda.values`.
 """
@@ -136,11 +135,16 @@ def _rounded(value, half):
 
 
 @cuda.jit(device=True, inline=True)
+def _halves(word):
+    """The two fp16 values of a 32-bit word of a cache (the low half first) as float32."""
+    return half_to_float(word & 65535), half_to_float((word >> 16) & 65535)
+
+
+@cuda.jit(device=True, inline=True)
 def _pair(words, cache, half, layer, position, head, pair):
     """Values 2*pair and 2*pair + 1 of a cached row: one 32-bit word of fp16 bits, or two floats."""
     if half:
-        w = int64(words[layer, position, head, pair])
-        return half_to_float(w & 65535), half_to_float((w >> 16) & 65535)
+        return _halves(int64(words[layer, position, head, pair]))
     return float32(cache[layer, position, head, 2 * pair]), float32(cache[layer, position, head, 2 * pair + 1])
 
 
@@ -167,15 +171,15 @@ def _stage_rows(words, cache, half, layer, g, p0, n_positions, tile, r, lane, di
             for n in range(_ROW_WORDS):
                 loaded[n] = uint32(words[uint64(layer), position, head, uint64(lane + n * ROW_LANES)])
             for n in range(_ROW_WORDS):
-                w = loaded[n] if inside else uint32(0)
-                tile[row + uint64(2 * n * ROW_LANES)] = half_to_float(w & 65535)
-                tile[row + uint64(2 * n * ROW_LANES + 1)] = half_to_float(w >> 16)
+                a, b = _halves(loaded[n] if inside else uint32(0))
+                tile[row + uint64(2 * n * ROW_LANES)] = a
+                tile[row + uint64(2 * n * ROW_LANES + 1)] = b
         elif half:
             for n in range(words_loop):
                 if lane + n * ROW_LANES < half_dim:
-                    w = uint32(words[uint64(layer), position, head, uint64(lane + n * ROW_LANES)]) if inside else uint32(0)
-                    tile[row + uint64(2 * n * ROW_LANES)] = half_to_float(w & 65535)
-                    tile[row + uint64(2 * n * ROW_LANES + 1)] = half_to_float(w >> 16)
+                    a, b = _halves(uint32(words[uint64(layer), position, head, uint64(lane + n * ROW_LANES)]) if inside else uint32(0))
+                    tile[row + uint64(2 * n * ROW_LANES)] = a
+                    tile[row + uint64(2 * n * ROW_LANES + 1)] = b
         else:
             for n in range(2 * words_loop):
                 d = lane + n * ROW_LANES
