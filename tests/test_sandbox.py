@@ -7,8 +7,10 @@ marker in their command line, so that survivors can be found in /proc. Every run
 
 from __future__ import annotations
 
+import ctypes
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -351,14 +353,109 @@ def test_the_syscall_filter_refuses_what_it_names():
         "if machine == 'x86_64':\n"
         "    assert refused(0x40000000 | getpid) == 1  # the x32 ABI\n"
         "assert refused(435, None, 0) == 38  # clone3: ENOSYS, so that the C library falls back to clone\n"
+        "add_key, request_key, keyctl, memfd_create = {'x86_64': (248, 249, 250, 319), 'aarch64': (217, 218, 219, 279)}[machine]\n"
+        "assert refused(keyctl, 0, -3, 0) == 1  # KEYCTL_GET_KEYRING_ID of the session keyring\n"
+        "assert refused(add_key, b'user', b'x', b'secret', 6, -3) == 1\n"
+        "assert refused(request_key, b'user', b'x', None, 0) == 1\n"
+        "assert refused(memfd_create, b'x', 0) == 1\n"
+        "for family in (socket.AF_UNIX, 38, 40, 17):  # Unix, kernel crypto (AF_ALG), vsock, AF_PACKET\n"
+        "    try:\n"
+        "        socket.socket(family, socket.SOCK_STREAM if family != 17 else socket.SOCK_RAW).close()\n"
+        "        raise AssertionError(f'a socket of family {family}')\n"
+        "    except PermissionError:\n"
+        "        pass\n"
         "socket.socketpair()[0].close()  # a pair of its own (AF_UNIX) is allowed; socket(AF_UNIX) is not\n"
         "socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()\n"
+        "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close()\n"
         "thread = threading.Thread(target=print)\n"
         "thread.start()\n"
         "thread.join()\n"
     )
     result, _ = run(source)
     assert result.passed, result
+
+
+def test_the_caller_s_system_v_memory_is_out_of_reach():
+    # System V shared memory lives in the IPC namespace: a program sharing the caller's could read
+    # and write a non-root caller's segments, and leave its own behind, outside every limit.
+    if not isolation()["mount_namespace"]:
+        pytest.skip("no namespaces on this machine")
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 0x5A17C000 + os.getpid() % 4096
+    segment = libc.shmget(key, 4096, 0o1000 | 0o666)  # IPC_CREAT
+    assert segment >= 0, os.strerror(ctypes.get_errno())
+    try:
+        source = (
+            "import ctypes\n"
+            "libc = ctypes.CDLL(None, use_errno=True)\n"
+            f"assert libc.shmget({key}, 0, 0) == -1 and ctypes.get_errno() == 2, 'the caller\\'s segment'  # ENOENT\n"
+            f"assert libc.shmget({key + 1}, 1 << 20, 0o1000 | 0o666) >= 0  # one of its own, gone with the run\n"
+        )
+        result, _ = run(source)
+        assert result.passed, result
+        assert libc.shmget(key + 1, 0, 0) == -1, "the program's segment outlived the run"
+    finally:
+        libc.shmctl(segment, 0, None)  # IPC_RMID
+
+
+def test_the_caller_s_session_keyring_is_out_of_reach():
+    # A process possesses its session keyring's keys whatever its uid: the program gets a fresh
+    # one (and the filter refuses the keyring calls; /proc/keys still lists what it possesses).
+    if not isolation()["syscall_filter"]:
+        pytest.skip("no syscall filter for this machine's syscall numbers")
+    keyctl, add_key = {"x86_64": (250, 248), "aarch64": (219, 217)}[os.uname().machine]
+    name = marker()
+    program = f"assert {name!r} not in open('/proc/keys').read(), 'the caller key'\n"
+    child = (
+        "import ctypes, sys\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        f"if libc.syscall({keyctl}, 1, None) < 0:  # join a session keyring of this child's own\n"
+        "    print('no keyrings'); sys.exit(0)\n"
+        f"assert libc.syscall({add_key}, b'user', {name!r}.encode(), b'secret', 6, -3) >= 0\n"
+        f"assert {name!r} in open('/proc/keys').read()\n"
+        "from santacpu.harness.sandbox import run_program\n"
+        f"print(run_program({program!r}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    if done.stdout.strip() == "no keyrings":
+        pytest.skip("this machine refuses kernel keyrings")
+    assert done.stdout.strip() == "ExecutionResult(status='passed', detail='')", done.stdout
+
+
+def test_stderr_cannot_take_the_caller_s_disk():
+    # fallocate with FALLOC_FL_KEEP_SIZE passes RLIMIT_FSIZE by on ext4: stderr lies on a small tmpfs.
+    if not isolation()["mount_namespace"]:
+        pytest.skip("no namespaces on this machine")
+    source = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "assert libc.fallocate(2, 1, ctypes.c_long(0), ctypes.c_long(1 << 30)) == -1, 'took 1 GiB'\n"
+        "assert ctypes.get_errno() in (27, 28), ctypes.get_errno()  # EFBIG or ENOSPC\n"
+    )
+    result, _ = run(source)
+    assert result.passed, result
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "import os\nos._exit(0)\nassert False\n",
+        "(_ for _ in ()).throw(SystemExit)\nassert False\n",
+        "import sys\nsys.exit(256)\n",  # (a status of 0 modulo 256)
+        "import atexit, os\natexit.register(os._exit, 0)\nassert False\n",
+        "import os, sys\nsys.excepthook = lambda *_: os._exit(0)\nassert False\n",
+        "import os, threading, time\nthreading.Thread(target=lambda: (time.sleep(0.1), os._exit(0))).start()\n"
+        "time.sleep(5)\n",
+    ],
+    ids=["os._exit(0)", "SystemExit thrown", "exit(256)", "exit handler", "excepthook", "a thread's os._exit"],
+)
+def test_an_exit_on_the_way_is_not_a_pass(source):
+    # As in the reference harness, only a program that runs to its end passes: wrong completions
+    # must not pass by ending the process with status 0 before (or after) their tests fail.
+    result, _ = run(source)
+    assert result.status == "failed", result
+    assert result.detail.startswith(("exit", "AssertionError")), result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,7 +500,7 @@ check(has_close_elements)
         ("def f(:\n    pass\n", "failed", "SyntaxError: invalid syntax"),
         ("print(undefined_name)\n", "failed", "NameError: name 'undefined_name' is not defined"),
         ("import sys\nsys.exit(3)\n", "failed", "exit 3"),
-        ("import sys\nsys.exit(0)\n", "passed", ""),
+        ("import sys\nsys.exit(0)\n", "failed", "exit 0 before the program's end"),
         ("for i in range(300_000):\n    print(i, 'x' * 50)\n", "passed", ""),
         ("import sys\nsys.stderr.write('noise\\n' * 200_000)\nraise ValueError('the last line')\n",
          "failed", "ValueError: the last line"),

