@@ -189,6 +189,7 @@ def test_a_program_has_no_privilege_and_gains_none(caller):
         "assert fields['NoNewPrivs'].strip() == '1', fields['NoNewPrivs']\n"
         "assert fields['Seccomp'].strip() == '2', fields['Seccomp']\n"
         "assert not os.path.exists('/dev/pts') and not os.path.exists('/dev/snd'), os.listdir('/dev')  # (terminals, sound)\n"
+        "assert open('/proc/keys').read() == '' and open('/proc/key-users').read() == ''  # (the caller's keys, by uid)\n"
         "top = {line.split()[4]: line for line in open('/proc/self/mountinfo')}  # (the last at a point is on top)\n"
         "for point, line in top.items():\n"
         "    options = line.split()[5].split(',')\n"

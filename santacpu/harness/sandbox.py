@@ -24,7 +24,8 @@ chosen once per process by trial runs (`isolation()` says which hold):
   internet families and netlink only (no Unix sockets: no talking to the caller's session bus,
   agents or container daemons; no vsock to the hypervisor), no new user namespaces, no io_uring
   (which would pass the filter by), no kernel keyrings (and a fresh session keyring: not the
-  caller's tickets and keys), no memfd (memory outside every limit but a cgroup's), no foreign ABIs.
+  caller's tickets and keys), no memfd and no new System V shared memory, queues or semaphores
+  (memory outside every limit but a cgroup's), no foreign ABIs.
 - Memory: all of a run's processes together in one memory cgroup where one can be made (root
   callers, delegated cgroups); else fewer processes, so that processes x address space stays
   under the run's bound. Per-process limits: address space, CPU time, file size, processes, open
@@ -69,9 +70,13 @@ _UID_BASE = 1 << 30
 # history), hidden by empty read-only ones.
 _SHARED_TEMP = ("/tmp", "/var/tmp")
 _HIDDEN = ("/run", "/home", "/root")
-# Never hidden as a home folder (HOME=/usr would hide the interpreter's libraries).
+# Never hidden as a home folder, nor anything above them (HOME=/usr would hide the interpreter's
+# libraries); nor anything below the essential ones (HOME=/usr/lib). A home below /var, /opt or
+# /usr/local (service accounts: /var/lib/jenkins) is hidden.
 _SYSTEM = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/opt", "/proc", "/sbin",
            "/sys", "/usr", "/var")
+_ESSENTIAL = ("/bin", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/sbin", "/sys", "/usr/bin",
+              "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libexec", "/usr/sbin", "/usr/share")
 _SHARED_MEMORY = "/dev/shm"  # in the sandbox's own /dev, whatever the host's is (or links to)
 _BOOT = (Path(__file__).with_name("sandbox_boot.py")).read_text(encoding="utf-8")
 # After SIGTERM, how long the PID namespace may take to empty before SIGKILL (it takes milliseconds).
@@ -300,9 +305,11 @@ def _covers(mode: _Mode) -> tuple[list[tuple[str, str, bool]], list[str]]:
     for path in (*_HIDDEN, *_homes()):
         if os.path.isdir(path):
             hide.setdefault(os.path.realpath(path), ("mode=755,size=1m", False))
-    prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
+    real = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
+    # Brought back where they really lie and where sys.path names them (/home/u a link to /srv/u).
+    prefixes = real | {os.path.abspath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
     if mode.separate_user:
-        for path in prefixes:
+        for path in real:
             closed = _closed_ancestor(path)
             if closed:
                 hide.setdefault(closed, ("mode=755,size=1m", False))
@@ -313,7 +320,8 @@ def _covers(mode: _Mode) -> tuple[list[tuple[str, str, bool]], list[str]]:
 
 
 def _homes() -> list[str]:
-    """The caller's home folders ($HOME and its passwd entry's), but not "/" or a system folder."""
+    """The caller's home folders ($HOME and its passwd entry's), but not "/", a system folder or
+    one above it, or a folder below an essential one."""
     homes = {os.environ.get("HOME", "")}
     try:
         homes.add(pwd.getpwuid(os.getuid()).pw_dir)
@@ -322,7 +330,8 @@ def _homes() -> list[str]:
     found = []
     for home in filter(None, homes):
         home = os.path.realpath(home)
-        if home != "/" and not any(s == home or _below(s, home) or _below(home, s) for s in _SYSTEM):
+        if home != "/" and not any(s == home or _below(s, home) for s in _SYSTEM) and \
+                not any(home == s or _below(home, s) for s in _ESSENTIAL):
             found.append(home)
     return found
 
@@ -330,9 +339,11 @@ def _homes() -> list[str]:
 # The calls the syscall filter looks at, by machine (`uname -m`): (the ABI's audit id, numbers).
 _SYSCALLS = {
     "x86_64": (0xC000003E, {"socket": 41, "clone": 56, "unshare": 272, "io_uring_setup": 425, "clone3": 435,
-                            "add_key": 248, "request_key": 249, "keyctl": 250, "memfd_create": 319}),
+                            "add_key": 248, "request_key": 249, "keyctl": 250, "memfd_create": 319,
+                            "memfd_secret": 447, "shmget": 29, "msgget": 68, "semget": 64}),
     "aarch64": (0xC00000B7, {"socket": 198, "clone": 220, "unshare": 97, "io_uring_setup": 425, "clone3": 435,
-                             "add_key": 217, "request_key": 218, "keyctl": 219, "memfd_create": 279}),
+                             "add_key": 217, "request_key": 218, "keyctl": 219, "memfd_create": 279,
+                             "memfd_secret": 447, "shmget": 194, "msgget": 186, "semget": 190}),
 }
 # Socket families a program may open: TCP/UDP (useless in its network namespace, but ordinary
 # code opens them) and netlink (the C library's interface listing).
@@ -346,8 +357,9 @@ def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
     """The seccomp program (classic BPF: code, jump-if-true, jump-if-false, constant) that the
     program's process loads, or None where this machine's syscall numbers are not known here.
     Refused with EPERM: sockets of families other than `_SOCKET_FAMILIES`; clone and unshare with
-    CLONE_NEWUSER; io_uring (its operations pass no filter); the kernel keyring calls; memfd_create;
-    x32 numbers. clone3 gets ENOSYS, since its flags lie in memory no filter reads: the C library
+    CLONE_NEWUSER; io_uring (its operations pass no filter); the kernel keyring calls; memfd_create
+    and memfd_secret, and the System V shmget, msgget and semget (memory no limit but a cgroup's
+    counts); x32 numbers. clone3 gets ENOSYS, since its flags lie in memory no filter reads: the C library
     then falls back to clone. A foreign ABI kills."""
     machine = os.uname().machine
     if machine not in _SYSCALLS:
@@ -355,7 +367,8 @@ def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
     arch, number = _SYSCALLS[machine]
     load, equal, any_bit, at_least, give = 0x20, 0x15, 0x45, 0x35, 0x06  # BPF ld/jeq/jset/jge/ret
     arch_offset, number_offset, first_argument = 4, 0, 16  # in struct seccomp_data (little-endian)
-    denied = ("io_uring_setup", "add_key", "request_key", "keyctl", "memfd_create")
+    denied = ("io_uring_setup", "add_key", "request_key", "keyctl", "memfd_create", "memfd_secret", "shmget",
+              "msgget", "semget")
     # (code, label if true, label if false, constant); a label's instruction follows its name.
     program = [
         (load, None, None, arch_offset),
