@@ -62,6 +62,18 @@ def test_sampling_follows_the_distribution():
     assert set(top1) == {10}
 
 
+@pytest.mark.parametrize("temperature", [1e-310, 2e-308, 1e-300])
+def test_a_tiny_temperature_is_nearly_greedy_not_nan(temperature):
+    # logits / 1e-310 overflowed to +-inf, their softmax was NaN, and the last valid id came out
+    # every time (an empty completion, warnings in the server's log).
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(V).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        picks = {sample_next(logits, N_VALID, temperature, 0, 1.0, rng) for _ in range(20)}
+    assert picks == {int(np.argmax(logits[:N_VALID]))}
+
+
 @pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_sampling_options_fail_at_call_time(model, options):
     with pytest.raises(SantacpuError):

@@ -127,9 +127,15 @@ class BatchScheduler:
         """Queue `n` sequences of the prompt `ids` under `options` with `changes` applied (as for
         `Model.generate`); sample k of n is seeded with `seed + k` when a seed is given, so sample 0
         is what `generate` gives alone. Errors: a bad prompt or option, the prompt does not fit
-        the context, one sequence's cache alone exceeds `max_kv_bytes`, or the queue is full."""
+        the context, one sequence's cache alone exceeds `max_kv_bytes`, n exceeds what the batch and
+        the queue hold together, or the queue is full (QueueFull)."""
         options = GenerationOptions.of(options, **changes)
         n = arguments.integer(n, "n", minimum=1)
+        if self.max_queue is not None and n > self.max_batch + self.max_queue:  # (a full queue would say "later")
+            raise SantacpuError(
+                f"n = {n} samples are more than this scheduler ever holds at once: max_batch {self.max_batch} + "
+                f"max_queue {self.max_queue}"
+            )
         members = []
         for k in range(n):
             sample = options if options.seed is None or k == 0 else dataclasses.replace(options, seed=options.seed + k)

@@ -64,6 +64,10 @@ def sample_next(
     valid = np.asarray(logits[:n_valid], dtype=np.float64)
     if temperature == 0.0:
         return int(np.argmax(valid))
-    probs = top_p_filter(softmax(top_k_filter(valid / temperature, top_k)), top_p)
+    # Scaled after subtracting the largest: a tiny temperature (1e-310) sends the others to -inf,
+    # not every logit to +-inf (whose softmax is NaN).
+    with np.errstate(over="ignore"):
+        scaled = (valid - valid.max()) / temperature
+    probs = top_p_filter(softmax(top_k_filter(scaled, top_k)), top_p)
     cumulative = np.cumsum(probs)
     return int(min(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"), n_valid - 1))

@@ -83,20 +83,30 @@ def run_server(settings, load_model: Callable, host: str, port: int) -> None:
     sock = listening_socket(host, port)
     app = build_app(dataclasses.replace(settings, host=host), load_model, load_in_background=False)
     server = uvicorn_server(app, host, port)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="santacpu-http", daemon=True)
+    # An event, not Thread.join: a signal that interrupts join(timeout) on Python 3.11 leaves the
+    # thread marked as ended while it runs, and the process then exited with requests in flight.
+    stopped = threading.Event()
+
+    def serve() -> None:
+        try:
+            server.run(sockets=[sock])
+        finally:
+            stopped.set()
+
+    thread = threading.Thread(target=serve, name="santacpu-http", daemon=True)
     print(f"santacpu serve: http://{host}:{port} (loading {settings.model_name}; /health says when it is ready)", flush=True)
     thread.start()
     try:
-        while not server.started and thread.is_alive():
+        while not server.started and not stopped.is_set():
             time.sleep(0.01)
         if not server.started:
             raise SantacpuError(f"could not serve on {host}:{port}")
         app.state.santacpu.load()
-        while thread.is_alive():
-            thread.join(0.5)  # in slices: a signal's handler runs between them
+        while not stopped.wait(0.5):  # in slices: a signal's handler runs between them
+            pass
     except BaseException:
         server.handle_exit(signal.SIGINT, None)  # requests in flight end now with what they have
-        thread.join(timeout=30)
+        stopped.wait(timeout=30)
         raise
     finally:
         sock.close()

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from ..model import Model
@@ -81,10 +81,17 @@ def create_app(
         yield
         state.stop()
 
+    async def client_gone(request: Request, error: Exception):
+        # A client that hung up mid-body (reading it raised): nobody reads the answer, and it is
+        # no server error, so nothing is logged but the access line (a class's own handler,
+        # unlike Exception's, does not re-raise into the server's log).
+        return error_response(400, "the client closed the connection before its request's end", "client_closed")
+
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={Exception: refuse, RequestError: refuse, 404: refuse, 405: refuse},
+        exception_handlers={Exception: refuse, RequestError: refuse, ClientDisconnect: client_gone, 404: refuse,
+                            405: refuse},
     )
     app.state.santacpu = state
     if settings.api_key:

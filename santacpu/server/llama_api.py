@@ -103,7 +103,8 @@ def infill_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget:
     typed after it) and `input_suffix`, after the repository context `input_extra`."""
     f = Fields(body, _LLAMA_COMMON | {"input_prefix", "input_suffix", "input_extra", "prompt"})
     options, extras = _llama_options(f, n_ctx)
-    prefix = _extra_context(body.get("input_extra", [])) + f.text("input_prefix") + f.text("prompt")
+    extra = body.get("input_extra")
+    prefix = _extra_context([] if extra is None else extra) + f.text("input_prefix") + f.text("prompt")
     return fim_job(tokenizer, prefix, f.text("input_suffix"), options, extras, n_ctx, order, budget)
 
 
@@ -171,20 +172,23 @@ def routes(state: ServerState) -> list[Route]:
         if not isinstance(content, str) or set(body) - {"content", "add_special", "with_pieces"}:
             raise RequestError("/tokenize takes {'content': string}")
         check_text_size(content, "'content'", text_limit(model.tokenizer, model.config.n_positions))
-        return JSONResponse({"tokens": await run_in_threadpool(model.tokenizer.encode, content)})
+        # Encoding and the reply's serialisation (up to ~1.5 MB) both off the event loop.
+        return await run_in_threadpool(lambda: JSONResponse({"tokens": model.tokenizer.encode(content)}))
 
     async def detokenize(request: Request) -> JSONResponse:
         model = state.ready_model()
         body = await read_body(request)
         tokens = body.get("tokens")
-        vocab = model.tokenizer.vocab_size
+        vocab, n_ctx = model.tokenizer.vocab_size, model.config.n_positions
+        if isinstance(tokens, list) and len(tokens) > n_ctx:  # the reply grows by up to 128 characters an id
+            raise RequestError(f"/detokenize takes at most a context's worth of ids ({n_ctx}), got {len(tokens)}")
         if (
             set(body) - {"tokens"}
             or not isinstance(tokens, list)
             or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)
         ):
             raise RequestError(f"/detokenize takes {{'tokens': [token ids in 0..{vocab - 1}]}}")
-        return JSONResponse({"content": await run_in_threadpool(model.tokenizer.decode, tokens)})
+        return await run_in_threadpool(lambda: JSONResponse({"content": model.tokenizer.decode(tokens)}))
 
     async def props(request: Request) -> JSONResponse:
         model = state.ready_model()

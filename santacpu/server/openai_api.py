@@ -29,7 +29,7 @@ OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16}
 
 _OPENAI_FIELDS = {
     "model", "prompt", "suffix", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "user",
-    "logprobs", "echo", "presence_penalty", "frequency_penalty", "best_of", "stream_options",
+    "logprobs", "echo", "presence_penalty", "frequency_penalty", "best_of", "stream_options", "logit_bias",
 }
 
 
@@ -37,7 +37,7 @@ def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget:
     """OpenAI's `POST /v1/completions`; `suffix` (or a prompt written in a client's FIM template)
     fills in the middle."""
     f = Fields(body, _OPENAI_FIELDS)
-    for unsupported, neutral in (("logprobs", None), ("echo", False), ("best_of", 1)):
+    for unsupported, neutral in (("logprobs", None), ("echo", False), ("best_of", 1), ("logit_bias", {})):
         if body.get(unsupported, neutral) not in (neutral, None):
             raise RequestError(f"'{unsupported}' is not supported by santacpu")
     f.number("presence_penalty", 0.0, 0.0, 0.0)
