@@ -586,6 +586,43 @@ def test_a_client_that_hangs_up_mid_body_is_no_server_error(live, capfd):
     assert "internal error" not in logged and "Traceback" not in logged, logged[-2000:]
 
 
+class FailingOnce:
+    """The engine, but its first batched step raises (a kernel bug, memory)."""
+
+    def __init__(self, engine):
+        self.engine, self.failed = engine, False
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def forward_batch(self, *args):
+        if not self.failed:
+            self.failed = True
+            raise MemoryError("no room for the step")
+        return self.engine.forward_batch(*args)
+
+
+def test_a_step_that_raises_ends_the_requests_in_flight_and_the_server_goes_on(quantized, capfd):
+    from concurrent.futures import ThreadPoolExecutor
+
+    # The generation thread had no guard: any error in a step would have left every request waiting.
+    def failing():
+        model = santacpu.load(quantized)
+        model.engine = FailingOnce(model.engine)
+        return model
+
+    app = build_app(ServerSettings(model_name="tiny"), failing)
+    with in_process(app) as c:
+        wait_ready(c.get)
+        body = {"prompt": "def f(x):", "n_predict": 8, "temperature": 0}
+        with ThreadPoolExecutor(1) as pool:  # (a request left waiting fails the test, not hangs it)
+            first = pool.submit(c.post, "/completion", json=body).result(timeout=30)
+            assert first.status_code == 200 and first.json()["tokens_predicted"] <= 1, first.text
+            second = pool.submit(c.post, "/completion", json=body).result(timeout=30)
+            assert second.status_code == 200 and second.json()["tokens_predicted"] == 8, second.text
+    assert "internal error in generation" in capfd.readouterr().err
+
+
 def test_the_fim_budget_caps_the_prompt(quantized):
     app = build_app(ServerSettings(model_name="tiny", fim_budget=24), lambda: santacpu.load(quantized))
     with in_process(app) as c:

@@ -216,6 +216,20 @@ class BatchScheduler:
                     for token in tokens:
                         yield sequence, token
 
+    def abandon(self) -> list[tuple[BatchSequence, list[int]]]:
+        """End every running and queued sequence now, as cancelled, and forget the kept caches:
+        after a step that raised, no cache's state can be trusted. Returns (sequence, []) for each."""
+        events: list[tuple[BatchSequence, list[int]]] = []
+        for sequence in list(self._running):
+            sequence.cancel()
+        with self._lock:
+            for group in self._queue:
+                for sequence in group.members:
+                    sequence.cancel()
+        self._drop_cancelled(events)
+        self._kept.clear()
+        return events
+
     def _drop_cancelled(self, events) -> None:
         for sequence in [s for s in self._running if s._cancel_requested]:
             self._leave(sequence, "cancelled")

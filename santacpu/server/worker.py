@@ -11,7 +11,9 @@ May import: `santacpu.generation`, `santacpu.errors` (no HTTP library: the app o
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
+import traceback
 from collections.abc import Sequence
 
 from ..generation.batch import BatchScheduler, BatchSequence
@@ -94,7 +96,13 @@ class GenerationWorker:
                 if self._stopping and not self.scheduler.pending:
                     return
             for event in (self.scheduler.admit, self.scheduler.step):  # first tokens before the batched step
-                for sequence, tokens in event():
+                try:
+                    events = event()
+                except Exception:  # noqa: BLE001 (a bug, or memory: every request gets what it has)
+                    print(f"santacpu serve: internal error in generation, every request in flight ended:\n"
+                          f"{traceback.format_exc()}", file=sys.stderr, flush=True)
+                    events = self.scheduler.abandon()
+                for sequence, tokens in events:
                     self._deliver(sequence, tokens)
 
     def _deliver(self, sequence: BatchSequence, tokens: list[int]) -> None:
