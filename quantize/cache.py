@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 import warnings
 from dataclasses import dataclass
@@ -58,6 +59,19 @@ def runnable_model(model: str, revision: str | None, quant: str | None) -> tuple
 
 def cache_dir() -> Path:
     return Settings.from_environment().cache_dir
+
+
+# The names this cache gives its files (`cached_file_for`) and their partial copies while written
+# (santacpu.atomic_file): `cache list` and `cache clear` touch nothing else in the folder, which a
+# user may have pointed at a folder of their own ($SANTACPU_CACHE=~/models).
+_CACHED_NAME = re.compile(r"(?P<name>.+-(?:%s)-[0-9a-f]{16}\.safetensors)" % "|".join(map(re.escape, FORMATS)))
+_PARTIAL_NAME = re.compile(r"\.(?P<name>.+)\.[^.]+\.partial")
+
+
+def _cache_file(path: Path) -> bool:
+    """Whether the file at `path` is one this cache writes (or a partial copy of one)."""
+    partial = _PARTIAL_NAME.fullmatch(path.name)
+    return bool(_CACHED_NAME.fullmatch(partial["name"] if partial else path.name))
 
 
 def cached_file_for(folder: Path, qtype: str) -> Path:
@@ -128,14 +142,14 @@ class CacheEntry:
 
 
 def cache_entries() -> list[CacheEntry]:
-    """Every file in the quantization cache (first-use quantizations, and leftovers of conversions
-    cut short), largest first."""
+    """Every file the quantization cache wrote (first-use quantizations, and leftovers of conversions
+    cut short), largest first; other files in its folder are not the cache's and are left out."""
     folder = cache_dir()
     if not folder.is_dir():
         return []
     entries = []
     for path in folder.iterdir():
-        if not path.is_file():
+        if not path.is_file() or not _cache_file(path):
             continue
         qtype = source = created = "?"
         problem = None

@@ -117,13 +117,28 @@ def check_output(out: Path, force: bool, qtype: str) -> None:
     check_writable(out)
 
 
-def check_source(src: str | os.PathLike) -> None:
-    """A quantized file is no source to quantize (read as one, it would be a folder without config.json)."""
+def check_source(src: str | os.PathLike, out: Path | None = None) -> None:
+    """A quantized file is no source to quantize (read as one, it would be a folder without
+    config.json); and `out` must not be one of the source's own files (--force would replace the
+    checkpoint being read)."""
+    local = Path(src).expanduser()
+    if out is not None and out.exists() and local.exists():
+        folder = local if local.is_dir() else local.parent
+        for path in [local, *(folder.iterdir() if folder.is_dir() else [])]:
+            if path.is_file() and _same_file(path, out):
+                raise SantacpuError(f"{out} is a file of the checkpoint being quantized ({path}): write elsewhere")
     if is_quantized_file(src):
         raise SantacpuError(
             f"{src} is already a santacpu quantized file: quantize reads a full-precision checkpoint "
             "(a folder, a weight file inside one, or a hub id)"
         )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def policy_for(qtype: str, keep: list[tuple[str, str]] = (), upgrade_budget: float | None = None,
@@ -240,7 +255,7 @@ def convert(
     policy = policy_for(qtype, keep, upgrade_budget, bits_per_weight, max_size)
     out = Path(out)
     check_output(out, force, qtype)
-    check_source(src)
+    check_source(src, out)
 
     folder = resolve(src, revision)
     reader = open_checkpoint(folder)

@@ -111,7 +111,7 @@ def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgr
     # A bad type, or a size target this model cannot meet, fails now, not after calibrating.
     policy = policy_for(qtype, keep_rules, upgrade_budget, bits_per_weight, max_size)
     check_output(Path(out), force, qtype)
-    check_source(src)
+    check_source(src, Path(out))
     calibrating = calibration not in (None, "none")
     check_size_target(src, revision, policy, importance_weighted=calibrating, measured=calibrating and policy.buys_upgrades)
     importance, gains, most_used, note = None, None, None, None

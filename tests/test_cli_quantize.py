@@ -56,6 +56,21 @@ def test_quantize_then_info_then_complete(tmp_path):
     one_error_line(again, "--force")
 
 
+@pytest.mark.parametrize("source", ["folder", "weight file"])
+def test_quantize_never_replaces_its_own_source(tmp_path, source):
+    # --force replaces OUT; OUT being the checkpoint's own weight file destroyed the source.
+    import shutil
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint(), folder)
+    weights = folder / "model.safetensors"
+    before = weights.read_bytes()
+    src = folder if source == "folder" else weights
+    done = run("quantize", str(src), str(weights), "--force", "--calibration", "none", cache=tmp_path)
+    one_error_line(done, f"{weights} is a file of the checkpoint being quantized")
+    assert weights.read_bytes() == before
+
+
 @pytest.mark.parametrize(
     "args, fragment, code",
     [
@@ -116,6 +131,20 @@ def test_first_use_quantizes_once_into_the_cache(tmp_path):
     assert rows[0].startswith(f"{cache}: 2 files")
     assert sorted(row.split()[1] for row in rows[2:]) == ["q6_0", "q8_0"]
     assert all(str(tiny_checkpoint()) in row for row in rows[2:])
+    # Files the cache did not write (a folder of the user's own named as the cache) are not its own.
+    foreign = {".bashrc": b"alias x=y\n", "notes.txt": b"mine\n", "my-model.safetensors": (cache / cached).read_bytes()}
+    for name, data in foreign.items():
+        (cache / name).write_bytes(data)
+    assert run("cache", "list", cache=cache).stdout.decode().splitlines()[0].startswith(f"{cache}: 2 files")
+    everything = run("cache", "clear", cache=cache)
+    assert everything.returncode == 0 and everything.stdout.decode().startswith("removed 2 files")
+    assert sorted(p.name for p in cache.iterdir()) == sorted(foreign)
+    for name in foreign:
+        (cache / name).unlink()
+    first = run("complete", PROMPT, "--model", str(tiny_checkpoint()), "--max-new-tokens", "6", cache=cache)
+    q6 = run("complete", PROMPT, "--model", str(tiny_checkpoint()), "--max-new-tokens", "6", "--quant", "q6_0",
+             cache=cache)
+    assert first.returncode == q6.returncode == 0 and len(list(cache.iterdir())) == 2
     other = run("cache", "clear", str(tiny_checkpoint(seed=1)), cache=cache)  # made from another model: kept
     assert other.returncode == 0 and other.stdout.decode().startswith("removed 0 files") and len(list(cache.iterdir())) == 2
     cleared = run("cache", "clear", str(tiny_checkpoint()), cache=cache)
