@@ -12,6 +12,7 @@ May import: `santacpu` (network.reference, loading, tokenizer, sample_code, prog
 
 from __future__ import annotations
 
+import codecs
 import sys
 import sysconfig
 from pathlib import Path
@@ -41,19 +42,38 @@ def calibration_texts(folder: str | None, exclude: set[str] = frozenset()) -> tu
     else:
         root = Path(folder)
         if not root.is_dir():
-            raise SantacpuError(f"calibration folder {folder} does not exist")
+            raise SantacpuError(f"calibration folder {folder} {'is not a folder' if root.exists() else 'does not exist'}")
         files = sorted(p for p in root.rglob("*") if p.is_file())
         where = f"folder {root}"
-    texts = []
+    texts, total = [], 0
     for path in files:
-        try:
-            texts.append(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, OSError):
-            continue  # binary or unreadable files are simply not calibration text
-    texts = [t for t in texts if t.strip()]
+        if total >= CALIBRATION_TEXT_BYTES:
+            break
+        text = _text_start(path)
+        if text and text.strip():
+            texts.append(text)
+            total += len(text.encode("utf-8"))
     if not texts:
         raise SantacpuError(f"no UTF-8 text files found for calibration in {where}")
     return texts, f"{where}, {len(texts)} files"
+
+
+# Calibration reads at most this much of one file, and stops taking files past this much text:
+# the most used rows count 2^18 tokens (~1 MB of code), calibration itself fewer. A 50 MB file
+# had been read and tokenized whole (7.4 GB of memory for 4,096 tokens' worth).
+CALIBRATION_FILE_BYTES = 1 << 20
+CALIBRATION_TEXT_BYTES = 16 << 20
+
+
+def _text_start(path: Path) -> str | None:
+    """The first CALIBRATION_FILE_BYTES of the file as UTF-8 text (a character cut at the end is
+    left out), or None for a binary or unreadable file."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(CALIBRATION_FILE_BYTES)
+        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
+    except (UnicodeDecodeError, OSError):
+        return None  # binary or unreadable files are simply not calibration text
 
 
 def token_sequences(texts: list[str], tokenizer: Tokenizer, eos_id: int, max_tokens: int, n_ctx: int) -> list[list[int]]:

@@ -133,9 +133,23 @@ def _positive(value: Optional[float]) -> Optional[float]:
     return value
 
 
+# Text read from a file or standard input (a prompt, FIM halves, an API key, a perplexity text):
+# far beyond any context's worth (2,048 tokens of at most 128 characters), and a bound on what
+# /dev/zero or a runaway pipe can make this process hold.
+MAX_TEXT_BYTES = 64 << 20
+
+
+def _read_bounded(stream, what: str) -> bytes:
+    raw = stream.read(MAX_TEXT_BYTES + 1)
+    if len(raw) > MAX_TEXT_BYTES:
+        raise SantacpuError(f"{what} is over {MAX_TEXT_BYTES >> 20} MiB")
+    return raw
+
+
 def read_text_file(path: Path, what: str) -> str:
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as file:
+            raw = _read_bounded(file, f"{what} {path}")
     except FileNotFoundError:
         raise SantacpuError(f"{what} {path}: no such file") from None
     except IsADirectoryError:
@@ -297,7 +311,7 @@ def _prompt_texts(prompt: Optional[str], fim: Optional[Tuple[Path, Path]]) -> Tu
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             print("santacpu: reading the prompt from standard input (end it with Ctrl-D)", file=sys.stderr)
-        prompt = decode_text(sys.stdin.buffer.read(), "standard input")
+        prompt = decode_text(_read_bounded(sys.stdin.buffer, "standard input"), "standard input")
     if not prompt:
         raise SantacpuError("the prompt is empty")
     return arguments.text(prompt, "the prompt"), None  # a non-UTF-8 argument is said now, before loading
@@ -759,6 +773,10 @@ def _run(argv: Optional[List[str]]) -> int:
             raise
         where = f"{problem.filename}: " if problem.filename else ""
         return _fail(f"{where}{os_problem(problem)}")
+    except MemoryError:  # sizes in a hostile config.json, a file beyond this machine's memory
+        if _debug["on"]:
+            raise
+        return _fail("out of memory (the model, or a size in its config.json, needs more than this machine has)")
     except Exception as problem:  # click's usage errors arrive here with standalone_mode=False
         if not isinstance(problem, _usage_error_types()):
             raise

@@ -66,27 +66,25 @@ class Config:
         multi_query = _multi_query(raw)
         activation = _supported_activation(raw)
 
-        try:
-            n_embd = int(raw["n_embd"])
-            n_head = int(raw["n_head"])
-            config = cls(
-                model_type=model_type,
-                vocab_size=int(raw["vocab_size"]),
-                n_positions=int(raw["n_positions"]),
-                n_embd=n_embd,
-                n_layer=int(raw["n_layer"]),
-                n_head=n_head,
-                n_kv_head=1 if multi_query else n_head,
-                n_inner=int(raw.get("n_inner") or 4 * n_embd),
-                layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
-                activation_function=activation,
-                # Early legacy revisions said 50256 (GPT-2's id); SantaCoder's EOS is 49152 whatever they say.
-                eos_token_id=SANTACODER_EOS_ID,
-            )
-        except KeyError as missing:
-            raise SantacpuError(f"config.json lacks the field {missing}") from None
-        except (TypeError, ValueError) as bad:
-            raise SantacpuError(f"config.json has a malformed field: {bad}") from None
+        n_embd, n_head = _integer(raw, "n_embd"), _integer(raw, "n_head")
+        n_inner = raw.get("n_inner")  # null or absent: 4 x n_embd, as transformers reads it
+        epsilon = raw.get("layer_norm_epsilon", 1e-5)
+        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not 0 < epsilon < 1:
+            raise SantacpuError(f"config.json field 'layer_norm_epsilon' is {_shown(epsilon)}, not a number in (0, 1)")
+        config = cls(
+            model_type=model_type,
+            vocab_size=_integer(raw, "vocab_size"),
+            n_positions=_integer(raw, "n_positions"),
+            n_embd=n_embd,
+            n_layer=_integer(raw, "n_layer"),
+            n_head=n_head,
+            n_kv_head=1 if multi_query else n_head,
+            n_inner=4 * n_embd if n_inner is None else _integer(raw, "n_inner"),
+            layer_norm_epsilon=float(epsilon),
+            activation_function=activation,
+            # Early legacy revisions said 50256 (GPT-2's id); SantaCoder's EOS is 49152 whatever they say.
+            eos_token_id=SANTACODER_EOS_ID,
+        )
         problem = config.size_problem()
         if problem:
             raise SantacpuError(f"config.json: {problem}")
@@ -117,12 +115,15 @@ class Config:
         return config
 
     def size_problem(self) -> str | None:
-        """What makes these sizes unusable (a non-positive size, heads that do not divide the
-        width), or None."""
+        """What makes these sizes unusable (a non-positive size or one past `MAX_SIZES`, heads that
+        do not divide the width), or None."""
         sizes = {k: getattr(self, k) for k in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner")}
         bad = [k for k, v in sizes.items() if v <= 0]
         if bad:
             return f"non-positive size: {bad[0]} {sizes[bad[0]]}"
+        huge = [k for k, v in sizes.items() if v > MAX_SIZES[k]]
+        if huge:
+            return f"{huge[0]} {sizes[huge[0]]} is past what santacpu runs (at most {MAX_SIZES[huge[0]]:,})"
         if self.n_embd % self.n_head:
             return f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}"
         if self.n_kv_head not in (1, self.n_head):
@@ -145,6 +146,28 @@ class Config:
         return cls.from_dict(raw)
 
 
+# Sizes far past SantaCoder's (49,280 / 2,048 / 2,048 / 24 / 16 / 8,192) and any model of its kind
+# a laptop runs; a config.json's n_layer of 10**9 had the quantizer plan a billion layers before
+# it looked for their tensors.
+MAX_SIZES = {"vocab_size": 1 << 20, "n_positions": 1 << 20, "n_embd": 1 << 16, "n_layer": 1 << 10, "n_head": 1 << 12,
+             "n_inner": 1 << 18}
+
+
+def _integer(raw: dict, name: str) -> int:
+    """config.json's field `name`, an integer (not "4", 4.9 or true)."""
+    if name not in raw:
+        raise SantacpuError(f"config.json lacks the field '{name}'")
+    value = raw[name]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SantacpuError(f"config.json field '{name}' is {_shown(value)}, not an integer")
+    return value
+
+
+def _shown(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _multi_query(raw: dict) -> bool:
     """Whether a config.json of either layout describes multi-query attention (one K/V head); an
     error for anything that is not a SantaCoder layout."""
@@ -162,7 +185,10 @@ def _multi_query(raw: dict) -> bool:
             )
         return head_type == "multiquery"
     if model_type == "gpt_bigcode":
-        return bool(raw.get("multi_query", True))
+        multi_query = raw.get("multi_query", True)
+        if not isinstance(multi_query, bool):  # ("false" would be true)
+            raise SantacpuError(f"config.json field 'multi_query' is {_shown(multi_query)}, not true or false")
+        return multi_query
     raise SantacpuError(
         f"unsupported model_type '{model_type}': santacpu runs SantaCoder checkpoints "
         "(model_type 'gpt2' with attention_head_type, or 'gpt_bigcode')"

@@ -75,6 +75,9 @@ def _unicode_to_byte() -> dict[str, int]:
     return {c: b for b, c in byte_to_char.items()}
 
 
+MAX_VOCAB = 1 << 20  # token ids a tokenizer.json may use (a million: 20 times SantaCoder's)
+
+
 class Tokenizer:
     """SantaCoder's tokenizer: `encode` treats all input as plain text, `decode` is byte-exact.
     Never changed once made: loads of the same tokenizer.json text share one instance."""
@@ -93,6 +96,12 @@ class Tokenizer:
             raise SantacpuError(f"not a usable tokenizer.json: {first_line}") from None
 
         ids = [*vocab.values(), *added.values()]
+        # The id table below is as long as the largest id: a hostile file's id 2**32 asked for
+        # 32 GiB. SantaCoder's vocabulary has 49,152 ids and 128 padding rows.
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < MAX_VOCAB for i in ids):
+            raise SantacpuError(f"not a usable tokenizer.json: its token ids must be integers in 0..{MAX_VOCAB - 1}")
+        if not all(isinstance(content, str) for content in added):
+            raise SantacpuError("not a usable tokenizer.json: an added token's content is not a string")
         self.vocab_size: int = max(ids) + 1
         self.eos_id: int | None = added.get(EOS_TOKEN)
         self.fim_prefix_id: int | None = added.get(FIM_PREFIX_TOKEN)

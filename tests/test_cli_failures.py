@@ -252,6 +252,14 @@ def test_hand_edited_metadata(tmp_path, quantized, edit, fragment):
         assert str(bad) in one_error_line(run_santacpu(*args), fragment)
 
 
+def test_info_shows_odd_but_harmless_metadata(tmp_path, quantized):
+    # `keep` holding numbers (a hand edit) made `info` end in a TypeError traceback.
+    odd = rewrite_safetensors(quantized, tmp_path / "odd.safetensors",
+                              metadata=lambda m: helpers.edit_json(m, "quantization", lambda q: {**q, "keep": [1, 2]}))
+    done = run_santacpu("info", odd)
+    assert done.returncode == 0 and "keep 1, 2" in done.stdout.decode(), done.stderr.decode()
+
+
 def test_overlapping_tensors_and_nan_weights(tmp_path, quantized, code_file):
     overlapping = overlapping_copy(quantized, tmp_path / "overlap.safetensors")
     for args in (("info", overlapping), ("complete", PROMPT, "--model", overlapping)):
@@ -305,6 +313,15 @@ def test_options_that_would_be_ignored_are_warned_about(tmp_path, tiny, quantize
     assert stderr_lines(done) == [f"santacpu: warning: quantization q4_0 is ignored: {quantized} is a quantized file "
                                   "already and runs as it is"]
     assert done.stdout.decode() == helpers.line(santacpu.load(quantized).complete(PROMPT, max_new_tokens=4))
+
+
+def test_text_from_a_file_or_standard_input_is_bounded(tmp_path, quantized):
+    # /dev/zero (or a runaway pipe) as the prompt grew until memory ran out, with a traceback.
+    (tmp_path / "suffix.py").write_text("x = 1\n")
+    for args in (["--fim", "/dev/zero", str(tmp_path / "suffix.py")], ["-"]):
+        prefix = ["sh", "-c", 'exec "$0" "$@" < /dev/zero'] if args == ["-"] else []
+        done = run_santacpu("complete", *args, "--model", quantized, prefix=prefix)
+        one_error_line(done, "is over 64 MiB")
 
 
 def test_stop_escapes():

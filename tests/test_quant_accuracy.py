@@ -209,3 +209,19 @@ def _integer_kernels_cost_little_beyond_the_weights(variant, path, whole, heldou
         floats = score(santacpu.load(path), heldout_texts, N_CTX, reference)
     print(f"{variant}: mean KLD {floats.mean_kld:.6f} float kernels, {whole.mean_kld:.6f} integer kernels")
     assert whole.mean_kld <= 1.25 * floats.mean_kld
+
+
+def test_calibration_reads_a_bounded_start_of_each_file(tmp_path, monkeypatch):
+    # A 50 MB file had been read and tokenized whole: 7.4 GB of memory for 4,096 tokens' worth.
+    import quantize.calibration as calibration
+
+    monkeypatch.setattr(calibration, "CALIBRATION_FILE_BYTES", 1000)
+    monkeypatch.setattr(calibration, "CALIBRATION_TEXT_BYTES", 2500)
+    (tmp_path / "a_big.py").write_text("é\n" * 1000, encoding="utf-8")  # byte 1000 is the first of an é
+    (tmp_path / "b_binary.bin").write_bytes(bytes(range(256)) * 10)
+    (tmp_path / "c.py").write_text("x = 2\n" * 200)
+    (tmp_path / "d.py").write_text("y = 3\n" * 200)
+    (tmp_path / "e.py").write_text("z = 4\n" * 200)  # past the text budget: not read
+    texts, note = calibration.calibration_texts(str(tmp_path))
+    assert [len(t.encode()) for t in texts] == [999, 1000, 1000]
+    assert [t[0] for t in texts] == ["é", "x", "y"] and note.endswith("3 files")

@@ -138,6 +138,28 @@ def test_from_file_errors(tmp_path):
         Tokenizer.from_file(top_level_list)
 
 
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda spec: spec["added_tokens"][0].update(id=2**32 - 2), "token ids must be integers in 0..1048575"),
+        (lambda spec: spec["model"]["vocab"].update(a=3 * 10**9), "token ids must be integers in 0..1048575"),
+        (lambda spec: spec["added_tokens"][0].update(id="zero"), "not a usable tokenizer.json"),
+        (lambda spec: spec["added_tokens"][0].update(id=1.5), "token ids must be integers"),
+        (lambda spec: spec["added_tokens"][0].update(id=True), "token ids must be integers"),
+        (lambda spec: spec["model"].update(vocab={}) or spec.update(added_tokens=[]), "not a usable tokenizer.json"),
+    ],
+    ids=["added id 2**32", "vocab id 3e9", "id a string", "id a float", "id a bool", "empty vocabulary"],
+)
+def test_hostile_token_ids_are_one_error_not_gigabytes(tmp_path, edit, fragment):
+    # The id -> bytes table is as long as the largest id: an id of 2**32 asked for 32 GiB.
+    spec = json.loads(_BUNDLED.read_text(encoding="utf-8"))
+    edit(spec)
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(SantacpuError, match=re.escape(fragment)):
+        Tokenizer.from_file(path)
+
+
 def test_the_same_text_gives_one_shared_tokenizer(tmp_path):
     # Every model load asks for a tokenizer, most often the bundled one: parsed once a process.
     copy = tmp_path / "tokenizer.json"

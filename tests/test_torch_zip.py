@@ -126,6 +126,26 @@ def test_tensor_overrunning_its_storage_is_refused(tmp_path):
         read_torch_zip(path)
 
 
+@pytest.mark.parametrize(("shape", "stride"), [((200, 200), (0, 0)), ((4, 100), (1, 0)), ((2, 2), (1, 1))],
+                         ids=["stride 0", "a broadcast row", "overlapping rows"])
+def test_a_tensor_whose_elements_overlap_is_refused(tmp_path, shape, stride):
+    # 4 stored values declared as 40,000: the file's size no longer bounds the work.
+    data = np.arange(4, dtype="<f4").tobytes()
+    path = _write_zip(tmp_path / "bomb.bin", {"a/data.pkl": _tensor_pickle(shape=shape, stride=stride), "a/data/0": data})
+    with pytest.raises(SantacpuError, match="has elements that overlap in its storage"):
+        read_torch_zip(path)
+
+
+@pytest.mark.parametrize(("shape", "stride"), [((2, 2), (2, 1)), ((2, 2), (1, 2)), ((1, 4), (0, 1)), ((4, 1), (1, 7))],
+                         ids=["rows", "transposed", "a leading dim of 1", "a trailing dim of 1"])
+def test_strided_tensors_that_do_not_overlap_load(tmp_path, shape, stride):
+    data = np.arange(4, dtype="<f4").tobytes()
+    path = _write_zip(tmp_path / "ok.bin", {"a/data.pkl": _tensor_pickle(shape=shape, stride=stride), "a/data/0": data})
+    got = np.asarray(read_torch_zip(path)["w"])
+    want = np.lib.stride_tricks.as_strided(np.arange(4, dtype="<f4"), shape, tuple(4 * s for s in stride))
+    np.testing.assert_array_equal(got, want)
+
+
 def test_missing_storage_record(tmp_path):
     path = _write_zip(tmp_path / "nostorage.bin", {"a/data.pkl": _tensor_pickle()})
     with pytest.raises(SantacpuError, match="'data/0' is missing"):

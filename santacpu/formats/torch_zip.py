@@ -193,6 +193,13 @@ def _rebuild_tensor(fail, stor, offset, shape, stride, *_):
     last = offset + sum((n - 1) * s for n, s in zip(shape, stride))
     if 0 not in shape and last >= stor.size:
         raise fail(f"tensor {shape} at offset {offset} overruns its storage")
+    # And that no two elements share a place: with stride 0 (or overlapping strides) a file of a
+    # few kilobytes declared a tensor of billions of values, and the work was the declared size's.
+    extent = 1
+    for s, n in sorted((s, n) for n, s in zip(shape, stride) if n > 1):  # (a dim of 1: any stride)
+        if s < extent:
+            raise fail(f"tensor {shape} with stride {stride} has elements that overlap in its storage")
+        extent = s * n
     base = stor[offset:] if 0 not in shape else stor[:0]
     view = as_strided(base, shape, tuple(s * stor.itemsize for s in stride),
                       writeable=False)

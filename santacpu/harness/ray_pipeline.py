@@ -113,6 +113,9 @@ def run_on_ray(
             )
         except ConnectionError as e:
             raise SantacpuError(f"cannot join the Ray cluster at {placement.address}: {e}") from None
+        except Exception as e:  # noqa: BLE001 (Ray's own start-up failures: a node that timed out, ...)
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SantacpuError(f"Ray could not start: {first_line}") from None
     try:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         threads = placement.threads or max(1, cpus // placement.workers)

@@ -165,7 +165,8 @@ def describe(path: str | os.PathLike) -> str:
         f"{config.n_head} heads ({config.n_kv_head} K/V), n_inner {config.n_inner}, "
         f"context {config.n_positions}, vocab {config.vocab_size}",
         f"quantization    {quantization.get('type')} (embedding {quantization.get('embedding')}{split_note}"
-        + (f"; keep {', '.join(quantization['keep'])}" if quantization.get("keep") else "")
+        + (f"; keep {', '.join(map(str, quantization['keep']))}" if isinstance(quantization.get("keep"), list)
+           and quantization["keep"] else "")
         + (", importance-weighted" if quantization.get("importance_weighted") else "")
         + _size_target_note(quantization.get("size_target"))
         + ")"
