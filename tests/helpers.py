@@ -15,6 +15,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -210,3 +211,18 @@ def run_memory_capped(setup: str, body: str, *args: str, headroom: int = 256 << 
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     return done.stdout.strip()
+
+
+class SlowSteps:
+    """A model's engine with every batched step slowed by 50 ms, so that a generation outlives a
+    hang-up or a signal (the server's tests)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def forward_batch(self, *args):
+        time.sleep(0.05)
+        return self.engine.forward_batch(*args)

@@ -9,12 +9,13 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
 
 import santacpu
-from helpers import tiny_checkpoint
+from helpers import SlowSteps, tiny_checkpoint
 from santacpu.backends.cpu import int_dot
 from santacpu.server import build_app
 from santacpu.server.app import ServerSettings
@@ -93,6 +94,26 @@ def live(quantized):
 
 def sse_data(text: str) -> list[str]:
     return [line[len("data:") :].strip() for line in text.splitlines() if line.startswith("data:")]
+
+
+def free_port() -> int:
+    """A port on loopback that nothing listens on (for a server started as a child process)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_healthy(url: str) -> None:
+    """Until the server at `url` answers /health with 200 (a minute at most)."""
+    for _ in range(600):
+        try:
+            if httpx.get(url + "/health", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
 
 
 # --- in process -------------------------------------------------------------------------------
@@ -379,20 +400,6 @@ def test_concurrent_clients_get_their_single_client_answers(live, model):
     print(f"8 clients, 24 requests: p50 {latencies[len(latencies) // 2]:.3f} s, p95 {latencies[int(len(latencies) * 0.95)]:.3f} s")
 
 
-class SlowSteps:
-    """The engine with every batched step slowed down, so that a generation outlives a hang-up."""
-
-    def __init__(self, engine):
-        self.engine = engine
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-
-    def forward_batch(self, *args):
-        time.sleep(0.05)
-        return self.engine.forward_batch(*args)
-
-
 @pytest.fixture
 def slow_server(quantized):
     """A live server whose batched steps take 50 ms more each."""
@@ -462,15 +469,12 @@ def test_the_exit_signal_ends_in_flight_requests_with_a_stop_reason(slow_server)
 
 def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized, tmp_path):
     import signal
-    import socket
     import subprocess
     import sys
 
     from helpers import default_sigint, santacpu_env
 
-    with socket.socket() as probe:  # a free port on loopback
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     (tmp_path / "key").write_text("from-a-file\n")  # a key on the command line is visible to every local user
     process = subprocess.Popen(
         [sys.executable, "-m", "santacpu", "serve", "--model", str(quantized), "--port", str(port),
@@ -480,13 +484,7 @@ def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized, tmp_pat
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(url)
         body = {"input_prefix": PREFIX, "input_suffix": SUFFIX, "n_predict": 3}
         assert httpx.post(url + "/infill", json=body, timeout=60).status_code == 401
         reply = httpx.post(url + "/infill", json=body, headers={"Authorization": "Bearer from-a-file"}, timeout=60)
@@ -507,15 +505,8 @@ import santacpu
 from santacpu.cli import _raise_terminated
 from santacpu.server import run_server
 from santacpu.server.service import ServerSettings
-
-class SlowSteps:
-    def __init__(self, engine):
-        self.engine = engine
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
-    def forward_batch(self, *args):
-        time.sleep(0.05)
-        return self.engine.forward_batch(*args)
+sys.path.insert(0, sys.argv[3])
+from helpers import SlowSteps
 
 def load():
     model = santacpu.load(sys.argv[1])
@@ -532,27 +523,19 @@ def test_a_real_exit_signal_ends_in_flight_requests_with_what_they_have(quantize
     # On Python 3.11 a signal that interrupted Thread.join(timeout) left the HTTP thread marked as
     # ended: the process exited at once and every request in flight was cut, unanswered.
     import signal
-    import socket
     import subprocess
     import sys
     from concurrent.futures import ThreadPoolExecutor
 
     from helpers import default_sigint, santacpu_env
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, str(quantized), str(port)], env=santacpu_env(),
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVE, str(quantized), str(port), str(Path(__file__).parent)],
+                               env=santacpu_env(),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
+        wait_healthy(url)
         body = {"prompt": "def f(x):", "n_predict": 50, "temperature": 0}
         with ThreadPoolExecutor(1) as pool:
             waiting = pool.submit(httpx.post, url + "/completion", json=body, timeout=60)
