@@ -145,6 +145,8 @@ def cache_entries() -> list[CacheEntry]:
     """Every file the quantization cache wrote (first-use quantizations, and leftovers of conversions
     cut short), largest first; other files in its folder are not the cache's and are left out."""
     folder = cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise SantacpuError(f"the quantization cache {folder} is not a folder (see {CACHE_ENV})")
     if not folder.is_dir():
         return []
     entries = []

@@ -324,6 +324,13 @@ def test_text_from_a_file_or_standard_input_is_bounded(tmp_path, quantized):
         one_error_line(done, "is over 64 MiB")
 
 
+def test_a_cache_that_is_a_file_is_named_by_cache_list_and_clear(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    for command in ("list", "clear"):
+        done = run_santacpu("cache", command, env={"SANTACPU_CACHE": str(tmp_path / "file")})
+        one_error_line(done, f"the quantization cache {tmp_path / 'file'} is not a folder")
+
+
 def test_stop_escapes():
     assert decode_escapes("태\\n") == "태\n"  # text kept, escape decoded (not garbled through Latin-1)
     assert decode_escapes("\\t\\\\x\\x41\\u00e9\\N{BULLET}é") == "\t\\xAé\u2022é"
