@@ -248,6 +248,20 @@ def test_sharded_safetensors(tmp_path, layout):
     assert_close(load_exact(folder).logits(prompt_ids()), reference_logits(), 1e-6)
 
 
+def test_one_shard_under_many_spellings_is_opened_once(tmp_path):
+    # Each spelling of a shard's name ("./a", ".//a") had been opened and mapped anew: an index of
+    # 25,000 spellings ended in "Too many open files".
+    from santacpu.loading.checkpoint import open_tensors
+
+    folder = helpers.copy_checkpoint(tmp_path / "ckpt")
+    weight_map = _shard(folder)
+    spelled = {name: "./" * (i % 7) + "/" * (i % 3) * bool(i % 7) + file for i, (name, file) in enumerate(weight_map.items())}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": spelled}))
+    source = open_tensors(folder)
+    assert len(set(spelled.values())) > 2 and len({id(shard) for shard in source._shard_of.values()}) == 2
+    assert_close(load_exact(folder).logits(prompt_ids()), reference_logits(), 1e-6)
+
+
 def test_sharded_safetensors_with_a_missing_shard(tmp_path):
     folder = helpers.copy_checkpoint(tmp_path / "ckpt")
     _shard(folder)

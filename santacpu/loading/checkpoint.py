@@ -111,6 +111,7 @@ def open_tensors(folder: Path) -> TensorSource:
             opened: dict[str, object] = {}
             shards: dict[str, object] = {}
             for tensor_name, file_name in weight_map.items():
+                file_name = os.path.normpath(file_name)  # ("./a", ".//a", "a": one shard, opened once)
                 if file_name not in opened:
                     if not (folder / file_name).is_file():
                         raise SantacpuError(f"shard {file_name} listed in {index_name} is missing from {folder}")
