@@ -447,7 +447,7 @@ def bench(
         "less for a model with a short context.",
         show_default=False,
     ),
-    threads: int = typer.Option(0, min=0, help="Threads for Numba and BLAS; 0: all usable cores."),
+    threads: int = typer.Option(0, min=0, max=1024, help="Threads for Numba and BLAS; 0: all usable cores."),
     repeat: int = typer.Option(3, min=1, help="Runs of prefill, decode and FIM; the median is reported."),
     memory_context: int = typer.Option(0, min=0, help="Context filled by the peak-RSS run; 0: the model's whole context."),
     parts: str = typer.Option(
