@@ -443,3 +443,9 @@ def test_random_checkpoint_refuses_a_folder_that_is_not_empty_without_force(tmp_
     done = run_santacpu("random-checkpoint", folder, "--size", "micro", "--force")
     assert done.returncode == 0, done.stderr.decode()
     assert filecmp.cmp(folder / "model.safetensors", tmp_path / "empty" / "model.safetensors", shallow=False)
+    # --force into a folder where one of its files is a folder: refused before anything is written.
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").mkdir()
+    one_error_line(run_santacpu("random-checkpoint", tmp_path / "odd", "--size", "micro", "--force"),
+                   "config.json is a folder")
+    assert [p.name for p in (tmp_path / "odd").iterdir()] == ["config.json"]

@@ -230,6 +230,11 @@ def write_checkpoint(
         )
     if not force:
         _check_empty(out)
+    # Each file it writes must be writable as a file before the first is written: a folder named
+    # config.json had left a checkpoint half made.
+    for name in ("model.safetensors", "config.json", *(["tokenizer.json"] if with_tokenizer else [])):
+        if (out / name).is_dir():
+            raise SantacpuError(f"{out / name} is a folder: the checkpoint's {name} cannot be written there")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as problem:
