@@ -31,9 +31,12 @@ from .fim_templates import split_fim_template
 
 MAX_BODY_BYTES = 4 << 20  # 4 MiB: far beyond any context's worth of text
 # JSON values a body may hold, counted as its commas and brackets (text included, which only
-# overcounts): a 4 MiB body of "[]," took json.loads 0.4 s, in one call that holds the GIL, and
-# the walk for lone surrogates 2 s more. 2^18 is 128 ids or values per context position.
-MAX_JSON_ITEMS = 1 << 18
+# overcounts): any number up to MAX_JSON_ITEMS, beyond that one in JSON_ITEM_BYTES bytes. A 4 MiB
+# body of "[]," (1.3 million arrays) took json.loads 0.4 s, in one call that holds the GIL, and the
+# walk for lone surrogates 2 s more; code text has a comma or bracket in 20-50 bytes, so a 4 MiB
+# FIM prefix of real code (cut to the context near the cursor later) still passes.
+MAX_JSON_ITEMS = 1 << 16
+JSON_ITEM_BYTES = 8
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 MAX_SAMPLES = 16  # OpenAI's n, llama.vscode's n_cmpl
 # Stop strings are matched at every token: a bounded number of bounded strings keeps that cheap.
@@ -75,10 +78,11 @@ def body_too_large() -> RequestError:
 def parse_body(raw: bytes) -> dict:
     if len(raw) > MAX_BODY_BYTES:
         raise body_too_large()
-    if raw.count(b",") + raw.count(b"[") + raw.count(b"{") > MAX_JSON_ITEMS:
+    items = raw.count(b",") + raw.count(b"[") + raw.count(b"{")
+    if items > max(MAX_JSON_ITEMS, len(raw) // JSON_ITEM_BYTES):
         raise RequestError(
-            f"the request body has over {MAX_JSON_ITEMS:,} JSON values (counted by its commas and brackets, text "
-            "included)", 413, "request_too_large"
+            f"the request body holds too many JSON values: {items:,} commas and brackets in {len(raw):,} bytes "
+            f"(at most {MAX_JSON_ITEMS:,}, or one in {JSON_ITEM_BYTES} bytes)", 413, "request_too_large"
         )
     try:
         body = json.loads(raw.decode("utf-8"))
