@@ -267,6 +267,9 @@ def test_tokenize_detokenize_props_models(client, model):
     tokens = client.post("/tokenize", json={"content": "def f(x):"}).json()["tokens"]
     assert tokens == model.tokenizer.encode("def f(x):")
     assert client.post("/detokenize", json={"tokens": tokens}).json()["content"] == "def f(x):"
+    # A backslash followed by the text "ud800" is no surrogate (an even run of backslashes before the u).
+    escaped = client.post("/tokenize", content=b'{"content": "\\\\ud800"}', headers={"content-type": "application/json"})
+    assert escaped.status_code == 200 and escaped.json()["tokens"] == model.tokenizer.encode("\\ud800")
     assert client.get("/props").json()["default_generation_settings"]["n_ctx"] == 64
     assert client.get("/v1/models").json()["data"][0]["id"] == "santacoder"  # never a name with "gpt" (Continue)
 
@@ -300,6 +303,7 @@ def test_tokenize_detokenize_props_models(client, model):
         ("/v1/completions", b'{"prompt": "x", "user": "\\ud83d"}', 400, "'user' is not Unicode text"),
         ("/completion", b'{"\\ud800": 1}', 400, "'\\ud800' is not Unicode text"),
         ("/tokenize", b'{"content": "\\ud800"}', 400, "'content' is not Unicode text"),
+        ("/tokenize", b'{"content": "\\\\\\ud800"}', 400, "'content' is not Unicode text"),  # (an escaped backslash first)
         ("/completion", b'{"prompt": "x", "seed": ' + b"7" * 5000 + b"}", 400, "an integer of more than 4300 digits"),
         ("/completion", json.dumps({"prompt": "x", "temperature": 10**400}).encode(), 400, "'temperature' must be between 0.0 and 100.0, got an integer of 401 digits"),
         ("/v1/completions", json.dumps({"prompt": "x", "top_p": -(10**400)}).encode(), 400, "'top_p' must be between"),
@@ -332,14 +336,18 @@ def test_hostile_input_gets_a_json_4xx_and_the_server_lives_on(client, path, con
                              "presence_penalty": None, "frequency_penalty": None, "logit_bias": {}, "logprobs": None}),
         ("/v1/completions", {"prompt": "x", "temperature": 0, "max_tokens": 2, "seed": None, "logit_bias": None,
                              "echo": None, "best_of": None}),
-        ("/completion", {"prompt": "x", "n_predict": None, "stop": None, "temperature": None, "seed": 7}),
+        ("/completion", {"prompt": "x", "n_predict": None, "stop": None, "temperature": None, "seed": 7,
+                         "samplers": None}),
         ("/infill", {"input_prefix": "x", "input_extra": None, "input_suffix": None, "n_predict": 3, "seed": None,
                      "temperature": 0}),
+        ("/infill", {"input_prefix": "x", "n_predict": 3, "temperature": 0,
+                     "input_extra": [{"filename": None, "text": "y = 1\n"}, {"filename": "a.py", "text": None}]}),
         ("/api/generate", {"model": "santacoder", "prompt": "x", "suffix": None, "images": None, "context": None,
                            "stream": False, "options": {"num_predict": None, "temperature": None, "stop": None,
                                                         "seed": 7}}),
     ],
-    ids=["openai nullable fields", "openai unsupported as null", "llama.cpp", "llama.cpp infill", "ollama"],
+    ids=["openai nullable fields", "openai unsupported as null", "llama.cpp", "llama.cpp infill", "input_extra items",
+         "ollama"],
 )
 def test_null_is_a_field_left_out(client, path, body):
     # OpenAI's spec marks these fields nullable, llama.cpp's json_value and Go's decoding read null
@@ -347,6 +355,8 @@ def test_null_is_a_field_left_out(client, path, body):
     def left_out(value):
         if isinstance(value, dict):
             return {k: left_out(v) for k, v in value.items() if v is not None and v != {}}
+        if isinstance(value, list):
+            return [left_out(v) for v in value]
         return value
 
     with_nulls, without = client.post(path, json=body), client.post(path, json=left_out(body))
@@ -582,28 +592,33 @@ def test_a_client_that_hangs_up_mid_body_is_no_server_error(live, capfd):
 
 
 class FailingOnce:
-    """The engine, but its first batched step raises (a kernel bug, memory)."""
+    """The engine, but its first call of `method` raises (a kernel bug, memory)."""
 
-    def __init__(self, engine):
-        self.engine, self.failed = engine, False
+    def __init__(self, engine, method: str):
+        self.engine, self.method, self.failed = engine, method, False
 
     def __getattr__(self, name):
-        return getattr(self.engine, name)
+        call = getattr(self.engine, name)
+        if name != self.method or self.failed:
+            return call
 
-    def forward_batch(self, *args):
-        if not self.failed:
+        def fail(*args):
             self.failed = True
             raise MemoryError("no room for the step")
-        return self.engine.forward_batch(*args)
+
+        return fail
 
 
-def test_a_step_that_raises_ends_the_requests_in_flight_and_the_server_goes_on(quantized, capfd):
+@pytest.mark.parametrize("method", ["forward_batch", "forward", "new_cache"],
+                         ids=["a batched step", "a prompt's computation", "a cache's allocation"])
+def test_a_step_that_raises_ends_the_requests_in_flight_and_the_server_goes_on(quantized, capfd, method):
     from concurrent.futures import ThreadPoolExecutor
 
-    # The generation thread had no guard: any error in a step would have left every request waiting.
+    # The generation thread had no guard: any error in a step would have left every request waiting
+    # (and a sequence whose prompt failed to join was in neither the queue nor the batch).
     def failing():
         model = santacpu.load(quantized)
-        model.engine = FailingOnce(model.engine)
+        model.engine = FailingOnce(model.engine, method)
         return model
 
     app = build_app(ServerSettings(model_name="tiny"), failing)
@@ -613,6 +628,7 @@ def test_a_step_that_raises_ends_the_requests_in_flight_and_the_server_goes_on(q
         with ThreadPoolExecutor(1) as pool:  # (a request left waiting fails the test, not hangs it)
             first = pool.submit(c.post, "/completion", json=body).result(timeout=30)
             assert first.status_code == 200 and first.json()["tokens_predicted"] <= 1, first.text
+            assert first.json()["tokens_predicted"] == (method == "forward_batch"), first.text
             second = pool.submit(c.post, "/completion", json=body).result(timeout=30)
             assert second.status_code == 200 and second.json()["tokens_predicted"] == 8, second.text
     assert "internal error in generation" in capfd.readouterr().err

@@ -115,6 +115,7 @@ class BatchScheduler:
         self._kept: list[KVCache] = []  # caches of sequences that left, the latest first
         self._lock = threading.Lock()
         self._submitted = 0
+        self._unjoined: list[BatchSequence] = []  # taken to join when a prompt's computation raised
 
     def kv_bytes(self, capacity: int) -> int:
         """Bytes of one sequence's KV cache with room for `capacity` positions."""
@@ -182,8 +183,13 @@ class BatchScheduler:
         first tokens out before the batched forward calls it on its own."""
         events: list[tuple[BatchSequence, list[int]]] = []
         self._drop_cancelled(events)
-        for sequence, group in self._take_admissible():
-            self._join(sequence, group)  # outside the lock: submit need not wait for a prompt
+        taken = self._take_admissible()
+        for i, (sequence, group) in enumerate(taken):
+            try:
+                self._join(sequence, group)  # outside the lock: submit need not wait for a prompt
+            except BaseException:
+                self._unjoined = [s for s, _ in taken[i:]]  # off the queue, not running: `abandon` ends them
+                raise
             events.append((sequence, sequence.tokens[:]))
         return events
 
@@ -227,6 +233,10 @@ class BatchScheduler:
                 for sequence in group.members:
                     sequence.cancel()
         self._drop_cancelled(events)
+        for sequence in self._unjoined:
+            sequence.state = "cancelled"
+            events.append((sequence, []))
+        self._unjoined = []
         self._kept.clear()
         return events
 

@@ -55,7 +55,7 @@ def _llama_options(f: Fields, n_ctx: int) -> tuple[GenerationOptions, dict]:
     temperature = f.number("temperature", LLAMA_DEFAULTS["temperature"], 0.0, 100.0)
     top_k = f.integer("top_k", LLAMA_DEFAULTS["top_k"], 0, 1 << 20)
     top_p = f.number("top_p", LLAMA_DEFAULTS["top_p"], 0.0, 1.0)
-    samplers = f.strings("samplers") if "samplers" in f.body else None
+    samplers = f.strings("samplers") if f.body.get("samplers") is not None else None
     if samplers is not None:  # llama.cpp's chain: a sampler left out does not apply
         top_k = top_k if "top_k" in samplers else 0
         top_p = top_p if "top_p" in samplers else 1.0
@@ -115,12 +115,13 @@ def _extra_context(extra) -> str:
         raise RequestError(f"'input_extra' takes at most {MAX_EXTRA_CHUNKS} chunks, got {len(extra)}")
     parts = []
     for chunk in extra:
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("text", ""), str):
+        if not isinstance(chunk, dict):
             raise RequestError("each 'input_extra' item must be an object with a string 'text'")
-        name = chunk.get("filename", "")
+        text, name = chunk.get("text") or "", chunk.get("filename") or ""  # (null: absent)
+        if not isinstance(text, str):
+            raise RequestError("each 'input_extra' item must be an object with a string 'text'")
         if not isinstance(name, str):
             raise RequestError("an 'input_extra' item's 'filename' must be a string")
-        text = chunk.get("text", "")
         parts.append((f"# {name}\n" if name else "") + text + ("" if text.endswith("\n") else "\n"))
     return "".join(parts)
 

@@ -37,7 +37,8 @@ MAX_BODY_BYTES = 4 << 20  # 4 MiB: far beyond any context's worth of text
 # FIM prefix of real code (cut to the context near the cursor later) still passes.
 MAX_JSON_ITEMS = 1 << 16
 JSON_ITEM_BYTES = 8
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# \uD800-\uDFFF as a JSON escape: after an even run of backslashes ("\\ud800" is a backslash and text).
+_SURROGATE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F]")
 MAX_SAMPLES = 16  # OpenAI's n, llama.vscode's n_cmpl
 # Stop strings are matched at every token: a bounded number of bounded strings keeps that cheap.
 MAX_STOPS = 16
