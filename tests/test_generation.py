@@ -422,3 +422,31 @@ def test_a_fim_special_token_ends_a_library_fim_completion():
         loaded.engine.calls = 0
         plain = loaded.complete("def f(x):", max_new_tokens=8)  # not FIM: the token is text, as before
         assert "<fim" in plain
+
+
+def test_fim_text_is_cut_near_the_cursor_before_tokenizing():
+    # A 40 MB prefix file had been tokenized whole (77 s, 2.9 GB) to keep a few tokens of it.
+    from santacpu.generation.prompts import TEXT_CUT_STEP, text_limit
+
+    tokenizer = Tokenizer.santacoder()
+    seen = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def encode(self, text):
+            seen.append(len(text))
+            return tokenizer.encode(text)
+
+    prefix, suffix = "x = 1\n" * 200_000, "y = 2\n" * 200_000  # 1.2 MB each
+    limit = text_limit(tokenizer, 64)
+    with pytest.warns(SantacpuWarning, match=r"kept the last \d+ prefix tokens .* \(of 1,200,000 and 1,200,000 characters\)"):
+        ids = build_fim_prompt(Counting(), prefix, suffix, 64, 8)
+    assert max(seen) < limit + 2 * TEXT_CUT_STEP  # (the prefix is cut in whole steps)
+    # What is kept is the text nearest the cursor: the suffix's first tokens, the prefix's last.
+    fim_prefix, fim_suffix, fim_middle = tokenizer.fim_prefix_id, tokenizer.fim_suffix_id, tokenizer.fim_middle_id
+    kept_prefix, kept_suffix = ids[1 : ids.index(fim_suffix)], ids[ids.index(fim_suffix) + 1 : -1]
+    assert ids[0] == fim_prefix and ids[-1] == fim_middle and len(ids) <= 64 - 8
+    assert kept_suffix == tokenizer.encode(suffix[:1000])[: len(kept_suffix)]
+    assert kept_prefix == tokenizer.encode(prefix[-1000:])[-len(kept_prefix):]

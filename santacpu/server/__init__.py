@@ -55,13 +55,7 @@ def uvicorn_server(app, host: str, port: int):
             app.state.santacpu.begin_shutdown()
             super().handle_exit(sig, frame)
 
-    # Connections at once, beyond which uvicorn answers 503: room for every request the batch and
-    # the queue hold, and for /health and the like; it bounds what half-sent 4 MiB bodies can hold.
-    settings = app.state.santacpu.settings
-    connections = max(64, settings.max_batch + settings.max_queue + 32)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            limit_concurrency=connections)
-    return Server(config)
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SantacpuError
 from ..generation.options import GenerationOptions
-from ..generation.prompts import fim_options, fim_prompt_of_text
+from ..generation.prompts import TEXT_CUT_STEP, fim_options, fim_prompt_of_text, text_limit, text_near_cursor  # noqa: F401 (re-exported)
 from ..tokenizer import Tokenizer
 from .fim_templates import split_fim_template
 
@@ -44,7 +44,6 @@ MAX_SAMPLES = 16  # OpenAI's n, llama.vscode's n_cmpl
 MAX_STOPS = 16
 MAX_STOP_CHARS = 256
 MAX_LIST_STRINGS = 64  # `samplers`, `response_fields`: each is read for every response
-TEXT_CUT_STEP = 4096
 
 
 class RequestError(Exception):
@@ -195,11 +194,6 @@ def generation_options(**fields) -> GenerationOptions:
         raise RequestError(str(e)) from None
 
 
-def text_limit(tokenizer: Tokenizer, n_ctx: int) -> int:
-    """The most characters that could be `n_ctx` tokens: more can never fit the context."""
-    return n_ctx * tokenizer.max_token_bytes
-
-
 def check_text_size(text: str, what: str, limit: int) -> str:
     if len(text) > limit:
         raise RequestError(f"{what} is {len(text)} characters: at most {limit} can fit the context")
@@ -220,15 +214,6 @@ def encode_prompt(tokenizer: Tokenizer, prompt, n_ctx: int) -> list[int]:
     if len(ids) >= n_ctx:
         raise RequestError(f"the prompt is {len(ids)} tokens but the context holds {n_ctx} (prompt and output together)")
     return ids
-
-
-def text_near_cursor(prefix: str, suffix: str, limit: int) -> tuple[str, str, bool]:
-    """The end of `prefix` and the start of `suffix`, each at least `limit` characters where it is
-    longer (all that could reach the prompt), and whether anything was cut. The prefix's cut moves
-    in whole TEXT_CUT_STEP characters from its start, so it stays put while typing appends."""
-    drop = max(0, len(prefix) - limit - TEXT_CUT_STEP)
-    drop -= drop % TEXT_CUT_STEP
-    return prefix[drop:], suffix[:limit], bool(drop) or len(suffix) > limit
 
 
 def fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: int, order: str, budget: int | None) -> Job:
