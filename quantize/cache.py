@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from santacpu.atomic_file import check_writable
+from santacpu.atomic_file import check_writable, remove_stale_partials
 from santacpu.errors import SantacpuError, SantacpuWarning, WriteError, os_problem
 from santacpu.formats.blocks import FORMATS
 from santacpu.formats.quantized_file import DEFAULT_QUANT, FORMAT_VERSION, names_quantized_file, read_metadata
@@ -169,8 +169,14 @@ def cache_entries() -> list[CacheEntry]:
 def clear_cache(model: str | None = None, revision: str | None = None) -> list[CacheEntry]:
     """Remove the cache's files (`model` given: only those made from it, found by the folder it
     resolves to, which is not downloaded for this); the removed entries."""
-    # Finished files only: a `.partial` file may be a conversion still being written (an
-    # abandoned one is removed by the next write of its file, see santacpu.atomic_file).
+    # Finished files only: a `.partial` file may be a conversion still being written. Those whose
+    # writer is gone (killed outright) go too when everything is cleared, with a warning each, as
+    # the next write of their file would remove them (santacpu.atomic_file).
+    if model is None:
+        for entry in cache_entries():
+            partial = _PARTIAL_NAME.fullmatch(entry.path.name)
+            if partial:
+                remove_stale_partials(entry.path.parent / partial["name"])
     entries = [e for e in cache_entries() if not e.path.name.endswith(".partial")]
     if model is not None:
         folder = _local_folder(model, revision)

@@ -136,8 +136,14 @@ def test_first_use_quantizes_once_into_the_cache(tmp_path):
     for name, data in foreign.items():
         (cache / name).write_bytes(data)
     assert run("cache", "list", cache=cache).stdout.decode().splitlines()[0].startswith(f"{cache}: 2 files")
+    # A partial copy whose writer was killed outright (its process is gone) goes too, with a warning.
+    from santacpu.atomic_file import _host_tag
+
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
+    (cache / f".{cached}.{_host_tag()}-{dead}-abcd1234.partial").write_bytes(b"half a model")
     everything = run("cache", "clear", cache=cache)
     assert everything.returncode == 0 and everything.stdout.decode().startswith("removed 2 files")
+    assert "was killed" in everything.stderr.decode()
     assert sorted(p.name for p in cache.iterdir()) == sorted(foreign)
     for name in foreign:
         (cache / name).unlink()
