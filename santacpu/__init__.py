@@ -6,11 +6,32 @@ Importing santacpu changes one environment variable, `TOKENIZERS_PARALLELISM=fal
 unset (see `santacpu.tokenizer`); no Numba setting (the CPU backend's target is chosen when a
 backend is made: `santacpu.backends.cpu.target`).
 
+Numba's variables (`NUMBA_NUM_THREADS`, `NUMBA_THREADING_LAYER`) are checked before Numba is
+imported: a bad one is a SantacpuError, and for the command line one error line.
+
 May import: `santacpu.model`, `santacpu.generation.options`, `santacpu.errors`, `santacpu.version` (the
-API re-exported here).
+API re-exported here), `santacpu.settings` (the check above).
 """
 
+import os as _os
+import sys as _sys
+
 from .errors import SantacpuError, SantacpuWarning
+from .settings import numba_environment_problem as _numba_environment_problem
+
+
+def _refuse_numba_environment() -> None:
+    problem = _numba_environment_problem()
+    if problem is None:
+        return
+    argv = getattr(_sys, "orig_argv", _sys.argv)  # (a package's __init__ runs before `-m` sets argv)
+    if _os.path.basename(argv[1] if len(argv) > 1 else "") == "santacpu" or argv[1:3] == ["-m", "santacpu"]:
+        print(f"santacpu: error: {problem}", file=_sys.stderr)
+        raise SystemExit(1)
+    raise SantacpuError(problem)
+
+
+_refuse_numba_environment()
 from .generation.options import GenerationOptions
 from .model import Model, load
 from .version import __version__

@@ -57,3 +57,21 @@ class Settings:
             integer_kernels=_choice(env, INT_DOT_ENV, ("0", "1"), "1") == "1",
             api_key=env.get(API_KEY_ENV) or None,
         )
+
+
+# Numba reads these when it is imported: NUMBA_NUM_THREADS=0 ended every command, --version
+# included, in a traceback from inside Numba, and a misspelt threading layer in one at the first
+# parallel kernel.
+NUMBA_THREADING_LAYERS = ("default", "safe", "threadsafe", "forksafe", "tbb", "omp", "workqueue")
+
+
+def numba_environment_problem(environ: Mapping[str, str] = os.environ) -> str | None:
+    """What is wrong with the Numba variables in `environ`, in words, or None."""
+    threads = environ.get("NUMBA_NUM_THREADS")
+    if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):
+        return f"NUMBA_NUM_THREADS={threads!r} is not a whole number above 0 (unset, Numba uses every core)"
+    layer = environ.get("NUMBA_THREADING_LAYER")
+    if layer is not None and layer not in NUMBA_THREADING_LAYERS:
+        return f"NUMBA_THREADING_LAYER={layer!r} is none of {', '.join(NUMBA_THREADING_LAYERS)}"
+    return None
+

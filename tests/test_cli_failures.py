@@ -331,6 +331,16 @@ def test_a_cache_that_is_a_file_is_named_by_cache_list_and_clear(tmp_path):
         one_error_line(done, f"the quantization cache {tmp_path / 'file'} is not a folder")
 
 
+@pytest.mark.parametrize("variable, value", [("NUMBA_NUM_THREADS", "0"), ("NUMBA_NUM_THREADS", "-1"),
+                                             ("NUMBA_NUM_THREADS", "abc"), ("NUMBA_THREADING_LAYER", "bogus")])
+def test_a_bad_numba_variable_is_one_error_line_even_for_version(variable, value):
+    # Numba reads them when imported: a traceback from inside Numba before santacpu could say a word.
+    one_error_line(run_santacpu("--version", env={variable: value}), f"{variable}={value!r}")
+    api = subprocess.run([sys.executable, "-c", "import santacpu"], capture_output=True, text=True,
+                         env=helpers.santacpu_env({variable: value}))
+    assert api.returncode == 1 and f"SantacpuError: {variable}={value!r}" in api.stderr
+
+
 def test_stop_escapes():
     assert decode_escapes("태\\n") == "태\n"  # text kept, escape decoded (not garbled through Latin-1)
     assert decode_escapes("\\t\\\\x\\x41\\u00e9\\N{BULLET}é") == "\t\\xAé\u2022é"
