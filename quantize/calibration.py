@@ -29,6 +29,24 @@ from santacpu.tokenizer import Tokenizer
 SEQUENCE_TOKENS = 512
 
 
+# Calibration reads at most this much of one file, and stops taking files past this much text:
+# the most used rows count 2^18 tokens (~1 MB of code), calibration itself fewer. A 50 MB file
+# had been read and tokenized whole (7.4 GB of memory for 4,096 tokens' worth).
+CALIBRATION_FILE_BYTES = 1 << 20
+CALIBRATION_TEXT_BYTES = 16 << 20
+
+
+def _text_start(path: Path) -> str | None:
+    """The first CALIBRATION_FILE_BYTES of the file as UTF-8 text (a character cut at the end is
+    left out), or None for a binary or unreadable file."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(CALIBRATION_FILE_BYTES)
+        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
+    except (UnicodeDecodeError, OSError):
+        return None  # binary or unreadable files are simply not calibration text
+
+
 def calibration_texts(folder: str | None, exclude: set[str] = frozenset()) -> tuple[list[str], str]:
     """Source texts from `folder` (every UTF-8 file under it) or, for None, from the standard
     library less the `exclude`d paths (relative to its root: held-out evaluation files); returns
@@ -56,24 +74,6 @@ def calibration_texts(folder: str | None, exclude: set[str] = frozenset()) -> tu
     if not texts:
         raise SantacpuError(f"no UTF-8 text files found for calibration in {where}")
     return texts, f"{where}, {len(texts)} files"
-
-
-# Calibration reads at most this much of one file, and stops taking files past this much text:
-# the most used rows count 2^18 tokens (~1 MB of code), calibration itself fewer. A 50 MB file
-# had been read and tokenized whole (7.4 GB of memory for 4,096 tokens' worth).
-CALIBRATION_FILE_BYTES = 1 << 20
-CALIBRATION_TEXT_BYTES = 16 << 20
-
-
-def _text_start(path: Path) -> str | None:
-    """The first CALIBRATION_FILE_BYTES of the file as UTF-8 text (a character cut at the end is
-    left out), or None for a binary or unreadable file."""
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(CALIBRATION_FILE_BYTES)
-        return codecs.getincrementaldecoder("utf-8")().decode(raw, final=False)
-    except (UnicodeDecodeError, OSError):
-        return None  # binary or unreadable files are simply not calibration text
 
 
 def token_sequences(texts: list[str], tokenizer: Tokenizer, eos_id: int, max_tokens: int, n_ctx: int) -> list[list[int]]:
