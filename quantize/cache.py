@@ -43,7 +43,7 @@ def runnable_model(model: str, revision: str | None, quant: str | None) -> tuple
     """What to load, and with which revision: a quantized file as is; a full-precision model as its
     cached quantization to `quant` (None: DEFAULT_QUANT; "none": the model itself, in full
     precision). A `quant` given for a quantized file is warned about and ignored."""
-    qtype = quant or DEFAULT_QUANT
+    qtype = DEFAULT_QUANT if quant is None else quant  # ("" is no quantization: refused below)
     if qtype not in QUANT_CHOICES:
         raise SantacpuError(f"unknown quantization '{qtype}' (choose {', '.join(QUANT_CHOICES)})")
     revision = hub_revision(model, revision)

@@ -36,7 +36,7 @@ from .generation.prompts import FIM_ORDERS
 from .formats.quantized_file import DEFAULT_QUANT
 from .model import DEVICES
 from .harness.problems import BENCHMARKS
-from .harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, EvalSettings
+from .harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, MAX_SAMPLES, EvalSettings
 
 __all__ = ["app", "main"]
 
@@ -603,7 +603,10 @@ def eval_humaneval_infill(
     model: str = MODEL_OPTION,
     revision: Optional[str] = REVISION_OPTION,
     quant: Optional[str] = QUANT_OPTION,
-    samples: int = typer.Option(1, min=1, help="Completions of each problem (the n of pass@k)."),
+    samples: int = typer.Option(
+        1, min=1, max=MAX_SAMPLES,
+        help="Completions of each problem (the n of pass@k; the reference harness uses 200 for pass@100).",
+    ),
     k: Optional[str] = typer.Option(
         None, callback=_check_counts,
         help="The k of pass@k, comma-separated, each at most --samples. Default: those of 1,10,100 that are.",

@@ -335,6 +335,16 @@ def load(
     to 11 significant bits) or "float32" (exact). `device`: "auto" (a CUDA GPU where one is
     usable, else the CPU), "cpu" or "cuda" (see `resolve_device`); `model.device` says which ran.
     The environment's settings (`santacpu.settings`) are read here."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    model = arguments.text(model, "model")
+    if not model.strip():
+        raise SantacpuError("model is empty: give a hub id, a checkpoint folder or a quantized file")
+    for value, name in ((revision, "revision"), (quant, "quant")):
+        if value is not None:
+            arguments.text(value, name)
+    if not isinstance(reuse_prompt, bool):  # ("no" would be true)
+        raise SantacpuError(f"reuse_prompt must be True or False, got {reuse_prompt!r}")
     check_kv_dtype(kv_cache)  # before the (long) load
     settings = Settings.from_environment()
     backend = choose_backend(device, settings)  # a missing GPU is said before a first-use quantization

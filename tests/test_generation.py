@@ -74,7 +74,8 @@ def test_a_tiny_temperature_is_nearly_greedy_not_nan(temperature):
     assert picks == {int(np.argmax(logits[:N_VALID]))}
 
 
-@pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize("options", [dict(temperature=-1.0), dict(temperature=float("inf")), dict(top_k=-1),
+                                     dict(top_p=0.0), dict(top_p=1.5)])
 def test_bad_sampling_options_fail_at_call_time(model, options):
     with pytest.raises(SantacpuError):
         model.generate([1, 2, 3], max_new_tokens=3, **options)  # no iteration needed

@@ -5,6 +5,7 @@ input is one error line. The sandbox's own tests are in test_sandbox.py."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -90,18 +91,24 @@ def test_an_empty_middle_fails_where_the_middle_matters():
 # --- the results file ---------------------------------------------------------------------------
 
 
+def record(task_id: str, passed: bool = False) -> dict:
+    """A problem's record of a one-sample run, as the harness writes it."""
+    return {"task_id": task_id, "completions": ["x"], "passed": [passed], "exact": [False],
+            "statuses": ["passed" if passed else "failed"]}
+
+
 def test_results_resume_drop_a_torn_last_line_and_refuse_other_runs(tmp_path):
     path = tmp_path / "results.jsonl"
     header = {**EvalSettings().identity(), "model": {"name": "m", "sha256": "1"}}
     results = ResultsFile.open(path, header, resume=False)
     assert not path.exists()  # nothing is written before the first record
-    results.append({"task_id": "a"})
-    results.append({"task_id": "b"})
+    results.append(record("a"))
+    results.append(record("b"))
     with open(path, "a") as f:
         f.write('{"task_id": "c", "compl')  # a crash mid-write
     again = ResultsFile.open(path, header, resume=True)
     assert again.finished == {"a", "b"}
-    again.append({"task_id": "c"})
+    again.append(record("c"))
     assert [json.loads(line).get("task_id") for line in path.read_text().splitlines()] == [None, "a", "b", "c"]
 
     with pytest.raises(SantacpuError, match="exists: pass --resume"):
@@ -117,6 +124,47 @@ def test_results_resume_drop_a_torn_last_line_and_refuse_other_runs(tmp_path):
         ResultsFile.open(tmp_path / "notes.txt", header, resume=True)
 
 
+@pytest.mark.parametrize(
+    "line, fragment",
+    [
+        ('{"x": 1}', "line 3 (no task_id)"),
+        ("[1, 2]", "line 3 (not a JSON object)"),
+        ("not json", "line 3 (not a JSON object)"),
+        (json.dumps({**record("c"), "passed": [True, True]}), "line 3 ('passed' is not a list of 1)"),
+        (json.dumps({**record("c"), "passed": ["yes"]}), "line 3 ('passed' holds something other than true or false)"),
+        (json.dumps(record("a", passed=True)), "line 3 (a was recorded before, with other results"),
+    ],
+    ids=["no task id", "not an object", "not json", "samples", "not booleans", "a problem twice"],
+)
+def test_a_damaged_results_file_is_one_error_naming_the_line(tmp_path, line, fragment):
+    # Such records had ended in KeyError/TypeError/ValueError tracebacks, some after the remaining
+    # problems had run; two runs on one file had counted 117 problems of 60.
+    path = tmp_path / "results.jsonl"
+    header = {**EvalSettings().identity(), "model": {"name": "m", "sha256": "1"}}
+    ResultsFile.open(path, header, resume=False).append(record("a"))
+    with open(path, "a") as f:
+        f.write(line + "\n")
+    with pytest.raises(SantacpuError, match=re.escape(fragment)):
+        ResultsFile.open(path, header, resume=True)
+
+
+def test_results_of_two_runs_at_once_and_of_a_crash_before_the_first_record(tmp_path):
+    path = tmp_path / "results.jsonl"
+    header = {**EvalSettings().identity(), "model": {"name": "m", "sha256": "1"}}
+    first, second = ResultsFile.open(path, header, resume=False), ResultsFile.open(path, header, resume=False)
+    first.append(record("a"))
+    with pytest.raises(SantacpuError, match="made by another run meanwhile"):
+        second.append(record("a"))
+    with open(path, "a") as f:
+        f.write(json.dumps(record("a")) + "\n\n")  # the same record twice (and a blank line): counted once
+    assert [r["task_id"] for r in ResultsFile.open(path, header, resume=True).records] == ["a"]
+    path.write_text(json.dumps(header)[:40])  # a crash while the header was written: nothing finished
+    fresh = ResultsFile.open(path, header, resume=True)
+    assert fresh.records == []
+    fresh.append(record("b"))
+    assert [json.loads(line).get("task_id") for line in path.read_text().splitlines()] == [None, "b"]
+
+
 def test_a_full_disk_names_the_results_file(tmp_path, monkeypatch):
     import errno
 
@@ -124,14 +172,14 @@ def test_a_full_disk_names_the_results_file(tmp_path, monkeypatch):
 
     path = tmp_path / "results.jsonl"
     results = ResultsFile.open(path, {**EvalSettings().identity(), "model": {"name": "m", "sha256": "1"}}, resume=False)
-    results.append({"task_id": "a"})
+    results.append(record("a"))
 
     def full(fd):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(results_module.os, "fsync", full)
     with pytest.raises(SantacpuError) as error:
-        results.append({"task_id": "b"})
+        results.append(record("b"))
     assert str(error.value) == (f"cannot write the results file {path}: No space left on device (its 1 finished "
                                 "problems are kept; --resume carries on)")
 

@@ -962,3 +962,24 @@ def test_settings_come_from_the_environment_and_bad_values_are_refused(tmp_path,
     monkeypatch.setenv("SANTACPU_INT_DOT", "no")
     with pytest.raises(SantacpuError, match="SANTACPU_INT_DOT='no' is not understood"):
         santacpu.load(helpers.tiny_checkpoint(), quant="none")
+
+
+@pytest.mark.parametrize(
+    "model, options, fragment",
+    [
+        (None, {}, "model must be a str, got NoneType"),
+        (123, {}, "model must be a str, got int"),
+        (b"micro", {}, "model must be a str, got bytes"),
+        ("", {}, "model is empty"),
+        ("TINY", {"quant": ""}, "unknown quantization ''"),
+        ("TINY", {"quant": 5}, "quant must be a str, got int"),
+        ("TINY", {"reuse_prompt": "no"}, "reuse_prompt must be True or False, got 'no'"),
+    ],
+)
+def test_load_checks_its_arguments(model, options, fragment):
+    # docs/api.md: errors are SantacpuError, wrong argument types included (a TypeError had come out
+    # of pathlib; "no" had turned prompt reuse on; quant="" had been the default).
+    model = str(helpers.tiny_checkpoint()) if model == "TINY" else model
+    with pytest.raises(SantacpuError, match=re.escape(fragment)):
+        santacpu.load(model, **options)
+

@@ -18,8 +18,8 @@ from ..errors import SantacpuError
 def check_sampling(temperature: float, top_k: int, top_p: float) -> tuple[float, int, float]:
     """The options as float, int, float, or a SantacpuError naming the one of the wrong type or range."""
     temperature, top_k, top_p = real(temperature, "temperature"), integer(top_k, "top_k"), real(top_p, "top_p")
-    if not temperature >= 0.0:
-        raise SantacpuError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if not 0.0 <= temperature < float("inf"):
+        raise SantacpuError(f"temperature must be >= 0 and finite (0 means greedy), got {temperature}")
     if top_k < 0:
         raise SantacpuError(f"top_k must be >= 0 (0 means off), got {top_k}")
     if not 0.0 < top_p <= 1.0:

@@ -4,7 +4,10 @@ nothing finished and `--resume` carries on where it stopped.
 
 The header's run identity (benchmark, model fingerprint, samples, generation options, timeout)
 must match to resume: results of another model or benchmark are refused, never mixed. A last line
-cut short by a crash is dropped on resume; damage anywhere else is an error.
+cut short by a crash is dropped on resume (a header cut short leaves nothing to keep: the run
+starts the file afresh); damage anywhere else, a record of the wrong shape, or a problem recorded
+twice with different results (two runs writing one file) is an error naming the line. A new file
+is created exclusively, so a second run started on the same --out fails instead of mixing in.
 
 May import: the standard library and `santacpu.errors`.
 """
@@ -23,15 +26,17 @@ IDENTITY = ("benchmark", "model", "samples", "options", "timeout_s")
 
 
 def model_fingerprint(model: str) -> dict:
-    """What identifies a model in a results file: its name, and for local files their names, sizes
-    and a digest of their first MiB (a quantized file's header holds its metadata)."""
+    """What identifies a model in a results file: its name, and for local files a digest of their
+    names and whole contents (their first MiB alone let weights changed past it pass for the same
+    model; hashing reads ~1.5 GB/s, a second for a q8_0 file, once a run)."""
     path = Path(model).expanduser()
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
     digest = hashlib.sha256()
     for file in files:
         digest.update(f"{file.name}:{file.stat().st_size}:".encode())
         with open(file, "rb") as f:
-            digest.update(f.read(1 << 20))
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
     return {"name": path.name if files else model, "sha256": digest.hexdigest()[:16] if files else None}
 
 
@@ -39,10 +44,11 @@ class ResultsFile:
     """Open with `open(path, header, resume)`; `records` are those already there (resumed); `append`
     adds one and syncs it to disk."""
 
-    def __init__(self, path: Path, header: dict, records: list[dict] | None):
+    def __init__(self, path: Path, header: dict, records: list[dict] | None, replace: bool = False):
         self.path, self.header = path, header
         self.records = records or []
         self._written = records is not None  # a resumed file has its header already
+        self._replace = replace  # an empty file, or one whose header was cut short: written over
 
     @property
     def finished(self) -> set[str]:
@@ -57,17 +63,21 @@ class ResultsFile:
             existing = path.exists() and path.stat().st_size > 0
             if existing and not resume:
                 raise SantacpuError(f"{path} exists: pass --resume to continue that run, or choose another --out")
-            return cls(path, header, _read_for_resume(path, header) if existing else None)
+            records = _read_for_resume(path, header) if existing else None
+            return cls(path, header, records, replace=path.exists() and records is None)
         except OSError as e:
             raise SantacpuError(f"cannot use the results file {path}: {os_problem(e)}") from None
 
     def append(self, record: dict) -> None:
         lines = [] if self._written else [self.header]
         try:
-            with open(self.path, "a" if self._written else "w", encoding="utf-8") as f:
+            with open(self.path, "a" if self._written else "w" if self._replace else "x", encoding="utf-8") as f:
                 f.write("".join(json.dumps(line) + "\n" for line in [*lines, record]))
                 f.flush()
                 os.fsync(f.fileno())
+        except FileExistsError:
+            raise WriteError(f"the results file {self.path} was made by another run meanwhile: choose another --out, "
+                             "or --resume once that run has ended") from None
         except OSError as e:  # a full disk names no file: say which, and what is kept
             kept = f"its {len(self.records)} finished problems are kept; --resume carries on" if self._written else \
                 "nothing was kept"
@@ -76,10 +86,14 @@ class ResultsFile:
         self.records.append(record)
 
 
-def _read_for_resume(path: Path, header: dict) -> list[dict]:
+def _read_for_resume(path: Path, header: dict) -> list[dict] | None:
+    """The records of the results file at `path`, checked against this run's `header`; None where
+    its header itself was cut short (nothing finished is in it)."""
     raw = path.read_bytes()
     lines = raw.split(b"\n")
     complete, torn = lines[:-1], lines[-1]  # the text after the last newline was cut short
+    if not complete:
+        return None
     try:
         found = json.loads(complete[0]) if complete else None
     except ValueError:
@@ -92,13 +106,44 @@ def _read_for_resume(path: Path, header: dict) -> list[dict]:
                 f"{path} holds another run's results ({key}: {json.dumps(found.get(key))}, this run: "
                 f"{json.dumps(header.get(key))}); choose another --out"
             )
-    records = []
+    records, seen = [], {}
     for number, line in enumerate(complete[1:], start=2):
+        if not line.strip():
+            continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            raise SantacpuError(f"{path} is damaged at line {number}; choose another --out") from None
+            record = None
+        problem = _record_problem(record, header["samples"])
+        if problem is None and record["task_id"] in seen and seen[record["task_id"]] != record:
+            problem = f"{record['task_id']} was recorded before, with other results (two runs writing this file?)"
+        if problem:
+            raise SantacpuError(f"{path} is damaged at line {number} ({problem}): remove that line, or choose "
+                                "another --out")
+        if record["task_id"] not in seen:  # (the same record twice: kept once)
+            seen[record["task_id"]] = record
+            records.append(record)
     if torn:
         with open(path, "r+b") as f:
             f.truncate(len(raw) - len(torn))
     return records
+
+
+# A record's per-sample fields (see santacpu.harness.scoring): lists of one entry a sample.
+_SAMPLE_FIELDS = ("completions", "passed", "exact", "statuses")
+
+
+def _record_problem(record, samples: int) -> str | None:
+    """What makes `record` no problem's record of a run of `samples` samples, or None."""
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    if not isinstance(record.get("task_id"), str):
+        return "no task_id"
+    for name in _SAMPLE_FIELDS:
+        if not (isinstance(record.get(name), list) and len(record[name]) == samples):
+            return f"'{name}' is not a list of {samples}"
+    kinds = {"completions": str, "passed": bool, "exact": bool, "statuses": str}
+    for name, kind in kinds.items():
+        if not all(isinstance(value, kind) for value in record[name]):
+            return f"'{name}' holds something other than {'text' if kind is str else 'true or false'}"
+    return None

@@ -20,6 +20,9 @@ DEFAULT_EVAL_MAX_NEW_TOKENS = 128
 DEFAULT_TIMEOUT_S = 3.0  # the reference harness's
 
 
+MAX_SAMPLES = 1000  # completions of one problem
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     """- `benchmark`: single-line, multi-line, random-span or random-span-light.
@@ -48,6 +51,8 @@ class EvalSettings:
     def checked(self) -> EvalSettings:
         check_benchmark(self.benchmark)
         samples = arguments.integer(self.samples, "samples", minimum=1)
+        if samples > MAX_SAMPLES:  # (each problem's samples are held, and their programs run, at once)
+            raise SantacpuError(f"samples must be at most {MAX_SAMPLES} (the reference harness uses 200), got {samples}")
         ks = tuple(k for k in DEFAULT_KS if k <= samples) if self.ks is None else tuple(self.ks)
         for k in ks:
             k = arguments.integer(k, "k", minimum=1)
