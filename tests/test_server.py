@@ -612,8 +612,6 @@ class FailingOnce:
 @pytest.mark.parametrize("method", ["forward_batch", "forward", "new_cache"],
                          ids=["a batched step", "a prompt's computation", "a cache's allocation"])
 def test_a_step_that_raises_ends_the_requests_in_flight_and_the_server_goes_on(quantized, capfd, method):
-    from concurrent.futures import ThreadPoolExecutor
-
     # The generation thread had no guard: any error in a step would have left every request waiting
     # (and a sequence whose prompt failed to join was in neither the queue nor the batch).
     def failing():
@@ -621,16 +619,16 @@ def test_a_step_that_raises_ends_the_requests_in_flight_and_the_server_goes_on(q
         model.engine = FailingOnce(model.engine, method)
         return model
 
-    app = build_app(ServerSettings(model_name="tiny"), failing)
-    with in_process(app) as c:
-        wait_ready(c.get)
+    server = LiveServer(build_app(ServerSettings(model_name="tiny"), failing))
+    try:  # (a real server and a client timeout: a request left waiting fails the test, not hangs it)
         body = {"prompt": "def f(x):", "n_predict": 8, "temperature": 0}
-        with ThreadPoolExecutor(1) as pool:  # (a request left waiting fails the test, not hangs it)
-            first = pool.submit(c.post, "/completion", json=body).result(timeout=30)
-            assert first.status_code == 200 and first.json()["tokens_predicted"] <= 1, first.text
-            assert first.json()["tokens_predicted"] == (method == "forward_batch"), first.text
-            second = pool.submit(c.post, "/completion", json=body).result(timeout=30)
-            assert second.status_code == 200 and second.json()["tokens_predicted"] == 8, second.text
+        first = httpx.post(server.url + "/completion", json=body, timeout=30)
+        assert first.status_code == 200 and first.json()["tokens_predicted"] <= 1, first.text
+        assert first.json()["tokens_predicted"] == (method == "forward_batch"), first.text
+        second = httpx.post(server.url + "/completion", json=body, timeout=30)
+        assert second.status_code == 200 and second.json()["tokens_predicted"] == 8, second.text
+    finally:
+        server.stop()
     assert "internal error in generation" in capfd.readouterr().err
 
 
