@@ -60,6 +60,8 @@ class ResultsFile:
         so a run that fails before any leaves nothing), or, with `resume`, the one there, checked."""
         header = {"format": FORMAT, **header}
         try:
+            if path.exists() and not path.is_file():  # (/dev/null passed as new, and failed at the first record)
+                raise SantacpuError(f"{path} is not a regular file; choose another --out")
             existing = path.exists() and path.stat().st_size > 0
             if existing and not resume:
                 raise SantacpuError(f"{path} exists: pass --resume to continue that run, or choose another --out")
