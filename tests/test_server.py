@@ -632,6 +632,40 @@ def test_a_step_that_raises_ends_the_requests_in_flight_and_the_server_goes_on(q
     assert "internal error in generation" in capfd.readouterr().err
 
 
+def test_bodies_read_at_once_are_bounded(live):
+    # Half-sent bodies each held up to 4 MiB, with no bound on their number.
+    import socket
+
+    from santacpu.server.service import MAX_BODIES_IN_FLIGHT
+
+    port = int(live.url.rsplit(":", 1)[1])
+    state = live.app.state.santacpu
+    held = []
+    try:
+        for _ in range(MAX_BODIES_IN_FLIGHT):
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(b"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: 1000000\r\n\r\n{")
+            held.append(connection)
+        for _ in range(200):
+            if state.bodies_in_flight == MAX_BODIES_IN_FLIGHT:
+                break
+            time.sleep(0.05)
+        refused = httpx.post(live.url + "/completion", json={"prompt": "x", "n_predict": 1}, timeout=10)
+        assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+        assert "requests are sending their bodies already" in refused.json()["error"]["message"]
+        assert httpx.get(live.url + "/health", timeout=10).status_code == 200  # (no body: served)
+    finally:
+        for connection in held:
+            connection.close()
+    for _ in range(200):
+        if state.bodies_in_flight == 0:
+            break
+        time.sleep(0.05)
+    served = httpx.post(live.url + "/completion", json={"prompt": "x", "n_predict": 1}, timeout=10)
+    assert served.status_code == 200, served.text
+
+
 def test_the_fim_budget_caps_the_prompt(quantized):
     app = build_app(ServerSettings(model_name="tiny", fim_budget=24), lambda: santacpu.load(quantized))
     with in_process(app) as c:

@@ -56,6 +56,7 @@ class ServerState:
         self.model: Model | None = None
         self.worker: GenerationWorker | None = None
         self.slots: dict[int, list] = {}  # id_slot -> the feeds of its latest request
+        self.bodies_in_flight = 0  # requests whose bodies are being read (event loop only: no lock)
         self.closing = False
         self.load_failed = False
         self.started = time.time()
@@ -136,6 +137,11 @@ class ServerState:
         return [CompletionText(feed, model.tokenizer, job, submitted) for feed in feeds]
 
 
+# Bodies read at once: clients that send theirs slowly, or never finish, hold at most this many
+# times MAX_BODY_BYTES (256 MiB); an editor's requests each arrive in milliseconds.
+MAX_BODIES_IN_FLIGHT = 64
+
+
 async def read_body(request: Request) -> dict:
     """The request's JSON object, parsed on a worker thread; only `application/json` is read."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -148,12 +154,20 @@ async def read_body(request: Request) -> dict:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise body_too_large()
-    chunks, size = [], 0
-    async for chunk in request.stream():  # read no further than the limit, whatever the header said
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise body_too_large()
-        chunks.append(chunk)
+    state = request.app.state.santacpu
+    if state.bodies_in_flight >= MAX_BODIES_IN_FLIGHT:  # (each may hold up to MAX_BODY_BYTES while it comes)
+        raise RequestError(f"{MAX_BODIES_IN_FLIGHT} requests are sending their bodies already; try again shortly",
+                           503, "unavailable")
+    state.bodies_in_flight += 1
+    try:
+        chunks, size = [], 0
+        async for chunk in request.stream():  # read no further than the limit, whatever the header said
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise body_too_large()
+            chunks.append(chunk)
+    finally:
+        state.bodies_in_flight -= 1
     return await run_in_threadpool(parse_body, b"".join(chunks))
 
 
