@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from santacpu.atomic_file import check_writable, remove_stale_partials
+from santacpu.atomic_file import check_writable, partial_target, remove_stale_partials
 from santacpu.errors import SantacpuError, SantacpuWarning, WriteError, os_problem
 from santacpu.formats.blocks import FORMATS
 from santacpu.formats.quantized_file import DEFAULT_QUANT, FORMAT_VERSION, names_quantized_file, read_metadata
@@ -64,14 +64,18 @@ def cache_dir() -> Path:
 # The names this cache gives its files (`cached_file_for`) and their partial copies while written
 # (santacpu.atomic_file): `cache list` and `cache clear` touch nothing else in the folder, which a
 # user may have pointed at a folder of their own ($SANTACPU_CACHE=~/models).
-_CACHED_NAME = re.compile(r"(?P<name>.+-(?:%s)-[0-9a-f]{16}\.safetensors)" % "|".join(map(re.escape, FORMATS)))
-_PARTIAL_NAME = re.compile(r"\.(?P<name>.+)\.[^.]+\.partial")
+_CACHED_NAME = re.compile(r".+-(?:%s)-[0-9a-f]{16}\.safetensors" % "|".join(map(re.escape, FORMATS)))
 
 
-def _cache_file(path: Path) -> bool:
-    """Whether the file at `path` is one this cache writes (or a partial copy of one)."""
-    partial = _PARTIAL_NAME.fullmatch(path.name)
-    return bool(_CACHED_NAME.fullmatch(partial["name"] if partial else path.name))
+def _cache_files() -> list[Path]:
+    """The files in the cache folder that this cache writes (or partial copies of them)."""
+    folder = cache_dir()
+    if folder.exists() and not folder.is_dir():
+        raise SantacpuError(f"the quantization cache {folder} is not a folder (see {CACHE_ENV})")
+    if not folder.is_dir():
+        return []
+    return [path for path in folder.iterdir()
+            if path.is_file() and _CACHED_NAME.fullmatch(partial_target(path.name) or path.name)]
 
 
 def cached_file_for(folder: Path, qtype: str) -> Path:
@@ -144,15 +148,8 @@ class CacheEntry:
 def cache_entries() -> list[CacheEntry]:
     """Every file the quantization cache wrote (first-use quantizations, and leftovers of conversions
     cut short), largest first; other files in its folder are not the cache's and are left out."""
-    folder = cache_dir()
-    if folder.exists() and not folder.is_dir():
-        raise SantacpuError(f"the quantization cache {folder} is not a folder (see {CACHE_ENV})")
-    if not folder.is_dir():
-        return []
     entries = []
-    for path in folder.iterdir():
-        if not path.is_file() or not _cache_file(path):
-            continue
+    for path in _cache_files():
         qtype = source = created = "?"
         problem = None
         try:
@@ -172,11 +169,9 @@ def clear_cache(model: str | None = None, revision: str | None = None) -> list[C
     # Finished files only: a `.partial` file may be a conversion still being written. Those whose
     # writer is gone (killed outright) go too when everything is cleared, with a warning each, as
     # the next write of their file would remove them (santacpu.atomic_file).
-    if model is None:
-        for entry in cache_entries():
-            partial = _PARTIAL_NAME.fullmatch(entry.path.name)
-            if partial:
-                remove_stale_partials(entry.path.parent / partial["name"])
+    if model is None:  # (by name alone: no file's metadata is read for this)
+        for target in {partial_target(path.name) for path in _cache_files()} - {None}:
+            remove_stale_partials(cache_dir() / target)
     entries = [e for e in cache_entries() if not e.path.name.endswith(".partial")]
     if model is not None:
         folder = _local_folder(model, revision)

@@ -29,6 +29,7 @@ from typing import BinaryIO, Iterator
 from .errors import SantacpuWarning, WriteError, os_problem
 
 _PARTIAL = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[a-z0-9_]{8}\.partial")  # after ".NAME."
+_PARTIAL_FILE = re.compile(r"\.(?P<target>.+)\." + _PARTIAL.pattern)  # a whole partial file's name
 
 
 def check_writable(path: str | os.PathLike, what: str = "") -> None:
@@ -91,6 +92,13 @@ def remove_stale_partials(path: str | os.PathLike) -> None:
                 os.unlink(partial)
                 warnings.warn(f"removed {partial}, left by an earlier write of {path.name} whose process "
                               f"({found['pid']}) was killed", SantacpuWarning, stacklevel=3)
+
+
+def partial_target(name: str) -> str | None:
+    """The name of the file that the partial file named `name` is being written as, or None where
+    `name` is no partial file's name."""
+    found = _PARTIAL_FILE.fullmatch(name)
+    return found["target"] if found else None
 
 
 def _host_tag() -> str:
