@@ -795,7 +795,7 @@ def test_long_text_is_bounded_before_tokenizing_and_off_the_event_loop(live, mod
 
 
 def test_the_prefix_is_cut_in_whole_steps_so_typing_keeps_the_cut():
-    from santacpu.server.requests import TEXT_CUT_STEP, text_near_cursor
+    from santacpu.generation.prompts import TEXT_CUT_STEP, text_near_cursor
 
     prefix = "".join(f"line {i}\n" for i in range(5000))
     cuts = {len(prefix + "a" * typed) - len(text_near_cursor(prefix + "a" * typed, "", 1000)[0]) for typed in range(50)}

@@ -9,7 +9,8 @@ reads its own field names with these. Every problem is a `RequestError`: the app
 Bounded cost: a request's text work is bounded before any tokenizing. A plain prompt longer than
 the context could hold (`n_ctx` times the longest token's characters) is refused; a FIM request's
 prefix and suffix are first cut to that much text nearest the cursor (`truncated` says so), the
-prefix's cut moving in whole `TEXT_CUT_STEP` characters so that it stays put while the user types.
+prefix's cut moving in whole steps so that it stays put while the user types
+(`generation.prompts.text_near_cursor`, inside `fim_prompt_of_text`).
 Stop strings are bounded in number and size (a 400 names the limit).
 
 May import: `santacpu.generation`, `santacpu.tokenizer`, `santacpu.errors`, the server's
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 from ..errors import SantacpuError
 from ..generation.options import GenerationOptions
-from ..generation.prompts import TEXT_CUT_STEP, fim_options, fim_prompt_of_text, text_limit, text_near_cursor  # noqa: F401 (re-exported)
+from ..generation.prompts import fim_options, fim_prompt_of_text, text_limit
 from ..tokenizer import Tokenizer
 from .fim_templates import split_fim_template
 
@@ -217,7 +218,6 @@ def encode_prompt(tokenizer: Tokenizer, prompt, n_ctx: int) -> list[int]:
 
 
 def fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: int, order: str, budget: int | None) -> Job:
-    prefix, suffix, cut = text_near_cursor(prefix, suffix, text_limit(tokenizer, n_ctx))
     options = fim_options(options, tokenizer)
     # The answer's room: what was asked for, at most half the context (llama.cpp: n_predict).
     try:
@@ -226,7 +226,7 @@ def fim_job(tokenizer, prefix: str, suffix: str, options, extras: dict, n_ctx: i
         )
     except SantacpuError as e:
         raise RequestError(str(e)) from None
-    return make_job(ids, options, extras, truncated or cut)
+    return make_job(ids, options, extras, truncated)  # (cut near the cursor, or trimmed to the context)
 
 
 def make_job(ids: list[int], options: GenerationOptions, extras: dict, truncated: bool) -> Job:
