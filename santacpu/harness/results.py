@@ -131,8 +131,9 @@ def _read_for_resume(path: Path, header: dict) -> list[dict] | None:
     return records
 
 
-# A record's per-sample fields (see santacpu.harness.scoring): lists of one entry a sample.
-_SAMPLE_FIELDS = ("completions", "passed", "exact", "statuses")
+# A record's per-sample fields (see santacpu.harness.scoring): lists of one entry a sample, each
+# entry of this type.
+_SAMPLE_FIELDS = {"completions": str, "passed": bool, "exact": bool, "statuses": str}
 
 
 def _record_problem(record, samples: int) -> str | None:
@@ -144,8 +145,7 @@ def _record_problem(record, samples: int) -> str | None:
     for name in _SAMPLE_FIELDS:
         if not (isinstance(record.get(name), list) and len(record[name]) == samples):
             return f"'{name}' is not a list of {samples}"
-    kinds = {"completions": str, "passed": bool, "exact": bool, "statuses": str}
-    for name, kind in kinds.items():
+    for name, kind in _SAMPLE_FIELDS.items():
         if not all(isinstance(value, kind) for value in record[name]):
             return f"'{name}' holds something other than {'text' if kind is str else 'true or false'}"
     return None
