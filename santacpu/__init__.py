@@ -9,12 +9,17 @@ backend is made: `santacpu.backends.cpu.target`).
 Numba's variables (`NUMBA_NUM_THREADS`, `NUMBA_THREADING_LAYER`) are checked before Numba is
 imported: a bad one is a SantacpuError, and for the command line one error line.
 
+The API's names load on first use (PEP 562), so that importing the package (or `santacpu.errors`,
+or the console script's `santacpu.__main__`) does not import NumPy and Numba: a Ctrl-C while the
+command line's modules load is then the command line's own one-line "interrupted".
+
 May import: `santacpu.model`, `santacpu.generation.options`, `santacpu.errors`, `santacpu.version` (the
 API re-exported here), `santacpu.settings` (the check above).
 """
 
 import os as _os
 import sys as _sys
+from typing import TYPE_CHECKING, Any, List
 
 from .errors import SantacpuError, SantacpuWarning
 from .settings import numba_environment_problem as _numba_environment_problem
@@ -32,8 +37,26 @@ def _refuse_numba_environment() -> None:
 
 
 _refuse_numba_environment()
-from .generation.options import GenerationOptions
-from .model import Model, load
 from .version import __version__
 
+if TYPE_CHECKING:
+    from .generation.options import GenerationOptions
+    from .model import Model, load
+
 __all__ = ["GenerationOptions", "Model", "SantacpuError", "SantacpuWarning", "__version__", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GenerationOptions":
+        from .generation.options import GenerationOptions
+
+        return GenerationOptions
+    if name in ("Model", "load"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'santacpu' has no attribute {name!r}")
+
+
+def __dir__() -> List[str]:
+    return sorted(set(globals()) | set(__all__))

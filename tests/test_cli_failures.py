@@ -159,6 +159,35 @@ def test_ctrl_c_during_complete_exits_130(tmp_path, tiny):
     assert (done.returncode, stderr_lines(done)) == (130, ["santacpu: interrupted"])
 
 
+def test_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback():
+    # The package itself loads without NumPy or Numba, so the console script's own import is short;
+    # the Ctrl-C lands while `santacpu.cli` (and Numba behind it) loads, as a finder stands in for it.
+    script = textwrap.dedent("""
+        import sys
+        import santacpu.__main__
+        assert not {"numpy", "numba", "santacpu.cli"} & set(sys.modules), sorted(sys.modules)
+        class Interrupted:
+            def find_spec(self, name, path=None, target=None):
+                if name == "santacpu.cli":
+                    raise KeyboardInterrupt
+        sys.meta_path.insert(0, Interrupted())
+        santacpu.__main__.main()
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=helpers.santacpu_env({}))
+    assert (done.returncode, done.stderr) == (130, "santacpu: interrupted\n")
+
+
+def test_the_api_names_load_on_first_use():
+    script = "import sys, santacpu; assert 'numba' not in sys.modules; print(santacpu.load.__module__, " \
+             "santacpu.Model.__name__, santacpu.GenerationOptions.__name__, 'load' in dir(santacpu))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env=helpers.santacpu_env({}))
+    assert done.stdout.split() == ["santacpu.model", "Model", "GenerationOptions", "True"], done.stderr
+    with pytest.raises(AttributeError, match="no attribute 'lod'"):
+        santacpu.lod  # noqa: B018
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing where the file system refuses
 
