@@ -460,6 +460,17 @@ def test_an_exit_on_the_way_is_not_a_pass(source):
     assert result.detail.startswith(("exit", "AssertionError")), result
 
 
+def test_a_program_that_closes_descriptors_it_did_not_open():
+    # Closing every descriptor up to the limit (as daemon-style code does) leaves the harness's pipe
+    # alone; closing each one there is fails the run, and says why.
+    result, _ = run("import os, resource\nos.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[1])\n"
+                    "assert sum(range(4)) == 6\n")
+    assert result.passed, result
+    result, _ = run("import os\nfor fd in os.listdir('/proc/self/fd')[3:]:\n    try: os.close(int(fd))\n"
+                    "    except OSError: pass\n")
+    assert result.status == "failed" and "closed the harness's descriptor" in result.detail, result
+
+
 # ---------------------------------------------------------------------------------------------
 # Ordinary programs
 

@@ -48,6 +48,7 @@ KEYCTL_JOIN_SESSION_KEYRING, ENOSYS, EPERM, EACCES = 1, 38, 1, 13
 STDERR_TAIL = 4096  # bytes of the program's stderr the supervisor passes on
 TOKEN_BYTES = 16
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+FINISHED_DESCRIPTOR = 1023
 DEVICE_LINKS = (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                 ("stderr", "/proc/self/fd/2"))
 # mountinfo writes a space, tab, newline or backslash in a path as \NNN (octal); anything else as is.
@@ -194,6 +195,14 @@ def supervise():
     pid = os.fork()
     if pid == 0:
         os.close(finished_read)
+        # Far above the descriptors a program may open (its RLIMIT_NOFILE, set after this fork, is
+        # 64): out of reach of os.closerange(3, limit), as daemon-style code closes what it inherits.
+        try:
+            os.dup2(finished_write, FINISHED_DESCRIPTOR)
+            os.close(finished_write)
+            finished_write = FINISHED_DESCRIPTOR
+        except OSError:  # (a caller whose own limit is below it: the pipe stays where it was)
+            pass
         return finished_write, token
     os.close(finished_write)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -259,7 +268,11 @@ def run_to_the_end(source, finished, token):
             exit_now(1)
     try:
         flush()
-        write(finished, token)
+        try:
+            write(finished, token)
+        except OSError:
+            write(2, f"the program closed the harness's descriptor {finished}; the run cannot pass\n".encode())
+            exit_now(1)
     finally:
         exit_now(0)
 
