@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from santacpu.atomic_file import check_writable, partial_target, remove_stale_partials
+from santacpu.atomic_file import check_writable, describe_partial, partial_target, remove_stale_partials
 from santacpu.errors import SantacpuError, SantacpuWarning, WriteError, os_problem
 from santacpu.formats.blocks import FORMATS
 from santacpu.formats.quantized_file import DEFAULT_QUANT, FORMAT_VERSION, names_quantized_file, read_metadata
@@ -142,7 +142,7 @@ class CacheEntry:
     qtype: str  # the type asked for, from the file's metadata ("?" where it cannot be read)
     source: str  # the full-precision folder it was made from ("?" where it cannot be read)
     created: str
-    problem: str | None = None  # why its metadata cannot be read (a partial or damaged file), or None
+    problem: str | None = None  # a partial file's state, or why a damaged file's metadata cannot be read
 
 
 def cache_entries() -> list[CacheEntry]:
@@ -151,14 +151,15 @@ def cache_entries() -> list[CacheEntry]:
     entries = []
     for path in _cache_files():
         qtype = source = created = "?"
-        problem = None
-        try:
-            _, meta = read_metadata(path)
-            qtype = str(meta["quantization"].get("type"))
-            source = str(meta["provenance"].get("resolved_path") or meta["provenance"].get("source"))
-            created = str(meta["provenance"].get("created"))
-        except SantacpuError as bad:
-            problem = str(bad).replace(str(path), "").strip(" :") or "unreadable"
+        problem = describe_partial(path.name)  # (not read: a partial file's header may be whole)
+        if problem is None:
+            try:
+                _, meta = read_metadata(path)
+                qtype = str(meta["quantization"].get("type"))
+                source = str(meta["provenance"].get("resolved_path") or meta["provenance"].get("source"))
+                created = str(meta["provenance"].get("created"))
+            except SantacpuError as bad:
+                problem = str(bad).replace(str(path), "").strip(" :") or "unreadable"
         entries.append(CacheEntry(path, path.stat().st_size, qtype, source, created, problem))
     return sorted(entries, key=lambda e: (-e.bytes, e.path.name))
 

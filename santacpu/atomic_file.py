@@ -101,6 +101,19 @@ def partial_target(name: str) -> str | None:
     return found["target"] if found else None
 
 
+def describe_partial(name: str) -> str | None:
+    """What the partial file named `name` is, in words (its writer live, gone, or on another host),
+    or None where `name` is no partial file's name."""
+    found = _PARTIAL_FILE.fullmatch(name)
+    if found is None:
+        return None
+    if found["pid"] is None or found["host"] != _host_tag():
+        return "a partial file: still being written, or left by an interrupted write"
+    if _process_exists(int(found["pid"])):
+        return f"a partial file, being written by process {found['pid']}"
+    return "a partial file left by an interrupted write"
+
+
 def _host_tag() -> str:
     """This host, as 8 hex digits: a process id means something only on the host that ran it."""
     return f"{zlib.crc32(socket.gethostname().encode()):08x}"

@@ -141,6 +141,8 @@ def test_first_use_quantizes_once_into_the_cache(tmp_path):
 
     dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
     (cache / f".{cached}.{_host_tag()}-{dead}-abcd1234.partial").write_bytes(b"half a model")
+    partial_row = run("cache", "list", cache=cache).stdout.decode().splitlines()[-1]
+    assert partial_row.split()[:3] == ["0.0", "?", "?"] and "(a partial file left by an interrupted write)" in partial_row
     everything = run("cache", "clear", cache=cache)
     assert everything.returncode == 0 and everything.stdout.decode().startswith("removed 2 files")
     assert "was killed" in everything.stderr.decode()
