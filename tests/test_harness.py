@@ -268,10 +268,10 @@ def test_a_full_precision_model_runs_as_load_runs_it(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the fixture has no tokenizer.json
         default, _ = evaluate(str(TRAINED), tmp_path / "q8.jsonl", settings)
-        assert default["model"].endswith("-q8_0-" + default["model"].rsplit("-", 1)[1])  # the cached file
+        assert default["model"] == f"{TRAINED} (q8_0)"  # run as its cached q8_0 file
         assert len(list((tmp_path / "cache").iterdir())) == 1
         both = evaluate_against(str(TRAINED), str(TRAINED), tmp_path / "fp.jsonl", settings, quant="none")
-    assert both["model"]["model"] == both["reference"]["model"] == TRAINED.name
+    assert both["model"]["model"] == both["reference"]["model"] == str(TRAINED)
     assert both["comparison"]["agreement"] == 1.0  # the same weights, greedy: the same completions
 
 

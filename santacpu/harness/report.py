@@ -19,7 +19,8 @@ def _row(name: str, summary: dict, ks) -> str:
 def report_lines(result: dict, ks) -> list[str]:
     """`result`: {"model": summary} or, with a reference, {"model", "reference", "comparison"}."""
     mine = result["model"]
-    head = f"HumanEval-infilling {mine['benchmark']}: {mine.get('problems', 0)} problems, {mine.get('samples', 0)} sample(s) each"
+    problems = mine.get("problems", 0)
+    head = f"HumanEval-infilling {mine['benchmark']}: {problems} problem{'s' * (problems != 1)}, {mine.get('samples', 0)} sample(s) each"
     lines = [head, f"{'model':<32} " + "  ".join(f"{'pass@' + str(k):>7}" for k in ks) + "  exact match  programs passed/failed/timed out"]
     lines.append(_row(mine["model"], mine, ks))
     if "reference" in result:
@@ -33,7 +34,9 @@ def report_lines(result: dict, ks) -> list[str]:
     for summary in [mine] + ([result["reference"]] if "reference" in result else []):
         run = summary["run"]
         speed = f", {run['problems_per_minute']} problems a minute" if run["problems_per_minute"] else ""
-        lines.append(f"{summary['file']}: {run['problems']} problems run {run['where']} in {run['seconds']} s{speed}")
+        ran = f"{run['problems']} problem{'s' * (run['problems'] != 1)}"
+        lines.append(f"{summary['file']}: {ran} run {run['where']} in {run['seconds']} s{speed}")
         if summary.get("truncated_prompts"):
-            lines.append(f"  {summary['truncated_prompts']} prompts lost text to fit the model's context")
+            cut = summary["truncated_prompts"]
+            lines.append(f"  {cut} prompt{'s' * (cut != 1)} lost text to fit the model's context")
     return lines

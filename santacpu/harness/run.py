@@ -3,7 +3,7 @@ run (here or on Ray), and the summary; with a reference model, the same again fo
 comparison of the two. A full-precision model is evaluated as `santacpu.load` runs it: its cached
 quantization (`quant`, default q8_0); the reference of a comparison runs in full precision.
 
-May import: `santacpu.model`, `santacpu.progress` and the harness's modules.
+May import: `santacpu.model`, `santacpu.progress`, `santacpu.formats` (the default quantization's name) and the harness's modules.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..formats.quantized_file import DEFAULT_QUANT
 from ..model import load, quant_as_it_is, runnable_model
 from ..progress import Progress
 from .local import run_local
@@ -26,6 +27,11 @@ def open_results(model: str, out: Path, settings: EvalSettings, resume: bool) ->
     return ResultsFile.open(Path(out), {**settings.identity(), "model": model_fingerprint(model)}, resume)
 
 
+def shown_name(model: str, runnable: str, quant: str | None) -> str:
+    """The model as its user named it, with the type of the quantization first use made of it."""
+    return str(model) if str(runnable) == str(model) else f"{model} ({quant or DEFAULT_QUANT})"
+
+
 def evaluate(
     model: str,
     out: Path,
@@ -38,15 +44,19 @@ def evaluate(
     ray: RayPlacement | None = None,
     label: str = "eval",
     results: ResultsFile | None = None,
+    name: str | None = None,
 ) -> tuple[dict, list[dict]]:
     """Run (or finish) one model's evaluation into `out`: (its summary, its records in the
     benchmark's order). `ray` None runs here; else on a Ray cluster (see `ray_pipeline`).
-    `results`: the file opened already (`open_results`). `quant`: as `santacpu.load`'s."""
+    `results`: the file opened already (`open_results`). `quant`: as `santacpu.load`'s. `name`:
+    the summary's name for it (default: `shown_name`)."""
     settings = settings.checked()
     problems = load_problems(settings.benchmark, settings.limit)
     if ray is not None:
         require_ray()
+    asked = model
     model, revision = runnable_model(model, revision, quant)
+    name = name or shown_name(asked, model, quant)
     results = results or open_results(model, out, settings, resume)
     todo = [p for p in problems if p.task_id not in results.finished]
     progress = Progress(len(todo), label)
@@ -66,7 +76,7 @@ def evaluate(
     order = {p.task_id: i for i, p in enumerate(problems)}
     records = sorted((r for r in results.records if r["task_id"] in order), key=lambda r: order[r["task_id"]])
     summary = {
-        "model": results.header["model"]["name"],
+        "model": name,
         "benchmark": settings.benchmark,
         **summarize(records, settings.ks),
         "truncated_prompts": sum(bool(r.get("truncated")) for r in records),
@@ -96,13 +106,14 @@ def evaluate_against(
     first-use quantization of `model` is made first)."""
     settings = settings.checked()
     resume = run.get("resume", False)
+    names = model, reference
     model, revision = runnable_model(model, revision, quant)
     reference, reference_revision = runnable_model(reference, reference_revision, "none")
     files = open_results(model, out, settings, resume), open_results(reference, reference_path(out), settings, resume)
     mine, records = evaluate(model, out, settings, label="eval model", results=files[0], revision=revision,
-                             quant=quant_as_it_is(model), **run)
+                             quant=quant_as_it_is(model), name=shown_name(names[0], model, quant), **run)
     theirs, reference_records = evaluate(
         reference, reference_path(out), settings, label="eval reference", results=files[1],
-        revision=reference_revision, quant="none", **run,
+        revision=reference_revision, quant="none", name=str(names[1]), **run,
     )
     return {"model": mine, "reference": theirs, "comparison": compare(records, reference_records)}
