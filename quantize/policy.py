@@ -27,6 +27,7 @@ May import: `santacpu.formats` (blocks, split_rows), `santacpu.errors`.
 from __future__ import annotations
 
 import fnmatch
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -90,8 +91,9 @@ def greedy_upgrades(gains: dict[str, dict], extra: dict[str, dict], budget: floa
             for level in levels[levels.index(current) + 1 if current is not None else 0 :]:
                 cut = by_level[level] - (by_level[current] if current is not None else 0.0)
                 cost = extra[name][level] - (extra[name][current] if current is not None else 0)
-                if cut > 0 and cost <= budget and (best is None or cut / cost > best[0]):
-                    best = (cut / cost, name, level, cost)
+                rate = cut / cost if cost > 0 else math.inf  # (a raise can be free: small matrices' blocks)
+                if cut > 0 and cost <= budget and (best is None or rate > best[0]):
+                    best = (rate, name, level, cost)
         if best is None:
             return chosen
         _, name, level, cost = best
@@ -256,9 +258,8 @@ class Policy:
             return "f32"
         if name == "wpe":
             return "f16"
-        if name == "wte":
-            return EMBEDDING_TYPE.get(self.qtype, self.qtype)
-        return self.qtype
+        chosen = EMBEDDING_TYPE.get(self.qtype, self.qtype) if name == "wte" else self.qtype
+        return "f16" if chosen in FORMATS and shape[1] % FORMATS[chosen].block_size else chosen
 
     def assign(self, shapes: dict[str, tuple[int, ...]], gains: dict[str, dict] | None = None) -> dict[str, str]:
         """The storage type of every tensor (see `plan`)."""

@@ -40,6 +40,11 @@ from .policy import EMBEDDING_ROW_COUNTS, EMBEDDING_TYPE, ROW_UPGRADE_TYPE, UPGR
 SENSITIVITY_TOKENS = 128  # the first calibration tokens, in sequences as calibration cut them
 
 
+def _whole_blocks(weight) -> bool:
+    """Whether a weight's rows are whole blocks (others stay float16, and have no upgrades)."""
+    return weight.shape[1] % FORMATS["q8_0"].block_size == 0
+
+
 def _roundtrip(qtype: str, weight: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
     fmt = FORMATS[qtype]
     return fmt.dequantize(fmt.quantize(weight, importance)).astype(np.float32, copy=False)
@@ -110,7 +115,8 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
         exact = [layer_forward(x, layer) for x in inputs[i]]
         errors: dict[str, dict[str, float]] = {}
         low = {}
-        for name in LINEAR:
+        measured = [name for name in LINEAR if _whole_blocks(getattr(layer, name))]
+        for name in measured:
             weight = np.asarray(getattr(layer, name), dtype=np.float32)
             imp = None if importance is None else importance.get(f"h.{i}.{name}")
             errors[name] = {}
@@ -124,12 +130,12 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
         outputs = [layer_forward(x, dataclasses.replace(layer, **low)) for x in inputs[i]]
         reader.release(layer)
         kld = mean_kld(through_layers(outputs, i + 1))
-        total = sum(errors[n][qtype] for n in LINEAR) or 1.0
-        for name in LINEAR:
+        total = sum(errors[n][qtype] for n in measured) or 1.0
+        for name in measured:
             gains[f"h.{i}.{name}"] = {t: max(0.0, kld * (errors[name][qtype] - errors[name][t]) / total) for t in UPGRADE_TYPES}
         progress.step(f"layer {i}")
     counts = [k for k in EMBEDDING_ROW_COUNTS if most_used is not None and k <= len(most_used) and k < c.vocab_size]
-    if most_used is not None:
+    if most_used is not None and _whole_blocks(wte):
         imp = None if importance is None else importance.get("wte")
         table = _roundtrip(EMBEDDING_TYPE[qtype], np.asarray(wte, np.float32), imp)
         base = embedding_kld(table)

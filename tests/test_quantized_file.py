@@ -364,3 +364,7 @@ def test_the_greedy_upgrade_choice_buys_the_most_kld_per_byte_within_the_budget(
     assert greedy_upgrades(gains, extra, 15) == {"a": "q6_0"}
     assert greedy_upgrades(gains, extra, 25) == {"a": "q8_0"}  # a's step to q8_0 (0.1 for 10) beats b (0.05 for 10)
     assert greedy_upgrades(gains, extra, 100) == {"a": "q8_0", "b": "q6_0"}
+    # A raise that costs nothing (a small matrix's q6_0 blocks as large as its q4_m ones) is bought first.
+    free = {"a": {"q6_0": 0, "q8_0": 20}, "b": {"q6_0": 10, "q8_0": 20}}
+    assert greedy_upgrades(gains, free, 0) == {"a": "q6_0"}
+    assert greedy_upgrades(gains, free, 10) == {"a": "q6_0", "b": "q6_0"}

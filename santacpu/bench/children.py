@@ -80,9 +80,10 @@ def _child_speed(job: dict, import_s: float) -> dict:
     stream = text_token_stream(model.tokenizer, longest, model.config.vocab_size)
     first_forward_s = _first_forward(model, stream[:1])
     # Warm-up, not timed: both kernel paths (many tokens, one token) run once in this process.
-    warm = engine.new_cache(TINY_PREFILL_TOKENS + 1)
-    engine.forward(warm, stream[:TINY_PREFILL_TOKENS])
-    engine.forward(warm, stream[TINY_PREFILL_TOKENS : TINY_PREFILL_TOKENS + 1])
+    n = min(TINY_PREFILL_TOKENS, model.config.n_positions - 1)
+    warm = engine.new_cache(n + 1)
+    engine.forward(warm, stream[:n])
+    engine.forward(warm, stream[n : n + 1])
 
     prefill, decode, fim, fim_prompt_tokens, decoded = [], [], [], 0, 0
     for r in range(repeat):
