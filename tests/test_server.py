@@ -6,6 +6,7 @@ library's own. Bounded: a few dozen requests on the tiny quantized model."""
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -1095,6 +1096,19 @@ def test_ollama_streams_ndjson_by_default(client, model):
     assert last["done"] is True and last["response"] == "" and 0 < last["eval_count"] <= 6
     assert {"total_duration", "prompt_eval_count", "prompt_eval_duration", "eval_duration", "done_reason"} <= set(last)
     assert client.get("/").text == "Ollama is running"
+
+
+def test_ollama_details_name_the_served_weights(client, model):
+    # The size and level come from the loaded weights, not the name the server was given ("tiny").
+    from safetensors import safe_open
+
+    with safe_open(tiny_checkpoint() / "model.safetensors", "np") as f:
+        count = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys() if not k.endswith(".attn.bias"))
+    show = client.post("/api/show", json={"model": "santacoder"}).json()
+    assert show["model_info"]["general.parameter_count"] == count
+    assert show["details"]["quantization_level"] == "Q8_0"
+    assert show["details"]["parameter_size"] == f"{count / 1e6:.1f}M"
+    assert client.get("/api/tags").json()["models"][0]["details"] == show["details"]
 
 
 GOOD = {"model": "santacoder", "prompt": "x"}

@@ -10,15 +10,16 @@ loads the model (`done_reason` "load"). Errors
 are Ollama's `{"error": "message"}` (the app shapes them by path).
 
 May import: starlette, `santacpu.model`, `santacpu.generation`, `santacpu.errors`, `santacpu.tokenizer`,
-the server's `requests`, `service` and `completion`.
+`santacpu.config` and `santacpu.network.weights` (the served model's size and type), the server's `requests`, `service` and `completion`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+import math
 import time
+from collections import Counter
 from datetime import datetime, timedelta, timezone
 
 from starlette.concurrency import run_in_threadpool
@@ -26,7 +27,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from ..config import Config
 from ..generation.options import GenerationOptions
+from ..model import Model
+from ..network.weights import LINEAR_WEIGHTS, ModelWeights, expected_layer_shapes
 from ..tokenizer import Tokenizer
 from .completion import CompletionText
 from .requests import Fields, Job, RequestError, generation_options, text_prompt_job
@@ -91,23 +95,41 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def quantization_of(name: str) -> str:
-    found = re.search(r"(q\d_\d|f16|f32|float16|float32|bfloat16)", name.lower())
-    return found.group(1).upper() if found else "F32"
+def parameter_count(config: Config) -> int:
+    """Every weight of a model of this shape (SantaCoder: 1,124,886,528, its padded vocabulary included)."""
+    per_layer = sum(math.prod(shape) for shape in expected_layer_shapes(config).values())
+    return (config.vocab_size + config.n_positions) * config.n_embd + config.n_layer * per_layer + 2 * config.n_embd
+
+
+def quantization_level(weights: ModelWeights) -> str:
+    """The storage type of most of the layers' matrix weights, as Ollama writes levels: Q8_0, Q4_M, F16, F32."""
+    held: Counter = Counter()
+    for layer in weights.layers:
+        for name in LINEAR_WEIGHTS:
+            weight = getattr(layer, name)
+            held[getattr(weight, "qtype", None) or weight.dtype.name] += math.prod(weight.shape)
+    kind = held.most_common(1)[0][0]
+    return {"float32": "F32", "float16": "F16"}.get(kind, kind.upper())
+
+
+def details_of(model: Model | None) -> dict:
+    """/api/show's, /api/tags' and /api/ps' `details` (the size and level empty while the model loads)."""
+    count = parameter_count(model.config) if model is not None else 0
+    size = f"{count / 1e9:.1f}B" if count >= 1e9 else f"{count / 1e6:.1f}M" if count else ""
+    return {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": "gpt_bigcode",
+        "families": ["gpt_bigcode"],
+        "parameter_size": size,
+        "quantization_level": quantization_level(model.weights) if model is not None else "",
+    }
 
 
 def routes(state: ServerState) -> list[Route]:
     """Ollama's endpoints over the shared state."""
     settings = state.settings
     digest = hashlib.sha256(settings.model_name.encode()).hexdigest()
-    details = {
-        "parent_model": "",
-        "format": "safetensors",
-        "family": "gpt_bigcode",
-        "families": ["gpt_bigcode"],
-        "parameter_size": "1.1B",
-        "quantization_level": quantization_of(settings.model_name),
-    }
 
     def modified_at() -> str:
         return datetime.fromtimestamp(state.started, timezone.utc).isoformat().replace("+00:00", "Z")
@@ -156,10 +178,11 @@ def routes(state: ServerState) -> list[Route]:
         if not (f.text("model", "") or f.text("name", "")):
             raise RequestError("model is required")
         f.flag("verbose", False)
-        n_ctx = state.model.config.n_positions if state.model is not None else None
-        info = {"general.architecture": "gpt_bigcode", "general.parameter_count": 1124886528}
-        if n_ctx is not None:
-            info["gpt_bigcode.context_length"] = n_ctx
+        model = state.model
+        info: dict = {"general.architecture": "gpt_bigcode"}
+        if model is not None:
+            info["general.parameter_count"] = parameter_count(model.config)
+            info["gpt_bigcode.context_length"] = model.config.n_positions
         return JSONResponse(
             {
                 "license": "BigCode OpenRAIL-M",
@@ -167,7 +190,7 @@ def routes(state: ServerState) -> list[Route]:
                 "parameters": "\n".join(f"{k} {v}" for k, v in OLLAMA_DEFAULTS.items() if k != "num_predict")
                 + '\nstop "<|endoftext|>"',
                 "template": TEMPLATE,
-                "details": details,
+                "details": details_of(model),
                 "model_info": info,
                 "capabilities": ["completion", "insert"],
                 "modified_at": modified_at(),
@@ -175,7 +198,8 @@ def routes(state: ServerState) -> list[Route]:
         )
 
     def listed(extra: dict) -> dict:
-        return {"name": SERVED_MODEL, "model": SERVED_MODEL, "digest": digest, "size": 0, "details": details, **extra}
+        return {"name": SERVED_MODEL, "model": SERVED_MODEL, "digest": digest, "size": 0, "details": details_of(state.model),
+                **extra}
 
     async def tags(request: Request) -> JSONResponse:
         return JSONResponse({"models": [listed({"modified_at": modified_at()})]})
