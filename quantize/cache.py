@@ -1,5 +1,6 @@
-"""First use of a full-precision model: quantize it once into the user's cache and reuse that file
-afterwards (a q8_0 SantaCoder is a quarter of the fp32 download, memory-mapped). `runnable_model`
+"""First use of a full-precision model: quantize it once into the user's cache, as `santacpu quantize
+--type QTYPE` does with its defaults (the 4-bit types calibrated on the standard library), and reuse
+that file afterwards (a q8_0 SantaCoder is a quarter of the fp32 download, memory-mapped). `runnable_model`
 is the one policy every caller applies (`santacpu.load`, and through it the command line, the
 server and the evaluation harness): what to load for a model name and a quantization choice.
 `cache_entries` and `clear_cache` are `santacpu cache list` and `santacpu cache clear`.
@@ -12,7 +13,8 @@ a file damaged since, a scale or full-precision value turned NaN) is made again,
 that names it. A cache that cannot be written (read-only, full, or a file where the folder should
 be) is a one-line error that says what to do.
 
-May import: `santacpu` (loading, formats, foundation modules) and `quantize.converter`.
+May import: `santacpu` (loading, formats, foundation modules) and `quantize.pipeline` and
+`quantize.calibration` (the file is made as `santacpu quantize` makes it, with its defaults).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from santacpu.loading.quantized import nonfinite_tensor, read_quantized
 from santacpu.loading.source import hub_revision, resolve
 from santacpu.settings import CACHE_ENV, Settings
 
-from .converter import convert
+from .calibration import DEFAULT_CALIBRATION_TOKENS
+from .pipeline import default_calibration, run_quantize
 
 QUANT_CHOICES = ("none", *FORMATS)
 
@@ -84,7 +87,10 @@ def cached_file_for(folder: Path, qtype: str) -> Path:
         for p in folder.iterdir()
         if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
     )
-    key = json.dumps({"folder": str(folder.resolve()), "files": sources, "type": qtype, "format": FORMAT_VERSION})
+    recipe = {"folder": str(folder.resolve()), "files": sources, "type": qtype, "format": FORMAT_VERSION}
+    if default_calibration(qtype) != "none":  # (files made before first use calibrated are not reused)
+        recipe["calibration"] = [default_calibration(qtype), DEFAULT_CALIBRATION_TOKENS]
+    key = json.dumps(recipe)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / f"{folder.resolve().name}-{qtype}-{digest}.safetensors"
 
@@ -106,7 +112,8 @@ def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
         check_writable(path)
         print(f"santacpu: first use of {model}: quantizing it to {qtype} once, into {path} "
               "(`santacpu cache list` shows the cache)", file=sys.stderr, flush=True)
-        convert(folder, path, qtype=qtype, revision=None, force=True)
+        run_quantize(str(folder), path, qtype=qtype, calibration=None, calibration_tokens=DEFAULT_CALIBRATION_TOKENS,
+                     keep=(), revision=None, force=True)  # as `santacpu quantize --type QTYPE` makes it
     except WriteError as problem:
         raise WriteError(
             f"{problem} (santacpu's quantization cache: free some space there with `santacpu cache clear`, set "

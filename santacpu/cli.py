@@ -37,6 +37,7 @@ from .formats.quantized_file import DEFAULT_QUANT
 from .model import DEVICES
 from .harness.problems import BENCHMARKS
 from .harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, MAX_SAMPLES, EvalSettings
+from quantize.calibration import DEFAULT_CALIBRATION_TOKENS
 
 __all__ = ["app", "main"]
 
@@ -336,7 +337,9 @@ def quantize(
         "KL divergence by 7-18% on a trained model), none for q8_0 and q6_0.",
         show_default=False,
     ),
-    calibration_tokens: int = typer.Option(4096, min=64, help="Tokens of calibration text to run through the model."),
+    calibration_tokens: int = typer.Option(
+        DEFAULT_CALIBRATION_TOKENS, min=64, help="Tokens of calibration text to run through the model."
+    ),
     keep: List[str] = typer.Option(
         [], "--keep", metavar="PATTERN=TYPE",
         help=f"Store matching tensors (e.g. wte, h.*.mlp_c_proj_weight) as TYPE ({', '.join(('f32', 'f16', *FORMATS))}). "

@@ -178,7 +178,19 @@ def test_load_runs_what_the_command_line_runs(tmp_path, monkeypatch):
     santacpu.load(tiny_checkpoint(), quant="q4_0")
     from santacpu.formats.quantized_file import read_metadata
 
-    assert read_metadata(cached_file_for(tiny_checkpoint(), "q4_0"))[1]["quantization"]["type"] == "q4_0"
+    # First use makes the file `santacpu quantize --type q4_0` makes (calibrated, upgrades measured).
+    made = read_metadata(cached_file_for(tiny_checkpoint(), "q4_0"))
+    done = run("quantize", tiny_checkpoint(), tmp_path / "cli-q4_0.safetensors", "--type", "q4_0", cache=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()
+    by_cli = read_metadata(tmp_path / "cli-q4_0.safetensors")
+    assert made[1]["quantization"] == by_cli[1]["quantization"] and made[1]["quantization"]["type"] == "q4_0"
+    assert made[1]["provenance"]["calibration"] == by_cli[1]["provenance"]["calibration"] != "none"
+    assert made[1]["tensors"] == by_cli[1]["tensors"]
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    ours, theirs = load_file(cached_file_for(tiny_checkpoint(), "q4_0")), load_file(tmp_path / "cli-q4_0.safetensors")
+    assert sorted(ours) == sorted(theirs) and all(np.array_equal(ours[k], theirs[k]) for k in ours)
     with pytest.warns(santacpu.SantacpuWarning, match="quantization q4_0 is ignored"):
         santacpu.load(cached, quant="q4_0")
     with pytest.raises(santacpu.SantacpuError, match="unknown quantization 'q5'"):
