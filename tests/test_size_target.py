@@ -121,6 +121,9 @@ def test_the_options_exclude_each_other_and_the_target_serves_4_bit_types(shapes
         policy_for("q4_m", upgrade_budget=0.01, max_size=7.0)
     with pytest.raises(OptionValueError, match="serves the 4-bit types"):
         policy_for("q8_0", bits_per_weight=9.0)
+    with pytest.raises(OptionValueError, match="--upgrade-budget serves the 4-bit types"):
+        policy_for("q6_0", upgrade_budget=0.02)
+    assert policy_for("q8_0", upgrade_budget=0).upgrade_budget == 0  # (nothing to buy, and nothing asked)
     assert policy_for("q4_m").upgrade_budget == 0.015 and policy_for("q4_m", upgrade_budget=0).upgrade_budget == 0
 
 
@@ -146,6 +149,7 @@ def test_too_small_a_target_says_the_least_and_writes_nothing(tmp_path, shapes):
         (["--max-size", "1"], "--max-size 1 is below the smallest q4_m file of this model (no upgrades): give at least "),
         (["--bits-per-weight", "0"], "Invalid value for '--bits-per-weight': 0.0 is not a positive number"),
         (["--bits-per-weight", "9", "--type", "q8_0"], "--bits-per-weight serves the 4-bit types (q4_0, q4_m)"),
+        (["--upgrade-budget", "2", "--type", "q8_0"], "--upgrade-budget serves the 4-bit types (q4_0, q4_m)"),
     ],
 )
 def test_command_line_errors_are_usage_errors(tmp_path, args, fragment):

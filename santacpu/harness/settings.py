@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from .. import arguments
-from ..errors import SantacpuError
+from ..errors import OptionValueError
 from ..generation.options import GenerationOptions
 from .problems import check_benchmark
 from .scoring import DEFAULT_KS
@@ -52,22 +52,22 @@ class EvalSettings:
         check_benchmark(self.benchmark)
         samples = arguments.integer(self.samples, "samples", minimum=1)
         if samples > MAX_SAMPLES:  # (each problem's samples are held, and their programs run, at once)
-            raise SantacpuError(f"samples must be at most {MAX_SAMPLES} (the reference harness uses 200), got {samples}")
+            raise OptionValueError(f"samples must be at most {MAX_SAMPLES} (the reference harness uses 200), got {samples}")
         ks = tuple(k for k in DEFAULT_KS if k <= samples) if self.ks is None else tuple(self.ks)
         for k in ks:
             k = arguments.integer(k, "k", minimum=1)
             if k > samples:
-                raise SantacpuError(f"pass@{k} needs at least {k} samples of each problem (--samples is {samples})")
+                raise OptionValueError(f"pass@{k} needs at least {k} samples of each problem (--samples is {samples})")
         if not ks:
-            raise SantacpuError("no k given for pass@k")
+            raise OptionValueError("no k given for pass@k")
         generation = self.generation_options()  # checks temperature, top_p, seed, max_new_tokens, fim_order
         if generation.temperature == 0 and samples > 1:
-            raise SantacpuError(
+            raise OptionValueError(
                 f"greedy decoding (temperature 0) gives one completion {samples} times: sample with --temperature > 0, "
                 "or use --samples 1"
             )
         if self.timeout_s is None or not 0 < float(self.timeout_s) <= 3600:
-            raise SantacpuError(f"timeout must be above 0 and at most 3600 seconds, got {self.timeout_s}")
+            raise OptionValueError(f"timeout must be above 0 and at most 3600 seconds, got {self.timeout_s}")
         return dataclasses.replace(
             self,
             samples=samples,
