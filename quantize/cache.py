@@ -113,7 +113,7 @@ def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
         print(f"santacpu: first use of {model}: quantizing it to {qtype} once, into {path} "
               "(`santacpu cache list` shows the cache)", file=sys.stderr, flush=True)
         run_quantize(str(folder), path, qtype=qtype, calibration=None, calibration_tokens=DEFAULT_CALIBRATION_TOKENS,
-                     keep=(), revision=None, force=True)  # as `santacpu quantize --type QTYPE` makes it
+                     keep=(), revision=None, force=True, show_report=False)  # as `santacpu quantize --type QTYPE` makes it
     except WriteError as problem:
         raise WriteError(
             f"{problem} (santacpu's quantization cache: free some space there with `santacpu cache clear`, set "

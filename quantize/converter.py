@@ -36,7 +36,7 @@ from santacpu.small_files import TOKENIZER_LIMIT, read_json_file
 from santacpu.tokenizer import tokenizer_file_for
 from santacpu.version import __version__
 
-from .policy import DEFAULT_UPGRADE_BUDGET, FOUR_BIT_TYPES, ROW_UPGRADE_TYPE, Plan, Policy, SizeTarget
+from .policy import DEFAULT_UPGRADE_BUDGET, ROW_UPGRADE_TYPE, Plan, Policy, SizeTarget
 
 
 @dataclass
@@ -149,9 +149,6 @@ def policy_for(qtype: str, keep: list[tuple[str, str]] = (), upgrade_budget: flo
                                           ("--max-size", max_size)) if value is not None]
     if len(given) > 1:
         raise OptionValueError(f"{' and '.join(given)} each set the upgrade budget: give one of them")
-    if upgrade_budget and qtype not in FOUR_BIT_TYPES:
-        raise OptionValueError(f"--upgrade-budget serves the 4-bit types ({', '.join(FOUR_BIT_TYPES)}): a {qtype} "
-                               "file has no upgrades to buy")
     if bits_per_weight is None and max_size is None:
         return Policy(qtype, list(keep), DEFAULT_UPGRADE_BUDGET if upgrade_budget is None else upgrade_budget)
     return Policy(qtype, list(keep), size_target=SizeTarget(bits_per_weight, max_size))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from santacpu.errors import OptionValueError
 from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.loading.source import resolve
 from santacpu.tokenizer import Tokenizer
@@ -100,13 +101,17 @@ def default_calibration(qtype: str) -> str:
 
 
 def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgrade_budget=None, revision, force,
-                 bits_per_weight=None, max_size=None) -> ConversionReport:
+                 bits_per_weight=None, max_size=None, show_report=True) -> ConversionReport:
     """`santacpu quantize`: `calibration` None takes `default_calibration(qtype)`; the upgrade
     budget is `upgrade_budget` (a fraction; None: the default) or a size target, `bits_per_weight`
-    over the matrices or `max_size` MB for the file (at most one of the three)."""
+    over the matrices or `max_size` MB for the file (at most one of the three). `show_report`: print
+    what was written (first use does not)."""
     started = time.perf_counter()
     if calibration is None:
         calibration = default_calibration(qtype)
+    if upgrade_budget and qtype not in FOUR_BIT_TYPES:  # (the other types have nothing to buy: not silently)
+        raise OptionValueError(f"--upgrade-budget serves the 4-bit types ({', '.join(FOUR_BIT_TYPES)}): a {qtype} "
+                               "file has no upgrades to buy")
     keep_rules = parse_keep(list(keep))
     # A bad type, or a size target this model cannot meet, fails now, not after calibrating.
     policy = policy_for(qtype, keep_rules, upgrade_budget, bits_per_weight, max_size)
@@ -122,6 +127,7 @@ def run_quantize(src, out, *, qtype, calibration, calibration_tokens, keep, upgr
     report = convert(src, Path(out), qtype=qtype, keep=keep_rules, importance=importance, calibration_note=note,
                      revision=revision, force=force, upgrade_budget=upgrade_budget, upgrade_gains=gains,
                      most_used_tokens=most_used, bits_per_weight=bits_per_weight, max_size=max_size)
-    for line in report_lines(report, time.perf_counter() - started, calibration_s):
-        print(f"santacpu: {line}", file=sys.stderr)
+    if show_report:
+        for line in report_lines(report, time.perf_counter() - started, calibration_s):
+            print(f"santacpu: {line}", file=sys.stderr)
     return report

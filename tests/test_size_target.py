@@ -121,9 +121,6 @@ def test_the_options_exclude_each_other_and_the_target_serves_4_bit_types(shapes
         policy_for("q4_m", upgrade_budget=0.01, max_size=7.0)
     with pytest.raises(OptionValueError, match="serves the 4-bit types"):
         policy_for("q8_0", bits_per_weight=9.0)
-    with pytest.raises(OptionValueError, match="--upgrade-budget serves the 4-bit types"):
-        policy_for("q6_0", upgrade_budget=0.02)
-    assert policy_for("q8_0", upgrade_budget=0).upgrade_budget == 0  # (nothing to buy, and nothing asked)
     assert policy_for("q4_m").upgrade_budget == 0.015 and policy_for("q4_m", upgrade_budget=0).upgrade_budget == 0
 
 
