@@ -627,7 +627,7 @@ def test_info_on_a_fifo_is_one_error_line_not_a_hang(tmp_path):
 
 # Small files of a model folder: regular files only, bounded, and shards only from inside the folder.
 
-_CAPPED_LOAD = ("import santacpu", "try:\n    santacpu.load(sys.argv[1], quant='none')\n    print('loaded')\n"
+_CAPPED_LOAD = ("import santacpu, santacpu.model", "try:\n    santacpu.load(sys.argv[1], quant='none')\n    print('loaded')\n"
                 "except santacpu.SantacpuError as error:\n    print('error', error)")
 
 
