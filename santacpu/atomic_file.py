@@ -9,9 +9,10 @@ files (0666 less the umask, not mkstemp's 0600); and a failing write (no permiss
 file system, disk full) is a one-line `WriteError`. A writer killed outright (SIGKILL, a power
 cut) cannot remove its file: the next write of the same target does, when the process named in
 it is gone from this host, with a warning; a partial file it cannot judge (another host's, or one
-named before process ids were) is named in a warning and left.
+named before process ids were) is named in a warning and left. A target that is a symbolic link
+is written where the link leads; one that exists as no regular file (a device, a FIFO) is refused.
 
-May import: `santacpu.errors`.
+May import: `santacpu.errors`, `santacpu.small_files` (what a file that is no regular file is).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import contextlib
 import os
 import re
 import socket
+import stat
 import tempfile
 import warnings
 import zlib
@@ -27,22 +29,41 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from .errors import SantacpuWarning, WriteError, os_problem
+from .small_files import kind_of
 
 _PARTIAL = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[a-z0-9_]{8}\.partial")  # after ".NAME."
 _PARTIAL_FILE = re.compile(r"\.(?P<target>.+)\." + _PARTIAL.pattern)  # a whole partial file's name
 
 
-def check_writable(path: str | os.PathLike, what: str = "") -> None:
-    """Fail now, before any long work, if `path` cannot be written as a new or replaced file."""
+def check_writable(path: str | os.PathLike, what: str = "", overwrite: bool = True) -> None:
+    """Fail now, before any long work, if `path` cannot be written as a new or replaced file (or,
+    without `overwrite`, if it exists: "use --force to replace it")."""
     path = Path(path)
     label = f"{what} {path}".strip()
-    folder = path.parent
-    if path.is_dir():
-        raise WriteError(f"cannot write {label}: it is a folder")
+    target = writable_target(path, label)
+    if not overwrite and target.exists():
+        raise WriteError(f"{label} already exists (use --force to replace it)")
+    folder = target.parent
     if not folder.is_dir():
         raise WriteError(f"cannot write {label}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise WriteError(f"cannot write {label}: the folder {folder} is not writable")
+
+
+def writable_target(path: str | os.PathLike, label: str = "") -> Path:
+    """The file a write of `path` makes or replaces: `path`, or where its symbolic links lead (the
+    link stays, its target gets the new content). A WriteError where that exists as no regular
+    file: renaming the finished file over a device, a FIFO or a folder would replace the node
+    itself (/dev/null for the whole machine, written as root)."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        status = os.stat(target)
+    except OSError:  # nothing there yet (or nothing readable: writing says why)
+        return target
+    if not stat.S_ISREG(status.st_mode):
+        raise WriteError(f"cannot write {label or path}: it is {kind_of(status)}, not a regular file")
+    return target
 
 
 @contextlib.contextmanager
@@ -50,7 +71,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """`with atomic_output(path) as f: f.write(...)`: `path` appears, complete, when the block
     ends without an error; otherwise nothing is left behind. OSErrors raised inside the block are
     taken as write errors (the block's job is writing)."""
-    path = Path(path)
+    path = writable_target(path)
     remove_stale_partials(path)
     try:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{_host_tag()}-{os.getpid()}-", suffix=".partial",

@@ -405,13 +405,14 @@ def perplexity(
         show_default=False,
     ),
     json_out: Optional[Path] = typer.Option(None, "--json", readable=False, help="Also write the results to this JSON file."),
+    force: bool = typer.Option(False, "--force", help="Replace the --json file if it exists."),
 ) -> None:
     """Perplexity of a model over source files and, with --reference, what it loses against it."""
     from . import load
     from .evaluate import score
 
     if json_out is not None:
-        check_writable(json_out, "--json")  # now, not after scoring
+        check_writable(json_out, "--json", overwrite=force)  # now, not after scoring
     texts = [read_text_file(path, "file") for path in files]
     name = model or default_model()
     loaded = load(name, quant=quant)
@@ -464,6 +465,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(
         None, "--json", readable=False, help="Also write every figure and the machine's facts to this JSON file."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace the --json file if it exists."),
     device: str = DEVICE_OPTION,
 ) -> None:
     """Measure speed (prefill, decode, FIM time to first token), load and compile times, and peak
@@ -474,7 +476,7 @@ def bench(
     from .bench import BenchSettings, format_table, run_bench
 
     if json_out is not None:
-        check_writable(json_out, "--json")  # now, not after minutes of measuring
+        check_writable(json_out, "--json", overwrite=force)  # now, not after minutes of measuring
     settings = BenchSettings(
         model=model, quant=quant, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,

@@ -55,11 +55,15 @@ def read_small_file(path: str | os.PathLike, what: str, limit: int) -> bytes:
     return b"".join(pieces)
 
 
+def kind_of(status: os.stat_result) -> str:
+    """What a file that is no regular file is, in words ("a device", "a FIFO", "a folder")."""
+    return next((name for test, name in _KINDS.items() if test(status.st_mode)), "not a file")
+
+
 def check_regular(status: os.stat_result, path, what: str, limit: int | None = None) -> None:
     """Refuse what `status` describes unless it is a regular file (of at most `limit` bytes)."""
     if not stat.S_ISREG(status.st_mode):
-        kind = next((name for test, name in _KINDS.items() if test(status.st_mode)), "not a file")
-        raise SantacpuError(f"{what} {path} is {kind}, not a regular file")
+        raise SantacpuError(f"{what} {path} is {kind_of(status)}, not a regular file")
     if limit is not None and status.st_size > limit:
         raise _too_large(path, what, limit)
 

@@ -13,9 +13,12 @@ that need either are skipped where the machine allows neither.
 from __future__ import annotations
 
 import filecmp
+import json
+import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -327,6 +330,29 @@ def test_json_reports_get_the_usual_mode_and_their_destination_is_checked_first(
     done = run_santacpu("perplexity", code_file, "--model", missing_model, "--json", locked / "s.json",
                         prefix=helpers.unprivileged())
     one_error_line(done, f"the folder {locked} is not writable")
+
+
+def test_a_report_or_model_file_is_replaced_only_when_asked_and_never_a_device_or_fifo(tmp_path, quantized, tiny,
+                                                                                       code_file):
+    kept = tmp_path / "kept.json"
+    kept.write_text("mine\n")
+    args = ("perplexity", code_file, "--model", quantized, "--ctx", "32", "--json")
+    one_error_line(run_santacpu(*args, kept), f"--json {kept} already exists (use --force to replace it)")
+    assert kept.read_text() == "mine\n"
+    assert run_santacpu(*args, kept, "--force").returncode == 0 and json.loads(kept.read_text())
+    # A link is written where it leads (the link stays); a FIFO or a device is refused, never renamed over.
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    link.symlink_to(target)
+    assert run_santacpu(*args, link).returncode == 0 and link.is_symlink() and json.loads(target.read_text())
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    one_error_line(run_santacpu(*args, fifo, "--force"), f"cannot write --json {fifo}: it is a FIFO, not a regular file")
+    device = tmp_path / "null"
+    device.symlink_to("/dev/null")
+    one_error_line(run_santacpu(*args, device, "--force"), "it is a device, not a regular file")
+    one_error_line(run_santacpu("quantize", tiny, device, "--force"), "it is a device, not a regular file")
+    one_error_line(run_santacpu("bench", quantized, "--parts", "load", "--json", fifo), "it is a FIFO")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode) and stat.S_ISCHR(os.stat("/dev/null").st_mode)
 
 
 def test_options_that_would_be_ignored_are_warned_about(tmp_path, tiny, quantized):
