@@ -162,6 +162,38 @@ def test_ctrl_c_during_complete_exits_130(tmp_path, tiny):
     assert (done.returncode, stderr_lines(done)) == (130, ["santacpu: interrupted"])
 
 
+def test_ctrl_c_to_the_process_group_during_bench_is_one_line(quantized):
+    # The terminal's Ctrl-C reaches bench's measuring child too, mid-import or mid-run: the child
+    # stays quiet and the parent, stopping it, says "interrupted" once.
+    process = subprocess.Popen([sys.executable, "-m", "santacpu", "bench", quantized, "--parts", "speed"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=helpers.santacpu_env(),
+                               start_new_session=True, preexec_fn=helpers.default_sigint)
+    deadline = time.monotonic() + 120
+    while not any(b"child_main" in _read(path) for path in Path("/proc").glob("[0-9]*/cmdline")
+                  if _parent_of(path.parent) == process.pid):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1].decode()
+        time.sleep(0.02)
+    time.sleep(0.2)  # past the interpreter's start: inside the child's imports (half a second)
+    os.killpg(process.pid, signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert (process.returncode, err.decode().splitlines()[-1:]) == (130, ["santacpu: interrupted"])
+    assert "Traceback" not in err.decode()
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:  # (gone meanwhile)
+        return b""
+
+
+def _parent_of(proc: Path) -> int | None:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def test_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback():
     # The package itself loads without NumPy or Numba, so the console script's own import is short;
     # the Ctrl-C lands while `santacpu.cli` (and Numba behind it) loads, as a finder stands in for it.

@@ -35,8 +35,12 @@ MEMORY_DECODE_TOKENS = 8
 # The lengths a full-size model is measured at; shorter where the model's context is (`fit_to_context`).
 DEFAULT_PROMPT_TOKENS, DEFAULT_DECODE_TOKENS, DEFAULT_FIM_TOKENS = 512, 128, 1500
 # The child's code: the import is timed before anything of santacpu is loaded.
+# A child ignores Ctrl-C (the terminal sends it to the whole process group): the parent stops it,
+# and says "interrupted" once, without a child's traceback from inside its imports. Its import time
+# is the runtime's (santacpu.model: NumPy, Numba, the kernels' modules), as a user's process pays it.
 _CHILD_CODE = (
-    "import sys, time; t0 = time.perf_counter(); from santacpu.bench import child_main; "
+    "import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); t0 = time.perf_counter(); "
+    "import santacpu.model; from santacpu.bench import child_main; "
     "child_main(sys.argv[1], sys.argv[2], time.perf_counter() - t0)"
 )
 
