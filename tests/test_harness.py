@@ -177,14 +177,20 @@ def test_a_full_disk_names_the_results_file(tmp_path, monkeypatch):
     results = ResultsFile.open(path, {**EvalSettings().identity(), "model": {"name": "m", "sha256": "1"}}, resume=False)
     results.append(record("a"))
 
-    def full(fd):
+    whole = path.read_bytes()
+    real_write = os.write
+
+    def part_then_full(fd, data):  # the disk fills in the middle of the record
+        if len(data) > 8:
+            return real_write(fd, bytes(data[: len(data) // 2]))
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(results_module.os, "fsync", full)
+    monkeypatch.setattr(results_module.os, "write", part_then_full)
     with pytest.raises(SantacpuError) as error:
         results.append(record("b"))
     assert str(error.value) == (f"cannot write the results file {path}: No space left on device (its 1 finished "
                                 "problems are kept; --resume carries on)")
+    assert path.read_bytes() == whole  # no torn half record left on disk
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ May import: the standard library and `santacpu.errors`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -72,11 +73,23 @@ class ResultsFile:
 
     def append(self, record: dict) -> None:
         lines = [] if self._written else [self.header]
+        data = "".join(json.dumps(line) + "\n" for line in [*lines, record]).encode("utf-8")
+        how = os.O_APPEND if self._written else os.O_TRUNC if self._replace else os.O_EXCL
         try:
-            with open(self.path, "a" if self._written else "w" if self._replace else "x", encoding="utf-8") as f:
-                f.write("".join(json.dumps(line) + "\n" for line in [*lines, record]))
-                f.flush()
-                os.fsync(f.fileno())
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | how, 0o666)
+            try:
+                start = os.lseek(fd, 0, os.SEEK_END)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                    os.fsync(fd)
+                except OSError:  # (a full disk): the file back to its last whole record
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, start)
+                    raise
+            finally:
+                os.close(fd)
         except FileExistsError:
             raise WriteError(f"the results file {self.path} was made by another run meanwhile: choose another --out, "
                              "or --resume once that run has ended") from None
