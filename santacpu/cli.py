@@ -14,6 +14,9 @@ May import: anything in `santacpu` and `quantize` (the top layer: nothing import
 from __future__ import annotations
 
 import codecs
+import errno
+import io
+import os
 import re
 import signal
 import sys
@@ -750,7 +753,19 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Run the command line (`argv`: the arguments after the program name; default sys.argv[1:])."""
     warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if sys.stdout is None:  # started with standard output closed (`>&-`): writing it is the error
+        sys.stdout = _ClosedOutput()
     sys.exit(_run(argv))
+
+
+class _ClosedOutput(io.TextIOBase):
+    """Standard output when the process was started without one: every write fails, naming it."""
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF), "standard output")
+
+    def isatty(self) -> bool:
+        return False
 
 
 def _run(argv: Optional[List[str]]) -> int:

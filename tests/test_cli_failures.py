@@ -194,6 +194,18 @@ def _parent_of(proc: Path) -> int | None:
         return None
 
 
+def test_a_closed_standard_output_is_one_error_line_where_output_is_written(quantized, tiny, tmp_path):
+    def run_closed(*args):
+        return subprocess.run([sys.executable, "-m", "santacpu", *map(str, args)], capture_output=False,
+                              stderr=subprocess.PIPE, env=helpers.santacpu_env(), timeout=300,
+                              preexec_fn=lambda: os.close(1))
+
+    for args in (("complete", PROMPT, "--model", quantized, "--max-new-tokens", "2"), ("info", quantized)):
+        done = run_closed(*args)
+        assert (done.returncode, done.stderr.decode()) == (1, "santacpu: error: standard output: Bad file descriptor\n")
+    assert run_closed("quantize", tiny, tmp_path / "x.safetensors").returncode == 0  # (its report is on stderr)
+
+
 def test_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback():
     # The package itself loads without NumPy or Numba, so the console script's own import is short;
     # the Ctrl-C lands while `santacpu.cli` (and Numba behind it) loads, as a finder stands in for it.
