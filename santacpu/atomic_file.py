@@ -11,6 +11,8 @@ cut) cannot remove its file: the next write of the same target does, when the pr
 it is gone from this host, with a warning; a partial file it cannot judge (another host's, or one
 named before process ids were) is named in a warning and left. A target that is a symbolic link
 is written where the link leads; one that exists as no regular file (a device, a FIFO) is refused.
+Temporary folders (`owned_temp_folder`) are named the same way, and a killed process's are removed
+by the next one that makes such a folder.
 
 May import: `santacpu.errors`, `santacpu.small_files` (what a file that is no regular file is).
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -133,6 +136,27 @@ def describe_partial(name: str) -> str | None:
     if _process_exists(int(found["pid"])):
         return f"a partial file, being written by process {found['pid']}"
     return "a partial file left by an interrupted write"
+
+
+def owned_temp_folder(prefix: str) -> str:
+    """A new folder in the temporary directory named with this host and process
+    (`PREFIX-HOST-PID-XXXXXXXX`), made after removing this user's folders of the same prefix whose
+    process on this host is gone (killed outright before it could remove its own)."""
+    base, mine = tempfile.gettempdir(), f"{prefix}-{_host_tag()}-"
+    try:
+        names = [name for name in os.listdir(base) if name.startswith(mine)]
+    except OSError:
+        names = []
+    for name in names:
+        pid, path = name[len(mine):].split("-", 1)[0], os.path.join(base, name)
+        try:
+            status = os.lstat(path)
+        except OSError:
+            continue
+        if (pid.isdigit() and not _process_exists(int(pid)) and stat.S_ISDIR(status.st_mode)
+                and status.st_uid == os.getuid()):
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-")
 
 
 def _host_tag() -> str:

@@ -156,6 +156,23 @@ def test_partial_files_of_live_writers_stay_and_those_it_cannot_judge_are_named(
     assert target.read_text() == "{}" and len(list(tmp_path.glob(".report.json.*.partial"))) == 2
 
 
+def test_a_killed_processs_temporary_folder_is_removed_by_the_next(tmp_path, monkeypatch):
+    import tempfile
+
+    from santacpu.atomic_file import _host_tag, owned_temp_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
+    gone, live = tmp_path / f"santacpu-x-{_host_tag()}-{dead}-abcd", tmp_path / f"santacpu-x-{_host_tag()}-{os.getppid()}-abcd"
+    other_host = tmp_path / f"santacpu-x-00000000-{dead}-abcd"
+    for folder in (gone, live, other_host):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "program.py").write_text("x = 1\n")
+    made = Path(owned_temp_folder("santacpu-x"))
+    assert made.is_dir() and made.name.startswith(f"santacpu-x-{_host_tag()}-{os.getpid()}-")
+    assert not gone.exists() and live.exists() and other_host.exists()
+
+
 def test_ctrl_c_during_complete_exits_130(tmp_path, tiny):
     done = signalled(tmp_path, signal.SIGINT, "complete", PROMPT, "--model", tiny, "--quant", "none",
                      "--max-new-tokens", "60")  # what the 64-token context holds

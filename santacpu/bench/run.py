@@ -2,8 +2,8 @@
 facts without loading it, and each part run in a child process of its own, one at a time (see
 the package docstring for what each part measures); the one result dictionary.
 
-May import: the other `santacpu.bench` modules (machine, report), and lazily `santacpu` below
-the API (config, errors, formats, loading).
+May import: the other `santacpu.bench` modules (machine, report), `santacpu.atomic_file` (its
+temporary Numba cache), and lazily `santacpu` below the API (config, errors, formats, loading).
 """
 
 from __future__ import annotations
@@ -12,11 +12,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..atomic_file import owned_temp_folder
 from .machine import default_threads, machine_facts, santacpu_version
 from .report import short_run_warnings, summarize
 
@@ -137,11 +138,14 @@ def _run_parts(settings: BenchSettings, job: dict, files: list[Path], log: Calla
         log("load: page cache dropped for the model's files (best-effort)")
         results["load"] = _run_child("load", job)
     if "compile" in settings.parts:
-        with tempfile.TemporaryDirectory(prefix="santacpu-numba-cache-") as cache:
+        cache = owned_temp_folder("santacpu-numba-cache")
+        try:
             log("compile: first run with an empty Numba cache")
             first = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
             log("compile: second run with the on-disk cache")
             cached = _run_child("compile", job, {"NUMBA_CACHE_DIR": cache})
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
         results["compile"] = {"first_run": first, "cached_run": cached}
     if settings.batch:
         log(

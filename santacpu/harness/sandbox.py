@@ -36,7 +36,8 @@ chosen once per process by trial runs (`isolation()` says which hold):
 The sandbox's first process is a small supervisor (`sandbox_boot.py`) that keeps its privileges: it
 mounts, forks the program (which drops them) and exits with the program's status.
 
-May import: the standard library and `santacpu.errors`.
+May import: the standard library, `santacpu.errors` and `santacpu.atomic_file` (the program's folder,
+named so that a killed run's is removed by the next).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ..atomic_file import owned_temp_folder
 from ..errors import SantacpuError, SantacpuWarning, os_problem
 from . import memory_cgroup
 
@@ -192,7 +194,7 @@ def _probe() -> _Mode:
 def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
     """run_program in a given mode."""
     uid = _UID_BASE + secrets.randbelow(_UID_BASE) if mode.separate_user else None
-    folder = tempfile.mkdtemp(prefix="santacpu-sandbox-")
+    folder = owned_temp_folder("santacpu-sandbox")
     cgroup = None
     try:
         path = os.path.join(folder, "program.py")
