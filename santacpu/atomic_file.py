@@ -10,7 +10,8 @@ file system, disk full) is a one-line `WriteError`. A writer killed outright (SI
 cut) cannot remove its file: the next write of the same target does, when the process named in
 it is gone from this host, with a warning; a partial file it cannot judge (another host's, or one
 named before process ids were) is named in a warning and left. A target that is a symbolic link
-is written where the link leads; one that exists as no regular file (a device, a FIFO) is refused.
+is replaced by the new file (the link's own target is never written); one that exists as no
+regular file (a device, a FIFO, a folder) is refused.
 Temporary folders (`owned_temp_folder`) are named the same way, and a killed process's are removed
 by the next one that makes such a folder.
 
@@ -43,10 +44,10 @@ def check_writable(path: str | os.PathLike, what: str = "", overwrite: bool = Tr
     without `overwrite`, if it exists: "use --force to replace it")."""
     path = Path(path)
     label = f"{what} {path}".strip()
-    target = writable_target(path, label)
-    if not overwrite and target.exists():
+    writable_target(path, label)
+    if not overwrite and os.path.lexists(path):
         raise WriteError(f"{label} already exists (use --force to replace it)")
-    folder = target.parent
+    folder = path.parent
     if not folder.is_dir():
         raise WriteError(f"cannot write {label}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -54,19 +55,19 @@ def check_writable(path: str | os.PathLike, what: str = "", overwrite: bool = Tr
 
 
 def writable_target(path: str | os.PathLike, label: str = "") -> Path:
-    """The file a write of `path` makes or replaces: `path`, or where its symbolic links lead (the
-    link stays, its target gets the new content). A WriteError where that exists as no regular
-    file: renaming the finished file over a device, a FIFO or a folder would replace the node
-    itself (/dev/null for the whole machine, written as root)."""
+    """`path`, checked as a file a write may make or replace: a WriteError where it exists as no
+    regular file, since renaming the finished file over a device, a FIFO or a folder would replace
+    the node itself (/dev/null for the whole machine, written as root). A symbolic link is replaced
+    as a file would be, never written through (in a shared folder such as /tmp, a link another
+    user planted would lead the write to any file this user may change)."""
     path = Path(path)
-    target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
-        status = os.stat(target)
+        status = os.lstat(path)
     except OSError:  # nothing there yet (or nothing readable: writing says why)
-        return target
-    if not stat.S_ISREG(status.st_mode):
+        return path
+    if not (stat.S_ISREG(status.st_mode) or stat.S_ISLNK(status.st_mode)):
         raise WriteError(f"cannot write {label or path}: it is {kind_of(status)}, not a regular file")
-    return target
+    return path
 
 
 @contextlib.contextmanager
