@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import sys
+import sysconfig
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,15 @@ def _cache_files() -> list[Path]:
             if path.is_file() and _CACHED_NAME.fullmatch(partial_target(path.name) or path.name)]
 
 
+def first_use_calibration(qtype: str) -> str:
+    """`santacpu quantize`'s default calibration for `qtype`, or "none" where this Python has no
+    standard library sources to calibrate on (slim images that ship only compiled modules)."""
+    chosen = default_calibration(qtype)
+    if chosen == "stdlib" and next(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"), None) is None:
+        return "none"
+    return chosen
+
+
 def cached_file_for(folder: Path, qtype: str) -> Path:
     sources = sorted(
         (p.name, p.stat().st_size, p.stat().st_mtime_ns)
@@ -88,8 +98,8 @@ def cached_file_for(folder: Path, qtype: str) -> Path:
         if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
     )
     recipe = {"folder": str(folder.resolve()), "files": sources, "type": qtype, "format": FORMAT_VERSION}
-    if default_calibration(qtype) != "none":  # (files made before first use calibrated are not reused)
-        recipe["calibration"] = [default_calibration(qtype), DEFAULT_CALIBRATION_TOKENS]
+    if first_use_calibration(qtype) != "none":  # (files made before first use calibrated are not reused)
+        recipe["calibration"] = [first_use_calibration(qtype), DEFAULT_CALIBRATION_TOKENS]
     key = json.dumps(recipe)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / f"{folder.resolve().name}-{qtype}-{digest}.safetensors"
@@ -112,7 +122,12 @@ def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
         check_writable(path)
         print(f"santacpu: first use of {model}: quantizing it to {qtype} once, into {path} "
               "(`santacpu cache list` shows the cache)", file=sys.stderr, flush=True)
-        run_quantize(str(folder), path, qtype=qtype, calibration=None, calibration_tokens=DEFAULT_CALIBRATION_TOKENS,
+        calibration = first_use_calibration(qtype)
+        if calibration != default_calibration(qtype):
+            warnings.warn(f"this Python has no standard library sources to calibrate {qtype} on: quantizing without "
+                          "calibration (`santacpu quantize --calibration FOLDER` makes a calibrated file from your code)",
+                          SantacpuWarning, stacklevel=2)
+        run_quantize(str(folder), path, qtype=qtype, calibration=calibration, calibration_tokens=DEFAULT_CALIBRATION_TOKENS,
                      keep=(), revision=None, force=True, show_report=False)  # as `santacpu quantize --type QTYPE` makes it
     except WriteError as problem:
         raise WriteError(

@@ -272,7 +272,7 @@ def convert(
     entries = json.loads(metadata["tensors"])
     reports: list[TensorReport] = []
     stored = _stored_tensors(reader, types, entries, importance, reports, Progress(len(types), "quantizing"), raised_rows)
-    write_safetensors(out, stored, metadata, shapes=file_shapes)
+    write_safetensors(out, stored, metadata, shapes=file_shapes, overwrite=force)
     return ConversionReport(out, reports, time.perf_counter() - started, qtype, plan.embedding_rows, policy.size_target)
 
 

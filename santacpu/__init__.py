@@ -17,9 +17,11 @@ May import: `santacpu.model`, `santacpu.generation.options`, `santacpu.errors`, 
 API re-exported here), `santacpu.settings` (the check above).
 """
 
+import importlib as _importlib
+import importlib.util as _importlib_util
 import os as _os
 import sys as _sys
-from typing import TYPE_CHECKING, Any, List
+from typing import TYPE_CHECKING as _TYPE_CHECKING, Any as _Any, List as _List
 
 from .errors import SantacpuError, SantacpuWarning
 from .settings import numba_environment_problem as _numba_environment_problem
@@ -39,14 +41,14 @@ def _refuse_numba_environment() -> None:
 _refuse_numba_environment()
 from .version import __version__
 
-if TYPE_CHECKING:
+if _TYPE_CHECKING:
     from .generation.options import GenerationOptions
     from .model import Model, load
 
 __all__ = ["GenerationOptions", "Model", "SantacpuError", "SantacpuWarning", "__version__", "load"]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     if name == "GenerationOptions":
         from .generation.options import GenerationOptions
 
@@ -55,8 +57,12 @@ def __getattr__(name: str) -> Any:
         from . import model
 
         return getattr(model, name)
+    # A submodule named as an attribute (`santacpu.model.runnable_model` after `import santacpu`), as
+    # when the package imported them all.
+    if not name.startswith("_") and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+        return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'santacpu' has no attribute {name!r}")
 
 
-def __dir__() -> List[str]:
-    return sorted(set(globals()) | set(__all__))
+def __dir__() -> _List[str]:
+    return sorted({name for name in globals() if not name.startswith("_")} | set(__all__))

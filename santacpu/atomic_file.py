@@ -9,9 +9,10 @@ files (0666 less the umask, not mkstemp's 0600); and a failing write (no permiss
 file system, disk full) is a one-line `WriteError`. A writer killed outright (SIGKILL, a power
 cut) cannot remove its file: the next write of the same target does, when the process named in
 it is gone from this host, with a warning; a partial file it cannot judge (another host's, or one
-named before process ids were) is named in a warning and left. A target that is a symbolic link
-is replaced by the new file (the link's own target is never written); one that exists as no
-regular file (a device, a FIFO, a folder) is refused.
+named before process ids were) is named in a warning and left. A target that exists as anything
+but a regular file (a symbolic link, a device, a FIFO, a folder) is refused; one that may not be
+replaced (`overwrite=False`: no --force) is published by a hard link, which fails if the name
+appeared meanwhile.
 Temporary folders (`owned_temp_folder`) are named the same way, and a killed process's are removed
 by the next one that makes such a folder.
 
@@ -55,26 +56,29 @@ def check_writable(path: str | os.PathLike, what: str = "", overwrite: bool = Tr
 
 
 def writable_target(path: str | os.PathLike, label: str = "") -> Path:
-    """`path`, checked as a file a write may make or replace: a WriteError where it exists as no
-    regular file, since renaming the finished file over a device, a FIFO or a folder would replace
-    the node itself (/dev/null for the whole machine, written as root). A symbolic link is replaced
-    as a file would be, never written through (in a shared folder such as /tmp, a link another
-    user planted would lead the write to any file this user may change)."""
+    """`path`, checked as a file a write may make or replace: a WriteError where it exists as
+    anything but a regular file. Renaming the finished file over a device, a FIFO or a folder would
+    replace the node itself (/dev/null for the whole machine, written as root); over a symbolic link,
+    the link (/dev/stdout's, as root); and writing through a link would follow one another user
+    planted in a shared folder such as /tmp."""
     path = Path(path)
     try:
         status = os.lstat(path)
     except OSError:  # nothing there yet (or nothing readable: writing says why)
         return path
-    if not (stat.S_ISREG(status.st_mode) or stat.S_ISLNK(status.st_mode)):
+    if stat.S_ISLNK(status.st_mode):
+        raise WriteError(f"cannot write {label or path}: it is a symbolic link (give the path of a regular file)")
+    if not stat.S_ISREG(status.st_mode):
         raise WriteError(f"cannot write {label or path}: it is {kind_of(status)}, not a regular file")
     return path
 
 
 @contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[BinaryIO]:
     """`with atomic_output(path) as f: f.write(...)`: `path` appears, complete, when the block
     ends without an error; otherwise nothing is left behind. OSErrors raised inside the block are
-    taken as write errors (the block's job is writing)."""
+    taken as write errors (the block's job is writing). Without `overwrite`, a file that appeared
+    at `path` meanwhile is an error ("use --force"), never replaced."""
     path = writable_target(path)
     remove_stale_partials(path)
     try:
@@ -86,13 +90,31 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
         with os.fdopen(fd, "wb") as f:
             yield f
         os.chmod(tmp_name, 0o666 & ~_current_umask())
-        os.replace(tmp_name, path)
+        if overwrite:
+            writable_target(path)  # (what may have appeared there while the file was written)
+            os.replace(tmp_name, path)
+        else:
+            _publish_new(tmp_name, path)
     except BaseException as problem:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         if isinstance(problem, OSError):
             raise WriteError(f"cannot write {path}: {os_problem(problem)}") from None
         raise
+
+
+def _publish_new(tmp_name: str, path: Path) -> None:
+    """Give the finished file `tmp_name` the name `path`, which must still be free."""
+    try:
+        os.link(tmp_name, path)  # fails where `path` exists, whatever it is
+    except FileExistsError:
+        raise WriteError(f"{path} already exists (use --force to replace it)") from None
+    except OSError:  # a file system without hard links: the name checked, then taken
+        if os.path.lexists(path):
+            raise WriteError(f"{path} already exists (use --force to replace it)") from None
+        os.replace(tmp_name, path)
+        return
+    os.unlink(tmp_name)
 
 
 def remove_stale_partials(path: str | os.PathLike) -> None:
@@ -175,9 +197,9 @@ def _process_exists(pid: int) -> bool:
     return True
 
 
-def write_text_atomically(path: str | os.PathLike, text: str) -> None:
+def write_text_atomically(path: str | os.PathLike, text: str, overwrite: bool = True) -> None:
     """Write `text` (UTF-8) to `path` through `atomic_output`."""
-    with atomic_output(path) as f:
+    with atomic_output(path, overwrite) as f:
         f.write(text.encode("utf-8"))
 
 

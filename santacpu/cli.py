@@ -427,7 +427,7 @@ def perplexity(
     scores = score(loaded, texts, ctx, load(reference, quant="none") if reference else None)
     print(scores.table(name, reference))
     if json_out is not None:
-        write_text_atomically(json_out, scores.to_json() + "\n")
+        write_text_atomically(json_out, scores.to_json() + "\n", overwrite=force)
 
 
 @app.command()
@@ -491,7 +491,7 @@ def bench(
     for note in report["warnings"]:
         warnings.warn(note, SantacpuWarning)
     if json_out is not None:
-        write_text_atomically(json_out, json.dumps(report, indent=2) + "\n")
+        write_text_atomically(json_out, json.dumps(report, indent=2) + "\n", overwrite=force)
 
 
 @app.command()

@@ -179,7 +179,8 @@ def test_ctrl_c_during_complete_exits_130(tmp_path, tiny):
     assert (done.returncode, stderr_lines(done)) == (130, ["santacpu: interrupted"])
 
 
-def test_ctrl_c_to_the_process_group_during_bench_is_one_line(quantized):
+@pytest.mark.parametrize("delay", [0.0, 0.2], ids=["child starting", "child importing"])
+def test_ctrl_c_to_the_process_group_during_bench_is_one_line(quantized, delay):
     # The terminal's Ctrl-C reaches bench's measuring child too, mid-import or mid-run: the child
     # stays quiet and the parent, stopping it, says "interrupted" once.
     process = subprocess.Popen([sys.executable, "-m", "santacpu", "bench", quantized, "--parts", "speed"],
@@ -190,7 +191,7 @@ def test_ctrl_c_to_the_process_group_during_bench_is_one_line(quantized):
                   if _parent_of(path.parent) == process.pid):
         assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1].decode()
         time.sleep(0.02)
-    time.sleep(0.2)  # past the interpreter's start: inside the child's imports (half a second)
+    time.sleep(delay)  # 0.2: past the interpreter's start, inside the child's imports (half a second)
     os.killpg(process.pid, signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert (process.returncode, err.decode().splitlines()[-1:]) == (130, ["santacpu: interrupted"])
@@ -244,10 +245,12 @@ def test_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback():
 
 def test_the_api_names_load_on_first_use():
     script = "import sys, santacpu; assert 'numba' not in sys.modules; print(santacpu.load.__module__, " \
-             "santacpu.Model.__name__, santacpu.GenerationOptions.__name__, 'load' in dir(santacpu))"
+             "santacpu.Model.__name__, santacpu.GenerationOptions.__name__, 'load' in dir(santacpu), " \
+             "santacpu.model.runnable_model.__name__, santacpu.tokenizer.__name__)"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           env=helpers.santacpu_env({}))
-    assert done.stdout.split() == ["santacpu.model", "Model", "GenerationOptions", "True"], done.stderr
+    assert done.stdout.split() == ["santacpu.model", "Model", "GenerationOptions", "True", "runnable_model",
+                                   "santacpu.tokenizer"], done.stderr
     with pytest.raises(AttributeError, match="no attribute 'lod'"):
         santacpu.lod  # noqa: B018
 
@@ -401,20 +404,37 @@ def test_a_report_or_model_file_is_replaced_only_when_asked_and_never_a_device_o
     one_error_line(run_santacpu(*args, kept), f"--json {kept} already exists (use --force to replace it)")
     assert kept.read_text() == "mine\n"
     assert run_santacpu(*args, kept, "--force").returncode == 0 and json.loads(kept.read_text())
-    # A link is replaced as a file is, never written through (a link planted in /tmp could lead
-    # anywhere); a FIFO (as a device) is refused, never renamed over.
+    # A link is neither written through (one planted in /tmp could lead anywhere) nor renamed over
+    # (/dev/stdout is one); a FIFO (as a device) is refused, never renamed over.
     target, link = tmp_path / "target.json", tmp_path / "link.json"
     target.write_text("theirs\n")
     link.symlink_to(target)
-    one_error_line(run_santacpu(*args, link), "already exists")
-    assert run_santacpu(*args, link, "--force").returncode == 0 and not link.is_symlink()
-    assert json.loads(link.read_text()) and target.read_text() == "theirs\n"
+    one_error_line(run_santacpu(*args, link, "--force"), "it is a symbolic link (give the path of a regular file)")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder-link").symlink_to(tmp_path / "folder")
+    one_error_line(run_santacpu(*args, f"{tmp_path / 'folder-link'}/", "--force"), "it is a symbolic link")
+    assert link.is_symlink() and target.read_text() == "theirs\n" and (tmp_path / "folder-link").is_symlink()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     one_error_line(run_santacpu(*args, fifo, "--force"), f"cannot write --json {fifo}: it is a FIFO, not a regular file")
     one_error_line(run_santacpu("quantize", tiny, fifo, "--force"), "it is a FIFO, not a regular file")
     one_error_line(run_santacpu("bench", quantized, "--parts", "load", "--json", fifo, "--force"), "it is a FIFO")
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_file_that_appears_while_a_report_is_made_is_not_replaced_without_force(tmp_path):
+    from santacpu.atomic_file import atomic_output
+    from santacpu.errors import WriteError
+
+    out = tmp_path / "report.json"
+    with pytest.raises(WriteError, match="already exists .use --force to replace it."):
+        with atomic_output(out, overwrite=False) as f:
+            f.write(b"new\n")
+            out.write_text("theirs\n")  # another program's, made while this one was writing
+    assert out.read_text() == "theirs\n" and list(tmp_path.iterdir()) == [out]  # no partial file left
+    with atomic_output(out, overwrite=True) as f:
+        f.write(b"new\n")
+    assert out.read_text() == "new\n"
 
 
 def test_options_that_would_be_ignored_are_warned_about(tmp_path, tiny, quantized):

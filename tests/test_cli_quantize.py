@@ -184,7 +184,8 @@ def test_load_runs_what_the_command_line_runs(tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr.decode()
     by_cli = read_metadata(tmp_path / "cli-q4_0.safetensors")
     assert made[1]["quantization"] == by_cli[1]["quantization"] and made[1]["quantization"]["type"] == "q4_0"
-    assert made[1]["provenance"]["calibration"] == by_cli[1]["provenance"]["calibration"] != "none"
+    assert made[1]["provenance"]["calibration"] == by_cli[1]["provenance"]["calibration"]
+    assert "standard library" in made[1]["provenance"]["calibration"]
     assert made[1]["tensors"] == by_cli[1]["tensors"]
     import numpy as np
     from safetensors.numpy import load_file
@@ -195,6 +196,22 @@ def test_load_runs_what_the_command_line_runs(tmp_path, monkeypatch):
         santacpu.load(cached, quant="q4_0")
     with pytest.raises(santacpu.SantacpuError, match="unknown quantization 'q5'"):
         santacpu.load(tiny_checkpoint(), quant="q5")
+
+
+def test_first_use_without_standard_library_sources_quantizes_uncalibrated(tmp_path, monkeypatch):
+    import sysconfig
+
+    from santacpu.formats.quantized_file import read_metadata
+
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "stdlib").mkdir()  # a slim image's: compiled modules only
+    paths = sysconfig.get_paths()
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**paths, "stdlib": str(tmp_path / "stdlib")})
+    with pytest.warns(santacpu.SantacpuWarning, match="no standard library sources to calibrate q4_0 on"):
+        model = santacpu.load(tiny_checkpoint(), quant="q4_0")
+    assert model.complete(PROMPT, max_new_tokens=2) is not None
+    [made] = (tmp_path / "cache").iterdir()
+    assert read_metadata(made)[1]["provenance"]["calibration"] is None  # (info shows "none")
 
 
 def test_a_damaged_cached_file_is_named_and_made_again(tmp_path, monkeypatch):

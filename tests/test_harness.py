@@ -191,6 +191,17 @@ def test_a_full_disk_names_the_results_file(tmp_path, monkeypatch):
     assert str(error.value) == (f"cannot write the results file {path}: No space left on device (its 1 finished "
                                 "problems are kept; --resume carries on)")
     assert path.read_bytes() == whole  # no torn half record left on disk
+    # A first record the disk cannot take leaves no (empty) file; a link is never written through.
+    fresh = tmp_path / "fresh.jsonl"
+    with pytest.raises(SantacpuError, match="nothing was kept"):
+        ResultsFile.open(fresh, {**EvalSettings().identity(), "model": {"name": "m", "sha256": "1"}}, resume=False).append(
+            record("a"))
+    assert not fresh.exists()
+    monkeypatch.undo()
+    (tmp_path / "planted.jsonl").symlink_to(tmp_path / "victim")
+    with pytest.raises(SantacpuError, match="is a symbolic link"):
+        ResultsFile.open(tmp_path / "planted.jsonl", {}, resume=True)
+    assert not (tmp_path / "victim").exists()
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -465,6 +466,18 @@ def test_a_program_that_closes_descriptors_it_did_not_open():
     # alone; closing each one there is fails the run, and says why.
     result, _ = run("import os, resource\nos.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[1])\n"
                     "assert sum(range(4)) == 6\n")
+    assert result.passed, result
+    # Also where the caller's soft limit is low (`ulimit -S -n 256`); and the pipe is no program's
+    # to hand on (close-on-exec).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(256, soft), hard))
+    try:
+        result, _ = run("import os\nos.closerange(3, os.sysconf('SC_OPEN_MAX'))\n")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert result.passed, result
+    result, _ = run("import os\nassert not [f for f in range(3, 1024) if os.path.exists(f'/proc/self/fd/{f}') "
+                    "and os.get_inheritable(f)]\n")
     assert result.passed, result
     result, _ = run("import os\nfor fd in os.listdir('/proc/self/fd')[3:]:\n    try: os.close(int(fd))\n"
                     "    except OSError: pass\n")

@@ -8,11 +8,14 @@ temporary Numba cache), and lazily `santacpu` below the API (config, errors, for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
-import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,12 +39,10 @@ MEMORY_DECODE_TOKENS = 8
 # The lengths a full-size model is measured at; shorter where the model's context is (`fit_to_context`).
 DEFAULT_PROMPT_TOKENS, DEFAULT_DECODE_TOKENS, DEFAULT_FIM_TOKENS = 512, 128, 1500
 # The child's code: the import is timed before anything of santacpu is loaded.
-# A child ignores Ctrl-C (the terminal sends it to the whole process group): the parent stops it,
-# and says "interrupted" once, without a child's traceback from inside its imports. Its import time
-# is the runtime's (santacpu.model: NumPy, Numba, the kernels' modules), as a user's process pays it.
+# A child's import time is the runtime's (santacpu.model: NumPy, Numba, the kernels' modules), as a
+# user's process pays it.
 _CHILD_CODE = (
-    "import signal, sys, time; signal.signal(signal.SIGINT, signal.SIG_IGN); t0 = time.perf_counter(); "
-    "import santacpu.model; from santacpu.bench import child_main; "
+    "import sys, time; t0 = time.perf_counter(); import santacpu.model; from santacpu.bench import child_main; "
     "child_main(sys.argv[1], sys.argv[2], time.perf_counter() - t0)"
 )
 
@@ -244,6 +245,21 @@ def measure_read_speed(files: list, threads: int) -> float | None:
     return _run_child("read_speed", {"files": [str(f) for f in files], "threads": threads})["gb_s"]
 
 
+@contextlib.contextmanager
+def _ctrl_c_ignored_by_children():
+    """Children started meanwhile ignore SIGINT from their first instruction (an ignored signal stays
+    ignored across exec, and Python then installs no handler of its own); this process ignores it
+    only for as long as that takes (the main thread only: elsewhere the disposition is not ours)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
     from ..errors import SantacpuError
 
@@ -259,16 +275,18 @@ def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
     # The child imports this very santacpu, installed or not.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    done = subprocess.run(
-        [sys.executable, "-c", _CHILD_CODE, kind, json.dumps(job)],
-        check=False,
-        env=env,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    lines = [line for line in done.stdout.splitlines() if line.startswith(RESULT_MARK)]
-    if done.returncode or not lines:
-        raise SantacpuError(f"the bench's {kind} run failed (exit code {done.returncode}; its messages are above)")
+    with _ctrl_c_ignored_by_children():
+        child = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, kind, json.dumps(job)], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+    with child:
+        try:
+            stdout, _ = child.communicate()
+        except BaseException:  # Ctrl-C, SIGTERM: the child goes too
+            child.kill()
+            raise
+    lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if child.returncode or not lines:
+        raise SantacpuError(f"the bench's {kind} run failed (exit code {child.returncode}; its messages are above)")
     result = json.loads(lines[-1][len(RESULT_MARK) :])
     if "error" in result:
         raise SantacpuError(result["error"])

@@ -258,8 +258,10 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
     *,
     shapes: dict[str, tuple[tuple[int, ...], str]] | None = None,
+    overwrite: bool = True,
 ) -> None:
-    """Write tensors to `path` atomically (temporary file in the same folder, then rename).
+    """Write tensors to `path` atomically (temporary file in the same folder, then rename; without
+    `overwrite`, a file there is an error, never replaced).
 
     `tensors` may be a dict or an iterator of (name, array); with an iterator, pass `shapes`
     ({name: (shape, dtype_name)}, in order) so the header can be written before the data and each
@@ -275,7 +277,7 @@ def write_safetensors(
         items = iter(tensors)
     raw_header, _ = _raw_header(metadata, shapes)
 
-    with atomic_output(path) as f:
+    with atomic_output(path, overwrite) as f:
         f.write(struct.pack("<Q", len(raw_header)))
         f.write(raw_header)
         for expected_name, (shape, dtype_name) in shapes.items():

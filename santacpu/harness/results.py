@@ -61,6 +61,8 @@ class ResultsFile:
         so a run that fails before any leaves nothing), or, with `resume`, the one there, checked."""
         header = {"format": FORMAT, **header}
         try:
+            if path.is_symlink():  # (never written through: a link planted in a shared folder could lead anywhere)
+                raise SantacpuError(f"{path} is a symbolic link; give the path of a regular file as --out")
             if path.exists() and not path.is_file():  # (/dev/null passed as new, and failed at the first record)
                 raise SantacpuError(f"{path} is not a regular file; choose another --out")
             existing = path.exists() and path.stat().st_size > 0
@@ -76,7 +78,7 @@ class ResultsFile:
         data = "".join(json.dumps(line) + "\n" for line in [*lines, record]).encode("utf-8")
         how = os.O_APPEND if self._written else os.O_TRUNC if self._replace else os.O_EXCL
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | how, 0o666)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | how, 0o666)
             try:
                 start = os.lseek(fd, 0, os.SEEK_END)
                 try:
@@ -84,9 +86,11 @@ class ResultsFile:
                     while view:
                         view = view[os.write(fd, view):]
                     os.fsync(fd)
-                except OSError:  # (a full disk): the file back to its last whole record
+                except OSError:  # (a full disk): the file back to its last whole record, or gone
                     with contextlib.suppress(OSError):
                         os.ftruncate(fd, start)
+                        if not self._written and how == os.O_EXCL:
+                            os.unlink(self.path)
                     raise
             finally:
                 os.close(fd)

@@ -198,10 +198,13 @@ def supervise():
         # Far above the descriptors a program may open (its RLIMIT_NOFILE, set after this fork, is
         # 64): out of reach of os.closerange(3, limit), as daemon-style code closes what it inherits.
         try:
-            os.dup2(finished_write, FINISHED_DESCRIPTOR)
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            if soft != resource.RLIM_INFINITY and soft <= FINISHED_DESCRIPTOR:  # (a caller's `ulimit -S -n 256`)
+                resource.setrlimit(resource.RLIMIT_NOFILE, (min(FINISHED_DESCRIPTOR + 1, hard), hard))
+            os.dup2(finished_write, FINISHED_DESCRIPTOR, inheritable=False)
             os.close(finished_write)
             finished_write = FINISHED_DESCRIPTOR
-        except OSError:  # (a caller whose own limit is below it: the pipe stays where it was)
+        except (OSError, ValueError):  # (a caller whose hard limit is below it: the pipe stays where it was)
             pass
         return finished_write, token
     os.close(finished_write)
