@@ -19,11 +19,11 @@ May import: `santacpu` (loading, formats, foundation modules) and `quantize.pipe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
 import sys
-import sysconfig
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,7 @@ from santacpu.loading.quantized import nonfinite_tensor, read_quantized
 from santacpu.loading.source import hub_revision, resolve
 from santacpu.settings import CACHE_ENV, Settings
 
-from .calibration import DEFAULT_CALIBRATION_TOKENS
+from .calibration import DEFAULT_CALIBRATION_TOKENS, calibration_texts
 from .pipeline import default_calibration, run_quantize
 
 QUANT_CHOICES = ("none", *FORMATS)
@@ -79,16 +79,24 @@ def _cache_files() -> list[Path]:
     if not folder.is_dir():
         return []
     return [path for path in folder.iterdir()
-            if path.is_file() and _CACHED_NAME.fullmatch(partial_target(path.name) or path.name)]
+            if (path.is_file() or path.is_symlink()) and _CACHED_NAME.fullmatch(partial_target(path.name) or path.name)]
 
 
 def first_use_calibration(qtype: str) -> str:
     """`santacpu quantize`'s default calibration for `qtype`, or "none" where this Python has no
     standard library sources to calibrate on (slim images that ship only compiled modules)."""
     chosen = default_calibration(qtype)
-    if chosen == "stdlib" and next(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"), None) is None:
-        return "none"
-    return chosen
+    return "none" if chosen == "stdlib" and not _stdlib_calibrates() else chosen
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_calibrates() -> bool:
+    """Whether calibration finds text in this Python's standard library (read once a process)."""
+    try:
+        calibration_texts(None)
+    except SantacpuError:
+        return False
+    return True
 
 
 def cached_file_for(folder: Path, qtype: str) -> Path:
@@ -119,6 +127,8 @@ def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
     open_checkpoint(folder)  # a broken source fails here, before we announce any work
     try:
         _make_folder(path.parent)
+        if path.is_symlink():  # (a link under the cache's own name that leads nowhere usable: the cache's to drop)
+            path.unlink()
         check_writable(path)
         print(f"santacpu: first use of {model}: quantizing it to {qtype} once, into {path} "
               "(`santacpu cache list` shows the cache)", file=sys.stderr, flush=True)
@@ -174,6 +184,8 @@ def cache_entries() -> list[CacheEntry]:
     for path in _cache_files():
         qtype = source = created = "?"
         problem = describe_partial(path.name)  # (not read: a partial file's header may be whole)
+        if problem is None and not path.exists():
+            problem = "a symbolic link that leads nowhere"
         if problem is None:
             try:
                 _, meta = read_metadata(path)
@@ -182,7 +194,7 @@ def cache_entries() -> list[CacheEntry]:
                 created = str(meta["provenance"].get("created"))
             except SantacpuError as bad:
                 problem = str(bad).replace(str(path), "").strip(" :") or "unreadable"
-        entries.append(CacheEntry(path, path.stat().st_size, qtype, source, created, problem))
+        entries.append(CacheEntry(path, path.stat().st_size if path.exists() else 0, qtype, source, created, problem))
     return sorted(entries, key=lambda e: (-e.bytes, e.path.name))
 
 

@@ -59,10 +59,11 @@ def __getattr__(name: str) -> _Any:
         return getattr(model, name)
     # A submodule named as an attribute (`santacpu.model.runnable_model` after `import santacpu`), as
     # when the package imported them all.
-    if not name.startswith("_") and _importlib_util.find_spec(f"{__name__}.{name}") is not None:
+    if name.isidentifier() and not name.startswith("_") and _importlib_util.find_spec(f"{__name__}.{name}"):
         return _importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'santacpu' has no attribute {name!r}")
 
 
 def __dir__() -> _List[str]:
-    return sorted({name for name in globals() if not name.startswith("_")} | set(__all__))
+    own = {name for name in globals() if name.startswith("__") or not name.startswith("_")}  # (not the helpers)
+    return sorted(own | set(__all__))

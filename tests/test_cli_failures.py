@@ -253,6 +253,8 @@ def test_the_api_names_load_on_first_use():
                                    "santacpu.tokenizer"], done.stderr
     with pytest.raises(AttributeError, match="no attribute 'lod'"):
         santacpu.lod  # noqa: B018
+    assert not hasattr(santacpu, "x.y") and getattr(santacpu, "harness.sandbox_boot", None) is None
+    assert "__file__" in dir(santacpu) and "_importlib" not in dir(santacpu)
 
 
 # ---------------------------------------------------------------------------------------------

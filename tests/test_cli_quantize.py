@@ -204,14 +204,35 @@ def test_first_use_without_standard_library_sources_quantizes_uncalibrated(tmp_p
     from santacpu.formats.quantized_file import read_metadata
 
     monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
-    (tmp_path / "stdlib").mkdir()  # a slim image's: compiled modules only
+    (tmp_path / "stdlib").mkdir()  # a slim image's: compiled modules only (an empty sitecustomize)
+    (tmp_path / "stdlib" / "sitecustomize.py").write_text("")
     paths = sysconfig.get_paths()
     monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: {**paths, "stdlib": str(tmp_path / "stdlib")})
+    from quantize.cache import _stdlib_calibrates
+
+    _stdlib_calibrates.cache_clear()  # (judged once a process: unwrapped here, judged afresh after)
+    monkeypatch.setattr("quantize.cache._stdlib_calibrates", _stdlib_calibrates.__wrapped__)
     with pytest.warns(santacpu.SantacpuWarning, match="no standard library sources to calibrate q4_0 on"):
         model = santacpu.load(tiny_checkpoint(), quant="q4_0")
     assert model.complete(PROMPT, max_new_tokens=2) is not None
     [made] = (tmp_path / "cache").iterdir()
     assert read_metadata(made)[1]["provenance"]["calibration"] is None  # (info shows "none")
+
+
+def test_a_cache_entry_that_is_a_dangling_link_is_listed_cleared_and_made_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
+    first = santacpu.load(tiny_checkpoint()).complete(PROMPT, max_new_tokens=4)
+    cached = cached_file_for(tiny_checkpoint(), "q8_0")
+    cached.rename(tmp_path / "moved.safetensors")
+    cached.symlink_to(tmp_path / "gone.safetensors")
+    listed = run("cache", "list", cache=tmp_path / "cache").stdout.decode()
+    assert "(a symbolic link that leads nowhere)" in listed
+    assert santacpu.load(tiny_checkpoint()).complete(PROMPT, max_new_tokens=4) == first  # made again
+    assert cached.is_file() and not cached.is_symlink()
+    cached.unlink()
+    cached.symlink_to(tmp_path / "gone.safetensors")
+    cleared = run("cache", "clear", cache=tmp_path / "cache")
+    assert cleared.stdout.decode().startswith("removed 1 file") and not os.path.lexists(cached)
 
 
 def test_a_damaged_cached_file_is_named_and_made_again(tmp_path, monkeypatch):

@@ -476,6 +476,12 @@ def test_a_program_that_closes_descriptors_it_did_not_open():
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert result.passed, result
+    # A hard limit below 1024 (`ulimit -n 256`): the pipe as high as it allows, still out of reach.
+    script = ("import resource, sys\nresource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))\n"
+              "from santacpu.harness.sandbox import run_program\n"
+              "print(run_program(\"import os\\nos.closerange(3, os.sysconf('SC_OPEN_MAX'))\\n\").status)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "passed", done.stdout + done.stderr
     result, _ = run("import os\nassert not [f for f in range(3, 1024) if os.path.exists(f'/proc/self/fd/{f}') "
                     "and os.get_inheritable(f)]\n")
     assert result.passed, result

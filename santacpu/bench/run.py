@@ -39,10 +39,12 @@ MEMORY_DECODE_TOKENS = 8
 # The lengths a full-size model is measured at; shorter where the model's context is (`fit_to_context`).
 DEFAULT_PROMPT_TOKENS, DEFAULT_DECODE_TOKENS, DEFAULT_FIM_TOKENS = 512, 128, 1500
 # The child's code: the import is timed before anything of santacpu is loaded.
-# A child's import time is the runtime's (santacpu.model: NumPy, Numba, the kernels' modules), as a
-# user's process pays it.
+# A child first unblocks the signals its start held (`_signals_held_for_a_child_start`: a child
+# inherits its parent's mask); its import time is the runtime's (santacpu.model: NumPy, Numba, the
+# kernels' modules), as a user's process pays it.
 _CHILD_CODE = (
-    "import sys, time; t0 = time.perf_counter(); import santacpu.model; from santacpu.bench import child_main; "
+    "import signal, sys, time; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
+    "t0 = time.perf_counter(); import santacpu.model; from santacpu.bench import child_main; "
     "child_main(sys.argv[1], sys.argv[2], time.perf_counter() - t0)"
 )
 
@@ -246,18 +248,22 @@ def measure_read_speed(files: list, threads: int) -> float | None:
 
 
 @contextlib.contextmanager
-def _ctrl_c_ignored_by_children():
+def _signals_held_for_a_child_start():
     """Children started meanwhile ignore SIGINT from their first instruction (an ignored signal stays
-    ignored across exec, and Python then installs no handler of its own); this process ignores it
-    only for as long as that takes (the main thread only: elsewhere the disposition is not ours)."""
+    ignored across exec, and Python then installs no handler of its own). This process holds SIGINT
+    and SIGTERM blocked meanwhile, so that one arriving is delivered once a child can be stopped
+    with it, not lost (main thread only: elsewhere dispositions are not ours)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    held = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
@@ -275,15 +281,17 @@ def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
     # The child imports this very santacpu, installed or not.
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    with _ctrl_c_ignored_by_children():
-        child = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, kind, json.dumps(job)], env=env,
-                                 stdout=subprocess.PIPE, text=True)
-    with child:
-        try:
-            stdout, _ = child.communicate()
-        except BaseException:  # Ctrl-C, SIGTERM: the child goes too
+    child = None
+    try:
+        with _signals_held_for_a_child_start():
+            child = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, kind, json.dumps(job)], env=env,
+                                     stdout=subprocess.PIPE, text=True)
+        stdout, _ = child.communicate()
+    except BaseException:  # Ctrl-C, SIGTERM: the child goes too
+        if child is not None:
             child.kill()
-            raise
+            child.communicate()
+        raise
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
     if child.returncode or not lines:
         raise SantacpuError(f"the bench's {kind} run failed (exit code {child.returncode}; its messages are above)")

@@ -197,14 +197,17 @@ def supervise():
         os.close(finished_read)
         # Far above the descriptors a program may open (its RLIMIT_NOFILE, set after this fork, is
         # 64): out of reach of os.closerange(3, limit), as daemon-style code closes what it inherits.
+        # (Under a caller's `ulimit -n 256` as high as that allows; the soft limit raised to reach it.)
         try:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            if soft != resource.RLIM_INFINITY and soft <= FINISHED_DESCRIPTOR:  # (a caller's `ulimit -S -n 256`)
-                resource.setrlimit(resource.RLIMIT_NOFILE, (min(FINISHED_DESCRIPTOR + 1, hard), hard))
-            os.dup2(finished_write, FINISHED_DESCRIPTOR, inheritable=False)
-            os.close(finished_write)
-            finished_write = FINISHED_DESCRIPTOR
-        except (OSError, ValueError):  # (a caller whose hard limit is below it: the pipe stays where it was)
+            place = FINISHED_DESCRIPTOR if hard == resource.RLIM_INFINITY else min(FINISHED_DESCRIPTOR, hard - 1)
+            if place > finished_write:
+                if soft != resource.RLIM_INFINITY and soft <= place:
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (place + 1, hard))
+                os.dup2(finished_write, place, inheritable=False)
+                os.close(finished_write)
+                finished_write = place
+        except (OSError, ValueError):  # (the pipe stays where it was)
             pass
         return finished_write, token
     os.close(finished_write)
