@@ -84,7 +84,8 @@ def _cache_files() -> list[Path]:
 
 def first_use_calibration(qtype: str) -> str:
     """`santacpu quantize`'s default calibration for `qtype`, or "none" where this Python has no
-    standard library sources to calibrate on (slim images that ship only compiled modules)."""
+    standard library sources to calibrate on (slim images that ship only compiled modules; judged
+    when a file is made, half a second, not for its cache key)."""
     chosen = default_calibration(qtype)
     return "none" if chosen == "stdlib" and not _stdlib_calibrates() else chosen
 
@@ -106,8 +107,8 @@ def cached_file_for(folder: Path, qtype: str) -> Path:
         if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
     )
     recipe = {"folder": str(folder.resolve()), "files": sources, "type": qtype, "format": FORMAT_VERSION}
-    if first_use_calibration(qtype) != "none":  # (files made before first use calibrated are not reused)
-        recipe["calibration"] = [first_use_calibration(qtype), DEFAULT_CALIBRATION_TOKENS]
+    if default_calibration(qtype) != "none":  # (files made before first use calibrated are not reused)
+        recipe["calibration"] = [default_calibration(qtype), DEFAULT_CALIBRATION_TOKENS]
     key = json.dumps(recipe)
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return cache_dir() / f"{folder.resolve().name}-{qtype}-{digest}.safetensors"
