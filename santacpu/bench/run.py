@@ -262,7 +262,7 @@ def _signals_held_for_a_child_start():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
