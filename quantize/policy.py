@@ -114,9 +114,14 @@ def embedding_upgrade_bytes(base: str, shape: tuple[int, int], rows: int) -> int
     return row_upgrade_bytes(base, shape[1], rows)
 
 
+def whole_blocks(shape: tuple[int, ...]) -> bool:
+    """Whether a matrix's rows are whole blocks of the upgrade types (others stay float16)."""
+    return shape[1] % FORMATS["q8_0"].block_size == 0
+
+
 def upgradable(shapes: dict[str, tuple[int, ...]], types: dict[str, str], qtype: str) -> list[str]:
     """The weights the budget may raise: those at the file's 4-bit type, in whole blocks."""
-    return [n for n in shapes if types[n] == qtype and shapes[n][1] % FORMATS["q8_0"].block_size == 0]
+    return [n for n in shapes if types[n] == qtype and whole_blocks(shapes[n])]
 
 
 def upgrade_order(shapes: dict[str, tuple[int, ...]], types: dict[str, str], qtype: str) -> list[tuple[str, str]]:

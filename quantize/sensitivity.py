@@ -35,14 +35,9 @@ from santacpu.network.divergence import against_reference, row_distribution
 from santacpu.network.weights import LINEAR_WEIGHTS as LINEAR
 from santacpu.progress import Progress
 
-from .policy import EMBEDDING_ROW_COUNTS, EMBEDDING_TYPE, ROW_UPGRADE_TYPE, UPGRADE_TYPES
+from .policy import EMBEDDING_ROW_COUNTS, EMBEDDING_TYPE, ROW_UPGRADE_TYPE, UPGRADE_TYPES, whole_blocks
 
 SENSITIVITY_TOKENS = 128  # the first calibration tokens, in sequences as calibration cut them
-
-
-def _whole_blocks(weight) -> bool:
-    """Whether a weight's rows are whole blocks (others stay float16, and have no upgrades)."""
-    return weight.shape[1] % FORMATS["q8_0"].block_size == 0
 
 
 def _roundtrip(qtype: str, weight: np.ndarray, importance: np.ndarray | None) -> np.ndarray:
@@ -115,7 +110,7 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
         exact = [layer_forward(x, layer) for x in inputs[i]]
         errors: dict[str, dict[str, float]] = {}
         low = {}
-        measured = [name for name in LINEAR if _whole_blocks(getattr(layer, name))]
+        measured = [name for name in LINEAR if whole_blocks(getattr(layer, name).shape)]  # (others stay float16)
         for name in measured:
             weight = np.asarray(getattr(layer, name), dtype=np.float32)
             imp = None if importance is None else importance.get(f"h.{i}.{name}")
@@ -135,7 +130,7 @@ def measure_upgrade_gains(reader: CheckpointReader, sequences: list[list[int]], 
             gains[f"h.{i}.{name}"] = {t: max(0.0, kld * (errors[name][qtype] - errors[name][t]) / total) for t in UPGRADE_TYPES}
         progress.step(f"layer {i}")
     counts = [k for k in EMBEDDING_ROW_COUNTS if most_used is not None and k <= len(most_used) and k < c.vocab_size]
-    if most_used is not None and _whole_blocks(wte):
+    if most_used is not None and whole_blocks(wte.shape):
         imp = None if importance is None else importance.get("wte")
         table = _roundtrip(EMBEDDING_TYPE[qtype], np.asarray(wte, np.float32), imp)
         base = embedding_kld(table)

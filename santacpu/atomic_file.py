@@ -131,10 +131,11 @@ def remove_stale_partials(path: str | os.PathLike) -> None:
         if found is None:
             continue  # not a partial file of this target (the name only starts like one)
         partial = path.parent / name
-        if found["pid"] is None or found["host"] != _host_tag():
+        gone = _writer_gone(found["host"], found["pid"])
+        if gone is None:
             warnings.warn(f"{partial} looks like a partial file left by an interrupted write of {path.name}; "
                           "delete it if nothing is writing that file now", SantacpuWarning, stacklevel=3)
-        elif not _process_exists(int(found["pid"])):
+        elif gone:
             with contextlib.suppress(FileNotFoundError, PermissionError):
                 os.unlink(partial)
                 warnings.warn(f"removed {partial}, left by an earlier write of {path.name} whose process "
@@ -154,11 +155,12 @@ def describe_partial(name: str) -> str | None:
     found = _PARTIAL_FILE.fullmatch(name)
     if found is None:
         return None
-    if found["pid"] is None or found["host"] != _host_tag():
+    gone = _writer_gone(found["host"], found["pid"])
+    if gone is None:
         return "a partial file: still being written, or left by an interrupted write"
-    if _process_exists(int(found["pid"])):
-        return f"a partial file, being written by process {found['pid']}"
-    return "a partial file left by an interrupted write"
+    if gone:
+        return "a partial file left by an interrupted write"
+    return f"a partial file, being written by process {found['pid']}"
 
 
 def owned_temp_folder(prefix: str) -> str:
@@ -176,10 +178,17 @@ def owned_temp_folder(prefix: str) -> str:
             status = os.lstat(path)
         except OSError:
             continue
-        if (pid.isdigit() and not _process_exists(int(pid)) and stat.S_ISDIR(status.st_mode)
-                and status.st_uid == os.getuid()):
+        if _writer_gone(_host_tag(), pid) and stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid():
             shutil.rmtree(path, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-")
+
+
+def _writer_gone(host: str | None, pid: str | None) -> bool | None:
+    """Whether the process named in a partial file's or a temporary folder's name is gone: None where
+    that cannot be judged (no process id, or another host's)."""
+    if host != _host_tag() or pid is None or not pid.isdigit():
+        return None
+    return not _process_exists(int(pid))
 
 
 def _host_tag() -> str:

@@ -38,10 +38,10 @@ TINY_PREFILL_TOKENS = 16
 MEMORY_DECODE_TOKENS = 8
 # The lengths a full-size model is measured at; shorter where the model's context is (`fit_to_context`).
 DEFAULT_PROMPT_TOKENS, DEFAULT_DECODE_TOKENS, DEFAULT_FIM_TOKENS = 512, 128, 1500
-# The child's code: the import is timed before anything of santacpu is loaded.
-# A child first unblocks the signals its start held (`_signals_held_for_a_child_start`: a child
-# inherits its parent's mask); its import time is the runtime's (santacpu.model: NumPy, Numba, the
-# kernels' modules), as a user's process pays it.
+# The child's code: it first unblocks the signals its start held (`_signals_held_for_a_child_start`:
+# a child inherits its parent's mask); then its import is timed from before anything of santacpu is
+# loaded through the runtime (santacpu.model: NumPy, Numba, the kernels' modules), as a user's
+# process pays it.
 _CHILD_CODE = (
     "import signal, sys, time; signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM}); "
     "t0 = time.perf_counter(); import santacpu.model; from santacpu.bench import child_main; "

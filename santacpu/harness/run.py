@@ -114,6 +114,6 @@ def evaluate_against(
                              quant=quant_as_it_is(model), name=shown_name(names[0], model, quant), **run)
     theirs, reference_records = evaluate(
         reference, reference_path(out), settings, label="eval reference", results=files[1],
-        revision=reference_revision, quant="none", name=str(names[1]), **run,
+        revision=reference_revision, quant="none", name=shown_name(names[1], reference, "none"), **run,
     )
     return {"model": mine, "reference": theirs, "comparison": compare(records, reference_records)}
