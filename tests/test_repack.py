@@ -141,6 +141,34 @@ def test_products_match_the_oracle_and_each_tokens_own(target, qtype, rows, T):
         assert np.array_equal(out, portable)
 
 
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+def test_q8_0_at_the_edges_of_its_integers(target):
+    # Codes at -128 (a file may hold it; the quantizer writes -127..127) and 127, x's rounded int16
+    # values where a split into bytes would carry or change sign (NEON's q8_0 path: x = 256 hi +
+    # lo), each block's largest being 32767 or -32767 so that x rounds to exactly these integers.
+    # Every target's sums are exact: the oracle in int64, and the portable kernel's bits.
+    xs = [32767, -32767, 32640, 32639, -32640, -32641, 256, 255, -256, -255, 128, 127, -128, -129, 1, -1, 0,
+          32512, -32513, 383, -384, 511, 12345, -23456, 200, -200, 32766, -32766, 129, -127, 254, -2]
+    rows, cols = 19, 96
+    weight = weight_of("q8_0", rows, cols)
+    codes = weight.parts["qs"]
+    codes[:] = np.resize(np.array([-128, 127, -1, 0, 1, -128, -127, 64], np.int8), codes.size).reshape(codes.shape)
+    codes[::3] = -128
+    x = np.array([np.roll(xs, 5 * t) * (1 if t % 2 else -1) for t in range(5)], np.float32).repeat(3, axis=0).reshape(5, 3 * 32)
+    x = np.ascontiguousarray(x[:, :cols])
+    assert (np.abs(x.reshape(5, 3, 32)).max(axis=2) == 32767).all()  # round_activations keeps each integer
+    bias = np.zeros(rows, np.float32)
+    out = np.full((5, rows), np.nan, np.float32)
+    repack.matmul(repack.group_rows(weight, target.rows_per_group), x, bias, out, target)
+    scales = weight.parts["d"].astype(np.float64)
+    sums = np.einsum("tbj,rbj->trb", x.astype(np.int64).reshape(5, 3, 32), codes.astype(np.int64).reshape(rows, 3, 32))
+    want = (sums * scales[None]).sum(axis=2)  # x's block scale is 1
+    assert np.abs(out - want).max() <= 1e-6 * np.abs(want).max()
+    portable = np.empty_like(out)
+    repack.matmul(repack.group_rows(weight, PORTABLE.rows_per_group), x, bias, portable, PORTABLE)
+    assert np.array_equal(out, portable)
+
+
 @pytest.mark.parametrize("n", repack.GROUP_SIZES)
 @pytest.mark.parametrize("qtype", repack.FORMATS)
 def test_rows_read_back_from_the_groups(qtype, n):

@@ -3,7 +3,7 @@
 tile's block loop, per block and per (row, token) product of a block, for a one-token tile
 (decode) and the widest tile (prompts).
 
-    python tools/kernel_asm.py [--formats q4_0,q8_0] [--json out.json] [--dump DIR]
+    python tools/kernel_asm.py [--formats q4_0,q8_0] [--tokens 1,4] [--json out.json] [--dump DIR]
 
 --dump writes each tile's whole assembly (comments dropped) to DIR/<target>-<format>-<tokens>.s:
 diffing two trees' dumps shows whether a change altered the code a CPU runs.
@@ -66,13 +66,17 @@ def block_loop(target, qtype: str, n_tokens: int) -> tuple[float, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--formats", default=",".join(repack.FORMATS), help="formats, comma-separated (default: all)")
+    parser.add_argument("--tokens", help="token tiles, comma-separated, each 1, 2, 4 or 8 up to the target's widest "
+                        "(default: 1 and the widest)")
     parser.add_argument("--json", help="also write the counts to this file")
     parser.add_argument("--dump", help="write each tile's assembly into this folder")
     args = parser.parse_args()
     rows = []
     for target in runnable_targets():
         for qtype in args.formats.split(","):
-            for n_tokens in sorted({1, target.tile_tokens}):
+            widest = target.widest_tile(qtype)
+            wanted = {int(k) for k in args.tokens.split(",")} if args.tokens else {1, widest}
+            for n_tokens in sorted(k for k in wanted if k <= widest):
                 count, _, asm = block_loop(target, qtype, n_tokens)
                 if args.dump:
                     os.makedirs(args.dump, exist_ok=True)

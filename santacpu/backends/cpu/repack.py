@@ -69,7 +69,7 @@ FORMATS = ("q4_0", "q4_m", "q6_0", "q8_0")
 Q4_0, Q4_M, Q6_0, Q8_0 = (BLOCK_FORMATS[name].format_id for name in ("q4_0", "q4_m", "q6_0", "q8_0"))
 GROUP_SIZES = (4, 8, 16)  # rows a group: 128-, 256- or 512-bit vectors of int32 lanes
 _ROWS = {target.isa: target.rows_per_group for target in TARGETS}
-_TILE_TOKENS = {target.isa: target.tile_tokens for target in TARGETS}
+_TILE_TOKENS = {(target.isa, BLOCK_FORMATS[qtype].format_id): target.widest_tile(qtype) for target in TARGETS for qtype in FORMATS}
 # A one-token product streams the weight from memory: each block prefetches its cache lines
 # this far ahead (the next groups' codes, in address order).
 PREFETCH_BYTES = 4096
@@ -296,7 +296,7 @@ def _group_tile_codegen(fmt, n_tokens, isa):
         n_blocks = cgutils.unpack_tuple(builder, xdx.shape, 2)[1]
         x_cols = cgutils.unpack_tuple(builder, xq.shape, 2)[1]
         n_rows = cgutils.unpack_tuple(builder, out.shape, 2)[1]
-        vec8, vec16, vec32, vecf = (ir.VectorType(t, k) for t, k in ((I8, 4 * n), (I16, 2 * n), (I32, n), (F32, n)))
+        vec8, vec32, vecf = (ir.VectorType(t, k) for t, k in ((I8, 4 * n), (I32, n), (F32, n)))
         fma = declare(builder, f"llvm.fma.v{n}f32", vecf, vecf, vecf, vecf)
         prefetch = declare(builder, "llvm.prefetch.p0i8", ir.VoidType(), I8.as_pointer(), I32, I32, I32)
         accs = [cgutils.alloca_once_value(builder, ir.Constant(vecf, None)) for _ in range(n_tokens)]
@@ -318,7 +318,7 @@ def _group_tile_codegen(fmt, n_tokens, isa):
                 return broadcast(builder, builder.load(builder.bitcast(address, I32.as_pointer()), align=1), n)
 
             def quad(self, offset):
-                """16 int8 values from block offset `offset`, as <4 x i32>."""
+                """16 int8 (q8_0: 8 int16) values from block offset `offset`, as <4 x i32>."""
                 return load_vector(builder, xq.data, builder.add(self.at, const(offset)), I32, 4)
 
             def pair(self, offset):
@@ -366,14 +366,9 @@ def _group_tile_codegen(fmt, n_tokens, isa):
             weight_scales = per_block(scales, block_at)
             weight_minimums = per_block(parts[2], block_at) if minimums else None
             tokens = [TokenX(builder.add(x_rows[j], builder.mul(b, const(QK)))) for j in range(n_tokens)]
-            if words:  # piece p: values 2p, 2p+1 of the n rows, against x's 2 in every lane (one
-                # piece live at a time, the tokens' sums beside it: 16 sign-extended pieces would
-                # not fit AVX2's 16 registers)
-                token_sums = [ir.Constant(vec32, None)] * n_tokens
-                for p in range(QK // 2):
-                    piece = builder.sext(load_vector(builder, codes.data, builder.add(code_at, const(2 * n * p)), I8, 2 * n), vec16)
-                    for j in range(n_tokens):
-                        token_sums[j] = products.word_dot(builder, isa, token_sums[j], piece, tokens[j].word(2 * p))
+            if words:  # piece p: values 2p, 2p+1 of the n rows (<2n x i8>)
+                piece = lambda p: load_vector(builder, codes.data, builder.add(code_at, const(2 * n * p)), I8, 2 * n)  # noqa: E731
+                token_sums = products.word_block_sums(builder, isa, piece, tokens)
             else:
                 packed = [load_vector(builder, codes.data, builder.add(code_at, const(4 * n * v)), I8, 4 * n) for v in range(4)]
                 lows = [builder.and_(p, splat(I8, 4 * n, 0x0F)) for p in packed]
@@ -437,16 +432,17 @@ def _group_tile(typingctx, parts, xq, xfix, xdx, bias, group, token, out, n_toke
 
 
 def _tokens_tile(parts, xq, xfix, xdx, bias, group, token, out, n, fmt, isa):
-    """_group_tile for n tokens from `token` on (1 up to the literal isa's widest tile, 4 or 8),
+    """_group_tile for n tokens from `token` on (1 up to the literal isa's widest tile for the
+    format, 4 or 8),
     as tiles of 8, 4, 2 and 1 tokens: a run-time n to the literals it needs, with few tile shapes
     to compile (a token's result is the same in any tile)."""
 
 
 @overload(_tokens_tile, prefer_literal=True, inline="always")
 def _tokens_tile_impl(parts, xq, xfix, xdx, bias, group, token, out, n, fmt, isa):
-    if literal(isa) is None:
+    if literal(isa) is None or literal(fmt) is None:
         return None
-    widest = _TILE_TOKENS[literal(isa)]
+    widest = _TILE_TOKENS[literal(isa), literal(fmt)]
 
     def tiles(parts, xq, xfix, xdx, bias, group, token, out, n, fmt, isa):
         if widest == 8 and n & 8:
@@ -464,23 +460,23 @@ def _tokens_tile_impl(parts, xq, xfix, xdx, bias, group, token, out, n, fmt, isa
     return tiles
 
 
-def _tile_tokens(isa):
-    """The widest token tile of a literal instruction-set id."""
+def _tile_tokens(isa, fmt):
+    """The widest token tile of a literal instruction-set id for a literal format id."""
 
 
 @overload(_tile_tokens, prefer_literal=True)
-def _tile_tokens_impl(isa):
-    if literal(isa) is None:
+def _tile_tokens_impl(isa, fmt):
+    if literal(isa) is None or literal(fmt) is None:
         return None
-    widest = _TILE_TOKENS[literal(isa)]
-    return lambda isa: widest
+    widest = _TILE_TOKENS[literal(isa), literal(fmt)]
+    return lambda isa, fmt: widest
 
 
 @njit(parallel=True, cache=True)  # no fast-math flags on the tiles: their float ops stay as written
 def matmul_groups(parts, x, bias, out, fmt, isa):
     """out [T, R] = x [T, C] @ W.T + bias [R] for W as row groups (its parts tuple), float32;
     fmt: its format id, isa: an instruction-set id (literal ints: compiled per value)."""
-    tile_tokens = _tile_tokens(isa)
+    tile_tokens = _tile_tokens(isa, fmt)
     T, C = x.shape
     n = parts[1].shape[1] // (C // QK)  # rows a group: the per-block part holds n values a block
     xq = np.empty((T, C), _x_type(fmt))

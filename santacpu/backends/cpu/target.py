@@ -33,19 +33,25 @@ class CpuTarget:
     rows_per_group: int  # n: rows interleaved together, one int32 lane each
     tile_tokens: int  # tokens of the widest many-token tile
     requires: tuple[frozenset[str], ...]  # LLVM target features: any one of these sets suffices
+    q8_0_tile_tokens: int | None = None  # q8_0's widest tile where it differs (NEON: x as bytes)
 
     def runs_on(self, features: set[str]) -> bool:
         return any(needed <= features for needed in self.requires)
 
+    def widest_tile(self, qtype: str) -> int:
+        """Tokens of the widest many-token tile for a row-group format."""
+        return (self.q8_0_tile_tokens or self.tile_tokens) if qtype == "q8_0" else self.tile_tokens
+
 
 # Best first. AVX-512 CPUs have 32 vector registers (8-token tiles), AVX2 ones 16 (4 tokens);
-# NEON has 32 registers of 128 bits (4 rows a group).
+# NEON has 32 registers of 128 bits (4 rows a group); its q8_0 tiles hold each token's x twice
+# (high and low bytes), and 8 of them spilled registers (docs/kernels.md).
 TARGETS = (
     CpuTarget("avx512-vnni", VNNI512, 16, 8, (frozenset({"avx512vnni", "avx512bw"}),)),
     CpuTarget("avx-vnni", VNNI256, 8, 8, (frozenset({"avxvnni"}), frozenset({"avx512vnni", "avx512vl"}))),
     CpuTarget("avx2", AVX2, 8, 4, (frozenset({"avx2"}),)),
-    CpuTarget("neon-i8mm", NEON_I8MM, 4, 8, (frozenset({"neon", "dotprod", "i8mm"}),)),
-    CpuTarget("neon-dotprod", NEON_DOT, 4, 8, (frozenset({"neon", "dotprod"}),)),
+    CpuTarget("neon-i8mm", NEON_I8MM, 4, 8, (frozenset({"neon", "dotprod", "i8mm"}),), q8_0_tile_tokens=4),
+    CpuTarget("neon-dotprod", NEON_DOT, 4, 8, (frozenset({"neon", "dotprod"}),), q8_0_tile_tokens=4),
     CpuTarget("portable", PORTABLE, 4, 4, (frozenset(),)),
 )
 BY_NAME = {target.name: target for target in TARGETS}

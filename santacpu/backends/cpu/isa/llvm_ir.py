@@ -49,6 +49,20 @@ def widen_sum(builder, products, group: int):
     return products
 
 
+def word_sums_by_piece(builder, piece, tokens, word_dot):
+    """q8_0's block sums <n x i32> of each token, a piece at a time: `piece(p)` (<2n x i8>: values
+    2p and 2p + 1 of each of the n rows) widened to int16, then `word_dot(sums, wide, xs)` adds
+    its 2 products a lane with the token's 2 int16 values (`token.word(2 p)`). One piece is live at
+    a time, the tokens' sums beside it: 16 widened pieces would not fit AVX2's 16 registers."""
+    sums = []
+    for p in range(16):
+        codes = piece(p)
+        wide = builder.sext(codes, ir.VectorType(I16, codes.type.count))
+        sums = sums or [ir.Constant(ir.VectorType(I32, codes.type.count // 2), None)] * len(tokens)
+        sums = [word_dot(total, wide, token.word(2 * p)) for total, token in zip(sums, tokens)]
+    return sums
+
+
 def with_starts(builder, sums, starts):
     """Each token's block sums plus its start (`nibble_sums`' offset term; None: none)."""
     return sums if starts is None else [builder.add(total, start) for total, start in zip(sums, starts)]

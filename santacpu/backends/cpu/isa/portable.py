@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from .llvm_ir import I32, widen_sum
+from .llvm_ir import I32, widen_sum, word_sums_by_piece
 
 
 def _products(builder, a, b, n: int, per_lane: int):
@@ -29,11 +29,16 @@ def byte_dot(builder, sums, codes, xs):
     return builder.add(sums, _products(builder, codes, builder.bitcast(xs, codes.type), n, 4))
 
 
-def word_dot(builder, isa: int, sums, words, xs):
+def word_dot(builder, sums, words, xs):
     """sums <n x i32> + each lane's 2 products of `words` <2n x i16> with `xs` (<n x i32>: a pair
     of int16 values in every lane)."""
     n = sums.type.count
     return builder.add(sums, _products(builder, words, builder.bitcast(xs, words.type), n, 2))
+
+
+def word_block_sums(builder, isa: int, piece, tokens):
+    """q8_0: each token's block sums <n x i32> (`llvm_ir.word_sums_by_piece` with `word_dot`)."""
+    return word_sums_by_piece(builder, piece, tokens, lambda sums, words, xs: word_dot(builder, sums, words, xs))
 
 
 def tokens_per_call(isa: int) -> int:

@@ -21,17 +21,20 @@ from __future__ import annotations
 from llvmlite import ir
 
 from . import VNNI256, VNNI512
-from .llvm_ir import I8, I16, I32, declare, splat, with_starts
+from .llvm_ir import I8, I16, I32, declare, splat, with_starts, word_sums_by_piece
 
 
 def _vnni(isa: int) -> bool:
     return isa in (VNNI256, VNNI512)
 
 
-def word_dot(builder, isa: int, sums, words, xs):
-    """sums <n x i32> + each lane's 2 products of `words` <2n x i16> with `xs` (<n x i32>: a pair
-    of int16 x values, the same in every lane)."""
-    return lane_word_dot(builder, _vnni(isa), sums, words, builder.bitcast(xs, words.type))
+def word_block_sums(builder, isa: int, piece, tokens):
+    """q8_0: each token's block sums <n x i32> (`llvm_ir.word_sums_by_piece`: a piece's 2 products
+    a lane by `vpmaddwd` or `vpdpwssd` against x's pair of int16 values in every lane)."""
+    vnni = _vnni(isa)
+    return word_sums_by_piece(
+        builder, piece, tokens, lambda sums, words, xs: lane_word_dot(builder, vnni, sums, words, builder.bitcast(xs, words.type))
+    )
 
 
 def tokens_per_call(isa: int) -> int:
