@@ -82,8 +82,11 @@ def test_interleaved_layout_of_q8_0(n):
     weight = weight_of("q8_0", rows, 64)
     codes, scales = repack.group_rows(weight, n).parts
     assert codes.dtype == np.int8 and codes.shape == (2, 2 * 32 * n)
-    # codes [group, block, piece p, row i, k] = the row's value 32 b + 2 p + k
-    values = codes.reshape(2, 2, 16, n, 2).transpose(0, 3, 1, 2, 4).reshape(2 * n, 64)
+    # codes [group, block, piece p, row i, k] = the row's value 32 b + w p + k: w values of a row
+    # together, 4 in 4-row groups (their tiles' 4-value dot products), else 2 (int16 pairs)
+    w = repack.q8_0_word_bytes(n)
+    assert w == (4 if n == 4 else 2)
+    values = codes.reshape(2, 2, 32 // w, n, w).transpose(0, 3, 1, 2, 4).reshape(2 * n, 64)
     assert np.array_equal(values[:rows], weight.parts["qs"]) and (values[rows:] == 0).all()
     assert np.array_equal(per_row(scales, 2, n)[:rows], weight.parts["d"].view(np.uint16))
 

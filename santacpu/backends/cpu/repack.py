@@ -19,9 +19,10 @@ value j in its low nibble and value j+16 in its high one, in both formats). Each
 (q4_0's fp16 scales; q4_m's scale and minimum codes) holds the group's n rows of block b in a
 row; q4_m's per-row d and dmin are padded to whole groups. Rows past the last (a weight whose
 rows are not a multiple of n) have scale 0 (q4_0 codes 0x88, value 0). q8_0: per group and
-block, 16 pieces of 2n bytes, piece p holding values 2p and 2p+1 of each row in turn, and the
-fp16 scales as q4_0's. All of these are one word-by-word interleave of the group's rows
-(`interleave_rows`). q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then two vectors of
+block, 16 pieces of 2n bytes, piece p holding values 2p and 2p+1 of each row in turn (n = 8, 16:
+`vpmaddwd`'s int16 pairs), or with 4 rows a group (NEON's `sdot`, portable) 8 vectors of 16 bytes,
+vector k holding values 4k..4k+3 of each row in turn (`q8_0_word_bytes`); the fp16 scales as
+q4_0's. All of these are one word-by-word interleave of the group's rows (`interleave_rows`). q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then two vectors of
 high bits per block.
 x is rounded per block as int_dot rounds it for the format (max |x| -> 127; q8_0: 32767, int16),
 but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and
@@ -112,6 +113,12 @@ class RowGroupWeight:
         return sum(part.nbytes for part in self.parts)
 
 
+def q8_0_word_bytes(rows_per_group: int) -> int:
+    """Bytes of a row together in q8_0's interleave: 4 values a lane in 4-row groups (the tiles
+    there split x into bytes for 4-value dot products), 2 in wider ones (int16 pairs)."""
+    return 4 if rows_per_group == 4 else 2
+
+
 def group_rows(weight: QuantizedWeight, rows_per_group: int) -> RowGroupWeight:
     """`weight` (one of FORMATS) interleaved into row groups of `rows_per_group` (4, 8 or 16) rows;
     the pages of its file mapping are dropped from this process afterwards (they stay in the page
@@ -132,8 +139,9 @@ def group_rows(weight: QuantizedWeight, rows_per_group: int) -> RowGroupWeight:
         last = min(first + CHUNK_ROWS, R)
         chunk = codes[first // n : -(-last // n)]
         sources = [weight.parts[name][first:last] for name in code_names]
-        if weight.qtype == "q8_0":  # a row's pairs of values are int16 words
-            interleave_rows(_words(sources[0], np.int16), chunk.view(np.int16), 0, n)
+        if weight.qtype == "q8_0":  # a row's pairs (4-row groups: quads) of values a word
+            word = np.int32 if q8_0_word_bytes(n) == 4 else np.int16
+            interleave_rows(_words(sources[0], word), chunk.view(word), 0, n)
         elif weight.qtype == "q6_0":
             interleave_six_bits(_words(sources[0], np.uint32), _words(sources[1], np.uint32), chunk.view(np.uint32), n)
         else:  # 4 code bytes (8 values) a uint32 word
@@ -366,9 +374,9 @@ def _group_tile_codegen(fmt, n_tokens, isa):
             weight_scales = per_block(scales, block_at)
             weight_minimums = per_block(parts[2], block_at) if minimums else None
             tokens = [TokenX(builder.add(x_rows[j], builder.mul(b, const(QK)))) for j in range(n_tokens)]
-            if words:  # piece p: values 2p, 2p+1 of the n rows (<2n x i8>)
-                piece = lambda p: load_vector(builder, codes.data, builder.add(code_at, const(2 * n * p)), I8, 2 * n)  # noqa: E731
-                token_sums = products.word_block_sums(builder, isa, piece, tokens)
+            if words:  # the block's codes from byte `offset` on (<count x i8>; layout above)
+                load = lambda offset, count: load_vector(builder, codes.data, builder.add(code_at, const(offset)), I8, count)  # noqa: E731
+                token_sums = products.word_block_sums(builder, isa, n, load, tokens)
             else:
                 packed = [load_vector(builder, codes.data, builder.add(code_at, const(4 * n * v)), I8, 4 * n) for v in range(4)]
                 lows = [builder.and_(p, splat(I8, 4 * n, 0x0F)) for p in packed]
@@ -522,10 +530,10 @@ def _block_values_impl(parts, g, i, b, values, n, fmt):
         return None
 
     def q8_0(parts, g, i, b, values, n, fmt):
-        d = f16_to_f32(parts[1][g, n * b + i])
-        for p in range(QK // 2):
-            for k in range(2):
-                values[2 * p + k] = d * np.float32(parts[0][g, 32 * n * b + 2 * n * p + 2 * i + k])
+        d, w = f16_to_f32(parts[1][g, n * b + i]), 4 if n == 4 else 2  # q8_0_word_bytes(n)
+        for p in range(QK // w):
+            for k in range(w):
+                values[w * p + k] = d * np.float32(parts[0][g, 32 * n * b + w * n * p + w * i + k])
 
     def q6_0(parts, g, i, b, values, n, fmt):
         d, codes, at = f16_to_f32(parts[1][g, n * b + i]), parts[0], 24 * n * b

@@ -25,45 +25,16 @@ from __future__ import annotations
 from llvmlite import ir
 
 from . import NEON_I8MM
-from .llvm_ir import I8, I16, I32, declare, with_starts
+from .llvm_ir import I8, I32, byte_split_sums, declare, with_starts
 
 LANES = 4  # int32 lanes of a 128-bit vector: rows a group
 _VEC8, _VEC32 = ir.VectorType(I8, 16), ir.VectorType(I32, LANES)
 
 
-def word_block_sums(builder, isa: int, piece, tokens):
-    """q8_0: each token's block sums <4 x i32> through `sdot`, x's int16 values split into bytes.
-
-    With hi = x >> 8 (signed) and lo = (x & 255) - 128 (signed), x = 256 hi + lo + 128, so a row's
-    block sum is 256 (codes . hi) + (codes . lo) + 128 (sum of its codes): three exact int32 sums
-    of int8 products (at most 32 x 128 x 128 each), the same integers as every other target's.
-    `piece(p)` is <8 x i8>, values 2p and 2p + 1 of the 4 rows; two pieces zipped as int16 pairs
-    give a vector whose lane i holds row i's 4 values 4k..4k+3 (`sdot`'s layout). The codes' sums
-    are taken once a block for all the tokens; each token's x is loaded as 4 vectors of 8 int16
-    values and split by two byte shuffles a half (LLVM: `uzp1`, `uzp2`)."""
-    half_words = ir.VectorType(I16, 4)
-    rows = [
-        builder.bitcast(_shuffle(builder, builder.bitcast(piece(2 * k), half_words), builder.bitcast(piece(2 * k + 1), half_words),
-                                 [0, 4, 1, 5, 2, 6, 3, 7]), _VEC8)
-        for k in range(8)
-    ]
-    code_sums = ir.Constant(_VEC32, None)
-    for codes in rows:
-        code_sums = _sdot(builder, code_sums, codes, ir.Constant(_VEC32, [0x01010101] * LANES))
-    offset = builder.shl(code_sums, ir.Constant(_VEC32, [7] * LANES))  # 128 x the codes' sums
-    result = []
-    for token in tokens:
-        eights = [builder.bitcast(token.quad(8 * q), _VEC8) for q in range(4)]  # x values 8q..8q+7, low byte first
-        highs = [_shuffle(builder, eights[2 * h], eights[2 * h + 1], list(range(1, 32, 2))) for h in (0, 1)]
-        lows = [builder.xor(_shuffle(builder, eights[2 * h], eights[2 * h + 1], list(range(0, 32, 2))), ir.Constant(_VEC8, [0x80] * 16))
-                for h in (0, 1)]
-        high_sums, low_sums = ir.Constant(_VEC32, None), ir.Constant(_VEC32, None)
-        for k, codes in enumerate(rows):  # x's values 4k..4k+3: word k % 4 of half k // 4
-            high, low = (builder.bitcast(part[k // 4], _VEC32) for part in (highs, lows))
-            high_sums = _sdot(builder, high_sums, codes, _shuffle(builder, high, high, [k % 4] * LANES))
-            low_sums = _sdot(builder, low_sums, codes, _shuffle(builder, low, low, [k % 4] * LANES))
-        result.append(builder.add(builder.add(builder.shl(high_sums, ir.Constant(_VEC32, [8] * LANES)), low_sums), offset))
-    return result
+def word_block_sums(builder, isa: int, n: int, load, tokens):
+    """q8_0: each token's block sums <4 x i32>, x split into bytes for `sdot` by element
+    (`llvm_ir.byte_split_sums`)."""
+    return byte_split_sums(builder, load, tokens, lambda sums, codes, xs: _sdot(builder, sums, codes, xs))
 
 
 def _sdot(builder, sums, codes, xs):

@@ -49,18 +49,51 @@ def widen_sum(builder, products, group: int):
     return products
 
 
-def word_sums_by_piece(builder, piece, tokens, word_dot):
-    """q8_0's block sums <n x i32> of each token, a piece at a time: `piece(p)` (<2n x i8>: values
-    2p and 2p + 1 of each of the n rows) widened to int16, then `word_dot(sums, wide, xs)` adds
-    its 2 products a lane with the token's 2 int16 values (`token.word(2 p)`). One piece is live at
-    a time, the tokens' sums beside it: 16 widened pieces would not fit AVX2's 16 registers."""
-    sums = []
+def word_sums_by_piece(builder, n: int, load, tokens, word_dot):
+    """q8_0's block sums <n x i32> of each token for groups of n rows interleaved 2 values a row
+    (`repack.q8_0_word_bytes`), a piece at a time: piece p (`load(2 n p, 2 n)`: values 2p and
+    2p + 1 of each row) widened to int16, then `word_dot(sums, wide, xs)` adds its 2 products a
+    lane with the token's 2 int16 values (`token.word(2 p)`). One piece is live at a time, the
+    tokens' sums beside it: 16 widened pieces would not fit AVX2's 16 registers."""
+    sums = [ir.Constant(ir.VectorType(I32, n), None)] * len(tokens)
     for p in range(16):
-        codes = piece(p)
-        wide = builder.sext(codes, ir.VectorType(I16, codes.type.count))
-        sums = sums or [ir.Constant(ir.VectorType(I32, codes.type.count // 2), None)] * len(tokens)
+        wide = builder.sext(load(2 * n * p, 2 * n), ir.VectorType(I16, 2 * n))
         sums = [word_dot(total, wide, token.word(2 * p)) for total, token in zip(sums, tokens)]
     return sums
+
+
+def byte_split_sums(builder, load, tokens, dot):
+    """q8_0's block sums <4 x i32> of each token for 4-row groups interleaved 4 values a row, with
+    4-value int8 dot products only (`dot(sums, codes <16 x i8>, xs <4 x i32>)`: each lane's 4
+    products with the 4 int8 values in the same lane of xs, added to sums).
+
+    With hi = x >> 8 (signed) and lo = (x & 255) - 128 (signed), x = 256 hi + lo + 128, so a row's
+    block sum is 256 (codes . hi) + (codes . lo) + 128 (its codes' sum): exact int32 sums of int8
+    products (each at most 32 x 128 x 128), the same integers as int16 products give. Vector k
+    (`load(16 k, 16)`) holds values 4k..4k+3 of each row; the codes' sums are taken once a block
+    for all the tokens; a token's x is loaded as 4 vectors of 8 int16 values and its high and low
+    bytes picked out by shuffles (NEON: `ld2`), x's 4 values for vector k broadcast from a lane."""
+    vec8, vec32 = ir.VectorType(I8, 16), ir.VectorType(I32, 4)
+    rows = [load(16 * k, 16) for k in range(8)]
+    code_sums = ir.Constant(vec32, None)
+    for codes in rows:
+        code_sums = dot(code_sums, codes, splat(I32, 4, 0x01010101))
+    offset = builder.shl(code_sums, splat(I32, 4, 7))  # 128 x the codes' sums
+    result = []
+    for token in tokens:
+        eights = [builder.bitcast(token.quad(8 * q), vec8) for q in range(4)]  # x's values 8q..8q+7, low byte first
+        pick = lambda h, first: builder.bitcast(  # noqa: E731
+            builder.shuffle_vector(eights[2 * h], eights[2 * h + 1], ir.Constant(ir.VectorType(I32, 16), list(range(first, 32, 2)))), vec32
+        )
+        highs = [pick(h, 1) for h in (0, 1)]  # values 16h..16h+15, as <4 x i32> of 4 bytes
+        lows = [builder.xor(pick(h, 0), splat(I32, 4, 0x80808080)) for h in (0, 1)]
+        high_sums, low_sums = ir.Constant(vec32, None), offset  # (a chain's start costs nothing)
+        for k, codes in enumerate(rows):  # x's values 4k..4k+3: word k % 4 of half k // 4
+            word = ir.Constant(ir.VectorType(I32, 4), [k % 4] * 4)
+            high_sums = dot(high_sums, codes, builder.shuffle_vector(highs[k // 4], highs[k // 4], word))
+            low_sums = dot(low_sums, codes, builder.shuffle_vector(lows[k // 4], lows[k // 4], word))
+        result.append(builder.add(builder.shl(high_sums, splat(I32, 4, 8)), low_sums))
+    return result
 
 
 def with_starts(builder, sums, starts):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from llvmlite import ir
 
-from .llvm_ir import I32, widen_sum, word_sums_by_piece
+from .llvm_ir import I32, byte_split_sums, widen_sum
 
 
 def _products(builder, a, b, n: int, per_lane: int):
@@ -29,16 +29,10 @@ def byte_dot(builder, sums, codes, xs):
     return builder.add(sums, _products(builder, codes, builder.bitcast(xs, codes.type), n, 4))
 
 
-def word_dot(builder, sums, words, xs):
-    """sums <n x i32> + each lane's 2 products of `words` <2n x i16> with `xs` (<n x i32>: a pair
-    of int16 values in every lane)."""
-    n = sums.type.count
-    return builder.add(sums, _products(builder, words, builder.bitcast(xs, words.type), n, 2))
-
-
-def word_block_sums(builder, isa: int, piece, tokens):
-    """q8_0: each token's block sums <n x i32> (`llvm_ir.word_sums_by_piece` with `word_dot`)."""
-    return word_sums_by_piece(builder, piece, tokens, lambda sums, words, xs: word_dot(builder, sums, words, xs))
+def word_block_sums(builder, isa: int, n: int, load, tokens):
+    """q8_0 (4-row groups, 4 values a row a lane): each token's block sums <4 x i32>, x split into
+    bytes (`llvm_ir.byte_split_sums` with `byte_dot`), as NEON computes them with `sdot`."""
+    return byte_split_sums(builder, load, tokens, lambda sums, codes, xs: byte_dot(builder, sums, codes, xs))
 
 
 def tokens_per_call(isa: int) -> int:

@@ -28,12 +28,12 @@ def _vnni(isa: int) -> bool:
     return isa in (VNNI256, VNNI512)
 
 
-def word_block_sums(builder, isa: int, piece, tokens):
+def word_block_sums(builder, isa: int, n: int, load, tokens):
     """q8_0: each token's block sums <n x i32> (`llvm_ir.word_sums_by_piece`: a piece's 2 products
     a lane by `vpmaddwd` or `vpdpwssd` against x's pair of int16 values in every lane)."""
     vnni = _vnni(isa)
     return word_sums_by_piece(
-        builder, piece, tokens, lambda sums, words, xs: lane_word_dot(builder, vnni, sums, words, builder.bitcast(xs, words.type))
+        builder, n, load, tokens, lambda sums, words, xs: lane_word_dot(builder, vnni, sums, words, builder.bitcast(xs, words.type))
     )
 
 
