@@ -15,13 +15,17 @@ Shapes: blocks are the columns of xt [32, N] (blocks._blocks_t), importance wt t
 the per-block arithmetic vectorises across blocks, as NumPy's did, and a tile's values stay in cache
 through all the candidate scales.
 
-May import: numpy, numba.
+May import: numpy, numba, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
+
+from ..kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 NO_WEIGHTS = np.empty((0, 0), np.float32)
 TILE = 256  # blocks searched together: xt and wt of a tile are 64 KB

@@ -2,12 +2,16 @@
 legacy checkpoint layout: a loading step, not a backend kernel (it runs once, whatever backend
 then runs the model).
 
-May import: numba, numpy.
+May import: numba, numpy, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
 
 from numba import njit, prange
+
+from ..kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 
 @njit(parallel=True, cache=True)

@@ -6,7 +6,7 @@ vocabulary NumPy's array temporaries made these the cost of scoring a small mode
 
 Shapes: T = rows (positions), V = vocabulary.
 
-May import: numpy, numba.
+May import: numpy, numba, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import math
 
 import numpy as np
 from numba import njit
+
+from ..kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 NOT_KEPT = np.empty((0, 0))  # `row_distribution`'s logp and p when only nll and top are wanted
 

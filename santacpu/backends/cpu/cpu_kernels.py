@@ -9,7 +9,7 @@ once per machine, not per process.
 fp16 weights are passed as their uint16 bits (Numba has no CPU float16 type); `f16_to_f32`
 widens them with LLVM's `fpext half`, which becomes the F16C `vcvtph2ps` instruction.
 
-May import: numba, llvmlite, numpy, `santacpu.backends.cpu.isa.llvm_ir` (IR helpers).
+May import: numba, llvmlite, numpy, `santacpu.backends.cpu.isa.llvm_ir` (IR helpers), `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .isa.llvm_ir import F32, broadcast, declare, literal
+from ...kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 # Reassociation lets LLVM vectorise the reductions; no `nnan`/`ninf`, since attention relies on
 # -inf behaving as -inf.

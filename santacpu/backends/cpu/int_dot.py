@@ -53,7 +53,7 @@ only tracks this file: after editing that helper, delete santacpu/backends/cpu/_
 older LLVMs know only that one.)
 
 May import: numba, llvmlite, numpy, `santacpu.backends.cpu.cpu_kernels`, `santacpu.backends.cpu.isa`,
-`santacpu.backends.cpu.target`, `santacpu.formats.blocks`.
+`santacpu.backends.cpu.target`, `santacpu.formats.blocks`, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
@@ -72,6 +72,9 @@ from .cpu_kernels import FASTMATH, f16_to_f32
 from .isa import x86
 from .isa.llvm_ir import F32, I8, I16, I32, declare, load_vector, splat
 from .target import compile_features, host_target
+from ...kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 LANES_PER_BLOCK = 4  # int32 lanes per block of 32 values (4 products each)
 

@@ -30,7 +30,7 @@ How the kernels stay in SIMD (each choice measured, one thread, 8192 x 2048; doc
 
 QK and each format's part order come from `santacpu.formats.blocks`.
 Which kernel serves which format: `kernels.py` (FORMAT_KERNELS).
-May import: numba, numpy, `santacpu.formats`, `santacpu.backends.cpu.cpu_kernels`.
+May import: numba, numpy, `santacpu.formats`, `santacpu.backends.cpu.cpu_kernels`, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ from .cpu_kernels import (
     rows_times_tokens,
     thread_chunk,
 )
+from ...kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 HALF = 16  # lanes per row in the 4-bit and 8-bit loops: a block's values j and j+16 share a lane
 # ROWS (from cpu_kernels, shared with the few-token kernels) = 4 rows per matvec / dequantize step

@@ -7,7 +7,7 @@ development machine (a virtual machine) two copies of one 709 MB file read at 23
 decode speeds moved with them. Reading maps the files the way the loader does (huge-page advice)
 and sums them as 64-bit integers in parallel chunks, which streams at the memory's speed.
 
-May import: numpy, numba, `santacpu.formats.safetensors_io`.
+May import: numpy, numba, `santacpu.formats.safetensors_io`, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import numpy as np
 from numba import njit, prange
 
 from ...formats.safetensors_io import advise_huge_pages
+from ...kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 PASSES = 5  # timed passes; the median is reported (one untimed pass first brings the pages in)
 CHUNKS_PER_THREAD = 8  # parallel chunks per Numba thread (evens out the threads' finish times)

@@ -42,7 +42,7 @@ process after copying (`release_mapped_pages`), so a model is never resident twi
 Measurements: docs/kernels.md.
 
 May import: numba, llvmlite, numpy, the CPU kernel modules `int_dot` (x's rounding),
-`cpu_kernels`, `target`, `isa`, `santacpu.formats`.
+`cpu_kernels`, `target`, `isa`, `santacpu.formats`, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ from .int_dot import block_rounding
 from .isa import for_isa
 from .isa.llvm_ir import F32, I8, I16, I32, broadcast, declare, literal, load_vector, splat
 from .target import TARGETS, CpuTarget, runnable_targets
+from ...kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 # The formats with row groups, and their ids (the kernels' compile-time switch: blocks.BlockFormat).
 FORMATS = ("q4_0", "q4_m", "q6_0", "q8_0")

@@ -15,7 +15,7 @@ of TILE_ROWS query rows ((token, head) pairs), ROW_LANES threads a row; its inne
 flat shared arrays at unsigned offsets (Numba adds negative-index code to every signed index and
 rebuilds a 64-bit address for each load otherwise; docs/gpu.md has what that cost).
 
-May import: numba, numpy, `santacpu.backends.cuda.values`.
+May import: numba, numpy, `santacpu.backends.cuda.values`, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import math
 from numba import cuda, float32, int32, int64, uint32, uint64
 
 from .values import LANES, SIMULATED, float_to_half, half_to_float, value
+from ...kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 MAX_NORM_THREADS = 256
 # Attention's compile-time limits (shared-memory sizes must be constants): at most 43 KB of shared memory a block.

@@ -28,7 +28,7 @@ written by the one thread that owns it).
 
 Shapes: x [T, in] float32, weight [out, in] as parts, bias [out] float32, out [T, out] float32.
 
-May import: numba, numpy, `santacpu.backends.cuda.values`.
+May import: numba, numpy, `santacpu.backends.cuda.values`, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ from numba import cuda, float32, int32, int64, uint64
 from .values import (
     LANES, Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, SIMULATED, WARP_SHUFFLES, code, half_to_float, params,
 )
+from ...kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 MAX_FEW_TOKENS = 8  # matvec's token limit (its accumulators are registers)
 MAX_CHUNK_TOKENS = 16  # matvec_chunks' (a launch; the backend launches it twice for up to 32 tokens)

@@ -35,7 +35,7 @@ Shapes: x [T, in] float32, weight [out, in] as parts (values.py), bias [out] flo
 float32; codes [padded(out), in / 2] and x_hi, x_lo [padded(T), in / 2] uint32 (fp16 pairs),
 x_sums [padded(T), in / 32] float32.
 
-May import: numba, numpy, llvmlite, `santacpu.backends.cuda.values`, `linear_kernels`.
+May import: numba, numpy, llvmlite, `santacpu.backends.cuda.values`, `linear_kernels`, `santacpu.kernel_cache`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ from numba import cuda, float32, uint32, uint64
 
 from .linear_kernels import _finish
 from .values import Q4_M, SIMULATED, code, params
+from ...kernel_cache import track_kernel_sources
+
+track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 TILE = 64  # tokens and rows of a block's tile
 WARP = 32  # a warp's lanes (always 32 here: mma's fragments are defined over 32)

@@ -1,0 +1,84 @@
+"""Numba's on-disk kernel cache (`cache=True`), made to notice every source a kernel is built from.
+
+Numba keys a cached function by its own file (its contents' SHA-256, or its time and size in older
+versions). Code compiled into it from elsewhere is not in that key: another module's `@njit`
+function it calls, an `@intrinsic`'s code generation (the CPU backend's `isa/` modules), a
+constant from `santacpu.formats`. After a change there alone (a `git pull`; an upgrade that keeps
+the caller's file as it was, since pip leaves Numba's files in `__pycache__` behind) the old
+machine code would load and run. Here the stamp of every santacpu function also holds a digest
+of the Python files of its own folder's tree (`backends/cpu/` with `isa/`, ...) and of
+`santacpu/formats`, so such a change compiles the kernels again.
+
+`track_kernel_sources()` puts these locators ahead of Numba's own; each module with cached kernels
+calls it before its first `cache=True` decorator (Numba picks a function's locator there). Where a
+Numba lacks the internals used (`CacheImpl._locator_classes`, the locator classes below), it
+leaves Numba as it is.
+
+May import: numba, the standard library.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_SHARED = os.path.join(_PACKAGE, "formats")  # constants and helpers every kernel package may use
+
+
+def sources_digest(folder: str) -> bytes:
+    """SHA-256 over the names and contents of the .py files under `folder` (recursively) and
+    under santacpu/formats, in a fixed order."""
+    return _digest(os.path.abspath(folder), _SHARED)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(*folders: str) -> bytes:
+    digest = hashlib.sha256()
+    for folder in sorted(set(folders)):
+        for root, dirs, files in os.walk(folder):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(f for f in files if f.endswith(".py")):
+                path = os.path.join(root, name)
+                with open(path, "rb") as file:
+                    contents = file.read()
+                digest.update(os.path.relpath(path, folder).encode() + b"\0" + len(contents).to_bytes(8, "little") + contents)
+    return digest.digest()
+
+
+def _in_package(py_file: str) -> bool:
+    return os.path.abspath(py_file).startswith(_PACKAGE + os.sep)
+
+
+def _with_sources(base: type) -> type:
+    """A subclass of Numba's locator `base` for santacpu's files only, whose stamp adds
+    sources_digest of the function's folder."""
+
+    class Locator(base):
+        @classmethod
+        def from_function(cls, py_func, py_file):
+            return super().from_function(py_func, py_file) if _in_package(py_file) else None
+
+        def get_source_stamp(self):
+            return super().get_source_stamp(), sources_digest(os.path.dirname(self._py_file))
+
+    Locator.__name__ = Locator.__qualname__ = f"Santacpu{base.__name__}"
+    return Locator
+
+
+@functools.cache
+def track_kernel_sources() -> bool:
+    """Install the locators (once a process); False where this Numba's internals differ."""
+    try:
+        from numba.core import caching
+
+        impl = caching.CacheImpl
+        bases = [caching.UserProvidedCacheLocator, caching.InTreeCacheLocator, caching.UserWideCacheLocator]
+        current = list(impl._locator_classes)
+    except (ImportError, AttributeError):
+        return False
+    if not all(base in current for base in bases):
+        return False
+    impl._locator_classes = [_with_sources(base) for base in bases] + current
+    return True
