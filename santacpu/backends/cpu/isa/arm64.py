@@ -10,7 +10,8 @@ row of a group of 4.
   loaded side by side, and the 2 x 2 blocks unzipped into each token's row lanes. A token without
   a partner (odd counts) goes through `sdot`: both give the same exact int32 sums.
 - q8_0's int16 x: NEON has no int16 dot product, so x is split into its high and low bytes and
-  each meets the codes through `sdot` (`word_block_sums`).
+  each meets the codes through `sdot` (`word_block_sums`); with i8mm the low bytes, unsigned,
+  through `sudot`.
 - x's 4-byte words meet the codes through the by-element form of `sdot` (`sdot v.4s, v.16b,
   v.4b[k]`): x's 16 values are loaded once and LLVM folds the lane broadcast into the sdot.
 
@@ -33,13 +34,21 @@ _VEC8, _VEC32 = ir.VectorType(I8, 16), ir.VectorType(I32, LANES)
 
 def word_block_sums(builder, isa: int, n: int, load, tokens):
     """q8_0: each token's block sums <4 x i32>, x split into bytes for `sdot` by element
-    (`llvm_ir.byte_split_sums`)."""
-    return byte_split_sums(builder, load, tokens, lambda sums, codes, xs: _sdot(builder, sums, codes, xs))
+    (`llvm_ir.byte_split_sums`); with i8mm, x's low bytes unsigned through `sudot` by element."""
+    unsigned = (lambda sums, codes, xs: _sudot(builder, sums, codes, xs)) if isa == NEON_I8MM else None
+    return byte_split_sums(builder, load, tokens, lambda sums, codes, xs: _sdot(builder, sums, codes, xs), unsigned)
 
 
 def _sdot(builder, sums, codes, xs):
     sdot = declare(builder, "llvm.aarch64.neon.sdot.v4i32.v16i8", _VEC32, _VEC32, _VEC8, _VEC8)
     return builder.call(sdot, [sums, codes, builder.bitcast(xs, _VEC8)])
+
+
+def _sudot(builder, sums, codes, xs):
+    """sums + each lane's 4 products of signed `codes` with the unsigned bytes of `xs` (i8mm's
+    `usdot`, its operands swapped: LLVM picks `sudot` by element for a lane broadcast)."""
+    usdot = declare(builder, "llvm.aarch64.neon.usdot.v4i32.v16i8", _VEC32, _VEC32, _VEC8, _VEC8)
+    return builder.call(usdot, [sums, builder.bitcast(xs, _VEC8), codes])
 
 
 def _smmla(builder, sums, rows, tokens):

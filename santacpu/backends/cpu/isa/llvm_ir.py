@@ -62,23 +62,26 @@ def word_sums_by_piece(builder, n: int, load, tokens, word_dot):
     return sums
 
 
-def byte_split_sums(builder, load, tokens, dot):
+def byte_split_sums(builder, load, tokens, dot, unsigned_dot=None):
     """q8_0's block sums <4 x i32> of each token for 4-row groups interleaved 4 values a row, with
     4-value int8 dot products only (`dot(sums, codes <16 x i8>, xs <4 x i32>)`: each lane's 4
-    products with the 4 int8 values in the same lane of xs, added to sums).
+    products with the 4 int8 values in the same lane of xs, added to sums; `unsigned_dot` the
+    same with xs' bytes unsigned, where the CPU has one).
 
     With hi = x >> 8 (signed) and lo = (x & 255) - 128 (signed), x = 256 hi + lo + 128, so a row's
     block sum is 256 (codes . hi) + (codes . lo) + 128 (its codes' sum): exact int32 sums of int8
     products (each at most 32 x 128 x 128), the same integers as int16 products give. Vector k
     (`load(16 k, 16)`) holds values 4k..4k+3 of each row; the codes' sums are taken once a block
     for all the tokens; a token's x is loaded as 4 vectors of 8 int16 values and its high and low
-    bytes picked out by shuffles (NEON: `ld2`), x's 4 values for vector k broadcast from a lane."""
+    bytes picked out by shuffles (NEON: `ld2`), x's 4 values for vector k broadcast from a lane.
+    With `unsigned_dot`, lo = x & 255 as it is: x = 256 hi + lo, no codes' sums."""
     vec8, vec32 = ir.VectorType(I8, 16), ir.VectorType(I32, 4)
     rows = [load(16 * k, 16) for k in range(8)]
-    code_sums = ir.Constant(vec32, None)
-    for codes in rows:
-        code_sums = dot(code_sums, codes, splat(I32, 4, 0x01010101))
-    offset = builder.shl(code_sums, splat(I32, 4, 7))  # 128 x the codes' sums
+    offset = ir.Constant(vec32, None)
+    if unsigned_dot is None:
+        for codes in rows:
+            offset = dot(offset, codes, splat(I32, 4, 0x01010101))
+        offset = builder.shl(offset, splat(I32, 4, 7))  # 128 x the codes' sums
     result = []
     for token in tokens:
         eights = [builder.bitcast(token.quad(8 * q), vec8) for q in range(4)]  # x's values 8q..8q+7, low byte first
@@ -86,12 +89,12 @@ def byte_split_sums(builder, load, tokens, dot):
             builder.shuffle_vector(eights[2 * h], eights[2 * h + 1], ir.Constant(ir.VectorType(I32, 16), list(range(first, 32, 2)))), vec32
         )
         highs = [pick(h, 1) for h in (0, 1)]  # values 16h..16h+15, as <4 x i32> of 4 bytes
-        lows = [builder.xor(pick(h, 0), splat(I32, 4, 0x80808080)) for h in (0, 1)]
+        lows = [pick(h, 0) if unsigned_dot else builder.xor(pick(h, 0), splat(I32, 4, 0x80808080)) for h in (0, 1)]
         high_sums, low_sums = ir.Constant(vec32, None), offset  # (a chain's start costs nothing)
         for k, codes in enumerate(rows):  # x's values 4k..4k+3: word k % 4 of half k // 4
             word = ir.Constant(ir.VectorType(I32, 4), [k % 4] * 4)
             high_sums = dot(high_sums, codes, builder.shuffle_vector(highs[k // 4], highs[k // 4], word))
-            low_sums = dot(low_sums, codes, builder.shuffle_vector(lows[k // 4], lows[k // 4], word))
+            low_sums = (unsigned_dot or dot)(low_sums, codes, builder.shuffle_vector(lows[k // 4], lows[k // 4], word))
         result.append(builder.add(builder.shl(high_sums, splat(I32, 4, 8)), low_sums))
     return result
 
