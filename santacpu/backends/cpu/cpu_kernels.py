@@ -22,8 +22,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from .isa.llvm_ir import F32, broadcast, declare, literal
 from ...kernel_cache import track_kernel_sources
+from .isa.llvm_ir import F32, broadcast, declare, literal
 
 track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 

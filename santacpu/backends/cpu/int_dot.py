@@ -68,11 +68,11 @@ from numba.extending import intrinsic, overload
 
 from ...formats.blocks import FORMATS as BLOCK_FORMATS
 from ...formats.blocks import QK
+from ...kernel_cache import track_kernel_sources
 from .cpu_kernels import FASTMATH, f16_to_f32
 from .isa import x86
 from .isa.llvm_ir import F32, I8, I16, I32, declare, load_vector, splat
 from .target import compile_features, host_target
-from ...kernel_cache import track_kernel_sources
 
 track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 

@@ -39,6 +39,7 @@ import numpy as np
 from numba import njit, prange
 
 from ...formats.blocks import QK
+from ...kernel_cache import track_kernel_sources
 from .cpu_kernels import (
     FASTMATH,
     ROWS,
@@ -48,7 +49,6 @@ from .cpu_kernels import (
     rows_times_tokens,
     thread_chunk,
 )
-from ...kernel_cache import track_kernel_sources
 
 track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 

@@ -22,8 +22,8 @@ rows are not a multiple of n) have scale 0 (q4_0 codes 0x88, value 0). q8_0: per
 block, 16 pieces of 2n bytes, piece p holding values 2p and 2p+1 of each row in turn (n = 8, 16:
 `vpmaddwd`'s int16 pairs), or with 4 rows a group (NEON's `sdot`, portable) 8 vectors of 16 bytes,
 vector k holding values 4k..4k+3 of each row in turn (`q8_0_word_bytes`); the fp16 scales as
-q4_0's. All of these are one word-by-word interleave of the group's rows (`interleave_rows`). q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then two vectors of
-high bits per block.
+q4_0's. All of these are one word-by-word interleave of the group's rows (`interleave_rows`).
+q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then two vectors of high bits per block.
 x is rounded per block as int_dot rounds it for the format (max |x| -> 127; q8_0: 32767, int16),
 but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and
 q4_m's minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8
@@ -54,17 +54,17 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload
+from numba.extending import intrinsic, overload, register_jitable
 
 from ...formats.blocks import FORMATS as BLOCK_FORMATS
 from ...formats.blocks import QK, QuantizedWeight
 from ...formats.safetensors_io import release_mapped_pages
+from ...kernel_cache import track_kernel_sources
 from .cpu_kernels import FASTMATH, f16_to_f32
 from .int_dot import block_rounding
 from .isa import for_isa
 from .isa.llvm_ir import F32, I8, I16, I32, broadcast, declare, literal, load_vector, splat
 from .target import TARGETS, CpuTarget, runnable_targets
-from ...kernel_cache import track_kernel_sources
 
 track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
@@ -116,6 +116,7 @@ class RowGroupWeight:
         return sum(part.nbytes for part in self.parts)
 
 
+@register_jitable
 def q8_0_word_bytes(rows_per_group: int) -> int:
     """Bytes of a row together in q8_0's interleave: 4 values a lane in 4-row groups (the tiles
     there split x into bytes for 4-value dot products), 2 in wider ones (int16 pairs)."""
@@ -444,9 +445,8 @@ def _group_tile(typingctx, parts, xq, xfix, xdx, bias, group, token, out, n_toke
 
 def _tokens_tile(parts, xq, xfix, xdx, bias, group, token, out, n, fmt, isa):
     """_group_tile for n tokens from `token` on (1 up to the literal isa's widest tile for the
-    format, 4 or 8),
-    as tiles of 8, 4, 2 and 1 tokens: a run-time n to the literals it needs, with few tile shapes
-    to compile (a token's result is the same in any tile)."""
+    format, 4 or 8), as tiles of 8, 4, 2 and 1 tokens: a run-time n to the literals it needs, with
+    few tile shapes to compile (a token's result is the same in any tile)."""
 
 
 @overload(_tokens_tile, prefer_literal=True, inline="always")
@@ -533,7 +533,7 @@ def _block_values_impl(parts, g, i, b, values, n, fmt):
         return None
 
     def q8_0(parts, g, i, b, values, n, fmt):
-        d, w = f16_to_f32(parts[1][g, n * b + i]), 4 if n == 4 else 2  # q8_0_word_bytes(n)
+        d, w = f16_to_f32(parts[1][g, n * b + i]), q8_0_word_bytes(n)
         for p in range(QK // w):
             for k in range(w):
                 values[w * p + k] = d * np.float32(parts[0][g, 32 * n * b + w * n * p + w * i + k])

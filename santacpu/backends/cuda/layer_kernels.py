@@ -24,8 +24,8 @@ import math
 
 from numba import cuda, float32, int32, int64, uint32, uint64
 
-from .values import LANES, SIMULATED, float_to_half, half_to_float, value
 from ...kernel_cache import track_kernel_sources
+from .values import LANES, SIMULATED, float_to_half, half_to_float, value
 
 track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 

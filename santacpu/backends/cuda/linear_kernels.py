@@ -37,10 +37,10 @@ import math
 
 from numba import cuda, float32, int32, int64, uint64
 
+from ...kernel_cache import track_kernel_sources
 from .values import (
     LANES, Q4_0, Q4_0_OFFSET, Q6_0, Q6_0_OFFSET, Q8_0, SIMULATED, WARP_SHUFFLES, code, half_to_float, params,
 )
-from ...kernel_cache import track_kernel_sources
 
 track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 

@@ -47,9 +47,9 @@ import threading
 import numpy as np
 from numba import cuda, float32, uint32, uint64
 
+from ...kernel_cache import track_kernel_sources
 from .linear_kernels import _finish
 from .values import Q4_M, SIMULATED, code, params
-from ...kernel_cache import track_kernel_sources
 
 track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
