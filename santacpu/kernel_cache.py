@@ -36,7 +36,7 @@ def sources_digest(folder: str) -> bytes:
 @functools.lru_cache(maxsize=None)
 def _digest(*folders: str) -> bytes:
     digest = hashlib.sha256()
-    for folder in dict.fromkeys(folders):  # in the order given (a place does not count)
+    for folder in dict.fromkeys(folders):  # each tree once, in the order given: not by where it lies
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
             for name in sorted(f for f in files if f.endswith(".py")):
