@@ -107,14 +107,11 @@ def sha256_of_sources(folder: Path) -> dict[str, str]:
 
 
 def check_output(out: Path, force: bool, qtype: str) -> None:
-    """Fail early (before any long work) if `out` cannot or must not be written."""
+    """Fail early (before any long work) if `out` cannot or must not be written (`check_writable`:
+    its folder, no link or device, an existing file only with --force)."""
     if out.is_dir():
         raise SantacpuError(f"{out} is a folder; give a file name such as santacoder-{qtype}.safetensors")
-    if out.exists() and not force:
-        raise SantacpuError(f"{out} already exists (use --force to replace it)")
-    if not out.parent.is_dir():
-        raise SantacpuError(f"the folder {out.parent} does not exist")
-    check_writable(out)
+    check_writable(out, overwrite=force)
 
 
 def check_source(src: str | os.PathLike, out: Path | None = None) -> None:
