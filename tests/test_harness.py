@@ -123,7 +123,7 @@ def test_results_resume_drop_a_torn_last_line_and_refuse_other_runs(tmp_path):
     with pytest.raises(SantacpuError, match="not a santacpu eval results file"):
         ResultsFile.open(tmp_path / "notes.txt", header, resume=True)
     for device in (Path("/dev/null"), tmp_path):
-        with pytest.raises(SantacpuError, match="is not a regular file"):
+        with pytest.raises(SantacpuError, match=f"cannot write --out {device}: it is a (device|folder), not a regular file"):
             ResultsFile.open(device, header, resume=False)
 
 

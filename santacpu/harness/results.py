@@ -9,7 +9,8 @@ starts the file afresh); damage anywhere else, a record of the wrong shape, or a
 twice with different results (two runs writing one file) is an error naming the line. A new file
 is created exclusively, so a second run started on the same --out fails instead of mixing in.
 
-May import: the standard library and `santacpu.errors`.
+May import: the standard library, `santacpu.errors` and `santacpu.atomic_file` (which paths may be
+written).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 from pathlib import Path
 
+from ..atomic_file import writable_target
 from ..errors import SantacpuError, WriteError, os_problem
 
 FORMAT = "santacpu-eval/1"
@@ -61,10 +63,7 @@ class ResultsFile:
         so a run that fails before any leaves nothing), or, with `resume`, the one there, checked."""
         header = {"format": FORMAT, **header}
         try:
-            if path.is_symlink():  # (never written through: a link planted in a shared folder could lead anywhere)
-                raise SantacpuError(f"{path} is a symbolic link; give the path of a regular file as --out")
-            if path.exists() and not path.is_file():  # (/dev/null passed as new, and failed at the first record)
-                raise SantacpuError(f"{path} is not a regular file; choose another --out")
+            writable_target(path, f"--out {path}")  # no link written through, no /dev/null taken as new
             existing = path.exists() and path.stat().st_size > 0
             if existing and not resume:
                 raise SantacpuError(f"{path} exists: pass --resume to continue that run, or choose another --out")
