@@ -49,19 +49,6 @@ def widen_sum(builder, products, group: int):
     return products
 
 
-def word_sums_by_piece(builder, n: int, load, tokens, word_dot):
-    """q8_0's block sums <n x i32> of each token for groups of n rows interleaved 2 values a row
-    (`repack.q8_0_word_bytes`), a piece at a time: piece p (`load(2 n p, 2 n)`: values 2p and
-    2p + 1 of each row) widened to int16, then `word_dot(sums, wide, xs)` adds its 2 products a
-    lane with the token's 2 int16 values (`token.word(2 p)`). One piece is live at a time, the
-    tokens' sums beside it: 16 widened pieces would not fit AVX2's 16 registers."""
-    sums = [ir.Constant(ir.VectorType(I32, n), None)] * len(tokens)
-    for p in range(16):
-        wide = builder.sext(load(2 * n * p, 2 * n), ir.VectorType(I16, 2 * n))
-        sums = [word_dot(total, wide, token.word(2 * p)) for total, token in zip(sums, tokens)]
-    return sums
-
-
 def byte_split_sums(builder, load, tokens, dot, unsigned_dot=None):
     """q8_0's block sums <4 x i32> of each token for 4-row groups interleaved 4 values a row, with
     4-value int8 dot products only (`dot(sums, codes <16 x i8>, xs <4 x i32>)`: each lane's 4

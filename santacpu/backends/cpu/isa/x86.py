@@ -21,7 +21,7 @@ from __future__ import annotations
 from llvmlite import ir
 
 from . import VNNI256, VNNI512
-from .llvm_ir import I8, I16, I32, declare, splat, with_starts, word_sums_by_piece
+from .llvm_ir import I8, I16, I32, declare, splat, with_starts
 
 
 def _vnni(isa: int) -> bool:
@@ -29,12 +29,18 @@ def _vnni(isa: int) -> bool:
 
 
 def word_block_sums(builder, isa: int, n: int, load, tokens):
-    """q8_0: each token's block sums <n x i32> (`llvm_ir.word_sums_by_piece`: a piece's 2 products
-    a lane by `vpmaddwd` or `vpdpwssd` against x's pair of int16 values in every lane)."""
+    """q8_0 (groups of n rows interleaved 2 values a row, `repack.q8_0_word_bytes`): each token's
+    block sums <n x i32>, a piece at a time: piece p (`load(2 n p, 2 n)`: values 2p and 2p + 1 of
+    each row) widened to int16, its 2 products a lane by `vpmaddwd` or `vpdpwssd` against the
+    token's 2 int16 values in every lane (`token.word(2 p)`). One piece is live at a time, the
+    tokens' sums beside it: 16 widened pieces would not fit AVX2's 16 registers."""
     vnni = _vnni(isa)
-    return word_sums_by_piece(
-        builder, n, load, tokens, lambda sums, words, xs: lane_word_dot(builder, vnni, sums, words, builder.bitcast(xs, words.type))
-    )
+    vec16 = ir.VectorType(I16, 2 * n)
+    sums = [ir.Constant(ir.VectorType(I32, n), None)] * len(tokens)
+    for p in range(16):
+        wide = builder.sext(load(2 * n * p, 2 * n), vec16)
+        sums = [lane_word_dot(builder, vnni, total, wide, builder.bitcast(token.word(2 * p), vec16)) for total, token in zip(sums, tokens)]
+    return sums
 
 
 def tokens_per_call(isa: int) -> int:
