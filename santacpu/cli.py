@@ -755,7 +755,13 @@ def main(argv: Optional[List[str]] = None) -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
     if sys.stdout is None:  # started with standard output closed (`>&-`): writing it is the error
         sys.stdout = _ClosedOutput()
+    elif type(sys.stdout) is io.TextIOWrapper:  # (not a test's capture)
+        sys.stdout = _StandardOutput.around(sys.stdout)
     sys.exit(_run(argv))
+
+
+def _standard_output_error(problem: OSError) -> OSError:
+    return OSError(problem.errno, os.strerror(problem.errno) if problem.errno else str(problem), "standard output")
 
 
 class _ClosedOutput(io.TextIOBase):
@@ -768,11 +774,39 @@ class _ClosedOutput(io.TextIOBase):
         return False
 
 
+class _StandardOutput(io.TextIOWrapper):
+    """Standard output whose write errors (a full disk, `> /dev/full`) name it, as file errors name
+    their file; a closed pipe stays BrokenPipeError (the reader went away: nothing to say)."""
+
+    @classmethod
+    def around(cls, stream: io.TextIOWrapper) -> "_StandardOutput":
+        stream.flush()
+        return cls(stream.buffer, encoding=stream.encoding, errors=stream.errors,
+                   line_buffering=stream.line_buffering, write_through=stream.write_through)
+
+    def write(self, text: str) -> int:
+        try:
+            return super().write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as problem:
+            raise _standard_output_error(problem) from None
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except BrokenPipeError:
+            raise
+        except OSError as problem:
+            raise _standard_output_error(problem) from None
+
+
 def _run(argv: Optional[List[str]]) -> int:
     """The exit code of one command, its failure printed as one line."""
     try:
         # typer turns Ctrl-C into its Exit(130), returned here (standalone_mode=False).
         code = app(args=argv, prog_name="santacpu", standalone_mode=False)
+        sys.stdout.flush()  # a full disk's error while the command can still report it
     except SantacpuError as error:
         if _debug["on"]:
             raise

@@ -224,6 +224,16 @@ def test_a_closed_standard_output_is_one_error_line_where_output_is_written(quan
     assert run_closed("quantize", tiny, tmp_path / "x.safetensors").returncode == 0  # (its report is on stderr)
 
 
+def test_a_full_standard_output_is_one_error_line_naming_it(quantized):
+    # /dev/full: every write fails with ENOSPC, as a redirect onto a full disk does.
+    for args in (("info", quantized), ("complete", PROMPT, "--model", quantized, "--max-new-tokens", "2"),
+                 ("--help",)):
+        with open("/dev/full", "w") as full:
+            done = subprocess.run([sys.executable, "-m", "santacpu", *map(str, args)], stdout=full,
+                                  stderr=subprocess.PIPE, env=helpers.santacpu_env(), timeout=300)
+        assert (done.returncode, done.stderr.decode()) == (1, "santacpu: error: standard output: No space left on device\n")
+
+
 def test_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback():
     # The package itself loads without NumPy or Numba, so the console script's own import is short;
     # the Ctrl-C lands while `santacpu.cli` (and Numba behind it) loads, as a finder stands in for it.
