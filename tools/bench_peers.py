@@ -118,6 +118,7 @@ def gguf_file(args, qtype: str) -> tuple[Path | None, str]:
     if not args.convert_gguf:
         return None, f"no {path} (pass --convert-gguf to make it)"
     f16 = args.gguf_dir / LLAMA_TYPES["F16"]
+    args.gguf_dir.mkdir(parents=True, exist_ok=True)  # (the converter does not make it)
     if not f16.is_file():
         source = args.fp16_checkpoint or args.checkpoint
         log(f"converting {source} to {f16} with {args.to_gguf} (llama.cpp sources {args.llamacpp_src})")

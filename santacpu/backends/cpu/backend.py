@@ -233,8 +233,8 @@ class CpuBackend:
         # Right after a product in Numba's pool (decode) its threads are awake: splitting even a
         # short context's heads pays (one thread against two, 128 positions: 27 -> 20 us).
         threads = numba.get_num_threads() if self._pool_warm else self._threads_for(2 * T * H * D * (start + T))
-        jobs = T * k_cache.shape[1]
-        head_splits = threads if jobs < threads else 1  # one decode token: split its heads
+        jobs = ((T + k.QUERY_TILE - 1) // k.QUERY_TILE) * k_cache.shape[1]
+        head_splits = threads if jobs < threads else 1  # a decode token, a few drafted ones: split their heads
         with kernels.numba_threads(threads):
             k.causal_attention(q, k_cache, v_cache, start, out, head_splits)
         return out
