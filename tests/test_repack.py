@@ -6,11 +6,18 @@ mapped pages it gives back. (The ARM64 targets run under emulation: tools/arm64_
 
 from __future__ import annotations
 
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from helpers import tiny_checkpoint
+from numba import typeof
 
 from santacpu.backends.cpu import kernels, repack
 from santacpu.backends.cpu.backend import CpuBackend
@@ -25,6 +32,7 @@ from santacpu.network.reference import round_activations
 # The threaded paths are what these tests check: every core, not a worker's one thread (conftest).
 pytestmark = pytest.mark.usefixtures("all_cores")
 
+REPO = Path(__file__).resolve().parent.parent
 RUNNABLE = runnable_targets()
 PORTABLE = BY_NAME["portable"]
 TARGET_PARAMS = [
@@ -248,3 +256,43 @@ def test_the_backend_groups_its_formats(qtype, tmp_path):
     for loaded, bound in zip(model.weights.layers, floats.layers):
         assert isinstance(bound.mlp_c_fc_weight, kernels.PackedLinear) and not bound.mlp_c_fc_weight.integer
         assert bound.mlp_c_fc_weight.weight is loaded.mlp_c_fc_weight and bound.ln_1_weight is loaded.ln_1_weight
+
+
+# CPU models whose kernels CI's machines may not run: their defaults, plus the feature names
+# santacpu's target choice reads (target.compile_features).
+FOREIGN_X86 = {
+    "alderlake": ("avx-vnni", "+avx,+avx2,+fma,+f16c,+avxvnni,+bmi2"),
+    "znver4": ("avx512-vnni", "+avx,+avx2,+fma,+f16c,+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vnni,+evex512"),
+}
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU models: an x86 machine compiles them")
+@pytest.mark.parametrize("cpu", sorted(FOREIGN_X86))
+def test_the_vnni_tiles_compile_for_cpus_this_one_may_not_be(cpu, tmp_path):
+    # Compiled, never run (tools/kernel_asm.py): a VNNI tile's IR is checked on every x86 CI
+    # machine, not only where its instructions run, and its products are the VNNI instructions.
+    target, features = FOREIGN_X86[cpu]
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu, NUMBA_CPU_FEATURES=features)
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "kernel_asm.py"), "--dump", str(tmp_path), "--json", str(tmp_path / "counts.json")],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [row for row in json.loads((tmp_path / "counts.json").read_text()) if row["target"] == target]
+    assert {(row["format"], row["tokens"]) for row in rows} == {
+        (qtype, tokens) for qtype in repack.FORMATS for tokens in (1, BY_NAME[target].widest_tile(qtype))
+    }
+    for row in rows:
+        code = (tmp_path / f"{target}-{row['format']}-{row['tokens']}.s").read_text()
+        if row["format"] != "q8_0":
+            assert "vpdpbusd" in code
+        elif target == "avx512-vnni":  # (compiled for Alder Lake, LLVM may turn it back into vpmaddwd + vpaddd)
+            assert "vpdpwssd" in code
+        assert ("%zmm" in code) == (target == "avx512-vnni")
+
+
+def test_kernel_asm_compiles_the_tiles_for_the_parts_row_groups_have(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    from kernel_asm import part_types
+
+    for qtype in repack.FORMATS:
+        grouped = repack.group_rows(weight_of(qtype, 8, 64), 8)
+        assert [typeof(a) for a in part_types(qtype)] == [typeof(a) for a in grouped.parts], qtype

@@ -44,11 +44,13 @@ class CpuTarget:
 
 
 # Best first. AVX-512 CPUs have 32 vector registers (8-token tiles), AVX2 ones 16 (4 tokens);
-# NEON has 32 registers of 128 bits (4 rows a group); its q8_0 tiles hold each token's x twice
-# (high and low bytes), and 8 of them spilled registers (docs/kernels.md).
+# AVX-VNNI CPUs without AVX-512 (Intel's since Alder Lake) have 16 too: their 4-bit tiles take
+# 8 tokens with a few spills and still fewer instructions; q8_0's 8-token tile spills heavily
+# (so 4). NEON has 32 registers of 128 bits (4 rows a group); its q8_0 tiles hold
+# each token's x twice (high and low bytes), and 8 of them spilled registers (docs/kernels.md).
 TARGETS = (
     CpuTarget("avx512-vnni", VNNI512, 16, 8, (frozenset({"avx512vnni", "avx512bw"}),)),
-    CpuTarget("avx-vnni", VNNI256, 8, 8, (frozenset({"avxvnni"}), frozenset({"avx512vnni", "avx512vl"}))),
+    CpuTarget("avx-vnni", VNNI256, 8, 8, (frozenset({"avxvnni"}), frozenset({"avx512vnni", "avx512vl"})), q8_0_tile_tokens=4),
     CpuTarget("avx2", AVX2, 8, 4, (frozenset({"avx2"}),)),
     CpuTarget("neon-i8mm", NEON_I8MM, 4, 8, (frozenset({"neon", "dotprod", "i8mm"}),), q8_0_tile_tokens=4),
     CpuTarget("neon-dotprod", NEON_DOT, 4, 8, (frozenset({"neon", "dotprod"}),), q8_0_tile_tokens=4),
