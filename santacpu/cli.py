@@ -755,7 +755,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     signal.signal(signal.SIGTERM, _raise_terminated)
     if sys.stdout is None:  # started with standard output closed (`>&-`): writing it is the error
         sys.stdout = _ClosedOutput()
-    elif type(sys.stdout) is io.TextIOWrapper:  # (not a test's capture)
+    elif sys.stdout is sys.__stdout__ and type(sys.stdout) is io.TextIOWrapper:  # (not a test's capture)
         sys.stdout = _StandardOutput.around(sys.stdout)
     sys.exit(_run(argv))
 

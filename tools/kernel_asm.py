@@ -108,8 +108,8 @@ def main() -> None:
                 folded = target.isa not in VNNI and re.search(r"\bvpdp", asm) is not None
                 print(f"{target.name:13} {qtype:5} {target.rows_per_group:2} rows x {n_tokens} tokens: "
                       f"{count:5.1f} instructions a block, {per_product:5.2f} a (row, token), {stack:3} on the stack"
-                      + (" (LLVM used this CPU's VNNI instructions: not AVX2's code; count it with "
-                         "NUMBA_CPU_FEATURES without avxvnni and avx512vnni)" if folded else ""), flush=True)
+                      + (f" (LLVM used this CPU's VNNI instructions: not {target.name}'s own code; count it "
+                         "with NUMBA_CPU_FEATURES without avxvnni and avx512vnni)" if folded else ""), flush=True)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=1)
