@@ -312,6 +312,9 @@ def test_tokenize_detokenize_props_models(client, model):
         ("/completion", b"[" * 100_000 + b"]" * 100_000, 413, "holds too many JSON values"),  # (counted before parsing)
         ("/infill", json.dumps({"response_fields": ["content"] * 65}).encode(), 400, "'response_fields' takes at most 64 strings, got 65"),
         ("/completion", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "nested too deeply"),
+        # Refused at the same depth on every Python (the decoder's own guard differs by version):
+        ("/completion", b'{"prompt": ' + b"[" * 64 + b"]" * 64 + b"}", 400, "nested too deeply (over 64 levels)"),
+        ("/completion", b'{"prompt": ' + b"[" * 63 + b"]" * 63 + b"}", 400, "'prompt' must be a string or a list of token ids"),
         # Cheap to send, dear to parse (json.loads holds the GIL: 0.4 s for 4 MiB of "[],"):
         ("/completion", b'{"prompt": "x", "junk": [' + b"[]," * 300_000 + b"[]]}", 413, "holds too many JSON values"),
         ("/completion", b'{"prompt": [' + b"0," * 300_000 + b"0]}", 413, "holds too many JSON values"),

@@ -38,6 +38,10 @@ MAX_BODY_BYTES = 4 << 20  # 4 MiB: far beyond any context's worth of text
 # FIM prefix of real code (cut to the context near the cursor later) still passes.
 MAX_JSON_ITEMS = 1 << 16
 JSON_ITEM_BYTES = 8
+# Nesting a body may have: Python's JSON decoder refuses deep nesting only at its recursion guard,
+# which differs between versions (about 1,000 levels on 3.11, several thousand on 3.13); a
+# request never needs more than a few.
+MAX_JSON_DEPTH = 64
 # \uD800-\uDFFF as a JSON escape: after an even run of backslashes ("\\ud800" is a backslash and text).
 _SURROGATE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F]")
 MAX_SAMPLES = 16  # OpenAI's n, llama.vscode's n_cmpl
@@ -92,16 +96,35 @@ def parse_body(raw: bytes) -> dict:
     except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:  # the decoder's own depth guard
-        raise RequestError("the request body is not valid JSON for santacpu: nested too deeply") from None
+        raise RequestError(TOO_DEEP) from None
     except ValueError:  # Python's guard against slow int conversion
         raise RequestError(
             f"the request body has an integer of more than {sys.get_int_max_str_digits()} digits"
         ) from None
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
+    if _nested_beyond(body, MAX_JSON_DEPTH):
+        raise RequestError(TOO_DEEP)
     if _SURROGATE_ESCAPE.search(raw):  # (else no string can hold one: raw ones are no UTF-8)
         _refuse_lone_surrogates(body)
     return body
+
+
+TOO_DEEP = f"the request body is not valid JSON for santacpu: nested too deeply (over {MAX_JSON_DEPTH} levels)"
+
+
+def _nested_beyond(body: dict, levels: int) -> bool:
+    """Whether the body's lists and objects nest deeper than `levels` (the body itself is level 1);
+    a walk over its containers, whose number MAX_JSON_ITEMS bounds."""
+    stack = [(body, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > levels:
+            return True
+        for child in value.values() if isinstance(value, dict) else value:
+            if isinstance(child, (dict, list)):
+                stack.append((child, depth + 1))
+    return False
 
 
 def _refuse_lone_surrogates(body: dict) -> None:
