@@ -42,6 +42,7 @@ JSON_ITEM_BYTES = 8
 # which differs between versions (about 1,000 levels on 3.11, several thousand on 3.13); a
 # request never needs more than a few.
 MAX_JSON_DEPTH = 64
+TOO_DEEP = f"the request body is not valid JSON for santacpu: nested too deeply (over {MAX_JSON_DEPTH} levels)"
 # \uD800-\uDFFF as a JSON escape: after an even run of backslashes ("\\ud800" is a backslash and text).
 _SURROGATE_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u[dD][89a-fA-F]")
 MAX_SAMPLES = 16  # OpenAI's n, llama.vscode's n_cmpl
@@ -108,9 +109,6 @@ def parse_body(raw: bytes) -> dict:
     if _SURROGATE_ESCAPE.search(raw):  # (else no string can hold one: raw ones are no UTF-8)
         _refuse_lone_surrogates(body)
     return body
-
-
-TOO_DEEP = f"the request body is not valid JSON for santacpu: nested too deeply (over {MAX_JSON_DEPTH} levels)"
 
 
 def _nested_beyond(body: dict, levels: int) -> bool:
