@@ -77,7 +77,7 @@ def full_size_logits(path: Path) -> dict:
     from santacpu.network.engine import Engine
 
     weights, _ = read_quantized(path)
-    ids = [int(i) for i in np.random.default_rng(0).integers(0, 49152, 42)]
+    ids = [int(i) for i in np.random.default_rng(0).integers(0, min(49152, weights.config.vocab_size), 42)]
     start = time.perf_counter()
     want = reference.forward(weights, ids)
     reference_s = time.perf_counter() - start
