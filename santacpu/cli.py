@@ -265,7 +265,8 @@ def complete(
         None,
         "--lookup/--no-lookup",
         help="Greedy only: draft tokens from earlier text in the context and verify them in one pass "
-        "(prompt-lookup decoding). Default: on for quantized files on CPUs with AVX2, where the output "
+        "(prompt-lookup decoding). Default: on for quantized files on CPUs with integer kernels (x86 AVX2, "
+        "ARM64 dotprod), where the output "
         "is exactly plain decoding's; off for full-precision weights, where it can differ in near-ties.",
         show_default=False,
     ),
