@@ -349,7 +349,8 @@ def test_auto_picks_the_gpu_when_one_is_usable(monkeypatch, tiny_checkpoint):
 
 def test_auto_picks_the_cpu_without_a_gpu(monkeypatch, tiny_checkpoint):
     monkeypatch.setattr(cuda_device, "gpu_missing", lambda: "no NVIDIA driver found")
-    assert santacpu.load(tiny_checkpoint(), quant="none", device="auto").device == "cpu"
+    model = santacpu.load(tiny_checkpoint(), quant="none", device="auto")
+    assert model.engine.backend.name == "cpu" and model.device == "cpu: float kernels (no block-quantized matrices)"
 
 
 def test_cuda_without_a_gpu_is_one_line(monkeypatch, tiny_checkpoint):

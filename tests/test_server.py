@@ -521,6 +521,7 @@ def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized, tmp_pat
         process.kill()
     assert process.returncode in (0, 130), err
     assert "Traceback" not in err and f"http://127.0.0.1:{port}" in out
+    assert f"santacpu serve: ready: {quantized} on cpu" in out  # and which kernels: model.device
 
 
 # `run_server` in a child of its own (signals reach only a main thread) as `santacpu serve` runs it,

@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.skipif(host_target() is None, reason="no integer kerne
 # The instruction sets the integer kernels can be compiled for, and the CPU features to turn off
 # so that a CPU with more compiles for exactly that one.
 NARROWER = {"vnni256": ("avx512", "avx10", "evex512"), "avx2": ("avx512", "avx10", "evex512", "avxvnni")}
+TARGET_NAMES = {"vnni256": "avx-vnni", "avx2": "avx2"}  # the row-group target (target.py) each compiles
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +42,15 @@ def test_a_tokens_results_do_not_depend_on_its_call(models, qtype):
 @pytest.mark.parametrize("qtype", ["q4_0", "q8_0"])
 def test_lookup_after_other_requests_gives_the_plain_output(models, qtype):
     check_lookup_after_other_requests(santacpu.load(models[qtype]), santacpu.load(models[qtype]))
+
+
+def test_the_device_names_the_kernels_that_run(models, monkeypatch):
+    # `complete --verbose`, `bench` and the server's log say it: which instruction set's kernels
+    # a run used (a forced narrower target shows there), or why the float kernels serve.
+    assert santacpu.load(models["q4_0"]).device == f"cpu: integer kernels for {host_target().name}"
+    with monkeypatch.context() as patch:
+        patch.setenv("SANTACPU_INT_DOT", "0")
+        assert santacpu.load(models["q4_0"]).device == "cpu: float kernels (integer kernels turned off: SANTACPU_INT_DOT=0)"
 
 
 @pytest.mark.parametrize("isa", list(NARROWER))
@@ -61,4 +71,4 @@ def test_narrower_instruction_sets_too(isa, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["ok", isa]
+    assert result.stdout.splitlines() == ["ok", isa, f"cpu: integer kernels for {TARGET_NAMES[isa]}"]

@@ -78,12 +78,15 @@ def main(qtypes: list[str]) -> None:
     import santacpu
     from santacpu.backends.cpu import int_dot
 
+    devices = set()
     with tempfile.TemporaryDirectory() as folder:
         for qtype in qtypes:
             path = quantized_trained_model(qtype, Path(folder))
-            check_calls_do_not_matter(santacpu.load(path))
+            model = santacpu.load(path)
+            devices.add(model.device)
+            check_calls_do_not_matter(model)
             check_lookup_after_other_requests(santacpu.load(path), santacpu.load(path))
-    print("ok", int_dot.ISA or "float")
+    print("ok", int_dot.ISA or "float", *sorted(devices), sep="\n")
 
 
 if __name__ == "__main__":

@@ -101,7 +101,10 @@ def run_server(settings, load_model: Callable, host: str, port: int) -> None:
             time.sleep(0.01)
         if not server.started:
             raise SantacpuError(f"could not serve on {host}:{port}")
-        app.state.santacpu.load()
+        state = app.state.santacpu
+        state.load()
+        print(f"santacpu serve: ready: {settings.model_name} on {state.model.device}, loaded in {state.load_seconds:.1f} s",
+              flush=True)
         while not stopped.wait(0.5):  # in slices: a signal's handler runs between them
             pass
     except BaseException:

@@ -73,13 +73,27 @@ class CpuBackend:
         self._pool_warm = False  # did the last matrix product run in Numba's pool, not BLAS?
         self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
         self._numba_products: dict[int, bool] = {}  # id(weights) -> see _products_in_numba
+        self._integer_matrices: tuple[int, int] | None = None  # (on the integer kernels, all) of the last prepare
 
     def _threads_for(self, work: int) -> int:
         least = WARM_PARALLEL_MIN_WORK if self._pool_warm else PARALLEL_MIN_WORK
         return numba.get_num_threads() if work >= least else 1
 
     def describe(self) -> str:
-        return "cpu"
+        """"cpu", and after `prepare` which kernels its matrices run: "cpu: integer kernels for
+        avx2", "... (90 of 97 matrices)" where some are not block-quantized, or "cpu: float
+        kernels" and why."""
+        if self._integer_matrices is None:
+            return "cpu"
+        integer, total = self._integer_matrices
+        if integer:
+            share = "" if integer == total else f" ({integer} of {total} matrices)"
+            return f"cpu: integer kernels for {getattr(self.target, 'name', 'this CPU')}{share}"
+        if not self.integer_kernels:
+            return "cpu: float kernels (integer kernels turned off: SANTACPU_INT_DOT=0)"
+        if self.target is None:
+            return "cpu: float kernels (this CPU has no instruction set of the integer kernels)"
+        return "cpu: float kernels (no block-quantized matrices)"
 
     def prepare(self, weights):
         """The weights with every matrix bound to its prepared linear (`kernels.bind`; the tied
@@ -102,9 +116,11 @@ class CpuBackend:
             dataclasses.replace(layer, **{f.name: prepared(getattr(layer, f.name)) for f in dataclasses.fields(layer)})
             for layer in weights.layers
         ]
+        wte = prepared(weights.wte)
+        matrices = [wte] + [w for layer in layers for w in _matrices(layer)]
+        self._integer_matrices = (sum(w.integer for w in matrices), len(matrices))
         return dataclasses.replace(
-            weights, wte=prepared(weights.wte), layers=layers, ln_f_weight=prepared(weights.ln_f_weight),
-            ln_f_bias=prepared(weights.ln_f_bias),
+            weights, wte=wte, layers=layers, ln_f_weight=prepared(weights.ln_f_weight), ln_f_bias=prepared(weights.ln_f_bias),
         )
 
     def _bound(self, weight) -> kernels.Linear:
