@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from numba.core.registry import CPUDispatcher
 
 import santacpu

@@ -887,14 +887,6 @@ def test_health_says_loading_with_progress_while_the_model_loads(quantized):
         server.stop()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_serve_listens_before_a_first_use_quantization(tmp_path):
     import signal
     import subprocess

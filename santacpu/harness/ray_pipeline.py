@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
