@@ -1,8 +1,9 @@
 """The offline converter: a full-precision checkpoint (anything `santacpu.load` accepts) -> one
 self-contained quantized file (format in santacpu/formats/quantized_file.py).
 
-It works tensor by tensor: the source is memory-mapped, one layer's canonical tensors exist at a
-time (legacy-layout transposes included), each is quantized and written, then freed. The output
+It works tensor by tensor: the source is memory-mapped, a few canonical tensors exist at a time
+(legacy-layout transposes included), each is quantized (on a few threads) and written in order,
+then freed. The output
 goes to a temporary file in the target folder, renamed into place only when complete, and an
 existing file is never replaced without `force`.
 
@@ -15,6 +16,8 @@ import hashlib
 import json
 import os
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +27,7 @@ import numpy as np
 from santacpu.atomic_file import check_writable
 from santacpu.errors import OptionValueError, SantacpuError
 from santacpu.formats.blocks import FORMATS
+from santacpu.formats.fits import QUANTIZING_THREADS
 from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, FULL_PRECISION_TYPES, all_finite, is_quantized_file
 from santacpu.formats.safetensors_io import dtype_name_of, safetensors_file_bytes, write_safetensors
 from santacpu.formats.split_rows import split_rows
@@ -282,41 +286,58 @@ def _stored_tensors(
     bar: Progress,
     raised_rows: np.ndarray | None = None,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """(name in the file, array) for every stored array, one source tensor at a time, in the file's
-    order; each tensor's report appended to `reports` as it is done. `raised_rows`: the embedding
-    rows stored at ROW_UPGRADE_TYPE (santacpu.formats.split_rows)."""
-    for name, array in canonical_tensors(reader):
+    """(name in the file, array) for every stored array, in the file's order; each tensor's report
+    appended to `reports` as it is done. `raised_rows`: the embedding rows stored at
+    ROW_UPGRADE_TYPE (santacpu.formats.split_rows). Tensors are quantized on QUANTIZING_THREADS
+    threads (the block fits release the GIL), at most one more than the threads in flight, so a
+    few layers' tensors exist at a time; the writer takes them in order."""
+
+    def stored(name: str, array: np.ndarray) -> tuple[TensorReport, list[tuple[str, np.ndarray]]]:
         if not all_finite(array):  # a file santacpu writes never holds NaN (see `info`)
             raise SantacpuError(f"the source tensor '{name}' holds NaN or infinite values: the checkpoint is damaged")
         qtype_of = types[name]
         if qtype_of in FULL_PRECISION_TYPES:
-            stored = np.asarray(array, dtype=FULL_PRECISION_TYPES[qtype_of])
-            if not all_finite(stored):
+            kept = np.asarray(array, dtype=FULL_PRECISION_TYPES[qtype_of])
+            if not all_finite(kept):
                 raise SantacpuError(f"tensor '{name}' overflows {qtype_of}: store it as f32 (--keep '{name}=f32')")
-            reports.append(TensorReport(name, qtype_of, array.shape, stored.nbytes, 0.0))
-            bar.step(name)  # before yielding: the writer stops pulling after the last tensor
-            yield name, stored
+            return TensorReport(name, qtype_of, array.shape, kept.nbytes, 0.0), [(name, kept)]
+        weight = np.asarray(array, dtype=np.float32)
+        imp = None if importance is None else importance.get(name)
+        if name == "wte" and raised_rows is not None:
+            split = split_rows(weight, raised_rows, ROW_UPGRADE_TYPE, qtype_of, imp)
+            values, label = split.dequantize(), f"{qtype_of}+{ROW_UPGRADE_TYPE}"
+            pieces = [(f"{name}.{part}", split.rest.parts[part]) for part in entries[name]["parts"]]
+            pieces.append((f"{name}.rows", split.upgraded_rows))
+            pieces += [(f"{name}.upgraded.{part}", split.upgraded.parts[part])
+                       for part in entries[name]["upgraded_rows"]["parts"]]
         else:
-            weight = np.asarray(array, dtype=np.float32)
-            imp = None if importance is None else importance.get(name)
-            if name == "wte" and raised_rows is not None:
-                split = split_rows(weight, raised_rows, ROW_UPGRADE_TYPE, qtype_of, imp)
-                values, label = split.dequantize(), f"{qtype_of}+{ROW_UPGRADE_TYPE}"
-                pieces = [(f"{name}.{part}", split.rest.parts[part]) for part in entries[name]["parts"]]
-                pieces.append((f"{name}.rows", split.upgraded_rows))
-                pieces += [(f"{name}.upgraded.{part}", split.upgraded.parts[part])
-                           for part in entries[name]["upgraded_rows"]["parts"]]
-            else:
-                fmt = FORMATS[qtype_of]
-                parts = fmt.quantize(weight, imp)
-                values, label = fmt.dequantize(parts), qtype_of
-                pieces = [(f"{name}.{part}", parts[part]) for part in entries[name]["parts"]]
-            error = np.linalg.norm(values - weight) / max(np.linalg.norm(weight), 1e-30)
-            reports.append(TensorReport(name, label, array.shape, sum(a.nbytes for _, a in pieces), float(error)))
-            del weight, values
-            reader.source.release_array(array)  # done with the source pages: keep RSS small
-            bar.step(name)
-            yield from pieces
+            fmt = FORMATS[qtype_of]
+            parts = fmt.quantize(weight, imp)
+            values, label = fmt.dequantize(parts), qtype_of
+            pieces = [(f"{name}.{part}", parts[part]) for part in entries[name]["parts"]]
+        error = np.linalg.norm(values - weight) / max(np.linalg.norm(weight), 1e-30)
+        del weight, values
+        reader.source.release_array(array)  # done with the source pages: keep RSS small
+        return TensorReport(name, label, array.shape, sum(a.nbytes for _, a in pieces), float(error)), pieces
+
+    with ThreadPoolExecutor(QUANTIZING_THREADS, thread_name_prefix="santacpu-quantize") as pool:
+        in_flight: deque[Future] = deque()
+        try:
+            for name, array in canonical_tensors(reader):
+                in_flight.append(pool.submit(stored, name, array))
+                while len(in_flight) > QUANTIZING_THREADS:
+                    report, pieces = in_flight.popleft().result()
+                    reports.append(report)
+                    bar.step(report.name)  # before yielding: the writer stops pulling after the last tensor
+                    yield from pieces
+            while in_flight:
+                report, pieces = in_flight.popleft().result()
+                reports.append(report)
+                bar.step(report.name)
+                yield from pieces
+        finally:  # an error or an interrupt: what has not started never will
+            for future in in_flight:
+                future.cancel()
 
 
 def _minified_tokenizer(folder: Path, vocab_size: int) -> str:

@@ -20,6 +20,8 @@ May import: numpy, numba, `santacpu.kernel_cache`.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 from numba import njit
 
@@ -28,25 +30,29 @@ from ..kernel_cache import track_kernel_sources
 track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
 NO_WEIGHTS = np.empty((0, 0), np.float32)
+# Matrices a conversion quantizes at once, on threads (these kernels release the GIL): this
+# process's cores, at most 4 (each in flight holds its float32 copy, codes and dequantized values:
+# ~200 MB for SantaCoder's largest matrices). The results do not depend on it.
+QUANTIZING_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 TILE = 256  # blocks searched together: xt and wt of a tile are 64 KB
 # The q4_m search's stretches and refits (blocks.py reads them from here).
 Q4M_STRETCH = np.array([-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0])
 Q4M_REFITS = 3
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _round_clip(v, lo, hi):
     r = np.rint(v)
     return min(max(r, lo), hi)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def block_max_min(xt, hi, lo):
     """hi, lo [N] = blocks._block_max_min(xt): each block's max and min, of equal values the later."""
     _tile_max_min(xt, 0, xt.shape[1], hi, lo)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _tile_max_min(xt, j0, j1, hi, lo):
     """hi, lo [j1 - j0] = the max and min of blocks j0..j1-1, of equal values (+0 and -0) the later
     one (blocks._block_max_min)."""
@@ -60,7 +66,7 @@ def _tile_max_min(xt, j0, j1, hi, lo):
             lo[jj] = v if v <= lo[jj] else lo[jj]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def symmetric_scale_weighted(xt, wt, qmin, qmax, signed_max, out):
     """out [N] float32 = blocks._symmetric_scale(xt, wt, qmin, qmax, signed_max) for weights wt
     (the make_qx_quants search described there)."""
@@ -116,7 +122,7 @@ def symmetric_scale_weighted(xt, wt, qmin, qmax, signed_max, out):
             out[j0 + jj] = np.float32(best_d[jj])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def q4m_fit(xt, wt, scale, offset):
     """scale, offset [N] float64 = blocks._q4m_fit(xt, wt) (wt [0, 0]: unweighted)."""
     weighted = wt.shape[0] != 0
