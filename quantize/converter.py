@@ -2,10 +2,9 @@
 self-contained quantized file (format in santacpu/formats/quantized_file.py).
 
 It works tensor by tensor: the source is memory-mapped, a few canonical tensors exist at a time
-(legacy-layout transposes included), each is quantized (on a few threads) and written in order,
-then freed. The output
-goes to a temporary file in the target folder, renamed into place only when complete, and an
-existing file is never replaced without `force`.
+(legacy-layout transposes included), each is quantized (on a few threads), written in order and
+freed. The output goes to a temporary file in the target folder, renamed into place only when
+complete, and an existing file is never replaced without `force`.
 
 May import: `santacpu` (loading, formats, network.weights, foundation modules) and `quantize.policy`.
 """
@@ -320,21 +319,21 @@ def _stored_tensors(
         reader.source.release_array(array)  # done with the source pages: keep RSS small
         return TensorReport(name, label, array.shape, sum(a.nbytes for _, a in pieces), float(error)), pieces
 
+    def written(done: Future) -> Iterator[tuple[str, np.ndarray]]:
+        report, pieces = done.result()  # (a tensor's error raised here, in the file's order)
+        reports.append(report)
+        bar.step(report.name)  # before yielding: the writer stops pulling after the last tensor
+        yield from pieces
+
     with ThreadPoolExecutor(QUANTIZING_THREADS, thread_name_prefix="santacpu-quantize") as pool:
         in_flight: deque[Future] = deque()
         try:
             for name, array in canonical_tensors(reader):
                 in_flight.append(pool.submit(stored, name, array))
-                while len(in_flight) > QUANTIZING_THREADS:
-                    report, pieces = in_flight.popleft().result()
-                    reports.append(report)
-                    bar.step(report.name)  # before yielding: the writer stops pulling after the last tensor
-                    yield from pieces
+                if len(in_flight) > QUANTIZING_THREADS:
+                    yield from written(in_flight.popleft())
             while in_flight:
-                report, pieces = in_flight.popleft().result()
-                reports.append(report)
-                bar.step(report.name)
-                yield from pieces
+                yield from written(in_flight.popleft())
         finally:  # an error or an interrupt: what has not started never will
             for future in in_flight:
                 future.cancel()
