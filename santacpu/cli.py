@@ -260,7 +260,10 @@ def complete(
         help="Stop when this text appears (not printed). Repeatable. Escapes like \\n are understood.",
     ),
     device: str = DEVICE_OPTION,
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Say on standard error where the model runs."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v",
+        help="Say on standard error where the model runs and on which kernels (e.g. 'cpu: integer kernels for avx2').",
+    ),
     lookup: Optional[bool] = typer.Option(
         None,
         "--lookup/--no-lookup",
