@@ -269,8 +269,8 @@ def complete(
         "--lookup/--no-lookup",
         help="Greedy only: draft tokens from earlier text in the context and verify them in one pass "
         "(prompt-lookup decoding). Default: on for quantized files on CPUs with integer kernels (x86 AVX2, "
-        "ARM64 dotprod), where the output "
-        "is exactly plain decoding's; off for full-precision weights, where it can differ in near-ties.",
+        "ARM64 dotprod), where the output is exactly plain decoding's; off for full-precision weights, where "
+        "it can differ in near-ties.",
         show_default=False,
     ),
     draft_tokens: int = typer.Option(DEFAULT_DRAFT_TOKENS, min=1, help="Most tokens drafted per step with --lookup."),

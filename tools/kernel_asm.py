@@ -109,7 +109,7 @@ def main() -> None:
                 print(f"{target.name:13} {qtype:5} {target.rows_per_group:2} rows x {n_tokens} tokens: "
                       f"{count:5.1f} instructions a block, {per_product:5.2f} a (row, token), {stack:3} on the stack"
                       + (f" (LLVM used this CPU's VNNI instructions: not {target.name}'s own code; count it "
-                         "with NUMBA_CPU_FEATURES without avxvnni and avx512vnni)" if folded else ""), flush=True)
+                         "with NUMBA_CPU_NAME=haswell, or those features turned off: -avxvnni,-avx512vnni)" if folded else ""), flush=True)
     if args.json:
         with open(args.json, "w") as file:
             json.dump(rows, file, indent=1)

@@ -44,6 +44,11 @@ def _matrices(layer) -> list:
     return [w for w in (getattr(layer, f.name) for f in dataclasses.fields(layer)) if len(w.shape) == 2]
 
 
+def _model_matrices(weights) -> list:
+    """Every matrix a forward multiplies by: the tied embedding / LM head and each layer's."""
+    return [weights.wte] + [w for layer in weights.layers for w in _matrices(layer)]
+
+
 @functools.cache
 def _blas_pools() -> threadpoolctl.ThreadpoolController:
     """The BLAS thread pools loaded in this process (NumPy's), found once."""
@@ -116,12 +121,13 @@ class CpuBackend:
             dataclasses.replace(layer, **{f.name: prepared(getattr(layer, f.name)) for f in dataclasses.fields(layer)})
             for layer in weights.layers
         ]
-        wte = prepared(weights.wte)
-        matrices = [wte] + [w for layer in layers for w in _matrices(layer)]
-        self._integer_matrices = (sum(w.integer for w in matrices), len(matrices))
-        return dataclasses.replace(
-            weights, wte=wte, layers=layers, ln_f_weight=prepared(weights.ln_f_weight), ln_f_bias=prepared(weights.ln_f_bias),
+        weights = dataclasses.replace(
+            weights, wte=prepared(weights.wte), layers=layers, ln_f_weight=prepared(weights.ln_f_weight),
+            ln_f_bias=prepared(weights.ln_f_bias),
         )
+        matrices = _model_matrices(weights)
+        self._integer_matrices = (sum(w.integer for w in matrices), len(matrices))
+        return weights
 
     def _bound(self, weight) -> kernels.Linear:
         """A prepared linear as it is; any other weight bound for this call (never repacked)."""
@@ -204,8 +210,7 @@ class CpuBackend:
         the integer kernels, whose per-(row, token) arithmetic never depends on the call; fp32
         and fp16 weights and the float kernels use BLAS for prompts, whose sums differ in the
         last bits. Attention, LayerNorm and GELU are per token on every path."""
-        matrices = [weights.wte] + [w for layer in weights.layers for w in _matrices(layer)]
-        return all(self._bound(w).integer for w in matrices)
+        return all(self._bound(w).integer for w in _model_matrices(weights))
 
     def layer_norm(
         self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray, eps: float, out: np.ndarray | None = None
