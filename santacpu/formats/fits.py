@@ -2,6 +2,7 @@
 weighted search and of `blocks._q4m_fit`, which stay the NumPy reference (tests/test_quant_formats.py
 compares every output bit). `BlockFormat.quantize` runs these; their NumPy forms spent most of a
 conversion's time in array temporaries (21 candidate scales a block, each a handful of passes).
+They release the GIL, so a conversion quantizes QUANTIZING_THREADS matrices at once on threads.
 
 Why the bits agree: the same float32 products, rounded and clipped codes, float32 sums over a
 block's 32 values in the same order (k = 0..31, one accumulator from +0, no fused multiply-add
