@@ -780,12 +780,15 @@ class _ClosedOutput(io.TextIOBase):
 
 class _StandardOutput(io.TextIOWrapper):
     """Standard output whose write errors (a full disk, `> /dev/full`) name it, as file errors name
-    their file; a closed pipe stays BrokenPipeError (the reader went away: nothing to say)."""
+    their file; a closed pipe stays BrokenPipeError (the reader went away: nothing to say). Text its
+    encoding cannot hold (code in a script an ASCII or Latin-1 terminal lacks) is written as
+    backslash escapes, not an error after half the completion."""
 
     @classmethod
     def around(cls, stream: io.TextIOWrapper) -> "_StandardOutput":
         stream.flush()
-        return cls(stream.buffer, encoding=stream.encoding, errors=stream.errors,
+        errors = "backslashreplace" if stream.errors == "strict" else stream.errors
+        return cls(stream.buffer, encoding=stream.encoding, errors=errors,
                    line_buffering=stream.line_buffering, write_through=stream.write_through)
 
     def write(self, text: str) -> int:

@@ -13,6 +13,8 @@ that need either are skipped where the machine allows neither.
 from __future__ import annotations
 
 import filecmp
+import importlib.util
+import io
 import json
 import os
 import re
@@ -232,6 +234,21 @@ def test_a_full_standard_output_is_one_error_line_naming_it(quantized):
             done = subprocess.run([sys.executable, "-m", "santacpu", *map(str, args)], stdout=full,
                                   stderr=subprocess.PIPE, env=helpers.santacpu_env(), timeout=300)
         assert (done.returncode, done.stderr.decode()) == (1, "santacpu: error: standard output: No space left on device\n")
+
+
+def test_text_standard_output_cannot_encode_is_escaped_not_a_traceback(quantized):
+    # An ASCII or Latin-1 terminal: a completion with a character it lacks ended in a traceback.
+    from santacpu.cli import _StandardOutput
+
+    for encoding, want in (("ascii", b"x = '\\ud0dc\\xe9'\n"), ("latin-1", b"x = '\\ud0dc\xe9'\n"), ("utf-8", "x = '\ud0dc\xe9'\n".encode())):
+        raw = io.BytesIO()
+        stream = io.TextIOWrapper(raw, encoding=encoding)  # kept: collecting it would close raw
+        out = _StandardOutput.around(stream)
+        out.write("x = '\ud0dc\xe9'\n")
+        out.flush()
+        assert raw.getvalue() == want, encoding
+    done = run_santacpu("complete", "s = '\u00e9", "--model", quantized, "--max-new-tokens", "3", env={"PYTHONIOENCODING": "ascii"})
+    assert done.returncode == 0 and done.stderr == b"", done.stderr
 
 
 def test_ctrl_c_while_the_command_line_loads_exits_130_without_a_traceback():
@@ -488,6 +505,25 @@ def test_a_bad_numba_variable_is_one_error_line_even_for_version(variable, value
     api = subprocess.run([sys.executable, "-c", "import santacpu"], capture_output=True, text=True,
                          env=helpers.santacpu_env({variable: value}))
     assert api.returncode == 1 and f"SantacpuError: {variable}={value!r}" in api.stderr
+
+
+def test_a_threading_layer_numba_cannot_load_is_one_error_line(quantized, monkeypatch):
+    # A valid name whose library is missing (tbb without TBB) failed inside the first parallel
+    # kernel, as a page of Numba's traceback. On this machine as it is:
+    done = run_santacpu("complete", PROMPT, "--model", quantized, "--max-new-tokens", "1", env={"NUMBA_THREADING_LAYER": "tbb"})
+    if importlib.util.find_spec("tbb") is None:
+        one_error_line(done, "NUMBA_THREADING_LAYER='tbb' cannot be loaded here (Intel TBB is required")
+    else:
+        assert done.returncode == 0, done.stderr
+    # And as Numba fails wherever a layer's library is missing:
+    from numba.np.ufunc import parallel
+
+    def missing(*args):
+        raise ValueError("No threading layer could be loaded.\nHINT:\nIntel TBB is required, try:\n$ conda/pip install tbb")
+
+    monkeypatch.setattr(parallel, "_launch_threads", missing)
+    with pytest.raises(santacpu.SantacpuError, match=r"cannot be loaded here \(Intel TBB is required, try: \$ conda/pip install tbb\); unset it"):
+        santacpu.load(quantized)
 
 
 def test_stop_escapes():

@@ -64,10 +64,31 @@ def blas_single_threaded() -> contextlib.AbstractContextManager:
     return pools.limit(limits=1)
 
 
+class ThreadingLayerError(RuntimeError):
+    """Numba cannot load the threading layer NUMBA_THREADING_LAYER names on this machine."""
+
+
+def start_thread_pool() -> None:
+    """Start Numba's thread pool now, so that a threading layer this machine cannot load (a valid
+    NUMBA_THREADING_LAYER such as tbb without its library) fails here, in words, and not as
+    Numba's traceback inside the first parallel kernel."""
+    from numba.np.ufunc import parallel
+
+    try:
+        parallel._launch_threads()  # idempotent; what the first parallel kernel calls
+    except ValueError as problem:
+        hint = " ".join(line for line in str(problem).splitlines()[1:] if line.strip() != "HINT:")
+        raise ThreadingLayerError(
+            f"NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER!r} cannot be loaded here"
+            + (f" ({hint})" if hint else "") + "; unset it to let Numba choose"
+        ) from None
+
+
 class CpuBackend:
     name = "cpu"
 
     def __init__(self, integer_kernels: bool = True, target: CpuTarget | None = None):
+        start_thread_pool()
         # Block-quantized products on the integer kernels where this CPU and the format have them;
         # False: always the float kernels (SANTACPU_INT_DOT=0). `target`: the row groups'
         # instruction set (default: this CPU's best, none where it has no integer instructions).
