@@ -109,6 +109,8 @@ class Config:
             if isinstance(value, bool) or not isinstance(value, wanted):
                 raise SantacpuError(f"its config field '{name}' is {json.dumps(value)}, not {_TYPE_WORDS[spec.type]}")
         config = cls(**raw)
+        if not 0 < config.layer_norm_epsilon < 1:  # NaN too: every LayerNorm would give NaN
+            raise SantacpuError(f"its config field 'layer_norm_epsilon' is {_shown(config.layer_norm_epsilon)}, not a number in (0, 1)")
         problem = config.size_problem() or config.kind_problem()
         if problem:
             raise SantacpuError(f"its config: {problem}")

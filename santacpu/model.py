@@ -51,7 +51,7 @@ from .generation.prompts import build_fim_prompt, build_plain_prompt, fim_option
 from .generation.runner import SharedCache, generate_tokens
 from .generation.text_stream import StopStrings, stream_text
 from .loading.checkpoint import read_checkpoint
-from .loading.quantized import read_quantized
+from .loading.quantized import embedded_tokenizer, read_quantized
 from .loading.source import hub_revision, resolve
 from .network.engine import Engine, check_finite, check_kv_dtype
 from .network.weights import ModelWeights
@@ -360,7 +360,7 @@ def load(
     if names_quantized_file(model):
         path = Path(model).expanduser()
         weights, metadata = read_quantized(path)
-        tokenizer = Tokenizer.from_json_text(metadata["tokenizer"], str(path))
+        tokenizer = embedded_tokenizer(path, metadata)
     else:
         folder = resolve(model, revision)
         weights = read_checkpoint(folder, show_progress=True)

@@ -99,6 +99,10 @@ HAND_EDITS = [
                  "field 'n_embd' is \"64\", not an integer", id="n_embd-text"),
     pytest.param(lambda m: edit_json(m, "config", lambda c: {**c, "n_layer": 0}), "non-positive size: n_layer 0",
                  id="no-layers"),
+    # `info` passed these, and `complete` then blamed NaN weights or an unnamed JSON text.
+    pytest.param(lambda m: edit_json(m, "config", lambda c: {**c, "layer_norm_epsilon": float("nan")}),
+                 "field 'layer_norm_epsilon' is NaN, not a number in (0, 1)", id="epsilon-nan"),
+    pytest.param(lambda m: m.update(tokenizer="{not json"), "the tokenizer in", id="tokenizer-corrupt"),
 ]
 
 def overlapping_copy(src: Path, dest: Path) -> Path:

@@ -1,8 +1,9 @@
 """Reads santacpu's quantized files (the format: `santacpu.formats.quantized_file`) into
 canonical `ModelWeights`, a `QuantizedWeight` where a tensor is quantized, memory-mapped and never
-dequantized; the canonical tensor names; what `santacpu info` prints.
+dequantized; the tokenizer it embeds; the canonical tensor names; what `santacpu info` prints.
 
-May import: `santacpu.network.weights`, `santacpu.formats`, `santacpu.config`, `santacpu.errors`.
+May import: `santacpu.network.weights`, `santacpu.formats`, `santacpu.config`, `santacpu.tokenizer`,
+`santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from ..formats.split_rows import SplitRowsWeight
 from ..formats.quantized_file import FORMAT_NAME, FULL_PRECISION_TYPES, all_finite, read_metadata
 from ..formats.safetensors_io import SafetensorsFile
 from ..network.weights import LayerWeights, ModelWeights, expected_layer_shapes, layer_field_names
+from ..tokenizer import Tokenizer
 
 
 def canonical_tensor_names(config: Config) -> list[str]:
@@ -135,12 +137,18 @@ def _size_target_note(target: object) -> str:
     return ""
 
 
+def embedded_tokenizer(path: str | os.PathLike, meta: dict) -> Tokenizer:
+    """The tokenizer a quantized file carries (`meta` from read_quantized), named in its errors."""
+    return Tokenizer.from_json_text(meta["tokenizer"], f"the tokenizer in {path}")
+
+
 def describe(path: str | os.PathLike) -> str:
     """The text `santacpu info` prints: config, per-type tensor counts, size, bits per weight,
-    provenance. The whole file is checked as `load` checks it first, and every float value in
-    it (full-precision tensors, block scales) must be finite."""
+    provenance. The whole file is checked as `load` checks it first (its tokenizer included), and
+    every float value in it (full-precision tensors, block scales) must be finite."""
     path = Path(path)
     weights, meta = read_quantized(path)
+    embedded_tokenizer(path, meta)
     damaged = nonfinite_tensor(weights)
     if damaged:
         raise SantacpuError(f"{path} is damaged: tensor '{damaged}' holds NaN or infinite values")
