@@ -89,6 +89,16 @@ class Model:
         self.token_invariant = engine.backend.token_invariant(weights)
 
     @property
+    def reuse_prompt(self) -> bool:
+        return self._reuse_prompt
+
+    @reuse_prompt.setter
+    def reuse_prompt(self, value: bool) -> None:
+        if not isinstance(value, bool):  # ("no" would be true)
+            raise SantacpuError(f"reuse_prompt must be True or False, got {value!r}")
+        self._reuse_prompt = value
+
+    @property
     def device(self) -> str:
         """Where the forward pass runs, in words: "cpu", or "cuda: <GPU name>, <MB> MB of device
         memory for the weights"."""
@@ -133,6 +143,9 @@ class Model:
                 f"the prompt is {len(ids)} tokens but the context holds {n_ctx} (prompt and output together): "
                 "shorten the prompt"
             )
+        outside = sorted(i for i in options.stop_ids if not 0 <= i < self.config.vocab_size)
+        if outside:  # as a prompt's ids are checked: a typo'd id would never stop anything
+            raise SantacpuError(f"stop id {outside[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         lookup = self.token_invariant if options.lookup is None else options.lookup
         return SequenceDecoder(
             ids,
@@ -146,7 +159,12 @@ class Model:
     def generate(self, ids: Sequence[int], options: GenerationOptions | None = None, **changes) -> Iterator[int]:
         """Stream new token ids after the prompt `ids`, under `options` with `changes` applied (for
         example `max_new_tokens=32, temperature=0.8, seed=1`). EOS and stop ids end the stream
-        unyielded. Text-level options (`stop`, `fim_order`) are for the text methods."""
+        unyielded. Text-level options (`stop`, `fim_order`) are for the text methods: given here
+        they are an error, not silently ignored."""
+        text_level = [name for name in ("stop", "fim_order") if name in changes]
+        if text_level:
+            raise SantacpuError(f"generate() yields token ids: '{text_level[0]}' is for complete() and "
+                                "complete_stream() (stop_ids ends a stream of ids)")
         ids = arguments.token_ids(ids, self.config.vocab_size)
         options = GenerationOptions.of(options, **changes)
         decoder = self.decoder(ids, options)
@@ -351,7 +369,7 @@ def load(
     for value, name in ((revision, "revision"), (quant, "quant")):
         if value is not None:
             arguments.text(value, name)
-    if not isinstance(reuse_prompt, bool):  # ("no" would be true)
+    if not isinstance(reuse_prompt, bool):  # ("no" would be true); checked before the (long) load
         raise SantacpuError(f"reuse_prompt must be True or False, got {reuse_prompt!r}")
     check_kv_dtype(kv_cache)  # before the (long) load
     settings = Settings.from_environment()

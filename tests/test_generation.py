@@ -355,6 +355,7 @@ def test_options_object_and_keywords_give_the_same_generation(model):
         (dict(draft_tokens=0), "draft_tokens must be >= 1"),
         (dict(fim_order="pms"), "unknown FIM order 'pms'"),
         (dict(lookup="yes"), "lookup must be True, False or None"),
+        (dict(lookup=1), "lookup must be True, False or None"),
         (dict(stop_ids=5), "stop_ids must be a list"),
         (dict(stop=[b"x"]), "each stop string must be a str"),
         (dict(stop=["\ud800"]), r"each stop string is not Unicode text: a lone surrogate \(U\+D800\)"),
@@ -374,6 +375,22 @@ def test_a_prompt_that_is_not_unicode_text_is_a_one_line_error(model):
     assert "\n" not in str(refused.value)
     with pytest.raises(SantacpuError, match=r"suffix is not Unicode text"):
         model.complete("def f():", "\udfff")
+
+
+def test_model_level_checks_stop_ids_text_options_and_reuse_prompt(model):
+    # Each was accepted and did nothing: an id past the vocabulary never stops, generate() yields
+    # ids and never looked at stop strings, and "no" is a true value.
+    for bad in (-1, model.config.vocab_size):
+        with pytest.raises(SantacpuError, match=f"stop id {bad} is outside the vocabulary"):
+            model.complete("x = ", stop_ids=[bad])
+        with pytest.raises(SantacpuError, match=f"stop id {bad} is outside the vocabulary"):
+            list(model.generate([1, 2], stop_ids=[bad]))
+    for option in (dict(stop="\n"), dict(fim_order="spm")):
+        with pytest.raises(SantacpuError, match=f"'{next(iter(option))}' is for complete"):
+            model.generate([1, 2], **option)
+    with pytest.raises(SantacpuError, match="reuse_prompt must be True or False, got 'no'"):
+        model.reuse_prompt = "no"
+    assert model.reuse_prompt is True
 
 
 def test_unknown_option_is_a_type_error_and_options_must_be_options(model):

@@ -65,7 +65,7 @@ class GenerationOptions:
         temperature, top_k, top_p = check_sampling(self.temperature, self.top_k, self.top_p)
         if self.fim_order not in FIM_ORDERS:  # checked even without a suffix: a typo must not pass silently
             raise SantacpuError(f"unknown FIM order '{self.fim_order}' (choose {' or '.join(FIM_ORDERS)})")
-        if self.lookup not in (None, True, False):
+        if not (self.lookup is None or isinstance(self.lookup, bool)):  # (1 == True)
             raise SantacpuError(f"lookup must be True, False or None, got {self.lookup!r}")
         return dataclasses.replace(
             self,
