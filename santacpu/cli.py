@@ -393,6 +393,24 @@ def info(file: Path = typer.Argument(..., readable=False, help="A santacpu quant
     print(describe(file))
 
 
+def _refuse_replacing_inputs(out: Path, option: str, inputs: list) -> None:
+    """An existing `out` must not be a file the command reads (a scored text, a model file or one
+    in a model's folder): --force would replace it."""
+    if not out.exists():
+        return
+    for given in inputs:
+        if given is None:
+            continue
+        path = Path(given).expanduser()
+        for candidate in [path, *(path.iterdir() if path.is_dir() else [])]:
+            try:
+                same = candidate.is_file() and os.path.samefile(candidate, out)
+            except OSError:
+                continue
+            if same:
+                raise OptionValueError(f"{option} {out} is a file this command reads ({candidate}): write elsewhere")
+
+
 @app.command()
 def perplexity(
     files: List[Path] = typer.Argument(..., readable=False, help="Source files to score (UTF-8 text)."),
@@ -420,6 +438,7 @@ def perplexity(
 
     if json_out is not None:
         check_writable(json_out, "--json", overwrite=force)  # now, not after scoring
+        _refuse_replacing_inputs(json_out, "--json", [*files, model, reference])
     texts = [read_text_file(path, "file") for path in files]
     name = model or default_model()
     loaded = load(name, quant=quant)
@@ -484,6 +503,7 @@ def bench(
 
     if json_out is not None:
         check_writable(json_out, "--json", overwrite=force)  # now, not after minutes of measuring
+        _refuse_replacing_inputs(json_out, "--json", [model])
     settings = BenchSettings(
         model=model, quant=quant, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,

@@ -433,6 +433,16 @@ def test_a_report_or_model_file_is_replaced_only_when_asked_and_never_a_device_o
     one_error_line(run_santacpu(*args, kept), f"--json {kept} already exists (use --force to replace it)")
     assert kept.read_text() == "mine\n"
     assert run_santacpu(*args, kept, "--force").returncode == 0 and json.loads(kept.read_text())
+    # Not even with --force a file the command reads: the scored text, the model (or a file in its folder).
+    text = tmp_path / "text.py"
+    shutil.copy(code_file, text)
+    for report, command in ((text, ("perplexity", text, "--model", quantized, "--ctx", "32")),
+                            (tiny / "config.json", ("perplexity", code_file, "--model", tiny, "--ctx", "32")),
+                            (quantized, ("bench", quantized, "--parts", "load"))):
+        before = report.read_bytes()
+        done = run_santacpu(*command, "--json", report, "--force")
+        assert "is a file this command reads" in one_error_line(done, "write elsewhere", code=2)
+        assert report.read_bytes() == before
     # A link is neither written through (one planted in /tmp could lead anywhere) nor renamed over
     # (/dev/stdout is one); a FIFO (as a device) is refused, never renamed over.
     target, link = tmp_path / "target.json", tmp_path / "link.json"
