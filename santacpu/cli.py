@@ -36,7 +36,7 @@ from .loading.source import DEFAULT_MODEL, default_model, hub_revision
 from .settings import MODEL_ENV, Settings
 from .generation.options import DEFAULT_MAX_NEW_TOKENS, GenerationOptions
 from .generation.prompts import FIM_ORDERS
-from .formats.quantized_file import DEFAULT_QUANT
+from .formats.quantized_file import DEFAULT_QUANT, names_quantized_file
 from .model import DEVICES
 from .harness.problems import BENCHMARKS
 from .harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, MAX_SAMPLES, EvalSettings
@@ -442,12 +442,19 @@ def perplexity(
     texts = [read_text_file(path, "file") for path in files]
     name = model or default_model()
     loaded = load(name, quant=quant)
+    # The reference in full precision (a quantized file runs as it is: no quant to ignore).
+    against = load(reference, quant=None if names_quantized_file(reference) else "none") if reference else None
+    shortest = min([loaded, *([against] if against else [])], key=lambda m: m.config.n_positions)
+    which = "the model's" if shortest is loaded else "the reference's"
     if ctx is None:
-        ctx = min(DEFAULT_PERPLEXITY_CTX, loaded.config.n_positions)
+        ctx = min(DEFAULT_PERPLEXITY_CTX, shortest.config.n_positions)
         if ctx < DEFAULT_PERPLEXITY_CTX:
-            print(f"santacpu: chunks of {ctx} tokens, the model's whole context (shorter than the default "
+            print(f"santacpu: chunks of {ctx} tokens, {which} whole context (shorter than the default "
                   f"{DEFAULT_PERPLEXITY_CTX})", file=sys.stderr)
-    scores = score(loaded, texts, ctx, load(reference, quant="none") if reference else None)
+    elif ctx > shortest.config.n_positions:
+        raise OptionValueError(f"--ctx {ctx} is past {which} context of {shortest.config.n_positions} tokens: "
+                               f"give --ctx {shortest.config.n_positions} or less")
+    scores = score(loaded, texts, ctx, against)
     print(scores.table(name, reference))
     if json_out is not None:
         write_text_atomically(json_out, scores.to_json() + "\n", overwrite=force)

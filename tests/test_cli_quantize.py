@@ -298,4 +298,10 @@ def test_perplexity_against_a_reference(tmp_path):
     too_short = run("perplexity", str(text), "--model", str(quantized), "--ctx", "4", cache=tmp_path)
     assert too_short.returncode == 2 and "--ctx" in too_short.stderr.decode()  # the parser's range: a usage error
     one_error_line(run("perplexity", str(text), "--model", str(quantized), "--ctx", "65", cache=tmp_path),
-                   "--ctx must be between 8 and the model's context 64")
+                   "--ctx 65 is past the model's context of 64 tokens: give --ctx 64 or less", code=2)
+    # A reference with a shorter context than the model's: named, before any scoring.
+    trained = Path(__file__).parent / "fixtures" / "trained_tiny"  # 256 positions against the tiny one's 64
+    done = run("perplexity", str(text), "--model", str(trained), "--quant", "none", "--reference", str(tiny_checkpoint()),
+               "--ctx", "128", cache=tmp_path)  # (its stderr also warns of the fixture's missing tokenizer.json)
+    assert done.returncode == 2 and done.stderr.decode().splitlines()[-1] == (
+        "santacpu: error: --ctx 128 is past the reference's context of 64 tokens: give --ctx 64 or less")
