@@ -59,6 +59,7 @@ class ConversionReport:
     qtype: str = ""  # the type asked for
     embedding_rows: int = 0  # the most used tokens' embedding rows raised to ROW_UPGRADE_TYPE
     size_target: SizeTarget | None = None  # what the upgrades were sized to, if a target was given
+    kept: frozenset[str] = frozenset()  # the tensors whose type a --keep rule decided
 
     @property
     def file_bytes(self) -> int:
@@ -273,7 +274,8 @@ def convert(
     reports: list[TensorReport] = []
     stored = _stored_tensors(reader, types, entries, importance, reports, Progress(len(types), "quantizing"), raised_rows)
     write_safetensors(out, stored, metadata, shapes=file_shapes, overwrite=force)
-    return ConversionReport(out, reports, time.perf_counter() - started, qtype, plan.embedding_rows, policy.size_target)
+    return ConversionReport(out, reports, time.perf_counter() - started, qtype, plan.embedding_rows, policy.size_target,
+                            frozenset(name for name in types if policy.kept(name)))
 
 
 def _stored_tensors(

@@ -63,9 +63,13 @@ def report_lines(report: ConversionReport, seconds: float | None = None, calibra
         if not tensors:
             lower = (f"a lower {report.size_target.option}" if report.size_target is not None else
                      "--upgrade-budget 0")
-            why = ("the upgrade budget raised every linear weight, whose bytes are small beside the embedding's in "
-                   f"this model; {lower} keeps them at " + qtype) if qtype in FOUR_BIT_TYPES else \
-                  "no matrix of this model is whole blocks of it"
+            if report.kept:
+                why = "the --keep rules (and any upgrades) chose other types for every matrix"
+            elif qtype in FOUR_BIT_TYPES:
+                why = ("the upgrade budget raised every linear weight, whose bytes are small beside the embedding's in "
+                       f"this model; {lower} keeps them at " + qtype)
+            else:
+                why = "no matrix of this model is whole blocks of it"
             lines.append(f"{qtype}: no tensor (asked for, but {why})")
             continue
         names = [t.name for t in tensors]

@@ -131,6 +131,22 @@ def _probability(value: float) -> float:
     return value
 
 
+def _keep_rules(value: List[str]) -> List[str]:
+    from quantize.policy import parse_keep
+
+    try:
+        parse_keep(list(value))
+    except SantacpuError as problem:
+        raise typer.BadParameter(str(problem)) from None
+    return value
+
+
+def _temperature(value: float) -> float:
+    if not 0.0 <= value < float("inf"):  # (typer's min=0 lets inf through)
+        raise typer.BadParameter(f"{value} is not a finite number >= 0 (0 is greedy)")
+    return value
+
+
 def _positive(value: Optional[float]) -> Optional[float]:
     if value is not None and not 0.0 < value < float("inf"):
         raise typer.BadParameter(f"{value} is not a positive number")
@@ -247,7 +263,7 @@ def complete(
         "psm", callback=_one_of(*FIM_ORDERS), help="FIM prompt order: psm (prefix first) or spm (suffix first)."
     ),
     max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, min=0, help="Most tokens to generate."),
-    temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (deterministic)."),
+    temperature: float = typer.Option(0.0, callback=_temperature, help="Sampling temperature, a finite number >= 0; 0 is greedy (deterministic)."),
     top_k: int = typer.Option(0, min=0, help="Sample only among the K most likely tokens; 0 is off."),
     top_p: float = typer.Option(
         1.0, callback=_probability, help="Sample only among the most likely tokens totalling P, 0 < P <= 1; 1 is off."
@@ -314,7 +330,7 @@ def _prompt_texts(prompt: Optional[str], fim: Optional[Tuple[Path, Path]]) -> Tu
     """(prefix, suffix or None): the two --fim files, else PROMPT or standard input."""
     if fim is not None:
         if prompt is not None:
-            raise SantacpuError("give either a PROMPT or --fim PREFIX_FILE SUFFIX_FILE, not both")
+            raise OptionValueError("give either a PROMPT or --fim PREFIX_FILE SUFFIX_FILE, not both")
         return read_text_file(fim[0], "prefix file"), read_text_file(fim[1], "suffix file")
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
@@ -348,7 +364,7 @@ def quantize(
         DEFAULT_CALIBRATION_TOKENS, min=64, help="Tokens of calibration text to run through the model."
     ),
     keep: List[str] = typer.Option(
-        [], "--keep", metavar="PATTERN=TYPE",
+        [], "--keep", metavar="PATTERN=TYPE", callback=_keep_rules,
         help=f"Store matching tensors (e.g. wte, h.*.mlp_c_proj_weight) as TYPE ({', '.join(('f32', 'f16', *FORMATS))}). "
         "Repeatable.",
     ),
@@ -586,7 +602,7 @@ def serve(
 def _api_key(given: Optional[str], key_file: Optional[Path]) -> Optional[str]:
     """The server's key: --api-key, else --api-key-file's text, else $SANTACPU_API_KEY, else none."""
     if given is not None and key_file is not None:
-        raise SantacpuError("give --api-key or --api-key-file, not both")
+        raise OptionValueError("give --api-key or --api-key-file, not both")
     if key_file is not None:
         given = read_text_file(key_file, "API key file").strip()
         if not given or "\n" in given:
@@ -651,7 +667,7 @@ def eval_humaneval_infill(
         help="The k of pass@k, comma-separated, each at most --samples. Default: those of 1,10,100 that are.",
         show_default=False,
     ),
-    temperature: float = typer.Option(0.0, min=0.0, help="Sampling temperature; 0 is greedy (then --samples 1)."),
+    temperature: float = typer.Option(0.0, callback=_temperature, help="Sampling temperature, a finite number >= 0; 0 is greedy (then --samples 1)."),
     top_p: float = typer.Option(1.0, callback=_probability, help="Nucleus sampling, 0 < P <= 1; 1 is off."),
     seed: int = typer.Option(0, min=0, help="Base seed: a problem's samples are seeded from it and its task id."),
     max_new_tokens: int = typer.Option(DEFAULT_EVAL_MAX_NEW_TOKENS, min=1, help="Most tokens of each completion."),

@@ -223,7 +223,7 @@ def test_bad_fim_files(hf_home, ckpt, tmp_path):
     assert "latin1.py" in line and "0xe9" in line
     assert "missing.py" in assert_error(fim(good, tmp_path / "missing.py"), "no such file")
     assert_error(fim(folder, good), "is a folder")
-    assert_error(run(hf_home, "complete", "x", "--fim", str(good), str(good), "--model", str(ckpt)), "not both")
+    helpers.one_error_line(run(hf_home, "complete", "x", "--fim", str(good), str(good), "--model", str(ckpt)), "not both", code=2)
     assert_error(run(hf_home, "complete", "--model", str(ckpt), stdin=b"\xff\xfe"), "standard input is not UTF-8")
 
 
@@ -279,6 +279,8 @@ def test_bad_fim_order_with_fim(hf_home, ckpt, tmp_path):
     "args, fragment",
     [
         (("--temperature", "-1"), "--temperature"),
+        (("--temperature", "inf"), "--temperature': inf is not a finite number >= 0"),
+        (("--temperature", "nan"), "--temperature': nan is not a finite number >= 0"),
         (("--max-new-tokens", "-3"), "--max-new-tokens"),
         (("--max-new-tokens", "many"), "--max-new-tokens"),
         (("--no-such-option",), "No such option"),

@@ -75,7 +75,8 @@ def test_quantize_never_replaces_its_own_source(tmp_path, source):
     "args, fragment, code",
     [
         (["--type", "q3_k"], "Invalid value for '--type' / '-t': 'q3_k' is not one of q8_0, q4_0, q4_m, q6_0", 2),
-        (["--keep", "wte"], "--keep takes PATTERN=TYPE", 1),
+        (["--keep", "wte"], "Invalid value for '--keep': --keep takes PATTERN=TYPE", 2),
+        (["--keep", "wte=q3"], "--keep wte=q3: unknown type 'q3'", 2),
         (["--calibration", "/no/such/folder"], "calibration folder /no/such/folder does not exist", 1),
     ],
 )
@@ -280,6 +281,10 @@ def test_the_report_says_per_type_what_was_written_and_the_whole_time(tmp_path, 
     assert lines[1].startswith("q4_m: no tensor (asked for, but the upgrade budget raised every linear weight")
     assert sum(int(line.split(": ")[1].split()[0]) for line in lines[2:] if not line.startswith("largest")) == \
         len(report.tensors)
+    # Where --keep rules took every matrix, the report says so (it blamed the budget, even at 0).
+    kept = convert(tiny_checkpoint(), tmp_path / "kept.safetensors", qtype="q4_m", upgrade_budget=0.0,
+                   keep=[("h.*", "f32"), ("wte", "q8_0")])
+    assert report_lines(kept)[1] == "q4_m: no tensor (asked for, but the --keep rules (and any upgrades) chose other types for every matrix)"
 
 
 def test_perplexity_against_a_reference(tmp_path):
