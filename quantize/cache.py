@@ -201,16 +201,21 @@ def cache_entries() -> list[CacheEntry]:
 
 def clear_cache(model: str | None = None, revision: str | None = None) -> list[CacheEntry]:
     """Remove the cache's files (`model` given: only those made from it, found by the folder it
-    resolves to, which is not downloaded for this); the removed entries."""
+    resolves to, which is not downloaded for this); the removed entries, killed conversions'
+    partial files included."""
     # Finished files only: a `.partial` file may be a conversion still being written. Those whose
     # writer is gone (killed outright) go too when everything is cleared, with a warning each, as
     # the next write of their file would remove them (santacpu.atomic_file).
+    if model is not None and not str(model).strip():
+        raise SantacpuError("the model to clear is empty (give a folder or hub id, or none to clear everything)")
+    stale: list[CacheEntry] = []
     if model is None:  # (by name alone: no file's metadata is read for this)
         for target in {partial_target(path.name) for path in _cache_files()} - {None}:
-            remove_stale_partials(cache_dir() / target)
+            stale += [CacheEntry(path, size, "?", "?", "", "a killed conversion's partial file")
+                      for path, size in remove_stale_partials(cache_dir() / target)]
     entries = [e for e in cache_entries() if not e.path.name.endswith(".partial")]
     if model is not None:
-        folder = _local_folder(model, revision)
+        folder = _local_folder(model, hub_revision(model, revision))
         entries = [e for e in entries if e.source != "?" and Path(e.source).resolve() == folder]
     for entry in entries:
         try:
@@ -219,7 +224,7 @@ def clear_cache(model: str | None = None, revision: str | None = None) -> list[C
             pass
         except OSError as problem:
             raise WriteError(f"cannot remove {entry.path}: {os_problem(problem)}") from None
-    return entries
+    return stale + entries
 
 
 def _local_folder(model: str, revision: str | None) -> Path:

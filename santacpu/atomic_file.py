@@ -117,15 +117,17 @@ def _publish_new(tmp_name: str, path: Path) -> None:
     os.unlink(tmp_name)
 
 
-def remove_stale_partials(path: str | os.PathLike) -> None:
+def remove_stale_partials(path: str | os.PathLike) -> list[tuple[Path, int]]:
     """Remove the partial files of `path` whose writer is gone (killed before it could clean up);
-    name in a warning those whose writer cannot be judged. Those of live writers stay."""
+    name in a warning those whose writer cannot be judged. Those of live writers stay. The removed
+    files, each with its size in bytes."""
     path = Path(path)
     prefix = f".{path.name}."
+    removed: list[tuple[Path, int]] = []
     try:
         names = [name for name in os.listdir(path.parent) if name.startswith(prefix)]
     except OSError:  # no folder, or not readable: writing says so
-        return
+        return removed
     for name in names:
         found = _PARTIAL.fullmatch(name[len(prefix):])
         if found is None:
@@ -137,9 +139,12 @@ def remove_stale_partials(path: str | os.PathLike) -> None:
                           "delete it if nothing is writing that file now", SantacpuWarning, stacklevel=3)
         elif gone:
             with contextlib.suppress(FileNotFoundError, PermissionError):
+                size = partial.stat().st_size
                 os.unlink(partial)
+                removed.append((partial, size))
                 warnings.warn(f"removed {partial}, left by an earlier write of {path.name} whose process "
                               f"({found['pid']}) was killed", SantacpuWarning, stacklevel=3)
+    return removed
 
 
 def partial_target(name: str) -> str | None:

@@ -145,7 +145,7 @@ def test_first_use_quantizes_once_into_the_cache(tmp_path):
     partial_row = run("cache", "list", cache=cache).stdout.decode().splitlines()[-1]
     assert partial_row.split()[:3] == ["0.0", "?", "?"] and "(a partial file left by an interrupted write)" in partial_row
     everything = run("cache", "clear", cache=cache)
-    assert everything.returncode == 0 and everything.stdout.decode().startswith("removed 2 files")
+    assert everything.returncode == 0 and everything.stdout.decode().startswith("removed 3 files")  # the partial one counted
     assert "was killed" in everything.stderr.decode()
     assert sorted(p.name for p in cache.iterdir()) == sorted(foreign)
     for name in foreign:
@@ -154,6 +154,7 @@ def test_first_use_quantizes_once_into_the_cache(tmp_path):
     q6 = run("complete", PROMPT, "--model", str(tiny_checkpoint()), "--max-new-tokens", "6", "--quant", "q6_0",
              cache=cache)
     assert first.returncode == q6.returncode == 0 and len(list(cache.iterdir())) == 2
+    one_error_line(run("cache", "clear", "", cache=cache), "the model to clear is empty")
     other = run("cache", "clear", str(tiny_checkpoint(seed=1)), cache=cache)  # made from another model: kept
     assert other.returncode == 0 and other.stdout.decode().startswith("removed 0 files") and len(list(cache.iterdir())) == 2
     cleared = run("cache", "clear", str(tiny_checkpoint()), cache=cache)
