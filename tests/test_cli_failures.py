@@ -638,6 +638,10 @@ def test_a_random_checkpoint_runs_every_command_with_its_defaults(tmp_path, tiny
     assert done.returncode == 0, done.stderr.decode()
     one_error_line(run_santacpu("random-checkpoint", folder / "config.json" / "x"), "cannot make the folder")
     one_error_line(run_santacpu("random-checkpoint", tmp_path / "x", "--size", "huge"), "--size", code=2)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")  # as a link planted in /tmp would be: not followed
+    one_error_line(run_santacpu("random-checkpoint", tmp_path / "link"), f"{tmp_path / 'link'} is a symbolic link")
+    assert list((tmp_path / "empty").iterdir()) == []
 
 
 def test_random_checkpoint_refuses_a_folder_that_is_not_empty_without_force(tmp_path, tiny):

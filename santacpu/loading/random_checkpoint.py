@@ -19,7 +19,8 @@ replaced); `--force` (`force=True`) writes into it anyway.
 
 (`python -m tools.random_checkpoint` in a clone does the same.)
 
-May import: numpy, `santacpu.formats.safetensors_io`, `santacpu.atomic_file`, `santacpu.errors`.
+May import: numpy, `santacpu.formats.safetensors_io`, `santacpu.atomic_file`, `santacpu.progress`,
+`santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import numpy as np
 from ..atomic_file import write_text_atomically
 from ..errors import SantacpuError, os_problem
 from ..formats.safetensors_io import dtype_name_of, write_safetensors
+from ..progress import Progress
 
 LAYOUTS = ("gpt_bigcode", "legacy")
 DTYPES = ("float32", "float16")
@@ -228,6 +230,8 @@ def write_checkpoint(
             f"unknown size, layout or dtype {size!r}, {layout!r}, {dtype!r} (choose from {', '.join(SIZES)}; "
             f"{', '.join(LAYOUTS)}; {', '.join(DTYPES)})"
         )
+    if out.is_symlink():  # as for every output file: a link planted in a shared folder could lead anywhere
+        raise SantacpuError(f"{out} is a symbolic link: give the folder's own path")
     if not force:
         _check_empty(out)
     # Each file it writes must be writable as a file before the first is written: a folder named
@@ -244,14 +248,19 @@ def write_checkpoint(
     def stored_dtype(array):
         return np_dtype if array.dtype == np.float32 else array.dtype
 
-    def cast(items):
-        for name, array in items:
-            yield name, array.astype(stored_dtype(array))
-
     shapes = {
         name: (tuple(array.shape), dtype_name_of(np.zeros(0, stored_dtype(array))))
         for name, array in layout_tensors(_placeholders(size, multi_query), size, layout, multi_query, embedding_names)
     }
+    # The full size takes ~20 s: said as it goes (tiny ones, made by the hundred in tests, are silent).
+    progress = Progress(len(shapes), f"writing {out / 'model.safetensors'}") if size != "tiny" else None
+
+    def cast(items):
+        for name, array in items:
+            stored = array.astype(stored_dtype(array))
+            if progress is not None:  # (before the yield: the writer takes no item after the last)
+                progress.step(name)
+            yield name, stored
     write_safetensors(
         out / "model.safetensors",
         cast(layout_tensors(canonical_tensors(size, seed, multi_query), size, layout, multi_query, embedding_names)),
