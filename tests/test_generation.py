@@ -167,6 +167,13 @@ def test_prompt_that_fills_the_context_is_refused(model):
         model.generate([1] * n_ctx, max_new_tokens=1)
     with pytest.raises(SantacpuError, match="context holds"):
         model.complete("x = 1\n" * 60, max_new_tokens=1)
+    # Text longer than any n_ctx tokens can span is refused before it is encoded (a 60 MiB prompt
+    # took 78 s to encode first); one character short of that is still encoded and counted.
+    limit = n_ctx * model.tokenizer.max_token_bytes
+    with pytest.raises(SantacpuError, match=f"the prompt is {limit:,} characters, more than the context's {n_ctx} tokens can hold"):
+        model.complete("a" * limit, max_new_tokens=1)
+    with pytest.raises(SantacpuError, match="tokens but the context holds"):
+        model.complete("a" * (limit - 1), max_new_tokens=1)
 
 
 def test_empty_prompts_are_refused(model):

@@ -50,6 +50,11 @@ def build_plain_prompt(tokenizer: Tokenizer, text: str, n_ctx: int) -> list[int]
     if not text:
         raise SantacpuError("the prompt is empty")
     warn_about_markers(text)
+    if len(text) >= n_ctx * tokenizer.max_token_bytes:  # at least n_ctx tokens: said before a long encode
+        raise SantacpuError(
+            f"the prompt is {len(text):,} characters, more than the context's {n_ctx} tokens can hold (a token is at "
+            f"most {tokenizer.max_token_bytes} bytes): shorten it, or use fill-in-the-middle, which trims long context itself"
+        )
     ids = tokenizer.encode(text)
     if len(ids) >= n_ctx:
         raise SantacpuError(
