@@ -313,7 +313,7 @@ def complete(
     room = loaded.config.n_positions - len(loaded.prompt_ids(prefix, suffix, options))
     if options.max_new_tokens > room:
         warnings.warn(
-            f"at most {room} new tokens, not {options.max_new_tokens}: the model's context holds "
+            f"at most {room} new token{'s' * (room != 1)}, not {options.max_new_tokens}: the model's context holds "
             f"{loaded.config.n_positions} tokens, prompt included", SantacpuWarning,
         )
     last = ""

@@ -75,7 +75,7 @@ def score_models(models: dict, texts: Sequence[str], n_ctx: int, reference=None)
         tokens += first_model.tokenizer.encode(text) + [first_model.config.eos_token_id]
     chunks = chunk_tokens(tokens, n_ctx)
     if not chunks:
-        raise SantacpuError(f"the files hold {len(tokens)} tokens, fewer than one chunk of {n_ctx}")
+        raise SantacpuError(f"the files hold {len(tokens)} token{'s' * (len(tokens) != 1)}, fewer than one chunk of {n_ctx}")
     n_valid = first_model.n_valid_tokens
     first = n_ctx // 2
     nll = {name: [] for name in models}

@@ -181,7 +181,8 @@ def build_fim_prompt(
         of = (f"of {characters[0]:,} and {characters[1]:,} characters" if cut
               else f"of {len(prefix_ids)} and {len(suffix_ids)} tokens")
         warnings.warn(
-            f"the FIM prompt did not fit the {n_ctx}-token context with room for {max_new_tokens} new tokens: "
+            f"the FIM prompt did not fit the {n_ctx}-token context with room for {n_ctx - fim_budget(n_ctx, max_new_tokens)} "
+            "new tokens: "
             f"kept the last {len(kept_prefix)} prefix tokens and the first {len(kept_suffix)} suffix tokens ({of})",
             SantacpuWarning,
             stacklevel=2,
