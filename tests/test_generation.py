@@ -337,6 +337,9 @@ def test_long_fim_prompt_is_trimmed_with_a_warning_and_fits(model):
     with pytest.warns(SantacpuWarning):
         out = model.complete(prefix, suffix, max_new_tokens=16)
     assert isinstance(out, str)
+    # Asked for more than half the context, the warning names the room it left (half), not the ask.
+    with pytest.warns(SantacpuWarning, match=f"with room for {n_ctx // 2} new tokens: kept the last"):
+        build_fim_prompt(TOK, prefix, suffix, n_ctx, 100)
 
 
 # --- GenerationOptions: one object for every caller ------------------------------------------
