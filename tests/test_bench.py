@@ -6,11 +6,14 @@ Nothing here is timed: the figures are checked for presence, sign and exact coun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import helpers
 import numpy as np
@@ -366,3 +369,45 @@ def test_full_size_figures_are_not_flagged():
     report["results"]["lookup"]["echo"]["drafted_tokens"] = 4
     notes = short_run_warnings(report)
     assert len(notes) == 2 and "290% of the file's read speed" in notes[0] and "drafted only 4 tokens" in notes[1]
+
+
+def test_a_child_dies_with_the_bench_killed_outright(tmp_path):
+    # SIGKILL leaves the bench no time to kill its child: the child had measured on for a minute.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_PDEATHSIG is Linux's")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    bench = subprocess.Popen([sys.executable, "-m", "santacpu", "bench", str(helpers.tiny_checkpoint()), "--quant", "none",
+                              "--parts", "speed", "--repeat", "1000", "--threads", "1"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
+
+    def speed_child():  # (the file-read-speed child runs first, briefly)
+        for pid in map(int, children.read_text().split()):
+            with contextlib.suppress(OSError):
+                if b"\0speed\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    return pid
+        return None
+
+    deadline = time.monotonic() + 120
+    while (child := speed_child()) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert child is not None
+    time.sleep(1.0)  # well inside the child's thousand runs
+    assert Path(f"/proc/{child}").exists()
+    bench.kill()
+    bench.wait()
+    deadline = time.monotonic() + 10
+    try:
+        while Path(f"/proc/{child}").exists() and "Z" not in _state(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not Path(f"/proc/{child}").exists() or "Z" in _state(child), "the child outlived the bench"
+    finally:  # never leave it measuring on the suite's cores
+        with contextlib.suppress(OSError):
+            os.kill(child, 9)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

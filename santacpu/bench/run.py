@@ -266,6 +266,23 @@ def _signals_held_for_a_child_start():
         signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
+def _dies_with_this_process():
+    """A child's preexec_fn on Linux: the child is killed when this process dies, even by SIGKILL
+    (which leaves no time to kill it), instead of measuring on for a minute on the cores."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl, parent = ctypes.CDLL(None, use_errno=True).prctl, os.getpid()  # found here, not in the forked child
+
+    def arm() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; kept across exec
+        if os.getppid() != parent:  # this process died before the call
+            os._exit(1)
+
+    return arm
+
+
 def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
     from ..errors import SantacpuError
 
@@ -285,7 +302,7 @@ def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
     try:
         with _signals_held_for_a_child_start():
             child = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, kind, json.dumps(job)], env=env,
-                                     stdout=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, text=True, preexec_fn=_dies_with_this_process())
         stdout, _ = child.communicate()
     except BaseException:  # Ctrl-C, SIGTERM: the child goes too
         if child is not None:
