@@ -307,6 +307,8 @@ def complete(
         draft_tokens=draft_tokens,
     )
     prefix, suffix = _prompt_texts(prompt, fim)
+    for unused in _unused_options(temperature, top_k, top_p, seed, fim, fim_order, lookup, draft_tokens):
+        warnings.warn(unused, SantacpuWarning)
     loaded = load(model or default_model(), revision=revision, quant=quant, device=device)
     if verbose:
         print(f"santacpu: running on {loaded.device}", file=sys.stderr)
@@ -407,6 +409,24 @@ def info(file: Path = typer.Argument(..., readable=False, help="A santacpu quant
     from .loading.quantized import describe
 
     print(describe(file))
+
+
+def _unused_options(temperature, top_k, top_p, seed, fim, fim_order, lookup, draft_tokens) -> list[str]:
+    """What `complete` was given that cannot change its output, each in words (as an ignored
+    --quant or --revision is said)."""
+    unused = []
+    sampling = [name for name, given in (("--top-k", top_k != 0), ("--top-p", top_p != 1.0), ("--seed", seed is not None))
+                if given]
+    if temperature == 0 and sampling:
+        unused.append(f"{', '.join(sampling)} {'is' if len(sampling) == 1 else 'are'} ignored: decoding is greedy "
+                      "(give --temperature above 0 to sample)")
+    if lookup and temperature > 0:
+        unused.append("--lookup is ignored: prompt lookup drafts only under greedy decoding (--temperature 0)")
+    if fim is None and fim_order != "psm":
+        unused.append("--fim-order is ignored without --fim")
+    if draft_tokens != DEFAULT_DRAFT_TOKENS and (lookup is False or temperature > 0):
+        unused.append("--draft-tokens is ignored: no prompt lookup runs (--no-lookup, or sampling)")
+    return unused
 
 
 def _refuse_replacing_inputs(out: Path, option: str, inputs: list) -> None:

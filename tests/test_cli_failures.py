@@ -490,6 +490,22 @@ def test_options_that_would_be_ignored_are_warned_about(tmp_path, tiny, quantize
                                   "already and runs as it is"]
     assert done.stdout.decode() == helpers.line(santacpu.load(quantized).complete(PROMPT, max_new_tokens=4))
 
+    # Sampling options under greedy decoding, lookup under sampling, --fim-order without --fim:
+    # each said, and the output is what it would be without them.
+    done = run_santacpu("complete", PROMPT, "--model", quantized, "--max-new-tokens", "4", "--top-k", "5", "--seed", "3",
+                        "--fim-order", "spm", "--no-lookup", "--draft-tokens", "3")
+    assert done.returncode == 0 and stderr_lines(done) == [
+        "santacpu: warning: --top-k, --seed are ignored: decoding is greedy (give --temperature above 0 to sample)",
+        "santacpu: warning: --fim-order is ignored without --fim",
+        "santacpu: warning: --draft-tokens is ignored: no prompt lookup runs (--no-lookup, or sampling)",
+    ]
+    assert done.stdout.decode() == helpers.line(santacpu.load(quantized).complete(PROMPT, max_new_tokens=4))
+    done = run_santacpu("complete", PROMPT, "--model", quantized, "--max-new-tokens", "4", "--temperature", "0.5", "--lookup")
+    assert done.returncode == 0 and stderr_lines(done) == [
+        "santacpu: warning: --lookup is ignored: prompt lookup drafts only under greedy decoding (--temperature 0)"]
+    assert run_santacpu("complete", PROMPT, "--model", quantized, "--max-new-tokens", "4", "--temperature", "0.5",
+                        "--top-p", "0.9", "--seed", "1").stderr == b""
+
 
 def test_text_from_a_file_or_standard_input_is_bounded(tmp_path, quantized):
     # /dev/zero (or a runaway pipe) as the prompt grew until memory ran out, with a traceback.
