@@ -759,6 +759,9 @@ def test_path_that_does_not_exist(tmp_path):
     for missing in (tmp_path / "nope", tmp_path / "nope" / "model.safetensors", str(tmp_path / "a" / "b")):
         message = load_error(missing)
         assert "no such file or folder" in message and str(missing) in message, message
+    os.mkfifo(tmp_path / "fifo")  # there, but no file: it was called missing
+    for odd in (tmp_path / "fifo", "/dev/null"):
+        assert load_error(odd) == f"{odd} is neither a file nor a folder (a model is a folder, a weight file or a quantized file)"
 
 
 def test_weight_file_path_loads_its_folder():

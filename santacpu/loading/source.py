@@ -66,6 +66,8 @@ def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
     if path.is_file():
         return path.parent  # a weight file: config.json and tokenizer.json sit beside it
     text = str(model)
+    if path.exists():  # a FIFO, a device, a socket: there, but nothing a model is read from
+        raise SantacpuError(f"{text} is neither a file nor a folder (a model is a folder, a weight file or a quantized file)")
     if _looks_like_a_path(text):
         raise SantacpuError(f"no such file or folder: {text}")
     return _download(text, revision)
