@@ -472,11 +472,11 @@ def perplexity(
     from . import load
     from .evaluate import score
 
+    name = model or default_model()
     if json_out is not None:
         check_writable(json_out, "--json", overwrite=force)  # now, not after scoring
-        _refuse_replacing_inputs(json_out, "--json", [*files, model, reference])
+        _refuse_replacing_inputs(json_out, "--json", [*files, name, reference])
     texts = [read_text_file(path, "file") for path in files]
-    name = model or default_model()
     loaded = load(name, quant=quant)
     # The reference in full precision (a quantized file runs as it is: no quant to ignore).
     against = load(reference, quant=None if names_quantized_file(reference) else "none") if reference else None
