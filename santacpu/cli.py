@@ -141,6 +141,18 @@ def _keep_rules(value: List[str]) -> List[str]:
     return value
 
 
+def _output_file(value: Optional[str]) -> Optional[Path]:
+    """An output file's path, checked as given: Path() would drop a trailing '/' (a folder's path,
+    written as a file) and make '' the current folder."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise typer.BadParameter("the file name is empty")
+    if value.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"'{value}' ends with '/', as a folder's path does: give a file name")
+    return Path(value)
+
+
 def _temperature(value: float) -> float:
     if not 0.0 <= value < float("inf"):  # (typer's min=0 lets inf through)
         raise typer.BadParameter(f"{value} is not a finite number >= 0 (0 is greedy)")
@@ -353,7 +365,7 @@ def _type_help() -> str:
 @app.command()
 def quantize(
     src: str = typer.Argument(..., help="Full-precision source: checkpoint folder (either layout), weight file, or hub id."),
-    out: Path = typer.Argument(..., readable=False, help="The quantized file to write (.safetensors)."),
+    out: str = typer.Argument(..., callback=_output_file, help="The quantized file to write (.safetensors)."),
     qtype: str = typer.Option("q8_0", "--type", "-t", metavar="TYPE", callback=_one_of(*FORMATS), help=_type_help()),
     calibration: Optional[str] = typer.Option(
         None,
@@ -465,7 +477,7 @@ def perplexity(
         "precision.",
         show_default=False,
     ),
-    json_out: Optional[Path] = typer.Option(None, "--json", readable=False, help="Also write the results to this JSON file."),
+    json_out: Optional[str] = typer.Option(None, "--json", callback=_output_file, help="Also write the results to this JSON file."),
     force: bool = typer.Option(False, "--force", help="Replace the --json file if it exists."),
 ) -> None:
     """Perplexity of a model over source files and, with --reference, what it loses against it."""
@@ -531,8 +543,8 @@ def bench(
         "aggregate and per-sequence decode tok/s of B greedy sequences, 64-token prompts, 32 tokens each. Default: off.",
         show_default=False,
     ),
-    json_out: Optional[Path] = typer.Option(
-        None, "--json", readable=False, help="Also write every figure and the machine's facts to this JSON file."
+    json_out: Optional[str] = typer.Option(
+        None, "--json", callback=_output_file, help="Also write every figure and the machine's facts to this JSON file."
     ),
     force: bool = typer.Option(False, "--force", help="Replace the --json file if it exists."),
     device: str = DEVICE_OPTION,

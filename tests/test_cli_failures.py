@@ -451,7 +451,12 @@ def test_a_report_or_model_file_is_replaced_only_when_asked_and_never_a_device_o
     one_error_line(run_santacpu(*args, link, "--force"), "it is a symbolic link (give the path of a regular file)")
     (tmp_path / "folder").mkdir()
     (tmp_path / "folder-link").symlink_to(tmp_path / "folder")
-    one_error_line(run_santacpu(*args, f"{tmp_path / 'folder-link'}/", "--force"), "it is a symbolic link")
+    one_error_line(run_santacpu(*args, tmp_path / "folder-link", "--force"), "it is a symbolic link")
+    # A folder's path (a trailing '/'), or nothing, is no file name (Path() would drop the slash):
+    one_error_line(run_santacpu(*args, f"{tmp_path / 'folder-link'}/", "--force"), "ends with '/', as a folder's path does", code=2)
+    one_error_line(run_santacpu("quantize", tiny, f"{tmp_path / 'new.safetensors'}/"), "ends with '/'", code=2)
+    one_error_line(run_santacpu("quantize", tiny, ""), "Invalid value for 'out': the file name is empty", code=2)
+    assert not (tmp_path / "new.safetensors").exists()
     assert link.is_symlink() and target.read_text() == "theirs\n" and (tmp_path / "folder-link").is_symlink()
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
