@@ -635,6 +635,11 @@ def _api_key(given: Optional[str], key_file: Optional[Path]) -> Optional[str]:
     """The server's key: --api-key, else --api-key-file's text, else $SANTACPU_API_KEY, else none."""
     if given is not None and key_file is not None:
         raise OptionValueError("give --api-key or --api-key-file, not both")
+    # An empty key (`--api-key "$KEY"` with KEY unset) served everyone without a word; one with
+    # spaces at its ends no client could send (HTTP strips them from the header).
+    if given is not None and (not given.strip() or given != given.strip()):
+        raise OptionValueError("--api-key is empty or has spaces at its ends: give the key itself, or leave "
+                               "the option out to serve without one")
     if key_file is not None:
         given = read_text_file(key_file, "API key file").strip()
         if not given or "\n" in given:

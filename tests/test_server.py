@@ -671,6 +671,29 @@ def test_bodies_read_at_once_are_bounded(live):
     assert served.status_code == 200, served.text
 
 
+def test_a_body_that_never_finishes_is_answered_408_and_frees_its_slot(live, monkeypatch):
+    # 64 stalled uploads held every slot of the test above, and so every generating endpoint, for as
+    # long as their sockets stayed open.
+    import socket
+
+    from santacpu.server import service
+
+    monkeypatch.setattr(service, "BODY_TIMEOUT_S", 1.0)
+    port = int(live.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(b"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n{\"prompt\":")
+        started = time.monotonic()
+        reply = b""
+        while b"}}" not in reply and time.monotonic() - started < 10:
+            reply += connection.recv(65536)
+    assert time.monotonic() - started < 5
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), reply
+    assert json.loads(body)["error"]["message"] == "the request body did not arrive within 1 s"
+    assert live.app.state.santacpu.bodies_in_flight == 0
+
+
 def test_the_fim_budget_caps_the_prompt(quantized):
     app = build_app(ServerSettings(model_name="tiny", fim_budget=24), lambda: santacpu.load(quantized))
     with in_process(app) as c:
@@ -946,6 +969,9 @@ def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch)
         _api_key(None, tmp_path / "empty")
     with pytest.raises(SantacpuError, match="not both"):
         _api_key("given", tmp_path / "key")
+    for blank in ("", "   ", " key", "key "):
+        with pytest.raises(SantacpuError, match="--api-key is empty or has spaces at its ends"):
+            _api_key(blank, None)
     monkeypatch.delenv("SANTACPU_API_KEY")
     assert _api_key(None, None) is None
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 
 from sse_starlette.sse import EventSourceResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -37,7 +36,7 @@ from .requests import (
     make_job,
     text_limit,
 )
-from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, collect, read_body
+from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, collect, read_body, text_work
 
 # llama.cpp's sampling defaults (its /completion and /infill).
 LLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
@@ -141,7 +140,7 @@ def routes(state: ServerState) -> list[Route]:
     async def llama_completion(request: Request, build) -> object:
         model = state.ready_model()
         body = await read_body(request)
-        job = await run_in_threadpool(build, body, model)
+        job = await text_work(request, build, body, model)
         runs = state.submit(job)
         run = runs[0]
         if len(runs) > 1:  # n_cmpl (llama.vscode): one result object per completion, in a list
@@ -174,7 +173,7 @@ def routes(state: ServerState) -> list[Route]:
             raise RequestError("/tokenize takes {'content': string}")
         check_text_size(content, "'content'", text_limit(model.tokenizer, model.config.n_positions))
         # Encoding and the reply's serialisation (up to ~1.5 MB) both off the event loop.
-        return await run_in_threadpool(lambda: JSONResponse({"tokens": model.tokenizer.encode(content)}))
+        return await text_work(request, lambda: JSONResponse({"tokens": model.tokenizer.encode(content)}))
 
     async def detokenize(request: Request) -> JSONResponse:
         model = state.ready_model()
@@ -189,7 +188,7 @@ def routes(state: ServerState) -> list[Route]:
             or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)
         ):
             raise RequestError(f"/detokenize takes {{'tokens': [token ids in 0..{vocab - 1}]}}")
-        return await run_in_threadpool(lambda: JSONResponse({"content": model.tokenizer.decode(tokens)}))
+        return await text_work(request, lambda: JSONResponse({"content": model.tokenizer.decode(tokens)}))
 
     async def props(request: Request) -> JSONResponse:
         model = state.ready_model()

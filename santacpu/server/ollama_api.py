@@ -22,7 +22,6 @@ import time
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
@@ -34,7 +33,7 @@ from ..network.weights import LINEAR_WEIGHTS, ModelWeights, expected_layer_shape
 from ..tokenizer import Tokenizer
 from .completion import CompletionText
 from .requests import Fields, Job, RequestError, generation_options, text_prompt_job
-from .service import SERVED_MODEL, ServerState, collect, finish_reason, read_body
+from .service import SERVED_MODEL, ServerState, collect, finish_reason, read_body, text_work
 
 # Ollama's sampling defaults; num_predict -1: until the context is full.
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "num_predict": -1}
@@ -151,15 +150,15 @@ def routes(state: ServerState) -> list[Route]:
 
     async def generate(request: Request):
         body = await read_body(request)
-        _, prompt, suffix, stream = await run_in_threadpool(generate_fields, body)
+        _, prompt, suffix, stream = await text_work(request, generate_fields, body)
         if not prompt and suffix is None:  # a load (or, keep_alive 0, an unload) request
             await state.loaded_model()
             reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
             answer = final(None, None, reason) | {"load_duration": int(state.load_seconds * 1e9)}
             return StreamingResponse(iter([json.dumps(answer) + "\n"]), media_type=NDJSON) if stream else JSONResponse(answer)
         model = await state.loaded_model()  # as Ollama: a request while the model loads waits for it
-        job = await run_in_threadpool(
-            generate_job, body, model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
+        job = await text_work(
+            request, generate_job, body, model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
         )
         run = state.submit(job)[0]
         if stream:

@@ -57,6 +57,7 @@ class ServerState:
         self.worker: GenerationWorker | None = None
         self.slots: dict[int, list] = {}  # id_slot -> the feeds of its latest request
         self.bodies_in_flight = 0  # requests whose bodies are being read (event loop only: no lock)
+        self.text_slots = asyncio.Semaphore(TEXT_WORKERS)  # see text_work
         self.closing = False
         self.load_failed = False
         self.started = time.time()
@@ -140,6 +141,18 @@ class ServerState:
 # Bodies read at once: clients that send theirs slowly, or never finish, hold at most this many
 # times MAX_BODY_BYTES (256 MiB); an editor's requests each arrive in milliseconds.
 MAX_BODIES_IN_FLIGHT = 64
+# Seconds a body may take to arrive (4 MiB, the most, at 1 MB/s: 4 s): 64 stalled uploads held
+# every slot above, and so every generating endpoint, for as long as their sockets stayed open.
+BODY_TIMEOUT_S = 15.0
+# Text work (parsing a body, encoding a prompt, /tokenize) on worker threads at once: one can take
+# ~100 MB for a context's worth of text (60 at once held 6 GB); the others wait their turn.
+TEXT_WORKERS = 4
+
+
+async def text_work(request: Request, function: Callable, *args):
+    """function(*args) on a worker thread, at most TEXT_WORKERS at once server-wide."""
+    async with request.app.state.santacpu.text_slots:
+        return await run_in_threadpool(function, *args)
 
 
 async def read_body(request: Request) -> dict:
@@ -159,16 +172,23 @@ async def read_body(request: Request) -> dict:
         raise RequestError(f"{MAX_BODIES_IN_FLIGHT} requests are sending their bodies already; try again shortly",
                            503, "unavailable")
     state.bodies_in_flight += 1
-    try:
-        chunks, size = [], 0
+    chunks: list[bytes] = []
+
+    async def receive() -> None:
+        size = 0
         async for chunk in request.stream():  # read no further than the limit, whatever the header said
             size += len(chunk)
             if size > MAX_BODY_BYTES:
                 raise body_too_large()
             chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        raise RequestError(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", 408, "timeout") from None
     finally:
         state.bodies_in_flight -= 1
-    return await run_in_threadpool(parse_body, b"".join(chunks))
+    return await text_work(request, parse_body, b"".join(chunks))
 
 
 async def collect(runs: list[CompletionText], request: Request) -> None:
@@ -183,6 +203,8 @@ async def collect(runs: list[CompletionText], request: Request) -> None:
         done, _ = await asyncio.wait({work}, timeout=0.2)
         if not done and await request.is_disconnected():
             work.cancel()
+            # Its outcome is nobody's now: retrieved, or asyncio logs a traceback per hang-up.
+            work.add_done_callback(lambda ended: ended.cancelled() or ended.exception())
             for run in runs:
                 run.feed.cancel()
             break
