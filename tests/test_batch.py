@@ -241,3 +241,40 @@ def test_kept_caches_yield_to_running_sequences_under_the_memory_bound(model, pr
         held = sum(s.cache.k.nbytes + s.cache.v.nbytes for s in scheduler.running)
         held += sum(c.k.nbytes + c.v.nbytes for c in scheduler._kept)
         assert held <= 2 * per_sequence
+
+
+def test_a_long_prompt_joins_in_chunks_while_the_running_sequences_step(quantized, model, monkeypatch):
+    # A 2,000-token prompt was computed in one piece: every running stream paused for all of it
+    # (17 s on 2 cores), and a cancelled one ran to its end. Chunks of 8 here, for the tiny model.
+    from santacpu.generation import batch
+
+    monkeypatch.setattr(batch, "PREFILL_CHUNK", 8)
+    long_ids = model.tokenizer.encode("import os\nimport sys\n\nclass Config:\n    def __init__(self, a, b, c):\n" * 2)[:40]
+    assert len(long_ids) == 40
+    scheduler = model.scheduler(max_batch=4, keep_caches=2)
+    [short] = scheduler.submit([5, 6, 7], max_new_tokens=30)
+    scheduler.step()
+    assert short.state == "running"
+    [joining] = scheduler.submit(long_ids, max_new_tokens=4)
+    emitted_meanwhile = 0
+    while joining.state == "queued":
+        before = len(short.tokens)
+        scheduler.step()
+        emitted_meanwhile += len(short.tokens) - before
+    assert emitted_meanwhile >= 3  # a token of the running sequence between chunks, each step
+    while scheduler.pending:
+        scheduler.step()
+    assert joining.tokens == alone(quantized, long_ids, max_new_tokens=4)  # the bits of a one-piece prompt
+    assert short.tokens == alone(quantized, [5, 6, 7], max_new_tokens=30)
+    # Cancelled after two chunks: dropped at the next step, and what it computed serves a prompt
+    # that shares it.
+    [cancelled] = scheduler.submit(long_ids, max_new_tokens=4)
+    scheduler.admit()
+    scheduler.admit()
+    cancelled.cancel()
+    scheduler.step()
+    assert cancelled.state == "cancelled" and not scheduler.pending
+    [again] = scheduler.submit(long_ids + [11, 12], max_new_tokens=2)
+    while scheduler.pending:
+        scheduler.step()
+    assert again.stats.reused_tokens >= 16 and again.tokens == alone(quantized, long_ids + [11, 12], max_new_tokens=2)

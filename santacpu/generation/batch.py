@@ -9,8 +9,12 @@ sequence over its own KV cache), and lets sequences join and leave between steps
   of at most `max_queue` (submitting beyond it is a `QueueFull` error, which a server turns into
   "busy, try later"). A sequence that a free slot of the batch takes at the next step does not
   count as waiting: `max_queue=0` runs what fits the batch and refuses the rest.
-- A joining prompt is computed on its own (a prompt's forward already keeps every core busy), then
-  the sequence joins the next batched step. The n samples of one prompt (`submit(..., n=...)`)
+- A joining prompt is computed on its own (a prompt's forward already keeps every core busy), a
+  chunk of PREFILL_CHUNK tokens between two batched steps, so the running sequences keep stepping between its
+  chunks (a 2,000-token prompt had paused every stream for its whole computation) and a cancelled
+  one stops at its next chunk, its computed prefix kept for the next prompt that shares it; then the
+  sequence joins the next batched step. The chunks are the ones the engine cuts a whole prompt
+  into, so the bits are a one-call prompt's. The n samples of one prompt (`submit(..., n=...)`)
   compute it once: the others copy its K/V rows (MQA keeps them small).
 - `cancel()` on a sequence frees its slot at the next step.
 - Prompt reuse (`keep_caches`, default 4): the caches of the last sequences that left are kept, and
@@ -40,7 +44,7 @@ import numpy as np
 
 from .. import arguments
 from ..errors import SantacpuError
-from ..network.engine import Engine
+from ..network.engine import PREFILL_CHUNK, Engine
 from ..network.kv_cache import KVCache
 from .decoder import SequenceDecoder
 from .options import GenerationOptions
@@ -116,6 +120,9 @@ class BatchScheduler:
         self._lock = threading.Lock()
         self._submitted = 0
         self._unjoined: list[BatchSequence] = []  # taken to join when a prompt's computation raised
+        # Taken off the queue, joining: the first's prompt is being computed, a chunk per `admit`.
+        self._joining: deque[tuple[BatchSequence, _PromptGroup]] = deque()
+        self._chunk_since_step = False  # a prompt chunk ran since the last batched step
 
     def kv_bytes(self, capacity: int) -> int:
         """Bytes of one sequence's KV cache with room for `capacity` positions."""
@@ -149,7 +156,7 @@ class BatchScheduler:
             members.append(decoder)
         with self._lock:
             queued = sum(len(g.members) for g in self._queue)
-            free_slots = max(0, self.max_batch - len(self._running))
+            free_slots = max(0, self.max_batch - len(self._running) - len(self._joining))
             waiting = max(0, queued - free_slots)
             if self.max_queue is not None and queued + n - free_slots > self.max_queue:
                 raise QueueFull(
@@ -163,9 +170,9 @@ class BatchScheduler:
 
     @property
     def pending(self) -> bool:
-        """Whether any sequence is queued or running."""
+        """Whether any sequence is queued, joining or running."""
         with self._lock:
-            return bool(self._queue or self._running)
+            return bool(self._queue or self._running or self._joining)
 
     @property
     def running(self) -> list[BatchSequence]:
@@ -183,13 +190,25 @@ class BatchScheduler:
         first tokens out before the batched forward calls it on its own."""
         events: list[tuple[BatchSequence, list[int]]] = []
         self._drop_cancelled(events)
-        taken = self._take_admissible()
-        for i, (sequence, group) in enumerate(taken):
+        if not self._joining:
+            self._joining.extend(self._take_admissible())
+        while self._joining:
+            sequence, group = self._joining[0]
+            computes = group.source is None and not sequence.decoder.finished
+            if computes and self._chunk_since_step and any(not s.decoder.finished for s in self._running):
+                break  # after a long prompt's chunk, the running sequences step first
+            # (Short prompts still join together, as a burst of requests did.)
+            long = sequence.cache is not None or len(sequence.prompt) > PREFILL_CHUNK
+            self._chunk_since_step = self._chunk_since_step or (computes and long)
             try:
-                self._join(sequence, group)  # outside the lock: submit need not wait for a prompt
+                joined = self._join(sequence, group)  # outside the lock: submit need not wait for a prompt
             except BaseException:
-                self._unjoined = [s for s, _ in taken[i:]]  # off the queue, not running: `abandon` ends them
+                self._unjoined = [s for s, _ in self._joining]  # off the queue, not running: `abandon` ends them
+                self._joining.clear()
                 raise
+            if not joined:
+                break  # one chunk of its prompt computed: the running sequences step before the next
+            self._joining.popleft()
             events.append((sequence, sequence.tokens[:]))
         return events
 
@@ -201,6 +220,7 @@ class BatchScheduler:
         if stepping:
             inputs = [s.decoder.next_inputs() for s in stepping]
             logits = self.engine.forward_batch([s.cache for s in stepping], inputs, [len(i) > 1 for i in inputs])
+            self._chunk_since_step = False
             for sequence, rows in zip(stepping, logits):
                 emitted, rejected = sequence.decoder.advance(rows)
                 if rejected:
@@ -233,6 +253,10 @@ class BatchScheduler:
                 for sequence in group.members:
                     sequence.cancel()
         self._drop_cancelled(events)
+        for sequence, _ in self._joining:
+            sequence.state = "cancelled"
+            events.append((sequence, []))
+        self._joining.clear()
         for sequence in self._unjoined:
             sequence.state = "cancelled"
             events.append((sequence, []))
@@ -243,6 +267,15 @@ class BatchScheduler:
     def _drop_cancelled(self, events) -> None:
         for sequence in [s for s in self._running if s._cancel_requested]:
             self._leave(sequence, "cancelled")
+            events.append((sequence, []))
+        for joining in [j for j in self._joining if j[0]._cancel_requested]:
+            self._joining.remove(joining)
+            sequence = joining[0]
+            sequence.state = "cancelled"
+            if self.keep_caches and sequence.cache is not None:  # what its chunks computed serves the next prompt
+                self._kept.insert(0, sequence.cache)
+                del self._kept[self.keep_caches :]
+            sequence.cache = None
             events.append((sequence, []))
         with self._lock:
             for group in list(self._queue):
@@ -297,20 +330,27 @@ class BatchScheduler:
         best.truncate(best_length)
         return best if best.capacity >= capacity else best.resized(capacity)
 
-    def _join(self, sequence: BatchSequence, group: _PromptGroup) -> None:
+    def _join(self, sequence: BatchSequence, group: _PromptGroup) -> bool:
         """Give `sequence` its cache with the prompt's K/V (computed, or copied from its group's
-        first member) and its first token."""
+        first member) and its first token; False where one more chunk of its prompt was computed
+        and more remain."""
         decoder = sequence.decoder
         if decoder.finished:  # max_new_tokens = 0: not even the prompt runs
             sequence.state = "finished"
-            return
+            return True
         prompt = sequence.prompt
         if group.source is None:
-            cache = self._reusable(prompt, decoder.total)
-            reused = cache.length
-            group.last_row = self.engine.forward(cache, prompt[reused:])[-1]
+            if sequence.cache is None:  # its first chunk
+                sequence.cache = self._reusable(prompt, decoder.total)
+                decoder.stats.reused_tokens = sequence.cache.length
+            cache = sequence.cache
+            rest = prompt[cache.length :]
+            row = self.engine.forward(cache, rest[:PREFILL_CHUNK])[-1]
+            if len(rest) > PREFILL_CHUNK:
+                return False
+            group.last_row = row
             group.source = cache
-            decoder.stats.computed_tokens, decoder.stats.reused_tokens = len(prompt) - reused, reused
+            decoder.stats.computed_tokens = len(prompt) - decoder.stats.reused_tokens
         else:
             cache = self.engine.new_cache(decoder.total)
             cache.copy_prefix_from(group.source, len(prompt))
@@ -319,3 +359,4 @@ class BatchScheduler:
         sequence.state = "running"
         self._running.append(sequence)
         sequence.tokens += decoder.begin(group.last_row)
+        return True
