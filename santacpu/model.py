@@ -39,7 +39,7 @@ import numpy as np
 
 from . import arguments
 from .backends.base import Backend
-from .backends.cpu.backend import CpuBackend, ThreadingLayerError
+from .backends.cpu.backend import CpuBackend
 from .backends.cuda import device as cuda_device
 from .config import Config
 from .errors import SantacpuError
@@ -77,7 +77,7 @@ class Model:
         self.config: Config = weights.config
         self.tokenizer = tokenizer
         self.weights = weights
-        engine = Engine(weights, backend or cpu_backend(), kv_cache)
+        engine = Engine(weights, backend or CpuBackend(), kv_cache)
         # Never sample the embedding's padding rows (49157..49279 for SantaCoder).
         self.n_valid_tokens = min(tokenizer.vocab_size, self.config.vocab_size)
         self.reuse_prompt = reuse_prompt
@@ -306,19 +306,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def cpu_backend(integer_kernels: bool = True) -> CpuBackend:
-    """The CPU backend; a threading layer Numba cannot load here is a SantacpuError."""
-    try:
-        return CpuBackend(integer_kernels=integer_kernels)
-    except ThreadingLayerError as problem:
-        raise SantacpuError(str(problem)) from None
-
-
 def choose_backend(device: str, settings: Settings) -> Backend:
     """The backend for `device` (see `resolve_device`); the CUDA package is imported only when it
     is chosen."""
     if resolve_device(device) == "cpu":
-        return cpu_backend(settings.integer_kernels)
+        return CpuBackend(integer_kernels=settings.integer_kernels)
     from .backends.cuda.backend import CudaBackend
 
     return CudaBackend()

@@ -9,7 +9,8 @@ would: weight types are dispatched at the matmul, never by copying the forward p
 
 Shape legend: T = tokens in this call, E = n_embd, H = n_head, G = n_kv_head, D = head_dim.
 
-May import: numba, numpy, threadpoolctl, the CPU backend's kernel modules, `santacpu.formats`.
+May import: numba, numpy, threadpoolctl, the CPU backend's kernel modules, `santacpu.formats`,
+`santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from . import cpu_kernels as k
 from . import kernels
 from .kernels import BLAS_MIN_TOKENS
 from .target import CpuTarget, host_target, runnable_targets
+from ...errors import SantacpuError
 from ...formats.safetensors_io import release_mapped_pages
 
 # Numba kernels whose work is below this many (multiply-add or element) operations run on the
@@ -64,10 +66,6 @@ def blas_single_threaded() -> contextlib.AbstractContextManager:
     return pools.limit(limits=1)
 
 
-class ThreadingLayerError(RuntimeError):
-    """Numba cannot load the threading layer NUMBA_THREADING_LAYER names on this machine."""
-
-
 def start_thread_pool() -> None:
     """Start Numba's thread pool now, so that a threading layer this machine cannot load (a valid
     NUMBA_THREADING_LAYER such as tbb without its library) fails here, in words, and not as
@@ -78,7 +76,7 @@ def start_thread_pool() -> None:
         parallel._launch_threads()  # idempotent; what the first parallel kernel calls
     except ValueError as problem:
         hint = " ".join(line for line in str(problem).splitlines()[1:] if line.strip() != "HINT:")
-        raise ThreadingLayerError(
+        raise SantacpuError(
             f"NUMBA_THREADING_LAYER={numba.config.THREADING_LAYER!r} cannot be loaded here"
             + (f" ({hint})" if hint else "") + "; unset it to let Numba choose"
         ) from None
