@@ -8,7 +8,8 @@
 | `SANTACPU_API_KEY` | the key `santacpu serve` requires when `--api-key`/`--api-key-file` give none | none |
 
 Each reader asks `Settings.from_environment()` when it needs the values: `load()` for the kernel
-choice, the CLI for the model and the server's key, the quantization cache for its folder.
+choice, the CLI for the model and the server's key, the quantization cache for its folder. Beside
+them, `usable_cores()`: the cores this process may run on (its CPU affinity).
 
 May import: `santacpu.errors`.
 """
@@ -33,6 +34,11 @@ def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...], def
     if value not in choices:
         raise SantacpuError(f"{name}={value!r} is not understood (choose {' or '.join(choices)})")
     return value
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, else all of them)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

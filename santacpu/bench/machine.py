@@ -17,7 +17,10 @@ from pathlib import Path
 
 
 def default_threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The bench's thread count unless told: every core this process may use."""
+    from ..settings import usable_cores
+
+    return usable_cores()
 
 
 def drop_page_cache(path: Path) -> bool:

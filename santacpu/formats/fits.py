@@ -16,17 +16,16 @@ Shapes: blocks are the columns of xt [32, N] (blocks._blocks_t), importance wt t
 the per-block arithmetic vectorises across blocks, as NumPy's did, and a tile's values stay in cache
 through all the candidate scales.
 
-May import: numpy, numba, `santacpu.kernel_cache`.
+May import: numpy, numba, `santacpu.kernel_cache`, `santacpu.settings` (the usable cores).
 """
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 from numba import njit
 
 from ..kernel_cache import track_kernel_sources
+from ..settings import usable_cores
 
 track_kernel_sources()  # before the first cache=True kernel (see santacpu.kernel_cache)
 
@@ -34,7 +33,7 @@ NO_WEIGHTS = np.empty((0, 0), np.float32)
 # Matrices a conversion quantizes at once, on threads (these kernels release the GIL): this
 # process's cores, at most 4 (each in flight holds its float32 copy, codes and dequantized values:
 # ~200 MB for SantaCoder's largest matrices). The results do not depend on it.
-QUANTIZING_THREADS = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+QUANTIZING_THREADS = min(4, usable_cores())
 TILE = 256  # blocks searched together: xt and wt of a tile are 64 KB
 # The q4_m search's stretches and refits (blocks.py reads them from here).
 Q4M_STRETCH = np.array([-1.0, -0.75, -0.5, -0.25, 0.0, 0.25, 0.5, 0.75, 1.0])
