@@ -23,7 +23,7 @@ from typing import Iterator
 
 import numpy as np
 
-from santacpu.atomic_file import check_writable
+from santacpu.atomic_file import check_writable, input_at
 from santacpu.errors import OptionValueError, SantacpuError
 from santacpu.formats.blocks import FORMATS
 from santacpu.formats.fits import QUANTIZING_THREADS
@@ -123,23 +123,15 @@ def check_source(src: str | os.PathLike, out: Path | None = None) -> None:
     config.json); and `out` must not be one of the source's own files (--force would replace the
     checkpoint being read)."""
     local = Path(src).expanduser()
-    if out is not None and out.exists() and local.exists():
-        folder = local if local.is_dir() else local.parent
-        for path in [local, *(folder.iterdir() if folder.is_dir() else [])]:
-            if path.is_file() and _same_file(path, out):
-                raise SantacpuError(f"{out} is a file of the checkpoint being quantized ({path}): write elsewhere")
+    if out is not None and local.exists():
+        read = input_at(out, [local if local.is_dir() else local.parent])  # a weight file: its checkpoint's files
+        if read is not None:
+            raise SantacpuError(f"{out} is a file of the checkpoint being quantized ({read}): write elsewhere")
     if is_quantized_file(src):
         raise SantacpuError(
             f"{src} is already a santacpu quantized file: quantize reads a full-precision checkpoint "
             "(a folder, a weight file inside one, or a hub id)"
         )
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def policy_for(qtype: str, keep: list[tuple[str, str]] = (), upgrade_budget: float | None = None,

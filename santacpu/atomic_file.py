@@ -40,6 +40,24 @@ _PARTIAL = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[a-z0-9_]{8}\.pa
 _PARTIAL_FILE = re.compile(r"\.(?P<target>.+)\." + _PARTIAL.pattern)  # a whole partial file's name
 
 
+def input_at(out: str | os.PathLike, inputs) -> Path | None:
+    """Which file a command reads `out` already is, or None: of `inputs` (paths; a folder stands
+    for the files directly in it), the first that is the same file. Such a file is never an output,
+    even with --force: replacing it would destroy what the command works from."""
+    out = Path(out)
+    if not out.exists():
+        return None
+    for given in inputs:
+        path = Path(given).expanduser()
+        for candidate in [path, *(path.iterdir() if path.is_dir() else [])]:
+            try:
+                if candidate.is_file() and os.path.samefile(candidate, out):
+                    return candidate
+            except OSError:
+                continue
+    return None
+
+
 def check_writable(path: str | os.PathLike, what: str = "", overwrite: bool = True) -> None:
     """Fail now, before any long work, if `path` cannot be written as a new or replaced file (or,
     without `overwrite`, if it exists: "use --force to replace it")."""

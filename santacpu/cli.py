@@ -27,7 +27,7 @@ from typing import List, Optional, Tuple
 import typer
 
 from . import arguments
-from .atomic_file import check_writable, write_text_atomically
+from .atomic_file import check_writable, input_at, write_text_atomically
 from .bench import PARTS
 from .formats.blocks import FORMATS
 from .errors import OptionValueError, SantacpuError, SantacpuWarning, os_problem
@@ -442,21 +442,11 @@ def _unused_options(temperature, top_k, top_p, seed, fim, fim_order, lookup, dra
 
 
 def _refuse_replacing_inputs(out: Path, option: str, inputs: list) -> None:
-    """An existing `out` must not be a file the command reads (a scored text, a model file or one
-    in a model's folder): --force would replace it."""
-    if not out.exists():
-        return
-    for given in inputs:
-        if given is None:
-            continue
-        path = Path(given).expanduser()
-        for candidate in [path, *(path.iterdir() if path.is_dir() else [])]:
-            try:
-                same = candidate.is_file() and os.path.samefile(candidate, out)
-            except OSError:
-                continue
-            if same:
-                raise OptionValueError(f"{option} {out} is a file this command reads ({candidate}): write elsewhere")
+    """`out` must not be a file the command reads (a scored text, a model file or one in a model's
+    folder): --force would replace it."""
+    read = input_at(out, [given for given in inputs if given is not None])
+    if read is not None:
+        raise OptionValueError(f"{option} {out} is a file this command reads ({read}): write elsewhere")
 
 
 @app.command()
