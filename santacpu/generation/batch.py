@@ -120,7 +120,7 @@ class BatchScheduler:
         self._lock = threading.Lock()
         self._submitted = 0
         self._unjoined: list[BatchSequence] = []  # taken to join when a prompt's computation raised
-        # Taken off the queue, joining: the first's prompt is being computed, a chunk per `admit`.
+        # Taken off the queue, joining: the first's prompt is being computed, a chunk between batched steps.
         self._joining: deque[tuple[BatchSequence, _PromptGroup]] = deque()
         self._chunk_since_step = False  # a prompt chunk ran since the last batched step
 
