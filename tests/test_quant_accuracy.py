@@ -28,6 +28,7 @@ from quantize.converter import convert, policy_for, tensor_shapes
 from quantize.policy import Policy, parse_keep
 from quantize.sensitivity import measure_upgrade_gains
 from santacpu.loading.checkpoint import open_checkpoint
+from santacpu.backends.cpu.target import host_target
 from santacpu.evaluate import score, score_models
 from santacpu.tokenizer import Tokenizer
 from tools.compare_llamacpp import LADDER, LADDER_TYPE, ladder_bits, tensor_bytes
@@ -128,6 +129,8 @@ def test_quantization_accuracy_on_the_trained_model(variant, tmp_path, heldout_t
     assert s.mean_kld <= spec["max_mean_kld"], measured
     assert s.top1_agreement >= spec["min_top1"], measured
     assert path.stat().st_size <= spec["max_bytes"], measured
+    if "llama.cpp Q8_0" in spec:  # ahead of llama.cpp's file of the same type, on every CPU
+        assert s.mean_kld < spec["llama.cpp Q8_0"]["mean_kld"], measured
     if variant in INTEGER_CHECKED:
         _integer_kernels_cost_little_beyond_the_weights(variant, path, s, heldout_texts, reference, monkeypatch)
 
@@ -148,6 +151,8 @@ def test_quantization_accuracy_on_the_wide_trained_model(variant, tmp_path, wide
     print(measured)
     assert s.chunks >= N_CHUNKS - 1
     assert s.mean_kld <= spec["max_mean_kld"], measured
+    if "llama.cpp Q8_0" in spec:
+        assert s.mean_kld < spec["llama.cpp Q8_0"]["mean_kld"], measured
     assert s.top1_agreement >= spec["min_top1"], measured
     assert path.stat().st_size <= spec["max_bytes"], measured
 
@@ -203,12 +208,17 @@ def _integer_kernels_cost_little_beyond_the_weights(variant, path, whole, heldou
     # kernels). Whole chunks stand for decoding too: the integer kernels give each token the same
     # bits in any call (tests/test_token_invariance.py). Measured when written (q8_0, q4_0, q4_m):
     # mean KLD 3.2e-5 / 0.000328 / 0.000326 with float kernels; 3.2e-5 / 0.000335 / 0.000333 whole
-    # chunks and 3.2e-5 / 0.000335 / 0.000334 in few-token steps with the integer ones.
+    # chunks and 3.2e-5 / 0.000335 / 0.000334 in few-token steps with the integer ones. On VNNI
+    # CPUs q8_0's layer matrices round x to int8 for speed (target.INT8_X_ROLES): there the bound is
+    # what that costs beyond int16 x, measured 4.9e-5 against 3.2e-5 (and llama.cpp Q8_0's 5.6e-5,
+    # asserted by the caller).
     with monkeypatch.context() as patch:
         patch.setenv("SANTACPU_INT_DOT", "0")  # read by load()
         floats = score(santacpu.load(path), heldout_texts, N_CTX, reference)
     print(f"{variant}: mean KLD {floats.mean_kld:.6f} float kernels, {whole.mean_kld:.6f} integer kernels")
-    assert whole.mean_kld <= 1.25 * floats.mean_kld
+    target = host_target()
+    int8_x = variant == "q8_0" and target is not None and target.int8_x_roles
+    assert whole.mean_kld <= (1.75 if int8_x else 1.25) * floats.mean_kld
 
 
 def test_calibration_reads_a_bounded_start_of_each_file(tmp_path, monkeypatch):

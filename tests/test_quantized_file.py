@@ -24,7 +24,6 @@ from santacpu.network import reference
 from santacpu.errors import WriteError
 from santacpu.backends.cpu.backend import BLAS_MIN_TOKENS
 from santacpu.loading.checkpoint import open_checkpoint
-from santacpu.backends.cpu.kernels import activation_levels, has_integer_matmul
 from santacpu.formats.blocks import QuantizedWeight
 from santacpu.formats.quantized_file import FORMAT_VERSION, read_metadata
 from santacpu.loading.quantized import describe
@@ -62,25 +61,30 @@ def test_fast_path_on_packed_blocks_equals_the_oracle(files, qtype):
         # the other way in the kernels (their float sums differ in the last bits) and move one row
         # by a rounding step, so: nearly every row at the same tolerance, and every row within the
         # rounding's own cost of the unrounded oracle (measured on this model: int8 0.029 x scale,
-        # int16 1.2e-4 x scale).
+        # int16 1.2e-4 x scale). This random model amplifies such flips: the q8_0 file (int8 x for
+        # three of its matrices on VNNI targets) had 35 of 40 rows at the tolerance, and the
+        # oracle itself, given x off by 2e-7 relative noise, 5-38 of 40; a wrong rounding plan
+        # (int16 x everywhere, or int8 for one matrix more) none.
         row_errors = np.abs(got - reference.forward(model.weights, ids, rounded)).max(axis=1)
-        assert np.mean(row_errors <= 1e-4 * scale) >= 0.9
-        levels = {rounded[t] for t in types_used if t in rounded}
+        assert np.mean(row_errors <= 1e-4 * scale) >= 0.75
+        levels = {v for key, v in rounded.items() if (key[0] if isinstance(key, tuple) else key) in types_used}
         bound = 0.06 if 127 in levels else 1e-3 if levels else 1e-4
         assert np.abs(got - plain).max() <= bound * scale
 
     # Many tokens: the integer matrix kernel where the format has one, else tiles + BLAS.
-    check(model.logits(ids), {t: activation_levels(t) for t in FORMATS if has_integer_matmul(t)})
+    rounded = model.engine.backend.activation_rounding()
+    check(model.logits(ids), rounded)
     cache = model.engine.new_cache()
     steps = [model.engine.forward(cache, ids[:3], all_logits=True)]  # the few-token kernel
     steps += [model.engine.forward(cache, [t]) for t in ids[3:]]  # decode: matvec on the blocks
-    check(np.concatenate(steps), {t: activation_levels(t) for t in FORMATS if activation_levels(t)})
+    check(np.concatenate(steps), rounded)
 
 
-# Relative RMS logit error on the tiny *random* model (measured 0.013, 0.17, 0.19 when written):
-# uniform random weights are kind to 4-bit grids and have no outliers, so these only guard against
-# gross breakage; the accuracy that matters is measured on the trained fixture.
-LOGIT_RMS_BOUND = {"q8_0": 0.02, "q4_m": 0.21, "q4_0": 0.23}
+# Relative RMS logit error on the tiny *random* model (measured 0.013, 0.17, 0.19 when written;
+# q8_0 0.022 where three of its matrices round x to int8, on VNNI targets): uniform random weights
+# are kind to 4-bit grids and have no outliers, so these only guard against gross breakage; the
+# accuracy that matters is measured on the trained fixtures.
+LOGIT_RMS_BOUND = {"q8_0": 0.03, "q4_m": 0.21, "q4_0": 0.23}
 
 
 def test_quantized_logits_stay_near_full_precision(files, full_precision):

@@ -84,16 +84,26 @@ def test_interleaved_layout_of_q4_m(n):
         assert part.shape == (2 * n,) and np.array_equal(part[:rows], weight.parts[name][:, 0]) and (part[rows:] == 0).all()
 
 
+# The instruction set whose int8-x tiles take each group size (4 rows: NEON's and portable's;
+# their layout is the same for int8 and int16 x).
+VNNI_FOR_ROWS = {4: BY_NAME["portable"].isa, 8: BY_NAME["avx-vnni"].isa, 16: BY_NAME["avx512-vnni"].isa}
+
+
 @pytest.mark.parametrize("n", repack.GROUP_SIZES)
-def test_interleaved_layout_of_q8_0(n):
+@pytest.mark.parametrize("int8_x", [False, True])
+def test_interleaved_layout_of_q8_0(n, int8_x):
     rows = n + 3
     weight = weight_of("q8_0", rows, 64)
-    codes, scales = repack.group_rows(weight, n).parts
+    grouped = repack.group_rows(weight, n, int8_x, VNNI_FOR_ROWS[n])
+    codes, scales = grouped.parts
     assert codes.dtype == np.int8 and codes.shape == (2, 2 * 32 * n)
     # codes [group, block, piece p, row i, k] = the row's value 32 b + w p + k: w values of a row
-    # together, 4 in 4-row groups (their tiles' 4-value dot products), else 2 (int16 pairs)
-    w = repack.q8_0_word_bytes(n)
-    assert w == (4 if n == 4 else 2)
+    # together, 4 in 4-row groups (their tiles' 4-value dot products) and for VNNI's tiles of
+    # int8 x (`vpdpbusd`), else 2 (int16 pairs)
+    w = grouped.word_bytes
+    assert w == (4 if n == 4 or int8_x else 2) and grouped.int8_x == int8_x and grouped.x_levels == (127 if int8_x else 32767)
+    if int8_x and n > 4:  # AVX2's tiles take int8 x as int16: its pairs layout
+        assert repack.group_rows(weight, n, True, BY_NAME["avx2"].isa).word_bytes == 2
     values = codes.reshape(2, 2, 32 // w, n, w).transpose(0, 3, 1, 2, 4).reshape(2 * n, 64)
     assert np.array_equal(values[:rows], weight.parts["qs"]) and (values[rows:] == 0).all()
     assert np.array_equal(per_row(scales, 2, n)[:rows], weight.parts["d"].view(np.uint16))
@@ -122,24 +132,26 @@ def test_interleaved_layout_of_q6_0(n):
 
 
 @pytest.mark.parametrize("target", TARGET_PARAMS)
-@pytest.mark.parametrize("qtype", repack.FORMATS)
+@pytest.mark.parametrize("kernel", repack.KERNEL_IDS)
 @pytest.mark.parametrize("rows", [8, 21, 2 * repack.PANEL_ROWS + 5])
 @pytest.mark.parametrize("T", [1, 2, 4, 11])
-def test_products_match_the_oracle_and_each_tokens_own(target, qtype, rows, T):
+def test_products_match_the_oracle_and_each_tokens_own(target, kernel, rows, T):
     # Several panels, a last group with padding rows; tokens in whole tiles and the ones after
     # (tiles of 8, 4, 2, 1 tokens; i8mm's token pairs and a token without a partner). 7 blocks a
     # row. Each token's row equals its one-token product, and every target's results the
-    # portable kernel's, bit for bit.
+    # portable kernel's, bit for bit. Every format, and q8_0 against int8 x ("q8_0-int8x").
+    qtype, int8_x = kernel.split("-")[0], kernel.endswith("int8x")
     cols = 7 * 32
     weight = weight_of(qtype, rows, cols, seed=rows + T)
-    grouped = repack.group_rows(weight, target.rows_per_group)
+    grouped = repack.group_rows(weight, target.rows_per_group, int8_x, target.isa)
     rng = np.random.default_rng(T)
     x = rng.standard_normal((T, cols)).astype(np.float32)
     x[0, 32:64] = 0  # an all-zero block of x
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.full((T, rows), np.nan, np.float32)
     repack.matmul(grouped, x, bias, out, target)
-    levels = 32767 if qtype == "q8_0" else 127  # int_dot's rounding of x for each format
+    levels = 32767 if qtype == "q8_0" and not int8_x else 127  # int_dot's rounding of x for each format
+    assert grouped.x_levels == levels
     want = round_activations(x, levels).astype(np.float64) @ FORMATS[qtype].dequantize(weight.parts).T.astype(np.float64) + bias
     assert np.abs(out - want).max() <= 1e-5 * np.abs(want).max()
     for t in range(T):
@@ -148,18 +160,28 @@ def test_products_match_the_oracle_and_each_tokens_own(target, qtype, rows, T):
         assert np.array_equal(alone[0], out[t])
     if target != PORTABLE:
         portable = np.empty_like(out)
-        repack.matmul(repack.group_rows(weight, PORTABLE.rows_per_group), x, bias, portable, PORTABLE)
+        repack.matmul(repack.group_rows(weight, PORTABLE.rows_per_group, int8_x, PORTABLE.isa), x, bias, portable, PORTABLE)
         assert np.array_equal(out, portable)
 
 
+# x's rounded values at the edges: int16 ones where a split into bytes would carry or change sign
+# (NEON's q8_0 path: x = 256 hi + lo); int8 ones where codes + 128 (the VNNI tiles of int8 x) meet
+# the extremes. Each block's largest is the range's top, so x rounds to exactly these integers.
+EDGE_X = {
+    32767: [32767, -32767, 32640, 32639, -32640, -32641, 256, 255, -256, -255, 128, 127, -128, -129, 1, -1, 0,
+            32512, -32513, 383, -384, 511, 12345, -23456, 200, -200, 32766, -32766, 129, -127, 254, -2],
+    127: [127, -127, 126, -126, 1, -1, 0, 64, -64, 63, -63, 2, -2, 100, -100, 127, -127, 17, -17, 126, -1, 1, 0, 0,
+          127, 127, -127, -127, 5, -5, 99, -99],
+}
+
+
 @pytest.mark.parametrize("target", TARGET_PARAMS)
-def test_q8_0_at_the_edges_of_its_integers(target):
-    # Codes at -128 (a file may hold it; the quantizer writes -127..127) and 127, x's rounded int16
-    # values where a split into bytes would carry or change sign (NEON's q8_0 path: x = 256 hi +
-    # lo), each block's largest being 32767 or -32767 so that x rounds to exactly these integers.
-    # Every target's sums are exact: the oracle in int64, and the portable kernel's bits.
-    xs = [32767, -32767, 32640, 32639, -32640, -32641, 256, 255, -256, -255, 128, 127, -128, -129, 1, -1, 0,
-          32512, -32513, 383, -384, 511, 12345, -23456, 200, -200, 32766, -32766, 129, -127, 254, -2]
+@pytest.mark.parametrize("levels", sorted(EDGE_X))
+def test_q8_0_at_the_edges_of_its_integers(target, levels):
+    # Codes at -128 (a file may hold it; the quantizer writes -127..127) and 127 against x's
+    # int16 (levels 32767) or int8 (127) extremes (EDGE_X). Every target's sums are exact: the
+    # oracle in int64, and the portable kernel's bits.
+    xs, int8_x = EDGE_X[levels], levels == 127
     rows, cols = 19, 96
     weight = weight_of("q8_0", rows, cols)
     codes = weight.parts["qs"]
@@ -167,24 +189,25 @@ def test_q8_0_at_the_edges_of_its_integers(target):
     codes[::3] = -128
     x = np.array([np.roll(xs, 5 * t) * (1 if t % 2 else -1) for t in range(5)], np.float32).repeat(3, axis=0).reshape(5, 3 * 32)
     x = np.ascontiguousarray(x[:, :cols])
-    assert (np.abs(x.reshape(5, 3, 32)).max(axis=2) == 32767).all()  # round_activations keeps each integer
+    assert (np.abs(x.reshape(5, 3, 32)).max(axis=2) == levels).all()  # round_activations keeps each integer
     bias = np.zeros(rows, np.float32)
     out = np.full((5, rows), np.nan, np.float32)
-    repack.matmul(repack.group_rows(weight, target.rows_per_group), x, bias, out, target)
+    repack.matmul(repack.group_rows(weight, target.rows_per_group, int8_x, target.isa), x, bias, out, target)
     scales = weight.parts["d"].astype(np.float64)
     sums = np.einsum("tbj,rbj->trb", x.astype(np.int64).reshape(5, 3, 32), codes.astype(np.int64).reshape(rows, 3, 32))
     want = (sums * scales[None]).sum(axis=2)  # x's block scale is 1
     assert np.abs(out - want).max() <= 1e-6 * np.abs(want).max()
     portable = np.empty_like(out)
-    repack.matmul(repack.group_rows(weight, PORTABLE.rows_per_group), x, bias, portable, PORTABLE)
+    repack.matmul(repack.group_rows(weight, PORTABLE.rows_per_group, int8_x, PORTABLE.isa), x, bias, portable, PORTABLE)
     assert np.array_equal(out, portable)
 
 
 @pytest.mark.parametrize("n", repack.GROUP_SIZES)
-@pytest.mark.parametrize("qtype", repack.FORMATS)
-def test_rows_read_back_from_the_groups(qtype, n):
+@pytest.mark.parametrize("kernel", repack.KERNEL_IDS)
+def test_rows_read_back_from_the_groups(kernel, n):
+    qtype, int8_x = kernel.split("-")[0], kernel.endswith("int8x")
     weight = weight_of(qtype, 13, 96, seed=5)
-    grouped = repack.group_rows(weight, n)
+    grouped = repack.group_rows(weight, n, int8_x, VNNI_FOR_ROWS[n] if int8_x else None)
     rows = np.array([12, 0, 5, 8, 5])
     assert np.array_equal(repack.dequantize_rows(grouped, rows), FORMATS[qtype].dequantize(weight.parts)[rows])
     with pytest.raises(ValueError, match="rows of a"):
@@ -192,6 +215,12 @@ def test_rows_read_back_from_the_groups(qtype, n):
 
 
 def test_bad_shapes_and_instruction_sets_are_refused():
+    with pytest.raises(ValueError, match="int8 x is a choice for q8_0 weights only"):
+        repack.group_rows(weight_of("q4_0", 8, 64), 8, int8_x=True)
+    if BY_NAME["avx2"] in RUNNABLE:  # a layout for VNNI's int8-x tiles on AVX2's: refused, not misread
+        vnni_layout = repack.group_rows(weight_of("q8_0", 8, 64), 8, True, BY_NAME["avx-vnni"].isa)
+        with pytest.raises(ValueError, match="laid out for another instruction set's tiles than avx2's"):
+            repack.matmul(vnni_layout, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), BY_NAME["avx2"])
     grouped = repack.group_rows(weight_of("q4_0", 8, 64), 8)
     with pytest.raises(ValueError, match="avx512-vnni cannot run 8-row groups"):  # its tiles hold 16 rows
         repack.matmul(grouped, np.ones((2, 64), np.float32), np.zeros(8, np.float32), np.empty((2, 8), np.float32), BY_NAME["avx512-vnni"])
@@ -242,6 +271,9 @@ def test_the_backend_groups_its_formats(qtype, tmp_path):
             before, after = getattr(loaded, name), getattr(bound, name)
             assert grouped(after) == (before.qtype in repack.FORMATS)
             assert after.weight.qtype == before.qtype and after.shape == before.shape
+            if grouped(after):  # q8_0's x as int8 in the target's chosen matrices only
+                int8_x = before.qtype == "q8_0" and name.removesuffix("_weight") in target.int8_x_roles
+                assert after.weight.int8_x == int8_x
         assert np.array_equal(bound.ln_1_weight, loaded.ln_1_weight) and bound.ln_1_weight is not loaded.ln_1_weight
     loaded_wte, bound_wte = model.weights.wte, prepared.wte
     split = isinstance(loaded_wte, SplitRowsWeight)
@@ -278,11 +310,11 @@ def test_the_vnni_tiles_compile_for_cpus_this_one_may_not_be(cpu, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [row for row in json.loads((tmp_path / "counts.json").read_text()) if row["target"] == target]
     assert {(row["format"], row["tokens"]) for row in rows} == {
-        (qtype, tokens) for qtype in repack.FORMATS for tokens in (1, BY_NAME[target].widest_tile(qtype))
+        (name, tokens) for name in repack.KERNEL_IDS for tokens in (1, BY_NAME[target].widest_tile(name.split("-")[0]))
     }
     for row in rows:
         code = (tmp_path / f"{target}-{row['format']}-{row['tokens']}.s").read_text()
-        if row["format"] != "q8_0":
+        if row["format"] != "q8_0":  # the 4- and 6-bit codes, and q8_0's against int8 x
             assert "vpdpbusd" in code
         elif target == "avx512-vnni":  # (compiled for Alder Lake, LLVM may turn it back into vpmaddwd + vpaddd)
             assert "vpdpwssd" in code

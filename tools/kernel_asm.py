@@ -3,7 +3,9 @@
 tile's block loop, per block and per (row, token) product of a block, for a one-token tile
 (decode) and the widest tile (prompts).
 
-    python tools/kernel_asm.py [--formats q4_0,q8_0] [--tokens 1,4] [--json out.json] [--dump DIR]
+    python tools/kernel_asm.py [--formats q4_0,q8_0,q8_0-int8x] [--tokens 1,4] [--json out.json] [--dump DIR]
+
+"q8_0-int8x" is q8_0's tile for x rounded to int8 (`repack.Q8_0_INT8_X`: `vpdpbusd` on VNNI).
 
 --dump writes each tile's whole assembly (comments dropped) to DIR/<target>-<format>-<tokens>.s:
 diffing two trees' dumps shows whether a change altered the code a CPU runs.
@@ -35,7 +37,6 @@ from numba import njit, typeof  # noqa: E402
 from santacpu.backends.cpu import repack  # noqa: E402
 from santacpu.backends.cpu.isa import VNNI256, VNNI512  # noqa: E402
 from santacpu.backends.cpu.target import runnable_targets  # noqa: E402
-from santacpu.formats.blocks import FORMATS  # noqa: E402
 
 # Each block of a tile ends in one fused multiply-add a token (q4_m: two, its minimums): how the
 # block loop is found in the assembly, and how many blocks one turn of it does (LLVM unrolls).
@@ -61,13 +62,15 @@ def part_types(qtype: str) -> tuple[np.ndarray, ...]:
     return codes, np.zeros((1, 1), np.uint16)  # fp16 scales' bits
 
 
-def block_loop(target, qtype: str, n_tokens: int) -> tuple[float, list[str]]:
-    """(instructions a block, loop lines, whole assembly) of the block loop of `target`'s tile for `qtype` and n tokens."""
+def block_loop(target, kernel_name: str, n_tokens: int) -> tuple[float, list[str]]:
+    """(instructions a block, loop lines, whole assembly) of the block loop of `target`'s tile
+    `kernel_name` (a key of repack.KERNEL_IDS) for n tokens."""
     n, cols = target.rows_per_group, 64
-    xq = np.zeros((n_tokens, cols), np.int16 if qtype == "q8_0" else np.int8)
+    fmt, qtype = repack.KERNEL_IDS[kernel_name], kernel_name.split("-")[0]
+    xq = np.zeros((n_tokens, cols), np.int16 if repack.takes_int16_x(fmt, target.isa) else np.int8)
     xfix, xdx = np.zeros((n_tokens, cols // 32), np.int32), np.zeros((n_tokens, cols // 32), np.float32)
     out = np.zeros((n_tokens, n), np.float32)
-    kernel = tile_kernel(FORMATS[qtype].format_id, target.isa, n_tokens)
+    kernel = tile_kernel(fmt, target.isa, n_tokens)
     # Compiled, not run: a CPU model's instructions can be counted where this CPU lacks them.
     kernel.compile(tuple(typeof(a) for a in (part_types(qtype), xq, xfix, xdx, np.zeros(n, np.float32), out)))
     asm = kernel.inspect_asm(kernel.signatures[0])
@@ -81,7 +84,8 @@ def block_loop(target, qtype: str, n_tokens: int) -> tuple[float, list[str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--formats", default=",".join(repack.FORMATS), help="formats, comma-separated (default: all)")
+    parser.add_argument("--formats", default=",".join(repack.KERNEL_IDS), help="formats, comma-separated (default: all, "
+                        "and q8_0-int8x)")
     parser.add_argument("--tokens", help="token tiles, comma-separated, each 1, 2, 4 or 8 up to the target's widest "
                         "(default: 1 and the widest)")
     parser.add_argument("--json", help="also write the counts to this file")
@@ -90,7 +94,7 @@ def main() -> None:
     rows = []
     for target in runnable_targets():
         for qtype in args.formats.split(","):
-            widest = target.widest_tile(qtype)
+            widest = target.widest_tile(qtype.split("-")[0])
             wanted = {int(k) for k in args.tokens.split(",")} if args.tokens else {1, widest}
             for n_tokens in sorted(k for k in wanted if k <= widest):
                 count, body, asm = block_loop(target, qtype, n_tokens)
@@ -106,7 +110,7 @@ def main() -> None:
                 # Numba compiles every target for this CPU's features, and LLVM folds AVX2's
                 # multiply-and-add pairs into VNNI instructions where the CPU has them.
                 folded = target.isa not in VNNI and re.search(r"\bvpdp", asm) is not None
-                print(f"{target.name:13} {qtype:5} {target.rows_per_group:2} rows x {n_tokens} tokens: "
+                print(f"{target.name:13} {qtype:10} {target.rows_per_group:2} rows x {n_tokens} tokens: "
                       f"{count:5.1f} instructions a block, {per_product:5.2f} a (row, token), {stack:3} on the stack"
                       + (f" (LLVM used this CPU's VNNI instructions: not {target.name}'s own code; count it "
                          "with NUMBA_CPU_NAME=haswell, or those features turned off: -avxvnni,-avx512vnni)" if folded else ""), flush=True)

@@ -39,7 +39,7 @@ def dense(weight) -> np.ndarray:
     return weight.astype(np.float32, copy=False)
 
 
-NO_ROUNDING: Mapping[str, int] = MappingProxyType({})  # the products of fp32 math: x as it is
+NO_ROUNDING: Mapping = MappingProxyType({})  # the products of fp32 math: x as it is
 
 
 def round_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
@@ -51,17 +51,20 @@ def round_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
     return (np.rint(blocks * inverse) * (amax / np.float32(levels))).reshape(x.shape)
 
 
-def linear(x: np.ndarray, weight, bias: np.ndarray | None = None, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
-    """x [T, in] @ weight.T + bias; x first goes through round_activations(x, rounded[format])
-    when the weight is block-quantized in a format listed in `rounded` (to mirror the integer
-    kernels)."""
+def linear(
+    x: np.ndarray, weight, bias: np.ndarray | None = None, rounded: Mapping = NO_ROUNDING, role: str | None = None
+) -> np.ndarray:
+    """x [T, in] @ weight.T + bias; x first goes through round_activations(x, levels) when the
+    weight is block-quantized in a format listed in `rounded` (to mirror the integer kernels):
+    levels = rounded[(format, role)] where given (the matrix's role: "attn_c_attn", ...,
+    "lm_head"), else rounded[format]."""
     if isinstance(weight, SplitRowsWeight):  # each part as its own format, scattered to its rows
         y = np.empty((x.shape[0], weight.shape[0]), np.float32)
         for rows, part in weight.parts:
-            y[:, rows] = linear(x, part, None, rounded)
+            y[:, rows] = linear(x, part, None, rounded, role)
         return y if bias is None else y + bias
     if isinstance(weight, QuantizedWeight) and weight.qtype in rounded:
-        x = round_activations(x, rounded[weight.qtype])
+        x = round_activations(x, rounded.get((weight.qtype, role), rounded[weight.qtype]))
     y = x @ dense(weight).T  # [T, in] @ [in, out] -> [T, out]
     return y if bias is None else y + bias
 
@@ -78,11 +81,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
+def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping = NO_ROUNDING) -> np.ndarray:
     """Causal multi-query attention of x [T, E] (already normalised), before the output projection."""
     T, E = x.shape
     D = E // n_head
-    qkv = linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias, rounded)  # [T, E + 2*G*D]
+    qkv = linear(x, layer.attn_c_attn_weight, layer.attn_c_attn_bias, rounded, "attn_c_attn")  # [T, E + 2*G*D]
     q = qkv[:, :E].reshape(T, n_head, D).transpose(1, 0, 2)  # [H, T, D]
     k = qkv[:, E : E + n_kv_head * D].reshape(T, n_kv_head, D).transpose(1, 0, 2)  # [G, T, D]
     v = qkv[:, E + n_kv_head * D :].reshape(T, n_kv_head, D).transpose(1, 0, 2)  # [G, T, D]
@@ -96,20 +99,20 @@ def attention_heads(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: 
     return out.transpose(1, 0, 2).reshape(T, E)  # [T, E]
 
 
-def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
+def attention(x: np.ndarray, layer: LayerWeights, n_head: int, n_kv_head: int, rounded: Mapping = NO_ROUNDING) -> np.ndarray:
     heads = attention_heads(x, layer, n_head, n_kv_head, rounded)
-    return linear(heads, layer.attn_c_proj_weight, layer.attn_c_proj_bias, rounded)
+    return linear(heads, layer.attn_c_proj_weight, layer.attn_c_proj_bias, rounded, "attn_c_proj")
 
 
-def mlp(x: np.ndarray, layer: LayerWeights, rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
-    h = gelu_tanh(linear(x, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, rounded))  # [T, I]
-    return linear(h, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, rounded)  # [T, E]
+def mlp(x: np.ndarray, layer: LayerWeights, rounded: Mapping = NO_ROUNDING) -> np.ndarray:
+    h = gelu_tanh(linear(x, layer.mlp_c_fc_weight, layer.mlp_c_fc_bias, rounded, "mlp_c_fc"))  # [T, I]
+    return linear(h, layer.mlp_c_proj_weight, layer.mlp_c_proj_bias, rounded, "mlp_c_proj")  # [T, E]
 
 
-def forward(weights: ModelWeights, ids: Sequence[int], rounded: Mapping[str, int] = NO_ROUNDING) -> np.ndarray:
+def forward(weights: ModelWeights, ids: Sequence[int], rounded: Mapping = NO_ROUNDING) -> np.ndarray:
     """Logits [T, V] float32 for every position of `ids` (positions 0..T-1). `rounded`: the
     block formats whose products first round x as the integer kernels do, each with its integer
-    range (see `linear`)."""
+    range, and where a matrix's role rounds differently, (format, role) keys (see `linear`)."""
     c = weights.config
     ids = np.asarray(ids, dtype=np.int64)
     T = len(ids)
@@ -127,4 +130,4 @@ def forward(weights: ModelWeights, ids: Sequence[int], rounded: Mapping[str, int
         x = x + attention(normed, layer, c.n_head, c.n_kv_head, rounded)
         x = x + mlp(layer_norm(x, layer.ln_2_weight, layer.ln_2_bias, c.layer_norm_epsilon), layer, rounded)
     x = layer_norm(x, weights.ln_f_weight, weights.ln_f_bias, c.layer_norm_epsilon)
-    return linear(x, weights.wte, None, rounded).astype(np.float32)  # tied LM head: [T, V]
+    return linear(x, weights.wte, None, rounded, "lm_head").astype(np.float32)  # tied LM head: [T, V]

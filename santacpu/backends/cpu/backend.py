@@ -46,6 +46,11 @@ def _matrices(layer) -> list:
     return [w for w in (getattr(layer, f.name) for f in dataclasses.fields(layer)) if len(w.shape) == 2]
 
 
+def _role(field: str) -> str:
+    """A LayerWeights field's role in the kernels' terms: 'mlp_c_fc_weight' -> 'mlp_c_fc'."""
+    return field.removesuffix("_weight")
+
+
 def _model_matrices(weights) -> list:
     """Every matrix a forward multiplies by: the tied embedding / LM head and each layer's."""
     return [weights.wte] + [w for layer in weights.layers for w in _matrices(layer)]
@@ -127,9 +132,9 @@ class CpuBackend:
         whole 2 MiB page around it, mostly released pages); elsewhere they stay where they are
         mapped."""
 
-        def prepared(weight):
+        def prepared(weight, role=None):
             if len(weight.shape) == 2:
-                return kernels.bind(weight, self.target, self.integer_kernels)
+                return kernels.bind(weight, self.target, self.integer_kernels, role)
             if self.target is not None and isinstance(weight, np.ndarray):
                 copy = np.array(weight)
                 release_mapped_pages(weight)
@@ -137,16 +142,21 @@ class CpuBackend:
             return weight
 
         layers = [
-            dataclasses.replace(layer, **{f.name: prepared(getattr(layer, f.name)) for f in dataclasses.fields(layer)})
+            dataclasses.replace(layer, **{f.name: prepared(getattr(layer, f.name), _role(f.name)) for f in dataclasses.fields(layer)})
             for layer in weights.layers
         ]
         weights = dataclasses.replace(
-            weights, wte=prepared(weights.wte), layers=layers, ln_f_weight=prepared(weights.ln_f_weight),
+            weights, wte=prepared(weights.wte, "lm_head"), layers=layers, ln_f_weight=prepared(weights.ln_f_weight),
             ln_f_bias=prepared(weights.ln_f_bias),
         )
         matrices = _model_matrices(weights)
         self._integer_matrices = (sum(w.integer for w in matrices), len(matrices))
         return weights
+
+    def activation_rounding(self) -> dict:
+        """reference.forward's `rounded` that mirrors how this backend's prepared matrices round x
+        (`kernels.activation_rounding`)."""
+        return kernels.activation_rounding(self.target)
 
     def _bound(self, weight) -> kernels.Linear:
         """A prepared linear as it is; any other weight bound for this call (never repacked)."""

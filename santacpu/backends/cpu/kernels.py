@@ -110,8 +110,20 @@ def has_integer_matmul(qtype: str) -> bool:
 def activation_levels(qtype: str) -> int | None:
     """The integer range (127: int8, 32767: int16) the integer kernels round x to for a `qtype`
     weight, per block of 32 (reference.round_activations is their NumPy twin), or None where
-    products with it use the float kernels."""
+    products with it use the float kernels. (A prepared model's q8_0 matrices may round to int8
+    on its target: `activation_rounding`.)"""
     return int_dot.ACTIVATION_LEVELS[qtype] if has_integer_matmul(qtype) else None
+
+
+def activation_rounding(target: CpuTarget | None) -> dict:
+    """reference.forward's `rounded` for a model prepared on `target` (None: the float kernels,
+    x as it is): each row-group format's integer range, and ("q8_0", role): 127 for the roles
+    whose q8_0 products round x to int8 there."""
+    if target is None:
+        return {}
+    rounded: dict = {qtype: int_dot.ACTIVATION_LEVELS[qtype] for qtype in repack.FORMATS}
+    rounded.update({("q8_0", role): 127 for role in target.int8_x_roles})
+    return rounded
 
 
 def _use_integer(qtype: str, requested: bool | None) -> bool:
@@ -300,19 +312,23 @@ class SplitLinear(Linear):
         return out
 
 
-def bind(weight, target: CpuTarget | None, integer_kernels: bool = True) -> Linear:
+def bind(weight, target: CpuTarget | None, integer_kernels: bool = True, role: str | None = None) -> Linear:
     """`weight` (float32 or float16 [R, C], a QuantizedWeight, RowGroupWeight or SplitRowsWeight)
     with its products bound. With a `target`, block formats that have row groups are repacked into
-    them (a copy; the file's pages are released, see repack.group_rows)."""
+    them (a copy; the file's pages are released, see repack.group_rows); a q8_0 matrix whose
+    `role` (a LayerWeights field less "_weight") is among the target's int8_x_roles rounds x to
+    int8."""
     if isinstance(weight, Linear):
         return weight
     if isinstance(weight, SplitRowsWeight):
-        return SplitLinear(weight, (bind(weight.upgraded, target, integer_kernels), bind(weight.rest, target, integer_kernels)))
+        parts = (weight.upgraded, weight.rest)
+        return SplitLinear(weight, tuple(bind(part, target, integer_kernels, role) for part in parts))
     if isinstance(weight, repack.RowGroupWeight):
         return RowGroupLinear(weight, target)
     if isinstance(weight, QuantizedWeight):
         if target is not None and FORMAT_KERNELS[weight.qtype].repack:
-            return RowGroupLinear(repack.group_rows(weight, target.rows_per_group), target)
+            int8_x = weight.qtype == "q8_0" and role in target.int8_x_roles
+            return RowGroupLinear(repack.group_rows(weight, target.rows_per_group, int8_x, target.isa), target)
         return PackedLinear(weight, integer_kernels)
     if isinstance(weight, np.ndarray) and weight.ndim == 2 and weight.dtype == np.float32:
         return BlasLinear(weight)

@@ -20,14 +20,17 @@ value j in its low nibble and value j+16 in its high one, in both formats). Each
 row; q4_m's per-row d and dmin are padded to whole groups. Rows past the last (a weight whose
 rows are not a multiple of n) have scale 0 (q4_0 codes 0x88, value 0). q8_0: per group and
 block, 16 pieces of 2n bytes, piece p holding values 2p and 2p+1 of each row in turn (n = 8, 16:
-`vpmaddwd`'s int16 pairs), or with 4 rows a group (NEON's `sdot`, portable) 8 vectors of 16 bytes,
-vector k holding values 4k..4k+3 of each row in turn (`q8_0_word_bytes`); the fp16 scales as
-q4_0's. All of these are one word-by-word interleave of the group's rows (`interleave_rows`).
+`vpmaddwd`'s int16 pairs), or with 4 rows a group (NEON's `sdot`, portable) and for the VNNI tiles
+of int8 x, 8 vectors of 4n bytes, vector k holding values 4k..4k+3 of each row in turn
+(`q8_0_word_bytes`); the fp16 scales as q4_0's. All of these are one word-by-word interleave of the group's rows (`interleave_rows`).
 q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then two vectors of high bits per block.
 x is rounded per block as int_dot rounds it for the format (max |x| -> 127; q8_0: 32767, int16),
 but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and
 q4_m's minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8
-acc_min. The format (its `format_id`) and the instruction set reach the kernels as literal
+acc_min. A q8_0 weight grouped with `int8_x` rounds x to int8 instead (max |x| -> 127; the
+backend's target chooses which matrices, `CpuTarget.int8_x_roles`): the VNNI tiles then add 128 to
+each code (unsigned, as `vpdpbusd` takes them) and start each block's sum from -128 x x's block
+sum, as q4_0's offset; the other targets run their int16 tiles on x's int8 values (the same sums). The format (its `format_id`) and the instruction set reach the kernels as literal
 constants: each pair compiles its own code.
 
 Every (row, token) result comes from the same operations whatever the number of tokens in the
@@ -62,7 +65,7 @@ from ...formats.safetensors_io import release_mapped_pages
 from ...kernel_cache import track_kernel_sources
 from .cpu_kernels import FASTMATH, f16_to_f32
 from .int_dot import block_rounding
-from .isa import for_isa
+from .isa import VNNI256, VNNI512, for_isa
 from .isa.llvm_ir import F32, I8, I16, I32, broadcast, declare, literal, load_vector, splat
 from .target import TARGETS, CpuTarget, runnable_targets
 
@@ -71,9 +74,15 @@ track_kernel_sources()  # before the first cache=True kernel (see santacpu.kerne
 # The formats with row groups, and their ids (the kernels' compile-time switch: blocks.BlockFormat).
 FORMATS = ("q4_0", "q4_m", "q6_0", "q8_0")
 Q4_0, Q4_M, Q6_0, Q8_0 = (BLOCK_FORMATS[name].format_id for name in ("q4_0", "q4_m", "q6_0", "q8_0"))
+# The tiles' own id for q8_0 codes against x rounded to int8 (a kernel, not a block format).
+Q8_0_INT8_X = 64
+# Every tile kernel by name (tools/kernel_asm.py): the formats' own, and q8_0's with int8 x.
+KERNEL_IDS = {**{name: BLOCK_FORMATS[name].format_id for name in FORMATS}, "q8_0-int8x": Q8_0_INT8_X}
+VNNI_ISAS = (VNNI256, VNNI512)  # `vpdpbusd`: int8 x meets q8_0's codes 4 products a lane
 GROUP_SIZES = (4, 8, 16)  # rows a group: 128-, 256- or 512-bit vectors of int32 lanes
 _ROWS = {target.isa: target.rows_per_group for target in TARGETS}
 _TILE_TOKENS = {(target.isa, BLOCK_FORMATS[qtype].format_id): target.widest_tile(qtype) for target in TARGETS for qtype in FORMATS}
+_TILE_TOKENS.update({(target.isa, Q8_0_INT8_X): target.widest_tile("q8_0") for target in TARGETS})
 # A one-token product streams the weight from memory: each block prefetches its cache lines
 # this far ahead (the next groups' codes, in address order).
 PREFETCH_BYTES = 4096
@@ -93,11 +102,14 @@ class RowGroupWeight:
     """A weight [R, C] as row groups of n = `rows_per_group` rows (module docstring), G = ceil(R /
     n) groups: `parts` = (codes uint8 [G, C/32 * block_bytes] (q8_0: int8), then q4_0, q6_0, q8_0:
     scales uint16 (fp16 bits) [G, C/32 * n]; q4_m: scale codes, minimum codes uint8 [G, C/32 *
-    n], d, dmin float32 [n G]). `source`: the weight as loaded."""
+    n], d, dmin float32 [n G]). `source`: the weight as loaded. q8_0 only: `int8_x` (its products
+    round x to int8, not int16) and `word_bytes` (its values a row together in a lane: 2 or 4)."""
 
     source: QuantizedWeight
     parts: tuple[np.ndarray, ...]
     rows_per_group: int
+    int8_x: bool = False
+    word_bytes: int = 2
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -112,26 +124,40 @@ class RowGroupWeight:
         return BLOCK_FORMATS[self.qtype].format_id
 
     @property
+    def kernel_id(self) -> int:
+        """The tiles' literal for this weight: its format id, or Q8_0_INT8_X."""
+        return Q8_0_INT8_X if self.int8_x else self.format_id
+
+    @property
+    def x_levels(self) -> int:
+        """The integer range its products round x to per block (reference.round_activations)."""
+        return 32767 if self.qtype == "q8_0" and not self.int8_x else 127
+
+    @property
     def nbytes(self) -> int:
         return sum(part.nbytes for part in self.parts)
 
 
-@register_jitable
-def q8_0_word_bytes(rows_per_group: int) -> int:
+def q8_0_word_bytes(rows_per_group: int, int8_x: bool = False, isa: int | None = None) -> int:
     """Bytes of a row together in q8_0's interleave: 4 values a lane in 4-row groups (the tiles
-    there split x into bytes for 4-value dot products), 2 in wider ones (int16 pairs)."""
-    return 4 if rows_per_group == 4 else 2
+    there split x into bytes for 4-value dot products) and for the VNNI tiles of int8 x
+    (`vpdpbusd`), 2 in the others (int16 pairs)."""
+    return 4 if rows_per_group == 4 or (int8_x and isa in VNNI_ISAS) else 2
 
 
-def group_rows(weight: QuantizedWeight, rows_per_group: int) -> RowGroupWeight:
+def group_rows(weight: QuantizedWeight, rows_per_group: int, int8_x: bool = False, isa: int | None = None) -> RowGroupWeight:
     """`weight` (one of FORMATS) interleaved into row groups of `rows_per_group` (4, 8 or 16) rows;
     the pages of its file mapping are dropped from this process afterwards (they stay in the page
-    cache)."""
+    cache). q8_0: `int8_x` for products that round x to int8, laid out for the tiles of `isa` (an
+    instruction-set id)."""
     if weight.qtype not in FORMATS:
         raise ValueError(f"row groups hold {', '.join(FORMATS)} weights, not {weight.qtype}")
     if rows_per_group not in GROUP_SIZES:
         raise ValueError(f"row groups hold 4, 8 or 16 rows, not {rows_per_group}")
+    if int8_x and weight.qtype != "q8_0":
+        raise ValueError(f"int8 x is a choice for q8_0 weights only (the others always take it), not {weight.qtype}")
     n = rows_per_group
+    word_bytes = q8_0_word_bytes(n, int8_x, isa)
     R, C = weight.shape
     n_groups, n_blocks = -(-R // n), C // QK
     codes = np.empty((n_groups, n_blocks * block_bytes(weight.qtype, n)), np.int8 if weight.qtype == "q8_0" else np.uint8)
@@ -144,7 +170,7 @@ def group_rows(weight: QuantizedWeight, rows_per_group: int) -> RowGroupWeight:
         chunk = codes[first // n : -(-last // n)]
         sources = [weight.parts[name][first:last] for name in code_names]
         if weight.qtype == "q8_0":  # a row's pairs (4-row groups: quads) of values a word
-            word = np.int32 if q8_0_word_bytes(n) == 4 else np.int16
+            word = np.int32 if word_bytes == 4 else np.int16
             interleave_rows(_words(sources[0], word), chunk.view(word), 0, n)
         elif weight.qtype == "q6_0":
             interleave_six_bits(_words(sources[0], np.uint32), _words(sources[1], np.uint32), chunk.view(np.uint32), n)
@@ -168,7 +194,7 @@ def group_rows(weight: QuantizedWeight, rows_per_group: int) -> RowGroupWeight:
     for name, part in weight.parts.items():
         if name not in code_names:  # the codes' pages went chunk by chunk
             release_mapped_pages(part)
-    return RowGroupWeight(weight, tuple(parts), n)
+    return RowGroupWeight(weight, tuple(parts), n, int8_x, word_bytes)
 
 
 def _words(part: np.ndarray, dtype) -> np.ndarray:
@@ -246,52 +272,62 @@ def round_natural(x, xq, xfix, xdx, first, last):
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def round_natural_words(x, xq, xdx, first, last):
-    """As round_natural for q8_0: xq int16 [T, C] (max |x| -> 32767, int_dot's rounding for q8_0)."""
+def round_natural_words(x, xq, xdx, first, last, levels):
+    """As round_natural for q8_0: xq int16 [T, C] (max |x| -> levels: 32767, int_dot's rounding
+    for q8_0, or 127 for int8 x on the tiles without `vpdpbusd`)."""
     for t in range(first, last):
         for b in range(x.shape[1] // QK):
-            scale, inverse = block_rounding(x, t, QK * b, 32767)
+            scale, inverse = block_rounding(x, t, QK * b, levels)
             for j in range(QK * b, QK * b + QK):
                 xq[t, j] = np.int16(np.rint(x[t, j] * inverse))
             xdx[t, b] = scale
 
 
-def _round(fmt, x, first, last, xq, xfix, xdx):
+def takes_int16_x(fmt: int, isa: int) -> bool:
+    """Whether the tiles of a kernel id and an instruction set take x as int16 (q8_0; its int8 x
+    where there is no `vpdpbusd`: int8 values in the int16 tiles)."""
+    return fmt == Q8_0 or (fmt == Q8_0_INT8_X and isa not in VNNI_ISAS)
+
+
+def _round(fmt, isa, x, first, last, xq, xfix, xdx):
     """Tokens first..last-1 of x rounded for a row-group weight's kernel (round_natural, or
-    round_natural_words for q8_0, whose xfix stays unused); fmt: a literal format id."""
+    round_natural_words where the tiles take int16 x, whose xfix stays unused); fmt and isa:
+    literal ids."""
 
 
 @overload(_round, prefer_literal=True)
-def _round_impl(fmt, x, first, last, xq, xfix, xdx):
-    if literal(fmt) is None:
+def _round_impl(fmt, isa, x, first, last, xq, xfix, xdx):
+    if literal(fmt) is None or literal(isa) is None:
         return None
-    if literal(fmt) == Q8_0:
-        return lambda fmt, x, first, last, xq, xfix, xdx: round_natural_words(x, xq, xdx, first, last)
-    return lambda fmt, x, first, last, xq, xfix, xdx: round_natural(x, xq, xfix, xdx, first, last)
+    if takes_int16_x(literal(fmt), literal(isa)):
+        levels = 127 if literal(fmt) == Q8_0_INT8_X else 32767
+        return lambda fmt, isa, x, first, last, xq, xfix, xdx: round_natural_words(x, xq, xdx, first, last, levels)
+    return lambda fmt, isa, x, first, last, xq, xfix, xdx: round_natural(x, xq, xfix, xdx, first, last)
 
 
-def _x_type(fmt):
-    """The integer type a row-group weight's kernel rounds x to (fmt: a literal format id)."""
+def _x_type(fmt, isa):
+    """The integer type a row-group weight's kernel rounds x to (literal ids)."""
 
 
 @overload(_x_type, prefer_literal=True)
-def _x_type_impl(fmt):
-    if literal(fmt) is None:
+def _x_type_impl(fmt, isa):
+    if literal(fmt) is None or literal(isa) is None:
         return None
-    if literal(fmt) == Q8_0:
-        return lambda fmt: np.int16
-    return lambda fmt: np.int8
+    if takes_int16_x(literal(fmt), literal(isa)):
+        return lambda fmt, isa: np.int16
+    return lambda fmt, isa: np.int8
 
 
 def _group_tile_codegen(fmt, n_tokens, isa):
     """Codegen of _group_tile for a format id, a literal number of tokens and an instruction set
     (`isa` ids: its module gives the integer products)."""
     minimums = fmt == Q4_M
-    words = fmt == Q8_0  # int8 codes widened to int16 against x rounded to int16
+    words = takes_int16_x(fmt, isa)  # int8 codes widened to int16 against x as int16
+    offset_bytes = fmt == Q8_0_INT8_X and not words  # codes + 128 against int8 x (`vpdpbusd`)
     six_bits = fmt == Q6_0
     products = for_isa(isa)
     n = _ROWS[isa]  # rows a group, one int32 lane each
-    group_bytes = block_bytes({Q8_0: "q8_0", Q6_0: "q6_0"}.get(fmt, "q4_0"), n)
+    group_bytes = block_bytes({Q8_0: "q8_0", Q8_0_INT8_X: "q8_0", Q6_0: "q6_0"}.get(fmt, "q4_0"), n)
 
     def codegen(context, builder, signature, args):
         parts_type = signature.args[0]
@@ -381,6 +417,14 @@ def _group_tile_codegen(fmt, n_tokens, isa):
             if words:  # the block's codes from byte `offset` on (<count x i8>; layout above)
                 load = lambda offset, count: load_vector(builder, codes.data, builder.add(code_at, const(offset)), I8, count)  # noqa: E731
                 token_sums = products.word_block_sums(builder, isa, n, load, tokens)
+            elif offset_bytes:  # 8 vectors of values 4k..4k+3 a row, + 128; each sum starts at -128 sum(x)
+                flip = splat(I8, 4 * n, -128)
+                unsigned = [
+                    builder.xor(load_vector(builder, codes.data, builder.add(code_at, const(4 * n * k)), I8, 4 * n), flip) for k in range(8)
+                ]
+                starts = [broadcast(builder, builder.shl(x_fix(j, b), ir.Constant(I32, 4)), n) for j in range(n_tokens)]
+                for j, sums in enumerate(products.offset_byte_sums(builder, isa, unsigned, tokens, starts)):
+                    accumulate(j, sums, b, weight_scales, weight_minimums)
             else:
                 packed = [load_vector(builder, codes.data, builder.add(code_at, const(4 * n * v)), I8, 4 * n) for v in range(4)]
                 lows = [builder.and_(p, splat(I8, 4 * n, 0x0F)) for p in packed]
@@ -490,14 +534,14 @@ def matmul_groups(parts, x, bias, out, fmt, isa):
     tile_tokens = _tile_tokens(isa, fmt)
     T, C = x.shape
     n = parts[1].shape[1] // (C // QK)  # rows a group: the per-block part holds n values a block
-    xq = np.empty((T, C), _x_type(fmt))
+    xq = np.empty((T, C), _x_type(fmt, isa))
     xfix = np.empty((T, C // QK), np.int32)
     xdx = np.empty((T, C // QK), np.float32)
     if T < 8:
-        _round(fmt, x, 0, T, xq, xfix, xdx)
+        _round(fmt, isa, x, 0, T, xq, xfix, xdx)
     else:
         for t in prange(T):
-            _round(fmt, x, t, t + 1, xq, xfix, xdx)
+            _round(fmt, isa, x, t, t + 1, xq, xfix, xdx)
     G = parts[0].shape[0]
     if T == 1:
         for g in prange(G):
@@ -521,24 +565,24 @@ def _nibble_values(parts, g, i, b, values, n, scale, shift, offset):
             values[16 + 4 * v + m] = scale * (np.float32(byte >> 4) - shift) - offset
 
 
-def _block_values(parts, g, i, b, values, n, fmt):
+def _block_values(parts, g, i, b, values, n, w, fmt):
     """values float32 [32] = block b of row i of group g, from a row-group weight's parts (n rows
-    a group; fmt: a literal format id)."""
+    a group; w: q8_0's bytes of a row together; fmt: a literal format id)."""
 
 
 @overload(_block_values, prefer_literal=True)
-def _block_values_impl(parts, g, i, b, values, n, fmt):
+def _block_values_impl(parts, g, i, b, values, n, w, fmt):
     fmt = literal(fmt)
     if fmt is None:
         return None
 
-    def q8_0(parts, g, i, b, values, n, fmt):
-        d, w = f16_to_f32(parts[1][g, n * b + i]), q8_0_word_bytes(n)
+    def q8_0(parts, g, i, b, values, n, w, fmt):
+        d = f16_to_f32(parts[1][g, n * b + i])
         for p in range(QK // w):
             for k in range(w):
                 values[w * p + k] = d * np.float32(parts[0][g, 32 * n * b + w * n * p + w * i + k])
 
-    def q6_0(parts, g, i, b, values, n, fmt):
+    def q6_0(parts, g, i, b, values, n, w, fmt):
         d, codes, at = f16_to_f32(parts[1][g, n * b + i]), parts[0], 24 * n * b
         for v in range(4):
             for m in range(4):
@@ -548,10 +592,10 @@ def _block_values_impl(parts, g, i, b, values, n, fmt):
                 values[4 * v + m] = d * (np.float32((byte & 15) + 16 * low_top) - np.float32(32.0))
                 values[16 + 4 * v + m] = d * (np.float32((byte >> 4) + 16 * high_top) - np.float32(32.0))
 
-    def q4_0(parts, g, i, b, values, n, fmt):  # d (q - 8)
+    def q4_0(parts, g, i, b, values, n, w, fmt):  # d (q - 8)
         _nibble_values(parts, g, i, b, values, n, f16_to_f32(parts[1][g, n * b + i]), np.float32(8.0), np.float32(0.0))
 
-    def q4_m(parts, g, i, b, values, n, fmt):  # (d sc) q - dmin mn
+    def q4_m(parts, g, i, b, values, n, w, fmt):  # (d sc) q - dmin mn
         at = n * b + i
         scale = parts[3][n * g + i] * np.float32(parts[1][g, at])
         _nibble_values(parts, g, i, b, values, n, scale, np.float32(0.0), parts[4][n * g + i] * np.float32(parts[2][g, at]))
@@ -560,11 +604,11 @@ def _block_values_impl(parts, g, i, b, values, n, fmt):
 
 
 @njit(cache=True)
-def _dequantize_group_rows(parts, rows, out, n, fmt):
+def _dequantize_group_rows(parts, rows, out, n, w, fmt):
     for r in range(rows.shape[0]):
         g, i = rows[r] // n, rows[r] % n
         for b in range(out.shape[1] // QK):
-            _block_values(parts, g, i, b, out[r, QK * b : QK * b + QK], n, fmt)
+            _block_values(parts, g, i, b, out[r, QK * b : QK * b + QK], n, w, fmt)
 
 
 def dequantize_rows(weight: RowGroupWeight, rows: np.ndarray) -> np.ndarray:
@@ -575,7 +619,7 @@ def dequantize_rows(weight: RowGroupWeight, rows: np.ndarray) -> np.ndarray:
     if len(rows) and (rows.min() < 0 or rows.max() >= R):
         raise ValueError(f"rows of a [{R}, {C}] weight: got {rows.min()}..{rows.max()}")
     out = np.empty((len(rows), C), np.float32)
-    _row_reader(weight.format_id)(weight.parts, rows, out, weight.rows_per_group)
+    _row_reader(weight.format_id)(weight.parts, rows, out, weight.rows_per_group, weight.word_bytes)
     return out
 
 
@@ -595,8 +639,8 @@ def _product_kernel(fmt: int, isa: int):
 @functools.cache
 def _row_reader(fmt: int):
     @njit(cache=True)
-    def read(parts, rows, out, n):
-        _dequantize_group_rows(parts, rows, out, n, fmt)
+    def read(parts, rows, out, n, w):
+        _dequantize_group_rows(parts, rows, out, n, w, fmt)
 
     return read
 
@@ -616,6 +660,8 @@ def matmul(weight: RowGroupWeight, x: np.ndarray, bias: np.ndarray, out: np.ndar
     if target not in fitting:
         names = ", ".join(t.name for t in fitting) or "none"
         raise ValueError(f"row-group tiles: {getattr(target, 'name', target)} cannot run {weight.rows_per_group}-row groups on this CPU (runnable: {names})")
-    _product_kernel(weight.format_id, target.isa)(
+    if weight.qtype == "q8_0" and weight.word_bytes != q8_0_word_bytes(weight.rows_per_group, weight.int8_x, target.isa):
+        raise ValueError(f"row-group tiles: this q8_0 weight is laid out for another instruction set's tiles than {target.name}'s")
+    _product_kernel(weight.kernel_id, target.isa)(
         weight.parts, np.ascontiguousarray(x, np.float32), np.ascontiguousarray(bias, np.float32), out
     )

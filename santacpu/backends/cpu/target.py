@@ -34,6 +34,8 @@ class CpuTarget:
     tile_tokens: int  # tokens of the widest many-token tile
     requires: tuple[frozenset[str], ...]  # LLVM target features: any one of these sets suffices
     q8_0_tile_tokens: int | None = None  # q8_0's widest tile where it differs (NEON: x as bytes)
+    # The matrices (LayerWeights roles) whose q8_0 products round x to int8 rather than int16.
+    int8_x_roles: frozenset[str] = frozenset()
 
     def runs_on(self, features: set[str]) -> bool:
         return any(needed <= features for needed in self.requires)
@@ -43,14 +45,24 @@ class CpuTarget:
         return (self.q8_0_tile_tokens or self.tile_tokens) if qtype == "q8_0" else self.tile_tokens
 
 
+# q8_0 matrices whose products round x to int8 on the VNNI targets, where `vpdpbusd` takes it at
+# twice `vpdpwssd`'s rate: every layer matrix, so a prompt runs at the 4-bit tiles' rate; the LM
+# head (one token a prompt) keeps int16 x. q8_0's mean KL divergence stays below llama.cpp Q8_0's
+# (0.75-0.91x on the trained fixtures, against 0.4-0.5x with int16 x: docs/kernels.md). Elsewhere
+# int8 x would buy no speed (AVX2 has no 8-bit product that takes signed codes and signed x).
+INT8_X_ROLES = frozenset({"attn_c_attn", "attn_c_proj", "mlp_c_fc", "mlp_c_proj"})
+
 # Best first. AVX-512 CPUs have 32 vector registers (8-token tiles), AVX2 ones 16 (4 tokens);
 # AVX-VNNI CPUs without AVX-512 (Intel's since Alder Lake) have 16 too: their 4-bit tiles take
 # 8 tokens with a few spills and still fewer instructions; q8_0's 8-token tile spills heavily
 # (so 4). NEON has 32 registers of 128 bits (4 rows a group); its q8_0 tiles hold
 # each token's x twice (high and low bytes), and 8 of them spilled registers (docs/kernels.md).
 TARGETS = (
-    CpuTarget("avx512-vnni", VNNI512, 16, 8, (frozenset({"avx512vnni", "avx512bw"}),)),
-    CpuTarget("avx-vnni", VNNI256, 8, 8, (frozenset({"avxvnni"}), frozenset({"avx512vnni", "avx512vl"})), q8_0_tile_tokens=4),
+    CpuTarget("avx512-vnni", VNNI512, 16, 8, (frozenset({"avx512vnni", "avx512bw"}),), int8_x_roles=INT8_X_ROLES),
+    CpuTarget(
+        "avx-vnni", VNNI256, 8, 8, (frozenset({"avxvnni"}), frozenset({"avx512vnni", "avx512vl"})), q8_0_tile_tokens=4,
+        int8_x_roles=INT8_X_ROLES,
+    ),
     CpuTarget("avx2", AVX2, 8, 4, (frozenset({"avx2"}),)),
     CpuTarget("neon-i8mm", NEON_I8MM, 4, 8, (frozenset({"neon", "dotprod", "i8mm"}),), q8_0_tile_tokens=4),
     CpuTarget("neon-dotprod", NEON_DOT, 4, 8, (frozenset({"neon", "dotprod"}),), q8_0_tile_tokens=4),

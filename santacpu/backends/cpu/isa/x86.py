@@ -148,3 +148,20 @@ def lane_word_dot(builder, vnni: bool, acc, words, x_words):
         vpdpwssd = declare(builder, f"llvm.x86.avx512.vpdpwssd.{32 * n}", vec32, vec32, vec32, vec32)
         return builder.call(vpdpwssd, [acc, builder.bitcast(words, vec32), builder.bitcast(x_words, vec32)])
     return builder.add(acc, builder.call(declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [words, x_words]))
+
+
+def offset_byte_sums(builder, isa: int, codes, tokens, starts):
+    """VNNI only: q8_0's codes against int8 x, each token's block sums <n x i32>: `codes[k]`
+    (<4n x i8>) holds values 4k..4k+3 of each row plus 128 (unsigned, as `vpdpbusd` takes its
+    first operand), so each token's chain of 8 `vpdpbusd` starts from `starts[j]` = -128 x the
+    token's block sum of x (at most 32 x 255 x 127 in a lane: exact)."""
+    n = codes[0].type.count // 4
+    vec32 = ir.VectorType(I32, n)
+    vpdpbusd = declare(builder, f"llvm.x86.avx512.vpdpbusd.{32 * n}", vec32, vec32, vec32, vec32)
+    result = []
+    for j, token in enumerate(tokens):
+        sums = starts[j]
+        for k in range(8):
+            sums = builder.call(vpdpbusd, [sums, builder.bitcast(codes[k], vec32), token.word(4 * k)])
+        result.append(sums)
+    return result
