@@ -16,7 +16,6 @@ from helpers import HAND_EDITS, edit_json, mmap_owner, overlapping_copy, rewrite
 import santacpu
 from quantize.calibration import collect_importance, token_sequences
 from quantize.converter import convert, sha256_of_sources, tensor_shapes
-from santacpu.formats.blocks import FORMATS
 from quantize.policy import Policy, greedy_upgrades, parse_keep, stored_bytes
 from quantize.sensitivity import measure_upgrade_gains
 from santacpu import SantacpuError

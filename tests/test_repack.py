@@ -6,6 +6,7 @@ mapped pages it gives back. (The ARM64 targets run under emulation: tools/arm64_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -21,13 +22,14 @@ from numba import typeof
 
 from santacpu.backends.cpu import kernels, repack
 from santacpu.backends.cpu.backend import CpuBackend
-from santacpu.backends.cpu.target import BY_NAME, TARGETS, host_target, runnable_targets
+from santacpu.backends.cpu.target import BY_NAME, INT8_X_ROLES, TARGETS, host_target, runnable_targets
 from santacpu.bench.machine import mapped_file_rss_mb
 from santacpu.formats.blocks import FORMATS, QuantizedWeight
 from quantize.converter import convert
 from santacpu.formats.split_rows import SplitRowsWeight
 from santacpu.formats.safetensors_io import SafetensorsFile, release_mapped_pages, write_safetensors
 from santacpu.network.reference import round_activations
+from santacpu.network.weights import LayerWeights
 
 # The threaded paths are what these tests check: every core, not a worker's one thread (conftest).
 pytestmark = pytest.mark.usefixtures("all_cores")
@@ -252,6 +254,30 @@ def test_mapped_pages_are_released_and_still_readable(tmp_path):
     heap = np.ones(1 << 20, np.float32)
     release_mapped_pages(heap)  # not a mapping: left alone (dropping it would zero it)
     assert heap.sum() == 1 << 20
+
+
+def test_the_oracle_rounds_each_matrix_by_its_role():
+    # reference.linear takes a (format, role) key before the format's own: how the oracle mirrors
+    # a target whose q8_0 matrices of some roles round x to int8 (kernels.activation_rounding).
+    from santacpu.network.reference import linear
+
+    weight = weight_of("q8_0", 8, 64)
+    x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    rounded = kernels.activation_rounding(BY_NAME["avx512-vnni"])
+    assert rounded["q8_0"] == 32767 and rounded[("q8_0", "mlp_c_fc")] == 127 and ("q8_0", "lm_head") not in rounded
+    dense = FORMATS["q8_0"].dequantize(weight.parts).T
+    assert np.array_equal(linear(x, weight, None, rounded, "mlp_c_fc"), round_activations(x, 127) @ dense)
+    assert np.array_equal(linear(x, weight, None, rounded, "lm_head"), round_activations(x, 32767) @ dense)
+    assert kernels.activation_rounding(BY_NAME["avx2"]) == {q: 32767 if q == "q8_0" else 127 for q in repack.FORMATS}
+    assert kernels.activation_rounding(None) == {}
+
+
+def test_int8_x_roles_name_layer_matrices():
+    # The roles are LayerWeights' matrix fields less "_weight" (the backend's and the reference
+    # forward's names for them): a renamed field must not quietly leave a matrix on int16 x.
+    matrices = {f.name.removesuffix("_weight") for f in dataclasses.fields(LayerWeights) if f.name.endswith("_weight")}
+    assert INT8_X_ROLES <= matrices - {"ln_1", "ln_2"}
+    assert {t.name for t in TARGETS if t.int8_x_roles} == {"avx512-vnni", "avx-vnni"}  # where `vpdpbusd` pays
 
 
 @pytest.mark.parametrize("qtype", repack.FORMATS)

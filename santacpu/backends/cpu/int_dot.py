@@ -12,7 +12,8 @@ products each:
   256-bit vectors, 2 blocks), or on AVX2 `vpmaddubsw` for each half of a step, the two int16
   results added, then one `vpmaddwd` (no overflow: 2 x 2 x 63 x 127 = 32004);
 - q8_0's signed codes, widened to int16, against x rounded to int16 (max |x| -> 32767):
-  `vpdpwssd` (VNNI) or `vpmaddwd` (AVX2); int8 would cost q8_0 most of its accuracy.
+  `vpdpwssd` (VNNI) or `vpmaddwd` (AVX2); int8 everywhere would double q8_0's KL divergence (the
+  row groups' VNNI tiles take int8 x for the layer matrices only: repack.py, docs/kernels.md).
 The int32 lanes are converted to float once per step and multiplied by the lanes' scales (weight
 scale x activation scale) into float accumulators, reduced once per row. On 256-bit vectors the
 4/6-bit kernels first sum each block's lanes for 4 (row, token) pairs into one vector (`QUADS`:

@@ -20,18 +20,21 @@ value j in its low nibble and value j+16 in its high one, in both formats). Each
 row; q4_m's per-row d and dmin are padded to whole groups. Rows past the last (a weight whose
 rows are not a multiple of n) have scale 0 (q4_0 codes 0x88, value 0). q8_0: per group and
 block, 16 pieces of 2n bytes, piece p holding values 2p and 2p+1 of each row in turn (n = 8, 16:
-`vpmaddwd`'s int16 pairs), or with 4 rows a group (NEON's `sdot`, portable) and for the VNNI tiles
-of int8 x, 8 vectors of 4n bytes, vector k holding values 4k..4k+3 of each row in turn
-(`q8_0_word_bytes`); the fp16 scales as q4_0's. All of these are one word-by-word interleave of the group's rows (`interleave_rows`).
-q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then two vectors of high bits per block.
+`vpmaddwd`'s int16 pairs), or with 4 rows a group (NEON's `sdot`, portable) and for the VNNI
+tiles of int8 x, 8 vectors of 4n bytes, vector k holding values 4k..4k+3 of each row in turn
+(`q8_0_word_bytes`); the fp16 scales as q4_0's. All of these are one word-by-word interleave of
+the group's rows (`interleave_rows`). q6_0 (`interleave_six_bits`): q4_0's nibble vectors, then
+two vectors of high bits per block.
+
 x is rounded per block as int_dot rounds it for the format (max |x| -> 127; q8_0: 32767, int16),
 but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and
 q4_m's minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8
 acc_min. A q8_0 weight grouped with `int8_x` rounds x to int8 instead (max |x| -> 127; the
-backend's target chooses which matrices, `CpuTarget.int8_x_roles`): the VNNI tiles then add 128 to
-each code (unsigned, as `vpdpbusd` takes them) and start each block's sum from -128 x x's block
-sum, as q4_0's offset; the other targets run their int16 tiles on x's int8 values (the same sums). The format (its `format_id`) and the instruction set reach the kernels as literal
-constants: each pair compiles its own code.
+backend's target chooses which matrices, `CpuTarget.int8_x_roles`): its kernel id is
+Q8_0_INT8_X, whose VNNI tiles add 128 to each code (unsigned, as `vpdpbusd` takes them) and start
+each block's sum from -128 x x's block sum, as q4_0's offset; the other targets run their int16
+tiles on x's int8 values (the same sums). The kernel id and the instruction set reach the kernels
+as literal constants: each pair compiles its own code.
 
 Every (row, token) result comes from the same operations whatever the number of tokens in the
 call and its tile (blocks in order, one fused multiply-add each), so a token's result never
@@ -57,7 +60,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
-from numba.extending import intrinsic, overload, register_jitable
+from numba.extending import intrinsic, overload
 
 from ...formats.blocks import FORMATS as BLOCK_FORMATS
 from ...formats.blocks import QK, QuantizedWeight

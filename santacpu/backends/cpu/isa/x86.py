@@ -6,7 +6,8 @@ a group (n = 8 or 16); for `int_dot.py`'s row-major kernels, a row's blocks acro
 - VNNI: `vpdpbusd` adds 4 (unsigned code x signed x) products into each lane, `vpdpwssd` 2
   (int16 x int16) products; a block's 8 nibble vectors as one chain that starts from the
   token's offset (a prompt tile's tokens are independent chains; two chains per token, added
-  after, cost 2 instructions a token more and spilled registers in the 8-token tile).
+  after, cost 2 instructions a token more and spilled registers in the 8-token tile); q8_0's
+  codes against int8 x the same way, each code + 128 (`offset_byte_sums`, VNNI only).
 - AVX2: `vpmaddubsw` adds pair products as int16; a block's 8 of them (4-bit codes: at most 8 x 2
   x 15 x 127 = 30480) are added as int16 and widened by one `vpmaddwd`; q6_0's pair products reach
   2 x 63 x 127, so every two are widened; q8_0's words: `vpmaddwd` and an add.
