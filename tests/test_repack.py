@@ -287,11 +287,13 @@ def test_the_backend_groups_its_formats(qtype, tmp_path):
     target = host_target() or PORTABLE  # as on every CPU with integer kernels
     path = convert(tiny_checkpoint(), tmp_path / "4-bit.safetensors", qtype=qtype, upgrade_budget=0.05).out
     model = santacpu.load(path, device="cpu")
-    prepared = CpuBackend(target=target).prepare(model.weights)
+    backend = CpuBackend(target=target)
+    prepared = backend.prepare(model.weights)
 
     def grouped(linear) -> bool:
         return isinstance(linear, kernels.RowGroupLinear) and linear.target == target
 
+    int8_x_seen = False
     for loaded, bound in zip(model.weights.layers, prepared.layers):
         for name in ("attn_c_attn_weight", "attn_c_proj_weight", "mlp_c_fc_weight", "mlp_c_proj_weight"):
             before, after = getattr(loaded, name), getattr(bound, name)
@@ -300,14 +302,17 @@ def test_the_backend_groups_its_formats(qtype, tmp_path):
             if grouped(after):  # q8_0's x as int8 in the target's chosen matrices only
                 int8_x = before.qtype == "q8_0" and name.removesuffix("_weight") in target.int8_x_roles
                 assert after.weight.int8_x == int8_x
+                int8_x_seen |= int8_x
         assert np.array_equal(bound.ln_1_weight, loaded.ln_1_weight) and bound.ln_1_weight is not loaded.ln_1_weight
+    said = backend.describe()  # `complete --verbose`, the bench's device row
+    assert said.endswith(" (q8_0's layer matrices on int8 x)") == int8_x_seen, said
+    assert int8_x_seen == (qtype == "q8_0" and bool(target.int8_x_roles)) or qtype != "q8_0"  # 4-bit files may hold q8_0 upgrades
     loaded_wte, bound_wte = model.weights.wte, prepared.wte
     split = isinstance(loaded_wte, SplitRowsWeight)
     pairs = zip((loaded_wte.upgraded, loaded_wte.rest), bound_wte.parts) if split else [(loaded_wte, bound_wte)]
     for before, after in pairs:
         assert grouped(after) == (before.qtype in repack.FORMATS)
     ids = np.array([0, 7, 5, 200, 7])
-    backend = CpuBackend(target=target)
     assert np.array_equal(backend.embed(bound_wte, ids), backend.embed(loaded_wte, ids))  # the input lookup
     # Without integer kernels every matrix is bound where it is mapped, on the float kernels.
     floats = CpuBackend(integer_kernels=False).prepare(model.weights)

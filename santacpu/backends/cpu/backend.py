@@ -103,6 +103,7 @@ class CpuBackend:
         self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
         self._numba_products: dict[int, bool] = {}  # id(weights) -> see _products_in_numba
         self._integer_matrices: tuple[int, int] | None = None  # (on the integer kernels, all) of the last prepare
+        self._int8_x_matrices = 0  # of those, q8_0 ones whose x the target rounds to int8
 
     def _threads_for(self, work: int) -> int:
         least = WARM_PARALLEL_MIN_WORK if self._pool_warm else PARALLEL_MIN_WORK
@@ -110,14 +111,18 @@ class CpuBackend:
 
     def describe(self) -> str:
         """"cpu", and after `prepare` which kernels its matrices run: "cpu: integer kernels for
-        avx2", "... (90 of 97 matrices)" where some are not block-quantized, or "cpu: float
-        kernels" and why."""
+        avx2", "... (90 of 97 matrices)" where some are not block-quantized, "... (q8_0's layer
+        matrices on int8 x)" where the target rounds their x to int8, or "cpu: float kernels" and
+        why."""
         if self._integer_matrices is None:
             return "cpu"
         integer, total = self._integer_matrices
         if integer:
-            share = "" if integer == total else f" ({integer} of {total} matrices)"
-            return f"cpu: integer kernels for {getattr(self.target, 'name', 'this CPU')}{share}"
+            notes = [] if integer == total else [f"{integer} of {total} matrices"]
+            if self._int8_x_matrices:
+                notes.append("q8_0's layer matrices on int8 x")
+            notes = f" ({'; '.join(notes)})" if notes else ""
+            return f"cpu: integer kernels for {getattr(self.target, 'name', 'this CPU')}{notes}"
         if not self.integer_kernels:
             return "cpu: float kernels (integer kernels turned off: SANTACPU_INT_DOT=0)"
         if self.target is None:
@@ -151,6 +156,7 @@ class CpuBackend:
         )
         matrices = _model_matrices(weights)
         self._integer_matrices = (sum(w.integer for w in matrices), len(matrices))
+        self._int8_x_matrices = sum(w.int8_x for w in matrices)
         return weights
 
     def activation_rounding(self) -> dict:

@@ -188,6 +188,7 @@ class Linear:
 
     shape: tuple[int, int]
     integer: bool = False
+    int8_x: bool = False  # q8_0 on int8 x (`CpuTarget.int8_x_roles`)
     copied_nbytes: int = 0
 
     def product(self, x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
@@ -271,6 +272,7 @@ class RowGroupLinear(Linear):
 
     def __init__(self, weight: repack.RowGroupWeight, target: CpuTarget | None):
         self.weight, self.shape, self.copied_nbytes = weight, weight.shape, weight.nbytes
+        self.int8_x = weight.int8_x
         self.target = target if target is not None and target.rows_per_group == weight.rows_per_group else None
 
     def product(self, x, bias, out):
@@ -291,6 +293,7 @@ class SplitLinear(Linear):
     def __init__(self, weight: SplitRowsWeight, parts: tuple[Linear, Linear]):
         self.weight, self.shape, self.parts = weight, weight.shape, parts
         self.integer = all(part.integer for part in parts)
+        self.int8_x = any(part.int8_x for part in parts)
         self.copied_nbytes = sum(part.copied_nbytes for part in parts)
         self._zero_bias = tuple(np.zeros(len(rows), np.float32) for rows, _ in weight.parts)
 
