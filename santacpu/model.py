@@ -310,7 +310,7 @@ def choose_backend(device: str, settings: Settings) -> Backend:
     """The backend for `device` (see `resolve_device`); the CUDA package is imported only when it
     is chosen."""
     if resolve_device(device) == "cpu":
-        return CpuBackend(integer_kernels=settings.integer_kernels)
+        return CpuBackend(integer_kernels=settings.integer_kernels, q8_0_int16=settings.q8_0_int16)
     from .backends.cuda.backend import CudaBackend
 
     return CudaBackend()

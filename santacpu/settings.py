@@ -5,6 +5,7 @@
 | `SANTACPU_MODEL` | the CLI's model when `--model` is not given | `bigcode/santacoder` |
 | `SANTACPU_CACHE` | the folder of first-use quantizations | `$XDG_CACHE_HOME/santacpu`, else `~/.cache/santacpu` |
 | `SANTACPU_INT_DOT` | `0`: block-quantized products on the float kernels instead of the integer ones | `1` |
+| `SANTACPU_Q8_0_X` | `int16`: q8_0's products keep x as int16 on every CPU (the same bits everywhere, its lowest KL divergence); `auto`: as the CPU's target chooses (int8 for the layer matrices on VNNI CPUs, for prompt speed) | `auto` |
 | `SANTACPU_API_KEY` | the key `santacpu serve` requires when `--api-key`/`--api-key-file` give none | none |
 
 Each reader asks `Settings.from_environment()` when it needs the values: `load()` for the kernel
@@ -26,6 +27,7 @@ from .errors import SantacpuError
 MODEL_ENV = "SANTACPU_MODEL"
 CACHE_ENV = "SANTACPU_CACHE"
 INT_DOT_ENV = "SANTACPU_INT_DOT"
+Q8_0_X_ENV = "SANTACPU_Q8_0_X"
 API_KEY_ENV = "SANTACPU_API_KEY"
 
 
@@ -47,6 +49,7 @@ class Settings:
     cache_dir: Path
     integer_kernels: bool
     api_key: str | None = None  # None: the server requires no key
+    q8_0_int16: bool = False  # q8_0's x as int16 on every target (SANTACPU_Q8_0_X=int16)
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -62,6 +65,7 @@ class Settings:
             cache_dir=cache,
             integer_kernels=_choice(env, INT_DOT_ENV, ("0", "1"), "1") == "1",
             api_key=env.get(API_KEY_ENV) or None,
+            q8_0_int16=_choice(env, Q8_0_X_ENV, ("auto", "int16"), "auto") == "int16",
         )
 
 

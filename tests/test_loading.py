@@ -961,9 +961,15 @@ def test_settings_come_from_the_environment_and_bad_values_are_refused(tmp_path,
     settings = Settings.from_environment({"SANTACPU_CACHE": "~/c", "SANTACPU_MODEL": "m", "SANTACPU_INT_DOT": "0"})
     assert settings.cache_dir == Path("~/c").expanduser() and settings.model == "m" and not settings.integer_kernels
     defaults = Settings.from_environment({"XDG_CACHE_HOME": "/x"})
-    assert defaults == Settings(model=None, cache_dir=Path("/x/santacpu"), integer_kernels=True)
+    assert defaults == Settings(model=None, cache_dir=Path("/x/santacpu"), integer_kernels=True, q8_0_int16=False)
+    assert Settings.from_environment({"SANTACPU_Q8_0_X": "int16"}).q8_0_int16
+    assert not Settings.from_environment({"SANTACPU_Q8_0_X": "auto"}).q8_0_int16
     monkeypatch.setenv("SANTACPU_INT_DOT", "no")
     with pytest.raises(SantacpuError, match="SANTACPU_INT_DOT='no' is not understood"):
+        santacpu.load(helpers.tiny_checkpoint(), quant="none")
+    monkeypatch.setenv("SANTACPU_INT_DOT", "1")
+    monkeypatch.setenv("SANTACPU_Q8_0_X", "int8")
+    with pytest.raises(SantacpuError, match="SANTACPU_Q8_0_X='int8' is not understood .choose auto or int16."):
         santacpu.load(helpers.tiny_checkpoint(), quant="none")
 
 

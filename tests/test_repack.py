@@ -272,6 +272,29 @@ def test_the_oracle_rounds_each_matrix_by_its_role():
     assert kernels.activation_rounding(None) == {}
 
 
+def test_q8_0_on_int16_x_everywhere_when_asked(tmp_path, monkeypatch):
+    # SANTACPU_Q8_0_X=int16: no q8_0 matrix rounds x to int8 whatever the target, so a VNNI CPU
+    # gives the AVX2 kernels' bits (compared where both run) and the oracle needs no role keys.
+    import santacpu
+    from santacpu.model import Model
+    from santacpu.network import reference
+
+    path = convert(tiny_checkpoint(), tmp_path / "q8_0.safetensors", qtype="q8_0", upgrade_budget=0).out
+    monkeypatch.setenv("SANTACPU_Q8_0_X", "int16")  # read by load()
+    model = santacpu.load(path, kv_cache="float32")
+    backend = model.engine.backend
+    assert backend.int8_x_roles == frozenset() and "int8 x" not in model.device
+    assert backend.activation_rounding() == kernels.activation_rounding(backend.target, frozenset())
+    assert not any(isinstance(k, tuple) for k in backend.activation_rounding())
+    ids = list(range(100, 140))
+    got = model.logits(ids)
+    want = reference.forward(model.weights, ids, backend.activation_rounding())
+    assert np.abs(got - want).max() <= 1e-3 * np.abs(want).max()
+    if BY_NAME["avx2"] in RUNNABLE:
+        avx2 = Model(model.weights, model.tokenizer, CpuBackend(target=BY_NAME["avx2"]), kv_cache="float32")
+        assert np.array_equal(avx2.logits(ids), got)
+
+
 def test_int8_x_roles_name_layer_matrices():
     # The roles are LayerWeights' matrix fields less "_weight" (the backend's and the reference
     # forward's names for them): a renamed field must not quietly leave a matrix on int16 x.

@@ -90,15 +90,19 @@ def start_thread_pool() -> None:
 class CpuBackend:
     name = "cpu"
 
-    def __init__(self, integer_kernels: bool = True, target: CpuTarget | None = None):
+    def __init__(self, integer_kernels: bool = True, target: CpuTarget | None = None, q8_0_int16: bool = False):
         start_thread_pool()
         # Block-quantized products on the integer kernels where this CPU and the format have them;
         # False: always the float kernels (SANTACPU_INT_DOT=0). `target`: the row groups'
         # instruction set (default: this CPU's best, none where it has no integer instructions).
+        # `q8_0_int16`: q8_0 keeps int16 x in every matrix, whatever the target would round to
+        # int8 (SANTACPU_Q8_0_X=int16).
         self.integer_kernels = integer_kernels
         if target is not None and target not in runnable_targets():  # would abort LLVM or trap
             raise ValueError(f"this CPU cannot run the {target.name} kernels")
         self.target = (target or host_target()) if integer_kernels else None
+        # The matrices (LayerWeights roles) whose q8_0 products round x to int8.
+        self.int8_x_roles = frozenset() if q8_0_int16 or self.target is None else self.target.int8_x_roles
         self._pool_warm = False  # did the last matrix product run in Numba's pool, not BLAS?
         self._zero_bias: dict[int, np.ndarray] = {}  # n_out -> zeros, for weights without a bias
         self._numba_products: dict[int, bool] = {}  # id(weights) -> see _products_in_numba
@@ -139,7 +143,7 @@ class CpuBackend:
 
         def prepared(weight, role=None):
             if len(weight.shape) == 2:
-                return kernels.bind(weight, self.target, self.integer_kernels, role)
+                return kernels.bind(weight, self.target, self.integer_kernels, role in self.int8_x_roles)
             if self.target is not None and isinstance(weight, np.ndarray):
                 copy = np.array(weight)
                 release_mapped_pages(weight)
@@ -162,7 +166,7 @@ class CpuBackend:
     def activation_rounding(self) -> dict:
         """reference.forward's `rounded` that mirrors how this backend's prepared matrices round x
         (`kernels.activation_rounding`)."""
-        return kernels.activation_rounding(self.target)
+        return kernels.activation_rounding(self.target, self.int8_x_roles)
 
     def _bound(self, weight) -> kernels.Linear:
         """A prepared linear as it is; any other weight bound for this call (never repacked)."""

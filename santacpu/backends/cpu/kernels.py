@@ -115,14 +115,15 @@ def activation_levels(qtype: str) -> int | None:
     return int_dot.ACTIVATION_LEVELS[qtype] if has_integer_matmul(qtype) else None
 
 
-def activation_rounding(target: CpuTarget | None) -> dict:
+def activation_rounding(target: CpuTarget | None, int8_x_roles: frozenset[str] | None = None) -> dict:
     """reference.forward's `rounded` for a model prepared on `target` (None: the float kernels,
     x as it is): each row-group format's integer range, and ("q8_0", role): 127 for the roles
-    whose q8_0 products round x to int8 there."""
+    whose q8_0 products round x to int8 (default: the target's `int8_x_roles`)."""
     if target is None:
         return {}
     rounded: dict = {qtype: int_dot.ACTIVATION_LEVELS[qtype] for qtype in repack.FORMATS}
-    rounded.update({("q8_0", role): 127 for role in target.int8_x_roles})
+    roles = target.int8_x_roles if int8_x_roles is None else int8_x_roles
+    rounded.update({("q8_0", role): 127 for role in roles})
     return rounded
 
 
@@ -315,22 +316,21 @@ class SplitLinear(Linear):
         return out
 
 
-def bind(weight, target: CpuTarget | None, integer_kernels: bool = True, role: str | None = None) -> Linear:
+def bind(weight, target: CpuTarget | None, integer_kernels: bool = True, int8_x: bool = False) -> Linear:
     """`weight` (float32 or float16 [R, C], a QuantizedWeight, RowGroupWeight or SplitRowsWeight)
     with its products bound. With a `target`, block formats that have row groups are repacked into
-    them (a copy; the file's pages are released, see repack.group_rows); a q8_0 matrix whose
-    `role` (a LayerWeights field less "_weight") is among the target's int8_x_roles rounds x to
-    int8."""
+    them (a copy; the file's pages are released, see repack.group_rows); with `int8_x` a q8_0
+    weight's products round x to int8 (the backend's choice by role, `CpuTarget.int8_x_roles`)."""
     if isinstance(weight, Linear):
         return weight
     if isinstance(weight, SplitRowsWeight):
         parts = (weight.upgraded, weight.rest)
-        return SplitLinear(weight, tuple(bind(part, target, integer_kernels, role) for part in parts))
+        return SplitLinear(weight, tuple(bind(part, target, integer_kernels, int8_x) for part in parts))
     if isinstance(weight, repack.RowGroupWeight):
         return RowGroupLinear(weight, target)
     if isinstance(weight, QuantizedWeight):
         if target is not None and FORMAT_KERNELS[weight.qtype].repack:
-            int8_x = weight.qtype == "q8_0" and role in target.int8_x_roles
+            int8_x = int8_x and weight.qtype == "q8_0"
             return RowGroupLinear(repack.group_rows(weight, target.rows_per_group, int8_x, target.isa), target)
         return PackedLinear(weight, integer_kernels)
     if isinstance(weight, np.ndarray) and weight.ndim == 2 and weight.dtype == np.float32:

@@ -48,7 +48,7 @@ class CpuTarget:
 # q8_0 matrices whose products round x to int8 on the VNNI targets, where `vpdpbusd` takes it at
 # twice `vpdpwssd`'s rate: every layer matrix, so a prompt runs at the 4-bit tiles' rate; the LM
 # head (one token a prompt) keeps int16 x. q8_0's mean KL divergence stays below llama.cpp Q8_0's
-# (0.75-0.91x on the trained fixtures, against 0.4-0.5x with int16 x: docs/kernels.md). Elsewhere
+# (0.75-0.9x on the trained fixtures, against 0.4-0.5x with int16 x: docs/kernels.md). Elsewhere
 # int8 x would buy no speed (AVX2 has no 8-bit product that takes signed codes and signed x).
 INT8_X_ROLES = frozenset({"attn_c_attn", "attn_c_proj", "mlp_c_fc", "mlp_c_proj"})
 
