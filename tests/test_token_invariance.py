@@ -46,8 +46,12 @@ def test_lookup_after_other_requests_gives_the_plain_output(models, qtype):
 
 def test_the_device_names_the_kernels_that_run(models, monkeypatch):
     # `complete --verbose`, `bench` and the server's log say it: which instruction set's kernels
-    # a run used (a forced narrower target shows there), or why the float kernels serve.
-    assert santacpu.load(models["q4_0"]).device == f"cpu: integer kernels for {host_target().name}"
+    # a run used (a forced narrower target shows there), whether q8_0's layer matrices take int8 x
+    # there (the 4-bit file's upgraded matrices are q8_0), or why the float kernels serve.
+    model = santacpu.load(models["q4_0"])
+    roles = host_target().int8_x_roles
+    int8_x = any(getattr(layer, f"{role}_weight").qtype == "q8_0" for layer in model.weights.layers for role in roles)
+    assert model.device == f"cpu: integer kernels for {host_target().name}" + (" (q8_0's layer matrices on int8 x)" if int8_x else "")
     with monkeypatch.context() as patch:
         patch.setenv("SANTACPU_INT_DOT", "0")
         assert santacpu.load(models["q4_0"]).device == "cpu: float kernels (integer kernels turned off: SANTACPU_INT_DOT=0)"
@@ -71,4 +75,6 @@ def test_narrower_instruction_sets_too(isa, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.splitlines() == ["ok", isa, f"cpu: integer kernels for {TARGET_NAMES[isa]}"]
+    ok, ran, *devices = result.stdout.splitlines()  # the q8_0 file's line may add its int8 x
+    assert (ok, ran) == ("ok", isa)
+    assert {line.removesuffix(" (q8_0's layer matrices on int8 x)") for line in devices} == {f"cpu: integer kernels for {TARGET_NAMES[isa]}"}
