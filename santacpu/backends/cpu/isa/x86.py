@@ -58,15 +58,8 @@ def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool, starts=N
     n = lows[0].type.count // 4
     vec8, vec16, vec32 = ir.VectorType(I8, 4 * n), ir.VectorType(I16, 2 * n), ir.VectorType(I32, n)
     if _vnni(isa):
-        vpdpbusd = declare(builder, f"llvm.x86.avx512.vpdpbusd.{32 * n}", vec32, vec32, vec32, vec32)
-        result = []
-        for j, token in enumerate(tokens):
-            sums = ir.Constant(vec32, None) if starts is None else starts[j]
-            for v in range(4):
-                sums = builder.call(vpdpbusd, [sums, builder.bitcast(lows[v], vec32), token.word(4 * v)])
-                sums = builder.call(vpdpbusd, [sums, builder.bitcast(highs[v], vec32), token.word(16 + 4 * v)])
-            result.append(sums)
-        return result
+        pieces = [piece for v in range(4) for piece in ((lows[v], 4 * v), (highs[v], 16 + 4 * v))]
+        return _vpdpbusd_chains(builder, pieces, tokens, starts)
     pmaddubsw = declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
     pmaddwd = declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16)
     ones = splat(I16, 2 * n, 1)
@@ -156,13 +149,19 @@ def offset_byte_sums(builder, isa: int, codes, tokens, starts):
     (<4n x i8>) holds values 4k..4k+3 of each row plus 128 (unsigned, as `vpdpbusd` takes its
     first operand), so each token's chain of 8 `vpdpbusd` starts from `starts[j]` = -128 x the
     token's block sum of x (at most 32 x 255 x 127 in a lane: exact)."""
-    n = codes[0].type.count // 4
+    return _vpdpbusd_chains(builder, [(codes[k], 4 * k) for k in range(8)], tokens, starts)
+
+
+def _vpdpbusd_chains(builder, pieces, tokens, starts):
+    """Each token's chain of `vpdpbusd` over `pieces` ((<4n x i8> unsigned codes, block offset of
+    the 4 x values they meet)), from its `starts[j]` (None: 0): <n x i32> sums, one per token."""
+    n = pieces[0][0].type.count // 4
     vec32 = ir.VectorType(I32, n)
     vpdpbusd = declare(builder, f"llvm.x86.avx512.vpdpbusd.{32 * n}", vec32, vec32, vec32, vec32)
     result = []
     for j, token in enumerate(tokens):
-        sums = starts[j]
-        for k in range(8):
-            sums = builder.call(vpdpbusd, [sums, builder.bitcast(codes[k], vec32), token.word(4 * k)])
+        sums = ir.Constant(vec32, None) if starts is None else starts[j]
+        for codes, offset in pieces:
+            sums = builder.call(vpdpbusd, [sums, builder.bitcast(codes, vec32), token.word(offset)])
         result.append(sums)
     return result
