@@ -12,7 +12,8 @@ of the Python files of its own folder's tree (`backends/cpu/` with `isa/`, ...) 
 `track_kernel_sources()` puts these locators ahead of Numba's own; each module with cached kernels
 calls it before its first `cache=True` decorator (Numba picks a function's locator there). Where a
 Numba lacks the internals used (`CacheImpl._locator_classes`, the locator classes below), it
-leaves Numba as it is.
+leaves Numba as it is. It also has the first compile of a santacpu function in a process say so
+on stderr (`COMPILE_NOTICE`): a first run compiles for some 20 seconds, which had passed in silence.
 
 May import: numba, the standard library.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import sys
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _SHARED = os.path.join(_PACKAGE, "formats")  # constants and helpers every kernel package may use
@@ -67,9 +69,14 @@ def _with_sources(base: type) -> type:
     return Locator
 
 
+COMPILE_NOTICE = "santacpu: compiling kernels for this CPU (once: Numba's cache keeps them for later runs)"
+
+
 @functools.cache
 def track_kernel_sources() -> bool:
-    """Install the locators (once a process); False where this Numba's internals differ."""
+    """Install the locators and the compile notice (once a process); False where this Numba's
+    internals differ."""
+    _announce_first_compile()
     try:
         from numba.core import caching
 
@@ -82,3 +89,27 @@ def track_kernel_sources() -> bool:
         return False
     impl._locator_classes = [_with_sources(base) for base in bases] + current
     return True
+
+
+def _announce_first_compile() -> None:
+    """Print COMPILE_NOTICE when Numba first compiles a santacpu function in this process (a
+    cache miss: loads from the cache send no compile event)."""
+    try:
+        from numba.core import event
+    except ImportError:
+        return
+
+    class FirstCompile(event.Listener):
+        said = False  # (not unregistered: Numba is iterating over its listeners when it calls this)
+
+        def on_start(self, started):
+            dispatcher = (started.data or {}).get("dispatcher")
+            code = getattr(getattr(dispatcher, "py_func", None), "__code__", None)
+            if not self.said and code is not None and _in_package(code.co_filename):
+                self.said = True
+                print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+
+        def on_end(self, ended):
+            pass
+
+    event.register("numba:compile", FirstCompile())

@@ -30,9 +30,9 @@ PROMPT, DECODE, FIM, REPEAT = 12, 5, 30, 2
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("SANTACPU_MODEL", None)
-    return subprocess.run(
+    return helpers.settled(subprocess.run(
         [sys.executable, "-m", "santacpu", *args], check=False, capture_output=True, env=env, timeout=300
-    )
+    ))
 
 
 @pytest.fixture(scope="module")

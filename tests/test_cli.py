@@ -73,7 +73,7 @@ def run(hf_home: Path, *args: str, stdin: bytes = b"", debug: bool = False) -> s
         COLUMNS="120",
     )
     command = [sys.executable, "-m", "santacpu", *(["--debug"] if debug else []), *args]
-    return subprocess.run(command, input=stdin, capture_output=True, env=env, timeout=120)
+    return helpers.settled(subprocess.run(command, input=stdin, capture_output=True, env=env, timeout=120))
 
 
 def ok(done: subprocess.CompletedProcess) -> str:

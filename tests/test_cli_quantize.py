@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import santacpu
-from helpers import line, tiny_checkpoint
+from helpers import line, settled, tiny_checkpoint
 from quantize.cache import cached_file_for
 
 PROMPT = "def fibonacci(n):"
@@ -22,8 +22,8 @@ PROMPT = "def fibonacci(n):"
 def run(*args: str, cache: Path, stdin: bytes = b"") -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", SANTACPU_CACHE=str(cache), PYTHONIOENCODING="utf-8", COLUMNS="120")
     env.pop("SANTACPU_MODEL", None)
-    return subprocess.run([sys.executable, "-m", "santacpu", *args], input=stdin, capture_output=True, env=env,
-                          timeout=300)
+    return settled(subprocess.run([sys.executable, "-m", "santacpu", *args], input=stdin, capture_output=True, env=env,
+                                  timeout=300))
 
 
 def one_error_line(done: subprocess.CompletedProcess, fragment: str, code: int = 1) -> None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -938,6 +940,33 @@ def test_serve_listens_before_a_first_use_quantization(tmp_path):
     finally:
         process.kill()
     assert process.returncode in (0, 130) and "Traceback" not in err, err
+
+
+# In a fresh process: Engine.warm_up (run by the server before it says it is ready) loads every
+# kernel signature that requests of every kind then use, so none compiles during a request.
+WARM_UP_COVERS = """
+import gc, sys
+from numba.core.dispatcher import Dispatcher
+import santacpu
+model = santacpu.load(sys.argv[1])
+def signatures():
+    return {(id(d), sig) for d in gc.get_objects() if isinstance(d, Dispatcher) for sig in d.overloads}
+model.engine.warm_up()
+warm = signatures()
+ids = [(7 * i) % 500 + 10 for i in range(model.config.n_positions - 8)]  # the tiny model's context: 64
+list(model.generate(ids, max_new_tokens=4))
+list(model.generate(ids[:24] + ids[:12], max_new_tokens=8, lookup=True))
+model.complete_many(["def f(", ("def g(", "\\n")], max_new_tokens=4, n=2)
+list(model.generate(ids[:20], max_new_tokens=4, temperature=0.8, top_k=5, top_p=0.9, seed=1))
+print(len(warm), len(signatures() - warm))
+"""
+
+
+def test_the_warm_up_loads_every_kernel_a_request_uses(quantized):
+    done = subprocess.run([sys.executable, "-c", WARM_UP_COVERS, str(quantized)], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    loaded, added = map(int, done.stdout.split())
+    assert loaded >= 5 and added == 0, done.stdout
 
 
 def test_serve_on_a_port_in_use_is_one_error_line_before_loading(quantized):

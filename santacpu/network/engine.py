@@ -36,6 +36,11 @@ from .weights import ModelWeights
 # prompt ([T, n_inner] fp32 is 32 MB at 1024) while keeping matrix-matrix products large.
 PREFILL_CHUNK = 512
 
+# `Engine.warm_up`'s prompt: long enough that SantaCoder's prompt kernels take their parallel
+# variants (the CPU backend picks serial ones for small work), short enough to cost well under a
+# second of a server's start.
+WARM_UP_PROMPT = 128
+
 # The KV cache's storage types: fp16 halves its memory and attention's reads (it rounds K and V
 # to 11 significant bits, see tests/test_kernels.py for the measured cost); fp32 is exact.
 KV_DTYPES = ("float16", "float32")
@@ -113,6 +118,22 @@ class Engine:
                 wanted.extend(range(first, row))
             logits = self._lm_head(hidden if len(wanted) == total else self.backend.take_rows(hidden, wanted))
         return [logits[a:b] for a, b in bounds]
+
+    def warm_up(self) -> None:
+        """Make each kind of forward that generation makes once, on throwaway caches, so that the
+        kernels they call are compiled (on a first run; else loaded from Numba's cache) before a
+        server's first request rather than during it: a prompt with every position's logits, a
+        decode step, drafted tokens checked against a cache, a batched step of two sequences."""
+        if self.config.n_positions < 6:  # (too short a context for the steps below)
+            return
+        n = min(WARM_UP_PROMPT, self.config.n_positions - 5)
+        ids = [i % self.config.vocab_size for i in range(n)]
+        first, second = self.new_cache(n + 5), self.new_cache(4)
+        self.forward(first, ids, all_logits=True)
+        self.forward(first, ids[:1])
+        self.forward(first, ids[:3], all_logits=True)
+        self.forward(second, ids[:1])
+        self.forward_batch([first, second], [ids[:1], ids[:2]], [False, True])
 
     def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool, first_logit: int) -> np.ndarray:
         pieces = []
