@@ -13,7 +13,7 @@ of the Python files of its own folder's tree (`backends/cpu/` with `isa/`, ...) 
 calls it before its first `cache=True` decorator (Numba picks a function's locator there). Where a
 Numba lacks the internals used (`CacheImpl._locator_classes`, the locator classes below), it
 leaves Numba as it is. It also has the first compile of a santacpu function in a process say so
-on stderr (`COMPILE_NOTICE`): a first run compiles for some 20 seconds, which had passed in silence.
+on stderr (`COMPILE_NOTICE`): a first run compiles for tens of seconds, which had passed in silence.
 
 May import: numba, the standard library.
 """
