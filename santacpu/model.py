@@ -116,6 +116,13 @@ class Model:
     def engine(self, engine: Engine) -> None:
         self._shared.engine = engine
 
+    def warm_up(self) -> None:
+        """Run each kind of forward a generation makes once (a prompt, a decode step, drafted
+        tokens, a batched step), on caches of its own: a first run compiles the kernels here,
+        later runs load them from Numba's cache, so a server's first request pays for neither.
+        Leaves the prompt cache as it was."""
+        self.engine.warm_up()
+
     def clear_prompt_cache(self) -> None:
         """Free the kept KV cache (the next request computes its whole prompt)."""
         self._shared.clear()

@@ -87,6 +87,15 @@ def test_a_request_sharing_a_prefix_computes_only_the_new_tokens(model, fresh):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_a_warm_up_leaves_the_kept_cache_as_it_was(fresh):
+    model = santacpu.load(tiny_checkpoint(), quant="none")
+    first = run(model, PROMPT)
+    model.warm_up()  # its forwards run on caches of their own
+    second = PROMPT + first[:3] + [17, 18]
+    assert run(model, second, lookup=False) == run(fresh, second)
+    assert model.last_stats.reused_tokens == len(PROMPT) + 3
+
+
 def test_a_request_that_is_a_strict_prefix_recomputes_its_last_token(model, fresh):
     run(model, PROMPT)
     for cut in (len(PROMPT), 20, 1):  # the same prompt again, a shorter one, a single token

@@ -942,7 +942,7 @@ def test_serve_listens_before_a_first_use_quantization(tmp_path):
     assert process.returncode in (0, 130) and "Traceback" not in err, err
 
 
-# In a fresh process: Engine.warm_up (run by the server before it says it is ready) loads every
+# In a fresh process: Model.warm_up (run by the server before it says it is ready) loads every
 # kernel signature that requests of every kind then use, so none compiles during a request.
 WARM_UP_COVERS = """
 import gc, sys
@@ -951,7 +951,7 @@ import santacpu
 model = santacpu.load(sys.argv[1])
 def signatures():
     return {(id(d), sig) for d in gc.get_objects() if isinstance(d, Dispatcher) for sig in d.overloads}
-model.engine.warm_up()
+model.warm_up()
 warm = signatures()
 ids = [(7 * i) % 500 + 10 for i in range(model.config.n_positions - 8)]  # the tiny model's context: 64
 list(model.generate(ids, max_new_tokens=4))

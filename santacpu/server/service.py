@@ -74,7 +74,7 @@ class ServerState:
         self.load_started = time.perf_counter()
         try:
             model = self._load_model()
-            model.engine.warm_up()  # a first run's kernel compile, here and not in the first request
+            model.warm_up()  # a first run's kernel compile, here and not in the first request
         except SantacpuError:
             self.load_failed = True
             raise
