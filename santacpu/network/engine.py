@@ -37,8 +37,8 @@ from .weights import ModelWeights
 PREFILL_CHUNK = 512
 
 # `Engine.warm_up`'s prompt: long enough that SantaCoder's prompt kernels take their parallel
-# variants (the CPU backend picks serial ones for small work), short enough to cost well under a
-# second of a server's start.
+# variants (the CPU backend picks serial ones for small work), short enough to add about a second
+# to a server's start.
 WARM_UP_PROMPT = 128
 
 # The KV cache's storage types: fp16 halves its memory and attention's reads (it rounds K and V
