@@ -969,6 +969,23 @@ def test_the_warm_up_loads_every_kernel_a_request_uses(quantized):
     assert loaded >= 5 and added == 0, done.stdout
 
 
+def test_a_model_that_computes_nan_ends_the_server_before_ready(quantized, tmp_path):
+    # The warm-up runs the model before "ready": damaged weights are one error line then, not an
+    # error in every request after it.
+    import numpy as np
+
+    from helpers import rewrite_safetensors, run_santacpu
+
+    def poison(tensors):
+        tensors["wte.d"][7, 1] = np.nan  # an LM head row's scale
+
+    nan = rewrite_safetensors(quantized, tmp_path / "nan.safetensors", tensors=poison)
+    done = run_santacpu("serve", "--model", nan, "--port", free_port(), timeout=60)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and "Traceback" not in err and "serve: ready" not in done.stdout.decode(), err
+    assert len(err.splitlines()) == 1 and err.startswith("santacpu: error: the model computed values that are not finite"), err
+
+
 def test_serve_on_a_port_in_use_is_one_error_line_before_loading(quantized):
     import socket
 
