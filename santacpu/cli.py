@@ -827,6 +827,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     """Run the command line (`argv`: the arguments after the program name; default sys.argv[1:])."""
     warnings.showwarning = _show_warning
     signal.signal(signal.SIGTERM, _raise_terminated)
+    if sys.stderr is None:  # started with standard error closed (`2>&-`): print() would write messages to stdout
+        sys.stderr = open(os.devnull, "w", encoding="utf-8")
     if sys.stdout is None:  # started with standard output closed (`>&-`): writing it is the error
         sys.stdout = _ClosedOutput()
     elif sys.stdout is sys.__stdout__ and type(sys.stdout) is io.TextIOWrapper:  # (not a test's capture)

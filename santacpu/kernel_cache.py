@@ -107,7 +107,11 @@ def _announce_first_compile() -> None:
             code = getattr(getattr(dispatcher, "py_func", None), "__code__", None)
             if not self.said and code is not None and _in_package(code.co_filename):
                 self.said = True
-                print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+                try:  # never the compile's failure: a closed or full stderr only loses the line
+                    if sys.stderr is not None:  # (print(file=None) would write it to stdout)
+                        print(COMPILE_NOTICE, file=sys.stderr, flush=True)
+                except (OSError, ValueError):
+                    pass
 
         def on_end(self, ended):
             pass

@@ -512,6 +512,17 @@ def test_options_that_would_be_ignored_are_warned_about(tmp_path, tiny, quantize
                         "--top-p", "0.9", "--seed", "1").stderr == b""
 
 
+def test_messages_never_reach_standard_output_when_standard_error_is_closed(quantized):
+    # Python starts with sys.stderr = None when fd 2 is closed (`2>&-`), and print(file=None)
+    # writes to stdout: the warning (and a first run's compile notice) had led the completion.
+    args = ("complete", PROMPT, "--model", quantized, "--max-new-tokens", "4", "--temperature", "0.5", "--seed", "2", "--lookup")
+    want = run_santacpu(*args)
+    assert want.returncode == 0 and want.stderr.startswith(b"santacpu: warning: --lookup is ignored")
+    done = subprocess.run([sys.executable, "-m", "santacpu", *map(str, args)], stdout=subprocess.PIPE,
+                          env=helpers.santacpu_env(None), timeout=120, preexec_fn=lambda: os.close(2))
+    assert done.returncode == 0 and done.stdout == want.stdout
+
+
 def test_text_from_a_file_or_standard_input_is_bounded(tmp_path, quantized):
     # /dev/zero (or a runaway pipe) as the prompt grew until memory ran out, with a traceback.
     (tmp_path / "suffix.py").write_text("x = 1\n")
