@@ -367,4 +367,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):  # no parser: print what it does, before it writes or runs anything
+        sys.exit(print(__doc__.strip()))
     sys.exit(main(sys.argv[1:]))

@@ -586,4 +586,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):  # no parser: print what it does, before it writes or runs anything
+        sys.exit(print(__doc__.strip()))
     sys.exit(main())
