@@ -67,7 +67,7 @@ from ...formats.blocks import QK, QuantizedWeight
 from ...formats.safetensors_io import release_mapped_pages
 from ...kernel_cache import track_kernel_sources
 from .cpu_kernels import FASTMATH, f16_to_f32
-from .int_dot import block_rounding
+from .int_dot import ACTIVATION_LEVELS, block_rounding
 from .isa import VNNI256, VNNI512, for_isa
 from .isa.llvm_ir import F32, I8, I16, I32, broadcast, declare, literal, load_vector, splat
 from .target import TARGETS, CpuTarget, runnable_targets
@@ -134,7 +134,7 @@ class RowGroupWeight:
     @property
     def x_levels(self) -> int:
         """The integer range its products round x to per block (reference.round_activations)."""
-        return 32767 if self.qtype == "q8_0" and not self.int8_x else 127
+        return 127 if self.int8_x else ACTIVATION_LEVELS[self.qtype]
 
     @property
     def nbytes(self) -> int:
@@ -303,7 +303,7 @@ def _round_impl(fmt, isa, x, first, last, xq, xfix, xdx):
     if literal(fmt) is None or literal(isa) is None:
         return None
     if takes_int16_x(literal(fmt), literal(isa)):
-        levels = 127 if literal(fmt) == Q8_0_INT8_X else 32767
+        levels = 127 if literal(fmt) == Q8_0_INT8_X else ACTIVATION_LEVELS["q8_0"]
         return lambda fmt, isa, x, first, last, xq, xfix, xdx: round_natural_words(x, xq, xdx, first, last, levels)
     return lambda fmt, isa, x, first, last, xq, xfix, xdx: round_natural(x, xq, xfix, xdx, first, last)
 
