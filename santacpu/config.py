@@ -114,6 +114,8 @@ class Config:
         problem = config.size_problem() or config.kind_problem()
         if problem:
             raise SantacpuError(f"its config: {problem}")
+        if not 0 <= config.eos_token_id < config.vocab_size:  # generation would never stop at it
+            raise SantacpuError(f"its config field 'eos_token_id' is {config.eos_token_id}, not a token id below vocab_size {config.vocab_size}")
         return config
 
     def size_problem(self) -> str | None:

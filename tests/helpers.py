@@ -103,6 +103,9 @@ HAND_EDITS = [
     pytest.param(lambda m: edit_json(m, "config", lambda c: {**c, "layer_norm_epsilon": float("nan")}),
                  "field 'layer_norm_epsilon' is NaN, not a number in (0, 1)", id="epsilon-nan"),
     pytest.param(lambda m: m.update(tokenizer="{not json"), "the tokenizer in", id="tokenizer-corrupt"),
+    # Found by mutating files: generation never stopped, and perplexity blamed a token id.
+    pytest.param(lambda m: edit_json(m, "config", lambda c: {**c, "eos_token_id": 98304}),
+                 "field 'eos_token_id' is 98304, not a token id below vocab_size", id="eos-outside"),
 ]
 
 def overlapping_copy(src: Path, dest: Path) -> Path:

@@ -398,6 +398,13 @@ def test_overlapping_tensors_and_nan_weights(tmp_path, quantized, code_file):
         one_error_line(run_santacpu(*args), "not finite")
     one_error_line(run_santacpu("info", nan), "tensor 'wte' holds NaN or infinite values")
 
+    def poison_inside(tensors):
+        tensors["h.0.ln_2_bias"][5] = np.nan  # one channel of the first MLP's input: the integer
+        # kernels' rounding of x had turned it into a finite value, and the output into nonsense
+
+    inside = rewrite_safetensors(quantized, tmp_path / "nan-inside.safetensors", tensors=poison_inside)
+    one_error_line(run_santacpu("complete", PROMPT, "--model", inside, "--max-new-tokens", "8"), "not finite")
+
 
 def test_quantizing_a_quantized_file(tmp_path, quantized):
     out = tmp_path / "again.safetensors"

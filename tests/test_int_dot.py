@@ -172,6 +172,29 @@ def test_many_tokens_through_the_matrix_kernel(name, T):
         assert np.array_equal(alone, out[t])
 
 
+@pytest.mark.parametrize("name", int_dot.FORMATS)
+def test_a_nan_in_x_makes_its_tokens_products_nan(name):
+    # A NaN rounds to a finite integer: the block's scale carries it instead, so the token's
+    # products are NaN as in float arithmetic (tests/test_repack.py checks the row groups).
+    from santacpu.formats.blocks import FORMATS
+    from santacpu.backends.cpu import kernels
+
+    if not kernels.has_integer_matmul(name):
+        pytest.skip("no integer kernels on this CPU")
+    rng = np.random.default_rng(7)
+    rows, cols = 9, 7 * 32
+    parts = FORMATS[name].quantize(rng.standard_normal((rows, cols)).astype(np.float32))
+    x = rng.standard_normal((5, cols)).astype(np.float32)
+    x[3, 100] = np.nan
+    bias = np.zeros(rows, np.float32)
+    out = np.empty((5, rows), np.float32)
+    kernels.matmul_few(name, parts, x, bias, out)
+    assert np.isnan(out[3]).all() and np.isfinite(np.delete(out, 3, axis=0)).all()
+    alone = np.empty(rows, np.float32)
+    kernels.matvec(name, parts, x[3], bias, alone)
+    assert np.isnan(alone).all()
+
+
 def test_blas_is_single_threaded_only_inside_the_block():
     import threadpoolctl
 

@@ -204,6 +204,28 @@ def test_q8_0_at_the_edges_of_its_integers(target, levels):
     assert np.array_equal(out, portable)
 
 
+@pytest.mark.parametrize("target", TARGET_PARAMS)
+@pytest.mark.parametrize("kernel", repack.KERNEL_IDS)
+@pytest.mark.parametrize("T,poisoned", [(1, 0), (11, 9)])
+def test_a_nan_in_x_makes_its_tokens_products_nan(target, kernel, T, poisoned):
+    # As in float arithmetic (and the NumPy oracle): a NaN in a token's x makes every one of its
+    # products NaN, not the finite value a NaN rounds to, which would hide damaged weights from
+    # the engine's check. The other tokens' products stay as they were.
+    qtype, int8_x = kernel.split("-")[0], kernel.endswith("int8x")
+    rows, cols = 21, 3 * 32
+    grouped = repack.group_rows(weight_of(qtype, rows, cols), target.rows_per_group, int8_x, target.isa)
+    x = np.random.default_rng(T).standard_normal((T, cols)).astype(np.float32)
+    bias = np.zeros(rows, np.float32)
+    clean = np.empty((T, rows), np.float32)
+    repack.matmul(grouped, x, bias, clean, target)
+    x[poisoned, 40] = np.nan
+    out = np.empty((T, rows), np.float32)
+    repack.matmul(grouped, x, bias, out, target)
+    assert np.isnan(out[poisoned]).all()
+    others = np.arange(T) != poisoned
+    assert np.array_equal(out[others], clean[others])
+
+
 @pytest.mark.parametrize("n", repack.GROUP_SIZES)
 @pytest.mark.parametrize("kernel", repack.KERNEL_IDS)
 def test_rows_read_back_from_the_groups(kernel, n):

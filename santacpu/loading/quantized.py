@@ -113,8 +113,8 @@ def named_tensors(weights: ModelWeights) -> dict[str, object]:
 def nonfinite_tensor(weights: ModelWeights) -> str | None:
     """The name of the first tensor holding a NaN or an infinity among its float values (a
     quantized tensor's scales), or None. A pass over every float part: for `info`, not for `load`
-    (the integer kernels can turn NaN activations into finite garbage, so generation alone may
-    not notice)."""
+    (there, a NaN that reaches the hidden state ends generation with `engine.check_finite`'s
+    error)."""
     for name, tensor in named_tensors(weights).items():
         if isinstance(tensor, SplitRowsWeight):
             parts = [*tensor.upgraded.parts.values(), *tensor.rest.parts.values()]

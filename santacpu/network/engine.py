@@ -53,9 +53,9 @@ def check_kv_dtype(kv_dtype: str) -> None:
 
 def check_finite(values: np.ndarray) -> np.ndarray:
     """`values` (hidden states or logits) if every one is finite; else the weights are damaged (a
-    NaN, or values that overflow), and going on would only pick garbage tokens. (The integer
-    kernels round activations to integers, which can turn a NaN into finite nonsense: hence the
-    check on the hidden state before the LM head, not only on the logits.)"""
+    NaN, or values that overflow), and going on would only pick garbage tokens. The integer
+    kernels carry a NaN of x into their products as float arithmetic does (`int_dot.block_rounding`),
+    so a NaN anywhere in the network reaches the hidden state checked before the LM head."""
     if not np.isfinite(values).all():
         raise SantacpuError(
             "the model computed values that are not finite (NaN or infinity): its weights hold NaN or "

@@ -361,11 +361,18 @@ def _tile(typingctx, parts, xq, xfix, xdx, row, token, n_steps, out, n_rows, n_t
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
 def block_rounding(x, t, c0, levels):
-    """(scale, 1 / scale or 0) rounding the block x[t, c0:c0+32] to integers in -levels..levels."""
+    """(scale, 1 / scale or 0) rounding the block x[t, c0:c0+32] to integers in -levels..levels.
+    A NaN in the block makes the scale NaN, so every product it enters is NaN as in float
+    arithmetic (`max` skips a NaN, whose rounding would then be a finite integer: damaged weights
+    would give finite nonsense that `engine.check_finite` cannot see)."""
     amax = np.float32(0.0)
+    nan = False
     for j in range(QK):
-        amax = max(amax, abs(x[t, c0 + j]))
-    return amax / np.float32(levels), (np.float32(levels) / amax if amax > 0 else np.float32(0.0))
+        value = abs(x[t, c0 + j])
+        amax = max(amax, value)
+        nan |= value != value
+    scale = np.float32(np.nan) if nan else amax / np.float32(levels)
+    return scale, (np.float32(levels) / amax if amax > 0 else np.float32(0.0))
 
 
 @njit(fastmath=FASTMATH, cache=True)
