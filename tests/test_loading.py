@@ -712,6 +712,16 @@ def test_tensor_with_the_wrong_shape(tmp_path, name, shape):
     assert f"'{name}'" in message and str(list(shape)) in message, message
 
 
+@pytest.mark.parametrize("name, dtype", [("transformer.h.0.mlp.c_fc.bias", np.int32), ("transformer.wte.weight", np.uint8)])
+def test_a_tensor_of_integers_is_refused(tmp_path, name, dtype):
+    # An int32 bias of float32's size had loaded as floats of its integer values: nonsense output.
+    folder = helpers.copy_checkpoint(tmp_path / "ckpt")
+    tensors = all_tensors(folder / "model.safetensors")
+    tensors[name] = tensors[name].view(np.int32).astype(dtype)
+    write_safetensors(folder / "model.safetensors", tensors)
+    assert load_error(folder) == f"tensor '{name}' holds {np.dtype(dtype)} values, not floating-point weights (a damaged or wrong checkpoint)"
+
+
 @pytest.mark.parametrize("layout, name", [("gpt_bigcode", "transformer.ln_f.bias"), ("legacy", "transformer.h.1.attn.kv_attn.weight")])
 def test_missing_tensor(tmp_path, layout, name):
     folder = helpers.copy_checkpoint(tmp_path / "ckpt", layout=layout)

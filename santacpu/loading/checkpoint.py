@@ -161,6 +161,9 @@ class _LayoutReader:
             raise SantacpuError(
                 f"tensor '{full}' has shape {list(found)} but config.json implies {list(shape)}"
             )
+        kind = self.source.dtype(full)
+        if kind.kind != "f":  # integers would be read as weights of their own values: nonsense, not an error
+            raise SantacpuError(f"tensor '{full}' holds {kind} values, not floating-point weights (a damaged or wrong checkpoint)")
         return self.source.array(full)
 
     def matrix(
