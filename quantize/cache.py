@@ -3,7 +3,8 @@
 that file afterwards (a q8_0 SantaCoder is a quarter of the fp32 download, memory-mapped). `runnable_model`
 is the one policy every caller applies (`santacpu.load`, and through it the command line, the
 server and the evaluation harness): what to load for a model name and a quantization choice.
-`cache_entries` and `clear_cache` are `santacpu cache list` and `santacpu cache clear`.
+`cache_entries` and `clear_cache` are `santacpu cache list` and `santacpu cache clear` (the
+calibrations `santacpu quantize` keeps in the same folder, `calibration_cache`, included).
 
 Cache folder: $SANTACPU_CACHE, else $XDG_CACHE_HOME/santacpu, else ~/.cache/santacpu. A cached
 file is keyed by the source folder, the size and modification time of its weight files, the
@@ -13,8 +14,9 @@ a file damaged since, a scale or full-precision value turned NaN) is made again,
 that names it. A cache that cannot be written (read-only, full, or a file where the folder should
 be) is a one-line error that says what to do.
 
-May import: `santacpu` (loading, formats, foundation modules) and `quantize.pipeline` and
-`quantize.calibration` (the file is made as `santacpu quantize` makes it, with its defaults).
+May import: `santacpu` (loading, formats, foundation modules) and `quantize.pipeline`,
+`quantize.calibration` (the file is made as `santacpu quantize` makes it, with its defaults) and
+`quantize.calibration_cache`.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from santacpu.loading.quantized import nonfinite_tensor, read_quantized
 from santacpu.loading.source import hub_revision, resolve
 from santacpu.settings import CACHE_ENV, Settings
 
+from . import calibration_cache
 from .calibration import DEFAULT_CALIBRATION_TOKENS, calibration_texts
 from .pipeline import default_calibration, run_quantize
 
@@ -78,8 +81,8 @@ def _cache_files() -> list[Path]:
         raise SantacpuError(f"the quantization cache {folder} is not a folder (see {CACHE_ENV})")
     if not folder.is_dir():
         return []
-    return [path for path in folder.iterdir()
-            if (path.is_file() or path.is_symlink()) and _CACHED_NAME.fullmatch(partial_target(path.name) or path.name)]
+    return [path for path in folder.iterdir() if (path.is_file() or path.is_symlink()) and any(
+        name.fullmatch(partial_target(path.name) or path.name) for name in (_CACHED_NAME, calibration_cache.FILE_NAME))]
 
 
 def first_use_calibration(qtype: str) -> str:
@@ -187,7 +190,11 @@ def cache_entries() -> list[CacheEntry]:
         problem = describe_partial(path.name)  # (not read: a partial file's header may be whole)
         if problem is None and not path.exists():
             problem = "a symbolic link that leads nowhere"
-        if problem is None:
+        if problem is None and calibration_cache.FILE_NAME.fullmatch(path.name):
+            found = calibration_cache.about(path)
+            qtype, source, created = "calibration", str(found.get("source", "?")), str(found.get("created", "?"))
+            problem = None if found else "unreadable"
+        elif problem is None:
             try:
                 _, meta = read_metadata(path)
                 qtype = str(meta["quantization"].get("type"))

@@ -17,6 +17,7 @@ from santacpu.loading.source import resolve
 from santacpu.tokenizer import Tokenizer
 
 from .calibration import SEQUENCE_TOKENS, calibration_texts, collect_importance, most_used_tokens, token_sequences
+from .calibration_cache import KeptCalibration
 from .converter import ConversionReport, check_output, check_size_target, check_source, convert, policy_for
 from .policy import FOUR_BIT_TYPES, ROW_UPGRADE_TYPE, parse_keep
 from .sensitivity import measure_upgrade_gains
@@ -33,13 +34,24 @@ def calibrate(src: str, revision: str | None, calibration: str, max_tokens: int,
     texts, note = calibration_texts(None if calibration == "stdlib" else calibration)
     n_ctx = min(SEQUENCE_TOKENS, reader.config.n_positions)
     sequences = token_sequences(texts, tokenizer, reader.config.eos_token_id, max_tokens, n_ctx)
-    print(f"santacpu: calibrating on {sum(map(len, sequences))} tokens from {note}", file=sys.stderr)
-    importance = collect_importance(reader, sequences)
+    tokens = sum(map(len, sequences))
+    kept = KeptCalibration(folder, reader.config, texts, sequences, n_ctx)
+    importance = kept.importance()
+    if importance is None:
+        print(f"santacpu: calibrating on {tokens} tokens from {note}", file=sys.stderr)
+        importance = collect_importance(reader, sequences)
+        kept.keep(importance)
     gains, most_used = None, None
     if measure_for is not None:
-        most_used = most_used_tokens(texts, tokenizer, reader.config.eos_token_id, reader.config.vocab_size)
-        gains = measure_upgrade_gains(reader, sequences, measure_for, importance, most_used)
-    return importance, gains, most_used, f"{note}, {sum(map(len, sequences))} tokens"
+        gains, most_used = kept.gains(measure_for), kept.most_used()
+        if gains is None or most_used is None:
+            most_used = most_used_tokens(texts, tokenizer, reader.config.eos_token_id, reader.config.vocab_size)
+            gains = measure_upgrade_gains(reader, sequences, measure_for, importance, most_used)
+            kept.keep(importance, gains, measure_for, most_used)
+    if kept.reused:
+        print(f"santacpu: {' and '.join(kept.reused)} of an earlier run on {tokens} tokens from {note} "
+              f"(kept in {kept.path.parent}: `santacpu cache clear` removes them)", file=sys.stderr)
+    return importance, gains, most_used, f"{note}, {tokens} tokens"
 
 
 def report_lines(report: ConversionReport, seconds: float | None = None, calibration_s: float = 0.0) -> list[str]:

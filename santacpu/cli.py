@@ -757,15 +757,16 @@ cache_app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     rich_markup_mode=None,
-    help="The quantization cache: the files first use writes (a full-precision model quantized once, "
-    "$SANTACPU_CACHE, else ~/.cache/santacpu).",
+    help="The quantization cache: the files first use writes (a full-precision model quantized once) and "
+    "the calibrations `quantize` keeps for its next runs ($SANTACPU_CACHE, else ~/.cache/santacpu).",
 )
 app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("list")
 def cache_list() -> None:
-    """List the cached quantizations: size, type, when made, the source each was made from."""
+    """List the cached quantizations, and the calibrations `quantize` kept: size, type, when made, the
+    source each was made from."""
     from quantize.cache import cache_dir, cache_entries
 
     entries = cache_entries()
@@ -791,7 +792,7 @@ def cache_clear(
     ),
     revision: Optional[str] = REVISION_OPTION,
 ) -> None:
-    """Remove cached quantizations (they are made again at the next first use)."""
+    """Remove cached quantizations (they are made again at the next first use) and kept calibrations."""
     from quantize.cache import cache_dir, clear_cache
 
     removed = clear_cache(model, revision)

@@ -6,8 +6,11 @@ The CUDA kernels run on Numba's CUDA simulator unless NUMBA_ENABLE_CUDASIM is se
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
@@ -21,6 +24,12 @@ os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 IN_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
 if IN_WORKER:
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# The quantization cache (first-use files, the calibrations `quantize` keeps) of this process and
+# the ones it starts: a folder of its own, removed at exit, never the user's ~/.cache/santacpu.
+# Tests that judge what the cache holds give themselves an empty one.
+os.environ["SANTACPU_CACHE"] = tempfile.mkdtemp(prefix="santacpu-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SANTACPU_CACHE"], True)
 
 import pytest
 

@@ -35,7 +35,8 @@ def one_error_line(done: subprocess.CompletedProcess, fragment: str, code: int =
 
 def test_quantize_then_info_then_complete(tmp_path):
     out = tmp_path / "tiny-q4_m.safetensors"
-    done = run("quantize", str(tiny_checkpoint()), str(out), "--type", "q4_m", "--keep", "h.0.*=q8_0", cache=tmp_path)
+    cache = tmp_path / "cache"
+    done = run("quantize", str(tiny_checkpoint()), str(out), "--type", "q4_m", "--keep", "h.0.*=q8_0", cache=cache)
     assert done.returncode == 0, done.stderr.decode()
     assert "bits/weight" in done.stderr.decode() and out.is_file()
 
@@ -47,10 +48,12 @@ def test_quantize_then_info_then_complete(tmp_path):
     digest = hashlib.sha256((tiny_checkpoint() / "model.safetensors").read_bytes()).hexdigest()
     assert f"model.safetensors  {digest}" in text and "revision        - (none asked for)" in text
 
-    completed = run("complete", PROMPT, "--model", str(out), "--max-new-tokens", "6", cache=tmp_path)
+    kept = list(cache.iterdir())  # the calibration, for the next quantization of this checkpoint
+    assert [p.name.startswith("calibration-gpt_bigcode-float32-mq-0-") for p in kept] == [True]
+    completed = run("complete", PROMPT, "--model", str(out), "--max-new-tokens", "6", cache=cache)
     assert completed.returncode == 0 and completed.stderr == b""
     assert completed.stdout.decode() == line(santacpu.load(out).complete(PROMPT, max_new_tokens=6))
-    assert list(tmp_path.iterdir()) == [out]  # a quantized file is run as is: nothing cached
+    assert list(cache.iterdir()) == kept  # a quantized file is run as is: nothing cached
 
     again = run("quantize", str(tiny_checkpoint()), str(out), cache=tmp_path)
     one_error_line(again, "--force")
