@@ -53,8 +53,8 @@ def matrix_columns(config: Config) -> dict[str, int]:
 
 
 class KeptCalibration:
-    """The kept results of one (checkpoint, calibration text) pair: `importance()`, `gains(qtype)`
-    and `most_used()` give them (None where not kept, or unusable), `keep(...)` stores more."""
+    """The kept results of one (checkpoint, calibration text) pair: `importance()` and
+    `measured(qtype)` give them (None where not kept, or unusable), `keep(...)` stores more."""
 
     def __init__(self, folder: Path, config: Config, texts: list[str], sequences: list[list[int]], n_ctx: int):
         self.config = config
@@ -89,20 +89,16 @@ class KeptCalibration:
         self.reused.append("the importance statistics")
         return importance
 
-    def most_used(self) -> np.ndarray | None:
-        most_used = self._read().get("most_used")
-        if most_used is None:
+    def measured(self, qtype: str) -> tuple[dict[str, dict], np.ndarray] | None:
+        """(the upgrade gains measured for the 4-bit type `qtype`, the most used tokens they were
+        measured with), or None."""
+        text, most_used = self._read().get(f"gains/{qtype}"), self._read().get("most_used")
+        if text is None or most_used is None:
             return None
         if most_used.dtype != np.int64 or most_used.ndim != 1 or len(most_used) > self.config.vocab_size or not (
             (most_used >= 0).all() and (most_used < self.config.vocab_size).all() and len(np.unique(most_used)) == len(most_used)
         ):
             return self._unusable("its most used tokens are not distinct token ids")
-        return most_used
-
-    def gains(self, qtype: str) -> dict[str, dict] | None:
-        text = self._read().get(f"gains/{qtype}")
-        if text is None:
-            return None
         try:
             gains = json.loads(str(text))
             embedding = {int(k): v for k, v in gains.pop("wte", {}).items()}
@@ -115,14 +111,17 @@ class KeptCalibration:
         ) or not all(0 < k <= self.config.vocab_size for k in embedding):
             return self._unusable(f"its {qtype} gains do not fit the checkpoint")
         self.reused.append(f"the {qtype} upgrade gains")
-        return {**gains, **({"wte": embedding} if embedding else {})}
+        return {**gains, **({"wte": embedding} if embedding else {})}, most_used
 
     def keep(self, importance: dict[str, np.ndarray], gains: dict[str, dict] | None = None, qtype: str | None = None,
              most_used: np.ndarray | None = None) -> None:
         """Store `importance`, with the gains measured for `qtype` and the most used tokens when
-        given, beside the gains kept for other types; written whole, replacing the earlier file. A
-        cache that cannot be written is a warning: the quantization itself goes on."""
-        arrays = {name: a for name, a in self._read().items() if name.startswith("gains/")}
+        given, beside the gains kept for other types (which were measured with this importance:
+        without `gains` the importance is new, and nothing else of the earlier file is kept);
+        written whole, replacing the earlier file. A cache that cannot be written is a warning: the
+        quantization itself goes on."""
+        earlier = self._read() if gains is not None else {}
+        arrays = {name: a for name, a in earlier.items() if name.startswith("gains/")}
         arrays.update({f"importance/{name}": np.asarray(a, np.float32) for name, a in importance.items()})
         if most_used is not None:
             arrays["most_used"] = np.asarray(most_used, np.int64)

@@ -41,16 +41,15 @@ def calibrate(src: str, revision: str | None, calibration: str, max_tokens: int,
         print(f"santacpu: calibrating on {tokens} tokens from {note}", file=sys.stderr)
         importance = collect_importance(reader, sequences)
         kept.keep(importance)
-    gains, most_used = None, None
-    if measure_for is not None:
-        gains, most_used = kept.gains(measure_for), kept.most_used()
-        if gains is None or most_used is None:
-            most_used = most_used_tokens(texts, tokenizer, reader.config.eos_token_id, reader.config.vocab_size)
-            gains = measure_upgrade_gains(reader, sequences, measure_for, importance, most_used)
-            kept.keep(importance, gains, measure_for, most_used)
-    if kept.reused:
+    measured = kept.measured(measure_for) if measure_for is not None else None
+    gains, most_used = measured or (None, None)
+    if kept.reused:  # (said before the measurement that may still run)
         print(f"santacpu: {' and '.join(kept.reused)} of an earlier run on {tokens} tokens from {note} "
               f"(kept in {kept.path.parent}: `santacpu cache clear` removes them)", file=sys.stderr)
+    if measure_for is not None and measured is None:
+        most_used = most_used_tokens(texts, tokenizer, reader.config.eos_token_id, reader.config.vocab_size)
+        gains = measure_upgrade_gains(reader, sequences, measure_for, importance, most_used)
+        kept.keep(importance, gains, measure_for, most_used)
     return importance, gains, most_used, f"{note}, {tokens} tokens"
 
 

@@ -376,9 +376,11 @@ def test_a_child_dies_with_the_bench_killed_outright(tmp_path):
     if not sys.platform.startswith("linux"):
         pytest.skip("PR_SET_PDEATHSIG is Linux's")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    bench = subprocess.Popen([sys.executable, "-m", "santacpu", "bench", str(helpers.tiny_checkpoint()), "--quant", "none",
-                              "--parts", "speed", "--repeat", "1000", "--threads", "1"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    messages = tmp_path / "bench-stderr"  # (said by an assertion that fails)
+    with open(messages, "wb") as stderr:
+        bench = subprocess.Popen([sys.executable, "-m", "santacpu", "bench", str(helpers.tiny_checkpoint()), "--quant",
+                                  "none", "--parts", "speed", "--repeat", "1000", "--threads", "1"], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=stderr)
     children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
 
     def speed_child():  # (the file-read-speed child runs first, briefly)
@@ -391,9 +393,9 @@ def test_a_child_dies_with_the_bench_killed_outright(tmp_path):
     deadline = time.monotonic() + 120
     while (child := speed_child()) is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert child is not None
+    assert child is not None, messages.read_text(errors="replace")
     time.sleep(1.0)  # well inside the child's thousand runs
-    assert Path(f"/proc/{child}").exists()
+    assert Path(f"/proc/{child}").exists(), (bench.poll(), messages.read_text(errors="replace"))
     bench.kill()
     bench.wait()
     deadline = time.monotonic() + 10

@@ -111,6 +111,17 @@ def test_a_damaged_kept_calibration_is_computed_again(tmp_path, calls, damage, w
     assert (calls["importance"], calls["gains"]) == (2, 2)
 
 
+def test_damaged_gains_are_measured_again_with_the_importance_kept(tmp_path, calls):
+    first = quantized(tiny_checkpoint(), tmp_path / "a.safetensors")
+    [kept] = kept_files()
+    with np.load(kept) as members:
+        arrays = {name: members[name] for name in members.files}
+    np.savez(kept, **{**arrays, "gains/q4_m": np.array('{"h.0.mlp_c_fc_weight": {"q8_0": -1.0}}')})
+    with pytest.warns(SantacpuWarning, match="its q4_m gains do not fit the checkpoint"):
+        again = quantized(tiny_checkpoint(), tmp_path / "b.safetensors")
+    assert (calls["importance"], calls["gains"]) == (1, 2) and same(first, again)
+
+
 def test_a_changed_checkpoint_is_calibrated_again(tmp_path, calls):
     folder = copy_checkpoint(tmp_path / "ckpt")
     quantized(folder, tmp_path / "a.safetensors")
