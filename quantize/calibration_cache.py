@@ -34,7 +34,7 @@ from santacpu.atomic_file import atomic_output
 from santacpu.config import Config
 from santacpu.errors import SantacpuError, SantacpuWarning, os_problem
 from santacpu.kernel_cache import sources_digest
-from santacpu.settings import Settings
+from santacpu.settings import CACHE_ENV, Settings
 
 _PACKAGE = Path(__file__).resolve().parent.parent
 # The code whose results are kept: a change in any of these computes them again.
@@ -133,10 +133,13 @@ class KeptCalibration:
         if self._unwritable:
             return
         try:
+            folder = self.path.parent
+            if folder.exists() and not folder.is_dir():
+                raise SantacpuError(f"the quantization cache {folder} is not a folder (see {CACHE_ENV})")
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                folder.mkdir(parents=True, exist_ok=True)
             except OSError as problem:
-                raise SantacpuError(f"cannot make the folder {self.path.parent}: {os_problem(problem)}") from None
+                raise SantacpuError(f"cannot make the folder {folder}: {os_problem(problem)}") from None
             with atomic_output(self.path) as f:
                 np.savez(f, **arrays)
         except SantacpuError as problem:

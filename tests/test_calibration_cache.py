@@ -139,6 +139,17 @@ def test_a_change_in_the_code_that_calibrates_is_calibrated_again(tmp_path, call
     assert (calls["importance"], calls["gains"]) == (2, 2) and len(kept_files()) == 2
 
 
+def test_a_cache_that_cannot_be_written_is_a_warning_and_the_file_is_made(tmp_path, calls, monkeypatch):
+    (tmp_path / "a-file").write_text("mine\n")
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "a-file"))
+    message = f"the calibration is not kept for later runs: the quantization cache {tmp_path / 'a-file'} is not a folder"
+    with pytest.warns(SantacpuWarning, match=re.escape(message)) as said:
+        quantized(tiny_checkpoint(), tmp_path / "a.safetensors")
+    assert sum(message in str(w.message) for w in said) == 1  # said once, not at each stage
+    assert (tmp_path / "a.safetensors").is_file()
+    assert (tmp_path / "a-file").read_text() == "mine\n"
+
+
 def test_the_cache_commands_list_and_clear_kept_calibrations(tmp_path, calls):
     folder = copy_checkpoint(tmp_path / "ckpt")
     quantized(folder, tmp_path / "a.safetensors")
