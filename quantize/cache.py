@@ -104,12 +104,7 @@ def _stdlib_calibrates() -> bool:
 
 
 def cached_file_for(folder: Path, qtype: str) -> Path:
-    sources = sorted(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns)
-        for p in folder.iterdir()
-        if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin"))
-    )
-    recipe = {"folder": str(folder.resolve()), "files": sources, "type": qtype, "format": FORMAT_VERSION}
+    recipe = {"folder": str(folder.resolve()), "files": calibration_cache.source_files(folder), "type": qtype, "format": FORMAT_VERSION}
     if default_calibration(qtype) != "none":  # (files made before first use calibrated are not reused)
         recipe["calibration"] = [default_calibration(qtype), DEFAULT_CALIBRATION_TOKENS]
     key = json.dumps(recipe)

@@ -43,6 +43,13 @@ FILE_NAME = re.compile(r"calibration-.+-[0-9a-f]{16}\.npz")
 _JSON_BYTES = 1 << 20  # "about" and one type's gains: a few kilobytes for SantaCoder
 
 
+def source_files(folder: Path) -> list[tuple[str, int, int]]:
+    """(name, size, modification time in ns) of a checkpoint folder's config.json and weight files,
+    sorted: what says the checkpoint changed, in this cache's keys and the cached quantized files'."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
+                  if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin")))
+
+
 def matrix_columns(config: Config) -> dict[str, int]:
     """The input columns of every matrix calibration measures (`collect_importance`'s names)."""
     columns = {"wte": config.n_embd}
@@ -59,13 +66,11 @@ class KeptCalibration:
     def __init__(self, folder: Path, config: Config, texts: list[str], sequences: list[list[int]], n_ctx: int):
         self.config = config
         self.folder = folder.resolve()
-        weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in self.folder.iterdir()
-                         if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin")))
         digest = hashlib.sha256()
         for text in texts:
             digest.update(len(text).to_bytes(8, "little") + text.encode("utf-8", "surrogatepass"))
         recipe = {
-            "folder": str(self.folder), "files": weights, "texts": digest.hexdigest(), "n_ctx": n_ctx,
+            "folder": str(self.folder), "files": source_files(self.folder), "texts": digest.hexdigest(), "n_ctx": n_ctx,
             "sequences": hashlib.sha256(json.dumps(sequences).encode()).hexdigest(),
             "code": [sources_digest(str(_PACKAGE / part)).hex() for part in _CODE],
         }
@@ -120,6 +125,8 @@ class KeptCalibration:
         without `gains` the importance is new, and nothing else of the earlier file is kept);
         written whole, replacing the earlier file. A cache that cannot be written is a warning: the
         quantization itself goes on."""
+        if self._unwritable:  # (said once a run)
+            return
         earlier = self._read() if gains is not None else {}
         arrays = {name: a for name, a in earlier.items() if name.startswith("gains/")}
         arrays.update({f"importance/{name}": np.asarray(a, np.float32) for name, a in importance.items()})
@@ -130,8 +137,6 @@ class KeptCalibration:
             arrays[f"gains/{qtype}"] = np.array(json.dumps({**gains, "wte": embedding}))
         about = {"source": str(self.folder), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
         arrays["about"] = np.array(json.dumps(about))
-        if self._unwritable:
-            return
         try:
             folder = self.path.parent
             if folder.exists() and not folder.is_dir():
@@ -143,7 +148,7 @@ class KeptCalibration:
             with atomic_output(self.path) as f:
                 np.savez(f, **arrays)
         except SantacpuError as problem:
-            self._unwritable = True  # (said once a run)
+            self._unwritable = True
             warnings.warn(f"the calibration is not kept for later runs: {problem}", SantacpuWarning, stacklevel=2)
             return
         self._arrays = arrays
