@@ -383,10 +383,14 @@ def test_a_child_dies_with_the_bench_killed_outright(tmp_path):
                                  stdout=subprocess.DEVNULL, stderr=stderr)
     children = Path(f"/proc/{bench.pid}/task/{bench.pid}/children")
 
-    def speed_child():  # (the file-read-speed child runs first, briefly)
+    def speed_child():
+        # By its arguments after exec (`python -c CODE speed JOB`): between fork and exec a child
+        # still shows the bench's own command line, whose "--parts speed" the file-read-speed child,
+        # started first and gone within a second, would match.
         for pid in map(int, children.read_text().split()):
             with contextlib.suppress(OSError):
-                if b"\0speed\0" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                if args[1:2] == [b"-c"] and args[3:4] == [b"speed"]:
                     return pid
         return None
 
