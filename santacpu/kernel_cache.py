@@ -15,13 +15,24 @@ Numba lacks the internals used (`CacheImpl._locator_classes`, the locator classe
 leaves Numba as it is. It also has the first compile of a santacpu function in a process say so
 on stderr (`COMPILE_NOTICE`): a first run compiles for tens of seconds, which had passed in silence.
 
+It also makes a cache entry's save safe beside other processes (`LockedIndexDataCacheFile`).
+Numba saves an entry by reading the function's index, taking the first data file number the index
+does not name, writing the index, then the data file. Two processes saving two signatures of one
+function at once (two first runs, the test suite's two workers) both take number 1: the index ends
+up naming one process's machine code for the other's signature, and a later load runs it on the
+wrong argument types. And a reader between the index and the data write loads the data file an
+older build left under that number. Here the save holds an exclusive lock on the cache folder
+(POSIX `flock`), and the data file is written before the index entry that names it.
+
 May import: numba, the standard library.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import itertools
 import os
 import sys
 
@@ -88,7 +99,64 @@ def track_kernel_sources() -> bool:
     if not all(base in current for base in bases):
         return False
     impl._locator_classes = [_with_sources(base) for base in bases] + current
+    _lock_index_updates(caching)
     return True
+
+
+INDEX_LOCK = "santacpu-numba-index.lock"  # in each cache folder: taken while an entry is saved
+
+
+def _lock_index_updates(caching) -> None:
+    """Numba's caches save through `LockedIndexDataCacheFile` (see the module docstring), where
+    this Numba's cache file has the internals it uses and the system has `flock`."""
+    base = getattr(caching, "IndexDataCacheFile", None)
+    internals = ("_load_index", "_save_index", "_save_data", "_data_name")
+    if base is None or getattr(base, "_santacpu_locked", False) or not all(hasattr(base, n) for n in internals):
+        return
+    if not _can_lock():
+        return
+
+    class LockedIndexDataCacheFile(base):
+        _santacpu_locked = True
+
+        def save(self, key, data):
+            with _folder_lock(self._cache_path):
+                overloads = self._load_index()
+                name = overloads.get(key)
+                if name is None:
+                    taken = set(overloads.values())
+                    name = next(n for n in map(self._data_name, itertools.count(1)) if n not in taken)
+                self._save_data(name, data)  # before the entry that names it
+                if overloads.get(key) != name:
+                    overloads[key] = name
+                    self._save_index(overloads)
+
+    caching.IndexDataCacheFile = LockedIndexDataCacheFile
+
+
+def _can_lock() -> bool:
+    """Whether this system has `flock` (POSIX; elsewhere Numba saves as it always has)."""
+    import importlib.util
+
+    return importlib.util.find_spec("fcntl") is not None
+
+
+@contextlib.contextmanager
+def _folder_lock(folder: str):
+    """An exclusive lock on `folder`'s INDEX_LOCK, held for the block; without one where the file
+    cannot be opened (a read-only folder, where the save itself fails as Numba's would)."""
+    import fcntl
+
+    try:
+        fd = os.open(os.path.join(folder, INDEX_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 def _announce_first_compile() -> None:

@@ -27,11 +27,11 @@ from santacpu.tokenizer import Tokenizer
 PROMPT, DECODE, FIM, REPEAT = 12, 5, 30, 2
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     env.pop("SANTACPU_MODEL", None)
     return helpers.settled(subprocess.run(
-        [sys.executable, "-m", "santacpu", *args], check=False, capture_output=True, env=env, timeout=300
+        [sys.executable, "-m", "santacpu", *args], check=False, capture_output=True, env=env, timeout=timeout
     ))
 
 
@@ -58,6 +58,7 @@ def bench_report(tmp_path_factory) -> tuple[dict, str]:
         "1,3",
         "--json",
         str(out),
+        timeout=900,  # every part, some compiling in an empty Numba cache, beside the other worker's compiles
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")
     assert "Traceback" not in done.stderr.decode(errors="replace")

@@ -87,3 +87,63 @@ def test_a_change_beside_a_cached_kernel_compiles_it_again(tmp_path):
     shared = copy / "formats" / "blocks.py"
     shared.write_text(shared.read_text() + "# changed\n")
     assert cache_hits() == 0
+
+
+# Two processes save two signatures of one kernel at once (Numba's save is slowed between reading
+# the index and writing it, and both reach it together): each entry must name its own code.
+SAVE_AT_ONCE = """
+import sys, time
+from pathlib import Path
+import numpy as np
+from numba.core import caching
+from santacpu.loading.transpose import transpose_into as kernel
+
+mine, other = Path(sys.argv[1]), Path(sys.argv[2])
+cls = caching.IndexDataCacheFile
+save, load_index = cls.save, cls._load_index
+
+def save_together(self, key, data):
+    mine.touch()
+    deadline = time.monotonic() + 60
+    while not other.exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return save(self, key, data)
+
+def slow_load_index(self):
+    overloads = load_index(self)
+    time.sleep(0.5)
+    return overloads
+
+cls.save, cls._load_index = save_together, slow_load_index
+a = np.arange(6, dtype=sys.argv[3]).reshape(2, 3)
+b = np.empty((3, 2), a.dtype)
+kernel(a, b)
+assert (b == a.T).all()
+"""
+
+LOAD_BOTH = """
+import numpy as np
+from santacpu.loading.transpose import transpose_into as kernel
+for dtype in ("float32", "uint16"):
+    a = np.arange(6, dtype=dtype).reshape(2, 3) * 7
+    b = np.empty((3, 2), a.dtype)
+    kernel(a, b)
+    assert (b == a.T).all(), (dtype, b)
+print(sum(kernel.stats.cache_hits.values()), sum(kernel.stats.cache_misses.values()))
+"""
+
+
+def test_two_processes_saving_one_kernel_at_once_keep_both_entries(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    marks = tmp_path / "float32-saving", tmp_path / "uint16-saving"
+    children = [
+        subprocess.Popen([sys.executable, "-c", SAVE_AT_ONCE, str(mine), str(other), dtype], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for (mine, other), dtype in ((marks, "float32"), (marks[::-1], "uint16"))
+    ]
+    for child in children:
+        _, err = child.communicate(timeout=240)
+        assert child.returncode == 0, err
+    done = subprocess.run([sys.executable, "-c", LOAD_BOTH], env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "0"], (done.stdout, done.stderr)  # both loaded, the right code for each
