@@ -143,8 +143,9 @@ def _can_lock() -> bool:
 
 @contextlib.contextmanager
 def _folder_lock(folder: str):
-    """An exclusive lock on `folder`'s INDEX_LOCK, held for the block; without one where the file
-    cannot be opened (a read-only folder, where the save itself fails as Numba's would)."""
+    """An exclusive lock on `folder`'s INDEX_LOCK, held for the block; the block runs without one
+    where the file cannot be opened or locked (a read-only folder, where the save itself fails as
+    Numba's would; a file system without locks), as Numba alone would run it."""
     import fcntl
 
     try:
@@ -153,7 +154,10 @@ def _folder_lock(folder: str):
         yield
         return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
         yield
     finally:
         os.close(fd)  # (releases the lock)

@@ -147,3 +147,15 @@ def test_two_processes_saving_one_kernel_at_once_keep_both_entries(tmp_path):
     done = subprocess.run([sys.executable, "-c", LOAD_BOTH], env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["2", "0"], (done.stdout, done.stderr)  # both loaded, the right code for each
+
+
+def test_a_save_goes_on_where_the_lock_cannot_be_taken(tmp_path):
+    from numba.core import caching
+
+    assert kernel_cache.track_kernel_sources() and getattr(caching.IndexDataCacheFile, "_santacpu_locked", False)
+    (tmp_path / kernel_cache.INDEX_LOCK).mkdir()  # cannot be opened as the lock file
+    cache_file = caching.IndexDataCacheFile(cache_path=str(tmp_path), filename_base="f-1.py3", source_stamp="stamp")
+    cache_file.save("key", ("code",))
+    cache_file.save("other", ("more code",))
+    assert cache_file.load("key") == ("code",) and cache_file.load("other") == ("more code",)
+    assert sorted(p.name for p in tmp_path.glob("*.nbc")) == ["f-1.py3.1.nbc", "f-1.py3.2.nbc"]
