@@ -37,6 +37,8 @@ def test_the_locators_are_installed_before_every_cached_kernel():
         for dispatcher in dispatchers:
             locator = getattr(dispatcher._cache, "_impl").locator
             assert type(locator).__name__.startswith("Santacpu"), (path, dispatcher)
+            if sys.platform != "win32":  # saves under the lock (test_two_processes_saving_...)
+                assert getattr(dispatcher._cache._cache_file, "_santacpu_locked", False), (path, dispatcher)
 
 
 def test_the_digest_follows_the_folder_tree_and_formats(tmp_path):
