@@ -48,8 +48,8 @@ Blocks after the last whole step keep their natural order (the drivers finish th
 A weight's format reaches the kernels as its id (`blocks.BlockFormat.format_id`), a literal
 constant, never guessed from its parts' dtypes. The instruction choice is made when a kernel
 compiles, from the target features Numba compiles for; Numba's on-disk cache is keyed by those features, so cached code never meets another CPU.
-(Like quant_kernels.py, the kernels here inline cpu_kernels.py's `f16_to_f32`, and Numba's cache
-only tracks this file: after editing that helper, delete santacpu/backends/cpu/__pycache__/*.nb[ic].)
+(Like quant_kernels.py, the kernels here inline cpu_kernels.py's `f16_to_f32`: the cache key of
+`santacpu.kernel_cache` covers this folder's files, so a change there compiles them again.)
 (The old `<N x i32>` operand form of the VNNI intrinsics is used: LLVM 22 still upgrades it, and
 older LLVMs know only that one.)
 

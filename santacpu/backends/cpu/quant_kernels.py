@@ -21,9 +21,8 @@ How the kernels stay in SIMD (each choice measured, one thread, 8192 x 2048; doc
 - Constant offsets (q - 8, q - 32, q4_m's minimum) are not subtracted per value: x's per-block
   sums are computed once per call and each offset enters once per block and row.
 - The accumulators are reduced once per row, not per block.
-- Numba's on-disk cache tracks only the defining file: a kernel here that inlines a helper from
-  cpu_kernels.py keeps its cached code when only cpu_kernels.py changes. After editing
-  cpu_kernels.py, delete santacpu/backends/cpu/__pycache__/*.nb[ic] (an installed release changes both).
+- Kernels here inline helpers from cpu_kernels.py; the cache key of `santacpu.kernel_cache`
+  covers every file of this folder, so a change to cpu_kernels.py alone compiles them again.
 - While a step works on its ROWS rows, it prefetches the codes of the rows PREFETCH_STEPS steps
   ahead, one block's worth per block: the hardware prefetcher alone falls far short of the
   memory's read speed.
