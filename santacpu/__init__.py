@@ -6,8 +6,9 @@ Importing santacpu changes one environment variable, `TOKENIZERS_PARALLELISM=fal
 unset (see `santacpu.tokenizer`); no Numba setting (the CPU backend's target is chosen when a
 backend is made: `santacpu.backends.cpu.target`).
 
-Numba's variables (`NUMBA_NUM_THREADS`, `NUMBA_THREADING_LAYER`) are checked before Numba is
-imported: a bad one is a SantacpuError, and for the command line one error line.
+The operating system (Linux or macOS: `settings.platform_problem`) and Numba's variables
+(`NUMBA_NUM_THREADS`, `NUMBA_THREADING_LAYER`) are checked before Numba is imported: a problem is
+a SantacpuError, and for the command line one error line.
 
 The API's names load on first use (PEP 562), so that importing the package (or `santacpu.errors`,
 or the console script's `santacpu.__main__`) does not import NumPy and Numba: a Ctrl-C while the
@@ -25,10 +26,11 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING, Any as _Any, List as _List
 
 from .errors import SantacpuError, SantacpuWarning
 from .settings import numba_environment_problem as _numba_environment_problem
+from .settings import platform_problem as _platform_problem
 
 
-def _refuse_numba_environment() -> None:
-    problem = _numba_environment_problem()
+def _refuse_unusable_environment() -> None:
+    problem = _platform_problem() or _numba_environment_problem()
     if problem is None:
         return
     argv = getattr(_sys, "orig_argv", _sys.argv)  # (a package's __init__ runs before `-m` sets argv)
@@ -38,7 +40,7 @@ def _refuse_numba_environment() -> None:
     raise SantacpuError(problem)
 
 
-_refuse_numba_environment()
+_refuse_unusable_environment()
 from .version import __version__
 
 if _TYPE_CHECKING:

@@ -10,7 +10,8 @@
 
 Each reader asks `Settings.from_environment()` when it needs the values: `load()` for the kernel
 choice, the CLI for the model and the server's key, the quantization cache for its folder. Beside
-them, `usable_cores()`: the cores this process may run on (its CPU affinity).
+them, `usable_cores()`: the cores this process may run on (its CPU affinity), and
+`platform_problem()`: why santacpu cannot run on this operating system, if it cannot.
 
 May import: `santacpu.errors`.
 """
@@ -18,6 +19,7 @@ May import: `santacpu.errors`.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +75,16 @@ class Settings:
 # included, in a traceback from inside Numba, and a misspelt threading layer in one at the first
 # parallel kernel.
 NUMBA_THREADING_LAYERS = ("default", "safe", "threadsafe", "forksafe", "tbb", "omp", "workqueue")
+
+
+def platform_problem(platform: str = sys.platform) -> str | None:
+    """Why santacpu cannot run on `platform` (a `sys.platform` value), in words, or None. Its
+    files are opened, mapped, replaced and locked the POSIX way (Linux and macOS); on Windows the
+    first model file read would fail with a traceback."""
+    if platform in ("win32", "cygwin"):
+        return ("santacpu runs on Linux and macOS, not on Windows: run it in WSL (the Windows Subsystem for "
+                "Linux: `wsl --install`, then install santacpu inside it)")
+    return None
 
 
 def numba_environment_problem(environ: Mapping[str, str] = os.environ) -> str | None:

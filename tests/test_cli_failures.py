@@ -560,6 +560,21 @@ def test_a_bad_numba_variable_is_one_error_line_even_for_version(variable, value
     assert api.returncode == 1 and f"SantacpuError: {variable}={value!r}" in api.stderr
 
 
+def test_windows_is_one_error_line_naming_wsl(tmp_path):
+    # santacpu opens, maps and replaces its files the POSIX way: on Windows the first model file
+    # read failed with a traceback (os.O_NONBLOCK). Here sys.platform says "win32" from the start.
+    (tmp_path / "sitecustomize.py").write_text("import sys\nsys.platform = 'win32'\n")
+    path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))}
+    done = run_santacpu("complete", PROMPT, env=path)
+    one_error_line(done, "santacpu runs on Linux and macOS, not on Windows: run it in WSL")
+    api = subprocess.run([sys.executable, "-c", "import santacpu"], capture_output=True, text=True,
+                         env=helpers.santacpu_env(path))
+    assert api.returncode == 1 and "SantacpuError: santacpu runs on Linux and macOS" in api.stderr, api.stderr
+    from santacpu.settings import platform_problem
+
+    assert platform_problem("linux") is None and platform_problem("darwin") is None
+
+
 def test_a_threading_layer_numba_cannot_load_is_one_error_line(quantized, monkeypatch):
     # A valid name whose library is missing (tbb without TBB) failed inside the first parallel
     # kernel, as a page of Numba's traceback. On this machine as it is:
