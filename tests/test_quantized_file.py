@@ -371,3 +371,18 @@ def test_the_greedy_upgrade_choice_buys_the_most_kld_per_byte_within_the_budget(
     free = {"a": {"q6_0": 0, "q8_0": 20}, "b": {"q6_0": 10, "q8_0": 20}}
     assert greedy_upgrades(gains, free, 0) == {"a": "q6_0"}
     assert greedy_upgrades(gains, free, 10) == {"a": "q6_0", "b": "q6_0"}
+
+
+def test_a_model_whose_vocabulary_lacks_the_eos_id_quantizes_and_loads(tmp_path):
+    # Every checkpoint's config takes SantaCoder's EOS id (49152); a quantized file of a model with
+    # a smaller vocabulary (the CUDA simulator's 64 tokens) was refused when loaded, though the
+    # checkpoint itself loads. Other ids outside the vocabulary stay refused (HAND_EDITS).
+    from santacpu.loading.random_checkpoint import write_checkpoint
+
+    folder = write_checkpoint(tmp_path / "sim", size="sim", with_tokenizer=True)
+    out = tmp_path / "sim-q8_0.safetensors"
+    convert(folder, out, qtype="q8_0")
+    model = santacpu.load(out)
+    assert model.config.vocab_size == 64 and model.config.eos_token_id == 49152
+    assert model.config == santacpu.load(folder, quant="none").config
+    assert len(list(model.generate([1, 2, 3], max_new_tokens=4))) == 4
