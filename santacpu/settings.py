@@ -77,11 +77,11 @@ class Settings:
 NUMBA_THREADING_LAYERS = ("default", "safe", "threadsafe", "forksafe", "tbb", "omp", "workqueue")
 
 
-def platform_problem(platform: str = sys.platform) -> str | None:
-    """Why santacpu cannot run on `platform` (a `sys.platform` value), in words, or None. Its
-    files are opened, mapped, replaced and locked the POSIX way (Linux and macOS); on Windows the
-    first model file read would fail with a traceback."""
-    if platform in ("win32", "cygwin"):
+def platform_problem(platform: str | None = None) -> str | None:
+    """Why santacpu cannot run on `platform` (a `sys.platform` value; default this one's), in
+    words, or None. Its files are opened, mapped, replaced and locked the POSIX way (Linux and
+    macOS); on Windows the first model file read would fail with a traceback."""
+    if (sys.platform if platform is None else platform) == "win32":
         return ("santacpu runs on Linux and macOS, not on Windows: run it in WSL (the Windows Subsystem for "
                 "Linux: `wsl --install`, then install santacpu inside it)")
     return None
