@@ -30,7 +30,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from santacpu.atomic_file import check_writable, describe_partial, partial_target, remove_stale_partials
+from santacpu.atomic_file import check_writable, describe_partial, make_folder, partial_target, remove_stale_partials
 from santacpu.errors import SantacpuError, SantacpuWarning, WriteError, os_problem
 from santacpu.formats.blocks import FORMATS
 from santacpu.formats.quantized_file import DEFAULT_QUANT, FORMAT_VERSION, names_quantized_file, read_metadata
@@ -125,7 +125,7 @@ def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
                       SantacpuWarning, stacklevel=2)
     open_checkpoint(folder)  # a broken source fails here, before we announce any work
     try:
-        _make_folder(path.parent)
+        make_folder(path.parent)
         if path.is_symlink():  # (a link under the cache's own name that leads nowhere usable: the cache's to drop)
             path.unlink()
         check_writable(path)
@@ -155,15 +155,6 @@ def _damage(path: Path) -> str | None:
         return str(problem)
     damaged = nonfinite_tensor(weights)
     return None if damaged is None else f"tensor '{damaged}' holds NaN or infinite values"
-
-
-def _make_folder(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise WriteError(f"cannot use {folder} as a folder: it (or a folder above it) is a file") from None
-    except OSError as problem:
-        raise WriteError(f"cannot make the folder {folder}: {os_problem(problem)}") from None
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-from santacpu.atomic_file import atomic_output
+from santacpu.atomic_file import atomic_output, make_folder
 from santacpu.config import Config
-from santacpu.errors import SantacpuError, SantacpuWarning, os_problem
+from santacpu.errors import SantacpuError, SantacpuWarning
 from santacpu.kernel_cache import sources_digest
 from santacpu.settings import CACHE_ENV, Settings
 
@@ -97,7 +97,8 @@ class KeptCalibration:
     def measured(self, qtype: str) -> tuple[dict[str, dict], np.ndarray] | None:
         """(the upgrade gains measured for the 4-bit type `qtype`, the most used tokens they were
         measured with), or None."""
-        text, most_used = self._read().get(f"gains/{qtype}"), self._read().get("most_used")
+        arrays = self._read()
+        text, most_used = arrays.get(f"gains/{qtype}"), arrays.get("most_used")
         if text is None or most_used is None:
             return None
         if most_used.dtype != np.int64 or most_used.ndim != 1 or len(most_used) > self.config.vocab_size or not (
@@ -141,10 +142,7 @@ class KeptCalibration:
             folder = self.path.parent
             if folder.exists() and not folder.is_dir():
                 raise SantacpuError(f"the quantization cache {folder} is not a folder (see {CACHE_ENV})")
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-            except OSError as problem:
-                raise SantacpuError(f"cannot make the folder {folder}: {os_problem(problem)}") from None
+            make_folder(folder)
             with atomic_output(self.path) as f:
                 np.savez(f, **arrays)
         except SantacpuError as problem:

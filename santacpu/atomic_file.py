@@ -14,7 +14,8 @@ but a regular file (a symbolic link, a device, a FIFO, a folder) is refused; one
 replaced (`overwrite=False`: no --force) is published by a hard link, which fails if the name
 appeared meanwhile.
 Temporary folders (`owned_temp_folder`) are named the same way, and a killed process's are removed
-by the next one that makes such a folder.
+by the next one that makes such a folder. `make_folder` makes an output's folder, with the same
+one-line errors.
 
 May import: `santacpu.errors`, `santacpu.small_files` (what a file that is no regular file is).
 """
@@ -184,6 +185,17 @@ def describe_partial(name: str) -> str | None:
     if gone:
         return "a partial file left by an interrupted write"
     return f"a partial file, being written by process {found['pid']}"
+
+
+def make_folder(folder: Path) -> None:
+    """`folder` and the folders above it, made where missing; a one-line WriteError where it
+    cannot be (a file in the way, no permission)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise WriteError(f"cannot use {folder} as a folder: it (or a folder above it) is a file") from None
+    except OSError as problem:
+        raise WriteError(f"cannot make the folder {folder}: {os_problem(problem)}") from None
 
 
 def owned_temp_folder(prefix: str) -> str:
