@@ -34,7 +34,7 @@ import helpers
 import santacpu
 from helpers import one_error_line, overlapping_copy, rewrite_safetensors, run_santacpu
 from santacpu.formats.blocks import FORMATS
-from santacpu.cli import decode_escapes
+from santacpu.cli.text_input import decode_escapes
 
 PROMPT = "def f():"
 TEXT = "import os\n\ndef main():\n    for name in os.listdir('.'):\n        print(name)\n" * 6
@@ -242,7 +242,7 @@ def test_a_full_standard_output_is_one_error_line_naming_it(quantized):
 
 def test_text_standard_output_cannot_encode_is_escaped_not_a_traceback(quantized):
     # An ASCII or Latin-1 terminal: a completion with a character it lacks ended in a traceback.
-    from santacpu.cli import _StandardOutput
+    from santacpu.cli.entry import _StandardOutput
 
     for encoding, want in (("ascii", b"x = '\\ud0dc\\xe9'\n"), ("latin-1", b"x = '\\ud0dc\xe9'\n"), ("utf-8", "x = '\ud0dc\xe9'\n".encode())):
         raw = io.BytesIO()

@@ -207,10 +207,10 @@ def test_a_long_infill_is_truncated_not_refused(client):
 def test_a_whole_large_source_file_as_the_prefix_is_cut_not_refused(client):
     # The JSON-values bound counts commas and brackets in text too: ~3.5 MB of real code (santacpu's
     # own, repeated) as the prefix, with a repository chunk, must still pass and be cut at the cursor.
-    code = (Path(santacpu.__file__).parent / "cli.py").read_text(encoding="utf-8")
+    code = (Path(santacpu.__file__).parent / "model.py").read_text(encoding="utf-8")
     prefix = (code * (3_500_000 // len(code) + 1))[:3_500_000]
     body = {"input_prefix": prefix, "input_suffix": code[:2000], "n_predict": 1,
-            "input_extra": [{"filename": "cli.py", "text": code[:20_000]}]}
+            "input_extra": [{"filename": "model.py", "text": code[:20_000]}]}
     reply = client.post("/infill", json=body)
     assert reply.status_code == 200, reply.text
     assert reply.json()["truncated"] is True
@@ -538,7 +538,7 @@ def test_the_serve_command_starts_answers_and_stops_on_sigint(quantized, tmp_pat
 SLOW_SERVE = """
 import signal, sys, time
 import santacpu
-from santacpu.cli import _raise_terminated
+from santacpu.cli.entry import _raise_terminated
 from santacpu.server import run_server
 from santacpu.server.service import ServerSettings
 sys.path.insert(0, sys.argv[3])
@@ -1027,24 +1027,24 @@ def test_serve_on_a_port_in_use_is_one_error_line_before_loading(quantized):
 
 
 def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
-    from santacpu.cli import _api_key
+    from santacpu.cli.serve import api_key_of
     from santacpu.errors import SantacpuError
 
     monkeypatch.setenv("SANTACPU_API_KEY", "from-the-environment")
-    assert _api_key(None, None) == "from-the-environment"
-    assert _api_key("given", None) == "given"
+    assert api_key_of(None, None) == "from-the-environment"
+    assert api_key_of("given", None) == "given"
     (tmp_path / "key").write_text("  from-a-file\n")
-    assert _api_key(None, tmp_path / "key") == "from-a-file"
+    assert api_key_of(None, tmp_path / "key") == "from-a-file"
     (tmp_path / "empty").write_text("\n")
     with pytest.raises(SantacpuError, match="must hold the key on one line"):
-        _api_key(None, tmp_path / "empty")
+        api_key_of(None, tmp_path / "empty")
     with pytest.raises(SantacpuError, match="not both"):
-        _api_key("given", tmp_path / "key")
+        api_key_of("given", tmp_path / "key")
     for blank in ("", "   ", " key", "key "):
         with pytest.raises(SantacpuError, match="--api-key is empty or has spaces at its ends"):
-            _api_key(blank, None)
+            api_key_of(blank, None)
     monkeypatch.delenv("SANTACPU_API_KEY")
-    assert _api_key(None, None) is None
+    assert api_key_of(None, None) is None
 
 
 def test_browsers_cannot_drive_the_server(client):

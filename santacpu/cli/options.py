@@ -1,0 +1,139 @@
+"""What the commands' options share: the checks typer runs on a value before a command starts, and
+the options several commands take (--model, --revision, --quant, --device).
+
+A value the command line can judge by itself (a choice, a list of numbers, a range) is checked by a
+typer callback that raises `typer.BadParameter`: a usage error, exit 2, like a value of the wrong
+type. A value only the model can judge raises `OptionValueError` in the command (also exit 2).
+
+May import: the foundation layers below the command line (`santacpu.formats`, `santacpu.loading`,
+`santacpu.generation`, `santacpu.model`, `santacpu.settings`, `santacpu.atomic_file`,
+`santacpu.errors`), `quantize.policy`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import typer
+
+from ..atomic_file import input_at
+from ..errors import OptionValueError, SantacpuError
+from ..formats.blocks import FORMATS
+from ..formats.quantized_file import DEFAULT_QUANT
+from ..loading.source import DEFAULT_MODEL
+from ..model import DEVICES
+from ..settings import MODEL_ENV
+
+
+def one_of(*choices: str):
+    """A typer callback that accepts only `choices` (a usage error otherwise, like a bad type)."""
+
+    def check(value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"'{value}' is not one of {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def each_one_of(*choices: str):
+    """`one_of` for a comma-separated list of choices (at least one)."""
+
+    def check(value: str) -> str:
+        items = [item.strip() for item in value.split(",") if item.strip()]
+        if not items:
+            raise typer.BadParameter(f"'{value}' names none of {', '.join(choices)}")
+        for item in items:
+            one_of(*choices)(item)
+        return value
+
+    return check
+
+
+def counts(text: Optional[str]) -> Tuple[int, ...]:
+    """'1,2,4' -> (1, 2, 4); () for None. Checked first by the option's callback, `check_counts`."""
+    return () if text is None else tuple(int(part) for part in text.split(","))
+
+
+def check_counts(value: Optional[str]) -> Optional[str]:
+    """A typer callback for a comma-separated list of whole numbers >= 1."""
+    try:
+        valid = min(counts(value), default=1) >= 1
+    except ValueError:
+        valid = False
+    if not valid:
+        raise typer.BadParameter(f"'{value}' is not a comma-separated list of whole numbers >= 1 (e.g. 1,2,4)")
+    return value
+
+
+def check_probability(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is not in the range 0 < P <= 1")
+    return value
+
+
+def check_temperature(value: float) -> float:
+    if not 0.0 <= value < float("inf"):  # (typer's min=0 lets inf through)
+        raise typer.BadParameter(f"{value} is not a finite number >= 0 (0 is greedy)")
+    return value
+
+
+def check_positive(value: Optional[float]) -> Optional[float]:
+    if value is not None and not 0.0 < value < float("inf"):
+        raise typer.BadParameter(f"{value} is not a positive number")
+    return value
+
+
+def check_keep_rules(value: List[str]) -> List[str]:
+    """A typer callback for quantize's --keep PATTERN=TYPE rules."""
+    from quantize.policy import parse_keep
+
+    try:
+        parse_keep(list(value))
+    except SantacpuError as problem:
+        raise typer.BadParameter(str(problem)) from None
+    return value
+
+
+def output_file(value: Optional[str]) -> Optional[Path]:
+    """An output file's path, checked as given: Path() would drop a trailing '/' (a folder's path,
+    written as a file) and make '' the current folder."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise typer.BadParameter("the file name is empty")
+    if value.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"'{value}' ends with '/', as a folder's path does: give a file name")
+    return Path(value)
+
+
+def refuse_replacing_inputs(out: Path, option: str, inputs: list) -> None:
+    """`out` must not be a file the command reads (a scored text, a model file or one in a model's
+    folder): --force would replace it."""
+    read = input_at(out, [given for given in inputs if given is not None])
+    if read is not None:
+        raise OptionValueError(f"{option} {out} is a file this command reads ({read}): write elsewhere")
+
+
+# The options of the commands that run a model (one OptionInfo serves several commands).
+QUANT_CHOICES = ("none", *FORMATS)
+DEVICE_OPTION = typer.Option(
+    "auto", callback=one_of(*DEVICES), help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda."
+)
+MODEL_OPTION = typer.Option(
+    None,
+    "--model",
+    "-m",
+    help=f"Quantized file, checkpoint folder, weight file, or hub id. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.",
+    show_default=False,
+)
+REVISION_OPTION = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id.")
+QUANT_OPTION = typer.Option(
+    None,
+    callback=one_of(*QUANT_CHOICES),
+    help=f"For a full-precision model: run its cached quantization to this type (made once, as `complete` "
+    f"does); 'none' runs it in full precision. Default: {DEFAULT_QUANT}.",
+    show_default=False,
+)
