@@ -369,8 +369,26 @@ def test_the_syscall_filter_refuses_what_it_names():
         "    except PermissionError:\n"
         "        pass\n"
         "socket.socketpair()[0].close()  # a pair of its own (AF_UNIX) is allowed; socket(AF_UNIX) is not\n"
+        "socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)[0].close()\n"
+        "for kind in (socket.SOCK_DGRAM, socket.SOCK_RAW, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK):\n"
+        "    try:  # (a datagram pair sends to any datagram socket path it reaches)\n"
+        "        socket.socketpair(socket.AF_UNIX, kind)\n"
+        "        raise AssertionError(f'a socket pair of type {kind}')\n"
+        "    except PermissionError:\n"
+        "        pass\n"
+        "import multiprocessing.connection\n"
+        "left, right = multiprocessing.connection.Pipe()  # (a stream pair)\n"
+        "left.send('x')\n"
+        "assert right.recv() == 'x'\n"
         "socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).close()\n"
-        "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close()\n"
+        "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW).close()  # NETLINK_ROUTE: the C library's interface listing\n"
+        "assert [name for _, name in socket.if_nameindex()][:1] == ['lo']\n"
+        "for protocol in (15, 4, 16):  # the host's device events (KOBJECT_UEVENT), SOCK_DIAG, GENERIC\n"
+        "    try:\n"
+        "        socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)\n"
+        "        raise AssertionError(f'a netlink socket of protocol {protocol}')\n"
+        "    except PermissionError:\n"
+        "        pass\n"
         "thread = threading.Thread(target=print)\n"
         "thread.start()\n"
         "thread.join()\n"
@@ -544,9 +562,13 @@ check(has_close_elements)
         ("import threading\nt = threading.Thread(target=lambda: None)\nt.start()\nt.join()\n", "passed", ""),
         ("import numpy as np\nimport os\nos.environ['X'] = '1'\nassert int(np.arange(10).sum()) == 45\n", "passed", ""),
         ("import os\nos.remove('program.py')\n", "failed", "TypeError: 'NoneType' object is not callable"),
+        ("for place in ('/dev/stderr', '/dev/null', '/tmp/x', '/var/tmp/x', '/dev/shm/x', 'mine.txt'):\n"
+         "    with open(place, 'a') as file:\n        file.write('written\\n')\n"
+         "raise ValueError(open('/tmp/x').read().strip())\n", "failed", "ValueError: written"),
     ],
     ids=["humaneval passes", "assertion", "syntax error", "name error", "exit 3", "exit 0", "lots of output",
-         "lots of stderr", "long line trimmed", "stdlib imports", "recursion", "a thread", "numpy", "the guard"],
+         "lots of stderr", "long line trimmed", "stdlib imports", "recursion", "a thread", "numpy", "the guard",
+         "its own places written"],
 )
 def test_ordinary_programs(source, status, detail):
     result, _ = run(source)

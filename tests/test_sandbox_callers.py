@@ -55,6 +55,9 @@ secret = os.path.join(home, ".secret")  # the caller's private file (keys, token
 with open(secret, "w") as file:
     file.write("CALLER-SECRET")
 os.chmod(secret, 0o600)
+device = os.path.join(shared, "null")  # a device node outside /dev (as in a chroot's folder)
+os.mknod(device, 0o666 | 0o020000, os.makedev(1, 3))  # (S_IFCHR: /dev/null's numbers)
+os.chmod(device, 0o666)
 if uid is not None:
     os.chown(home, uid, uid)
     os.chown(secret, uid, uid)
@@ -68,6 +71,30 @@ if uid is not None:
     os.setgid(uid)
     os.setuid(uid)
 os.environ["HOME"] = home
+# The caller's channels outside the covered folders, open to every uid (as journald's socket): a
+# named pipe it reads, a datagram socket it listens on.
+import socket
+pipe_path, agent_path = os.path.join(shared, "control.fifo"), os.path.join(shared, "agent.sock")
+os.mkfifo(pipe_path, 0o666)
+os.chmod(pipe_path, 0o666)
+pipe = os.open(pipe_path, os.O_RDONLY | os.O_NONBLOCK)
+agent = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+agent.bind(agent_path)
+os.chmod(agent_path, 0o666)
+agent.setblocking(False)
+
+def received():
+    got = []
+    try:
+        got.append(os.read(pipe, 4096).decode())
+    except BlockingIOError:
+        pass
+    try:
+        got.append(agent.recv(4096).decode())
+    except BlockingIOError:
+        pass
+    return [text for text in got if text]
+
 sys.path.insert(0, args["repo"])
 from santacpu.harness.sandbox import SandboxLimits, isolation, run_program
 
@@ -75,7 +102,8 @@ def listing():
     return {name: sorted(os.listdir(path)) for name, path in (("home", home), ("shared", shared))}
 
 before = listing()  # (importing santacpu may make the caller's ~/.cache)
-places = {"OUTSIDE": outside, "HOME": home, "SHARED": shared, "SETUID_ID": setuid_id}
+places = {"OUTSIDE": outside, "HOME": home, "SHARED": shared, "SETUID_ID": setuid_id, "PIPE": pipe_path,
+          "AGENT": agent_path, "DEVICE": device}
 results = []
 for source, limits in args["programs"]:
     for name, value in places.items():
@@ -83,7 +111,7 @@ for source, limits in args["programs"]:
     result = run_program(source, SandboxLimits(**limits))
     results.append([result.status, result.detail])
 print(json.dumps({"uid": os.getuid(), "isolation": isolation(), "results": results, "before": before,
-                  "left": listing()}))
+                  "left": listing(), "received": received()}))
 '''
 
 CALLERS = {"root": None, "unprivileged": SPARE_UID}
@@ -91,7 +119,8 @@ CALLERS = {"root": None, "unprivileged": SPARE_UID}
 
 def as_caller(caller: str, programs: list[tuple[str, dict]]) -> dict:
     """Run `programs` ((source, SandboxLimits fields)) as `caller`; the child's report. In a source,
-    HOME, SHARED, OUTSIDE and SETUID_ID stand for the caller's places."""
+    HOME, SHARED, OUTSIDE, SETUID_ID, PIPE (a named pipe the caller reads), AGENT (a datagram
+    socket it listens on) and DEVICE (a device node outside /dev) stand for the caller's places."""
     prefixes = {os.path.realpath(p) for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix)}
     reopen: dict[str, list[str]] = {}
     for prefix in sorted(prefixes):
@@ -157,6 +186,38 @@ def test_a_program_writes_nothing_outside_whoever_calls(caller):
     finally:
         for leftover in (Path("/tmp") / mark, Path("/run/lock") / mark, Path("/var/tmp") / mark, REPO / mark):
             leftover.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_a_program_reaches_none_of_the_caller_s_pipes_sockets_and_devices(caller):
+    # A read-only mount does not stop writes to a FIFO on it (Landlock does), a Unix datagram
+    # socket pair could sendto() the caller's datagram socket by its path (the syscall filter
+    # allows stream and seqpacket pairs only), and device nodes outside /dev opened (nodev).
+    attempts = (
+        "import os, socket\n"
+        "reached = []\n"
+        "try:\n"
+        "    os.write(os.open('PIPE', os.O_WRONLY | os.O_NONBLOCK), b'through the pipe')\n"
+        "    reached.append('pipe')\n"
+        "except OSError:\n"
+        "    pass\n"
+        "try:\n"
+        "    open('DEVICE', 'rb').close()\n"
+        "    reached.append('device')\n"
+        "except OSError:\n"
+        "    pass\n"
+        "for kind in (socket.SOCK_DGRAM, socket.SOCK_RAW):\n"
+        "    try:\n"
+        "        socket.socketpair(socket.AF_UNIX, kind)[0].sendto(b'through a socket pair', 'AGENT')\n"
+        "        reached.append(kind)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "assert not reached, reached\n"
+    )
+    report = as_caller(caller, [(attempts, {})])
+    assert report["isolation"]["landlock"] and report["isolation"]["syscall_filter"], report["isolation"]
+    assert report["received"] == [], report["received"]
+    assert report["results"] == [["passed", ""]], report["results"]
 
 
 @pytest.mark.parametrize("caller", CALLERS)

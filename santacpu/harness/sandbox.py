@@ -12,17 +12,21 @@ chosen once per process by trial runs (`isolation()` says which hold):
   the kernel allows one): no network (only a loopback, down); a PID namespace, so that every
   process ends with the first and none outlives the timeout; an IPC namespace (System V shared
   memory, queues and semaphores of its own, gone with it); a mount namespace in which every
-  mount is read-only and nosuid, but for empty private tmpfs folders over /tmp, /var/tmp and
-  /dev/shm (empty read-only ones over /run and the home folders; a /dev of null, zero, full,
-  random, urandom and tty) and the program's folder, a small tmpfs: all that a program writes,
-  stderr included, is bounded and stays off the disk, whoever the caller.
+  mount is read-only, nosuid and (but its /dev) nodev, but for empty private tmpfs folders over
+  /tmp, /var/tmp and /dev/shm (empty read-only ones over /run and the home folders; a /dev of
+  null, zero, full, random, urandom and tty) and the program's folder, a small tmpfs: all that a
+  program writes, stderr included, is bounded and stays off the disk, whoever the caller. Where
+  the kernel has Landlock, the program opens files for writing only in those places (a read-only
+  mount lets a named pipe or device node on it be written).
 - No privileges: for root callers a fresh unprivileged uid (it can neither signal nor write
   anything of root's, and RLIMIT_NPROC holds, which the kernel exempts root from); for others,
   uid 0 of the user namespace with every capability dropped (no unmounting its covers). Both with
   no-new-privileges (setuid files give nothing) and an emptied capability bounding set.
 - A syscall filter (seccomp, where this machine's syscall numbers are known): sockets of the
-  internet families and netlink only (no Unix sockets: no talking to the caller's session bus,
-  agents or container daemons; no vsock to the hypervisor), no new user namespaces, no io_uring
+  internet families and netlink's routing protocol only (no Unix sockets: no talking to the
+  caller's session bus, agents or container daemons; no vsock to the hypervisor; no host device
+  events), Unix socket pairs of the stream and seqpacket kinds only (a datagram pair sends to any
+  socket path), no new user namespaces, no io_uring
   (which would pass the filter by), no kernel keyrings (and a fresh session keyring: not the
   caller's tickets and keys), no memfd and no new System V shared memory, queues or semaphores
   (memory outside every limit but a cgroup's), no foreign ABIs.
@@ -42,6 +46,7 @@ named so that a killed run's is removed by the next).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import pwd
@@ -122,7 +127,9 @@ def isolation() -> dict[str, bool]:
     `separate_user` (a uid of its own; for root callers), `no_capabilities` (root of a user
     namespace without capabilities; for other callers), `syscall_filter` (seccomp: no Unix sockets,
     no new user namespaces), `memory_cgroup` (one memory limit for all of a run's processes; else
-    its process count is lowered to keep processes x address space under the run's bound)."""
+    its process count is lowered to keep processes x address space under the run's bound),
+    `landlock` (with the mount namespace: files opened for writing only in the program's own
+    places, where read-only mounts let a FIFO or device node be written)."""
     mode = _mode()
     return {
         "network_namespace": mode.namespaces,
@@ -132,6 +139,7 @@ def isolation() -> dict[str, bool]:
         "no_capabilities": mode.user_namespace,
         "syscall_filter": mode.syscall_filter,
         "memory_cgroup": mode.memory_cgroup is not None,
+        "landlock": mode.namespaces and _landlock_abi() > 0,
     }
 
 
@@ -272,6 +280,7 @@ def _command(mode: _Mode, folder: str, path: str, uid: int | None, cgroup: str |
         "stderr_tmpfs": f"size={limits.file_size_mb + 1}m,nr_inodes=16,mode=700" if mode.namespaces else "",
         "cgroup": cgroup and memory_cgroup.join_file(cgroup),
         "filter": _syscall_filter() if mode.syscall_filter else None,
+        "landlock": mode.namespaces and _landlock_abi() > 0,
         "keyctl": _SYSCALLS.get(os.uname().machine, (0, {}))[1].get("keyctl"),
         "deadline": limits.timeout_s + 2 * _STOP_GRACE_S,  # in case this process dies first
         "limits": [  # (name, soft, hard)
@@ -340,25 +349,43 @@ def _homes() -> list[str]:
 
 # The calls the syscall filter looks at, by machine (`uname -m`): (the ABI's audit id, numbers).
 _SYSCALLS = {
-    "x86_64": (0xC000003E, {"socket": 41, "clone": 56, "unshare": 272, "io_uring_setup": 425, "clone3": 435,
+    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "clone": 56, "unshare": 272, "io_uring_setup": 425, "clone3": 435,
                             "add_key": 248, "request_key": 249, "keyctl": 250, "memfd_create": 319,
                             "memfd_secret": 447, "shmget": 29, "msgget": 68, "semget": 64}),
-    "aarch64": (0xC00000B7, {"socket": 198, "clone": 220, "unshare": 97, "io_uring_setup": 425, "clone3": 435,
+    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "clone": 220, "unshare": 97, "io_uring_setup": 425, "clone3": 435,
                              "add_key": 217, "request_key": 218, "keyctl": 219, "memfd_create": 279,
                              "memfd_secret": 447, "shmget": 194, "msgget": 186, "semget": 190}),
 }
 # Socket families a program may open: TCP/UDP (useless in its network namespace, but ordinary
-# code opens them) and netlink (the C library's interface listing).
-_SOCKET_FAMILIES = {"AF_INET": 2, "AF_INET6": 10, "AF_NETLINK": 16}
+# code opens them) and netlink's routing protocol (the C library's interface listing), not its
+# others (the host's device events reach a root caller's program through NETLINK_KOBJECT_UEVENT).
+_SOCKET_FAMILIES = {"AF_INET": 2, "AF_INET6": 10}
+_AF_UNIX, _AF_NETLINK, _NETLINK_ROUTE = 1, 16, 0
+# Unix socket pairs of these types only (multiprocessing's pipes): a datagram pair can sendto() any
+# datagram socket whose path it reaches, read-only mounts or not (a caller's agent outside /run).
+_SOCKET_PAIR_TYPES = {"SOCK_STREAM": 1, "SOCK_SEQPACKET": 5}
+_SOCKET_TYPE_MASK = 0xF  # (the type argument also carries SOCK_NONBLOCK and SOCK_CLOEXEC)
 _CLONE_NEWUSER, _X32_SYSCALL_BIT = 0x10000000, 0x40000000
+_LANDLOCK_CREATE_RULESET, _LANDLOCK_VERSION = 444, 1  # (the flag LANDLOCK_CREATE_RULESET_VERSION)
 _EPERM, _ENOSYS = 1, 38
+
+
+@functools.cache
+def _landlock_abi() -> int:
+    """The kernel's Landlock ABI version; 0 where it has none (before 5.13, or not enabled)."""
+    if os.uname().machine not in _SYSCALLS:  # (its syscall numbers are the same on every ABI listed)
+        return 0
+    version = ctypes.CDLL(None, use_errno=True).syscall(
+        ctypes.c_long(_LANDLOCK_CREATE_RULESET), None, ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_VERSION))
+    return max(version, 0)
 
 
 @functools.cache
 def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
     """The seccomp program (classic BPF: code, jump-if-true, jump-if-false, constant) that the
     program's process loads, or None where this machine's syscall numbers are not known here.
-    Refused with EPERM: sockets of families other than `_SOCKET_FAMILIES`; clone and unshare with
+    Refused with EPERM: sockets of families other than `_SOCKET_FAMILIES` and netlink's routing
+    protocol; socket pairs but Unix stream and seqpacket ones; clone and unshare with
     CLONE_NEWUSER; io_uring (its operations pass no filter); the kernel keyring calls; memfd_create
     and memfd_secret, and the System V shmget, msgget and semget (memory no limit but a cgroup's
     counts); x32 numbers. clone3 gets ENOSYS, since its flags lie in memory no filter reads: the C library
@@ -367,8 +394,9 @@ def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
     if machine not in _SYSCALLS:
         return None
     arch, number = _SYSCALLS[machine]
-    load, equal, any_bit, at_least, give = 0x20, 0x15, 0x45, 0x35, 0x06  # BPF ld/jeq/jset/jge/ret
-    arch_offset, number_offset, first_argument = 4, 0, 16  # in struct seccomp_data (little-endian)
+    load, equal, any_bit, at_least, give, mask = 0x20, 0x15, 0x45, 0x35, 0x06, 0x54  # BPF ld/jeq/jset/jge/ret/and
+    arch_offset, number_offset = 4, 0  # in struct seccomp_data (little-endian: an argument's low half first)
+    first_argument, second_argument, third_argument = 16, 24, 32
     denied = ("io_uring_setup", "add_key", "request_key", "keyctl", "memfd_create", "memfd_secret", "shmget",
               "msgget", "semget")
     # (code, label if true, label if false, constant); a label's instruction follows its name.
@@ -381,11 +409,20 @@ def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
         (equal, "unknown", None, number["clone3"]),
         *[(equal, "deny", None, number[name]) for name in denied],
         (equal, "socket", None, number["socket"]),
+        (equal, "pair", None, number["socketpair"]),
         (equal, "flags", None, number["unshare"]),
         (equal, "flags", None, number["clone"]),
         (give, None, None, 0x7FFF0000),  # allow
         "socket", (load, None, None, first_argument),  # the family
         *[(equal, "allow", None, family) for family in _SOCKET_FAMILIES.values()],
+        (equal, None, "deny", _AF_NETLINK),
+        (load, None, None, third_argument),  # netlink's protocol
+        (equal, "allow", "deny", _NETLINK_ROUTE),
+        "pair", (load, None, None, first_argument),
+        (equal, None, "deny", _AF_UNIX),
+        (load, None, None, second_argument),  # the type
+        (mask, None, None, _SOCKET_TYPE_MASK),
+        *[(equal, "allow", None, kind) for kind in _SOCKET_PAIR_TYPES.values()],
         (give, None, None, 0x50000 | _EPERM),
         "flags", (load, None, None, first_argument),  # clone's or unshare's flags
         (any_bit, "deny", None, _CLONE_NEWUSER),

@@ -3,13 +3,13 @@ call `main({...})` appended; it is never imported.
 
 Before the fork it keeps its privileges (root, or root of its user namespace): it joins the run's
 memory cgroup, makes a /dev of a few harmless devices, covers the shared temporary folders, /run and
-the home folders with private tmpfs mounts, makes every other mount read-only and nosuid, then forks
-the program and exits with its status, so that the PID namespace ends with the program. The
-program's side sets its resource limits, joins a fresh session keyring, gives up every privilege (a
-uid of its own for root callers; for others, root of the user namespace without a single
-capability), sets no-new-privileges and the syscall filter, applies the guard, and runs the source
-as `__main__`. A failure before the source runs is reported as the sandbox's (exit 125), not the
-program's.
+the home folders with private tmpfs mounts, makes every other mount read-only, nosuid and (but /dev)
+nodev, then forks the program and exits with its status, so that the PID namespace ends with the
+program. The program's side sets its resource limits, joins a fresh session keyring, gives up every
+privilege (a uid of its own for root callers; for others, root of the user namespace without a
+single capability), sets no-new-privileges, Landlock (files opened for writing only in its own
+places) and the syscall filter, applies the guard, and runs the source as `__main__`. A failure
+before the source runs is reported as the sandbox's (exit 125), not the program's.
 
 Only a source that runs to its end passes: then the program's process writes a token (random, made
 by the supervisor, never on any command line) into a pipe to the supervisor and ends at once,
@@ -34,6 +34,8 @@ import sys
 
 CONFIG: dict = {}  # set by main()
 STDERR: list = []  # the program's stderr file (its descriptor), where CONFIG["stderr_tmpfs"] asks for one
+DEVICE_MOUNTS: list = ["/dev"]  # the mounts left without nodev: the new /dev, /dev/null over /proc/keys
+STDERR_FOLDER: list = []  # the root of that file's tmpfs (an O_PATH descriptor), a place it may write
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 << 24
@@ -41,7 +43,10 @@ MS_NOATIME, MS_NODIRATIME, MS_RELATIME, MS_STRICTATIME = 1024, 2048, 1 << 21, 1 
 KEPT_FLAGS = {"nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME, "nodiratime": MS_NODIRATIME,
               "relatime": MS_RELATIME, "strictatime": MS_STRICTATIME}
 SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE = 442, -100, 0x8000  # (442 on every Linux ABI)
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+# Landlock (the same numbers on every Linux ABI): files opened for writing only in the program's places.
+SYS_LANDLOCK_CREATE_RULESET, SYS_LANDLOCK_ADD_RULE, SYS_LANDLOCK_RESTRICT_SELF = 444, 445, 446
+LANDLOCK_ACCESS_FS_WRITE_FILE, LANDLOCK_RULE_PATH_BENEATH, EOPNOTSUPP = 1 << 1, 1, 95
 PR_CAPBSET_DROP, PR_SET_SECCOMP, PR_SET_NO_NEW_PRIVS, PR_CAP_AMBIENT = 24, 22, 38, 47
 PR_CAP_AMBIENT_CLEAR_ALL, SECCOMP_MODE_FILTER, CAPABILITY_VERSION_3 = 4, 2, 0x20080522
 KEYCTL_JOIN_SESSION_KEYRING, ENOSYS, EPERM, EACCES = 1, 38, 1, 13
@@ -88,6 +93,7 @@ def cover():
     for name in ("keys", "key-users"):  # (descriptions of the caller's keys, by uid)
         if os.path.exists(f"/proc/{name}"):
             mount("/dev/null", f"/proc/{name}", None, MS_BIND, None)
+            DEVICE_MOUNTS.append(f"/proc/{name}")
     for path, options, _ in CONFIG["hide"]:
         os.makedirs(path, exist_ok=True)
         mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options)
@@ -103,6 +109,10 @@ def cover():
     if CONFIG["stderr_tmpfs"]:  # a file of no name, on a tmpfs the next mount covers
         mount("tmpfs", CONFIG["folder"], "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, CONFIG["stderr_tmpfs"])
         STDERR.append(os.open(CONFIG["folder"], os.O_TMPFILE | os.O_RDWR, 0o600))
+        if CONFIG["uid"] is not None:  # the program's own (it may reopen /dev/stderr)
+            os.fchown(STDERR[0], CONFIG["uid"], CONFIG["uid"])
+        if CONFIG["landlock"]:  # (/dev/stderr reopens the file for writing)
+            STDERR_FOLDER.append(os.open(CONFIG["folder"], os.O_PATH))
     mount("tmpfs", CONFIG["folder"], "tmpfs", MS_NOSUID | MS_NODEV, CONFIG["scratch"])
     with open(CONFIG["path"], "wb") as file:
         file.write(source)
@@ -123,21 +133,33 @@ def few_devices():
 
 
 def read_only_everywhere():
-    """Every mount of this namespace read-only and nosuid: in one call where the kernel has
-    mount_setattr (5.12), else a remount of each mount point."""
-    attributes = ctypes.create_string_buffer(struct.pack("=4Q", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0), 32)
-    done = LIBC.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), b"/", ctypes.c_uint(AT_RECURSIVE),
-                        attributes, ctypes.c_size_t(32))
-    if done == 0:
+    """Every mount of this namespace read-only, nosuid and, but for DEVICE_MOUNTS, nodev (a
+    caller's device nodes outside /dev): in a few calls where the kernel has mount_setattr (5.12),
+    else a remount of each mount point."""
+    if set_mount_attributes("/", MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0):
+        for path in DEVICE_MOUNTS:
+            set_mount_attributes(path, 0, MOUNT_ATTR_NODEV)
         return
-    if ctypes.get_errno() != 38:  # ENOSYS
-        checked(-1, "mount_setattr /")
     with open("/proc/self/mountinfo", encoding="utf-8") as file:
         mounts = [line.split() for line in file]
     for fields in reachable(mounts):
         point = OCTAL_ESCAPE.sub(lambda escape: chr(int(escape[1], 8)), fields[4])
         flags = sum(KEPT_FLAGS.get(option, 0) for option in fields[5].split(","))
+        if not any(point == path or point.startswith(path + "/") for path in DEVICE_MOUNTS):
+            flags |= MS_NODEV
         mount(None, point, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | flags, None)
+
+
+def set_mount_attributes(path, set_flags, clear_flags):
+    """mount_setattr on every mount at and below `path`; False where the kernel lacks it."""
+    attributes = ctypes.create_string_buffer(struct.pack("=4Q", set_flags, clear_flags, 0, 0), 32)
+    done = LIBC.syscall(ctypes.c_long(SYS_MOUNT_SETATTR), ctypes.c_int(AT_FDCWD), path.encode(),
+                        ctypes.c_uint(AT_RECURSIVE), attributes, ctypes.c_size_t(32))
+    if done == 0:
+        return True
+    if ctypes.get_errno() != ENOSYS:
+        checked(-1, f"mount_setattr {path}")
+    return False
 
 
 def reachable(mounts):
@@ -308,6 +330,8 @@ def enter():
     fresh_session_keyring()
     drop_privileges()
     prctl(PR_SET_NO_NEW_PRIVS, 1)
+    if CONFIG["landlock"]:
+        write_only_in_own_places()
     if CONFIG["filter"]:
         filter_syscalls(CONFIG["filter"])
     with open(CONFIG["path"], encoding="utf-8") as file:
@@ -345,6 +369,33 @@ def drop_privileges():
         header = struct.pack("=Ii", CAPABILITY_VERSION_3, 0)
         nothing = bytes(24)  # two {effective, permitted, inheritable} words of 32 bits
         checked(LIBC.capset(header, nothing), "capset")
+
+
+def write_only_in_own_places():
+    """Landlock: files opened for writing only below the program's folder, its private temporary
+    folders, /dev and its stderr's tmpfs. A read-only mount does not stop writes to a FIFO (named
+    pipe) on it: a caller's control pipe outside the covered folders. Kernels without Landlock
+    (before 5.13, or not enabled) go on without it, as `isolation()["landlock"]` says."""
+    places = [CONFIG["folder"], "/dev", *(path for path, _, writable in CONFIG["hide"] if writable)]
+    held = [os.open(path, os.O_PATH) for path in places] + STDERR_FOLDER
+    attributes = struct.pack("=Q", LANDLOCK_ACCESS_FS_WRITE_FILE)  # (handled_access_fs: the ABI 1 size)
+    ruleset = LIBC.syscall(ctypes.c_long(SYS_LANDLOCK_CREATE_RULESET), attributes, ctypes.c_size_t(len(attributes)),
+                           ctypes.c_uint32(0))
+    try:
+        if ruleset < 0:
+            if ctypes.get_errno() in (ENOSYS, EOPNOTSUPP):
+                return
+            checked(-1, "landlock_create_ruleset")
+        for fd in held:
+            rule = struct.pack("=Qi", LANDLOCK_ACCESS_FS_WRITE_FILE, fd)  # landlock_path_beneath_attr (packed)
+            checked(LIBC.syscall(ctypes.c_long(SYS_LANDLOCK_ADD_RULE), ctypes.c_int(ruleset),
+                                 ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH), rule, ctypes.c_uint32(0)), "landlock_add_rule")
+        checked(LIBC.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0)),
+                "landlock_restrict_self")
+    finally:
+        for fd in [*held, *([ruleset] if ruleset >= 0 else [])]:
+            os.close(fd)
+        STDERR_FOLDER.clear()
 
 
 def filter_syscalls(program):
