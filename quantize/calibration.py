@@ -74,7 +74,7 @@ def calibration_texts(folder: str | None, exclude: set[str] = frozenset()) -> tu
             total += len(text.encode("utf-8"))
     if not texts:
         raise SantacpuError(f"no UTF-8 text files found for calibration in {where}")
-    return texts, f"{where}, {len(texts)} files"
+    return texts, f"{where}, {len(texts)} file{'s' * (len(texts) != 1)}"
 
 
 def token_sequences(texts: list[str], tokenizer: Tokenizer, eos_id: int, max_tokens: int, n_ctx: int) -> list[list[int]]:

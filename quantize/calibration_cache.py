@@ -136,7 +136,8 @@ class KeptCalibration:
         if gains is not None:
             embedding = {str(k): v for k, v in gains.get("wte", {}).items()}
             arrays[f"gains/{qtype}"] = np.array(json.dumps({**gains, "wte": embedding}))
-        about = {"source": str(self.folder), "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        # (UTC, as a quantized file's provenance says it: `cache list` shows both)
+        about = {"source": str(self.folder), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         arrays["about"] = np.array(json.dumps(about))
         try:
             folder = self.path.parent

@@ -126,7 +126,7 @@ def check_source(src: str | os.PathLike, out: Path | None = None) -> None:
     if out is not None and local.exists():
         read = input_at(out, [local if local.is_dir() else local.parent])  # a weight file: its checkpoint's files
         if read is not None:
-            raise SantacpuError(f"{out} is a file of the checkpoint being quantized ({read}): write elsewhere")
+            raise OptionValueError(f"{out} is a file of the checkpoint being quantized ({read}): write elsewhere")
     if is_quantized_file(src):
         raise SantacpuError(
             f"{src} is already a santacpu quantized file: quantize reads a full-precision checkpoint "

@@ -248,10 +248,10 @@ def test_prompt_longer_than_the_context(hf_home, ckpt):
 
 def test_hub_id_offline_without_cache(hf_home):
     line = assert_error(run(hf_home, "complete", PROMPT, "--model", "bigcode/santacoder"), "'bigcode/santacoder'")
-    assert "pass the folder" in line and "--model" in line
+    assert "give that folder in its place (e.g. /path/to/santacoder)" in line
     assert "santacpu random-checkpoint /tmp/tiny" in line  # the offline path
     # The default model is the hub's too, and fails the same way.
-    assert "pass the folder" in assert_error(run(hf_home, "complete", PROMPT), "'bigcode/santacoder'")
+    assert "give that folder in its place" in assert_error(run(hf_home, "complete", PROMPT), "'bigcode/santacoder'")
     assert list((hf_home / "hub").iterdir()) == []
 
 

@@ -321,6 +321,7 @@ def test_first_use_cache_on_a_read_only_or_full_file_system(tmp_path, tiny, read
     assert all(line.startswith("santacpu: first use of") for line in before)  # the announcement, if made
     assert last.startswith("santacpu: error: ") and fragment in last
     assert "quantization cache" in last and "SANTACPU_CACHE" in last and "--quant none" in last
+    assert ("free some space there" in last) == (not read_only)  # (advice that can help, only)
     assert listing.read_text() == ""
 
 
@@ -328,7 +329,8 @@ def test_first_use_cache_that_is_a_file_or_not_writable(tmp_path, tiny):
     a_file = tmp_path / "cache-file"
     a_file.write_text("not a folder")
     done = run_santacpu("complete", PROMPT, "--model", tiny, env={"SANTACPU_CACHE": str(a_file)})
-    assert "SANTACPU_CACHE" in one_error_line(done, f"cannot use {a_file} as a folder")
+    line = one_error_line(done, f"cannot use {a_file} as a folder")
+    assert "set SANTACPU_CACHE to another folder" in line and "free some space" not in line
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o555)
     done = run_santacpu("complete", PROMPT, "--model", tiny, env={"SANTACPU_CACHE": str(locked)},
@@ -466,7 +468,7 @@ def test_a_report_or_model_file_is_replaced_only_when_asked_and_never_a_device_o
     # A folder's path (a trailing '/'), or nothing, is no file name (Path() would drop the slash):
     one_error_line(run_santacpu(*args, f"{tmp_path / 'folder-link'}/", "--force"), "ends with '/', as a folder's path does", code=2)
     one_error_line(run_santacpu("quantize", tiny, f"{tmp_path / 'new.safetensors'}/"), "ends with '/'", code=2)
-    one_error_line(run_santacpu("quantize", tiny, ""), "Invalid value for 'out': the file name is empty", code=2)
+    one_error_line(run_santacpu("quantize", tiny, ""), "Invalid value for 'OUT': the file name is empty", code=2)
     assert not (tmp_path / "new.safetensors").exists()
     assert link.is_symlink() and target.read_text() == "theirs\n" and (tmp_path / "folder-link").is_symlink()
     fifo = tmp_path / "fifo"
@@ -521,6 +523,28 @@ def test_options_that_would_be_ignored_are_warned_about(tmp_path, tiny, quantize
         "santacpu: warning: --lookup is ignored: prompt lookup drafts only under greedy decoding (--temperature 0)"]
     assert run_santacpu("complete", PROMPT, "--model", quantized, "--max-new-tokens", "4", "--temperature", "0.5",
                         "--top-p", "0.9", "--seed", "1").stderr == b""
+    # Lookup off by default (full-precision weights): --draft-tokens alone changes nothing either.
+    done = run_santacpu("complete", PROMPT, "--model", tiny, "--quant", "none", "--max-new-tokens", "4",
+                        "--draft-tokens", "3")
+    assert done.returncode == 0 and stderr_lines(done) == [
+        "santacpu: warning: --draft-tokens is ignored: prompt lookup is off by default for this model (full-precision "
+        "weights, or a CPU without integer kernels); give --lookup to turn it on"]
+    assert run_santacpu("complete", PROMPT, "--model", tiny, "--quant", "none", "--max-new-tokens", "4",
+                        "--draft-tokens", "3", "--lookup").stderr == b""
+
+
+def test_a_library_s_warning_is_one_line_too(capsys):
+    # Ray Data's warnings span several lines of prose, then the source line that warned.
+    import os
+
+    from santacpu.cli.entry import _show_warning
+
+    where = os.path.join("/venv", "lib", "python3.11", "site-packages", "ray", "data", "operator.py")
+    _show_warning(UserWarning("The minimum number of actors\nis 2."), UserWarning, where, 553)
+    _show_warning("a module's own", DeprecationWarning, "/somewhere/helper.py", 1)
+    assert capsys.readouterr().err.splitlines() == [
+        "santacpu: warning: (ray, UserWarning) The minimum number of actors is 2.",
+        "santacpu: warning: (helper, DeprecationWarning) a module's own"]
 
 
 def test_messages_never_reach_standard_output_when_standard_error_is_closed(quantized):
@@ -600,10 +624,14 @@ def test_stop_escapes():
     assert decode_escapes("no escapes: 태") == "no escapes: 태"
 
 
-@pytest.mark.parametrize("stop, fragment", [("\\x", "\\x at position 0"), ("a\\", "\\ at position 1"),
-                                            ("\\N{NO SUCH NAME}", "\\N at position 0"), ("\\q", "\\q")])
+@pytest.mark.parametrize("stop, fragment", [("\\x", "\\x at position 0 needs two hex digits"),
+                                            ("\\x4", "\\x at position 0 needs two hex digits"),
+                                            ("a\\", "\\ at position 1 is not an escape"),
+                                            ("\\N{NO SUCH NAME}", "\\N at position 0 needs a known character name"),
+                                            ("\\q", "\\q at position 0 is not an escape")])
 def test_bad_stop_escapes(quantized, stop, fragment):
-    line = one_error_line(run_santacpu("complete", PROMPT, "--model", quantized, "--stop", stop), fragment)
+    # A usage error (exit 2), as every other bad option value is.
+    line = one_error_line(run_santacpu("complete", PROMPT, "--model", quantized, "--stop", stop), fragment, code=2)
     assert f"--stop '{stop}'" in line
 
 
@@ -642,6 +670,10 @@ def test_help_and_version():
     assert "0 < P <= 1" in flat["complete"] and "--seed <int range>" in flat["complete"]
     assert "x>=8" in flat["perplexity"] and "at most the model's context" in flat["perplexity"]
     assert all(f"{name} (" in flat["quantize"] for name in FORMATS)  # q6_0 included
+    # Choices shown where they are asked for, not only in the error for a wrong one; arguments by name.
+    assert f"--quant [none|{'|'.join(FORMATS)}]" in flat["complete"] and "--fim-order [psm|spm]" in flat["complete"]
+    assert f"--type [{'|'.join(FORMATS)}]" in flat["quantize"] and "[speed|lookup|memory|load|compile],..." in flat["bench"]
+    assert "santacpu quantize [OPTIONS] {SRC} {OUT}" in flat["quantize"] and "[OPTIONS] [PROMPT]" in flat["complete"]
     assert "--version" in flat[""] and "random-checkpoint" in flat[""]
     version = run_santacpu("--version")
     assert (version.returncode, version.stdout.decode()) == (0, f"santacpu {santacpu.__version__}\n")

@@ -919,7 +919,7 @@ def test_hub_id_offline_without_cache_says_to_pass_a_folder(tmp_path, offline_hu
     assert report["offline"] is True and Path(report["cache"]) == offline_hub  # the settings took effect
     message = report["error"]
     assert "'bigcode/santacoder'" in message and "not a local folder" in message
-    assert "pass the folder" in message and "\n" not in message
+    assert "give that folder in its place" in message and "\n" not in message
     assert list(offline_hub.iterdir()) == []  # nothing was written to the cache
 
 
@@ -947,7 +947,7 @@ def test_hub_id_offline_from_a_hand_made_cache(tmp_path, offline_hub):
     assert_close(logits, expected, 1e-6)
     # An unknown revision is not in the cache: the offline message again.
     report, _ = _run_hub(tmp_path, "someorg/tiny", "no-such-branch")
-    assert "pass the folder" in report["error"]
+    assert "give that folder in its place" in report["error"]
 
 
 # --- one tokenizer fallback, one place that reads the environment ------------------------------

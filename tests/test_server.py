@@ -1026,6 +1026,15 @@ def test_serve_on_a_port_in_use_is_one_error_line_before_loading(quantized):
     assert time.perf_counter() - started < 30
 
 
+def test_serve_with_a_model_path_that_does_not_exist_fails_before_listening(tmp_path):
+    # It said "santacpu serve: http://..." and answered /health before the load found nothing there.
+    from helpers import one_error_line, run_santacpu
+
+    missing = tmp_path / "no-such-model"
+    one_error_line(run_santacpu("serve", "--model", missing, "--port", "1", timeout=60),
+                   f"no such file or folder: {missing}")  # (port 1 cannot be listened on: not reached)
+
+
 def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path, monkeypatch):
     from santacpu.cli.serve import api_key_of
     from santacpu.errors import SantacpuError

@@ -94,7 +94,8 @@ def format_table(report: dict) -> str:
         (
             f"machine  {machine['cpu']}, {machine['usable_cores']} cores usable; integer kernels "
             f"{machine.get('integer_kernels') or 'off'}; santacpu {report['santacpu_version']}; "
-            f"{settings['threads']} threads; speeds are the {settings['statistic']} runs"
+            f"{settings['threads']} threads; speeds are "
+            + ("from one run" if settings["statistic"] == "median of 1" else f"the {settings['statistic']} runs")
         ),
         "",
     ]

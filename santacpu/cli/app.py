@@ -58,7 +58,7 @@ app.add_typer(eval_app, name="eval")
 
 cache_app = _group(
     "The quantization cache: the files first use writes (a full-precision model quantized once) and "
-    "the calibrations `quantize` keeps for its next runs ($SANTACPU_CACHE, else ~/.cache/santacpu)."
+    "the calibrations `quantize` keeps for its next runs ($SANTACPU_CACHE, else $XDG_CACHE_HOME/santacpu, else ~/.cache/santacpu)."
 )
 cache_app.command("list")(cache_list)
 cache_app.command("clear")(cache_clear)

@@ -22,22 +22,22 @@ from ..generation.prompts import FIM_ORDERS
 from ..formats.quantized_file import DEFAULT_QUANT
 from ..loading.source import default_model
 from .options import (
-    DEVICE_OPTION, MODEL_OPTION, QUANT_CHOICES, REVISION_OPTION, check_probability, check_temperature, one_of,
+    DEVICE_OPTION, MODEL_OPTION, QUANT_CHOICES, REVISION_OPTION, check_probability, check_temperature, choices, one_of,
 )
 from .text_input import decode_escapes, decode_text, read_bounded, read_text_file
 
 
 def complete(
     prompt: Optional[str] = typer.Argument(
-        None, help="The text to continue. '-' or nothing: read it from standard input.", show_default=False
+        None, metavar="PROMPT", help="The text to continue. '-' or nothing: read it from standard input.", show_default=False
     ),
     model: str = MODEL_OPTION,
     revision: Optional[str] = REVISION_OPTION,
     quant: Optional[str] = typer.Option(
         None,
-        callback=one_of(*QUANT_CHOICES),
+        callback=one_of(*QUANT_CHOICES), metavar=choices(*QUANT_CHOICES),
         help=f"For a full-precision model: quantize it once to this type into the cache folder "
-        f"($SANTACPU_CACHE, else ~/.cache/santacpu) and run that; 'none' runs it in full precision. "
+        f"($SANTACPU_CACHE, else $XDG_CACHE_HOME/santacpu, else ~/.cache/santacpu) and run that; 'none' runs it in full precision. "
         f"Default: {DEFAULT_QUANT}.",
         show_default=False,
     ),
@@ -49,7 +49,7 @@ def complete(
         help="Fill in the middle between the text of two files; only the middle is printed.",
     ),
     fim_order: str = typer.Option(
-        "psm", callback=one_of(*FIM_ORDERS), help="FIM prompt order: psm (prefix first) or spm (suffix first)."
+        "psm", callback=one_of(*FIM_ORDERS), metavar=choices(*FIM_ORDERS), help="FIM prompt order: psm (prefix first) or spm (suffix first)."
     ),
     max_new_tokens: int = typer.Option(DEFAULT_MAX_NEW_TOKENS, min=0, help="Most tokens to generate."),
     temperature: float = typer.Option(0.0, callback=check_temperature, help="Sampling temperature, a finite number >= 0; 0 is greedy (deterministic)."),
@@ -101,6 +101,9 @@ def complete(
     loaded = load(model or default_model(), revision=revision, quant=quant, device=device)
     if verbose:
         print(f"santacpu: running on {loaded.device}", file=sys.stderr)
+    if lookup is None and temperature == 0 and draft_tokens != DEFAULT_DRAFT_TOKENS and not loaded.token_invariant:
+        warnings.warn("--draft-tokens is ignored: prompt lookup is off by default for this model (full-precision "
+                      "weights, or a CPU without integer kernels); give --lookup to turn it on", SantacpuWarning)
     room = loaded.config.n_positions - len(loaded.prompt_ids(prefix, suffix, options))
     if options.max_new_tokens > room:
         warnings.warn(

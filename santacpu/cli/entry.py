@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -33,13 +34,14 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Every warning as one line: santacpu's own as they are; a library's (Ray's) with its name."""
     if issubclass(category, SantacpuWarning):
         print(f"santacpu: warning: {message}", file=sys.stderr)
     else:
-        _default_showwarning(message, category, filename, lineno, file, line)
-
-
-_default_showwarning = warnings.showwarning
+        library = Path(filename).stem if "site-packages" not in filename else \
+            filename.split("site-packages" + os.sep, 1)[1].split(os.sep, 1)[0]
+        text = " ".join(str(message).split())
+        print(f"santacpu: warning: ({library}, {category.__name__}) {text}", file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

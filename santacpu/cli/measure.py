@@ -25,7 +25,7 @@ from ..loading.source import DEFAULT_MODEL, default_model
 from ..settings import MODEL_ENV
 from .options import (
     DEVICE_OPTION, MODEL_OPTION, QUANT_CHOICES, QUANT_OPTION, REVISION_OPTION, check_counts, check_probability,
-    check_temperature, counts, each_one_of, one_of, output_file, refuse_replacing_inputs,
+    check_temperature, choices, counts, each_one_of, one_of, output_file, refuse_replacing_inputs,
 )
 from .text_input import read_text_file
 
@@ -33,7 +33,7 @@ DEFAULT_PERPLEXITY_CTX = 256
 
 
 def perplexity(
-    files: List[Path] = typer.Argument(..., readable=False, help="Source files to score (UTF-8 text)."),
+    files: List[Path] = typer.Argument(..., readable=False, metavar="FILES", help="Source files to score (UTF-8 text)."),
     model: str = typer.Option(None, "--model", "-m", help=f"The model to score. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.", show_default=False),
     reference: Optional[str] = typer.Option(None, help="A reference model (e.g. the full-precision checkpoint): adds delta perplexity, KL divergence and top-1 agreement."),
     ctx: Optional[int] = typer.Option(
@@ -43,7 +43,7 @@ def perplexity(
         show_default=False,
     ),
     quant: Optional[str] = typer.Option(
-        None, callback=one_of(*QUANT_CHOICES),
+        None, callback=one_of(*QUANT_CHOICES), metavar=choices(*QUANT_CHOICES),
         help="For a full-precision --model: score its cached quantization to this type (made once, as `complete` "
         f"does); 'none' scores it in full precision. Default: {DEFAULT_QUANT}. The reference always runs in full "
         "precision.",
@@ -81,10 +81,10 @@ def perplexity(
 
 
 def bench(
-    model: str = typer.Argument(..., help="Quantized file, checkpoint folder, weight file, or hub id."),
+    model: str = typer.Argument(..., metavar="MODEL", help="Quantized file, checkpoint folder, weight file, or hub id."),
     revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
     quant: Optional[str] = typer.Option(
-        None, callback=one_of(*QUANT_CHOICES),
+        None, callback=one_of(*QUANT_CHOICES), metavar=choices(*QUANT_CHOICES),
         help="For a full-precision model: bench its cached quantization to this type (made once, as "
         f"`complete` does); 'none' benches it in full precision. Default: {DEFAULT_QUANT}.",
         show_default=False,
@@ -107,11 +107,11 @@ def bench(
     repeat: int = typer.Option(3, min=1, help="Runs of prefill, decode and FIM; the median is reported."),
     memory_context: int = typer.Option(0, min=0, help="Context filled by the peak-RSS run; 0: the model's whole context."),
     parts: str = typer.Option(
-        ",".join(PARTS), callback=each_one_of(*PARTS), help="What to measure, comma-separated: " + ", ".join(PARTS) + "."
+        ",".join(PARTS), callback=each_one_of(*PARTS), metavar=choices(*PARTS, many=True), help="What to measure, comma-separated: " + ", ".join(PARTS) + "."
     ),
     batch: Optional[str] = typer.Option(
         None, metavar="SIZES", callback=check_counts, help="Also measure batched decoding at these batch sizes, comma-separated (e.g. 1,2,4,8,16): "
-        "aggregate and per-sequence decode tok/s of B greedy sequences, 64-token prompts, 32 tokens each. Default: off.",
+        "aggregate and per-sequence decode tok/s of B greedy sequences, 64-token prompts (less for a model with a short context), 32 tokens each. Default: off.",
         show_default=False,
     ),
     json_out: Optional[str] = typer.Option(
@@ -146,7 +146,7 @@ def bench(
 
 def eval_humaneval_infill(
     benchmark: str = typer.Option(
-        "single-line", callback=one_of(*BENCHMARKS), help=f"One of {', '.join(BENCHMARKS)} (bundled data)."
+        "single-line", callback=one_of(*BENCHMARKS), metavar=choices(*BENCHMARKS), help=f"One of {', '.join(BENCHMARKS)} (bundled data)."
     ),
     model: str = MODEL_OPTION,
     revision: Optional[str] = REVISION_OPTION,
@@ -164,7 +164,7 @@ def eval_humaneval_infill(
     top_p: float = typer.Option(1.0, callback=check_probability, help="Nucleus sampling, 0 < P <= 1; 1 is off."),
     seed: int = typer.Option(0, min=0, help="Base seed: a problem's samples are seeded from it and its task id."),
     max_new_tokens: int = typer.Option(DEFAULT_EVAL_MAX_NEW_TOKENS, min=1, help="Most tokens of each completion."),
-    fim_order: str = typer.Option("psm", callback=one_of(*FIM_ORDERS), help="FIM prompt order: psm or spm."),
+    fim_order: str = typer.Option("psm", callback=one_of(*FIM_ORDERS), metavar=choices(*FIM_ORDERS), help="FIM prompt order: psm or spm."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N problems. Default: all.", show_default=False),
     timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=0.1, max=3600, help="Seconds each program may run (wall clock)."),
     max_batch: int = typer.Option(8, min=1, max=256, help="Sequences generated at once."),

@@ -15,7 +15,7 @@ import typer
 
 from ..loading.source import hub_revision
 from ..formats.blocks import FORMATS
-from .options import REVISION_OPTION, check_keep_rules, check_positive, one_of, output_file
+from .options import REVISION_OPTION, check_keep_rules, check_positive, choices, one_of, output_file
 from quantize.calibration import DEFAULT_CALIBRATION_TOKENS
 
 # What `quantize --type q4_m`'s default upgrade budget (1.5%) comes to on SantaCoder's shapes
@@ -31,9 +31,9 @@ def _type_help() -> str:
 
 
 def quantize(
-    src: str = typer.Argument(..., help="Full-precision source: checkpoint folder (either layout), weight file, or hub id."),
-    out: str = typer.Argument(..., callback=output_file, help="The quantized file to write (.safetensors)."),
-    qtype: str = typer.Option("q8_0", "--type", "-t", metavar="TYPE", callback=one_of(*FORMATS), help=_type_help()),
+    src: str = typer.Argument(..., metavar="SRC", help="Full-precision source: checkpoint folder (either layout), weight file, or hub id."),
+    out: str = typer.Argument(..., metavar="OUT", callback=output_file, help="The quantized file to write (.safetensors)."),
+    qtype: str = typer.Option("q8_0", "--type", "-t", callback=one_of(*FORMATS), metavar=choices(*FORMATS), help=_type_help()),
     calibration: Optional[str] = typer.Option(
         None,
         help="Importance-weighted rounding, calibrated on the code in this folder; 'stdlib' uses the running "
@@ -82,7 +82,7 @@ def quantize(
                  revision=hub_revision(src, revision), force=force, bits_per_weight=bits_per_weight, max_size=max_size)
 
 
-def info(file: Path = typer.Argument(..., readable=False, help="A santacpu quantized file.")) -> None:
+def info(file: Path = typer.Argument(..., readable=False, metavar="FILE", help="A santacpu quantized file.")) -> None:
     """Describe a quantized file: config, tensor types, size, bits per weight, provenance."""
     from ..loading.quantized import describe
 
@@ -91,18 +91,18 @@ def info(file: Path = typer.Argument(..., readable=False, help="A santacpu quant
 
 def random_checkpoint(
     out: Path = typer.Argument(
-        ..., readable=False, help="The folder to write (made if missing): config.json, model.safetensors, tokenizer.json."
+        ..., readable=False, metavar="OUT", help="The folder to write (made if missing): config.json, model.safetensors, tokenizer.json."
     ),
     size: str = typer.Option(
-        "tiny", callback=one_of("tiny", "micro", "trained", "full"),
+        "tiny", callback=one_of("tiny", "micro", "trained", "full"), metavar=choices("tiny", "micro", "trained", "full"),
         help="tiny (a 64-token context, 2 narrow layers: 13 MB, seconds), micro, trained (the test fixture's "
         "shapes), or full (SantaCoder's own shapes: 1.1 B parameters, 4.5 GB in float32).",
     ),
     layout: str = typer.Option(
-        "gpt_bigcode", callback=one_of("gpt_bigcode", "legacy"),
+        "gpt_bigcode", callback=one_of("gpt_bigcode", "legacy"), metavar=choices("gpt_bigcode", "legacy"),
         help="gpt_bigcode, or legacy (bigcode/santacoder's own layout).",
     ),
-    dtype: str = typer.Option("float32", callback=one_of("float32", "float16"), help="float32 or float16."),
+    dtype: str = typer.Option("float32", callback=one_of("float32", "float16"), metavar=choices("float32", "float16"), help="float32 or float16."),
     seed: int = typer.Option(0, min=0, help="The same seed gives the same weights."),
     multi_head: bool = typer.Option(False, "--multi-head", help="One K/V head per query head instead of multi-query."),
     force: bool = typer.Option(

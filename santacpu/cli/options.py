@@ -38,6 +38,13 @@ def one_of(*choices: str):
     return check
 
 
+def choices(*names: str, many: bool = False) -> str:
+    """The placeholder --help shows for an option of these choices: [a|b|c] (with `many`, a
+    comma-separated list of them)."""
+    shown = "[" + "|".join(names) + "]"
+    return f"{shown},..." if many else shown
+
+
 def each_one_of(*choices: str):
     """`one_of` for a comma-separated list of choices (at least one)."""
 
@@ -120,7 +127,7 @@ def refuse_replacing_inputs(out: Path, option: str, inputs: list) -> None:
 # The options of the commands that run a model (one OptionInfo serves several commands).
 QUANT_CHOICES = ("none", *FORMATS)
 DEVICE_OPTION = typer.Option(
-    "auto", callback=one_of(*DEVICES), help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda."
+    "auto", callback=one_of(*DEVICES), metavar=choices(*DEVICES), help="auto (a CUDA GPU where one is usable, else the CPU), cpu or cuda."
 )
 MODEL_OPTION = typer.Option(
     None,
@@ -132,7 +139,7 @@ MODEL_OPTION = typer.Option(
 REVISION_OPTION = typer.Option(None, help="Hub revision (branch, tag or commit) for a hub id.")
 QUANT_OPTION = typer.Option(
     None,
-    callback=one_of(*QUANT_CHOICES),
+    callback=one_of(*QUANT_CHOICES), metavar=choices(*QUANT_CHOICES),
     help=f"For a full-precision model: run its cached quantization to this type (made once, as `complete` "
     f"does); 'none' runs it in full precision. Default: {DEFAULT_QUANT}.",
     show_default=False,

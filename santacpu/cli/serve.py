@@ -13,9 +13,9 @@ import typer
 
 from ..errors import OptionValueError, SantacpuError
 from ..generation.prompts import FIM_ORDERS
-from ..loading.source import default_model
+from ..loading.source import check_local, default_model
 from ..settings import Settings
-from .options import MODEL_OPTION, QUANT_OPTION, REVISION_OPTION, one_of
+from .options import MODEL_OPTION, QUANT_OPTION, REVISION_OPTION, choices, one_of
 from .text_input import read_text_file
 
 
@@ -44,7 +44,7 @@ def serve(
         "(0: only what the batch has room for runs)."
     ),
     fim_order: str = typer.Option(
-        "spm", callback=one_of(*FIM_ORDERS),
+        "spm", callback=one_of(*FIM_ORDERS), metavar=choices(*FIM_ORDERS),
         help="FIM prompt order: spm (suffix first: typing at the cursor only appends to the prompt) or psm.",
     ),
     fim_budget: Optional[int] = typer.Option(
@@ -65,6 +65,7 @@ def serve(
     except ImportError:
         raise SantacpuError(SERVE_EXTRA_HINT) from None
     name = model or default_model()
+    check_local(name)  # now, not after the server has said it listens
     settings = ServerSettings(
         model_name=name, api_key=api_key_of(api_key, api_key_file), max_batch=max_batch, max_queue=max_queue,
         fim_order=fim_order, fim_budget=fim_budget,

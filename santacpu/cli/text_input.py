@@ -11,7 +11,7 @@ import codecs
 import re
 from pathlib import Path
 
-from ..errors import SantacpuError, os_problem
+from ..errors import OptionValueError, SantacpuError, os_problem
 
 # Far beyond any context's worth (2,048 tokens of at most 128 characters), and a bound on what
 # /dev/zero or a runaway pipe can make this process hold.
@@ -49,13 +49,17 @@ def decode_text(raw: bytes, what: str) -> str:
         ) from None
 
 
-# Python's string escapes; a backslash that starts none of them is matched by the last branch.
+# Python's string escapes; a backslash that starts none of them (or one cut short) is matched by
+# the last branch.
 _ESCAPE = re.compile(r"\\(?:x[0-9A-Fa-f]{2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|N\{[^}]*\}|[0-7]{1,3}|[\\'\"abfnrtv])|\\")
+# What an escape cut short needs, by its letter.
+_NEEDS = {"x": "two hex digits (\\x41)", "u": "four hex digits (\\u00e9)", "U": "eight hex digits (\\U0001f600)",
+          "N": "a known character name in braces (\\N{BULLET})"}
 
 
 def decode_escapes(text: str, option: str = "--stop") -> str:
     """Python-style escapes (\\n, \\t, \\\\, \\x41, \\u00e9, ...) in `text` decoded; every other
-    character, non-ASCII included, kept as it is."""
+    character, non-ASCII included, kept as it is. A bad escape is a usage error (`OptionValueError`)."""
 
     def one(match: re.Match) -> str:
         escape = match.group(0)
@@ -66,9 +70,11 @@ def decode_escapes(text: str, option: str = "--stop") -> str:
             pass
         shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # one line, as typed
         bad = text[match.start() : match.start() + 2]
-        raise SantacpuError(
-            f"{option} '{shown}': {bad} at position {match.start()} is not an escape (known: \\n \\t \\r "
-            "\\\\ \\' \\\" \\xHH \\uHHHH \\UHHHHHHHH \\N{name}, octal; write a backslash as \\\\)"
-        )
+        if bad[1:] in _NEEDS:
+            problem = f"{bad} at position {match.start()} needs {_NEEDS[bad[1:]]}"
+        else:
+            problem = (f"{bad} at position {match.start()} is not an escape (known: \\n \\t \\r \\\\ \\' \\\" "
+                       "\\xHH \\uHHHH \\UHHHHHHHH \\N{name}, octal)")
+        raise OptionValueError(f"{option} '{shown}': {problem}; write a backslash itself as \\\\")
 
     return _ESCAPE.sub(one, text)

@@ -142,7 +142,7 @@ def run_on_ray(
                     "threads": threads,
                 },
                 batch_size=max(1, 2 * settings.max_batch // settings.samples),
-                concurrency=placement.workers,
+                concurrency=max(1, min(placement.workers, len(problems))),  # (no idle actor for a short run)
                 num_cpus=threads,
                 batch_format="numpy",
                 max_restarts=0,

@@ -20,7 +20,9 @@ def report_lines(result: dict, ks) -> list[str]:
     """`result`: {"model": summary} or, with a reference, {"model", "reference", "comparison"}."""
     mine = result["model"]
     problems = mine.get("problems", 0)
-    head = f"HumanEval-infilling {mine['benchmark']}: {problems} problem{'s' * (problems != 1)}, {mine.get('samples', 0)} sample(s) each"
+    samples = mine.get("samples", 0)
+    head = (f"HumanEval-infilling {mine['benchmark']}: {problems} problem{'s' * (problems != 1)}, "
+            f"{samples} sample{'s' * (samples != 1)} each")
     lines = [head, f"{'model':<32} " + "  ".join(f"{'pass@' + str(k):>7}" for k in ks) + "  exact match  programs passed/failed/timed out"]
     lines.append(_row(mine["model"], mine, ks))
     if "reference" in result:

@@ -179,7 +179,8 @@ def describe(path: str | os.PathLike) -> str:
         + _size_target_note(quantization.get("size_target"))
         + ")"
         + ("" if quantization.get("type") in counts else
-           f"; no tensor is stored as {quantization.get('type')} (see the tensors below)"),
+           f"; no tensor is stored as {quantization.get('type')} (see the tensors below; `quantize "
+           "--upgrade-budget 0` keeps every linear weight at the type asked for)"),
         "tensors         " + ", ".join(f"{n} x {t}" for t, n in sorted(counts.items())),
         f"bits/weight     {8 * stored / max(weight_count, 1):.3f} over the {weight_count:,} matrix weights; "
         f"{8 * size / max(weight_count, 1):.3f} for the whole file",

@@ -62,8 +62,9 @@ SIZES = {
 }
 
 
-def config_json(size: str, layout: str, multi_query: bool = True) -> dict:
-    """config.json as each published checkpoint spells it, with the chosen sizes."""
+def config_json(size: str, layout: str, multi_query: bool = True, dtype: str = "float32") -> dict:
+    """config.json as each published checkpoint spells it, with the chosen sizes (and, for the
+    legacy layout, which names it, the weights' dtype)."""
     sizes = SIZES[size]
     common = dict(
         sizes,
@@ -84,7 +85,7 @@ def config_json(size: str, layout: str, multi_query: bool = True) -> dict:
             architectures=["GPT2LMHeadCustomModel"],
             attention_head_type="multiquery" if multi_query else "multihead",
             activation_function="gelu_fast",
-            torch_dtype="float32",
+            torch_dtype=dtype,
         )
     return dict(
         common,
@@ -267,7 +268,7 @@ def write_checkpoint(
         metadata={"format": "pt"},
         shapes=shapes,
     )
-    write_text_atomically(out / "config.json", json.dumps(config_json(size, layout, multi_query), indent=2) + "\n")
+    write_text_atomically(out / "config.json", json.dumps(config_json(size, layout, multi_query, dtype), indent=2) + "\n")
     if with_tokenizer:
         write_text_atomically(out / "tokenizer.json", TOKENIZER_JSON.read_text(encoding="utf-8"))
     return out

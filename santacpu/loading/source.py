@@ -65,12 +65,18 @@ def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
         return path
     if path.is_file():
         return path.parent  # a weight file: config.json and tokenizer.json sit beside it
-    text = str(model)
-    if path.exists():  # a FIFO, a device, a socket: there, but nothing a model is read from
+    check_local(model)
+    return _download(str(model), revision)
+
+
+def check_local(model: str | os.PathLike) -> None:
+    """Refuse, before any long work, a `model` that names a local path where nothing a model is
+    read from lies; a hub id passes (whether the hub has it is found out by downloading)."""
+    path, text = Path(model).expanduser(), str(model)
+    if path.exists() and not (path.is_dir() or path.is_file()):  # a FIFO, a device, a socket
         raise SantacpuError(f"{text} is neither a file nor a folder (a model is a folder, a weight file or a quantized file)")
-    if _looks_like_a_path(text):
+    if not path.exists() and _looks_like_a_path(text):
         raise SantacpuError(f"no such file or folder: {text}")
-    return _download(text, revision)
 
 
 def _download(repo_id: str, revision: str | None) -> Path:
@@ -86,9 +92,9 @@ def _download(repo_id: str, revision: str | None) -> Path:
     where = f"'{repo_id}'" + (f" (revision {revision})" if revision else "")
     offline_hint = (
         f"{where} is not a local folder, and it is not in the hub cache while the model hub cannot be "
-        f"reached; download it on a connected machine (or copy its folder here) and pass the folder: "
-        f"--model /path/to/{repo_id.split('/')[-1]} (or, to try santacpu offline on random weights: "
-        f"santacpu random-checkpoint /tmp/tiny, then --model /tmp/tiny)"
+        f"reached; download it on a connected machine (or copy its folder here) and give that folder in its place "
+        f"(e.g. /path/to/{repo_id.split('/')[-1]}); or, to try santacpu offline on random weights: "
+        f"santacpu random-checkpoint /tmp/tiny, then give /tmp/tiny"
     )
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=_META_FILES + _SAFETENSORS_FILES))
