@@ -42,6 +42,7 @@ from santacpu.settings import CACHE_ENV, Settings
 from . import calibration_cache
 from .calibration import DEFAULT_CALIBRATION_TOKENS, calibration_texts
 from .pipeline import default_calibration, run_quantize
+from santacpu.paths import user_path
 
 QUANT_CHOICES = ("none", *FORMATS)
 
@@ -224,7 +225,7 @@ def clear_cache(model: str | None = None, revision: str | None = None) -> list[C
 
 def _local_folder(model: str, revision: str | None) -> Path:
     """The folder `model` names, never downloading: a local folder or file, else the hub cache's copy."""
-    path = Path(model).expanduser()
+    path = user_path(model)
     if path.exists():
         return (path if path.is_dir() else path.parent).resolve()
     try:

@@ -36,10 +36,11 @@ from santacpu.loading.source import resolve
 from santacpu.network.weights import expected_layer_shapes
 from santacpu.progress import Progress
 from santacpu.small_files import TOKENIZER_LIMIT, read_json_file
-from santacpu.tokenizer import tokenizer_file_for
+from santacpu.tokenizer import Tokenizer, tokenizer_file_for
 from santacpu.version import __version__
 
 from .policy import DEFAULT_UPGRADE_BUDGET, ROW_UPGRADE_TYPE, Plan, Policy, SizeTarget
+from santacpu.paths import user_path
 
 
 @dataclass
@@ -122,7 +123,7 @@ def check_source(src: str | os.PathLike, out: Path | None = None) -> None:
     """A quantized file is no source to quantize (read as one, it would be a folder without
     config.json); and `out` must not be one of the source's own files (--force would replace the
     checkpoint being read)."""
-    local = Path(src).expanduser()
+    local = user_path(src)
     if out is not None and local.exists():
         read = input_at(out, [local if local.is_dir() else local.parent])  # a weight file: its checkpoint's files
         if read is not None:
@@ -334,10 +335,14 @@ def _stored_tensors(
 
 
 def _minified_tokenizer(folder: Path, vocab_size: int) -> str:
-    """The model's tokenizer.json, minified: 1.3 MB instead of 2 MB, which matters for small models."""
+    """The model's tokenizer.json, minified: 1.3 MB instead of 2 MB, which matters for small models.
+    Checked as `load` checks the copy it will read: a file that cannot be used is refused here, not
+    written into a quantized file that every later load refuses."""
     tokenizer_path = tokenizer_file_for(folder, vocab_size)
     spec = read_json_file(tokenizer_path, "tokenizer", TOKENIZER_LIMIT)
-    return json.dumps(spec, separators=(",", ":"), ensure_ascii=False)
+    text = json.dumps(spec, separators=(",", ":"), ensure_ascii=False)
+    Tokenizer.from_json_text(text, f"tokenizer {tokenizer_path}")
+    return text
 
 
 def _file_layout(shapes: dict[str, tuple[int, ...]], types: dict[str, str], raised_rows: int = 0) -> tuple[dict, dict]:

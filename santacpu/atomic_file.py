@@ -17,7 +17,8 @@ Temporary folders (`owned_temp_folder`) are named the same way, and a killed pro
 by the next one that makes such a folder. `make_folder` makes an output's folder, with the same
 one-line errors.
 
-May import: `santacpu.errors`, `santacpu.small_files` (what a file that is no regular file is).
+May import: `santacpu.errors`, `santacpu.small_files` (what a file that is no regular file is),
+`santacpu.paths`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import BinaryIO, Iterator
 
 from .errors import SantacpuWarning, WriteError, os_problem
 from .small_files import kind_of
+from .paths import user_path
 
 _PARTIAL = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[a-z0-9_]{8}\.partial")  # after ".NAME."
 _PARTIAL_FILE = re.compile(r"\.(?P<target>.+)\." + _PARTIAL.pattern)  # a whole partial file's name
@@ -49,7 +51,7 @@ def input_at(out: str | os.PathLike, inputs) -> Path | None:
     if not out.exists():
         return None
     for given in inputs:
-        path = Path(given).expanduser()
+        path = user_path(given)
         for candidate in [path, *(path.iterdir() if path.is_dir() else [])]:
             try:
                 if candidate.is_file() and os.path.samefile(candidate, out):

@@ -33,3 +33,11 @@ class SantacpuWarning(UserWarning):
 def os_problem(problem: OSError) -> str:
     """An OSError's reason in words ("Permission denied"), without Python's "[Errno 13]" prefix."""
     return problem.strerror or (os.strerror(problem.errno) if problem.errno else str(problem))
+
+
+def printable(text: str) -> str:
+    """`text` with its control and format characters (newlines, terminal escapes, bidirectional
+    overrides) written as escapes: a value read from a hostile file stays on its line of a message
+    and cannot drive the terminal that shows it."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for c in text)

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -57,6 +56,7 @@ from .network.engine import Engine, check_finite, check_kv_dtype
 from .network.weights import ModelWeights
 from .settings import Settings
 from .tokenizer import StreamDecoder, Tokenizer
+from .paths import user_path
 
 
 class Model:
@@ -375,7 +375,7 @@ def load(
     backend = choose_backend(device, settings)  # a missing GPU is said before a first-use quantization
     model, revision = runnable_model(model, revision, quant)
     if names_quantized_file(model):
-        path = Path(model).expanduser()
+        path = user_path(model)
         weights, metadata = read_quantized(path)
         tokenizer = embedded_tokenizer(path, metadata)
     else:

@@ -13,18 +13,20 @@ choice, the CLI for the model and the server's key, the quantization cache for i
 them, `usable_cores()`: the cores this process may run on (its CPU affinity), and
 `platform_problem()`: why santacpu cannot run on this operating system, if it cannot.
 
-May import: `santacpu.errors`.
+May import: `santacpu.errors`, `santacpu.paths`.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SantacpuError
+from .paths import user_path
 
 MODEL_ENV = "SANTACPU_MODEL"
 CACHE_ENV = "SANTACPU_CACHE"
@@ -59,7 +61,10 @@ class Settings:
         choice is a SantacpuError naming the variable."""
         env = os.environ if environ is None else environ
         if env.get(CACHE_ENV):
-            cache = Path(env[CACHE_ENV]).expanduser()
+            try:
+                cache = user_path(env[CACHE_ENV])
+            except SantacpuError as problem:
+                raise SantacpuError(f"{CACHE_ENV}: {problem}") from None
         else:
             cache = Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "santacpu"
         return cls(
@@ -87,11 +92,18 @@ def platform_problem(platform: str | None = None) -> str | None:
     return None
 
 
+# The most threads santacpu's kernels are run on (`bench --threads`, $NUMBA_NUM_THREADS): far past
+# any CPU it serves, and far below where a thread pool fails to start.
+MAX_THREADS = 1024
+
+
 def numba_environment_problem(environ: Mapping[str, str] = os.environ) -> str | None:
     """What is wrong with the Numba variables in `environ`, in words, or None."""
     threads = environ.get("NUMBA_NUM_THREADS")
-    if threads is not None and not (threads.strip().isdigit() and int(threads) > 0):
-        return f"NUMBA_NUM_THREADS={threads!r} is not a whole number above 0 (unset, Numba uses every core)"
+    # (ASCII digits only: str.isdigit takes '²'; and a bound: Numba's pool of 100,000 threads crashed)
+    if threads is not None and not (re.fullmatch(r"\s*[0-9]{1,7}\s*", threads) and 0 < int(threads) <= MAX_THREADS):
+        return (f"NUMBA_NUM_THREADS={threads!r} is not a whole number from 1 to {MAX_THREADS} (unset, Numba uses "
+                "every core)")
     layer = environ.get("NUMBA_THREADING_LAYER")
     if layer is not None and layer not in NUMBA_THREADING_LAYERS:
         return f"NUMBA_THREADING_LAYER={layer!r} is none of {', '.join(NUMBA_THREADING_LAYERS)}"

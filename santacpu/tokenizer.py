@@ -94,6 +94,10 @@ class Tokenizer:
         except Exception as e:  # malformed spec; the library's messages can span several lines
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise SantacpuError(f"not a usable tokenizer.json: {first_line}") from None
+        kind = spec["model"].get("type", "BPE") if isinstance(spec["model"], dict) else None
+        if kind != "BPE" or not isinstance(vocab, dict):  # (a Unigram model's vocab is a list)
+            raise SantacpuError(f"not a usable tokenizer.json: santacpu reads byte-level BPE tokenizers, and its "
+                                f"model is {kind if isinstance(kind, str) else 'of no known type'!r}")
 
         ids = [*vocab.values(), *added.values()]
         # The id table below is as long as the largest id: a hostile file's id 2**32 asked for

@@ -106,6 +106,13 @@ HAND_EDITS = [
     # Found by mutating files: generation never stopped, and perplexity blamed a token id.
     pytest.param(lambda m: edit_json(m, "config", lambda c: {**c, "eos_token_id": 98304}),
                  "field 'eos_token_id' is 98304, not a token id below vocab_size", id="eos-outside"),
+    # Found by a red team: a TypeError traceback; and a message split over two lines (the CLI's
+    # test checks it is one).
+    pytest.param(lambda m: edit_json(m, "tensors", lambda t: {**t, "h.0.ln_1_weight": {**t["h.0.ln_1_weight"],
+                                                                                     "type": "q8_0"}}),
+                 "tensor 'h.0.ln_1_weight' of type q8_0 is not a matrix", id="vector-as-blocks"),
+    pytest.param(lambda m: edit_json(m, "tensors", lambda t: {**t, "wte": {**t["wte"], "type": "q9_9\nforged"}}),
+                 "has unknown quantization type 'q9_9", id="newline-in-type"),
 ]
 
 def overlapping_copy(src: Path, dest: Path) -> Path:

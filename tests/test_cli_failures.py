@@ -384,11 +384,18 @@ def test_hand_edited_metadata(tmp_path, quantized, edit, fragment):
 
 
 def test_info_shows_odd_but_harmless_metadata(tmp_path, quantized):
-    # `keep` holding numbers (a hand edit) made `info` end in a TypeError traceback.
-    odd = rewrite_safetensors(quantized, tmp_path / "odd.safetensors",
-                              metadata=lambda m: helpers.edit_json(m, "quantization", lambda q: {**q, "keep": [1, 2]}))
+    # `keep` holding numbers (a hand edit) made `info` end in a TypeError traceback; a size target
+    # of 10**400 in an OverflowError; a source with a newline and a terminal escape forged a line.
+    def odd_values(m):
+        helpers.edit_json(m, "quantization", lambda q: {**q, "keep": [1, 2], "size_target": {"bits_per_weight": 10**400}})
+        helpers.edit_json(m, "provenance", lambda p: {**p, "source": "/x\nsantacpu: error: forged\x1b[2J"})
+
+    odd = rewrite_safetensors(quantized, tmp_path / "odd.safetensors", metadata=odd_values)
     done = run_santacpu("info", odd)
-    assert done.returncode == 0 and "keep 1, 2" in done.stdout.decode(), done.stderr.decode()
+    text = done.stdout.decode()
+    assert done.returncode == 0 and "keep 1, 2" in text and "sized to" not in text, done.stderr.decode()
+    assert "source          /x\\nsantacpu: error: forged\\x1b[2J" in text.splitlines()
+    assert not any(line.startswith("santacpu: error") for line in text.splitlines()) and "\x1b" not in text
 
 
 def test_overlapping_tensors_and_nan_weights(tmp_path, quantized, code_file):
@@ -575,13 +582,34 @@ def test_a_cache_that_is_a_file_is_named_by_cache_list_and_clear(tmp_path):
 
 
 @pytest.mark.parametrize("variable, value", [("NUMBA_NUM_THREADS", "0"), ("NUMBA_NUM_THREADS", "-1"),
-                                             ("NUMBA_NUM_THREADS", "abc"), ("NUMBA_THREADING_LAYER", "bogus")])
+                                             ("NUMBA_NUM_THREADS", "abc"), ("NUMBA_THREADING_LAYER", "bogus"),
+                                             # a ValueError traceback ('²'.isdigit()); a crash (no word, exit 139)
+                                             ("NUMBA_NUM_THREADS", "²"), ("NUMBA_NUM_THREADS", "100000")])
 def test_a_bad_numba_variable_is_one_error_line_even_for_version(variable, value):
     # Numba reads them when imported: a traceback from inside Numba before santacpu could say a word.
     one_error_line(run_santacpu("--version", env={variable: value}), f"{variable}={value!r}")
     api = subprocess.run([sys.executable, "-c", "import santacpu"], capture_output=True, text=True,
                          env=helpers.santacpu_env({variable: value}))
     assert api.returncode == 1 and f"SantacpuError: {variable}={value!r}" in api.stderr
+
+
+@pytest.mark.parametrize("args", [("complete", PROMPT, "--model", ""), ("quantize", "", "out.safetensors"),
+                                  ("bench", ""), ("cache", "clear", ""), ("random-checkpoint", "")],
+                         ids=["complete", "quantize", "bench", "cache clear", "random-checkpoint"])
+def test_an_empty_model_or_folder_name_is_a_usage_error(tmp_path, args):
+    # `--model "$M"` with M unset ran the default model; `cache clear ""` cleared every model's files.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "kept.safetensors").write_bytes(b"x")
+    one_error_line(run_santacpu(*args, env={"SANTACPU_CACHE": str(cache)}), "name is empty", code=2)
+    assert [p.name for p in cache.iterdir()] == ["kept.safetensors"]
+
+
+def test_a_home_folder_of_no_user_is_one_error_line(quantized):
+    # Path.expanduser raised a RuntimeError for ~nouser.
+    done = run_santacpu("cache", "list", env={"SANTACPU_CACHE": "~no-such-user-here/cache"})
+    one_error_line(done, "SANTACPU_CACHE: cannot expand '~no-such-user-here/cache': no user 'no-such-user-here'")
+    one_error_line(run_santacpu("complete", PROMPT, "--model", "~no-such-user-here/model"), "cannot expand")
 
 
 def test_windows_is_one_error_line_naming_wsl(tmp_path):
@@ -756,3 +784,14 @@ def test_random_checkpoint_refuses_a_folder_that_is_not_empty_without_force(tmp_
     one_error_line(run_santacpu("random-checkpoint", tmp_path / "odd", "--size", "micro", "--force"),
                    "config.json is a folder")
     assert [p.name for p in (tmp_path / "odd").iterdir()] == ["config.json"]
+    # Or a link (it had written model.safetensors first), and a disk that fills on the way: none of
+    # the run's files is left, so no half checkpoint loads with the bundled tokenizer.
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "config.json").symlink_to(tmp_path / "elsewhere.json")
+    one_error_line(run_santacpu("random-checkpoint", tmp_path / "linked", "--force"), "config.json: it is a symbolic link")
+    assert [p.name for p in (tmp_path / "linked").iterdir()] == ["config.json"]
+    full, listing = tmp_path / "full", tmp_path / "listing"
+    full.mkdir()
+    done = run_santacpu("random-checkpoint", full, prefix=helpers.on_tmpfs(full, 14 * 1024, listing))
+    one_error_line(done, "No space left on device")
+    assert listing.read_text() == ""

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import santacpu
@@ -57,6 +58,33 @@ def test_quantize_then_info_then_complete(tmp_path):
 
     again = run("quantize", str(tiny_checkpoint()), str(out), cache=tmp_path)
     one_error_line(again, "--force")
+
+
+def test_quantize_refuses_a_checkpoint_it_would_make_an_unusable_file_of(tmp_path):
+    # Found by a red team: a tokenizer.json no load can use was copied into the file (exit 0), and
+    # weights past float16's range said so in three lines (numpy's overflow warning first).
+    import shutil
+
+    from helpers import rewrite_safetensors
+
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(tiny_checkpoint(), folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    (folder / "tokenizer.json").write_text(json.dumps({**spec, "model": None}))
+    out = tmp_path / "out.safetensors"
+    one_error_line(run("quantize", str(folder), str(out), "--type", "q8_0", cache=tmp_path),
+                   f"tokenizer {folder / 'tokenizer.json'}: not a usable tokenizer.json")
+    assert not out.exists()
+
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+
+    def huge(tensors):
+        tensors["transformer.h.0.attn.c_attn.weight"] *= np.float32(3e38)
+
+    rewrite_safetensors(tiny_checkpoint() / "model.safetensors", folder / "model.safetensors", tensors=huge)
+    one_error_line(run("quantize", str(folder), str(out), "--type", "q8_0", cache=tmp_path),
+                   "a block scale overflows float16")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("source", ["folder", "weight file"])
@@ -157,7 +185,7 @@ def test_first_use_quantizes_once_into_the_cache(tmp_path):
     q6 = run("complete", PROMPT, "--model", str(tiny_checkpoint()), "--max-new-tokens", "6", "--quant", "q6_0",
              cache=cache)
     assert first.returncode == q6.returncode == 0 and len(list(cache.iterdir())) == 2
-    one_error_line(run("cache", "clear", "", cache=cache), "the model to clear is empty")
+    one_error_line(run("cache", "clear", "", cache=cache), "the model name is empty", code=2)  # (not every model's files)
     other = run("cache", "clear", str(tiny_checkpoint(seed=1)), cache=cache)  # made from another model: kept
     assert other.returncode == 0 and other.stdout.decode().startswith("removed 0 files") and len(list(cache.iterdir())) == 2
     cleared = run("cache", "clear", str(tiny_checkpoint()), cache=cache)

@@ -448,6 +448,11 @@ def test_sharded_pytorch_model_bin(tmp_path):
     (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     (folder / "model.safetensors").unlink()
     assert_close(load_exact(folder).logits(prompt_ids()), reference_logits(), 1e-6)
+    # An index that puts a tensor in a shard that lacks it (a KeyError traceback).
+    weight_map[names[0]] = "pytorch_model-00002-of-00002.bin"
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    assert (f"puts tensor '{names[0]}' in shard pytorch_model-00002-of-00002.bin, which does not hold it"
+            in load_error(folder))
     (folder / "pytorch_model-00002-of-00002.bin").unlink()
     assert "pytorch_model-00002-of-00002.bin listed in pytorch_model.bin.index.json is missing" in load_error(folder)
 

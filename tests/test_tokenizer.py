@@ -147,8 +147,11 @@ def test_from_file_errors(tmp_path):
         (lambda spec: spec["added_tokens"][0].update(id=1.5), "token ids must be integers"),
         (lambda spec: spec["added_tokens"][0].update(id=True), "token ids must be integers"),
         (lambda spec: spec["model"].update(vocab={}) or spec.update(added_tokens=[]), "not a usable tokenizer.json"),
+        # An AttributeError traceback (a Unigram model's vocab is a list of [piece, score]).
+        (lambda spec: spec.update(model={"type": "Unigram", "unk_id": 0, "vocab": [["a", -1.0], ["b", -2.0]]}),
+         "santacpu reads byte-level BPE tokenizers, and its model is 'Unigram'"),
     ],
-    ids=["added id 2**32", "vocab id 3e9", "id a string", "id a float", "id a bool", "empty vocabulary"],
+    ids=["added id 2**32", "vocab id 3e9", "id a string", "id a float", "id a bool", "empty vocabulary", "unigram"],
 )
 def test_hostile_token_ids_are_one_error_not_gigabytes(tmp_path, edit, fragment):
     # The id -> bytes table is as long as the largest id: an id of 2**32 asked for 32 GiB.

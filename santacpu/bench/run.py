@@ -3,7 +3,7 @@ facts without loading it, and each part run in a child process of its own, one a
 the package docstring for what each part measures); the one result dictionary.
 
 May import: the other `santacpu.bench` modules (machine, report), `santacpu.atomic_file` (its
-temporary Numba cache), and lazily `santacpu` below the API (config, errors, formats, loading).
+temporary Numba cache), and lazily `santacpu` below the API (config, errors, paths, formats, loading).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 from ..atomic_file import owned_temp_folder
 from .machine import default_threads, machine_facts, santacpu_version
 from .report import short_run_warnings, summarize
+from ..paths import user_path
 
 PARTS = ("speed", "lookup", "memory", "load", "compile")
 # `--batch`: B sequences of BATCH_PROMPT_TOKENS distinct prompt tokens each, greedy, generating
@@ -201,7 +202,7 @@ def describe_model(model: str, revision: str | None = None):
     from ..loading.source import resolve
 
     if names_quantized_file(model):
-        path = Path(model).expanduser()
+        path = user_path(model)
         _, meta = read_metadata(path)
         return meta["config"], str(meta["quantization"].get("type", "?")), [path]
     folder = resolve(model, revision)

@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import OptionValueError, SantacpuError, SantacpuWarning, os_problem
+from ..errors import OptionValueError, SantacpuError, SantacpuWarning, os_problem, printable
 from .app import app, run_options
 
 # Exit codes (besides 0 and 1), as shells report signals: 128 + the signal's number.
@@ -36,11 +36,11 @@ def _raise_terminated(signum, frame) -> None:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Every warning as one line: santacpu's own as they are; a library's (Ray's) with its name."""
     if issubclass(category, SantacpuWarning):
-        print(f"santacpu: warning: {message}", file=sys.stderr)
+        print(f"santacpu: warning: {printable(str(message))}", file=sys.stderr)
     else:
         library = Path(filename).stem if "site-packages" not in filename else \
             filename.split("site-packages" + os.sep, 1)[1].split(os.sep, 1)[0]
-        text = " ".join(str(message).split())
+        text = printable(" ".join(str(message).split()))
         print(f"santacpu: warning: ({library}, {category.__name__}) {text}", file=sys.stderr)
 
 
@@ -147,7 +147,7 @@ def _run(argv: Optional[List[str]]) -> int:
 
 
 def _fail(message: str, code: int = 1) -> int:
-    print(f"santacpu: error: {message}", file=sys.stderr)
+    print(f"santacpu: error: {printable(message)}", file=sys.stderr)  # (one line, whatever a file put in it)
     return code
 
 

@@ -22,10 +22,10 @@ from ..generation.prompts import FIM_ORDERS
 from ..harness.problems import BENCHMARKS
 from ..harness.settings import DEFAULT_EVAL_MAX_NEW_TOKENS, DEFAULT_TIMEOUT_S, MAX_SAMPLES, EvalSettings
 from ..loading.source import DEFAULT_MODEL, default_model
-from ..settings import MODEL_ENV
+from ..settings import MAX_THREADS, MODEL_ENV
 from .options import (
     DEVICE_OPTION, MODEL_OPTION, QUANT_CHOICES, QUANT_OPTION, REVISION_OPTION, check_counts, check_probability,
-    check_temperature, choices, counts, each_one_of, one_of, output_file, refuse_replacing_inputs,
+    check_temperature, choices, counts, each_one_of, model_name, one_of, output_file, refuse_replacing_inputs,
 )
 from .text_input import read_text_file
 
@@ -34,7 +34,7 @@ DEFAULT_PERPLEXITY_CTX = 256
 
 def perplexity(
     files: List[Path] = typer.Argument(..., readable=False, metavar="FILES", help="Source files to score (UTF-8 text)."),
-    model: str = typer.Option(None, "--model", "-m", help=f"The model to score. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.", show_default=False),
+    model: str = typer.Option(None, "--model", "-m", callback=model_name, help=f"The model to score. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.", show_default=False),
     reference: Optional[str] = typer.Option(None, help="A reference model (e.g. the full-precision checkpoint): adds delta perplexity, KL divergence and top-1 agreement."),
     ctx: Optional[int] = typer.Option(
         None, min=8,
@@ -81,7 +81,7 @@ def perplexity(
 
 
 def bench(
-    model: str = typer.Argument(..., metavar="MODEL", help="Quantized file, checkpoint folder, weight file, or hub id."),
+    model: str = typer.Argument(..., metavar="MODEL", callback=model_name, help="Quantized file, checkpoint folder, weight file, or hub id."),
     revision: Optional[str] = typer.Option(None, help="Hub revision for a hub id."),
     quant: Optional[str] = typer.Option(
         None, callback=one_of(*QUANT_CHOICES), metavar=choices(*QUANT_CHOICES),
@@ -103,7 +103,7 @@ def bench(
         "less for a model with a short context.",
         show_default=False,
     ),
-    threads: int = typer.Option(0, min=0, max=1024, help="Threads for Numba and BLAS; 0: all usable cores."),
+    threads: int = typer.Option(0, min=0, max=MAX_THREADS, help="Threads for Numba and BLAS; 0: all usable cores."),
     repeat: int = typer.Option(3, min=1, help="Runs of prefill, decode and FIM; the median is reported."),
     memory_context: int = typer.Option(0, min=0, help="Context filled by the peak-RSS run; 0: the model's whole context."),
     parts: str = typer.Option(

@@ -15,7 +15,7 @@ import typer
 
 from ..loading.source import hub_revision
 from ..formats.blocks import FORMATS
-from .options import REVISION_OPTION, check_keep_rules, check_positive, choices, one_of, output_file
+from .options import REVISION_OPTION, check_keep_rules, check_positive, choices, folder_name, model_name, one_of, output_file
 from quantize.calibration import DEFAULT_CALIBRATION_TOKENS
 
 # What `quantize --type q4_m`'s default upgrade budget (1.5%) comes to on SantaCoder's shapes
@@ -31,7 +31,7 @@ def _type_help() -> str:
 
 
 def quantize(
-    src: str = typer.Argument(..., metavar="SRC", help="Full-precision source: checkpoint folder (either layout), weight file, or hub id."),
+    src: str = typer.Argument(..., metavar="SRC", callback=model_name, help="Full-precision source: checkpoint folder (either layout), weight file, or hub id."),
     out: str = typer.Argument(..., metavar="OUT", callback=output_file, help="The quantized file to write (.safetensors)."),
     qtype: str = typer.Option("q8_0", "--type", "-t", callback=one_of(*FORMATS), metavar=choices(*FORMATS), help=_type_help()),
     calibration: Optional[str] = typer.Option(
@@ -90,8 +90,8 @@ def info(file: Path = typer.Argument(..., readable=False, metavar="FILE", help="
 
 
 def random_checkpoint(
-    out: Path = typer.Argument(
-        ..., readable=False, metavar="OUT", help="The folder to write (made if missing): config.json, model.safetensors, tokenizer.json."
+    out: str = typer.Argument(
+        ..., metavar="OUT", callback=folder_name, help="The folder to write (made if missing): config.json, model.safetensors, tokenizer.json."
     ),
     size: str = typer.Option(
         "tiny", callback=one_of("tiny", "micro", "trained", "full"), metavar=choices("tiny", "micro", "trained", "full"),
@@ -141,7 +141,7 @@ def cache_list() -> None:
 
 def cache_clear(
     model: Optional[str] = typer.Argument(
-        None, metavar="MODEL", help="Remove only what was made from this model (folder or hub id). Default: "
+        None, metavar="MODEL", callback=model_name, help="Remove only what was made from this model (folder or hub id). Default: "
         "everything.", show_default=False,
     ),
     revision: Optional[str] = REVISION_OPTION,

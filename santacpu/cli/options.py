@@ -116,6 +116,21 @@ def output_file(value: Optional[str]) -> Optional[Path]:
     return Path(value)
 
 
+def model_name(value: Optional[str]) -> Optional[str]:
+    """A typer callback for a model option or argument: an empty one (`--model "$M"` with M unset)
+    had run the default model."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("the model name is empty")
+    return value
+
+
+def folder_name(value: Optional[str]) -> Optional[Path]:
+    """An output folder's path, checked as given: Path('') is the current folder."""
+    if value is not None and not value.strip():
+        raise typer.BadParameter("the folder name is empty")
+    return None if value is None else Path(value)
+
+
 def refuse_replacing_inputs(out: Path, option: str, inputs: list) -> None:
     """`out` must not be a file the command reads (a scored text, a model file or one in a model's
     folder): --force would replace it."""
@@ -133,6 +148,7 @@ MODEL_OPTION = typer.Option(
     None,
     "--model",
     "-m",
+    callback=model_name,
     help=f"Quantized file, checkpoint folder, weight file, or hub id. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.",
     show_default=False,
 )

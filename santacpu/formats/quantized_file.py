@@ -17,7 +17,7 @@ File layout (format "santacpu-quantized", version 1; version 2 adds split rows):
   `provenance` (source, revision, sha256 of the source files, santacpu version, calibration).
 The loader acts on this metadata only, never on the file name.
 
-May import: numpy, `santacpu.formats`, `santacpu.config`, `santacpu.small_files`, `santacpu.errors`.
+May import: numpy, `santacpu.formats`, `santacpu.config`, `santacpu.small_files`, `santacpu.paths`, `santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ..config import Config
 from ..errors import SantacpuError
 from ..small_files import parse_json
 from .safetensors_io import SafetensorsFile
+from ..paths import user_path
 
 FORMAT_NAME = "santacpu-quantized"
 FORMAT_VERSION = 2  # written into every new file; files of versions 1..2 are read
@@ -55,7 +56,7 @@ def is_quantized_file(path: str | os.PathLike) -> bool:
 def names_quantized_file(model: str | os.PathLike) -> bool:
     """Whether `model` is to be read as a quantized file: a santacpu quantized file, or any lone
     file without a config.json beside it (read as one so that a damaged file gets a precise error)."""
-    path = Path(model).expanduser()
+    path = user_path(model)
     return path.is_file() and (is_quantized_file(path) or not (path.parent / "config.json").is_file())
 
 

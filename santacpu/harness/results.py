@@ -9,8 +9,8 @@ starts the file afresh); damage anywhere else, a record of the wrong shape, or a
 twice with different results (two runs writing one file) is an error naming the line. A new file
 is created exclusively, so a second run started on the same --out fails instead of mixing in.
 
-May import: the standard library, `santacpu.errors` and `santacpu.atomic_file` (which paths may be
-written).
+May import: the standard library, `santacpu.errors`, `santacpu.paths` and `santacpu.atomic_file` (which
+paths may be written).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ..atomic_file import writable_target
 from ..errors import SantacpuError, WriteError, os_problem
+from ..paths import user_path
 
 FORMAT = "santacpu-eval/1"
 IDENTITY = ("benchmark", "model", "samples", "options", "timeout_s")
@@ -32,7 +33,7 @@ def model_fingerprint(model: str) -> dict:
     """What identifies a model in a results file: its name, and for local files a digest of their
     names and whole contents (their first MiB alone let weights changed past it pass for the same
     model; hashing reads ~1.5 GB/s, a second for a q8_0 file, once a run)."""
-    path = Path(model).expanduser()
+    path = user_path(model)
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
     digest = hashlib.sha256()
     for file in files:

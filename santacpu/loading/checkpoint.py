@@ -108,23 +108,32 @@ def open_tensors(folder: Path) -> TensorSource:
     for index_name, single_name, opener in openers:
         if (folder / index_name).is_file():
             weight_map = _read_index(folder / index_name)
-            opened: dict[str, object] = {}
+            opened: dict[str, tuple[object, set[str]]] = {}  # shard file -> (shard, its tensors' names)
             shards: dict[str, object] = {}
             for tensor_name, file_name in weight_map.items():
                 file_name = os.path.normpath(file_name)  # ("./a", ".//a", "a": one shard, opened once)
                 if file_name not in opened:
                     if not (folder / file_name).is_file():
                         raise SantacpuError(f"shard {file_name} listed in {index_name} is missing from {folder}")
-                    opened[file_name] = opener(folder / file_name)
-                shards[tensor_name] = opened[file_name]
+                    shard = opener(folder / file_name)
+                    opened[file_name] = (shard, set(_names(shard)))
+                shard, names = opened[file_name]
+                if tensor_name not in names:
+                    raise SantacpuError(f"{index_name} in {folder} puts tensor '{tensor_name}' in shard {file_name}, "
+                                        "which does not hold it")
+                shards[tensor_name] = shard
             return TensorSource(shards, f"{folder}/{index_name}")
         if (folder / single_name).is_file():
             shard = opener(folder / single_name)
-            names = shard.names() if isinstance(shard, SafetensorsFile) else list(shard)
-            return TensorSource({n: shard for n in names}, f"{folder}/{single_name}")
+            return TensorSource({n: shard for n in _names(shard)}, f"{folder}/{single_name}")
     raise SantacpuError(
         f"no weights in {folder}: expected {SAFETENSORS_SINGLE}, {SAFETENSORS_INDEX}, {TORCH_SINGLE} or {TORCH_INDEX}"
     )
+
+
+def _names(shard) -> list[str]:
+    """The names of the tensors a weight file holds (a safetensors file, or a torch zip's dict)."""
+    return shard.names() if isinstance(shard, SafetensorsFile) else list(shard)
 
 
 def _float_matrix(array: np.ndarray, transpose: bool, out: np.ndarray | None = None) -> np.ndarray:

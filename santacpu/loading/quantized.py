@@ -8,13 +8,14 @@ May import: `santacpu.network.weights`, `santacpu.formats`, `santacpu.config`, `
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 from ..config import Config
-from ..errors import SantacpuError
+from ..errors import SantacpuError, printable
 from ..formats.blocks import FORMATS, QuantizedWeight
 from ..formats.split_rows import SplitRowsWeight
 from ..formats.quantized_file import FORMAT_NAME, FULL_PRECISION_TYPES, all_finite, read_metadata
@@ -43,6 +44,8 @@ def _tensor(file: SafetensorsFile, name: str, entry: dict, expected_shape: tuple
         return array
     if qtype not in FORMATS:
         raise SantacpuError(f"{path}: tensor '{name}' has unknown quantization type '{qtype}' (newer santacpu?)")
+    if len(shape) != 2:  # (the config may give a vector's shape to a tensor the metadata says is blocks)
+        raise SantacpuError(f"{path} is corrupt: tensor '{name}' of type {qtype} is not a matrix ({list(shape)})")
     split = entry.get("upgraded_rows")
     if split is None:
         return _blocks(file, name, qtype, shape, path)
@@ -130,10 +133,17 @@ def _size_target_note(target: object) -> str:
     `--max-size`), or "" for none."""
     if not isinstance(target, dict):
         return ""
-    if isinstance(target.get("bits_per_weight"), (int, float)):
-        return f", sized to {target['bits_per_weight']:g} bits/weight"
-    if isinstance(target.get("max_size_mb"), (int, float)):
-        return f", sized to at most {target['max_size_mb']:g} MB"
+
+    def number(value) -> float | None:  # (a hostile file's 10**400 or NaN is no size)
+        try:
+            return float(value) if isinstance(value, (int, float)) and math.isfinite(float(value)) else None
+        except OverflowError:
+            return None
+
+    if number(target.get("bits_per_weight")) is not None:
+        return f", sized to {number(target['bits_per_weight']):g} bits/weight"
+    if number(target.get("max_size_mb")) is not None:
+        return f", sized to at most {number(target['max_size_mb']):g} MB"
     return ""
 
 
@@ -186,8 +196,9 @@ def describe(path: str | os.PathLike) -> str:
         f"{8 * size / max(weight_count, 1):.3f} for the whole file",
         f"source          {provenance.get('source')}",
         f"revision        {provenance.get('revision') or '- (none asked for)'}",
-        "source sha256   " + ("\n                ".join(digest_lines) or "- (not recorded)"),
+        "source sha256   " + (digest_lines[0] if digest_lines else "- (not recorded)"),
+        *("                " + line for line in digest_lines[1:]),
         f"calibration     {provenance.get('calibration') or 'none'}",
         f"made by         santacpu {provenance.get('santacpu_version')} on {provenance.get('created')}",
     ]
-    return "\n".join(lines)
+    return "\n".join(map(printable, lines))  # (a value from the file cannot forge a line or drive a terminal)

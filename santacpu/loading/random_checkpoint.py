@@ -32,7 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..atomic_file import write_text_atomically
+from ..atomic_file import writable_target, write_text_atomically
 from ..errors import SantacpuError, os_problem
 from ..formats.safetensors_io import dtype_name_of, write_safetensors
 from ..progress import Progress
@@ -236,10 +236,13 @@ def write_checkpoint(
     if not force:
         _check_empty(out)
     # Each file it writes must be writable as a file before the first is written: a folder named
-    # config.json had left a checkpoint half made.
-    for name in ("model.safetensors", "config.json", *(["tokenizer.json"] if with_tokenizer else [])):
-        if (out / name).is_dir():
-            raise SantacpuError(f"{out / name} is a folder: the checkpoint's {name} cannot be written there")
+    # config.json (or a link, a FIFO) had left a checkpoint half made.
+    files = [out / name for name in ("model.safetensors", "config.json", *(["tokenizer.json"] if with_tokenizer else []))]
+    for path in files:
+        if path.is_dir():
+            raise SantacpuError(f"{path} is a folder: the checkpoint's {path.name} cannot be written there")
+        writable_target(path)
+    new = [path for path in files if not path.exists()]  # (removed again if the checkpoint is not finished)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as problem:
@@ -262,14 +265,20 @@ def write_checkpoint(
             if progress is not None:  # (before the yield: the writer takes no item after the last)
                 progress.step(name)
             yield name, stored
-    write_safetensors(
-        out / "model.safetensors",
-        cast(layout_tensors(canonical_tensors(size, seed, multi_query), size, layout, multi_query, embedding_names)),
-        metadata={"format": "pt"},
-        shapes=shapes,
-    )
-    write_text_atomically(out / "config.json", json.dumps(config_json(size, layout, multi_query, dtype), indent=2) + "\n")
-    if with_tokenizer:
-        write_text_atomically(out / "tokenizer.json", TOKENIZER_JSON.read_text(encoding="utf-8"))
+    try:
+        write_safetensors(
+            out / "model.safetensors",
+            cast(layout_tensors(canonical_tensors(size, seed, multi_query), size, layout, multi_query, embedding_names)),
+            metadata={"format": "pt"},
+            shapes=shapes,
+        )
+        config = json.dumps(config_json(size, layout, multi_query, dtype), indent=2) + "\n"
+        write_text_atomically(out / "config.json", config)
+        if with_tokenizer:
+            write_text_atomically(out / "tokenizer.json", TOKENIZER_JSON.read_text(encoding="utf-8"))
+    except BaseException:  # (a full disk, Ctrl-C): no half checkpoint that loads with what it lacks
+        for path in new:
+            path.unlink(missing_ok=True)
+        raise
     return out
 

@@ -4,7 +4,7 @@ Hub ids go through huggingface_hub's standard cache (so `HF_HUB_OFFLINE=1`, `HF_
 `HF_HUB_CACHE` work as everywhere else). Only what santacpu reads is fetched: config.json,
 tokenizer.json and the safetensors weights (pytorch_model.bin only when a repo has no safetensors).
 
-May import: huggingface_hub, `santacpu.errors`, `santacpu.settings`.
+May import: huggingface_hub, `santacpu.errors`, `santacpu.settings`, `santacpu.paths`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import SantacpuError, SantacpuWarning
 from ..settings import MODEL_ENV, Settings
+from ..paths import user_path
 
 DEFAULT_MODEL = "bigcode/santacoder"
 
@@ -32,7 +33,7 @@ def default_model() -> str:
     value = Settings.from_environment().model
     if value is None:
         return DEFAULT_MODEL
-    if not Path(value).expanduser().exists() and _looks_like_a_path(value):
+    if not user_path(value).exists() and _looks_like_a_path(value):
         raise SantacpuError(
             f"{MODEL_ENV}={value}: no such file or folder (the variable names the model run when --model "
             f"is not given; unset it for {DEFAULT_MODEL})"
@@ -48,7 +49,7 @@ def _looks_like_a_path(text: str) -> bool:
 def hub_revision(model: str | os.PathLike, revision: str | None) -> str | None:
     """`revision` where `model` is a hub id; None, with a warning, where it names a local file or
     folder (a revision only picks among a hub repository's versions)."""
-    if revision is not None and Path(model).expanduser().exists():
+    if revision is not None and user_path(model).exists():
         warnings.warn(
             f"revision '{revision}' is ignored: {model} is a local file or folder, not a hub id",
             SantacpuWarning,
@@ -60,7 +61,7 @@ def hub_revision(model: str | os.PathLike, revision: str | None) -> str | None:
 
 def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint folder for `model` (downloading from the hub into its cache if needed)."""
-    path = Path(model).expanduser()
+    path = user_path(model)
     if path.is_dir():
         return path
     if path.is_file():
@@ -72,7 +73,7 @@ def resolve(model: str | os.PathLike, revision: str | None = None) -> Path:
 def check_local(model: str | os.PathLike) -> None:
     """Refuse, before any long work, a `model` that names a local path where nothing a model is
     read from lies; a hub id passes (whether the hub has it is found out by downloading)."""
-    path, text = Path(model).expanduser(), str(model)
+    path, text = user_path(model), str(model)
     if path.exists() and not (path.is_dir() or path.is_file()):  # a FIFO, a device, a socket
         raise SantacpuError(f"{text} is neither a file nor a folder (a model is a folder, a weight file or a quantized file)")
     if not path.exists() and _looks_like_a_path(text):
