@@ -57,7 +57,7 @@ def in_process(app):
 
 @pytest.fixture(scope="module")
 def client(quantized):
-    app = build_app(ServerSettings(model_name="tiny", max_batch=4), lambda: santacpu.load(quantized))
+    app = build_app(ServerSettings(model_name="tiny"), lambda: santacpu.load(quantized))  # (max_batch 8, as served)
     with in_process(app) as test_client:
         wait_ready(test_client.get)
         yield test_client
@@ -382,7 +382,17 @@ def test_more_samples_than_the_server_ever_holds_are_a_400_not_a_503(quantized):
                            ("/infill", {"input_prefix": "x", "n_predict": 1, "n_cmpl": 2})):
             reply = c.post(path, json=body)
             assert reply.status_code == 400, reply.text
-            assert "more than this scheduler ever holds at once: max_batch 1 + max_queue 0" in reply.text
+            assert "2 completions in one request: at most 1, half of the server's batch (--max-batch 1)" in reply.text
+
+
+def test_one_request_asks_for_at_most_half_the_batch(client):
+    # Found by a red team: n 16 of 2,000 tokens held every slot, and a 4-token request waited 33 s
+    # (llama.cpp refuses n_cmpl above its slots).
+    for path, body in (("/v1/completions", {"prompt": "x", "max_tokens": 1, "n": 5}),
+                       ("/infill", {"input_prefix": "x", "n_predict": 1, "n_cmpl": 5})):
+        reply = client.post(path, json=body)
+        assert reply.status_code == 400 and "5 completions in one request: at most 4" in reply.text, reply.text
+    assert len(client.post("/infill", json={"input_prefix": "x", "n_predict": 1, "n_cmpl": 4}).json()) == 4
 
 
 def test_api_key(quantized):
@@ -663,43 +673,70 @@ def test_a_step_that_raises_ends_the_requests_in_flight_and_the_server_goes_on(q
     assert "internal error in generation" in capfd.readouterr().err
 
 
-def test_bodies_read_at_once_are_bounded(live):
-    # Half-sent bodies each held up to 4 MiB, with no bound on their number.
+def test_request_bodies_held_are_bounded_in_bytes_until_their_work_is_done(live, monkeypatch):
+    # Found by a red team: a body was counted only while it arrived, then waited for a text worker
+    # uncounted (60 clients grew the server to 11 GB); and 64 stalled uploads of a few bytes each
+    # held every generating endpoint at 503.
     import socket
+    import threading
 
-    from santacpu.server.service import MAX_BODIES_IN_FLIGHT
+    from santacpu.server import service
 
+    monkeypatch.setattr(service, "MAX_BODY_BUDGET", 1 << 20)
     port = int(live.url.rsplit(":", 1)[1])
     state = live.app.state.santacpu
-    held = []
-    try:
-        for _ in range(MAX_BODIES_IN_FLIGHT):
-            connection = socket.create_connection(("127.0.0.1", port))
-            connection.sendall(b"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                               b"Content-Length: 1000000\r\n\r\n{")
-            held.append(connection)
+    request = b"POST /completion HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+
+    def held_bytes(expected) -> None:
         for _ in range(200):
-            if state.bodies_in_flight == MAX_BODIES_IN_FLIGHT:
-                break
+            if state.body_bytes == expected:
+                return
             time.sleep(0.05)
-        refused = httpx.post(live.url + "/completion", json={"prompt": "x", "n_predict": 1}, timeout=10)
-        assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
-        assert "requests are sending their bodies already" in refused.json()["error"]["message"]
-        assert httpx.get(live.url + "/health", timeout=10).status_code == 200  # (no body: served)
+        assert state.body_bytes == expected
+
+    stalled = []
+    try:
+        for _ in range(100):  # a byte each: they cost a byte each, not a request's worth
+            connection = socket.create_connection(("127.0.0.1", port))
+            connection.sendall(request + b"Content-Length: 1000\r\n\r\n{")
+            stalled.append(connection)
+        held_bytes(100)
+        served = httpx.post(live.url + "/completion", json={"prompt": "x", "n_predict": 1}, timeout=30)
+        assert served.status_code == 200, served.text
     finally:
-        for connection in held:
+        for connection in stalled:
             connection.close()
-    for _ in range(200):
-        if state.bodies_in_flight == 0:
-            break
-        time.sleep(0.05)
-    served = httpx.post(live.url + "/completion", json={"prompt": "x", "n_predict": 1}, timeout=10)
-    assert served.status_code == 200, served.text
+    held_bytes(0)
+
+    # Bodies whose work waits (every text worker busy) stay counted: past the budget, 503.
+    release, parse = threading.Event(), service._parsed_then
+
+    def blocked(raw, function, *args):
+        release.wait(30)
+        return parse(raw, function, *args)
+
+    monkeypatch.setattr(service, "_parsed_then", blocked)
+    body = json.dumps({"input_prefix": "x = 1\n" * 45_000, "n_predict": 1})  # (cut to the context: valid)
+    pool = ThreadPoolExecutor(6)
+    try:
+        waiting = [pool.submit(httpx.post, live.url + "/infill", content=body,
+                               headers={"content-type": "application/json"}, timeout=60) for _ in range(3)]
+        held_bytes(3 * len(body))  # (a fourth does not fit 1 MiB)
+        refused = httpx.post(live.url + "/infill", content=body, headers={"content-type": "application/json"},
+                             timeout=30)
+        assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+        assert "the server holds 1 MiB of request bodies already" in refused.json()["error"]["message"]
+        assert httpx.get(live.url + "/health", timeout=10).status_code == 200
+    finally:
+        release.set()
+        replies = [w.result() for w in waiting]
+        pool.shutdown()
+    assert [r.status_code for r in replies] == [200] * 3, [r.text for r in replies]
+    held_bytes(0)
 
 
-def test_a_body_that_never_finishes_is_answered_408_and_frees_its_slot(live, monkeypatch):
-    # 64 stalled uploads held every slot of the test above, and so every generating endpoint, for as
-    # long as their sockets stayed open.
+def test_a_body_that_never_finishes_is_answered_408_and_frees_its_bytes(live, monkeypatch):
+    # Stalled uploads held what they had sent for as long as their sockets stayed open.
     import socket
 
     from santacpu.server import service
@@ -717,7 +754,7 @@ def test_a_body_that_never_finishes_is_answered_408_and_frees_its_slot(live, mon
     head, _, body = reply.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408"), reply
     assert json.loads(body)["error"]["message"] == "the request body did not arrive within 1 s"
-    assert live.app.state.santacpu.bodies_in_flight == 0
+    assert live.app.state.santacpu.body_bytes == 0
 
 
 def test_the_fim_budget_caps_the_prompt(quantized):

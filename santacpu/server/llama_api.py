@@ -36,7 +36,7 @@ from .requests import (
     make_job,
     text_limit,
 )
-from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, collect, read_body, text_work
+from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, body_work, collect
 
 # llama.cpp's sampling defaults (its /completion and /infill).
 LLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
@@ -127,6 +127,42 @@ def _extra_context(extra) -> str:
 
 
 
+def tokenize_reply(body: dict, model) -> JSONResponse:
+    """/tokenize: {"tokens": ids}, or with `with_pieces` llama.cpp's [{"id", "piece"}] (a piece
+    that is not whole UTF-8 as its bytes, a list of numbers)."""
+    f = Fields(body, {"content", "add_special", "with_pieces"})
+    content = f.text("content", None)
+    if content is None:
+        raise RequestError("/tokenize takes {'content': string}")
+    f.flag("add_special", False)  # (SantaCoder adds no BOS: nothing to add)
+    check_text_size(content, "'content'", text_limit(model.tokenizer, model.config.n_positions))
+    ids = model.tokenizer.encode(content)
+    if not f.flag("with_pieces", False):
+        return JSONResponse({"tokens": ids})
+    pieces = []
+    for i in ids:
+        raw = model.tokenizer.token_bytes(i)
+        try:
+            pieces.append({"id": i, "piece": raw.decode("utf-8")})
+        except UnicodeDecodeError:
+            pieces.append({"id": i, "piece": list(raw)})
+    return JSONResponse({"tokens": pieces})
+
+
+def detokenize_reply(body: dict, model) -> JSONResponse:
+    tokens = body.get("tokens")
+    vocab, n_ctx = model.tokenizer.vocab_size, model.config.n_positions
+    if isinstance(tokens, list) and len(tokens) > n_ctx:  # the reply grows by up to 128 characters an id
+        raise RequestError(f"/detokenize takes at most a context's worth of ids ({n_ctx}), got {len(tokens)}")
+    if (
+        set(body) - {"tokens"}
+        or not isinstance(tokens, list)
+        or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)
+    ):
+        raise RequestError(f"/detokenize takes {{'tokens': [token ids in 0..{vocab - 1}]}}")
+    return JSONResponse({"content": model.tokenizer.decode(tokens)})
+
+
 def routes(state: ServerState) -> list[Route]:
     """llama.cpp's endpoints over the shared state."""
     settings = state.settings
@@ -139,8 +175,7 @@ def routes(state: ServerState) -> list[Route]:
 
     async def llama_completion(request: Request, build) -> object:
         model = state.ready_model()
-        body = await read_body(request)
-        job = await text_work(request, build, body, model)
+        job = await body_work(request, build, model)
         runs = state.submit(job)
         run = runs[0]
         if len(runs) > 1:  # n_cmpl (llama.vscode): one result object per completion, in a list
@@ -166,29 +201,11 @@ def routes(state: ServerState) -> list[Route]:
         )
 
     async def tokenize(request: Request) -> JSONResponse:
-        model = state.ready_model()
-        body = await read_body(request)
-        content = body.get("content")
-        if not isinstance(content, str) or set(body) - {"content", "add_special", "with_pieces"}:
-            raise RequestError("/tokenize takes {'content': string}")
-        check_text_size(content, "'content'", text_limit(model.tokenizer, model.config.n_positions))
         # Encoding and the reply's serialisation (up to ~1.5 MB) both off the event loop.
-        return await text_work(request, lambda: JSONResponse({"tokens": model.tokenizer.encode(content)}))
+        return await body_work(request, tokenize_reply, state.ready_model())
 
     async def detokenize(request: Request) -> JSONResponse:
-        model = state.ready_model()
-        body = await read_body(request)
-        tokens = body.get("tokens")
-        vocab, n_ctx = model.tokenizer.vocab_size, model.config.n_positions
-        if isinstance(tokens, list) and len(tokens) > n_ctx:  # the reply grows by up to 128 characters an id
-            raise RequestError(f"/detokenize takes at most a context's worth of ids ({n_ctx}), got {len(tokens)}")
-        if (
-            set(body) - {"tokens"}
-            or not isinstance(tokens, list)
-            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)
-        ):
-            raise RequestError(f"/detokenize takes {{'tokens': [token ids in 0..{vocab - 1}]}}")
-        return await text_work(request, lambda: JSONResponse({"content": model.tokenizer.decode(tokens)}))
+        return await body_work(request, detokenize_reply, state.ready_model())
 
     async def props(request: Request) -> JSONResponse:
         model = state.ready_model()

@@ -33,7 +33,7 @@ from ..network.weights import LINEAR_WEIGHTS, ModelWeights, expected_layer_shape
 from ..tokenizer import Tokenizer
 from .completion import CompletionText
 from .requests import Fields, Job, RequestError, generation_options, text_prompt_job
-from .service import SERVED_MODEL, ServerState, collect, finish_reason, read_body, text_work
+from .service import SERVED_MODEL, ServerState, body_work, collect, finish_reason
 
 # Ollama's sampling defaults; num_predict -1: until the context is full.
 OLLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "num_predict": -1}
@@ -87,6 +87,22 @@ def generate_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budge
     """Ollama's `POST /api/generate` with a prompt: FIM with a suffix or a client's FIM template."""
     f, prompt, suffix, stream = generate_fields(body)
     return text_prompt_job(tokenizer, prompt, suffix, options_of(body, n_ctx), {"stream": stream}, n_ctx, order, budget)
+
+
+def generate_request(body: dict, *job_args) -> tuple[bool, str | None, Job | None]:
+    """(stream, "load" or "unload" for a request without a prompt, else None; its job, else None)."""
+    _, prompt, suffix, stream = generate_fields(body)
+    if not prompt and suffix is None:  # a load (or, keep_alive 0, an unload) request
+        return stream, "unload" if body.get("keep_alive") in (0, "0", "0s") else "load", None
+    return stream, None, generate_job(body, *job_args)
+
+
+def show_fields(body: dict) -> None:
+    """/api/show's body checked: `model` (or `name`) is required."""
+    f = Fields(body, set(body))
+    if not (f.text("model", "") or f.text("name", "")):
+        raise RequestError("model is required")
+    f.flag("verbose", False)
 
 
 def now() -> str:
@@ -149,17 +165,13 @@ def routes(state: ServerState) -> list[Route]:
         return answer
 
     async def generate(request: Request):
-        body = await read_body(request)
-        _, prompt, suffix, stream = await text_work(request, generate_fields, body)
-        if not prompt and suffix is None:  # a load (or, keep_alive 0, an unload) request
-            await state.loaded_model()
-            reason = "unload" if body.get("keep_alive") in (0, "0", "0s") else "load"
-            answer = final(None, None, reason) | {"load_duration": int(state.load_seconds * 1e9)}
-            return StreamingResponse(iter([json.dumps(answer) + "\n"]), media_type=NDJSON) if stream else JSONResponse(answer)
         model = await state.loaded_model()  # as Ollama: a request while the model loads waits for it
-        job = await text_work(
-            request, generate_job, body, model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
+        stream, load_reason, job = await body_work(
+            request, generate_request, model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
         )
+        if job is None:
+            answer = final(None, None, load_reason) | {"load_duration": int(state.load_seconds * 1e9)}
+            return StreamingResponse(iter([json.dumps(answer) + "\n"]), media_type=NDJSON) if stream else JSONResponse(answer)
         run = state.submit(job)[0]
         if stream:
             async def lines():
@@ -172,11 +184,7 @@ def routes(state: ServerState) -> list[Route]:
         return JSONResponse(final(run, job, finish_reason(run), run.text()))
 
     async def show(request: Request) -> JSONResponse:
-        body = await read_body(request)
-        f = Fields(body, set(body))
-        if not (f.text("model", "") or f.text("name", "")):
-            raise RequestError("model is required")
-        f.flag("verbose", False)
+        await body_work(request, show_fields)
         model = state.model
         info: dict = {"general.architecture": "gpt_bigcode"}
         if model is not None:

@@ -22,7 +22,7 @@ from starlette.routing import Route
 from ..tokenizer import Tokenizer
 from .completion import CompletionText
 from .requests import MAX_SAMPLES, Fields, Job, RequestError, generation_options, text_prompt_job
-from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, collect, finish_reason, read_body, text_work
+from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, body_work, collect, finish_reason
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16}
 
@@ -73,8 +73,8 @@ def routes(state: ServerState) -> list[Route]:
 
     async def completions(request: Request):
         model = state.ready_model()
-        job = await text_work(
-            request, openai_job, await read_body(request), model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
+        job = await body_work(
+            request, openai_job, model.tokenizer, model.config.n_positions, settings.fim_order, settings.fim_budget
         )
         runs = state.submit(job)
         ident, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())

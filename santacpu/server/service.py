@@ -1,5 +1,5 @@
 """What every dialect's routes share: the server's settings, its state (the model once loaded, the
-one generation thread, the live requests by slot), reading a request's JSON body (only
+one generation thread, the live requests by slot), working on a request's JSON body (only
 `application/json`, bounded, parsed on a worker thread), submitting a `Job` to the worker, and
 reading runs to their end while watching for a client that hangs up.
 
@@ -56,8 +56,8 @@ class ServerState:
         self.model: Model | None = None
         self.worker: GenerationWorker | None = None
         self.slots: dict[int, list] = {}  # id_slot -> the feeds of its latest request
-        self.bodies_in_flight = 0  # requests whose bodies are being read (event loop only: no lock)
-        self.text_slots = asyncio.Semaphore(TEXT_WORKERS)  # see text_work
+        self.body_bytes = 0  # bytes of request bodies held, see body_work (event loop only: no lock)
+        self.text_slots = asyncio.Semaphore(TEXT_WORKERS)  # see body_work
         self.closing = False
         self.load_failed = False
         self.started = time.time()
@@ -113,6 +113,10 @@ class ServerState:
             raise RequestError("the model is loading", 503, "unavailable")
         return self.model
 
+    def max_completions(self) -> int:
+        """The most completions (n, n_cmpl) one request may ask for."""
+        return max(1, self.settings.max_batch // 2)
+
     async def loaded_model(self) -> Model:
         """The model, once it has loaded (Ollama's clients ask for a load and wait for it)."""
         while self.model is None and not self.closing and not self.load_failed:
@@ -122,6 +126,10 @@ class ServerState:
     def submit(self, job: Job) -> list[CompletionText]:
         """Queue the job's sequences (a newer request of the same slot cancels the older one)."""
         model = self.ready_model()
+        most = self.max_completions()
+        if job.n > most:  # (16 samples of 2,000 tokens held every slot: a 4-token request waited 33 s)
+            raise RequestError(f"{job.n} completions in one request: at most {most}, half of the server's batch "
+                               f"(--max-batch {self.settings.max_batch}), so that one request leaves room for others")
         if job.id_slot is not None:  # a newer request of the same slot: the older one is not awaited
             for older in self.slots.pop(job.id_slot, []):
                 older.cancel()
@@ -139,25 +147,24 @@ class ServerState:
         return [CompletionText(feed, model.tokenizer, job, submitted) for feed in feeds]
 
 
-# Bodies read at once: clients that send theirs slowly, or never finish, hold at most this many
-# times MAX_BODY_BYTES (256 MiB); an editor's requests each arrive in milliseconds.
-MAX_BODIES_IN_FLIGHT = 64
-# Seconds a body may take to arrive (4 MiB, the most, at 1 MB/s: 4 s): 64 stalled uploads held
-# every slot above, and so every generating endpoint, for as long as their sockets stayed open.
+# Bytes of request bodies the server holds at once, from their arrival until their text work is
+# done (64 of the largest): counted in bytes, not requests, so that stalled uploads of a few bytes
+# each cannot fill it (64 of them held every generating endpoint at 503), and kept until the work
+# is done, so that bodies waiting for a text worker are counted too (60 clients grew it to 11 GB).
+MAX_BODY_BUDGET = 64 * MAX_BODY_BYTES
+# Seconds a body may take to arrive (4 MiB, the most, at 1 MB/s: 4 s).
 BODY_TIMEOUT_S = 15.0
 # Text work (parsing a body, encoding a prompt, /tokenize) on worker threads at once: one can take
 # ~100 MB for a context's worth of text (60 at once held 6 GB); the others wait their turn.
 TEXT_WORKERS = 4
 
 
-async def text_work(request: Request, function: Callable, *args):
-    """function(*args) on a worker thread, at most TEXT_WORKERS at once server-wide."""
-    async with request.app.state.santacpu.text_slots:
-        return await run_in_threadpool(function, *args)
-
-
-async def read_body(request: Request) -> dict:
-    """The request's JSON object, parsed on a worker thread; only `application/json` is read."""
+async def body_work(request: Request, function: Callable, *args):
+    """function(body, *args) on a worker thread, at most TEXT_WORKERS at once server-wide, `body`
+    the request's JSON object (only `application/json` is read), parsed in the same turn: a parsed
+    body (up to ~8 times its bytes) never waits for a worker. The body's bytes count against
+    MAX_BODY_BUDGET from their arrival until `function` returns; past the budget a request gets
+    503. A client that hung up while its body waited for a worker is not worked for."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type != "application/json":
         raise RequestError(
@@ -169,27 +176,38 @@ async def read_body(request: Request) -> dict:
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise body_too_large()
     state = request.app.state.santacpu
-    if state.bodies_in_flight >= MAX_BODIES_IN_FLIGHT:  # (each may hold up to MAX_BODY_BYTES while it comes)
-        raise RequestError(f"{MAX_BODIES_IN_FLIGHT} requests are sending their bodies already; try again shortly",
-                           503, "unavailable")
-    state.bodies_in_flight += 1
     chunks: list[bytes] = []
+    held = 0
 
     async def receive() -> None:
-        size = 0
+        nonlocal held
         async for chunk in request.stream():  # read no further than the limit, whatever the header said
-            size += len(chunk)
-            if size > MAX_BODY_BYTES:
+            if held + len(chunk) > MAX_BODY_BYTES:
                 raise body_too_large()
+            if state.body_bytes + len(chunk) > MAX_BODY_BUDGET:
+                raise RequestError(f"the server holds {MAX_BODY_BUDGET >> 20} MiB of request bodies already; try "
+                                   "again shortly", 503, "unavailable")
+            state.body_bytes += len(chunk)
+            held += len(chunk)
             chunks.append(chunk)
 
     try:
-        await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
-    except asyncio.TimeoutError:
-        raise RequestError(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", 408, "timeout") from None
+        try:
+            await asyncio.wait_for(receive(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestError(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", 408, "timeout") from None
+        raw = b"".join(chunks)
+        chunks.clear()
+        async with state.text_slots:
+            if await request.is_disconnected():
+                raise RequestError("the client hung up before its request was worked on")
+            return await run_in_threadpool(_parsed_then, raw, function, *args)
     finally:
-        state.bodies_in_flight -= 1
-    return await text_work(request, parse_body, b"".join(chunks))
+        state.body_bytes -= held
+
+
+def _parsed_then(raw: bytes, function: Callable, *args):
+    return function(parse_body(raw), *args)
 
 
 async def collect(runs: list[CompletionText], request: Request) -> None:
