@@ -325,6 +325,18 @@ def test_tokenize_detokenize_props_models(client, model):
         ("/detokenize", json.dumps({"tokens": [1] * 65}).encode(), 400, "at most a context's worth of ids (64), got 65"),
         ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"1": 5}}).encode(), 400, "'logit_bias' is not supported"),
         ("/nowhere", b"{}", 404, "Not Found"),
+        ("/completion/", b"{}", 404, "Not Found"),  # (an empty 307 to /completion had answered)
+        # Python's True == 1 and 0 == False had let these through as their neutral values:
+        ("/v1/completions", json.dumps({"prompt": "x", "best_of": True}).encode(), 400, "'best_of' is not supported"),
+        ("/v1/completions", json.dumps({"prompt": "x", "best_of": 1.0}).encode(), 400, "'best_of' is not supported"),
+        ("/v1/completions", json.dumps({"prompt": "x", "echo": 0}).encode(), 400, "'echo' is not supported"),
+        ("/v1/completions", json.dumps({"prompt": "x", "stream_options": {"include_usage": "yes"}}).encode(), 400,
+         "'include_usage' must be true or false"),
+        ("/v1/completions", json.dumps({"prompt": "x", "stream_options": {"bogus": 1}}).encode(), 400,
+         "unknown field 'bogus'"),
+        ("/completion", json.dumps({"prompt": "x", "samplers": "k" * 65}).encode(), 400,
+         "'samplers' takes at most 64 letters"),
+        ("/tokenize", json.dumps({"content": "x", "with_pieces": [1]}).encode(), 400, "'with_pieces' must be true or false"),
     ],
 )
 def test_hostile_input_gets_a_json_4xx_and_the_server_lives_on(client, path, content, status, fragment):
@@ -405,6 +417,40 @@ def test_api_key(quantized):
         idle = c.post("/completion", json={"prompt": "x", "n_predict": 2}, headers={"Authorization": "Bearer sekret"})
         assert idle.status_code == 200  # max_queue 0: nothing waits, but the idle batch has room (a full one: below)
         assert c.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+        # The scheme's name in any case (as HTTP has it), or llama.cpp's other header; nothing else.
+        for headers, status in (({"Authorization": "bearer sekret"}, 200), ({"X-Api-Key": "sekret"}, 200),
+                                ({"X-Api-Key": "nope"}, 401), ({"Authorization": "Basic sekret"}, 401),
+                                ({"Authorization": "sekret"}, 401), ({"Authorization": "Bearer sekret "}, 401)):
+            assert c.get("/v1/models", headers=headers).status_code == status, headers
+
+
+def test_dialect_details_as_their_servers_have_them(client, model):
+    # Found by a red team against llama.cpp's and OpenAI's own servers.
+    greedy = {"n_predict": 4, "temperature": 0, "seed": 1}
+    # llama.cpp's samplers as letters: "kpt" is top_k, top_p, temperature (it had read as one unknown
+    # name, so temperature 0 fell back to 1 and the output changed run to run).
+    letters = [client.post("/completion", json={"prompt": "def f(", "samplers": "kpt", **greedy}).json()["content"]
+               for _ in range(3)]
+    names = client.post("/completion", json={"prompt": "def f(", "samplers": ["top_k", "top_p", "temperature"],
+                                             **greedy}).json()["content"]
+    assert letters == [names] * 3
+    # /completion: a prompt in SantaCoder's FIM markers fills in the middle, as llama.cpp's special
+    # tokens do there (it had been 21 tokens of marker text).
+    marked = client.post("/completion", json={"prompt": "<fim-prefix>def f(<fim-suffix>):<fim-middle>", **greedy}).json()
+    infill = client.post("/infill", json={"input_prefix": "def f(", "input_suffix": "):", **greedy}).json()
+    assert (marked["content"], marked["tokens_evaluated"]) == (infill["content"], infill["tokens_evaluated"])
+    # OpenAI's stream_options.include_usage: a last chunk with the usage and no choices, before [DONE].
+    reply = client.post("/v1/completions", json={"prompt": "def f(", "max_tokens": 3, "temperature": 0, "stream": True,
+                                                 "stream_options": {"include_usage": True}})
+    events = sse_data(reply.text)
+    assert events[-1] == "[DONE]" and all(json.loads(e)["choices"] for e in events[:-2])
+    last = json.loads(events[-2])
+    assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
+    assert last["usage"]["prompt_tokens"] == len(model.tokenizer.encode("def f("))
+    # /tokenize with_pieces: llama.cpp's [{id, piece}].
+    pieces = client.post("/tokenize", json={"content": "def f():", "with_pieces": True}).json()["tokens"]
+    assert [p["id"] for p in pieces] == model.tokenizer.encode("def f():")
+    assert "".join(p["piece"] for p in pieces) == "def f():"
 
 
 # --- a real server on 127.0.0.1 -----------------------------------------------------------------

@@ -93,6 +93,7 @@ def create_app(
         exception_handlers={Exception: refuse, RequestError: refuse, ClientDisconnect: client_gone, 404: refuse,
                             405: refuse},
     )
+    app.router.redirect_slashes = False  # "/completion/": a JSON 404, not an empty 307
     app.state.santacpu = state
     if settings.api_key:
         app.add_middleware(_ApiKey, key=settings.api_key)
@@ -140,15 +141,20 @@ class _KnownHost:
 
 
 class _ApiKey:
-    """Every path but /health requires `Authorization: Bearer KEY` (compared in constant time)."""
+    """Every path but /health requires `Authorization: Bearer KEY` (the scheme's name in any case,
+    as HTTP has it) or, as llama.cpp's server also takes, `X-Api-Key: KEY`; compared in constant
+    time."""
 
     def __init__(self, app, key: str):
         self.app = app
-        self.expected = f"Bearer {key}".encode()
+        self.expected = key.encode()
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health":
-            given = dict(scope["headers"]).get(b"authorization", b"")
+            headers = dict(scope["headers"])
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer":
+                given = headers.get(b"x-api-key", b"")
             if not hmac.compare_digest(given, self.expected):
                 response = error_response(
                     401, "missing or wrong API key (Authorization: Bearer KEY)", "authentication_error", path=scope["path"]

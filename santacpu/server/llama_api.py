@@ -35,12 +35,14 @@ from .requests import (
     generation_options,
     make_job,
     text_limit,
+    text_prompt_job,
 )
 from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, body_work, collect
 
 # llama.cpp's sampling defaults (its /completion and /infill).
 LLAMA_DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.95}
 MAX_EXTRA_CHUNKS = 256  # llama.vim and llama.vscode keep 16 by default
+MAX_SAMPLER_LETTERS = 64
 
 _LLAMA_COMMON = {
     "n_predict", "temperature", "top_k", "top_p", "seed", "stop", "stream", "cache_prompt", "samplers",
@@ -49,12 +51,31 @@ _LLAMA_COMMON = {
 }
 
 
+# llama.cpp's samplers by letter (common_sampler_type_to_chr): `"samplers": "kpt"` is its
+# --sampling-seq form of ["top_k", "top_p", "temperature"].
+SAMPLER_LETTERS = {"d": "dry", "k": "top_k", "y": "typical_p", "p": "top_p", "s": "top_n_sigma", "m": "min_p",
+                   "t": "temperature", "x": "xtc", "i": "infill", "e": "penalties", "a": "adaptive_p"}
+
+
+def _samplers(f: Fields) -> list[str] | None:
+    """The sampler chain's names, from a list of names or a string of llama.cpp's letters (a
+    letter it does not know is left out, as llama.cpp leaves it); None when not given."""
+    given = f.body.get("samplers")
+    if given is None:
+        return None
+    if isinstance(given, str):
+        if len(given) > MAX_SAMPLER_LETTERS:
+            raise RequestError(f"'samplers' takes at most {MAX_SAMPLER_LETTERS} letters, got {len(given)}")
+        return [SAMPLER_LETTERS[c] for c in given if c in SAMPLER_LETTERS]
+    return f.strings("samplers")
+
+
 def _llama_options(f: Fields, n_ctx: int) -> tuple[GenerationOptions, dict]:
     n_predict = f.integer("n_predict", -1, -1, 1 << 20)
     temperature = f.number("temperature", LLAMA_DEFAULTS["temperature"], 0.0, 100.0)
     top_k = f.integer("top_k", LLAMA_DEFAULTS["top_k"], 0, 1 << 20)
     top_p = f.number("top_p", LLAMA_DEFAULTS["top_p"], 0.0, 1.0)
-    samplers = f.strings("samplers") if f.body.get("samplers") is not None else None
+    samplers = _samplers(f)
     if samplers is not None:  # llama.cpp's chain: a sampler left out does not apply
         top_k = top_k if "top_k" in samplers else 0
         top_p = top_p if "top_p" in samplers else 1.0
@@ -87,12 +108,16 @@ def _llama_options(f: Fields, n_ctx: int) -> tuple[GenerationOptions, dict]:
 
 
 
-def completion_job(body: dict, tokenizer: Tokenizer, n_ctx: int) -> Job:
-    """llama.cpp's `POST /completion`: `prompt` (text or token ids) continued left to right."""
+def completion_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str = "psm", budget: int | None = None) -> Job:
+    """llama.cpp's `POST /completion`: `prompt` (text or token ids) continued left to right; text
+    written in a FIM template (SantaCoder's markers included, which llama.cpp reads as its special
+    tokens here) fills in the middle, as on the other endpoints."""
     f = Fields(body, _LLAMA_COMMON | {"prompt"})
     options, extras = _llama_options(f, n_ctx)
     if "prompt" not in body:
         raise RequestError("'prompt' is required")
+    if isinstance(body["prompt"], str):
+        return text_prompt_job(tokenizer, body["prompt"], None, options, extras, n_ctx, order, budget)
     ids = encode_prompt(tokenizer, body["prompt"], n_ctx)
     return make_job(ids, options, extras, truncated=False)
 
@@ -192,7 +217,10 @@ def routes(state: ServerState) -> list[Route]:
         return JSONResponse(llama_result(job, run))
 
     async def completion(request: Request):
-        return await llama_completion(request, lambda body, m: completion_job(body, m.tokenizer, m.config.n_positions))
+        return await llama_completion(
+            request,
+            lambda body, m: completion_job(body, m.tokenizer, m.config.n_positions, settings.fim_order, settings.fim_budget),
+        )
 
     async def infill(request: Request):
         return await llama_completion(

@@ -36,15 +36,18 @@ def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget:
     """OpenAI's `POST /v1/completions`; `suffix` (or a prompt written in a client's FIM template)
     fills in the middle."""
     f = Fields(body, _OPENAI_FIELDS)
+    # Each accepted at its neutral value only, of its own type: `best_of: true` is not 1, `echo: 0`
+    # is not false (Python's True == 1 and 0 == False had let them through).
     for unsupported, neutral in (("logprobs", None), ("echo", False), ("best_of", 1), ("logit_bias", {})):
-        if body.get(unsupported, neutral) not in (neutral, None):
+        value = body.get(unsupported)
+        if value is not None and not (type(value) is type(neutral) and value == neutral):
             raise RequestError(f"'{unsupported}' is not supported by santacpu")
     f.number("presence_penalty", 0.0, 0.0, 0.0)
     f.number("frequency_penalty", 0.0, 0.0, 0.0)
     f.text("user")
     f.text("model")
-    if body.get("stream_options") is not None and not isinstance(body["stream_options"], dict):
-        raise RequestError("'stream_options' must be an object")
+    stream_options = Fields(f.get("stream_options", (dict,), {}, "an object"), {"include_usage"})
+    include_usage = stream_options.flag("include_usage", False)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]  # a batch of one
@@ -59,7 +62,7 @@ def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget:
         seed=seed,
         stop=f.stop_strings("stop"),
     )
-    extras = {"stream": f.flag("stream", False)}
+    extras = {"stream": f.flag("stream", False), "include_usage": include_usage}
     n = f.integer("n", 1, 1, MAX_SAMPLES)
     suffix = f.text("suffix", None)
     job = text_prompt_job(tokenizer, prompt, suffix, options, extras, n_ctx, order, budget)
@@ -85,10 +88,19 @@ def routes(state: ServerState) -> list[Route]:
                 {"id": ident, "object": "text_completion", "created": created, "model": SERVED_MODEL, "choices": [choice]}
             )
 
+        def usage() -> dict:
+            completion_tokens = sum(len(run.sequence.tokens) for run in runs)
+            return {"prompt_tokens": len(job.ids), "completion_tokens": completion_tokens,
+                    "total_tokens": len(job.ids) + completion_tokens}
+
+        def usage_chunk() -> str:  # (stream_options.include_usage: OpenAI's last chunk, before [DONE])
+            return json.dumps({"id": ident, "object": "text_completion", "created": created, "model": SERVED_MODEL,
+                               "choices": [], "usage": usage()})
+
         if job.stream:
-            return EventSourceResponse(merged_events(runs, chunk), ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
+            last = usage_chunk if job.include_usage else None
+            return EventSourceResponse(merged_events(runs, chunk, last), ping=15, shutdown_grace_period=SHUTDOWN_GRACE_S)
         await collect(runs, request)
-        completion_tokens = sum(len(run.sequence.tokens) for run in runs)
         return JSONResponse(
             {
                 "id": ident,
@@ -99,11 +111,7 @@ def routes(state: ServerState) -> list[Route]:
                     {"text": run.text(), "index": i, "logprobs": None, "finish_reason": finish_reason(run)}
                     for i, run in enumerate(runs)
                 ],
-                "usage": {
-                    "prompt_tokens": len(job.ids),
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": len(job.ids) + completion_tokens,
-                },
+                "usage": usage(),
             }
         )
 
@@ -119,9 +127,9 @@ def routes(state: ServerState) -> list[Route]:
     ]
 
 
-async def merged_events(runs: list[CompletionText], chunk):
+async def merged_events(runs: list[CompletionText], chunk, last=None):
     """The runs' pieces as SSE events, interleaved as they come, each run's last with its finish
-    reason, then `[DONE]`."""
+    reason, then `last()`'s event if given, then `[DONE]`."""
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, run: CompletionText) -> None:
@@ -141,6 +149,8 @@ async def merged_events(runs: list[CompletionText], chunk):
                 open_runs -= 1
             else:
                 yield {"data": item}
+        if last is not None:
+            yield {"data": last()}
         yield {"data": "[DONE]"}
     finally:
         for task in tasks:

@@ -75,6 +75,7 @@ class Job:
     t_max_predict_ms: float = 0.0  # stop after this long once a newline was produced (0: off)
     id_slot: int | None = None
     response_fields: list[str] = field(default_factory=list)
+    include_usage: bool = False  # OpenAI's stream_options: a last chunk with the usage
 
 
 def body_too_large() -> RequestError:
@@ -263,6 +264,7 @@ def make_job(ids: list[int], options: GenerationOptions, extras: dict, truncated
         t_max_predict_ms=extras.get("t_max_predict_ms", 0.0),
         id_slot=None if extras.get("id_slot", -1) == -1 else extras["id_slot"],
         response_fields=extras.get("response_fields", []),
+        include_usage=extras.get("include_usage", False),
     )
 
 
