@@ -447,6 +447,14 @@ def test_dialect_details_as_their_servers_have_them(client, model):
     last = json.loads(events[-2])
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
     assert last["usage"]["prompt_tokens"] == len(model.tokenizer.encode("def f("))
+    # OpenAI's prompt as token ids (or a batch of one), as its API takes it.
+    text = client.post("/v1/completions", json={"prompt": "def f(", "max_tokens": 3, "temperature": 0}).json()
+    ids = model.tokenizer.encode("def f(")
+    for prompt in (ids, [ids]):
+        by_ids = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 3, "temperature": 0}).json()
+        assert by_ids["choices"][0]["text"] == text["choices"][0]["text"] and by_ids["usage"] == text["usage"]
+    refused = client.post("/v1/completions", json={"prompt": ids, "suffix": "x", "max_tokens": 3})
+    assert refused.status_code == 400 and "'suffix' needs a text prompt" in refused.text
     # /tokenize with_pieces: llama.cpp's [{id, piece}].
     pieces = client.post("/tokenize", json={"content": "def f():", "with_pieces": True}).json()["tokens"]
     assert [p["id"] for p in pieces] == model.tokenizer.encode("def f():")

@@ -21,7 +21,7 @@ from starlette.routing import Route
 
 from ..tokenizer import Tokenizer
 from .completion import CompletionText
-from .requests import MAX_SAMPLES, Fields, Job, RequestError, generation_options, text_prompt_job
+from .requests import MAX_SAMPLES, Fields, Job, RequestError, encode_prompt, generation_options, make_job, text_prompt_job
 from .service import SERVED_MODEL, SHUTDOWN_GRACE_S, ServerState, body_work, collect, finish_reason
 
 OPENAI_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 16}
@@ -49,10 +49,12 @@ def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget:
     stream_options = Fields(f.get("stream_options", (dict,), {}, "an object"), {"include_usage"})
     include_usage = stream_options.flag("include_usage", False)
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
-    if not isinstance(prompt, str):
-        raise RequestError("'prompt' must be a string")
+    token_ids = isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                   for t in prompt)
+    if not isinstance(prompt, str) and not token_ids:
+        raise RequestError("'prompt' must be a string or a list of token ids")
     max_tokens = f.integer("max_tokens", OPENAI_DEFAULTS["max_tokens"], 0, n_ctx)
     seed = f.integer("seed", None, 0, (1 << 63) - 1)
     options = generation_options(
@@ -65,7 +67,12 @@ def openai_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget:
     extras = {"stream": f.flag("stream", False), "include_usage": include_usage}
     n = f.integer("n", 1, 1, MAX_SAMPLES)
     suffix = f.text("suffix", None)
-    job = text_prompt_job(tokenizer, prompt, suffix, options, extras, n_ctx, order, budget)
+    if token_ids:
+        if suffix is not None:
+            raise RequestError("'suffix' needs a text prompt, not token ids")
+        job = make_job(encode_prompt(tokenizer, prompt, n_ctx), options, extras, truncated=False)
+    else:
+        job = text_prompt_job(tokenizer, prompt, suffix, options, extras, n_ctx, order, budget)
     job.n = n
     return job
 
