@@ -457,6 +457,16 @@ def test_sharded_pytorch_model_bin(tmp_path):
     assert "pytorch_model-00002-of-00002.bin listed in pytorch_model.bin.index.json is missing" in load_error(folder)
 
 
+@pytest.mark.parametrize("layout", ["gpt_bigcode", "legacy"])
+def test_a_config_of_fewer_layers_than_the_weights_is_refused(tmp_path, layout):
+    # A red team's hand edit: n_layer 1 on a 2-layer checkpoint ran its first layer only, with no word.
+    folder = helpers.copy_checkpoint(tmp_path / "ckpt", layout=layout)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": config["n_layer"] - 1}))
+    assert f"config.json says n_layer {config['n_layer'] - 1}, but the weights hold layer {config['n_layer'] - 1}" \
+        in load_error(folder)
+
+
 def test_safetensors_preferred_over_pytorch_model_bin(tmp_path):
     folder = helpers.copy_checkpoint(tmp_path / "ckpt")
     (folder / "pytorch_model.bin").write_bytes(b"not a zip")  # never opened

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path, PurePosixPath
 from typing import Callable
 
@@ -268,6 +269,13 @@ def _check_layout(source: TensorSource, config: Config, prefix: str) -> None:
     if config.model_type == "gpt_bigcode" and not fused:
         hint = " (they look like the legacy bigcode/santacoder layout)" if legacy_mq else ""
         raise SantacpuError(f"config.json says gpt_bigcode but the weights have no fused c_attn{hint}")
+    # A config.json of fewer layers than the weights hold (a hand edit, another checkpoint's file)
+    # ran the first layers only, with no word.
+    layer = re.compile(re.escape(prefix) + r"h\.(\d+)\.")
+    held = {int(m.group(1)) for m in map(layer.match, names) if m}
+    if held and max(held) >= config.n_layer:
+        raise SantacpuError(f"config.json says n_layer {config.n_layer}, but the weights hold layer {max(held)} "
+                            f"({max(held) + 1} layers or more): is config.json from another checkpoint?")
 
 
 class CheckpointReader:
