@@ -10,6 +10,7 @@ May import: `santacpu.errors`.
 from __future__ import annotations
 
 import numbers
+import reprlib
 from collections.abc import Iterable
 
 from .errors import SantacpuError
@@ -17,6 +18,12 @@ from .errors import SantacpuError
 
 def _kind(value: object) -> str:
     return type(value).__name__
+
+
+def _shown(value: object) -> str:
+    """`value` as a message shows it: short, on one line (an array's repr spans lines; a list of
+    5,000 ids, 29,000 characters)."""
+    return " ".join(reprlib.repr(value).split())
 
 
 def text(value: object, name: str) -> str:
@@ -49,7 +56,7 @@ def check_unicode(value: str, name: str) -> None:
 def integer(value: object, name: str, minimum: int | None = None) -> int:
     """`value` as an int, at least `minimum` when given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SantacpuError(f"{name} must be an integer, got {value!r} ({_kind(value)})")
+        raise SantacpuError(f"{name} must be an integer, got {_shown(value)} ({_kind(value)})")
     if minimum is not None and value < minimum:
         raise SantacpuError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
@@ -58,7 +65,7 @@ def integer(value: object, name: str, minimum: int | None = None) -> int:
 def real(value: object, name: str) -> float:
     """`value` as a float (integers too)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise SantacpuError(f"{name} must be a number, got {value!r} ({_kind(value)})")
+        raise SantacpuError(f"{name} must be a number, got {_shown(value)} ({_kind(value)})")
     return float(value)
 
 

@@ -168,12 +168,11 @@ class Model:
         example `max_new_tokens=32, temperature=0.8, seed=1`). EOS and stop ids end the stream
         unyielded. Text-level options (`stop`, `fim_order`) are for the text methods: given here
         they are an error, not silently ignored."""
-        text_level = [name for name in ("stop", "fim_order") if name in changes]
-        if text_level:
-            raise SantacpuError(f"generate() yields token ids: '{text_level[0]}' is for complete() and "
-                                "complete_stream() (stop_ids ends a stream of ids)")
+        return self._generate(ids, _token_level(options, changes, "generate"))
+
+    def _generate(self, ids: Sequence[int], options: GenerationOptions) -> Iterator[int]:
+        """`generate` under checked options (the text methods' own stop strings included)."""
         ids = arguments.token_ids(ids, self.config.vocab_size)
-        options = GenerationOptions.of(options, **changes)
         decoder = self.decoder(ids, options)
         self.last_stats = decoder.stats
         sequence = self._shared.sequence(decoder.total, reuse=self.reuse_prompt)
@@ -222,8 +221,8 @@ class Model:
         at a time: (prompt index, token id) pairs as they come. Each sequence's tokens are what
         `generate` gives it alone wherever the kernels are token-invariant. Every prompt is
         checked before anything runs."""
+        options = _token_level(options, changes, "generate_batch")
         scheduler = self.scheduler(max_batch=max_batch)
-        options = GenerationOptions.of(options, **changes)
         for ids in _non_empty(prompts, "prompts"):
             scheduler.submit(ids, options)  # sequence i is prompt i
         return ((sequence.index, token) for sequence, token in scheduler.run())
@@ -282,7 +281,7 @@ class Model:
         are not included. Options as for `generate`."""
         options = GenerationOptions.of(options, **changes)
         ids = self.prompt_ids(prefix, suffix, options)
-        return stream_text(self.tokenizer, self.generate(ids, self._text_options(options, suffix)), options.stop)
+        return stream_text(self.tokenizer, self._generate(ids, self._text_options(options, suffix)), options.stop)
 
     def complete(self, prefix: str, suffix: str | None = None, options: GenerationOptions | None = None, **changes) -> str:
         """The whole completion as one string (see `complete_stream`)."""
@@ -323,10 +322,36 @@ def choose_backend(device: str, settings: Settings) -> Backend:
     return CudaBackend()
 
 
+def _token_level(options: GenerationOptions | None, changes: dict, method: str) -> GenerationOptions:
+    """`options` with `changes` for a method that yields token ids: text-level options (`stop`,
+    `fim_order`), given as a change or in `options`, are an error there, not silently ignored."""
+    merged = GenerationOptions.of(options, **changes)
+    plain = GenerationOptions()
+    given = [name for name in ("stop", "fim_order") if name in changes or getattr(merged, name) != getattr(plain, name)]
+    if given:
+        raise SantacpuError(f"{method}() yields token ids: '{given[0]}' is for complete() and complete_stream() "
+                            "(stop_ids ends a stream of ids)")
+    return merged
+
+
+def _model_name(model: object) -> str:
+    """`model` (a str or a path) as a str, checked: text, not empty."""
+    if isinstance(model, os.PathLike):
+        model = os.fspath(model)
+    model = arguments.text(model, "model")
+    if not model.strip():
+        raise SantacpuError("model is empty: give a hub id, a checkpoint folder or a quantized file")
+    return model
+
+
 def runnable_model(model: str | os.PathLike, revision: str | None = None, quant: str | None = None) -> tuple[str, str | None]:
     """(what to load, its revision) for `model` under the first-use policy: a quantized file as
     it is; a full-precision model as its cached quantization to `quant` (None: DEFAULT_QUANT,
     "q8_0"), made now if needed; "none": the model itself. See `quantize.cache`."""
+    model = _model_name(model)
+    for value, name in ((revision, "revision"), (quant, "quant")):
+        if value is not None:
+            arguments.text(value, name)
     if names_quantized_file(model) and quant is None:
         hub_revision(model, revision)  # a revision given for a local file is warned about
         return str(model), None  # nothing to quantize: the converter is not even imported
@@ -360,11 +385,7 @@ def load(
     to 11 significant bits) or "float32" (exact). `device`: "auto" (a CUDA GPU where one is
     usable, else the CPU), "cpu" or "cuda" (see `resolve_device`); `model.device` says which ran.
     The environment's settings (`santacpu.settings`) are read here."""
-    if isinstance(model, os.PathLike):
-        model = os.fspath(model)
-    model = arguments.text(model, "model")
-    if not model.strip():
-        raise SantacpuError("model is empty: give a hub id, a checkpoint folder or a quantized file")
+    model = _model_name(model)
     for value, name in ((revision, "revision"), (quant, "quant")):
         if value is not None:
             arguments.text(value, name)

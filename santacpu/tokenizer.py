@@ -16,8 +16,10 @@ from __future__ import annotations
 import codecs
 import functools
 import json
+import numbers
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import tokenizers
@@ -155,16 +157,29 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         """Plain text -> ids. Special-token strings in `text` stay text; no BOS/EOS added. Other
         threads run meanwhile (the GIL is released)."""
-        return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
+        if not isinstance(text, str):
+            raise SantacpuError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            return self._plain.encode_batch([text], add_special_tokens=False)[0].ids
+        except TypeError:  # (a lone surrogate: no UTF-8 holds it)
+            raise SantacpuError("encode() takes Unicode text: this str holds a lone surrogate") from None
 
     def token_bytes(self, token_id: int) -> bytes:
         if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} outside the vocabulary [0, {self.vocab_size})")
+            raise SantacpuError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
         return self._bytes[token_id]
 
     def decode(self, ids) -> str:
-        # Join bytes first: a multi-byte character may be split across tokens.
-        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
+        """Token ids (ints, NumPy's too) -> text; bytes that are not whole UTF-8 become U+FFFD."""
+        if isinstance(ids, (str, bytes, bytearray)) or not isinstance(ids, Iterable):
+            raise SantacpuError(f"decode() takes a sequence of token ids, got {type(ids).__name__}")
+        pieces = []
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+                raise SantacpuError(f"decode() takes token ids (ints), got a {type(i).__name__}")
+            pieces.append(self.token_bytes(int(i)))
+        # Joined before decoding: a multi-byte character may be split across tokens.
+        return b"".join(pieces).decode("utf-8", errors="replace")
 
 
 class _NotATokenizer(Exception):

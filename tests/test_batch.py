@@ -278,3 +278,76 @@ def test_a_long_prompt_joins_in_chunks_while_the_running_sequences_step(quantize
     while scheduler.pending:
         scheduler.step()
     assert again.stats.reused_tokens >= 16 and again.tokens == alone(quantized, long_ids + [11, 12], max_new_tokens=2)
+
+
+# --- found by a red team of the API ------------------------------------------------------------
+
+
+def test_a_step_of_more_tokens_than_one_forward_takes_runs_in_parts(quantized, model, prompts):
+    # 600 sequences (or wide drafts) in one step: "600 tokens in one batched step; at most 512".
+    many = [prompts[i % len(prompts)] for i in range(600)]
+    got = collect(model.generate_batch(many, max_new_tokens=2, max_batch=600), len(many))
+    want = {i: alone(quantized, prompts[i], max_new_tokens=2) for i in range(len(prompts))}
+    assert all(tokens == want[i % len(prompts)] for i, tokens in enumerate(got))
+
+
+def test_a_step_that_raised_stops_the_scheduler_until_abandoned(quantized, model, prompts, monkeypatch):
+    # A Ctrl-C mid-forward left K/V in the caches that their decoders never saw: stepping on gave
+    # a raw "20 + 4 tokens do not fit" or wrong tokens.
+    scheduler = model.scheduler(max_batch=2)
+    first = scheduler.submit(prompts[0], max_new_tokens=6)[0]
+    scheduler.step()
+    forward = model.engine.forward_batch
+
+    def interrupted(*args, **kwargs):
+        forward(*args, **kwargs)  # (the caches are written, then the interrupt lands)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model.engine, "forward_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.step()
+    monkeypatch.undo()
+    for call in (scheduler.step, scheduler.admit, lambda: scheduler.submit(prompts[1], max_new_tokens=2)):
+        with pytest.raises(SantacpuError, match=r"step was interrupted \(KeyboardInterrupt\).*abandon\(\)"):
+            call()
+    assert (first, []) in scheduler.abandon() and first.state == "cancelled"
+    again = scheduler.submit(prompts[1], max_new_tokens=6)[0]
+    for _ in scheduler.run():
+        pass
+    assert again.tokens == alone(quantized, prompts[1], max_new_tokens=6)
+
+
+def test_a_run_left_early_loses_no_token(model, prompts):
+    scheduler = model.scheduler(max_batch=3)
+    sequences = [scheduler.submit(ids, max_new_tokens=5)[0] for ids in prompts[:3]]
+    yielded: list[list[int]] = [[] for _ in sequences]
+    while scheduler.pending or scheduler._undelivered:
+        for sequence, token in scheduler.run():
+            yielded[sequence.index].append(token)
+            break  # (a consumer that leaves after each token)
+    assert yielded == [s.tokens for s in sequences] and all(len(t) == 5 for t in yielded)
+
+
+def test_waiting_samples_hold_their_options_not_a_decoder_each(model, prompts):
+    # n samples each built a decoder (and prompt-lookup index) at submit: 5,000 queued greedy
+    # samples held 109 MiB before any ran.
+    scheduler = model.scheduler(max_batch=2)
+    samples = scheduler.submit(prompts[1], max_new_tokens=2, n=5000)
+    assert sum(s._decoder is not None for s in samples) == 1
+    scheduler.step()
+    assert sum(s._decoder is not None for s in samples) == 2  # (the two that joined)
+    scheduler.abandon()
+
+
+def test_token_level_methods_refuse_text_options_in_an_options_object(model, prompts):
+    text_options = santacpu.GenerationOptions(max_new_tokens=2, stop=("x",))
+    for call in (lambda: model.generate(prompts[0], text_options),
+                 lambda: list(model.generate_batch([prompts[0]], stop=["x"])),
+                 lambda: model.generate(prompts[0], santacpu.GenerationOptions(fim_order="spm"))):
+        with pytest.raises(SantacpuError, match="yields token ids"):
+            call()
+
+
+def test_a_small_kv_bound_says_its_sizes_in_bytes(model, prompts):
+    with pytest.raises(SantacpuError, match=r"needs [\d,]+ bytes of KV cache, more than max_kv_bytes \(1,000 bytes\)"):
+        model.scheduler(max_kv_bytes=1000).submit(prompts[0], max_new_tokens=2)

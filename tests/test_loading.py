@@ -1017,3 +1017,13 @@ def test_load_checks_its_arguments(model, options, fragment):
     with pytest.raises(SantacpuError, match=re.escape(fragment)):
         santacpu.load(model, **options)
 
+
+
+@pytest.mark.parametrize("model, fragment", [(None, "model must be a str, got NoneType"), (5, "got int"),
+                                             ("", "model is empty"), ("  ", "model is empty")])
+def test_runnable_model_checks_its_model_as_load_does(model, fragment):
+    # docs/api.md's first-use policy function: a raw TypeError from pathlib, or "no config.json at config.json".
+    from santacpu.model import runnable_model
+
+    with pytest.raises(SantacpuError, match=fragment):
+        runnable_model(model)

@@ -3,6 +3,7 @@
 import json
 import re
 
+import numpy as np
 import pytest
 import tokenizers
 
@@ -87,8 +88,26 @@ def test_token_bytes(tok):
     assert tok.token_bytes(HELLO_IDS[1]) == b" print"
     assert tok.token_bytes(HELLO_IDS[7]) == b"\n   "  # "Ċ" + "ĠĠĠ"
     for bad in (tok.vocab_size, -1):
-        with pytest.raises(ValueError):
+        with pytest.raises(SantacpuError, match="outside the vocabulary"):
             tok.token_bytes(bad)
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda t: t.encode(None), "encode() takes a str, got NoneType"),
+    (lambda t: t.encode(b"x"), "encode() takes a str, got bytes"),
+    (lambda t: t.encode("x\ud800"), "lone surrogate"),
+    (lambda t: t.decode([-1]), "token id -1 is outside the vocabulary"),
+    (lambda t: t.decode(["a"]), "decode() takes token ids (ints), got a str"),
+    (lambda t: t.decode([1.7]), "got a float"),  # (had decoded int(1.7), silently)
+    (lambda t: t.decode([True]), "got a bool"),
+    (lambda t: t.decode("12"), "decode() takes a sequence of token ids, got str"),
+    (lambda t: t.decode(None), "got NoneType"),
+])
+def test_encode_and_decode_refuse_what_is_not_text_or_ids(tok, call, fragment):
+    # The API's tokenizer (docs/api.md): raw TypeErrors and ValueErrors from inside, or silent text.
+    with pytest.raises(SantacpuError, match=re.escape(fragment)):
+        call(tok)
+    assert tok.decode(np.array(HELLO_IDS)) == tok.decode(HELLO_IDS)  # NumPy's ints are ids
 
 
 def test_stream_decoder_never_emits_half_a_character(tok):

@@ -53,22 +53,37 @@ from .runner import common_prefix_length
 DEFAULT_MAX_BATCH = 8
 
 
+def _size(nbytes: int) -> str:
+    """Bytes in words a message can compare: MiB, or bytes below one."""
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
+
+
 class QueueFull(SantacpuError):
     """The scheduler's queue holds `max_queue` sequences already."""
 
 
 class BatchSequence:
     """One submitted sequence: its prompt, its decoder (options, stats, state) and the tokens it
-    has produced. `state` is "queued", "running", "finished" or "cancelled"."""
+    has produced. `state` is "queued", "running", "finished" or "cancelled". The decoder (its
+    prompt's lookup index: 0.7 MiB for 2,047 tokens) is made when first asked for, in practice
+    when the sequence joins: n samples waiting in the queue hold their options only."""
 
-    def __init__(self, index: int, decoder: SequenceDecoder):
+    def __init__(self, index: int, prompt: list[int], make_decoder: Callable[[], SequenceDecoder]):
         self.index = index  # submission order, from 0 in each scheduler
-        self.prompt = decoder.prompt
-        self.decoder = decoder
+        self.prompt = prompt
         self.tokens: list[int] = []
         self.state = "queued"
         self.cache: KVCache | None = None
         self._cancel_requested = False
+        self._decoder: SequenceDecoder | None = None
+        self._make_decoder = make_decoder
+
+    @property
+    def decoder(self) -> SequenceDecoder:
+        if self._decoder is None:
+            self._decoder = self._make_decoder()
+            self._make_decoder = None
+        return self._decoder
 
     @property
     def stats(self):
@@ -123,6 +138,8 @@ class BatchScheduler:
         # Taken off the queue, joining: the first's prompt is being computed, a chunk between batched steps.
         self._joining: deque[tuple[BatchSequence, _PromptGroup]] = deque()
         self._chunk_since_step = False  # a prompt chunk ran since the last batched step
+        self._undelivered: deque[tuple[BatchSequence, int]] = deque()  # `run`'s tokens not yet yielded
+        self._broken: str | None = None  # why a step raised: nothing runs until `abandon`
 
     def kv_bytes(self, capacity: int) -> int:
         """Bytes of one sequence's KV cache with room for `capacity` positions."""
@@ -137,6 +154,7 @@ class BatchScheduler:
         is what `generate` gives alone. Errors: a bad prompt or option, the prompt does not fit
         the context, one sequence's cache alone exceeds `max_kv_bytes`, n exceeds what the batch and
         the queue hold together, or the queue is full (QueueFull)."""
+        self._refuse_if_broken()
         options = GenerationOptions.of(options, **changes)
         n = arguments.integer(n, "n", minimum=1)
         if self.max_queue is not None and n > self.max_batch + self.max_queue:  # (a full queue would say "later")
@@ -144,16 +162,17 @@ class BatchScheduler:
                 f"n = {n} samples are more than this scheduler ever holds at once: max_batch {self.max_batch} + "
                 f"max_queue {self.max_queue}"
             )
-        members = []
-        for k in range(n):
-            sample = options if options.seed is None or k == 0 else dataclasses.replace(options, seed=options.seed + k)
-            decoder = self.make_decoder(ids, sample)
-            if self.max_kv_bytes is not None and self.kv_bytes(decoder.total) > self.max_kv_bytes:
-                raise SantacpuError(
-                    f"one sequence of {decoder.total} positions needs {self.kv_bytes(decoder.total) / 2**20:.1f} MiB "
-                    f"of KV cache, more than max_kv_bytes ({self.max_kv_bytes / 2**20:.1f} MiB)"
-                )
-            members.append(decoder)
+        first = self.make_decoder(ids, options)  # the prompt and options checked, once for all n
+        if self.max_kv_bytes is not None and self.kv_bytes(first.total) > self.max_kv_bytes:
+            raise SantacpuError(
+                f"one sequence of {first.total} positions needs {_size(self.kv_bytes(first.total))} of KV cache, "
+                f"more than max_kv_bytes ({_size(self.max_kv_bytes)})"
+            )
+
+        def maker(k: int) -> Callable[[], SequenceDecoder]:  # sample k is seeded seed + k
+            sample = options if options.seed is None else dataclasses.replace(options, seed=options.seed + k)
+            return lambda: self.make_decoder(first.prompt, sample)
+
         with self._lock:
             queued = sum(len(g.members) for g in self._queue)
             free_slots = max(0, self.max_batch - len(self._running) - len(self._joining))
@@ -163,7 +182,8 @@ class BatchScheduler:
                     f"the queue is full ({waiting} sequences waiting beyond the batch of {self.max_batch}, "
                     f"max_queue {self.max_queue})"
                 )
-            sequences = [BatchSequence(self._submitted + k, d) for k, d in enumerate(members)]
+            sequences = [BatchSequence(self._submitted + k, first.prompt, maker(k)) for k in range(n)]
+            sequences[0]._decoder = first
             self._submitted += n
             self._queue.append(_PromptGroup(sequences))
         return sequences
@@ -188,6 +208,7 @@ class BatchScheduler:
         computed (or copied from its group) and its first token chosen. Returns (sequence, tokens)
         for each sequence that joined or was dropped. `step` calls it first; a caller that wants
         first tokens out before the batched forward calls it on its own."""
+        self._refuse_if_broken()
         events: list[tuple[BatchSequence, list[int]]] = []
         self._drop_cancelled(events)
         if not self._joining:
@@ -202,9 +223,10 @@ class BatchScheduler:
             self._chunk_since_step = self._chunk_since_step or (computes and long)
             try:
                 joined = self._join(sequence, group)  # outside the lock: submit need not wait for a prompt
-            except BaseException:
+            except BaseException as problem:
                 self._unjoined = [s for s, _ in self._joining]  # off the queue, not running: `abandon` ends them
                 self._joining.clear()
+                self._broken = type(problem).__name__
                 raise
             if not joined:
                 break  # one chunk of its prompt computed: the running sequences step before the next
@@ -217,16 +239,21 @@ class BatchScheduler:
         (sequence, tokens it emitted) for each sequence that joined, emitted or ended."""
         events = self.admit()
         stepping = [s for s in self._running if not s.decoder.finished]
+        try:
+            for part in self._forward_parts(stepping):
+                inputs = [i for _, i in part]
+                logits = self.engine.forward_batch([s.cache for s, _ in part], inputs, [len(i) > 1 for i in inputs])
+                for (sequence, _), rows in zip(part, logits):
+                    emitted, rejected = sequence.decoder.advance(rows)
+                    if rejected:
+                        sequence.cache.truncate(sequence.cache.length - rejected)
+                    sequence.tokens += emitted
+                    events.append((sequence, emitted))
+        except BaseException as problem:  # (Ctrl-C mid-forward): caches hold K/V their decoders never saw
+            self._broken = type(problem).__name__
+            raise
         if stepping:
-            inputs = [s.decoder.next_inputs() for s in stepping]
-            logits = self.engine.forward_batch([s.cache for s in stepping], inputs, [len(i) > 1 for i in inputs])
             self._chunk_since_step = False
-            for sequence, rows in zip(stepping, logits):
-                emitted, rejected = sequence.decoder.advance(rows)
-                if rejected:
-                    sequence.cache.truncate(sequence.cache.length - rejected)
-                sequence.tokens += emitted
-                events.append((sequence, emitted))
         reported = {id(s) for s, _ in events}
         for sequence in [s for s in self._running if s.decoder.finished]:
             self._leave(sequence, "finished")
@@ -235,12 +262,38 @@ class BatchScheduler:
         return events
 
     def run(self) -> Iterator[tuple[BatchSequence, int]]:
-        """Step until nothing is queued or running: (sequence, token) as they come."""
-        while self.pending:
+        """Step until nothing is queued or running: (sequence, token) as they come. A run left
+        early (`break`) loses nothing: the next `run` yields the rest of that step's tokens first."""
+        while self._undelivered or self.pending:
             for events in (self.admit, self.step):  # first tokens out before the batched forward
-                for sequence, tokens in events():
-                    for token in tokens:
-                        yield sequence, token
+                if not self._undelivered:
+                    self._undelivered.extend((sequence, t) for sequence, tokens in events() for t in tokens)
+                while self._undelivered:
+                    yield self._undelivered.popleft()
+
+    @staticmethod
+    def _forward_parts(stepping: list[BatchSequence]) -> list[list[tuple[BatchSequence, list[int]]]]:
+        """(sequence, its next inputs) of `stepping`, in parts whose inputs fit one batched forward
+        (PREFILL_CHUNK tokens: a max_batch past it, or wide drafts). Splitting changes no token:
+        each sequence's logits are its own, in any batch the kernels are token-invariant in."""
+        parts: list[list[tuple[BatchSequence, list[int]]]] = []
+        part: list[tuple[BatchSequence, list[int]]] = []
+        tokens = 0
+        for sequence in stepping:
+            inputs = sequence.decoder.next_inputs(PREFILL_CHUNK)
+            if part and tokens + len(inputs) > PREFILL_CHUNK:
+                parts.append(part)
+                part, tokens = [], 0
+            part.append((sequence, inputs))
+            tokens += len(inputs)
+        if part:
+            parts.append(part)
+        return parts
+
+    def _refuse_if_broken(self) -> None:
+        if self._broken is not None:
+            raise SantacpuError(f"this scheduler's step was interrupted ({self._broken}): its caches cannot be "
+                                "trusted; abandon() ends its sequences, after which it runs again")
 
     def abandon(self) -> list[tuple[BatchSequence, list[int]]]:
         """End every running and queued sequence now, as cancelled, and forget the kept caches:
@@ -262,6 +315,8 @@ class BatchScheduler:
             events.append((sequence, []))
         self._unjoined = []
         self._kept.clear()
+        self._undelivered.clear()
+        self._broken = None
         return events
 
     def _drop_cancelled(self, events) -> None:

@@ -97,9 +97,11 @@ class SequenceDecoder:
         self.stats.time_to_first_token = time.perf_counter() - self.started
         return self._emit([self.token])
 
-    def next_inputs(self) -> list[int]:
-        """The tokens the next forward runs: the last emitted token, then a draft (possibly none)."""
-        self.draft = self.drafter.draft(self.room) if self.drafter is not None else []
+    def next_inputs(self, most: int | None = None) -> list[int]:
+        """The tokens the next forward runs: the last emitted token, then a draft (possibly none);
+        at most `most` in all when given."""
+        room = self.room if most is None else min(self.room, most - 1)
+        self.draft = self.drafter.draft(room) if self.drafter is not None else []
         return [self.token, *self.draft]
 
     def advance(self, logits: np.ndarray) -> tuple[list[int], int]:

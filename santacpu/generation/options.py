@@ -63,8 +63,9 @@ class GenerationOptions:
         """These options with every value of the right type and range (ints as int, stop strings
         as a tuple), or a SantacpuError naming the wrong one."""
         temperature, top_k, top_p = check_sampling(self.temperature, self.top_k, self.top_p)
-        if self.fim_order not in FIM_ORDERS:  # checked even without a suffix: a typo must not pass silently
-            raise SantacpuError(f"unknown FIM order '{self.fim_order}' (choose {' or '.join(FIM_ORDERS)})")
+        if not isinstance(self.fim_order, str) or self.fim_order not in FIM_ORDERS:  # (a typo must not pass silently)
+            shown = f"'{self.fim_order}'" if isinstance(self.fim_order, str) else f"of type {type(self.fim_order).__name__}"
+            raise SantacpuError(f"unknown FIM order {shown} (choose {' or '.join(FIM_ORDERS)})")
         if not (self.lookup is None or isinstance(self.lookup, bool)):  # (1 == True)
             raise SantacpuError(f"lookup must be True, False or None, got {self.lookup!r}")
         return dataclasses.replace(
