@@ -342,6 +342,7 @@ def test_without_mount_setattr_every_mount_a_path_reaches_is_read_only(monkeypat
 def test_the_syscall_filter_refuses_what_it_names():
     if not isolation()["syscall_filter"]:
         pytest.skip("no syscall filter for this machine's syscall numbers")
+    held_path = os.path.realpath(sys.executable)  # (a file every program can read)
     source = (
         "import ctypes, os, socket, threading\n"
         "libc = ctypes.CDLL(None, use_errno=True)\n"
@@ -392,8 +393,26 @@ def test_the_syscall_filter_refuses_what_it_names():
         "thread = threading.Thread(target=print)\n"
         "thread.start()\n"
         "thread.join()\n"
+        # Locks succeed without effect (the test holds this file's lock meanwhile); pipe pages
+        # (counted against the caller's uid) and leases are refused; queued signals are bounded.
+        "import fcntl, resource\n"
+        f"fcntl.flock(open({held_path!r}, 'rb'), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "fcntl.lockf(open('/tmp/x', 'w'), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+        "r, w = os.pipe()\n"
+        "for command in (1031, 1024):  # F_SETPIPE_SZ, F_SETLEASE\n"
+        "    try:\n"
+        f"        fcntl.fcntl(w if command == 1031 else open({held_path!r}), command, 1 << 20 if command == 1031 else 0)\n"
+        "        raise AssertionError(f'fcntl command {command}')\n"
+        "    except PermissionError:\n"
+        "        pass\n"
+        "assert fcntl.fcntl(w, fcntl.F_GETFL) >= 0\n"
+        "assert resource.getrlimit(resource.RLIMIT_SIGPENDING) == (64, 64)\n"
     )
-    result, _ = run(source)
+    import fcntl
+
+    with open(held_path, "rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result, _ = run(source)
     assert result.passed, result
 
 

@@ -280,6 +280,25 @@ def test_a_program_has_no_privilege_and_gains_none(caller):
     assert report["results"][3] == ["failed", "PermissionError: [Errno 1] Operation not permitted"], report["results"]
 
 
+def test_an_unprivileged_caller_s_per_user_budgets_stay_its_own():
+    # Root of a user namespace is charged to the caller's real uid: a run took all 128 of its
+    # inotify instances (and 197,000 watches) and the caller's own file watchers failed meanwhile.
+    hog = (
+        "import ctypes, os\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "made = []\n"
+        "while len(made) < 200:\n"
+        "    fd = libc.inotify_init1(0)\n"
+        "    if fd < 0:\n"
+        "        break\n"
+        "    made.append(fd)\n"
+        "raise RuntimeError(f'inotify instances: {len(made)}')\n"
+    )
+    report = as_caller("unprivileged", [(hog, {"open_files": 256})])
+    assert report["isolation"]["no_capabilities"], report["isolation"]
+    assert report["results"] == [["failed", "RuntimeError: inotify instances: 8"]], report["results"]
+
+
 @pytest.mark.parametrize("caller", CALLERS)
 def test_a_runs_memory_is_bounded_in_total(caller):
     # Item 3: three children of 400 MB each passed a 1 GiB address-space limit per process. The run's

@@ -100,6 +100,7 @@ class SandboxLimits:
     file_size_mb: int = 16  # RLIMIT_FSIZE
     max_processes: int = 32  # RLIMIT_NPROC; without a memory cgroup, at most run_memory_mb // memory_mb
     open_files: int = 64  # RLIMIT_NOFILE
+    pending_signals: int = 64  # RLIMIT_SIGPENDING
 
 
 @dataclass(frozen=True)
@@ -291,6 +292,9 @@ def _command(mode: _Mode, folder: str, path: str, uid: int | None, cgroup: str |
             ("RLIMIT_NPROC", processes, processes),
             ("RLIMIT_NOFILE", limits.open_files, limits.open_files),
             ("RLIMIT_CORE", 0, 0),
+            # Queued signals count against the caller's real uid (root of a user namespace maps to
+            # it): 96,000 of them made the caller's timer_create fail until the run ended.
+            ("RLIMIT_SIGPENDING", limits.pending_signals, limits.pending_signals),
         ],
     }
     python = [sys.executable, "-I", "-c", f"{_BOOT}\nmain({config!r})\n"]
@@ -349,10 +353,10 @@ def _homes() -> list[str]:
 
 # The calls the syscall filter looks at, by machine (`uname -m`): (the ABI's audit id, numbers).
 _SYSCALLS = {
-    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "clone": 56, "unshare": 272, "io_uring_setup": 425, "clone3": 435,
+    "x86_64": (0xC000003E, {"socket": 41, "socketpair": 53, "fcntl": 72, "flock": 73, "clone": 56, "unshare": 272, "io_uring_setup": 425, "clone3": 435,
                             "add_key": 248, "request_key": 249, "keyctl": 250, "memfd_create": 319,
                             "memfd_secret": 447, "shmget": 29, "msgget": 68, "semget": 64}),
-    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "clone": 220, "unshare": 97, "io_uring_setup": 425, "clone3": 435,
+    "aarch64": (0xC00000B7, {"socket": 198, "socketpair": 199, "fcntl": 25, "flock": 32, "clone": 220, "unshare": 97, "io_uring_setup": 425, "clone3": 435,
                              "add_key": 217, "request_key": 218, "keyctl": 219, "memfd_create": 279,
                              "memfd_secret": 447, "shmget": 194, "msgget": 186, "semget": 190}),
 }
@@ -365,6 +369,13 @@ _AF_UNIX, _AF_NETLINK, _NETLINK_ROUTE = 1, 16, 0
 # datagram socket whose path it reaches, read-only mounts or not (a caller's agent outside /run).
 _SOCKET_PAIR_TYPES = {"SOCK_STREAM": 1, "SOCK_SEQPACKET": 5}
 _SOCKET_TYPE_MASK = 0xF  # (the type argument also carries SOCK_NONBLOCK and SOCK_CLOEXEC)
+# File locks need no write access: a program could hold one on any file it reads (santacpu's own
+# Numba cache lock made the caller wait) until its timeout. Taking one succeeds without effect
+# (flock, and fcntl's F_SETLK, F_SETLKW, F_OFD_SETLK, F_OFD_SETLKW): a run is one program.
+_LOCK_COMMANDS = (6, 7, 37, 38)
+# fcntl commands refused: F_SETLEASE (a lease on a caller's file delays the caller's opens) and
+# F_SETPIPE_SZ (pipe pages count against the caller's real uid).
+_REFUSED_FCNTL = (1024, 1031)
 _CLONE_NEWUSER, _X32_SYSCALL_BIT = 0x10000000, 0x40000000
 _LANDLOCK_CREATE_RULESET, _LANDLOCK_VERSION = 444, 1  # (the flag LANDLOCK_CREATE_RULESET_VERSION)
 _EPERM, _ENOSYS = 1, 38
@@ -388,8 +399,9 @@ def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
     protocol; socket pairs but Unix stream and seqpacket ones; clone and unshare with
     CLONE_NEWUSER; io_uring (its operations pass no filter); the kernel keyring calls; memfd_create
     and memfd_secret, and the System V shmget, msgget and semget (memory no limit but a cgroup's
-    counts); x32 numbers. clone3 gets ENOSYS, since its flags lie in memory no filter reads: the C library
-    then falls back to clone. A foreign ABI kills."""
+    counts); fcntl's `_REFUSED_FCNTL`; x32 numbers. File locks (`_LOCK_COMMANDS`, flock) succeed
+    without effect. clone3 gets ENOSYS, since its flags lie in memory no filter reads: the C
+    library then falls back to clone. A foreign ABI kills."""
     machine = os.uname().machine
     if machine not in _SYSCALLS:
         return None
@@ -410,6 +422,8 @@ def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
         *[(equal, "deny", None, number[name]) for name in denied],
         (equal, "socket", None, number["socket"]),
         (equal, "pair", None, number["socketpair"]),
+        (equal, "fcntl", None, number["fcntl"]),
+        (equal, "no-op", None, number["flock"]),
         (equal, "flags", None, number["unshare"]),
         (equal, "flags", None, number["clone"]),
         (give, None, None, 0x7FFF0000),  # allow
@@ -424,6 +438,11 @@ def _syscall_filter() -> tuple[tuple[int, int, int, int], ...] | None:
         (mask, None, None, _SOCKET_TYPE_MASK),
         *[(equal, "allow", None, kind) for kind in _SOCKET_PAIR_TYPES.values()],
         (give, None, None, 0x50000 | _EPERM),
+        "fcntl", (load, None, None, second_argument),  # the command
+        *[(equal, "no-op", None, command) for command in _LOCK_COMMANDS],
+        *[(equal, "deny", None, command) for command in _REFUSED_FCNTL],
+        (give, None, None, 0x7FFF0000),
+        "no-op", (give, None, None, 0x50000),  # (SECCOMP_RET_ERRNO with 0: the call returns 0, undone)
         "flags", (load, None, None, first_argument),  # clone's or unshare's flags
         (any_bit, "deny", None, _CLONE_NEWUSER),
         "allow", (give, None, None, 0x7FFF0000),
