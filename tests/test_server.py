@@ -146,6 +146,32 @@ def test_health_is_503_while_the_model_loads(quantized):
         assert c.get("/health").json() == {"status": "ok"}
 
 
+def test_requests_that_wait_for_the_load_are_bounded(quantized, monkeypatch):
+    # 2,000 Ollama requests waiting for a long load held 320 MB of bodies not yet read.
+    from santacpu.server import service
+
+    monkeypatch.setattr(service, "MAX_LOAD_WAITERS", 2)
+    release = threading.Event()
+
+    def slow_load():
+        release.wait(30)
+        return santacpu.load(quantized)
+
+    app = build_app(ServerSettings(model_name="tiny"), slow_load)
+    body = {"model": "santacoder", "prompt": "x", "stream": False, "options": {"num_predict": 1}}
+    with in_process(app) as c, ThreadPoolExecutor(2) as pool:
+        waiting = [pool.submit(c.post, "/api/generate", json=body) for _ in range(2)]
+        for _ in range(100):
+            if app.state.santacpu.load_waiters == 2:
+                break
+            time.sleep(0.05)
+        refused = c.post("/api/generate", json=body)
+        assert refused.status_code == 503 and "2 requests wait for it already" in refused.json()["error"]
+        release.set()
+        assert [w.result().status_code for w in waiting] == [200, 200]
+        assert app.state.santacpu.load_waiters == 0
+
+
 def test_completion_equals_the_librarys_greedy_answer(client, model):
     reply = client.post("/completion", json={"prompt": "def f(x):", "n_predict": 8, "temperature": 0})
     assert reply.status_code == 200
@@ -337,6 +363,8 @@ def test_tokenize_detokenize_props_models(client, model):
         ("/completion", json.dumps({"prompt": "x", "samplers": "k" * 65}).encode(), 400,
          "'samplers' takes at most 64 letters"),
         ("/tokenize", json.dumps({"content": "x", "with_pieces": [1]}).encode(), 400, "'with_pieces' must be true or false"),
+        ("/tokenize", json.dumps({"content": "x " * 100, "with_pieces": True}).encode(), 400,
+         "with_pieces takes at most a context's worth of tokens (64)"),
     ],
 )
 def test_hostile_input_gets_a_json_4xx_and_the_server_lives_on(client, path, content, status, fragment):
@@ -787,6 +815,86 @@ def test_request_bodies_held_are_bounded_in_bytes_until_their_work_is_done(live,
         pool.shutdown()
     assert [r.status_code for r in replies] == [200] * 3, [r.text for r in replies]
     held_bytes(0)
+
+
+def test_connections_that_start_no_request_or_read_no_answer_are_closed(live, monkeypatch):
+    # Sockets that sent nothing, or headers a byte at a time, stayed open for ever (1,100 of them
+    # used up the descriptors and locked every client out); an answer nobody read stayed in memory.
+    import socket
+
+    from santacpu.server import connections
+
+    monkeypatch.setattr(connections, "HEADER_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(connections, "WRITE_STALL_TIMEOUT_S", 1.0)
+    port = int(live.url.rsplit(":", 1)[1])
+    silent = socket.create_connection(("127.0.0.1", port), timeout=10)
+    slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+    started = time.monotonic()
+    closed_after = {}
+    for name, connection in (("silent", silent), ("slow", slow)):
+        while True:
+            if name == "slow":
+                try:
+                    connection.sendall(b"P")  # (a byte a second: never a whole request)
+                except OSError:
+                    break
+            connection.settimeout(1.0)
+            try:
+                if connection.recv(1) == b"":
+                    break
+            except socket.timeout:
+                pass
+            except OSError:
+                break
+            assert time.monotonic() - started < 20, f"the {name} connection is still open"
+        closed_after[name] = time.monotonic() - started
+        connection.close()
+    assert max(closed_after.values()) < 10, closed_after
+    # A client that asks for large answers and reads none of them: the answers pile up past the
+    # kernel's buffers, the write stalls, and the connection is cut (its answers freed).
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.connect(("127.0.0.1", port))
+    body = json.dumps({"content": "x = [" + "1, " * 2000 + "]"}).encode()
+    request = (b"POST /tokenize HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    def send_all() -> None:
+        try:
+            for _ in range(400):  # (keep-alive: one answer after another, none read)
+                reader.sendall(request)
+        except OSError:  # (cut off meanwhile)
+            pass
+
+    sender = threading.Thread(target=send_all, daemon=True)
+    sender.start()
+    open_connections = live.server.server_state.connections
+    stalled = set()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        stalled |= {id(c) for c in open_connections if getattr(c, "_stalled", None)}
+        if stalled and not stalled & {id(c) for c in open_connections}:
+            break  # it stalled, and it is gone
+        time.sleep(0.02)
+    assert stalled, "no answer waited beyond the buffers"
+    assert not stalled & {id(c) for c in open_connections}, "the stalled connection is still open"
+    sender.join(timeout=10)
+    reader.close()
+    assert httpx.get(live.url + "/health", timeout=10).status_code == 200
+
+
+def test_the_listening_socket_is_tcp_by_name():
+    # With proto 0, asyncio set no TCP_NODELAY on accepted sockets: each keep-alive request after
+    # the first waited ~44 ms for the client's delayed ACK.
+    import socket
+
+    from santacpu.server import listening_socket
+
+    sock = listening_socket("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP
+    finally:
+        sock.close()
 
 
 def test_a_body_that_never_finishes_is_answered_408_and_frees_its_bytes(live, monkeypatch):

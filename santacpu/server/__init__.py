@@ -13,6 +13,7 @@ sse_starlette lazily (never `quantize`, never the CLI).
 from __future__ import annotations
 
 import dataclasses
+import resource
 import signal
 import socket
 import threading
@@ -50,19 +51,24 @@ def uvicorn_server(app, host: str, port: int):
     uvicorn does (open connections finish, then the app's shutdown)."""
     import uvicorn
 
+    from .connections import timed_protocol_class
+
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame) -> None:
             app.state.santacpu.begin_shutdown()
             super().handle_exit(sig, frame)
 
-    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    return Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
+                                 http=timed_protocol_class()))
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket listening on host:port, or a one-line error (the port in use, an address not of
     this machine): checked before anything loads."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY on accepted sockets only then, and without
+    # it every keep-alive request after the first waited ~44 ms (Nagle against delayed ACKs).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart at once
         sock.bind((host, port))
@@ -74,12 +80,24 @@ def listening_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _more_descriptors() -> None:
+    """The soft limit on open files raised to the hard one: each client holds one (a common soft
+    limit of 1,024 is few for a server), and the connections' own timeouts bound how long."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 65536), hard))
+    except (OSError, ValueError):  # (a container that refuses: the soft limit stays)
+        pass
+
+
 def run_server(settings, load_model: Callable, host: str, port: int) -> None:
     """Listen first, then load the model in this thread (a first-use quantization may take
     minutes; Ctrl-C during it cleans up as anywhere in the CLI) while `/health` answers 503
     "loading"; then serve until SIGINT/SIGTERM. The HTTP server runs on its own thread, so those
     signals arrive here, as KeyboardInterrupt or the CLI's own exception, and end it cleanly."""
     _require_http_stack()
+    _more_descriptors()
     sock = listening_socket(host, port)
     app = build_app(dataclasses.replace(settings, host=host), load_model, load_in_background=False)
     server = uvicorn_server(app, host, port)

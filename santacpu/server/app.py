@@ -19,6 +19,7 @@ May import: starlette, `santacpu.model`, the server's other modules.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import sys
@@ -32,6 +33,7 @@ from starlette.responses import JSONResponse
 
 from ..model import Model
 from . import llama_api, ollama_api, openai_api
+from .connections import quiet_accept_errors
 from .requests import RequestError
 from .service import ServerSettings, ServerState
 
@@ -76,6 +78,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        quiet_accept_errors(asyncio.get_running_loop())
         if load_in_background:
             state.start_loading()
         yield

@@ -57,6 +57,7 @@ class ServerState:
         self.worker: GenerationWorker | None = None
         self.slots: dict[int, list] = {}  # id_slot -> the feeds of its latest request
         self.body_bytes = 0  # bytes of request bodies held, see body_work (event loop only: no lock)
+        self.load_waiters = 0  # requests waiting for the model to load (event loop only)
         self.text_slots = asyncio.Semaphore(TEXT_WORKERS)  # see body_work
         self.closing = False
         self.load_failed = False
@@ -118,9 +119,18 @@ class ServerState:
         return max(1, self.settings.max_batch // 2)
 
     async def loaded_model(self) -> Model:
-        """The model, once it has loaded (Ollama's clients ask for a load and wait for it)."""
-        while self.model is None and not self.closing and not self.load_failed:
-            await asyncio.sleep(0.1)
+        """The model, once it has loaded (Ollama's clients ask for a load and wait for it); at most
+        MAX_LOAD_WAITERS requests wait, the others get 503 (2,000 waiting connections had held 320
+        MB of bodies the server had not read yet)."""
+        if self.model is None and self.load_waiters >= MAX_LOAD_WAITERS:
+            raise RequestError(f"the model is loading, and {MAX_LOAD_WAITERS} requests wait for it already", 503,
+                               "unavailable")
+        self.load_waiters += 1
+        try:
+            while self.model is None and not self.closing and not self.load_failed:
+                await asyncio.sleep(0.1)
+        finally:
+            self.load_waiters -= 1
         return self.ready_model()
 
     def submit(self, job: Job) -> list[CompletionText]:
@@ -152,6 +162,8 @@ class ServerState:
 # each cannot fill it (64 of them held every generating endpoint at 503), and kept until the work
 # is done, so that bodies waiting for a text worker are counted too (60 clients grew it to 11 GB).
 MAX_BODY_BUDGET = 64 * MAX_BODY_BYTES
+# Requests that may wait for the model to load (Ollama's clients do); more get 503.
+MAX_LOAD_WAITERS = 64
 # Seconds a body may take to arrive (4 MiB, the most, at 1 MB/s: 4 s).
 BODY_TIMEOUT_S = 15.0
 # Text work (parsing a body, encoding a prompt, /tokenize) on worker threads at once: one can take

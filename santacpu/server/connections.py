@@ -1,0 +1,93 @@
+"""The server's HTTP connections: uvicorn's h11 protocol with the timeouts it lacks, and the event
+loop's accept errors said once a minute.
+
+- Headers: a connection must start each request (finish its headers) within HEADER_TIMEOUT_S of
+  opening, or of its previous answer. Sockets that sent nothing, or headers a byte at a time, were
+  held open for ever: 1,100 of them used up the process's descriptors and locked every client out.
+- Writes: a client that takes none of an answer for WRITE_STALL_TIMEOUT_S, while the answer waits
+  beyond the transport's buffer, is cut off, and the answer freed (unread 13 MB answers stayed in
+  memory for as long as their clients kept the sockets open).
+- Accept errors: out of descriptors, asyncio logged one traceback per waiting connection, again and
+  again (229 MB of log in 35 s).
+
+May import: uvicorn, h11 (lazily, as the rest of the server), the standard library.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+HEADER_TIMEOUT_S = 10.0
+WRITE_STALL_TIMEOUT_S = 30.0
+ACCEPT_ERROR_EVERY_S = 60.0
+
+
+def timed_protocol_class() -> type:
+    """uvicorn's h11 protocol with the header and write-stall timeouts."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._stalled: asyncio.TimerHandle | None = None
+            self._watch(None)
+
+        def _watch(self, cycle) -> None:
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._check_started, cycle)
+
+        def _check_started(self, seen) -> None:
+            """Close a connection that began no request since the last check while it waited for
+            one (before its first, or after an answer)."""
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is seen and (cycle is None or cycle.response_complete):
+                self.transport.close()
+                return
+            self._watch(cycle)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            if self._stalled is None:
+                self._stalled = self.loop.call_later(WRITE_STALL_TIMEOUT_S, self.transport.abort)
+
+        def resume_writing(self) -> None:
+            if self._stalled is not None:
+                self._stalled.cancel()
+                self._stalled = None
+            super().resume_writing()
+
+        def connection_lost(self, exc) -> None:
+            self._header_timer.cancel()
+            if self._stalled is not None:
+                self._stalled.cancel()
+                self._stalled = None
+            super().connection_lost(exc)
+
+    return TimedH11Protocol
+
+
+def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Have `loop` say an accept error (out of descriptors or memory) at most once a minute; every
+    other error goes to the handler it had."""
+    default = loop.get_exception_handler()
+    said = {"at": float("-inf")}
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if "socket.accept() out of system resource" in str(context.get("message", "")):
+            now = time.monotonic()
+            if now - said["at"] < ACCEPT_ERROR_EVERY_S:
+                return
+            said["at"] = now
+            logging.getLogger("santacpu.server").error(
+                "out of descriptors or memory to accept connections (said once a minute): %s", context.get("exception")
+            )
+            return
+        if default is not None:
+            default(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
