@@ -32,21 +32,25 @@ def timed_protocol_class() -> type:
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._stalled: asyncio.TimerHandle | None = None
-            self._watch(None)
+            self._watch()
 
-        def _watch(self, cycle) -> None:
-            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._check_started, cycle)
+        def _waiting(self) -> bool:
+            """Whether it waits for a request's headers (before its first, or after an answer)."""
+            return self.cycle is None or self.cycle.response_complete
+
+        def _watch(self) -> None:
+            seen = (self.cycle, self._waiting())
+            self._header_timer = self.loop.call_later(HEADER_TIMEOUT_S, self._check_started, seen)
 
         def _check_started(self, seen) -> None:
-            """Close a connection that began no request since the last check while it waited for
-            one (before its first, or after an answer)."""
+            """Close a connection that waited for a request the whole interval since the last check
+            (one whose answer ended just now is watched one more interval)."""
             if self.transport.is_closing():
                 return
-            cycle = self.cycle
-            if cycle is seen and (cycle is None or cycle.response_complete):
+            if seen == (self.cycle, True) and self._waiting():
                 self.transport.close()
                 return
-            self._watch(cycle)
+            self._watch()
 
         def pause_writing(self) -> None:
             super().pause_writing()
