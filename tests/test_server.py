@@ -826,6 +826,7 @@ def test_connections_that_start_no_request_or_read_no_answer_are_closed(live, mo
 
     monkeypatch.setattr(connections, "HEADER_TIMEOUT_S", 0.5)
     monkeypatch.setattr(connections, "WRITE_STALL_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(connections, "PIPELINED_BYTES_MAX", 64 << 10)
     port = int(live.url.rsplit(":", 1)[1])
     silent = socket.create_connection(("127.0.0.1", port), timeout=10)
     slow = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -870,14 +871,17 @@ def test_connections_that_start_no_request_or_read_no_answer_are_closed(live, mo
     sender.start()
     open_connections = live.server.server_state.connections
     stalled = set()
+    most_held = 0  # pipelined bytes the server kept for it (200 MB in 30 s before the bound)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
+        most_held = max([most_held, *(len(c.conn._receive_buffer) for c in list(open_connections))])
         stalled |= {id(c) for c in open_connections if getattr(c, "_stalled", None)}
         if stalled and not stalled & {id(c) for c in open_connections}:
             break  # it stalled, and it is gone
         time.sleep(0.02)
     assert stalled, "no answer waited beyond the buffers"
     assert not stalled & {id(c) for c in open_connections}, "the stalled connection is still open"
+    assert most_held <= (64 << 10) + (256 << 10), most_held  # (the bound, and one read past it)
     sender.join(timeout=10)
     reader.close()
     assert httpx.get(live.url + "/health", timeout=10).status_code == 200

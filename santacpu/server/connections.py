@@ -7,6 +7,9 @@ loop's accept errors said once a minute.
 - Writes: a client that takes none of an answer for WRITE_STALL_TIMEOUT_S, while the answer waits
   beyond the transport's buffer, is cut off, and the answer freed (unread 13 MB answers stayed in
   memory for as long as their clients kept the sockets open).
+- Pipelined requests: while an answer waits, h11 keeps what the client sends after its request; a
+  client that pipelined requests and read nothing had the server hold 200 MB for it. Reading pauses
+  while more than PIPELINED_BYTES_MAX are held (uvicorn resumes it as the requests are answered).
 - Accept errors: out of descriptors, asyncio logged one traceback per waiting connection, again and
   again (229 MB of log in 35 s).
 
@@ -18,19 +21,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 HEADER_TIMEOUT_S = 10.0
 WRITE_STALL_TIMEOUT_S = 30.0
+PIPELINED_BYTES_MAX = 8 << 20  # (two of the largest request bodies)
 ACCEPT_ERROR_EVERY_S = 60.0
 
 
 def timed_protocol_class() -> type:
-    """uvicorn's h11 protocol with the header and write-stall timeouts."""
+    """uvicorn's h11 protocol with the header and write-stall timeouts and the bound on pipelined
+    bytes."""
+    from uvicorn.protocols.http.flow_control import FlowControl
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class BoundedFlow(FlowControl):
+        """uvicorn's flow control, but reading stays paused while too many pipelined bytes wait:
+        uvicorn resumes it whenever a request reads its body, 256 KiB more each time."""
+
+        def __init__(self, transport, pipelined: Callable[[], int]) -> None:
+            super().__init__(transport)
+            self._pipelined = pipelined
+
+        def resume_reading(self) -> None:
+            if self._pipelined() <= PIPELINED_BYTES_MAX:
+                super().resume_reading()
 
     class TimedH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            self.flow = BoundedFlow(transport, self._pipelined)  # (before any request's cycle takes it)
             self._stalled: asyncio.TimerHandle | None = None
             self._watch()
 
@@ -51,6 +71,16 @@ def timed_protocol_class() -> type:
                 self.transport.close()
                 return
             self._watch()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._pipelined() > PIPELINED_BYTES_MAX and not self.transport.is_closing():
+                self.flow.pause_reading()
+
+        def _pipelined(self) -> int:
+            """Bytes h11 holds that it has made no event of yet: requests sent after the one
+            being answered (h11's own buffer; in an h11 without it, no bound)."""
+            return len(getattr(self.conn, "_receive_buffer", b""))
 
         def pause_writing(self) -> None:
             super().pause_writing()
