@@ -5,8 +5,8 @@ loop's accept errors said once a minute.
   opening, or of its previous answer. Sockets that sent nothing, or headers a byte at a time, were
   held open for ever: 1,100 of them used up the process's descriptors and locked every client out.
 - Writes: a client that takes none of an answer for WRITE_STALL_TIMEOUT_S, while the answer waits
-  beyond the transport's buffer, is cut off, and the answer freed (unread 13 MB answers stayed in
-  memory for as long as their clients kept the sockets open).
+  beyond the transport's buffer (over its high-water mark), is cut off, and the answer freed
+  (unread 13 MB answers stayed in memory for as long as their clients kept the sockets open).
 - Pipelined requests: while an answer waits, h11 keeps what the client sends after its request; a
   client that pipelined requests and read nothing had the server hold 200 MB for it. Reading pauses
   while more than PIPELINED_BYTES_MAX are held (uvicorn resumes it as the requests are answered).
@@ -85,7 +85,19 @@ def timed_protocol_class() -> type:
         def pause_writing(self) -> None:
             super().pause_writing()
             if self._stalled is None:
-                self._stalled = self.loop.call_later(WRITE_STALL_TIMEOUT_S, self.transport.abort)
+                self._watch_writes()
+
+        def _watch_writes(self) -> None:
+            size = self.transport.get_write_buffer_size()
+            self._stalled = self.loop.call_later(WRITE_STALL_TIMEOUT_S, self._check_written, size)
+
+        def _check_written(self, size: int) -> None:
+            """Cut off a client that took nothing of its answer since the last check (one that
+            reads, however slowly, is watched on)."""
+            if self.transport.get_write_buffer_size() < size:
+                self._watch_writes()
+            else:
+                self.transport.abort()
 
         def resume_writing(self) -> None:
             if self._stalled is not None:
