@@ -83,18 +83,16 @@ def generate_fields(body: dict) -> tuple[Fields, str, str | None, bool]:
     return f, prompt, suffix, f.flag("stream", True)
 
 
-def generate_job(body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget: int | None) -> Job:
-    """Ollama's `POST /api/generate` with a prompt: FIM with a suffix or a client's FIM template."""
-    f, prompt, suffix, stream = generate_fields(body)
-    return text_prompt_job(tokenizer, prompt, suffix, options_of(body, n_ctx), {"stream": stream}, n_ctx, order, budget)
-
-
-def generate_request(body: dict, *job_args) -> tuple[bool, str | None, Job | None]:
-    """(stream, "load" or "unload" for a request without a prompt, else None; its job, else None)."""
+def generate_request(
+    body: dict, tokenizer: Tokenizer, n_ctx: int, order: str, budget: int | None
+) -> tuple[bool, str | None, Job | None]:
+    """Ollama's `POST /api/generate`: (stream, "load" or "unload" for a request without a prompt,
+    else None; the job of one with a prompt, FIM with a suffix or a client's FIM template, else None)."""
     _, prompt, suffix, stream = generate_fields(body)
     if not prompt and suffix is None:  # a load (or, keep_alive 0, an unload) request
         return stream, "unload" if body.get("keep_alive") in (0, "0", "0s") else "load", None
-    return stream, None, generate_job(body, *job_args)
+    job = text_prompt_job(tokenizer, prompt, suffix, options_of(body, n_ctx), {"stream": stream}, n_ctx, order, budget)
+    return stream, None, job
 
 
 def show_fields(body: dict) -> None:
