@@ -11,7 +11,7 @@ import codecs
 import re
 from pathlib import Path
 
-from ..errors import OptionValueError, SantacpuError, os_problem
+from ..errors import OptionValueError, SantacpuError, os_problem, printable
 
 # Far beyond any context's worth (2,048 tokens of at most 128 characters), and a bound on what
 # /dev/zero or a runaway pipe can make this process hold.
@@ -68,7 +68,7 @@ def decode_escapes(text: str, option: str = "--stop") -> str:
                 return codecs.decode(escape, "unicode_escape")
         except (UnicodeDecodeError, UnicodeEncodeError):  # \N{name} with an unknown name, \U past U+10FFFF
             pass
-        shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # one line, as typed
+        shown = printable(text)  # one line, as typed
         bad = text[match.start() : match.start() + 2]
         if bad[1:] in _NEEDS:
             problem = f"{bad} at position {match.start()} needs {_NEEDS[bad[1:]]}"
