@@ -21,6 +21,7 @@ May import: `santacpu` (loading, formats, foundation modules) and `quantize.pipe
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -140,11 +141,11 @@ def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
         run_quantize(str(folder), path, qtype=qtype, calibration=calibration, calibration_tokens=DEFAULT_CALIBRATION_TOKENS,
                      keep=(), revision=None, force=True, show_report=False)  # as `santacpu quantize --type QTYPE` makes it
     except WriteError as problem:
-        full = "No space left" in str(problem) or "Disk quota exceeded" in str(problem)
+        full = problem.errno in (errno.ENOSPC, errno.EDQUOT)
         room = "free some space there with `santacpu cache clear`, set " if full else "set "
         raise WriteError(
             f"{problem} (santacpu's quantization cache: {room}{CACHE_ENV} to another folder, or run the model in "
-            "full precision with --quant none)"
+            "full precision with --quant none)", problem.errno
         ) from None
     return path
 

@@ -106,7 +106,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[B
         fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{_host_tag()}-{os.getpid()}-", suffix=".partial",
                                         dir=path.parent)
     except OSError as problem:
-        raise WriteError(f"cannot write {path}: {os_problem(problem)}") from None
+        raise WriteError(f"cannot write {path}: {os_problem(problem)}", problem.errno) from None
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -120,7 +120,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[B
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         if isinstance(problem, OSError):
-            raise WriteError(f"cannot write {path}: {os_problem(problem)}") from None
+            raise WriteError(f"cannot write {path}: {os_problem(problem)}", problem.errno) from None
         raise
 
 
@@ -197,7 +197,7 @@ def make_folder(folder: Path) -> None:
     except (FileExistsError, NotADirectoryError):
         raise WriteError(f"cannot use {folder} as a folder: it (or a folder above it) is a file") from None
     except OSError as problem:
-        raise WriteError(f"cannot make the folder {folder}: {os_problem(problem)}") from None
+        raise WriteError(f"cannot make the folder {folder}: {os_problem(problem)}", problem.errno) from None
 
 
 def owned_temp_folder(prefix: str) -> str:

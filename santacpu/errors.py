@@ -17,7 +17,12 @@ class SantacpuError(Exception):
 
 class WriteError(SantacpuError):
     """A file could not be written (no permission, read-only file system, disk full, ...);
-    callers that know what the file is for (the quantization cache) add their own advice."""
+    callers that know what the file is for (the quantization cache) add their own advice, by
+    `errno` where the system gave one."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno
 
 
 class OptionValueError(SantacpuError):
