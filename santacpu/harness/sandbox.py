@@ -140,7 +140,7 @@ def isolation() -> dict[str, bool]:
         "no_capabilities": mode.user_namespace,
         "syscall_filter": mode.syscall_filter,
         "memory_cgroup": mode.memory_cgroup is not None,
-        "landlock": mode.namespaces and _landlock_abi() > 0,
+        "landlock": mode.landlock,
     }
 
 
@@ -153,6 +153,11 @@ class _Mode:
     separate_user: bool  # the program runs as a fresh uid (callers that are root)
     syscall_filter: bool  # the seccomp filter of `_syscall_filter()`
     memory_cgroup: str | None  # the folder in which each run gets its memory cgroup
+
+    @property
+    def landlock(self) -> bool:
+        """Whether Landlock holds writes to the program's places (it needs the mount namespace's)."""
+        return self.namespaces and _landlock_abi() > 0
 
     @property
     def missing(self) -> str:
@@ -281,7 +286,7 @@ def _command(mode: _Mode, folder: str, path: str, uid: int | None, cgroup: str |
         "stderr_tmpfs": f"size={limits.file_size_mb + 1}m,nr_inodes=16,mode=700" if mode.namespaces else "",
         "cgroup": cgroup and memory_cgroup.join_file(cgroup),
         "filter": _syscall_filter() if mode.syscall_filter else None,
-        "landlock": mode.namespaces and _landlock_abi() > 0,
+        "landlock": mode.landlock,
         "keyctl": _SYSCALLS.get(os.uname().machine, (0, {}))[1].get("keyctl"),
         "deadline": limits.timeout_s + 2 * _STOP_GRACE_S,  # in case this process dies first
         "limits": [  # (name, soft, hard)
