@@ -1471,3 +1471,24 @@ def test_ollama_ignores_unknown_fields_and_keeps_the_servers_guards(client, quan
         refused = c.post("/api/generate", json=body)
         assert refused.status_code == 401 and "API key" in refused.json()["error"]
         assert c.get("/api/tags", headers={"Authorization": "Bearer sekret"}).status_code == 200
+
+
+@pytest.mark.parametrize("garbage", [b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 TLS\r\n\r\n",
+                                     b"GET /health HTTP/1.1\r\nHost: a\r\nbad header line\r\n\r\n",
+                                     b"GET /health HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n"])
+def test_malformed_http_is_answered_with_the_json_error(live, garbage):
+    # uvicorn answered bytes that are not HTTP in plain text; every other refusal is JSON.
+    import socket
+
+    port = int(live.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(garbage)
+        reply = b""
+        while chunk := connection.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), reply
+    assert b"content-type: application/json" in head.lower(), head
+    assert json.loads(body)["error"] == {"code": 400, "message": "the request is not valid HTTP/1.1",
+                                         "type": "invalid_request_error"}
+    assert httpx.get(live.url + "/health", timeout=10).status_code == 200

@@ -10,6 +10,8 @@ loop's accept errors said once a minute.
 - Pipelined requests: while an answer waits, h11 keeps what the client sends after its request; a
   client that pipelined requests and read nothing had the server hold 200 MB for it. Reading pauses
   while more than PIPELINED_BYTES_MAX are held (uvicorn resumes it as the requests are answered).
+- Malformed HTTP: answered with the server's JSON error (llama.cpp's and OpenAI's shape), as
+  every other refusal is, not uvicorn's plain text.
 - Accept errors: out of descriptors, asyncio logged one traceback per waiting connection, again and
   again (229 MB of log in 35 s).
 
@@ -19,6 +21,7 @@ May import: uvicorn, h11 (lazily, as the rest of the server), the standard libra
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -27,11 +30,15 @@ HEADER_TIMEOUT_S = 10.0
 WRITE_STALL_TIMEOUT_S = 30.0
 PIPELINED_BYTES_MAX = 8 << 20  # (two of the largest request bodies)
 ACCEPT_ERROR_EVERY_S = 60.0
+MALFORMED_REQUEST_BODY = json.dumps(
+    {"error": {"code": 400, "message": "the request is not valid HTTP/1.1", "type": "invalid_request_error"}}
+).encode()
 
 
 def timed_protocol_class() -> type:
     """uvicorn's h11 protocol with the header and write-stall timeouts and the bound on pipelined
     bytes."""
+    import h11
     from uvicorn.protocols.http.flow_control import FlowControl
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -104,6 +111,15 @@ def timed_protocol_class() -> type:
                 self._stalled.cancel()
                 self._stalled = None
             super().resume_writing()
+
+        def send_400_response(self, msg: str) -> None:
+            """The answer to bytes h11 cannot parse as a request: the JSON error, then close."""
+            headers = [(b"content-type", b"application/json"), (b"connection", b"close"),
+                       (b"content-length", str(len(MALFORMED_REQUEST_BODY)).encode())]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+                          h11.Data(data=MALFORMED_REQUEST_BODY), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
 
         def connection_lost(self, exc) -> None:
             self._header_timer.cancel()
