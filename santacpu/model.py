@@ -36,7 +36,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from . import arguments
+from . import arguments, errors
 from .backends.base import Backend
 from .backends.cpu.backend import CpuBackend
 from .backends.cuda import device as cuda_device
@@ -267,11 +267,20 @@ class Model:
         """The prompt's token ids: `prefix` alone, or a fill-in-the-middle prompt around `suffix`."""
         prefix = arguments.text(prefix, "prefix")
         if suffix is None:
-            return build_plain_prompt(self.tokenizer, prefix, self.config.n_positions)
-        suffix = arguments.text(suffix, "suffix")
-        return build_fim_prompt(
-            self.tokenizer, prefix, suffix, self.config.n_positions, options.max_new_tokens, order=options.fim_order
-        )
+            ids = build_plain_prompt(self.tokenizer, prefix, self.config.n_positions)
+        else:
+            suffix = arguments.text(suffix, "suffix")
+            ids = build_fim_prompt(
+                self.tokenizer, prefix, suffix, self.config.n_positions, options.max_new_tokens, order=options.fim_order
+            )
+        past = [i for i in ids if i >= self.config.vocab_size]
+        if past:  # (a tokenizer that does not belong to these weights)
+            raise SantacpuError(
+                f"the prompt's token {past[0]} ('{errors.printable(self.tokenizer.decode([past[0]]))}') is past this "
+                f"model's vocabulary of {self.config.vocab_size:,} tokens: its tokenizer ({self.tokenizer.vocab_size:,} "
+                "tokens) does not fit its weights"
+            )
+        return ids
 
     def complete_stream(
         self, prefix: str, suffix: str | None = None, options: GenerationOptions | None = None, **changes

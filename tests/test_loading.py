@@ -467,6 +467,23 @@ def test_a_config_of_fewer_layers_than_the_weights_is_refused(tmp_path, layout):
         in load_error(folder)
 
 
+def test_a_tokenizer_larger_than_the_weights_vocabulary_is_named_when_text_reaches_past_it(tmp_path):
+    # A red team's cut-down vocabulary: a FIM prompt said only "token id 49153 is outside the vocabulary".
+    from safetensors.numpy import load_file, save_file
+
+    folder = helpers.copy_checkpoint(tmp_path / "ckpt")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["transformer.wte.weight"] = tensors["transformer.wte.weight"][:1000].copy()
+    save_file(tensors, folder / "model.safetensors")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 1000}))
+    model = santacpu.load(folder, quant="none")
+    assert model.complete("a", max_new_tokens=2, temperature=0) is not None  # (text inside the vocabulary runs)
+    with pytest.raises(SantacpuError, match=r"^the prompt's token 49153 \('<fim-prefix>'\) is past this model's "
+                       r"vocabulary of 1,000 tokens: its tokenizer \(49,157 tokens\) does not fit its weights$"):
+        model.complete("a", "b", max_new_tokens=2)
+
+
 def test_safetensors_preferred_over_pytorch_model_bin(tmp_path):
     folder = helpers.copy_checkpoint(tmp_path / "ckpt")
     (folder / "pytorch_model.bin").write_bytes(b"not a zip")  # never opened
