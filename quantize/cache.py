@@ -31,7 +31,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from santacpu.atomic_file import check_writable, describe_partial, make_folder, partial_target, remove_stale_partials
+from santacpu.atomic_file import (
+    check_writable, describe_partial, make_folder, partial_target, remove_stale_partials, wait_for_other_writers,
+)
 from santacpu.errors import SantacpuError, SantacpuWarning, WriteError, os_problem
 from santacpu.formats.blocks import FORMATS
 from santacpu.formats.quantized_file import DEFAULT_QUANT, FORMAT_VERSION, names_quantized_file, read_metadata
@@ -81,6 +83,9 @@ def _cache_files() -> list[Path]:
     folder = cache_dir()
     if folder.exists() and not folder.is_dir():
         raise SantacpuError(f"the quantization cache {folder} is not a folder (see {CACHE_ENV})")
+    if folder.is_symlink() and not folder.exists():
+        raise SantacpuError(f"the quantization cache {folder} is a symbolic link that leads nowhere, or in a loop "
+                            f"(see {CACHE_ENV})")
     if not folder.is_dir():
         return []
     return [path for path in folder.iterdir() if (path.is_file() or path.is_symlink()) and any(
@@ -117,8 +122,11 @@ def cached_file_for(folder: Path, qtype: str) -> Path:
 def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
     """The cached quantized file for a full-precision `model`, made now if it is not there yet
     (or no longer reads as a whole quantized file)."""
-    folder = resolve(model, revision)
+    folder = resolve(model, revision).resolve()
     path = cached_file_for(folder, qtype)
+    wait_for_other_writers(path, lambda: print(
+        f"santacpu: another santacpu process is quantizing {model} to {qtype} into the cache: waiting for it",
+        file=sys.stderr, flush=True))
     if path.exists():
         damage = _damage(path)
         if damage is None:
@@ -177,7 +185,7 @@ def cache_entries() -> list[CacheEntry]:
     entries = []
     for path in _cache_files():
         qtype = source = created = "?"
-        problem = describe_partial(path.name)  # (not read: a partial file's header may be whole)
+        problem = describe_partial(path)  # (not read: a partial file's header may be whole)
         if problem is None and not path.exists():
             problem = "a symbolic link that leads nowhere"
         if problem is None and calibration_cache.FILE_NAME.fullmatch(path.name):
@@ -212,7 +220,12 @@ def clear_cache(model: str | None = None, revision: str | None = None) -> list[C
                       for path, size in remove_stale_partials(cache_dir() / target)]
     entries = [e for e in cache_entries() if not e.path.name.endswith(".partial")]
     if model is not None:
-        folder = _local_folder(model, hub_revision(model, revision))
+        try:
+            folder = _local_folder(model, hub_revision(model, revision))
+        except SantacpuError:  # a folder deleted or moved since: its files found by the path they name
+            folder = user_path(model).resolve()
+            if not any(e.source != "?" and Path(e.source).resolve() == folder for e in entries):
+                raise
         entries = [e for e in entries if e.source != "?" and Path(e.source).resolve() == folder]
     for entry in entries:
         try:

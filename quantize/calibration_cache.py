@@ -15,7 +15,7 @@ written whole (`atomic_output`) after each stage. One that cannot be read back, 
 checkpoint's statistics can be, or whose values do not fit the checkpoint, is computed again, with
 a warning.
 
-May import: numpy, `santacpu` (config, errors, atomic_file, kernel_cache, settings).
+May import: numpy, `santacpu` (config, errors, atomic_file, kernel_cache, loading, settings).
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from santacpu.atomic_file import atomic_output, make_folder
+from santacpu.atomic_file import atomic_output, folder_lock, make_folder
 from santacpu.config import Config
 from santacpu.errors import SantacpuError, SantacpuWarning
 from santacpu.kernel_cache import sources_digest
+from santacpu.loading.checkpoint import checkpoint_files
 from santacpu.settings import CACHE_ENV, Settings
 
 _PACKAGE = Path(__file__).resolve().parent.parent
@@ -46,8 +47,7 @@ _JSON_BYTES = 1 << 20  # "about" and one type's gains: a few kilobytes for Santa
 def source_files(folder: Path) -> list[tuple[str, int, int]]:
     """(name, size, modification time in ns) of a checkpoint folder's config.json and weight files,
     sorted: what says the checkpoint changed, in this cache's keys and the cached quantized files'."""
-    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()
-                  if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".bin")))
+    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in checkpoint_files(folder, indexes=False)]
 
 
 def matrix_columns(config: Config) -> dict[str, int]:
@@ -122,15 +122,13 @@ class KeptCalibration:
     def keep(self, importance: dict[str, np.ndarray], gains: dict[str, dict] | None = None, qtype: str | None = None,
              most_used: np.ndarray | None = None) -> None:
         """Store `importance`, with the gains measured for `qtype` and the most used tokens when
-        given, beside the gains kept for other types (which were measured with this importance:
-        without `gains` the importance is new, and nothing else of the earlier file is kept);
-        written whole, replacing the earlier file. A cache that cannot be written is a warning: the
+        given, beside the gains the file holds now for other types where they were measured with
+        the same importance and tokens (another run's, kept meanwhile, included); written whole,
+        replacing the earlier file. A cache that cannot be written is a warning: the
         quantization itself goes on."""
         if self._unwritable:  # (said once a run)
             return
-        earlier = self._read() if gains is not None else {}
-        arrays = {name: a for name, a in earlier.items() if name.startswith("gains/")}
-        arrays.update({f"importance/{name}": np.asarray(a, np.float32) for name, a in importance.items()})
+        arrays = {f"importance/{name}": np.asarray(a, np.float32) for name, a in importance.items()}
         if most_used is not None:
             arrays["most_used"] = np.asarray(most_used, np.int64)
         if gains is not None:
@@ -144,13 +142,32 @@ class KeptCalibration:
             if folder.exists() and not folder.is_dir():
                 raise SantacpuError(f"the quantization cache {folder} is not a folder (see {CACHE_ENV})")
             make_folder(folder)
-            with atomic_output(self.path) as f:
-                np.savez(f, **arrays)
+            # Read again under the lock: another run may have kept another type's gains since this
+            # one read the file (two quantizations at once each wrote back only their own).
+            with folder_lock(folder):
+                arrays = {**self._kept_beside(arrays), **arrays}
+                with atomic_output(self.path) as f:
+                    np.savez(f, **arrays)
         except SantacpuError as problem:
             self._unwritable = True
             warnings.warn(f"the calibration is not kept for later runs: {problem}", SantacpuWarning, stacklevel=2)
             return
         self._arrays = arrays
+
+    def _kept_beside(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The gains (and their most used tokens) in the file now that were measured with the
+        importance and most used tokens in `arrays`: those to keep beside them."""
+        on_disk = read_kept(self.path, self.config) if self.path.is_file() else None
+        if not on_disk:
+            return {}
+        mine = {name for name in arrays if name.startswith("importance/")}
+        if mine != {name for name in on_disk if name.startswith("importance/")} or not all(
+            np.array_equal(arrays[name], on_disk[name]) for name in mine
+        ):
+            return {}
+        if "most_used" in arrays and not np.array_equal(arrays["most_used"], on_disk.get("most_used", [])):
+            return {}
+        return {name: a for name, a in on_disk.items() if name.startswith("gains/") or name == "most_used"}
 
     def _read(self) -> dict[str, np.ndarray]:
         if self._arrays is None:

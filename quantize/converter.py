@@ -30,7 +30,7 @@ from santacpu.formats.fits import QUANTIZING_THREADS
 from santacpu.formats.quantized_file import FORMAT_NAME, FORMAT_VERSION, FULL_PRECISION_TYPES, all_finite, is_quantized_file
 from santacpu.formats.safetensors_io import dtype_name_of, safetensors_file_bytes, write_safetensors
 from santacpu.formats.split_rows import split_rows
-from santacpu.loading.checkpoint import CheckpointReader, open_checkpoint
+from santacpu.loading.checkpoint import CheckpointReader, checkpoint_files, open_checkpoint
 from santacpu.loading.quantized import canonical_tensor_names
 from santacpu.loading.source import resolve
 from santacpu.network.weights import expected_layer_shapes
@@ -100,14 +100,12 @@ def canonical_tensors(reader: CheckpointReader) -> Iterator[tuple[str, np.ndarra
 def sha256_of_sources(folder: Path) -> dict[str, str]:
     """sha256 of config.json and every weight file, so a quantized file names exactly its source."""
     digests = {}
-    for path in sorted(folder.iterdir()):
-        is_source = path.name == "config.json" or path.suffix in (".safetensors", ".bin") or path.name.endswith(".index.json")
-        if is_source and path.is_file():  # a regular file (a stray FIFO or device would never end)
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-            digests[path.name] = h.hexdigest()
+    for path in checkpoint_files(folder):  # regular files (a stray FIFO or device would never end)
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        digests[path.name] = h.hexdigest()
     return digests
 
 
@@ -153,8 +151,7 @@ def source_digests(folder: Path, placeholder: bool = False) -> dict[str, str]:
     (what sizing the file's header needs, without reading the weights)."""
     if not placeholder:
         return sha256_of_sources(folder)
-    return {p.name: "0" * 64 for p in sorted(folder.iterdir()) if p.is_file() and
-            (p.name == "config.json" or p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))}
+    return {p.name: "0" * 64 for p in checkpoint_files(folder)}
 
 
 def _metadata(reader: CheckpointReader, folder: Path, policy: Policy, plan: Plan, entries: dict, *, provenance: dict,
@@ -175,7 +172,7 @@ def _metadata(reader: CheckpointReader, folder: Path, policy: Policy, plan: Plan
 def _provenance(src, folder: Path, revision: str | None, calibration_note: str | None, digests: dict) -> dict:
     return {
         "source": str(src),
-        "resolved_path": str(folder),
+        "resolved_path": str(Path(folder).resolve()),  # (absolute: `cache clear` matches it from any folder)
         "revision": revision,
         "source_sha256": digests,
         "santacpu_version": __version__,

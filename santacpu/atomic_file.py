@@ -5,11 +5,15 @@ random part), renamed over the target only once complete.
 Every writer of santacpu's output files (quantized models, `--json` reports) goes through here,
 so each gets the same guarantees: on any failure or interruption (an exception, Ctrl-C, or the
 CLI's SIGTERM handler) the temporary file is removed; the file gets the usual mode for new
-files (0666 less the umask, not mkstemp's 0600); and a failing write (no permission, read-only
-file system, disk full) is a one-line `WriteError`. A writer killed outright (SIGKILL, a power
-cut) cannot remove its file: the next write of the same target does, when the process named in
-it is gone from this host, with a warning; a partial file it cannot judge (another host's, or one
-named before process ids were) is named in a warning and left. A target that exists as anything
+files (0666 less the umask, not mkstemp's 0600); it is on disk (fsync) before it takes the name;
+and a failing write (no permission, read-only file system, disk full) is a one-line `WriteError`.
+A writer killed outright (SIGKILL, a power cut) cannot remove its file: the next write of the
+same target does, with a warning, once no process writes it. The writer holds a lock (flock) on
+its file while it writes, which the kernel drops when the process dies: that is how a live writer
+is told from a dead one, whichever PID namespace (container) each runs in. Where the lock cannot
+tell (a file system without locks, a file just made), the process named in the file's name is
+looked for on this host; a partial file that neither can judge (another host's, or one named
+before process ids were) is named in a warning and left. A target that exists as anything
 but a regular file (a symbolic link, a device, a FIFO, a folder) is refused; one that may not be
 replaced (`overwrite=False`: no --force) is published by a hard link, which fails if the name
 appeared meanwhile.
@@ -24,16 +28,18 @@ May import: `santacpu.errors`, `santacpu.small_files` (what a file that is no re
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import re
 import shutil
 import socket
 import stat
 import tempfile
+import time
 import warnings
 import zlib
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import SantacpuWarning, WriteError, os_problem
 from .small_files import kind_of
@@ -41,6 +47,8 @@ from .paths import user_path
 
 _PARTIAL = re.compile(r"(?:(?P<host>[0-9a-f]{8})-(?P<pid>\d+)-)?[a-z0-9_]{8}\.partial")  # after ".NAME."
 _PARTIAL_FILE = re.compile(r"\.(?P<target>.+)\." + _PARTIAL.pattern)  # a whole partial file's name
+# A partial file this young may be one whose writer has made it and not yet locked it.
+_UNLOCKED_GRACE_S = 5.0
 
 
 def input_at(out: str | os.PathLike, inputs) -> Path | None:
@@ -74,6 +82,20 @@ def check_writable(path: str | os.PathLike, what: str = "", overwrite: bool = Tr
         raise WriteError(f"cannot write {label}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise WriteError(f"cannot write {label}: the folder {folder} is not writable")
+    if overwrite and not _may_replace(path):
+        raise WriteError(f"cannot replace {label}: it belongs to another user, in a folder where only a file's owner "
+                         f"may replace it (sticky, as /tmp)")
+
+
+def _may_replace(path: Path) -> bool:
+    """Whether renaming over `path` is allowed: in a sticky folder (/tmp) only the file's owner,
+    the folder's or root may replace a file."""
+    try:
+        folder, target = os.stat(path.parent), os.lstat(path)
+    except OSError:  # nothing there: nothing to replace
+        return True
+    uid = os.geteuid()
+    return not folder.st_mode & stat.S_ISVTX or uid in (0, target.st_uid, folder.st_uid)
 
 
 def writable_target(path: str | os.PathLike, label: str = "") -> Path:
@@ -107,21 +129,50 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[B
                                         dir=path.parent)
     except OSError as problem:
         raise WriteError(f"cannot write {path}: {os_problem(problem)}", problem.errno) from None
+    held = _hold_lock(fd)  # (until the file has its name or is gone)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp_name, 0o666 & ~_current_umask())
         if overwrite:
             writable_target(path)  # (what may have appeared there while the file was written)
             os.replace(tmp_name, path)
         else:
             _publish_new(tmp_name, path)
+        _sync_folder(path.parent)
     except BaseException as problem:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         if isinstance(problem, OSError):
             raise WriteError(f"cannot write {path}: {os_problem(problem)}", problem.errno) from None
         raise
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _hold_lock(fd: int) -> int | None:
+    """A second descriptor of the open file `fd` holding an exclusive lock on it (closing the
+    first keeps the lock), or None where the file system has no locks."""
+    held = os.dup(fd)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(held)
+        return None
+    return held
+
+
+def _sync_folder(folder: Path) -> None:
+    """The folder's entries on disk (the new name), where the system allows it."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _publish_new(tmp_name: str, path: Path) -> None:
@@ -154,7 +205,7 @@ def remove_stale_partials(path: str | os.PathLike) -> list[tuple[Path, int]]:
         if found is None:
             continue  # not a partial file of this target (the name only starts like one)
         partial = path.parent / name
-        gone = _writer_gone(found["host"], found["pid"])
+        gone = _writer_gone(partial, found["host"], found["pid"])
         if gone is None:
             warnings.warn(f"{partial} looks like a partial file left by an interrupted write of {path.name}; "
                           "delete it if nothing is writing that file now", SantacpuWarning, stacklevel=3)
@@ -168,6 +219,48 @@ def remove_stale_partials(path: str | os.PathLike) -> list[tuple[Path, int]]:
     return removed
 
 
+def wait_for_other_writers(path: str | os.PathLike, on_wait: Callable[[], None]) -> bool:
+    """Block while another process writes `path` (holds the lock of a partial file of it), after
+    calling `on_wait` once; whether it waited. Its file may then be there, whole."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    waited = False
+    with contextlib.suppress(OSError):
+        for name in os.listdir(path.parent):
+            if not (name.startswith(prefix) and _PARTIAL.fullmatch(name[len(prefix):])):
+                continue
+            with contextlib.suppress(OSError):
+                fd = os.open(path.parent / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+                try:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        if not waited:
+                            on_wait()
+                            waited = True
+                        fcntl.flock(fd, fcntl.LOCK_SH)  # (until its writer is done or dead)
+                finally:
+                    os.close(fd)
+    return waited
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """An exclusive lock on `folder` itself (flock) while the block runs: for reading, changing and
+    writing back a file in it that other processes change too; no lock where the system has none."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def partial_target(name: str) -> str | None:
     """The name of the file that the partial file named `name` is being written as, or None where
     `name` is no partial file's name."""
@@ -175,13 +268,13 @@ def partial_target(name: str) -> str | None:
     return found["target"] if found else None
 
 
-def describe_partial(name: str) -> str | None:
-    """What the partial file named `name` is, in words (its writer live, gone, or on another host),
-    or None where `name` is no partial file's name."""
-    found = _PARTIAL_FILE.fullmatch(name)
+def describe_partial(path: Path) -> str | None:
+    """What the partial file at `path` is, in words (its writer live, gone, or not to be judged),
+    or None where `path` is no partial file."""
+    found = _PARTIAL_FILE.fullmatch(path.name)
     if found is None:
         return None
-    gone = _writer_gone(found["host"], found["pid"])
+    gone = _writer_gone(path, found["host"], found["pid"])
     if gone is None:
         return "a partial file: still being written, or left by an interrupted write"
     if gone:
@@ -195,6 +288,8 @@ def make_folder(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
+        if folder.is_symlink() and not folder.exists():
+            raise WriteError(f"cannot use {folder} as a folder: it is a symbolic link that leads nowhere (or in a loop)") from None
         raise WriteError(f"cannot use {folder} as a folder: it (or a folder above it) is a file") from None
     except OSError as problem:
         raise WriteError(f"cannot make the folder {folder}: {os_problem(problem)}", problem.errno) from None
@@ -215,14 +310,47 @@ def owned_temp_folder(prefix: str) -> str:
             status = os.lstat(path)
         except OSError:
             continue
-        if _writer_gone(_host_tag(), pid) and stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid():
+        if _process_gone(_host_tag(), pid) and stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid():
             shutil.rmtree(path, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-")
 
 
-def _writer_gone(host: str | None, pid: str | None) -> bool | None:
-    """Whether the process named in a partial file's or a temporary folder's name is gone: None where
-    that cannot be judged (no process id, or another host's)."""
+def _writer_gone(partial: Path, host: str | None, pid: str | None) -> bool | None:
+    """Whether the writer of the partial file `partial` (named with `host` and `pid`) is gone: by
+    its lock, else by its process; None where neither can judge."""
+    if pid is None:  # named before process ids were (and before locks): an older santacpu's
+        return None
+    locked = _locked(partial)
+    if locked:
+        return False
+    if locked is False:
+        with contextlib.suppress(OSError):
+            if time.time() - partial.stat().st_mtime > _UNLOCKED_GRACE_S:
+                return True
+    return _process_gone(host, pid)
+
+
+def _locked(path: Path) -> bool | None:
+    """Whether a process holds a lock on the file at `path`; None where that cannot be found out
+    (not readable, a file system without locks)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # (and with it a lock it took)
+    return False
+
+
+def _process_gone(host: str | None, pid: str | None) -> bool | None:
+    """Whether the process named in a partial file's or a temporary folder's name is gone from
+    this host: None where that cannot be judged (no process id, or another host's)."""
     if host != _host_tag() or pid is None or not pid.isdigit():
         return None
     return not _process_exists(int(pid))

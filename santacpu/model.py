@@ -403,10 +403,21 @@ def load(
     check_kv_dtype(kv_cache)  # before the (long) load
     settings = Settings.from_environment()
     backend = choose_backend(device, settings)  # a missing GPU is said before a first-use quantization
-    model, revision = runnable_model(model, revision, quant)
-    if names_quantized_file(model):
+    asked, asked_revision = model, revision
+    model, revision = runnable_model(asked, revision, quant)
+    cached = model != asked  # (a first-use quantization's file)
+    if cached or names_quantized_file(model):
         path = user_path(model)
-        weights, metadata = read_quantized(path)
+        try:
+            weights, metadata = read_quantized(path)
+        except SantacpuError:
+            if not cached or path.exists():
+                raise
+            # The cached quantization was removed (`santacpu cache clear`) between its check and
+            # this read: made again.
+            model, _ = runnable_model(asked, asked_revision, quant)
+            path = user_path(model)
+            weights, metadata = read_quantized(path)
         tokenizer = embedded_tokenizer(path, metadata)
     else:
         folder = resolve(model, revision)

@@ -76,6 +76,29 @@ def test_another_quantization_of_the_same_checkpoint_reuses_the_calibration(tmp_
     assert (calls["importance"], calls["gains"]) == (1, 2) and len(kept_files()) == 1
 
 
+def test_two_runs_at_once_keep_both_their_gains(tmp_path, calls, monkeypatch):
+    # Each run wrote back the file as it had read it at its start, plus its own results: the last
+    # to finish dropped the other's gains, measured again (minutes on SantaCoder) by a later run.
+    quantized(tiny_checkpoint(), tmp_path / "a.safetensors", "q4_m")  # the run that finishes first
+    [kept] = kept_files()
+    finished = kept.read_bytes()
+    kept.unlink()  # the second run starts before the first has kept anything
+    measure = pipeline.measure_upgrade_gains
+
+    def meanwhile(*args, **kwargs):
+        kept.write_bytes(finished)  # the first run keeps its q4_m gains while this one measures
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "measure_upgrade_gains", meanwhile)
+    quantized(tiny_checkpoint(), tmp_path / "b.safetensors", "q4_0")
+    assert (calls["importance"], calls["gains"]) == (2, 2)  # (the q4_0 run computed its own importance)
+    with np.load(kept) as arrays:
+        assert {"gains/q4_m", "gains/q4_0"} <= set(arrays.files)
+    quantized(tiny_checkpoint(), tmp_path / "c.safetensors", "q4_m")
+    quantized(tiny_checkpoint(), tmp_path / "d.safetensors", "q4_0")
+    assert (calls["importance"], calls["gains"]) == (2, 2)  # nothing measured again
+
+
 def test_a_run_cut_short_keeps_the_calibration_it_finished(tmp_path, calls, monkeypatch):
     calls["stop"] = True  # Ctrl-C while the upgrades are measured
     with pytest.raises(KeyboardInterrupt):

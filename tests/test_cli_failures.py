@@ -160,6 +160,67 @@ def test_partial_files_of_live_writers_stay_and_those_it_cannot_judge_are_named(
     assert target.read_text() == "{}" and len(list(tmp_path.glob(".report.json.*.partial"))) == 2
 
 
+def test_a_partial_file_is_judged_by_its_writers_lock_not_the_process_id_in_its_name(tmp_path):
+    # In a container every run is process 1, and another PID namespace sees other process ids:
+    # a killed run's partial file looked live for ever, and a live writer's looked dead.
+    from santacpu.atomic_file import _host_tag, describe_partial, remove_stale_partials, wait_for_other_writers
+
+    target = tmp_path / "model.safetensors"
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
+    killed = tmp_path / f".model.safetensors.{_host_tag()}-{os.getpid()}-abcd1234.partial"  # a live pid, no lock
+    killed.write_bytes(b"half")
+    os.utime(killed, (time.time() - 60, time.time() - 60))
+    writing = tmp_path / f".model.safetensors.{_host_tag()}-{dead}-efgh5678.partial"  # a dead pid, locked
+    writing.write_bytes(b"half")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(float(sys.argv[2]))",
+         str(writing), "1.5"], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert describe_partial(writing) == f"a partial file, being written by process {dead}"
+        assert describe_partial(killed) == "a partial file left by an interrupted write"
+        with pytest.warns(santacpu.SantacpuWarning, match="removed .*abcd1234.partial"):
+            assert [path for path, _ in remove_stale_partials(target)] == [killed]
+        assert writing.exists()
+        said, started = [], time.monotonic()
+        assert wait_for_other_writers(target, lambda: said.append("waiting")) is True
+        assert said == ["waiting"] and time.monotonic() - started > 0.5  # until the writer let go
+        assert wait_for_other_writers(target, lambda: said.append("again")) is False and said == ["waiting"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_live_writers_file_holds_its_lock_until_it_has_its_name(tmp_path):
+    from santacpu.atomic_file import _locked, atomic_output
+
+    target = tmp_path / "report.json"
+    with atomic_output(target) as f:
+        f.write(b"{}")
+        [partial] = tmp_path.glob(".report.json.*.partial")
+        assert _locked(partial) is True
+    assert target.read_bytes() == b"{}" and _locked(target) is False
+
+
+def test_replacing_another_users_file_in_a_sticky_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    # The rename at the end would fail with EPERM after all the work (minutes for a model).
+    from santacpu.atomic_file import check_writable
+    from santacpu.errors import WriteError
+
+    sticky = tmp_path / "shared"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    theirs = sticky / "out.safetensors"
+    theirs.write_bytes(b"theirs")
+    monkeypatch.setattr(os, "geteuid", lambda: 4321)  # (this user owns neither the file nor the folder)
+    with pytest.raises(WriteError, match="cannot replace .*out.safetensors: it belongs to another user"):
+        check_writable(theirs, overwrite=True)
+    check_writable(sticky / "new.safetensors", overwrite=True)  # a new name is fine
+    sticky.chmod(0o777)
+    check_writable(theirs, overwrite=True)  # not sticky: the folder's write permission decides
+
+
 def test_a_killed_processs_temporary_folder_is_removed_by_the_next(tmp_path, monkeypatch):
     import tempfile
 
@@ -760,6 +821,56 @@ def test_a_random_checkpoint_runs_every_command_with_its_defaults(tmp_path, tiny
     (tmp_path / "link").symlink_to(tmp_path / "empty")  # as a link planted in /tmp would be: not followed
     one_error_line(run_santacpu("random-checkpoint", tmp_path / "link"), f"{tmp_path / 'link'} is a symbolic link")
     assert list((tmp_path / "empty").iterdir()) == []
+
+
+def test_random_checkpoint_cut_short_over_a_checkpoint_leaves_it_as_it_was(tmp_path, monkeypatch):
+    # With --force it had replaced the weights, then failed (or was interrupted) before the
+    # config: micro weights beside a tiny config.json, which then did not load.
+    from santacpu.loading import random_checkpoint as maker
+
+    folder = maker.write_checkpoint(tmp_path / "model")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    made = maker.canonical_tensors
+
+    def cut_short(*args, **kwargs):
+        for i, item in enumerate(made(*args, **kwargs)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(maker, "canonical_tensors", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        maker.write_checkpoint(folder, size="micro", force=True)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no partial file either
+    # The config's rename failing after the weights took their name: the new weights go again.
+    import errno
+
+    from santacpu import atomic_file
+    from santacpu.errors import WriteError
+
+    monkeypatch.setattr(maker, "canonical_tensors", made)
+    renamed = os.replace
+
+    def full_at_the_config(source, target):
+        if Path(target).name == "config.json":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        renamed(source, target)
+
+    monkeypatch.setattr(atomic_file.os, "replace", full_at_the_config)
+    with pytest.raises(WriteError, match="config.json: No space left on device"):
+        maker.write_checkpoint(folder, size="micro", force=True)
+    monkeypatch.setattr(atomic_file.os, "replace", renamed)
+    assert (folder / "config.json").read_bytes() == before["config.json"] and not (folder / "model.safetensors").exists()
+    # A killed run's partial file does not make a folder look used: the next run removes it.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
+    from santacpu.atomic_file import _host_tag
+
+    (fresh / f".model.safetensors.{_host_tag()}-{dead}-abcd1234.partial").write_bytes(b"half")
+    with pytest.warns(santacpu.SantacpuWarning, match="removed .*abcd1234.partial"):
+        maker.write_checkpoint(fresh)
+    assert sorted(p.name for p in fresh.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]
 
 
 def test_random_checkpoint_refuses_a_folder_that_is_not_empty_without_force(tmp_path, tiny):

@@ -268,6 +268,103 @@ def test_a_cache_entry_that_is_a_dangling_link_is_listed_cleared_and_made_again(
     assert cleared.stdout.decode().startswith("removed 1 file") and not os.path.lexists(cached)
 
 
+def test_cache_clear_finds_a_models_files_from_any_folder_and_after_the_model_is_gone(tmp_path, monkeypatch):
+    # First use recorded the source as typed ("tiny"): `cache clear` resolved it against its own
+    # folder, missing the files from elsewhere and removing another "tiny"'s; a deleted source's
+    # files could not be cleared by name at all.
+    import shutil
+
+    from helpers import copy_checkpoint
+    from quantize.cache import cache_entries, clear_cache
+
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    copy_checkpoint(first / "tiny")
+    copy_checkpoint(second / "tiny", seed=1)
+    monkeypatch.chdir(first)
+    santacpu.load("tiny")
+    [entry] = cache_entries()
+    assert entry.source == str(first / "tiny")
+    monkeypatch.chdir(second)
+    assert clear_cache("tiny") == [] and len(cache_entries()) == 1  # another folder's "tiny"
+    assert [e.path for e in clear_cache(str(first / "tiny"))] == [entry.path] and cache_entries() == []
+    monkeypatch.chdir(first)
+    santacpu.load("tiny")
+    shutil.rmtree(first / "tiny")
+    assert [e.path for e in clear_cache(str(first / "tiny"))] == [entry.path] and cache_entries() == []
+    with pytest.raises(santacpu.SantacpuError, match="is neither a local folder nor in the hub cache"):
+        clear_cache(str(first / "tiny"))  # (and nothing of it left: said as before)
+
+
+def test_a_quantized_file_written_into_its_source_folder_is_not_taken_for_a_source_file(tmp_path, monkeypatch):
+    # It changed the cache's keys (the first-use file and the kept calibration made again) and
+    # was hashed into later files' provenance as part of the checkpoint.
+    from helpers import copy_checkpoint
+    from quantize.converter import sha256_of_sources
+
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
+    folder = copy_checkpoint(tmp_path / "tiny")
+    key, digests = cached_file_for(folder, "q8_0"), sha256_of_sources(folder)
+    done = run("quantize", folder, folder / "q6.safetensors", "--type", "q6_0", cache=tmp_path / "cache")
+    assert done.returncode == 0, done.stderr.decode()
+    assert cached_file_for(folder, "q8_0") == key and sha256_of_sources(folder) == digests
+    (folder / "notes.safetensors").write_bytes(b"not a quantized file")  # (still counted: it may be weights)
+    assert cached_file_for(folder, "q8_0") != key
+
+
+def test_first_use_waits_for_another_process_quantizing_the_same_model(tmp_path, monkeypatch, capfd):
+    # Three first uses at once each quantized the whole model (minutes and ~2 GB each for SantaCoder).
+    import shutil
+
+    from santacpu.atomic_file import _host_tag
+
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "made"))
+    santacpu.load(tiny_checkpoint())
+    made = cached_file_for(tiny_checkpoint(), "q8_0")
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
+    target = cached_file_for(tiny_checkpoint(), "q8_0")
+    target.parent.mkdir()
+    partial = target.parent / f".{target.name}.{_host_tag()}-{os.getpid()}-abcd1234.partial"
+    shutil.copy(made, partial)
+    writer = subprocess.Popen(  # (another process, as far as the lock goes: it holds it, then publishes)
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.0); os.rename(sys.argv[1], sys.argv[2])",
+         str(partial), str(target)], stdout=subprocess.PIPE)
+    assert writer.stdout.readline() == b"held\n"
+    capfd.readouterr()
+    model = santacpu.load(tiny_checkpoint())
+    writer.wait(timeout=30)
+    err = capfd.readouterr().err
+    assert "another santacpu process is quantizing" in err and "first use" not in err, err
+    assert model.complete(PROMPT, max_new_tokens=4) == santacpu.load(made).complete(PROMPT, max_new_tokens=4)
+
+
+def test_a_cached_file_removed_between_its_check_and_its_load_is_made_again(tmp_path, monkeypatch):
+    import quantize.cache as cache
+
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
+    first = santacpu.load(tiny_checkpoint()).complete(PROMPT, max_new_tokens=4)
+    checked = cache._damage
+
+    def checked_then_cleared(path):  # (`santacpu cache clear` from another process, just then)
+        found = checked(path)
+        path.unlink()
+        monkeypatch.setattr(cache, "_damage", checked)
+        return found
+
+    monkeypatch.setattr(cache, "_damage", checked_then_cleared)
+    assert santacpu.load(tiny_checkpoint()).complete(PROMPT, max_new_tokens=4) == first
+    assert cached_file_for(tiny_checkpoint(), "q8_0").is_file()
+
+
+def test_a_cache_folder_that_is_a_dangling_link_is_said_so(tmp_path):
+    (tmp_path / "cache").symlink_to(tmp_path / "cache")  # a loop
+    for command in (("cache", "list"), ("complete", PROMPT, "--model", str(tiny_checkpoint()))):
+        one_error_line(run(*command, cache=tmp_path / "cache"), "symbolic link that leads nowhere")
+
+
 def test_a_damaged_cached_file_is_named_and_made_again(tmp_path, monkeypatch):
     """A cached file whose values turned NaN (it reads whole, so only a scan finds it) is named
     in the warning and made again, and the model runs."""

@@ -25,6 +25,7 @@ import numpy as np
 from .transpose import transpose_into
 from ..config import Config
 from ..errors import SantacpuError
+from ..formats.quantized_file import is_quantized_file
 from ..formats.safetensors_io import SafetensorsFile, bf16_to_f32, release_mapped_pages
 from ..network.weights import LayerWeights, ModelWeights, expected_layer_shapes
 from ..progress import Progress
@@ -332,6 +333,15 @@ def load_weights(reader: CheckpointReader, show_progress: bool = False) -> Model
             bar.step(f"layer {i}")
     ln_f_weight, ln_f_bias = reader.ln_f()
     return ModelWeights(config=config, wte=wte, wpe=wpe, layers=layers, ln_f_weight=ln_f_weight, ln_f_bias=ln_f_bias)
+
+
+def checkpoint_files(folder: Path, indexes: bool = True) -> list[Path]:
+    """config.json and the weight files of the checkpoint in `folder` (its shard indexes too, with
+    `indexes`), sorted: what says what it holds. A santacpu quantized file written into the folder
+    is none of them (the checkpoint is read without it)."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and (
+        p.name == "config.json" or (indexes and p.name.endswith(".index.json"))
+        or (p.suffix in (".safetensors", ".bin") and not is_quantized_file(p))))
 
 
 def open_checkpoint(folder: str | os.PathLike) -> CheckpointReader:

@@ -25,6 +25,7 @@ May import: numpy, `santacpu.formats.safetensors_io`, `santacpu.atomic_file`, `s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import zlib
 from pathlib import Path
@@ -32,7 +33,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..atomic_file import writable_target, write_text_atomically
+from ..atomic_file import atomic_output, remove_stale_partials, writable_target
 from ..errors import SantacpuError, os_problem
 from ..formats.safetensors_io import dtype_name_of, write_safetensors
 from ..progress import Progress
@@ -233,11 +234,13 @@ def write_checkpoint(
         )
     if out.is_symlink():  # as for every output file: a link planted in a shared folder could lead anywhere
         raise SantacpuError(f"{out} is a symbolic link: give the folder's own path")
+    files = [out / name for name in ("model.safetensors", "config.json", *(["tokenizer.json"] if with_tokenizer else []))]
+    for path in files:  # (a killed run's: they would make the folder look used)
+        remove_stale_partials(path)
     if not force:
         _check_empty(out)
     # Each file it writes must be writable as a file before the first is written: a folder named
     # config.json (or a link, a FIFO) had left a checkpoint half made.
-    files = [out / name for name in ("model.safetensors", "config.json", *(["tokenizer.json"] if with_tokenizer else []))]
     for path in files:
         if path.is_dir():
             raise SantacpuError(f"{path} is a folder: the checkpoint's {path.name} cannot be written there")
@@ -265,19 +268,25 @@ def write_checkpoint(
             if progress is not None:  # (before the yield: the writer takes no item after the last)
                 progress.step(name)
             yield name, stored
+    texts = {"config.json": json.dumps(config_json(size, layout, multi_query, dtype), indent=2) + "\n"}
+    if with_tokenizer:
+        texts["tokenizer.json"] = TOKENIZER_JSON.read_text(encoding="utf-8")
+    published = []
     try:
-        write_safetensors(
-            out / "model.safetensors",
-            cast(layout_tensors(canonical_tensors(size, seed, multi_query), size, layout, multi_query, embedding_names)),
-            metadata={"format": "pt"},
-            shapes=shapes,
-        )
-        config = json.dumps(config_json(size, layout, multi_query, dtype), indent=2) + "\n"
-        write_text_atomically(out / "config.json", config)
-        if with_tokenizer:
-            write_text_atomically(out / "tokenizer.json", TOKENIZER_JSON.read_text(encoding="utf-8"))
+        # Every file is written whole before any takes its name (the small ones then, right after
+        # the weights): a run cut short while writing leaves an earlier checkpoint as it was.
+        with contextlib.ExitStack() as staged:
+            for name, text in texts.items():
+                staged.enter_context(atomic_output(out / name)).write(text.encode("utf-8"))
+            write_safetensors(
+                out / "model.safetensors",
+                cast(layout_tensors(canonical_tensors(size, seed, multi_query), size, layout, multi_query, embedding_names)),
+                metadata={"format": "pt"},
+                shapes=shapes,
+            )
+            published.append(out / "model.safetensors")
     except BaseException:  # (a full disk, Ctrl-C): no half checkpoint that loads with what it lacks
-        for path in new:
+        for path in {*new, *published}:
             path.unlink(missing_ok=True)
         raise
     return out
