@@ -49,6 +49,19 @@ class Progress:
             self._last_line, self._logged = now, True
 
 
+def end_open_line() -> None:
+    """End a terminal's progress line that work cut short (an error, Ctrl-C) left open, so the
+    next message starts a line of its own."""
+    progress = _latest
+    if progress is not None and progress.live and progress._width and progress.done < progress.total:
+        try:
+            progress.stream.write("\n")
+            progress.stream.flush()
+        except (OSError, ValueError):  # (a stream closed meanwhile)
+            pass
+        progress._width = 0
+
+
 def _is_terminal(stream) -> bool:
     try:
         return bool(stream.isatty())

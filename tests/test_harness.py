@@ -106,10 +106,14 @@ def test_results_resume_drop_a_torn_last_line_and_refuse_other_runs(tmp_path):
     results.append(record("b"))
     with open(path, "a") as f:
         f.write('{"task_id": "c", "compl')  # a crash mid-write
+    with pytest.raises(SantacpuError, match="another run is writing the results file"):
+        ResultsFile.open(path, header, resume=True)  # (while the first run holds it)
+    results.close()
     again = ResultsFile.open(path, header, resume=True)
     assert again.finished == {"a", "b"}
     again.append(record("c"))
     assert [json.loads(line).get("task_id") for line in path.read_text().splitlines()] == [None, "a", "b", "c"]
+    again.close()
 
     with pytest.raises(SantacpuError, match="exists: pass --resume"):
         ResultsFile.open(path, header, resume=False)
@@ -136,8 +140,11 @@ def test_results_resume_drop_a_torn_last_line_and_refuse_other_runs(tmp_path):
         (json.dumps({**record("c"), "passed": [True, True]}), "line 3 ('passed' is not a list of 1)"),
         (json.dumps({**record("c"), "passed": ["yes"]}), "line 3 ('passed' holds something other than true or false)"),
         (json.dumps(record("a", passed=True)), "line 3 (a was recorded before, with other results"),
+        (json.dumps({**record("c"), "passed": [True]}), "line 3 ('passed' and 'statuses' disagree)"),
+        (json.dumps({**record("c"), "truncated": "false"}), "line 3 ('truncated' is not true or false)"),
     ],
-    ids=["no task id", "not an object", "not json", "samples", "not booleans", "a problem twice"],
+    ids=["no task id", "not an object", "not json", "samples", "not booleans", "a problem twice", "passed vs statuses",
+         "truncated"],
 )
 def test_a_damaged_results_file_is_one_error_naming_the_line(tmp_path, line, fragment):
     # Such records had ended in KeyError/TypeError/ValueError tracebacks, some after the remaining
@@ -158,14 +165,49 @@ def test_results_of_two_runs_at_once_and_of_a_crash_before_the_first_record(tmp_
     first.append(record("a"))
     with pytest.raises(SantacpuError, match="made by another run meanwhile"):
         second.append(record("a"))
+    first.close()
     with open(path, "a") as f:
         f.write(json.dumps(record("a")) + "\n\n")  # the same record twice (and a blank line): counted once
     assert [r["task_id"] for r in ResultsFile.open(path, header, resume=True).records] == ["a"]
-    path.write_text(json.dumps(header)[:40])  # a crash while the header was written: nothing finished
+    path.write_text(json.dumps({"format": "santacpu-eval/1", **header})[:40])  # a crash while the header was written
     fresh = ResultsFile.open(path, header, resume=True)
     assert fresh.records == []
     fresh.append(record("b"))
     assert [json.loads(line).get("task_id") for line in path.read_text().splitlines()] == [None, "b"]
+    fresh.close()
+    # An empty file made beforehand (mktemp): two runs on it both truncated it and mixed records.
+    empty = tmp_path / "made-by-mktemp.jsonl"
+    empty.write_bytes(b"")
+    first = ResultsFile.open(empty, header, resume=False)
+    with pytest.raises(SantacpuError, match="another run is writing the results file"):
+        ResultsFile.open(empty, header, resume=False)
+    first.append(record("a"))
+    first.close()
+    # Text that does not start as a header (a note saved without a newline) is never written over.
+    for text in ('{"precious": [1, 2, 3]}', "my thesis draft"):
+        note = tmp_path / "note.json"
+        note.write_text(text)
+        with pytest.raises(SantacpuError, match="is not a santacpu eval results file"):
+            ResultsFile.open(note, header, resume=True)
+        assert note.read_text() == text
+    # Nested past the parser's recursion limit: one error, no traceback.
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text("[" * 200_000 + "\n")
+    with pytest.raises(SantacpuError, match="is not a santacpu eval results file"):
+        ResultsFile.open(deep, header, resume=True)
+    deep.write_text(json.dumps({"format": "santacpu-eval/1", **header}) + "\n" + "[" * 200_000 + "\n")
+    with pytest.raises(SantacpuError, match="damaged at line 2"):
+        ResultsFile.open(deep, header, resume=True)
+
+
+def test_a_results_file_moved_during_the_run_is_an_error_not_a_new_file(tmp_path):
+    path = tmp_path / "results.jsonl"
+    results = ResultsFile.open(path, {**EvalSettings().identity(), "model": {"name": "m", "sha256": "1"}}, resume=False)
+    results.append(record("a"))
+    path.rename(tmp_path / "moved.jsonl")
+    with pytest.raises(SantacpuError, match="was moved or deleted during the run"):
+        results.append(record("b"))
+    assert not path.exists() and len((tmp_path / "moved.jsonl").read_text().splitlines()) == 2
 
 
 def test_a_full_disk_names_the_results_file(tmp_path, monkeypatch):
@@ -314,7 +356,16 @@ def test_the_command_line_runs_and_refuses_bad_input(trained_q8, tmp_path):
                                 "--out", tmp_path / "y.jsonl"), "greedy decoding", code=2)
     usage = run_santacpu("eval", "humaneval-infill", "--benchmark", "two-line")
     assert usage.returncode == 2 and "two-line" in usage.stderr.decode()
+    for option, value, fragment in (("--k", "\uff11", "is not a comma-separated list"),  # a full-width 1
+                                    ("--timeout", "nan", "nan is not a number of seconds from 0.1 to 3600"),
+                                    ("--ray-address", "", "--ray-address is empty")):
+        one_error_line(run_santacpu("eval", "humaneval-infill", "--model", trained_q8, option, value,
+                                    "--out", tmp_path / "x.jsonl"), fragment, code=2)
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y.jsonl").exists()
+    ignored = run_santacpu("eval", "humaneval-infill", "--model", trained_q8, "--benchmark", "random-span-light",
+                           "--limit", "1", "--max-new-tokens", "4", "--workers", "2", "--out", tmp_path / "w.jsonl")
+    assert ignored.returncode == 0, ignored.stderr.decode()
+    assert "santacpu: warning: --workers is ignored without --ray or --ray-address" in ignored.stderr.decode()
 
 
 def test_ray_without_its_extra_is_one_line_naming_the_extra(trained_q8, tmp_path):
@@ -327,3 +378,115 @@ def test_ray_without_its_extra_is_one_line_naming_the_extra(trained_q8, tmp_path
     done = subprocess.run([sys.executable, "-c", hide_ray, "eval", "humaneval-infill", "--model", str(trained_q8),
                            "--ray", "--out", str(tmp_path / "r.jsonl")], capture_output=True, env=santacpu_env())
     one_error_line(done, 'pip install "santacpu[ray]"')
+
+
+# --- the local run: records as problems finish, samples in parallel, Ctrl-C -----------------------
+
+
+def _middles(problem, texts):
+    from santacpu.harness.generate import Middles
+
+    return Middles(problem=problem, texts=texts, prompt_tokens=1, computed_tokens=1, truncated=False)
+
+
+def test_a_finished_problem_is_kept_while_the_next_one_is_generated(monkeypatch):
+    # A record waited for the next problem's generation: Ctrl-C or a kill then lost finished work.
+    import threading
+
+    from santacpu.harness import local
+
+    first, second = load_problems("single-line", 2)
+    recorded, release = [], threading.Event()
+
+    def generated(model, problems, settings):
+        yield _middles(first, [first.middle])
+        assert release.wait(30)
+        yield _middles(second, [second.middle])
+
+    monkeypatch.setattr(local, "generate_middles", generated)
+
+    def on_record(record):
+        recorded.append(record["task_id"])
+        if record["task_id"] == first.task_id:
+            release.set()  # (the generation of the second waits for the first's record)
+
+    local.run_local(None, [first, second], EvalSettings(benchmark="single-line"), on_record)
+    assert recorded == [first.task_id, second.task_id]
+
+
+def test_samples_run_in_parallel_and_ctrl_c_stops_running_programs_at_once(monkeypatch):
+    import time
+
+    from santacpu.harness import local
+
+    problem, finished = load_problems("single-line", 2)
+    programs = {"sleep": "import time\ntime.sleep(1.0)\n", "forever": "while True:\n    pass\n", "pass": "pass\n"}
+    monkeypatch.setattr(local, "programs_of", lambda problem, texts, benchmark: (texts, [programs[t] for t in texts]))
+    texts = ["sleep"] * 4
+    monkeypatch.setattr(local, "generate_middles", lambda model, problems, settings: iter([_middles(problem, texts)]))
+    settings = EvalSettings(benchmark="single-line", samples=4, temperature=1.0, ks=(1,), exec_workers=4)
+    started, records = time.monotonic(), []
+    local.run_local(None, [problem], settings, records.append)
+    assert time.monotonic() - started < 3.5  # four 1 s programs at once (one after another: over 4 s)
+    assert len(records) == 1 and records[0]["statuses"] == ["passed"] * 4
+
+    def interrupted(model, problems, settings):
+        yield _middles(finished, ["pass"])
+        yield _middles(problem, ["forever"])
+        time.sleep(1.0)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local, "generate_middles", interrupted)
+    records.clear()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        local.run_local(None, [finished, problem], EvalSettings(benchmark="single-line", timeout_s=60), records.append)
+    assert time.monotonic() - started < 4  # not the running program's 60 s
+    assert [r["task_id"] for r in records] == [finished.task_id]  # the stopped problem: done again on --resume
+
+
+def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_program(monkeypatch):
+    # It had been recorded as the model's failure, counted in pass@k and never run again on --resume.
+    from santacpu.harness import sandbox
+
+    def no_process(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(sandbox.subprocess, "Popen", no_process)
+    with pytest.raises(SantacpuError, match="the sandbox could not start a program: Resource temporarily unavailable"):
+        run_program("pass\n", SandboxLimits())
+
+
+def test_the_fingerprint_covers_what_runs_the_model_and_nothing_else(tmp_path):
+    import shutil
+
+    from santacpu.harness.results import model_fingerprint
+
+    folder = tmp_path / "model"
+    shutil.copytree(TRAINED, folder)
+    (folder / "tokenizer.json").write_text("{}")  # (read with the weights: part of the model)
+    whole = model_fingerprint(str(folder))
+    (folder / "README.md").write_text("notes\n")
+    (folder / "results.jsonl").write_text("{}\n")  # --out inside the model's folder
+    assert model_fingerprint(str(folder)) == whole
+    weights = str(folder / "model.safetensors")
+    alone = model_fingerprint(weights)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 0.5}))
+    assert model_fingerprint(weights) != alone and model_fingerprint(str(folder)) != whole
+    assert model_fingerprint("bigcode/santacoder", "main")["revision"] == "main"
+    assert "revision" not in model_fingerprint("bigcode/santacoder")  # (files made before revisions were named)
+
+
+def test_a_comparison_over_one_problem_has_no_standard_error_and_its_json_is_strict():
+    from santacpu.harness.report import report_lines
+    from santacpu.harness.scoring import compare
+
+    comparison = compare([record("a", passed=True)], [record("a")])
+    assert comparison["pass@1_difference_se"] is None
+    json.dumps(comparison, allow_nan=False)
+    summary = {"model": "m", "benchmark": "single-line", "problems": 1, "samples": 1, "pass@k": {1: 1.0},
+               "exact_match": 0.0, "statuses": {"passed": 1}, "file": "x.jsonl",
+               "run": {"problems": 1, "seconds": 1.0, "problems_per_minute": 60.0, "where": "here"}}
+    lines = report_lines({"model": summary, "reference": {**summary, "model": "r"}, "comparison": comparison}, (1,))
+    assert any("no standard error from one problem, 1 problem)" in line for line in lines), lines

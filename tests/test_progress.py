@@ -49,3 +49,20 @@ def test_a_terminal_line_shows_the_whole_step_and_clears_a_longer_one():
     first, second = term.getvalue().split("\r")[1:]
     assert long_id in first
     assert second.endswith("\n") and len(second.rstrip("\n")) >= len(first)
+
+
+def test_work_cut_short_ends_its_terminal_line_before_the_next_message():
+    # "...13.4 ssantacpu: interrupted": the message had followed the open progress line.
+    from santacpu.progress import end_open_line
+
+    term, clock = Terminal(), Clock()
+    progress = Progress(3, "eval", stream=term, clock=clock)
+    progress.step("a")
+    end_open_line()
+    assert term.getvalue().endswith(" s\n")
+    end_open_line()  # (once)
+    assert term.getvalue().count("\n") == 1
+    done = Progress(1, "eval", stream=term, clock=clock)
+    done.step("b")
+    end_open_line()  # a finished line is ended already
+    assert term.getvalue().count("\n") == 2

@@ -18,6 +18,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import OptionValueError, SantacpuError, SantacpuWarning, os_problem, printable
+from ..progress import end_open_line
 from .app import app, run_options
 
 # Exit codes (besides 0 and 1), as shells report signals: 128 + the signal's number.
@@ -114,6 +115,7 @@ def _run(argv: Optional[List[str]]) -> int:
     except KeyboardInterrupt:  # before typer's own handling starts
         code = EXIT_INTERRUPTED
     except Terminated:
+        end_open_line()
         print("santacpu: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except BrokenPipeError:
@@ -142,11 +144,13 @@ def _run(argv: Optional[List[str]]) -> int:
             return problem.exit_code
         return _fail(_usage_line(problem), EXIT_USAGE)
     if code == EXIT_INTERRUPTED:
+        end_open_line()
         print("santacpu: interrupted", file=sys.stderr)
     return code if isinstance(code, int) else 0
 
 
 def _fail(message: str, code: int = 1) -> int:
+    end_open_line()
     print(f"santacpu: error: {printable(message)}", file=sys.stderr)  # (one line, whatever a file put in it)
     return code
 

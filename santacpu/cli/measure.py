@@ -26,6 +26,7 @@ from ..settings import MAX_THREADS, MODEL_ENV
 from .options import (
     DEVICE_OPTION, MODEL_OPTION, QUANT_CHOICES, QUANT_OPTION, REVISION_OPTION, check_counts, check_probability,
     check_temperature, choices, counts, each_one_of, model_name, one_of, output_file, refuse_replacing_inputs,
+    seconds_between,
 )
 from .text_input import read_text_file
 
@@ -166,7 +167,8 @@ def eval_humaneval_infill(
     max_new_tokens: int = typer.Option(DEFAULT_EVAL_MAX_NEW_TOKENS, min=1, help="Most tokens of each completion."),
     fim_order: str = typer.Option("psm", callback=one_of(*FIM_ORDERS), metavar=choices(*FIM_ORDERS), help="FIM prompt order: psm or spm."),
     limit: Optional[int] = typer.Option(None, min=1, help="Only the first N problems. Default: all.", show_default=False),
-    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, min=0.1, max=3600, help="Seconds each program may run (wall clock)."),
+    timeout: float = typer.Option(DEFAULT_TIMEOUT_S, callback=seconds_between(0.1, 3600),
+                                  help="Seconds each program may run (wall clock), 0.1 to 3600."),
     max_batch: int = typer.Option(8, min=1, max=256, help="Sequences generated at once."),
     exec_workers: int = typer.Option(2, min=1, max=64, help="Programs executed at once."),
     out: Optional[Path] = typer.Option(
@@ -204,7 +206,13 @@ def eval_humaneval_infill(
         max_new_tokens=max_new_tokens, fim_order=fim_order, limit=limit, timeout_s=timeout, max_batch=max_batch,
         exec_workers=exec_workers,
     ).checked()
+    if ray_address is not None and not ray_address.strip():
+        raise OptionValueError("--ray-address is empty: give the cluster's address, or --ray for a cluster of the run's own")
     placement = RayPlacement(ray_address, workers, threads_per_worker) if ray or ray_address else None
+    if placement is None:
+        for given, name in ((workers != 1, "--workers"), (threads_per_worker is not None, "--threads-per-worker")):
+            if given:
+                warnings.warn(f"{name} is ignored without --ray or --ray-address", SantacpuWarning)
     if placement is not None:
         require_ray()
     resolve_device(device)

@@ -61,7 +61,12 @@ def each_one_of(*choices: str):
 
 def counts(text: Optional[str]) -> Tuple[int, ...]:
     """'1,2,4' -> (1, 2, 4); () for None. Checked first by the option's callback, `check_counts`."""
-    return () if text is None else tuple(int(part) for part in text.split(","))
+    if text is None:
+        return ()
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isascii() and part.isdigit() for part in parts):  # (int() takes "１" and "1_0")
+        raise ValueError(text)
+    return tuple(int(part) for part in parts)
 
 
 def check_counts(value: Optional[str]) -> Optional[str]:
@@ -85,6 +90,18 @@ def check_temperature(value: float) -> float:
     if not 0.0 <= value < float("inf"):  # (typer's min=0 lets inf through)
         raise typer.BadParameter(f"{value} is not a finite number >= 0 (0 is greedy)")
     return value
+
+
+def seconds_between(low: float, high: float):
+    """A typer callback for a number of seconds from `low` to `high` (typer's min/max call NaN
+    "more than" the maximum)."""
+
+    def check(value: float) -> float:
+        if not low <= value <= high:
+            raise typer.BadParameter(f"{value} is not a number of seconds from {low:g} to {high:g}")
+        return value
+
+    return check
 
 
 def check_positive(value: Optional[float]) -> Optional[float]:

@@ -1,46 +1,64 @@
 """The evaluation on this machine: generation on the calling thread (the model's kernels use every
-core), the programs of finished problems executed meanwhile by a small thread pool (each in its own
-sandboxed process), each record handed on as soon as its problem is scored.
+core), each sample's program executed meanwhile by a small thread pool (each in its own sandboxed
+process), and a problem's record handed on as soon as its last program ends, from the pool's
+thread (a finished problem is kept even while the next one is generated). Ctrl-C stops the
+programs still running within a tenth of a second; what finished is kept.
 
 May import: `santacpu.model`, `santacpu.harness.execute`, `santacpu.harness.generate`,
-`santacpu.harness.problems`, `santacpu.harness.settings`.
+`santacpu.harness.problems`, `santacpu.harness.sandbox`, `santacpu.harness.settings`.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..model import Model
-from .execute import score_problem
+from .execute import programs_of, record_of
 from .generate import generate_middles
 from .problems import Problem
+from .sandbox import SandboxLimits, SandboxStopped, run_program
 from .settings import EvalSettings
 
 
 def run_local(model: Model, problems: Sequence[Problem], settings: EvalSettings, on_record: Callable[[dict], None]) -> None:
     pool = ThreadPoolExecutor(settings.exec_workers, thread_name_prefix="santacpu-eval")
-    running: set[Future] = set()
+    limits = SandboxLimits(timeout_s=settings.timeout_s)
+    stop = threading.Event()
+    lock = threading.Lock()  # (on_record is called from the pool's threads: one at a time)
+    failures: list[BaseException] = []
 
-    def hand_on(done) -> None:
-        for future in done:
-            running.discard(future)
-            on_record(future.result())
+    def check() -> None:
+        with lock:
+            if failures:
+                raise failures[0]
 
     try:
         for middles in generate_middles(model, problems, settings):
-            running.add(
-                pool.submit(
-                    score_problem,
-                    middles.problem,
-                    middles.texts,
-                    settings.benchmark,
-                    settings.timeout_s,
-                    **middles.facts(),
-                )
-            )
-            hand_on([f for f in running if f.done()])
-        while running:
-            hand_on(wait(running, return_when=FIRST_COMPLETED).done)
-    finally:
+            check()
+            completions, programs = programs_of(middles.problem, middles.texts, settings.benchmark)
+            futures = [pool.submit(run_program, source, limits, stop) for source in programs]
+            left = [len(futures)]
+
+            def ended(_: Future, problem=middles.problem, completions=completions, futures=futures, left=left,
+                      facts=middles.facts()) -> None:
+                with lock:
+                    left[0] -= 1
+                    if left[0] or failures:
+                        return
+                    try:
+                        on_record(record_of(problem, completions, [f.result() for f in futures], **facts))
+                    except SandboxStopped:
+                        pass  # (interrupted: the problem is done again on --resume)
+                    except BaseException as error:  # noqa: BLE001 (raised on the calling thread)
+                        failures.append(error)
+
+            for future in futures:
+                future.add_done_callback(ended)
+    except BaseException:
+        stop.set()  # the programs still running end now; the problems that finished are kept
         pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)  # (every program run, and every record handed on)
+    check()

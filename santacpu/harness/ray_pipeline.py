@@ -17,11 +17,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import queue
+import signal
+import socket
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 
-from ..errors import SantacpuError
+from ..errors import SantacpuError, os_problem
 from .execute import score_problem
 from .generate import generate_middles
 from .problems import Problem
@@ -88,6 +92,56 @@ def score_remote(problem: str, middles: str, benchmark: str, timeout_s: float) -
     return score_problem(Problem(**json.loads(problem)), texts, benchmark, timeout_s, **facts)
 
 
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in one line when nothing answers at a cluster's HOST:PORT (or ray://HOST:PORT)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # ("auto", or a form Ray resolves itself)
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as e:
+        raise SantacpuError(f"cannot reach the Ray cluster at {address}: {os_problem(e) if isinstance(e, OSError) else e}") from None
+
+
+def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dict], None]) -> None:
+    """Start a problem's execution task as its row streams out of `dataset` (at most exec_workers
+    at once), and hand on each record as soon as its task ends, also while the next row is still
+    being generated (rows are read on a thread of their own)."""
+    rows: queue.Queue = queue.Queue()
+
+    def read_rows() -> None:
+        try:
+            for row in dataset.iter_rows():
+                rows.put(("row", row))
+            rows.put(("end", None))
+        except BaseException as error:  # noqa: BLE001 (raised on the driver's thread)
+            rows.put(("error", error))
+
+    threading.Thread(target=read_rows, name="santacpu-ray-rows", daemon=True).start()
+    waiting: list = []  # rows whose task has not started yet
+    running: list = []
+    ended = False
+    while not ended or waiting or running:
+        while True:  # every row there is now
+            try:
+                kind, value = rows.get(block=not ended and not waiting and not running)
+            except queue.Empty:
+                break
+            if kind == "error":
+                raise value
+            if kind == "end":
+                ended = True
+                break
+            waiting.append(value)
+        while waiting and len(running) < settings.exec_workers:
+            row = waiting.pop(0)
+            running.append(score.remote(row["problem"], row["middles"], settings.benchmark, settings.timeout_s))
+        if running:
+            done, running = ray.wait(running, num_returns=1, timeout=0.1)
+            for record in ray.get(done):
+                on_record(record)
+
+
 def run_on_ray(
     model: str,
     revision: str | None,
@@ -100,8 +154,11 @@ def run_on_ray(
     ray = require_ray()
     started = not ray.is_initialized()
     if started:
+        if placement.address:
+            _check_reachable(placement.address)  # (Ray itself retries an unreachable one for ever)
         where = f"joining the Ray cluster at {placement.address}" if placement.address else "starting a local Ray cluster"
         print(f"santacpu: {where} (this takes a while)", file=sys.stderr, flush=True)
+        on_term = signal.getsignal(signal.SIGTERM)
         try:
             ray.init(
                 address=placement.address,
@@ -115,12 +172,16 @@ def run_on_ray(
         except Exception as e:  # noqa: BLE001 (Ray's own start-up failures: a node that timed out, ...)
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise SantacpuError(f"Ray could not start: {first_line}") from None
+        finally:
+            if on_term is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGTERM, on_term)  # (ray.init puts its own in place of the CLI's)
     try:
         cpus = int(ray.cluster_resources().get("CPU", 0))
         threads = placement.threads or max(1, cpus // placement.workers)
         if placement.workers * threads > cpus:
             raise SantacpuError(
-                f"{placement.workers} actors x {threads} threads need {placement.workers * threads} CPUs; the Ray "
+                f"{placement.workers} actor{'s' * (placement.workers != 1)} x {threads} thread{'s' * (threads != 1)} "
+                f"need {placement.workers * threads} CPUs; the Ray "
                 f"cluster has {cpus}: lower --workers or --threads-per-worker"
             )
         context = ray.data.DataContext.get_current()
@@ -150,24 +211,8 @@ def run_on_ray(
         # Programs mostly wait for their interpreter to start: their tasks take no CPU from the
         # actors' reservation, and at most exec_workers run at once.
         score = ray.remote(num_cpus=0)(score_remote)
-        running: list = []
-
-        def hand_on(block: bool) -> None:
-            """Records of the finished tasks (waiting for one if `block`)."""
-            nonlocal running
-            if block:
-                done, running = ray.wait(running, num_returns=1)
-            else:
-                done, running = ray.wait(running, num_returns=len(running), timeout=0)
-            for record in ray.get(done):
-                on_record(record)
-
         try:
-            for row in dataset.iter_rows():
-                running.append(score.remote(row["problem"], row["middles"], settings.benchmark, settings.timeout_s))
-                hand_on(block=len(running) > settings.exec_workers)
-            while running:
-                hand_on(block=True)
+            _drive(ray, dataset, score, settings, on_record)
         except ray.exceptions.RayError as e:
             raise SantacpuError(f"the Ray run failed: {_reason(e)}") from None
     finally:

@@ -29,9 +29,11 @@ def report_lines(result: dict, ks) -> list[str]:
         lines.append(_row(f"{result['reference']['model']} (reference)", result["reference"], ks))
         c = result["comparison"]
         if c.get("problems"):
+            error = c["pass@1_difference_se"]
+            spread = f"standard error {error:.4f}" if error is not None else "no standard error from one problem"
             lines.append(
                 f"same completion as the reference: {100 * c['agreement']:.1f}% of samples; pass@1 difference "
-                f"{c['pass@1_difference']:+.4f} (standard error {c['pass@1_difference_se']:.4f}, {c['problems']} problems)"
+                f"{c['pass@1_difference']:+.4f} ({spread}, {c['problems']} problem{'s' * (c['problems'] != 1)})"
             )
     for summary in [mine] + ([result["reference"]] if "reference" in result else []):
         run = summary["run"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from ..formats.quantized_file import DEFAULT_QUANT
+from ..formats.quantized_file import DEFAULT_QUANT, names_quantized_file, read_metadata
 from ..model import load, quant_as_it_is, runnable_model
 from ..progress import Progress
 from .local import run_local
@@ -22,9 +22,10 @@ from .scoring import compare, summarize
 from .settings import EvalSettings
 
 
-def open_results(model: str, out: Path, settings: EvalSettings, resume: bool) -> ResultsFile:
-    """The run's results file, checked before any long work (see `ResultsFile.open`)."""
-    return ResultsFile.open(Path(out), {**settings.identity(), "model": model_fingerprint(model)}, resume)
+def open_results(model: str, out: Path, settings: EvalSettings, resume: bool, revision: str | None = None) -> ResultsFile:
+    """The run's results file, checked (and locked, where it exists) before any long work (see
+    `ResultsFile.open`)."""
+    return ResultsFile.open(Path(out), {**settings.identity(), "model": model_fingerprint(model, revision)}, resume)
 
 
 def shown_name(model: str, runnable: str, quant: str | None) -> str:
@@ -57,21 +58,26 @@ def evaluate(
     asked = model
     model, revision = runnable_model(model, revision, quant)
     name = name or shown_name(asked, model, quant)
-    results = results or open_results(model, out, settings, resume)
-    todo = [p for p in problems if p.task_id not in results.finished]
-    progress = Progress(len(todo), label)
+    results = results or open_results(model, out, settings, resume, revision)
+    try:
+        todo = [p for p in problems if p.task_id not in results.finished]
+        progress = Progress(len(todo), label)
 
-    def on_record(record: dict) -> None:
-        results.append(record)
-        progress.step(record["task_id"])
+        def on_record(record: dict) -> None:
+            results.append(record)
+            progress.step(record["task_id"])
 
-    here = load(model, revision=revision, quant=quant_as_it_is(model), device=device) if todo and ray is None else None
-    start = time.perf_counter()  # (Ray's runs count their cluster's start and the actors' loads)
-    if here is not None:
-        run_local(here, todo, settings, on_record)
-    elif todo:
-        run_on_ray(model, revision, device, todo, settings, on_record, ray)
-    elapsed = time.perf_counter() - start
+        here = load(model, revision=revision, quant=quant_as_it_is(model), device=device) if todo and ray is None else None
+        start = time.perf_counter()  # (Ray's runs count their cluster's start and the actors' loads)
+        if here is not None:
+            run_local(here, todo, settings, on_record)
+        elif todo:
+            if names_quantized_file(model):
+                read_metadata(model)  # a damaged file is one line now, not from an actor once a cluster has started
+            run_on_ray(model, revision, device, todo, settings, on_record, ray)
+        elapsed = time.perf_counter() - start
+    finally:
+        results.close()
     where = "here" if ray is None else f"on ray ({ray.address or 'a local cluster'}, {ray.workers} actor{'s' * (ray.workers > 1)})"
     order = {p.task_id: i for i, p in enumerate(problems)}
     records = sorted((r for r in results.records if r["task_id"] in order), key=lambda r: order[r["task_id"]])
@@ -109,7 +115,8 @@ def evaluate_against(
     names = model, reference
     model, revision = runnable_model(model, revision, quant)
     reference, reference_revision = runnable_model(reference, reference_revision, "none")
-    files = open_results(model, out, settings, resume), open_results(reference, reference_path(out), settings, resume)
+    files = (open_results(model, out, settings, resume, revision),
+             open_results(reference, reference_path(out), settings, resume, reference_revision))
     mine, records = evaluate(model, out, settings, label="eval model", results=files[0], revision=revision,
                              quant=quant_as_it_is(model), name=shown_name(names[0], model, quant), **run)
     theirs, reference_records = evaluate(

@@ -113,11 +113,17 @@ class ExecutionResult:
         return self.status == "passed"
 
 
-def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> ExecutionResult:
+class SandboxStopped(Exception):
+    """A run ended early by its caller's `stop` event (Ctrl-C): it has no result."""
+
+
+def run_program(source: str, limits: SandboxLimits = SandboxLimits(), stop: threading.Event | None = None) -> ExecutionResult:
     """Run `source` (a whole Python program) in the sandbox: "passed" when it runs to its end (an
-    exit on the way, even with status 0, is "failed"). Safe from many threads and processes at once;
-    raises only when no sandbox can start here."""
-    return _run(source, limits, _mode())
+    exit on the way, even with status 0, is "failed"). Safe from many threads and processes at once.
+    Raises SantacpuError when no sandbox can start (here, or for this run: no process, no memory
+    cgroup), which says nothing of the program; SandboxStopped when `stop` is set while it runs
+    (the program is killed within a tenth of a second)."""
+    return _run(source, limits, _mode(), stop)
 
 
 def isolation() -> dict[str, bool]:
@@ -205,7 +211,7 @@ def _probe() -> _Mode:
     raise SantacpuError(f"the sandbox cannot run programs on this machine ({'; '.join(problems)})")
 
 
-def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
+def _run(source: str, limits: SandboxLimits, mode: _Mode, stop: threading.Event | None = None) -> ExecutionResult:
     """run_program in a given mode."""
     uid = _UID_BASE + secrets.randbelow(_UID_BASE) if mode.separate_user else None
     folder = owned_temp_folder("santacpu-sandbox")
@@ -221,7 +227,7 @@ def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
             try:
                 cgroup = memory_cgroup.create(mode.memory_cgroup, limits.run_memory_mb << 20)
             except OSError as error:
-                return ExecutionResult("failed", f"sandbox: could not make its memory cgroup: {os_problem(error)}")
+                raise SantacpuError(f"the sandbox could not make a memory cgroup for a program: {os_problem(error)}") from None
         # stderr goes to a file, not a pipe: a program that floods or closes it cannot block us,
         # and RLIMIT_FSIZE bounds it. Unnamed, so the program cannot swap it for another. With
         # namespaces the program writes to a tmpfs file of the supervisor's instead (where
@@ -241,14 +247,16 @@ def _run(source: str, limits: SandboxLimits, mode: _Mode) -> ExecutionResult:
                     start_new_session=True,
                 )
             except OSError as error:
-                return ExecutionResult("failed", f"sandbox: could not start: {os_problem(error)}")
+                raise SantacpuError(f"the sandbox could not start a program: {os_problem(error)}") from None
             exited = False
             try:
-                exited = _wait(process, limits.timeout_s)
+                exited = _wait(process, limits.timeout_s, stop)
             finally:
                 _end(process, exited)
             out_of_memory = memory_cgroup.remove(cgroup) if cgroup else False
             cgroup = None
+            if stop is not None and stop.is_set() and not exited:
+                raise SandboxStopped()
             if not exited:
                 return ExecutionResult("timed out", f"timed out after {limits.timeout_s:g} s")
             if process.returncode == 0:
@@ -485,22 +493,28 @@ def _below(path: str, folder: str) -> bool:
     return path != folder and path.startswith(folder.rstrip("/") + "/")
 
 
-def _wait(process: subprocess.Popen, timeout_s: float) -> bool:
-    """Whether `process` exits within `timeout_s`, left unreaped (its pid, and so its process
-    group's id, stay ours until `_end`). A pidfd wakes us at once; Popen.wait polls (up to 50 ms)."""
+def _wait(process: subprocess.Popen, timeout_s: float, stop: threading.Event | None = None) -> bool:
+    """Whether `process` exits within `timeout_s` (and before `stop` is set: looked at every tenth of
+    a second), left unreaped (its pid, and so its process group's id, stay ours until `_end`). A
+    pidfd wakes us at once; without one, a poll every 5 ms."""
+    deadline = time.monotonic() + timeout_s
     try:
         pidfd = os.pidfd_open(process.pid)
     except (AttributeError, OSError):  # Linux before 5.3
-        deadline = time.monotonic() + timeout_s
         while os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (stop is not None and stop.is_set()):
                 return False
             time.sleep(0.005)
         return True
     try:
         poller = select.poll()
         poller.register(pidfd, select.POLLIN)
-        return bool(poller.poll(timeout_s * 1000))
+        while True:
+            left = deadline - time.monotonic()
+            if poller.poll(max(0.0, min(left, 0.1 if stop is not None else left)) * 1000):
+                return True
+            if left <= 0 or (stop is not None and stop.is_set()):
+                return False
     finally:
         os.close(pidfd)
 

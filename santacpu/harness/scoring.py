@@ -72,7 +72,8 @@ def compare(records: Sequence[dict], reference: Sequence[dict]) -> dict:
         return {"problems": 0}
     same = [a == b for r, ref in pairs for a, b in zip(r["completions"], ref["completions"])]
     differences = np.array([np.mean(r["passed"]) - np.mean(ref["passed"]) for r, ref in pairs])
-    error = float(np.std(differences, ddof=1) / math.sqrt(len(pairs))) if len(pairs) > 1 else float("nan")
+    # (None for one problem: no spread to measure, and JSON has no NaN)
+    error = float(np.std(differences, ddof=1) / math.sqrt(len(pairs))) if len(pairs) > 1 else None
     return {
         "problems": len(pairs),
         "agreement": float(np.mean(same)),
