@@ -351,3 +351,44 @@ def test_token_level_methods_refuse_text_options_in_an_options_object(model, pro
 def test_a_small_kv_bound_says_its_sizes_in_bytes(model, prompts):
     with pytest.raises(SantacpuError, match=r"needs [\d,]+ bytes of KV cache, more than max_kv_bytes \(1,000 bytes\)"):
         model.scheduler(max_kv_bytes=1000).submit(prompts[0], max_new_tokens=2)
+
+
+def test_a_sequence_that_joins_and_ends_in_one_step_is_one_event_with_every_token(quantized, model, prompts):
+    # It came out twice (its first token from the join, the rest from the forward), and the
+    # server, seeing it done at the first, ended its answer there: 24 of 80 concurrent requests
+    # lost their text after one token.
+    scheduler = model.scheduler()
+    sequences = scheduler.submit(prompts[0], santacpu.GenerationOptions(max_new_tokens=2), n=1)
+    sequences += scheduler.submit(prompts[1], santacpu.GenerationOptions(max_new_tokens=3), n=1)
+    events = scheduler.step()
+    assert [sequence.index for sequence, _ in events] == [s.index for s in sequences]  # once each
+    first, second = (tokens for _, tokens in events)
+    assert sequences[0].done and first == alone(quantized, prompts[0], max_new_tokens=2)
+    assert second == alone(quantized, prompts[1], max_new_tokens=3)[:2]
+
+
+def test_the_server_worker_delivers_every_token_of_a_sequence_that_ends_in_its_first_step(quantized, model, prompts):
+    import asyncio
+
+    from santacpu.server.worker import GenerationWorker
+
+    async def served() -> list[int]:
+        scheduler = model.scheduler()
+        admit, calls = scheduler.admit, []
+
+        def late_admit():  # the request arrives just after the worker's own admit: it joins inside step()
+            calls.append(1)
+            return [] if len(calls) == 1 else admit()
+
+        scheduler.admit = late_admit
+        worker = GenerationWorker(scheduler)
+        try:
+            [feed] = worker.submit(prompts[0], santacpu.GenerationOptions(max_new_tokens=2), 1)
+            got = []
+            while (tokens := await feed.next_tokens()) is not None:
+                got += tokens
+            return got
+        finally:
+            worker.stop()
+
+    assert asyncio.run(served()) == alone(quantized, prompts[0], max_new_tokens=2)

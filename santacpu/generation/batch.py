@@ -236,7 +236,9 @@ class BatchScheduler:
 
     def step(self) -> list[tuple[BatchSequence, list[int]]]:
         """`admit`, then one batched forward over every running sequence's next tokens. Returns
-        (sequence, tokens it emitted) for each sequence that joined, emitted or ended."""
+        (sequence, tokens it emitted) once for each sequence that joined, emitted or ended: one that
+        joined in this step and stepped too has its first token and the step's in one event (a
+        caller that ends a sequence's output at its first event once it is done lost the rest)."""
         events = self.admit()
         stepping = [s for s in self._running if not s.decoder.finished]
         try:
@@ -254,12 +256,13 @@ class BatchScheduler:
             raise
         if stepping:
             self._chunk_since_step = False
-        reported = {id(s) for s, _ in events}
+        merged: dict[int, tuple[BatchSequence, list[int]]] = {}
+        for sequence, tokens in events:
+            merged.setdefault(id(sequence), (sequence, []))[1].extend(tokens)
         for sequence in [s for s in self._running if s.decoder.finished]:
             self._leave(sequence, "finished")
-            if id(sequence) not in reported:  # ended at its first token: its end is news too
-                events.append((sequence, []))
-        return events
+            merged.setdefault(id(sequence), (sequence, []))  # ended at its first token: its end is news too
+        return list(merged.values())
 
     def run(self) -> Iterator[tuple[BatchSequence, int]]:
         """Step until nothing is queued or running: (sequence, token) as they come. A run left

@@ -137,7 +137,12 @@ def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dic
             row = waiting.pop(0)
             running.append(score.remote(row["problem"], row["middles"], settings.benchmark, settings.timeout_s))
         if running:
-            done, running = ray.wait(running, num_returns=1, timeout=0.1)
+            try:
+                done, running = ray.wait(running, num_returns=1, timeout=0.1)
+            except SystemError as error:  # Ctrl-C inside Ray's compiled wait comes out as this
+                if isinstance(error.__cause__, KeyboardInterrupt):
+                    raise KeyboardInterrupt from None
+                raise
             for record in ray.get(done):
                 on_record(record)
 
