@@ -1492,3 +1492,33 @@ def test_malformed_http_is_answered_with_the_json_error(live, garbage):
     assert json.loads(body)["error"] == {"code": 400, "message": "the request is not valid HTTP/1.1",
                                          "type": "invalid_request_error"}
     assert httpx.get(live.url + "/health", timeout=10).status_code == 200
+
+
+def test_token_counts_end_at_the_token_that_completed_a_stop_string(tmp_path):
+    # The counts were every token the sequence made: lookup drafts accepted past the stop in the
+    # same step, and the steps the generation ran before the cancel reached it (4 where the text
+    # took 2; 23 and 30 under load).
+    import warnings
+
+    from quantize.converter import convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the fixture has no tokenizer.json: the bundled one)
+        trained = convert(Path(__file__).parent / "fixtures" / "trained_tiny", tmp_path / "trained-q8_0.safetensors",
+                          qtype="q8_0").out
+    model = santacpu.load(trained)
+    prompt, stop = "\n", "\n\n"
+    tokens = list(model.generate(model.tokenizer.encode(prompt), max_new_tokens=30))
+    k = next(k for k in range(1, len(tokens) + 1) if stop in model.tokenizer.decode(tokens[:k]))
+    assert len(tokens) > k  # (the model goes on past it)
+    app = build_app(ServerSettings(model_name="trained"), lambda: santacpu.load(trained))
+    with in_process(app) as client:
+        wait_ready(client.get)
+        llama = client.post("/completion", json={"prompt": prompt, "n_predict": 30, "stop": [stop]}).json()
+        assert llama["stop_type"] == "word" and llama["tokens_predicted"] == k == llama["timings"]["predicted_n"], llama
+        openai = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 30, "stop": [stop],
+                                                      "temperature": 0}).json()
+        assert openai["choices"][0]["finish_reason"] == "stop" and openai["usage"]["completion_tokens"] == k, openai
+        ollama = client.post("/api/generate", json={"model": "m", "prompt": prompt, "stream": False, "raw": True,
+                                                    "options": {"num_predict": 30, "stop": [stop], "temperature": 0}}).json()
+        assert ollama["done_reason"] == "stop" and ollama["eval_count"] == k, ollama

@@ -74,6 +74,9 @@ class CompletionText:
         self.stop_type = "none"  # eos, limit, word: set when it ends
         self.stopping_word = ""
         self.saw_newline = False
+        # Tokens the text was made of, up to the one that ended it (a stop string's last): what the
+        # responses count, not the tokens the model went on to make before the cancel reached it.
+        self.predicted = 0
 
     @property
     def sequence(self):
@@ -86,6 +89,7 @@ class CompletionText:
             while (tokens := await self.feed.next_tokens()) is not None:
                 self.first_token_at = self.first_token_at or time.perf_counter()
                 for token in tokens:
+                    self.predicted += 1
                     if token in self.special_ids:  # markup, not the editor's text
                         continue
                     piece = self._text(self.decoder.push(token))
@@ -135,7 +139,7 @@ class CompletionText:
         first = self.first_token_at or self.ended_at or self.submitted
         prompt_ms = (first - self.submitted) * 1000
         predicted_ms = ((self.ended_at or first) - first) * 1000
-        predicted = len(self.sequence.tokens)
+        predicted = self.predicted
         return {
             "prompt_n": stats.computed_tokens,
             "cache_n": stats.reused_tokens,

@@ -267,7 +267,7 @@ def llama_result(job: Job, run: CompletionText) -> dict:
         "id_slot": job.id_slot or 0,
         "stop": True,
         "model": SERVED_MODEL,
-        "tokens_predicted": len(run.sequence.tokens),
+        "tokens_predicted": run.predicted,
         "tokens_evaluated": len(job.ids),
         "tokens_cached": run.sequence.stats.reused_tokens,
         "truncated": job.truncated,

@@ -157,7 +157,7 @@ def routes(state: ServerState) -> list[Route]:
                 "load_duration": 0,
                 "prompt_eval_count": t["prompt_n"],  # computed, as Ollama counts: a reused prompt prefix is not
                 "prompt_eval_duration": int(t["prompt_ms"] * 1e6),
-                "eval_count": len(run.sequence.tokens),
+                "eval_count": run.predicted,
                 "eval_duration": int(t["predicted_ms"] * 1e6),
             }
         return answer

@@ -96,7 +96,7 @@ def routes(state: ServerState) -> list[Route]:
             )
 
         def usage() -> dict:
-            completion_tokens = sum(len(run.sequence.tokens) for run in runs)
+            completion_tokens = sum(run.predicted for run in runs)
             return {"prompt_tokens": len(job.ids), "completion_tokens": completion_tokens,
                     "total_tokens": len(job.ids) + completion_tokens}
 
