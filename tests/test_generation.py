@@ -448,8 +448,9 @@ def test_a_fim_special_token_ends_a_library_fim_completion():
         [[batched]] = loaded.complete_many([("def f(x):", "    return y\n")], max_new_tokens=8)
         assert batched == middle
         loaded.engine.calls = 0
-        plain = loaded.complete("def f(x):", max_new_tokens=8)  # not FIM: the token is text, as before
-        assert "<fim" in plain
+        plain = loaded.complete("def f(x):", max_new_tokens=8)  # not FIM: the token does not end it
+        assert loaded.last_stats.generated_tokens == 8
+        assert "<fim" not in plain  # markup, never text (as the server's answers)
 
 
 def test_fim_text_is_cut_near_the_cursor_before_tokenizing():

@@ -1,5 +1,6 @@
 """Turning a stream of generated token ids into text: whole UTF-8 characters only, cut at the
-user's stop strings (which are not themselves emitted).
+user's stop strings (which are not themselves emitted); special tokens (EOS, the FIM tokens) are
+markup, never text, as in the server's answers.
 
 May import: `santacpu.tokenizer`.
 """
@@ -59,8 +60,11 @@ def stream_text(tokenizer: Tokenizer, ids: Iterator[int], stops: Iterable[str] =
     """Text pieces for generated ids, stopping (and closing `ids`) at the first stop string."""
     decoder = StreamDecoder(tokenizer)
     stopper = StopStrings(stops)
+    special = tokenizer.special_ids
     try:
         for token_id in ids:
+            if token_id in special:
+                continue
             piece = stopper.push(decoder.push(token_id))
             if piece:
                 yield piece
