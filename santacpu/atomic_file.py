@@ -156,7 +156,10 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[B
 def _hold_lock(fd: int) -> int | None:
     """A second descriptor of the open file `fd` holding an exclusive lock on it (closing the
     first keeps the lock), or None where the file system has no locks."""
-    held = os.dup(fd)
+    try:
+        held = os.dup(fd)
+    except OSError:  # (out of descriptors: the file is written unlocked, judged by its name then)
+        return None
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

@@ -163,6 +163,7 @@ class ResultsFile:
                     os.ftruncate(fd, start)
                     if made:
                         os.unlink(self.path)
+                        self.close()
                 raise
         except OSError as e:  # a full disk names no file: say which, and what is kept
             kept = f"its {len(self.records)} finished problems are kept; --resume carries on" if self._written else \
