@@ -191,7 +191,7 @@ def run_on_ray(
             )
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # santacpu's own progress line counts problems
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # (its errors come out as ours, in one line)
         dataset = ray.data.from_items([{"problem": json.dumps(dataclasses.asdict(p))} for p in problems])
         with warnings.catch_warnings():
             # With restarts on, Ray's core logs an error-level caveat about every Ray Data actor
