@@ -46,3 +46,14 @@ def printable(text: str) -> str:
     and cannot drive the terminal that shows it."""
     return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape", "backslashreplace").decode("ascii")
                    for c in text)
+
+
+def warning_line(message, category: type, filename: str) -> str:
+    """A warning as the one line santacpu prints: its own as they are; a library's (Ray's) with the
+    library's name."""
+    if issubclass(category, SantacpuWarning):
+        return f"santacpu: warning: {printable(str(message))}"
+    library = os.path.splitext(os.path.basename(filename))[0] if "site-packages" not in filename else \
+        filename.split("site-packages" + os.sep, 1)[1].split(os.sep, 1)[0]
+    text = printable(" ".join(str(message).split()))
+    return f"santacpu: warning: ({library}, {category.__name__}) {text}"

@@ -37,8 +37,11 @@ class Scores:
     kld_p99: float | None = None
     top1_agreement: float | None = None
 
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+    def to_json(self, **about) -> str:
+        """The scores (with `about`: what was scored) as strict JSON: a perplexity too large for a
+        float is null (JSON has no Infinity)."""
+        figures = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in asdict(self).items()}
+        return json.dumps({**about, **figures}, indent=2, allow_nan=False)
 
     def table(self, name: str, reference: str | None) -> str:
         rows = [("model", name), ("scored tokens", f"{self.tokens_scored} in {self.chunks} chunks of {self.n_ctx}"),
@@ -108,13 +111,19 @@ def score_models(models: dict, texts: Sequence[str], n_ctx: int, reference=None)
     results = {}
     for name in models:
         nll_all = np.concatenate(nll[name])
-        result = Scores(len(nll_all), len(chunks), n_ctx, math.exp(nll_all.mean()))
+        result = Scores(len(nll_all), len(chunks), n_ctx, _perplexity(nll_all.mean()))
         if reference is not None:
             kld_all = np.concatenate(kld[name])
-            result.reference_perplexity = math.exp(np.concatenate(ref_nll).mean())
+            result.reference_perplexity = _perplexity(np.concatenate(ref_nll).mean())
             result.delta_perplexity = result.perplexity - result.reference_perplexity
             result.mean_kld = float(kld_all.mean())
             result.kld_p99 = float(np.percentile(kld_all, 99))
             result.top1_agreement = float(np.concatenate(agree[name]).mean())
         results[name] = result
     return results
+
+
+def _perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), infinite past a float's range (a mean NLL over ~709: a model that is sure of
+    the wrong tokens) rather than an OverflowError."""
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf

@@ -184,12 +184,26 @@ def test_bench_rejects_settings_the_context_cannot_hold():
     ckpt = str(helpers.tiny_checkpoint())  # a 64-token context
     done = run_cli("bench", ckpt, "--quant", "none", "--prompt-tokens", "60", "--decode-tokens", "8")
     err = done.stderr.decode()
-    assert done.returncode == 1 and err.startswith("santacpu: error: ") and "64-token context" in err, err
-    assert len(err.splitlines()) == 1
+    # A value only the model can judge is a usage error (exit 2), naming the option given.
+    assert done.returncode == 2 and err == ("santacpu: error: a 60-token prompt and 8 decoded tokens (--prompt-tokens "
+                                            "and --decode-tokens) exceed the model's 64-token context\n"), err
     with pytest.raises(SantacpuError, match="unknown bench part 'speedy'"):
         run_bench(BenchSettings(model=ckpt, parts=("speedy",)))
-    with pytest.raises(SantacpuError, match="fim-tokens"):
-        run_bench(BenchSettings(model=ckpt, prompt_tokens=8, decode_tokens=8, fim_tokens=64))
+    for fim in (64, 1, 3):  # (1 to 3: the markers alone, the prompt's length was nonsense)
+        with pytest.raises(SantacpuError, match="--fim-tokens must be 0 .no FIM request. or between 4 and 63"):
+            run_bench(BenchSettings(model=ckpt, prompt_tokens=8, decode_tokens=8, fim_tokens=fim))
+    with pytest.raises(SantacpuError, match="--memory-context must be 0 .the model's whole context. or between 9"):
+        run_bench(BenchSettings(model=ckpt, parts=("memory",), memory_context=5))
+    for option, value in (("--repeat", "1001"), ("--batch", "1,257")):
+        done = run_cli("bench", ckpt, "--quant", "none", option, value)
+        assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr  # (a list of a billion tokens)
+
+
+def test_the_compile_runs_cover_the_many_token_kernels():
+    from santacpu.backends.cpu.kernels import BLAS_MIN_TOKENS
+    from santacpu.bench.run import TINY_PREFILL_TOKENS
+
+    assert TINY_PREFILL_TOKENS >= BLAS_MIN_TOKENS
 
 
 def test_prompt_ids_are_real_text_of_the_exact_length():
@@ -418,3 +432,16 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "gone"
+
+
+def test_the_childrens_warnings_are_said_once_as_santacpus_lines(tmp_path):
+    # Each child loading a model without tokenizer.json printed Python's raw two-line warning.
+    trained = Path(__file__).parent / "fixtures" / "trained_tiny"
+    out = tmp_path / "bench.json"
+    done = run_cli("bench", str(trained), "--quant", "none", "--parts", "speed,lookup", "--repeat", "1",
+                   "--prompt-tokens", "8", "--decode-tokens", "4", "--fim-tokens", "0", "--json", str(out))
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    said = [line for line in err.splitlines() if "tokenizer.json" in line]
+    assert len(said) == 1 and said[0].startswith("santacpu: warning: no tokenizer.json in"), err
+    assert json.loads(out.read_text())["model"]["name"] == str(trained)

@@ -439,3 +439,41 @@ def test_perplexity_against_a_reference(tmp_path):
                "--ctx", "128", cache=tmp_path)  # (its stderr also warns of the fixture's missing tokenizer.json)
     assert done.returncode == 2 and done.stderr.decode().splitlines()[-1] == (
         "santacpu: error: --ctx 128 is past the reference's context of 64 tokens: give --ctx 64 or less")
+    assert scores["model"] == str(quantized) and scores["reference"] == str(tiny_checkpoint())  # what was scored
+    assert scores["files"] == [str(text)]
+
+
+def test_perplexity_and_info_refuse_empty_names_and_keep_their_json_when_stdout_fails(tmp_path):
+    # "" became Path('.') ("file . is a folder"); --reference "" scored everything, then was a
+    # TypeError traceback; a stdout that failed lost the --json file (written after the table).
+    text = tmp_path / "code.py"
+    text.write_text("import os\n\ndef main():\n    print(os.getcwd())\n" * 12)
+    model = str(tiny_checkpoint())
+    for args in (("perplexity", str(text), "-m", model, "--reference", ""), ("perplexity", "", "-m", model),
+                 ("info", "")):
+        one_error_line(run(*args, cache=tmp_path / "cache"), "empty", code=2)
+    report = tmp_path / "scores.json"
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "santacpu", "perplexity", str(text), "-m", model, "--ctx", "32",
+                               "--json", str(report)], stdout=full, stderr=subprocess.PIPE, timeout=300,
+                              env=dict(os.environ, SANTACPU_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1"))
+    assert done.returncode == 1 and json.loads(report.read_text())["chunks"] >= 2
+    assert report.read_text().startswith("{") and json.loads(report.read_text())["model"] == f"{model} (q8_0)"
+    # Nor may --json replace the cached quantization the command itself runs.
+    cached = cached_file_for(tiny_checkpoint(), "q8_0")
+    cached_copy = (tmp_path / "cache" / cached.name)
+    one_error_line(run("perplexity", str(text), "-m", model, "--json", str(cached_copy), "--force", cache=tmp_path / "cache"),
+                   "is a file this command reads", code=2)
+    assert cached_copy.is_file()
+
+
+def test_a_perplexity_past_a_floats_range_is_infinite_and_null_in_json():
+    import math
+
+    from santacpu.evaluate import Scores, _perplexity
+
+    assert _perplexity(800.0) == math.inf and _perplexity(1.0) == pytest.approx(math.e)
+    scores = Scores(10, 1, 32, math.inf, math.inf, math.nan, 0.5, 0.9, 0.1)
+    figures = json.loads(scores.to_json(model="m"))
+    assert figures["perplexity"] is None and figures["delta_perplexity"] is None and figures["model"] == "m"
+    assert "perplexity            inf" in scores.table("m", "r")

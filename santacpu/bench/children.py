@@ -11,6 +11,7 @@ import dataclasses
 import json
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,24 +31,31 @@ def child_main(kind: str, job_json: str, import_s: float) -> None:
     """Entry point of a child process: run one part, print its result as one marked JSON line."""
     import numba
 
-    from ..errors import SantacpuError
+    from ..errors import SantacpuError, warning_line
 
     job = json.loads(job_json)
     numba.set_num_threads(min(job["threads"], numba.config.NUMBA_NUM_THREADS))
-    try:
-        children = {
-            "speed": _child_speed,
-            "lookup": _child_lookup,
-            "memory": _child_memory,
-            "load": _child_load,
-            "compile": _child_compile,
-            "read_speed": _child_read_speed,
-            "batch": _child_batch,
-        }
-        result = children[kind](job, import_s)
-    except SantacpuError as error:
-        result = {"error": str(error)}
-    print(RESULT_MARK + json.dumps(result), flush=True)
+    children = {
+        "speed": _child_speed,
+        "lookup": _child_lookup,
+        "memory": _child_memory,
+        "load": _child_load,
+        "compile": _child_compile,
+        "read_speed": _child_read_speed,
+        "batch": _child_batch,
+    }
+    # Warnings go back with the result as santacpu's lines: the parent says each once, however
+    # many children met it (every child loads the model).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            result = children[kind](job, import_s)
+        except SantacpuError as error:
+            result = {"error": str(error)}
+        except MemoryError:
+            result = {"error": f"the bench's {kind} run ran out of memory (lower --batch, --repeat or the token counts)"}
+    lines = list(dict.fromkeys(warning_line(w.message, w.category, w.filename) for w in caught))
+    print(RESULT_MARK + json.dumps({**result, "warnings_said": lines}), flush=True)
 
 
 def _load(job: dict):
@@ -79,8 +87,9 @@ def _child_speed(job: dict, import_s: float) -> dict:
     longest = max(P, F) + (repeat + 1) * REPEAT_STRIDE
     stream = text_token_stream(model.tokenizer, longest, model.config.vocab_size)
     first_forward_s = _first_forward(model, stream[:1])
-    # Warm-up, not timed: both kernel paths (many tokens, one token) run once in this process.
-    n = min(TINY_PREFILL_TOKENS, model.config.n_positions - 1)
+    # Warm-up, not timed: the timed prompt's kernel path and the one-token path run once in this
+    # process (a shorter prompt can take another path: its first timed run was mostly compiling).
+    n = min(P, model.config.n_positions - 1)
     warm = engine.new_cache(n + 1)
     engine.forward(warm, stream[:n])
     engine.forward(warm, stream[n : n + 1])

@@ -90,7 +90,7 @@ def format_table(report: dict) -> str:
     s, m, settings, results = report["summary"], report["model"], report["settings"], report["results"]
     machine = report["machine"]
     lines = [
-        f"model    {m['path']} ({m['weights_type']}, {m['file_bytes'] / 1e6:.0f} MB)",
+        f"model    {_model_line(m)} ({m['weights_type']}, {m['file_bytes'] / 1e6:.0f} MB)",
         (
             f"machine  {machine['cpu']}, {machine['usable_cores']} cores usable; integer kernels "
             f"{machine.get('integer_kernels') or 'off'}; santacpu {report['santacpu_version']}; "
@@ -230,3 +230,9 @@ def _memory_rows(row, s: dict, settings: dict, mem: dict) -> None:
 
 def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+def _model_line(model: dict) -> str:
+    """The model as given, and the file that ran where that differs (a cached quantization)."""
+    name, path = model.get("name"), model["path"]
+    return path if name in (None, path) else f"{name}: {path}"

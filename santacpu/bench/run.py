@@ -32,9 +32,14 @@ BATCH_PROMPT_TOKENS, BATCH_DECODE_TOKENS = 64, 32
 RESULT_MARK = "SANTACPU-BENCH-RESULT "
 # Each repeat's prompt starts this many tokens after the previous one's.
 REPEAT_STRIDE = 101
-# Tokens of the tiny forward timed by the compile runs (>= the backend's BLAS threshold, so that
-# both the many-token and the one-token kernels are compiled).
-TINY_PREFILL_TOKENS = 16
+# Tokens of the tiny forward timed by the compile runs: past the CPU backend's BLAS threshold
+# (kernels.BLAS_MIN_TOKENS, 32: a test holds it), so that the many-token and the one-token kernels
+# are both compiled.
+TINY_PREFILL_TOKENS = 40
+# The shortest FIM prompt timed: its 3 marker tokens and one of text.
+MIN_FIM_TOKENS = 4
+# Most runs of each speed measurement, and the largest batch size (the server's --max-batch's).
+MAX_REPEAT, MAX_BATCH_SIZE = 1000, 256
 # The memory run decodes this many tokens after a prompt that fills the rest of the context.
 MEMORY_DECODE_TOKENS = 8
 # The lengths a full-size model is measured at; shorter where the model's context is (`fit_to_context`).
@@ -65,6 +70,7 @@ class BenchSettings:
     quant: str | None = None  # a full-precision model is benched as santacpu.load runs it (None: q8_0; "none")
     batch: tuple[int, ...] = ()  # batch sizes for the batched-decode part; () skips it
     device: str = "auto"  # what santacpu.load accepts: auto, cpu, cuda
+    name: str | None = None  # the model as its user named it, where `model` is what that runs as
     extra: dict = field(default_factory=dict)  # passed through to the JSON as given
 
 
@@ -83,9 +89,13 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
     unknown = [p for p in settings.parts if p not in PARTS]
     if unknown:
         raise SantacpuError(f"unknown bench part '{unknown[0]}' (choose from {', '.join(PARTS)})")
-    if settings.threads < 1 or settings.repeat < 1:
-        raise SantacpuError("threads and repeat must be at least 1")
+    if settings.threads < 1 or not 1 <= settings.repeat <= MAX_REPEAT:
+        raise SantacpuError(f"threads must be at least 1 and repeat from 1 to {MAX_REPEAT}")
+    if any(not 1 <= size <= MAX_BATCH_SIZE for size in settings.batch):
+        raise SantacpuError(f"batch sizes must be from 1 to {MAX_BATCH_SIZE}")
+    settings.parts, settings.batch = tuple(dict.fromkeys(settings.parts)), tuple(dict.fromkeys(settings.batch))
     resolve_device(settings.device)
+    asked = settings.name or settings.model
     settings.model, settings.revision = runnable_model(settings.model, settings.revision, settings.quant)
     config, weights_type, files = describe_model(settings.model, settings.revision)
     n_ctx = config.n_positions
@@ -94,6 +104,7 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None)
 
     file_bytes = sum(f.stat().st_size for f in files)
     model_facts = {
+        "name": asked,  # as given (a folder or hub id runs as its cached quantization: `path`)
         "path": str(settings.model),
         "weights_type": weights_type,
         "files": [str(f) for f in files],
@@ -178,18 +189,23 @@ def fit_to_context(settings: BenchSettings, n_ctx: int, log: Callable[[str], Non
         fim = min(DEFAULT_FIM_TOKENS, n_ctx * 3 // 4)
         shortened += [f"a {fim}-token FIM prompt"] if fim < DEFAULT_FIM_TOKENS and "speed" in parts else []
     settings.prompt_tokens, settings.decode_tokens, settings.fim_tokens = prompt, decode, fim
-    from ..errors import SantacpuError
+    from ..errors import OptionValueError  # (values only the model can judge: usage errors, exit 2)
 
     if parts & {"speed", "lookup"}:
         if min(prompt, decode) < 1:
-            raise SantacpuError("prompt tokens and decode tokens must be at least 1")
+            raise OptionValueError("--prompt-tokens and --decode-tokens must be at least 1")
         if prompt + decode > n_ctx:
-            raise SantacpuError(f"{prompt} prompt + {decode} decode tokens exceed the model's {n_ctx}-token context")
-    if "speed" in parts and not 0 <= fim < n_ctx:
-        raise SantacpuError(f"--fim-tokens must be between 0 and {n_ctx - 1} (the context holds {n_ctx})")
+            given = [name for name, value in (("--prompt-tokens", settings.prompt_tokens is not None and prompt),
+                                              ("--decode-tokens", settings.decode_tokens is not None and decode)) if value]
+            raise OptionValueError(f"a {prompt}-token prompt and {decode} decoded token{'s' * (decode != 1)} "
+                                   f"({' and '.join(given) or 'the defaults'}) exceed the model's {n_ctx}-token context")
+    if "speed" in parts and not (fim == 0 or MIN_FIM_TOKENS <= fim < n_ctx):
+        raise OptionValueError(f"--fim-tokens must be 0 (no FIM request) or between {MIN_FIM_TOKENS} and {n_ctx - 1} "
+                               f"(the context holds {n_ctx}; a FIM prompt has 3 marker tokens)")
     memory = settings.memory_context
     if "memory" in parts and (not 0 <= memory <= n_ctx or 0 < memory <= MEMORY_DECODE_TOKENS):
-        raise SantacpuError(f"the memory context must be between {MEMORY_DECODE_TOKENS + 1} and {n_ctx} tokens")
+        raise OptionValueError(f"--memory-context must be 0 (the model's whole context) or between "
+                               f"{MEMORY_DECODE_TOKENS + 1} and {n_ctx} tokens")
     if shortened and parts & {"speed", "lookup"}:
         log(f"the model's context holds {n_ctx} tokens: measuring {', '.join(shortened)} (shorter than the defaults)")
 
@@ -284,6 +300,9 @@ def _dies_with_this_process():
     return arm
 
 
+_SAID: set[str] = set()  # the children's warnings said in this process (each once)
+
+
 def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
     from ..errors import SantacpuError
 
@@ -311,9 +330,16 @@ def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
             child.communicate()
         raise
     lines = [line for line in stdout.splitlines() if line.startswith(RESULT_MARK)]
+    if child.returncode < 0:
+        name = signal.Signals(-child.returncode).name if -child.returncode in signal.valid_signals() else -child.returncode
+        raise SantacpuError(f"the bench's {kind} run was killed ({name}{': out of memory?' if name == 'SIGKILL' else ''})")
     if child.returncode or not lines:
         raise SantacpuError(f"the bench's {kind} run failed (exit code {child.returncode}; its messages are above)")
     result = json.loads(lines[-1][len(RESULT_MARK) :])
+    for line in result.pop("warnings_said", []):
+        if line not in _SAID:
+            _SAID.add(line)
+            print(line, file=sys.stderr, flush=True)
     if "error" in result:
         raise SantacpuError(result["error"])
     return result

@@ -12,12 +12,11 @@ import os
 import signal
 import sys
 import warnings
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from ..errors import OptionValueError, SantacpuError, SantacpuWarning, os_problem, printable
+from ..errors import OptionValueError, SantacpuError, os_problem, printable, warning_line
 from ..progress import end_open_line
 from .app import app, run_options
 
@@ -35,14 +34,8 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Every warning as one line: santacpu's own as they are; a library's (Ray's) with its name."""
-    if issubclass(category, SantacpuWarning):
-        print(f"santacpu: warning: {printable(str(message))}", file=sys.stderr)
-    else:
-        library = Path(filename).stem if "site-packages" not in filename else \
-            filename.split("site-packages" + os.sep, 1)[1].split(os.sep, 1)[0]
-        text = printable(" ".join(str(message).split()))
-        print(f"santacpu: warning: ({library}, {category.__name__}) {text}", file=sys.stderr)
+    """Every warning as one line (`errors.warning_line`)."""
+    print(warning_line(message, category, filename), file=sys.stderr)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

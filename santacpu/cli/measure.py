@@ -16,6 +16,7 @@ import typer
 
 from ..atomic_file import check_writable, write_text_atomically
 from ..bench import PARTS
+from ..bench.run import MAX_BATCH_SIZE, MAX_REPEAT, MIN_FIM_TOKENS
 from ..errors import OptionValueError, SantacpuWarning
 from ..formats.quantized_file import DEFAULT_QUANT, names_quantized_file
 from ..generation.prompts import FIM_ORDERS
@@ -25,7 +26,7 @@ from ..loading.source import DEFAULT_MODEL, default_model
 from ..settings import MAX_THREADS, MODEL_ENV
 from .options import (
     DEVICE_OPTION, MODEL_OPTION, QUANT_CHOICES, QUANT_OPTION, REVISION_OPTION, check_counts, check_probability,
-    check_temperature, choices, counts, each_one_of, model_name, one_of, output_file, refuse_replacing_inputs,
+    check_temperature, choices, counts, each_one_of, input_files, model_name, one_of, output_file, refuse_replacing_inputs,
     seconds_between,
 )
 from .text_input import read_text_file
@@ -34,9 +35,9 @@ DEFAULT_PERPLEXITY_CTX = 256
 
 
 def perplexity(
-    files: List[Path] = typer.Argument(..., readable=False, metavar="FILES", help="Source files to score (UTF-8 text)."),
+    files: List[str] = typer.Argument(..., callback=input_files, metavar="FILES", help="Source files to score (UTF-8 text)."),
     model: str = typer.Option(None, "--model", "-m", callback=model_name, help=f"The model to score. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.", show_default=False),
-    reference: Optional[str] = typer.Option(None, help="A reference model (e.g. the full-precision checkpoint): adds delta perplexity, KL divergence and top-1 agreement."),
+    reference: Optional[str] = typer.Option(None, callback=model_name, help="A reference model (e.g. the full-precision checkpoint): adds delta perplexity, KL divergence and top-1 agreement."),
     ctx: Optional[int] = typer.Option(
         None, min=8,
         help=f"Tokens per chunk, at most the model's context; the second half of each chunk is scored (llama.cpp's "
@@ -54,15 +55,18 @@ def perplexity(
     force: bool = typer.Option(False, "--force", help="Replace the --json file if it exists."),
 ) -> None:
     """Perplexity of a model over source files and, with --reference, what it loses against it."""
-    from .. import load
     from ..evaluate import score
+    from ..model import load, quant_as_it_is, runnable_model
 
     name = model or default_model()
     if json_out is not None:
         check_writable(json_out, "--json", overwrite=force)  # now, not after scoring
-        refuse_replacing_inputs(json_out, "--json", [*files, name, reference])
+        refuse_replacing_inputs(json_out, "--json", [*files, name, *([reference] if reference else [])])
     texts = [read_text_file(path, "file") for path in files]
-    loaded = load(name, quant=quant)
+    runs, revision = runnable_model(name, None, quant)  # (its cached quantization, made now if need be)
+    if json_out is not None:
+        refuse_replacing_inputs(json_out, "--json", [runs])
+    loaded = load(runs, revision=revision, quant=quant_as_it_is(runs))
     # The reference in full precision (a quantized file runs as it is: no quant to ignore).
     against = load(reference, quant=None if names_quantized_file(reference) else "none") if reference else None
     shortest = min([loaded, *([against] if against else [])], key=lambda m: m.config.n_positions)
@@ -76,9 +80,11 @@ def perplexity(
         raise OptionValueError(f"--ctx {ctx} is past {which} context of {shortest.config.n_positions} tokens: "
                                f"give --ctx {shortest.config.n_positions} or less")
     scores = score(loaded, texts, ctx, against)
-    print(scores.table(name, reference))
-    if json_out is not None:
-        write_text_atomically(json_out, scores.to_json() + "\n", overwrite=force)
+    shown = name if runs == name else f"{name} ({quant or DEFAULT_QUANT})"
+    if json_out is not None:  # (first: a stdout that fails loses nothing)
+        about = {"model": shown, "model_file": runs, "reference": reference, "files": [str(f) for f in files]}
+        write_text_atomically(json_out, scores.to_json(**about) + "\n", overwrite=force)
+    print(scores.table(shown, reference))
 
 
 def bench(
@@ -100,18 +106,18 @@ def bench(
         show_default=False,
     ),
     fim_tokens: Optional[int] = typer.Option(
-        None, min=0, help="Prompt length of the FIM request timed to its first token; 0 skips it. Default: 1500, "
-        "less for a model with a short context.",
+        None, min=0, help=f"Prompt length of the FIM request timed to its first token (at least {MIN_FIM_TOKENS}: "
+        "3 marker tokens and text); 0 skips it. Default: 1500, less for a model with a short context.",
         show_default=False,
     ),
     threads: int = typer.Option(0, min=0, max=MAX_THREADS, help="Threads for Numba and BLAS; 0: all usable cores."),
-    repeat: int = typer.Option(3, min=1, help="Runs of prefill, decode and FIM; the median is reported."),
+    repeat: int = typer.Option(3, min=1, max=MAX_REPEAT, help="Runs of prefill, decode and FIM; the median is reported."),
     memory_context: int = typer.Option(0, min=0, help="Context filled by the peak-RSS run; 0: the model's whole context."),
     parts: str = typer.Option(
         ",".join(PARTS), callback=each_one_of(*PARTS), metavar=choices(*PARTS, many=True), help="What to measure, comma-separated: " + ", ".join(PARTS) + "."
     ),
     batch: Optional[str] = typer.Option(
-        None, metavar="SIZES", callback=check_counts, help="Also measure batched decoding at these batch sizes, comma-separated (e.g. 1,2,4,8,16): "
+        None, metavar="SIZES", callback=check_counts, help=f"Also measure batched decoding at these batch sizes (1 to {MAX_BATCH_SIZE}), comma-separated (e.g. 1,2,4,8,16): "
         "aggregate and per-sequence decode tok/s of B greedy sequences, 64-token prompts (less for a model with a short context), 32 tokens each. Default: off.",
         show_default=False,
     ),
@@ -128,21 +134,31 @@ def bench(
 
     from ..bench import BenchSettings, format_table, run_bench
 
+    from ..model import resolve_device, runnable_model
+
     if json_out is not None:
         check_writable(json_out, "--json", overwrite=force)  # now, not after minutes of measuring
         refuse_replacing_inputs(json_out, "--json", [model])
+    resolve_device(device)  # (a missing GPU is said before a first-use quantization)
+    runs, revision = runnable_model(model, revision, quant)  # (its cached quantization, made now if need be)
+    if json_out is not None:
+        refuse_replacing_inputs(json_out, "--json", [runs])
+    sizes = counts(batch)
+    if any(size > MAX_BATCH_SIZE for size in sizes):
+        raise OptionValueError(f"--batch sizes are at most {MAX_BATCH_SIZE}")
     settings = BenchSettings(
-        model=model, quant=quant, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+        model=runs, name=model if runs == model else f"{model} ({quant or DEFAULT_QUANT})",
+        quant=quant if runs == model else None, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,
         parts=tuple(p.strip() for p in parts.split(",") if p.strip()), revision=revision,
-        batch=counts(batch), device=device,
+        batch=sizes, device=device,
     )
     report = run_bench(settings)
+    if json_out is not None:  # (first: a stdout that fails loses nothing)
+        write_text_atomically(json_out, json.dumps(report, indent=2, allow_nan=False) + "\n", overwrite=force)
     print(format_table(report))
     for note in report["warnings"]:
         warnings.warn(note, SantacpuWarning)
-    if json_out is not None:
-        write_text_atomically(json_out, json.dumps(report, indent=2) + "\n", overwrite=force)
 
 
 def eval_humaneval_infill(

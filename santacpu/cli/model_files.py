@@ -8,14 +8,15 @@ commands), and this package's `options`.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 import typer
 
 from ..loading.source import hub_revision
 from ..formats.blocks import FORMATS
-from .options import REVISION_OPTION, check_keep_rules, check_positive, choices, folder_name, model_name, one_of, output_file
+from .options import (
+    REVISION_OPTION, check_keep_rules, check_positive, choices, folder_name, input_files, model_name, one_of, output_file,
+)
 from quantize.calibration import DEFAULT_CALIBRATION_TOKENS
 
 # What `quantize --type q4_m`'s default upgrade budget (1.5%) comes to on SantaCoder's shapes
@@ -82,7 +83,7 @@ def quantize(
                  revision=hub_revision(src, revision), force=force, bits_per_weight=bits_per_weight, max_size=max_size)
 
 
-def info(file: Path = typer.Argument(..., readable=False, metavar="FILE", help="A santacpu quantized file.")) -> None:
+def info(file: str = typer.Argument(..., callback=input_files, metavar="FILE", help="A santacpu quantized file.")) -> None:
     """Describe a quantized file: config, tensor types, size, bits per weight, provenance."""
     from ..loading.quantized import describe
 

@@ -141,6 +141,18 @@ def model_name(value: Optional[str]) -> Optional[str]:
     return value
 
 
+def input_files(value):
+    """A typer callback for input file paths (one, or a list), checked as given: Path('') is the
+    current folder ("file . is a folder")."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    if any(not item.strip() for item in values):
+        raise typer.BadParameter("the file name is empty")
+    paths = [Path(item) for item in values]
+    return paths[0] if isinstance(value, str) else paths
+
+
 def folder_name(value: Optional[str]) -> Optional[Path]:
     """An output folder's path, checked as given: Path('') is the current folder."""
     if value is not None and not value.strip():
