@@ -231,7 +231,7 @@ def test_a_full_disk_names_the_results_file(tmp_path, monkeypatch):
     with pytest.raises(SantacpuError) as error:
         results.append(record("b"))
     assert str(error.value) == (f"cannot write the results file {path}: No space left on device (its 1 finished "
-                                "problems are kept; --resume carries on)")
+                                "problem is kept; --resume carries on)")
     assert path.read_bytes() == whole  # no torn half record left on disk
     # A first record the disk cannot take leaves no (empty) file; a link is never written through.
     fresh = tmp_path / "fresh.jsonl"
@@ -444,6 +444,31 @@ def test_samples_run_in_parallel_and_ctrl_c_stops_running_programs_at_once(monke
     assert time.monotonic() - started < 4  # not the running program's 60 s
     assert [r["task_id"] for r in records] == [finished.task_id]  # the stopped problem: done again on --resume
 
+    # Ctrl-C after the last problem's generation, while its programs run: they are stopped too
+    # (the run had exited at once and left them running, orphaned, to their timeout).
+    import signal
+    import threading
+
+    monkeypatch.setattr(local, "generate_middles", lambda model, problems, settings: iter([_middles(problem, ["forever"])]))
+    threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()  # (a real signal: it wakes a join)
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        local.run_local(None, [problem], EvalSettings(benchmark="single-line", timeout_s=60), records.append)
+    assert time.monotonic() - started < 4
+    assert _children() == []  # its programs ended (and were reaped) before it left
+
+
+def _children() -> list[int]:
+    """This process's child processes."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().rsplit(")", 1)[-1].split()[1] == str(os.getpid()):
+                found.append(int(stat.parent.name))
+        except (OSError, IndexError):  # (gone meanwhile)
+            continue
+    return found
+
 
 def test_a_sandbox_that_cannot_start_is_an_error_not_a_failed_program(monkeypatch):
     # It had been recorded as the model's failure, counted in pass@k and never run again on --resume.
@@ -475,6 +500,24 @@ def test_the_fingerprint_covers_what_runs_the_model_and_nothing_else(tmp_path):
     (folder / "config.json").write_text(json.dumps({**config, "layer_norm_epsilon": 0.5}))
     assert model_fingerprint(weights) != alone and model_fingerprint(str(folder)) != whole
     assert model_fingerprint("bigcode/santacoder", "main")["revision"] == "main"
+    # A quantized file made again (after `cache clear`, or from a copy of the checkpoint) is the
+    # same model: its provenance (source folder, date) is left out; its weights are not.
+    from helpers import rewrite_safetensors
+
+    for name in "abc":
+        (tmp_path / name).mkdir()
+    copied = shutil.copytree(TRAINED, tmp_path / "copied")
+    first = convert(TRAINED, tmp_path / "a" / "q.safetensors", qtype="q8_0").out
+    again = convert(copied, tmp_path / "b" / "q.safetensors", qtype="q8_0").out  # (another source folder)
+    assert first.read_bytes() != again.read_bytes() and model_fingerprint(str(first)) == model_fingerprint(str(again))
+
+    def nudge(tensors):
+        name = next(n for n in tensors if n.endswith(".d"))
+        tensors[name] = tensors[name].copy()
+        tensors[name].view("uint16")[0, 0] ^= 1
+
+    other = rewrite_safetensors(again, tmp_path / "c" / "q.safetensors", tensors=nudge)
+    assert model_fingerprint(str(other)) != model_fingerprint(str(again))
     assert "revision" not in model_fingerprint("bigcode/santacoder")  # (files made before revisions were named)
 
 

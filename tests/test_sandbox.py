@@ -681,3 +681,28 @@ def test_the_interpreter_is_brought_back_where_sys_path_names_it(monkeypatch, tm
         sandbox._covers.cache_clear()
     assert {path for path, _, _ in hide} >= {str(links), str(real_home)}
     assert keep == sorted([prefix, str(real_home / "venv")])
+
+
+def test_a_killed_runs_memory_cgroups_are_removed_by_the_next_process():
+    # A run killed (or interrupted past its cleanup) left its cgroups for good: 9 from one session.
+    import os
+
+    from santacpu.harness import memory_cgroup
+
+    parent = memory_cgroup.parent()
+    if parent is None:
+        pytest.skip("this machine lets this process make no memory cgroup")
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not os.path.exists(f"/proc/{pid}"))
+    abandoned = os.path.join(parent, f"santacpu-sandbox-{dead}-0123456789abcdef")
+    live = os.path.join(parent, f"santacpu-sandbox-{os.getppid()}-0123456789abcdef")  # (a live process's: kept)
+    for path in (abandoned, live):
+        os.mkdir(path)
+    try:
+        memory_cgroup._remove_abandoned.cache_clear()
+        made = memory_cgroup.create(parent, 64 << 20)
+        memory_cgroup.remove(made)
+        assert not os.path.exists(abandoned) and os.path.exists(live)
+    finally:
+        for path in (abandoned, live):
+            if os.path.exists(path):
+                os.rmdir(path)

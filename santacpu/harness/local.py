@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 from ..model import Model
 from .execute import programs_of, record_of
@@ -28,6 +28,8 @@ def run_local(model: Model, problems: Sequence[Problem], settings: EvalSettings,
     stop = threading.Event()
     lock = threading.Lock()  # (on_record is called from the pool's threads: one at a time)
     failures: list[BaseException] = []
+    runs: list[Future] = []
+    ended_here = [False]  # interrupted: no record is handed on after run_local has left
 
     def check() -> None:
         with lock:
@@ -45,20 +47,28 @@ def run_local(model: Model, problems: Sequence[Problem], settings: EvalSettings,
                       facts=middles.facts()) -> None:
                 with lock:
                     left[0] -= 1
-                    if left[0] or failures:
+                    if left[0] or failures or ended_here[0]:
                         return
                     try:
                         on_record(record_of(problem, completions, [f.result() for f in futures], **facts))
                     except SandboxStopped:
                         pass  # (interrupted: the problem is done again on --resume)
-                    except BaseException as error:  # noqa: BLE001 (raised on the calling thread)
+                    except BaseException as error:  # noqa: BLE001 (raised on the calling thread, by check())
+                        if threading.current_thread() is threading.main_thread() and not isinstance(error, Exception):
+                            raise  # (Ctrl-C while a done future's callback ran here: on up at once)
                         failures.append(error)
 
+            runs.extend(futures)
             for future in futures:
                 future.add_done_callback(ended)
+        pool.shutdown(wait=True)  # (every program run, and every record handed on)
     except BaseException:
         stop.set()  # the programs still running end now; the problems that finished are kept
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
+        # The runs themselves, not the threads' join: an interrupted join (Python < 3.13) leaves
+        # the threads marked as ended, and the interpreter then exits with programs still running.
+        wait(runs)
+        with lock:  # (a record being written is finished; none is begun after this)
+            ended_here[0] = True
         raise
-    pool.shutdown(wait=True)  # (every program run, and every record handed on)
     check()

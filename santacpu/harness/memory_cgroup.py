@@ -20,6 +20,7 @@ import signal
 import time
 
 _PREFIX = "santacpu-sandbox-"
+_NAMED = re.compile(re.escape(_PREFIX) + r"(?P<pid>\d+)-[0-9a-f]{16}")  # (made by process PID)
 _REMOVE_TRIES = 200  # x 5 ms: processes killed at the end of a run take a moment to leave
 
 
@@ -40,8 +41,11 @@ def parent() -> str | None:
 
 
 def create(parent_folder: str, limit_bytes: int) -> str:
-    """A new, empty cgroup below `parent_folder` whose processes share `limit_bytes` of memory."""
-    path = os.path.join(parent_folder, _PREFIX + secrets.token_hex(8))
+    """A new, empty cgroup below `parent_folder` whose processes share `limit_bytes` of memory
+    (named with this process's id: the first `create` of a process removes those of processes that
+    are gone, killed before they could remove their own, with whatever still runs in them)."""
+    _remove_abandoned(parent_folder)
+    path = os.path.join(parent_folder, f"{_PREFIX}{os.getpid()}-{secrets.token_hex(8)}")
     os.mkdir(path, 0o755)
     try:
         if os.path.exists(os.path.join(path, "memory.max")):  # v2
@@ -54,6 +58,25 @@ def create(parent_folder: str, limit_bytes: int) -> str:
         os.rmdir(path)
         raise
     return path
+
+
+@functools.cache
+def _remove_abandoned(parent_folder: str) -> None:
+    """Remove the cgroups below `parent_folder` made by processes that are gone (once a process)."""
+    try:
+        names = os.listdir(parent_folder)
+    except OSError:
+        return
+    for name in names:
+        found = _NAMED.fullmatch(name)
+        if found is None or int(found["pid"]) == os.getpid():
+            continue
+        try:
+            os.kill(int(found["pid"]), 0)
+        except ProcessLookupError:
+            remove(os.path.join(parent_folder, name))
+        except (PermissionError, OverflowError):  # (another user's live process; a pid past the range)
+            pass
 
 
 def join_file(path: str) -> str:

@@ -139,9 +139,10 @@ def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dic
         if running:
             try:
                 done, running = ray.wait(running, num_returns=1, timeout=0.1)
-            except SystemError as error:  # Ctrl-C inside Ray's compiled wait comes out as this
-                if isinstance(error.__cause__, KeyboardInterrupt):
-                    raise KeyboardInterrupt from None
+            except SystemError as error:  # Ctrl-C (or SIGTERM) inside Ray's compiled wait comes out as this
+                cause = error.__cause__
+                if isinstance(cause, BaseException) and not isinstance(cause, Exception):
+                    raise cause from None
                 raise
             for record in ray.get(done):
                 on_record(record)
@@ -177,6 +178,9 @@ def run_on_ray(
         except Exception as e:  # noqa: BLE001 (Ray's own start-up failures: a node that timed out, ...)
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise SantacpuError(f"Ray could not start: {first_line}") from None
+        except BaseException:  # Ctrl-C while the cluster starts: what it has started goes too
+            ray.shutdown()
+            raise
         finally:
             if on_term is not None and threading.current_thread() is threading.main_thread():
                 signal.signal(signal.SIGTERM, on_term)  # (ray.init puts its own in place of the CLI's)

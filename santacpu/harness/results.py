@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ..atomic_file import writable_target
 from ..errors import SantacpuError, WriteError, os_problem
-from ..formats.quantized_file import names_quantized_file
+from ..formats.quantized_file import is_quantized_file, names_quantized_file
+from ..formats.safetensors_io import SafetensorsFile
 from ..loading.checkpoint import checkpoint_files
 from ..paths import user_path
 
@@ -52,12 +53,27 @@ def model_fingerprint(model: str, revision: str | None = None) -> dict:
         files = [path] if path.is_file() else []
     digest = hashlib.sha256()
     for file in sorted(files, key=lambda p: p.name):
-        digest.update(f"{file.name}:{file.stat().st_size}:".encode())
+        skip = 0
+        if is_quantized_file(file):  # its provenance (source folder, date) is not the model
+            skip = _quantized_layout(file, digest)
+        digest.update(f"{file.name}:{file.stat().st_size - skip}:".encode())
         with open(file, "rb") as f:
+            f.seek(skip)
             for chunk in iter(lambda: f.read(1 << 24), b""):
                 digest.update(chunk)
     found = {"name": path.name if files else model, "sha256": digest.hexdigest()[:16] if files else None}
     return {**found, "revision": revision} if revision is not None else found
+
+
+def _quantized_layout(path: Path, digest) -> int:
+    """Feed `digest` a quantized file's header less its provenance (so that the same weights made
+    again, or from a copy of the checkpoint, are the same model); the header's length in bytes."""
+    file = SafetensorsFile(path)
+    described = {name: (file.dtype_name(name), file.shape(name)) for name in file.names()}
+    kept = {key: value for key, value in file.metadata.items() if key != "provenance"}
+    digest.update(json.dumps([kept, described], sort_keys=True).encode())
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
 
 
 class ResultsFile:
@@ -138,7 +154,7 @@ class ResultsFile:
             there = False
         if not there:
             raise WriteError(f"the results file {self.path} was moved or deleted during the run (its "
-                             f"{len(self.records)} finished problems went with it)")
+                             f"{_problems(len(self.records))} went with it)")
 
     def append(self, record: dict) -> None:
         lines = [] if self._written else [self.header]
@@ -166,7 +182,8 @@ class ResultsFile:
                         self.close()
                 raise
         except OSError as e:  # a full disk names no file: say which, and what is kept
-            kept = f"its {len(self.records)} finished problems are kept; --resume carries on" if self._written else \
+            count = len(self.records)
+            kept = f"its {_problems(count)} {'is' if count == 1 else 'are'} kept; --resume carries on" if self._written else \
                 "nothing was kept"
             raise WriteError(f"cannot write the results file {self.path}: {os_problem(e)} ({kept})") from None
         self._written = True
@@ -242,3 +259,7 @@ def _record_problem(record, samples: int) -> str | None:
     if not isinstance(record.get("truncated", False), bool):
         return "'truncated' is not true or false"
     return None
+
+
+def _problems(n: int) -> str:
+    return f"{n} finished problem{'s' * (n != 1)}"
