@@ -21,6 +21,7 @@ May import: `santacpu` (loading, formats, foundation modules) and `quantize.pipe
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from santacpu.atomic_file import (
-    check_writable, describe_partial, make_folder, partial_target, remove_stale_partials, wait_for_other_writers,
+    check_writable, describe_partial, exclusive, make_folder, partial_target, remove_stale_partials,
 )
 from santacpu.errors import SantacpuError, SantacpuWarning, WriteError, os_problem
 from santacpu.formats.blocks import FORMATS
@@ -124,15 +125,32 @@ def quantized_for(model: str, revision: str | None, qtype: str) -> Path:
     (or no longer reads as a whole quantized file)."""
     folder = resolve(model, revision).resolve()
     path = cached_file_for(folder, qtype)
-    wait_for_other_writers(path, lambda: print(
-        f"santacpu: another santacpu process is quantizing {model} to {qtype} into the cache: waiting for it",
-        file=sys.stderr, flush=True))
+    if path.exists() and _damage(path) is None:
+        remove_stale_partials(path)  # (a killed duplicate's: the next write would, and there is none)
+        return path
+    # One first use at a time makes a file (calibration included): the others wait, then use it.
+    with contextlib.suppress(WriteError):
+        make_folder(path.parent)
+    with exclusive(_lock_file(path), lambda: print(
+            f"santacpu: another santacpu process is quantizing {model} to {qtype} into the cache: waiting for it",
+            file=sys.stderr, flush=True)):
+        return _made(model, folder, path, qtype)
+
+
+def _lock_file(path: Path) -> Path:
+    """The lock that one first use of the cached file `path` holds while it makes it."""
+    return path.with_name(f".{path.name}.lock")
+
+
+
+def _made(model: str, folder: Path, path: Path, qtype: str) -> Path:
+    """The cached file at `path`, made now unless it is there (another first use made it) and whole."""
     if path.exists():
         damage = _damage(path)
         if damage is None:
             return path
         warnings.warn(f"the cached quantization {path} of {model} is damaged ({damage}); making it again",
-                      SantacpuWarning, stacklevel=2)
+                      SantacpuWarning, stacklevel=3)
     open_checkpoint(folder)  # a broken source fails here, before we announce any work
     try:
         make_folder(path.parent)

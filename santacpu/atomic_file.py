@@ -9,10 +9,11 @@ files (0666 less the umask, not mkstemp's 0600); it is on disk (fsync) before it
 and a failing write (no permission, read-only file system, disk full) is a one-line `WriteError`.
 A writer killed outright (SIGKILL, a power cut) cannot remove its file: the next write of the
 same target does, with a warning, once no process writes it. The writer holds a lock (flock) on
-its file while it writes, which the kernel drops when the process dies: that is how a live writer
-is told from a dead one, whichever PID namespace (container) each runs in. Where the lock cannot
-tell (a file system without locks, a file just made), the process named in the file's name is
-looked for on this host; a partial file that neither can judge (another host's, or one named
+its file while it writes, which the kernel drops when the process dies: a locked file is a live
+writer's, whichever PID namespace (container) it runs in. An unlocked one is judged by the
+process named in its name, on this host: gone, or this very process (a container's every run is
+process 1), is a dead writer's; alive, a live one's (a writer without a lock: out of descriptors,
+a file system without locks); a partial file that cannot be judged (another host's, or one named
 before process ids were) is named in a warning and left. A target that exists as anything
 but a regular file (a symbolic link, a device, a FIFO, a folder) is refused; one that may not be
 replaced (`overwrite=False`: no --force) is published by a hard link, which fails if the name
@@ -213,7 +214,7 @@ def remove_stale_partials(path: str | os.PathLike) -> list[tuple[Path, int]]:
             warnings.warn(f"{partial} looks like a partial file left by an interrupted write of {path.name}; "
                           "delete it if nothing is writing that file now", SantacpuWarning, stacklevel=3)
         elif gone:
-            with contextlib.suppress(FileNotFoundError, PermissionError):
+            with contextlib.suppress(OSError):  # (gone meanwhile, not ours to remove, a folder of that name)
                 size = partial.stat().st_size
                 os.unlink(partial)
                 removed.append((partial, size))
@@ -222,29 +223,45 @@ def remove_stale_partials(path: str | os.PathLike) -> list[tuple[Path, int]]:
     return removed
 
 
-def wait_for_other_writers(path: str | os.PathLike, on_wait: Callable[[], None]) -> bool:
-    """Block while another process writes `path` (holds the lock of a partial file of it), after
-    calling `on_wait` once; whether it waited. Its file may then be there, whole."""
-    path = Path(path)
-    prefix = f".{path.name}."
+@contextlib.contextmanager
+def exclusive(lock_file: str | os.PathLike, on_wait: Callable[[], None]) -> Iterator[None]:
+    """Hold an exclusive lock (flock) on `lock_file` while the block runs, then remove it; where
+    another process holds it, call `on_wait` once and wait (its process ending frees it too). A
+    waiter that gets the lock of a file its holder removed meanwhile takes the lock anew. No lock
+    where the file cannot be made or the system has no locks."""
+    lock_file = Path(lock_file)
     waited = False
-    with contextlib.suppress(OSError):
-        for name in os.listdir(path.parent):
-            if not (name.startswith(prefix) and _PARTIAL.fullmatch(name[len(prefix):])):
-                continue
-            with contextlib.suppress(OSError):
-                fd = os.open(path.parent / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                try:
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        if not waited:
-                            on_wait()
-                            waited = True
-                        fcntl.flock(fd, fcntl.LOCK_SH)  # (until its writer is done or dead)
-                finally:
-                    os.close(fd)
-    return waited
+    while True:
+        try:
+            fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not waited:
+                on_wait()
+                waited = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # (no locks here)
+            os.close(fd)
+            yield
+            return
+        try:
+            current = os.stat(lock_file)
+            mine = os.fstat(fd)
+            if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+                break
+        except OSError:  # (removed by the holder that just let go: take it anew)
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_file)  # (still held: a waiter finds it gone, and makes its own)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -326,11 +343,14 @@ def _writer_gone(partial: Path, host: str | None, pid: str | None) -> bool | Non
     locked = _locked(partial)
     if locked:
         return False
-    if locked is False:
+    gone = _process_gone(host, pid)
+    if locked is False and gone is False and int(pid) == os.getpid():
+        # Unlocked, and named with this very process, which would hold its lock: a process of an
+        # earlier run with the same id (every run is process 1 in a container). The grace: a file
+        # this young may not be locked yet.
         with contextlib.suppress(OSError):
-            if time.time() - partial.stat().st_mtime > _UNLOCKED_GRACE_S:
-                return True
-    return _process_gone(host, pid)
+            return time.time() - partial.stat().st_mtime > _UNLOCKED_GRACE_S
+    return gone  # (a writer alive under that id, unlocked: out of descriptors, or an older santacpu)
 
 
 def _locked(path: Path) -> bool | None:

@@ -163,7 +163,7 @@ def test_partial_files_of_live_writers_stay_and_those_it_cannot_judge_are_named(
 def test_a_partial_file_is_judged_by_its_writers_lock_not_the_process_id_in_its_name(tmp_path):
     # In a container every run is process 1, and another PID namespace sees other process ids:
     # a killed run's partial file looked live for ever, and a live writer's looked dead.
-    from santacpu.atomic_file import _host_tag, describe_partial, remove_stale_partials, wait_for_other_writers
+    from santacpu.atomic_file import _host_tag, describe_partial, remove_stale_partials
 
     target = tmp_path / "model.safetensors"
     dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
@@ -180,13 +180,34 @@ def test_a_partial_file_is_judged_by_its_writers_lock_not_the_process_id_in_its_
         assert holder.stdout.readline() == b"held\n"
         assert describe_partial(writing) == f"a partial file, being written by process {dead}"
         assert describe_partial(killed) == "a partial file left by an interrupted write"
+        # Unlocked but named with another live process: a writer without a lock (out of
+        # descriptors, or an older santacpu) is left alone.
+        unlocked_live = tmp_path / f".model.safetensors.{_host_tag()}-{os.getppid()}-ijkl9012.partial"
+        unlocked_live.write_bytes(b"half")
+        os.utime(unlocked_live, (time.time() - 60, time.time() - 60))
         with pytest.warns(santacpu.SantacpuWarning, match="removed .*abcd1234.partial"):
             assert [path for path, _ in remove_stale_partials(target)] == [killed]
-        assert writing.exists()
+        assert writing.exists() and unlocked_live.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_exclusive_waits_for_the_process_holding_the_lock(tmp_path):
+    from santacpu.atomic_file import exclusive
+
+    lock = tmp_path / ".x.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.0)", str(lock)],
+        stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline() == b"held\n"
         said, started = [], time.monotonic()
-        assert wait_for_other_writers(target, lambda: said.append("waiting")) is True
-        assert said == ["waiting"] and time.monotonic() - started > 0.5  # until the writer let go
-        assert wait_for_other_writers(target, lambda: said.append("again")) is False and said == ["waiting"]
+        with exclusive(lock, lambda: said.append("waiting")):
+            assert said == ["waiting"] and time.monotonic() - started > 0.5  # until the holder let go
+        with exclusive(lock, lambda: said.append("again")):
+            assert said == ["waiting"]
     finally:
         holder.kill()
         holder.wait()
@@ -743,7 +764,7 @@ def test_bench_checks_only_what_its_parts_use(tmp_path, quantized):
     assert re.search(r"of which the model's work above the file +(under 1 MB|\+\d+ MB) ", done.stdout.decode())
     assert report.stat().st_mode & 0o777 == 0o640
     one_error_line(run_santacpu("bench", quantized, "--parts", "memory", "--memory-context", "100"),
-                   "the memory context must be between 9 and 64 tokens")
+                   "--memory-context must be 0 (the model's whole context) or between 9 and 64 tokens", code=2)
 
 
 # ---------------------------------------------------------------------------------------------

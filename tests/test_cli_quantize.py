@@ -318,20 +318,18 @@ def test_first_use_waits_for_another_process_quantizing_the_same_model(tmp_path,
     # Three first uses at once each quantized the whole model (minutes and ~2 GB each for SantaCoder).
     import shutil
 
-    from santacpu.atomic_file import _host_tag
-
     monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "made"))
     santacpu.load(tiny_checkpoint())
     made = cached_file_for(tiny_checkpoint(), "q8_0")
     monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
     target = cached_file_for(tiny_checkpoint(), "q8_0")
     target.parent.mkdir()
-    partial = target.parent / f".{target.name}.{_host_tag()}-{os.getpid()}-abcd1234.partial"
-    shutil.copy(made, partial)
-    writer = subprocess.Popen(  # (another process, as far as the lock goes: it holds it, then publishes)
-        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.0); os.rename(sys.argv[1], sys.argv[2])",
-         str(partial), str(target)], stdout=subprocess.PIPE)
+    staged = target.parent / "staged"
+    shutil.copy(made, staged)
+    writer = subprocess.Popen(  # (another first use: it holds the lock, then publishes its file)
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(1.0); os.rename(sys.argv[2], sys.argv[3])",
+         str(target.parent / f".{target.name}.lock"), str(staged), str(target)], stdout=subprocess.PIPE)
     assert writer.stdout.readline() == b"held\n"
     capfd.readouterr()
     model = santacpu.load(tiny_checkpoint())
@@ -339,6 +337,7 @@ def test_first_use_waits_for_another_process_quantizing_the_same_model(tmp_path,
     err = capfd.readouterr().err
     assert "another santacpu process is quantizing" in err and "first use" not in err, err
     assert model.complete(PROMPT, max_new_tokens=4) == santacpu.load(made).complete(PROMPT, max_new_tokens=4)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [target.name]  # (no lock file left)
 
 
 def test_a_cached_file_removed_between_its_check_and_its_load_is_made_again(tmp_path, monkeypatch):
