@@ -126,7 +126,7 @@ def atomic_output(path: str | os.PathLike, overwrite: bool = True) -> Iterator[B
     path = writable_target(path)
     remove_stale_partials(path)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{_host_tag()}-{os.getpid()}-", suffix=".partial",
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{host_tag()}-{os.getpid()}-", suffix=".partial",
                                         dir=path.parent)
     except OSError as problem:
         raise WriteError(f"cannot write {path}: {os_problem(problem)}", problem.errno) from None
@@ -319,7 +319,7 @@ def owned_temp_folder(prefix: str) -> str:
     """A new folder in the temporary directory named with this host and process
     (`PREFIX-HOST-PID-XXXXXXXX`), made after removing this user's folders of the same prefix whose
     process on this host is gone (killed outright before it could remove its own)."""
-    base, mine = tempfile.gettempdir(), f"{prefix}-{_host_tag()}-"
+    base, mine = tempfile.gettempdir(), f"{prefix}-{host_tag()}-"
     try:
         names = [name for name in os.listdir(base) if name.startswith(mine)]
     except OSError:
@@ -330,7 +330,7 @@ def owned_temp_folder(prefix: str) -> str:
             status = os.lstat(path)
         except OSError:
             continue
-        if _process_gone(_host_tag(), pid) and stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid():
+        if process_gone(host_tag(), pid) and stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid():
             shutil.rmtree(path, ignore_errors=True)
     return tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-")
 
@@ -343,7 +343,7 @@ def _writer_gone(partial: Path, host: str | None, pid: str | None) -> bool | Non
     locked = _locked(partial)
     if locked:
         return False
-    gone = _process_gone(host, pid)
+    gone = process_gone(host, pid)
     if locked is False and gone is False and int(pid) == os.getpid():
         # Unlocked, and named with this very process, which would hold its lock: a process of an
         # earlier run with the same id (every run is process 1 in a container). The grace: a file
@@ -371,15 +371,15 @@ def _locked(path: Path) -> bool | None:
     return False
 
 
-def _process_gone(host: str | None, pid: str | None) -> bool | None:
+def process_gone(host: str | None, pid: str | None) -> bool | None:
     """Whether the process named in a partial file's or a temporary folder's name is gone from
     this host: None where that cannot be judged (no process id, or another host's)."""
-    if host != _host_tag() or pid is None or not pid.isdigit():
+    if host != host_tag() or pid is None or not pid.isdigit():
         return None
     return not _process_exists(int(pid))
 
 
-def _host_tag() -> str:
+def host_tag() -> str:
     """This host, as 8 hex digits: a process id means something only on the host that ran it."""
     return f"{zlib.crc32(socket.gethostname().encode()):08x}"
 

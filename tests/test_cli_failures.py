@@ -163,14 +163,14 @@ def test_partial_files_of_live_writers_stay_and_those_it_cannot_judge_are_named(
 def test_a_partial_file_is_judged_by_its_writers_lock_not_the_process_id_in_its_name(tmp_path):
     # In a container every run is process 1, and another PID namespace sees other process ids:
     # a killed run's partial file looked live for ever, and a live writer's looked dead.
-    from santacpu.atomic_file import _host_tag, describe_partial, remove_stale_partials
+    from santacpu.atomic_file import host_tag, describe_partial, remove_stale_partials
 
     target = tmp_path / "model.safetensors"
     dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
-    killed = tmp_path / f".model.safetensors.{_host_tag()}-{os.getpid()}-abcd1234.partial"  # a live pid, no lock
+    killed = tmp_path / f".model.safetensors.{host_tag()}-{os.getpid()}-abcd1234.partial"  # a live pid, no lock
     killed.write_bytes(b"half")
     os.utime(killed, (time.time() - 60, time.time() - 60))
-    writing = tmp_path / f".model.safetensors.{_host_tag()}-{dead}-efgh5678.partial"  # a dead pid, locked
+    writing = tmp_path / f".model.safetensors.{host_tag()}-{dead}-efgh5678.partial"  # a dead pid, locked
     writing.write_bytes(b"half")
     holder = subprocess.Popen(
         [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
@@ -182,7 +182,7 @@ def test_a_partial_file_is_judged_by_its_writers_lock_not_the_process_id_in_its_
         assert describe_partial(killed) == "a partial file left by an interrupted write"
         # Unlocked but named with another live process: a writer without a lock (out of
         # descriptors, or an older santacpu) is left alone.
-        unlocked_live = tmp_path / f".model.safetensors.{_host_tag()}-{os.getppid()}-ijkl9012.partial"
+        unlocked_live = tmp_path / f".model.safetensors.{host_tag()}-{os.getppid()}-ijkl9012.partial"
         unlocked_live.write_bytes(b"half")
         os.utime(unlocked_live, (time.time() - 60, time.time() - 60))
         with pytest.warns(santacpu.SantacpuWarning, match="removed .*abcd1234.partial"):
@@ -245,17 +245,17 @@ def test_replacing_another_users_file_in_a_sticky_folder_is_refused_before_any_w
 def test_a_killed_processs_temporary_folder_is_removed_by_the_next(tmp_path, monkeypatch):
     import tempfile
 
-    from santacpu.atomic_file import _host_tag, owned_temp_folder
+    from santacpu.atomic_file import host_tag, owned_temp_folder
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
-    gone, live = tmp_path / f"santacpu-x-{_host_tag()}-{dead}-abcd", tmp_path / f"santacpu-x-{_host_tag()}-{os.getppid()}-abcd"
+    gone, live = tmp_path / f"santacpu-x-{host_tag()}-{dead}-abcd", tmp_path / f"santacpu-x-{host_tag()}-{os.getppid()}-abcd"
     other_host = tmp_path / f"santacpu-x-00000000-{dead}-abcd"
     for folder in (gone, live, other_host):
         (folder / "sub").mkdir(parents=True)
         (folder / "sub" / "program.py").write_text("x = 1\n")
     made = Path(owned_temp_folder("santacpu-x"))
-    assert made.is_dir() and made.name.startswith(f"santacpu-x-{_host_tag()}-{os.getpid()}-")
+    assert made.is_dir() and made.name.startswith(f"santacpu-x-{host_tag()}-{os.getpid()}-")
     assert not gone.exists() and live.exists() and other_host.exists()
 
 
@@ -863,32 +863,44 @@ def test_random_checkpoint_cut_short_over_a_checkpoint_leaves_it_as_it_was(tmp_p
     with pytest.raises(KeyboardInterrupt):
         maker.write_checkpoint(folder, size="micro", force=True)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # no partial file either
-    # The config's rename failing after the weights took their name: the new weights go again.
+    # The config's rename failing after the weights took their name: the earlier weights are put back.
     import errno
-
-    from santacpu import atomic_file
-    from santacpu.errors import WriteError
 
     monkeypatch.setattr(maker, "canonical_tensors", made)
     renamed = os.replace
 
-    def full_at_the_config(source, target):
-        if Path(target).name == "config.json":
-            raise OSError(errno.ENOSPC, "No space left on device")
+    def refused_at_the_config(source, target):
+        if Path(target) == folder / "config.json":
+            raise OSError(errno.EPERM, "Operation not permitted")
         renamed(source, target)
 
-    monkeypatch.setattr(atomic_file.os, "replace", full_at_the_config)
-    with pytest.raises(WriteError, match="config.json: No space left on device"):
+    monkeypatch.setattr(maker.os, "replace", refused_at_the_config)
+    with pytest.raises(santacpu.SantacpuError, match="cannot finish the checkpoint in .*Operation not permitted .the folder is as it was"):
         maker.write_checkpoint(folder, size="micro", force=True)
-    monkeypatch.setattr(atomic_file.os, "replace", renamed)
-    assert (folder / "config.json").read_bytes() == before["config.json"] and not (folder / "model.safetensors").exists()
+    monkeypatch.setattr(maker.os, "replace", renamed)
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    # Ctrl-C (SIGINT) while the files take their names is held until all three have them.
+    import signal
+
+    def interrupted_between(source, target):
+        renamed(source, target)
+        if Path(target) == folder / "model.safetensors":
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(maker.os, "replace", interrupted_between)
+    with pytest.raises(KeyboardInterrupt):
+        maker.write_checkpoint(folder, size="micro", force=True)
+    monkeypatch.setattr(maker.os, "replace", renamed)
+    assert json.loads((folder / "config.json").read_text())["n_embd"] != json.loads(before["config.json"])["n_embd"]
+    santacpu.load(folder, quant="none")  # the new checkpoint, whole (weights and config of one run)
     # A killed run's partial file does not make a folder look used: the next run removes it.
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
-    from santacpu.atomic_file import _host_tag
+    from santacpu.atomic_file import host_tag
 
-    (fresh / f".model.safetensors.{_host_tag()}-{dead}-abcd1234.partial").write_bytes(b"half")
+    (fresh / f".model.safetensors.{host_tag()}-{dead}-abcd1234.partial").write_bytes(b"half")
+    (fresh / f".random-checkpoint.{host_tag()}-{dead}-abcd1234").mkdir()  # (a killed run's staging folder)
     with pytest.warns(santacpu.SantacpuWarning, match="removed .*abcd1234.partial"):
         maker.write_checkpoint(fresh)
     assert sorted(p.name for p in fresh.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]

@@ -169,10 +169,10 @@ def test_first_use_quantizes_once_into_the_cache(tmp_path):
         (cache / name).write_bytes(data)
     assert run("cache", "list", cache=cache).stdout.decode().splitlines()[0].startswith(f"{cache}: 2 files")
     # A partial copy whose writer was killed outright (its process is gone) goes too, with a warning.
-    from santacpu.atomic_file import _host_tag
+    from santacpu.atomic_file import host_tag
 
     dead = next(pid for pid in range(4_000_000, 4_100_000) if not Path(f"/proc/{pid}").exists())
-    (cache / f".{cached}.{_host_tag()}-{dead}-abcd1234.partial").write_bytes(b"half a model")
+    (cache / f".{cached}.{host_tag()}-{dead}-abcd1234.partial").write_bytes(b"half a model")
     partial_row = run("cache", "list", cache=cache).stdout.decode().splitlines()[-1]
     assert partial_row.split()[:3] == ["0.0", "?", "?"] and "(a partial file left by an interrupted write)" in partial_row
     everything = run("cache", "clear", cache=cache)

@@ -27,13 +27,18 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import shutil
+import signal
+import tempfile
+import threading
 import zlib
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from ..atomic_file import atomic_output, remove_stale_partials, writable_target
+from ..atomic_file import check_writable, host_tag, process_gone, remove_stale_partials, writable_target, write_text_atomically
 from ..errors import SantacpuError, os_problem
 from ..formats.safetensors_io import dtype_name_of, write_safetensors
 from ..progress import Progress
@@ -237,6 +242,7 @@ def write_checkpoint(
     files = [out / name for name in ("model.safetensors", "config.json", *(["tokenizer.json"] if with_tokenizer else []))]
     for path in files:  # (a killed run's: they would make the folder look used)
         remove_stale_partials(path)
+    _remove_abandoned_staging(out)
     if not force:
         _check_empty(out)
     # Each file it writes must be writable as a file before the first is written: a folder named
@@ -245,11 +251,12 @@ def write_checkpoint(
         if path.is_dir():
             raise SantacpuError(f"{path} is a folder: the checkpoint's {path.name} cannot be written there")
         writable_target(path)
-    new = [path for path in files if not path.exists()]  # (removed again if the checkpoint is not finished)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as problem:
         raise SantacpuError(f"cannot make the folder {out}: {os_problem(problem)}") from None
+    for path in files:  # (another user's file in a sticky folder: refused now, not after the work)
+        check_writable(path)
     np_dtype = np.dtype(dtype)
 
     def stored_dtype(array):
@@ -271,23 +278,77 @@ def write_checkpoint(
     texts = {"config.json": json.dumps(config_json(size, layout, multi_query, dtype), indent=2) + "\n"}
     if with_tokenizer:
         texts["tokenizer.json"] = TOKENIZER_JSON.read_text(encoding="utf-8")
-    published = []
+    # Every file is written whole in a folder of its own inside OUT, then all three take their
+    # names together, Ctrl-C and SIGTERM held for those renames: a run cut short (a full disk,
+    # Ctrl-C) leaves an earlier checkpoint as it was, never the weights of one beside the config of
+    # another.
     try:
-        # Every file is written whole before any takes its name (the small ones then, right after
-        # the weights): a run cut short while writing leaves an earlier checkpoint as it was.
-        with contextlib.ExitStack() as staged:
-            for name, text in texts.items():
-                staged.enter_context(atomic_output(out / name)).write(text.encode("utf-8"))
-            write_safetensors(
-                out / "model.safetensors",
-                cast(layout_tensors(canonical_tensors(size, seed, multi_query), size, layout, multi_query, embedding_names)),
-                metadata={"format": "pt"},
-                shapes=shapes,
-            )
-            published.append(out / "model.safetensors")
-    except BaseException:  # (a full disk, Ctrl-C): no half checkpoint that loads with what it lacks
-        for path in {*new, *published}:
-            path.unlink(missing_ok=True)
-        raise
+        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{host_tag()}-{os.getpid()}-", dir=out))
+    except OSError as problem:
+        raise SantacpuError(f"cannot write into {out}: {os_problem(problem)}") from None
+    try:
+        for name, text in texts.items():
+            write_text_atomically(staging / name, text)
+        write_safetensors(
+            staging / "model.safetensors",
+            cast(layout_tensors(canonical_tensors(size, seed, multi_query), size, layout, multi_query, embedding_names)),
+            metadata={"format": "pt"},
+            shapes=shapes,
+        )
+        with _signals_held():
+            _publish_together(files, staging)
+    except OSError as problem:
+        raise SantacpuError(f"cannot finish the checkpoint in {out}: {os_problem(problem)} (the folder is as it "
+                            "was)") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _publish_together(files: list[Path], staging: Path) -> None:
+    """Rename each staged file over its path in `files`; where one rename fails, those done are put
+    back (the earlier files were kept as hard links in `staging` first) and the error raised."""
+    earlier = {}
+    for path in files:
+        if path.exists():
+            os.link(path, staging / f"earlier-{path.name}")  # (a file system without links: nothing renamed yet)
+            earlier[path] = staging / f"earlier-{path.name}"
+    done: list[Path] = []
+    try:
+        for path in files:
+            os.replace(staging / path.name, path)
+            done.append(path)
+    except OSError:
+        for path in done:
+            with contextlib.suppress(OSError):
+                os.replace(earlier[path], path) if path in earlier else path.unlink()
+        raise
+
+
+_STAGING = ".random-checkpoint."  # OUT/.random-checkpoint.HOST-PID-XXXXXXXX: a run's files before they take their names
+
+
+def _remove_abandoned_staging(out: Path) -> None:
+    """Remove the staging folders in `out` of runs killed outright (their process gone)."""
+    try:
+        names = [name for name in os.listdir(out) if name.startswith(_STAGING)]
+    except OSError:
+        return
+    for name in names:
+        host, _, rest = name[len(_STAGING):].partition("-")
+        if process_gone(host, rest.partition("-")[0]):
+            shutil.rmtree(out / name, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM held (delivered when the block ends) on the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
