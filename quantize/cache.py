@@ -40,7 +40,7 @@ from santacpu.formats.blocks import FORMATS
 from santacpu.formats.quantized_file import DEFAULT_QUANT, FORMAT_VERSION, names_quantized_file, read_metadata
 from santacpu.loading.checkpoint import open_checkpoint
 from santacpu.loading.quantized import nonfinite_tensor, read_quantized
-from santacpu.loading.source import hub_revision, resolve
+from santacpu.loading.source import looks_like_a_path, hub_revision, resolve
 from santacpu.settings import CACHE_ENV, Settings
 
 from . import calibration_cache
@@ -238,21 +238,41 @@ def clear_cache(model: str | None = None, revision: str | None = None) -> list[C
                       for path, size in remove_stale_partials(cache_dir() / target)]
     entries = [e for e in cache_entries() if not e.path.name.endswith(".partial")]
     if model is not None:
+        # A hub id's files, of every revision, also once its hub cache is gone; a local folder's by
+        # the path they name (a folder deleted or moved since too).
+        # (huggingface_hub keeps hub id ORG/NAME's revisions in .../models--ORG--NAME/snapshots/REVISION)
+        hub_folder = None if user_path(model).exists() or looks_like_a_path(str(model)) else \
+            "models--" + str(model).replace("/", "--")
         try:
             folder = _local_folder(model, hub_revision(model, revision))
-        except SantacpuError:  # a folder deleted or moved since: its files found by the path they name
+        except SantacpuError:
             folder = user_path(model).resolve()
-            if not any(e.source != "?" and Path(e.source).resolve() == folder for e in entries):
+            if not any(_made_from(e, folder) or _of_hub_id(e, hub_folder) for e in entries):
                 raise
-        entries = [e for e in entries if e.source != "?" and Path(e.source).resolve() == folder]
+        entries = [e for e in entries if _made_from(e, folder) or (revision is None and _of_hub_id(e, hub_folder))]
+    removed = []
     for entry in entries:
         try:
             entry.path.unlink()
         except FileNotFoundError:
             pass
+        except PermissionError as problem:  # (another user's, in a shared sticky folder): the others go on
+            warnings.warn(f"cannot remove {entry.path}: {os_problem(problem)}", SantacpuWarning, stacklevel=2)
+            continue
         except OSError as problem:
             raise WriteError(f"cannot remove {entry.path}: {os_problem(problem)}") from None
-    return stale + entries
+        removed.append(entry)
+    return stale + removed
+
+
+def _made_from(entry: CacheEntry, folder: Path) -> bool:
+    return entry.source != "?" and Path(entry.source).resolve() == folder
+
+
+def _of_hub_id(entry: CacheEntry, hub_folder: str | None) -> bool:
+    """Whether `entry` was made from a revision of the hub id whose cache folder is `hub_folder`."""
+    parts = Path(entry.source).parts
+    return hub_folder is not None and hub_folder in parts and parts[parts.index(hub_folder) + 1:][:1] == ("snapshots",)
 
 
 def _local_folder(model: str, revision: str | None) -> Path:

@@ -879,18 +879,25 @@ def test_random_checkpoint_cut_short_over_a_checkpoint_leaves_it_as_it_was(tmp_p
         maker.write_checkpoint(folder, size="micro", force=True)
     monkeypatch.setattr(maker.os, "replace", renamed)
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
-    # Ctrl-C (SIGINT) while the files take their names is held until all three have them.
-    import signal
-
-    def interrupted_between(source, target):
-        renamed(source, target)
-        if Path(target) == folder / "model.safetensors":
-            os.kill(os.getpid(), signal.SIGINT)
-
-    monkeypatch.setattr(maker.os, "replace", interrupted_between)
-    with pytest.raises(KeyboardInterrupt):
-        maker.write_checkpoint(folder, size="micro", force=True)
-    monkeypatch.setattr(maker.os, "replace", renamed)
+    # Ctrl-C (SIGINT) while the files take their names is held until all three have them (in a
+    # process of its own: signals are held on a main thread, which a test worker's may not be).
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from santacpu.loading import random_checkpoint as maker
+        renamed = os.replace
+        def interrupted_between(source, target):
+            renamed(source, target)
+            if Path(target) == Path({str(folder)!r}) / "model.safetensors":  # (published, not staged)
+                os.kill(os.getpid(), signal.SIGINT)
+        maker.os.replace = interrupted_between
+        try:
+            maker.write_checkpoint({str(folder)!r}, size="micro", force=True)
+        except KeyboardInterrupt:
+            print("interrupted")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, env=helpers.santacpu_env())
+    assert done.stdout == b"interrupted\n", done.stderr.decode()
     assert json.loads((folder / "config.json").read_text())["n_embd"] != json.loads(before["config.json"])["n_embd"]
     santacpu.load(folder, quant="none")  # the new checkpoint, whole (weights and config of one run)
     # A killed run's partial file does not make a folder look used: the next run removes it.

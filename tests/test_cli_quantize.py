@@ -476,3 +476,41 @@ def test_a_perplexity_past_a_floats_range_is_infinite_and_null_in_json():
     figures = json.loads(scores.to_json(model="m"))
     assert figures["perplexity"] is None and figures["delta_perplexity"] is None and figures["model"] == "m"
     assert "perplexity            inf" in scores.table("m", "r")
+
+
+def test_cache_clear_of_a_hub_id_finds_its_files_after_its_hub_cache_is_gone(tmp_path, monkeypatch):
+    import shutil
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--rt--fake"
+    shutil.copytree(tiny_checkpoint(), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    done = run("complete", PROMPT, "--model", "rt/fake", "--max-new-tokens", "2", cache=tmp_path / "cache")
+    assert done.returncode == 0 and "first use of rt/fake" in done.stderr.decode(), done.stderr.decode()
+    shutil.rmtree(tmp_path / "hf")
+    cleared = run("cache", "clear", "rt/fake", cache=tmp_path / "cache")
+    assert cleared.returncode == 0 and cleared.stdout.decode().startswith("removed 1 file"), cleared.stderr.decode()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_cache_clear_goes_on_past_a_file_it_may_not_remove(tmp_path, monkeypatch):
+    # In a shared sticky cache folder another user's file stopped the clear at the first one.
+    from quantize.cache import clear_cache
+
+    monkeypatch.setenv("SANTACPU_CACHE", str(tmp_path / "cache"))
+    santacpu.load(tiny_checkpoint())
+    santacpu.load(tiny_checkpoint(), quant="q6_0")
+    theirs = cached_file_for(tiny_checkpoint(), "q8_0")
+    unlink = Path.unlink
+
+    def refused(self, *args, **kwargs):
+        if self == theirs:
+            raise PermissionError(1, "Operation not permitted")
+        return unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.warns(santacpu.SantacpuWarning, match=f"cannot remove {theirs}: Operation not permitted"):
+        removed = clear_cache()
+    assert [e.path for e in removed] == [cached_file_for(tiny_checkpoint(), "q6_0")] and theirs.exists()

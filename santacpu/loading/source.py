@@ -33,7 +33,7 @@ def default_model() -> str:
     value = Settings.from_environment().model
     if value is None:
         return DEFAULT_MODEL
-    if not user_path(value).exists() and _looks_like_a_path(value):
+    if not user_path(value).exists() and looks_like_a_path(value):
         raise SantacpuError(
             f"{MODEL_ENV}={value}: no such file or folder (the variable names the model run when --model "
             f"is not given; unset it for {DEFAULT_MODEL})"
@@ -41,7 +41,7 @@ def default_model() -> str:
     return value
 
 
-def _looks_like_a_path(text: str) -> bool:
+def looks_like_a_path(text: str) -> bool:
     """Whether `text` can only be a local path, never a hub id."""
     return not _HUB_ID.match(text) or text.startswith((".", "/", "~"))
 
@@ -76,7 +76,7 @@ def check_local(model: str | os.PathLike) -> None:
     path, text = user_path(model), str(model)
     if path.exists() and not (path.is_dir() or path.is_file()):  # a FIFO, a device, a socket
         raise SantacpuError(f"{text} is neither a file nor a folder (a model is a folder, a weight file or a quantized file)")
-    if not path.exists() and _looks_like_a_path(text):
+    if not path.exists() and looks_like_a_path(text):
         raise SantacpuError(f"no such file or folder: {text}")
 
 
