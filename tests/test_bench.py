@@ -445,3 +445,11 @@ def test_the_childrens_warnings_are_said_once_as_santacpus_lines(tmp_path):
     said = [line for line in err.splitlines() if "tokenizer.json" in line]
     assert len(said) == 1 and said[0].startswith("santacpu: warning: no tokenizer.json in"), err
     assert json.loads(out.read_text())["model"]["name"] == str(trained)
+
+
+def test_the_json_report_holds_no_nan_or_infinity():
+    from santacpu.bench.report import finite_only
+
+    report = {"summary": {"decode_gb_s": math.inf, "x": [1.0, math.nan]}, "n": 3, "name": "m"}
+    assert json.loads(json.dumps(finite_only(report), allow_nan=False)) == {
+        "summary": {"decode_gb_s": None, "x": [1.0, None]}, "n": 3, "name": "m"}

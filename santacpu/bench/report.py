@@ -6,6 +6,8 @@ May import: nothing of santacpu.
 
 from __future__ import annotations
 
+import math
+
 # The bound of issue 4 item 6: peak RSS at a 2048-token context within file size + 150 MB.
 RSS_BOUND_EXTRA_MB = 150
 # A timed run shorter than this measures the timer, the caches and Python more than the model.
@@ -236,3 +238,15 @@ def _model_line(model: dict) -> str:
     """The model as given, and the file that ran where that differs (a cached quantization)."""
     name, path = model.get("name"), model["path"]
     return path if name in (None, path) else f"{name}: {path}"
+
+
+def finite_only(value):
+    """`value` (the report's nested dicts and lists) with every non-finite float as None: strict
+    JSON has no NaN or Infinity, and a figure a tiny run cannot measure may be one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_only(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_only(item) for item in value]
+    return value

@@ -133,6 +133,7 @@ def bench(
     import json
 
     from ..bench import BenchSettings, format_table, run_bench
+    from ..bench.report import finite_only
 
     from ..model import resolve_device, runnable_model
 
@@ -155,7 +156,7 @@ def bench(
     )
     report = run_bench(settings)
     if json_out is not None:  # (first: a stdout that fails loses nothing)
-        write_text_atomically(json_out, json.dumps(report, indent=2, allow_nan=False) + "\n", overwrite=force)
+        write_text_atomically(json_out, json.dumps(finite_only(report), indent=2, allow_nan=False) + "\n", overwrite=force)
     print(format_table(report))
     for note in report["warnings"]:
         warnings.warn(note, SantacpuWarning)
