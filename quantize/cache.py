@@ -142,7 +142,6 @@ def _lock_file(path: Path) -> Path:
     return path.with_name(f".{path.name}.lock")
 
 
-
 def _made(model: str, folder: Path, path: Path, qtype: str) -> Path:
     """The cached file at `path`, made now unless it is there (another first use made it) and whole."""
     if path.exists():

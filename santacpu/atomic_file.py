@@ -315,11 +315,18 @@ def make_folder(folder: Path) -> None:
         raise WriteError(f"cannot make the folder {folder}: {os_problem(problem)}", problem.errno) from None
 
 
-def owned_temp_folder(prefix: str) -> str:
-    """A new folder in the temporary directory named with this host and process
-    (`PREFIX-HOST-PID-XXXXXXXX`), made after removing this user's folders of the same prefix whose
-    process on this host is gone (killed outright before it could remove its own)."""
-    base, mine = tempfile.gettempdir(), f"{prefix}-{host_tag()}-"
+def owned_temp_folder(prefix: str, parent: str | os.PathLike | None = None) -> str:
+    """A new folder in `parent` (default: the temporary directory) named with this host and process
+    (`PREFIX-HOST-PID-XXXXXXXX`), made after `remove_abandoned_folders`."""
+    base = os.fspath(parent) if parent is not None else tempfile.gettempdir()
+    remove_abandoned_folders(prefix, base)
+    return tempfile.mkdtemp(prefix=f"{prefix}-{host_tag()}-{os.getpid()}-", dir=base)
+
+
+def remove_abandoned_folders(prefix: str, parent: str | os.PathLike | None = None) -> None:
+    """Remove this user's `owned_temp_folder`s of `prefix` in `parent` (default: the temporary
+    directory) whose process on this host is gone (killed outright before it could remove its own)."""
+    base, mine = os.fspath(parent) if parent is not None else tempfile.gettempdir(), f"{prefix}-{host_tag()}-"
     try:
         names = [name for name in os.listdir(base) if name.startswith(mine)]
     except OSError:
@@ -332,7 +339,6 @@ def owned_temp_folder(prefix: str) -> str:
             continue
         if process_gone(host_tag(), pid) and stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid():
             shutil.rmtree(path, ignore_errors=True)
-    return tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}-")
 
 
 def _writer_gone(partial: Path, host: str | None, pid: str | None) -> bool | None:

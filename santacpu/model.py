@@ -343,13 +343,17 @@ def _token_level(options: GenerationOptions | None, changes: dict, method: str) 
     return merged
 
 
-def _model_name(model: object) -> str:
-    """`model` (a str or a path) as a str, checked: text, not empty."""
+def _model_name(model: object, revision: object = None, quant: object = None) -> str:
+    """`model` (a str or a path) as a str, checked: text, not empty; `revision` and `quant` text
+    where given."""
     if isinstance(model, os.PathLike):
         model = os.fspath(model)
     model = arguments.text(model, "model")
     if not model.strip():
         raise SantacpuError("model is empty: give a hub id, a checkpoint folder or a quantized file")
+    for value, name in ((revision, "revision"), (quant, "quant")):
+        if value is not None:
+            arguments.text(value, name)
     return model
 
 
@@ -357,10 +361,7 @@ def runnable_model(model: str | os.PathLike, revision: str | None = None, quant:
     """(what to load, its revision) for `model` under the first-use policy: a quantized file as
     it is; a full-precision model as its cached quantization to `quant` (None: DEFAULT_QUANT,
     "q8_0"), made now if needed; "none": the model itself. See `quantize.cache`."""
-    model = _model_name(model)
-    for value, name in ((revision, "revision"), (quant, "quant")):
-        if value is not None:
-            arguments.text(value, name)
+    model = _model_name(model, revision, quant)
     if names_quantized_file(model) and quant is None:
         hub_revision(model, revision)  # a revision given for a local file is warned about
         return str(model), None  # nothing to quantize: the converter is not even imported
@@ -394,10 +395,7 @@ def load(
     to 11 significant bits) or "float32" (exact). `device`: "auto" (a CUDA GPU where one is
     usable, else the CPU), "cpu" or "cuda" (see `resolve_device`); `model.device` says which ran.
     The environment's settings (`santacpu.settings`) are read here."""
-    model = _model_name(model)
-    for value, name in ((revision, "revision"), (quant, "quant")):
-        if value is not None:
-            arguments.text(value, name)
+    model = _model_name(model, revision, quant)  # (checked before the long work below, as runnable_model checks it)
     if not isinstance(reuse_prompt, bool):  # ("no" would be true); checked before the (long) load
         raise SantacpuError(f"reuse_prompt must be True or False, got {reuse_prompt!r}")
     check_kv_dtype(kv_cache)  # before the (long) load

@@ -907,7 +907,7 @@ def test_random_checkpoint_cut_short_over_a_checkpoint_leaves_it_as_it_was(tmp_p
     from santacpu.atomic_file import host_tag
 
     (fresh / f".model.safetensors.{host_tag()}-{dead}-abcd1234.partial").write_bytes(b"half")
-    (fresh / f".random-checkpoint.{host_tag()}-{dead}-abcd1234").mkdir()  # (a killed run's staging folder)
+    (fresh / f".random-checkpoint-{host_tag()}-{dead}-abcd1234").mkdir()  # (a killed run's staging folder)
     with pytest.warns(santacpu.SantacpuWarning, match="removed .*abcd1234.partial"):
         maker.write_checkpoint(fresh)
     assert sorted(p.name for p in fresh.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json"]

@@ -73,6 +73,21 @@ class BenchSettings:
     name: str | None = None  # the model as its user named it, where `model` is what that runs as
     extra: dict = field(default_factory=dict)  # passed through to the JSON as given
 
+    def checked(self) -> BenchSettings:
+        """These settings with duplicate parts and batch sizes dropped, or an OptionValueError (a
+        usage error) for what no model makes right: the lengths are `fit_to_context`'s."""
+        from ..errors import OptionValueError
+
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown:
+            raise OptionValueError(f"unknown bench part '{unknown[0]}' (choose from {', '.join(PARTS)})")
+        if self.threads < 0 or not 1 <= self.repeat <= MAX_REPEAT:
+            raise OptionValueError(f"threads must be at least 0 (all cores) and repeat from 1 to {MAX_REPEAT}")
+        if any(not 1 <= size <= MAX_BATCH_SIZE for size in self.batch):
+            raise OptionValueError(f"--batch sizes must be from 1 to {MAX_BATCH_SIZE}")
+        self.parts, self.batch = tuple(dict.fromkeys(self.parts)), tuple(dict.fromkeys(self.batch))
+        return self
+
 
 # ----------------------------------------------------------------------------------------------
 # The parent: validate, run the children one at a time, gather one result dictionary.
@@ -81,19 +96,11 @@ class BenchSettings:
 def run_bench(settings: BenchSettings, log: Callable[[str], None] | None = None) -> dict:
     """Measure `settings.model`; returns {"settings", "machine", "model", "results"} (see the
     module docstring for what each part measures). Raises SantacpuError for bad settings."""
-    from ..errors import SantacpuError
     from ..model import resolve_device, runnable_model
 
     log = log or (lambda text: print(f"santacpu bench: {text}", file=sys.stderr, flush=True))
+    settings = settings.checked()
     settings.threads = settings.threads or default_threads()
-    unknown = [p for p in settings.parts if p not in PARTS]
-    if unknown:
-        raise SantacpuError(f"unknown bench part '{unknown[0]}' (choose from {', '.join(PARTS)})")
-    if settings.threads < 1 or not 1 <= settings.repeat <= MAX_REPEAT:
-        raise SantacpuError(f"threads must be at least 1 and repeat from 1 to {MAX_REPEAT}")
-    if any(not 1 <= size <= MAX_BATCH_SIZE for size in settings.batch):
-        raise SantacpuError(f"batch sizes must be from 1 to {MAX_BATCH_SIZE}")
-    settings.parts, settings.batch = tuple(dict.fromkeys(settings.parts)), tuple(dict.fromkeys(settings.batch))
     resolve_device(settings.device)
     asked = settings.name or settings.model
     settings.model, settings.revision = runnable_model(settings.model, settings.revision, settings.quant)

@@ -140,20 +140,18 @@ def bench(
     if json_out is not None:
         check_writable(json_out, "--json", overwrite=force)  # now, not after minutes of measuring
         refuse_replacing_inputs(json_out, "--json", [model])
-    resolve_device(device)  # (a missing GPU is said before a first-use quantization)
-    runs, revision = runnable_model(model, revision, quant)  # (its cached quantization, made now if need be)
-    if json_out is not None:
-        refuse_replacing_inputs(json_out, "--json", [runs])
-    sizes = counts(batch)
-    if any(size > MAX_BATCH_SIZE for size in sizes):
-        raise OptionValueError(f"--batch sizes are at most {MAX_BATCH_SIZE}")
     settings = BenchSettings(
-        model=runs, name=model if runs == model else f"{model} ({quant or DEFAULT_QUANT})",
-        quant=quant if runs == model else None, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
+        model=model, quant=quant, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         fim_tokens=fim_tokens, threads=threads, repeat=repeat, memory_context=memory_context,
         parts=tuple(p.strip() for p in parts.split(",") if p.strip()), revision=revision,
-        batch=sizes, device=device,
-    )
+        batch=counts(batch), device=device,
+    ).checked()  # (before a first-use quantization, as the GPU below)
+    resolve_device(device)
+    runs, settings.revision = runnable_model(model, revision, quant)  # (its cached quantization, made now if need be)
+    if json_out is not None:
+        refuse_replacing_inputs(json_out, "--json", [runs])
+    if runs != model:  # benched as the file it runs: named as given
+        settings.model, settings.name, settings.quant = runs, f"{model} ({quant or DEFAULT_QUANT})", None
     report = run_bench(settings)
     if json_out is not None:  # (first: a stdout that fails loses nothing)
         write_text_atomically(json_out, json.dumps(finite_only(report), indent=2, allow_nan=False) + "\n", overwrite=force)

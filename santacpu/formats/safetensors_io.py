@@ -108,6 +108,11 @@ class SafetensorsFile:
             advise_huge_pages(self._map)
         self._buffer = np.frombuffer(self._map, dtype=np.uint8) if self._map is not None else np.empty(0, np.uint8)
 
+    @property
+    def data_start(self) -> int:
+        """Where the tensors' bytes begin: after the 8-byte length and the JSON header."""
+        return self._data_start
+
     def names(self) -> list[str]:
         return list(self._entries)
 

@@ -30,7 +30,6 @@ import json
 import os
 import shutil
 import signal
-import tempfile
 import threading
 import zlib
 from pathlib import Path
@@ -38,7 +37,10 @@ from typing import Iterator
 
 import numpy as np
 
-from ..atomic_file import check_writable, host_tag, process_gone, remove_stale_partials, writable_target, write_text_atomically
+from ..atomic_file import (
+    check_writable, owned_temp_folder, remove_abandoned_folders, remove_stale_partials, writable_target,
+    write_text_atomically,
+)
 from ..errors import SantacpuError, os_problem
 from ..formats.safetensors_io import dtype_name_of, write_safetensors
 from ..progress import Progress
@@ -242,7 +244,7 @@ def write_checkpoint(
     files = [out / name for name in ("model.safetensors", "config.json", *(["tokenizer.json"] if with_tokenizer else []))]
     for path in files:  # (a killed run's: they would make the folder look used)
         remove_stale_partials(path)
-    _remove_abandoned_staging(out)
+    remove_abandoned_folders(_STAGING, out)  # (a killed run's: it would make the folder look used)
     if not force:
         _check_empty(out)
     # Each file it writes must be writable as a file before the first is written: a folder named
@@ -283,7 +285,7 @@ def write_checkpoint(
     # Ctrl-C) leaves an earlier checkpoint as it was, never the weights of one beside the config of
     # another.
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{host_tag()}-{os.getpid()}-", dir=out))
+        staging = Path(owned_temp_folder(_STAGING, out))
     except OSError as problem:
         raise SantacpuError(f"cannot write into {out}: {os_problem(problem)}") from None
     try:
@@ -325,19 +327,7 @@ def _publish_together(files: list[Path], staging: Path) -> None:
         raise
 
 
-_STAGING = ".random-checkpoint."  # OUT/.random-checkpoint.HOST-PID-XXXXXXXX: a run's files before they take their names
-
-
-def _remove_abandoned_staging(out: Path) -> None:
-    """Remove the staging folders in `out` of runs killed outright (their process gone)."""
-    try:
-        names = [name for name in os.listdir(out) if name.startswith(_STAGING)]
-    except OSError:
-        return
-    for name in names:
-        host, _, rest = name[len(_STAGING):].partition("-")
-        if process_gone(host, rest.partition("-")[0]):
-            shutil.rmtree(out / name, ignore_errors=True)
+_STAGING = ".random-checkpoint"  # OUT/.random-checkpoint-HOST-PID-XXXXXXXX: a run's files before they take their names
 
 
 @contextlib.contextmanager
