@@ -1514,7 +1514,8 @@ def test_token_counts_end_at_the_token_that_completed_a_stop_string(tmp_path):
     app = build_app(ServerSettings(model_name="trained"), lambda: santacpu.load(trained))
     with in_process(app) as client:
         wait_ready(client.get)
-        llama = client.post("/completion", json={"prompt": prompt, "n_predict": 30, "stop": [stop]}).json()
+        llama = client.post("/completion", json={"prompt": prompt, "n_predict": 30, "stop": [stop],
+                                                 "temperature": 0}).json()
         assert llama["stop_type"] == "word" and llama["tokens_predicted"] == k == llama["timings"]["predicted_n"], llama
         openai = client.post("/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 30, "stop": [stop],
                                                       "temperature": 0}).json()
