@@ -3,19 +3,17 @@ facts without loading it, and each part run in a child process of its own, one a
 the package docstring for what each part measures); the one result dictionary.
 
 May import: the other `santacpu.bench` modules (machine, report), `santacpu.atomic_file` (its
-temporary Numba cache), and lazily `santacpu` below the API (config, errors, paths, formats, loading).
+temporary Numba cache), `santacpu.signals`, and lazily `santacpu` below the API (config, errors, paths, formats, loading).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ from ..atomic_file import owned_temp_folder
 from .machine import default_threads, machine_facts, santacpu_version
 from .report import short_run_warnings, summarize
 from ..paths import user_path
+from ..signals import signals_held
 
 PARTS = ("speed", "lookup", "memory", "load", "compile")
 # `--batch`: B sequences of BATCH_PROMPT_TOKENS distinct prompt tokens each, greedy, generating
@@ -44,7 +43,7 @@ MAX_REPEAT, MAX_BATCH_SIZE = 1000, 256
 MEMORY_DECODE_TOKENS = 8
 # The lengths a full-size model is measured at; shorter where the model's context is (`fit_to_context`).
 DEFAULT_PROMPT_TOKENS, DEFAULT_DECODE_TOKENS, DEFAULT_FIM_TOKENS = 512, 128, 1500
-# The child's code: it first unblocks the signals its start held (`_signals_held_for_a_child_start`:
+# The child's code: it first unblocks the signals its start held (`signals_held`:
 # a child inherits its parent's mask); then its import is timed from before anything of santacpu is
 # loaded through the runtime (santacpu.model: NumPy, Numba, the kernels' modules), as a user's
 # process pays it.
@@ -271,25 +270,6 @@ def measure_read_speed(files: list, threads: int) -> float | None:
     return _run_child("read_speed", {"files": [str(f) for f in files], "threads": threads})["gb_s"]
 
 
-@contextlib.contextmanager
-def _signals_held_for_a_child_start():
-    """Children started meanwhile ignore SIGINT from their first instruction (an ignored signal stays
-    ignored across exec, and Python then installs no handler of its own). This process holds SIGINT
-    and SIGTERM blocked meanwhile, so that one arriving is delivered once a child can be stopped
-    with it, not lost (main thread only: elsewhere dispositions are not ours)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)  # (None: set outside Python)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
-
-
 def _dies_with_this_process():
     """A child's preexec_fn on Linux: the child is killed when this process dies, even by SIGKILL
     (which leaves no time to kill it), instead of measuring on for a minute on the cores."""
@@ -327,7 +307,7 @@ def _run_child(kind: str, job: dict, env_extra: dict | None = None) -> dict:
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     child = None
     try:
-        with _signals_held_for_a_child_start():
+        with signals_held(children_ignore_sigint=True):
             child = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, kind, json.dumps(job)], env=env,
                                      stdout=subprocess.PIPE, text=True, preexec_fn=_dies_with_this_process())
         stdout, _ = child.communicate()

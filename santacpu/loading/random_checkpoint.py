@@ -20,7 +20,7 @@ replaced); `--force` (`force=True`) writes into it anyway.
 (`python -m tools.random_checkpoint` in a clone does the same.)
 
 May import: numpy, `santacpu.formats.safetensors_io`, `santacpu.atomic_file`, `santacpu.progress`,
-`santacpu.errors`.
+`santacpu.signals`, `santacpu.errors`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import threading
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -44,6 +42,7 @@ from ..atomic_file import (
 from ..errors import SantacpuError, os_problem
 from ..formats.safetensors_io import dtype_name_of, write_safetensors
 from ..progress import Progress
+from ..signals import signals_held
 
 LAYOUTS = ("gpt_bigcode", "legacy")
 DTYPES = ("float32", "float16")
@@ -297,7 +296,7 @@ def write_checkpoint(
             metadata={"format": "pt"},
             shapes=shapes,
         )
-        with _signals_held():
+        with signals_held():
             _publish_together(files, staging)
     except OSError as problem:
         raise SantacpuError(f"cannot finish the checkpoint in {out}: {os_problem(problem)} (the folder is as it "
@@ -328,17 +327,4 @@ def _publish_together(files: list[Path], staging: Path) -> None:
 
 
 _STAGING = ".random-checkpoint"  # OUT/.random-checkpoint-HOST-PID-XXXXXXXX: a run's files before they take their names
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Ctrl-C and SIGTERM held (delivered when the block ends) on the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
