@@ -6,3 +6,7 @@ cache (`cache`). The block formats themselves are the runtime's: `santacpu.forma
 May import: `santacpu`'s layers below the API (`santacpu.model` imports `quantize.cache` for first-use
 quantization; `santacpu.cli` runs `santacpu quantize` and `santacpu cache`).
 """
+
+# `santacpu quantize --calibration-tokens`' default, and first use's (here, so that the command line
+# states it without loading the converter).
+DEFAULT_CALIBRATION_TOKENS = 4096

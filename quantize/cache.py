@@ -44,7 +44,8 @@ from santacpu.loading.source import looks_like_a_path, hub_revision, resolve
 from santacpu.settings import CACHE_ENV, Settings
 
 from . import calibration_cache
-from .calibration import DEFAULT_CALIBRATION_TOKENS, calibration_texts
+from . import DEFAULT_CALIBRATION_TOKENS
+from .calibration import calibration_texts
 from .pipeline import default_calibration, run_quantize
 from santacpu.paths import user_path
 

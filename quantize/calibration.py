@@ -26,8 +26,8 @@ from santacpu.progress import Progress
 from santacpu.sample_code import stdlib_files
 from santacpu.tokenizer import Tokenizer
 
+
 SEQUENCE_TOKENS = 512
-DEFAULT_CALIBRATION_TOKENS = 4096  # `santacpu quantize --calibration-tokens`' default, and first use's
 
 
 # Calibration reads at most this much of one file, and stops taking files past this much text:

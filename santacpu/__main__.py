@@ -1,8 +1,8 @@
 """The command line's entry: the `santacpu` console script and `python -m santacpu`.
 
-It imports the command line (NumPy, Numba and the kernels behind it: half a second or more) inside
-`main`, so that a Ctrl-C meanwhile ends as every other interruption does: "santacpu: interrupted",
-exit 130, no traceback.
+It imports the command line (typer, NumPy: a quarter of a second; the commands import the runtime
+themselves) inside `main`, so that a Ctrl-C meanwhile ends as every other interruption does:
+"santacpu: interrupted", exit 130, no traceback.
 
 May import: `santacpu.cli`.
 """

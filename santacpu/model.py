@@ -37,6 +37,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 
 from . import arguments, errors
+from .backends import DEVICES
 from .backends.base import Backend
 from .backends.cpu.backend import CpuBackend
 from .backends.cuda import device as cuda_device
@@ -303,8 +304,6 @@ def _non_empty(items, name: str) -> list:
         raise SantacpuError(f"no {name} given (an empty list)")
     return items
 
-
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(device: str) -> str:

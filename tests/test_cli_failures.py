@@ -789,6 +789,23 @@ def test_help_and_version():
     assert (version.returncode, version.stdout.decode()) == (0, f"santacpu {santacpu.__version__}\n")
 
 
+def test_help_version_and_usage_errors_load_neither_numba_nor_the_model(tiny):
+    # The command tree imports only what its options state (choices, defaults): --help answered in
+    # a third of a second, where importing the runtime (Numba, LLVM, the kernels) took 0.5 s more.
+    code = ("import sys\nfrom santacpu.__main__ import main\n"
+            "try:\n    main()\nexcept SystemExit as end:\n    code = end.code\n"
+            "heavy = [m for m in ('numba', 'llvmlite', 'santacpu.model', 'santacpu.network.engine', 'quantize.calibration') if m in sys.modules]\n"
+            "print('loaded:', ','.join(heavy), file=sys.stderr)\n")
+    for args in (["--help"], ["--version"], ["complete", "--help"], ["quantize", "--help"], ["serve", "--help"],
+                 ["complete", "x", "--temperature", "-1"], ["bench", "m", "--parts", "sped"]):
+        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, timeout=120, env=helpers.santacpu_env())
+        assert done.stderr.decode().splitlines()[-1] == "loaded: ", (args, done.stderr.decode()[-2000:])
+    # A command that runs the model loads them, inside the command (the check above can fail).
+    done = subprocess.run([sys.executable, "-c", code, "complete", "x", "--model", str(tiny), "--quant", "none", "--max-new-tokens", "1"],
+                          capture_output=True, timeout=300, env=helpers.santacpu_env())
+    assert done.stderr.decode().splitlines()[-1].startswith("loaded: numba,llvmlite,santacpu.model,"), done.stderr.decode()[-2000:]
+
+
 _BAD_CHOICES = [
     (("complete", PROMPT, "--device", "gpu"), "--device"),
     (("complete", PROMPT, "--fim-order", "pms"), "--fim-order"),

@@ -11,6 +11,9 @@ error's traceback instead. Warnings are one line each (`santacpu: warning: ...`)
 The modules: `app` (the command tree), `entry` (`main`: outcomes to lines and exit codes), one
 module per kind of command (`complete`, `model_files`, `measure`, `serve`), and what they share
 (`options`: value checks and common options; `text_input`: bounded text from files and stdin).
+Building the command tree loads no Numba and no model (tests/test_cli_failures.py checks it): the
+commands import the runtime inside their bodies, so `--help`, `--version` and usage errors answer
+in about a third of a second.
 
 May import: anything in `santacpu` and `quantize` (the top layer: nothing imports it but `__main__`).
 """

@@ -17,7 +17,7 @@ from ..formats.blocks import FORMATS
 from .options import (
     REVISION_OPTION, check_keep_rules, check_positive, choices, folder_name, input_files, model_name, one_of, output_file,
 )
-from quantize.calibration import DEFAULT_CALIBRATION_TOKENS
+from quantize import DEFAULT_CALIBRATION_TOKENS
 
 # What `quantize --type q4_m`'s default upgrade budget (1.5%) comes to on SantaCoder's shapes
 # (docs/quantization.md says how it was counted).

@@ -6,8 +6,10 @@ typer callback that raises `typer.BadParameter`: a usage error, exit 2, like a v
 type. A value only the model can judge raises `OptionValueError` in the command (also exit 2).
 
 May import: the foundation layers below the command line (`santacpu.formats`, `santacpu.loading`,
-`santacpu.generation`, `santacpu.model`, `santacpu.settings`, `santacpu.atomic_file`,
-`santacpu.errors`), `quantize.policy`.
+`santacpu.generation`, `santacpu.backends` (its DEVICES), `santacpu.settings`, `santacpu.atomic_file`,
+`santacpu.errors`), `quantize.policy`. At import, nothing that loads Numba or the model: `--help`,
+`--version` and usage errors answer without the runtime (`santacpu.model`, the kernels), which
+each command imports inside its body.
 """
 
 from __future__ import annotations
@@ -19,11 +21,11 @@ from typing import List, Optional, Tuple
 import typer
 
 from ..atomic_file import input_at
+from ..backends import DEVICES
 from ..errors import OptionValueError, SantacpuError
 from ..formats.blocks import FORMATS
 from ..formats.quantized_file import DEFAULT_QUANT
 from ..loading.source import DEFAULT_MODEL
-from ..model import DEVICES
 from ..settings import MODEL_ENV
 
 

@@ -39,7 +39,14 @@ from typing import ClassVar
 import numpy as np
 
 from ..errors import SantacpuError
-from . import fits
+
+
+def _fits():
+    """The compiled searches (fits.py), imported on first use: Numba stays unloaded where only the
+    formats' facts are read (the command line's options and help)."""
+    from . import fits
+
+    return fits
 
 QK = 32  # values per block, every format
 # Rows are quantized in chunks of about this many values: bounds the temporaries (a few float32
@@ -107,7 +114,7 @@ def _block_max_min(xt: np.ndarray, compiled: bool = True) -> tuple[np.ndarray, n
     instructions give). compiled=False: the NumPy form."""
     if compiled:
         hi, lo = np.empty(xt.shape[1], np.float32), np.empty(xt.shape[1], np.float32)
-        fits.block_max_min(xt, hi, lo)
+        _fits().block_max_min(xt, hi, lo)
         return hi, lo
     hi, lo = xt[0].copy(), xt[0].copy()
     for k in range(1, xt.shape[0]):
@@ -230,7 +237,7 @@ def _symmetric_scale(xt: np.ndarray, wt: np.ndarray | None, qmin: int, qmax: int
     """
     if wt is not None and compiled:
         out = np.empty(xt.shape[1], np.float32)
-        fits.symmetric_scale_weighted(xt, wt, qmin, qmax, signed_max, out)
+        _fits().symmetric_scale_weighted(xt, wt, qmin, qmax, signed_max, out)
         return out
     hi, lo = _block_max_min(xt, compiled)
     if signed_max:
@@ -399,11 +406,6 @@ class Q6_0(BlockFormat):
 # --- q4_m: asymmetric 4-bit with 8-bit block scale/min codes under per-row super-scales ----------
 
 
-# The q4_m search: scale stretches tried around the min/max fit, then round-and-refit passes.
-Q4M_STRETCH = tuple(float(k) for k in fits.Q4M_STRETCH)  # (-1.0, -0.75, ..., 1.0): set once, in fits.py
-Q4M_REFITS = fits.Q4M_REFITS
-
-
 def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None, compiled: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Per-block (scale s >= 0, offset o >= 0) [N] minimising sum w (x - (s*q - o))^2, q in 0..15,
     for blocks xt [32, N] (w = wt, or 1).
@@ -412,11 +414,12 @@ def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None, compiled: bool = True) -> tu
     stored as an unsigned code); start from the min/max fit s = (max - min) / 15; try the grid of
     stretched scales (15 + k) / (max - min), k in STRETCH, each rounded to codes and refit by
     weighted least squares for (s, min) (min clamped to <= 0, s refit alone then); keep the lowest
-    error (computed in closed form from the sums); then Q4M_REFITS round-and-refit passes from
+    error (computed in closed form from the sums); then fits.Q4M_REFITS round-and-refit passes from
     the winner. Measured on Gaussian rows: 9 stretches + 3 refits get within 0.2% of ggml's 21
     stretches + 2 refits at half the time; the 8-bit scale codes cost another ~0.2% RMSE.
     Runs compiled (fits.py, the same bits); compiled=False runs the NumPy below, its reference.
     """
+    fits = _fits()
     if compiled:
         scale, offset = np.empty(xt.shape[1]), np.empty(xt.shape[1])
         fits.q4m_fit(xt, fits.NO_WEIGHTS if wt is None else wt, scale, offset)
@@ -466,9 +469,9 @@ def _q4m_fit(xt: np.ndarray, wt: np.ndarray | None, compiled: bool = True) -> tu
         best_s[better] = s[better]
         best_m[better] = m[better]
 
-    for k in Q4M_STRETCH:
-        consider(lo, inv_span * (15 + k))
-    for _ in range(Q4M_REFITS):
+    for k in fits.Q4M_STRETCH:  # the scale stretches tried around the min/max fit (set once, in fits.py)
+        consider(lo, inv_span * (15 + float(k)))
+    for _ in range(fits.Q4M_REFITS):
         consider(best_m, np.divide(1.0, best_s, out=np.zeros_like(best_s), where=best_s > 0))
     # + 0.0 turns -0 into +0: a degenerate block's zero scale and offset get one sign everywhere (the
     # compiled twin's came out +0 on arm64 where NumPy's were -0).
