@@ -131,13 +131,14 @@ def features_without(prefixes: tuple[str, ...]) -> str:
     "isa,drop",
     [("vnni256", ("avx512", "avx10", "evex512")), ("avx2", ("avx512", "avx10", "evex512", "avxvnni"))],
 )
-def test_narrower_instruction_sets(isa, drop, tmp_path):
+def test_narrower_instruction_sets(isa, drop, narrower_numba_cache):
     host = {name for name, on in binding.get_host_cpu_features().items() if on}
     if int_dot.choose_isa({f for f in host if not f.startswith(drop)}) != isa:
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     if isa == int_dot.ISA:
         pytest.skip(f"{isa} is this CPU's own path: the other tests run it")
-    env = dict(os.environ, NUMBA_CPU_FEATURES=features_without(drop), NUMBA_CACHE_DIR=str(tmp_path))
+    features = features_without(drop)
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(narrower_numba_cache(features)))
     env.pop("NUMBA_CPU_NAME", None)
     result = subprocess.run(
         [sys.executable, "-c", CHILD.format(isa=isa)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300

@@ -58,17 +58,18 @@ def test_the_device_names_the_kernels_that_run(models, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", list(NARROWER))
-def test_narrower_instruction_sets_too(isa, tmp_path):
+def test_narrower_instruction_sets_too(isa, narrower_numba_cache):
     if int_dot.ISA is None:
         pytest.skip("x86 instruction sets only")
     # This CPU compiles the kernels for `isa` in a child process with the wider features turned
-    # off (its own Numba cache), and the child runs the same checks.
+    # off (a Numba cache of that feature string's own), and the child runs the same checks.
     host = {name for name, on in binding.get_host_cpu_features().items() if on}
     if int_dot.choose_isa({f for f in host if not f.startswith(NARROWER[isa])}) != isa:
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     if isa == int_dot.ISA:
         pytest.skip(f"{isa} is this CPU's own path: the tests above run it")
-    env = dict(os.environ, NUMBA_CPU_FEATURES=features_without(NARROWER[isa]), NUMBA_CACHE_DIR=str(tmp_path))
+    features = features_without(NARROWER[isa])
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(narrower_numba_cache(features)))
     env.pop("NUMBA_CPU_NAME", None)
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "token_invariance.py"), "q4_0", "q8_0"],
