@@ -13,7 +13,7 @@ import pytest
 from helpers import tiny_checkpoint
 import santacpu
 from santacpu import SantacpuError
-from santacpu.backends.cpu import cpu_kernels as k
+from santacpu.backends.cpu import cpu_kernels as k, kernels
 from santacpu.network import reference
 from santacpu.backends.cpu.backend import BLAS_MIN_TOKENS, CpuBackend
 from santacpu.loading.checkpoint import read_checkpoint
@@ -139,6 +139,43 @@ def test_attention_gives_each_query_the_same_bits_in_any_call(cache_dtype, start
         bits = (lambda a: a.view(np.uint16)) if cache_dtype == "float16" else (lambda a: a)
         k.causal_attention(q[t : t + 1], bits(k_cache), bits(v_cache), start + t, alone, 2)
         assert np.array_equal(alone[0], together[t]), t
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cache_dtype", ["float32", "float16"])
+@pytest.mark.parametrize("n_kv_head,D", [(1, 64), (2, 20)])
+def test_a_batched_steps_tokens_attend_in_one_call_with_each_sequences_bits(cache_dtype, n_kv_head, D, threads, all_cores):
+    # One new token of each of several sequences (caches of their own, of different capacities and
+    # lengths: empty, below, at and past multiples of KEY_LANES), their rows scattered among a
+    # step's other rows: each sequence's stored K/V row and its attention equal `attend` for it
+    # alone, bit for bit; the other rows of `out` are left as they were.
+    H, G, E = 8, n_kv_head, 8 * D
+    starts, capacities, rows = [0, 15, 16, 37, 3], [1, 20, 17, 40, 9], [4, 0, 6, 2, 5]
+    T = 7
+    qkv = (rng.standard_normal((T, E + 2 * G * D)) * 2).astype(np.float32)
+    qkv[0, E] = 70000.0  # past float16's range: inf in the cache, as NumPy's rounding makes it (NaN out)
+    qkv[0, E + 1 : E + 6] = [3e-6, 65519.0, 65520.0, -0.0, 1e-9]  # a subnormal, float16's largest, inf, -0, 0
+    caches = []
+    for start, capacity in zip(starts, capacities):
+        pair = tuple((rng.standard_normal((2, capacity, G, D)) * 0.5).astype(cache_dtype) for _ in range(2))
+        caches.append(pair)
+    alone = [tuple(a.copy() for a in pair) for pair in caches]
+    backend = CpuBackend()
+    out = np.full((T, E), np.float32(7.0))
+    with kernels.numba_threads(threads), np.errstate(over="ignore"):
+        backend.attend_tokens(qkv, caches, rows, starts, 1, out)
+    for (k_cache, v_cache), (k_alone, v_alone), row, start in zip(caches, alone, rows, starts):
+        want = np.empty((1, E), np.float32)
+        with np.errstate(over="ignore"):
+            backend.attend(qkv[row : row + 1], k_alone, v_alone, 1, start, want)
+        same_bits = lambda a, b: np.array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))  # noqa: E731 (NaN too)
+        assert same_bits(k_cache, k_alone) and same_bits(v_cache, v_alone), start
+        assert same_bits(out[row], want[0]), start
+    assert np.all(out[[1, 3]] == 7.0)
+    with pytest.raises(ValueError, match="room for its token"):  # never written past a cache's end
+        backend.attend_tokens(qkv, caches[:2], [0, 1], [0, 20], 1, out)
+    with pytest.raises(ValueError, match="room for its token"):
+        backend.attend_tokens(qkv, [caches[0], (caches[1][0][:, ::2], caches[1][1])], [0, 1], [0, 1], 1, out)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -92,6 +92,13 @@ class Backend(Protocol):
         h // (H / G)."""
         ...
 
+    def attend_tokens(self, qkv: Any, caches: list, rows: list[int], starts: list[int], layer: int, out: Any) -> None:
+        """One new token of each of several sequences (a batched decode step): row rows[i] of qkv
+        [T, E + 2*G*D] is sequence i's token, at position starts[i] of its cache caches[i] =
+        (k_cache, v_cache); out[rows[i]] gets its attention. Each row's K/V and result are what
+        `attend` gives that sequence alone, to the bit; only the number of calls differs."""
+        ...
+
     def take_rows(self, x: Any, rows: list[int]) -> Any:
         """x[rows] (increasing row indices) as a new array."""
         ...

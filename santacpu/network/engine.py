@@ -190,6 +190,14 @@ class Engine:
         # after the embedding (a backend may hand a step's arrays out from a pool from there on).
         buf = self._decode_buffers() if T == 1 else dict.fromkeys(("x", "qkv", "proj", "f", "h"))
         x = b.input_embeddings(w.wte, w.wpe, ids, positions, out=buf.get("x"))  # [T, E], the residual stream
+        # A batched step's one-token sequences (two or more) attend in one backend call (one compiled
+        # call on the CPU, where a call each cost more than their arithmetic); the rest a call each.
+        singles = [span for span in spans if span[3] == 1] if len(spans) > 1 else []
+        if len(singles) < 2:
+            singles = []
+        one_by_one = [span for span in spans if span[3] > 1 or not singles]
+        single_caches = [(cache.k, cache.v) for cache, _, _, _ in singles]
+        single_rows, single_starts = [first for _, first, _, _ in singles], [start for _, _, start, _ in singles]
         attn = buf["attn"] if T == 1 else b.empty((T, c.n_embd))
         for i, layer in enumerate(w.layers):
             ln_1 = (layer.ln_1_weight, layer.ln_1_bias, eps)
@@ -197,7 +205,9 @@ class Engine:
             if len(spans) == 1:
                 b.attend(qkv, spans[0][0].k, spans[0][0].v, i, spans[0][2], attn)
             else:
-                for cache, first, start, n in spans:
+                if singles:
+                    b.attend_tokens(qkv, single_caches, single_rows, single_starts, i, attn)
+                for cache, first, start, n in one_by_one:
                     b.attend(qkv[first : first + n], cache.k, cache.v, i, start, attn[first : first + n])
             b.linear(attn, layer.attn_c_proj_weight, layer.attn_c_proj_bias, out=buf["proj"], add_to=x)
             ln_2 = (layer.ln_2_weight, layer.ln_2_bias, eps)

@@ -280,6 +280,34 @@ class CpuBackend:
         q = np.ascontiguousarray(qkv[:, :E]).reshape(T, E // D, D)  # T = 1: already contiguous, no copy
         self.attention(q, k_cache[layer], v_cache[layer], start, out=out.reshape(T, E // D, D))
 
+    def attend_tokens(self, qkv: np.ndarray, caches: list, rows: list[int], starts: list[int], layer: int, out: np.ndarray) -> None:
+        """One new token of each of several sequences (see the protocol): one compiled call for all
+        of them, each sequence's result the same bits as `attend` gives it alone."""
+        B, E = len(caches), out.shape[1]
+        first_k = caches[0][0]
+        _, _, G, D = first_k.shape
+        like = first_k[:0, 0, 0, 0]
+        if first_k.dtype == np.float16:
+            like = like.view(np.uint16)
+        # The kernel reaches each cache by its address, so what it is told must hold: same layout
+        # and type, C-contiguous, the token inside the cache.
+        for (k_cache, v_cache), start in zip(caches, starts):
+            if not (k_cache.dtype == v_cache.dtype == first_k.dtype and k_cache.shape == v_cache.shape
+                    and k_cache.shape[2:] == (G, D) and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
+                    and 0 <= start < k_cache.shape[1] and 0 <= layer < k_cache.shape[0]):
+                raise ValueError("attend_tokens takes C-contiguous caches of one type and head shape, each with room for its token")
+        if not (qkv.flags.c_contiguous and out.flags.c_contiguous and qkv.dtype == out.dtype == np.float32
+                and len(rows) == len(starts) == B and all(0 <= row < out.shape[0] for row in rows)):
+            raise ValueError("attend_tokens takes float32 C-contiguous qkv and out, and one row and start per cache")
+        k_addresses = np.array([kc.__array_interface__["data"][0] + layer * kc.strides[0] for kc, _ in caches], np.int64)
+        v_addresses = np.array([vc.__array_interface__["data"][0] + layer * vc.strides[0] for _, vc in caches], np.int64)
+        capacities = np.array([kc.shape[1] for kc, _ in caches], np.int64)
+        threads = numba.get_num_threads() if self._pool_warm else self._threads_for(2 * B * E * (max(starts) + 1))
+        head_splits = threads if B * G < threads else 1
+        with kernels.numba_threads(threads):
+            k.attention_of_tokens(qkv, np.asarray(rows, np.int64), k_addresses, v_addresses, capacities,
+                                  np.asarray(starts, np.int64), like, out, head_splits, G, D)
+
     def attention(
         self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray | None = None
     ) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Numba-compiled CPU kernels: matrix-vector products on fp16 weights, LayerNorm, GELU, and
-causal attention over the single-head (multi-query) KV cache. (fp32 weights go to BLAS, which
+causal attention over the single-head (multi-query) KV cache, one sequence's or one token of each of
+a batch's sequences. (fp32 weights go to BLAS, which
 NumPy already has and which streams them faster than a Numba loop does.)
 
 Each kernel has a plain-NumPy twin in `santacpu/network/reference.py` and is tested against it. Kernels take
@@ -18,7 +19,7 @@ import math
 
 import numpy as np
 from llvmlite import ir
-from numba import njit, prange, types
+from numba import carray, njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -596,3 +597,82 @@ def causal_attention(q, k_cache, v_cache, start, out, head_splits):
         rows = np.empty((KEY_LANES, D), np.float32)
         acc = np.empty((n_tokens * heads, D), np.float32)
         _attend_heads(q, k_cache, v_cache, t0, n_tokens, start, g, g * group + first, scale, scores, rows, acc, out)
+
+
+@intrinsic
+def _address_as_pointer(typingctx, address, like):
+    """An integer address as a pointer to the element type of the array `like` (for `carray`)."""
+    pointer = types.CPointer(like.dtype)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(types.int64, like), codegen
+
+
+@intrinsic
+def _as_cache_value(typingctx, value, like):
+    """A float32 as the KV cache `like` stores it: IEEE half bits (uint16, `fptrunc`: rounded to
+    nearest even, as NumPy's float32 -> float16) or the float32 itself."""
+    if like.dtype == types.uint16:
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+        return types.uint16(types.float32, like), codegen
+
+    def same(context, builder, signature, args):
+        return args[0]
+
+    return types.float32(types.float32, like), same
+
+
+@njit(parallel=True, fastmath=FASTMATH, cache=True)
+def attention_of_tokens(qkv, rows, k_addresses, v_addresses, capacities, starts, like, out, head_splits, G, D):
+    """One new token of each of B sequences, each with a KV cache of its own: sequence b's token
+    is row rows[b] of qkv [T, E + 2*G*D] (Q, then K, then V), at position starts[b] of the layer
+    cache whose K and V [capacities[b], G, D] (float32 or fp16 bits, as `like`) start at the
+    addresses k_addresses[b], v_addresses[b] (C-contiguous arrays the caller holds). Stores each
+    token's K/V row, then writes its attention into out[rows[b]] (out [T, E] float32).
+
+    One parallel region for the batch, where a call of `causal_attention` per sequence started one
+    each (a decode step of 16 sequences: 384 of them). Each sequence's result is the same
+    `_attend_heads` arithmetic as `causal_attention` for it alone, to the bit: its query is row b
+    of a [B, H, D] copy, at position (starts[b] - b) + b."""
+    B = rows.shape[0]
+    H = out.shape[1] // D
+    E = H * D
+    q = np.empty((B, H, D), np.float32)
+    result = np.empty((B, H, D), np.float32)
+    for b in range(B):  # the K/V rows first: every job of a sequence reads its own token's
+        k = carray(_address_as_pointer(k_addresses[b], like), (capacities[b], G, D))
+        v = carray(_address_as_pointer(v_addresses[b], like), (capacities[b], G, D))
+        r = rows[b]
+        for g in range(G):
+            for d in range(D):
+                k[starts[b], g, d] = _as_cache_value(qkv[r, E + g * D + d], like)
+                v[starts[b], g, d] = _as_cache_value(qkv[r, E + G * D + g * D + d], like)
+        for h in range(H):
+            for d in range(D):
+                q[b, h, d] = qkv[r, h * D + d]
+    group = H // G
+    per_part = (group + head_splits - 1) // head_splits
+    scale = np.float32(1.0 / math.sqrt(D))
+    for job in prange(B * G * head_splits):
+        b, rest = job // (G * head_splits), job % (G * head_splits)
+        g, part = rest // head_splits, rest % head_splits
+        first = part * per_part
+        heads = min(per_part, group - first)
+        if heads <= 0:
+            continue
+        k = carray(_address_as_pointer(k_addresses[b], like), (capacities[b], G, D))
+        v = carray(_address_as_pointer(v_addresses[b], like), (capacities[b], G, D))
+        n_last = starts[b] + 1
+        scores = np.empty((heads, (n_last + KEY_LANES - 1) // KEY_LANES * KEY_LANES), np.float32)
+        work = np.empty((KEY_LANES, D), np.float32)
+        acc = np.empty((heads, D), np.float32)
+        _attend_heads(q, k, v, b, 1, starts[b] - b, g, g * group + first, scale, scores, work, acc, result)
+    for b in range(B):
+        for h in range(H):
+            for d in range(D):
+                out[rows[b], h * D + d] = result[b, h, d]
