@@ -149,7 +149,7 @@ def test_a_batched_steps_tokens_attend_in_one_call_with_each_sequences_bits(cach
     # lengths: empty, below, at and past multiples of KEY_LANES), their rows scattered among a
     # step's other rows: each sequence's stored K/V row and its attention equal `attend` for it
     # alone, bit for bit; the other rows of `out` are left as they were.
-    H, G, E = 8, n_kv_head, 8 * D
+    G, E = n_kv_head, 8 * D
     starts, capacities, rows = [0, 15, 16, 37, 3], [1, 20, 17, 40, 9], [4, 0, 6, 2, 5]
     T = 7
     qkv = (rng.standard_normal((T, E + 2 * G * D)) * 2).astype(np.float32)
@@ -163,7 +163,7 @@ def test_a_batched_steps_tokens_attend_in_one_call_with_each_sequences_bits(cach
     backend = CpuBackend()
     out = np.full((T, E), np.float32(7.0))
     with kernels.numba_threads(threads), np.errstate(over="ignore"):
-        backend.attend_tokens(qkv, caches, rows, starts, 1, out)
+        backend.attend_tokens(qkv, backend.token_batch(caches, rows, starts), 1, out)
     for (k_cache, v_cache), (k_alone, v_alone), row, start in zip(caches, alone, rows, starts):
         want = np.empty((1, E), np.float32)
         with np.errstate(over="ignore"):
@@ -173,9 +173,14 @@ def test_a_batched_steps_tokens_attend_in_one_call_with_each_sequences_bits(cach
         assert same_bits(out[row], want[0]), start
     assert np.all(out[[1, 3]] == 7.0)
     with pytest.raises(ValueError, match="room for its token"):  # never written past a cache's end
-        backend.attend_tokens(qkv, caches[:2], [0, 1], [0, 20], 1, out)
+        backend.token_batch(caches[:2], [0, 1], [0, 20])
     with pytest.raises(ValueError, match="room for its token"):
-        backend.attend_tokens(qkv, [caches[0], (caches[1][0][:, ::2], caches[1][1])], [0, 1], [0, 1], 1, out)
+        backend.token_batch([caches[0], (caches[1][0][:, ::2], caches[1][1])], [0, 1], [0, 1])
+    batch = backend.token_batch(caches[:2], [0, 7], [0, 1])
+    with pytest.raises(ValueError, match="holding its rows"):  # out has 7 rows
+        backend.attend_tokens(qkv, batch, 1, out)
+    with pytest.raises(ValueError, match="a layer of the caches"):
+        backend.attend_tokens(qkv, backend.token_batch(caches[:2], [0, 1], [0, 1]), 2, out)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -92,11 +92,17 @@ class Backend(Protocol):
         h // (H / G)."""
         ...
 
-    def attend_tokens(self, qkv: Any, caches: list, rows: list[int], starts: list[int], layer: int, out: Any) -> None:
-        """One new token of each of several sequences (a batched decode step): row rows[i] of qkv
-        [T, E + 2*G*D] is sequence i's token, at position starts[i] of its cache caches[i] =
-        (k_cache, v_cache); out[rows[i]] gets its attention. Each row's K/V and result are what
-        `attend` gives that sequence alone, to the bit; only the number of calls differs."""
+    def token_batch(self, caches: list, rows: list[int], starts: list[int]) -> Any:
+        """What `attend_tokens` takes for one new token of each of several sequences (a batched
+        decode step), made once for all the step's layers: sequence i's token is row rows[i] of
+        qkv and out, at position starts[i] of its cache caches[i] = (k_cache, v_cache)."""
+        ...
+
+    def attend_tokens(self, qkv: Any, batch: Any, layer: int, out: Any) -> None:
+        """`attend` for each sequence of `batch` (`token_batch`'s) at `layer`: its token's K/V row
+        from qkv [T, E + 2*G*D] stored, its attention written into out [T, E] at its row. Each
+        row's K/V and result are what `attend` gives that sequence alone, to the bit; only the
+        number of calls differs."""
         ...
 
     def take_rows(self, x: Any, rows: list[int]) -> Any:

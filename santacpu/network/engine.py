@@ -196,8 +196,9 @@ class Engine:
         if len(singles) < 2:
             singles = []
         one_by_one = [span for span in spans if span[3] > 1 or not singles]
-        single_caches = [(cache.k, cache.v) for cache, _, _, _ in singles]
-        single_rows, single_starts = [first for _, first, _, _ in singles], [start for _, _, start, _ in singles]
+        if singles:
+            tokens = b.token_batch([(cache.k, cache.v) for cache, _, _, _ in singles], [first for _, first, _, _ in singles],
+                                   [start for _, _, start, _ in singles])
         attn = buf["attn"] if T == 1 else b.empty((T, c.n_embd))
         for i, layer in enumerate(w.layers):
             ln_1 = (layer.ln_1_weight, layer.ln_1_bias, eps)
@@ -206,7 +207,7 @@ class Engine:
                 b.attend(qkv, spans[0][0].k, spans[0][0].v, i, spans[0][2], attn)
             else:
                 if singles:
-                    b.attend_tokens(qkv, single_caches, single_rows, single_starts, i, attn)
+                    b.attend_tokens(qkv, tokens, i, attn)
                 for cache, first, start, n in one_by_one:
                     b.attend(qkv[first : first + n], cache.k, cache.v, i, start, attn[first : first + n])
             b.linear(attn, layer.attn_c_proj_weight, layer.attn_c_proj_bias, out=buf["proj"], add_to=x)

@@ -87,6 +87,22 @@ def start_thread_pool() -> None:
         ) from None
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenBatch:
+    """`CpuBackend.token_batch`'s checked sequences: where each cache lies, for all of a step's layers."""
+
+    caches: list  # [(k_cache, v_cache)] [L, n_ctx, G, D] each, held while the step runs
+    k_bases: np.ndarray  # int64 [B]: each K cache's address (its layer 0)
+    v_bases: np.ndarray  # int64 [B]
+    layer_bytes: np.ndarray  # int64 [B]: one layer's bytes in each cache
+    layers: int  # the fewest layers of any cache
+    capacities: np.ndarray  # int64 [B]: positions each cache holds
+    rows: np.ndarray  # int64 [B]: each sequence's row of qkv and out
+    starts: np.ndarray  # int64 [B]: each token's position
+    like: np.ndarray  # an empty array of the caches' element type (fp16 as uint16 bits)
+    heads: tuple[int, int]  # (G, D)
+
+
 class CpuBackend:
     name = "cpu"
 
@@ -280,33 +296,47 @@ class CpuBackend:
         q = np.ascontiguousarray(qkv[:, :E]).reshape(T, E // D, D)  # T = 1: already contiguous, no copy
         self.attention(q, k_cache[layer], v_cache[layer], start, out=out.reshape(T, E // D, D))
 
-    def attend_tokens(self, qkv: np.ndarray, caches: list, rows: list[int], starts: list[int], layer: int, out: np.ndarray) -> None:
+    def token_batch(self, caches: list, rows: list[int], starts: list[int]) -> TokenBatch:
+        """The sequences of `attend_tokens` (see the protocol), checked once for a step's layers: the
+        kernel reaches each cache by its address, so what it is told must hold (one type and head
+        shape, C-contiguous, room for the token)."""
+        k0 = caches[0][0]
+        _, _, G, D = k0.shape
+        for (k_cache, v_cache), start in zip(caches, starts):
+            if not (k_cache.dtype == v_cache.dtype == k0.dtype and k_cache.shape == v_cache.shape
+                    and k_cache.shape[2:] == (G, D) and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
+                    and 0 <= start < k_cache.shape[1]):
+                raise ValueError("attend_tokens takes C-contiguous caches of one type and head shape, each with room for its token")
+        if not len(rows) == len(starts) == len(caches) or min(rows) < 0:
+            raise ValueError("attend_tokens takes one row and one start per cache")
+        like = k0[:0, 0, 0, 0]
+        return TokenBatch(
+            caches=list(caches),
+            k_bases=np.array([k.__array_interface__["data"][0] for k, _ in caches], np.int64),
+            v_bases=np.array([v.__array_interface__["data"][0] for _, v in caches], np.int64),
+            layer_bytes=np.array([k.strides[0] for k, _ in caches], np.int64),
+            layers=min(k.shape[0] for k, _ in caches),
+            capacities=np.array([k.shape[1] for k, _ in caches], np.int64),
+            rows=np.array(rows, np.int64),
+            starts=np.array(starts, np.int64),
+            like=like.view(np.uint16) if k0.dtype == np.float16 else like,
+            heads=(G, D),
+        )
+
+    def attend_tokens(self, qkv: np.ndarray, batch: TokenBatch, layer: int, out: np.ndarray) -> None:
         """One new token of each of several sequences (see the protocol): one compiled call for all
         of them, each sequence's result the same bits as `attend` gives it alone."""
-        B, E = len(caches), out.shape[1]
-        first_k = caches[0][0]
-        _, _, G, D = first_k.shape
-        like = first_k[:0, 0, 0, 0]
-        if first_k.dtype == np.float16:
-            like = like.view(np.uint16)
-        # The kernel reaches each cache by its address, so what it is told must hold: same layout
-        # and type, C-contiguous, the token inside the cache.
-        for (k_cache, v_cache), start in zip(caches, starts):
-            if not (k_cache.dtype == v_cache.dtype == first_k.dtype and k_cache.shape == v_cache.shape
-                    and k_cache.shape[2:] == (G, D) and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
-                    and 0 <= start < k_cache.shape[1] and 0 <= layer < k_cache.shape[0]):
-                raise ValueError("attend_tokens takes C-contiguous caches of one type and head shape, each with room for its token")
+        (G, D), B, E = batch.heads, len(batch.caches), out.shape[1]
         if not (qkv.flags.c_contiguous and out.flags.c_contiguous and qkv.dtype == out.dtype == np.float32
-                and len(rows) == len(starts) == B and all(0 <= row < out.shape[0] for row in rows)):
-            raise ValueError("attend_tokens takes float32 C-contiguous qkv and out, and one row and start per cache")
-        k_addresses = np.array([kc.__array_interface__["data"][0] + layer * kc.strides[0] for kc, _ in caches], np.int64)
-        v_addresses = np.array([vc.__array_interface__["data"][0] + layer * vc.strides[0] for _, vc in caches], np.int64)
-        capacities = np.array([kc.shape[1] for kc, _ in caches], np.int64)
-        threads = numba.get_num_threads() if self._pool_warm else self._threads_for(2 * B * E * (max(starts) + 1))
+                and qkv.shape == (out.shape[0], E + 2 * G * D) and E % D == 0
+                and int(batch.rows.max()) < out.shape[0] and 0 <= layer < batch.layers):
+            raise ValueError("attend_tokens takes float32 C-contiguous qkv [T, E + 2*G*D] and out [T, E] holding its rows, and a layer of the caches")
+        offset = layer * batch.layer_bytes
+        threads = numba.get_num_threads() if self._pool_warm else self._threads_for(2 * B * E * (int(batch.starts.max()) + 1))
         head_splits = threads if B * G < threads else 1
         with kernels.numba_threads(threads):
-            k.attention_of_tokens(qkv, np.asarray(rows, np.int64), k_addresses, v_addresses, capacities,
-                                  np.asarray(starts, np.int64), like, out, head_splits, G, D)
+            k.attention_of_tokens(qkv, batch.rows, batch.k_bases + offset, batch.v_bases + offset, batch.capacities,
+                                  batch.starts, batch.like, out, head_splits, G, D)
 
     def attention(
         self, q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, start: int, out: np.ndarray | None = None

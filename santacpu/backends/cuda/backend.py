@@ -636,8 +636,11 @@ class CudaBackend:
         parts = self._unused_parts if splits == 1 else self._attention_parts(T, splits, E, H)
         launch(qkv, k_cache, v_cache, k_words, v_words, layer, positions, index, half, H, scale, per_split, out, *parts)
 
-    def attend_tokens(self, qkv, caches, rows, starts, layer: int, out) -> None:
-        for (k_cache, v_cache), row, start in zip(caches, rows, starts):  # a launch each, as graphs capture them
+    def token_batch(self, caches, rows, starts):
+        return list(zip(caches, rows, starts))
+
+    def attend_tokens(self, qkv, batch, layer: int, out) -> None:
+        for (k_cache, v_cache), row, start in batch:  # a launch each, as graphs capture them
             self.attend(qkv[row : row + 1], k_cache, v_cache, layer, start, out[row : row + 1])
 
     def _cache_words(self, cache):
