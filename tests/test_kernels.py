@@ -176,6 +176,8 @@ def test_a_batched_steps_tokens_attend_in_one_call_with_each_sequences_bits(cach
         backend.token_batch(caches[:2], [0, 1], [0, 20])
     with pytest.raises(ValueError, match="room for its token"):
         backend.token_batch([caches[0], (caches[1][0][:, ::2], caches[1][1])], [0, 1], [0, 1])
+    with pytest.raises(ValueError, match="float16 or float32"):
+        backend.token_batch([tuple(a.astype(np.float64) for a in pair) for pair in caches[:2]], [0, 1], [0, 1])
     batch = backend.token_batch(caches[:2], [0, 7], [0, 1])
     with pytest.raises(ValueError, match="holding its rows"):  # out has 7 rows
         backend.attend_tokens(qkv, batch, 1, out)

@@ -303,10 +303,10 @@ class CpuBackend:
         k0 = caches[0][0]
         _, _, G, D = k0.shape
         for (k_cache, v_cache), start in zip(caches, starts):
-            if not (k_cache.dtype == v_cache.dtype == k0.dtype and k_cache.shape == v_cache.shape
+            if not (k_cache.dtype == v_cache.dtype == k0.dtype in (np.float16, np.float32) and k_cache.shape == v_cache.shape
                     and k_cache.shape[2:] == (G, D) and k_cache.flags.c_contiguous and v_cache.flags.c_contiguous
                     and 0 <= start < k_cache.shape[1]):
-                raise ValueError("attend_tokens takes C-contiguous caches of one type and head shape, each with room for its token")
+                raise ValueError("attend_tokens takes C-contiguous float16 or float32 caches of one type and head shape, each with room for its token")
         if not len(rows) == len(starts) == len(caches) or min(rows) < 0:
             raise ValueError("attend_tokens takes one row and one start per cache")
         like = k0[:0, 0, 0, 0]
