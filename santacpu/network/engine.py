@@ -123,17 +123,19 @@ class Engine:
         """Make each kind of forward that generation makes once, on throwaway caches, so that the
         kernels they call are compiled (on a first run; else loaded from Numba's cache) before a
         server's first request rather than during it: a prompt with every position's logits, a
-        decode step, drafted tokens checked against a cache, a batched step of two sequences."""
+        decode step, drafted tokens checked against a cache, a batched step of three sequences."""
         if self.config.n_positions < 6:  # (too short a context for the steps below)
             return
         n = min(WARM_UP_PROMPT, self.config.n_positions - 5)
         ids = [i % self.config.vocab_size for i in range(n)]
-        first, second = self.new_cache(n + 5), self.new_cache(4)
+        first, second, third = self.new_cache(n + 5), self.new_cache(4), self.new_cache(4)
         self.forward(first, ids, all_logits=True)
         self.forward(first, ids[:1])
         self.forward(first, ids[:3], all_logits=True)
         self.forward(second, ids[:1])
-        self.forward_batch([first, second], [ids[:1], ids[:2]], [False, True])
+        self.forward(third, ids[:1])
+        # one sequence's two tokens, and two one-token sequences (attended in one call)
+        self.forward_batch([first, second, third], [ids[:1], ids[:2], ids[:1]], [False, True, False])
 
     def _forward(self, cache: KVCache, ids: Sequence[int], all_logits: bool, first_logit: int) -> np.ndarray:
         pieces = []
