@@ -50,28 +50,6 @@ def tiny_checkpoint():
     return get
 
 
-@pytest.fixture(scope="session")
-def narrower_numba_cache(tmp_path_factory):
-    """`narrower_numba_cache(features) -> folder`: a NUMBA_CACHE_DIR for child processes that compile
-    the kernels with the Numba CPU features `features` (an instruction set this CPU has, others turned
-    off), one per feature string and shared by this run's test processes (xdist's workers too: their
-    base folders sit in one folder of the run). Two tests of one instruction set then compile the
-    kernels once between them (the second loads the first's; tests/test_int_dot.py and
-    test_token_invariance.py: 62 s compiling both for AVX2 alone); santacpu.kernel_cache makes saves
-    from two processes at once safe. Never the repository's own cache: a run starts it empty."""
-    import hashlib
-
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if IN_WORKER else base
-
-    def get(features: str) -> Path:
-        folder = root / f"numba-cache-{hashlib.sha256(features.encode()).hexdigest()[:12]}"
-        folder.mkdir(exist_ok=True)
-        return folder
-
-    return get
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread_in_each_worker():
     if not IN_WORKER:

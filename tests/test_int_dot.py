@@ -5,9 +5,6 @@ NumPy oracle, on this CPU's own choice, are in test_quant_kernels.py.)"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +83,7 @@ def test_rounded_activations_layout_for_q8_0():
     assert np.array_equal(xdx, np.repeat(amax / np.float32(32767.0), 8, axis=1))
 
 
+# Run for a narrower instruction set by tests/test_token_invariance.py (test_narrower_instruction_sets_too).
 CHILD = """
 import numpy as np
 from santacpu.formats.blocks import FORMATS
@@ -125,26 +123,6 @@ def features_without(prefixes: tuple[str, ...]) -> str:
     return ",".join(
         ("-" if name.startswith(prefixes) or not on else "+") + name for name, on in sorted(features.items())
     )
-
-
-@pytest.mark.parametrize(
-    "isa,drop",
-    [("vnni256", ("avx512", "avx10", "evex512")), ("avx2", ("avx512", "avx10", "evex512", "avxvnni"))],
-)
-def test_narrower_instruction_sets(isa, drop, narrower_numba_cache):
-    host = {name for name, on in binding.get_host_cpu_features().items() if on}
-    if int_dot.choose_isa({f for f in host if not f.startswith(drop)}) != isa:
-        pytest.skip(f"this CPU cannot run the {isa} kernels")
-    if isa == int_dot.ISA:
-        pytest.skip(f"{isa} is this CPU's own path: the other tests run it")
-    features = features_without(drop)
-    env = dict(os.environ, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(narrower_numba_cache(features)))
-    env.pop("NUMBA_CPU_NAME", None)
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD.format(isa=isa)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == ["ok", isa]
 
 
 @pytest.mark.parametrize("T", [40, 41])

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from llvmlite import binding
-from test_int_dot import features_without
+from test_int_dot import CHILD as PRODUCTS_CHILD, features_without
 from token_invariance import REPO, check_calls_do_not_matter, check_lookup_after_other_requests, quantized_trained_model
 
 import santacpu
@@ -58,19 +58,25 @@ def test_the_device_names_the_kernels_that_run(models, monkeypatch):
 
 
 @pytest.mark.parametrize("isa", list(NARROWER))
-def test_narrower_instruction_sets_too(isa, narrower_numba_cache):
+def test_narrower_instruction_sets_too(isa, tmp_path):
     if int_dot.ISA is None:
         pytest.skip("x86 instruction sets only")
-    # This CPU compiles the kernels for `isa` in a child process with the wider features turned
-    # off (a Numba cache of that feature string's own), and the child runs the same checks.
+    # This CPU compiles the kernels for `isa` in child processes with the wider features turned
+    # off, one Numba cache for both (the second loads what the first compiled: compiling the AVX2
+    # kernels twice had cost 30 s): first int_dot's and the row groups' products against the
+    # oracle (tests/test_int_dot.py's CHILD), then this file's checks.
     host = {name for name, on in binding.get_host_cpu_features().items() if on}
     if int_dot.choose_isa({f for f in host if not f.startswith(NARROWER[isa])}) != isa:
         pytest.skip(f"this CPU cannot run the {isa} kernels")
     if isa == int_dot.ISA:
         pytest.skip(f"{isa} is this CPU's own path: the tests above run it")
-    features = features_without(NARROWER[isa])
-    env = dict(os.environ, NUMBA_CPU_FEATURES=features, NUMBA_CACHE_DIR=str(narrower_numba_cache(features)))
+    env = dict(os.environ, NUMBA_CPU_FEATURES=features_without(NARROWER[isa]), NUMBA_CACHE_DIR=str(tmp_path))
     env.pop("NUMBA_CPU_NAME", None)
+    products = subprocess.run(
+        [sys.executable, "-c", PRODUCTS_CHILD.format(isa=isa)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert products.returncode == 0, products.stderr[-3000:]
+    assert products.stdout.split() == ["ok", isa]
     result = subprocess.run(
         [sys.executable, str(REPO / "tests" / "token_invariance.py"), "q4_0", "q8_0"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
