@@ -62,9 +62,9 @@ def test_narrower_instruction_sets_too(isa, tmp_path):
     if int_dot.ISA is None:
         pytest.skip("x86 instruction sets only")
     # This CPU compiles the kernels for `isa` in child processes with the wider features turned
-    # off, one Numba cache for both (the second loads what the first compiled: compiling the AVX2
-    # kernels twice had cost 30 s): first int_dot's and the row groups' products against the
-    # oracle (tests/test_int_dot.py's CHILD), then this file's checks.
+    # off, one Numba cache for both (the second loads the kernels the first compiled): first
+    # int_dot's and the row groups' products against the oracle (tests/test_int_dot.py's CHILD),
+    # then this file's checks.
     host = {name for name, on in binding.get_host_cpu_features().items() if on}
     if int_dot.choose_isa({f for f in host if not f.startswith(NARROWER[isa])}) != isa:
         pytest.skip(f"this CPU cannot run the {isa} kernels")
