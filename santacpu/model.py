@@ -87,7 +87,7 @@ class Model:
         # Whether a token's results are the same bits in any forward call (see
         # CpuBackend.token_invariant): then prompt lookup and prompt reuse give exactly the
         # output of plain decoding on a fresh model.
-        self.token_invariant = engine.backend.token_invariant(weights)
+        self.token_invariant = engine.backend.token_invariant(engine.weights)
 
     @property
     def reuse_prompt(self) -> bool:

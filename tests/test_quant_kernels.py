@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 from santacpu.formats.blocks import FORMATS, PART_ORDER
-from santacpu.backends.cpu import int_dot, kernels
-from santacpu.network.reference import round_activations
+from santacpu.backends.cpu import kernels
 
 # The threaded paths are what these tests check: every core, not a worker's one thread (conftest).
 pytestmark = pytest.mark.usefixtures("all_cores")
@@ -35,44 +34,29 @@ def test_the_format_table_has_every_format_in_its_part_order():
         assert PART_ORDER[name] == tuple(fmt.part_specs(4, 64))
 
 
-# Every (format, kernel kind) pair: the float kernels, and the integer dot-product ones
-# (santacpu/backends/cpu/int_dot.py) for the formats and the CPU that have them. The integer kernels round x
-# to integer blocks first; their oracle does the same in NumPy (reference.round_activations).
-KERNELS = [(name, False) for name in NAMES] + [
-    (name, True) for name in int_dot.FORMATS if int_dot.ISA is not None
-]
-KERNEL_IDS = [f"{name}-{'int' if integer else 'float'}" for name, integer in KERNELS]
-
-
-def oracle_input(x, name, integer):
-    return round_activations(x, int_dot.ACTIVATION_LEVELS[name]) if integer else x
-
-
-@pytest.mark.parametrize("name,integer", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("rows", [1, 3, 5, 33])
 @pytest.mark.parametrize("cols", [32, 96, 2048])
-def test_matvec_matches_numpy(name, integer, rows, cols):
-    # Row counts cover whole and partial steps of ROWS rows; cols one block, a few (all past
-    # the integer kernels' last whole vector step), many.
+def test_matvec_matches_numpy(name, rows, cols):
+    # Row counts cover whole and partial steps of ROWS rows; cols one block, a few, many.
     fmt = FORMATS[name]
     rng = np.random.default_rng(rows * 7 + cols)
     parts = fmt.quantize(weights(rows, cols, seed=rows + cols))
     x = rng.standard_normal(cols).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
     out = np.empty(rows, np.float32)
-    kernels.matvec(name, parts, x, bias, out, integer=integer)
-    want = fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, name, integer) + bias
+    kernels.matvec(name, parts, x, bias, out)
+    want = fmt.dequantize(parts).astype(np.float64) @ x + bias
     assert rel_err(out, want) < 1e-5
 
 
-@pytest.mark.parametrize("name,integer", KERNELS, ids=KERNEL_IDS)
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("rows,cols", [(1, 96), (5, 64), (33, 2048), (7, 224)])
 @pytest.mark.parametrize("T", [2, 5])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_matmul_few_matches_numpy(name, integer, rows, cols, T, threads):
+def test_matmul_few_matches_numpy(name, rows, cols, T, threads):
     # One weight pass for T tokens; rows cover a partial step, a step and a tail, and one row
-    # split over 2 threads (a thread with no rows at all); 224 columns = 7 blocks: whole integer
-    # vector steps and a tail.
+    # split over 2 threads (a thread with no rows at all).
     fmt = FORMATS[name]
     rng = np.random.default_rng(rows * 11 + T)
     parts = fmt.quantize(weights(rows, cols, seed=rows + 3 * cols))
@@ -82,16 +66,11 @@ def test_matmul_few_matches_numpy(name, integer, rows, cols, T, threads):
     previous = numba.get_num_threads()
     numba.set_num_threads(min(threads, previous))
     try:
-        kernels.matmul_few(name, parts, x, bias, out, integer=integer)
+        kernels.matmul_few(name, parts, x, bias, out)
     finally:
         numba.set_num_threads(previous)
-    want = oracle_input(x, name, integer).astype(np.float64) @ fmt.dequantize(parts).astype(np.float64).T + bias
+    want = x.astype(np.float64) @ fmt.dequantize(parts).astype(np.float64).T + bias
     assert rel_err(out, want) < 1e-5
-    if integer:  # each token exactly as in its own one-token product
-        for t in range(T):
-            alone = np.empty(rows, np.float32)
-            kernels.matvec(name, parts, x[t], bias, alone, integer=True)
-            assert np.array_equal(alone, out[t])
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -118,9 +97,8 @@ def test_read_only_parts():
         p.setflags(write=False)
     x = np.linspace(-1, 1, 64, dtype=np.float32)
     out = np.empty(6, np.float32)
-    for integer in [False] + ([True] if int_dot.ISA else []):
-        kernels.matvec("q4_0", parts, x, np.zeros(6, np.float32), out, integer=integer)
-        assert rel_err(out, fmt.dequantize(parts).astype(np.float64) @ oracle_input(x, "q4_0", integer)) < 1e-5
+    kernels.matvec("q4_0", parts, x, np.zeros(6, np.float32), out)
+    assert rel_err(out, fmt.dequantize(parts).astype(np.float64) @ x) < 1e-5
     tile = np.empty((6, 64), np.float32)
     kernels.dequantize_rows("q4_0", parts, 0, 6, tile)
     assert np.allclose(tile, fmt.dequantize(parts), rtol=0, atol=1e-7)

@@ -63,7 +63,7 @@ def test_narrower_instruction_sets_too(isa, tmp_path):
         pytest.skip("x86 instruction sets only")
     # This CPU compiles the kernels for `isa` in child processes with the wider features turned
     # off, one Numba cache for both (the second loads the kernels the first compiled): first
-    # int_dot's and the row groups' products against the oracle (tests/test_int_dot.py's CHILD),
+    # every row-group format's products against the oracle (tests/test_int_dot.py's CHILD),
     # then this file's checks.
     host = {name for name, on in binding.get_host_cpu_features().items() if on}
     if int_dot.choose_isa({f for f in host if not f.startswith(NARROWER[isa])}) != isa:

@@ -55,7 +55,7 @@ NO_ROUNDING: Mapping = MappingProxyType({})  # the products of fp32 math: x as i
 
 
 def round_activations(x: np.ndarray, levels: int = 127) -> np.ndarray:
-    """x [..., C] float32 as the integer dot-product kernels see it (santacpu/backends/cpu/int_dot.py): per
+    """x [..., C] float32 as the integer kernels see it (the row groups, santacpu/backends/cpu/repack.py): per
     block of 32 values, scale = max |x| / levels and x -> round(x * levels / max |x|) * scale."""
     blocks = x.reshape(*x.shape[:-1], -1, 32).astype(np.float32)
     amax = np.abs(blocks).max(axis=-1, keepdims=True)

@@ -159,7 +159,7 @@ class CpuBackend:
 
         def prepared(weight, role=None):
             if len(weight.shape) == 2:
-                return kernels.bind(weight, self.target, self.integer_kernels, role in self.int8_x_roles)
+                return kernels.bind(weight, self.target, role in self.int8_x_roles)
             if self.target is not None and isinstance(weight, np.ndarray):
                 copy = np.array(weight)
                 release_mapped_pages(weight)
@@ -186,7 +186,7 @@ class CpuBackend:
 
     def _bound(self, weight) -> kernels.Linear:
         """A prepared linear as it is; any other weight bound for this call (never repacked)."""
-        return weight if isinstance(weight, kernels.Linear) else kernels.bind(weight, None, self.integer_kernels)
+        return weight if isinstance(weight, kernels.Linear) else kernels.bind(weight, None)
 
     def empty(self, shape: tuple[int, ...]) -> np.ndarray:
         return np.empty(shape, np.float32)

@@ -3,15 +3,16 @@ the prepared linears `CpuBackend.prepare` binds each matrix to once at load (as 
 swap a model's modules when they load it), so that a product is one call.
 
 `FORMAT_KERNELS` is the only place that names a block format's kernels: its float kernels
-(`quant_kernels.py`: one token, a few tokens, rows widened for BLAS), and whether `int_dot.py`
-and `repack.py` have integer kernels for it. A new block format means its class in
+(`quant_kernels.py`: one token, a few tokens, rows widened for BLAS), and whether `repack.py`
+has integer kernels (row groups) for it. A new block format means its class in
 `santacpu/formats/blocks.py`, its kernels, and one row here.
 
 A prepared linear (`Linear`) is one matrix [R, C] with its products bound:
 - `BlasLinear`: float32, BLAS (gemv for one token, gemm for many);
-- `PackedLinear`: fp16 or a block format on the kernels of the table: one pass over the packed
-  weight for one or a few tokens; many tokens either through the integer matrix kernel or
-  through BLAS on widened row tiles (no dequantized copy of a whole matrix ever exists);
+- `PackedLinear`: fp16 or a block format on the float kernels of the table (no integer kernels:
+  SANTACPU_INT_DOT=0, or a CPU without them): one pass over the packed weight for one or a few
+  tokens; many tokens through BLAS on widened row tiles (no dequantized copy of a whole matrix
+  ever exists);
 - `RowGroupLinear`: the row groups of the backend's target (`repack.py`), any number of tokens;
 - `SplitLinear`: a matrix stored in two formats (`formats/split_rows.py`): a product per part.
 
@@ -46,12 +47,11 @@ class FormatKernels:
     matvec: Callable
     matmul_few: Callable
     dequantize_rows: Callable
-    integer: bool  # int_dot.py has its integer kernels (x rounded to integers per block)
     repack: bool  # repack.py interleaves it into row groups for the backend's target
 
 
 def _row(name: str, matvec: Callable, matmul_few: Callable, dequantize_rows: Callable) -> FormatKernels:
-    return FormatKernels(matvec, matmul_few, dequantize_rows, name in int_dot.FORMATS, name in repack.FORMATS)
+    return FormatKernels(matvec, matmul_few, dequantize_rows, name in repack.FORMATS)
 
 
 FORMAT_KERNELS: dict[str, FormatKernels] = {
@@ -101,20 +101,6 @@ def _shape(qtype: str, args: tuple[np.ndarray, ...]) -> tuple[int, int]:
     return codes.shape[0], codes.shape[1] * FORMATS[qtype].values_per_code_byte
 
 
-def has_integer_matmul(qtype: str) -> bool:
-    """Whether this CPU and the format have the integer kernels (int_dot.py): then matmul_few takes
-    any number of tokens and gives each token exactly its one-token result."""
-    return int_dot.ISA is not None and qtype in FORMAT_KERNELS and FORMAT_KERNELS[qtype].integer
-
-
-def activation_levels(qtype: str) -> int | None:
-    """The integer range (127: int8, 32767: int16) the integer kernels round x to for a `qtype`
-    weight, per block of 32 (reference.round_activations is their NumPy twin), or None where
-    products with it use the float kernels. (A prepared model's q8_0 matrices may round to int8
-    on its target: `activation_rounding`.)"""
-    return int_dot.ACTIVATION_LEVELS[qtype] if has_integer_matmul(qtype) else None
-
-
 def activation_rounding(target: CpuTarget | None, int8_x_roles: frozenset[str] | None = None) -> dict:
     """reference.forward's `rounded` for a model prepared on `target` (None: the float kernels,
     x as it is): each row-group format's integer range, and ("q8_0", role): 127 for the roles
@@ -127,47 +113,26 @@ def activation_rounding(target: CpuTarget | None, int8_x_roles: frozenset[str] |
     return rounded
 
 
-def _use_integer(qtype: str, requested: bool | None) -> bool:
-    if requested is None:
-        return has_integer_matmul(qtype)
-    if requested and not has_integer_matmul(qtype):
-        raise ValueError(f"no integer dot-product kernel for {qtype} on this CPU (ISA {int_dot.ISA})")
-    return requested
-
-
-def matvec(
-    qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray, *, integer: bool | None = None
-) -> None:
-    """out [R] = W @ x [C] + bias [R] (all float32) for a block-quantized W given as its parts.
-    integer: the integer dot-product kernel (x rounded to integers per block, see int_dot.py) or the
-    float one; None picks the integer one where this CPU and the format have it."""
+def matvec(qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
+    """out [R] = W @ x [C] + bias [R] (all float32) for a block-quantized W given as its parts, on
+    the float kernels."""
     args = kernel_args(qtype, parts)
     rows, cols = _shape(qtype, args)
     # The kernels do no bounds checks: a wrong shape here would read or write out of bounds.
     if x.shape != (cols,) or bias.shape != (rows,) or out.shape != (rows,) or out.dtype != np.float32:
         raise ValueError(f"matvec {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
-    if _use_integer(qtype, integer):
-        int_dot.matmul(qtype, args, x[None], bias, out[None])
-    else:
-        FORMAT_KERNELS[qtype].matvec(*args, x, bias, out)
+    FORMAT_KERNELS[qtype].matvec(*args, x, bias, out)
 
 
-def matmul_few(
-    qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray, *, integer: bool | None = None
-) -> None:
+def matmul_few(qtype: str, parts: dict[str, np.ndarray], x: np.ndarray, bias: np.ndarray, out: np.ndarray) -> None:
     """out [T, R] = x [T, C] @ W.T + bias [R] (all float32, C-contiguous) for a block-quantized W,
-    reading W once for all T tokens (meant for small T on the float kernels; the integer kernel
-    takes any T). `integer` as for matvec; the integer kernel gives each token exactly its
-    matvec result."""
+    reading W once for all T tokens (meant for small T: the float kernels)."""
     args = kernel_args(qtype, parts)
     rows, cols = _shape(qtype, args)
     T = x.shape[0] if x.ndim == 2 else -1
     if x.shape != (T, cols) or bias.shape != (rows,) or out.shape != (T, rows) or out.dtype != np.float32:
         raise ValueError(f"matmul_few {qtype} [{rows}, {cols}]: got x {x.shape}, bias {bias.shape}, out {out.shape}")
-    if _use_integer(qtype, integer):
-        int_dot.matmul(qtype, args, x, bias, out)
-    else:
-        FORMAT_KERNELS[qtype].matmul_few(*args, x, bias, out, numba.get_num_threads())
+    FORMAT_KERNELS[qtype].matmul_few(*args, x, bias, out, numba.get_num_threads())
 
 
 def dequantize_rows(qtype: str, parts: dict[str, np.ndarray], first: int, last: int, out: np.ndarray) -> None:
@@ -223,13 +188,12 @@ class BlasLinear(Linear):
 class PackedLinear(Linear):
     """fp16 or a block format on the kernels of FORMAT_KERNELS (the weight used where it is mapped)."""
 
-    def __init__(self, weight, integer_kernels: bool):
+    def __init__(self, weight):
         self.weight, self.shape = weight, weight.shape
         if isinstance(weight, QuantizedWeight):
             qtype, parts = weight.qtype, weight.parts
-            self.integer = integer = integer_kernels and has_integer_matmul(qtype)
-            self._matvec = lambda x, bias, out: matvec(qtype, parts, x, bias, out, integer=integer)
-            self._matmul_few = lambda x, bias, out: matmul_few(qtype, parts, x, bias, out, integer=integer)
+            self._matvec = lambda x, bias, out: matvec(qtype, parts, x, bias, out)
+            self._matmul_few = lambda x, bias, out: matmul_few(qtype, parts, x, bias, out)
             self._widen_rows = lambda first, last, out: dequantize_rows(qtype, parts, first, last, out)
         else:
             bits = weight.view(np.uint16)  # fp16: Numba has no CPU float16, so pass the bits
@@ -238,13 +202,13 @@ class PackedLinear(Linear):
             self._widen_rows = lambda first, last, out: k.f16_rows_to_f32(bits, first, last, out)
 
     def runs_in_numba(self, n_tokens: int) -> bool:
-        return n_tokens < BLAS_MIN_TOKENS or self.integer
+        return n_tokens < BLAS_MIN_TOKENS
 
     def product(self, x, bias, out):
         T = x.shape[0]
         if T == 1:
             self._matvec(x[0], bias, out[0])
-        elif T < BLAS_MIN_TOKENS or self.integer:  # one pass over the weight for all T tokens
+        elif T < BLAS_MIN_TOKENS:  # one pass over the weight for all T tokens
             self._matmul_few(x, bias, out)
         else:
             n_out, n_in = self.shape
@@ -316,7 +280,7 @@ class SplitLinear(Linear):
         return out
 
 
-def bind(weight, target: CpuTarget | None, integer_kernels: bool = True, int8_x: bool = False) -> Linear:
+def bind(weight, target: CpuTarget | None, int8_x: bool = False) -> Linear:
     """`weight` (float32 or float16 [R, C], a QuantizedWeight, RowGroupWeight or SplitRowsWeight)
     with its products bound. With a `target`, block formats that have row groups are repacked into
     them (a copy; the file's pages are released, see repack.group_rows); with `int8_x` a q8_0
@@ -325,16 +289,16 @@ def bind(weight, target: CpuTarget | None, integer_kernels: bool = True, int8_x:
         return weight
     if isinstance(weight, SplitRowsWeight):
         parts = (weight.upgraded, weight.rest)
-        return SplitLinear(weight, tuple(bind(part, target, integer_kernels, int8_x) for part in parts))
+        return SplitLinear(weight, tuple(bind(part, target, int8_x) for part in parts))
     if isinstance(weight, repack.RowGroupWeight):
         return RowGroupLinear(weight, target)
     if isinstance(weight, QuantizedWeight):
         if target is not None and FORMAT_KERNELS[weight.qtype].repack:
             int8_x = int8_x and weight.qtype == "q8_0"
             return RowGroupLinear(repack.group_rows(weight, target.rows_per_group, int8_x, target.isa), target)
-        return PackedLinear(weight, integer_kernels)
+        return PackedLinear(weight)
     if isinstance(weight, np.ndarray) and weight.ndim == 2 and weight.dtype == np.float32:
         return BlasLinear(weight)
     if isinstance(weight, np.ndarray) and weight.ndim == 2 and weight.dtype == np.float16:
-        return PackedLinear(weight, integer_kernels)
+        return PackedLinear(weight)
     raise TypeError(f"no CPU kernels for a weight of type {type(weight).__name__} {getattr(weight, 'dtype', '')}")

@@ -425,7 +425,7 @@ def dequantize_rows_q6_0(ql, qh, d, first, last, out):
 # drivers are written out per format because Numba's on-disk cache takes neither a kernel that
 # receives another kernel as an argument nor a closure over one (both tried: recompiled in every
 # process), and compile time on every start would cost more than these few lines. One driver on
-# a parts tuple with the widening picked by an `overload` (as int_dot.matmul_blocks dispatches)
+# a parts tuple with the widening picked by an `overload` (as repack.matmul_groups dispatches)
 # does cache, but measured slower (8 tokens x [8192 x 2048]: q4_m 2.6 -> 6.3 ms; 8.1 ms unless
 # the overload is inlined, which trips a Numba internal-consistency warning). ------------------
 

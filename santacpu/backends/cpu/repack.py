@@ -4,7 +4,7 @@ target (`target.py`): the codes of every n rows of a q4_0, q4_m, q6_0 or q8_0 we
 interleaved so that each int32 lane of a vector belongs to one row (n = 4 for 128-bit vectors
 (NEON, portable), 8 for 256-bit ones (AVX2, AVX-VNNI), 16 for 512-bit ones (AVX-512 VNNI)).
 
-Why: kernels that keep a row's codes in a vector's lanes (`int_dot.py`) must sum each block's
+Why: kernels that keep a row's codes in a vector's lanes (the first integer kernels) must sum each block's
 lanes across (shuffles, horizontal adds) and scale per row and block, over half of a step's
 instructions. Here one vector holds 4 code bytes (8 values) of each of n rows, and x's 4 matching
 values are broadcast to every lane, so a block's products land in the lanes of their own rows:
@@ -28,7 +28,7 @@ two vectors of high bits per block.
 
 x is rounded per block as int_dot rounds it for the format (max |x| -> 127; q8_0: 32767, int16),
 but kept in its natural order; q4_0's offset 8 enters as -8 x the block's sum of rounded x, and
-q4_m's minimums meet that sum (as in int_dot) in a second accumulator: out = d acc + dmin/8
+q4_m's minimums meet that sum in a second accumulator: out = d acc + dmin/8
 acc_min. A q8_0 weight grouped with `int8_x` rounds x to int8 instead (max |x| -> 127; the
 backend's target chooses which matrices, `CpuTarget.int8_x_roles`): its kernel id is
 Q8_0_INT8_X, whose VNNI tiles add 128 to each code (unsigned, as `vpdpbusd` takes them) and start
@@ -38,7 +38,7 @@ as literal constants: each pair compiles its own code.
 
 Every (row, token) result comes from the same operations whatever the number of tokens in the
 call and its tile (blocks in order, one fused multiply-add each), so a token's result never
-depends on its call, as for `int_dot.py`. The fused multiply-adds are explicit (`llvm.fma`) and
+depends on its call. The fused multiply-adds are explicit (`llvm.fma`) and
 the tiles are compiled without fast-math flags, which would let LLVM contract or reorder them
 differently in tiles of different shapes (q4_m's results did differ with them).
 

@@ -1,7 +1,6 @@
 """x86 building blocks of the integer kernels: AVX2, AVX-VNNI (VNNI on 256-bit vectors) and
-AVX-512 VNNI (512-bit). For the row-group tiles (`repack.py`), n int32 lanes, one per row of
-a group (n = 8 or 16); for `int_dot.py`'s row-major kernels, a row's blocks across the lanes
-(`lane_dot`, `lane_word_dot`, `pair_sums`, `quad_sum`, `quad_sum_words`).
+AVX-512 VNNI (512-bit). For the row-group tiles (`repack.py`): n int32 lanes, one per row of
+a group (n = 8 or 16).
 
 - VNNI: `vpdpbusd` adds 4 (unsigned code x signed x) products into each lane, `vpdpwssd` 2
   (int16 x int16) products; a block's 8 nibble vectors as one chain that starts from the
@@ -82,56 +81,6 @@ def nibble_sums(builder, isa: int, lows, highs, tokens, six_bits: bool, starts=N
             sums = builder.call(pmaddwd, [words, ones])
         result.append(sums)
     return with_starts(builder, result, starts)
-
-
-# --- int_dot.py's row-major kernels: a row's codes across the lanes, summed per block later ---
-
-
-def lane_dot(builder, vnni: bool, acc, low, x_low, high, x_high):
-    """acc <4S x i32> + per-lane sums of 4 products low . x_low and 4 products high . x_high
-    (codes: unsigned bytes, x: signed bytes). On AVX2 the two halves' pair sums (vpmaddubsw) are
-    added as int16 before one vpmaddwd widens them: at most 2 x (2 x 63 x 127) = 32004, no
-    overflow for 6-bit codes, and the int32 sums are the same integers as two separate widenings,
-    with one multiply instruction fewer."""
-    n_bytes = low.type.count
-    lanes = n_bytes // 4
-    if vnni:
-        vec32 = ir.VectorType(I32, lanes)
-        vpdpbusd = declare(builder, f"llvm.x86.avx512.vpdpbusd.{32 * lanes}", vec32, vec32, vec32, vec32)
-        for codes, xq in ((low, x_low), (high, x_high)):
-            acc = builder.call(vpdpbusd, [acc, builder.bitcast(codes, vec32), builder.bitcast(xq, vec32)])
-        return acc
-    vec16, vec32 = ir.VectorType(I16, 16), ir.VectorType(I32, 8)
-    pairs = pair_sums(builder, low, high, x_low, x_high)
-    quads = builder.call(declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [pairs, splat(I16, 16, 1)])
-    return builder.add(acc, quads)
-
-
-def quad_sum(builder, sums):
-    """The lane sums <8 x i32> of up to 4 (row, token) pairs -> one <8 x i32> whose lane 4h + p is
-    pair p's lanes 4h..4h+3 summed (h: the vector's half); two levels of vphaddd."""
-    vec32 = ir.VectorType(I32, 8)
-    phadd = declare(builder, "llvm.x86.avx2.phadd.d", vec32, vec32, vec32)
-    sums = list(sums) + [ir.Constant(vec32, None)] * (4 - len(sums))
-    return builder.call(phadd, [builder.call(phadd, [sums[0], sums[1]]), builder.call(phadd, [sums[2], sums[3]])])
-
-
-def pair_sums(builder, low, high, x_low, x_high):
-    """AVX2: <16 x i16> sums of 4 products (low . x_low and high . x_high, 2 each: vpmaddubsw
-    twice, added); at most 2 x 2 x 15 x 127 = 7620 for 4-bit codes, 32004 for 6-bit ones."""
-    vec8, vec16 = ir.VectorType(I8, 32), ir.VectorType(I16, 16)
-    pmaddubsw = declare(builder, "llvm.x86.avx2.pmadd.ub.sw", vec16, vec8, vec8)
-    return builder.add(builder.call(pmaddubsw, [low, x_low]), builder.call(pmaddubsw, [high, x_high]))
-
-
-def quad_sum_words(builder, sums):
-    """AVX2, 4-bit codes: pair_sums of up to 4 pairs -> <8 x i32> as quad_sum's, summed as int16
-    by two vphaddw (at most 4 x 7620 = 30480, no overflow) and widened by one vpmaddwd."""
-    vec16, vec32 = ir.VectorType(I16, 16), ir.VectorType(I32, 8)
-    phadd = declare(builder, "llvm.x86.avx2.phadd.w", vec16, vec16, vec16)
-    sums = list(sums) + [ir.Constant(vec16, None)] * (4 - len(sums))
-    quad = builder.call(phadd, [builder.call(phadd, [sums[0], sums[1]]), builder.call(phadd, [sums[2], sums[3]])])
-    return builder.call(declare(builder, "llvm.x86.avx2.pmadd.wd", vec32, vec16, vec16), [quad, splat(I16, 16, 1)])
 
 
 def lane_word_dot(builder, vnni: bool, acc, words, x_words):
