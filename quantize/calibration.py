@@ -26,7 +26,6 @@ from santacpu.progress import Progress
 from santacpu.sample_code import stdlib_files
 from santacpu.tokenizer import Tokenizer
 
-
 SEQUENCE_TOKENS = 512
 
 

@@ -305,7 +305,6 @@ def _non_empty(items, name: str) -> list:
     return items
 
 
-
 def resolve_device(device: str) -> str:
     """"cpu" or "cuda" for `device`: "auto" is CUDA where a real GPU is usable, else the CPU;
     "cuda" without a usable GPU (or an unknown device) is a one-line error naming why. Cheap:

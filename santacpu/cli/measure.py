@@ -34,6 +34,17 @@ from .text_input import read_text_file
 DEFAULT_PERPLEXITY_CTX = 256
 
 
+def _model_that_runs(name: str, revision: str | None, quant: str | None, json_out) -> tuple[str, str | None, str]:
+    """(what runs `name` under the first-use policy: itself or its cached quantization, made now if
+    need be; its revision; the name a report shows). A --json file may not replace the file that runs."""
+    from ..model import runnable_model
+
+    runs, revision = runnable_model(name, revision, quant)
+    if json_out is not None:
+        refuse_replacing_inputs(json_out, "--json", [runs])
+    return runs, revision, name if runs == name else f"{name} ({quant or DEFAULT_QUANT})"
+
+
 def perplexity(
     files: List[str] = typer.Argument(..., callback=input_files, metavar="FILES", help="Source files to score (UTF-8 text)."),
     model: str = typer.Option(None, "--model", "-m", callback=model_name, help=f"The model to score. Default: ${MODEL_ENV} if set, else {DEFAULT_MODEL}.", show_default=False),
@@ -56,16 +67,14 @@ def perplexity(
 ) -> None:
     """Perplexity of a model over source files and, with --reference, what it loses against it."""
     from ..evaluate import score
-    from ..model import load, quant_as_it_is, runnable_model
+    from ..model import load, quant_as_it_is
 
     name = model or default_model()
     if json_out is not None:
         check_writable(json_out, "--json", overwrite=force)  # now, not after scoring
         refuse_replacing_inputs(json_out, "--json", [*files, name, *([reference] if reference else [])])
     texts = [read_text_file(path, "file") for path in files]
-    runs, revision = runnable_model(name, None, quant)  # (its cached quantization, made now if need be)
-    if json_out is not None:
-        refuse_replacing_inputs(json_out, "--json", [runs])
+    runs, revision, shown = _model_that_runs(name, None, quant, json_out)
     loaded = load(runs, revision=revision, quant=quant_as_it_is(runs))
     # The reference in full precision (a quantized file runs as it is: no quant to ignore).
     against = load(reference, quant=None if names_quantized_file(reference) else "none") if reference else None
@@ -80,7 +89,6 @@ def perplexity(
         raise OptionValueError(f"--ctx {ctx} is past {which} context of {shortest.config.n_positions} tokens: "
                                f"give --ctx {shortest.config.n_positions} or less")
     scores = score(loaded, texts, ctx, against)
-    shown = name if runs == name else f"{name} ({quant or DEFAULT_QUANT})"
     if json_out is not None:  # (first: a stdout that fails loses nothing)
         about = {"model": shown, "model_file": runs, "reference": reference, "files": [str(f) for f in files]}
         write_text_atomically(json_out, scores.to_json(**about) + "\n", overwrite=force)
@@ -134,8 +142,7 @@ def bench(
 
     from ..bench import BenchSettings, format_table, run_bench
     from ..bench.report import finite_only
-
-    from ..model import resolve_device, runnable_model
+    from ..model import resolve_device
 
     if json_out is not None:
         check_writable(json_out, "--json", overwrite=force)  # now, not after minutes of measuring
@@ -147,11 +154,9 @@ def bench(
         batch=counts(batch), device=device,
     ).checked()  # (before a first-use quantization, as the GPU below)
     resolve_device(device)
-    runs, settings.revision = runnable_model(model, revision, quant)  # (its cached quantization, made now if need be)
-    if json_out is not None:
-        refuse_replacing_inputs(json_out, "--json", [runs])
+    runs, settings.revision, shown = _model_that_runs(model, revision, quant, json_out)
     if runs != model:  # benched as the file it runs: named as given
-        settings.model, settings.name, settings.quant = runs, f"{model} ({quant or DEFAULT_QUANT})", None
+        settings.model, settings.name, settings.quant = runs, shown, None
     report = run_bench(settings)
     if json_out is not None:  # (first: a stdout that fails loses nothing)
         write_text_atomically(json_out, json.dumps(finite_only(report), indent=2, allow_nan=False) + "\n", overwrite=force)
