@@ -50,6 +50,19 @@ def tiny_checkpoint():
     return get
 
 
+@pytest.fixture(scope="session")
+def trained_q8(tmp_path_factory) -> Path:
+    """The trained fixture (tests/fixtures/trained_tiny) converted to q8_0, once per session."""
+    import warnings
+
+    from quantize.converter import convert
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fixture has no tokenizer.json: the bundled one is used
+        return convert(Path(__file__).parent / "fixtures" / "trained_tiny",
+                       tmp_path_factory.mktemp("trained") / "trained-q8_0.safetensors", qtype="q8_0").out
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread_in_each_worker():
     if not IN_WORKER:

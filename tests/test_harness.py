@@ -28,13 +28,6 @@ from helpers import one_error_line, run_santacpu
 TRAINED = Path(__file__).parent / "fixtures" / "trained_tiny"
 
 
-@pytest.fixture(scope="module")
-def trained_q8(tmp_path_factory) -> Path:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the fixture has no tokenizer.json: the bundled one is used
-        return convert(TRAINED, tmp_path_factory.mktemp("trained") / "trained-q8_0.safetensors", qtype="q8_0").out
-
-
 # --- scoring ----------------------------------------------------------------------------------
 
 

@@ -200,9 +200,10 @@ def eval_humaneval_infill(
         None, help="A full-precision model to compare with, on the same problems and seeds (its results go beside "
         "--out, as NAME.reference.jsonl).", show_default=False,
     ),
-    ray: bool = typer.Option(False, "--ray", help="Run on a Ray cluster started for the run (the 'ray' extra)."),
+    ray: bool = typer.Option(False, "--ray", help="Run on a local Ray cluster of the run's own (the 'ray' extra)."),
     ray_address: Optional[str] = typer.Option(
-        None, help="Run on the existing Ray cluster at this address (implies --ray).", show_default=False
+        None, help="Run on the existing Ray cluster at this address: its head node's HOST:PORT, as `ray start "
+        "--head` prints it (implies --ray).", show_default=False
     ),
     workers: int = typer.Option(1, min=1, max=256, help="With Ray: model actors (each loads the model once)."),
     threads_per_worker: Optional[int] = typer.Option(

@@ -5,23 +5,29 @@ its problem in the sandbox). Records reach the driver as they finish, so the res
 `--resume` work as locally.
 
 `--ray` starts a local cluster for the run; `--ray-address` joins an existing one (there the model
-path must name the same file on every node, and santacpu must be installed on them).
+path must name the same file on every node, and santacpu must be installed on them). Before Ray
+is asked to join, the address must answer in HTTP/2, as a cluster's GCS (gRPC) does: Ray retries
+any address that does not for many minutes.
 
 May import: `santacpu.model` and the layers below it, `santacpu.harness.execute`,
-`santacpu.harness.generate`, `santacpu.harness.problems`, `santacpu.harness.settings`; `ray` and
-`numba` lazily.
+`santacpu.harness.generate`, `santacpu.harness.problems`, `santacpu.harness.settings`; `ray`,
+`h2` (the `ray` extra's) and `numba` lazily.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import queue
 import signal
 import socket
 import sys
+import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -35,6 +41,9 @@ RAY_EXTRA_HINT = 'santacpu eval --ray needs the "ray" extra: pip install "santac
 
 
 def require_ray():
+    # A Ray call from a thread after the run's ray.shutdown() (the rows thread of an interrupted
+    # run) would start another local cluster; only the run's own ray.init starts one.
+    os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
     try:
         import ray
         import ray.data  # noqa: F401
@@ -92,15 +101,69 @@ def score_remote(problem: str, middles: str, benchmark: str, timeout_s: float) -
     return score_problem(Problem(**json.loads(problem)), texts, benchmark, timeout_s, **facts)
 
 
-def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
-    """Fail in one line when nothing answers at a cluster's HOST:PORT (or ray://HOST:PORT)."""
+def _check_answers_as_ray(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in one line, within about `timeout_s`, unless something at a cluster's HOST:PORT (or
+    ray://HOST:PORT) answers an HTTP/2 connection's start with its settings, as Ray's GCS and
+    client server (gRPC) do: nothing listening, a service of another kind (a web server, the
+    dashboard's port) and one that says nothing are all refused here, where Ray would retry them
+    for many minutes."""
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         return  # ("auto", or a form Ray resolves itself)
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        import h2.config
+        import h2.connection
+        import h2.events
+        import h2.exceptions
+    except ImportError as e:
+        raise SantacpuError(f"{RAY_EXTRA_HINT} ({e.name} is missing)") from None
+    deadline = time.monotonic() + timeout_s
+    try:
+        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
     except (OSError, ValueError) as e:
         raise SantacpuError(f"cannot reach the Ray cluster at {address}: {os_problem(e) if isinstance(e, OSError) else e}") from None
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    events: list = []
+    with connection:
+        try:
+            client.initiate_connection()
+            connection.sendall(client.data_to_send())
+            while not any(isinstance(event, h2.events.RemoteSettingsChanged) for event in events):
+                connection.settimeout(max(0.01, deadline - time.monotonic()))
+                reply = connection.recv(65536)
+                if not reply:
+                    break  # closed
+                events += client.receive_data(reply)
+        except TimeoutError:
+            raise SantacpuError(f"{address} took the connection but said nothing in {timeout_s:g} s: it is not a Ray "
+                                f"cluster's address (`ray start --head` prints it; port 6379 by default)") from None
+        except (OSError, h2.exceptions.ProtocolError):
+            events = []
+    if not any(isinstance(event, h2.events.RemoteSettingsChanged) for event in events):
+        raise SantacpuError(f"{address} answers, but not as a Ray cluster: give its head node's address "
+                            f"(`ray start --head` prints it; port 6379 by default)")
+
+
+@contextlib.contextmanager
+def _core_lines_kept():
+    """Standard error (the file descriptor) into a temporary file while `ray.init` runs, its lines
+    given to the caller afterwards: Ray's core writes a warning a second there while a cluster
+    refuses the connection, which santacpu turns into one line of its own. Processes started
+    meanwhile (a local cluster's) write their own log files."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    kept = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as capture:
+            os.dup2(capture.fileno(), 2)
+            try:
+                yield lines
+            finally:
+                os.dup2(kept, 2)
+                capture.seek(0)
+                lines += capture.read(1 << 20).decode("utf-8", "replace").splitlines()
+    finally:
+        os.close(kept)
 
 
 def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dict], None]) -> None:
@@ -161,23 +224,35 @@ def run_on_ray(
     started = not ray.is_initialized()
     if started:
         if placement.address:
-            _check_reachable(placement.address)  # (Ray itself retries an unreachable one for ever)
+            _check_answers_as_ray(placement.address)
         where = f"joining the Ray cluster at {placement.address}" if placement.address else "starting a local Ray cluster"
         print(f"santacpu: {where} (this takes a while)", file=sys.stderr, flush=True)
         on_term = signal.getsignal(signal.SIGTERM)
         try:
-            ray.init(
-                address=placement.address,
-                include_dashboard=False,
-                log_to_driver=False,
-                logging_level=logging.ERROR,
-                runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
-            )
+            with _core_lines_kept() as core_lines:
+                ray.init(
+                    # "local": a cluster of the run's own, even where RAY_ADDRESS or a `ray start` names another
+                    address=placement.address or "local",
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    logging_level=logging.ERROR,
+                    runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore"}},
+                )
         except ConnectionError as e:
+            if any("Unauthenticated" in line for line in core_lines):  # (Ray's exception does not say why)
+                raise SantacpuError(
+                    f"cannot join the Ray cluster at {placement.address}: it asks for its token (`ray start --head` "
+                    "turns token authentication on from Ray 2.59): set RAY_AUTH_MODE=token here too, with the "
+                    "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
             raise SantacpuError(f"cannot join the Ray cluster at {placement.address}: {e}") from None
         except Exception as e:  # noqa: BLE001 (Ray's own start-up failures: a node that timed out, ...)
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise SantacpuError(f"Ray could not start: {first_line}") from None
+        except SystemExit as stop:  # SIGTERM meanwhile: Ray's handler, in place of ours during init, exits with 15
+            ray.shutdown()
+            if stop.code == signal.SIGTERM and callable(on_term):
+                on_term(signal.SIGTERM, None)  # (the command line's: santacpu's own "terminated")
+            raise
         except BaseException:  # Ctrl-C while the cluster starts: what it has started goes too
             ray.shutdown()
             raise
