@@ -1,8 +1,8 @@
 """`santacpu eval --ray-address`: joining an existing Ray cluster, and every way of failing to.
 An address that does not answer as a Ray cluster (nothing listening, a web server, a silent
 listener, one that hangs up) is one error line within seconds, where Ray would retry it for
-minutes; a cluster that asks for its token is one line naming what to set; SIGTERM while Ray
-starts is santacpu's "terminated"; and a real `ray start --head` cluster is joined and runs the
+minutes; a cluster that asks for its token is one line naming what to set, and so is one that
+stops answering mid-run; SIGTERM while Ray starts is santacpu's "terminated"; and a real `ray start --head` cluster is joined and runs the
 problems. The in-process local cluster (`--ray`) is tested in test_harness.py."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from santacpu.errors import SantacpuError
-from santacpu.harness.ray_pipeline import _check_answers_as_ray, _core_lines_kept
+from santacpu.harness.ray_pipeline import _check_answers_as_ray, _ClusterWatch, _core_lines_kept, _drive
+from santacpu.harness.settings import EvalSettings
 
 from helpers import one_error_line, run_santacpu, santacpu_env
 
@@ -56,6 +57,7 @@ class _Listener:
                 self.accepted.append(connection)
 
     def close(self) -> None:
+        self.socket.shutdown(socket.SHUT_RDWR)  # (close alone leaves it listening while accept() waits on it)
         self.socket.close()
         for connection in self.accepted:
             connection.close()
@@ -116,6 +118,31 @@ def test_standard_error_written_by_native_code_is_kept_from_the_terminal(capfd):
     os.write(2, b"after\n")
     assert lines == ["[2026-12-07 15:00:00,000 W 1 1] core_worker: retrying", "second line"]
     assert capfd.readouterr().err == "after\n"
+
+
+def test_a_cluster_that_stops_answering_mid_run_is_one_line_within_seconds():
+    gcs = _Listener("hang up")
+    watch = _ClusterWatch(gcs.address, every_s=0.0, silent_s=0.3)
+    watch.check()
+    gcs.close()  # (the cluster's machine gone: its port refuses connections)
+    watch.check()  # silent since now, not yet for 0.3 s
+    time.sleep(0.35)
+    with pytest.raises(SantacpuError, match=r"the Ray cluster \(its GCS at 127.0.0.1:\d+\) stopped answering: the "
+                                            r"problems finished so far are kept in the results file, and --resume"):
+        watch.check()
+
+    class RowsNeverCome:  # a dataset whose generating actors died with the cluster
+        def iter_rows(self):
+            threading.Event().wait()
+            yield
+
+    gcs = _Listener("hang up")
+    watch = _ClusterWatch(gcs.address, every_s=0.1, silent_s=0.5)
+    gcs.close()
+    started = time.monotonic()
+    with pytest.raises(SantacpuError, match="stopped answering"):  # (not a wait for rows for ever)
+        _drive(None, RowsNeverCome(), None, EvalSettings(), lambda record: None, watch)
+    assert time.monotonic() - started < 5.0
 
 
 def _run_with_ray_init(body: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:

@@ -166,10 +166,38 @@ def _core_lines_kept():
         os.close(kept)
 
 
-def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dict], None]) -> None:
+class _ClusterWatch:
+    """Whether the cluster's GCS at HOST:PORT still takes connections, asked every `every_s`
+    seconds: `check()` fails in one line once it has refused them for `silent_s`. Ray itself
+    notices only after 60 s, and then ends the process with a line of its own."""
+
+    def __init__(self, gcs_address: str, every_s: float = 2.0, silent_s: float = 10.0):
+        host, _, port = gcs_address.rpartition(":")
+        self.address, self.every_s, self.silent_s = (host.strip("[]"), int(port)), every_s, silent_s
+        self.asked = self.silent_since = None
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if self.asked is not None and now - self.asked < self.every_s:
+            return
+        self.asked = now
+        try:
+            socket.create_connection(self.address, timeout=1.0).close()
+            self.silent_since = None
+        except OSError:
+            self.silent_since = self.silent_since or now
+            if now - self.silent_since >= self.silent_s:
+                raise SantacpuError(
+                    f"the Ray cluster (its GCS at {self.address[0]}:{self.address[1]}) stopped answering: the "
+                    "problems finished so far are kept in the results file, and --resume continues the run"
+                ) from None
+
+
+def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dict], None],
+           watch: _ClusterWatch | None = None) -> None:
     """Start a problem's execution task as its row streams out of `dataset` (at most exec_workers
     at once), and hand on each record as soon as its task ends, also while the next row is still
-    being generated (rows are read on a thread of their own)."""
+    being generated (rows are read on a thread of their own); `watch` is checked meanwhile."""
     rows: queue.Queue = queue.Queue()
 
     def read_rows() -> None:
@@ -185,9 +213,11 @@ def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dic
     running: list = []
     ended = False
     while not ended or waiting or running:
-        while True:  # every row there is now
+        if watch:
+            watch.check()
+        while True:  # every row there is now (or, with nothing else to wait for, the next within 1 s)
             try:
-                kind, value = rows.get(block=not ended and not waiting and not running)
+                kind, value = rows.get(timeout=1.0) if not ended and not waiting and not running else rows.get_nowait()
             except queue.Empty:
                 break
             if kind == "error":
@@ -296,7 +326,7 @@ def run_on_ray(
         # actors' reservation, and at most exec_workers run at once.
         score = ray.remote(num_cpus=0)(score_remote)
         try:
-            _drive(ray, dataset, score, settings, on_record)
+            _drive(ray, dataset, score, settings, on_record, _ClusterWatch(ray.get_runtime_context().gcs_address))
         except ray.exceptions.RayError as e:
             raise SantacpuError(f"the Ray run failed: {_reason(e)}") from None
     finally:
