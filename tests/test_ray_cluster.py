@@ -18,12 +18,14 @@ import sys
 import tempfile
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
 
 from santacpu.errors import SantacpuError
-from santacpu.harness.ray_pipeline import _check_answers_as_ray, _ClusterWatch, _core_lines_kept, _drive
+from santacpu.harness.ray_pipeline import (_check_answers_as_ray, _ClusterWatch, _core_lines_kept, _drive,
+                                            _watched_address)
 from santacpu.harness.settings import EvalSettings
 
 from helpers import one_error_line, run_santacpu, santacpu_env
@@ -127,7 +129,7 @@ def test_a_cluster_that_stops_answering_mid_run_is_one_line_within_seconds():
     gcs.close()  # (the cluster's machine gone: its port refuses connections)
     watch.check()  # silent since now, not yet for 0.3 s
     time.sleep(0.35)
-    with pytest.raises(SantacpuError, match=r"the Ray cluster \(its GCS at 127.0.0.1:\d+\) stopped answering: the "
+    with pytest.raises(SantacpuError, match=r"the Ray cluster at 127.0.0.1:\d+ stopped answering: the "
                                             r"problems finished so far are kept in the results file, and --resume"):
         watch.check()
 
@@ -143,6 +145,15 @@ def test_a_cluster_that_stops_answering_mid_run_is_one_line_within_seconds():
     with pytest.raises(SantacpuError, match="stopped answering"):  # (not a wait for rows for ever)
         _drive(None, RowsNeverCome(), None, EvalSettings(), lambda record: None, watch)
     assert time.monotonic() - started < 5.0
+
+    class JoinedRay:  # (its runtime context names the GCS of the cluster it joined or started)
+        @staticmethod
+        def get_runtime_context():
+            return types.SimpleNamespace(gcs_address="10.0.0.5:6379")
+
+    assert _watched_address(JoinedRay, "ray://head:10001") == "head:10001"  # (Ray Client: the GCS may be out of reach)
+    assert _watched_address(JoinedRay, "127.0.0.1:6379") == "127.0.0.1:6379"
+    assert _watched_address(JoinedRay, "auto") == _watched_address(JoinedRay, None) == "10.0.0.5:6379"
 
 
 def _run_with_ray_init(body: str, *args: str, tmp_path: Path) -> subprocess.CompletedProcess:

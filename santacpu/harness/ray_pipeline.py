@@ -167,9 +167,10 @@ def _core_lines_kept():
 
 
 class _ClusterWatch:
-    """Whether the cluster's GCS at HOST:PORT still takes connections, asked every `every_s`
-    seconds: `check()` fails in one line once it has refused them for `silent_s`. Ray itself
-    notices only after 60 s, and then ends the process with a line of its own."""
+    """Whether the cluster at HOST:PORT (its GCS, or its Ray Client server) still takes
+    connections, asked every `every_s` seconds: `check()` fails in one line once it has refused
+    them for `silent_s`. Ray itself notices only after 60 s, and then ends the process with a line
+    of its own."""
 
     def __init__(self, gcs_address: str, every_s: float = 2.0, silent_s: float = 10.0):
         host, _, port = gcs_address.rpartition(":")
@@ -188,9 +189,17 @@ class _ClusterWatch:
             self.silent_since = self.silent_since or now
             if now - self.silent_since >= self.silent_s:
                 raise SantacpuError(
-                    f"the Ray cluster (its GCS at {self.address[0]}:{self.address[1]}) stopped answering: the "
+                    f"the Ray cluster at {self.address[0]}:{self.address[1]} stopped answering: the "
                     "problems finished so far are kept in the results file, and --resume continues the run"
                 ) from None
+
+
+def _watched_address(ray, given: str | None) -> str:
+    """HOST:PORT that shows whether the cluster is still there: the one given, which has just
+    answered (through Ray Client, ray://, the cluster's GCS need not be reachable from here), else
+    the GCS of the cluster the run started or Ray found."""
+    host, _, port = (given or "").removeprefix("ray://").rpartition(":")
+    return f"{host}:{port}" if host and port.isdigit() else ray.get_runtime_context().gcs_address
 
 
 def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dict], None],
@@ -326,7 +335,7 @@ def run_on_ray(
         # actors' reservation, and at most exec_workers run at once.
         score = ray.remote(num_cpus=0)(score_remote)
         try:
-            _drive(ray, dataset, score, settings, on_record, _ClusterWatch(ray.get_runtime_context().gcs_address))
+            _drive(ray, dataset, score, settings, on_record, _ClusterWatch(_watched_address(ray, placement.address)))
         except ray.exceptions.RayError as e:
             raise SantacpuError(f"the Ray run failed: {_reason(e)}") from None
     finally:
