@@ -227,9 +227,7 @@ def eval_humaneval_infill(
         max_new_tokens=max_new_tokens, fim_order=fim_order, limit=limit, timeout_s=timeout, max_batch=max_batch,
         exec_workers=exec_workers,
     ).checked()
-    if ray_address is not None and not ray_address.strip():
-        raise OptionValueError("--ray-address is empty: give the cluster's address, or --ray for a cluster of the run's own")
-    placement = RayPlacement(ray_address, workers, threads_per_worker) if ray or ray_address else None
+    placement = RayPlacement(ray_address, workers, threads_per_worker).checked() if ray or ray_address is not None else None
     if placement is None:
         for given, name in ((workers != 1, "--workers"), (threads_per_worker is not None, "--threads-per-worker")):
             if given:

@@ -31,7 +31,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 
-from ..errors import SantacpuError, os_problem
+from ..errors import OptionValueError, SantacpuError, os_problem
 from .execute import score_problem
 from .generate import generate_middles
 from .problems import Problem
@@ -60,6 +60,27 @@ class RayPlacement:
     address: str | None = None
     workers: int = 1
     threads: int | None = None
+
+    def checked(self) -> RayPlacement:
+        """The placement, its address refused in one line unless HOST:PORT or "auto" (the cluster
+        `ray start` began on this machine): santacpu joins as a driver, through the cluster's GCS,
+        not through Ray Client (ray://) or a URL."""
+        if self.address is None:
+            return self
+        address = self.address.strip()
+        if not address:
+            raise OptionValueError("--ray-address is empty: give the cluster's address, or --ray for a cluster of the run's own")
+        if address == "auto":
+            return dataclasses.replace(self, address=address)
+        head = "its head node's HOST:PORT as `ray start --head` prints it (port 6379 by default)"
+        scheme, found, _ = address.partition("://")
+        if found:
+            kind = "a Ray Client address" if scheme == "ray" else "a URL"
+            raise OptionValueError(f"--ray-address {address} is {kind}: santacpu joins a cluster as a driver, so give {head}")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise OptionValueError(f"--ray-address {address} is not HOST:PORT: give {head}, or auto")
+        return dataclasses.replace(self, address=address)
 
 
 class MiddlesActor:
@@ -102,14 +123,13 @@ def score_remote(problem: str, middles: str, benchmark: str, timeout_s: float) -
 
 
 def _check_answers_as_ray(address: str, timeout_s: float = 10.0) -> None:
-    """Fail in one line, within about `timeout_s`, unless something at a cluster's HOST:PORT (or
-    ray://HOST:PORT) answers an HTTP/2 connection's start with its settings, as Ray's GCS and
-    client server (gRPC) do: nothing listening, a service of another kind (a web server, the
-    dashboard's port) and one that says nothing are all refused here, where Ray would retry them
-    for many minutes."""
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    """Fail in one line, within about `timeout_s`, unless something at a cluster's HOST:PORT
+    answers an HTTP/2 connection's start with its settings, as Ray's GCS (gRPC) does: nothing
+    listening, a service of another kind (a web server, the dashboard's port) and one that says
+    nothing are all refused here, where Ray would retry them for many minutes."""
+    host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
-        return  # ("auto", or a form Ray resolves itself)
+        return  # ("auto": Ray finds the machine's cluster itself)
     try:
         import h2.config
         import h2.connection
@@ -167,10 +187,9 @@ def _core_lines_kept():
 
 
 class _ClusterWatch:
-    """Whether the cluster at HOST:PORT (its GCS, or its Ray Client server) still takes
-    connections, asked every `every_s` seconds: `check()` fails in one line once it has refused
-    them for `silent_s`. Ray itself notices only after 60 s, and then ends the process with a line
-    of its own."""
+    """Whether the cluster's GCS at HOST:PORT still takes connections, asked every `every_s`
+    seconds: `check()` fails in one line once it has refused them for `silent_s`. Ray itself
+    notices only after 60 s, and then ends the process with a line of its own."""
 
     def __init__(self, gcs_address: str, every_s: float = 2.0, silent_s: float = 10.0):
         host, _, port = gcs_address.rpartition(":")
@@ -196,10 +215,10 @@ class _ClusterWatch:
 
 def _watched_address(ray, given: str | None) -> str:
     """HOST:PORT that shows whether the cluster is still there: the one given, which has just
-    answered (through Ray Client, ray://, the cluster's GCS need not be reachable from here), else
-    the GCS of the cluster the run started or Ray found."""
-    host, _, port = (given or "").removeprefix("ray://").rpartition(":")
-    return f"{host}:{port}" if host and port.isdigit() else ray.get_runtime_context().gcs_address
+    answered from here (the GCS may know itself by another address), else the GCS of the cluster
+    the run started or Ray found ("auto")."""
+    host, _, port = (given or "").rpartition(":")
+    return given if host and port.isdigit() else ray.get_runtime_context().gcs_address
 
 
 def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dict], None],
@@ -259,6 +278,7 @@ def run_on_ray(
     on_record: Callable[[dict], None],
     placement: RayPlacement,
 ) -> None:
+    placement = placement.checked()
     ray = require_ray()
     started = not ray.is_initialized()
     if started:
@@ -283,6 +303,9 @@ def run_on_ray(
                     f"cannot join the Ray cluster at {placement.address}: it asks for its token (`ray start --head` "
                     "turns token authentication on from Ray 2.59): set RAY_AUTH_MODE=token here too, with the "
                     "cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token") from None
+            if placement.address == "auto" and "Could not find any running Ray instance" in str(e):
+                raise SantacpuError("--ray-address auto: no Ray cluster runs on this machine (`ray start --head` "
+                                    "starts one; --ray, one for the run)") from None
             raise SantacpuError(f"cannot join the Ray cluster at {placement.address}: {e}") from None
         except Exception as e:  # noqa: BLE001 (Ray's own start-up failures: a node that timed out, ...)
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]

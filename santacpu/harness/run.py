@@ -54,6 +54,7 @@ def evaluate(
     settings = settings.checked()
     problems = load_problems(settings.benchmark, settings.limit)
     if ray is not None:
+        ray = ray.checked()  # (before a full-precision model is quantized for it)
         require_ray()
     asked = model
     model, revision = runnable_model(model, revision, quant)
@@ -111,6 +112,8 @@ def evaluate_against(
     summary, and the comparison. Both results files are checked before either model runs (a
     first-use quantization of `model` is made first)."""
     settings = settings.checked()
+    if run.get("ray") is not None:
+        run["ray"] = run["ray"].checked()
     resume = run.get("resume", False)
     names = model, reference
     model, revision = runnable_model(model, revision, quant)
