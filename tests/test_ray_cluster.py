@@ -132,10 +132,12 @@ def test_a_cluster_that_stops_answering_mid_run_is_one_line_within_seconds():
                                             r"problems finished so far are kept in the results file, and --resume"):
         watch.check()
 
+    released = threading.Event()
+
     class RowsNeverCome:  # a dataset whose generating actors died with the cluster
         def iter_rows(self):
-            threading.Event().wait()
-            yield
+            released.wait()
+            yield from ()
 
     gcs = _Listener("hang up")
     watch = _ClusterWatch(gcs.address, every_s=0.1, silent_s=0.5)
@@ -144,6 +146,7 @@ def test_a_cluster_that_stops_answering_mid_run_is_one_line_within_seconds():
     with pytest.raises(SantacpuError, match="stopped answering"):  # (not a wait for rows for ever)
         _drive(None, RowsNeverCome(), None, EvalSettings(), lambda record: None, watch)
     assert time.monotonic() - started < 5.0
+    released.set()  # (the rows thread ends)
 
     class JoinedRay:  # (its runtime context names the GCS of the cluster it joined or started)
         @staticmethod
