@@ -355,7 +355,8 @@ def test_the_command_line_runs_and_refuses_bad_input(trained_q8, tmp_path):
                                     ("--ray-address", "ray://head:10001", "is a Ray Client address: santacpu joins"),
                                     ("--ray-address", "http://head:8265", "is a URL: santacpu joins a cluster as a"),
                                     ("--ray-address", "head", "head is not HOST:PORT: give its head node's HOST:PORT"),
-                                    ("--ray-address", "head:65536", "head:65536 is not HOST:PORT")):
+                                    ("--ray-address", "head:65536", "head:65536 is not HOST:PORT"),
+                                    ("--ray-address", "head:\u00b2", "is not HOST:PORT")):  # (a digit to str.isdigit)
         one_error_line(run_santacpu("eval", "humaneval-infill", "--model", trained_q8, option, value,
                                     "--out", tmp_path / "x.jsonl"), fragment, code=2)
     assert not (tmp_path / "x.jsonl").exists() and not (tmp_path / "y.jsonl").exists()

@@ -78,7 +78,7 @@ class RayPlacement:
             kind = "a Ray Client address" if scheme == "ray" else "a URL"
             raise OptionValueError(f"--ray-address {address} is {kind}: santacpu joins a cluster as a driver, so give {head}")
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
             raise OptionValueError(f"--ray-address {address} is not HOST:PORT: give {head}, or auto")
         return dataclasses.replace(self, address=address)
 
