@@ -77,10 +77,18 @@ class RayPlacement:
         if found:
             kind = "a Ray Client address" if scheme == "ray" else "a URL"
             raise OptionValueError(f"--ray-address {address} is {kind}: santacpu joins a cluster as a driver, so give {head}")
-        host, _, port = address.rpartition(":")
-        if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        if _host_port(address) is None:
             raise OptionValueError(f"--ray-address {address} is not HOST:PORT: give {head}, or auto")
         return dataclasses.replace(self, address=address)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a HOST:PORT address (an IPv6 host without its brackets), or None where
+    `address` is not one (as "auto")."""
+    host, _, port = address.rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()) or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
 
 
 class MiddlesActor:
@@ -127,8 +135,8 @@ def _check_answers_as_ray(address: str, timeout_s: float = 10.0) -> None:
     answers an HTTP/2 connection's start with its settings, as Ray's GCS (gRPC) does: nothing
     listening, a service of another kind (a web server, the dashboard's port) and one that says
     nothing are all refused here, where Ray would retry them for many minutes."""
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
+    where = _host_port(address)
+    if where is None:
         return  # ("auto": Ray finds the machine's cluster itself)
     try:
         import h2.config
@@ -139,27 +147,27 @@ def _check_answers_as_ray(address: str, timeout_s: float = 10.0) -> None:
         raise SantacpuError(f"{RAY_EXTRA_HINT} ({e.name} is missing)") from None
     deadline = time.monotonic() + timeout_s
     try:
-        connection = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s)
+        connection = socket.create_connection(where, timeout=timeout_s)
     except (OSError, ValueError) as e:
         raise SantacpuError(f"cannot reach the Ray cluster at {address}: {os_problem(e) if isinstance(e, OSError) else e}") from None
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
-    events: list = []
+    answered = False
     with connection:
         try:
             client.initiate_connection()
             connection.sendall(client.data_to_send())
-            while not any(isinstance(event, h2.events.RemoteSettingsChanged) for event in events):
+            while not answered:
                 connection.settimeout(max(0.01, deadline - time.monotonic()))
                 reply = connection.recv(65536)
                 if not reply:
                     break  # closed
-                events += client.receive_data(reply)
+                answered = any(isinstance(event, h2.events.RemoteSettingsChanged) for event in client.receive_data(reply))
         except TimeoutError:
             raise SantacpuError(f"{address} took the connection but said nothing in {timeout_s:g} s: it is not a Ray "
                                 f"cluster's address (`ray start --head` prints it; port 6379 by default)") from None
         except (OSError, h2.exceptions.ProtocolError):
-            events = []
-    if not any(isinstance(event, h2.events.RemoteSettingsChanged) for event in events):
+            pass  # (reset, or not HTTP/2: not answered)
+    if not answered:
         raise SantacpuError(f"{address} answers, but not as a Ray cluster: give its head node's address "
                             f"(`ray start --head` prints it; port 6379 by default)")
 
@@ -192,8 +200,8 @@ class _ClusterWatch:
     notices only after 60 s, and then ends the process with a line of its own."""
 
     def __init__(self, gcs_address: str, every_s: float = 2.0, silent_s: float = 10.0):
-        host, _, port = gcs_address.rpartition(":")
-        self.address, self.every_s, self.silent_s = (host.strip("[]"), int(port)), every_s, silent_s
+        self.address, self.host_port = gcs_address, _host_port(gcs_address)
+        self.every_s, self.silent_s = every_s, silent_s
         self.asked = self.silent_since = None
 
     def check(self) -> None:
@@ -202,13 +210,13 @@ class _ClusterWatch:
             return
         self.asked = now
         try:
-            socket.create_connection(self.address, timeout=1.0).close()
+            socket.create_connection(self.host_port, timeout=1.0).close()
             self.silent_since = None
         except OSError:
             self.silent_since = self.silent_since or now
             if now - self.silent_since >= self.silent_s:
                 raise SantacpuError(
-                    f"the Ray cluster at {self.address[0]}:{self.address[1]} stopped answering: the "
+                    f"the Ray cluster at {self.address} stopped answering: the "
                     "problems finished so far are kept in the results file, and --resume continues the run"
                 ) from None
 
@@ -217,8 +225,7 @@ def _watched_address(ray, given: str | None) -> str:
     """HOST:PORT that shows whether the cluster is still there: the one given, which has just
     answered from here (the GCS may know itself by another address), else the GCS of the cluster
     the run started or Ray found ("auto")."""
-    host, _, port = (given or "").rpartition(":")
-    return given if host and port.isdigit() else ray.get_runtime_context().gcs_address
+    return given if given and _host_port(given) else ray.get_runtime_context().gcs_address
 
 
 def _drive(ray, dataset, score, settings: EvalSettings, on_record: Callable[[dict], None],
@@ -278,7 +285,8 @@ def run_on_ray(
     on_record: Callable[[dict], None],
     placement: RayPlacement,
 ) -> None:
-    placement = placement.checked()
+    """Generate and score `problems` on Ray as `placement` says (checked: `RayPlacement.checked`),
+    handing each record to `on_record` as it finishes."""
     ray = require_ray()
     started = not ray.is_initialized()
     if started:
