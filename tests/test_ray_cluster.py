@@ -211,12 +211,13 @@ def test_sigterm_while_ray_starts_is_santacpus_terminated(trained_q8, tmp_path):
 def test_a_ray_start_cluster_is_joined_and_runs_the_problems(trained_q8, tmp_path):
     port = _free_port()
     # Authentication off (Ray 2.59+ turns it on for `ray start`), a temporary folder of its own,
-    # one CPU: this is the test's cluster, not the machine's. Without a drain on SIGTERM it stops
+    # one CPU, node 127.0.0.1 (Ray 2.60's servers still listen on every interface; the run is
+    # ~10 s): this is the test's cluster, not the machine's. Without a drain on SIGTERM it stops
     # in seconds (Ray Data's actors, left on the cluster, hold a drain to its 30 s limit).
     env = santacpu_env({"RAY_AUTH_MODE": "disabled", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"})
     ray_files = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # (its socket paths must stay under 108 bytes)
     head = subprocess.Popen([sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-                             "--include-dashboard=false", "--disable-usage-stats",
+                             "--node-ip-address=127.0.0.1", "--include-dashboard=false", "--disable-usage-stats",
                              f"--temp-dir={ray_files}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
     try:
